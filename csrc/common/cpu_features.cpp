@@ -1,0 +1,63 @@
+#include "cpu_features.h"
+
+#include <atomic>
+#include <cstdlib>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+namespace fastloss {
+
+bool cpu_supports_avx2_fma() {
+#if defined(__x86_64__) || defined(__i386__)
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d)) return false;
+  const bool fma = c & (1u << 12), osxsave = c & (1u << 27), avx = c & (1u << 28),
+             f16c = c & (1u << 29);
+  if (!(fma && osxsave && avx && f16c)) return false;
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  if ((xcr0_lo & 0x6u) != 0x6u) return false;  // XMM and YMM state enabled by the OS
+  if (__get_cpuid_max(0, nullptr) < 7) return false;
+  __cpuid_count(7, 0, a, b, c, d);
+  return b & (1u << 5);  // AVX2
+#else
+  return false;
+#endif
+}
+
+namespace {
+CpuIsa best_isa() { return cpu_supports_avx2_fma() ? CpuIsa::avx2 : CpuIsa::generic; }
+
+CpuIsa initial_isa() {
+  const char* env = std::getenv("FASTLOSS_CPU_ISA");
+  if (env && std::string(env) == "generic") return CpuIsa::generic;
+  return best_isa();
+}
+
+std::atomic<int>& isa_slot() {
+  static std::atomic<int> slot{int(initial_isa())};
+  return slot;
+}
+}  // namespace
+
+CpuIsa active_cpu_isa() { return CpuIsa(isa_slot().load(std::memory_order_relaxed)); }
+
+bool set_cpu_isa(const std::string& name) {
+  CpuIsa isa;
+  if (name == "auto")
+    isa = best_isa();
+  else if (name == "generic")
+    isa = CpuIsa::generic;
+  else if (name == "avx2" && cpu_supports_avx2_fma())
+    isa = CpuIsa::avx2;
+  else
+    return false;
+  isa_slot().store(int(isa));
+  return true;
+}
+
+const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::avx2 ? "avx2" : "generic"; }
+
+}  // namespace fastloss

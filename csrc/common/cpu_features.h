@@ -1,0 +1,16 @@
+// Which CPU kernels run: chosen at run time from CPUID, overridable for tests and comparison.
+#pragma once
+#include <string>
+
+namespace fastloss {
+
+enum class CpuIsa : int { generic = 0, avx2 = 1 };
+
+bool cpu_supports_avx2_fma();  // AVX2 + FMA + F16C, and the OS saves YMM state
+CpuIsa active_cpu_isa();       // the best supported, unless overridden
+// name: "generic", "avx2" or "auto". Returns false (and changes nothing) for an unknown name
+// or an instruction set this CPU lacks.
+bool set_cpu_isa(const std::string& name);
+const char* cpu_isa_name(CpuIsa isa);
+
+}  // namespace fastloss

@@ -1,0 +1,157 @@
+// Eight-lane float vector for the AVX2+FMA CPU kernels. Only compiled into translation units
+// built with -mavx2 -mfma -mf16c, and only called after a run-time CPU check.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "macros.h"
+#include "vec_scalar.h"
+
+namespace fastloss {
+namespace FL_ISA {
+
+struct Vec8 {
+  __m256 v;
+  Vec8() = default;
+  Vec8(__m256 x) : v(x) {}
+  Vec8(float x) : v(_mm256_set1_ps(x)) {}
+};
+struct Mask8 {
+  __m256 m;
+};
+
+template <>
+struct VecTraits<Vec8> {
+  static constexpr int width = 8;
+};
+
+inline Vec8 operator+(Vec8 a, Vec8 b) { return _mm256_add_ps(a.v, b.v); }
+inline Vec8 operator-(Vec8 a, Vec8 b) { return _mm256_sub_ps(a.v, b.v); }
+inline Vec8 operator*(Vec8 a, Vec8 b) { return _mm256_mul_ps(a.v, b.v); }
+inline Vec8 operator/(Vec8 a, Vec8 b) { return _mm256_div_ps(a.v, b.v); }
+inline Vec8 operator-(Vec8 a) { return _mm256_xor_ps(a.v, _mm256_set1_ps(-0.0f)); }
+inline Vec8& operator+=(Vec8& a, Vec8 b) { return a = a + b; }
+inline Mask8 operator<(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask8 operator>=(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
+inline Vec8 vselect(Mask8 c, Vec8 a, Vec8 b) { return _mm256_blendv_ps(b.v, a.v, c.m); }
+// Operand order keeps a NaN in `a` (the data) in the result.
+inline Vec8 vmax(Vec8 a, Vec8 b) { return _mm256_max_ps(b.v, a.v); }
+inline Vec8 vmin(Vec8 a, Vec8 b) { return _mm256_min_ps(b.v, a.v); }
+inline Vec8 vabs(Vec8 a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a.v); }
+inline Vec8 vfma(Vec8 a, Vec8 b, Vec8 c) { return _mm256_fmadd_ps(a.v, b.v, c.v); }
+
+inline float hsum(Vec8 a) {
+  __m128 s = _mm_add_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_add_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+inline float hmax(Vec8 a) {
+  __m128 s = _mm_max_ps(_mm256_castps256_ps128(a.v), _mm256_extractf128_ps(a.v, 1));
+  s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+  s = _mm_max_ss(s, _mm_movehdup_ps(s));
+  return _mm_cvtss_f32(s);
+}
+
+// exp(x): Cody-Waite range reduction x = n ln2 + r and a degree-6 polynomial for e^r
+// (relative error about 2 ulp). Below the smallest normal float the result is exactly 0, so
+// masked (-inf) classes contribute nothing; above log(FLT_MAX) it is +inf; NaN stays NaN.
+inline Vec8 vexp(Vec8 x) {
+  const __m256 lo = _mm256_set1_ps(-87.3365447505531f);
+  __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, lo), _mm256_set1_ps(88.0f));
+  const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
+                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), xc);
+  r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+  __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+  p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  // n is in [-126, 127] after the clamp, so 2^n is a normal float built in the exponent field
+  const __m256i ni = _mm256_cvtps_epi32(n);
+  const __m256i pow2 = _mm256_slli_epi32(_mm256_add_epi32(ni, _mm256_set1_epi32(127)), 23);
+  __m256 res = _mm256_mul_ps(p, _mm256_castsi256_ps(pow2));
+  res = _mm256_andnot_ps(_mm256_cmp_ps(x.v, lo, _CMP_LT_OQ), res);
+  const __m256 over = _mm256_cmp_ps(x.v, _mm256_set1_ps(88.72283935546875f), _CMP_GT_OQ);
+  res = _mm256_blendv_ps(res, _mm256_set1_ps(INFINITY), over);
+  const __m256 isnan = _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q);
+  return _mm256_blendv_ps(res, x.v, isnan);
+}
+
+// tanh(x): odd polynomial for |x| < 0.625 (where 1 - 2/(e^2x + 1) would cancel), the
+// exponential form elsewhere. Relative error a few ulp.
+inline Vec8 vtanh(Vec8 x) {
+  const Vec8 a = vabs(x);
+  const Vec8 z = x * x;
+  Vec8 p = Vec8(-5.70498872745e-3f);
+  p = vfma(p, z, Vec8(2.06390887954e-2f));
+  p = vfma(p, z, Vec8(-5.37397155531e-2f));
+  p = vfma(p, z, Vec8(1.33314422036e-1f));
+  p = vfma(p, z, Vec8(-3.33332819422e-1f));
+  const Vec8 small = vfma(p * z, x, x);
+  const Vec8 e = vexp(vmin(a, Vec8(44.0f)) * Vec8(2.0f));
+  Vec8 big = Vec8(1.0f) - Vec8(2.0f) / (e + Vec8(1.0f));
+  big = _mm256_or_ps(big.v, _mm256_and_ps(x.v, _mm256_set1_ps(-0.0f)));  // copy the sign
+  return vselect(a < Vec8(0.625f), small, big);
+}
+
+inline Vec8 vlog(Vec8 x) {
+  // Only used on per-row scalars in practice; a lane-wise libm call keeps it exact.
+  alignas(32) float t[8];
+  _mm256_store_ps(t, x.v);
+  for (float& f : t) f = logf(f);
+  return _mm256_load_ps(t);
+}
+
+// ---- loads and stores of the three storage types --------------------------------------
+inline Vec8 load8(const float* p) { return _mm256_loadu_ps(p); }
+inline Vec8 load8_bf16(const uint16_t* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+inline Vec8 load8_half(const uint16_t* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline void store8(float* p, Vec8 a) { _mm256_storeu_ps(p, a.v); }
+inline void store8_half(uint16_t* p, Vec8 a) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_cvtps_ph(a.v, _MM_FROUND_TO_NEAREST_INT));
+}
+inline void store8_bf16(uint16_t* p, Vec8 a) {
+  // round to nearest even; NaN made quiet, as float_to_bf16 does
+  const __m256i u = _mm256_castps_si256(a.v);
+  const __m256i lsb = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_add_epi32(u, _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7fff)));
+  r = _mm256_srli_epi32(r, 16);
+  const __m256 isnan = _mm256_cmp_ps(a.v, a.v, _CMP_UNORD_Q);
+  const __m256i qnan = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x40));
+  r = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(r), _mm256_castsi256_ps(qnan), isnan));
+  // pack 8 x u32 (values < 2^16) into 8 x u16
+  const __m128i lo = _mm256_castsi256_si128(r), hi = _mm256_extracti128_si256(r, 1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm_packus_epi32(lo, hi));
+}
+
+}  // namespace FL_ISA
+}  // namespace fastloss
+
+#include "storage.h"
+
+namespace fastloss {
+namespace FL_ISA {
+
+template <>
+struct VecIo<Vec8> {
+  static Vec8 load(const float* p) { return load8(p); }
+  static Vec8 load(const bf16_t* p) { return load8_bf16(&p->bits); }
+  static Vec8 load(const half_t* p) { return load8_half(&p->bits); }
+  static void store(float* p, Vec8 v) { store8(p, v); }
+  static void store(bf16_t* p, Vec8 v) { store8_bf16(&p->bits, v); }
+  static void store(half_t* p, Vec8 v) { store8_half(&p->bits, v); }
+  static void lanes(Vec8 v, float* out) { _mm256_storeu_ps(out, v.v); }
+};
+
+}  // namespace FL_ISA
+}  // namespace fastloss

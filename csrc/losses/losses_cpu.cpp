@@ -1,0 +1,34 @@
+// Generic CPU row-loss kernels (any x86-64 or other CPU) and the run-time choice between
+// them and the AVX2 ones.
+#include "../common/cpu_features.h"
+#include "losses_cpu_impl.h"
+#include "losses_kernels.h"
+
+namespace fastloss {
+
+#if defined(FASTLOSS_HAVE_AVX2)
+namespace avx2 {
+int64_t forward_cpu(const LogitsView&, const RowTargets&, const LossParams&, const RowStats&,
+                    int64_t, int64_t);
+void backward_cpu(const LogitsView&, const RowTargets&, const LossParams&, const RowGrad&,
+                  int64_t, int64_t);
+}  // namespace avx2
+#endif
+
+int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                           const RowStats& out, int64_t r0, int64_t r1) {
+#if defined(FASTLOSS_HAVE_AVX2)
+  if (active_cpu_isa() == CpuIsa::avx2) return avx2::forward_cpu(lv, rt, p, out, r0, r1);
+#endif
+  return generic::forward_cpu_isa<float>(lv, rt, p, out, r0, r1);
+}
+
+void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                         const RowGrad& g, int64_t r0, int64_t r1) {
+#if defined(FASTLOSS_HAVE_AVX2)
+  if (active_cpu_isa() == CpuIsa::avx2) return avx2::backward_cpu(lv, rt, p, g, r0, r1);
+#endif
+  generic::backward_cpu_isa<float>(lv, rt, p, g, r0, r1);
+}
+
+}  // namespace fastloss

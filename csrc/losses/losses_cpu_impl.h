@@ -1,0 +1,150 @@
+// The CPU row-loss drivers, instantiated once per instruction set: losses_cpu.cpp includes
+// this with V = float (generic x86-64 / any CPU), losses_cpu_avx2.cpp with V = Vec8.
+// One row at a time: the forward reads it once per pass (ALDR takes two passes), the
+// backward reads it once and writes the gradient once.
+#pragma once
+#include <cstdint>
+
+#include "../common/storage.h"
+#include "loss_math.h"
+#include "loss_params.h"
+
+namespace fastloss {
+namespace FL_ISA {
+
+// Fold the lanes of a vector accumulator into a scalar one. Accumulators are structs whose
+// members are all V, so lane l of every member forms one Acc<float>.
+template <class L, class V>
+void merge_lanes(typename L::template Acc<float>& total, const typename L::template Acc<V>& va) {
+  constexpr int kMembers = int(sizeof(va) / sizeof(V));
+  constexpr int kWidth = VecTraits<V>::width;
+  float lanes[kMembers][kWidth];
+  const V* members = reinterpret_cast<const V*>(&va);
+  for (int m = 0; m < kMembers; ++m) VecIo<V>::lanes(members[m], lanes[m]);
+  for (int l = 0; l < kWidth; ++l) {
+    typename L::template Acc<float> a;
+    float* f = reinterpret_cast<float*>(&a);
+    for (int m = 0; m < kMembers; ++m) f[m] = lanes[m][l];
+    L::merge(total, a);
+  }
+}
+
+// Accumulate elements [begin, end) of one row (the target column is never inside).
+template <class L, class V, class T>
+void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
+                      const typename L::Ctx& ctx, typename L::template Acc<float>& total) {
+  constexpr int kWidth = VecTraits<V>::width;
+  int64_t k = begin;
+  if (kWidth > 1 && end - begin >= kWidth) {
+    typename L::template Acc<V> va;
+    L::init(va);
+    for (; k + kWidth <= end; k += kWidth)
+      L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
+    merge_lanes<L, V>(total, va);
+  }
+  typename L::template Acc<float> tail;
+  L::init(tail);
+  for (; k < end; ++k) L::add(tail, load1(x + k), w ? w[k] : 1.f, ctx);
+  L::merge(total, tail);
+}
+
+// Returns -1, or the first row whose target is neither a class nor ignore_index.
+template <class L, class V, class T>
+int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                     const RowStats& out, int64_t r0, int64_t r1) {
+  const int64_t C = lv.cols;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t y = rt.target[r];
+    if (y == p.ignore_index) {
+      out.loss[r] = out.stat0[r] = out.stat1[r] = 0.f;
+      continue;
+    }
+    if (y < 0 || y >= C) return r;
+    const T* x = static_cast<const T*>(lv.data) + r * lv.row_stride;
+    const float x_y = load1(x + y);
+    const float w_y = rt.weight ? rt.weight[y] : 1.f;
+    typename L::template Acc<float> acc;
+    L::init(acc);
+    typename L::Ctx ctx{};
+    for (int pass = 0; pass < L::passes(p); ++pass) {
+      ctx = L::make_ctx(p, pass, acc, x_y, C);
+      typename L::template Acc<float> total;
+      L::init(total);
+      accumulate_range<L, V>(x, rt.weight, 0, y, ctx, total);
+      accumulate_range<L, V>(x, rt.weight, y + 1, C, ctx, total);
+      L::add_target(total, x_y, w_y, ctx);
+      acc = total;
+    }
+    const RowResult res = L::finish(acc, ctx, p, x_y, w_y, C);
+    out.loss[r] = res.loss;
+    out.stat0[r] = res.stat0;
+    out.stat1[r] = res.stat1;
+  }
+  return -1;
+}
+
+template <class L, class V, class T>
+void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                   const RowGrad& g, int64_t r0, int64_t r1) {
+  constexpr int kWidth = VecTraits<V>::width;
+  const int64_t C = lv.cols;
+  const float* w = rt.weight;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* out = static_cast<T*>(g.grad_logits) + r * C;
+    const int64_t y = rt.target[r];
+    // ignore_index may itself be a class index, so it is tested first; an out-of-range
+    // target was refused by the forward, and gets NaN here rather than a wild read.
+    if (y == p.ignore_index || y < 0 || y >= C) {
+      const float fill = y == p.ignore_index ? 0.f : __builtin_nanf("");
+      for (int64_t k = 0; k < C; ++k) store1(out + k, fill);
+      continue;
+    }
+    const T* x = static_cast<const T*>(lv.data) + r * lv.row_stride;
+    const float x_y = load1(x + y);
+    const float w_y = w ? w[y] : 1.f;
+    const auto b = L::make_bwd(p, g.grad_loss[r], g.stat0[r], g.stat1[r], x_y, w_y, C);
+    int64_t k = 0;
+    for (; k + kWidth <= C; k += kWidth) {
+      const V wk = w ? VecIo<V>::load(w + k) : V(1.f);
+      VecIo<V>::store(out + k, family_grad(VecIo<V>::load(x + k), wk, b));
+    }
+    for (; k < C; ++k) store1(out + k, family_grad(load1(x + k), w ? w[k] : 1.f, b));
+    store1(out + y, b.target_grad);
+  }
+}
+
+template <class L, class V>
+int64_t forward_dtype(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                      const RowStats& out, int64_t r0, int64_t r1) {
+  switch (lv.dtype) {
+    case ScalarType::f32: return forward_rows<L, V, float>(lv, rt, p, out, r0, r1);
+    case ScalarType::f16: return forward_rows<L, V, half_t>(lv, rt, p, out, r0, r1);
+    case ScalarType::bf16: return forward_rows<L, V, bf16_t>(lv, rt, p, out, r0, r1);
+  }
+  return -1;
+}
+
+template <class L, class V>
+void backward_dtype(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                    const RowGrad& g, int64_t r0, int64_t r1) {
+  switch (lv.dtype) {
+    case ScalarType::f32: return backward_rows<L, V, float>(lv, rt, p, g, r0, r1);
+    case ScalarType::f16: return backward_rows<L, V, half_t>(lv, rt, p, g, r0, r1);
+    case ScalarType::bf16: return backward_rows<L, V, bf16_t>(lv, rt, p, g, r0, r1);
+  }
+}
+
+template <class V>
+int64_t forward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                        const RowStats& out, int64_t r0, int64_t r1) {
+  return visit_loss(p.kind, [&]<class L>() { return forward_dtype<L, V>(lv, rt, p, out, r0, r1); });
+}
+
+template <class V>
+void backward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                      const RowGrad& g, int64_t r0, int64_t r1) {
+  visit_loss(p.kind, [&]<class L>() { backward_dtype<L, V>(lv, rt, p, g, r0, r1); });
+}
+
+}  // namespace FL_ISA
+}  // namespace fastloss

@@ -1,0 +1,24 @@
+// Entry points of the row-loss kernels, callable without torch or CUDA headers.
+#pragma once
+#include <cstdint>
+
+#include "loss_params.h"
+
+namespace fastloss {
+
+// CPU: rows [r0, r1). The forward returns -1, or the first row in the range whose target is
+// neither a class index nor ignore_index (that row and the rest of the range are not written).
+int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                           const RowStats& out, int64_t r0, int64_t r1);
+void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                         const RowGrad& g, int64_t r0, int64_t r1);
+
+// CUDA: all rows, on `stream` (a cudaStream_t). A target out of range gives that row a NaN
+// loss and NaN gradient (checking on the host would need a device synchronisation).
+// Return nullptr, or the CUDA error message of the launch.
+const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                                const RowStats& out, void* stream);
+const char* losses_backward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                                 const RowGrad& g, void* stream);
+
+}  // namespace fastloss

@@ -1,0 +1,306 @@
+// The torch-aware side of the row losses: argument checks, allocation, and the choice of the
+// CPU or CUDA kernels. Every op is registered for both devices; the schemas are in
+// registration.cpp, the autograd and fake kernels in python/fastloss/ops/losses.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/sum.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <atomic>
+#include <optional>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
+#include "losses_kernels.h"
+
+namespace fastloss {
+namespace {
+
+using at::Tensor;
+
+ScalarType to_kernel_dtype(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return ScalarType::f32;
+    case at::kHalf: return ScalarType::f16;
+    case at::kBFloat16: return ScalarType::bf16;
+    default: TORCH_CHECK(false, "unreachable dtype");
+  }
+}
+
+// Checked, kernel-ready views of (logits, target, weight).
+struct Inputs {
+  Tensor logits, target, weight, weight_sum;
+  LogitsView view;
+  RowTargets targets;
+};
+
+Inputs check_inputs(const char* op, const Tensor& logits_in, const Tensor& target_in,
+                    const std::optional<Tensor>& weight_in) {
+  TORCH_CHECK(logits_in.dim() == 2, op, ": logits must be 2-D [N, C], got shape ",
+              logits_in.sizes(), " (flatten leading dimensions with logits.flatten(0, -2))");
+  const auto dt = logits_in.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, op,
+              ": logits must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(target_in.dim() == 1, op, ": target must be 1-D [N], got shape ",
+              target_in.sizes());
+  TORCH_CHECK(target_in.scalar_type() == at::kLong || target_in.scalar_type() == at::kInt, op,
+              ": target must hold class indices (int64 or int32), got ", target_in.scalar_type());
+  TORCH_CHECK(target_in.size(0) == logits_in.size(0), op, ": target has ", target_in.size(0),
+              " entries but logits has ", logits_in.size(0), " rows");
+  TORCH_CHECK(target_in.device() == logits_in.device(), op, ": target is on ",
+              target_in.device(), " but logits is on ", logits_in.device());
+  const int64_t N = logits_in.size(0), C = logits_in.size(1);
+  TORCH_CHECK(C > 0 || N == 0, op, ": logits must have at least one class, got shape ",
+              logits_in.sizes());
+
+  Inputs in;
+  // Rows may have any stride; classes must be contiguous (a transposed view is copied once).
+  in.logits = logits_in.stride(1) == 1 || C <= 1 ? logits_in : logits_in.contiguous();
+  in.target = target_in.to(at::kLong).contiguous();
+  if (weight_in.has_value() && weight_in->defined()) {
+    const Tensor& w = *weight_in;
+    TORCH_CHECK(w.dim() == 1 && w.size(0) == C, op, ": weight must be 1-D with one entry per class (",
+                C, "), got shape ", w.sizes());
+    TORCH_CHECK(w.is_floating_point(), op, ": weight must be a floating-point tensor, got ",
+                w.scalar_type());
+    TORCH_CHECK(w.device() == logits_in.device(), op, ": weight is on ", w.device(),
+                " but logits is on ", logits_in.device());
+    in.weight = w.to(at::kFloat).contiguous();
+    in.weight_sum = at::sum(in.weight);
+  }
+  in.view.data = in.logits.data_ptr();
+  in.view.dtype = to_kernel_dtype(in.logits);
+  in.view.rows = N;
+  in.view.cols = C;
+  in.view.row_stride = N > 1 ? in.logits.stride(0) : C;
+  in.targets.target = in.target.data_ptr<int64_t>();
+  in.targets.weight = in.weight.defined() ? in.weight.data_ptr<float>() : nullptr;
+  return in;
+}
+
+// Rows per CPU task: at least ~16k elements each so small rows are not scheduled one by one.
+int64_t cpu_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1)); }
+
+std::tuple<Tensor, Tensor, Tensor> forward(const char* op, LossParams p, const Tensor& logits,
+                                           const Tensor& target,
+                                           const std::optional<Tensor>& weight) {
+  Inputs in = check_inputs(op, logits, target, weight);
+  p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<float>() : nullptr;
+  const int64_t N = in.view.rows;
+  auto opts = in.logits.options().dtype(at::kFloat);
+  Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
+  RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
+
+  if (in.logits.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    c10::cuda::CUDAGuard guard(in.logits.device());
+    const char* err = losses_forward_cuda(in.view, in.targets, p, out,
+                                          c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#else
+    TORCH_CHECK(false, op, ": fastloss was built without CUDA; reinstall it with a CUDA build of torch and nvcc");
+#endif
+    return {loss, stat0, stat1};
+  }
+  TORCH_CHECK(in.logits.is_cpu(), op, ": logits must be on the CPU or a CUDA device, got ",
+              in.logits.device());
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, N, cpu_grain(in.view.cols), [&](int64_t r0, int64_t r1) {
+    const int64_t r = losses_forward_cpu(in.view, in.targets, p, out, r0, r1);
+    if (r >= 0) {
+      int64_t cur = bad.load();
+      while ((cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {
+      }
+    }
+  });
+  const int64_t r = bad.load();
+  TORCH_CHECK(r < 0, op, ": target[", r, "] = ", in.targets.target[r],
+              " is not a class index in [0, ", in.view.cols, ") nor ignore_index (",
+              p.ignore_index, ")");
+  return {loss, stat0, stat1};
+}
+
+Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Tensor& logits,
+                const Tensor& target, const std::optional<Tensor>& weight, const Tensor& stat0,
+                const Tensor& stat1) {
+  Inputs in = check_inputs(op, logits, target, weight);
+  p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<float>() : nullptr;
+  const int64_t N = in.view.rows, C = in.view.cols;
+  auto as_rows = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must have shape [", N,
+                "], got ", t.sizes());
+    TORCH_CHECK(t.device() == in.logits.device(), op, ": ", name, " is on ", t.device(),
+                " but logits is on ", in.logits.device());
+    return t.to(at::kFloat).contiguous();
+  };
+  const Tensor g = as_rows(grad_loss, "grad_loss"), s0 = as_rows(stat0, "stat0"),
+               s1 = as_rows(stat1, "stat1");
+  Tensor grad = at::empty({N, C}, in.logits.options());
+  RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr()};
+
+  if (in.logits.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    c10::cuda::CUDAGuard guard(in.logits.device());
+    const char* err = losses_backward_cuda(in.view, in.targets, p, rg,
+                                           c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#else
+    TORCH_CHECK(false, op, ": fastloss was built without CUDA");
+#endif
+    return grad;
+  }
+  at::parallel_for(0, N, cpu_grain(C), [&](int64_t r0, int64_t r1) {
+    losses_backward_cpu(in.view, in.targets, p, rg, r0, r1);
+  });
+  return grad;
+}
+
+// ---- the ops: each names its loss and its scalars -------------------------------------------
+
+LossParams cross_entropy_params(int64_t ignore_index, double label_smoothing,
+                                double lse_square_scale, double softcap) {
+  TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
+              "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
+  TORCH_CHECK(softcap >= 0.0, "cross_entropy: softcap must be positive (or None), got ", softcap);
+  LossParams p;
+  p.kind = LossKind::cross_entropy;
+  p.ignore_index = ignore_index;
+  p.label_smoothing = float(label_smoothing);
+  p.lse_square_scale = float(lse_square_scale);
+  p.softcap = float(softcap);
+  return p;
+}
+
+LossParams comp_sum_params(int64_t ignore_index, double tau) {
+  TORCH_CHECK(tau >= 0.0, "comp_sum_loss: tau must be >= 0, got ", tau);
+  LossParams p;
+  p.kind = LossKind::comp_sum;
+  p.ignore_index = ignore_index;
+  p.tau = float(tau);
+  return p;
+}
+
+LossParams ldr_params(int64_t ignore_index, double lam, double margin, bool adaptive,
+                      double alpha) {
+  TORCH_CHECK(lam > 0.0, "ldr_loss: lam must be > 0, got ", lam);
+  TORCH_CHECK(!adaptive || alpha > 1.0, "ldr_loss: alpha must be > 1 for the adaptive loss, got ",
+              alpha);
+  LossParams p;
+  p.kind = LossKind::ldr;
+  p.ignore_index = ignore_index;
+  p.lam = float(lam);
+  p.margin = float(margin);
+  p.adaptive = adaptive;
+  p.alpha = float(alpha);
+  return p;
+}
+
+LossParams spherical_z_params(int64_t ignore_index, double a, double b, double eps) {
+  TORCH_CHECK(a > 0.0, "spherical_z_loss: a must be > 0, got ", a);
+  TORCH_CHECK(eps >= 0.0, "spherical_z_loss: eps must be >= 0, got ", eps);
+  LossParams p;
+  p.kind = LossKind::spherical_z;
+  p.ignore_index = ignore_index;
+  p.a = float(a);
+  p.b = float(b);
+  p.eps = float(eps);
+  return p;
+}
+
+LossParams stablemax_params(int64_t ignore_index) {
+  LossParams p;
+  p.kind = LossKind::stablemax;
+  p.ignore_index = ignore_index;
+  return p;
+}
+
+using Fwd = std::tuple<Tensor, Tensor, Tensor>;
+using OptT = std::optional<Tensor>;
+
+Fwd cross_entropy_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
+                          int64_t ignore_index, double label_smoothing, double lse_square_scale,
+                          double softcap) {
+  return forward("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                 logits, target, weight);
+}
+Tensor cross_entropy_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                              const OptT& weight, const Tensor& s0, const Tensor& s1,
+                              int64_t ignore_index, double label_smoothing,
+                              double lse_square_scale, double softcap) {
+  return backward("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                  grad, logits, target, weight, s0, s1);
+}
+
+Fwd comp_sum_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
+                     int64_t ignore_index, double tau) {
+  return forward("comp_sum_loss", comp_sum_params(ignore_index, tau), logits, target, weight);
+}
+Tensor comp_sum_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                         const OptT& weight, const Tensor& s0, const Tensor& s1,
+                         int64_t ignore_index, double tau) {
+  return backward("comp_sum_loss", comp_sum_params(ignore_index, tau), grad, logits, target,
+                  weight, s0, s1);
+}
+
+Fwd ldr_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
+                int64_t ignore_index, double lam, double margin, bool adaptive, double alpha) {
+  return forward("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), logits,
+                 target, weight);
+}
+Tensor ldr_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                    const OptT& weight, const Tensor& s0, const Tensor& s1, int64_t ignore_index,
+                    double lam, double margin, bool adaptive, double alpha) {
+  return backward("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), grad,
+                  logits, target, weight, s0, s1);
+}
+
+Fwd spherical_z_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
+                        int64_t ignore_index, double a, double b, double eps) {
+  return forward("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), logits, target,
+                 weight);
+}
+Tensor spherical_z_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                            const OptT& weight, const Tensor& s0, const Tensor& s1,
+                            int64_t ignore_index, double a, double b, double eps) {
+  return backward("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), grad, logits,
+                  target, weight, s0, s1);
+}
+
+Fwd stablemax_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
+                      int64_t ignore_index) {
+  return forward("stablemax_cross_entropy", stablemax_params(ignore_index), logits, target,
+                 weight);
+}
+Tensor stablemax_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                          const OptT& weight, const Tensor& s0, const Tensor& s1,
+                          int64_t ignore_index) {
+  return backward("stablemax_cross_entropy", stablemax_params(ignore_index), grad, logits, target,
+                  weight, s0, s1);
+}
+
+void register_impls(torch::Library& m) {
+  m.impl("cross_entropy_forward", &cross_entropy_forward);
+  m.impl("cross_entropy_backward", &cross_entropy_backward);
+  m.impl("comp_sum_forward", &comp_sum_forward);
+  m.impl("comp_sum_backward", &comp_sum_backward);
+  m.impl("ldr_forward", &ldr_forward);
+  m.impl("ldr_backward", &ldr_backward);
+  m.impl("spherical_z_forward", &spherical_z_forward);
+  m.impl("spherical_z_backward", &spherical_z_backward);
+  m.impl("stablemax_forward", &stablemax_forward);
+  m.impl("stablemax_backward", &stablemax_backward);
+}
+
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
+#endif

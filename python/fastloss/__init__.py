@@ -1,0 +1,56 @@
+"""fastloss: hand-written CUDA and AVX2 kernels for fused losses, as PyTorch ops.
+
+Functions live in :mod:`fastloss.ops`, modules in :mod:`fastloss.nn`, and the plain eager
+float64 references every kernel is tested against in :mod:`fastloss.reference`.
+"""
+
+import torch  # noqa: F401  (loads libtorch before the extension that links it)
+
+from . import _C
+from . import ops, nn, reference
+
+__version__ = "0.1.0"
+
+
+def built_with_cuda() -> bool:
+    """Whether the CUDA kernels were compiled into this installation."""
+    return bool(_C.built_with_cuda)
+
+
+def cuda_available() -> bool:
+    """Whether fastloss can run on a GPU here: CUDA kernels built and a device visible."""
+    return built_with_cuda() and torch.cuda.is_available()
+
+
+def cuda_archs() -> list[str]:
+    """The CUDA architectures the kernels were compiled for (empty without CUDA)."""
+    return [a for a in str(_C.cuda_archs).split(",") if a]
+
+
+def cpu_isa() -> str:
+    """The instruction set the CPU kernels use now: ``"avx2"`` or ``"generic"``."""
+    return _C.cpu_isa()
+
+
+def set_cpu_isa(name: str) -> None:
+    """Choose the CPU kernels: ``"auto"`` (best this CPU has), ``"avx2"`` or ``"generic"``.
+
+    The environment variable ``FASTLOSS_CPU_ISA=generic`` does the same at start-up.
+    """
+    if not _C.set_cpu_isa(name):
+        raise ValueError(
+            f"set_cpu_isa: {name!r} is not available here; expected 'auto', 'generic'"
+            + (" or 'avx2'" if _C.cpu_supports_avx2() else " (this CPU lacks AVX2+FMA+F16C)")
+        )
+
+
+__all__ = [
+    "ops",
+    "nn",
+    "reference",
+    "built_with_cuda",
+    "cuda_available",
+    "cuda_archs",
+    "cpu_isa",
+    "set_cpu_isa",
+]

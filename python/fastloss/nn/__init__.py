@@ -1,0 +1,17 @@
+"""Module forms of fastloss's functions, with the conventions of torch.nn."""
+
+from .losses import (
+    CompSumLoss,
+    CrossEntropyLoss,
+    LDRLoss,
+    SphericalZLoss,
+    StableMaxCrossEntropyLoss,
+)
+
+__all__ = [
+    "CrossEntropyLoss",
+    "CompSumLoss",
+    "LDRLoss",
+    "SphericalZLoss",
+    "StableMaxCrossEntropyLoss",
+]

@@ -1,0 +1,17 @@
+"""Public functions of fastloss, one module per family."""
+
+from .losses import (
+    comp_sum_loss,
+    cross_entropy,
+    ldr_loss,
+    spherical_z_loss,
+    stablemax_cross_entropy,
+)
+
+__all__ = [
+    "cross_entropy",
+    "comp_sum_loss",
+    "ldr_loss",
+    "spherical_z_loss",
+    "stablemax_cross_entropy",
+]

@@ -1,0 +1,225 @@
+"""Fused classification losses over logits ``[N, C]`` with class-index targets ``[N]``.
+
+Every loss here runs as one custom op (``torch.ops.fastloss.<name>_forward``) that reads
+each row of logits once (twice for the adaptive LDR loss) and returns the loss of every row
+plus two small per-row statistics. Its backward reads the logits once more and writes the
+gradient once; no ``[N, C]`` probability tensor is kept between the two. The reduction
+(``none`` / ``sum`` / ``mean``) is done here on the ``[N]`` row losses, so autograd hands the
+backward kernel exactly d(loss)/d(row loss).
+
+Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
+
+* ``logits``: float32, float16 or bfloat16 ``[N, C]``, any row stride (a view whose classes
+  are not contiguous is copied once). Accumulation is float32.
+* ``target``: int64 (or int32) ``[N]``. Rows equal to ``ignore_index`` get loss 0 and
+  gradient 0 and leave the mean. On the CPU a target outside ``[0, C)`` raises; on CUDA it
+  gives that row a NaN loss (checking it would need a host synchronisation).
+* ``weight``: optional per-class weights ``[C]``; row ``i``'s loss is multiplied by
+  ``weight[target[i]]`` and ``mean`` divides by the sum of those weights, as torch does.
+  No gradient flows to ``weight``.
+* ``reduction``: ``"none"`` (``[N]``), ``"sum"`` or ``"mean"``. The result has the logits'
+  dtype. An empty batch gives what torch gives (``mean`` of nothing is NaN).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_REDUCTIONS = ("none", "mean", "sum")
+
+
+def _check_reduction(fn: str, reduction: str) -> None:
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+
+
+def _check_weight(fn: str, weight: Optional[Tensor]) -> None:
+    if weight is not None and not isinstance(weight, Tensor):
+        raise TypeError(f"{fn}: weight must be a Tensor or None, got {type(weight).__name__}")
+
+
+def _reduce(rows: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+            reduction: str, dtype: torch.dtype) -> Tensor:
+    """Reduce float32 row losses as F.cross_entropy does, and cast to the logits' dtype."""
+    if reduction == "none":
+        return rows.to(dtype)
+    total = rows.sum()
+    if reduction == "mean":
+        valid = target != ignore_index
+        if weight is None:
+            denom = valid.sum()
+        else:
+            # the gather index is clamped so ignored (or invalid) rows never read out of range
+            safe = target.long().clamp(0, weight.shape[0] - 1)
+            denom = torch.where(valid, weight.float().gather(0, safe), 0.0).sum()
+        total = total / denom
+    return total.to(dtype)
+
+
+# ---- autograd and fake kernels: the same for every row loss --------------------------------
+#
+# forward(logits, target, weight, *scalars) -> (row_loss, stat0, stat1)
+# backward(grad_row_loss, logits, target, weight, stat0, stat1, *scalars) -> grad_logits
+
+_LOSS_OPS = ("cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax")
+
+
+def _fake_forward(logits, target, weight, *scalars):
+    n = logits.shape[0]
+    return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
+
+
+def _fake_backward(grad_loss, logits, target, weight, stat0, stat1, *scalars):
+    return logits.new_empty(logits.shape)  # contiguous, like the real kernel's output
+
+
+def _make_autograd(name: str):
+    backward_op = getattr(torch.ops.fastloss, f"{name}_backward").default
+
+    def setup_context(ctx, inputs, output):
+        logits, target, weight, *scalars = inputs
+        _, stat0, stat1 = output
+        ctx.save_for_backward(logits, target, weight, stat0, stat1)
+        ctx.scalars = scalars
+        ctx.mark_non_differentiable(stat0, stat1)
+
+    def backward(ctx, grad_loss, _grad_stat0, _grad_stat1):
+        logits, target, weight, stat0, stat1 = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = backward_op(grad_loss, logits, target, weight, stat0, stat1, *ctx.scalars)
+        return (grad_logits, None, None) + (None,) * len(ctx.scalars)
+
+    return setup_context, backward
+
+
+for _name in _LOSS_OPS:
+    torch.library.register_fake(f"fastloss::{_name}_forward")(_fake_forward)
+    torch.library.register_fake(f"fastloss::{_name}_backward")(_fake_backward)
+    _setup, _backward = _make_autograd(_name)
+    torch.library.register_autograd(f"fastloss::{_name}_forward", _backward, setup_context=_setup)
+
+
+# ---- public functions ----------------------------------------------------------------------
+
+def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean",
+                  label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                  softcap: Optional[float] = None) -> Tensor:
+    r"""Cross-entropy, fused: equal to :func:`torch.nn.functional.cross_entropy` plus two options.
+
+    Per row, with :math:`z` the (optionally soft-capped) logits, :math:`\epsilon` the label
+    smoothing and :math:`w` the class weights (1 when ``weight`` is None):
+
+    .. math:: \ell = w_y[(1-\epsilon)(\mathrm{lse}(z) - z_y) + s\,\mathrm{lse}(z)^2]
+              + \frac{\epsilon}{C}\sum_k w_k(\mathrm{lse}(z) - z_k)
+
+    Args:
+        lse_square_scale: ``s``, the PaLM z-loss coefficient (``s * logsumexp^2`` per row,
+            weighted by ``w_y`` like the rest of the row's loss). 0 disables it.
+        softcap: ``c`` > 0 replaces the logits by ``c * tanh(logits / c)`` (Gemma 2) inside
+            the kernel, gradient included. None disables it.
+    """
+    _check_reduction("cross_entropy", reduction)
+    _check_weight("cross_entropy", weight)
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"cross_entropy: softcap must be None or > 0, got {softcap}")
+    rows, _, _ = torch.ops.fastloss.cross_entropy_forward(
+        logits, target, weight, ignore_index, float(label_smoothing), float(lse_square_scale),
+        float(softcap or 0.0))
+    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+
+
+def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[Tensor] = None,
+                  ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    r"""Comp-sum loss of Mao, Mohri and Zhong (ICML 2023).
+
+    .. math:: \ell = \Phi_\tau\Big(\sum_{k\ne y} e^{f_k - f_y}\Big),\quad
+              \Phi_1(u) = \log(1+u),\quad \Phi_\tau(u) = \frac{(1+u)^{1-\tau} - 1}{1-\tau}
+
+    ``tau = 0``: sum-exponential loss; ``tau = 1``: logistic loss (= cross-entropy);
+    ``1 < tau < 2``: generalized cross-entropy; ``tau = 2``: mean absolute error
+    (:math:`1 - p_y`). Any ``tau >= 0``. For ``tau < 1`` the loss grows like
+    :math:`e^{(1-\tau)(\mathrm{lse} - f_y)}` and overflows to inf for badly wrong rows at
+    extreme logits, as the formula does.
+    """
+    _check_reduction("comp_sum_loss", reduction)
+    _check_weight("comp_sum_loss", weight)
+    if not tau >= 0:
+        raise ValueError(f"comp_sum_loss: tau must be >= 0, got {tau}")
+    rows, _, _ = torch.ops.fastloss.comp_sum_forward(logits, target, weight, ignore_index,
+                                                     float(tau))
+    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+
+
+def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
+             adaptive: bool = False, alpha: float = 2.0, weight: Optional[Tensor] = None,
+             ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    r"""LDR-KL loss, or its adaptive form ALDR-KL (Zhu, Ying and Yang, ICML 2023).
+
+    With :math:`d_k = f_k - f_y + c\,[k \ne y]` (``c = margin``) and :math:`K = C`:
+
+    .. math:: \ell = \lambda \log\Big(\frac{1}{K}\sum_k e^{d_k/\lambda}\Big)
+
+    ``adaptive=True`` gives each row its own temperature
+    :math:`\lambda_i = \lambda\,(1 - \mathrm{KL}(p\,\|\,u) / (\alpha \log K))`, with
+    :math:`p = \mathrm{softmax}(d/\lambda)` and :math:`u` uniform (the maximiser of
+    :math:`-\lambda_i \mathrm{KL} - \frac{\alpha\log K}{2\lambda}(\lambda_i-\lambda)^2`, one
+    step from :math:`\lambda` since this op keeps no state between calls), and the loss
+    :math:`\lambda_i \log(\frac1K\sum_k e^{d_k/\lambda_i}) - \frac{\alpha\log K}{2\lambda}(\lambda_i-\lambda)^2`.
+    :math:`\lambda_i` is held constant in the gradient, as in the authors' code. Needs
+    ``alpha > 1`` (then :math:`\lambda_i \ge \lambda(1 - 1/\alpha) > 0`).
+    """
+    _check_reduction("ldr_loss", reduction)
+    _check_weight("ldr_loss", weight)
+    if not lam > 0:
+        raise ValueError(f"ldr_loss: lam must be > 0, got {lam}")
+    if adaptive and not alpha > 1:
+        raise ValueError(f"ldr_loss: alpha must be > 1 for the adaptive loss, got {alpha}")
+    rows, _, _ = torch.ops.fastloss.ldr_forward(logits, target, weight, ignore_index, float(lam),
+                                                float(margin), bool(adaptive), float(alpha))
+    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+
+
+def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: float = 1e-6,
+                     weight: Optional[Tensor] = None, ignore_index: int = -100,
+                     reduction: str = "mean") -> Tensor:
+    r"""Z-loss of de Brébisson and Vincent (2016), shift- and scale-invariant.
+
+    With the row's mean :math:`\mu` and population variance :math:`\sigma^2`:
+
+    .. math:: z_y = \frac{f_y - \mu}{\sqrt{\sigma^2 + \epsilon}},\qquad
+              \ell = \frac{1}{a}\,\mathrm{softplus}\big(a\,(b - z_y)\big)
+
+    ``eps`` (added to the variance) keeps rows of equal logits finite; 0 gives the paper's
+    exact scale invariance.
+    """
+    _check_reduction("spherical_z_loss", reduction)
+    _check_weight("spherical_z_loss", weight)
+    if not a > 0:
+        raise ValueError(f"spherical_z_loss: a must be > 0, got {a}")
+    if not eps >= 0:
+        raise ValueError(f"spherical_z_loss: eps must be >= 0, got {eps}")
+    rows, _, _ = torch.ops.fastloss.spherical_z_forward(logits, target, weight, ignore_index,
+                                                        float(a), float(b), float(eps))
+    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+
+
+def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
+                            ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    r"""Cross-entropy over StableMax instead of softmax (Prieto et al., 2025).
+
+    .. math:: s(x) = \begin{cases} x + 1 & x \ge 0 \\ 1/(1-x) & x < 0\end{cases},\qquad
+              \ell = \log\sum_j s(f_j) - \log s(f_y)
+    """
+    _check_reduction("stablemax_cross_entropy", reduction)
+    _check_weight("stablemax_cross_entropy", weight)
+    rows, _, _ = torch.ops.fastloss.stablemax_forward(logits, target, weight, ignore_index)
+    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+
+

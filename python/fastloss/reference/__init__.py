@@ -1,0 +1,21 @@
+"""Plain eager (float64 by default) reference implementations of the fastloss losses."""
+
+from .losses import (
+    comp_sum_loss,
+    cross_entropy,
+    ldr_adaptive_lambda,
+    ldr_loss,
+    spherical_z_loss,
+    stablemax,
+    stablemax_cross_entropy,
+)
+
+__all__ = [
+    "cross_entropy",
+    "comp_sum_loss",
+    "ldr_loss",
+    "ldr_adaptive_lambda",
+    "spherical_z_loss",
+    "stablemax",
+    "stablemax_cross_entropy",
+]

@@ -1,0 +1,14 @@
+# Sourced by scripts/test.sh and scripts/bench.sh: creates/updates the venv and installs
+# fastloss into it. Sets PY to the venv's python.
+VENV="${FASTLOSS_VENV:-.venv}"
+[ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
+PY="$VENV/bin/python"
+"$PY" -m pip install --quiet "torch${FASTLOSS_TORCH_SPEC:-}" scikit-build-core pybind11 cmake ninja \
+    pytest numpy matplotlib
+if [ -z "${FASTLOSS_CUDA_ARCHS:-}" ]; then
+  # Build for the GPU that is here (fast); a wheel build sets the list itself.
+  cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' || true)
+  export FASTLOSS_CUDA_ARCHS="${cap:-90}"
+fi
+echo "fastloss: building (CUDA archs if CUDA: $FASTLOSS_CUDA_ARCHS)"
+"$PY" -m pip install --quiet --no-build-isolation .

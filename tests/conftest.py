@@ -1,0 +1,21 @@
+import pytest
+import torch
+
+import fastloss
+
+CPU_ISAS = ["generic"] + (["avx2"] if fastloss._C.cpu_supports_avx2() else [])
+
+
+@pytest.fixture(params=CPU_ISAS)
+def cpu_isa(request):
+    """Run a CPU test once with each kernel path this machine has (generic, AVX2)."""
+    fastloss.set_cpu_isa(request.param)
+    yield request.param
+    fastloss.set_cpu_isa("auto")
+
+
+def cuda_device():
+    return torch.device("cuda") if fastloss.cuda_available() else None
+
+
+requires_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")

@@ -1,0 +1,319 @@
+"""The fused classification losses against the float64 references (fastloss.reference) and
+F.cross_entropy: forward and backward, every dtype, both CPU kernel paths, awkward sizes,
+strided inputs, ignored rows, extreme logits; opcheck, torch.compile, autocast, modules."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import ops
+from fastloss import reference as ref
+
+from conftest import requires_cuda
+
+# name -> (fastloss function, reference function, keyword arguments, uses class weights)
+CASES = {
+    "ce": (ops.cross_entropy, ref.cross_entropy, {}, False),
+    "ce_weight_smooth": (ops.cross_entropy, ref.cross_entropy, {"label_smoothing": 0.1}, True),
+    "ce_zloss_softcap": (ops.cross_entropy, ref.cross_entropy,
+                         {"lse_square_scale": 1e-2, "softcap": 4.0}, False),
+    "ce_everything": (ops.cross_entropy, ref.cross_entropy,
+                      {"label_smoothing": 0.3, "lse_square_scale": 1e-3, "softcap": 2.5}, True),
+    "comp_tau0": (ops.comp_sum_loss, ref.comp_sum_loss, {"tau": 0.0}, False),
+    "comp_tau0.5": (ops.comp_sum_loss, ref.comp_sum_loss, {"tau": 0.5}, True),
+    "comp_tau1": (ops.comp_sum_loss, ref.comp_sum_loss, {"tau": 1.0}, False),
+    "comp_tau1.5": (ops.comp_sum_loss, ref.comp_sum_loss, {"tau": 1.5}, False),
+    "comp_tau2": (ops.comp_sum_loss, ref.comp_sum_loss, {"tau": 2.0}, True),
+    "ldr": (ops.ldr_loss, ref.ldr_loss, {"lam": 1.0, "margin": 1.0}, False),
+    "ldr_cold": (ops.ldr_loss, ref.ldr_loss, {"lam": 0.2, "margin": 0.5}, True),
+    "aldr": (ops.ldr_loss, ref.ldr_loss, {"lam": 1.0, "margin": 1.0, "adaptive": True}, False),
+    "aldr_weight": (ops.ldr_loss, ref.ldr_loss,
+                    {"lam": 0.5, "margin": 0.3, "adaptive": True, "alpha": 3.0}, True),
+    "zloss": (ops.spherical_z_loss, ref.spherical_z_loss, {"a": 0.7, "b": 1.5}, False),
+    "zloss_weight": (ops.spherical_z_loss, ref.spherical_z_loss,
+                     {"a": 2.0, "b": 0.5, "eps": 0.0}, True),
+    "stablemax": (ops.stablemax_cross_entropy, ref.stablemax_cross_entropy, {}, False),
+    "stablemax_weight": (ops.stablemax_cross_entropy, ref.stablemax_cross_entropy, {}, True),
+}
+
+# tau = 0 is the sum of exponentials: keep its rows inside float16's range
+INPUT_SCALE = {"comp_tau0": 0.5}
+
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, C): one element, tiny, under and past 8 AVX2 lanes, past the 1024-class GPU threshold
+SHAPES = [(1, 1), (2, 3), (7, 9), (33, 17), (5, 1031), (3, 4099)]
+# relative tolerance by dtype: float32 math throughout, then the result is stored in dtype
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make_inputs(n, c, dtype, device="cpu", weighted=False, ignore_index=-100, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed * 1000 + n * 31 + c)
+    logits = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    target = torch.randint(0, c, (n,), generator=g)
+    if n > 2:  # ignore some rows
+        target[torch.rand(n, generator=g) < 0.25] = ignore_index
+    weight = torch.rand(c, generator=g) + 0.5 if weighted else None
+    to = lambda t: None if t is None else t.to(device)
+    return to(logits), to(target), to(weight)
+
+
+def assert_close(actual, expected, dtype, what, scale_tol=1.0):
+    """Compare with a tolerance relative to the largest expected magnitude."""
+    tol = TOL[dtype] * scale_tol
+    expected = expected.detach().double().cpu()
+    actual = actual.detach().double().cpu()
+    mag = expected.abs().max().item() if expected.numel() else 1.0
+    mag = mag if math.isfinite(mag) and mag > 0 else 1.0
+    # NaN only where the formula itself is undefined (the Z-loss of one class with eps = 0)
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * mag, equal_nan=True,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check_case(name, n, c, dtype, reduction, device="cpu", ignore_index=-100, logits=None,
+               target=None, weight=None, scale_tol=1.0):
+    fn, ref_fn, kwargs, weighted = CASES[name]
+    if logits is None:
+        logits, target, weight = make_inputs(n, c, dtype, device, weighted, ignore_index,
+                                             scale=INPUT_SCALE.get(name, 3.0))
+    x = logits.detach().clone().requires_grad_(True)
+    x64 = logits.detach().double().cpu().requires_grad_(True)
+    w64 = None if weight is None else weight.double().cpu()
+
+    out = fn(x, target, weight=weight, ignore_index=ignore_index, reduction=reduction, **kwargs)
+    expected = ref_fn(x64, target.cpu(), weight=w64, ignore_index=ignore_index,
+                      reduction=reduction, **kwargs)
+    assert out.dtype == logits.dtype
+    assert out.shape == expected.shape
+    assert_close(out, expected, dtype, f"{name} loss", scale_tol)
+
+    if reduction == "none":
+        up = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+        out.backward(up.to(out.dtype).to(out.device))
+        expected.backward(up.to(out.dtype).double())
+    else:
+        out.backward()
+        expected.backward()
+    assert x.grad.dtype == logits.dtype and x.grad.shape == logits.shape
+    assert_close(x.grad, x64.grad, dtype, f"{name} grad", scale_tol)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_cpu(name, dtype, shape, reduction, cpu_isa):
+    check_case(name, *shape, dtype, reduction)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("shape", SHAPES + [(4, 70001)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_cuda(name, dtype, shape, reduction):
+    check_case(name, *shape, dtype, reduction, device="cuda", scale_tol=2.0 if shape[1] > 5000 else 1.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_equals_torch(weighted, label_smoothing, reduction, cpu_isa):
+    logits, target, weight = make_inputs(19, 37, torch.float32, weighted=weighted, seed=3)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    a = ops.cross_entropy(x1, target, weight=weight, reduction=reduction,
+                          label_smoothing=label_smoothing)
+    b = F.cross_entropy(x2, target, weight=weight, reduction=reduction,
+                        label_smoothing=label_smoothing)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    a.sum().backward()
+    b.sum().backward()
+    torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau1.5", "aldr", "zloss", "stablemax"])
+def test_ignore_index_that_is_a_class(name, cpu_isa):
+    logits, target, weight = make_inputs(23, 11, torch.float32, weighted=CASES[name][3], seed=5,
+                                         ignore_index=0)
+    target[::3] = 0  # rows of class 0 are ignored when ignore_index = 0
+    check_case(name, 0, 0, torch.float32, "mean", ignore_index=0, logits=logits, target=target,
+               weight=weight)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["row_strided", "transposed", "one_row_view"])
+@pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])
+def test_non_contiguous_logits(name, layout, dtype, cpu_isa):
+    n, c = 13, 29
+    g = torch.Generator().manual_seed(11)
+    if layout == "row_strided":  # rows further apart than C
+        logits = (torch.randn(n, c + 7, generator=g) * 3).to(dtype)[:, 3:3 + c]
+    elif layout == "transposed":  # classes not contiguous
+        logits = (torch.randn(c, n, generator=g) * 3).to(dtype).t()
+    else:
+        logits = (torch.randn(4, c, generator=g) * 3).to(dtype)[2:3]
+        n = 1
+    target = torch.randint(0, c, (n,), generator=g)
+    weight = torch.rand(c, generator=g) + 0.5 if CASES[name][3] else None
+    check_case(name, n, c, dtype, "none", logits=logits, target=target, weight=weight)
+
+
+@pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau1", "comp_tau2", "ldr", "aldr",
+                                  "stablemax", "zloss"])
+def test_extreme_logits(name, cpu_isa):
+    """Logits of +-1e4 and -inf masked classes: finite results that match the reference."""
+    g = torch.Generator().manual_seed(13)
+    n, c = 9, 40
+    logits = torch.randn(n, c, generator=g) * 3
+    logits[:, ::5] = 1e4
+    logits[:, 1::7] = -1e4
+    target = torch.randint(0, c, (n,), generator=g)
+    if name != "zloss":  # the Z-loss's mean and variance of a row with -inf are undefined
+        mask = torch.rand(n, c, generator=g) < 0.2
+        mask[torch.arange(n), target] = False
+        logits[mask] = -math.inf
+    fn, ref_fn, kwargs, _ = CASES[name]
+    x = logits.clone().requires_grad_(True)
+    x64 = logits.double().requires_grad_(True)
+    out = fn(x, target, reduction="none", **kwargs)
+    expected = ref_fn(x64, target, reduction="none", **kwargs)
+    assert torch.isfinite(out).all(), out
+    # float32 logits of 1e4 are only known to about 1e-3, so the tolerance is absolute
+    torch.testing.assert_close(out.double(), expected.detach(), rtol=1e-5, atol=5e-3)
+    out.sum().backward()
+    expected.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+
+
+def test_huge_vocabulary(cpu_isa):
+    """C past a million: float32 accumulation over long rows."""
+    check_case("ce_weight_smooth", 2, (1 << 20) + 3, torch.float32, "mean", scale_tol=5.0)
+    check_case("zloss", 2, (1 << 20) + 3, torch.float32, "none", scale_tol=5.0)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("name", list(CASES))
+def test_empty_batch_and_all_ignored(name, reduction):
+    fn, _, kwargs, _ = CASES[name]
+    logits = torch.randn(0, 5, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long)
+    out = fn(logits, target, reduction=reduction, **kwargs)
+    expected = F.cross_entropy(logits, target, reduction=reduction)
+    assert out.shape == expected.shape
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    out.sum().backward()
+    assert logits.grad.shape == (0, 5)
+
+    logits = torch.randn(4, 5, requires_grad=True)
+    target = torch.full((4,), -100)
+    out = fn(logits, target, reduction=reduction, **kwargs)
+    expected = F.cross_entropy(logits, target, reduction=reduction)
+    torch.testing.assert_close(out, expected, equal_nan=True)
+    (out.nansum() if reduction == "mean" else out.sum()).backward()
+    assert torch.equal(logits.grad, torch.zeros(4, 5))
+
+
+def test_generic_and_avx2_agree():
+    if not fastloss._C.cpu_supports_avx2():
+        pytest.skip("no AVX2 on this CPU")
+    logits, target, weight = make_inputs(31, 2053, torch.bfloat16, weighted=True, seed=9)
+    results = {}
+    for isa in ("generic", "avx2"):
+        fastloss.set_cpu_isa(isa)
+        x = logits.clone().requires_grad_(True)
+        loss = ops.cross_entropy(x, target, weight=weight, label_smoothing=0.1, softcap=5.0,
+                                 reduction="sum")
+        loss.backward()
+        results[isa] = (loss.float(), x.grad.float())
+    fastloss.set_cpu_isa("auto")
+    torch.testing.assert_close(results["generic"][0], results["avx2"][0], rtol=1e-5, atol=0)
+    # gradients are rounded to bfloat16 from float32 values a few ulp apart
+    torch.testing.assert_close(results["generic"][1], results["avx2"][1], rtol=8e-3, atol=1e-6)
+
+
+# ---- the torch integration: opcheck, compile, autocast, modules -----------------------------
+
+def _op_samples():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(6, 11, generator=g)
+    target = torch.tensor([0, 3, -100, 10, 5, 5])
+    weight = torch.rand(11, generator=g) + 0.5
+    return [
+        ("cross_entropy", (-100, 0.1, 1e-3, 3.0)),
+        ("comp_sum", (-100, 0.7)),
+        ("ldr", (-100, 0.5, 1.0, True, 2.0)),
+        ("spherical_z", (-100, 1.0, 2.0, 1e-6)),
+        ("stablemax", (-100,)),
+    ], logits, target, weight
+
+
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_opcheck(with_weight):
+    samples, logits, target, weight = _op_samples()
+    w = weight if with_weight else None
+    for name, scalars in samples:
+        fwd = getattr(torch.ops.fastloss, f"{name}_forward").default
+        bwd = getattr(torch.ops.fastloss, f"{name}_backward").default
+        x = logits.clone().requires_grad_(True)
+        torch.library.opcheck(fwd, (x, target, w, *scalars))
+        _, s0, s1 = fwd(logits, target, w, *scalars)
+        torch.library.opcheck(bwd, (torch.rand(6), logits, target, w, s0, s1, *scalars))
+
+
+def _all_losses(x, t, w):
+    return (ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, softcap=4.0)
+            + ops.comp_sum_loss(x, t, 1.5, reduction="sum")
+            + ops.ldr_loss(x, t, 0.5, adaptive=True).mul(2)
+            + ops.spherical_z_loss(x, t, 1.0, 2.0, weight=w)
+            + ops.stablemax_cross_entropy(x, t, reduction="none").sum())
+
+
+def test_torch_compile_fullgraph():
+    logits, target, weight = make_inputs(9, 13, torch.float32, weighted=True, seed=4)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    compiled = torch.compile(_all_losses, fullgraph=True)
+    a = compiled(x1, target, weight)
+    b = _all_losses(x2, target, weight)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
+
+
+def test_autocast_cpu():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(16, 10)
+    h = torch.randn(8, 16)
+    t = torch.randint(0, 10, (8,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        logits = lin(h)
+        assert logits.dtype == torch.bfloat16
+        loss = ops.cross_entropy(logits, t)
+    loss.float().backward()
+    expected = ref.cross_entropy(logits.detach().double(), t)
+    torch.testing.assert_close(loss.double(), expected, rtol=1.6e-2, atol=0)
+    assert lin.weight.grad is not None and torch.isfinite(lin.weight.grad).all()
+
+
+def test_modules_match_functions():
+    logits, target, weight = make_inputs(12, 7, torch.float32, weighted=True, seed=6)
+    pairs = [
+        (fastloss.nn.CrossEntropyLoss(weight, label_smoothing=0.1, softcap=3.0),
+         ops.cross_entropy(logits, target, weight, label_smoothing=0.1, softcap=3.0)),
+        (fastloss.nn.CompSumLoss(0.5, weight), ops.comp_sum_loss(logits, target, 0.5, weight)),
+        (fastloss.nn.LDRLoss(0.7, adaptive=True, weight=weight),
+         ops.ldr_loss(logits, target, 0.7, adaptive=True, weight=weight)),
+        (fastloss.nn.SphericalZLoss(1.0, 2.0, weight=weight),
+         ops.spherical_z_loss(logits, target, 1.0, 2.0, weight=weight)),
+        (fastloss.nn.StableMaxCrossEntropyLoss(weight), ops.stablemax_cross_entropy(logits, target, weight)),
+    ]
+    for module, expected in pairs:
+        torch.testing.assert_close(module(logits, target), expected)
+        state = module.state_dict()
+        assert torch.equal(state["weight"], weight)
