@@ -6,26 +6,47 @@ TORCH_LIBRARY(fastloss, m) {
   // Row losses over logits [N, C] with targets [N]. The forward returns the weighted loss of
   // each row (float32 [N], 0 for ignored rows) and two float32 [N] statistics its backward
   // reuses; the backward takes d(total)/d(row loss) and returns d(total)/d(logits).
+  // inplace_backward only tells the autograd formula (python/fastloss/ops/losses.py) to use
+  // the *_backward_ op, which writes the gradient over the logits.
   m.def("cross_entropy_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "float label_smoothing, float lse_square_scale, float softcap) -> (Tensor, Tensor, Tensor)");
+        "float label_smoothing, float lse_square_scale, float softcap, "
+        "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("cross_entropy_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index, float label_smoothing, "
         "float lse_square_scale, float softcap) -> Tensor");
   m.def("comp_sum_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "float tau) -> (Tensor, Tensor, Tensor)");
+        "float tau, bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("comp_sum_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index, float tau) -> Tensor");
   m.def("ldr_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, float lam, "
-        "float margin, bool adaptive, float alpha) -> (Tensor, Tensor, Tensor)");
+        "float margin, bool adaptive, float alpha, bool inplace_backward=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("ldr_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index, float lam, float margin, bool adaptive, "
         "float alpha) -> Tensor");
   m.def("spherical_z_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "float a, float b, float eps) -> (Tensor, Tensor, Tensor)");
+        "float a, float b, float eps, bool inplace_backward=False) "
+        "-> (Tensor, Tensor, Tensor)");
   m.def("spherical_z_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index, float a, float b, float eps) -> Tensor");
-  m.def("stablemax_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index) "
-        "-> (Tensor, Tensor, Tensor)");
+  m.def("stablemax_forward(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("stablemax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index) -> Tensor");
+  // The same backwards writing the gradient over the logits (opt-in, inplace_backward=True):
+  // no [N, C] allocation, at the price of destroying the logits.
+  m.def("cross_entropy_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, "
+        "Tensor stat0, Tensor stat1, int ignore_index, float label_smoothing, "
+        "float lse_square_scale, float softcap) -> ()");
+  m.def("comp_sum_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
+        "Tensor stat0, Tensor stat1, int ignore_index, float tau) -> ()");
+  m.def("ldr_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
+        "Tensor stat0, Tensor stat1, int ignore_index, float lam, float margin, bool adaptive, "
+        "float alpha) -> ()");
+  m.def("spherical_z_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, "
+        "Tensor stat0, Tensor stat1, int ignore_index, float a, float b, float eps) -> ()");
+  m.def("stablemax_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
+        "Tensor stat0, Tensor stat1, int ignore_index) -> ()");
 }

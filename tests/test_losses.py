@@ -263,6 +263,10 @@ def test_opcheck(with_weight):
         torch.library.opcheck(fwd, (x, target, w, *scalars))
         _, s0, s1 = fwd(logits, target, w, *scalars)
         torch.library.opcheck(bwd, (torch.rand(6), logits, target, w, s0, s1, *scalars))
+        bwd_ = getattr(torch.ops.fastloss, f"{name}_backward_").default
+        torch.library.opcheck(bwd_, (torch.rand(6), logits.clone(), target, w, s0, s1, *scalars))
+        x = logits.clone().requires_grad_(True)
+        torch.library.opcheck(fwd, (x, target, w, *scalars, True))
 
 
 def _all_losses(x, t, w):
@@ -317,3 +321,65 @@ def test_modules_match_functions():
         torch.testing.assert_close(module(logits, target), expected)
         state = module.state_dict()
         assert torch.equal(state["weight"], weight)
+
+
+@pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_inplace_backward(name, dtype, cpu_isa):
+    """The opt-in in-place backward gives the same gradient, written over the logits."""
+    fn, _, kwargs, weighted = CASES[name]
+    logits, target, weight = make_inputs(21, 37, dtype, weighted=weighted, seed=8)
+    h = torch.randn(21, 5, dtype=dtype, requires_grad=True)
+    proj = torch.randn(5, 37, dtype=dtype)
+    wide = torch.zeros(21, 40, dtype=dtype)
+
+    def grads(inplace):
+        h.grad = None
+        z = h @ proj + logits                    # logits as an intermediate of the graph
+        z = torch.narrow(wide.clone(), 1, 0, 37).add_(z)  # and with a row stride != C
+        z.retain_grad()
+        loss = fn(z, target, weight=weight, reduction="sum", inplace_backward=inplace, **kwargs)
+        loss.backward()
+        return z, loss, h.grad.clone()
+
+    z1, l1, g1 = grads(False)
+    z2, l2, g2 = grads(True)
+    torch.testing.assert_close(l1, l2)
+    torch.testing.assert_close(g2, g1, rtol=TOL[dtype], atol=TOL[dtype])
+    # the logits now hold the gradient that reached them
+    torch.testing.assert_close(z2.detach(), z1.grad, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_inplace_backward_protects_saved_logits():
+    """Autograd refuses the overwrite when another op saved the logits for its backward."""
+    logits = torch.randn(6, 9, requires_grad=True)
+    target = torch.randint(0, 9, (6,))
+    z = logits * 1.0
+    other = (z * z).sum()  # saves z
+    loss = ops.cross_entropy(z, target, inplace_backward=True) + other
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
+
+
+def test_inplace_backward_needs_contiguous_classes():
+    logits = torch.randn(6, 9).t().requires_grad_(True)  # [9, 6], classes 9 apart
+    target = torch.randint(0, 6, (9,))
+    loss = ops.cross_entropy(logits, target, inplace_backward=True)
+    with pytest.raises(RuntimeError, match="in-place backward needs logits whose classes are contiguous"):
+        loss.backward()
+
+
+def test_inplace_backward_compiles():
+    logits, target, _ = make_inputs(9, 13, torch.float32, seed=12)
+    h = torch.randn(9, 4, requires_grad=True)
+    proj = torch.randn(4, 13)
+
+    def f(h):
+        return ops.cross_entropy(h @ proj + logits, target, softcap=3.0, inplace_backward=True)
+
+    a = torch.compile(f, fullgraph=True)(h)
+    a.backward()
+    g_compiled = h.grad.clone()
+    h.grad = None
+    f(h).backward()
+    torch.testing.assert_close(g_compiled, h.grad)

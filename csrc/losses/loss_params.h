@@ -48,12 +48,14 @@ struct RowStats {
 };
 
 // Inputs of the backward: d(total)/d(row loss) [rows] float32, the forward's statistics,
-// and the gradient to write, laid out like the logits but with row stride = cols.
+// and the gradient to write, in the logits' dtype with columns contiguous. grad_logits may
+// be the logits themselves (in-place backward): each element is read before it is written.
 struct RowGrad {
   const float* grad_loss = nullptr;
   const float* stat0 = nullptr;
   const float* stat1 = nullptr;
   void* grad_logits = nullptr;
+  int64_t grad_row_stride = 0;
 };
 
 }  // namespace fastloss

@@ -29,15 +29,34 @@ void merge_lanes(typename L::template Acc<float>& total, const typename L::templ
   }
 }
 
+// B vectors at once, through the loss's add_block where it has a cheaper one.
+template <class L, class V, int B>
+void add_block(typename L::template Acc<V>& acc, const V (&x)[B], const V (&w)[B],
+               const typename L::Ctx& ctx) {
+  if constexpr (requires { L::template add_block<V, B>(acc, x, w, ctx); })
+    L::template add_block<V, B>(acc, x, w, ctx);
+  else
+    for (int u = 0; u < B; ++u) L::add(acc, x[u], w[u], ctx);
+}
+
 // Accumulate elements [begin, end) of one row (the target column is never inside).
 template <class L, class V, class T>
 void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
                       const typename L::Ctx& ctx, typename L::template Acc<float>& total) {
   constexpr int kWidth = VecTraits<V>::width;
+  constexpr int kBlock = kWidth > 1 ? 4 : 8;  // vectors (or scalars) per add_block
   int64_t k = begin;
-  if (kWidth > 1 && end - begin >= kWidth) {
+  if (end - begin >= kWidth * kBlock) {
     typename L::template Acc<V> va;
     L::init(va);
+    for (; k + kWidth * kBlock <= end; k += kWidth * kBlock) {
+      V xs[kBlock], ws[kBlock];
+      for (int u = 0; u < kBlock; ++u) {
+        xs[u] = VecIo<V>::load(x + k + u * kWidth);
+        ws[u] = w ? VecIo<V>::load(w + k + u * kWidth) : V(1.f);
+      }
+      add_block<L, V, kBlock>(va, xs, ws, ctx);
+    }
     for (; k + kWidth <= end; k += kWidth)
       L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
     merge_lanes<L, V>(total, va);
@@ -90,7 +109,7 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   const int64_t C = lv.cols;
   const float* w = rt.weight;
   for (int64_t r = r0; r < r1; ++r) {
-    T* out = static_cast<T*>(g.grad_logits) + r * C;
+    T* out = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
     const int64_t y = rt.target[r];
     // ignore_index may itself be a class index, so it is tested first; an out-of-range
     // target was refused by the forward, and gets NaN here rather than a wild read.

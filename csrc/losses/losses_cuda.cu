@@ -119,7 +119,7 @@ __global__ void __launch_bounds__(kBlock)
   const int64_t C = lv.cols;
   for (int64_t r = int64_t(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kGroup; r < lv.rows;
        r += int64_t(gridDim.x) * kGroupsPerBlock) {
-    T* out = static_cast<T*>(g.grad_logits) + r * C;
+    T* out = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
     const int64_t y = rt.target[r];
     if (y == p.ignore_index || y < 0 || y >= C) {  // ignore_index may be a class index
       const float fill = y == p.ignore_index ? 0.f : __int_as_float(0x7fc00000);
@@ -130,6 +130,12 @@ __global__ void __launch_bounds__(kBlock)
     const float x_y = load1(x + y);
     const float w_y = rt.weight ? rt.weight[y] : 1.f;
     const auto b = L::make_bwd(p, g.grad_loss[r], g.stat0[r], g.stat1[r], x_y, w_y, C);
+    // In place (grad_logits == logits), x_y must be read by every thread before its owner
+    // overwrites it.
+    if constexpr (kWarps > 1)
+      __syncthreads();
+    else
+      __syncwarp();
     for (int64_t k = lane; k < C; k += kGroup) {
       const float v = k == y ? b.target_grad
                              : family_grad(load1(x + k), rt.weight ? rt.weight[k] : 1.f, b);

@@ -126,9 +126,10 @@ std::tuple<Tensor, Tensor, Tensor> forward(const char* op, LossParams p, const T
   return {loss, stat0, stat1};
 }
 
+// inplace: write the gradient over the logits (the *_backward_ ops) instead of a new tensor.
 Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Tensor& logits,
                 const Tensor& target, const std::optional<Tensor>& weight, const Tensor& stat0,
-                const Tensor& stat1) {
+                const Tensor& stat1, bool inplace = false) {
   Inputs in = check_inputs(op, logits, target, weight);
   p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<float>() : nullptr;
   const int64_t N = in.view.rows, C = in.view.cols;
@@ -141,8 +142,18 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
   };
   const Tensor g = as_rows(grad_loss, "grad_loss"), s0 = as_rows(stat0, "stat0"),
                s1 = as_rows(stat1, "stat1");
-  Tensor grad = at::empty({N, C}, in.logits.options());
-  RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr()};
+  Tensor grad;
+  int64_t grad_row_stride = C;
+  if (inplace) {
+    TORCH_CHECK(in.logits.is_same(logits), op, ": an in-place backward needs logits whose ",
+                "classes are contiguous (stride 1), got strides ", logits.strides());
+    grad = in.logits;
+    grad_row_stride = in.view.row_stride;
+  } else {
+    grad = at::empty({N, C}, in.logits.options());
+  }
+  RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr(),
+             grad_row_stride};
 
   if (in.logits.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
@@ -225,7 +236,7 @@ using OptT = std::optional<Tensor>;
 
 Fwd cross_entropy_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
                           int64_t ignore_index, double label_smoothing, double lse_square_scale,
-                          double softcap) {
+                          double softcap, bool /*inplace_backward*/) {
   return forward("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
                  logits, target, weight);
 }
@@ -238,7 +249,7 @@ Tensor cross_entropy_backward(const Tensor& grad, const Tensor& logits, const Te
 }
 
 Fwd comp_sum_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
-                     int64_t ignore_index, double tau) {
+                     int64_t ignore_index, double tau, bool /*inplace_backward*/) {
   return forward("comp_sum_loss", comp_sum_params(ignore_index, tau), logits, target, weight);
 }
 Tensor comp_sum_backward(const Tensor& grad, const Tensor& logits, const Tensor& target,
@@ -249,7 +260,7 @@ Tensor comp_sum_backward(const Tensor& grad, const Tensor& logits, const Tensor&
 }
 
 Fwd ldr_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
-                int64_t ignore_index, double lam, double margin, bool adaptive, double alpha) {
+                int64_t ignore_index, double lam, double margin, bool adaptive, double alpha, bool /*inplace_backward*/) {
   return forward("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), logits,
                  target, weight);
 }
@@ -261,7 +272,7 @@ Tensor ldr_backward(const Tensor& grad, const Tensor& logits, const Tensor& targ
 }
 
 Fwd spherical_z_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
-                        int64_t ignore_index, double a, double b, double eps) {
+                        int64_t ignore_index, double a, double b, double eps, bool /*inplace_backward*/) {
   return forward("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), logits, target,
                  weight);
 }
@@ -273,7 +284,7 @@ Tensor spherical_z_backward(const Tensor& grad, const Tensor& logits, const Tens
 }
 
 Fwd stablemax_forward(const Tensor& logits, const Tensor& target, const OptT& weight,
-                      int64_t ignore_index) {
+                      int64_t ignore_index, bool /*inplace_backward*/) {
   return forward("stablemax_cross_entropy", stablemax_params(ignore_index), logits, target,
                  weight);
 }
@@ -282,6 +293,43 @@ Tensor stablemax_backward(const Tensor& grad, const Tensor& logits, const Tensor
                           int64_t ignore_index) {
   return backward("stablemax_cross_entropy", stablemax_params(ignore_index), grad, logits, target,
                   weight, s0, s1);
+}
+
+// In-place backward: the gradient overwrites the logits (opt-in from Python).
+void cross_entropy_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                              const OptT& weight, const Tensor& s0, const Tensor& s1,
+                              int64_t ignore_index, double label_smoothing,
+                              double lse_square_scale, double softcap) {
+  backward("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                  grad, logits, target, weight, s0, s1, true);
+}
+
+void comp_sum_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                         const OptT& weight, const Tensor& s0, const Tensor& s1,
+                         int64_t ignore_index, double tau) {
+  backward("comp_sum_loss", comp_sum_params(ignore_index, tau), grad, logits, target,
+                  weight, s0, s1, true);
+}
+
+void ldr_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                    const OptT& weight, const Tensor& s0, const Tensor& s1, int64_t ignore_index,
+                    double lam, double margin, bool adaptive, double alpha) {
+  backward("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), grad,
+                  logits, target, weight, s0, s1, true);
+}
+
+void spherical_z_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                            const OptT& weight, const Tensor& s0, const Tensor& s1,
+                            int64_t ignore_index, double a, double b, double eps) {
+  backward("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), grad, logits,
+                  target, weight, s0, s1, true);
+}
+
+void stablemax_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
+                          const OptT& weight, const Tensor& s0, const Tensor& s1,
+                          int64_t ignore_index) {
+  backward("stablemax_cross_entropy", stablemax_params(ignore_index), grad, logits, target,
+                  weight, s0, s1, true);
 }
 
 void register_impls(torch::Library& m) {
@@ -295,6 +343,11 @@ void register_impls(torch::Library& m) {
   m.impl("spherical_z_backward", &spherical_z_backward);
   m.impl("stablemax_forward", &stablemax_forward);
   m.impl("stablemax_backward", &stablemax_backward);
+  m.impl("cross_entropy_backward_", &cross_entropy_backward_);
+  m.impl("comp_sum_backward_", &comp_sum_backward_);
+  m.impl("ldr_backward_", &ldr_backward_);
+  m.impl("spherical_z_backward_", &spherical_z_backward_);
+  m.impl("stablemax_backward_", &stablemax_backward_);
 }
 
 }  // namespace

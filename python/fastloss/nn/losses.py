@@ -12,14 +12,16 @@ from .. import ops
 
 class _RowLoss(nn.Module):
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean") -> None:
+                 reduction: str = "mean", inplace_backward: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
+        self.inplace_backward = inplace_backward
 
     def _common(self) -> dict:
-        return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction)
+        return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                    inplace_backward=self.inplace_backward)
 
 
 class CrossEntropyLoss(_RowLoss):
@@ -27,8 +29,9 @@ class CrossEntropyLoss(_RowLoss):
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
-                 lse_square_scale: float = 0.0, softcap: Optional[float] = None) -> None:
-        super().__init__(weight, ignore_index, reduction)
+                 lse_square_scale: float = 0.0, softcap: Optional[float] = None,
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
@@ -43,8 +46,8 @@ class CompSumLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.comp_sum_loss`."""
 
     def __init__(self, tau: float, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean") -> None:
-        super().__init__(weight, ignore_index, reduction)
+                 reduction: str = "mean", inplace_backward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.tau = tau
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -56,8 +59,8 @@ class LDRLoss(_RowLoss):
 
     def __init__(self, lam: float, margin: float = 1.0, adaptive: bool = False,
                  alpha: float = 2.0, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean") -> None:
-        super().__init__(weight, ignore_index, reduction)
+                 reduction: str = "mean", inplace_backward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.lam, self.margin, self.adaptive, self.alpha = lam, margin, adaptive, alpha
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -69,8 +72,9 @@ class SphericalZLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.spherical_z_loss`."""
 
     def __init__(self, a: float, b: float, eps: float = 1e-6, weight: Optional[Tensor] = None,
-                 ignore_index: int = -100, reduction: str = "mean") -> None:
-        super().__init__(weight, ignore_index, reduction)
+                 ignore_index: int = -100, reduction: str = "mean",
+                 inplace_backward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward)
         self.a, self.b, self.eps = a, b, eps
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:

@@ -19,6 +19,10 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   No gradient flows to ``weight``.
 * ``reduction``: ``"none"`` (``[N]``), ``"sum"`` or ``"mean"``. The result has the logits'
   dtype. An empty batch gives what torch gives (``mean`` of nothing is NaN).
+* ``inplace_backward``: opt-in. The backward writes the gradient over the logits' own
+  memory instead of allocating an ``[N, C]`` tensor (the logits' values are gone after
+  backward; autograd's version counter then stops any other op that saved them from
+  silently using the overwritten values). Needs logits whose classes are contiguous.
 """
 
 from __future__ import annotations
@@ -61,37 +65,73 @@ def _reduce(rows: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index
 
 # ---- autograd and fake kernels: the same for every row loss --------------------------------
 #
-# forward(logits, target, weight, *scalars) -> (row_loss, stat0, stat1)
+# forward(logits, target, weight, *scalars, inplace_backward) -> (row_loss, stat0, stat1)
 # backward(grad_row_loss, logits, target, weight, stat0, stat1, *scalars) -> grad_logits
+# backward_(...same...) -> (), the gradient written over the logits
 
 _LOSS_OPS = ("cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax")
 
 
+def _check_fake(logits, target, weight):
+    """The argument checks of losses_op.cpp, for tracing (torch.compile, meta tensors)."""
+    torch._check(logits.dim() == 2, lambda: f"logits must be 2-D [N, C], got shape {tuple(logits.shape)}")
+    torch._check(logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
+                 lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    torch._check(target.dim() == 1, lambda: f"target must be 1-D [N], got shape {tuple(target.shape)}")
+    torch._check(target.dtype in (torch.int64, torch.int32),
+                 lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
+    torch._check(target.shape[0] == logits.shape[0],
+                 lambda: f"target has {target.shape[0]} entries but logits has {logits.shape[0]} rows")
+    for name, t in (("target", target), ("weight", weight)):
+        torch._check(t is None or t.device == logits.device,
+                     lambda: f"{name} is on {t.device} but logits is on {logits.device}")
+    torch._check(weight is None or (weight.dim() == 1 and weight.shape[0] == logits.shape[1]),
+                 lambda: f"weight must be 1-D with one entry per class ({logits.shape[1]}), "
+                         f"got shape {tuple(weight.shape)}")
+
+
 def _fake_forward(logits, target, weight, *scalars):
+    _check_fake(logits, target, weight)
     n = logits.shape[0]
     return tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
 
 
 def _fake_backward(grad_loss, logits, target, weight, stat0, stat1, *scalars):
+    _check_fake(logits, target, weight)
     return logits.new_empty(logits.shape)  # contiguous, like the real kernel's output
+
+
+def _fake_backward_inplace(grad_loss, logits, target, weight, stat0, stat1, *scalars):
+    _check_fake(logits, target, weight)
 
 
 def _make_autograd(name: str):
     backward_op = getattr(torch.ops.fastloss, f"{name}_backward").default
+    backward_inplace_op = getattr(torch.ops.fastloss, f"{name}_backward_").default
 
     def setup_context(ctx, inputs, output):
-        logits, target, weight, *scalars = inputs
+        logits, target, weight, *scalars, inplace = inputs
         _, stat0, stat1 = output
         ctx.save_for_backward(logits, target, weight, stat0, stat1)
         ctx.scalars = scalars
+        ctx.inplace = inplace
         ctx.mark_non_differentiable(stat0, stat1)
 
     def backward(ctx, grad_loss, _grad_stat0, _grad_stat1):
         logits, target, weight, stat0, stat1 = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            grad_logits = backward_op(grad_loss, logits, target, weight, stat0, stat1, *ctx.scalars)
-        return (grad_logits, None, None) + (None,) * len(ctx.scalars)
+            args = (grad_loss, logits, target, weight, stat0, stat1, *ctx.scalars)
+            if ctx.inplace:
+                backward_inplace_op(*args)
+                # Bump the logits' version so that an op which saved them for its own backward
+                # raises ("modified by an inplace operation") instead of reading gradients.
+                if not torch.compiler.is_compiling():
+                    torch.autograd.graph.increment_version(logits)
+                grad_logits = logits
+            else:
+                grad_logits = backward_op(*args)
+        return (grad_logits, None, None) + (None,) * (len(ctx.scalars) + 1)
 
     return setup_context, backward
 
@@ -99,6 +139,7 @@ def _make_autograd(name: str):
 for _name in _LOSS_OPS:
     torch.library.register_fake(f"fastloss::{_name}_forward")(_fake_forward)
     torch.library.register_fake(f"fastloss::{_name}_backward")(_fake_backward)
+    torch.library.register_fake(f"fastloss::{_name}_backward_")(_fake_backward_inplace)
     _setup, _backward = _make_autograd(_name)
     torch.library.register_autograd(f"fastloss::{_name}_forward", _backward, setup_context=_setup)
 
@@ -108,7 +149,8 @@ for _name in _LOSS_OPS:
 def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-                  softcap: Optional[float] = None) -> Tensor:
+                  softcap: Optional[float] = None,
+                  inplace_backward: bool = False) -> Tensor:
     r"""Cross-entropy, fused: equal to :func:`torch.nn.functional.cross_entropy` plus two options.
 
     Per row, with :math:`z` the (optionally soft-capped) logits, :math:`\epsilon` the label
@@ -131,12 +173,13 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
         raise ValueError(f"cross_entropy: softcap must be None or > 0, got {softcap}")
     rows, _, _ = torch.ops.fastloss.cross_entropy_forward(
         logits, target, weight, ignore_index, float(label_smoothing), float(lse_square_scale),
-        float(softcap or 0.0))
+        float(softcap or 0.0), bool(inplace_backward))
     return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
 
 
 def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[Tensor] = None,
-                  ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+                  ignore_index: int = -100, reduction: str = "mean",
+                  inplace_backward: bool = False) -> Tensor:
     r"""Comp-sum loss of Mao, Mohri and Zhong (ICML 2023).
 
     .. math:: \ell = \Phi_\tau\Big(\sum_{k\ne y} e^{f_k - f_y}\Big),\quad
@@ -153,13 +196,14 @@ def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[T
     if not tau >= 0:
         raise ValueError(f"comp_sum_loss: tau must be >= 0, got {tau}")
     rows, _, _ = torch.ops.fastloss.comp_sum_forward(logits, target, weight, ignore_index,
-                                                     float(tau))
+                                                     float(tau), bool(inplace_backward))
     return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
 
 
 def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
              adaptive: bool = False, alpha: float = 2.0, weight: Optional[Tensor] = None,
-             ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+             ignore_index: int = -100, reduction: str = "mean",
+             inplace_backward: bool = False) -> Tensor:
     r"""LDR-KL loss, or its adaptive form ALDR-KL (Zhu, Ying and Yang, ICML 2023).
 
     With :math:`d_k = f_k - f_y + c\,[k \ne y]` (``c = margin``) and :math:`K = C`:
@@ -182,13 +226,15 @@ def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
     if adaptive and not alpha > 1:
         raise ValueError(f"ldr_loss: alpha must be > 1 for the adaptive loss, got {alpha}")
     rows, _, _ = torch.ops.fastloss.ldr_forward(logits, target, weight, ignore_index, float(lam),
-                                                float(margin), bool(adaptive), float(alpha))
+                                                float(margin), bool(adaptive), float(alpha),
+                                                bool(inplace_backward))
     return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
 
 
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: float = 1e-6,
                      weight: Optional[Tensor] = None, ignore_index: int = -100,
-                     reduction: str = "mean") -> Tensor:
+                     reduction: str = "mean",
+                     inplace_backward: bool = False) -> Tensor:
     r"""Z-loss of de Brébisson and Vincent (2016), shift- and scale-invariant.
 
     With the row's mean :math:`\mu` and population variance :math:`\sigma^2`:
@@ -206,12 +252,14 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: fl
     if not eps >= 0:
         raise ValueError(f"spherical_z_loss: eps must be >= 0, got {eps}")
     rows, _, _ = torch.ops.fastloss.spherical_z_forward(logits, target, weight, ignore_index,
-                                                        float(a), float(b), float(eps))
+                                                        float(a), float(b), float(eps),
+                                                        bool(inplace_backward))
     return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
 
 
 def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
-                            ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+                            ignore_index: int = -100, reduction: str = "mean",
+                            inplace_backward: bool = False) -> Tensor:
     r"""Cross-entropy over StableMax instead of softmax (Prieto et al., 2025).
 
     .. math:: s(x) = \begin{cases} x + 1 & x \ge 0 \\ 1/(1-x) & x < 0\end{cases},\qquad
@@ -219,7 +267,8 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Ten
     """
     _check_reduction("stablemax_cross_entropy", reduction)
     _check_weight("stablemax_cross_entropy", weight)
-    rows, _, _ = torch.ops.fastloss.stablemax_forward(logits, target, weight, ignore_index)
+    rows, _, _ = torch.ops.fastloss.stablemax_forward(logits, target, weight, ignore_index,
+                                                      bool(inplace_backward))
     return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
 
 

@@ -1,0 +1,113 @@
+"""Bad input gets a clear error that names the argument; never a crash or a wild read."""
+
+import pytest
+import torch
+
+from fastloss import ops
+
+LOSSES = {
+    "cross_entropy": (ops.cross_entropy, {}),
+    "comp_sum_loss": (ops.comp_sum_loss, {"tau": 1.0}),
+    "ldr_loss": (ops.ldr_loss, {"lam": 1.0}),
+    "spherical_z_loss": (ops.spherical_z_loss, {"a": 1.0, "b": 1.0}),
+    "stablemax_cross_entropy": (ops.stablemax_cross_entropy, {}),
+}
+
+
+def good():
+    return torch.randn(4, 6), torch.tensor([0, 5, 2, -100])
+
+
+@pytest.mark.parametrize("name", list(LOSSES))
+class TestEveryLoss:
+    def call(self, name, logits, target, **kw):
+        fn, params = LOSSES[name]
+        return fn(logits, target, **{**params, **kw})
+
+    def test_logits_rank(self, name):
+        with pytest.raises(RuntimeError, match="logits must be 2-D"):
+            self.call(name, torch.randn(6), torch.tensor([1]))
+        with pytest.raises(RuntimeError, match="logits must be 2-D"):
+            self.call(name, torch.randn(2, 3, 6), torch.zeros(2, 3, dtype=torch.long))
+
+    @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.bool])
+    def test_logits_dtype(self, name, dtype):
+        logits, target = good()
+        with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
+            self.call(name, logits.to(dtype), target)
+
+    def test_target_shape_and_dtype(self, name):
+        logits, target = good()
+        with pytest.raises(RuntimeError, match="target has 3 entries but logits has 4 rows"):
+            self.call(name, logits, target[:3])
+        with pytest.raises(RuntimeError, match="target must be 1-D"):
+            self.call(name, logits, target.view(2, 2))
+        with pytest.raises(RuntimeError, match="target must hold class indices"):
+            self.call(name, logits, target.float())
+
+    @pytest.mark.parametrize("bad", [6, 1000, -1, -101, 2**40])
+    def test_target_out_of_range(self, name, bad):
+        logits, target = good()
+        target[1] = bad
+        with pytest.raises(RuntimeError, match=rf"target\[1\] = {bad} is not a class index in \[0, 6\)"):
+            self.call(name, logits, target)
+
+    def test_weight(self, name):
+        logits, target = good()
+        with pytest.raises(RuntimeError, match="weight must be 1-D with one entry per class"):
+            self.call(name, logits, target, weight=torch.ones(5))
+        with pytest.raises(RuntimeError, match="weight must be a floating-point tensor"):
+            self.call(name, logits, target, weight=torch.ones(6, dtype=torch.long))
+        with pytest.raises(TypeError, match="weight must be a Tensor or None"):
+            self.call(name, logits, target, weight=[1.0] * 6)
+
+    def test_reduction(self, name):
+        logits, target = good()
+        with pytest.raises(ValueError, match="reduction must be one of"):
+            self.call(name, logits, target, reduction="avg")
+
+    def test_no_classes(self, name):
+        with pytest.raises(RuntimeError, match="at least one class"):
+            self.call(name, torch.randn(3, 0), torch.zeros(3, dtype=torch.long))
+
+    def test_meta_device_mismatch(self, name):
+        logits, target = good()
+        with pytest.raises(RuntimeError, match="target is on meta but logits is on cpu"):
+            self.call(name, logits, target.to("meta"))
+
+
+@pytest.mark.parametrize("fn, kwargs, match", [
+    (ops.comp_sum_loss, {"tau": -0.5}, "tau must be >= 0"),
+    (ops.comp_sum_loss, {"tau": float("nan")}, "tau must be >= 0"),
+    (ops.ldr_loss, {"lam": 0.0}, "lam must be > 0"),
+    (ops.ldr_loss, {"lam": -1.0}, "lam must be > 0"),
+    (ops.ldr_loss, {"lam": 1.0, "adaptive": True, "alpha": 1.0}, "alpha must be > 1"),
+    (ops.spherical_z_loss, {"a": 0.0, "b": 1.0}, "a must be > 0"),
+    (ops.spherical_z_loss, {"a": 1.0, "b": 1.0, "eps": -1.0}, "eps must be >= 0"),
+    (ops.cross_entropy, {"label_smoothing": 1.5}, "label_smoothing must be in"),
+    (ops.cross_entropy, {"softcap": 0.0}, "softcap must be None or > 0"),
+])
+def test_bad_hyperparameters(fn, kwargs, match):
+    logits, target = good()
+    with pytest.raises(ValueError, match=match):
+        fn(logits, target, **kwargs)
+
+
+def test_ops_check_hyperparameters_too():
+    """The raw ops (torch.ops.fastloss.*) refuse bad scalars themselves."""
+    logits, target = good()
+    with pytest.raises(RuntimeError, match="tau must be >= 0"):
+        torch.ops.fastloss.comp_sum_forward(logits, target, None, -100, -1.0)
+    with pytest.raises(RuntimeError, match="lam must be > 0"):
+        torch.ops.fastloss.ldr_forward(logits, target, None, -100, 0.0, 1.0, False, 2.0)
+
+
+def test_backward_op_checks_shapes():
+    logits, target = good()
+    _, s0, s1 = torch.ops.fastloss.cross_entropy_forward(logits, target, None, -100, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"grad_loss must have shape \[4\]"):
+        torch.ops.fastloss.cross_entropy_backward(torch.ones(3), logits, target, None, s0, s1,
+                                                  -100, 0.0, 0.0, 0.0)
+    with pytest.raises(RuntimeError, match=r"stat0 must have shape \[4\]"):
+        torch.ops.fastloss.cross_entropy_backward(torch.ones(4), logits, target, None, s0[:2], s1,
+                                                  -100, 0.0, 0.0, 0.0)
