@@ -280,6 +280,16 @@ struct LdrLoss : SoftmaxFamilyBase {
   }
 };
 
+// Losses whose forward is one pass with no per-row constants.
+struct OnePassNoContext {
+  struct Ctx {};
+  static FL_HD int passes(const LossParams&) { return 1; }
+  template <class Acc>
+  static FL_HD Ctx make_ctx(const LossParams&, int, const Acc&, float, int64_t) {
+    return {};
+  }
+};
+
 // ============================================================================================
 // Spherical Z-loss (de Brebisson and Vincent 2016):
 //   mu, var = mean and population variance of the row, sigma = sqrt(var + eps),
@@ -292,14 +302,9 @@ struct MomentsAcc {
   V n, mean, m2;
 };
 
-struct SphericalZLoss {
+struct SphericalZLoss : OnePassNoContext {
   template <class V>
   using Acc = MomentsAcc<V>;
-  struct Ctx {};
-  static FL_HD int passes(const LossParams&) { return 1; }
-  static FL_HD Ctx make_ctx(const LossParams&, int, const Acc<float>&, float, int64_t) {
-    return {};
-  }
   template <class V>
   static FL_HD void init(Acc<V>& a) {
     a.n = V(0.f);
@@ -374,14 +379,9 @@ FL_HD V stablemax_ds(V x) {  // s'(x)
   return vselect(x >= V(0.f), V(1.f), r * r);
 }
 
-struct StableMaxLoss {
+struct StableMaxLoss : OnePassNoContext {
   template <class V>
   using Acc = StableSumAcc<V>;
-  struct Ctx {};
-  static FL_HD int passes(const LossParams&) { return 1; }
-  static FL_HD Ctx make_ctx(const LossParams&, int, const Acc<float>&, float, int64_t) {
-    return {};
-  }
   template <class V>
   static FL_HD void init(Acc<V>& a) {
     a.s = V(0.f);

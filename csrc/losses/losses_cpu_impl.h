@@ -132,37 +132,31 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   }
 }
 
-template <class L, class V>
-int64_t forward_dtype(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
-                      const RowStats& out, int64_t r0, int64_t r1) {
-  switch (lv.dtype) {
-    case ScalarType::f32: return forward_rows<L, V, float>(lv, rt, p, out, r0, r1);
-    case ScalarType::f16: return forward_rows<L, V, half_t>(lv, rt, p, out, r0, r1);
-    case ScalarType::bf16: return forward_rows<L, V, bf16_t>(lv, rt, p, out, r0, r1);
+// Calls f.template operator()<T>() with T the storage type of dtype.
+template <class F>
+auto visit_storage(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::f16: return f.template operator()<half_t>();
+    case ScalarType::bf16: return f.template operator()<bf16_t>();
+    case ScalarType::f32: break;
   }
-  return -1;
-}
-
-template <class L, class V>
-void backward_dtype(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
-                    const RowGrad& g, int64_t r0, int64_t r1) {
-  switch (lv.dtype) {
-    case ScalarType::f32: return backward_rows<L, V, float>(lv, rt, p, g, r0, r1);
-    case ScalarType::f16: return backward_rows<L, V, half_t>(lv, rt, p, g, r0, r1);
-    case ScalarType::bf16: return backward_rows<L, V, bf16_t>(lv, rt, p, g, r0, r1);
-  }
+  return f.template operator()<float>();
 }
 
 template <class V>
 int64_t forward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                         const RowStats& out, int64_t r0, int64_t r1) {
-  return visit_loss(p.kind, [&]<class L>() { return forward_dtype<L, V>(lv, rt, p, out, r0, r1); });
+  return visit_loss(p.kind, [&]<class L>() {
+    return visit_storage(lv.dtype, [&]<class T>() { return forward_rows<L, V, T>(lv, rt, p, out, r0, r1); });
+  });
 }
 
 template <class V>
 void backward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                       const RowGrad& g, int64_t r0, int64_t r1) {
-  visit_loss(p.kind, [&]<class L>() { backward_dtype<L, V>(lv, rt, p, g, r0, r1); });
+  visit_loss(p.kind, [&]<class L>() {
+    visit_storage(lv.dtype, [&]<class T>() { backward_rows<L, V, T>(lv, rt, p, g, r0, r1); });
+  });
 }
 
 }  // namespace FL_ISA

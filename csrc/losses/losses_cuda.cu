@@ -167,36 +167,37 @@ const char* launch_status() {
 }  // namespace
 }  // namespace FL_ISA
 
-const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
-                                const RowStats& out, void* stream) {
+// Instantiates `launch` for the loss, the storage type and the row-group size (one warp for
+// rows up to 1024 classes, the whole block above), and reports the launch's error.
+template <class F>
+const char* launch_rows(const LogitsView& lv, LossKind kind, F&& launch) {
   using namespace FL_ISA;
   if (lv.rows == 0) return nullptr;
-  const auto s = static_cast<cudaStream_t>(stream);
-  visit_loss(p.kind, [&]<class L>() {
+  visit_loss(kind, [&]<class L>() {
     visit_dtype(lv.dtype, [&]<class T>() {
       if (lv.cols <= 1024)
-        forward_kernel<L, T, 1><<<grid_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(lv, rt, p, out);
+        launch.template operator()<L, T, 1>(grid_for(lv.rows, kBlock / 32));
       else
-        forward_kernel<L, T, 8><<<grid_for(lv.rows, 1), kBlock, 0, s>>>(lv, rt, p, out);
+        launch.template operator()<L, T, 8>(grid_for(lv.rows, 1));
     });
   });
   return launch_status();
 }
 
+const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                                const RowStats& out, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return launch_rows(lv, p.kind, [&]<class L, class T, int kWarps>(unsigned grid) {
+    FL_ISA::forward_kernel<L, T, kWarps><<<grid, FL_ISA::kBlock, 0, s>>>(lv, rt, p, out);
+  });
+}
+
 const char* losses_backward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                                  const RowGrad& g, void* stream) {
-  using namespace FL_ISA;
-  if (lv.rows == 0) return nullptr;
   const auto s = static_cast<cudaStream_t>(stream);
-  visit_loss(p.kind, [&]<class L>() {
-    visit_dtype(lv.dtype, [&]<class T>() {
-      if (lv.cols <= 1024)
-        backward_kernel<L, T, 1><<<grid_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(lv, rt, p, g);
-      else
-        backward_kernel<L, T, 8><<<grid_for(lv.rows, 1), kBlock, 0, s>>>(lv, rt, p, g);
-    });
+  return launch_rows(lv, p.kind, [&]<class L, class T, int kWarps>(unsigned grid) {
+    FL_ISA::backward_kernel<L, T, kWarps><<<grid, FL_ISA::kBlock, 0, s>>>(lv, rt, p, g);
   });
-  return launch_status();
 }
 
 }  // namespace fastloss
