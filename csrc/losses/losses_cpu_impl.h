@@ -4,6 +4,7 @@
 // backward reads it once and writes the gradient once.
 #pragma once
 #include <cstdint>
+#include <type_traits>
 
 #include "../common/storage.h"
 #include "loss_math.h"
@@ -39,10 +40,57 @@ void add_block(typename L::template Acc<V>& acc, const V (&x)[B], const V (&w)[B
     for (int u = 0; u < B; ++u) L::add(acc, x[u], w[u], ctx);
 }
 
+// The softmax family's log-sum-exp in chunks that stay in L1: the first sweep transforms the
+// chunk into a buffer and takes its maximum, the second sums exp(a - max). One exponential
+// per element and no rescaling inside the loop (the online form needs 1 + 1/B per element).
+template <class V, class T>
+void softmax_span(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n,
+                  const SoftmaxCtx& c) {
+  constexpr int kWidth = VecTraits<V>::width;
+  constexpr int kChunk = 2048;
+  alignas(32) float buf[kChunk];
+  const bool affine = c.alpha != 1.f || c.beta != 0.f;
+  for (int64_t base = 0; base < n; base += kChunk) {
+    const int len = int(n - base < kChunk ? n - base : kChunk);
+    const T* xc = x + base;
+    V vmax_a = V(kLowest), vt = V(0.f);
+    int k = 0;
+    for (; k + kWidth <= len; k += kWidth) {
+      const V z = softcap_apply(VecIo<V>::load(xc + k), c);
+      const V a = affine ? V(c.alpha) * z + V(c.beta) : z;
+      if (c.linear) vt += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
+      VecIo<V>::store(buf + k, a);
+      vmax_a = vmax(vmax_a, a);
+    }
+    float m = hmax(vmax_a), t = hsum(vt);
+    for (; k < len; ++k) {
+      const float z = softcap_apply(load1(xc + k), c);
+      const float a = affine ? c.alpha * z + c.beta : z;
+      if (c.linear) t += (w ? w[base + k] : 1.f) * z;
+      buf[k] = a;
+      m = vmax(m, a);
+    }
+    V vs = V(0.f);
+    const V vm = V(m);
+    int j = 0;
+    for (; j + kWidth <= len; j += kWidth) vs += vexp(VecIo<V>::load(buf + j) - vm);
+    float sum = hsum(vs);
+    for (; j < len; ++j) sum += vexp(buf[j] - m);
+    SoftmaxAcc<float> part{m, sum, 0.f, t};
+    SoftmaxFamilyBase::merge(total, part);
+  }
+}
+
 // Accumulate elements [begin, end) of one row (the target column is never inside).
 template <class L, class V, class T>
 void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
                       const typename L::Ctx& ctx, typename L::template Acc<float>& total) {
+  if constexpr (std::is_base_of_v<SoftmaxFamilyBase, L>) {
+    if (!ctx.entropy) {  // (ALDR's first pass also needs the entropy term: online form below)
+      softmax_span<V>(total, x + begin, w ? w + begin : nullptr, end - begin, ctx);
+      return;
+    }
+  }
   constexpr int kWidth = VecTraits<V>::width;
   constexpr int kBlock = kWidth > 1 ? 4 : 8;  // vectors (or scalars) per add_block
   int64_t k = begin;
