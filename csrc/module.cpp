@@ -19,8 +19,10 @@ PYBIND11_MODULE(_C, m) {
   m.attr("cuda_archs") = FASTLOSS_CUDA_ARCHS;
   m.def("cpu_supports_avx2", &fastloss::cpu_supports_avx2_fma,
         "Whether this CPU has AVX2, FMA and F16C (and the OS enables them).");
+  m.def("cpu_supports_avx512", &fastloss::cpu_supports_avx512,
+        "Whether this CPU has AVX512F (and the OS enables it).");
   m.def("cpu_isa", [] { return fastloss::cpu_isa_name(fastloss::active_cpu_isa()); },
-        "The instruction set the CPU kernels run with now: 'avx2' or 'generic'.");
+        "The instruction set the CPU kernels run with now: 'avx512', 'avx2' or 'generic'.");
   m.def("set_cpu_isa", &fastloss::set_cpu_isa, pybind11::arg("name"),
-        "Choose the CPU kernels: 'auto', 'avx2' or 'generic'. Returns False if unavailable.");
+        "Choose the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'. False if unavailable.");
 }

@@ -3,12 +3,9 @@ import torch
 
 import fastloss
 
-CPU_ISAS = ["generic"] + (["avx2"] if fastloss._C.cpu_supports_avx2() else [])
-
-
-@pytest.fixture(params=CPU_ISAS)
+@pytest.fixture(params=fastloss.cpu_isas())
 def cpu_isa(request):
-    """Run a CPU test once with each kernel path this machine has (generic, AVX2)."""
+    """Run a CPU test once with each kernel path this machine has (generic, AVX2, AVX-512)."""
     fastloss.set_cpu_isa(request.param)
     yield request.param
     fastloss.set_cpu_isa("auto")

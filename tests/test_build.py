@@ -9,7 +9,7 @@ import fastloss
 
 def test_build_reports_itself():
     assert isinstance(fastloss.built_with_cuda(), bool)
-    assert fastloss.cpu_isa() in ("generic", "avx2")
+    assert fastloss.cpu_isa() in ("generic", "avx2", "avx512")
     if fastloss.built_with_cuda():
         assert fastloss.cuda_archs(), "a CUDA build lists its architectures"
     assert fastloss.cuda_available() == (fastloss.built_with_cuda() and torch.cuda.is_available())
@@ -26,8 +26,11 @@ def test_cpu_isa_switch():
     fastloss.set_cpu_isa("generic")
     assert fastloss.cpu_isa() == "generic"
     fastloss.set_cpu_isa("auto")
-    expected = "avx2" if fastloss._C.cpu_supports_avx2() else "generic"
-    assert fastloss.cpu_isa() == expected
+    assert fastloss.cpu_isa() == fastloss.cpu_isas()[-1]
+    for isa in fastloss.cpu_isas():
+        fastloss.set_cpu_isa(isa)
+        assert fastloss.cpu_isa() == isa
+    fastloss.set_cpu_isa("auto")
 
 
 def test_ops_are_registered_with_torch():

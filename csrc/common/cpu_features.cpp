@@ -27,12 +27,32 @@ bool cpu_supports_avx2_fma() {
 #endif
 }
 
+bool cpu_supports_avx512() {
+#if defined(__x86_64__) || defined(__i386__)
+  if (!cpu_supports_avx2_fma()) return false;
+  unsigned a, b, c, d;
+  __cpuid_count(7, 0, a, b, c, d);
+  if (!(b & (1u << 16))) return false;  // AVX512F
+  unsigned xcr0_lo, xcr0_hi;
+  __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+  return (xcr0_lo & 0xe6u) == 0xe6u;  // XMM, YMM, opmask, ZMM_Hi256, Hi16_ZMM
+#else
+  return false;
+#endif
+}
+
 namespace {
-CpuIsa best_isa() { return cpu_supports_avx2_fma() ? CpuIsa::avx2 : CpuIsa::generic; }
+CpuIsa best_isa() {
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (cpu_supports_avx512()) return CpuIsa::avx512;
+#endif
+  return cpu_supports_avx2_fma() ? CpuIsa::avx2 : CpuIsa::generic;
+}
 
 CpuIsa initial_isa() {
   const char* env = std::getenv("FASTLOSS_CPU_ISA");
   if (env && std::string(env) == "generic") return CpuIsa::generic;
+  if (env && std::string(env) == "avx2" && cpu_supports_avx2_fma()) return CpuIsa::avx2;
   return best_isa();
 }
 
@@ -52,12 +72,23 @@ bool set_cpu_isa(const std::string& name) {
     isa = CpuIsa::generic;
   else if (name == "avx2" && cpu_supports_avx2_fma())
     isa = CpuIsa::avx2;
+#if defined(FASTLOSS_HAVE_AVX512)
+  else if (name == "avx512" && cpu_supports_avx512())
+    isa = CpuIsa::avx512;
+#endif
   else
     return false;
   isa_slot().store(int(isa));
   return true;
 }
 
-const char* cpu_isa_name(CpuIsa isa) { return isa == CpuIsa::avx2 ? "avx2" : "generic"; }
+const char* cpu_isa_name(CpuIsa isa) {
+  switch (isa) {
+    case CpuIsa::avx512: return "avx512";
+    case CpuIsa::avx2: return "avx2";
+    case CpuIsa::generic: break;
+  }
+  return "generic";
+}
 
 }  // namespace fastloss

@@ -27,21 +27,26 @@ def cuda_archs() -> list[str]:
     return [a for a in str(_C.cuda_archs).split(",") if a]
 
 
+def cpu_isas() -> list[str]:
+    """The CPU kernel paths this machine can run, best last."""
+    return (["generic"] + (["avx2"] if _C.cpu_supports_avx2() else [])
+            + (["avx512"] if _C.cpu_supports_avx512() else []))
+
+
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels use now: ``"avx2"`` or ``"generic"``."""
+    """The instruction set the CPU kernels use now: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> None:
-    """Choose the CPU kernels: ``"auto"`` (best this CPU has), ``"avx2"`` or ``"generic"``.
+    """Choose the CPU kernels: ``"auto"`` (the best this CPU has), or one of :func:`cpu_isas`.
 
-    The environment variable ``FASTLOSS_CPU_ISA=generic`` does the same at start-up.
+    The environment variable ``FASTLOSS_CPU_ISA=generic`` (or ``avx2``) does the same at
+    start-up.
     """
     if not _C.set_cpu_isa(name):
-        raise ValueError(
-            f"set_cpu_isa: {name!r} is not available here; expected 'auto', 'generic'"
-            + (" or 'avx2'" if _C.cpu_supports_avx2() else " (this CPU lacks AVX2+FMA+F16C)")
-        )
+        raise ValueError(f"set_cpu_isa: {name!r} is not available here; expected 'auto' or one "
+                         f"of {cpu_isas()}")
 
 
 __all__ = [
@@ -52,5 +57,6 @@ __all__ = [
     "cuda_available",
     "cuda_archs",
     "cpu_isa",
+    "cpu_isas",
     "set_cpu_isa",
 ]

@@ -45,22 +45,14 @@ def _check_weight(fn: str, weight: Optional[Tensor]) -> None:
         raise TypeError(f"{fn}: weight must be a Tensor or None, got {type(weight).__name__}")
 
 
-def _reduce(rows: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
-            reduction: str, dtype: torch.dtype) -> Tensor:
-    """Reduce float32 row losses as F.cross_entropy does, and cast to the logits' dtype."""
-    if reduction == "none":
-        return rows.to(dtype)
-    total = rows.sum()
-    if reduction == "mean":
-        valid = target != ignore_index
-        if weight is None:
-            denom = valid.sum()
-        else:
-            # the gather index is clamped so ignored (or invalid) rows never read out of range
-            safe = target.long().clamp(0, weight.shape[0] - 1)
-            denom = torch.where(valid, weight.float().gather(0, safe), 0.0).sum()
-        total = total / denom
-    return total.to(dtype)
+def _mean_denominator(target: Tensor, weight: Optional[Tensor], ignore_index: int) -> Tensor:
+    """F.cross_entropy's mean denominator: the (weighted) count of non-ignored rows."""
+    valid = target != ignore_index
+    if weight is None:
+        return valid.sum().float()
+    # the gather index is clamped so ignored (or invalid) rows never read out of range
+    safe = target.long().clamp(0, weight.shape[0] - 1)
+    return torch.where(valid, weight.float().gather(0, safe), 0.0).sum()
 
 
 # ---- autograd and fake kernels: the same for every row loss --------------------------------
@@ -144,6 +136,56 @@ for _name in _LOSS_OPS:
     torch.library.register_autograd(f"fastloss::{_name}_forward", _backward, setup_context=_setup)
 
 
+class _RowLoss(torch.autograd.Function):
+    """One row loss, reduced, as a single autograd node.
+
+    The public functions go through this rather than the op's registered autograd formula:
+    the reduction happens inside (no extra autograd nodes for sum / divide / cast), and a
+    Python autograd.Function costs far less per call than torch.library's generic wrapper
+    (measured here at 256 x 1000: about 0.2 ms against 0.45 ms for forward + backward), which
+    dominates at classifier sizes. torch.compile traces it like any autograd.Function.
+    """
+
+    @staticmethod
+    def forward(ctx, logits, target, weight, name, reduction, ignore_index, inplace, *scalars):
+        forward_op = getattr(torch.ops.fastloss, f"{name}_forward").default
+        rows, stat0, stat1 = forward_op(logits, target, weight, ignore_index, *scalars, inplace)
+        denom = None
+        if reduction == "none":
+            out = rows
+        elif reduction == "sum":
+            out = rows.sum()
+        else:
+            denom = _mean_denominator(target, weight, ignore_index)
+            out = rows.sum() / denom
+        ctx.save_for_backward(logits, target, weight, stat0, stat1, denom)
+        ctx.name, ctx.reduction, ctx.inplace = name, reduction, inplace
+        ctx.scalars = (ignore_index, *scalars)
+        return out.to(logits.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits, target, weight, stat0, stat1, denom = ctx.saved_tensors
+        grad_logits = None
+        if ctx.needs_input_grad[0]:
+            g = grad_out.float()
+            if ctx.reduction == "mean":
+                g = g / denom
+            if ctx.reduction != "none":
+                g = g.expand(logits.shape[0])
+            args = (g, logits, target, weight, stat0, stat1, *ctx.scalars)
+            if ctx.inplace:
+                getattr(torch.ops.fastloss, f"{ctx.name}_backward_").default(*args)
+                # Bump the logits' version so that an op which saved them for its own backward
+                # raises ("modified by an inplace operation") instead of reading gradients.
+                if not torch.compiler.is_compiling():
+                    torch.autograd.graph.increment_version(logits)
+                grad_logits = logits
+            else:
+                grad_logits = getattr(torch.ops.fastloss, f"{ctx.name}_backward").default(*args)
+        return (grad_logits,) + (None,) * (6 + len(ctx.scalars) - 1)
+
+
 # ---- public functions ----------------------------------------------------------------------
 
 def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
@@ -171,10 +213,9 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
         raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"cross_entropy: softcap must be None or > 0, got {softcap}")
-    rows, _, _ = torch.ops.fastloss.cross_entropy_forward(
-        logits, target, weight, ignore_index, float(label_smoothing), float(lse_square_scale),
-        float(softcap or 0.0), bool(inplace_backward))
-    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+    return _RowLoss.apply(logits, target, weight, "cross_entropy", reduction, ignore_index,
+                          bool(inplace_backward), float(label_smoothing), float(lse_square_scale),
+                          float(softcap or 0.0))
 
 
 def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[Tensor] = None,
@@ -195,9 +236,8 @@ def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[T
     _check_weight("comp_sum_loss", weight)
     if not tau >= 0:
         raise ValueError(f"comp_sum_loss: tau must be >= 0, got {tau}")
-    rows, _, _ = torch.ops.fastloss.comp_sum_forward(logits, target, weight, ignore_index,
-                                                     float(tau), bool(inplace_backward))
-    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+    return _RowLoss.apply(logits, target, weight, "comp_sum", reduction, ignore_index,
+                          bool(inplace_backward), float(tau))
 
 
 def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
@@ -225,10 +265,9 @@ def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
         raise ValueError(f"ldr_loss: lam must be > 0, got {lam}")
     if adaptive and not alpha > 1:
         raise ValueError(f"ldr_loss: alpha must be > 1 for the adaptive loss, got {alpha}")
-    rows, _, _ = torch.ops.fastloss.ldr_forward(logits, target, weight, ignore_index, float(lam),
-                                                float(margin), bool(adaptive), float(alpha),
-                                                bool(inplace_backward))
-    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+    return _RowLoss.apply(logits, target, weight, "ldr", reduction, ignore_index,
+                          bool(inplace_backward), float(lam), float(margin), bool(adaptive),
+                          float(alpha))
 
 
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: float = 1e-6,
@@ -251,10 +290,8 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: fl
         raise ValueError(f"spherical_z_loss: a must be > 0, got {a}")
     if not eps >= 0:
         raise ValueError(f"spherical_z_loss: eps must be >= 0, got {eps}")
-    rows, _, _ = torch.ops.fastloss.spherical_z_forward(logits, target, weight, ignore_index,
-                                                        float(a), float(b), float(eps),
-                                                        bool(inplace_backward))
-    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+    return _RowLoss.apply(logits, target, weight, "spherical_z", reduction, ignore_index,
+                          bool(inplace_backward), float(a), float(b), float(eps))
 
 
 def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
@@ -267,8 +304,7 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Ten
     """
     _check_reduction("stablemax_cross_entropy", reduction)
     _check_weight("stablemax_cross_entropy", weight)
-    rows, _, _ = torch.ops.fastloss.stablemax_forward(logits, target, weight, ignore_index,
-                                                      bool(inplace_backward))
-    return _reduce(rows, target, weight, ignore_index, reduction, logits.dtype)
+    return _RowLoss.apply(logits, target, weight, "stablemax", reduction, ignore_index,
+                          bool(inplace_backward))
 
 

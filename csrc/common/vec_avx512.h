@@ -1,0 +1,119 @@
+// Sixteen-lane float vector for the AVX-512 CPU kernels (AVX512F only). Compiled into its own
+// translation unit with -mavx512f and entered only after a run-time CPU check.
+#pragma once
+#include <immintrin.h>
+
+#include <cstdint>
+
+#include "macros.h"
+#include "storage.h"
+#include "vec_scalar.h"
+
+namespace fastloss {
+namespace FL_ISA {
+
+struct Vec16 {
+  __m512 v;
+  Vec16() = default;
+  Vec16(__m512 x) : v(x) {}
+  Vec16(float x) : v(_mm512_set1_ps(x)) {}
+};
+struct Mask16 {
+  __mmask16 m;
+};
+
+template <>
+struct VecTraits<Vec16> {
+  static constexpr int width = 16;
+};
+
+inline Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }
+inline Vec16 operator-(Vec16 a, Vec16 b) { return _mm512_sub_ps(a.v, b.v); }
+inline Vec16 operator*(Vec16 a, Vec16 b) { return _mm512_mul_ps(a.v, b.v); }
+inline Vec16 operator/(Vec16 a, Vec16 b) { return _mm512_div_ps(a.v, b.v); }
+inline Vec16 operator-(Vec16 a) {
+  return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(a.v), _mm512_set1_epi32(INT32_MIN)));
+}
+inline Vec16& operator+=(Vec16& a, Vec16 b) { return a = a + b; }
+inline Mask16 operator<(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
+inline Mask16 operator>=(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ)}; }
+inline Vec16 vselect(Mask16 c, Vec16 a, Vec16 b) { return _mm512_mask_blend_ps(c.m, b.v, a.v); }
+// Operand order keeps a NaN in `a` (the data) in the result, as in vec_avx2.h.
+inline Vec16 vmax(Vec16 a, Vec16 b) { return _mm512_max_ps(b.v, a.v); }
+inline Vec16 vmin(Vec16 a, Vec16 b) { return _mm512_min_ps(b.v, a.v); }
+inline Vec16 vabs(Vec16 a) { return _mm512_abs_ps(a.v); }
+inline Vec16 vfma(Vec16 a, Vec16 b, Vec16 c) { return _mm512_fmadd_ps(a.v, b.v, c.v); }
+inline float hsum(Vec16 a) { return _mm512_reduce_add_ps(a.v); }
+inline float hmax(Vec16 a) { return _mm512_reduce_max_ps(a.v); }
+
+// exp(x): the same reduction and polynomial as the AVX2 version; scalef applies 2^n with
+// IEEE underflow (to 0 for x below about -104, -inf included) and overflow (to +inf), and a
+// NaN passes through the clamps, which keep the data operand last.
+inline Vec16 vexp(Vec16 x) {
+  __m512 xc = _mm512_max_ps(_mm512_set1_ps(-104.0f), x.v);
+  xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xc);
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), xc);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline Vec16 vtanh(Vec16 x) {
+  const Vec16 a = vabs(x);
+  const Vec16 z = x * x;
+  Vec16 p = Vec16(-5.70498872745e-3f);
+  p = vfma(p, z, Vec16(2.06390887954e-2f));
+  p = vfma(p, z, Vec16(-5.37397155531e-2f));
+  p = vfma(p, z, Vec16(1.33314422036e-1f));
+  p = vfma(p, z, Vec16(-3.33332819422e-1f));
+  const Vec16 small = vfma(p * z, x, x);
+  const Vec16 e = vexp(vmin(a, Vec16(44.0f)) * Vec16(2.0f));
+  Vec16 big = Vec16(1.0f) - Vec16(2.0f) / (e + Vec16(1.0f));
+  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN));
+  big = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big.v), sign));
+  return vselect(a < Vec16(0.625f), small, big);
+}
+
+inline Vec16 vlog(Vec16 x) {
+  alignas(64) float t[16];
+  _mm512_store_ps(t, x.v);
+  for (float& f : t) f = logf(f);
+  return _mm512_load_ps(t);
+}
+
+template <>
+struct VecIo<Vec16> {
+  static Vec16 load(const float* p) { return _mm512_loadu_ps(p); }
+  static Vec16 load(const bf16_t* p) {
+    const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+  }
+  static Vec16 load(const half_t* p) {
+    return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  }
+  static void store(float* p, Vec16 v) { _mm512_storeu_ps(p, v.v); }
+  static void store(half_t* p, Vec16 v) {
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtps_ph(v.v, _MM_FROUND_TO_NEAREST_INT));
+  }
+  static void store(bf16_t* p, Vec16 v) {
+    // round to nearest even; NaN made quiet, as float_to_bf16 does
+    const __m512i u = _mm512_castps_si512(v.v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff))), 16);
+    const __mmask16 nan = _mm512_cmp_ps_mask(v.v, v.v, _CMP_UNORD_Q);
+    r = _mm512_mask_blend_epi32(nan, r, _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  }
+  static void lanes(Vec16 v, float* out) { _mm512_storeu_ps(out, v.v); }
+};
+
+}  // namespace FL_ISA
+}  // namespace fastloss
