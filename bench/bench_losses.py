@@ -1,0 +1,349 @@
+"""Benchmark of the fused classification losses: forward + backward time and peak extra memory.
+
+Each fastloss loss (``reduction="mean"``) is compared, on the same inputs and in the same run,
+with
+  * ``eager_reference``: ``fastloss.reference.<loss>(..., compute_dtype=None)``, the loss
+    written with plain vectorized eager torch ops in the input dtype (what a user would write);
+  * ``torch``: ``torch.nn.functional.cross_entropy`` where the loss is plain cross-entropy;
+  * ``liger_kernel``: liger-kernel's cross-entropy (Triton, GPU only) when it can be imported.
+
+One call = loss forward + ``loss.backward()`` into a fresh ``logits.grad`` (dropped outside the
+timed region after each call). Floors, per call, with e = bytes per logit:
+  * ``floor_bytes_kernels`` = 3*N*C*e: forward reads the logits once, backward reads them once
+    more and writes the gradient once (what a two-kernel fwd/bwd must move);
+  * ``floor_bytes_min`` = 2*N*C*e: the issue's "read once, write once".
+Both are reported against the measured copy bandwidth (see bench/README.md).
+
+Usage: python bench/bench_losses.py [--device cpu|cuda] [--quick] [--out bench/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import fastloss  # noqa: E402
+import fastloss.reference as R  # noqa: E402
+
+GiB = 2**30
+
+# op configurations: (key, op, options label, fastloss call, eager reference call,
+#                     torch call or None, liger kwargs or None)
+CONFIGS = [
+    ("cross_entropy", "cross_entropy", "",
+     lambda x, t, **kw: fastloss.ops.cross_entropy(x, t, **kw),
+     lambda x, t: R.cross_entropy(x, t, compute_dtype=None),
+     lambda x, t: F.cross_entropy(x, t),
+     {}),
+    ("cross_entropy_ls_softcap", "cross_entropy", "label_smoothing=0.1, softcap=30",
+     lambda x, t, **kw: fastloss.ops.cross_entropy(x, t, label_smoothing=0.1, softcap=30.0, **kw),
+     lambda x, t: R.cross_entropy(x, t, label_smoothing=0.1, softcap=30.0, compute_dtype=None),
+     None,  # F.cross_entropy has no softcap
+     {"label_smoothing": 0.1, "softcap": 30.0}),
+    ("comp_sum_loss", "comp_sum_loss", "tau=1.5",
+     lambda x, t, **kw: fastloss.ops.comp_sum_loss(x, t, tau=1.5, **kw),
+     lambda x, t: R.comp_sum_loss(x, t, tau=1.5, compute_dtype=None),
+     None, None),
+    ("ldr_loss", "ldr_loss", "lam=1, margin=1",
+     lambda x, t, **kw: fastloss.ops.ldr_loss(x, t, lam=1.0, margin=1.0, **kw),
+     lambda x, t: R.ldr_loss(x, t, lam=1.0, margin=1.0, compute_dtype=None),
+     None, None),
+    ("spherical_z_loss", "spherical_z_loss", "a=1, b=2",
+     lambda x, t, **kw: fastloss.ops.spherical_z_loss(x, t, a=1.0, b=2.0, **kw),
+     lambda x, t: R.spherical_z_loss(x, t, a=1.0, b=2.0, compute_dtype=None),
+     None, None),
+    ("stablemax_cross_entropy", "stablemax_cross_entropy", "",
+     lambda x, t, **kw: fastloss.ops.stablemax_cross_entropy(x, t, **kw),
+     lambda x, t: R.stablemax_cross_entropy(x, t, compute_dtype=None),
+     None, None),
+]
+
+SHORT = {"cross_entropy": "CE", "cross_entropy_ls_softcap": "CE ls=.1 cap=30",
+         "comp_sum_loss": "comp-sum 1.5", "ldr_loss": "LDR-KL", "spherical_z_loss": "sph. Z",
+         "stablemax_cross_entropy": "StableMax CE"}
+
+SHAPES = [(256, 1000), (4096, 32000), (8192, 128256)]
+QUICK_SHAPES = [(64, 1000), (512, 4096)]
+DTYPES = [torch.float32, torch.bfloat16]
+
+# Peak extra memory of one call in units of the logits' size, used to decide whether a
+# variant fits before it has been measured at a smaller shape in this run (afterwards the
+# measured peak, scaled by N*C, is used).
+DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "torch": 3.0, "liger_kernel": 1.0, "eager_reference": 10.0}
+BUSY_RETRY = 0.15           # CPU: re-measure (once) a row during which other processes kept
+                            # more than this fraction of the cores busy, when that is cheap
+RETRY_BUDGET_S = 150.0      # at most this much time re-measuring per run; one row at most 30 s
+MEM_MARGIN = 1.15           # safety factor on the scaled estimate
+MEM_RESERVE = 1.5 * GiB     # left free for the rest of the process / OS
+
+
+def liger_cross_entropy():
+    """(callable factory, None) or (None, reason)."""
+    try:
+        import liger_kernel  # noqa: F401
+        from liger_kernel.transformers import LigerCrossEntropyLoss
+    except Exception as e:  # ImportError, or Triton failing to load
+        return None, f"missing: liger_kernel not importable ({type(e).__name__}: {e})"
+    if not torch.cuda.is_available():
+        return None, "unavailable: liger-kernel is Triton/GPU only and no GPU is visible"
+
+    def make(**kw):
+        try:
+            mod = LigerCrossEntropyLoss(**kw)
+        except Exception as e:  # e.g. an older version without softcap: an error row
+            err = e
+
+            def fail(x, t):
+                raise RuntimeError(f"LigerCrossEntropyLoss({kw}) failed: {err!r}")
+            return fail
+
+        def call(x, t):
+            out = mod(x, t)
+            if not torch.is_tensor(out):  # CrossEntropyOutput / tuple in newer versions
+                out = out.loss if hasattr(out, "loss") else out[0]
+            return out
+        return call
+    return make, None
+
+
+def dshort(dtype):
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if fastloss.cuda_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
+    ap.add_argument("--name", default=None,
+                    help="result file stem (default losses_<device>[_quick])")
+    args = ap.parse_args(argv)
+
+    device = args.device
+    if device == "cuda" and not fastloss.cuda_available():
+        ap.error("--device cuda: fastloss was built without CUDA or no GPU is visible")
+    cuda = device == "cuda"
+    name = args.name or f"losses_{device}" + ("_quick" if args.quick else "")
+    shapes = QUICK_SHAPES if args.quick else SHAPES
+
+    t_start = time.perf_counter()
+    torch.manual_seed(0)
+    bw = harness.measure_bandwidth(device)
+    liger_make, liger_reason = liger_cross_entropy()
+    notes = [
+        "time = forward + loss.backward() of reduction='mean' into a fresh logits.grad "
+        "(dropped outside the timed region); median of the samples",
+        "floor_bytes_kernels = 3*N*C*elem (fwd reads logits, bwd reads logits + writes grad); "
+        "floor_bytes_min = 2*N*C*elem (the issue's 'read once, write once'); bytes_moved, "
+        "achieved_GBps and fraction_of_floor refer to floor_bytes_kernels",
+        "fraction_of_floor = achieved GB/s / measured copy bandwidth (memory_bandwidth.best_GBps)",
+        "peak_extra_mem_bytes includes the N*C gradient every variant must return; "
+        + ("CUDA: max_memory_allocated - memory_allocated before the call"
+           if cuda else "CPU: process peak RSS (VmHWM after clear_refs=5) - RSS before the "
+                        "call, after malloc_trim; process-level and approximate"),
+        "samples_from_warmup=true: a warm-up call slower than the harness's slow_call_s "
+        "(60 s CPU, 10 s CUDA) is the only sample; otherwise >= 1 timed call follows the warm-up",
+        f"liger_kernel: {liger_reason or 'available'}",
+    ]
+    res = harness.Results(name, device, args.out, bandwidth=bw, notes=notes)
+    res.title = (f"fastloss fused losses, forward + backward "
+                 f"({'quick' if args.quick else 'default'} shapes)")
+    res.env["peers"] = {"liger_kernel": liger_reason or "available"}
+    print(f"# {name}: {res.env['device_name']}, {res.env['threads']} threads, torch "
+          f"{res.env['torch']}, fastloss cpu_isa={res.env['cpu_isa']}, commit "
+          f"{res.env['git_commit']}")
+    print(f"# memory bandwidth (copy): best {bw['best_GBps']:.1f} GB/s, median "
+          f"{bw['median_GBps']:.1f} GB/s")
+    print(f"# liger_kernel: {liger_reason or 'available'}")
+    busy = res.env.get("cpu_busy_others_start")
+    if busy is not None:
+        print(f"# other processes kept {100 * busy:.0f}% of the {os.cpu_count()} cores busy "
+              f"just before the run")
+        if not cuda and busy > 0.2:
+            print("# WARNING: other processes compete for the cores: CPU timings are inflated")
+    if liger_reason:
+        res.add(op="cross_entropy", variant="liger_kernel", shape=[], dtype="-",
+                group="peers", status="missing" if liger_reason.startswith("missing")
+                else "unavailable", reason=liger_reason, label="liger_kernel")
+
+    retry_budget = [RETRY_BUDGET_S]  # seconds of re-measurement left for this run
+    # measured peak bytes per logit element, per (config, variant, dtype), for the memory check
+    mem_per_elem: dict = {}
+
+    def est_bytes(key, variant, dtype, numel):
+        m = mem_per_elem.get((key, variant, dtype))
+        if m is not None:
+            return m * numel * MEM_MARGIN
+        esize = torch.empty((), dtype=dtype).element_size()
+        return DEFAULT_MEM_FACTOR[variant] * numel * esize * MEM_MARGIN
+
+    for (n, c) in shapes:
+        for dtype in DTYPES:
+            esize = torch.empty((), dtype=dtype).element_size()
+            numel = n * c
+            logit_bytes = numel * esize
+            floors = {"kernels": 3 * logit_bytes, "min": 2 * logit_bytes}
+            n_sets = harness.num_input_sets(logit_bytes, device)
+            avail = harness.available_memory_bytes(device)
+            need_inputs = n_sets * logit_bytes
+            common = dict(shape=[n, c], dtype=dtype)
+            if avail is not None and need_inputs + MEM_RESERVE > avail:
+                for key, op, opts, *_ in CONFIGS:
+                    print_row(res.add(
+                        op=op, variant="all", group=f"{key}|{n}x{c}|{dshort(dtype)}",
+                        label=f"{SHORT[key]} {n}x{c} {dshort(dtype)}", status="skipped",
+                        reason=f"skipped: inputs need {need_inputs / 1e9:.1f} GB, "
+                               f"{avail / 1e9:.1f} GB available", options=opts, **common))
+                continue
+
+            gen = torch.Generator(device=device).manual_seed(n * 7 + c)
+            sets = []
+            for _ in range(n_sets):
+                x = torch.randn(n, c, device=device, dtype=torch.float32, generator=gen)
+                x = x.to(dtype).requires_grad_(True)
+                t = torch.randint(0, c, (n,), device=device, generator=gen)
+                sets.append((x, t))
+
+            def drop_grad(inp):
+                inp[0].grad = None
+
+            def refill(sets_):
+                with torch.no_grad():
+                    for x_, _t in sets_:
+                        x_.copy_(torch.randn(x_.shape, device=device, generator=gen))
+
+            for key, op, opts, fl_fn, ref_fn, torch_fn, liger_kw in CONFIGS:
+                group = f"{key}|{n}x{c}|{dshort(dtype)}"
+                label = f"{SHORT[key]} {n}x{c} {dshort(dtype)}"
+                variants = [("fastloss", fl_fn),
+                            # opt-in: the gradient overwrites the logits (no [N, C] allocation)
+                            ("fastloss_inplace",
+                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, inplace_backward=True))]
+                if torch_fn is not None:
+                    variants.append(("torch", torch_fn))
+                variants.append(("eager_reference", ref_fn))
+                if liger_make is not None and liger_kw is not None:
+                    variants.append(("liger_kernel", liger_make(**liger_kw)))
+                for variant, fn in variants:
+                    base = dict(op=op, variant=variant, group=group, options=opts, label=label,
+                                floor_bytes=floors, input_sets=n_sets, **common)
+                    gc.collect()
+                    need = est_bytes(key, variant, dtype, numel)
+                    avail = harness.available_memory_bytes(device)
+                    if avail is not None and need + MEM_RESERVE > avail:
+                        row = res.add(status="skipped",
+                                      reason=f"skipped: needs {need / 1e9:.1f} GB, "
+                                             f"{avail / 1e9:.1f} GB available", **base)
+                        print_row(row)
+                        res.write_json(partial=True)
+                        continue
+
+                    def call(inp, fn=fn):
+                        loss = fn(inp[0], inp[1])
+                        loss.backward()
+                        return loss.detach()
+
+                    try:
+                        timing = harness.measure(call, sets, device, after=drop_grad)
+                        busy = timing.get("cpu_busy_others")
+                        spent = timing["median_ms"] * (timing["samples"] + timing["warmup_calls"])
+                        if (not cuda and busy is not None and busy > BUSY_RETRY
+                                and spent < min(30e3, 1e3 * retry_budget[0])):
+                            # another process competed for the cores: measure again once
+                            harness.wait_for_quiet(BUSY_RETRY / 2, 30.0)
+                            t_retry = time.perf_counter()
+                            again = harness.measure(call, sets, device, after=drop_grad)
+                            retry_budget[0] -= time.perf_counter() - t_retry
+                            if (again.get("cpu_busy_others") or 0) < busy:
+                                timing = again
+                            timing["remeasured_because_busy"] = busy
+                    except Exception as e:  # report, do not lose the run
+                        for x_, _t in sets:
+                            x_.grad = None
+                        row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}",
+                                      **base)
+                        print_row(row)
+                        res.write_json(partial=True)
+                        continue
+                    finally:
+                        if variant in ("liger_kernel", "fastloss_inplace"):
+                            refill(sets)  # these write the gradient into the logits in place
+                    if timing.get("peak_extra_mem_bytes"):
+                        mem_per_elem[(key, variant, dtype)] = timing["peak_extra_mem_bytes"] / numel
+                    row = res.add(timing=timing, **base)
+                    print_row(row)
+                    res.write_json(partial=True)
+            del sets, x, t
+            gc.collect()
+            if cuda:
+                torch.cuda.empty_cache()
+
+    res.finish()
+    table = res.table(columns())
+    print()
+    print(table)
+    json_path = res.write_json()
+    tmp = os.path.join(args.out, name + ".json.tmp")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    try:
+        png_path = harness.plot(res)
+    except ImportError as e:  # e.g. a GPU machine without matplotlib: the JSON is what matters
+        png_path = f"(no PNG: {e}; redraw with python bench/harness.py plot {json_path})"
+    print(f"\nwall time {time.perf_counter() - t_start:.1f} s; other processes kept "
+          f"{100 * (res.busy_end or 0):.0f}% of the cores busy at the end "
+          f"(load average {harness.loadavg()})")
+    print(f"wrote {json_path}\nwrote {png_path}")
+    return 0
+
+
+def columns():
+    cols = harness.default_columns()
+    out = []
+    for title, get in cols:
+        if title == "status":
+            out.append(("busy", lambda r: "-" if r.get("cpu_busy_others") is None
+                        else f"{100 * r['cpu_busy_others']:.0f}%"))
+        if title == "GB/s":
+            title = "GB/s(3NC)"
+        if title == "floor%":
+            title = "%floor 3NC"
+            out.append((title, get))
+            out.append(("%floor 2NC", lambda r: harness._f(
+                r.get("fraction_of_floor_min") and 100 * r["fraction_of_floor_min"], ".0f")))
+            continue
+        if title == "vs torch":
+            out.append((title, get))
+            out.append(("vs liger", lambda r: harness._f(
+                r.get("speedup_vs", {}).get("liger_kernel"), ".2f", "x")))
+            continue
+        out.append((title, get))
+    return out
+
+
+_printed_header = False
+
+
+def print_row(row):
+    """Progress: one line per measured row as it arrives."""
+    global _printed_header
+    cols = columns()
+    if not _printed_header:
+        print(" | ".join(t for t, _ in cols), flush=True)
+        _printed_header = True
+    print(" | ".join(get(row) for _, get in cols), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

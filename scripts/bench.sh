@@ -1,0 +1,10 @@
+#!/usr/bin/env bash
+# Runs fastloss's benchmarks on a fresh machine, set-up free: makes a virtual environment
+# (.venv, or $FASTLOSS_VENV), installs torch from the package registry and the build tools,
+# builds and installs the extension with --no-build-isolation (scripts/setup_venv.sh, as
+# scripts/test.sh does), then runs bench/bench_losses.py; arguments are passed on
+# (--device cpu|cuda, --quick, --out DIR). Results: bench/results/*.json and *.png.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+source scripts/setup_venv.sh
+"$PY" bench/bench_losses.py "$@"
