@@ -743,9 +743,42 @@ def plot(results: "Results", path: Optional[str] = None, *, baseline: str = "eag
     return path
 
 
-if __name__ == "__main__":  # python bench/harness.py plot bench/results/<name>.json
+def markdown_summary(results: "Results", main: str = "fastloss") -> str:
+    """One Markdown row per group: each variant's median time and peak extra memory, and
+    the main variant's speedups and fraction of the memory floor, as measured (for READMEs)."""
+    rows = [r for r in results.rows if r.get("shape")]
+    groups: list[str] = []
+    for r in rows:
+        if r["group"] not in groups:
+            groups.append(r["group"])
+    variants = [v for v in ("fastloss", "fastloss_inplace", "torch", "liger_kernel", "eager_reference")
+                if any(r["variant"] == v for r in rows)]
+    head = (["loss", "shape", "dtype"] + [f"{v} ms" for v in variants]
+            + [f"{main} vs {v}" for v in variants if v != main]
+            + [f"peak mem {v}" for v in variants] + [f"{main} % of floor"])
+    out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for g in groups:
+        by = {r["variant"]: r for r in rows if r["group"] == g}
+        any_r = next(iter(by.values()))
+        m = by.get(main, {})
+        cells = [any_r["op"] + (f" ({any_r['options']})" if any_r.get("options") else ""),
+                 "x".join(map(str, any_r["shape"])), str(any_r["dtype"]).replace("torch.", "")]
+        cells += [_f(by.get(v, {}).get("median_ms"), ".1f" if (by.get(v, {}).get("median_ms") or 0) >= 10
+                     else ".2f") if by.get(v, {}).get("status", "ok") == "ok" else "skipped"
+                  for v in variants]
+        cells += [_f(m.get("speedup_vs", {}).get(v), ".2f", "x") for v in variants if v != main]
+        cells += [fmt_bytes(by.get(v, {}).get("peak_extra_mem_bytes")) for v in variants]
+        cells += [_f(m.get("fraction_of_floor") and 100 * m["fraction_of_floor"], ".0f", "%")]
+        out.append("| " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":  # python bench/harness.py plot|markdown bench/results/<name>.json
     import sys
     if len(sys.argv) == 3 and sys.argv[1] == "plot":
         print(plot(Results.load(sys.argv[2])))
+    elif len(sys.argv) == 3 and sys.argv[1] == "markdown":
+        print(markdown_summary(Results.load(sys.argv[2])))
     else:
-        sys.exit("usage: python bench/harness.py plot RESULTS.json   (redraws RESULTS.png)")
+        sys.exit("usage: python bench/harness.py plot RESULTS.json   (redraws RESULTS.png)\n"
+                 "       python bench/harness.py markdown RESULTS.json   (summary table)")

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
 
 #if defined(__linux__)
@@ -171,7 +172,7 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
     grad_row_stride = in.view.row_stride;
   } else {
     grad = at::empty({N, C}, in.logits.options());
-    if (grad.is_cpu()) advise_huge_pages(grad);
+    if (grad.is_cpu() && !std::getenv("FASTLOSS_NO_THP")) advise_huge_pages(grad);
   }
   RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr(),
              grad_row_stride};
