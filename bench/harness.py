@@ -754,7 +754,7 @@ def markdown_summary(results: "Results", main: str = "fastloss") -> str:
     variants = [v for v in ("fastloss", "fastloss_inplace", "torch", "liger_kernel", "eager_reference")
                 if any(r["variant"] == v for r in rows)]
     head = (["loss", "shape", "dtype"] + [f"{v} ms" for v in variants]
-            + [f"{main} vs {v}" for v in variants if v != main]
+            + [f"{main} vs {v}" for v in variants if not v.startswith(main)]
             + [f"peak mem {v}" for v in variants] + [f"{main} % of floor"])
     out = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for g in groups:
@@ -766,7 +766,8 @@ def markdown_summary(results: "Results", main: str = "fastloss") -> str:
         cells += [_f(by.get(v, {}).get("median_ms"), ".1f" if (by.get(v, {}).get("median_ms") or 0) >= 10
                      else ".2f") if by.get(v, {}).get("status", "ok") == "ok" else "skipped"
                   for v in variants]
-        cells += [_f(m.get("speedup_vs", {}).get(v), ".2f", "x") for v in variants if v != main]
+        cells += [_f(m.get("speedup_vs", {}).get(v), ".2f", "x") for v in variants
+                  if not v.startswith(main)]
         cells += [fmt_bytes(by.get(v, {}).get("peak_extra_mem_bytes")) for v in variants]
         cells += [_f(m.get("fraction_of_floor") and 100 * m["fraction_of_floor"], ".0f", "%")]
         out.append("| " + " | ".join(cells) + " |")
