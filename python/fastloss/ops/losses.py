@@ -97,10 +97,20 @@ def _fake_backward_inplace(grad_loss, logits, target, weight, stat0, stat1, *sca
     _check_fake(logits, target, weight)
 
 
-def _make_autograd(name: str):
-    backward_op = getattr(torch.ops.fastloss, f"{name}_backward").default
-    backward_inplace_op = getattr(torch.ops.fastloss, f"{name}_backward_").default
+def _logits_grad(name: str, inplace: bool, args: tuple) -> Tensor:
+    """Run a loss's backward op; in place, the gradient overwrites (and is) the logits."""
+    if not inplace:
+        return getattr(torch.ops.fastloss, f"{name}_backward").default(*args)
+    logits = args[1]
+    getattr(torch.ops.fastloss, f"{name}_backward_").default(*args)
+    # Bump the logits' version so that an op which saved them for its own backward raises
+    # ("modified by an inplace operation") instead of reading gradients.
+    if not torch.compiler.is_compiling():
+        torch.autograd.graph.increment_version(logits)
+    return logits
 
+
+def _make_autograd(name: str):
     def setup_context(ctx, inputs, output):
         logits, target, weight, *scalars, inplace = inputs
         _, stat0, stat1 = output
@@ -113,16 +123,8 @@ def _make_autograd(name: str):
         logits, target, weight, stat0, stat1 = ctx.saved_tensors
         grad_logits = None
         if ctx.needs_input_grad[0]:
-            args = (grad_loss, logits, target, weight, stat0, stat1, *ctx.scalars)
-            if ctx.inplace:
-                backward_inplace_op(*args)
-                # Bump the logits' version so that an op which saved them for its own backward
-                # raises ("modified by an inplace operation") instead of reading gradients.
-                if not torch.compiler.is_compiling():
-                    torch.autograd.graph.increment_version(logits)
-                grad_logits = logits
-            else:
-                grad_logits = backward_op(*args)
+            grad_logits = _logits_grad(name, ctx.inplace, (grad_loss, logits, target, weight,
+                                                            stat0, stat1, *ctx.scalars))
         return (grad_logits, None, None) + (None,) * (len(ctx.scalars) + 1)
 
     return setup_context, backward
@@ -173,16 +175,8 @@ class _RowLoss(torch.autograd.Function):
                 g = g / denom
             if ctx.reduction != "none":
                 g = g.expand(logits.shape[0])
-            args = (g, logits, target, weight, stat0, stat1, *ctx.scalars)
-            if ctx.inplace:
-                getattr(torch.ops.fastloss, f"{ctx.name}_backward_").default(*args)
-                # Bump the logits' version so that an op which saved them for its own backward
-                # raises ("modified by an inplace operation") instead of reading gradients.
-                if not torch.compiler.is_compiling():
-                    torch.autograd.graph.increment_version(logits)
-                grad_logits = logits
-            else:
-                grad_logits = getattr(torch.ops.fastloss, f"{ctx.name}_backward").default(*args)
+            grad_logits = _logits_grad(ctx.name, ctx.inplace,
+                                       (g, logits, target, weight, stat0, stat1, *ctx.scalars))
         return (grad_logits,) + (None,) * (6 + len(ctx.scalars) - 1)
 
 
