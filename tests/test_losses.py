@@ -360,12 +360,24 @@ def test_inplace_backward_protects_saved_logits():
         loss.backward()
 
 
-def test_inplace_backward_needs_contiguous_classes():
-    logits = torch.randn(6, 9).t().requires_grad_(True)  # [9, 6], classes 9 apart
+def test_inplace_backward_with_strided_classes():
+    """Logits whose classes are not contiguous are copied once; the copy takes the gradient."""
+    base = torch.randn(6, 9)
+    logits = base.t().requires_grad_(True)  # [9, 6], classes 9 apart
     target = torch.randint(0, 6, (9,))
-    loss = ops.cross_entropy(logits, target, inplace_backward=True)
+    (g_inplace,) = torch.autograd.grad(ops.cross_entropy(logits, target, inplace_backward=True), logits)
+    (g_plain,) = torch.autograd.grad(F.cross_entropy(logits, target), logits)
+    torch.testing.assert_close(g_inplace, g_plain)
+    assert torch.equal(logits.detach(), base.t())  # the caller's tensor is untouched
+
+
+def test_raw_inplace_op_needs_contiguous_classes():
+    logits = torch.randn(6, 9).t()
+    target = torch.randint(0, 6, (9,))
+    _, s0, s1 = torch.ops.fastloss.cross_entropy_forward(logits, target, None, -100, 0., 0., 0.)
     with pytest.raises(RuntimeError, match="in-place backward needs logits whose classes are contiguous"):
-        loss.backward()
+        torch.ops.fastloss.cross_entropy_backward_(torch.ones(9), logits, target, None, s0, s1,
+                                                   -100, 0., 0., 0.)
 
 
 def test_inplace_backward_compiles():

@@ -22,7 +22,8 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
 * ``inplace_backward``: opt-in. The backward writes the gradient over the logits' own
   memory instead of allocating an ``[N, C]`` tensor (the logits' values are gone after
   backward; autograd's version counter then stops any other op that saved them from
-  silently using the overwritten values). Needs logits whose classes are contiguous.
+  silently using the overwritten values). Logits whose classes are not contiguous are
+  copied first, and the copy takes the gradient.
 """
 
 from __future__ import annotations
@@ -150,6 +151,10 @@ class _RowLoss(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, logits, target, weight, name, reduction, ignore_index, inplace, *scalars):
+        if logits.dim() == 2 and logits.shape[1] > 1 and logits.stride(1) != 1:
+            # The kernels need contiguous classes: copy once here, so that the backward reuses
+            # the copy (and an in-place backward overwrites the copy, not the caller's tensor).
+            logits = logits.contiguous()
         forward_op = getattr(torch.ops.fastloss, f"{name}_forward").default
         rows, stat0, stat1 = forward_op(logits, target, weight, ignore_index, *scalars, inplace)
         denom = None
