@@ -156,7 +156,14 @@ class _RowLoss(torch.autograd.Function):
             # the copy (and an in-place backward overwrites the copy, not the caller's tensor).
             logits = logits.contiguous()
         forward_op = getattr(torch.ops.fastloss, f"{name}_forward").default
-        rows, stat0, stat1 = forward_op(logits, target, weight, ignore_index, *scalars, inplace)
+        args = (logits, target, weight, ignore_index, *scalars, inplace)
+        if torch.compiler.is_compiling():
+            rows, stat0, stat1 = forward_op(*args)
+        else:
+            # Below autograd: the op's own (torch.library) autograd kernel would only add
+            # Python overhead here, where this Function already is the autograd node.
+            with torch._C._AutoDispatchBelowAutograd():
+                rows, stat0, stat1 = forward_op(*args)
         denom = None
         if reduction == "none":
             out = rows
