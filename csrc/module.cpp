@@ -2,8 +2,14 @@
 // register the ops with torch; the few functions here only report how it was built and let
 // tests pick the CPU kernels. No torch headers: ops are reached through torch.ops.fastloss.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <cstdint>
+#include <cstring>
+#include <vector>
 
 #include "common/cpu_features.h"
+#include "losses/losses_kernels.h"
 
 #ifndef FASTLOSS_CUDA_ARCHS
 #define FASTLOSS_CUDA_ARCHS ""
@@ -25,4 +31,22 @@ PYBIND11_MODULE(_C, m) {
         "The instruction set the CPU kernels run with now: 'avx512', 'avx2' or 'generic'.");
   m.def("set_cpu_isa", &fastloss::set_cpu_isa, pybind11::arg("name"),
         "Choose the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'. False if unavailable.");
+  m.def(
+      "_store_floats",
+      [](const std::vector<float>& values, int dtype) {
+        // bits of each value stored as float32 (0), float16 (1) or bfloat16 (2)
+        const auto t = fastloss::ScalarType(dtype);
+        const size_t size = t == fastloss::ScalarType::f32 ? 4 : 2;
+        std::vector<uint8_t> raw(values.size() * size);
+        fastloss::store_floats_cpu(values.data(), raw.data(), int64_t(values.size()), t);
+        std::vector<uint32_t> bits(values.size());
+        for (size_t i = 0; i < values.size(); ++i) {
+          uint32_t b = 0;
+          std::memcpy(&b, raw.data() + i * size, size);
+          bits[i] = b;
+        }
+        return bits;
+      },
+      pybind11::arg("values"), pybind11::arg("dtype"),
+      "Test helper: the bits the CPU kernels store for each float (dtype 0 f32, 1 f16, 2 bf16).");
 }

@@ -13,6 +13,7 @@ namespace fastloss {
                       int64_t, int64_t);                                                       \
   void backward_cpu(const LogitsView&, const RowTargets&, const LossParams&, const RowGrad&,   \
                     int64_t, int64_t);                                                         \
+  void store_floats(const float*, void*, int64_t, ScalarType);                                 \
   }
 #if defined(FASTLOSS_HAVE_AVX2)
 FASTLOSS_DECLARE_ISA(avx2)
@@ -41,6 +42,16 @@ void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossP
   if (active_cpu_isa() == CpuIsa::avx2) return avx2::backward_cpu(lv, rt, p, g, r0, r1);
 #endif
   generic::backward_cpu_isa<float>(lv, rt, p, g, r0, r1);
+}
+
+void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t) {
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (active_cpu_isa() == CpuIsa::avx512) return avx512::store_floats(in, out, n, t);
+#endif
+#if defined(FASTLOSS_HAVE_AVX2)
+  if (active_cpu_isa() == CpuIsa::avx2) return avx2::store_floats(in, out, n, t);
+#endif
+  generic::store_floats_isa<float>(in, out, n, t);
 }
 
 }  // namespace fastloss

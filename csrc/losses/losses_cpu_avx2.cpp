@@ -16,5 +16,9 @@ void backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& 
   backward_cpu_isa<Vec8>(lv, rt, p, g, r0, r1);
 }
 
+void store_floats(const float* in, void* out, int64_t n, ScalarType t) {
+  store_floats_isa<Vec8>(in, out, n, t);
+}
+
 }  // namespace avx2
 }  // namespace fastloss

@@ -16,5 +16,9 @@ void backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& 
   backward_cpu_isa<Vec16>(lv, rt, p, g, r0, r1);
 }
 
+void store_floats(const float* in, void* out, int64_t n, ScalarType t) {
+  store_floats_isa<Vec16>(in, out, n, t);
+}
+
 }  // namespace avx512
 }  // namespace fastloss

@@ -191,6 +191,19 @@ auto visit_storage(ScalarType dtype, F&& f) {
   return f.template operator()<float>();
 }
 
+// Stores n floats as storage type t with the kernels' own conversions (vector body, scalar
+// tail); tests compare the result bit for bit with torch's conversions.
+template <class V>
+void store_floats_isa(const float* in, void* out, int64_t n, ScalarType t) {
+  visit_storage(t, [&]<class T>() {
+    T* o = static_cast<T*>(out);
+    constexpr int kWidth = VecTraits<V>::width;
+    int64_t k = 0;
+    for (; k + kWidth <= n; k += kWidth) VecIo<V>::store(o + k, VecIo<V>::load(in + k));
+    for (; k < n; ++k) store1(o + k, in[k]);
+  });
+}
+
 template <class V>
 int64_t forward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                         const RowStats& out, int64_t r0, int64_t r1) {

@@ -12,6 +12,8 @@ int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const Los
                            const RowStats& out, int64_t r0, int64_t r1);
 void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                          const RowGrad& g, int64_t r0, int64_t r1);
+// The active CPU path's float -> storage conversion, for tests (module.cpp exposes it).
+void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t);
 
 // CUDA: all rows, on `stream` (a cudaStream_t). A target out of range gives that row a NaN
 // loss and NaN gradient (checking on the host would need a device synchronisation).
