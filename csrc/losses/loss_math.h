@@ -103,28 +103,6 @@ struct SoftmaxFamilyBase {
       lse_add(acc.m, acc.s, a);
     if (c.linear) acc.t += w * z;
   }
-  // B elements (or vectors) at once: one rescale of the running sum for the block's maximum
-  // instead of one per element, so the block costs B + 1 exponentials instead of 2 B.
-  template <class V, int B>
-  static FL_HD void add_block(Acc<V>& acc, const V (&x)[B], const V (&w)[B], const SoftmaxCtx& c) {
-    if (c.entropy) {
-      for (int u = 0; u < B; ++u) add(acc, x[u], w[u], c);
-      return;
-    }
-    V a[B];
-    V mb = V(kLowest);
-    for (int u = 0; u < B; ++u) {
-      const V z = softcap_apply(x[u], c);
-      a[u] = V(c.alpha) * z + V(c.beta);
-      mb = vmax(mb, a[u]);
-      if (c.linear) acc.t += w[u] * z;
-    }
-    const V mn = vmax(acc.m, mb);
-    V s = acc.s * vexp(acc.m - mn);
-    for (int u = 0; u < B; ++u) s += vexp(a[u] - mn);
-    acc.s = s;
-    acc.m = mn;
-  }
   static FL_HD void add_target(Acc<float>& acc, float x, float w, const SoftmaxCtx& c) {
     const float z = softcap_apply(x, c);
     const float a = c.alpha * z;

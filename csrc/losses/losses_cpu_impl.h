@@ -30,19 +30,10 @@ void merge_lanes(typename L::template Acc<float>& total, const typename L::templ
   }
 }
 
-// B vectors at once, through the loss's add_block where it has a cheaper one.
-template <class L, class V, int B>
-void add_block(typename L::template Acc<V>& acc, const V (&x)[B], const V (&w)[B],
-               const typename L::Ctx& ctx) {
-  if constexpr (requires { L::template add_block<V, B>(acc, x, w, ctx); })
-    L::template add_block<V, B>(acc, x, w, ctx);
-  else
-    for (int u = 0; u < B; ++u) L::add(acc, x[u], w[u], ctx);
-}
-
 // The softmax family's log-sum-exp in chunks that stay in L1: the first sweep transforms the
-// chunk into a buffer and takes its maximum, the second sums exp(a - max). One exponential
-// per element and no rescaling inside the loop (the online form needs 1 + 1/B per element).
+// chunk into a buffer and takes its maximum, the second sums exp(a - max) (and, for ALDR's
+// first pass, exp(a - max) (a - max)). One exponential per element and no rescaling inside
+// the loop, where the online form (the CUDA kernels') needs two.
 template <class V, class T>
 void softmax_span(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n,
                   const SoftmaxCtx& c) {
@@ -70,13 +61,26 @@ void softmax_span(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t 
       buf[k] = a;
       m = vmax(m, a);
     }
-    V vs = V(0.f);
+    V vs = V(0.f), ve = V(0.f);
     const V vm = V(m);
     int j = 0;
-    for (; j + kWidth <= len; j += kWidth) vs += vexp(VecIo<V>::load(buf + j) - vm);
-    float sum = hsum(vs);
-    for (; j < len; ++j) sum += vexp(buf[j] - m);
-    SoftmaxAcc<float> part{m, sum, 0.f, t};
+    if (c.entropy) {  // also sum p (a - m), for ALDR's KL(p || uniform)
+      for (; j + kWidth <= len; j += kWidth) {
+        const V d = vmax(VecIo<V>::load(buf + j) - vm, V(-1e30f));  // masked: 0 * -1e30, not NaN
+        const V p = vexp(d);
+        vs += p;
+        ve += p * d;
+      }
+    } else {
+      for (; j + kWidth <= len; j += kWidth) vs += vexp(VecIo<V>::load(buf + j) - vm);
+    }
+    float sum = hsum(vs), ent = hsum(ve);
+    for (; j < len; ++j) {
+      const float d = vmax(buf[j] - m, -1e30f), p = vexp(d);
+      sum += p;
+      if (c.entropy) ent += p * d;
+    }
+    SoftmaxAcc<float> part{m, sum, ent, t};
     SoftmaxFamilyBase::merge(total, part);
   }
 }
@@ -86,33 +90,22 @@ template <class L, class V, class T>
 void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
                       const typename L::Ctx& ctx, typename L::template Acc<float>& total) {
   if constexpr (std::is_base_of_v<SoftmaxFamilyBase, L>) {
-    if (!ctx.entropy) {  // (ALDR's first pass also needs the entropy term: online form below)
-      softmax_span<V>(total, x + begin, w ? w + begin : nullptr, end - begin, ctx);
-      return;
+    softmax_span<V>(total, x + begin, w ? w + begin : nullptr, end - begin, ctx);
+  } else {
+    constexpr int kWidth = VecTraits<V>::width;
+    int64_t k = begin;
+    if (kWidth > 1 && end - begin >= kWidth) {
+      typename L::template Acc<V> va;
+      L::init(va);
+      for (; k + kWidth <= end; k += kWidth)
+        L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
+      merge_lanes<L, V>(total, va);
     }
+    typename L::template Acc<float> tail;
+    L::init(tail);
+    for (; k < end; ++k) L::add(tail, load1(x + k), w ? w[k] : 1.f, ctx);
+    L::merge(total, tail);
   }
-  constexpr int kWidth = VecTraits<V>::width;
-  constexpr int kBlock = kWidth > 1 ? 4 : 8;  // vectors (or scalars) per add_block
-  int64_t k = begin;
-  if (end - begin >= kWidth * kBlock) {
-    typename L::template Acc<V> va;
-    L::init(va);
-    for (; k + kWidth * kBlock <= end; k += kWidth * kBlock) {
-      V xs[kBlock], ws[kBlock];
-      for (int u = 0; u < kBlock; ++u) {
-        xs[u] = VecIo<V>::load(x + k + u * kWidth);
-        ws[u] = w ? VecIo<V>::load(w + k + u * kWidth) : V(1.f);
-      }
-      add_block<L, V, kBlock>(va, xs, ws, ctx);
-    }
-    for (; k + kWidth <= end; k += kWidth)
-      L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
-    merge_lanes<L, V>(total, va);
-  }
-  typename L::template Acc<float> tail;
-  L::init(tail);
-  for (; k < end; ++k) L::add(tail, load1(x + k), w ? w[k] : 1.f, ctx);
-  L::merge(total, tail);
 }
 
 // Returns -1, or the first row whose target is neither a class nor ignore_index.
