@@ -409,3 +409,52 @@ def test_no_nan_at_any_magnitude(name, cpu_isa):
     out.sum().backward()
     assert not torch.isnan(out).any(), out
     assert not torch.isnan(x.grad).any()
+
+
+# ---- CUDA-only behaviour (skipped without a GPU) --------------------------------------------
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])
+def test_cuda_inplace_strided_and_ignored(name):
+    fn, ref_fn, kwargs, weighted = CASES[name]
+    logits, target, weight = make_inputs(37, 2500, torch.bfloat16, "cuda", weighted, seed=31)
+    wide = torch.zeros(37, 2600, dtype=torch.bfloat16, device="cuda")
+    z = wide[:, 50:2550].copy_(logits).requires_grad_(False)  # row stride 2600
+    for inplace in (False, True):
+        x = z.detach().requires_grad_(True)
+        # plain: the row-strided view itself; in place: an intermediate (not a leaf's storage)
+        h = x * 1 if inplace else x
+        out = fn(h, target, weight=weight, reduction="sum", inplace_backward=inplace, **kwargs)
+        (g,) = torch.autograd.grad(out, x)
+        x64 = logits.double().cpu().requires_grad_(True)
+        w64 = None if weight is None else weight.double().cpu()
+        expected = ref_fn(x64, target.cpu(), weight=w64, reduction="sum", **kwargs)
+        expected.backward()
+        assert_close(out, expected, torch.bfloat16, f"{name} cuda loss")
+        assert_close(g, x64.grad, torch.bfloat16, f"{name} cuda grad (inplace={inplace})")
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_out_of_range_target_gives_nan_row():
+    logits = torch.randn(4, 10, device="cuda", requires_grad=True)
+    target = torch.tensor([1, 10, -100, 3], device="cuda")
+    rows = ops.cross_entropy(logits, target, reduction="none")
+    assert torch.isnan(rows[1]) and torch.isfinite(rows[[0, 3]]).all() and rows[2] == 0
+    rows.nansum().backward()
+    assert torch.isnan(logits.grad[1]).all() and torch.isfinite(logits.grad[[0, 2, 3]]).all()
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_cuda_compile_fullgraph():
+    logits, target, weight = make_inputs(9, 1300, torch.float32, "cuda", weighted=True, seed=4)
+    x1 = logits.clone().requires_grad_(True)
+    x2 = logits.clone().requires_grad_(True)
+    a = torch.compile(_all_losses, fullgraph=True)(x1, target, weight)
+    b = _all_losses(x2, target, weight)
+    torch.testing.assert_close(a, b)
+    a.backward()
+    b.backward()
+    torch.testing.assert_close(x1.grad, x2.grad)
