@@ -1,5 +1,6 @@
 // The math of every row loss, written once and instantiated by the generic CPU kernels
-// (V = float), the AVX2 kernels (V = Vec8) and the CUDA kernels (V = float on the device).
+// (V = float), the AVX2 (V = Vec8) and AVX-512 (V = Vec16) kernels, and the CUDA kernels
+// (V = float on the device).
 //
 // A loss is a policy struct with:
 //   Acc<V>                    running statistics of one row (members all of type V)
@@ -10,8 +11,12 @@
 //                             target element y (drivers always feed y separately)
 //   merge(Acc<float>&, ...)   combine two partial statistics (lanes, threads, chunks)
 //   finish(...)               the row loss (already times w_y) and two saved statistics
-//   BwdCtx / make_bwd(...)    per-row constants of the backward, from the saved statistics
-//   grad / grad_target        d(row loss)/d(logit) for k != y, and for k = y
+//   make_bwd(...)             per-row constants of the backward, from the saved statistics,
+//                             including the finished gradient of the target element
+//   family_grad(x, w, bwd)    d(row loss)/d(logit) for an element k != y
+// The CPU driver sums the softmax family's log-sum-exp in L1-sized chunks instead of calling
+// add() (losses_cpu_impl.h, softmax_span); the CUDA kernels use add().
+// All accumulation is float32 whatever the storage type.
 // All accumulation is float32 whatever the storage type.
 #pragma once
 #include <cstdint>
