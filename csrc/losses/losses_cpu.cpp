@@ -1,6 +1,7 @@
 // Generic CPU row-loss kernels (any x86-64 or other CPU) and the run-time choice between
 // them and the AVX2 ones.
 #include "../common/cpu_features.h"
+#define FL_ISA_VEC float  // this file's own entry points: generic::forward_cpu, ...
 #include "losses_cpu_impl.h"
 #include "losses_kernels.h"
 
@@ -30,7 +31,7 @@ int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const Los
 #if defined(FASTLOSS_HAVE_AVX2)
   if (active_cpu_isa() == CpuIsa::avx2) return avx2::forward_cpu(lv, rt, p, out, r0, r1);
 #endif
-  return generic::forward_cpu_isa<float>(lv, rt, p, out, r0, r1);
+  return generic::forward_cpu(lv, rt, p, out, r0, r1);
 }
 
 void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
@@ -41,7 +42,7 @@ void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossP
 #if defined(FASTLOSS_HAVE_AVX2)
   if (active_cpu_isa() == CpuIsa::avx2) return avx2::backward_cpu(lv, rt, p, g, r0, r1);
 #endif
-  generic::backward_cpu_isa<float>(lv, rt, p, g, r0, r1);
+  generic::backward_cpu(lv, rt, p, g, r0, r1);
 }
 
 void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t) {
@@ -51,7 +52,7 @@ void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t) {
 #if defined(FASTLOSS_HAVE_AVX2)
   if (active_cpu_isa() == CpuIsa::avx2) return avx2::store_floats(in, out, n, t);
 #endif
-  generic::store_floats_isa<float>(in, out, n, t);
+  generic::store_floats(in, out, n, t);
 }
 
 }  // namespace fastloss

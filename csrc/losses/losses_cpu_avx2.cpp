@@ -1,24 +1,6 @@
-// AVX2+FMA row-loss kernels. This file alone is compiled with -mavx2 -mfma -mf16c and
-// FL_ISA=avx2; it is only entered after cpu_supports_avx2_fma() said yes.
+// The AVX2 row-loss kernels: the drivers of losses_cpu_impl.h on Vec8. This file alone is
+// compiled with -mavx2 -mfma -mf16c and FL_ISA=avx2; it is only entered after the run-time
+// CPU check (common/cpu_features.cpp).
 #include "../common/vec_avx2.h"
+#define FL_ISA_VEC Vec8
 #include "losses_cpu_impl.h"
-
-namespace fastloss {
-namespace avx2 {
-
-int64_t forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
-                    const RowStats& out, int64_t r0, int64_t r1) {
-  return forward_cpu_isa<Vec8>(lv, rt, p, out, r0, r1);
-}
-
-void backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
-                  const RowGrad& g, int64_t r0, int64_t r1) {
-  backward_cpu_isa<Vec8>(lv, rt, p, g, r0, r1);
-}
-
-void store_floats(const float* in, void* out, int64_t n, ScalarType t) {
-  store_floats_isa<Vec8>(in, out, n, t);
-}
-
-}  // namespace avx2
-}  // namespace fastloss

@@ -213,5 +213,21 @@ void backward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossPara
   });
 }
 
+// The entry points of one instruction set's file (declared in losses_cpu.cpp): a file
+// defines FL_ISA_VEC as its vector type before including this header.
+#if defined(FL_ISA_VEC)
+int64_t forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                    const RowStats& out, int64_t r0, int64_t r1) {
+  return forward_cpu_isa<FL_ISA_VEC>(lv, rt, p, out, r0, r1);
+}
+void backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                  const RowGrad& g, int64_t r0, int64_t r1) {
+  backward_cpu_isa<FL_ISA_VEC>(lv, rt, p, g, r0, r1);
+}
+void store_floats(const float* in, void* out, int64_t n, ScalarType t) {
+  store_floats_isa<FL_ISA_VEC>(in, out, n, t);
+}
+#endif
+
 }  // namespace FL_ISA
 }  // namespace fastloss
