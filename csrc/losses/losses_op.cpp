@@ -41,7 +41,7 @@ ScalarType to_kernel_dtype(const Tensor& t) {
 
 // Checked, kernel-ready views of (logits, target, weight).
 struct Inputs {
-  Tensor logits, target, weight, weight_sum;
+  Tensor logits, target, weight;
   LogitsView view;
   RowTargets targets;
 };
@@ -78,7 +78,6 @@ Inputs check_inputs(const char* op, const Tensor& logits_in, const Tensor& targe
     TORCH_CHECK(w.device() == logits_in.device(), op, ": weight is on ", w.device(),
                 " but logits is on ", logits_in.device());
     in.weight = w.to(at::kFloat).contiguous();
-    in.weight_sum = at::sum(in.weight);
   }
   in.view.data = in.logits.data_ptr();
   in.view.dtype = to_kernel_dtype(in.logits);
@@ -105,6 +104,16 @@ void advise_huge_pages(const Tensor& t) {
 #endif
 }
 
+// Label-smoothed cross-entropy needs sum_k w_k; it stays on the device (no host sync). The
+// returned tensor must outlive the kernel launch.
+Tensor set_weight_sum(LossParams& p, const Inputs& in) {
+  if (!in.weight.defined() || p.kind != LossKind::cross_entropy || p.label_smoothing == 0.f)
+    return Tensor();
+  Tensor sum = at::sum(in.weight);
+  p.weight_sum = sum.data_ptr<float>();
+  return sum;
+}
+
 // Rows per CPU task: at least ~16k elements each so small rows are not scheduled one by one.
 int64_t cpu_grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1)); }
 
@@ -112,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> forward(const char* op, LossParams p, const T
                                            const Tensor& target,
                                            const std::optional<Tensor>& weight) {
   Inputs in = check_inputs(op, logits, target, weight);
-  p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<float>() : nullptr;
+  const Tensor weight_sum = set_weight_sum(p, in);
   const int64_t N = in.view.rows;
   auto opts = in.logits.options().dtype(at::kFloat);
   Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
@@ -152,7 +161,7 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
                 const Tensor& target, const std::optional<Tensor>& weight, const Tensor& stat0,
                 const Tensor& stat1, bool inplace = false) {
   Inputs in = check_inputs(op, logits, target, weight);
-  p.weight_sum = in.weight_sum.defined() ? in.weight_sum.data_ptr<float>() : nullptr;
+  const Tensor weight_sum = set_weight_sum(p, in);
   const int64_t N = in.view.rows, C = in.view.cols;
   auto as_rows = [&](const Tensor& t, const char* name) {
     TORCH_CHECK(t.dim() == 1 && t.size(0) == N, op, ": ", name, " must have shape [", N,
