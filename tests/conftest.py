@@ -1,7 +1,8 @@
 import pytest
-import torch
-
 import fastloss
+
+requires_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
+
 
 @pytest.fixture(params=fastloss.cpu_isas())
 def cpu_isa(request):
@@ -11,8 +12,19 @@ def cpu_isa(request):
     fastloss.set_cpu_isa("auto")
 
 
-def cuda_device():
-    return torch.device("cuda") if fastloss.cuda_available() else None
+def _places():
+    places = [pytest.param(("cpu", isa), id=isa) for isa in fastloss.cpu_isas()]
+    places.append(pytest.param(("cuda", None), id="cuda", marks=[pytest.mark.cuda, requires_cuda]))
+    return places
 
 
-requires_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
+@pytest.fixture(params=_places())
+def device(request):
+    """Run a test on every kernel path: each CPU path this machine has, then CUDA (skipped
+    without a GPU). Yields the torch device string for the inputs."""
+    dev, isa = request.param
+    if isa is not None:
+        fastloss.set_cpu_isa(isa)
+    yield dev
+    if isa is not None:
+        fastloss.set_cpu_isa("auto")

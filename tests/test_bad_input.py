@@ -5,6 +5,8 @@ import torch
 
 from fastloss import ops
 
+from conftest import requires_cuda
+
 LOSSES = {
     "cross_entropy": (ops.cross_entropy, {}),
     "comp_sum_loss": (ops.comp_sum_loss, {"tau": 1.0}),
@@ -111,3 +113,22 @@ def test_backward_op_checks_shapes():
     with pytest.raises(RuntimeError, match=r"stat0 must have shape \[4\]"):
         torch.ops.fastloss.cross_entropy_backward(torch.ones(4), logits, target, None, s0[:2], s1,
                                                   -100, 0.0, 0.0, 0.0)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("name", list(LOSSES))
+def test_cuda_checks(name):
+    """The same argument checks guard the CUDA kernels; a CPU tensor beside CUDA logits is named."""
+    fn, params = LOSSES[name]
+    logits, target = (t.cuda() for t in good())
+    with pytest.raises(RuntimeError, match="target is on cpu but logits is on cuda"):
+        fn(logits, target.cpu(), **params)
+    with pytest.raises(RuntimeError, match="weight is on cpu but logits is on cuda"):
+        fn(logits, target, weight=torch.ones(6), **params)
+    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        fn(logits[0], target[:1], **params)
+    with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
+        fn(logits.double(), target, **params)
+    with pytest.raises(RuntimeError, match="target has 3 entries but logits has 4 rows"):
+        fn(logits, target[:3], **params)

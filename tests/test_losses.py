@@ -39,6 +39,9 @@ CASES = {
     "stablemax_weight": (ops.stablemax_cross_entropy, ref.stablemax_cross_entropy, {}, True),
 }
 
+# the CPU (default kernel path) and CUDA, for tests where the kernel path matters little
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
 # tau = 0 is the sum of exponentials: keep its rows inside float16's range
 INPUT_SCALE = {"comp_tau0": 0.5}
 
@@ -136,18 +139,18 @@ def test_cross_entropy_equals_torch(weighted, label_smoothing, reduction, cpu_is
 
 
 @pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau1.5", "aldr", "zloss", "stablemax"])
-def test_ignore_index_that_is_a_class(name, cpu_isa):
-    logits, target, weight = make_inputs(23, 11, torch.float32, weighted=CASES[name][3], seed=5,
-                                         ignore_index=0)
+def test_ignore_index_that_is_a_class(name, device):
+    logits, target, weight = make_inputs(23, 11, torch.float32, device, weighted=CASES[name][3],
+                                         seed=5, ignore_index=0)
     target[::3] = 0  # rows of class 0 are ignored when ignore_index = 0
-    check_case(name, 0, 0, torch.float32, "mean", ignore_index=0, logits=logits, target=target,
-               weight=weight)
+    check_case(name, 0, 0, torch.float32, "mean", device, ignore_index=0, logits=logits,
+               target=target, weight=weight)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["row_strided", "transposed", "one_row_view"])
 @pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])
-def test_non_contiguous_logits(name, layout, dtype, cpu_isa):
+def test_non_contiguous_logits(name, layout, dtype, device):
     n, c = 13, 29
     g = torch.Generator().manual_seed(11)
     if layout == "row_strided":  # rows further apart than C
@@ -159,12 +162,15 @@ def test_non_contiguous_logits(name, layout, dtype, cpu_isa):
         n = 1
     target = torch.randint(0, c, (n,), generator=g)
     weight = torch.rand(c, generator=g) + 0.5 if CASES[name][3] else None
-    check_case(name, n, c, dtype, "none", logits=logits, target=target, weight=weight)
+    # .to() keeps the strides: the same layouts reach the CUDA kernels
+    to = lambda t: None if t is None else t.to(device)
+    check_case(name, n, c, dtype, "none", device, logits=to(logits), target=to(target),
+               weight=to(weight))
 
 
 @pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau1", "comp_tau2", "ldr", "aldr",
                                   "stablemax", "zloss"])
-def test_extreme_logits(name, cpu_isa):
+def test_extreme_logits(name, device):
     """Logits of +-1e4 and -inf masked classes: finite results that match the reference."""
     g = torch.Generator().manual_seed(13)
     n, c = 9, 40
@@ -177,9 +183,9 @@ def test_extreme_logits(name, cpu_isa):
         mask[torch.arange(n), target] = False
         logits[mask] = -math.inf
     fn, ref_fn, kwargs, _ = CASES[name]
-    x = logits.clone().requires_grad_(True)
+    x = logits.to(device, copy=True).requires_grad_(True)
     x64 = logits.double().requires_grad_(True)
-    out = fn(x, target, reduction="none", **kwargs)
+    out = fn(x, target.to(device), reduction="none", **kwargs).cpu()
     expected = ref_fn(x64, target, reduction="none", **kwargs)
     assert torch.isfinite(out).all(), out
     # float32 logits of 1e4 are only known to about 1e-3, so the tolerance is absolute
@@ -187,21 +193,22 @@ def test_extreme_logits(name, cpu_isa):
     out.sum().backward()
     expected.sum().backward()
     assert torch.isfinite(x.grad).all()
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-4)
 
 
-def test_huge_vocabulary(cpu_isa):
+def test_huge_vocabulary(device):
     """C past a million: float32 accumulation over long rows."""
-    check_case("ce_weight_smooth", 2, (1 << 20) + 3, torch.float32, "mean", scale_tol=5.0)
-    check_case("zloss", 2, (1 << 20) + 3, torch.float32, "none", scale_tol=5.0)
+    check_case("ce_weight_smooth", 2, (1 << 20) + 3, torch.float32, "mean", device, scale_tol=5.0)
+    check_case("zloss", 2, (1 << 20) + 3, torch.float32, "none", device, scale_tol=5.0)
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("name", list(CASES))
-def test_empty_batch_and_all_ignored(name, reduction):
+@pytest.mark.parametrize("dev", DEVICES)
+def test_empty_batch_and_all_ignored(name, reduction, dev):
     fn, _, kwargs, _ = CASES[name]
-    logits = torch.randn(0, 5, requires_grad=True)
-    target = torch.zeros(0, dtype=torch.long)
+    logits = torch.randn(0, 5, device=dev, requires_grad=True)
+    target = torch.zeros(0, dtype=torch.long, device=dev)
     out = fn(logits, target, reduction=reduction, **kwargs)
     expected = F.cross_entropy(logits, target, reduction=reduction)
     assert out.shape == expected.shape
@@ -209,13 +216,13 @@ def test_empty_batch_and_all_ignored(name, reduction):
     out.sum().backward()
     assert logits.grad.shape == (0, 5)
 
-    logits = torch.randn(4, 5, requires_grad=True)
-    target = torch.full((4,), -100)
+    logits = torch.randn(4, 5, device=dev, requires_grad=True)
+    target = torch.full((4,), -100, device=dev)
     out = fn(logits, target, reduction=reduction, **kwargs)
     expected = F.cross_entropy(logits, target, reduction=reduction)
     torch.testing.assert_close(out, expected, equal_nan=True)
     (out.nansum() if reduction == "mean" else out.sum()).backward()
-    assert torch.equal(logits.grad, torch.zeros(4, 5))
+    assert torch.equal(logits.grad, torch.zeros(4, 5, device=dev))
 
 
 @pytest.mark.parametrize("isa", [i for i in fastloss.cpu_isas() if i != "generic"])
@@ -237,11 +244,11 @@ def test_vector_paths_agree_with_generic(isa):
 
 # ---- the torch integration: opcheck, compile, autocast, modules -----------------------------
 
-def _op_samples():
+def _op_samples(dev):
     g = torch.Generator().manual_seed(2)
-    logits = torch.randn(6, 11, generator=g)
-    target = torch.tensor([0, 3, -100, 10, 5, 5])
-    weight = torch.rand(11, generator=g) + 0.5
+    logits = torch.randn(6, 11, generator=g).to(dev)
+    target = torch.tensor([0, 3, -100, 10, 5, 5], device=dev)
+    weight = (torch.rand(11, generator=g) + 0.5).to(dev)
     return [
         ("cross_entropy", (-100, 0.1, 1e-3, 3.0)),
         ("comp_sum", (-100, 0.7)),
@@ -252,8 +259,9 @@ def _op_samples():
 
 
 @pytest.mark.parametrize("with_weight", [False, True])
-def test_opcheck(with_weight):
-    samples, logits, target, weight = _op_samples()
+@pytest.mark.parametrize("dev", DEVICES)
+def test_opcheck(with_weight, dev):
+    samples, logits, target, weight = _op_samples(dev)
     w = weight if with_weight else None
     for name, scalars in samples:
         fwd = getattr(torch.ops.fastloss, f"{name}_forward").default
@@ -261,9 +269,10 @@ def test_opcheck(with_weight):
         x = logits.clone().requires_grad_(True)
         torch.library.opcheck(fwd, (x, target, w, *scalars))
         _, s0, s1 = fwd(logits, target, w, *scalars)
-        torch.library.opcheck(bwd, (torch.rand(6), logits, target, w, s0, s1, *scalars))
+        torch.library.opcheck(bwd, (torch.rand(6, device=dev), logits, target, w, s0, s1, *scalars))
         bwd_ = getattr(torch.ops.fastloss, f"{name}_backward_").default
-        torch.library.opcheck(bwd_, (torch.rand(6), logits.clone(), target, w, s0, s1, *scalars))
+        torch.library.opcheck(bwd_, (torch.rand(6, device=dev), logits.clone(), target, w, s0, s1,
+                                     *scalars))
         x = logits.clone().requires_grad_(True)
         torch.library.opcheck(fwd, (x, target, w, *scalars, True))
 
@@ -289,12 +298,13 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
-def test_autocast_cpu():
+@pytest.mark.parametrize("dev", DEVICES)
+def test_autocast(dev):
     torch.manual_seed(0)
-    lin = torch.nn.Linear(16, 10)
-    h = torch.randn(8, 16)
-    t = torch.randint(0, 10, (8,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    lin = torch.nn.Linear(16, 10).to(dev)
+    h = torch.randn(8, 16, device=dev)
+    t = torch.randint(0, 10, (8,), device=dev)
+    with torch.autocast(dev, dtype=torch.bfloat16):
         logits = lin(h)
         assert logits.dtype == torch.bfloat16
         loss = ops.cross_entropy(logits, t)
@@ -324,13 +334,13 @@ def test_modules_match_functions():
 
 @pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_inplace_backward(name, dtype, cpu_isa):
+def test_inplace_backward(name, dtype, device):
     """The opt-in in-place backward gives the same gradient, written over the logits."""
     fn, _, kwargs, weighted = CASES[name]
-    logits, target, weight = make_inputs(21, 37, dtype, weighted=weighted, seed=8)
-    h = torch.randn(21, 5, dtype=dtype, requires_grad=True)
-    proj = torch.randn(5, 37, dtype=dtype)
-    wide = torch.zeros(21, 40, dtype=dtype)
+    logits, target, weight = make_inputs(21, 37, dtype, device, weighted=weighted, seed=8)
+    h = torch.randn(21, 5, dtype=dtype, device=device, requires_grad=True)
+    proj = torch.randn(5, 37, dtype=dtype, device=device)
+    wide = torch.zeros(21, 40, dtype=dtype, device=device)
 
     def grads(inplace):
         h.grad = None
@@ -398,14 +408,14 @@ def test_inplace_backward_compiles():
 
 @pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "comp_tau1.5", "ldr_cold", "aldr",
                                   "zloss", "stablemax"])
-def test_no_nan_at_any_magnitude(name, cpu_isa):
+def test_no_nan_at_any_magnitude(name, device):
     """Finite logits up to 1e30 give no NaN in the loss or the gradient."""
     fn, _, kwargs, weighted = CASES[name]
     g = torch.Generator().manual_seed(21)
     logits = torch.randn(6, 50, generator=g) * torch.tensor([1e-30, 1.0, 1e10, 1e20, 1e30, -1e30])[:, None]
     target = torch.randint(0, 50, (6,), generator=g)
-    x = logits.requires_grad_(True)
-    out = fn(x, target, reduction="none", **kwargs)
+    x = logits.to(device, copy=True).requires_grad_(True)
+    out = fn(x, target.to(device), reduction="none", **kwargs)
     out.sum().backward()
     assert not torch.isnan(out).any(), out
     assert not torch.isnan(x.grad).any()
