@@ -9,6 +9,7 @@
 //                             statistics of the previous pass
 //   init / add / add_target   start, take one element k != y (with its class weight), take the
 //                             target element y (drivers always feed y separately)
+//   add_block (optional)      take N elements k != y at once, cheaper than N add()s (CUDA)
 //   merge(Acc<float>&, ...)   combine two partial statistics (lanes, threads, chunks)
 //   finish(...)               the row loss (already times w_y) and two saved statistics
 //   make_bwd(...)             per-row constants of the backward, from the saved statistics,
@@ -16,7 +17,6 @@
 //   family_grad(x, w, bwd)    d(row loss)/d(logit) for an element k != y
 // The CPU driver sums the softmax family's log-sum-exp in L1-sized chunks instead of calling
 // add() (losses_cpu_impl.h, softmax_span); the CUDA kernels use add().
-// All accumulation is float32 whatever the storage type.
 // All accumulation is float32 whatever the storage type.
 #pragma once
 #include <cstdint>
@@ -107,6 +107,30 @@ struct SoftmaxFamilyBase {
     else
       lse_add(acc.m, acc.s, a);
     if (c.linear) acc.t += w * z;
+  }
+  // N elements k != y at once (the CUDA kernels, after one 16-byte load): the running
+  // maximum moves once per block, so the sum is rescaled once per block instead of once per
+  // element: about one exp per element instead of two, which keeps bfloat16 rows memory-bound
+  // on a GPU. ALDR's first pass (entropy) keeps the per-element update.
+  template <int N>
+  static FL_HD void add_block(Acc<float>& acc, const float (&x)[N], const float (&w)[N],
+                              const SoftmaxCtx& c) {
+    if (c.entropy) {
+      for (int i = 0; i < N; ++i) add(acc, x[i], w[i], c);
+      return;
+    }
+    float a[N];
+    float mb = acc.m;
+    for (int i = 0; i < N; ++i) {
+      const float z = softcap_apply(x[i], c);
+      a[i] = c.alpha * z + c.beta;
+      mb = vmax(mb, a[i]);
+      if (c.linear) acc.t += w[i] * z;
+    }
+    float s = acc.s * vexp(acc.m - mb);
+    for (int i = 0; i < N; ++i) s += vexp(a[i] - mb);
+    acc.s = s;
+    acc.m = mb;
   }
   static FL_HD void add_target(Acc<float>& acc, float x, float w, const SoftmaxCtx& c) {
     const float z = softcap_apply(x, c);
@@ -300,6 +324,17 @@ struct SphericalZLoss : OnePassNoContext {
     const V d = x - a.mean;
     a.mean += d / a.n;
     a.m2 += d * (x - a.mean);
+  }
+  // N elements at once (CUDA): the block's own mean and squared deviations, then Chan's
+  // merge, so one division per block instead of one per element. Scaling before summing
+  // keeps the mean finite for logits near the float32 maximum.
+  template <int N>
+  static FL_HD void add_block(Acc<float>& a, const float (&x)[N], const float (&)[N], const Ctx&) {
+    float mean = 0.f;
+    for (int i = 0; i < N; ++i) mean += x[i] * (1.f / float(N));
+    float m2 = 0.f;
+    for (int i = 0; i < N; ++i) m2 += (x[i] - mean) * (x[i] - mean);
+    merge(a, Acc<float>{float(N), mean, m2});
   }
   static FL_HD void add_target(Acc<float>& a, float x, float w, const Ctx& c) { add(a, x, w, c); }
   static FL_HD void merge(Acc<float>& x, const Acc<float>& y) {

@@ -1,12 +1,18 @@
 // CUDA row-loss kernels. A group of threads owns one row: one warp for rows of up to 1024
-// classes, the whole 256-thread block above that. Consecutive threads read consecutive
-// columns (coalesced); statistics are merged by warp shuffles, then through shared memory.
-// Compiled with FL_ISA=cuda; the loss math is the same loss_math.h as the CPU kernels.
+// classes, the whole 256-thread block above that. The row is read in 16-byte packs (4 float32
+// or 8 half / bfloat16 values), consecutive threads taking consecutive packs (coalesced), and
+// each thread loads kUnroll packs before it uses any, so that enough bytes are in flight to
+// keep HBM busy; the few elements before the row's first 16-byte boundary and after its last
+// whole pack are read one at a time. Statistics are merged by warp shuffles, then through
+// shared memory. Compiled with FL_ISA=cuda; the loss math is the same loss_math.h as the CPU
+// kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <cstring>
+#include <type_traits>
 
 #include "loss_math.h"
 #include "losses_kernels.h"
@@ -16,6 +22,7 @@ namespace FL_ISA {
 namespace {
 
 constexpr int kBlock = 256;
+constexpr int kUnroll = 4;  // 16-byte packs per thread in flight: 64 bytes
 
 __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
 __device__ __forceinline__ float load1(const __half* p) { return __half2float(__ldg(p)); }
@@ -25,6 +32,110 @@ __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
+
+// ---- 16-byte packs ---------------------------------------------------------------------------
+template <class T>
+constexpr int kPack = 16 / int(sizeof(T));
+
+template <class T>
+__device__ __forceinline__ void unpack(const uint4& r, float (&v)[kPack<T>]) {
+  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      v[i] = __uint_as_float(w[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // element 2i is the low half
+      v[2 * i] = __uint_as_float(w[i] << 16);
+      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
+    } else {
+      __half2 h;
+      static_assert(sizeof(h) == sizeof(w[i]));
+      memcpy(&h, &w[i], sizeof(h));
+      const float2 f = __half22float2(h);
+      v[2 * i] = f.x;
+      v[2 * i + 1] = f.y;
+    }
+  }
+}
+
+template <class T>
+__device__ __forceinline__ uint4 pack(const float (&v)[kPack<T>]) {
+  uint32_t w[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    if constexpr (std::is_same_v<T, float>) {
+      w[i] = __float_as_uint(v[i]);
+    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+      const __nv_bfloat162 b = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
+      memcpy(&w[i], &b, sizeof(b));
+    } else {
+      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
+      memcpy(&w[i], &h, sizeof(h));
+    }
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// A row of C elements at x: `head` elements before its first 16-byte boundary (fewer than one
+// pack), then `packs` whole packs, then the tail.
+struct RowSplit {
+  int64_t head, packs;
+};
+template <class T>
+__device__ __forceinline__ RowSplit split_row(const T* x, int64_t C) {
+  const int misaligned = int((reinterpret_cast<uintptr_t>(x) & 15) / sizeof(T));
+  int64_t head = misaligned == 0 ? 0 : kPack<T> - misaligned;
+  head = head < C ? head : C;
+  return {head, (C - head) / kPack<T>};
+}
+
+// Visits every element of one row once, split among the kGroup threads of its group:
+// on_pack(k0, v[kPack]) for the packs (elements k0 .. k0 + kPack - 1), on_one(k, v) for the
+// head and the tail.
+template <int kGroup, class T, class OnPack, class OnOne>
+__device__ __forceinline__ void walk_row(const T* x, int64_t C, int lane, OnPack&& on_pack,
+                                         OnOne&& on_one) {
+  constexpr int P = kPack<T>;
+  const RowSplit sp = split_row(x, C);
+  for (int64_t k = lane; k < sp.head; k += kGroup) on_one(k, load1(x + k));
+  const uint4* px = reinterpret_cast<const uint4*>(x + sp.head);
+  int64_t i = lane;
+  for (; i + int64_t(kUnroll - 1) * kGroup < sp.packs; i += int64_t(kUnroll) * kGroup) {
+    uint4 r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) r[u] = __ldg(px + i + u * kGroup);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      float v[P];
+      unpack<T>(r[u], v);
+      on_pack(sp.head + (i + u * kGroup) * P, v);
+    }
+  }
+  for (; i < sp.packs; i += kGroup) {
+    float v[P];
+    unpack<T>(__ldg(px + i), v);
+    on_pack(sp.head + i * P, v);
+  }
+  for (int64_t k = sp.head + sp.packs * P + lane; k < C; k += kGroup) on_one(k, load1(x + k));
+}
+
+// N elements k != y into the statistics: the loss's add_block when it has one.
+template <class L, class Acc, class Ctx, int N>
+__device__ __forceinline__ void add_pack(Acc& acc, const float (&v)[N], const float (&w)[N],
+                                         const Ctx& ctx) {
+  if constexpr (requires { L::add_block(acc, v, w, ctx); }) {
+    L::add_block(acc, v, w, ctx);
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; ++e) L::add(acc, v[e], w[e], ctx);
+  }
+}
+
+template <int N>
+__device__ __forceinline__ void class_weights(const float* weight, int64_t k0, float (&w)[N]) {
+#pragma unroll
+  for (int e = 0; e < N; ++e) w[e] = weight ? __ldg(weight + k0 + e) : 1.f;
+}
 
 // Merge an accumulator (a struct of floats) across the 32 lanes of a warp; lane 0's result is
 // then broadcast so every lane holds bit-identical statistics (ALDR's second pass needs that).
@@ -94,10 +205,22 @@ __global__ void __launch_bounds__(kBlock)
       ctx = L::make_ctx(p, pass, acc, x_y, C);
       Acc part;
       L::init(part);
-      for (int64_t k = lane; k < C; k += kGroup) {
-        if (k == y) continue;
-        L::add(part, load1(x + k), rt.weight ? rt.weight[k] : 1.f, ctx);
-      }
+      walk_row<kGroup>(
+          x, C, lane,
+          [&](int64_t k0, const float (&v)[kPack<T>]) {
+            float w[kPack<T>];
+            class_weights(rt.weight, k0, w);
+            if (y - k0 >= 0 && y - k0 < kPack<T>) {  // the pack holding the target: y is fed apart
+#pragma unroll
+              for (int e = 0; e < kPack<T>; ++e)
+                if (k0 + e != y) L::add(part, v[e], w[e], ctx);
+            } else {
+              add_pack<L>(part, v, w, ctx);
+            }
+          },
+          [&](int64_t k, float v) {
+            if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
+          });
       group_merge<L, kWarps>(part, smem);
       L::add_target(part, x_y, w_y, ctx);
       acc = part;
@@ -136,10 +259,25 @@ __global__ void __launch_bounds__(kBlock)
       __syncthreads();
     else
       __syncwarp();
-    for (int64_t k = lane; k < C; k += kGroup) {
-      const float v = k == y ? b.target_grad
-                             : family_grad(load1(x + k), rt.weight ? rt.weight[k] : 1.f, b);
-      store1(out + k, v);
+    const auto grad_one = [&](int64_t k, float v) {
+      return k == y ? b.target_grad : family_grad(v, rt.weight ? __ldg(rt.weight + k) : 1.f, b);
+    };
+    if (((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(x)) & 15) == 0) {
+      // The gradient row has the logits row's alignment (always so for contiguous or in-place
+      // gradients): its packs line up with the logits' packs.
+      walk_row<kGroup>(
+          x, C, lane,
+          [&](int64_t k0, const float (&v)[kPack<T>]) {
+            float w[kPack<T>], o[kPack<T>];
+            class_weights(rt.weight, k0, w);
+#pragma unroll
+            for (int e = 0; e < kPack<T>; ++e)
+              o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
+            *reinterpret_cast<uint4*>(out + k0) = pack<T>(o);
+          },
+          [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); });
+    } else {
+      for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
     }
   }
 }
