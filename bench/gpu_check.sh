@@ -53,7 +53,7 @@ grep -E "registers|spill" "$OUT_DIR/build.log" | sort | uniq -c | sort -rn | hea
 if ! probe; then
   stamp "C++ exceptions crash: diagnose, then rebuild with the system compiler"
   { readelf -lW "$(so)" | grep -i eh_frame; nm -D "$(so)" | grep -i frame_info
-    timeout 120 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/fastloss_probe.py 2>&1 | tail -30
+    timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/fastloss_probe.py 2>&1 | tail -30
   } > "$OUT_DIR/crash.txt" 2>&1
   cat "$OUT_DIR/crash.txt" | grep -E "^#|EH_FRAME|frame_info" | head -14
   sys_cxx=$(ls /usr/bin/g++ /usr/bin/g++-1[0-4] 2>/dev/null | head -n 1)
@@ -70,12 +70,12 @@ TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout 120"
 
 stamp "CUDA tests"
-timeout 200 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$OUT_DIR/tests_cuda.log" 2>&1
+timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$OUT_DIR/tests_cuda.log" 2>&1
 echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests_cuda.log" | head -20
 tail -1 "$OUT_DIR/tests_cuda.log"
 
 stamp "benchmarks"
-timeout "${BENCH_TIMEOUT:-170}" "$PY" bench/bench_losses.py --device cuda --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-150}" "$PY" bench/bench_losses.py --device cuda --out "$OUT_DIR" \
   > "$OUT_DIR/bench_cuda.log" 2>&1
 echo "bench rc=$?"
 
