@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
 # One visit to a GPU machine does everything at once: build for the GPU present, check that a
-# C++ argument error reaches Python as an exception (once crashed with the machine's own GCC),
-# run the CUDA tests, the CUDA benchmarks, then the CPU tests that touch the torch integration,
-# and leave logs, JSON and PNG in one folder ($1, else $OUT, else bench/results/gpu). The GPU
-# machines have torch, nvcc, cmake, ninja, scikit-build-core, pybind11 and pytest-xdist but no
-# package registry, so it uses python3 as it is; wheels found in .whl/ (e.g. liger-kernel, a
-# benchmark peer) are installed into /tmp/site first. Each step has its own time limit so that
-# one slow step cannot eat the device lease. Usage on the device tool: bash bench/gpu_check.sh "$OUT"
+# C++ argument error reaches Python as an exception, run the CUDA tests, the CUDA benchmarks,
+# then the CPU tests of the torch integration, and leave logs, JSON and PNG in one folder ($1,
+# else $OUT, else bench/results/gpu). The GPU machines have torch, nvcc, cmake, ninja,
+# scikit-build-core, pybind11 and pytest-xdist but no package registry, so it uses python3 as
+# it is; wheels found in .whl/ (e.g. liger-kernel, a benchmark peer) are installed into
+# /tmp/site first. Each step has its own time limit so that one slow step cannot eat the lease.
+#
+# Compiler: the image's default C++ compiler there (/opt/gcc/bin/g++, GCC 13.3) built a module
+# whose every C++ exception segfaulted inside the unwinder (2026-11-28, bench/results notes);
+# the distribution's /usr/bin/g++ (also GCC 13.3) built one that works, so it is used when
+# present, and the probe still guards against a crash.
+#
+# Usage on the device tool (the copy of .git there can be stale: pass the commit):
+#   FASTLOSS_GIT_COMMIT=<short hash> bash bench/gpu_check.sh "$OUT"
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu}}"
@@ -47,21 +54,15 @@ EOF
 probe() { timeout 60 "$PY" /tmp/fastloss_probe.py 2>&1 | tail -3; return "${PIPESTATUS[0]}"; }
 so() { ls python/fastloss/_C*.so build/*/_C*.so 2>/dev/null | head -n 1; }
 
-stamp "build for sm_$cap"
-build
+sys_cxx=$(ls /usr/bin/g++ 2> /dev/null)
+stamp "build for sm_$cap with ${sys_cxx:-the default compiler}"
+if [ -n "$sys_cxx" ]; then build CXX="$sys_cxx" CUDAHOSTCXX="$sys_cxx"; else build; fi
 grep -E "registers|spill" "$OUT_DIR/build.log" | sort | uniq -c | sort -rn | head -4
 if ! probe; then
-  stamp "C++ exceptions crash: diagnose, then rebuild with the system compiler"
-  { readelf -lW "$(so)" | grep -i eh_frame; nm -D "$(so)" | grep -i frame_info
-    timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/fastloss_probe.py 2>&1 | tail -30
+  echo "C++ exceptions crash: diagnostics in crash.txt"
+  { readelf -lW "$(so)" | grep -i eh_frame
+    timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/fastloss_probe.py 2>&1 | tail -40
   } > "$OUT_DIR/crash.txt" 2>&1
-  cat "$OUT_DIR/crash.txt" | grep -E "^#|EH_FRAME|frame_info" | head -14
-  sys_cxx=$(ls /usr/bin/g++ /usr/bin/g++-1[0-4] 2>/dev/null | head -n 1)
-  if [ -n "$sys_cxx" ]; then
-    rm -rf build
-    build CXX="$sys_cxx" CUDAHOSTCXX="$sys_cxx"
-    probe || echo "STILL CRASHING with $sys_cxx"
-  fi
 fi
 
 XDIST=""
@@ -81,7 +82,7 @@ echo "bench rc=$?"
 
 stamp "CPU tests of the torch integration and the argument checks"
 timeout 90 "$PY" -m pytest -q -m "not cuda" $XDIST $TIMEOUT tests/test_bad_input.py tests/test_build.py \
-  tests/test_losses.py -k "bad or compile or opcheck or autocast or inplace or Every or build" \
+  tests/test_losses.py -k "bad or compile or opcheck or autocast or Every or build" \
   > "$OUT_DIR/tests_cpu.log" 2>&1
 echo "cpu tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests_cpu.log" | head -10
 tail -1 "$OUT_DIR/tests_cpu.log"

@@ -130,7 +130,11 @@ def device_name(device: str) -> str:
 
 
 def git_commit() -> str:
-    """Short HEAD commit, with ``-dirty`` when tracked files differ from it."""
+    """Short HEAD commit, with ``-dirty`` when tracked files differ from it. The environment
+    variable FASTLOSS_GIT_COMMIT overrides it: the GPU machines run on a copy of the working
+    tree whose .git can be older than the files."""
+    if os.environ.get("FASTLOSS_GIT_COMMIT"):
+        return os.environ["FASTLOSS_GIT_COMMIT"]
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO_ROOT,
                               capture_output=True, text=True, check=True).stdout.strip()
