@@ -33,6 +33,21 @@ TORCH_LIBRARY(fastloss, m) {
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("stablemax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index) -> Tensor");
+  // The eager path of the public functions: forward, reduction (0 none, 1 mean, 2 sum) and a
+  // C++ autograd formula in one op (losses_op.cpp). Under torch.compile the public functions
+  // use the *_forward ops above instead, whose autograd formula is registered from Python.
+  m.def("cross_entropy_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "int reduction, float label_smoothing, float lse_square_scale, float softcap, "
+        "bool inplace_backward=False) -> Tensor");
+  m.def("comp_sum_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "int reduction, float tau, bool inplace_backward=False) -> Tensor");
+  m.def("ldr_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
+        "float lam, float margin, bool adaptive, float alpha, bool inplace_backward=False) "
+        "-> Tensor");
+  m.def("spherical_z_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "int reduction, float a, float b, float eps, bool inplace_backward=False) -> Tensor");
+  m.def("stablemax_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
+        "int reduction, bool inplace_backward=False) -> Tensor");
   // The same backwards writing the gradient over the logits (opt-in, inplace_backward=True):
   // no [N, C] allocation, at the price of destroying the logits.
   m.def("cross_entropy_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "

@@ -115,6 +115,16 @@ def test_backward_op_checks_shapes():
                                                   -100, 0.0, 0.0, 0.0)
 
 
+@pytest.mark.parametrize("requires_grad", [False, True])
+def test_loss_op_checks_reduction_code(requires_grad):
+    logits, target = good()
+    logits.requires_grad_(requires_grad)  # the autograd kernel and the plain one both check
+    with pytest.raises(RuntimeError, match=r"reduction must be 0 \(none\), 1 \(mean\) or 2 \(sum\), got 3"):
+        torch.ops.fastloss.stablemax_loss(logits, target, None, -100, 3)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="reduction must be 0"):
+        torch.ops.fastloss.comp_sum_loss(logits.detach(), target, None, -100, -1, 1.0)
+
+
 @pytest.mark.cuda
 @requires_cuda
 @pytest.mark.parametrize("name", list(LOSSES))

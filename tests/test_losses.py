@@ -282,6 +282,11 @@ def test_opcheck(with_weight, dev):
                                      *scalars))
         x = logits.clone().requires_grad_(True)
         torch.library.opcheck(fwd, (x, target, w, *scalars, True))
+        # the eager path's op: forward, reduction (0 none, 1 mean, 2 sum) and C++ autograd
+        loss_op = getattr(torch.ops.fastloss, f"{name}_loss").default
+        for reduction in (0, 1, 2):
+            x = logits.clone().requires_grad_(True)
+            torch.library.opcheck(loss_op, (x, target, w, scalars[0], reduction, *scalars[1:]))
 
 
 def _all_losses(x, t, w):
@@ -475,3 +480,20 @@ def test_cuda_compile_fullgraph():
     a.backward()
     b.backward()
     torch.testing.assert_close(x1.grad, x2.grad)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_no_grad_and_inference_mode(reduction, dev):
+    """Without autograd (no_grad, inference_mode) the op takes its plain kernels: same values."""
+    logits, target, weight = make_inputs(11, 23, torch.float32, dev, weighted=True, seed=17)
+    x = logits.clone().requires_grad_(True)
+    with_grad = ops.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.2)
+    with torch.no_grad():
+        no_grad = ops.cross_entropy(x, target, weight=weight, reduction=reduction, label_smoothing=0.2)
+    with torch.inference_mode():
+        inference = ops.cross_entropy(logits, target, weight=weight, reduction=reduction,
+                                      label_smoothing=0.2)
+    assert with_grad.requires_grad and not no_grad.requires_grad
+    torch.testing.assert_close(no_grad, with_grad.detach())
+    torch.testing.assert_close(inference, with_grad.detach())

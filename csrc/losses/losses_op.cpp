@@ -1,11 +1,19 @@
 // The torch-aware side of the row losses: argument checks, allocation, and the choice of the
 // CPU or CUDA kernels. Every op is registered for both devices; the schemas are in
-// registration.cpp, the autograd and fake kernels in python/fastloss/ops/losses.py.
+// registration.cpp, the fake kernels (and the autograd of the *_forward ops, which
+// torch.compile traces) in python/fastloss/ops/losses.py. The *_loss ops are the eager path:
+// forward, reduction and backward in C++ (a C++ autograd Function), so that a call costs one
+// Python-to-C++ crossing instead of a Python autograd.Function and a dozen small torch calls.
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/sum.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -13,6 +21,8 @@
 #include <cstdint>
 #include <cstdlib>
 #include <optional>
+#include <string>
+#include <vector>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -363,6 +373,235 @@ void stablemax_backward_(const Tensor& grad, const Tensor& logits, const Tensor&
                   weight, s0, s1, true);
 }
 
+// ---- the eager path: forward, reduction and backward in C++ ----------------------------------
+
+const char* op_name(LossKind kind) {
+  switch (kind) {
+    case LossKind::comp_sum: return "comp_sum_loss";
+    case LossKind::ldr: return "ldr_loss";
+    case LossKind::spherical_z: return "spherical_z_loss";
+    case LossKind::stablemax: return "stablemax_cross_entropy";
+    case LossKind::cross_entropy: break;
+  }
+  return "cross_entropy";
+}
+
+// The loss's scalars travel through the autograd context (a map of IValues) as doubles; every
+// float field converts exactly. ignore_index travels apart, as an int.
+std::vector<double> pack_params(const LossParams& p) {
+  return {double(int(p.kind)), p.label_smoothing, p.lse_square_scale, p.softcap, p.tau, p.lam,
+          p.margin, p.alpha, p.adaptive ? 1.0 : 0.0, p.a, p.b, p.eps};
+}
+LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index) {
+  LossParams p;
+  p.kind = LossKind(int(v[0]));
+  p.ignore_index = ignore_index;
+  p.label_smoothing = float(v[1]);
+  p.lse_square_scale = float(v[2]);
+  p.softcap = float(v[3]);
+  p.tau = float(v[4]);
+  p.lam = float(v[5]);
+  p.margin = float(v[6]);
+  p.alpha = float(v[7]);
+  p.adaptive = v[8] != 0.0;
+  p.a = float(v[9]);
+  p.b = float(v[10]);
+  p.eps = float(v[11]);
+  return p;
+}
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// F.cross_entropy's mean denominator: the summed class weights of the non-ignored rows'
+// targets (their count without weights). The gather index is clamped so that an ignored row
+// never reads out of range.
+Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
+                        int64_t ignore_index, int64_t C) {
+  const Tensor valid = target.ne(ignore_index);
+  if (!weight.has_value()) return valid.sum(at::kFloat);
+  const Tensor safe = target.to(at::kLong).clamp(0, std::max<int64_t>(C - 1, 0));
+  return at::where(valid, weight->to(at::kFloat).index_select(0, safe), 0.0).sum();
+}
+
+std::optional<Tensor> opt_weight(const std::optional<Tensor>& w) {
+  return w.has_value() && w->defined() ? w : std::nullopt;
+}
+
+// Row losses and their reduction; `denom` is set for the mean.
+Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
+                   int64_t C, int64_t reduction, int64_t ignore_index, Tensor& denom) {
+  if (reduction == kNone) return rows;
+  if (reduction == kSum) return rows.sum();
+  denom = mean_denominator(target, weight, ignore_index, C);
+  return rows.sum().div(denom);
+}
+
+// The autograd formula calls the *_forward / *_backward ops through the dispatcher, below
+// autograd, rather than the kernels directly: then torch.compile and opcheck trace it into
+// those ops (with their fake kernels) instead of into a kernel reading fake tensors.
+const c10::OperatorHandle& row_op(LossKind kind, int which) {  // 0 forward, 1 backward, 2 backward_
+  static const auto handles = [] {
+    std::vector<c10::OperatorHandle> h;
+    for (const char* base : {"cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"})
+      for (const char* suffix : {"_forward", "_backward", "_backward_"})
+        h.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(
+            (std::string("fastloss::") + base + suffix).c_str(), ""));
+    return h;
+  }();
+  return handles[size_t(kind) * 3 + size_t(which)];
+}
+
+// The op arguments after ignore_index, from the loss's parameters (float -> double is exact).
+std::vector<c10::IValue> scalar_args(const LossParams& p) {
+  switch (p.kind) {
+    case LossKind::comp_sum: return {double(p.tau)};
+    case LossKind::ldr: return {double(p.lam), double(p.margin), p.adaptive, double(p.alpha)};
+    case LossKind::spherical_z: return {double(p.a), double(p.b), double(p.eps)};
+    case LossKind::stablemax: return {};
+    case LossKind::cross_entropy: break;
+  }
+  return {double(p.label_smoothing), double(p.lse_square_scale), double(p.softcap)};
+}
+
+std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
+                                             std::vector<c10::IValue> stack) {
+  at::AutoDispatchBelowADInplaceOrView guard;
+  op.callBoxed(&stack);  // the results replace the arguments
+  return stack;
+}
+
+std::optional<Tensor> opt(const Tensor& t) {
+  return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
+}
+
+struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits_in,
+                        const Tensor& target, const std::optional<Tensor>& weight,
+                        const LossParams& p, int64_t reduction, bool inplace) {
+    // The kernels need contiguous classes: copy once here, so that the backward reuses the
+    // copy (and an in-place backward overwrites the copy, not the caller's tensor).
+    const Tensor logits = logits_in.dim() == 2 && logits_in.size(1) > 1 && logits_in.stride(1) != 1
+                              ? logits_in.contiguous()
+                              : logits_in;
+    std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
+    for (auto& v : scalar_args(p)) args.push_back(std::move(v));
+    args.emplace_back(inplace);
+    auto out = call_below_autograd(row_op(p.kind, 0), std::move(args));
+    const Tensor rows = out[0].toTensor(), stat0 = out[1].toTensor(), stat1 = out[2].toTensor();
+    Tensor denom;
+    const Tensor loss =
+        reduce_rows(rows, target, opt_weight(weight), logits.size(1), reduction, p.ignore_index, denom);
+    ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
+    ctx->saved_data["params"] = pack_params(p);
+    ctx->saved_data["ignore_index"] = p.ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["inplace"] = inplace;
+    return loss.to(logits.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Tensor grad;
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      const Tensor& logits = saved[0];
+      const LossParams p = unpack_params(ctx->saved_data["params"].toDoubleVector(),
+                                         ctx->saved_data["ignore_index"].toInt());
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const bool inplace = ctx->saved_data["inplace"].toBool();
+      // d(total)/d(row loss) for every row
+      Tensor g = grads[0].to(at::kFloat);
+      if (reduction == kMean) g = g.div(saved[5]);
+      if (reduction != kNone) g = g.expand({logits.size(0)});
+      std::vector<c10::IValue> args{g, logits, saved[1], opt(saved[2]), saved[3], saved[4],
+                                    p.ignore_index};
+      for (auto& v : scalar_args(p)) args.push_back(std::move(v));
+      if (inplace) {
+        call_below_autograd(row_op(p.kind, 2), std::move(args));
+        grad = logits;
+        // The logits now hold the gradient: an op that saved them for its own backward must
+        // raise ("modified by an inplace operation") rather than read gradients.
+        torch::autograd::impl::bump_version(logits);
+      } else {
+        grad = call_below_autograd(row_op(p.kind, 1), std::move(args))[0].toTensor();
+      }
+    }
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+Tensor row_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
+                int64_t reduction, bool inplace) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  return RowLossFunction::apply(logits, target, weight, p, reduction, inplace);
+}
+
+// Backend kernels of the *_loss ops, reached without autograd (inference mode, or below it).
+Tensor row_loss_no_grad(LossParams p, const Tensor& logits, const Tensor& target,
+                        const OptT& weight, int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  Tensor denom;
+  const Tensor rows = std::get<0>(forward(op_name(p.kind), p, logits, target, weight));
+  const int64_t C = logits.dim() == 2 ? logits.size(1) : 0;
+  return reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom)
+      .to(logits.scalar_type());
+}
+
+// One entry point per loss for both dispatch keys: `Grad` picks the autograd path.
+template <bool Grad>
+Tensor dispatch_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
+                     int64_t reduction, bool inplace) {
+  if constexpr (Grad)
+    return row_loss(p, logits, target, weight, reduction, inplace);
+  else
+    return row_loss_no_grad(p, logits, target, weight, reduction);
+}
+
+template <bool Grad>
+Tensor cross_entropy_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
+                          int64_t ignore_index, int64_t reduction, double label_smoothing,
+                          double lse_square_scale, double softcap, bool inplace) {
+  return dispatch_loss<Grad>(cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                             logits, target, weight, reduction, inplace);
+}
+template <bool Grad>
+Tensor comp_sum_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
+                     int64_t ignore_index, int64_t reduction, double tau, bool inplace) {
+  return dispatch_loss<Grad>(comp_sum_params(ignore_index, tau), logits, target, weight, reduction,
+                             inplace);
+}
+template <bool Grad>
+Tensor ldr_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
+                int64_t ignore_index, int64_t reduction, double lam, double margin, bool adaptive,
+                double alpha, bool inplace) {
+  return dispatch_loss<Grad>(ldr_params(ignore_index, lam, margin, adaptive, alpha), logits, target,
+                             weight, reduction, inplace);
+}
+template <bool Grad>
+Tensor spherical_z_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
+                        int64_t ignore_index, int64_t reduction, double a, double b, double eps,
+                        bool inplace) {
+  return dispatch_loss<Grad>(spherical_z_params(ignore_index, a, b, eps), logits, target, weight,
+                             reduction, inplace);
+}
+template <bool Grad>
+Tensor stablemax_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
+                      int64_t ignore_index, int64_t reduction, bool inplace) {
+  return dispatch_loss<Grad>(stablemax_params(ignore_index), logits, target, weight, reduction,
+                             inplace);
+}
+
+template <bool Grad>
+void register_losses(torch::Library& m) {
+  m.impl("cross_entropy_loss", &cross_entropy_loss<Grad>);
+  m.impl("comp_sum_loss", &comp_sum_loss<Grad>);
+  m.impl("ldr_loss", &ldr_loss<Grad>);
+  m.impl("spherical_z_loss", &spherical_z_loss<Grad>);
+  m.impl("stablemax_loss", &stablemax_loss<Grad>);
+}
+
 void register_impls(torch::Library& m) {
   m.impl("cross_entropy_forward", &cross_entropy_forward);
   m.impl("cross_entropy_backward", &cross_entropy_backward);
@@ -379,12 +618,14 @@ void register_impls(torch::Library& m) {
   m.impl("ldr_backward_", &ldr_backward_);
   m.impl("spherical_z_backward_", &spherical_z_backward_);
   m.impl("stablemax_backward_", &stablemax_backward_);
+  register_losses<false>(m);
 }
 
 }  // namespace
 }  // namespace fastloss
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
+TORCH_LIBRARY_IMPL(fastloss, Autograd, m) { fastloss::register_losses<true>(m); }
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
 #endif
