@@ -131,6 +131,8 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
     ap.add_argument("--name", default=None,
                     help="result file stem (default losses_<device>[_quick])")
+    ap.add_argument("--configs", default=None,
+                    help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
     args = ap.parse_args(argv)
 
     device = args.device
@@ -139,6 +141,13 @@ def main(argv=None):
     cuda = device == "cuda"
     name = args.name or f"losses_{device}" + ("_quick" if args.quick else "")
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    configs = CONFIGS
+    if args.configs:
+        wanted = args.configs.split(",")
+        unknown = set(wanted) - {c[0] for c in CONFIGS}
+        if unknown:
+            ap.error(f"--configs: unknown {sorted(unknown)}")
+        configs = [c for c in CONFIGS if c[0] in wanted]
 
     t_start = time.perf_counter()
     torch.manual_seed(0)
@@ -202,7 +211,7 @@ def main(argv=None):
             need_inputs = n_sets * logit_bytes
             common = dict(shape=[n, c], dtype=dtype)
             if avail is not None and need_inputs + MEM_RESERVE > avail:
-                for key, op, opts, *_ in CONFIGS:
+                for key, op, opts, *_ in configs:
                     print_row(res.add(
                         op=op, variant="all", group=f"{key}|{n}x{c}|{dshort(dtype)}",
                         label=f"{SHORT[key]} {n}x{c} {dshort(dtype)}", status="skipped",
@@ -226,7 +235,7 @@ def main(argv=None):
                     for x_, _t in sets_:
                         x_.copy_(torch.randn(x_.shape, device=device, generator=gen))
 
-            for key, op, opts, fl_fn, ref_fn, torch_fn, liger_kw in CONFIGS:
+            for key, op, opts, fl_fn, ref_fn, torch_fn, liger_kw in configs:
                 group = f"{key}|{n}x{c}|{dshort(dtype)}"
                 label = f"{SHORT[key]} {n}x{c} {dshort(dtype)}"
                 variants = [("fastloss", fl_fn),
