@@ -499,3 +499,22 @@ def test_no_grad_and_inference_mode(reduction, dev):
     assert with_grad.requires_grad and not no_grad.requires_grad
     torch.testing.assert_close(no_grad, with_grad.detach())
     torch.testing.assert_close(inference, with_grad.detach())
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_backward_twice(dev):
+    """retain_graph: a second backward adds the same gradient again; after an in-place backward
+    the saved logits hold the gradient, and a second backward raises instead of reading it."""
+    logits, target, _ = make_inputs(6, 13, torch.float32, dev, seed=19)
+    x = logits.clone().requires_grad_(True)
+    loss = ops.cross_entropy(x, target, label_smoothing=0.1)
+    loss.backward(retain_graph=True)
+    first = x.grad.clone()
+    loss.backward()
+    torch.testing.assert_close(x.grad, 2 * first)
+
+    h = logits.clone().requires_grad_(True)
+    loss = ops.cross_entropy(h * 1.0, target, inplace_backward=True)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()
