@@ -39,19 +39,7 @@ build() {  # build [extra env...]: an editable install for this GPU only
     --no-build-isolation --no-deps -e . >> "$OUT_DIR/build.log" 2>&1 \
     || { tail -40 "$OUT_DIR/build.log"; exit 1; }
 }
-cat > /tmp/fastloss_probe.py << 'EOF'
-import torch, fastloss
-from fastloss import ops
-try:
-    ops.cross_entropy(torch.randn(4, 6), torch.tensor([0, 9, 1, 2]))  # target out of range
-except RuntimeError as e:
-    print("probe cpu raised:", str(e).splitlines()[0][:90])
-try:
-    ops.cross_entropy(torch.randn(4, 6, device="cuda"), torch.tensor([0, 1, 1, 2]))  # devices
-except RuntimeError as e:
-    print("probe cuda raised:", str(e).splitlines()[0][:90])
-EOF
-probe() { timeout 60 "$PY" /tmp/fastloss_probe.py 2>&1 | tail -3; return "${PIPESTATUS[0]}"; }
+probe() { timeout 60 "$PY" scripts/check_exceptions.py 2>&1 | tail -3; return "${PIPESTATUS[0]}"; }
 so() { ls python/fastloss/_C*.so build/*/_C*.so 2>/dev/null | head -n 1; }
 
 sys_cxx=$(ls /usr/bin/g++ 2> /dev/null)
@@ -61,7 +49,7 @@ grep -E "registers|spill" "$OUT_DIR/build.log" | sort | uniq -c | sort -rn | hea
 if ! probe; then
   echo "C++ exceptions crash: diagnostics in crash.txt"
   { readelf -lW "$(so)" | grep -i eh_frame
-    timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "$PY" /tmp/fastloss_probe.py 2>&1 | tail -40
+    timeout 45 cuda-gdb -q -batch -ex run -ex bt --args "$PY" scripts/check_exceptions.py 2>&1 | tail -40
   } > "$OUT_DIR/crash.txt" 2>&1
 fi
 
