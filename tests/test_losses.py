@@ -312,6 +312,21 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_torch_compile_dynamic_batch():
+    """One compiled graph with a symbolic batch size serves batches of different sizes."""
+    compiled = torch.compile(_all_losses, fullgraph=True, dynamic=True)
+    for n in (9, 17):
+        logits, target, weight = make_inputs(n, 13, torch.float32, weighted=True, seed=n)
+        x1 = logits.clone().requires_grad_(True)
+        x2 = logits.clone().requires_grad_(True)
+        a = compiled(x1, target, weight)
+        b = _all_losses(x2, target, weight)
+        torch.testing.assert_close(a, b)
+        a.backward()
+        b.backward()
+        torch.testing.assert_close(x1.grad, x2.grad)
+
+
 @pytest.mark.parametrize("dev", DEVICES)
 def test_autocast(dev):
     torch.manual_seed(0)
