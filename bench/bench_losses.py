@@ -7,6 +7,9 @@ with
   * ``torch``: ``torch.nn.functional.cross_entropy`` where the loss is plain cross-entropy;
   * ``liger_kernel``: liger-kernel's cross-entropy (Triton, GPU only) when it can be imported.
 
+``--kernels`` adds ``fastloss_kernels``: the forward and backward kernel ops alone (no
+autograd, no reduction), replayed as CUDA graphs on a GPU: the kernels' own time.
+
 One call = loss forward + ``torch.autograd.grad(loss, logits)`` (a fresh gradient; dropped outside the
 timed region after each call). Floors, per call, with e = bytes per logit:
   * ``floor_bytes_kernels`` = 3*N*C*e: forward reads the logits once, backward reads them once
@@ -71,6 +74,50 @@ SHORT = {"cross_entropy": "CE", "cross_entropy_ls_softcap": "CE ls=.1 cap=30",
          "comp_sum_loss": "comp-sum 1.5", "ldr_loss": "LDR-KL", "spherical_z_loss": "sph. Z",
          "stablemax_cross_entropy": "StableMax CE"}
 
+# config key -> (op base name, scalar arguments of its *_forward / *_backward ops), for the
+# kernels-only variant
+RAW_OPS = {
+    "cross_entropy": ("cross_entropy", (-100, 0.0, 0.0, 0.0)),
+    "cross_entropy_ls_softcap": ("cross_entropy", (-100, 0.1, 0.0, 30.0)),
+    "comp_sum_loss": ("comp_sum", (-100, 1.5)),
+    "ldr_loss": ("ldr", (-100, 1.0, 1.0, False, 2.0)),
+    "spherical_z_loss": ("spherical_z", (-100, 1.0, 2.0, 1e-6)),
+    "stablemax_cross_entropy": ("stablemax", (-100,)),
+}
+
+
+def kernels_only(key):
+    """A loss's forward and backward kernel ops called directly: no autograd, no reduction
+    (the mean's per-row gradient 1/N is passed in). What the kernels cost without the host."""
+    name, scalars = RAW_OPS[key]
+    fwd = getattr(torch.ops.fastloss, f"{name}_forward").default
+    bwd = getattr(torch.ops.fastloss, f"{name}_backward").default
+
+    def run(x, t):
+        _, s0, s1 = fwd(x, t, None, *scalars)
+        g = torch.full((x.shape[0],), 1.0 / max(x.shape[0], 1), device=x.device)
+        return bwd(g, x, t, None, s0, s1, *scalars)
+    return run
+
+
+def capture_graphs(run, sets):
+    """One CUDA graph per input set, so that replaying it times the GPU work alone (the launch
+    gaps of a Python caller removed)."""
+    graphs = []
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm up outside the capture, as CUDA graphs require
+        for x, t in sets[:1]:
+            run(x.detach(), t)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, t in sets:
+        g = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(g):
+            run(x.detach(), t)
+        graphs.append(g)
+    return graphs
+
+
 SHAPES = [(256, 1000), (4096, 32000), (8192, 128256)]
 QUICK_SHAPES = [(64, 1000), (512, 4096)]
 DTYPES = [torch.float32, torch.bfloat16]
@@ -78,7 +125,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 # Peak extra memory of one call in units of the logits' size, used to decide whether a
 # variant fits before it has been measured at a smaller shape in this run (afterwards the
 # measured peak, scaled by N*C, is used).
-DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "torch": 3.0, "liger_kernel": 1.0, "eager_reference": 10.0}
+DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "fastloss_kernels": 1.5, "torch": 3.0,
+                      "liger_kernel": 1.0, "eager_reference": 10.0}
 BUSY_RETRY = 0.15           # CPU: re-measure (once) a row during which other processes kept
                             # more than this fraction of the cores busy, when that is cheap
 RETRY_BUDGET_S = 150.0      # at most this much time re-measuring per run; one row at most 30 s
@@ -131,6 +179,9 @@ def main(argv=None):
     ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
     ap.add_argument("--name", default=None,
                     help="result file stem (default losses_<device>[_quick])")
+    ap.add_argument("--kernels", action="store_true",
+                    help="also time the kernel ops alone, last in each group (fastloss_kernels: "
+                         "no autograd, no reduction; replayed CUDA graphs on a GPU)")
     ap.add_argument("--configs", default=None,
                     help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
     args = ap.parse_args(argv)
@@ -249,6 +300,8 @@ def main(argv=None):
                 variants.append(("eager_reference", ref_fn))
                 if liger_make is not None and liger_kw is not None:
                     variants.append(("liger_kernel", liger_make(**liger_kw)))
+                if args.kernels:
+                    variants.append(("fastloss_kernels", kernels_only(key)))
                 for variant, fn in variants:
                     base = dict(op=op, variant=variant, group=group, options=opts, label=label,
                                 floor_bytes=floors, input_sets=n_sets, **common)
@@ -273,8 +326,18 @@ def main(argv=None):
                         del grad
                         return loss.detach()
 
+                    inputs, extra = sets, dict(after=drop_grad)
+                    if variant == "fastloss_kernels":
+                        call = lambda inp, fn=fn: fn(inp[0].detach(), inp[1])  # noqa: E731
+                        extra = {}
+                    graphs = None
                     try:
-                        timing = harness.measure(call, sets, device, after=drop_grad,
+                        if variant == "fastloss_kernels" and cuda:
+                            # replays time the GPU alone; their memory was taken at capture
+                            graphs = capture_graphs(fn, sets)
+                            inputs, call = graphs, (lambda g: g.replay())
+                            extra = dict(memory=False)
+                        timing = harness.measure(call, inputs, device, **extra,
                                                  **MEASURE_KW[device])
                         busy = timing.get("cpu_busy_others")
                         spent = timing["median_ms"] * (timing["samples"] + timing["warmup_calls"])
@@ -283,7 +346,7 @@ def main(argv=None):
                             # another process competed for the cores: measure again once
                             harness.wait_for_quiet(BUSY_RETRY / 2, 30.0)
                             t_retry = time.perf_counter()
-                            again = harness.measure(call, sets, device, after=drop_grad,
+                            again = harness.measure(call, inputs, device, **extra,
                                                     **MEASURE_KW[device])
                             retry_budget[0] -= time.perf_counter() - t_retry
                             if (again.get("cpu_busy_others") or 0) < busy:
@@ -298,6 +361,7 @@ def main(argv=None):
                         res.write_json(partial=True)
                         continue
                     finally:
+                        del graphs  # frees their memory pools before the next variant
                         if variant in ("liger_kernel", "fastloss_inplace"):
                             refill(sets)  # these write the gradient into the logits in place
                     if timing.get("peak_extra_mem_bytes"):

@@ -64,7 +64,7 @@ echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests_cuda.log" | h
 tail -1 "$OUT_DIR/tests_cuda.log"
 
 stamp "benchmarks"
-timeout "${BENCH_TIMEOUT:-150}" "$PY" bench/bench_losses.py --device cuda --out "$OUT_DIR" \
+timeout "${BENCH_TIMEOUT:-180}" "$PY" bench/bench_losses.py --device cuda --kernels --out "$OUT_DIR" \
   > "$OUT_DIR/bench_cuda.log" 2>&1
 echo "bench rc=$?"
 
