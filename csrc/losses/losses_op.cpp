@@ -9,6 +9,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
@@ -427,10 +428,40 @@ std::optional<Tensor> opt_weight(const std::optional<Tensor>& w) {
   return w.has_value() && w->defined() ? w : std::nullopt;
 }
 
+// Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
+bool readable_cpu(const Tensor& t) {
+  return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
+         !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+// Sum and mean of the rows on the CPU in one loop over the few [N] values (double
+// accumulation): a few small ATen calls cost more than that at classifier sizes. The targets
+// were validated by the forward op, so every non-ignored one indexes `weight` safely.
+Tensor reduce_rows_cpu(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
+                       int64_t reduction, int64_t ignore_index, Tensor& denom) {
+  const float* l = rows.data_ptr<float>();
+  const int64_t N = rows.numel();
+  double total = 0.0;
+  for (int64_t r = 0; r < N; ++r) total += l[r];
+  const auto opts = rows.options();
+  if (reduction == kSum) return at::scalar_tensor(total, opts);
+  const Tensor t = target.to(at::kLong).contiguous();
+  const Tensor w = weight.has_value() ? weight->to(at::kFloat).contiguous() : Tensor();
+  const int64_t* tp = t.data_ptr<int64_t>();
+  const float* wp = w.defined() ? w.data_ptr<float>() : nullptr;
+  double d = 0.0;
+  for (int64_t r = 0; r < N; ++r)
+    if (tp[r] != ignore_index) d += wp ? double(wp[tp[r]]) : 1.0;
+  denom = at::scalar_tensor(d, opts);
+  return at::scalar_tensor(total / d, opts);
+}
+
 // Row losses and their reduction; `denom` is set for the mean.
 Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
                    int64_t C, int64_t reduction, int64_t ignore_index, Tensor& denom) {
   if (reduction == kNone) return rows;
+  if (readable_cpu(rows) && readable_cpu(target))
+    return reduce_rows_cpu(rows, target, weight, reduction, ignore_index, denom);
   if (reduction == kSum) return rows.sum();
   denom = mean_denominator(target, weight, ignore_index, C);
   return rows.sum().div(denom);
@@ -512,7 +543,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       // d(total)/d(row loss) for every row
       Tensor g = grads[0].to(at::kFloat);
       if (reduction == kMean) g = g.div(saved[5]);
-      if (reduction != kNone) g = g.expand({logits.size(0)});
+      if (reduction != kNone)  // one fill instead of an expand and a contiguous copy
+        g = at::empty({logits.size(0)}, g.options()).fill_(g);
       std::vector<c10::IValue> args{g, logits, saved[1], opt(saved[2]), saved[3], saved[4],
                                     p.ignore_index};
       for (auto& v : scalar_args(p)) args.push_back(std::move(v));
