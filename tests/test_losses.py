@@ -299,11 +299,10 @@ def _all_losses(x, t, w):
             + ops.stablemax_cross_entropy(x, t, reduction="none").sum())
 
 
-def test_torch_compile_fullgraph():
-    logits, target, weight = make_inputs(9, 13, torch.float32, weighted=True, seed=4)
+def _check_compiled(compiled, logits, target, weight):
+    """The compiled _all_losses against the eager one: value and logits gradient."""
     x1 = logits.clone().requires_grad_(True)
     x2 = logits.clone().requires_grad_(True)
-    compiled = torch.compile(_all_losses, fullgraph=True)
     a = compiled(x1, target, weight)
     b = _all_losses(x2, target, weight)
     torch.testing.assert_close(a, b)
@@ -312,19 +311,16 @@ def test_torch_compile_fullgraph():
     torch.testing.assert_close(x1.grad, x2.grad)
 
 
+def test_torch_compile_fullgraph():
+    compiled = torch.compile(_all_losses, fullgraph=True)
+    _check_compiled(compiled, *make_inputs(9, 13, torch.float32, weighted=True, seed=4))
+
+
 def test_torch_compile_dynamic_batch():
     """One compiled graph with a symbolic batch size serves batches of different sizes."""
     compiled = torch.compile(_all_losses, fullgraph=True, dynamic=True)
     for n in (9, 17):
-        logits, target, weight = make_inputs(n, 13, torch.float32, weighted=True, seed=n)
-        x1 = logits.clone().requires_grad_(True)
-        x2 = logits.clone().requires_grad_(True)
-        a = compiled(x1, target, weight)
-        b = _all_losses(x2, target, weight)
-        torch.testing.assert_close(a, b)
-        a.backward()
-        b.backward()
-        torch.testing.assert_close(x1.grad, x2.grad)
+        _check_compiled(compiled, *make_inputs(n, 13, torch.float32, weighted=True, seed=n))
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -488,15 +484,8 @@ def test_cuda_out_of_range_target_gives_nan_row():
 @requires_cuda
 @pytest.mark.cuda
 def test_cuda_compile_fullgraph():
-    logits, target, weight = make_inputs(9, 1300, torch.float32, "cuda", weighted=True, seed=4)
-    x1 = logits.clone().requires_grad_(True)
-    x2 = logits.clone().requires_grad_(True)
-    a = torch.compile(_all_losses, fullgraph=True)(x1, target, weight)
-    b = _all_losses(x2, target, weight)
-    torch.testing.assert_close(a, b)
-    a.backward()
-    b.backward()
-    torch.testing.assert_close(x1.grad, x2.grad)
+    compiled = torch.compile(_all_losses, fullgraph=True)
+    _check_compiled(compiled, *make_inputs(9, 1300, torch.float32, "cuda", weighted=True, seed=4))
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
