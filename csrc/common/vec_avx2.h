@@ -7,6 +7,7 @@
 
 #include "macros.h"
 #include "vec_scalar.h"
+#include "vec_tanh.h"
 
 namespace fastloss {
 namespace FL_ISA {
@@ -82,26 +83,12 @@ inline Vec8 vexp(Vec8 x) {
   return _mm256_blendv_ps(res, x.v, isnan);
 }
 
-// tanh(x): odd polynomial for |x| < 0.625 (where 1 - 2/(e^2x + 1) would cancel), the
-// exponential form elsewhere. Relative error a few ulp.
-inline Vec8 vtanh(Vec8 x) {
-  const Vec8 a = vabs(x);
-  const Vec8 z = x * x;
-  Vec8 p = Vec8(-5.70498872745e-3f);
-  p = vfma(p, z, Vec8(2.06390887954e-2f));
-  p = vfma(p, z, Vec8(-5.37397155531e-2f));
-  p = vfma(p, z, Vec8(1.33314422036e-1f));
-  p = vfma(p, z, Vec8(-3.33332819422e-1f));
-  const Vec8 small = vfma(p * z, x, x);
-  // Soft-capped logits mostly sit well inside the cap: when every lane is on the polynomial
-  // side, the exponential and the division are skipped.
-  const auto small_lanes = a < Vec8(0.625f);
-  if (_mm256_movemask_ps(small_lanes.m) == 0xFF) return small;
-  const Vec8 e = vexp(vmin(a, Vec8(44.0f)) * Vec8(2.0f));
-  Vec8 big = Vec8(1.0f) - Vec8(2.0f) / (e + Vec8(1.0f));
-  big = _mm256_or_ps(big.v, _mm256_and_ps(x.v, _mm256_set1_ps(-0.0f)));  // copy the sign
-  return vselect(small_lanes, small, big);
+inline bool all_lanes(Mask8 m) { return _mm256_movemask_ps(m.m) == 0xFF; }
+// |mag| with the sign of `sign` (mag >= 0)
+inline Vec8 vcopysign(Vec8 mag, Vec8 sign) {
+  return _mm256_or_ps(mag.v, _mm256_and_ps(sign.v, _mm256_set1_ps(-0.0f)));
 }
+inline Vec8 vtanh(Vec8 x) { return vtanh_simd(x); }
 
 inline Vec8 vlog(Vec8 x) {
   // Only used on per-row scalars in practice; a lane-wise libm call keeps it exact.

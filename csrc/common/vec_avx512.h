@@ -8,6 +8,7 @@
 #include "macros.h"
 #include "storage.h"
 #include "vec_scalar.h"
+#include "vec_tanh.h"
 
 namespace fastloss {
 namespace FL_ISA {
@@ -66,25 +67,13 @@ inline Vec16 vexp(Vec16 x) {
   return _mm512_scalef_ps(p, n);
 }
 
-inline Vec16 vtanh(Vec16 x) {
-  const Vec16 a = vabs(x);
-  const Vec16 z = x * x;
-  Vec16 p = Vec16(-5.70498872745e-3f);
-  p = vfma(p, z, Vec16(2.06390887954e-2f));
-  p = vfma(p, z, Vec16(-5.37397155531e-2f));
-  p = vfma(p, z, Vec16(1.33314422036e-1f));
-  p = vfma(p, z, Vec16(-3.33332819422e-1f));
-  const Vec16 small = vfma(p * z, x, x);
-  // Soft-capped logits mostly sit well inside the cap: when every lane is on the polynomial
-  // side, the exponential and the division are skipped.
-  const auto small_lanes = a < Vec16(0.625f);
-  if (small_lanes.m == 0xFFFF) return small;
-  const Vec16 e = vexp(vmin(a, Vec16(44.0f)) * Vec16(2.0f));
-  Vec16 big = Vec16(1.0f) - Vec16(2.0f) / (e + Vec16(1.0f));
-  const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x.v), _mm512_set1_epi32(INT32_MIN));
-  big = _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(big.v), sign));
-  return vselect(small_lanes, small, big);
+inline bool all_lanes(Mask16 m) { return m.m == 0xFFFF; }
+// |mag| with the sign of `sign` (mag >= 0)
+inline Vec16 vcopysign(Vec16 mag, Vec16 sign) {
+  const __m512i s = _mm512_and_si512(_mm512_castps_si512(sign.v), _mm512_set1_epi32(INT32_MIN));
+  return _mm512_castsi512_ps(_mm512_or_si512(_mm512_castps_si512(mag.v), s));
 }
+inline Vec16 vtanh(Vec16 x) { return vtanh_simd(x); }
 
 inline Vec16 vlog(Vec16 x) {
   alignas(64) float t[16];
