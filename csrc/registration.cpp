@@ -64,4 +64,21 @@ TORCH_LIBRARY(fastloss, m) {
         "Tensor stat0, Tensor stat1, int ignore_index, float a, float b, float eps) -> ()");
   m.def("stablemax_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index) -> ()");
+
+  // Linear layer + row loss (linear_losses/linear_losses_op.cpp): the loss of
+  // `<kind>(hidden @ weight.T + bias, target)` computed block by block, never forming [N, V].
+  // kind: 0 cross_entropy, 1 comp_sum, 2 ldr, 3 spherical_z, 4 stablemax; `scalars` are that
+  // loss's op scalars after ignore_index (bools as 0/1). grad_mask: (hidden, weight, bias).
+  // The forward also returns the gradients of sum(row loss) where grad_mask asks (grad_weight
+  // and grad_bias in float32), so that a mean/sum loss needs no second pass.
+  m.def("linear_loss_forward(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+        "Tensor? class_weight, int kind, float[] scalars, int ignore_index, bool[3] grad_mask, "
+        "int block_rows) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("linear_loss_backward(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor target, "
+        "Tensor? bias, Tensor? class_weight, Tensor stat0, Tensor stat1, int kind, "
+        "float[] scalars, int ignore_index, bool[3] grad_mask, int block_rows) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("linear_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
+        "Tensor? class_weight, int kind, float[] scalars, int ignore_index, int reduction, "
+        "int block_rows) -> Tensor");
 }

@@ -35,6 +35,7 @@
 #endif
 
 #include "losses_kernels.h"
+#include "losses_op.h"
 
 namespace fastloss {
 namespace {
@@ -375,6 +376,27 @@ void stablemax_backward_(const Tensor& grad, const Tensor& logits, const Tensor&
 }
 
 // ---- the eager path: forward, reduction and backward in C++ ----------------------------------
+//
+// The helpers up to RowLossFunction are shared with the fused linear losses
+// (linear_losses/linear_losses_op.cpp) through losses_op.h.
+
+}  // namespace
+
+LossParams loss_params(LossKind kind, int64_t ignore_index, c10::ArrayRef<double> s) {
+  const size_t want[] = {3, 1, 4, 3, 0};  // scalars of each kind, in scalar_args' order
+  TORCH_CHECK(int(kind) >= 0 && int(kind) <= int(LossKind::stablemax),
+              "fastloss: unknown loss kind ", int(kind));
+  TORCH_CHECK(s.size() == want[int(kind)], op_name(kind), ": expected ", want[int(kind)],
+              " scalar parameters, got ", s.size());
+  switch (kind) {
+    case LossKind::comp_sum: return comp_sum_params(ignore_index, s[0]);
+    case LossKind::ldr: return ldr_params(ignore_index, s[0], s[1], s[2] != 0.0, s[3]);
+    case LossKind::spherical_z: return spherical_z_params(ignore_index, s[0], s[1], s[2]);
+    case LossKind::stablemax: return stablemax_params(ignore_index);
+    case LossKind::cross_entropy: break;
+  }
+  return cross_entropy_params(ignore_index, s[0], s[1], s[2]);
+}
 
 const char* op_name(LossKind kind) {
   switch (kind) {
@@ -411,12 +433,10 @@ LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index) {
   return p;
 }
 
-enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
-
 // F.cross_entropy's mean denominator: the summed class weights of the non-ignored rows'
 // targets (their count without weights). The gather index is clamped so that an ignored row
 // never reads out of range.
-Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
+static Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
                         int64_t ignore_index, int64_t C) {
   const Tensor valid = target.ne(ignore_index);
   if (!weight.has_value()) return valid.sum(at::kFloat);
@@ -424,12 +444,12 @@ Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weigh
   return at::where(valid, weight->to(at::kFloat).index_select(0, safe), 0.0).sum();
 }
 
-std::optional<Tensor> opt_weight(const std::optional<Tensor>& w) {
+std::optional<at::Tensor> opt_weight(const std::optional<Tensor>& w) {
   return w.has_value() && w->defined() ? w : std::nullopt;
 }
 
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
-bool readable_cpu(const Tensor& t) {
+static bool readable_cpu(const Tensor& t) {
   return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
          !t.key_set().has(c10::DispatchKey::Functionalize);
 }
@@ -437,7 +457,7 @@ bool readable_cpu(const Tensor& t) {
 // Sum and mean of the rows on the CPU in one loop over the few [N] values (double
 // accumulation): a few small ATen calls cost more than that at classifier sizes. The targets
 // were validated by the forward op, so every non-ignored one indexes `weight` safely.
-Tensor reduce_rows_cpu(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
+static Tensor reduce_rows_cpu(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
                        int64_t reduction, int64_t ignore_index, Tensor& denom) {
   const float* l = rows.data_ptr<float>();
   const int64_t N = rows.numel();
@@ -500,6 +520,8 @@ std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
   op.callBoxed(&stack);  // the results replace the arguments
   return stack;
 }
+
+namespace {
 
 std::optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;

@@ -7,6 +7,7 @@ from .losses import (
     SphericalZLoss,
     StableMaxCrossEntropyLoss,
 )
+from .linear_losses import LinearCrossEntropy
 
 __all__ = [
     "CrossEntropyLoss",
@@ -14,4 +15,5 @@ __all__ = [
     "LDRLoss",
     "SphericalZLoss",
     "StableMaxCrossEntropyLoss",
+    "LinearCrossEntropy",
 ]

@@ -7,6 +7,13 @@ from .losses import (
     spherical_z_loss,
     stablemax_cross_entropy,
 )
+from .linear_losses import (
+    linear_comp_sum_loss,
+    linear_cross_entropy,
+    linear_ldr_loss,
+    linear_spherical_z_loss,
+    linear_stablemax_cross_entropy,
+)
 
 __all__ = [
     "cross_entropy",
@@ -14,4 +21,9 @@ __all__ = [
     "ldr_loss",
     "spherical_z_loss",
     "stablemax_cross_entropy",
+    "linear_cross_entropy",
+    "linear_comp_sum_loss",
+    "linear_ldr_loss",
+    "linear_spherical_z_loss",
+    "linear_stablemax_cross_entropy",
 ]

@@ -149,6 +149,39 @@ def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, *s
         logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace)
 
 
+# ---- each loss's scalars, checked (shared with the fused linear losses) ---------------------
+
+def cross_entropy_scalars(fn: str, label_smoothing: float, lse_square_scale: float,
+                          softcap: Optional[float]) -> tuple:
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
+    if softcap is not None and not softcap > 0:
+        raise ValueError(f"{fn}: softcap must be None or > 0, got {softcap}")
+    return float(label_smoothing), float(lse_square_scale), float(softcap or 0.0)
+
+
+def comp_sum_scalars(fn: str, tau: float) -> tuple:
+    if not tau >= 0:
+        raise ValueError(f"{fn}: tau must be >= 0, got {tau}")
+    return (float(tau),)
+
+
+def ldr_scalars(fn: str, lam: float, margin: float, adaptive: bool, alpha: float) -> tuple:
+    if not lam > 0:
+        raise ValueError(f"{fn}: lam must be > 0, got {lam}")
+    if adaptive and not alpha > 1:
+        raise ValueError(f"{fn}: alpha must be > 1 for the adaptive loss, got {alpha}")
+    return float(lam), float(margin), bool(adaptive), float(alpha)
+
+
+def spherical_z_scalars(fn: str, a: float, b: float, eps: float) -> tuple:
+    if not a > 0:
+        raise ValueError(f"{fn}: a must be > 0, got {a}")
+    if not eps >= 0:
+        raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
+    return float(a), float(b), float(eps)
+
+
 # ---- public functions ----------------------------------------------------------------------
 
 def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
@@ -172,13 +205,9 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
     """
     _check_reduction("cross_entropy", reduction)
     _check_weight("cross_entropy", weight)
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"cross_entropy: label_smoothing must be in [0, 1], got {label_smoothing}")
-    if softcap is not None and not softcap > 0:
-        raise ValueError(f"cross_entropy: softcap must be None or > 0, got {softcap}")
     return _row_loss(logits, target, weight, "cross_entropy", reduction, ignore_index,
-                          bool(inplace_backward), float(label_smoothing), float(lse_square_scale),
-                          float(softcap or 0.0))
+                     bool(inplace_backward),
+                     *cross_entropy_scalars("cross_entropy", label_smoothing, lse_square_scale, softcap))
 
 
 def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[Tensor] = None,
@@ -197,10 +226,8 @@ def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[T
     """
     _check_reduction("comp_sum_loss", reduction)
     _check_weight("comp_sum_loss", weight)
-    if not tau >= 0:
-        raise ValueError(f"comp_sum_loss: tau must be >= 0, got {tau}")
     return _row_loss(logits, target, weight, "comp_sum", reduction, ignore_index,
-                          bool(inplace_backward), float(tau))
+                     bool(inplace_backward), *comp_sum_scalars("comp_sum_loss", tau))
 
 
 def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
@@ -224,13 +251,8 @@ def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
     """
     _check_reduction("ldr_loss", reduction)
     _check_weight("ldr_loss", weight)
-    if not lam > 0:
-        raise ValueError(f"ldr_loss: lam must be > 0, got {lam}")
-    if adaptive and not alpha > 1:
-        raise ValueError(f"ldr_loss: alpha must be > 1 for the adaptive loss, got {alpha}")
     return _row_loss(logits, target, weight, "ldr", reduction, ignore_index,
-                          bool(inplace_backward), float(lam), float(margin), bool(adaptive),
-                          float(alpha))
+                     bool(inplace_backward), *ldr_scalars("ldr_loss", lam, margin, adaptive, alpha))
 
 
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: float = 1e-6,
@@ -249,12 +271,8 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: fl
     """
     _check_reduction("spherical_z_loss", reduction)
     _check_weight("spherical_z_loss", weight)
-    if not a > 0:
-        raise ValueError(f"spherical_z_loss: a must be > 0, got {a}")
-    if not eps >= 0:
-        raise ValueError(f"spherical_z_loss: eps must be >= 0, got {eps}")
     return _row_loss(logits, target, weight, "spherical_z", reduction, ignore_index,
-                          bool(inplace_backward), float(a), float(b), float(eps))
+                     bool(inplace_backward), *spherical_z_scalars("spherical_z_loss", a, b, eps))
 
 
 def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,

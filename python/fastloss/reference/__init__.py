@@ -9,6 +9,7 @@ from .losses import (
     stablemax,
     stablemax_cross_entropy,
 )
+from .linear_losses import linear_loss
 
 __all__ = [
     "cross_entropy",
@@ -18,4 +19,5 @@ __all__ = [
     "spherical_z_loss",
     "stablemax",
     "stablemax_cross_entropy",
+    "linear_loss",
 ]

@@ -1,0 +1,43 @@
+// The torch-aware pieces of the row losses that other families build on (the fused linear
+// losses call the row-loss ops block by block). Defined in losses_op.cpp.
+#pragma once
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/util/ArrayRef.h>
+
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+#include "loss_params.h"
+
+namespace fastloss {
+
+enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
+
+// A loss's parameters from its op scalars (in the order of the <name>_forward schema after
+// ignore_index, bools as 0/1), checked as the op checks them.
+LossParams loss_params(LossKind kind, int64_t ignore_index, c10::ArrayRef<double> scalars);
+// The inverse: the op arguments after ignore_index.
+std::vector<c10::IValue> scalar_args(const LossParams& p);
+// The public name of a loss, for error messages.
+const char* op_name(LossKind kind);
+
+// The scalars as doubles for an autograd context, and back (every float converts exactly).
+std::vector<double> pack_params(const LossParams& p);
+LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index);
+
+// The row-loss ops: which = 0 <name>_forward, 1 <name>_backward, 2 <name>_backward_ (in place).
+const c10::OperatorHandle& row_op(LossKind kind, int which);
+// Call an op below autograd; returns its outputs.
+std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
+                                             std::vector<c10::IValue> stack);
+
+std::optional<at::Tensor> opt_weight(const std::optional<at::Tensor>& w);
+// Reduce float32 row losses [N] as torch does (mean divides by the summed class weights of the
+// non-ignored rows); for the mean, `denom` receives that divisor.
+at::Tensor reduce_rows(const at::Tensor& rows, const at::Tensor& target,
+                       const std::optional<at::Tensor>& weight, int64_t C, int64_t reduction,
+                       int64_t ignore_index, at::Tensor& denom);
+
+}  // namespace fastloss

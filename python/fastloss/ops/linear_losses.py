@@ -1,0 +1,189 @@
+"""Final linear layer + classification loss, fused: the ``[N, V]`` logits are never stored.
+
+``linear_cross_entropy(hidden, weight, target, ...)`` equals
+``cross_entropy(hidden @ weight.T + bias, target, ...)`` (:mod:`fastloss.ops.losses`), and so
+on for each loss of that module. The op (``linear_losses_op.cpp``) forms the logits for one
+block of rows at a time with a GEMM into one reused buffer, runs the row-loss kernels on the
+block, turns it in place into d(loss)/d(logits), and folds that into ``grad_hidden`` and
+``grad_weight`` with two more GEMMs. Extra memory: one block (at most 64 MiB of logits by
+default, ``block_rows`` to choose), plus float32 accumulators for ``grad_weight`` and
+``grad_bias`` (of reduced-precision weights). For ``reduction`` mean or sum with gradients
+wanted, the gradients are computed in the forward (three GEMMs in all, as unfused); for
+``"none"`` the backward forms every block again (four).
+
+Common arguments:
+
+* ``hidden``: ``[..., D]`` float32, float16 or bfloat16 (leading dimensions are flattened).
+* ``weight``: ``[V, D]``, as ``nn.Linear`` stores it; ``bias``: optional ``[V]``; both in
+  ``hidden``'s dtype (under ``torch.autocast`` all three are cast as ``F.linear`` would be).
+* ``target``: class indices ``[...]`` matching ``hidden``'s leading dimensions.
+* ``class_weight``: optional per-class weights ``[V]`` (``weight=`` of ``F.cross_entropy``).
+* ``ignore_index``, ``reduction``: as in :func:`torch.nn.functional.cross_entropy`;
+  ``"none"`` returns the target's shape.
+* ``block_rows``: rows of logits formed at once (None: as many as fit 64 MiB).
+
+Gradients flow to ``hidden``, ``weight`` and ``bias``. The logits of a block have ``hidden``'s
+dtype, as unfused ``hidden @ weight.T`` would; every reduction over classes is float32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .losses import (
+    _check_reduction,
+    _REDUCTION_CODE,
+    comp_sum_scalars,
+    cross_entropy_scalars,
+    ldr_scalars,
+    spherical_z_scalars,
+)
+
+# LossKind codes of csrc/losses/loss_params.h
+_KIND = {"cross_entropy": 0, "comp_sum": 1, "ldr": 2, "spherical_z": 3, "stablemax": 4}
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+# ---- fake kernels (shapes for torch.compile and meta tensors) -------------------------------
+
+def _check_fake(hidden, weight, target, bias, class_weight):
+    """The argument checks of linear_losses_op.cpp that depend on shapes and dtypes only."""
+    torch._check(hidden.dim() == 2, lambda: f"hidden must be 2-D [N, D], got {tuple(hidden.shape)}")
+    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [V, D], got {tuple(weight.shape)}")
+    torch._check(weight.shape[1] == hidden.shape[1],
+                 lambda: f"hidden has D = {hidden.shape[1]} but weight has {weight.shape[1]} columns")
+    torch._check(hidden.dtype in _FLOATS, lambda: f"hidden must be float32/16 or bfloat16, got {hidden.dtype}")
+    torch._check(weight.dtype == hidden.dtype,
+                 lambda: f"weight is {weight.dtype} but hidden is {hidden.dtype}")
+    torch._check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
+                 lambda: f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
+    torch._check(target.dtype in (torch.int64, torch.int32),
+                 lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
+    torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]
+                                  and bias.dtype == hidden.dtype),
+                 lambda: f"bias must be [{weight.shape[0]}] of hidden's dtype")
+    torch._check(class_weight is None or (class_weight.dim() == 1
+                                          and class_weight.shape[0] == weight.shape[0]),
+                 lambda: f"class_weight must be [{weight.shape[0]}]")
+
+
+@torch.library.register_fake("fastloss::linear_loss_forward")
+def _fake_forward(hidden, weight, target, bias, class_weight, kind, scalars, ignore_index,
+                  grad_mask, block_rows):
+    _check_fake(hidden, weight, target, bias, class_weight)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = dict(dtype=torch.float32)
+    rows = tuple(hidden.new_empty((n,), **f32) for _ in range(3))
+    return rows + (hidden.new_empty((n if grad_mask[0] else 0, d)),
+                   hidden.new_empty((v, d) if grad_mask[1] else (0,), **f32),
+                   hidden.new_empty((v,) if grad_mask[2] and bias is not None else (0,), **f32))
+
+
+@torch.library.register_fake("fastloss::linear_loss_backward")
+def _fake_backward(grad_loss, hidden, weight, target, bias, class_weight, stat0, stat1, kind,
+                   scalars, ignore_index, grad_mask, block_rows):
+    _check_fake(hidden, weight, target, bias, class_weight)
+    n, d = hidden.shape
+    v = weight.shape[0]
+    bias_dtype = bias.dtype if bias is not None else torch.float32
+    return (hidden.new_empty((n if grad_mask[0] else 0, d)),
+            weight.new_empty((v, d) if grad_mask[1] else (0,)),
+            hidden.new_empty((v,) if grad_mask[2] and bias is not None else (0,), dtype=bias_dtype))
+
+
+@torch.library.register_fake("fastloss::linear_loss")
+def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore_index,
+               reduction, block_rows):
+    _check_fake(hidden, weight, target, bias, class_weight)
+    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else ())
+
+
+# ---- the call shared by the public functions -------------------------------------------------
+
+def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Tensor,
+                 bias: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
+                 reduction: str, block_rows: Optional[int], scalars: tuple) -> Tensor:
+    _check_reduction(fn, reduction)
+    for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if hidden.dim() < 1 or tuple(target.shape) != tuple(hidden.shape[:-1]):
+        raise ValueError(f"{fn}: target must have hidden's leading shape {tuple(hidden.shape[:-1])} "
+                         f"(hidden is [..., D]), got {tuple(target.shape)}")
+    if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):
+        raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):  # F.linear runs in the autocast dtype
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+    out = torch.ops.fastloss.linear_loss.default(
+        hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, class_weight,
+        _KIND[kind], [float(x) for x in scalars], ignore_index, _REDUCTION_CODE[reduction],
+        block_rows or 0)
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+# ---- public functions ----------------------------------------------------------------------
+
+def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
+                         bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
+                         softcap: Optional[float] = None,
+                         block_rows: Optional[int] = None) -> Tensor:
+    """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits tensor.
+
+    The loss options (label smoothing, the PaLM z-loss ``lse_square_scale``, Gemma's
+    ``softcap``) are those of :func:`fastloss.ops.cross_entropy`.
+    """
+    fn = "linear_cross_entropy"
+    return _linear_loss(fn, "cross_entropy", hidden, weight, target, bias, class_weight,
+                        ignore_index, reduction, block_rows,
+                        cross_entropy_scalars(fn, label_smoothing, lse_square_scale, softcap))
+
+
+def linear_comp_sum_loss(hidden: Tensor, weight: Tensor, target: Tensor, tau: float,
+                         bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+                         ignore_index: int = -100, reduction: str = "mean",
+                         block_rows: Optional[int] = None) -> Tensor:
+    """:func:`fastloss.ops.comp_sum_loss` of ``hidden @ weight.T + bias``, fused."""
+    fn = "linear_comp_sum_loss"
+    return _linear_loss(fn, "comp_sum", hidden, weight, target, bias, class_weight, ignore_index,
+                        reduction, block_rows, comp_sum_scalars(fn, tau))
+
+
+def linear_ldr_loss(hidden: Tensor, weight: Tensor, target: Tensor, lam: float,
+                    margin: float = 1.0, adaptive: bool = False, alpha: float = 2.0,
+                    bias: Optional[Tensor] = None, class_weight: Optional[Tensor] = None,
+                    ignore_index: int = -100, reduction: str = "mean",
+                    block_rows: Optional[int] = None) -> Tensor:
+    """:func:`fastloss.ops.ldr_loss` (LDR-KL or ALDR-KL) of ``hidden @ weight.T + bias``, fused."""
+    fn = "linear_ldr_loss"
+    return _linear_loss(fn, "ldr", hidden, weight, target, bias, class_weight, ignore_index,
+                        reduction, block_rows, ldr_scalars(fn, lam, margin, adaptive, alpha))
+
+
+def linear_spherical_z_loss(hidden: Tensor, weight: Tensor, target: Tensor, a: float, b: float,
+                            eps: float = 1e-6, bias: Optional[Tensor] = None,
+                            class_weight: Optional[Tensor] = None, ignore_index: int = -100,
+                            reduction: str = "mean",
+                            block_rows: Optional[int] = None) -> Tensor:
+    """:func:`fastloss.ops.spherical_z_loss` of ``hidden @ weight.T + bias``, fused."""
+    fn = "linear_spherical_z_loss"
+    return _linear_loss(fn, "spherical_z", hidden, weight, target, bias, class_weight,
+                        ignore_index, reduction, block_rows, spherical_z_scalars(fn, a, b, eps))
+
+
+def linear_stablemax_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
+                                   bias: Optional[Tensor] = None,
+                                   class_weight: Optional[Tensor] = None,
+                                   ignore_index: int = -100, reduction: str = "mean",
+                                   block_rows: Optional[int] = None) -> Tensor:
+    """:func:`fastloss.ops.stablemax_cross_entropy` of ``hidden @ weight.T + bias``, fused."""
+    return _linear_loss("linear_stablemax_cross_entropy", "stablemax", hidden, weight, target,
+                        bias, class_weight, ignore_index, reduction, block_rows, ())

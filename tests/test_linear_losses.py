@@ -1,0 +1,422 @@
+"""The fused linear losses against the float64 references (logits formed in float64, then the
+reference loss), against the unfused fastloss ops, and against F.cross_entropy: loss and the
+gradients of hidden, weight and bias; every loss, dtype and reduction, awkward N/D/V, block
+sizes, ignored rows; opcheck, compile, autocast, the module, bad input, and peak memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fastloss
+from fastloss import ops
+from fastloss import reference as ref
+
+from conftest import requires_cuda
+
+# name -> (fused function, unfused fastloss function, reference loss, kwargs, class weights)
+CASES = {
+    "ce": (ops.linear_cross_entropy, ops.cross_entropy, ref.cross_entropy, {}, False),
+    "ce_everything": (ops.linear_cross_entropy, ops.cross_entropy, ref.cross_entropy,
+                      {"label_smoothing": 0.2, "lse_square_scale": 1e-3, "softcap": 3.0}, True),
+    "comp_tau0.5": (ops.linear_comp_sum_loss, ops.comp_sum_loss, ref.comp_sum_loss,
+                    {"tau": 0.5}, True),
+    "comp_tau1.5": (ops.linear_comp_sum_loss, ops.comp_sum_loss, ref.comp_sum_loss,
+                    {"tau": 1.5}, False),
+    "ldr": (ops.linear_ldr_loss, ops.ldr_loss, ref.ldr_loss, {"lam": 0.5, "margin": 0.5}, False),
+    "aldr": (ops.linear_ldr_loss, ops.ldr_loss, ref.ldr_loss,
+             {"lam": 1.0, "margin": 1.0, "adaptive": True}, True),
+    "zloss": (ops.linear_spherical_z_loss, ops.spherical_z_loss, ref.spherical_z_loss,
+              {"a": 0.7, "b": 1.5}, False),
+    "stablemax": (ops.linear_stablemax_cross_entropy, ops.stablemax_cross_entropy,
+                  ref.stablemax_cross_entropy, {}, True),
+}
+DEVICES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, D, V): one of everything, tiny, odd, a vocabulary past the GPU's 1024-class threshold
+SHAPES = [(1, 1, 1), (7, 5, 3), (33, 17, 130), (50, 24, 1031)]
+# relative tolerance: float32 math, but the logits of a block are rounded to the dtype first
+TOL = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+
+
+def make_inputs(n, d, v, dtype, device="cpu", weighted=False, bias=True, seed=0,
+                ignore_index=-100):
+    g = torch.Generator().manual_seed(seed * 7919 + n * 131 + d * 17 + v)
+    hidden = torch.randn(n, d, generator=g) * 1.5
+    weight = torch.randn(v, d, generator=g) / max(d, 1) ** 0.5
+    b = torch.randn(v, generator=g) * 0.5 if bias else None
+    target = torch.randint(0, v, (n,), generator=g)
+    if n > 2:
+        target[torch.rand(n, generator=g) < 0.25] = ignore_index
+    cw = torch.rand(v, generator=g) + 0.5 if weighted else None
+    to = lambda t, dt=dtype: None if t is None else t.to(device=device, dtype=dt)
+    return to(hidden), to(weight), to(target, torch.int64), to(b), to(cw, torch.float32)
+
+
+def close(actual, expected, dtype, what, scale=1.0):
+    tol = TOL[dtype] * scale
+    actual = actual.detach().double().cpu()
+    expected = expected.detach().double().cpu()
+    mag = expected.abs().max().item() if expected.numel() else 1.0
+    torch.testing.assert_close(actual, expected, rtol=tol, atol=tol * max(mag, 1e-3),
+                               equal_nan=True, msg=lambda m: f"{what}: {m}")
+
+
+def run(fn, hidden, weight, target, bias, cw, reduction, up=None, **kw):
+    """Loss and the gradients of (hidden, weight, bias) for upstream gradient `up`."""
+    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+              for t in (hidden, weight, bias)]
+    out = fn(leaves[0], leaves[1], target, bias=leaves[2], reduction=reduction, class_weight=cw,
+             **kw)
+    out.backward(up.to(out.dtype) if up is not None else None)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+def reference(ref_fn, hidden, weight, target, bias, cw, reduction, up, **kw):
+    leaves = [t.detach().double().cpu().requires_grad_(True) if t is not None else None
+              for t in (hidden, weight, bias)]
+    out = ref.linear_loss(ref_fn, leaves[0], leaves[1], target.cpu(), leaves[2],
+                          class_weight=None if cw is None else cw.double().cpu(),
+                          reduction=reduction, **kw)
+    out.backward(up.double().cpu() if up is not None else None)
+    return out, [t.grad if t is not None else None for t in leaves]
+
+
+def upstream(out_shape, reduction, device):
+    if reduction != "none":
+        return None
+    g = torch.Generator().manual_seed(11)
+    return torch.randn(out_shape, generator=g).to(device)
+
+
+def check_case(name, shape, dtype, reduction, device="cpu", block_rows=None, bias=True, seed=0):
+    fused, _, ref_fn, kw, weighted = CASES[name]
+    h, w, t, b, cw = make_inputs(*shape, dtype, device, weighted, bias, seed)
+    up = upstream(t.shape, reduction, device)
+    out, grads = run(fused, h, w, t, b, cw, reduction, up, block_rows=block_rows, **kw)
+    exp, exp_grads = reference(ref_fn, h, w, t, b, cw, reduction, up, **kw)
+    assert out.dtype == dtype and out.shape == exp.shape
+    close(out, exp, dtype, f"{name} loss")
+    for what, g, e, like in zip(("hidden", "weight", "bias"), grads, exp_grads, (h, w, b)):
+        if like is None:
+            continue
+        assert g.dtype == like.dtype and g.shape == like.shape, what
+        close(g, e, dtype, f"{name} grad_{what}")
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference(name, dtype, shape, reduction):
+    check_case(name, shape, dtype, reduction)
+
+
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("shape", SHAPES + [(37, 64, 50001)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_matches_reference_cuda(name, dtype, shape, reduction):
+    check_case(name, shape, dtype, reduction, device="cuda")
+
+
+@pytest.mark.parametrize("block_rows", [1, 4, 13, 1000])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+@pytest.mark.parametrize("name", ["ce_everything", "aldr"])
+@pytest.mark.parametrize("dev", DEVICES)
+def test_any_block_size(name, reduction, block_rows, dev):
+    """Blocks of one row, blocks that do not divide N, one block for everything."""
+    check_case(name, (29, 12, 257), torch.float32, reduction, dev, block_rows=block_rows, seed=3)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dev", DEVICES)
+def test_equals_unfused(name, dtype, reduction, dev):
+    """The same numbers as hidden @ weight.T + bias followed by the unfused fastloss op."""
+    fused, unfused, _, kw, weighted = CASES[name]
+    h, w, t, b, cw = make_inputs(40, 24, 301, dtype, dev, weighted, seed=5)
+    up = upstream(t.shape, reduction, dev)
+    out, grads = run(fused, h, w, t, b, cw, reduction, up, block_rows=16, **kw)
+    unfused_linear = lambda h, w, t, bias, reduction, class_weight, **kw: unfused(
+        F.linear(h, w, bias), t, weight=class_weight, reduction=reduction, **kw)
+    exp, exp_grads = run(unfused_linear, h, w, t, b, cw, reduction, up, **kw)
+    # the same float32 math; the logits are rounded identically unless the GEMM blocks differ
+    scale = 0.1 if dtype == torch.float32 else 0.5
+    close(out, exp, dtype, "loss", scale)
+    for what, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
+        close(g, e, dtype, f"grad_{what}", scale)
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_equals_torch_cross_entropy(weighted, reduction):
+    h, w, t, b, cw = make_inputs(45, 33, 517, torch.float64, weighted=weighted, seed=8)
+    up = upstream(t.shape, reduction, "cpu")
+    kw = dict(label_smoothing=0.1, ignore_index=-100)
+    out, grads = run(ops.linear_cross_entropy, h.float(), w.float(), t, b.float(), cw, reduction,
+                     up, **kw)
+    torch_fn = lambda h, w, t, bias, reduction, class_weight, **kw: F.cross_entropy(
+        F.linear(h, w, bias), t, weight=class_weight, reduction=reduction, **kw)
+    exp, exp_grads = run(torch_fn, h, w, t, b, None if cw is None else cw.double(), reduction,
+                         None if up is None else up.double(), **kw)
+    close(out, exp, torch.float32, "loss")
+    for what, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
+        close(g, e, torch.float32, f"grad_{what}")
+
+
+def test_leading_dimensions_and_no_bias():
+    h, w, t, _, _ = make_inputs(24, 10, 37, torch.float32, bias=False, seed=9)
+    h3, t3 = h.reshape(2, 3, 4, 10), t.reshape(2, 3, 4)
+    out = ops.linear_cross_entropy(h3, w, t3, reduction="none")
+    assert out.shape == (2, 3, 4)
+    torch.testing.assert_close(out.reshape(-1), ops.linear_cross_entropy(h, w, t, reduction="none"))
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_non_contiguous_inputs(dev):
+    h, w, t, b, _ = make_inputs(21, 16, 90, torch.float32, dev, seed=10)
+    h_t = h.t().contiguous().t()          # column-major hidden
+    w_t = w.t().contiguous().t()          # column-major weight
+    h_s = torch.empty(h.shape[0], 2 * h.shape[1], device=dev)[:, ::2]
+    h_s.copy_(h)                          # strided columns
+    for hh, ww in ((h_t, w), (h, w_t), (h_s, w_t)):
+        out, grads = run(ops.linear_cross_entropy, hh, ww, t, b, None, "sum")
+        exp, exp_grads = run(ops.linear_cross_entropy, h, w, t, b, None, "sum")
+        torch.testing.assert_close(out, exp)
+        for g, e in zip(grads, exp_grads):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_frozen_head_and_frozen_input(dev):
+    """Only the gradients autograd asks for are formed, and they are the right ones."""
+    h, w, t, b, _ = make_inputs(19, 8, 45, torch.float32, dev, seed=12)
+    _, (gh, gw, gb) = run(ops.linear_cross_entropy, h, w, t, b, None, "mean")
+    for wants in ((True, False, False), (False, True, False), (False, False, True),
+                  (True, True, False)):
+        leaves = [x.clone().requires_grad_(r) for x, r in zip((h, w, b), wants)]
+        for reduction in ("mean", "none"):
+            for x in leaves:
+                x.grad = None
+            out = ops.linear_cross_entropy(leaves[0], leaves[1], t, leaves[2], reduction=reduction)
+            (out if reduction == "mean" else out.sum() / (t != -100).sum()).backward()
+            for x, r, e in zip(leaves, wants, (gh, gw, gb)):
+                if r:
+                    torch.testing.assert_close(x.grad, e)
+                else:
+                    assert x.grad is None
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_empty_batch_and_all_ignored(reduction):
+    for n, ignore in ((0, False), (5, True)):
+        h, w, t, b, _ = make_inputs(n, 6, 11, torch.float32, seed=13)
+        if ignore:
+            t[:] = -100
+        out, grads = run(ops.linear_cross_entropy, h, w, t, b, None, reduction,
+                         torch.ones(n) if reduction == "none" else None)
+        exp = F.cross_entropy(F.linear(h, w, b), t, reduction=reduction)
+        torch.testing.assert_close(out, exp, equal_nan=True)
+        for g in grads:  # all zero, as torch's (also for the NaN mean over no rows)
+            assert torch.isfinite(g).all() and (g == 0).all()
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_no_grad_and_inference_mode(dev):
+    h, w, t, b, _ = make_inputs(17, 9, 40, torch.float32, dev, seed=14)
+    ws = [x.requires_grad_(True) for x in (h.clone(), w.clone(), b.clone())]
+    expected = ops.linear_cross_entropy(*ws[:2], t, ws[2]).detach()
+    with torch.no_grad():
+        a = ops.linear_cross_entropy(*ws[:2], t, ws[2])
+    with torch.inference_mode():
+        c = ops.linear_cross_entropy(h, w, t, b)
+    assert not a.requires_grad and not c.requires_grad
+    torch.testing.assert_close(a, expected)
+    torch.testing.assert_close(c, expected)
+
+
+def test_backward_through_graph_twice():
+    h, w, t, b, _ = make_inputs(11, 7, 23, torch.float32, seed=15)
+    for reduction in ("mean", "none"):
+        x = h.clone().requires_grad_(True)
+        out = ops.linear_cross_entropy(x, w, t, b, reduction=reduction).sum()
+        (g1,) = torch.autograd.grad(out, x, retain_graph=True)
+        (g2,) = torch.autograd.grad(out, x)
+        torch.testing.assert_close(g1, g2)
+
+
+# ---- the torch integration --------------------------------------------------------------------
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_opcheck(dev):
+    h, w, t, b, cw = make_inputs(9, 6, 21, torch.float32, dev, weighted=True, seed=16)
+    samples = [(0, [0.1, 1e-3, 3.0]), (1, [0.7]), (2, [0.5, 1.0, 1.0, 2.0]), (3, [1.0, 2.0, 1e-6]),
+               (4, [])]
+    for kind, scalars in samples:
+        for bias in (b, None):
+            for reduction in (0, 1, 2):
+                args = [x.clone().requires_grad_(True) for x in (h, w)]
+                bb = None if bias is None else bias.clone().requires_grad_(True)
+                torch.library.opcheck(torch.ops.fastloss.linear_loss.default,
+                                      (*args, t, bb, cw, kind, scalars, -100, reduction, 4))
+            fwd_args = (h, w, t, bias, cw, kind, scalars, -100, [True, True, True], 4)
+            torch.library.opcheck(torch.ops.fastloss.linear_loss_forward.default, fwd_args)
+            _, s0, s1, *_ = torch.ops.fastloss.linear_loss_forward(*fwd_args)
+            g = torch.rand(9, device=dev)
+            torch.library.opcheck(torch.ops.fastloss.linear_loss_backward.default,
+                                  (g, h, w, t, bias, cw, s0, s1, kind, scalars, -100,
+                                   [True, False, True], 4))
+
+
+def _three_losses(h, w, t, b):
+    return (ops.linear_cross_entropy(h, w, t, b, label_smoothing=0.1, softcap=5.0)
+            + ops.linear_ldr_loss(h, w, t, 0.5, bias=b, adaptive=True, reduction="sum")
+            + ops.linear_stablemax_cross_entropy(h, w, t, reduction="none").sum())
+
+
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_torch_compile_fullgraph(dynamic):
+    compiled = torch.compile(_three_losses, fullgraph=True, dynamic=dynamic)
+    for n in ((13,) if not dynamic else (13, 22)):
+        h, w, t, b, _ = make_inputs(n, 10, 31, torch.float32, seed=n)
+        out, grads = run(lambda h, w, t, bias, **_: compiled(h, w, t, bias), h, w, t, b, None, "mean")
+        exp, exp_grads = run(lambda h, w, t, bias, **_: _three_losses(h, w, t, bias), h, w, t, b, None,
+                             "mean")
+        torch.testing.assert_close(out, exp)
+        for g, e in zip(grads, exp_grads):
+            torch.testing.assert_close(g, e)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_autocast_casts_like_linear(dev):
+    h, w, t, b, _ = make_inputs(16, 12, 50, torch.float32, dev, seed=17)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        out = ops.linear_cross_entropy(*leaves[:2], t, leaves[2])
+    assert out.dtype == torch.bfloat16
+    out.float().backward()
+    exp, exp_grads = run(ops.linear_cross_entropy, h.bfloat16(), w.bfloat16(), t, b.bfloat16(),
+                         None, "mean")
+    torch.testing.assert_close(out, exp)
+    for x, e in zip(leaves, exp_grads):
+        assert x.grad.dtype == torch.float32  # the leaves' own dtype, as autocast gives
+        torch.testing.assert_close(x.grad, e.float())
+
+
+def test_module_matches_function_and_shares_linear():
+    torch.manual_seed(0)
+    head = torch.nn.Linear(12, 40, bias=True)
+    loss_mod = fastloss.nn.LinearCrossEntropy.from_linear(head, label_smoothing=0.1)
+    assert loss_mod.weight is head.weight and loss_mod.bias is head.bias
+    h, _, t, _, _ = make_inputs(15, 12, 40, torch.float32, seed=18)
+    out = loss_mod(h, t)
+    exp = ops.linear_cross_entropy(h, head.weight, t, head.bias, label_smoothing=0.1)
+    torch.testing.assert_close(out, exp)
+    out.backward()
+    assert head.weight.grad is not None and head.bias.grad is not None
+    fresh = fastloss.nn.LinearCrossEntropy(12, 40, bias=True, reduction="sum")
+    assert fresh.weight.shape == (40, 12) and fresh.bias.shape == (40,)
+    state = fresh.state_dict()
+    again = fastloss.nn.LinearCrossEntropy(12, 40, bias=True, reduction="sum")
+    again.load_state_dict(state)
+    torch.testing.assert_close(again(h, t), fresh(h, t))
+
+
+# ---- bad input --------------------------------------------------------------------------------
+
+def test_bad_input_errors_name_the_argument():
+    h, w, t, b, _ = make_inputs(6, 5, 9, torch.float32, seed=19)
+    f = ops.linear_cross_entropy
+    cases = [
+        (lambda: f(h, w[:, :4], t), "weight has 4 columns"),
+        (lambda: f(h, w, t[:5]), "target must have hidden's leading shape"),
+        (lambda: f(h, w.double(), t), "weight is Double but hidden is Float"),
+        (lambda: f(h.int(), w.int(), t), "hidden must be float32"),
+        (lambda: f(h, w, t.float()), "target must hold class indices"),
+        (lambda: f(h, w, t, b[:3]), "bias must be 1-D with one entry per row of weight (9)"),
+        (lambda: f(h, w, t, b.half()), "bias is Half but hidden is Float"),
+        (lambda: f(h, w, t, class_weight=torch.ones(4)), "class_weight must be 1-D"),
+        (lambda: f(h, w, torch.tensor([0, 1, 2, 9, 0, 1])), "target[3] = 9 is not a class index in [0, 9)"),
+        (lambda: f(h, w, t, reduction="avg"), "reduction must be one of"),
+        (lambda: f(h, w, t, block_rows=0), "block_rows must be a positive int"),
+        (lambda: f(h, w, t, label_smoothing=1.5), "linear_cross_entropy: label_smoothing"),
+        (lambda: f(h, w[:0], t[:0] if False else t), "at least one row"),
+        (lambda: ops.linear_ldr_loss(h, w, t, lam=0.0), "linear_ldr_loss: lam must be > 0"),
+        (lambda: torch.ops.fastloss.linear_loss(h, w, t, None, None, 1, [], -100, 1, 0),
+         "expected 1 scalar parameters, got 0"),
+        (lambda: torch.ops.fastloss.linear_loss(h, w, t, None, None, 9, [], -100, 1, 0),
+         "unknown loss kind"),
+        (lambda: torch.ops.fastloss.linear_loss(h, w, t, None, None, 4, [], -100, 3, 0),
+         "reduction must be 0 (none), 1 (mean) or 2 (sum)"),
+    ]
+    for call, message in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
+@requires_cuda
+@pytest.mark.cuda
+def test_device_mismatch():
+    h, w, t, b, _ = make_inputs(6, 5, 9, torch.float32, seed=20)
+    with pytest.raises(RuntimeError, match="weight is on cuda"):
+        ops.linear_cross_entropy(h, w.cuda(), t)
+    with pytest.raises(RuntimeError, match="target is on cuda"):
+        ops.linear_cross_entropy(h, w, t.cuda())
+
+
+# ---- peak memory --------------------------------------------------------------------------------
+
+_PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys, torch, torch.nn.functional as F, fastloss
+    torch.set_num_threads(1)
+    n, d, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+    g = torch.Generator().manual_seed(0)
+    h = torch.randn(n, d, generator=g).requires_grad_(True)
+    w = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_(True)
+    t = torch.randint(0, v, (n,), generator=g)
+    # warm up at a small size: libraries and allocator state, not counted
+    fastloss.ops.linear_cross_entropy(h[:4], w[:64], t[:4] % 64).backward()
+    F.cross_entropy(F.linear(h[:4], w[:64]), t[:4] % 64).backward()
+    h.grad = w.grad = None
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from now
+    before = kib("VmRSS:")
+    if mode == "fused":
+        fastloss.ops.linear_cross_entropy(h, w, t, block_rows=int(sys.argv[5])).backward()
+    else:
+        F.cross_entropy(F.linear(h, w), t).backward()
+    print(json.dumps({"extra_bytes": (kib("VmHWM:") - before) * 1024}))
+""")
+
+
+def _peak_extra_bytes(*args):
+    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *map(str, args)], check=True,
+                         capture_output=True, text=True, env={**os.environ, "FASTLOSS_NO_THP": "1"})
+    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+def test_peak_memory_is_bounded():
+    """The fused op's peak extra memory is one block of logits plus the gradients, far under
+    the [N, V] logits; the same measurement sees the unfused graph's logits (so it can fail)."""
+    n, d, v, block = 2048, 32, 16384, 128
+    logits_bytes = n * v * 4                                   # 128 MiB
+    grads_bytes = (n * d + v * d) * 4 * 2                      # results + accumulators
+    bound = block * v * 4 + grads_bytes + (24 << 20)           # + 24 MiB of slack
+    fused = _peak_extra_bytes(n, d, v, "fused", block)
+    eager = _peak_extra_bytes(n, d, v, "eager")
+    assert eager > logits_bytes, f"the measurement missed the unfused logits: {eager} B"
+    assert fused < bound, f"fused peak extra memory {fused} B > bound {bound} B"
