@@ -254,6 +254,36 @@ def test_backward_through_graph_twice():
         torch.testing.assert_close(g1, g2)
 
 
+def test_scaled_upstream_gradient():
+    """The gradients computed in the forward are scaled by d(total)/d(loss) in backward;
+    for exactly 1 they are handed over as they are (no copy)."""
+    h, w, t, b, _ = make_inputs(14, 6, 29, torch.float32, seed=21)
+    for reduction in ("mean", "sum"):
+        _, unit = run(ops.linear_cross_entropy, h, w, t, b, None, reduction)
+        _, tripled = run(lambda *a, **k: ops.linear_cross_entropy(*a, **k) * -3.0, h, w, t, b,
+                         None, reduction)
+        for u, g in zip(unit, tripled):
+            torch.testing.assert_close(g, -3.0 * u)
+
+
+def test_retained_graph_gives_the_same_gradients_again():
+    """The first backward hands its gradients over; a second one through a retained graph
+    forms them again, whatever the caller did to the first ones."""
+    h, w, t, b, _ = make_inputs(14, 6, 29, torch.float32, seed=22)
+    for reduction in ("mean", "sum"):
+        x = h.clone().requires_grad_(True)
+        loss = ops.linear_cross_entropy(x, w, t, b, reduction=reduction)
+        (g1,) = torch.autograd.grad(loss, x, retain_graph=True)
+        expected = g1.clone()
+        g1.mul_(0.0)
+        (g2,) = torch.autograd.grad(loss, x, retain_graph=True)
+        torch.testing.assert_close(g2, expected)
+        loss.backward(retain_graph=True)
+        x.grad.mul_(0.0)  # e.g. gradient clipping in place
+        (g3,) = torch.autograd.grad(loss * 2, x)
+        torch.testing.assert_close(g3, 2 * expected)
+
+
 # ---- the torch integration --------------------------------------------------------------------
 
 @pytest.mark.parametrize("dev", DEVICES)

@@ -448,8 +448,7 @@ std::optional<at::Tensor> opt_weight(const std::optional<Tensor>& w) {
   return w.has_value() && w->defined() ? w : std::nullopt;
 }
 
-// Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
-static bool readable_cpu(const Tensor& t) {
+bool readable_cpu(const Tensor& t) {
   return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
          !t.key_set().has(c10::DispatchKey::Functionalize);
 }

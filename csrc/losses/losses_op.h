@@ -33,6 +33,9 @@ const c10::OperatorHandle& row_op(LossKind kind, int which);
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
                                              std::vector<c10::IValue> stack);
 
+// Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
+bool readable_cpu(const at::Tensor& t);
+
 std::optional<at::Tensor> opt_weight(const std::optional<at::Tensor>& w);
 // Reduce float32 row losses [N] as torch does (mean divides by the summed class weights of the
 // non-ignored rows); for the mean, `denom` receives that divisor.
