@@ -461,6 +461,26 @@ def measure_bandwidth(device: str = "cpu", nbytes: Optional[int] = None, repeats
             "best_GBps": 2 * nbytes / best / 1e9, "median_GBps": 2 * nbytes / med / 1e9}
 
 
+def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
+                        n: Optional[int] = None, repeats: int = 5) -> dict:
+    """Matmul rate of torch's own GEMM (MKL / cuBLAS) on square ``n`` x ``n`` operands of
+    ``dtype``: the peak that flop floors are compared against (the best of ``repeats``)."""
+    cuda = device.startswith("cuda")
+    n = n or (8192 if cuda else 2048)
+    a = torch.randn(n, n, device=device).to(dtype)
+    b = torch.randn(n, n, device=device).to(dtype)
+    a @ b
+    _sync(device)
+    times = _time_calls(lambda _x: a @ b, [None], 0, repeats, device, None)
+    del a, b
+    flops = 2.0 * n ** 3
+    return {"method": f"torch.mm of two {n}x{n} {str(dtype).replace('torch.', '')}, "
+                      f"best of {repeats}",
+            "threads": torch.get_num_threads(),
+            "best_TFLOPs": flops / min(times) / 1e12,
+            "median_TFLOPs": flops / statistics.median(times) / 1e12}
+
+
 # ---------------------------------------------------------------------------------------------
 # Results
 # ---------------------------------------------------------------------------------------------
