@@ -462,11 +462,11 @@ def measure_bandwidth(device: str = "cpu", nbytes: Optional[int] = None, repeats
 
 
 def measure_matmul_peak(device: str = "cpu", dtype: torch.dtype = torch.float32,
-                        n: Optional[int] = None, repeats: int = 5) -> dict:
+                        n: Optional[int] = None, repeats: int = 8) -> dict:
     """Matmul rate of torch's own GEMM (MKL / cuBLAS) on square ``n`` x ``n`` operands of
     ``dtype``: the peak that flop floors are compared against (the best of ``repeats``)."""
     cuda = device.startswith("cuda")
-    n = n or (8192 if cuda else 2048)
+    n = n or (8192 if cuda else 4096)
     a = torch.randn(n, n, device=device).to(dtype)
     b = torch.randn(n, n, device=device).to(dtype)
     a @ b

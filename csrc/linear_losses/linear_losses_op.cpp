@@ -113,14 +113,14 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
 }
 
 // Rows per block: the requested count, or as many as fit a budget of logits bytes equal to
-// one float32 grad_weight (which the caller holds anyway), clamped to [64, 256] MiB; at least
+// one float32 grad_weight (which the caller holds anyway), clamped to [16, 256] MiB; at least
 // one row. Taller blocks run the GEMMs faster (measured on 2 cores at D = 256, V = 131072:
-// 128 rows 6.5-7.1 s, 256 rows 6.2-6.8 s, 512 rows 5.6 s per forward + backward), and the
+// 128 rows 6.5-7.1 s, 256 rows 6.0-6.8 s, 512 rows 5.6-5.8 s per forward + backward), and the
 // budget keeps the extra memory within about twice the gradient itself.
 int64_t rows_per_block(int64_t requested, const LinearInputs& in) {
   const int64_t all = std::max<int64_t>(in.N, 1);
   if (requested > 0) return std::min(requested, all);
-  const int64_t budget = std::clamp<int64_t>(in.V * in.D * 4, int64_t(64) << 20, int64_t(256) << 20);
+  const int64_t budget = std::clamp<int64_t>(in.V * in.D * 4, int64_t(16) << 20, int64_t(256) << 20);
   const int64_t row_bytes = in.V * int64_t(in.hidden.element_size());
   return std::clamp<int64_t>(budget / row_bytes, 1, all);
 }
