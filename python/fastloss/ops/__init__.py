@@ -14,6 +14,7 @@ from .linear_losses import (
     linear_spherical_z_loss,
     linear_stablemax_cross_entropy,
 )
+from .vocab_parallel import vocab_parallel_linear_cross_entropy
 
 __all__ = [
     "cross_entropy",
@@ -26,4 +27,5 @@ __all__ = [
     "linear_ldr_loss",
     "linear_spherical_z_loss",
     "linear_stablemax_cross_entropy",
+    "vocab_parallel_linear_cross_entropy",
 ]
