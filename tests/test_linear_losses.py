@@ -156,6 +156,13 @@ def test_equals_unfused(name, dtype, reduction, dev):
         close(g, e, dtype, f"grad_{what}", scale)
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_reduced_precision_weight_gradient_in_slices(dtype):
+    """A wide D makes the reduced-precision grad_weight product go a slice of ~1000 classes
+    at a time: every slice lands in the right rows."""
+    check_case("ce_everything", (16, 4096, 2500), dtype, "mean", block_rows=6, seed=23)
+
+
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
 @pytest.mark.parametrize("weighted", [False, True])
 def test_equals_torch_cross_entropy(weighted, reduction):

@@ -158,6 +158,11 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
   const Tensor w_t = in.weight.t();
   const OptT cw = in.class_weight.defined() ? OptT(in.class_weight) : std::nullopt;
   Tensor buffer = at::empty({std::min(block, in.N), in.V}, in.hidden.options());
+  // classes per slice of a reduced-precision grad_weight product: about 8 MiB of buffer
+  const int64_t slice = std::clamp<int64_t>((int64_t(8) << 20) / std::max<int64_t>(2 * in.D, 1),
+                                            256, std::max<int64_t>(in.V, 1));
+  const Tensor part_buffer = mask[1] && !f32 ? at::empty({slice, in.D}, in.hidden.options())
+                                             : Tensor();
   const Tensor ones = want_grad && !grad_rows.defined()
                           ? at::ones({block}, in.hidden.options().dtype(at::kFloat))
                           : Tensor();
@@ -192,11 +197,20 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
     }
     if (mask[1]) {
       // float32 accumulation across blocks (a large vocabulary's grad_weight sums many
-      // blocks); reduced-precision blocks are widened for this GEMM only.
-      if (f32)
+      // blocks). A reduced-precision block's product is formed by the GEMM of its own dtype
+      // (float32 accumulation inside, one rounding) a slice of classes at a time into a
+      // small buffer, then added: widening the block to float32 instead cost 2x its memory
+      // and ran the slower float32 GEMM.
+      if (f32) {
         acc.weight.addmm_(z.t(), h);
-      else
-        acc.weight.addmm_(z.t().to(at::kFloat), h.to(at::kFloat));
+      } else {
+        for (int64_t v0 = 0; v0 < in.V; v0 += slice) {
+          const int64_t nv = std::min(slice, in.V - v0);
+          Tensor part = part_buffer.narrow(0, 0, nv);
+          at::mm_out(part, z.narrow(1, v0, nv).t(), h);
+          acc.weight.narrow(0, v0, nv).add_(part);
+        }
+      }
     }
     if (mask[2]) acc.bias.add_(z.sum(0, /*keepdim=*/false, at::kFloat));
   }
