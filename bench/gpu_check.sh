@@ -14,10 +14,14 @@
 #
 # Usage on the device tool (the copy of .git there can be stale: pass the commit):
 #   FASTLOSS_GIT_COMMIT=<short hash> bash bench/gpu_check.sh "$OUT"
+# The device tool brings back only a few files: the step logs are appended to one run.log
+# (build.log apart), next to the benchmarks' JSON and PNG.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu}}"
 mkdir -p "$OUT_DIR"
+LOGS=$(mktemp -d)   # per-step logs; each is appended to $OUT_DIR/run.log when its step ends
+keep() { for f in "$@"; do { echo "===== $f"; cat "$LOGS/$f"; } >> "$OUT_DIR/run.log"; done; }
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 T0=$SECONDS
@@ -31,7 +35,8 @@ fi
   date -u; nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)"
   git rev-parse --short HEAD 2>/dev/null; nvcc --version | tail -2
   echo "c++: $(command -v c++ g++ | tr '\n' ' ')"; g++ -v 2>&1 | tail -2; ls /usr/bin/*g++* 2>&1
-} > "$OUT_DIR/env.txt" 2>&1
+} > "$LOGS/env.txt" 2>&1
+keep env.txt
 
 cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader | head -n 1 | tr -d '.')
 build() {  # build [extra env...]: an editable install for this GPU only
@@ -59,22 +64,31 @@ TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout 120"
 
 stamp "CUDA tests"
-timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$OUT_DIR/tests_cuda.log" 2>&1
-echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests_cuda.log" | head -20
-tail -1 "$OUT_DIR/tests_cuda.log"
+timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$LOGS/tests_cuda.log" 2>&1
+echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cuda.log" | head -20
+tail -1 "$LOGS/tests_cuda.log"
+keep tests_cuda.log
 
 stamp "benchmarks"
 timeout "${BENCH_TIMEOUT:-180}" "$PY" bench/bench_losses.py --device cuda --kernels --out "$OUT_DIR" \
-  > "$OUT_DIR/bench_cuda.log" 2>&1
+  > "$LOGS/bench_cuda.log" 2>&1
 echo "bench rc=$?"
+keep bench_cuda.log
+
+stamp "linear-loss benchmarks"
+timeout "${LINEAR_BENCH_TIMEOUT:-150}" "$PY" bench/bench_linear_losses.py --device cuda \
+  --out "$OUT_DIR" > "$LOGS/bench_linear_cuda.log" 2>&1
+echo "linear bench rc=$?"
+keep bench_linear_cuda.log
 
 stamp "CPU tests of the torch integration and the argument checks"
 # (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
 # already compiles a graph of every loss)
 timeout 120 "$PY" -m pytest -q -m "not cuda" $XDIST $TIMEOUT tests/test_bad_input.py tests/test_build.py \
   tests/test_losses.py -k "bad or opcheck or autocast or no_grad or twice or Every or build" \
-  > "$OUT_DIR/tests_cpu.log" 2>&1
-echo "cpu tests rc=$?"; grep -E "^(FAILED|ERROR)" "$OUT_DIR/tests_cpu.log" | head -10
-tail -1 "$OUT_DIR/tests_cpu.log"
+  > "$LOGS/tests_cpu.log" 2>&1
+echo "cpu tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cpu.log" | head -10
+tail -1 "$LOGS/tests_cpu.log"
+keep tests_cpu.log
 stamp "done"
-tail -3 "$OUT_DIR/bench_cuda.log"   # the full table is in bench_cuda.log and the JSON
+tail -3 "$LOGS/bench_cuda.log"   # the full tables are in run.log and the JSON
