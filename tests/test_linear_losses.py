@@ -69,7 +69,8 @@ def close(actual, expected, dtype, what, scale=1.0):
 
 def run(fn, hidden, weight, target, bias, cw, reduction, up=None, **kw):
     """Loss and the gradients of (hidden, weight, bias) for upstream gradient `up`."""
-    leaves = [t.detach().clone().requires_grad_(True) if t is not None else None
+    # detach, not clone: a strided input stays strided
+    leaves = [t.detach().requires_grad_(True) if t is not None else None
               for t in (hidden, weight, bias)]
     out = fn(leaves[0], leaves[1], target, bias=leaves[2], reduction=reduction, class_weight=cw,
              **kw)
@@ -85,6 +86,16 @@ def reference(ref_fn, hidden, weight, target, bias, cw, reduction, up, **kw):
                           reduction=reduction, **kw)
     out.backward(up.double().cpu() if up is not None else None)
     return out, [t.grad if t is not None else None for t in leaves]
+
+
+def assert_same_runs(fn, inputs, expected_fn, expected_inputs, reduction):
+    """fn(*inputs) gives expected_fn(*expected_inputs)'s loss and gradients; inputs are
+    (hidden, weight, target, bias)."""
+    out, grads = run(fn, *inputs, None, reduction)
+    exp, exp_grads = run(expected_fn, *expected_inputs, None, reduction)
+    torch.testing.assert_close(out, exp)
+    for g, e in zip(grads, exp_grads):
+        torch.testing.assert_close(g, e)
 
 
 def upstream(out_shape, reduction, device):
@@ -195,12 +206,10 @@ def test_non_contiguous_inputs(dev):
     w_t = w.t().contiguous().t()          # column-major weight
     h_s = torch.empty(h.shape[0], 2 * h.shape[1], device=dev)[:, ::2]
     h_s.copy_(h)                          # strided columns
+    assert not h_s.is_contiguous() and not w_t.is_contiguous()
     for hh, ww in ((h_t, w), (h, w_t), (h_s, w_t)):
-        out, grads = run(ops.linear_cross_entropy, hh, ww, t, b, None, "sum")
-        exp, exp_grads = run(ops.linear_cross_entropy, h, w, t, b, None, "sum")
-        torch.testing.assert_close(out, exp)
-        for g, e in zip(grads, exp_grads):
-            torch.testing.assert_close(g, e)
+        assert_same_runs(ops.linear_cross_entropy, (hh, ww, t, b),
+                         ops.linear_cross_entropy, (h, w, t, b), "sum")
 
 
 @pytest.mark.parametrize("dev", DEVICES)
@@ -324,13 +333,9 @@ def _three_losses(h, w, t, b):
 def test_torch_compile_fullgraph(dynamic):
     compiled = torch.compile(_three_losses, fullgraph=True, dynamic=dynamic)
     for n in ((13,) if not dynamic else (13, 22)):
-        h, w, t, b, _ = make_inputs(n, 10, 31, torch.float32, seed=n)
-        out, grads = run(lambda h, w, t, bias, **_: compiled(h, w, t, bias), h, w, t, b, None, "mean")
-        exp, exp_grads = run(lambda h, w, t, bias, **_: _three_losses(h, w, t, bias), h, w, t, b, None,
-                             "mean")
-        torch.testing.assert_close(out, exp)
-        for g, e in zip(grads, exp_grads):
-            torch.testing.assert_close(g, e)
+        inputs = make_inputs(n, 10, 31, torch.float32, seed=n)[:4]
+        assert_same_runs(lambda h, w, t, bias, **_: compiled(h, w, t, bias), inputs,
+                         lambda h, w, t, bias, **_: _three_losses(h, w, t, bias), inputs, "mean")
 
 
 @pytest.mark.parametrize("dev", DEVICES)
