@@ -81,4 +81,15 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("linear_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
         "Tensor? class_weight, int kind, float[] scalars, int ignore_index, int reduction, "
         "int block_rows) -> Tensor");
+  // Linear + cross-entropy by tiles of the vocabulary (linear_losses/linear_ce_tiles_op.cpp):
+  // per-row statistics [N, 3] (log-sum-exp, target logit, class-weighted logit sum) of this
+  // weight's classes, and the gradients for per-row coefficients coef [N, 3] (a, hit, smooth)
+  // of d(loss)/d(z_k) = a softmax_k - hit [k = y] - smooth w_k. The caller (ops/vocab_parallel.py)
+  // merges statistics across slices or ranks.
+  m.def("linear_ce_tile_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, int class_offset, float softcap, bool weighted_sum, "
+        "int tile_cols) -> Tensor");
+  m.def("linear_ce_tile_grads(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
+        "Tensor? class_weight, int class_offset, float softcap, Tensor lse, Tensor coef, "
+        "bool smoothing, bool[3] grad_mask, int tile_cols) -> (Tensor, Tensor, Tensor)");
 }

@@ -61,7 +61,7 @@ def _check_rank(rank, world, v):
                 bp = b[first:first + sizes[rank]].clone().requires_grad_(True)
                 out = ops.vocab_parallel_linear_cross_entropy(
                     hp, wp, t, bp, vocab_size=v, class_weight=cw, reduction=reduction,
-                    block_rows=7, **kw)
+                    tile_cols=7, **kw)
                 out.backward(up.to(out.dtype) if up is not None else None)
                 what = f"rank {rank}/{world} {dtype} {name} {reduction}"
                 close = lambda a, e, m: torch.testing.assert_close(  # noqa: E731

@@ -106,7 +106,8 @@ def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore
 
 def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Tensor,
                  bias: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
-                 reduction: str, block_rows: Optional[int], scalars: tuple) -> Tensor:
+                 reduction: str, block_rows: Optional[int], scalars: tuple,
+                 low_memory: bool = False) -> Tensor:
     _check_reduction(fn, reduction)
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
@@ -121,11 +122,47 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    out = torch.ops.fastloss.linear_loss.default(
-        hidden.reshape(-1, hidden.shape[-1]), weight, target.reshape(-1), bias, class_weight,
-        _KIND[kind], [float(x) for x in scalars], ignore_index, _REDUCTION_CODE[reduction],
-        block_rows or 0)
+    h, t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    if low_memory:
+        _check_tile_inputs(fn, h, weight, t, bias, class_weight, ignore_index)
+        from .vocab_parallel import TiledCrossEntropy
+        cw = class_weight.float() if class_weight is not None else None
+        out = TiledCrossEntropy.apply(h, weight, bias, t.long(), cw, None, False, 0,
+                                      weight.shape[0], ignore_index, reduction, *scalars,
+                                      block_rows or 0)
+    else:
+        out = torch.ops.fastloss.linear_loss.default(
+            h, weight, t, bias, class_weight, _KIND[kind], [float(x) for x in scalars],
+            ignore_index, _REDUCTION_CODE[reduction], block_rows or 0)
     return out.reshape(target.shape) if reduction == "none" else out
+
+
+def _check_tile_inputs(fn, hidden, weight, target, bias, class_weight, ignore_index):
+    """The argument checks of the block op (linear_losses_op.cpp), for the tiled path."""
+    if weight.dim() != 2 or weight.shape[1] != hidden.shape[1] or weight.shape[0] == 0:
+        raise ValueError(f"{fn}: weight must be [V, D] with V >= 1 and D = {hidden.shape[1]} "
+                         f"(hidden's), got {tuple(weight.shape)}")
+    if hidden.dtype not in _FLOATS or weight.dtype != hidden.dtype:
+        raise ValueError(f"{fn}: hidden and weight must share a dtype among float32, float16, "
+                         f"bfloat16, got {hidden.dtype} and {weight.dtype}")
+    v = weight.shape[0]
+    if bias is not None and (tuple(bias.shape) != (v,) or bias.dtype != hidden.dtype):
+        raise ValueError(f"{fn}: bias must be [{v}] of hidden's dtype, got {tuple(bias.shape)} "
+                         f"{bias.dtype}")
+    if class_weight is not None and tuple(class_weight.shape) != (v,):
+        raise ValueError(f"{fn}: class_weight must be 1-D with one entry per class ({v}), got "
+                         f"{tuple(class_weight.shape)}")
+    if target.dtype not in (torch.int64, torch.int32):
+        raise ValueError(f"{fn}: target must hold class indices (int64 or int32), got {target.dtype}")
+    for name, x in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
+        if x is not None and x.device != hidden.device:
+            raise ValueError(f"{fn}: {name} is on {x.device} but hidden is on {hidden.device}")
+    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= v))
+        if bool(bad.any()):
+            i = int(bad.nonzero()[0])
+            raise ValueError(f"{fn}: target[{i}] = {int(target[i])} is not a class index in "
+                             f"[0, {v}) nor ignore_index ({ignore_index})")
 
 
 # ---- public functions ----------------------------------------------------------------------
@@ -135,16 +172,24 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                          softcap: Optional[float] = None,
-                         block_rows: Optional[int] = None) -> Tensor:
+                         block_rows: Optional[int] = None, low_memory: bool = False) -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits tensor.
 
     The loss options (label smoothing, the PaLM z-loss ``lse_square_scale``, Gemma's
     ``softcap``) are those of :func:`fastloss.ops.cross_entropy`.
+
+    ``low_memory=True`` goes by tiles of the vocabulary instead of blocks of rows: every row
+    at once, a few hundred classes at a time (``block_rows`` then gives the classes per tile;
+    None: as many as fit 8 MiB of float32 logits), so that the extra memory beyond the
+    gradients is that one tile; the logits are formed twice (in forward and in backward), four
+    GEMMs instead of three. The same computation as
+    :func:`fastloss.ops.vocab_parallel_linear_cross_entropy` on one process.
     """
     fn = "linear_cross_entropy"
     return _linear_loss(fn, "cross_entropy", hidden, weight, target, bias, class_weight,
                         ignore_index, reduction, block_rows,
-                        cross_entropy_scalars(fn, label_smoothing, lse_square_scale, softcap))
+                        cross_entropy_scalars(fn, label_smoothing, lse_square_scale, softcap),
+                        low_memory=bool(low_memory))
 
 
 def linear_comp_sum_loss(hidden: Tensor, weight: Tensor, target: Tensor, tau: float,

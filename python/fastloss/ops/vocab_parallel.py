@@ -7,17 +7,18 @@ same ``hidden [N, D]`` and ``target [N]`` and its own contiguous slice of the vo
 shards may differ in size). The loss and the gradients equal those of
 :func:`fastloss.ops.linear_cross_entropy` on the whole ``weight``:
 
-* forward: each rank forms its logits block by block (never ``[N, V_r]`` at once) and keeps
+* forward: each rank forms its logits tile by tile (never ``[N, V_r]`` at once) and keeps
   three numbers per token: the log-sum-exp of its classes, the target's logit when the target
   is one of its classes, and the (class-weighted) sum of its logits (label smoothing only);
   one ``all_gather`` of those ``[N, 3]`` statistics gives every rank the whole loss;
-* backward: each rank forms its blocks again and returns the gradient of its own
+* backward: each rank forms its tiles again and returns the gradient of its own
   ``weight_shard`` (and ``bias_shard``); ``hidden``'s gradient, a sum over the shards, is
   all-reduced, as the input gradient of a column-parallel linear layer is.
 
-The per-block math runs as torch operations on float32 blocks (not the fused kernels of the
-single-process op, which need whole rows). Collectives work with NCCL (CUDA tensors) and with
-gloo (CPU tensors). Not traceable by torch.compile (it calls torch.distributed directly).
+The tiles are every row by a few hundred classes (the ``linear_ce_tile_*`` ops,
+``csrc/linear_losses/linear_ce_tiles_op.cpp``: a GEMM per tile, then float32 torch math on it);
+:func:`fastloss.ops.linear_cross_entropy` with ``low_memory=True`` is the same computation on
+one process. Collectives work with NCCL (CUDA tensors) and with gloo (CPU tensors).
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from torch import Tensor
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
-_DEFAULT_BLOCK_BYTES = 64 << 20
 
 
 def _shard_layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> tuple[int, int, int]:
@@ -53,105 +53,94 @@ def _shard_layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> tup
     return sum(sizes[:rank]), total, rank
 
 
-def _block_logits(h: Tensor, w: Tensor, b: Optional[Tensor], softcap: float):
-    """float32 logits of a block (after the soft cap), and d(capped)/d(raw) for the backward."""
-    x = (h @ w.t() if b is None else torch.addmm(b, h, w.t())).float()
-    if not softcap:
-        return x, None
-    z = torch.tanh(x / softcap)
-    dz = 1.0 - z * z
-    return z.mul_(softcap), dz
+# ---- fake kernels of the tile ops (linear_losses/linear_ce_tiles_op.cpp) ------------------------
+
+@torch.library.register_fake("fastloss::linear_ce_tile_stats")
+def _fake_stats(hidden, weight, bias, target, class_weight, class_offset, softcap, weighted_sum,
+                tile_cols):
+    torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                 lambda: "hidden must be [N, D] and weight [V, D]")
+    return hidden.new_empty((hidden.shape[0], 3), dtype=torch.float32)
 
 
-class _VocabParallelCE(torch.autograd.Function):
+@torch.library.register_fake("fastloss::linear_ce_tile_grads")
+def _fake_grads(hidden, weight, bias, target, class_weight, class_offset, softcap, lse, coef,
+                smoothing, grad_mask, tile_cols):
+    torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                 lambda: "hidden must be [N, D] and weight [V, D]")
+    n, d = hidden.shape
+    v = weight.shape[0]
+    f32 = torch.float32
+    with_bias = grad_mask[2] and bias is not None
+    return (hidden.new_empty((n, d) if grad_mask[0] else (0,), dtype=f32),
+            weight.new_empty((v, d) if grad_mask[1] else (0,)),
+            hidden.new_empty((v,) if with_bias else (0,), dtype=bias.dtype if with_bias else f32))
+
+
+# ---- the loss over tiles of the vocabulary, on one process or over a group's shards -------------
+
+class TiledCrossEntropy(torch.autograd.Function):
+    """Cross-entropy of hidden @ weight.T + bias where weight holds the classes
+    [first, first + V_r) of a vocabulary of `total`: on one process (parallel=False: first = 0,
+    total = V_r) or as one rank's shard (parallel=True: statistics gathered over `group`).
+
+    forward(hidden [N, D], weight [V_r, D], bias [V_r] or None, target [N] int64,
+            class_weight [total] float32 or None, group, parallel, first, total, ignore_index,
+            reduction, label_smoothing, lse_square_scale, softcap (0: none), tile_cols)
+    """
+
     @staticmethod
-    def forward(ctx, hidden, weight, bias, target, class_weight, group, first, total, ignore_index,
-                reduction, smoothing, z_scale, softcap, block):
+    def forward(ctx, hidden, weight, bias, target, class_weight, group, parallel, first, total,
+                ignore_index, reduction, smoothing, z_scale, softcap, tile):
         n, v_r = hidden.shape[0], weight.shape[0]
-        dev = hidden.device
         valid = target != ignore_index
-        local_t = target - first
-        mine = valid & (local_t >= 0) & (local_t < v_r)
-        idx = local_t.clamp(0, max(v_r - 1, 0))  # gathered only where `mine`: no host sync
         w_local = class_weight[first:first + v_r] if class_weight is not None else None
-        stats = torch.zeros(n, 3, dtype=torch.float32, device=dev)  # lse_r, z_y (mine), sum w z
-        for r0 in range(0, n, block):
-            r1 = min(n, r0 + block)
-            z, _ = _block_logits(hidden[r0:r1], weight, bias, softcap)
-            stats[r0:r1, 0] = torch.logsumexp(z, dim=1)
-            stats[r0:r1, 1] = z.gather(1, idx[r0:r1, None]).squeeze(1) * mine[r0:r1]
-            if smoothing:
-                stats[r0:r1, 2] = (z @ w_local) if w_local is not None else z.sum(1)
-        every = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
-        dist.all_gather(every, stats, group=group)
-        every = torch.stack(every)                        # [world, N, 3]
-        lse = torch.logsumexp(every[:, :, 0], dim=0)
-        z_y = every[:, :, 1].sum(0)
-        sum_wz = every[:, :, 2].sum(0)
-
+        stats = torch.ops.fastloss.linear_ce_tile_stats(hidden, weight, bias, target, w_local,
+                                                        first, softcap, smoothing != 0, tile)
+        if parallel:
+            every = [torch.empty_like(stats) for _ in range(dist.get_world_size(group))]
+            dist.all_gather(every, stats, group=group)
+            every = torch.stack(every)                   # [world, N, 3]
+            lse = torch.logsumexp(every[:, :, 0], dim=0)
+            z_y, sum_wz = every[:, :, 1].sum(0), every[:, :, 2].sum(0)
+        else:
+            lse, z_y, sum_wz = stats.unbind(1)
         safe_t = torch.where(valid, target, 0)
         w_y = (class_weight[safe_t] if class_weight is not None
-               else torch.ones(n, device=dev)) * valid
-        w_total = class_weight.sum() if class_weight is not None else torch.tensor(float(total), device=dev)
+               else torch.ones(n, device=hidden.device)) * valid
+        w_total = (class_weight.sum() if class_weight is not None
+                   else torch.tensor(float(total), device=hidden.device))
         rows = w_y * ((1.0 - smoothing) * (lse - z_y) + z_scale * lse * lse)
         if smoothing:
             rows = rows + (smoothing / total) * (w_total * lse - sum_wz) * valid
-        if reduction == "none":
-            loss = rows
-            denom = None
-        elif reduction == "sum":
-            loss = rows.sum()
-            denom = None
-        else:
-            denom = w_y.sum()
-            loss = rows.sum() / denom
-        ctx.save_for_backward(hidden, weight, bias, target, class_weight, lse, w_y, denom)
-        ctx.args = (group, first, total, ignore_index, reduction, smoothing, z_scale, softcap,
-                    block, w_total)
+        denom = w_y.sum() if reduction == "mean" else None
+        loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
+        ctx.save_for_backward(hidden, weight, bias, target, w_local, lse, w_y, w_total, denom)
+        ctx.args = (group, parallel, first, total, ignore_index, reduction, smoothing, z_scale,
+                    softcap, tile)
         return loss.to(hidden.dtype)
 
     @staticmethod
     def backward(ctx, grad):
-        hidden, weight, bias, target, class_weight, lse, w_y, denom = ctx.saved_tensors
-        group, first, total, ignore_index, reduction, smoothing, z_scale, softcap, block, w_total = ctx.args
-        n, v_r = hidden.shape[0], weight.shape[0]
+        hidden, weight, bias, target, w_local, lse, w_y, w_total, denom = ctx.saved_tensors
+        group, parallel, first, total, ignore_index, reduction, smoothing, z_scale, softcap, tile = ctx.args
+        valid = target != ignore_index
         g = grad.float()
         if reduction == "mean":
             g = torch.where(denom != 0, g / denom, 0.0)
-        g = g.expand(n) if g.dim() == 0 else g            # d(total)/d(row loss)
+        g = g.expand(hidden.shape[0]) if g.dim() == 0 else g   # d(total)/d(row loss)
         # d(row)/d(z_k) = a p_k - (1-eps) w_y [k = y] - (eps/V) w_k, with p = softmax(z)
-        a = g * (w_y * (1.0 - smoothing + 2.0 * z_scale * lse) + (smoothing / total) * w_total
-                 * (target != ignore_index))
-        hit = g * w_y * (1.0 - smoothing)
-        local_t = target - first
-        mine = (target != ignore_index) & (local_t >= 0) & (local_t < v_r)
-        idx = local_t.clamp(0, max(v_r - 1, 0))
-        hit = hit * mine
-        w_local = class_weight[first:first + v_r] if class_weight is not None else None
-        need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        grad_h = torch.zeros_like(hidden) if need_h else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
-        grad_b = torch.zeros(v_r, dtype=torch.float32, device=weight.device) if need_b else None
-        for r0 in range(0, n, block):
-            r1 = min(n, r0 + block)
-            z, dz = _block_logits(hidden[r0:r1], weight, bias, softcap)
-            gz = z.sub_(lse[r0:r1, None]).exp_().mul_(a[r0:r1, None])
-            gz.scatter_add_(1, idx[r0:r1, None], -hit[r0:r1, None])
-            if smoothing:
-                step = (smoothing / total) * g[r0:r1, None] * (target[r0:r1, None] != ignore_index)
-                gz -= step * (w_local[None, :] if w_local is not None else 1.0)
-            if dz is not None:
-                gz.mul_(dz)
-            if need_h:
-                grad_h[r0:r1] = (gz.to(weight.dtype) @ weight).to(hidden.dtype)
-            if need_w:
-                grad_w.addmm_(gz.t(), hidden[r0:r1].float())
-            if need_b:
-                grad_b += gz.sum(0)
-        if need_h:  # hidden's gradient is the sum of every shard's part
-            dist.all_reduce(grad_h, group=group)
-        return (grad_h, grad_w.to(weight.dtype) if need_w else None,
-                grad_b.to(bias.dtype) if need_b else None) + (None,) * 11
+        a = g * (w_y * (1.0 - smoothing + 2.0 * z_scale * lse) + (smoothing / total) * w_total * valid)
+        coef = torch.stack([a, g * w_y * (1.0 - smoothing), (smoothing / total) * g * valid], 1)
+        need = list(ctx.needs_input_grad[:3])
+        need[2] = need[2] and bias is not None
+        gh, gw, gb = torch.ops.fastloss.linear_ce_tile_grads(
+            hidden, weight, bias, target, w_local, first, softcap, lse, coef, smoothing != 0,
+            need, tile)
+        if parallel and need[0]:  # hidden's gradient is the sum of every shard's part
+            dist.all_reduce(gh, group=group)
+        return (gh.to(hidden.dtype) if need[0] else None, gw if need[1] else None,
+                gb if need[2] else None) + (None,) * 12
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -159,7 +148,7 @@ def vocab_parallel_linear_cross_entropy(
         group: Optional[dist.ProcessGroup] = None, *, vocab_size: Optional[int] = None,
         class_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-        softcap: Optional[float] = None, block_rows: Optional[int] = None) -> Tensor:
+        softcap: Optional[float] = None, tile_cols: Optional[int] = None) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` with ``weight`` sharded along the classes.
 
     Args:
@@ -171,6 +160,8 @@ def vocab_parallel_linear_cross_entropy(
         group: the process group (default: the world).
         vocab_size: optional check that the shards add up to this many classes.
         class_weight: optional ``[V]`` weights of all the classes, the same on every rank.
+        tile_cols: classes per tile (None: as many as fit 8 MiB of float32 logits for all the
+            rows).
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
     Returns the same value on every rank; backward gives each rank its own shard's gradient
@@ -209,11 +200,9 @@ def vocab_parallel_linear_cross_entropy(
         i = int(bad.nonzero()[0])
         raise ValueError(f"{_FN}: target[{i}] = {int(t[i])} is not a class index in [0, {total}) "
                          f"nor ignore_index ({ignore_index})")
-    if block_rows is None:
-        block_rows = max(1, _DEFAULT_BLOCK_BYTES // max(1, 4 * weight_shard.shape[0]))
-    elif not (isinstance(block_rows, int) and block_rows > 0):
-        raise ValueError(f"{_FN}: block_rows must be a positive int or None, got {block_rows!r}")
+    if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
+        raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
     cw = class_weight.float() if class_weight is not None else None
-    out = _VocabParallelCE.apply(h, weight_shard, bias_shard, t, cw, group, first, total,
-                                 ignore_index, reduction, smoothing, z_scale, cap, block_rows)
+    out = TiledCrossEntropy.apply(h, weight_shard, bias_shard, t, cw, group, True, first, total,
+                                  ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0)
     return out.reshape(target.shape) if reduction == "none" else out

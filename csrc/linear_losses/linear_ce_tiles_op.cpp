@@ -1,0 +1,207 @@
+// Linear + cross-entropy by tiles of the vocabulary: every row at once, a few hundred classes at
+// a time, so that the extra memory is one [N, tile] float32 tile instead of a block of whole
+// rows. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
+//
+//   linear_ce_tile_stats -> [N, 3]: per row, the log-sum-exp of this weight's logits, the
+//     target's logit when the target is one of this weight's classes (else 0), and the
+//     class-weighted sum of the logits (label smoothing; 0 unless asked);
+//   linear_ce_tile_grads: d(loss)/d(z_k) = a p_k - hit [k = y] - smooth w_k with p = exp(z - lse)
+//     (a, hit, smooth per row from the caller in coef [N, 3]; the smooth term only when
+//     `smoothing`; w_k = 1 without class weights), pushed through the GEMMs into grad_hidden
+//     (float32), grad_weight and grad_bias.
+//
+// `weight` may be a slice of a larger vocabulary (a rank's shard): class_offset is the global
+// index of its first class, and class_weight holds that slice's weights. The caller (the
+// Python side, python/fastloss/ops/vocab_parallel.py) merges statistics across slices or ranks
+// and forms the coefficients. Softcap z = c tanh(x / c) is applied to the logits, and its
+// derivative to the gradient. Each tile of grad_weight is written once (every row is in the
+// tile), so no float32 accumulator is needed for it.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/logaddexp.h>
+#include <ATen/ops/logsumexp.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/mv.h>
+#include <ATen/ops/outer.h>
+#include <ATen/ops/where.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <array>
+#include <cstdint>
+#include <optional>
+
+namespace fastloss {
+namespace {
+
+using at::Tensor;
+using OptT = std::optional<Tensor>;
+
+constexpr const char* kOp = "linear_cross_entropy (vocabulary tiles)";
+
+struct TileInputs {
+  Tensor hidden, weight, bias, target, class_weight;
+  int64_t N = 0, D = 0, V = 0, tile = 0;
+};
+
+TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
+                 const Tensor& target, const OptT& class_weight, int64_t tile_cols) {
+  TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && weight.size(1) == hidden.size(1), kOp,
+              ": hidden must be [N, D] and weight [V, D], got ", hidden.sizes(), " and ",
+              weight.sizes());
+  const auto dt = hidden.scalar_type();
+  TORCH_CHECK(dt == at::kFloat || dt == at::kHalf || dt == at::kBFloat16, kOp,
+              ": hidden must be float32, float16 or bfloat16, got ", dt);
+  TORCH_CHECK(weight.scalar_type() == dt && (!bias.has_value() || bias->scalar_type() == dt), kOp,
+              ": weight and bias must have hidden's dtype ", dt);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0), kOp,
+              ": target must be [", hidden.size(0), "], got ", target.sizes());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == weight.size(0)), kOp,
+              ": bias must be [", weight.size(0), "]");
+  TORCH_CHECK(!class_weight.has_value() ||
+                  (class_weight->dim() == 1 && class_weight->size(0) == weight.size(0)),
+              kOp, ": class_weight must hold this weight's ", weight.size(0), " classes");
+  for (const Tensor* t : {&weight, &target})
+    TORCH_CHECK(t->device() == hidden.device(), kOp, ": every tensor must be on ",
+                hidden.device(), ", got one on ", t->device());
+  TileInputs in;
+  in.hidden = hidden;
+  in.weight = weight;
+  in.bias = bias.value_or(Tensor());
+  in.target = target.to(at::kLong);
+  if (class_weight.has_value()) in.class_weight = class_weight->to(at::kFloat).contiguous();
+  in.N = hidden.size(0);
+  in.D = hidden.size(1);
+  in.V = weight.size(0);
+  // Tile width: as many classes as fit 8 MiB of float32 logits for all the rows (at least 64).
+  const int64_t fit = (int64_t(8) << 20) / (4 * std::max<int64_t>(in.N, 1));
+  in.tile = std::max<int64_t>(1, std::min(in.V, tile_cols > 0 ? tile_cols : std::max<int64_t>(fit, 64)));
+  return in;
+}
+
+// The GEMM's output buffer for a float16/bfloat16 tile (none for float32: the GEMM writes the
+// float32 buffer directly).
+Tensor low_buffer(const TileInputs& in) {
+  return in.hidden.scalar_type() == at::kFloat ? Tensor()
+                                               : at::empty({in.N * in.tile}, in.hidden.options());
+}
+
+// The float32 logits of classes [c0, c0 + n) for every row, after the soft cap, in `buf`
+// (reused across tiles: no allocation per tile); `dz` receives d(capped)/d(raw) when capping.
+Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, Tensor& buf,
+                   Tensor& buf_low, Tensor* dz) {
+  const Tensor w = in.weight.narrow(0, c0, n);
+  const bool f32 = in.hidden.scalar_type() == at::kFloat;
+  Tensor z = buf.narrow(0, 0, in.N * n).view({in.N, n});
+  Tensor out = f32 ? z : buf_low.narrow(0, 0, in.N * n).view({in.N, n});
+  if (in.bias.defined())
+    at::addmm_out(out, in.bias.narrow(0, c0, n), in.hidden, w.t());
+  else
+    at::mm_out(out, in.hidden, w.t());
+  if (!f32) z.copy_(out);
+  if (softcap > 0) {
+    z.div_(softcap).tanh_();
+    if (dz != nullptr) *dz = z.mul(z).neg_().add_(1);
+    z.mul_(softcap);
+  }
+  return z;
+}
+
+Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const OptT& bias,
+                            const Tensor& target, const OptT& class_weight, int64_t class_offset,
+                            double softcap, bool weighted_sum, int64_t tile_cols) {
+  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols);
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  Tensor out = at::zeros({in.N, 3}, f32);
+  if (in.N == 0) return out;
+  Tensor lse = out.select(1, 0), z_y = out.select(1, 1), sum_wz = out.select(1, 2);
+  Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
+  for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
+    const int64_t n = std::min(in.tile, in.V - c0);
+    const Tensor z = tile_logits(in, c0, n, softcap, buf, buf_low, nullptr);
+    const Tensor tile_lse = at::logsumexp(z, {1});
+    if (c0 == 0)
+      lse.copy_(tile_lse);
+    else
+      lse.copy_(at::logaddexp(lse, tile_lse));
+    const Tensor local = in.target.sub(class_offset + c0);
+    const Tensor mine = local.ge(0).logical_and(local.lt(n));
+    z_y.add_(at::where(mine, z.gather(1, local.clamp(0, n - 1).unsqueeze(1)).squeeze(1), 0.0));
+    if (weighted_sum)
+      sum_wz.add_(in.class_weight.defined() ? at::mv(z, in.class_weight.narrow(0, c0, n)) : z.sum(1));
+  }
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
+    const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& target,
+    const OptT& class_weight, int64_t class_offset, double softcap, const Tensor& lse_in,
+    const Tensor& coef_in, bool smoothing, std::array<bool, 3> mask, int64_t tile_cols) {
+  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols);
+  TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == in.N && coef_in.dim() == 2 &&
+                  coef_in.size(0) == in.N && coef_in.size(1) == 3,
+              kOp, ": lse must be [N] and coef [N, 3]");
+  const auto f32 = hidden.options().dtype(at::kFloat);
+  const bool low = hidden.scalar_type() != at::kFloat;
+  if (!in.bias.defined()) mask[2] = false;
+  Tensor gh = mask[0] ? at::zeros({in.N, in.D}, f32) : at::empty({0}, f32);
+  Tensor gw = mask[1] ? at::empty({in.V, in.D}, weight.options()) : at::empty({0}, weight.options());
+  Tensor gb = mask[2] ? at::empty({in.V}, f32) : at::empty({0}, f32);
+  if (in.N == 0 || !(mask[0] || mask[1] || mask[2])) {
+    if (mask[1]) gw.zero_();
+    if (mask[2]) gb.zero_();
+    return {gh, gw, gb.to(in.bias.defined() ? in.bias.scalar_type() : at::kFloat)};
+  }
+  const Tensor lse = lse_in.to(at::kFloat).unsqueeze(1);
+  const Tensor coef = coef_in.to(at::kFloat);
+  const Tensor a = coef.select(1, 0).unsqueeze(1), hit = coef.select(1, 1),
+               smooth = coef.select(1, 2);
+  Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
+  for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
+    const int64_t n = std::min(in.tile, in.V - c0);
+    Tensor dz;
+    Tensor g = tile_logits(in, c0, n, softcap, buf, buf_low, softcap > 0 ? &dz : nullptr);
+    g.sub_(lse).exp_().mul_(a);  // a p_k
+    const Tensor local = in.target.sub(class_offset + c0);
+    const Tensor mine = local.ge(0).logical_and(local.lt(n));
+    g.scatter_add_(1, local.clamp(0, n - 1).unsqueeze(1), at::where(mine, -hit, 0.0).unsqueeze(1));
+    if (smoothing) {
+      if (in.class_weight.defined())
+        g.sub_(at::outer(smooth, in.class_weight.narrow(0, c0, n)));
+      else
+        g.sub_(smooth.unsqueeze(1));
+    }
+    if (dz.defined()) g.mul_(dz);
+    const Tensor w = in.weight.narrow(0, c0, n);
+    const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;
+    if (mask[0]) {
+      if (low)
+        gh.add_(at::mm(g_low, w));
+      else
+        gh.addmm_(g, w);
+    }
+    if (mask[1]) {
+      Tensor rows = gw.narrow(0, c0, n);
+      at::mm_out(rows, g_low.t(), in.hidden);
+    }
+    if (mask[2]) gb.narrow(0, c0, n).copy_(g.sum(0));
+  }
+  return {gh, gw, gb.to(in.bias.defined() ? in.bias.scalar_type() : at::kFloat)};
+}
+
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("linear_ce_tile_stats", &fastloss::linear_ce_tile_stats);
+  m.impl("linear_ce_tile_grads", &fastloss::linear_ce_tile_grads);
+}
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("linear_ce_tile_stats", &fastloss::linear_ce_tile_stats);
+  m.impl("linear_ce_tile_grads", &fastloss::linear_ce_tile_grads);
+}
+#endif
