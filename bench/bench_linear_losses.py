@@ -3,6 +3,7 @@
 One call = ``loss = f(hidden [N, D], weight [V, D], target [N])`` (reduction mean) and
 ``torch.autograd.grad(loss, (hidden, weight))``. Variants, same inputs, same run:
   * ``fastloss``: ``fastloss.ops.linear_cross_entropy`` (blocks of tokens, see its module);
+  * ``fastloss_low_memory``: the same with ``low_memory=True`` (tiles of the vocabulary);
   * ``eager``: ``F.cross_entropy(F.linear(hidden, weight), target)``, the baseline;
   * ``torch_lce``: ``F.linear_cross_entropy`` (torch's reference path);
   * ``torch_chunked``: ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``;
@@ -49,7 +50,7 @@ MEASURE_KW = {
                 slow_call_s=45.0),
     "cuda": dict(warmup=2, target_s=0.3, min_repeats=5, max_repeats=100, max_measure_s=5.0),
 }
-COLORS = {"eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
+COLORS = {"fastloss_low_memory": "#17becf", "eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
           "torch_compile": "#9467bd", "cut_cross_entropy": "#8c564b"}
 
 
@@ -80,6 +81,7 @@ def variants(cuda: bool):
     chunked = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
     out = {
         "fastloss": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t),
+        "fastloss_low_memory": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t, low_memory=True),
         "eager": eager,
         "torch_lce": (lambda h, w, t: F.linear_cross_entropy(h, w, t))
         if hasattr(F, "linear_cross_entropy") else "missing: torch has no F.linear_cross_entropy",
