@@ -492,8 +492,9 @@ _PEAK_SCRIPT = textwrap.dedent("""
                 return int(line.split()[1])
     open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from now
     before = kib("VmRSS:")
-    if mode == "fused":
-        fastloss.ops.linear_cross_entropy(h, w, t, block_rows=int(sys.argv[5])).backward()
+    if mode in ("fused", "tiles"):
+        fastloss.ops.linear_cross_entropy(h, w, t, block_rows=int(sys.argv[5]),
+                                          low_memory=mode == "tiles").backward()
     else:
         F.cross_entropy(F.linear(h, w), t).backward()
     print(json.dumps({"extra_bytes": (kib("VmHWM:") - before) * 1024}))
@@ -518,3 +519,7 @@ def test_peak_memory_is_bounded():
     eager = _peak_extra_bytes(n, d, v, "eager")
     assert eager > logits_bytes, f"the measurement missed the unfused logits: {eager} B"
     assert fused < bound, f"fused peak extra memory {fused} B > bound {bound} B"
+    # low_memory: one [N, tile] float32 tile (here 256 classes) instead of a block of rows
+    tiles = _peak_extra_bytes(n, d, v, "tiles", 256)
+    tile_bound = n * 256 * 4 + grads_bytes + (24 << 20)
+    assert tiles < tile_bound, f"low_memory peak extra memory {tiles} B > bound {tile_bound} B"
