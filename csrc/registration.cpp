@@ -92,4 +92,10 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("linear_ce_tile_grads(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? class_weight, int class_offset, float softcap, Tensor lse, Tensor coef, "
         "bool smoothing, bool[3] grad_mask, int tile_cols) -> (Tensor, Tensor, Tensor)");
+  // Depthwise dilated 1-D convolution (tcn/tcn_op.cpp): x [B, C, L] (channels-first or
+  // channels-last memory), weight [C, K], y[b, c, t] = bias[c] + sum_k w[c, k] x[b, c, t - pad + k d].
+  m.def("dilated_conv1d_forward(Tensor x, Tensor weight, Tensor? bias, int dilation, int pad) "
+        "-> Tensor");
+  m.def("dilated_conv1d_backward(Tensor grad_y, Tensor x, Tensor weight, int dilation, int pad, "
+        "bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -15,6 +15,7 @@ from .linear_losses import (
     linear_stablemax_cross_entropy,
 )
 from .vocab_parallel import vocab_parallel_linear_cross_entropy
+from .tcn import dilated_conv1d
 
 __all__ = [
     "cross_entropy",
@@ -28,4 +29,5 @@ __all__ = [
     "linear_spherical_z_loss",
     "linear_stablemax_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
+    "dilated_conv1d",
 ]

@@ -10,6 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
+from . import tcn
 
 __all__ = [
     "cross_entropy",
@@ -20,4 +21,5 @@ __all__ = [
     "stablemax",
     "stablemax_cross_entropy",
     "linear_loss",
+    "tcn",
 ]

@@ -1,0 +1,47 @@
+// Generic CPU depthwise dilated convolution (any CPU), and the run-time choice between it and
+// the AVX2 / AVX-512 instantiations.
+#include "../common/cpu_features.h"
+#define FL_ISA_VEC float  // this file's own entry points: generic::conv_forward, ...
+#include "tcn_cpu_impl.h"
+
+namespace fastloss {
+
+#define FASTLOSS_DECLARE_TCN_ISA(ns)                                                      \
+  namespace ns {                                                                          \
+  void conv_forward(const SeqView&, const ConvTaps&, void*, int64_t, int64_t);            \
+  void weight_grad(const SeqView&, const SeqView&, const ConvTaps&, float*, float*,       \
+                   int64_t, int64_t);                                                     \
+  }
+#if defined(FASTLOSS_HAVE_AVX2)
+FASTLOSS_DECLARE_TCN_ISA(avx2)
+#endif
+#if defined(FASTLOSS_HAVE_AVX512)
+FASTLOSS_DECLARE_TCN_ISA(avx512)
+#endif
+
+int64_t conv_work_items(const SeqView& x) { return x.B * (x.channels_last() ? x.L : x.C); }
+
+void conv_forward_cpu(const SeqView& x, const ConvTaps& taps, void* y, int64_t r0, int64_t r1) {
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (active_cpu_isa() == CpuIsa::avx512) return avx512::conv_forward(x, taps, y, r0, r1);
+#endif
+#if defined(FASTLOSS_HAVE_AVX2)
+  if (active_cpu_isa() == CpuIsa::avx2) return avx2::conv_forward(x, taps, y, r0, r1);
+#endif
+  generic::conv_forward(x, taps, y, r0, r1);
+}
+
+void conv_weight_grad_cpu(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
+                          float* grad_w, float* grad_b, int64_t c0, int64_t c1) {
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (active_cpu_isa() == CpuIsa::avx512)
+    return avx512::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
+#endif
+#if defined(FASTLOSS_HAVE_AVX2)
+  if (active_cpu_isa() == CpuIsa::avx2)
+    return avx2::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
+#endif
+  generic::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
+}
+
+}  // namespace fastloss

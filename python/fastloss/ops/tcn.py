@@ -1,0 +1,111 @@
+"""Dilated 1-D convolution for temporal convolution networks (TCNCA-style stacks).
+
+``dilated_conv1d(x, weight, bias, dilation, causal)`` with ``x`` ``[B, C, L]``:
+
+* depthwise ``weight [C, K]``: ``y[b, c, t] = bias[c] + sum_k weight[c, k] x[b, c, t - P + k d]``
+  with ``x`` zero outside ``[0, L)``; ``P = d (K - 1)`` when ``causal`` (output ``t`` sees
+  inputs up to ``t`` only), ``P = d (K - 1) // 2`` otherwise (centred; for even ``K`` one more
+  tap on the right, as ``padding="same"`` does). Output length ``L`` either way, whatever
+  ``L`` is against the receptive field ``d (K - 1) + 1`` (missing inputs are zeros).
+  On the CPU it runs fastloss's AVX2 / AVX-512 kernels (``csrc/tcn``), forward and backward,
+  on channels-first memory or on channels-last memory (``x = x_blc.transpose(1, 2)`` of a
+  contiguous ``[B, L, C]`` tensor: no copy, and the output comes back in the same layout).
+* full or grouped ``weight [C_out, C / groups, K]``: ``F.conv1d`` with the same padding
+  (no fastloss kernel yet).
+
+CUDA tensors take the ``F.conv1d`` path for now (the CUDA kernels are not written yet).
+float32, float16, bfloat16; float32 math inside the kernels.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+
+
+@torch.library.register_fake("fastloss::dilated_conv1d_forward")
+def _fake_forward(x, weight, bias, dilation, pad):
+    torch._check(x.dim() == 3, lambda: f"x must be 3-D [B, C, L], got {tuple(x.shape)}")
+    torch._check(weight.dim() == 2 and weight.shape[0] == x.shape[1],
+                 lambda: f"a depthwise weight must be [C, K] with C = {x.shape[1]}")
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastloss::dilated_conv1d_backward")
+def _fake_backward(grad_y, x, weight, dilation, pad, grad_mask):
+    return (torch.empty_like(x) if grad_mask[0] else x.new_empty((0,)),
+            weight.new_empty(weight.shape if grad_mask[1] else (0,)),
+            weight.new_empty((weight.shape[0],) if grad_mask[2] else (0,)))
+
+
+def _setup(ctx, inputs, output):
+    x, weight, bias, dilation, pad = inputs
+    ctx.save_for_backward(x, weight)
+    ctx.dilation, ctx.pad, ctx.has_bias = dilation, pad, bias is not None
+
+
+def _backward(ctx, grad_y):
+    x, weight = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.fastloss.dilated_conv1d_backward(grad_y, x, weight, ctx.dilation,
+                                                            ctx.pad, need)
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None, None, None)
+
+
+torch.library.register_autograd("fastloss::dilated_conv1d_forward", _backward, setup_context=_setup)
+
+
+def left_padding(kernel_size: int, dilation: int, causal: bool) -> int:
+    """P of the formula above: the inputs before t that output t sees."""
+    span = dilation * (kernel_size - 1)
+    return span if causal else span // 2
+
+
+def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation: int = 1,
+                   causal: bool = True, groups: Optional[int] = None) -> Tensor:
+    """Dilated convolution along the last axis of ``x [B, C, L]`` (see the module docstring).
+
+    Args:
+        weight: ``[C, K]`` (depthwise) or ``[C_out, C / groups, K]``.
+        bias: ``[C]`` (``[C_out]``) or None.
+        dilation: ``d >= 1``.
+        causal: left padding only (True) or centred.
+        groups: for a 3-D weight; None means ``C / weight.shape[1]``.
+    """
+    fn = "dilated_conv1d"
+    for name, t in (("x", x), ("weight", weight)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if x.dim() != 3:
+        raise ValueError(f"{fn}: x must be 3-D [B, C, L], got shape {tuple(x.shape)}")
+    if x.dtype not in _FLOATS:
+        raise ValueError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if not (isinstance(dilation, int) and dilation >= 1):
+        raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
+    if weight.dim() not in (2, 3) or weight.shape[-1] < 1:
+        raise ValueError(f"{fn}: weight must be [C, K] (depthwise) or [C_out, C / groups, K] "
+                         f"with K >= 1, got shape {tuple(weight.shape)}")
+    c, k = x.shape[1], weight.shape[-1]
+    if weight.dim() == 2 and weight.shape[0] != c:
+        raise ValueError(f"{fn}: a depthwise weight must be [C, K] with C = {c} (x's channels), "
+                         f"got shape {tuple(weight.shape)}")
+    out_channels = weight.shape[0]
+    if bias is not None and tuple(bias.shape) != (out_channels,):
+        raise ValueError(f"{fn}: bias must be [{out_channels}], got shape {tuple(bias.shape)}")
+    pad = left_padding(k, dilation, causal)
+    if weight.dim() == 2 and x.device.type == "cpu":
+        return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
+    if weight.dim() == 2:
+        w3, g = weight.unsqueeze(1), c
+    else:
+        g = groups if groups is not None else c // max(weight.shape[1], 1)
+        if weight.shape[1] * g != c or out_channels % g:
+            raise ValueError(f"{fn}: weight {tuple(weight.shape)} and groups={g} do not fit "
+                             f"{c} input channels")
+        w3 = weight
+    return F.conv1d(F.pad(x, (pad, dilation * (k - 1) - pad)), w3, bias, dilation=dilation, groups=g)

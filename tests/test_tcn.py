@@ -1,0 +1,165 @@
+"""The dilated convolution against its float64 reference (itself checked against F.conv1d),
+forward and backward: every CPU kernel path, dtype, memory layout, causal and centred, kernel
+sizes 1-16, dilations past the sequence length, awkward B/C/L; causality; grouped and full
+weights; opcheck, compile, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import ops
+from fastloss.reference import tcn as ref
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+
+
+def make(b, c, length, k, dtype, seed=0, bias=True, channels_last=False):
+    g = torch.Generator().manual_seed(seed * 1000 + b * 100 + c * 10 + length + k)
+    x = torch.randn(b, c, length, generator=g)
+    if channels_last:  # [B, L, C] memory seen as [B, C, L]
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    w = torch.randn(c, k, generator=g) / k ** 0.5
+    bb = torch.randn(c, generator=g) if bias else None
+    return x.to(dtype), w.to(dtype), None if bb is None else bb.to(dtype)
+
+
+def close(actual, expected, dtype, what):
+    tol = TOL[dtype]
+    mag = max(expected.abs().max().item() if expected.numel() else 1.0, 1.0)
+    torch.testing.assert_close(actual.double(), expected.double(), rtol=tol, atol=tol * mag,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def check(b, c, length, k, dilation, causal, dtype, channels_last=False, bias=True, seed=0):
+    x, w, bb = make(b, c, length, k, dtype, seed, bias, channels_last)
+    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, w, bb)]
+    y = ops.dilated_conv1d(leaves[0], leaves[1], leaves[2], dilation=dilation, causal=causal)
+    assert y.dtype == dtype and y.shape == x.shape
+    if channels_last and c > 1 and length > 1:
+        assert y.stride(1) == 1, "the output keeps the channels-last layout"
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
+    y.backward(g)
+    r_leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, bb)]
+    r = ref.dilated_conv1d(r_leaves[0], r_leaves[1], r_leaves[2], dilation, causal)
+    r.backward(g.double())
+    what = f"{b}x{c}x{length} K={k} d={dilation} causal={causal} {dtype} cl={channels_last}"
+    close(y, r, dtype, f"{what} y")
+    for name, a, e in zip(("x", "weight", "bias"), leaves, r_leaves):
+        if a is not None:
+            assert a.grad.dtype == dtype and a.grad.shape == a.shape
+            close(a.grad, e.grad, dtype, f"{what} grad_{name}")
+
+
+def test_reference_equals_conv1d():
+    x = torch.randn(3, 4, 50, dtype=torch.float64)
+    w = torch.randn(4, 5, dtype=torch.float64)
+    b = torch.randn(4, dtype=torch.float64)
+    for causal in (True, False):
+        for d in (1, 3):
+            span = d * 4
+            p = span if causal else span // 2
+            expected = F.conv1d(F.pad(x, (p, span - p)), w.unsqueeze(1), b, dilation=d, groups=4)
+            torch.testing.assert_close(ref.dilated_conv1d(x, w, b, d, causal), expected)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+@pytest.mark.parametrize("k,dilation", [(1, 1), (2, 1), (3, 4), (4, 9), (8, 2), (16, 3), (5, 60)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference(dtype, k, dilation, causal, channels_last, cpu_isa):
+    # channels past 2 vector widths plus a tail; L with a tail, shorter than some receptive fields
+    check(2, 37, 131, k, dilation, causal, dtype, channels_last)
+
+
+@pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 40), (3, 2, 1), (2, 5, 7), (1, 17, 300)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+def test_awkward_shapes(shape, channels_last, cpu_isa):
+    for bias in (True, False):
+        check(*shape, 3, 2, True, torch.float32, channels_last, bias=bias, seed=1)
+
+
+def test_strided_inputs():
+    x, w, b = make(4, 6, 80, 3, torch.float32, seed=2)
+    for view in (x[:, :, ::2], x[::2], x[:, 1:5]):
+        y = ops.dilated_conv1d(view, w[: view.shape[1]], b[: view.shape[1]], dilation=2)
+        r = ref.dilated_conv1d(view.double(), w[: view.shape[1]], b[: view.shape[1]], 2)
+        close(y, r, torch.float32, f"strided {tuple(view.stride())}")
+
+
+def test_causal_output_ignores_the_future():
+    x, w, b = make(2, 3, 64, 4, torch.float32, seed=3)
+    x.requires_grad_(True)
+    y = ops.dilated_conv1d(x, w, b, dilation=5, causal=True)
+    t0 = 30
+    y[:, :, t0].sum().backward()
+    assert (x.grad[:, :, t0 + 1:] == 0).all() and (x.grad[:, :, : t0 + 1] != 0).any()
+
+
+def test_grouped_and_full_weights():
+    x, w, b = make(2, 6, 50, 3, torch.float32, seed=4)
+    # a [C, 1, K] weight with groups = C is the depthwise convolution
+    y = ops.dilated_conv1d(x, w.unsqueeze(1), b, dilation=3, causal=False)
+    close(y, ref.dilated_conv1d(x, w, b, 3, False), torch.float32, "depthwise as grouped")
+    # full: each output channel sums depthwise convolutions of the input channels
+    wf = torch.randn(4, 6, 3)
+    y = ops.dilated_conv1d(x, wf, None, dilation=2)
+    expected = torch.stack([sum(ref.dilated_conv1d(x[:, i:i + 1], wf[o, i:i + 1], None, 2)[:, 0]
+                                for i in range(6)) for o in range(4)], 1)
+    close(y, expected, torch.float32, "full")
+    # grouped, 2 groups of 3 channels
+    wg = torch.randn(4, 3, 3)
+    y = ops.dilated_conv1d(x, wg, None, dilation=2, groups=2)
+    expected = torch.stack([sum(ref.dilated_conv1d(x[:, (o // 2) * 3 + i:(o // 2) * 3 + i + 1],
+                                                   wg[o, i:i + 1], None, 2)[:, 0]
+                                for i in range(3)) for o in range(4)], 1)
+    close(y, expected, torch.float32, "grouped")
+
+
+def test_opcheck():
+    for channels_last in (False, True):
+        x, w, b = make(2, 5, 33, 3, torch.float32, seed=6, channels_last=channels_last)
+        for bias in (b, None):
+            for pad in (0, 3, 6):
+                args = (x.clone().requires_grad_(True), w.clone().requires_grad_(True), bias, 3, pad)
+                torch.library.opcheck(torch.ops.fastloss.dilated_conv1d_forward.default, args)
+                torch.library.opcheck(torch.ops.fastloss.dilated_conv1d_backward.default,
+                                      (torch.randn(2, 5, 33), x, w, 3, pad, [True, True, True]))
+
+
+def test_torch_compile_fullgraph():
+    def f(x, w, b):
+        return ops.dilated_conv1d(torch.tanh(ops.dilated_conv1d(x, w, b, dilation=2)), w, None,
+                                  dilation=4, causal=False).square().sum()
+    compiled = torch.compile(f, fullgraph=True)
+    x, w, b = make(2, 4, 40, 3, torch.float32, seed=7)
+    grads = []
+    for fn in (compiled, f):
+        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
+        out = fn(*leaves)
+        out.backward()
+        grads.append((out, *[t.grad for t in leaves]))
+    for a, e in zip(*grads):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_errors_name_the_argument():
+    x, w, b = make(2, 4, 20, 3, torch.float32, seed=8)
+    cases = [
+        (lambda: ops.dilated_conv1d(x[0], w), "x must be 3-D"),
+        (lambda: ops.dilated_conv1d(x.int(), w), "x must be float32"),
+        (lambda: ops.dilated_conv1d(x, w[:3]), "depthwise weight must be [C, K] with C = 4"),
+        (lambda: ops.dilated_conv1d(x, w, dilation=0), "dilation must be an int >= 1"),
+        (lambda: ops.dilated_conv1d(x, w[:, :0]), "K >= 1"),
+        (lambda: ops.dilated_conv1d(x, w, b[:2]), "bias must be [4]"),
+        (lambda: ops.dilated_conv1d(x, w.double()), "weight is Double but x is Float"),
+        (lambda: ops.dilated_conv1d(x, torch.randn(4, 3, 3), groups=3), "do not fit 4 input channels"),
+        (lambda: torch.ops.fastloss.dilated_conv1d_forward(x, w, None, 2, 5), "padding must be in [0, 4]"),
+        (lambda: torch.ops.fastloss.dilated_conv1d_backward(x[:, :, :5], x, w, 1, 0, [True] * 3),
+         "grad_y must have x's shape"),
+    ]
+    for call, message in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
