@@ -25,15 +25,12 @@
 #include <string>
 #include <vector>
 
-#if defined(__linux__)
-#include <sys/mman.h>
-#endif
-
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "../common/huge_pages.h"
 #include "losses_kernels.h"
 #include "losses_op.h"
 
@@ -101,20 +98,6 @@ Inputs check_inputs(const char* op, const Tensor& logits_in, const Tensor& targe
   return in;
 }
 
-// A fresh [N, C] gradient is written once, and on Linux the first touch of each 4 KiB page
-// costs a fault and a zeroing: measured here, allocating and filling 512 MB took longer than
-// the backward kernel itself. Advising transparent huge pages for the untouched buffer (as
-// torch does for every allocation under THP_MEM_ALLOC_ENABLE=1) cuts the faults 512-fold.
-// Advice only: where THP is off it changes nothing.
-void advise_huge_pages(const Tensor& t) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
-  const auto begin = reinterpret_cast<uintptr_t>(t.data_ptr());
-  const uintptr_t first = (begin + kHuge - 1) & ~(kHuge - 1);
-  const uintptr_t last = (begin + t.nbytes()) & ~(kHuge - 1);
-  if (last > first) madvise(reinterpret_cast<void*>(first), last - first, MADV_HUGEPAGE);
-#endif
-}
 
 // Label-smoothed cross-entropy needs sum_k w_k; it stays on the device (no host sync). The
 // returned tensor must outlive the kernel launch.
@@ -193,7 +176,7 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
     grad_row_stride = in.view.row_stride;
   } else {
     grad = at::empty({N, C}, in.logits.options());
-    if (grad.is_cpu() && !std::getenv("FASTLOSS_NO_THP")) advise_huge_pages(grad);
+    if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
   }
   RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr(),
              grad_row_stride};

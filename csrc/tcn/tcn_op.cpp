@@ -14,6 +14,7 @@
 #include <cstdint>
 #include <optional>
 
+#include "../common/huge_pages.h"
 #include "tcn_kernels.h"
 
 namespace fastloss {
@@ -94,6 +95,7 @@ Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int
                    int64_t pad) {
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
+  advise_huge_pages(y.data_ptr(), y.nbytes());
   const SeqView xv = view_of(x);
   const Tensor taps = xv.channels_last() ? w32.t().contiguous() : w32;  // [K, C] or [C, K]
   ConvTaps p;
