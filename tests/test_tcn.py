@@ -163,3 +163,60 @@ def test_bad_input_errors_name_the_argument():
         with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
             call()
         assert message in str(info.value), (message, str(info.value))
+
+
+# ---- modules ------------------------------------------------------------------------------------
+
+import fastloss  # noqa: E402
+
+
+@pytest.mark.parametrize("kernel_size,base,depth", [(2, 2, 5), (3, 2, 4), (4, 3, 3), (1, 2, 2)])
+def test_tcn_streaming_equals_full_forward(kernel_size, base, depth):
+    torch.manual_seed(kernel_size * 10 + base)
+    tcn = fastloss.nn.TCN(7, depth=depth, kernel_size=kernel_size, base=base)
+    x = torch.randn(3, 7, 45)   # shorter than some receptive fields
+    with torch.no_grad():
+        full = tcn(x)
+        state = tcn.init_state(3)
+        steps = torch.stack([tcn.step(x[:, :, t], state)[0] for t in range(45)], -1)
+    torch.testing.assert_close(steps, full, rtol=1e-5, atol=1e-5)
+    assert state["t"] == 45
+
+
+def test_tcn_forward_is_the_residual_stack_of_the_reference():
+    torch.manual_seed(1)
+    tcn = fastloss.nn.TCN(5, depth=3, kernel_size=3, base=2, activation="relu")
+    x = torch.randn(2, 5, 30, dtype=torch.float32)
+    expected = x.double()
+    for level in tcn.levels:
+        h = ref.dilated_conv1d(expected, level.weight.detach().double(), level.bias.detach().double(),
+                               level.dilation, True)
+        expected = expected + torch.relu(h)
+    torch.testing.assert_close(tcn(x).double(), expected, rtol=1e-5, atol=1e-5)
+    assert tcn.receptive_field == 1 + 2 * (1 + 2 + 4)
+    y = tcn(x.transpose(1, 2).contiguous().transpose(1, 2))   # channels-last memory
+    torch.testing.assert_close(y.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_tcn_trains():
+    torch.manual_seed(2)
+    tcn = fastloss.nn.TCN(4, depth=2, kernel_size=2)
+    x = torch.randn(2, 4, 16)
+    tcn(x).square().mean().backward()
+    for p in tcn.parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and (p.grad != 0).any()
+
+
+def test_tcn_bad_state_and_arguments():
+    tcn = fastloss.nn.TCN(4, depth=2, kernel_size=3)
+    state = tcn.init_state(2)
+    with pytest.raises(ValueError, match=r"x_t must be \[B, 4\]"):
+        tcn.step(torch.randn(2, 5), state)
+    with pytest.raises(ValueError, match="buffer must be"):
+        tcn.step(torch.randn(3, 4), state)
+    with pytest.raises(ValueError, match="state must come from TCN.init_state"):
+        tcn.step(torch.randn(2, 4), {"buffers": []})
+    with pytest.raises(ValueError, match="activation must be one of"):
+        fastloss.nn.TCN(4, depth=2, activation="tanh")
+    with pytest.raises(ValueError, match="kernel_size and dilation must be >= 1"):
+        fastloss.nn.DilatedConv1d(4, 0)

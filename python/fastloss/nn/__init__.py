@@ -8,6 +8,7 @@ from .losses import (
     StableMaxCrossEntropyLoss,
 )
 from .linear_losses import LinearCrossEntropy
+from .tcn import TCN, DilatedConv1d
 
 __all__ = [
     "CrossEntropyLoss",
@@ -16,4 +17,6 @@ __all__ = [
     "SphericalZLoss",
     "StableMaxCrossEntropyLoss",
     "LinearCrossEntropy",
+    "DilatedConv1d",
+    "TCN",
 ]
