@@ -184,19 +184,7 @@ def main(argv=None):
         if cuda:
             torch.cuda.empty_cache()
 
-    res.finish()
-    print()
-    print(res.table(cols))
-    json_path = res.write_json()
-    tmp = os.path.join(args.out, name + ".json.tmp")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    harness.VARIANT_COLORS.update(COLORS)
-    try:
-        png_path = harness.plot(res, baseline="eager")
-    except ImportError as e:
-        png_path = f"(no PNG: {e})"
-    print(f"\nwall time {time.perf_counter() - t_start:.1f} s\nwrote {json_path}\nwrote {png_path}")
+    harness.finish_run(res, cols, baseline="eager", colors=COLORS, t_start=t_start)
     return 0
 
 

@@ -374,22 +374,7 @@ def main(argv=None):
             if cuda:
                 torch.cuda.empty_cache()
 
-    res.finish()
-    table = res.table(columns())
-    print()
-    print(table)
-    json_path = res.write_json()
-    tmp = os.path.join(args.out, name + ".json.tmp")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    try:
-        png_path = harness.plot(res)
-    except ImportError as e:  # e.g. a GPU machine without matplotlib: the JSON is what matters
-        png_path = f"(no PNG: {e}; redraw with python bench/harness.py plot {json_path})"
-    print(f"\nwall time {time.perf_counter() - t_start:.1f} s; other processes kept "
-          f"{100 * (res.busy_end or 0):.0f}% of the cores busy at the end "
-          f"(load average {harness.loadavg()})")
-    print(f"wrote {json_path}\nwrote {png_path}")
+    harness.finish_run(res, columns(), t_start=t_start)
     return 0
 
 

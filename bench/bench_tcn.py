@@ -131,19 +131,7 @@ def main(argv=None):
                 print(" | ".join(get(row) for _, get in cols), flush=True)
                 res.write_json(partial=True)
         del x, w, b, g
-    res.finish()
-    print()
-    print(res.table(cols))
-    json_path = res.write_json()
-    tmp = os.path.join(args.out, name + ".json.tmp")
-    if os.path.exists(tmp):
-        os.remove(tmp)
-    harness.VARIANT_COLORS.update(COLORS)
-    try:
-        png = harness.plot(res, baseline="torch_conv1d")
-    except ImportError as e:
-        png = f"(no PNG: {e})"
-    print(f"\nwall time {time.perf_counter() - t_start:.1f} s\nwrote {json_path}\nwrote {png}")
+    harness.finish_run(res, cols, baseline="torch_conv1d", colors=COLORS, t_start=t_start)
     return 0
 
 

@@ -625,6 +625,30 @@ class Results:
         return "\n".join(lines)
 
 
+def finish_run(results: "Results", columns, *, baseline: str = "eager_reference",
+               colors: Optional[dict] = None, t_start: Optional[float] = None) -> str:
+    """The end of a benchmark script: print the table, write ``<name>.json`` (removing the
+    partial ``.json.tmp``) and the PNG, and say where they are. Returns the JSON path."""
+    results.finish()
+    print()
+    print(results.table(columns))
+    json_path = results.write_json()
+    tmp = os.path.join(results.out_dir, results.name + ".json.tmp")
+    if os.path.exists(tmp):
+        os.remove(tmp)
+    VARIANT_COLORS.update(colors or {})
+    try:
+        png_path = plot(results, baseline=baseline)
+    except ImportError as e:  # e.g. a GPU machine without matplotlib: the JSON is what matters
+        png_path = f"(no PNG: {e}; redraw with python bench/harness.py plot {json_path})"
+    if t_start is not None:
+        print(f"\nwall time {time.perf_counter() - t_start:.1f} s; other processes kept "
+              f"{100 * (results.busy_end or 0):.0f}% of the cores busy at the end "
+              f"(load average {loadavg()})")
+    print(f"wrote {json_path}\nwrote {png_path}")
+    return json_path
+
+
 def _f(v: Optional[float], spec: str, suffix: str = "") -> str:
     return "-" if v is None else format(v, spec) + suffix
 

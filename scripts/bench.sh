@@ -2,9 +2,12 @@
 # Runs fastloss's benchmarks on a fresh machine, set-up free: makes a virtual environment
 # (.venv, or $FASTLOSS_VENV), installs torch from the package registry and the build tools,
 # builds and installs the extension with --no-build-isolation (scripts/setup_venv.sh, as
-# scripts/test.sh does), then runs bench/bench_losses.py; arguments are passed on
+# scripts/test.sh does), then runs every family's benchmark (bench/bench_losses.py,
+# bench_linear_losses.py, bench_tcn.py); arguments common to them are passed on
 # (--device cpu|cuda, --quick, --out DIR). Results: bench/results/*.json and *.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
-"$PY" bench/bench_losses.py "$@"
+for family in losses linear_losses tcn; do
+  "$PY" "bench/bench_$family.py" "$@"
+done
