@@ -98,4 +98,10 @@ TORCH_LIBRARY(fastloss, m) {
         "-> Tensor");
   m.def("dilated_conv1d_backward(Tensor grad_y, Tensor x, Tensor weight, int dilation, int pad, "
         "bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
+  // One TCN level fused: y = x + act(dilated_conv1d(x) + bias), act 0 none, 1 relu, 2 silu,
+  // 3 gelu (erf form). The backward recomputes the convolution instead of saving it.
+  m.def("tcn_level_forward(Tensor x, Tensor weight, Tensor? bias, int dilation, int pad, "
+        "int act) -> Tensor");
+  m.def("tcn_level_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, int dilation, "
+        "int pad, int act, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
 }

@@ -220,3 +220,46 @@ def test_tcn_bad_state_and_arguments():
         fastloss.nn.TCN(4, depth=2, activation="tanh")
     with pytest.raises(ValueError, match="kernel_size and dilation must be >= 1"):
         fastloss.nn.DilatedConv1d(4, 0)
+
+
+# ---- the fused level: x + act(conv(x) + b) -------------------------------------------------------
+
+def reference_level(x, w, b, dilation, activation, causal):
+    act = {None: lambda h: h, "relu": torch.relu, "silu": F.silu, "gelu": F.gelu}[activation]
+    return x + act(ref.dilated_conv1d(x, w, b, dilation, causal))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+def test_fused_level_matches_reference(causal, dtype, activation, channels_last, cpu_isa):
+    x, w, b = make(2, 19, 70, 3, dtype, seed=9, channels_last=channels_last)
+    leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+    y = ops.tcn_level(*leaves, dilation=4, activation=activation, causal=causal)
+    assert y.dtype == dtype and y.shape == x.shape
+    g = torch.randn(y.shape, generator=torch.Generator().manual_seed(10)).to(dtype)
+    y.backward(g)
+    r_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
+    r = reference_level(*r_leaves, 4, activation, causal)
+    r.backward(g.double())
+    what = f"level {activation} causal={causal} {dtype}"
+    close(y, r, dtype, what)
+    for name, a, e in zip(("x", "weight", "bias"), leaves, r_leaves):
+        close(a.grad, e.grad, dtype, f"{what} grad_{name}")
+
+
+def test_fused_level_without_bias_opcheck_and_compile():
+    x, w, _ = make(2, 5, 33, 4, torch.float32, seed=11)
+    for act in range(4):
+        torch.library.opcheck(torch.ops.fastloss.tcn_level_forward.default,
+                              (x.clone().requires_grad_(True), w.clone().requires_grad_(True), None, 2, 6, act))
+        torch.library.opcheck(torch.ops.fastloss.tcn_level_backward.default,
+                              (torch.randn(2, 5, 33), x, w, None, 2, 6, act, [True, True, False]))
+    tcn = fastloss.nn.TCN(5, depth=3, kernel_size=3)
+    compiled = torch.compile(tcn, fullgraph=True)
+    torch.testing.assert_close(compiled(x), tcn(x))
+    with pytest.raises(ValueError, match="activation must be one of"):
+        ops.tcn_level(x, w, activation="tanh")
+    with pytest.raises(RuntimeError, match="activation code must be 0"):
+        torch.ops.fastloss.tcn_level_forward(x, w, None, 1, 0, 7)

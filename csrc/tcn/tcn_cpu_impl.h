@@ -8,15 +8,26 @@
 
 #include "../common/storage.h"
 #include "../common/vec_scalar.h"
+#include "activations.h"
 #include "tcn_kernels.h"
 
 namespace fastloss {
 namespace FL_ISA {
 
+// The epilogue of ConvTaps on an output h, with `o` pointing at other[b, c, t] (or null).
+template <class V, class T>
+inline V finish(V h, const ConvTaps& p, const T* o) {
+  const Act act = Act(p.act);
+  if (p.mode == 1) return VecIo<V>::load(o) * act_derivative(h, act);
+  const V y = act_apply(h, act);
+  return o ? VecIo<V>::load(o) + y : y;
+}
+
 // Channels first: one (b, c) row. Outputs whose taps are all inside [0, L) (the interior)
 // go a vector at a time without bounds checks; the edges one at a time with them.
 template <class V, class T>
-void conv_row(const T* x, T* y, int64_t L, const float* w, float bias, const ConvTaps& p) {
+void conv_row(const T* x, T* y, const T* o, int64_t L, const float* w, float bias,
+              const ConvTaps& p) {
   constexpr int kW = VecTraits<V>::width;
   const int64_t K = p.K, d = p.dilation, pad = p.pad;
   const int64_t lo = std::min<int64_t>(pad, L);                          // first interior output
@@ -27,7 +38,7 @@ void conv_row(const T* x, T* y, int64_t L, const float* w, float bias, const Con
       const int64_t i = t - pad + k * d;
       if (i >= 0 && i < L) acc += w[k] * load1(x + i);
     }
-    store1(y + t, acc);
+    store1(y + t, finish<float>(acc, p, o ? o + t : o));
   };
   for (int64_t t = 0; t < lo; ++t) edge(t);
   int64_t t = lo;
@@ -35,15 +46,15 @@ void conv_row(const T* x, T* y, int64_t L, const float* w, float bias, const Con
     const T* xt = x + t - pad;
     V acc = V(bias);
     for (int64_t k = 0; k < K; ++k) acc = vfma(V(w[k]), VecIo<V>::load(xt + k * d), acc);
-    VecIo<V>::store(y + t, acc);
+    VecIo<V>::store(y + t, finish<V>(acc, p, o ? o + t : o));
   }
   for (; t < L; ++t) edge(t);
 }
 
 // Channels last: one (b, t) position, every channel; w is [K, C].
 template <class V, class T>
-void conv_position(const T* x_b, T* y_bt, int64_t t, const SeqView& xv, const float* w,
-                   const ConvTaps& p) {
+void conv_position(const T* x_b, T* y_bt, const T* o_bt, int64_t t, const SeqView& xv,
+                   const float* w, const ConvTaps& p) {
   constexpr int kW = VecTraits<V>::width;
   const int64_t C = xv.C;
   int64_t c = 0;
@@ -53,7 +64,7 @@ void conv_position(const T* x_b, T* y_bt, int64_t t, const SeqView& xv, const fl
       const int64_t i = t - p.pad + k * p.dilation;
       if (i >= 0 && i < xv.L) acc = vfma(VecIo<V>::load(w + k * C + c), VecIo<V>::load(x_b + i * xv.st + c), acc);
     }
-    VecIo<V>::store(y_bt + c, acc);
+    VecIo<V>::store(y_bt + c, finish<V>(acc, p, o_bt ? o_bt + c : o_bt));
   }
   for (; c < C; ++c) {
     float acc = p.bias ? p.bias[c] : 0.f;
@@ -61,7 +72,7 @@ void conv_position(const T* x_b, T* y_bt, int64_t t, const SeqView& xv, const fl
       const int64_t i = t - p.pad + k * p.dilation;
       if (i >= 0 && i < xv.L) acc += w[k * C + c] * load1(x_b + i * xv.st + c);
     }
-    store1(y_bt + c, acc);
+    store1(y_bt + c, finish<float>(acc, p, o_bt ? o_bt + c : o_bt));
   }
 }
 
@@ -69,14 +80,17 @@ template <class V, class T>
 void conv_forward_t(const SeqView& xv, const ConvTaps& p, void* y_out, int64_t r0, int64_t r1) {
   const T* x = static_cast<const T*>(xv.data);
   T* y = static_cast<T*>(y_out);
+  const T* o = static_cast<const T*>(p.other);
   for (int64_t r = r0; r < r1; ++r) {
     if (xv.channels_last()) {
       const int64_t b = r / xv.L, t = r % xv.L;
-      conv_position<V>(x + b * xv.sb, y + b * xv.sb + t * xv.st, t, xv, p.w, p);
+      const int64_t off = b * xv.sb + t * xv.st;
+      conv_position<V>(x + b * xv.sb, y + off, o ? o + off : o, t, xv, p.w, p);
     } else {
       const int64_t b = r / xv.C, c = r % xv.C;
       const int64_t off = b * xv.sb + c * xv.sc;
-      conv_row<V>(x + off, y + off, xv.L, p.w + c * p.K, p.bias ? p.bias[c] : 0.f, p);
+      conv_row<V>(x + off, y + off, o ? o + off : o, xv.L, p.w + c * p.K,
+                  p.bias ? p.bias[c] : 0.f, p);
     }
   }
 }

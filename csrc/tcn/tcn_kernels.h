@@ -20,11 +20,17 @@ struct SeqView {
   bool channels_last() const { return sc == 1 && st != 1; }
 };
 
-// The taps, float32: w[c * K + k] (c_major) or w[k * C + c] (channels last).
+// The taps, float32: w[c * K + k] (c_major) or w[k * C + c] (channels last), and what is
+// done with each output h = bias + sum_k w x (the epilogue):
+//   mode 0: y = act(h), plus other[b, c, t] when `other` is given (a residual);
+//   mode 1: y = other[b, c, t] * act'(h) (the gradient through the activation).
+// `other` has x's dtype and strides. act is an Act (activations.h).
 struct ConvTaps {
   const float* w = nullptr;
   const float* bias = nullptr;  // [C] or null
   int64_t K = 0, dilation = 1, pad = 0;
+  int act = 0, mode = 0;
+  const void* other = nullptr;
 };
 
 // Output rows of the forward: channels first, work item r is the row (b, c) = (r / C, r % C);

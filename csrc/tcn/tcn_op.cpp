@@ -90,9 +90,10 @@ void check(const Tensor& x, const Tensor& weight, const OptT& bias, int64_t dila
               "F.conv1d path of fastloss.ops.dilated_conv1d)");
 }
 
-// y = conv(x) with float32 taps `w` [C, K]; `y` has x's layout.
+// y = conv(x) with float32 taps `w` [C, K], then the epilogue (ConvTaps: act, mode, other
+// laid out as x); `y` has x's layout.
 Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int64_t dilation,
-                   int64_t pad) {
+                   int64_t pad, int act = 0, int mode = 0, const Tensor& other = Tensor()) {
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
   advise_huge_pages(y.data_ptr(), y.nbytes());
@@ -104,6 +105,9 @@ Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int
   p.K = w32.size(1);
   p.dilation = dilation;
   p.pad = pad;
+  p.act = act;
+  p.mode = mode;
+  p.other = other.defined() ? other.data_ptr() : nullptr;
   const int64_t per_item = xv.channels_last() ? xv.C : xv.L;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(per_item, 1));
   void* out = y.data_ptr();
@@ -121,6 +125,27 @@ Tensor dilated_conv1d_forward(const Tensor& x_in, const Tensor& weight, const Op
   return run_forward(x, w32, b32, dilation, pad);
 }
 
+// grad_w, grad_b (float32 [C, K], [C]) of a convolution of x whose output gradient is g.
+std::tuple<Tensor, Tensor> weight_grads(const Tensor& x, const Tensor& g, int64_t K,
+                                        int64_t dilation, int64_t pad, bool want_bias) {
+  const int64_t C = x.size(1);
+  Tensor gw32 = at::empty({C, K}, x.options().dtype(at::kFloat));
+  Tensor gb32 = at::empty({C}, x.options().dtype(at::kFloat));
+  if (x.numel() == 0) return {gw32.zero_(), gb32.zero_()};
+  const SeqView xv = view_of(x), gv = view_of(g);
+  ConvTaps p;
+  p.K = K;
+  p.dilation = dilation;
+  p.pad = pad;
+  float* gwp = gw32.data_ptr<float>();
+  float* gbp = want_bias ? gb32.data_ptr<float>() : nullptr;
+  const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(x.size(0) * x.size(2), 1));
+  at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
+    conv_weight_grad_cpu(xv, gv, p, gwp, gbp, c0, c1);
+  });
+  return {gw32, gb32};
+}
+
 // -> (grad_x, grad_weight, grad_bias), empty where grad_mask says no.
 std::tuple<Tensor, Tensor, Tensor> dilated_conv1d_backward(const Tensor& grad_y,
                                                            const Tensor& x_in,
@@ -133,30 +158,59 @@ std::tuple<Tensor, Tensor, Tensor> dilated_conv1d_backward(const Tensor& grad_y,
   const Tensor x = canonical(x_in);
   const Tensor g = same_layout(grad_y.to(x.scalar_type()), x);
   const Tensor w32 = weight.to(at::kFloat).contiguous();
-  const int64_t K = weight.size(1), C = x.size(1);
+  const int64_t K = weight.size(1);
   Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, weight.options()),
          gb = at::empty({0}, weight.options());
   if (grad_mask[0])  // the convolution of grad_y with the taps reversed
     gx = run_forward(g, w32.flip({1}).contiguous(), Tensor(), dilation, dilation * (K - 1) - pad);
   if (grad_mask[1] || grad_mask[2]) {
-    Tensor gw32 = at::empty({C, K}, x.options().dtype(at::kFloat));
-    Tensor gb32 = at::empty({C}, x.options().dtype(at::kFloat));
-    if (x.numel() == 0) {
-      gw32.zero_();
-      gb32.zero_();
-    } else {
-      const SeqView xv = view_of(x), gv = view_of(g);
-      ConvTaps p;
-      p.K = K;
-      p.dilation = dilation;
-      p.pad = pad;
-      float* gwp = gw32.data_ptr<float>();
-      float* gbp = grad_mask[2] ? gb32.data_ptr<float>() : nullptr;
-      const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(x.size(0) * x.size(2), 1));
-      at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
-        conv_weight_grad_cpu(xv, gv, p, gwp, gbp, c0, c1);
-      });
-    }
+    auto [gw32, gb32] = weight_grads(x, g, K, dilation, pad, grad_mask[2]);
+    if (grad_mask[1]) gw = gw32.to(weight.scalar_type());
+    if (grad_mask[2]) gb = gb32.to(weight.scalar_type());
+  }
+  return {gx, gw, gb};
+}
+
+// ---- the fused TCN level: y = x + act(conv(x) + bias) --------------------------------------------
+
+void check_act(int64_t act) {
+  TORCH_CHECK(act >= 0 && act <= 3, kOp, ": activation code must be 0 (none), 1 (relu), 2 (silu) "
+              "or 3 (gelu), got ", act);
+}
+
+Tensor tcn_level_forward(const Tensor& x_in, const Tensor& weight, const OptT& bias,
+                         int64_t dilation, int64_t pad, int64_t act) {
+  check(x_in, weight, bias, dilation, pad);
+  check_act(act);
+  const Tensor x = canonical(x_in);
+  const Tensor w32 = weight.to(at::kFloat).contiguous();
+  const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  return run_forward(x, w32, b32, dilation, pad, int(act), 0, x);
+}
+
+// Recomputes h = conv(x) + bias (memory-bound, cheaper than keeping it), then
+// g_h = grad_y * act'(h), grad_x = grad_y + conv^T(g_h), and the taps' gradients from g_h.
+std::tuple<Tensor, Tensor, Tensor> tcn_level_backward(const Tensor& grad_y, const Tensor& x_in,
+                                                      const Tensor& weight, const OptT& bias,
+                                                      int64_t dilation, int64_t pad, int64_t act,
+                                                      std::array<bool, 3> grad_mask) {
+  check(x_in, weight, bias, dilation, pad);
+  check_act(act);
+  TORCH_CHECK(grad_y.sizes() == x_in.sizes(), kOp, ": grad_y must have x's shape ", x_in.sizes(),
+              ", got ", grad_y.sizes());
+  const Tensor x = canonical(x_in);
+  const Tensor g = same_layout(grad_y.to(x.scalar_type()), x);
+  const Tensor w32 = weight.to(at::kFloat).contiguous();
+  const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  const int64_t K = weight.size(1);
+  const Tensor g_h = run_forward(x, w32, b32, dilation, pad, int(act), 1, g);
+  Tensor gx = at::empty({0}, x.options()), gw = at::empty({0}, weight.options()),
+         gb = at::empty({0}, weight.options());
+  if (grad_mask[0])
+    gx = run_forward(g_h, w32.flip({1}).contiguous(), Tensor(), dilation, dilation * (K - 1) - pad,
+                     0, 0, g);
+  if (grad_mask[1] || grad_mask[2]) {
+    auto [gw32, gb32] = weight_grads(x, g_h, K, dilation, pad, grad_mask[2]);
     if (grad_mask[1]) gw = gw32.to(weight.scalar_type());
     if (grad_mask[2]) gb = gb32.to(weight.scalar_type());
   }
@@ -169,4 +223,6 @@ std::tuple<Tensor, Tensor, Tensor> dilated_conv1d_backward(const Tensor& grad_y,
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("dilated_conv1d_forward", &fastloss::dilated_conv1d_forward);
   m.impl("dilated_conv1d_backward", &fastloss::dilated_conv1d_backward);
+  m.impl("tcn_level_forward", &fastloss::tcn_level_forward);
+  m.impl("tcn_level_backward", &fastloss::tcn_level_backward);
 }

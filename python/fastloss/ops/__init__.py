@@ -15,7 +15,7 @@ from .linear_losses import (
     linear_stablemax_cross_entropy,
 )
 from .vocab_parallel import vocab_parallel_linear_cross_entropy
-from .tcn import dilated_conv1d
+from .tcn import dilated_conv1d, tcn_level
 
 __all__ = [
     "cross_entropy",
@@ -30,4 +30,5 @@ __all__ = [
     "linear_stablemax_cross_entropy",
     "vocab_parallel_linear_cross_entropy",
     "dilated_conv1d",
+    "tcn_level",
 ]

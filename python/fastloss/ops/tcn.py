@@ -60,6 +60,40 @@ def _backward(ctx, grad_y):
 torch.library.register_autograd("fastloss::dilated_conv1d_forward", _backward, setup_context=_setup)
 
 
+@torch.library.register_fake("fastloss::tcn_level_forward")
+def _fake_level(x, weight, bias, dilation, pad, act):
+    _fake_forward(x, weight, bias, dilation, pad)
+    return torch.empty_like(x)
+
+
+@torch.library.register_fake("fastloss::tcn_level_backward")
+def _fake_level_backward(grad_y, x, weight, bias, dilation, pad, act, grad_mask):
+    return _fake_backward(grad_y, x, weight, dilation, pad, grad_mask)
+
+
+def _setup_level(ctx, inputs, output):
+    x, weight, bias, dilation, pad, act = inputs
+    ctx.save_for_backward(x, weight, bias)
+    ctx.dilation, ctx.pad, ctx.act = dilation, pad, act
+
+
+def _backward_level(ctx, grad_y):
+    x, weight, bias = ctx.saved_tensors
+    need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[2]]
+    gx, gw, gb = torch.ops.fastloss.tcn_level_backward(grad_y, x, weight, bias, ctx.dilation,
+                                                       ctx.pad, ctx.act, need)
+    return (gx if need[0] else None, gw if need[1] else None, gb if need[2] else None,
+            None, None, None)
+
+
+torch.library.register_autograd("fastloss::tcn_level_forward", _backward_level,
+                                setup_context=_setup_level)
+
+# activation name -> (kernel code, the same function in torch)
+ACTIVATIONS = {None: (0, lambda h: h), "relu": (1, F.relu), "silu": (2, F.silu), "gelu": (3, F.gelu)}
+
+
 def left_padding(kernel_size: int, dilation: int, causal: bool) -> int:
     """P of the formula above: the inputs before t that output t sees."""
     span = dilation * (kernel_size - 1)
@@ -109,3 +143,26 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
                              f"{c} input channels")
         w3 = weight
     return F.conv1d(F.pad(x, (pad, dilation * (k - 1) - pad)), w3, bias, dilation=dilation, groups=g)
+
+
+def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation: int = 1,
+              activation: Optional[str] = "gelu", causal: bool = True) -> Tensor:
+    """One TCN level, ``x + act(dilated_conv1d(x, weight, bias, dilation, causal))``, fused on
+    the CPU for depthwise weights: one pass over ``x`` forward, and a backward that recomputes
+    the convolution instead of keeping its output and the activation's (only ``x`` is saved).
+    ``activation``: ``"gelu"`` (the erf form, as ``F.gelu``), ``"relu"``, ``"silu"`` or None.
+    Elsewhere (CUDA, full or grouped weights) the same composition of torch operations.
+    """
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"tcn_level: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    code, act = ACTIVATIONS[activation]
+    fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
+             and weight.dim() == 2 and x.device.type == "cpu" and x.dtype in _FLOATS
+             and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
+             and isinstance(dilation, int) and dilation >= 1)
+    if not fused:
+        return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
+    if bias is not None and tuple(bias.shape) != (x.shape[1],):
+        raise ValueError(f"tcn_level: bias must be [{x.shape[1]}], got shape {tuple(bias.shape)}")
+    pad = left_padding(weight.shape[1], dilation, causal)
+    return torch.ops.fastloss.tcn_level_forward(x, weight, bias, dilation, pad, code)
