@@ -8,6 +8,10 @@ Variants, same inputs, same run:
     the receptive field's length (the MEGA-style path TCNCA replaces);
   * ``pytorch_tcn`` where it can be imported.
 
+At 4 x 256 x 65536 also one TCN level, ``x + gelu(conv(x) + b)``: ``fastloss``
+(``fastloss.ops.tcn_level``, fused), ``fastloss_unfused`` (fastloss's convolution, torch's GELU
+and add) and ``torch_conv1d`` (all torch).
+
 One call = ``y = f(x, w, b)`` (``fwd``) or that and ``torch.autograd.grad(y, (x, w, b), g)``
 (``fwd+bwd``). Floors (bytes that must move, e = bytes per element, n = B*C*L): forward reads
 x and writes y (2 n e); backward reads grad_y and x and writes grad_x (3 n e); against the
@@ -40,7 +44,8 @@ SHAPES = {
 QUICK = [(2, 64, 4096, 4, 16)]
 MEASURE_KW = {"cpu": dict(warmup=1, target_s=0.6, min_repeats=3, max_repeats=20, max_measure_s=20.0),
               "cuda": dict(warmup=2, target_s=0.3, min_repeats=10, max_repeats=200, max_measure_s=5.0)}
-COLORS = {"torch_conv1d": "#ff7f0e", "fft": "#9467bd", "pytorch_tcn": "#2ca02c"}
+COLORS = {"torch_conv1d": "#ff7f0e", "fft": "#9467bd", "pytorch_tcn": "#2ca02c",
+          "fastloss_unfused": "#17becf"}
 
 
 def conv1d(x, w, b, d):
@@ -89,8 +94,14 @@ def main(argv=None):
     res = harness.Results(name, device, args.out, bandwidth=bw, notes=notes)
     res.title = "fastloss dilated_conv1d (depthwise, causal)"
     tcn_reason = pytorch_tcn()
-    variants = {"fastloss": lambda x, w, b, d: fastloss.ops.dilated_conv1d(x, w, b, dilation=d),
-                "torch_conv1d": conv1d, "fft": fft_conv, "pytorch_tcn": tcn_reason}
+    conv_variants = {"fastloss": lambda x, w, b, d: fastloss.ops.dilated_conv1d(x, w, b, dilation=d),
+                     "torch_conv1d": conv1d, "fft": fft_conv, "pytorch_tcn": tcn_reason}
+    # one TCN level, x + gelu(conv(x) + b): fused, the same from fastloss's convolution and
+    # torch's GELU and add, and all torch
+    level_variants = {
+        "fastloss": lambda x, w, b, d: fastloss.ops.tcn_level(x, w, b, dilation=d),
+        "fastloss_unfused": lambda x, w, b, d: x + F.gelu(fastloss.ops.dilated_conv1d(x, w, b, dilation=d)),
+        "torch_conv1d": lambda x, w, b, d: x + F.gelu(conv1d(x, w, b, d))}
     cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
                                                 if c[0] not in ("op", "shape", "dtype", "vs torch")]
     cols = [c if c[0] != "vs eager" else ("vs conv1d", lambda r: harness._f(
@@ -105,12 +116,15 @@ def main(argv=None):
         b = torch.randn(C, device=device, generator=gen).requires_grad_(True)
         g = torch.randn(B, C, L, device=device, generator=gen)
         n_bytes = x.numel() * 4
-        for mode in ("fwd", "fwd+bwd"):
-            group = f"{mode}|{B}x{C}x{L}|K{K}d{d}"
-            label = f"{mode} {B}x{C}x{L} K={K} d={d}"
+        cases = [("dilated_conv1d", conv_variants, mode) for mode in ("fwd", "fwd+bwd")]
+        if (B, C, L) == (4, 256, 65536):
+            cases += [("tcn_level", level_variants, mode) for mode in ("fwd", "fwd+bwd")]
+        for op, variants, mode in cases:
+            group = f"{op}|{mode}|{B}x{C}x{L}|K{K}d{d}"
+            label = f"{'level ' if op == 'tcn_level' else ''}{mode} {B}x{C}x{L} K={K} d={d}"
             floor = {"min": (2 if mode == "fwd" else 5) * n_bytes}
             for variant, fn in variants.items():
-                base = dict(op="dilated_conv1d", variant=variant, group=group, label=label,
+                base = dict(op=op, variant=variant, group=group, label=label,
                             shape=[B, C, L], dtype=torch.float32, kernel_size=K, dilation=d,
                             mode=mode, floor_bytes=floor)
                 if isinstance(fn, str):
