@@ -104,4 +104,9 @@ TORCH_LIBRARY(fastloss, m) {
         "int act) -> Tensor");
   m.def("tcn_level_backward(Tensor grad_y, Tensor x, Tensor weight, Tensor? bias, int dilation, "
         "int pad, int act, bool[3] grad_mask) -> (Tensor, Tensor, Tensor)");
+  // Mann-Whitney (AUC) loss (pair_losses/pair_losses_op.cpp): per query, the mean over the
+  // P x N pairs of softplus(neg_j - pos_i), and (compute_grad) its gradients, without storing
+  // the pairs. -> (loss [B] float32, grad_pos [B, P] float32, grad_neg [B, N] float32)
+  m.def("mw_auc_forward(Tensor scores_pos, Tensor scores_neg, bool compute_grad) "
+        "-> (Tensor, Tensor, Tensor)");
 }

@@ -16,6 +16,7 @@ from .linear_losses import (
 )
 from .vocab_parallel import vocab_parallel_linear_cross_entropy
 from .tcn import dilated_conv1d, tcn_level
+from .pair_losses import mw_auc_loss
 
 __all__ = [
     "cross_entropy",
@@ -31,4 +32,5 @@ __all__ = [
     "vocab_parallel_linear_cross_entropy",
     "dilated_conv1d",
     "tcn_level",
+    "mw_auc_loss",
 ]

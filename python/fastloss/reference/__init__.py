@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import tcn
+from . import pair_losses, tcn
 
 __all__ = [
     "cross_entropy",
@@ -22,4 +22,5 @@ __all__ = [
     "stablemax_cross_entropy",
     "linear_loss",
     "tcn",
+    "pair_losses",
 ]

@@ -1,0 +1,139 @@
+"""The Mann-Whitney (AUC) loss against its float64 reference (itself checked against
+F.binary_cross_entropy_with_logits over the pair matrix): loss and both gradients, every CPU
+kernel path and dtype, one query and many, sizes around the vector widths and the 256-positive
+work blocks, extreme scores; opcheck, compile, no_grad, bad input, and that the pair matrix is
+never built (peak memory)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import ops
+from fastloss.reference import pair_losses as ref
+
+TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def make(shape_pos, shape_neg, dtype, seed=0, scale=2.0):
+    g = torch.Generator().manual_seed(seed + sum(shape_pos) * 7 + sum(shape_neg))
+    pos = (torch.randn(*shape_pos, generator=g) * scale + 0.5).to(dtype)
+    neg = (torch.randn(*shape_neg, generator=g) * scale).to(dtype)
+    return pos, neg
+
+
+def check(pos, neg, reduction, what):
+    dtype = pos.dtype
+    p, n = pos.detach().requires_grad_(True), neg.detach().requires_grad_(True)
+    out = ops.mw_auc_loss(p, n, reduction)
+    p64, n64 = pos.detach().double().requires_grad_(True), neg.detach().double().requires_grad_(True)
+    exp = ref.mw_auc_loss(p64, n64, reduction)
+    assert out.dtype == dtype and out.shape == exp.shape, what
+    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    out.backward(up.to(dtype))
+    exp.backward(up.to(dtype).double())
+    tol = TOL[dtype]
+    for name, a, e in (("loss", out, exp), ("grad_pos", p.grad, p64.grad), ("grad_neg", n.grad, n64.grad)):
+        mag = max(e.abs().max().item(), 1e-3)
+        torch.testing.assert_close(a.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_reference_is_bce_over_the_pairs():
+    pos, neg = make((4, 9), (4, 13), torch.float64, seed=1)
+    diff = pos[:, :, None] - neg[:, None, :]
+    expected = F.binary_cross_entropy_with_logits(diff, torch.ones_like(diff), reduction="none").mean((1, 2))
+    torch.testing.assert_close(ref.mw_auc_loss(pos, neg, "none"), expected)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("sizes", [(1, 1), (1, 7), (7, 1), (3, 17), (255, 33), (256, 16), (257, 5), (600, 40)],
+                         ids=lambda s: f"P{s[0]}N{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_matches_reference(dtype, sizes, reduction, cpu_isa):
+    p, n = sizes
+    check(*make((p,), (n,), dtype), reduction, f"one query {sizes} {dtype}")
+    check(*make((3, p), (3, n), dtype, seed=2), reduction, f"3 queries {sizes} {dtype}")
+
+
+def test_strided_and_extreme_scores():
+    pos, neg = make((4, 50), (4, 31), torch.float32, seed=4)
+    check(pos.t().contiguous().t(), neg[:, ::1], "mean", "column-major pos")
+    check(torch.cat([pos, pos], 1)[:, ::2], neg, "mean", "strided columns")
+    big = torch.tensor([[1e4, -1e4, 0.0, 30.0]]), torch.tensor([[-1e4, 1e4, 0.5]])
+    out = ops.mw_auc_loss(*big, "none")
+    assert torch.isfinite(out).all()
+    check(*big, "mean", "extreme scores")
+
+
+def test_no_grad_and_opcheck_and_compile():
+    pos, neg = make((3, 40), (3, 20), torch.float32, seed=5)
+    with torch.no_grad():
+        a = ops.mw_auc_loss(pos.requires_grad_(True), neg)
+    torch.testing.assert_close(a.double(), ref.mw_auc_loss(pos.detach().double(), neg.double()),
+                               rtol=1e-5, atol=1e-6)
+    for compute_grad in (True, False):
+        torch.library.opcheck(torch.ops.fastloss.mw_auc_forward.default,
+                              (pos.detach().clone().requires_grad_(compute_grad), neg, compute_grad))
+    f = lambda p, n: ops.mw_auc_loss(p, n) * 2 + ops.mw_auc_loss(n, p, "sum")  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (compiled, f):
+        p, n = pos.detach().clone().requires_grad_(True), neg.detach().clone().requires_grad_(True)
+        out = fn(p, n)
+        out.backward()
+        results.append((out, p.grad, n.grad))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_errors_name_the_argument():
+    pos, neg = make((3, 4), (3, 5), torch.float32)
+    cases = [
+        (lambda: ops.mw_auc_loss(pos, neg[:2]), "must be [P] and [N], or [B, P] and [B, N]"),
+        (lambda: ops.mw_auc_loss(pos, neg.double()), "scores_neg must be float32"),
+        (lambda: ops.mw_auc_loss(pos.int(), neg), "scores_pos must be float32"),
+        (lambda: ops.mw_auc_loss(pos, neg.half()), "scores_pos is Float but scores_neg is Half"),
+        (lambda: ops.mw_auc_loss(pos[:, :0], neg), "at least one positive and one negative"),
+        (lambda: ops.mw_auc_loss(pos, neg, "avg"), "reduction must be"),
+        (lambda: ops.mw_auc_loss(pos.tolist(), neg), "scores_pos must be a Tensor"),
+    ]
+    for call, message in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
+_PEAK = textwrap.dedent("""
+    import json, sys, torch, fastloss
+    from fastloss.reference import pair_losses as ref
+    torch.set_num_threads(1)
+    p = torch.randn(1, 4096).requires_grad_(True)
+    n = torch.randn(1, 4096).requires_grad_(True)
+    f = fastloss.ops.mw_auc_loss if sys.argv[1] == "fused" else (
+        lambda a, b: ref.mw_auc_loss(a, b, compute_dtype=None))
+    f(p[:, :8], n[:, :8]).backward()   # warm up
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kib("VmRSS:")
+    f(p, n).backward()
+    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+def test_pair_matrix_is_never_built():
+    def extra(mode):
+        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    pairs_bytes = 4096 * 4096 * 4  # 64 MiB of float32 pairs
+    assert extra("eager") > pairs_bytes, "the measurement missed the eager pair matrix"
+    assert extra("fused") < 8 << 20
