@@ -1,0 +1,82 @@
+"""Benchmark of the pair-based losses: the Mann-Whitney (AUC) loss, forward + backward.
+
+Variants, same inputs, same run: ``fastloss`` (``fastloss.ops.mw_auc_loss``, the pairs never
+stored) and ``eager_reference`` (``fastloss.reference.pair_losses.mw_auc_loss`` in the input
+dtype: the ``[B, P, N]`` pair matrix built by broadcasting, as one would write it in PyTorch).
+One call = loss (reduction mean) + ``torch.autograd.grad(loss, (pos, neg))``. The work is
+``B P N`` pairs (one exp, one log and one division each); the rate is reported as pairs/s.
+
+Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import fastloss  # noqa: E402
+from fastloss.reference import pair_losses as R  # noqa: E402
+
+SHAPES = [(1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (256, 256, 256), (1024, 64, 512)]
+QUICK = [(1, 512, 512), (16, 64, 128)]
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if fastloss.cuda_available() else "cpu")
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
+    args = ap.parse_args(argv)
+    device = args.device
+    name = f"pair_losses_{device}" + ("_quick" if args.quick else "")
+    t_start = time.perf_counter()
+    res = harness.Results(name, device, args.out, notes=[
+        "time = mw_auc_loss(pos, neg) (reduction mean) + torch.autograd.grad(loss, (pos, neg)); median",
+        "Gpairs_per_s = B*P*N / median time",
+        "CUDA tensors run the eager formula in fastloss too (no CUDA kernel yet)"])
+    res.title = "fastloss mw_auc_loss, forward + backward"
+    cols = [("B x P x N", lambda r: "x".join(map(str, r["shape"]))), ("variant", lambda r: r["variant"]),
+            ("median ms", lambda r: harness._f(r.get("median_ms"), ".2f")),
+            ("n", lambda r: str(r.get("samples", "-"))),
+            ("Gpairs/s", lambda r: harness._f(r.get("Gpairs_per_s"), ".3f")),
+            ("peak mem", lambda r: harness.fmt_bytes(r.get("peak_extra_mem_bytes"))),
+            ("vs eager", lambda r: harness._f(r.get("speedup_vs", {}).get("eager_reference"), ".2f", "x")),
+            ("status", lambda r: r["status"] if r["status"] == "ok" else r.get("reason", "")[:60])]
+    print(f"# {name}: {res.env['device_name']}, {res.env['threads']} threads, torch "
+          f"{res.env['torch']}, commit {res.env['git_commit']}")
+    print(" | ".join(c for c, _ in cols), flush=True)
+    variants = {"fastloss": fastloss.ops.mw_auc_loss,
+                "eager_reference": lambda p, n: R.mw_auc_loss(p, n, compute_dtype=None)}
+    for (b, p, n) in QUICK if args.quick else SHAPES:
+        gen = torch.Generator(device=device).manual_seed(b + p + n)
+        pos = torch.randn(b, p, device=device, generator=gen).requires_grad_(True)
+        neg = torch.randn(b, n, device=device, generator=gen).requires_grad_(True)
+        for variant, fn in variants.items():
+            def call(_inp, fn=fn):
+                loss = fn(pos, neg)
+                torch.autograd.grad(loss, (pos, neg))
+                return loss.detach()
+            base = dict(op="mw_auc_loss", variant=variant, group=f"auc|{b}x{p}x{n}",
+                        label=f"{b}x{p}x{n}", shape=[b, p, n], dtype=torch.float32)
+            try:
+                timing = harness.measure(call, [None], device, warmup=2, target_s=1.0,
+                                         min_repeats=3, max_repeats=20, max_measure_s=20.0)
+                row = res.add(timing=timing, Gpairs_per_s=b * p * n / (timing["median_ms"] / 1e3) / 1e9, **base)
+            except Exception as e:  # e.g. the eager pair matrix does not fit
+                row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
+            print(" | ".join(get(row) for _, get in cols), flush=True)
+            res.write_json(partial=True)
+    harness.finish_run(res, cols, t_start=t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
