@@ -109,4 +109,10 @@ TORCH_LIBRARY(fastloss, m) {
   // the pairs. -> (loss [B] float32, grad_pos [B, P] float32, grad_neg [B, N] float32)
   m.def("mw_auc_forward(Tensor scores_pos, Tensor scores_neg, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
+  // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
+  // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
+  m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "
+        "-> (Tensor, Tensor)");
+  m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
+        "float temperature, float beta) -> Tensor");
 }

@@ -17,6 +17,7 @@ from .linear_losses import (
 from .vocab_parallel import vocab_parallel_linear_cross_entropy
 from .tcn import dilated_conv1d, tcn_level
 from .pair_losses import mw_auc_loss
+from .distill import kd_loss
 
 __all__ = [
     "cross_entropy",
@@ -33,4 +34,5 @@ __all__ = [
     "dilated_conv1d",
     "tcn_level",
     "mw_auc_loss",
+    "kd_loss",
 ]

@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import pair_losses, tcn
+from . import distill, pair_losses, tcn
 
 __all__ = [
     "cross_entropy",
@@ -23,4 +23,5 @@ __all__ = [
     "linear_loss",
     "tcn",
     "pair_losses",
+    "distill",
 ]

@@ -1,0 +1,113 @@
+"""The distillation losses against their float64 references (the forward KL also against
+F.kl_div): loss and the student's gradient, every CPU kernel path, dtype, kind and reduction,
+awkward sizes, strided and extreme logits; opcheck, compile, no teacher gradient, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import ops
+from fastloss.reference import distill as ref
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+KINDS = ["forward_kl", "reverse_kl", "jsd"]
+
+
+def make(n, c, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed * 977 + n * 31 + c)
+    s = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    t = (torch.randn(n, c, generator=g) * scale + 0.3 * s.float()).to(dtype)
+    return s, t
+
+
+def check(student, teacher, T, kind, beta, reduction, what):
+    dtype = student.dtype
+    s = student.detach().requires_grad_(True)
+    out = ops.kd_loss(s, teacher, T, kind, beta, reduction)
+    s64 = student.detach().double().requires_grad_(True)
+    exp = ref.kd_loss(s64, teacher.double(), T, kind, beta, reduction)
+    assert out.dtype == dtype and out.shape == exp.shape, what
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    out.backward(up.to(dtype))
+    exp.backward(up.to(dtype).double())
+    tol = TOL[dtype]
+    for name, a, e in (("loss", out, exp), ("grad", s.grad, s64.grad)):
+        # floor 1e-2: a divergence near 0 (one class, or p ~ q) is a difference of O(1) terms
+        # (log-sum-exps of the scaled logits), rounded in float32 to ~1e-7 absolute
+        mag = max(e.abs().max().item(), 1e-2)
+        torch.testing.assert_close(a.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (4, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_matches_reference(kind, dtype, shape, reduction, cpu_isa):
+    check(*make(*shape, dtype), 2.0, kind, 0.3, reduction, f"{kind} {shape} {dtype}")
+
+
+@pytest.mark.parametrize("T", [0.5, 1.0, 4.0])
+def test_forward_kl_equals_kl_div_batchmean(T):
+    s, t = make(6, 50, torch.float64, seed=1)
+    expected = F.kl_div(F.log_softmax(s / T, -1), F.log_softmax(t / T, -1), log_target=True,
+                        reduction="batchmean") * T * T
+    torch.testing.assert_close(ops.kd_loss(s.float(), t.float(), T).double(), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_leading_dims_strided_and_extreme_logits():
+    s, t = make(6, 40, torch.float32, seed=2)
+    out = ops.kd_loss(s.reshape(2, 3, 40), t.reshape(2, 3, 40), 2.0, reduction="none")
+    assert out.shape == (2, 3)
+    torch.testing.assert_close(out.reshape(-1), ops.kd_loss(s, t, 2.0, reduction="none"))
+    check(s.t().contiguous().t(), t[:, :], 1.5, "jsd", 0.5, "mean", "column-major student")
+    check(torch.cat([s, s], 1)[:, ::2], torch.cat([t, t], 1)[:, ::2], 1.5, "reverse_kl", 0.5, "mean",
+          "strided classes")
+    big_s, big_t = s * 3000, t * 3000
+    for kind in KINDS:
+        out = ops.kd_loss(big_s.requires_grad_(True), big_t, 1.0, kind)
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(big_s.grad).all(), kind
+        big_s.grad = None
+
+
+def test_teacher_gets_no_gradient_opcheck_and_compile():
+    s, t = make(4, 30, torch.float32, seed=3)
+    t.requires_grad_(True)
+    s.requires_grad_(True)
+    ops.kd_loss(s, t, 2.0, "jsd").backward()
+    assert t.grad is None and s.grad is not None
+    for kind in range(3):
+        torch.library.opcheck(torch.ops.fastloss.kd_forward.default,
+                              (s.detach().clone().requires_grad_(True), t.detach(), kind, 2.0, 0.4))
+        _, stats = torch.ops.fastloss.kd_forward(s.detach(), t.detach(), kind, 2.0, 0.4)
+        torch.library.opcheck(torch.ops.fastloss.kd_backward.default,
+                              (torch.rand(4), s.detach(), t.detach(), stats, kind, 2.0, 0.4))
+    f = lambda a, b: ops.kd_loss(a, b, 2.0) + ops.kd_loss(a, b, 1.0, "jsd", 0.2, "sum")  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (compiled, f):
+        a = s.detach().clone().requires_grad_(True)
+        out = fn(a, t.detach())
+        out.backward()
+        results.append((out, a.grad))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_errors_name_the_argument():
+    s, t = make(3, 5, torch.float32)
+    cases = [
+        (lambda: ops.kd_loss(s, t[:2]), "teacher must have student's shape"),
+        (lambda: ops.kd_loss(s, t.double()), "must share a dtype"),
+        (lambda: ops.kd_loss(s, t, T=0.0), "T must be > 0"),
+        (lambda: ops.kd_loss(s, t, kind="kl"), "kind must be one of"),
+        (lambda: ops.kd_loss(s, t, kind="jsd", beta=1.0), "beta must be in (0, 1)"),
+        (lambda: ops.kd_loss(s, t, reduction="batchmean"), "reduction must be"),
+        (lambda: torch.ops.fastloss.kd_forward(s, t, 5, 1.0, 0.5), "kind must be 0 (forward_kl)"),
+        (lambda: torch.ops.fastloss.kd_forward(s[0], t[0], 0, 1.0, 0.5), "student must be 2-D"),
+    ]
+    for call, message in cases:
+        with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
