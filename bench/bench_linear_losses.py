@@ -21,7 +21,6 @@ Usage: python bench/bench_linear_losses.py [--device cpu|cuda] [--quick] [--out 
 
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -113,11 +112,7 @@ def columns():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if fastloss.cuda_available() else "cpu")
-    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
-    ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
+    ap = harness.base_parser(__doc__)
     ap.add_argument("--name", default=None)
     args = ap.parse_args(argv)
     device, cuda = args.device, args.device == "cuda"

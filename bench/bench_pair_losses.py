@@ -11,7 +11,6 @@ Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DI
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -29,11 +28,7 @@ QUICK = [(1, 512, 512), (16, 64, 128)]
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if fastloss.cuda_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
+    ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
     device = args.device
     name = f"pair_losses_{device}" + ("_quick" if args.quick else "")

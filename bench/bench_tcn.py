@@ -22,7 +22,6 @@ Usage: python bench/bench_tcn.py [--device cpu|cuda] [--quick] [--out DIR]
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -79,11 +78,7 @@ def pytorch_tcn():
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--device", choices=["cpu", "cuda"],
-                    default="cuda" if fastloss.cuda_available() else "cpu")
-    ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--out", default=os.path.join(harness.REPO_ROOT, "bench", "results"))
+    ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
     device, cuda = args.device, args.device == "cuda"
     name = f"tcn_{device}" + ("_quick" if args.quick else "")

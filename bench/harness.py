@@ -625,6 +625,21 @@ class Results:
         return "\n".join(lines)
 
 
+def base_parser(doc: str):
+    """The command line every benchmark script shares: --device (default cuda when fastloss
+    has it, else cpu), --quick (tiny shapes, a smoke test) and --out (default bench/results)."""
+    import argparse
+
+    import fastloss
+
+    ap = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    ap.add_argument("--device", choices=["cpu", "cuda"],
+                    default="cuda" if fastloss.cuda_available() else "cpu")
+    ap.add_argument("--quick", action="store_true", help="tiny shapes: a smoke test")
+    ap.add_argument("--out", default=os.path.join(REPO_ROOT, "bench", "results"))
+    return ap
+
+
 def finish_run(results: "Results", columns, *, baseline: str = "eager_reference",
                colors: Optional[dict] = None, t_start: Optional[float] = None) -> str:
     """The end of a benchmark script: print the table, write ``<name>.json`` (removing the

@@ -12,6 +12,7 @@
 #include <tuple>
 
 #include "../common/huge_pages.h"
+#include "../op_helpers.h"
 #include "kd_kernels.h"
 
 namespace fastloss {
@@ -19,15 +20,6 @@ namespace {
 
 using at::Tensor;
 constexpr const char* kOp = "kd_loss";
-
-ScalarType kernel_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarType::f32;
-    case at::kHalf: return ScalarType::f16;
-    case at::kBFloat16: return ScalarType::bf16;
-    default: TORCH_CHECK(false, kOp, ": student must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 struct Checked {
   Tensor student, teacher;
@@ -54,7 +46,7 @@ Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double
   KdProblem& q = c.q;
   q.student = c.student.data_ptr();
   q.teacher = c.teacher.data_ptr();
-  q.dtype = kernel_dtype(c.student);
+  q.dtype = kernel_dtype(c.student, kOp, "student");
   q.N = student.size(0);
   q.C = student.size(1);
   q.s_stride = q.N > 1 ? c.student.stride(0) : q.C;

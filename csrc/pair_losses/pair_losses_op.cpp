@@ -10,6 +10,7 @@
 #include <cstdint>
 #include <tuple>
 
+#include "../op_helpers.h"
 #include "auc_kernels.h"
 
 namespace fastloss {
@@ -17,16 +18,6 @@ namespace {
 
 using at::Tensor;
 constexpr const char* kOp = "mw_auc_loss";
-
-ScalarType kernel_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarType::f32;
-    case at::kHalf: return ScalarType::f16;
-    case at::kBFloat16: return ScalarType::bf16;
-    default:
-      TORCH_CHECK(false, kOp, ": scores must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 // -> (loss of each query [B] float32, d loss_b / d pos [B, P] float32, d loss_b / d neg [B, N]
 // float32); the gradients are empty unless compute_grad.
@@ -48,7 +39,7 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
   AucProblem q;
   q.pos = pos.data_ptr();
   q.neg = neg.data_ptr();
-  q.dtype = kernel_dtype(pos);
+  q.dtype = kernel_dtype(pos, kOp, "scores");
   q.B = pos.size(0);
   q.P = pos.size(1);
   q.N = neg.size(1);

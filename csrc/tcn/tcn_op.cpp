@@ -15,6 +15,7 @@
 #include <optional>
 
 #include "../common/huge_pages.h"
+#include "../op_helpers.h"
 #include "tcn_kernels.h"
 
 namespace fastloss {
@@ -23,15 +24,6 @@ namespace {
 using at::Tensor;
 using OptT = std::optional<Tensor>;
 constexpr const char* kOp = "dilated_conv1d";
-
-ScalarType kernel_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarType::f32;
-    case at::kHalf: return ScalarType::f16;
-    case at::kBFloat16: return ScalarType::bf16;
-    default: TORCH_CHECK(false, kOp, ": x must be float32, float16 or bfloat16, got ", t.scalar_type());
-  }
-}
 
 bool is_channels_last(const Tensor& x) { return x.size(1) > 1 && x.stride(1) == 1 && x.stride(2) != 1; }
 
@@ -56,7 +48,7 @@ Tensor same_layout(const Tensor& t, const Tensor& like) {
 SeqView view_of(const Tensor& x) {
   SeqView v;
   v.data = x.data_ptr();
-  v.dtype = kernel_dtype(x);
+  v.dtype = kernel_dtype(x, kOp, "x");
   v.B = x.size(0);
   v.C = x.size(1);
   v.L = x.size(2);
@@ -70,7 +62,7 @@ SeqView view_of(const Tensor& x) {
 
 void check(const Tensor& x, const Tensor& weight, const OptT& bias, int64_t dilation, int64_t pad) {
   TORCH_CHECK(x.dim() == 3, kOp, ": x must be 3-D [B, C, L], got shape ", x.sizes());
-  kernel_dtype(x);
+  kernel_dtype(x, kOp, "x");
   TORCH_CHECK(weight.dim() == 2 && weight.size(0) == x.size(1), kOp,
               ": a depthwise weight must be [C, K] with C = ", x.size(1), " (x's channels), got ",
               weight.sizes());
