@@ -29,6 +29,7 @@ from fastloss.reference import distill as R  # noqa: E402
 SHAPES = [(4096, 1000), (1024, 32000), (256, 128256)]
 QUICK = [(64, 1000)]
 KINDS = ["forward_kl", "reverse_kl", "jsd"]
+MEASURE_KW = dict(warmup=3, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
 def main(argv=None):
@@ -67,14 +68,7 @@ def main(argv=None):
                 base = dict(op=f"kd_loss[{kind}]", variant=variant, group=f"{kind}|{n}x{c}",
                             label=f"{kind} {n}x{c}", shape=[n, c], dtype=torch.float32,
                             floor_bytes={"min": 5 * n * c * 4})
-                try:
-                    timing = harness.measure(call, [None], device, warmup=3, target_s=1.0,
-                                             min_repeats=3, max_repeats=20, max_measure_s=20.0)
-                    row = res.add(timing=timing, **base)
-                except Exception as e:
-                    row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
-                print(" | ".join(get(row) for _, get in cols), flush=True)
-                res.write_json(partial=True)
+                harness.measure_row(res, call, device, base, cols, MEASURE_KW)
     harness.finish_run(res, cols, t_start=t_start)
     return 0
 

@@ -25,6 +25,7 @@ from fastloss.reference import pair_losses as R  # noqa: E402
 
 SHAPES = [(1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (256, 256, 256), (1024, 64, 512)]
 QUICK = [(1, 512, 512), (16, 64, 128)]
+MEASURE_KW = dict(warmup=2, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
 def main(argv=None):
@@ -61,14 +62,8 @@ def main(argv=None):
                 return loss.detach()
             base = dict(op="mw_auc_loss", variant=variant, group=f"auc|{b}x{p}x{n}",
                         label=f"{b}x{p}x{n}", shape=[b, p, n], dtype=torch.float32)
-            try:
-                timing = harness.measure(call, [None], device, warmup=2, target_s=1.0,
-                                         min_repeats=3, max_repeats=20, max_measure_s=20.0)
-                row = res.add(timing=timing, Gpairs_per_s=b * p * n / (timing["median_ms"] / 1e3) / 1e9, **base)
-            except Exception as e:  # e.g. the eager pair matrix does not fit
-                row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
-            print(" | ".join(get(row) for _, get in cols), flush=True)
-            res.write_json(partial=True)
+            harness.measure_row(res, call, device, base, cols, MEASURE_KW, derived=lambda tm, w=b * p * n: {
+                "Gpairs_per_s": w / (tm["median_ms"] / 1e3) / 1e9})
     harness.finish_run(res, cols, t_start=t_start)
     return 0
 

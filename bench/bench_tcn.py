@@ -127,21 +127,17 @@ def main(argv=None):
                             mode=mode, floor_bytes=floor)
                 if isinstance(fn, str):
                     row = res.add(status=fn.split(":")[0], reason=fn, **base)
-                else:
-                    def call(_inp, fn=fn, mode=mode):
-                        if mode == "fwd":
-                            with torch.no_grad():
-                                return fn(x, w, b, d).sum()
-                        y = fn(x, w, b, d)
-                        torch.autograd.grad(y, (x, w, b), g)
-                        return None
-                    try:
-                        timing = harness.measure(call, [None], device, **MEASURE_KW[device])
-                        row = res.add(timing=timing, **base)
-                    except Exception as e:
-                        row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
-                print(" | ".join(get(row) for _, get in cols), flush=True)
-                res.write_json(partial=True)
+                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    continue
+
+                def call(_inp, fn=fn, mode=mode):
+                    if mode == "fwd":
+                        with torch.no_grad():
+                            return fn(x, w, b, d).sum()
+                    y = fn(x, w, b, d)
+                    torch.autograd.grad(y, (x, w, b), g)
+                    return None
+                harness.measure_row(res, call, device, base, cols, MEASURE_KW[device])
         del x, w, b, g
     harness.finish_run(res, cols, baseline="torch_conv1d", colors=COLORS, t_start=t_start)
     return 0

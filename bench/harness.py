@@ -640,6 +640,21 @@ def base_parser(doc: str):
     return ap
 
 
+def measure_row(results: "Results", call: Callable[[Any], Any], device: str, base: dict,
+                columns, measure_kw: dict, derived: Optional[Callable[[dict], dict]] = None) -> dict:
+    """Time ``call`` (one input set, ``None``) and add its row: ``base`` fields, the timing and
+    ``derived(timing)``; or an error row saying what failed. Prints the row, saves the
+    partial JSON, and returns the row."""
+    try:
+        timing = measure(call, [None], device, **measure_kw)
+        row = results.add(timing=timing, **(derived(timing) if derived else {}), **base)
+    except Exception as e:  # e.g. a baseline that does not fit in memory: report, go on
+        row = results.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
+    print(" | ".join(get(row) for _, get in columns), flush=True)
+    results.write_json(partial=True)
+    return row
+
+
 def finish_run(results: "Results", columns, *, baseline: str = "eager_reference",
                colors: Optional[dict] = None, t_start: Optional[float] = None) -> str:
     """The end of a benchmark script: print the table, write ``<name>.json`` (removing the
