@@ -55,6 +55,14 @@ def test_forward_kl_equals_kl_div_batchmean(T):
     torch.testing.assert_close(ops.kd_loss(s.float(), t.float(), T).double(), expected, rtol=2e-5, atol=1e-6)
 
 
+def test_empty_batch():
+    s, t = make(0, 7, torch.float32)
+    s.requires_grad_(True)
+    ops.kd_loss(s, t, 2.0, reduction="sum").backward()
+    assert s.grad.shape == (0, 7)
+    assert torch.isnan(ops.kd_loss(s, t)), "the mean over no rows is NaN, as torch's mean"
+
+
 def test_leading_dims_strided_and_extreme_logits():
     s, t = make(6, 40, torch.float32, seed=2)
     out = ops.kd_loss(s.reshape(2, 3, 40), t.reshape(2, 3, 40), 2.0, reduction="none")
@@ -104,6 +112,7 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.kd_loss(s, t, kind="kl"), "kind must be one of"),
         (lambda: ops.kd_loss(s, t, kind="jsd", beta=1.0), "beta must be in (0, 1)"),
         (lambda: ops.kd_loss(s, t, reduction="batchmean"), "reduction must be"),
+        (lambda: ops.kd_loss(s[:, :0], t[:, :0]), "need at least one class"),
         (lambda: torch.ops.fastloss.kd_forward(s, t, 5, 1.0, 0.5), "kind must be 0 (forward_kl)"),
         (lambda: torch.ops.fastloss.kd_forward(s[0], t[0], 0, 1.0, 0.5), "student must be 2-D"),
     ]

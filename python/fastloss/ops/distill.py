@@ -101,6 +101,9 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
     if student.dtype not in _FLOATS or teacher.dtype != student.dtype:
         raise ValueError(f"{fn}: student and teacher must share a dtype among float32, float16 "
                          f"and bfloat16, got {student.dtype} and {teacher.dtype}")
+    if student.shape[-1] == 0:
+        raise ValueError(f"{fn}: student and teacher need at least one class, got shape "
+                         f"{tuple(student.shape)}")
     lead = student.shape[:-1]
     s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     if s2.device.type == "cpu":
