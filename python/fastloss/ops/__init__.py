@@ -18,6 +18,7 @@ from .vocab_parallel import vocab_parallel_linear_cross_entropy
 from .tcn import dilated_conv1d, tcn_level
 from .pair_losses import mw_auc_loss
 from .distill import kd_loss
+from .contrastive import contrastive_loss
 
 __all__ = [
     "cross_entropy",
@@ -35,4 +36,5 @@ __all__ = [
     "tcn_level",
     "mw_auc_loss",
     "kd_loss",
+    "contrastive_loss",
 ]

@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import distill, pair_losses, tcn
+from . import contrastive, distill, pair_losses, tcn
 
 __all__ = [
     "cross_entropy",
@@ -24,4 +24,5 @@ __all__ = [
     "tcn",
     "pair_losses",
     "distill",
+    "contrastive",
 ]

@@ -1,0 +1,144 @@
+"""Contrastive (InfoNCE / CLIP) loss by tiles, the ``B x B`` similarity matrix never kept.
+
+``contrastive_loss(a, b, T, weights=None)`` with ``a``, ``b`` ``[B, D]`` (paired rows) and
+``S = a @ b.T / T``:
+
+* without ``weights`` (CLIP): ``(CE(S, arange(B)) + CE(S.T, arange(B))) / 2``;
+* with ``weights`` ``[B, B]`` (CWCL's continuous weights, ``w[i, j] >= 0``): row ``i``'s
+  target distribution is ``w[i, :]`` normalised, column ``j``'s is ``w[:, j]`` normalised,
+  ``-sum_j w~_ij log softmax(S_i)_j`` and likewise for columns; the identity gives CLIP.
+
+``symmetric=False`` keeps only the ``a -> b`` (row) term. The forward goes over blocks of rows
+of ``a`` (a GEMM per block, float32 math on it) keeping per-row and per-column log-sum-exps
+(the column ones merged across blocks); the backward forms each block again and folds its
+gradient into ``grad_a`` and ``grad_b`` with two GEMMs. Extra memory: one ``[rows, B]``
+block (32 MiB of float32 by default) and O(B) statistics, not the ``[B, B]`` matrix and its
+softmaxes that eager autograd keeps. Built from torch GEMMs and element-wise operations on the
+blocks (no hand-written kernel yet); any device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_BLOCK_BYTES = 32 << 20
+
+
+def _blocks(n: int, block: int):
+    for r0 in range(0, n, block):
+        yield r0, min(n, r0 + block)
+
+
+class _Contrastive(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, a, b, weights, inv_t, symmetric, block):
+        n = a.shape[0]
+        f32 = dict(dtype=torch.float32, device=a.device)
+        lse_row = torch.empty(n, **f32)
+        lse_col = torch.full((n,), float("-inf"), **f32)
+        target_row = torch.empty(n, **f32)      # sum_j w~_ij S_ij
+        target_col = torch.zeros(n, **f32)      # sum_i w~'_ij S_ij
+        col_norm = weights.float().sum(0) if weights is not None else None
+        for r0, r1 in _blocks(n, block):
+            s = (a[r0:r1] @ b.t()).float().mul_(inv_t)
+            lse_row[r0:r1] = torch.logsumexp(s, 1)
+            if symmetric:
+                lse_col = torch.logaddexp(lse_col, torch.logsumexp(s, 0))
+            if weights is None:
+                target_row[r0:r1] = s.diagonal(r0)
+                if symmetric:
+                    target_col[r0:r1] = s.diagonal(r0)
+            else:
+                w = weights[r0:r1].float()
+                target_row[r0:r1] = (w * s).sum(1) / w.sum(1)
+                if symmetric:
+                    target_col += (w * s).sum(0) / col_norm
+        rows = lse_row - target_row
+        if symmetric:
+            rows = (rows + (lse_col - target_col)) / 2
+        ctx.save_for_backward(a, b, weights, lse_row, lse_col if symmetric else None, col_norm)
+        ctx.args = (inv_t, symmetric, block)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        a, b, weights, lse_row, lse_col, col_norm = ctx.saved_tensors
+        inv_t, symmetric, block = ctx.args
+        n = a.shape[0]
+        half = 0.5 if symmetric else 1.0
+        g = grad_rows.float() * half          # d(total)/d(row term i) = d(total)/d(col term i)
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_a = torch.empty(a.shape, dtype=torch.float32, device=a.device) if need_a else None
+        grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        for r0, r1 in _blocks(n, block):
+            s = (a[r0:r1] @ b.t()).float().mul_(inv_t)
+            # row term: g_i (softmax(S_i) - w~_i); column term: g_j (softmax(S_:,j)_i - w~'_ij);
+            # two block-sized buffers in all (s is reused for the column term)
+            ds = (s - lse_row[r0:r1, None]).exp_().mul_(g[r0:r1, None])
+            if symmetric:
+                ds += s.sub_(lse_col[None, :]).exp_().mul_(g[None, :])
+            if weights is None:
+                idx = torch.arange(r0, r1, device=a.device)
+                ds[idx - r0, idx] -= g[r0:r1] * (2.0 if symmetric else 1.0)
+            else:
+                w = weights[r0:r1].float()
+                ds -= w / w.sum(1, keepdim=True) * g[r0:r1, None]
+                if symmetric:
+                    ds -= w / col_norm[None, :] * g[None, :]
+            ds.mul_(inv_t)
+            if need_a:
+                grad_a[r0:r1] = ds @ b.float()
+            if need_b:
+                grad_b.addmm_(ds.t(), a[r0:r1].float())
+        return (grad_a.to(a.dtype) if need_a else None, grad_b.to(b.dtype) if need_b else None,
+                None, None, None, None)
+
+
+def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Tensor] = None,
+                     symmetric: bool = True, reduction: str = "mean",
+                     block_rows: Optional[int] = None) -> Tensor:
+    """InfoNCE / CLIP loss between paired embeddings (see the module docstring).
+
+    Args:
+        a, b: ``[B, D]`` embeddings (normalise them first for cosine similarities).
+        T: temperature > 0.
+        weights: optional ``[B, B]`` non-negative CWCL weights (every row and column must have a
+            positive sum); no gradient flows to them.
+        symmetric: average the ``a -> b`` and ``b -> a`` terms (True) or keep ``a -> b`` only.
+        reduction: ``"mean"``, ``"sum"`` or ``"none"`` (``[B]``: row ``i``'s term, averaged with
+            column ``i``'s when symmetric).
+        block_rows: rows of ``a`` per block (None: 32 MiB of float32 similarities).
+    """
+    fn = "contrastive_loss"
+    for name, t in (("a", a), ("b", b)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if a.dim() != 2 or b.shape != a.shape:
+        raise ValueError(f"{fn}: a and b must be [B, D] of the same shape, got {tuple(a.shape)} "
+                         f"and {tuple(b.shape)}")
+    if not a.is_floating_point() or b.dtype != a.dtype:
+        raise ValueError(f"{fn}: a and b must share a floating dtype, got {a.dtype} and {b.dtype}")
+    if not T > 0:
+        raise ValueError(f"{fn}: T must be > 0, got {T}")
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    n = a.shape[0]
+    if weights is not None:
+        if tuple(weights.shape) != (n, n):
+            raise ValueError(f"{fn}: weights must be [{n}, {n}], got {tuple(weights.shape)}")
+        if weights.device != a.device:
+            raise ValueError(f"{fn}: weights is on {weights.device} but a is on {a.device}")
+        weights = weights.detach()
+    if block_rows is None:
+        block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
+    elif not (isinstance(block_rows, int) and block_rows > 0):
+        raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
+    rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
+    if reduction == "mean":
+        return rows.mean().to(a.dtype)
+    if reduction == "sum":
+        return rows.sum().to(a.dtype)
+    return rows.to(a.dtype)

@@ -1,0 +1,126 @@
+"""The tiled contrastive loss against its float64 reference (itself checked against CLIP's
+F.cross_entropy form): loss and both gradients, symmetric or not, with and without CWCL
+weights, every reduction and block size, float32 and bfloat16; compile, bad input, and that
+the B x B matrix is never kept (peak memory)."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import ops
+from fastloss.reference import contrastive as ref
+
+TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
+
+
+def make(n, d, dtype, seed=0, weighted=False):
+    g = torch.Generator().manual_seed(seed * 101 + n * 7 + d)
+    a = F.normalize(torch.randn(n, d, generator=g), dim=1).to(dtype)
+    b = F.normalize(torch.randn(n, d, generator=g) + 0.5 * a.float(), dim=1).to(dtype)
+    w = torch.rand(n, n, generator=g) + 0.05 * torch.eye(n) if weighted else None
+    return a, b, w
+
+
+def check(a, b, w, T, symmetric, reduction, block, what):
+    dtype = a.dtype
+    la, lb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
+    out = ops.contrastive_loss(la, lb, T, w, symmetric, reduction, block)
+    a64, b64 = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
+    exp = ref.contrastive_loss(a64, b64, T, w, symmetric, reduction)
+    assert out.dtype == dtype and out.shape == exp.shape, what
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
+    out.backward(up.to(dtype))
+    exp.backward(up.to(dtype).double())
+    tol = TOL[dtype]
+    for name, x, e in (("loss", out, exp), ("grad_a", la.grad, a64.grad), ("grad_b", lb.grad, b64.grad)):
+        mag = max(e.abs().max().item(), 1e-2)
+        torch.testing.assert_close(x.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+def test_reference_is_clip():
+    a, b, _ = make(9, 5, torch.float64, seed=1)
+    s = a @ b.T / 0.2
+    labels = torch.arange(9)
+    expected = (F.cross_entropy(s, labels) + F.cross_entropy(s.T, labels)) / 2
+    torch.testing.assert_close(ref.contrastive_loss(a, b, 0.2), expected)
+    torch.testing.assert_close(ref.contrastive_loss(a, b, 0.2, torch.eye(9, dtype=torch.float64)), expected)
+
+
+@pytest.mark.parametrize("block", [None, 1, 7, 64])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_matches_reference(dtype, weighted, symmetric, reduction, block):
+    a, b, w = make(33, 12, dtype, seed=3, weighted=weighted)
+    check(a, b, w, 0.1, symmetric, reduction, block,
+          f"{dtype} w={weighted} sym={symmetric} {reduction} block={block}")
+
+
+def test_one_pair_and_compile():
+    a, b, _ = make(1, 4, torch.float32)
+    check(a, b, None, 0.5, True, "mean", None, "one pair")
+    a, b, w = make(20, 8, torch.float32, seed=4, weighted=True)
+    f = lambda x, y: ops.contrastive_loss(x, y, 0.1) + ops.contrastive_loss(x, y, 0.2, w, False)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (compiled, f):
+        x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = fn(x, y)
+        out.backward()
+        results.append((out, x.grad, y.grad))
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp)
+
+
+def test_bad_input_errors_name_the_argument():
+    a, b, _ = make(5, 3, torch.float32)
+    cases = [
+        (lambda: ops.contrastive_loss(a, b[:4]), "a and b must be [B, D] of the same shape"),
+        (lambda: ops.contrastive_loss(a, b.double()), "must share a floating dtype"),
+        (lambda: ops.contrastive_loss(a, b, T=0), "T must be > 0"),
+        (lambda: ops.contrastive_loss(a, b, weights=torch.ones(5, 4)), "weights must be [5, 5]"),
+        (lambda: ops.contrastive_loss(a, b, reduction="avg"), "reduction must be"),
+        (lambda: ops.contrastive_loss(a, b, block_rows=0), "block_rows must be a positive int"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
+_PEAK = textwrap.dedent("""
+    import json, sys, torch, fastloss
+    from fastloss.reference import contrastive as ref
+    torch.set_num_threads(1)
+    a = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
+    b = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
+    f = (lambda x, y: fastloss.ops.contrastive_loss(x, y, block_rows=256)) if sys.argv[1] == "fused" \\
+        else (lambda x, y: ref.contrastive_loss(x, y, compute_dtype=None))
+    f(a[:8], b[:8]).backward()
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kib("VmRSS:")
+    f(a, b).backward()
+    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+def test_similarity_matrix_is_never_kept():
+    def extra(mode):
+        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    matrix = 4096 * 4096 * 4  # 64 MiB
+    assert extra("eager") > matrix, "the measurement missed the eager B x B matrix"
+    assert extra("fused") < 6 * 256 * 4096 * 4 + (8 << 20)   # a few [256, B] blocks: 32 MiB
