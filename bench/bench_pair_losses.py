@@ -1,10 +1,14 @@
-"""Benchmark of the pair-based losses: the Mann-Whitney (AUC) loss, forward + backward.
+"""Benchmark of the pair-based losses: the Mann-Whitney (AUC) and contrastive (CLIP) losses.
 
 Variants, same inputs, same run: ``fastloss`` (``fastloss.ops.mw_auc_loss``, the pairs never
 stored) and ``eager_reference`` (``fastloss.reference.pair_losses.mw_auc_loss`` in the input
 dtype: the ``[B, P, N]`` pair matrix built by broadcasting, as one would write it in PyTorch).
 One call = loss (reduction mean) + ``torch.autograd.grad(loss, (pos, neg))``. The work is
 ``B P N`` pairs (one exp, one log and one division each); the rate is reported as pairs/s.
+
+The contrastive loss (``fastloss.ops.contrastive_loss``, blocks of rows, T = 0.07) is compared
+with ``fastloss.reference.contrastive.contrastive_loss`` in float32 (the whole ``B x B``
+matrix); its rows are labelled ``clip BxD`` (shape ``[B, B, D]``).
 
 Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -25,6 +29,9 @@ from fastloss.reference import pair_losses as R  # noqa: E402
 
 SHAPES = [(1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (256, 256, 256), (1024, 64, 512)]
 QUICK = [(1, 512, 512), (16, 64, 128)]
+# contrastive: (B, D), B x B similarities
+CONTRASTIVE = [(4096, 128), (4096, 512), (16384, 128)]
+CONTRASTIVE_QUICK = [(256, 32)]
 MEASURE_KW = dict(warmup=2, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
@@ -64,6 +71,23 @@ def main(argv=None):
                         label=f"{b}x{p}x{n}", shape=[b, p, n], dtype=torch.float32)
             harness.measure_row(res, call, device, base, cols, MEASURE_KW, derived=lambda tm, w=b * p * n: {
                 "Gpairs_per_s": w / (tm["median_ms"] / 1e3) / 1e9})
+    # the contrastive (CLIP) loss: blocks of rows vs the eager B x B formula
+    from fastloss.reference import contrastive as RC
+    for (b, d) in CONTRASTIVE_QUICK if args.quick else CONTRASTIVE:
+        gen = torch.Generator(device=device).manual_seed(b + d)
+        x = torch.nn.functional.normalize(torch.randn(b, d, device=device, generator=gen), dim=1)
+        y = torch.nn.functional.normalize(torch.randn(b, d, device=device, generator=gen), dim=1)
+        x.requires_grad_(True)
+        y.requires_grad_(True)
+        for variant, fn in {"fastloss": lambda: fastloss.ops.contrastive_loss(x, y, 0.07),
+                            "eager_reference": lambda: RC.contrastive_loss(x, y, 0.07, compute_dtype=None)}.items():
+            def call(_inp, fn=fn):
+                loss = fn()
+                torch.autograd.grad(loss, (x, y))
+                return loss.detach()
+            base = dict(op="contrastive_loss", variant=variant, group=f"clip|{b}x{d}",
+                        label=f"clip {b}x{d}", shape=[b, b, d], dtype=torch.float32)
+            harness.measure_row(res, call, device, base, cols, MEASURE_KW)
     harness.finish_run(res, cols, t_start=t_start)
     return 0
 
