@@ -120,3 +120,35 @@ def test_bad_input_errors_name_the_argument():
         with pytest.raises((RuntimeError, ValueError, TypeError)) as info:
             call()
         assert message in str(info.value), (message, str(info.value))
+
+
+# ---- the dual-head module ----------------------------------------------------------------------
+
+import fastloss  # noqa: E402
+
+
+@pytest.mark.parametrize("aux_loss", ["mse", "forward_kl", "jsd"])
+def test_dual_head_kd_equals_its_formula_and_keeps_heads_apart(aux_loss):
+    torch.manual_seed(0)
+    module = fastloss.nn.DualHeadKD(12, 9, T=2.0, aux_weight=0.7, prob_weight=0.3, aux_loss=aux_loss)
+    f = torch.randn(16, 12, requires_grad=True)
+    y = torch.randint(0, 9, (16,))
+    t = torch.randn(16, 9) * 2
+    loss = module(f, y, t)
+    main, aux = module.main(f), module.aux(f)
+    aux_ref = (F.mse_loss(aux, t) if aux_loss == "mse"
+               else ref.kd_loss(aux.double(), t.double(), 2.0, aux_loss).float())
+    expected = F.cross_entropy(main, y) + 0.3 * ref.kd_loss(main.double(), t.double(), 2.0).float() + 0.7 * aux_ref
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # the auxiliary loss reaches the backbone features and the auxiliary head, not the main head:
+    # with every label ignored the main head has no loss term (its gradients are zero, as
+    # torch gives for a cross-entropy over no rows), only the auxiliary one remains
+    aux_only = fastloss.nn.DualHeadKD(12, 9, T=2.0, aux_weight=1.0, aux_loss=aux_loss)
+    aux_only.load_state_dict(module.state_dict())
+    g_main = torch.autograd.grad(aux_only.aux_weight * (aux_only(f, torch.full((16,), -100), t)),
+                                 (aux_only.main.weight, aux_only.aux.weight, f), allow_unused=True)
+    assert g_main[0] is None or (g_main[0] == 0).all()
+    assert (g_main[1] != 0).any() and (g_main[2] != 0).any()
+    assert module.predict(f).shape == (16, 9)
+    with pytest.raises(ValueError, match="aux_loss must be"):
+        fastloss.nn.DualHeadKD(4, 3, aux_loss="l1")

@@ -9,6 +9,7 @@ from .losses import (
 )
 from .linear_losses import LinearCrossEntropy
 from .tcn import TCN, DilatedConv1d
+from .distill import DualHeadKD
 
 __all__ = [
     "CrossEntropyLoss",
@@ -19,4 +20,5 @@ __all__ = [
     "LinearCrossEntropy",
     "DilatedConv1d",
     "TCN",
+    "DualHeadKD",
 ]

@@ -1,0 +1,59 @@
+"""Distillation modules."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .. import ops
+
+
+class DualHeadKD(nn.Module):
+    """Dual-head knowledge distillation (Yang et al.): two linear classification heads on the
+    same features; the main head is trained with cross-entropy on the labels (plus, with
+    ``prob_weight > 0``, the probability-level distillation ``kd_loss`` towards the teacher),
+    the auxiliary head only with the logit-level distillation loss. The backbone receives the
+    gradients of both losses, each head only those of its own, which is the paper's point:
+    the two losses conflict in a shared classifier but not in the backbone.
+
+    ``loss = CE(main(f), y) + prob_weight * kd_loss(main(f), t, T) + aux_weight * aux(aux(f), t)``
+    with ``aux`` = ``"mse"`` (mean squared error between logits, the default logit-level loss)
+    or one of :func:`fastloss.ops.kd_loss`'s kinds (``"forward_kl"``, ``"reverse_kl"``,
+    ``"jsd"``) at temperature ``T``. ``predict(f)`` returns the main head's logits (inference
+    uses the main head only). The choice of logit-level loss is a parameter because the
+    abstract does not fix it.
+    """
+
+    def __init__(self, in_features: int, num_classes: int, T: float = 4.0,
+                 aux_weight: float = 1.0, prob_weight: float = 0.0, aux_loss: str = "mse",
+                 bias: bool = True, device=None, dtype=None) -> None:
+        super().__init__()
+        if aux_loss not in ("mse", "forward_kl", "reverse_kl", "jsd"):
+            raise ValueError(f"DualHeadKD: aux_loss must be 'mse', 'forward_kl', 'reverse_kl' or "
+                             f"'jsd', got {aux_loss!r}")
+        if not T > 0:
+            raise ValueError(f"DualHeadKD: T must be > 0, got {T}")
+        factory = dict(device=device, dtype=dtype)
+        self.main = nn.Linear(in_features, num_classes, bias=bias, **factory)
+        self.aux = nn.Linear(in_features, num_classes, bias=bias, **factory)
+        self.T, self.aux_weight, self.prob_weight, self.aux_loss = T, aux_weight, prob_weight, aux_loss
+
+    def predict(self, features: Tensor) -> Tensor:
+        return self.main(features)
+
+    def forward(self, features: Tensor, target: Tensor, teacher_logits: Tensor,
+                ignore_index: int = -100) -> Tensor:
+        """features ``[N, D]``, target ``[N]`` class indices, teacher_logits ``[N, C]``."""
+        teacher = teacher_logits.detach()
+        main = self.main(features)
+        loss = ops.cross_entropy(main, target, ignore_index=ignore_index)
+        if self.prob_weight:
+            loss = loss + self.prob_weight * ops.kd_loss(main, teacher, self.T)
+        aux = self.aux(features)
+        if self.aux_loss == "mse":
+            aux_term = F.mse_loss(aux, teacher.to(aux.dtype))
+        else:
+            aux_term = ops.kd_loss(aux, teacher.to(aux.dtype), self.T, self.aux_loss)
+        return loss + self.aux_weight * aux_term
