@@ -124,3 +124,17 @@ def test_similarity_matrix_is_never_kept():
     matrix = 4096 * 4096 * 4  # 64 MiB
     assert extra("eager") > matrix, "the measurement missed the eager B x B matrix"
     assert extra("fused") < 6 * 256 * 4096 * 4 + (8 << 20)   # a few [256, B] blocks: 32 MiB
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_equals_cpu():
+    a, b, w = make(50, 16, torch.float32, seed=9, weighted=True)
+    results = []
+    for dev in ("cpu", "cuda"):
+        x, y = a.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)
+        out = ops.contrastive_loss(x, y, 0.1, w.to(dev), block_rows=7)
+        out.backward()
+        results.append((out.cpu(), x.grad.cpu(), y.grad.cpu()))
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)

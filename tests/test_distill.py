@@ -152,3 +152,18 @@ def test_dual_head_kd_equals_its_formula_and_keeps_heads_apart(aux_loss):
     assert module.predict(f).shape == (16, 9)
     with pytest.raises(ValueError, match="aux_loss must be"):
         fastloss.nn.DualHeadKD(4, 3, aux_loss="l1")
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@pytest.mark.parametrize("kind", KINDS)
+def test_cuda_path_equals_cpu(kind):
+    s, t = make(6, 300, torch.float32, seed=7)
+    results = []
+    for dev in ("cpu", "cuda"):
+        x = s.to(dev).requires_grad_(True)
+        out = ops.kd_loss(x, t.to(dev), 2.0, kind, 0.3)
+        out.backward()
+        results.append((out.cpu(), x.grad.cpu()))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)

@@ -137,3 +137,17 @@ def test_pair_matrix_is_never_built():
     pairs_bytes = 4096 * 4096 * 4  # 64 MiB of float32 pairs
     assert extra("eager") > pairs_bytes, "the measurement missed the eager pair matrix"
     assert extra("fused") < 8 << 20
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_path_equals_cpu():
+    pos, neg = make((3, 40), (3, 25), torch.float32, seed=8)
+    results = []
+    for dev in ("cpu", "cuda"):
+        p, n = pos.to(dev).requires_grad_(True), neg.to(dev).requires_grad_(True)
+        out = ops.mw_auc_loss(p, n)
+        out.backward()
+        results.append((out.cpu(), p.grad.cpu(), n.grad.cpu()))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-7)

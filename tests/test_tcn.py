@@ -263,3 +263,17 @@ def test_fused_level_without_bias_opcheck_and_compile():
         ops.tcn_level(x, w, activation="tanh")
     with pytest.raises(RuntimeError, match="activation code must be 0"):
         torch.ops.fastloss.tcn_level_forward(x, w, None, 1, 0, 7)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_path_equals_cpu():
+    x, w, b = make(2, 6, 50, 3, torch.float32, seed=12)
+    results = []
+    for dev in ("cpu", "cuda"):
+        leaves = [t.to(dev).requires_grad_(True) for t in (x, w, b)]
+        y = ops.tcn_level(*leaves, dilation=3, activation="gelu")
+        y.square().sum().backward()
+        results.append((y.cpu(), *[t.grad.cpu() for t in leaves]))
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
