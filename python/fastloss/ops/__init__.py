@@ -19,6 +19,7 @@ from .tcn import dilated_conv1d, tcn_level
 from .pair_losses import mw_auc_loss
 from .distill import kd_loss
 from .contrastive import contrastive_loss
+from .metric import multi_similarity_loss
 
 __all__ = [
     "cross_entropy",
@@ -37,4 +38,5 @@ __all__ = [
     "mw_auc_loss",
     "kd_loss",
     "contrastive_loss",
+    "multi_similarity_loss",
 ]

@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import contrastive, distill, pair_losses, tcn
+from . import contrastive, distill, metric, pair_losses, tcn
 
 __all__ = [
     "cross_entropy",
@@ -25,4 +25,5 @@ __all__ = [
     "pair_losses",
     "distill",
     "contrastive",
+    "metric",
 ]

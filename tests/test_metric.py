@@ -1,0 +1,130 @@
+"""The Multi-Similarity loss with its miner against pytorch-metric-learning's
+MultiSimilarityLoss + MultiSimilarityMiner on the same inputs, and against the float64
+reference from the formulas: loss and gradient, with and without mining, every reduction and
+block size, classes of one sample, one class only, bfloat16; compile, bad input, memory."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from fastloss import ops
+from fastloss.reference import metric as ref
+
+pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="a test dependency (scripts/setup_venv.sh installs it)")
+pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+
+
+def make(b, d, classes, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed * 53 + b * 7 + d + classes)
+    labels = torch.randint(0, classes, (b,), generator=g)
+    centres = torch.randn(classes, d, generator=g)
+    emb = centres[labels] + 0.8 * torch.randn(b, d, generator=g)
+    return emb.to(dtype), labels
+
+
+def pml(emb, labels, alpha, beta, base, epsilon):
+    loss_fn = pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
+    if epsilon is None:
+        return loss_fn(emb, labels)
+    return loss_fn(emb, labels, pml_miners.MultiSimilarityMiner(epsilon=epsilon)(emb, labels))
+
+
+@pytest.mark.parametrize("block", [None, 1, 9])
+@pytest.mark.parametrize("epsilon", [0.1, 0.3, None])
+@pytest.mark.parametrize("params", [(2.0, 50.0, 0.5), (1.0, 10.0, 0.2)])
+def test_matches_pytorch_metric_learning(params, epsilon, block):
+    emb, labels = make(48, 16, 6, seed=1)
+    x1 = emb.clone().requires_grad_(True)
+    expected = pml(x1, labels, *params, epsilon)
+    expected.backward()
+    x2 = emb.clone().requires_grad_(True)
+    out = ops.multi_similarity_loss(x2, labels, *params, epsilon=epsilon, block_rows=block)
+    out.backward()
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x2.grad, x1.grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("case", ["mixed", "singletons", "one_class", "two_samples"])
+def test_matches_reference(case, reduction):
+    emb, labels = {"mixed": lambda: make(37, 12, 5, seed=2),
+                   "singletons": lambda: (torch.randn(9, 4), torch.arange(9)),
+                   "one_class": lambda: (torch.randn(9, 4), torch.zeros(9, dtype=torch.long)),
+                   "two_samples": lambda: (torch.randn(2, 4), torch.tensor([3, 3]))}[case]()
+    x = emb.clone().requires_grad_(True)
+    out = ops.multi_similarity_loss(x, labels, reduction=reduction, block_rows=4)
+    x64 = emb.double().requires_grad_(True)
+    exp = ref.multi_similarity_loss(x64, labels, reduction=reduction)
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+    out.backward(up.float())
+    exp.backward(up)
+    torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_bfloat16_and_compile():
+    emb, labels = make(30, 8, 4, seed=4)
+    out = ops.multi_similarity_loss(emb.bfloat16(), labels)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref.multi_similarity_loss(emb.bfloat16().double(), labels),
+                               rtol=3e-2, atol=1e-3)
+    f = lambda e, y: ops.multi_similarity_loss(e, y) + ops.multi_similarity_loss(e, y, 1.0, 5.0, 0.3, None)  # noqa: E731
+    compiled = torch.compile(f, fullgraph=True)
+    results = []
+    for fn in (compiled, f):
+        x = emb.clone().requires_grad_(True)
+        loss = fn(x, labels)
+        loss.backward()
+        results.append((loss, x.grad))
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp)
+
+
+def test_bad_input_errors_name_the_argument():
+    emb, labels = make(6, 3, 2)
+    cases = [
+        (lambda: ops.multi_similarity_loss(emb[0], labels), "emb must be a floating [B, D]"),
+        (lambda: ops.multi_similarity_loss(emb, labels[:5]), "labels must be integer [B] = [6]"),
+        (lambda: ops.multi_similarity_loss(emb, labels.float()), "labels must be integer"),
+        (lambda: ops.multi_similarity_loss(emb, labels, alpha=0), "alpha and beta must be > 0"),
+        (lambda: ops.multi_similarity_loss(emb, labels, epsilon=-1.0), "epsilon must be >= 0 or None"),
+        (lambda: ops.multi_similarity_loss(emb, labels, reduction="avg"), "reduction must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, TypeError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
+_PEAK = textwrap.dedent("""
+    import json, sys, torch, fastloss
+    from fastloss.reference import metric as ref
+    torch.set_num_threads(1)
+    emb = torch.randn(4096, 64).requires_grad_(True)
+    labels = torch.randint(0, 100, (4096,))
+    f = (lambda e: fastloss.ops.multi_similarity_loss(e, labels, block_rows=32)) \\
+        if sys.argv[1] == "fused" else (lambda e: ref.multi_similarity_loss(e, labels, compute_dtype=None))
+    def kib(field):
+        for line in open("/proc/self/status"):
+            if line.startswith(field):
+                return int(line.split()[1])
+    open("/proc/self/clear_refs", "w").write("5")
+    before = kib("VmRSS:")
+    f(emb).backward()
+    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
+""")
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+def test_similarity_matrix_is_never_kept():
+    def extra(mode):
+        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
+        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+    matrix = 4096 * 4096 * 4  # 64 MiB
+    assert extra("eager") > matrix, "the measurement missed the eager B x B matrix"
+    assert extra("fused") < matrix / 2   # blocks of 32 rows (0.5 MiB) and their temporaries
