@@ -1,4 +1,4 @@
-"""Benchmark of the pair-based losses: the Mann-Whitney (AUC) and contrastive (CLIP) losses.
+"""Benchmark of the pair-based losses: Mann-Whitney (AUC), contrastive (CLIP), Multi-Similarity.
 
 Variants, same inputs, same run: ``fastloss`` (``fastloss.ops.mw_auc_loss``, the pairs never
 stored) and ``eager_reference`` (``fastloss.reference.pair_losses.mw_auc_loss`` in the input
@@ -9,6 +9,10 @@ One call = loss (reduction mean) + ``torch.autograd.grad(loss, (pos, neg))``. Th
 The contrastive loss (``fastloss.ops.contrastive_loss``, blocks of rows, T = 0.07) is compared
 with ``fastloss.reference.contrastive.contrastive_loss`` in float32 (the whole ``B x B``
 matrix); its rows are labelled ``clip BxD`` (shape ``[B, B, D]``).
+
+The Multi-Similarity loss with its miner (``fastloss.ops.multi_similarity_loss``, rows ``ms BxD``)
+is compared with pytorch-metric-learning's ``MultiSimilarityLoss()`` + ``MultiSimilarityMiner(0.1)``
+and with ``fastloss.reference.metric.multi_similarity_loss`` in float32.
 
 Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -32,6 +36,9 @@ QUICK = [(1, 512, 512), (16, 64, 128)]
 # contrastive: (B, D), B x B similarities
 CONTRASTIVE = [(4096, 128), (4096, 512), (16384, 128)]
 CONTRASTIVE_QUICK = [(256, 32)]
+# multi-similarity: (B, D), about 40 samples per class
+METRIC = [(1024, 128), (4096, 128), (4096, 512)]
+METRIC_QUICK = [(128, 16)]
 MEASURE_KW = dict(warmup=2, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
@@ -87,6 +94,36 @@ def main(argv=None):
                 return loss.detach()
             base = dict(op="contrastive_loss", variant=variant, group=f"clip|{b}x{d}",
                         label=f"clip {b}x{d}", shape=[b, b, d], dtype=torch.float32)
+            harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+    # the Multi-Similarity loss with its miner: blocks of anchors vs pytorch-metric-learning
+    # (MultiSimilarityLoss + MultiSimilarityMiner) and the eager formula
+    from fastloss.reference import metric as RM
+    try:
+        from pytorch_metric_learning import losses as pml_losses, miners as pml_miners
+        pml_loss, pml_miner = pml_losses.MultiSimilarityLoss(), pml_miners.MultiSimilarityMiner(0.1)
+        pml_reason = None
+    except Exception as e:  # not installed
+        pml_reason = f"missing: pytorch_metric_learning not importable ({type(e).__name__}: {e})"
+    for (b, d) in METRIC_QUICK if args.quick else METRIC:
+        gen = torch.Generator(device=device).manual_seed(b * 3 + d)
+        labels = torch.randint(0, max(2, b // 40), (b,), device=device, generator=gen)
+        emb = torch.randn(b, d, device=device, generator=gen).requires_grad_(True)
+        variants = {"fastloss": lambda: fastloss.ops.multi_similarity_loss(emb, labels),
+                    "pytorch_metric_learning": (lambda: pml_loss(emb, labels, pml_miner(emb, labels)))
+                    if pml_reason is None else pml_reason,
+                    "eager_reference": lambda: RM.multi_similarity_loss(emb, labels, compute_dtype=None)}
+        for variant, fn in variants.items():
+            base = dict(op="multi_similarity_loss", variant=variant, group=f"ms|{b}x{d}",
+                        label=f"ms {b}x{d}", shape=[b, b, d], dtype=torch.float32)
+            if isinstance(fn, str):
+                row = res.add(status=fn.split(":")[0], reason=fn, **base)
+                print(" | ".join(get(row) for _, get in cols), flush=True)
+                continue
+
+            def call(_inp, fn=fn):
+                loss = fn()
+                torch.autograd.grad(loss, emb)
+                return loss.detach()
             harness.measure_row(res, call, device, base, cols, MEASURE_KW)
     harness.finish_run(res, cols, t_start=t_start)
     return 0
