@@ -20,6 +20,7 @@ from .pair_losses import mw_auc_loss
 from .distill import kd_loss
 from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss
+from .metric_losses import anyloss
 
 __all__ = [
     "cross_entropy",
@@ -39,4 +40,5 @@ __all__ = [
     "kd_loss",
     "contrastive_loss",
     "multi_similarity_loss",
+    "anyloss",
 ]

@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import contrastive, distill, metric, pair_losses, tcn
+from . import contrastive, distill, metric, metric_losses, pair_losses, tcn
 
 __all__ = [
     "cross_entropy",
@@ -26,4 +26,5 @@ __all__ = [
     "distill",
     "contrastive",
     "metric",
+    "metric_losses",
 ]
