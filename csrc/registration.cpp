@@ -115,4 +115,13 @@ TORCH_LIBRARY(fastloss, m) {
         "-> (Tensor, Tensor)");
   m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
         "float temperature, float beta) -> Tensor");
+  // Low-bit dequant GEMM (quant/quant_op.cpp): weight [N, K] packed as qweight uint8
+  // [N, K * bits / 8] with float32 scales and zeros [N, K / group_size] (layout in
+  // quant/quant_kernels.h). y = x @ W^T (+ bias) without a float copy of W.
+  m.def("dequant_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
+        "int group_size, Tensor? bias) -> Tensor");
+  m.def("dequant_gemm_grad_input(Tensor grad_y, Tensor qweight, Tensor scales, Tensor zeros, "
+        "int bits, int group_size) -> Tensor");
+  m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor zeros, int bits, "
+        "int group_size) -> Tensor");
 }

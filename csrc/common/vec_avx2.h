@@ -100,6 +100,17 @@ inline Vec8 vlog(Vec8 x) {
 
 // ---- loads and stores of the three storage types --------------------------------------
 inline Vec8 load8(const float* p) { return _mm256_loadu_ps(p); }
+// Eight bytes as floats: the bytes, their low nibbles, their high nibbles (low-bit weights).
+inline __m256i load8_u8_epi32(const uint8_t* p) {
+  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec8 load_u8(const uint8_t* p, Vec8) { return _mm256_cvtepi32_ps(load8_u8_epi32(p)); }
+inline Vec8 load_lo_nibbles(const uint8_t* p, Vec8) {
+  return _mm256_cvtepi32_ps(_mm256_and_si256(load8_u8_epi32(p), _mm256_set1_epi32(15)));
+}
+inline Vec8 load_hi_nibbles(const uint8_t* p, Vec8) {
+  return _mm256_cvtepi32_ps(_mm256_srli_epi32(load8_u8_epi32(p), 4));
+}
 inline Vec8 load8_bf16(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));

@@ -82,6 +82,18 @@ inline Vec16 vlog(Vec16 x) {
   return _mm512_load_ps(t);
 }
 
+// Sixteen bytes as floats: the bytes, their low nibbles, their high nibbles (low-bit weights).
+inline __m512i load16_u8_epi32(const uint8_t* p) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+inline Vec16 load_u8(const uint8_t* p, Vec16) { return _mm512_cvtepi32_ps(load16_u8_epi32(p)); }
+inline Vec16 load_lo_nibbles(const uint8_t* p, Vec16) {
+  return _mm512_cvtepi32_ps(_mm512_and_si512(load16_u8_epi32(p), _mm512_set1_epi32(15)));
+}
+inline Vec16 load_hi_nibbles(const uint8_t* p, Vec16) {
+  return _mm512_cvtepi32_ps(_mm512_srli_epi32(load16_u8_epi32(p), 4));
+}
+
 template <>
 struct VecIo<Vec16> {
   static Vec16 load(const float* p) { return _mm512_loadu_ps(p); }

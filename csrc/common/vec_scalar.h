@@ -2,6 +2,7 @@
 // The AVX2 kernels use Vec8 (vec_avx2.h) with the same function names, so every loss's math
 // is written once (losses/loss_math.h) and instantiated for each.
 #pragma once
+#include <cstdint>
 #include <cmath>
 
 #include "macros.h"
@@ -26,6 +27,10 @@ FL_HD float vabs(float a) { return fabsf(a); }
 FL_HD float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 // select(c, a, b) = c ? a : b, with c a comparison result
 FL_HD float vselect(bool c, float a, float b) { return c ? a : b; }
+// A byte as a float: itself, its low nibble, its high nibble (low-bit weights).
+FL_HD float load_u8(const uint8_t* p, float) { return float(*p); }
+FL_HD float load_lo_nibbles(const uint8_t* p, float) { return float(*p & 15); }
+FL_HD float load_hi_nibbles(const uint8_t* p, float) { return float(*p >> 4); }
 FL_HD float hsum(float a) { return a; }
 FL_HD float hmax(float a) { return a; }
 

@@ -10,6 +10,7 @@ from .losses import (
 from .linear_losses import LinearCrossEntropy
 from .tcn import TCN, DilatedConv1d
 from .distill import DualHeadKD
+from .quant import QuantLinear, quantize_linear_layers_
 
 __all__ = [
     "CrossEntropyLoss",
@@ -21,4 +22,6 @@ __all__ = [
     "DilatedConv1d",
     "TCN",
     "DualHeadKD",
+    "QuantLinear",
+    "quantize_linear_layers_",
 ]

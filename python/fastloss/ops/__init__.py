@@ -21,6 +21,7 @@ from .distill import kd_loss
 from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss
 from .metric_losses import anyloss
+from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
 
 __all__ = [
     "cross_entropy",
@@ -41,4 +42,8 @@ __all__ = [
     "contrastive_loss",
     "multi_similarity_loss",
     "anyloss",
+    "QuantizedWeight",
+    "quantize_weight",
+    "dequantize_weight",
+    "dequant_gemm",
 ]

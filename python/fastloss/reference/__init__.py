@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import contrastive, distill, metric, metric_losses, pair_losses, tcn
+from . import contrastive, distill, metric, metric_losses, pair_losses, quant, tcn
 
 __all__ = [
     "cross_entropy",
@@ -27,4 +27,5 @@ __all__ = [
     "contrastive",
     "metric",
     "metric_losses",
+    "quant",
 ]

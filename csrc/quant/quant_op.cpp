@@ -1,0 +1,132 @@
+// The torch-aware side of the low-bit dequant GEMM: argument checks (the packed format's
+// consistency), allocation, and the CPU kernels of quant_cpu_impl.h. Schemas in
+// registration.cpp; fake kernels, autograd and the packing in python/fastloss/ops/quant.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <optional>
+
+#include "../op_helpers.h"
+#include "quant_kernels.h"
+
+namespace fastloss {
+namespace {
+
+using at::Tensor;
+constexpr const char* kOp = "dequant_gemm";
+constexpr int64_t kTileRows = 256;  // output features dequantized at a time (large batches, backward)
+
+QuantWeight check_weight(const Tensor& q, const Tensor& scale, const Tensor& zero, int64_t bits,
+                         int64_t group) {
+  TORCH_CHECK(bits == 4 || bits == 8, kOp, ": bits must be 4 or 8 (2 and 3 are not supported yet), got ", bits);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, kOp,
+              ": qweight must be a 2-D uint8 tensor [N, K * bits / 8], got ", q.scalar_type(), " ",
+              q.sizes());
+  const int64_t N = q.size(0), K = q.size(1) * 8 / bits;
+  TORCH_CHECK(group >= 1 && K % group == 0, kOp, ": group_size (", group,
+              ") must divide the input features K = ", K);
+  TORCH_CHECK(bits != 4 || group % 2 == 0, kOp, ": 4-bit groups must have an even size, got ", group);
+  for (const Tensor* t : {&scale, &zero})
+    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K / group &&
+                    t->scalar_type() == at::kFloat,
+                kOp, ": scales and zeros must be float32 [N, K / group_size] = [", N, ", ",
+                K / group, "], got ", t->scalar_type(), " ", t->sizes());
+  TORCH_CHECK(q.is_cpu() && scale.is_cpu() && zero.is_cpu(), kOp,
+              ": the fastloss kernels run on the CPU (CUDA kernels are not written yet)");
+  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), kOp,
+              ": the packed tensors must be contiguous (as quantize_weight returns them)");
+  QuantWeight w;
+  w.q = q.data_ptr<uint8_t>();
+  w.scale = scale.data_ptr<float>();
+  w.zero = zero.data_ptr<float>();
+  w.N = N;
+  w.K = K;
+  w.group = group;
+  w.bits = int(bits);
+  return w;
+}
+
+// float32 rows [n0, n0 + rows) of the weight
+Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const at::TensorOptions& f32) {
+  Tensor tile = at::empty({rows, w.K}, f32);
+  float* out = tile.data_ptr<float>();
+  at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+    quant_dequant_rows_cpu(w, out + r0 * w.K, n0 + r0, n0 + r1);
+  });
+  return tile;
+}
+
+Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const Tensor& zero, int64_t bits,
+                         int64_t group) {
+  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+  return dequant_tile(w, 0, w.N, q.options().dtype(at::kFloat));
+}
+
+// y = x @ W^T (+ bias), x [M, K] -> [M, N] in x's dtype.
+Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const Tensor& zero,
+                    int64_t bits, int64_t group, const std::optional<Tensor>& bias) {
+  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+  TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, kOp, ": x must be [M, K] with K = ", w.K,
+              " (the weight's input features), got ", x.sizes());
+  kernel_dtype(x, kOp, "x");
+  TORCH_CHECK(x.device() == q.device(), kOp, ": x is on ", x.device(), " but qweight is on ", q.device());
+  TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.N), kOp,
+              ": bias must be [N] = [", w.N, "]");
+  const auto f32 = x.options().dtype(at::kFloat);
+  const Tensor x32 = x.to(at::kFloat).contiguous();
+  const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
+  const int64_t M = x.size(0);
+  Tensor y = at::empty({M, w.N}, f32);
+  if (M == 0 || w.N == 0) return y.to(x.scalar_type());
+  if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
+    const int64_t G = w.K / w.group;
+    const Tensor xsum = x32.view({M, G, w.group}).sum(2).contiguous();
+    const float* xp = x32.data_ptr<float>();
+    const float* sp = xsum.data_ptr<float>();
+    const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+    float* yp = y.data_ptr<float>();
+    at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
+      quant_gemv_cpu(w, xp, sp, M, bp, yp, n0, n1);
+    });
+  } else {  // compute-bound: dequantize tiles of rows and use torch's GEMM
+    for (int64_t n0 = 0; n0 < w.N; n0 += kTileRows) {
+      const int64_t rows = std::min(kTileRows, w.N - n0);
+      const Tensor tile = dequant_tile(w, n0, rows, f32);
+      y.narrow(1, n0, rows).copy_(at::mm(x32, tile.t()));
+    }
+    if (b32.defined()) y.add_(b32);
+  }
+  return y.to(x.scalar_type());
+}
+
+// grad_x = grad_y @ W, grad_y [M, N] -> [M, K] float32, by tiles of dequantized rows.
+Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tensor& scale,
+                               const Tensor& zero, int64_t bits, int64_t group) {
+  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+  TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(1) == w.N, kOp, ": grad_y must be [M, N] with N = ",
+              w.N, ", got ", grad_y.sizes());
+  const auto f32 = grad_y.options().dtype(at::kFloat);
+  const Tensor g32 = grad_y.to(at::kFloat);
+  Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
+  for (int64_t n0 = 0; n0 < w.N; n0 += kTileRows) {
+    const int64_t rows = std::min(kTileRows, w.N - n0);
+    gx.addmm_(g32.narrow(1, n0, rows), dequant_tile(w, n0, rows, f32));
+  }
+  return gx;
+}
+
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("dequant_gemm", &fastloss::dequant_gemm);
+  m.impl("dequant_gemm_grad_input", &fastloss::dequant_gemm_grad_input);
+  m.impl("dequantize_weight", &fastloss::dequantize_weight);
+}
