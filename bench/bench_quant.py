@@ -1,0 +1,110 @@
+"""Benchmark of the low-bit dequant GEMM: ``y = x @ W^T`` from 4- and 8-bit weights.
+
+Variants, same inputs, same run, per (layer shape N x K, batch M):
+  * ``fastloss_4bit`` / ``fastloss_8bit``: ``fastloss.ops.dequant_gemm`` (group 128, symmetric);
+  * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32);
+  * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
+  * ``torch_int4pack``: torch's own ``aten._weight_int4pack_mm_for_cpu`` (4-bit, group 128),
+    where this torch has it.
+Floor (small batches are memory-bound): the packed weight, its scales and zeros, x and y, read
+or written once, against the copy bandwidth measured in the same run.
+
+Usage: python bench/bench_quant.py [--device cpu] [--quick] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import harness  # noqa: E402
+
+import fastloss  # noqa: E402
+
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]   # (N out, K in), LLM layers
+BATCHES = [1, 4, 16, 64, 256]
+QUICK_SHAPES, QUICK_BATCHES = [(512, 512)], [1, 32]
+MEASURE_KW = dict(warmup=3, target_s=0.5, min_repeats=5, max_repeats=50, max_measure_s=10.0)
+
+
+def eager_dequant(qw):
+    """Unpack with torch operations (the 4-bit layout of fastloss.ops.quant), then scale."""
+    n, k = qw.shape
+    b = qw.qweight.to(torch.int32).view(n, k // qw.group, qw.group // 2)
+    q = torch.cat([b & 15, b >> 4], dim=2).view(n, k).float()
+    idx = torch.arange(k) // qw.group
+    return (q - qw.zeros[:, idx]) * qw.scales[:, idx]
+
+
+def int4pack(w, group=128):
+    """torch's CPU int4 kernel on the same weights, or the reason it is unavailable."""
+    try:
+        n, k = w.shape
+        wg = w.view(n, k // group, group)
+        lo, hi = wg.amin(-1, keepdim=True), wg.amax(-1, keepdim=True)
+        scale = ((hi - lo) / 15).clamp_min(1e-8)
+        q = torch.clamp(torch.round((wg - lo) / scale), 0, 15).to(torch.int32).view(n, k)
+        zero = lo + 8 * scale   # torch's convention: w = (q - 8) * scale + zero
+        sz = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous()
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+        fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # noqa: E731
+        fn(torch.randn(1, k))
+        return fn
+    except Exception as e:  # an op this torch lacks, or a layout it rejects
+        return f"unavailable: torch int4pack CPU kernel failed ({type(e).__name__}: {str(e)[:80]})"
+
+
+def main(argv=None):
+    ap = harness.base_parser(__doc__)
+    args = ap.parse_args(argv)
+    device = args.device
+    if device != "cpu":
+        ap.error("--device cuda: the CUDA kernels are not written yet")
+    name = "quant_cpu" + ("_quick" if args.quick else "")
+    t_start = time.perf_counter()
+    bw = harness.measure_bandwidth(device)
+    res = harness.Results(name, device, args.out, bandwidth=bw, notes=[
+        "time = y = f(x) for x [M, K], no autograd; median",
+        "floor bytes = packed weight + scales + zeros + x + y (float32 activations)",
+        "fastloss_*: group 128, symmetric round-to-nearest"])
+    res.title = "fastloss dequant_gemm (CPU)"
+    cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
+                                                if c[0] not in ("op", "shape", "dtype", "vs eager", "vs torch")]
+    cols.append(("vs matmul", lambda r: harness._f(r.get("speedup_vs", {}).get("torch_matmul"), ".2f", "x")))
+    print(f"# {name}: {res.env['device_name']}, {res.env['threads']} threads, torch {res.env['torch']}, "
+          f"commit {res.env['git_commit']}, copy {bw['best_GBps']:.1f} GB/s")
+    print(" | ".join(c for c, _ in cols), flush=True)
+    for (n, k) in QUICK_SHAPES if args.quick else SHAPES:
+        gen = torch.Generator().manual_seed(n + k)
+        w = torch.randn(n, k, generator=gen) / k ** 0.5
+        q4 = fastloss.ops.quantize_weight(w, 4, 128)
+        q8 = fastloss.ops.quantize_weight(w, 8, 128)
+        w4 = fastloss.ops.dequantize_weight(q4)
+        tp = int4pack(w)
+        for m in QUICK_BATCHES if args.quick else BATCHES:
+            x = torch.randn(m, k, generator=gen)
+            variants = {"fastloss_4bit": (lambda: fastloss.ops.dequant_gemm(x, q4), q4),
+                        "fastloss_8bit": (lambda: fastloss.ops.dequant_gemm(x, q8), q8),
+                        "torch_matmul": (lambda: x @ w4.T, None),
+                        "eager_dequant": (lambda: x @ eager_dequant(q4).T, q4),
+                        "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)}
+            for variant, (fn, qw) in variants.items():
+                weight_bytes = (qw.qweight.numel() + 8 * qw.scales.numel()) if qw is not None else 4 * n * k
+                base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
+                            label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=torch.float32,
+                            floor_bytes={"min": weight_bytes + 4 * m * (n + k)})
+                if isinstance(fn, str):
+                    row = res.add(status=fn.split(":")[0], reason=fn, **base)
+                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    continue
+                harness.measure_row(res, lambda _inp, fn=fn: fn(), device, base, cols, MEASURE_KW)
+    harness.finish_run(res, cols, baseline="torch_matmul", t_start=t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
