@@ -62,8 +62,9 @@ def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
     device = args.device
-    if device != "cpu":
-        ap.error("--device cuda: the CUDA kernels are not written yet")
+    if device != "cpu":  # (scripts/bench.sh passes --device to every family)
+        print("# bench_quant: skipped on cuda: the CUDA kernels are not written yet")
+        return 0
     name = "quant_cpu" + ("_quick" if args.quick else "")
     t_start = time.perf_counter()
     bw = harness.measure_bandwidth(device)

@@ -4,9 +4,8 @@
 # builds and installs the extension with --no-build-isolation (scripts/setup_venv.sh, as
 # scripts/test.sh does), then runs every family's benchmark (bench/bench_losses.py,
 # bench_linear_losses.py, bench_tcn.py, bench_pair_losses.py, bench_distill.py,
-# bench_quant.py); arguments
-# common to them are passed on
-# (--device cpu|cuda, --quick, --out DIR). Results: bench/results/*.json and *.png.
+# bench_quant.py); the arguments common to them are passed on (--device cpu|cuda, --quick,
+# --out DIR). Results: bench/results/*.json and *.png.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
