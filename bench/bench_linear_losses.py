@@ -159,8 +159,7 @@ def main(argv=None):
             else:
                 def call(inp, fn=fn):
                     loss = fn(*inp)
-                    grads = torch.autograd.grad(loss, inp[:2])
-                    del grads
+                    torch.autograd.grad(loss, inp[:2])
                     return loss.detach()
                 gc.collect()
                 try:

@@ -80,7 +80,7 @@ def pytorch_tcn():
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
-    device, cuda = args.device, args.device == "cuda"
+    device = args.device
     name = f"tcn_{device}" + ("_quick" if args.quick else "")
     shapes = QUICK if args.quick else SHAPES[device]
     t_start = time.perf_counter()
@@ -138,7 +138,6 @@ def main(argv=None):
                     torch.autograd.grad(y, (x, w, b), g)
                     return None
                 harness.measure_row(res, call, device, base, cols, MEASURE_KW[device])
-        del x, w, b, g
     harness.finish_run(res, cols, baseline="torch_conv1d", colors=COLORS, t_start=t_start)
     return 0
 

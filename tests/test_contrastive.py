@@ -3,11 +3,6 @@ F.cross_entropy form): loss and both gradients, symmetric or not, with and witho
 weights, every reduction and block size, float32 and bfloat16; compile, bad input, and that
 the B x B matrix is never kept (peak memory)."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -15,6 +10,7 @@ import torch.nn.functional as F
 
 from fastloss import ops
 from fastloss.reference import contrastive as ref
+from peak_memory import peak_extra_bytes, requires_proc
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -96,31 +92,21 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK = textwrap.dedent("""
-    import json, sys, torch, fastloss
-    from fastloss.reference import contrastive as ref
-    torch.set_num_threads(1)
-    a = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
-    b = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
-    f = (lambda x, y: fastloss.ops.contrastive_loss(x, y, block_rows=256)) if sys.argv[1] == "fused" \\
-        else (lambda x, y: ref.contrastive_loss(x, y, compute_dtype=None))
-    f(a[:8], b[:8]).backward()
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")
-    before = kib("VmRSS:")
-    f(a, b).backward()
-    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
-""")
+_PEAK_CALL = {"fused": 'fastloss.ops.contrastive_loss(a, b, block_rows=256).backward()', "eager": 'ref.contrastive_loss(a, b, compute_dtype=None).backward()'}
+_PEAK_SETUP = """
+import fastloss
+from fastloss.reference import contrastive as ref
+a = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
+b = torch.nn.functional.normalize(torch.randn(4096, 64), dim=1).requires_grad_(True)
+fastloss.ops.contrastive_loss(a[:8], b[:8]).backward()   # warm up
+ref.contrastive_loss(a[:8], b[:8], compute_dtype=None).backward()
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+@requires_proc
 def test_similarity_matrix_is_never_kept():
     def extra(mode):
-        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+        return peak_extra_bytes(_PEAK_SETUP, _PEAK_CALL[mode])
     matrix = 4096 * 4096 * 4  # 64 MiB
     assert extra("eager") > matrix, "the measurement missed the eager B x B matrix"
     assert extra("fused") < 6 * 256 * 4096 * 4 + (8 << 20)   # a few [256, B] blocks: 32 MiB

@@ -3,12 +3,6 @@ reference loss), against the unfused fastloss ops, and against F.cross_entropy: 
 gradients of hidden, weight and bias; every loss, dtype and reduction, awkward N/D/V, block
 sizes, ignored rows; opcheck, compile, autocast, the module, bad input, and peak memory."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -18,6 +12,7 @@ from fastloss import ops
 from fastloss import reference as ref
 
 from conftest import requires_cuda
+from peak_memory import peak_extra_bytes, requires_proc
 
 # name -> (fused function, unfused fastloss function, reference loss, kwargs, class weights)
 CASES = {
@@ -474,40 +469,32 @@ def test_device_mismatch():
 
 # ---- peak memory --------------------------------------------------------------------------------
 
-_PEAK_SCRIPT = textwrap.dedent("""
-    import json, sys, torch, torch.nn.functional as F, fastloss
-    torch.set_num_threads(1)
-    n, d, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-    g = torch.Generator().manual_seed(0)
-    h = torch.randn(n, d, generator=g).requires_grad_(True)
-    w = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_(True)
-    t = torch.randint(0, v, (n,), generator=g)
-    # warm up at a small size: libraries and allocator state, not counted
-    fastloss.ops.linear_cross_entropy(h[:4], w[:64], t[:4] % 64).backward()
-    F.cross_entropy(F.linear(h[:4], w[:64]), t[:4] % 64).backward()
-    h.grad = w.grad = None
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")  # restart the peak (VmHWM) from now
-    before = kib("VmRSS:")
-    if mode in ("fused", "tiles"):
-        fastloss.ops.linear_cross_entropy(h, w, t, block_rows=int(sys.argv[5]),
-                                          low_memory=mode == "tiles").backward()
-    else:
-        F.cross_entropy(F.linear(h, w), t).backward()
-    print(json.dumps({"extra_bytes": (kib("VmHWM:") - before) * 1024}))
-""")
+_PEAK_SETUP = """
+import sys, torch.nn.functional as F, fastloss
+n, d, v, mode = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+g = torch.Generator().manual_seed(0)
+h = torch.randn(n, d, generator=g).requires_grad_(True)
+w = (torch.randn(v, d, generator=g) / d ** 0.5).requires_grad_(True)
+t = torch.randint(0, v, (n,), generator=g)
+# warm up at a small size: libraries and allocator state, not counted
+fastloss.ops.linear_cross_entropy(h[:4], w[:64], t[:4] % 64).backward()
+F.cross_entropy(F.linear(h[:4], w[:64]), t[:4] % 64).backward()
+h.grad = w.grad = None
+"""
+_PEAK_CALL = """
+if mode in ("fused", "tiles"):
+    fastloss.ops.linear_cross_entropy(h, w, t, block_rows=int(sys.argv[5]),
+                                      low_memory=mode == "tiles").backward()
+else:
+    F.cross_entropy(F.linear(h, w), t).backward()
+"""
 
 
 def _peak_extra_bytes(*args):
-    out = subprocess.run([sys.executable, "-c", _PEAK_SCRIPT, *map(str, args)], check=True,
-                         capture_output=True, text=True, env={**os.environ, "FASTLOSS_NO_THP": "1"})
-    return json.loads(out.stdout.strip().splitlines()[-1])["extra_bytes"]
+    return peak_extra_bytes(_PEAK_SETUP, _PEAK_CALL, *args)
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+@requires_proc
 def test_peak_memory_is_bounded():
     """The fused op's peak extra memory is one block of logits plus the gradients, far under
     the [N, V] logits; the same measurement sees the unfused graph's logits (so it can fail)."""

@@ -3,17 +3,13 @@ MultiSimilarityLoss + MultiSimilarityMiner on the same inputs, and against the f
 reference from the formulas: loss and gradient, with and without mining, every reduction and
 block size, classes of one sample, one class only, bfloat16; compile, bad input, memory."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
 
 from fastloss import ops
 from fastloss.reference import metric as ref
+from peak_memory import peak_extra_bytes, requires_proc
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="a test dependency (scripts/setup_venv.sh installs it)")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -101,30 +97,21 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK = textwrap.dedent("""
-    import json, sys, torch, fastloss
-    from fastloss.reference import metric as ref
-    torch.set_num_threads(1)
-    emb = torch.randn(4096, 64).requires_grad_(True)
-    labels = torch.randint(0, 100, (4096,))
-    f = (lambda e: fastloss.ops.multi_similarity_loss(e, labels, block_rows=32)) \\
-        if sys.argv[1] == "fused" else (lambda e: ref.multi_similarity_loss(e, labels, compute_dtype=None))
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")
-    before = kib("VmRSS:")
-    f(emb).backward()
-    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
-""")
+_PEAK_CALL = {"fused": 'fastloss.ops.multi_similarity_loss(emb, labels, block_rows=32).backward()', "eager": 'ref.multi_similarity_loss(emb, labels, compute_dtype=None).backward()'}
+_PEAK_SETUP = """
+import fastloss
+from fastloss.reference import metric as ref
+emb = torch.randn(4096, 64).requires_grad_(True)
+labels = torch.randint(0, 100, (4096,))
+fastloss.ops.multi_similarity_loss(emb[:16], labels[:16]).backward()   # warm up
+ref.multi_similarity_loss(emb[:16], labels[:16], compute_dtype=None).backward()
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+@requires_proc
 def test_similarity_matrix_is_never_kept():
     def extra(mode):
-        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+        return peak_extra_bytes(_PEAK_SETUP, _PEAK_CALL[mode])
     matrix = 4096 * 4096 * 4  # 64 MiB
     assert extra("eager") > matrix, "the measurement missed the eager B x B matrix"
     assert extra("fused") < matrix / 2   # blocks of 32 rows (0.5 MiB) and their temporaries

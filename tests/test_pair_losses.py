@@ -4,11 +4,6 @@ kernel path and dtype, one query and many, sizes around the vector widths and th
 work blocks, extreme scores; opcheck, compile, no_grad, bad input, and that the pair matrix is
 never built (peak memory)."""
 
-import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -16,6 +11,7 @@ import torch.nn.functional as F
 
 from fastloss import ops
 from fastloss.reference import pair_losses as ref
+from peak_memory import peak_extra_bytes, requires_proc
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -109,31 +105,21 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK = textwrap.dedent("""
-    import json, sys, torch, fastloss
-    from fastloss.reference import pair_losses as ref
-    torch.set_num_threads(1)
-    p = torch.randn(1, 4096).requires_grad_(True)
-    n = torch.randn(1, 4096).requires_grad_(True)
-    f = fastloss.ops.mw_auc_loss if sys.argv[1] == "fused" else (
-        lambda a, b: ref.mw_auc_loss(a, b, compute_dtype=None))
-    f(p[:, :8], n[:, :8]).backward()   # warm up
-    def kib(field):
-        for line in open("/proc/self/status"):
-            if line.startswith(field):
-                return int(line.split()[1])
-    open("/proc/self/clear_refs", "w").write("5")
-    before = kib("VmRSS:")
-    f(p, n).backward()
-    print(json.dumps({"extra": (kib("VmHWM:") - before) * 1024}))
-""")
+_PEAK_CALL = {"fused": 'fastloss.ops.mw_auc_loss(p, n).backward()', "eager": 'ref.mw_auc_loss(p, n, compute_dtype=None).backward()'}
+_PEAK_SETUP = """
+import fastloss
+from fastloss.reference import pair_losses as ref
+p = torch.randn(1, 4096).requires_grad_(True)
+n = torch.randn(1, 4096).requires_grad_(True)
+fastloss.ops.mw_auc_loss(p[:, :8], n[:, :8]).backward()   # warm up
+ref.mw_auc_loss(p[:, :8], n[:, :8], compute_dtype=None).backward()
+"""
 
 
-@pytest.mark.skipif(not os.path.exists("/proc/self/clear_refs"), reason="peak RSS from /proc (Linux)")
+@requires_proc
 def test_pair_matrix_is_never_built():
     def extra(mode):
-        out = subprocess.run([sys.executable, "-c", _PEAK, mode], check=True, capture_output=True, text=True)
-        return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+        return peak_extra_bytes(_PEAK_SETUP, _PEAK_CALL[mode])
     pairs_bytes = 4096 * 4096 * 4  # 64 MiB of float32 pairs
     assert extra("eager") > pairs_bytes, "the measurement missed the eager pair matrix"
     assert extra("fused") < 8 << 20

@@ -6,7 +6,6 @@ QuantLinear on a small model; bad input."""
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import fastloss
 from fastloss import ops

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from typing import Mapping, Optional
 
-import torch
 from torch import Tensor, nn
 
 from .. import ops
