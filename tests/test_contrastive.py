@@ -92,7 +92,10 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK_CALL = {"fused": 'fastloss.ops.contrastive_loss(a, b, block_rows=256).backward()', "eager": 'ref.contrastive_loss(a, b, compute_dtype=None).backward()'}
+_PEAK_CALL = {
+    "fused": 'fastloss.ops.contrastive_loss(a, b, block_rows=256).backward()',
+    "eager": 'ref.contrastive_loss(a, b, compute_dtype=None).backward()',
+}
 _PEAK_SETUP = """
 import fastloss
 from fastloss.reference import contrastive as ref

@@ -97,7 +97,10 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK_CALL = {"fused": 'fastloss.ops.multi_similarity_loss(emb, labels, block_rows=32).backward()', "eager": 'ref.multi_similarity_loss(emb, labels, compute_dtype=None).backward()'}
+_PEAK_CALL = {
+    "fused": 'fastloss.ops.multi_similarity_loss(emb, labels, block_rows=32).backward()',
+    "eager": 'ref.multi_similarity_loss(emb, labels, compute_dtype=None).backward()',
+}
 _PEAK_SETUP = """
 import fastloss
 from fastloss.reference import metric as ref

@@ -105,7 +105,10 @@ def test_bad_input_errors_name_the_argument():
         assert message in str(info.value), (message, str(info.value))
 
 
-_PEAK_CALL = {"fused": 'fastloss.ops.mw_auc_loss(p, n).backward()', "eager": 'ref.mw_auc_loss(p, n, compute_dtype=None).backward()'}
+_PEAK_CALL = {
+    "fused": 'fastloss.ops.mw_auc_loss(p, n).backward()',
+    "eager": 'ref.mw_auc_loss(p, n, compute_dtype=None).backward()',
+}
 _PEAK_SETUP = """
 import fastloss
 from fastloss.reference import pair_losses as ref
