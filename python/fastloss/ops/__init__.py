@@ -22,6 +22,7 @@ from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss
 from .metric_losses import anyloss
 from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
+from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
 
 __all__ = [
     "cross_entropy",
@@ -46,4 +47,7 @@ __all__ = [
     "quantize_weight",
     "dequantize_weight",
     "dequant_gemm",
+    "SinkhornResult",
+    "sinkhorn",
+    "wasserstein",
 ]

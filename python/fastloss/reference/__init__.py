@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import contrastive, distill, metric, metric_losses, pair_losses, quant, tcn
+from . import contrastive, distill, metric, metric_losses, pair_losses, quant, sinkhorn, tcn
 
 __all__ = [
     "cross_entropy",
@@ -28,4 +28,5 @@ __all__ = [
     "metric",
     "metric_losses",
     "quant",
+    "sinkhorn",
 ]

@@ -1,0 +1,96 @@
+"""Log-domain Sinkhorn against the float64 reference (plain Sinkhorn scaling, unrolled for its
+gradients): plan, cost, marginals, gradients w.r.t. cost and marginals; small eps without
+overflow; batched equals one by one; point clouds; non-convergence reported; bad input."""
+
+import warnings
+
+import pytest
+import torch
+
+from fastloss import ops
+from fastloss.reference import sinkhorn as ref
+
+
+def problem(n, m, seed=0, dtype=torch.float64, scale=1.0):
+    g = torch.Generator().manual_seed(seed * 31 + n * 7 + m)
+    c = torch.rand(n, m, generator=g, dtype=torch.float64) * scale
+    a = torch.rand(n, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(m, generator=g, dtype=torch.float64) + 0.2
+    return c.to(dtype), (a / a.sum()).to(dtype), (b / b.sum()).to(dtype)
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (1, 5), (6, 1), (7, 9), (40, 23)], ids=str)
+@pytest.mark.parametrize("eps", [0.5, 0.05])
+def test_matches_reference_plan_cost_and_gradients(shape, eps):
+    c, a, b = problem(*shape)
+    cc, aa, bb = (t.clone().requires_grad_(True) for t in (c, a, b))
+    res = ops.sinkhorn(cc, aa, bb, eps=eps, tol=1e-11, max_iter=20000, return_plan=True)
+    assert bool(res.converged)
+    plan = ref.sinkhorn_plan(c, a, b, eps)
+    torch.testing.assert_close(res.plan, plan, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(res.plan.sum(1), a, rtol=0, atol=1e-9)
+    torch.testing.assert_close(res.plan.sum(0), b, rtol=0, atol=1e-9)
+    torch.testing.assert_close(res.transport_cost, (plan * c).sum(), rtol=1e-7, atol=1e-12)
+    c2, a2, b2 = (t.clone().requires_grad_(True) for t in (c, a, b))
+    expected = ref.ot_eps(c2, a2, b2, eps)
+    torch.testing.assert_close(res.cost, expected.detach(), rtol=1e-7, atol=1e-12)
+    res.cost.backward()
+    expected.backward()
+    torch.testing.assert_close(cc.grad, c2.grad, rtol=1e-6, atol=1e-10)
+    for got, exp in ((aa.grad, a2.grad), (bb.grad, b2.grad)):   # defined up to a constant
+        torch.testing.assert_close(got - got.mean(), exp - exp.mean(), rtol=1e-6, atol=1e-9)
+
+
+def test_small_eps_does_not_overflow_and_float32():
+    c, a, b = problem(30, 30, seed=1, scale=10.0)
+    res = ops.sinkhorn(c, a, b, eps=1e-3, tol=1e-6, max_iter=50000)   # 1e-4 x the cost scale
+    assert bool(res.converged) and torch.isfinite(res.cost) and torch.isfinite(res.f).all()
+    r32 = ops.sinkhorn(c.float(), a.float(), b.float(), eps=0.5, tol=1e-5)
+    r64 = ops.sinkhorn(c, a, b, eps=0.5, tol=1e-10)
+    torch.testing.assert_close(r32.cost.double(), r64.cost, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_equals_one_by_one_and_uniform_marginals():
+    cs = torch.stack([problem(8, 6, seed=s)[0] for s in range(3)])
+    res = ops.sinkhorn(cs, eps=0.1, tol=1e-10, max_iter=10000)
+    for i in range(3):
+        one = ops.sinkhorn(cs[i], torch.full((8,), 1 / 8, dtype=torch.float64),
+                           torch.full((6,), 1 / 6, dtype=torch.float64), eps=0.1, tol=1e-10, max_iter=10000)
+        torch.testing.assert_close(res.cost[i], one.cost)
+
+
+def test_wasserstein_point_clouds_gradients():
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 10, 3, generator=g, dtype=torch.float64, requires_grad=True)
+    y = torch.randn(2, 12, 3, generator=g, dtype=torch.float64) + 1.0
+    cost = ops.wasserstein(x, y, eps=0.5, tol=1e-10, max_iter=5000)
+    cost.sum().backward()
+    # the gradient of OT_eps w.r.t. x_i is sum_j P_ij d|x_i - y_j|^2 / dx_i = 2 (a_i x_i - (P y)_i)
+    c = torch.cdist(x.detach(), y) ** 2
+    plan = ops.sinkhorn(c, eps=0.5, tol=1e-10, max_iter=5000, return_plan=True).plan
+    expected = 2 * (plan.sum(2, keepdim=True) * x.detach() - plan @ y)
+    torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-9)
+
+
+def test_non_convergence_is_reported_and_bad_input():
+    c, a, b = problem(20, 20, seed=4)
+    with pytest.warns(RuntimeWarning, match="did not reach tol"):
+        res = ops.sinkhorn(c, a, b, eps=1e-3, max_iter=3, tol=1e-12)
+    assert not bool(res.converged) and int(res.n_iter) == 3 and float(res.marginal_error) > 1e-12
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.sinkhorn(c, a, b, eps=1e-3, max_iter=3, warn=False)
+    cases = [
+        (lambda: ops.sinkhorn(-c, a, b, eps=0.1), "cost must be finite and non-negative"),
+        (lambda: ops.sinkhorn(c, a * 2, b, eps=0.1), "same positive total mass"),
+        (lambda: ops.sinkhorn(c, -a, b, eps=0.1), "a must be finite and non-negative"),
+        (lambda: ops.sinkhorn(c, a[:5], b, eps=0.1), "a must be [20]"),
+        (lambda: ops.sinkhorn(c, a, b, eps=0.0), "eps must be > 0"),
+        (lambda: ops.sinkhorn(c.int(), a, b, eps=0.1), "cost must be a float32/float64"),
+        (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns"), "not implemented yet"),
+        (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 3), eps=0.1), "x and y must be"),
+    ]
+    for call, message in cases:
+        with pytest.raises((ValueError, NotImplementedError)) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
