@@ -94,3 +94,17 @@ def test_non_convergence_is_reported_and_bad_input():
         with pytest.raises((ValueError, NotImplementedError)) as info:
             call()
         assert message in str(info.value), (message, str(info.value))
+
+
+def test_small_eps_approaches_the_exact_assignment_cost():
+    optimize = pytest.importorskip("scipy.optimize", reason="scipy comes with the test dependencies")
+    g = torch.Generator().manual_seed(5)
+    c = torch.rand(8, 8, generator=g, dtype=torch.float64)
+    rows, cols = optimize.linear_sum_assignment(c.numpy())
+    exact = float(c[rows, cols].sum()) / 8           # uniform marginals 1/8
+    gaps = []
+    for eps in (0.1, 0.03, 0.01):
+        res = ops.sinkhorn(c, eps=eps, tol=1e-6, max_iter=100000)
+        assert bool(res.converged)
+        gaps.append(float(res.transport_cost) - exact)
+    assert gaps[0] > gaps[1] > gaps[2] > -1e-5 and gaps[2] < 0.05 * exact, gaps
