@@ -87,11 +87,13 @@ def test_non_convergence_is_reported_and_bad_input():
         (lambda: ops.sinkhorn(c, a[:5], b, eps=0.1), "a must be [20]"),
         (lambda: ops.sinkhorn(c, a, b, eps=0.0), "eps must be > 0"),
         (lambda: ops.sinkhorn(c.int(), a, b, eps=0.1), "cost must be a float32/float64"),
-        (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns"), "not implemented yet"),
+        (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="newton"), "method must be 'sinkhorn' or 'sns'"),
+        (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=0), "sparsity must be a fraction"),
+        (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=1.5), "sparsity must be a fraction"),
         (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 3), eps=0.1), "x and y must be"),
     ]
     for call, message in cases:
-        with pytest.raises((ValueError, NotImplementedError)) as info:
+        with pytest.raises(ValueError) as info:
             call()
         assert message in str(info.value), (message, str(info.value))
 
@@ -108,3 +110,36 @@ def test_small_eps_approaches_the_exact_assignment_cost():
         assert bool(res.converged)
         gaps.append(float(res.transport_cost) - exact)
     assert gaps[0] > gaps[1] > gaps[2] > -1e-5 and gaps[2] < 0.05 * exact, gaps
+
+
+@pytest.mark.parametrize("sparsity", [0.1, 3, 1.0])
+@pytest.mark.parametrize("eps", [0.2, 0.02, 0.004])
+def test_sns_agrees_with_sinkhorn_and_the_reference(eps, sparsity):
+    c, a, b = problem(24, 17, seed=6)
+    sns = ops.sinkhorn(c, a, b, eps=eps, method="sns", sparsity=sparsity, tol=1e-10, max_iter=2000,
+                       return_plan=True)
+    assert bool(sns.converged), sns.marginal_error
+    plain = ops.sinkhorn(c, a, b, eps=eps, tol=1e-10, max_iter=200000, return_plan=True, warn=False)
+    torch.testing.assert_close(sns.cost, plain.cost, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(sns.plan, plain.plan, rtol=1e-5, atol=1e-9)
+    if eps >= 0.02:   # the plain-scaling reference underflows at smaller eps
+        torch.testing.assert_close(sns.plan, ref.sinkhorn_plan(c, a, b, eps, iters=20000), rtol=1e-5, atol=1e-9)
+    if eps < 0.01:   # the point of the method: far fewer iterations at small eps
+        assert int(sns.n_iter) * 5 < int(plain.n_iter), (int(sns.n_iter), int(plain.n_iter))
+
+
+def test_sns_gradients_and_batch():
+    cs = torch.stack([problem(10, 12, seed=s)[0] for s in range(3)]).requires_grad_(True)
+    res = ops.sinkhorn(cs, eps=0.05, method="sns", tol=1e-11, max_iter=500)
+    assert bool(res.converged.all())
+    res.cost.sum().backward()
+    plan = ops.sinkhorn(cs.detach(), eps=0.05, tol=1e-11, max_iter=100000, return_plan=True).plan
+    torch.testing.assert_close(cs.grad, plan, rtol=1e-6, atol=1e-10)
+    # finite differences of the cost w.r.t. one entry of the cost matrix
+    c0 = cs.detach()[0]
+    h = 1e-6
+    bump = torch.zeros_like(c0)
+    bump[3, 4] = h
+    fd = (ops.sinkhorn(c0 + bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost
+          - ops.sinkhorn(c0 - bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost) / (2 * h)
+    torch.testing.assert_close(fd, cs.grad[0, 3, 4], rtol=1e-4, atol=1e-8)
