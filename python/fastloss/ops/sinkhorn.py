@@ -139,14 +139,13 @@ def _newton_sparse(c, log_a, log_b, eps, max_iter, tol, warmup_iters, keep, cg_i
         step = (active & ok)[:, None]
         f = torch.where(step, f + t[:, None] * xf, f)
         g = torch.where(step, g + t[:, None] * xg, g)
-        # where the line search found no ascent (a poor sparse Hessian), one Sinkhorn
-        # iteration instead: never less progress than Sinkhorn
-        fallback = (active & ~ok)[:, None]
-        if bool(fallback.any()):
-            f_s = -eps * torch.logsumexp((g[:, None, :] - c) / eps + log_b[:, None, :], dim=2)
-            f = torch.where(fallback, f_s, f)
-            g_s = -eps * torch.logsumexp((f[:, :, None] - c) / eps + log_a[:, :, None], dim=1)
-            g = torch.where(fallback, g_s, g)
+        # then one Sinkhorn iteration (cheap next to the Newton step): each iteration makes at
+        # least Sinkhorn's progress, also where the sparse Hessian is a poor model
+        live = active[:, None]
+        f_s = -eps * torch.logsumexp((g[:, None, :] - c) / eps + log_b[:, None, :], dim=2)
+        f = torch.where(live, f_s, f)
+        g_s = -eps * torch.logsumexp((f[:, :, None] - c) / eps + log_a[:, :, None], dim=1)
+        g = torch.where(live, g_s, g)
         n_iter += active.long()
     # the error reported is the one the loop tests: rows and columns together
     p = _log_plan(c, f, g, log_a, log_b, eps).exp()
@@ -208,9 +207,8 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         method: ``"sinkhorn"``, or ``"sns"``: ``warmup_iters`` Sinkhorn iterations, then Newton
             steps on the dual whose Hessian keeps, off its diagonal, the largest ``sparsity``
             entries of each row of the plan (a float fraction of ``m``, or an int count), solved
-            by conjugate gradient, with a backtracking line search (and a Sinkhorn iteration
-            where that search finds no ascent). A very sparse Hessian (one or two entries a
-            row) can converge more slowly than Sinkhorn itself.
+            by conjugate gradient, with a backtracking line search, each followed by one
+            Sinkhorn iteration (so that an iteration never makes less progress than Sinkhorn's).
         max_iter, tol: at most ``max_iter`` iterations (Sinkhorn or Newton steps, warm-up
             included); stop when the marginal error falls under ``tol`` (SNS: rows and columns).
         return_plan: also return the plan ``P``.
