@@ -15,3 +15,39 @@ bool set_cpu_isa(const std::string& name);
 const char* cpu_isa_name(CpuIsa isa);
 
 }  // namespace fastloss
+
+// `return <isa>::call;` for the active instruction set: avx512:: or avx2:: (when this build has
+// them) or generic::. For the families' CPU entry points (losses_cpu.cpp, tcn_cpu.cpp, ...),
+// each of whose per-ISA namespaces declares the function.
+#if defined(FASTLOSS_HAVE_AVX512)
+#define FASTLOSS_TRY_AVX512(call) \
+  if (::fastloss::active_cpu_isa() == ::fastloss::CpuIsa::avx512) return avx512::call;
+#else
+#define FASTLOSS_TRY_AVX512(call)
+#endif
+#if defined(FASTLOSS_HAVE_AVX2)
+#define FASTLOSS_TRY_AVX2(call) \
+  if (::fastloss::active_cpu_isa() == ::fastloss::CpuIsa::avx2) return avx2::call;
+#else
+#define FASTLOSS_TRY_AVX2(call)
+#endif
+#define FASTLOSS_CPU_DISPATCH(call) \
+  do {                              \
+    FASTLOSS_TRY_AVX512(call)       \
+    FASTLOSS_TRY_AVX2(call)         \
+    return generic::call;           \
+  } while (0)
+
+// Declares the per-ISA instantiations of a family's CPU functions (defined in its *_avx2.cpp and
+// *_avx512.cpp files) in the namespaces FASTLOSS_CPU_DISPATCH calls into.
+#if defined(FASTLOSS_HAVE_AVX2)
+#define FASTLOSS_DECLARE_AVX2(...) namespace avx2 { __VA_ARGS__ }
+#else
+#define FASTLOSS_DECLARE_AVX2(...)
+#endif
+#if defined(FASTLOSS_HAVE_AVX512)
+#define FASTLOSS_DECLARE_AVX512(...) namespace avx512 { __VA_ARGS__ }
+#else
+#define FASTLOSS_DECLARE_AVX512(...)
+#endif
+#define FASTLOSS_DECLARE_ISAS(...) FASTLOSS_DECLARE_AVX2(__VA_ARGS__) FASTLOSS_DECLARE_AVX512(__VA_ARGS__)

@@ -6,37 +6,18 @@
 
 namespace fastloss {
 
-#define FASTLOSS_DECLARE_KD_ISA(ns)                                                         \
-  namespace ns {                                                                            \
-  void kd_forward(const KdProblem&, float*, float*, int64_t, int64_t);                      \
-  void kd_backward(const KdProblem&, const float*, const float*, void*, int64_t, int64_t);  \
-  }
-#if defined(FASTLOSS_HAVE_AVX2)
-FASTLOSS_DECLARE_KD_ISA(avx2)
-#endif
-#if defined(FASTLOSS_HAVE_AVX512)
-FASTLOSS_DECLARE_KD_ISA(avx512)
-#endif
+// the AVX2 / AVX-512 instantiations, compiled in their own files with those flags
+FASTLOSS_DECLARE_ISAS(
+    void kd_forward(const KdProblem&, float*, float*, int64_t, int64_t);
+    void kd_backward(const KdProblem&, const float*, const float*, void*, int64_t, int64_t);)
 
 void kd_forward_cpu(const KdProblem& q, float* loss, float* stats, int64_t r0, int64_t r1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512) return avx512::kd_forward(q, loss, stats, r0, r1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2) return avx2::kd_forward(q, loss, stats, r0, r1);
-#endif
-  generic::kd_forward(q, loss, stats, r0, r1);
+  FASTLOSS_CPU_DISPATCH(kd_forward(q, loss, stats, r0, r1));
 }
 
 void kd_backward_cpu(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                      int64_t r0, int64_t r1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512) return avx512::kd_backward(q, grad_loss, stats, grad, r0, r1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2) return avx2::kd_backward(q, grad_loss, stats, grad, r0, r1);
-#endif
-  generic::kd_backward(q, grad_loss, stats, grad, r0, r1);
+  FASTLOSS_CPU_DISPATCH(kd_backward(q, grad_loss, stats, grad, r0, r1));
 }
 
 }  // namespace fastloss

@@ -6,38 +6,19 @@
 
 namespace fastloss {
 
-#define FASTLOSS_DECLARE_QUANT_ISA(ns)                                                         \
-  namespace ns {                                                                               \
-  void quant_gemv(const QuantWeight&, const float*, const float*, int64_t, const float*, float*, \
-                  int64_t, int64_t);                                                           \
-  void quant_dequant(const QuantWeight&, float*, int64_t, int64_t);                            \
-  }
-#if defined(FASTLOSS_HAVE_AVX2)
-FASTLOSS_DECLARE_QUANT_ISA(avx2)
-#endif
-#if defined(FASTLOSS_HAVE_AVX512)
-FASTLOSS_DECLARE_QUANT_ISA(avx512)
-#endif
+// the AVX2 / AVX-512 instantiations, compiled in their own files with those flags
+FASTLOSS_DECLARE_ISAS(
+    void quant_gemv(const QuantWeight&, const float*, const float*, int64_t, const float*,
+        float*, int64_t, int64_t);
+    void quant_dequant(const QuantWeight&, float*, int64_t, int64_t);)
 
 void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int64_t M,
                     const float* bias, float* y, int64_t n0, int64_t n1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512) return avx512::quant_gemv(w, x, xsum, M, bias, y, n0, n1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2) return avx2::quant_gemv(w, x, xsum, M, bias, y, n0, n1);
-#endif
-  generic::quant_gemv(w, x, xsum, M, bias, y, n0, n1);
+  FASTLOSS_CPU_DISPATCH(quant_gemv(w, x, xsum, M, bias, y, n0, n1));
 }
 
 void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_t n1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512) return avx512::quant_dequant(w, out, n0, n1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2) return avx2::quant_dequant(w, out, n0, n1);
-#endif
-  generic::quant_dequant(w, out, n0, n1);
+  FASTLOSS_CPU_DISPATCH(quant_dequant(w, out, n0, n1));
 }
 
 }  // namespace fastloss

@@ -6,42 +6,21 @@
 
 namespace fastloss {
 
-#define FASTLOSS_DECLARE_TCN_ISA(ns)                                                      \
-  namespace ns {                                                                          \
-  void conv_forward(const SeqView&, const ConvTaps&, void*, int64_t, int64_t);            \
-  void weight_grad(const SeqView&, const SeqView&, const ConvTaps&, float*, float*,       \
-                   int64_t, int64_t);                                                     \
-  }
-#if defined(FASTLOSS_HAVE_AVX2)
-FASTLOSS_DECLARE_TCN_ISA(avx2)
-#endif
-#if defined(FASTLOSS_HAVE_AVX512)
-FASTLOSS_DECLARE_TCN_ISA(avx512)
-#endif
+// the AVX2 / AVX-512 instantiations, compiled in their own files with those flags
+FASTLOSS_DECLARE_ISAS(
+    void conv_forward(const SeqView&, const ConvTaps&, void*, int64_t, int64_t);
+    void weight_grad(const SeqView&, const SeqView&, const ConvTaps&, float*, float*, int64_t,
+        int64_t);)
 
 int64_t conv_work_items(const SeqView& x) { return x.B * (x.channels_last() ? x.L : x.C); }
 
 void conv_forward_cpu(const SeqView& x, const ConvTaps& taps, void* y, int64_t r0, int64_t r1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512) return avx512::conv_forward(x, taps, y, r0, r1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2) return avx2::conv_forward(x, taps, y, r0, r1);
-#endif
-  generic::conv_forward(x, taps, y, r0, r1);
+  FASTLOSS_CPU_DISPATCH(conv_forward(x, taps, y, r0, r1));
 }
 
 void conv_weight_grad_cpu(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
                           float* grad_w, float* grad_b, int64_t c0, int64_t c1) {
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (active_cpu_isa() == CpuIsa::avx512)
-    return avx512::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
-#endif
-#if defined(FASTLOSS_HAVE_AVX2)
-  if (active_cpu_isa() == CpuIsa::avx2)
-    return avx2::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
-#endif
-  generic::weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1);
+  FASTLOSS_CPU_DISPATCH(weight_grad(x, grad_y, taps, grad_w, grad_b, c0, c1));
 }
 
 }  // namespace fastloss
