@@ -31,6 +31,7 @@
 #endif
 
 #include "../common/huge_pages.h"
+#include "../op_helpers.h"
 #include "losses_kernels.h"
 #include "losses_op.h"
 
@@ -38,15 +39,6 @@ namespace fastloss {
 namespace {
 
 using at::Tensor;
-
-ScalarType to_kernel_dtype(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return ScalarType::f32;
-    case at::kHalf: return ScalarType::f16;
-    case at::kBFloat16: return ScalarType::bf16;
-    default: TORCH_CHECK(false, "unreachable dtype");
-  }
-}
 
 // Checked, kernel-ready views of (logits, target, weight).
 struct Inputs {
@@ -89,7 +81,7 @@ Inputs check_inputs(const char* op, const Tensor& logits_in, const Tensor& targe
     in.weight = w.to(at::kFloat).contiguous();
   }
   in.view.data = in.logits.data_ptr();
-  in.view.dtype = to_kernel_dtype(in.logits);
+  in.view.dtype = kernel_dtype(in.logits, op, "logits");
   in.view.rows = N;
   in.view.cols = C;
   in.view.row_stride = N > 1 ? in.logits.stride(0) : C;
