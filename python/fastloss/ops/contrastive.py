@@ -73,6 +73,7 @@ class _Contrastive(torch.autograd.Function):
         need_a, need_b = ctx.needs_input_grad[:2]
         grad_a = torch.empty(a.shape, dtype=torch.float32, device=a.device) if need_a else None
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
+        af, bf = a.float(), b.float()   # once (no copy for float32), not once per block
         for r0, r1 in _blocks(n, block):
             s = (a[r0:r1] @ b.t()).float().mul_(inv_t)
             # row term: g_i (softmax(S_i) - w~_i); column term: g_j (softmax(S_:,j)_i - w~'_ij);
@@ -90,9 +91,9 @@ class _Contrastive(torch.autograd.Function):
                     ds -= w / col_norm[None, :] * g[None, :]
             ds.mul_(inv_t)
             if need_a:
-                grad_a[r0:r1] = ds @ b.float()
+                grad_a[r0:r1] = ds @ bf
             if need_b:
-                grad_b.addmm_(ds.t(), a[r0:r1].float())
+                grad_b.addmm_(ds.t(), af[r0:r1])
         return (grad_a.to(a.dtype) if need_a else None, grad_b.to(b.dtype) if need_b else None,
                 None, None, None, None)
 
