@@ -2,6 +2,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../losses/loss_params.h"  // ScalarType
 #include "half_convert.h"
 #include "macros.h"
 
@@ -22,6 +23,17 @@ inline float load1(const half_t* p) { return half_to_float(p->bits); }
 inline void store1(float* p, float v) { *p = v; }
 inline void store1(bf16_t* p, float v) { p->bits = float_to_bf16(v); }
 inline void store1(half_t* p, float v) { p->bits = float_to_half(v); }
+
+// Calls f.template operator()<T>() with T the storage type of dtype.
+template <class F>
+auto visit_storage(ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case ScalarType::f16: return f.template operator()<half_t>();
+    case ScalarType::bf16: return f.template operator()<bf16_t>();
+    case ScalarType::f32: break;
+  }
+  return f.template operator()<float>();
+}
 
 // The generic path's "vector" is one float.
 template <class V>

@@ -124,21 +124,13 @@ void backward_rows(const KdProblem& q, const float* grad_loss, const float* stat
 }
 
 #if defined(FL_ISA_VEC)
-template <class F>
-inline void kd_by_dtype(ScalarType t, F&& f) {
-  switch (t) {
-    case ScalarType::f32: return f(float{});
-    case ScalarType::f16: return f(half_t{});
-    case ScalarType::bf16: return f(bf16_t{});
-  }
-}
 void kd_forward(const KdProblem& q, float* loss, float* stats, int64_t r0, int64_t r1) {
-  kd_by_dtype(q.dtype, [&](auto tag) { forward_rows<FL_ISA_VEC, decltype(tag)>(q, loss, stats, r0, r1); });
+  visit_storage(q.dtype, [&]<class T>() { forward_rows<FL_ISA_VEC, T>(q, loss, stats, r0, r1); });
 }
 void kd_backward(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                  int64_t r0, int64_t r1) {
-  kd_by_dtype(q.dtype, [&](auto tag) {
-    backward_rows<FL_ISA_VEC, decltype(tag)>(q, grad_loss, stats, grad, r0, r1);
+  visit_storage(q.dtype, [&]<class T>() {
+    backward_rows<FL_ISA_VEC, T>(q, grad_loss, stats, grad, r0, r1);
   });
 }
 #endif

@@ -173,17 +173,6 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   }
 }
 
-// Calls f.template operator()<T>() with T the storage type of dtype.
-template <class F>
-auto visit_storage(ScalarType dtype, F&& f) {
-  switch (dtype) {
-    case ScalarType::f16: return f.template operator()<half_t>();
-    case ScalarType::bf16: return f.template operator()<bf16_t>();
-    case ScalarType::f32: break;
-  }
-  return f.template operator()<float>();
-}
-
 // Stores n floats as storage type t with the kernels' own conversions (vector body, scalar
 // tail); tests compare the result bit for bit with torch's conversions.
 template <class V>

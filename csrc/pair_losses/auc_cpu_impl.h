@@ -65,11 +65,9 @@ void auc_items_t(const AucProblem& q, double* loss_part, float* grad_pos, float*
 #if defined(FL_ISA_VEC)
 void auc(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part, int64_t r0,
          int64_t r1) {
-  switch (q.dtype) {
-    case ScalarType::f32: return auc_items_t<FL_ISA_VEC, float>(q, loss_part, grad_pos, neg_part, r0, r1);
-    case ScalarType::f16: return auc_items_t<FL_ISA_VEC, half_t>(q, loss_part, grad_pos, neg_part, r0, r1);
-    case ScalarType::bf16: return auc_items_t<FL_ISA_VEC, bf16_t>(q, loss_part, grad_pos, neg_part, r0, r1);
-  }
+  visit_storage(q.dtype, [&]<class T>() {
+    auc_items_t<FL_ISA_VEC, T>(q, loss_part, grad_pos, neg_part, r0, r1);
+  });
 }
 #endif
 

@@ -174,25 +174,14 @@ void weight_grad_t(const SeqView& xv, const SeqView& gv, const ConvTaps& p, floa
   }
 }
 
-template <class V, class F>
-void by_dtype(ScalarType t, F&& f) {
-  switch (t) {
-    case ScalarType::f32: return f(float{});
-    case ScalarType::f16: return f(half_t{});
-    case ScalarType::bf16: return f(bf16_t{});
-  }
-}
-
 #if defined(FL_ISA_VEC)
 void conv_forward(const SeqView& x, const ConvTaps& p, void* y, int64_t r0, int64_t r1) {
-  by_dtype<FL_ISA_VEC>(x.dtype, [&](auto tag) {
-    conv_forward_t<FL_ISA_VEC, decltype(tag)>(x, p, y, r0, r1);
-  });
+  visit_storage(x.dtype, [&]<class T>() { conv_forward_t<FL_ISA_VEC, T>(x, p, y, r0, r1); });
 }
 void weight_grad(const SeqView& x, const SeqView& g, const ConvTaps& p, float* gw, float* gb,
                  int64_t c0, int64_t c1) {
-  by_dtype<FL_ISA_VEC>(x.dtype, [&](auto tag) {
-    weight_grad_t<FL_ISA_VEC, decltype(tag)>(x, g, p, gw, gb, c0, c1);
+  visit_storage(x.dtype, [&]<class T>() {
+    weight_grad_t<FL_ISA_VEC, T>(x, g, p, gw, gb, c0, c1);
   });
 }
 #endif
