@@ -38,3 +38,12 @@ def peak_extra_bytes(setup: str, call: str, *argv) -> int:
     out = subprocess.run([sys.executable, "-c", script, *map(str, argv)], check=True,
                          capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])["extra"]
+
+
+def assert_never_builds(setup: str, calls: dict, intermediate_bytes: int, bound: int, what: str):
+    """The eager call's peak shows the `what` (more than `intermediate_bytes`: the measurement
+    can see it), and the fused call's stays under `bound`. `calls`: {"fused": ..., "eager": ...}."""
+    eager = peak_extra_bytes(setup, calls["eager"])
+    assert eager > intermediate_bytes, f"the measurement missed the eager {what}: {eager} B"
+    fused = peak_extra_bytes(setup, calls["fused"])
+    assert fused < bound, f"fused peak extra memory {fused} B > bound {bound} B"
