@@ -115,6 +115,13 @@ TORCH_LIBRARY(fastloss, m) {
         "-> (Tensor, Tensor)");
   m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
         "float temperature, float beta) -> Tensor");
+  // Order-based distillation (distill/kd_op.cpp): top-k KL over the teacher's k largest
+  // classes, and Plackett-Luce distillation; -> (loss of each row [N] float32, and when
+  // compute_grad its gradient w.r.t. the student [N, C] in the student's dtype, else empty).
+  m.def("topk_kl_forward(Tensor student, Tensor teacher, int k, float temperature, "
+        "bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
+  m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
+        "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
   // Low-bit dequant GEMM (quant/quant_op.cpp): weight [N, K] packed as qweight uint8
   // [N, K * bits / 8] with float32 scales and zeros [N, K / group_size] (layout in
   // quant/quant_kernels.h). y = x @ W^T (+ bias) without a float copy of W.

@@ -1,5 +1,6 @@
-// The AVX-512 distillation kernels: kd_cpu_impl.h on Vec16 (compiled with -mavx512f and
-// FL_ISA=avx512; entered only after the run-time CPU check).
+// The AVX-512 distillation kernels: kd_cpu_impl.h and kd_rank_impl.h on Vec16 (compiled with
+// -mavx512f and FL_ISA=avx512; entered only after the run-time CPU check).
 #include "../common/vec_avx512.h"
 #define FL_ISA_VEC Vec16
 #include "kd_cpu_impl.h"
+#include "kd_rank_impl.h"

@@ -30,4 +30,37 @@ void kd_forward_cpu(const KdProblem& q, float* loss, float* stats, int64_t r0, i
 void kd_backward_cpu(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                      int64_t r0, int64_t r1);
 
+// Top-k KL (OSTQuant's KL-Top): the forward KL restricted to the teacher's k largest logits
+// I of each row (ties broken towards the lower class index). With s = student / T, t = teacher / T:
+//   renormalize = false: T^2 sum_{j in I} q_j (log q_j - log p_j), p = softmax(s), q = softmax(t)
+//                        over all C classes (OSTQuant's released scripts);
+//   renormalize = true:  T^2 KL(softmax(t_I) || softmax(s_I)), both renormalized over I.
+struct TopkKlProblem {
+  const void* student = nullptr;  // [N, C], classes contiguous, rows of stride s_stride
+  const void* teacher = nullptr;  // [N, C], rows of stride t_stride (same dtype)
+  ScalarType dtype = ScalarType::f32;
+  int64_t N = 0, C = 0, s_stride = 0, t_stride = 0, k = 1;
+  float temperature = 1.f;
+  bool renormalize = false;
+};
+
+// Plackett-Luce distillation (PLD): the ranking pi puts the target class first, then the other
+// classes by descending teacher logit (ties towards the lower index); w = softmax(teacher / T),
+//   loss = sum_k w_{pi_k} (logsumexp_{l >= k} student_{pi_l} - student_{pi_k}).
+// Rows whose target is ignore_index have loss 0 and gradient 0.
+struct PldProblem {
+  const void* student = nullptr;  // [N, C], classes contiguous, rows of stride s_stride
+  const void* teacher = nullptr;  // [N, C], rows of stride t_stride (same dtype)
+  const int64_t* target = nullptr;  // [N], contiguous, in [0, C) or ignore_index
+  ScalarType dtype = ScalarType::f32;
+  int64_t N = 0, C = 0, s_stride = 0, t_stride = 0, ignore_index = -100;
+  float temperature = 1.f;
+};
+
+// Rows [r0, r1): loss[r] (float32) and, when grad is not null, grad[r * C + k] (the student's
+// dtype, contiguous) = d loss_r / d student[r, k]. Both find each row's order (a selection or a
+// sort) once, so the forward forms the gradient too instead of repeating it in a backward.
+void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
+void pld_cpu(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
+
 }  // namespace fastloss

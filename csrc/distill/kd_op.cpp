@@ -21,36 +21,53 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "kd_loss";
 
-struct Checked {
+// student and teacher [N, C] of one float dtype on the CPU, classes contiguous.
+struct Pair {
   Tensor student, teacher;
+  ScalarType dtype;
+  int64_t N, C, s_stride, t_stride;
+};
+
+Pair check_pair(const Tensor& student, const Tensor& teacher, const char* op) {
+  TORCH_CHECK(student.dim() == 2, op, ": student must be 2-D [N, C], got shape ", student.sizes());
+  TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher must have student's shape ",
+              student.sizes(), ", got ", teacher.sizes());
+  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), op, ": teacher is ",
+              teacher.scalar_type(), " but student is ", student.scalar_type());
+  TORCH_CHECK(teacher.device() == student.device(), op, ": teacher is on ", teacher.device(),
+              " but student is on ", student.device());
+  TORCH_CHECK(student.is_cpu(), op, ": the fastloss kernel runs on the CPU");
+  TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, op, ": at least one class is needed");
+  Pair p;
+  p.student = student.size(1) <= 1 || student.stride(1) == 1 ? student : student.contiguous();
+  p.teacher = teacher.size(1) <= 1 || teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+  p.dtype = kernel_dtype(p.student, op, "student");
+  p.N = student.size(0);
+  p.C = student.size(1);
+  p.s_stride = p.N > 1 ? p.student.stride(0) : p.C;
+  p.t_stride = p.N > 1 ? p.teacher.stride(0) : p.C;
+  return p;
+}
+
+struct Checked {
+  Pair pair;
   KdProblem q;
 };
 
 Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double temperature,
               double beta) {
-  TORCH_CHECK(student.dim() == 2, kOp, ": student must be 2-D [N, C], got shape ", student.sizes());
-  TORCH_CHECK(teacher.sizes() == student.sizes(), kOp, ": teacher must have student's shape ",
-              student.sizes(), ", got ", teacher.sizes());
-  TORCH_CHECK(teacher.scalar_type() == student.scalar_type(), kOp, ": teacher is ",
-              teacher.scalar_type(), " but student is ", student.scalar_type());
-  TORCH_CHECK(teacher.device() == student.device(), kOp, ": teacher is on ", teacher.device(),
-              " but student is on ", student.device());
-  TORCH_CHECK(student.is_cpu(), kOp, ": the fastloss kernel runs on the CPU");
   TORCH_CHECK(kind >= 0 && kind <= 2, kOp, ": kind must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ", kind);
   TORCH_CHECK(temperature > 0.0, kOp, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(kind != 2 || (beta > 0.0 && beta < 1.0), kOp, ": beta must be in (0, 1) for jsd, got ", beta);
-  TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, kOp, ": at least one class is needed");
-  Checked c;
-  c.student = student.size(1) <= 1 || student.stride(1) == 1 ? student : student.contiguous();
-  c.teacher = teacher.size(1) <= 1 || teacher.stride(1) == 1 ? teacher : teacher.contiguous();
+  Checked c{check_pair(student, teacher, kOp), {}};
   KdProblem& q = c.q;
-  q.student = c.student.data_ptr();
-  q.teacher = c.teacher.data_ptr();
-  q.dtype = kernel_dtype(c.student, kOp, "student");
-  q.N = student.size(0);
-  q.C = student.size(1);
-  q.s_stride = q.N > 1 ? c.student.stride(0) : q.C;
-  q.t_stride = q.N > 1 ? c.teacher.stride(0) : q.C;
+  q.student = c.pair.student.data_ptr();
+  q.teacher = c.pair.teacher.data_ptr();
+  q.dtype = c.pair.dtype;
+  q.N = c.pair.N;
+  q.C = c.pair.C;
+  q.s_stride = c.pair.s_stride;
+  q.t_stride = c.pair.t_stride;
   q.kind = KdKind(kind);
   q.temperature = float(temperature);
   q.beta = float(beta);
@@ -92,10 +109,86 @@ Tensor kd_backward(const Tensor& grad_loss, const Tensor& student, const Tensor&
   return grad;
 }
 
+// The gradient buffer of the order-based losses: [N, C] in the student's dtype, or an empty
+// tensor (and a null pointer for the kernel) when not asked for.
+Tensor grad_buffer(const Pair& p, bool compute_grad) {
+  if (!compute_grad) return at::empty({0}, p.student.options());
+  Tensor grad = at::empty({p.N, p.C}, p.student.options());
+  if (grad.numel() > 0) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  return grad;
+}
+
+// -> (T^2-scaled loss of each row [N] float32, d loss_r / d student [N, C] or empty)
+std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& teacher,
+                                           int64_t k, double temperature, bool renormalize,
+                                           bool compute_grad) {
+  constexpr const char* op = "topk_kl_loss";
+  const Pair p = check_pair(student, teacher, op);
+  TORCH_CHECK(k >= 1 && (k <= p.C || p.N == 0), op, ": k must be in [1, C = ", p.C, "], got ", k);
+  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0, got ", temperature);
+  TopkKlProblem q;
+  q.student = p.student.data_ptr();
+  q.teacher = p.teacher.data_ptr();
+  q.dtype = p.dtype;
+  q.N = p.N;
+  q.C = p.C;
+  q.s_stride = p.s_stride;
+  q.t_stride = p.t_stride;
+  q.k = k;
+  q.temperature = float(temperature);
+  q.renormalize = renormalize;
+  Tensor loss = at::empty({p.N}, student.options().dtype(at::kFloat));
+  Tensor grad = grad_buffer(p, compute_grad);
+  float* lp = loss.data_ptr<float>();
+  void* gp = compute_grad ? grad.data_ptr() : nullptr;
+  at::parallel_for(0, p.N, grain(p.C), [&](int64_t r0, int64_t r1) { topk_kl_cpu(q, lp, gp, r0, r1); });
+  return {loss, grad};
+}
+
+// -> (loss of each row [N] float32 (0 where ignored), d loss_r / d student [N, C] or empty)
+std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teacher,
+                                       const Tensor& target, double temperature,
+                                       int64_t ignore_index, bool compute_grad) {
+  constexpr const char* op = "pld_loss";
+  const Pair p = check_pair(student, teacher, op);
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == p.N, op, ": target must be [N] = [", p.N,
+              "], got shape ", target.sizes());
+  TORCH_CHECK(target.device() == student.device(), op, ": target is on ", target.device(),
+              " but student is on ", student.device());
+  TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
+              ": target must hold integer class indices, got ", target.scalar_type());
+  TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0, got ", temperature);
+  TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 classes, got ", p.C);
+  const Tensor y = target.to(at::kLong).contiguous();
+  const int64_t* yp = y.data_ptr<int64_t>();
+  for (int64_t r = 0; r < p.N; ++r)
+    TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < p.C), op, ": target[", r, "] = ",
+                yp[r], " is not a class in [0, ", p.C, ") nor ignore_index (", ignore_index, ")");
+  PldProblem q;
+  q.student = p.student.data_ptr();
+  q.teacher = p.teacher.data_ptr();
+  q.target = yp;
+  q.dtype = p.dtype;
+  q.N = p.N;
+  q.C = p.C;
+  q.s_stride = p.s_stride;
+  q.t_stride = p.t_stride;
+  q.ignore_index = ignore_index;
+  q.temperature = float(temperature);
+  Tensor loss = at::empty({p.N}, student.options().dtype(at::kFloat));
+  Tensor grad = grad_buffer(p, compute_grad);
+  float* lp = loss.data_ptr<float>();
+  void* gp = compute_grad ? grad.data_ptr() : nullptr;
+  at::parallel_for(0, p.N, grain(p.C), [&](int64_t r0, int64_t r1) { pld_cpu(q, lp, gp, r0, r1); });
+  return {loss, grad};
+}
+
 }  // namespace
 }  // namespace fastloss
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
+  m.impl("topk_kl_forward", &fastloss::topk_kl_forward);
+  m.impl("pld_forward", &fastloss::pld_forward);
 }

@@ -17,7 +17,7 @@ from .linear_losses import (
 from .vocab_parallel import vocab_parallel_linear_cross_entropy
 from .tcn import dilated_conv1d, tcn_level
 from .pair_losses import mw_auc_loss
-from .distill import kd_loss
+from .distill import kd_loss, pld_loss, topk_kl_loss
 from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss
 from .metric_losses import anyloss
@@ -40,6 +40,8 @@ __all__ = [
     "tcn_level",
     "mw_auc_loss",
     "kd_loss",
+    "topk_kl_loss",
+    "pld_loss",
     "contrastive_loss",
     "multi_similarity_loss",
     "anyloss",

@@ -1,5 +1,8 @@
 """Logit distillation losses over student and teacher logits ``[N, C]``.
 
+``kd_loss`` (below), ``topk_kl_loss`` (OSTQuant's KL-Top) and ``pld_loss`` (Plackett-Luce
+distillation); each function's docstring gives its formula.
+
 ``kd_loss(student, teacher, T, kind, beta)``, per row with ``p = softmax(student / T)`` and
 ``q = softmax(teacher / T)``:
 
@@ -115,3 +118,207 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
     if reduction == "sum":
         return rows.sum().to(student.dtype)
     return rows.reshape(lead).to(student.dtype)
+
+
+# --- order-based losses: top-k KL and Plackett-Luce distillation ------------------------------
+
+def _fake_rows_and_grad(student, compute_grad):
+    n = student.shape[0]
+    return (student.new_empty((n,), dtype=torch.float32),
+            student.new_empty(student.shape if compute_grad else (0,)))
+
+
+@torch.library.register_fake("fastloss::topk_kl_forward")
+def _fake_topk(student, teacher, k, temperature, renormalize, compute_grad):
+    torch._check(student.dim() == 2 and teacher.shape == student.shape,
+                 lambda: "student and teacher must be [N, C] of the same shape")
+    return _fake_rows_and_grad(student, compute_grad)
+
+
+@torch.library.register_fake("fastloss::pld_forward")
+def _fake_pld(student, teacher, target, temperature, ignore_index, compute_grad):
+    torch._check(student.dim() == 2 and teacher.shape == student.shape,
+                 lambda: "student and teacher must be [N, C] of the same shape")
+    return _fake_rows_and_grad(student, compute_grad)
+
+
+def _setup_rows_grad(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.compute_grad = inputs[-1]
+    ctx.mark_non_differentiable(output[1])
+
+
+def _make_rows_grad_backward(op, n_args):
+    def backward(ctx, grad_rows, _grad_grad):
+        (grad,) = ctx.saved_tensors
+        if not ctx.compute_grad:
+            raise RuntimeError(f"{op} was called with compute_grad=False; call the fastloss.ops "
+                               "function, which asks for the gradient when it is needed")
+        return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * (n_args - 1)
+    return backward
+
+
+torch.library.register_autograd("fastloss::topk_kl_forward",
+                                _make_rows_grad_backward("topk_kl_forward", 6),
+                                setup_context=_setup_rows_grad)
+torch.library.register_autograd("fastloss::pld_forward",
+                                _make_rows_grad_backward("pld_forward", 6),
+                                setup_context=_setup_rows_grad)
+
+
+def _check_pair(fn, student, teacher, T, reduction):
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    if not T > 0:
+        raise ValueError(f"{fn}: T must be > 0, got {T}")
+    for name, t in (("student", student), ("teacher", teacher)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    if student.dim() < 1 or teacher.shape != student.shape:
+        raise ValueError(f"{fn}: teacher must have student's shape {tuple(student.shape)}, got "
+                         f"{tuple(teacher.shape)}")
+    if student.dtype not in _FLOATS or teacher.dtype != student.dtype:
+        raise ValueError(f"{fn}: student and teacher must share a dtype among float32, float16 "
+                         f"and bfloat16, got {student.dtype} and {teacher.dtype}")
+    if teacher.device != student.device:
+        raise ValueError(f"{fn}: teacher is on {teacher.device} but student is on {student.device}")
+    if student.shape[-1] == 0:
+        raise ValueError(f"{fn}: student and teacher need at least one class, got shape "
+                         f"{tuple(student.shape)}")
+    return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]).detach()
+
+
+def _wants_grad(t):
+    return torch.is_grad_enabled() and t.requires_grad
+
+
+def _descending_order(teacher):
+    """Class order by descending teacher logit, ties towards the lower class index."""
+    return torch.sort(teacher, dim=-1, descending=True, stable=True).indices
+
+
+def _topk_rows_torch(s, t, k, T, renormalize):
+    """The same per-row top-k KL in torch operations (CUDA tensors, for now)."""
+    idx = _descending_order(t)[:, :k]
+    s32, t32 = s.float() / T, t.float() / T
+    if renormalize:
+        ls = F.log_softmax(s32.gather(1, idx), -1)
+        lt = F.log_softmax(t32.gather(1, idx), -1)
+    else:
+        ls = F.log_softmax(s32, -1).gather(1, idx)
+        lt = F.log_softmax(t32, -1).gather(1, idx)
+    return (lt.exp() * (lt - ls)).sum(-1) * T * T
+
+
+def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
+                 renormalize: bool = False, reduction: str = "mean") -> Tensor:
+    """KL divergence restricted to the teacher's top-k classes (OSTQuant's KL-Top).
+
+    Per row, with ``I`` the ``k`` classes of largest teacher logit (ties towards the lower class
+    index), ``p = softmax(student / T)`` and ``q = softmax(teacher / T)``:
+
+    * ``renormalize=False`` (default, as OSTQuant's released training scripts compute it):
+      ``T^2 sum_{j in I} q_j (log q_j - log p_j)``, both softmaxes over all ``C`` classes, so
+      the student's probability mass outside ``I`` is still penalized through ``log p``;
+    * ``renormalize=True``: ``T^2 KL(softmax(t_I / T) || softmax(s_I / T))``, both renormalized
+      over ``I`` (the form other write-ups describe).
+
+    At ``T = 1`` and ``reduction="mean"`` this is OSTQuant's loss: ``F.kl_div`` with
+    ``"batchmean"`` over the ``[N, k]`` gathered columns. With ``k = C`` both forms are
+    ``kd_loss(student, teacher, T)``.
+
+    Args:
+        student, teacher: ``[N, C]`` (or ``[..., C]``, flattened), float32/16 or bfloat16.
+        k: number of teacher classes kept, ``1 <= k <= C``.
+        T: temperature > 0 (the loss is multiplied by ``T^2``, as ``kd_loss``).
+        renormalize: renormalize both distributions over the top-k classes.
+        reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
+
+    The CPU kernel selects the top-k classes of each row in O(C) (no sort) and forms the loss and
+    the student's gradient in one pass; no ``[N, C]`` probability tensor is made.
+    """
+    fn = "topk_kl_loss"
+    s2, t2 = _check_pair(fn, student, teacher, T, reduction)
+    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
+        raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
+    if s2.device.type == "cpu":
+        rows = torch.ops.fastloss.topk_kl_forward(s2, t2, k, float(T), bool(renormalize),
+                                                  _wants_grad(s2))[0]
+    else:
+        rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
+    return _reduce_rows(rows, reduction, student)
+
+
+def _reduce_rows(rows, reduction, student, count=None):
+    if reduction == "mean":
+        total = rows.sum() if count is not None else None
+        return (rows.mean() if count is None else total / count).to(student.dtype)
+    if reduction == "sum":
+        return rows.sum().to(student.dtype)
+    return rows.reshape(student.shape[:-1]).to(student.dtype)
+
+
+def _pld_rows_torch(s, t, y, T, ignore_index):
+    """The same per-row PLD loss in torch operations (CUDA tensors, for now)."""
+    keep = y != ignore_index
+    yk = torch.where(keep, y, 0)
+    t32 = t.float()
+    # the target first: lift it above every other class, then order by descending teacher logit
+    key = t32.scatter(1, yk[:, None], float("inf"))
+    order = _descending_order(key)
+    w = torch.softmax(t32 / T, -1).gather(1, order)
+    so = s.float().gather(1, order)
+    suffix_lse = torch.logcumsumexp(so.flip(-1), -1).flip(-1)
+    return torch.where(keep, (w * (suffix_lse - so)).sum(-1), 0.0)
+
+
+def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
+             ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Plackett-Luce distillation (PLD, "A Choice-Theoretic List-Wise Knowledge Distillation").
+
+    Per row, the teacher-optimal ranking ``pi`` puts the target class first, then the other
+    classes by descending teacher logit (ties towards the lower class index); with weights
+    ``w = softmax(teacher / T)`` (the teacher's confidence in each class),
+
+    .. math:: \\ell = \\sum_{k=1}^{C} w_{\\pi_k}\\Big(\\log\\sum_{l \\ge k} e^{s_{\\pi_l}}
+              - s_{\\pi_k}\\Big)
+
+    a weighted list-wise (ListMLE) loss that replaces cross-entropy + KD (the paper's Appendix
+    C: the student logits ``s`` are not scaled, ``T`` only sharpens or flattens the weights, no
+    ``T^2`` factor). Rows whose target is ``ignore_index`` are skipped; ``"mean"`` divides by
+    the number of rows kept, as ``F.cross_entropy`` does.
+
+    Args:
+        student, teacher: ``[N, C]`` (or ``[..., C]``, flattened), float32/16 or bfloat16.
+        target: integer classes ``[N]`` (or the leading shape).
+        T: temperature of the teacher's weights, > 0 (the paper's best ImageNet value is 1).
+        ignore_index: target value of rows to skip.
+        reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
+
+    The CPU kernel sorts each row once (a radix sort of the teacher logits), forms the suffix
+    log-sum-exps and, in the same call, the gradient; the eager form sorts, gathers and keeps a
+    handful of ``[N, C]`` tensors for autograd.
+    """
+    fn = "pld_loss"
+    s2, t2 = _check_pair(fn, student, teacher, T, reduction)
+    if not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: target must be a Tensor, got {type(target).__name__}")
+    if target.shape != student.shape[:-1]:
+        raise ValueError(f"{fn}: target must have shape {tuple(student.shape[:-1])} (student's "
+                         f"without the class dimension), got {tuple(target.shape)}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise ValueError(f"{fn}: target must hold integer class indices, got {target.dtype}")
+    if target.device != student.device:
+        raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
+    y = target.reshape(-1)
+    if s2.device.type == "cpu":
+        rows = torch.ops.fastloss.pld_forward(s2, t2, y, float(T), int(ignore_index),
+                                              _wants_grad(s2))[0]
+    else:
+        bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
+        if bool(bad.any()):
+            raise ValueError(f"{fn}: target holds values outside [0, C = {s2.shape[1]}) that are "
+                             f"not ignore_index ({ignore_index})")
+        rows = _pld_rows_torch(s2, t2, y, float(T), int(ignore_index))
+    count = (y != ignore_index).sum() if reduction == "mean" else None
+    return _reduce_rows(rows, reduction, student, count)

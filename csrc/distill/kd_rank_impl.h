@@ -1,0 +1,253 @@
+// The CPU kernels of the two distillation losses that depend on the teacher's order of the
+// classes: top-k KL (a selection per row) and Plackett-Luce distillation (a sort per row).
+// Instantiated once per instruction set next to kd_cpu_impl.h (kd_cpu*.cpp). Both form the
+// loss and, when asked, the gradient in the same call: the selection or sort is the costly part
+// and is not repeated.
+#pragma once
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <numeric>
+#include <utility>
+#include <vector>
+
+#include "kd_cpu_impl.h"
+
+namespace fastloss {
+namespace FL_ISA {
+
+// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf): a total order,
+// which std::nth_element and the radix sort below need (a NaN logit makes the loss NaN, never
+// an out-of-range access).
+inline uint32_t order_key(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, sizeof u);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// idx[0..k) = the classes of the k largest values of row[0..C), ties at the k-th value going
+// to the lower class index. keys: scratch of C entries.
+template <class T>
+void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* idx) {
+  if (k >= C) {
+    std::iota(idx, idx + C, int64_t(0));
+    return;
+  }
+  for (int64_t j = 0; j < C; ++j) keys[j] = order_key(load1(row + j));
+  std::nth_element(keys, keys + (C - k), keys + C);
+  const uint32_t kth = keys[C - k];  // the k-th largest key
+  int64_t n = 0;
+  for (int64_t j = 0; j < C; ++j)
+    if (order_key(load1(row + j)) > kth) idx[n++] = j;
+  for (int64_t j = 0; n < k; ++j)
+    if (order_key(load1(row + j)) == kth) idx[n++] = j;
+}
+
+// Sorts a[0..n) by the high 32 bits, keeping the order of equal keys (a least-significant-digit
+// radix sort, three 11-bit passes; std::sort of the whole words, which gives the same order when
+// the low words ascend, for short rows). Returns where the sorted words are: a or tmp.
+inline uint64_t* sort_by_high_word(uint64_t* a, uint64_t* tmp, int64_t n) {
+  if (n < 1024) {
+    std::sort(a, a + n);
+    return a;
+  }
+  uint64_t *src = a, *dst = tmp;
+  std::vector<int64_t> start(2048);
+  for (int shift = 32; shift < 64; shift += 11) {
+    std::fill(start.begin(), start.end(), 0);
+    for (int64_t i = 0; i < n; ++i) ++start[(src[i] >> shift) & 2047];
+    int64_t sum = 0;
+    for (int64_t& s : start) sum += std::exchange(s, sum);
+    for (int64_t i = 0; i < n; ++i) dst[start[(src[i] >> shift) & 2047]++] = src[i];
+    std::swap(src, dst);
+  }
+  return src;
+}
+
+// max over row[0..C) of row[k] * scale
+template <class V, class T>
+float row_max(const T* row, int64_t C, float scale) {
+  constexpr int kW = VecTraits<V>::width;
+  V vm = V(kKdLowest);
+  float m = kKdLowest;
+  int64_t k = 0;
+  for (; k + kW <= C; k += kW) vm = vmax(vm, VecIo<V>::load(row + k) * V(scale));
+  for (; k < C; ++k) m = vmax(m, load1(row + k) * scale);
+  return vmax(m, hmax(vm));
+}
+
+template <class V, class T>
+void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r0, int64_t r1) {
+  constexpr int kW = VecTraits<V>::width;
+  const int64_t C = q.C, k = std::min(q.k, q.C);
+  const float T_ = q.temperature, inv_t = 1.f / T_;
+  std::vector<uint32_t> keys(C);
+  std::vector<int64_t> idx(k);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
+    const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
+    top_k_classes(tr, C, k, keys.data(), idx.data());
+    // log-normalizers of s = student / T and t = teacher / T: over I, or over every class
+    float lse_s, lse_t;
+    if (q.renormalize) {
+      float ms = kKdLowest, mt = kKdLowest, zs = 0.f, zt = 0.f;
+      for (int64_t j : idx) {
+        ms = vmax(ms, load1(sr + j) * inv_t);
+        mt = vmax(mt, load1(tr + j) * inv_t);
+      }
+      for (int64_t j : idx) {
+        zs += vexp(load1(sr + j) * inv_t - ms);
+        zt += vexp(load1(tr + j) * inv_t - mt);
+      }
+      lse_s = ms + std::log(zs);
+      lse_t = mt + std::log(zt);
+    } else {
+      const float ms = row_max<V>(sr, C, inv_t), mt = row_max<V>(tr, C, inv_t);
+      V vzs = V(0.f), vzt = V(0.f);
+      float zs = 0.f, zt = 0.f;
+      sweep<V>(sr, tr, C, inv_t,
+               [&](V s, V t, int64_t) { vzs += vexp(s - V(ms)); vzt += vexp(t - V(mt)); },
+               [&](float s, float t, int64_t) { zs += vexp(s - ms); zt += vexp(t - mt); });
+      lse_s = ms + std::log(zs + hsum(vzs));
+      lse_t = mt + std::log(zt + hsum(vzt));
+    }
+    // the KL terms over I, and the teacher's mass on I
+    float kl = 0.f, mass = 0.f;
+    for (int64_t j : idx) {
+      const float lq = load1(tr + j) * inv_t - lse_t, lp = load1(sr + j) * inv_t - lse_s;
+      const float qj = vexp(lq);
+      kl += qj * (lq - lp);
+      mass += qj;
+    }
+    loss[r] = T_ * T_ * kl;
+    if (grad_out == nullptr) continue;
+    // d(T^2 kl)/d student_m = T (c p_m - [m in I] q_m), c = mass (every class sees lse_s) or
+    // 1 and only m in I (renormalized)
+    T* gr = static_cast<T*>(grad_out) + r * C;
+    const float c = q.renormalize ? 1.f : mass;
+    if (q.renormalize) {
+      std::memset(static_cast<void*>(gr), 0, sizeof(T) * C);
+    } else {
+      const float tc = T_ * c;
+      int64_t m = 0;
+      for (; m + kW <= C; m += kW)
+        VecIo<V>::store(gr + m, V(tc) * vexp(VecIo<V>::load(sr + m) * V(inv_t) - V(lse_s)));
+      for (; m < C; ++m) store1(gr + m, tc * vexp(load1(sr + m) * inv_t - lse_s));
+    }
+    for (int64_t j : idx) {
+      const float p = vexp(load1(sr + j) * inv_t - lse_s), qj = vexp(load1(tr + j) * inv_t - lse_t);
+      store1(gr + j, T_ * (c * p - qj));
+    }
+  }
+}
+
+// One PLD row (scratch arrays of C floats each: w, wk, s, l; and 2 C words for the sort).
+struct PldScratch {
+  std::vector<float> w, wk, s, l;
+  std::vector<uint64_t> words, tmp;
+  explicit PldScratch(int64_t C) : w(C), wk(C), s(C), l(C), words(C), tmp(C) {}
+};
+
+template <class V, class T>
+float pld_row(const PldProblem& q, const T* sr, const T* tr, int64_t y, T* gr, PldScratch& b) {
+  constexpr int kW = VecTraits<V>::width;
+  const int64_t C = q.C;
+  const float inv_t = 1.f / q.temperature;
+  float* w = b.w.data();
+  float* wk = b.wk.data();
+  float* s = b.s.data();
+  float* l = b.l.data();
+  // teacher weights softmax(teacher / T), unnormalized, in class order
+  const float mt = row_max<V>(tr, C, inv_t);
+  V vz = V(0.f);
+  float z = 0.f;
+  int64_t j = 0;
+  for (; j + kW <= C; j += kW) {
+    const V e = vexp(VecIo<V>::load(tr + j) * V(inv_t) - V(mt));
+    VecIo<V>::store(w + j, e);
+    vz += e;
+  }
+  for (; j < C; ++j) z += (w[j] = vexp(load1(tr + j) * inv_t - mt));
+  const float inv_z = 1.f / (z + hsum(vz));
+  // the ranking: y, then the others by descending teacher logit (ascending inverted key), ties
+  // by class index (the low word)
+  int64_t n = 0;
+  for (j = 0; j < C; ++j)
+    if (j != y) b.words[n++] = (uint64_t(~order_key(load1(tr + j))) << 32) | uint64_t(j);
+  const uint64_t* order = sort_by_high_word(b.words.data(), b.tmp.data(), n);
+  auto cls = [&](int64_t k) { return k == 0 ? y : int64_t(uint32_t(order[k - 1])); };
+  for (int64_t k = 0; k < C; ++k) {
+    const int64_t c = cls(k);
+    s[k] = load1(sr + c);
+    wk[k] = w[c] * inv_z;
+  }
+  // suffix log-sum-exps l[k] = logsumexp(s[k..C)): the running maxima (into w, free now), the
+  // scaled suffix sums, then the logarithms
+  float* mx = w;
+  mx[C - 1] = s[C - 1];
+  for (int64_t k = C - 2; k >= 0; --k) mx[k] = vmax(mx[k + 1], s[k]);
+  int64_t k = 0;
+  for (; k + kW <= C; k += kW)
+    VecIo<V>::store(l + k, vexp(VecIo<V>::load(s + k) - VecIo<V>::load(mx + k)));
+  for (; k < C; ++k) l[k] = vexp(s[k] - mx[k]);
+  for (k = C - 2; k >= 0; --k)  // the maximum changes rarely: rescale only then
+    l[k] += mx[k + 1] == mx[k] ? l[k + 1] : l[k + 1] * vexp(mx[k + 1] - mx[k]);
+  V vloss = V(0.f);
+  float row = 0.f;
+  for (k = 0; k + kW <= C; k += kW) {
+    const V lk = VecIo<V>::load(mx + k) + vlog(VecIo<V>::load(l + k));
+    VecIo<V>::store(l + k, lk);
+    vloss = vfma(VecIo<V>::load(wk + k), lk - VecIo<V>::load(s + k), vloss);
+  }
+  for (; k < C; ++k) {
+    l[k] = mx[k] + std::log(l[k]);
+    row += wk[k] * (l[k] - s[k]);
+  }
+  row += hsum(vloss);
+  if (gr == nullptr) return row;
+  // d row / d s_k = sum_{j <= k} wk_j e^{s_k - l_j} - wk_k = B_k e^{s_k - l_k} - wk_k with
+  // B_k = sum_{j <= k} wk_j e^{l_k - l_j} = B_{k-1} e^{l_k - l_{k-1}} + wk_k (each factor <= 1)
+  float* bk = mx;
+  bk[0] = wk[0];
+  for (k = 1; k + kW <= C; k += kW)
+    VecIo<V>::store(bk + k, vexp(VecIo<V>::load(l + k) - VecIo<V>::load(l + k - 1)));
+  for (; k < C; ++k) bk[k] = vexp(l[k] - l[k - 1]);
+  for (k = 1; k < C; ++k) bk[k] = vfma(bk[k - 1], bk[k], wk[k]);
+  for (k = 0; k + kW <= C; k += kW) {
+    const V g = VecIo<V>::load(bk + k) * vexp(VecIo<V>::load(s + k) - VecIo<V>::load(l + k)) -
+                VecIo<V>::load(wk + k);
+    VecIo<V>::store(s + k, g);
+  }
+  for (; k < C; ++k) s[k] = bk[k] * vexp(s[k] - l[k]) - wk[k];
+  for (k = 0; k < C; ++k) store1(gr + cls(k), s[k]);
+  return row;
+}
+
+template <class V, class T>
+void pld_rows(const PldProblem& q, float* loss, void* grad_out, int64_t r0, int64_t r1) {
+  PldScratch scratch(q.C);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
+    const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
+    T* gr = grad_out == nullptr ? nullptr : static_cast<T*>(grad_out) + r * q.C;
+    const int64_t y = q.target[r];
+    if (y == q.ignore_index) {
+      loss[r] = 0.f;
+      if (gr != nullptr) std::memset(static_cast<void*>(gr), 0, sizeof(T) * q.C);
+      continue;
+    }
+    loss[r] = pld_row<V>(q, sr, tr, y, gr, scratch);
+  }
+}
+
+#if defined(FL_ISA_VEC)
+void topk_kl(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() { topk_kl_rows<FL_ISA_VEC, T>(q, loss, grad, r0, r1); });
+}
+void pld(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() { pld_rows<FL_ISA_VEC, T>(q, loss, grad, r0, r1); });
+}
+#endif
+
+}  // namespace FL_ISA
+}  // namespace fastloss

@@ -1,0 +1,197 @@
+"""The order-based distillation losses (top-k KL, Plackett-Luce) against float64 references
+written from their definitions (fastloss.reference.distill: ranks by counting, masks instead of
+gathers): loss and the student's gradient on every CPU kernel path, dtype and reduction, awkward
+sizes, tied teacher logits, strided and extreme inputs; the torch formulas the CUDA path uses;
+opcheck, compile, bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from fastloss import ops
+from fastloss.ops import distill as distill_ops
+from fastloss.reference import distill as ref
+from checks import expect_errors
+
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+DTYPES = [torch.float32, torch.float16, torch.bfloat16]
+# (N, C): one class; short rows (std::sort); rows past 1024 classes (the radix sort)
+SHAPES = [(1, 1), (3, 7), (5, 33), (4, 1031), (2, 2500)]
+
+
+def make(n, c, dtype, seed=0, scale=3.0):
+    g = torch.Generator().manual_seed(seed * 977 + n * 31 + c)
+    s = (torch.randn(n, c, generator=g) * scale).to(dtype)
+    t = (torch.randn(n, c, generator=g) * scale + 0.3 * s.float()).to(dtype)
+    y = torch.randint(0, c, (n,), generator=g)
+    if n > 2:
+        y[1] = -100  # an ignored row
+    return s, t, y
+
+
+def compare(fn, ref_fn, student, what):
+    dtype = student.dtype
+    s = student.detach().requires_grad_(True)
+    out = fn(s)
+    s64 = student.detach().double().requires_grad_(True)
+    exp = ref_fn(s64)
+    assert out.dtype == dtype and out.shape == exp.shape, what
+    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
+    out.backward(up.to(dtype))
+    exp.backward(up.to(dtype).double())
+    tol = TOL[dtype]
+    for name, a, e in (("loss", out, exp), ("grad", s.grad, s64.grad)):
+        mag = max(e.abs().max().item(), 1e-2)  # floor: see test_distill.py
+        torch.testing.assert_close(a.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
+                                   msg=lambda m: f"{what} {name}: {m}")
+
+
+def ks(c):
+    return sorted({1, min(5, c), max(1, c // 3), c})
+
+
+@pytest.mark.parametrize("renormalize", [False, True], ids=["full", "renorm"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_topk_kl_matches_reference(dtype, shape, renormalize, cpu_isa):
+    s, t, _ = make(*shape, dtype)
+    for k in ks(shape[1]):
+        for reduction in ("mean", "sum", "none"):
+            compare(lambda x: ops.topk_kl_loss(x, t, k, 2.0, renormalize, reduction),
+                    lambda x: ref.topk_kl_loss(x, t, k, 2.0, renormalize, reduction),
+                    s, f"k={k} {shape} {dtype} {reduction}")
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_pld_matches_reference(dtype, shape, reduction, cpu_isa):
+    s, t, y = make(*shape, dtype)
+    for T in (0.5, 2.0):
+        compare(lambda x: ops.pld_loss(x, t, y, T, reduction=reduction),
+                lambda x: ref.pld_loss(x, t, y, T, reduction=reduction), s,
+                f"T={T} {shape} {dtype} {reduction}")
+
+
+@pytest.mark.parametrize("c", [40, 3000])
+def test_tied_teacher_logits_break_towards_the_lower_class(c, cpu_isa):
+    """bfloat16 teachers of a few distinct values: every selection and ranking is full of ties,
+    and the result must follow the documented rule (the reference ranks by counting)."""
+    s, _, y = make(3, c, torch.bfloat16, seed=5)
+    t = torch.randint(-3, 4, (3, c), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    for k in (1, 7, c // 2):
+        compare(lambda x: ops.topk_kl_loss(x, t, k, 1.0), lambda x: ref.topk_kl_loss(x, t, k, 1.0),
+                s, f"topk k={k}")
+    compare(lambda x: ops.pld_loss(x, t, y), lambda x: ref.pld_loss(x, t, y), s, "pld")
+
+
+def test_torch_formulas_of_the_cuda_path_match_reference():
+    """The CUDA tensors' path (torch operations) is the same math; check it here on the CPU."""
+    s, t, y = make(5, 300, torch.float32, seed=6)
+    for k, renorm in ((1, False), (17, False), (17, True), (300, True)):
+        torch.testing.assert_close(distill_ops._topk_rows_torch(s, t, k, 1.5, renorm).double(),
+                                   ref.topk_kl_loss(s, t, k, 1.5, renorm, "none"), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(distill_ops._pld_rows_torch(s, t, y, 0.7, -100).double(),
+                               ref.pld_loss(s, t, y, 0.7, reduction="none"), rtol=1e-5, atol=1e-6)
+
+
+def test_special_cases_agree_with_other_losses():
+    s, t, y = make(6, 50, torch.float32, seed=1)
+    # every class kept: the full forward KL, either form
+    for renorm in (False, True):
+        torch.testing.assert_close(ops.topk_kl_loss(s, t, 50, 3.0, renorm), ops.kd_loss(s, t, 3.0))
+    # OSTQuant: F.kl_div "batchmean" over the gathered top-k columns of the full softmaxes (T = 1)
+    idx = torch.topk(t, 10, -1).indices  # no ties in random floats
+    expected = F.kl_div(F.log_softmax(s, -1).gather(1, idx), F.softmax(t, -1).gather(1, idx),
+                        reduction="batchmean")
+    torch.testing.assert_close(ops.topk_kl_loss(s, t, 10), expected, rtol=1e-5, atol=1e-6)
+    # PLD with a teacher sure of the target (weight 1 on it): cross-entropy
+    sure = torch.full((6, 50), -1e4).scatter(1, y.clamp(min=0)[:, None], 1e4)
+    torch.testing.assert_close(ops.pld_loss(s, sure, y), F.cross_entropy(s, y), rtol=1e-5, atol=1e-6)
+
+
+def test_leading_dims_strided_extreme_and_empty():
+    s, t, y = make(6, 40, torch.float32, seed=2)
+    out = ops.pld_loss(s.reshape(2, 3, 40), t.reshape(2, 3, 40), y.reshape(2, 3), reduction="none")
+    torch.testing.assert_close(out.reshape(-1), ops.pld_loss(s, t, y, reduction="none"))
+    out = ops.topk_kl_loss(s.reshape(2, 3, 40), t.reshape(2, 3, 40), 4, reduction="none")
+    torch.testing.assert_close(out.reshape(-1), ops.topk_kl_loss(s, t, 4, reduction="none"))
+    col_s, col_t = s.t().contiguous().t(), torch.cat([t, t], 1)[:, ::2]
+    compare(lambda x: ops.topk_kl_loss(x, col_t, 6, 1.5), lambda x: ref.topk_kl_loss(x, col_t, 6, 1.5),
+            col_s, "strided topk")
+    compare(lambda x: ops.pld_loss(x, col_t, y, 1.5), lambda x: ref.pld_loss(x, col_t, y, 1.5),
+            col_s, "strided pld")
+    big_s, big_t = (s * 3000).requires_grad_(True), t * 3000
+    for out in (ops.topk_kl_loss(big_s, big_t, 5), ops.topk_kl_loss(big_s, big_t, 5, renormalize=True),
+                ops.pld_loss(big_s, big_t, y)):
+        out.backward()
+        assert torch.isfinite(out) and torch.isfinite(big_s.grad).all()
+        big_s.grad = None
+    e = torch.zeros(0, 7, requires_grad=True)
+    ops.pld_loss(e, torch.zeros(0, 7), torch.zeros(0, dtype=torch.long), reduction="sum").backward()
+    ops.topk_kl_loss(e, torch.zeros(0, 7), 3, reduction="sum").backward()
+    assert e.grad.shape == (0, 7)
+
+
+def test_no_teacher_gradient_opcheck_and_compile():
+    s, t, y = make(4, 30, torch.float32, seed=3)
+    t.requires_grad_(True)
+    s.requires_grad_(True)
+    (ops.topk_kl_loss(s, t, 5) + ops.pld_loss(s, t, y)).backward()
+    assert t.grad is None and s.grad is not None
+    sd, td = s.detach(), t.detach()
+    for grad in (True, False):
+        torch.library.opcheck(torch.ops.fastloss.topk_kl_forward.default,
+                              (sd.clone().requires_grad_(grad), td, 5, 2.0, False, grad))
+        torch.library.opcheck(torch.ops.fastloss.topk_kl_forward.default,
+                              (sd.clone().requires_grad_(grad), td, 30, 0.5, True, grad))
+        torch.library.opcheck(torch.ops.fastloss.pld_forward.default,
+                              (sd.clone().requires_grad_(grad), td, y, 2.0, -100, grad))
+    f = lambda a, b: ops.topk_kl_loss(a, b, 6, 2.0) + ops.pld_loss(a, b, y, 0.5, reduction="sum")  # noqa: E731
+    results = []
+    for fn in (torch.compile(f, fullgraph=True), f):
+        a = sd.clone().requires_grad_(True)
+        out = fn(a, td)
+        out.backward()
+        results.append((out, a.grad))
+    for a, e in zip(*results):
+        torch.testing.assert_close(a, e)
+
+
+def test_bad_input_errors_name_the_argument():
+    s, t, y = make(3, 5, torch.float32)
+    cases = [
+        (lambda: ops.topk_kl_loss(s, t[:2], 2), "teacher must have student's shape"),
+        (lambda: ops.topk_kl_loss(s, t.double(), 2), "must share a dtype"),
+        (lambda: ops.topk_kl_loss(s, t, 0), "k must be an int in [1, C = 5]"),
+        (lambda: ops.topk_kl_loss(s, t, 6), "k must be an int in [1, C = 5]"),
+        (lambda: ops.topk_kl_loss(s, t, 2.5), "k must be an int"),
+        (lambda: ops.topk_kl_loss(s, t, 2, T=0.0), "T must be > 0"),
+        (lambda: ops.topk_kl_loss(s, t, 2, reduction="batchmean"), "reduction must be"),
+        (lambda: ops.pld_loss(s, t, y[:2]), "target must have shape (3,)"),
+        (lambda: ops.pld_loss(s, t, y.float()), "target must hold integer class indices"),
+        (lambda: ops.pld_loss(s, t, torch.tensor([0, 5, 1])), "target[1] = 5 is not a class in [0, 5)"),
+        (lambda: ops.pld_loss(s, t, torch.tensor([0, -1, 1])), "target[1] = -1 is not a class"),
+        (lambda: ops.pld_loss(s[:, :0], t[:, :0], y), "need at least one class"),
+        (lambda: torch.ops.fastloss.topk_kl_forward(s, t, 9, 1.0, False, False), "k must be in [1, C = 5]"),
+        (lambda: torch.ops.fastloss.pld_forward(s[0], t[0], y, 1.0, -100, False), "student must be 2-D"),
+    ]
+    expect_errors(cases)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_cuda_path_equals_cpu():
+    s, t, y = make(6, 300, torch.float32, seed=7)
+    fns = (lambda x, d: ops.topk_kl_loss(x, t.to(d), 20, 2.0),
+           lambda x, d: ops.topk_kl_loss(x, t.to(d), 20, 2.0, True),
+           lambda x, d: ops.pld_loss(x, t.to(d), y.to(d), 2.0))
+    for fn in fns:
+        results = []
+        for dev in ("cpu", "cuda"):
+            x = s.to(dev).requires_grad_(True)
+            out = fn(x, dev)
+            out.backward()
+            results.append((out.cpu(), x.grad.cpu()))
+        for a, e in zip(*results):
+            torch.testing.assert_close(a, e, rtol=1e-4, atol=1e-6)
