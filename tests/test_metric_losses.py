@@ -1,5 +1,6 @@
 """AnyLoss against its float64 reference (written cell by cell), every metric, binary and
-multi-label, logits and probabilities; gradients; bad input."""
+multi-label, logits and probabilities; gradients; bad input. The self-adjusting Dice loss against
+its naive float64 form (binary, multi-label, multi-class), and at softmax saturation."""
 
 import pytest
 import torch
@@ -38,3 +39,99 @@ def test_perfect_and_bad_predictions_and_input_checks():
         ops.anyloss(good, target[:3])
     with pytest.raises(ValueError, match="L must be > 0"):
         ops.anyloss(good, target, L=0.0)
+
+
+# ---- self-adjusting Dice loss -------------------------------------------------------------------
+
+DICE_TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
+
+
+def _dice_case(form, dtype, n, c, seed):
+    g = torch.Generator().manual_seed(seed)
+    if form == "binary":
+        x = torch.randn(n, generator=g) * 3
+        y = (torch.rand(n, generator=g) < 0.2).float()
+    elif form == "multilabel":
+        x = torch.randn(n, c, generator=g) * 3
+        y = torch.rand(n, c, generator=g)  # soft targets too
+    else:
+        x = torch.randn(n, c, generator=g) * 3
+        y = torch.randint(0, c, (n,), generator=g)
+        if n > 2:
+            y[1] = -100
+    return x.to(dtype), y
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("form", ["binary", "multilabel", "multiclass"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("params", [(1.0, 1.0, 0.0), (0.01, 1.0, 0.0), (0.0, 0.5, 0.0), (2.0, 0.0, 1e-3)],
+                         ids=lambda p: "a{}g{}s{}".format(*p))
+def test_dice_matches_reference(params, dtype, form, reduction):
+    from fastloss.reference.metric_losses import dice_loss as ref_dice
+    for n, c in ((1, 1), (7, 3), (37, 11)):
+        if form == "multiclass" and c == 1:
+            continue
+        x, y = _dice_case(form, dtype, n, c, seed=n * 7 + c)
+        a = x.detach().requires_grad_(True)
+        out = ops.dice_loss(a, y, *params, reduction=reduction)
+        e_in = x.detach().double().requires_grad_(True)
+        exp = ref_dice(e_in, y, *params, reduction=reduction)
+        assert out.dtype == dtype and out.shape == exp.shape
+        up = torch.rand(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64) + 0.5
+        out.backward(up.to(dtype))
+        exp.backward(up.to(dtype).double())
+        tol = DICE_TOL[dtype]
+        for name, got, want in (("loss", out, exp), ("grad", a.grad, e_in.grad)):
+            mag = max(want.abs().max().item(), 1e-2)
+            torch.testing.assert_close(got.double(), want.detach().to(dtype).double(), rtol=tol,
+                                       atol=tol * mag, msg=lambda m: f"{form} {n}x{c} {name}: {m}")
+
+
+def test_dice_gradient_stays_finite_when_the_softmax_saturates():
+    """A dominant class saturates p to 1.0 in float32; the naive derivative has (1 - p)^(a - 1)
+    = inf there. The written-out backward must be finite and agree with float64 (where p < 1)."""
+    from fastloss.reference.metric_losses import dice_loss as ref_dice
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
+    x[:, 2] += 30.0   # p_2 = 1 - ~1e-13: exactly 1.0 in float32, not in float64
+    y = torch.tensor([2, 0, 2, 1, 2, 4])
+    for alpha in (0.01, 0.5, 1.0):
+        a = x.clone().requires_grad_(True)
+        ops.dice_loss(a, y, alpha).backward()
+        e = x.double().requires_grad_(True)
+        ref_dice(e, y, alpha).backward()
+        assert torch.isfinite(a.grad).all(), alpha
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-6)
+    xb = torch.tensor([40.0, -40.0, 0.3], requires_grad=True)
+    ops.dice_loss(xb, torch.tensor([1.0, 0.0, 1.0]), 0.1).backward()
+    assert torch.isfinite(xb.grad).all()
+
+
+def test_dice_special_cases_compile_and_bad_input():
+    from checks import expect_errors
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))
+    y = torch.randint(0, 4, (8,))
+    # alpha = 0, gamma = 0: the plain Dice 2py / (p + y) per class
+    p = torch.softmax(x, -1)
+    oh = torch.nn.functional.one_hot(y, 4).float()
+    plain = (1 - 2 * p * oh / (p + oh + 1e-6)).sum(1).mean()
+    torch.testing.assert_close(ops.dice_loss(x, y, 0.0, 0.0, 1e-6), plain)
+    f = lambda a: ops.dice_loss(a, y, 0.3) + ops.dice_loss(a[:, 0], (y == 0).float(), 0.5, reduction="sum")  # noqa: E731
+    results = []
+    for fn in (torch.compile(f), f):
+        a = x.clone().requires_grad_(True)
+        out = fn(a)
+        out.backward()
+        results.append((out, a.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+    expect_errors([
+        (lambda: ops.dice_loss(x, y, alpha=-1.0), "alpha must be a finite number >= 0"),
+        (lambda: ops.dice_loss(x, y, gamma=0.0), "gamma and smooth are both 0"),
+        (lambda: ops.dice_loss(x, y.float()), "holds integer classes"),
+        (lambda: ops.dice_loss(x, y[:3]), "logits [N] or [N, K] with target of the same shape"),
+        (lambda: ops.dice_loss(x, torch.tensor([0, 1, 2, 3, 4, 0, 1, 2])), "outside [0, C = 4)"),
+        (lambda: ops.dice_loss(x[:, 0], x[:, 1]), "binary targets in [0, 1]"),
+        (lambda: ops.dice_loss(x.double(), y), "logits must be float32"),
+        (lambda: ops.dice_loss(x, y, reduction="batchmean"), "reduction must be"),
+    ])

@@ -20,7 +20,7 @@ from .pair_losses import mw_auc_loss
 from .distill import kd_loss, pld_loss, topk_kl_loss
 from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss
-from .metric_losses import anyloss
+from .metric_losses import anyloss, dice_loss
 from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
 from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
 
@@ -45,6 +45,7 @@ __all__ = [
     "contrastive_loss",
     "multi_similarity_loss",
     "anyloss",
+    "dice_loss",
     "QuantizedWeight",
     "quantize_weight",
     "dequantize_weight",

@@ -1,4 +1,5 @@
-"""Metric-driven losses: AnyLoss (Han, Moniz and Chawla, 2024).
+"""Metric-driven and imbalance losses: AnyLoss (Han, Moniz and Chawla, 2024) and the
+self-adjusting Dice loss (Li et al., ACL 2020; ``dice_loss``, its docstring has the formula).
 
 ``anyloss(scores, target, metric, L=73.0, beta=1.0, from_logits=True)``: a confusion matrix made
 differentiable by the amplification ``A(p) = 1 / (1 + exp(-L (p - 1/2)))`` of the predicted
@@ -65,3 +66,172 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     fp = ((1 - y) * a).sum(0)
     tn = ((1 - y) * (1 - a)).sum(0)
     return (1 - _metric(tp, fn_, fp, tn, metric, beta)).mean().to(scores.dtype)
+
+
+# --- self-adjusting Dice loss ------------------------------------------------------------------
+
+def _dice_terms(pt, y, gamma, smooth):
+    """1 - DSC per element and A = d(1 - DSC)/d pt, for the decayed probability pt."""
+    den = pt + y + gamma + smooth
+    num = 2 * pt * y + gamma
+    return 1 - num / den, -(2 * y * den - num) / (den * den)
+
+
+class _SigmoidDice(torch.autograd.Function):
+    """Elementwise (binary / multi-label) form; the backward uses d pt / d x = p q^a (q - a p)
+    with q = sigmoid(-x) computed directly, finite for any logit."""
+
+    @staticmethod
+    def forward(ctx, x, y, alpha, gamma, smooth):
+        xf = x.float()
+        p, q = torch.sigmoid(xf), torch.sigmoid(-xf)
+        qa = q.pow(alpha)
+        terms, _ = _dice_terms(qa * p, y, gamma, smooth)
+        ctx.save_for_backward(xf, y)
+        ctx.args = (alpha, gamma, smooth, x.dtype)
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_terms):
+        xf, y = ctx.saved_tensors
+        alpha, gamma, smooth, dtype = ctx.args
+        p, q = torch.sigmoid(xf), torch.sigmoid(-xf)
+        qa = q.pow(alpha)
+        _, a = _dice_terms(qa * p, y, gamma, smooth)
+        return (grad_terms * a * p * qa * (q - alpha * p)).to(dtype), None, None, None, None
+
+
+class _SoftmaxDice(torch.autograd.Function):
+    """Multi-class form over softmax probabilities p (rows of logits z), one-hot y. With
+    G_c = A_c p_c q_c^(a-1) (q_c - a p_c), q = 1 - p, the gradient is G_j - p_j sum_c G_c. For
+    the row's largest class (where q may round to 0 in float32) q is the sum of the other
+    classes' probabilities and its term is carried as H = G q, so the result stays finite when
+    the softmax saturates: d/dz_j = G_j - p_j S - (p_j / q) H (j not the largest), H - p S (the
+    largest), S the sum of G over the other classes."""
+
+    @staticmethod
+    def forward(ctx, z, target, alpha, gamma, smooth):
+        zf = z.float()
+        y = torch.zeros_like(zf).scatter_(1, target[:, None], 1.0)
+        p, q, _, _ = _softmax_and_complement(zf)
+        terms, _ = _dice_terms(q.pow(alpha) * p, y, gamma, smooth)
+        ctx.save_for_backward(zf, target)
+        ctx.args = (alpha, gamma, smooth, z.dtype)
+        return terms
+
+    @staticmethod
+    def backward(ctx, grad_terms):
+        zf, target = ctx.saved_tensors
+        alpha, gamma, smooth, dtype = ctx.args
+        y = torch.zeros_like(zf).scatter_(1, target[:, None], 1.0)
+        p, q, top, ratio = _softmax_and_complement(zf)
+        _, a = _dice_terms(q.pow(alpha) * p, y, gamma, smooth)
+        a = a * grad_terms
+        is_top = torch.zeros_like(zf, dtype=torch.bool).scatter_(1, top[:, None], True)
+        # G_c for the classes other than the largest (q_c >= 1/2 there: q^(a-1) is finite)
+        g = torch.where(is_top, 0.0, a * p * q.pow(alpha - 1) * (q - alpha * p))
+        q_top, p_top, a_top = (t.gather(1, top[:, None]) for t in (q, p, a))
+        h = a_top * p_top * q_top.pow(alpha) * (q_top - alpha * p_top)  # G_top q_top
+        s_other = g.sum(1, keepdim=True)
+        grad = torch.where(is_top, h - p * s_other, g - p * s_other - ratio * h)
+        return grad.to(dtype), None, None, None, None
+
+
+def _softmax_and_complement(z):
+    """p = softmax(z), q = 1 - p accurately (for the largest class: the others' share), the
+    largest class, and e_j / sum_{i != top} e_i (p_j / q_top) for the other classes."""
+    top = z.argmax(1)
+    e = torch.exp(z - z.gather(1, top[:, None]))
+    is_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top[:, None], True)
+    e_other = torch.where(is_top, 0.0, e)
+    rest = e_other.sum(1, keepdim=True)
+    total = rest + 1.0
+    p = e / total
+    q = torch.where(is_top, rest / total, 1 - p)
+    ratio = torch.where(rest > 0, e_other / rest.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
+    return p, q, top, ratio
+
+
+def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float = 1.0,
+              smooth: float = 0.0, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Self-adjusting Dice loss (Li et al., "Dice Loss for Data-imbalanced NLP Tasks").
+
+    For each prediction ``p`` of a class with target ``y`` in {0, 1}, the paper's
+    self-adjusting Dice coefficient decays easy examples by ``(1 - p)^alpha``:
+
+    .. math:: \\tilde p = (1 - p)^\\alpha p, \\qquad
+              \\mathrm{DSC} = \\frac{2 \\tilde p y + \\gamma}{\\tilde p + y + \\gamma + \\mathrm{smooth}}
+
+    and the loss of an example is ``1 - DSC`` summed over its classes (the official code's sum
+    over classes), averaged over examples. ``gamma`` is the paper's smoothing constant added to
+    numerator and denominator (it is what lets negatives, ``y = 0``, contribute
+    ``1 - gamma / (p~ + gamma)``); ``smooth`` is added to the denominator only and is needed
+    only with ``gamma = 0`` (the plain Dice ``2 p y / (p + y)``), where ``p = y = 0`` would be
+    0 / 0. ``alpha = 0`` gives the unweighted Dice; the paper's authors tune ``alpha`` in
+    {0.1, 0.01, 0.001} with ``gamma = 1``. Per-example form: the official code's batch-level
+    denominators are not used.
+
+    Two input forms:
+
+    * ``target`` of ``logits``' shape: binary or multi-label, ``p = sigmoid(logits)``, ``target``
+      in [0, 1] (0/1, bool or soft); ``[N]`` is ``N`` binary examples, ``[N, K]`` is ``N``
+      examples of ``K`` labels.
+    * integer ``target`` ``[N]`` with ``logits`` ``[N, C]``: multi-class, ``p = softmax(logits)``,
+      one-hot ``y``; rows whose target is ``ignore_index`` are skipped (``"mean"`` divides by
+      the rows kept, as ``F.cross_entropy``).
+
+    The backward is written out so that it stays finite when a probability saturates to 1 in
+    float32 (the ``(1 - p)^(alpha - 1)`` factor of the naive derivative is infinite there).
+    Torch operations (no hand-written kernel yet); any device; float32 math.
+
+    Args:
+        logits: ``[N]``, ``[N, K]`` (sigmoid) or ``[N, C]`` (softmax) float32/16 or bfloat16.
+        target: see above.
+        alpha: decay exponent >= 0. gamma: smoothing constant >= 0. smooth: denominator term >= 0.
+        ignore_index: multi-class rows to skip.
+        reduction: over examples, ``"mean"``, ``"sum"`` or ``"none"`` (``[N]``).
+    """
+    fn = "dice_loss"
+    if reduction not in ("none", "mean", "sum"):
+        raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    for name, v in (("alpha", alpha), ("gamma", gamma), ("smooth", smooth)):
+        if not (isinstance(v, (int, float)) and v >= 0 and v < float("inf")):
+            raise ValueError(f"{fn}: {name} must be a finite number >= 0, got {v!r}")
+    if gamma == 0 and smooth == 0:
+        raise ValueError(f"{fn}: gamma and smooth are both 0: a negative predicted as 0 would be "
+                         "0 / 0; give one of them a positive value")
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor):
+        raise TypeError(f"{fn}: logits and target must be Tensors")
+    if logits.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"{fn}: logits must be float32, float16 or bfloat16, got {logits.dtype}")
+    if target.device != logits.device:
+        raise ValueError(f"{fn}: target is on {target.device} but logits is on {logits.device}")
+    if target.shape == logits.shape and logits.dim() in (1, 2):
+        y = target.to(torch.float32)
+        if y.numel() and (bool((y < 0).any()) or bool((y > 1).any())):
+            raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
+        x = logits if logits.dim() == 2 else logits[:, None]
+        terms = _SigmoidDice.apply(x, y.reshape(x.shape), float(alpha), float(gamma), float(smooth))
+        rows, keep = terms.sum(1), None
+    elif logits.dim() == 2 and target.shape == logits.shape[:1]:
+        if target.dtype.is_floating_point or target.dtype == torch.bool:
+            raise ValueError(f"{fn}: a target [N] for logits [N, C] holds integer classes, got "
+                             f"{target.dtype}")
+        keep = target != ignore_index
+        bad = keep & ((target < 0) | (target >= logits.shape[1]))
+        if bool(bad.any()):
+            raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) that "
+                             f"are not ignore_index ({ignore_index})")
+        t = torch.where(keep, target, 0).long()
+        terms = _SoftmaxDice.apply(logits, t, float(alpha), float(gamma), float(smooth))
+        rows = torch.where(keep, terms.sum(1), 0.0)
+    else:
+        raise ValueError(f"{fn}: logits [N] or [N, K] with target of the same shape, or logits "
+                         f"[N, C] with integer target [N]; got {tuple(logits.shape)} and "
+                         f"{tuple(target.shape)}")
+    if reduction == "none":
+        return rows.to(logits.dtype)
+    if reduction == "sum":
+        return rows.sum().to(logits.dtype)
+    count = rows.shape[0] if keep is None else keep.sum()
+    return (rows.sum() / count).to(logits.dtype)

@@ -3,7 +3,7 @@ confusion-matrix cells (an independent form of the same definition)."""
 
 import torch
 
-__all__ = ["anyloss"]
+__all__ = ["anyloss", "dice_loss"]
 
 
 def anyloss(scores, target, metric="f1", L=73.0, beta=1.0, from_logits=True):
@@ -32,3 +32,26 @@ def anyloss(scores, target, metric="f1", L=73.0, beta=1.0, from_logits=True):
             m = torch.sqrt((tp / (tp + fn)) * (tn / (tn + fp)))
         losses.append(1 - m)
     return torch.stack(losses).mean()
+
+
+def dice_loss(logits, target, alpha=1.0, gamma=1.0, smooth=0.0, ignore_index=-100, reduction="mean"):
+    """The paper's per-example self-adjusting Dice, summed over classes; naive float64 autograd."""
+    x = logits.double()
+    if target.shape == logits.shape:
+        p = torch.sigmoid(x)
+        y = target.double()
+        keep = None
+    else:
+        p = torch.softmax(x, -1)
+        keep = target != ignore_index
+        y = torch.nn.functional.one_hot(torch.where(keep, target, 0), x.shape[-1]).double()
+    pt = (1 - p) ** alpha * p
+    dsc = (2 * pt * y + gamma) / (pt + y + gamma + smooth)
+    rows = (1 - dsc).sum(-1) if x.dim() == 2 else 1 - dsc
+    if keep is not None:
+        rows = torch.where(keep, rows, 0.0)
+    if reduction == "none":
+        return rows
+    if reduction == "sum":
+        return rows.sum()
+    return rows.sum() / (rows.shape[0] if keep is None else keep.sum())
