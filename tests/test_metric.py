@@ -114,3 +114,67 @@ def test_similarity_matrix_is_never_kept():
     # the 64 MiB B x B matrix; the fused op keeps blocks of 32 rows (0.5 MiB) and temporaries
     matrix = 4096 * 4096 * 4
     assert_never_builds(_PEAK_SETUP, _PEAK_CALL, matrix, matrix / 2, "B x B matrix")
+
+
+# ---- Threshold-Consistent Margin regularizer -------------------------------------------------
+
+
+@pytest.mark.parametrize("block", [None, 1, 9])
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.3, 0.1), (-0.2, 0.95)], ids=str)
+def test_tcm_matches_pytorch_metric_learning_and_reference(margins, block):
+    for b, d, classes in ((2, 3, 1), (37, 16, 5), (130, 33, 40)):
+        emb, labels = make(b, d, classes, seed=2)
+        weights = (0.7, 1.3)
+        got_in = emb.clone().requires_grad_(True)
+        got = ops.tcm_loss(got_in, labels, *margins, *weights, block_rows=block)
+        got.backward()
+        pml_in = emb.clone().requires_grad_(True)
+        pml_loss = pml_losses.ThresholdConsistentMarginLoss(weights[0], weights[1], *margins)(pml_in, labels)
+        ref_in = emb.double().requires_grad_(True)
+        want = ref.tcm_loss(ref_in, labels, *margins, *weights)
+        want.backward()
+        torch.testing.assert_close(got.double(), want.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got, pml_loss.detach(), rtol=1e-5, atol=1e-7)
+        torch.testing.assert_close(got_in.grad.double(), ref_in.grad, rtol=1e-4, atol=1e-7)
+        if pml_loss.requires_grad:
+            pml_loss.backward()
+            torch.testing.assert_close(got_in.grad, pml_in.grad, rtol=1e-4, atol=1e-7)
+
+
+def test_tcm_half_precision_compile_and_bad_input():
+    emb, labels = make(50, 24, 6, seed=4)
+    want = ref.tcm_loss(emb.double(), labels, 0.8, 0.2)
+    for dtype, tol in ((torch.bfloat16, 3e-2), (torch.float16, 5e-3)):
+        e = emb.to(dtype)
+        torch.testing.assert_close(ops.tcm_loss(e, labels, 0.8, 0.2).double(),
+                                   ref.tcm_loss(e.double(), labels, 0.8, 0.2), rtol=tol, atol=tol)
+    assert want > 0
+    f = lambda x: ops.tcm_loss(x, labels, 0.8, 0.2, block_rows=16)  # noqa: E731
+    results = []
+    for fn in (torch.compile(f), f):
+        x = emb.clone().requires_grad_(True)
+        out = fn(x)
+        out.backward()
+        results.append((out, x.grad))
+    for got, expected in zip(*results):
+        torch.testing.assert_close(got, expected)
+    expect_errors([
+        (lambda: ops.tcm_loss(emb, labels.float()), "labels must be integer [B]"),
+        (lambda: ops.tcm_loss(emb[0], labels), "emb must be a floating [B, D] tensor"),
+        (lambda: ops.tcm_loss(emb, labels, pos_margin=1.5), "pos_margin must be a cosine similarity"),
+        (lambda: ops.tcm_loss(emb, labels, neg_weight=-1.0), "neg_weight must be >= 0"),
+        (lambda: ops.tcm_loss(emb, labels, block_rows=0), "block_rows must be a positive int"),
+    ])
+
+
+_TCM_PEAK_CALL = {
+    "fused": 'fastloss.ops.tcm_loss(emb, labels).backward()',
+    "eager": 'ref.tcm_loss(emb, labels, compute_dtype=None).backward()',
+}
+
+
+@requires_proc
+def test_tcm_similarity_matrix_is_never_kept():
+    matrix = 4096 * 4096 * 4
+    setup = _PEAK_SETUP + "fastloss.ops.tcm_loss(emb[:16], labels[:16]).backward()\n"
+    assert_never_builds(setup, _TCM_PEAK_CALL, matrix, matrix / 2, "B x B matrix")

@@ -19,7 +19,7 @@ from .tcn import dilated_conv1d, tcn_level
 from .pair_losses import mw_auc_loss
 from .distill import kd_loss, pld_loss, topk_kl_loss
 from .contrastive import contrastive_loss
-from .metric import multi_similarity_loss
+from .metric import multi_similarity_loss, tcm_loss
 from .metric_losses import anyloss, dice_loss
 from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
 from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
@@ -44,6 +44,7 @@ __all__ = [
     "pld_loss",
     "contrastive_loss",
     "multi_similarity_loss",
+    "tcm_loss",
     "anyloss",
     "dice_loss",
     "QuantizedWeight",

@@ -1,4 +1,5 @@
-"""Metric-learning losses over embeddings ``[B, D]`` and labels ``[B]``, by blocks of anchors.
+"""Metric-learning losses over embeddings ``[B, D]`` and labels ``[B]``, by blocks of anchors:
+the Multi-Similarity loss (below) and the Threshold-Consistent Margin regularizer (``tcm_loss``).
 
 ``multi_similarity_loss(emb, labels, alpha, beta, base, epsilon)`` is the Multi-Similarity loss
 (Wang et al., CVPR 2019) with its pair mining, as pytorch-metric-learning's
@@ -89,6 +90,26 @@ class _MultiSimilarity(torch.autograd.Function):
         return grad.to(e.dtype), None, None, None, None, None, None
 
 
+def _check_emb_labels(fn, emb, labels):
+    if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(f"{fn}: emb and labels must be Tensors")
+    if emb.dim() != 2 or not emb.is_floating_point():
+        raise ValueError(f"{fn}: emb must be a floating [B, D] tensor, got {emb.dtype} {tuple(emb.shape)}")
+    if labels.shape != emb.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{fn}: labels must be integer [B] = [{emb.shape[0]}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    if labels.device != emb.device:
+        raise ValueError(f"{fn}: labels is on {labels.device} but emb is on {emb.device}")
+
+
+def _block_rows(fn, block_rows, n, budget=_BLOCK_BYTES):
+    if block_rows is None:
+        return max(1, budget // (4 * max(n, 1)))
+    if not (isinstance(block_rows, int) and block_rows > 0):
+        raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
+    return block_rows
+
+
 def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta: float = 50.0,
                           base: float = 0.5, epsilon: Optional[float] = 0.1,
                           reduction: str = "mean", block_rows: Optional[int] = None) -> Tensor:
@@ -103,26 +124,14 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         block_rows: anchors per block (None: 4 MiB of float32 similarities).
     """
     fn = "multi_similarity_loss"
-    if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
-        raise TypeError(f"{fn}: emb and labels must be Tensors")
-    if emb.dim() != 2 or not emb.is_floating_point():
-        raise ValueError(f"{fn}: emb must be a floating [B, D] tensor, got {emb.dtype} {tuple(emb.shape)}")
-    if labels.shape != emb.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
-        raise ValueError(f"{fn}: labels must be integer [B] = [{emb.shape[0]}], got {labels.dtype} "
-                         f"{tuple(labels.shape)}")
-    if labels.device != emb.device:
-        raise ValueError(f"{fn}: labels is on {labels.device} but emb is on {emb.device}")
+    _check_emb_labels(fn, emb, labels)
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"{fn}: alpha and beta must be > 0, got {alpha} and {beta}")
     if epsilon is not None and not epsilon >= 0:
         raise ValueError(f"{fn}: epsilon must be >= 0 or None, got {epsilon}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    n = emb.shape[0]
-    if block_rows is None:
-        block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
-    elif not (isinstance(block_rows, int) and block_rows > 0):
-        raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
+    block_rows = _block_rows(fn, block_rows, emb.shape[0])
     e = F.normalize(emb, dim=1)
     rows = _MultiSimilarity.apply(e, labels, float(alpha), float(beta), float(base),
                                   None if epsilon is None else float(epsilon), block_rows)
@@ -131,3 +140,87 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
     if reduction == "sum":
         return rows.sum().to(emb.dtype)
     return rows.to(emb.dtype)
+
+
+# --- Threshold-Consistent Margin (TCM) regularizer ----------------------------------------------
+
+def _pair_masks(labels_rows, labels, r0):
+    same = labels_rows[:, None] == labels[None, :]
+    rows = torch.arange(r0, r0 + labels_rows.shape[0], device=labels.device)
+    not_self = rows[:, None] != torch.arange(labels.shape[0], device=labels.device)[None, :]
+    return same & not_self, ~same
+
+
+class _Tcm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, e, labels, m_pos, m_neg, w_pos, w_neg, block):
+        n = e.shape[0]
+        sums = torch.zeros(4, dtype=torch.float64, device=e.device)  # pos sum, pos count, neg ...
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            s = (e[r0:r1] @ e.t()).float()
+            pos, neg = _pair_masks(labels[r0:r1], labels, r0)
+            hard_pos, hard_neg = pos & (s <= m_pos), neg & (s >= m_neg)
+            sums += torch.stack([torch.where(hard_pos, m_pos - s, 0.0).sum(dtype=torch.float64),
+                                 hard_pos.sum(dtype=torch.float64),
+                                 torch.where(hard_neg, s - m_neg, 0.0).sum(dtype=torch.float64),
+                                 hard_neg.sum(dtype=torch.float64)])
+        # a term with no hard pair is 0 (clamp: 0 / 1)
+        loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
+        ctx.save_for_backward(e, labels, sums)
+        ctx.args = (m_pos, m_neg, w_pos, w_neg, block)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        e, labels, sums = ctx.saved_tensors
+        m_pos, m_neg, w_pos, w_neg, block = ctx.args
+        # d loss / d S_ij: -w_pos / count_pos on hard positives, w_neg / count_neg on hard negatives
+        d_pos = (grad_loss.double() * w_pos / sums[1].clamp(min=1)).float()
+        d_neg = (grad_loss.double() * w_neg / sums[3].clamp(min=1)).float()
+        n = e.shape[0]
+        ef = e.float()
+        grad = torch.zeros(e.shape, dtype=torch.float32, device=e.device)
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            s = (e[r0:r1] @ e.t()).float()
+            pos, neg = _pair_masks(labels[r0:r1], labels, r0)
+            ds = torch.where(pos & (s <= m_pos), -d_pos, torch.where(neg & (s >= m_neg), d_neg, 0.0))
+            grad[r0:r1] += ds @ ef
+            grad.addmm_(ds.t(), ef[r0:r1])
+        return grad.to(e.dtype), None, None, None, None, None, None
+
+
+def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: float = 0.5,
+             pos_weight: float = 1.0, neg_weight: float = 1.0,
+             block_rows: Optional[int] = None) -> Tensor:
+    """Threshold-Consistent Margin regularizer (Zhang et al., ICLR 2024), on the cosine
+    similarities ``S`` of the batch (self-pairs excluded):
+
+    .. math:: L = \\lambda^+ \\frac{\\sum_{S^+ \\le m^+} (m^+ - S^+)}{|\\{S^+ \\le m^+\\}|}
+              + \\lambda^- \\frac{\\sum_{S^- \\ge m^-} (S^- - m^-)}{|\\{S^- \\ge m^-\\}|}
+
+    the mean margin violation of the hard positive pairs (less similar than ``pos_margin``) and
+    of the hard negative pairs (more similar than ``neg_margin``); a term with no hard pair is 0.
+    Added to a base metric-learning loss. Defaults as pytorch-metric-learning's
+    ``ThresholdConsistentMarginLoss`` (from the paper's section 5.2), which it equals on the same
+    inputs. Blocks of anchor rows, as ``multi_similarity_loss``: no ``B x B`` matrix is kept,
+    the backward forms each block again.
+
+    Args:
+        emb: ``[B, D]`` embeddings (normalised inside). labels: ``[B]`` integer classes.
+        pos_margin, neg_margin: ``m+`` and ``m-``. pos_weight, neg_weight: ``lambda+``, ``lambda-``.
+        block_rows: anchors per block (None: 1 MiB of float32 similarities).
+    """
+    fn = "tcm_loss"
+    _check_emb_labels(fn, emb, labels)
+    for name, v in (("pos_weight", pos_weight), ("neg_weight", neg_weight)):
+        if not v >= 0:
+            raise ValueError(f"{fn}: {name} must be >= 0, got {v}")
+    for name, v in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
+        if not -1 <= v <= 1:
+            raise ValueError(f"{fn}: {name} must be a cosine similarity in [-1, 1], got {v}")
+    block_rows = _block_rows(fn, block_rows, emb.shape[0], _BLOCK_BYTES // 4)
+    e = F.normalize(emb, dim=1)
+    return _Tcm.apply(e, labels, float(pos_margin), float(neg_margin), float(pos_weight),
+                      float(neg_weight), block_rows).to(emb.dtype)
