@@ -21,6 +21,7 @@ from .distill import kd_loss, pld_loss, topk_kl_loss
 from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss, tcm_loss
 from .metric_losses import anyloss, dice_loss
+from .few_shot import icnn_loss, proto_triplet_loss
 from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
 from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
 
@@ -47,6 +48,8 @@ __all__ = [
     "tcm_loss",
     "anyloss",
     "dice_loss",
+    "proto_triplet_loss",
+    "icnn_loss",
     "QuantizedWeight",
     "quantize_weight",
     "dequantize_weight",

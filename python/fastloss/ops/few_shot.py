@@ -1,0 +1,181 @@
+"""Few-shot metric-learning losses of "SuSana Distancia is all you need" (Mendez-Ruiz et al.):
+the Proto-Triplet loss and the ICNN loss. Formulas in each function's docstring, as the
+authors' code computes them (its constants included, so the values are comparable).
+
+Distances are Euclidean, ``d(a, b) = sqrt(||a - b||^2 + 1e-6)``. Neighbour search goes over
+blocks of rows (distances of a block, then ``topk``), so no ``N x M`` distance matrix is kept for
+backward: only the chosen neighbours' distances are formed again, differentiably, from the
+embeddings. Torch operations (no hand-written kernel); any device.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+_EPS_SQ = 1e-6   # inside the square root (the authors' value)
+_EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
+_BLOCK_BYTES = 4 << 20
+
+
+def _check_set(fn, name, emb, labels_name, labels, device=None):
+    if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
+        raise TypeError(f"{fn}: {name} and {labels_name} must be Tensors")
+    if emb.dim() != 2 or not emb.is_floating_point():
+        raise ValueError(f"{fn}: {name} must be a floating [B, D] tensor, got {emb.dtype} "
+                         f"{tuple(emb.shape)}")
+    if labels.shape != emb.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
+        raise ValueError(f"{fn}: {labels_name} must be integer [{emb.shape[0]}], got {labels.dtype} "
+                         f"{tuple(labels.shape)}")
+    for t, what in ((emb, name), (labels, labels_name)):
+        if device is not None and t.device != device:
+            raise ValueError(f"{fn}: {what} is on {t.device}, expected {device}")
+
+
+def _dist(a, b):
+    """Euclidean distances with the authors' epsilon, rows of a against rows of b."""
+    return (torch.cdist(a.float(), b.float()).square() + _EPS_SQ).sqrt()
+
+
+def _pair_dist(a, b):
+    """Distances of matching rows (a[i] to b[i]); differentiable, no pair matrix."""
+    return ((a.float() - b.float()).square().sum(-1) + _EPS_SQ).sqrt()
+
+
+def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Tensor] = None,
+                       support_labels: Optional[Tensor] = None, margin: float = 0.5) -> Tensor:
+    """Proto-Triplet loss: each query is an anchor, its class prototype the positive and the
+    nearest prototype of another class the negative,
+
+    .. math:: L = \\frac1Q \\sum_q \\max\\big(0,\\ d(q, c_{y_q}) - \\min_{k \\ne y_q} d(q, c_k)
+              + \\mathrm{margin}\\big)
+
+    with prototypes ``c_k`` the means of the support embeddings of class ``k`` (ProtoNet's).
+    ``support=None`` takes the prototypes from the query batch itself (a plain batch of
+    embeddings and labels). Extra memory ``O(Q K)`` for ``K`` classes.
+
+    Args:
+        query: ``[Q, D]`` embeddings; query_labels: integer ``[Q]``, each a class of the support.
+        support, support_labels: ``[S, D]`` and ``[S]`` (or None: the query set).
+        margin: the triplet margin (the authors use 0.5).
+    """
+    fn = "proto_triplet_loss"
+    _check_set(fn, "query", query, "query_labels", query_labels)
+    if (support is None) != (support_labels is None):
+        raise ValueError(f"{fn}: give support and support_labels together, or neither")
+    if support is None:
+        support, support_labels = query, query_labels
+    _check_set(fn, "support", support, "support_labels", support_labels, query.device)
+    if support.shape[1] != query.shape[1]:
+        raise ValueError(f"{fn}: support has {support.shape[1]} features but query has {query.shape[1]}")
+    if not margin >= 0:
+        raise ValueError(f"{fn}: margin must be >= 0, got {margin}")
+    classes, inverse = torch.unique(support_labels, return_inverse=True)
+    if classes.numel() < 2:
+        raise ValueError(f"{fn}: the support needs at least two classes, got {classes.numel()}")
+    pos = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
+    if not bool((classes[pos] == query_labels).all()):
+        raise ValueError(f"{fn}: every query label must be a class of the support")
+    k = classes.numel()
+    sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
+    sums = sums.index_add(0, inverse, support.float())
+    counts = torch.bincount(inverse, minlength=k).to(sums.dtype)
+    protos = sums / counts[:, None]
+    d = _dist(query, protos)                                     # [Q, K]
+    d_pos = d.gather(1, pos[:, None]).squeeze(1)
+    d_neg = d.scatter(1, pos[:, None], float("inf")).amin(1)
+    return torch.relu(d_pos - d_neg + margin).mean().to(query.dtype)
+
+
+def _neighbours(emb, target, k, exclude_self):
+    """Indices [N, k] of the k nearest rows of target for each row of emb, by blocks."""
+    n, m = emb.shape[0], target.shape[0]
+    block = max(1, _BLOCK_BYTES // (4 * max(m, 1)))
+    out = torch.empty(n, k, dtype=torch.long, device=emb.device)
+    with torch.no_grad():
+        for r0 in range(0, n, block):
+            r1 = min(n, r0 + block)
+            d = torch.cdist(emb[r0:r1].float(), target.float())
+            if exclude_self:
+                rows = torch.arange(r0, r1, device=emb.device)
+                d[rows - r0, rows] = float("inf")
+            out[r0:r1] = d.topk(k, 1, largest=False).indices
+    return out
+
+
+def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
+              target_labels: Optional[Tensor] = None, k: int = 4,
+              num_neighbors: Optional[int] = None) -> Tensor:
+    """ICNN loss ``-log(score)``, the inter- and intra-class nearest-neighbour score of each
+    embedding's neighbourhood in the target set (the embeddings themselves by default, each
+    without itself). With ``M`` targets, ``k`` is clipped to ``M - 2`` when ``k + 2 >= M``;
+    each embedding ``i`` takes its ``n = num_neighbors`` (default ``k + 1``) nearest targets at
+    distances ``d_ij`` (ascending) with same-class flags ``s_ij``:
+
+    * ``delta_i`` = the distance to the nearest other-class target among them (infinite if none);
+      ``u_ij = (d_ij / (delta_i + eps)) / max(1, max_j d_ij / (delta_i + eps))`` over the first
+      ``k``;
+    * ``lambda_sc = 1 - mean_{i with a same-class neighbour}`` of the mean of ``u_ij`` over its
+      same-class neighbours (close same-class neighbours are good);
+    * ``lambda_dc = mean_{i with another-class neighbour}`` of the mean of
+      ``d_ij / max_{batch} d`` over its other-class neighbours among the first ``k`` (far
+      other-class neighbours are good), or 1 when no embedding has one;
+    * ``gamma = mean_i (same-class neighbours among the first k) / k`` (1 when ``k`` was clipped);
+    * ``score = ((lambda_sc + lambda_dc) / 2 + gamma) / 2`` in [0, 1].
+
+    Means are over the embeddings that have such neighbours (divisions carry the authors'
+    ``eps = 1e-7``). The neighbour choice and ``gamma`` are not differentiated; the distances
+    are. With a separate target set every target counts (the authors' code also drops the
+    nearest target there, meant for the self-match; we drop only the self-match).
+
+    Args:
+        emb: ``[N, D]`` embeddings; labels: integer ``[N]``.
+        target, target_labels: ``[M, D]`` and ``[M]`` (or None: the embeddings themselves).
+        k: neighbours scored (the authors' default 4). num_neighbors: neighbours retrieved
+            (>= k; default k + 1; the authors use shot + query for the whole episode).
+    """
+    fn = "icnn_loss"
+    _check_set(fn, "emb", emb, "labels", labels)
+    if (target is None) != (target_labels is None):
+        raise ValueError(f"{fn}: give target and target_labels together, or neither")
+    same_set = target is None
+    if same_set:
+        target, target_labels = emb, labels
+    _check_set(fn, "target", target, "target_labels", target_labels, emb.device)
+    if target.shape[1] != emb.shape[1]:
+        raise ValueError(f"{fn}: target has {target.shape[1]} features but emb has {emb.shape[1]}")
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
+    m = target.shape[0]
+    available = m - 1 if same_set else m
+    if m < 3:
+        raise ValueError(f"{fn}: the target set needs at least 3 embeddings, got {m}")
+    clipped = k + 2 >= m
+    if clipped:
+        k = m - 2
+    n_nb = k + 1 if num_neighbors is None else num_neighbors
+    if isinstance(n_nb, bool) or not isinstance(n_nb, int) or not k <= n_nb <= available:
+        raise ValueError(f"{fn}: num_neighbors must be an int in [k = {k}, {available}], got {n_nb!r}")
+    idx = _neighbours(emb, target, n_nb, same_set)                            # [N, n]
+    d = _pair_dist(emb[:, None, :], target[idx])                              # [N, n]
+    same = target_labels[idx] == labels[:, None]
+    other = ~same
+    inf = torch.tensor(float("inf"), device=d.device)
+    delta = torch.where(other, d, inf).amin(1, keepdim=True)
+    u = d[:, :k] / (delta + _EPS)
+    u = u / u.amax(1, keepdim=True).clamp(min=1.0)
+    same_k, other_k = same[:, :k], other[:, :k]
+    n_same, n_other = same_k.sum(1), other_k.sum(1)
+    sc_rows = torch.where(same_k, u, 0.0).sum(1) / (n_same + _EPS)
+    lambda_sc = 1 - sc_rows.sum() / ((n_same > 0).sum() + _EPS)
+    dc = torch.where(other_k, d[:, :k], 0.0)
+    dc = dc / (dc.amax() + _EPS)
+    dc_rows = dc.sum(1) / (n_other + _EPS)
+    lambda_dc = dc_rows.sum() / ((n_other > 0).sum() + _EPS)
+    if not bool(other_k.any()):
+        lambda_dc = 1 - lambda_dc
+    gamma = 1.0 if clipped else (n_same.float() / k).mean()
+    score = ((lambda_sc + lambda_dc) / 2 + gamma) / 2
+    return (-torch.log(score)).to(emb.dtype)

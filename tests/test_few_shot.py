@@ -1,0 +1,104 @@
+"""The SuSana Distancia losses (Proto-Triplet, ICNN) against float64 references written row by
+row from their definitions: values and gradients (embeddings and support), clipping of k,
+separate target sets, half precision, compile, bad input."""
+
+import pytest
+import torch
+
+from fastloss import ops
+from fastloss.reference import few_shot as ref
+from checks import expect_errors
+
+
+def episode(n, d, classes, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed * 41 + n * 7 + d + classes)
+    labels = torch.arange(n) % classes
+    labels = labels[torch.randperm(n, generator=g)]
+    emb = torch.randn(classes, d, generator=g)[labels] + 0.9 * torch.randn(n, d, generator=g)
+    return emb.to(dtype), labels
+
+
+def grads_close(fn, ref_fn, tensors, rtol=1e-5, atol=1e-7):
+    ins = [t.clone().requires_grad_(True) for t in tensors]
+    ref_ins = [t.double().requires_grad_(True) for t in tensors]
+    got, want = fn(*ins), ref_fn(*ref_ins)
+    got.backward()
+    want.backward()
+    torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=atol)
+    for a, e in zip(ins, ref_ins):
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol * 10, atol=atol * 10)
+
+
+@pytest.mark.parametrize("margin", [0.0, 0.5, 3.0])
+@pytest.mark.parametrize("sizes", [(6, 3, 2), (25, 17, 5), (80, 64, 11)], ids=str)
+def test_proto_triplet_matches_reference(sizes, margin):
+    n, d, classes = sizes
+    q, ql = episode(n, d, classes, seed=1)
+    s, sl = episode(2 * classes + 1, d, classes, seed=2)
+    grads_close(lambda a, b: ops.proto_triplet_loss(a, ql, b, sl, margin),
+                lambda a, b: ref.proto_triplet_loss(a, ql, b, sl, margin), [q, s])
+    grads_close(lambda a: ops.proto_triplet_loss(a, ql, margin=margin),
+                lambda a: ref.proto_triplet_loss(a, ql, margin=margin), [q])
+
+
+@pytest.mark.parametrize("args", [{}, {"k": 1}, {"k": 3, "num_neighbors": 7}, {"k": 50}], ids=str)
+@pytest.mark.parametrize("sizes", [(3, 4, 2), (23, 8, 4), (70, 32, 9)], ids=str)
+def test_icnn_matches_reference(sizes, args):
+    n, d, classes = sizes
+    e, lab = episode(n, d, classes, seed=3)
+    if "num_neighbors" in args:  # at most the set's other members
+        args = dict(args, num_neighbors=min(args["num_neighbors"], n - 1))
+    grads_close(lambda a: ops.icnn_loss(a, lab, **args), lambda a: ref.icnn_loss(a, lab, **args), [e])
+    t, tl = episode(2 * classes + 3, d, classes, seed=4)
+    grads_close(lambda a, b: ops.icnn_loss(a, lab, b, tl, **args),
+                lambda a, b: ref.icnn_loss(a, lab, b, tl, **args), [e, t])
+
+
+def test_icnn_no_other_class_neighbour_and_well_separated_classes():
+    # one class only: lambda_dc is 1 by definition
+    e, _ = episode(12, 5, 1, seed=5)
+    lab = torch.zeros(12, dtype=torch.long)
+    grads_close(lambda a: ops.icnn_loss(a, lab, k=3), lambda a: ref.icnn_loss(a, lab, k=3), [e])
+    # far apart tight classes score near 1 (loss near 0); mixed ones score lower
+    lab = torch.arange(40) % 4
+    tight = torch.eye(4, 16)[lab] * 100 + 0.01 * torch.randn(40, 16)
+    mixed = torch.randn(40, 16)
+    assert ops.icnn_loss(tight, lab) < 0.3 < ops.icnn_loss(mixed, lab)
+
+
+def test_half_precision_and_compile():
+    e, lab = episode(30, 16, 5, seed=6)
+    for dtype in (torch.bfloat16, torch.float16):
+        x = e.to(dtype)
+        assert ops.icnn_loss(x, lab).dtype == dtype
+        torch.testing.assert_close(ops.icnn_loss(x, lab).double(), ref.icnn_loss(x.double(), lab),
+                                   rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(ops.proto_triplet_loss(x, lab).double(),
+                                   ref.proto_triplet_loss(x.double(), lab), rtol=2e-2, atol=2e-2)
+    f = lambda a: ops.proto_triplet_loss(a, lab, margin=0.2)  # noqa: E731
+    results = []
+    for fn in (torch.compile(f), f):
+        a = e.clone().requires_grad_(True)
+        out = fn(a)
+        out.backward()
+        results.append((out, a.grad))
+    for got, want in zip(*results):
+        torch.testing.assert_close(got, want)
+
+
+def test_bad_input_errors_name_the_argument():
+    e, lab = episode(10, 4, 3)
+    expect_errors([
+        (lambda: ops.proto_triplet_loss(e, lab.float()), "query_labels must be integer"),
+        (lambda: ops.proto_triplet_loss(e, lab, e[:, :2], lab), "support has 2 features"),
+        (lambda: ops.proto_triplet_loss(e, lab, e), "give support and support_labels together"),
+        (lambda: ops.proto_triplet_loss(e, lab, e[:3], torch.tensor([0, 1, 1])),
+         "every query label must be a class of the support"),
+        (lambda: ops.proto_triplet_loss(e, torch.zeros(10, dtype=torch.long)), "at least two classes"),
+        (lambda: ops.proto_triplet_loss(e, lab, margin=-1.0), "margin must be >= 0"),
+        (lambda: ops.icnn_loss(e, lab, k=0), "k must be a positive int"),
+        (lambda: ops.icnn_loss(e, lab, k=2, num_neighbors=1), "num_neighbors must be an int in [k = 2, 9]"),
+        (lambda: ops.icnn_loss(e[:2], lab[:2]), "at least 3 embeddings"),
+        (lambda: ops.icnn_loss(e, lab[:4]), "labels must be integer [10]"),
+        (lambda: ops.icnn_loss(e, lab, e[:, :3], lab), "target has 3 features"),
+    ])
