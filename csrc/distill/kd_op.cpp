@@ -49,6 +49,20 @@ Pair check_pair(const Tensor& student, const Tensor& teacher, const char* op) {
   return p;
 }
 
+// A kernel problem (KdProblem, TopkKlProblem, PldProblem) with the pair's pointers and sizes.
+template <class Problem>
+Problem problem_of(const Pair& p) {
+  Problem q;
+  q.student = p.student.data_ptr();
+  q.teacher = p.teacher.data_ptr();
+  q.dtype = p.dtype;
+  q.N = p.N;
+  q.C = p.C;
+  q.s_stride = p.s_stride;
+  q.t_stride = p.t_stride;
+  return q;
+}
+
 struct Checked {
   Pair pair;
   KdProblem q;
@@ -60,14 +74,7 @@ Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double
   TORCH_CHECK(temperature > 0.0, kOp, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(kind != 2 || (beta > 0.0 && beta < 1.0), kOp, ": beta must be in (0, 1) for jsd, got ", beta);
   Checked c{check_pair(student, teacher, kOp), {}};
-  KdProblem& q = c.q;
-  q.student = c.pair.student.data_ptr();
-  q.teacher = c.pair.teacher.data_ptr();
-  q.dtype = c.pair.dtype;
-  q.N = c.pair.N;
-  q.C = c.pair.C;
-  q.s_stride = c.pair.s_stride;
-  q.t_stride = c.pair.t_stride;
+  KdProblem& q = c.q = problem_of<KdProblem>(c.pair);
   q.kind = KdKind(kind);
   q.temperature = float(temperature);
   q.beta = float(beta);
@@ -126,14 +133,7 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
   const Pair p = check_pair(student, teacher, op);
   TORCH_CHECK(k >= 1 && (k <= p.C || p.N == 0), op, ": k must be in [1, C = ", p.C, "], got ", k);
   TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0, got ", temperature);
-  TopkKlProblem q;
-  q.student = p.student.data_ptr();
-  q.teacher = p.teacher.data_ptr();
-  q.dtype = p.dtype;
-  q.N = p.N;
-  q.C = p.C;
-  q.s_stride = p.s_stride;
-  q.t_stride = p.t_stride;
+  auto q = problem_of<TopkKlProblem>(p);
   q.k = k;
   q.temperature = float(temperature);
   q.renormalize = renormalize;
@@ -164,15 +164,8 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   for (int64_t r = 0; r < p.N; ++r)
     TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < p.C), op, ": target[", r, "] = ",
                 yp[r], " is not a class in [0, ", p.C, ") nor ignore_index (", ignore_index, ")");
-  PldProblem q;
-  q.student = p.student.data_ptr();
-  q.teacher = p.teacher.data_ptr();
+  auto q = problem_of<PldProblem>(p);
   q.target = yp;
-  q.dtype = p.dtype;
-  q.N = p.N;
-  q.C = p.C;
-  q.s_stride = p.s_stride;
-  q.t_stride = p.t_stride;
   q.ignore_index = ignore_index;
   q.temperature = float(temperature);
   Tensor loss = at::empty({p.N}, student.options().dtype(at::kFloat));

@@ -89,28 +89,12 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
     fn = "kd_loss"
     if kind not in _KINDS:
         raise ValueError(f"{fn}: kind must be one of {list(_KINDS)}, got {kind!r}")
-    if reduction not in ("none", "mean", "sum"):
-        raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    if not T > 0:
-        raise ValueError(f"{fn}: T must be > 0, got {T}")
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
-    for name, t in (("student", student), ("teacher", teacher)):
-        if not isinstance(t, Tensor):
-            raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if student.dim() < 1 or teacher.shape != student.shape:
-        raise ValueError(f"{fn}: teacher must have student's shape {tuple(student.shape)}, got "
-                         f"{tuple(teacher.shape)}")
-    if student.dtype not in _FLOATS or teacher.dtype != student.dtype:
-        raise ValueError(f"{fn}: student and teacher must share a dtype among float32, float16 "
-                         f"and bfloat16, got {student.dtype} and {teacher.dtype}")
-    if student.shape[-1] == 0:
-        raise ValueError(f"{fn}: student and teacher need at least one class, got shape "
-                         f"{tuple(student.shape)}")
+    s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    s2, t2 = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
     if s2.device.type == "cpu":
-        rows = torch.ops.fastloss.kd_forward(s2, t2.detach(), _KINDS[kind], float(T), float(beta))[0]
+        rows = torch.ops.fastloss.kd_forward(s2, t2, _KINDS[kind], float(T), float(beta))[0]
     else:
         rows = _rows_torch(s2, t2, kind, float(T), float(beta))
     if reduction == "mean":
