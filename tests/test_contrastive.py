@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.reference import contrastive as ref
 from peak_memory import assert_never_builds, requires_proc
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -66,15 +66,7 @@ def test_one_pair_and_compile():
     check(a, b, None, 0.5, True, "mean", None, "one pair")
     a, b, w = make(20, 8, torch.float32, seed=4, weighted=True)
     f = lambda x, y: ops.contrastive_loss(x, y, 0.1) + ops.contrastive_loss(x, y, 0.2, w, False)  # noqa: E731
-    compiled = torch.compile(f, fullgraph=True)
-    results = []
-    for fn in (compiled, f):
-        x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
-        out = fn(x, y)
-        out.backward()
-        results.append((out, x.grad, y.grad))
-    for got, exp in zip(*results):
-        torch.testing.assert_close(got, exp)
+    assert_compiled_matches(f, [a, b])
 
 
 def test_bad_input_errors_name_the_argument():

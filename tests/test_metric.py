@@ -10,7 +10,7 @@ import torch
 from fastloss import ops
 from fastloss.reference import metric as ref
 from peak_memory import assert_never_builds, requires_proc
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="a test dependency (scripts/setup_venv.sh installs it)")
 pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
@@ -71,15 +71,7 @@ def test_bfloat16_and_compile():
     torch.testing.assert_close(out.double(), ref.multi_similarity_loss(emb.bfloat16().double(), labels),
                                rtol=3e-2, atol=1e-3)
     f = lambda e, y: ops.multi_similarity_loss(e, y) + ops.multi_similarity_loss(e, y, 1.0, 5.0, 0.3, None)  # noqa: E731
-    compiled = torch.compile(f, fullgraph=True)
-    results = []
-    for fn in (compiled, f):
-        x = emb.clone().requires_grad_(True)
-        loss = fn(x, labels)
-        loss.backward()
-        results.append((loss, x.grad))
-    for got, exp in zip(*results):
-        torch.testing.assert_close(got, exp)
+    assert_compiled_matches(f, [emb], labels)
 
 
 def test_bad_input_errors_name_the_argument():
@@ -150,14 +142,7 @@ def test_tcm_half_precision_compile_and_bad_input():
                                    ref.tcm_loss(e.double(), labels, 0.8, 0.2), rtol=tol, atol=tol)
     assert want > 0
     f = lambda x: ops.tcm_loss(x, labels, 0.8, 0.2, block_rows=16)  # noqa: E731
-    results = []
-    for fn in (torch.compile(f), f):
-        x = emb.clone().requires_grad_(True)
-        out = fn(x)
-        out.backward()
-        results.append((out, x.grad))
-    for got, expected in zip(*results):
-        torch.testing.assert_close(got, expected)
+    assert_compiled_matches(f, [emb])
     expect_errors([
         (lambda: ops.tcm_loss(emb, labels.float()), "labels must be integer [B]"),
         (lambda: ops.tcm_loss(emb[0], labels), "emb must be a floating [B, D] tensor"),

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.reference import pair_losses as ref
 from peak_memory import assert_never_builds, requires_proc
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -78,15 +78,7 @@ def test_no_grad_and_opcheck_and_compile():
         torch.library.opcheck(torch.ops.fastloss.mw_auc_forward.default,
                               (pos.detach().clone().requires_grad_(compute_grad), neg, compute_grad))
     f = lambda p, n: ops.mw_auc_loss(p, n) * 2 + ops.mw_auc_loss(n, p, "sum")  # noqa: E731
-    compiled = torch.compile(f, fullgraph=True)
-    results = []
-    for fn in (compiled, f):
-        p, n = pos.detach().clone().requires_grad_(True), neg.detach().clone().requires_grad_(True)
-        out = fn(p, n)
-        out.backward()
-        results.append((out, p.grad, n.grad))
-    for a, e in zip(*results):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches(f, [pos, neg])
 
 
 def test_bad_input_errors_name_the_argument():

@@ -10,7 +10,7 @@ import torch
 import fastloss
 from fastloss import ops
 from fastloss.reference import quant as ref
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 FORMATS = [(bits, gs, sym) for bits in (4, 8) for gs in (32, 64, 128, 256, -1, 0) for sym in (True, False)]
 
@@ -71,15 +71,7 @@ def test_opcheck_compile_and_imported_weights():
                           (torch.randn(3, 10), qw.qweight, qw.scales, qw.zeros, 4, 32))
     torch.library.opcheck(torch.ops.fastloss.dequantize_weight.default, (qw.qweight, qw.scales, qw.zeros, 4, 32))
     f = lambda t: ops.dequant_gemm(t, qw, b).square().sum()  # noqa: E731
-    compiled = torch.compile(f, fullgraph=True)
-    results = []
-    for fn in (compiled, f):
-        xx = x.detach().clone().requires_grad_(True)
-        out = fn(xx)
-        out.backward()
-        results.append((out, xx.grad))
-    for got, exp in zip(*results):
-        torch.testing.assert_close(got, exp)
+    assert_compiled_matches(f, [x])
 
 
 def test_quant_linear_on_a_small_model():

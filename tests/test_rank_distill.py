@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.ops import distill as distill_ops
 from fastloss.reference import distill as ref
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -148,14 +148,7 @@ def test_no_teacher_gradient_opcheck_and_compile():
         torch.library.opcheck(torch.ops.fastloss.pld_forward.default,
                               (sd.clone().requires_grad_(grad), td, y, 2.0, -100, grad))
     f = lambda a, b: ops.topk_kl_loss(a, b, 6, 2.0) + ops.pld_loss(a, b, y, 0.5, reduction="sum")  # noqa: E731
-    results = []
-    for fn in (torch.compile(f, fullgraph=True), f):
-        a = sd.clone().requires_grad_(True)
-        out = fn(a, td)
-        out.backward()
-        results.append((out, a.grad))
-    for a, e in zip(*results):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches(f, [sd], td)
 
 
 def test_bad_input_errors_name_the_argument():

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from fastloss import ops
 from fastloss.reference import tcn as ref
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -133,16 +133,7 @@ def test_torch_compile_fullgraph():
     def f(x, w, b):
         return ops.dilated_conv1d(torch.tanh(ops.dilated_conv1d(x, w, b, dilation=2)), w, None,
                                   dilation=4, causal=False).square().sum()
-    compiled = torch.compile(f, fullgraph=True)
-    x, w, b = make(2, 4, 40, 3, torch.float32, seed=7)
-    grads = []
-    for fn in (compiled, f):
-        leaves = [t.clone().requires_grad_(True) for t in (x, w, b)]
-        out = fn(*leaves)
-        out.backward()
-        grads.append((out, *[t.grad for t in leaves]))
-    for a, e in zip(*grads):
-        torch.testing.assert_close(a, e)
+    assert_compiled_matches(f, make(2, 4, 40, 3, torch.float32, seed=7))
 
 
 def test_bad_input_errors_name_the_argument():
