@@ -27,6 +27,17 @@ inline void sweep(const T* sr, const T* tr, int64_t C, float inv_t, F&& fv, G&& 
   for (; k < C; ++k) fs(load1(sr + k) * inv_t, load1(tr + k) * inv_t, k);
 }
 
+// The maxima of the scaled logits of both rows, in one sweep.
+template <class V, class T>
+void pair_max(const T* sr, const T* tr, int64_t C, float inv_t, float& ms, float& mt) {
+  V vms = V(kKdLowest), vmt = V(kKdLowest);
+  ms = mt = kKdLowest;
+  sweep<V>(sr, tr, C, inv_t, [&](V s, V t, int64_t) { vms = vmax(vms, s); vmt = vmax(vmt, t); },
+           [&](float s, float t, int64_t) { ms = vmax(ms, s); mt = vmax(mt, t); });
+  ms = vmax(ms, hmax(vms));
+  mt = vmax(mt, hmax(vmt));
+}
+
 template <class V, class T>
 void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int64_t r1) {
   const float inv_t = 1.f / q.temperature, t2 = q.temperature * q.temperature;
@@ -35,12 +46,8 @@ void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     // 1: the maxima
-    V vms = V(kKdLowest), vmt = V(kKdLowest);
-    float ms = kKdLowest, mt = kKdLowest;
-    sweep<V>(sr, tr, q.C, inv_t, [&](V s, V t, int64_t) { vms = vmax(vms, s); vmt = vmax(vmt, t); },
-             [&](float s, float t, int64_t) { ms = vmax(ms, s); mt = vmax(mt, t); });
-    ms = vmax(ms, hmax(vms));
-    mt = vmax(mt, hmax(vmt));
+    float ms, mt;
+    pair_max<V>(sr, tr, q.C, inv_t, ms, mt);
     // 2: the partition functions, and the weighted differences the KLs need
     V vzs = V(0.f), vzt = V(0.f), va = V(0.f), vb = V(0.f);
     float zs = 0.f, zt = 0.f, a = 0.f, b = 0.f;

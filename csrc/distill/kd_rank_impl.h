@@ -120,7 +120,8 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
       lse_s = ms + std::log(zs);
       lse_t = mt + std::log(zt);
     } else {
-      const float ms = row_max<V>(sr, C, inv_t), mt = row_max<V>(tr, C, inv_t);
+      float ms, mt;
+      pair_max<V>(sr, tr, C, inv_t, ms, mt);
       V vzs = V(0.f), vzt = V(0.f);
       float zs = 0.f, zt = 0.f;
       sweep<V>(sr, tr, C, inv_t,

@@ -234,9 +234,9 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
 
 
 def _reduce_rows(rows, reduction, student, count=None):
+    """Over rows: the mean (over `count` kept rows when given), the sum, or the leading shape."""
     if reduction == "mean":
-        total = rows.sum() if count is not None else None
-        return (rows.mean() if count is None else total / count).to(student.dtype)
+        return (rows.mean() if count is None else rows.sum() / count).to(student.dtype)
     if reduction == "sum":
         return rows.sum().to(student.dtype)
     return rows.reshape(student.shape[:-1]).to(student.dtype)

@@ -32,12 +32,17 @@ _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries 
 _INF = float("inf")
 
 
+def _pair_masks(labels_rows, labels, r0):
+    """Positive (same label, not the anchor itself) and negative masks of a block of anchors."""
+    same = labels_rows[:, None] == labels[None, :]
+    rows = torch.arange(r0, r0 + labels_rows.shape[0], device=labels.device)
+    not_self = rows[:, None] != torch.arange(labels.shape[0], device=labels.device)[None, :]
+    return same & not_self, ~same
+
+
 def _masks(s, labels_rows, labels, r0, epsilon):
     """Positive and negative masks of a block of anchor rows, after mining."""
-    rows = torch.arange(r0, r0 + s.shape[0], device=s.device)
-    same = labels_rows[:, None] == labels[None, :]
-    not_self = rows[:, None] != torch.arange(labels.shape[0], device=s.device)[None, :]
-    pos, neg = same & not_self, ~same
+    pos, neg = _pair_masks(labels_rows, labels, r0)
     if epsilon is not None:
         min_pos = torch.where(pos, s, _INF).amin(1, keepdim=True)
         max_neg = torch.where(neg, s, -_INF).amax(1, keepdim=True)
@@ -143,13 +148,6 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
 
 
 # --- Threshold-Consistent Margin (TCM) regularizer ----------------------------------------------
-
-def _pair_masks(labels_rows, labels, r0):
-    same = labels_rows[:, None] == labels[None, :]
-    rows = torch.arange(r0, r0 + labels_rows.shape[0], device=labels.device)
-    not_self = rows[:, None] != torch.arange(labels.shape[0], device=labels.device)[None, :]
-    return same & not_self, ~same
-
 
 class _Tcm(torch.autograd.Function):
     @staticmethod
