@@ -123,12 +123,13 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
   // Low-bit dequant GEMM (quant/quant_op.cpp): weight [N, K] packed as qweight uint8
-  // [N, K * bits / 8] with float32 scales and zeros [N, K / group_size] (layout in
-  // quant/quant_kernels.h). y = x @ W^T (+ bias) without a float copy of W.
-  m.def("dequant_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor zeros, int bits, "
-        "int group_size, Tensor? bias) -> Tensor");
-  m.def("dequant_gemm_grad_input(Tensor grad_y, Tensor qweight, Tensor scales, Tensor zeros, "
+  // [N, K * bits / 8] with float32 scales and (optional) zero points [N, K / group_size], and an
+  // optional float32 codebook [1 or N, 2^bits] (layout in quant/quant_kernels.h).
+  // y = x @ W^T (+ bias) without a float copy of W.
+  m.def("dequant_gemm(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? codebook, "
+        "int bits, int group_size, Tensor? bias) -> Tensor");
+  m.def("dequant_gemm_grad_input(Tensor grad_y, Tensor qweight, Tensor scales, Tensor? zeros, "
+        "Tensor? codebook, int bits, int group_size) -> Tensor");
+  m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, Tensor? codebook, "
         "int bits, int group_size) -> Tensor");
-  m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor zeros, int bits, "
-        "int group_size) -> Tensor");
 }

@@ -1,7 +1,8 @@
-"""Low-bit dequant GEMM: for every format, dequant_gemm(x, quantize_weight(w)) equals
-x @ W^T with W unpacked by the independent float64 reference; dequantize_weight equals that
-reference; round-to-nearest stays within half a step; every CPU path, activation dtype, batch
-(both kernel paths) and awkward shape; gradients; opcheck; compile; imported integer weights;
+"""Low-bit dequant GEMM: for every format (2/3/4/8 bits; group, per-channel, per-tensor;
+symmetric, asymmetric, codebook per tensor and per channel), dequant_gemm(x, quantize_weight(w))
+equals x @ W^T with W unpacked by the independent float64 reference; dequantize_weight equals
+that reference; rounding is to the nearest level; every CPU path, activation dtype, batch (both
+kernel paths) and awkward shape; gradients; opcheck; compile; imported integer weights;
 QuantLinear on a small model; bad input."""
 
 import pytest
@@ -12,35 +13,77 @@ from fastloss import ops
 from fastloss.reference import quant as ref
 from checks import assert_compiled_matches, expect_errors
 
-FORMATS = [(bits, gs, sym) for bits in (4, 8) for gs in (32, 64, 128, 256, -1, 0) for sym in (True, False)]
+GROUPS = (32, 64, 128, 256, -1, 0)
+KINDS = ("symmetric", "asymmetric", "codebook", "channel_codebook")
+FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in GROUPS for kind in KINDS]
 
 
-def k_for(group_size):
-    return {32: 288, 64: 192, 128: 384, 256: 512, -1: 266, 0: 266}[group_size]
+def k_for(group_size, bits):
+    # per channel / per tensor: K not a multiple of 16, so planes end in narrow and scalar tails
+    return {32: 288, 64: 192, 128: 384, 256: 512}.get(group_size, 266 if bits in (4, 8) else 264)
 
 
-@pytest.mark.parametrize("bits,group_size,symmetric", FORMATS, ids=lambda v: str(v))
-def test_format_and_gemm(bits, group_size, symmetric, cpu_isa):
-    g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
-    k = k_for(group_size)
-    w = torch.randn(37, k, generator=g) * 0.1
-    qw = ops.quantize_weight(w, bits, group_size, symmetric)
-    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group)
+def codebook_for(kind, bits, n, g):
+    if kind == "codebook":   # the library's grids
+        return ops.nf_codebook(bits) if bits < 8 else ops.power_codebook(bits, 1.7)
+    if kind == "channel_codebook":   # learned values: random, unsorted, one codebook per row
+        return torch.randn(n, 1 << bits, generator=g)
+    return None
+
+
+@pytest.mark.parametrize("bits,group_size,kind", FORMATS, ids=lambda v: str(v))
+def test_format_and_gemm(bits, group_size, kind, cpu_isa):
+    g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + KINDS.index(kind))
+    k, n = k_for(group_size, bits), 37
+    w = torch.randn(n, k, generator=g) * 0.1
+    codebook = codebook_for(kind, bits, n, g)
+    qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     torch.testing.assert_close(ops.dequantize_weight(qw).double(), w64, rtol=0, atol=1e-7)
     step = qw.scales.double().repeat_interleave(qw.group, 1)
-    assert ((w64 - w.double()).abs() <= 0.5 * step + 1e-6).all(), "round to nearest"
+    if codebook is None:
+        assert ((w64 - w.double()).abs() <= 0.5 * step + 1e-6).all(), "round to nearest"
+    else:   # the chosen entry is the nearest one of the row's codebook
+        cb = qw.codebook.double().expand(n, -1)
+        t = w.double() / step
+        best = (t.unsqueeze(-1) - cb.unsqueeze(1)).abs().amin(-1)
+        assert ((w64 / step - t).abs() <= best + 1e-5).all(), "nearest codebook entry"
     for m in (1, 2, 5, 16, 17, 40):   # register path, buffer path, tile + GEMM path
         x = torch.randn(m, k, generator=g)
         torch.testing.assert_close(ops.dequant_gemm(x, qw).double(), x.double() @ w64.T,
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_packing_round_trips_through_the_reference(bits):
+    g = torch.Generator().manual_seed(bits)
+    for group in (8, 32, 64, 256):
+        q = torch.randint(0, 1 << bits, (5, 512), generator=g)
+        qw = ops.QuantizedWeight.from_int(q, torch.ones(5, 512 // group), None, bits, group)
+        assert qw.qweight.shape == (5, 512 * bits // 8)
+        assert torch.equal(ref.unpack_codes(qw.qweight, bits, group), q)
+
+
+def test_codebook_grids():
+    # NF4 as published with QLoRA (Dettmers et al. 2023, appendix E)
+    nf4 = [-1.0, -0.6961928, -0.5250731, -0.3949175, -0.2844414, -0.1847734, -0.0910500, 0.0,
+           0.0795803, 0.1609302, 0.2461123, 0.3379152, 0.4407098, 0.5626170, 0.7229568, 1.0]
+    torch.testing.assert_close(ops.nf_codebook(4), torch.tensor(nf4), rtol=0, atol=1e-6)
+    for bits in (2, 3, 8):
+        cb = ops.nf_codebook(bits)
+        assert cb.shape == (1 << bits,) and cb[0] == -1 and cb[-1] == 1 and (cb == 0).sum() == 1
+        assert (cb.diff() > 0).all()
+    p = ops.power_codebook(3, 2.0).double()
+    t = torch.linspace(-1, 1, 8, dtype=torch.float64)
+    torch.testing.assert_close(p, t.sign() * t * t, rtol=0, atol=1e-7)
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_half_activations_bias_and_gradients(dtype):
     g = torch.Generator().manual_seed(5)
     w, b = torch.randn(24, 128, generator=g) * 0.1, torch.randn(24, generator=g)
-    qw = ops.quantize_weight(w, 4, 64, False)
-    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group)
+    qw = ops.quantize_weight(w, 3, 64, codebook=ops.power_codebook(3, 1.5))
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 3, qw.group, qw.codebook)
     for m in (3, 30):
         x = torch.randn(2, m, 128, generator=g).to(dtype).requires_grad_(True)
         bias = b.to(dtype).requires_grad_(True)
@@ -64,14 +107,19 @@ def test_opcheck_compile_and_imported_weights():
     qw = ops.QuantizedWeight.from_int(q, scales, zeros, 4, 32)
     expected_w = (q.double() - zeros.double().repeat_interleave(32, 1)) * scales.double().repeat_interleave(32, 1)
     torch.testing.assert_close(ops.dequantize_weight(qw).double(), expected_w, rtol=0, atol=1e-6)
+    cb = torch.randn(10, 8, generator=g)
+    q3 = torch.randint(0, 8, (10, 64), generator=g)
+    qc = ops.QuantizedWeight.from_int(q3, scales, None, 3, 32, codebook=cb)
+    expected_c = cb.double().gather(1, q3) * scales.double().repeat_interleave(32, 1)
+    torch.testing.assert_close(ops.dequantize_weight(qc).double(), expected_c, rtol=0, atol=1e-6)
     x = torch.randn(3, 64, generator=g, requires_grad=True)
     b = torch.randn(10, generator=g, requires_grad=True)
-    torch.library.opcheck(torch.ops.fastloss.dequant_gemm.default, (x, qw.qweight, qw.scales, qw.zeros, 4, 32, b))
-    torch.library.opcheck(torch.ops.fastloss.dequant_gemm_grad_input.default,
-                          (torch.randn(3, 10), qw.qweight, qw.scales, qw.zeros, 4, 32))
-    torch.library.opcheck(torch.ops.fastloss.dequantize_weight.default, (qw.qweight, qw.scales, qw.zeros, 4, 32))
-    f = lambda t: ops.dequant_gemm(t, qw, b).square().sum()  # noqa: E731
-    assert_compiled_matches(f, [x])
+    for w in (qw, qc):
+        torch.library.opcheck(torch.ops.fastloss.dequant_gemm.default, (x, *w.tensors, b))
+        torch.library.opcheck(torch.ops.fastloss.dequant_gemm_grad_input.default, (torch.randn(3, 10), *w.tensors))
+        torch.library.opcheck(torch.ops.fastloss.dequantize_weight.default, w.tensors)
+        f = lambda t: ops.dequant_gemm(t, w, b).square().sum()  # noqa: E731
+        assert_compiled_matches(f, [x])
 
 
 def test_quant_linear_on_a_small_model():
@@ -79,35 +127,59 @@ def test_quant_linear_on_a_small_model():
     model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
     x = torch.randn(20, 64)
     reference = model(x).detach()
-    fastloss.nn.quantize_linear_layers_(model, bits=8, group_size=32, bits_per_layer={"2": 4})
-    assert isinstance(model[0], fastloss.nn.QuantLinear) and model[0].bits == 8 and model[2].bits == 4
-    out = model(x)
-    rel = (out - reference).norm() / reference.norm()
-    assert rel < 0.1, rel   # 4-bit round-to-nearest of a random layer: about 7% here
-    state = model.state_dict()
-    again = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
-    fastloss.nn.quantize_linear_layers_(again, bits=8, group_size=32, bits_per_layer={"2": 4})
-    again.load_state_dict(state)
-    torch.testing.assert_close(again(x), out)
-    out.sum().backward()
-    assert model[0].bias.grad is not None
+    float_state = model.state_dict()
+    for codebook, bound in ((None, 0.1), (ops.nf_codebook, 0.1)):
+        model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+        model.load_state_dict(float_state)
+        fastloss.nn.quantize_linear_layers_(model, bits=8, group_size=32, bits_per_layer={"2": 4},
+                                            codebook=codebook)
+        assert isinstance(model[0], fastloss.nn.QuantLinear) and model[0].bits == 8 and model[2].bits == 4
+        assert (model[2].codebook is None) == (codebook is None)
+        out = model(x)
+        rel = (out - reference).norm() / reference.norm()
+        assert rel < bound, rel   # 4-bit round-to-nearest of a random layer: about 7% here
+        state = model.state_dict()
+        again = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.GELU(), torch.nn.Linear(128, 32))
+        fastloss.nn.quantize_linear_layers_(again, bits=8, group_size=32, bits_per_layer={"2": 4},
+                                            codebook=codebook)
+        again.load_state_dict(state)
+        torch.testing.assert_close(again(x), out)
+        out.sum().backward()
+        assert model[0].bias.grad is not None
 
 
 def test_bad_input_errors_name_the_argument():
     w = torch.randn(8, 64)
     qw = ops.quantize_weight(w, 4, 32)
+    op = torch.ops.fastloss.dequant_gemm
+    x = torch.randn(2, 64)
     cases = [
-        (lambda: ops.quantize_weight(w, 3, 32), "bits must be 4 or 8"),
+        (lambda: ops.quantize_weight(w, 5, 32), "bits must be 2, 3, 4 or 8"),
         (lambda: ops.quantize_weight(w, 4, 48), "group_size (48) must divide the input features K = 64"),
-        (lambda: ops.quantize_weight(w[:, :63], 4, -1), "4-bit groups must have an even length"),
+        (lambda: ops.quantize_weight(w[:, :63], 4, -1), "4-bit groups must have a length divisible by 2"),
+        (lambda: ops.quantize_weight(w[:, :60], 3, -1), "3-bit groups must have a length divisible by 8, got 60"),
+        (lambda: ops.quantize_weight(w, 4, 32, codebook=torch.randn(8)), "codebook must be a float tensor of 2^bits = 16"),
+        (lambda: ops.quantize_weight(w, 2, 32, codebook=torch.randn(3, 4)), "per output channel [8, 4]"),
+        (lambda: ops.quantize_weight(w, 2, 32, codebook=torch.tensor([0., 1., float("nan"), 2.])), "finite"),
+        (lambda: ops.quantize_weight(w, 4, 32, False, ops.nf_codebook(4)), "a codebook format has no zero points"),
+        (lambda: ops.power_codebook(4, 0.0), "exponent must be > 0"),
         (lambda: ops.dequant_gemm(torch.randn(2, 63), qw), "x must be [..., 64]"),
-        (lambda: ops.dequant_gemm(torch.randn(2, 64).double(), qw), "x must be a float32"),
-        (lambda: ops.dequant_gemm(torch.randn(2, 64), w), "qw must be a QuantizedWeight"),
-        (lambda: ops.dequant_gemm(torch.randn(2, 64), qw, torch.randn(7)), "bias must be [N] = [8]"),
-        (lambda: torch.ops.fastloss.dequant_gemm(torch.randn(2, 64), qw.qweight, qw.scales[:, :1], qw.zeros, 4, 32, None),
-         "scales and zeros must be float32 [N, K / group_size] = [8, 2]"),
-        (lambda: torch.ops.fastloss.dequant_gemm(torch.randn(2, 64), qw.qweight.float(), qw.scales, qw.zeros, 4, 32, None),
+        (lambda: ops.dequant_gemm(x.double(), qw), "x must be a float32"),
+        (lambda: ops.dequant_gemm(x, w), "qw must be a QuantizedWeight"),
+        (lambda: ops.dequant_gemm(x, qw, torch.randn(7)), "bias must be [N] = [8]"),
+        (lambda: op(x, qw.qweight, qw.scales[:, :1], qw.zeros, None, 4, 32, None),
+         "scales must be float32 [8, 2]"),
+        (lambda: op(x, qw.qweight, qw.scales, qw.zeros[:, :1], None, 4, 32, None), "zeros must be float32 [8, 2]"),
+        (lambda: op(x, qw.qweight.float(), qw.scales, qw.zeros, None, 4, 32, None),
          "qweight must be a 2-D uint8 tensor"),
+        (lambda: op(x, qw.qweight, qw.scales, None, torch.randn(8, 8), 4, 32, None), "codebook must be float32 [8, 16]"),
+        (lambda: op(x, qw.qweight, qw.scales, None, torch.randn(3, 16), 4, 32, None),
+         "codebook must be [1, 2^bits] (per tensor) or [N, 2^bits]"),
+        (lambda: op(x, qw.qweight, qw.scales, None, None, 5, 32, None), "bits must be 2, 3, 4 or 8, got 5"),
+        (lambda: op(torch.randn(2, 32), qw.qweight[:, :13].contiguous(), qw.scales[:, :1], None, None, 3, 32, None),
+         "qweight must be a 2-D uint8 tensor [N, K * bits / 8]"),
+        (lambda: op(torch.randn(2, 64), qw.qweight, qw.scales, None, None, 2, 32, None),   # 4-bit read as 2-bit
+         "scales must be float32 [8, 4], got Float [8, 2]"),
         (lambda: ops.QuantizedWeight.from_int(torch.full((8, 64), 16), torch.ones(8, 2), torch.zeros(8, 2), 4, 32),
          "q must hold integers in [0, 16)"),
         (lambda: fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(4, 4)), bits_per_layer={"x": 8}),

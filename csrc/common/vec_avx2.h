@@ -25,6 +25,7 @@ struct Mask8 {
 template <>
 struct VecTraits<Vec8> {
   static constexpr int width = 8;
+  using Int = __m256i;
 };
 
 inline Vec8 operator+(Vec8 a, Vec8 b) { return _mm256_add_ps(a.v, b.v); }
@@ -100,17 +101,23 @@ inline Vec8 vlog(Vec8 x) {
 
 // ---- loads and stores of the three storage types --------------------------------------
 inline Vec8 load8(const float* p) { return _mm256_loadu_ps(p); }
-// Eight bytes as floats: the bytes, their low nibbles, their high nibbles (low-bit weights).
-inline __m256i load8_u8_epi32(const uint8_t* p) {
-  return _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+// Low-bit weights, eight lanes: bit fields of eight bytes as integers, two fields joined, and
+// the integers as floats or as indices into a table of floats (codebooks).
+inline __m256i bit_field(const uint8_t* p, int shift, int mask, Vec8) {
+  const __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_and_si256(_mm256_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm256_set1_epi32(mask));
 }
-inline Vec8 load_u8(const uint8_t* p, Vec8) { return _mm256_cvtepi32_ps(load8_u8_epi32(p)); }
-inline Vec8 load_lo_nibbles(const uint8_t* p, Vec8) {
-  return _mm256_cvtepi32_ps(_mm256_and_si256(load8_u8_epi32(p), _mm256_set1_epi32(15)));
+inline __m256i or_shifted(__m256i a, __m256i b, int shift) {
+  return _mm256_or_si256(a, _mm256_sll_epi32(b, _mm_cvtsi32_si128(shift)));
 }
-inline Vec8 load_hi_nibbles(const uint8_t* p, Vec8) {
-  return _mm256_cvtepi32_ps(_mm256_srli_epi32(load8_u8_epi32(p), 4));
+inline Vec8 int_to_float(__m256i a) { return _mm256_cvtepi32_ps(a); }
+// table[i] for i < 16: two in-register permutes, the one for i >= 8 chosen by bit 3
+inline Vec8 lookup16(const float* table, __m256i i, Vec8) {
+  const __m256 lo = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table), i);
+  const __m256 hi = _mm256_permutevar8x32_ps(_mm256_loadu_ps(table + 8), i);
+  return _mm256_blendv_ps(lo, hi, _mm256_castsi256_ps(_mm256_slli_epi32(i, 28)));
 }
+inline Vec8 gather(const float* table, __m256i i, Vec8) { return _mm256_i32gather_ps(table, i, 4); }
 inline Vec8 load8_bf16(const uint16_t* p) {
   const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
   return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));

@@ -26,6 +26,7 @@ struct Mask16 {
 template <>
 struct VecTraits<Vec16> {
   static constexpr int width = 16;
+  using Int = __m512i;
 };
 
 inline Vec16 operator+(Vec16 a, Vec16 b) { return _mm512_add_ps(a.v, b.v); }
@@ -82,17 +83,21 @@ inline Vec16 vlog(Vec16 x) {
   return _mm512_load_ps(t);
 }
 
-// Sixteen bytes as floats: the bytes, their low nibbles, their high nibbles (low-bit weights).
-inline __m512i load16_u8_epi32(const uint8_t* p) {
-  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// Low-bit weights, sixteen lanes: bit fields of sixteen bytes as integers, two fields joined,
+// and the integers as floats or as indices into a table of floats (codebooks).
+inline __m512i bit_field(const uint8_t* p, int shift, int mask, Vec16) {
+  const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm512_and_si512(_mm512_srl_epi32(b, _mm_cvtsi32_si128(shift)), _mm512_set1_epi32(mask));
 }
-inline Vec16 load_u8(const uint8_t* p, Vec16) { return _mm512_cvtepi32_ps(load16_u8_epi32(p)); }
-inline Vec16 load_lo_nibbles(const uint8_t* p, Vec16) {
-  return _mm512_cvtepi32_ps(_mm512_and_si512(load16_u8_epi32(p), _mm512_set1_epi32(15)));
+inline __m512i or_shifted(__m512i a, __m512i b, int shift) {
+  return _mm512_or_si512(a, _mm512_sll_epi32(b, _mm_cvtsi32_si128(shift)));
 }
-inline Vec16 load_hi_nibbles(const uint8_t* p, Vec16) {
-  return _mm512_cvtepi32_ps(_mm512_srli_epi32(load16_u8_epi32(p), 4));
+inline Vec16 int_to_float(__m512i a) { return _mm512_cvtepi32_ps(a); }
+// table[i] for i < 16: one in-register permute
+inline Vec16 lookup16(const float* table, __m512i i, Vec16) {
+  return _mm512_permutexvar_ps(i, _mm512_loadu_ps(table));
 }
+inline Vec16 gather(const float* table, __m512i i, Vec16) { return _mm512_i32gather_ps(i, table, 4); }
 
 template <>
 struct VecIo<Vec16> {

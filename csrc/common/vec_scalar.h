@@ -27,10 +27,13 @@ FL_HD float vabs(float a) { return fabsf(a); }
 FL_HD float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 // select(c, a, b) = c ? a : b, with c a comparison result
 FL_HD float vselect(bool c, float a, float b) { return c ? a : b; }
-// A byte as a float: itself, its low nibble, its high nibble (low-bit weights).
-FL_HD float load_u8(const uint8_t* p, float) { return float(*p); }
-FL_HD float load_lo_nibbles(const uint8_t* p, float) { return float(*p & 15); }
-FL_HD float load_hi_nibbles(const uint8_t* p, float) { return float(*p >> 4); }
+// Low-bit weights: a bit field of a byte as an integer lane, two fields joined, and the
+// integer as a float or as an index into a table of floats (codebooks).
+FL_HD int32_t bit_field(const uint8_t* p, int shift, int mask, float) { return (*p >> shift) & mask; }
+FL_HD int32_t or_shifted(int32_t a, int32_t b, int shift) { return a | (b << shift); }
+FL_HD float int_to_float(int32_t a) { return float(a); }
+FL_HD float lookup16(const float* table, int32_t i, float) { return table[i]; }
+FL_HD float gather(const float* table, int32_t i, float) { return table[i]; }
 FL_HD float hsum(float a) { return a; }
 FL_HD float hmax(float a) { return a; }
 
@@ -39,6 +42,7 @@ struct VecTraits;
 template <>
 struct VecTraits<float> {
   static constexpr int width = 1;
+  using Int = int32_t;
 };
 
 }  // namespace FL_ISA

@@ -1,8 +1,14 @@
 // The CPU dequant-GEMM kernels, instantiated once per instruction set (quant_cpu.cpp: float,
-// quant_cpu_avx2.cpp: Vec8, quant_cpu_avx512.cpp: Vec16).
+// quant_cpu_avx2.cpp: Vec8, quant_cpu_avx512.cpp: Vec16 with Vec8 for short planes).
+//
+// Every loop walks a group plane by plane (quant_kernels.h): the codes of values
+// j * P + i .. + width come from one vector load of bytes, a shift and a mask; a decoder turns
+// them into floats (uniform: the integers; codebook: an in-register table or a gather). A
+// plane shorter than the vector width falls to the next narrower vector, then to scalars.
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <vector>
 
 #include "../common/storage.h"
 #include "../common/vec_scalar.h"
@@ -11,25 +17,93 @@
 namespace fastloss {
 namespace FL_ISA {
 
-// The quantized values q[n, g * group + k0 .. + len) as floats (elementwise: the compiler
-// vectorizes it). 4-bit groups keep their first half in the low nibbles and their second half
-// in the high nibbles of the group's bytes.
-inline void unpack(const QuantWeight& w, int64_t n, int64_t g, int64_t k0, int64_t len, float* qf) {
-  if (w.bits == 8) {
-    const uint8_t* b = w.q + n * w.K + g * w.group + k0;
-    for (int64_t i = 0; i < len; ++i) qf[i] = float(b[i]);
-    return;
+// the next narrower vector (float: none)
+template <class V>
+struct Narrower {
+  using type = float;
+};
+#if defined(FL_ISA_NARROW)
+template <>
+struct Narrower<FL_ISA_VEC> {
+  using type = FL_ISA_NARROW;
+};
+#endif
+
+// codes of values j * P + i .. + width of the group whose bytes start at b
+template <int BITS, class V>
+inline typename VecTraits<V>::Int codes(const uint8_t* b, int64_t P, int j, int64_t i) {
+  if constexpr (BITS == 3) {
+    const auto lo = bit_field(b + (j & 1) * P + i, 2 * (j >> 1), 3, V());
+    return or_shifted(lo, bit_field(b + 2 * P + i, j, 1, V()), 2);
+  } else {
+    return bit_field(b + i, j * BITS, (1 << BITS) - 1, V());
   }
-  const uint8_t* b = w.q + n * (w.K / 2) + g * (w.group / 2);
-  const int64_t half = w.group / 2;
-  const int64_t lo_end = std::min(k0 + len, half);  // [k0, lo_end): low nibbles
-  int64_t i = 0;
-  for (int64_t k = k0; k < lo_end; ++k, ++i) qf[i] = float(b[k] & 15);
-  for (int64_t k = std::max(k0, half); k < k0 + len; ++k, ++i) qf[i] = float(b[k - half] >> 4);
 }
 
+// codes to values v(q) (quant_kernels.h)
+struct Uniform {
+  template <class V, class I>
+  V decode(I c) const { return int_to_float(c); }
+};
+struct SmallCodebook {  // up to 16 entries, kept in registers
+  alignas(64) float table[16];
+  template <class V, class I>
+  V decode(I c) const { return lookup16(table, c, V()); }
+};
+struct LargeCodebook {  // 256 entries (8 bits), gathered from memory
+  const float* table;
+  template <class V, class I>
+  V decode(I c) const { return gather(table, c, V()); }
+};
+
+// sum_k v(q[k]) x[k] over plane positions [i, P) of a group (x: the group's inputs), unpacked
+// in registers: the batch-1 path, where the packed bytes are the traffic. Returns the lanes
+// unreduced (reduced once per output row, not per group) for the positions a whole V covers,
+// and leaves i at the first position it did not cover.
+template <int BITS, class V, class Dec>
+inline V plane_dot(const uint8_t* b, int64_t P, const float* x, const Dec& dec, int64_t& i) {
+  constexpr int kW = VecTraits<V>::width, kPlanes = quant_planes(BITS);
+  constexpr int kAcc = kPlanes > 1 ? 2 : 1;  // two chains hide the FMA latency
+  V acc[kAcc];
+  for (V& a : acc) a = V(0.f);
+  for (; i + kW <= P; i += kW) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kPlanes; ++j)
+      acc[j % kAcc] = vfma(dec.template decode<V>(codes<BITS, V>(b, P, j, i)),
+                           VecIo<V>::load(x + j * P + i), acc[j % kAcc]);
+  }
+  return kAcc > 1 ? acc[0] + acc[kAcc - 1] : acc[0];
+}
+
+// the positions [i, P) plane_dot<V> left (planes shorter than V), with narrower vectors
+template <int BITS, class V, class Dec>
+inline float plane_dot_rest(const uint8_t* b, int64_t P, const float* x, const Dec& dec, int64_t i) {
+  using N = typename Narrower<V>::type;
+  float s = hsum(plane_dot<BITS, N>(b, P, x, dec, i));
+  if constexpr (VecTraits<N>::width > 1) {
+    if (i < P) s += plane_dot_rest<BITS, N>(b, P, x, dec, i);
+  }
+  return s;
+}
+
+// the values v(q) of a group into out[0, group), plane positions [i0, P)
+template <int BITS, class V, class Dec>
+inline void unpack_group(const uint8_t* b, int64_t P, float* out, const Dec& dec, int64_t i0) {
+  constexpr int kW = VecTraits<V>::width, kPlanes = quant_planes(BITS);
+  int64_t i = i0;
+  for (; i + kW <= P; i += kW) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kPlanes; ++j)
+      VecIo<V>::store(out + j * P + i, dec.template decode<V>(codes<BITS, V>(b, P, j, i)));
+  }
+  if constexpr (kW > 1) {
+    if (i < P) unpack_group<BITS, typename Narrower<V>::type>(b, P, out, dec, i);
+  }
+}
+
+// sum_k a[k] b[k] over [0, n): unreduced lanes for [0, n - n % width), plus the rest in *rest
 template <class V>
-inline float dot(const float* a, const float* b, int64_t n) {
+inline V partial_dot(const float* a, const float* b, int64_t n, float* rest) {
   constexpr int kW = VecTraits<V>::width;
   V acc0 = V(0.f), acc1 = V(0.f);
   int64_t i = 0;
@@ -37,78 +111,97 @@ inline float dot(const float* a, const float* b, int64_t n) {
     acc0 = vfma(VecIo<V>::load(a + i), VecIo<V>::load(b + i), acc0);
     acc1 = vfma(VecIo<V>::load(a + i + kW), VecIo<V>::load(b + i + kW), acc1);
   }
-  float s = hsum(acc0 + acc1);
-  for (; i < n; ++i) s += a[i] * b[i];
-  return s;
+  for (; i + kW <= n; i += kW) acc0 = vfma(VecIo<V>::load(a + i), VecIo<V>::load(b + i), acc0);
+  for (; i < n; ++i) *rest += a[i] * b[i];
+  return acc0 + acc1;
 }
 
-constexpr int64_t kPiece = 4096;  // inputs unpacked at a time (a group, or a piece of one)
-
-// sum_k q[n, g * group + k] x[k] over a whole group, the values unpacked in registers (no
-// buffer): the batch-1 path, where the packed bytes are the traffic that matters.
-template <class V>
-inline float group_dot(const QuantWeight& w, int64_t n, int64_t g, const float* x) {
-  constexpr int kW = VecTraits<V>::width;
-  V acc0 = V(0.f), acc1 = V(0.f);
-  float s = 0.f;
-  if (w.bits == 8) {
-    const uint8_t* b = w.q + n * w.K + g * w.group;
-    int64_t i = 0;
-    for (; i + kW <= w.group; i += kW) acc0 = vfma(load_u8(b + i, V()), VecIo<V>::load(x + i), acc0);
-    for (; i < w.group; ++i) s += float(b[i]) * x[i];
+// Calls f(dec) with the decoder of row n's codebook (or the uniform one).
+template <int BITS, class F>
+inline void with_decoder(const QuantWeight& w, int64_t n, F&& f) {
+  if (!w.codebook) return f(Uniform());
+  const float* table = w.codebook + (w.codebook_rows > 1 ? n : 0) * (int64_t(1) << BITS);
+  if constexpr (BITS == 8) {
+    f(LargeCodebook{table});
   } else {
-    const uint8_t* b = w.q + n * (w.K / 2) + g * (w.group / 2);
-    const int64_t half = w.group / 2;
-    int64_t i = 0;
-    for (; i + kW <= half; i += kW) {
-      acc0 = vfma(load_lo_nibbles(b + i, V()), VecIo<V>::load(x + i), acc0);
-      acc1 = vfma(load_hi_nibbles(b + i, V()), VecIo<V>::load(x + half + i), acc1);
-    }
-    for (; i < half; ++i) s += float(b[i] & 15) * x[i] + float(b[i] >> 4) * x[half + i];
+    SmallCodebook dec;  // padded to 16 entries: codes never exceed 2^BITS - 1
+    for (int c = 0; c < 16; ++c) dec.table[c] = c < (1 << BITS) ? table[c] : 0.f;
+    f(dec);
   }
-  return s + hsum(acc0 + acc1);
 }
 
+// Runs f.template operator()<BITS>() for the weight's bit width.
+template <class F>
+inline void with_bits(int bits, F&& f) {
+  switch (bits) {
+    case 2: return f(std::integral_constant<int, 2>());
+    case 3: return f(std::integral_constant<int, 3>());
+    case 4: return f(std::integral_constant<int, 4>());
+    default: return f(std::integral_constant<int, 8>());
+  }
+}
+
+// Each group's dot products are accumulated unreduced, times the group's scale, and reduced
+// once per output row: a horizontal sum per group would cost more than the group's FMAs.
 template <class V>
 void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, const float* bias,
           float* y, int64_t n0, int64_t n1) {
-  const int64_t G = w.K / w.group;
-  alignas(64) float qf[kPiece];
+  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
+  const int64_t P = w.group / quant_planes(w.bits);
+  std::vector<float> values(M > 2 ? w.group : 0);
+  V lanes[kQuantMaxRows];
   float acc[kQuantMaxRows];
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t m = 0; m < M; ++m) acc[m] = 0.f;
-    for (int64_t g = 0; g < G; ++g) {
-      // sum_k (q - z) s x = s (sum_k q x - z sum_k x): the zero point costs one multiply
-      const float s = w.scale[n * G + g], z = w.zero[n * G + g];
-      for (int64_t m = 0; m < M; ++m) acc[m] -= s * z * xsum[m * G + g];
-      if (M <= 2) {  // unpack in registers, once per row of x
-        for (int64_t m = 0; m < M; ++m) acc[m] += s * group_dot<V>(w, n, g, x + m * w.K + g * w.group);
-        continue;
-      }
-      for (int64_t k0 = 0; k0 < w.group; k0 += kPiece) {
-        const int64_t len = std::min(kPiece, w.group - k0);
-        unpack(w, n, g, k0, len, qf);
-        for (int64_t m = 0; m < M; ++m)
-          acc[m] += s * dot<V>(qf, x + m * w.K + g * w.group + k0, len);
-      }
+  with_bits(w.bits, [&](auto bits_c) {
+    constexpr int BITS = decltype(bits_c)::value;
+    for (int64_t n = n0; n < n1; ++n) {
+      with_decoder<BITS>(w, n, [&](const auto& dec) {
+        for (int64_t m = 0; m < M; ++m) acc[m] = 0.f, lanes[m] = V(0.f);
+        for (int64_t g = 0; g < G; ++g) {
+          const uint8_t* b = w.q + n * row_bytes + g * group_bytes;
+          const float s = w.scale[n * G + g];
+          const V sv(s);
+          // sum_k (v - z) s x = s (sum_k v x - z sum_k x): the zero point costs one multiply
+          if (w.zero)
+            for (int64_t m = 0; m < M; ++m) acc[m] -= s * w.zero[n * G + g] * xsum[m * G + g];
+          if (M <= 2) {  // unpack in registers, once per row of x
+            for (int64_t m = 0; m < M; ++m) {
+              const float* xg = x + m * w.K + g * w.group;
+              int64_t i = 0;
+              lanes[m] = vfma(sv, plane_dot<BITS, V>(b, P, xg, dec, i), lanes[m]);
+              if (i < P) acc[m] += s * plane_dot_rest<BITS, V>(b, P, xg, dec, i);
+            }
+            continue;
+          }
+          unpack_group<BITS, V>(b, P, values.data(), dec, 0);  // once for all M rows
+          for (int64_t m = 0; m < M; ++m) {
+            float rest = 0.f;
+            lanes[m] = vfma(sv, partial_dot<V>(values.data(), x + m * w.K + g * w.group, w.group, &rest),
+                            lanes[m]);
+            acc[m] += s * rest;
+          }
+        }
+      });
+      for (int64_t m = 0; m < M; ++m) y[m * w.N + n] = hsum(lanes[m]) + acc[m] + (bias ? bias[n] : 0.f);
     }
-    for (int64_t m = 0; m < M; ++m) y[m * w.N + n] = acc[m] + (bias ? bias[n] : 0.f);
-  }
+  });
 }
 
 inline void dequant_rows(const QuantWeight& w, float* out, int64_t n0, int64_t n1) {
-  const int64_t G = w.K / w.group;
-  for (int64_t n = n0; n < n1; ++n) {
-    for (int64_t g = 0; g < G; ++g) {
-      const float s = w.scale[n * G + g], z = w.zero[n * G + g];
-      float* o = out + (n - n0) * w.K + g * w.group;
-      for (int64_t k0 = 0; k0 < w.group; k0 += kPiece) {
-        const int64_t len = std::min(kPiece, w.group - k0);
-        unpack(w, n, g, k0, len, o + k0);
-        for (int64_t i = 0; i < len; ++i) o[k0 + i] = (o[k0 + i] - z) * s;
-      }
+  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
+  const int64_t P = w.group / quant_planes(w.bits);
+  with_bits(w.bits, [&](auto bits_c) {
+    constexpr int BITS = decltype(bits_c)::value;
+    for (int64_t n = n0; n < n1; ++n) {
+      with_decoder<BITS>(w, n, [&](const auto& dec) {
+        for (int64_t g = 0; g < G; ++g) {
+          float* o = out + (n - n0) * w.K + g * w.group;
+          unpack_group<BITS, FL_ISA_VEC>(w.q + n * row_bytes + g * group_bytes, P, o, dec, 0);
+          const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
+          for (int64_t i = 0; i < w.group; ++i) o[i] = (o[i] - z) * s;
+        }
+      });
     }
-  }
+  });
 }
 
 #if defined(FL_ISA_VEC)

@@ -2,29 +2,37 @@
 //
 // Packed layout (one format family, see README "Low-bit dequant GEMM"): a weight [N, K] is
 // quantized in groups of `group` consecutive inputs of one output row; group g of row n has a
-// float32 scale s[n, g] and zero point z[n, g] (in quantized units) and w[n, k] = (q[n, k] - z) s.
-//   bits = 8: q[n, k] is byte k of row n (row of K bytes).
-//   bits = 4: a row is K / 2 bytes; within group g (bytes g * group / 2 ...), byte i holds
-//             q[g * group + i] in its low nibble and q[g * group + group / 2 + i] in its high
-//             nibble, so that unpacking a group is two contiguous loops.
+// float32 scale s[n, g] and zero point z[n, g] (absent: 0), and
+//   w[n, k] = (v(q[n, k]) - z) s,   v(q) = q (uniform) or codebook[c, q] (c = 0 or n).
+// A row is K * bits / 8 bytes, a group group * bits / 8 of them, laid out in planes so that
+// unpacking is a few contiguous vector loops: with P = group / planes,
+//   bits 2, 4, 8 (planes = 8 / bits): byte i of the group holds value j * P + i in its bits
+//     [j * bits, (j + 1) * bits), j = 0 .. planes - 1;
+//   bits 3 (planes = 8): the group's low two bits in the 2-bit layout (2P bytes), then its third
+//     bits in P bytes: bit j of byte 2P + i is the third bit of value j * P + i.
+// Hence a group's length is a multiple of `planes`.
 #pragma once
 #include <cstdint>
-
-#include "../losses/loss_params.h"  // ScalarType
 
 namespace fastloss {
 
 struct QuantWeight {
-  const uint8_t* q = nullptr;     // [N, K * bits / 8]
-  const float* scale = nullptr;   // [N, K / group]
-  const float* zero = nullptr;    // [N, K / group]
+  const uint8_t* q = nullptr;         // [N, K * bits / 8]
+  const float* scale = nullptr;       // [N, K / group]
+  const float* zero = nullptr;        // [N, K / group], or nullptr (no zero points)
+  const float* codebook = nullptr;    // [codebook_rows, 2^bits], or nullptr (uniform)
   int64_t N = 0, K = 0, group = 0;
+  int64_t codebook_rows = 0;          // 1 (per tensor) or N (per output channel)
   int bits = 4;
 };
 
+// planes per group of a bit width (the layout above)
+constexpr int quant_planes(int bits) { return bits == 3 ? 8 : 8 / bits; }
+
 // y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for output features [n0, n1), float32 x [M, K]
-// (contiguous) with xsum[m, g] = sum of x over group g, y float32 [M, N] (row stride N).
-// For small M (the memory-bound path: each packed row is read once for all M rows).
+// (contiguous) with xsum[m, g] = sum of x over group g (unused without zero points), y float32
+// [M, N] (row stride N). For small M (the memory-bound path: each packed row is read once for
+// all M rows).
 constexpr int64_t kQuantMaxRows = 16;
 void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int64_t M,
                     const float* bias, float* y, int64_t n0, int64_t n1);

@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
+#include <vector>
 
 #include "../op_helpers.h"
 #include "quant_kernels.h"
@@ -23,29 +24,48 @@ using at::Tensor;
 constexpr const char* kOp = "dequant_gemm";
 constexpr int64_t kTileRows = 256;  // output features dequantized at a time (large batches, backward)
 
-QuantWeight check_weight(const Tensor& q, const Tensor& scale, const Tensor& zero, int64_t bits,
-                         int64_t group) {
-  TORCH_CHECK(bits == 4 || bits == 8, kOp, ": bits must be 4 or 8 (2 and 3 are not supported yet), got ", bits);
-  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte, kOp,
+using OptTensor = std::optional<Tensor>;
+
+QuantWeight check_weight(const Tensor& q, const Tensor& scale, const OptTensor& zero,
+                         const OptTensor& codebook, int64_t bits, int64_t group) {
+  TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, kOp,
+              ": bits must be 2, 3, 4 or 8, got ", bits);
+  TORCH_CHECK(q.dim() == 2 && q.scalar_type() == at::kByte && (q.size(1) * 8) % bits == 0, kOp,
               ": qweight must be a 2-D uint8 tensor [N, K * bits / 8], got ", q.scalar_type(), " ",
               q.sizes());
-  const int64_t N = q.size(0), K = q.size(1) * 8 / bits;
+  const int64_t N = q.size(0), K = q.size(1) * 8 / bits, planes = quant_planes(int(bits));
   TORCH_CHECK(group >= 1 && K % group == 0, kOp, ": group_size (", group,
               ") must divide the input features K = ", K);
-  TORCH_CHECK(bits != 4 || group % 2 == 0, kOp, ": 4-bit groups must have an even size, got ", group);
-  for (const Tensor* t : {&scale, &zero})
-    TORCH_CHECK(t->dim() == 2 && t->size(0) == N && t->size(1) == K / group &&
-                    t->scalar_type() == at::kFloat,
-                kOp, ": scales and zeros must be float32 [N, K / group_size] = [", N, ", ",
-                K / group, "], got ", t->scalar_type(), " ", t->sizes());
-  TORCH_CHECK(q.is_cpu() && scale.is_cpu() && zero.is_cpu(), kOp,
-              ": the fastloss kernels run on the CPU (CUDA kernels are not written yet)");
-  TORCH_CHECK(q.is_contiguous() && scale.is_contiguous() && zero.is_contiguous(), kOp,
-              ": the packed tensors must be contiguous (as quantize_weight returns them)");
+  TORCH_CHECK(group % planes == 0, kOp, ": ", bits, "-bit groups must have a length divisible by ",
+              planes, ", got ", group);
+  std::vector<const Tensor*> tensors = {&q, &scale};
+  auto check_f32 = [&](const Tensor& t, const char* what, int64_t rows, int64_t cols) {
+    TORCH_CHECK(t.dim() == 2 && t.size(0) == rows && t.size(1) == cols &&
+                    t.scalar_type() == at::kFloat,
+                kOp, ": ", what, " must be float32 [", rows, ", ", cols, "], got ",
+                t.scalar_type(), " ", t.sizes());
+    tensors.push_back(&t);
+  };
+  check_f32(scale, "scales", N, K / group);
+  if (zero.has_value()) check_f32(*zero, "zeros", N, K / group);
+  if (codebook.has_value()) {
+    TORCH_CHECK(codebook->dim() == 2 && (codebook->size(0) == 1 || codebook->size(0) == N), kOp,
+                ": codebook must be [1, 2^bits] (per tensor) or [N, 2^bits] (per output channel) "
+                "with N = ", N, ", got ", codebook->sizes());
+    check_f32(*codebook, "codebook", codebook->size(0), int64_t(1) << bits);
+  }
+  for (const Tensor* t : tensors) {
+    TORCH_CHECK(t->is_cpu(), kOp,
+                ": the fastloss kernels run on the CPU (CUDA kernels are not written yet)");
+    TORCH_CHECK(t->is_contiguous(), kOp,
+                ": the packed tensors must be contiguous (as quantize_weight returns them)");
+  }
   QuantWeight w;
   w.q = q.data_ptr<uint8_t>();
   w.scale = scale.data_ptr<float>();
-  w.zero = zero.data_ptr<float>();
+  w.zero = zero.has_value() ? zero->data_ptr<float>() : nullptr;
+  w.codebook = codebook.has_value() ? codebook->data_ptr<float>() : nullptr;
+  w.codebook_rows = codebook.has_value() ? codebook->size(0) : 0;
   w.N = N;
   w.K = K;
   w.group = group;
@@ -63,16 +83,16 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const at::Te
   return tile;
 }
 
-Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const Tensor& zero, int64_t bits,
-                         int64_t group) {
-  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& zero,
+                         const OptTensor& codebook, int64_t bits, int64_t group) {
+  const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
   return dequant_tile(w, 0, w.N, q.options().dtype(at::kFloat));
 }
 
 // y = x @ W^T (+ bias), x [M, K] -> [M, N] in x's dtype.
-Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const Tensor& zero,
-                    int64_t bits, int64_t group, const std::optional<Tensor>& bias) {
-  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const OptTensor& zero,
+                    const OptTensor& codebook, int64_t bits, int64_t group, const OptTensor& bias) {
+  const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == w.K, kOp, ": x must be [M, K] with K = ", w.K,
               " (the weight's input features), got ", x.sizes());
   kernel_dtype(x, kOp, "x");
@@ -87,9 +107,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
   if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
-    const Tensor xsum = x32.view({M, G, w.group}).sum(2).contiguous();
+    const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
     const float* xp = x32.data_ptr<float>();
-    const float* sp = xsum.data_ptr<float>();
+    const float* sp = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     float* yp = y.data_ptr<float>();
     at::parallel_for(0, w.N, 64, [&](int64_t n0, int64_t n1) {
@@ -108,8 +128,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
 
 // grad_x = grad_y @ W, grad_y [M, N] -> [M, K] float32, by tiles of dequantized rows.
 Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tensor& scale,
-                               const Tensor& zero, int64_t bits, int64_t group) {
-  const QuantWeight w = check_weight(q, scale, zero, bits, group);
+                               const OptTensor& zero, const OptTensor& codebook, int64_t bits,
+                               int64_t group) {
+  const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(1) == w.N, kOp, ": grad_y must be [M, N] with N = ",
               w.N, ", got ", grad_y.sizes());
   const auto f32 = grad_y.options().dtype(at::kFloat);

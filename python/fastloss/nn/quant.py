@@ -1,19 +1,24 @@
-"""``QuantLinear``: an ``nn.Linear`` whose weight is stored in 4 or 8 bits
-(:mod:`fastloss.ops.quant`), and a helper that swaps a model's linear layers for it."""
+"""``QuantLinear``: an ``nn.Linear`` whose weight is stored in 2, 3, 4 or 8 bits, uniform or
+with a codebook (:mod:`fastloss.ops.quant`), and a helper that swaps a model's linear layers
+for it."""
 
 from __future__ import annotations
 
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
 from .. import ops
 
+# a codebook for every layer, or a function of a layer's bit width (e.g. ops.nf_codebook)
+Codebook = Optional[Union[Tensor, Callable[[int], Tensor]]]
+
 
 class QuantLinear(nn.Module):
-    """``y = x @ W^T + b`` from a packed low-bit ``W`` (buffers ``qweight``, ``scales``,
-    ``zeros``, so ``.to()`` and ``state_dict`` carry them). The bias stays a float parameter;
-    gradients flow to the input and the bias (frozen-weight fine-tuning)."""
+    """``y = x @ W^T + b`` from a packed low-bit ``W`` (buffers ``qweight``, ``scales``, and
+    ``zeros`` or ``codebook`` as the format has them, so ``.to()`` and ``state_dict`` carry
+    them). The bias stays a float parameter; gradients flow to the input and the bias
+    (frozen-weight fine-tuning)."""
 
     def __init__(self, qw: "ops.QuantizedWeight", bias: Optional[Tensor] = None) -> None:
         super().__init__()
@@ -22,32 +27,40 @@ class QuantLinear(nn.Module):
         self.register_buffer("qweight", qw.qweight)
         self.register_buffer("scales", qw.scales)
         self.register_buffer("zeros", qw.zeros)
+        self.register_buffer("codebook", qw.codebook)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128,
-                    symmetric: bool = True) -> "QuantLinear":
-        qw = ops.quantize_weight(linear.weight, bits, group_size, symmetric)
+                    symmetric: bool = True, codebook: Codebook = None) -> "QuantLinear":
+        if callable(codebook):
+            codebook = codebook(bits)
+        qw = ops.quantize_weight(linear.weight, bits, group_size, symmetric, codebook)
         return cls(qw, linear.bias)
 
     @property
     def quantized_weight(self) -> "ops.QuantizedWeight":
-        return ops.QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group)
+        return ops.QuantizedWeight(self.qweight, self.scales, self.zeros, self.bits, self.group,
+                                   self.codebook)
 
     def forward(self, x: Tensor) -> Tensor:
         return ops.dequant_gemm(x, self.quantized_weight, self.bias)
 
     def extra_repr(self) -> str:
+        kind = "uniform" if self.codebook is None else "codebook"
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bits={self.bits}, group={self.group}, bias={self.bias is not None}")
+                f"bits={self.bits}, group={self.group}, {kind}, bias={self.bias is not None}")
 
 
 def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 128,
                             symmetric: bool = True,
-                            bits_per_layer: Optional[Mapping[str, int]] = None) -> nn.Module:
+                            bits_per_layer: Optional[Mapping[str, int]] = None,
+                            codebook: Codebook = None) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by a ``QuantLinear`` (mixed precision:
-    ``bits_per_layer`` maps qualified layer names to their own bit width; a layer whose input
-    features the group size does not divide is kept per output channel). Returns ``model``."""
+    ``bits_per_layer`` maps qualified layer names to their own bit width; ``codebook`` a tensor,
+    or a function of the bit width such as ``ops.nf_codebook``, for non-uniform formats; a
+    layer whose input features the group size does not divide is kept per output channel).
+    Returns ``model``."""
     bits_per_layer = dict(bits_per_layer or {})
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
@@ -55,7 +68,7 @@ def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 1
                 full = f"{name}.{child_name}" if name else child_name
                 b = bits_per_layer.pop(full, bits)
                 group = group_size if group_size <= 0 or child.in_features % group_size == 0 else -1
-                setattr(module, child_name, QuantLinear.from_linear(child, b, group, symmetric))
+                setattr(module, child_name, QuantLinear.from_linear(child, b, group, symmetric, codebook))
     if bits_per_layer:
         raise ValueError(f"quantize_linear_layers_: no nn.Linear named {sorted(bits_per_layer)}")
     return model

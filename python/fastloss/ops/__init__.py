@@ -22,7 +22,8 @@ from .contrastive import contrastive_loss
 from .metric import multi_similarity_loss, tcm_loss
 from .metric_losses import anyloss, dice_loss
 from .few_shot import icnn_loss, proto_triplet_loss
-from .quant import QuantizedWeight, dequant_gemm, dequantize_weight, quantize_weight
+from .quant import (QuantizedWeight, dequant_gemm, dequantize_weight, nf_codebook, power_codebook,
+                    quantize_weight)
 from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
 
 __all__ = [
@@ -54,6 +55,8 @@ __all__ = [
     "quantize_weight",
     "dequantize_weight",
     "dequant_gemm",
+    "nf_codebook",
+    "power_codebook",
     "SinkhornResult",
     "sinkhorn",
     "wasserstein",

@@ -2,18 +2,31 @@
 
 Format (``QuantizedWeight``): a weight ``[N, K]`` (``nn.Linear``'s ``[out, in]``) is split into
 groups of ``group_size`` consecutive inputs of one output row; each group has a float32 scale
-``s`` and zero point ``z`` (in quantized units), and ``w = (q - z) * s`` with ``q`` an unsigned
-``bits``-bit integer. ``bits`` is 4 or 8 (2 and 3 are not supported yet); ``group_size`` 32, 64,
-128, 256, ... (dividing ``K``), ``-1`` per output channel, ``0`` per tensor (every row the same
-scale and zero). Symmetric: ``z = 2^(bits-1)``, ``s = max|w| / (2^(bits-1) - 1)``; asymmetric:
-``s = (max - min) / (2^bits - 1)``, ``z = round(-min / s)``. Rounding to nearest. Packing
-(``qweight`` uint8 ``[N, K * bits / 8]``): 8-bit one byte per value; 4-bit, within each group,
-byte ``i`` holds value ``i`` in its low nibble and value ``group_size / 2 + i`` in its high nibble.
+``s`` and, for uniform formats, a zero point ``z`` (in quantized units); ``q`` is an unsigned
+``bits``-bit code (``bits`` 2, 3, 4 or 8) and
+
+* uniform: ``w = (q - z) * s``;
+* codebook (non-uniform: NF4, NUPES power grids, learned values): ``w = codebook[c, q] * s`` with
+  a float32 ``codebook`` ``[1, 2^bits]`` (per tensor, ``c = 0``) or ``[N, 2^bits]`` (per output
+  channel, ``c = n``).
+
+``group_size`` 32, 64, 128, 256, ... (dividing ``K``), ``-1`` per output channel, ``0`` per
+tensor (every row the same scale and zero). Uniform symmetric: ``z = 2^(bits-1)``,
+``s = max|w| / (2^(bits-1) - 1)``; asymmetric: ``s = (max - min) / (2^bits - 1)``,
+``z = round(-min / s)``; codebook: ``s = max|w| / max|codebook|`` and ``q`` the nearest entry.
+Rounding to nearest. Packing (``qweight`` uint8 ``[N, K * bits / 8]``, ``group * bits / 8``
+bytes per group, in planes so that the kernels unpack with a few contiguous vector loads): with
+``P = group / planes``, bits 2, 4 and 8 (``planes = 8 / bits``) put value ``j * P + i`` of a
+group in bits ``[j * bits, (j + 1) * bits)`` of the group's byte ``i``; bits 3 (``planes = 8``)
+store the low two bits in the 2-bit layout (``2P`` bytes) followed by the third bits (bit ``j``
+of byte ``2P + i`` is that of value ``j * P + i``). A group's length is therefore a multiple of
+``planes`` (2-bit: 4, 3-bit: 8, 4-bit: 2).
 
 ``dequant_gemm(x, qw, bias)``: CPU kernels (``csrc/quant``): up to 16 rows of ``x`` stream each
 packed row once and dequantize it in registers (memory-bound: 4-bit moves 1/8 of float32's
-bytes); more rows dequantize tiles of 256 output rows and use torch's GEMM. Gradients flow to
-``x`` (frozen-weight fine-tuning) and ``bias``, not to the packed weight. CUDA kernels are not
+bytes, 2-bit 1/16; codebooks of up to 16 entries are looked up with in-register permutes); more
+rows dequantize tiles of 256 output rows and use torch's GEMM. Gradients flow to ``x``
+(frozen-weight fine-tuning) and ``bias``, not to the packed weight. CUDA kernels are not
 written yet: CUDA tensors are refused with a clear error.
 """
 
@@ -26,29 +39,38 @@ import torch
 from torch import Tensor
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
+_PLANES = {2: 4, 3: 8, 4: 2, 8: 1}   # values packed per byte position of a group
 
 
 @dataclass
 class QuantizedWeight:
-    """The packed weight: ``qweight`` uint8 ``[N, K * bits / 8]``, ``scales`` and ``zeros``
-    float32 ``[N, K / group]``; ``group`` is the group length actually used (``K`` for per-channel
-    and per-tensor)."""
+    """The packed weight: ``qweight`` uint8 ``[N, K * bits / 8]``, ``scales`` float32
+    ``[N, K / group]``, ``zeros`` (uniform formats) float32 ``[N, K / group]`` or None,
+    ``codebook`` (non-uniform formats) float32 ``[1 or N, 2^bits]`` or None; ``group`` is the
+    group length actually used (``K`` for per-channel and per-tensor)."""
 
     qweight: Tensor
     scales: Tensor
-    zeros: Tensor
+    zeros: Optional[Tensor]
     bits: int
     group: int
+    codebook: Optional[Tensor] = None
 
     @property
     def shape(self) -> tuple:
         return (self.qweight.shape[0], self.qweight.shape[1] * 8 // self.bits)
 
+    @property
+    def tensors(self) -> tuple:
+        """The op arguments ``(qweight, scales, zeros, codebook, bits, group)``."""
+        return (self.qweight, self.scales, self.zeros, self.codebook, self.bits, self.group)
+
     @classmethod
-    def from_int(cls, q: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int) -> "QuantizedWeight":
+    def from_int(cls, q: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int,
+                 codebook: Optional[Tensor] = None) -> "QuantizedWeight":
         """Import integer weights quantized elsewhere (GPTQ / AWQ style): ``q`` ``[N, K]`` of
-        values in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (zeros in
-        quantized units), ``w = (q - zeros) * scales``."""
+        codes in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (zeros in
+        quantized units, or None), an optional ``codebook`` (module docstring)."""
         _check_bits(bits)
         n, k = q.shape
         group = _group_length(group_size, k, bits)
@@ -56,15 +78,16 @@ class QuantizedWeight:
             raise ValueError(f"QuantizedWeight.from_int: q must hold integers in [0, {1 << bits})")
         expect = (n, k // group)
         for name, t in (("scales", scales), ("zeros", zeros)):
-            if tuple(t.shape) != expect:
+            if t is not None and tuple(t.shape) != expect:
                 raise ValueError(f"QuantizedWeight.from_int: {name} must be {list(expect)}, got {tuple(t.shape)}")
         return cls(_pack(q.to(torch.int32), bits, group), scales.float().contiguous(),
-                   zeros.float().contiguous(), bits, group)
+                   None if zeros is None else zeros.float().contiguous(), bits, group,
+                   None if codebook is None else _check_codebook(codebook, bits, n))
 
 
 def _check_bits(bits):
-    if bits not in (4, 8):
-        raise ValueError(f"bits must be 4 or 8 (2 and 3 are not supported yet), got {bits}")
+    if bits not in _PLANES:
+        raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
 
 
 def _group_length(group_size: int, k: int, bits: int) -> int:
@@ -72,38 +95,80 @@ def _group_length(group_size: int, k: int, bits: int) -> int:
     if group < 1 or k % group:
         raise ValueError(f"group_size ({group_size}) must divide the input features K = {k} "
                          "(or be -1 per channel, 0 per tensor)")
-    if bits == 4 and group % 2:
-        raise ValueError(f"4-bit groups must have an even length, got {group}")
+    if group % _PLANES[bits]:
+        raise ValueError(f"{bits}-bit groups must have a length divisible by {_PLANES[bits]}, got {group}")
     return group
 
 
+def _check_codebook(codebook: Tensor, bits: int, n: int) -> Tensor:
+    cb = torch.as_tensor(codebook)
+    cb = cb.reshape(1, -1) if cb.dim() == 1 else cb
+    if cb.dim() != 2 or cb.shape[1] != 1 << bits or cb.shape[0] not in (1, n) or not cb.is_floating_point():
+        raise ValueError(f"codebook must be a float tensor of 2^bits = {1 << bits} values, per tensor "
+                         f"[{1 << bits}] / [1, {1 << bits}] or per output channel [{n}, {1 << bits}], "
+                         f"got {tuple(cb.shape)}")
+    if not bool(torch.isfinite(cb).all()):
+        raise ValueError("codebook must hold finite values")
+    return cb.float().contiguous()
+
+
 def _pack(q: Tensor, bits: int, group: int) -> Tensor:
+    """Codes ``[N, K]`` into the plane layout (module docstring)."""
     n, k = q.shape
-    if bits == 8:
-        return q.to(torch.uint8).contiguous()
-    half = group // 2
-    qg = q.reshape(n, k // group, group)
-    return (qg[:, :, :half] | (qg[:, :, half:] << 4)).to(torch.uint8).reshape(n, k // 2).contiguous()
+    if bits == 3:
+        low = _pack(q & 3, 2, group).reshape(n, k // group, group // 4)
+        high = _pack(q >> 2, 1, group).reshape(n, k // group, group // 8)
+        return torch.cat([low, high], 2).reshape(n, k * 3 // 8).contiguous()
+    # bits 1 (the third bits of 3-bit codes), 2, 4, 8: plane j of a group in bits [j*bits, ...)
+    planes = 8 // bits
+    qg = q.reshape(n, k // group, planes, group // planes)
+    packed = torch.zeros(n, k // group, group // planes, dtype=torch.int32, device=q.device)
+    for j in range(planes):
+        packed |= qg[:, :, j] << (j * bits)
+    return packed.to(torch.uint8).reshape(n, k * bits // 8).contiguous()
 
 
-def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True) -> QuantizedWeight:
-    """Round-to-nearest quantization of ``w`` ``[N, K]`` into the packed format (module docstring)."""
+def _nearest_code(t: Tensor, codebook: Tensor) -> Tensor:
+    """Index of the codebook entry nearest to each value of ``t`` ``[N, K]`` (codebook
+    ``[1 or N, C]``), by binary search over the sorted entries' midpoints."""
+    values, order = codebook.sort(-1)
+    mid = ((values[:, 1:] + values[:, :-1]) / 2).expand(t.shape[0], -1).contiguous()
+    pos = torch.searchsorted(mid, t.contiguous())
+    return order.expand(t.shape[0], -1).gather(1, pos)
+
+
+def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: bool = True,
+                    codebook: Optional[Tensor] = None) -> QuantizedWeight:
+    """Round-to-nearest quantization of ``w`` ``[N, K]`` into the packed format (module
+    docstring); with ``codebook`` (``[2^bits]``, ``[1, 2^bits]`` or ``[N, 2^bits]``, e.g.
+    :func:`nf_codebook` or :func:`power_codebook`) the non-uniform format."""
     _check_bits(bits)
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_weight: w must be a floating [N, K] tensor, got "
                          f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
     n, k = w.shape
     group = _group_length(group_size, k, bits)
+    if codebook is not None:
+        if not symmetric:
+            raise ValueError("quantize_weight: a codebook format has no zero points (symmetric must be True)")
+        codebook = _check_codebook(codebook, bits, n)
     wf = w.detach().float().reshape(n, k // group, group)
     if group_size == 0:  # per tensor: one range for every row
         wf_all = wf.reshape(1, 1, -1)
         lo, hi = wf_all.amin(-1, keepdim=True).expand(n, k // group, 1), wf_all.amax(-1, keepdim=True).expand(n, k // group, 1)
     else:
         lo, hi = wf.amin(-1, keepdim=True), wf.amax(-1, keepdim=True)
+    absmax = torch.maximum(hi.abs(), lo.abs())
+    if codebook is not None:
+        reach = codebook.abs().amax(1).reshape(-1, 1, 1)   # the codebook's largest magnitude
+        scale = torch.where(absmax > 0, absmax / reach, torch.ones_like(absmax))
+        q = _nearest_code((wf / scale).reshape(n, k), codebook.to(w.device))
+        return QuantizedWeight(_pack(q.to(torch.int32), bits, group), scale.reshape(n, -1).contiguous(),
+                               None, bits, group, codebook)
     qmax = (1 << bits) - 1
     if symmetric:
         zero = torch.full_like(lo, float(1 << (bits - 1)))
-        scale = torch.maximum(hi.abs(), lo.abs()) / ((1 << (bits - 1)) - 1)
+        scale = absmax / ((1 << (bits - 1)) - 1)
     else:
         scale = (hi - lo) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
@@ -114,41 +179,65 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
                            zero.reshape(n, -1).contiguous(), bits, group)
 
 
+def nf_codebook(bits: int = 4) -> Tensor:
+    """The NormalFloat grid of QLoRA (NF4 at ``bits=4``): quantiles of the standard normal,
+    ``2^(bits-1)`` positive levels, ``2^(bits-1) - 1`` negative ones and an exact zero,
+    normalized to [-1, 1]; float32 ``[2^bits]``, ascending."""
+    _check_bits(bits)
+    n = 1 << bits
+    offset = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 1)))
+    pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
+    neg = -torch.special.ndtri(torch.linspace(offset, 0.5, n // 2, dtype=torch.float64)[:-1])
+    values = torch.cat([pos, torch.zeros(1, dtype=torch.float64), neg]).sort().values
+    return (values / values.abs().max()).float()
+
+
+def power_codebook(bits: int, exponent: float) -> Tensor:
+    """A power-exponent grid (NUPES): ``sign(t) |t|^exponent`` for ``2^bits`` evenly spaced
+    ``t`` in [-1, 1] (``exponent > 1`` puts more levels near zero, for bell-shaped weights);
+    float32 ``[2^bits]``, ascending."""
+    _check_bits(bits)
+    if not exponent > 0:
+        raise ValueError(f"power_codebook: exponent must be > 0, got {exponent}")
+    t = torch.linspace(-1, 1, 1 << bits, dtype=torch.float64)
+    return (t.sign() * t.abs() ** exponent).float()
+
+
 # ---- ops: fake kernels and autograd ------------------------------------------------------------
 
 @torch.library.register_fake("fastloss::dequant_gemm")
-def _fake_gemm(x, qweight, scales, zeros, bits, group_size, bias):
+def _fake_gemm(x, qweight, scales, zeros, codebook, bits, group_size, bias):
     torch._check(x.dim() == 2, lambda: "x must be [M, K]")
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
 @torch.library.register_fake("fastloss::dequant_gemm_grad_input")
-def _fake_grad_input(grad_y, qweight, scales, zeros, bits, group_size):
+def _fake_grad_input(grad_y, qweight, scales, zeros, codebook, bits, group_size):
     return grad_y.new_empty((grad_y.shape[0], qweight.shape[1] * 8 // bits), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastloss::dequantize_weight")
-def _fake_dequantize(qweight, scales, zeros, bits, group_size):
+def _fake_dequantize(qweight, scales, zeros, codebook, bits, group_size):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 8 // bits), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
-    x, qweight, scales, zeros, bits, group_size, bias = inputs
-    ctx.save_for_backward(qweight, scales, zeros)
+    x, qweight, scales, zeros, codebook, bits, group_size, bias = inputs
+    ctx.save_for_backward(qweight, scales, zeros, codebook)
     ctx.args = (bits, group_size)
     ctx.x_dtype = x.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
 
 
 def _backward(ctx, grad_y):
-    qweight, scales, zeros = ctx.saved_tensors
+    qweight, scales, zeros, codebook = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fastloss.dequant_gemm_grad_input(grad_y, qweight, scales, zeros,
+        grad_x = torch.ops.fastloss.dequant_gemm_grad_input(grad_y, qweight, scales, zeros, codebook,
                                                             *ctx.args).to(ctx.x_dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[6]:
+    if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
         grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, grad_bias
+    return grad_x, None, None, None, None, None, None, grad_bias
 
 
 torch.library.register_autograd("fastloss::dequant_gemm", _backward, setup_context=_setup)
@@ -156,7 +245,7 @@ torch.library.register_autograd("fastloss::dequant_gemm", _backward, setup_conte
 
 def dequantize_weight(qw: QuantizedWeight) -> Tensor:
     """The exact float32 weights ``[N, K]`` the kernels use."""
-    return torch.ops.fastloss.dequantize_weight(qw.qweight, qw.scales, qw.zeros, qw.bits, qw.group)
+    return torch.ops.fastloss.dequantize_weight(*qw.tensors)
 
 
 def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
@@ -172,6 +261,5 @@ def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"dequant_gemm: x must be [..., {k}] (the weight's input features), got "
                          f"{tuple(x.shape)}")
-    y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), qw.qweight, qw.scales, qw.zeros,
-                                        qw.bits, qw.group, bias)
+    y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), *qw.tensors, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])
