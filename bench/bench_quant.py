@@ -1,7 +1,8 @@
-"""Benchmark of the low-bit dequant GEMM: ``y = x @ W^T`` from 4- and 8-bit weights.
+"""Benchmark of the low-bit dequant GEMM: ``y = x @ W^T`` from 2-, 3-, 4- and 8-bit weights.
 
 Variants, same inputs, same run, per (layer shape N x K, batch M):
-  * ``fastloss_4bit`` / ``fastloss_8bit``: ``fastloss.ops.dequant_gemm`` (group 128, symmetric);
+  * ``fastloss_{2,3,4,8}bit``: ``fastloss.ops.dequant_gemm`` (group 128, symmetric uniform);
+  * ``fastloss_nf4``: the same with the NF4 codebook (group 128, no zero points);
   * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
   * ``torch_int4pack``: torch's own ``aten._weight_int4pack_mm_for_cpu`` (4-bit, group 128),
@@ -25,8 +26,9 @@ import harness  # noqa: E402
 
 import fastloss  # noqa: E402
 
-SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336)]   # (N out, K in), LLM layers
+SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 28672)]   # (N out, K in), LLM layers
 BATCHES = [1, 4, 16, 64, 256]
+LARGE_BATCHES = [1, 4, 16]   # 8192x28672: its float32 weight is 0.94 GB; large batches take minutes
 QUICK_SHAPES, QUICK_BATCHES = [(512, 512)], [1, 32]
 MEASURE_KW = dict(warmup=3, target_s=0.5, min_repeats=5, max_repeats=50, max_measure_s=10.0)
 
@@ -71,7 +73,7 @@ def main(argv=None):
     res = harness.Results(name, device, args.out, bandwidth=bw, notes=[
         "time = y = f(x) for x [M, K], no autograd; median",
         "floor bytes = packed weight + scales + zeros + x + y (float32 activations)",
-        "fastloss_*: group 128, symmetric round-to-nearest"])
+        "fastloss_*: group 128, symmetric round-to-nearest (nf4: NF4 codebook, no zero points)"])
     res.title = "fastloss dequant_gemm (CPU)"
     cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
                                                 if c[0] not in ("op", "shape", "dtype", "vs eager", "vs torch")]
@@ -82,19 +84,21 @@ def main(argv=None):
     for (n, k) in QUICK_SHAPES if args.quick else SHAPES:
         gen = torch.Generator().manual_seed(n + k)
         w = torch.randn(n, k, generator=gen) / k ** 0.5
-        q4 = fastloss.ops.quantize_weight(w, 4, 128)
-        q8 = fastloss.ops.quantize_weight(w, 8, 128)
+        packed = {f"fastloss_{b}bit": fastloss.ops.quantize_weight(w, b, 128) for b in (2, 3, 4, 8)}
+        packed["fastloss_nf4"] = fastloss.ops.quantize_weight(w, 4, 128, codebook=fastloss.ops.nf_codebook(4))
+        q4 = packed["fastloss_4bit"]
         w4 = fastloss.ops.dequantize_weight(q4)
         tp = int4pack(w)
-        for m in QUICK_BATCHES if args.quick else BATCHES:
+        batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if n * k > 1e8 else BATCHES)
+        for m in batches:
             x = torch.randn(m, k, generator=gen)
-            variants = {"fastloss_4bit": (lambda: fastloss.ops.dequant_gemm(x, q4), q4),
-                        "fastloss_8bit": (lambda: fastloss.ops.dequant_gemm(x, q8), q8),
-                        "torch_matmul": (lambda: x @ w4.T, None),
-                        "eager_dequant": (lambda: x @ eager_dequant(q4).T, q4),
-                        "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)}
+            variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
+            variants.update({"torch_matmul": (lambda: x @ w4.T, None),
+                             "eager_dequant": (lambda: x @ eager_dequant(q4).T, q4),
+                             "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})
             for variant, (fn, qw) in variants.items():
-                weight_bytes = (qw.qweight.numel() + 8 * qw.scales.numel()) if qw is not None else 4 * n * k
+                weight_bytes = 4 * n * k if qw is None else sum(
+                    t.numel() * t.element_size() for t in qw.tensors[:4] if t is not None)
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=torch.float32,
                             floor_bytes={"min": weight_bytes + 4 * m * (n + k)})
