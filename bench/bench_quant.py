@@ -3,10 +3,11 @@
 Variants, same inputs, same run, per (layer shape N x K, batch M):
   * ``fastloss_{2,3,4,8}bit``: ``fastloss.ops.dequant_gemm`` (group 128, symmetric uniform);
   * ``fastloss_nf4``: the same with the NF4 codebook (group 128, no zero points);
-  * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32);
+  * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32 on the
+    CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
-  * ``torch_int4pack``: torch's own ``aten._weight_int4pack_mm_for_cpu`` (4-bit, group 128),
-    where this torch has it.
+  * ``torch_int4pack``: torch's own ``aten._weight_int4pack_mm_for_cpu`` (CPU) or
+    ``aten._weight_int4pack_mm`` (CUDA, bfloat16) (4-bit, group 128), where this torch has it.
 Floor (small batches are memory-bound): the packed weight, its scales and zeros, x and y, read
 or written once, against the copy bandwidth measured in the same run.
 
@@ -28,7 +29,7 @@ import fastloss  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 28672)]   # (N out, K in), LLM layers
 BATCHES = [1, 4, 16, 64, 256]
-LARGE_BATCHES = [1, 4, 16]   # 8192x28672: its float32 weight is 0.94 GB; large batches take minutes
+LARGE_BATCHES = [1, 4, 16]   # 8192x28672 on the CPU: its float32 weight is 0.94 GB; large batches take minutes
 QUICK_SHAPES, QUICK_BATCHES = [(512, 512)], [1, 32]
 MEASURE_KW = dict(warmup=3, target_s=0.5, min_repeats=5, max_repeats=50, max_measure_s=10.0)
 
@@ -38,12 +39,13 @@ def eager_dequant(qw):
     n, k = qw.shape
     b = qw.qweight.to(torch.int32).view(n, k // qw.group, qw.group // 2)
     q = torch.cat([b & 15, b >> 4], dim=2).view(n, k).float()
-    idx = torch.arange(k) // qw.group
+    idx = torch.arange(k, device=b.device) // qw.group
     return (q - qw.zeros[:, idx]) * qw.scales[:, idx]
 
 
-def int4pack(w, group=128):
-    """torch's CPU int4 kernel on the same weights, or the reason it is unavailable."""
+def int4pack(w, device, group=128):
+    """torch's int4 kernel (CPU: float32 x; CUDA: bfloat16 x) on the same weights, or the reason
+    it is unavailable."""
     try:
         n, k = w.shape
         wg = w.view(n, k // group, group)
@@ -52,29 +54,33 @@ def int4pack(w, group=128):
         q = torch.clamp(torch.round((wg - lo) / scale), 0, 15).to(torch.int32).view(n, k)
         zero = lo + 8 * scale   # torch's convention: w = (q - 8) * scale + zero
         sz = torch.stack([scale.view(n, -1), zero.view(n, -1)], -1).transpose(0, 1).contiguous()
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
-        fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # noqa: E731
-        fn(torch.randn(1, k))
+        if device == "cpu":
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(q, 1)
+            fn = lambda x: torch.ops.aten._weight_int4pack_mm_for_cpu(x, packed, group, sz)  # noqa: E731
+        else:   # CUDA: codes two per byte (even index in the high nibble), bfloat16 scales
+            qu8 = (q[:, ::2] << 4 | q[:, 1::2]).to(torch.uint8).to(device)
+            packed = torch.ops.aten._convert_weight_to_int4pack(qu8, 8)
+            szd = sz.to(device, torch.bfloat16)
+            fn = lambda x: torch.ops.aten._weight_int4pack_mm(x.bfloat16(), packed, group, szd)  # noqa: E731
+        fn(torch.randn(1, k, device=device))
         return fn
     except Exception as e:  # an op this torch lacks, or a layout it rejects
-        return f"unavailable: torch int4pack CPU kernel failed ({type(e).__name__}: {str(e)[:80]})"
+        return f"unavailable: torch int4pack kernel failed ({type(e).__name__}: {str(e)[:80]})"
 
 
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
     device = args.device
-    if device != "cpu":  # (scripts/bench.sh passes --device to every family)
-        print("# bench_quant: skipped on cuda: the CUDA kernels are not written yet")
-        return 0
-    name = "quant_cpu" + ("_quick" if args.quick else "")
+    dtype = torch.float32 if device == "cpu" else torch.float16   # the activations
+    name = f"quant_{device}" + ("_quick" if args.quick else "")
     t_start = time.perf_counter()
     bw = harness.measure_bandwidth(device)
     res = harness.Results(name, device, args.out, bandwidth=bw, notes=[
         "time = y = f(x) for x [M, K], no autograd; median",
-        "floor bytes = packed weight + scales + zeros + x + y (float32 activations)",
+        f"floor bytes = packed weight + scales + zeros + x + y ({dtype} activations)",
         "fastloss_*: group 128, symmetric round-to-nearest (nf4: NF4 codebook, no zero points)"])
-    res.title = "fastloss dequant_gemm (CPU)"
+    res.title = f"fastloss dequant_gemm ({device})"
     cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
                                                 if c[0] not in ("op", "shape", "dtype", "vs eager", "vs torch")]
     cols.append(("vs matmul", lambda r: harness._f(r.get("speedup_vs", {}).get("torch_matmul"), ".2f", "x")))
@@ -84,24 +90,26 @@ def main(argv=None):
     for (n, k) in QUICK_SHAPES if args.quick else SHAPES:
         gen = torch.Generator().manual_seed(n + k)
         w = torch.randn(n, k, generator=gen) / k ** 0.5
-        packed = {f"fastloss_{b}bit": fastloss.ops.quantize_weight(w, b, 128) for b in (2, 3, 4, 8)}
-        packed["fastloss_nf4"] = fastloss.ops.quantize_weight(w, 4, 128, codebook=fastloss.ops.nf_codebook(4))
+        packed = {f"fastloss_{b}bit": fastloss.ops.quantize_weight(w, b, 128).to(device) for b in (2, 3, 4, 8)}
+        packed["fastloss_nf4"] = fastloss.ops.quantize_weight(
+            w, 4, 128, codebook=fastloss.ops.nf_codebook(4)).to(device)
         q4 = packed["fastloss_4bit"]
-        w4 = fastloss.ops.dequantize_weight(q4)
-        tp = int4pack(w)
-        batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if n * k > 1e8 else BATCHES)
+        w4 = fastloss.ops.dequantize_weight(q4).to(dtype)
+        tp = int4pack(w, device)
+        large_on_cpu = n * k > 1e8 and device == "cpu"
+        batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if large_on_cpu else BATCHES)
         for m in batches:
-            x = torch.randn(m, k, generator=gen)
+            x = torch.randn(m, k, generator=gen).to(device, dtype)
             variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
             variants.update({"torch_matmul": (lambda: x @ w4.T, None),
                              "eager_dequant": (lambda: x @ eager_dequant(q4).T, q4),
                              "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})
             for variant, (fn, qw) in variants.items():
-                weight_bytes = 4 * n * k if qw is None else sum(
+                weight_bytes = w4.element_size() * n * k if qw is None else sum(
                     t.numel() * t.element_size() for t in qw.tensors[:4] if t is not None)
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
-                            label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=torch.float32,
-                            floor_bytes={"min": weight_bytes + 4 * m * (n + k)})
+                            label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
+                            floor_bytes={"min": weight_bytes + x.element_size() * m * (n + k)})
                 if isinstance(fn, str):
                     row = res.add(status=fn.split(":")[0], reason=fn, **base)
                     print(" | ".join(get(row) for _, get in cols), flush=True)

@@ -81,6 +81,12 @@ timeout "${LINEAR_BENCH_TIMEOUT:-150}" "$PY" bench/bench_linear_losses.py --devi
 echo "linear bench rc=$?"
 keep bench_linear_cuda.log
 
+stamp "dequant GEMM benchmarks"
+timeout "${QUANT_BENCH_TIMEOUT:-150}" "$PY" bench/bench_quant.py --device cuda \
+  --out "$OUT_DIR" > "$LOGS/bench_quant_cuda.log" 2>&1
+echo "quant bench rc=$?"
+keep bench_quant_cuda.log
+
 stamp "CPU tests of the torch integration and the argument checks"
 # (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
 # already compiles a graph of every loss)

@@ -41,4 +41,12 @@ void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int
 // backward dequantize tiles of rows and multiply them with torch's GEMM).
 void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_t n1);
 
+// The CUDA kernels (quant_cuda.cu, built with FASTLOSS_WITH_CUDA), on `stream` (a
+// cudaStream_t); the same contracts over all rows, xsum not needed. Return nullptr, or the
+// launch error's text.
+const char* quant_gemv_cuda(const QuantWeight& w, const float* x, int64_t M, const float* bias,
+                            float* y, void* stream);
+const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
+                                    void* stream);
+
 }  // namespace fastloss

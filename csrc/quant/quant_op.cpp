@@ -1,13 +1,18 @@
 // The torch-aware side of the low-bit dequant GEMM: argument checks (the packed format's
-// consistency), allocation, and the CPU kernels of quant_cpu_impl.h. Schemas in
-// registration.cpp; fake kernels, autograd and the packing in python/fastloss/ops/quant.py.
+// consistency), allocation, and the CPU (quant_cpu_impl.h) or CUDA (quant_cuda.cu) kernels.
+// Schemas in registration.cpp; fake kernels, autograd and the packing in
+// python/fastloss/ops/quant.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
+#include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -54,12 +59,20 @@ QuantWeight check_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
                 "with N = ", N, ", got ", codebook->sizes());
     check_f32(*codebook, "codebook", codebook->size(0), int64_t(1) << bits);
   }
+  TORCH_CHECK(q.is_cpu() || q.is_cuda(), kOp, ": qweight must be on the CPU or a CUDA device, got ",
+              q.device());
+#if !defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(q.is_cpu(), kOp, ": fastloss was built without CUDA; reinstall it with a CUDA build of torch and nvcc");
+#endif
   for (const Tensor* t : tensors) {
-    TORCH_CHECK(t->is_cpu(), kOp,
-                ": the fastloss kernels run on the CPU (CUDA kernels are not written yet)");
+    TORCH_CHECK(t->device() == q.device(), kOp, ": the packed tensors must be on one device (qweight is on ",
+                q.device(), ", another on ", t->device(), ")");
     TORCH_CHECK(t->is_contiguous(), kOp,
                 ": the packed tensors must be contiguous (as quantize_weight returns them)");
   }
+  // the CUDA kernel reads qweight in 32-bit words
+  TORCH_CHECK(reinterpret_cast<uintptr_t>(q.data_ptr()) % 4 == 0, kOp,
+              ": qweight must start on a 4-byte boundary (as quantize_weight returns it)");
   QuantWeight w;
   w.q = q.data_ptr<uint8_t>();
   w.scale = scale.data_ptr<float>();
@@ -73,10 +86,28 @@ QuantWeight check_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
   return w;
 }
 
+// Output features dequantized at a time (large batches, backward): 256 rows on the CPU (they
+// stay in cache), about 64 MB of float32 on a GPU (big enough for cuBLAS to run at full rate).
+int64_t tile_rows(const QuantWeight& w, const Tensor& q) {
+  return q.is_cuda() ? std::max<int64_t>(kTileRows, (int64_t(1) << 24) / std::max<int64_t>(w.K, 1))
+                     : kTileRows;
+}
+
+#if defined(FASTLOSS_WITH_CUDA)
+void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
 // float32 rows [n0, n0 + rows) of the weight
 Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const at::TensorOptions& f32) {
   Tensor tile = at::empty({rows, w.K}, f32);
   float* out = tile.data_ptr<float>();
+  if (tile.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    check_launch(quant_dequant_rows_cuda(w, out, n0, n0 + rows, current_stream()));
+#endif
+    return tile;
+  }
   at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
     quant_dequant_rows_cpu(w, out + r0 * w.K, n0 + r0, n0 + r1);
   });
@@ -86,6 +117,7 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const at::Te
 Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& zero,
                          const OptTensor& codebook, int64_t bits, int64_t group) {
   const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
+  const c10::DeviceGuard guard(q.device());
   return dequant_tile(w, 0, w.N, q.options().dtype(at::kFloat));
 }
 
@@ -99,13 +131,23 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   TORCH_CHECK(x.device() == q.device(), kOp, ": x is on ", x.device(), " but qweight is on ", q.device());
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == w.N), kOp,
               ": bias must be [N] = [", w.N, "]");
+  TORCH_CHECK(!bias.has_value() || bias->device() == q.device(), kOp, ": bias is on ",
+              bias->device(), " but qweight is on ", q.device());
+  const c10::DeviceGuard guard(q.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  const Tensor x32 = x.to(at::kFloat).contiguous();
+  Tensor x32 = x.to(at::kFloat).contiguous();
+  if (reinterpret_cast<uintptr_t>(x32.data_ptr()) % 16) x32 = x32.clone();  // CUDA: float4 loads
   const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t M = x.size(0);
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
+  if (M <= kQuantMaxRows && x.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    check_launch(quant_gemv_cuda(w, x32.data_ptr<float>(), M,
+                                 b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                                 current_stream()));
+#endif
+  } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
     const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
     const float* xp = x32.data_ptr<float>();
@@ -116,8 +158,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
       quant_gemv_cpu(w, xp, sp, M, bp, yp, n0, n1);
     });
   } else {  // compute-bound: dequantize tiles of rows and use torch's GEMM
-    for (int64_t n0 = 0; n0 < w.N; n0 += kTileRows) {
-      const int64_t rows = std::min(kTileRows, w.N - n0);
+    const int64_t step = tile_rows(w, q);
+    for (int64_t n0 = 0; n0 < w.N; n0 += step) {
+      const int64_t rows = std::min(step, w.N - n0);
       const Tensor tile = dequant_tile(w, n0, rows, f32);
       y.narrow(1, n0, rows).copy_(at::mm(x32, tile.t()));
     }
@@ -133,11 +176,15 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
   const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
   TORCH_CHECK(grad_y.dim() == 2 && grad_y.size(1) == w.N, kOp, ": grad_y must be [M, N] with N = ",
               w.N, ", got ", grad_y.sizes());
+  TORCH_CHECK(grad_y.device() == q.device(), kOp, ": grad_y is on ", grad_y.device(),
+              " but qweight is on ", q.device());
+  const c10::DeviceGuard guard(q.device());
   const auto f32 = grad_y.options().dtype(at::kFloat);
   const Tensor g32 = grad_y.to(at::kFloat);
   Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
-  for (int64_t n0 = 0; n0 < w.N; n0 += kTileRows) {
-    const int64_t rows = std::min(kTileRows, w.N - n0);
+  const int64_t step = tile_rows(w, q);
+  for (int64_t n0 = 0; n0 < w.N; n0 += step) {
+    const int64_t rows = std::min(step, w.N - n0);
     gx.addmm_(g32.narrow(1, n0, rows), dequant_tile(w, n0, rows, f32));
   }
   return gx;
@@ -146,8 +193,17 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
 }  // namespace
 }  // namespace fastloss
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  m.impl("dequant_gemm", &fastloss::dequant_gemm);
-  m.impl("dequant_gemm_grad_input", &fastloss::dequant_gemm_grad_input);
-  m.impl("dequantize_weight", &fastloss::dequantize_weight);
+namespace fastloss {
+namespace {
+void register_impls(torch::Library& m) {
+  m.impl("dequant_gemm", &dequant_gemm);
+  m.impl("dequant_gemm_grad_input", &dequant_gemm_grad_input);
+  m.impl("dequantize_weight", &dequantize_weight);
 }
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
+#endif

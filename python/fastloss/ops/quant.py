@@ -25,9 +25,11 @@ of byte ``2P + i`` is that of value ``j * P + i``). A group's length is therefor
 ``dequant_gemm(x, qw, bias)``: CPU kernels (``csrc/quant``): up to 16 rows of ``x`` stream each
 packed row once and dequantize it in registers (memory-bound: 4-bit moves 1/8 of float32's
 bytes, 2-bit 1/16; codebooks of up to 16 entries are looked up with in-register permutes); more
-rows dequantize tiles of 256 output rows and use torch's GEMM. Gradients flow to ``x``
-(frozen-weight fine-tuning) and ``bias``, not to the packed weight. CUDA kernels are not
-written yet: CUDA tensors are refused with a clear error.
+rows dequantize tiles of 256 output rows and use torch's GEMM. CUDA kernels
+(``csrc/quant/quant_cuda.cu``): up to 16 rows, one warp per output row decodes the packed row
+in registers from coalesced 32-bit loads; more rows dequantize tiles of about 64 MB and use
+cuBLAS (no tensor-core kernel on the packed weights yet). Gradients flow to ``x``
+(frozen-weight fine-tuning) and ``bias``, not to the packed weight.
 """
 
 from __future__ import annotations
@@ -64,6 +66,12 @@ class QuantizedWeight:
     def tensors(self) -> tuple:
         """The op arguments ``(qweight, scales, zeros, codebook, bits, group)``."""
         return (self.qweight, self.scales, self.zeros, self.codebook, self.bits, self.group)
+
+    def to(self, device) -> "QuantizedWeight":
+        """The same weight on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return QuantizedWeight(move(self.qweight), move(self.scales), move(self.zeros), self.bits,
+                               self.group, move(self.codebook))
 
     @classmethod
     def from_int(cls, q: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int,

@@ -1,0 +1,202 @@
+// CUDA dequant-GEMM kernels (torch-free; layout in quant_kernels.h).
+//
+// gemv (batch <= kQuantMaxRows, the memory-bound path): one warp per output row. The row's
+// packed bytes are cut into units of 4 plane positions of one group; consecutive lanes take
+// consecutive units, so a warp reads 128 contiguous bytes per plane set (coalesced), and each
+// lane loads kUnits units before it decodes any, to keep bytes in flight. A unit is one 32-bit
+// word per plane set (bits 2, 4, 8) or three (bits 3: two words of low bits, one of third
+// bits), holding 4 x planes values; they are decoded in registers (shift, mask, and a codebook
+// lookup in shared memory), scaled, and multiplied with float4 loads of x (x is small and
+// shared by every row: it stays in L1/L2). Lanes' sums are merged by warp shuffles.
+// Rows whose plane length P is not a multiple of 4 (unusual per-channel K) take the same
+// kernel with units of one position and byte loads.
+//
+// dequant: one thread per weight value (large batches and the backward multiply tiles of
+// these with cuBLAS; a tensor-core kernel on the packed weights is not written yet).
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "quant_kernels.h"
+
+namespace fastloss {
+namespace {
+
+constexpr int kWarpsPerBlock = 4;
+constexpr int kUnits = 4;  // units each lane loads before decoding
+
+// the packed code of value v (0 <= v < group) of the group whose bytes start at b
+__device__ __forceinline__ int code_at(const uint8_t* b, int bits, int64_t P, int64_t v) {
+  const int64_t j = v / P, i = v - j * P;
+  if (bits == 3) {
+    const int lo = (b[(j & 1) * P + i] >> (2 * (j >> 1))) & 3;
+    return lo | (((b[2 * P + i] >> j) & 1) << 2);
+  }
+  return (b[i] >> (j * bits)) & ((1 << bits) - 1);
+}
+
+// the bits of plane j at the 4 byte positions of word `word` (32 bits): field j of each byte
+template <int BITS>
+__device__ __forceinline__ int field(uint32_t word, int byte, int j) {
+  return int(word >> (8 * byte + j * BITS)) & ((1 << BITS) - 1);
+}
+
+struct Table {  // v(q): the row's codebook (in shared memory) or the integer itself
+  const float* t;
+  __device__ __forceinline__ float operator()(int q) const { return t ? t[q] : float(q); }
+};
+
+// y[m, n] for one row n of the weight, a warp's work. WORDS: 4 positions per unit (32-bit
+// loads) or 1 (byte loads). x float32 [M, K], y float32 [M, N].
+template <int BITS, bool WORDS>
+__device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int M,
+                         const float* __restrict__ bias, float* __restrict__ y, int64_t n,
+                         const Table& table, int lane) {
+  constexpr int kPlanes = quant_planes(BITS), kPos = WORDS ? 4 : 1;
+  const int64_t G = w.K / w.group, P = w.group / kPlanes, units_per_group = P / kPos;
+  const int64_t row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
+  const uint8_t* row = w.q + n * row_bytes;
+  float acc[kQuantMaxRows];
+#pragma unroll
+  for (int m = 0; m < kQuantMaxRows; ++m) acc[m] = 0.f;
+  const int64_t units = G * units_per_group;
+  for (int64_t u0 = lane; u0 < units; u0 += 32 * kUnits) {
+    // load: the words (or bytes) of up to kUnits units
+    uint32_t lo0[kUnits], lo1[kUnits], hi[kUnits];
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      const int64_t u = u0 + int64_t(r) * 32;
+      lo0[r] = lo1[r] = hi[r] = 0;
+      if (u >= units) continue;
+      const int64_t g = u / units_per_group, i = (u - g * units_per_group) * kPos;
+      const uint8_t* b = row + g * group_bytes;
+      if constexpr (WORDS) {
+        lo0[r] = __ldg(reinterpret_cast<const uint32_t*>(b + i));
+        if constexpr (BITS == 3) {
+          lo1[r] = __ldg(reinterpret_cast<const uint32_t*>(b + P + i));
+          hi[r] = __ldg(reinterpret_cast<const uint32_t*>(b + 2 * P + i));
+        }
+      } else {
+        lo0[r] = __ldg(b + i);
+        if constexpr (BITS == 3) {
+          lo1[r] = __ldg(b + P + i);
+          hi[r] = __ldg(b + 2 * P + i);
+        }
+      }
+    }
+    // decode and multiply
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      const int64_t u = u0 + int64_t(r) * 32;
+      if (u >= units) break;
+      const int64_t g = u / units_per_group, i = (u - g * units_per_group) * kPos;
+      const float s = __ldg(w.scale + n * G + g);
+      const float zs = w.zero ? __ldg(w.zero + n * G + g) * s : 0.f;
+#pragma unroll
+      for (int j = 0; j < kPlanes; ++j) {
+        float wv[kPos];
+#pragma unroll
+        for (int t = 0; t < kPos; ++t) {
+          int q;
+          if constexpr (BITS == 3) {
+            q = field<2>((j & 1) ? lo1[r] : lo0[r], t, j >> 1) | (field<1>(hi[r], t, j) << 2);
+          } else {
+            q = field<BITS>(lo0[r], t, j);
+          }
+          wv[t] = fmaf(table(q), s, -zs);  // (v - z) s
+        }
+        const int64_t k = g * w.group + j * P + i;
+#pragma unroll
+        for (int m = 0; m < kQuantMaxRows; ++m) {  // (constant indices keep acc in registers)
+          if (m >= M) break;
+          const float* xm = x + int64_t(m) * w.K + k;
+          if constexpr (WORDS) {
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(xm));
+            acc[m] += wv[0] * xv.x + wv[1] * xv.y + wv[2] * xv.z + wv[3] * xv.w;
+          } else {
+            acc[m] += wv[0] * __ldg(xm);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kQuantMaxRows; ++m) {
+    if (m >= M) break;
+    float v = acc[m];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) y[int64_t(m) * w.N + n] = v + (bias ? bias[n] : 0.f);
+  }
+}
+
+template <int BITS, bool WORDS>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    gemv_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
+                float* __restrict__ y) {
+  __shared__ float tables[kWarpsPerBlock][256];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
+  if (n >= w.N) return;  // a whole warp leaves together: the shuffles below stay full-warp
+  Table table{nullptr};
+  if (w.codebook) {
+    const float* src = w.codebook + (w.codebook_rows > 1 ? n : 0) * (int64_t(1) << BITS);
+    for (int c = lane; c < (1 << BITS); c += 32) tables[warp][c] = src[c];
+    __syncwarp();
+    table.t = tables[warp];
+  }
+  row_gemv<BITS, WORDS>(w, x, M, bias, y, n, table, lane);
+}
+
+__global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n0, int64_t rows) {
+  const int64_t total = rows * w.K;
+  const int64_t P = w.group / quant_planes(w.bits);
+  const int64_t row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8, G = w.K / w.group;
+  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < total;
+       e += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = e / w.K, k = e - r * w.K, n = n0 + r, g = k / w.group;
+    const int q = code_at(w.q + n * row_bytes + g * group_bytes, w.bits, P, k - g * w.group);
+    const float v = w.codebook ? w.codebook[(w.codebook_rows > 1 ? n : 0) * (int64_t(1) << w.bits) + q]
+                               : float(q);
+    out[e] = (v - (w.zero ? w.zero[n * G + g] : 0.f)) * w.scale[n * G + g];
+  }
+}
+
+template <int BITS>
+void launch_gemv(const QuantWeight& w, const float* x, int M, const float* bias, float* y,
+                 cudaStream_t stream) {
+  const int64_t P = w.group / quant_planes(BITS);
+  const dim3 grid(unsigned((w.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  if (P % 4 == 0)
+    gemv_kernel<BITS, true><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+  else
+    gemv_kernel<BITS, false><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+}
+
+}  // namespace
+
+const char* quant_gemv_cuda(const QuantWeight& w, const float* x, int64_t M, const float* bias,
+                            float* y, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  switch (w.bits) {
+    case 2: launch_gemv<2>(w, x, int(M), bias, y, s); break;
+    case 3: launch_gemv<3>(w, x, int(M), bias, y, s); break;
+    case 4: launch_gemv<4>(w, x, int(M), bias, y, s); break;
+    default: launch_gemv<8>(w, x, int(M), bias, y, s); break;
+  }
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
+                                    void* stream) {
+  const int64_t total = (n1 - n0) * w.K;
+  if (total == 0) return nullptr;
+  const int64_t blocks = (total + 255) / 256;
+  dequant_kernel<<<unsigned(blocks < 65535 * 8 ? blocks : 65535 * 8), 256, 0,
+                   static_cast<cudaStream_t>(stream)>>>(w, out, n0, n1 - n0);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+}  // namespace fastloss
