@@ -98,9 +98,10 @@ void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA ke
 void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 #endif
 
-// float32 rows [n0, n0 + rows) of the weight
-Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const at::TensorOptions& f32) {
-  Tensor tile = at::empty({rows, w.K}, f32);
+// The float32 rows [n0, n0 + rows) of the weight, written into the first rows of `buffer`
+// ([>= rows, K] float32, reused from tile to tile: a fresh tile each time cost its page faults).
+Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor& buffer) {
+  Tensor tile = buffer.narrow(0, 0, rows);
   float* out = tile.data_ptr<float>();
   if (tile.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
@@ -118,7 +119,7 @@ Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
                          const OptTensor& codebook, int64_t bits, int64_t group) {
   const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
   const c10::DeviceGuard guard(q.device());
-  return dequant_tile(w, 0, w.N, q.options().dtype(at::kFloat));
+  return dequant_tile(w, 0, w.N, at::empty({w.N, w.K}, q.options().dtype(at::kFloat)));
 }
 
 // y = x @ W^T (+ bias), x [M, K] -> [M, N] in x's dtype.
@@ -158,10 +159,11 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
       quant_gemv_cpu(w, xp, sp, M, bp, yp, n0, n1);
     });
   } else {  // compute-bound: dequantize tiles of rows and use torch's GEMM
-    const int64_t step = tile_rows(w, q);
+    const int64_t step = std::min(tile_rows(w, q), w.N);
+    const Tensor buffer = at::empty({step, w.K}, f32);
     for (int64_t n0 = 0; n0 < w.N; n0 += step) {
       const int64_t rows = std::min(step, w.N - n0);
-      const Tensor tile = dequant_tile(w, n0, rows, f32);
+      const Tensor tile = dequant_tile(w, n0, rows, buffer);
       y.narrow(1, n0, rows).copy_(at::mm(x32, tile.t()));
     }
     if (b32.defined()) y.add_(b32);
@@ -182,10 +184,11 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
   const auto f32 = grad_y.options().dtype(at::kFloat);
   const Tensor g32 = grad_y.to(at::kFloat);
   Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
-  const int64_t step = tile_rows(w, q);
+  const int64_t step = std::min(tile_rows(w, q), std::max<int64_t>(w.N, 1));
+  const Tensor buffer = at::empty({step, w.K}, f32);
   for (int64_t n0 = 0; n0 < w.N; n0 += step) {
     const int64_t rows = std::min(step, w.N - n0);
-    gx.addmm_(g32.narrow(1, n0, rows), dequant_tile(w, n0, rows, f32));
+    gx.addmm_(g32.narrow(1, n0, rows), dequant_tile(w, n0, rows, buffer));
   }
   return gx;
 }
