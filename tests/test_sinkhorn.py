@@ -141,3 +141,49 @@ def test_sns_gradients_and_batch():
     fd = (ops.sinkhorn(c0 + bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost
           - ops.sinkhorn(c0 - bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost) / (2 * h)
     torch.testing.assert_close(fd, cs.grad[0, 3, 4], rtol=1e-4, atol=1e-8)
+
+
+def test_sinkhorn_loss_module_is_the_debiased_divergence():
+    """nn.SinkhornLoss against the float64 reference: OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2
+    per batch item, reduced; zero (to the solver's tolerance) between a cloud and itself;
+    gradients match finite differences of the reference; bad arguments."""
+    import fastloss
+
+    g = torch.Generator().manual_seed(11)
+    # (clouds of radius ~1 at eps 0.3: Sinkhorn's contraction degrades as max C / eps grows)
+    x = torch.randn(3, 9, 2, generator=g, dtype=torch.float64) * 0.5
+    y = torch.randn(3, 7, 2, generator=g, dtype=torch.float64) * 0.35 + 0.4
+    b = torch.rand(3, 7, generator=g, dtype=torch.float64) + 0.2
+    b = b / b.sum(1, keepdim=True)
+    eps = 0.3
+
+    def ref_ot(u, v, wu, wv):
+        return ref.ot_eps(torch.cdist(u, v) ** 2, wu, wv, eps)
+
+    a = torch.full((9,), 1 / 9, dtype=torch.float64)
+    expected = torch.stack([ref_ot(x[i], y[i], a, b[i]) - 0.5 * (ref_ot(x[i], x[i], a, a) + ref_ot(y[i], y[i], b[i], b[i]))
+                            for i in range(3)])
+    loss = fastloss.nn.SinkhornLoss(eps=eps, reduction="none", tol=1e-10, max_iter=20000)
+    torch.testing.assert_close(loss(x, y, None, b), expected, rtol=1e-7, atol=1e-9)
+    mean = fastloss.nn.SinkhornLoss(eps=eps, tol=1e-10, max_iter=20000)
+    torch.testing.assert_close(mean(x, y, None, b), expected.mean(), rtol=1e-7, atol=1e-9)
+    plain = fastloss.nn.SinkhornLoss(eps=eps, debias=False, reduction="sum", tol=1e-10, max_iter=20000)
+    torch.testing.assert_close(plain(x, y, None, b),
+                               torch.stack([ref_ot(x[i], y[i], a, b[i]) for i in range(3)]).sum(), rtol=1e-7, atol=1e-9)
+    assert abs(float(mean(x, x))) < 1e-9
+
+    xg = x[0].clone().requires_grad_(True)
+    mean(xg, y[0], None, b[0]).backward()
+    h = 1e-5
+    for i, j in ((0, 0), (4, 1), (8, 0)):
+        xp, xm = x[0].clone(), x[0].clone()
+        xp[i, j] += h
+        xm[i, j] -= h
+        fd = (ref_ot(xp, y[0], a, b[0]) - 0.5 * (ref_ot(xp, xp, a, a))
+              - ref_ot(xm, y[0], a, b[0]) + 0.5 * ref_ot(xm, xm, a, a)) / (2 * h)
+        torch.testing.assert_close(xg.grad[i, j], fd, rtol=1e-5, atol=1e-8)
+    expect_errors([
+        (lambda: fastloss.nn.SinkhornLoss(reduction="batchmean"), "reduction must be one of"),
+        (lambda: fastloss.nn.SinkhornLoss(p=3), "p must be 1 or 2"),
+        (lambda: fastloss.nn.SinkhornLoss(eps=0.0), "eps must be > 0"),
+    ])

@@ -11,6 +11,7 @@ from .linear_losses import LinearCrossEntropy
 from .tcn import TCN, DilatedConv1d
 from .distill import DualHeadKD
 from .quant import QuantLinear, quantize_linear_layers_
+from .sinkhorn import SinkhornLoss
 
 __all__ = [
     "CrossEntropyLoss",
@@ -24,4 +25,5 @@ __all__ = [
     "DualHeadKD",
     "QuantLinear",
     "quantize_linear_layers_",
+    "SinkhornLoss",
 ]
