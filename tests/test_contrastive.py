@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.reference import contrastive as ref
 from peak_memory import assert_never_builds, requires_proc
-from checks import assert_compiled_matches, expect_errors
+from checks import assert_compiled_matches, assert_matches_reference, expect_errors
 
 TOL = {torch.float32: 2e-5, torch.bfloat16: 2e-2}
 
@@ -25,20 +25,9 @@ def make(n, d, dtype, seed=0, weighted=False):
 
 
 def check(a, b, w, T, symmetric, reduction, block, what):
-    dtype = a.dtype
-    la, lb = a.detach().requires_grad_(True), b.detach().requires_grad_(True)
-    out = ops.contrastive_loss(la, lb, T, w, symmetric, reduction, block)
-    a64, b64 = a.detach().double().requires_grad_(True), b.detach().double().requires_grad_(True)
-    exp = ref.contrastive_loss(a64, b64, T, w, symmetric, reduction)
-    assert out.dtype == dtype and out.shape == exp.shape, what
-    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) + 0.5
-    out.backward(up.to(dtype))
-    exp.backward(up.to(dtype).double())
-    tol = TOL[dtype]
-    for name, x, e in (("loss", out, exp), ("grad_a", la.grad, a64.grad), ("grad_b", lb.grad, b64.grad)):
-        mag = max(e.abs().max().item(), 1e-2)
-        torch.testing.assert_close(x.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
-                                   msg=lambda m: f"{what} {name}: {m}")
+    assert_matches_reference(lambda x, y: ops.contrastive_loss(x, y, T, w, symmetric, reduction, block),
+                             lambda x, y: ref.contrastive_loss(x, y, T, w, symmetric, reduction),
+                             [a, b], TOL[a.dtype], what, names=["grad_a", "grad_b"], seed=2)
 
 
 def test_reference_is_clip():

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.reference import pair_losses as ref
 from peak_memory import assert_never_builds, requires_proc
-from checks import assert_compiled_matches, expect_errors
+from checks import assert_compiled_matches, assert_matches_reference, expect_errors
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
@@ -25,20 +25,9 @@ def make(shape_pos, shape_neg, dtype, seed=0, scale=2.0):
 
 
 def check(pos, neg, reduction, what):
-    dtype = pos.dtype
-    p, n = pos.detach().requires_grad_(True), neg.detach().requires_grad_(True)
-    out = ops.mw_auc_loss(p, n, reduction)
-    p64, n64 = pos.detach().double().requires_grad_(True), neg.detach().double().requires_grad_(True)
-    exp = ref.mw_auc_loss(p64, n64, reduction)
-    assert out.dtype == dtype and out.shape == exp.shape, what
-    up = torch.randn(out.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    out.backward(up.to(dtype))
-    exp.backward(up.to(dtype).double())
-    tol = TOL[dtype]
-    for name, a, e in (("loss", out, exp), ("grad_pos", p.grad, p64.grad), ("grad_neg", n.grad, n64.grad)):
-        mag = max(e.abs().max().item(), 1e-3)
-        torch.testing.assert_close(a.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
-                                   msg=lambda m: f"{what} {name}: {m}")
+    assert_matches_reference(lambda p, n: ops.mw_auc_loss(p, n, reduction),
+                             lambda p, n: ref.mw_auc_loss(p, n, reduction), [pos, neg], TOL[pos.dtype], what,
+                             names=["grad_pos", "grad_neg"], seed=3, floor=1e-3, signed_upstream=True)
 
 
 def test_reference_is_bce_over_the_pairs():

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from fastloss import ops
 from fastloss.ops import distill as distill_ops
 from fastloss.reference import distill as ref
-from checks import assert_compiled_matches, expect_errors
+from checks import assert_compiled_matches, assert_matches_reference, expect_errors
 
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -30,20 +30,7 @@ def make(n, c, dtype, seed=0, scale=3.0):
 
 
 def compare(fn, ref_fn, student, what):
-    dtype = student.dtype
-    s = student.detach().requires_grad_(True)
-    out = fn(s)
-    s64 = student.detach().double().requires_grad_(True)
-    exp = ref_fn(s64)
-    assert out.dtype == dtype and out.shape == exp.shape, what
-    up = torch.rand(out.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64) + 0.5
-    out.backward(up.to(dtype))
-    exp.backward(up.to(dtype).double())
-    tol = TOL[dtype]
-    for name, a, e in (("loss", out, exp), ("grad", s.grad, s64.grad)):
-        mag = max(e.abs().max().item(), 1e-2)  # floor: see test_distill.py
-        torch.testing.assert_close(a.double(), e.detach().to(dtype).double(), rtol=tol, atol=tol * mag,
-                                   msg=lambda m: f"{what} {name}: {m}")
+    assert_matches_reference(fn, ref_fn, [student], TOL[student.dtype], what)
 
 
 def ks(c):
