@@ -106,7 +106,7 @@ def main(argv=None):
                              "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})
             for variant, (fn, qw) in variants.items():
                 weight_bytes = w4.element_size() * n * k if qw is None else sum(
-                    t.numel() * t.element_size() for t in qw.tensors[:4] if t is not None)
+                    t.numel() * t.element_size() for t in qw.op_args[:4] if t is not None)
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
                             floor_bytes={"min": weight_bytes + x.element_size() * m * (n + k)})

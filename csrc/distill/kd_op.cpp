@@ -118,11 +118,19 @@ Tensor kd_backward(const Tensor& grad_loss, const Tensor& student, const Tensor&
 
 // The gradient buffer of the order-based losses: [N, C] in the student's dtype, or an empty
 // tensor (and a null pointer for the kernel) when not asked for.
-Tensor grad_buffer(const Pair& p, bool compute_grad) {
-  if (!compute_grad) return at::empty({0}, p.student.options());
-  Tensor grad = at::empty({p.N, p.C}, p.student.options());
+// The rank losses' shared output: each row's loss [N] float32, and (compute_grad) the
+// gradient [N, C] in the student's dtype (else empty), filled by
+// kernel(loss, grad or nullptr, r0, r1) over blocks of rows.
+template <class Kernel>
+std::tuple<Tensor, Tensor> rows_and_grad(const Pair& p, bool compute_grad, Kernel kernel) {
+  Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
+  const Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options())
+                                   : at::empty({0}, p.student.options());
   if (grad.numel() > 0) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  return grad;
+  float* lp = loss.data_ptr<float>();
+  void* gp = compute_grad ? grad.data_ptr() : nullptr;
+  at::parallel_for(0, p.N, grain(p.C), [&](int64_t r0, int64_t r1) { kernel(lp, gp, r0, r1); });
+  return {loss, grad};
 }
 
 // -> (T^2-scaled loss of each row [N] float32, d loss_r / d student [N, C] or empty)
@@ -137,12 +145,9 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
   q.k = k;
   q.temperature = float(temperature);
   q.renormalize = renormalize;
-  Tensor loss = at::empty({p.N}, student.options().dtype(at::kFloat));
-  Tensor grad = grad_buffer(p, compute_grad);
-  float* lp = loss.data_ptr<float>();
-  void* gp = compute_grad ? grad.data_ptr() : nullptr;
-  at::parallel_for(0, p.N, grain(p.C), [&](int64_t r0, int64_t r1) { topk_kl_cpu(q, lp, gp, r0, r1); });
-  return {loss, grad};
+  return rows_and_grad(p, compute_grad, [&](float* lp, void* gp, int64_t r0, int64_t r1) {
+    topk_kl_cpu(q, lp, gp, r0, r1);
+  });
 }
 
 // -> (loss of each row [N] float32 (0 where ignored), d loss_r / d student [N, C] or empty)
@@ -168,12 +173,9 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   q.target = yp;
   q.ignore_index = ignore_index;
   q.temperature = float(temperature);
-  Tensor loss = at::empty({p.N}, student.options().dtype(at::kFloat));
-  Tensor grad = grad_buffer(p, compute_grad);
-  float* lp = loss.data_ptr<float>();
-  void* gp = compute_grad ? grad.data_ptr() : nullptr;
-  at::parallel_for(0, p.N, grain(p.C), [&](int64_t r0, int64_t r1) { pld_cpu(q, lp, gp, r0, r1); });
-  return {loss, grad};
+  return rows_and_grad(p, compute_grad, [&](float* lp, void* gp, int64_t r0, int64_t r1) {
+    pld_cpu(q, lp, gp, r0, r1);
+  });
 }
 
 }  // namespace

@@ -6,7 +6,6 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
-#include <cstring>
 #include <numeric>
 #include <utility>
 #include <vector>
@@ -20,8 +19,7 @@ namespace FL_ISA {
 // which std::nth_element and the radix sort below need (a NaN logit makes the loss NaN, never
 // an out-of-range access).
 inline uint32_t order_key(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, sizeof u);
+  const uint32_t u = float_to_bits(f);
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

@@ -137,7 +137,7 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const c10::DeviceGuard guard(q.device());
   const auto f32 = x.options().dtype(at::kFloat);
   Tensor x32 = x.to(at::kFloat).contiguous();
-  if (reinterpret_cast<uintptr_t>(x32.data_ptr()) % 16) x32 = x32.clone();  // CUDA: float4 loads
+  if (x.is_cuda() && reinterpret_cast<uintptr_t>(x32.data_ptr()) % 16) x32 = x32.clone();  // float4 loads
   const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t M = x.size(0);
   Tensor y = at::empty({M, w.N}, f32);

@@ -63,7 +63,7 @@ class QuantizedWeight:
         return (self.qweight.shape[0], self.qweight.shape[1] * 8 // self.bits)
 
     @property
-    def tensors(self) -> tuple:
+    def op_args(self) -> tuple:
         """The op arguments ``(qweight, scales, zeros, codebook, bits, group)``."""
         return (self.qweight, self.scales, self.zeros, self.codebook, self.bits, self.group)
 
@@ -159,7 +159,7 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
     if codebook is not None:
         if not symmetric:
             raise ValueError("quantize_weight: a codebook format has no zero points (symmetric must be True)")
-        codebook = _check_codebook(codebook, bits, n)
+        codebook = _check_codebook(codebook, bits, n).to(w.device)
     wf = w.detach().float().reshape(n, k // group, group)
     if group_size == 0:  # per tensor: one range for every row
         wf_all = wf.reshape(1, 1, -1)
@@ -170,7 +170,7 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
     if codebook is not None:
         reach = codebook.abs().amax(1).reshape(-1, 1, 1)   # the codebook's largest magnitude
         scale = torch.where(absmax > 0, absmax / reach, torch.ones_like(absmax))
-        q = _nearest_code((wf / scale).reshape(n, k), codebook.to(w.device))
+        q = _nearest_code((wf / scale).reshape(n, k), codebook)
         return QuantizedWeight(_pack(q.to(torch.int32), bits, group), scale.reshape(n, -1).contiguous(),
                                None, bits, group, codebook)
     qmax = (1 << bits) - 1
@@ -253,7 +253,7 @@ torch.library.register_autograd("fastloss::dequant_gemm", _backward, setup_conte
 
 def dequantize_weight(qw: QuantizedWeight) -> Tensor:
     """The exact float32 weights ``[N, K]`` the kernels use."""
-    return torch.ops.fastloss.dequantize_weight(*qw.tensors)
+    return torch.ops.fastloss.dequantize_weight(*qw.op_args)
 
 
 def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
@@ -269,5 +269,5 @@ def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"dequant_gemm: x must be [..., {k}] (the weight's input features), got "
                          f"{tuple(x.shape)}")
-    y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), *qw.tensors, bias)
+    y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), *qw.op_args, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])
