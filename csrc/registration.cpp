@@ -122,6 +122,14 @@ TORCH_LIBRARY(fastloss, m) {
         "bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
   m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // Entropic optimal transport (sinkhorn/sinkhorn_op.cpp): cost [B, n, m], marginals a [B, n],
+  // b [B, m]; keep = 0 runs log-domain Sinkhorn, keep >= 1 Sinkhorn-Newton-Sparse keeping that
+  // many plan entries per Hessian row. -> (<a, f> + <b, g> [B], f [B, n], g [B, m], iterations
+  // [B] int64, marginal error [B], transport cost <P, C> [B]); sinkhorn_plan -> scale[k] * P_k.
+  m.def("sinkhorn_solve(Tensor cost, Tensor a, Tensor b, float eps, int max_iter, float tol, "
+        "int warmup_iters, int keep, int cg_iters) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("sinkhorn_plan(Tensor cost, Tensor a, Tensor b, Tensor f, Tensor g, float eps, "
+        "Tensor? scale) -> Tensor");
   // Low-bit dequant GEMM (quant/quant_op.cpp): weight [N, K] packed as qweight uint8
   // [N, K * bits / 8] with float32 scales and (optional) zero points [N, K / group_size], and an
   // optional float32 codebook [1 or N, 2^bits] (layout in quant/quant_kernels.h).

@@ -9,7 +9,7 @@ import torch
 
 from fastloss import ops
 from fastloss.reference import sinkhorn as ref
-from checks import expect_errors
+from checks import assert_compiled_matches, expect_errors
 
 
 def problem(n, m, seed=0, dtype=torch.float64, scale=1.0):
@@ -141,6 +141,88 @@ def test_sns_gradients_and_batch():
     fd = (ops.sinkhorn(c0 + bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost
           - ops.sinkhorn(c0 - bump, eps=0.05, method="sns", tol=1e-12, max_iter=500).cost) / (2 * h)
     torch.testing.assert_close(fd, cs.grad[0, 3, 4], rtol=1e-4, atol=1e-8)
+
+
+@pytest.mark.parametrize("shape", [(1, 300), (300, 1), (9, 17), (37, 301), (130, 64)], ids=str)
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_float32_kernels_on_each_cpu_path(cpu_isa, shape, method):
+    """The float32 solver (vector passes of every width, scalar tails, column blocks past 256)
+    against the float64 reference, with a zero-mass row and column when there is room."""
+    c, a, b = problem(*shape, seed=7)
+    if shape[0] > 2 and shape[1] > 2:
+        a[1], b[2] = 0.0, 0.0
+        a, b = a / a.sum(), b / b.sum()
+    eps = 0.05
+    cc = c.float().requires_grad_(True)
+    res = ops.sinkhorn(cc, a.float(), b.float(), eps=eps, method=method, tol=2e-6, max_iter=5000,
+                       return_plan=True)
+    assert bool(res.converged), res.marginal_error
+    plan = ref.sinkhorn_plan(c, a, b, eps, iters=20000)
+    assert res.plan.dtype == torch.float32
+    torch.testing.assert_close(res.plan.double(), plan, rtol=2e-4, atol=1e-5 / plan.numel())
+    torch.testing.assert_close(res.transport_cost.double(), (plan * c).sum(), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(res.cost.double(), ref.ot_eps(c, a, b, eps, iters=20000), rtol=1e-4, atol=1e-6)
+    w = torch.rand(()) + 0.5      # a non-unit upstream gradient reaches the plan's scale
+    (res.cost * w).backward()
+    torch.testing.assert_close(cc.grad.double(), w.double() * plan, rtol=2e-4, atol=1e-5 / plan.numel())
+
+
+def test_float32_small_eps_takes_the_exact_fallback():
+    """At eps = 1e-3 x the cost scale the first shifted sums underflow in float32 (the solver redoes
+    those rows and column blocks exactly); the result matches the float64 solve. (float32 cannot
+    go much under tol 1e-4 here: a cost of 10 is known to 1e-6, i.e. 1e-4 of eps, in the exponent.)"""
+    c, a, b = problem(45, 70, seed=8, scale=10.0)
+    for method in ("sinkhorn", "sns"):
+        r64 = ops.sinkhorn(c, a, b, eps=1e-2, method=method, tol=1e-9, max_iter=100000)
+        r32 = ops.sinkhorn(c.float(), a.float(), b.float(), eps=1e-2, method=method, tol=2e-4, max_iter=100000)
+        assert bool(r32.converged) and bool(r64.converged)
+        torch.testing.assert_close(r32.cost.double(), r64.cost, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(r32.transport_cost.double(), r64.transport_cost, rtol=1e-3, atol=1e-5)
+
+
+def test_parallel_batch_equals_parallel_passes():
+    """A batch runs problems on threads; a single problem runs its passes on threads: same numbers."""
+    cs = torch.stack([problem(70, 90, seed=s)[0] for s in range(4)]).float()
+    for method in ("sinkhorn", "sns"):
+        batch = ops.sinkhorn(cs, eps=0.02, method=method, tol=1e-5, max_iter=3000)
+        for i in range(4):
+            one = ops.sinkhorn(cs[i], eps=0.02, method=method, tol=1e-5, max_iter=3000)
+            assert int(one.n_iter) == int(batch.n_iter[i])
+            torch.testing.assert_close(one.f, batch.f[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_torch_operation_path_matches_the_cpu_solver(method):
+    """Devices without a kernel (CUDA, for now) run the same algorithms as torch operations
+    (_SinkhornCost); here both run on the CPU and must agree."""
+    from fastloss.ops.sinkhorn import _SinkhornCost
+    cs = torch.stack([problem(31, 26, seed=s, scale=2.0)[0] for s in range(2)])
+    a = torch.full((2, 31), 1 / 31, dtype=torch.float64)
+    b = torch.full((2, 26), 1 / 26, dtype=torch.float64)
+    newton = (20, 3) if method == "sns" else None
+    cost, plan, f, g, n_iter, err = _SinkhornCost.apply(cs, a, b, 0.01, 5000, 1e-10, newton)
+    res = ops.sinkhorn(cs, eps=0.01, method=method, sparsity=3, tol=1e-10, max_iter=5000, return_plan=True)
+    assert bool((err < 1e-10).all()) and bool(res.converged.all())
+    torch.testing.assert_close(res.cost, cost, rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(res.plan, plan, rtol=1e-6, atol=1e-10)
+    if method == "sns":   # same algorithm, same iteration counts within a step or two
+        assert (res.n_iter - n_iter).abs().max() <= 2, (res.n_iter, n_iter)
+
+
+def test_opcheck_and_compile():
+    c, a, b = problem(6, 5, seed=9)
+    cb, ab, bb = c[None].clone(), a[None].clone(), b[None].clone()
+    for keep in (0, 2):
+        torch.library.opcheck(torch.ops.fastloss.sinkhorn_solve.default,
+                              (cb.clone().requires_grad_(True), ab, bb, 0.1, 500, 1e-9, 5, keep, 50))
+    f, g = torch.ops.fastloss.sinkhorn_solve(cb, ab, bb, 0.1, 500, 1e-9, 5, 0, 50)[1:3]
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn_plan.default, (cb, ab, bb, f, g, 0.1, torch.rand(1).double()))
+    torch.library.opcheck(torch.ops.fastloss.sinkhorn_plan.default, (cb, ab, bb, f, g, 0.1, None))
+    fn = lambda cost, wa: ops.sinkhorn(cost, wa, b, eps=0.1, method="sns", tol=1e-9).cost  # noqa: E731
+    assert_compiled_matches(fn, [c, a])
+    x = torch.randn(2, 7, 3, dtype=torch.float64)
+    y = torch.randn(2, 5, 3, dtype=torch.float64)
+    assert_compiled_matches(lambda u, v: ops.wasserstein(u, v, eps=0.5, tol=1e-9).sum(), [x, y])
 
 
 def test_sinkhorn_loss_module_is_the_debiased_divergence():

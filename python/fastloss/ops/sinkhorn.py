@@ -20,7 +20,11 @@ Gradients (without differentiating through the iterations, by the envelope theor
 regularized cost has gradient ``P`` with respect to ``cost`` and the centred potentials
 ``f - mean(f)``, ``g - mean(g)`` with respect to ``a`` and ``b``. Marginals must be
 non-negative with the same total mass (an error otherwise: nothing is renormalised
-silently). float32 and float64; torch operations, any device (no hand-written kernel yet).
+silently). float32 and float64. On the CPU both methods run in the C++ solver
+(csrc/sinkhorn/: AVX2 / AVX-512 log-sum-exp passes, the plan formed once per Newton step, a
+sparse Hessian-vector product inside conjugate gradient) as the custom op
+``fastloss::sinkhorn_solve``, whose backward recomputes the plan from the potentials instead of
+keeping it; on other devices the same algorithms run as torch operations (no CUDA kernel yet).
 """
 
 from __future__ import annotations
@@ -32,6 +36,9 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+
+_CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
 
 
 @dataclass
@@ -79,11 +86,12 @@ def _lyapunov(c, f, g, a, b, log_a, log_b, eps):
     return (a * f).sum(1) + (b * g).sum(1) - eps * _log_plan(c, f, g, log_a, log_b, eps).exp().sum((1, 2))
 
 
-def _newton_sparse(c, log_a, log_b, eps, max_iter, tol, warmup_iters, keep, cg_iters=50):
-    """Sinkhorn-Newton-Sparse (Tang et al., ICLR 2024): Sinkhorn warm-up, then Newton steps on
-    the dual with the Hessian's off-diagonal blocks sparsified to the `keep` largest entries of
-    each row of the plan, solved by conjugate gradient, with a backtracking line search on the
-    dual. Batched with per-problem masks. -> (f, g, iterations, errors)"""
+def _newton_sparse(c, log_a, log_b, eps, max_iter, tol, warmup_iters, keep, cg_iters=_CG_ITERS):
+    """Sinkhorn-Newton-Sparse (Tang et al., ICLR 2024) in torch operations (the CPU runs the same
+    algorithm in csrc/sinkhorn/): Sinkhorn warm-up, then Newton steps on the dual whose Hessian
+    keeps, off its diagonal, the keep * n largest entries of the plan, solved by Jacobi-
+    preconditioned conjugate gradient, with a backtracking line search on the dual. Batched
+    with per-problem masks. -> (f, g, iterations, errors)"""
     bsz, n, m = c.shape
     a, b = log_a.exp(), log_b.exp()
     f, g, n_iter, err = _iterate(c, log_a, log_b, eps, max(1, warmup_iters), 0.0, check_every=max(1, warmup_iters))
@@ -98,32 +106,41 @@ def _newton_sparse(c, log_a, log_b, eps, max_iter, tol, warmup_iters, keep, cg_i
         if not bool(active.any()):
             break
         grad_f, grad_g = a - r, b - s_
-        # sparsified plan: the `keep` largest entries of each row
-        thresh = p.topk(keep, dim=2).values[:, :, -1:]
-        ps = torch.where(p >= thresh, p, torch.zeros_like(p))
+        # sparsified plan: its keep * n largest entries (one threshold per problem, as in the paper)
+        budget = min(keep * n, n * m)
+        thresh = p.flatten(1).topk(budget, dim=1).values[:, -1:, None]
+        ps = torch.where((p >= thresh) & (p > 0), p, torch.zeros_like(p))
         reg = 1e-10 + 1e-6 * r.amax(1, keepdim=True)   # (1, -1) is a null direction of H
 
         def hvp(vf, vg):
             return ((r + reg) * vf + torch.bmm(ps, vg[:, :, None])[:, :, 0]) / eps, \
                    ((s_ + reg) * vg + torch.bmm(ps.transpose(1, 2), vf[:, :, None])[:, :, 0]) / eps
 
-        # conjugate gradient on H [df, dg] = [grad_f, grad_g], batched
+        # conjugate gradient on H [df, dg] = [grad_f, grad_g], batched, Jacobi-preconditioned,
+        # to the relative residual eta = min(0.1, sqrt(||grad||)) (inexact Newton)
+        jf, jg = eps / (r + reg), eps / (s_ + reg)
         xf, xg = torch.zeros_like(f), torch.zeros_like(g)
         rf, rg = grad_f.clone(), grad_g.clone()
-        pf, pg = rf.clone(), rg.clone()
-        rr = (rf * rf).sum(1) + (rg * rg).sum(1)
+        pf, pg = jf * rf, jg * rg
+        rz = (rf * pf).sum(1) + (rg * pg).sum(1)
+        gnorm = grad_f.square().sum(1) + grad_g.square().sum(1)
+        eta2 = gnorm.sqrt().clamp(max=0.01)
+        live_cg = torch.ones_like(active)
         for _cg in range(cg_iters):
             hf, hg = hvp(pf, pg)
             php = (pf * hf).sum(1) + (pg * hg).sum(1)
-            alpha = torch.where(php > 0, rr / php.clamp_min(1e-300), torch.zeros_like(rr))[:, None]
+            live_cg = live_cg & (php > 0)
+            alpha = torch.where(live_cg, rz / php.clamp_min(1e-300), torch.zeros_like(rz))[:, None]
             xf, xg = xf + alpha * pf, xg + alpha * pg
             rf, rg = rf - alpha * hf, rg - alpha * hg
-            rr_new = (rf * rf).sum(1) + (rg * rg).sum(1)
-            if bool((rr_new <= 1e-20 * (grad_f.square().sum(1) + grad_g.square().sum(1)) + 1e-300).all()):
+            live_cg = live_cg & ((rf * rf).sum(1) + (rg * rg).sum(1) > eta2 * gnorm + 1e-300)
+            if not bool(live_cg.any()):
                 break
-            beta = (rr_new / rr.clamp_min(1e-300))[:, None]
-            pf, pg = rf + beta * pf, rg + beta * pg
-            rr = rr_new
+            zf, zg = jf * rf, jg * rg
+            rz_new = (rf * zf).sum(1) + (rg * zg).sum(1)
+            beta = (rz_new / rz.clamp_min(1e-300))[:, None]
+            pf, pg = zf + beta * pf, zg + beta * pg
+            rz = rz_new
         # backtracking line search on the (concave) dual
         base = _lyapunov(c, f, g, a, b, log_a, log_b, eps)
         slope = (grad_f * xf).sum(1) + (grad_g * xg).sum(1)
@@ -181,7 +198,47 @@ class _SinkhornCost(torch.autograd.Function):
         return gc, ga, gb, None, None, None, None
 
 
-def _marginal(x, size, bsz, name, like):
+# --- the CPU custom ops (csrc/sinkhorn/sinkhorn_op.cpp): shapes and autograd -------------------
+
+@torch.library.register_fake("fastloss::sinkhorn_solve")
+def _fake_solve(cost, a, b, eps, max_iter, tol, warmup_iters, keep, cg_iters):
+    bsz, n, m = cost.shape
+    vec = cost.new_empty((bsz,))
+    return (vec, cost.new_empty((bsz, n)), cost.new_empty((bsz, m)),
+            cost.new_empty((bsz,), dtype=torch.int64), cost.new_empty((bsz,)), cost.new_empty((bsz,)))
+
+
+@torch.library.register_fake("fastloss::sinkhorn_plan")
+def _fake_plan(cost, a, b, f, g, eps, scale):
+    return cost.new_empty(cost.shape)
+
+
+def _setup_solve(ctx, inputs, output):
+    cost, a, b, eps = inputs[:4]
+    _value, f, g, n_iter, err, transport = output
+    ctx.save_for_backward(cost, a, b, f, g)
+    ctx.eps = eps
+    ctx.mark_non_differentiable(f, g, n_iter, err, transport)
+
+
+def _backward_solve(ctx, grad_value, *_unused):
+    # envelope theorem: d value / d cost = P (recomputed from the potentials, never stored),
+    # d value / d a = f and d value / d b = g, centred (the potentials are defined up to a constant)
+    cost, a, b, f, g = ctx.saved_tensors
+    gc = ga = gb = None
+    if ctx.needs_input_grad[0]:
+        gc = torch.ops.fastloss.sinkhorn_plan(cost, a, b, f, g, ctx.eps, grad_value)
+    if ctx.needs_input_grad[1]:
+        ga = grad_value[:, None] * (f - f.mean(1, keepdim=True))
+    if ctx.needs_input_grad[2]:
+        gb = grad_value[:, None] * (g - g.mean(1, keepdim=True))
+    return gc, ga, gb, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastloss::sinkhorn_solve", _backward_solve, setup_context=_setup_solve)
+
+
+def _marginal(x, size, bsz, name, like, check_values=True):
     if x is None:
         return torch.full((bsz, size), 1.0 / size, dtype=like.dtype, device=like.device)
     if not isinstance(x, Tensor) or x.shape[-1] != size or x.dim() not in (1, 2) or (
@@ -189,7 +246,7 @@ def _marginal(x, size, bsz, name, like):
         raise ValueError(f"sinkhorn: {name} must be [{size}] or [{bsz}, {size}], got "
                          f"{tuple(getattr(x, 'shape', ()))}")
     x = x.to(like.dtype)
-    if not bool(torch.isfinite(x).all()) or bool((x < 0).any()):
+    if check_values and (not bool(torch.isfinite(x).all()) or bool((x < 0).any())):
         raise ValueError(f"sinkhorn: {name} must be finite and non-negative")
     return x.expand(bsz, size) if x.dim() == 1 else x
 
@@ -205,10 +262,13 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         a, b: marginals ``[n]`` / ``[m]`` (or ``[B, n]`` / ``[B, m]``); uniform when None.
         eps: the entropic regularization, > 0.
         method: ``"sinkhorn"``, or ``"sns"``: ``warmup_iters`` Sinkhorn iterations, then Newton
-            steps on the dual whose Hessian keeps, off its diagonal, the largest ``sparsity``
-            entries of each row of the plan (a float fraction of ``m``, or an int count), solved
-            by conjugate gradient, with a backtracking line search, each followed by one
-            Sinkhorn iteration (so that an iteration never makes less progress than Sinkhorn's).
+            steps on the dual whose Hessian keeps, off its diagonal, the largest entries of the
+            plan: ``sparsity`` times its ``n m`` entries (a float fraction), or ``sparsity`` per
+            row on average (an int count), under one threshold for the whole plan (as in the
+            paper; rows with broad plans keep more). Each direction is solved by Jacobi-
+            preconditioned conjugate gradient to a relative residual min(0.1, sqrt(||grad||)),
+            then a backtracking line search on the dual, then one Sinkhorn iteration (so that an
+            iteration never makes less progress than Sinkhorn's).
         max_iter, tol: at most ``max_iter`` iterations (Sinkhorn or Newton steps, warm-up
             included); stop when the marginal error falls under ``tol`` (SNS: rows and columns).
         return_plan: also return the plan ``P``.
@@ -224,15 +284,18 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         raise ValueError(f"sinkhorn: max_iter must be an int >= 1, got {max_iter!r}")
     single = cost.dim() == 2
     c = cost[None] if single else cost
-    if not bool(torch.isfinite(c).all()) or bool((c < 0).any()):
+    # the value checks read the data: done eagerly, skipped inside torch.compile graphs
+    check_values = not torch.compiler.is_compiling()
+    if check_values and (not bool(torch.isfinite(c).all()) or bool((c < 0).any())):
         raise ValueError("sinkhorn: cost must be finite and non-negative")
     bsz, n, m = c.shape
     if n == 0 or m == 0:
         raise ValueError(f"sinkhorn: cost must have at least one row and one column, got {tuple(cost.shape)}")
-    aa = _marginal(a, n, bsz, "a", c)
-    bb = _marginal(b, m, bsz, "b", c)
+    aa = _marginal(a, n, bsz, "a", c, check_values)
+    bb = _marginal(b, m, bsz, "b", c, check_values)
     mass_a, mass_b = aa.sum(1), bb.sum(1)
-    if bool(((mass_a - mass_b).abs() > 1e-5 * torch.maximum(mass_a, mass_b)).any()) or bool((mass_a <= 0).any()):
+    if check_values and (bool(((mass_a - mass_b).abs() > 1e-5 * torch.maximum(mass_a, mass_b)).any())
+                         or bool((mass_a <= 0).any())):
         raise ValueError(f"sinkhorn: a and b must have the same positive total mass, got "
                          f"{mass_a.tolist()} and {mass_b.tolist()} (normalise them first)")
     newton = None
@@ -244,13 +307,21 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                              f"count >= 1 (an int) of entries kept per row, got {sparsity!r}")
         keep = sparsity if isinstance(sparsity, int) else max(1, int(math.ceil(sparsity * m)))
         newton = (int(warmup_iters), min(keep, m))
-    total, plan, f, g, n_iter, err = _SinkhornCost.apply(c, aa, bb, float(eps), max_iter, float(tol), newton)
+    if c.device.type == "cpu":
+        keep = 0 if newton is None else newton[1]
+        warm = 0 if newton is None else newton[0]
+        total, f, g, n_iter, err, transport = torch.ops.fastloss.sinkhorn_solve(
+            c, aa, bb, float(eps), max_iter, float(tol), warm, keep, _CG_ITERS)
+        plan = torch.ops.fastloss.sinkhorn_plan(c.detach(), aa.detach(), bb.detach(), f, g, float(eps),
+                                                None) if return_plan else None
+    else:
+        total, plan, f, g, n_iter, err = _SinkhornCost.apply(c, aa, bb, float(eps), max_iter, float(tol), newton)
+        transport = (plan * c.detach()).sum((1, 2))
     converged = err < tol
-    if warn and not bool(converged.all()):
+    if warn and not torch.compiler.is_compiling() and not bool(converged.all()):
         warnings.warn(f"sinkhorn: {int((~converged).sum())} of {bsz} problem(s) did not reach "
                       f"tol={tol} in {max_iter} iterations (marginal error up to {float(err.max()):.3g})",
                       RuntimeWarning, stacklevel=2)
-    transport = (plan * c.detach()).sum((1, 2))
     squeeze = (lambda t: t[0]) if single else (lambda t: t)
     return SinkhornResult(squeeze(total), squeeze(transport), squeeze(f), squeeze(g), squeeze(n_iter),
                           squeeze(err), squeeze(converged), squeeze(plan) if return_plan else None)

@@ -1,0 +1,48 @@
+// Entry points of the CPU entropic-OT kernels (log-domain Sinkhorn and Sinkhorn-Newton-Sparse),
+// callable without torch headers. One call solves one problem; the op file runs a batch.
+//
+// For cost C [n, m] (row-major, contiguous), marginals a [n], b [m] and eps > 0, the plan is
+//   P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)
+// and the solver returns the dual potentials f, g. Each Sinkhorn update is a log-sum-exp that
+// uses the current potential as its shift: after a column update every P_ij <= b_j (and after a
+// row update <= a_i), so the shifted sums neither overflow nor, once warm, underflow; a row or a
+// column block whose sum leaves the safe range is redone exactly (max, then sum).
+#pragma once
+#include <cstdint>
+#include <functional>
+
+namespace fastloss {
+
+// Runs body(begin, end) over sub-ranges of [0, count), each of at least `grain` items (when
+// count allows), possibly on several threads. The op file passes at::parallel_for.
+using ParallelFor =
+    std::function<void(int64_t count, int64_t grain, const std::function<void(int64_t, int64_t)>& body)>;
+
+struct OtProblem {
+  const void* cost = nullptr;  // [n, m], contiguous, float or double (is_double)
+  const void* a = nullptr;     // [n], non-negative, same dtype
+  const void* b = nullptr;     // [m], same total mass as a
+  bool is_double = false;
+  int64_t n = 0, m = 0;
+  double eps = 1.0, tol = 1e-6;
+  int64_t max_iter = 1000;     // Sinkhorn iterations or Newton steps, warm-up included
+  int64_t keep = 0;            // 0: plain Sinkhorn; else SNS, keeping this many entries per row
+  int64_t warmup_iters = 20;   // SNS: Sinkhorn iterations before the first Newton step
+  int64_t cg_iters = 50;       // SNS: conjugate-gradient iterations per Newton step, at most
+};
+
+struct OtResult {
+  int64_t n_iter = 0;
+  double value = 0.0;      // <a, f> + <b, g>
+  double error = 0.0;      // ||P 1 - a||_1 (Sinkhorn); plus ||P^T 1 - b||_1 (SNS)
+  double transport = 0.0;  // <P, C>
+};
+
+// Solves `q`; writes the potentials f [n] and g [m] (q's dtype).
+OtResult sinkhorn_solve_cpu(const OtProblem& q, void* f, void* g, const ParallelFor& parallel);
+
+// out[i, j] = scale * P_ij for rows [r0, r1) of one problem (q's cost, a, b; f, g its potentials).
+void sinkhorn_plan_cpu(const OtProblem& q, const void* f, const void* g, double scale, void* out,
+                       int64_t r0, int64_t r1);
+
+}  // namespace fastloss
