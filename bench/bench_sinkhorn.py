@@ -4,12 +4,16 @@ Problems (costs scaled to max 1, uniform or density marginals, float64, CPU):
   * ``assignment``: a random 200 x 200 cost matrix, uniform marginals;
   * ``digits_W1`` / ``digits_W2``: two scikit-learn 8 x 8 digit images as densities on the pixel
     grid, Euclidean / squared-Euclidean ground cost;
-  * ``density_1d``: two Gaussian mixtures discretised on 400 points of [0, 1], squared cost.
+  * ``density_1d``: two Gaussian mixtures discretised on 400 points of [0, 1], squared cost;
+  * ``density_2d``: two Gaussian mixtures on a 24 x 24 grid of [0, 1]^2 (576 points), squared cost.
 For each problem and eps: iterations and time of ``fastloss.ops.sinkhorn`` with
 ``method="sinkhorn"`` and ``method="sns"`` (sparsity 0.1) until the marginal error is under
 ``tol`` (1e-8), and POT's ``ot.sinkhorn(method="sinkhorn_log")`` with the same stop threshold
 where POT is installed (its error is measured on the columns, ours on the rows, or on both for
-SNS); each row records the iterations taken and whether it converged within the cap.
+SNS); each row records the iterations taken and whether it converged within the cap. On the
+squared-cost problems, GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` (tensorized,
+eps-scaling 0.9) where installed: it has no tolerance, so its row records the marginal error
+its potentials reach (rows + columns) instead of an iteration count.
 
 Usage: python bench/bench_sinkhorn.py [--quick] [--out DIR]
 """
@@ -54,7 +58,46 @@ def problems(quick: bool):
     mix = lambda c1, c2: torch.exp(-((x - c1) / 0.05) ** 2) + 0.5 * torch.exp(-((x - c2) / 0.1) ** 2) + 1e-6  # noqa: E731
     a, b = mix(0.2, 0.7), mix(0.4, 0.9)
     out["density_1d"] = ((x[:, None] - x[None, :]) ** 2, a / a.sum(), b / b.sum())
+    k = 10 if quick else 24
+    t = torch.linspace(0, 1, k, dtype=torch.float64)
+    pts = torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)
+    bump = lambda c, w: torch.exp(-((pts - torch.tensor(c, dtype=torch.float64)) ** 2).sum(1) / w ** 2)  # noqa: E731
+    a = bump((0.3, 0.3), 0.1) + 0.6 * bump((0.7, 0.4), 0.15) + 1e-6
+    b = bump((0.5, 0.7), 0.12) + 0.4 * bump((0.2, 0.8), 0.1) + 1e-6
+    out["density_2d"] = (torch.cdist(pts, pts) ** 2 / 2.0, a / a.sum(), b / b.sum())
     return out
+
+
+# the point clouds behind the squared-cost problems (for GeomLoss, whose p = 2 cost is
+# |x - y|^2 / 2: the points are scaled so that it equals our normalised cost)
+def _points(name, quick):
+    import math
+    if name == "density_1d":
+        m = 80 if quick else 400
+        return torch.linspace(0, 1, m, dtype=torch.float64)[:, None] * math.sqrt(2.0)
+    if name == "density_2d":
+        k = 10 if quick else 24
+        t = torch.linspace(0, 1, k, dtype=torch.float64)
+        return torch.stack(torch.meshgrid(t, t, indexing="ij"), -1).reshape(-1, 2)   # max |x-y|^2 / 2 = 1
+    if name == "digits_W2":
+        yy, xx = torch.meshgrid(torch.arange(8.0), torch.arange(8.0), indexing="ij")
+        pts = torch.stack([yy.flatten(), xx.flatten()], 1).double()
+        return pts * math.sqrt(2.0 / 98.0)   # the squared distance is scaled to max 1 (98)
+    return None
+
+
+def geomloss_solver():
+    try:
+        from geomloss import SamplesLoss
+    except Exception as e:
+        return f"missing: geomloss not importable ({type(e).__name__}: {e})"
+
+    def solve(c, a, b, eps, pts):
+        loss = SamplesLoss("sinkhorn", p=2, blur=eps ** 0.5, scaling=0.9, debias=False, potentials=True,
+                           backend="tensorized")
+        f, g = loss(a[None], pts[None], b[None], pts[None])
+        return f[0], g[0]
+    return solve
 
 
 def pot_solver():
@@ -89,13 +132,15 @@ def main(argv=None):
     cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".1f")),
             ("iterations", lambda r: str(r.get("iterations", "-"))),
-            ("converged", lambda r: str(r.get("converged", "-"))),
+            ("converged", lambda r: str(r.get("converged", "-"))
+             + (f" (error {r['marginal_error']:.1e})" if "marginal_error" in r else "")),
             ("vs sinkhorn", lambda r: harness._f(r.get("speedup_vs", {}).get("fastloss_sinkhorn"), ".1f", "x")),
             ("status", lambda r: r["status"] if r["status"] == "ok" else r.get("reason", "")[:60])]
     print(f"# {name}: {res.env['device_name']}, {res.env['threads']} threads, torch {res.env['torch']}, "
           f"commit {res.env['git_commit']}")
     print(" | ".join(c for c, _ in cols), flush=True)
     pot = pot_solver()
+    geom = geomloss_solver()
     for pname, prob in problems(args.quick).items():
         for eps in EPS:
             group, label = f"{pname}|eps{eps}", f"{pname} eps={eps}"
@@ -110,16 +155,28 @@ def main(argv=None):
                     "fastloss_sns": lambda: fastloss.ops.sinkhorn(c, a, b, eps=eps, method="sns", tol=TOL,
                                                                   max_iter=MAX_ITER, sparsity=0.1, warn=False),
                     "pot_sinkhorn_log": (lambda: pot(c, a, b, eps)) if callable(pot) else pot}
+            pts = _points(pname, args.quick)
+            if pts is not None:
+                runs["geomloss_eps_scaling"] = (lambda: geom(c, a, b, eps, pts)) if callable(geom) else geom
             for variant, fn in runs.items():
                 if isinstance(fn, str):
                     row = res.add(variant=variant, status=fn.split(":")[0], reason=fn, **base)
                     print(" | ".join(get(row) for _, get in cols), flush=True)
                     continue
                 out = fn()
-                iters, conv = ((int(out.n_iter), bool(out.converged)) if variant.startswith("fastloss") else out)
+                extra = {}
+                if variant.startswith("fastloss"):
+                    iters, conv = int(out.n_iter), bool(out.converged)
+                elif variant.startswith("geomloss"):
+                    f, g = out
+                    plan = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - c) / eps)
+                    err = float((plan.sum(1) - a).abs().sum() + (plan.sum(0) - b).abs().sum())
+                    iters, conv, extra = "-", err < TOL, {"marginal_error": err}
+                else:
+                    iters, conv = out
                 timing = harness.measure(lambda _i, fn=fn: fn(), [None], "cpu", warmup=1, target_s=0.1,
                                          min_repeats=3, max_repeats=3, max_measure_s=60.0, memory=False)
-                row = res.add(variant=variant, timing=timing, iterations=iters, converged=conv, **base)
+                row = res.add(variant=variant, timing=timing, iterations=iters, converged=conv, **extra, **base)
                 print(" | ".join(get(row) for _, get in cols), flush=True)
                 res.write_json(partial=True)
     harness.finish_run(res, cols, baseline="fastloss_sinkhorn", t_start=t_start)
