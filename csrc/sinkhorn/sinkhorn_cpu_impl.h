@@ -54,6 +54,29 @@ struct SafeSum<double> {
   static bool ok(double s) { return s > 1e-280 && s < 1e280; }
 };
 
+// e_j = exp(shift + h_j - x C_j) over one row of m entries (stored to out when not null);
+// returns sum_j e_j and sum_j e_j C_j. Every pass that exponentiates a row of the plan uses it.
+template <class V, class T>
+inline void exp_row(const T* c, const T* h, T shift, T x, int64_t m, T* out, double& sum, double& cost) {
+  constexpr int kW = VecTraits<V>::width;
+  const T nx = -x;
+  V acc(T(0)), tacc(T(0));
+  int64_t j = 0;
+  for (; j + kW <= m; j += kW) {
+    const V cj = VecIo<V>::load(c + j);
+    const V e = vexp(vfma(V(nx), cj, V(shift) + VecIo<V>::load(h + j)));
+    if (out) VecIo<V>::store(out + j, e);
+    acc += e;
+    tacc = vfma(e, cj, tacc);
+  }
+  sum = hsum(acc), cost = hsum(tacc);
+  for (; j < m; ++j) {
+    const T e = vexp(vfma(nx, c[j], shift + h[j]));
+    if (out) out[j] = e;
+    sum += e, cost += double(e) * c[j];
+  }
+}
+
 template <class V, class T>
 class OtSolver {
   static constexpr int kW = VecTraits<V>::width;
@@ -118,40 +141,20 @@ class OtSolver {
   void row_update(int64_t i) {
     const T* c = c_ + i * m_;
     const T* hg = scol_.data();
-    const T shift = T(f_[i] * x_), nx = T(-x_);
-    V acc(T(0)), tacc(T(0));
-    int64_t j = 0;
-    for (; j + kW <= m_; j += kW) {
-      const V cj = VecIo<V>::load(c + j);
-      const V e = vexp(vfma(V(nx), cj, V(shift)) + VecIo<V>::load(hg + j));
-      acc += e;
-      tacc = vfma(e, cj, tacc);
-    }
-    double s = hsum(acc), tr = hsum(tacc);
-    for (; j < m_; ++j) {
-      const T e = vexp(vfma(nx, c[j], shift) + hg[j]);
-      s += e, tr += double(e) * c[j];
-    }
+    double s, tr;
+    exp_row<V, T>(c, hg, T(f_[i] * x_), T(x_), m_, nullptr, s, tr);
     if (SafeSum<T>::ok(s)) {
       fnext_[i] = f_[i] - eps_ * std::log(s);
     } else {  // exact: max first, then the sum relative to it
+      const T nx = T(-x_);
       V vm(-std::numeric_limits<T>::infinity());
-      for (j = 0; j + kW <= m_; j += kW)
+      int64_t j = 0;
+      for (; j + kW <= m_; j += kW)
         vm = vmax(vm, vfma(V(nx), VecIo<V>::load(c + j), VecIo<V>::load(hg + j)));
       T mx = hmax(vm);
       for (; j < m_; ++j) mx = std::max(mx, vfma(nx, c[j], hg[j]));
-      acc = V(T(0)), tacc = V(T(0));
-      for (j = 0; j + kW <= m_; j += kW) {
-        const V cj = VecIo<V>::load(c + j);
-        const V e = vexp(vfma(V(nx), cj, VecIo<V>::load(hg + j)) - V(mx));
-        acc += e;
-        tacc = vfma(e, cj, tacc);
-      }
-      double s2 = hsum(acc), tr2 = hsum(tacc);
-      for (; j < m_; ++j) {
-        const T e = vexp(vfma(nx, c[j], hg[j]) - mx);
-        s2 += e, tr2 += double(e) * c[j];
-      }
+      double s2, tr2;
+      exp_row<V, T>(c, hg, -mx, T(x_), m_, nullptr, s2, tr2);
       fnext_[i] = -eps_ * (double(mx) + std::log(s2));
       const double scale = std::exp(f_[i] * x_ + double(mx));
       s = scale * s2, tr = scale * tr2;
@@ -282,26 +285,12 @@ class OtSolver {
   }
 
   void plan_row(int64_t i, std::vector<int64_t>& hist) {
-    const T* c = c_ + i * m_;
     T* p = p_.data() + i * m_;
-    const T fi = srow_[i], nx = T(-x_);
-    V acc(T(0)), tacc(T(0));
-    int64_t j = 0;
-    for (; j + kW <= m_; j += kW) {
-      const V cj = VecIo<V>::load(c + j);
-      const V e = vexp(vfma(V(nx), cj, V(fi) + VecIo<V>::load(scol_.data() + j)));
-      VecIo<V>::store(p + j, e);
-      acc += e;
-      tacc = vfma(e, cj, tacc);
-    }
-    double s = hsum(acc), tr = hsum(tacc);
-    for (; j < m_; ++j) {
-      p[j] = vexp(vfma(nx, c[j], fi + scol_[j]));
-      s += p[j], tr += double(p[j]) * c[j];
-    }
+    double s, tr;
+    exp_row<V, T>(c_ + i * m_, scol_.data(), srow_[i], T(x_), m_, p, s, tr);
     r_[i] = s;
     rowcost_[i] = tr;
-    for (j = 0; j < m_; ++j)
+    for (int64_t j = 0; j < m_; ++j)
       if (p[j] > T(0)) ++hist[size_t(exponent_bucket(p[j]))];
   }
 
