@@ -122,6 +122,23 @@ TORCH_LIBRARY(fastloss, m) {
         "bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
   m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // Self-adjusting Dice loss (metric_losses/metric_losses_op.cpp): the loss of each row [N]
+  // float32 (sum over its classes of 1 - DSC); sigmoid form: target float32 of logits' shape
+  // [N, K]; softmax form: logits [N, C], integer target [N] (ignore_index rows: 0). The
+  // backward recomputes the row statistics and returns d(sum_r grad_rows[r] rows[r]) / d logits.
+  m.def("dice_sigmoid_forward(Tensor logits, Tensor target, float alpha, float gamma, "
+        "float smooth) -> Tensor");
+  m.def("dice_sigmoid_backward(Tensor grad_rows, Tensor logits, Tensor target, float alpha, "
+        "float gamma, float smooth) -> Tensor");
+  m.def("dice_softmax_forward(Tensor logits, Tensor target, float alpha, float gamma, "
+        "float smooth, int ignore_index) -> Tensor");
+  m.def("dice_softmax_backward(Tensor grad_rows, Tensor logits, Tensor target, float alpha, "
+        "float gamma, float smooth, int ignore_index) -> Tensor");
+  // AnyLoss's differentiable confusion matrix (metric_losses/metric_losses_op.cpp): scores and
+  // float32 targets [N, K] -> sums [4, K] float32 (rows TP, FN, FP, TN of each column).
+  m.def("confusion_sums(Tensor scores, Tensor target, float L, bool from_logits) -> Tensor");
+  m.def("confusion_sums_backward(Tensor grad_sums, Tensor scores, Tensor target, float L, "
+        "bool from_logits) -> Tensor");
   // Entropic optimal transport (sinkhorn/sinkhorn_op.cpp): cost [B, n, m], marginals a [B, n],
   // b [B, m]; keep = 0 runs log-domain Sinkhorn, keep >= 1 Sinkhorn-Newton-Sparse keeping that
   // many plan entries per Hessian row. -> (<a, f> + <b, g> [B], f [B, n], g [B, m], iterations

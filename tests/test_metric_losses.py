@@ -1,6 +1,8 @@
 """AnyLoss against its float64 reference (written cell by cell), every metric, binary and
 multi-label, logits and probabilities; gradients; bad input. The self-adjusting Dice loss against
-its naive float64 form (binary, multi-label, multi-class), and at softmax saturation."""
+its naive float64 form (binary, multi-label, multi-class), and at softmax saturation. Each CPU
+kernel path (generic, AVX2, AVX-512) is run; opcheck and torch.compile of the kernel ops; the
+torch-operation path of other devices against the same references."""
 
 import pytest
 import torch
@@ -11,13 +13,13 @@ from checks import assert_matches_reference
 
 
 @pytest.mark.parametrize("from_logits", [True, False])
-@pytest.mark.parametrize("shape", [(40,), (33, 3)], ids=["binary", "multilabel"])
+@pytest.mark.parametrize("shape", [(40,), (33, 3), (9, 37)], ids=["binary", "multilabel", "wide"])
 @pytest.mark.parametrize("metric", ["f1", "fbeta", "accuracy", "balanced_accuracy", "gmean"])
-def test_matches_reference(metric, shape, from_logits):
+def test_matches_reference(metric, shape, from_logits, cpu_isa):
     g = torch.Generator().manual_seed(len(metric) + len(shape))
     scores = torch.randn(*shape, generator=g) * 0.3 if from_logits else torch.rand(*shape, generator=g)
     target = (torch.rand(*shape, generator=g) < 0.3).float()
-    target.view(-1)[:2] = torch.tensor([0.0, 1.0])   # both classes in every test
+    target[:2] = torch.tensor([0.0, 1.0]).reshape((2,) + (1,) * (len(shape) - 1))  # both classes in each column
     x = scores.clone().requires_grad_(True)
     out = ops.anyloss(x, target, metric, L=10.0, beta=2.0, from_logits=from_logits)
     out.backward()
@@ -68,9 +70,9 @@ def _dice_case(form, dtype, n, c, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("params", [(1.0, 1.0, 0.0), (0.01, 1.0, 0.0), (0.0, 0.5, 0.0), (2.0, 0.0, 1e-3)],
                          ids=lambda p: "a{}g{}s{}".format(*p))
-def test_dice_matches_reference(params, dtype, form, reduction):
+def test_dice_matches_reference(params, dtype, form, reduction, cpu_isa):
     from fastloss.reference.metric_losses import dice_loss as ref_dice
-    for n, c in ((1, 1), (7, 3), (37, 11)):
+    for n, c in ((1, 1), (7, 3), (37, 11), (5, 67)):
         if form == "multiclass" and c == 1:
             continue
         x, y = _dice_case(form, dtype, n, c, seed=n * 7 + c)
@@ -79,13 +81,13 @@ def test_dice_matches_reference(params, dtype, form, reduction):
                                  [x], DICE_TOL[dtype], f"{form} {n}x{c}", seed=3)
 
 
-def test_dice_gradient_stays_finite_when_the_softmax_saturates():
+def test_dice_gradient_stays_finite_when_the_softmax_saturates(cpu_isa):
     """A dominant class saturates p to 1.0 in float32; the naive derivative has (1 - p)^(a - 1)
     = inf there. The written-out backward must be finite and agree with float64 (where p < 1)."""
     from fastloss.reference.metric_losses import dice_loss as ref_dice
-    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0))
-    x[:, 2] += 30.0   # p_2 = 1 - ~1e-13: exactly 1.0 in float32, not in float64
-    y = torch.tensor([2, 0, 2, 1, 2, 4])
+    x = torch.randn(6, 37, generator=torch.Generator().manual_seed(0))
+    x[:, 2] += 30.0   # p_2 = 1 - ~1e-11: exactly 1.0 in float32, not in float64
+    y = torch.tensor([2, 0, 2, 1, 2, 36])
     for alpha in (0.01, 0.5, 1.0):
         a = x.clone().requires_grad_(True)
         ops.dice_loss(a, y, alpha).backward()
@@ -119,3 +121,68 @@ def test_dice_special_cases_compile_and_bad_input():
         (lambda: ops.dice_loss(x.double(), y), "logits must be float32"),
         (lambda: ops.dice_loss(x, y, reduction="batchmean"), "reduction must be"),
     ])
+
+
+def test_large_batches_and_target_at_the_maximum(cpu_isa):
+    """Sizes past the kernels' float32 partial-sum blocks (AnyLoss: 2^14 elements per block,
+    2^16 rows per thread-independent block) against the float64 torch formula; Dice rows whose
+    target is the largest logit (the two corrected classes are then one)."""
+    from fastloss.ops.metric_losses import _confusion_sums_torch, _metric
+    g = torch.Generator().manual_seed(11)
+    for shape in ((70001,), (3001, 29)):
+        s = torch.randn(*shape, generator=g)
+        y = (torch.rand(*shape, generator=g) < 0.4).float()
+        a = s.clone().requires_grad_(True)
+        ops.anyloss(a, y, "balanced_accuracy", L=5.0).backward()
+        e = s.double().requires_grad_(True)
+        cells = _confusion_sums_torch(e.reshape(shape[0], -1), y.double().reshape(shape[0], -1), 5.0, True)
+        (1 - _metric(*cells, "balanced_accuracy", 1.0)).mean().backward()
+        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-12)
+    from fastloss.reference.metric_losses import dice_loss as ref_dice
+    x = torch.randn(40, 53, generator=g) * 4
+    y = x.argmax(1)
+    y[::3] = torch.randint(0, 53, (14,), generator=g)
+    for alpha in (1.0, 0.1):
+        assert_matches_reference(lambda a: ops.dice_loss(a, y, alpha), lambda a: ref_dice(a, y, alpha),
+                                 [x], 1e-5, f"target at the maximum, alpha {alpha}")
+
+
+def test_kernel_ops_opcheck_and_compile():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(9, 21, generator=g)
+    soft = torch.rand(9, 21, generator=g)
+    y = torch.randint(0, 21, (9,), generator=g)
+    y[4] = -100
+    F = torch.ops.fastloss
+    for op, args in [
+        (F.dice_sigmoid_forward, (x.clone().requires_grad_(True), soft, 0.1, 1.0, 0.0)),
+        (F.dice_sigmoid_backward, (torch.rand(9), x, soft, 0.1, 1.0, 0.0)),
+        (F.dice_softmax_forward, (x.clone().requires_grad_(True), y, 0.1, 1.0, 0.0, -100)),
+        (F.dice_softmax_backward, (torch.rand(9), x, y, 0.1, 1.0, 0.0, -100)),
+        (F.confusion_sums, (x.clone().requires_grad_(True), soft.round(), 20.0, True)),
+        (F.confusion_sums_backward, (torch.randn(4, 21), x, soft.round(), 20.0, True)),
+    ]:
+        torch.library.opcheck(op.default, args)
+    from checks import assert_compiled_matches
+    labels = soft.round()
+    assert_compiled_matches(lambda a: ops.anyloss(a, labels, "f1") + ops.anyloss(a[:, 0], labels[:, 0], "gmean"), [x])
+
+
+def test_torch_formulas_of_the_cuda_path_match_reference():
+    """CUDA tensors run these torch-operation forms (no CUDA kernel yet); check them here on
+    the CPU against the references, values and gradients."""
+    from fastloss.ops import metric_losses as M
+    from fastloss.reference.metric_losses import dice_loss as ref_dice
+    g = torch.Generator().manual_seed(8)
+    x = torch.randn(13, 7, generator=g) * 3
+    y = torch.randint(0, 7, (13,), generator=g)
+    soft = torch.rand(13, 7, generator=g)
+    labels = soft.round()
+    cases = [
+        (lambda a: M._SoftmaxDice.apply(a, y, 0.3, 1.0, 0.0).sum(1).mean(), lambda a: ref_dice(a, y, 0.3)),
+        (lambda a: M._SigmoidDice.apply(a, soft, 0.3, 1.0, 0.0).sum(1).mean(), lambda a: ref_dice(a, soft, 0.3)),
+        (lambda a: 1 - M._metric(*M._confusion_sums_torch(a, labels, 10.0, True), "f1", 1.0).mean(),
+         lambda a: ref.anyloss(a, labels, "f1", L=10.0)),
+    ]
+    for fn, ref_fn in cases:
+        assert_matches_reference(fn, ref_fn, [x], 1e-5)

@@ -100,6 +100,43 @@ inline Vec8 vlog(Vec8 x) {
 }
 
 // ---- loads and stores of the three storage types --------------------------------------
+// log(x) in vector arithmetic, for per-element logarithms (vlog above calls libm per lane):
+// x = 2^e m with m in [sqrt(1/2), sqrt(2)), log(m) = f + f^2 P(f) with f = m - 1 (Cephes'
+// polynomial; about 2 ulp). Subnormals are scaled by 2^23 first; 0 -> -inf, +inf -> +inf,
+// negative or NaN -> NaN.
+inline Vec8 vlog_fast(Vec8 x) {
+  const __m256 tiny = _mm256_cmp_ps(x.v, _mm256_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m256 xs = _mm256_blendv_ps(x.v, _mm256_mul_ps(x.v, _mm256_set1_ps(8388608.0f)), tiny);
+  const __m256i bits = _mm256_castps_si256(xs);
+  const __m256i e = _mm256_sub_epi32(_mm256_srli_epi32(bits, 23), _mm256_set1_epi32(127));
+  __m256 m = _mm256_castsi256_ps(_mm256_or_si256(
+      _mm256_and_si256(bits, _mm256_set1_epi32(0x007FFFFF)), _mm256_set1_epi32(0x3F800000)));
+  const __m256 big = _mm256_cmp_ps(m, _mm256_set1_ps(1.41421356f), _CMP_GT_OQ);  // m in [1, 2)
+  m = _mm256_blendv_ps(m, _mm256_mul_ps(m, _mm256_set1_ps(0.5f)), big);
+  __m256 ef = _mm256_add_ps(_mm256_cvtepi32_ps(e), _mm256_and_ps(big, _mm256_set1_ps(1.0f)));
+  ef = _mm256_sub_ps(ef, _mm256_and_ps(tiny, _mm256_set1_ps(23.0f)));
+  const __m256 f = _mm256_sub_ps(m, _mm256_set1_ps(1.0f));
+  const __m256 z = _mm256_mul_ps(f, f);
+  __m256 p = _mm256_set1_ps(7.0376836292e-2f);
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.1514610310e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.1676998740e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.2420140846e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(1.4249322787e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-1.6668057665e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(2.0000714765e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(-2.4999993993e-1f));
+  p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(3.3333331174e-1f));
+  __m256 y = _mm256_mul_ps(_mm256_mul_ps(p, f), z);
+  y = _mm256_fmadd_ps(ef, _mm256_set1_ps(-2.12194440e-4f), y);
+  y = _mm256_fnmadd_ps(z, _mm256_set1_ps(0.5f), y);
+  __m256 r = _mm256_fmadd_ps(ef, _mm256_set1_ps(0.693359375f), _mm256_add_ps(f, y));
+  r = _mm256_blendv_ps(r, _mm256_set1_ps(-INFINITY), _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_EQ_OQ));
+  const __m256 pass = _mm256_or_ps(_mm256_cmp_ps(x.v, _mm256_set1_ps(INFINITY), _CMP_EQ_OQ),
+                                   _mm256_cmp_ps(x.v, x.v, _CMP_UNORD_Q));
+  r = _mm256_blendv_ps(r, x.v, pass);
+  return _mm256_blendv_ps(r, _mm256_set1_ps(NAN), _mm256_cmp_ps(x.v, _mm256_setzero_ps(), _CMP_LT_OQ));
+}
+
 inline Vec8 load8(const float* p) { return _mm256_loadu_ps(p); }
 // Low-bit weights, eight lanes: bit fields of eight bytes as integers, two fields joined, and
 // the integers as floats or as indices into a table of floats (codebooks).

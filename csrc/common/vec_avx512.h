@@ -83,6 +83,43 @@ inline Vec16 vlog(Vec16 x) {
   return _mm512_load_ps(t);
 }
 
+// log(x): the same reduction and polynomial as the AVX2 version (vec_avx2.h).
+inline Vec16 vlog_fast(Vec16 x) {
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(1.17549435e-38f), _CMP_LT_OQ);
+  const __m512 xs = _mm512_mask_mul_ps(x.v, tiny, x.v, _mm512_set1_ps(8388608.0f));
+  const __m512i bits = _mm512_castps_si512(xs);
+  const __m512i e = _mm512_sub_epi32(_mm512_srli_epi32(bits, 23), _mm512_set1_epi32(127));
+  __m512 m = _mm512_castsi512_ps(_mm512_or_si512(
+      _mm512_and_si512(bits, _mm512_set1_epi32(0x007FFFFF)), _mm512_set1_epi32(0x3F800000)));
+  const __mmask16 big = _mm512_cmp_ps_mask(m, _mm512_set1_ps(1.41421356f), _CMP_GT_OQ);
+  m = _mm512_mask_mul_ps(m, big, m, _mm512_set1_ps(0.5f));
+  __m512 ef = _mm512_cvtepi32_ps(e);
+  ef = _mm512_mask_add_ps(ef, big, ef, _mm512_set1_ps(1.0f));
+  ef = _mm512_mask_sub_ps(ef, tiny, ef, _mm512_set1_ps(23.0f));
+  const __m512 f = _mm512_sub_ps(m, _mm512_set1_ps(1.0f));
+  const __m512 z = _mm512_mul_ps(f, f);
+  __m512 p = _mm512_set1_ps(7.0376836292e-2f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.1514610310e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.1676998740e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.2420140846e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.4249322787e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-1.6668057665e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.0000714765e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(-2.4999993993e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(3.3333331174e-1f));
+  __m512 y = _mm512_mul_ps(_mm512_mul_ps(p, f), z);
+  y = _mm512_fmadd_ps(ef, _mm512_set1_ps(-2.12194440e-4f), y);
+  y = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.5f), y);
+  __m512 r = _mm512_fmadd_ps(ef, _mm512_set1_ps(0.693359375f), _mm512_add_ps(f, y));
+  r = _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_EQ_OQ), r,
+                           _mm512_set1_ps(-INFINITY));
+  const __mmask16 pass = _mm512_cmp_ps_mask(x.v, _mm512_set1_ps(INFINITY), _CMP_EQ_OQ) |
+                         _mm512_cmp_ps_mask(x.v, x.v, _CMP_UNORD_Q);
+  r = _mm512_mask_blend_ps(pass, r, x.v);
+  return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(x.v, _mm512_setzero_ps(), _CMP_LT_OQ), r,
+                              _mm512_set1_ps(NAN));
+}
+
 // Low-bit weights, sixteen lanes: bit fields of sixteen bytes as integers, two fields joined,
 // and the integers as floats or as indices into a table of floats (codebooks).
 inline __m512i bit_field(const uint8_t* p, int shift, int mask, Vec16) {

@@ -19,6 +19,7 @@ FL_HD float vexp(float x) {
 }
 FL_HD float vexpm1(float x) { return expm1f(x); }
 FL_HD float vlog(float x) { return logf(x); }
+FL_HD float vlog_fast(float x) { return logf(x); }  // the vector versions' scalar twin
 FL_HD float vlog1p(float x) { return log1pf(x); }
 FL_HD float vtanh(float x) { return tanhf(x); }
 FL_HD float vmax(float a, float b) { return a > b ? a : b; }

@@ -11,7 +11,8 @@ and the loss ``1 - metric(TP, FN, FP, TN)`` for ``metric`` in ``"f1"``, ``"fbeta
 ``"accuracy"``, ``"balanced_accuracy"`` ((TPR + TNR) / 2) and ``"gmean"`` (sqrt(TPR TNR)).
 ``scores`` ``[N]`` is one binary task; ``[N, K]`` is ``K`` labels (multi-label): one confusion
 matrix per label and the mean of their losses. Sums over the batch, so there is no per-example
-reduction. Built from torch operations (no hand-written kernel yet); any device.
+reduction. CPU tensors run the kernel of ``csrc/metric_losses`` (the cells summed in one
+read of the scores, the gradient in one more); other devices use torch operations.
 """
 
 from __future__ import annotations
@@ -57,15 +58,69 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
                          f"{tuple(scores.shape)} and {tuple(target.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"{fn}: scores must be floating point, got {scores.dtype}")
-    s = scores.float().reshape(scores.shape[0], -1)
-    y = target.to(torch.float32).reshape(s.shape)
+    y = target.to(torch.float32).reshape(scores.shape[0], -1)
+    if scores.device.type == "cpu":
+        s = scores.reshape(y.shape)
+        tp, fn_, fp, tn = torch.ops.fastloss.confusion_sums(s, y, float(L), bool(from_logits))
+    else:
+        tp, fn_, fp, tn = _confusion_sums_torch(scores.float().reshape(y.shape), y, L, from_logits)
+    return (1 - _metric(tp, fn_, fp, tn, metric, beta)).mean().to(scores.dtype)
+
+
+def _confusion_sums_torch(s, y, L, from_logits):
+    """The four cells of each column in torch operations (CUDA tensors, for now)."""
     p = torch.sigmoid(s) if from_logits else s
     a = torch.sigmoid(L * (p - 0.5))                 # the amplified probability A(p)
-    tp = (y * a).sum(0)
-    fn_ = (y * (1 - a)).sum(0)
-    fp = ((1 - y) * a).sum(0)
-    tn = ((1 - y) * (1 - a)).sum(0)
-    return (1 - _metric(tp, fn_, fp, tn, metric, beta)).mean().to(scores.dtype)
+    return (y * a).sum(0), (y * (1 - a)).sum(0), ((1 - y) * a).sum(0), ((1 - y) * (1 - a)).sum(0)
+
+
+# The CPU kernels (csrc/metric_losses): fake kernels for torch.compile, and autograd. Each
+# backward recomputes what it needs from the inputs, so the forward keeps nothing N x C.
+
+@torch.library.register_fake("fastloss::confusion_sums")
+def _fake_confusion(scores, target, L, from_logits):
+    torch._check(scores.dim() == 2 and target.shape == scores.shape,
+                 lambda: "scores and target must be [N, K] of the same shape")
+    return scores.new_empty((4, scores.shape[1]), dtype=torch.float32)
+
+
+@torch.library.register_fake("fastloss::confusion_sums_backward")
+def _fake_confusion_backward(grad_sums, scores, target, L, from_logits):
+    return scores.new_empty(scores.shape)
+
+
+def _setup_saving_inputs(ctx, inputs, output):
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.args = inputs[2:]
+
+
+def _confusion_backward(ctx, grad_sums):
+    scores, target = ctx.saved_tensors
+    grad = None
+    if ctx.needs_input_grad[0]:
+        grad = torch.ops.fastloss.confusion_sums_backward(grad_sums, scores, target, *ctx.args)
+    return grad, None, None, None
+
+
+torch.library.register_autograd("fastloss::confusion_sums", _confusion_backward,
+                                setup_context=_setup_saving_inputs)
+
+for _form in ("sigmoid", "softmax"):
+    torch.library.register_fake(f"fastloss::dice_{_form}_forward")(
+        lambda logits, target, *args: logits.new_empty((logits.shape[0],), dtype=torch.float32))
+    torch.library.register_fake(f"fastloss::dice_{_form}_backward")(
+        lambda grad_rows, logits, target, *args: logits.new_empty(logits.shape))
+
+    def _dice_backward(ctx, grad_rows, _form=_form):
+        logits, target = ctx.saved_tensors
+        grad = None
+        if ctx.needs_input_grad[0]:
+            backward = getattr(torch.ops.fastloss, f"dice_{_form}_backward")
+            grad = backward(grad_rows, logits, target, *ctx.args)
+        return (grad, None) + (None,) * len(ctx.args)
+
+    torch.library.register_autograd(f"fastloss::dice_{_form}_forward", _dice_backward,
+                                    setup_context=_setup_saving_inputs)
 
 
 # --- self-adjusting Dice loss ------------------------------------------------------------------
@@ -182,7 +237,9 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
 
     The backward is written out so that it stays finite when a probability saturates to 1 in
     float32 (the ``(1 - p)^(alpha - 1)`` factor of the naive derivative is infinite there).
-    Torch operations (no hand-written kernel yet); any device; float32 math.
+    CPU tensors run the kernels of ``csrc/metric_losses`` (a row is read from memory once in
+    the forward and once in the backward, which recomputes the row's softmax statistics;
+    nothing ``N x C`` is kept in between); other devices use torch operations. Float32 math.
 
     Args:
         logits: ``[N]``, ``[N, K]`` (sigmoid) or ``[N, C]`` (softmax) float32/16 or bfloat16.
@@ -211,8 +268,12 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         if y.numel() and (bool((y < 0).any()) or bool((y > 1).any())):
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         x = logits if logits.dim() == 2 else logits[:, None]
-        terms = _SigmoidDice.apply(x, y.reshape(x.shape), float(alpha), float(gamma), float(smooth))
-        rows, keep = terms.sum(1), None
+        args = (float(alpha), float(gamma), float(smooth))
+        if x.device.type == "cpu":
+            rows = torch.ops.fastloss.dice_sigmoid_forward(x, y.reshape(x.shape), *args)
+        else:
+            rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
+        keep = None
     elif logits.dim() == 2 and target.shape == logits.shape[:1]:
         if target.dtype.is_floating_point or target.dtype == torch.bool:
             raise ValueError(f"{fn}: a target [N] for logits [N, C] holds integer classes, got "
@@ -222,9 +283,12 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         if bool(bad.any()):
             raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) that "
                              f"are not ignore_index ({ignore_index})")
-        t = torch.where(keep, target, 0).long()
-        terms = _SoftmaxDice.apply(logits, t, float(alpha), float(gamma), float(smooth))
-        rows = torch.where(keep, terms.sum(1), 0.0)
+        args = (float(alpha), float(gamma), float(smooth))
+        if logits.device.type == "cpu":
+            rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
+        else:
+            t = torch.where(keep, target, 0).long()
+            rows = torch.where(keep, _SoftmaxDice.apply(logits, t, *args).sum(1), 0.0)
     else:
         raise ValueError(f"{fn}: logits [N] or [N, K] with target of the same shape, or logits "
                          f"[N, C] with integer target [N]; got {tuple(logits.shape)} and "

@@ -1,0 +1,465 @@
+// The CPU kernels of the metric-driven losses (metric_losses_kernels.h), instantiated once per
+// instruction set (metric_losses_cpu.cpp: float, _avx2.cpp: Vec8, _avx512.cpp: Vec16). The
+// element math is written once for a vector type W (V or float) and used for the vector body
+// and the scalar tail of every loop.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <vector>
+
+#include "../common/storage.h"
+#include "../common/vec_scalar.h"
+#include "metric_losses_kernels.h"
+
+namespace fastloss {
+namespace FL_ISA {
+namespace metric_detail {
+
+constexpr float kLowest = -3.0e38f;
+
+// Each lane's index as a float: 0, 1, ..., width - 1.
+template <class V>
+inline V lane_index() {
+  alignas(64) static constexpr float kIota[16] = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  return VecIo<V>::load(kIota);
+}
+
+// Row loops without a scalar tail (a scalar exp and log cost about as much as a whole vector):
+// the last partial vector is taken as the vector that ends at the range's end, which overlaps
+// the previous one. row_sum masks the overlapping lanes out of the sum of f(x[k]) over
+// [k0, k1); row_store recomputes and rewrites out[k] = f(x[k]) there. Scalar only for ranges
+// shorter than a vector. f takes and returns V, or float.
+template <class V, class T, class F>
+float row_sum(const T* xr, int64_t k0, int64_t k1, F&& f) {
+  constexpr int kW = VecTraits<V>::width;
+  V acc(0.f);
+  int64_t k = k0;
+  for (; k + kW <= k1; k += kW) acc += f(VecIo<V>::load(xr + k));
+  if (k == k1) return hsum(acc);
+  if (k1 - k0 >= kW) {
+    const V last = f(VecIo<V>::load(xr + k1 - kW));
+    const V fresh = V(float(k - (k1 - kW)));  // lanes below this were summed already
+    return hsum(acc + vselect(lane_index<V>() >= fresh, last, V(0.f)));
+  }
+  float tail = 0.f;
+  for (; k < k1; ++k) tail += f(load1(xr + k));
+  return hsum(acc) + tail;
+}
+
+template <class V, class T, class F>
+void row_store(const T* xr, T* out, int64_t C, F&& f) {
+  constexpr int kW = VecTraits<V>::width;
+  int64_t k = 0;
+  for (; k + kW <= C; k += kW) VecIo<V>::store(out + k, f(VecIo<V>::load(xr + k)));
+  if (k == C) return;
+  if (C >= kW) {
+    VecIo<V>::store(out + C - kW, f(VecIo<V>::load(xr + C - kW)));
+    return;
+  }
+  for (; k < C; ++k) store1(out + k, f(load1(xr + k)));
+}
+
+// sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x), each from e^-|x| so that neither loses its
+// small values to cancellation.
+template <class W>
+inline void sigmoid_pair(W x, W e, W& p, W& q) {
+  const W r = W(1.f) / (W(1.f) + e);
+  const auto pos = x >= W(0.f);
+  p = vselect(pos, r, e * r);
+  q = vselect(pos, e * r, r);
+}
+
+// q^a for q in [0, 1]: a = 0 and a = 1 exactly (0^0 = 1), else exp(a log q) (0 for q = 0, a > 0).
+template <class W>
+inline W pow01(W q, float a) {
+  if (a == 1.f) return q;
+  if (a == 0.f) return W(1.f);
+  return vexp(W(a) * vlog_fast(q));
+}
+
+// Dice of one prediction with decayed probability pt and target y: 1 - DSC, and its slope
+// d(1 - DSC)/d pt = (num - 2 y den) / den^2.
+template <class W>
+inline W dice_term(W pt, W y, const DiceParams& d) {
+  return W(1.f) - (W(2.f) * pt * y + W(d.gamma)) / (pt + y + W(d.gamma + d.smooth));
+}
+template <class W>
+inline W dice_slope(W pt, W y, const DiceParams& d) {
+  const W den = pt + y + W(d.gamma + d.smooth), num = W(2.f) * pt * y + W(d.gamma);
+  return (num - W(2.f) * y * den) / (den * den);
+}
+
+// --- sigmoid form --------------------------------------------------------------------------
+
+// With p = sigmoid(x), q = 1 - p and log q = -(max(x, 0) + log(1 + e^-|x|)), finite for any x.
+template <class W>
+inline W sigmoid_dice_term(W x, W y, const DiceParams& d) {
+  const W e = vexp(-vabs(x));
+  W p, q;
+  sigmoid_pair(x, e, p, q);
+  const W qa = d.alpha == 1.f || d.alpha == 0.f
+                   ? pow01(q, d.alpha)
+                   : vexp(W(-d.alpha) * (vmax(x, W(0.f)) + vlog_fast(W(1.f) + e)));
+  return dice_term(qa * p, y, d);
+}
+
+// d term / d x = slope * p q^alpha (q - alpha p)   (dp/dx = p q)
+template <class W>
+inline W sigmoid_dice_grad(W x, W y, W g, const DiceParams& d) {
+  const W e = vexp(-vabs(x));
+  W p, q;
+  sigmoid_pair(x, e, p, q);
+  const W qa = d.alpha == 1.f || d.alpha == 0.f
+                   ? pow01(q, d.alpha)
+                   : vexp(W(-d.alpha) * (vmax(x, W(0.f)) + vlog_fast(W(1.f) + e)));
+  const W pt = qa * p;
+  return g * dice_slope(pt, y, d) * pt * (q - W(d.alpha) * p);
+}
+
+template <class V, class T>
+void sigmoid_forward_rows(const SigmoidDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
+  constexpr int kW = VecTraits<V>::width;
+  const T* x = static_cast<const T*>(q.logits);
+  const float* y = q.target;
+  if (q.K == 1) {  // one prediction per row: vectors across rows
+    int64_t r = r0;
+    for (; r + kW <= r1; r += kW)
+      VecIo<V>::store(rows + r, sigmoid_dice_term(VecIo<V>::load(x + r), VecIo<V>::load(y + r), q.p));
+    for (; r < r1; ++r) rows[r] = sigmoid_dice_term(load1(x + r), y[r], q.p);
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * q.K;
+    const float* yr = y + r * q.K;
+    V acc(0.f);
+    float tail = 0.f;
+    int64_t k = 0;
+    for (; k + kW <= q.K; k += kW)
+      acc += sigmoid_dice_term(VecIo<V>::load(xr + k), VecIo<V>::load(yr + k), q.p);
+    for (; k < q.K; ++k) tail += sigmoid_dice_term(load1(xr + k), yr[k], q.p);
+    rows[r] = hsum(acc) + tail;
+  }
+}
+
+template <class V, class T>
+void sigmoid_backward_rows(const SigmoidDiceProblem& q, const float* grad_rows, void* grad_out,
+                           int64_t r0, int64_t r1) {
+  constexpr int kW = VecTraits<V>::width;
+  const T* x = static_cast<const T*>(q.logits);
+  const float* y = q.target;
+  T* gx = static_cast<T*>(grad_out);
+  if (q.K == 1) {
+    int64_t r = r0;
+    for (; r + kW <= r1; r += kW)
+      VecIo<V>::store(gx + r, sigmoid_dice_grad(VecIo<V>::load(x + r), VecIo<V>::load(y + r),
+                                                VecIo<V>::load(grad_rows + r), q.p));
+    for (; r < r1; ++r) store1(gx + r, sigmoid_dice_grad(load1(x + r), y[r], grad_rows[r], q.p));
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * q.K;
+    const float g = grad_rows[r];
+    int64_t k = 0;
+    for (; k + kW <= q.K; k += kW)
+      VecIo<V>::store(gx + o + k, sigmoid_dice_grad(VecIo<V>::load(x + o + k),
+                                                    VecIo<V>::load(y + o + k), V(g), q.p));
+    for (; k < q.K; ++k) store1(gx + o + k, sigmoid_dice_grad(load1(x + o + k), y[o + k], g, q.p));
+  }
+}
+
+// --- softmax form --------------------------------------------------------------------------
+// p_c = e^(x_c - m) / Z with m the row's maximum and Z = sum_c e^(x_c - m) = 1 + R, R the
+// share of the classes other than the maximum's. The vector loops treat every class as a
+// negative (y = 0) with q = 1 - p; the target (y = 1) is then corrected on its own. That q is
+// accurate for every class while the largest p is at most 2/3 (R >= 1/2, the usual case).
+// Otherwise the row is "saturated": the largest class `top` (the first maximum) takes
+// q = R / Z with R summed without it (1 - p would round to 0 when the softmax saturates in
+// float32) and is corrected on its own too.
+
+struct SoftmaxRow {
+  float m = 0.f, rest = 0.f, inv_z = 1.f;
+  bool saturated = false;
+  int64_t top = -1;  // only when saturated
+};
+
+template <class V, class T>
+float sum_exp(const T* xr, int64_t k0, int64_t k1, float m) {
+  return row_sum<V>(xr, k0, k1, [m](auto x) { return vexp(x - decltype(x)(m)); });
+}
+
+template <class V, class T>
+SoftmaxRow softmax_row(const T* xr, int64_t C) {
+  constexpr int kW = VecTraits<V>::width;
+  V vm(kLowest);
+  float m = kLowest;
+  int64_t k = 0;
+  for (; k + kW <= C; k += kW) vm = vmax(VecIo<V>::load(xr + k), vm);
+  if (k < C && C >= kW) {
+    vm = vmax(VecIo<V>::load(xr + C - kW), vm);  // the overlapping last vector
+  } else {
+    for (; k < C; ++k) m = vmax(load1(xr + k), m);
+  }
+  SoftmaxRow s;
+  s.m = vmax(hmax(vm), m);
+  const float z = sum_exp<V>(xr, 0, C, s.m);
+  if (!(z < 1.5f)) {  // R >= 1/2 (or a NaN row, which stays NaN)
+    s.rest = z - 1.f;
+    s.inv_z = 1.f / z;
+    return s;
+  }
+  s.saturated = true;
+  s.top = 0;
+  while (s.top < C && !(load1(xr + s.top) == s.m)) ++s.top;
+  if (s.top == C) s.top = 0;  // not reached for finite rows
+  s.rest = sum_exp<V>(xr, 0, s.top, s.m) + sum_exp<V>(xr, s.top + 1, C, s.m);
+  s.inv_z = 1.f / (1.f + s.rest);
+  return s;
+}
+
+// One class's decayed probability pt = q^alpha p, with q given.
+template <class W>
+inline W decayed(W p, W q, float alpha) {
+  return pow01(q, alpha) * p;
+}
+
+template <class V, class T>
+void softmax_forward_rows(const SoftmaxDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
+  const DiceParams& d = q.p;
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t t = q.target[r];
+    if (t == q.ignore_index) {
+      rows[r] = 0.f;
+      continue;
+    }
+    const T* xr = static_cast<const T*>(q.logits) + r * q.stride;
+    const SoftmaxRow s = softmax_row<V>(xr, q.C);
+    auto negative = [&](auto x) {  // the term of a class with y = 0 and q = 1 - p
+      using W = decltype(x);
+      const W p = vexp(x - W(s.m)) * W(s.inv_z);
+      return dice_term(decayed(p, W(1.f) - p, d.alpha), W(0.f), d);
+    };
+    auto exact = [&](int64_t c) {
+      const float p = vexp(load1(xr + c) - s.m) * s.inv_z;
+      const float qc = c == s.top ? s.rest * s.inv_z : 1.f - p;
+      return dice_term(decayed(p, qc, d.alpha), c == t ? 1.f : 0.f, d);
+    };
+    float row = row_sum<V>(xr, 0, q.C, negative);
+    if (s.saturated) row += exact(s.top) - negative(load1(xr + s.top));
+    if (t != s.top) row += exact(t) - negative(load1(xr + t));
+    rows[r] = row;
+  }
+}
+
+// With G_c = g slope_c p_c q_c^(alpha-1) (q_c - alpha p_c) (the chain rule through pt_c), the
+// gradient is d/dx_j = G_j - p_j sum_c G_c. In a saturated row G_top is infinite when
+// q_top = 0 and alpha < 1, so it is carried as H = G_top q_top (finite) and, since
+// p_j / q_top = e_j / R for j != top:
+//   d/dx_j = G_j - p_j S - (e_j / R) H  (j != top),   d/dx_top = H - p_top S,
+// with S the sum of G over the classes other than top (H = 0 and S over all classes otherwise).
+template <class V, class T>
+void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, void* grad_out,
+                           int64_t r0, int64_t r1) {
+  const DiceParams& d = q.p;
+  for (int64_t r = r0; r < r1; ++r) {
+    T* gr = static_cast<T*>(grad_out) + r * q.C;
+    const int64_t t = q.target[r];
+    if (t == q.ignore_index) {
+      for (int64_t k = 0; k < q.C; ++k) store1(gr + k, 0.f);
+      continue;
+    }
+    const T* xr = static_cast<const T*>(q.logits) + r * q.stride;
+    const SoftmaxRow s = softmax_row<V>(xr, q.C);
+    const float g = grad_rows[r];
+    // G of a class other than a saturated top, with its q = 1 - p and target y
+    auto g_of = [&](auto e, auto y) {
+      using W = decltype(e);
+      const W p = e * W(s.inv_z), qc = W(1.f) - p;
+      const W qa1 = pow01(qc, d.alpha - 1.f);
+      return W(g) * dice_slope(qa1 * qc * p, y, d) * p * qa1 * (qc - W(d.alpha) * p);
+    };
+    auto e_at = [&](int64_t c) { return vexp(load1(xr + c) - s.m); };
+    auto g_negative = [&](auto x) {
+      using W = decltype(x);
+      return g_of(vexp(x - W(s.m)), W(0.f));
+    };
+    auto sum_g = [&](int64_t k0, int64_t k1) { return row_sum<V>(xr, k0, k1, g_negative); };
+    float S = s.saturated ? sum_g(0, s.top) + sum_g(s.top + 1, q.C) : sum_g(0, q.C);
+    if (t != s.top) S += g_of(e_at(t), 1.f) - g_of(e_at(t), 0.f);
+    float H = 0.f, inv_rest = 0.f;
+    const float p_top = s.inv_z;
+    if (s.saturated) {
+      const float q_top = s.rest * s.inv_z, y_top = t == s.top ? 1.f : 0.f;
+      H = g * dice_slope(decayed(p_top, q_top, d.alpha), y_top, d) * p_top *
+          pow01(q_top, d.alpha) * (q_top - d.alpha * p_top);
+      inv_rest = s.rest > 0.f ? 1.f / s.rest : 0.f;
+    }
+    auto grad_of = [&](auto e, auto gc) {
+      using W = decltype(e);
+      return gc - e * W(s.inv_z * S) - e * W(inv_rest * H);
+    };
+    row_store<V>(xr, gr, q.C, [&](auto x) {
+      using W = decltype(x);
+      const W e = vexp(x - W(s.m));
+      return grad_of(e, g_of(e, W(0.f)));
+    });
+    if (t != s.top) store1(gr + t, grad_of(e_at(t), g_of(e_at(t), 1.f)));
+    if (s.saturated) store1(gr + s.top, H - p_top * S);
+  }
+}
+
+// --- AnyLoss's confusion matrix ------------------------------------------------------------
+
+// a = A(p) = sigmoid(L (p - 1/2)) and b = 1 - a, with p = sigmoid(s) or s; also dA/ds.
+template <class W>
+inline void amplified(W s, float L, bool from_logits, W& a, W& b, W& slope) {
+  W p = s, pq = W(1.f);
+  if (from_logits) {
+    W q;
+    sigmoid_pair(s, vexp(-vabs(s)), p, q);
+    pq = p * q;
+  }
+  const W u = W(L) * (p - W(0.5f));
+  sigmoid_pair(u, vexp(-vabs(u)), a, b);
+  slope = W(L) * a * b * pq;
+}
+
+template <class W>
+inline void add_cells(W s, W y, const ConfusionProblem& q, W& tp, W& fn, W& fp, W& tn) {
+  W a, b, slope;
+  amplified(s, q.L, q.from_logits, a, b, slope);
+  const W n = W(1.f) - y;
+  tp += y * a;
+  fn += y * b;
+  fp += n * a;
+  tn += n * b;
+}
+
+// Float32 partial sums of blocks of this many elements are added to the float64 totals.
+constexpr int64_t kFlushElems = 1 << 14;
+
+template <class V, class T>
+void confusion_sums_rows(const ConfusionProblem& q, double* sums, int64_t r0, int64_t r1) {
+  constexpr int kW = VecTraits<V>::width;
+  const T* x = static_cast<const T*>(q.scores);
+  const float* y = q.target;
+  const int64_t K = q.K;
+  if (K == 1) {  // one column: vectors across rows
+    for (int64_t b0 = r0; b0 < r1; b0 += kFlushElems) {
+      const int64_t b1 = std::min(r1, b0 + kFlushElems);
+      V tp(0.f), fn(0.f), fp(0.f), tn(0.f);
+      float s_tp = 0.f, s_fn = 0.f, s_fp = 0.f, s_tn = 0.f;
+      int64_t r = b0;
+      for (; r + kW <= b1; r += kW) add_cells(VecIo<V>::load(x + r), VecIo<V>::load(y + r), q, tp, fn, fp, tn);
+      for (; r < b1; ++r) add_cells(load1(x + r), y[r], q, s_tp, s_fn, s_fp, s_tn);
+      sums[0] += double(hsum(tp) + s_tp);
+      sums[1] += double(hsum(fn) + s_fn);
+      sums[2] += double(hsum(fp) + s_fp);
+      sums[3] += double(hsum(tn) + s_tn);
+    }
+    return;
+  }
+  std::vector<float> acc(4 * K, 0.f);
+  float* c[4] = {acc.data(), acc.data() + K, acc.data() + 2 * K, acc.data() + 3 * K};
+  const int64_t rows_per_flush = std::max<int64_t>(1, kFlushElems / K);
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* xr = x + r * K;
+    const float* yr = y + r * K;
+    int64_t k = 0;
+    for (; k + kW <= K; k += kW) {
+      V tp = VecIo<V>::load(c[0] + k), fn = VecIo<V>::load(c[1] + k);
+      V fp = VecIo<V>::load(c[2] + k), tn = VecIo<V>::load(c[3] + k);
+      add_cells(VecIo<V>::load(xr + k), VecIo<V>::load(yr + k), q, tp, fn, fp, tn);
+      VecIo<V>::store(c[0] + k, tp);
+      VecIo<V>::store(c[1] + k, fn);
+      VecIo<V>::store(c[2] + k, fp);
+      VecIo<V>::store(c[3] + k, tn);
+    }
+    for (; k < K; ++k) add_cells(load1(xr + k), yr[k], q, c[0][k], c[1][k], c[2][k], c[3][k]);
+    if ((r - r0 + 1) % rows_per_flush == 0 || r + 1 == r1) {
+      for (int64_t i = 0; i < 4 * K; ++i) sums[i] += double(acc[i]);
+      std::fill(acc.begin(), acc.end(), 0.f);
+    }
+  }
+}
+
+// d/ds = (y (gTP - gFN) + (1 - y)(gFP - gTN)) dA/ds
+template <class W>
+inline W confusion_grad(W s, W y, W c1, W c0, const ConfusionProblem& q) {
+  W a, b, slope;
+  amplified(s, q.L, q.from_logits, a, b, slope);
+  return (y * c1 + (W(1.f) - y) * c0) * slope;
+}
+
+template <class V, class T>
+void confusion_backward_rows(const ConfusionProblem& q, const float* gs, void* grad_out,
+                             int64_t r0, int64_t r1) {
+  constexpr int kW = VecTraits<V>::width;
+  const T* x = static_cast<const T*>(q.scores);
+  const float* y = q.target;
+  T* gx = static_cast<T*>(grad_out);
+  const int64_t K = q.K;
+  std::vector<float> coef(2 * K);  // c1 = gTP - gFN, c0 = gFP - gTN per column
+  for (int64_t k = 0; k < K; ++k) {
+    coef[k] = gs[k] - gs[K + k];
+    coef[K + k] = gs[2 * K + k] - gs[3 * K + k];
+  }
+  const float* c1 = coef.data();
+  const float* c0 = coef.data() + K;
+  if (K == 1) {
+    int64_t r = r0;
+    for (; r + kW <= r1; r += kW)
+      VecIo<V>::store(gx + r, confusion_grad(VecIo<V>::load(x + r), VecIo<V>::load(y + r), V(c1[0]), V(c0[0]), q));
+    for (; r < r1; ++r) store1(gx + r, confusion_grad(load1(x + r), y[r], c1[0], c0[0], q));
+    return;
+  }
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t o = r * K;
+    int64_t k = 0;
+    for (; k + kW <= K; k += kW)
+      VecIo<V>::store(gx + o + k, confusion_grad(VecIo<V>::load(x + o + k), VecIo<V>::load(y + o + k),
+                                                 VecIo<V>::load(c1 + k), VecIo<V>::load(c0 + k), q));
+    for (; k < K; ++k) store1(gx + o + k, confusion_grad(load1(x + o + k), y[o + k], c1[k], c0[k], q));
+  }
+}
+
+}  // namespace metric_detail
+
+#if defined(FL_ISA_VEC)
+void dice_sigmoid_forward(const SigmoidDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::sigmoid_forward_rows<FL_ISA_VEC, T>(q, rows, r0, r1);
+  });
+}
+void dice_sigmoid_backward(const SigmoidDiceProblem& q, const float* grad_rows, void* grad,
+                           int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::sigmoid_backward_rows<FL_ISA_VEC, T>(q, grad_rows, grad, r0, r1);
+  });
+}
+void dice_softmax_forward(const SoftmaxDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::softmax_forward_rows<FL_ISA_VEC, T>(q, rows, r0, r1);
+  });
+}
+void dice_softmax_backward(const SoftmaxDiceProblem& q, const float* grad_rows, void* grad,
+                           int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::softmax_backward_rows<FL_ISA_VEC, T>(q, grad_rows, grad, r0, r1);
+  });
+}
+void confusion_sums(const ConfusionProblem& q, double* sums, int64_t r0, int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::confusion_sums_rows<FL_ISA_VEC, T>(q, sums, r0, r1);
+  });
+}
+void confusion_backward(const ConfusionProblem& q, const float* grad_sums, void* grad, int64_t r0,
+                        int64_t r1) {
+  visit_storage(q.dtype, [&]<class T>() {
+    metric_detail::confusion_backward_rows<FL_ISA_VEC, T>(q, grad_sums, grad, r0, r1);
+  });
+}
+#endif
+
+}  // namespace FL_ISA
+}  // namespace fastloss

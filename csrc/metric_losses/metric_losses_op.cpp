@@ -1,0 +1,228 @@
+// The torch-aware side of the metric-driven losses: argument checks, allocation, threading and
+// the CPU kernels (metric_losses_cpu_impl.h). Schemas in registration.cpp; fake kernels,
+// autograd and the reductions in python/fastloss/ops/metric_losses.py.
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
+#include <c10/util/Exception.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "../common/huge_pages.h"
+#include "../op_helpers.h"
+#include "metric_losses_kernels.h"
+
+namespace fastloss {
+namespace {
+
+using at::Tensor;
+
+// Rows per parallel task: about 16k elements.
+int64_t grain(int64_t width) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(width, 1)); }
+
+Tensor rows_out(const Tensor& like, int64_t n) { return at::empty({n}, like.options().dtype(at::kFloat)); }
+
+Tensor grad_like(const Tensor& x) {
+  Tensor g = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
+  if (g.numel() > 0) advise_huge_pages(g.data_ptr(), g.nbytes());
+  return g;
+}
+
+// grad_rows [N] as contiguous float32 (autograd may hand an expanded scalar)
+Tensor rows_grad(const Tensor& grad_rows, int64_t n, const char* op) {
+  TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == n, op, ": grad_rows must be [N] = [", n,
+              "], got shape ", grad_rows.sizes());
+  return grad_rows.to(at::kFloat).contiguous();
+}
+
+// Logits (or scores) [N, K] and a float32 target of the same shape, both on the CPU.
+struct Elementwise {
+  Tensor x, y;
+  ScalarType dtype;
+  int64_t N, K;
+};
+
+Elementwise check_elementwise(const Tensor& x, const Tensor& y, const char* op, const char* xname) {
+  TORCH_CHECK(x.dim() == 2, op, ": ", xname, " must be 2-D [N, K], got shape ", x.sizes());
+  TORCH_CHECK(y.sizes() == x.sizes(), op, ": target must have ", xname, "'s shape ", x.sizes(),
+              ", got ", y.sizes());
+  TORCH_CHECK(y.scalar_type() == at::kFloat, op, ": target must be float32 here, got ", y.scalar_type());
+  TORCH_CHECK(x.is_cpu() && y.is_cpu(), op, ": the fastloss kernel runs on CPU tensors");
+  Elementwise e{x.contiguous(), y.contiguous(), kernel_dtype(x, op, xname), x.size(0), x.size(1)};
+  return e;
+}
+
+SigmoidDiceProblem sigmoid_problem(const Elementwise& e, double alpha, double gamma, double smooth) {
+  SigmoidDiceProblem q;
+  q.logits = e.x.data_ptr();
+  q.dtype = e.dtype;
+  q.target = e.y.data_ptr<float>();
+  q.N = e.N;
+  q.K = e.K;
+  q.p = {float(alpha), float(gamma), float(smooth)};
+  return q;
+}
+
+void check_dice_params(double alpha, double gamma, double smooth, const char* op) {
+  TORCH_CHECK(alpha >= 0 && gamma >= 0 && smooth >= 0, op, ": alpha, gamma and smooth must be >= 0, got ",
+              alpha, ", ", gamma, ", ", smooth);
+  TORCH_CHECK(gamma + smooth > 0, op, ": gamma and smooth are both 0 (a negative predicted as 0 is 0 / 0)");
+}
+
+Tensor dice_sigmoid_forward(const Tensor& logits, const Tensor& target, double alpha, double gamma,
+                            double smooth) {
+  constexpr const char* op = "dice_loss";
+  check_dice_params(alpha, gamma, smooth, op);
+  const Elementwise e = check_elementwise(logits, target, op, "logits");
+  const SigmoidDiceProblem q = sigmoid_problem(e, alpha, gamma, smooth);
+  Tensor rows = rows_out(logits, e.N);
+  float* rp = rows.data_ptr<float>();
+  at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) { dice_sigmoid_forward_cpu(q, rp, r0, r1); });
+  return rows;
+}
+
+Tensor dice_sigmoid_backward(const Tensor& grad_rows, const Tensor& logits, const Tensor& target,
+                             double alpha, double gamma, double smooth) {
+  constexpr const char* op = "dice_loss";
+  check_dice_params(alpha, gamma, smooth, op);
+  const Elementwise e = check_elementwise(logits, target, op, "logits");
+  const SigmoidDiceProblem q = sigmoid_problem(e, alpha, gamma, smooth);
+  const Tensor g = rows_grad(grad_rows, e.N, op);
+  Tensor grad = grad_like(e.x);
+  const float* gp = g.data_ptr<float>();
+  void* out = grad.data_ptr();
+  at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
+    dice_sigmoid_backward_cpu(q, gp, out, r0, r1);
+  });
+  return grad;
+}
+
+// logits [N, C] (classes contiguous) and integer target [N] holding classes or ignore_index.
+struct SoftmaxChecked {
+  Tensor x, y;
+  SoftmaxDiceProblem q;
+};
+
+SoftmaxChecked check_softmax(const Tensor& logits, const Tensor& target, double alpha, double gamma,
+                             double smooth, int64_t ignore_index) {
+  constexpr const char* op = "dice_loss";
+  check_dice_params(alpha, gamma, smooth, op);
+  TORCH_CHECK(logits.dim() == 2, op, ": logits must be 2-D [N, C], got shape ", logits.sizes());
+  TORCH_CHECK(logits.size(1) >= 1 || logits.size(0) == 0, op, ": at least one class is needed");
+  TORCH_CHECK(target.dim() == 1 && target.size(0) == logits.size(0), op, ": target must be [N] = [",
+              logits.size(0), "], got shape ", target.sizes());
+  TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
+              ": target must hold integer class indices, got ", target.scalar_type());
+  TORCH_CHECK(logits.is_cpu() && target.is_cpu(), op, ": the fastloss kernel runs on CPU tensors");
+  SoftmaxChecked c;
+  c.x = logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
+  c.y = target.to(at::kLong).contiguous();
+  const int64_t n = logits.size(0), classes = logits.size(1);
+  const int64_t* yp = c.y.data_ptr<int64_t>();
+  for (int64_t r = 0; r < n; ++r)
+    TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < classes), op, ": target[", r, "] = ",
+                yp[r], " is not a class in [0, ", classes, ") nor ignore_index (", ignore_index, ")");
+  SoftmaxDiceProblem& q = c.q;
+  q.logits = c.x.data_ptr();
+  q.dtype = kernel_dtype(c.x, op, "logits");
+  q.target = yp;
+  q.N = n;
+  q.C = classes;
+  q.stride = n > 1 ? c.x.stride(0) : classes;
+  q.ignore_index = ignore_index;
+  q.p = {float(alpha), float(gamma), float(smooth)};
+  return c;
+}
+
+Tensor dice_softmax_forward(const Tensor& logits, const Tensor& target, double alpha, double gamma,
+                            double smooth, int64_t ignore_index) {
+  const SoftmaxChecked c = check_softmax(logits, target, alpha, gamma, smooth, ignore_index);
+  Tensor rows = rows_out(logits, c.q.N);
+  float* rp = rows.data_ptr<float>();
+  at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
+    dice_softmax_forward_cpu(c.q, rp, r0, r1);
+  });
+  return rows;
+}
+
+Tensor dice_softmax_backward(const Tensor& grad_rows, const Tensor& logits, const Tensor& target,
+                             double alpha, double gamma, double smooth, int64_t ignore_index) {
+  const SoftmaxChecked c = check_softmax(logits, target, alpha, gamma, smooth, ignore_index);
+  const Tensor g = rows_grad(grad_rows, c.q.N, "dice_loss");
+  Tensor grad = grad_like(logits);
+  const float* gp = g.data_ptr<float>();
+  void* out = grad.data_ptr();
+  at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
+    dice_softmax_backward_cpu(c.q, gp, out, r0, r1);
+  });
+  return grad;
+}
+
+ConfusionProblem confusion_problem(const Elementwise& e, double L, bool from_logits) {
+  TORCH_CHECK(L > 0, "anyloss: L must be > 0, got ", L);
+  ConfusionProblem q;
+  q.scores = e.x.data_ptr();
+  q.dtype = e.dtype;
+  q.target = e.y.data_ptr<float>();
+  q.N = e.N;
+  q.K = e.K;
+  q.L = float(L);
+  q.from_logits = from_logits;
+  return q;
+}
+
+// The cells are summed over blocks of rows fixed by the shape alone (not by the thread count)
+// into float64 partial sums, which are then added in block order: the result does not depend
+// on how many threads ran.
+Tensor confusion_sums(const Tensor& scores, const Tensor& target, double L, bool from_logits) {
+  const Elementwise e = check_elementwise(scores, target, "anyloss", "scores");
+  const ConfusionProblem q = confusion_problem(e, L, from_logits);
+  const int64_t rows_per_block = std::max<int64_t>(256, (int64_t(1) << 16) / std::max<int64_t>(e.K, 1));
+  const int64_t blocks = (e.N + rows_per_block - 1) / rows_per_block;
+  std::vector<double> partial(size_t(std::max<int64_t>(blocks, 1)) * 4 * e.K, 0.0);
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    for (int64_t b = b0; b < b1; ++b)
+      confusion_sums_cpu(q, partial.data() + b * 4 * e.K, b * rows_per_block,
+                         std::min(e.N, (b + 1) * rows_per_block));
+  });
+  Tensor sums = at::empty({4, e.K}, scores.options().dtype(at::kFloat));
+  float* sp = sums.data_ptr<float>();
+  for (int64_t i = 0; i < 4 * e.K; ++i) {
+    double s = 0.0;
+    for (int64_t b = 0; b < blocks; ++b) s += partial[size_t(b * 4 * e.K + i)];
+    sp[i] = float(s);
+  }
+  return sums;
+}
+
+Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, const Tensor& target,
+                               double L, bool from_logits) {
+  const Elementwise e = check_elementwise(scores, target, "anyloss", "scores");
+  const ConfusionProblem q = confusion_problem(e, L, from_logits);
+  TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == 4 && grad_sums.size(1) == e.K,
+              "anyloss: grad_sums must be [4, K] = [4, ", e.K, "], got shape ", grad_sums.sizes());
+  const Tensor gs = grad_sums.to(at::kFloat).contiguous();
+  Tensor grad = grad_like(e.x);
+  const float* gp = gs.data_ptr<float>();
+  void* out = grad.data_ptr();
+  at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
+    confusion_backward_cpu(q, gp, out, r0, r1);
+  });
+  return grad;
+}
+
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("dice_sigmoid_forward", &fastloss::dice_sigmoid_forward);
+  m.impl("dice_sigmoid_backward", &fastloss::dice_sigmoid_backward);
+  m.impl("dice_softmax_forward", &fastloss::dice_softmax_forward);
+  m.impl("dice_softmax_backward", &fastloss::dice_softmax_backward);
+  m.impl("confusion_sums", &fastloss::confusion_sums);
+  m.impl("confusion_sums_backward", &fastloss::confusion_sums_backward);
+}
