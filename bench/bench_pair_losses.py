@@ -14,6 +14,14 @@ The Multi-Similarity loss with its miner (``fastloss.ops.multi_similarity_loss``
 is compared with pytorch-metric-learning's ``MultiSimilarityLoss()`` + ``MultiSimilarityMiner(0.1)``
 and with ``fastloss.reference.metric.multi_similarity_loss`` in float32.
 
+The same run also times the torch-operation ops of this family (no hand-written kernel; their
+rows show what the blocks of anchors buy in memory): ``tcm_loss`` (rows ``tcm BxD``) against
+pytorch-metric-learning's ``ThresholdConsistentMarginLoss()`` and the eager formula (the whole
+similarity matrix and its upper triangle), ``proto_triplet_loss`` (prototypes from the batch,
+rows ``proto BxD``) against an eager form with the one-hot class matrix and ``torch.cdist``,
+and ``icnn_loss`` (k = 4, rows ``icnn BxD``) against an eager form with the whole ``B x B``
+distance matrix and ``topk``, both written below as the authors' code computes them.
+
 Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
@@ -39,6 +47,40 @@ CONTRASTIVE_QUICK = [(256, 32)]
 # multi-similarity: (B, D), about 40 samples per class
 METRIC = [(1024, 128), (4096, 128), (4096, 512)]
 METRIC_QUICK = [(128, 16)]
+ICNN_EPS = 1e-7
+
+
+def proto_triplet_eager(emb, labels, margin=0.5):
+    """Prototype triplet loss from the batch: one-hot class means, all query-prototype distances."""
+    classes, inverse = torch.unique(labels, return_inverse=True)
+    onehot = torch.nn.functional.one_hot(inverse, classes.numel()).to(emb.dtype)
+    protos = (onehot.t() @ emb) / onehot.sum(0)[:, None]
+    d = torch.cdist(emb, protos)
+    d_pos = (d * onehot).sum(1)
+    d_neg = torch.where(onehot.bool(), float("inf"), d).amin(1)
+    return torch.relu(d_pos - d_neg + margin).mean()
+
+
+def icnn_eager(emb, labels, k=4):
+    """ICNN loss with the whole distance matrix (self-matches excluded), its k + 1 nearest
+    neighbours by topk, and the score of fastloss.ops.icnn_loss's docstring."""
+    n = emb.shape[0]
+    d_all = torch.cdist(emb, emb) + torch.diag(torch.full((n,), float("inf"), device=emb.device))
+    d, idx = d_all.topk(k + 1, 1, largest=False)
+    same = labels[idx] == labels[:, None]
+    delta = torch.where(same, float("inf"), d).amin(1, keepdim=True)
+    u = d[:, :k] / (delta + ICNN_EPS)
+    u = u / u.amax(1, keepdim=True).clamp(min=1.0)
+    same_k = same[:, :k]
+    n_same, n_other = same_k.sum(1), (~same_k).sum(1)
+    lambda_sc = 1 - (torch.where(same_k, u, 0.0).sum(1) / (n_same + ICNN_EPS)).sum() / ((n_same > 0).sum() + ICNN_EPS)
+    dc = torch.where(~same_k, d[:, :k], 0.0)
+    dc = dc / (dc.amax() + ICNN_EPS)
+    lambda_dc = (dc.sum(1) / (n_other + ICNN_EPS)).sum() / ((n_other > 0).sum() + ICNN_EPS)
+    gamma = (n_same.float() / k).mean()
+    return -torch.log(((lambda_sc + lambda_dc) / 2 + gamma) / 2)
+
+
 MEASURE_KW = dict(warmup=2, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
@@ -53,7 +95,7 @@ def main(argv=None):
         "Gpairs_per_s = B*P*N / median time",
         "CUDA tensors run the eager formula in fastloss too (no CUDA kernel yet)"])
     res.title = "fastloss mw_auc_loss, forward + backward"
-    cols = [("B x P x N", lambda r: "x".join(map(str, r["shape"]))), ("variant", lambda r: r["variant"]),
+    cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".2f")),
             ("n", lambda r: str(r.get("samples", "-"))),
             ("Gpairs/s", lambda r: harness._f(r.get("Gpairs_per_s"), ".3f")),
@@ -125,6 +167,37 @@ def main(argv=None):
                 torch.autograd.grad(loss, emb)
                 return loss.detach()
             harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+    # the torch-operation ops: TCM, proto-triplet and ICNN, same embeddings and labels
+    from fastloss.reference import metric as RT
+    for (b, d) in METRIC_QUICK if args.quick else METRIC:
+        gen = torch.Generator(device=device).manual_seed(b * 5 + d)
+        labels = torch.randint(0, max(2, b // 40), (b,), device=device, generator=gen)
+        emb = torch.randn(b, d, device=device, generator=gen).requires_grad_(True)
+        cases = {
+            "tcm": {"fastloss": lambda: fastloss.ops.tcm_loss(emb, labels),
+                    "pytorch_metric_learning": (lambda: pml_tcm(emb, labels)) if pml_reason is None else pml_reason,
+                    "eager_reference": lambda: RT.tcm_loss(emb, labels, compute_dtype=None)},
+            "proto": {"fastloss": lambda: fastloss.ops.proto_triplet_loss(emb, labels),
+                      "eager_reference": lambda: proto_triplet_eager(emb, labels)},
+            "icnn": {"fastloss": lambda: fastloss.ops.icnn_loss(emb, labels),
+                     "eager_reference": lambda: icnn_eager(emb, labels)},
+        }
+        if pml_reason is None:
+            pml_tcm = pml_losses.ThresholdConsistentMarginLoss()
+        for op, variants in cases.items():
+            for variant, fn in variants.items():
+                base = dict(op=f"{op}_loss", variant=variant, group=f"{op}|{b}x{d}",
+                            label=f"{op} {b}x{d}", shape=[b, b, d], dtype=torch.float32)
+                if isinstance(fn, str):
+                    row = res.add(status=fn.split(":")[0], reason=fn, **base)
+                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    continue
+
+                def call(_inp, fn=fn):
+                    loss = fn()
+                    torch.autograd.grad(loss, emb)
+                    return loss.detach()
+                harness.measure_row(res, call, device, base, cols, MEASURE_KW)
     harness.finish_run(res, cols, t_start=t_start)
     return 0
 
