@@ -122,6 +122,8 @@ TORCH_LIBRARY(fastloss, m) {
         "bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
   m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+  // Their backward (CPU): grad [N, C] * scale[N] per row, in a fresh huge-page tensor.
+  m.def("scale_rows(Tensor grad, Tensor scale) -> Tensor");
   // Self-adjusting Dice loss (metric_losses/metric_losses_op.cpp): the loss of each row [N]
   // float32 (sum over its classes of 1 - DSC); sigmoid form: target float32 of logits' shape
   // [N, K]; softmax form: logits [N, C], integer target [N] (ignore_index rows: 0). The

@@ -134,6 +134,11 @@ def test_no_teacher_gradient_opcheck_and_compile():
                               (sd.clone().requires_grad_(grad), td, 30, 0.5, True, grad))
         torch.library.opcheck(torch.ops.fastloss.pld_forward.default,
                               (sd.clone().requires_grad_(grad), td, y, 2.0, -100, grad))
+    # the backward's row scaling, for each storage dtype
+    for dt in (torch.float32, torch.bfloat16):
+        g, r = sd.to(dt), torch.rand(4)
+        torch.library.opcheck(torch.ops.fastloss.scale_rows.default, (g, r))
+        torch.testing.assert_close(torch.ops.fastloss.scale_rows(g, r), g * r[:, None].to(dt))
     f = lambda a, b: ops.topk_kl_loss(a, b, 6, 2.0) + ops.pld_loss(a, b, y, 0.5, reduction="sum")  # noqa: E731
     assert_compiled_matches(f, [sd], td)
 

@@ -4,6 +4,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
@@ -178,10 +179,25 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   });
 }
 
+// The backward of the order-based losses: their saved gradient [N, C] times each row's
+// upstream gradient, into a fresh tensor advised as huge pages before its first touch (a
+// plain `grad * scale[:, None]` spends most of its time faulting in 4 KiB pages: 50 ms of
+// 57 for 256 x 128256 float32, measured).
+Tensor scale_rows(const Tensor& grad, const Tensor& scale) {
+  TORCH_CHECK(grad.dim() == 2 && scale.dim() == 1 && scale.size(0) == grad.size(0),
+              "scale_rows: grad must be [N, C] and scale [N], got ", grad.sizes(), " and ",
+              scale.sizes());
+  Tensor out = at::empty(grad.sizes(), grad.options().memory_format(at::MemoryFormat::Contiguous));
+  if (out.numel() > 0) advise_huge_pages(out.data_ptr(), out.nbytes());
+  at::mul_out(out, grad, scale.to(grad.scalar_type()).unsqueeze(1));
+  return out;
+}
+
 }  // namespace
 }  // namespace fastloss
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("scale_rows", &fastloss::scale_rows);
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
   m.impl("topk_kl_forward", &fastloss::topk_kl_forward);

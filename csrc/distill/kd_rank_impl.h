@@ -23,12 +23,18 @@ inline uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// The k-th largest key of row[0..C) (1 <= k <= C): a histogram of the keys' top 12 bits finds
-// the bin that holds it, and std::nth_element runs on that bin's keys only (a few hundred for
-// k = 1000 of 128k logits; the whole row only when the values crowd into one bin). keys:
-// scratch of C entries.
+// The k-th largest key of row[0..C) (1 <= k <= C) and how many keys are larger; keys[j] =
+// order_key(row[j]) on return. A histogram of the keys' top 12 bits finds the bin that holds
+// the k-th, and std::nth_element runs on that bin's keys only (a few hundred for k = 1000 of
+// 128k logits; the whole row only when the values crowd into one bin), copied to `bin`.
+// keys, bin: scratch of C entries each.
+struct KthKey {
+  uint32_t key;
+  int64_t greater;
+};
+
 template <class T>
-uint32_t kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys) {
+KthKey kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys, uint32_t* bin) {
   constexpr int kBits = 12;
   std::vector<int64_t> hist(int64_t(1) << kBits, 0);
   for (int64_t j = 0; j < C; ++j) ++hist[(keys[j] = order_key(load1(row + j))) >> (32 - kBits)];
@@ -37,26 +43,30 @@ uint32_t kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys) {
   for (; above + hist[b] < k; --b) above += hist[b];
   int64_t n = 0;
   for (int64_t j = 0; j < C; ++j)
-    if ((keys[j] >> (32 - kBits)) == b) keys[n++] = keys[j];
+    if ((keys[j] >> (32 - kBits)) == b) bin[n++] = keys[j];
   const int64_t rank = k - above;  // 1 = the bin's largest
-  std::nth_element(keys, keys + (n - rank), keys + n);
-  return keys[n - rank];
+  std::nth_element(bin, bin + (n - rank), bin + n);
+  const uint32_t kth = bin[n - rank];
+  int64_t greater = above;
+  for (int64_t i = 0; i < n; ++i) greater += bin[i] > kth;
+  return {kth, greater};
 }
 
 // idx[0..k) = the classes of the k largest values of row[0..C), ties at the k-th value going
-// to the lower class index. keys: scratch of C entries.
+// to the lower class index (in no particular order: the losses sum over the set). keys, bin:
+// scratch of C entries each. Three passes over the row's keys: histogram, bin, collection.
 template <class T>
-void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* idx) {
+void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, uint32_t* bin, int64_t* idx) {
   if (k >= C) {
     std::iota(idx, idx + C, int64_t(0));
     return;
   }
-  const uint32_t kth = kth_largest_key(row, C, k, keys);
-  int64_t n = 0;
-  for (int64_t j = 0; j < C; ++j)
-    if (order_key(load1(row + j)) > kth) idx[n++] = j;
-  for (int64_t j = 0; n < k; ++j)
-    if (order_key(load1(row + j)) == kth) idx[n++] = j;
+  const KthKey kth = kth_largest_key(row, C, k, keys, bin);
+  int64_t n = 0, ties = kth.greater;  // the larger keys fill idx[0..greater), ties the rest
+  for (int64_t j = 0; j < C; ++j) {
+    if (keys[j] > kth.key) idx[n++] = j;
+    else if (keys[j] == kth.key && ties < k) idx[ties++] = j;
+  }
 }
 
 // Sorts a[0..n) by the high 32 bits, keeping the order of equal keys (a least-significant-digit
@@ -97,12 +107,12 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
   constexpr int kW = VecTraits<V>::width;
   const int64_t C = q.C, k = std::min(q.k, q.C);
   const float T_ = q.temperature, inv_t = 1.f / T_;
-  std::vector<uint32_t> keys(C);
+  std::vector<uint32_t> keys(C), bin(C);
   std::vector<int64_t> idx(k);
   for (int64_t r = r0; r < r1; ++r) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    top_k_classes(tr, C, k, keys.data(), idx.data());
+    top_k_classes(tr, C, k, keys.data(), bin.data(), idx.data());
     // log-normalizers of s = student / T and t = teacher / T: over I, or over every class
     float lse_s, lse_t;
     if (q.renormalize) {

@@ -126,6 +126,11 @@ def _fake_pld(student, teacher, target, temperature, ignore_index, compute_grad)
     return _fake_rows_and_grad(student, compute_grad)
 
 
+@torch.library.register_fake("fastloss::scale_rows")
+def _fake_scale_rows(grad, scale):
+    return grad.new_empty(grad.shape)
+
+
 def _setup_rows_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
     ctx.compute_grad = inputs[-1]
@@ -138,6 +143,8 @@ def _make_rows_grad_backward(op, n_args):
         if not ctx.compute_grad:
             raise RuntimeError(f"{op} was called with compute_grad=False; call the fastloss.ops "
                                "function, which asks for the gradient when it is needed")
+        if grad.device.type == "cpu":
+            return (torch.ops.fastloss.scale_rows(grad, grad_rows),) + (None,) * (n_args - 1)
         return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * (n_args - 1)
     return backward
 
