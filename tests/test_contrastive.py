@@ -87,8 +87,10 @@ ref.contrastive_loss(a[:8], b[:8], compute_dtype=None).backward()
 
 @requires_proc
 def test_similarity_matrix_is_never_kept():
-    # the 64 MiB B x B matrix; the fused op keeps a few [256, B] blocks (32 MiB)
-    assert_never_builds(_PEAK_SETUP, _PEAK_CALL, 4096 * 4096 * 4, 6 * 256 * 4096 * 4 + (8 << 20),
+    # the 64 MiB B x B matrix; the fused op keeps a few [256, B] blocks (24 MiB). The bound
+    # leaves 24 MiB for allocator noise (the process-level peak read 40 MiB in about one run of
+    # two on the CI VM, at this commit and before it) and stays below the 64 MiB matrix.
+    assert_never_builds(_PEAK_SETUP, _PEAK_CALL, 4096 * 4096 * 4, 6 * 256 * 4096 * 4 + (24 << 20),
                         "B x B matrix")
 
 
