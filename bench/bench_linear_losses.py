@@ -155,22 +155,22 @@ def main(argv=None):
             base = dict(op="linear_cross_entropy", variant=variant, group=group, label=label,
                         shape=[n, d, v], dtype=dtype, floor_flops=flops)
             if isinstance(fn, str):
-                row = res.add(status=fn.split(":")[0], reason=fn, **base)
+                harness.skipped_row(res, fn, base, cols)
+                continue
+
+            def call(inp, fn=fn):
+                loss = fn(*inp)
+                torch.autograd.grad(loss, inp[:2])
+                return loss.detach()
+            gc.collect()
+            try:
+                timing = harness.measure(call, sets, device, **MEASURE_KW[device])
+            except Exception as e:  # report, do not lose the run
+                row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
             else:
-                def call(inp, fn=fn):
-                    loss = fn(*inp)
-                    torch.autograd.grad(loss, inp[:2])
-                    return loss.detach()
-                gc.collect()
-                try:
-                    timing = harness.measure(call, sets, device, **MEASURE_KW[device])
-                except Exception as e:  # report, do not lose the run
-                    row = res.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)
-                else:
-                    tflops = flops / (timing["median_ms"] / 1e3) / 1e12
-                    row = res.add(timing=timing, achieved_TFLOPs=tflops,
-                                  fraction_of_flop_floor=tflops / peaks[dtype]["best_TFLOPs"],
-                                  **base)
+                tflops = flops / (timing["median_ms"] / 1e3) / 1e12
+                row = res.add(timing=timing, achieved_TFLOPs=tflops,
+                              fraction_of_flop_floor=tflops / peaks[dtype]["best_TFLOPs"], **base)
             print(" | ".join(get(row) for _, get in cols), flush=True)
             res.write_json(partial=True)
         del sets

@@ -85,6 +85,19 @@ def icnn_eager(emb, labels, k=4):
 MEASURE_KW = dict(warmup=2, target_s=1.0, min_repeats=3, max_repeats=20, max_measure_s=20.0)
 
 
+def measure_embedding_loss(res, fn, emb, device, cols, base):
+    """One row: fn() (a loss of the embeddings) + its gradient, or the reason it was not run."""
+    if isinstance(fn, str):
+        harness.skipped_row(res, fn, base, cols)
+        return
+
+    def call(_inp):
+        loss = fn()
+        torch.autograd.grad(loss, emb)
+        return loss.detach()
+    harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+
+
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
@@ -156,20 +169,10 @@ def main(argv=None):
                     if pml_reason is None else pml_reason,
                     "eager_reference": lambda: RM.multi_similarity_loss(emb, labels, compute_dtype=None)}
         for variant, fn in variants.items():
-            base = dict(op="multi_similarity_loss", variant=variant, group=f"ms|{b}x{d}",
-                        label=f"ms {b}x{d}", shape=[b, b, d], dtype=torch.float32)
-            if isinstance(fn, str):
-                row = res.add(status=fn.split(":")[0], reason=fn, **base)
-                print(" | ".join(get(row) for _, get in cols), flush=True)
-                continue
-
-            def call(_inp, fn=fn):
-                loss = fn()
-                torch.autograd.grad(loss, emb)
-                return loss.detach()
-            harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+            measure_embedding_loss(res, fn, emb, device, cols, dict(
+                op="multi_similarity_loss", variant=variant, group=f"ms|{b}x{d}",
+                label=f"ms {b}x{d}", shape=[b, b, d], dtype=torch.float32))
     # the torch-operation ops: TCM, proto-triplet and ICNN, same embeddings and labels
-    from fastloss.reference import metric as RT
     for (b, d) in METRIC_QUICK if args.quick else METRIC:
         gen = torch.Generator(device=device).manual_seed(b * 5 + d)
         labels = torch.randint(0, max(2, b // 40), (b,), device=device, generator=gen)
@@ -182,7 +185,7 @@ def main(argv=None):
             "tcm": {"fastloss": lambda: fastloss.ops.tcm_loss(emb, labels),
                     "pytorch_metric_learning": (lambda: pml_tcm(emb, labels)) if pml_tcm_reason is None
                     else pml_tcm_reason,
-                    "eager_reference": lambda: RT.tcm_loss(emb, labels, compute_dtype=None)},
+                    "eager_reference": lambda: RM.tcm_loss(emb, labels, compute_dtype=None)},
             "proto": {"fastloss": lambda: fastloss.ops.proto_triplet_loss(emb, labels),
                       "eager_reference": lambda: proto_triplet_eager(emb, labels)},
             "icnn": {"fastloss": lambda: fastloss.ops.icnn_loss(emb, labels),
@@ -192,18 +195,9 @@ def main(argv=None):
             pml_tcm = pml_losses.ThresholdConsistentMarginLoss()
         for op, variants in cases.items():
             for variant, fn in variants.items():
-                base = dict(op=f"{op}_loss", variant=variant, group=f"{op}|{b}x{d}",
-                            label=f"{op} {b}x{d}", shape=[b, b, d], dtype=torch.float32)
-                if isinstance(fn, str):
-                    row = res.add(status=fn.split(":")[0], reason=fn, **base)
-                    print(" | ".join(get(row) for _, get in cols), flush=True)
-                    continue
-
-                def call(_inp, fn=fn):
-                    loss = fn()
-                    torch.autograd.grad(loss, emb)
-                    return loss.detach()
-                harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+                measure_embedding_loss(res, fn, emb, device, cols, dict(
+                    op=f"{op}_loss", variant=variant, group=f"{op}|{b}x{d}",
+                    label=f"{op} {b}x{d}", shape=[b, b, d], dtype=torch.float32))
     harness.finish_run(res, cols, t_start=t_start)
     return 0
 

@@ -111,8 +111,7 @@ def main(argv=None):
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
                             floor_bytes={"min": weight_bytes + x.element_size() * m * (n + k)})
                 if isinstance(fn, str):
-                    row = res.add(status=fn.split(":")[0], reason=fn, **base)
-                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    harness.skipped_row(res, fn, base, cols)
                     continue
                 harness.measure_row(res, lambda _inp, fn=fn: fn(), device, base, cols, MEASURE_KW)
     harness.finish_run(res, cols, baseline="torch_matmul", t_start=t_start)

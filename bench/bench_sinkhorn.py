@@ -160,8 +160,7 @@ def main(argv=None):
                 runs["geomloss_eps_scaling"] = (lambda: geom(c, a, b, eps, pts)) if callable(geom) else geom
             for variant, fn in runs.items():
                 if isinstance(fn, str):
-                    row = res.add(variant=variant, status=fn.split(":")[0], reason=fn, **base)
-                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    harness.skipped_row(res, fn, dict(base, variant=variant), cols)
                     continue
                 out = fn()
                 extra = {}

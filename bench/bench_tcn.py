@@ -126,8 +126,7 @@ def main(argv=None):
                             shape=[B, C, L], dtype=torch.float32, kernel_size=K, dilation=d,
                             mode=mode, floor_bytes=floor)
                 if isinstance(fn, str):
-                    row = res.add(status=fn.split(":")[0], reason=fn, **base)
-                    print(" | ".join(get(row) for _, get in cols), flush=True)
+                    harness.skipped_row(res, fn, base, cols)
                     continue
 
                 def call(_inp, fn=fn, mode=mode):

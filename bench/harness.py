@@ -655,6 +655,14 @@ def measure_row(results: "Results", call: Callable[[Any], Any], device: str, bas
     return row
 
 
+def skipped_row(results: "Results", reason: str, base: dict, columns) -> dict:
+    """Add and print the row of a variant that was not run; ``reason`` starts with its status
+    (``"missing: ..."``, ``"skipped: ..."``)."""
+    row = results.add(status=reason.split(":")[0], reason=reason, **base)
+    print(" | ".join(get(row) for _, get in columns), flush=True)
+    return row
+
+
 def finish_run(results: "Results", columns, *, baseline: str = "eager_reference",
                colors: Optional[dict] = None, t_start: Optional[float] = None) -> str:
     """The end of a benchmark script: print the table, write ``<name>.json`` (removing the
