@@ -27,37 +27,44 @@ inline V lane_index() {
 
 // Row loops without a scalar tail (a scalar exp and log cost about as much as a whole vector):
 // the last partial vector is taken as the vector that ends at the range's end, which overlaps
-// the previous one. row_sum masks the overlapping lanes out of the sum of f(x[k]) over
-// [k0, k1); row_store recomputes and rewrites out[k] = f(x[k]) there. Scalar only for ranges
-// shorter than a vector. f takes and returns V, or float.
-template <class V, class T, class F>
-float row_sum(const T* xr, int64_t k0, int64_t k1, F&& f) {
+// the previous one. f(W(0), k) returns the values of elements k .. k + width(W) - 1, for W = V
+// or float (it loads what it needs itself, so one loop serves rows of one or two inputs).
+// row_sum masks the overlapping lanes out of the sum over [k0, k1); row_store recomputes and
+// rewrites out[k] there. Scalar only for ranges shorter than a vector.
+template <class V, class F>
+float row_sum(int64_t k0, int64_t k1, F&& f) {
   constexpr int kW = VecTraits<V>::width;
   V acc(0.f);
   int64_t k = k0;
-  for (; k + kW <= k1; k += kW) acc += f(VecIo<V>::load(xr + k));
+  for (; k + kW <= k1; k += kW) acc += f(V(0.f), k);
   if (k == k1) return hsum(acc);
   if (k1 - k0 >= kW) {
-    const V last = f(VecIo<V>::load(xr + k1 - kW));
+    const V last = f(V(0.f), k1 - kW);
     const V fresh = V(float(k - (k1 - kW)));  // lanes below this were summed already
     return hsum(acc + vselect(lane_index<V>() >= fresh, last, V(0.f)));
   }
   float tail = 0.f;
-  for (; k < k1; ++k) tail += f(load1(xr + k));
+  for (; k < k1; ++k) tail += f(0.f, k);
   return hsum(acc) + tail;
 }
 
 template <class V, class T, class F>
-void row_store(const T* xr, T* out, int64_t C, F&& f) {
+void row_store(T* out, int64_t n, F&& f) {
   constexpr int kW = VecTraits<V>::width;
   int64_t k = 0;
-  for (; k + kW <= C; k += kW) VecIo<V>::store(out + k, f(VecIo<V>::load(xr + k)));
-  if (k == C) return;
-  if (C >= kW) {
-    VecIo<V>::store(out + C - kW, f(VecIo<V>::load(xr + C - kW)));
+  for (; k + kW <= n; k += kW) VecIo<V>::store(out + k, f(V(0.f), k));
+  if (k == n) return;
+  if (n >= kW) {
+    VecIo<V>::store(out + n - kW, f(V(0.f), n - kW));
     return;
   }
-  for (; k < C; ++k) store1(out + k, f(load1(xr + k)));
+  for (; k < n; ++k) store1(out + k, f(0.f, k));
+}
+
+// W-wide load of p[0..width(W)), W = V or float.
+template <class W, class T>
+inline W load_as(const T* p) {
+  return VecIo<W>::load(p);
 }
 
 // sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x), each from e^-|x| so that neither loses its
@@ -92,79 +99,76 @@ inline W dice_slope(W pt, W y, const DiceParams& d) {
 
 // --- sigmoid form --------------------------------------------------------------------------
 
-// With p = sigmoid(x), q = 1 - p and log q = -(max(x, 0) + log(1 + e^-|x|)), finite for any x.
+// p = sigmoid(x), q = 1 - p and pt = q^alpha p, with log q = -(max(x, 0) + log(1 + e^-|x|))
+// (finite for any x).
+template <class W>
+struct SigmoidDecay {
+  W p, q, pt;
+  SigmoidDecay(W x, float alpha) {
+    const W e = vexp(-vabs(x));
+    sigmoid_pair(x, e, p, q);
+    const W qa = alpha == 1.f || alpha == 0.f
+                     ? pow01(q, alpha)
+                     : vexp(W(-alpha) * (vmax(x, W(0.f)) + vlog_fast(W(1.f) + e)));
+    pt = qa * p;
+  }
+};
+
 template <class W>
 inline W sigmoid_dice_term(W x, W y, const DiceParams& d) {
-  const W e = vexp(-vabs(x));
-  W p, q;
-  sigmoid_pair(x, e, p, q);
-  const W qa = d.alpha == 1.f || d.alpha == 0.f
-                   ? pow01(q, d.alpha)
-                   : vexp(W(-d.alpha) * (vmax(x, W(0.f)) + vlog_fast(W(1.f) + e)));
-  return dice_term(qa * p, y, d);
+  return dice_term(SigmoidDecay<W>(x, d.alpha).pt, y, d);
 }
 
 // d term / d x = slope * p q^alpha (q - alpha p)   (dp/dx = p q)
 template <class W>
 inline W sigmoid_dice_grad(W x, W y, W g, const DiceParams& d) {
-  const W e = vexp(-vabs(x));
-  W p, q;
-  sigmoid_pair(x, e, p, q);
-  const W qa = d.alpha == 1.f || d.alpha == 0.f
-                   ? pow01(q, d.alpha)
-                   : vexp(W(-d.alpha) * (vmax(x, W(0.f)) + vlog_fast(W(1.f) + e)));
-  const W pt = qa * p;
-  return g * dice_slope(pt, y, d) * pt * (q - W(d.alpha) * p);
+  const SigmoidDecay<W> s(x, d.alpha);
+  return g * dice_slope(s.pt, y, d) * s.pt * (s.q - W(d.alpha) * s.p);
 }
 
+// K = 1 (one prediction per row) runs as one row of N elements: vectors across rows.
 template <class V, class T>
 void sigmoid_forward_rows(const SigmoidDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
-  constexpr int kW = VecTraits<V>::width;
   const T* x = static_cast<const T*>(q.logits);
   const float* y = q.target;
-  if (q.K == 1) {  // one prediction per row: vectors across rows
-    int64_t r = r0;
-    for (; r + kW <= r1; r += kW)
-      VecIo<V>::store(rows + r, sigmoid_dice_term(VecIo<V>::load(x + r), VecIo<V>::load(y + r), q.p));
-    for (; r < r1; ++r) rows[r] = sigmoid_dice_term(load1(x + r), y[r], q.p);
+  if (q.K == 1) {
+    row_store<V>(rows + r0, r1 - r0, [&](auto w, int64_t k) {
+      using W = decltype(w);
+      return sigmoid_dice_term(load_as<W>(x + r0 + k), load_as<W>(y + r0 + k), q.p);
+    });
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * q.K;
     const float* yr = y + r * q.K;
-    V acc(0.f);
-    float tail = 0.f;
-    int64_t k = 0;
-    for (; k + kW <= q.K; k += kW)
-      acc += sigmoid_dice_term(VecIo<V>::load(xr + k), VecIo<V>::load(yr + k), q.p);
-    for (; k < q.K; ++k) tail += sigmoid_dice_term(load1(xr + k), yr[k], q.p);
-    rows[r] = hsum(acc) + tail;
+    rows[r] = row_sum<V>(0, q.K, [&](auto w, int64_t k) {
+      using W = decltype(w);
+      return sigmoid_dice_term(load_as<W>(xr + k), load_as<W>(yr + k), q.p);
+    });
   }
 }
 
 template <class V, class T>
 void sigmoid_backward_rows(const SigmoidDiceProblem& q, const float* grad_rows, void* grad_out,
                            int64_t r0, int64_t r1) {
-  constexpr int kW = VecTraits<V>::width;
   const T* x = static_cast<const T*>(q.logits);
   const float* y = q.target;
   T* gx = static_cast<T*>(grad_out);
   if (q.K == 1) {
-    int64_t r = r0;
-    for (; r + kW <= r1; r += kW)
-      VecIo<V>::store(gx + r, sigmoid_dice_grad(VecIo<V>::load(x + r), VecIo<V>::load(y + r),
-                                                VecIo<V>::load(grad_rows + r), q.p));
-    for (; r < r1; ++r) store1(gx + r, sigmoid_dice_grad(load1(x + r), y[r], grad_rows[r], q.p));
+    row_store<V>(gx + r0, r1 - r0, [&](auto w, int64_t k) {
+      using W = decltype(w);
+      return sigmoid_dice_grad(load_as<W>(x + r0 + k), load_as<W>(y + r0 + k),
+                               load_as<W>(grad_rows + r0 + k), q.p);
+    });
     return;
   }
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t o = r * q.K;
     const float g = grad_rows[r];
-    int64_t k = 0;
-    for (; k + kW <= q.K; k += kW)
-      VecIo<V>::store(gx + o + k, sigmoid_dice_grad(VecIo<V>::load(x + o + k),
-                                                    VecIo<V>::load(y + o + k), V(g), q.p));
-    for (; k < q.K; ++k) store1(gx + o + k, sigmoid_dice_grad(load1(x + o + k), y[o + k], g, q.p));
+    row_store<V>(gx + o, q.K, [&](auto w, int64_t k) {
+      using W = decltype(w);
+      return sigmoid_dice_grad(load_as<W>(x + o + k), load_as<W>(y + o + k), W(g), q.p);
+    });
   }
 }
 
@@ -185,7 +189,10 @@ struct SoftmaxRow {
 
 template <class V, class T>
 float sum_exp(const T* xr, int64_t k0, int64_t k1, float m) {
-  return row_sum<V>(xr, k0, k1, [m](auto x) { return vexp(x - decltype(x)(m)); });
+  return row_sum<V>(k0, k1, [&](auto w, int64_t k) {
+    using W = decltype(w);
+    return vexp(load_as<W>(xr + k) - W(m));
+  });
 }
 
 template <class V, class T>
@@ -244,7 +251,9 @@ void softmax_forward_rows(const SoftmaxDiceProblem& q, float* rows, int64_t r0, 
       const float qc = c == s.top ? s.rest * s.inv_z : 1.f - p;
       return dice_term(decayed(p, qc, d.alpha), c == t ? 1.f : 0.f, d);
     };
-    float row = row_sum<V>(xr, 0, q.C, negative);
+    float row = row_sum<V>(0, q.C, [&](auto w, int64_t k) {
+      return negative(load_as<decltype(w)>(xr + k));
+    });
     if (s.saturated) row += exact(s.top) - negative(load1(xr + s.top));
     if (t != s.top) row += exact(t) - negative(load1(xr + t));
     rows[r] = row;
@@ -257,10 +266,14 @@ void softmax_forward_rows(const SoftmaxDiceProblem& q, float* rows, int64_t r0, 
 // p_j / q_top = e_j / R for j != top:
 //   d/dx_j = G_j - p_j S - (e_j / R) H  (j != top),   d/dx_top = H - p_top S,
 // with S the sum of G over the classes other than top (H = 0 and S over all classes otherwise).
+// G (the costly part: a log and two exps per class for alpha other than 0 and 1) is formed
+// once into a float32 row buffer, summed, then read back for the gradient.
 template <class V, class T>
 void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, void* grad_out,
                            int64_t r0, int64_t r1) {
   const DiceParams& d = q.p;
+  std::vector<float> g_row(q.C);
+  float* G = g_row.data();
   for (int64_t r = r0; r < r1; ++r) {
     T* gr = static_cast<T*>(grad_out) + r * q.C;
     const int64_t t = q.target[r];
@@ -278,14 +291,14 @@ void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, 
       const W qa1 = pow01(qc, d.alpha - 1.f);
       return W(g) * dice_slope(qa1 * qc * p, y, d) * p * qa1 * (qc - W(d.alpha) * p);
     };
-    auto e_at = [&](int64_t c) { return vexp(load1(xr + c) - s.m); };
-    auto g_negative = [&](auto x) {
-      using W = decltype(x);
-      return g_of(vexp(x - W(s.m)), W(0.f));
+    auto e_of = [&](auto w, int64_t k) {
+      using W = decltype(w);
+      return vexp(load_as<W>(xr + k) - W(s.m));
     };
-    auto sum_g = [&](int64_t k0, int64_t k1) { return row_sum<V>(xr, k0, k1, g_negative); };
-    float S = s.saturated ? sum_g(0, s.top) + sum_g(s.top + 1, q.C) : sum_g(0, q.C);
-    if (t != s.top) S += g_of(e_at(t), 1.f) - g_of(e_at(t), 0.f);
+    row_store<V>(G, q.C, [&](auto w, int64_t k) { return g_of(e_of(w, k), decltype(w)(0.f)); });
+    if (t != s.top) G[t] = g_of(e_of(0.f, t), 1.f);
+    if (s.saturated) G[s.top] = 0.f;  // not part of S (may be infinite as a negative's G)
+    const float S = row_sum<V>(0, q.C, [&](auto w, int64_t k) { return load_as<decltype(w)>(G + k); });
     float H = 0.f, inv_rest = 0.f;
     const float p_top = s.inv_z;
     if (s.saturated) {
@@ -294,16 +307,11 @@ void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, 
           pow01(q_top, d.alpha) * (q_top - d.alpha * p_top);
       inv_rest = s.rest > 0.f ? 1.f / s.rest : 0.f;
     }
-    auto grad_of = [&](auto e, auto gc) {
-      using W = decltype(e);
-      return gc - e * W(s.inv_z * S) - e * W(inv_rest * H);
-    };
-    row_store<V>(xr, gr, q.C, [&](auto x) {
-      using W = decltype(x);
-      const W e = vexp(x - W(s.m));
-      return grad_of(e, g_of(e, W(0.f)));
+    row_store<V>(gr, q.C, [&](auto w, int64_t k) {
+      using W = decltype(w);
+      const W e = e_of(w, k);
+      return load_as<W>(G + k) - e * W(s.inv_z * S) - e * W(inv_rest * H);
     });
-    if (t != s.top) store1(gr + t, grad_of(e_at(t), g_of(e_at(t), 1.f)));
     if (s.saturated) store1(gr + s.top, H - p_top * S);
   }
 }
