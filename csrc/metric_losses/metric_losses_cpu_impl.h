@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "../common/macros.h"
 #include "../common/storage.h"
 #include "../common/vec_scalar.h"
 #include "metric_losses_kernels.h"
@@ -32,7 +33,7 @@ inline V lane_index() {
 // row_sum masks the overlapping lanes out of the sum over [k0, k1); row_store recomputes and
 // rewrites out[k] there. Scalar only for ranges shorter than a vector.
 template <class V, class F>
-float row_sum(int64_t k0, int64_t k1, F&& f) {
+FL_INLINE float row_sum(int64_t k0, int64_t k1, F&& f) {
   constexpr int kW = VecTraits<V>::width;
   V acc(0.f);
   int64_t k = k0;
@@ -49,7 +50,7 @@ float row_sum(int64_t k0, int64_t k1, F&& f) {
 }
 
 template <class V, class T, class F>
-void row_store(T* out, int64_t n, F&& f) {
+FL_INLINE void row_store(T* out, int64_t n, F&& f) {
   constexpr int kW = VecTraits<V>::width;
   int64_t k = 0;
   for (; k + kW <= n; k += kW) VecIo<V>::store(out + k, f(V(0.f), k));
@@ -63,14 +64,14 @@ void row_store(T* out, int64_t n, F&& f) {
 
 // W-wide load of p[0..width(W)), W = V or float.
 template <class W, class T>
-inline W load_as(const T* p) {
+FL_INLINE W load_as(const T* p) {
   return VecIo<W>::load(p);
 }
 
 // sigmoid(x) and sigmoid(-x) = 1 - sigmoid(x), each from e^-|x| so that neither loses its
 // small values to cancellation.
 template <class W>
-inline void sigmoid_pair(W x, W e, W& p, W& q) {
+FL_INLINE void sigmoid_pair(W x, W e, W& p, W& q) {
   const W r = W(1.f) / (W(1.f) + e);
   const auto pos = x >= W(0.f);
   p = vselect(pos, r, e * r);
@@ -79,7 +80,7 @@ inline void sigmoid_pair(W x, W e, W& p, W& q) {
 
 // q^a for q in [0, 1]: a = 0 and a = 1 exactly (0^0 = 1), else exp(a log q) (0 for q = 0, a > 0).
 template <class W>
-inline W pow01(W q, float a) {
+FL_INLINE W pow01(W q, float a) {
   if (a == 1.f) return q;
   if (a == 0.f) return W(1.f);
   return vexp(W(a) * vlog_fast(q));
@@ -88,11 +89,11 @@ inline W pow01(W q, float a) {
 // Dice of one prediction with decayed probability pt and target y: 1 - DSC, and its slope
 // d(1 - DSC)/d pt = (num - 2 y den) / den^2.
 template <class W>
-inline W dice_term(W pt, W y, const DiceParams& d) {
+FL_INLINE W dice_term(W pt, W y, const DiceParams& d) {
   return W(1.f) - (W(2.f) * pt * y + W(d.gamma)) / (pt + y + W(d.gamma + d.smooth));
 }
 template <class W>
-inline W dice_slope(W pt, W y, const DiceParams& d) {
+FL_INLINE W dice_slope(W pt, W y, const DiceParams& d) {
   const W den = pt + y + W(d.gamma + d.smooth), num = W(2.f) * pt * y + W(d.gamma);
   return (num - W(2.f) * y * den) / (den * den);
 }
@@ -104,7 +105,7 @@ inline W dice_slope(W pt, W y, const DiceParams& d) {
 template <class W>
 struct SigmoidDecay {
   W p, q, pt;
-  SigmoidDecay(W x, float alpha) {
+  FL_INLINE SigmoidDecay(W x, float alpha) {
     const W e = vexp(-vabs(x));
     sigmoid_pair(x, e, p, q);
     const W qa = alpha == 1.f || alpha == 0.f
@@ -115,13 +116,13 @@ struct SigmoidDecay {
 };
 
 template <class W>
-inline W sigmoid_dice_term(W x, W y, const DiceParams& d) {
+FL_INLINE W sigmoid_dice_term(W x, W y, const DiceParams& d) {
   return dice_term(SigmoidDecay<W>(x, d.alpha).pt, y, d);
 }
 
 // d term / d x = slope * p q^alpha (q - alpha p)   (dp/dx = p q)
 template <class W>
-inline W sigmoid_dice_grad(W x, W y, W g, const DiceParams& d) {
+FL_INLINE W sigmoid_dice_grad(W x, W y, W g, const DiceParams& d) {
   const SigmoidDecay<W> s(x, d.alpha);
   return g * dice_slope(s.pt, y, d) * s.pt * (s.q - W(d.alpha) * s.p);
 }
@@ -129,12 +130,13 @@ inline W sigmoid_dice_grad(W x, W y, W g, const DiceParams& d) {
 // K = 1 (one prediction per row) runs as one row of N elements: vectors across rows.
 template <class V, class T>
 void sigmoid_forward_rows(const SigmoidDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
+  const DiceParams d = q.p;  // a local copy: the stores cannot alias it
   const T* x = static_cast<const T*>(q.logits);
   const float* y = q.target;
   if (q.K == 1) {
     row_store<V>(rows + r0, r1 - r0, [&](auto w, int64_t k) {
       using W = decltype(w);
-      return sigmoid_dice_term(load_as<W>(x + r0 + k), load_as<W>(y + r0 + k), q.p);
+      return sigmoid_dice_term(load_as<W>(x + r0 + k), load_as<W>(y + r0 + k), d);
     });
     return;
   }
@@ -143,7 +145,7 @@ void sigmoid_forward_rows(const SigmoidDiceProblem& q, float* rows, int64_t r0, 
     const float* yr = y + r * q.K;
     rows[r] = row_sum<V>(0, q.K, [&](auto w, int64_t k) {
       using W = decltype(w);
-      return sigmoid_dice_term(load_as<W>(xr + k), load_as<W>(yr + k), q.p);
+      return sigmoid_dice_term(load_as<W>(xr + k), load_as<W>(yr + k), d);
     });
   }
 }
@@ -151,6 +153,7 @@ void sigmoid_forward_rows(const SigmoidDiceProblem& q, float* rows, int64_t r0, 
 template <class V, class T>
 void sigmoid_backward_rows(const SigmoidDiceProblem& q, const float* grad_rows, void* grad_out,
                            int64_t r0, int64_t r1) {
+  const DiceParams d = q.p;  // a local copy: the stores cannot alias it
   const T* x = static_cast<const T*>(q.logits);
   const float* y = q.target;
   T* gx = static_cast<T*>(grad_out);
@@ -158,7 +161,7 @@ void sigmoid_backward_rows(const SigmoidDiceProblem& q, const float* grad_rows, 
     row_store<V>(gx + r0, r1 - r0, [&](auto w, int64_t k) {
       using W = decltype(w);
       return sigmoid_dice_grad(load_as<W>(x + r0 + k), load_as<W>(y + r0 + k),
-                               load_as<W>(grad_rows + r0 + k), q.p);
+                               load_as<W>(grad_rows + r0 + k), d);
     });
     return;
   }
@@ -167,7 +170,7 @@ void sigmoid_backward_rows(const SigmoidDiceProblem& q, const float* grad_rows, 
     const float g = grad_rows[r];
     row_store<V>(gx + o, q.K, [&](auto w, int64_t k) {
       using W = decltype(w);
-      return sigmoid_dice_grad(load_as<W>(x + o + k), load_as<W>(y + o + k), W(g), q.p);
+      return sigmoid_dice_grad(load_as<W>(x + o + k), load_as<W>(y + o + k), W(g), d);
     });
   }
 }
@@ -226,13 +229,13 @@ SoftmaxRow softmax_row(const T* xr, int64_t C) {
 
 // One class's decayed probability pt = q^alpha p, with q given.
 template <class W>
-inline W decayed(W p, W q, float alpha) {
+FL_INLINE W decayed(W p, W q, float alpha) {
   return pow01(q, alpha) * p;
 }
 
 template <class V, class T>
 void softmax_forward_rows(const SoftmaxDiceProblem& q, float* rows, int64_t r0, int64_t r1) {
-  const DiceParams& d = q.p;
+  const DiceParams d = q.p;
   for (int64_t r = r0; r < r1; ++r) {
     const int64_t t = q.target[r];
     if (t == q.ignore_index) {
@@ -271,7 +274,7 @@ void softmax_forward_rows(const SoftmaxDiceProblem& q, float* rows, int64_t r0, 
 template <class V, class T>
 void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, void* grad_out,
                            int64_t r0, int64_t r1) {
-  const DiceParams& d = q.p;
+  const DiceParams d = q.p;
   std::vector<float> g_row(q.C);
   float* G = g_row.data();
   for (int64_t r = r0; r < r1; ++r) {
@@ -320,7 +323,7 @@ void softmax_backward_rows(const SoftmaxDiceProblem& q, const float* grad_rows, 
 
 // a = A(p) = sigmoid(L (p - 1/2)) and b = 1 - a, with p = sigmoid(s) or s; also dA/ds.
 template <class W>
-inline void amplified(W s, float L, bool from_logits, W& a, W& b, W& slope) {
+FL_INLINE void amplified(W s, float L, bool from_logits, W& a, W& b, W& slope) {
   W p = s, pq = W(1.f);
   if (from_logits) {
     W q;
@@ -333,7 +336,7 @@ inline void amplified(W s, float L, bool from_logits, W& a, W& b, W& slope) {
 }
 
 template <class W>
-inline void add_cells(W s, W y, const ConfusionProblem& q, W& tp, W& fn, W& fp, W& tn) {
+FL_INLINE void add_cells(W s, W y, const ConfusionProblem& q, W& tp, W& fn, W& fp, W& tn) {
   W a, b, slope;
   amplified(s, q.L, q.from_logits, a, b, slope);
   const W n = W(1.f) - y;
@@ -393,7 +396,7 @@ void confusion_sums_rows(const ConfusionProblem& q, double* sums, int64_t r0, in
 
 // d/ds = (y (gTP - gFN) + (1 - y)(gFP - gTN)) dA/ds
 template <class W>
-inline W confusion_grad(W s, W y, W c1, W c0, const ConfusionProblem& q) {
+FL_INLINE W confusion_grad(W s, W y, W c1, W c0, const ConfusionProblem& q) {
   W a, b, slope;
   amplified(s, q.L, q.from_logits, a, b, slope);
   return (y * c1 + (W(1.f) - y) * c0) * slope;
