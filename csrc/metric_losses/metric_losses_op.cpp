@@ -125,7 +125,7 @@ SoftmaxChecked check_softmax(const Tensor& logits, const Tensor& target, double 
   const int64_t* yp = c.y.data_ptr<int64_t>();
   for (int64_t r = 0; r < n; ++r)
     TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < classes), op, ": target[", r, "] = ",
-                yp[r], " is not a class in [0, ", classes, ") nor ignore_index (", ignore_index, ")");
+                yp[r], " is outside [0, C = ", classes, ") and not ignore_index (", ignore_index, ")");
   SoftmaxDiceProblem& q = c.q;
   q.logits = c.x.data_ptr();
   q.dtype = kernel_dtype(c.x, op, "logits");

@@ -279,14 +279,14 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             raise ValueError(f"{fn}: a target [N] for logits [N, C] holds integer classes, got "
                              f"{target.dtype}")
         keep = target != ignore_index
-        bad = keep & ((target < 0) | (target >= logits.shape[1]))
-        if bool(bad.any()):
-            raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) that "
-                             f"are not ignore_index ({ignore_index})")
         args = (float(alpha), float(gamma), float(smooth))
-        if logits.device.type == "cpu":
+        if logits.device.type == "cpu":  # the kernel's op checks the classes itself
             rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
         else:
+            bad = keep & ((target < 0) | (target >= logits.shape[1]))
+            if bool(bad.any()):
+                raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
+                                 f"that are not ignore_index ({ignore_index})")
             t = torch.where(keep, target, 0).long()
             rows = torch.where(keep, _SoftmaxDice.apply(logits, t, *args).sum(1), 0.0)
     else:
