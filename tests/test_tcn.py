@@ -7,6 +7,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import fastloss
 from fastloss import ops
 from fastloss.reference import tcn as ref
 from checks import assert_compiled_matches, expect_errors
@@ -32,15 +33,18 @@ def close(actual, expected, dtype, what):
                                msg=lambda m: f"{what}: {m}")
 
 
-def check(b, c, length, k, dilation, causal, dtype, channels_last=False, bias=True, seed=0):
+def check(b, c, length, k, dilation, causal, dtype, channels_last=False, bias=True, seed=0,
+          device="cpu"):
     x, w, bb = make(b, c, length, k, dtype, seed, bias, channels_last)
-    leaves = [t.detach().requires_grad_(True) if t is not None else None for t in (x, w, bb)]
+    leaves = [t.detach().to(device).requires_grad_(True) if t is not None else None
+              for t in (x, w, bb)]
     y = ops.dilated_conv1d(leaves[0], leaves[1], leaves[2], dilation=dilation, causal=causal)
     assert y.dtype == dtype and y.shape == x.shape
     if channels_last and c > 1 and length > 1:
         assert y.stride(1) == 1, "the output keeps the channels-last layout"
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(dtype)
-    y.backward(g)
+    y.backward(g.to(device))
+    y = y.cpu()
     r_leaves = [t.detach().double().requires_grad_(True) if t is not None else None for t in (x, w, bb)]
     r = ref.dilated_conv1d(r_leaves[0], r_leaves[1], r_leaves[2], dilation, causal)
     r.backward(g.double())
@@ -49,7 +53,7 @@ def check(b, c, length, k, dilation, causal, dtype, channels_last=False, bias=Tr
     for name, a, e in zip(("x", "weight", "bias"), leaves, r_leaves):
         if a is not None:
             assert a.grad.dtype == dtype and a.grad.shape == a.shape
-            close(a.grad, e.grad, dtype, f"{what} grad_{name}")
+            close(a.grad.cpu(), e.grad, dtype, f"{what} grad_{name}")
 
 
 def test_reference_equals_conv1d():
@@ -68,17 +72,17 @@ def test_reference_equals_conv1d():
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
 @pytest.mark.parametrize("k,dilation", [(1, 1), (2, 1), (3, 4), (4, 9), (8, 2), (16, 3), (5, 60)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_matches_reference(dtype, k, dilation, causal, channels_last, cpu_isa):
+def test_matches_reference(dtype, k, dilation, causal, channels_last, device):
     # channels past 2 vector widths plus a tail; L with a tail, shorter than some receptive fields
-    check(2, 37, 131, k, dilation, causal, dtype, channels_last)
+    check(2, 37, 131, k, dilation, causal, dtype, channels_last, device=device)
 
 
 @pytest.mark.parametrize("shape", [(1, 1, 1), (1, 1, 40), (3, 2, 1), (2, 5, 7), (1, 17, 300)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
-def test_awkward_shapes(shape, channels_last, cpu_isa):
+def test_awkward_shapes(shape, channels_last, device):
     for bias in (True, False):
-        check(*shape, 3, 2, True, torch.float32, channels_last, bias=bias, seed=1)
+        check(*shape, 3, 2, True, torch.float32, channels_last, bias=bias, seed=1, device=device)
 
 
 def test_strided_inputs():
@@ -156,9 +160,6 @@ def test_bad_input_errors_name_the_argument():
 
 # ---- modules ------------------------------------------------------------------------------------
 
-import fastloss  # noqa: E402
-
-
 @pytest.mark.parametrize("kernel_size,base,depth", [(2, 2, 5), (3, 2, 4), (4, 3, 3), (1, 2, 2)])
 def test_tcn_streaming_equals_full_forward(kernel_size, base, depth):
     torch.manual_seed(kernel_size * 10 + base)
@@ -222,20 +223,20 @@ def reference_level(x, w, b, dilation, activation, causal):
 @pytest.mark.parametrize("activation", [None, "relu", "silu", "gelu"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
-def test_fused_level_matches_reference(causal, dtype, activation, channels_last, cpu_isa):
+def test_fused_level_matches_reference(causal, dtype, activation, channels_last, device):
     x, w, b = make(2, 19, 70, 3, dtype, seed=9, channels_last=channels_last)
-    leaves = [t.detach().requires_grad_(True) for t in (x, w, b)]
+    leaves = [t.detach().to(device).requires_grad_(True) for t in (x, w, b)]
     y = ops.tcn_level(*leaves, dilation=4, activation=activation, causal=causal)
     assert y.dtype == dtype and y.shape == x.shape
     g = torch.randn(y.shape, generator=torch.Generator().manual_seed(10)).to(dtype)
-    y.backward(g)
+    y.backward(g.to(device))
     r_leaves = [t.detach().double().requires_grad_(True) for t in (x, w, b)]
     r = reference_level(*r_leaves, 4, activation, causal)
     r.backward(g.double())
     what = f"level {activation} causal={causal} {dtype}"
-    close(y, r, dtype, what)
+    close(y.cpu(), r, dtype, what)
     for name, a, e in zip(("x", "weight", "bias"), leaves, r_leaves):
-        close(a.grad, e.grad, dtype, f"{what} grad_{name}")
+        close(a.grad.cpu(), e.grad, dtype, f"{what} grad_{name}")
 
 
 def test_fused_level_without_bias_opcheck_and_compile():
@@ -254,8 +255,35 @@ def test_fused_level_without_bias_opcheck_and_compile():
         torch.ops.fastloss.tcn_level_forward(x, w, None, 1, 0, 7)
 
 
+needs_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
+
+
+# Shapes past the CUDA kernels' grid caps: a row longer than 256 tiles (the taps' gradient
+# loops over tiles), positions past 32 x 1024 block rows (channels last), rows past 65535
+# block rows (forward), channels past one block (channels last).
+@pytest.mark.parametrize("shape,channels_last", [((1, 2, 300_001), False), ((1, 5, 300_001), True),
+                                                 ((600, 1000, 7), False), ((3, 1500, 40), True)],
+                         ids=["long-BCL", "long-BLC", "many-rows", "wide-BLC"])
 @pytest.mark.cuda
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+@needs_cuda
+def test_cuda_grid_limits(shape, channels_last):
+    check(*shape, 3, 5000 if shape[2] > 1000 else 2, True, torch.float32, channels_last,
+          seed=13, device="cuda")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.cuda
+@needs_cuda
+def test_cuda_weight_gradient_is_deterministic(channels_last):
+    x, w, b = make(4, 33, 5000, 5, torch.float32, seed=14, channels_last=channels_last)
+    x, g = x.cuda(), torch.randn(4, 33, 5000, device="cuda")
+    grads = [torch.ops.fastloss.dilated_conv1d_backward(g, x, w.cuda(), 7, 28, [False, True, True])
+             for _ in range(2)]
+    assert torch.equal(grads[0][1], grads[1][1]) and torch.equal(grads[0][2], grads[1][2])
+
+
+@pytest.mark.cuda
+@needs_cuda
 def test_cuda_path_equals_cpu():
     x, w, b = make(2, 6, 50, 3, torch.float32, seed=12)
     results = []

@@ -14,6 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
+#include "../common/cuda_storage.cuh"
 #include "loss_math.h"
 #include "losses_kernels.h"
 
@@ -23,15 +24,6 @@ namespace {
 
 constexpr int kBlock = 256;
 constexpr int kUnroll = 4;  // 16-byte packs per thread in flight: 64 bytes
-
-__device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load1(const __half* p) { return __half2float(__ldg(p)); }
-__device__ __forceinline__ float load1(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
-}
-__device__ __forceinline__ void store1(float* p, float v) { *p = v; }
-__device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
-__device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }
 
 // ---- 16-byte packs ---------------------------------------------------------------------------
 template <class T>
@@ -279,15 +271,6 @@ __global__ void __launch_bounds__(kBlock)
     } else {
       for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
     }
-  }
-}
-
-template <class F>
-void visit_dtype(ScalarType t, F&& f) {
-  switch (t) {
-    case ScalarType::f32: return f.template operator()<float>();
-    case ScalarType::f16: return f.template operator()<__half>();
-    case ScalarType::bf16: return f.template operator()<__nv_bfloat16>();
   }
 }
 

@@ -1,7 +1,8 @@
 // Activations of the fused TCN level (y = x + act(conv(x) + b)) and their derivatives, on the
-// vector types of csrc/common (float, Vec8, Vec16). Torch-free.
+// vector types of csrc/common (float, Vec8, Vec16), on the CPU and in CUDA kernels. Torch-free.
 #pragma once
 #include "../common/macros.h"
+#include "../common/vec_scalar.h"  // the float overloads (vexp, ...) the templates use
 
 namespace fastloss {
 
@@ -11,7 +12,7 @@ namespace FL_ISA {
 
 // erf by Abramowitz and Stegun 7.1.26 (absolute error <= 1.5e-7), odd-extended.
 template <class V>
-inline V verf(V x) {
+FL_HD V verf(V x) {
   const V a = vabs(x);
   const V t = V(1.f) / (V(1.f) + V(0.3275911f) * a);
   const V poly = t * (V(0.254829592f) +
@@ -21,7 +22,7 @@ inline V verf(V x) {
 }
 
 template <class V>
-inline V act_apply(V h, Act act) {
+FL_HD V act_apply(V h, Act act) {
   switch (act) {
     case Act::relu: return vmax(h, V(0.f));
     case Act::silu: return h / (V(1.f) + vexp(-h));
@@ -32,7 +33,7 @@ inline V act_apply(V h, Act act) {
 }
 
 template <class V>
-inline V act_derivative(V h, Act act) {
+FL_HD V act_derivative(V h, Act act) {
   switch (act) {
     case Act::relu: return vselect(V(0.f) < h, V(1.f), V(0.f));
     case Act::silu: {

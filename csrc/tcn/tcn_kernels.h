@@ -42,4 +42,12 @@ void conv_forward_cpu(const SeqView& x, const ConvTaps& taps, void* y, int64_t r
 void conv_weight_grad_cpu(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
                           float* grad_w, float* grad_b, int64_t c0, int64_t c1);
 
+// CUDA (tcn_cuda.cu), the whole tensor at once on `stream` (a cudaStream_t); each returns
+// nullptr, or the CUDA error of the launch. The taps' gradient needs a float32 scratch of
+// conv_weight_grad_cuda_scratch(x, taps) elements (its partial sums; no atomics).
+const char* conv_forward_cuda(const SeqView& x, const ConvTaps& taps, void* y, void* stream);
+int64_t conv_weight_grad_cuda_scratch(const SeqView& x, const ConvTaps& taps);
+const char* conv_weight_grad_cuda(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
+                                  float* grad_w, float* grad_b, float* scratch, void* stream);
+
 }  // namespace fastloss

@@ -1,7 +1,7 @@
 // The torch-aware side of the depthwise dilated convolution: argument checks, memory layout
 // (channels first [B, C, L] or channels last [B, L, C] memory, both without a copy), float32
-// taps, and the CPU kernels of tcn_cpu_impl.h. Schemas in registration.cpp; fake kernels and
-// autograd in python/fastloss/ops/tcn.py (which sends CUDA tensors to F.conv1d for now).
+// taps, and the CPU kernels of tcn_cpu_impl.h or the CUDA kernels of tcn_cuda.cu. Schemas in
+// registration.cpp; fake kernels and autograd in python/fastloss/ops/tcn.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -13,6 +13,11 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "../common/huge_pages.h"
 #include "../op_helpers.h"
@@ -75,12 +80,22 @@ void check(const Tensor& x, const Tensor& weight, const OptT& bias, int64_t dila
   TORCH_CHECK(!bias.has_value() || (bias->dim() == 1 && bias->size(0) == x.size(1) &&
                                     bias->scalar_type() == x.scalar_type()),
               kOp, ": bias must be [", x.size(1), "] of x's dtype");
-  for (const Tensor* t : {&weight})
-    TORCH_CHECK(t->device() == x.device(), kOp, ": weight is on ", t->device(), " but x is on ",
-                x.device());
-  TORCH_CHECK(x.is_cpu(), kOp, ": the fastloss kernel runs on the CPU (CUDA tensors take the "
-              "F.conv1d path of fastloss.ops.dilated_conv1d)");
+  TORCH_CHECK(weight.device() == x.device(), kOp, ": weight is on ", weight.device(),
+              " but x is on ", x.device());
+  TORCH_CHECK(!bias.has_value() || bias->device() == x.device(), kOp, ": bias is on ",
+              bias->device(), " but x is on ", x.device());
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), kOp, ": x must be on the CPU or a CUDA device, got ",
+              x.device());
+#if !defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(x.is_cpu(), kOp, ": fastloss was built without CUDA; reinstall it with a CUDA "
+              "build of torch and nvcc");
+#endif
 }
+
+#if defined(FASTLOSS_WITH_CUDA)
+void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
 
 // y = conv(x) with float32 taps `w` [C, K], then the epilogue (ConvTaps: act, mode, other
 // laid out as x); `y` has x's layout.
@@ -88,7 +103,6 @@ Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int
                    int64_t pad, int act = 0, int mode = 0, const Tensor& other = Tensor()) {
   Tensor y = at::empty_like(x);
   if (x.numel() == 0) return y;
-  advise_huge_pages(y.data_ptr(), y.nbytes());
   const SeqView xv = view_of(x);
   const Tensor taps = xv.channels_last() ? w32.t().contiguous() : w32;  // [K, C] or [C, K]
   ConvTaps p;
@@ -100,6 +114,14 @@ Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int
   p.act = act;
   p.mode = mode;
   p.other = other.defined() ? other.data_ptr() : nullptr;
+  if (x.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_launch(conv_forward_cuda(xv, p, y.data_ptr(), current_stream()));
+#endif
+    return y;
+  }
+  advise_huge_pages(y.data_ptr(), y.nbytes());
   const int64_t per_item = xv.channels_last() ? xv.C : xv.L;
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(per_item, 1));
   void* out = y.data_ptr();
@@ -131,6 +153,15 @@ std::tuple<Tensor, Tensor> weight_grads(const Tensor& x, const Tensor& g, int64_
   p.pad = pad;
   float* gwp = gw32.data_ptr<float>();
   float* gbp = want_bias ? gb32.data_ptr<float>() : nullptr;
+  if (x.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    Tensor scratch = at::empty({conv_weight_grad_cuda_scratch(xv, p)}, gw32.options());
+    check_launch(conv_weight_grad_cuda(xv, gv, p, gwp, gbp, scratch.data_ptr<float>(),
+                                       current_stream()));
+#endif
+    return {gw32, gb32};
+  }
   const int64_t grain = std::max<int64_t>(1, (int64_t(1) << 16) / std::max<int64_t>(x.size(0) * x.size(2), 1));
   at::parallel_for(0, C, grain, [&](int64_t c0, int64_t c1) {
     conv_weight_grad_cpu(xv, gv, p, gwp, gbp, c0, c1);
@@ -212,9 +243,18 @@ std::tuple<Tensor, Tensor, Tensor> tcn_level_backward(const Tensor& grad_y, cons
 }  // namespace
 }  // namespace fastloss
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  m.impl("dilated_conv1d_forward", &fastloss::dilated_conv1d_forward);
-  m.impl("dilated_conv1d_backward", &fastloss::dilated_conv1d_backward);
-  m.impl("tcn_level_forward", &fastloss::tcn_level_forward);
-  m.impl("tcn_level_backward", &fastloss::tcn_level_backward);
+namespace fastloss {
+namespace {
+void register_impls(torch::Library& m) {
+  m.impl("dilated_conv1d_forward", &dilated_conv1d_forward);
+  m.impl("dilated_conv1d_backward", &dilated_conv1d_backward);
+  m.impl("tcn_level_forward", &tcn_level_forward);
+  m.impl("tcn_level_backward", &tcn_level_backward);
 }
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
+#endif

@@ -7,13 +7,13 @@
   inputs up to ``t`` only), ``P = d (K - 1) // 2`` otherwise (centred; for even ``K`` one more
   tap on the right, as ``padding="same"`` does). Output length ``L`` either way, whatever
   ``L`` is against the receptive field ``d (K - 1) + 1`` (missing inputs are zeros).
-  On the CPU it runs fastloss's AVX2 / AVX-512 kernels (``csrc/tcn``), forward and backward,
-  on channels-first memory or on channels-last memory (``x = x_blc.transpose(1, 2)`` of a
-  contiguous ``[B, L, C]`` tensor: no copy, and the output comes back in the same layout).
+  It runs fastloss's kernels (``csrc/tcn``: AVX2 / AVX-512 on the CPU, CUDA on a GPU when
+  fastloss was built with CUDA), forward and backward, on channels-first memory or on
+  channels-last memory (``x = x_blc.transpose(1, 2)`` of a contiguous ``[B, L, C]`` tensor: no
+  copy, and the output comes back in the same layout).
 * full or grouped ``weight [C_out, C / groups, K]``: ``F.conv1d`` with the same padding
   (no fastloss kernel yet).
 
-CUDA tensors take the ``F.conv1d`` path for now (the CUDA kernels are not written yet).
 float32, float16, bfloat16; float32 math inside the kernels.
 """
 
@@ -24,6 +24,8 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _C
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -94,6 +96,11 @@ torch.library.register_autograd("fastloss::tcn_level_forward", _backward_level,
 ACTIVATIONS = {None: (0, lambda h: h), "relu": (1, F.relu), "silu": (2, F.silu), "gelu": (3, F.gelu)}
 
 
+def _has_kernel(x: Tensor) -> bool:
+    """Whether fastloss has a depthwise kernel for x's device in this build (else F.conv1d)."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
+
+
 def left_padding(kernel_size: int, dilation: int, causal: bool) -> int:
     """P of the formula above: the inputs before t that output t sees."""
     span = dilation * (kernel_size - 1)
@@ -132,7 +139,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"{fn}: bias must be [{out_channels}], got shape {tuple(bias.shape)}")
     pad = left_padding(k, dilation, causal)
-    if weight.dim() == 2 and x.device.type == "cpu":
+    if weight.dim() == 2 and _has_kernel(x):
         return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
     if weight.dim() == 2:
         w3, g = weight.unsqueeze(1), c
@@ -147,17 +154,18 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
 
 def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation: int = 1,
               activation: Optional[str] = "gelu", causal: bool = True) -> Tensor:
-    """One TCN level, ``x + act(dilated_conv1d(x, weight, bias, dilation, causal))``, fused on
-    the CPU for depthwise weights: one pass over ``x`` forward, and a backward that recomputes
-    the convolution instead of keeping its output and the activation's (only ``x`` is saved).
+    """One TCN level, ``x + act(dilated_conv1d(x, weight, bias, dilation, causal))``, fused for
+    depthwise weights: one pass over ``x`` forward, and a backward that recomputes the
+    convolution instead of keeping its output and the activation's (only ``x`` is saved).
     ``activation``: ``"gelu"`` (the erf form, as ``F.gelu``), ``"relu"``, ``"silu"`` or None.
-    Elsewhere (CUDA, full or grouped weights) the same composition of torch operations.
+    Full or grouped weights (or CUDA tensors in a build without CUDA): the same composition of
+    torch operations.
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"tcn_level: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     code, act = ACTIVATIONS[activation]
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
-             and weight.dim() == 2 and x.device.type == "cpu" and x.dtype in _FLOATS
+             and weight.dim() == 2 and _has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
              and isinstance(dilation, int) and dilation >= 1)
     if not fused:
