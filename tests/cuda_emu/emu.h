@@ -1,0 +1,238 @@
+// A small CUDA emulator for the tests of a machine without a GPU: a .cu file's kernels compile
+// as plain C++ (g++) against the stub CUDA headers of include/, and each block runs on the CPU
+// with one fiber (ucontext) per thread. Blocks run one after another; inside a block the fibers
+// run until they reach __syncthreads or a warp shuffle, which the scheduler resolves once every
+// thread concerned has arrived. It checks what a GPU would not report clearly: a barrier or a
+// full-mask shuffle that not every thread reaches (divergence), an invalid launch shape.
+//
+// What it cannot see: data races inside a block (the fibers do not interleave between
+// barriers), timing, and the GPU's exact float rounding of intrinsics such as __expf.
+// It is test code only; nothing of it ships in fastloss.
+#pragma once
+#include <ucontext.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(...)
+#define __shared__ static
+
+struct uint3 {
+  unsigned x = 0, y = 0, z = 0;
+};
+struct dim3 {
+  unsigned x = 1, y = 1, z = 1;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+inline uint3 threadIdx, blockIdx;
+inline dim3 blockDim, gridDim;
+constexpr int warpSize = 32;
+
+using cudaStream_t = struct CUstream_st*;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+
+namespace emu {
+
+inline cudaError_t last_error = cudaSuccess;
+inline std::string last_message;
+
+struct Fiber {
+  ucontext_t ctx;
+  uint3 tid;
+  int lane_id = 0, warp_id = 0;
+  enum State { run, barrier, shuffle, done } state = run;
+  // a pending shuffle: the value offered, how the source lane is chosen, the result
+  uint64_t value = 0, result = 0;
+  int op = 0;  // 0: idx, 1: down, 2: up, 3: xor
+  int arg = 0, width = 32;
+  unsigned mask = 0;
+};
+
+struct Block {
+  std::vector<Fiber> fibers;
+  ucontext_t scheduler;
+  int current = 0;
+  const std::function<void()>* body = nullptr;
+};
+inline Block* block = nullptr;
+inline std::vector<char> stacks;  // one per thread of a block, reused by every block
+constexpr size_t kStack = 128 * 1024;
+
+inline void fiber_entry() {
+  (*block->body)();
+  Fiber& f = block->fibers[block->current];
+  f.state = Fiber::done;
+  swapcontext(&f.ctx, &block->scheduler);
+}
+
+inline Fiber& self() { return block->fibers[block->current]; }
+inline void yield_to_scheduler() {
+  Fiber& f = self();
+  swapcontext(&f.ctx, &block->scheduler);
+  threadIdx = block->fibers[block->current].tid;
+}
+
+inline void run_block(const std::function<void()>& body, dim3 bdim) {
+  const int n = int(bdim.x * bdim.y * bdim.z);
+  Block b;
+  b.body = &body;
+  b.fibers.resize(size_t(n));
+  if (stacks.size() < size_t(n) * kStack) stacks.resize(size_t(n) * kStack);
+  for (int i = 0; i < n; ++i) {
+    Fiber& f = b.fibers[size_t(i)];
+    f.tid = {unsigned(i) % bdim.x, (unsigned(i) / bdim.x) % bdim.y, unsigned(i) / (bdim.x * bdim.y)};
+    f.lane_id = i % 32;
+    f.warp_id = i / 32;
+    getcontext(&f.ctx);
+    f.ctx.uc_stack.ss_sp = stacks.data() + size_t(i) * kStack;
+    f.ctx.uc_stack.ss_size = kStack;
+    f.ctx.uc_link = nullptr;
+    makecontext(&f.ctx, fiber_entry, 0);
+  }
+  block = &b;
+  const int warps = (n + 31) / 32;
+  for (;;) {
+    for (int i = 0; i < n; ++i) {
+      if (b.fibers[size_t(i)].state != Fiber::run) continue;
+      b.current = i;
+      threadIdx = b.fibers[size_t(i)].tid;
+      swapcontext(&b.scheduler, &b.fibers[size_t(i)].ctx);
+    }
+    int done = 0, at_barrier = 0;
+    bool progressed = false;
+    for (const Fiber& f : b.fibers) {
+      done += f.state == Fiber::done;
+      at_barrier += f.state == Fiber::barrier;
+    }
+    if (done == n) break;
+    for (int w = 0; w < warps; ++w) {  // warps whose every lane waits at a shuffle
+      const int lo = w * 32, hi = std::min(n, lo + 32);
+      int waiting = 0;
+      for (int i = lo; i < hi; ++i) waiting += b.fibers[size_t(i)].state == Fiber::shuffle;
+      if (waiting == 0) continue;
+      if (waiting != hi - lo) {
+        block = nullptr;
+        throw std::runtime_error("divergent warp shuffle: warp " + std::to_string(w) + " has " +
+                                 std::to_string(waiting) + " of " + std::to_string(hi - lo) +
+                                 " lanes at the shuffle");
+      }
+      for (int i = lo; i < hi; ++i) {
+        Fiber& f = b.fibers[size_t(i)];
+        const int lane = i - lo, base = lane - lane % f.width;
+        int src = lane;
+        if (f.op == 0) src = base + f.arg % f.width;
+        if (f.op == 1) src = lane % f.width + f.arg < f.width ? lane + f.arg : lane;
+        if (f.op == 2) src = lane % f.width - f.arg >= 0 ? lane - f.arg : lane;
+        if (f.op == 3) src = ((lane % f.width) ^ f.arg) < f.width ? base + ((lane % f.width) ^ f.arg) : lane;
+        f.result = src < hi - lo ? b.fibers[size_t(lo + src)].value : f.value;
+      }
+      for (int i = lo; i < hi; ++i) b.fibers[size_t(i)].state = Fiber::run;
+      progressed = true;
+    }
+    if (progressed) continue;
+    if (at_barrier == n) {
+      for (Fiber& f : b.fibers) f.state = Fiber::run;
+      continue;
+    }
+    block = nullptr;
+    throw std::runtime_error("divergent __syncthreads: " + std::to_string(at_barrier) + " of " +
+                             std::to_string(n) + " threads at the barrier, " +
+                             std::to_string(done) + " finished");
+  }
+  block = nullptr;
+}
+
+struct Config {
+  dim3 grid, block;
+  size_t smem = 0;
+  cudaStream_t stream = nullptr;
+};
+
+// kernel<<<grid, block, smem, stream>>>(args...) is rewritten as launch(kernel, {...}, args...)
+// by the test's build step.
+template <class Kernel, class... Args>
+void launch(Kernel kernel, Config c, Args... args) {
+  const unsigned long long threads = 1ull * c.block.x * c.block.y * c.block.z;
+  if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 ||
+      c.grid.z == 0 || c.grid.x > 0x7fffffffu || c.grid.y > 65535 || c.grid.z > 65535 ||
+      c.smem > 48 * 1024) {
+    last_error = cudaErrorInvalidConfiguration;
+    last_message = "invalid launch: grid (" + std::to_string(c.grid.x) + ", " +
+                   std::to_string(c.grid.y) + ", " + std::to_string(c.grid.z) + "), block (" +
+                   std::to_string(c.block.x) + ", " + std::to_string(c.block.y) + ", " +
+                   std::to_string(c.block.z) + ")";
+    return;
+  }
+  const std::function<void()> body = [&] { kernel(args...); };
+  gridDim = c.grid;
+  blockDim = c.block;
+  try {
+    for (unsigned z = 0; z < c.grid.z; ++z)
+      for (unsigned y = 0; y < c.grid.y; ++y)
+        for (unsigned x = 0; x < c.grid.x; ++x) {
+          blockIdx = {x, y, z};
+          run_block(body, c.block);
+        }
+  } catch (const std::exception& e) {
+    last_error = cudaErrorLaunchFailure;
+    last_message = e.what();
+  }
+}
+
+template <class T>
+T shuffle(unsigned mask, T v, int op, int arg, int width) {
+  static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
+  Fiber& f = self();
+  f.value = 0;
+  std::memcpy(&f.value, &v, sizeof(T));
+  f.op = op;
+  f.arg = arg;
+  f.width = width;
+  f.mask = mask;
+  f.state = Fiber::shuffle;
+  yield_to_scheduler();
+  T r;
+  std::memcpy(&r, &self().result, sizeof(T));
+  return r;
+}
+
+}  // namespace emu
+
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : emu::last_message.c_str();
+}
+
+inline void __syncthreads() {
+  emu::self().state = emu::Fiber::barrier;
+  emu::yield_to_scheduler();
+}
+template <class T>
+T __shfl_sync(unsigned mask, T v, int src, int width = 32) { return emu::shuffle(mask, v, 0, src, width); }
+template <class T>
+T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) { return emu::shuffle(mask, v, 1, int(d), width); }
+template <class T>
+T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) { return emu::shuffle(mask, v, 2, int(d), width); }
+template <class T>
+T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuffle(mask, v, 3, m, width); }
+
+template <class T>
+T __ldg(const T* p) { return *p; }
+inline float __expf(float x) { return std::exp(x); }
+inline float __logf(float x) { return std::log(x); }
+inline float __fdividef(float a, float b) { return a / b; }

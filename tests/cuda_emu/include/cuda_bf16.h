@@ -1,0 +1,11 @@
+// Stub for the CUDA emulator of the tests: bfloat16 storage with the conversions fastloss
+// uses, rounding to nearest even as the hardware does (csrc/common/half_convert.h).
+#pragma once
+#include "../emu.h"
+#include "common/half_convert.h"
+
+struct __nv_bfloat16 {
+  uint16_t bits;
+};
+inline float __bfloat162float(__nv_bfloat16 h) { return fastloss::FL_ISA::bf16_to_float(h.bits); }
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {fastloss::FL_ISA::float_to_bf16(f)}; }

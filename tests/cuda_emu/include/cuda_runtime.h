@@ -1,0 +1,3 @@
+// Stub for the CUDA emulator of the tests (../emu.h).
+#pragma once
+#include "../emu.h"

@@ -1,0 +1,201 @@
+"""The CUDA kernels of the dilated convolution (csrc/tcn/tcn_cuda.cu) run on the CPU under the
+test emulator (tests/cuda_emu): forward with every epilogue and the taps' gradient, both
+layouts, every dtype, against a float64 reference. Inputs sit between NaN guards (a read out of
+bounds poisons the result), outputs between sentinel guards that must stay untouched, and the
+gradient's scratch starts as NaN (a partial sum left unwritten poisons the gradient).
+
+This checks the kernels' indexing, grid shapes, reductions and barriers (a __syncthreads or a
+full-warp shuffle that some threads miss is an error here); it cannot see data races or GPU
+timing. The CUDA tests of test_tcn.py run the same kernels on a GPU where there is one.
+"""
+
+import ctypes
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from cuda_emu import build
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+SENTINEL = -7777.0
+GUARD = 64
+ACTS = {0: lambda h: h, 1: torch.relu, 2: F.silu, 3: F.gelu}
+
+pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C++ compiler")
+
+
+@pytest.fixture(scope="module")
+def lib():
+    lib = build.build("tcn/tcn_cuda.cu", "tcn_harness.cpp", "tcn")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_conv_forward.argtypes = [P, ctypes.c_int, I64, P, P, I64, P, P]
+    lib.emu_conv_forward.restype = ctypes.c_char_p
+    lib.emu_weight_grad_scratch.argtypes = [ctypes.c_int, I64, I64]
+    lib.emu_weight_grad_scratch.restype = ctypes.c_int64
+    lib.emu_weight_grad.argtypes = [P, P, ctypes.c_int, I64, I64, P, P, P]
+    lib.emu_weight_grad.restype = ctypes.c_char_p
+    return lib
+
+
+def int64s(*values):
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def guarded(t, fill):
+    """t's values and strides (t dense) inside a larger buffer whose rest holds `fill`; returns
+    (view, buffer)."""
+    buf = torch.full((t.numel() + 2 * GUARD,), fill, dtype=t.dtype)
+    view = buf[GUARD:GUARD + t.numel()].as_strided(t.shape, t.stride())
+    view.copy_(t)
+    return view, buf
+
+
+def check_guards(buf, what):
+    guards = torch.cat([buf[:GUARD], buf[-GUARD:]])
+    assert (guards == torch.tensor(SENTINEL, dtype=buf.dtype)).all(), f"{what}: the kernel wrote outside its output"
+
+
+def dims_of(x):
+    """SeqView's B, C, L and strides, as tcn_op.cpp's view_of fills them."""
+    b, c, length = x.shape
+    sb, sc, st = x.stride()
+    if c == 1:
+        sc = length
+    if length == 1:
+        st = 1
+    return int64s(b, c, length, sb, sc, st)
+
+
+def make(shape, dtype, channels_last, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    if channels_last:
+        x = x.transpose(1, 2).contiguous().transpose(1, 2)
+    return x.to(dtype)
+
+
+def conv64(x, w, bias, dilation, pad):
+    """float64 reference: y[b, c, t] = bias[c] + sum_k w[c, k] x[b, c, t - pad + k d]."""
+    k = w.shape[1]
+    xp = F.pad(x.double(), (pad, dilation * (k - 1) - pad))
+    return F.conv1d(xp, w.double().unsqueeze(1), None if bias is None else bias.double(),
+                    dilation=dilation, groups=x.shape[1])
+
+
+def close(actual, expected, dtype, what):
+    tol = TOL[dtype]
+    mag = max(expected.abs().max().item() if expected.numel() else 1.0, 1.0)
+    torch.testing.assert_close(actual.double(), expected, rtol=tol, atol=tol * mag,
+                               msg=lambda m: f"{what}: {m}")
+
+
+def run_forward(lib, x, w, bias, dilation, pad, act=0, mode=0, other=None):
+    """The CUDA forward kernel on x (float32 taps [C, K]) -> y in x's layout."""
+    channels_last = x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) != 1
+    taps = (w.t() if channels_last else w).float().contiguous()
+    b32 = None if bias is None else bias.float().contiguous()
+    xg, _ = guarded(x, float("nan"))
+    og = None if other is None else guarded(other, float("nan"))[0]
+    y, ybuf = guarded(torch.full_like(x, float("nan")), SENTINEL)
+    y.fill_(float("nan"))
+    err = lib.emu_conv_forward(xg.data_ptr(), DTYPE_CODES[x.dtype], dims_of(xg), taps.data_ptr(),
+                               None if b32 is None else b32.data_ptr(),
+                               int64s(w.shape[1], dilation, pad, act, mode),
+                               None if og is None else og.data_ptr(), y.data_ptr())
+    assert err is None, err.decode()
+    check_guards(ybuf, "forward")
+    assert y.stride() == x.stride()
+    return y.clone()
+
+
+def run_weight_grad(lib, x, g, k, dilation, pad):
+    conv = int64s(k, dilation, pad, 0, 0)
+    xg, _ = guarded(x, float("nan"))
+    gg, _ = guarded(g, float("nan"))
+    n = lib.emu_weight_grad_scratch(DTYPE_CODES[x.dtype], dims_of(xg), conv)
+    assert 0 < n <= 4 * x.numel() + 64 * x.shape[1] * (k + 1) * 1024, "scratch out of proportion"
+    scratch = torch.full((n,), float("nan"))
+    gw, gwbuf = guarded(torch.full((x.shape[1], k), float("nan")), SENTINEL)
+    gb, gbbuf = guarded(torch.full((x.shape[1],), float("nan")), SENTINEL)
+    err = lib.emu_weight_grad(xg.data_ptr(), gg.data_ptr(), DTYPE_CODES[x.dtype], dims_of(xg), conv,
+                              gw.data_ptr(), gb.data_ptr(), scratch.data_ptr())
+    assert err is None, err.decode()
+    check_guards(gwbuf, "grad_w")
+    check_guards(gbbuf, "grad_b")
+    return gw.clone(), gb.clone()
+
+
+def weight_grad64(x, g, k, dilation, pad):
+    w = torch.zeros(x.shape[1], k, dtype=torch.float64, requires_grad=True)
+    b = torch.zeros(x.shape[1], dtype=torch.float64, requires_grad=True)
+    conv64(x, w, b, dilation, pad).backward(g.double())
+    return w.grad, b.grad
+
+
+CASES = [(1, 1, 0), (2, 1, 1), (3, 4, 4), (4, 9, 13), (8, 2, 14), (16, 3, 22), (5, 60, 240)]
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.parametrize("k,dilation,pad", CASES, ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_forward_and_weight_grad(lib, dtype, k, dilation, pad, channels_last):
+    x = make((2, 37, 131), dtype, channels_last, seed=k * 100 + dilation)
+    w = torch.randn(37, k) / k ** 0.5
+    bias = torch.randn(37)
+    what = f"K={k} d={dilation} pad={pad} {dtype} cl={channels_last}"
+    for p in {pad, dilation * (k - 1) - pad}:  # causal/centred and the pad of the input gradient
+        y = run_forward(lib, x, w, bias, dilation, p)
+        close(y, conv64(x, w, bias, dilation, p), dtype, f"{what} y (pad {p})")
+        g = make(x.shape, dtype, channels_last, seed=7)
+        gw, gb = run_weight_grad(lib, x, g, k, dilation, p)
+        ew, eb = weight_grad64(x, g, k, dilation, p)
+        close(gw, ew, dtype, f"{what} grad_w (pad {p})")
+        close(gb, eb, dtype, f"{what} grad_b (pad {p})")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.parametrize("act", [0, 1, 2, 3], ids=["none", "relu", "silu", "gelu"])
+def test_epilogues(lib, act, channels_last):
+    x = make((3, 19, 70), torch.float32, channels_last, seed=act)
+    other = make((3, 19, 70), torch.float32, channels_last, seed=act + 10)
+    w, bias = torch.randn(19, 3), torch.randn(19)
+    h = conv64(x, w, bias, 4, 8).requires_grad_(True)
+    y = ACTS[act](h)
+    close(run_forward(lib, x, w, bias, 4, 8, act, 0), y.detach(), torch.float32, "act(h)")
+    close(run_forward(lib, x, w, bias, 4, 8, act, 0, other), y.detach() + other.double(),
+          torch.float32, "other + act(h)")
+    (d,) = torch.autograd.grad(y, h, other.double())
+    close(run_forward(lib, x, w, bias, 4, 8, act, 1, other), d, torch.float32, "other * act'(h)")
+
+
+@pytest.mark.parametrize("shape,channels_last", [((1, 1, 1), False), ((3, 2, 1), True),
+                                                 ((1, 1, 40), True), ((2, 5, 7), False),
+                                                 ((2, 5, 7), True), ((1, 17, 300), True)],
+                         ids=["1x1x1", "3x2x1-BLC", "1x1x40", "2x5x7", "2x5x7-BLC", "1x17x300-BLC"])
+def test_awkward_shapes(lib, shape, channels_last):
+    x = make(shape, torch.float32, channels_last, seed=3)
+    w, bias = torch.randn(shape[1], 3), torch.randn(shape[1])
+    close(run_forward(lib, x, w, bias, 2, 4), conv64(x, w, bias, 2, 4), torch.float32, "y")
+    close(run_forward(lib, x, w, None, 2, 1), conv64(x, w, None, 2, 1), torch.float32, "y, no bias")
+    g = make(shape, torch.float32, channels_last, seed=4)
+    for got, exp in zip(run_weight_grad(lib, x, g, 3, 2, 4), weight_grad64(x, g, 3, 2, 4)):
+        close(got, exp, torch.float32, "taps' gradient")
+
+
+# Past the grid caps: a channels-first row of more than 256 tiles of 1024 (the taps' gradient
+# loops over tiles), more than 1024 x 32 x 8 positions channels last (block rows of the
+# gradient loop), channels past one block channels last.
+@pytest.mark.parametrize("shape,channels_last", [((1, 2, 300_001), False), ((2, 5, 131_100), True),
+                                                 ((3, 1500, 20), True)],
+                         ids=["long-BCL", "long-BLC", "wide-BLC"])
+def test_past_the_grid_caps(lib, shape, channels_last):
+    x = make(shape, torch.float32, channels_last, seed=5)
+    w, bias = torch.randn(shape[1], 3), torch.randn(shape[1])
+    d = 5000 if shape[2] > 1000 else 3
+    if shape != (2, 5, 131_100):  # (its forward alone is 33k emulated blocks; covered by the others)
+        close(run_forward(lib, x, w, bias, d, d), conv64(x, w, bias, d, d), torch.float32, "y")
+    g = make(shape, torch.float32, channels_last, seed=6)
+    for got, exp in zip(run_weight_grad(lib, x, g, 3, d, d), weight_grad64(x, g, 3, d, d)):
+        close(got, exp, torch.float32, "taps' gradient")
