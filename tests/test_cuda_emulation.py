@@ -1,12 +1,14 @@
-"""The CUDA kernels of the dilated convolution (csrc/tcn/tcn_cuda.cu) run on the CPU under the
-test emulator (tests/cuda_emu): forward with every epilogue and the taps' gradient, both
-layouts, every dtype, against a float64 reference. Inputs sit between NaN guards (a read out of
-bounds poisons the result), outputs between sentinel guards that must stay untouched, and the
-gradient's scratch starts as NaN (a partial sum left unwritten poisons the gradient).
+"""CUDA kernels run on the CPU under the test emulator (tests/cuda_emu), against float64
+references: the dilated convolution (csrc/tcn/tcn_cuda.cu: forward with every epilogue and the
+taps' gradient, both layouts, every dtype) and the low-bit dequant GEMM (csrc/quant/quant_cuda.cu:
+the warp-per-row GEMV and the dequantize kernel, every format). Inputs sit between NaN guards (a
+read out of bounds poisons the result), outputs between sentinel guards that must stay
+untouched, and scratch memory starts as NaN (a partial sum left unwritten poisons the result).
 
-This checks the kernels' indexing, grid shapes, reductions and barriers (a __syncthreads or a
-full-warp shuffle that some threads miss is an error here); it cannot see data races or GPU
-timing. The CUDA tests of test_tcn.py run the same kernels on a GPU where there is one.
+This checks the kernels' indexing, grid shapes, reductions, barriers (a __syncthreads or a
+full-warp shuffle that some threads miss is an error here) and load alignment; it cannot see
+data races or GPU timing. The CUDA tests of test_tcn.py and test_quant.py run the same kernels
+on a GPU where there is one.
 """
 
 import ctypes
@@ -16,6 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from cuda_emu import build
+from fastloss import ops
+from fastloss.reference import quant as quant_ref
 
 DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 TOL = {torch.float32: 2e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -27,7 +31,7 @@ pytestmark = pytest.mark.skipif(build.compiler() is None, reason="no C++ compile
 
 
 @pytest.fixture(scope="module")
-def lib():
+def tcn_lib():
     lib = build.build("tcn/tcn_cuda.cu", "tcn_harness.cpp", "tcn")
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
     lib.emu_conv_forward.argtypes = [P, ctypes.c_int, I64, P, P, I64, P, P]
@@ -110,7 +114,7 @@ def run_forward(lib, x, w, bias, dilation, pad, act=0, mode=0, other=None):
     return y.clone()
 
 
-def run_weight_grad(lib, x, g, k, dilation, pad):
+def run_weight_grad(lib, x, g, k, dilation, pad, want_bias=True):
     conv = int64s(k, dilation, pad, 0, 0)
     xg, _ = guarded(x, float("nan"))
     gg, _ = guarded(g, float("nan"))
@@ -120,10 +124,12 @@ def run_weight_grad(lib, x, g, k, dilation, pad):
     gw, gwbuf = guarded(torch.full((x.shape[1], k), float("nan")), SENTINEL)
     gb, gbbuf = guarded(torch.full((x.shape[1],), float("nan")), SENTINEL)
     err = lib.emu_weight_grad(xg.data_ptr(), gg.data_ptr(), DTYPE_CODES[x.dtype], dims_of(xg), conv,
-                              gw.data_ptr(), gb.data_ptr(), scratch.data_ptr())
+                              gw.data_ptr(), gb.data_ptr() if want_bias else None,
+                              scratch.data_ptr())
     assert err is None, err.decode()
     check_guards(gwbuf, "grad_w")
     check_guards(gbbuf, "grad_b")
+    assert want_bias or gb.isnan().all(), "grad_b written though not wanted"
     return gw.clone(), gb.clone()
 
 
@@ -140,62 +146,129 @@ CASES = [(1, 1, 0), (2, 1, 1), (3, 4, 4), (4, 9, 13), (8, 2, 14), (16, 3, 22), (
 @pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
 @pytest.mark.parametrize("k,dilation,pad", CASES, ids=lambda v: str(v))
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
-def test_forward_and_weight_grad(lib, dtype, k, dilation, pad, channels_last):
+def test_forward_and_weight_grad(tcn_lib, dtype, k, dilation, pad, channels_last):
     x = make((2, 37, 131), dtype, channels_last, seed=k * 100 + dilation)
     w = torch.randn(37, k) / k ** 0.5
     bias = torch.randn(37)
     what = f"K={k} d={dilation} pad={pad} {dtype} cl={channels_last}"
     for p in {pad, dilation * (k - 1) - pad}:  # causal/centred and the pad of the input gradient
-        y = run_forward(lib, x, w, bias, dilation, p)
+        y = run_forward(tcn_lib, x, w, bias, dilation, p)
         close(y, conv64(x, w, bias, dilation, p), dtype, f"{what} y (pad {p})")
         g = make(x.shape, dtype, channels_last, seed=7)
-        gw, gb = run_weight_grad(lib, x, g, k, dilation, p)
+        gw, gb = run_weight_grad(tcn_lib, x, g, k, dilation, p)
         ew, eb = weight_grad64(x, g, k, dilation, p)
         close(gw, ew, dtype, f"{what} grad_w (pad {p})")
         close(gb, eb, dtype, f"{what} grad_b (pad {p})")
+        gw, _ = run_weight_grad(tcn_lib, x, g, k, dilation, p, want_bias=False)
+        close(gw, ew, dtype, f"{what} grad_w without grad_b (pad {p})")
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
 @pytest.mark.parametrize("act", [0, 1, 2, 3], ids=["none", "relu", "silu", "gelu"])
-def test_epilogues(lib, act, channels_last):
+def test_epilogues(tcn_lib, act, channels_last):
     x = make((3, 19, 70), torch.float32, channels_last, seed=act)
     other = make((3, 19, 70), torch.float32, channels_last, seed=act + 10)
     w, bias = torch.randn(19, 3), torch.randn(19)
     h = conv64(x, w, bias, 4, 8).requires_grad_(True)
     y = ACTS[act](h)
-    close(run_forward(lib, x, w, bias, 4, 8, act, 0), y.detach(), torch.float32, "act(h)")
-    close(run_forward(lib, x, w, bias, 4, 8, act, 0, other), y.detach() + other.double(),
+    close(run_forward(tcn_lib, x, w, bias, 4, 8, act, 0), y.detach(), torch.float32, "act(h)")
+    close(run_forward(tcn_lib, x, w, bias, 4, 8, act, 0, other), y.detach() + other.double(),
           torch.float32, "other + act(h)")
     (d,) = torch.autograd.grad(y, h, other.double())
-    close(run_forward(lib, x, w, bias, 4, 8, act, 1, other), d, torch.float32, "other * act'(h)")
+    close(run_forward(tcn_lib, x, w, bias, 4, 8, act, 1, other), d, torch.float32, "other * act'(h)")
 
 
 @pytest.mark.parametrize("shape,channels_last", [((1, 1, 1), False), ((3, 2, 1), True),
                                                  ((1, 1, 40), True), ((2, 5, 7), False),
                                                  ((2, 5, 7), True), ((1, 17, 300), True)],
                          ids=["1x1x1", "3x2x1-BLC", "1x1x40", "2x5x7", "2x5x7-BLC", "1x17x300-BLC"])
-def test_awkward_shapes(lib, shape, channels_last):
+def test_awkward_shapes(tcn_lib, shape, channels_last):
     x = make(shape, torch.float32, channels_last, seed=3)
     w, bias = torch.randn(shape[1], 3), torch.randn(shape[1])
-    close(run_forward(lib, x, w, bias, 2, 4), conv64(x, w, bias, 2, 4), torch.float32, "y")
-    close(run_forward(lib, x, w, None, 2, 1), conv64(x, w, None, 2, 1), torch.float32, "y, no bias")
+    close(run_forward(tcn_lib, x, w, bias, 2, 4), conv64(x, w, bias, 2, 4), torch.float32, "y")
+    close(run_forward(tcn_lib, x, w, None, 2, 1), conv64(x, w, None, 2, 1), torch.float32, "y, no bias")
     g = make(shape, torch.float32, channels_last, seed=4)
-    for got, exp in zip(run_weight_grad(lib, x, g, 3, 2, 4), weight_grad64(x, g, 3, 2, 4)):
+    for got, exp in zip(run_weight_grad(tcn_lib, x, g, 3, 2, 4), weight_grad64(x, g, 3, 2, 4)):
         close(got, exp, torch.float32, "taps' gradient")
 
 
 # Past the grid caps: a channels-first row of more than 256 tiles of 1024 (the taps' gradient
 # loops over tiles), more than 1024 x 32 x 8 positions channels last (block rows of the
-# gradient loop), channels past one block channels last.
-@pytest.mark.parametrize("shape,channels_last", [((1, 2, 300_001), False), ((2, 5, 131_100), True),
-                                                 ((3, 1500, 20), True)],
-                         ids=["long-BCL", "long-BLC", "wide-BLC"])
-def test_past_the_grid_caps(lib, shape, channels_last):
+# gradient loop), channels past one block channels last, a batch split into block layers
+# that each loop over several batch rows (channels first).
+@pytest.mark.parametrize("shape,channels_last,forward", [
+    ((1, 2, 300_001), False, True), ((2, 5, 131_100), True, False), ((3, 1500, 20), True, True),
+    ((1100, 3, 50), False, False)], ids=["long-BCL", "long-BLC", "wide-BLC", "batch-split-BCL"])
+def test_past_the_grid_caps(tcn_lib, shape, channels_last, forward):
+    # (forward False: the forward alone would be tens of thousands of emulated blocks, and its
+    # grid loop is covered by the other shapes)
     x = make(shape, torch.float32, channels_last, seed=5)
     w, bias = torch.randn(shape[1], 3), torch.randn(shape[1])
     d = 5000 if shape[2] > 1000 else 3
-    if shape != (2, 5, 131_100):  # (its forward alone is 33k emulated blocks; covered by the others)
-        close(run_forward(lib, x, w, bias, d, d), conv64(x, w, bias, d, d), torch.float32, "y")
+    if forward:
+        close(run_forward(tcn_lib, x, w, bias, d, d), conv64(x, w, bias, d, d), torch.float32, "y")
     g = make(shape, torch.float32, channels_last, seed=6)
-    for got, exp in zip(run_weight_grad(lib, x, g, 3, d, d), weight_grad64(x, g, 3, d, d)):
+    for got, exp in zip(run_weight_grad(tcn_lib, x, g, 3, d, d), weight_grad64(x, g, 3, d, d)):
         close(got, exp, torch.float32, "taps' gradient")
+
+
+# ---- low-bit dequant GEMM ----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def quant_lib():
+    lib = build.build("quant/quant_cuda.cu", "quant_harness.cpp", "quant")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_quant_gemv.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int64, P, P]
+    lib.emu_quant_gemv.restype = ctypes.c_char_p
+    lib.emu_quant_dequant.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int64]
+    lib.emu_quant_dequant.restype = ctypes.c_char_p
+    return lib
+
+
+def quant_args(qw):
+    """The packed weight's pointers (each inside NaN / random-byte guards) and shape."""
+    q = torch.randint(0, 256, (qw.qweight.numel() + 2 * GUARD,), dtype=torch.uint8)
+    q[GUARD:GUARD + qw.qweight.numel()] = qw.qweight.flatten()
+    ptr = lambda t: None if t is None else guarded(t.contiguous(), float("nan"))[0]  # noqa: E731
+    kept = [q, ptr(qw.scales), ptr(qw.zeros), ptr(qw.codebook)]
+    n, k = qw.shape
+    cb_rows = 0 if qw.codebook is None else qw.codebook.shape[0]
+    pointers = [q.data_ptr() + GUARD] + [None if t is None else t.data_ptr() for t in kept[1:]]
+    return kept, pointers + [int64s(n, k, qw.group, cb_rows), qw.bits]
+
+
+QUANT_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1)
+                 for kind in ("symmetric", "asymmetric", "codebook", "channel_codebook")]
+
+
+@pytest.mark.parametrize("bits,group_size,kind", QUANT_FORMATS, ids=lambda v: str(v))
+def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
+    g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + len(kind))
+    # per channel: K = 264 at 2 / 3 bits gives a plane length that is not a multiple of 4
+    # (the byte-load kernel); the groups give the 32-bit-load kernel
+    k = {32: 288, 128: 384}.get(group_size, 266 if bits in (4, 8) else 264)
+    n = 37
+    w = torch.randn(n, k, generator=g) * 0.1
+    codebook = {"codebook": ops.nf_codebook(bits) if bits < 8 else ops.power_codebook(bits, 1.7),
+                "channel_codebook": torch.randn(n, 1 << bits, generator=g)}.get(kind)
+    qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
+    w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    kept, args = quant_args(qw)
+    for m in (1, 3, 16):
+        x, _ = guarded(torch.randn(m, k, generator=g), float("nan"))
+        bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
+        y, ybuf = guarded(torch.full((m, n), float("nan")), SENTINEL)
+        y.fill_(float("nan"))
+        err = quant_lib.emu_quant_gemv(*args, x.data_ptr(), m, bias.data_ptr(), y.data_ptr())
+        assert err is None, err.decode()
+        check_guards(ybuf, "gemv y")
+        torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-4)
+    for n0, n1 in ((0, n), (5, 23)):
+        out, obuf = guarded(torch.full((n1 - n0, k), float("nan")), SENTINEL)
+        out.fill_(float("nan"))
+        err = quant_lib.emu_quant_dequant(*args, out.data_ptr(), n0, n1)
+        assert err is None, err.decode()
+        check_guards(obuf, "dequantized rows")
+        torch.testing.assert_close(out.double(), w64[n0:n1], rtol=0, atol=1e-6)
+    del kept

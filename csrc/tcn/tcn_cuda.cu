@@ -10,7 +10,7 @@
 //
 // The taps' gradient is reduced without atomics: each block writes one partial sum per (group
 // of its rows, channel, tap) into a float32 scratch, and a second kernel adds the partials of
-// each (channel, tap) in a fixed order in float64. The grid depends only on the shape, so the
+// each (channel, tap), a warp per pair, in a fixed order in float64. The grid depends only on the shape, so the
 // result does not depend on the GPU or on scheduling (deterministic).
 #include <cuda_runtime.h>
 
@@ -30,10 +30,14 @@ constexpr int kPerThread = 4;       // inner elements per thread, tx apart
 constexpr int kTapChunk = 4;        // taps accumulated in registers per pass of the gradient
 constexpr int64_t kMaxGridY = 65535;
 // The taps' gradient: blocks along t (channels first), blocks across the positions and the
-// fewest positions per thread (channels last). They bound the partial sums to a fraction of x.
+// fewest positions per thread (channels last), the number of partial sums per (channel, tap)
+// and the blocks a launch aims for when the batch can be split (channels first). They bound the
+// partial sums to a fraction of x.
 constexpr int64_t kMaxTilesX = 256;
 constexpr int64_t kMaxRowGroups = 1024;
 constexpr int64_t kMinRowsPerThread = 32;
+constexpr int64_t kMaxPartials = 1024;
+constexpr int64_t kTargetBlocks = 2048;
 
 // The launch shape for `rows` rows of `inner` elements.
 struct Geometry {
@@ -115,7 +119,9 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // ---- the taps' gradient -------------------------------------------------------------------
-// "Tap" K stands for the bias: its input is 1 (its gradient is the sum of grad_y).
+// nt = K taps, or K + 1 when the bias's gradient is wanted: "tap" K stands for the bias, whose
+// input is 1 (its gradient is the sum of grad_y). Partial sums are laid out [C, nt, P]: the P
+// partials of one (channel, tap) are contiguous for the kernel that adds them.
 
 // Sum of v over the tx threads of this thread's row of the block (tx a multiple of 32); the
 // result is valid in the thread with threadIdx.x == 0. `scratch` holds kThreads / 32 floats.
@@ -144,13 +150,13 @@ __device__ __forceinline__ float sum_along_y(float v, float* scratch) {
   return total;
 }
 
-// Channels first. A block row owns ty channels (looping over the rest) and a block column
-// the tiles blockIdx.x, blockIdx.x + gridDim.x, ... of t of every batch row of its channels.
-// Partials [gridDim.x, C, K + 1].
+// Channels first. A block row owns ty channels (looping over the rest), a block column the
+// tiles blockIdx.x, blockIdx.x + gridDim.x, ... of t, and a block layer the batch rows
+// blockIdx.z, blockIdx.z + gridDim.z, ...: P = gridDim.x * gridDim.z partials.
 template <class T>
 __global__ void __launch_bounds__(kThreads, 2)  // <= 128 registers: 2 blocks per SM
-    weight_grad_cf_kernel(SeqView xv, SeqView gv, int64_t K, int64_t dilation, int64_t pad,
-                          float* __restrict__ partial) {
+    weight_grad_cf_kernel(SeqView xv, SeqView gv, int64_t K, int64_t nt, int64_t dilation,
+                          int64_t pad, float* __restrict__ partial) {
   __shared__ float scratch[kThreads / 32];
   const T* __restrict__ x = static_cast<const T*>(xv.data);
   const T* __restrict__ g = static_cast<const T*>(gv.data);
@@ -161,9 +167,9 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 128 registers: 2 blocks pe
   for (int64_t c0 = int64_t(blockIdx.y) * blockDim.y; c0 < C; c0 += int64_t(gridDim.y) * blockDim.y) {
     const int64_t c = c0 + threadIdx.y;
     const bool live = c < C;
-    for (int64_t k0 = 0; k0 <= K; k0 += kTapChunk) {
+    for (int64_t k0 = 0; k0 < nt; k0 += kTapChunk) {
       float acc[kTapChunk] = {};
-      for (int64_t b = 0; live && b < xv.B; ++b) {
+      for (int64_t b = blockIdx.z; live && b < xv.B; b += gridDim.z) {
         const T* xr = x + b * xv.sb + c * xv.sc;
         const T* gr = g + b * gv.sb + c * gv.sc;
         for (int64_t t0 = int64_t(blockIdx.x) * tile; t0 < L; t0 += int64_t(gridDim.x) * tile) {
@@ -176,7 +182,7 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 128 registers: 2 blocks pe
             for (int q = 0; q < kTapChunk; ++q) {
               const int64_t k = k0 + q;
               const int64_t i = t + k * dilation - pad;
-              if (k == K) acc[q] += gt;
+              if (k == K && k < nt) acc[q] += gt;
               else if (k < K && i >= 0 && i < L) acc[q] = fmaf(gt, load1(xr + i * xv.st), acc[q]);
             }
           }
@@ -185,26 +191,26 @@ __global__ void __launch_bounds__(kThreads, 2)  // <= 128 registers: 2 blocks pe
 #pragma unroll
       for (int q = 0; q < kTapChunk; ++q) {
         const float s = sum_along_x(acc[q], scratch);
-        if (live && threadIdx.x == 0 && k0 + q <= K)
-          partial[(int64_t(blockIdx.x) * C + c) * (K + 1) + k0 + q] = s;
+        const int64_t P = int64_t(gridDim.x) * gridDim.z, p = int64_t(blockIdx.z) * gridDim.x + blockIdx.x;
+        if (live && threadIdx.x == 0 && k0 + q < nt) partial[(c * nt + k0 + q) * P + p] = s;
       }
     }
   }
 }
 
 // Channels last. Block column blockIdx.x owns tx * kPerThread channels, block row blockIdx.y
-// the positions (b, t) = rows blockIdx.y * ty + threadIdx.y + n * gridDim.y * ty.
-// Partials [gridDim.y, C, K + 1].
+// the positions (b, t) = rows blockIdx.y * ty + threadIdx.y + n * gridDim.y * ty:
+// P = gridDim.y partials.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
-    weight_grad_cl_kernel(SeqView xv, SeqView gv, int64_t K, int64_t dilation, int64_t pad,
-                          float* __restrict__ partial) {
+    weight_grad_cl_kernel(SeqView xv, SeqView gv, int64_t K, int64_t nt, int64_t dilation,
+                          int64_t pad, float* __restrict__ partial) {
   __shared__ float scratch[kThreads];
   const T* __restrict__ x = static_cast<const T*>(xv.data);
   const T* __restrict__ g = static_cast<const T*>(gv.data);
   const int64_t rows = xv.B * xv.L, C = xv.C, L = xv.L;
   const int64_t j0 = int64_t(blockIdx.x) * blockDim.x * kPerThread + threadIdx.x;
-  for (int64_t k0 = 0; k0 <= K; k0 += kTapChunk) {
+  for (int64_t k0 = 0; k0 < nt; k0 += kTapChunk) {
     float acc[kTapChunk][kPerThread] = {};
     for (int64_t r = int64_t(blockIdx.y) * blockDim.y + threadIdx.y; r < rows;
          r += int64_t(gridDim.y) * blockDim.y) {
@@ -219,7 +225,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int q = 0; q < kTapChunk; ++q) {
         const int64_t k = k0 + q, i = t + k * dilation - pad;
-        if (k == K) {
+        if (k == K && k < nt) {
 #pragma unroll
           for (int u = 0; u < kPerThread; ++u) acc[q][u] += gj[u];
         } else if (k < K && i >= 0 && i < L) {
@@ -238,26 +244,29 @@ __global__ void __launch_bounds__(kThreads)
       for (int u = 0; u < kPerThread; ++u) {
         const float s = sum_along_y(acc[q][u], scratch);
         const int64_t j = j0 + u * int64_t(blockDim.x);
-        if (threadIdx.y == 0 && j < C && k0 + q <= K)
-          partial[(int64_t(blockIdx.y) * C + j) * (K + 1) + k0 + q] = s;
+        if (threadIdx.y == 0 && j < C && k0 + q < nt)
+          partial[(j * nt + k0 + q) * gridDim.y + blockIdx.y] = s;
       }
     }
   }
 }
 
-// grad_w[c, k] (and grad_b[c] from "tap" K) = the sum of the P partials [P, C, K + 1], in
-// order, in float64.
+// grad_w[c, k] (and grad_b[c] from "tap" K) = the sum of the P partials of (c, k): a warp per
+// pair, each lane adding every 32nd partial in float64, then a fixed shuffle tree.
 __global__ void __launch_bounds__(kThreads)
     sum_partials_kernel(const float* __restrict__ partial, int64_t P, int64_t C, int64_t K,
-                        float* __restrict__ gw, float* __restrict__ gb) {
-  const int64_t n = C * (K + 1);
-  for (int64_t e = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; e < n;
-       e += int64_t(gridDim.x) * blockDim.x) {
+                        int64_t nt, float* __restrict__ gw, float* __restrict__ gb) {
+  const int64_t n = C * nt, warps = int64_t(gridDim.x) * (blockDim.x / 32);
+  const int lane = threadIdx.x % 32;
+  for (int64_t e = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; e < n; e += warps) {
     double s = 0.0;
-    for (int64_t q = 0; q < P; ++q) s += double(partial[q * n + e]);
-    const int64_t c = e / (K + 1), k = e % (K + 1);
+    for (int64_t q = lane; q < P; q += 32) s += double(partial[e * P + q]);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    if (lane != 0) continue;
+    const int64_t c = e / nt, k = e % nt;
     if (k < K) gw[c * K + k] = float(s);
-    else if (gb) gb[c] = float(s);
+    else gb[c] = float(s);
   }
 }
 
@@ -278,9 +287,15 @@ GradLaunch grad_launch(const SeqView& x) {
     l.grid = dim3(unsigned(l.g.tiles), unsigned(l.partials));
   } else {
     l.g = geometry(x.C, x.L);
-    l.partials = l.g.tiles < kMaxTilesX ? l.g.tiles : kMaxTilesX;
+    const int64_t tiles = l.g.tiles < kMaxTilesX ? l.g.tiles : kMaxTilesX;
     const int64_t rb = l.g.row_blocks < kMaxGridY ? l.g.row_blocks : kMaxGridY;
-    l.grid = dim3(unsigned(l.partials), unsigned(rb));
+    // split the batch when the channels and tiles alone give few blocks
+    int64_t batch_groups = (kTargetBlocks + tiles * rb - 1) / (tiles * rb);
+    batch_groups = batch_groups < x.B ? batch_groups : x.B;
+    batch_groups = batch_groups < kMaxPartials / tiles ? batch_groups : kMaxPartials / tiles;
+    batch_groups = batch_groups > 1 ? batch_groups : 1;
+    l.partials = tiles * batch_groups;
+    l.grid = dim3(unsigned(tiles), unsigned(rb), unsigned(batch_groups));
   }
   return l;
 }
@@ -319,22 +334,26 @@ int64_t conv_weight_grad_cuda_scratch(const SeqView& x, const ConvTaps& taps) {
 const char* conv_weight_grad_cuda(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
                                   float* grad_w, float* grad_b, float* scratch, void* stream) {
   using namespace FL_ISA;
-  const int64_t K = taps.K, dilation = taps.dilation, pad = taps.pad;
+  const int64_t K = taps.K, nt = K + (grad_b ? 1 : 0);
+  if (x.C == 0 || nt == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
+  const bool empty = x.B == 0 || x.L == 0;  // no partials: the sums are zeros
   const GradLaunch l = grad_launch(x);
-  if (l.g.tiles > 0x7fffffff) return "too many channels for one grid";
-  const dim3 block(unsigned(l.g.tx), unsigned(l.g.ty));
-  visit_dtype(x.dtype, [&]<class T>() {
-    if (x.channels_last())
-      weight_grad_cl_kernel<T><<<l.grid, block, 0, s>>>(x, grad_y, K, dilation, pad, scratch);
-    else
-      weight_grad_cf_kernel<T><<<l.grid, block, 0, s>>>(x, grad_y, K, dilation, pad, scratch);
-  });
-  if (const char* err = launch_status()) return err;
-  const int64_t n = x.C * (K + 1);
-  const int64_t blocks = (n + kThreads - 1) / kThreads;
-  sum_partials_kernel<<<unsigned(blocks < 4096 ? blocks : 4096), kThreads, 0, s>>>(
-      scratch, l.partials, x.C, K, grad_w, grad_b);
+  if (!empty) {
+    if (l.g.tiles > 0x7fffffff) return "too many channels for one grid";
+    const dim3 block(unsigned(l.g.tx), unsigned(l.g.ty));
+    visit_dtype(x.dtype, [&]<class T>() {
+      if (x.channels_last())
+        weight_grad_cl_kernel<T><<<l.grid, block, 0, s>>>(x, grad_y, K, nt, taps.dilation, taps.pad, scratch);
+      else
+        weight_grad_cf_kernel<T><<<l.grid, block, 0, s>>>(x, grad_y, K, nt, taps.dilation, taps.pad, scratch);
+    });
+    if (const char* err = launch_status()) return err;
+  }
+  const int64_t warps_per_block = kThreads / 32, n = x.C * nt;
+  const int64_t blocks = (n + warps_per_block - 1) / warps_per_block;
+  sum_partials_kernel<<<unsigned(blocks < (1 << 20) ? blocks : (1 << 20)), kThreads, 0, s>>>(
+      scratch, empty ? 0 : l.partials, x.C, K, nt, grad_w, grad_b);
   return launch_status();
 }
 

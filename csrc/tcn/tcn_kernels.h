@@ -38,7 +38,8 @@ struct ConvTaps {
 int64_t conv_work_items(const SeqView& x);
 void conv_forward_cpu(const SeqView& x, const ConvTaps& taps, void* y, int64_t r0, int64_t r1);
 
-// grad_w[c * K + k] and grad_b[c] (float32, or null) for channels [c0, c1): sums over b and t.
+// grad_w[c * K + k] and grad_b[c] (float32; grad_b may be null) for channels [c0, c1): sums
+// over b and t.
 void conv_weight_grad_cpu(const SeqView& x, const SeqView& grad_y, const ConvTaps& taps,
                           float* grad_w, float* grad_b, int64_t c0, int64_t c1);
 

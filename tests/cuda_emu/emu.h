@@ -46,6 +46,7 @@ namespace emu {
 
 inline cudaError_t last_error = cudaSuccess;
 inline std::string last_message;
+inline std::string fault_message;  // set by a thread that did what a GPU would trap on
 
 struct Fiber {
   ucontext_t ctx;
@@ -77,6 +78,15 @@ inline void fiber_entry() {
 }
 
 inline Fiber& self() { return block->fibers[block->current]; }
+
+// Ends the calling thread and the launch with `what` (a GPU would trap).
+inline void fault(const std::string& what) {
+  fault_message = what + " (block " + std::to_string(blockIdx.x) + "," + std::to_string(blockIdx.y) +
+                  ", thread " + std::to_string(threadIdx.x) + "," + std::to_string(threadIdx.y) + ")";
+  Fiber& f = self();
+  f.state = Fiber::done;
+  swapcontext(&f.ctx, &block->scheduler);
+}
 inline void yield_to_scheduler() {
   Fiber& f = self();
   swapcontext(&f.ctx, &block->scheduler);
@@ -108,6 +118,12 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
       b.current = i;
       threadIdx = b.fibers[size_t(i)].tid;
       swapcontext(&b.scheduler, &b.fibers[size_t(i)].ctx);
+      if (!fault_message.empty()) {
+        block = nullptr;
+        const std::string m = fault_message;
+        fault_message.clear();
+        throw std::runtime_error(m);
+      }
     }
     int done = 0, at_barrier = 0;
     bool progressed = false;
@@ -231,8 +247,22 @@ T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) { return emu::s
 template <class T>
 T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuffle(mask, v, 3, m, width); }
 
+inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::shuffle(mask, 0, 0, 0, 32); }
+
+struct alignas(16) float4 {
+  float x, y, z, w;
+};
+struct alignas(16) uint4 {
+  unsigned x, y, z, w;
+};
+inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
+
+// A GPU load of T needs an address aligned to sizeof(T) (a misaligned one traps).
 template <class T>
-T __ldg(const T* p) { return *p; }
+T __ldg(const T* p) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fault("misaligned load");
+  return *p;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }
