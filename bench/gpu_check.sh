@@ -87,6 +87,12 @@ timeout "${QUANT_BENCH_TIMEOUT:-150}" "$PY" bench/bench_quant.py --device cuda \
 echo "quant bench rc=$?"
 keep bench_quant_cuda.log
 
+stamp "dilated convolution benchmarks"
+timeout "${TCN_BENCH_TIMEOUT:-150}" "$PY" bench/bench_tcn.py --device cuda \
+  --out "$OUT_DIR" > "$LOGS/bench_tcn_cuda.log" 2>&1
+echo "tcn bench rc=$?"
+keep bench_tcn_cuda.log
+
 stamp "CPU tests of the torch integration and the argument checks"
 # (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
 # already compiles a graph of every loss)

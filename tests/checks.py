@@ -15,7 +15,8 @@ def assert_matches_reference(fn, ref_fn, inputs, tol, what="", *, names=None, se
                              signed_upstream=False):
     """`fn(*inputs)` against `ref_fn` on float64 copies of the inputs: the same dtype (the
     first input's) and shape, then the output and each input's gradient for one random upstream
-    gradient (uniform in [0.5, 1.5), or normal with `signed_upstream`, rounded to the dtype) within
+    gradient (uniform in [0.5, 1.5), or normal with `signed_upstream`, rounded to the dtype, on
+    the output's device) within
     rtol=tol, atol=tol * max(|reference|, floor). The floor: a loss near 0 is often a difference
     of O(1) terms, rounded in float32 to ~1e-7 absolute. `names`: the gradients' labels."""
     import torch
@@ -29,8 +30,8 @@ def assert_matches_reference(fn, ref_fn, inputs, tol, what="", *, names=None, se
     gen = torch.Generator().manual_seed(seed)
     up = (torch.randn(out.shape, generator=gen, dtype=torch.float64) if signed_upstream
           else torch.rand(out.shape, generator=gen, dtype=torch.float64) + 0.5)
-    out.backward(up.to(dtype))
-    exp.backward(up.to(dtype).double())
+    out.backward(up.to(dtype).to(out.device))
+    exp.backward(up.to(dtype).double().to(exp.device))
     if names is None:
         names = ["grad"] if len(inputs) == 1 else [f"grad{i}" for i in range(len(inputs))]
     pairs = [("loss", out, exp)] + [(nm, a.grad, e.grad) for nm, a, e in zip(names, leaves, leaves64)]

@@ -272,3 +272,61 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
         check_guards(obuf, "dequantized rows")
         torch.testing.assert_close(out.double(), w64[n0:n1], rtol=0, atol=1e-6)
     del kept
+
+
+# ---- logit distillation ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def kd_lib():
+    lib = build.build("distill/kd_cuda.cu", "kd_harness.cpp", "kd")
+    P, I64, F32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_float
+    lib.emu_kd_forward.argtypes = [P, P, ctypes.c_int, I64, ctypes.c_int, F32, F32, P, P]
+    lib.emu_kd_forward.restype = ctypes.c_char_p
+    lib.emu_kd_backward.argtypes = [P, P, ctypes.c_int, I64, ctypes.c_int, F32, F32, P, P, P]
+    lib.emu_kd_backward.restype = ctypes.c_char_p
+    return lib
+
+
+KD_KINDS = ["forward_kl", "reverse_kl", "jsd"]
+
+
+@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (4, 1031), (2, 4099)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
+    from fastloss.reference import distill as kd_ref
+    n, c = shape
+    gen = torch.Generator().manual_seed(n * 31 + c)
+    s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n, c, generator=gen) * 3 + 0.3 * s.float()).to(dtype)
+    T, beta = 2.0, 0.3
+    # the 3 columns past each student row are NaN: reading them poisons the row
+    padded = torch.cat([s, torch.full((n, 3), float("nan"), dtype=dtype)], 1)
+    sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 3, 1))
+    tg, _ = guarded(t, float("nan"))
+    shape_args = int64s(n, c, c + 3, c)
+    loss, lbuf = guarded(torch.full((n,), float("nan")), SENTINEL)
+    stats, sbuf = guarded(torch.full((n, 3), float("nan")), SENTINEL)
+    loss.fill_(float("nan"))
+    stats.fill_(float("nan"))
+    code = KD_KINDS.index(kind)
+    err = kd_lib.emu_kd_forward(sg.data_ptr(), tg.data_ptr(), DTYPE_CODES[dtype], shape_args, code,
+                                T, beta, loss.data_ptr(), stats.data_ptr())
+    assert err is None, err.decode()
+    check_guards(lbuf, "loss")
+    check_guards(sbuf, "stats")
+    s64 = s.double().requires_grad_(True)
+    rows = kd_ref.kd_loss(s64, t.double(), T, kind, beta, "none")
+    up = torch.rand(n, generator=gen, dtype=torch.float64) + 0.5
+    rows.backward(up)
+    close(loss, rows.detach(), dtype, f"{kind} loss")
+    grad, gbuf = guarded(torch.full((n, c), float("nan"), dtype=dtype), SENTINEL)
+    grad.fill_(float("nan"))
+    up32 = up.float()
+    err = kd_lib.emu_kd_backward(sg.data_ptr(), tg.data_ptr(), DTYPE_CODES[dtype], shape_args, code,
+                                 T, beta, up32.data_ptr(), stats.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(gbuf, "grad")
+    close(grad, s64.grad, dtype, f"{kind} grad")

@@ -30,6 +30,12 @@ void kd_forward_cpu(const KdProblem& q, float* loss, float* stats, int64_t r0, i
 void kd_backward_cpu(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                      int64_t r0, int64_t r1);
 
+// CUDA (kd_cuda.cu): all rows on `stream` (a cudaStream_t), the same outputs; each returns
+// nullptr or the CUDA error of the launch.
+const char* kd_forward_cuda(const KdProblem& q, float* loss, float* stats, void* stream);
+const char* kd_backward_cuda(const KdProblem& q, const float* grad_loss, const float* stats,
+                             void* grad, void* stream);
+
 // Top-k KL (OSTQuant's KL-Top): the forward KL restricted to the teacher's k largest logits
 // I of each row (ties broken towards the lower class index). With s = student / T, t = teacher / T:
 //   renormalize = false: T^2 sum_{j in I} q_j (log q_j - log p_j), p = softmax(s), q = softmax(t)

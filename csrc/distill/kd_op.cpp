@@ -1,6 +1,6 @@
 // The torch-aware side of the logit-distillation losses: argument checks, allocation, and the
-// CPU kernels (kd_cpu_impl.h). Schemas in registration.cpp; fake kernels and autograd in
-// python/fastloss/ops/distill.py.
+// CPU kernels (kd_cpu_impl.h, kd_rank_impl.h) or, for kd_loss, the CUDA kernels (kd_cuda.cu).
+// Schemas in registration.cpp; fake kernels and autograd in python/fastloss/ops/distill.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +12,11 @@
 #include <cstdint>
 #include <tuple>
 
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
+
 #include "../common/huge_pages.h"
 #include "../op_helpers.h"
 #include "kd_kernels.h"
@@ -22,14 +27,15 @@ namespace {
 using at::Tensor;
 constexpr const char* kOp = "kd_loss";
 
-// student and teacher [N, C] of one float dtype on the CPU, classes contiguous.
+// student and teacher [N, C] of one float dtype on the CPU (or a CUDA device where the op has
+// a CUDA kernel), classes contiguous.
 struct Pair {
   Tensor student, teacher;
   ScalarType dtype;
   int64_t N, C, s_stride, t_stride;
 };
 
-Pair check_pair(const Tensor& student, const Tensor& teacher, const char* op) {
+Pair check_pair(const Tensor& student, const Tensor& teacher, const char* op, bool cuda_kernel = false) {
   TORCH_CHECK(student.dim() == 2, op, ": student must be 2-D [N, C], got shape ", student.sizes());
   TORCH_CHECK(teacher.sizes() == student.sizes(), op, ": teacher must have student's shape ",
               student.sizes(), ", got ", teacher.sizes());
@@ -37,7 +43,14 @@ Pair check_pair(const Tensor& student, const Tensor& teacher, const char* op) {
               teacher.scalar_type(), " but student is ", student.scalar_type());
   TORCH_CHECK(teacher.device() == student.device(), op, ": teacher is on ", teacher.device(),
               " but student is on ", student.device());
-  TORCH_CHECK(student.is_cpu(), op, ": the fastloss kernel runs on the CPU");
+#if defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(student.is_cpu() || (cuda_kernel && student.is_cuda()), op,
+              ": the fastloss kernel runs on the CPU", cuda_kernel ? " or a CUDA device" : "",
+              ", got ", student.device());
+#else
+  TORCH_CHECK(student.is_cpu(), op, ": the fastloss kernel runs on the CPU (this build has no "
+              "CUDA kernels), got ", student.device());
+#endif
   TORCH_CHECK(student.size(1) >= 1 || student.size(0) == 0, op, ": at least one class is needed");
   Pair p;
   p.student = student.size(1) <= 1 || student.stride(1) == 1 ? student : student.contiguous();
@@ -74,7 +87,7 @@ Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double
   TORCH_CHECK(kind >= 0 && kind <= 2, kOp, ": kind must be 0 (forward_kl), 1 (reverse_kl) or 2 (jsd), got ", kind);
   TORCH_CHECK(temperature > 0.0, kOp, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(kind != 2 || (beta > 0.0 && beta < 1.0), kOp, ": beta must be in (0, 1) for jsd, got ", beta);
-  Checked c{check_pair(student, teacher, kOp), {}};
+  Checked c{check_pair(student, teacher, kOp, /*cuda_kernel=*/true), {}};
   KdProblem& q = c.q = problem_of<KdProblem>(c.pair);
   q.kind = KdKind(kind);
   q.temperature = float(temperature);
@@ -84,6 +97,11 @@ Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double
 
 int64_t grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1)); }
 
+#if defined(FASTLOSS_WITH_CUDA)
+void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+#endif
+
 // -> (loss of each row [N] float32, statistics [N, 3] float32 for the backward)
 std::tuple<Tensor, Tensor> kd_forward(const Tensor& student, const Tensor& teacher, int64_t kind,
                                       double temperature, double beta) {
@@ -92,6 +110,13 @@ std::tuple<Tensor, Tensor> kd_forward(const Tensor& student, const Tensor& teach
   Tensor loss = at::empty({c.q.N}, f32), stats = at::empty({c.q.N, 3}, f32);
   float* lp = loss.data_ptr<float>();
   float* sp = stats.data_ptr<float>();
+  if (student.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(student.device());
+    check_launch(kd_forward_cuda(c.q, lp, sp, current_stream()));
+#endif
+    return {loss, stats};
+  }
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     kd_forward_cpu(c.q, lp, sp, r0, r1);
   });
@@ -105,12 +130,21 @@ Tensor kd_backward(const Tensor& grad_loss, const Tensor& student, const Tensor&
                   stats.size(0) == c.q.N && stats.size(1) == 3,
               kOp, ": grad_loss must be [N] and stats [N, 3]");
   const Tensor g = grad_loss.to(at::kFloat).contiguous(), st = stats.to(at::kFloat).contiguous();
+  TORCH_CHECK(grad_loss.device() == student.device() && stats.device() == student.device(), kOp,
+              ": grad_loss and stats must be on student's device ", student.device());
   Tensor grad = at::empty({c.q.N, c.q.C}, student.options());
   if (grad.numel() == 0) return grad;
-  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   const float* gp = g.data_ptr<float>();
   const float* sp = st.data_ptr<float>();
   void* out = grad.data_ptr();
+  if (student.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(student.device());
+    check_launch(kd_backward_cuda(c.q, gp, sp, out, current_stream()));
+#endif
+    return grad;
+  }
+  advise_huge_pages(grad.data_ptr(), grad.nbytes());
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     kd_backward_cpu(c.q, gp, sp, out, r0, r1);
   });
@@ -203,3 +237,9 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("topk_kl_forward", &fastloss::topk_kl_forward);
   m.impl("pld_forward", &fastloss::pld_forward);
 }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("kd_forward", &fastloss::kd_forward);
+  m.impl("kd_backward", &fastloss::kd_backward);
+}
+#endif

@@ -16,7 +16,9 @@ distillation); each function's docstring gives its formula.
 Gradients flow to the student only (the teacher is a target). The CPU kernels (``csrc/distill``)
 read both rows twice in the forward (three times for jsd), keep three floats per row, and read
 them once more in the backward, which writes the gradient once: no ``[N, C]`` probability
-tensor is kept. CUDA tensors use the same formulas in torch operations for now.
+tensor is kept. ``kd_loss`` on CUDA tensors runs the CUDA kernels (``kd_cuda.cu``: one read of
+both rows forward, two for jsd, one backward); ``topk_kl_loss`` and ``pld_loss`` on CUDA tensors
+use the same formulas in torch operations for now.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _C
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -93,7 +97,7 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    if s2.device.type == "cpu":
+    if s2.device.type == "cpu" or (s2.device.type == "cuda" and bool(_C.built_with_cuda)):
         rows = torch.ops.fastloss.kd_forward(s2, t2, _KINDS[kind], float(T), float(beta))[0]
     else:
         rows = _rows_torch(s2, t2, kind, float(T), float(beta))
