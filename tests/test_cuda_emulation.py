@@ -330,3 +330,79 @@ def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
     assert err is None, err.decode()
     check_guards(gbuf, "grad")
     close(grad, s64.grad, dtype, f"{kind} grad")
+
+
+# ---- entropic optimal transport (Sinkhorn) -----------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sinkhorn_lib():
+    lib = build.build("sinkhorn/sinkhorn_cuda.cu", "sinkhorn_harness.cpp", "sinkhorn")
+    P, I64, D = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_double
+    lib.emu_sinkhorn_workspace.argtypes = [ctypes.c_int, I64]
+    lib.emu_sinkhorn_workspace.restype = ctypes.c_int64
+    lib.emu_sinkhorn_solve.argtypes = [P, P, P, ctypes.c_int, I64, D, D, ctypes.POINTER(P), P, P]
+    lib.emu_sinkhorn_solve.restype = ctypes.c_char_p
+    lib.emu_sinkhorn_plan.argtypes = [P, P, P, ctypes.c_int, I64, D, P, P, P, P]
+    lib.emu_sinkhorn_plan.restype = ctypes.c_char_p
+    return lib
+
+
+def ot_problem(bsz, n, m, dtype, seed, zero_mass=False):
+    gen = torch.Generator().manual_seed(seed)
+    cost = torch.rand(bsz, n, m, generator=gen, dtype=torch.float64)
+    a = torch.rand(bsz, n, generator=gen, dtype=torch.float64) + 0.1
+    b = torch.rand(bsz, m, generator=gen, dtype=torch.float64) + 0.1
+    if zero_mass:
+        a[:, 1] = 0
+        b[:, -1] = 0
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    return cost.to(dtype), a.to(dtype), b.to(dtype)
+
+
+@pytest.mark.parametrize("shape,eps,max_iter,zero_mass", [
+    ((3, 37, 53), 0.2, 400, False), ((1, 300, 20), 0.3, 400, True),
+    ((2, 5, 700), 0.1, 400, False), ((2, 20, 30), 0.05, 3, False)],
+    ids=["batch", "row-chunks-zero-mass", "column-tiles", "max_iter"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sinkhorn_solve_and_plan(sinkhorn_lib, dtype, shape, eps, max_iter, zero_mass):
+    bsz, n, m = shape[:3]
+    cost, a, b = ot_problem(bsz, n, m, dtype, seed=n + m, zero_mass=zero_mass)
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, 0, 0, 1)
+    dims = int64s(bsz, n, m, max_iter)
+    is_double = int(dtype == torch.float64)
+    work = torch.full((sinkhorn_lib.emu_sinkhorn_workspace(is_double, dims),), 255, dtype=torch.uint8)
+    outs = [torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz, n), float("nan"), dtype=dtype),
+            torch.full((bsz, m), float("nan"), dtype=dtype), torch.full((bsz,), -1, dtype=torch.int64),
+            torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz,), float("nan"), dtype=dtype)]
+    host_active = torch.zeros(bsz, dtype=torch.int32)
+    pointers = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in outs])
+    err = sinkhorn_lib.emu_sinkhorn_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims,
+                                          eps, tol, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    value, f, g, n_iter, error, transport = outs
+    # the CPU solver runs the same iteration (one row pass measures, then commits): the same count
+    assert (n_iter - expect[3]).abs().max() <= (0 if dtype == torch.float64 else 2), (n_iter, expect[3])
+    rtol = 1e-7 if dtype == torch.float64 else 2e-4
+    for name, got, exp in (("value", value, expect[0]), ("transport", transport, expect[5])):
+        torch.testing.assert_close(got, exp, rtol=rtol, atol=rtol, msg=lambda msg: f"{name}: {msg}")
+    if max_iter > 10:
+        assert bool((error < tol).all()) and bool((expect[4] < tol).all())
+        live_a, live_b = a > 0, b > 0   # potentials of zero-mass entries are arbitrary
+        for got, exp, live in ((f, expect[1], live_a), (g, expect[2], live_b)):
+            shift = (got - exp)[live].reshape(-1)
+            assert float(shift.max() - shift.min()) < (1e-6 if dtype == torch.float64 else 1e-3)
+    else:  # stopped by max_iter: the error of the returned potentials, as the CPU reports it
+        assert (n_iter == max_iter).all()
+        torch.testing.assert_close(error, expect[4], rtol=rtol, atol=1e-7)
+    # the plan of the returned potentials, scaled per problem
+    scale = torch.rand(bsz, dtype=torch.float64) + 0.5
+    plan, pbuf = guarded(torch.full((bsz, n, m), float("nan"), dtype=dtype), SENTINEL)
+    plan.fill_(float("nan"))
+    err = sinkhorn_lib.emu_sinkhorn_plan(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims, eps,
+                                         f.data_ptr(), g.data_ptr(), scale.data_ptr(), plan.data_ptr())
+    assert err is None, err.decode()
+    check_guards(pbuf, "plan")
+    expect_plan = torch.ops.fastloss.sinkhorn_plan(cost, a, b, f, g, eps, scale)
+    torch.testing.assert_close(plan, expect_plan, rtol=10 * rtol, atol=1e-12)

@@ -7,6 +7,7 @@ import warnings
 import pytest
 import torch
 
+import fastloss
 from fastloss import ops
 from fastloss.reference import sinkhorn as ref
 from checks import assert_compiled_matches, expect_errors
@@ -193,8 +194,8 @@ def test_parallel_batch_equals_parallel_passes():
 
 @pytest.mark.parametrize("method", ["sinkhorn", "sns"])
 def test_torch_operation_path_matches_the_cpu_solver(method):
-    """Devices without a kernel (CUDA, for now) run the same algorithms as torch operations
-    (_SinkhornCost); here both run on the CPU and must agree."""
+    """Devices without a kernel (CUDA for SNS, for now) run the same algorithms as torch
+    operations (_SinkhornCost); here both run on the CPU and must agree."""
     from fastloss.ops.sinkhorn import _SinkhornCost
     cs = torch.stack([problem(31, 26, seed=s, scale=2.0)[0] for s in range(2)])
     a = torch.full((2, 31), 1 / 31, dtype=torch.float64)
@@ -207,6 +208,37 @@ def test_torch_operation_path_matches_the_cpu_solver(method):
     torch.testing.assert_close(res.plan, plan, rtol=1e-6, atol=1e-10)
     if method == "sns":   # same algorithm, same iteration counts within a step or two
         assert (res.n_iter - n_iter).abs().max() <= 2, (res.n_iter, n_iter)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_cuda_solver_matches_the_cpu_solver(dtype):
+    """The CUDA Sinkhorn (one launch set per iteration for the whole batch) runs the CPU
+    solver's iteration: the same counts, potentials up to a constant, costs, plans and
+    gradients; SNS on CUDA tensors (torch operations) converges too."""
+    tol = 1e-9 if dtype == torch.float64 else 1e-5
+    for shape, eps in (((3, 40, 60), 0.05), ((1, 700, 300), 0.02), ((2, 9, 3000), 0.1)):
+        bsz, n, m = shape
+        cs = torch.stack([problem(n, m, seed=s, dtype=dtype)[0] for s in range(bsz)])
+        res = []
+        for dev in ("cpu", "cuda"):
+            c = cs.to(dev).requires_grad_(True)
+            r = ops.sinkhorn(c, eps=eps, tol=tol, max_iter=3000, return_plan=True)
+            r.cost.sum().backward()
+            res.append((r, c.grad.cpu()))
+        (cpu, gc_cpu), (gpu, gc_gpu) = res
+        assert bool(gpu.converged.all()), gpu.marginal_error
+        assert (gpu.n_iter.cpu() - cpu.n_iter).abs().max() <= (1 if dtype == torch.float64 else 3)
+        rtol = 1e-7 if dtype == torch.float64 else 1e-4
+        for name in ("cost", "transport_cost"):
+            torch.testing.assert_close(getattr(gpu, name).cpu(), getattr(cpu, name), rtol=rtol, atol=rtol)
+        shift = (gpu.f.cpu() - cpu.f)
+        assert float((shift - shift.mean(-1, keepdim=True)).abs().max()) < 1e3 * rtol
+        torch.testing.assert_close(gpu.plan.cpu(), cpu.plan, rtol=10 * rtol, atol=1e-9)
+        torch.testing.assert_close(gc_gpu, gc_cpu, rtol=10 * rtol, atol=1e-9)
+    sns = ops.sinkhorn(cs.cuda(), eps=0.1, method="sns", tol=tol, max_iter=500)
+    assert bool(sns.converged.all())
 
 
 def test_opcheck_and_compile():

@@ -1,5 +1,6 @@
-// Entry points of the CPU entropic-OT kernels (log-domain Sinkhorn and Sinkhorn-Newton-Sparse),
-// callable without torch headers. One call solves one problem; the op file runs a batch.
+// Entry points of the entropic-OT kernels (log-domain Sinkhorn and Sinkhorn-Newton-Sparse),
+// callable without torch headers. On the CPU one call solves one problem (the op file runs a
+// batch); on CUDA one call solves a whole batch (Sinkhorn only).
 //
 // For cost C [n, m] (row-major, contiguous), marginals a [n], b [m] and eps > 0, the plan is
 //   P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)
@@ -8,6 +9,7 @@
 // row update <= a_i), so the shifted sums neither overflow nor, once warm, underflow; a row or a
 // column block whose sum leaves the safe range is redone exactly (max, then sum).
 #pragma once
+#include <cstddef>
 #include <cstdint>
 #include <functional>
 
@@ -44,5 +46,40 @@ OtResult sinkhorn_solve_cpu(const OtProblem& q, void* f, void* g, const Parallel
 // out[i, j] = scale * P_ij for rows [r0, r1) of one problem (q's cost, a, b; f, g its potentials).
 void sinkhorn_plan_cpu(const OtProblem& q, const void* f, const void* g, double scale, void* out,
                        int64_t r0, int64_t r1);
+
+// ---- CUDA (sinkhorn_cuda.cu): log-domain Sinkhorn on a batch of B problems ------------------
+
+struct OtBatch {
+  const void* cost = nullptr;  // [B, n, m], contiguous, float or double (is_double)
+  const void* a = nullptr;     // [B, n], contiguous
+  const void* b = nullptr;     // [B, m], contiguous
+  bool is_double = false;
+  int64_t B = 0, n = 0, m = 0;
+  double eps = 1.0, tol = 1e-6;
+  int64_t max_iter = 1000;
+};
+
+// Device outputs, in the cost's dtype except n_iter: value <a, f> + <b, g> [B], f [B, n],
+// g [B, m], iterations [B], row-marginal error ||P 1 - a||_1 [B] and <P, C> [B] of the
+// returned potentials: the same contract as the CPU solver's Sinkhorn.
+struct OtBatchOut {
+  void* value = nullptr;
+  void* f = nullptr;
+  void* g = nullptr;
+  int64_t* n_iter = nullptr;
+  void* error = nullptr;
+  void* transport = nullptr;
+};
+
+// Device bytes of the workspace sinkhorn_solve_cuda needs for q.
+size_t sinkhorn_cuda_workspace_bytes(const OtBatch& q);
+// Solves the batch on `stream` (a cudaStream_t); host_active is B ints of host memory (the
+// host reads the problems' done flags there every few iterations, synchronizing the stream).
+// Returns nullptr or the CUDA error.
+const char* sinkhorn_solve_cuda(const OtBatch& q, const OtBatchOut& out, void* workspace,
+                                int* host_active, void* stream);
+// out[k, i, j] = scale[k] P_ij (scale: B doubles of device memory, or null for 1), [B, n, m].
+const char* sinkhorn_plan_cuda(const OtBatch& q, const void* f, const void* g, const double* scale,
+                               void* out, void* stream);
 
 }  // namespace fastloss

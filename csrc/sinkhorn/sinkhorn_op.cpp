@@ -1,7 +1,8 @@
 // The torch-aware side of entropic optimal transport: argument checks, allocation, and the CPU
-// solver (sinkhorn_cpu_impl.h) over a batch. Schemas in registration.cpp; fake kernels, autograd
-// and the torch-operation path for other devices in python/fastloss/ops/sinkhorn.py (which also
-// checks the values: finite, non-negative, equal masses).
+// solver (sinkhorn_cpu_impl.h) over a batch, or the CUDA Sinkhorn (sinkhorn_cuda.cu: the whole
+// batch at once; SNS on CUDA tensors stays in torch operations). Schemas in registration.cpp;
+// fake kernels, autograd and the torch-operation path in python/fastloss/ops/sinkhorn.py (which
+// also checks the values: finite, non-negative, equal masses).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -12,6 +13,11 @@
 #include <cstdint>
 #include <tuple>
 #include <vector>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "sinkhorn_kernels.h"
 
@@ -35,8 +41,35 @@ void check_problem(const Tensor& cost, const Tensor& a, const Tensor& b) {
   TORCH_CHECK(a.scalar_type() == cost.scalar_type() && b.scalar_type() == cost.scalar_type(), kOp,
               ": a and b must have the cost's dtype ", cost.scalar_type(), ", got ", a.scalar_type(),
               " and ", b.scalar_type());
-  TORCH_CHECK(cost.is_cpu() && a.is_cpu() && b.is_cpu(), kOp, ": the fastloss kernel runs on the CPU");
+  TORCH_CHECK(a.device() == cost.device() && b.device() == cost.device(), kOp,
+              ": a and b must be on the cost's device ", cost.device(), ", got ", a.device(),
+              " and ", b.device());
+#if defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(cost.is_cpu() || cost.is_cuda(), kOp, ": cost must be on the CPU or a CUDA device, got ",
+              cost.device());
+#else
+  TORCH_CHECK(cost.is_cpu(), kOp, ": the fastloss kernel runs on the CPU (this build has no CUDA "
+              "kernels), got ", cost.device());
+#endif
 }
+
+#if defined(FASTLOSS_WITH_CUDA)
+void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
+void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
+
+OtBatch batch_of(const Tensor& cost, const Tensor& a, const Tensor& b, double eps) {
+  OtBatch q;
+  q.cost = cost.data_ptr();
+  q.a = a.data_ptr();
+  q.b = b.data_ptr();
+  q.is_double = cost.scalar_type() == at::kDouble;
+  q.B = cost.size(0);
+  q.n = cost.size(1);
+  q.m = cost.size(2);
+  q.eps = eps;
+  return q;
+}
+#endif
 
 OtProblem problem(const Tensor& cost, const Tensor& a, const Tensor& b, int64_t k, double eps) {
   OtProblem q;
@@ -77,6 +110,30 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sinkhorn_solve(
   const auto opts = cost.options();
   Tensor f = at::empty({B, n}, opts), g = at::empty({B, m}, opts);
   Tensor n_iter = at::empty({B}, opts.dtype(at::kLong));
+  if (cost.is_cuda()) {
+    TORCH_CHECK(keep == 0, kOp, ": the CUDA solver runs Sinkhorn only (keep = 0); "
+                "Sinkhorn-Newton-Sparse on CUDA tensors takes the torch-operation path of "
+                "fastloss.ops.sinkhorn");
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(cost.device());
+    OtBatch q = batch_of(cost, a, b, eps);
+    q.tol = tol;
+    q.max_iter = max_iter;
+    Tensor value = at::empty({B}, opts), error = at::empty({B}, opts), transport = at::empty({B}, opts);
+    Tensor work = at::empty({int64_t(sinkhorn_cuda_workspace_bytes(q))}, opts.dtype(at::kByte));
+    Tensor host_active = at::empty({B}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
+    OtBatchOut out;
+    out.value = value.data_ptr();
+    out.f = f.data_ptr();
+    out.g = g.data_ptr();
+    out.n_iter = n_iter.data_ptr<int64_t>();
+    out.error = error.data_ptr();
+    out.transport = transport.data_ptr();
+    check_launch(sinkhorn_solve_cuda(q, out, work.data_ptr(), host_active.data_ptr<int>(),
+                                     current_stream()));
+    return {value, f, g, n_iter, error, transport};
+#endif
+  }
   std::vector<double> value(B), error(B), transport(B);
   auto solve = [&](int64_t k, const ParallelFor& inner) {
     OtProblem q = problem(cost, a, b, k, eps);
@@ -117,6 +174,8 @@ Tensor sinkhorn_plan(const Tensor& cost_in, const Tensor& a_in, const Tensor& b_
                   f_in.scalar_type() == cost_in.scalar_type() &&
                   g_in.scalar_type() == cost_in.scalar_type() && f_in.is_cpu() && g_in.is_cpu(),
               kOp, ": f and g must be like a and b, got ", f_in.sizes(), " and ", g_in.sizes());
+  TORCH_CHECK(f_in.device() == cost_in.device() && g_in.device() == cost_in.device(), kOp,
+              ": f and g must be on the cost's device ", cost_in.device());
   const Tensor cost = cost_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const Tensor f = f_in.contiguous(), g = g_in.contiguous();
   const int64_t B = cost.size(0), n = cost.size(1), m = cost.size(2);
@@ -124,9 +183,18 @@ Tensor sinkhorn_plan(const Tensor& cost_in, const Tensor& a_in, const Tensor& b_
   if (scale_in.has_value()) {
     TORCH_CHECK(scale_in->numel() == B, kOp, ": scale must have one value per problem (", B,
                 "), got ", scale_in->sizes());
-    scale = scale_in->to(at::kDouble).to(at::kCPU).contiguous();
+    scale = scale_in->to(cost.device(), at::kDouble).contiguous();
   }
   Tensor out = at::empty({B, n, m}, cost.options());
+  if (cost.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(cost.device());
+    check_launch(sinkhorn_plan_cuda(batch_of(cost, a, b, eps), f.data_ptr(), g.data_ptr(),
+                                    scale.defined() ? scale.data_ptr<double>() : nullptr,
+                                    out.data_ptr(), current_stream()));
+#endif
+    return out;
+  }
   const int64_t es = cost.element_size();
   at::parallel_for(0, B * n, std::max<int64_t>(1, 16384 / m), [&](int64_t r0, int64_t r1) {
     while (r0 < r1) {
@@ -149,3 +217,9 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("sinkhorn_solve", &fastloss::sinkhorn_solve);
   m.impl("sinkhorn_plan", &fastloss::sinkhorn_plan);
 }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("sinkhorn_solve", &fastloss::sinkhorn_solve);
+  m.impl("sinkhorn_plan", &fastloss::sinkhorn_plan);
+}
+#endif

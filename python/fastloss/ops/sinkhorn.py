@@ -24,7 +24,10 @@ silently). float32 and float64. On the CPU both methods run in the C++ solver
 (csrc/sinkhorn/: AVX2 / AVX-512 log-sum-exp passes, the plan formed once per Newton step, a
 sparse Hessian-vector product inside conjugate gradient) as the custom op
 ``fastloss::sinkhorn_solve``, whose backward recomputes the plan from the potentials instead of
-keeping it; on other devices the same algorithms run as torch operations (no CUDA kernel yet).
+keeping it. On CUDA tensors ``method="sinkhorn"`` runs the same op on the CUDA solver
+(csrc/sinkhorn/sinkhorn_cuda.cu: the whole batch in one set of launches per iteration, fused
+log-sum-exp row and column passes over the cost); ``method="sns"`` runs the same algorithm as
+torch operations (no CUDA Newton kernels yet), as do other devices.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import _C
 
 _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
 
@@ -198,7 +202,7 @@ class _SinkhornCost(torch.autograd.Function):
         return gc, ga, gb, None, None, None, None
 
 
-# --- the CPU custom ops (csrc/sinkhorn/sinkhorn_op.cpp): shapes and autograd -------------------
+# --- the custom ops (csrc/sinkhorn/sinkhorn_op.cpp; CPU, and CUDA for Sinkhorn): shapes and autograd -------------------
 
 @torch.library.register_fake("fastloss::sinkhorn_solve")
 def _fake_solve(cost, a, b, eps, max_iter, tol, warmup_iters, keep, cg_iters):
@@ -307,7 +311,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                              f"count >= 1 (an int) of entries kept per row, got {sparsity!r}")
         keep = sparsity if isinstance(sparsity, int) else max(1, int(math.ceil(sparsity * m)))
         newton = (int(warmup_iters), min(keep, m))
-    if c.device.type == "cpu":
+    if c.device.type == "cpu" or (c.device.type == "cuda" and newton is None and bool(_C.built_with_cuda)):
         keep = 0 if newton is None else newton[1]
         warm = 0 if newton is None else newton[0]
         total, f, g, n_iter, err, transport = torch.ops.fastloss.sinkhorn_solve(
