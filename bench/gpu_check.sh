@@ -93,6 +93,12 @@ timeout "${TCN_BENCH_TIMEOUT:-150}" "$PY" bench/bench_tcn.py --device cuda \
 echo "tcn bench rc=$?"
 keep bench_tcn_cuda.log
 
+stamp "Sinkhorn benchmarks"
+timeout "${SINKHORN_BENCH_TIMEOUT:-120}" "$PY" bench/bench_sinkhorn.py --device cuda \
+  --out "$OUT_DIR" > "$LOGS/bench_sinkhorn_cuda.log" 2>&1
+echo "sinkhorn bench rc=$?"
+keep bench_sinkhorn_cuda.log
+
 stamp "CPU tests of the torch integration and the argument checks"
 # (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
 # already compiles a graph of every loss)
