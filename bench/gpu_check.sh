@@ -14,6 +14,7 @@
 #
 # Usage on the device tool (the copy of .git there can be stale: pass the commit):
 #   FASTLOSS_GIT_COMMIT=<short hash> bash bench/gpu_check.sh "$OUT"
+# or in two calls, STEPS="tests" then STEPS="losses tcn sinkhorn distill" (see STEPS below).
 # The device tool brings back only a few files: the step logs are appended to one run.log
 # (build.log apart), next to the benchmarks' JSON and PNG.
 set -uo pipefail
@@ -63,50 +64,47 @@ XDIST=""
 TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout 120"
 
-stamp "CUDA tests"
-timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$LOGS/tests_cuda.log" 2>&1
-echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cuda.log" | head -20
-tail -1 "$LOGS/tests_cuda.log"
-keep tests_cuda.log
+# STEPS picks what runs after the build (default: everything, which takes longer than one
+# 10-minute device call): e.g. STEPS="tests" first, then STEPS="losses tcn sinkhorn distill" on
+# the still-warm machine, where the build is incremental. Each step has its own time limit.
+STEPS=${STEPS:-"tests losses linear quant tcn sinkhorn distill cpu"}
+want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
+bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda, if NAME is in STEPS
+  local name=$1 script=$2 limit=$3
+  shift 3
+  want "$name" || return 0
+  stamp "$name benchmarks"
+  timeout "$limit" "$PY" "bench/$script" --device cuda --out "$OUT_DIR" "$@" \
+    > "$LOGS/bench_${name}_cuda.log" 2>&1
+  echo "$name bench rc=$?"
+  keep "bench_${name}_cuda.log"
+  tail -3 "$LOGS/bench_${name}_cuda.log"   # the full tables are in run.log and the JSON
+}
 
-stamp "benchmarks"
-timeout "${BENCH_TIMEOUT:-180}" "$PY" bench/bench_losses.py --device cuda --kernels --out "$OUT_DIR" \
-  > "$LOGS/bench_cuda.log" 2>&1
-echo "bench rc=$?"
-keep bench_cuda.log
+if want tests; then
+  stamp "CUDA tests"
+  timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$LOGS/tests_cuda.log" 2>&1
+  echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cuda.log" | head -20
+  tail -1 "$LOGS/tests_cuda.log"
+  keep tests_cuda.log
+fi
 
-stamp "linear-loss benchmarks"
-timeout "${LINEAR_BENCH_TIMEOUT:-150}" "$PY" bench/bench_linear_losses.py --device cuda \
-  --out "$OUT_DIR" > "$LOGS/bench_linear_cuda.log" 2>&1
-echo "linear bench rc=$?"
-keep bench_linear_cuda.log
+bench losses bench_losses.py "${BENCH_TIMEOUT:-180}" --kernels
+bench linear bench_linear_losses.py "${LINEAR_BENCH_TIMEOUT:-150}"
+bench quant bench_quant.py "${QUANT_BENCH_TIMEOUT:-150}"
+bench tcn bench_tcn.py "${TCN_BENCH_TIMEOUT:-150}"
+bench sinkhorn bench_sinkhorn.py "${SINKHORN_BENCH_TIMEOUT:-120}"
+bench distill bench_distill.py "${DISTILL_BENCH_TIMEOUT:-150}"
 
-stamp "dequant GEMM benchmarks"
-timeout "${QUANT_BENCH_TIMEOUT:-150}" "$PY" bench/bench_quant.py --device cuda \
-  --out "$OUT_DIR" > "$LOGS/bench_quant_cuda.log" 2>&1
-echo "quant bench rc=$?"
-keep bench_quant_cuda.log
-
-stamp "dilated convolution benchmarks"
-timeout "${TCN_BENCH_TIMEOUT:-150}" "$PY" bench/bench_tcn.py --device cuda \
-  --out "$OUT_DIR" > "$LOGS/bench_tcn_cuda.log" 2>&1
-echo "tcn bench rc=$?"
-keep bench_tcn_cuda.log
-
-stamp "Sinkhorn benchmarks"
-timeout "${SINKHORN_BENCH_TIMEOUT:-120}" "$PY" bench/bench_sinkhorn.py --device cuda \
-  --out "$OUT_DIR" > "$LOGS/bench_sinkhorn_cuda.log" 2>&1
-echo "sinkhorn bench rc=$?"
-keep bench_sinkhorn_cuda.log
-
-stamp "CPU tests of the torch integration and the argument checks"
-# (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
-# already compiles a graph of every loss)
-timeout 120 "$PY" -m pytest -q -m "not cuda" $XDIST $TIMEOUT tests/test_bad_input.py tests/test_build.py \
-  tests/test_losses.py -k "bad or opcheck or autocast or no_grad or twice or Every or build" \
-  > "$LOGS/tests_cpu.log" 2>&1
-echo "cpu tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cpu.log" | head -10
-tail -1 "$LOGS/tests_cpu.log"
-keep tests_cpu.log
+if want cpu; then
+  stamp "CPU tests of the torch integration and the argument checks"
+  # (torch.compile on the CPU is left out: ~250 CPU tests took over 90 s there; the CUDA step
+  # already compiles a graph of every loss)
+  timeout 120 "$PY" -m pytest -q -m "not cuda" $XDIST $TIMEOUT tests/test_bad_input.py tests/test_build.py \
+    tests/test_losses.py -k "bad or opcheck or autocast or no_grad or twice or Every or build" \
+    > "$LOGS/tests_cpu.log" 2>&1
+  echo "cpu tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cpu.log" | head -10
+  tail -1 "$LOGS/tests_cpu.log"
+  keep tests_cpu.log
+fi
 stamp "done"
-tail -3 "$LOGS/bench_cuda.log"   # the full tables are in run.log and the JSON
