@@ -406,3 +406,118 @@ def test_sinkhorn_solve_and_plan(sinkhorn_lib, dtype, shape, eps, max_iter, zero
     check_guards(pbuf, "plan")
     expect_plan = torch.ops.fastloss.sinkhorn_plan(cost, a, b, f, g, eps, scale)
     torch.testing.assert_close(plan, expect_plan, rtol=10 * rtol, atol=1e-12)
+
+
+# ---- Dice and AnyLoss ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def metric_lib():
+    lib = build.build("metric_losses/metric_losses_cuda.cu", "metric_harness.cpp", "metric")
+    P, I64, F32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_float
+    lib.emu_dice_sigmoid.argtypes = [P, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int64, P, P, P, P]
+    lib.emu_dice_softmax.argtypes = [P, ctypes.c_int, P, I64, P, P, P, P]
+    lib.emu_confusion_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.emu_confusion_scratch.restype = ctypes.c_int64
+    lib.emu_confusion.argtypes = [P, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int64, F32, ctypes.c_int,
+                                  P, P, P, P]
+    for f in (lib.emu_dice_sigmoid, lib.emu_dice_softmax, lib.emu_confusion):
+        f.restype = ctypes.c_char_p
+    return lib
+
+
+def nan_outputs(shape, dtype=torch.float32):
+    out, buf = guarded(torch.full(shape, float("nan"), dtype=dtype), SENTINEL)
+    out.fill_(float("nan"))
+    return out, buf
+
+
+DICE_PARAMS = [(1.0, 1.0, 0.0), (0.5, 0.3, 0.1), (2.0, 1.0, 0.0), (0.0, 0.5, 1.0)]
+
+
+@pytest.mark.parametrize("params", DICE_PARAMS, ids=str)
+@pytest.mark.parametrize("shape", [(300, 1), (7, 5), (5, 70)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_dice_sigmoid(metric_lib, dtype, shape, params):
+    """Against the CPU kernels' op (itself tested against the float64 reference)."""
+    n, k = shape
+    gen = torch.Generator().manual_seed(n * k)
+    x = (torch.randn(n, k, generator=gen) * 4).to(dtype)
+    y = (torch.rand(n, k, generator=gen) > 0.6).float()
+    up = torch.rand(n, generator=gen) + 0.5
+    rows, rbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, k), dtype)
+    xg, yg = guarded(x, float("nan"))[0], guarded(y, float("nan"))[0]
+    p32 = torch.tensor(params)  # (kept alive: the kernel reads it after data_ptr())
+    err = metric_lib.emu_dice_sigmoid(xg.data_ptr(), DTYPE_CODES[dtype], yg.data_ptr(), n, k,
+                                      p32.data_ptr(), rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(rbuf, "rows")
+    check_guards(gbuf, "grad")
+    expect = torch.ops.fastloss.dice_sigmoid_forward(x, y, *params)
+    expect_grad = torch.ops.fastloss.dice_sigmoid_backward(up, x, y, *params)
+    torch.testing.assert_close(rows, expect, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("params", DICE_PARAMS, ids=str)
+@pytest.mark.parametrize("shape", [(6, 1), (9, 7), (4, 1000), (3, 2500)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_dice_softmax(metric_lib, dtype, shape, params):
+    """Rows of every kind: ordinary, saturated (one logit far above the rest, its class the
+    target or not), ties at the max, ignore_index; strided rows with NaN padding."""
+    n, c = shape
+    gen = torch.Generator().manual_seed(n + c)
+    x = torch.randn(n, c, generator=gen) * 2
+    t = torch.randint(0, c, (n,), generator=gen)
+    if n >= 4 and c > 1:
+        x[0, 3 % c] += 40          # saturated, top != target (unless equal by chance)
+        t[0] = (3 % c + 1) % c
+        x[1, 0] += 40              # saturated, top == target
+        t[1] = 0
+        x[2, :] = 1.5              # all tied: the first is the max
+        t[3] = -100                # ignored
+    x = x.to(dtype)
+    padded = torch.cat([x, torch.full((n, 2), float("nan"), dtype=dtype)], 1)
+    xs = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 2, 1))
+    up = torch.rand(n, generator=gen) + 0.5
+    rows, rbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c), dtype)
+    p32 = torch.tensor(params)
+    err = metric_lib.emu_dice_softmax(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(),
+                                      int64s(n, c, c + 2, -100), p32.data_ptr(),
+                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(rbuf, "rows")
+    check_guards(gbuf, "grad")
+    expect = torch.ops.fastloss.dice_softmax_forward(x, t, *params, -100)
+    expect_grad = torch.ops.fastloss.dice_softmax_backward(up, x, t, *params, -100)
+    torch.testing.assert_close(rows, expect, rtol=2e-5, atol=2e-5 * max(1.0, c / 100))
+    scale = float(expect_grad.float().abs().max()) + 1e-6
+    torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype] * 5, atol=TOL[dtype] * scale)
+
+
+@pytest.mark.parametrize("from_logits", [True, False])
+@pytest.mark.parametrize("shape", [(1000, 1), (37, 5), (3, 70), (0, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_confusion_sums(metric_lib, dtype, shape, from_logits):
+    n, k = shape
+    gen = torch.Generator().manual_seed(n + k)
+    s = torch.randn(n, k, generator=gen) if from_logits else torch.rand(n, k, generator=gen)
+    s = s.to(dtype)
+    y = (torch.rand(n, k, generator=gen) > 0.5).float()
+    gs = torch.randn(4, k, generator=gen)
+    sums, sbuf = nan_outputs((4, k))
+    grad, gbuf = nan_outputs((n, k), dtype)
+    scratch = torch.full((metric_lib.emu_confusion_scratch(n, k),), float("nan"))
+    sg, yg = guarded(s, float("nan"))[0], guarded(y, float("nan"))[0]
+    err = metric_lib.emu_confusion(sg.data_ptr(), DTYPE_CODES[dtype], yg.data_ptr(), n, k, 9.0,
+                                   int(from_logits), sums.data_ptr(), scratch.data_ptr(), gs.data_ptr(),
+                                   grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(sbuf, "sums")
+    check_guards(gbuf, "grad")
+    expect = torch.ops.fastloss.confusion_sums(s, y, 9.0, from_logits)
+    torch.testing.assert_close(sums, expect, rtol=1e-5, atol=1e-4)
+    expect_grad = torch.ops.fastloss.confusion_sums_backward(gs, s, y, 9.0, from_logits)
+    torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])

@@ -1,8 +1,8 @@
 """AnyLoss against its float64 reference (written cell by cell), every metric, binary and
 multi-label, logits and probabilities; gradients; bad input. The self-adjusting Dice loss against
-its naive float64 form (binary, multi-label, multi-class), and at softmax saturation. Each CPU
-kernel path (generic, AVX2, AVX-512) is run; opcheck and torch.compile of the kernel ops; the
-torch-operation path of other devices against the same references."""
+its naive float64 form (binary, multi-label, multi-class), and at softmax saturation. Each kernel
+path (generic, AVX2, AVX-512, and CUDA where there is a GPU) is run; opcheck and torch.compile
+of the kernel ops; the torch-operation path of other devices against the same references."""
 
 import pytest
 import torch
@@ -15,19 +15,19 @@ from checks import assert_matches_reference
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("shape", [(40,), (33, 3), (9, 37)], ids=["binary", "multilabel", "wide"])
 @pytest.mark.parametrize("metric", ["f1", "fbeta", "accuracy", "balanced_accuracy", "gmean"])
-def test_matches_reference(metric, shape, from_logits, cpu_isa):
+def test_matches_reference(metric, shape, from_logits, device):
     g = torch.Generator().manual_seed(len(metric) + len(shape))
     scores = torch.randn(*shape, generator=g) * 0.3 if from_logits else torch.rand(*shape, generator=g)
     target = (torch.rand(*shape, generator=g) < 0.3).float()
     target[:2] = torch.tensor([0.0, 1.0]).reshape((2,) + (1,) * (len(shape) - 1))  # both classes in each column
-    x = scores.clone().requires_grad_(True)
-    out = ops.anyloss(x, target, metric, L=10.0, beta=2.0, from_logits=from_logits)
+    x = scores.clone().to(device).requires_grad_(True)
+    out = ops.anyloss(x, target.to(device), metric, L=10.0, beta=2.0, from_logits=from_logits)
     out.backward()
     x64 = scores.double().requires_grad_(True)
     exp = ref.anyloss(x64, target, metric, L=10.0, beta=2.0, from_logits=from_logits)
     exp.backward()
-    torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(out.double().cpu(), exp, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
 def test_perfect_and_bad_predictions_and_input_checks():
@@ -70,18 +70,18 @@ def _dice_case(form, dtype, n, c, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("params", [(1.0, 1.0, 0.0), (0.01, 1.0, 0.0), (0.0, 0.5, 0.0), (2.0, 0.0, 1e-3)],
                          ids=lambda p: "a{}g{}s{}".format(*p))
-def test_dice_matches_reference(params, dtype, form, reduction, cpu_isa):
+def test_dice_matches_reference(params, dtype, form, reduction, device):
     from fastloss.reference.metric_losses import dice_loss as ref_dice
     for n, c in ((1, 1), (7, 3), (37, 11), (5, 67)):
         if form == "multiclass" and c == 1:
             continue
-        x, y = _dice_case(form, dtype, n, c, seed=n * 7 + c)
+        x, y = (t.to(device) for t in _dice_case(form, dtype, n, c, seed=n * 7 + c))
         assert_matches_reference(lambda a: ops.dice_loss(a, y, *params, reduction=reduction),
                                  lambda a: ref_dice(a, y, *params, reduction=reduction),
                                  [x], DICE_TOL[dtype], f"{form} {n}x{c}", seed=3)
 
 
-def test_dice_gradient_stays_finite_when_the_softmax_saturates(cpu_isa):
+def test_dice_gradient_stays_finite_when_the_softmax_saturates(device):
     """A dominant class saturates p to 1.0 in float32; the naive derivative has (1 - p)^(a - 1)
     = inf there. The written-out backward must be finite and agree with float64 (where p < 1)."""
     from fastloss.reference.metric_losses import dice_loss as ref_dice
@@ -89,14 +89,14 @@ def test_dice_gradient_stays_finite_when_the_softmax_saturates(cpu_isa):
     x[:, 2] += 30.0   # p_2 = 1 - ~1e-11: exactly 1.0 in float32, not in float64
     y = torch.tensor([2, 0, 2, 1, 2, 36])
     for alpha in (0.01, 0.5, 1.0):
-        a = x.clone().requires_grad_(True)
-        ops.dice_loss(a, y, alpha).backward()
+        a = x.clone().to(device).requires_grad_(True)
+        ops.dice_loss(a, y.to(device), alpha).backward()
         e = x.double().requires_grad_(True)
         ref_dice(e, y, alpha).backward()
         assert torch.isfinite(a.grad).all(), alpha
-        torch.testing.assert_close(a.grad.double(), e.grad, rtol=1e-4, atol=1e-6)
-    xb = torch.tensor([40.0, -40.0, 0.3], requires_grad=True)
-    ops.dice_loss(xb, torch.tensor([1.0, 0.0, 1.0]), 0.1).backward()
+        torch.testing.assert_close(a.grad.double().cpu(), e.grad, rtol=1e-4, atol=1e-6)
+    xb = torch.tensor([40.0, -40.0, 0.3], device=device, requires_grad=True)
+    ops.dice_loss(xb, torch.tensor([1.0, 0.0, 1.0], device=device), 0.1).backward()
     assert torch.isfinite(xb.grad).all()
 
 

@@ -9,11 +9,11 @@
 #define FL_DEVICE inline
 #endif
 
-// For small element functions and row loops called once per vector from a hot loop: GCC keeps
-// some of them out of line otherwise (measured in the Dice kernels: a call per vector, with the
+// For small element functions and row loops called once per vector from a hot loop (and, under
+// nvcc, callable from CUDA kernels too): GCC keeps some of them out of line otherwise (measured in the Dice kernels: a call per vector, with the
 // vectors spilled, made the backward about 30% slower).
 #if defined(__CUDACC__)
-#define FL_INLINE __forceinline__
+#define FL_INLINE __host__ __device__ __forceinline__
 #else
 #define FL_INLINE inline __attribute__((always_inline))
 #endif

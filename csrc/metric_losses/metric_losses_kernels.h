@@ -66,4 +66,20 @@ void confusion_sums_cpu(const ConfusionProblem& q, double* sums, int64_t r0, int
 void confusion_backward_cpu(const ConfusionProblem& q, const float* grad_sums, void* grad,
                             int64_t r0, int64_t r1);
 
+// CUDA (metric_losses_cuda.cu): all rows at once on `stream` (a cudaStream_t), the same outputs
+// as the CPU calls above (the confusion sums as float32 [4, K], from float64 totals, using a
+// float32 scratch of confusion_sums_cuda_scratch(q) elements). A softmax-form target outside
+// [0, C) that is not ignore_index gives that row a NaN loss and gradient (the op checks the
+// classes before). Each returns nullptr or the CUDA error of the launch.
+const char* dice_sigmoid_forward_cuda(const SigmoidDiceProblem& q, float* rows, void* stream);
+const char* dice_sigmoid_backward_cuda(const SigmoidDiceProblem& q, const float* grad_rows, void* grad,
+                                       void* stream);
+const char* dice_softmax_forward_cuda(const SoftmaxDiceProblem& q, float* rows, void* stream);
+const char* dice_softmax_backward_cuda(const SoftmaxDiceProblem& q, const float* grad_rows, void* grad,
+                                       void* stream);
+int64_t confusion_sums_cuda_scratch(const ConfusionProblem& q);
+const char* confusion_sums_cuda(const ConfusionProblem& q, float* sums, float* scratch, void* stream);
+const char* confusion_backward_cuda(const ConfusionProblem& q, const float* grad_sums, void* grad,
+                                    void* stream);
+
 }  // namespace fastloss

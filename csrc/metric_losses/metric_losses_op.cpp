@@ -1,6 +1,7 @@
 // The torch-aware side of the metric-driven losses: argument checks, allocation, threading and
-// the CPU kernels (metric_losses_cpu_impl.h). Schemas in registration.cpp; fake kernels,
-// autograd and the reductions in python/fastloss/ops/metric_losses.py.
+// the CPU kernels (metric_losses_cpu_impl.h) or the CUDA kernels (metric_losses_cuda.cu).
+// Schemas in registration.cpp; fake kernels, autograd and the reductions in
+// python/fastloss/ops/metric_losses.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -11,6 +12,11 @@
 #include <algorithm>
 #include <cstdint>
 #include <vector>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "../common/huge_pages.h"
 #include "../op_helpers.h"
@@ -28,8 +34,33 @@ Tensor rows_out(const Tensor& like, int64_t n) { return at::empty({n}, like.opti
 
 Tensor grad_like(const Tensor& x) {
   Tensor g = at::empty(x.sizes(), x.options().memory_format(at::MemoryFormat::Contiguous));
-  if (g.numel() > 0) advise_huge_pages(g.data_ptr(), g.nbytes());
+  if (g.numel() > 0 && g.is_cpu()) advise_huge_pages(g.data_ptr(), g.nbytes());
   return g;
+}
+
+// Tensors on the CPU, or on one CUDA device in a CUDA build.
+void check_device(const Tensor& x, const Tensor& y, const char* op) {
+  TORCH_CHECK(y.device() == x.device(), op, ": target is on ", y.device(), " but the input is on ",
+              x.device());
+#if defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": the fastloss kernels run on the CPU or a CUDA "
+              "device, got ", x.device());
+#else
+  TORCH_CHECK(x.is_cpu(), op, ": the fastloss kernel runs on CPU tensors (this build has no CUDA "
+              "kernels), got ", x.device());
+#endif
+}
+
+// Runs `cuda(stream)` for CUDA tensors (false: the caller runs the CPU kernels).
+template <class F>
+bool on_cuda(const Tensor& x, const char* op, F&& cuda) {
+  if (!x.is_cuda()) return false;
+#if defined(FASTLOSS_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(x.device());
+  const char* err = cuda(static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
+  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#endif
+  return true;
 }
 
 // grad_rows [N] as contiguous float32 (autograd may hand an expanded scalar)
@@ -51,7 +82,7 @@ Elementwise check_elementwise(const Tensor& x, const Tensor& y, const char* op, 
   TORCH_CHECK(y.sizes() == x.sizes(), op, ": target must have ", xname, "'s shape ", x.sizes(),
               ", got ", y.sizes());
   TORCH_CHECK(y.scalar_type() == at::kFloat, op, ": target must be float32 here, got ", y.scalar_type());
-  TORCH_CHECK(x.is_cpu() && y.is_cpu(), op, ": the fastloss kernel runs on CPU tensors");
+  check_device(x, y, op);
   Elementwise e{x.contiguous(), y.contiguous(), kernel_dtype(x, op, xname), x.size(0), x.size(1)};
   return e;
 }
@@ -81,6 +112,7 @@ Tensor dice_sigmoid_forward(const Tensor& logits, const Tensor& target, double a
   const SigmoidDiceProblem q = sigmoid_problem(e, alpha, gamma, smooth);
   Tensor rows = rows_out(logits, e.N);
   float* rp = rows.data_ptr<float>();
+  if (on_cuda(e.x, op, [&](void* s) { return dice_sigmoid_forward_cuda(q, rp, s); })) return rows;
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) { dice_sigmoid_forward_cpu(q, rp, r0, r1); });
   return rows;
 }
@@ -95,6 +127,7 @@ Tensor dice_sigmoid_backward(const Tensor& grad_rows, const Tensor& logits, cons
   Tensor grad = grad_like(e.x);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
+  if (on_cuda(e.x, op, [&](void* s) { return dice_sigmoid_backward_cuda(q, gp, out, s); })) return grad;
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
     dice_sigmoid_backward_cpu(q, gp, out, r0, r1);
   });
@@ -117,13 +150,14 @@ SoftmaxChecked check_softmax(const Tensor& logits, const Tensor& target, double 
               logits.size(0), "], got shape ", target.sizes());
   TORCH_CHECK(!at::isFloatingType(target.scalar_type()) && target.scalar_type() != at::kBool, op,
               ": target must hold integer class indices, got ", target.scalar_type());
-  TORCH_CHECK(logits.is_cpu() && target.is_cpu(), op, ": the fastloss kernel runs on CPU tensors");
+  check_device(logits, target, op);
   SoftmaxChecked c;
   c.x = logits.size(1) <= 1 || logits.stride(1) == 1 ? logits : logits.contiguous();
   c.y = target.to(at::kLong).contiguous();
   const int64_t n = logits.size(0), classes = logits.size(1);
   const int64_t* yp = c.y.data_ptr<int64_t>();
-  for (int64_t r = 0; r < n; ++r)
+  // (CUDA: fastloss.ops.dice_loss checks the classes before; the kernel gives a bad row NaN)
+  for (int64_t r = 0; logits.is_cpu() && r < n; ++r)
     TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < classes), op, ": target[", r, "] = ",
                 yp[r], " is outside [0, C = ", classes, ") and not ignore_index (", ignore_index, ")");
   SoftmaxDiceProblem& q = c.q;
@@ -143,6 +177,7 @@ Tensor dice_softmax_forward(const Tensor& logits, const Tensor& target, double a
   const SoftmaxChecked c = check_softmax(logits, target, alpha, gamma, smooth, ignore_index);
   Tensor rows = rows_out(logits, c.q.N);
   float* rp = rows.data_ptr<float>();
+  if (on_cuda(c.x, "dice_loss", [&](void* s) { return dice_softmax_forward_cuda(c.q, rp, s); })) return rows;
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     dice_softmax_forward_cpu(c.q, rp, r0, r1);
   });
@@ -156,6 +191,7 @@ Tensor dice_softmax_backward(const Tensor& grad_rows, const Tensor& logits, cons
   Tensor grad = grad_like(logits);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
+  if (on_cuda(c.x, "dice_loss", [&](void* s) { return dice_softmax_backward_cuda(c.q, gp, out, s); })) return grad;
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     dice_softmax_backward_cpu(c.q, gp, out, r0, r1);
   });
@@ -181,6 +217,14 @@ ConfusionProblem confusion_problem(const Elementwise& e, double L, bool from_log
 Tensor confusion_sums(const Tensor& scores, const Tensor& target, double L, bool from_logits) {
   const Elementwise e = check_elementwise(scores, target, "anyloss", "scores");
   const ConfusionProblem q = confusion_problem(e, L, from_logits);
+  if (e.x.is_cuda()) {
+    Tensor sums = at::empty({4, e.K}, scores.options().dtype(at::kFloat));
+    Tensor scratch = at::empty({confusion_sums_cuda_scratch(q)}, sums.options());
+    on_cuda(e.x, "anyloss", [&](void* s) {
+      return confusion_sums_cuda(q, sums.data_ptr<float>(), scratch.data_ptr<float>(), s);
+    });
+    return sums;
+  }
   const int64_t rows_per_block = std::max<int64_t>(256, (int64_t(1) << 16) / std::max<int64_t>(e.K, 1));
   const int64_t blocks = (e.N + rows_per_block - 1) / rows_per_block;
   std::vector<double> partial(size_t(std::max<int64_t>(blocks, 1)) * 4 * e.K, 0.0);
@@ -209,6 +253,7 @@ Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, co
   Tensor grad = grad_like(e.x);
   const float* gp = gs.data_ptr<float>();
   void* out = grad.data_ptr();
+  if (on_cuda(e.x, "anyloss", [&](void* s) { return confusion_backward_cuda(q, gp, out, s); })) return grad;
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
     confusion_backward_cpu(q, gp, out, r0, r1);
   });
@@ -218,11 +263,20 @@ Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, co
 }  // namespace
 }  // namespace fastloss
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  m.impl("dice_sigmoid_forward", &fastloss::dice_sigmoid_forward);
-  m.impl("dice_sigmoid_backward", &fastloss::dice_sigmoid_backward);
-  m.impl("dice_softmax_forward", &fastloss::dice_softmax_forward);
-  m.impl("dice_softmax_backward", &fastloss::dice_softmax_backward);
-  m.impl("confusion_sums", &fastloss::confusion_sums);
-  m.impl("confusion_sums_backward", &fastloss::confusion_sums_backward);
+namespace fastloss {
+namespace {
+void register_impls(torch::Library& m) {
+  m.impl("dice_sigmoid_forward", &dice_sigmoid_forward);
+  m.impl("dice_sigmoid_backward", &dice_sigmoid_backward);
+  m.impl("dice_softmax_forward", &dice_softmax_forward);
+  m.impl("dice_softmax_backward", &dice_softmax_backward);
+  m.impl("confusion_sums", &confusion_sums);
+  m.impl("confusion_sums_backward", &confusion_sums_backward);
 }
+}  // namespace
+}  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
+#endif

@@ -277,5 +277,10 @@ T __ldg(const T* p) {
   return *p;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __int_as_float(int i) {
+  float f;
+  std::memcpy(&f, &i, sizeof f);
+  return f;
+}
 inline float __logf(float x) { return std::log(x); }
 inline float __fdividef(float a, float b) { return a / b; }

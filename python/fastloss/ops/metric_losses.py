@@ -11,8 +11,8 @@ and the loss ``1 - metric(TP, FN, FP, TN)`` for ``metric`` in ``"f1"``, ``"fbeta
 ``"accuracy"``, ``"balanced_accuracy"`` ((TPR + TNR) / 2) and ``"gmean"`` (sqrt(TPR TNR)).
 ``scores`` ``[N]`` is one binary task; ``[N, K]`` is ``K`` labels (multi-label): one confusion
 matrix per label and the mean of their losses. Sums over the batch, so there is no per-example
-reduction. CPU tensors run the kernel of ``csrc/metric_losses`` (the cells summed in one
-read of the scores, the gradient in one more); other devices use torch operations.
+reduction. CPU and CUDA tensors run the kernels of ``csrc/metric_losses`` (the cells summed in
+one read of the scores, the gradient in one more); other devices use torch operations.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .. import _C
+
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
+
+
+def _has_kernel(x: Tensor) -> bool:
+    """Whether fastloss has kernels for x's device in this build (else torch operations)."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
 
 
 def _metric(tp, fn_, fp, tn, metric, beta):
@@ -59,7 +66,7 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     if not scores.is_floating_point():
         raise ValueError(f"{fn}: scores must be floating point, got {scores.dtype}")
     y = target.to(torch.float32).reshape(scores.shape[0], -1)
-    if scores.device.type == "cpu":
+    if _has_kernel(scores):
         s = scores.reshape(y.shape)
         tp, fn_, fp, tn = torch.ops.fastloss.confusion_sums(s, y, float(L), bool(from_logits))
     else:
@@ -237,9 +244,11 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
 
     The backward is written out so that it stays finite when a probability saturates to 1 in
     float32 (the ``(1 - p)^(alpha - 1)`` factor of the naive derivative is infinite there).
-    CPU tensors run the kernels of ``csrc/metric_losses`` (a row is read from memory once in
-    the forward and once in the backward, which recomputes the row's softmax statistics;
-    nothing ``N x C`` is kept in between); other devices use torch operations. Float32 math.
+    CPU and CUDA tensors run the kernels of ``csrc/metric_losses`` (the CPU reads a row from
+    memory once in the forward and once in the backward, which recomputes the row's softmax
+    statistics; on CUDA the softmax form reads it twice forward and three times backward, from
+    cache for all but the first; nothing ``N x C`` is kept in between); other devices use torch
+    operations. Float32 math.
 
     Args:
         logits: ``[N]``, ``[N, K]`` (sigmoid) or ``[N, C]`` (softmax) float32/16 or bfloat16.
@@ -269,7 +278,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         x = logits if logits.dim() == 2 else logits[:, None]
         args = (float(alpha), float(gamma), float(smooth))
-        if x.device.type == "cpu":
+        if _has_kernel(x):
             rows = torch.ops.fastloss.dice_sigmoid_forward(x, y.reshape(x.shape), *args)
         else:
             rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
@@ -280,13 +289,14 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
                              f"{target.dtype}")
         keep = target != ignore_index
         args = (float(alpha), float(gamma), float(smooth))
-        if logits.device.type == "cpu":  # the kernel's op checks the classes itself
-            rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
-        else:
+        if logits.device.type != "cpu":  # the CPU kernel's op checks the classes itself
             bad = keep & ((target < 0) | (target >= logits.shape[1]))
             if bool(bad.any()):
                 raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
                                  f"that are not ignore_index ({ignore_index})")
+        if _has_kernel(logits):
+            rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
+        else:
             t = torch.where(keep, target, 0).long()
             rows = torch.where(keep, _SoftmaxDice.apply(logits, t, *args).sum(1), 0.0)
     else:
