@@ -107,7 +107,8 @@ def main(argv=None):
     res = harness.Results(name, device, args.out, notes=[
         "time = mw_auc_loss(pos, neg) (reduction mean) + torch.autograd.grad(loss, (pos, neg)); median",
         "Gpairs_per_s = B*P*N / median time",
-        "CUDA tensors run the eager formula in fastloss too (no CUDA kernel yet)"])
+        "CUDA: mw_auc_loss runs fastloss's CUDA kernels; the other losses are blocks of torch "
+        "operations on every device"])
     res.title = "fastloss mw_auc_loss, forward + backward"
     cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".2f")),

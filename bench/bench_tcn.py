@@ -1,7 +1,7 @@
 """Benchmark of the depthwise dilated causal convolution: forward, and forward + backward.
 
 Variants, same inputs, same run:
-  * ``fastloss``: ``fastloss.ops.dilated_conv1d`` (CPU kernels; CUDA tensors go to F.conv1d);
+  * ``fastloss``: ``fastloss.ops.dilated_conv1d`` (the CPU kernels, or the CUDA kernels);
   * ``torch_conv1d``: ``F.conv1d(F.pad(x, (P, 0)), w[:, None], b, dilation=d, groups=C)``
     (oneDNN on the CPU, cuDNN on a GPU);
   * ``fft``: the same convolution through ``torch.fft.rfft`` / ``irfft`` with a dense kernel of

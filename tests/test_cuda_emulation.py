@@ -521,3 +521,50 @@ def test_confusion_sums(metric_lib, dtype, shape, from_logits):
     torch.testing.assert_close(sums, expect, rtol=1e-5, atol=1e-4)
     expect_grad = torch.ops.fastloss.confusion_sums_backward(gs, s, y, 9.0, from_logits)
     torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+# ---- Mann-Whitney (AUC) loss ---------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def auc_lib():
+    lib = build.build("pair_losses/auc_cuda.cu", "auc_harness.cpp", "auc")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_auc_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
+    lib.emu_auc_scratch.restype = ctypes.c_int64
+    lib.emu_auc.argtypes = [P, P, ctypes.c_int, I64, P, P, P, P]
+    lib.emu_auc.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("grads", [True, False], ids=["grads", "loss-only"])
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 300), (2, 600, 7), (1, 257, 513)],
+                         ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_auc(auc_lib, dtype, shape, grads):
+    bsz, p, n = shape
+    gen = torch.Generator().manual_seed(p + n)
+    pos = (torch.randn(bsz, p, generator=gen) * 2 + 0.5).to(dtype)
+    neg = (torch.randn(bsz, n, generator=gen) * 2).to(dtype)
+    pos_pad = torch.cat([pos, torch.full((bsz, 3), float("nan"), dtype=dtype)], 1)  # strided rows
+    pg = torch.as_strided(guarded(pos_pad, float("nan"))[0], (bsz, p), (p + 3, 1))
+    ng = guarded(neg, float("nan"))[0]
+    loss, lbuf = nan_outputs((bsz,))
+    gpos, gpbuf = nan_outputs((bsz, p))
+    gneg, gnbuf = nan_outputs((bsz, n))
+    scratch = torch.full((auc_lib.emu_auc_scratch(bsz, p),), float("nan"), dtype=torch.float64)
+    err = auc_lib.emu_auc(pg.data_ptr(), ng.data_ptr(), DTYPE_CODES[dtype], int64s(bsz, p, n, p + 3, n),
+                          loss.data_ptr(), gpos.data_ptr() if grads else None,
+                          gneg.data_ptr() if grads else None, scratch.data_ptr())
+    assert err is None, err.decode()
+    for buf, what in ((lbuf, "loss"), (gpbuf, "grad_pos"), (gnbuf, "grad_neg")):
+        check_guards(buf, what)
+    p64, n64 = pos.double().requires_grad_(True), neg.double().requires_grad_(True)
+    rows = torch.nn.functional.softplus(n64[:, None, :] - p64[:, :, None]).mean((1, 2))
+    rows.sum().backward()
+    torch.testing.assert_close(loss.double(), rows.detach(), rtol=1e-5, atol=1e-6)
+    if grads:
+        torch.testing.assert_close(gpos.double(), p64.grad, rtol=1e-4, atol=1e-8)
+        torch.testing.assert_close(gneg.double(), n64.grad, rtol=1e-4, atol=1e-8)
+    else:
+        assert gpos.isnan().all() and gneg.isnan().all()

@@ -1,6 +1,6 @@
 """The Mann-Whitney (AUC) loss against its float64 reference (itself checked against
-F.binary_cross_entropy_with_logits over the pair matrix): loss and both gradients, every CPU
-kernel path and dtype, one query and many, sizes around the vector widths and the 256-positive
+F.binary_cross_entropy_with_logits over the pair matrix): loss and both gradients, every kernel
+path (CPU ISAs, CUDA where there is a GPU) and dtype, one query and many, sizes around the vector widths and the 256-positive
 work blocks, extreme scores; opcheck, compile, no_grad, bad input, and that the pair matrix is
 never built (peak memory)."""
 
@@ -41,10 +41,10 @@ def test_reference_is_bce_over_the_pairs():
 @pytest.mark.parametrize("sizes", [(1, 1), (1, 7), (7, 1), (3, 17), (255, 33), (256, 16), (257, 5), (600, 40)],
                          ids=lambda s: f"P{s[0]}N{s[1]}")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
-def test_matches_reference(dtype, sizes, reduction, cpu_isa):
+def test_matches_reference(dtype, sizes, reduction, device):
     p, n = sizes
-    check(*make((p,), (n,), dtype), reduction, f"one query {sizes} {dtype}")
-    check(*make((3, p), (3, n), dtype, seed=2), reduction, f"3 queries {sizes} {dtype}")
+    check(*[t.to(device) for t in make((p,), (n,), dtype)], reduction, f"one query {sizes} {dtype}")
+    check(*[t.to(device) for t in make((3, p), (3, n), dtype, seed=2)], reduction, f"3 queries {sizes} {dtype}")
 
 
 def test_strided_and_extreme_scores():
@@ -107,6 +107,13 @@ def test_pair_matrix_is_never_built():
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 def test_cuda_path_equals_cpu():
+    # a query of 4096 x 4096 pairs (64 MiB as a float32 matrix): the kernel keeps O(P + N)
+    pos, neg = make((4096,), (4096,), torch.float32, seed=9)
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    p = pos.cuda().requires_grad_(True)
+    ops.mw_auc_loss(p, neg.cuda()).backward()
+    assert torch.cuda.max_memory_allocated() - base < 4 << 20, "the pair matrix was built"
     pos, neg = make((3, 40), (3, 25), torch.float32, seed=8)
     results = []
     for dev in ("cpu", "cuda"):

@@ -28,4 +28,11 @@ inline int64_t auc_items(const AucProblem& q) { return q.B * ((q.P + kAucBlock -
 void auc_cpu(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part,
              int64_t r0, int64_t r1);
 
+// CUDA (auc_cuda.cu): all queries on `stream` (a cudaStream_t): loss [B] (already divided by
+// P N), and when not null grad_pos [B, P] and grad_neg [B, N] (float32, contiguous), using a
+// float64 scratch of auc_cuda_scratch(q) elements. Returns nullptr or the CUDA error.
+int64_t auc_cuda_scratch(const AucProblem& q);
+const char* auc_cuda(const AucProblem& q, float* loss, float* grad_pos, float* grad_neg,
+                     double* scratch, void* stream);
+
 }  // namespace fastloss

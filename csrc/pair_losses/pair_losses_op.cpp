@@ -1,6 +1,6 @@
 // The torch-aware side of the pair-based losses: argument checks, allocation, and the CPU
-// kernels (auc_cpu_impl.h). Schemas in registration.cpp; fake kernels and autograd in
-// python/fastloss/ops/pair_losses.py.
+// kernels (auc_cpu_impl.h) or the CUDA kernels (auc_cuda.cu). Schemas in registration.cpp;
+// fake kernels and autograd in python/fastloss/ops/pair_losses.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
@@ -9,6 +9,11 @@
 
 #include <cstdint>
 #include <tuple>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#endif
 
 #include "../op_helpers.h"
 #include "auc_kernels.h"
@@ -33,7 +38,13 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
               pos_in.scalar_type(), " but scores_neg is ", neg_in.scalar_type());
   TORCH_CHECK(pos_in.device() == neg_in.device(), kOp, ": scores_pos is on ", pos_in.device(),
               " but scores_neg is on ", neg_in.device());
-  TORCH_CHECK(pos_in.is_cpu(), kOp, ": the fastloss kernel runs on the CPU");
+#if defined(FASTLOSS_WITH_CUDA)
+  TORCH_CHECK(pos_in.is_cpu() || pos_in.is_cuda(), kOp, ": the fastloss kernels run on the CPU "
+              "or a CUDA device, got ", pos_in.device());
+#else
+  TORCH_CHECK(pos_in.is_cpu(), kOp, ": the fastloss kernel runs on the CPU (this build has no "
+              "CUDA kernels), got ", pos_in.device());
+#endif
   const Tensor pos = pos_in.stride(1) == 1 ? pos_in : pos_in.contiguous();
   const Tensor neg = neg_in.stride(1) == 1 ? neg_in : neg_in.contiguous();
   AucProblem q;
@@ -46,6 +57,21 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
   q.pos_stride = q.B > 1 ? pos.stride(0) : q.P;
   q.neg_stride = q.B > 1 ? neg.stride(0) : q.N;
   const auto f32 = pos.options().dtype(at::kFloat);
+  if (pos.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(pos.device());
+    Tensor loss = at::empty({q.B}, f32);
+    Tensor grad_pos = compute_grad ? at::empty({q.B, q.P}, f32) : at::empty({0}, f32);
+    Tensor grad_neg = compute_grad ? at::empty({q.B, q.N}, f32) : at::empty({0}, f32);
+    Tensor scratch = at::empty({auc_cuda_scratch(q)}, pos.options().dtype(at::kDouble));
+    const char* err = auc_cuda(q, loss.data_ptr<float>(),
+                               compute_grad ? grad_pos.data_ptr<float>() : nullptr,
+                               compute_grad ? grad_neg.data_ptr<float>() : nullptr,
+                               scratch.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err);
+    return {loss, grad_pos, grad_neg};
+#endif
+  }
   const int64_t items = auc_items(q), blocks = items / std::max<int64_t>(q.B, 1);
   Tensor loss_part = at::empty({items}, pos.options().dtype(at::kDouble));
   Tensor grad_pos = compute_grad ? at::empty({q.B, q.P}, f32) : at::empty({0}, f32);
@@ -64,3 +90,6 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
 }  // namespace fastloss
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }
+#if defined(FASTLOSS_WITH_CUDA)
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }
+#endif

@@ -66,7 +66,7 @@ torch.library.register_autograd("fastloss::kd_forward", _backward, setup_context
 
 
 def _rows_torch(student, teacher, kind, temperature, beta):
-    """The same per-row losses in torch operations (CUDA tensors, for now)."""
+    """The same per-row losses in torch operations (devices without a fastloss kernel)."""
     ls = F.log_softmax(student.float() / temperature, -1)
     lt = F.log_softmax(teacher.float() / temperature, -1).detach()
     if kind == "forward_kl":

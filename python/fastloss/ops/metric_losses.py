@@ -75,7 +75,7 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
 
 
 def _confusion_sums_torch(s, y, L, from_logits):
-    """The four cells of each column in torch operations (CUDA tensors, for now)."""
+    """The four cells of each column in torch operations (devices without a fastloss kernel)."""
     p = torch.sigmoid(s) if from_logits else s
     a = torch.sigmoid(L * (p - 0.5))                 # the amplified probability A(p)
     return (y * a).sum(0), (y * (1 - a)).sum(0), ((1 - y) * a).sum(0), ((1 - y) * (1 - a)).sum(0)

@@ -8,9 +8,10 @@ query, averaged over the pairs:
 
 ``scores_pos`` ``[P]`` and ``scores_neg`` ``[N]`` are one query; ``[B, P]`` and ``[B, N]`` are
 ``B`` queries (the per-query form). The CPU kernel (``csrc/pair_losses``) forms the loss and
-both gradients in one pass over the pairs with O(B (P + N)) memory; eager PyTorch would build
-the ``[B, P, N]`` matrix (and keep it for backward). CUDA tensors take that eager path for now
-(no CUDA kernel yet).
+both gradients in one pass over the pairs with O(B (P + N)) memory; the CUDA kernels in two
+(a thread per positive, then a thread per negative, each walking the other side's scores staged
+in shared memory); eager PyTorch would build the ``[B, P, N]`` matrix (and keep it for
+backward).
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .. import _C
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -79,7 +82,7 @@ def mw_auc_loss(scores_pos: Tensor, scores_neg: Tensor, reduction: str = "mean")
                          f"[B, N], got {tuple(scores_pos.shape)} and {tuple(scores_neg.shape)}")
     pos = scores_pos.unsqueeze(0) if one_query else scores_pos
     neg = scores_neg.unsqueeze(0) if one_query else scores_neg
-    if pos.device.type == "cpu":
+    if pos.device.type == "cpu" or (pos.device.type == "cuda" and bool(_C.built_with_cuda)):
         compute_grad = torch.is_grad_enabled() and (pos.requires_grad or neg.requires_grad)
         rows = torch.ops.fastloss.mw_auc_forward(pos, neg, compute_grad)[0]
     else:
