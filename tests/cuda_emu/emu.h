@@ -262,6 +262,9 @@ T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuff
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::shuffle(mask, 0, 0, 0, 32); }
 
+struct alignas(8) float2 {
+  float x, y;
+};
 struct alignas(16) float4 {
   float x, y, z, w;
 };
@@ -277,6 +280,16 @@ T __ldg(const T* p) {
   return *p;
 }
 inline float __expf(float x) { return std::exp(x); }
+inline float __uint_as_float(unsigned u) {
+  float f;
+  std::memcpy(&f, &u, sizeof f);
+  return f;
+}
+inline unsigned __float_as_uint(float f) {
+  unsigned u;
+  std::memcpy(&u, &f, sizeof u);
+  return u;
+}
 inline float __int_as_float(int i) {
   float f;
   std::memcpy(&f, &i, sizeof f);

@@ -9,3 +9,11 @@ struct __nv_bfloat16 {
 };
 inline float __bfloat162float(__nv_bfloat16 h) { return fastloss::FL_ISA::bf16_to_float(h.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {fastloss::FL_ISA::float_to_bf16(f)}; }
+
+// A pair: element x in the low 16 bits, as the GPU lays it out.
+struct alignas(4) __nv_bfloat162 {
+  __nv_bfloat16 x, y;
+};
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
+  return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
+}

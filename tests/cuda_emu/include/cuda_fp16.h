@@ -9,3 +9,10 @@ struct __half {
 };
 inline float __half2float(__half h) { return fastloss::FL_ISA::half_to_float(h.bits); }
 inline __half __float2half_rn(float f) { return {fastloss::FL_ISA::float_to_half(f)}; }
+
+// A pair: element x in the low 16 bits, as the GPU lays it out.
+struct alignas(4) __half2 {
+  __half x, y;
+};
+inline float2 __half22float2(__half2 h) { return {__half2float(h.x), __half2float(h.y)}; }
+inline __half2 __floats2half2_rn(float a, float b) { return {__float2half_rn(a), __float2half_rn(b)}; }

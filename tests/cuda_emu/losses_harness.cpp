@@ -1,0 +1,48 @@
+// The CUDA kernels of csrc/losses/losses_cuda.cu under the emulator (emu.h), behind a C
+// interface for ctypes (tests/test_cuda_emulation.py). Returns null or the error text.
+#include "kernels.inc"
+
+extern "C" {
+
+// shape: rows, cols, row stride, ignore_index, kind, adaptive (0/1)
+// f: label_smoothing, lse_square_scale, softcap, tau, lam, margin, alpha, a, b, eps
+// out: loss, stat0, stat1 [rows]; then the backward from grad_loss into grad (row stride cols)
+const char* emu_losses(const void* logits, int dtype, const int64_t* target, const float* weight,
+                       const float* weight_sum, const int64_t* shape, const float* f, float* loss,
+                       float* stat0, float* stat1, const float* grad_loss, void* grad) {
+  fastloss::LogitsView lv;
+  lv.data = logits;
+  lv.dtype = fastloss::ScalarType(dtype);
+  lv.rows = shape[0];
+  lv.cols = shape[1];
+  lv.row_stride = shape[2];
+  fastloss::RowTargets rt;
+  rt.target = target;
+  rt.weight = weight;
+  fastloss::LossParams p;
+  p.ignore_index = shape[3];
+  p.kind = fastloss::LossKind(shape[4]);
+  p.adaptive = shape[5] != 0;
+  p.label_smoothing = f[0];
+  p.lse_square_scale = f[1];
+  p.softcap = f[2];
+  p.tau = f[3];
+  p.lam = f[4];
+  p.margin = f[5];
+  p.alpha = f[6];
+  p.a = f[7];
+  p.b = f[8];
+  p.eps = f[9];
+  p.weight_sum = weight_sum;
+  const fastloss::RowStats out{loss, stat0, stat1};
+  if (const char* e = fastloss::losses_forward_cuda(lv, rt, p, out, nullptr)) return e;
+  fastloss::RowGrad g;
+  g.grad_loss = grad_loss;
+  g.stat0 = stat0;
+  g.stat1 = stat1;
+  g.grad_logits = grad;
+  g.grad_row_stride = shape[1];
+  return fastloss::losses_backward_cuda(lv, rt, p, g, nullptr);
+}
+
+}  // extern "C"
