@@ -285,6 +285,8 @@ def kd_lib():
     lib.emu_kd_forward.restype = ctypes.c_char_p
     lib.emu_kd_backward.argtypes = [P, P, ctypes.c_int, I64, ctypes.c_int, F32, F32, P, P, P]
     lib.emu_kd_backward.restype = ctypes.c_char_p
+    lib.emu_topk_kl.argtypes = [P, P, ctypes.c_int, I64, F32, P, P]
+    lib.emu_topk_kl.restype = ctypes.c_char_p
     return lib
 
 
@@ -330,6 +332,36 @@ def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
     assert err is None, err.decode()
     check_guards(gbuf, "grad")
     close(grad, s64.grad, dtype, f"{kind} grad")
+
+
+@pytest.mark.parametrize("renormalize", [False, True], ids=["all", "renormalized"])
+@pytest.mark.parametrize("shape,k", [((3, 7), 1), ((3, 7), 7), ((4, 1031), 100), ((2, 4099), 1000),
+                                     ((3, 300), 5)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_topk_kl(kd_lib, dtype, shape, k, renormalize):
+    """Against the CPU kernel's op; the teacher rows hold ties at the k-th value (taken by lowest
+    class index), rows of equal values, and a strided NaN-padded student."""
+    n, c = shape
+    gen = torch.Generator().manual_seed(n * 7 + c + k)
+    s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    if c == 300:  # the k-th value tied: a run of equal logits straddles the cut
+        t[0, 10:40] = 50.0        # 30 ties, k = 5 of them taken
+        t[1, :] = 1.0             # all tied
+        t[2, ::7] = t[2].max()    # ties at the maximum
+    padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
+    sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
+    tg = guarded(t, float("nan"))[0]
+    loss, lbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c), dtype)
+    err = kd_lib.emu_topk_kl(sg.data_ptr(), tg.data_ptr(), DTYPE_CODES[dtype],
+                             int64s(n, c, c + 5, c, k, int(renormalize)), 1.5, loss.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(lbuf, "loss")
+    check_guards(gbuf, "grad")
+    e_loss, e_grad = torch.ops.fastloss.topk_kl_forward(s, t, k, 1.5, renormalize, True)
+    torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-5)
+    torch.testing.assert_close(grad.float(), e_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
 # ---- entropic optimal transport (Sinkhorn) -----------------------------------------------------

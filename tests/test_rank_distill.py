@@ -40,8 +40,8 @@ def ks(c):
 @pytest.mark.parametrize("renormalize", [False, True], ids=["full", "renorm"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_topk_kl_matches_reference(dtype, shape, renormalize, cpu_isa):
-    s, t, _ = make(*shape, dtype)
+def test_topk_kl_matches_reference(dtype, shape, renormalize, device):
+    s, t, _ = (v.to(device) for v in make(*shape, dtype))
     for k in ks(shape[1]):
         for reduction in ("mean", "sum", "none"):
             compare(lambda x: ops.topk_kl_loss(x, t, k, 2.0, renormalize, reduction),
@@ -61,11 +61,11 @@ def test_pld_matches_reference(dtype, shape, reduction, cpu_isa):
 
 
 @pytest.mark.parametrize("c", [40, 3000])
-def test_tied_teacher_logits_break_towards_the_lower_class(c, cpu_isa):
+def test_tied_teacher_logits_break_towards_the_lower_class(c, device):
     """bfloat16 teachers of a few distinct values: every selection and ranking is full of ties,
     and the result must follow the documented rule (the reference ranks by counting)."""
-    s, _, y = make(3, c, torch.bfloat16, seed=5)
-    t = torch.randint(-3, 4, (3, c), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    s, _, y = (v.to(device) for v in make(3, c, torch.bfloat16, seed=5))
+    t = torch.randint(-3, 4, (3, c), generator=torch.Generator().manual_seed(1)).to(torch.bfloat16).to(device)
     for k in (1, 7, c // 2):
         compare(lambda x: ops.topk_kl_loss(x, t, k, 1.0), lambda x: ref.topk_kl_loss(x, t, k, 1.0),
                 s, f"topk k={k}")

@@ -8,6 +8,10 @@
 // the rows once more with both lse known.
 // Backward: element-wise from the forward's statistics; a block per (row, tile of columns).
 // Consecutive threads take consecutive columns: every load and store of a warp is contiguous.
+// Top-k KL: a block per row finds the teacher's k-th largest value by a radix selection over
+// order-preserving 32-bit keys (four 8-bit passes, histograms in shared memory), so that the
+// top-k set I is "key above the k-th's, or equal to it and among the first ties by class
+// index" without sorting or storing indices; then the loss over I and the whole row's gradient.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -187,6 +191,128 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- top-k KL -------------------------------------------------------------------------------
+
+// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf), as the CPU's.
+__device__ __forceinline__ uint32_t order_key(float f) {
+  const uint32_t u = __float_as_uint(f);
+  return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
+}
+
+// The block's k-th largest key of the teacher row and the top-k membership rule (valid in every
+// thread): key > kth, or key == kth with class index <= last_tie.
+struct TopkSet {
+  uint32_t kth;
+  int64_t last_tie;
+  __device__ __forceinline__ bool has(uint32_t key, int64_t j) const {
+    return key > kth || (key == kth && j <= last_tie);
+  }
+};
+
+template <class T>
+__device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* hist, unsigned* flags,
+                                int64_t* shared_i) {
+  uint32_t prefix = 0, mask = 0;
+  int64_t remaining = k, greater = 0;
+  for (int shift = 24; shift >= 0; shift -= 8) {
+    for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+      const uint32_t key = order_key(load1(tr + j));
+      if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {  // the bin that holds the remaining-th largest key
+      int64_t above = 0;
+      int b = 255;
+      for (; b > 0 && above + int64_t(hist[b]) < remaining; --b) above += hist[b];
+      shared_i[0] = b;
+      shared_i[1] = above;
+    }
+    __syncthreads();
+    const int b = int(shared_i[0]);
+    const int64_t above = shared_i[1];
+    greater += above;
+    remaining -= above;
+    prefix |= uint32_t(b) << shift;
+    mask |= 255u << shift;
+    __syncthreads();  // shared_i and hist are rewritten next
+  }
+  // hist[prefix & 255] now counts the keys equal to the k-th; `remaining` of them are taken,
+  // those of lowest class index
+  const int64_t ties = hist[prefix & 255u];
+  TopkSet set{prefix, C};
+  if (ties <= remaining) return set;
+  // rare (equal logits): the class index of the remaining-th tie, by tiles in index order
+  if (threadIdx.x == 0) shared_i[0] = 0, shared_i[1] = -1;  // ties seen, the index found
+  __syncthreads();
+  for (int64_t t0 = 0; t0 < C; t0 += kThreads) {
+    const int64_t j = t0 + threadIdx.x;
+    flags[threadIdx.x] = j < C && order_key(load1(tr + j)) == prefix;
+    __syncthreads();
+    if (threadIdx.x == 0)
+      for (int i = 0; i < kThreads && shared_i[1] < 0; ++i)
+        if (flags[i] && ++shared_i[0] == remaining) shared_i[1] = t0 + i;
+    __syncthreads();
+    const bool found = shared_i[1] >= 0;
+    __syncthreads();  // flags is rewritten next
+    if (found) break;
+  }
+  set.last_tie = shared_i[1];
+  __syncthreads();
+  return set;
+}
+
+// loss[r] = T^2 sum_{j in I} q_j (log q_j - log p_j) (p, q over all classes, or renormalized
+// over I), and when grad is not null grad[r, m] = T (c p_m - [m in I] q_m) with c = q's mass
+// on I (1 renormalized, and then only m in I), as kd_rank_impl.h.
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
+  __shared__ unsigned hist[256];
+  __shared__ unsigned flags[kThreads];
+  __shared__ int64_t shared_i[2];
+  __shared__ float states[kWarps][2][3];
+  __shared__ float sums[kWarps][2];
+  const float inv_t = 1.f / q.temperature, T2 = q.temperature * q.temperature;
+  const int64_t C = q.C, k = q.k < q.C ? q.k : q.C;
+  for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
+    const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
+    const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
+    const TopkSet set = select_top_k(tr, C, k, hist, flags, shared_i);
+    Online S, Q;  // log-normalizers of s = student / T and t = teacher / T (over I or all)
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+      const float tv = load1(tr + j);
+      if (q.renormalize && !set.has(order_key(tv), j)) continue;
+      S.add(load1(sr + j) * inv_t, 0.f);
+      Q.add(tv * inv_t, 0.f);
+    }
+    block_merge(S, Q, states);
+    const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
+    float kl = 0.f, mass = 0.f;
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+      const float tv = load1(tr + j);
+      if (!set.has(order_key(tv), j)) continue;
+      const float lq = tv * inv_t - lse_t, lp = load1(sr + j) * inv_t - lse_s, qj = vexp(lq);
+      kl += qj * (lq - lp);
+      mass += qj;
+    }
+    block_sum2(kl, mass, sums);
+    if (threadIdx.x == 0) loss[r] = T2 * kl;
+    if (grad == nullptr) continue;
+    const float c = q.renormalize ? 1.f : mass;
+    T* gr = grad + r * C;
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+      const float tv = load1(tr + j);
+      const bool in = set.has(order_key(tv), j);
+      const float p = vexp(load1(sr + j) * inv_t - lse_s);
+      float g = q.renormalize ? 0.f : q.temperature * c * p;
+      if (in) g = q.temperature * (c * p - vexp(tv * inv_t - lse_t));
+      store1(gr + j, g);
+    }
+  }
+}
+
 const char* launch_status() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -201,6 +327,17 @@ const char* kd_forward_cuda(const KdProblem& q, float* loss, float* stats, void*
   const unsigned blocks = unsigned(q.N < kMaxBlocks ? q.N : kMaxBlocks);
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() { kd_forward_kernel<T><<<blocks, kThreads, 0, s>>>(q, loss, stats); });
+  return launch_status();
+}
+
+const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream) {
+  using namespace FL_ISA;
+  if (q.N == 0) return nullptr;
+  const unsigned blocks = unsigned(q.N < kMaxBlocks ? q.N : kMaxBlocks);
+  auto s = static_cast<cudaStream_t>(stream);
+  visit_dtype(q.dtype, [&]<class T>() {
+    topk_kl_kernel<T><<<blocks, kThreads, 0, s>>>(q, loss, static_cast<T*>(grad));
+  });
   return launch_status();
 }
 

@@ -67,6 +67,8 @@ struct PldProblem {
 // dtype, contiguous) = d loss_r / d student[r, k]. Both find each row's order (a selection or a
 // sort) once, so the forward forms the gradient too instead of repeating it in a backward.
 void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
+// CUDA (kd_cuda.cu): all rows on `stream`; nullptr or the CUDA error of the launch.
+const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream);
 void pld_cpu(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
 
 }  // namespace fastloss

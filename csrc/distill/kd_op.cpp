@@ -1,5 +1,6 @@
 // The torch-aware side of the logit-distillation losses: argument checks, allocation, and the
-// CPU kernels (kd_cpu_impl.h, kd_rank_impl.h) or, for kd_loss, the CUDA kernels (kd_cuda.cu).
+// CPU kernels (kd_cpu_impl.h, kd_rank_impl.h) or, for kd_loss and topk_kl_loss, the CUDA
+// kernels (kd_cuda.cu).
 // Schemas in registration.cpp; fake kernels and autograd in python/fastloss/ops/distill.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -173,13 +174,24 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
                                            int64_t k, double temperature, bool renormalize,
                                            bool compute_grad) {
   constexpr const char* op = "topk_kl_loss";
-  const Pair p = check_pair(student, teacher, op);
+  const Pair p = check_pair(student, teacher, op, /*cuda_kernel=*/true);
   TORCH_CHECK(k >= 1 && (k <= p.C || p.N == 0), op, ": k must be in [1, C = ", p.C, "], got ", k);
   TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0, got ", temperature);
   auto q = problem_of<TopkKlProblem>(p);
   q.k = k;
   q.temperature = float(temperature);
   q.renormalize = renormalize;
+  if (student.is_cuda()) {
+    Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
+    Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(student.device());
+    const char* err = topk_kl_cuda(q, loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
+                                   current_stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#endif
+    return {loss, grad};
+  }
   return rows_and_grad(p, compute_grad, [&](float* lp, void* gp, int64_t r0, int64_t r1) {
     topk_kl_cpu(q, lp, gp, r0, r1);
   });
@@ -241,5 +253,6 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
+  m.impl("topk_kl_forward", &fastloss::topk_kl_forward);
 }
 #endif

@@ -274,6 +274,15 @@ struct alignas(16) uint4 {
 inline uint4 make_uint4(unsigned x, unsigned y, unsigned z, unsigned w) { return {x, y, z, w}; }
 
 // A GPU load of T needs an address aligned to sizeof(T) (a misaligned one traps).
+// Blocks run one at a time and a block's threads never interleave between barriers: a plain
+// add is what an atomic one is here.
+template <class T>
+T atomicAdd(T* p, T v) {
+  const T old = *p;
+  *p = old + v;
+  return old;
+}
+
 template <class T>
 T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fault("misaligned load");

@@ -38,4 +38,21 @@ const char* emu_kd_backward(const void* s, const void* t, int dtype, const int64
                                     grad_loss, stats, grad, nullptr);
 }
 
+// shape: N, C, student row stride, teacher row stride, k, renormalize
+const char* emu_topk_kl(const void* s, const void* t, int dtype, const int64_t* shape,
+                        float temperature, float* loss, void* grad) {
+  fastloss::TopkKlProblem q;
+  q.student = s;
+  q.teacher = t;
+  q.dtype = fastloss::ScalarType(dtype);
+  q.N = shape[0];
+  q.C = shape[1];
+  q.s_stride = shape[2];
+  q.t_stride = shape[3];
+  q.k = shape[4];
+  q.renormalize = shape[5] != 0;
+  q.temperature = temperature;
+  return fastloss::topk_kl_cuda(q, loss, grad, nullptr);
+}
+
 }  // extern "C"

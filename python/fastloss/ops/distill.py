@@ -17,8 +17,8 @@ Gradients flow to the student only (the teacher is a target). The CPU kernels (`
 read both rows twice in the forward (three times for jsd), keep three floats per row, and read
 them once more in the backward, which writes the gradient once: no ``[N, C]`` probability
 tensor is kept. ``kd_loss`` on CUDA tensors runs the CUDA kernels (``kd_cuda.cu``: one read of
-both rows forward, two for jsd, one backward); ``topk_kl_loss`` and ``pld_loss`` on CUDA tensors
-use the same formulas in torch operations for now.
+both rows forward, two for jsd, one backward) and ``topk_kl_loss`` the CUDA top-k kernel;
+``pld_loss`` on CUDA tensors uses the same formula in torch operations for now.
 """
 
 from __future__ import annotations
@@ -65,6 +65,11 @@ def _backward(ctx, grad_loss, _grad_stats):
 torch.library.register_autograd("fastloss::kd_forward", _backward, setup_context=_setup)
 
 
+def _has_kernel(x: Tensor) -> bool:
+    """Whether fastloss has a kernel for x's device in this build (else torch operations)."""
+    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
+
+
 def _rows_torch(student, teacher, kind, temperature, beta):
     """The same per-row losses in torch operations (devices without a fastloss kernel)."""
     ls = F.log_softmax(student.float() / temperature, -1)
@@ -97,7 +102,7 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    if s2.device.type == "cpu" or (s2.device.type == "cuda" and bool(_C.built_with_cuda)):
+    if _has_kernel(s2):
         rows = torch.ops.fastloss.kd_forward(s2, t2, _KINDS[kind], float(T), float(beta))[0]
     else:
         rows = _rows_torch(s2, t2, kind, float(T), float(beta))
@@ -193,7 +198,7 @@ def _descending_order(teacher):
 
 
 def _topk_rows_torch(s, t, k, T, renormalize):
-    """The same per-row top-k KL in torch operations (CUDA tensors, for now)."""
+    """The same per-row top-k KL in torch operations (devices without a fastloss kernel)."""
     idx = _descending_order(t)[:, :k]
     s32, t32 = s.float() / T, t.float() / T
     if renormalize:
@@ -229,14 +234,15 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
         renormalize: renormalize both distributions over the top-k classes.
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
 
-    The CPU kernel selects the top-k classes of each row in O(C) (no sort) and forms the loss and
-    the student's gradient in one pass; no ``[N, C]`` probability tensor is made.
+    The CPU and CUDA kernels select the top-k classes of each row in O(C) (no sort; on CUDA a
+    radix selection per row) and form the loss and the student's gradient in the same call; no
+    ``[N, C]`` probability tensor is made.
     """
     fn = "topk_kl_loss"
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
-    if s2.device.type == "cpu":
+    if _has_kernel(s2):
         rows = torch.ops.fastloss.topk_kl_forward(s2, t2, k, float(T), bool(renormalize),
                                                   _wants_grad(s2))[0]
     else:
