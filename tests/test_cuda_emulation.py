@@ -287,6 +287,8 @@ def kd_lib():
     lib.emu_kd_backward.restype = ctypes.c_char_p
     lib.emu_topk_kl.argtypes = [P, P, ctypes.c_int, I64, F32, P, P]
     lib.emu_topk_kl.restype = ctypes.c_char_p
+    lib.emu_pld.argtypes = [P, P, P, ctypes.c_int, I64, F32, P, P, P, P]
+    lib.emu_pld.restype = ctypes.c_char_p
     return lib
 
 
@@ -362,6 +364,42 @@ def test_topk_kl(kd_lib, dtype, shape, k, renormalize):
     e_loss, e_grad = torch.ops.fastloss.topk_kl_forward(s, t, k, 1.5, renormalize, True)
     torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-5)
     torch.testing.assert_close(grad.float(), e_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("grads", [True, False], ids=["grads", "loss-only"])
+@pytest.mark.parametrize("shape", [(3, 1), (4, 7), (5, 33), (3, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_pld(kd_lib, dtype, shape, grads):
+    """Against the CPU kernel's op: ignored rows, the target anywhere in the teacher's order,
+    tied teacher logits, strided NaN-padded students; the order is torch's stable sort, as the
+    op passes it."""
+    n, c = shape
+    gen = torch.Generator().manual_seed(n * 11 + c)
+    s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    y = torch.randint(0, c, (n,), generator=gen)
+    if n > 2:
+        y[1] = -100
+        t[2, : c // 2] = 1.0  # ties
+    order = torch.sort(t, dim=1, descending=True, stable=True).indices.contiguous()
+    padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
+    sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
+    tg = guarded(t, float("nan"))[0]
+    scratch = torch.full((n * c,), float("nan"))
+    loss, lbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c), dtype)
+    err = kd_lib.emu_pld(sg.data_ptr(), tg.data_ptr(), y.data_ptr(), DTYPE_CODES[dtype],
+                         int64s(n, c, c + 5, c, -100), 1.5, order.data_ptr(), scratch.data_ptr(),
+                         loss.data_ptr(), grad.data_ptr() if grads else None)
+    assert err is None, err.decode()
+    check_guards(lbuf, "loss")
+    check_guards(gbuf, "grad")
+    e_loss, e_grad = torch.ops.fastloss.pld_forward(s, t, y, 1.5, -100, True)
+    torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=2e-5)
+    if grads:
+        torch.testing.assert_close(grad.float(), e_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
+    else:
+        assert grad.isnan().all()
 
 
 # ---- entropic optimal transport (Sinkhorn) -----------------------------------------------------

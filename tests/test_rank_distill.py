@@ -52,8 +52,8 @@ def test_topk_kl_matches_reference(dtype, shape, renormalize, device):
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_pld_matches_reference(dtype, shape, reduction, cpu_isa):
-    s, t, y = make(*shape, dtype)
+def test_pld_matches_reference(dtype, shape, reduction, device):
+    s, t, y = (v.to(device) for v in make(*shape, dtype))
     for T in (0.5, 2.0):
         compare(lambda x: ops.pld_loss(x, t, y, T, reduction=reduction),
                 lambda x: ref.pld_loss(x, t, y, T, reduction=reduction), s,

@@ -12,6 +12,12 @@
 // order-preserving 32-bit keys (four 8-bit passes, histograms in shared memory), so that the
 // top-k set I is "key above the k-th's, or equal to it and among the first ties by class
 // index" without sorting or storing indices; then the loss over I and the whole row's gradient.
+// PLD: a warp per row on the teacher's descending order (the op sorts with torch, stable, and
+// passes the indices): the ranking is the target first, then that order without it. A pass
+// over the ranks from the last gives the suffix log-sum-exps l_k of the student (a warp scan
+// per 32 ranks with the later ranks' total carried in), stored in a float32 scratch row, and
+// the loss; a pass from the first gives B_k = B_(k-1) e^(l_k - l_(k-1)) + w_k (an affine scan)
+// and the gradient, scattered back to class order.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -313,6 +319,101 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- Plackett-Luce distillation ---------------------------------------------------------
+
+// log(e^a + e^b), finite for a or b the lowest float (the empty sum)
+__device__ __forceinline__ float log_add(float a, float b) {
+  const float m = fmaxf(a, b);
+  return m + log1pf(__expf(-fabsf(a - b)));
+}
+
+template <class T>
+__global__ void __launch_bounds__(kThreads)
+    pld_kernel(PldProblem q, const int64_t* __restrict__ order, float* __restrict__ scratch,
+               float* __restrict__ loss, T* __restrict__ grad) {
+  const int lane = threadIdx.x % 32;
+  const int64_t C = q.C;
+  const float inv_t = 1.f / q.temperature;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < q.N;
+       r += int64_t(gridDim.x) * kWarps) {  // the same r for the whole warp
+    const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
+    const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
+    T* gr = grad ? grad + r * C : nullptr;
+    const int64_t y = q.target[r];
+    if (y == q.ignore_index || y < 0 || y >= C) {  // (the op checks the classes: NaN is a direct call's)
+      const float fill = y == q.ignore_index ? 0.f : __int_as_float(0x7fc00000);
+      if (lane == 0) loss[r] = fill;
+      for (int64_t j = lane; gr && j < C; j += 32) store1(gr + j, fill);
+      continue;
+    }
+    // the teacher's softmax(teacher / T): max and normalizer
+    Online W;
+    for (int64_t j = lane; j < C; j += 32) W.add(load1(tr + j) * inv_t, 0.f);
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) W.merge(W.shuffled(off));
+    const float inv_z = 1.f / W.z;
+    // where y sits in the sorted order: rank k > 0 is order[k - 1] up to it, order[k] after
+    const int64_t* ord = order + r * C;
+    int64_t pos_y = C;
+    for (int64_t p = lane; p < C; p += 32)
+      if (ord[p] == y && p < pos_y) pos_y = p;
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) {
+      const int64_t o = __shfl_xor_sync(0xffffffffu, pos_y, off);
+      pos_y = o < pos_y ? o : pos_y;
+    }
+    auto cls = [&](int64_t k) { return k == 0 ? y : (k <= pos_y ? ord[k - 1] : ord[k]); };
+    auto weight = [&](int64_t c) { return vexp(load1(tr + c) * inv_t - W.m) * inv_z; };
+    float* l = scratch + r * C;
+    // ranks from the last: l_k = log sum_{j >= k} e^(s_j), and the loss sum_k w_k (l_k - s_k)
+    float carry = kLowest, acc = 0.f;
+    for (int64_t base = (C - 1) / 32 * 32; base >= 0; base -= 32) {
+      const int64_t k = base + lane;
+      const bool valid = k < C;
+      const int64_t c = valid ? cls(k) : 0;
+      const float sk = valid ? load1(sr + c) : kLowest;
+      float v = sk;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {  // suffix within the 32 ranks
+        const float o = __shfl_down_sync(0xffffffffu, v, off);
+        if (lane + off < 32) v = log_add(v, o);
+      }
+      v = log_add(v, carry);
+      if (valid) {
+        l[k] = v;
+        acc += weight(c) * (v - sk);
+      }
+      carry = __shfl_sync(0xffffffffu, v, 0);
+    }
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    if (lane == 0) loss[r] = acc;
+    if (!gr) continue;
+    __syncwarp();  // l is read back by other lanes
+    // ranks from the first: d loss / d s_k = B_k e^(s_k - l_k) - w_k, B_k = a_k B_(k-1) + w_k,
+    // a_k = e^(l_k - l_(k-1)) <= 1, as an affine scan per 32 ranks with B carried in
+    float carry_b = 0.f;
+    for (int64_t base = 0; base < C; base += 32) {
+      const int64_t k = base + lane;
+      const bool valid = k < C;
+      const int64_t c = valid ? cls(k) : 0;
+      const float lk = valid ? l[k] : 0.f, wk = valid ? weight(c) : 0.f;
+      float a = valid ? (k == 0 ? 0.f : vexp(lk - l[k - 1])) : 1.f, b = wk;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {  // compose with the maps of the earlier ranks
+        const float ao = __shfl_up_sync(0xffffffffu, a, off), bo = __shfl_up_sync(0xffffffffu, b, off);
+        if (lane >= off) {
+          b = fmaf(a, bo, b);
+          a *= ao;
+        }
+      }
+      const float bk = fmaf(a, carry_b, b);
+      if (valid) store1(gr + c, bk * vexp(load1(sr + c) - lk) - wk);
+      carry_b = __shfl_sync(0xffffffffu, bk, 31);
+    }
+  }
+}
+
 const char* launch_status() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
@@ -337,6 +438,21 @@ const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* 
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() {
     topk_kl_kernel<T><<<blocks, kThreads, 0, s>>>(q, loss, static_cast<T*>(grad));
+  });
+  return launch_status();
+}
+
+int64_t pld_cuda_scratch(const PldProblem& q) { return q.N * q.C; }
+
+const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, float* loss, void* grad,
+                     void* stream) {
+  using namespace FL_ISA;
+  if (q.N == 0) return nullptr;
+  const int64_t blocks = (q.N + kWarps - 1) / kWarps;
+  auto s = static_cast<cudaStream_t>(stream);
+  visit_dtype(q.dtype, [&]<class T>() {
+    pld_kernel<T><<<unsigned(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, 0, s>>>(
+        q, order, scratch, loss, static_cast<T*>(grad));
   });
   return launch_status();
 }

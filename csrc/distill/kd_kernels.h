@@ -67,8 +67,13 @@ struct PldProblem {
 // dtype, contiguous) = d loss_r / d student[r, k]. Both find each row's order (a selection or a
 // sort) once, so the forward forms the gradient too instead of repeating it in a backward.
 void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
-// CUDA (kd_cuda.cu): all rows on `stream`; nullptr or the CUDA error of the launch.
+// CUDA (kd_cuda.cu): all rows on `stream`; nullptr or the CUDA error of the launch. PLD takes
+// the teacher's class order by descending logit, ties towards the lower index (a stable sort:
+// order [N, C] int64), and a float32 scratch of pld_cuda_scratch(q) elements.
 const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream);
+int64_t pld_cuda_scratch(const PldProblem& q);
+const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, float* loss, void* grad,
+                     void* stream);
 void pld_cpu(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
 
 }  // namespace fastloss

@@ -1,6 +1,6 @@
 // The torch-aware side of the logit-distillation losses: argument checks, allocation, and the
-// CPU kernels (kd_cpu_impl.h, kd_rank_impl.h) or, for kd_loss and topk_kl_loss, the CUDA
-// kernels (kd_cuda.cu).
+// CPU kernels (kd_cpu_impl.h, kd_rank_impl.h) or the CUDA kernels (kd_cuda.cu; PLD's sort of
+// the teacher is torch's).
 // Schemas in registration.cpp; fake kernels and autograd in python/fastloss/ops/distill.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -202,7 +202,7 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
                                        const Tensor& target, double temperature,
                                        int64_t ignore_index, bool compute_grad) {
   constexpr const char* op = "pld_loss";
-  const Pair p = check_pair(student, teacher, op);
+  const Pair p = check_pair(student, teacher, op, /*cuda_kernel=*/true);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == p.N, op, ": target must be [N] = [", p.N,
               "], got shape ", target.sizes());
   TORCH_CHECK(target.device() == student.device(), op, ": target is on ", target.device(),
@@ -212,14 +212,37 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   TORCH_CHECK(temperature > 0.0, op, ": temperature must be > 0, got ", temperature);
   TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 classes, got ", p.C);
   const Tensor y = target.to(at::kLong).contiguous();
+  auto q = problem_of<PldProblem>(p);
+  q.ignore_index = ignore_index;
+  q.temperature = float(temperature);
+  if (student.is_cuda()) {
+    // the classes are checked on the device (one synchronisation, as torch's own checks)
+    const Tensor bad = y.ne(ignore_index).logical_and(y.lt(0).logical_or(y.ge(p.C)));
+    if (bad.any().item<bool>()) {
+      const int64_t r = bad.nonzero()[0][0].item<int64_t>();
+      TORCH_CHECK(false, op, ": target[", r, "] = ", y[r].item<int64_t>(), " is not a class in [0, ",
+                  p.C, ") nor ignore_index (", ignore_index, ")");
+    }
+    Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
+    Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(student.device());
+    // the teacher's order by descending logit, ties towards the lower class (stable)
+    const Tensor order = std::get<1>(p.teacher.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+    Tensor scratch = at::empty({pld_cuda_scratch(q)}, loss.options());
+    q.target = y.data_ptr<int64_t>();
+    const char* err = pld_cuda(q, order.data_ptr<int64_t>(), scratch.data_ptr<float>(),
+                               loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
+                               current_stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#endif
+    return {loss, grad};
+  }
   const int64_t* yp = y.data_ptr<int64_t>();
   for (int64_t r = 0; r < p.N; ++r)
     TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < p.C), op, ": target[", r, "] = ",
                 yp[r], " is not a class in [0, ", p.C, ") nor ignore_index (", ignore_index, ")");
-  auto q = problem_of<PldProblem>(p);
   q.target = yp;
-  q.ignore_index = ignore_index;
-  q.temperature = float(temperature);
   return rows_and_grad(p, compute_grad, [&](float* lp, void* gp, int64_t r0, int64_t r1) {
     pld_cpu(q, lp, gp, r0, r1);
   });
@@ -254,5 +277,6 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
   m.impl("topk_kl_forward", &fastloss::topk_kl_forward);
+  m.impl("pld_forward", &fastloss::pld_forward);
 }
 #endif

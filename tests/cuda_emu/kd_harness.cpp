@@ -55,4 +55,21 @@ const char* emu_topk_kl(const void* s, const void* t, int dtype, const int64_t* 
   return fastloss::topk_kl_cuda(q, loss, grad, nullptr);
 }
 
+// shape: N, C, student row stride, teacher row stride, ignore_index
+const char* emu_pld(const void* s, const void* t, const int64_t* target, int dtype, const int64_t* shape,
+                    float temperature, const int64_t* order, float* scratch, float* loss, void* grad) {
+  fastloss::PldProblem q;
+  q.student = s;
+  q.teacher = t;
+  q.target = target;
+  q.dtype = fastloss::ScalarType(dtype);
+  q.N = shape[0];
+  q.C = shape[1];
+  q.s_stride = shape[2];
+  q.t_stride = shape[3];
+  q.ignore_index = shape[4];
+  q.temperature = temperature;
+  return fastloss::pld_cuda(q, order, scratch, loss, grad, nullptr);
+}
+
 }  // extern "C"

@@ -17,8 +17,9 @@ Gradients flow to the student only (the teacher is a target). The CPU kernels (`
 read both rows twice in the forward (three times for jsd), keep three floats per row, and read
 them once more in the backward, which writes the gradient once: no ``[N, C]`` probability
 tensor is kept. ``kd_loss`` on CUDA tensors runs the CUDA kernels (``kd_cuda.cu``: one read of
-both rows forward, two for jsd, one backward) and ``topk_kl_loss`` the CUDA top-k kernel;
-``pld_loss`` on CUDA tensors uses the same formula in torch operations for now.
+both rows forward, two for jsd, one backward), ``topk_kl_loss`` a radix selection per row,
+``pld_loss`` torch's stable sort of the teacher then a warp per row for the suffix log-sum-exps
+and the gradient.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def _reduce_rows(rows, reduction, student, count=None):
 
 
 def _pld_rows_torch(s, t, y, T, ignore_index):
-    """The same per-row PLD loss in torch operations (CUDA tensors, for now)."""
+    """The same per-row PLD loss in torch operations (devices without a fastloss kernel)."""
     keep = y != ignore_index
     yk = torch.where(keep, y, 0)
     t32 = t.float()
@@ -297,8 +298,10 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
 
     The CPU kernel sorts each row once (a radix sort of the teacher logits), forms the suffix
-    log-sum-exps and, in the same call, the gradient; the eager form sorts, gathers and keeps a
-    handful of ``[N, C]`` tensors for autograd.
+    log-sum-exps and, in the same call, the gradient; on CUDA torch's stable sort gives the
+    order and one kernel the rest (an int64 order and a float32 scratch of ``[N, C]`` in
+    flight); the eager form sorts, gathers and keeps a handful of ``[N, C]`` tensors for
+    autograd.
     """
     fn = "pld_loss"
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
@@ -312,7 +315,7 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
     if target.device != student.device:
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
-    if s2.device.type == "cpu":
+    if _has_kernel(s2):
         rows = torch.ops.fastloss.pld_forward(s2, t2, y, float(T), int(ignore_index),
                                               _wants_grad(s2))[0]
     else:
