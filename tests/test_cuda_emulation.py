@@ -600,15 +600,15 @@ def test_confusion_sums(metric_lib, dtype, shape, from_logits):
 def auc_lib():
     lib = build.build("pair_losses/auc_cuda.cu", "auc_harness.cpp", "auc")
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_auc_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64]
-    lib.emu_auc_scratch.restype = ctypes.c_int64
-    lib.emu_auc.argtypes = [P, P, ctypes.c_int, I64, P, P, P, P]
+    lib.emu_auc_scratch.argtypes = [ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, I64]
+    lib.emu_auc_scratch.restype = None
+    lib.emu_auc.argtypes = [P, P, ctypes.c_int, I64, P, P, P, P, P]
     lib.emu_auc.restype = ctypes.c_char_p
     return lib
 
 
 @pytest.mark.parametrize("grads", [True, False], ids=["grads", "loss-only"])
-@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 300), (2, 600, 7), (1, 257, 513)],
+@pytest.mark.parametrize("shape", [(1, 1, 1), (3, 5, 300), (2, 600, 7), (1, 257, 513), (1, 2, 5000)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 def test_auc(auc_lib, dtype, shape, grads):
@@ -622,10 +622,13 @@ def test_auc(auc_lib, dtype, shape, grads):
     loss, lbuf = nan_outputs((bsz,))
     gpos, gpbuf = nan_outputs((bsz, p))
     gneg, gnbuf = nan_outputs((bsz, n))
-    scratch = torch.full((auc_lib.emu_auc_scratch(bsz, p),), float("nan"), dtype=torch.float64)
+    sizes = int64s(0, 0)
+    auc_lib.emu_auc_scratch(bsz, p, n, sizes)
+    loss_scratch = torch.full((sizes[0],), float("nan"), dtype=torch.float64)
+    grad_scratch = torch.full((sizes[1],), float("nan"))
     err = auc_lib.emu_auc(pg.data_ptr(), ng.data_ptr(), DTYPE_CODES[dtype], int64s(bsz, p, n, p + 3, n),
                           loss.data_ptr(), gpos.data_ptr() if grads else None,
-                          gneg.data_ptr() if grads else None, scratch.data_ptr())
+                          gneg.data_ptr() if grads else None, loss_scratch.data_ptr(), grad_scratch.data_ptr())
     assert err is None, err.decode()
     for buf, what in ((lbuf, "loss"), (gpbuf, "grad_pos"), (gnbuf, "grad_neg")):
         check_guards(buf, what)

@@ -8,10 +8,10 @@
 // and the saturated rows (Z < 1.5) take q_top = rest / Z exactly, as on the CPU. The forward
 // reads the row a second time for the terms; the backward a second time for S = sum of G and a
 // third for the gradient (G recomputed: no row buffer).
-// AnyLoss's confusion sums: thread t of S = K * ceil(...) threads adds the elements t, t + S,
-// t + 2S, ... of the flattened [N, K] scores, all of column t % K (consecutive threads read
-// consecutive elements); a second kernel adds the per-thread sums of each (cell, column) in a
-// fixed order in float64 (deterministic; no atomics).
+// AnyLoss's confusion sums: thread t of S (a multiple of K, about 2^18: enough loads in flight)
+// adds the elements t, t + S, t + 2S, ... of the flattened [N, K] scores, all of column t % K
+// (consecutive threads read consecutive elements); a second kernel adds the per-thread sums of
+// each (cell, column) in a fixed order in float64 (deterministic; no atomics).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -31,7 +31,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr float kLowest = -3.0e38f;
 constexpr int64_t kMaxBlocks = int64_t(1) << 20;
-constexpr int64_t kSumThreads = 32768;  // confusion sums: threads (partial sums) to aim for
+constexpr int64_t kSumThreads = 1 << 18;  // confusion sums: threads (partial sums) to aim for
 
 unsigned blocks_for(int64_t items, int64_t per_block) {
   const int64_t b = (items + per_block - 1) / per_block;
@@ -93,7 +93,7 @@ struct RowMax {
   float m = kLowest, rest = 0.f;
   int64_t top = -1;
   __device__ __forceinline__ void add(float v, int64_t k) {  // k increasing per thread
-    if (v > m) {
+    if (top < 0 || v > m) {
       if (top >= 0) rest = (rest + 1.f) * vexp(m - v);
       m = v;
       top = k;
@@ -259,30 +259,39 @@ int64_t sum_threads(const ConfusionProblem& q) {
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     confusion_partial_kernel(ConfusionProblem q, int64_t S, float* __restrict__ partial) {
-  const int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (tid >= S) return;
   const T* x = static_cast<const T*>(q.scores);
-  float tp = 0.f, fn = 0.f, fp = 0.f, tn = 0.f;
-  for (int64_t e = tid; e < q.N * q.K; e += S) add_cells(load1(x + e), q.target[e], q, tp, fn, fp, tn);
-  partial[tid * 4] = tp;
-  partial[tid * 4 + 1] = fn;
-  partial[tid * 4 + 2] = fp;
-  partial[tid * 4 + 3] = tn;
+  for (int64_t tid = int64_t(blockIdx.x) * kThreads + threadIdx.x; tid < S;
+       tid += int64_t(gridDim.x) * kThreads) {  // (S can pass the grid when K is huge)
+    float tp = 0.f, fn = 0.f, fp = 0.f, tn = 0.f;
+    for (int64_t e = tid; e < q.N * q.K; e += S) add_cells(load1(x + e), q.target[e], q, tp, fn, fp, tn);
+    partial[tid * 4] = tp;
+    partial[tid * 4 + 1] = fn;
+    partial[tid * 4 + 2] = fp;
+    partial[tid * 4 + 3] = tn;
+  }
 }
 
 // sums[cell * K + k] = the sum over the threads t = k, k + K, ... < S of partial[t * 4 + cell]:
-// a warp per (cell, column), every 32nd thread's partial per lane in float64, a fixed tree.
+// a block per (cell, column), every 256th thread's partial per thread in float64, then a
+// fixed tree (shuffles, then the warps in order).
 __global__ void __launch_bounds__(kThreads)
     confusion_total_kernel(const float* __restrict__ partial, int64_t S, int64_t K, float* __restrict__ sums) {
-  const int lane = threadIdx.x % 32;
-  const int64_t pairs = 4 * K, warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t e = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; e < pairs; e += warps) {
-    const int64_t cell = e / K, k = e % K, per_column = S / K;
+  __shared__ double warp_sums[kWarps];
+  const int64_t per_column = S / K;
+  for (int64_t e = blockIdx.x; e < 4 * K; e += gridDim.x) {  // the same e for the whole block
+    const int64_t cell = e / K, k = e % K;
     double s = 0.0;
-    for (int64_t i = lane; i < per_column; i += 32) s += double(partial[(k + i * K) * 4 + cell]);
+    for (int64_t i = threadIdx.x; i < per_column; i += kThreads) s += double(partial[(k + i * K) * 4 + cell]);
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
-    if (lane == 0) sums[e] = float(s);
+    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      double total = 0.0;
+      for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
+      sums[e] = float(total);
+    }
+    __syncthreads();  // warp_sums is rewritten for the next pair
   }
 }
 
@@ -367,7 +376,7 @@ const char* confusion_sums_cuda(const ConfusionProblem& q, float* sums, float* s
     confusion_partial_kernel<T><<<blocks_for(S, kThreads), kThreads, 0, s>>>(q, S, scratch);
   });
   if (const char* e = launch_status()) return e;
-  confusion_total_kernel<<<blocks_for(4 * q.K, kWarps), kThreads, 0, s>>>(scratch, S, q.K, sums);
+  confusion_total_kernel<<<blocks_for(4 * q.K, 1), kThreads, 0, s>>>(scratch, S, q.K, sums);
   return launch_status();
 }
 

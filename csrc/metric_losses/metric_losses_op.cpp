@@ -64,9 +64,11 @@ bool on_cuda(const Tensor& x, const char* op, F&& cuda) {
 }
 
 // grad_rows [N] as contiguous float32 (autograd may hand an expanded scalar)
-Tensor rows_grad(const Tensor& grad_rows, int64_t n, const char* op) {
+Tensor rows_grad(const Tensor& grad_rows, int64_t n, const Tensor& like, const char* op) {
   TORCH_CHECK(grad_rows.dim() == 1 && grad_rows.size(0) == n, op, ": grad_rows must be [N] = [", n,
               "], got shape ", grad_rows.sizes());
+  TORCH_CHECK(grad_rows.device() == like.device(), op, ": grad_rows is on ", grad_rows.device(),
+              " but the input is on ", like.device());
   return grad_rows.to(at::kFloat).contiguous();
 }
 
@@ -123,7 +125,7 @@ Tensor dice_sigmoid_backward(const Tensor& grad_rows, const Tensor& logits, cons
   check_dice_params(alpha, gamma, smooth, op);
   const Elementwise e = check_elementwise(logits, target, op, "logits");
   const SigmoidDiceProblem q = sigmoid_problem(e, alpha, gamma, smooth);
-  const Tensor g = rows_grad(grad_rows, e.N, op);
+  const Tensor g = rows_grad(grad_rows, e.N, e.x, op);
   Tensor grad = grad_like(e.x);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
@@ -187,7 +189,7 @@ Tensor dice_softmax_forward(const Tensor& logits, const Tensor& target, double a
 Tensor dice_softmax_backward(const Tensor& grad_rows, const Tensor& logits, const Tensor& target,
                              double alpha, double gamma, double smooth, int64_t ignore_index) {
   const SoftmaxChecked c = check_softmax(logits, target, alpha, gamma, smooth, ignore_index);
-  const Tensor g = rows_grad(grad_rows, c.q.N, "dice_loss");
+  const Tensor g = rows_grad(grad_rows, c.q.N, c.x, "dice_loss");
   Tensor grad = grad_like(logits);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
@@ -219,10 +221,12 @@ Tensor confusion_sums(const Tensor& scores, const Tensor& target, double L, bool
   const ConfusionProblem q = confusion_problem(e, L, from_logits);
   if (e.x.is_cuda()) {
     Tensor sums = at::empty({4, e.K}, scores.options().dtype(at::kFloat));
+#if defined(FASTLOSS_WITH_CUDA)
     Tensor scratch = at::empty({confusion_sums_cuda_scratch(q)}, sums.options());
     on_cuda(e.x, "anyloss", [&](void* s) {
       return confusion_sums_cuda(q, sums.data_ptr<float>(), scratch.data_ptr<float>(), s);
     });
+#endif
     return sums;
   }
   const int64_t rows_per_block = std::max<int64_t>(256, (int64_t(1) << 16) / std::max<int64_t>(e.K, 1));
@@ -249,6 +253,8 @@ Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, co
   const ConfusionProblem q = confusion_problem(e, L, from_logits);
   TORCH_CHECK(grad_sums.dim() == 2 && grad_sums.size(0) == 4 && grad_sums.size(1) == e.K,
               "anyloss: grad_sums must be [4, K] = [4, ", e.K, "], got shape ", grad_sums.sizes());
+  TORCH_CHECK(grad_sums.device() == e.x.device(), "anyloss: grad_sums is on ", grad_sums.device(),
+              " but scores is on ", e.x.device());
   const Tensor gs = grad_sums.to(at::kFloat).contiguous();
   Tensor grad = grad_like(e.x);
   const float* gp = gs.data_ptr<float>();

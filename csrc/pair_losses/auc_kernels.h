@@ -29,10 +29,14 @@ void auc_cpu(const AucProblem& q, double* loss_part, float* grad_pos, float* neg
              int64_t r0, int64_t r1);
 
 // CUDA (auc_cuda.cu): all queries on `stream` (a cudaStream_t): loss [B] (already divided by
-// P N), and when not null grad_pos [B, P] and grad_neg [B, N] (float32, contiguous), using a
-// float64 scratch of auc_cuda_scratch(q) elements. Returns nullptr or the CUDA error.
-int64_t auc_cuda_scratch(const AucProblem& q);
+// P N), and when not null grad_pos [B, P] and grad_neg [B, N] (float32, contiguous; both or
+// neither), using scratch of auc_cuda_scratch(q) float64 and float32 elements for the partial
+// sums. Returns nullptr or the CUDA error.
+struct AucCudaScratch {
+  int64_t doubles = 0, floats = 0;
+};
+AucCudaScratch auc_cuda_scratch(const AucProblem& q);
 const char* auc_cuda(const AucProblem& q, float* loss, float* grad_pos, float* grad_neg,
-                     double* scratch, void* stream);
+                     double* loss_scratch, float* grad_scratch, void* stream);
 
 }  // namespace fastloss

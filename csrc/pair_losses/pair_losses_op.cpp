@@ -63,11 +63,14 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
     Tensor loss = at::empty({q.B}, f32);
     Tensor grad_pos = compute_grad ? at::empty({q.B, q.P}, f32) : at::empty({0}, f32);
     Tensor grad_neg = compute_grad ? at::empty({q.B, q.N}, f32) : at::empty({0}, f32);
-    Tensor scratch = at::empty({auc_cuda_scratch(q)}, pos.options().dtype(at::kDouble));
+    const AucCudaScratch sizes = auc_cuda_scratch(q);
+    Tensor loss_scratch = at::empty({sizes.doubles}, pos.options().dtype(at::kDouble));
+    Tensor grad_scratch = at::empty({sizes.floats}, f32);
     const char* err = auc_cuda(q, loss.data_ptr<float>(),
                                compute_grad ? grad_pos.data_ptr<float>() : nullptr,
                                compute_grad ? grad_neg.data_ptr<float>() : nullptr,
-                               scratch.data_ptr<double>(), c10::cuda::getCurrentCUDAStream().stream());
+                               loss_scratch.data_ptr<double>(), grad_scratch.data_ptr<float>(),
+                               c10::cuda::getCurrentCUDAStream().stream());
     TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err);
     return {loss, grad_pos, grad_neg};
 #endif

@@ -188,19 +188,20 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
 // grid (column tiles, row chunks, problems): chunk blockIdx.y's online state of each column.
 template <class T>
 __global__ void __launch_bounds__(kThreads) col_pass_kernel(Solve<T> s) {
-  const int64_t k = blockIdx.z;
-  if (!s.active[k]) return;
   const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
   if (j >= s.m) return;  // no block-wide synchronisation below
   const int64_t i0 = int64_t(blockIdx.y) * s.chunk_rows;
   const int64_t i1 = i0 + s.chunk_rows < s.n ? i0 + s.chunk_rows : s.n;
-  const T* c = s.cost + k * s.n * s.m + j;
-  const T* h = s.h_row + k * s.n;
-  Lse<T> st;
-  for (int64_t i = i0; i < i1; ++i) st.add(h[i] - s.x * c[i * s.m], T(0));
-  const int64_t o = (int64_t(blockIdx.y) * s.B + k) * s.m + j;
-  s.col_m[o] = st.m;
-  s.col_z[o] = st.z;
+  for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {  // problems past 65535 loop
+    if (!s.active[k]) continue;
+    const T* c = s.cost + k * s.n * s.m + j;
+    const T* h = s.h_row + k * s.n;
+    Lse<T> st;
+    for (int64_t i = i0; i < i1; ++i) st.add(h[i] - s.x * c[i * s.m], T(0));
+    const int64_t o = (int64_t(blockIdx.y) * s.B + k) * s.m + j;
+    s.col_m[o] = st.m;
+    s.col_z[o] = st.z;
+  }
 }
 
 // Thread per (problem, column): merges the chunks in order; g = -eps LSE, h = x g + log b.
@@ -273,8 +274,8 @@ struct Carver {
 };
 
 int64_t chunk_rows_of(const OtBatch& q) {
-  const int64_t tiles = (q.m + kThreads - 1) / kThreads;
-  const int64_t want = kTargetBlocks / (tiles * q.B) > 1 ? kTargetBlocks / (tiles * q.B) : 1;
+  const int64_t tiles = (q.m + kThreads - 1) / kThreads, per = tiles * (q.B > 1 ? q.B : 1);
+  const int64_t want = kTargetBlocks / per > 1 ? kTargetBlocks / per : 1;
   int64_t rows = (q.n + want - 1) / want;
   rows = rows > kMinChunkRows ? rows : kMinChunkRows;
   // at most 65535 chunks (grid.y)
@@ -323,7 +324,8 @@ const char* solve(const OtBatch& q, const OtBatchOut& out, void* workspace, cuda
   const Solve<T> s = carve<T>(q, out, workspace);
   init_kernel<T><<<blocks_for(q.B * (q.n + q.m), kThreads), kThreads, 0, st>>>(s);
   if (const char* e = launch_status()) return e;
-  const dim3 col_grid(unsigned((q.m + kThreads - 1) / kThreads), unsigned(s.chunks), unsigned(q.B));
+  const dim3 col_grid(unsigned((q.m + kThreads - 1) / kThreads), unsigned(s.chunks),
+                      unsigned(q.B < kMaxGridY ? q.B : kMaxGridY));
   // max_iter + 1 row passes: the last one measures the final potentials
   for (int64_t it = 0; it <= q.max_iter; ++it) {
     row_pass_kernel<T><<<blocks_for(q.B * q.n, kWarps), kThreads, 0, st>>>(s);

@@ -116,10 +116,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sinkhorn_solve(
                 "fastloss.ops.sinkhorn");
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(cost.device());
+    Tensor value = at::empty({B}, opts), error = at::empty({B}, opts), transport = at::empty({B}, opts);
+    if (B == 0) return {value, f, g, n_iter, error, transport};
     OtBatch q = batch_of(cost, a, b, eps);
     q.tol = tol;
     q.max_iter = max_iter;
-    Tensor value = at::empty({B}, opts), error = at::empty({B}, opts), transport = at::empty({B}, opts);
     Tensor work = at::empty({int64_t(sinkhorn_cuda_workspace_bytes(q))}, opts.dtype(at::kByte));
     Tensor host_active = at::empty({B}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
     OtBatchOut out;
@@ -172,7 +173,7 @@ Tensor sinkhorn_plan(const Tensor& cost_in, const Tensor& a_in, const Tensor& b_
   TORCH_CHECK(eps > 0, kOp, ": eps must be > 0, got ", eps);
   TORCH_CHECK(f_in.sizes() == a_in.sizes() && g_in.sizes() == b_in.sizes() &&
                   f_in.scalar_type() == cost_in.scalar_type() &&
-                  g_in.scalar_type() == cost_in.scalar_type() && f_in.is_cpu() && g_in.is_cpu(),
+                  g_in.scalar_type() == cost_in.scalar_type(),
               kOp, ": f and g must be like a and b, got ", f_in.sizes(), " and ", g_in.sizes());
   TORCH_CHECK(f_in.device() == cost_in.device() && g_in.device() == cost_in.device(), kOp,
               ": f and g must be on the cost's device ", cost_in.device());
