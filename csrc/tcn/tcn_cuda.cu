@@ -2,9 +2,9 @@
 //
 // Both memory layouts are seen as rows of a contiguous inner axis: channels first, a row is
 // (b, c) and the inner axis t; channels last, a row is (b, t) and the inner axis c. A block is
-// tx x ty threads: ty rows at a time, tx threads along the inner axis, each thread owning
-// kPerThread inner elements tx apart, so that every load of a warp (x at each tap, the residual,
-// the output) is a contiguous run. Taps past the sequence's ends are skipped (zeros). The taps
+// tx x ty threads: ty rows at a time, tx threads along the inner axis (fewer than a warp for
+// short rows), each thread owning kPerThread inner elements tx apart, so that every load of a
+// warp (x at each tap, the residual, the output) is made of contiguous runs. Taps past the sequence's ends are skipped (zeros). The taps
 // are re-read from L1 / L2 rather than staged in shared memory: each x element is read K times
 // by the block (or its neighbour along t) but reaches DRAM about once.
 //
@@ -39,17 +39,27 @@ constexpr int64_t kMinRowsPerThread = 32;
 constexpr int64_t kMaxPartials = 1024;
 constexpr int64_t kTargetBlocks = 2048;
 
-// The launch shape for `rows` rows of `inner` elements.
+// The launch shape for `rows` rows of `inner` elements: whole warps along rows of at least
+// 32 * kPerThread elements; below that the fewest threads (a power of two, at least min_tx)
+// that cover a row, so that a warp spans several rows (adjacent in memory when the inner axis
+// is the channels of a channels-last tensor) instead of leaving most of its lanes idle. The
+// kernels that reduce along x by warp shuffles ask for min_tx = 32.
 struct Geometry {
   int tx = 32, ty = 8;
   int64_t tiles = 1;   // blocks along the inner axis (grid.x) before any cap
   int64_t row_blocks = 1;  // ceil(rows / ty)
 };
 
-Geometry geometry(int64_t rows, int64_t inner) {
+Geometry geometry(int64_t rows, int64_t inner, int min_tx) {
   Geometry g;
-  const int64_t warps = (inner + 32 * kPerThread - 1) / (32 * kPerThread);
-  g.tx = 32 * int(warps < 1 ? 1 : (warps > kThreads / 32 ? kThreads / 32 : warps));
+  const int64_t lanes = (inner + kPerThread - 1) / kPerThread;  // threads that cover a row
+  if (lanes >= 32) {
+    const int64_t warps = (lanes + 31) / 32;
+    g.tx = 32 * int(warps > kThreads / 32 ? kThreads / 32 : warps);
+  } else {
+    g.tx = min_tx;
+    while (g.tx < lanes) g.tx *= 2;
+  }
   g.ty = kThreads / g.tx;
   const int64_t tile = int64_t(g.tx) * kPerThread;
   g.tiles = (inner + tile - 1) / tile;
@@ -281,12 +291,12 @@ GradLaunch grad_launch(const SeqView& x) {
   GradLaunch l;
   if (x.channels_last()) {
     // At least kMinRowsPerThread positions per thread: the scratch stays a fraction of x.
-    l.g = geometry(x.B * x.L, x.C);
+    l.g = geometry(x.B * x.L, x.C, 1);
     const int64_t groups = (l.g.row_blocks + kMinRowsPerThread - 1) / kMinRowsPerThread;
     l.partials = groups < kMaxRowGroups ? groups : kMaxRowGroups;
     l.grid = dim3(unsigned(l.g.tiles), unsigned(l.partials));
   } else {
-    l.g = geometry(x.C, x.L);
+    l.g = geometry(x.C, x.L, 32);  // sum_along_x shuffles within warps of one row
     const int64_t tiles = l.g.tiles < kMaxTilesX ? l.g.tiles : kMaxTilesX;
     const int64_t rb = l.g.row_blocks < kMaxGridY ? l.g.row_blocks : kMaxGridY;
     // split the batch when the channels and tiles alone give few blocks
@@ -312,7 +322,7 @@ const char* conv_forward_cuda(const SeqView& x, const ConvTaps& taps, void* y, v
   using namespace FL_ISA;
   const int64_t rows = rows_of(x);
   if (rows == 0 || inner_of(x) == 0) return nullptr;
-  const Geometry g = geometry(rows, inner_of(x));
+  const Geometry g = geometry(rows, inner_of(x), 1);
   const dim3 block(unsigned(g.tx), unsigned(g.ty));
   // grid.x: the inner axis is at most C (channels last, tx * kPerThread per block) or L.
   const dim3 grid(unsigned(g.tiles), unsigned(g.row_blocks < kMaxGridY ? g.row_blocks : kMaxGridY));
