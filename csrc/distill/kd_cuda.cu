@@ -22,7 +22,7 @@
 
 #include <cstdint>
 
-#include "../common/cuda_storage.cuh"
+#include "../common/cuda_helpers.cuh"
 #include "../common/vec_scalar.h"
 #include "kd_kernels.h"
 
@@ -34,7 +34,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 4;  // backward: columns per thread, kThreads apart
 constexpr float kLowest = -3.0e38f;  // the max of an empty state (finite: no inf - inf)
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 
 // Online softmax of a stream of x, with a weighted sum of d: m = max x, z = sum e^(x - m),
 // w = sum e^(x - m) d.
@@ -414,10 +413,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
 
 }  // namespace
 }  // namespace FL_ISA
@@ -425,7 +420,7 @@ const char* launch_status() {
 const char* kd_forward_cuda(const KdProblem& q, float* loss, float* stats, void* stream) {
   using namespace FL_ISA;
   if (q.N == 0) return nullptr;
-  const unsigned blocks = unsigned(q.N < kMaxBlocks ? q.N : kMaxBlocks);
+  const unsigned blocks = blocks_for(q.N, 1);
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() { kd_forward_kernel<T><<<blocks, kThreads, 0, s>>>(q, loss, stats); });
   return launch_status();
@@ -434,7 +429,7 @@ const char* kd_forward_cuda(const KdProblem& q, float* loss, float* stats, void*
 const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream) {
   using namespace FL_ISA;
   if (q.N == 0) return nullptr;
-  const unsigned blocks = unsigned(q.N < kMaxBlocks ? q.N : kMaxBlocks);
+  const unsigned blocks = blocks_for(q.N, 1);
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() {
     topk_kl_kernel<T><<<blocks, kThreads, 0, s>>>(q, loss, static_cast<T*>(grad));
@@ -448,10 +443,9 @@ const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, 
                      void* stream) {
   using namespace FL_ISA;
   if (q.N == 0) return nullptr;
-  const int64_t blocks = (q.N + kWarps - 1) / kWarps;
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() {
-    pld_kernel<T><<<unsigned(blocks < kMaxBlocks ? blocks : kMaxBlocks), kThreads, 0, s>>>(
+    pld_kernel<T><<<blocks_for(q.N, kWarps), kThreads, 0, s>>>(
         q, order, scratch, loss, static_cast<T*>(grad));
   });
   return launch_status();

@@ -14,7 +14,7 @@
 #include <cstring>
 #include <type_traits>
 
-#include "../common/cuda_storage.cuh"
+#include "../common/cuda_helpers.cuh"
 #include "loss_math.h"
 #include "losses_kernels.h"
 
@@ -274,17 +274,6 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Grid: enough blocks to cover the rows, capped (the kernels stride over the rest).
-unsigned grid_for(int64_t rows, int groups_per_block) {
-  const int64_t blocks = (rows + groups_per_block - 1) / groups_per_block;
-  return unsigned(blocks < (int64_t(1) << 20) ? blocks : (int64_t(1) << 20));
-}
-
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
-
 }  // namespace
 }  // namespace FL_ISA
 
@@ -297,9 +286,9 @@ const char* launch_rows(const LogitsView& lv, LossKind kind, F&& launch) {
   visit_loss(kind, [&]<class L>() {
     visit_dtype(lv.dtype, [&]<class T>() {
       if (lv.cols <= 1024)
-        launch.template operator()<L, T, 1>(grid_for(lv.rows, kBlock / 32));
+        launch.template operator()<L, T, 1>(blocks_for(lv.rows, kBlock / 32));
       else
-        launch.template operator()<L, T, 8>(grid_for(lv.rows, 1));
+        launch.template operator()<L, T, 8>(blocks_for(lv.rows, 1));
     });
   });
   return launch_status();

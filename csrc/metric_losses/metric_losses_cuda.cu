@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "../common/cuda_storage.cuh"
+#include "../common/cuda_helpers.cuh"
 #include "../common/vec_scalar.h"
 #include "metric_losses_kernels.h"
 #include "metric_math.h"
@@ -30,13 +30,8 @@ using namespace metric_detail;
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr float kLowest = -3.0e38f;
-constexpr int64_t kMaxBlocks = int64_t(1) << 20;
 constexpr int64_t kSumThreads = 1 << 18;  // confusion sums: threads (partial sums) to aim for
 
-unsigned blocks_for(int64_t items, int64_t per_block) {
-  const int64_t b = (items + per_block - 1) / per_block;
-  return unsigned(b < kMaxBlocks ? (b > 0 ? b : 1) : kMaxBlocks);
-}
 
 __device__ __forceinline__ float warp_sum(float v) {
 #pragma unroll
@@ -308,10 +303,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
 
 }  // namespace
 }  // namespace FL_ISA

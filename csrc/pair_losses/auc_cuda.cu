@@ -12,7 +12,7 @@
 
 #include <cstdint>
 
-#include "../common/cuda_storage.cuh"
+#include "../common/cuda_helpers.cuh"
 #include "auc_kernels.h"
 
 namespace fastloss {
@@ -118,15 +118,7 @@ __global__ void auc_loss_kernel(const double* __restrict__ loss_part, int64_t B,
   }
 }
 
-unsigned grid_for(int64_t items) {
-  const int64_t b = (items + kThreads - 1) / kThreads;
-  return unsigned(b < (int64_t(1) << 20) ? (b > 0 ? b : 1) : (int64_t(1) << 20));
-}
 
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
 
 }  // namespace
 }  // namespace FL_ISA
@@ -161,10 +153,10 @@ const char* auc_cuda(const AucProblem& q, float* loss, float* grad_pos, float* g
   });
   if (const char* e = launch_status()) return e;
   if (grad_pos)
-    auc_grad_kernel<<<grid_for(q.B * q.P), kThreads, 0, s>>>(pos_part, ps.chunks, q.B, q.P, float(-scale), grad_pos);
+    auc_grad_kernel<<<blocks_for(q.B * q.P, kThreads), kThreads, 0, s>>>(pos_part, ps.chunks, q.B, q.P, float(-scale), grad_pos);
   if (grad_neg)
-    auc_grad_kernel<<<grid_for(q.B * q.N), kThreads, 0, s>>>(neg_part, ns.chunks, q.B, q.N, float(scale), grad_neg);
-  auc_loss_kernel<<<grid_for(q.B), kThreads, 0, s>>>(loss_scratch, q.B, ps.chunks * ps.own_blocks, scale, loss);
+    auc_grad_kernel<<<blocks_for(q.B * q.N, kThreads), kThreads, 0, s>>>(neg_part, ns.chunks, q.B, q.N, float(scale), grad_neg);
+  auc_loss_kernel<<<blocks_for(q.B, kThreads), kThreads, 0, s>>>(loss_scratch, q.B, ps.chunks * ps.own_blocks, scale, loss);
   return launch_status();
 }
 

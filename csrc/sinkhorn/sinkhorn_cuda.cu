@@ -21,10 +21,14 @@
 #include <cstring>
 #include <limits>
 
+#include "../common/cuda_helpers.cuh"
 #include "sinkhorn_kernels.h"
 
 namespace fastloss {
 namespace {
+
+using FL_ISA::blocks_for;
+using FL_ISA::launch_status;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -256,10 +260,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
 
 // The workspace: buffers of `count` T each, 256-byte aligned, carved in order.
 struct Carver {
@@ -313,10 +313,6 @@ Solve<T> carve(const OtBatch& q, const OtBatchOut& out, void* workspace, size_t*
   return s;
 }
 
-unsigned blocks_for(int64_t items, int64_t per_block) {
-  const int64_t b = (items + per_block - 1) / per_block;
-  return unsigned(b < (int64_t(1) << 20) ? (b > 0 ? b : 1) : (int64_t(1) << 20));
-}
 
 template <class T>
 const char* solve(const OtBatch& q, const OtBatchOut& out, void* workspace, cudaStream_t st,

@@ -16,7 +16,7 @@
 
 #include <cstdint>
 
-#include "../common/cuda_storage.cuh"
+#include "../common/cuda_helpers.cuh"
 #include "../common/vec_scalar.h"
 #include "activations.h"
 #include "tcn_kernels.h"
@@ -310,10 +310,6 @@ GradLaunch grad_launch(const SeqView& x) {
   return l;
 }
 
-const char* launch_status() {
-  const cudaError_t e = cudaGetLastError();
-  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
-}
 
 }  // namespace
 }  // namespace FL_ISA

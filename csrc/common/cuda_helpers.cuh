@@ -1,8 +1,12 @@
-// Scalar loads and stores of the CUDA kernels' storage types (float32 math inside), and the
-// dtype -> storage type dispatch. Torch-free; included only by .cu files.
+// What the CUDA kernel files share: scalar loads and stores of the storage types (float32 math
+// inside), the dtype -> storage type dispatch, the grid size of a launch and its error.
+// Torch-free; included only by .cu files.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
 
 #include "../losses/loss_params.h"  // ScalarType
 #include "macros.h"
@@ -27,6 +31,19 @@ void visit_dtype(ScalarType t, F&& f) {
     case ScalarType::f16: return f.template operator()<__half>();
     case ScalarType::bf16: return f.template operator()<__nv_bfloat16>();
   }
+}
+
+// Blocks for `items` work items, `per_block` a block: at least one, at most 2^20 (the kernels
+// stride over the rest).
+inline unsigned blocks_for(int64_t items, int64_t per_block) {
+  const int64_t b = (items + per_block - 1) / per_block;
+  return unsigned(b < (int64_t(1) << 20) ? (b > 0 ? b : 1) : (int64_t(1) << 20));
+}
+
+// nullptr, or the text of the error of the launches so far (cudaGetLastError).
+inline const char* launch_status() {
+  const cudaError_t e = cudaGetLastError();
+  return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
 }
 
 }  // namespace FL_ISA
