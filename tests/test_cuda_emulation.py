@@ -709,3 +709,35 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted):
     tol = 2e-5 if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(loss, fwd[0], rtol=tol, atol=tol)
     torch.testing.assert_close(grad.float(), bwd.float(), rtol=tol, atol=tol)
+
+
+# ---- other thread orders -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
+def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
+                                                   metric_lib, auc_lib, losses_lib):
+    """Cases of every family (those with barriers, shuffles, shared scratch reused across
+    iterations) again with the threads of each phase run in reverse or shuffled order: a read of
+    another thread's write with no barrier between them (a race on a GPU) changes the result
+    under some order."""
+    libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib)
+    for lib in libs:
+        lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+        lib.emu_set_schedule(mode, seed)
+    try:
+        for cl in (False, True):
+            test_forward_and_weight_grad(tcn_lib, torch.float32, 4, 9, 13, cl)
+        test_quant_gemv_and_dequant(quant_lib, 4, 32, "channel_codebook")
+        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099))
+        test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
+        test_pld(kd_lib, torch.float32, (3, 1031), True)
+        test_sinkhorn_solve_and_plan(sinkhorn_lib, torch.float64, (2, 5, 700), 0.1, 400, False)
+        test_dice_softmax(metric_lib, torch.float32, (4, 1000), (0.5, 0.3, 0.1))
+        test_dice_sigmoid(metric_lib, torch.float32, (5, 70), (0.5, 0.3, 0.1))
+        test_confusion_sums(metric_lib, torch.float32, (37, 5), True)
+        test_auc(auc_lib, torch.float32, (1, 257, 513), True)
+        test_row_losses(losses_lib, "ce_smooth_z_softcap", torch.float32, (3, 1031), True)
+    finally:
+        for lib in libs:
+            lib.emu_set_schedule(0, 1)

@@ -5,8 +5,13 @@
 // thread concerned has arrived. It checks what a GPU would not report clearly: a barrier or a
 // full-mask shuffle that not every thread reaches (divergence), an invalid launch shape.
 //
-// What it cannot see: data races inside a block (the fibers do not interleave between
-// barriers), timing, and the GPU's exact float rounding of intrinsics such as __expf.
+// Between barriers the threads run one after another, in an order set by emu_set_schedule:
+// thread order, reversed, or a seeded shuffle per phase; a warp whose lanes have all reached a
+// shuffle runs on at once (as a GPU warp may run ahead of the others until a barrier). A kernel whose result changes with
+// the order reads what another thread writes without a barrier between them (a race on a GPU);
+// the tests run kernels under several orders and compare the outputs bit for bit.
+// What it cannot see: races the orders do not expose, timing, and the GPU's exact float
+// rounding of intrinsics such as __expf.
 // It is test code only; nothing of it ships in fastloss.
 #pragma once
 #include <ucontext.h>
@@ -44,6 +49,8 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaError
 
 namespace emu {
 
+inline int schedule = 0;        // 0: thread order, 1: reversed, 2: shuffled (seeded)
+inline uint64_t schedule_seed = 1;
 inline cudaError_t last_error = cudaSuccess;
 inline std::string last_message;
 inline std::string fault_message;  // set by a thread that did what a GPU would trap on
@@ -112,19 +119,68 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
   }
   block = &b;
   const int warps = (n + 31) / 32;
-  for (;;) {
-    for (int i = 0; i < n; ++i) {
+  auto fail = [&](const std::string& m) {
+    block = nullptr;
+    throw std::runtime_error(m);
+  };
+  // Warp w's lanes all wait at a shuffle: give each its result and let them run again.
+  // A warp with some lanes at a shuffle and the others finished or at a barrier is divergent.
+  auto resolve = [&](int w, bool final_check) {
+    const int lo = w * 32, hi = std::min(n, lo + 32);
+    int waiting = 0;
+    for (int i = lo; i < hi; ++i) waiting += b.fibers[size_t(i)].state == Fiber::shuffle;
+    if (waiting == 0) return false;
+    if (waiting != hi - lo) {
+      if (!final_check) return false;  // the others may still arrive in this phase
+      fail("divergent warp shuffle: warp " + std::to_string(w) + " has " + std::to_string(waiting) +
+           " of " + std::to_string(hi - lo) + " lanes at the shuffle");
+    }
+    for (int i = lo; i < hi; ++i) {
+      Fiber& f = b.fibers[size_t(i)];
+      const int lane = i - lo, base = lane - lane % f.width;
+      int src = lane;
+      if (f.op == 0) src = base + f.arg % f.width;
+      if (f.op == 1) src = lane % f.width + f.arg < f.width ? lane + f.arg : lane;
+      if (f.op == 2) src = lane % f.width - f.arg >= 0 ? lane - f.arg : lane;
+      if (f.op == 3) src = ((lane % f.width) ^ f.arg) < f.width ? base + ((lane % f.width) ^ f.arg) : lane;
+      f.result = src < hi - lo ? b.fibers[size_t(lo + src)].value : f.value;
+    }
+    for (int i = lo; i < hi; ++i) b.fibers[size_t(i)].state = Fiber::run;
+    return true;
+  };
+  // Runs fiber i until it blocks; a warp completed at a shuffle runs on at once (depth first),
+  // as a GPU warp may run ahead of the others until a __syncthreads.
+  std::vector<int> ready;
+  auto drive = [&](int first) {
+    ready.assign(1, first);
+    while (!ready.empty()) {
+      const int i = ready.back();
+      ready.pop_back();
       if (b.fibers[size_t(i)].state != Fiber::run) continue;
       b.current = i;
       threadIdx = b.fibers[size_t(i)].tid;
       swapcontext(&b.scheduler, &b.fibers[size_t(i)].ctx);
       if (!fault_message.empty()) {
-        block = nullptr;
         const std::string m = fault_message;
         fault_message.clear();
-        throw std::runtime_error(m);
+        fail(m);
+      }
+      const int w = i / 32;
+      if (b.fibers[size_t(i)].state == Fiber::shuffle && resolve(w, false)) {
+        const int lo = w * 32, hi = std::min(n, lo + 32);
+        for (int j = hi - 1; j >= lo; --j) ready.push_back(j);  // lane order: lo runs first
       }
     }
+  };
+  std::vector<int> order(static_cast<size_t>(n));
+  for (int i = 0; i < n; ++i) order[size_t(i)] = schedule == 1 ? n - 1 - i : i;
+  for (;;) {
+    if (schedule == 2)  // a fresh permutation for each phase (xorshift, Fisher-Yates)
+      for (int i = n - 1; i > 0; --i) {
+        schedule_seed ^= schedule_seed << 13, schedule_seed ^= schedule_seed >> 7, schedule_seed ^= schedule_seed << 17;
+        std::swap(order[size_t(i)], order[size_t(schedule_seed % uint64_t(i + 1))]);
+      }
+    for (int i : order) drive(i);
     int done = 0, at_barrier = 0;
     bool progressed = false;
     for (const Fiber& f : b.fibers) {
@@ -132,39 +188,14 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
       at_barrier += f.state == Fiber::barrier;
     }
     if (done == n) break;
-    for (int w = 0; w < warps; ++w) {  // warps whose every lane waits at a shuffle
-      const int lo = w * 32, hi = std::min(n, lo + 32);
-      int waiting = 0;
-      for (int i = lo; i < hi; ++i) waiting += b.fibers[size_t(i)].state == Fiber::shuffle;
-      if (waiting == 0) continue;
-      if (waiting != hi - lo) {
-        block = nullptr;
-        throw std::runtime_error("divergent warp shuffle: warp " + std::to_string(w) + " has " +
-                                 std::to_string(waiting) + " of " + std::to_string(hi - lo) +
-                                 " lanes at the shuffle");
-      }
-      for (int i = lo; i < hi; ++i) {
-        Fiber& f = b.fibers[size_t(i)];
-        const int lane = i - lo, base = lane - lane % f.width;
-        int src = lane;
-        if (f.op == 0) src = base + f.arg % f.width;
-        if (f.op == 1) src = lane % f.width + f.arg < f.width ? lane + f.arg : lane;
-        if (f.op == 2) src = lane % f.width - f.arg >= 0 ? lane - f.arg : lane;
-        if (f.op == 3) src = ((lane % f.width) ^ f.arg) < f.width ? base + ((lane % f.width) ^ f.arg) : lane;
-        f.result = src < hi - lo ? b.fibers[size_t(lo + src)].value : f.value;
-      }
-      for (int i = lo; i < hi; ++i) b.fibers[size_t(i)].state = Fiber::run;
-      progressed = true;
-    }
+    for (int w = 0; w < warps; ++w) progressed = resolve(w, true) || progressed;
     if (progressed) continue;
     if (at_barrier == n) {
       for (Fiber& f : b.fibers) f.state = Fiber::run;
       continue;
     }
-    block = nullptr;
-    throw std::runtime_error("divergent __syncthreads: " + std::to_string(at_barrier) + " of " +
-                             std::to_string(n) + " threads at the barrier, " +
-                             std::to_string(done) + " finished");
+    fail("divergent __syncthreads: " + std::to_string(at_barrier) + " of " + std::to_string(n) +
+         " threads at the barrier, " + std::to_string(done) + " finished");
   }
   block = nullptr;
 }
@@ -224,6 +255,12 @@ T shuffle(unsigned mask, T v, int op, int arg, int width) {
 }
 
 }  // namespace emu
+
+// For the tests (each harness library is one translation unit that includes this header).
+extern "C" void emu_set_schedule(int mode, unsigned long long seed) {
+  emu::schedule = mode;
+  emu::schedule_seed = seed ? seed : 1;
+}
 
 inline cudaError_t cudaGetLastError() {
   const cudaError_t e = emu::last_error;
