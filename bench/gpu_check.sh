@@ -83,7 +83,7 @@ bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda,
 
 if want tests; then
   stamp "CUDA tests"
-  timeout 150 "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$LOGS/tests_cuda.log" 2>&1
+  timeout "${TESTS_TIMEOUT:-240}" "$PY" -m pytest -q -m cuda $XDIST $TIMEOUT tests > "$LOGS/tests_cuda.log" 2>&1
   echo "cuda tests rc=$?"; grep -E "^(FAILED|ERROR)" "$LOGS/tests_cuda.log" | head -20
   tail -1 "$LOGS/tests_cuda.log"
   keep tests_cuda.log
