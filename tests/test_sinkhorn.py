@@ -2,6 +2,7 @@
 gradients): plan, cost, marginals, gradients w.r.t. cost and marginals; small eps without
 overflow; batched equals one by one; point clouds; non-convergence reported; bad input."""
 
+import functools
 import warnings
 
 import pytest
@@ -166,6 +167,34 @@ def test_float32_kernels_on_each_cpu_path(cpu_isa, shape, method):
     w = torch.rand(()) + 0.5      # a non-unit upstream gradient reaches the plan's scale
     (res.cost * w).backward()
     torch.testing.assert_close(cc.grad.double(), w.double() * plan, rtol=2e-4, atol=1e-5 / plan.numel())
+
+
+@functools.lru_cache(maxsize=None)
+def _float64_case(shape):
+    """A float64 problem (cost scale 10, a zero-mass row and column when there is room) and its
+    reference plan and cost, computed once for every path and method."""
+    c, a, b = problem(*shape, seed=9, scale=10.0)
+    if shape[0] > 2 and shape[1] > 2:
+        a[1], b[2] = 0.0, 0.0
+        a, b = a / a.sum(), b / b.sum()
+    eps = 0.5 if min(shape) == 1 else 0.3
+    return c, a, b, eps, ref.sinkhorn_plan(c, a, b, eps, iters=50000), ref.ot_eps(c, a, b, eps, iters=50000)
+
+
+@pytest.mark.parametrize("shape", [(1, 301), (300, 1), (9, 17), (37, 301), (130, 258)], ids=str)
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_float64_kernels_on_each_cpu_path(cpu_isa, shape, method):
+    """The float64 solver on every CPU path (AVX2 / AVX-512: four-lane double vectors and their
+    exp; generic: std::exp) against the float64 reference, with a zero-mass row and column, at
+    an eps that takes the exact fallback in the first passes (cost scale 10, eps 0.01)."""
+    c, a, b, eps, plan, cost = _float64_case(shape)
+    cc = c.clone().requires_grad_(True)
+    res = ops.sinkhorn(cc, a, b, eps=eps, method=method, tol=1e-11, max_iter=20000, return_plan=True)
+    assert bool(res.converged), res.marginal_error
+    torch.testing.assert_close(res.plan, plan, rtol=1e-7, atol=1e-12)
+    torch.testing.assert_close(res.cost, cost, rtol=1e-9, atol=1e-12)
+    res.cost.backward()
+    torch.testing.assert_close(cc.grad, plan, rtol=1e-7, atol=1e-12)
 
 
 def test_float32_small_eps_takes_the_exact_fallback():

@@ -1,5 +1,7 @@
 // The AVX2 entropic-OT solver: sinkhorn_cpu_impl.h on Vec8 (compiled with -mavx2 -mfma -mf16c
 // and FL_ISA=avx2; entered only after the run-time CPU check).
 #include "../common/vec_avx2.h"
+#include "../common/vec4d_avx2.h"
+#define FL_ISA_DVEC Vec4d
 #define FL_ISA_VEC Vec8
 #include "sinkhorn_cpu_impl.h"

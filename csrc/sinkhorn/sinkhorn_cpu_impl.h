@@ -1,6 +1,7 @@
 // The CPU entropic-OT solver (sinkhorn_kernels.h), instantiated once per instruction set
 // (sinkhorn_cpu.cpp: float, sinkhorn_cpu_avx2.cpp: Vec8, sinkhorn_cpu_avx512.cpp: Vec16).
-// float32 problems run on the ISA's float vectors; float64 problems on one-lane doubles.
+// float32 problems run on the ISA's float vectors (FL_ISA_VEC); float64 problems on its double
+// vectors (FL_ISA_DVEC: Vec4d with AVX2 and AVX-512, one-lane doubles in the generic build).
 //
 // Costs per iteration, for an n x m problem: a Sinkhorn iteration is two passes over C with one
 // exponential per entry (the row pass also yields the row-marginal error and <P, C> of the
@@ -26,7 +27,12 @@
 namespace fastloss {
 namespace FL_ISA {
 
-// The one-lane double "vector" of float64 problems (only the sinkhorn files need it).
+#ifndef FL_ISA_DVEC
+#define FL_ISA_DVEC double
+#endif
+
+// The one-lane double "vector" of float64 problems in the generic build (only the sinkhorn
+// files need it).
 inline double vexp(double x) { return std::exp(x); }
 inline double vmax(double a, double b) { return a > b ? a : b; }
 inline double vfma(double a, double b, double c) { return a * b + c; }
@@ -469,15 +475,15 @@ void plan_rows(const OtProblem& q, const T* f, const T* g, double scale, T* out,
 #if defined(FL_ISA_VEC)
 OtResult sinkhorn_solve(const OtProblem& q, void* f, void* g, const ParallelFor& parallel) {
   if (q.is_double)
-    return OtSolver<double, double>(q, parallel).solve(static_cast<double*>(f), static_cast<double*>(g));
+    return OtSolver<FL_ISA_DVEC, double>(q, parallel).solve(static_cast<double*>(f), static_cast<double*>(g));
   return OtSolver<FL_ISA_VEC, float>(q, parallel).solve(static_cast<float*>(f), static_cast<float*>(g));
 }
 
 void sinkhorn_plan(const OtProblem& q, const void* f, const void* g, double scale, void* out, int64_t r0,
                    int64_t r1) {
   if (q.is_double)
-    plan_rows<double, double>(q, static_cast<const double*>(f), static_cast<const double*>(g), scale,
-                              static_cast<double*>(out), r0, r1);
+    plan_rows<FL_ISA_DVEC, double>(q, static_cast<const double*>(f), static_cast<const double*>(g), scale,
+                                   static_cast<double*>(out), r0, r1);
   else
     plan_rows<FL_ISA_VEC, float>(q, static_cast<const float*>(f), static_cast<const float*>(g), scale,
                                  static_cast<float*>(out), r0, r1);
