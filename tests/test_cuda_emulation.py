@@ -350,6 +350,8 @@ def test_topk_kl(kd_lib, dtype, shape, k, renormalize):
     if c == 300:  # the k-th value tied: a run of equal logits straddles the cut
         t[0, 10:40] = 50.0        # 30 ties, k = 5 of them taken
         t[1, :] = 1.0             # all tied
+        t[1, 200:] = -0.0         # ... and signed zeros, equal to each other
+        t[1, 250:] = 0.0
         t[2, ::7] = t[2].max()    # ties at the maximum
     padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
     sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
@@ -381,6 +383,7 @@ def test_pld(kd_lib, dtype, shape, grads):
     if n > 2:
         y[1] = -100
         t[2, : c // 2] = 1.0  # ties
+        t[0, ::2], t[0, 1::2] = -0.0, 0.0  # signed zeros tie (as torch's sort and comparisons see them)
     order = torch.sort(t, dim=1, descending=True, stable=True).indices.contiguous()
     padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
     sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
@@ -389,8 +392,9 @@ def test_pld(kd_lib, dtype, shape, grads):
     loss, lbuf = nan_outputs((n,))
     grad, gbuf = nan_outputs((n, c), dtype)
     err = kd_lib.emu_pld(sg.data_ptr(), tg.data_ptr(), y.data_ptr(), DTYPE_CODES[dtype],
-                         int64s(n, c, c + 5, c, -100), 1.5, order.data_ptr(), scratch.data_ptr(),
-                         loss.data_ptr(), grad.data_ptr() if grads else None)
+                         int64s(n, c, c + 5, c, -100), 1.5, order.data_ptr(),
+                         scratch.data_ptr() if grads else None, loss.data_ptr(),
+                         grad.data_ptr() if grads else None)
     assert err is None, err.decode()
     check_guards(lbuf, "loss")
     check_guards(gbuf, "grad")

@@ -72,6 +72,20 @@ def test_tied_teacher_logits_break_towards_the_lower_class(c, device):
     compare(lambda x: ops.pld_loss(x, t, y), lambda x: ref.pld_loss(x, t, y), s, "pld")
 
 
+def test_signed_zeros_tie(device):
+    """-0.0 and +0.0 teacher logits are equal (as comparisons and torch's sort see them): the
+    rankings follow the class index between them, on every path."""
+    s, _, y = (v.to(device) for v in make(2, 40, torch.float32, seed=6))
+    t = torch.zeros(2, 40)
+    t[:, ::3] = -0.0
+    t[:, 5] = 1.0
+    t = t.to(device)
+    for k in (1, 3, 20):
+        compare(lambda x: ops.topk_kl_loss(x, t, k, 1.0), lambda x: ref.topk_kl_loss(x, t, k, 1.0),
+                s, f"topk k={k}")
+    compare(lambda x: ops.pld_loss(x, t, y), lambda x: ref.pld_loss(x, t, y), s, "pld")
+
+
 def test_torch_formulas_of_the_cuda_path_match_reference():
     """The CUDA tensors' path (torch operations) is the same math; check it here on the CPU."""
     s, t, y = make(5, 300, torch.float32, seed=6)

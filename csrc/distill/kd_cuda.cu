@@ -198,9 +198,10 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- top-k KL -------------------------------------------------------------------------------
 
-// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf), as the CPU's.
+// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf, -0 equal to +0),
+// as the CPU's.
 __device__ __forceinline__ uint32_t order_key(float f) {
-  const uint32_t u = __float_as_uint(f);
+  const uint32_t u = __float_as_uint(f == 0.f ? 0.f : f);  // -0 and +0 tie
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
@@ -248,20 +249,31 @@ __device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* his
   const int64_t ties = hist[prefix & 255u];
   TopkSet set{prefix, C};
   if (ties <= remaining) return set;
-  // rare (equal logits): the class index of the remaining-th tie, by tiles in index order
-  if (threadIdx.x == 0) shared_i[0] = 0, shared_i[1] = -1;  // ties seen, the index found
-  __syncthreads();
+  // more keys equal the k-th than are taken (equal logits, common in bfloat16): the class
+  // index of the remaining-th of them, by tiles in index order; a block-wide count skips the
+  // tiles before the one that holds it, which thread 0 then scans
+  int64_t seen = 0;
+  if (threadIdx.x == 0) shared_i[1] = C - 1;  // (always found below; read after a barrier)
   for (int64_t t0 = 0; t0 < C; t0 += kThreads) {
     const int64_t j = t0 + threadIdx.x;
-    flags[threadIdx.x] = j < C && order_key(load1(tr + j)) == prefix;
+    const bool tie = j < C && order_key(load1(tr + j)) == prefix;
+    const int64_t count = __syncthreads_count(tie);
+    if (seen + count < remaining) {
+      seen += count;
+      continue;  // the same decision in every thread
+    }
+    flags[threadIdx.x] = tie;
     __syncthreads();
-    if (threadIdx.x == 0)
-      for (int i = 0; i < kThreads && shared_i[1] < 0; ++i)
-        if (flags[i] && ++shared_i[0] == remaining) shared_i[1] = t0 + i;
+    if (threadIdx.x == 0) {
+      int64_t n = seen;
+      for (int i = 0; i < kThreads; ++i)
+        if (flags[i] && ++n == remaining) {
+          shared_i[1] = t0 + i;
+          break;
+        }
+    }
     __syncthreads();
-    const bool found = shared_i[1] >= 0;
-    __syncthreads();  // flags is rewritten next
-    if (found) break;
+    break;
   }
   set.last_tie = shared_i[1];
   __syncthreads();
@@ -275,7 +287,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
   __shared__ unsigned hist[256];
-  __shared__ unsigned flags[kThreads];
+  __shared__ unsigned flags[kThreads];  // the tie flags of one tile
   __shared__ int64_t shared_i[2];
   __shared__ float states[kWarps][2][3];
   __shared__ float sums[kWarps][2];
@@ -323,6 +335,7 @@ __global__ void __launch_bounds__(kThreads)
 // log(e^a + e^b), finite for a or b the lowest float (the empty sum)
 __device__ __forceinline__ float log_add(float a, float b) {
   const float m = fmaxf(a, b);
+  if (m == -INFINITY) return m;  // (-inf) - (-inf) would be NaN
   return m + log1pf(__expf(-fabsf(a - b)));
 }
 
@@ -363,7 +376,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     auto cls = [&](int64_t k) { return k == 0 ? y : (k <= pos_y ? ord[k - 1] : ord[k]); };
     auto weight = [&](int64_t c) { return vexp(load1(tr + c) * inv_t - W.m) * inv_z; };
-    float* l = scratch + r * C;
+    float* l = gr ? scratch + r * C : nullptr;
     // ranks from the last: l_k = log sum_{j >= k} e^(s_j), and the loss sum_k w_k (l_k - s_k)
     float carry = kLowest, acc = 0.f;
     for (int64_t base = (C - 1) / 32 * 32; base >= 0; base -= 32) {
@@ -379,7 +392,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       v = log_add(v, carry);
       if (valid) {
-        l[k] = v;
+        if (gr) l[k] = v;  // (the gradient's pass reads it back)
         acc += weight(c) * (v - sk);
       }
       carry = __shfl_sync(0xffffffffu, v, 0);

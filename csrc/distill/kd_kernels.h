@@ -69,7 +69,8 @@ struct PldProblem {
 void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
 // CUDA (kd_cuda.cu): all rows on `stream`; nullptr or the CUDA error of the launch. PLD takes
 // the teacher's class order by descending logit, ties towards the lower index (a stable sort:
-// order [N, C] int64), and a float32 scratch of pld_cuda_scratch(q) elements.
+// order [N, C] int64), and, with the gradient, a float32 scratch of pld_cuda_scratch(q)
+// elements (null without it).
 const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream);
 int64_t pld_cuda_scratch(const PldProblem& q);
 const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, float* loss, void* grad,

@@ -182,6 +182,7 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
   q.temperature = float(temperature);
   q.renormalize = renormalize;
   if (student.is_cuda()) {
+    TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 classes on CUDA, got ", p.C);
     Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
     Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
 #if defined(FASTLOSS_WITH_CUDA)
@@ -229,9 +230,9 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
     const c10::cuda::CUDAGuard guard(student.device());
     // the teacher's order by descending logit, ties towards the lower class (stable)
     const Tensor order = std::get<1>(p.teacher.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
-    Tensor scratch = at::empty({pld_cuda_scratch(q)}, loss.options());
+    Tensor scratch = at::empty({compute_grad ? pld_cuda_scratch(q) : 0}, loss.options());
     q.target = y.data_ptr<int64_t>();
-    const char* err = pld_cuda(q, order.data_ptr<int64_t>(), scratch.data_ptr<float>(),
+    const char* err = pld_cuda(q, order.data_ptr<int64_t>(), compute_grad ? scratch.data_ptr<float>() : nullptr,
                                loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
                                current_stream());
     TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);

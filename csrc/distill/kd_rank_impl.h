@@ -15,11 +15,12 @@
 namespace fastloss {
 namespace FL_ISA {
 
-// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf): a total order,
+// An order-preserving map of floats onto unsigned integers (NaN beyond +-inf, -0 equal to +0,
+// as the reference's comparisons and torch's sort see them): a total order,
 // which std::nth_element and the radix sort below need (a NaN logit makes the loss NaN, never
 // an out-of-range access).
 inline uint32_t order_key(float f) {
-  const uint32_t u = float_to_bits(f);
+  const uint32_t u = float_to_bits(f == 0.f ? 0.f : f);  // -0 and +0 tie, as in comparisons
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 

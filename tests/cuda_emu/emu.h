@@ -190,8 +190,10 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
     if (done == n) break;
     for (int w = 0; w < warps; ++w) progressed = resolve(w, true) || progressed;
     if (progressed) continue;
-    if (at_barrier == n) {
-      for (Fiber& f : b.fibers) f.state = Fiber::run;
+    if (at_barrier == n) {  // (__syncthreads_count: every thread gets the count of its votes)
+      uint64_t votes = 0;
+      for (const Fiber& f : b.fibers) votes += f.value;
+      for (Fiber& f : b.fibers) f.state = Fiber::run, f.result = votes;
       continue;
     }
     fail("divergent __syncthreads: " + std::to_string(at_barrier) + " of " + std::to_string(n) +
@@ -285,8 +287,15 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 }
 
 inline void __syncthreads() {
+  emu::self().value = 0;
   emu::self().state = emu::Fiber::barrier;
   emu::yield_to_scheduler();
+}
+inline int __syncthreads_count(int predicate) {
+  emu::self().value = predicate != 0;
+  emu::self().state = emu::Fiber::barrier;
+  emu::yield_to_scheduler();
+  return int(emu::self().result);
 }
 template <class T>
 T __shfl_sync(unsigned mask, T v, int src, int width = 32) { return emu::shuffle(mask, v, 0, src, width); }
