@@ -1,5 +1,6 @@
 // What the CUDA kernel files share: scalar loads and stores of the storage types (float32 math
-// inside), the dtype -> storage type dispatch, the grid size of a launch and its error.
+// inside), the dtype -> storage type dispatch, a warp's sum, the grid size of a launch and its
+// error.
 // Torch-free; included only by .cu files.
 #pragma once
 #include <cuda_bf16.h>
@@ -31,6 +32,15 @@ void visit_dtype(ScalarType t, F&& f) {
     case ScalarType::f16: return f.template operator()<__half>();
     case ScalarType::bf16: return f.template operator()<__nv_bfloat16>();
   }
+}
+
+// The sum of v over the 32 lanes of a warp (a butterfly: every lane gets it); every lane of the
+// warp must call it.
+template <class T>
+__device__ __forceinline__ T warp_sum(T v) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  return v;
 }
 
 // Blocks for `items` work items, `per_block` a block: at least one, at most 2^20 (the kernels

@@ -100,11 +100,8 @@ __device__ __forceinline__ void block_merge(Online& s, Online& t, float (*shared
 
 // The block's sum of a and b; valid in every thread.
 __device__ __forceinline__ void block_sum2(float& a, float& b, float (*shared)[2]) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    a += __shfl_xor_sync(0xffffffffu, a, off);
-    b += __shfl_xor_sync(0xffffffffu, b, off);
-  }
+  a = warp_sum(a);
+  b = warp_sum(b);
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   if (lane == 0) {
     shared[warp][0] = a;
@@ -397,8 +394,7 @@ __global__ void __launch_bounds__(kThreads)
       }
       carry = __shfl_sync(0xffffffffu, v, 0);
     }
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
+    acc = warp_sum(acc);
     if (lane == 0) loss[r] = acc;
     if (!gr) continue;
     __syncwarp();  // l is read back by other lanes

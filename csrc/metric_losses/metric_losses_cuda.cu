@@ -33,12 +33,6 @@ constexpr float kLowest = -3.0e38f;
 constexpr int64_t kSumThreads = 1 << 18;  // confusion sums: threads (partial sums) to aim for
 
 
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
 // The block's sum of v, valid in every thread. `shared` holds kWarps floats.
 __device__ __forceinline__ float block_sum(float v, float* shared) {
   v = warp_sum(v);
@@ -277,8 +271,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t cell = e / K, k = e % K;
     double s = 0.0;
     for (int64_t i = threadIdx.x; i < per_column; i += kThreads) s += double(partial[(k + i * K) * 4 + cell]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    s = warp_sum(s);
     if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
     __syncthreads();
     if (threadIdx.x == 0) {

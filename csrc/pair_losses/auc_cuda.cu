@@ -82,8 +82,7 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (live) grad_part[(int64_t(blockIdx.y) * B + b) * n_own + i] = sg_sum;
     if (!kPositives) continue;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) sp_total += __shfl_xor_sync(0xffffffffu, sp_total, off);
+    sp_total = warp_sum(sp_total);
     if (threadIdx.x % 32 == 0) block_loss[threadIdx.x / 32] = sp_total;
     __syncthreads();
     if (threadIdx.x == 0) {

@@ -29,6 +29,7 @@ namespace {
 
 using FL_ISA::blocks_for;
 using FL_ISA::launch_status;
+using FL_ISA::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -160,11 +161,8 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
     err += fabs(double(s.row_sum[k * s.n + i]) - double(s.a[k * s.n + i]));
     tr += double(s.row_cost[k * s.n + i]);
   }
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    err += __shfl_xor_sync(0xffffffffu, err, off);
-    tr += __shfl_xor_sync(0xffffffffu, tr, off);
-  }
+  err = warp_sum(err);
+  tr = warp_sum(tr);
   if (threadIdx.x % 32 == 0) {
     partial[threadIdx.x / 32][0] = err;
     partial[threadIdx.x / 32][1] = tr;
@@ -232,8 +230,7 @@ __global__ void __launch_bounds__(kThreads) value_kernel(Solve<T> s, T* value) {
   double v = 0.0;
   for (int64_t i = threadIdx.x; i < s.n; i += kThreads) v += double(s.a[k * s.n + i]) * double(s.f[k * s.n + i]);
   for (int64_t j = threadIdx.x; j < s.m; j += kThreads) v += double(s.b[k * s.m + j]) * double(s.g[k * s.m + j]);
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+  v = warp_sum(v);
   if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
   __syncthreads();
   if (threadIdx.x == 0) {

@@ -136,8 +136,7 @@ __global__ void __launch_bounds__(kThreads)
 // Sum of v over the tx threads of this thread's row of the block (tx a multiple of 32); the
 // result is valid in the thread with threadIdx.x == 0. `scratch` holds kThreads / 32 floats.
 __device__ __forceinline__ float sum_along_x(float v, float* scratch) {
-#pragma unroll
-  for (int s = 16; s > 0; s >>= 1) v += __shfl_down_sync(0xffffffffu, v, s);
+  v = warp_sum(v);
   const int warp = (threadIdx.y * blockDim.x + threadIdx.x) / 32, per_row = blockDim.x / 32;
   if (threadIdx.x % 32 == 0) scratch[warp] = v;
   __syncthreads();
@@ -271,8 +270,7 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t e = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32; e < n; e += warps) {
     double s = 0.0;
     for (int64_t q = lane; q < P; q += 32) s += double(partial[e * P + q]);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) s += __shfl_down_sync(0xffffffffu, s, off);
+    s = warp_sum(s);
     if (lane != 0) continue;
     const int64_t c = e / nt, k = e % nt;
     if (k < K) gw[c * K + k] = float(s);
