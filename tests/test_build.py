@@ -37,3 +37,33 @@ def test_ops_are_registered_with_torch():
     for name in ("cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"):
         assert hasattr(torch.ops.fastloss, f"{name}_forward")
         assert hasattr(torch.ops.fastloss, f"{name}_backward")
+
+
+def test_op_files_call_cuda_entry_points_only_in_cuda_builds():
+    """Every call of a CUDA kernel entry point (`..._cuda(`, `..._cuda_scratch(`, ...) in the
+    torch-aware op files sits inside `#if defined(FASTLOSS_WITH_CUDA)`: a CPU-only build (a CPU
+    torch, FASTLOSS_CUDA=OFF, no nvcc) compiles no .cu file, and one unguarded call leaves an
+    undefined symbol that makes `import fastloss` fail there. CI builds with CUDA, so this
+    reads the sources instead."""
+    import re
+    from pathlib import Path
+
+    csrc = Path(__file__).resolve().parents[1] / "csrc"
+    call = re.compile(r"\b(\w+_cuda(?:_\w+)?)\s*\(")
+    allowed = {"is_cuda", "on_cuda"}
+    bad = []
+    for path in sorted(csrc.glob("*/*_op.cpp")):
+        stack = []  # for each open #if: "cuda", "not cuda" or "other"
+        for number, line in enumerate(path.read_text().splitlines(), 1):
+            text = line.strip()
+            if text.startswith("#if"):
+                guard = "FASTLOSS_WITH_CUDA" in text
+                stack.append(("not cuda" if "!" in text else "cuda") if guard else "other")
+            elif text.startswith("#else"):
+                stack[-1] = {"cuda": "not cuda", "not cuda": "cuda"}.get(stack[-1], "other")
+            elif text.startswith("#endif"):
+                stack.pop()
+            elif "cuda" not in stack and not text.startswith("//"):
+                bad += [f"{path.relative_to(csrc)}:{number}: {name}" for name in call.findall(line)
+                        if name not in allowed]
+    assert not bad, "CUDA entry points called outside #if defined(FASTLOSS_WITH_CUDA):\n" + "\n".join(bad)

@@ -51,17 +51,18 @@ void check_device(const Tensor& x, const Tensor& y, const char* op) {
 #endif
 }
 
-// Runs `cuda(stream)` for CUDA tensors (false: the caller runs the CPU kernels).
+#if defined(FASTLOSS_WITH_CUDA)
+// Runs `cuda(stream)` for CUDA tensors (false: the caller runs the CPU kernels). Its call sites
+// sit inside #if FASTLOSS_WITH_CUDA like every CUDA call of the op files (tests/test_build.py).
 template <class F>
 bool on_cuda(const Tensor& x, const char* op, F&& cuda) {
   if (!x.is_cuda()) return false;
-#if defined(FASTLOSS_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(x.device());
   const char* err = cuda(static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
   TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
-#endif
   return true;
 }
+#endif
 
 // grad_rows [N] as contiguous float32 (autograd may hand an expanded scalar)
 Tensor rows_grad(const Tensor& grad_rows, int64_t n, const Tensor& like, const char* op) {
@@ -114,7 +115,9 @@ Tensor dice_sigmoid_forward(const Tensor& logits, const Tensor& target, double a
   const SigmoidDiceProblem q = sigmoid_problem(e, alpha, gamma, smooth);
   Tensor rows = rows_out(logits, e.N);
   float* rp = rows.data_ptr<float>();
+#if defined(FASTLOSS_WITH_CUDA)
   if (on_cuda(e.x, op, [&](void* s) { return dice_sigmoid_forward_cuda(q, rp, s); })) return rows;
+#endif
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) { dice_sigmoid_forward_cpu(q, rp, r0, r1); });
   return rows;
 }
@@ -129,7 +132,9 @@ Tensor dice_sigmoid_backward(const Tensor& grad_rows, const Tensor& logits, cons
   Tensor grad = grad_like(e.x);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
+#if defined(FASTLOSS_WITH_CUDA)
   if (on_cuda(e.x, op, [&](void* s) { return dice_sigmoid_backward_cuda(q, gp, out, s); })) return grad;
+#endif
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
     dice_sigmoid_backward_cpu(q, gp, out, r0, r1);
   });
@@ -179,7 +184,9 @@ Tensor dice_softmax_forward(const Tensor& logits, const Tensor& target, double a
   const SoftmaxChecked c = check_softmax(logits, target, alpha, gamma, smooth, ignore_index);
   Tensor rows = rows_out(logits, c.q.N);
   float* rp = rows.data_ptr<float>();
+#if defined(FASTLOSS_WITH_CUDA)
   if (on_cuda(c.x, "dice_loss", [&](void* s) { return dice_softmax_forward_cuda(c.q, rp, s); })) return rows;
+#endif
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     dice_softmax_forward_cpu(c.q, rp, r0, r1);
   });
@@ -193,7 +200,9 @@ Tensor dice_softmax_backward(const Tensor& grad_rows, const Tensor& logits, cons
   Tensor grad = grad_like(logits);
   const float* gp = g.data_ptr<float>();
   void* out = grad.data_ptr();
+#if defined(FASTLOSS_WITH_CUDA)
   if (on_cuda(c.x, "dice_loss", [&](void* s) { return dice_softmax_backward_cuda(c.q, gp, out, s); })) return grad;
+#endif
   at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
     dice_softmax_backward_cpu(c.q, gp, out, r0, r1);
   });
@@ -259,7 +268,9 @@ Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, co
   Tensor grad = grad_like(e.x);
   const float* gp = gs.data_ptr<float>();
   void* out = grad.data_ptr();
+#if defined(FASTLOSS_WITH_CUDA)
   if (on_cuda(e.x, "anyloss", [&](void* s) { return confusion_backward_cuda(q, gp, out, s); })) return grad;
+#endif
   at::parallel_for(0, e.N, grain(e.K), [&](int64_t r0, int64_t r1) {
     confusion_backward_cpu(q, gp, out, r0, r1);
   });
