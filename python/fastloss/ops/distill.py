@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _C
+from ._devices import has_kernel
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,11 +66,6 @@ def _backward(ctx, grad_loss, _grad_stats):
 torch.library.register_autograd("fastloss::kd_forward", _backward, setup_context=_setup)
 
 
-def _has_kernel(x: Tensor) -> bool:
-    """Whether fastloss has a kernel for x's device in this build (else torch operations)."""
-    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
-
-
 def _rows_torch(student, teacher, kind, temperature, beta):
     """The same per-row losses in torch operations (devices without a fastloss kernel)."""
     ls = F.log_softmax(student.float() / temperature, -1)
@@ -103,7 +98,7 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    if _has_kernel(s2):
+    if has_kernel(s2):
         rows = torch.ops.fastloss.kd_forward(s2, t2, _KINDS[kind], float(T), float(beta))[0]
     else:
         rows = _rows_torch(s2, t2, kind, float(T), float(beta))
@@ -243,7 +238,7 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
-    if _has_kernel(s2):
+    if has_kernel(s2):
         rows = torch.ops.fastloss.topk_kl_forward(s2, t2, k, float(T), bool(renormalize),
                                                   _wants_grad(s2))[0]
     else:
@@ -315,7 +310,7 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
     if target.device != student.device:
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
-    if _has_kernel(s2):
+    if has_kernel(s2):
         rows = torch.ops.fastloss.pld_forward(s2, t2, y, float(T), int(ignore_index),
                                               _wants_grad(s2))[0]
     else:

@@ -20,14 +20,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .. import _C
+from ._devices import has_kernel
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
-
-
-def _has_kernel(x: Tensor) -> bool:
-    """Whether fastloss has kernels for x's device in this build (else torch operations)."""
-    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
 
 
 def _metric(tp, fn_, fp, tn, metric, beta):
@@ -66,7 +61,7 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     if not scores.is_floating_point():
         raise ValueError(f"{fn}: scores must be floating point, got {scores.dtype}")
     y = target.to(torch.float32).reshape(scores.shape[0], -1)
-    if _has_kernel(scores):
+    if has_kernel(scores):
         s = scores.reshape(y.shape)
         tp, fn_, fp, tn = torch.ops.fastloss.confusion_sums(s, y, float(L), bool(from_logits))
     else:
@@ -278,7 +273,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         x = logits if logits.dim() == 2 else logits[:, None]
         args = (float(alpha), float(gamma), float(smooth))
-        if _has_kernel(x):
+        if has_kernel(x):
             rows = torch.ops.fastloss.dice_sigmoid_forward(x, y.reshape(x.shape), *args)
         else:
             rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
@@ -294,7 +289,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             if bool(bad.any()):
                 raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
                                  f"that are not ignore_index ({ignore_index})")
-        if _has_kernel(logits):
+        if has_kernel(logits):
             rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
         else:
             t = torch.where(keep, target, 0).long()

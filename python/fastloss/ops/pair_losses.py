@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _C
+from ._devices import has_kernel
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -82,7 +82,7 @@ def mw_auc_loss(scores_pos: Tensor, scores_neg: Tensor, reduction: str = "mean")
                          f"[B, N], got {tuple(scores_pos.shape)} and {tuple(scores_neg.shape)}")
     pos = scores_pos.unsqueeze(0) if one_query else scores_pos
     neg = scores_neg.unsqueeze(0) if one_query else scores_neg
-    if pos.device.type == "cpu" or (pos.device.type == "cuda" and bool(_C.built_with_cuda)):
+    if has_kernel(pos):
         compute_grad = torch.is_grad_enabled() and (pos.requires_grad or neg.requires_grad)
         rows = torch.ops.fastloss.mw_auc_forward(pos, neg, compute_grad)[0]
     else:

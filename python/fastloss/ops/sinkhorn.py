@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import _C
+from ._devices import has_kernel
 
 _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
 
@@ -311,7 +311,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                              f"count >= 1 (an int) of entries kept per row, got {sparsity!r}")
         keep = sparsity if isinstance(sparsity, int) else max(1, int(math.ceil(sparsity * m)))
         newton = (int(warmup_iters), min(keep, m))
-    if c.device.type == "cpu" or (c.device.type == "cuda" and newton is None and bool(_C.built_with_cuda)):
+    if c.device.type == "cpu" or (newton is None and has_kernel(c)):
         keep = 0 if newton is None else newton[1]
         warm = 0 if newton is None else newton[0]
         total, f, g, n_iter, err, transport = torch.ops.fastloss.sinkhorn_solve(

@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .. import _C
+from ._devices import has_kernel
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -96,11 +96,6 @@ torch.library.register_autograd("fastloss::tcn_level_forward", _backward_level,
 ACTIVATIONS = {None: (0, lambda h: h), "relu": (1, F.relu), "silu": (2, F.silu), "gelu": (3, F.gelu)}
 
 
-def _has_kernel(x: Tensor) -> bool:
-    """Whether fastloss has a depthwise kernel for x's device in this build (else F.conv1d)."""
-    return x.device.type == "cpu" or (x.device.type == "cuda" and bool(_C.built_with_cuda))
-
-
 def left_padding(kernel_size: int, dilation: int, causal: bool) -> int:
     """P of the formula above: the inputs before t that output t sees."""
     span = dilation * (kernel_size - 1)
@@ -139,7 +134,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"{fn}: bias must be [{out_channels}], got shape {tuple(bias.shape)}")
     pad = left_padding(k, dilation, causal)
-    if weight.dim() == 2 and _has_kernel(x):
+    if weight.dim() == 2 and has_kernel(x):
         return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
     if weight.dim() == 2:
         w3, g = weight.unsqueeze(1), c
@@ -165,7 +160,7 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
         raise ValueError(f"tcn_level: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     code, act = ACTIVATIONS[activation]
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
-             and weight.dim() == 2 and _has_kernel(x) and x.dtype in _FLOATS
+             and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
              and isinstance(dilation, int) and dilation >= 1)
     if not fused:
