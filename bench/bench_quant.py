@@ -3,6 +3,8 @@
 Variants, same inputs, same run, per (layer shape N x K, batch M):
   * ``fastloss_{2,3,4,8}bit``: ``fastloss.ops.dequant_gemm`` (group 128, symmetric uniform);
   * ``fastloss_nf4``: the same with the NF4 codebook (group 128, no zero points);
+  * ``fastloss_8bit_cb``: an 8-bit codebook (``power_codebook(8, 1.7)``, group 128): its codes
+    decode by a gather from the 256-entry table;
   * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32 on the
     CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
@@ -79,7 +81,8 @@ def main(argv=None):
     res = harness.Results(name, device, args.out, bandwidth=bw, notes=[
         "time = y = f(x) for x [M, K], no autograd; median",
         f"floor bytes = packed weight + scales + zeros + x + y ({dtype} activations)",
-        "fastloss_*: group 128, symmetric round-to-nearest (nf4: NF4 codebook, no zero points)"])
+        "fastloss_*: group 128, symmetric round-to-nearest (nf4: NF4 codebook, no zero points; "
+        "8bit_cb: power_codebook(8, 1.7))"])
     res.title = f"fastloss dequant_gemm ({device})"
     cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
                                                 if c[0] not in ("op", "shape", "dtype", "vs eager", "vs torch")]
@@ -93,6 +96,8 @@ def main(argv=None):
         packed = {f"fastloss_{b}bit": fastloss.ops.quantize_weight(w, b, 128).to(device) for b in (2, 3, 4, 8)}
         packed["fastloss_nf4"] = fastloss.ops.quantize_weight(
             w, 4, 128, codebook=fastloss.ops.nf_codebook(4)).to(device)
+        packed["fastloss_8bit_cb"] = fastloss.ops.quantize_weight(
+            w, 8, 128, codebook=fastloss.ops.power_codebook(8, 1.7)).to(device)
         q4 = packed["fastloss_4bit"]
         w4 = fastloss.ops.dequantize_weight(q4).to(dtype)
         tp = int4pack(w, device)
