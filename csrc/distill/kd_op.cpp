@@ -15,7 +15,6 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "../common/huge_pages.h"
@@ -98,11 +97,6 @@ Checked check(const Tensor& student, const Tensor& teacher, int64_t kind, double
 
 int64_t grain(int64_t C) { return std::max<int64_t>(1, (int64_t(1) << 14) / std::max<int64_t>(C, 1)); }
 
-#if defined(FASTLOSS_WITH_CUDA)
-void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#endif
-
 // -> (loss of each row [N] float32, statistics [N, 3] float32 for the backward)
 std::tuple<Tensor, Tensor> kd_forward(const Tensor& student, const Tensor& teacher, int64_t kind,
                                       double temperature, double beta) {
@@ -114,7 +108,7 @@ std::tuple<Tensor, Tensor> kd_forward(const Tensor& student, const Tensor& teach
   if (student.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(student.device());
-    check_launch(kd_forward_cuda(c.q, lp, sp, current_stream()));
+    check_cuda_launch(kd_forward_cuda(c.q, lp, sp, cuda_stream()), kOp);
 #endif
     return {loss, stats};
   }
@@ -141,7 +135,7 @@ Tensor kd_backward(const Tensor& grad_loss, const Tensor& student, const Tensor&
   if (student.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(student.device());
-    check_launch(kd_backward_cuda(c.q, gp, sp, out, current_stream()));
+    check_cuda_launch(kd_backward_cuda(c.q, gp, sp, out, cuda_stream()), kOp);
 #endif
     return grad;
   }
@@ -187,9 +181,8 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
     Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(student.device());
-    const char* err = topk_kl_cuda(q, loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
-                                   current_stream());
-    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+    check_cuda_launch(topk_kl_cuda(q, loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
+                                   cuda_stream()), op);
 #endif
     return {loss, grad};
   }
@@ -232,10 +225,9 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
     const Tensor order = std::get<1>(p.teacher.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
     Tensor scratch = at::empty({compute_grad ? pld_cuda_scratch(q) : 0}, loss.options());
     q.target = y.data_ptr<int64_t>();
-    const char* err = pld_cuda(q, order.data_ptr<int64_t>(), compute_grad ? scratch.data_ptr<float>() : nullptr,
+    check_cuda_launch(pld_cuda(q, order.data_ptr<int64_t>(), compute_grad ? scratch.data_ptr<float>() : nullptr,
                                loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
-                               current_stream());
-    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+                               cuda_stream()), op);
 #endif
     return {loss, grad};
   }

@@ -27,7 +27,6 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "../common/huge_pages.h"
@@ -117,9 +116,8 @@ std::tuple<Tensor, Tensor, Tensor> forward(const char* op, LossParams p, const T
   if (in.logits.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     c10::cuda::CUDAGuard guard(in.logits.device());
-    const char* err = losses_forward_cuda(in.view, in.targets, p, out,
-                                          c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+    check_cuda_launch(losses_forward_cuda(in.view, in.targets, p, out,
+                                          cuda_stream()), op);
 #else
     TORCH_CHECK(false, op, ": fastloss was built without CUDA; reinstall it with a CUDA build of torch and nvcc");
 #endif
@@ -176,9 +174,8 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
   if (in.logits.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     c10::cuda::CUDAGuard guard(in.logits.device());
-    const char* err = losses_backward_cuda(in.view, in.targets, p, rg,
-                                           c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+    check_cuda_launch(losses_backward_cuda(in.view, in.targets, p, rg,
+                                           cuda_stream()), op);
 #else
     TORCH_CHECK(false, op, ": fastloss was built without CUDA");
 #endif

@@ -15,7 +15,6 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "../common/huge_pages.h"
@@ -58,8 +57,7 @@ template <class F>
 bool on_cuda(const Tensor& x, const char* op, F&& cuda) {
   if (!x.is_cuda()) return false;
   const c10::cuda::CUDAGuard guard(x.device());
-  const char* err = cuda(static_cast<void*>(c10::cuda::getCurrentCUDAStream().stream()));
-  TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+  check_cuda_launch(cuda(cuda_stream()), op);
   return true;
 }
 #endif

@@ -12,7 +12,6 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "../op_helpers.h"
@@ -66,12 +65,11 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
     const AucCudaScratch sizes = auc_cuda_scratch(q);
     Tensor loss_scratch = at::empty({sizes.doubles}, pos.options().dtype(at::kDouble));
     Tensor grad_scratch = at::empty({sizes.floats}, f32);
-    const char* err = auc_cuda(q, loss.data_ptr<float>(),
+    check_cuda_launch(auc_cuda(q, loss.data_ptr<float>(),
                                compute_grad ? grad_pos.data_ptr<float>() : nullptr,
                                compute_grad ? grad_neg.data_ptr<float>() : nullptr,
                                loss_scratch.data_ptr<double>(), grad_scratch.data_ptr<float>(),
-                               c10::cuda::getCurrentCUDAStream().stream());
-    TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err);
+                               cuda_stream()), kOp);
     return {loss, grad_pos, grad_neg};
 #endif
   }

@@ -11,7 +11,6 @@
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 #if defined(FASTLOSS_WITH_CUDA)
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include <algorithm>
@@ -93,11 +92,6 @@ int64_t tile_rows(const QuantWeight& w, const Tensor& q) {
                      : kTileRows;
 }
 
-#if defined(FASTLOSS_WITH_CUDA)
-void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#endif
-
 // The float32 rows [n0, n0 + rows) of the weight, written into the first rows of `buffer`
 // ([>= rows, K] float32, reused from tile to tile: a fresh tile each time cost its page faults).
 Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor& buffer) {
@@ -105,7 +99,7 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor
   float* out = tile.data_ptr<float>();
   if (tile.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
-    check_launch(quant_dequant_rows_cuda(w, out, n0, n0 + rows, current_stream()));
+    check_cuda_launch(quant_dequant_rows_cuda(w, out, n0, n0 + rows, cuda_stream()), kOp);
 #endif
     return tile;
   }
@@ -144,9 +138,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
   if (M <= kQuantMaxRows && x.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
-    check_launch(quant_gemv_cuda(w, x32.data_ptr<float>(), M,
-                                 b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<float>(),
-                                 current_stream()));
+    check_cuda_launch(quant_gemv_cuda(w, x32.data_ptr<float>(), M,
+                                      b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+                                      cuda_stream()), kOp);
 #endif
   } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;

@@ -16,9 +16,9 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
+#include "../op_helpers.h"
 #include "sinkhorn_kernels.h"
 
 namespace fastloss {
@@ -54,8 +54,6 @@ void check_problem(const Tensor& cost, const Tensor& a, const Tensor& b) {
 }
 
 #if defined(FASTLOSS_WITH_CUDA)
-void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
 
 OtBatch batch_of(const Tensor& cost, const Tensor& a, const Tensor& b, double eps) {
   OtBatch q;
@@ -130,8 +128,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sinkhorn_solve(
     out.n_iter = n_iter.data_ptr<int64_t>();
     out.error = error.data_ptr();
     out.transport = transport.data_ptr();
-    check_launch(sinkhorn_solve_cuda(q, out, work.data_ptr(), host_active.data_ptr<int>(),
-                                     current_stream()));
+    check_cuda_launch(sinkhorn_solve_cuda(q, out, work.data_ptr(), host_active.data_ptr<int>(),
+                                          cuda_stream()), kOp);
     return {value, f, g, n_iter, error, transport};
 #endif
   }
@@ -190,9 +188,9 @@ Tensor sinkhorn_plan(const Tensor& cost_in, const Tensor& a_in, const Tensor& b_
   if (cost.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(cost.device());
-    check_launch(sinkhorn_plan_cuda(batch_of(cost, a, b, eps), f.data_ptr(), g.data_ptr(),
-                                    scale.defined() ? scale.data_ptr<double>() : nullptr,
-                                    out.data_ptr(), current_stream()));
+    check_cuda_launch(sinkhorn_plan_cuda(batch_of(cost, a, b, eps), f.data_ptr(), g.data_ptr(),
+                                         scale.defined() ? scale.data_ptr<double>() : nullptr,
+                                         out.data_ptr(), cuda_stream()), kOp);
 #endif
     return out;
   }

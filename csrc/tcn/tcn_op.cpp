@@ -16,7 +16,6 @@
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
 #endif
 
 #include "../common/huge_pages.h"
@@ -92,11 +91,6 @@ void check(const Tensor& x, const Tensor& weight, const OptT& bias, int64_t dila
 #endif
 }
 
-#if defined(FASTLOSS_WITH_CUDA)
-void check_launch(const char* err) { TORCH_CHECK(err == nullptr, kOp, ": CUDA kernel launch failed: ", err); }
-void* current_stream() { return c10::cuda::getCurrentCUDAStream().stream(); }
-#endif
-
 // y = conv(x) with float32 taps `w` [C, K], then the epilogue (ConvTaps: act, mode, other
 // laid out as x); `y` has x's layout.
 Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int64_t dilation,
@@ -117,7 +111,7 @@ Tensor run_forward(const Tensor& x, const Tensor& w32, const Tensor& bias32, int
   if (x.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(x.device());
-    check_launch(conv_forward_cuda(xv, p, y.data_ptr(), current_stream()));
+    check_cuda_launch(conv_forward_cuda(xv, p, y.data_ptr(), cuda_stream()), kOp);
 #endif
     return y;
   }
@@ -157,8 +151,8 @@ std::tuple<Tensor, Tensor> weight_grads(const Tensor& x, const Tensor& g, int64_
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(x.device());
     Tensor scratch = at::empty({conv_weight_grad_cuda_scratch(xv, p)}, gw32.options());
-    check_launch(conv_weight_grad_cuda(xv, gv, p, gwp, gbp, scratch.data_ptr<float>(),
-                                       current_stream()));
+    check_cuda_launch(conv_weight_grad_cuda(xv, gv, p, gwp, gbp, scratch.data_ptr<float>(),
+                                            cuda_stream()), kOp);
 #endif
     return {gw32, gb32};
   }
