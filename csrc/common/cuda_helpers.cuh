@@ -1,13 +1,15 @@
 // What the CUDA kernel files share: scalar loads and stores of the storage types (float32 math
-// inside), the dtype -> storage type dispatch, a warp's sum, the grid size of a launch and its
-// error.
+// inside), the dtype -> storage type dispatch, a warp's sum, an online log-sum-exp state, the
+// grid size of a launch and its error.
 // Torch-free; included only by .cu files.
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cmath>
 #include <cstdint>
+#include <limits>
 
 #include "../losses/loss_params.h"  // ScalarType
 #include "macros.h"
@@ -42,6 +44,51 @@ __device__ __forceinline__ T warp_sum(T v) {
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
 }
+
+// Exponentials for OnlineLse: the fast intrinsic (about 2 ulp, float) or the accurate libm
+// functions (float or double).
+struct FastExp {
+  __device__ __forceinline__ float operator()(float x) const { return __expf(x); }
+};
+struct AccurateExp {
+  __device__ __forceinline__ float operator()(float x) const { return expf(x); }
+  __device__ __forceinline__ double operator()(double x) const { return exp(x); }
+};
+
+// Online log-sum-exp of a stream of v with a weighted sum: m = max v, z = sum e^(v - m),
+// w = sum e^(v - m) c, one read of the stream; states merge in any order. The empty state's m
+// is the lowest finite T, so that e^(-inf - m) = 0 and no inf - inf appears.
+template <class T, class Exp>
+struct OnlineLse {
+  T m = std::numeric_limits<T>::lowest(), z = 0, w = 0;
+  __device__ __forceinline__ void add(T v, T c) {
+    if (v > m) {
+      const T r = Exp()(m - v);
+      z = z * r + T(1);
+      w = w * r + c;
+      m = v;
+    } else {
+      const T e = Exp()(v - m);
+      z += e;
+      w += e * c;
+    }
+  }
+  __device__ __forceinline__ void merge(T om, T oz, T ow) {
+    const T mm = m > om ? m : om, ra = Exp()(m - mm), rb = Exp()(om - mm);
+    z = z * ra + oz * rb;
+    w = w * ra + ow * rb;
+    m = mm;
+  }
+  __device__ __forceinline__ void merge(const OnlineLse& o) { merge(o.m, o.z, o.w); }
+  // The state of lane (this lane ^ lane_mask) of the warp; every lane must call it.
+  __device__ __forceinline__ OnlineLse shuffled(int lane_mask) const {
+    OnlineLse o;
+    o.m = __shfl_xor_sync(0xffffffffu, m, lane_mask);
+    o.z = __shfl_xor_sync(0xffffffffu, z, lane_mask);
+    o.w = __shfl_xor_sync(0xffffffffu, w, lane_mask);
+    return o;
+  }
+};
 
 // Blocks for `items` work items, `per_block` a block: at least one, at most 2^20 (the kernels
 // stride over the rest).

@@ -33,38 +33,11 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 4;  // backward: columns per thread, kThreads apart
-constexpr float kLowest = -3.0e38f;  // the max of an empty state (finite: no inf - inf)
+constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no inf - inf)
 
-// Online softmax of a stream of x, with a weighted sum of d: m = max x, z = sum e^(x - m),
-// w = sum e^(x - m) d.
-struct Online {
-  float m = kLowest, z = 0.f, w = 0.f;
-  __device__ __forceinline__ void add(float x, float d) {
-    if (x > m) {
-      const float r = vexp(m - x);
-      z = z * r + 1.f;
-      w = w * r + d;
-      m = x;
-    } else {
-      const float e = vexp(x - m);
-      z += e;
-      w = fmaf(e, d, w);
-    }
-  }
-  __device__ __forceinline__ void merge(const Online& o) {
-    const float mm = vmax(m, o.m), a = vexp(m - mm), b = vexp(o.m - mm);
-    z = z * a + o.z * b;
-    w = w * a + o.w * b;
-    m = mm;
-  }
-  __device__ __forceinline__ Online shuffled(int lane_mask) const {
-    Online o;
-    o.m = __shfl_xor_sync(0xffffffffu, m, lane_mask);
-    o.z = __shfl_xor_sync(0xffffffffu, z, lane_mask);
-    o.w = __shfl_xor_sync(0xffffffffu, w, lane_mask);
-    return o;
-  }
-};
+// Online softmax of a stream of x with a weighted sum of d (common/cuda_helpers.cuh), with the
+// fast exponential.
+using Online = OnlineLse<float, FastExp>;
 
 // The block's merge of each thread's pair of states; the result is valid in every thread.
 // `shared` holds the warps' states, [kWarps][2 states][m, z, w].

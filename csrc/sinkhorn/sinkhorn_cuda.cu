@@ -47,30 +47,9 @@ __device__ __forceinline__ T log_t(T v) { return log(v); }
 template <>
 __device__ __forceinline__ float log_t(float v) { return logf(v); }
 
-// Online log-sum-exp of a stream of v, with a weighted sum: m = max v, z = sum e^(v - m),
-// w = sum e^(v - m) c. The empty state's m is the lowest finite T (so that e^(-inf - m) = 0).
+// Online log-sum-exp with a weighted sum (common/cuda_helpers.cuh), accurate exponentials.
 template <class T>
-struct Lse {
-  T m = std::numeric_limits<T>::lowest(), z = 0, w = 0;
-  __device__ __forceinline__ void add(T v, T c) {
-    if (v > m) {
-      const T r = exp_t(m - v);
-      z = z * r + T(1);
-      w = w * r + c;
-      m = v;
-    } else {
-      const T e = exp_t(v - m);
-      z += e;
-      w += e * c;
-    }
-  }
-  __device__ __forceinline__ void merge(T om, T oz, T ow) {
-    const T mm = m > om ? m : om, ra = exp_t(m - mm), rb = exp_t(om - mm);
-    z = z * ra + oz * rb;
-    w = w * ra + ow * rb;
-    m = mm;
-  }
-};
+using Lse = FL_ISA::OnlineLse<T, FL_ISA::AccurateExp>;
 
 // The device buffers of a solve (carved from one workspace allocation) and the problem.
 template <class T>
