@@ -1,6 +1,6 @@
 // What the CUDA kernel files share: scalar loads and stores of the storage types (float32 math
-// inside), the dtype -> storage type dispatch, a warp's sum, an online log-sum-exp state, the
-// grid size of a launch and its error.
+// inside), the dtype -> storage type dispatch, warp and block sums, an online log-sum-exp
+// state, the grid size of a launch and its error.
 // Torch-free; included only by .cu files.
 #pragma once
 #include <cuda_bf16.h>
@@ -43,6 +43,20 @@ __device__ __forceinline__ T warp_sum(T v) {
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
   return v;
+}
+
+// The sum of v over the threads of a one-dimensional block of a whole number of warps, in a
+// fixed order (warp shuffles, then the warps in order); every thread gets it and must call it.
+// `shared` holds blockDim.x / 32 values, free again when the call returns.
+template <class T>
+__device__ __forceinline__ T block_sum(T v, T* shared) {
+  v = warp_sum(v);
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  T total = 0;
+  for (int w = 0; w < int(blockDim.x / 32); ++w) total += shared[w];
+  __syncthreads();
+  return total;
 }
 
 // Exponentials for OnlineLse: the fast intrinsic (about 2 ulp, float) or the accurate libm

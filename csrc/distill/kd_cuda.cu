@@ -71,29 +71,12 @@ __device__ __forceinline__ void block_merge(Online& s, Online& t, float (*shared
   __syncthreads();  // shared is reused by the next row
 }
 
-// The block's sum of a and b; valid in every thread.
-__device__ __forceinline__ void block_sum2(float& a, float& b, float (*shared)[2]) {
-  a = warp_sum(a);
-  b = warp_sum(b);
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    shared[warp][0] = a;
-    shared[warp][1] = b;
-  }
-  __syncthreads();
-  a = b = 0.f;
-  for (int i = 0; i < kWarps; ++i) {
-    a += shared[i][0];
-    b += shared[i][1];
-  }
-  __syncthreads();
-}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float* __restrict__ loss,
                                                               float* __restrict__ stats) {
   __shared__ float states[kWarps][2][3];
-  __shared__ float sums[kWarps][2];
+  __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, beta = q.beta;
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
@@ -122,7 +105,8 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
         l += beta * qq * (lq - lm) + (1.f - beta) * dp;
         sc += (1.f - beta) * dp;
       }
-      block_sum2(l, sc, sums);
+      l = block_sum(l, sums);
+      sc = block_sum(sc, sums);
       row = l;
       extra = sc;
     }
@@ -260,7 +244,7 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ unsigned flags[kThreads];  // the tie flags of one tile
   __shared__ int64_t shared_i[2];
   __shared__ float states[kWarps][2][3];
-  __shared__ float sums[kWarps][2];
+  __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, T2 = q.temperature * q.temperature;
   const int64_t C = q.C, k = q.k < q.C ? q.k : q.C;
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
@@ -284,7 +268,8 @@ __global__ void __launch_bounds__(kThreads)
       kl += qj * (lq - lp);
       mass += qj;
     }
-    block_sum2(kl, mass, sums);
+    kl = block_sum(kl, sums);
+    mass = block_sum(mass, sums);
     if (threadIdx.x == 0) loss[r] = T2 * kl;
     if (grad == nullptr) continue;
     const float c = q.renormalize ? 1.f : mass;

@@ -33,17 +33,6 @@ constexpr float kLowest = -3.0e38f;
 constexpr int64_t kSumThreads = 1 << 18;  // confusion sums: threads (partial sums) to aim for
 
 
-// The block's sum of v, valid in every thread. `shared` holds kWarps floats.
-__device__ __forceinline__ float block_sum(float v, float* shared) {
-  v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
-  __syncthreads();
-  float total = 0.f;
-  for (int w = 0; w < kWarps; ++w) total += shared[w];
-  __syncthreads();  // shared is reused by the next call
-  return total;
-}
-
 // ---- Dice, sigmoid form ------------------------------------------------------------------
 
 // kWarp: a warp per row, else a thread per row.
@@ -271,15 +260,8 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t cell = e / K, k = e % K;
     double s = 0.0;
     for (int64_t i = threadIdx.x; i < per_column; i += kThreads) s += double(partial[(k + i * K) * 4 + cell]);
-    s = warp_sum(s);
-    if (threadIdx.x % 32 == 0) warp_sums[threadIdx.x / 32] = s;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total += warp_sums[w];
-      sums[e] = float(total);
-    }
-    __syncthreads();  // warp_sums is rewritten for the next pair
+    s = block_sum(s, warp_sums);
+    if (threadIdx.x == 0) sums[e] = float(s);
   }
 }
 

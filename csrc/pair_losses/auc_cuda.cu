@@ -82,15 +82,8 @@ __global__ void __launch_bounds__(kThreads)
     }
     if (live) grad_part[(int64_t(blockIdx.y) * B + b) * n_own + i] = sg_sum;
     if (!kPositives) continue;
-    sp_total = warp_sum(sp_total);
-    if (threadIdx.x % 32 == 0) block_loss[threadIdx.x / 32] = sp_total;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      double total = 0.0;
-      for (int w = 0; w < kWarps; ++w) total += block_loss[w];
-      loss_part[(b * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = total;
-    }
-    __syncthreads();  // block_loss is rewritten for the next query
+    sp_total = block_sum(sp_total, block_loss);
+    if (threadIdx.x == 0) loss_part[(b * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x] = sp_total;
   }
 }
 

@@ -27,9 +27,9 @@
 namespace fastloss {
 namespace {
 
+using FL_ISA::block_sum;
 using FL_ISA::blocks_for;
 using FL_ISA::launch_status;
-using FL_ISA::warp_sum;
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
@@ -131,7 +131,7 @@ __global__ void __launch_bounds__(kThreads) row_pass_kernel(Solve<T> s) {
 // A block per problem: the error and <P, C> of the current (f, g), then stop or take f'.
 template <class T>
 __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
-  __shared__ double partial[kWarps][2];
+  __shared__ double partial[kWarps];
   __shared__ int go;
   const int64_t k = blockIdx.x;
   if (!s.active[k]) return;  // the whole block leaves together
@@ -140,16 +140,9 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
     err += fabs(double(s.row_sum[k * s.n + i]) - double(s.a[k * s.n + i]));
     tr += double(s.row_cost[k * s.n + i]);
   }
-  err = warp_sum(err);
-  tr = warp_sum(tr);
-  if (threadIdx.x % 32 == 0) {
-    partial[threadIdx.x / 32][0] = err;
-    partial[threadIdx.x / 32][1] = tr;
-  }
-  __syncthreads();
+  err = block_sum(err, partial);
+  tr = block_sum(tr, partial);
   if (threadIdx.x == 0) {
-    err = tr = 0.0;
-    for (int w = 0; w < kWarps; ++w) err += partial[w][0], tr += partial[w][1];
     s.error[k] = T(err);
     s.transport[k] = T(tr);
     go = !(err < s.tol) && s.n_iter[k] < s.max_iter;
@@ -209,14 +202,8 @@ __global__ void __launch_bounds__(kThreads) value_kernel(Solve<T> s, T* value) {
   double v = 0.0;
   for (int64_t i = threadIdx.x; i < s.n; i += kThreads) v += double(s.a[k * s.n + i]) * double(s.f[k * s.n + i]);
   for (int64_t j = threadIdx.x; j < s.m; j += kThreads) v += double(s.b[k * s.m + j]) * double(s.g[k * s.m + j]);
-  v = warp_sum(v);
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = v;
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    v = 0.0;
-    for (int w = 0; w < kWarps; ++w) v += partial[w];
-    value[k] = T(v);
-  }
+  v = block_sum(v, partial);
+  if (threadIdx.x == 0) value[k] = T(v);
 }
 
 // out[k, i, j] = scale_k a_i b_j e^(x (f_i + g_j - C_ij)), as b_j e^(x (f_i + g_j - C_ij) +
