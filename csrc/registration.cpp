@@ -109,6 +109,21 @@ TORCH_LIBRARY(fastloss, m) {
   // the pairs. -> (loss [B] float32, grad_pos [B, P] float32, grad_neg [B, N] float32)
   m.def("mw_auc_forward(Tensor scores_pos, Tensor scores_neg, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
+  // Similarity blocks of the embedding losses (pair_losses/pair_losses_op.cpp, CPU): a block
+  // s = E[row0 : row0 + rows] @ E^T (float32) in, its statistics out, and in the *_ ops its
+  // gradient d loss / d s written over it (similarity_rows_kernels.h has the math).
+  m.def("pair_label_keys(Tensor labels) -> Tensor");
+  m.def("ms_rows_(Tensor(a!) s, Tensor keys, int row0, float alpha, float beta, float base, "
+        "float? epsilon, bool write_grad) -> Tensor");
+  m.def("tcm_rows(Tensor(a!) s, Tensor keys, int row0, float m_pos, float m_neg, bool collect) "
+        "-> (Tensor, Tensor, Tensor)");
+  // coef: float64 [2] CPU tensors (values computed from the forward's totals, not host scalars)
+  m.def("tcm_rows_grad_(Tensor(a!) s, Tensor keys, int row0, float m_pos, float m_neg, "
+        "Tensor coef) -> ()");
+  m.def("pair_grad(Tensor e, Tensor keys, Tensor row_ptr, Tensor cols, Tensor coef) -> Tensor");
+  m.def("clip_rows(Tensor s, int row0, float scale, bool symmetric) -> (Tensor, Tensor, Tensor)");
+  m.def("clip_rows_grad_(Tensor(a!) s, int row0, float scale, Tensor lse_row, Tensor? lse_col, "
+        "Tensor g) -> ()");
   // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
   // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
   m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "

@@ -37,6 +37,13 @@ inline Vec8& operator+=(Vec8& a, Vec8 b) { return a = a + b; }
 inline Mask8 operator<(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LT_OQ)}; }
 inline Mask8 operator>=(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GE_OQ)}; }
 inline Vec8 vselect(Mask8 c, Vec8 a, Vec8 b) { return _mm256_blendv_ps(b.v, a.v, c.m); }
+inline Mask8 operator<=(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_LE_OQ)}; }
+inline Mask8 operator>(Vec8 a, Vec8 b) { return {_mm256_cmp_ps(a.v, b.v, _CMP_GT_OQ)}; }
+inline Mask8 mask_and(Mask8 a, Mask8 b) { return {_mm256_and_ps(a.m, b.m)}; }
+// (not a) and b
+inline Mask8 mask_andnot(Mask8 a, Mask8 b) { return {_mm256_andnot_ps(a.m, b.m)}; }
+// bit k set when lane k is
+inline unsigned lane_bits(Mask8 m) { return unsigned(_mm256_movemask_ps(m.m)); }
 // Operand order keeps a NaN in `a` (the data) in the result.
 inline Vec8 vmax(Vec8 a, Vec8 b) { return _mm256_max_ps(b.v, a.v); }
 inline Vec8 vmin(Vec8 a, Vec8 b) { return _mm256_min_ps(b.v, a.v); }

@@ -40,6 +40,11 @@ inline Vec16& operator+=(Vec16& a, Vec16 b) { return a = a + b; }
 inline Mask16 operator<(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LT_OQ)}; }
 inline Mask16 operator>=(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GE_OQ)}; }
 inline Vec16 vselect(Mask16 c, Vec16 a, Vec16 b) { return _mm512_mask_blend_ps(c.m, b.v, a.v); }
+inline Mask16 operator<=(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_LE_OQ)}; }
+inline Mask16 operator>(Vec16 a, Vec16 b) { return {_mm512_cmp_ps_mask(a.v, b.v, _CMP_GT_OQ)}; }
+inline Mask16 mask_and(Mask16 a, Mask16 b) { return {__mmask16(a.m & b.m)}; }
+inline Mask16 mask_andnot(Mask16 a, Mask16 b) { return {__mmask16(~a.m & b.m)}; }
+inline unsigned lane_bits(Mask16 m) { return m.m; }
 // Operand order keeps a NaN in `a` (the data) in the result, as in vec_avx2.h.
 inline Vec16 vmax(Vec16 a, Vec16 b) { return _mm512_max_ps(b.v, a.v); }
 inline Vec16 vmin(Vec16 a, Vec16 b) { return _mm512_min_ps(b.v, a.v); }

@@ -28,6 +28,10 @@ FL_HD float vabs(float a) { return fabsf(a); }
 FL_HD float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 // select(c, a, b) = c ? a : b, with c a comparison result
 FL_HD float vselect(bool c, float a, float b) { return c ? a : b; }
+// masks of the one-lane vector: a and b, (not a) and b, and as lane bits (vec_avx2.h's names)
+FL_HD bool mask_and(bool a, bool b) { return a && b; }
+FL_HD bool mask_andnot(bool a, bool b) { return !a && b; }
+FL_HD unsigned lane_bits(bool m) { return m ? 1u : 0u; }
 // Low-bit weights: a bit field of a byte as an integer lane, two fields joined, and the
 // integer as a float or as an index into a table of floats (codebooks).
 FL_HD int32_t bit_field(const uint8_t* p, int shift, int mask, float) { return (*p >> shift) & mask; }

@@ -1,14 +1,22 @@
 // The torch-aware side of the pair-based losses: argument checks, allocation, and the CPU
-// kernels (auc_cpu_impl.h) or the CUDA kernels (auc_cuda.cu). Schemas in registration.cpp;
-// fake kernels and autograd in python/fastloss/ops/pair_losses.py.
+// kernels (auc_cpu_impl.h, similarity_rows_cpu_impl.h) or the CUDA kernels (auc_cuda.cu).
+// Schemas in registration.cpp; fake kernels and autograd in python/fastloss/ops/pair_losses.py
+// (the similarity-block ops' fakes in ops/metric.py).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_unique2.h>
+#include <ATen/ops/aminmax.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <tuple>
+#include <utility>
+#include <vector>
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -16,6 +24,7 @@
 
 #include "../op_helpers.h"
 #include "auc_kernels.h"
+#include "similarity_rows_kernels.h"
 
 namespace fastloss {
 namespace {
@@ -87,10 +96,234 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
   return {loss, grad_pos, grad_neg};
 }
 
+
+// ---- similarity blocks of the embedding losses (similarity_rows_kernels.h; CPU) -------------
+// Called by python/fastloss/ops/metric.py and contrastive.py on each block S = E_rows @ E^T.
+
+// Rows per parallel task: about 32k similarities.
+int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
+
+void check_block(const Tensor& s, int64_t row0, const char* op) {
+  TORCH_CHECK(s.is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(),
+              op, ": s must be a contiguous float32 CPU [rows, n] block, got ", s.scalar_type(),
+              " ", s.sizes(), " on ", s.device());
+  TORCH_CHECK(row0 >= 0 && row0 + s.size(0) <= s.size(1), op, ": rows [", row0, ", ",
+              row0 + s.size(0), ") of the block must be columns of it (n = ", s.size(1), ")");
+}
+
+void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const char* op,
+                  const char* what) {
+  TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n &&
+                  t.is_contiguous(),
+              op, ": ", what, " must be a contiguous ", dtype, " CPU [", n, "] tensor, got ",
+              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+}
+
+SimBlock sim_block(Tensor& s, const Tensor* keys, int64_t row0, const char* op) {
+  check_block(s, row0, op);
+  SimBlock q;
+  q.s = s.data_ptr<float>();
+  q.rows = s.size(0);
+  q.n = s.size(1);
+  q.row0 = row0;
+  if (keys) {
+    check_vector(*keys, q.n, at::kFloat, op, "keys");
+    q.keys = keys->data_ptr<float>();
+  }
+  return q;
+}
+
+// Float keys of integer class labels for the kernels' vector compares: the labels themselves
+// when all are within +-2^24 (exact in float32), else their ranks among the distinct labels.
+Tensor pair_label_keys(const Tensor& labels) {
+  constexpr const char* op = "pair_label_keys";
+  TORCH_CHECK(labels.dim() == 1 && at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
+              op, ": labels must be an integer [B] tensor, got ", labels.scalar_type(), " ",
+              labels.sizes());
+  TORCH_CHECK(labels.numel() < (int64_t(1) << 24), op, ": at most 2^24 - 1 labels, got ",
+              labels.numel());
+  if (labels.numel() == 0) return at::empty({0}, labels.options().dtype(at::kFloat));
+  const auto [lo, hi] = at::aminmax(labels);
+  constexpr int64_t kExact = int64_t(1) << 24;
+  if (lo.item<int64_t>() >= -kExact && hi.item<int64_t>() <= kExact)
+    return labels.to(at::kFloat).contiguous();
+  return std::get<1>(at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true))
+      .to(at::kFloat).contiguous();
+}
+
+// -> [2, rows]: log(1 + sum) of the kept positives' and negatives' exponentials; with
+// write_grad, s becomes d loss_i / d S.
+Tensor ms_rows_(Tensor& s, const Tensor& keys, int64_t row0, double alpha, double beta,
+                double base, std::optional<double> epsilon, bool write_grad) {
+  const SimBlock q = sim_block(s, &keys, row0, "ms_rows_");
+  MsParams p;
+  p.alpha = float(alpha);
+  p.beta = float(beta);
+  p.base = float(base);
+  p.mine = epsilon.has_value();
+  p.epsilon = p.mine ? float(*epsilon) : 0.f;
+  Tensor out = at::empty({2, q.rows}, s.options());
+  float* lp = out.data_ptr<float>();
+  at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+    ms_rows(q, p, lp, lp + q.rows, write_grad, r0, r1);
+  });
+  return out;
+}
+
+// -> (totals [4] float64: sum of m_pos - S and count over hard positives, the same over hard
+// negatives; hard pairs per row [rows] int64; with collect, their columns [sum] int32, row by
+// row, else [0]). s's self pairs are overwritten.
+std::tuple<Tensor, Tensor, Tensor> tcm_rows_op(Tensor& s, const Tensor& keys, int64_t row0,
+                                                double m_pos, double m_neg, bool collect) {
+  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows");
+  const TcmParams p{float(m_pos), float(m_neg)};
+  const auto f64 = s.options().dtype(at::kDouble), i64 = s.options().dtype(at::kLong);
+  Tensor row_stats = at::empty({q.rows, 4}, f64);
+  double* st = row_stats.data_ptr<double>();
+  at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+    tcm_rows(q, p, st, r0, r1);
+  });
+  Tensor totals = at::zeros({4}, f64), row_nnz = at::empty({q.rows}, i64);
+  double* tot = totals.data_ptr<double>();
+  int64_t* nnz = row_nnz.data_ptr<int64_t>();
+  Tensor offsets = at::empty({q.rows}, i64);
+  int64_t* off = offsets.data_ptr<int64_t>();
+  int64_t all = 0;
+  for (int64_t i = 0; i < q.rows; ++i) {  // in row order: the same totals for any thread count
+    for (int k = 0; k < 4; ++k) tot[k] += st[4 * i + k];
+    nnz[i] = int64_t(st[4 * i + 1] + st[4 * i + 3]);
+    off[i] = all;
+    all += nnz[i];
+  }
+  Tensor cols = at::empty({collect ? all : 0}, s.options().dtype(at::kInt));
+  if (collect && all > 0) {
+    int32_t* c = cols.data_ptr<int32_t>();
+    at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+      tcm_pairs(q, p, off, c, r0, r1);
+    });
+  }
+  return {totals, row_nnz, cols};
+}
+
+// A [2] float64 tensor of two coefficients.
+std::pair<float, float> coef_pair(const Tensor& coef, const char* op) {
+  check_vector(coef, 2, at::kDouble, op, "coef");
+  const double* c = coef.data_ptr<double>();
+  return {float(c[0]), float(c[1])};
+}
+
+// s becomes -coef[0] on hard positives, +coef[1] on hard negatives, 0 elsewhere.
+void tcm_rows_grad_(Tensor& s, const Tensor& keys, int64_t row0, double m_pos, double m_neg,
+                    const Tensor& coef) {
+  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows_grad_");
+  const TcmParams p{float(m_pos), float(m_neg)};
+  const auto [d_pos, d_neg] = coef_pair(coef, "tcm_rows_grad_");
+  at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+    tcm_rows_grad(q, p, d_pos, d_neg, r0, r1);
+  });
+}
+
+// The gradient of a sum over a sparse set of ordered pairs (i, j) (row i's columns at
+// cols[row_ptr[i] : row_ptr[i + 1]]) of c(i, j) <e_i, e_j>: grad_i += c e_j and grad_j += c e_i,
+// c = coef[0] for pairs of the same key, coef[1] for the others. The second half goes through
+// the transposed list (a counting sort), so both halves are row-parallel without atomics.
+Tensor pair_grad(const Tensor& e, const Tensor& keys, const Tensor& row_ptr, const Tensor& cols,
+                 const Tensor& coef) {
+  constexpr const char* op = "pair_grad";
+  const auto [c_same, c_diff] = coef_pair(coef, op);
+  TORCH_CHECK(e.is_cpu() && e.scalar_type() == at::kFloat && e.dim() == 2 && e.is_contiguous(),
+              op, ": e must be a contiguous float32 CPU [B, D] tensor, got ", e.scalar_type(),
+              " ", e.sizes());
+  const int64_t n = e.size(0), d = e.size(1);
+  TORCH_CHECK(n < (int64_t(1) << 31), op, ": at most 2^31 - 1 rows, got ", n);
+  check_vector(keys, n, at::kFloat, op, "keys");
+  check_vector(row_ptr, n + 1, at::kLong, op, "row_ptr");
+  const int64_t nnz = cols.numel();
+  check_vector(cols, nnz, at::kInt, op, "cols");
+  const int64_t* rp = row_ptr.data_ptr<int64_t>();
+  const int32_t* c = cols.data_ptr<int32_t>();
+  TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, op, ": row_ptr must run from 0 to the ", nnz, " pairs");
+  std::vector<int64_t> tptr(n + 1, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(rp[i] <= rp[i + 1], op, ": row_ptr must not decrease (row ", i, ")");
+    for (int64_t k = rp[i]; k < rp[i + 1]; ++k) {
+      TORCH_CHECK(c[k] >= 0 && c[k] < n, op, ": column ", c[k], " of row ", i, " is not in [0, ",
+                  n, ")");
+      ++tptr[c[k] + 1];
+    }
+  }
+  for (int64_t j = 0; j < n; ++j) tptr[j + 1] += tptr[j];
+  std::vector<int32_t> tcols(nnz);
+  std::vector<int64_t> fill(tptr.begin(), tptr.end() - 1);
+  for (int64_t i = 0; i < n; ++i)  // rows in order: each transposed row lists its i ascending
+    for (int64_t k = rp[i]; k < rp[i + 1]; ++k) tcols[fill[c[k]]++] = int32_t(i);
+  Tensor grad = at::zeros({n, d}, e.options());
+  const float* ep = e.data_ptr<float>();
+  const float* kp = keys.data_ptr<float>();
+  float* gp = grad.data_ptr<float>();
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(d, 1));
+  for (const auto& [ptr, idx] : {std::pair{rp, c}, std::pair{(const int64_t*)tptr.data(),
+                                                             (const int32_t*)tcols.data()}})
+    at::parallel_for(0, n, grain, [&](int64_t r0, int64_t r1) {
+      pair_rows_grad(ep, d, kp, ptr, idx, c_same, c_diff, gp, r0, r1);
+    });
+  return grad;
+}
+
+// -> (logsumexp of each row of X = scale S [rows], X's diagonal [rows], when symmetric the
+// block's column logsumexps [n] else [0])
+std::tuple<Tensor, Tensor, Tensor> clip_rows_op(const Tensor& s_in, int64_t row0, double scale,
+                                                bool symmetric) {
+  Tensor s = s_in;
+  const SimBlock q = sim_block(s, nullptr, row0, "clip_rows");
+  Tensor lse_row = at::empty({q.rows}, s.options()), diag = at::empty({q.rows}, s.options());
+  Tensor lse_col = at::empty({symmetric ? q.n : 0}, s.options());
+  float *lr = lse_row.data_ptr<float>(), *dg = diag.data_ptr<float>();
+  if (!symmetric) {
+    at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+      clip_rows(q, float(scale), lr, dg, nullptr, nullptr, r0, r1);
+    });
+    return {lse_row, diag, lse_col};
+  }
+  // the columns' statistics: one part per row range, merged in part order (deterministic)
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), q.rows));
+  Tensor col_max = at::empty({parts, q.n}, s.options()), col_sum = at::empty({parts, q.n}, s.options());
+  float *cm = col_max.data_ptr<float>(), *cs = col_sum.data_ptr<float>();
+  at::parallel_for(0, parts, 1, [&](int64_t p0, int64_t p1) {
+    for (int64_t k = p0; k < p1; ++k)
+      clip_rows(q, float(scale), lr, dg, cm + k * q.n, cs + k * q.n, q.rows * k / parts,
+                q.rows * (k + 1) / parts);
+  });
+  clip_merge_cols(cm, cs, parts, q.n, lse_col.data_ptr<float>());
+  return {lse_row, diag, lse_col};
+}
+
+void clip_rows_grad_(Tensor& s, int64_t row0, double scale, const Tensor& lse_row,
+                     const std::optional<Tensor>& lse_col, const Tensor& g) {
+  constexpr const char* op = "clip_rows_grad_";
+  const SimBlock q = sim_block(s, nullptr, row0, op);
+  check_vector(lse_row, q.rows, at::kFloat, op, "lse_row");
+  check_vector(g, q.n, at::kFloat, op, "g");
+  if (lse_col) check_vector(*lse_col, q.n, at::kFloat, op, "lse_col");
+  const float* lc = lse_col ? lse_col->data_ptr<float>() : nullptr;
+  at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+    clip_rows_grad(q, float(scale), lse_row.data_ptr<float>(), lc, g.data_ptr<float>(), r0, r1);
+  });
+}
+
 }  // namespace
 }  // namespace fastloss
 
-TORCH_LIBRARY_IMPL(fastloss, CPU, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }
+TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  m.impl("mw_auc_forward", &fastloss::mw_auc_forward);
+  m.impl("pair_label_keys", &fastloss::pair_label_keys);
+  m.impl("ms_rows_", &fastloss::ms_rows_);
+  m.impl("tcm_rows", &fastloss::tcm_rows_op);
+  m.impl("tcm_rows_grad_", &fastloss::tcm_rows_grad_);
+  m.impl("pair_grad", &fastloss::pair_grad);
+  m.impl("clip_rows", &fastloss::clip_rows_op);
+  m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
+}
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }
 #endif

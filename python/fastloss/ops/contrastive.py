@@ -13,8 +13,10 @@ of ``a`` (a GEMM per block, float32 math on it) keeping per-row and per-column l
 (the column ones merged across blocks); the backward forms each block again and folds its
 gradient into ``grad_a`` and ``grad_b`` with two GEMMs. Extra memory: one ``[rows, B]``
 block (32 MiB of float32 by default) and O(B) statistics, not the ``[B, B]`` matrix and its
-softmaxes that eager autograd keeps. Built from torch GEMMs and element-wise operations on the
-blocks (no hand-written kernel yet); any device.
+softmaxes that eager autograd keeps. On the CPU without ``weights``, the similarity-block
+kernels (``csrc/pair_losses/similarity_rows_*``: ``clip_rows`` and ``clip_rows_grad_``) do all
+of a block's element-wise work in two passes over each row; elsewhere (CUDA, CWCL weights) the
+blocks go through torch element-wise operations.
 """
 
 from __future__ import annotations
@@ -25,6 +27,17 @@ import torch
 from torch import Tensor
 
 _BLOCK_BYTES = 32 << 20
+
+
+@torch.library.register_fake("fastloss::clip_rows")
+def _fake_clip_rows(s, row0, scale, symmetric):
+    rows, n = s.shape
+    return s.new_empty((rows,)), s.new_empty((rows,)), s.new_empty((n if symmetric else 0,))
+
+
+@torch.library.register_fake("fastloss::clip_rows_grad_")
+def _fake_clip_rows_grad(s, row0, scale, lse_row, lse_col, g):
+    return None
 
 
 def _blocks(n: int, block: int):
@@ -98,6 +111,48 @@ class _Contrastive(torch.autograd.Function):
                 None, None, None, None)
 
 
+class _ContrastiveCpu(torch.autograd.Function):
+    """CPU kernels, no weights: clip_rows per block (row and column log-sum-exps, diagonal),
+    clip_rows_grad_ for the block's d loss / d S in the backward."""
+
+    @staticmethod
+    def forward(ctx, a, b, inv_t, symmetric, block):
+        n = a.shape[0]
+        af, bf = a.float().contiguous(), b.float().contiguous()
+        lse_row = torch.empty(n, dtype=torch.float32)
+        diag = torch.empty(n, dtype=torch.float32)
+        lse_col = torch.full((n,), float("-inf")) if symmetric else None
+        for r0, r1 in _blocks(n, block):
+            lse_row[r0:r1], diag[r0:r1], part = torch.ops.fastloss.clip_rows(
+                af[r0:r1] @ bf.t(), r0, inv_t, symmetric)
+            if symmetric:
+                lse_col = torch.logaddexp(lse_col, part)
+        rows = lse_row - diag
+        if symmetric:  # column i's target is the same diagonal entry
+            rows = (rows + (lse_col - diag)) / 2
+        ctx.save_for_backward(af, bf, lse_row, lse_col)
+        ctx.args = (inv_t, symmetric, block, a.dtype, b.dtype)
+        return rows
+
+    @staticmethod
+    def backward(ctx, grad_rows):
+        af, bf, lse_row, lse_col = ctx.saved_tensors
+        inv_t, symmetric, block, a_dtype, b_dtype = ctx.args
+        g = (grad_rows.float() * (0.5 if symmetric else 1.0)).contiguous()
+        need_a, need_b = ctx.needs_input_grad[:2]
+        grad_a = torch.empty(af.shape, dtype=torch.float32) if need_a else None
+        grad_b = torch.zeros(bf.shape, dtype=torch.float32) if need_b else None
+        for r0, r1 in _blocks(af.shape[0], block):
+            s = af[r0:r1] @ bf.t()
+            torch.ops.fastloss.clip_rows_grad_(s, r0, inv_t, lse_row[r0:r1], lse_col, g)
+            if need_a:
+                torch.mm(s, bf, out=grad_a[r0:r1])
+            if need_b:
+                grad_b.addmm_(s.t(), af[r0:r1])
+        return (grad_a.to(a_dtype) if need_a else None, grad_b.to(b_dtype) if need_b else None,
+                None, None, None)
+
+
 def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Tensor] = None,
                      symmetric: bool = True, reduction: str = "mean",
                      block_rows: Optional[int] = None) -> Tensor:
@@ -137,7 +192,10 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
     elif not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
-    rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
+    if weights is None and a.device.type == "cpu":
+        rows = _ContrastiveCpu.apply(a, b, 1.0 / float(T), bool(symmetric), block_rows)
+    else:
+        rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
     if reduction == "mean":
         return rows.mean().to(a.dtype)
     if reduction == "sum":

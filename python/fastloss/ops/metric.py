@@ -14,10 +14,18 @@ cosine similarities ``S = normalize(emb) @ normalize(emb).T``: for anchor ``i``,
 
 (``lambda = base``; an anchor with no mined pair has loss 0), averaged over all ``B`` anchors.
 The mining is not differentiated (as the miner's indices are not). Every anchor's terms depend
-only on its own row of ``S``, so the op goes over blocks of anchor rows (a GEMM per block, then
-float32 torch math on it) and the backward forms each block again: extra memory is one
-``[rows, B]`` block (4 MiB by default) and its temporaries, not the ``B x B`` matrix and the
-masks eager code builds.
+only on its own row of ``S``, so the op goes over blocks of anchor rows, a GEMM per block: extra
+memory is one ``[rows, B]`` block and O(B) statistics, not the ``B x B`` matrix and the masks
+eager code builds.
+
+On the CPU, the similarity-block kernels (``csrc/pair_losses/similarity_rows_*``) do all of a
+block's element-wise work (masks, mining, sums, and the gradient ``d loss / d S`` written over
+the block) in two or three passes over each row while it is in cache; with ``reduction`` mean
+or sum the forward also forms the embedding gradient (two more GEMMs per block, so no block is
+formed twice) and the backward only scales it. TCM's gradient lives on its hard pairs only: the
+forward keeps their columns (while they are at most 1/16 of all pairs) and the backward adds
+``c e_j`` over that list instead of forming the blocks again. Other devices: the same blocks in
+float32 torch operations (4 MiB blocks, a dozen temporaries each), formed again in the backward.
 """
 
 from __future__ import annotations
@@ -29,7 +37,48 @@ import torch.nn.functional as F
 from torch import Tensor
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
+_KERNEL_BLOCK_BYTES = 4 << 20  # no temporaries on the CPU: TCM too gets 4 MiB blocks
 _INF = float("inf")
+_SPARSE_FRACTION = 16  # TCM keeps its hard pairs for the backward while they are <= B^2 / 16
+
+
+def _cpu_kernels(e: Tensor) -> bool:
+    """The similarity-block kernels are CPU kernels; other devices use torch operations."""
+    return e.device.type == "cpu"
+
+
+def _blocks(n, block):
+    for r0 in range(0, n, block):
+        yield r0, min(n, r0 + block)
+
+
+# ---- fake kernels of the similarity-block ops (pair_losses_op.cpp) -----------------------------
+
+@torch.library.register_fake("fastloss::pair_label_keys")
+def _fake_label_keys(labels):
+    return labels.new_empty(labels.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastloss::ms_rows_")
+def _fake_ms_rows(s, keys, row0, alpha, beta, base, epsilon, write_grad):
+    return s.new_empty((2, s.shape[0]))
+
+
+@torch.library.register_fake("fastloss::tcm_rows")
+def _fake_tcm_rows(s, keys, row0, m_pos, m_neg, collect):
+    nnz = torch.library.get_ctx().new_dynamic_size() if collect else 0
+    return (s.new_empty((4,), dtype=torch.float64), s.new_empty((s.shape[0],), dtype=torch.int64),
+            s.new_empty((nnz,), dtype=torch.int32))
+
+
+@torch.library.register_fake("fastloss::tcm_rows_grad_")
+def _fake_tcm_rows_grad(s, keys, row0, m_pos, m_neg, coef):
+    return None
+
+
+@torch.library.register_fake("fastloss::pair_grad")
+def _fake_pair_grad(e, keys, row_ptr, cols, coef):
+    return e.new_empty(e.shape)
 
 
 def _pair_masks(labels_rows, labels, r0):
@@ -95,6 +144,49 @@ class _MultiSimilarity(torch.autograd.Function):
         return grad.to(e.dtype), None, None, None, None, None, None
 
 
+class _MultiSimilarityCpu(torch.autograd.Function):
+    """CPU kernels: ms_rows_ per block; the reduced loss's gradient formed in the forward."""
+
+    @staticmethod
+    def forward(ctx, e, keys, alpha, beta, base, epsilon, reduction, block):
+        n = e.shape[0]
+        ef = e.float().contiguous()
+        early = reduction != "none" and ctx.needs_input_grad[0]
+        stats = torch.empty(2, n, dtype=torch.float32)
+        grad = torch.zeros(ef.shape, dtype=torch.float32) if early else None
+        for r0, r1 in _blocks(n, block):
+            s = ef[r0:r1] @ ef.t()
+            stats[:, r0:r1] = torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon,
+                                                          early)
+            if early:  # S = e e^T: both factors get d loss / d S
+                grad[r0:r1].addmm_(s, ef)
+                grad.addmm_(s.t(), ef[r0:r1])
+        rows = stats[0] / alpha + stats[1] / beta
+        ctx.save_for_backward(*((grad,) if early else (ef, keys)))
+        ctx.args = (alpha, beta, base, epsilon, reduction, block, e.dtype)
+        if reduction == "mean":
+            return rows.mean()
+        return rows.sum() if reduction == "sum" else rows
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        alpha, beta, base, epsilon, reduction, block, dtype = ctx.args
+        if reduction != "none":
+            (grad,) = ctx.saved_tensors
+            scale = grad_out.float() / (grad.shape[0] if reduction == "mean" else 1)
+            return (grad * scale).to(dtype), None, None, None, None, None, None, None
+        ef, keys = ctx.saved_tensors
+        g = grad_out.float()
+        grad = torch.zeros(ef.shape, dtype=torch.float32)
+        for r0, r1 in _blocks(ef.shape[0], block):
+            s = ef[r0:r1] @ ef.t()
+            torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon, True)
+            s.mul_(g[r0:r1, None])
+            grad[r0:r1].addmm_(s, ef)
+            grad.addmm_(s.t(), ef[r0:r1])
+        return grad.to(dtype), None, None, None, None, None, None, None
+
+
 def _check_emb_labels(fn, emb, labels):
     if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: emb and labels must be Tensors")
@@ -136,8 +228,15 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         raise ValueError(f"{fn}: epsilon must be >= 0 or None, got {epsilon}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    block_rows = _block_rows(fn, block_rows, emb.shape[0])
     e = F.normalize(emb, dim=1)
+    if _cpu_kernels(e):
+        block_rows = _block_rows(fn, block_rows, emb.shape[0], _KERNEL_BLOCK_BYTES)
+        keys = torch.ops.fastloss.pair_label_keys(labels)
+        out = _MultiSimilarityCpu.apply(e, keys, float(alpha), float(beta), float(base),
+                                        None if epsilon is None else float(epsilon), reduction,
+                                        block_rows)
+        return out.to(emb.dtype)
+    block_rows = _block_rows(fn, block_rows, emb.shape[0])
     rows = _MultiSimilarity.apply(e, labels, float(alpha), float(beta), float(base),
                                   None if epsilon is None else float(epsilon), block_rows)
     if reduction == "mean":
@@ -189,6 +288,62 @@ class _Tcm(torch.autograd.Function):
         return grad.to(e.dtype), None, None, None, None, None, None
 
 
+def _tcm_coefficients(grad_loss, sums, w_pos, w_neg):
+    """d loss / d S on a hard positive (negated) and on a hard negative, as a float64 [2]."""
+    return grad_loss.double() * torch.stack([w_pos / sums[1].clamp(min=1),
+                                             w_neg / sums[3].clamp(min=1)])
+
+
+class _TcmCpu(torch.autograd.Function):
+    """CPU kernels: tcm_rows per block; the hard pairs' columns kept for a sparse backward."""
+
+    @staticmethod
+    def forward(ctx, e, keys, m_pos, m_neg, w_pos, w_neg, block):
+        n = e.shape[0]
+        ef = e.float().contiguous()
+        collect = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
+        cap = n * n // _SPARSE_FRACTION
+        sums = torch.zeros(4, dtype=torch.float64)
+        row_nnz, cols, kept = [], [], 0
+        for r0, r1 in _blocks(n, block):
+            s = ef[r0:r1] @ ef.t()
+            part, nnz, c = torch.ops.fastloss.tcm_rows(s, keys, r0, m_pos, m_neg, collect)
+            sums += part
+            if collect:
+                kept += c.numel()
+                collect = kept <= cap
+                row_nnz, cols = (row_nnz + [nnz], cols + [c]) if collect else ([], [])
+        loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
+        sparse = collect  # every block's pairs were kept
+        if sparse:
+            row_ptr = torch.zeros(n + 1, dtype=torch.int64)
+            if n:
+                torch.cumsum(torch.cat(row_nnz), 0, out=row_ptr[1:])
+            cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32)
+            ctx.save_for_backward(ef, keys, sums, row_ptr, cols)
+        else:
+            ctx.save_for_backward(ef, keys, sums)
+        ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, e.dtype)
+        return loss.float()
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        m_pos, m_neg, w_pos, w_neg, block, sparse, dtype = ctx.args
+        ef, keys, sums, *pairs = ctx.saved_tensors
+        coef = _tcm_coefficients(grad_loss, sums, w_pos, w_neg)
+        if sparse:  # d S_ij = -coef[0] on hard positives, +coef[1] on hard negatives
+            signed = coef * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+            return (torch.ops.fastloss.pair_grad(ef, keys, *pairs, signed).to(dtype),
+                    None, None, None, None, None, None)
+        grad = torch.zeros(ef.shape, dtype=torch.float32)
+        for r0, r1 in _blocks(ef.shape[0], block):
+            s = ef[r0:r1] @ ef.t()
+            torch.ops.fastloss.tcm_rows_grad_(s, keys, r0, m_pos, m_neg, coef)
+            grad[r0:r1].addmm_(s, ef)
+            grad.addmm_(s.t(), ef[r0:r1])
+        return grad.to(dtype), None, None, None, None, None, None
+
+
 def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: float = 0.5,
              pos_weight: float = 1.0, neg_weight: float = 1.0,
              block_rows: Optional[int] = None) -> Tensor:
@@ -208,7 +363,8 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     Args:
         emb: ``[B, D]`` embeddings (normalised inside). labels: ``[B]`` integer classes.
         pos_margin, neg_margin: ``m+`` and ``m-``. pos_weight, neg_weight: ``lambda+``, ``lambda-``.
-        block_rows: anchors per block (None: 1 MiB of float32 similarities).
+        block_rows: anchors per block (None: 4 MiB of float32 similarities on the CPU, 1 MiB
+            elsewhere).
     """
     fn = "tcm_loss"
     _check_emb_labels(fn, emb, labels)
@@ -218,7 +374,12 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     for name, v in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
         if not -1 <= v <= 1:
             raise ValueError(f"{fn}: {name} must be a cosine similarity in [-1, 1], got {v}")
-    block_rows = _block_rows(fn, block_rows, emb.shape[0], _BLOCK_BYTES // 4)
     e = F.normalize(emb, dim=1)
+    if _cpu_kernels(e):
+        block_rows = _block_rows(fn, block_rows, emb.shape[0], _KERNEL_BLOCK_BYTES)
+        keys = torch.ops.fastloss.pair_label_keys(labels)
+        return _TcmCpu.apply(e, keys, float(pos_margin), float(neg_margin), float(pos_weight),
+                             float(neg_weight), block_rows).to(emb.dtype)
+    block_rows = _block_rows(fn, block_rows, emb.shape[0], _BLOCK_BYTES // 4)
     return _Tcm.apply(e, labels, float(pos_margin), float(neg_margin), float(pos_weight),
                       float(neg_weight), block_rows).to(emb.dtype)

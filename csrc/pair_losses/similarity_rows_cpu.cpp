@@ -1,0 +1,66 @@
+// Generic CPU similarity-block kernels (any CPU), and the run-time choice between them and the
+// AVX2 / AVX-512 instantiations.
+#include <algorithm>
+#include <cmath>
+#include <limits>
+
+#include "../common/cpu_features.h"
+#define FL_ISA_VEC float
+#include "similarity_rows_cpu_impl.h"
+
+namespace fastloss {
+
+// the AVX2 / AVX-512 instantiations, compiled in their own files with those flags
+FASTLOSS_DECLARE_ISAS(
+    void ms_rows(const SimBlock&, const MsParams&, float*, float*, bool, int64_t, int64_t);
+    void tcm_rows(const SimBlock&, const TcmParams&, double*, int64_t, int64_t);
+    void tcm_pairs(const SimBlock&, const TcmParams&, const int64_t*, int32_t*, int64_t, int64_t);
+    void tcm_rows_grad(const SimBlock&, const TcmParams&, float, float, int64_t, int64_t);
+    void pair_rows_grad(const float*, int64_t, const float*, const int64_t*, const int32_t*, float,
+                        float, float*, int64_t, int64_t);
+    void clip_rows(const SimBlock&, float, float*, float*, float*, float*, int64_t, int64_t);
+    void clip_rows_grad(const SimBlock&, float, const float*, const float*, const float*, int64_t,
+                        int64_t);)
+
+void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
+             bool write_grad, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(ms_rows(q, p, lse_pos, lse_neg, write_grad, r0, r1));
+}
+void tcm_rows(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(tcm_rows(q, p, row_stats, r0, r1));
+}
+void tcm_pairs(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
+               int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(tcm_pairs(q, p, offsets, cols, r0, r1));
+}
+void tcm_rows_grad(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg, int64_t r0,
+                   int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(tcm_rows_grad(q, p, d_pos, d_neg, r0, r1));
+}
+void pair_rows_grad(const float* e, int64_t d, const float* keys, const int64_t* row_ptr,
+                    const int32_t* cols, float c_same, float c_diff, float* grad, int64_t r0,
+                    int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(pair_rows_grad(e, d, keys, row_ptr, cols, c_same, c_diff, grad, r0, r1));
+}
+void clip_rows(const SimBlock& q, float scale, float* lse_row, float* diag, float* col_max,
+               float* col_sum, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(clip_rows(q, scale, lse_row, diag, col_max, col_sum, r0, r1));
+}
+void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
+                    const float* g, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(clip_rows_grad(q, scale, lse_row, lse_col, g, r0, r1));
+}
+
+// log-sum-exp of column j over the parts: max of the parts' maxima, their sums rescaled to it
+void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, int64_t n,
+                     float* lse_col) {
+  for (int64_t j = 0; j < n; ++j) {
+    float m = -std::numeric_limits<float>::infinity();
+    for (int64_t k = 0; k < parts; ++k) m = std::max(m, col_max[k * n + j]);
+    double sum = 0.0;
+    for (int64_t k = 0; k < parts; ++k) sum += col_sum[k * n + j] * std::exp(double(col_max[k * n + j]) - m);
+    lse_col[j] = float(m + std::log(sum));
+  }
+}
+
+}  // namespace fastloss

@@ -1,0 +1,311 @@
+// The CPU similarity-block kernels (similarity_rows_kernels.h), instantiated once per
+// instruction set (similarity_rows_cpu.cpp: float, *_avx2.cpp: Vec8, *_avx512.cpp: Vec16).
+// Each loop body is written once as a lambda over the lane type U and run on full vectors,
+// then on the scalar tail (for_lanes), so the tail follows exactly the same math.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <limits>
+#include <type_traits>
+
+#include "../common/storage.h"
+#include "../common/vec_scalar.h"
+#include "similarity_rows_kernels.h"
+
+namespace fastloss {
+namespace FL_ISA {
+namespace sim {
+
+constexpr float kInf = std::numeric_limits<float>::infinity();
+
+// f.template operator()<V>(j) for each full vector of [0, n), then <float>(j) for the tail
+template <class V, class F>
+inline void for_lanes(int64_t n, F&& f) {
+  constexpr int kW = VecTraits<V>::width;
+  int64_t j = 0;
+  for (; j + kW <= n; j += kW) f.template operator()<V>(j);
+  for (; j < n; ++j) f.template operator()<float>(j);
+}
+
+struct SumOp {
+  template <class U> static U apply(U x, U acc) { return acc + x; }
+  static float fold(float a, float b) { return a + b; }
+};
+struct MaxOp {  // the data operand first: a NaN in the data is kept
+  template <class U> static U apply(U x, U acc) { return vmax(x, acc); }
+  static float fold(float a, float b) { return std::max(a, b); }
+};
+struct MinOp {
+  template <class U> static U apply(U x, U acc) { return vmin(x, acc); }
+  static float fold(float a, float b) { return std::min(a, b); }
+};
+
+// A reduction over the vector lanes and the scalar tail of one row.
+template <class V, class Op>
+struct LaneAcc {
+  V v;
+  float f;
+  explicit LaneAcc(float init) : v(init), f(init) {}
+  void add(V x) { v = Op::apply(x, v); }
+  template <class W = V>
+    requires(!std::is_same_v<W, float>)
+  void add(float x) { f = Op::apply(x, f); }
+  float total() const {
+    float lanes[VecTraits<V>::width];
+    VecIo<V>::store(lanes, v);
+    float t = f;
+    for (float x : lanes) t = Op::fold(t, x);
+    return t;
+  }
+};
+
+template <class U>
+inline U load(const float* p) { return VecIo<U>::load(p); }
+
+// keys are exact small integers: equal when they differ by less than 1/2
+template <class U>
+inline auto same_key(const float* keys, int64_t j, float key) {
+  return vabs(load<U>(keys + j) - U(key)) < U(0.5f);
+}
+
+template <class V>
+void ms_rows_t(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
+               bool write_grad, int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  const float eps = p.mine ? p.epsilon : 0.f;
+  for (int64_t i = r0; i < r1; ++i) {
+    float* s = q.s + i * n;
+    const int64_t self = q.row0 + i;
+    const float key = q.keys[self];
+    s[self] = kInf;  // the anchor itself: no positive's minimum, never kept, exp(-inf) = 0
+    LaneAcc<V, MinOp> min_pos(kInf);
+    LaneAcc<V, MaxOp> max_neg(-kInf);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = load<U>(s + j);
+      const auto same = same_key<U>(q.keys, j, key);
+      min_pos.add(vselect(same, x, U(kInf)));
+      max_neg.add(vselect(same, U(-kInf), x));
+    });
+    const float mp = min_pos.total(), mn = max_neg.total();
+    // the miner keeps positives below the hardest negative + epsilon and negatives above the
+    // hardest positive - epsilon; without it, every pair (the thresholds pass all finite S)
+    const float thr_pos = p.mine ? mn : kInf, thr_neg = p.mine ? mp : -kInf;
+    // the hardest positive (negative) is kept when any is: it sets the exponentials' shift
+    const bool any_pos = mp - eps < thr_pos, any_neg = thr_neg < mn + eps;
+    const float shift_p = any_pos ? std::max(0.f, p.alpha * (p.base - mp)) : 0.f;
+    const float shift_n = any_neg ? std::max(0.f, p.beta * (mn - p.base)) : 0.f;
+    LaneAcc<V, SumOp> sum_p(0.f), sum_n(0.f);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = load<U>(s + j);
+      const auto same = same_key<U>(q.keys, j, key);
+      const U zp = vselect(x - U(eps) < U(thr_pos), U(p.alpha) * (U(p.base) - x) - U(shift_p),
+                           U(-kInf));
+      const U zn = vselect(U(thr_neg) < x + U(eps), U(p.beta) * (x - U(p.base)) - U(shift_n),
+                           U(-kInf));
+      const U e = vexp(vselect(same, zp, zn));  // 0 where the pair is not kept
+      sum_p.add(vselect(same, e, U(0.f)));
+      sum_n.add(vselect(same, U(0.f), e));
+      if (write_grad) VecIo<U>::store(s + j, vselect(same, -e, e));  // signed: pos < 0
+    });
+    // log(1 + sum e^z) = shift + log(e^-shift + sum e^(z - shift))
+    auto log1p_sum = [](double shift, double sum) {
+      return shift > 0 ? shift + std::log(std::exp(-shift) + sum) : std::log1p(sum);
+    };
+    const double lp = log1p_sum(shift_p, sum_p.total()), ln = log1p_sum(shift_n, sum_n.total());
+    lse_pos[i] = float(lp);
+    lse_neg[i] = float(ln);
+    if (!write_grad) continue;
+    // d loss_i / d S = -e^(alpha (base - S) - lse_pos) on kept positives, +e^(beta (S - base)
+    // - lse_neg) on kept negatives: the stored signed exponentials times e^(shift - lse)
+    const float gp = float(std::exp(shift_p - lp)), gn = float(std::exp(shift_n - ln));
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U v = load<U>(s + j);
+      VecIo<U>::store(s + j, vselect(v < U(0.f), v * U(gp), v * U(gn)));
+    });
+  }
+}
+
+// hard positives and hard negatives of a TCM row
+template <class U>
+inline auto tcm_hard_pos(U x, decltype(U(0.f) < U(0.f)) same, const TcmParams& p) {
+  return mask_and(same, x <= U(p.m_pos));
+}
+template <class U>
+inline auto tcm_hard_neg(U x, decltype(U(0.f) < U(0.f)) same, const TcmParams& p) {
+  return mask_andnot(same, x >= U(p.m_neg));
+}
+
+template <class V>
+void tcm_rows_t(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0,
+                int64_t r1) {
+  const int64_t n = q.n;
+  for (int64_t i = r0; i < r1; ++i) {
+    float* s = q.s + i * n;
+    const int64_t self = q.row0 + i;
+    const float key = q.keys[self];
+    s[self] = kInf;  // not a hard positive (S <= m_pos fails), and of its own class
+    LaneAcc<V, SumOp> sum_p(0.f), cnt_p(0.f), sum_n(0.f), cnt_n(0.f);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = load<U>(s + j);
+      const auto same = same_key<U>(q.keys, j, key);
+      const auto hp = tcm_hard_pos<U>(x, same, p), hn = tcm_hard_neg<U>(x, same, p);
+      sum_p.add(vselect(hp, U(p.m_pos) - x, U(0.f)));
+      cnt_p.add(vselect(hp, U(1.f), U(0.f)));
+      sum_n.add(vselect(hn, x - U(p.m_neg), U(0.f)));
+      cnt_n.add(vselect(hn, U(1.f), U(0.f)));
+    });
+    double* st = row_stats + 4 * i;
+    st[0] = sum_p.total();
+    st[1] = cnt_p.total();
+    st[2] = sum_n.total();
+    st[3] = cnt_n.total();
+  }
+}
+
+template <class V>
+void tcm_pairs_t(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
+                 int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  for (int64_t i = r0; i < r1; ++i) {
+    float* s = q.s + i * n;
+    const int64_t self = q.row0 + i;
+    const float key = q.keys[self];
+    s[self] = kInf;
+    int32_t* out = cols + offsets[i];
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = load<U>(s + j);
+      const auto same = same_key<U>(q.keys, j, key);
+      unsigned bits = lane_bits(tcm_hard_pos<U>(x, same, p)) | lane_bits(tcm_hard_neg<U>(x, same, p));
+      while (bits) {
+        *out++ = int32_t(j + __builtin_ctz(bits));
+        bits &= bits - 1;
+      }
+    });
+  }
+}
+
+template <class V>
+void tcm_rows_grad_t(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg,
+                     int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  for (int64_t i = r0; i < r1; ++i) {
+    float* s = q.s + i * n;
+    const int64_t self = q.row0 + i;
+    const float key = q.keys[self];
+    s[self] = kInf;
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = load<U>(s + j);
+      const auto same = same_key<U>(q.keys, j, key);
+      VecIo<U>::store(s + j, vselect(tcm_hard_pos<U>(x, same, p), U(-d_pos),
+                                     vselect(tcm_hard_neg<U>(x, same, p), U(d_neg), U(0.f))));
+    });
+  }
+}
+
+template <class V>
+void pair_rows_grad_t(const float* e, int64_t d, const float* keys, const int64_t* row_ptr,
+                      const int32_t* cols, float c_same, float c_diff, float* grad, int64_t r0,
+                      int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    float* gi = grad + i * d;
+    for (int64_t k = row_ptr[i]; k < row_ptr[i + 1]; ++k) {
+      const int64_t j = cols[k];
+      const float c = std::fabs(keys[j] - keys[i]) < 0.5f ? c_same : c_diff;
+      const float* ej = e + j * d;
+      for_lanes<V>(d, [&]<class U>(int64_t t) {
+        VecIo<U>::store(gi + t, vfma(U(c), load<U>(ej + t), load<U>(gi + t)));
+      });
+    }
+  }
+}
+
+template <class V>
+void clip_rows_t(const SimBlock& q, float scale, float* lse_row, float* diag, float* col_max,
+                 float* col_sum, int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  const bool cols = col_max != nullptr;
+  if (cols) {
+    std::fill(col_max, col_max + n, -kInf);
+    std::fill(col_sum, col_sum + n, 0.f);
+  }
+  // pass 1: the rows' maxima (kept in lse_row meanwhile) and the columns'
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* s = q.s + i * n;
+    LaneAcc<V, MaxOp> mx(-kInf);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = U(scale) * load<U>(s + j);
+      mx.add(x);
+      if (cols) VecIo<U>::store(col_max + j, vmax(x, load<U>(col_max + j)));
+    });
+    lse_row[i] = mx.total();
+    diag[i] = scale * s[q.row0 + i];
+  }
+  // pass 2: the sums of exponentials below each maximum
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* s = q.s + i * n;
+    const float m = lse_row[i];
+    LaneAcc<V, SumOp> sum(0.f);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = U(scale) * load<U>(s + j);
+      sum.add(vexp(x - U(m)));
+      if (cols) VecIo<U>::store(col_sum + j, load<U>(col_sum + j) + vexp(x - load<U>(col_max + j)));
+    });
+    lse_row[i] = m + std::log(sum.total());
+  }
+}
+
+template <class V>
+void clip_rows_grad_t(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
+                      const float* g, int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  for (int64_t i = r0; i < r1; ++i) {
+    float* s = q.s + i * n;
+    const int64_t self = q.row0 + i;
+    const float gi = g[self], lr = lse_row[i];
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U x = U(scale) * load<U>(s + j);
+      U v = U(gi) * vexp(x - U(lr));
+      if (lse_col) v = vfma(load<U>(g + j), vexp(x - load<U>(lse_col + j)), v);
+      VecIo<U>::store(s + j, U(scale) * v);
+    });
+    // the target: the diagonal, in row i's term and (symmetric) in column i's
+    s[self] -= scale * gi * (lse_col ? 2.f : 1.f);
+  }
+}
+
+}  // namespace sim
+
+#if defined(FL_ISA_VEC)
+void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
+             bool write_grad, int64_t r0, int64_t r1) {
+  sim::ms_rows_t<FL_ISA_VEC>(q, p, lse_pos, lse_neg, write_grad, r0, r1);
+}
+void tcm_rows(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0, int64_t r1) {
+  sim::tcm_rows_t<FL_ISA_VEC>(q, p, row_stats, r0, r1);
+}
+void tcm_pairs(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
+               int64_t r0, int64_t r1) {
+  sim::tcm_pairs_t<FL_ISA_VEC>(q, p, offsets, cols, r0, r1);
+}
+void tcm_rows_grad(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg, int64_t r0,
+                   int64_t r1) {
+  sim::tcm_rows_grad_t<FL_ISA_VEC>(q, p, d_pos, d_neg, r0, r1);
+}
+void pair_rows_grad(const float* e, int64_t d, const float* keys, const int64_t* row_ptr,
+                    const int32_t* cols, float c_same, float c_diff, float* grad, int64_t r0,
+                    int64_t r1) {
+  sim::pair_rows_grad_t<FL_ISA_VEC>(e, d, keys, row_ptr, cols, c_same, c_diff, grad, r0, r1);
+}
+void clip_rows(const SimBlock& q, float scale, float* lse_row, float* diag, float* col_max,
+               float* col_sum, int64_t r0, int64_t r1) {
+  sim::clip_rows_t<FL_ISA_VEC>(q, scale, lse_row, diag, col_max, col_sum, r0, r1);
+}
+void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
+                    const float* g, int64_t r0, int64_t r1) {
+  sim::clip_rows_grad_t<FL_ISA_VEC>(q, scale, lse_row, lse_col, g, r0, r1);
+}
+#endif
+
+}  // namespace FL_ISA
+}  // namespace fastloss

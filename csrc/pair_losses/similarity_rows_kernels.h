@@ -1,0 +1,78 @@
+// Entry points of the similarity-block kernels, callable without torch headers.
+//
+// The embedding losses of this family (Multi-Similarity, the TCM regularizer, the contrastive
+// loss) go over blocks of anchor rows: the caller forms a block S[i, j] = <e_{row0+i}, e_j>
+// (float32, [rows, n], rows contiguous) with a GEMM, and these kernels do everything else a
+// block needs in one or two passes over each row while it is in cache: the masks and mining,
+// the per-row statistics and, in place, the gradient d loss / d S of the block that the
+// caller's next two GEMMs turn into embedding gradients. They replace the dozen block-sized
+// temporaries the same math takes in torch operations.
+//
+// Labels arrive as float keys (label_keys in pair_losses_op.cpp: exact small integers), so the
+// "same class" test is a vector compare. Column row0 + i of row i is the anchor itself, never
+// a pair. Every function takes a row range [r0, r1) of the block, for the caller's threads.
+#pragma once
+#include <cstdint>
+
+namespace fastloss {
+
+struct SimBlock {
+  float* s = nullptr;            // [rows, n], row i at s + i * n; rewritten by *_grad kernels
+  int64_t rows = 0, n = 0;
+  int64_t row0 = 0;              // global index of row 0 (its self pair is column row0)
+  const float* keys = nullptr;   // [n] class keys of the columns (rows: keys[row0 + i])
+};
+
+// ---- Multi-Similarity with its miner ------------------------------------------------------
+// Positives of anchor i: same key, not i; negatives: other keys. With `mine`, positives with
+// S - epsilon < max(negatives) and negatives with S + epsilon > min(positives) are kept.
+//   lse_pos[i] = log(1 + sum_kept_pos exp(alpha (base - S_ij)))
+//   lse_neg[i] = log(1 + sum_kept_neg exp(beta (S_ij - base)))
+// (loss_i = lse_pos / alpha + lse_neg / beta). With write_grad, row i of S becomes
+// d loss_i / d S_i. (= -exp(alpha (base - S) - lse_pos) on kept positives, +exp(beta (S - base)
+// - lse_neg) on kept negatives, 0 elsewhere).
+struct MsParams {
+  float alpha = 2.f, beta = 50.f, base = 0.5f, epsilon = 0.1f;
+  bool mine = true;
+};
+void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
+             bool write_grad, int64_t r0, int64_t r1);
+
+// ---- Threshold-Consistent Margin ----------------------------------------------------------
+// Hard positives: same key, not the anchor, S <= m_pos; hard negatives: other key, S >= m_neg.
+// tcm_rows: row_stats[4 i ..] = (sum of m_pos - S, count) over hard positives, then (sum of
+// S - m_neg, count) over hard negatives. tcm_pairs: the columns of row i's hard pairs, in
+// order, at cols + offsets[i]. tcm_rows_grad: row i becomes -d_pos on hard positives, +d_neg
+// on hard negatives, 0 elsewhere.
+struct TcmParams {
+  float m_pos = 0.9f, m_neg = 0.5f;
+};
+void tcm_rows(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0, int64_t r1);
+void tcm_pairs(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
+               int64_t r0, int64_t r1);
+void tcm_rows_grad(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg, int64_t r0,
+                   int64_t r1);
+
+// grad[i] += sum_{k in [row_ptr[i], row_ptr[i + 1])} c_k e[cols[k]] for rows [r0, r1), with
+// c_k = c_same when keys[i] == keys[cols[k]] else c_diff: the gradient of a sum over a sparse
+// set of pairs (e, grad: [n, d] float32 rows).
+void pair_rows_grad(const float* e, int64_t d, const float* keys, const int64_t* row_ptr,
+                    const int32_t* cols, float c_same, float c_diff, float* grad, int64_t r0,
+                    int64_t r1);
+
+// ---- contrastive (InfoNCE / CLIP) ---------------------------------------------------------
+// X = scale * S. clip_rows: lse_row[i] = logsumexp_j X_ij, diag[i] = X_{i, row0 + i}; with
+// col_max / col_sum not null, the columns' running max and sum of exp(X - max) over rows
+// [r0, r1) (overwritten; clip_merge_cols combines the parts of several row ranges into the
+// block's column logsumexp).
+void clip_rows(const SimBlock& q, float scale, float* lse_row, float* diag, float* col_max,
+               float* col_sum, int64_t r0, int64_t r1);
+void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, int64_t n,
+                     float* lse_col);
+// Row i of S becomes scale * (g_i softmax_row(X)_ij - g_i [j == row0 + i]), plus, when lse_col
+// is not null (the symmetric loss), scale * (g_j softmax_col(X)_ij - g_j [j == row0 + i]); g is
+// [n], the upstream gradient of each row's term (row i's at g[row0 + i]).
+void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
+                    const float* g, int64_t r0, int64_t r1);
+
+}  // namespace fastloss

@@ -1,0 +1,233 @@
+"""The CPU similarity-block kernels (csrc/pair_losses/similarity_rows_*) on their own, on every
+CPU kernel path: each op on a block of random similarities with awkward widths (vector tails)
+and a first row inside the matrix, against float64 formulas written here; the losses' torch-
+operation paths (used off the CPU) against the kernel paths; TCM's sparse backward against the
+dense one; opcheck and bad input."""
+
+import pytest
+import torch
+
+import fastloss.ops.contrastive as contrastive
+import fastloss.ops.metric as metric
+from checks import expect_errors
+
+OPS = torch.ops.fastloss
+SHAPES = [(5, 37, 3), (16, 133, 100), (1, 8, 0), (7, 300, 41)]  # rows, n, row0
+
+
+def block(rows, n, row0, classes, seed, spread=1.0):
+    g = torch.Generator().manual_seed(seed * 31 + rows * 7 + n)
+    s = (torch.rand(rows, n, generator=g) * 2 - 1) * spread
+    labels = torch.randint(0, classes, (n,), generator=g) * 1000 - 7  # not 0..C-1: any integers
+    return s, labels, OPS.pair_label_keys(labels)
+
+
+def masks(s, labels, row0):
+    rows, n = s.shape
+    same = labels[row0:row0 + rows, None] == labels[None, :]
+    self_ = torch.arange(row0, row0 + rows)[:, None] == torch.arange(n)[None, :]
+    return same & ~self_, ~same
+
+
+def ms_reference(s, labels, row0, alpha, beta, base, eps):
+    s = s.double()
+    pos, neg = masks(s, labels, row0)
+    if eps is not None:
+        min_pos = torch.where(pos, s, torch.inf).amin(1, keepdim=True)
+        max_neg = torch.where(neg, s, -torch.inf).amax(1, keepdim=True)
+        pos, neg = pos & (s - eps < max_neg), neg & (s + eps > min_pos)
+    ep = torch.where(pos, torch.exp(alpha * (base - s)), 0.0)
+    en = torch.where(neg, torch.exp(beta * (s - base)), 0.0)
+    lp, ln = torch.log1p(ep.sum(1)), torch.log1p(en.sum(1))
+    grad = -ep / (1 + ep.sum(1, keepdim=True)) + en / (1 + en.sum(1, keepdim=True))
+    return lp, ln, grad
+
+
+@pytest.mark.parametrize("params", [(2.0, 50.0, 0.5, 0.1), (1.0, 10.0, 0.2, None), (3.0, 80.0, -0.3, 0.4)])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ms_rows(cpu_isa, shape, params):
+    rows, n, row0 = shape
+    for classes in (1, 4, n):  # one class: no negatives; n classes: (almost) no positives
+        s, labels, keys = block(rows, n, row0, classes, seed=classes)
+        lp, ln, grad = ms_reference(s, labels, row0, *params)
+        got = OPS.ms_rows_(s.clone(), keys, row0, *params, False)
+        torch.testing.assert_close(got.double(), torch.stack([lp, ln]), rtol=2e-6, atol=1e-7)
+        written = s.clone()
+        got = OPS.ms_rows_(written, keys, row0, *params, True)
+        torch.testing.assert_close(got.double(), torch.stack([lp, ln]), rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(written.double(), grad, rtol=2e-5, atol=1e-7)
+
+
+def test_ms_rows_large_exponents(cpu_isa):
+    # beta (S - base) up to 400: shifted sums, no overflow to inf
+    s, labels, keys = block(6, 70, 2, 5, seed=9)
+    lp, ln, grad = ms_reference(s, labels, 2, 1.0, 400.0, 0.0, None)
+    written = s.clone()
+    got = OPS.ms_rows_(written, keys, 2, 1.0, 400.0, 0.0, None, True)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), torch.stack([lp, ln]), rtol=2e-6, atol=1e-6)
+    # float32 exponents near 400 are rounded to 3e-5 absolute: relative error of exp up to 3e-5
+    torch.testing.assert_close(written.double(), grad, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.3, -0.1), (-0.5, 0.95)], ids=str)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_tcm_rows_pairs_and_grad(cpu_isa, shape, margins):
+    rows, n, row0 = shape
+    m_pos, m_neg = margins
+    s, labels, keys = block(rows, n, row0, 3, seed=5)
+    pos, neg = masks(s, labels, row0)
+    hp, hn = pos & (s <= m_pos), neg & (s >= m_neg)
+    sd = s.double()
+    want = torch.stack([torch.where(hp, m_pos - sd, 0.0).sum(), hp.sum().double(),
+                        torch.where(hn, sd - m_neg, 0.0).sum(), hn.sum().double()])
+    totals, row_nnz, cols = OPS.tcm_rows(s.clone(), keys, row0, m_pos, m_neg, True)
+    torch.testing.assert_close(totals, want, rtol=1e-6, atol=1e-5)
+    hard = hp | hn
+    assert row_nnz.tolist() == hard.sum(1).tolist()
+    assert cols.tolist() == [j for i in range(rows) for j in hard[i].nonzero().flatten().tolist()]
+    _, _, none = OPS.tcm_rows(s.clone(), keys, row0, m_pos, m_neg, False)
+    assert none.numel() == 0
+    written = s.clone()
+    OPS.tcm_rows_grad_(written, keys, row0, m_pos, m_neg, torch.tensor([0.25, 1.5], dtype=torch.float64))
+    torch.testing.assert_close(written, torch.where(hp, -0.25, torch.where(hn, 1.5, 0.0)).float())
+
+
+@pytest.mark.parametrize("d", [1, 8, 37])
+def test_pair_grad(cpu_isa, d):
+    g = torch.Generator().manual_seed(d)
+    n = 23
+    e = torch.randn(n, d, generator=g)
+    labels = torch.randint(0, 3, (n,), generator=g)
+    keep = torch.rand(n, n, generator=g) < 0.3
+    row_ptr = torch.cat([torch.zeros(1, dtype=torch.int64), keep.sum(1).cumsum(0)])
+    cols = keep.nonzero()[:, 1].int()
+    coef = torch.tensor([-0.7, 1.9], dtype=torch.float64)
+    got = OPS.pair_grad(e, OPS.pair_label_keys(labels), row_ptr, cols, coef)
+    same = labels[:, None] == labels[None, :]
+    c = torch.where(keep, torch.where(same, -0.7, 1.9), 0.0).double()  # d loss / d S_ij
+    want = c @ e.double() + c.t() @ e.double()
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_clip_rows_and_grad(cpu_isa, shape, symmetric):
+    rows, n, row0 = shape
+    s, _, _ = block(rows, n, row0, 2, seed=7, spread=3.0)
+    scale = 14.0  # similarities / T: exponents up to 42
+    x = s.double() * scale
+    lse_row, diag, lse_col = OPS.clip_rows(s, row0, scale, symmetric)
+    torch.testing.assert_close(lse_row.double(), torch.logsumexp(x, 1), rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(diag.double(), x[torch.arange(rows), torch.arange(row0, row0 + rows)])
+    if symmetric:
+        torch.testing.assert_close(lse_col.double(), torch.logsumexp(x, 0), rtol=1e-6, atol=1e-5)
+    else:
+        assert lse_col.numel() == 0
+    g = torch.rand(n, generator=torch.Generator().manual_seed(1)) + 0.5
+    col = lse_col if symmetric else None
+    written = s.clone()
+    OPS.clip_rows_grad_(written, row0, scale, lse_row, col, g)
+    gi = g.double()[row0:row0 + rows, None]
+    want = gi * torch.softmax(x, 1)
+    eye = (torch.arange(row0, row0 + rows)[:, None] == torch.arange(n)[None, :]).double()
+    want -= gi * eye
+    if symmetric:  # this block's column softmax with the given (whole-matrix) column lse
+        want += g.double()[None, :] * torch.exp(x - lse_col.double()[None, :]) - gi * eye
+    torch.testing.assert_close(written.double(), scale * want, rtol=2e-5, atol=1e-5)
+
+
+def test_label_keys_are_exact_or_ranks():
+    small = torch.tensor([3, -(1 << 24), 1 << 24, 3])
+    assert OPS.pair_label_keys(small).tolist() == [3.0, -16777216.0, 16777216.0, 3.0]
+    big = torch.tensor([1 << 40, 5, (1 << 40) + 1, 5])  # not exact in float32: ranks
+    assert OPS.pair_label_keys(big).tolist() == [1.0, 0.0, 2.0, 0.0]
+    assert OPS.pair_label_keys(torch.zeros(0, dtype=torch.int64)).numel() == 0
+
+
+def test_opcheck():
+    s, labels, keys = block(6, 29, 4, 3, seed=2)
+    coef = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    for op, args in [
+        (OPS.pair_label_keys.default, (labels,)),
+        (OPS.ms_rows_.default, (s.clone(), keys, 4, 2.0, 50.0, 0.5, 0.1, True)),
+        (OPS.tcm_rows.default, (s.clone(), keys, 4, 0.3, 0.1, False)),
+        (OPS.tcm_rows_grad_.default, (s.clone(), keys, 4, 0.3, 0.1, coef)),
+        (OPS.clip_rows.default, (s, 4, 3.0, True)),
+        (OPS.clip_rows_grad_.default, (s.clone(), 4, 3.0, torch.rand(6), torch.rand(29), torch.rand(29))),
+    ]:
+        torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+
+
+def test_bad_input_errors_name_the_argument():
+    s, labels, keys = block(4, 10, 2, 3, seed=3)
+    coef = torch.tensor([1.0, 1.0], dtype=torch.float64)
+    ptr = torch.tensor([0, 1] + [1] * 9, dtype=torch.int64)
+    expect_errors([
+        (lambda: OPS.ms_rows_(s.double(), keys, 2, 2.0, 50.0, 0.5, 0.1, False), "s must be a contiguous float32"),
+        (lambda: OPS.ms_rows_(s.t(), keys, 0, 2.0, 50.0, 0.5, 0.1, False), "s must be a contiguous float32"),
+        (lambda: OPS.ms_rows_(s.clone(), keys, 7, 2.0, 50.0, 0.5, 0.1, False), "rows [7, 11) of the block"),
+        (lambda: OPS.ms_rows_(s.clone(), keys[:9], 2, 2.0, 50.0, 0.5, 0.1, False), "keys must be a contiguous"),
+        (lambda: OPS.tcm_rows_grad_(s.clone(), keys, 2, 0.5, 0.5, coef.float()), "coef must be a contiguous"),
+        (lambda: OPS.clip_rows_grad_(s.clone(), 2, 1.0, torch.rand(3), None, torch.rand(10)), "lse_row must be"),
+        (lambda: OPS.pair_label_keys(labels.float()), "labels must be an integer [B] tensor"),
+        (lambda: OPS.pair_grad(torch.rand(10, 3), keys, ptr, torch.tensor([10], dtype=torch.int32), coef),
+         "column 10 of row 0 is not in [0, 10)"),
+        (lambda: OPS.pair_grad(torch.rand(10, 3), keys, ptr[:-1], torch.tensor([1], dtype=torch.int32), coef),
+         "row_ptr must be a contiguous"),
+    ])
+
+
+# ---- the losses' torch-operation paths (CUDA) against the kernel paths, on the CPU -------------
+
+def embeddings(b, d, classes, seed):
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, classes, (b,), generator=g)
+    return torch.randn(classes, d, generator=g)[labels] + torch.randn(b, d, generator=g), labels
+
+
+def grads_of(f, emb):
+    x = emb.clone().requires_grad_(True)
+    out = f(x)
+    out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(5)) + 0.5)
+    return out.detach(), x.grad
+
+
+@pytest.mark.parametrize("loss", ["ms", "tcm"])
+def test_torch_operation_paths_match_the_kernels(monkeypatch, loss):
+    emb, labels = embeddings(45, 10, 4, seed=11)
+    for reduction in ("mean", "none") if loss == "ms" else ("mean",):
+        f = {"ms": lambda x: metric.multi_similarity_loss(x, labels, reduction=reduction, block_rows=7),
+             "tcm": lambda x: metric.tcm_loss(x, labels, 0.5, 0.1, block_rows=7)}[loss]
+        kernel = grads_of(f, emb)
+        with monkeypatch.context() as m:
+            m.setattr(metric, "_cpu_kernels", lambda e: False)
+            torch_ops = grads_of(f, emb)
+        for got, want in zip(kernel, torch_ops):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_contrastive_torch_operation_path_matches_the_kernels(symmetric):
+    a, b = torch.nn.functional.normalize(torch.randn(2, 33, 12, generator=torch.Generator().manual_seed(3)), dim=2)
+    results = []
+    for apply in (lambda x, y: contrastive._ContrastiveCpu.apply(x, y, 5.0, symmetric, 8),
+                  lambda x, y: contrastive._Contrastive.apply(x, y, None, 5.0, symmetric, 8)):
+        x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+        out = apply(x, y)
+        out.backward(torch.rand(33, generator=torch.Generator().manual_seed(1)))
+        results.append((out.detach(), x.grad, y.grad))
+    for got, want in zip(*results):  # float32 rounding of different summation orders
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
+
+
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.2, -0.3)], ids=str)
+def test_tcm_sparse_backward_matches_the_dense_one(monkeypatch, margins):
+    emb, labels = embeddings(70, 6, 5, seed=2)
+    f = lambda x: metric.tcm_loss(x, labels, *margins, 0.6, 1.7, block_rows=16)  # noqa: E731
+    sparse = grads_of(f, emb)
+    monkeypatch.setattr(metric, "_SPARSE_FRACTION", 10 ** 9)  # no pair list: blocks again
+    dense = grads_of(f, emb)
+    assert sparse[1].abs().sum() > 0
+    for got, want in zip(sparse, dense):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
