@@ -54,7 +54,8 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
 
     with prototypes ``c_k`` the means of the support embeddings of class ``k`` (ProtoNet's).
     ``support=None`` takes the prototypes from the query batch itself (a plain batch of
-    embeddings and labels). Extra memory ``O(Q K)`` for ``K`` classes.
+    embeddings and labels). Extra memory ``O(Q K)`` for ``K`` classes (the distances, not kept
+    for backward: only ``d(q, c_{y_q})`` and the nearest negative's are formed again).
 
     Args:
         query: ``[Q, D]`` embeddings; query_labels: integer ``[Q]``, each a class of the support.
@@ -78,15 +79,51 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     pos = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
     if not bool((classes[pos] == query_labels).all()):
         raise ValueError(f"{fn}: every query label must be a class of the support")
-    k = classes.numel()
-    sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
-    sums = sums.index_add(0, inverse, support.float())
-    counts = torch.bincount(inverse, minlength=k).to(sums.dtype)
-    protos = sums / counts[:, None]
-    d = _dist(query, protos)                                     # [Q, K]
-    d_pos = d.gather(1, pos[:, None]).squeeze(1)
-    d_neg = d.scatter(1, pos[:, None], float("inf")).amin(1)
-    return torch.relu(d_pos - d_neg + margin).mean().to(query.dtype)
+    return _ProtoTriplet.apply(query, support, inverse, pos, classes.numel(), float(margin))
+
+
+class _ProtoTriplet(torch.autograd.Function):
+    """The loss from the two chosen distances of each query, and its gradient in closed form:
+    with ``w_q = [hinge_q > 0] / Q`` and ``u = (q - c) / d(q, c)``,
+    ``dL/dq = w_q (u_pos - u_neg)``, ``dL/dc_pos -= w_q u_pos``, ``dL/dc_neg += w_q u_neg``, and
+    each support embedding gets its prototype's gradient / class count. The ``[Q, K]`` distances
+    only choose the negative (no graph through them)."""
+
+    @staticmethod
+    def forward(ctx, query, support, inverse, pos, k, margin):
+        qf = query.float()
+        sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
+        sums.index_add_(0, inverse, support.float())
+        counts = torch.bincount(inverse, minlength=k).to(torch.float32)
+        protos = sums / counts[:, None]
+        # the nearest other prototype by ||c||^2 - 2 <q, c> (||q - c||^2 less ||q||^2): one GEMM
+        score = torch.addmm(protos.square().sum(1)[None, :], qf, protos.t(), alpha=-2)
+        neg = score.scatter_(1, pos[:, None], float("inf")).argmin(1)   # [Q]
+        diff_pos = qf - protos.index_select(0, pos)
+        diff_neg = qf - protos.index_select(0, neg)
+        d_pos = (torch.linalg.vector_norm(diff_pos, dim=1).square_() + _EPS_SQ).sqrt_()
+        d_neg = (torch.linalg.vector_norm(diff_neg, dim=1).square_() + _EPS_SQ).sqrt_()
+        hinge = d_pos - d_neg + margin
+        # u_pos, u_neg scaled by the hinge's indicator / Q: the backward only multiplies
+        active = (hinge > 0).float().div_(query.shape[0])
+        diff_pos.mul_((active / d_pos)[:, None])
+        diff_neg.mul_((active / d_neg)[:, None])
+        ctx.save_for_backward(diff_pos, diff_neg, pos, neg, inverse, counts)
+        ctx.dtypes = (query.dtype, support.dtype)
+        return hinge.clamp_(min=0).mean()
+
+    @staticmethod
+    def backward(ctx, grad):
+        u_pos, u_neg, pos, neg, inverse, counts = ctx.saved_tensors
+        g = grad.float()
+        grad_q = grad_s = None
+        if ctx.needs_input_grad[0]:
+            grad_q = ((u_pos - u_neg) * g).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            grad_c = torch.zeros(counts.shape[0], u_pos.shape[1], dtype=torch.float32, device=u_pos.device)
+            grad_c.index_add_(0, neg, u_neg).index_add_(0, pos, u_pos, alpha=-1)
+            grad_s = grad_c.mul_((g / counts)[:, None]).index_select(0, inverse).to(ctx.dtypes[1])
+        return grad_q, grad_s, None, None, None, None
 
 
 def _neighbours(emb, target, k, exclude_self):
