@@ -124,6 +124,12 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("clip_rows(Tensor s, int row0, float scale, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("clip_rows_grad_(Tensor(a!) s, int row0, float scale, Tensor lse_row, Tensor? lse_col, "
         "Tensor g) -> ()");
+  m.def("knn_rows(Tensor s, Tensor row_sq, Tensor col_sq, int row0, bool exclude_self, int k) "
+        "-> Tensor");
+  // Distances of chosen pairs, x_i to t_idx[i, c] (ICNN's neighbours, Proto-Triplet's prototypes)
+  m.def("neighbour_dist(Tensor x, Tensor t, Tensor idx, float eps) -> Tensor");
+  m.def("neighbour_dist_backward(Tensor grad_dist, Tensor x, Tensor t, Tensor idx, Tensor dist, "
+        "bool[2] grad_mask) -> (Tensor, Tensor)");
   // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
   // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
   m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "

@@ -1,13 +1,15 @@
 """The CPU similarity-block kernels (csrc/pair_losses/similarity_rows_*) on their own, on every
 CPU kernel path: each op on a block of random similarities with awkward widths (vector tails)
-and a first row inside the matrix, against float64 formulas written here; the losses' torch-
-operation paths (used off the CPU) against the kernel paths; TCM's sparse backward against the
-dense one; opcheck and bad input."""
+and a first row inside the matrix, against float64 formulas written here (the nearest
+neighbours against topk on float64 distances); the losses' torch-operation paths (used off the
+CPU) against the kernel paths; TCM's sparse backward against the dense one; opcheck and bad
+input."""
 
 import pytest
 import torch
 
 import fastloss.ops.contrastive as contrastive
+import fastloss.ops.few_shot as few_shot
 import fastloss.ops.metric as metric
 from checks import expect_errors
 
@@ -137,6 +139,49 @@ def test_clip_rows_and_grad(cpu_isa, shape, symmetric):
     torch.testing.assert_close(written.double(), scale * want, rtol=2e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("exclude_self", [True, False])
+@pytest.mark.parametrize("k", [1, 5, 64])
+@pytest.mark.parametrize("shape", SHAPES[1:])
+def test_knn_rows(cpu_isa, shape, k, exclude_self):
+    rows, n, row0 = shape
+    k = min(k, n - 1)  # (1, 8, 0): all 7 other columns
+    g = torch.Generator().manual_seed(rows + n + k)
+    x, t = torch.randn(rows, 6, generator=g), torch.randn(n, 6, generator=g)
+    idx = OPS.knn_rows(x @ t.t(), x.square().sum(1), t.square().sum(1), row0, exclude_self, k)
+    d2 = torch.cdist(x.double(), t.double()).square()
+    if exclude_self:
+        d2[torch.arange(rows), torch.arange(row0, row0 + rows)] = torch.inf
+    want = d2.topk(k, 1, largest=False).indices
+    assert torch.equal(idx, want)
+
+
+def test_knn_rows_ties_go_to_the_lower_column(cpu_isa):
+    t = torch.tensor([[1.0, 0], [0, 1], [-1, 0], [0, -1], [2, 0]]).repeat(4, 1)  # 20 columns, ties
+    x = torch.zeros(2, 2)
+    idx = OPS.knn_rows(x @ t.t(), x.square().sum(1), t.square().sum(1), 0, False, 9)
+    assert idx[0].tolist() == [0, 1, 2, 3, 5, 6, 7, 8, 10]
+
+
+@pytest.mark.parametrize("d", [3, 8, 41])
+def test_neighbour_dist_and_gradients(cpu_isa, d):
+    g = torch.Generator().manual_seed(d)
+    x, t = torch.randn(13, d, generator=g), torch.randn(9, d, generator=g)
+    idx = torch.randint(0, 9, (13, 4), generator=g)
+    dist = OPS.neighbour_dist(x, t, idx, 1e-6)
+    x64, t64 = x.double().requires_grad_(True), t.double().requires_grad_(True)
+    want = ((x64[:, None, :] - t64[idx]).square().sum(-1) + 1e-6).sqrt()
+    torch.testing.assert_close(dist.double(), want.detach(), rtol=1e-6, atol=1e-6)
+    up = torch.rand(13, 4, generator=g, dtype=torch.float64)
+    want.backward(up)
+    for mask in ([True, True], [True, False], [False, True]):
+        gx, gt = OPS.neighbour_dist_backward(up.float(), x, t, idx, dist, mask)
+        for got, need, ref in ((gx, mask[0], x64.grad), (gt, mask[1], t64.grad)):
+            if need:
+                torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6)
+            else:
+                assert got.numel() == 0
+
+
 def test_label_keys_are_exact_or_ranks():
     small = torch.tensor([3, -(1 << 24), 1 << 24, 3])
     assert OPS.pair_label_keys(small).tolist() == [3.0, -16777216.0, 16777216.0, 3.0]
@@ -154,6 +199,10 @@ def test_opcheck():
         (OPS.tcm_rows.default, (s.clone(), keys, 4, 0.3, 0.1, False)),
         (OPS.tcm_rows_grad_.default, (s.clone(), keys, 4, 0.3, 0.1, coef)),
         (OPS.clip_rows.default, (s, 4, 3.0, True)),
+        (OPS.knn_rows.default, (s, torch.rand(6), torch.rand(29), 4, True, 3)),
+        (OPS.neighbour_dist.default, (torch.rand(6, 3), torch.rand(5, 3), torch.randint(0, 5, (6, 2)), 1e-6)),
+        (OPS.neighbour_dist_backward.default, (torch.rand(6, 2), torch.rand(6, 3), torch.rand(5, 3),
+                                               torch.randint(0, 5, (6, 2)), torch.rand(6, 2) + 1, [True, True])),
         (OPS.clip_rows_grad_.default, (s.clone(), 4, 3.0, torch.rand(6), torch.rand(29), torch.rand(29))),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
@@ -175,6 +224,15 @@ def test_bad_input_errors_name_the_argument():
          "column 10 of row 0 is not in [0, 10)"),
         (lambda: OPS.pair_grad(torch.rand(10, 3), keys, ptr[:-1], torch.tensor([1], dtype=torch.int32), coef),
          "row_ptr must be a contiguous"),
+        (lambda: OPS.knn_rows(s, torch.rand(4), torch.rand(10), 2, True, 10), "k must be in [1, 9]"),
+        (lambda: OPS.knn_rows(torch.rand(4, 100), torch.rand(4), torch.rand(100), 0, False, 65),
+         "k must be in [1, 64]"),
+        (lambda: OPS.neighbour_dist(torch.rand(4, 3), torch.rand(5, 3), torch.tensor([[0], [5], [1], [2]]), 0.0),
+         "idx holds 5, not a row of t [0, 5)"),
+        (lambda: OPS.neighbour_dist(torch.rand(4, 3), torch.rand(5, 2), torch.zeros(4, 1, dtype=torch.long), 0.0),
+         "t has 2 features but x has 3"),
+        (lambda: OPS.neighbour_dist(torch.rand(4, 3), torch.rand(5, 3), torch.zeros(3, 1, dtype=torch.long), 0.0),
+         "idx must be a contiguous int64 CPU [4, n]"),
     ])
 
 
@@ -203,6 +261,22 @@ def test_torch_operation_paths_match_the_kernels(monkeypatch, loss):
         with monkeypatch.context() as m:
             m.setattr(metric, "_cpu_kernels", lambda e: False)
             torch_ops = grads_of(f, emb)
+        for got, want in zip(kernel, torch_ops):
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("separate_targets", [False, True])
+def test_few_shot_torch_operation_paths_match_the_kernels(monkeypatch, separate_targets):
+    emb, labels = embeddings(40, 9, 5, seed=4)
+    other, other_labels = embeddings(23, 9, 5, seed=5)
+    tgt = (other, other_labels) if separate_targets else (None, None)
+    for f in (lambda x: few_shot.icnn_loss(x, labels, *tgt, k=3),
+              lambda x: few_shot.proto_triplet_loss(x, labels, *tgt, margin=0.7)):
+        kernel = grads_of(f, emb)
+        with monkeypatch.context() as m:
+            m.setattr(few_shot, "_cpu_kernels", lambda x: False)
+            torch_ops = grads_of(f, emb)
+        assert kernel[1].abs().sum() > 0
         for got, want in zip(kernel, torch_ops):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 

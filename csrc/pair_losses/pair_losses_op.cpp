@@ -6,12 +6,14 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_unique2.h>
 #include <ATen/ops/aminmax.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <optional>
 #include <tuple>
@@ -103,12 +105,13 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
 // Rows per parallel task: about 32k similarities.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
-void check_block(const Tensor& s, int64_t row0, const char* op) {
+// self_pairs: row i's column row0 + i is its self pair, so the rows must be columns too
+void check_block(const Tensor& s, int64_t row0, const char* op, bool self_pairs) {
   TORCH_CHECK(s.is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(),
               op, ": s must be a contiguous float32 CPU [rows, n] block, got ", s.scalar_type(),
               " ", s.sizes(), " on ", s.device());
-  TORCH_CHECK(row0 >= 0 && row0 + s.size(0) <= s.size(1), op, ": rows [", row0, ", ",
-              row0 + s.size(0), ") of the block must be columns of it (n = ", s.size(1), ")");
+  TORCH_CHECK(!self_pairs || (row0 >= 0 && row0 + s.size(0) <= s.size(1)), op, ": rows [", row0,
+              ", ", row0 + s.size(0), ") of the block must be columns of it (n = ", s.size(1), ")");
 }
 
 void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const char* op,
@@ -119,8 +122,9 @@ void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const char* 
               t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
-SimBlock sim_block(Tensor& s, const Tensor* keys, int64_t row0, const char* op) {
-  check_block(s, row0, op);
+SimBlock sim_block(Tensor& s, const Tensor* keys, int64_t row0, const char* op,
+                   bool self_pairs = true) {
+  check_block(s, row0, op, self_pairs);
   SimBlock q;
   q.s = s.data_ptr<float>();
   q.rows = s.size(0);
@@ -311,6 +315,93 @@ void clip_rows_grad_(Tensor& s, int64_t row0, double scale, const Tensor& lse_ro
   });
 }
 
+// -> [rows, k] int64: each row's k nearest columns by squared distance (knn_rows)
+Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_sq, int64_t row0,
+                   bool exclude_self, int64_t k) {
+  constexpr const char* op = "knn_rows";
+  Tensor s = s_in;
+  const SimBlock q = sim_block(s, nullptr, row0, op, exclude_self);
+  check_vector(row_sq, q.rows, at::kFloat, op, "row_sq");
+  check_vector(col_sq, q.n, at::kFloat, op, "col_sq");
+  TORCH_CHECK(k >= 1 && k <= kKnnMax && k <= q.n - (exclude_self ? 1 : 0), op, ": k must be in [1, ",
+              std::min<int64_t>(kKnnMax, q.n - (exclude_self ? 1 : 0)), "], got ", k);
+  Tensor idx = at::empty({q.rows, k}, s.options().dtype(at::kLong));
+  int64_t* out = idx.data_ptr<int64_t>();
+  at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
+    knn_rows(q, row_sq.data_ptr<float>(), col_sq.data_ptr<float>(), exclude_self, k, out, r0, r1);
+  });
+  return idx;
+}
+
+// x [N, d], t [M, d] float32 contiguous CPU, idx [N, n_nb] int64 with values in [0, M)
+void check_neighbours(const Tensor& x, const Tensor& t, const Tensor& idx, const char* op) {
+  for (const auto& [what, a] : {std::pair{"x", &x}, std::pair{"t", &t}})
+    TORCH_CHECK(a->is_cpu() && a->scalar_type() == at::kFloat && a->dim() == 2 &&
+                    a->is_contiguous(),
+                op, ": ", what, " must be a contiguous float32 CPU [rows, d] tensor, got ",
+                a->scalar_type(), " ", a->sizes());
+  TORCH_CHECK(t.size(1) == x.size(1), op, ": t has ", t.size(1), " features but x has ", x.size(1));
+  TORCH_CHECK(idx.is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 2 &&
+                  idx.size(0) == x.size(0) && idx.is_contiguous(),
+              op, ": idx must be a contiguous int64 CPU [", x.size(0), ", n] tensor, got ",
+              idx.scalar_type(), " ", idx.sizes());
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  for (int64_t k = 0; k < idx.numel(); ++k)
+    TORCH_CHECK(ip[k] >= 0 && ip[k] < t.size(0), op, ": idx holds ", ip[k], ", not a row of t [0, ",
+                t.size(0), ")");
+}
+
+int64_t feature_grain(int64_t d, int64_t per_row) {
+  return std::max<int64_t>(1, 16384 / std::max<int64_t>(d * per_row, 1));
+}
+
+// -> [N, n]: sqrt(||x_i - t_idx[i,c]||^2 + eps)
+Tensor neighbour_dist_op(const Tensor& x, const Tensor& t, const Tensor& idx, double eps) {
+  check_neighbours(x, t, idx, "neighbour_dist");
+  const int64_t n = x.size(0), d = x.size(1), nb = idx.size(1);
+  Tensor dist = at::empty({n, nb}, x.options());
+  at::parallel_for(0, n, feature_grain(d, nb), [&](int64_t r0, int64_t r1) {
+    neighbour_dist(x.data_ptr<float>(), t.data_ptr<float>(), d, idx.data_ptr<int64_t>(), nb,
+                   float(eps), dist.data_ptr<float>(), r0, r1);
+  });
+  return dist;
+}
+
+// -> (grad_x [N, d] or [0], grad_t [M, d] or [0]) of sum grad_dist * dist
+std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, const Tensor& x,
+                                                   const Tensor& t, const Tensor& idx,
+                                                   const Tensor& dist,
+                                                   std::array<bool, 2> mask) {
+  constexpr const char* op = "neighbour_dist_backward";
+  check_neighbours(x, t, idx, op);
+  TORCH_CHECK(grad_dist.sizes() == idx.sizes() && dist.sizes() == idx.sizes(), op,
+              ": grad_dist and dist must be ", idx.sizes(), ", got ", grad_dist.sizes(), " and ",
+              dist.sizes());
+  const int64_t n = x.size(0), m = t.size(0), d = x.size(1), nb = idx.size(1);
+  const Tensor w = at::div(grad_dist.to(at::kFloat), dist.to(at::kFloat)).contiguous();
+  const float *xp = x.data_ptr<float>(), *tp = t.data_ptr<float>(), *wp = w.data_ptr<float>();
+  const int64_t* ip = idx.data_ptr<int64_t>();
+  Tensor grad_x = at::empty({mask[0] ? n : 0, d}, x.options());
+  Tensor grad_t = at::empty({mask[1] ? m : 0, d}, x.options());
+  if (mask[0])
+    at::parallel_for(0, n, feature_grain(d, nb), [&](int64_t r0, int64_t r1) {
+      neighbour_dist_grad_x(xp, tp, d, ip, nb, wp, grad_x.data_ptr<float>(), r0, r1);
+    });
+  if (mask[1]) {  // the pairs by target row (a counting sort), then row-parallel: no atomics
+    std::vector<int64_t> t_ptr(m + 1, 0), pairs(n * nb);
+    for (int64_t p = 0; p < n * nb; ++p) ++t_ptr[ip[p] + 1];
+    for (int64_t j = 0; j < m; ++j) t_ptr[j + 1] += t_ptr[j];
+    std::vector<int64_t> fill(t_ptr.begin(), t_ptr.end() - 1);
+    for (int64_t p = 0; p < n * nb; ++p) pairs[fill[ip[p]]++] = p;
+    at::parallel_for(0, m, feature_grain(d, std::max<int64_t>(1, n * nb / std::max<int64_t>(m, 1))),
+                     [&](int64_t r0, int64_t r1) {
+      neighbour_dist_grad_t(xp, tp, d, t_ptr.data(), pairs.data(), nb, wp,
+                            grad_t.data_ptr<float>(), r0, r1);
+    });
+  }
+  return {grad_x, grad_t};
+}
+
 }  // namespace
 }  // namespace fastloss
 
@@ -323,6 +414,9 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("pair_grad", &fastloss::pair_grad);
   m.impl("clip_rows", &fastloss::clip_rows_op);
   m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
+  m.impl("knn_rows", &fastloss::knn_rows_op);
+  m.impl("neighbour_dist", &fastloss::neighbour_dist_op);
+  m.impl("neighbour_dist_backward", &fastloss::neighbour_dist_backward);
 }
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }

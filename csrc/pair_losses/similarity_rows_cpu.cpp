@@ -20,7 +20,15 @@ FASTLOSS_DECLARE_ISAS(
                         float, float*, int64_t, int64_t);
     void clip_rows(const SimBlock&, float, float*, float*, float*, float*, int64_t, int64_t);
     void clip_rows_grad(const SimBlock&, float, const float*, const float*, const float*, int64_t,
-                        int64_t);)
+                        int64_t);
+    void knn_rows(const SimBlock&, const float*, const float*, bool, int64_t, int64_t*, int64_t,
+                  int64_t);
+    void neighbour_dist(const float*, const float*, int64_t, const int64_t*, int64_t, float,
+                        float*, int64_t, int64_t);
+    void neighbour_dist_grad_x(const float*, const float*, int64_t, const int64_t*, int64_t,
+                               const float*, float*, int64_t, int64_t);
+    void neighbour_dist_grad_t(const float*, const float*, int64_t, const int64_t*,
+                               const int64_t*, int64_t, const float*, float*, int64_t, int64_t);)
 
 void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
              bool write_grad, int64_t r0, int64_t r1) {
@@ -49,6 +57,25 @@ void clip_rows(const SimBlock& q, float scale, float* lse_row, float* diag, floa
 void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
                     const float* g, int64_t r0, int64_t r1) {
   FASTLOSS_CPU_DISPATCH(clip_rows_grad(q, scale, lse_row, lse_col, g, r0, r1));
+}
+
+void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
+              int64_t k, int64_t* idx, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(knn_rows(q, row_sq, col_sq, exclude_self, k, idx, r0, r1));
+}
+
+void neighbour_dist(const float* x, const float* t, int64_t d, const int64_t* idx, int64_t n_nb,
+                    float eps, float* dist, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(neighbour_dist(x, t, d, idx, n_nb, eps, dist, r0, r1));
+}
+void neighbour_dist_grad_x(const float* x, const float* t, int64_t d, const int64_t* idx,
+                           int64_t n_nb, const float* w, float* grad_x, int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(neighbour_dist_grad_x(x, t, d, idx, n_nb, w, grad_x, r0, r1));
+}
+void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
+                           const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
+                           int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(neighbour_dist_grad_t(x, t, d, t_ptr, pairs, n_nb, w, grad_t, r0, r1));
 }
 
 // log-sum-exp of column j over the parts: max of the parts' maxima, their sums rescaled to it

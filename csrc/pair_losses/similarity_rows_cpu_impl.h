@@ -274,9 +274,130 @@ void clip_rows_grad_t(const SimBlock& q, float scale, const float* lse_row, cons
   }
 }
 
+// The k smallest (d, column) seen so far, ascending; a new column enters when strictly below
+// the current k-th (so of equal distances the earlier column stays).
+struct NearestK {
+  float d[kKnnMax];
+  int64_t j[kKnnMax];
+  int64_t k, count = 0;
+  float worst = kInf;  // the k-th distance once there are k, else +inf: the admission bound
+  explicit NearestK(int64_t k_) : k(k_) {}
+  void offer(float dist, int64_t col) {
+    if (!(dist < worst)) return;  // NaN never enters
+    int64_t p = count < k ? count++ : k - 1;
+    for (; p > 0 && d[p - 1] > dist; --p) {
+      d[p] = d[p - 1];
+      j[p] = j[p - 1];
+    }
+    d[p] = dist;
+    j[p] = col;
+    if (count == k) worst = d[k - 1];
+  }
+};
+
+template <class V>
+void knn_rows_t(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
+                int64_t k, int64_t* idx, int64_t r0, int64_t r1) {
+  const int64_t n = q.n;
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* s = q.s + i * n;
+    const int64_t self = exclude_self ? q.row0 + i : -1;
+    NearestK best(k);
+    for_lanes<V>(n, [&]<class U>(int64_t j) {
+      const U d = vmax(U(row_sq[i]) + load<U>(col_sq + j) - U(2.f) * load<U>(s + j), U(0.f));
+      unsigned bits = lane_bits(d < U(best.worst));
+      if (!bits) return;  // the common case once k columns are in: one compare per vector
+      float lanes[VecTraits<U>::width];
+      VecIo<U>::store(lanes, d);
+      for (; bits; bits &= bits - 1) {
+        const int b = __builtin_ctz(bits);
+        if (j + b != self) best.offer(lanes[b], j + b);
+      }
+    });
+    int64_t* out = idx + i * k;
+    std::copy(best.j, best.j + best.count, out);
+    // fewer than k only when distances are NaN: the lowest other columns, for a defined result
+    for (int64_t j = 0, c = best.count; c < k && j < n; ++j)
+      if (j != self && std::find(out, out + c, j) == out + c) out[c++] = j;
+  }
+}
+
+template <class V>
+void neighbour_dist_t(const float* x, const float* t, int64_t d, const int64_t* idx, int64_t n_nb,
+                      float eps, float* dist, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* xi = x + i * d;
+    for (int64_t c = 0; c < n_nb; ++c) {
+      const float* tj = t + idx[i * n_nb + c] * d;
+      LaneAcc<V, SumOp> sq(0.f);
+      for_lanes<V>(d, [&]<class U>(int64_t k) {
+        const U diff = load<U>(xi + k) - load<U>(tj + k);
+        sq.add(diff * diff);
+      });
+      dist[i * n_nb + c] = std::sqrt(sq.total() + eps);
+    }
+  }
+}
+
+template <class V>
+void neighbour_dist_grad_x_t(const float* x, const float* t, int64_t d, const int64_t* idx,
+                             int64_t n_nb, const float* w, float* grad_x, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* xi = x + i * d;
+    float* gi = grad_x + i * d;
+    float wsum = 0.f;
+    for (int64_t c = 0; c < n_nb; ++c) wsum += w[i * n_nb + c];
+    for_lanes<V>(d, [&]<class U>(int64_t k) { VecIo<U>::store(gi + k, U(wsum) * load<U>(xi + k)); });
+    for (int64_t c = 0; c < n_nb; ++c) {  // sum_c w (x_i - t_j) = (sum_c w) x_i - sum_c w t_j
+      const float* tj = t + idx[i * n_nb + c] * d;
+      const float wc = w[i * n_nb + c];
+      for_lanes<V>(d, [&]<class U>(int64_t k) {
+        VecIo<U>::store(gi + k, vfma(U(-wc), load<U>(tj + k), load<U>(gi + k)));
+      });
+    }
+  }
+}
+
+template <class V>
+void neighbour_dist_grad_t_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
+                             const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
+                             int64_t r0, int64_t r1) {
+  for (int64_t j = r0; j < r1; ++j) {
+    const float* tj = t + j * d;
+    float* gj = grad_t + j * d;
+    float wsum = 0.f;
+    for (int64_t p = t_ptr[j]; p < t_ptr[j + 1]; ++p) wsum += w[pairs[p]];
+    for_lanes<V>(d, [&]<class U>(int64_t k) { VecIo<U>::store(gj + k, U(wsum) * load<U>(tj + k)); });
+    for (int64_t p = t_ptr[j]; p < t_ptr[j + 1]; ++p) {  // -sum w (x_i - t_j)
+      const float* xi = x + (pairs[p] / n_nb) * d;
+      const float wp = w[pairs[p]];
+      for_lanes<V>(d, [&]<class U>(int64_t k) {
+        VecIo<U>::store(gj + k, vfma(U(-wp), load<U>(xi + k), load<U>(gj + k)));
+      });
+    }
+  }
+}
+
 }  // namespace sim
 
 #if defined(FL_ISA_VEC)
+void neighbour_dist(const float* x, const float* t, int64_t d, const int64_t* idx, int64_t n_nb,
+                    float eps, float* dist, int64_t r0, int64_t r1) {
+  sim::neighbour_dist_t<FL_ISA_VEC>(x, t, d, idx, n_nb, eps, dist, r0, r1);
+}
+void neighbour_dist_grad_x(const float* x, const float* t, int64_t d, const int64_t* idx,
+                           int64_t n_nb, const float* w, float* grad_x, int64_t r0, int64_t r1) {
+  sim::neighbour_dist_grad_x_t<FL_ISA_VEC>(x, t, d, idx, n_nb, w, grad_x, r0, r1);
+}
+void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
+                           const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
+                           int64_t r0, int64_t r1) {
+  sim::neighbour_dist_grad_t_t<FL_ISA_VEC>(x, t, d, t_ptr, pairs, n_nb, w, grad_t, r0, r1);
+}
+void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
+              int64_t k, int64_t* idx, int64_t r0, int64_t r1) {
+  sim::knn_rows_t<FL_ISA_VEC>(q, row_sq, col_sq, exclude_self, k, idx, r0, r1);
+}
 void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
              bool write_grad, int64_t r0, int64_t r1) {
   sim::ms_rows_t<FL_ISA_VEC>(q, p, lse_pos, lse_neg, write_grad, r0, r1);

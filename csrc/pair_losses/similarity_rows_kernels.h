@@ -75,4 +75,28 @@ void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, 
 void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
                     const float* g, int64_t r0, int64_t r1);
 
+// ---- k nearest neighbours (ICNN) ---------------------------------------------------------
+// Row i of S holds <x_{row0+i}, t_j>; d2_ij = max(0, row_sq[i] + col_sq[j] - 2 S_ij) (as
+// torch.cdist's matrix-product form). idx[i k .. i k + k) = the columns of the k smallest d2 of
+// row i, ascending, ties to the lower column, column row0 + i skipped when exclude_self.
+// 1 <= k <= kKnnMax and k <= the columns available (the caller checks).
+constexpr int64_t kKnnMax = 64;
+void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
+              int64_t k, int64_t* idx, int64_t r0, int64_t r1);
+
+// ---- distances of chosen pairs (ICNN's neighbours, Proto-Triplet's prototypes) -----------
+// x [N, d], t [M, d] float32 rows; idx [N, n_nb] (columns of t, in [0, M)).
+// neighbour_dist: dist[i, c] = sqrt(||x_i - t_idx[i,c]||^2 + eps), rows [r0, r1) of x.
+// neighbour_dist_grad_x: grad_x[i] = sum_c w[i, c] (x_i - t_idx[i,c]), rows [r0, r1) of x.
+// neighbour_dist_grad_t: grad_t[j] = -sum over pairs p = (i, c) with idx[i, c] = j of
+// w[p] (x_i - t_j), rows [r0, r1) of t, the pairs of row j listed (as p = i n_nb + c) at
+// pairs[t_ptr[j] : t_ptr[j + 1]] (the transposed list). w = d loss / d dist / dist.
+void neighbour_dist(const float* x, const float* t, int64_t d, const int64_t* idx, int64_t n_nb,
+                    float eps, float* dist, int64_t r0, int64_t r1);
+void neighbour_dist_grad_x(const float* x, const float* t, int64_t d, const int64_t* idx,
+                           int64_t n_nb, const float* w, float* grad_x, int64_t r0, int64_t r1);
+void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
+                           const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
+                           int64_t r0, int64_t r1);
+
 }  // namespace fastloss

@@ -3,9 +3,10 @@ the Proto-Triplet loss and the ICNN loss. Formulas in each function's docstring,
 authors' code computes them (its constants included, so the values are comparable).
 
 Distances are Euclidean, ``d(a, b) = sqrt(||a - b||^2 + 1e-6)``. Neighbour search goes over
-blocks of rows (distances of a block, then ``topk``), so no ``N x M`` distance matrix is kept for
-backward: only the chosen neighbours' distances are formed again, differentiably, from the
-embeddings. Torch operations (no hand-written kernel); any device.
+blocks of rows (a GEMM per block, then on the CPU the ``knn_rows`` kernel of
+``csrc/pair_losses/similarity_rows_*``, elsewhere ``cdist`` + ``topk``), so no ``N x M`` distance
+matrix is kept for backward: only the chosen neighbours' distances are formed again,
+differentiably, from the embeddings.
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from torch import Tensor
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
 _BLOCK_BYTES = 4 << 20
+_KNN_KERNEL_MAX = 64  # kKnnMax of csrc/pair_losses/similarity_rows_kernels.h
+
+
+def _cpu_kernels(x: Tensor) -> bool:
+    """The neighbour kernels (csrc/pair_losses/similarity_rows_*) are CPU kernels."""
+    return x.device.type == "cpu"
 
 
 def _check_set(fn, name, emb, labels_name, labels, device=None):
@@ -79,59 +86,79 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     pos = torch.searchsorted(classes, query_labels).clamp(max=classes.numel() - 1)
     if not bool((classes[pos] == query_labels).all()):
         raise ValueError(f"{fn}: every query label must be a class of the support")
-    return _ProtoTriplet.apply(query, support, inverse, pos, classes.numel(), float(margin))
+    k = classes.numel()
+    sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
+    protos = sums.index_add(0, inverse, support.float()) / torch.bincount(inverse, minlength=k)[:, None]
+    with torch.no_grad():  # the nearest other prototype by ||c||^2 - 2 <q, c>: one GEMM, no graph
+        score = torch.addmm(protos.square().sum(1)[None, :], query.float(), protos.t(), alpha=-2)
+        neg = score.scatter_(1, pos[:, None], float("inf")).argmin(1)
+    # only the two chosen distances of each query are differentiated: O(Q D), not the [Q, K]
+    # distance matrix and its backward
+    d = _chosen_dist(query, protos, torch.stack([pos, neg], 1))
+    return torch.relu(d[:, 0] - d[:, 1] + margin).mean().to(query.dtype)
 
 
-class _ProtoTriplet(torch.autograd.Function):
-    """The loss from the two chosen distances of each query, and its gradient in closed form:
-    with ``w_q = [hinge_q > 0] / Q`` and ``u = (q - c) / d(q, c)``,
-    ``dL/dq = w_q (u_pos - u_neg)``, ``dL/dc_pos -= w_q u_pos``, ``dL/dc_neg += w_q u_neg``, and
-    each support embedding gets its prototype's gradient / class count. The ``[Q, K]`` distances
-    only choose the negative (no graph through them)."""
+@torch.library.register_fake("fastloss::neighbour_dist")
+def _fake_neighbour_dist(x, t, idx, eps):
+    return x.new_empty(idx.shape)
+
+
+@torch.library.register_fake("fastloss::neighbour_dist_backward")
+def _fake_neighbour_dist_backward(grad_dist, x, t, idx, dist, grad_mask):
+    d = x.shape[1]
+    return (x.new_empty((x.shape[0] if grad_mask[0] else 0, d)),
+            x.new_empty((t.shape[0] if grad_mask[1] else 0, d)))
+
+
+class _NeighbourDist(torch.autograd.Function):
+    """CPU kernels: the chosen pairs' distances and their gradient in closed form (x_i - t_j)
+    w / d, the targets' part through the pairs sorted by target (no scatter, no [N, n, D])."""
 
     @staticmethod
-    def forward(ctx, query, support, inverse, pos, k, margin):
-        qf = query.float()
-        sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
-        sums.index_add_(0, inverse, support.float())
-        counts = torch.bincount(inverse, minlength=k).to(torch.float32)
-        protos = sums / counts[:, None]
-        # the nearest other prototype by ||c||^2 - 2 <q, c> (||q - c||^2 less ||q||^2): one GEMM
-        score = torch.addmm(protos.square().sum(1)[None, :], qf, protos.t(), alpha=-2)
-        neg = score.scatter_(1, pos[:, None], float("inf")).argmin(1)   # [Q]
-        diff_pos = qf - protos.index_select(0, pos)
-        diff_neg = qf - protos.index_select(0, neg)
-        d_pos = (torch.linalg.vector_norm(diff_pos, dim=1).square_() + _EPS_SQ).sqrt_()
-        d_neg = (torch.linalg.vector_norm(diff_neg, dim=1).square_() + _EPS_SQ).sqrt_()
-        hinge = d_pos - d_neg + margin
-        # u_pos, u_neg scaled by the hinge's indicator / Q: the backward only multiplies
-        active = (hinge > 0).float().div_(query.shape[0])
-        diff_pos.mul_((active / d_pos)[:, None])
-        diff_neg.mul_((active / d_neg)[:, None])
-        ctx.save_for_backward(diff_pos, diff_neg, pos, neg, inverse, counts)
-        ctx.dtypes = (query.dtype, support.dtype)
-        return hinge.clamp_(min=0).mean()
+    def forward(ctx, x, t, idx):
+        xf, tf = x.float().contiguous(), t.float().contiguous()
+        dist = torch.ops.fastloss.neighbour_dist(xf, tf, idx, _EPS_SQ)
+        ctx.save_for_backward(xf, tf, idx, dist)
+        ctx.dtypes = (x.dtype, t.dtype)
+        return dist
 
     @staticmethod
     def backward(ctx, grad):
-        u_pos, u_neg, pos, neg, inverse, counts = ctx.saved_tensors
-        g = grad.float()
-        grad_q = grad_s = None
-        if ctx.needs_input_grad[0]:
-            grad_q = ((u_pos - u_neg) * g).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            grad_c = torch.zeros(counts.shape[0], u_pos.shape[1], dtype=torch.float32, device=u_pos.device)
-            grad_c.index_add_(0, neg, u_neg).index_add_(0, pos, u_pos, alpha=-1)
-            grad_s = grad_c.mul_((g / counts)[:, None]).index_select(0, inverse).to(ctx.dtypes[1])
-        return grad_q, grad_s, None, None, None, None
+        xf, tf, idx, dist = ctx.saved_tensors
+        need = list(ctx.needs_input_grad[:2])
+        gx, gt = torch.ops.fastloss.neighbour_dist_backward(grad.contiguous(), xf, tf, idx, dist, need)
+        return (gx.to(ctx.dtypes[0]) if need[0] else None, gt.to(ctx.dtypes[1]) if need[1] else None,
+                None)
+
+
+def _chosen_dist(x, t, idx):
+    """``d(x_i, t_idx[i, c])`` ``[N, n]``, differentiable in x and t."""
+    if _cpu_kernels(x):
+        return _NeighbourDist.apply(x, t, idx)
+    return _pair_dist(x[:, None, :], t[idx])
+
+
+@torch.library.register_fake("fastloss::knn_rows")
+def _fake_knn_rows(s, row_sq, col_sq, row0, exclude_self, k):
+    return s.new_empty((s.shape[0], k), dtype=torch.int64)
 
 
 def _neighbours(emb, target, k, exclude_self):
-    """Indices [N, k] of the k nearest rows of target for each row of emb, by blocks."""
+    """Indices [N, k] of the k nearest rows of target for each row of emb, by blocks (ascending
+    distance). CPU (k <= 64): a GEMM per block and the knn_rows kernel, one pass keeping each
+    row's k best; elsewhere cdist + topk on each block."""
     n, m = emb.shape[0], target.shape[0]
     block = max(1, _BLOCK_BYTES // (4 * max(m, 1)))
     out = torch.empty(n, k, dtype=torch.long, device=emb.device)
     with torch.no_grad():
+        if _cpu_kernels(emb) and k <= _KNN_KERNEL_MAX:
+            ef, tf = emb.float().contiguous(), target.float().contiguous()
+            row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
+            for r0 in range(0, n, block):
+                r1 = min(n, r0 + block)
+                out[r0:r1] = torch.ops.fastloss.knn_rows(ef[r0:r1] @ tf.t(), row_sq[r0:r1], col_sq,
+                                                         r0, exclude_self, k)
+            return out
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             d = torch.cdist(emb[r0:r1].float(), target.float())
@@ -196,7 +223,7 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     if isinstance(n_nb, bool) or not isinstance(n_nb, int) or not k <= n_nb <= available:
         raise ValueError(f"{fn}: num_neighbors must be an int in [k = {k}, {available}], got {n_nb!r}")
     idx = _neighbours(emb, target, n_nb, same_set)                            # [N, n]
-    d = _pair_dist(emb[:, None, :], target[idx])                              # [N, n]
+    d = _chosen_dist(emb, target, idx)                                        # [N, n]
     same = target_labels[idx] == labels[:, None]
     other = ~same
     inf = torch.tensor(float("inf"), device=d.device)
