@@ -14,8 +14,9 @@ The Multi-Similarity loss with its miner (``fastloss.ops.multi_similarity_loss``
 is compared with pytorch-metric-learning's ``MultiSimilarityLoss()`` + ``MultiSimilarityMiner(0.1)``
 and with ``fastloss.reference.metric.multi_similarity_loss`` in float32.
 
-The same run also times the torch-operation ops of this family (no hand-written kernel; their
-rows show what the blocks of anchors buy in memory): ``tcm_loss`` (rows ``tcm BxD``) against
+On the CPU the contrastive, Multi-Similarity, TCM, Proto-Triplet and ICNN losses run the
+similarity-block kernels (csrc/pair_losses/similarity_rows_*) on GEMM blocks; on CUDA they are
+blocks of torch operations. The same run times ``tcm_loss`` (rows ``tcm BxD``) against
 pytorch-metric-learning's ``ThresholdConsistentMarginLoss()`` and the eager formula (the whole
 similarity matrix and its upper triangle), ``proto_triplet_loss`` (prototypes from the batch,
 rows ``proto BxD``) against an eager form with the one-hot class matrix and ``torch.cdist``,
@@ -107,8 +108,9 @@ def main(argv=None):
     res = harness.Results(name, device, args.out, notes=[
         "time = mw_auc_loss(pos, neg) (reduction mean) + torch.autograd.grad(loss, (pos, neg)); median",
         "Gpairs_per_s = B*P*N / median time",
-        "CUDA: mw_auc_loss runs fastloss's CUDA kernels; the other losses are blocks of torch "
-        "operations on every device"])
+        "CPU: every loss runs fastloss kernels (similarity-block kernels on GEMM blocks for the "
+        "embedding losses); CUDA: mw_auc_loss runs fastloss's CUDA kernels, the embedding losses "
+        "are blocks of torch operations"])
     res.title = "fastloss mw_auc_loss, forward + backward"
     cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".2f")),
