@@ -23,6 +23,11 @@ rows ``proto BxD``) against an eager form with the one-hot class matrix and ``to
 and ``icnn_loss`` (k = 4, rows ``icnn BxD``) against an eager form with the whole ``B x B``
 distance matrix and ``topk``, both written below as the authors' code computes them.
 
+Each ``clip`` and embedding-loss shape also has a ``one_gemm`` row: one ``[B, D] x [D, B]``
+float32 matrix product (no gradient) in the same run, the unit of the floor: the contrastive
+loss does 4 of them (eager 3), Multi-Similarity 3 (eager 3), TCM and ICNN 1 plus element-wise
+and sparse work (eager 3).
+
 Usage: python bench/bench_pair_losses.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
@@ -99,6 +104,15 @@ def measure_embedding_loss(res, fn, emb, device, cols, base):
     harness.measure_row(res, call, device, base, cols, MEASURE_KW)
 
 
+def measure_one_gemm(res, x, y, device, cols, base):
+    """The floor unit of a [B, D] embedding loss: one x @ y.T in float32, no gradient."""
+    def call(_inp):
+        with torch.no_grad():
+            return x.float() @ y.float().t()
+    harness.measure_row(res, call, device, dict(base, variant="one_gemm", dtype=torch.float32),
+                        cols, MEASURE_KW)
+
+
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
@@ -154,6 +168,8 @@ def main(argv=None):
             base = dict(op="contrastive_loss", variant=variant, group=f"clip|{b}x{d}",
                         label=f"clip {b}x{d}", shape=[b, b, d], dtype=torch.float32)
             harness.measure_row(res, call, device, base, cols, MEASURE_KW)
+        measure_one_gemm(res, x, y, device, cols, dict(op="contrastive_loss", group=f"clip|{b}x{d}",
+                                                       label=f"clip {b}x{d}", shape=[b, b, d]))
     # the Multi-Similarity loss with its miner: blocks of anchors vs pytorch-metric-learning
     # (MultiSimilarityLoss + MultiSimilarityMiner) and the eager formula
     from fastloss.reference import metric as RM
@@ -175,6 +191,8 @@ def main(argv=None):
             measure_embedding_loss(res, fn, emb, device, cols, dict(
                 op="multi_similarity_loss", variant=variant, group=f"ms|{b}x{d}",
                 label=f"ms {b}x{d}", shape=[b, b, d], dtype=torch.float32))
+        measure_one_gemm(res, emb, emb, device, cols, dict(op="multi_similarity_loss", group=f"ms|{b}x{d}",
+                                                           label=f"ms {b}x{d}", shape=[b, b, d]))
     # the torch-operation ops: TCM, proto-triplet and ICNN, same embeddings and labels
     for (b, d) in METRIC_QUICK if args.quick else METRIC:
         gen = torch.Generator(device=device).manual_seed(b * 5 + d)
