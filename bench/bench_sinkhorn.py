@@ -199,7 +199,7 @@ def main(argv=None):
     res = harness.Results(name, "cpu", args.out, notes=[
         f"time to marginal error < {TOL} (our Sinkhorn: rows; SNS: rows + columns; POT: its own "
         f"column error), at most {MAX_ITER} iterations; median of 3 runs",
-        "costs scaled to max 1; eps relative to that scale; float64; SNS sparsity 0.1, 20 warm-up iterations"])
+        "costs scaled to max 1; eps relative to that scale; float64; SNS sparsity 0.1, 10 warm-up iterations (the default)"])
     res.title = "fastloss sinkhorn: SNS vs Sinkhorn vs POT"
     cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".1f")),
