@@ -715,17 +715,142 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted):
     torch.testing.assert_close(grad.float(), bwd.float(), rtol=tol, atol=tol)
 
 
+# ---- similarity blocks (Multi-Similarity, TCM, contrastive) ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sim_lib():
+    lib = build.build("pair_losses/similarity_rows_cuda.cu", "similarity_harness.cpp", "similarity")
+    P, I64, F32 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64), ctypes.c_float
+    lib.emu_ms_rows.argtypes = [P, P, I64, P, P, P, ctypes.c_int]
+    lib.emu_tcm_rows.argtypes = [P, P, I64, F32, F32, P]
+    lib.emu_tcm_rows_grad.argtypes = [P, P, I64, F32, F32, P]
+    lib.emu_clip_parts.argtypes = [I64]
+    lib.emu_clip_parts.restype = ctypes.c_int64
+    lib.emu_clip_rows.argtypes = [P, I64, F32, P, P, P, P, P]
+    lib.emu_clip_rows_grad.argtypes = [P, I64, F32, P, P, P]
+    for f in (lib.emu_ms_rows, lib.emu_tcm_rows, lib.emu_tcm_rows_grad, lib.emu_clip_rows,
+              lib.emu_clip_rows_grad):
+        f.restype = ctypes.c_char_p
+    return lib
+
+
+SIM_SHAPES = [(5, 37, 3), (3, 300, 41), (70, 130, 50), (1, 1, 0)]  # rows, n, row0
+
+
+def sim_block(rows, n, row0, seed, classes=4):
+    gen = torch.Generator().manual_seed(seed * 17 + rows * 5 + n)
+    s = torch.rand(rows, n, generator=gen) * 2 - 1
+    labels = torch.randint(0, classes, (n,), generator=gen)
+    keys = torch.ops.fastloss.pair_label_keys(labels)
+    return s, guarded(keys, float("nan"))[0]
+
+
+def in_place(s):
+    """s between sentinels, for a kernel that rewrites it; -> (the block, its guarded buffer)"""
+    return guarded(s.clone(), SENTINEL)
+
+
+@pytest.mark.parametrize("params", [(2.0, 50.0, 0.5, 0.1), (1.0, 10.0, 0.2, float("nan"))], ids=str)
+@pytest.mark.parametrize("shape", SIM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_ms_rows_cuda(sim_lib, shape, params):
+    rows, n, row0 = shape
+    s, keys = sim_block(rows, n, row0, seed=1)
+    eps = None if params[3] != params[3] else params[3]
+    p32 = torch.tensor(params, dtype=torch.float32)  # alive through the calls
+    for write in (False, True):
+        blk, sbuf = in_place(s)
+        lse_pos, pbuf = nan_outputs((rows,))
+        lse_neg, nbuf = nan_outputs((rows,))
+        err = sim_lib.emu_ms_rows(blk.data_ptr(), keys.data_ptr(), int64s(rows, n, row0),
+                                  p32.data_ptr(), lse_pos.data_ptr(),
+                                  lse_neg.data_ptr(), int(write))
+        assert err is None, err.decode()
+        for buf, what in ((sbuf, "s"), (pbuf, "lse_pos"), (nbuf, "lse_neg")):
+            check_guards(buf, what)
+        cpu = s.clone()
+        want = torch.ops.fastloss.ms_rows_(cpu, keys, row0, *params[:3], eps, write)
+        torch.testing.assert_close(torch.stack([lse_pos, lse_neg]), want, rtol=1e-5, atol=1e-6)
+        if write:
+            torch.testing.assert_close(blk, cpu, rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(blk, s)  # read only
+
+
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.3, -0.1)], ids=str)
+@pytest.mark.parametrize("shape", SIM_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_tcm_rows_cuda(sim_lib, shape, margins):
+    rows, n, row0 = shape
+    s, keys = sim_block(rows, n, row0, seed=2)
+    stats, sbuf = nan_outputs((rows, 4), torch.float64)
+    blk = s.clone()
+    err = sim_lib.emu_tcm_rows(blk.data_ptr(), keys.data_ptr(), int64s(rows, n, row0), *margins, stats.data_ptr())
+    assert err is None, err.decode()
+    check_guards(sbuf, "row_stats")
+    totals, row_nnz, _ = torch.ops.fastloss.tcm_rows(s.clone(), keys, row0, *margins, False)
+    torch.testing.assert_close(stats.sum(0), totals, rtol=1e-6, atol=1e-5)
+    assert (stats[:, 1] + stats[:, 3]).long().tolist() == row_nnz.tolist()
+    coef = torch.tensor([0.25, 1.5], dtype=torch.float64)
+    grad, gbuf = in_place(s)
+    err = sim_lib.emu_tcm_rows_grad(grad.data_ptr(), keys.data_ptr(), int64s(rows, n, row0), *margins,
+                                    coef.data_ptr())
+    assert err is None, err.decode()
+    check_guards(gbuf, "s")
+    want = s.clone()
+    torch.ops.fastloss.tcm_rows_grad_(want, keys, row0, *margins, coef)
+    assert torch.equal(grad, want)
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("shape", SIM_SHAPES + [(300, 300, 0)], ids=lambda s: "x".join(map(str, s)))
+def test_clip_rows_cuda(sim_lib, shape, symmetric):
+    rows, n, row0 = shape
+    s, _ = sim_block(rows, n, row0, seed=3)
+    s = s * 3
+    scale = 14.0
+    parts = sim_lib.emu_clip_parts(int64s(rows, n, row0))
+    assert parts == -(-rows // 64)
+    col_max = torch.full((parts, n), float("nan"))
+    col_sum = torch.full((parts, n), float("nan"))
+    lse_row, rbuf = nan_outputs((rows,))
+    diag, dbuf = nan_outputs((rows,))
+    lse_col, cbuf = nan_outputs((n,))
+    blk = s.clone()
+    err = sim_lib.emu_clip_rows(blk.data_ptr(), int64s(rows, n, row0), scale, lse_row.data_ptr(), diag.data_ptr(),
+                                col_max.data_ptr(), col_sum.data_ptr(), lse_col.data_ptr() if symmetric else None)
+    assert err is None, err.decode()
+    for buf, what in ((rbuf, "lse_row"), (dbuf, "diag"), (cbuf, "lse_col")):
+        check_guards(buf, what)
+    want = torch.ops.fastloss.clip_rows(s, row0, scale, symmetric)
+    torch.testing.assert_close(lse_row, want[0], rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(diag, want[1])
+    if symmetric:
+        torch.testing.assert_close(lse_col, want[2], rtol=1e-6, atol=1e-5)
+    else:
+        assert lse_col.isnan().all()
+    g = torch.rand(n, generator=torch.Generator().manual_seed(4)) + 0.5
+    col = want[2] if symmetric else None
+    grad, gbuf = in_place(s)
+    err = sim_lib.emu_clip_rows_grad(grad.data_ptr(), int64s(rows, n, row0), scale, want[0].data_ptr(),
+                                     col.data_ptr() if symmetric else None, g.data_ptr())
+    assert err is None, err.decode()
+    check_guards(gbuf, "s")
+    expect = s.clone()
+    torch.ops.fastloss.clip_rows_grad_(expect, row0, scale, want[0], col, g)
+    torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-5)
+
+
 # ---- other thread orders -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
 def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
-                                                   metric_lib, auc_lib, losses_lib):
+                                                   metric_lib, auc_lib, losses_lib, sim_lib):
     """Cases of every family (those with barriers, shuffles, shared scratch reused across
     iterations) again with the threads of each phase run in reverse or shuffled order: a read of
     another thread's write with no barrier between them (a race on a GPU) changes the result
     under some order."""
-    libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib)
+    libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib)
     for lib in libs:
         lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.emu_set_schedule(mode, seed)
@@ -742,6 +867,9 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_confusion_sums(metric_lib, torch.float32, (37, 5), True)
         test_auc(auc_lib, torch.float32, (1, 257, 513), True)
         test_row_losses(losses_lib, "ce_smooth_z_softcap", torch.float32, (3, 1031), True)
+        test_ms_rows_cuda(sim_lib, (3, 300, 41), (2.0, 50.0, 0.5, 0.1))
+        test_tcm_rows_cuda(sim_lib, (3, 300, 41), (0.3, -0.1))
+        test_clip_rows_cuda(sim_lib, (70, 130, 50), True)
     finally:
         for lib in libs:
             lib.emu_set_schedule(0, 1)

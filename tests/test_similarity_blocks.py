@@ -12,6 +12,7 @@ import fastloss.ops.contrastive as contrastive
 import fastloss.ops.few_shot as few_shot
 import fastloss.ops.metric as metric
 from checks import expect_errors
+from conftest import requires_cuda
 
 OPS = torch.ops.fastloss
 SHAPES = [(5, 37, 3), (16, 133, 100), (1, 8, 0), (7, 300, 41)]  # rows, n, row0
@@ -259,7 +260,7 @@ def test_torch_operation_paths_match_the_kernels(monkeypatch, loss):
              "tcm": lambda x: metric.tcm_loss(x, labels, 0.5, 0.1, block_rows=7)}[loss]
         kernel = grads_of(f, emb)
         with monkeypatch.context() as m:
-            m.setattr(metric, "_cpu_kernels", lambda e: False)
+            m.setattr(metric, "_kernels", lambda e: False)
             torch_ops = grads_of(f, emb)
         for got, want in zip(kernel, torch_ops):
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
@@ -285,7 +286,7 @@ def test_few_shot_torch_operation_paths_match_the_kernels(monkeypatch, separate_
 def test_contrastive_torch_operation_path_matches_the_kernels(symmetric):
     a, b = torch.nn.functional.normalize(torch.randn(2, 33, 12, generator=torch.Generator().manual_seed(3)), dim=2)
     results = []
-    for apply in (lambda x, y: contrastive._ContrastiveCpu.apply(x, y, 5.0, symmetric, 8),
+    for apply in (lambda x, y: contrastive._ContrastiveKernel.apply(x, y, 5.0, symmetric, 8),
                   lambda x, y: contrastive._Contrastive.apply(x, y, None, 5.0, symmetric, 8)):
         x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
         out = apply(x, y)
@@ -305,3 +306,27 @@ def test_tcm_sparse_backward_matches_the_dense_one(monkeypatch, margins):
     assert sparse[1].abs().sum() > 0
     for got, want in zip(sparse, dense):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("loss", ["ms", "ms_none", "tcm", "clip", "clip_one_way"])
+def test_cuda_kernels_match_the_cpu(loss):
+    """The CUDA similarity-block kernels (through the losses) against the CPU kernels."""
+    emb, labels = embeddings(300, 24, 7, seed=8)
+    other = torch.nn.functional.normalize(embeddings(300, 24, 7, seed=9)[0], dim=1)
+    f = {"ms": lambda x, y, o: metric.multi_similarity_loss(x, y, block_rows=64),
+         "ms_none": lambda x, y, o: metric.multi_similarity_loss(x, y, reduction="none", block_rows=64),
+         "tcm": lambda x, y, o: metric.tcm_loss(x, y, 0.5, 0.1, block_rows=64),
+         "clip": lambda x, y, o: contrastive.contrastive_loss(torch.nn.functional.normalize(x, dim=1), o,
+                                                             0.1, block_rows=100),
+         "clip_one_way": lambda x, y, o: contrastive.contrastive_loss(
+             torch.nn.functional.normalize(x, dim=1), o, 0.1, symmetric=False, block_rows=100)}[loss]
+    results = []
+    for dev in ("cpu", "cuda"):
+        x = emb.to(dev).requires_grad_(True)
+        out = f(x, labels.to(dev), other.to(dev))
+        out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(5)).to(dev) + 0.5)
+        results.append((out.detach().cpu(), x.grad.cpu()))
+    for got, want in zip(results[1], results[0]):
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,6 +1,6 @@
 // What the CUDA kernel files share: scalar loads and stores of the storage types (float32 math
-// inside), the dtype -> storage type dispatch, warp and block sums, an online log-sum-exp
-// state, the grid size of a launch and its error.
+// inside), the dtype -> storage type dispatch, warp and block sums (and block min / max), an
+// online log-sum-exp state, the grid size of a launch and its error.
 // Torch-free; included only by .cu files.
 #pragma once
 #include <cuda_bf16.h>
@@ -55,6 +55,26 @@ __device__ __forceinline__ T block_sum(T v, T* shared) {
   __syncthreads();
   T total = 0;
   for (int w = 0; w < int(blockDim.x / 32); ++w) total += shared[w];
+  __syncthreads();
+  return total;
+}
+
+// The minimum / maximum of v over a one-dimensional block, as block_sum (fminf / fmaxf: a NaN
+// gives way to a number).
+struct MinOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fminf(a, b); }
+};
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+template <class Op>
+__device__ __forceinline__ float block_reduce(float v, float* shared, Op op) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  float total = shared[0];
+  for (int w = 1; w < int(blockDim.x / 32); ++w) total = op(total, shared[w]);
   __syncthreads();
   return total;
 }

@@ -5,6 +5,7 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/_unique2.h>
+#include <ATen/ops/add.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
@@ -99,39 +100,49 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
 }
 
 
-// ---- similarity blocks of the embedding losses (similarity_rows_kernels.h; CPU) -------------
-// Called by python/fastloss/ops/metric.py and contrastive.py on each block S = E_rows @ E^T.
+// ---- similarity blocks of the embedding losses (similarity_rows_kernels.h) ------------------
+// Called by python/fastloss/ops/metric.py, contrastive.py and few_shot.py on each block
+// S = E_rows @ E^T. CPU kernels for all; CUDA kernels (similarity_rows_cuda.cu) for ms_rows_,
+// tcm_rows (without pair lists), tcm_rows_grad_, clip_rows and clip_rows_grad_.
 
 // Rows per parallel task: about 32k similarities.
 int64_t row_grain(int64_t n) { return std::max<int64_t>(1, 32768 / std::max<int64_t>(n, 1)); }
 
-// self_pairs: row i's column row0 + i is its self pair, so the rows must be columns too
-void check_block(const Tensor& s, int64_t row0, const char* op, bool self_pairs) {
-  TORCH_CHECK(s.is_cpu() && s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(),
-              op, ": s must be a contiguous float32 CPU [rows, n] block, got ", s.scalar_type(),
-              " ", s.sizes(), " on ", s.device());
+// self_pairs: row i's column row0 + i is its self pair, so the rows must be columns too;
+// cuda: the op has CUDA kernels (in a CUDA build)
+void check_block(const Tensor& s, int64_t row0, const char* op, bool self_pairs, bool cuda) {
+  bool on_device = s.is_cpu();
+#if defined(FASTLOSS_WITH_CUDA)
+  on_device = on_device || (cuda && s.is_cuda());
+#endif
+  TORCH_CHECK(on_device, op, ": s must be on the CPU", cuda ? " or a CUDA device (CUDA builds)" : "",
+              ", got ", s.device());
+  TORCH_CHECK(s.scalar_type() == at::kFloat && s.dim() == 2 && s.is_contiguous(),
+              op, ": s must be a contiguous float32 [rows, n] block, got ", s.scalar_type(),
+              " ", s.sizes());
   TORCH_CHECK(!self_pairs || (row0 >= 0 && row0 + s.size(0) <= s.size(1)), op, ": rows [", row0,
               ", ", row0 + s.size(0), ") of the block must be columns of it (n = ", s.size(1), ")");
 }
 
+// t: a contiguous [n] tensor of dtype on `device` (the CPU unless given)
 void check_vector(const Tensor& t, int64_t n, at::ScalarType dtype, const char* op,
-                  const char* what) {
-  TORCH_CHECK(t.is_cpu() && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n &&
+                  const char* what, c10::Device device = c10::Device(c10::kCPU)) {
+  TORCH_CHECK(t.device() == device && t.scalar_type() == dtype && t.dim() == 1 && t.size(0) == n &&
                   t.is_contiguous(),
-              op, ": ", what, " must be a contiguous ", dtype, " CPU [", n, "] tensor, got ",
-              t.scalar_type(), " ", t.sizes(), " on ", t.device());
+              op, ": ", what, " must be a contiguous ", dtype, " [", n, "] tensor on ", device,
+              ", got ", t.scalar_type(), " ", t.sizes(), " on ", t.device());
 }
 
 SimBlock sim_block(Tensor& s, const Tensor* keys, int64_t row0, const char* op,
-                   bool self_pairs = true) {
-  check_block(s, row0, op, self_pairs);
+                   bool self_pairs = true, bool cuda = false) {
+  check_block(s, row0, op, self_pairs, cuda);
   SimBlock q;
   q.s = s.data_ptr<float>();
   q.rows = s.size(0);
   q.n = s.size(1);
   q.row0 = row0;
   if (keys) {
-    check_vector(*keys, q.n, at::kFloat, op, "keys");
+    check_vector(*keys, q.n, at::kFloat, op, "keys", s.device());
     q.keys = keys->data_ptr<float>();
   }
   return q;
@@ -159,7 +170,7 @@ Tensor pair_label_keys(const Tensor& labels) {
 // write_grad, s becomes d loss_i / d S.
 Tensor ms_rows_(Tensor& s, const Tensor& keys, int64_t row0, double alpha, double beta,
                 double base, std::optional<double> epsilon, bool write_grad) {
-  const SimBlock q = sim_block(s, &keys, row0, "ms_rows_");
+  const SimBlock q = sim_block(s, &keys, row0, "ms_rows_", true, true);
   MsParams p;
   p.alpha = float(alpha);
   p.beta = float(beta);
@@ -168,6 +179,13 @@ Tensor ms_rows_(Tensor& s, const Tensor& keys, int64_t row0, double alpha, doubl
   p.epsilon = p.mine ? float(*epsilon) : 0.f;
   Tensor out = at::empty({2, q.rows}, s.options());
   float* lp = out.data_ptr<float>();
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(s.device());
+    check_cuda_launch(ms_rows_cuda(q, p, lp, lp + q.rows, write_grad, cuda_stream()), "ms_rows_");
+    return out;
+#endif
+  }
   at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
     ms_rows(q, p, lp, lp + q.rows, write_grad, r0, r1);
   });
@@ -179,11 +197,20 @@ Tensor ms_rows_(Tensor& s, const Tensor& keys, int64_t row0, double alpha, doubl
 // row, else [0]). s's self pairs are overwritten.
 std::tuple<Tensor, Tensor, Tensor> tcm_rows_op(Tensor& s, const Tensor& keys, int64_t row0,
                                                 double m_pos, double m_neg, bool collect) {
-  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows");
+  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows", true, true);
   const TcmParams p{float(m_pos), float(m_neg)};
   const auto f64 = s.options().dtype(at::kDouble), i64 = s.options().dtype(at::kLong);
   Tensor row_stats = at::empty({q.rows, 4}, f64);
   double* st = row_stats.data_ptr<double>();
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    TORCH_CHECK(!collect, "tcm_rows: the hard pairs' lists are CPU-only (collect=False on CUDA)");
+    const c10::cuda::CUDAGuard guard(s.device());
+    check_cuda_launch(tcm_rows_cuda(q, p, st, cuda_stream()), "tcm_rows");
+    return {row_stats.sum(0), at::add(row_stats.select(1, 1), row_stats.select(1, 3)).to(at::kLong),
+            at::empty({0}, s.options().dtype(at::kInt))};
+#endif
+  }
   at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
     tcm_rows(q, p, st, r0, r1);
   });
@@ -219,8 +246,17 @@ std::pair<float, float> coef_pair(const Tensor& coef, const char* op) {
 // s becomes -coef[0] on hard positives, +coef[1] on hard negatives, 0 elsewhere.
 void tcm_rows_grad_(Tensor& s, const Tensor& keys, int64_t row0, double m_pos, double m_neg,
                     const Tensor& coef) {
-  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows_grad_");
+  const SimBlock q = sim_block(s, &keys, row0, "tcm_rows_grad_", true, true);
   const TcmParams p{float(m_pos), float(m_neg)};
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    check_vector(coef, 2, at::kDouble, "tcm_rows_grad_", "coef", s.device());
+    const c10::cuda::CUDAGuard guard(s.device());
+    check_cuda_launch(tcm_rows_grad_cuda(q, p, coef.data_ptr<double>(), cuda_stream()),
+                      "tcm_rows_grad_");
+    return;
+#endif
+  }
   const auto [d_pos, d_neg] = coef_pair(coef, "tcm_rows_grad_");
   at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
     tcm_rows_grad(q, p, d_pos, d_neg, r0, r1);
@@ -279,10 +315,22 @@ Tensor pair_grad(const Tensor& e, const Tensor& keys, const Tensor& row_ptr, con
 std::tuple<Tensor, Tensor, Tensor> clip_rows_op(const Tensor& s_in, int64_t row0, double scale,
                                                 bool symmetric) {
   Tensor s = s_in;
-  const SimBlock q = sim_block(s, nullptr, row0, "clip_rows");
+  const SimBlock q = sim_block(s, nullptr, row0, "clip_rows", true, true);
   Tensor lse_row = at::empty({q.rows}, s.options()), diag = at::empty({q.rows}, s.options());
   Tensor lse_col = at::empty({symmetric ? q.n : 0}, s.options());
   float *lr = lse_row.data_ptr<float>(), *dg = diag.data_ptr<float>();
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(s.device());
+    const int64_t parts = symmetric ? clip_cuda_parts(q) : 0;
+    Tensor col_max = at::empty({parts, q.n}, s.options()), col_sum = at::empty({parts, q.n}, s.options());
+    check_cuda_launch(clip_rows_cuda(q, float(scale), lr, dg, col_max.data_ptr<float>(),
+                                     col_sum.data_ptr<float>(),
+                                     symmetric ? lse_col.data_ptr<float>() : nullptr, cuda_stream()),
+                      "clip_rows");
+    return {lse_row, diag, lse_col};
+#endif
+  }
   if (!symmetric) {
     at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
       clip_rows(q, float(scale), lr, dg, nullptr, nullptr, r0, r1);
@@ -305,11 +353,19 @@ std::tuple<Tensor, Tensor, Tensor> clip_rows_op(const Tensor& s_in, int64_t row0
 void clip_rows_grad_(Tensor& s, int64_t row0, double scale, const Tensor& lse_row,
                      const std::optional<Tensor>& lse_col, const Tensor& g) {
   constexpr const char* op = "clip_rows_grad_";
-  const SimBlock q = sim_block(s, nullptr, row0, op);
-  check_vector(lse_row, q.rows, at::kFloat, op, "lse_row");
-  check_vector(g, q.n, at::kFloat, op, "g");
-  if (lse_col) check_vector(*lse_col, q.n, at::kFloat, op, "lse_col");
+  const SimBlock q = sim_block(s, nullptr, row0, op, true, true);
+  check_vector(lse_row, q.rows, at::kFloat, op, "lse_row", s.device());
+  check_vector(g, q.n, at::kFloat, op, "g", s.device());
+  if (lse_col) check_vector(*lse_col, q.n, at::kFloat, op, "lse_col", s.device());
   const float* lc = lse_col ? lse_col->data_ptr<float>() : nullptr;
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(s.device());
+    check_cuda_launch(clip_rows_grad_cuda(q, float(scale), lse_row.data_ptr<float>(), lc,
+                                          g.data_ptr<float>(), cuda_stream()), op);
+    return;
+#endif
+  }
   at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
     clip_rows_grad(q, float(scale), lse_row.data_ptr<float>(), lc, g.data_ptr<float>(), r0, r1);
   });
@@ -419,5 +475,13 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("neighbour_dist_backward", &fastloss::neighbour_dist_backward);
 }
 #if defined(FASTLOSS_WITH_CUDA)
-TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { m.impl("mw_auc_forward", &fastloss::mw_auc_forward); }
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  m.impl("mw_auc_forward", &fastloss::mw_auc_forward);
+  m.impl("pair_label_keys", &fastloss::pair_label_keys);
+  m.impl("ms_rows_", &fastloss::ms_rows_);
+  m.impl("tcm_rows", &fastloss::tcm_rows_op);
+  m.impl("tcm_rows_grad_", &fastloss::tcm_rows_grad_);
+  m.impl("clip_rows", &fastloss::clip_rows_op);
+  m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
+}
 #endif

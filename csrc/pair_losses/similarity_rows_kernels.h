@@ -75,6 +75,23 @@ void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, 
 void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
                     const float* g, int64_t r0, int64_t r1);
 
+// ---- CUDA (similarity_rows_cuda.cu) ---------------------------------------------------------
+// The same ops on a device block (every pointer on the device), on `stream` (a cudaStream_t);
+// each returns nullptr or the CUDA error. The anchor's own pair is skipped, not overwritten.
+// tcm_rows_cuda writes row_stats [rows, 4] (no pair lists: the CUDA backward forms the blocks
+// again); coef is a device float64 [2]. clip_rows_cuda: with lse_col not null, also the block's
+// column log-sum-exps, using col_max / col_sum scratch of clip_cuda_parts(q) x n floats each.
+const char* ms_rows_cuda(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
+                         bool write_grad, void* stream);
+const char* tcm_rows_cuda(const SimBlock& q, const TcmParams& p, double* row_stats, void* stream);
+const char* tcm_rows_grad_cuda(const SimBlock& q, const TcmParams& p, const double* coef,
+                               void* stream);
+int64_t clip_cuda_parts(const SimBlock& q);
+const char* clip_rows_cuda(const SimBlock& q, float scale, float* lse_row, float* diag,
+                           float* col_max, float* col_sum, float* lse_col, void* stream);
+const char* clip_rows_grad_cuda(const SimBlock& q, float scale, const float* lse_row,
+                                const float* lse_col, const float* g, void* stream);
+
 // ---- k nearest neighbours (ICNN) ---------------------------------------------------------
 // Row i of S holds <x_{row0+i}, t_j>; d2_ij = max(0, row_sq[i] + col_sq[j] - 2 S_ij) (as
 // torch.cdist's matrix-product form). idx[i k .. i k + k) = the columns of the k smallest d2 of

@@ -13,10 +13,10 @@ of ``a`` (a GEMM per block, float32 math on it) keeping per-row and per-column l
 (the column ones merged across blocks); the backward forms each block again and folds its
 gradient into ``grad_a`` and ``grad_b`` with two GEMMs. Extra memory: one ``[rows, B]``
 block (32 MiB of float32 by default) and O(B) statistics, not the ``[B, B]`` matrix and its
-softmaxes that eager autograd keeps. On the CPU without ``weights``, the similarity-block
-kernels (``csrc/pair_losses/similarity_rows_*``: ``clip_rows`` and ``clip_rows_grad_``) do all
-of a block's element-wise work in two passes over each row; elsewhere (CUDA, CWCL weights) the
-blocks go through torch element-wise operations.
+softmaxes that eager autograd keeps. Without ``weights``, the similarity-block kernels
+(``csrc/pair_losses/similarity_rows_*``: ``clip_rows`` and ``clip_rows_grad_``; CPU, and CUDA
+in a CUDA build) do all of a block's element-wise work in two passes over each row; with CWCL
+weights (or on other devices) the blocks go through torch element-wise operations.
 """
 
 from __future__ import annotations
@@ -25,6 +25,8 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+
+from ._devices import has_kernel
 
 _BLOCK_BYTES = 32 << 20
 
@@ -111,17 +113,17 @@ class _Contrastive(torch.autograd.Function):
                 None, None, None, None)
 
 
-class _ContrastiveCpu(torch.autograd.Function):
-    """CPU kernels, no weights: clip_rows per block (row and column log-sum-exps, diagonal),
+class _ContrastiveKernel(torch.autograd.Function):
+    """Kernels (CPU; CUDA in a CUDA build), no weights: clip_rows per block (row and column log-sum-exps, diagonal),
     clip_rows_grad_ for the block's d loss / d S in the backward."""
 
     @staticmethod
     def forward(ctx, a, b, inv_t, symmetric, block):
         n = a.shape[0]
         af, bf = a.float().contiguous(), b.float().contiguous()
-        lse_row = torch.empty(n, dtype=torch.float32)
-        diag = torch.empty(n, dtype=torch.float32)
-        lse_col = torch.full((n,), float("-inf")) if symmetric else None
+        lse_row = torch.empty(n, dtype=torch.float32, device=a.device)
+        diag = torch.empty_like(lse_row)
+        lse_col = torch.full_like(lse_row, float("-inf")) if symmetric else None
         for r0, r1 in _blocks(n, block):
             lse_row[r0:r1], diag[r0:r1], part = torch.ops.fastloss.clip_rows(
                 af[r0:r1] @ bf.t(), r0, inv_t, symmetric)
@@ -140,8 +142,8 @@ class _ContrastiveCpu(torch.autograd.Function):
         inv_t, symmetric, block, a_dtype, b_dtype = ctx.args
         g = (grad_rows.float() * (0.5 if symmetric else 1.0)).contiguous()
         need_a, need_b = ctx.needs_input_grad[:2]
-        grad_a = torch.empty(af.shape, dtype=torch.float32) if need_a else None
-        grad_b = torch.zeros(bf.shape, dtype=torch.float32) if need_b else None
+        grad_a = torch.empty_like(af) if need_a else None
+        grad_b = torch.zeros_like(bf) if need_b else None
         for r0, r1 in _blocks(af.shape[0], block):
             s = af[r0:r1] @ bf.t()
             torch.ops.fastloss.clip_rows_grad_(s, r0, inv_t, lse_row[r0:r1], lse_col, g)
@@ -192,8 +194,8 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
     elif not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
-    if weights is None and a.device.type == "cpu":
-        rows = _ContrastiveCpu.apply(a, b, 1.0 / float(T), bool(symmetric), block_rows)
+    if weights is None and has_kernel(a):
+        rows = _ContrastiveKernel.apply(a, b, 1.0 / float(T), bool(symmetric), block_rows)
     else:
         rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
     if reduction == "mean":

@@ -18,14 +18,15 @@ only on its own row of ``S``, so the op goes over blocks of anchor rows, a GEMM 
 memory is one ``[rows, B]`` block and O(B) statistics, not the ``B x B`` matrix and the masks
 eager code builds.
 
-On the CPU, the similarity-block kernels (``csrc/pair_losses/similarity_rows_*``) do all of a
-block's element-wise work (masks, mining, sums, and the gradient ``d loss / d S`` written over
-the block) in two or three passes over each row while it is in cache; with ``reduction`` mean
-or sum the forward also forms the embedding gradient (two more GEMMs per block, so no block is
-formed twice) and the backward only scales it. TCM's gradient lives on its hard pairs only: the
-forward keeps their columns (while they are at most 1/16 of all pairs) and the backward adds
-``c e_j`` over that list instead of forming the blocks again. Other devices: the same blocks in
-float32 torch operations (4 MiB blocks, a dozen temporaries each), formed again in the backward.
+The similarity-block kernels (``csrc/pair_losses/similarity_rows_*``: CPU, and CUDA in a CUDA
+build) do all of a block's element-wise work (masks, mining, sums, and the gradient
+``d loss / d S`` written over the block) in two or three passes over each row; with
+``reduction`` mean or sum the forward also forms the embedding gradient (two more GEMMs per
+block, so no block is formed twice) and the backward only scales it. TCM's gradient lives on
+its hard pairs only: on the CPU the forward keeps their columns (while they are at most 1/16 of
+all pairs) and the backward adds ``c e_j`` over that list instead of forming the blocks again
+(CUDA: the blocks again). Other devices: the same blocks in float32 torch operations (4 MiB
+blocks, a dozen temporaries each), formed again in the backward.
 """
 
 from __future__ import annotations
@@ -36,15 +37,23 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._devices import has_kernel
+
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
 _KERNEL_BLOCK_BYTES = 4 << 20  # no temporaries on the CPU: TCM too gets 4 MiB blocks
+_CUDA_BLOCK_BYTES = 64 << 20   # CUDA: larger GEMMs, fewer launches
 _INF = float("inf")
 _SPARSE_FRACTION = 16  # TCM keeps its hard pairs for the backward while they are <= B^2 / 16
 
 
-def _cpu_kernels(e: Tensor) -> bool:
-    """The similarity-block kernels are CPU kernels; other devices use torch operations."""
-    return e.device.type == "cpu"
+def _kernels(e: Tensor) -> bool:
+    """Whether the similarity-block kernels run on e's device (the CPU; CUDA in a CUDA build);
+    elsewhere the losses use torch operations."""
+    return has_kernel(e)
+
+
+def _kernel_block_bytes(e):
+    return _KERNEL_BLOCK_BYTES if e.device.type == "cpu" else _CUDA_BLOCK_BYTES
 
 
 def _blocks(n, block):
@@ -144,16 +153,16 @@ class _MultiSimilarity(torch.autograd.Function):
         return grad.to(e.dtype), None, None, None, None, None, None
 
 
-class _MultiSimilarityCpu(torch.autograd.Function):
-    """CPU kernels: ms_rows_ per block; the reduced loss's gradient formed in the forward."""
+class _MultiSimilarityKernel(torch.autograd.Function):
+    """ms_rows_ per block; the reduced loss's gradient formed in the forward."""
 
     @staticmethod
     def forward(ctx, e, keys, alpha, beta, base, epsilon, reduction, block):
         n = e.shape[0]
         ef = e.float().contiguous()
         early = reduction != "none" and ctx.needs_input_grad[0]
-        stats = torch.empty(2, n, dtype=torch.float32)
-        grad = torch.zeros(ef.shape, dtype=torch.float32) if early else None
+        stats = torch.empty(2, n, dtype=torch.float32, device=e.device)
+        grad = torch.zeros_like(ef) if early else None
         for r0, r1 in _blocks(n, block):
             s = ef[r0:r1] @ ef.t()
             stats[:, r0:r1] = torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon,
@@ -177,7 +186,7 @@ class _MultiSimilarityCpu(torch.autograd.Function):
             return (grad * scale).to(dtype), None, None, None, None, None, None, None
         ef, keys = ctx.saved_tensors
         g = grad_out.float()
-        grad = torch.zeros(ef.shape, dtype=torch.float32)
+        grad = torch.zeros_like(ef)
         for r0, r1 in _blocks(ef.shape[0], block):
             s = ef[r0:r1] @ ef.t()
             torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon, True)
@@ -229,10 +238,10 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     e = F.normalize(emb, dim=1)
-    if _cpu_kernels(e):
-        block_rows = _block_rows(fn, block_rows, emb.shape[0], _KERNEL_BLOCK_BYTES)
+    if _kernels(e):
+        block_rows = _block_rows(fn, block_rows, emb.shape[0], _kernel_block_bytes(e))
         keys = torch.ops.fastloss.pair_label_keys(labels)
-        out = _MultiSimilarityCpu.apply(e, keys, float(alpha), float(beta), float(base),
+        out = _MultiSimilarityKernel.apply(e, keys, float(alpha), float(beta), float(base),
                                         None if epsilon is None else float(epsilon), reduction,
                                         block_rows)
         return out.to(emb.dtype)
@@ -294,16 +303,17 @@ def _tcm_coefficients(grad_loss, sums, w_pos, w_neg):
                                              w_neg / sums[3].clamp(min=1)])
 
 
-class _TcmCpu(torch.autograd.Function):
-    """CPU kernels: tcm_rows per block; the hard pairs' columns kept for a sparse backward."""
+class _TcmKernel(torch.autograd.Function):
+    """tcm_rows per block; on the CPU the hard pairs' columns kept for a sparse backward."""
 
     @staticmethod
     def forward(ctx, e, keys, m_pos, m_neg, w_pos, w_neg, block):
         n = e.shape[0]
         ef = e.float().contiguous()
-        collect = ctx.needs_input_grad[0] and not torch.compiler.is_compiling()
+        collect = (ctx.needs_input_grad[0] and e.device.type == "cpu"
+                   and not torch.compiler.is_compiling())
         cap = n * n // _SPARSE_FRACTION
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=e.device)
         row_nnz, cols, kept = [], [], 0
         for r0, r1 in _blocks(n, block):
             s = ef[r0:r1] @ ef.t()
@@ -332,10 +342,10 @@ class _TcmCpu(torch.autograd.Function):
         ef, keys, sums, *pairs = ctx.saved_tensors
         coef = _tcm_coefficients(grad_loss, sums, w_pos, w_neg)
         if sparse:  # d S_ij = -coef[0] on hard positives, +coef[1] on hard negatives
-            signed = coef * torch.tensor([-1.0, 1.0], dtype=torch.float64)
+            signed = coef * torch.tensor([-1.0, 1.0], dtype=torch.float64, device=coef.device)
             return (torch.ops.fastloss.pair_grad(ef, keys, *pairs, signed).to(dtype),
                     None, None, None, None, None, None)
-        grad = torch.zeros(ef.shape, dtype=torch.float32)
+        grad = torch.zeros_like(ef)
         for r0, r1 in _blocks(ef.shape[0], block):
             s = ef[r0:r1] @ ef.t()
             torch.ops.fastloss.tcm_rows_grad_(s, keys, r0, m_pos, m_neg, coef)
@@ -375,10 +385,10 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
         if not -1 <= v <= 1:
             raise ValueError(f"{fn}: {name} must be a cosine similarity in [-1, 1], got {v}")
     e = F.normalize(emb, dim=1)
-    if _cpu_kernels(e):
-        block_rows = _block_rows(fn, block_rows, emb.shape[0], _KERNEL_BLOCK_BYTES)
+    if _kernels(e):
+        block_rows = _block_rows(fn, block_rows, emb.shape[0], _kernel_block_bytes(e))
         keys = torch.ops.fastloss.pair_label_keys(labels)
-        return _TcmCpu.apply(e, keys, float(pos_margin), float(neg_margin), float(pos_weight),
+        return _TcmKernel.apply(e, keys, float(pos_margin), float(neg_margin), float(pos_weight),
                              float(neg_weight), block_rows).to(emb.dtype)
     block_rows = _block_rows(fn, block_rows, emb.shape[0], _BLOCK_BYTES // 4)
     return _Tcm.apply(e, labels, float(pos_margin), float(neg_margin), float(pos_weight),
