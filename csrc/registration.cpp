@@ -130,6 +130,12 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("neighbour_dist(Tensor x, Tensor t, Tensor idx, float eps) -> Tensor");
   m.def("neighbour_dist_backward(Tensor grad_dist, Tensor x, Tensor t, Tensor idx, Tensor dist, "
         "bool[2] grad_mask) -> (Tensor, Tensor)");
+  // Proto-Triplet on the CPU in one op (pair_losses_op.cpp): -> (loss, protos [K, D],
+  // idx [Q, 2], dist [Q, 2], inverse [S], counts [K]); its backward -> (grad_query, grad_support)
+  m.def("proto_triplet_forward(Tensor query, Tensor query_labels, Tensor support, "
+        "Tensor support_labels, float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def("proto_triplet_backward(Tensor grad, Tensor query, Tensor protos, Tensor idx, Tensor dist, "
+        "Tensor inverse, Tensor counts, float margin) -> (Tensor, Tensor)");
   // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
   // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
   m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "

@@ -204,9 +204,14 @@ def test_opcheck():
         (OPS.neighbour_dist.default, (torch.rand(6, 3), torch.rand(5, 3), torch.randint(0, 5, (6, 2)), 1e-6)),
         (OPS.neighbour_dist_backward.default, (torch.rand(6, 2), torch.rand(6, 3), torch.rand(5, 3),
                                                torch.randint(0, 5, (6, 2)), torch.rand(6, 2) + 1, [True, True])),
+        (OPS.proto_triplet_forward.default, (s[:, :5], torch.arange(6) % 3, s[:, :5], torch.arange(6) % 3, 0.5)),
         (OPS.clip_rows_grad_.default, (s.clone(), 4, 3.0, torch.rand(6), torch.rand(29), torch.rand(29))),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
+    e, lab = s[:, :5].contiguous(), torch.arange(6) % 3
+    saved = OPS.proto_triplet_forward(e, lab, e, lab, 0.5)[1:]
+    torch.library.opcheck(OPS.proto_triplet_backward.default, (torch.tensor(0.7), e, *saved, 0.5),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_input_errors_name_the_argument():

@@ -80,6 +80,9 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
         raise ValueError(f"{fn}: support has {support.shape[1]} features but query has {query.shape[1]}")
     if not margin >= 0:
         raise ValueError(f"{fn}: margin must be >= 0, got {margin}")
+    if _cpu_kernels(query):  # one op (its label checks raise RuntimeError with the same text)
+        return _ProtoTripletCpu.apply(query, support, query_labels, support_labels,
+                                      float(margin)).to(query.dtype)
     classes, inverse = torch.unique(support_labels, return_inverse=True)
     if classes.numel() < 2:
         raise ValueError(f"{fn}: the support needs at least two classes, got {classes.numel()}")
@@ -96,6 +99,42 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     # distance matrix and its backward
     d = _chosen_dist(query, protos, torch.stack([pos, neg], 1))
     return torch.relu(d[:, 0] - d[:, 1] + margin).mean().to(query.dtype)
+
+
+@torch.library.register_fake("fastloss::proto_triplet_forward")
+def _fake_proto_forward(query, query_labels, support, support_labels, margin):
+    k = torch.library.get_ctx().new_dynamic_size()
+    q, d = query.shape
+    f32 = dict(dtype=torch.float32)
+    return (query.new_empty((), **f32), query.new_empty((k, d), **f32),
+            query.new_empty((q, 2), dtype=torch.int64), query.new_empty((q, 2), **f32),
+            query.new_empty((support.shape[0],), dtype=torch.int64), query.new_empty((k,), **f32))
+
+
+@torch.library.register_fake("fastloss::proto_triplet_backward")
+def _fake_proto_backward(grad, query, protos, idx, dist, inverse, counts, margin):
+    return (query.new_empty(query.shape, dtype=torch.float32),
+            query.new_empty((inverse.shape[0], query.shape[1]), dtype=torch.float32))
+
+
+class _ProtoTripletCpu(torch.autograd.Function):
+    """CPU: proto_triplet_forward / _backward (pair_losses_op.cpp), the whole loss in one op
+    each way; a query set that is also the support gets both gradients (autograd adds them)."""
+
+    @staticmethod
+    def forward(ctx, query, support, query_labels, support_labels, margin):
+        loss, protos, idx, dist, inverse, counts = torch.ops.fastloss.proto_triplet_forward(
+            query, query_labels, support, support_labels, margin)
+        ctx.save_for_backward(query, protos, idx, dist, inverse, counts)
+        ctx.margin, ctx.dtypes = margin, (query.dtype, support.dtype)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, protos, idx, dist, inverse, counts = ctx.saved_tensors
+        grad_q, grad_s = torch.ops.fastloss.proto_triplet_backward(grad, query, protos, idx, dist,
+                                                                   inverse, counts, ctx.margin)
+        return grad_q.to(ctx.dtypes[0]), grad_s.to(ctx.dtypes[1]), None, None, None
 
 
 @torch.library.register_fake("fastloss::neighbour_dist")
