@@ -48,13 +48,14 @@ from fastloss.reference import pair_losses as R  # noqa: E402
 SHAPES = [(1, 1024, 1024), (1, 4096, 4096), (1, 16384, 16384), (256, 256, 256), (1024, 64, 512)]
 QUICK = [(1, 512, 512), (16, 64, 128)]
 # contrastive: (B, D), B x B similarities
-CONTRASTIVE = [(4096, 128), (4096, 512), (16384, 128)]
+CONTRASTIVE = [(256, 128), (4096, 128), (4096, 512), (4096, 1024), (16384, 128)]
 CONTRASTIVE_QUICK = [(256, 32)]
 # multi-similarity: (B, D), about 40 samples per class
-METRIC = [(1024, 128), (4096, 128), (4096, 512)]
+METRIC = [(256, 128), (1024, 128), (4096, 128), (4096, 512), (4096, 1024), (16384, 128)]
 METRIC_QUICK = [(128, 16)]
 ICNN_EPS = 1e-7
 PML_TCM_MAX_B = 1024
+PML_MS_MAX_B = 4096  # pml's Multi-Similarity took 1.26 GB at 4096 (x B^2: about 20 GB at 16384)
 
 
 def proto_triplet_eager(emb, labels, margin=0.5):
@@ -183,9 +184,12 @@ def main(argv=None):
         gen = torch.Generator(device=device).manual_seed(b * 3 + d)
         labels = torch.randint(0, max(2, b // 40), (b,), device=device, generator=gen)
         emb = torch.randn(b, d, device=device, generator=gen).requires_grad_(True)
+        pml_ms_reason = pml_reason or (None if b <= PML_MS_MAX_B else
+                                       f"skipped: pytorch-metric-learning's Multi-Similarity needs about "
+                                       f"{1.26 * (b / 4096) ** 2:.0f} GB at B = {b} (1.26 GB at 4096, x B^2)")
         variants = {"fastloss": lambda: fastloss.ops.multi_similarity_loss(emb, labels),
                     "pytorch_metric_learning": (lambda: pml_loss(emb, labels, pml_miner(emb, labels)))
-                    if pml_reason is None else pml_reason,
+                    if pml_ms_reason is None else pml_ms_reason,
                     "eager_reference": lambda: RM.multi_similarity_loss(emb, labels, compute_dtype=None)}
         for variant, fn in variants.items():
             measure_embedding_loss(res, fn, emb, device, cols, dict(
