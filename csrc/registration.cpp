@@ -124,6 +124,13 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("clip_rows(Tensor s, int row0, float scale, bool symmetric) -> (Tensor, Tensor, Tensor)");
   m.def("clip_rows_grad_(Tensor(a!) s, int row0, float scale, Tensor lse_row, Tensor? lse_col, "
         "Tensor g) -> ()");
+  // The contrastive loss's block loops (pair_losses_op.cpp; CPU and CUDA builds' CUDA):
+  // -> (rows, lse_row, lse_col, s_kept); the backward consumes s_kept when it is the whole S
+  m.def("contrastive_forward(Tensor a, Tensor b, float inv_t, bool symmetric, int block_rows, "
+        "bool keep) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("contrastive_backward(Tensor grad_rows, Tensor a, Tensor b, Tensor lse_row, Tensor lse_col, "
+        "Tensor(a!) s_kept, float inv_t, bool symmetric, int block_rows, bool[2] grad_mask) "
+        "-> (Tensor, Tensor)");
   m.def("knn_rows(Tensor s, Tensor row_sq, Tensor col_sq, int row0, bool exclude_self, int k) "
         "-> Tensor");
   // Distances of chosen pairs, x_i to t_idx[i, c] (ICNN's neighbours, Proto-Triplet's prototypes)

@@ -106,3 +106,16 @@ def test_cuda_equals_cpu():
         results.append((out.cpu(), x.grad.cpu(), y.grad.cpu()))
     for got, exp in zip(*results):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("block", [None, 5])
+def test_second_backward_forms_the_matrix_again(block):
+    # one block: the forward hands S to the backward, which overwrites it; a second backward
+    # (retain_graph) must form S again and give the same gradients
+    a, b, _ = make(23, 6, torch.float32, seed=3)
+    x, y = a.clone().requires_grad_(True), b.clone().requires_grad_(True)
+    loss = ops.contrastive_loss(x, y, 0.1, block_rows=block)
+    first = torch.autograd.grad(loss, (x, y), retain_graph=True)
+    second = torch.autograd.grad(loss, (x, y))
+    for g1, g2 in zip(first, second):
+        torch.testing.assert_close(g1, g2)

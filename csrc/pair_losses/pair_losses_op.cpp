@@ -10,7 +10,12 @@
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/equal.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/logaddexp.h>
+#include <ATen/ops/mm.h>
+#include <ATen/ops/zeros_like.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/sub.h>
@@ -377,6 +382,66 @@ void clip_rows_grad_(Tensor& s, int64_t row0, double scale, const Tensor& lse_ro
   });
 }
 
+// The contrastive loss's block loops (python/fastloss/ops/contrastive.py) in C++: the same
+// GEMMs and clip_rows / clip_rows_grad_ calls without Python's per-call overhead, which at
+// B = 256 is as large as the work. keep: when the whole S fits in one block, return it
+// (s_kept) so that the backward need not form it again (3 GEMMs in all, as eager, instead of 4).
+// -> (each row's term [B] (averaged with its column's when symmetric), lse_row [B], lse_col
+// [B] or [0], s_kept [B, B] or [0, 0]), float32
+std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_forward(const Tensor& a, const Tensor& b,
+                                                               double inv_t, bool symmetric,
+                                                               int64_t block_rows, bool keep) {
+  constexpr const char* op = "contrastive_loss";
+  TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), op, ": a and b must be [B, D] of the same shape");
+  TORCH_CHECK(block_rows >= 1, op, ": block_rows must be >= 1, got ", block_rows);
+  const Tensor af = a.to(at::kFloat).contiguous(), bf = b.to(at::kFloat).contiguous();
+  const int64_t n = af.size(0);
+  const auto f32 = af.options();
+  Tensor lse_row = at::empty({n}, f32), diag = at::empty({n}, f32);
+  Tensor lse_col = symmetric ? at::full({n}, -std::numeric_limits<float>::infinity(), f32)
+                             : at::empty({0}, f32);
+  Tensor s_kept = at::empty({0, 0}, f32);
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t r1 = std::min(n, r0 + block_rows);
+    Tensor s = at::mm(af.slice(0, r0, r1), bf.t());
+    auto [lr, dg, part] = clip_rows_op(s, r0, inv_t, symmetric);
+    lse_row.slice(0, r0, r1).copy_(lr);
+    diag.slice(0, r0, r1).copy_(dg);
+    if (symmetric) lse_col = at::logaddexp(lse_col, part);
+    if (keep && r0 == 0 && r1 == n) s_kept = s;
+  }
+  Tensor rows = at::sub(lse_row, diag);
+  if (symmetric) rows.add_(lse_col).sub_(diag).mul_(0.5);  // column i's target: the same diagonal
+  return {rows, lse_row, lse_col, s_kept};
+}
+
+// -> (grad_a [B, D] or [0], grad_b [B, D] or [0]) float32 for the upstream gradient of each
+// row's term; s_kept (consumed: its storage becomes the gradient block) or the blocks again.
+std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const Tensor& a,
+                                                const Tensor& b, const Tensor& lse_row,
+                                                const Tensor& lse_col, const Tensor& s_kept,
+                                                double inv_t, bool symmetric, int64_t block_rows,
+                                                std::array<bool, 2> mask) {
+  const Tensor af = a.to(at::kFloat).contiguous(), bf = b.to(at::kFloat).contiguous();
+  const int64_t n = af.size(0);
+  const Tensor g = grad_rows.to(at::kFloat).mul(symmetric ? 0.5 : 1.0).contiguous();
+  Tensor grad_a = mask[0] ? at::empty_like(af) : at::empty({0}, af.options());
+  Tensor grad_b = mask[1] ? at::zeros_like(bf) : at::empty({0}, af.options());
+  const std::optional<Tensor> col = symmetric ? std::optional<Tensor>(lse_col) : std::nullopt;
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t r1 = std::min(n, r0 + block_rows);
+    Tensor s = s_kept.numel() == n * n && r0 == 0 && r1 == n ? s_kept
+                                                              : at::mm(af.slice(0, r0, r1), bf.t());
+    clip_rows_grad_(s, r0, inv_t, lse_row.slice(0, r0, r1).contiguous(), col, g);
+    if (mask[0]) {
+      Tensor out = grad_a.slice(0, r0, r1);
+      at::mm_out(out, s, bf);
+    }
+    if (mask[1]) grad_b.addmm_(s.t(), af.slice(0, r0, r1));
+  }
+  return {grad_a, grad_b};
+}
+
 // -> [rows, k] int64: each row's k nearest columns by squared distance (knn_rows)
 Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_sq, int64_t row0,
                    bool exclude_self, int64_t k) {
@@ -521,6 +586,8 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("pair_grad", &fastloss::pair_grad);
   m.impl("clip_rows", &fastloss::clip_rows_op);
   m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
+  m.impl("contrastive_forward", &fastloss::contrastive_forward);
+  m.impl("contrastive_backward", &fastloss::contrastive_backward);
   m.impl("knn_rows", &fastloss::knn_rows_op);
   m.impl("neighbour_dist", &fastloss::neighbour_dist_op);
   m.impl("neighbour_dist_backward", &fastloss::neighbour_dist_backward);
@@ -536,5 +603,7 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("tcm_rows_grad_", &fastloss::tcm_rows_grad_);
   m.impl("clip_rows", &fastloss::clip_rows_op);
   m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
+  m.impl("contrastive_forward", &fastloss::contrastive_forward);
+  m.impl("contrastive_backward", &fastloss::contrastive_backward);
 }
 #endif

@@ -13,10 +13,13 @@ of ``a`` (a GEMM per block, float32 math on it) keeping per-row and per-column l
 (the column ones merged across blocks); the backward forms each block again and folds its
 gradient into ``grad_a`` and ``grad_b`` with two GEMMs. Extra memory: one ``[rows, B]``
 block (32 MiB of float32 by default) and O(B) statistics, not the ``[B, B]`` matrix and its
-softmaxes that eager autograd keeps. Without ``weights``, the similarity-block kernels
+softmaxes that eager autograd keeps; when the whole matrix is one block (B <= 2896 at the
+default size, without CWCL weights) the forward keeps it for the backward instead (3 GEMMs in
+all, as eager). Without ``weights``, the similarity-block kernels
 (``csrc/pair_losses/similarity_rows_*``: ``clip_rows`` and ``clip_rows_grad_``; CPU, and CUDA
-in a CUDA build) do all of a block's element-wise work in two passes over each row; with CWCL
-weights (or on other devices) the blocks go through torch element-wise operations.
+in a CUDA build) do all of a block's element-wise work in two passes over each row, and the
+block loops run in C++ (``contrastive_forward`` / ``_backward``); with CWCL weights (or on other
+devices) the blocks go through torch element-wise operations.
 """
 
 from __future__ import annotations
@@ -113,45 +116,47 @@ class _Contrastive(torch.autograd.Function):
                 None, None, None, None)
 
 
+@torch.library.register_fake("fastloss::contrastive_forward")
+def _fake_contrastive_forward(a, b, inv_t, symmetric, block_rows, keep):
+    n = a.shape[0]
+    kept = (n, n) if keep and block_rows >= n else (0, 0)
+    f32 = dict(dtype=torch.float32)
+    return (a.new_empty((n,), **f32), a.new_empty((n,), **f32),
+            a.new_empty((n if symmetric else 0,), **f32), a.new_empty(kept, **f32))
+
+
+@torch.library.register_fake("fastloss::contrastive_backward")
+def _fake_contrastive_backward(grad_rows, a, b, lse_row, lse_col, s_kept, inv_t, symmetric,
+                               block_rows, grad_mask):
+    return (a.new_empty(a.shape if grad_mask[0] else (0,), dtype=torch.float32),
+            b.new_empty(b.shape if grad_mask[1] else (0,), dtype=torch.float32))
+
+
 class _ContrastiveKernel(torch.autograd.Function):
-    """Kernels (CPU; CUDA in a CUDA build), no weights: clip_rows per block (row and column log-sum-exps, diagonal),
-    clip_rows_grad_ for the block's d loss / d S in the backward."""
+    """Kernels (CPU; CUDA in a CUDA build), no weights: contrastive_forward / _backward run the
+    block loops in C++ (clip_rows per block: row and column log-sum-exps, diagonal;
+    clip_rows_grad_ for the block's d loss / d S in the backward). When S is one block, the
+    forward hands it to the backward (consumed there) instead of it being formed again."""
 
     @staticmethod
     def forward(ctx, a, b, inv_t, symmetric, block):
-        n = a.shape[0]
-        af, bf = a.float().contiguous(), b.float().contiguous()
-        lse_row = torch.empty(n, dtype=torch.float32, device=a.device)
-        diag = torch.empty_like(lse_row)
-        lse_col = torch.full_like(lse_row, float("-inf")) if symmetric else None
-        for r0, r1 in _blocks(n, block):
-            lse_row[r0:r1], diag[r0:r1], part = torch.ops.fastloss.clip_rows(
-                af[r0:r1] @ bf.t(), r0, inv_t, symmetric)
-            if symmetric:
-                lse_col = torch.logaddexp(lse_col, part)
-        rows = lse_row - diag
-        if symmetric:  # column i's target is the same diagonal entry
-            rows = (rows + (lse_col - diag)) / 2
-        ctx.save_for_backward(af, bf, lse_row, lse_col)
-        ctx.args = (inv_t, symmetric, block, a.dtype, b.dtype)
+        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        rows, lse_row, lse_col, s_kept = torch.ops.fastloss.contrastive_forward(
+            a, b, inv_t, symmetric, block, keep)
+        ctx.save_for_backward(a, b, lse_row, lse_col)
+        ctx.s_kept = s_kept  # not saved_tensors: the backward overwrites it, once
+        ctx.args = (inv_t, symmetric, block)
         return rows
 
     @staticmethod
     def backward(ctx, grad_rows):
-        af, bf, lse_row, lse_col = ctx.saved_tensors
-        inv_t, symmetric, block, a_dtype, b_dtype = ctx.args
-        g = (grad_rows.float() * (0.5 if symmetric else 1.0)).contiguous()
-        need_a, need_b = ctx.needs_input_grad[:2]
-        grad_a = torch.empty_like(af) if need_a else None
-        grad_b = torch.zeros_like(bf) if need_b else None
-        for r0, r1 in _blocks(af.shape[0], block):
-            s = af[r0:r1] @ bf.t()
-            torch.ops.fastloss.clip_rows_grad_(s, r0, inv_t, lse_row[r0:r1], lse_col, g)
-            if need_a:
-                torch.mm(s, bf, out=grad_a[r0:r1])
-            if need_b:
-                grad_b.addmm_(s.t(), af[r0:r1])
-        return (grad_a.to(a_dtype) if need_a else None, grad_b.to(b_dtype) if need_b else None,
+        a, b, lse_row, lse_col = ctx.saved_tensors
+        inv_t, symmetric, block = ctx.args
+        s_kept, ctx.s_kept = ctx.s_kept, lse_row.new_empty((0, 0))  # a second backward: again
+        need = list(ctx.needs_input_grad[:2])
+        grad_a, grad_b = torch.ops.fastloss.contrastive_backward(
+            grad_rows, a, b, lse_row, lse_col, s_kept, inv_t, symmetric, block, need)
+        return (grad_a.to(a.dtype) if need[0] else None, grad_b.to(b.dtype) if need[1] else None,
                 None, None, None)
 
 
