@@ -325,20 +325,30 @@ class _TcmKernel(torch.autograd.Function):
                 row_nnz, cols = (row_nnz + [nnz], cols + [c]) if collect else ([], [])
         loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
         sparse = collect  # every block's pairs were kept
+        # one block and no pair list: the coefficients are known now, so the gradient (for an
+        # upstream 1) is formed from the block in hand; the backward only scales it
+        early = ctx.needs_input_grad[0] and not sparse and n <= block
         if sparse:
             row_ptr = torch.zeros(n + 1, dtype=torch.int64)
             if n:
                 torch.cumsum(torch.cat(row_nnz), 0, out=row_ptr[1:])
             cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32)
             ctx.save_for_backward(ef, keys, sums, row_ptr, cols)
+        elif early and n:
+            torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg,
+                                              _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg))
+            ctx.save_for_backward(torch.addmm(s.t() @ ef, s, ef))
         else:
             ctx.save_for_backward(ef, keys, sums)
-        ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, e.dtype)
+        ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, early and n > 0, e.dtype)
         return loss.float()
 
     @staticmethod
     def backward(ctx, grad_loss):
-        m_pos, m_neg, w_pos, w_neg, block, sparse, dtype = ctx.args
+        m_pos, m_neg, w_pos, w_neg, block, sparse, early, dtype = ctx.args
+        if early:
+            (grad,) = ctx.saved_tensors
+            return (grad * grad_loss.float()).to(dtype), None, None, None, None, None, None
         ef, keys, sums, *pairs = ctx.saved_tensors
         coef = _tcm_coefficients(grad_loss, sums, w_pos, w_neg)
         if sparse:  # d S_ij = -coef[0] on hard positives, +coef[1] on hard negatives
