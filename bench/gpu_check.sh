@@ -65,9 +65,9 @@ TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout 120"
 
 # STEPS picks what runs after the build (default: everything, which takes longer than one
-# 10-minute device call): e.g. STEPS="tests" first, then STEPS="losses tcn sinkhorn distill metric" on
+# 10-minute device call): e.g. STEPS="tests" first, then STEPS="losses tcn sinkhorn distill metric pair" on
 # the still-warm machine, where the build is incremental. Each step has its own time limit.
-STEPS=${STEPS:-"tests losses linear quant tcn sinkhorn distill metric cpu"}
+STEPS=${STEPS:-"tests losses linear quant tcn sinkhorn distill metric pair cpu"}
 want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
 bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda, if NAME is in STEPS
   local name=$1 script=$2 limit=$3
@@ -96,6 +96,7 @@ bench tcn bench_tcn.py "${TCN_BENCH_TIMEOUT:-150}"
 bench sinkhorn bench_sinkhorn.py "${SINKHORN_BENCH_TIMEOUT:-120}"
 bench distill bench_distill.py "${DISTILL_BENCH_TIMEOUT:-150}"
 bench metric bench_metric_losses.py "${METRIC_BENCH_TIMEOUT:-120}"
+bench pair bench_pair_losses.py "${PAIR_BENCH_TIMEOUT:-150}"
 
 if want cpu; then
   stamp "CPU tests of the torch integration and the argument checks"
