@@ -401,9 +401,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_forward(const Tensor& a, 
   Tensor lse_col = symmetric ? at::full({n}, -std::numeric_limits<float>::infinity(), f32)
                              : at::empty({0}, f32);
   Tensor s_kept = at::empty({0, 0}, f32);
+  // one reused block: fresh ones interleaved with the small tensors kept across blocks fragment
+  // the heap (metric.py's _block_products)
+  Tensor buf = at::empty({std::min(block_rows, n), n}, f32);
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = at::mm(af.slice(0, r0, r1), bf.t());
+    Tensor s = buf.slice(0, 0, r1 - r0);
+    at::mm_out(s, af.slice(0, r0, r1), bf.t());
     auto [lr, dg, part] = clip_rows_op(s, r0, inv_t, symmetric);
     lse_row.slice(0, r0, r1).copy_(lr);
     diag.slice(0, r0, r1).copy_(dg);
@@ -428,10 +432,12 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
   Tensor grad_a = mask[0] ? at::empty_like(af) : at::empty({0}, af.options());
   Tensor grad_b = mask[1] ? at::zeros_like(bf) : at::empty({0}, af.options());
   const std::optional<Tensor> col = symmetric ? std::optional<Tensor>(lse_col) : std::nullopt;
+  const bool kept = s_kept.numel() == n * n && n <= block_rows;
+  Tensor buf = kept ? s_kept : at::empty({std::min(block_rows, n), n}, af.options());
   for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
     const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = s_kept.numel() == n * n && r0 == 0 && r1 == n ? s_kept
-                                                              : at::mm(af.slice(0, r0, r1), bf.t());
+    Tensor s = buf.slice(0, 0, r1 - r0);
+    if (!kept) at::mm_out(s, af.slice(0, r0, r1), bf.t());
     clip_rows_grad_(s, r0, inv_t, lse_row.slice(0, r0, r1).contiguous(), col, g);
     if (mask[0]) {
       Tensor out = grad_a.slice(0, r0, r1);

@@ -193,10 +193,11 @@ def _neighbours(emb, target, k, exclude_self):
         if _cpu_kernels(emb) and k <= _KNN_KERNEL_MAX:
             ef, tf = emb.float().contiguous(), target.float().contiguous()
             row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
-            for r0 in range(0, n, block):
+            buf = ef.new_empty((min(block, n), m))  # one reused block (a fresh one per step
+            for r0 in range(0, n, block):           # fragments the heap: metric._block_products)
                 r1 = min(n, r0 + block)
-                out[r0:r1] = torch.ops.fastloss.knn_rows(ef[r0:r1] @ tf.t(), row_sq[r0:r1], col_sq,
-                                                         r0, exclude_self, k)
+                dots = torch.mm(ef[r0:r1], tf.t(), out=buf[: r1 - r0])
+                out[r0:r1] = torch.ops.fastloss.knn_rows(dots, row_sq[r0:r1], col_sq, r0, exclude_self, k)
             return out
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)

@@ -61,6 +61,17 @@ def _blocks(n, block):
         yield r0, min(n, r0 + block)
 
 
+def _block_products(ef, block):
+    """(r0, r1, S[r0:r1]) over the blocks of rows of S = ef ef^T, each formed into one reused
+    buffer: a fresh block per step, interleaved with the small tensors kept across steps (TCM's
+    pair lists), fragmented the heap - the peak grew by about a block per step (measured: +0.8
+    GB at B = 16384)."""
+    n = ef.shape[0]
+    buf = ef.new_empty((min(block, n), n))
+    for r0, r1 in _blocks(n, block):
+        yield r0, r1, torch.mm(ef[r0:r1], ef.t(), out=buf[: r1 - r0])
+
+
 # ---- fake kernels of the similarity-block ops (pair_losses_op.cpp) -----------------------------
 
 @torch.library.register_fake("fastloss::pair_label_keys")
@@ -163,8 +174,7 @@ class _MultiSimilarityKernel(torch.autograd.Function):
         early = reduction != "none" and ctx.needs_input_grad[0]
         stats = torch.empty(2, n, dtype=torch.float32, device=e.device)
         grad = torch.zeros_like(ef) if early else None
-        for r0, r1 in _blocks(n, block):
-            s = ef[r0:r1] @ ef.t()
+        for r0, r1, s in _block_products(ef, block):
             stats[:, r0:r1] = torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon,
                                                           early)
             if early:  # S = e e^T: both factors get d loss / d S
@@ -187,8 +197,7 @@ class _MultiSimilarityKernel(torch.autograd.Function):
         ef, keys = ctx.saved_tensors
         g = grad_out.float()
         grad = torch.zeros_like(ef)
-        for r0, r1 in _blocks(ef.shape[0], block):
-            s = ef[r0:r1] @ ef.t()
+        for r0, r1, s in _block_products(ef, block):
             torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon, True)
             s.mul_(g[r0:r1, None])
             grad[r0:r1].addmm_(s, ef)
@@ -315,8 +324,7 @@ class _TcmKernel(torch.autograd.Function):
         cap = n * n // _SPARSE_FRACTION
         sums = torch.zeros(4, dtype=torch.float64, device=e.device)
         row_nnz, cols, kept = [], [], 0
-        for r0, r1 in _blocks(n, block):
-            s = ef[r0:r1] @ ef.t()
+        for r0, r1, s in _block_products(ef, block):
             part, nnz, c = torch.ops.fastloss.tcm_rows(s, keys, r0, m_pos, m_neg, collect)
             sums += part
             if collect:
@@ -356,8 +364,7 @@ class _TcmKernel(torch.autograd.Function):
             return (torch.ops.fastloss.pair_grad(ef, keys, *pairs, signed).to(dtype),
                     None, None, None, None, None, None)
         grad = torch.zeros_like(ef)
-        for r0, r1 in _blocks(ef.shape[0], block):
-            s = ef[r0:r1] @ ef.t()
+        for r0, r1, s in _block_products(ef, block):
             torch.ops.fastloss.tcm_rows_grad_(s, keys, r0, m_pos, m_neg, coef)
             grad[r0:r1].addmm_(s, ef)
             grad.addmm_(s.t(), ef[r0:r1])
