@@ -69,16 +69,23 @@ inline auto same_key(const float* keys, int64_t j, float key) {
   return vabs(load<U>(keys + j) - U(key)) < U(0.5f);
 }
 
+// f(i, row, key) for each anchor row i of [r0, r1), its self pair first set to +inf: no
+// positive's minimum, never a kept or hard pair, exp(-inf) = 0
+template <class F>
+inline void for_anchor_rows(const SimBlock& q, int64_t r0, int64_t r1, F&& f) {
+  for (int64_t i = r0; i < r1; ++i) {
+    float* row = q.s + i * q.n;
+    row[q.row0 + i] = kInf;
+    f(i, row, q.keys[q.row0 + i]);
+  }
+}
+
 template <class V>
 void ms_rows_t(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
                bool write_grad, int64_t r0, int64_t r1) {
   const int64_t n = q.n;
   const float eps = p.mine ? p.epsilon : 0.f;
-  for (int64_t i = r0; i < r1; ++i) {
-    float* s = q.s + i * n;
-    const int64_t self = q.row0 + i;
-    const float key = q.keys[self];
-    s[self] = kInf;  // the anchor itself: no positive's minimum, never kept, exp(-inf) = 0
+  for_anchor_rows(q, r0, r1, [&](int64_t i, float* s, float key) {
     LaneAcc<V, MinOp> min_pos(kInf);
     LaneAcc<V, MaxOp> max_neg(-kInf);
     for_lanes<V>(n, [&]<class U>(int64_t j) {
@@ -115,7 +122,7 @@ void ms_rows_t(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_
     const double lp = log1p_sum(shift_p, sum_p.total()), ln = log1p_sum(shift_n, sum_n.total());
     lse_pos[i] = float(lp);
     lse_neg[i] = float(ln);
-    if (!write_grad) continue;
+    if (!write_grad) return;
     // d loss_i / d S = -e^(alpha (base - S) - lse_pos) on kept positives, +e^(beta (S - base)
     // - lse_neg) on kept negatives: the stored signed exponentials times e^(shift - lse)
     const float gp = float(std::exp(shift_p - lp)), gn = float(std::exp(shift_n - ln));
@@ -123,7 +130,7 @@ void ms_rows_t(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_
       const U v = load<U>(s + j);
       VecIo<U>::store(s + j, vselect(v < U(0.f), v * U(gp), v * U(gn)));
     });
-  }
+  });
 }
 
 // hard positives and hard negatives of a TCM row
@@ -140,11 +147,7 @@ template <class V>
 void tcm_rows_t(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0,
                 int64_t r1) {
   const int64_t n = q.n;
-  for (int64_t i = r0; i < r1; ++i) {
-    float* s = q.s + i * n;
-    const int64_t self = q.row0 + i;
-    const float key = q.keys[self];
-    s[self] = kInf;  // not a hard positive (S <= m_pos fails), and of its own class
+  for_anchor_rows(q, r0, r1, [&](int64_t i, float* s, float key) {
     LaneAcc<V, SumOp> sum_p(0.f), cnt_p(0.f), sum_n(0.f), cnt_n(0.f);
     for_lanes<V>(n, [&]<class U>(int64_t j) {
       const U x = load<U>(s + j);
@@ -160,18 +163,14 @@ void tcm_rows_t(const SimBlock& q, const TcmParams& p, double* row_stats, int64_
     st[1] = cnt_p.total();
     st[2] = sum_n.total();
     st[3] = cnt_n.total();
-  }
+  });
 }
 
 template <class V>
 void tcm_pairs_t(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
                  int64_t r0, int64_t r1) {
   const int64_t n = q.n;
-  for (int64_t i = r0; i < r1; ++i) {
-    float* s = q.s + i * n;
-    const int64_t self = q.row0 + i;
-    const float key = q.keys[self];
-    s[self] = kInf;
+  for_anchor_rows(q, r0, r1, [&](int64_t i, float* s, float key) {
     int32_t* out = cols + offsets[i];
     for_lanes<V>(n, [&]<class U>(int64_t j) {
       const U x = load<U>(s + j);
@@ -182,25 +181,21 @@ void tcm_pairs_t(const SimBlock& q, const TcmParams& p, const int64_t* offsets, 
         bits &= bits - 1;
       }
     });
-  }
+  });
 }
 
 template <class V>
 void tcm_rows_grad_t(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg,
                      int64_t r0, int64_t r1) {
   const int64_t n = q.n;
-  for (int64_t i = r0; i < r1; ++i) {
-    float* s = q.s + i * n;
-    const int64_t self = q.row0 + i;
-    const float key = q.keys[self];
-    s[self] = kInf;
+  for_anchor_rows(q, r0, r1, [&](int64_t, float* s, float key) {
     for_lanes<V>(n, [&]<class U>(int64_t j) {
       const U x = load<U>(s + j);
       const auto same = same_key<U>(q.keys, j, key);
       VecIo<U>::store(s + j, vselect(tcm_hard_pos<U>(x, same, p), U(-d_pos),
                                      vselect(tcm_hard_neg<U>(x, same, p), U(d_neg), U(0.f))));
     });
-  }
+  });
 }
 
 template <class V>
