@@ -131,6 +131,9 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("contrastive_backward(Tensor grad_rows, Tensor a, Tensor b, Tensor lse_row, Tensor lse_col, "
         "Tensor(a!) s_kept, float inv_t, bool symmetric, int block_rows, bool[2] grad_mask) "
         "-> (Tensor, Tensor)");
+  // Multi-Similarity's block loops: -> (stats [2, B] or [0], gradient or [0]); see the op file
+  m.def("ms_blocks(Tensor e, Tensor keys, float alpha, float beta, float base, float? epsilon, "
+        "int block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");
   m.def("knn_rows(Tensor s, Tensor row_sq, Tensor col_sq, int row0, bool exclude_self, int k) "
         "-> Tensor");
   // Distances of chosen pairs, x_i to t_idx[i, c] (ICNN's neighbours, Proto-Triplet's prototypes)

@@ -448,6 +448,40 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
   return {grad_a, grad_b};
 }
 
+// Multi-Similarity's block loops (python/fastloss/ops/metric.py) in C++, as the contrastive
+// loss's: blocks of S = E E^T into one reused buffer, ms_rows_ on each. With grad_rows empty
+// (the forward): -> (stats [2, B], and with early the gradient for an upstream gradient of 1
+// per row, formed from the blocks in hand, else [0]); with grad_rows [B] (the backward): the
+// blocks again, each row's d loss / d S scaled by its upstream gradient -> ([0], gradient).
+std::tuple<Tensor, Tensor> ms_blocks(const Tensor& e, const Tensor& keys, double alpha,
+                                     double beta, double base, std::optional<double> epsilon,
+                                     int64_t block_rows, bool early,
+                                     const std::optional<Tensor>& grad_rows) {
+  TORCH_CHECK(e.dim() == 2 && block_rows >= 1, "multi_similarity_loss: e must be [B, D] and "
+              "block_rows >= 1, got ", e.sizes(), " and ", block_rows);
+  const Tensor ef = e.to(at::kFloat).contiguous();
+  const int64_t n = ef.size(0);
+  const bool backward = grad_rows.has_value();
+  const bool grads = early || backward;
+  Tensor stats = at::empty({backward ? 0 : 2, n}, ef.options());
+  Tensor grad = grads ? at::zeros_like(ef) : at::empty({0}, ef.options());
+  const Tensor g = backward ? grad_rows->to(at::kFloat).contiguous() : Tensor();
+  Tensor buf = at::empty({std::min(block_rows, n), n}, ef.options());  // one reused block
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t r1 = std::min(n, r0 + block_rows);
+    Tensor s = buf.slice(0, 0, r1 - r0);
+    at::mm_out(s, ef.slice(0, r0, r1), ef.t());
+    const Tensor st = ms_rows_(s, keys, r0, alpha, beta, base, epsilon, grads);
+    if (!backward) stats.slice(1, r0, r1).copy_(st);
+    if (!grads) continue;
+    if (backward) s.mul_(g.slice(0, r0, r1).unsqueeze(1));
+    Tensor rows = grad.slice(0, r0, r1);
+    rows.addmm_(s, ef);                               // S = E E^T: both factors get d loss / d S
+    grad.addmm_(s.t(), ef.slice(0, r0, r1));
+  }
+  return {stats, grad};
+}
+
 // -> [rows, k] int64: each row's k nearest columns by squared distance (knn_rows)
 Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_sq, int64_t row0,
                    bool exclude_self, int64_t k) {
@@ -594,6 +628,7 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
   m.impl("contrastive_forward", &fastloss::contrastive_forward);
   m.impl("contrastive_backward", &fastloss::contrastive_backward);
+  m.impl("ms_blocks", &fastloss::ms_blocks);
   m.impl("knn_rows", &fastloss::knn_rows_op);
   m.impl("neighbour_dist", &fastloss::neighbour_dist_op);
   m.impl("neighbour_dist_backward", &fastloss::neighbour_dist_backward);
@@ -611,5 +646,6 @@ TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
   m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
   m.impl("contrastive_forward", &fastloss::contrastive_forward);
   m.impl("contrastive_backward", &fastloss::contrastive_backward);
+  m.impl("ms_blocks", &fastloss::ms_blocks);
 }
 #endif

@@ -164,24 +164,25 @@ class _MultiSimilarity(torch.autograd.Function):
         return grad.to(e.dtype), None, None, None, None, None, None
 
 
+@torch.library.register_fake("fastloss::ms_blocks")
+def _fake_ms_blocks(e, keys, alpha, beta, base, epsilon, block_rows, early, grad_rows):
+    n = e.shape[0]
+    backward = grad_rows is not None
+    return (e.new_empty((0 if backward else 2, n), dtype=torch.float32),
+            e.new_empty(e.shape if early or backward else (0,), dtype=torch.float32))
+
+
 class _MultiSimilarityKernel(torch.autograd.Function):
-    """ms_rows_ per block; the reduced loss's gradient formed in the forward."""
+    """ms_blocks (the block loop in C++, ms_rows_ per block); with a reduced loss the gradient
+    is formed in the forward and only scaled in the backward."""
 
     @staticmethod
     def forward(ctx, e, keys, alpha, beta, base, epsilon, reduction, block):
-        n = e.shape[0]
-        ef = e.float().contiguous()
         early = reduction != "none" and ctx.needs_input_grad[0]
-        stats = torch.empty(2, n, dtype=torch.float32, device=e.device)
-        grad = torch.zeros_like(ef) if early else None
-        for r0, r1, s in _block_products(ef, block):
-            stats[:, r0:r1] = torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon,
-                                                          early)
-            if early:  # S = e e^T: both factors get d loss / d S
-                grad[r0:r1].addmm_(s, ef)
-                grad.addmm_(s.t(), ef[r0:r1])
+        stats, grad = torch.ops.fastloss.ms_blocks(e, keys, alpha, beta, base, epsilon, block,
+                                                   early, None)
         rows = stats[0] / alpha + stats[1] / beta
-        ctx.save_for_backward(*((grad,) if early else (ef, keys)))
+        ctx.save_for_backward(*((grad,) if early else (e, keys)))
         ctx.args = (alpha, beta, base, epsilon, reduction, block, e.dtype)
         if reduction == "mean":
             return rows.mean()
@@ -194,14 +195,9 @@ class _MultiSimilarityKernel(torch.autograd.Function):
             (grad,) = ctx.saved_tensors
             scale = grad_out.float() / (grad.shape[0] if reduction == "mean" else 1)
             return (grad * scale).to(dtype), None, None, None, None, None, None, None
-        ef, keys = ctx.saved_tensors
-        g = grad_out.float()
-        grad = torch.zeros_like(ef)
-        for r0, r1, s in _block_products(ef, block):
-            torch.ops.fastloss.ms_rows_(s, keys, r0, alpha, beta, base, epsilon, True)
-            s.mul_(g[r0:r1, None])
-            grad[r0:r1].addmm_(s, ef)
-            grad.addmm_(s.t(), ef[r0:r1])
+        e, keys = ctx.saved_tensors
+        grad = torch.ops.fastloss.ms_blocks(e, keys, alpha, beta, base, epsilon, block, False,
+                                            grad_out)[1]
         return grad.to(dtype), None, None, None, None, None, None, None
 
 
