@@ -14,11 +14,12 @@ The Multi-Similarity loss with its miner (``fastloss.ops.multi_similarity_loss``
 is compared with pytorch-metric-learning's ``MultiSimilarityLoss()`` + ``MultiSimilarityMiner(0.1)``
 and with ``fastloss.reference.metric.multi_similarity_loss`` in float32.
 
-On the CPU the contrastive, Multi-Similarity, TCM, Proto-Triplet and ICNN losses run the
-similarity-block kernels (csrc/pair_losses/similarity_rows_*) on GEMM blocks; on CUDA they are
-blocks of torch operations. The same run times ``tcm_loss`` (rows ``tcm BxD``) against
-pytorch-metric-learning's ``ThresholdConsistentMarginLoss()`` and the eager formula (the whole
-similarity matrix and its upper triangle), ``proto_triplet_loss`` (prototypes from the batch,
+The contrastive, Multi-Similarity, TCM, Proto-Triplet and ICNN losses run the
+similarity-block kernels (csrc/pair_losses/similarity_rows_*) on GEMM blocks on the CPU; on
+CUDA the first three run their CUDA kernels, Proto-Triplet and ICNN torch operations. The same
+run times ``tcm_loss`` (rows ``tcm BxD``) against pytorch-metric-learning's
+``ThresholdConsistentMarginLoss()`` and the eager formula (the whole similarity matrix and its
+upper triangle), ``proto_triplet_loss`` (prototypes from the batch,
 rows ``proto BxD``) against an eager form with the one-hot class matrix and ``torch.cdist``,
 and ``icnn_loss`` (k = 4, rows ``icnn BxD``) against an eager form with the whole ``B x B``
 distance matrix and ``topk``, both written below as the authors' code computes them.
@@ -124,8 +125,8 @@ def main(argv=None):
         "time = mw_auc_loss(pos, neg) (reduction mean) + torch.autograd.grad(loss, (pos, neg)); median",
         "Gpairs_per_s = B*P*N / median time",
         "CPU: every loss runs fastloss kernels (similarity-block kernels on GEMM blocks for the "
-        "embedding losses); CUDA: mw_auc_loss runs fastloss's CUDA kernels, the embedding losses "
-        "are blocks of torch operations"])
+        "embedding losses); CUDA: mw_auc_loss, the contrastive, Multi-Similarity and TCM losses run "
+        "fastloss's CUDA kernels, Proto-Triplet and ICNN torch operations"])
     res.title = "fastloss mw_auc_loss, forward + backward"
     cols = [("case", lambda r: r["label"]), ("variant", lambda r: r["variant"]),
             ("median ms", lambda r: harness._f(r.get("median_ms"), ".2f")),

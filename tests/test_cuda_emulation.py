@@ -756,6 +756,8 @@ def in_place(s):
 def test_ms_rows_cuda(sim_lib, shape, params):
     rows, n, row0 = shape
     s, keys = sim_block(rows, n, row0, seed=1)
+    if rows > 2:
+        s[2, n // 2] = float("nan")  # that anchor's loss and gradient row: NaN, as on the CPU
     eps = None if params[3] != params[3] else params[3]
     p32 = torch.tensor(params, dtype=torch.float32)  # alive through the calls
     for write in (False, True):
@@ -770,11 +772,11 @@ def test_ms_rows_cuda(sim_lib, shape, params):
             check_guards(buf, what)
         cpu = s.clone()
         want = torch.ops.fastloss.ms_rows_(cpu, keys, row0, *params[:3], eps, write)
-        torch.testing.assert_close(torch.stack([lse_pos, lse_neg]), want, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.stack([lse_pos, lse_neg]), want, rtol=1e-5, atol=1e-6, equal_nan=True)
         if write:
-            torch.testing.assert_close(blk, cpu, rtol=1e-5, atol=1e-7)
+            torch.testing.assert_close(blk, cpu, rtol=1e-5, atol=1e-7, equal_nan=True)
         else:
-            assert torch.equal(blk, s)  # read only
+            assert torch.equal(blk, s) or torch.allclose(blk, s, equal_nan=True)  # read only
 
 
 @pytest.mark.parametrize("margins", [(0.9, 0.5), (0.3, -0.1)], ids=str)
@@ -810,8 +812,8 @@ def test_clip_rows_cuda(sim_lib, shape, symmetric):
     scale = 14.0
     parts = sim_lib.emu_clip_parts(int64s(rows, n, row0))
     assert parts == -(-rows // 64)
-    col_max = torch.full((parts, n), float("nan"))
-    col_sum = torch.full((parts, n), float("nan"))
+    col_max, mbuf = nan_outputs((parts, n))
+    col_sum, sbuf = nan_outputs((parts, n))
     lse_row, rbuf = nan_outputs((rows,))
     diag, dbuf = nan_outputs((rows,))
     lse_col, cbuf = nan_outputs((n,))
@@ -819,7 +821,7 @@ def test_clip_rows_cuda(sim_lib, shape, symmetric):
     err = sim_lib.emu_clip_rows(blk.data_ptr(), int64s(rows, n, row0), scale, lse_row.data_ptr(), diag.data_ptr(),
                                 col_max.data_ptr(), col_sum.data_ptr(), lse_col.data_ptr() if symmetric else None)
     assert err is None, err.decode()
-    for buf, what in ((rbuf, "lse_row"), (dbuf, "diag"), (cbuf, "lse_col")):
+    for buf, what in ((rbuf, "lse_row"), (dbuf, "diag"), (cbuf, "lse_col"), (mbuf, "col_max"), (sbuf, "col_sum")):
         check_guards(buf, what)
     want = torch.ops.fastloss.clip_rows(s, row0, scale, symmetric)
     torch.testing.assert_close(lse_row, want[0], rtol=1e-6, atol=1e-5)

@@ -335,3 +335,55 @@ def test_cuda_kernels_match_the_cpu(loss):
         results.append((out.detach().cpu(), x.grad.cpu()))
     for got, want in zip(results[1], results[0]):
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_nan_and_empty_edges(cpu_isa):
+    # a NaN similarity makes its anchor's Multi-Similarity loss and gradient row NaN (as the
+    # torch path and pytorch-metric-learning), on every path, the other rows untouched
+    s, labels, keys = block(4, 37, 2, 3, seed=12)
+    s[1, 30] = float("nan")
+    written = s.clone()
+    got = OPS.ms_rows_(written, keys, 2, 2.0, 50.0, 0.5, 0.1, True)
+    assert got[:, 1].isnan().all() and written[1].isnan().all()
+    clean = torch.cat([s[:1], s[2:]])
+    lp, ln, _ = ms_reference(s, labels, 2, 2.0, 50.0, 0.5, 0.1)
+    keep = torch.tensor([0, 2, 3])
+    torch.testing.assert_close(got[:, keep].double(), torch.stack([lp, ln])[:, keep], rtol=2e-6, atol=1e-7)
+    assert torch.isfinite(written[keep]).all() and clean.isfinite().all()
+    # a NaN distance never counts as near, whatever its column's place in the vectors
+    g = torch.Generator().manual_seed(4)
+    x, t = torch.randn(1, 4, generator=g), torch.randn(20, 4, generator=g)
+    want = torch.cdist(x.double(), t.double()).topk(3, largest=False).indices
+    for col in (2, 19):
+        tn = t.clone()
+        tn[col] = float("nan")
+        d2 = torch.cdist(x.double(), tn.double()).nan_to_num(float("inf"))
+        idx = OPS.knn_rows(x @ tn.t(), x.square().sum(1), tn.square().sum(1), 0, False, 3)
+        assert torch.equal(idx, d2.topk(3, largest=False).indices), col
+    assert want.numel() == 3
+    # no rows: the column log-sum-exps of an empty block are -inf
+    _, _, lse_col = OPS.clip_rows(torch.empty(0, 5), 0, 1.0, True)
+    assert torch.equal(lse_col, torch.full((5,), float("-inf")))
+
+
+def test_proto_labels_of_other_integer_dtypes_are_checked_exactly():
+    e = torch.randn(6, 3)
+    support_labels = torch.tensor([0, 0, 1, 1, 2, 2], dtype=torch.int32)
+    query_labels = torch.tensor([0, 1, 2, 1 << 32])   # 2^32 wraps to 0 in int32: not a class
+    with pytest.raises(RuntimeError, match="every query label must be a class of the support"):
+        few_shot.proto_triplet_loss(e[:4], query_labels, e, support_labels)
+    ok = few_shot.proto_triplet_loss(e[:4], torch.tensor([0, 1, 2, 1]), e, support_labels)
+    assert torch.isfinite(ok)
+
+
+def test_contrastive_backward_checks_its_arguments():
+    a = torch.randn(4, 3)
+    lse = torch.zeros(4)
+    expect_errors([
+        (lambda: OPS.contrastive_backward(torch.ones(4), a, a, lse, lse, torch.empty(0, 0), 1.0, True, 0,
+                                          [True, True]), "block_rows must be >= 1, got 0"),
+        (lambda: OPS.contrastive_backward(torch.ones(3), a, a, lse, lse, torch.empty(0, 0), 1.0, True, 2,
+                                          [True, True]), "grad_rows must be [4]"),
+        (lambda: OPS.contrastive_backward(torch.ones(4), a, a, lse, torch.zeros(3), torch.empty(0, 0), 1.0,
+                                          True, 2, [True, True]), "lse_col must be [4]"),
+    ])

@@ -237,6 +237,8 @@ std::tuple<Tensor, Tensor, Tensor> tcm_rows_op(Tensor& s, const Tensor& keys, in
     off[i] = all;
     all += nnz[i];
   }
+  TORCH_CHECK(!collect || q.n < (int64_t(1) << 31), "tcm_rows: pair lists hold int32 columns: "
+              "at most 2^31 - 1 columns, got ", q.n);
   Tensor cols = at::empty({collect ? all : 0}, s.options().dtype(at::kInt));
   if (collect && all > 0) {
     int32_t* c = cols.data_ptr<int32_t>();
@@ -339,6 +341,7 @@ std::tuple<Tensor, Tensor, Tensor> clip_rows_op(const Tensor& s_in, int64_t row0
                                      col_sum.data_ptr<float>(),
                                      symmetric ? lse_col.data_ptr<float>() : nullptr, cuda_stream()),
                       "clip_rows");
+    if (symmetric && q.rows == 0) lse_col.fill_(-std::numeric_limits<float>::infinity());  // empty sums
     return {lse_row, diag, lse_col};
 #endif
   }
@@ -426,8 +429,16 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
                                                 const Tensor& lse_col, const Tensor& s_kept,
                                                 double inv_t, bool symmetric, int64_t block_rows,
                                                 std::array<bool, 2> mask) {
+  constexpr const char* op = "contrastive_backward";
+  TORCH_CHECK(a.dim() == 2 && b.sizes() == a.sizes(), op, ": a and b must be [B, D] of the same shape");
+  TORCH_CHECK(block_rows >= 1, op, ": block_rows must be >= 1, got ", block_rows);
+  const int64_t n = a.size(0);
+  for (const auto& [what, t, want] : {std::tuple{"grad_rows", &grad_rows, n},
+                                      std::tuple{"lse_row", &lse_row, n},
+                                      std::tuple{"lse_col", &lse_col, symmetric ? n : int64_t(0)}})
+    TORCH_CHECK(t->dim() == 1 && t->size(0) == want, op, ": ", what, " must be [", want, "], got ",
+                t->sizes());
   const Tensor af = a.to(at::kFloat).contiguous(), bf = b.to(at::kFloat).contiguous();
-  const int64_t n = af.size(0);
   const Tensor g = grad_rows.to(at::kFloat).mul(symmetric ? 0.5 : 1.0).contiguous();
   Tensor grad_a = mask[0] ? at::empty_like(af) : at::empty({0}, af.options());
   Tensor grad_b = mask[1] ? at::zeros_like(bf) : at::empty({0}, af.options());
@@ -581,10 +592,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto_triplet_forward
   constexpr const char* op = "proto_triplet_loss";
   TORCH_CHECK(query.is_cpu() && support.is_cpu(), op, ": this op runs on the CPU");
   const Tensor qf = query.to(at::kFloat).contiguous(), sf = support.to(at::kFloat).contiguous();
-  const auto [classes, inverse, counts_i] = at::_unique2(support_labels, true, true, true);
-  const int64_t k = classes.numel();
+  const auto [classes_in, inverse, counts_i] = at::_unique2(support_labels, true, true, true);
+  const int64_t k = classes_in.numel();
   TORCH_CHECK(k >= 2, op, ": the support needs at least two classes, got ", k);
-  const Tensor ql = query_labels.to(classes.scalar_type()).contiguous();
+  // int64 for both: narrowing the query labels to a smaller support dtype could wrap an
+  // invalid label onto a class
+  const Tensor classes = classes_in.to(at::kLong), ql = query_labels.to(at::kLong).contiguous();
   const Tensor pos = at::searchsorted(classes, ql).clamp_max(k - 1);
   TORCH_CHECK(at::equal(classes.index_select(0, pos), ql), op,
               ": every query label must be a class of the support");

@@ -84,6 +84,10 @@ void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, 
   for (int64_t j = 0; j < n; ++j) {
     float m = -std::numeric_limits<float>::infinity();
     for (int64_t k = 0; k < parts; ++k) m = std::max(m, col_max[k * n + j]);
+    if (m == -std::numeric_limits<float>::infinity()) {  // no rows, or all -inf: an empty sum
+      lse_col[j] = m;
+      continue;
+    }
     double sum = 0.0;
     for (int64_t k = 0; k < parts; ++k) sum += col_sum[k * n + j] * std::exp(double(col_max[k * n + j]) - m);
     lse_col[j] = float(m + std::log(sum));

@@ -32,7 +32,10 @@ struct SumOp {
   template <class U> static U apply(U x, U acc) { return acc + x; }
   static float fold(float a, float b) { return a + b; }
 };
-struct MaxOp {  // the data operand first: a NaN in the data is kept
+// Max / min reductions: whether a NaN survives depends on the lane type (the vector forms keep
+// it, the scalar ones and the fold may not), so the kernels test for NaN themselves where it
+// matters (ms_rows).
+struct MaxOp {
   template <class U> static U apply(U x, U acc) { return vmax(x, acc); }
   static float fold(float a, float b) { return std::max(a, b); }
 };
@@ -88,12 +91,19 @@ void ms_rows_t(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_
   for_anchor_rows(q, r0, r1, [&](int64_t i, float* s, float key) {
     LaneAcc<V, MinOp> min_pos(kInf);
     LaneAcc<V, MaxOp> max_neg(-kInf);
+    LaneAcc<V, SumOp> nans(0.f);
     for_lanes<V>(n, [&]<class U>(int64_t j) {
       const U x = load<U>(s + j);
       const auto same = same_key<U>(q.keys, j, key);
       min_pos.add(vselect(same, x, U(kInf)));
       max_neg.add(vselect(same, U(-kInf), x));
+      nans.add(vselect(x <= U(kInf), U(0.f), U(1.f)));  // only NaN fails x <= inf
     });
+    if (nans.total() > 0.f) {  // a NaN similarity: the anchor's loss and gradient are NaN, as
+      lse_pos[i] = lse_neg[i] = std::numeric_limits<float>::quiet_NaN();  // in torch / pml
+      if (write_grad) std::fill(s, s + n, std::numeric_limits<float>::quiet_NaN());
+      return;
+    }
     const float mp = min_pos.total(), mn = max_neg.total();
     // the miner keeps positives below the hardest negative + epsilon and negatives above the
     // hardest positive - epsilon; without it, every pair (the thresholds pass all finite S)
@@ -299,7 +309,8 @@ void knn_rows_t(const SimBlock& q, const float* row_sq, const float* col_sq, boo
     const int64_t self = exclude_self ? q.row0 + i : -1;
     NearestK best(k);
     for_lanes<V>(n, [&]<class U>(int64_t j) {
-      const U d = vmax(U(row_sq[i]) + load<U>(col_sq + j) - U(2.f) * load<U>(s + j), U(0.f));
+      const U raw = U(row_sq[i]) + load<U>(col_sq + j) - U(2.f) * load<U>(s + j);
+      const U d = vselect(raw < U(0.f), U(0.f), raw);  // cdist's clamp; a NaN stays NaN, never enters
       unsigned bits = lane_bits(d < U(best.worst));
       if (!bits) return;  // the common case once k columns are in: one compare per vector
       float lanes[VecTraits<U>::width];

@@ -48,9 +48,10 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t self = row0 + i;
     const float key = keys[self];
     // the anchor itself reads as +inf: no positive's minimum, never kept, exp(-inf) = 0
-    float mp = inf, mn = -inf;
+    float mp = inf, mn = -inf, nans = 0.f;
     for (int64_t j = threadIdx.x; j < n; j += kThreads) {
       const float x = j == self ? inf : row[j];
+      if (!(x <= inf)) nans = 1.f;  // only NaN fails
       if (same_key(keys, j, key))
         mp = fminf(mp, x);
       else
@@ -58,6 +59,12 @@ __global__ void __launch_bounds__(kThreads)
     }
     mp = block_reduce(mp, red, MinOp());
     mn = block_reduce(mn, red, MaxOp());
+    if (block_reduce(nans, red, MaxOp()) > 0.f) {  // a NaN similarity: NaN loss and gradient row
+      if (threadIdx.x == 0) lse_pos[i] = lse_neg[i] = NAN;
+      if (write_grad)
+        for (int64_t j = threadIdx.x; j < n; j += kThreads) row[j] = NAN;
+      continue;
+    }
     const float thr_pos = p.mine ? mn : inf, thr_neg = p.mine ? mp : -inf;
     const bool any_pos = mp - eps < thr_pos, any_neg = thr_neg < mn + eps;
     const float shift_p = any_pos ? fmaxf(0.f, p.alpha * (p.base - mp)) : 0.f;
@@ -178,6 +185,7 @@ __global__ void __launch_bounds__(kThreads)
   float m = -INFINITY, sum = 0.f;
   for (int64_t r = r0; r < r1; ++r) {
     const float x = scale * s[r * n + j];
+    if (x == -INFINITY) continue;  // adds nothing (and exp(-inf - -inf) would be NaN)
     if (x > m) {
       sum = sum * expf(m - x) + 1.f;
       m = x;
@@ -196,6 +204,10 @@ __global__ void __launch_bounds__(kThreads)
   if (j >= n) return;
   float m = -INFINITY;
   for (int64_t k = 0; k < parts; ++k) m = fmaxf(m, col_max[k * n + j]);
+  if (m == -INFINITY) {  // all -inf: an empty sum
+    lse_col[j] = m;
+    return;
+  }
   float sum = 0.f;
   for (int64_t k = 0; k < parts; ++k) sum += col_sum[k * n + j] * expf(col_max[k * n + j] - m);
   lse_col[j] = m + logf(sum);

@@ -28,7 +28,8 @@ struct SimBlock {
 // S - epsilon < max(negatives) and negatives with S + epsilon > min(positives) are kept.
 //   lse_pos[i] = log(1 + sum_kept_pos exp(alpha (base - S_ij)))
 //   lse_neg[i] = log(1 + sum_kept_neg exp(beta (S_ij - base)))
-// (loss_i = lse_pos / alpha + lse_neg / beta). With write_grad, row i of S becomes
+// (loss_i = lse_pos / alpha + lse_neg / beta; NaN, and a NaN gradient row, when the row holds
+// a NaN similarity). With write_grad, row i of S becomes
 // d loss_i / d S_i. (= -exp(alpha (base - S) - lse_pos) on kept positives, +exp(beta (S - base)
 // - lse_neg) on kept negatives, 0 elsewhere).
 struct MsParams {
@@ -95,7 +96,8 @@ const char* clip_rows_grad_cuda(const SimBlock& q, float scale, const float* lse
 // ---- k nearest neighbours (ICNN) ---------------------------------------------------------
 // Row i of S holds <x_{row0+i}, t_j>; d2_ij = max(0, row_sq[i] + col_sq[j] - 2 S_ij) (as
 // torch.cdist's matrix-product form). idx[i k .. i k + k) = the columns of the k smallest d2 of
-// row i, ascending, ties to the lower column, column row0 + i skipped when exclude_self.
+// row i, ascending, ties to the lower column, column row0 + i skipped when exclude_self; NaN
+// distances come last (the lowest such columns, only when fewer than k are numbers).
 // 1 <= k <= kKnnMax and k <= the columns available (the caller checks).
 constexpr int64_t kKnnMax = 64;
 void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,

@@ -232,7 +232,8 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         alpha, beta, base: the loss's positive weight, negative weight and margin ``lambda``.
         epsilon: the miner's margin; None keeps every pair.
         reduction: ``"mean"`` over the ``B`` anchors, ``"sum"`` or ``"none"`` (``[B]``).
-        block_rows: anchors per block (None: 4 MiB of float32 similarities).
+        block_rows: anchors per block (None: 4 MiB of float32 similarities on the CPU, 64 MiB
+            on CUDA).
     """
     fn = "multi_similarity_loss"
     _check_emb_labels(fn, emb, labels)
@@ -386,8 +387,8 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     Args:
         emb: ``[B, D]`` embeddings (normalised inside). labels: ``[B]`` integer classes.
         pos_margin, neg_margin: ``m+`` and ``m-``. pos_weight, neg_weight: ``lambda+``, ``lambda-``.
-        block_rows: anchors per block (None: 4 MiB of float32 similarities on the CPU, 1 MiB
-            elsewhere).
+        block_rows: anchors per block (None: 4 MiB of float32 similarities on the CPU, 64 MiB
+            on CUDA, 1 MiB on other devices).
     """
     fn = "tcm_loss"
     _check_emb_labels(fn, emb, labels)
