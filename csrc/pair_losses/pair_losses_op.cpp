@@ -449,7 +449,7 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
     const int64_t r1 = std::min(n, r0 + block_rows);
     Tensor s = buf.slice(0, 0, r1 - r0);
     if (!kept) at::mm_out(s, af.slice(0, r0, r1), bf.t());
-    clip_rows_grad_(s, r0, inv_t, lse_row.slice(0, r0, r1).contiguous(), col, g);
+    clip_rows_grad_(s, r0, inv_t, lse_row.slice(0, r0, r1), col, g);  // 1-D slice: contiguous
     if (mask[0]) {
       Tensor out = grad_a.slice(0, r0, r1);
       at::mm_out(out, s, bf);
@@ -630,35 +630,36 @@ std::tuple<Tensor, Tensor> proto_triplet_backward(const Tensor& grad, const Tens
 }  // namespace
 }  // namespace fastloss
 
+namespace fastloss {
+namespace {
+// The ops with CPU and CUDA kernels, then those with CPU kernels only.
+void register_impls(torch::Library& m) {
+  m.impl("mw_auc_forward", &mw_auc_forward);
+  m.impl("pair_label_keys", &pair_label_keys);
+  m.impl("ms_rows_", &ms_rows_);
+  m.impl("tcm_rows", &tcm_rows_op);
+  m.impl("tcm_rows_grad_", &tcm_rows_grad_);
+  m.impl("clip_rows", &clip_rows_op);
+  m.impl("clip_rows_grad_", &clip_rows_grad_);
+  m.impl("contrastive_forward", &contrastive_forward);
+  m.impl("contrastive_backward", &contrastive_backward);
+  m.impl("ms_blocks", &ms_blocks);
+}
+void register_cpu_only(torch::Library& m) {
+  m.impl("pair_grad", &pair_grad);
+  m.impl("knn_rows", &knn_rows_op);
+  m.impl("neighbour_dist", &neighbour_dist_op);
+  m.impl("neighbour_dist_backward", &neighbour_dist_backward);
+  m.impl("proto_triplet_forward", &proto_triplet_forward);
+  m.impl("proto_triplet_backward", &proto_triplet_backward);
+}
+}  // namespace
+}  // namespace fastloss
+
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
-  m.impl("mw_auc_forward", &fastloss::mw_auc_forward);
-  m.impl("pair_label_keys", &fastloss::pair_label_keys);
-  m.impl("ms_rows_", &fastloss::ms_rows_);
-  m.impl("tcm_rows", &fastloss::tcm_rows_op);
-  m.impl("tcm_rows_grad_", &fastloss::tcm_rows_grad_);
-  m.impl("pair_grad", &fastloss::pair_grad);
-  m.impl("clip_rows", &fastloss::clip_rows_op);
-  m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
-  m.impl("contrastive_forward", &fastloss::contrastive_forward);
-  m.impl("contrastive_backward", &fastloss::contrastive_backward);
-  m.impl("ms_blocks", &fastloss::ms_blocks);
-  m.impl("knn_rows", &fastloss::knn_rows_op);
-  m.impl("neighbour_dist", &fastloss::neighbour_dist_op);
-  m.impl("neighbour_dist_backward", &fastloss::neighbour_dist_backward);
-  m.impl("proto_triplet_forward", &fastloss::proto_triplet_forward);
-  m.impl("proto_triplet_backward", &fastloss::proto_triplet_backward);
+  fastloss::register_impls(m);
+  fastloss::register_cpu_only(m);
 }
 #if defined(FASTLOSS_WITH_CUDA)
-TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
-  m.impl("mw_auc_forward", &fastloss::mw_auc_forward);
-  m.impl("pair_label_keys", &fastloss::pair_label_keys);
-  m.impl("ms_rows_", &fastloss::ms_rows_);
-  m.impl("tcm_rows", &fastloss::tcm_rows_op);
-  m.impl("tcm_rows_grad_", &fastloss::tcm_rows_grad_);
-  m.impl("clip_rows", &fastloss::clip_rows_op);
-  m.impl("clip_rows_grad_", &fastloss::clip_rows_grad_);
-  m.impl("contrastive_forward", &fastloss::contrastive_forward);
-  m.impl("contrastive_backward", &fastloss::contrastive_backward);
-  m.impl("ms_blocks", &fastloss::ms_blocks);
-}
+TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
 #endif

@@ -41,11 +41,6 @@ def _check_set(fn, name, emb, labels_name, labels, device=None):
             raise ValueError(f"{fn}: {what} is on {t.device}, expected {device}")
 
 
-def _dist(a, b):
-    """Euclidean distances with the authors' epsilon, rows of a against rows of b."""
-    return (torch.cdist(a.float(), b.float()).square() + _EPS_SQ).sqrt()
-
-
 def _pair_dist(a, b):
     """Distances of matching rows (a[i] to b[i]); differentiable, no pair matrix."""
     return ((a.float() - b.float()).square().sum(-1) + _EPS_SQ).sqrt()
