@@ -249,6 +249,21 @@ std::tuple<Tensor, Tensor, Tensor> tcm_rows_op(Tensor& s, const Tensor& keys, in
   return {totals, row_nnz, cols};
 }
 
+// Entries grouped by a key in [0, m) (a stable counting sort): visit(f) calls f(key, value) for
+// every entry, the same order both times it is called; -> ptr [m + 1] (group j at
+// out[ptr[j] : ptr[j + 1]]) and the values, in visiting order within a group. The sparse
+// backwards transpose their pair lists with it, so each side's sums are row-parallel.
+template <class T, class Visit>
+void group_by_key(int64_t m, int64_t entries, Visit&& visit, std::vector<int64_t>& ptr,
+                  std::vector<T>& out) {
+  ptr.assign(m + 1, 0);
+  visit([&](int64_t key, T) { ++ptr[key + 1]; });
+  for (int64_t j = 0; j < m; ++j) ptr[j + 1] += ptr[j];
+  out.resize(entries);
+  std::vector<int64_t> fill(ptr.begin(), ptr.end() - 1);
+  visit([&](int64_t key, T value) { out[fill[key]++] = value; });
+}
+
 // A [2] float64 tensor of two coefficients.
 std::pair<float, float> coef_pair(const Tensor& coef, const char* op) {
   check_vector(coef, 2, at::kDouble, op, "coef");
@@ -296,20 +311,18 @@ Tensor pair_grad(const Tensor& e, const Tensor& keys, const Tensor& row_ptr, con
   const int64_t* rp = row_ptr.data_ptr<int64_t>();
   const int32_t* c = cols.data_ptr<int32_t>();
   TORCH_CHECK(rp[0] == 0 && rp[n] == nnz, op, ": row_ptr must run from 0 to the ", nnz, " pairs");
-  std::vector<int64_t> tptr(n + 1, 0);
   for (int64_t i = 0; i < n; ++i) {
     TORCH_CHECK(rp[i] <= rp[i + 1], op, ": row_ptr must not decrease (row ", i, ")");
-    for (int64_t k = rp[i]; k < rp[i + 1]; ++k) {
+    for (int64_t k = rp[i]; k < rp[i + 1]; ++k)
       TORCH_CHECK(c[k] >= 0 && c[k] < n, op, ": column ", c[k], " of row ", i, " is not in [0, ",
                   n, ")");
-      ++tptr[c[k] + 1];
-    }
   }
-  for (int64_t j = 0; j < n; ++j) tptr[j + 1] += tptr[j];
-  std::vector<int32_t> tcols(nnz);
-  std::vector<int64_t> fill(tptr.begin(), tptr.end() - 1);
-  for (int64_t i = 0; i < n; ++i)  // rows in order: each transposed row lists its i ascending
-    for (int64_t k = rp[i]; k < rp[i + 1]; ++k) tcols[fill[c[k]]++] = int32_t(i);
+  std::vector<int64_t> tptr;
+  std::vector<int32_t> tcols;  // transposed row j: the rows i that list j, ascending
+  group_by_key(n, nnz, [&](auto&& f) {
+    for (int64_t i = 0; i < n; ++i)
+      for (int64_t k = rp[i]; k < rp[i + 1]; ++k) f(c[k], int32_t(i));
+  }, tptr, tcols);
   Tensor grad = at::zeros({n, d}, e.options());
   const float* ep = e.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
@@ -566,11 +579,10 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
       neighbour_dist_grad_x(xp, tp, d, ip, nb, wp, grad_x.data_ptr<float>(), r0, r1);
     });
   if (mask[1]) {  // the pairs by target row (a counting sort), then row-parallel: no atomics
-    std::vector<int64_t> t_ptr(m + 1, 0), pairs(n * nb);
-    for (int64_t p = 0; p < n * nb; ++p) ++t_ptr[ip[p] + 1];
-    for (int64_t j = 0; j < m; ++j) t_ptr[j + 1] += t_ptr[j];
-    std::vector<int64_t> fill(t_ptr.begin(), t_ptr.end() - 1);
-    for (int64_t p = 0; p < n * nb; ++p) pairs[fill[ip[p]]++] = p;
+    std::vector<int64_t> t_ptr, pairs;
+    group_by_key(m, n * nb, [&](auto&& f) {
+      for (int64_t p = 0; p < n * nb; ++p) f(ip[p], p);
+    }, t_ptr, pairs);
     at::parallel_for(0, m, feature_grain(d, std::max<int64_t>(1, n * nb / std::max<int64_t>(m, 1))),
                      [&](int64_t r0, int64_t r1) {
       neighbour_dist_grad_t(xp, tp, d, t_ptr.data(), pairs.data(), nb, wp,
