@@ -6,7 +6,8 @@ Variants, same inputs, same run:
     (oneDNN on the CPU, cuDNN on a GPU);
   * ``fft``: the same convolution through ``torch.fft.rfft`` / ``irfft`` with a dense kernel of
     the receptive field's length (the MEGA-style path TCNCA replaces);
-  * ``pytorch_tcn`` where it can be imported.
+  * ``pytorch_tcn``: pytorch-tcn's ``TemporalConv1d(C, C, K, dilation=d, groups=C)`` where it
+    can be imported (``pip install pytorch-tcn``; scripts/bench.sh installs it).
 
 At 4 x 256 x 65536 also one TCN level, ``x + gelu(conv(x) + b)``: ``fastloss``
 (``fastloss.ops.tcn_level``, fused), ``fastloss_unfused`` (fastloss's convolution, torch's GELU
@@ -68,13 +69,21 @@ def fft_conv(x, w, b, d):
 
 
 def pytorch_tcn():
+    """pytorch-tcn's TemporalConv1d with groups = C (its causal padding, then torch's Conv1d),
+    called with w and b as its parameters; or why it cannot run."""
     try:
-        import pytorch_tcn  # noqa: F401
+        from pytorch_tcn import TemporalConv1d
     except Exception as e:
         return f"missing: pytorch_tcn not importable ({type(e).__name__}: {e})"
-    # its TCN blocks are full convolutions (torch's Conv1d) with activation and residual, not
-    # a raw depthwise convolution: the torch_conv1d row is its convolution's cost
-    return "unavailable: pytorch_tcn has no raw depthwise dilated convolution to compare"
+    modules = {}
+
+    def run(x, w, b, d):
+        c, k = w.shape
+        key = (c, k, d, x.device)
+        if key not in modules:
+            modules[key] = TemporalConv1d(c, c, k, dilation=d, groups=c, causal=True).to(x.device)
+        return torch.func.functional_call(modules[key], {"weight": w.unsqueeze(1), "bias": b}, (x,))
+    return run
 
 
 def main(argv=None):
@@ -91,9 +100,8 @@ def main(argv=None):
              "causal depthwise convolution, float32"]
     res = harness.Results(name, device, args.out, bandwidth=bw, notes=notes)
     res.title = "fastloss dilated_conv1d (depthwise, causal)"
-    tcn_reason = pytorch_tcn()
     conv_variants = {"fastloss": lambda x, w, b, d: fastloss.ops.dilated_conv1d(x, w, b, dilation=d),
-                     "torch_conv1d": conv1d, "fft": fft_conv, "pytorch_tcn": tcn_reason}
+                     "torch_conv1d": conv1d, "fft": fft_conv, "pytorch_tcn": pytorch_tcn()}
     # one TCN level, x + gelu(conv(x) + b): fused, the same from fastloss's convolution and
     # torch's GELU and add, and all torch
     level_variants = {
@@ -132,7 +140,7 @@ def main(argv=None):
                 def call(_inp, fn=fn, mode=mode):
                     if mode == "fwd":
                         with torch.no_grad():
-                            return fn(x, w, b, d).sum()
+                            return fn(x, w, b, d)
                     y = fn(x, w, b, d)
                     torch.autograd.grad(y, (x, w, b), g)
                     return None
