@@ -18,8 +18,10 @@ class SinkhornLoss(nn.Module):
 
     ``debias=True`` (the default, as geomloss's ``SamplesLoss``) returns the Sinkhorn divergence
     ``OT_eps(x, y) - (OT_eps(x, x) + OT_eps(y, y)) / 2`` (Feydy et al., 2019), which is zero when
-    the two weighted clouds are equal and is what a loss to be minimised usually wants; with
-    ``debias=False`` it is ``OT_eps(x, y)`` itself, which is not minimised at ``x = y``.
+    the two weighted clouds are equal and is what a loss to be minimised usually wants (its
+    self terms by the symmetric update of :func:`fastloss.ops.self_transport_cost`, which only
+    takes ``max_iter``, ``tol`` and ``warn`` of the solver's arguments); with ``debias=False``
+    it is ``OT_eps(x, y)`` itself, which is not minimised at ``x = y``.
     ``reduction`` over the batch: ``"mean"``, ``"sum"`` or ``"none"``. Other keyword arguments
     (``method="sns"``, ``tol``, ``max_iter``, ...) go to :func:`fastloss.ops.sinkhorn`."""
 
@@ -38,11 +40,17 @@ class SinkhornLoss(nn.Module):
     def _ot(self, x, y, a, b):
         return ops.wasserstein(x, y, a, b, p=self.p, eps=self.eps, **self.solver_kwargs)
 
+    def _self_ot(self, x, a):
+        # the symmetric update (ops.self_transport_cost): alternating Sinkhorn iterations stall
+        # on these problems once max C / eps is large
+        kw = {k: v for k, v in self.solver_kwargs.items() if k in ("max_iter", "tol", "warn")}
+        return ops.self_transport_cost(x, a, p=self.p, eps=self.eps, **kw)
+
     def forward(self, x: Tensor, y: Tensor, a: Optional[Tensor] = None,
                 b: Optional[Tensor] = None) -> Tensor:
         loss = self._ot(x, y, a, b)
         if self.debias:
-            loss = loss - 0.5 * (self._ot(x, x, a, a) + self._ot(y, y, b, b))
+            loss = loss - 0.5 * (self._self_ot(x, a) + self._self_ot(y, b))
         if self.reduction == "mean":
             return loss.mean()
         return loss.sum() if self.reduction == "sum" else loss

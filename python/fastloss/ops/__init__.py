@@ -24,7 +24,7 @@ from .metric_losses import anyloss, dice_loss
 from .few_shot import icnn_loss, proto_triplet_loss
 from .quant import (QuantizedWeight, dequant_gemm, dequantize_weight, nf_codebook, power_codebook,
                     quantize_weight)
-from .sinkhorn import SinkhornResult, sinkhorn, wasserstein
+from .sinkhorn import SinkhornResult, self_transport_cost, sinkhorn, wasserstein
 
 __all__ = [
     "cross_entropy",
@@ -59,5 +59,6 @@ __all__ = [
     "power_codebook",
     "SinkhornResult",
     "sinkhorn",
+    "self_transport_cost",
     "wasserstein",
 ]

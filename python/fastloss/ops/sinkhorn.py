@@ -333,6 +333,81 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                           squeeze(err), squeeze(converged), squeeze(plan) if return_plan else None)
 
 
+def _symmetric_potential(c, a, eps, max_iter, tol):
+    """The potential f = g of the symmetric problem OT_eps(a, a) for a symmetric cost ``c``
+    ``[B, n, n]``, by the averaged update f <- (f + T f) / 2, T f_i = -eps log sum_j a_j
+    exp((f_j - c_ij) / eps) (Feydy et al., 2019). The alternating Sinkhorn iteration on such a
+    problem stalls once max c / eps is large (a 300-point cloud with max c = 45: 20000
+    iterations without reaching 1e-9 from eps = 0.1 down, against 22-25 averaged updates,
+    measured at commit 6ee84bb+). -> (f, iterations, row-marginal error)"""
+    log_a = a.log()
+    f = torch.zeros_like(a)
+    for it in range(1, max_iter + 1):
+        tf = -eps * torch.logsumexp(log_a[:, None, :] + (f[:, None, :] - c) / eps, dim=2)
+        # the rows of the plan of (f, f) sum to a_i exp((f_i - T f_i) / eps)
+        err = torch.where(a > 0, a * torch.expm1((f - tf) / eps), torch.zeros_like(a)).abs().sum(1)
+        if it == max_iter or bool((err < tol).all()):
+            break  # err is f's
+        f = 0.5 * (f + tf)
+    return f, it, err
+
+
+class _SymmetricCost(torch.autograd.Function):
+    """OT_eps(a, a) = 2 <a, f> for a symmetric cost; gradients by the envelope theorem, as the
+    solver's: the plan for the cost, 2 (f - mean f) for ``a`` (it is both marginals)."""
+
+    @staticmethod
+    def forward(ctx, c, a, eps, max_iter, tol):
+        f, n_iter, err = _symmetric_potential(c, a, eps, max_iter, tol)
+        ctx.save_for_backward(c, a, f)
+        ctx.eps = eps
+        iters = torch.full_like(err, n_iter, dtype=torch.int64)
+        ctx.mark_non_differentiable(err, iters)
+        return 2.0 * (a * f).sum(1), err, iters
+
+    @staticmethod
+    def backward(ctx, grad_value, _ge, _gn):
+        c, a, f = ctx.saved_tensors
+        gc = ga = None
+        if ctx.needs_input_grad[0]:
+            gc = torch.ops.fastloss.sinkhorn_plan(c.contiguous(), a.contiguous(), a.contiguous(), f, f,
+                                                  ctx.eps, grad_value.contiguous())
+        if ctx.needs_input_grad[1]:
+            ga = 2.0 * grad_value[:, None] * (f - f.mean(1, keepdim=True))
+        return gc, ga, None, None, None
+
+
+def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, eps: float,
+                        max_iter: int = 1000, tol: float = 1e-6, warn: bool = True) -> Tensor:
+    """OT_eps(x, x) with weights ``a`` on both sides (the self terms of the Sinkhorn divergence)
+    for a point cloud ``x`` ``[B, n, d]`` (or ``[n, d]``) and cost ``||x_i - x_j||^p``, solved by
+    the symmetric averaged update (see :func:`_symmetric_potential`), which converges in tens of
+    iterations where alternating Sinkhorn iterations on the same problem stall. Differentiable
+    in ``x`` and ``a``; warns when ``tol`` is not reached in ``max_iter`` updates."""
+    if x.dim() not in (2, 3):
+        raise ValueError(f"self_transport_cost: x must be [n, d] or [B, n, d], got {tuple(x.shape)}")
+    if p not in (1, 2):
+        raise ValueError(f"self_transport_cost: p must be 1 or 2, got {p}")
+    if not eps > 0:
+        raise ValueError(f"self_transport_cost: eps must be > 0, got {eps}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"self_transport_cost: max_iter must be an int >= 1, got {max_iter!r}")
+    single = x.dim() == 2
+    xb = x[None] if single else x
+    d = torch.cdist(xb, xb)
+    c = d * d if p == 2 else d
+    check_values = not torch.compiler.is_compiling()
+    aa = _marginal(a, c.shape[1], c.shape[0], "a", c, check_values)
+    if check_values and bool((aa.sum(1) <= 0).any()):
+        raise ValueError("self_transport_cost: a must have a positive total mass")
+    value, err, _ = _SymmetricCost.apply(c, aa, float(eps), max_iter, float(tol))
+    if warn and check_values and not bool((err < tol).all()):
+        warnings.warn(f"self_transport_cost: {int((err >= tol).sum())} of {c.shape[0]} problem(s) "
+                      f"did not reach tol={tol} in {max_iter} updates (marginal error up to "
+                      f"{float(err.max()):.3g})", RuntimeWarning, stacklevel=2)
+    return value[0] if single else value
+
+
 def wasserstein(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *,
                 p: int = 2, eps: float, **kwargs) -> Tensor:
     """Entropic OT cost between point clouds ``x`` ``[B, n, d]`` (or ``[n, d]``) and ``y``
