@@ -419,6 +419,11 @@ def sinkhorn_lib():
     lib.emu_sinkhorn_solve.restype = ctypes.c_char_p
     lib.emu_sinkhorn_plan.argtypes = [P, P, P, ctypes.c_int, I64, D, P, P, P, P]
     lib.emu_sinkhorn_plan.restype = ctypes.c_char_p
+    lib.emu_sns_workspace.argtypes = [ctypes.c_int, I64, ctypes.c_int64]
+    lib.emu_sns_workspace.restype = ctypes.c_int64
+    lib.emu_sns_solve.argtypes = [P, P, P, ctypes.c_int, I64, D, D, ctypes.c_int64, ctypes.c_int64,
+                                  ctypes.c_int64, ctypes.POINTER(P), P, P]
+    lib.emu_sns_solve.restype = ctypes.c_char_p
     return lib
 
 
@@ -480,6 +485,52 @@ def test_sinkhorn_solve_and_plan(sinkhorn_lib, dtype, shape, eps, max_iter, zero
     check_guards(pbuf, "plan")
     expect_plan = torch.ops.fastloss.sinkhorn_plan(cost, a, b, f, g, eps, scale)
     torch.testing.assert_close(plan, expect_plan, rtol=10 * rtol, atol=1e-12)
+
+
+@pytest.mark.parametrize("shape,eps,max_iter,warmup,keep,zero_mass", [
+    ((2, 37, 53), 0.02, 200, 3, 6, False), ((1, 70, 40), 0.01, 200, 2, 4, True),
+    ((2, 9, 300), 0.05, 200, 1, 30, False), ((1, 24, 24), 0.01, 6, 2, 3, False),
+    ((1, 30, 30), 0.5, 200, 5, 3, False)],
+    ids=["batch", "zero-mass", "wide", "max_iter", "converged-in-warm-up"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=str)
+def test_sns_solve(sinkhorn_lib, dtype, shape, eps, max_iter, warmup, keep, zero_mass):
+    """The CUDA Newton steps (sinkhorn_newton_cuda.cuh) against the C++ CPU solver running the
+    same algorithm: the same iteration counts (float64), value, transport cost, potentials
+    (up to a constant) and final error."""
+    bsz, n, m = shape
+    cost, a, b = ot_problem(bsz, n, m, dtype, seed=3 * n + m, zero_mass=zero_mass)
+    # (float64 to 1e-7: near 1e-9 the two solvers' last steps differ in rounding, e.g. 12 CPU
+    # and 10 CUDA iterations on the first case, after agreeing to 4 digits on every error above)
+    tol = 1e-7 if dtype == torch.float64 else 2e-5
+    cg = 200
+    expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
+    dims = int64s(bsz, n, m, max_iter)
+    is_double = int(dtype == torch.float64)
+    nbytes = sinkhorn_lib.emu_sns_workspace(is_double, dims, keep)
+    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
+    outs = [torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz, n), float("nan"), dtype=dtype),
+            torch.full((bsz, m), float("nan"), dtype=dtype), torch.full((bsz,), -1, dtype=torch.int64),
+            torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz,), float("nan"), dtype=dtype)]
+    host_active = torch.zeros(bsz, dtype=torch.int32)
+    pointers = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in outs])
+    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims, eps,
+                                     tol, keep, warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    check_guards(wbuf, "workspace")
+    value, f, g, n_iter, error, transport = outs
+    assert (n_iter - expect[3]).abs().max() <= (0 if dtype == torch.float64 else 2), (n_iter, expect[3])
+    rtol = 1e-7 if dtype == torch.float64 else 2e-4
+    for name, got, exp in (("value", value, expect[0]), ("transport", transport, expect[5])):
+        torch.testing.assert_close(got, exp, rtol=rtol, atol=rtol, msg=lambda msg: f"{name}: {msg}")
+    if max_iter > 10:
+        assert bool((error < tol).all()) and bool((expect[4] < tol).all()), (error, expect[4])
+        live_a, live_b = a > 0, b > 0
+        for got, exp, live in ((f, expect[1], live_a), (g, expect[2], live_b)):
+            shift = (got - exp)[live].reshape(-1)
+            assert float(shift.max() - shift.min()) < (1e-6 if dtype == torch.float64 else 2e-3)
+    else:
+        assert (n_iter == max_iter).all()
+        torch.testing.assert_close(error, expect[4], rtol=1e-3 if dtype == torch.float64 else 5e-2, atol=1e-9)
 
 
 # ---- Dice and AnyLoss ----------------------------------------------------------------------------
@@ -864,6 +915,7 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
         test_pld(kd_lib, torch.float32, (3, 1031), True)
         test_sinkhorn_solve_and_plan(sinkhorn_lib, torch.float64, (2, 5, 700), 0.1, 400, False)
+        test_sns_solve(sinkhorn_lib, torch.float64, (2, 37, 53), 0.02, 200, 3, 6, False)
         test_dice_softmax(metric_lib, torch.float32, (4, 1000), (0.5, 0.3, 0.1))
         test_dice_sigmoid(metric_lib, torch.float32, (5, 70), (0.5, 0.3, 0.1))
         test_confusion_sums(metric_lib, torch.float32, (37, 5), True)

@@ -277,22 +277,54 @@ Solve<T> carve(const OtBatch& q, const OtBatchOut& out, void* workspace, size_t*
 }
 
 
+// The Sinkhorn buffers' bytes (the Newton buffers of SNS follow them).
+template <class T>
+size_t sinkhorn_bytes(const OtBatch& q) {
+  size_t used = 0;
+  carve<T>(q, OtBatchOut{}, nullptr, &used);
+  return used;
+}
+
+#include "sinkhorn_newton_cuda.cuh"
+
+template <class T>
+const char* sinkhorn_iterations(const OtBatch& q, const Solve<T>& s, cudaStream_t st, int* host_active);
+
 template <class T>
 const char* solve(const OtBatch& q, const OtBatchOut& out, void* workspace, cudaStream_t st,
                   int* host_active) {
-  const Solve<T> s = carve<T>(q, out, workspace);
+  Solve<T> s = carve<T>(q, out, workspace);
+  if (q.keep <= 0) {
+    if (const char* e = sinkhorn_iterations(q, s, st, host_active)) return e;
+  } else {
+    // SNS: the warm-up's Sinkhorn iterations, then Newton steps up to max_iter in all
+    const int64_t limit = s.max_iter;
+    s.max_iter = q.warmup_iters < 1 ? 1 : (q.warmup_iters < limit ? q.warmup_iters : limit);
+    if (const char* e = sinkhorn_iterations(q, s, st, host_active)) return e;
+    s.max_iter = limit;
+    Carver cv{static_cast<char*>(workspace)};
+    cv.used = sinkhorn_bytes<T>(q);
+    if (const char* e = newton(q, s, carve_newton<T>(q, s, cv), st, host_active)) return e;
+  }
+  value_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(s, static_cast<T*>(out.value));
+  return launch_status();
+}
+
+// Sinkhorn iterations until every problem is done (tol or s.max_iter).
+template <class T>
+const char* sinkhorn_iterations(const OtBatch& q, const Solve<T>& s, cudaStream_t st, int* host_active) {
   init_kernel<T><<<blocks_for(q.B * (q.n + q.m), kThreads), kThreads, 0, st>>>(s);
   if (const char* e = launch_status()) return e;
   const dim3 col_grid(unsigned((q.m + kThreads - 1) / kThreads), unsigned(s.chunks),
                       unsigned(q.B < kMaxGridY ? q.B : kMaxGridY));
   // max_iter + 1 row passes: the last one measures the final potentials
-  for (int64_t it = 0; it <= q.max_iter; ++it) {
+  for (int64_t it = 0; it <= s.max_iter; ++it) {
     row_pass_kernel<T><<<blocks_for(q.B * q.n, kWarps), kThreads, 0, st>>>(s);
     decide_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(s);
     col_pass_kernel<T><<<col_grid, kThreads, 0, st>>>(s);
     col_merge_kernel<T><<<blocks_for(q.B * q.m, kThreads), kThreads, 0, st>>>(s);
     if (const char* e = launch_status()) return e;
-    if ((it + 1) % kCheckEvery == 0 || it == q.max_iter) {
+    if ((it + 1) % kCheckEvery == 0 || it == s.max_iter) {
       if (cudaMemcpyAsync(host_active, s.active, size_t(q.B) * sizeof(int), cudaMemcpyDeviceToHost, st) !=
               cudaSuccess ||
           cudaStreamSynchronize(st) != cudaSuccess)
@@ -302,17 +334,23 @@ const char* solve(const OtBatch& q, const OtBatchOut& out, void* workspace, cuda
       if (!any) break;
     }
   }
-  value_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(s, static_cast<T*>(out.value));
   return launch_status();
+}
+
+// With SNS, the Sinkhorn buffers and then the Newton ones.
+template <class T>
+size_t workspace_bytes(const OtBatch& q) {
+  if (q.keep <= 0) return sinkhorn_bytes<T>(q);
+  Carver cv{nullptr};
+  cv.used = sinkhorn_bytes<T>(q);
+  carve_newton<T>(q, Solve<T>{}, cv);
+  return cv.used;
 }
 
 }  // namespace
 
 size_t sinkhorn_cuda_workspace_bytes(const OtBatch& q) {
-  size_t used = 0;
-  if (q.is_double) carve<double>(q, OtBatchOut{}, nullptr, &used);
-  else carve<float>(q, OtBatchOut{}, nullptr, &used);
-  return used;
+  return q.is_double ? workspace_bytes<double>(q) : workspace_bytes<float>(q);
 }
 
 const char* sinkhorn_solve_cuda(const OtBatch& q, const OtBatchOut& out, void* workspace,

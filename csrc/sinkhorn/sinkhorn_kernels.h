@@ -47,7 +47,7 @@ OtResult sinkhorn_solve_cpu(const OtProblem& q, void* f, void* g, const Parallel
 void sinkhorn_plan_cpu(const OtProblem& q, const void* f, const void* g, double scale, void* out,
                        int64_t r0, int64_t r1);
 
-// ---- CUDA (sinkhorn_cuda.cu): log-domain Sinkhorn on a batch of B problems ------------------
+// ---- CUDA (sinkhorn_cuda.cu, sinkhorn_newton_cuda.cuh): log-domain Sinkhorn and SNS on a batch of B problems
 
 struct OtBatch {
   const void* cost = nullptr;  // [B, n, m], contiguous, float or double (is_double)
@@ -57,6 +57,9 @@ struct OtBatch {
   int64_t B = 0, n = 0, m = 0;
   double eps = 1.0, tol = 1e-6;
   int64_t max_iter = 1000;
+  // keep = 0: Sinkhorn; keep >= 1: Sinkhorn-Newton-Sparse (as OtProblem: warm-up iterations,
+  // entries kept per row on average, conjugate-gradient iterations per Newton step)
+  int64_t keep = 0, warmup_iters = 10, cg_iters = 500;
 };
 
 // Device outputs, in the cost's dtype except n_iter: value <a, f> + <b, g> [B], f [B, n],
@@ -75,6 +78,8 @@ struct OtBatchOut {
 size_t sinkhorn_cuda_workspace_bytes(const OtBatch& q);
 // Solves the batch on `stream` (a cudaStream_t); host_active is B ints of host memory (the
 // host reads the problems' done flags there every few iterations, synchronizing the stream).
+// With q.keep >= 1 (SNS) the error is the rows' and columns' together once Newton steps ran,
+// as on the CPU.
 // Returns nullptr or the CUDA error.
 const char* sinkhorn_solve_cuda(const OtBatch& q, const OtBatchOut& out, void* workspace,
                                 int* host_active, void* stream);

@@ -103,15 +103,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sinkhorn_solve(
               warmup_iters, ", ", cg_iters);
   TORCH_CHECK(cost_in.size(2) < (int64_t(1) << 31), kOp, ": at most 2^31 - 1 columns, got ",
               cost_in.size(2));
+  TORCH_CHECK(keep == 0 || cost_in.size(1) < (int64_t(1) << 31), kOp,
+              ": SNS takes at most 2^31 - 1 rows, got ", cost_in.size(1));
   const Tensor cost = cost_in.contiguous(), a = a_in.contiguous(), b = b_in.contiguous();
   const int64_t B = cost.size(0), n = cost.size(1), m = cost.size(2);
   const auto opts = cost.options();
   Tensor f = at::empty({B, n}, opts), g = at::empty({B, m}, opts);
   Tensor n_iter = at::empty({B}, opts.dtype(at::kLong));
   if (cost.is_cuda()) {
-    TORCH_CHECK(keep == 0, kOp, ": the CUDA solver runs Sinkhorn only (keep = 0); "
-                "Sinkhorn-Newton-Sparse on CUDA tensors takes the torch-operation path of "
-                "fastloss.ops.sinkhorn");
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(cost.device());
     Tensor value = at::empty({B}, opts), error = at::empty({B}, opts), transport = at::empty({B}, opts);
@@ -119,6 +118,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> sinkhorn_solve(
     OtBatch q = batch_of(cost, a, b, eps);
     q.tol = tol;
     q.max_iter = max_iter;
+    q.keep = keep, q.warmup_iters = warmup_iters, q.cg_iters = cg_iters;
     Tensor work = at::empty({int64_t(sinkhorn_cuda_workspace_bytes(q))}, opts.dtype(at::kByte));
     Tensor host_active = at::empty({B}, at::TensorOptions().dtype(at::kInt).pinned_memory(true));
     OtBatchOut out;

@@ -31,10 +31,22 @@ def compiler() -> str | None:
     return None
 
 
+_LOCAL_INCLUDE = re.compile(r'^#include "([\w.]+\.cuh)"[^\n]*$', re.M)
+
+
+def inline_local_headers(source: str, folder: Path) -> str:
+    """`#include "x.cuh"` of a file in `folder` replaced by its text, so that its launches are
+    rewritten too (once: such a header is part of one .cu file)."""
+    def text(m):
+        path = folder / m[1]
+        return f'#line 1 "{path}"\n' + path.read_text() + "\n" if path.exists() else m[0]
+    return _LOCAL_INCLUDE.sub(text, source)
+
+
 def build(cu_file: str, harness: str, name: str) -> ctypes.CDLL:
     """The shared library of `harness` (a .cpp in this folder that includes "kernels.inc", the
     rewritten `cu_file`, relative to csrc/)."""
-    cu = (CSRC / cu_file).read_text()
+    cu = inline_local_headers((CSRC / cu_file).read_text(), (CSRC / cu_file).parent)
     files = [HERE / harness, HERE / "emu.h", *sorted((HERE / "include").iterdir())]
     key = hashlib.sha256(cu.encode() + b"".join(f.read_bytes() for f in files))
     for dep in sorted((CSRC / "common").iterdir()) + sorted((CSRC / Path(cu_file).parent).iterdir()):

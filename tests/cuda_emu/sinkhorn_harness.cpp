@@ -44,6 +44,29 @@ const char* emu_sinkhorn_solve(const void* cost, const void* a, const void* b, i
                                        workspace, host_active, nullptr);
 }
 
+// SNS: keep entries per row on average, warm-up iterations, CG iterations per Newton step.
+int64_t emu_sns_workspace(int is_double, const int64_t* shape, int64_t keep) {
+  fastloss::OtBatch q = batch(nullptr, nullptr, nullptr, is_double, shape, 1.0, 0.0);
+  q.keep = keep;
+  return int64_t(fastloss::sinkhorn_cuda_workspace_bytes(q));
+}
+
+const char* emu_sns_solve(const void* cost, const void* a, const void* b, int is_double,
+                          const int64_t* shape, double eps, double tol, int64_t keep,
+                          int64_t warmup_iters, int64_t cg_iters, void** outs, void* workspace,
+                          int* host_active) {
+  fastloss::OtBatch q = batch(cost, a, b, is_double, shape, eps, tol);
+  q.keep = keep, q.warmup_iters = warmup_iters, q.cg_iters = cg_iters;
+  fastloss::OtBatchOut out;
+  out.value = outs[0];
+  out.f = outs[1];
+  out.g = outs[2];
+  out.n_iter = static_cast<int64_t*>(outs[3]);
+  out.error = outs[4];
+  out.transport = outs[5];
+  return fastloss::sinkhorn_solve_cuda(q, out, workspace, host_active, nullptr);
+}
+
 const char* emu_sinkhorn_plan(const void* cost, const void* a, const void* b, int is_double,
                               const int64_t* shape, double eps, const void* f, const void* g,
                               const double* scale, void* out) {

@@ -24,10 +24,11 @@ silently). float32 and float64. On the CPU both methods run in the C++ solver
 (csrc/sinkhorn/: AVX2 / AVX-512 log-sum-exp passes, the plan formed once per Newton step, a
 sparse Hessian-vector product inside conjugate gradient) as the custom op
 ``fastloss::sinkhorn_solve``, whose backward recomputes the plan from the potentials instead of
-keeping it. On CUDA tensors ``method="sinkhorn"`` runs the same op on the CUDA solver
+keeping it. On CUDA tensors both methods run the same op on the CUDA solver
 (csrc/sinkhorn/sinkhorn_cuda.cu: the whole batch in one set of launches per iteration, fused
-log-sum-exp row and column passes over the cost); ``method="sns"`` runs the same algorithm as
-torch operations (no CUDA Newton kernels yet), as do other devices.
+log-sum-exp row and column passes over the cost; sinkhorn_newton_cuda.cuh: SNS's Newton steps,
+the plan, its threshold, the kept entries as CSR and CSC, conjugate gradient and the line
+search as batched kernels); other devices run the same algorithms as torch operations.
 """
 
 from __future__ import annotations
@@ -313,7 +314,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                              f"count >= 1 (an int) of entries kept per row, got {sparsity!r}")
         keep = sparsity if isinstance(sparsity, int) else max(1, int(math.ceil(sparsity * m)))
         newton = (int(warmup_iters), min(keep, m))
-    if c.device.type == "cpu" or (newton is None and has_kernel(c)):
+    if c.device.type == "cpu" or has_kernel(c):
         keep = 0 if newton is None else newton[1]
         warm = 0 if newton is None else newton[0]
         total, f, g, n_iter, err, transport = torch.ops.fastloss.sinkhorn_solve(
