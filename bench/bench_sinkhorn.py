@@ -17,8 +17,8 @@ its potentials reach (rows + columns) instead of an iteration count.
 
 With ``--device cuda``: large batched problems instead (random costs in [0, 1], uniform
 marginals, float32 and float64, to a marginal error of 1e-5 / 1e-8), timing the CUDA Sinkhorn
-solver against the same iteration as torch operations (the eager path, ``_SinkhornCost``) and
-POT's ``sinkhorn_log`` on the torch backend; each row records the iterations, and the floor of
+solver and SNS (its CUDA Newton steps) against the same iteration as torch operations (the
+eager path, ``_SinkhornCost``) and POT's ``sinkhorn_log`` on the torch backend; each row records the iterations, and the floor of
 one iteration is two reads of the cost (the row and the column passes).
 
 Usage: python bench/bench_sinkhorn.py [--device cpu|cuda] [--quick] [--out DIR]
@@ -124,12 +124,14 @@ def pot_solver():
 
 # (batch, n, m, dtype, eps, tol) of the device benchmark
 DEVICE_PROBLEMS = [(16, 1024, 1024, torch.float32, 0.05, 1e-5), (1, 4096, 4096, torch.float32, 0.05, 1e-5),
-                   (1, 4096, 4096, torch.float32, 0.01, 1e-5), (4, 2048, 2048, torch.float64, 0.01, 1e-8)]
+                   (1, 4096, 4096, torch.float32, 0.01, 1e-5), (4, 2048, 2048, torch.float64, 0.01, 1e-8),
+                   (4, 2048, 2048, torch.float64, 0.002, 1e-8)]
 DEVICE_QUICK = [(2, 64, 48, torch.float32, 0.1, 1e-5), (1, 40, 70, torch.float64, 0.05, 1e-8)]
 
 
 def device_main(args, device):
-    """Sinkhorn on `device`: fastloss's solver vs the torch-operation iteration vs POT."""
+    """Sinkhorn on `device`: fastloss's solver (Sinkhorn and SNS) vs the torch-operation
+    iteration vs POT."""
     from fastloss.ops.sinkhorn import _SinkhornCost
     name = f"sinkhorn_{device}" + ("_quick" if args.quick else "")
     t_start = time.perf_counter()
@@ -168,8 +170,12 @@ def device_main(args, device):
             return [ot.sinkhorn(a[k], b[k], c[k], eps, method="sinkhorn_log", numItermax=MAX_ITER,
                                 stopThr=tol, log=log) for k in range(bsz)]
 
+        def sns():
+            return fastloss.ops.sinkhorn(c, a, b, eps=eps, method="sns", tol=tol, max_iter=MAX_ITER, warn=False)
+
         runs = {"fastloss_sinkhorn": lambda: fastloss.ops.sinkhorn(c, a, b, eps=eps, tol=tol, max_iter=MAX_ITER,
                                                                    warn=False),
+                "fastloss_sns": sns,
                 "torch_ops_sinkhorn": torch_ops, "pot_sinkhorn_log": pot if not isinstance(ot, str) else ot}
         floor = {"cost_twice_per_iteration": 2 * c.numel() * c.element_size() * iters}
         for variant, fn in runs.items():
@@ -179,6 +185,9 @@ def device_main(args, device):
             extra = dict(iterations=iters, converged=bool(ours.converged.all()))
             if variant == "torch_ops_sinkhorn":  # checks every 10 iterations
                 extra["iterations"] = int(torch_ops()[4].max())
+            if variant == "fastloss_sns":  # stops on rows + columns
+                first = sns()
+                extra = dict(iterations=int(first.n_iter.max()), converged=bool(first.converged.all()))
             if variant == "pot_sinkhorn_log":
                 extra = dict(iterations=max(int(log.get("niter", -1)) + 1 for _, log in pot(log=True)))
             harness.measure_row(res, lambda _i, fn=fn: fn(), device, dict(base, variant=variant, **extra), cols,
