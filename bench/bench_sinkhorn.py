@@ -13,7 +13,9 @@ where POT is installed (its error is measured on the columns, ours on the rows, 
 SNS); each row records the iterations taken and whether it converged within the cap. On the
 squared-cost problems, GeomLoss's ``SamplesLoss("sinkhorn", debias=False)`` (tensorized,
 eps-scaling 0.9) where installed: it has no tolerance, so its row records the marginal error
-its potentials reach (rows + columns) instead of an iteration count.
+its potentials reach (rows + columns) instead of an iteration count. Per problem also POT's
+exact solver (``ot.emd2``, network simplex): its time, and the gap of each of our solutions'
+transport cost ``<P, C>`` to the exact cost (it shrinks with eps).
 
 With ``--device cuda``: large batched problems instead (random costs in [0, 1], uniform
 marginals, float32 and float64, to a marginal error of 1e-5 / 1e-8), timing the CUDA Sinkhorn
@@ -122,6 +124,21 @@ def pot_solver():
     return solve
 
 
+def pot_exact_solver():
+    """POT's exact network-simplex solver (``ot.emd2``): the unregularized OT cost."""
+    try:
+        import ot
+    except Exception as e:
+        return f"missing: POT not importable ({type(e).__name__}: {e})"
+
+    def solve(c, a, b):
+        n, m = c.shape
+        a = a if a is not None else torch.full((n,), 1 / n, dtype=c.dtype)
+        b = b if b is not None else torch.full((m,), 1 / m, dtype=c.dtype)
+        return float(ot.emd2(a.numpy(), b.numpy(), c.numpy(), numItermax=10_000_000))
+    return solve
+
+
 # (batch, n, m, dtype, eps, tol) of the device benchmark
 DEVICE_PROBLEMS = [(16, 1024, 1024, torch.float32, 0.05, 1e-5), (1, 4096, 4096, torch.float32, 0.05, 1e-5),
                    (1, 4096, 4096, torch.float32, 0.01, 1e-5), (4, 2048, 2048, torch.float64, 0.01, 1e-8),
@@ -216,13 +233,31 @@ def main(argv=None):
             ("converged", lambda r: str(r.get("converged", "-"))
              + (f" (error {r['marginal_error']:.1e})" if "marginal_error" in r else "")),
             ("vs sinkhorn", lambda r: harness._f(r.get("speedup_vs", {}).get("fastloss_sinkhorn"), ".1f", "x")),
+            ("<P,C> - exact", lambda r: harness._f(r.get("gap_to_exact"), ".2e")),
             ("status", lambda r: r["status"] if r["status"] == "ok" else r.get("reason", "")[:60])]
     print(f"# {name}: {res.env['device_name']}, {res.env['threads']} threads, torch {res.env['torch']}, "
           f"commit {res.env['git_commit']}")
     print(" | ".join(c for c, _ in cols), flush=True)
     pot = pot_solver()
+    exact = pot_exact_solver()
     geom = geomloss_solver()
     for pname, prob in problems(args.quick).items():
+        exact_cost = None
+        if not isinstance(prob, str):
+            # the exact LP cost (POT's network simplex): the entropic solutions' <P, C> tends to it
+            # as eps shrinks; its time is that of an exact solve of the same problem
+            base = dict(op="sinkhorn", group=f"{pname}|exact", label=f"{pname} exact (unregularized)",
+                        dtype=torch.float64, eps=0.0, shape=list(prob[0].shape))
+            if isinstance(exact, str):
+                harness.skipped_row(res, exact, dict(base, variant="pot_emd"), cols)
+            else:
+                c, a, b = prob
+                exact_cost = exact(c, a, b)
+                timing = harness.measure(lambda _i: exact(c, a, b), [None], "cpu", warmup=1, target_s=0.1,
+                                         min_repeats=3, max_repeats=3, max_measure_s=60.0, memory=False)
+                row = res.add(variant="pot_emd", timing=timing, iterations="-", converged=True,
+                              exact_cost=exact_cost, **base)
+                print(" | ".join(get(row) for _, get in cols), flush=True)
         for eps in EPS:
             group, label = f"{pname}|eps{eps}", f"{pname} eps={eps}"
             base = dict(op="sinkhorn", group=group, label=label, dtype=torch.float64, eps=eps)
@@ -247,6 +282,9 @@ def main(argv=None):
                 extra = {}
                 if variant.startswith("fastloss"):
                     iters, conv = int(out.n_iter), bool(out.converged)
+                    if exact_cost is not None:
+                        extra = {"transport_cost": float(out.transport_cost),
+                                 "gap_to_exact": float(out.transport_cost) - exact_cost}
                 elif variant.startswith("geomloss"):
                     f, g = out
                     plan = a[:, None] * b[None, :] * torch.exp((f[:, None] + g[None, :] - c) / eps)
