@@ -64,6 +64,7 @@ struct Solve {
   T* g;                     // [B, m]
   int64_t* n_iter;          // [B]
   T* error;                 // [B]
+  double* error64;          // [B] the same, unrounded (SNS decides on it after the warm-up)
   T* transport;             // [B]
   T* f_next;                // [B, n]
   T* row_sum;               // [B, n] (P 1)_i
@@ -144,6 +145,7 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
   tr = block_sum(tr, partial);
   if (threadIdx.x == 0) {
     s.error[k] = T(err);
+    s.error64[k] = err;
     s.transport[k] = T(tr);
     go = !(err < s.tol) && s.n_iter[k] < s.max_iter;
     if (go) ++s.n_iter[k];
@@ -272,6 +274,7 @@ Solve<T> carve(const OtBatch& q, const OtBatchOut& out, void* workspace, size_t*
   s.col_m = cv.take<T>(s.chunks * q.B * q.m);
   s.col_z = cv.take<T>(s.chunks * q.B * q.m);
   s.active = cv.take<int>(q.B);
+  s.error64 = cv.take<double>(q.B);
   if (used) *used = cv.used;
   return s;
 }

@@ -1,6 +1,6 @@
 // Entry points of the entropic-OT kernels (log-domain Sinkhorn and Sinkhorn-Newton-Sparse),
 // callable without torch headers. On the CPU one call solves one problem (the op file runs a
-// batch); on CUDA one call solves a whole batch (Sinkhorn only).
+// batch); on CUDA one call solves a whole batch.
 //
 // For cost C [n, m] (row-major, contiguous), marginals a [n], b [m] and eps > 0, the plan is
 //   P_ij = a_i b_j exp((f_i + g_j - C_ij) / eps)

@@ -10,9 +10,10 @@
 //               threshold's binade;
 //   slices      the leading mantissa bits of the entries in that binade, as the plan's
 //               histogram; threshold: rho = the slice's lower edge (the CPU's rule);
-//   CSR / CSC   row counts by warp-wide votes, column counts a thread per column, an exclusive
-//               scan per problem, then the entries in order (rows: a warp per row compacting by
-//               votes; columns: a thread per column walking the rows): deterministic;
+//   CSR / CSC   row counts by warp-wide votes, column counts per (row chunk, column), an
+//               exclusive scan per problem, then the entries in order (rows: a warp per row
+//               compacting by votes; columns: each chunk's rows walked from the chunk's offset
+//               in its column): deterministic;
 //   CG          per iteration a warp per row or column for the Hessian product (gathers over
 //               CSR / CSC) and a block per problem for the vector updates and their dot
 //               products; the host reads the problems' CG flags every kCgCheckEvery iterations;
@@ -88,6 +89,7 @@ struct Newton {
   double* sc;                    // [B, m] P^T 1
   double* row_cost;              // [B, n] sum_j P_ij C_ij
   double* col_part;              // [col_chunks, B, m]
+  int64_t* col_count;            // [col_chunks, B, m] kept entries, then their offsets
   unsigned long long* hist;      // [B, kBuckets]
   unsigned long long* slices;    // [B, kSlices]
   int64_t* bucket;               // [B] the threshold's binade (-1: keep every positive entry)
@@ -108,18 +110,18 @@ struct Newton {
   int* trials;                   // [B]
 };
 
-// A warp per row (k, i), blocks over (row tiles, problems): P_ij = e^(x f_i + log a_i + h_j -
+// A warp per row (k, i), blocks over (problems, row tiles): P_ij = e^(x f_i + log a_i + h_j -
 // x C_ij), its row sum and <P, C>; the binades of the positive entries counted per block.
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_plan_kernel(Newton<T> nw) {
   __shared__ unsigned counts[Bits<T>::kBuckets];
   const Solve<T>& s = nw.s;
-  const int64_t k = blockIdx.y;
+  const int64_t k = blockIdx.x;
   if (!s.active[k]) return;  // the whole block
   for (int q = threadIdx.x; q < Bits<T>::kBuckets; q += kThreads) counts[q] = 0;
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  for (int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.x) * kWarps) {
+  for (int64_t i = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.y) * kWarps) {
     const int64_t r = k * s.n + i;
     const T base = s.x * s.f[r] + log_t(s.a[r]);
     const T* c = s.cost + r * s.m;
@@ -205,13 +207,13 @@ template <class T>
 __global__ void __launch_bounds__(kThreads) newton_slices_kernel(Newton<T> nw) {
   __shared__ unsigned counts[kSlices];
   const Solve<T>& s = nw.s;
-  const int64_t k = blockIdx.y;
+  const int64_t k = blockIdx.x;
   if (!s.active[k] || nw.bucket[k] < 0) return;
   const int64_t bucket = nw.bucket[k];
   for (int q = threadIdx.x; q < kSlices; q += kThreads) counts[q] = 0;
   __syncthreads();
   const int lane = threadIdx.x % 32;
-  for (int64_t i = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.x) * kWarps) {
+  for (int64_t i = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.y) * kWarps) {
     const T* p = nw.p + (k * s.n + i) * s.m;
     for (int64_t j = lane; j < s.m; j += 32) {
       const T e = p[j];
@@ -240,15 +242,14 @@ __global__ void newton_threshold_kernel(Newton<T> nw) {
   nw.rho[k] = e > std::numeric_limits<T>::denorm_min() ? e : std::numeric_limits<T>::denorm_min();
 }
 
-// Row counts: a warp per row (k, i) counting P_ij >= rho by votes; column counts: a thread per
-// (column, problem) walking the rows. Written at index + 1 for the scan.
+// Row counts: a warp per row (k, i) counting P_ij >= rho by votes, written at i + 1 for the
+// scan.
 template <class T>
-__global__ void __launch_bounds__(kThreads) newton_count_kernel(Newton<T> nw) {
+__global__ void __launch_bounds__(kThreads) newton_row_count_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = s.B * s.n, cols = s.B * s.m;
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += warps) {
+  const int64_t rows = s.B * s.n;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += int64_t(gridDim.x) * kWarps) {
     const int64_t k = r / s.n, i = r % s.n;
     if (!s.active[k]) continue;
     const T* p = nw.p + r * s.m;
@@ -260,14 +261,24 @@ __global__ void __launch_bounds__(kThreads) newton_count_kernel(Newton<T> nw) {
     }
     if (lane == 0) nw.row_start[k * (s.n + 1) + i + 1] = cnt;
   }
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < cols; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t k = e / s.m, j = e % s.m;
+}
+
+// Column counts, grid (column tiles, row chunks, problems) as the column sums: the kept entries
+// of each column within the chunk's rows.
+template <class T>
+__global__ void __launch_bounds__(kThreads) newton_col_count_kernel(Newton<T> nw) {
+  const Solve<T>& s = nw.s;
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= s.m) return;
+  const int64_t i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
+  const int64_t i1 = i0 + nw.col_chunk_rows < s.n ? i0 + nw.col_chunk_rows : s.n;
+  for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
     const T rho = nw.rho[k];
     int64_t cnt = 0;
-    for (int64_t i = 0; i < s.n; ++i) cnt += p[i * s.m] >= rho;
-    nw.col_start[k * (s.m + 1) + j + 1] = cnt;
+    for (int64_t i = i0; i < i1; ++i) cnt += p[i * s.m] >= rho;
+    nw.col_count[(int64_t(blockIdx.y) * s.B + k) * s.m + j] = cnt;
   }
 }
 
@@ -298,6 +309,8 @@ __device__ void block_exclusive_scan(int64_t* v, int64_t len, int64_t* totals) {
   __syncthreads();
 }
 
+// A block per problem: row starts; column starts, and each (row chunk, column)'s offset inside
+// its column (the chunks' counts scanned in chunk order).
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_scan_kernel(Newton<T> nw) {
   __shared__ int64_t totals[kThreads];
@@ -305,18 +318,27 @@ __global__ void __launch_bounds__(kThreads) newton_scan_kernel(Newton<T> nw) {
   const int64_t k = blockIdx.x;
   if (!s.active[k]) return;
   block_exclusive_scan(nw.row_start + k * (s.n + 1), s.n, totals);
+  for (int64_t j = threadIdx.x; j < s.m; j += kThreads) {
+    int64_t run = 0;
+    for (int64_t q = 0; q < nw.col_chunks; ++q) {
+      int64_t& c = nw.col_count[(q * s.B + k) * s.m + j];
+      const int64_t here = c;
+      c = run;
+      run += here;
+    }
+    nw.col_start[k * (s.m + 1) + j + 1] = run;
+  }
+  __syncthreads();
   block_exclusive_scan(nw.col_start + k * (s.m + 1), s.m, totals);
 }
 
-// The kept entries in order: CSR rows a warp per row (votes give each lane its slot), CSC
-// columns a thread per (column, problem) walking the rows.
+// The kept entries in order: CSR rows a warp per row (votes give each lane its slot).
 template <class T>
-__global__ void __launch_bounds__(kThreads) newton_fill_kernel(Newton<T> nw) {
+__global__ void __launch_bounds__(kThreads) newton_row_fill_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
   const int lane = threadIdx.x % 32;
-  const int64_t rows = s.B * s.n, cols = s.B * s.m;
-  const int64_t warps = int64_t(gridDim.x) * kWarps;
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += warps) {
+  const int64_t rows = s.B * s.n;
+  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += int64_t(gridDim.x) * kWarps) {
     const int64_t k = r / s.n, i = r % s.n;
     if (!s.active[k]) continue;
     const T* p = nw.p + r * s.m;
@@ -334,13 +356,24 @@ __global__ void __launch_bounds__(kThreads) newton_fill_kernel(Newton<T> nw) {
       at += bit_count(votes);
     }
   }
-  for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < cols; e += int64_t(gridDim.x) * kThreads) {
-    const int64_t k = e / s.m, j = e % s.m;
+}
+
+// CSC columns, grid (column tiles, row chunks, problems): each chunk's entries of a column from
+// its offset, in row order.
+template <class T>
+__global__ void __launch_bounds__(kThreads) newton_col_fill_kernel(Newton<T> nw) {
+  const Solve<T>& s = nw.s;
+  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  if (j >= s.m) return;
+  const int64_t i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
+  const int64_t i1 = i0 + nw.col_chunk_rows < s.n ? i0 + nw.col_chunk_rows : s.n;
+  for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
     const T rho = nw.rho[k];
-    int64_t at = k * nw.cap + nw.col_start[k * (s.m + 1) + j];
-    for (int64_t i = 0; i < s.n; ++i) {
+    int64_t at = k * nw.cap + nw.col_start[k * (s.m + 1) + j] +
+                 nw.col_count[(int64_t(blockIdx.y) * s.B + k) * s.m + j];
+    for (int64_t i = i0; i < i1; ++i) {
       const T v = p[i * s.m];
       if (v >= rho) nw.csc_row[at] = int32_t(i), nw.csc_val[at] = v, ++at;
     }
@@ -354,7 +387,10 @@ __global__ void __launch_bounds__(kThreads) newton_cg_init_kernel(Newton<T> nw) 
   __shared__ double partial[kWarps];
   const Solve<T>& s = nw.s;
   const int64_t k = blockIdx.x;
-  if (!s.active[k]) return;
+  if (!s.active[k]) {  // the host's CG and line-search loops look at every problem's flags
+    if (threadIdx.x == 0) nw.cg_live[k] = 0, nw.ls_state[k] = 1;
+    return;
+  }
   const int64_t len = s.n + s.m, o = k * len;
   double rmax = 0.0;
   for (int64_t i = threadIdx.x; i < s.n; i += kThreads) rmax = fmax(rmax, nw.r[k * s.n + i]);
@@ -605,11 +641,12 @@ __global__ void __launch_bounds__(kThreads) newton_take_f_kernel(Solve<T> s) {
 }
 
 // Thread per problem, after the warm-up: the problems that stopped on the warm-up's iteration
-// budget (not on tol) iterate on with Newton steps.
+// budget (not on tol, judged on the unrounded error) go on to the plan and its check, which
+// stops them at max_iter with the rows' and columns' error, as the CPU does.
 template <class T>
 __global__ void newton_resume_kernel(Solve<T> s) {
   const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k < s.B) s.active[k] = !(double(s.error[k]) < s.tol) && s.n_iter[k] < s.max_iter;
+  if (k < s.B) s.active[k] = !(s.error64[k] < s.tol);
 }
 
 int64_t newton_chunk_rows(const OtBatch& q) { return chunk_rows_of(q); }
@@ -630,6 +667,7 @@ Newton<T> carve_newton(const OtBatch& q, const Solve<T>& s, Carver& cv) {
   nw.sc = cv.take<double>(B * m);
   nw.row_cost = cv.take<double>(B * n);
   nw.col_part = cv.take<double>(nw.col_chunks * B * m);
+  nw.col_count = cv.take<int64_t>(nw.col_chunks * B * m);
   nw.hist = cv.take<unsigned long long>(B * Bits<T>::kBuckets);
   nw.slices = cv.take<unsigned long long>(B * kSlices);
   nw.bucket = cv.take<int64_t>(B);
@@ -675,7 +713,7 @@ const char* newton(const OtBatch& q, const Solve<T>& s, const Newton<T>& nw, cud
   const char* error = nullptr;
   newton_resume_kernel<T><<<blocks_for(q.B, kThreads), kThreads, 0, st>>>(s);
   const unsigned row_tiles = blocks_for(q.n, kWarps) < 1024 ? blocks_for(q.n, kWarps) : 1024;
-  const dim3 per_problem(row_tiles, unsigned(q.B));
+  const dim3 per_problem(unsigned(q.B), row_tiles);  // problems on x: no 65535 limit
   const dim3 col_grid(unsigned((q.m + kThreads - 1) / kThreads), unsigned(nw.col_chunks),
                       unsigned(q.B < kMaxGridY ? q.B : kMaxGridY));
   const unsigned rows_grid = blocks_for(q.B * q.n, kWarps), lines_grid = blocks_for(q.B * (q.n + q.m), kWarps);
@@ -692,9 +730,11 @@ const char* newton(const OtBatch& q, const Solve<T>& s, const Newton<T>& nw, cud
     if (!any_flag(s.active, q.B, host_flags, st, &error)) return error;
     newton_slices_kernel<T><<<per_problem, kThreads, 0, st>>>(nw);
     newton_threshold_kernel<T><<<blocks_for(q.B, kThreads), kThreads, 0, st>>>(nw);
-    newton_count_kernel<T><<<blocks_for(q.B * (q.n > q.m ? q.n : q.m), kWarps), kThreads, 0, st>>>(nw);
+    newton_row_count_kernel<T><<<rows_grid, kThreads, 0, st>>>(nw);
+    newton_col_count_kernel<T><<<col_grid, kThreads, 0, st>>>(nw);
     newton_scan_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(nw);
-    newton_fill_kernel<T><<<blocks_for(q.B * (q.n > q.m ? q.n : q.m), kWarps), kThreads, 0, st>>>(nw);
+    newton_row_fill_kernel<T><<<rows_grid, kThreads, 0, st>>>(nw);
+    newton_col_fill_kernel<T><<<col_grid, kThreads, 0, st>>>(nw);
     newton_cg_init_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(nw);
     if (const char* e = launch_status()) return e;
     for (int64_t it = 0; it < nw.cg_iters; ++it) {

@@ -1,6 +1,6 @@
 // The torch-aware side of entropic optimal transport: argument checks, allocation, and the CPU
-// solver (sinkhorn_cpu_impl.h) over a batch, or the CUDA Sinkhorn (sinkhorn_cuda.cu: the whole
-// batch at once; SNS on CUDA tensors stays in torch operations). Schemas in registration.cpp;
+// solver (sinkhorn_cpu_impl.h) over a batch, or the CUDA solver (sinkhorn_cuda.cu and
+// sinkhorn_newton_cuda.cuh: Sinkhorn and SNS, the whole batch at once). Schemas in registration.cpp;
 // fake kernels, autograd and the torch-operation path in python/fastloss/ops/sinkhorn.py (which
 // also checks the values: finite, non-negative, equal masses).
 #include <ATen/Parallel.h>

@@ -203,7 +203,7 @@ class _SinkhornCost(torch.autograd.Function):
         return gc, ga, gb, None, None, None, None
 
 
-# --- the custom ops (csrc/sinkhorn/sinkhorn_op.cpp; CPU, and CUDA for Sinkhorn): shapes and autograd -------------------
+# --- the custom ops (csrc/sinkhorn/sinkhorn_op.cpp; CPU and CUDA): shapes and autograd -------------------
 
 @torch.library.register_fake("fastloss::sinkhorn_solve")
 def _fake_solve(cost, a, b, eps, max_iter, tol, warmup_iters, keep, cg_iters):
