@@ -144,14 +144,22 @@ __global__ void __launch_bounds__(kThreads) newton_plan_kernel(Newton<T> nw) {
     if (counts[q]) atomicAdd(&nw.hist[k * Bits<T>::kBuckets + q], (unsigned long long)counts[q]);
 }
 
+// In the grids (column tiles, row chunks, problems): this thread's column j and its block's
+// rows [i0, i1); false past the last column.
+template <class T>
+__device__ __forceinline__ bool column_chunk(const Newton<T>& nw, int64_t& j, int64_t& i0, int64_t& i1) {
+  j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
+  i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
+  i1 = i0 + nw.col_chunk_rows < nw.s.n ? i0 + nw.col_chunk_rows : nw.s.n;
+  return j < nw.s.m;
+}
+
 // grid (column tiles, row chunks, problems): the chunk's column sums of P.
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_colsum_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
-  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= s.m) return;
-  const int64_t i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
-  const int64_t i1 = i0 + nw.col_chunk_rows < s.n ? i0 + nw.col_chunk_rows : s.n;
+  int64_t j, i0, i1;
+  if (!column_chunk(nw, j, i0, i1)) return;
   for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
@@ -268,10 +276,8 @@ __global__ void __launch_bounds__(kThreads) newton_row_count_kernel(Newton<T> nw
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_col_count_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
-  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= s.m) return;
-  const int64_t i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
-  const int64_t i1 = i0 + nw.col_chunk_rows < s.n ? i0 + nw.col_chunk_rows : s.n;
+  int64_t j, i0, i1;
+  if (!column_chunk(nw, j, i0, i1)) return;
   for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
@@ -363,10 +369,8 @@ __global__ void __launch_bounds__(kThreads) newton_row_fill_kernel(Newton<T> nw)
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_col_fill_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
-  const int64_t j = int64_t(blockIdx.x) * kThreads + threadIdx.x;
-  if (j >= s.m) return;
-  const int64_t i0 = int64_t(blockIdx.y) * nw.col_chunk_rows;
-  const int64_t i1 = i0 + nw.col_chunk_rows < s.n ? i0 + nw.col_chunk_rows : s.n;
+  int64_t j, i0, i1;
+  if (!column_chunk(nw, j, i0, i1)) return;
   for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
