@@ -3,6 +3,7 @@ gradients): plan, cost, marginals, gradients w.r.t. cost and marginals; small ep
 overflow; batched equals one by one; point clouds; non-convergence reported; bad input."""
 
 import functools
+import importlib
 import warnings
 
 import pytest
@@ -212,7 +213,8 @@ def test_float32_small_eps_takes_the_exact_fallback():
 
 
 def test_parallel_batch_equals_parallel_passes():
-    """A batch runs problems on threads; a single problem runs its passes on threads: same numbers."""
+    """A batch runs problems on threads; a single problem runs its passes on threads: same numbers.
+    float64 700 x 300 (past one task's rows: SNS's plan pass splits it) and on 1 or 2 threads."""
     cs = torch.stack([problem(70, 90, seed=s)[0] for s in range(4)]).float()
     for method in ("sinkhorn", "sns"):
         batch = ops.sinkhorn(cs, eps=0.02, method=method, tol=1e-5, max_iter=3000)
@@ -220,6 +222,20 @@ def test_parallel_batch_equals_parallel_passes():
             one = ops.sinkhorn(cs[i], eps=0.02, method=method, tol=1e-5, max_iter=3000)
             assert int(one.n_iter) == int(batch.n_iter[i])
             torch.testing.assert_close(one.f, batch.f[i], rtol=1e-5, atol=1e-6)
+    big = torch.stack([problem(700, 300, seed=s)[0] for s in range(2)])
+    threads = torch.get_num_threads()
+    try:
+        runs = []
+        for nthreads in (1, 2):
+            torch.set_num_threads(nthreads)
+            batch = ops.sinkhorn(big, eps=0.005, method="sns", tol=1e-10, max_iter=300)
+            ones = [ops.sinkhorn(big[i], eps=0.005, method="sns", tol=1e-10, max_iter=300) for i in range(2)]
+            runs += [(batch.n_iter, batch.f), (torch.stack([o.n_iter for o in ones]), torch.stack([o.f for o in ones]))]
+    finally:
+        torch.set_num_threads(threads)
+    for n_iter, f in runs[1:]:
+        assert torch.equal(n_iter, runs[0][0]), [r[0].tolist() for r in runs]
+        assert torch.equal(f, runs[0][1])
 
 
 @pytest.mark.parametrize("method", ["sinkhorn", "sns"])
@@ -397,7 +413,24 @@ def test_self_transport_cost_gradients_and_errors():
     d = d - d.mean()  # keeps the mass
     fd = (value(x, a + h * d) - value(x, a - h * d)) / (2 * h)
     torch.testing.assert_close((ag.grad * d).sum(), fd, rtol=1e-6, atol=1e-9)
+    # max_iter counts updates; devices without the plan op take torch's plan in the backward
+    c = torch.cdist(x, x)[None] ** 2
+    f1, it1, _ = _symmetric_potential(c, a[None], eps, 1, 0.0)
+    assert it1 == 1 and bool((f1 != 0).all())
+    sk = importlib.import_module("fastloss.ops.sinkhorn")  # (ops.sinkhorn is the function)
+    xt = x.clone().requires_grad_(True)
+    real = sk.has_kernel
+    sk.has_kernel = lambda t: False
+    try:
+        value(xt, a).backward()
+    finally:
+        sk.has_kernel = real
+    torch.testing.assert_close(xt.grad, xg.grad, rtol=1e-12, atol=1e-14)
     expect_errors([
+        (lambda: ops.self_transport_cost(x.tolist(), eps=0.1), "must be a Tensor"),
+        (lambda: ops.self_transport_cost(x[:0], eps=0.1), "n >= 1"),
+        (lambda: ops.self_transport_cost(x.half(), eps=0.1), "float32 or float64"),
+        (lambda: ops.self_transport_cost(x * float("nan"), eps=0.1), "finite"),
         (lambda: ops.self_transport_cost(x[0], eps=0.1), "x must be"),
         (lambda: ops.self_transport_cost(x, eps=0.0), "eps must be > 0"),
         (lambda: ops.self_transport_cost(x, p=3, eps=0.1), "p must be 1 or 2"),

@@ -294,3 +294,20 @@ def test_cuda_path_equals_cpu():
         results.append((y.cpu(), *[t.grad.cpu() for t in leaves]))
     for got, exp in zip(*results):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["BCL", "BLC"])
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "centred"])
+def test_non_finite_taps_match_conv1d(causal, channels_last, device):
+    """A tap of inf multiplies the padding's zeros too (NaN there, as F.conv1d), on every
+    instruction set and layout, not only where it meets data."""
+    x, w, b = make(2, 19, 37, 3, torch.float32, seed=6, channels_last=channels_last)
+    w[4, 0], w[11, 2] = float("inf"), float("-inf")
+    d = 5
+    y = ops.dilated_conv1d(x.to(device), w.to(device), b.to(device), dilation=d, causal=causal).cpu()
+    span = d * 2
+    p = span if causal else span // 2
+    expected = F.conv1d(F.pad(x, (p, span - p)), w.unsqueeze(1), b, dilation=d, groups=19)
+    assert torch.equal(torch.isnan(y), torch.isnan(expected)), "NaN pattern"
+    torch.testing.assert_close(y.nan_to_num(0.0, 7.0, -7.0), expected.nan_to_num(0.0, 7.0, -7.0),
+                               rtol=2e-5, atol=2e-5)

@@ -8,9 +8,9 @@
 // current potentials, so convergence is checked every iteration for free). A Newton step forms
 // P once (one exponential per entry, kept in a buffer), selects its largest entries under one
 // threshold, runs conjugate gradient on the sparse Hessian (O(kept + n + m) per product, the
-// rows and the columns as gathers over the kept entries and their transpose, on all threads
-// past 16k kept entries), and evaluates each
-// line-search trial as u^T P v with u_i = exp(t df_i / eps), v_j = exp(t dg_j / eps): a pass of
+// rows and the columns as gathers over the kept entries and their transpose, in runs of equal
+// kept entries on all threads past 16k kept entries), and evaluates each line-search trial
+// as u^T P v with u_i = exp(t df_i / eps), v_j = exp(t dg_j / eps): a pass of
 // multiply-adds over the stored P, no exponential per entry.
 #pragma once
 #include <algorithm>
@@ -254,28 +254,29 @@ class OtSolver {
     for (int64_t j = 0; j < m_; ++j) scol_[j] = T(g_[j] * x_ + lb_[j]);
     for (int64_t i = 0; i < n_; ++i) srow_[i] = T(f_[i] * x_ + la_[i]);
     std::fill(hist_.begin(), hist_.end(), 0);
-    // each task sums the columns of its own rows (a pass by column blocks read every row,
-    // most of them written by the other threads: measured 1.3-1.8x slower passes over P on
-    // this 2-vCPU VM in some runs); the partial sums are added in row order (deterministic)
+    // fixed blocks of rows (at most 16, whatever the thread count), each summing the columns of
+    // its own rows, added in block order: deterministic, and no thread reads rows of P another
+    // wrote (a pass by column blocks did: 1.3-1.8x slower passes over P on this 2-vCPU VM in
+    // some runs)
+    const int64_t block = std::max(row_grain(), (n_ + 15) / 16), blocks = (n_ + block - 1) / block;
+    std::vector<double> cols(size_t(blocks * m_), 0.0);
     std::mutex merge;
-    std::vector<std::pair<int64_t, std::vector<double>>> partial;
-    par_(n_, row_grain(), [&](int64_t r0, int64_t r1) {
+    par_(blocks, 1, [&](int64_t k0, int64_t k1) {
       std::vector<int64_t> hist(hist_.size(), 0);
-      std::vector<double> cols(size_t(m_), 0.0);
-      for (int64_t i = r0; i < r1; ++i) {
-        plan_row(i, hist);
-        const T* p = p_.data() + i * m_;
-        for (int64_t j = 0; j < m_; ++j) cols[size_t(j)] += double(p[j]);
+      for (int64_t k = k0; k < k1; ++k) {
+        double* c = cols.data() + k * m_;
+        for (int64_t i = k * block; i < std::min(n_, (k + 1) * block); ++i) {
+          plan_row(i, hist);
+          const T* p = p_.data() + i * m_;
+          for (int64_t j = 0; j < m_; ++j) c[j] += double(p[j]);
+        }
       }
       std::lock_guard<std::mutex> lock(merge);
-      for (size_t k = 0; k < hist.size(); ++k) hist_[k] += hist[k];
-      partial.emplace_back(r0, std::move(cols));
+      for (size_t q = 0; q < hist.size(); ++q) hist_[q] += hist[q];
     });
-    std::sort(partial.begin(), partial.end(),
-              [](const auto& u, const auto& v) { return u.first < v.first; });
     std::fill(s_.begin(), s_.end(), 0.0);
-    for (const auto& part : partial)
-      for (int64_t j = 0; j < m_; ++j) s_[j] += part.second[size_t(j)];
+    for (int64_t k = 0; k < blocks; ++k)
+      for (int64_t j = 0; j < m_; ++j) s_[j] += cols[size_t(k * m_ + j)];
     double err = 0.0, cost = 0.0;
     for (int64_t i = 0; i < n_; ++i) err += std::fabs(r_[i] - a_[i]), cost += rowcost_[i];
     for (int64_t j = 0; j < m_; ++j) err += std::fabs(s_[j] - b_[j]);
@@ -391,6 +392,7 @@ class OtSolver {
         const int64_t at = next[size_t(col_[size_t(e)])]++;
         row_[size_t(at)] = int32_t(i), valt_[size_t(at)] = val_[size_t(e)];
       }
+    split_lines();
   }
 
   // sum_e val[e] v[idx[e]] over e in [e0, e1): four partial sums (the gathers are independent)
@@ -422,14 +424,26 @@ class OtSolver {
         }
       }
     };
-    // one CG iteration is a few microseconds per 10^4 kept entries: threads only pay off above
-    // a few times that
-    const int64_t lines_total = n_ + m_, nnz = row_start_[n_];
-    if (nnz < 16384) {
-      lines(0, lines_total);
-    } else {
-      par_(lines_total, std::max<int64_t>(1, lines_total * 8192 / (2 * nnz)), lines);
+    if (units_.size() <= 2) {
+      lines(0, n_ + m_);
+      return;
     }
+    par_(int64_t(units_.size()) - 1, 1, [&](int64_t u0, int64_t u1) { lines(units_[u0], units_[u1]); });
+  }
+
+  // The Hessian product's work split: lines (rows, then columns) cut into runs of about equal
+  // kept entries, units_[u] .. units_[u + 1]; one run below 16k kept entries (a CG iteration is a
+  // few microseconds per 10^4 entries: threads only pay off above a few times that).
+  void split_lines() {
+    const int64_t nnz = row_start_[n_], runs = nnz < 16384 ? 1 : 8;
+    const int64_t target = std::max<int64_t>(1, 2 * nnz / runs);
+    units_.assign(1, 0);
+    int64_t acc = 0;
+    for (int64_t k = 0; k < n_ + m_; ++k) {
+      acc += k < n_ ? row_start_[k + 1] - row_start_[k] : col_start_[k - n_ + 1] - col_start_[k - n_];
+      if (acc >= target && k + 1 < n_ + m_) units_.push_back(k + 1), acc = 0;
+    }
+    units_.push_back(n_ + m_);
   }
 
   // The Newton direction by conjugate gradient, then a backtracking line search on the dual.
@@ -528,6 +542,7 @@ class OtSolver {
   std::vector<double> r_, s_;
   std::vector<int64_t> hist_ = std::vector<int64_t>(sizeof(T) == 4 ? 256 : 2048, 0), row_start_, col_start_;
   std::vector<int32_t> col_, row_;
+  std::vector<int64_t> units_;  // split_lines
 };
 
 template <class V, class T>

@@ -28,6 +28,7 @@ template <class V, class T>
 inline V load_clipped(const T* x, int64_t i0, int64_t L) {
   constexpr int kW = VecTraits<V>::width;
   if (i0 >= 0 && i0 + kW <= L) return VecIo<V>::load(x + i0);
+  if (i0 + kW <= 0 || i0 >= L) return V(0.f);
   float tmp[kW];
   for (int j = 0; j < kW; ++j) tmp[j] = (i0 + j >= 0 && i0 + j < L) ? load1(x + i0 + j) : 0.f;
   return VecIo<V>::load(tmp);
@@ -37,7 +38,8 @@ inline V load_clipped(const T* x, int64_t i0, int64_t L) {
 // four vectors at a time (independent accumulators: one chain of K dependent FMAs would leave
 // the FMA units idle) without bounds checks; the edges a vector at a time, each tap's inputs
 // loaded with zeros outside the row (a scalar loop with a check per tap cost as much as the
-// whole interior at pad = 48 of L = 1024).
+// whole interior at pad = 48 of L = 1024). Every tap is added, the padding's zeros included,
+// as F.conv1d does: a non-finite tap gives NaN at the edges on every instruction set.
 template <class V, class T>
 void conv_row(const T* x, T* y, const T* o, int64_t L, const float* w, float bias,
               const ConvTaps& p) {
@@ -48,10 +50,7 @@ void conv_row(const T* x, T* y, const T* o, int64_t L, const float* w, float bia
   // outputs [t, t + n), n <= kW, with the taps' bounds checked
   auto edge = [&](int64_t t, int64_t n) {
     V acc = V(bias);
-    for (int64_t k = 0; k < K; ++k) {
-      const int64_t i0 = t - pad + k * d;
-      if (i0 + kW > 0 && i0 < L) acc = vfma(V(w[k]), load_clipped<V>(x, i0, L), acc);
-    }
+    for (int64_t k = 0; k < K; ++k) acc = vfma(V(w[k]), load_clipped<V>(x, t - pad + k * d, L), acc);
     if (n == kW) {
       VecIo<V>::store(y + t, finish<V>(acc, p, o ? o + t : o));
       return;
@@ -87,7 +86,8 @@ void conv_row(const T* x, T* y, const T* o, int64_t L, const float* w, float bia
   for (; t < L; t += kW) edge(t, std::min<int64_t>(kW, L - t));
 }
 
-// Channels last: one (b, t) position, every channel; w is [K, C].
+// Channels last: one (b, t) position, every channel; w is [K, C]. Taps past the ends multiply
+// the padding's zeros, as in conv_row.
 template <class V, class T>
 void conv_position(const T* x_b, T* y_bt, const T* o_bt, int64_t t, const SeqView& xv,
                    const float* w, const ConvTaps& p) {
@@ -98,7 +98,8 @@ void conv_position(const T* x_b, T* y_bt, const T* o_bt, int64_t t, const SeqVie
     V acc = p.bias ? VecIo<V>::load(p.bias + c) : V(0.f);
     for (int64_t k = 0; k < p.K; ++k) {
       const int64_t i = t - p.pad + k * p.dilation;
-      if (i >= 0 && i < xv.L) acc = vfma(VecIo<V>::load(w + k * C + c), VecIo<V>::load(x_b + i * xv.st + c), acc);
+      const V xi = (i >= 0 && i < xv.L) ? VecIo<V>::load(x_b + i * xv.st + c) : V(0.f);  // the padding's zeros
+      acc = vfma(VecIo<V>::load(w + k * C + c), xi, acc);
     }
     VecIo<V>::store(y_bt + c, finish<V>(acc, p, o_bt ? o_bt + c : o_bt));
   }
@@ -106,7 +107,7 @@ void conv_position(const T* x_b, T* y_bt, const T* o_bt, int64_t t, const SeqVie
     float acc = p.bias ? p.bias[c] : 0.f;
     for (int64_t k = 0; k < p.K; ++k) {
       const int64_t i = t - p.pad + k * p.dilation;
-      if (i >= 0 && i < xv.L) acc += w[k * C + c] * load1(x_b + i * xv.st + c);
+      acc += w[k * C + c] * ((i >= 0 && i < xv.L) ? load1(x_b + i * xv.st + c) : 0.f);
     }
     store1(y_bt + c, finish<float>(acc, p, o_bt ? o_bt + c : o_bt));
   }

@@ -4,7 +4,8 @@
 // (b, c) and the inner axis t; channels last, a row is (b, t) and the inner axis c. A block is
 // tx x ty threads: ty rows at a time, tx threads along the inner axis (fewer than a warp for
 // short rows), each thread owning kPerThread inner elements tx apart, so that every load of a
-// warp (x at each tap, the residual, the output) is made of contiguous runs. Taps past the sequence's ends are skipped (zeros). The taps
+// warp (x at each tap, the residual, the output) is made of contiguous runs. Taps past the
+// sequence's ends multiply the padding's zeros. The taps
 // are re-read from L1 / L2 rather than staged in shared memory: each x element is read K times
 // by the block (or its neighbour along t) but reaches DRAM about once.
 //
@@ -108,14 +109,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     for (int64_t k = 0; k < p.K; ++k) {
       const int64_t shift = k * p.dilation - p.pad;  // input t + shift feeds output t
-      if (kCL && (row.fixed + shift < 0 || row.fixed + shift >= xv.L)) continue;
+      // taps past the ends multiply the padding's zeros (as F.conv1d: a non-finite tap gives NaN)
+      const bool row_in = !kCL || (row.fixed + shift >= 0 && row.fixed + shift < xv.L);
       const float w_row = kCL ? 0.f : __ldg(p.w + row.fixed * p.K + k);  // [C, K]
 #pragma unroll
       for (int u = 0; u < kPerThread; ++u) {
         const int64_t j = j0 + u * int64_t(blockDim.x);
-        if (j >= inner || (!kCL && (j + shift < 0 || j + shift >= xv.L))) continue;
+        if (j >= inner) continue;
+        const bool in = row_in && (kCL || (j + shift >= 0 && j + shift < xv.L));
         const float w = kCL ? __ldg(p.w + k * xv.C + j) : w_row;  // [K, C] channels last
-        h[u] = fmaf(w, load1(x + row.base + j * jstride + shift * xv.st), h[u]);
+        h[u] = fmaf(w, in ? load1(x + row.base + j * jstride + shift * xv.st) : 0.f, h[u]);
       }
     }
 #pragma unroll

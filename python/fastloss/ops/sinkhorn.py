@@ -343,7 +343,7 @@ def _symmetric_potential(c, a, eps, max_iter, tol):
     measured at commit 6ee84bb+). -> (f, iterations, row-marginal error)"""
     log_a = a.log()
     f = torch.zeros_like(a)
-    for it in range(1, max_iter + 1):
+    for it in range(max_iter + 1):  # it updates done
         tf = -eps * torch.logsumexp(log_a[:, None, :] + (f[:, None, :] - c) / eps, dim=2)
         # the rows of the plan of (f, f) sum to a_i exp((f_i - T f_i) / eps)
         err = torch.where(a > 0, a * torch.expm1((f - tf) / eps), torch.zeros_like(a)).abs().sum(1)
@@ -371,8 +371,11 @@ class _SymmetricCost(torch.autograd.Function):
         c, a, f = ctx.saved_tensors
         gc = ga = None
         if ctx.needs_input_grad[0]:
-            gc = torch.ops.fastloss.sinkhorn_plan(c.contiguous(), a.contiguous(), a.contiguous(), f, f,
-                                                  ctx.eps, grad_value.contiguous())
+            if has_kernel(c):
+                gc = torch.ops.fastloss.sinkhorn_plan(c.contiguous(), a.contiguous(), a.contiguous(), f, f,
+                                                      ctx.eps, grad_value.contiguous())
+            else:  # devices without the plan op
+                gc = grad_value[:, None, None] * _log_plan(c, f, f, a.log(), a.log(), ctx.eps).exp()
         if ctx.needs_input_grad[1]:
             ga = 2.0 * grad_value[:, None] * (f - f.mean(1, keepdim=True))
         return gc, ga, None, None, None
@@ -385,8 +388,13 @@ def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, ep
     the symmetric averaged update (see :func:`_symmetric_potential`), which converges in tens of
     iterations where alternating Sinkhorn iterations on the same problem stall. Differentiable
     in ``x`` and ``a``; warns when ``tol`` is not reached in ``max_iter`` updates."""
-    if x.dim() not in (2, 3):
-        raise ValueError(f"self_transport_cost: x must be [n, d] or [B, n, d], got {tuple(x.shape)}")
+    if not isinstance(x, Tensor):
+        raise TypeError(f"self_transport_cost: x must be a Tensor, got {type(x).__name__}")
+    if x.dim() not in (2, 3) or x.shape[-2] == 0:
+        raise ValueError(f"self_transport_cost: x must be [n, d] or [B, n, d] with n >= 1, got "
+                         f"{tuple(x.shape)}")
+    if x.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"self_transport_cost: x must be float32 or float64, got {x.dtype}")
     if p not in (1, 2):
         raise ValueError(f"self_transport_cost: p must be 1 or 2, got {p}")
     if not eps > 0:
@@ -398,12 +406,14 @@ def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, ep
     d = torch.cdist(xb, xb)
     c = d * d if p == 2 else d
     check_values = not torch.compiler.is_compiling()
+    if check_values and not bool(torch.isfinite(c).all()):
+        raise ValueError("self_transport_cost: x must be finite")
     aa = _marginal(a, c.shape[1], c.shape[0], "a", c, check_values)
     if check_values and bool((aa.sum(1) <= 0).any()):
         raise ValueError("self_transport_cost: a must have a positive total mass")
     value, err, _ = _SymmetricCost.apply(c, aa, float(eps), max_iter, float(tol))
     if warn and check_values and not bool((err < tol).all()):
-        warnings.warn(f"self_transport_cost: {int((err >= tol).sum())} of {c.shape[0]} problem(s) "
+        warnings.warn(f"self_transport_cost: {int((~(err < tol)).sum())} of {c.shape[0]} problem(s) "
                       f"did not reach tol={tol} in {max_iter} updates (marginal error up to "
                       f"{float(err.max()):.3g})", RuntimeWarning, stacklevel=2)
     return value[0] if single else value
