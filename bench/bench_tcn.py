@@ -45,7 +45,9 @@ QUICK = [(2, 64, 4096, 4, 16)]
 # CPU warm-up: up to 6 calls / 3 s, so that the first calls after a large allocation (where the
 # kernel compacts memory for the transparent huge pages fastloss advises: 300-460 ms instead
 # of 25-35 ms for a 268 MB output, measured here) are not what is timed; see README.
-MEASURE_KW = {"cpu": dict(warmup=6, target_s=3.0, min_repeats=3, max_repeats=20, max_measure_s=20.0),
+# Sub-millisecond calls get up to 200 samples: with 20, a few slow calls (page faults, timer
+# ticks) moved the 4x256x1024 forward's median by 50% between runs.
+MEASURE_KW = {"cpu": dict(warmup=6, target_s=3.0, min_repeats=3, max_repeats=200, max_measure_s=20.0),
               "cuda": dict(warmup=2, target_s=0.3, min_repeats=10, max_repeats=200, max_measure_s=5.0)}
 COLORS = {"torch_conv1d": "#ff7f0e", "fft": "#9467bd", "pytorch_tcn": "#2ca02c",
           "fastloss_unfused": "#17becf"}
