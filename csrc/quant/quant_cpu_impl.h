@@ -75,6 +75,28 @@ inline V plane_dot(const uint8_t* b, int64_t P, const float* x, const Dec& dec, 
   return kAcc > 1 ? acc[0] + acc[kAcc - 1] : acc[0];
 }
 
+// plane_dot for two rows' groups b0, b1 over the same inputs x: one load of x feeds both rows'
+// FMAs (at batch 1 with long rows x comes from L2, and its loads were half the traffic of a
+// row); each row's sums run in plane_dot's order.
+template <int BITS, class V, class Dec0, class Dec1>
+inline void plane_dot2(const uint8_t* b0, const uint8_t* b1, int64_t P, const float* x, const Dec0& dec0,
+                       const Dec1& dec1, int64_t& i, V& out0, V& out1) {
+  constexpr int kW = VecTraits<V>::width, kPlanes = quant_planes(BITS);
+  constexpr int kAcc = kPlanes > 1 ? 2 : 1;
+  V acc0[kAcc], acc1[kAcc];
+  for (int a = 0; a < kAcc; ++a) acc0[a] = V(0.f), acc1[a] = V(0.f);
+  for (; i + kW <= P; i += kW) {
+#pragma GCC unroll 8
+    for (int j = 0; j < kPlanes; ++j) {
+      const V xv = VecIo<V>::load(x + j * P + i);
+      acc0[j % kAcc] = vfma(dec0.template decode<V>(codes<BITS, V>(b0, P, j, i)), xv, acc0[j % kAcc]);
+      acc1[j % kAcc] = vfma(dec1.template decode<V>(codes<BITS, V>(b1, P, j, i)), xv, acc1[j % kAcc]);
+    }
+  }
+  out0 = kAcc > 1 ? acc0[0] + acc0[kAcc - 1] : acc0[0];
+  out1 = kAcc > 1 ? acc1[0] + acc1[kAcc - 1] : acc1[0];
+}
+
 // the positions [i, P) plane_dot<V> left (planes shorter than V), with narrower vectors
 template <int BITS, class V, class Dec>
 inline float plane_dot_rest(const uint8_t* b, int64_t P, const float* x, const Dec& dec, int64_t i) {
@@ -141,6 +163,42 @@ inline void with_bits(int bits, F&& f) {
   }
 }
 
+// Batch 1, rows n and n + 1 together (plane_dot2): y[n], y[n + 1], each summed in the order of
+// the one-row loop below (the same results).
+template <int BITS, class V>
+void gemv_pair(const QuantWeight& w, const float* x, const float* xsum, const float* bias, float* y,
+               int64_t n) {
+  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
+  const int64_t P = w.group / quant_planes(w.bits);
+  with_decoder<BITS>(w, n, [&](const auto& dec0) {
+    with_decoder<BITS>(w, n + 1, [&](const auto& dec1) {
+      V lanes0(0.f), lanes1(0.f);
+      float acc0 = 0.f, acc1 = 0.f;
+      for (int64_t g = 0; g < G; ++g) {
+        const uint8_t* b0 = w.q + n * row_bytes + g * group_bytes;
+        const uint8_t* b1 = b0 + row_bytes;
+        const float s0 = w.scale[n * G + g], s1 = w.scale[(n + 1) * G + g];
+        if (w.zero) {
+          acc0 -= s0 * w.zero[n * G + g] * xsum[g];
+          acc1 -= s1 * w.zero[(n + 1) * G + g] * xsum[g];
+        }
+        const float* xg = x + g * w.group;
+        int64_t i = 0;
+        V d0, d1;
+        plane_dot2<BITS, V>(b0, b1, P, xg, dec0, dec1, i, d0, d1);
+        lanes0 = vfma(V(s0), d0, lanes0);
+        lanes1 = vfma(V(s1), d1, lanes1);
+        if (i < P) {
+          acc0 += s0 * plane_dot_rest<BITS, V>(b0, P, xg, dec0, i);
+          acc1 += s1 * plane_dot_rest<BITS, V>(b1, P, xg, dec1, i);
+        }
+      }
+      y[n] = hsum(lanes0) + acc0 + (bias ? bias[n] : 0.f);
+      y[n + 1] = hsum(lanes1) + acc1 + (bias ? bias[n + 1] : 0.f);
+    });
+  });
+}
+
 // Each group's dot products are accumulated unreduced, times the group's scale, and reduced
 // once per output row: a horizontal sum per group would cost more than the group's FMAs.
 template <class V>
@@ -153,7 +211,11 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
   float acc[kQuantMaxRows];
   with_bits(w.bits, [&](auto bits_c) {
     constexpr int BITS = decltype(bits_c)::value;
-    for (int64_t n = n0; n < n1; ++n) {
+    int64_t n = n0;
+    if (M == 1) {  // batch 1: two rows at a time over each load of x (gemv_pair)
+      for (; n + 2 <= n1; n += 2) gemv_pair<BITS, V>(w, x, xsum, bias, y, n);
+    }
+    for (; n < n1; ++n) {
       with_decoder<BITS>(w, n, [&](const auto& dec) {
         for (int64_t m = 0; m < M; ++m) acc[m] = 0.f, lanes[m] = V(0.f);
         for (int64_t g = 0; g < G; ++g) {
