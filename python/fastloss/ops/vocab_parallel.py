@@ -160,7 +160,7 @@ def vocab_parallel_linear_cross_entropy(
         group: the process group (default: the world).
         vocab_size: optional check that the shards add up to this many classes.
         class_weight: optional ``[V]`` weights of all the classes, the same on every rank.
-        tile_cols: classes per tile (None: as many as fit 8 MiB of float32 logits for all the
+        tile_cols: classes per tile (None: as many as fit 2 MiB of float32 logits for all the
             rows).
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
