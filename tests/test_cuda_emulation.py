@@ -439,6 +439,36 @@ def ot_problem(bsz, n, m, dtype, seed, zero_mass=False):
     return cost.to(dtype), a.to(dtype), b.to(dtype)
 
 
+def ot_outputs(bsz, n, m, dtype):
+    """The solver's outputs (value, f, g, n_iter, error, transport), NaN-filled, their pointers
+    and the host flags buffer."""
+    outs = [torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz, n), float("nan"), dtype=dtype),
+            torch.full((bsz, m), float("nan"), dtype=dtype), torch.full((bsz,), -1, dtype=torch.int64),
+            torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz,), float("nan"), dtype=dtype)]
+    return outs, (ctypes.c_void_p * 6)(*[t.data_ptr() for t in outs]), torch.zeros(bsz, dtype=torch.int32)
+
+
+def assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol, error_tol):
+    """The emulated solve against torch.ops.fastloss.sinkhorn_solve's outputs `expect`: the
+    iteration counts (exact in float64), value and transport cost; converged, the potentials up
+    to a constant (those of zero-mass entries are arbitrary); stopped by max_iter (<= 10), the
+    error of the returned potentials, as the CPU reports it (error_tol: rtol, atol)."""
+    value, f, g, n_iter, error, transport = outs
+    double = value.dtype == torch.float64
+    assert (n_iter - expect[3]).abs().max() <= (0 if double else 2), (n_iter, expect[3])
+    rtol = 1e-7 if double else 2e-4
+    for name, got, exp in (("value", value, expect[0]), ("transport", transport, expect[5])):
+        torch.testing.assert_close(got, exp, rtol=rtol, atol=rtol, msg=lambda msg: f"{name}: {msg}")
+    if max_iter > 10:
+        assert bool((error < tol).all()) and bool((expect[4] < tol).all()), (error, expect[4])
+        for got, exp, live in ((f, expect[1], a > 0), (g, expect[2], b > 0)):
+            shift = (got - exp)[live].reshape(-1)
+            assert float(shift.max() - shift.min()) < shift_tol
+    else:
+        assert (n_iter == max_iter).all()
+        torch.testing.assert_close(error, expect[4], rtol=error_tol[0], atol=error_tol[1])
+
+
 @pytest.mark.parametrize("shape,eps,max_iter,zero_mass", [
     ((3, 37, 53), 0.2, 400, False), ((1, 300, 20), 0.3, 400, True),
     ((2, 5, 700), 0.1, 400, False), ((2, 20, 30), 0.05, 3, False)],
@@ -452,29 +482,15 @@ def test_sinkhorn_solve_and_plan(sinkhorn_lib, dtype, shape, eps, max_iter, zero
     dims = int64s(bsz, n, m, max_iter)
     is_double = int(dtype == torch.float64)
     work = torch.full((sinkhorn_lib.emu_sinkhorn_workspace(is_double, dims),), 255, dtype=torch.uint8)
-    outs = [torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz, n), float("nan"), dtype=dtype),
-            torch.full((bsz, m), float("nan"), dtype=dtype), torch.full((bsz,), -1, dtype=torch.int64),
-            torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz,), float("nan"), dtype=dtype)]
-    host_active = torch.zeros(bsz, dtype=torch.int32)
-    pointers = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in outs])
+    outs, pointers, host_active = ot_outputs(bsz, n, m, dtype)
     err = sinkhorn_lib.emu_sinkhorn_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims,
                                           eps, tol, pointers, work.data_ptr(), host_active.data_ptr())
     assert err is None, err.decode()
-    value, f, g, n_iter, error, transport = outs
     # the CPU solver runs the same iteration (one row pass measures, then commits): the same count
-    assert (n_iter - expect[3]).abs().max() <= (0 if dtype == torch.float64 else 2), (n_iter, expect[3])
     rtol = 1e-7 if dtype == torch.float64 else 2e-4
-    for name, got, exp in (("value", value, expect[0]), ("transport", transport, expect[5])):
-        torch.testing.assert_close(got, exp, rtol=rtol, atol=rtol, msg=lambda msg: f"{name}: {msg}")
-    if max_iter > 10:
-        assert bool((error < tol).all()) and bool((expect[4] < tol).all())
-        live_a, live_b = a > 0, b > 0   # potentials of zero-mass entries are arbitrary
-        for got, exp, live in ((f, expect[1], live_a), (g, expect[2], live_b)):
-            shift = (got - exp)[live].reshape(-1)
-            assert float(shift.max() - shift.min()) < (1e-6 if dtype == torch.float64 else 1e-3)
-    else:  # stopped by max_iter: the error of the returned potentials, as the CPU reports it
-        assert (n_iter == max_iter).all()
-        torch.testing.assert_close(error, expect[4], rtol=rtol, atol=1e-7)
+    assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6 if dtype == torch.float64 else 1e-3,
+                              error_tol=(rtol, 1e-7))
+    value, f, g, n_iter, error, transport = outs
     # the plan of the returned potentials, scaled per problem
     scale = torch.rand(bsz, dtype=torch.float64) + 0.5
     plan, pbuf = guarded(torch.full((bsz, n, m), float("nan"), dtype=dtype), SENTINEL)
@@ -513,29 +529,13 @@ def test_sns_solve(sinkhorn_lib, dtype, shape, eps, max_iter, warmup, keep, zero
     is_double = int(dtype == torch.float64)
     nbytes = sinkhorn_lib.emu_sns_workspace(is_double, dims, keep)
     work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
-    outs = [torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz, n), float("nan"), dtype=dtype),
-            torch.full((bsz, m), float("nan"), dtype=dtype), torch.full((bsz,), -1, dtype=torch.int64),
-            torch.full((bsz,), float("nan"), dtype=dtype), torch.full((bsz,), float("nan"), dtype=dtype)]
-    host_active = torch.zeros(bsz, dtype=torch.int32)
-    pointers = (ctypes.c_void_p * 6)(*[t.data_ptr() for t in outs])
+    outs, pointers, host_active = ot_outputs(bsz, n, m, dtype)
     err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims, eps,
                                      tol, keep, warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
     assert err is None, err.decode()
     check_guards(wbuf, "workspace")
-    value, f, g, n_iter, error, transport = outs
-    assert (n_iter - expect[3]).abs().max() <= (0 if dtype == torch.float64 else 2), (n_iter, expect[3])
-    rtol = 1e-7 if dtype == torch.float64 else 2e-4
-    for name, got, exp in (("value", value, expect[0]), ("transport", transport, expect[5])):
-        torch.testing.assert_close(got, exp, rtol=rtol, atol=rtol, msg=lambda msg: f"{name}: {msg}")
-    if max_iter > 10:
-        assert bool((error < tol).all()) and bool((expect[4] < tol).all()), (error, expect[4])
-        live_a, live_b = a > 0, b > 0
-        for got, exp, live in ((f, expect[1], live_a), (g, expect[2], live_b)):
-            shift = (got - exp)[live].reshape(-1)
-            assert float(shift.max() - shift.min()) < (1e-6 if dtype == torch.float64 else 2e-3)
-    else:
-        assert (n_iter == max_iter).all()
-        torch.testing.assert_close(error, expect[4], rtol=1e-3 if dtype == torch.float64 else 5e-2, atol=1e-9)
+    assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6 if dtype == torch.float64 else 2e-3,
+                              error_tol=(1e-3 if dtype == torch.float64 else 5e-2, 1e-9))
 
 
 # ---- Dice and AnyLoss ----------------------------------------------------------------------------

@@ -284,19 +284,6 @@ class OtSolver {
     res.transport = cost;
   }
 
-  // the binary exponent field of a positive value: a monotone bucket index
-  static int64_t exponent_bucket(T v) {
-    if constexpr (sizeof(T) == 4) {
-      uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      return int64_t(bits >> 23);
-    } else {
-      uint64_t bits;
-      std::memcpy(&bits, &v, 8);
-      return int64_t(bits >> 52);
-    }
-  }
-
   void plan_row(int64_t i, std::vector<int64_t>& hist) {
     T* p = p_.data() + i * m_;
     double s, tr;
@@ -304,43 +291,12 @@ class OtSolver {
     r_[i] = s;
     rowcost_[i] = tr;
     for (int64_t j = 0; j < m_; ++j)
-      if (p[j] > T(0)) ++hist[size_t(exponent_bucket(p[j]))];
+      if (p[j] > T(0)) ++hist[size_t(PlanBins<T>::bucket(p[j]))];
   }
 
-  // The kept entries, P_ij >= rho, as CSR (row_start_, col_, val_) and its transpose (CSC:
-  // col_start_, row_, valt_). rho is the budget-th largest entry of P to 2^-kSliceBits of its
-  // binade: the exponent histogram (form_plan) gives the binade, a histogram of the leading
-  // mantissa bits inside it the slice, and rho is the slice's lower edge, so that the budget's
-  // entries are kept plus the few others of that slice. (Selecting the exact value needed a
-  // serial pass collecting the binade's entries: 6% of SNS's time on a 576-point problem.)
-  static constexpr int kSliceBits = 12;
-
-  // the slice of a positive value inside its binade: its leading mantissa bits
-  static int64_t mantissa_slice(T v) {
-    if constexpr (sizeof(T) == 4) {
-      uint32_t bits;
-      std::memcpy(&bits, &v, 4);
-      return int64_t((bits >> (23 - kSliceBits)) & ((1u << kSliceBits) - 1));
-    } else {
-      uint64_t bits;
-      std::memcpy(&bits, &v, 8);
-      return int64_t((bits >> (52 - kSliceBits)) & ((uint64_t(1) << kSliceBits) - 1));
-    }
-  }
-
-  // the smallest positive value of binade `bucket`, slice `slice`
-  static T slice_edge(int64_t bucket, int64_t slice) {
-    T v;
-    if constexpr (sizeof(T) == 4) {
-      const uint32_t bits = (uint32_t(bucket) << 23) | (uint32_t(slice) << (23 - kSliceBits));
-      std::memcpy(&v, &bits, 4);
-    } else {
-      const uint64_t bits = (uint64_t(bucket) << 52) | (uint64_t(slice) << (52 - kSliceBits));
-      std::memcpy(&v, &bits, 8);
-    }
-    return v;
-  }
-
+  // The kept entries, P_ij >= rho (rho: PlanBins, sinkhorn_kernels.h), as CSR (row_start_,
+  // col_, val_) and its transpose (CSC: col_start_, row_, valt_). (Selecting rho exactly needed
+  // a serial pass collecting the binade's entries: 6% of SNS's time on a 576-point problem.)
   void sparsify(int64_t budget) {
     int64_t positive = 0;
     for (int64_t k = int64_t(hist_.size()) - 1; k >= 0; --k) positive += hist_[k];
@@ -348,18 +304,18 @@ class OtSolver {
     if (positive > budget) {
       int64_t above = 0, bucket = int64_t(hist_.size()) - 1;
       for (; bucket > 0 && above + hist_[bucket] < budget; --bucket) above += hist_[bucket];
-      std::vector<int64_t> slices(size_t(1) << kSliceBits, 0);
+      std::vector<int64_t> slices(kPlanSlices, 0);
       std::mutex merge;
       par_(n_, row_grain(), [&](int64_t r0, int64_t r1) {
         std::vector<int64_t> local(slices.size(), 0);
         for (const T* p = p_.data() + r0 * m_, *end = p_.data() + r1 * m_; p < end; ++p)
-          if (*p > T(0) && exponent_bucket(*p) == bucket) ++local[size_t(mantissa_slice(*p))];
+          if (*p > T(0) && PlanBins<T>::bucket(*p) == bucket) ++local[size_t(PlanBins<T>::slice(*p))];
         std::lock_guard<std::mutex> lock(merge);
         for (size_t k = 0; k < slices.size(); ++k) slices[k] += local[k];
       });
       int64_t slice = int64_t(slices.size()) - 1;
       for (; slice > 0 && above + slices[size_t(slice)] < budget; --slice) above += slices[size_t(slice)];
-      rho = std::max(slice_edge(bucket, slice), std::numeric_limits<T>::denorm_min());  // never 0
+      rho = std::max(PlanBins<T>::edge(bucket, slice), std::numeric_limits<T>::denorm_min());  // never 0
     }
     par_(n_, row_grain(), [&](int64_t r0, int64_t r1) {
       for (int64_t i = r0; i < r1; ++i) {
@@ -540,7 +496,7 @@ class OtSolver {
   // entries (CSR: row_start_, col_, val_; CSC: col_start_, row_, valt_)
   std::vector<T> p_, val_, valt_;
   std::vector<double> r_, s_;
-  std::vector<int64_t> hist_ = std::vector<int64_t>(sizeof(T) == 4 ? 256 : 2048, 0), row_start_, col_start_;
+  std::vector<int64_t> hist_ = std::vector<int64_t>(PlanBins<T>::kBuckets, 0), row_start_, col_start_;
   std::vector<int32_t> col_, row_;
   std::vector<int64_t> units_;  // split_lines
 };

@@ -28,6 +28,7 @@ namespace fastloss {
 namespace {
 
 using FL_ISA::block_sum;
+using FL_ISA::warp_sum;
 using FL_ISA::blocks_for;
 using FL_ISA::launch_status;
 

@@ -11,9 +11,43 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <functional>
+#include <type_traits>
+
+#include "../common/macros.h"
 
 namespace fastloss {
+
+// SNS's Hessian keeps the plan's entries P_ij >= rho. rho comes from two histograms of P (CPU
+// and CUDA alike): binades (a positive value's exponent field, monotone in the value), then the
+// leading kPlanSliceBits mantissa bits inside the binade where the budget is reached; rho is
+// that slice's smallest value, so the kept entries are the budget plus the few others of the
+// slice.
+constexpr int kPlanSliceBits = 12;
+constexpr int kPlanSlices = 1 << kPlanSliceBits;
+
+template <class T>
+struct PlanBins {
+  using Bits = std::conditional_t<sizeof(T) == 4, uint32_t, uint64_t>;
+  static constexpr int kMantissa = sizeof(T) == 4 ? 23 : 52;
+  static constexpr int kBuckets = sizeof(T) == 4 ? 256 : 2048;
+  FL_HD static Bits bits(T v) {
+    Bits b;
+    memcpy(&b, &v, sizeof b);
+    return b;
+  }
+  FL_HD static int64_t bucket(T v) { return int64_t(bits(v) >> kMantissa); }
+  FL_HD static int64_t slice(T v) {
+    return int64_t((bits(v) >> (kMantissa - kPlanSliceBits)) & Bits(kPlanSlices - 1));
+  }
+  FL_HD static T edge(int64_t bucket, int64_t slice) {
+    const Bits b = (Bits(bucket) << kMantissa) | (Bits(slice) << (kMantissa - kPlanSliceBits));
+    T v;
+    memcpy(&v, &b, sizeof v);
+    return v;
+  }
+};
 
 // Runs body(begin, end) over sub-ranges of [0, count), each of at least `grain` items (when
 // count allows), possibly on several threads. The op file passes at::parallel_for.

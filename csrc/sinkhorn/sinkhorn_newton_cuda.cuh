@@ -25,57 +25,8 @@
 // The plan and both index structures take n m entries per problem (the threshold may keep
 // every entry, e.g. a constant plan): (2 sizeof(T) + 8 + sizeof(T)) n m bytes of workspace.
 
-constexpr int kSliceBits = 12;
-constexpr int kSlices = 1 << kSliceBits;
 constexpr int kCgCheckEvery = 8;
 constexpr int kLineSearchTrials = 30;
-
-template <class T>
-struct Bits;
-template <>
-struct Bits<float> {
-  static constexpr int kBuckets = 256, kMantissa = 23;
-  __device__ static int64_t bucket(float v) { return int64_t(__float_as_uint(v) >> 23); }
-  __device__ static int64_t slice(float v) {
-    return int64_t((__float_as_uint(v) >> (23 - kSliceBits)) & (kSlices - 1));
-  }
-  __device__ static float edge(int64_t bucket, int64_t slice) {
-    return __uint_as_float((unsigned(bucket) << 23) | (unsigned(slice) << (23 - kSliceBits)));
-  }
-};
-template <>
-struct Bits<double> {
-  static constexpr int kBuckets = 2048, kMantissa = 52;
-  __device__ static int64_t bucket(double v) { return int64_t(uint64_t(__double_as_longlong(v)) >> 52); }
-  __device__ static int64_t slice(double v) {
-    return int64_t((uint64_t(__double_as_longlong(v)) >> (52 - kSliceBits)) & (kSlices - 1));
-  }
-  __device__ static double edge(int64_t bucket, int64_t slice) {
-    return __longlong_as_double(
-        (long long)((uint64_t(bucket) << 52) | (uint64_t(slice) << (52 - kSliceBits))));
-  }
-};
-
-// Bits set in a 32-bit word (portable: the emulator has no __popc).
-__device__ __forceinline__ int bit_count(unsigned v) {
-  v = v - ((v >> 1) & 0x55555555u);
-  v = (v & 0x33333333u) + ((v >> 2) & 0x33333333u);
-  return int((((v + (v >> 4)) & 0x0F0F0F0Fu) * 0x01010101u) >> 24);
-}
-
-// The warp's vote: bit `lane` set where `pred` (distinct bits, so the sum is the OR).
-__device__ __forceinline__ unsigned warp_vote(bool pred, int lane) {
-  unsigned v = pred ? (1u << lane) : 0u;
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
-
-__device__ __forceinline__ double warp_sum_d(double v) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-  return v;
-}
 
 // Per-problem scalars of a Newton step, float64.
 enum Scalar { kReg, kRz, kGnorm, kEta2, kBase, kSlope, kStep, kMu, kMv, kLin, kScalars };
@@ -91,7 +42,7 @@ struct Newton {
   double* col_part;              // [col_chunks, B, m]
   int64_t* col_count;            // [col_chunks, B, m] kept entries, then their offsets
   unsigned long long* hist;      // [B, kBuckets]
-  unsigned long long* slices;    // [B, kSlices]
+  unsigned long long* slices;    // [B, kPlanSlices]
   int64_t* bucket;               // [B] the threshold's binade (-1: keep every positive entry)
   int64_t* above;                // [B] entries in the binades above it
   T* rho;                        // [B]
@@ -114,11 +65,11 @@ struct Newton {
 // x C_ij), its row sum and <P, C>; the binades of the positive entries counted per block.
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_plan_kernel(Newton<T> nw) {
-  __shared__ unsigned counts[Bits<T>::kBuckets];
+  __shared__ unsigned counts[PlanBins<T>::kBuckets];
   const Solve<T>& s = nw.s;
   const int64_t k = blockIdx.x;
   if (!s.active[k]) return;  // the whole block
-  for (int q = threadIdx.x; q < Bits<T>::kBuckets; q += kThreads) counts[q] = 0;
+  for (int q = threadIdx.x; q < PlanBins<T>::kBuckets; q += kThreads) counts[q] = 0;
   __syncthreads();
   const int lane = threadIdx.x % 32;
   for (int64_t i = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.y) * kWarps) {
@@ -133,15 +84,15 @@ __global__ void __launch_bounds__(kThreads) newton_plan_kernel(Newton<T> nw) {
       p[j] = e;
       sum += double(e);
       cost += double(e) * double(c[j]);
-      if (e > T(0)) atomicAdd(&counts[Bits<T>::bucket(e)], 1u);
+      if (e > T(0)) atomicAdd(&counts[PlanBins<T>::bucket(e)], 1u);
     }
-    sum = warp_sum_d(sum);
-    cost = warp_sum_d(cost);
+    sum = warp_sum(sum);
+    cost = warp_sum(cost);
     if (lane == 0) nw.r[r] = sum, nw.row_cost[r] = cost;
   }
   __syncthreads();
-  for (int q = threadIdx.x; q < Bits<T>::kBuckets; q += kThreads)
-    if (counts[q]) atomicAdd(&nw.hist[k * Bits<T>::kBuckets + q], (unsigned long long)counts[q]);
+  for (int q = threadIdx.x; q < PlanBins<T>::kBuckets; q += kThreads)
+    if (counts[q]) atomicAdd(&nw.hist[k * PlanBins<T>::kBuckets + q], (unsigned long long)counts[q]);
 }
 
 // In the grids (column tiles, row chunks, problems): this thread's column j and its block's
@@ -197,13 +148,13 @@ __global__ void __launch_bounds__(kThreads) newton_check_kernel(Newton<T> nw) {
     s.active[k] = 0;
     return;
   }
-  const unsigned long long* hist = nw.hist + k * Bits<T>::kBuckets;
+  const unsigned long long* hist = nw.hist + k * PlanBins<T>::kBuckets;
   unsigned long long positive = 0;
-  for (int q = 0; q < Bits<T>::kBuckets; ++q) positive += hist[q];
+  for (int q = 0; q < PlanBins<T>::kBuckets; ++q) positive += hist[q];
   int64_t bucket = -1;
   unsigned long long above = 0;
   if (positive > (unsigned long long)nw.budget) {
-    bucket = Bits<T>::kBuckets - 1;
+    bucket = PlanBins<T>::kBuckets - 1;
     for (; bucket > 0 && above + hist[bucket] < (unsigned long long)nw.budget; --bucket) above += hist[bucket];
   }
   nw.bucket[k] = bucket;
@@ -213,24 +164,24 @@ __global__ void __launch_bounds__(kThreads) newton_check_kernel(Newton<T> nw) {
 // As the plan kernel: the leading mantissa bits of the entries in the threshold's binade.
 template <class T>
 __global__ void __launch_bounds__(kThreads) newton_slices_kernel(Newton<T> nw) {
-  __shared__ unsigned counts[kSlices];
+  __shared__ unsigned counts[kPlanSlices];
   const Solve<T>& s = nw.s;
   const int64_t k = blockIdx.x;
   if (!s.active[k] || nw.bucket[k] < 0) return;
   const int64_t bucket = nw.bucket[k];
-  for (int q = threadIdx.x; q < kSlices; q += kThreads) counts[q] = 0;
+  for (int q = threadIdx.x; q < kPlanSlices; q += kThreads) counts[q] = 0;
   __syncthreads();
   const int lane = threadIdx.x % 32;
   for (int64_t i = int64_t(blockIdx.y) * kWarps + threadIdx.x / 32; i < s.n; i += int64_t(gridDim.y) * kWarps) {
     const T* p = nw.p + (k * s.n + i) * s.m;
     for (int64_t j = lane; j < s.m; j += 32) {
       const T e = p[j];
-      if (e > T(0) && Bits<T>::bucket(e) == bucket) atomicAdd(&counts[Bits<T>::slice(e)], 1u);
+      if (e > T(0) && PlanBins<T>::bucket(e) == bucket) atomicAdd(&counts[PlanBins<T>::slice(e)], 1u);
     }
   }
   __syncthreads();
-  for (int q = threadIdx.x; q < kSlices; q += kThreads)
-    if (counts[q]) atomicAdd(&nw.slices[k * kSlices + q], (unsigned long long)counts[q]);
+  for (int q = threadIdx.x; q < kPlanSlices; q += kThreads)
+    if (counts[q]) atomicAdd(&nw.slices[k * kPlanSlices + q], (unsigned long long)counts[q]);
 }
 
 // A thread per problem: rho = the lower edge of the slice where the budget is reached.
@@ -242,50 +193,12 @@ __global__ void newton_threshold_kernel(Newton<T> nw) {
     nw.rho[k] = std::numeric_limits<T>::min();
     return;
   }
-  const unsigned long long* sl = nw.slices + k * kSlices;
+  const unsigned long long* sl = nw.slices + k * kPlanSlices;
   unsigned long long above = (unsigned long long)nw.above[k];
-  int64_t q = kSlices - 1;
+  int64_t q = kPlanSlices - 1;
   for (; q > 0 && above + sl[q] < (unsigned long long)nw.budget; --q) above += sl[q];
-  const T e = Bits<T>::edge(nw.bucket[k], q);
+  const T e = PlanBins<T>::edge(nw.bucket[k], q);
   nw.rho[k] = e > std::numeric_limits<T>::denorm_min() ? e : std::numeric_limits<T>::denorm_min();
-}
-
-// Row counts: a warp per row (k, i) counting P_ij >= rho by votes, written at i + 1 for the
-// scan.
-template <class T>
-__global__ void __launch_bounds__(kThreads) newton_row_count_kernel(Newton<T> nw) {
-  const Solve<T>& s = nw.s;
-  const int lane = threadIdx.x % 32;
-  const int64_t rows = s.B * s.n;
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < rows; r += int64_t(gridDim.x) * kWarps) {
-    const int64_t k = r / s.n, i = r % s.n;
-    if (!s.active[k]) continue;
-    const T* p = nw.p + r * s.m;
-    const T rho = nw.rho[k];
-    int64_t cnt = 0;
-    for (int64_t j0 = 0; j0 < s.m; j0 += 32) {
-      const int64_t j = j0 + lane;
-      cnt += bit_count(warp_vote(j < s.m && p[j] >= rho, lane));
-    }
-    if (lane == 0) nw.row_start[k * (s.n + 1) + i + 1] = cnt;
-  }
-}
-
-// Column counts, grid (column tiles, row chunks, problems) as the column sums: the kept entries
-// of each column within the chunk's rows.
-template <class T>
-__global__ void __launch_bounds__(kThreads) newton_col_count_kernel(Newton<T> nw) {
-  const Solve<T>& s = nw.s;
-  int64_t j, i0, i1;
-  if (!column_chunk(nw, j, i0, i1)) return;
-  for (int64_t k = blockIdx.z; k < s.B; k += gridDim.z) {
-    if (!s.active[k]) continue;
-    const T* p = nw.p + k * s.n * s.m + j;
-    const T rho = nw.rho[k];
-    int64_t cnt = 0;
-    for (int64_t i = i0; i < i1; ++i) cnt += p[i * s.m] >= rho;
-    nw.col_count[(int64_t(blockIdx.y) * s.B + k) * s.m + j] = cnt;
-  }
 }
 
 // The exclusive scan of len counts at v[1..len] (v[0] = 0), by one block: each thread sums a
@@ -338,9 +251,11 @@ __global__ void __launch_bounds__(kThreads) newton_scan_kernel(Newton<T> nw) {
   block_exclusive_scan(nw.col_start + k * (s.m + 1), s.m, totals);
 }
 
-// The kept entries in order: CSR rows a warp per row (votes give each lane its slot).
-template <class T>
-__global__ void __launch_bounds__(kThreads) newton_row_fill_kernel(Newton<T> nw) {
+// The kept entries P_ij >= rho as CSR: a warp per row (k, i), the lanes' votes giving each kept
+// entry its slot, in column order. kFill = false only counts them (written at i + 1 for the
+// scan); kFill = true writes them from the scanned row starts.
+template <class T, bool kFill>
+__global__ void __launch_bounds__(kThreads) newton_rows_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
   const int lane = threadIdx.x % 32;
   const int64_t rows = s.B * s.n;
@@ -349,25 +264,27 @@ __global__ void __launch_bounds__(kThreads) newton_row_fill_kernel(Newton<T> nw)
     if (!s.active[k]) continue;
     const T* p = nw.p + r * s.m;
     const T rho = nw.rho[k];
-    int64_t at = k * nw.cap + nw.row_start[k * (s.n + 1) + i];
+    int64_t at = kFill ? k * nw.cap + nw.row_start[k * (s.n + 1) + i] : 0;
     for (int64_t j0 = 0; j0 < s.m; j0 += 32) {
       const int64_t j = j0 + lane;
       const bool keep = j < s.m && p[j] >= rho;
-      const unsigned votes = warp_vote(keep, lane);
-      if (keep) {
-        const int64_t e = at + bit_count(votes & ((1u << lane) - 1u));
+      const unsigned votes = __ballot_sync(0xffffffffu, keep);
+      if (kFill && keep) {
+        const int64_t e = at + __popc(votes & ((1u << lane) - 1u));
         nw.csr_col[e] = int32_t(j);
         nw.csr_val[e] = p[j];
       }
-      at += bit_count(votes);
+      at += __popc(votes);
     }
+    if (!kFill && lane == 0) nw.row_start[k * (s.n + 1) + i + 1] = at;
   }
 }
 
-// CSC columns, grid (column tiles, row chunks, problems): each chunk's entries of a column from
-// its offset, in row order.
-template <class T>
-__global__ void __launch_bounds__(kThreads) newton_col_fill_kernel(Newton<T> nw) {
+// The same as CSC, grid (column tiles, row chunks, problems) as the column sums: each chunk's
+// kept entries of a column in row order. kFill = false counts them per (chunk, column);
+// kFill = true writes them from the chunk's offset in its column (newton_scan_kernel).
+template <class T, bool kFill>
+__global__ void __launch_bounds__(kThreads) newton_cols_kernel(Newton<T> nw) {
   const Solve<T>& s = nw.s;
   int64_t j, i0, i1;
   if (!column_chunk(nw, j, i0, i1)) return;
@@ -375,13 +292,28 @@ __global__ void __launch_bounds__(kThreads) newton_col_fill_kernel(Newton<T> nw)
     if (!s.active[k]) continue;
     const T* p = nw.p + k * s.n * s.m + j;
     const T rho = nw.rho[k];
-    int64_t at = k * nw.cap + nw.col_start[k * (s.m + 1) + j] +
-                 nw.col_count[(int64_t(blockIdx.y) * s.B + k) * s.m + j];
+    int64_t& chunk = nw.col_count[(int64_t(blockIdx.y) * s.B + k) * s.m + j];
+    int64_t at = kFill ? k * nw.cap + nw.col_start[k * (s.m + 1) + j] + chunk : 0;
     for (int64_t i = i0; i < i1; ++i) {
       const T v = p[i * s.m];
-      if (v >= rho) nw.csc_row[at] = int32_t(i), nw.csc_val[at] = v, ++at;
+      if (v < rho) continue;
+      if (kFill) nw.csc_row[at] = int32_t(i), nw.csc_val[at] = v;
+      ++at;
     }
+    if (!kFill) chunk = at;
   }
+}
+
+// The maximum of v over the block, every thread's copy (`shared`: kWarps doubles).
+__device__ __forceinline__ double block_max_d(double v, double* shared) {
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
+  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
+  __syncthreads();
+  double top = -INFINITY;
+  for (int w = 0; w < kWarps; ++w) top = fmax(top, shared[w]);
+  __syncthreads();
+  return top;
 }
 
 // A block per problem: the gradient (a - P 1, b - P^T 1), the regularisation, the Jacobi
@@ -398,15 +330,7 @@ __global__ void __launch_bounds__(kThreads) newton_cg_init_kernel(Newton<T> nw) 
   const int64_t len = s.n + s.m, o = k * len;
   double rmax = 0.0;
   for (int64_t i = threadIdx.x; i < s.n; i += kThreads) rmax = fmax(rmax, nw.r[k * s.n + i]);
-  // block max through the sum helper's layout: max of the warps' maxima
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) rmax = fmax(rmax, __shfl_xor_sync(0xffffffffu, rmax, off));
-  if (threadIdx.x % 32 == 0) partial[threadIdx.x / 32] = rmax;
-  __syncthreads();
-  double top = 0.0;
-  for (int w = 0; w < kWarps; ++w) top = fmax(top, partial[w]);
-  __syncthreads();
-  const double reg = 1e-10 + 1e-6 * top;
+  const double reg = 1e-10 + 1e-6 * block_max_d(rmax, partial);
   const double eps = double(s.eps);
   double rz = 0.0, gn = 0.0, base = 0.0;
   for (int64_t t = threadIdx.x; t < len; t += kThreads) {
@@ -461,7 +385,7 @@ __global__ void __launch_bounds__(kThreads) newton_hvp_kernel(Newton<T> nw) {
         acc += double(nw.csc_val[k * nw.cap + e]) * pv[nw.csc_row[k * nw.cap + e]];
       diag = nw.sc[k * s.m + j];
     }
-    acc = warp_sum_d(acc);
+    acc = warp_sum(acc);
     if (lane == 0) nw.hv[k * len + t] = double(s.x) * ((diag + nw.scal[k * kScalars + kReg]) * pv[t] + acc);
   }
 }
@@ -524,16 +448,6 @@ __global__ void __launch_bounds__(kThreads) newton_ls_init_kernel(Newton<T> nw) 
   }
 }
 
-__device__ __forceinline__ double block_max_d(double v, double* shared) {
-#pragma unroll
-  for (int off = 16; off > 0; off >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, off));
-  if (threadIdx.x % 32 == 0) shared[threadIdx.x / 32] = v;
-  __syncthreads();
-  double top = -INFINITY;
-  for (int w = 0; w < kWarps; ++w) top = fmax(top, shared[w]);
-  __syncthreads();
-  return top;
-}
 
 // A block per problem still searching: the linear part of the dual at step t, the shifts and
 // u_i = e^(t x df_i - mu), v_j = e^(t x dg_j - mv).
@@ -580,7 +494,7 @@ __global__ void __launch_bounds__(kThreads) newton_ls_rows_kernel(Newton<T> nw) 
     const double* v = nw.u + k * len + s.n;
     double acc = 0.0;
     for (int64_t j = lane; j < s.m; j += 32) acc += double(p[j]) * v[j];
-    acc = warp_sum_d(acc);
+    acc = warp_sum(acc);
     if (lane == 0) nw.ls_row[r] = acc * nw.u[k * len + i];
   }
 }
@@ -672,8 +586,8 @@ Newton<T> carve_newton(const OtBatch& q, const Solve<T>& s, Carver& cv) {
   nw.row_cost = cv.take<double>(B * n);
   nw.col_part = cv.take<double>(nw.col_chunks * B * m);
   nw.col_count = cv.take<int64_t>(nw.col_chunks * B * m);
-  nw.hist = cv.take<unsigned long long>(B * Bits<T>::kBuckets);
-  nw.slices = cv.take<unsigned long long>(B * kSlices);
+  nw.hist = cv.take<unsigned long long>(B * PlanBins<T>::kBuckets);
+  nw.slices = cv.take<unsigned long long>(B * kPlanSlices);
   nw.bucket = cv.take<int64_t>(B);
   nw.above = cv.take<int64_t>(B);
   nw.rho = cv.take<T>(B);
@@ -724,8 +638,8 @@ const char* newton(const OtBatch& q, const Solve<T>& s, const Newton<T>& nw, cud
   const dim3 sinkhorn_cols(unsigned((q.m + kThreads - 1) / kThreads), unsigned(s.chunks),
                            unsigned(q.B < kMaxGridY ? q.B : kMaxGridY));
   for (;;) {
-    if (cudaMemsetAsync(nw.hist, 0, size_t(q.B) * Bits<T>::kBuckets * sizeof(unsigned long long), st) != cudaSuccess ||
-        cudaMemsetAsync(nw.slices, 0, size_t(q.B) * kSlices * sizeof(unsigned long long), st) != cudaSuccess)
+    if (cudaMemsetAsync(nw.hist, 0, size_t(q.B) * PlanBins<T>::kBuckets * sizeof(unsigned long long), st) != cudaSuccess ||
+        cudaMemsetAsync(nw.slices, 0, size_t(q.B) * kPlanSlices * sizeof(unsigned long long), st) != cudaSuccess)
       return launch_status();
     newton_plan_kernel<T><<<per_problem, kThreads, 0, st>>>(nw);
     newton_colsum_kernel<T><<<col_grid, kThreads, 0, st>>>(nw);
@@ -734,11 +648,11 @@ const char* newton(const OtBatch& q, const Solve<T>& s, const Newton<T>& nw, cud
     if (!any_flag(s.active, q.B, host_flags, st, &error)) return error;
     newton_slices_kernel<T><<<per_problem, kThreads, 0, st>>>(nw);
     newton_threshold_kernel<T><<<blocks_for(q.B, kThreads), kThreads, 0, st>>>(nw);
-    newton_row_count_kernel<T><<<rows_grid, kThreads, 0, st>>>(nw);
-    newton_col_count_kernel<T><<<col_grid, kThreads, 0, st>>>(nw);
+    newton_rows_kernel<T, false><<<rows_grid, kThreads, 0, st>>>(nw);
+    newton_cols_kernel<T, false><<<col_grid, kThreads, 0, st>>>(nw);
     newton_scan_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(nw);
-    newton_row_fill_kernel<T><<<rows_grid, kThreads, 0, st>>>(nw);
-    newton_col_fill_kernel<T><<<col_grid, kThreads, 0, st>>>(nw);
+    newton_rows_kernel<T, true><<<rows_grid, kThreads, 0, st>>>(nw);
+    newton_cols_kernel<T, true><<<col_grid, kThreads, 0, st>>>(nw);
     newton_cg_init_kernel<T><<<unsigned(q.B), kThreads, 0, st>>>(nw);
     if (const char* e = launch_status()) return e;
     for (int64_t it = 0; it < nw.cg_iters; ++it) {

@@ -308,6 +308,16 @@ T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuff
 
 inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::shuffle(mask, 0, 0, 0, 32); }
 
+// A vote as the lanes in `mask` exchanging their bits (distinct bits: the sum is the OR); the
+// lane of each thread is its index in the warp, as the kernels compute it.
+inline unsigned __ballot_sync(unsigned mask, int predicate) {
+  const unsigned lane = (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) % 32;
+  unsigned v = predicate ? (1u << lane) : 0u;
+  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
+  return v & mask;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+
 struct alignas(8) float2 {
   float x, y;
 };

@@ -21,6 +21,18 @@ fastloss::OtBatch batch(const void* cost, const void* a, const void* b, int is_d
   return q;
 }
 
+// outs: value, f, g, n_iter, error, transport
+fastloss::OtBatchOut outputs(void** outs) {
+  fastloss::OtBatchOut out;
+  out.value = outs[0];
+  out.f = outs[1];
+  out.g = outs[2];
+  out.n_iter = static_cast<int64_t*>(outs[3]);
+  out.error = outs[4];
+  out.transport = outs[5];
+  return out;
+}
+
 }  // namespace
 
 extern "C" {
@@ -33,14 +45,7 @@ int64_t emu_sinkhorn_workspace(int is_double, const int64_t* shape) {
 const char* emu_sinkhorn_solve(const void* cost, const void* a, const void* b, int is_double,
                                const int64_t* shape, double eps, double tol, void** outs,
                                void* workspace, int* host_active) {
-  fastloss::OtBatchOut out;
-  out.value = outs[0];
-  out.f = outs[1];
-  out.g = outs[2];
-  out.n_iter = static_cast<int64_t*>(outs[3]);
-  out.error = outs[4];
-  out.transport = outs[5];
-  return fastloss::sinkhorn_solve_cuda(batch(cost, a, b, is_double, shape, eps, tol), out,
+  return fastloss::sinkhorn_solve_cuda(batch(cost, a, b, is_double, shape, eps, tol), outputs(outs),
                                        workspace, host_active, nullptr);
 }
 
@@ -57,14 +62,7 @@ const char* emu_sns_solve(const void* cost, const void* a, const void* b, int is
                           int* host_active) {
   fastloss::OtBatch q = batch(cost, a, b, is_double, shape, eps, tol);
   q.keep = keep, q.warmup_iters = warmup_iters, q.cg_iters = cg_iters;
-  fastloss::OtBatchOut out;
-  out.value = outs[0];
-  out.f = outs[1];
-  out.g = outs[2];
-  out.n_iter = static_cast<int64_t*>(outs[3]);
-  out.error = outs[4];
-  out.transport = outs[5];
-  return fastloss::sinkhorn_solve_cuda(q, out, workspace, host_active, nullptr);
+  return fastloss::sinkhorn_solve_cuda(q, outputs(outs), workspace, host_active, nullptr);
 }
 
 const char* emu_sinkhorn_plan(const void* cost, const void* a, const void* b, int is_double,
