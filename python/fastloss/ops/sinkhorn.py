@@ -243,16 +243,16 @@ def _backward_solve(ctx, grad_value, *_unused):
 torch.library.register_autograd("fastloss::sinkhorn_solve", _backward_solve, setup_context=_setup_solve)
 
 
-def _marginal(x, size, bsz, name, like, check_values=True):
+def _marginal(x, size, bsz, name, like, check_values=True, fn="sinkhorn"):
     if x is None:
         return torch.full((bsz, size), 1.0 / size, dtype=like.dtype, device=like.device)
     if not isinstance(x, Tensor) or x.shape[-1] != size or x.dim() not in (1, 2) or (
             x.dim() == 2 and x.shape[0] != bsz):
-        raise ValueError(f"sinkhorn: {name} must be [{size}] or [{bsz}, {size}], got "
+        raise ValueError(f"{fn}: {name} must be [{size}] or [{bsz}, {size}], got "
                          f"{tuple(getattr(x, 'shape', ()))}")
     x = x.to(like.dtype)
     if check_values and (not bool(torch.isfinite(x).all()) or bool((x < 0).any())):
-        raise ValueError(f"sinkhorn: {name} must be finite and non-negative")
+        raise ValueError(f"{fn}: {name} must be finite and non-negative")
     return x.expand(bsz, size) if x.dim() == 1 else x
 
 
@@ -408,7 +408,7 @@ def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, ep
     check_values = not torch.compiler.is_compiling()
     if check_values and not bool(torch.isfinite(c).all()):
         raise ValueError("self_transport_cost: x must be finite")
-    aa = _marginal(a, c.shape[1], c.shape[0], "a", c, check_values)
+    aa = _marginal(a, c.shape[1], c.shape[0], "a", c, check_values, "self_transport_cost")
     if check_values and bool((aa.sum(1) <= 0).any()):
         raise ValueError("self_transport_cost: a must have a positive total mass")
     value, err, _ = _SymmetricCost.apply(c, aa, float(eps), max_iter, float(tol))
