@@ -65,8 +65,8 @@ def main(argv=None):
         "time = kd_loss(student, teacher, T=2, kind) (reduction mean) + autograd.grad(loss, student); median",
         "floor bytes = 5*N*C*e (forward reads both logits; backward reads both and writes the gradient)",
         "topk_kl / pld: floor bytes = 3*N*C*e (read both logits, write the gradient)",
-        "CUDA: kd_loss runs fastloss's CUDA kernels; topk_kl / pld on CUDA tensors run their "
-        "torch forms in fastloss too (no CUDA kernel yet)"])
+        "CUDA: kd_loss, topk_kl_loss and pld_loss run fastloss's CUDA kernels "
+        "(csrc/distill/kd_cuda.cu; pld sorts the teacher's order with torch first)"])
     res.title = "fastloss distillation losses, forward + backward"
     cols = [("case", lambda r: r["label"])] + [c for c in harness.default_columns()
                                                 if c[0] not in ("op", "shape", "dtype", "vs torch")]
