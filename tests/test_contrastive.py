@@ -100,7 +100,7 @@ def test_cuda_equals_cpu():
     a, b, w = make(50, 16, torch.float32, seed=9, weighted=True)
     results = []
     for dev in ("cpu", "cuda"):
-        x, y = a.to(dev).requires_grad_(True), b.to(dev).requires_grad_(True)
+        x, y = a.detach().to(dev).requires_grad_(True), b.detach().to(dev).requires_grad_(True)
         out = ops.contrastive_loss(x, y, 0.1, w.to(dev), block_rows=7)
         out.backward()
         results.append((out.cpu(), x.grad.cpu(), y.grad.cpu()))

@@ -117,7 +117,7 @@ def test_cuda_path_equals_cpu():
     pos, neg = make((3, 40), (3, 25), torch.float32, seed=8)
     results = []
     for dev in ("cpu", "cuda"):
-        p, n = pos.to(dev).requires_grad_(True), neg.to(dev).requires_grad_(True)
+        p, n = pos.detach().to(dev).requires_grad_(True), neg.detach().to(dev).requires_grad_(True)
         out = ops.mw_auc_loss(p, n)
         out.backward()
         results.append((out.cpu(), p.grad.cpu(), n.grad.cpu()))

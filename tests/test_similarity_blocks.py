@@ -329,7 +329,7 @@ def test_cuda_kernels_match_the_cpu(loss):
              torch.nn.functional.normalize(x, dim=1), o, 0.1, symmetric=False, block_rows=100)}[loss]
     results = []
     for dev in ("cpu", "cuda"):
-        x = emb.to(dev).requires_grad_(True)
+        x = emb.detach().to(dev).requires_grad_(True)
         out = f(x, labels.to(dev), other.to(dev))
         out.backward(torch.rand(out.shape, generator=torch.Generator().manual_seed(5)).to(dev) + 0.5)
         results.append((out.detach().cpu(), x.grad.cpu()))

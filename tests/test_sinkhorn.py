@@ -270,7 +270,7 @@ def test_cuda_solver_matches_the_cpu_solver(dtype):
         cs = torch.stack([problem(n, m, seed=s, dtype=dtype)[0] for s in range(bsz)])
         res = []
         for dev in ("cpu", "cuda"):
-            c = cs.to(dev).requires_grad_(True)
+            c = cs.detach().to(dev).requires_grad_(True)
             r = ops.sinkhorn(c, eps=eps, tol=tol, max_iter=3000, return_plan=True)
             r.cost.sum().backward()
             res.append((r, c.grad.cpu()))

@@ -288,7 +288,7 @@ def test_cuda_path_equals_cpu():
     x, w, b = make(2, 6, 50, 3, torch.float32, seed=12)
     results = []
     for dev in ("cpu", "cuda"):
-        leaves = [t.to(dev).requires_grad_(True) for t in (x, w, b)]
+        leaves = [t.detach().to(dev).requires_grad_(True) for t in (x, w, b)]
         y = ops.tcn_level(*leaves, dilation=3, activation="gelu")
         y.square().sum().backward()
         results.append((y.cpu(), *[t.grad.cpu() for t in leaves]))

@@ -31,7 +31,7 @@ def _reduce(rows, reduction, count=None):
 def _rank_desc(values):
     """Ranks (0 = largest) with ties towards the lower index, by counting, not sorting."""
     n = values.shape[-1]
-    i = torch.arange(n)
+    i = torch.arange(n, device=values.device)
     a, b = values[..., :, None], values[..., None, :]
     before = (b > a) | ((b == a) & (i[None, :] < i[:, None]))
     return before.sum(-1)

@@ -37,6 +37,6 @@ def unpack_weight(qweight, scales, zeros, bits, group, codebook=None):
     else:
         cb = codebook.double().expand(q.shape[0], -1)
         v = cb.gather(1, q)
-    idx = torch.arange(q.shape[1]) // group
+    idx = torch.arange(q.shape[1], device=q.device) // group
     z = zeros.double()[:, idx] if zeros is not None else 0.0
     return (v - z) * scales.double()[:, idx]
