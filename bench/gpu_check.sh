@@ -117,7 +117,7 @@ cuda_tests() {  # cuda_tests NAME LIMIT FILES...: one pytest process (a bad acce
 if want tests; then
   # the convolution apart (its half-precision forward faulted on the first GPU run); the
   # families never run on a GPU before first, the row losses (run at 5734ba4) last
-  cuda_tests tcn 60 tests/test_tcn.py
+  [ "${TCN_TESTS:-1}" = 1 ] && cuda_tests tcn 60 tests/test_tcn.py
   cuda_tests rest "${TESTS_TIMEOUT:-200}" tests/test_quant.py tests/test_sinkhorn.py \
     tests/test_distill.py tests/test_rank_distill.py tests/test_metric_losses.py \
     tests/test_pair_losses.py tests/test_similarity_blocks.py tests/test_contrastive.py \
