@@ -18,9 +18,15 @@ namespace fastloss {
 namespace FL_ISA {
 
 __device__ __forceinline__ float load1(const float* p) { return __ldg(p); }
-__device__ __forceinline__ float load1(const __half* p) { return __half2float(__ldg(p)); }
+// 16-bit loads go through __ldg of unsigned short, a load the compiler knows as one: the
+// __half / __nv_bfloat16 overloads of __ldg are inline assembly, which the compiler may hoist
+// out of the branch that guards it (seen on an H200: a guarded load of a null pointer ran
+// unconditionally in the convolution's half-precision forward and faulted).
+__device__ __forceinline__ float load1(const __half* p) {
+  return __half2float(__ushort_as_half(__ldg(reinterpret_cast<const unsigned short*>(p))));
+}
 __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
-  return __bfloat162float(__ldg(p));
+  return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }

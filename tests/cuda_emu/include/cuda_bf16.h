@@ -7,6 +7,7 @@
 struct __nv_bfloat16 {
   uint16_t bits;
 };
+inline __nv_bfloat16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
 inline float __bfloat162float(__nv_bfloat16 h) { return fastloss::FL_ISA::bf16_to_float(h.bits); }
 inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {fastloss::FL_ISA::float_to_bf16(f)}; }
 

@@ -7,6 +7,7 @@
 struct __half {
   uint16_t bits;
 };
+inline __half __ushort_as_half(unsigned short u) { return {u}; }
 inline float __half2float(__half h) { return fastloss::FL_ISA::half_to_float(h.bits); }
 inline __half __float2half_rn(float f) { return {fastloss::FL_ISA::float_to_half(f)}; }
 
