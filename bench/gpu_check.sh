@@ -22,8 +22,10 @@
 #
 # Usage on the device tool (the copy of .git there can be stale: pass the commit):
 #   FASTLOSS_GIT_COMMIT=<short hash> bash bench/gpu_check.sh "$OUT"
-# STEPS picks what runs after the build, in that order (default below); a second call on the
-# still-warm machine can take the rest, e.g. STEPS="linear tcn sinkhorn losses" DEADLINE=200.
+# STEPS picks what runs after the build, in that order (default at the end); a second call on
+# the still-warm machine can take the rest, e.g. STEPS="linear tcn sinkhorn losses" DEADLINE=200.
+# Steps: sanitize, tests (or tests_tcn, tests_quant, tests_rest), the benchmarks distill,
+# metric, pair, quant, linear, tcn, sinkhorn, losses, and cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu}}"
@@ -75,13 +77,10 @@ XDIST=""
 TIMEOUT=""
 "$PY" -c "import pytest_timeout" 2> /dev/null && TIMEOUT="--timeout 90"
 
-STEPS=${STEPS:-"sanitize tests distill metric pair quant linear tcn sinkhorn losses cpu"}
-want() { case " $STEPS " in *" $1 "*) return 0 ;; esac; return 1; }
-bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda, if NAME is in STEPS
+bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda
   local name=$1 script=$2 l
   l=$(limit "$3")
   shift 3
-  want "$name" || return 0
   [ "$l" -eq 0 ] && { say "$name benchmarks SKIPPED: no time left"; return 0; }
   say "$name benchmarks (limit $l s)"
   timeout "$l" "$PY" "bench/$script" --device cuda --out "$RES" "$@" > "$RES/bench_${name}_cuda.log" 2>&1
@@ -89,8 +88,8 @@ bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda,
   keep "bench_${name}_cuda.log"
 }
 
-if want sanitize; then
-  # a bad access reported with its kernel (memcheck works on the Firecracker machines)
+sanitize() {  # a bad access reported with its kernel (memcheck works on the Firecracker machines)
+  local l san
   l=$(limit 90)
   say "compute-sanitizer memcheck of scripts/gpu_sanitize.py ${SANITIZE:-tcn} (limit $l s)"
   CUDA_LAUNCH_BLOCKING=1 timeout "$l" "$PY" scripts/gpu_sanitize.py ${SANITIZE:-tcn} > "$RES/blocking.log" 2>&1
@@ -100,7 +99,7 @@ if want sanitize; then
     ${SANITIZE:-tcn} > "$RES/sanitize.log" 2>&1
   say "memcheck rc=$?"; grep -v "^ok " "$RES/sanitize.log" | head -60 | tee -a "$LOG"
   grep "^ok " "$RES/sanitize.log" | tail -2 | tee -a "$LOG"
-fi
+}
 
 cuda_tests() {  # cuda_tests NAME LIMIT FILES...: one pytest process (a bad access poisons its
   local name=$1 l  # CUDA context and every later test of that process fails with it)
@@ -114,26 +113,9 @@ cuda_tests() {  # cuda_tests NAME LIMIT FILES...: one pytest process (a bad acce
   grep -E "^(FAILED|ERROR)" "$RES/tests_cuda_$name.log" | head -40 | tee -a "$LOG"
   tail -1 "$RES/tests_cuda_$name.log" | tee -a "$LOG"
 }
-if want tests; then
-  # the convolution apart (its half-precision forward faulted on the first GPU run); the
-  # families never run on a GPU before first, the row losses (run at 5734ba4) last
-  [ "${TCN_TESTS:-1}" = 1 ] && cuda_tests tcn 60 tests/test_tcn.py
-  cuda_tests rest "${TESTS_TIMEOUT:-200}" tests/test_quant.py tests/test_sinkhorn.py \
-    tests/test_distill.py tests/test_rank_distill.py tests/test_metric_losses.py \
-    tests/test_pair_losses.py tests/test_similarity_blocks.py tests/test_contrastive.py \
-    tests/test_bad_input.py tests/test_linear_losses.py tests/test_losses.py
-fi
 
-bench distill bench_distill.py 90
-bench metric bench_metric_losses.py 60
-bench pair bench_pair_losses.py 120
-bench quant bench_quant.py 150
-bench linear bench_linear_losses.py 180
-bench tcn bench_tcn.py 120
-bench sinkhorn bench_sinkhorn.py 100
-bench losses bench_losses.py 150 --kernels
-
-if want cpu && [ "$(limit 60)" -gt 0 ]; then
+cpu_tests() {
+  [ "$(limit 60)" -eq 0 ] && { say "CPU tests SKIPPED: no time left"; return 0; }
   say "CPU tests of the torch integration and the argument checks"
   timeout "$(limit 60)" "$PY" -m pytest -q -m "not cuda" -p no:cacheprovider $XDIST $TIMEOUT \
     tests/test_bad_input.py tests/test_build.py \
@@ -142,5 +124,33 @@ if want cpu && [ "$(limit 60)" -gt 0 ]; then
   say "cpu tests rc=$?"
   grep -E "^(FAILED|ERROR)" "$RES/tests_cpu.log" | head -10 | tee -a "$LOG"
   tail -1 "$RES/tests_cpu.log" | tee -a "$LOG"
-fi
+}
+
+# The steps, in the order STEPS names them. "tests" is the three CUDA test sets: the
+# convolution apart (its half-precision forward faulted on the first GPU run), the low-bit
+# GEMM, then the rest (the row losses, run at 5734ba4, last).
+STEPS=${STEPS:-"tests distill metric pair quant linear tcn sinkhorn losses cpu"}
+run_step() {
+  case $1 in
+    tests) run_step tests_tcn; run_step tests_quant; run_step tests_rest ;;
+    sanitize) sanitize ;;
+    tests_tcn) cuda_tests tcn 60 tests/test_tcn.py ;;
+    tests_quant) cuda_tests quant 40 tests/test_quant.py ;;
+    tests_rest) cuda_tests rest "${TESTS_TIMEOUT:-200}" tests/test_sinkhorn.py \
+      tests/test_distill.py tests/test_rank_distill.py tests/test_metric_losses.py \
+      tests/test_pair_losses.py tests/test_similarity_blocks.py tests/test_contrastive.py \
+      tests/test_bad_input.py tests/test_linear_losses.py tests/test_losses.py ;;
+    distill) bench distill bench_distill.py 90 ;;
+    metric) bench metric bench_metric_losses.py 60 ;;
+    pair) bench pair bench_pair_losses.py 120 ;;
+    quant) bench quant bench_quant.py 150 ;;
+    linear) bench linear bench_linear_losses.py 180 ;;
+    tcn) bench tcn bench_tcn.py 120 ;;
+    sinkhorn) bench sinkhorn bench_sinkhorn.py 100 ;;
+    losses) bench losses bench_losses.py 150 --kernels ;;
+    cpu) cpu_tests ;;
+    *) say "unknown step $1" ;;
+  esac
+}
+for step in $STEPS; do run_step "$step"; done
 say "done"
