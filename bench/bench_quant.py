@@ -107,7 +107,7 @@ def main(argv=None):
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
             variants.update({"torch_matmul": (lambda: x @ w4.T, None),
-                             "eager_dequant": (lambda: x @ eager_dequant(q4).T, q4),
+                             "eager_dequant": (lambda: x @ eager_dequant(q4).to(x.dtype).T, q4),
                              "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})
             for variant, (fn, qw) in variants.items():
                 weight_bytes = w4.element_size() * n * k if qw is None else sum(

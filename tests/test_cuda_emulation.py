@@ -255,7 +255,7 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
     qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
     w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     kept, args = quant_args(qw)
-    for m in (1, 3, 6, 16):  # 4, 4, 2 and 1 rows per warp; N = 37 leaves a partial warp
+    for m in (1, 3, 16):
         x, _ = guarded(torch.randn(m, k, generator=g), float("nan"))
         bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
         y, ybuf = guarded(torch.full((m, n), float("nan")), SENTINEL)
@@ -271,6 +271,28 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
         assert err is None, err.decode()
         check_guards(obuf, "dequantized rows")
         torch.testing.assert_close(out.double(), w64[n0:n1], rtol=0, atol=1e-6)
+    del kept
+
+
+@pytest.mark.parametrize("bits,kind", [(4, "symmetric"), (3, "asymmetric"), (2, "channel_codebook")])
+def test_quant_gemv_four_rows_per_warp(quant_lib, bits, kind):
+    """Layers of >= 8192 outputs at batch <= 4 take 4 rows per warp (quant_cuda.cu); N = 8195
+    leaves a partial warp."""
+    g = torch.Generator().manual_seed(bits)
+    n, k = 8195, 64
+    w = torch.randn(n, k, generator=g) * 0.1
+    codebook = torch.randn(n, 1 << bits, generator=g) if kind == "channel_codebook" else None
+    qw = ops.quantize_weight(w, bits, 32, kind != "asymmetric", codebook)
+    w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    kept, args = quant_args(qw)
+    for m in (1, 4, 5):  # 5: one row per warp
+        x, _ = guarded(torch.randn(m, k, generator=g), float("nan"))
+        bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
+        y, ybuf = guarded(torch.full((m, n), float("nan")), SENTINEL)
+        err = quant_lib.emu_quant_gemv(*args, x.data_ptr(), m, bias.data_ptr(), y.data_ptr())
+        assert err is None, err.decode()
+        check_guards(ybuf, "gemv y")
+        torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-4)
     del kept
 
 

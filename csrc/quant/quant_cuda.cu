@@ -1,8 +1,8 @@
 // CUDA dequant-GEMM kernels (torch-free; layout in quant_kernels.h).
 //
-// gemv (batch <= kQuantMaxRows, the memory-bound path): one warp per R output rows (4 up to
-// batch 4, 2 up to 8, else 1), each lane on the same positions of the R rows. A row's
-// packed bytes are cut into units of 4 plane positions of one group; consecutive lanes take
+// gemv (batch <= kQuantMaxRows, the memory-bound path): one warp per output row, or per 4 rows
+// (large layers at batch <= 4, launch_gemv says when; each lane on the same positions of the 4
+// rows). A row's packed bytes are cut into units of 4 plane positions of one group; consecutive lanes take
 // consecutive units, so a warp reads 128 contiguous bytes per plane set (coalesced), and each
 // lane loads kUnits units before it decodes any, to keep bytes in flight. A unit is one 32-bit
 // word per plane set (bits 2, 4, 8) or three (bits 3: two words of low bits, one of third
@@ -47,12 +47,113 @@ struct Table {  // v(q): the row's codebook (in shared memory) or the integer it
   __device__ __forceinline__ float operator()(int q) const { return t ? t[q] : float(q); }
 };
 
+// y[m, n] for one row n of the weight, a warp's work. WORDS: 4 positions per unit (32-bit
+// loads) or 1 (byte loads). x float32 [M, K], y float32 [M, N].
+template <int BITS, bool WORDS>
+__device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int M,
+                         const float* __restrict__ bias, float* __restrict__ y, int64_t n,
+                         const Table& table, int lane) {
+  constexpr int kPlanes = quant_planes(BITS), kPos = WORDS ? 4 : 1;
+  const int64_t G = w.K / w.group, P = w.group / kPlanes, units_per_group = P / kPos;
+  const int64_t row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
+  const uint8_t* row = w.q + n * row_bytes;
+  float acc[kQuantMaxRows];
+#pragma unroll
+  for (int m = 0; m < kQuantMaxRows; ++m) acc[m] = 0.f;
+  const int64_t units = G * units_per_group;
+  for (int64_t u0 = lane; u0 < units; u0 += 32 * kUnits) {
+    // load: the words (or bytes) of up to kUnits units
+    uint32_t lo0[kUnits], lo1[kUnits], hi[kUnits];
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      const int64_t u = u0 + int64_t(r) * 32;
+      lo0[r] = lo1[r] = hi[r] = 0;
+      if (u >= units) continue;
+      const int64_t g = u / units_per_group, i = (u - g * units_per_group) * kPos;
+      const uint8_t* b = row + g * group_bytes;
+      if constexpr (WORDS) {
+        lo0[r] = __ldg(reinterpret_cast<const uint32_t*>(b + i));
+        if constexpr (BITS == 3) {
+          lo1[r] = __ldg(reinterpret_cast<const uint32_t*>(b + P + i));
+          hi[r] = __ldg(reinterpret_cast<const uint32_t*>(b + 2 * P + i));
+        }
+      } else {
+        lo0[r] = __ldg(b + i);
+        if constexpr (BITS == 3) {
+          lo1[r] = __ldg(b + P + i);
+          hi[r] = __ldg(b + 2 * P + i);
+        }
+      }
+    }
+    // decode and multiply
+#pragma unroll
+    for (int r = 0; r < kUnits; ++r) {
+      const int64_t u = u0 + int64_t(r) * 32;
+      if (u >= units) break;
+      const int64_t g = u / units_per_group, i = (u - g * units_per_group) * kPos;
+      const float s = __ldg(w.scale + n * G + g);
+      const float zs = w.zero ? __ldg(w.zero + n * G + g) * s : 0.f;
+#pragma unroll
+      for (int j = 0; j < kPlanes; ++j) {
+        float wv[kPos];
+#pragma unroll
+        for (int t = 0; t < kPos; ++t) {
+          int q;
+          if constexpr (BITS == 3) {
+            q = field<2>((j & 1) ? lo1[r] : lo0[r], t, j >> 1) | (field<1>(hi[r], t, j) << 2);
+          } else {
+            q = field<BITS>(lo0[r], t, j);
+          }
+          wv[t] = fmaf(table(q), s, -zs);  // (v - z) s
+        }
+        const int64_t k = g * w.group + j * P + i;
+#pragma unroll
+        for (int m = 0; m < kQuantMaxRows; ++m) {  // (constant indices keep acc in registers)
+          if (m >= M) break;
+          const float* xm = x + int64_t(m) * w.K + k;
+          if constexpr (WORDS) {
+            const float4 xv = __ldg(reinterpret_cast<const float4*>(xm));
+            acc[m] += wv[0] * xv.x + wv[1] * xv.y + wv[2] * xv.z + wv[3] * xv.w;
+          } else {
+            acc[m] += wv[0] * __ldg(xm);
+          }
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < kQuantMaxRows; ++m) {
+    if (m >= M) break;
+    float v = acc[m];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    if (lane == 0) y[int64_t(m) * w.N + n] = v + (bias ? bias[n] : 0.f);
+  }
+}
+
+template <int BITS, bool WORDS>
+__global__ void __launch_bounds__(32 * kWarpsPerBlock)
+    gemv_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
+                float* __restrict__ y) {
+  __shared__ float tables[kWarpsPerBlock][256];
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
+  if (n >= w.N) return;  // a whole warp leaves together: the shuffles below stay full-warp
+  Table table{nullptr};
+  if (w.codebook) {
+    const float* src = w.codebook + (w.codebook_rows > 1 ? n : 0) * (int64_t(1) << BITS);
+    for (int c = lane; c < (1 << BITS); c += 32) tables[warp][c] = src[c];
+    __syncwarp();
+    table.t = tables[warp];
+  }
+  row_gemv<BITS, WORDS>(w, x, M, bias, y, n, table, lane);
+}
+
 // y[m, n] for R consecutive rows n0 .. n0 + R - 1 of the weight, a warp's work (rows past N
 // are skipped). Every lane handles the same positions of the R rows, so each x load feeds R
 // rows: x is re-read from L1 / L2 by every warp, and with one row per warp those reads, not the
 // packed weights, bounded the kernel (H200, 8192 x 28672 4-bit, batch 1: 11% of the byte
-// floor). WORDS: 4 positions per unit (32-bit loads) or 1 (byte loads). x float32 [M, K],
-// y float32 [M, N].
+// floor). WORDS as row_gemv. The decoding is row_gemv's, for R rows at once.
 template <int BITS, bool WORDS, int R>
 __device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int M,
                           const float* __restrict__ bias, float* __restrict__ y, int64_t n0,
@@ -157,7 +258,7 @@ __device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int
 
 template <int BITS, bool WORDS, int R>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    gemv_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
+    gemv_rows_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
                 float* __restrict__ y) {
   // per warp and row: the row's codebook (a per-tensor codebook is copied R times)
   __shared__ float tables[kWarpsPerBlock][R][256];
@@ -193,25 +294,30 @@ __global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n
   }
 }
 
-template <int BITS, int R>
-void launch_gemv_rows(const QuantWeight& w, const float* x, int M, const float* bias, float* y,
-                      cudaStream_t stream) {
-  const int64_t P = w.group / quant_planes(BITS), rows_per_block = int64_t(kWarpsPerBlock) * R;
-  const dim3 grid(unsigned((w.N + rows_per_block - 1) / rows_per_block));
-  if (P % 4 == 0)
-    gemv_kernel<BITS, true, R><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
-  else
-    gemv_kernel<BITS, false, R><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
-}
+// Large layers at batch <= 4 take R = 4 rows per warp (one x load for 4 rows); the rest one row
+// per warp. From the H200 runs at e808290 (one row per warp) and f482297 (4 rows up to batch 4,
+// 2 up to 8): 4 rows took 8192x28672 batch 1 from 0.29 to 0.18 ms and batch 4 from 0.80 to
+// 0.40 ms, 14336x4096 batch 1 from 0.089 to 0.077 ms, but 4096x4096 batch 1 from 0.052 to
+// 0.080 ms (a quarter of the warps: too few to fill the GPU), and 2 rows at batch 5-16 were
+// slower than one; kRowsMinN keeps 4 rows to layers of at least 2048 such warps.
+constexpr int kRows = 4;
+constexpr int64_t kRowsMinN = 8192;
 
-// Rows per warp: R x batch accumulators at most kQuantMaxRows (registers): 4 rows up to batch
-// 4, 2 up to 8, else 1.
 template <int BITS>
 void launch_gemv(const QuantWeight& w, const float* x, int M, const float* bias, float* y,
                  cudaStream_t stream) {
-  if (M <= 4) launch_gemv_rows<BITS, 4>(w, x, M, bias, y, stream);
-  else if (M <= 8) launch_gemv_rows<BITS, 2>(w, x, M, bias, y, stream);
-  else launch_gemv_rows<BITS, 1>(w, x, M, bias, y, stream);
+  const int64_t P = w.group / quant_planes(BITS);
+  const bool words = P % 4 == 0;
+  if (M <= kQuantMaxRows / kRows && w.N >= kRowsMinN) {
+    const int64_t per_block = int64_t(kWarpsPerBlock) * kRows;
+    const dim3 grid(unsigned((w.N + per_block - 1) / per_block));
+    if (words) gemv_rows_kernel<BITS, true, kRows><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+    else gemv_rows_kernel<BITS, false, kRows><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+    return;
+  }
+  const dim3 grid(unsigned((w.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
+  if (words) gemv_kernel<BITS, true><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+  else gemv_kernel<BITS, false><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
 }
 
 }  // namespace
