@@ -76,10 +76,14 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
   in.N = hidden.size(0);
   in.D = hidden.size(1);
   in.V = weight.size(0);
-  // Tile width: as many classes as fit 2 MiB of float32 logits for all the rows (at least 64).
-  // 8 MiB left the low-memory path 16 MiB above the gradients at 4096 x 256 x 131072 (torch's
-  // chunked path: 4 MiB); 2 MiB cost about 10% more time there (more, narrower GEMMs).
-  const int64_t fit = (int64_t(2) << 20) / (4 * std::max<int64_t>(in.N, 1));
+  // Tile width: as many classes as fit 2 MiB (CPU) or 256 MiB (GPU) of float32 logits for all
+  // the rows (at least 64). CPU: 8 MiB left the low-memory path 16 MiB above the gradients at
+  // 4096 x 256 x 131072 (torch's chunked path: 4 MiB); 2 MiB cost about 10% more time there
+  // (more, narrower GEMMs). GPU: 2 MiB tiles were 64 classes wide at 8192 tokens, and the
+  // thousands of thin GEMMs took 919 ms at 8192 x 4096 x 128256 on an H200 against eager's
+  // 40 ms (e808290); 256 MiB (8192 classes there) keeps the GEMMs wide, still a bounded tile.
+  const int64_t budget = hidden.is_cuda() ? int64_t(256) << 20 : int64_t(2) << 20;
+  const int64_t fit = budget / (4 * std::max<int64_t>(in.N, 1));
   in.tile = std::max<int64_t>(1, std::min(in.V, tile_cols > 0 ? tile_cols : std::max<int64_t>(fit, 64)));
   return in;
 }

@@ -160,8 +160,8 @@ def vocab_parallel_linear_cross_entropy(
         group: the process group (default: the world).
         vocab_size: optional check that the shards add up to this many classes.
         class_weight: optional ``[V]`` weights of all the classes, the same on every rank.
-        tile_cols: classes per tile (None: as many as fit 2 MiB of float32 logits for all the
-            rows).
+        tile_cols: classes per tile (None: as many as fit 2 MiB (CPU) or 256 MiB (GPU) of
+            float32 logits for all the rows).
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
     Returns the same value on every rank; backward gives each rank its own shard's gradient
