@@ -118,7 +118,9 @@ class TiledCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target, w_local, lse, w_y, w_total, denom)
         ctx.args = (group, parallel, first, total, ignore_index, reduction, smoothing, z_scale,
                     softcap, tile)
-        return loss.to(hidden.dtype)
+        # a copy even when the dtype already matches: torch 2.11's torch.compile gave zero
+        # gradients when this returned `loss` itself (2.13 / 2.14 did not)
+        return loss.to(hidden.dtype, copy=True)
 
     @staticmethod
     def backward(ctx, grad):
