@@ -12,12 +12,14 @@
 // order-preserving 32-bit keys (four 8-bit passes, histograms in shared memory), so that the
 // top-k set I is "key above the k-th's, or equal to it and among the first ties by class
 // index" without sorting or storing indices; then the loss over I and the whole row's gradient.
-// PLD: a warp per row on the teacher's descending order (the op sorts with torch, stable, and
-// passes the indices): the ranking is the target first, then that order without it. A pass
-// over the ranks from the last gives the suffix log-sum-exps l_k of the student (a warp scan
-// per 32 ranks with the later ranks' total carried in), stored in a float32 scratch row, and
-// the loss; a pass from the first gives B_k = B_(k-1) e^(l_k - l_(k-1)) + w_k (an affine scan)
-// and the gradient, scattered back to class order.
+// PLD: a block per row on the teacher's descending order (the op sorts with torch, stable, and
+// passes the indices): the ranking is the target first, then that order without it. Each
+// thread owns a run of consecutive ranks. A pass over the ranks from the last gives the
+// suffix log-sum-exps l_k of the student (each thread's run total, a block scan of the totals,
+// then the run walked back from the later runs' total), stored in a float32 scratch row, and
+// the loss; a pass from the first gives B_k = B_(k-1) e^(l_k - l_(k-1)) + w_k (each run's
+// affine map, a block scan of the maps, the run walked forward) and the gradient, scattered
+// back to class order.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -294,89 +296,126 @@ __device__ __forceinline__ float log_add(float a, float b) {
   return m + log1pf(__expf(-fabsf(a - b)));
 }
 
+// The block's exclusive suffix log-sum-exp: log sum of v over the threads after this one
+// (kLowest for the last). `tot` holds kWarps floats.
+__device__ __forceinline__ float block_suffix_lse(float v, float* tot) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {  // inclusive suffix within the warp
+    const float o = __shfl_down_sync(0xffffffffu, v, off);
+    if (lane + off < 32) v = log_add(v, o);
+  }
+  if (lane == 0) tot[warp] = v;
+  __syncthreads();
+  float after = kLowest;  // the later warps' total
+  for (int w = kWarps - 1; w > warp; --w) after = log_add(after, tot[w]);
+  float next = __shfl_down_sync(0xffffffffu, v, 1);  // the later lanes of this warp
+  if (lane == 31) next = kLowest;
+  __syncthreads();  // tot is reused
+  return log_add(next, after);
+}
+
+// x -> a x + b; `then` applies this map, then g.
+struct Affine {
+  float a, b;
+  __device__ __forceinline__ Affine then(Affine g) const { return {g.a * a, fmaf(g.a, b, g.b)}; }
+};
+
+// The block's exclusive prefix composition of the threads' maps: the maps of the threads
+// before this one, applied in thread order (the identity for the first). `ta`, `tb` hold
+// kWarps floats each.
+__device__ __forceinline__ Affine block_prefix_affine(Affine f, float* ta, float* tb) {
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+#pragma unroll
+  for (int off = 1; off < 32; off <<= 1) {  // inclusive prefix within the warp
+    const float ao = __shfl_up_sync(0xffffffffu, f.a, off), bo = __shfl_up_sync(0xffffffffu, f.b, off);
+    if (lane >= off) f = Affine{ao, bo}.then(f);
+  }
+  if (lane == 31) {
+    ta[warp] = f.a;
+    tb[warp] = f.b;
+  }
+  __syncthreads();
+  Affine before{1.f, 0.f};
+  for (int w = 0; w < warp; ++w) before = before.then(Affine{ta[w], tb[w]});
+  Affine lanes{__shfl_up_sync(0xffffffffu, f.a, 1), __shfl_up_sync(0xffffffffu, f.b, 1)};
+  if (lane == 0) lanes = Affine{1.f, 0.f};
+  __syncthreads();  // ta, tb are reused
+  return before.then(lanes);
+}
+
+// A block per row; thread i owns the ranks [i S, (i + 1) S), S = ceil(C / kThreads), so that
+// the two scans over the ranks are a pass over each thread's ranks and a block scan of the
+// threads' totals (a warp walking all C ranks serially took 22.8 ms at 256 x 128256 on an
+// H200, three times eager: every 32 ranks waited on dependent gathers).
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     pld_kernel(PldProblem q, const int64_t* __restrict__ order, float* __restrict__ scratch,
                float* __restrict__ loss, T* __restrict__ grad) {
-  const int lane = threadIdx.x % 32;
-  const int64_t C = q.C;
+  __shared__ float sh_a[kWarps], sh_b[kWarps];
+  __shared__ int64_t sh_pos;
+  const int64_t C = q.C, S = (C + kThreads - 1) / kThreads;
+  const int64_t k0 = threadIdx.x * S < C ? threadIdx.x * S : C, k1 = k0 + S < C ? k0 + S : C;
   const float inv_t = 1.f / q.temperature;
-  for (int64_t r = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32; r < q.N;
-       r += int64_t(gridDim.x) * kWarps) {  // the same r for the whole warp
+  for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {  // the same r for the whole block
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     T* gr = grad ? grad + r * C : nullptr;
     const int64_t y = q.target[r];
     if (y == q.ignore_index || y < 0 || y >= C) {  // (the op checks the classes: NaN is a direct call's)
       const float fill = y == q.ignore_index ? 0.f : __int_as_float(0x7fc00000);
-      if (lane == 0) loss[r] = fill;
-      for (int64_t j = lane; gr && j < C; j += 32) store1(gr + j, fill);
+      if (threadIdx.x == 0) loss[r] = fill;
+      for (int64_t j = threadIdx.x; gr && j < C; j += kThreads) store1(gr + j, fill);
       continue;
     }
     // the teacher's softmax(teacher / T): max and normalizer
-    Online W;
-    for (int64_t j = lane; j < C; j += 32) W.add(load1(tr + j) * inv_t, 0.f);
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) W.merge(W.shuffled(off));
-    const float inv_z = 1.f / W.z;
-    // where y sits in the sorted order: rank k > 0 is order[k - 1] up to it, order[k] after
+    float m = kLowest;
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) m = fmaxf(m, load1(tr + j) * inv_t);
+    m = block_reduce(m, sh_a, MaxOp());
+    float z = 0.f;
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) z += vexp(load1(tr + j) * inv_t - m);
+    const float inv_z = 1.f / block_sum(z, sh_a);
+    // where y sits in the teacher's order (a permutation: one thread finds it): rank k > 0 is
+    // order[k - 1] up to it, order[k] after
     const int64_t* ord = order + r * C;
-    int64_t pos_y = C;
-    for (int64_t p = lane; p < C; p += 32)
-      if (ord[p] == y && p < pos_y) pos_y = p;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) {
-      const int64_t o = __shfl_xor_sync(0xffffffffu, pos_y, off);
-      pos_y = o < pos_y ? o : pos_y;
-    }
+    if (threadIdx.x == 0) sh_pos = C;
+    __syncthreads();
+    for (int64_t p = threadIdx.x; p < C; p += kThreads)
+      if (ord[p] == y) sh_pos = p;
+    __syncthreads();
+    const int64_t pos_y = sh_pos;
     auto cls = [&](int64_t k) { return k == 0 ? y : (k <= pos_y ? ord[k - 1] : ord[k]); };
-    auto weight = [&](int64_t c) { return vexp(load1(tr + c) * inv_t - W.m) * inv_z; };
-    float* l = gr ? scratch + r * C : nullptr;
+    auto weight = [&](int64_t c) { return vexp(load1(tr + c) * inv_t - m) * inv_z; };
     // ranks from the last: l_k = log sum_{j >= k} e^(s_j), and the loss sum_k w_k (l_k - s_k)
-    float carry = kLowest, acc = 0.f;
-    for (int64_t base = (C - 1) / 32 * 32; base >= 0; base -= 32) {
-      const int64_t k = base + lane;
-      const bool valid = k < C;
-      const int64_t c = valid ? cls(k) : 0;
-      const float sk = valid ? load1(sr + c) : kLowest;
-      float v = sk;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {  // suffix within the 32 ranks
-        const float o = __shfl_down_sync(0xffffffffu, v, off);
-        if (lane + off < 32) v = log_add(v, o);
-      }
-      v = log_add(v, carry);
-      if (valid) {
-        if (gr) l[k] = v;  // (the gradient's pass reads it back)
-        acc += weight(c) * (v - sk);
-      }
-      carry = __shfl_sync(0xffffffffu, v, 0);
+    float own = kLowest;
+    for (int64_t k = k0; k < k1; ++k) own = log_add(own, load1(sr + cls(k)));
+    float v = block_suffix_lse(own, sh_a);
+    float* l = gr ? scratch + r * C : nullptr;
+    float acc = 0.f;
+    for (int64_t k = k1 - 1; k >= k0; --k) {
+      const int64_t c = cls(k);
+      const float sk = load1(sr + c);
+      v = log_add(sk, v);
+      if (l) l[k] = v;  // (the gradient's pass reads it back, also from other threads)
+      acc += weight(c) * (v - sk);
     }
-    acc = warp_sum(acc);
-    if (lane == 0) loss[r] = acc;
+    acc = block_sum(acc, sh_a);  // (its barriers also publish l to the block)
+    if (threadIdx.x == 0) loss[r] = acc;
     if (!gr) continue;
-    __syncwarp();  // l is read back by other lanes
     // ranks from the first: d loss / d s_k = B_k e^(s_k - l_k) - w_k, B_k = a_k B_(k-1) + w_k,
-    // a_k = e^(l_k - l_(k-1)) <= 1, as an affine scan per 32 ranks with B carried in
-    float carry_b = 0.f;
-    for (int64_t base = 0; base < C; base += 32) {
-      const int64_t k = base + lane;
-      const bool valid = k < C;
-      const int64_t c = valid ? cls(k) : 0;
-      const float lk = valid ? l[k] : 0.f, wk = valid ? weight(c) : 0.f;
-      float a = valid ? (k == 0 ? 0.f : vexp(lk - l[k - 1])) : 1.f, b = wk;
-#pragma unroll
-      for (int off = 1; off < 32; off <<= 1) {  // compose with the maps of the earlier ranks
-        const float ao = __shfl_up_sync(0xffffffffu, a, off), bo = __shfl_up_sync(0xffffffffu, b, off);
-        if (lane >= off) {
-          b = fmaf(a, bo, b);
-          a *= ao;
-        }
-      }
-      const float bk = fmaf(a, carry_b, b);
-      if (valid) store1(gr + c, bk * vexp(load1(sr + c) - lk) - wk);
-      carry_b = __shfl_sync(0xffffffffu, bk, 31);
+    // a_k = e^(l_k - l_(k-1)) <= 1: each thread composes its ranks' maps, a block scan gives the
+    // B carried into its first rank
+    Affine f{1.f, 0.f};
+    for (int64_t k = k0; k < k1; ++k)
+      f = f.then(Affine{k == 0 ? 0.f : vexp(l[k] - l[k - 1]), weight(cls(k))});
+    float b = block_prefix_affine(f, sh_a, sh_b).b;
+    for (int64_t k = k0; k < k1; ++k) {
+      const int64_t c = cls(k);
+      const float wk = weight(c);
+      b = fmaf(k == 0 ? 0.f : vexp(l[k] - l[k - 1]), b, wk);
+      store1(gr + c, b * vexp(load1(sr + c) - l[k]) - wk);
     }
+    __syncthreads();  // sh_pos and the scratch row are reused by the next row
   }
 }
 
@@ -412,7 +451,7 @@ const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, 
   if (q.N == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
   visit_dtype(q.dtype, [&]<class T>() {
-    pld_kernel<T><<<blocks_for(q.N, kWarps), kThreads, 0, s>>>(
+    pld_kernel<T><<<blocks_for(q.N, 1), kThreads, 0, s>>>(
         q, order, scratch, loss, static_cast<T*>(grad));
   });
   return launch_status();
