@@ -42,6 +42,13 @@ __device__ __forceinline__ int field(uint32_t word, int byte, int j) {
   return int(word >> (8 * byte + j * BITS)) & ((1 << BITS) - 1);
 }
 
+// the code of plane j at byte t of a unit's words (lo1, hi: bits 3 only)
+template <int BITS>
+__device__ __forceinline__ int unit_code(uint32_t lo0, uint32_t lo1, uint32_t hi, int t, int j) {
+  if constexpr (BITS == 3) return field<2>((j & 1) ? lo1 : lo0, t, j >> 1) | (field<1>(hi, t, j) << 2);
+  return field<BITS>(lo0, t, j);
+}
+
 struct Table {  // v(q): the row's codebook (in shared memory) or the integer itself
   const float* t;
   __device__ __forceinline__ float operator()(int q) const { return t ? t[q] : float(q); }
@@ -97,15 +104,8 @@ __device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int 
       for (int j = 0; j < kPlanes; ++j) {
         float wv[kPos];
 #pragma unroll
-        for (int t = 0; t < kPos; ++t) {
-          int q;
-          if constexpr (BITS == 3) {
-            q = field<2>((j & 1) ? lo1[r] : lo0[r], t, j >> 1) | (field<1>(hi[r], t, j) << 2);
-          } else {
-            q = field<BITS>(lo0[r], t, j);
-          }
-          wv[t] = fmaf(table(q), s, -zs);  // (v - z) s
-        }
+        for (int t = 0; t < kPos; ++t)  // (v - z) s
+          wv[t] = fmaf(table(unit_code<BITS>(lo0[r], lo1[r], hi[r], t, j)), s, -zs);
         const int64_t k = g * w.group + j * P + i;
 #pragma unroll
         for (int m = 0; m < kQuantMaxRows; ++m) {  // (constant indices keep acc in registers)
@@ -216,15 +216,8 @@ __device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int
 #pragma unroll
         for (int r = 0; r < R; ++r)
 #pragma unroll
-          for (int t = 0; t < kPos; ++t) {
-            int q;
-            if constexpr (BITS == 3) {
-              q = field<2>((j & 1) ? lo1[c][r] : lo0[c][r], t, j >> 1) | (field<1>(hi[c][r], t, j) << 2);
-            } else {
-              q = field<BITS>(lo0[c][r], t, j);
-            }
-            wv[r][t] = fmaf(table[r](q), s[r], -zs[r]);  // (v - z) s
-          }
+          for (int t = 0; t < kPos; ++t)  // (v - z) s
+            wv[r][t] = fmaf(table[r](unit_code<BITS>(lo0[c][r], lo1[c][r], hi[c][r], t, j)), s[r], -zs[r]);
         const int64_t k = g * w.group + j * P + i;
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {  // (constant indices keep acc in registers)
