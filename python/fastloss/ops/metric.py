@@ -342,7 +342,7 @@ class _TcmKernel(torch.autograd.Function):
         elif early and n:
             torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg,
                                               _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg))
-            ctx.save_for_backward(torch.addmm(s.t() @ ef, s, ef))
+            ctx.save_for_backward((s + s.t()) @ ef)  # S = E E^T: one GEMM for both factors
         else:
             ctx.save_for_backward(ef, keys, sums)
         ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, early and n > 0, e.dtype)
