@@ -219,7 +219,7 @@ def test_past_the_grid_caps(tcn_lib, shape, channels_last, forward):
 def quant_lib():
     lib = build.build("quant/quant_cuda.cu", "quant_harness.cpp", "quant")
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_quant_gemv.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int64, P, P]
+    lib.emu_quant_gemv.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
     lib.emu_quant_gemv.restype = ctypes.c_char_p
     lib.emu_quant_dequant.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int64]
     lib.emu_quant_dequant.restype = ctypes.c_char_p
@@ -236,6 +236,21 @@ def quant_args(qw):
     cb_rows = 0 if qw.codebook is None else qw.codebook.shape[0]
     pointers = [q.data_ptr() + GUARD] + [None if t is None else t.data_ptr() for t in kept[1:]]
     return kept, pointers + [int64s(n, k, qw.group, cb_rows), qw.bits]
+
+
+def check_quant_gemv(lib, args, w64, m, dtype, g):
+    """The gemv kernel on x [m, K] of `dtype` (NaN-guarded) against x @ w64^T + bias in float64;
+    y in `dtype`, between sentinels."""
+    n, k = w64.shape
+    x, _ = guarded(torch.randn(m, k, generator=g).to(dtype), float("nan"))
+    bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
+    y, ybuf = guarded(torch.full((m, n), float("nan"), dtype=dtype), SENTINEL)
+    err = lib.emu_quant_gemv(*args, x.data_ptr(), DTYPE_CODES[dtype], m, bias.data_ptr(), y.data_ptr())
+    assert err is None, err.decode()
+    check_guards(ybuf, "gemv y")
+    exp = x.double() @ w64.T + bias.double()
+    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(y.double(), exp, rtol=tol, atol=tol * max(1.0, float(exp.abs().max())))
 
 
 QUANT_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1)
@@ -255,15 +270,9 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
     qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
     w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     kept, args = quant_args(qw)
-    for m in (1, 3, 16):
-        x, _ = guarded(torch.randn(m, k, generator=g), float("nan"))
-        bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
-        y, ybuf = guarded(torch.full((m, n), float("nan")), SENTINEL)
-        y.fill_(float("nan"))
-        err = quant_lib.emu_quant_gemv(*args, x.data_ptr(), m, bias.data_ptr(), y.data_ptr())
-        assert err is None, err.decode()
-        check_guards(ybuf, "gemv y")
-        torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-4)
+    for m, dtype in ((1, torch.float32), (3, torch.float32), (16, torch.float32),
+                     (1, torch.float16), (16, torch.bfloat16)):
+        check_quant_gemv(quant_lib, args, w64, m, dtype, g)
     for n0, n1 in ((0, n), (5, 23)):
         out, obuf = guarded(torch.full((n1 - n0, k), float("nan")), SENTINEL)
         out.fill_(float("nan"))
@@ -285,14 +294,8 @@ def test_quant_gemv_four_rows_per_warp(quant_lib, bits, kind):
     qw = ops.quantize_weight(w, bits, 32, kind != "asymmetric", codebook)
     w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     kept, args = quant_args(qw)
-    for m in (1, 4, 5):  # 5: one row per warp
-        x, _ = guarded(torch.randn(m, k, generator=g), float("nan"))
-        bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
-        y, ybuf = guarded(torch.full((m, n), float("nan")), SENTINEL)
-        err = quant_lib.emu_quant_gemv(*args, x.data_ptr(), m, bias.data_ptr(), y.data_ptr())
-        assert err is None, err.decode()
-        check_guards(ybuf, "gemv y")
-        torch.testing.assert_close(y.double(), x.double() @ w64.T + bias.double(), rtol=1e-5, atol=1e-4)
+    for m, dtype in ((1, torch.float32), (4, torch.bfloat16), (5, torch.float16)):  # 5: one row per warp
+        check_quant_gemv(quant_lib, args, w64, m, dtype, g)
     del kept
 
 

@@ -7,8 +7,8 @@
 // lane loads kUnits units before it decodes any, to keep bytes in flight. A unit is one 32-bit
 // word per plane set (bits 2, 4, 8) or three (bits 3: two words of low bits, one of third
 // bits), holding 4 x planes values; they are decoded in registers (shift, mask, and a codebook
-// lookup in shared memory), scaled, and multiplied with float4 loads of x (x is small and
-// shared by every row: it stays in L1/L2). Lanes' sums are merged by warp shuffles.
+// lookup in shared memory), scaled, and multiplied with 4-wide loads of x in its own dtype (x
+// is small and shared by every row: it stays in L1/L2); y is written in x's dtype. Lanes' sums are merged by warp shuffles.
 // Rows whose plane length P is not a multiple of 4 (unusual per-channel K) take the same
 // kernel with units of one position and byte loads.
 //
@@ -18,10 +18,13 @@
 
 #include <cstdint>
 
+#include "../common/cuda_helpers.cuh"
 #include "quant_kernels.h"
 
 namespace fastloss {
 namespace {
+using FL_ISA::load1;
+using FL_ISA::store1;
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kUnits = 4;  // units each lane loads before decoding
@@ -49,6 +52,29 @@ __device__ __forceinline__ int unit_code(uint32_t lo0, uint32_t lo1, uint32_t hi
   return field<BITS>(lo0, t, j);
 }
 
+// 4 consecutive activations as float32, from 16 (float) or 8 (float16 / bfloat16) aligned bytes:
+// x is read in its own dtype (a float32 copy would be one more pass and twice the bytes)
+__device__ __forceinline__ float4 load4(const float* p) { return __ldg(reinterpret_cast<const float4*>(p)); }
+__device__ __forceinline__ float half_bits(unsigned b) { return __half2float(__ushort_as_half((unsigned short)b)); }
+__device__ __forceinline__ float4 load4(const __half* p) {
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+  float4 v;
+  v.x = half_bits(u.x & 0xffffu);
+  v.y = half_bits(u.x >> 16);
+  v.z = half_bits(u.y & 0xffffu);
+  v.w = half_bits(u.y >> 16);
+  return v;
+}
+__device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {  // bfloat16: float32's top half
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(p));
+  float4 v;
+  v.x = __uint_as_float(u.x << 16);
+  v.y = __uint_as_float(u.x & 0xffff0000u);
+  v.z = __uint_as_float(u.y << 16);
+  v.w = __uint_as_float(u.y & 0xffff0000u);
+  return v;
+}
+
 struct Table {  // v(q): the row's codebook (in shared memory) or the integer itself
   const float* t;
   __device__ __forceinline__ float operator()(int q) const { return t ? t[q] : float(q); }
@@ -56,9 +82,9 @@ struct Table {  // v(q): the row's codebook (in shared memory) or the integer it
 
 // y[m, n] for one row n of the weight, a warp's work. WORDS: 4 positions per unit (32-bit
 // loads) or 1 (byte loads). x float32 [M, K], y float32 [M, N].
-template <int BITS, bool WORDS>
-__device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int M,
-                         const float* __restrict__ bias, float* __restrict__ y, int64_t n,
+template <int BITS, bool WORDS, class T>
+__device__ void row_gemv(const QuantWeight& w, const T* __restrict__ x, int M,
+                         const float* __restrict__ bias, T* __restrict__ y, int64_t n,
                          const Table& table, int lane) {
   constexpr int kPlanes = quant_planes(BITS), kPos = WORDS ? 4 : 1;
   const int64_t G = w.K / w.group, P = w.group / kPlanes, units_per_group = P / kPos;
@@ -110,12 +136,12 @@ __device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int 
 #pragma unroll
         for (int m = 0; m < kQuantMaxRows; ++m) {  // (constant indices keep acc in registers)
           if (m >= M) break;
-          const float* xm = x + int64_t(m) * w.K + k;
+          const T* xm = x + int64_t(m) * w.K + k;
           if constexpr (WORDS) {
-            const float4 xv = __ldg(reinterpret_cast<const float4*>(xm));
+            const float4 xv = load4(xm);
             acc[m] += wv[0] * xv.x + wv[1] * xv.y + wv[2] * xv.z + wv[3] * xv.w;
           } else {
-            acc[m] += wv[0] * __ldg(xm);
+            acc[m] += wv[0] * load1(xm);
           }
         }
       }
@@ -127,14 +153,14 @@ __device__ void row_gemv(const QuantWeight& w, const float* __restrict__ x, int 
     float v = acc[m];
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-    if (lane == 0) y[int64_t(m) * w.N + n] = v + (bias ? bias[n] : 0.f);
+    if (lane == 0) store1(y + int64_t(m) * w.N + n, v + (bias ? bias[n] : 0.f));
   }
 }
 
-template <int BITS, bool WORDS>
+template <int BITS, bool WORDS, class T>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    gemv_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
-                float* __restrict__ y) {
+    gemv_kernel(QuantWeight w, const T* __restrict__ x, int M, const float* __restrict__ bias,
+                T* __restrict__ y) {
   __shared__ float tables[kWarpsPerBlock][256];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int64_t n = int64_t(blockIdx.x) * kWarpsPerBlock + warp;
@@ -146,7 +172,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     __syncwarp();
     table.t = tables[warp];
   }
-  row_gemv<BITS, WORDS>(w, x, M, bias, y, n, table, lane);
+  row_gemv<BITS, WORDS, T>(w, x, M, bias, y, n, table, lane);
 }
 
 // y[m, n] for R consecutive rows n0 .. n0 + R - 1 of the weight, a warp's work (rows past N
@@ -154,9 +180,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 // rows: x is re-read from L1 / L2 by every warp, and with one row per warp those reads, not the
 // packed weights, bounded the kernel (H200, 8192 x 28672 4-bit, batch 1: 11% of the byte
 // floor). WORDS as row_gemv. The decoding is row_gemv's, for R rows at once.
-template <int BITS, bool WORDS, int R>
-__device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int M,
-                          const float* __restrict__ bias, float* __restrict__ y, int64_t n0,
+template <int BITS, bool WORDS, int R, class T>
+__device__ void rows_gemv(const QuantWeight& w, const T* __restrict__ x, int M,
+                          const float* __restrict__ bias, T* __restrict__ y, int64_t n0,
                           const Table (&table)[R], int lane) {
   constexpr int kPlanes = quant_planes(BITS), kPos = WORDS ? 4 : 1;
   constexpr int kU = R == 1 ? kUnits : 2;  // units per lane per pass: R * kU loads in flight
@@ -222,14 +248,14 @@ __device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int
 #pragma unroll
         for (int m = 0; m < kMaxM; ++m) {  // (constant indices keep acc in registers)
           if (m >= M) break;
-          const float* xm = x + int64_t(m) * w.K + k;
+          const T* xm = x + int64_t(m) * w.K + k;
           if constexpr (WORDS) {
-            const float4 xv = __ldg(reinterpret_cast<const float4*>(xm));
+            const float4 xv = load4(xm);
 #pragma unroll
             for (int r = 0; r < R; ++r)
               acc[r][m] += wv[r][0] * xv.x + wv[r][1] * xv.y + wv[r][2] * xv.z + wv[r][3] * xv.w;
           } else {
-            const float xv = __ldg(xm);
+            const float xv = load1(xm);
 #pragma unroll
             for (int r = 0; r < R; ++r) acc[r][m] += wv[r][0] * xv;
           }
@@ -245,14 +271,14 @@ __device__ void rows_gemv(const QuantWeight& w, const float* __restrict__ x, int
       float v = acc[r][m];
 #pragma unroll
       for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
-      if (lane == 0 && r < rows) y[int64_t(m) * w.N + n0 + r] = v + (bias ? bias[n0 + r] : 0.f);
+      if (lane == 0 && r < rows) store1(y + int64_t(m) * w.N + n0 + r, v + (bias ? bias[n0 + r] : 0.f));
     }
 }
 
-template <int BITS, bool WORDS, int R>
+template <int BITS, bool WORDS, int R, class T>
 __global__ void __launch_bounds__(32 * kWarpsPerBlock)
-    gemv_rows_kernel(QuantWeight w, const float* __restrict__ x, int M, const float* __restrict__ bias,
-                float* __restrict__ y) {
+    gemv_rows_kernel(QuantWeight w, const T* __restrict__ x, int M, const float* __restrict__ bias,
+                     T* __restrict__ y) {
   // per warp and row: the row's codebook (a per-tensor codebook is copied R times)
   __shared__ float tables[kWarpsPerBlock][R][256];
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -270,7 +296,7 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
     }
   }
   __syncwarp();
-  rows_gemv<BITS, WORDS, R>(w, x, M, bias, y, n0, table, lane);
+  rows_gemv<BITS, WORDS, R, T>(w, x, M, bias, y, n0, table, lane);
 }
 
 __global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n0, int64_t rows) {
@@ -296,34 +322,38 @@ __global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n
 constexpr int kRows = 4;
 constexpr int64_t kRowsMinN = 8192;
 
-template <int BITS>
-void launch_gemv(const QuantWeight& w, const float* x, int M, const float* bias, float* y,
+template <int BITS, class T>
+void launch_gemv(const QuantWeight& w, const T* x, int M, const float* bias, T* y,
                  cudaStream_t stream) {
   const int64_t P = w.group / quant_planes(BITS);
   const bool words = P % 4 == 0;
   if (M <= kQuantMaxRows / kRows && w.N >= kRowsMinN) {
     const int64_t per_block = int64_t(kWarpsPerBlock) * kRows;
     const dim3 grid(unsigned((w.N + per_block - 1) / per_block));
-    if (words) gemv_rows_kernel<BITS, true, kRows><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
-    else gemv_rows_kernel<BITS, false, kRows><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+    if (words) gemv_rows_kernel<BITS, true, kRows, T><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+    else gemv_rows_kernel<BITS, false, kRows, T><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
     return;
   }
   const dim3 grid(unsigned((w.N + kWarpsPerBlock - 1) / kWarpsPerBlock));
-  if (words) gemv_kernel<BITS, true><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
-  else gemv_kernel<BITS, false><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+  if (words) gemv_kernel<BITS, true, T><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
+  else gemv_kernel<BITS, false, T><<<grid, 32 * kWarpsPerBlock, 0, stream>>>(w, x, M, bias, y);
 }
 
 }  // namespace
 
-const char* quant_gemv_cuda(const QuantWeight& w, const float* x, int64_t M, const float* bias,
-                            float* y, void* stream) {
+const char* quant_gemv_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                            const float* bias, void* y, void* stream) {
   auto s = static_cast<cudaStream_t>(stream);
-  switch (w.bits) {
-    case 2: launch_gemv<2>(w, x, int(M), bias, y, s); break;
-    case 3: launch_gemv<3>(w, x, int(M), bias, y, s); break;
-    case 4: launch_gemv<4>(w, x, int(M), bias, y, s); break;
-    default: launch_gemv<8>(w, x, int(M), bias, y, s); break;
-  }
+  FL_ISA::visit_dtype(dtype, [&]<class T>() {
+    const T* xt = static_cast<const T*>(x);
+    T* yt = static_cast<T*>(y);
+    switch (w.bits) {
+      case 2: launch_gemv<2>(w, xt, int(M), bias, yt, s); break;
+      case 3: launch_gemv<3>(w, xt, int(M), bias, yt, s); break;
+      case 4: launch_gemv<4>(w, xt, int(M), bias, yt, s); break;
+      default: launch_gemv<8>(w, xt, int(M), bias, yt, s); break;
+    }
+  });
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

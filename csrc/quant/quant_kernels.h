@@ -14,6 +14,8 @@
 #pragma once
 #include <cstdint>
 
+#include "../losses/loss_params.h"  // ScalarType
+
 namespace fastloss {
 
 struct QuantWeight {
@@ -42,10 +44,11 @@ void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int
 void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_t n1);
 
 // The CUDA kernels (quant_cuda.cu, built with FASTLOSS_WITH_CUDA), on `stream` (a
-// cudaStream_t); the same contracts over all rows, xsum not needed. Return nullptr, or the
-// launch error's text.
-const char* quant_gemv_cuda(const QuantWeight& w, const float* x, int64_t M, const float* bias,
-                            float* y, void* stream);
+// cudaStream_t); the same contracts over all rows, xsum not needed, except that the gemv's x
+// [M, K] (contiguous, 16-byte aligned) and y [M, N] are in `dtype` (float32 math). Return
+// nullptr, or the launch error's text.
+const char* quant_gemv_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                            const float* bias, void* y, void* stream);
 const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
                                     void* stream);
 

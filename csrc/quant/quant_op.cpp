@@ -130,19 +130,24 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
               bias->device(), " but qweight is on ", q.device());
   const c10::DeviceGuard guard(q.device());
   const auto f32 = x.options().dtype(at::kFloat);
-  Tensor x32 = x.to(at::kFloat).contiguous();
-  if (x.is_cuda() && reinterpret_cast<uintptr_t>(x32.data_ptr()) % 16) x32 = x32.clone();  // float4 loads
   const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t M = x.size(0);
-  Tensor y = at::empty({M, w.N}, f32);
-  if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  if (M <= kQuantMaxRows && x.is_cuda()) {
+  if (M <= kQuantMaxRows && x.is_cuda() && M > 0 && w.N > 0) {
+    // x read and y written in x's dtype by the kernel (no float32 copies)
+    Tensor xc = x.contiguous();
+    if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // 16- / 8-byte loads
+    Tensor yx = at::empty({M, w.N}, x.options());
 #if defined(FASTLOSS_WITH_CUDA)
-    check_cuda_launch(quant_gemv_cuda(w, x32.data_ptr<float>(), M,
-                                      b32.defined() ? b32.data_ptr<float>() : nullptr, y.data_ptr<float>(),
+    check_cuda_launch(quant_gemv_cuda(w, xc.data_ptr(), kernel_dtype(x, kOp, "x"), M,
+                                      b32.defined() ? b32.data_ptr<float>() : nullptr, yx.data_ptr(),
                                       cuda_stream()), kOp);
 #endif
-  } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
+    return yx;
+  }
+  Tensor x32 = x.to(at::kFloat).contiguous();
+  Tensor y = at::empty({M, w.N}, f32);
+  if (M == 0 || w.N == 0) return y.to(x.scalar_type());
+  if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
     const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
     const float* xp = x32.data_ptr<float>();

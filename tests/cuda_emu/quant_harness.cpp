@@ -24,11 +24,12 @@ fastloss::QuantWeight weight(const uint8_t* q, const float* scale, const float* 
 extern "C" {
 
 // shape: N, K, group, codebook rows
+// x [M, K] and y [M, N] in dtype (0 float32, 1 float16, 2 bfloat16)
 const char* emu_quant_gemv(const uint8_t* q, const float* scale, const float* zero,
-                           const float* codebook, const int64_t* shape, int bits, const float* x,
-                           int64_t M, const float* bias, float* y) {
-  return fastloss::quant_gemv_cuda(weight(q, scale, zero, codebook, shape, bits), x, M, bias, y,
-                                   nullptr);
+                           const float* codebook, const int64_t* shape, int bits, const void* x,
+                           int dtype, int64_t M, const float* bias, void* y) {
+  return fastloss::quant_gemv_cuda(weight(q, scale, zero, codebook, shape, bits), x,
+                                   fastloss::ScalarType(dtype), M, bias, y, nullptr);
 }
 
 const char* emu_quant_dequant(const uint8_t* q, const float* scale, const float* zero,
