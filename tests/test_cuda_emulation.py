@@ -615,6 +615,34 @@ def test_dice_sigmoid(metric_lib, dtype, shape, params):
     torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
+def test_dice_bad_targets_give_nan_rows(metric_lib):
+    """On CUDA the op does not check target values (it would wait for the device): a sigmoid
+    target outside [0, 1] or a class outside [0, C) makes that row's loss NaN, the others are
+    untouched."""
+    n, k, c = 5, 6, 7
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(n, k, generator=gen)
+    y = (torch.rand(n, k, generator=gen) > 0.5).float()
+    y[1, 2], y[3, 0] = 1.5, -0.25
+    up, p32 = torch.ones(n), torch.tensor(DICE_PARAMS[0])
+    rows, grad = torch.full((n,), float("nan")), torch.empty(n, k)
+    err = metric_lib.emu_dice_sigmoid(x.data_ptr(), 0, y.data_ptr(), n, k, p32.data_ptr(),
+                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    good = torch.tensor([0, 2, 4])
+    assert rows[[1, 3]].isnan().all()
+    torch.testing.assert_close(rows[good], torch.ops.fastloss.dice_sigmoid_forward(x[good], y[good], *DICE_PARAMS[0]))
+    xs = torch.randn(n, c, generator=gen)
+    t = torch.tensor([0, 7, 3, -1, -100])
+    rows, grad = torch.full((n,), float("nan")), torch.empty(n, c)
+    err = metric_lib.emu_dice_softmax(xs.data_ptr(), 0, t.data_ptr(), int64s(n, c, c, -100),
+                                      p32.data_ptr(), rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    assert rows[[1, 3]].isnan().all() and rows[4] == 0
+    ok = torch.tensor([0, 2])
+    torch.testing.assert_close(rows[ok], torch.ops.fastloss.dice_softmax_forward(xs[ok], t[ok], *DICE_PARAMS[0], -100))
+
+
 @pytest.mark.parametrize("params", DICE_PARAMS, ids=str)
 @pytest.mark.parametrize("shape", [(6, 1), (9, 7), (4, 1000), (3, 2500)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)

@@ -44,8 +44,13 @@ __global__ void __launch_bounds__(kThreads) dice_sigmoid_forward_kernel(SigmoidD
   for (int64_t r = int64_t(blockIdx.x) * per_block + threadIdx.x / group; r < q.N;
        r += int64_t(gridDim.x) * per_block) {
     float acc = 0.f;
-    for (int64_t k = lane; k < q.K; k += group)
-      acc += sigmoid_dice_term(load1(x + r * q.K + k), q.target[r * q.K + k], q.p);
+    // a target outside [0, 1] makes the row NaN (the op does not check values on CUDA: that
+    // would wait for the device)
+    for (int64_t k = lane; k < q.K; k += group) {
+      const float y = q.target[r * q.K + k];
+      acc += y >= 0.f && y <= 1.f ? sigmoid_dice_term(load1(x + r * q.K + k), y, q.p)
+                                  : __int_as_float(0x7fc00000);
+    }
     if (kWarp) acc = warp_sum(acc);
     if (lane == 0) rows[r] = acc;
   }

@@ -237,6 +237,10 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
       one-hot ``y``; rows whose target is ``ignore_index`` are skipped (``"mean"`` divides by
       the rows kept, as ``F.cross_entropy``).
 
+    Target values are checked on the CPU (a clear error); CUDA tensors are not checked (that
+    would wait for the device on every call, as ``cross_entropy`` does not either): a row with
+    a target outside [0, 1] or a class outside [0, C) gets a NaN loss.
+
     The backward is written out so that it stays finite when a probability saturates to 1 in
     float32 (the ``(1 - p)^(alpha - 1)`` factor of the naive derivative is infinite there).
     CPU and CUDA tensors run the kernels of ``csrc/metric_losses`` (the CPU reads a row from
@@ -269,9 +273,12 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         raise ValueError(f"{fn}: target is on {target.device} but logits is on {logits.device}")
     if target.shape == logits.shape and logits.dim() in (1, 2):
         y = target.to(torch.float32)
-        if y.numel() and (bool((y < 0).any()) or bool((y > 1).any())):
-            raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         x = logits if logits.dim() == 2 else logits[:, None]
+        # CUDA kernels: no check here (it would wait for the device twice per call); a target
+        # outside [0, 1] gives that row a NaN loss
+        on_gpu_kernel = x.is_cuda and has_kernel(x)
+        if y.numel() and not on_gpu_kernel and (bool((y < 0).any()) or bool((y > 1).any())):
+            raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
         if has_kernel(x):
             rows = torch.ops.fastloss.dice_sigmoid_forward(x, y.reshape(x.shape), *args)
@@ -284,7 +291,9 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
                              f"{target.dtype}")
         keep = target != ignore_index
         args = (float(alpha), float(gamma), float(smooth))
-        if logits.device.type != "cpu":  # the CPU kernel's op checks the classes itself
+        # the CPU kernel's op checks the classes itself; the CUDA kernel gives a row whose
+        # target is out of range a NaN loss (a check here would wait for the device)
+        if logits.device.type != "cpu" and not (logits.is_cuda and has_kernel(logits)):
             bad = keep & ((target < 0) | (target >= logits.shape[1]))
             if bool(bad.any()):
                 raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
