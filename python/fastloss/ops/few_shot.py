@@ -277,8 +277,8 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     dc = dc / (dc.amax() + _EPS)
     dc_rows = dc.sum(1) / (n_other + _EPS)
     lambda_dc = dc_rows.sum() / ((n_other > 0).sum() + _EPS)
-    if not bool(other_k.any()):
-        lambda_dc = 1 - lambda_dc
+    # no other-class neighbour anywhere: 1 - lambda_dc (a where, not an `if`: no wait for a GPU)
+    lambda_dc = torch.where(other_k.any(), lambda_dc, 1 - lambda_dc)
     gamma = 1.0 if clipped else (n_same.float() / k).mean()
     score = ((lambda_sc + lambda_dc) / 2 + gamma) / 2
     return (-torch.log(score)).to(emb.dtype)
