@@ -287,7 +287,8 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
 
     Args:
         student, teacher: ``[N, C]`` (or ``[..., C]``, flattened), float32/16 or bfloat16.
-        target: integer classes ``[N]`` (or the leading shape).
+        target: integer classes ``[N]`` (or the leading shape); checked on the CPU, while on CUDA
+            a class outside [0, C) gives that row a NaN loss (a check would wait for the device).
         T: temperature of the teacher's weights, > 0 (the paper's best ImageNet value is 1).
         ignore_index: target value of rows to skip.
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
