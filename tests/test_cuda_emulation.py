@@ -631,6 +631,8 @@ def test_dice_bad_targets_give_nan_rows(metric_lib):
     assert err is None, err.decode()
     good = torch.tensor([0, 2, 4])
     assert rows[[1, 3]].isnan().all()
+    bad = (y < 0) | (y > 1)
+    assert grad[bad].isnan().all() and grad[~bad].isfinite().all()
     torch.testing.assert_close(rows[good], torch.ops.fastloss.dice_sigmoid_forward(x[good], y[good], *DICE_PARAMS[0]))
     xs = torch.randn(n, c, generator=gen)
     t = torch.tensor([0, 7, 3, -1, -100])

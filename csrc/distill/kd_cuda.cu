@@ -362,7 +362,7 @@ __global__ void __launch_bounds__(kThreads)
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     T* gr = grad ? grad + r * C : nullptr;
     const int64_t y = q.target[r];
-    if (y == q.ignore_index || y < 0 || y >= C) {  // (the op checks the classes: NaN is a direct call's)
+    if (y == q.ignore_index || y < 0 || y >= C) {  // out of range: a NaN row (not checked on CUDA)
       const float fill = y == q.ignore_index ? 0.f : __int_as_float(0x7fc00000);
       if (threadIdx.x == 0) loss[r] = fill;
       for (int64_t j = threadIdx.x; gr && j < C; j += kThreads) store1(gr + j, fill);

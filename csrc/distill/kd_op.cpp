@@ -211,7 +211,8 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   q.temperature = float(temperature);
   if (student.is_cuda()) {
     // the classes are not checked here (that would wait for the device on every call): the
-    // kernel gives a row whose target is out of range a NaN loss, as cross_entropy's
+    // kernel gives a row whose target is out of range a NaN loss and gradient, as fastloss's
+    // cross_entropy kernels do (torch's own CUDA cross_entropy raises a device-side assert)
     Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
     Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
 #if defined(FASTLOSS_WITH_CUDA)

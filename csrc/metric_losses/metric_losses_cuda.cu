@@ -63,8 +63,9 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t total = q.N * q.K;
   for (int64_t e = int64_t(blockIdx.x) * kThreads + threadIdx.x; e < total;
        e += int64_t(gridDim.x) * kThreads) {
-    const float g = grad_rows[q.K == 1 ? e : e / q.K];
-    store1(grad + e, sigmoid_dice_grad(load1(x + e), q.target[e], g, q.p));
+    const float g = grad_rows[q.K == 1 ? e : e / q.K], y = q.target[e];
+    store1(grad + e, y >= 0.f && y <= 1.f ? sigmoid_dice_grad(load1(x + e), y, g, q.p)
+                                          : __int_as_float(0x7fc00000));  // as the forward
   }
 }
 

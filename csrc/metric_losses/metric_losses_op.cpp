@@ -161,7 +161,8 @@ SoftmaxChecked check_softmax(const Tensor& logits, const Tensor& target, double 
   c.y = target.to(at::kLong).contiguous();
   const int64_t n = logits.size(0), classes = logits.size(1);
   const int64_t* yp = c.y.data_ptr<int64_t>();
-  // (CUDA: fastloss.ops.dice_loss checks the classes before; the kernel gives a bad row NaN)
+  // (CUDA: not checked, a wait for the device per call; the kernel gives a bad row NaN, as
+  // fastloss's cross_entropy kernels do)
   for (int64_t r = 0; logits.is_cpu() && r < n; ++r)
     TORCH_CHECK(yp[r] == ignore_index || (yp[r] >= 0 && yp[r] < classes), op, ": target[", r, "] = ",
                 yp[r], " is outside [0, C = ", classes, ") and not ignore_index (", ignore_index, ")");

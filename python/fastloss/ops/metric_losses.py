@@ -237,9 +237,9 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
       one-hot ``y``; rows whose target is ``ignore_index`` are skipped (``"mean"`` divides by
       the rows kept, as ``F.cross_entropy``).
 
-    Target values are checked on the CPU (a clear error); CUDA tensors are not checked (that
-    would wait for the device on every call, as ``cross_entropy`` does not either): a row with
-    a target outside [0, 1] or a class outside [0, C) gets a NaN loss.
+    Target values are checked on the CPU (a clear error); CUDA tensors are not (that would wait
+    for the device on every call; fastloss's ``cross_entropy`` does not either): a row with a
+    target outside [0, 1] or a class outside [0, C) gets a NaN loss.
 
     The backward is written out so that it stays finite when a probability saturates to 1 in
     float32 (the ``(1 - p)^(alpha - 1)`` factor of the naive derivative is infinite there).
