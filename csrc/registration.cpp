@@ -140,6 +140,9 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("neighbour_dist(Tensor x, Tensor t, Tensor idx, float eps) -> Tensor");
   m.def("neighbour_dist_backward(Tensor grad_dist, Tensor x, Tensor t, Tensor idx, Tensor dist, "
         "bool[2] grad_mask) -> (Tensor, Tensor)");
+  // ICNN's score from the neighbours' distances d [N, n] and same-class flags, in one pass:
+  // -> (loss [] float32, d loss / d d [N, n] float32)
+  m.def("icnn_score(Tensor d, Tensor same, int k, bool clipped) -> (Tensor, Tensor)");
   // Proto-Triplet on the CPU in one op (pair_losses_op.cpp): -> (loss, protos [K, D],
   // idx [Q, 2], dist [Q, 2], inverse [S], counts [K]); its backward -> (grad_query, grad_support)
   m.def("proto_triplet_forward(Tensor query, Tensor query_labels, Tensor support, "

@@ -206,6 +206,7 @@ def test_opcheck():
                                                torch.randint(0, 5, (6, 2)), torch.rand(6, 2) + 1, [True, True])),
         (OPS.proto_triplet_forward.default, (s[:, :5], torch.arange(6) % 3, s[:, :5], torch.arange(6) % 3, 0.5)),
         (OPS.clip_rows_grad_.default, (s.clone(), 4, 3.0, torch.rand(6), torch.rand(29), torch.rand(29))),
+        (OPS.icnn_score.default, (torch.rand(6, 4) + 0.1, torch.rand(6, 4) > 0.5, 3, False)),
     ]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     e, lab = s[:, :5].contiguous(), torch.arange(6) % 3

@@ -38,6 +38,7 @@
 
 #include "../op_helpers.h"
 #include "auc_kernels.h"
+#include "icnn_score.h"
 #include "similarity_rows_kernels.h"
 
 namespace fastloss {
@@ -598,6 +599,24 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
   return {grad_x, grad_t};
 }
 
+// -> (loss [] float32, grad_d [N, n] float32): icnn_score.h
+std::tuple<Tensor, Tensor> icnn_score_op(const Tensor& d, const Tensor& same, int64_t k,
+                                         bool clipped) {
+  constexpr const char* op = "icnn_score";
+  TORCH_CHECK(d.is_cpu() && d.scalar_type() == at::kFloat && d.dim() == 2 && d.is_contiguous(),
+              op, ": d must be a contiguous float32 CPU [N, n] tensor, got ", d.scalar_type(), " ",
+              d.sizes());
+  TORCH_CHECK(same.is_cpu() && same.scalar_type() == at::kBool && same.sizes() == d.sizes() &&
+                  same.is_contiguous(),
+              op, ": same must be a contiguous bool CPU tensor of d's shape ", d.sizes());
+  TORCH_CHECK(d.size(0) >= 1 && k >= 1 && k <= d.size(1), op, ": need N >= 1 and k in [1, n = ",
+              d.size(1), "], got N = ", d.size(0), ", k = ", k);
+  Tensor grad = at::empty(d.sizes(), d.options());
+  const double loss = icnn_score(d.data_ptr<float>(), same.data_ptr<bool>(), d.size(0), d.size(1),
+                                 k, clipped, grad.data_ptr<float>());
+  return {at::full({}, loss, d.options()), grad};
+}
+
 // Proto-Triplet (python/fastloss/ops/few_shot.py) on the CPU as one op, its ~20 small steps
 // called from C++ (at B = 1024 the same steps from Python cost more than their work): classes
 // of the support, prototypes, each query's nearest other prototype by one GEMM on
@@ -668,6 +687,7 @@ void register_cpu_only(torch::Library& m) {
   m.impl("knn_rows", &knn_rows_op);
   m.impl("neighbour_dist", &neighbour_dist_op);
   m.impl("neighbour_dist_backward", &neighbour_dist_backward);
+  m.impl("icnn_score", &icnn_score_op);
   m.impl("proto_triplet_forward", &proto_triplet_forward);
   m.impl("proto_triplet_backward", &proto_triplet_backward);
 }
