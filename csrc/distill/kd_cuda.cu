@@ -41,35 +41,28 @@ constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no in
 // fast exponential.
 using Online = OnlineLse<float, FastExp>;
 
-// The block's merge of each thread's pair of states; the result is valid in every thread.
-// `shared` holds the warps' states, [kWarps][2 states][m, z, w].
-__device__ __forceinline__ void block_merge(Online& s, Online& t, float (*shared)[2][3]) {
+// The block's merge of each thread's N states; the result is valid in every thread.
+// `shared` holds the warps' states, [kWarps][N states][m, z, w].
+template <int N>
+__device__ __forceinline__ void block_merge(Online (&st)[N], float (*shared)[N][3]) {
 #pragma unroll
-  for (int off = 16; off > 0; off >>= 1) {
-    s.merge(s.shuffled(off));
-    t.merge(t.shuffled(off));
-  }
+  for (int off = 16; off > 0; off >>= 1)
+#pragma unroll
+    for (int j = 0; j < N; ++j) st[j].merge(st[j].shuffled(off));
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
-  if (lane == 0) {
-    const Online both[2] = {s, t};
-    for (int j = 0; j < 2; ++j) {
-      shared[warp][j][0] = both[j].m;
-      shared[warp][j][1] = both[j].z;
-      shared[warp][j][2] = both[j].w;
+  if (lane == 0)
+    for (int j = 0; j < N; ++j) {
+      shared[warp][j][0] = st[j].m;
+      shared[warp][j][1] = st[j].z;
+      shared[warp][j][2] = st[j].w;
     }
-  }
   __syncthreads();
-  Online merged[2];
-  for (int i = 0; i < kWarps; ++i)
-    for (int j = 0; j < 2; ++j) {
-      Online o;
-      o.m = shared[i][j][0];
-      o.z = shared[i][j][1];
-      o.w = shared[i][j][2];
-      merged[j].merge(o);
-    }
-  s = merged[0];
-  t = merged[1];
+#pragma unroll
+  for (int j = 0; j < N; ++j) {
+    Online merged;
+    for (int i = 0; i < kWarps; ++i) merged.merge(shared[i][j][0], shared[i][j][1], shared[i][j][2]);
+    st[j] = merged;
+  }
   __syncthreads();  // shared is reused by the next row
 }
 
@@ -83,13 +76,14 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    Online S, Q;  // student (weights s - t), teacher (weights t - s)
+    Online st[2];  // student (weights s - t), teacher (weights t - s)
     for (int64_t k = threadIdx.x; k < q.C; k += kThreads) {
       const float s = load1(sr + k) * inv_t, t = load1(tr + k) * inv_t;
-      S.add(s, s - t);
-      Q.add(t, t - s);
+      st[0].add(s, s - t);
+      st[1].add(t, t - s);
     }
-    block_merge(S, Q, states);
+    block_merge(st, states);
+    const Online &S = st[0], &Q = st[1];
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
     float row = 0.f, extra = 0.f;
     if (q.kind == KdKind::forward_kl) {
@@ -253,14 +247,15 @@ __global__ void __launch_bounds__(kThreads)
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     const TopkSet set = select_top_k(tr, C, k, hist, flags, shared_i);
-    Online S, Q;  // log-normalizers of s = student / T and t = teacher / T (over I or all)
+    Online st[2];  // log-normalizers of s = student / T and t = teacher / T (over I or all)
     for (int64_t j = threadIdx.x; j < C; j += kThreads) {
       const float tv = load1(tr + j);
       if (q.renormalize && !set.has(order_key(tv), j)) continue;
-      S.add(load1(sr + j) * inv_t, 0.f);
-      Q.add(tv * inv_t, 0.f);
+      st[0].add(load1(sr + j) * inv_t, 0.f);
+      st[1].add(tv * inv_t, 0.f);
     }
-    block_merge(S, Q, states);
+    block_merge(st, states);
+    const Online &S = st[0], &Q = st[1];
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
     float kl = 0.f, mass = 0.f;
     for (int64_t j = threadIdx.x; j < C; j += kThreads) {
@@ -352,7 +347,7 @@ template <class T>
 __global__ void __launch_bounds__(kThreads)
     pld_kernel(PldProblem q, const int64_t* __restrict__ order, float* __restrict__ scratch,
                float* __restrict__ loss, T* __restrict__ grad) {
-  __shared__ float sh_a[kWarps], sh_b[kWarps];
+  __shared__ float sh_a[kWarps], sh_b[kWarps], sh_w[kWarps][1][3];
   __shared__ int64_t sh_pos;
   const int64_t C = q.C, S = (C + kThreads - 1) / kThreads;
   const int64_t k0 = threadIdx.x * S < C ? threadIdx.x * S : C, k1 = k0 + S < C ? k0 + S : C;
@@ -368,13 +363,11 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t j = threadIdx.x; gr && j < C; j += kThreads) store1(gr + j, fill);
       continue;
     }
-    // the teacher's softmax(teacher / T): max and normalizer
-    float m = kLowest;
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) m = fmaxf(m, load1(tr + j) * inv_t);
-    m = block_reduce(m, sh_a, MaxOp());
-    float z = 0.f;
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) z += vexp(load1(tr + j) * inv_t - m);
-    const float inv_z = 1.f / block_sum(z, sh_a);
+    // the teacher's softmax(teacher / T): max and normalizer, one read of the row
+    Online W[1];
+    for (int64_t j = threadIdx.x; j < C; j += kThreads) W[0].add(load1(tr + j) * inv_t, 0.f);
+    block_merge(W, sh_w);
+    const float m = W[0].m, inv_z = 1.f / W[0].z;
     // where y sits in the teacher's order (a permutation: one thread finds it): rank k > 0 is
     // order[k - 1] up to it, order[k] after
     const int64_t* ord = order + r * C;
