@@ -179,7 +179,9 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
 // are skipped). Every lane handles the same positions of the R rows, so each x load feeds R
 // rows: x is re-read from L1 / L2 by every warp, and with one row per warp those reads, not the
 // packed weights, bounded the kernel (H200, 8192 x 28672 4-bit, batch 1: 11% of the byte
-// floor). WORDS as row_gemv. The decoding is row_gemv's, for R rows at once.
+// floor). WORDS as row_gemv. The decoding is row_gemv's, for R rows at once; row_gemv stays a
+// kernel of its own because this one at R = 1 takes 72-80 registers at 4-bit (row_gemv: 64),
+// fewer warps per SM for the one-row path the H200 runs measured.
 template <int BITS, bool WORDS, int R, class T>
 __device__ void rows_gemv(const QuantWeight& w, const T* __restrict__ x, int M,
                           const float* __restrict__ bias, T* __restrict__ y, int64_t n0,

@@ -256,6 +256,13 @@ def _marginal(x, size, bsz, name, like, check_values=True, fn="sinkhorn"):
     return x.expand(bsz, size) if x.dim() == 1 else x
 
 
+def _check_eps_iters(fn, eps, max_iter):
+    if not eps > 0:
+        raise ValueError(f"{fn}: eps must be > 0, got {eps}")
+    if not (isinstance(max_iter, int) and max_iter >= 1):
+        raise ValueError(f"{fn}: max_iter must be an int >= 1, got {max_iter!r}")
+
+
 def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *,
              eps: float, method: str = "sinkhorn", max_iter: int = 1000, tol: float = 1e-6,
              warmup_iters: int = 10, sparsity: Optional[float] = 0.1,
@@ -285,10 +292,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     if not isinstance(cost, Tensor) or cost.dim() not in (2, 3) or cost.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"sinkhorn: cost must be a float32/float64 [n, m] or [B, n, m] tensor, got "
                          f"{getattr(cost, 'dtype', type(cost))} {tuple(getattr(cost, 'shape', ()))}")
-    if not eps > 0:
-        raise ValueError(f"sinkhorn: eps must be > 0, got {eps}")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"sinkhorn: max_iter must be an int >= 1, got {max_iter!r}")
+    _check_eps_iters("sinkhorn", eps, max_iter)
     single = cost.dim() == 2
     c = cost[None] if single else cost
     # the value checks read the data: done eagerly, skipped inside torch.compile graphs
@@ -397,10 +401,7 @@ def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, ep
         raise ValueError(f"self_transport_cost: x must be float32 or float64, got {x.dtype}")
     if p not in (1, 2):
         raise ValueError(f"self_transport_cost: p must be 1 or 2, got {p}")
-    if not eps > 0:
-        raise ValueError(f"self_transport_cost: eps must be > 0, got {eps}")
-    if not (isinstance(max_iter, int) and max_iter >= 1):
-        raise ValueError(f"self_transport_cost: max_iter must be an int >= 1, got {max_iter!r}")
+    _check_eps_iters("self_transport_cost", eps, max_iter)
     single = x.dim() == 2
     xb = x[None] if single else x
     d = torch.cdist(xb, xb)
