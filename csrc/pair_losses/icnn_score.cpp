@@ -14,6 +14,7 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
   std::vector<double> delta(N), big(N);  // delta_i; max_j v_ij over the first k
   std::vector<int64_t> n_same(N), n_other(N);
   double sc_sum = 0, dc_max = 0;  // sum of sc_i; the max of dc (0 when every dc is 0)
+  double dc_sum = 0;  // sum_i sum_j dc_ij / (n_other_i + eps), before the division by max dc + eps
   int64_t rows_sc = 0, rows_dc = 0, same_total = 0;
   for (int64_t i = 0; i < N; ++i) {
     const float* di = d + i * n;
@@ -22,12 +23,16 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
     for (int64_t j = 0; j < n; ++j)
       if (!si[j]) dl = std::min(dl, double(di[j]));
     delta[i] = dl;
-    double mx = -kInf;
+    double mx = -kInf, other_sum = 0;
     for (int64_t j = 0; j < k; ++j) {
       mx = std::max(mx, double(di[j]) / (dl + kEps));
       (si[j] ? n_same[i] : n_other[i]) += 1;
-      if (!si[j]) dc_max = std::max(dc_max, double(di[j]));
+      if (!si[j]) {
+        dc_max = std::max(dc_max, double(di[j]));
+        other_sum += double(di[j]);
+      }
     }
+    dc_sum += other_sum / (double(n_other[i]) + kEps);
     big[i] = mx;
     const double m = std::max(1.0, mx);
     double s = 0;
@@ -39,13 +44,6 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
     same_total += n_same[i];
   }
   const double c_sc = double(rows_sc) + kEps, c_dc = double(rows_dc) + kEps, g_den = dc_max + kEps;
-  double dc_sum = 0;  // sum_i sum_j dc_ij / (n_other_i + eps), before the division by g_den
-  for (int64_t i = 0; i < N; ++i) {
-    double s = 0;
-    for (int64_t j = 0; j < k; ++j)
-      if (!same[i * n + j]) s += double(d[i * n + j]);
-    dc_sum += s / (double(n_other[i]) + kEps);
-  }
   const bool any_other = rows_dc > 0;
   const double lambda_sc = 1 - sc_sum / c_sc;
   double lambda_dc = dc_sum / g_den / c_dc;
@@ -61,6 +59,7 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
     for (int64_t j = 0; j < k; ++j)
       dc_ties += (same[i * n + j] ? 0.0 : double(d[i * n + j])) == dc_max;
   const double g_max = -g_dc * dc_sum / (g_den * g_den) / c_dc / double(std::max<int64_t>(dc_ties, 1));
+  std::vector<double> gv(k), g(n);  // one row's d loss / d v and d loss / d d
   for (int64_t i = 0; i < N; ++i) {
     const float* di = d + i * n;
     const bool* si = same + i * n;
@@ -68,7 +67,8 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
     const double dl = delta[i], den = dl + kEps, m = std::max(1.0, big[i]);
     // u_ij = v_ij / m: d lambda_sc / d u_ij = -same_ij / (n_same_i + eps) / c_sc
     const double gu = g_sc * -1 / (double(n_same[i]) + kEps) / c_sc;
-    std::vector<double> gv(k, 0.0);
+    std::fill(gv.begin(), gv.end(), 0.0);
+    std::fill(g.begin(), g.end(), 0.0);
     double through_m = 0;  // sum_j (d loss / d u_ij) v_ij, for the max's share
     for (int64_t j = 0; j < k; ++j)
       if (si[j]) {
@@ -82,8 +82,6 @@ double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_
         if (double(di[j]) / den == big[i]) gv[j] -= through_m / (m * m) / double(ties);
     }
     double g_delta = 0;
-    for (int64_t j = 0; j < n; ++j) gi[j] = 0.f;
-    std::vector<double> g(n, 0.0);
     for (int64_t j = 0; j < k; ++j) {  // v_ij = d_ij / (delta_i + eps)
       g[j] += gv[j] / den;
       g_delta -= gv[j] * double(di[j]) / (den * den);
