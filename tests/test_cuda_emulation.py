@@ -1,7 +1,8 @@
 """CUDA kernels run on the CPU under the test emulator (tests/cuda_emu), against float64
 references: the dilated convolution (csrc/tcn/tcn_cuda.cu: forward with every epilogue and the
 taps' gradient, both layouts, every dtype) and the low-bit dequant GEMM (csrc/quant/quant_cuda.cu:
-the warp-per-row GEMV and the dequantize kernel, every format). Inputs sit between NaN guards (a
+the warp-per-row GEMV and the dequantize kernel; quant_mma_cuda.cu: the tensor-core GEMM, its
+mma.sync modelled by tests/cuda_emu/include/mma_emu.h; every format). Inputs sit between NaN guards (a
 read out of bounds poisons the result), outputs between sentinel guards that must stay
 untouched, and scratch memory starts as NaN (a partial sum left unwritten poisons the result).
 
@@ -238,19 +239,28 @@ def quant_args(qw):
     return kept, pointers + [int64s(n, k, qw.group, cb_rows), qw.bits]
 
 
-def check_quant_gemv(lib, args, w64, m, dtype, g):
-    """The gemv kernel on x [m, K] of `dtype` (NaN-guarded) against x @ w64^T + bias in float64;
-    y in `dtype`, between sentinels."""
+def check_quant_gemm(kernel, args, w64, m, dtype, g, tol=None):
+    """`kernel` (a harness function: the gemv or the tensor-core GEMM) on x [m, K] of `dtype`
+    (NaN-guarded) against x @ w64^T + bias in float64; y in `dtype`, between sentinels."""
     n, k = w64.shape
     x, _ = guarded(torch.randn(m, k, generator=g).to(dtype), float("nan"))
     bias = guarded(torch.randn(n, generator=g), float("nan"))[0]
     y, ybuf = guarded(torch.full((m, n), float("nan"), dtype=dtype), SENTINEL)
-    err = lib.emu_quant_gemv(*args, x.data_ptr(), DTYPE_CODES[dtype], m, bias.data_ptr(), y.data_ptr())
+    err = kernel(*args, x.data_ptr(), DTYPE_CODES[dtype], m, bias.data_ptr(), y.data_ptr())
     assert err is None, err.decode()
-    check_guards(ybuf, "gemv y")
+    check_guards(ybuf, "y")
     exp = x.double() @ w64.T + bias.double()
-    tol = 1e-5 if dtype == torch.float32 else TOL[dtype]
+    tol = tol or (1e-5 if dtype == torch.float32 else TOL[dtype])
     torch.testing.assert_close(y.double(), exp, rtol=tol, atol=tol * max(1.0, float(exp.abs().max())))
+
+
+def quantized(bits, group_size, kind, n, k, g):
+    """A random [n, k] weight quantized in the format, and its float64 values (reference)."""
+    w = torch.randn(n, k, generator=g) * 0.1
+    codebook = {"codebook": ops.nf_codebook(bits) if bits < 8 else ops.power_codebook(bits, 1.7),
+                "channel_codebook": torch.randn(n, 1 << bits, generator=g)}.get(kind)
+    qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
+    return qw, quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
 
 
 QUANT_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1)
@@ -264,15 +274,11 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
     # (the byte-load kernel); the groups give the 32-bit-load kernel
     k = {32: 288, 128: 384}.get(group_size, 266 if bits in (4, 8) else 264)
     n = 37
-    w = torch.randn(n, k, generator=g) * 0.1
-    codebook = {"codebook": ops.nf_codebook(bits) if bits < 8 else ops.power_codebook(bits, 1.7),
-                "channel_codebook": torch.randn(n, 1 << bits, generator=g)}.get(kind)
-    qw = ops.quantize_weight(w, bits, group_size, kind != "asymmetric", codebook)
-    w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    qw, w64 = quantized(bits, group_size, kind, n, k, g)
     kept, args = quant_args(qw)
     for m, dtype in ((1, torch.float32), (3, torch.float32), (16, torch.float32),
                      (1, torch.float16), (16, torch.bfloat16)):
-        check_quant_gemv(quant_lib, args, w64, m, dtype, g)
+        check_quant_gemm(quant_lib.emu_quant_gemv, args, w64, m, dtype, g)
     for n0, n1 in ((0, n), (5, 23)):
         out, obuf = guarded(torch.full((n1 - n0, k), float("nan")), SENTINEL)
         out.fill_(float("nan"))
@@ -288,15 +294,50 @@ def test_quant_gemv_four_rows_per_warp(quant_lib, bits, kind):
     """Layers of >= 8192 outputs at batch <= 4 take 4 rows per warp (quant_cuda.cu); N = 8195
     leaves a partial warp."""
     g = torch.Generator().manual_seed(bits)
-    n, k = 8195, 64
-    w = torch.randn(n, k, generator=g) * 0.1
-    codebook = torch.randn(n, 1 << bits, generator=g) if kind == "channel_codebook" else None
-    qw = ops.quantize_weight(w, bits, 32, kind != "asymmetric", codebook)
-    w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    qw, w64 = quantized(bits, 32, kind, 8195, 64, g)
     kept, args = quant_args(qw)
     for m, dtype in ((1, torch.float32), (4, torch.bfloat16), (5, torch.float16)):  # 5: one row per warp
-        check_quant_gemv(quant_lib, args, w64, m, dtype, g)
+        check_quant_gemm(quant_lib.emu_quant_gemv, args, w64, m, dtype, g)
     del kept
+
+
+@pytest.fixture(scope="module")
+def quant_mma_lib():
+    lib = build.build("quant/quant_mma_cuda.cu", "quant_mma_harness.cpp", "quant_mma")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_quant_mma.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
+    lib.emu_quant_mma.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("bits,group_size,kind", QUANT_FORMATS, ids=lambda v: str(v))
+def test_quant_tensor_core_gemm(quant_mma_lib, bits, group_size, kind):
+    """The tensor-core path (batches above 16, float16 / bfloat16 x; quant_mma_cuda.cu) against
+    x @ W^T in float64 with W rounded to x's dtype, as the kernel multiplies it: N = 70 and
+    M = 17 / 70 leave partial 64 x 64 tiles; per channel, K = 272 is no whole number of 32-value
+    steps at 2, 4 and 8 bits (a 3-bit unit is a whole step)."""
+    g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + len(kind) + 7)
+    k = {32: 288, 128: 384}.get(group_size, 320 if bits == 3 else 272)
+    qw, w64 = quantized(bits, group_size, kind, 70, k, g)
+    kept, args = quant_args(qw)
+    for m, dtype, tol in ((17, torch.float16, 1e-3), (70, torch.bfloat16, 8e-3)):
+        check_quant_gemm(quant_mma_lib.emu_quant_mma, args, w64.to(dtype).double(), m, dtype, g, tol)
+    del kept
+
+
+def test_quant_tensor_core_gemm_refuses_what_it_cannot_read(quant_mma_lib):
+    """A plane length that is no multiple of 4 (per channel, K = 264 at 2 bits: P = 66) and
+    float32 x stay on the dequantize + cuBLAS path."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 264, generator=g)
+    y = torch.empty(20, 5)
+    for bits, gs, dtype in ((2, -1, torch.float16), (4, 8, torch.float32)):
+        qw = ops.quantize_weight(torch.randn(5, 264, generator=g), bits, gs, True)
+        kept, args = quant_args(qw)
+        err = quant_mma_lib.emu_quant_mma(*args, x.to(dtype).data_ptr(), DTYPE_CODES[dtype], 20, None,
+                                          y.to(dtype).data_ptr())
+        assert err == b"not applicable"
+        del kept
 
 
 # ---- logit distillation ------------------------------------------------------------------------

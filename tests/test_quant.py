@@ -5,6 +5,8 @@ that reference; rounding is to the nearest level; every CPU path, activation dty
 kernel paths) and awkward shape; gradients; opcheck; compile; imported integer weights;
 QuantLinear on a small model; bad input."""
 
+import itertools
+
 import pytest
 import torch
 
@@ -64,7 +66,8 @@ CUDA_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1
 def test_cuda_format_and_gemm(bits, group_size, kind):
     """The CUDA kernels against the float64 reference: the warp-per-row kernel (batch <= 16;
     32-bit loads, and byte loads where the plane length is not a multiple of 4 (K = 264 at
-    2 bits: P = 66)), the dequantize + cuBLAS path above, half activations, gradients."""
+    2 bits: P = 66)), the tensor-core GEMM above it (half activations), the dequantize + cuBLAS
+    path for the rest, gradients."""
     g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + KINDS.index(kind))
     k, n = k_for(group_size, bits), 37
     w = torch.randn(n, k, generator=g) * 0.1
@@ -77,8 +80,10 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
         b = torch.randn(n, generator=g)
         y = ops.dequant_gemm(x.cuda(), qc, b.cuda())
         torch.testing.assert_close(y.cpu().double(), x.double() @ w64.T + b.double(), rtol=1e-5, atol=1e-4)
-    for dtype, tol in ((torch.float16, 3e-3), (torch.bfloat16, 2e-2)):
-        x = torch.randn(5, k, generator=g).to(dtype).cuda().requires_grad_(True)
+    # m = 5: the GEMV; 40 and 130: the tensor-core GEMM where the plane length allows it
+    # (weights rounded to x's dtype there), else dequantize + cuBLAS
+    for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (5, 40, 130)):
+        x = torch.randn(m, k, generator=g).to(dtype).cuda().requires_grad_(True)
         y = ops.dequant_gemm(x, qc)
         assert y.dtype == dtype and y.is_cuda
         up = torch.randn(y.shape, generator=g).to(dtype)

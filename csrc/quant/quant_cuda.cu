@@ -12,45 +12,26 @@
 // Rows whose plane length P is not a multiple of 4 (unusual per-channel K) take the same
 // kernel with units of one position and byte loads.
 //
-// dequant: one thread per weight value (large batches and the backward multiply tiles of
-// these with cuBLAS; a tensor-core kernel on the packed weights is not written yet).
+// dequant: one thread per weight value (float32 x above batch 16 and the backward multiply
+// tiles of these with cuBLAS; float16 / bfloat16 x there take quant_mma_cuda.cu).
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
 #include "../common/cuda_helpers.cuh"
+#include "quant_decode.cuh"
 #include "quant_kernels.h"
 
 namespace fastloss {
 namespace {
+using FL_ISA::code_at;
 using FL_ISA::load1;
 using FL_ISA::store1;
+using FL_ISA::Table;
+using FL_ISA::unit_code;
 
 constexpr int kWarpsPerBlock = 4;
 constexpr int kUnits = 4;  // units each lane loads before decoding
-
-// the packed code of value v (0 <= v < group) of the group whose bytes start at b
-__device__ __forceinline__ int code_at(const uint8_t* b, int bits, int64_t P, int64_t v) {
-  const int64_t j = v / P, i = v - j * P;
-  if (bits == 3) {
-    const int lo = (b[(j & 1) * P + i] >> (2 * (j >> 1))) & 3;
-    return lo | (((b[2 * P + i] >> j) & 1) << 2);
-  }
-  return (b[i] >> (j * bits)) & ((1 << bits) - 1);
-}
-
-// the bits of plane j at the 4 byte positions of word `word` (32 bits): field j of each byte
-template <int BITS>
-__device__ __forceinline__ int field(uint32_t word, int byte, int j) {
-  return int(word >> (8 * byte + j * BITS)) & ((1 << BITS) - 1);
-}
-
-// the code of plane j at byte t of a unit's words (lo1, hi: bits 3 only)
-template <int BITS>
-__device__ __forceinline__ int unit_code(uint32_t lo0, uint32_t lo1, uint32_t hi, int t, int j) {
-  if constexpr (BITS == 3) return field<2>((j & 1) ? lo1 : lo0, t, j >> 1) | (field<1>(hi, t, j) << 2);
-  return field<BITS>(lo0, t, j);
-}
 
 // 4 consecutive activations as float32, from 16 (float) or 8 (float16 / bfloat16) aligned bytes:
 // x is read in its own dtype (a float32 copy would be one more pass and twice the bytes)
@@ -74,11 +55,6 @@ __device__ __forceinline__ float4 load4(const __nv_bfloat16* p) {  // bfloat16: 
   v.w = __uint_as_float(u.y & 0xffff0000u);
   return v;
 }
-
-struct Table {  // v(q): the row's codebook (in shared memory) or the integer itself
-  const float* t;
-  __device__ __forceinline__ float operator()(int q) const { return t ? t[q] : float(q); }
-};
 
 // y[m, n] for one row n of the weight, a warp's work. WORDS: 4 positions per unit (32-bit
 // loads) or 1 (byte loads). x float32 [M, K], y float32 [M, N].

@@ -49,6 +49,12 @@ void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_
 // nullptr, or the launch error's text.
 const char* quant_gemv_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
                             const float* bias, void* y, void* stream);
+// The tensor-core path for M > kQuantMaxRows (quant_mma_cuda.cu): same contract as the gemv,
+// for the weights and dtypes quant_mma_applies() accepts (float16 / bfloat16 x, plane length a
+// multiple of 4, a device binary built for sm_80 or later); x's rows start 8-byte aligned.
+bool quant_mma_applies(const QuantWeight& w, ScalarType dtype);
+const char* quant_mma_gemm_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                                const float* bias, void* y, void* stream);
 const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
                                     void* stream);
 

@@ -132,18 +132,22 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const auto f32 = x.options().dtype(at::kFloat);
   const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();
   const int64_t M = x.size(0);
-  if (M <= kQuantMaxRows && x.is_cuda() && M > 0 && w.N > 0) {
-    // x read and y written in x's dtype by the kernel (no float32 copies)
+#if defined(FASTLOSS_WITH_CUDA)
+  // On a GPU the kernels read x and write y in x's dtype (no float32 copies): the GEMV up to
+  // kQuantMaxRows rows, the tensor-core GEMM above where it applies (float16 / bfloat16 x).
+  const ScalarType dtype = kernel_dtype(x, kOp, "x");
+  const bool gemv = M <= kQuantMaxRows;
+  if (x.is_cuda() && M > 0 && w.N > 0 && (gemv || quant_mma_applies(w, dtype))) {
     Tensor xc = x.contiguous();
     if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // 16- / 8-byte loads
     Tensor yx = at::empty({M, w.N}, x.options());
-#if defined(FASTLOSS_WITH_CUDA)
-    check_cuda_launch(quant_gemv_cuda(w, xc.data_ptr(), kernel_dtype(x, kOp, "x"), M,
-                                      b32.defined() ? b32.data_ptr<float>() : nullptr, yx.data_ptr(),
-                                      cuda_stream()), kOp);
-#endif
+    const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+    check_cuda_launch(gemv ? quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
+                           : quant_mma_gemm_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
+                      kOp);
     return yx;
   }
+#endif
   Tensor x32 = x.to(at::kFloat).contiguous();
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());

@@ -1,25 +1,7 @@
 // The CUDA kernels of csrc/quant/quant_cuda.cu under the emulator (emu.h), behind a C
 // interface for ctypes (tests/test_cuda_emulation.py). Each function returns null or the error.
 #include "kernels.inc"
-
-namespace {
-
-fastloss::QuantWeight weight(const uint8_t* q, const float* scale, const float* zero,
-                             const float* codebook, const int64_t* shape, int bits) {
-  fastloss::QuantWeight w;
-  w.q = q;
-  w.scale = scale;
-  w.zero = zero;
-  w.codebook = codebook;
-  w.N = shape[0];
-  w.K = shape[1];
-  w.group = shape[2];
-  w.codebook_rows = shape[3];
-  w.bits = bits;
-  return w;
-}
-
-}  // namespace
+#include "emu_quant_weight.h"
 
 extern "C" {
 
@@ -28,14 +10,14 @@ extern "C" {
 const char* emu_quant_gemv(const uint8_t* q, const float* scale, const float* zero,
                            const float* codebook, const int64_t* shape, int bits, const void* x,
                            int dtype, int64_t M, const float* bias, void* y) {
-  return fastloss::quant_gemv_cuda(weight(q, scale, zero, codebook, shape, bits), x,
+  return fastloss::quant_gemv_cuda(emu_quant_weight(q, scale, zero, codebook, shape, bits), x,
                                    fastloss::ScalarType(dtype), M, bias, y, nullptr);
 }
 
 const char* emu_quant_dequant(const uint8_t* q, const float* scale, const float* zero,
                               const float* codebook, const int64_t* shape, int bits, float* out,
                               int64_t n0, int64_t n1) {
-  return fastloss::quant_dequant_rows_cuda(weight(q, scale, zero, codebook, shape, bits), out, n0,
+  return fastloss::quant_dequant_rows_cuda(emu_quant_weight(q, scale, zero, codebook, shape, bits), out, n0,
                                            n1, nullptr);
 }
 

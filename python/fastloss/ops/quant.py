@@ -27,8 +27,9 @@ packed row once and dequantize it in registers (memory-bound: 4-bit moves 1/8 of
 bytes, 2-bit 1/16; codebooks of up to 16 entries are looked up with in-register permutes); more
 rows dequantize tiles of 256 output rows and use torch's GEMM. CUDA kernels
 (``csrc/quant/quant_cuda.cu``): up to 16 rows, one warp per output row decodes the packed row
-in registers from coalesced 32-bit loads; more rows dequantize tiles of about 64 MB and use
-cuBLAS (no tensor-core kernel on the packed weights yet). Gradients flow to ``x``
+in registers from coalesced 32-bit loads; more rows of float16 / bfloat16 ``x`` go through a
+tensor-core GEMM that decodes the packed words into shared memory (``quant_mma_cuda.cu``,
+sm_80+), the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
 (frozen-weight fine-tuning) and ``bias``, not to the packed weight.
 """
 
