@@ -994,17 +994,115 @@ def test_clip_rows_cuda(sim_lib, shape, symmetric):
     torch.testing.assert_close(grad, expect, rtol=1e-5, atol=1e-5)
 
 
+# ---- few-shot losses: chosen-pair distances, ICNN's score --------------------------------------
+
+
+@pytest.fixture(scope="module")
+def nb_lib():
+    lib = build.build("pair_losses/neighbours_cuda.cu", "neighbours_harness.cpp", "neighbours")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_neighbour_dist.argtypes = [P, P, P, I64, ctypes.c_float, P]
+    lib.emu_neighbour_grad_x.argtypes = [P, P, P, I64, P, P]
+    lib.emu_neighbour_grad_t.argtypes = [P, P, P, P, I64, P, P]
+    lib.emu_icnn_scratch.argtypes = [ctypes.c_int64]
+    lib.emu_icnn_scratch.restype = ctypes.c_int64
+    lib.emu_icnn_score.argtypes = [P, P, I64, ctypes.c_int, P, P, P]
+    for f in (lib.emu_neighbour_dist, lib.emu_neighbour_grad_x, lib.emu_neighbour_grad_t, lib.emu_icnn_score):
+        f.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("shape", [(37, 23, 19, 5), (9, 40, 70, 3), (4, 3, 1, 2)], ids=str)
+def test_neighbour_dist_kernels(nb_lib, shape):
+    """Distances of chosen pairs and both gradients against float64 (targets chosen by several
+    rows, d above and below a warp); an index outside the targets gives NaN, not a wild read."""
+    n, m, d, n_nb = shape
+    g = torch.Generator().manual_seed(n * m + d)
+    x, _ = guarded(torch.randn(n, d, generator=g), float("nan"))
+    t, _ = guarded(torch.randn(m, d, generator=g), float("nan"))
+    idx = torch.randint(0, m, (n, n_nb), generator=g)
+    w = torch.randn(n, n_nb, generator=g)
+    shape_arg = int64s(n, m, d, n_nb)
+    x64, t64, w64 = x.double(), t.double(), w.double()
+    diff = x64[:, None, :] - t64[idx]                                            # [n, n_nb, d]
+    dist, dbuf = guarded(torch.full((n, n_nb), float("nan")), SENTINEL)
+    assert nb_lib.emu_neighbour_dist(x.data_ptr(), t.data_ptr(), idx.data_ptr(), shape_arg, 1e-6,
+                                     dist.data_ptr()) is None
+    check_guards(dbuf, "dist")
+    torch.testing.assert_close(dist.double(), (diff.square().sum(2) + 1e-6).sqrt(), rtol=1e-5, atol=1e-6)
+    gx, gxbuf = guarded(torch.full((n, d), float("nan")), SENTINEL)
+    assert nb_lib.emu_neighbour_grad_x(x.data_ptr(), t.data_ptr(), idx.data_ptr(), shape_arg, w.data_ptr(),
+                                       gx.data_ptr()) is None
+    check_guards(gxbuf, "grad_x")
+    torch.testing.assert_close(gx.double(), (w64[:, :, None] * diff).sum(1), rtol=1e-5, atol=1e-5)
+    flat = idx.flatten()
+    pairs = torch.argsort(flat, stable=True)           # as pair_losses_op.cpp lists them
+    t_ptr = torch.searchsorted(flat[pairs], torch.arange(m + 1))
+    gt, gtbuf = guarded(torch.full((m, d), float("nan")), SENTINEL)
+    assert nb_lib.emu_neighbour_grad_t(x.data_ptr(), t.data_ptr(), t_ptr.data_ptr(), pairs.data_ptr(), shape_arg,
+                                       w.data_ptr(), gt.data_ptr()) is None
+    check_guards(gtbuf, "grad_t")
+    want = torch.zeros(m, d, dtype=torch.float64).index_add_(0, flat, -(w64[:, :, None] * diff).reshape(-1, d))
+    torch.testing.assert_close(gt.double(), want, rtol=1e-5, atol=1e-5)
+    bad = idx.clone()
+    bad[0, 0], bad[-1, -1] = -1, m
+    assert nb_lib.emu_neighbour_dist(x.data_ptr(), t.data_ptr(), bad.data_ptr(), shape_arg, 1e-6,
+                                     dist.data_ptr()) is None
+    assert dist[0, 0].isnan() and dist[-1, -1].isnan()
+    assert nb_lib.emu_neighbour_grad_x(x.data_ptr(), t.data_ptr(), bad.data_ptr(), shape_arg, w.data_ptr(),
+                                       gx.data_ptr()) is None
+    assert gx[0].isnan().all() and gx[-1].isnan().all()
+
+
+@pytest.mark.parametrize("case", ["mixed", "ties", "one_class", "no_same", "clipped"])
+def test_icnn_score_kernel(nb_lib, case):
+    """ICNN's score and d loss / d distances against the torch formula of few_shot.py in float64
+    with autograd (ties of the batch max, of a row's max ratio and of the nearest other-class
+    distance share their gradient, as torch's amax / amin)."""
+    from fastloss.ops.few_shot import icnn_score_torch
+
+    g = torch.Generator().manual_seed(len(case))
+    n_rows, n, k = (41, 6, 4) if case != "clipped" else (7, 5, 5)
+    d = torch.rand(n_rows, n, generator=g).add_(0.05).sort(1).values
+    same = torch.rand(n_rows, n, generator=g) < 0.5
+    if case == "ties":  # equal distances within rows, and the batch max of dc repeated
+        d = (d * 2).round().div(2).add(0.25).sort(1).values
+        same[:, 0] = False
+    if case == "one_class":
+        same[:] = True
+    if case == "no_same":
+        same[:] = False
+    same[3, :] = True  # a row without other-class neighbours (delta infinite)
+    clipped = case == "clipped"
+    d64 = d.double().requires_grad_(True)
+    want = icnn_score_torch(d64, same, k, clipped)
+    want.backward()
+    dg, _ = guarded(d, float("nan"))
+    sg = same.clone()
+    grad, gbuf = guarded(torch.full((n_rows, n), float("nan")), SENTINEL)
+    loss = torch.full((1,), float("nan"))
+    scratch = torch.full((nb_lib.emu_icnn_scratch(n_rows),), float("nan"), dtype=torch.float64)
+    err = nb_lib.emu_icnn_score(dg.data_ptr(), sg.data_ptr(), int64s(n_rows, n, k), int(clipped),
+                                grad.data_ptr(), loss.data_ptr(), scratch.data_ptr())
+    assert err is None, err.decode()
+    check_guards(gbuf, "grad")
+    torch.testing.assert_close(loss[0].double(), want.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad.double(), d64.grad, rtol=1e-5, atol=1e-7)
+
+
 # ---- other thread orders -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
 def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
-                                                   metric_lib, auc_lib, losses_lib, sim_lib):
+                                                   metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
+                                                   nb_lib):
     """Cases of every family (those with barriers, shuffles, shared scratch reused across
     iterations) again with the threads of each phase run in reverse or shuffled order: a read of
     another thread's write with no barrier between them (a race on a GPU) changes the result
     under some order."""
-    libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib)
+    libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
+            nb_lib)
     for lib in libs:
         lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.emu_set_schedule(mode, seed)
@@ -1025,6 +1123,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_ms_rows_cuda(sim_lib, (3, 300, 41), (2.0, 50.0, 0.5, 0.1))
         test_tcm_rows_cuda(sim_lib, (3, 300, 41), (0.3, -0.1))
         test_clip_rows_cuda(sim_lib, (70, 130, 50), True)
+        test_quant_tensor_core_gemm(quant_mma_lib, 3, 32, "asymmetric")
+        test_icnn_score_kernel(nb_lib, "ties")
     finally:
         for lib in libs:
             lib.emu_set_schedule(0, 1)

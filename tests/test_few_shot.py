@@ -8,6 +8,7 @@ import torch
 from fastloss import ops
 from fastloss.reference import few_shot as ref
 from checks import assert_compiled_matches, expect_errors
+from conftest import requires_cuda
 
 
 def episode(n, d, classes, seed=0, dtype=torch.float32):
@@ -18,15 +19,15 @@ def episode(n, d, classes, seed=0, dtype=torch.float32):
     return emb.to(dtype), labels
 
 
-def grads_close(fn, ref_fn, tensors, rtol=1e-5, atol=1e-7):
-    ins = [t.clone().requires_grad_(True) for t in tensors]
+def grads_close(fn, ref_fn, tensors, rtol=1e-5, atol=1e-7, device="cpu"):
+    ins = [t.detach().to(device, copy=True).requires_grad_(True) for t in tensors]
     ref_ins = [t.double().requires_grad_(True) for t in tensors]
     got, want = fn(*ins), ref_fn(*ref_ins)
     got.backward()
     want.backward()
-    torch.testing.assert_close(got.double(), want.detach(), rtol=rtol, atol=atol)
+    torch.testing.assert_close(got.double().cpu(), want.detach(), rtol=rtol, atol=atol)
     for a, e in zip(ins, ref_ins):
-        torch.testing.assert_close(a.grad.double(), e.grad, rtol=rtol * 10, atol=atol * 10)
+        torch.testing.assert_close(a.grad.double().cpu(), e.grad, rtol=rtol * 10, atol=atol * 10)
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.5, 3.0])
@@ -65,6 +66,29 @@ def test_icnn_no_other_class_neighbour_and_well_separated_classes():
     tight = torch.eye(4, 16)[lab] * 100 + 0.01 * torch.randn(40, 16)
     mixed = torch.randn(40, 16)
     assert ops.icnn_loss(tight, lab) < 0.3 < ops.icnn_loss(mixed, lab)
+
+
+@pytest.mark.cuda
+@requires_cuda
+def test_cuda_matches_reference():
+    """The CUDA path (the chosen-pair and ICNN score kernels of neighbours_cuda.cu, the
+    Proto-Triplet op over them; neighbour search by cdist + topk) against the float64
+    references, with the labels on the GPU too."""
+    for n, d, classes in ((25, 17, 5), (70, 32, 9)):
+        q, ql = episode(n, d, classes, seed=1)
+        s, sl = episode(2 * classes + 1, d, classes, seed=2)
+        qlc, slc = ql.cuda(), sl.cuda()
+        grads_close(lambda a, b: ops.proto_triplet_loss(a, qlc, b, slc, 0.5),
+                    lambda a, b: ref.proto_triplet_loss(a, ql, b, sl, 0.5), [q, s], device="cuda")
+        for args in ({}, {"k": 3, "num_neighbors": 7}, {"k": 50}):
+            grads_close(lambda a: ops.icnn_loss(a, qlc, **args), lambda a: ref.icnn_loss(a, ql, **args), [q],
+                        device="cuda")
+            grads_close(lambda a, b: ops.icnn_loss(a, qlc, b, slc, **args),
+                        lambda a, b: ref.icnn_loss(a, ql, b, sl, **args), [q, s], device="cuda")
+    e, _ = episode(12, 5, 1, seed=5)
+    one = torch.zeros(12, dtype=torch.long)
+    grads_close(lambda a: ops.icnn_loss(a, one.cuda(), k=3), lambda a: ref.icnn_loss(a, one, k=3), [e],
+                device="cuda")
 
 
 def test_half_precision_and_compile():

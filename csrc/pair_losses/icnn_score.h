@@ -20,4 +20,10 @@ namespace fastloss {
 double icnn_score(const float* d, const bool* same, int64_t N, int64_t n, int64_t k, bool clipped,
                   float* grad_d);
 
+// The same on the device (neighbours_cuda.cu), on `stream`: loss [] float32 stays on the
+// device; scratch holds icnn_score_cuda_scratch(N) float64. Returns nullptr or the launch error.
+int64_t icnn_score_cuda_scratch(int64_t N);
+const char* icnn_score_cuda(const float* d, const bool* same, int64_t N, int64_t n, int64_t k,
+                            bool clipped, float* grad_d, float* loss, double* scratch, void* stream);
+
 }  // namespace fastloss

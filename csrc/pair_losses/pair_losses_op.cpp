@@ -7,6 +7,8 @@
 #include <ATen/ops/_unique2.h>
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/arange.h>
+#include <ATen/ops/argsort.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
@@ -531,18 +533,23 @@ Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_s
   return idx;
 }
 
-// x [N, d], t [M, d] float32 contiguous CPU, idx [N, n_nb] int64 with values in [0, M)
+// x [N, d], t [M, d] float32 contiguous, idx [N, n_nb] int64 with values in [0, M), all on one
+// device (the CPU, or CUDA in a CUDA build). The values of idx are checked on the CPU; on
+// CUDA (where that would wait for the device) an index out of range gives NaN distances.
 void check_neighbours(const Tensor& x, const Tensor& t, const Tensor& idx, const char* op) {
+  TORCH_CHECK(x.is_cpu() || x.is_cuda(), op, ": x must be on the CPU or a CUDA device, got ",
+              x.device());
   for (const auto& [what, a] : {std::pair{"x", &x}, std::pair{"t", &t}})
-    TORCH_CHECK(a->is_cpu() && a->scalar_type() == at::kFloat && a->dim() == 2 &&
-                    a->is_contiguous(),
-                op, ": ", what, " must be a contiguous float32 CPU [rows, d] tensor, got ",
-                a->scalar_type(), " ", a->sizes());
+    TORCH_CHECK(a->scalar_type() == at::kFloat && a->dim() == 2 && a->is_contiguous() &&
+                    a->device() == x.device(),
+                op, ": ", what, " must be a contiguous float32 [rows, d] tensor on ", x.device(),
+                ", got ", a->scalar_type(), " ", a->sizes(), " on ", a->device());
   TORCH_CHECK(t.size(1) == x.size(1), op, ": t has ", t.size(1), " features but x has ", x.size(1));
-  TORCH_CHECK(idx.is_cpu() && idx.scalar_type() == at::kLong && idx.dim() == 2 &&
-                  idx.size(0) == x.size(0) && idx.is_contiguous(),
-              op, ": idx must be a contiguous int64 CPU [", x.size(0), ", n] tensor, got ",
-              idx.scalar_type(), " ", idx.sizes());
+  TORCH_CHECK(idx.scalar_type() == at::kLong && idx.dim() == 2 && idx.size(0) == x.size(0) &&
+                  idx.is_contiguous() && idx.device() == x.device(),
+              op, ": idx must be a contiguous int64 [", x.size(0), ", n] tensor on ", x.device(),
+              ", got ", idx.scalar_type(), " ", idx.sizes(), " on ", idx.device());
+  if (!idx.is_cpu()) return;
   const int64_t* ip = idx.data_ptr<int64_t>();
   for (int64_t k = 0; k < idx.numel(); ++k)
     TORCH_CHECK(ip[k] >= 0 && ip[k] < t.size(0), op, ": idx holds ", ip[k], ", not a row of t [0, ",
@@ -558,6 +565,16 @@ Tensor neighbour_dist_op(const Tensor& x, const Tensor& t, const Tensor& idx, do
   check_neighbours(x, t, idx, "neighbour_dist");
   const int64_t n = x.size(0), d = x.size(1), nb = idx.size(1);
   Tensor dist = at::empty({n, nb}, x.options());
+  if (x.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    check_cuda_launch(neighbour_dist_cuda(x.data_ptr<float>(), t.data_ptr<float>(), d,
+                                          idx.data_ptr<int64_t>(), n, nb, t.size(0), float(eps),
+                                          dist.data_ptr<float>(), cuda_stream()),
+                      "neighbour_dist");
+#endif
+    return dist;
+  }
   at::parallel_for(0, n, feature_grain(d, nb), [&](int64_t r0, int64_t r1) {
     neighbour_dist(x.data_ptr<float>(), t.data_ptr<float>(), d, idx.data_ptr<int64_t>(), nb,
                    float(eps), dist.data_ptr<float>(), r0, r1);
@@ -581,6 +598,24 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
   const int64_t* ip = idx.data_ptr<int64_t>();
   Tensor grad_x = at::empty({mask[0] ? n : 0, d}, x.options());
   Tensor grad_t = at::empty({mask[1] ? m : 0, d}, x.options());
+  if (x.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(x.device());
+    if (mask[0])
+      check_cuda_launch(neighbour_dist_grad_x_cuda(xp, tp, d, ip, n, nb, m, wp, grad_x.data_ptr<float>(),
+                                                   cuda_stream()), op);
+    if (mask[1]) {  // the pairs by target (a stable sort on the device), as the CPU's lists
+      const Tensor flat = idx.flatten();
+      const Tensor pairs = at::argsort(flat, /*stable=*/true);
+      const Tensor t_ptr = at::searchsorted(flat.index_select(0, pairs),
+                                            at::arange(m + 1, idx.options()));
+      check_cuda_launch(neighbour_dist_grad_t_cuda(xp, tp, d, t_ptr.data_ptr<int64_t>(),
+                                                   pairs.data_ptr<int64_t>(), m, nb, wp,
+                                                   grad_t.data_ptr<float>(), cuda_stream()), op);
+    }
+#endif
+    return {grad_x, grad_t};
+  }
   if (mask[0])
     at::parallel_for(0, n, feature_grain(d, nb), [&](int64_t r0, int64_t r1) {
       neighbour_dist_grad_x(xp, tp, d, ip, nb, wp, grad_x.data_ptr<float>(), r0, r1);
@@ -603,15 +638,27 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
 std::tuple<Tensor, Tensor> icnn_score_op(const Tensor& d, const Tensor& same, int64_t k,
                                          bool clipped) {
   constexpr const char* op = "icnn_score";
-  TORCH_CHECK(d.is_cpu() && d.scalar_type() == at::kFloat && d.dim() == 2 && d.is_contiguous(),
-              op, ": d must be a contiguous float32 CPU [N, n] tensor, got ", d.scalar_type(), " ",
-              d.sizes());
-  TORCH_CHECK(same.is_cpu() && same.scalar_type() == at::kBool && same.sizes() == d.sizes() &&
-                  same.is_contiguous(),
-              op, ": same must be a contiguous bool CPU tensor of d's shape ", d.sizes());
+  TORCH_CHECK(d.is_cpu() || d.is_cuda(), op, ": d must be on the CPU or a CUDA device, got ",
+              d.device());
+  TORCH_CHECK(d.scalar_type() == at::kFloat && d.dim() == 2 && d.is_contiguous(), op,
+              ": d must be a contiguous float32 [N, n] tensor, got ", d.scalar_type(), " ", d.sizes());
+  TORCH_CHECK(same.scalar_type() == at::kBool && same.sizes() == d.sizes() && same.is_contiguous() &&
+                  same.device() == d.device(),
+              op, ": same must be a contiguous bool tensor of d's shape ", d.sizes(), " on ", d.device());
   TORCH_CHECK(d.size(0) >= 1 && k >= 1 && k <= d.size(1), op, ": need N >= 1 and k in [1, n = ",
               d.size(1), "], got N = ", d.size(0), ", k = ", k);
   Tensor grad = at::empty(d.sizes(), d.options());
+  if (d.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(d.device());
+    Tensor loss = at::empty({}, d.options());
+    const Tensor scratch = at::empty({icnn_score_cuda_scratch(d.size(0))}, d.options().dtype(at::kDouble));
+    check_cuda_launch(icnn_score_cuda(d.data_ptr<float>(), same.data_ptr<bool>(), d.size(0), d.size(1), k,
+                                      clipped, grad.data_ptr<float>(), loss.data_ptr<float>(),
+                                      scratch.data_ptr<double>(), cuda_stream()), op);
+    return {loss, grad};
+#endif
+  }
   const double loss = icnn_score(d.data_ptr<float>(), same.data_ptr<bool>(), d.size(0), d.size(1),
                                  k, clipped, grad.data_ptr<float>());
   return {at::full({}, loss, d.options()), grad};
@@ -627,7 +674,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto_triplet_forward
     const Tensor& query, const Tensor& query_labels, const Tensor& support,
     const Tensor& support_labels, double margin) {
   constexpr const char* op = "proto_triplet_loss";
-  TORCH_CHECK(query.is_cpu() && support.is_cpu(), op, ": this op runs on the CPU");
+  TORCH_CHECK(query.device() == support.device(), op, ": query is on ", query.device(),
+              " but support is on ", support.device());
   const Tensor qf = query.to(at::kFloat).contiguous(), sf = support.to(at::kFloat).contiguous();
   const auto [classes_in, inverse, counts_i] = at::_unique2(support_labels, true, true, true);
   const int64_t k = classes_in.numel();
@@ -681,15 +729,15 @@ void register_impls(torch::Library& m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
   m.impl("ms_blocks", &ms_blocks);
-}
-void register_cpu_only(torch::Library& m) {
-  m.impl("pair_grad", &pair_grad);
-  m.impl("knn_rows", &knn_rows_op);
   m.impl("neighbour_dist", &neighbour_dist_op);
   m.impl("neighbour_dist_backward", &neighbour_dist_backward);
   m.impl("icnn_score", &icnn_score_op);
   m.impl("proto_triplet_forward", &proto_triplet_forward);
   m.impl("proto_triplet_backward", &proto_triplet_backward);
+}
+void register_cpu_only(torch::Library& m) {
+  m.impl("pair_grad", &pair_grad);
+  m.impl("knn_rows", &knn_rows_op);
 }
 }  // namespace
 }  // namespace fastloss

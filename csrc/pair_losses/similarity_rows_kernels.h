@@ -117,5 +117,17 @@ void neighbour_dist_grad_x(const float* x, const float* t, int64_t d, const int6
 void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
                            const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
                            int64_t r0, int64_t r1);
+// The same on the device (neighbours_cuda.cu), every row at once (x has n rows, t m), on
+// `stream`; an idx outside [0, m) gives NaN. The caller lists the pairs by target (t_ptr [m + 1],
+// pairs [n n_nb]) for the targets' gradient. Return nullptr or the launch error.
+const char* neighbour_dist_cuda(const float* x, const float* t, int64_t d, const int64_t* idx,
+                                int64_t n, int64_t n_nb, int64_t m, float eps, float* dist,
+                                void* stream);
+const char* neighbour_dist_grad_x_cuda(const float* x, const float* t, int64_t d, const int64_t* idx,
+                                       int64_t n, int64_t n_nb, int64_t m, const float* w,
+                                       float* grad_x, void* stream);
+const char* neighbour_dist_grad_t_cuda(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
+                                       const int64_t* pairs, int64_t m, int64_t n_nb, const float* w,
+                                       float* grad_t, void* stream);
 
 }  // namespace fastloss

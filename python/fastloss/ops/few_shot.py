@@ -16,6 +16,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._devices import has_kernel
+
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
 _BLOCK_BYTES = 4 << 20
@@ -23,11 +25,6 @@ _BLOCK_BYTES = 4 << 20
 # B = 16384 took 101 ms on an H200 (e808290) against eager's 12.9 ms, in 256 small steps
 _CUDA_BLOCK_BYTES = 64 << 20
 _KNN_KERNEL_MAX = 64  # kKnnMax of csrc/pair_losses/similarity_rows_kernels.h
-
-
-def _cpu_kernels(x: Tensor) -> bool:
-    """The neighbour kernels (csrc/pair_losses/similarity_rows_*) are CPU kernels."""
-    return x.device.type == "cpu"
 
 
 def _check_set(fn, name, emb, labels_name, labels, device=None):
@@ -42,6 +39,11 @@ def _check_set(fn, name, emb, labels_name, labels, device=None):
     for t, what in ((emb, name), (labels, labels_name)):
         if device is not None and t.device != device:
             raise ValueError(f"{fn}: {what} is on {t.device}, expected {device}")
+
+
+def _kernels(x: Tensor) -> bool:
+    """Whether the fastloss kernels take x's device (the tests switch them off to compare)."""
+    return has_kernel(x)
 
 
 def _pair_dist(a, b):
@@ -78,8 +80,8 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
         raise ValueError(f"{fn}: support has {support.shape[1]} features but query has {query.shape[1]}")
     if not margin >= 0:
         raise ValueError(f"{fn}: margin must be >= 0, got {margin}")
-    if _cpu_kernels(query):  # one op (its label checks raise RuntimeError with the same text)
-        return _ProtoTripletCpu.apply(query, support, query_labels, support_labels,
+    if _kernels(query):  # one op (its label checks raise RuntimeError with the same text)
+        return _ProtoTriplet.apply(query, support, query_labels, support_labels,
                                       float(margin)).to(query.dtype)
     classes, inverse = torch.unique(support_labels, return_inverse=True)
     if classes.numel() < 2:
@@ -115,9 +117,10 @@ def _fake_proto_backward(grad, query, protos, idx, dist, inverse, counts, margin
             query.new_empty((inverse.shape[0], query.shape[1]), dtype=torch.float32))
 
 
-class _ProtoTripletCpu(torch.autograd.Function):
-    """CPU: proto_triplet_forward / _backward (pair_losses_op.cpp), the whole loss in one op
-    each way; a query set that is also the support gets both gradients (autograd adds them)."""
+class _ProtoTriplet(torch.autograd.Function):
+    """proto_triplet_forward / _backward (pair_losses_op.cpp; CPU, and CUDA through the
+    chosen-pair kernels of neighbours_cuda.cu), the whole loss in one op each way; a query set
+    that is also the support gets both gradients (autograd adds them)."""
 
     @staticmethod
     def forward(ctx, query, support, query_labels, support_labels, margin):
@@ -148,8 +151,9 @@ def _fake_neighbour_dist_backward(grad_dist, x, t, idx, dist, grad_mask):
 
 
 class _NeighbourDist(torch.autograd.Function):
-    """CPU kernels: the chosen pairs' distances and their gradient in closed form (x_i - t_j)
-    w / d, the targets' part through the pairs sorted by target (no scatter, no [N, n, D])."""
+    """The chosen pairs' distances and their gradient in closed form (x_i - t_j) w / d, the
+    targets' part through the pairs sorted by target (no scatter, no [N, n, D]); CPU and CUDA
+    kernels."""
 
     @staticmethod
     def forward(ctx, x, t, idx):
@@ -174,9 +178,10 @@ def _fake_icnn_score(d, same, k, clipped):
 
 
 class _IcnnScore(torch.autograd.Function):
-    """CPU: the score and its gradient with respect to the distances in one C++ pass (the
-    formula's ~40 small torch operations and their graph cost more than the neighbour search
-    at B = 256); the backward scales the gradient."""
+    """The score and its gradient with respect to the distances in one pass (CPU) or three
+    launches (CUDA) instead of the formula's ~40 small torch operations and their graph (which
+    cost more than the neighbour search at B = 256 on the CPU); the backward scales the
+    gradient."""
 
     @staticmethod
     def forward(ctx, d, same, k, clipped):
@@ -193,7 +198,7 @@ class _IcnnScore(torch.autograd.Function):
 
 def _chosen_dist(x, t, idx):
     """``d(x_i, t_idx[i, c])`` ``[N, n]``, differentiable in x and t."""
-    if _cpu_kernels(x):
+    if _kernels(x):
         return _NeighbourDist.apply(x, t, idx)
     return _pair_dist(x[:, None, :], t[idx])
 
@@ -212,7 +217,7 @@ def _neighbours(emb, target, k, exclude_self):
     block = max(1, budget // (4 * max(m, 1)))
     out = torch.empty(n, k, dtype=torch.long, device=emb.device)
     with torch.no_grad():
-        if _cpu_kernels(emb) and k <= _KNN_KERNEL_MAX:
+        if _kernels(emb) and emb.device.type == "cpu" and k <= _KNN_KERNEL_MAX:
             ef, tf = emb.float().contiguous(), target.float().contiguous()
             row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
             buf = ef.new_empty((min(block, n), m))  # one reused block (a fresh one per step
@@ -287,10 +292,17 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     idx = _neighbours(emb, target, n_nb, same_set)                            # [N, n]
     d = _chosen_dist(emb, target, idx)                                        # [N, n]
     same = target_labels[idx] == labels[:, None]
-    if _cpu_kernels(emb):
+    if _kernels(emb):
         return _IcnnScore.apply(d, same, k, clipped).to(emb.dtype)
+    return icnn_score_torch(d, same, k, clipped).to(emb.dtype)
+
+
+def icnn_score_torch(d: Tensor, same: Tensor, k: int, clipped: bool) -> Tensor:
+    """ICNN's ``-log(score)`` from the neighbours' distances ``d [N, n]`` (ascending) and
+    same-class flags, in torch operations (devices without the kernels; the tests' reference
+    for the kernels, in float64)."""
     other = ~same
-    inf = torch.tensor(float("inf"), device=d.device)
+    inf = torch.tensor(float("inf"), device=d.device, dtype=d.dtype)
     delta = torch.where(other, d, inf).amin(1, keepdim=True)
     u = d[:, :k] / (delta + _EPS)
     u = u / u.amax(1, keepdim=True).clamp(min=1.0)
@@ -304,6 +316,6 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     lambda_dc = dc_rows.sum() / ((n_other > 0).sum() + _EPS)
     # no other-class neighbour anywhere: 1 - lambda_dc (a where, not an `if`: no wait for a GPU)
     lambda_dc = torch.where(other_k.any(), lambda_dc, 1 - lambda_dc)
-    gamma = 1.0 if clipped else (n_same.float() / k).mean()
+    gamma = 1.0 if clipped else (n_same.to(d.dtype) / k).mean()
     score = ((lambda_sc + lambda_dc) / 2 + gamma) / 2
-    return (-torch.log(score)).to(emb.dtype)
+    return -torch.log(score)
