@@ -316,13 +316,14 @@ def test_tcm_sparse_backward_matches_the_dense_one(monkeypatch, margins):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("loss", ["ms", "ms_none", "tcm", "clip", "clip_one_way"])
+@pytest.mark.parametrize("loss", ["ms", "ms_none", "ms_one_block", "tcm", "clip", "clip_one_way"])
 def test_cuda_kernels_match_the_cpu(loss):
     """The CUDA similarity-block kernels (through the losses) against the CPU kernels."""
     emb, labels = embeddings(300, 24, 7, seed=8)
     other = torch.nn.functional.normalize(embeddings(300, 24, 7, seed=9)[0], dim=1)
     f = {"ms": lambda x, y, o: metric.multi_similarity_loss(x, y, block_rows=64),
          "ms_none": lambda x, y, o: metric.multi_similarity_loss(x, y, reduction="none", block_rows=64),
+         "ms_one_block": lambda x, y, o: metric.multi_similarity_loss(x, y),  # (dS + dS^T) E
          "tcm": lambda x, y, o: metric.tcm_loss(x, y, 0.5, 0.1, block_rows=64),
          "clip": lambda x, y, o: contrastive.contrastive_loss(torch.nn.functional.normalize(x, dim=1), o,
                                                              0.1, block_rows=100),

@@ -505,7 +505,15 @@ std::tuple<Tensor, Tensor> ms_blocks(const Tensor& e, const Tensor& keys, double
     // S = E E^T: both factors get d loss / d S. One block (all rows): (dS + dS^T) E, one GEMM
     // instead of two (B = 256: the GEMMs are most of a call's time)
     if (r1 - r0 == n) {
-      at::mm_out(grad, s.add(s.t()), ef);
+      if (s.is_cpu()) {
+        const int64_t tiles = (n + kSymTile - 1) / kSymTile;
+        float* sp = s.data_ptr<float>();
+        // tile rows near the top hold more tiles: small grains keep both threads busy
+        at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { symmetrize_add(sp, n, t0, t1); });
+      } else {
+        s.add_(s.t().clone());
+      }
+      at::mm_out(grad, s, ef);
       continue;
     }
     Tensor rows = grad.slice(0, r0, r1);

@@ -78,6 +78,29 @@ void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int6
   FASTLOSS_CPU_DISPATCH(neighbour_dist_grad_t(x, t, d, t_ptr, pairs, n_nb, w, grad_t, r0, r1));
 }
 
+void symmetrize_add(float* s, int64_t n, int64_t t0, int64_t t1) {
+  // Each tile pair (I, J >= I) goes through two local tiles: rows of s are read and written
+  // whole, the transposition happens in L1 (walking s a column at a time costs a cache line
+  // per element: 3 ms at n = 1024 on one core, against 0.9-1.5 ms this way).
+  alignas(64) float a[kSymTile][kSymTile], b[kSymTile][kSymTile];
+  for (int64_t ti = t0; ti < t1; ++ti) {
+    const int64_t i0 = ti * kSymTile, ri = std::min(n - i0, kSymTile);
+    for (int64_t j0 = i0; j0 < n; j0 += kSymTile) {
+      const int64_t rj = std::min(n - j0, kSymTile);
+      for (int64_t i = 0; i < ri; ++i)
+        for (int64_t j = 0; j < rj; ++j) a[i][j] = s[(i0 + i) * n + j0 + j];
+      for (int64_t j = 0; j < rj; ++j)
+        for (int64_t i = 0; i < ri; ++i) b[j][i] = s[(j0 + j) * n + i0 + i];
+      for (int64_t i = 0; i < ri; ++i)
+        for (int64_t j = 0; j < rj; ++j) a[i][j] += b[j][i];
+      for (int64_t i = 0; i < ri; ++i)
+        for (int64_t j = 0; j < rj; ++j) s[(i0 + i) * n + j0 + j] = a[i][j];
+      for (int64_t j = 0; j < rj; ++j)
+        for (int64_t i = 0; i < ri; ++i) s[(j0 + j) * n + i0 + i] = a[i][j];
+    }
+  }
+}
+
 // log-sum-exp of column j over the parts: max of the parts' maxima, their sums rescaled to it
 void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, int64_t n,
                      float* lse_col) {
