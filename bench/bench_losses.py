@@ -125,7 +125,8 @@ DTYPES = [torch.float32, torch.bfloat16]
 # Peak extra memory of one call in units of the logits' size, used to decide whether a
 # variant fits before it has been measured at a smaller shape in this run (afterwards the
 # measured peak, scaled by N*C, is used).
-DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "fastloss_kernels": 1.5, "torch": 3.0,
+DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "fastloss_kernels": 1.5,
+                      "fastloss_fused": 1.5, "torch": 3.0,
                       "liger_kernel": 1.0, "eager_reference": 10.0}
 BUSY_RETRY = 0.15           # CPU: re-measure (once) a row during which other processes kept
                             # more than this fraction of the cores busy, when that is cheap
@@ -294,7 +295,10 @@ def main(argv=None):
                             # After its first call the inputs hold gradients; the kernels' work
                             # does not depend on the values, and the sets are refilled after.
                             ("fastloss_inplace",
-                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, inplace_backward=True))]
+                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, inplace_backward=True)),
+                            # opt-in: the gradient made with the forward (one pass over the logits)
+                            ("fastloss_fused",
+                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, grad_in_forward=True))]
                 if torch_fn is not None:
                     variants.append(("torch", torch_fn))
                 variants.append(("eager_reference", ref_fn))

@@ -38,16 +38,32 @@ TORCH_LIBRARY(fastloss, m) {
   // use the *_forward ops above instead, whose autograd formula is registered from Python.
   m.def("cross_entropy_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
         "int reduction, float label_smoothing, float lse_square_scale, float softcap, "
-        "bool inplace_backward=False) -> Tensor");
+        "bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
   m.def("comp_sum_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "int reduction, float tau, bool inplace_backward=False) -> Tensor");
+        "int reduction, float tau, bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
   m.def("ldr_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
-        "float lam, float margin, bool adaptive, float alpha, bool inplace_backward=False) "
-        "-> Tensor");
+        "float lam, float margin, bool adaptive, float alpha, bool inplace_backward=False, "
+        "bool grad_in_forward=False) -> Tensor");
   m.def("spherical_z_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "int reduction, float a, float b, float eps, bool inplace_backward=False) -> Tensor");
+        "int reduction, float a, float b, float eps, bool inplace_backward=False, "
+        "bool grad_in_forward=False) -> Tensor");
   m.def("stablemax_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "int reduction, bool inplace_backward=False) -> Tensor");
+        "int reduction, bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
+  // Forward and gradient in one pass over the logits (grad_in_forward=True): grad_loss is
+  // d(total)/d(row loss), known before the call. Returns (row loss, stat0, stat1, gradient).
+  m.def("cross_entropy_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, "
+        "Tensor? weight, int ignore_index, float label_smoothing, float lse_square_scale, "
+        "float softcap) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("comp_sum_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        "int ignore_index, float tau) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("ldr_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        "int ignore_index, float lam, float margin, bool adaptive, float alpha) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("spherical_z_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, "
+        "Tensor? weight, int ignore_index, float a, float b, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("stablemax_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
+        "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
   // The same backwards writing the gradient over the logits (opt-in, inplace_backward=True):
   // no [N, C] allocation, at the price of destroying the logits.
   m.def("cross_entropy_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "

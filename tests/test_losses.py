@@ -284,6 +284,8 @@ def test_opcheck(with_weight, dev):
                                      *scalars))
         x = logits.clone().requires_grad_(True)
         torch.library.opcheck(fwd, (x, target, w, *scalars, True))
+        fwd_grad = getattr(torch.ops.fastloss, f"{name}_forward_grad").default
+        torch.library.opcheck(fwd_grad, (torch.rand(6, device=dev), logits, target, w, *scalars))
         # the eager path's op: forward, reduction (0 none, 1 mean, 2 sum) and C++ autograd
         loss_op = getattr(torch.ops.fastloss, f"{name}_loss").default
         for reduction in (0, 1, 2):
@@ -522,3 +524,37 @@ def test_backward_twice(dev):
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
         loss.backward()
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", list(CASES))
+def test_grad_in_forward(name, dtype, reduction, device):
+    """grad_in_forward=True (the gradient made with the forward, one pass over the logits) gives
+    the loss and gradient of the default path, for an incoming gradient of 1 and of anything else."""
+    fn, _, kwargs, weighted = CASES[name]
+    logits, target, weight = make_inputs(13, 1031, dtype, device, weighted, seed=23,
+                                         scale=INPUT_SCALE.get(name, 3.0))
+    for upstream in ("ones", "random"):
+        grads, losses = [], []
+        for fused in (False, True):
+            x = logits.clone().requires_grad_(True)
+            out = fn(x, target, weight=weight, reduction=reduction, grad_in_forward=fused, **kwargs)
+            up = torch.ones_like(out)
+            if upstream == "random":
+                up = torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
+            out.backward(up)
+            losses.append(out.detach())
+            grads.append(x.grad)
+        torch.testing.assert_close(losses[1], losses[0], equal_nan=True)
+        assert_close(grads[1], grads[0].float(), dtype, f"{name} {upstream} fused grad")
+
+
+def test_grad_in_forward_checks():
+    logits, target, _ = make_inputs(4, 7, torch.float32)
+    x = logits.requires_grad_(True)
+    with pytest.raises(RuntimeError, match="inplace_backward and grad_in_forward cannot be combined"):
+        ops.cross_entropy(x * 1, target, inplace_backward=True, grad_in_forward=True)
+    with torch.no_grad():  # nothing to differentiate: the plain forward, no gradient made
+        torch.testing.assert_close(ops.cross_entropy(x, target, grad_in_forward=True),
+                                   ops.cross_entropy(x, target))

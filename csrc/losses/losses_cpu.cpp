@@ -13,6 +13,8 @@ FASTLOSS_DECLARE_ISAS(
         RowStats&, int64_t, int64_t);
     void backward_cpu(const LogitsView&, const RowTargets&, const LossParams&, const RowGrad&,
         int64_t, int64_t);
+    int64_t forward_backward_cpu(const LogitsView&, const RowTargets&, const LossParams&,
+        const RowStats&, const RowGrad&, int64_t, int64_t);
     void store_floats(const float*, void*, int64_t, ScalarType);)
 
 int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
@@ -23,6 +25,12 @@ int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const Los
 void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                          const RowGrad& g, int64_t r0, int64_t r1) {
   FASTLOSS_CPU_DISPATCH(backward_cpu(lv, rt, p, g, r0, r1));
+}
+
+int64_t losses_forward_backward_cpu(const LogitsView& lv, const RowTargets& rt,
+                                    const LossParams& p, const RowStats& out, const RowGrad& g,
+                                    int64_t r0, int64_t r1) {
+  FASTLOSS_CPU_DISPATCH(forward_backward_cpu(lv, rt, p, out, g, r0, r1));
 }
 
 void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t) {

@@ -173,6 +173,18 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   }
 }
 
+// Forward and backward of each row back to back: the backward reads the row from cache.
+template <class L, class V, class T>
+int64_t forward_backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                              const RowStats& out, const RowGrad& g, int64_t r0, int64_t r1) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const int64_t bad = forward_rows<L, V, T>(lv, rt, p, out, r, r + 1);
+    if (bad >= 0) return bad;
+    backward_rows<L, V, T>(lv, rt, p, g, r, r + 1);
+  }
+  return -1;
+}
+
 // Stores n floats as storage type t with the kernels' own conversions (vector body, scalar
 // tail); tests compare the result bit for bit with torch's conversions.
 template <class V>
@@ -202,6 +214,16 @@ void backward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossPara
   });
 }
 
+template <class V>
+int64_t forward_backward_cpu_isa(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                                 const RowStats& out, const RowGrad& g, int64_t r0, int64_t r1) {
+  return visit_loss(p.kind, [&]<class L>() {
+    return visit_storage(lv.dtype, [&]<class T>() {
+      return forward_backward_rows<L, V, T>(lv, rt, p, out, g, r0, r1);
+    });
+  });
+}
+
 // The entry points of one instruction set's file (declared in losses_cpu.cpp): a file
 // defines FL_ISA_VEC as its vector type before including this header.
 #if defined(FL_ISA_VEC)
@@ -212,6 +234,10 @@ int64_t forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams
 void backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                   const RowGrad& g, int64_t r0, int64_t r1) {
   backward_cpu_isa<FL_ISA_VEC>(lv, rt, p, g, r0, r1);
+}
+int64_t forward_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
+                             const RowStats& out, const RowGrad& g, int64_t r0, int64_t r1) {
+  return forward_backward_cpu_isa<FL_ISA_VEC>(lv, rt, p, out, g, r0, r1);
 }
 void store_floats(const float* in, void* out, int64_t n, ScalarType t) {
   store_floats_isa<FL_ISA_VEC>(in, out, n, t);

@@ -168,6 +168,81 @@ __device__ __forceinline__ void group_merge(Acc& a, Acc* smem) {
   }
 }
 
+// The statistics of row r (every thread of the group ends with the same merged values) and
+// its result; `ctx` is the last pass's context.
+template <class L, class T, int kWarps>
+__device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t y, float x_y,
+                                                 float w_y, const RowTargets& rt,
+                                                 const LossParams& p, int lane,
+                                                 typename L::template Acc<float>* smem) {
+  using Acc = typename L::template Acc<float>;
+  constexpr int kGroup = kWarps * 32;
+  Acc acc;
+  L::init(acc);
+  typename L::Ctx ctx{};
+  for (int pass = 0; pass < L::passes(p); ++pass) {
+    ctx = L::make_ctx(p, pass, acc, x_y, C);
+    Acc part;
+    L::init(part);
+    walk_row<kGroup>(
+        x, C, lane,
+        [&](int64_t k0, const float (&v)[kPack<T>]) {
+          float w[kPack<T>];
+          class_weights(rt.weight, k0, w);
+          if (y - k0 >= 0 && y - k0 < kPack<T>) {  // the pack holding the target: y is fed apart
+#pragma unroll
+            for (int e = 0; e < kPack<T>; ++e)
+              if (k0 + e != y) L::add(part, v[e], w[e], ctx);
+          } else {
+            add_pack<L>(part, v, w, ctx);
+          }
+        },
+        [&](int64_t k, float v) {
+          if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
+        });
+    group_merge<L, kWarps>(part, smem);
+    L::add_target(part, x_y, w_y, ctx);
+    acc = part;
+  }
+  return L::finish(acc, ctx, p, x_y, w_y, C);
+}
+
+// Writes d(total)/d(logits) of row r from its per-row constants `b`.
+template <int kGroup, class T, class B>
+__device__ __forceinline__ void row_backward(const T* x, T* out, int64_t C, int64_t y,
+                                             const RowTargets& rt, const B& b, int lane) {
+  const auto grad_one = [&](int64_t k, float v) {
+    return k == y ? b.target_grad : family_grad(v, rt.weight ? __ldg(rt.weight + k) : 1.f, b);
+  };
+  if (((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(x)) & 15) == 0) {
+    // The gradient row has the logits row's alignment (always so for contiguous or in-place
+    // gradients): its packs line up with the logits' packs.
+    walk_row<kGroup>(
+        x, C, lane,
+        [&](int64_t k0, const float (&v)[kPack<T>]) {
+          float w[kPack<T>], o[kPack<T>];
+          class_weights(rt.weight, k0, w);
+#pragma unroll
+          for (int e = 0; e < kPack<T>; ++e)
+            o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
+          *reinterpret_cast<uint4*>(out + k0) = pack<T>(o);
+        },
+        [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); });
+  } else {
+    for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
+  }
+}
+
+// A row whose target is ignore_index (loss and gradient 0) or out of range (NaN).
+__device__ __forceinline__ bool skipped_row(int64_t y, int64_t C, const LossParams& p,
+                                            float& fill) {
+  if (y == p.ignore_index || y < 0 || y >= C) {  // ignore_index may be a class index
+    fill = y == p.ignore_index ? 0.f : __int_as_float(0x7fc00000);
+    return true;
+  }
+  return false;
+}
+
 template <class L, class T, int kWarps>
 __global__ void __launch_bounds__(kBlock)
     forward_kernel(LogitsView lv, RowTargets rt, LossParams p, RowStats out) {
@@ -179,10 +254,10 @@ __global__ void __launch_bounds__(kBlock)
   for (int64_t r = int64_t(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kGroup; r < lv.rows;
        r += int64_t(gridDim.x) * kGroupsPerBlock) {
     const int64_t y = rt.target[r];
-    if (y == p.ignore_index || y < 0 || y >= C) {
+    float fill;
+    if (skipped_row(y, C, p, fill)) {
       if (lane == 0) {
-        const float v = y == p.ignore_index ? 0.f : __int_as_float(0x7fc00000);
-        out.loss[r] = v;
+        out.loss[r] = fill;
         out.stat0[r] = out.stat1[r] = 0.f;
       }
       continue;  // uniform across the group: every thread of it sees the same row
@@ -190,35 +265,8 @@ __global__ void __launch_bounds__(kBlock)
     const T* x = static_cast<const T*>(lv.data) + r * lv.row_stride;
     const float x_y = load1(x + y);
     const float w_y = rt.weight ? rt.weight[y] : 1.f;
-    Acc acc;
-    L::init(acc);
-    typename L::Ctx ctx{};
-    for (int pass = 0; pass < L::passes(p); ++pass) {
-      ctx = L::make_ctx(p, pass, acc, x_y, C);
-      Acc part;
-      L::init(part);
-      walk_row<kGroup>(
-          x, C, lane,
-          [&](int64_t k0, const float (&v)[kPack<T>]) {
-            float w[kPack<T>];
-            class_weights(rt.weight, k0, w);
-            if (y - k0 >= 0 && y - k0 < kPack<T>) {  // the pack holding the target: y is fed apart
-#pragma unroll
-              for (int e = 0; e < kPack<T>; ++e)
-                if (k0 + e != y) L::add(part, v[e], w[e], ctx);
-            } else {
-              add_pack<L>(part, v, w, ctx);
-            }
-          },
-          [&](int64_t k, float v) {
-            if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
-          });
-      group_merge<L, kWarps>(part, smem);
-      L::add_target(part, x_y, w_y, ctx);
-      acc = part;
-    }
+    const RowResult res = row_forward<L, T, kWarps>(x, C, y, x_y, w_y, rt, p, lane, smem);
     if (lane == 0) {
-      const RowResult res = L::finish(acc, ctx, p, x_y, w_y, C);
       out.loss[r] = res.loss;
       out.stat0[r] = res.stat0;
       out.stat1[r] = res.stat1;
@@ -236,8 +284,8 @@ __global__ void __launch_bounds__(kBlock)
        r += int64_t(gridDim.x) * kGroupsPerBlock) {
     T* out = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
     const int64_t y = rt.target[r];
-    if (y == p.ignore_index || y < 0 || y >= C) {  // ignore_index may be a class index
-      const float fill = y == p.ignore_index ? 0.f : __int_as_float(0x7fc00000);
+    float fill;
+    if (skipped_row(y, C, p, fill)) {
       for (int64_t k = lane; k < C; k += kGroup) store1(out + k, fill);
       continue;
     }
@@ -251,26 +299,47 @@ __global__ void __launch_bounds__(kBlock)
       __syncthreads();
     else
       __syncwarp();
-    const auto grad_one = [&](int64_t k, float v) {
-      return k == y ? b.target_grad : family_grad(v, rt.weight ? __ldg(rt.weight + k) : 1.f, b);
-    };
-    if (((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(x)) & 15) == 0) {
-      // The gradient row has the logits row's alignment (always so for contiguous or in-place
-      // gradients): its packs line up with the logits' packs.
-      walk_row<kGroup>(
-          x, C, lane,
-          [&](int64_t k0, const float (&v)[kPack<T>]) {
-            float w[kPack<T>], o[kPack<T>];
-            class_weights(rt.weight, k0, w);
-#pragma unroll
-            for (int e = 0; e < kPack<T>; ++e)
-              o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
-            *reinterpret_cast<uint4*>(out + k0) = pack<T>(o);
-          },
-          [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); });
-    } else {
-      for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
+    row_backward<kGroup>(x, out, C, y, rt, b, lane);
+  }
+}
+
+// Forward and backward of each row back to back in one group of threads: the backward's
+// second read of the row follows the first closely (mostly from L2), so the logits cross HBM
+// about once. g.grad_loss is d(total)/d(row loss), known before the launch; g.stat0/1 unused.
+template <class L, class T, int kWarps>
+__global__ void __launch_bounds__(kBlock)
+    forward_backward_kernel(LogitsView lv, RowTargets rt, LossParams p, RowStats out, RowGrad g) {
+  using Acc = typename L::template Acc<float>;
+  constexpr int kGroup = kWarps * 32, kGroupsPerBlock = kBlock / kGroup;
+  __shared__ Acc smem[kWarps];
+  const int lane = threadIdx.x % kGroup;
+  const int64_t C = lv.cols;
+  for (int64_t r = int64_t(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kGroup; r < lv.rows;
+       r += int64_t(gridDim.x) * kGroupsPerBlock) {
+    T* grad = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
+    const int64_t y = rt.target[r];
+    float fill;
+    if (skipped_row(y, C, p, fill)) {
+      if (lane == 0) {
+        out.loss[r] = fill;
+        out.stat0[r] = out.stat1[r] = 0.f;
+      }
+      for (int64_t k = lane; k < C; k += kGroup) store1(grad + k, fill);
+      continue;
     }
+    const T* x = static_cast<const T*>(lv.data) + r * lv.row_stride;
+    const float x_y = load1(x + y);
+    const float w_y = rt.weight ? rt.weight[y] : 1.f;
+    // row_forward ends with a barrier of the group (its merge), after which no thread reads
+    // the row's statistics again: the gradient may then overwrite the logits in place.
+    const RowResult res = row_forward<L, T, kWarps>(x, C, y, x_y, w_y, rt, p, lane, smem);
+    if (lane == 0) {
+      out.loss[r] = res.loss;
+      out.stat0[r] = res.stat0;
+      out.stat1[r] = res.stat1;
+    }
+    const auto b = L::make_bwd(p, g.grad_loss[r], res.stat0, res.stat1, x_y, w_y, C);
+    row_backward<kGroup>(x, grad, C, y, rt, b, lane);
   }
 }
 
@@ -299,6 +368,15 @@ const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, cons
   const auto s = static_cast<cudaStream_t>(stream);
   return launch_rows(lv, p.kind, [&]<class L, class T, int kWarps>(unsigned grid) {
     FL_ISA::forward_kernel<L, T, kWarps><<<grid, FL_ISA::kBlock, 0, s>>>(lv, rt, p, out);
+  });
+}
+
+const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets& rt,
+                                         const LossParams& p, const RowStats& out,
+                                         const RowGrad& g, void* stream) {
+  const auto s = static_cast<cudaStream_t>(stream);
+  return launch_rows(lv, p.kind, [&]<class L, class T, int kWarps>(unsigned grid) {
+    FL_ISA::forward_backward_kernel<L, T, kWarps><<<grid, FL_ISA::kBlock, 0, s>>>(lv, rt, p, out, g);
   });
 }
 

@@ -12,6 +12,12 @@ int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const Los
                            const RowStats& out, int64_t r0, int64_t r1);
 void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                          const RowGrad& g, int64_t r0, int64_t r1);
+// Forward then backward of each row, back to back (the second read of a row comes from cache):
+// g.grad_loss is d(total)/d(row loss), known in advance; g.stat0/1 must be out.stat0/1.
+// Returns as losses_forward_cpu.
+int64_t losses_forward_backward_cpu(const LogitsView& lv, const RowTargets& rt,
+                                    const LossParams& p, const RowStats& out, const RowGrad& g,
+                                    int64_t r0, int64_t r1);
 // The active CPU path's float -> storage conversion, for tests (module.cpp exposes it).
 void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t);
 
@@ -22,5 +28,8 @@ const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, cons
                                 const RowStats& out, void* stream);
 const char* losses_backward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                                  const RowGrad& g, void* stream);
+const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets& rt,
+                                         const LossParams& p, const RowStats& out,
+                                         const RowGrad& g, void* stream);
 
 }  // namespace fastloss

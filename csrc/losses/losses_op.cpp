@@ -187,6 +187,53 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
   return grad;
 }
 
+// Forward and gradient with one pass over the logits (each row's second read comes from
+// cache): grad_loss is d(total)/d(row loss), known before the call.
+std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossParams p,
+                                                        const Tensor& grad_loss,
+                                                        const Tensor& logits,
+                                                        const Tensor& target,
+                                                        const std::optional<Tensor>& weight) {
+  Inputs in = check_inputs(op, logits, target, weight);
+  const Tensor weight_sum = set_weight_sum(p, in);
+  const int64_t N = in.view.rows, C = in.view.cols;
+  TORCH_CHECK(grad_loss.dim() == 1 && grad_loss.size(0) == N, op, ": grad_loss must have shape [",
+              N, "], got ", grad_loss.sizes());
+  TORCH_CHECK(grad_loss.device() == in.logits.device(), op, ": grad_loss is on ",
+              grad_loss.device(), " but logits is on ", in.logits.device());
+  const Tensor g = grad_loss.to(at::kFloat).contiguous();
+  auto opts = in.logits.options().dtype(at::kFloat);
+  Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
+  Tensor grad = at::empty({N, C}, in.logits.options());
+  if (grad.is_cpu() && !std::getenv("FASTLOSS_NO_THP")) advise_huge_pages(grad);
+  RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
+  RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), C};
+  if (in.logits.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    c10::cuda::CUDAGuard guard(in.logits.device());
+    const char* err = losses_forward_backward_cuda(in.view, in.targets, p, out, rg,
+                                                   c10::cuda::getCurrentCUDAStream().stream());
+    TORCH_CHECK(err == nullptr, op, ": CUDA kernel launch failed: ", err);
+#else
+    TORCH_CHECK(false, op, ": fastloss was built without CUDA");
+#endif
+    return {loss, stat0, stat1, grad};
+  }
+  std::atomic<int64_t> bad{-1};
+  at::parallel_for(0, N, cpu_grain(C), [&](int64_t r0, int64_t r1) {
+    const int64_t r = losses_forward_backward_cpu(in.view, in.targets, p, out, rg, r0, r1);
+    if (r >= 0) {
+      int64_t cur = bad.load();
+      while ((cur < 0 || r < cur) && !bad.compare_exchange_weak(cur, r)) {
+      }
+    }
+  });
+  const int64_t r = bad.load();
+  TORCH_CHECK(r < 0, op, ": target[", r, "] = ", in.targets.target[r],
+              " is not a class index in [0, ", C, ") nor ignore_index (", p.ignore_index, ")");
+  return {loss, stat0, stat1, grad};
+}
+
 // ---- the ops: each names its loss and its scalars -------------------------------------------
 
 LossParams cross_entropy_params(int64_t ignore_index, double label_smoothing,
@@ -308,6 +355,36 @@ Tensor stablemax_backward(const Tensor& grad, const Tensor& logits, const Tensor
                           int64_t ignore_index) {
   return backward("stablemax_cross_entropy", stablemax_params(ignore_index), grad, logits, target,
                   weight, s0, s1);
+}
+
+using Fwd4 = std::tuple<Tensor, Tensor, Tensor, Tensor>;
+Fwd4 cross_entropy_forward_grad(const Tensor& g, const Tensor& logits, const Tensor& target,
+                                const OptT& weight, int64_t ignore_index, double label_smoothing,
+                                double lse_square_scale, double softcap) {
+  return forward_grad("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                      g, logits, target, weight);
+}
+Fwd4 comp_sum_forward_grad(const Tensor& g, const Tensor& logits, const Tensor& target,
+                           const OptT& weight, int64_t ignore_index, double tau) {
+  return forward_grad("comp_sum_loss", comp_sum_params(ignore_index, tau), g, logits, target,
+                      weight);
+}
+Fwd4 ldr_forward_grad(const Tensor& g, const Tensor& logits, const Tensor& target,
+                      const OptT& weight, int64_t ignore_index, double lam, double margin,
+                      bool adaptive, double alpha) {
+  return forward_grad("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), g,
+                      logits, target, weight);
+}
+Fwd4 spherical_z_forward_grad(const Tensor& g, const Tensor& logits, const Tensor& target,
+                              const OptT& weight, int64_t ignore_index, double a, double b,
+                              double eps) {
+  return forward_grad("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), g, logits,
+                      target, weight);
+}
+Fwd4 stablemax_forward_grad(const Tensor& g, const Tensor& logits, const Tensor& target,
+                            const OptT& weight, int64_t ignore_index) {
+  return forward_grad("stablemax_cross_entropy", stablemax_params(ignore_index), g, logits,
+                      target, weight);
 }
 
 // In-place backward: the gradient overwrites the logits (opt-in from Python).
@@ -461,16 +538,17 @@ Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional
 // The autograd formula calls the *_forward / *_backward ops through the dispatcher, below
 // autograd, rather than the kernels directly: then torch.compile and opcheck trace it into
 // those ops (with their fake kernels) instead of into a kernel reading fake tensors.
-const c10::OperatorHandle& row_op(LossKind kind, int which) {  // 0 forward, 1 backward, 2 backward_
+enum RowOp { kForwardOp = 0, kBackwardOp = 1, kBackwardInplaceOp = 2, kForwardGradOp = 3 };
+const c10::OperatorHandle& row_op(LossKind kind, RowOp which) {
   static const auto handles = [] {
     std::vector<c10::OperatorHandle> h;
     for (const char* base : {"cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"})
-      for (const char* suffix : {"_forward", "_backward", "_backward_"})
+      for (const char* suffix : {"_forward", "_backward", "_backward_", "_forward_grad"})
         h.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(
             (std::string("fastloss::") + base + suffix).c_str(), ""));
     return h;
   }();
-  return handles[size_t(kind) * 3 + size_t(which)];
+  return handles[size_t(kind) * 4 + size_t(which)];
 }
 
 // The op arguments after ignore_index, from the loss's parameters (float -> double is exact).
@@ -501,16 +579,19 @@ std::optional<Tensor> opt(const Tensor& t) {
 struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits_in,
                         const Tensor& target, const std::optional<Tensor>& weight,
-                        const LossParams& p, int64_t reduction, bool inplace) {
+                        const LossParams& p, int64_t reduction, bool inplace, bool fused) {
     // The kernels need contiguous classes: copy once here, so that the backward reuses the
     // copy (and an in-place backward overwrites the copy, not the caller's tensor).
     const Tensor logits = logits_in.dim() == 2 && logits_in.size(1) > 1 && logits_in.stride(1) != 1
                               ? logits_in.contiguous()
                               : logits_in;
+    ctx->saved_data["fused"] = fused;
+    ctx->saved_data["reduction"] = reduction;
+    if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction);
     std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     args.emplace_back(inplace);
-    auto out = call_below_autograd(row_op(p.kind, 0), std::move(args));
+    auto out = call_below_autograd(row_op(p.kind, kForwardOp), std::move(args));
     const Tensor rows = out[0].toTensor(), stat0 = out[1].toTensor(), stat1 = out[2].toTensor();
     Tensor denom;
     const Tensor loss =
@@ -518,15 +599,49 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
     ctx->saved_data["ignore_index"] = p.ignore_index;
-    ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["inplace"] = inplace;
+    return loss.to(logits.scalar_type());
+  }
+
+  // grad_in_forward: the gradient for an incoming gradient of 1 is made with the forward (one
+  // pass over the logits); the backward returns it, scaled when the incoming gradient is not 1.
+  static Tensor forward_with_grad(torch::autograd::AutogradContext* ctx, const Tensor& logits,
+                                  const Tensor& target, const std::optional<Tensor>& weight,
+                                  const LossParams& p, int64_t reduction) {
+    const auto fopts = logits.options().dtype(at::kFloat);
+    Tensor denom, grad_loss;
+    if (reduction == kMean) {
+      denom = mean_denominator(target, opt_weight(weight), p.ignore_index, logits.size(1));
+      grad_loss = at::empty({logits.size(0)}, fopts).fill_(denom.reciprocal());
+    } else {
+      grad_loss = at::empty({logits.size(0)}, fopts).fill_(1.0);
+    }
+    std::vector<c10::IValue> args{grad_loss, logits, target, weight, p.ignore_index};
+    for (auto& v : scalar_args(p)) args.push_back(std::move(v));
+    auto out = call_below_autograd(row_op(p.kind, kForwardGradOp), std::move(args));
+    const Tensor rows = out[0].toTensor();
+    ctx->save_for_backward({out[3].toTensor()});
+    Tensor loss = rows;
+    if (reduction == kSum) loss = rows.sum();
+    if (reduction == kMean) loss = rows.sum().div(denom);
     return loss.to(logits.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
     Tensor grad;
-    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+    if (ctx->needs_input_grad(0) && grads[0].defined() && ctx->saved_data["fused"].toBool()) {
+      const Tensor made = ctx->get_saved_variables()[0];
+      const Tensor g = grads[0].to(at::kFloat);
+      // The common loss.backward() passes exactly 1: then the gradient is returned as made.
+      // (On CUDA this check waits for the GPU.)
+      if (g.eq(1.0).all().item<bool>())
+        grad = made;
+      else
+        grad = (ctx->saved_data["reduction"].toInt() == kNone ? made.mul(g.unsqueeze(1))
+                                                               : made.mul(g))
+                   .to(made.scalar_type());
+    } else if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const auto saved = ctx->get_saved_variables();
       const Tensor& logits = saved[0];
       const LossParams p = unpack_params(ctx->saved_data["params"].toDoubleVector(),
@@ -542,24 +657,27 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                                     p.ignore_index};
       for (auto& v : scalar_args(p)) args.push_back(std::move(v));
       if (inplace) {
-        call_below_autograd(row_op(p.kind, 2), std::move(args));
+        call_below_autograd(row_op(p.kind, kBackwardInplaceOp), std::move(args));
         grad = logits;
         // The logits now hold the gradient: an op that saved them for its own backward must
         // raise ("modified by an inplace operation") rather than read gradients.
         torch::autograd::impl::bump_version(logits);
       } else {
-        grad = call_below_autograd(row_op(p.kind, 1), std::move(args))[0].toTensor();
+        grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
 Tensor row_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
-                int64_t reduction, bool inplace) {
+                int64_t reduction, bool inplace, bool grad_in_forward) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  return RowLossFunction::apply(logits, target, weight, p, reduction, inplace);
+  TORCH_CHECK(!(inplace && grad_in_forward), op_name(p.kind),
+              ": inplace_backward and grad_in_forward cannot be combined yet");
+  const bool fused = grad_in_forward && at::GradMode::is_enabled() && logits.requires_grad();
+  return RowLossFunction::apply(logits, target, weight, p, reduction, inplace, fused);
 }
 
 // Backend kernels of the *_loss ops, reached without autograd (inference mode, or below it).
@@ -577,9 +695,9 @@ Tensor row_loss_no_grad(LossParams p, const Tensor& logits, const Tensor& target
 // One entry point per loss for both dispatch keys: `Grad` picks the autograd path.
 template <bool Grad>
 Tensor dispatch_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
-                     int64_t reduction, bool inplace) {
+                     int64_t reduction, bool inplace, bool grad_in_forward) {
   if constexpr (Grad)
-    return row_loss(p, logits, target, weight, reduction, inplace);
+    return row_loss(p, logits, target, weight, reduction, inplace, grad_in_forward);
   else
     return row_loss_no_grad(p, logits, target, weight, reduction);
 }
@@ -587,35 +705,37 @@ Tensor dispatch_loss(LossParams p, const Tensor& logits, const Tensor& target, c
 template <bool Grad>
 Tensor cross_entropy_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                           int64_t ignore_index, int64_t reduction, double label_smoothing,
-                          double lse_square_scale, double softcap, bool inplace) {
+                          double lse_square_scale, double softcap, bool inplace, bool grad_in_forward) {
   return dispatch_loss<Grad>(cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
-                             logits, target, weight, reduction, inplace);
+                             logits, target, weight, reduction, inplace, grad_in_forward);
 }
 template <bool Grad>
 Tensor comp_sum_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
-                     int64_t ignore_index, int64_t reduction, double tau, bool inplace) {
+                     int64_t ignore_index, int64_t reduction, double tau, bool inplace,
+                     bool grad_in_forward) {
   return dispatch_loss<Grad>(comp_sum_params(ignore_index, tau), logits, target, weight, reduction,
-                             inplace);
+                             inplace, grad_in_forward);
 }
 template <bool Grad>
 Tensor ldr_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                 int64_t ignore_index, int64_t reduction, double lam, double margin, bool adaptive,
-                double alpha, bool inplace) {
+                double alpha, bool inplace, bool grad_in_forward) {
   return dispatch_loss<Grad>(ldr_params(ignore_index, lam, margin, adaptive, alpha), logits, target,
-                             weight, reduction, inplace);
+                             weight, reduction, inplace, grad_in_forward);
 }
 template <bool Grad>
 Tensor spherical_z_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                         int64_t ignore_index, int64_t reduction, double a, double b, double eps,
-                        bool inplace) {
+                        bool inplace, bool grad_in_forward) {
   return dispatch_loss<Grad>(spherical_z_params(ignore_index, a, b, eps), logits, target, weight,
-                             reduction, inplace);
+                             reduction, inplace, grad_in_forward);
 }
 template <bool Grad>
 Tensor stablemax_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
-                      int64_t ignore_index, int64_t reduction, bool inplace) {
+                      int64_t ignore_index, int64_t reduction, bool inplace,
+                      bool grad_in_forward) {
   return dispatch_loss<Grad>(stablemax_params(ignore_index), logits, target, weight, reduction,
-                             inplace);
+                             inplace, grad_in_forward);
 }
 
 template <bool Grad>
@@ -643,6 +763,11 @@ void register_impls(torch::Library& m) {
   m.impl("ldr_backward_", &ldr_backward_);
   m.impl("spherical_z_backward_", &spherical_z_backward_);
   m.impl("stablemax_backward_", &stablemax_backward_);
+  m.impl("cross_entropy_forward_grad", &cross_entropy_forward_grad);
+  m.impl("comp_sum_forward_grad", &comp_sum_forward_grad);
+  m.impl("ldr_forward_grad", &ldr_forward_grad);
+  m.impl("spherical_z_forward_grad", &spherical_z_forward_grad);
+  m.impl("stablemax_forward_grad", &stablemax_forward_grad);
   register_losses<false>(m);
 }
 

@@ -136,17 +136,29 @@ def _fake_loss(logits, target, weight, ignore_index, reduction, *scalars):
     return logits.new_empty(shape)
 
 
+def _fake_forward_grad(grad_loss, logits, target, weight, *scalars):
+    _check_fake(logits, target, weight)
+    n = logits.shape[0]
+    stats = tuple(logits.new_empty((n,), dtype=torch.float32) for _ in range(3))
+    return stats + (logits.new_empty(logits.shape),)
+
+
 for _name in _LOSS_OPS:
     torch.library.register_fake(f"fastloss::{_name}_loss")(_fake_loss)
+    torch.library.register_fake(f"fastloss::{_name}_forward_grad")(_fake_forward_grad)
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
-def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, *scalars):
+def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, grad_in_forward,
+              *scalars):
     # One op: forward, reduction and its C++ autograd formula (losses_op.cpp), which calls the
     # *_forward / *_backward ops below autograd; torch.compile traces it into those.
+    if grad_in_forward and torch.compiler.is_compiling():
+        grad_in_forward = False  # its backward tests the incoming gradient on the host
     return getattr(torch.ops.fastloss, f"{name}_loss").default(
-        logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace)
+        logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace,
+        grad_in_forward)
 
 
 # ---- each loss's scalars, checked (shared with the fused linear losses) ---------------------
@@ -188,7 +200,7 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
                   ignore_index: int = -100, reduction: str = "mean",
                   label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                   softcap: Optional[float] = None,
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False, grad_in_forward: bool = False) -> Tensor:
     r"""Cross-entropy, fused: equal to :func:`torch.nn.functional.cross_entropy` plus two options.
 
     Per row, with :math:`z` the (optionally soft-capped) logits, :math:`\epsilon` the label
@@ -206,13 +218,13 @@ def cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = Non
     _check_reduction("cross_entropy", reduction)
     _check_weight("cross_entropy", weight)
     return _row_loss(logits, target, weight, "cross_entropy", reduction, ignore_index,
-                     bool(inplace_backward),
+                     bool(inplace_backward), bool(grad_in_forward),
                      *cross_entropy_scalars("cross_entropy", label_smoothing, lse_square_scale, softcap))
 
 
 def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[Tensor] = None,
                   ignore_index: int = -100, reduction: str = "mean",
-                  inplace_backward: bool = False) -> Tensor:
+                  inplace_backward: bool = False, grad_in_forward: bool = False) -> Tensor:
     r"""Comp-sum loss of Mao, Mohri and Zhong (ICML 2023).
 
     .. math:: \ell = \Phi_\tau\Big(\sum_{k\ne y} e^{f_k - f_y}\Big),\quad
@@ -227,13 +239,13 @@ def comp_sum_loss(logits: Tensor, target: Tensor, tau: float, weight: Optional[T
     _check_reduction("comp_sum_loss", reduction)
     _check_weight("comp_sum_loss", weight)
     return _row_loss(logits, target, weight, "comp_sum", reduction, ignore_index,
-                     bool(inplace_backward), *comp_sum_scalars("comp_sum_loss", tau))
+                     bool(inplace_backward), bool(grad_in_forward), *comp_sum_scalars("comp_sum_loss", tau))
 
 
 def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
              adaptive: bool = False, alpha: float = 2.0, weight: Optional[Tensor] = None,
              ignore_index: int = -100, reduction: str = "mean",
-             inplace_backward: bool = False) -> Tensor:
+             inplace_backward: bool = False, grad_in_forward: bool = False) -> Tensor:
     r"""LDR-KL loss, or its adaptive form ALDR-KL (Zhu, Ying and Yang, ICML 2023).
 
     With :math:`d_k = f_k - f_y + c\,[k \ne y]` (``c = margin``) and :math:`K = C`:
@@ -252,13 +264,13 @@ def ldr_loss(logits: Tensor, target: Tensor, lam: float, margin: float = 1.0,
     _check_reduction("ldr_loss", reduction)
     _check_weight("ldr_loss", weight)
     return _row_loss(logits, target, weight, "ldr", reduction, ignore_index,
-                     bool(inplace_backward), *ldr_scalars("ldr_loss", lam, margin, adaptive, alpha))
+                     bool(inplace_backward), bool(grad_in_forward), *ldr_scalars("ldr_loss", lam, margin, adaptive, alpha))
 
 
 def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: float = 1e-6,
                      weight: Optional[Tensor] = None, ignore_index: int = -100,
                      reduction: str = "mean",
-                     inplace_backward: bool = False) -> Tensor:
+                     inplace_backward: bool = False, grad_in_forward: bool = False) -> Tensor:
     r"""Z-loss of de Brébisson and Vincent (2016), shift- and scale-invariant.
 
     With the row's mean :math:`\mu` and population variance :math:`\sigma^2`:
@@ -272,12 +284,12 @@ def spherical_z_loss(logits: Tensor, target: Tensor, a: float, b: float, eps: fl
     _check_reduction("spherical_z_loss", reduction)
     _check_weight("spherical_z_loss", weight)
     return _row_loss(logits, target, weight, "spherical_z", reduction, ignore_index,
-                     bool(inplace_backward), *spherical_z_scalars("spherical_z_loss", a, b, eps))
+                     bool(inplace_backward), bool(grad_in_forward), *spherical_z_scalars("spherical_z_loss", a, b, eps))
 
 
 def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Tensor] = None,
                             ignore_index: int = -100, reduction: str = "mean",
-                            inplace_backward: bool = False) -> Tensor:
+                            inplace_backward: bool = False, grad_in_forward: bool = False) -> Tensor:
     r"""Cross-entropy over StableMax instead of softmax (Prieto et al., 2025).
 
     .. math:: s(x) = \begin{cases} x + 1 & x \ge 0 \\ 1/(1-x) & x < 0\end{cases},\qquad
@@ -286,6 +298,6 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, weight: Optional[Ten
     _check_reduction("stablemax_cross_entropy", reduction)
     _check_weight("stablemax_cross_entropy", weight)
     return _row_loss(logits, target, weight, "stablemax", reduction, ignore_index,
-                          bool(inplace_backward))
+                          bool(inplace_backward), bool(grad_in_forward))
 
 
