@@ -306,11 +306,11 @@ __global__ void __launch_bounds__(kBlock)
 // Forward and backward of each row back to back in one group of threads: the backward's
 // second read of the row follows the first closely (mostly from L2), so the logits cross HBM
 // about once. g.grad_loss is d(total)/d(row loss), known before the launch; g.stat0/1 unused.
-template <class L, class T, int kWarps>
-__global__ void __launch_bounds__(kBlock)
+template <class L, class T, int kWarps, int kThreads = kBlock>
+__global__ void __launch_bounds__(kThreads)
     forward_backward_kernel(LogitsView lv, RowTargets rt, LossParams p, RowStats out, RowGrad g) {
   using Acc = typename L::template Acc<float>;
-  constexpr int kGroup = kWarps * 32, kGroupsPerBlock = kBlock / kGroup;
+  constexpr int kGroup = kWarps * 32, kGroupsPerBlock = kThreads / kGroup;
   __shared__ Acc smem[kWarps];
   const int lane = threadIdx.x % kGroup;
   const int64_t C = lv.cols;
@@ -374,10 +374,28 @@ const char* losses_forward_cuda(const LogitsView& lv, const RowTargets& rt, cons
 const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets& rt,
                                          const LossParams& p, const RowStats& out,
                                          const RowGrad& g, void* stream) {
+  using namespace FL_ISA;
   const auto s = static_cast<cudaStream_t>(stream);
-  return launch_rows(lv, p.kind, [&]<class L, class T, int kWarps>(unsigned grid) {
-    FL_ISA::forward_backward_kernel<L, T, kWarps><<<grid, FL_ISA::kBlock, 0, s>>>(lv, rt, p, out, g);
+  if (lv.rows == 0) return nullptr;
+  // Rows of more than 1024 classes: one 1024-thread block per row and at most one block per
+  // multiprocessor, so that the rows between their two reads (one per multiprocessor: 33 MB
+  // of 128k-class bfloat16 rows on 132 of them) stay in L2, while each multiprocessor still
+  // has 64 KB of loads in flight. Short rows: a warp each, as in the other kernels.
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  visit_loss(p.kind, [&]<class L>() {
+    visit_dtype(lv.dtype, [&]<class T>() {
+      if (lv.cols <= 1024) {
+        forward_backward_kernel<L, T, 1><<<grid_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(
+            lv, rt, p, out, g);
+      } else {
+        const unsigned grid = unsigned(lv.rows < sms ? lv.rows : sms);
+        forward_backward_kernel<L, T, 32, 1024><<<grid, 1024, 0, s>>>(lv, rt, p, out, g);
+      }
+    });
   });
+  return launch_status();
 }
 
 const char* losses_backward_cuda(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
