@@ -806,7 +806,7 @@ def test_auc(auc_lib, dtype, shape, grads):
 def losses_lib():
     lib = build.build("losses/losses_cuda.cu", "losses_harness.cpp", "losses")
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_losses.argtypes = [P, ctypes.c_int, P, P, P, I64, P, P, P, P, P, P]
+    lib.emu_losses.argtypes = [P, ctypes.c_int, P, P, P, I64, P, P, P, P, P, P, ctypes.c_int]
     lib.emu_losses.restype = ctypes.c_char_p
     return lib
 
@@ -828,7 +828,7 @@ LOSS_OPS = ["cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"]
 @pytest.mark.parametrize("shape", [(5, 7), (9, 1000), (3, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_row_losses(losses_lib, case, dtype, shape, weighted):
+def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=False):
     """The row-loss kernels (warp per row up to 1024 classes, a block above; 16-byte packs with
     a misaligned head: rows of odd stride) against the CPU kernels' ops."""
     kind, op_args, kw = LOSS_CASES[case]
@@ -855,7 +855,8 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted):
     err = losses_lib.emu_losses(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(),
                                 None if w is None else w.data_ptr(), None if wsum is None else wsum.data_ptr(),
                                 int64s(n, c, c + 3, -100, kind, int(kw.get("adaptive", False))), f.data_ptr(),
-                                loss.data_ptr(), s0.data_ptr(), s1.data_ptr(), up.data_ptr(), grad.data_ptr())
+                                loss.data_ptr(), s0.data_ptr(), s1.data_ptr(), up.data_ptr(), grad.data_ptr(),
+                                int(fused))
     assert err is None, err.decode()
     check_guards(lbuf, "loss")
     check_guards(gbuf, "grad")
@@ -865,6 +866,16 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted):
     tol = 2e-5 if dtype == torch.float32 else TOL[dtype]
     torch.testing.assert_close(loss, fwd[0], rtol=tol, atol=tol)
     torch.testing.assert_close(grad.float(), bwd.float(), rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (3, 1031), (7, 2050)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+@pytest.mark.parametrize("case", list(LOSS_CASES))
+def test_row_losses_forward_backward_in_one_pass(losses_lib, case, dtype, shape):
+    """grad_in_forward's kernel (forward_backward_kernel: each row's statistics, then its
+    gradient while the row is in L2; a warp per row up to 1024 classes, else 1024-thread blocks,
+    at most one per multiprocessor: 7 rows over 3 here) against the CPU ops, class weights on."""
+    test_row_losses(losses_lib, case, dtype, shape, True, fused=True)
 
 
 # ---- similarity blocks (Multi-Similarity, TCM, contrastive) ---------------------------------------

@@ -179,7 +179,7 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
     if (rows_out != nullptr) {
       auto args = row_args({z, t, cw}, p);
       args.emplace_back(false);  // inplace_backward (read only by the row losses' autograd)
-      const auto out = call_below_autograd(row_op(p.kind, 0), std::move(args));
+      const auto out = call_below_autograd(row_op(p.kind, kForwardOp), std::move(args));
       for (int k = 0; k < 3; ++k) (*rows_out)[k].narrow(0, n0, nb).copy_(out[k].toTensor());
       s0 = out[1].toTensor();
       s1 = out[2].toTensor();
@@ -190,7 +190,7 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
     if (!want_grad) continue;
 
     const Tensor g = grad_rows.defined() ? grad_rows.narrow(0, n0, nb) : ones.narrow(0, 0, nb);
-    call_below_autograd(row_op(p.kind, 2), row_args({g, z, t, cw, s0, s1}, p));  // z := dL/dz
+    call_below_autograd(row_op(p.kind, kBackwardInplaceOp), row_args({g, z, t, cw, s0, s1}, p));  // z := dL/dz
     if (mask[0]) {
       Tensor gh = acc.hidden.narrow(0, n0, nb);
       at::mm_out(gh, z, in.weight);

@@ -387,7 +387,7 @@ const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets&
   visit_loss(p.kind, [&]<class L>() {
     visit_dtype(lv.dtype, [&]<class T>() {
       if (lv.cols <= 1024) {
-        forward_backward_kernel<L, T, 1><<<grid_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(
+        forward_backward_kernel<L, T, 1><<<blocks_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(
             lv, rt, p, out, g);
       } else {
         const unsigned grid = unsigned(lv.rows < sms ? lv.rows : sms);

@@ -205,7 +205,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossPara
   auto opts = in.logits.options().dtype(at::kFloat);
   Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
   Tensor grad = at::empty({N, C}, in.logits.options());
-  if (grad.is_cpu() && !std::getenv("FASTLOSS_NO_THP")) advise_huge_pages(grad);
+  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
   RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
   RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), C};
   if (in.logits.is_cuda()) {
@@ -538,8 +538,7 @@ Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional
 // The autograd formula calls the *_forward / *_backward ops through the dispatcher, below
 // autograd, rather than the kernels directly: then torch.compile and opcheck trace it into
 // those ops (with their fake kernels) instead of into a kernel reading fake tensors.
-enum RowOp { kForwardOp = 0, kBackwardOp = 1, kBackwardInplaceOp = 2, kForwardGradOp = 3 };
-const c10::OperatorHandle& row_op(LossKind kind, RowOp which) {
+const c10::OperatorHandle& row_op(LossKind kind, int which) {
   static const auto handles = [] {
     std::vector<c10::OperatorHandle> h;
     for (const char* base : {"cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"})

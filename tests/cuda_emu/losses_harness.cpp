@@ -6,10 +6,11 @@ extern "C" {
 
 // shape: rows, cols, row stride, ignore_index, kind, adaptive (0/1)
 // f: label_smoothing, lse_square_scale, softcap, tau, lam, margin, alpha, a, b, eps
-// out: loss, stat0, stat1 [rows]; then the backward from grad_loss into grad (row stride cols)
+// out: loss, stat0, stat1 [rows]; then the backward from grad_loss into grad (row stride cols);
+// fused: both from the one-pass forward_backward kernel instead
 const char* emu_losses(const void* logits, int dtype, const int64_t* target, const float* weight,
                        const float* weight_sum, const int64_t* shape, const float* f, float* loss,
-                       float* stat0, float* stat1, const float* grad_loss, void* grad) {
+                       float* stat0, float* stat1, const float* grad_loss, void* grad, int fused) {
   fastloss::LogitsView lv;
   lv.data = logits;
   lv.dtype = fastloss::ScalarType(dtype);
@@ -35,13 +36,14 @@ const char* emu_losses(const void* logits, int dtype, const int64_t* target, con
   p.eps = f[9];
   p.weight_sum = weight_sum;
   const fastloss::RowStats out{loss, stat0, stat1};
-  if (const char* e = fastloss::losses_forward_cuda(lv, rt, p, out, nullptr)) return e;
   fastloss::RowGrad g;
   g.grad_loss = grad_loss;
   g.stat0 = stat0;
   g.stat1 = stat1;
   g.grad_logits = grad;
   g.grad_row_stride = shape[1];
+  if (fused) return fastloss::losses_forward_backward_cuda(lv, rt, p, out, g, nullptr);
+  if (const char* e = fastloss::losses_forward_cuda(lv, rt, p, out, nullptr)) return e;
   return fastloss::losses_backward_cuda(lv, rt, p, g, nullptr);
 }
 

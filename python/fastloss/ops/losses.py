@@ -25,6 +25,13 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   backward; autograd's version counter then stops any other op that saved them from
   silently using the overwritten values). Logits whose classes are not contiguous are
   copied first, and the copy takes the gradient.
+* ``grad_in_forward``: opt-in. When the logits require grad, the forward also makes the
+  gradient (each row read once: its statistics, then its gradient while the row is in cache)
+  and the backward returns it, scaled when the incoming gradient is not 1 (a check that reads
+  the incoming gradient on the host: one GPU synchronisation per backward; with a loss scale,
+  as AMP's GradScaler applies, every backward pays an extra pass). The gradient is held from
+  the forward on. Not combinable with ``inplace_backward`` yet; ignored under
+  ``torch.compile``. Its CUDA kernel has not run on a GPU yet.
 """
 
 from __future__ import annotations
