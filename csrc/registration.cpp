@@ -167,6 +167,10 @@ TORCH_LIBRARY(fastloss, m) {
         "Tensor inverse, Tensor counts, float margin) -> (Tensor, Tensor)");
   // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
   // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
+  // kd_loss's eager path (kd_op.cpp): forward, reduction (0 none, 1 mean, 2 sum) and a C++
+  // autograd formula in one op, as the row losses' *_loss ops
+  m.def("kd_loss(Tensor student, Tensor teacher, int kind, float temperature, float beta, "
+        "int reduction) -> Tensor");
   m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "
         "-> (Tensor, Tensor)");
   m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
@@ -180,6 +184,13 @@ TORCH_LIBRARY(fastloss, m) {
         "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
   // Their backward (CPU): grad [N, C] * scale[N] per row, in a fresh huge-page tensor.
   m.def("scale_rows(Tensor grad, Tensor scale) -> Tensor");
+  // Their eager paths (kd_op.cpp), as kd_loss: forward (with the gradient when the student
+  // needs it), reduction (0 none, 1 mean, 2 sum; PLD's mean over the rows kept) and a C++
+  // autograd formula in one op.
+  m.def("topk_kl_loss(Tensor student, Tensor teacher, int k, float temperature, bool renormalize, "
+        "int reduction) -> Tensor");
+  m.def("pld_loss(Tensor student, Tensor teacher, Tensor target, float temperature, "
+        "int ignore_index, int reduction) -> Tensor");
   // Self-adjusting Dice loss (metric_losses/metric_losses_op.cpp): the loss of each row [N]
   // float32 (sum over its classes of 1 - DSC); sigmoid form: target float32 of logits' shape
   // [N, K]; softmax form: logits [N, C], integer target [N] (ignore_index rows: 0). The

@@ -81,6 +81,10 @@ def test_teacher_gets_no_gradient_opcheck_and_compile():
         _, stats = torch.ops.fastloss.kd_forward(s.detach(), t.detach(), kind, 2.0, 0.4)
         torch.library.opcheck(torch.ops.fastloss.kd_backward.default,
                               (torch.rand(4), s.detach(), t.detach(), stats, kind, 2.0, 0.4))
+        for reduction in range(3):  # the eager path's op: forward, reduction, C++ autograd
+            torch.library.opcheck(torch.ops.fastloss.kd_loss.default,
+                                  (s.detach().clone().requires_grad_(True), t.detach(), kind, 2.0, 0.4,
+                                   reduction))
     f = lambda a, b: ops.kd_loss(a, b, 2.0) + ops.kd_loss(a, b, 1.0, "jsd", 0.2, "sum")  # noqa: E731
     assert_compiled_matches(f, [s], t.detach())
 

@@ -148,6 +148,11 @@ def test_no_teacher_gradient_opcheck_and_compile():
                               (sd.clone().requires_grad_(grad), td, 30, 0.5, True, grad))
         torch.library.opcheck(torch.ops.fastloss.pld_forward.default,
                               (sd.clone().requires_grad_(grad), td, y, 2.0, -100, grad))
+        for reduction in range(3):  # the eager paths' ops: forward, reduction, C++ autograd
+            torch.library.opcheck(torch.ops.fastloss.topk_kl_loss.default,
+                                  (sd.clone().requires_grad_(grad), td, 5, 2.0, False, reduction))
+            torch.library.opcheck(torch.ops.fastloss.pld_loss.default,
+                                  (sd.clone().requires_grad_(grad), td, y, 2.0, -100, reduction))
     # the backward's row scaling, for each storage dtype
     for dt in (torch.float32, torch.bfloat16):
         g, r = sd.to(dt), torch.rand(4)

@@ -5,8 +5,11 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +21,7 @@
 #endif
 
 #include "../common/huge_pages.h"
+#include "../losses/losses_op.h"  // call_below_autograd, Reduction
 #include "../op_helpers.h"
 #include "kd_kernels.h"
 
@@ -251,10 +255,175 @@ Tensor scale_rows(const Tensor& grad, const Tensor& scale) {
   return out;
 }
 
+// ---- kd_loss's eager path: forward, reduction and a C++ autograd formula in one op -----------
+// (python/fastloss/ops/distill.py calls it; the Python autograd of kd_forward cost ~80 us of
+// host time per call, most of a small call and all of it on a GPU). The formula calls kd_forward
+// / kd_backward below autograd, so torch.compile traces it into those ops.
+
+const c10::OperatorHandle& kd_op(bool backward) {
+  static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::kd_forward", "");
+  static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::kd_backward", "");
+  return backward ? bwd : fwd;
+}
+
+Tensor reduce_kd_rows(const Tensor& rows, int64_t reduction) {
+  return reduction == kMean ? rows.mean() : reduction == kSum ? rows.sum() : rows;
+}
+
+struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
+                        const Tensor& teacher, int64_t kind, double temperature, double beta,
+                        int64_t reduction) {
+    auto out = call_below_autograd(kd_op(false), {student, teacher, kind, temperature, beta});
+    ctx->save_for_backward({student, teacher, out[1].toTensor()});
+    ctx->saved_data["kind"] = kind;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["reduction"] = reduction;
+    return reduce_kd_rows(out[0].toTensor(), reduction).to(student.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Tensor grad;
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
+      // d(total)/d(row loss) for every row
+      Tensor g = grads[0].to(at::kFloat);
+      if (reduction == kMean) g = g.div(double(n));
+      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      grad = call_below_autograd(kd_op(true), {g, saved[0], saved[1], saved[2],
+                                              ctx->saved_data["kind"], ctx->saved_data["temperature"],
+                                              ctx->saved_data["beta"]})[0]
+                 .toTensor();
+    }
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};  // the teacher is a target
+  }
+};
+
+template <bool Grad>
+Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, double temperature,
+               double beta, int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, kOp,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  if constexpr (Grad)
+    return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction);
+  return reduce_kd_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction)
+      .to(student.scalar_type());
+}
+
+// ---- topk_kl_loss / pld_loss's eager paths, the same way ----------------------------------------
+// Their forward ops make d row / d student with the rows when asked (compute_grad), so the
+// backward only scales the saved gradient's rows (scale_rows; on CUDA a broadcast multiply).
+
+const c10::OperatorHandle& rank_op(bool pld) {
+  static const auto topk = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::topk_kl_forward", "");
+  static const auto pl = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::pld_forward", "");
+  return pld ? pl : topk;
+}
+const c10::OperatorHandle& scale_rows_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::scale_rows", "");
+  return op;
+}
+
+struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
+  // target defined: PLD (k_or_ignore = ignore_index), else top-k KL (k_or_ignore = k)
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
+                        const Tensor& teacher, const std::optional<Tensor>& target,
+                        int64_t k_or_ignore, double temperature, bool renormalize, int64_t reduction,
+                        bool want) {
+    const bool pld = target.has_value();
+    std::vector<c10::IValue> args{student, teacher};
+    if (pld) args.emplace_back(*target);
+    else args.emplace_back(k_or_ignore);
+    args.emplace_back(temperature);
+    if (pld) args.emplace_back(k_or_ignore);
+    else args.emplace_back(renormalize);
+    args.emplace_back(want);
+    auto out = call_below_autograd(rank_op(pld), std::move(args));
+    const Tensor rows = out[0].toTensor();
+    Tensor loss = rows, denom;
+    if (reduction == kSum) loss = rows.sum();
+    if (reduction == kMean) {
+      // PLD: the mean over the rows kept (F.cross_entropy's); top-k KL: over all rows
+      denom = pld ? target->ne(k_or_ignore).sum().to(at::kFloat)
+                  : at::full({}, double(rows.size(0)), rows.options());
+      loss = rows.sum().div(denom);
+    }
+    ctx->save_for_backward({out[1].toTensor(), denom});
+    ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["want"] = want;
+    return loss.to(student.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    Tensor out;
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+      TORCH_CHECK(ctx->saved_data["want"].toBool(), "topk_kl_loss / pld_loss: the gradient was "
+                  "not made in the forward (the student did not require grad then)");
+      const auto saved = ctx->get_saved_variables();
+      const Tensor& grad = saved[0];
+      const int64_t n = grad.size(0), reduction = ctx->saved_data["reduction"].toInt();
+      Tensor g = grads[0].to(at::kFloat);
+      if (reduction == kMean) g = g.div(saved[1]);
+      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      // (through the dispatcher, so that torch.compile traces scale_rows' fake kernel)
+      out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
+                          : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
+    }
+    return {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <bool Grad>
+Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target,
+                 int64_t k_or_ignore,
+                 double temperature, bool renormalize, int64_t reduction, const char* op) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op,
+              ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  if constexpr (Grad)  // the gradient is made in the forward only when it will be wanted
+    return RankLossFunction::apply(student, teacher, target, k_or_ignore, temperature, renormalize,
+                                   reduction, at::GradMode::is_enabled() && student.requires_grad());
+  const bool pld = target.has_value();
+  const Tensor rows = std::get<0>(pld ? pld_forward(student, teacher, *target, temperature, k_or_ignore, false)
+                                      : topk_kl_forward(student, teacher, k_or_ignore, temperature,
+                                                        renormalize, false));
+  Tensor loss = rows;
+  if (reduction == kSum) loss = rows.sum();
+  if (reduction == kMean) loss = pld ? rows.sum().div(target->ne(k_or_ignore).sum()) : rows.mean();
+  return loss.to(student.scalar_type());
+}
+
+template <bool Grad>
+Tensor topk_kl_loss(const Tensor& student, const Tensor& teacher, int64_t k, double temperature,
+                    bool renormalize, int64_t reduction) {
+  return rank_loss<Grad>(student, teacher, std::nullopt, k, temperature, renormalize, reduction,
+                         "topk_kl_loss");
+}
+
+template <bool Grad>
+Tensor pld_loss(const Tensor& student, const Tensor& teacher, const Tensor& target,
+                double temperature, int64_t ignore_index, int64_t reduction) {
+  return rank_loss<Grad>(student, teacher, target, ignore_index, temperature, false, reduction,
+                         "pld_loss");
+}
+
+template <bool Grad>
+void register_losses(torch::Library& m) {
+  m.impl("kd_loss", &kd_loss<Grad>);
+  m.impl("topk_kl_loss", &topk_kl_loss<Grad>);
+  m.impl("pld_loss", &pld_loss<Grad>);
+}
+
 }  // namespace
 }  // namespace fastloss
 
+TORCH_LIBRARY_IMPL(fastloss, Autograd, m) { fastloss::register_losses<true>(m); }
+
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
+  fastloss::register_losses<false>(m);
   m.impl("scale_rows", &fastloss::scale_rows);
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
@@ -263,6 +432,7 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
 }
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) {
+  fastloss::register_losses<false>(m);
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
   m.impl("topk_kl_forward", &fastloss::topk_kl_forward);

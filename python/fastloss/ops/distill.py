@@ -48,6 +48,27 @@ def _fake_backward(grad_loss, student, teacher, stats, kind, temperature, beta):
     return student.new_empty(student.shape)
 
 
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+@torch.library.register_fake("fastloss::kd_loss")
+def _fake_kd_loss(student, teacher, kind, temperature, beta, reduction):
+    _fake_forward(student, teacher, kind, temperature, beta)
+    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+
+
+@torch.library.register_fake("fastloss::topk_kl_loss")
+def _fake_topk_kl_loss(student, teacher, k, temperature, renormalize, reduction):
+    _fake_forward(student, teacher, 0, temperature, 0.5)
+    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+
+
+@torch.library.register_fake("fastloss::pld_loss")
+def _fake_pld_loss(student, teacher, target, temperature, ignore_index, reduction):
+    _fake_forward(student, teacher, 0, temperature, 0.5)
+    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+
+
 def _setup(ctx, inputs, output):
     student, teacher, kind, temperature, beta = inputs
     ctx.save_for_backward(student, teacher, output[1])
@@ -98,10 +119,10 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    if has_kernel(s2):
-        rows = torch.ops.fastloss.kd_forward(s2, t2, _KINDS[kind], float(T), float(beta))[0]
-    else:
-        rows = _rows_torch(s2, t2, kind, float(T), float(beta))
+    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+        out = torch.ops.fastloss.kd_loss(s2, t2, _KINDS[kind], float(T), float(beta), _REDUCTION[reduction])
+        return out.reshape(lead) if reduction == "none" else out
+    rows = _rows_torch(s2, t2, kind, float(T), float(beta))
     if reduction == "mean":
         return rows.mean().to(student.dtype)
     if reduction == "sum":
@@ -184,10 +205,6 @@ def _check_pair(fn, student, teacher, T, reduction):
     return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]).detach()
 
 
-def _wants_grad(t):
-    return torch.is_grad_enabled() and t.requires_grad
-
-
 def _descending_order(teacher):
     """Class order by descending teacher logit, ties towards the lower class index."""
     return torch.sort(teacher, dim=-1, descending=True, stable=True).indices
@@ -238,11 +255,10 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
-    if has_kernel(s2):
-        rows = torch.ops.fastloss.topk_kl_forward(s2, t2, k, float(T), bool(renormalize),
-                                                  _wants_grad(s2))[0]
-    else:
-        rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
+    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+        out = torch.ops.fastloss.topk_kl_loss(s2, t2, k, float(T), bool(renormalize), _REDUCTION[reduction])
+        return out.reshape(student.shape[:-1]) if reduction == "none" else out
+    rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
     return _reduce_rows(rows, reduction, student)
 
 
@@ -311,9 +327,9 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
     if target.device != student.device:
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
-    if has_kernel(s2):
-        rows = torch.ops.fastloss.pld_forward(s2, t2, y, float(T), int(ignore_index),
-                                              _wants_grad(s2))[0]
+    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+        out = torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index), _REDUCTION[reduction])
+        return out.reshape(student.shape[:-1]) if reduction == "none" else out
     else:
         bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
         if bool(bad.any()):
