@@ -206,6 +206,14 @@ TORCH_LIBRARY(fastloss, m) {
   // AnyLoss's differentiable confusion matrix (metric_losses/metric_losses_op.cpp): scores and
   // float32 targets [N, K] -> sums [4, K] float32 (rows TP, FN, FP, TN of each column).
   m.def("confusion_sums(Tensor scores, Tensor target, float L, bool from_logits) -> Tensor");
+  // Their eager paths (metric_losses_op.cpp): forward, reduction (0 none, 1 mean, 2 sum; the
+  // softmax Dice's mean over the rows kept) and a C++ autograd formula in one op. dice_loss:
+  // the prepared inputs of one form (softmax: integer target [N]); anyloss: metric 0 f1,
+  // 1 fbeta, 2 accuracy, 3 balanced_accuracy, 4 gmean, the mean of 1 - metric over columns.
+  m.def("dice_loss(Tensor logits, Tensor target, bool softmax, float alpha, float gamma, "
+        "float smooth, int ignore_index, int reduction) -> Tensor");
+  m.def("anyloss(Tensor scores, Tensor target, int metric, float L, float beta, "
+        "bool from_logits) -> Tensor");
   m.def("confusion_sums_backward(Tensor grad_sums, Tensor scores, Tensor target, float L, "
         "bool from_logits) -> Tensor");
   // Entropic optimal transport (sinkhorn/sinkhorn_op.cpp): cost [B, n, m], marginals a [B, n],

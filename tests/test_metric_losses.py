@@ -161,6 +161,12 @@ def test_kernel_ops_opcheck_and_compile():
         (F.dice_softmax_backward, (torch.rand(9), x, y, 0.1, 1.0, 0.0, -100)),
         (F.confusion_sums, (x.clone().requires_grad_(True), soft.round(), 20.0, True)),
         (F.confusion_sums_backward, (torch.randn(4, 21), x, soft.round(), 20.0, True)),
+    ] + [  # the eager paths' ops: forward, reduction, C++ autograd
+        (F.dice_loss, (x.clone().requires_grad_(True), soft, False, 0.1, 1.0, 0.0, -100, r)) for r in range(3)
+    ] + [
+        (F.dice_loss, (x.clone().requires_grad_(True), y, True, 0.1, 1.0, 0.0, -100, r)) for r in range(3)
+    ] + [
+        (F.anyloss, (x.clone().requires_grad_(True), soft.round(), m, 20.0, 0.7, True)) for m in range(5)
     ]:
         torch.library.opcheck(op.default, args)
     from checks import assert_compiled_matches
@@ -169,7 +175,7 @@ def test_kernel_ops_opcheck_and_compile():
 
 
 def test_torch_formulas_of_the_cuda_path_match_reference():
-    """CUDA tensors run these torch-operation forms (no CUDA kernel yet); check them here on
+    """Devices without the kernels run these torch-operation forms; check them here on
     the CPU against the references, values and gradients."""
     from fastloss.ops import metric_losses as M
     from fastloss.reference.metric_losses import dice_loss as ref_dice

@@ -3,10 +3,17 @@
 // Schemas in registration.cpp; fake kernels, autograd and the reductions in
 // python/fastloss/ops/metric_losses.py.
 #include <ATen/Parallel.h>
+#include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/full.h>
+#include <ATen/ops/sqrt.h>
+#include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
+#include <ATen/ops/zeros_like.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -18,6 +25,7 @@
 #endif
 
 #include "../common/huge_pages.h"
+#include "../losses/losses_op.h"  // call_below_autograd, Reduction
 #include "../op_helpers.h"
 #include "metric_losses_kernels.h"
 
@@ -276,12 +284,173 @@ Tensor confusion_sums_backward(const Tensor& grad_sums, const Tensor& scores, co
   return grad;
 }
 
+// ---- the eager paths: forward, reduction and a C++ autograd formula in one op ------------------
+// (python/fastloss/ops/metric_losses.py calls them; Python autograd on the forward ops and the
+// metric's small tensor operations cost 130-220 us of host time per call, all of a small call
+// on a GPU). The formulas call the ops above through the dispatcher, below autograd, so
+// torch.compile traces their fake kernels.
+
+c10::OperatorHandle metric_op(const char* name) {
+  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "");
+}
+
+struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits,
+                        const Tensor& target, bool softmax, double alpha, double gamma, double smooth,
+                        int64_t ignore_index, int64_t reduction) {
+    static const auto sig = metric_op("fastloss::dice_sigmoid_forward");
+    static const auto soft = metric_op("fastloss::dice_softmax_forward");
+    std::vector<c10::IValue> args{logits, target, alpha, gamma, smooth};
+    if (softmax) args.emplace_back(ignore_index);
+    const Tensor rows = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
+    Tensor loss = rows, denom;
+    if (reduction == kSum) loss = rows.sum();
+    if (reduction == kMean) {  // softmax: over the rows kept (F.cross_entropy's mean)
+      denom = softmax ? target.ne(ignore_index).sum().to(at::kFloat)
+                      : at::full({}, double(rows.size(0)), rows.options());
+      loss = rows.sum().div(denom);
+    }
+    ctx->save_for_backward({logits, target, denom});
+    ctx->saved_data["softmax"] = softmax;
+    ctx->saved_data["params"] = std::vector<double>{alpha, gamma, smooth};
+    ctx->saved_data["ignore_index"] = ignore_index;
+    ctx->saved_data["reduction"] = reduction;
+    return loss.to(logits.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto sig = metric_op("fastloss::dice_sigmoid_backward");
+    static const auto soft = metric_op("fastloss::dice_softmax_backward");
+    Tensor grad;
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      const bool softmax = ctx->saved_data["softmax"].toBool();
+      const auto params = ctx->saved_data["params"].toDoubleVector();
+      const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
+      Tensor g = grads[0].to(at::kFloat);  // d(total)/d(row loss) for every row
+      if (reduction == kMean) g = g.div(saved[2]);
+      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      std::vector<c10::IValue> args{g, saved[0], saved[1], params[0], params[1], params[2]};
+      if (softmax) args.emplace_back(ctx->saved_data["ignore_index"]);
+      grad = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
+    }
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <bool Grad>
+Tensor dice_loss(const Tensor& logits, const Tensor& target, bool softmax, double alpha,
+                 double gamma, double smooth, int64_t ignore_index, int64_t reduction) {
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum,
+              "dice_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
+  if constexpr (Grad)
+    return DiceLossFunction::apply(logits, target, softmax, alpha, gamma, smooth, ignore_index,
+                                   reduction);
+  const Tensor rows = softmax ? dice_softmax_forward(logits, target, alpha, gamma, smooth, ignore_index)
+                              : dice_sigmoid_forward(logits, target, alpha, gamma, smooth);
+  Tensor loss = rows;
+  if (reduction == kSum) loss = rows.sum();
+  if (reduction == kMean)
+    loss = softmax ? rows.sum().div(target.ne(ignore_index).sum()) : rows.mean();
+  return loss.to(logits.scalar_type());
+}
+
+enum Metric : int64_t { kF1 = 0, kFbeta = 1, kAccuracy = 2, kBalancedAccuracy = 3, kGmean = 4 };
+
+// The metric of each column from its confusion sums c [4, K] (TP, FN, FP, TN), and with
+// `dm` (d total / d metric [K]) defined, d total / d c [4, K] instead.
+Tensor metric_of(const Tensor& c, int64_t metric, double beta, const Tensor& dm = Tensor()) {
+  const Tensor tp = c[0], fn = c[1], fp = c[2], tn = c[3];
+  if (metric == kF1 || metric == kFbeta) {  // (1 + b2) tp / ((1 + b2) tp + b2 fn + fp)
+    const double b2 = metric == kF1 ? 1.0 : beta * beta;
+    const Tensor a = tp.mul(1 + b2), d = a + fn.mul(b2) + fp;
+    if (!dm.defined()) return a / d;
+    const Tensor k = dm / d.square();
+    return at::stack({k * (fn.mul(b2) + fp).mul(1 + b2), -k * a.mul(b2), -k * a, at::zeros_like(tn)});
+  }
+  if (metric == kAccuracy) {  // (tp + tn) / (tp + tn + fp + fn)
+    const Tensor right = tp + tn, s = right + fp + fn;
+    if (!dm.defined()) return right / s;
+    const Tensor up = dm * (fp + fn) / s.square(), down = -dm * right / s.square();
+    return at::stack({up, down, down, up});
+  }
+  const Tensor pos = tp + fn, neg = tn + fp, tpr = tp / pos, tnr = tn / neg;
+  if (!dm.defined())
+    return metric == kBalancedAccuracy ? (tpr + tnr).div(2) : at::sqrt(tpr * tnr);
+  // d metric / d tpr and / d tnr, then through tpr = tp / (tp + fn), tnr = tn / (tn + fp)
+  Tensor d_tpr, d_tnr;
+  if (metric == kBalancedAccuracy) {
+    d_tpr = dm.div(2);
+    d_tnr = d_tpr;
+  } else {
+    const Tensor m = at::sqrt(tpr * tnr);
+    d_tpr = dm * tnr / (m * 2);
+    d_tnr = dm * tpr / (m * 2);
+  }
+  return at::stack({d_tpr * fn / pos.square(), -d_tpr * tp / pos.square(),
+                    -d_tnr * tn / neg.square(), d_tnr * fp / neg.square()});
+}
+
+struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& scores,
+                        const Tensor& target, int64_t metric, double L, double beta,
+                        bool from_logits) {
+    static const auto sums = metric_op("fastloss::confusion_sums");
+    const Tensor c = call_below_autograd(sums, {scores, target, L, from_logits})[0].toTensor();
+    ctx->save_for_backward({scores, target, c});
+    ctx->saved_data["metric"] = metric;
+    ctx->saved_data["L"] = L;
+    ctx->saved_data["beta"] = beta;
+    ctx->saved_data["from_logits"] = from_logits;
+    return metric_of(c, metric, beta).neg().add(1).mean().to(scores.scalar_type());
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto sums_backward = metric_op("fastloss::confusion_sums_backward");
+    Tensor grad;
+    if (ctx->needs_input_grad(0) && grads[0].defined()) {
+      const auto saved = ctx->get_saved_variables();
+      const Tensor& c = saved[2];
+      // loss = mean over the K columns of 1 - metric: d loss / d metric = -g / K
+      const Tensor dm = at::empty({c.size(1)}, c.options()).fill_(grads[0].to(at::kFloat).neg().div(double(c.size(1))));
+      const Tensor dc = metric_of(c, ctx->saved_data["metric"].toInt(), ctx->saved_data["beta"].toDouble(), dm);
+      grad = call_below_autograd(sums_backward, {dc.contiguous(), saved[0], saved[1], ctx->saved_data["L"],
+                                                 ctx->saved_data["from_logits"]})[0]
+                 .toTensor();
+    }
+    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+template <bool Grad>
+Tensor anyloss(const Tensor& scores, const Tensor& target, int64_t metric, double L, double beta,
+               bool from_logits) {
+  TORCH_CHECK(metric >= kF1 && metric <= kGmean, "anyloss: metric must be 0 (f1) .. 4 (gmean), got ", metric);
+  if constexpr (Grad) return AnyLossFunction::apply(scores, target, metric, L, beta, from_logits);
+  return metric_of(confusion_sums(scores, target, L, from_logits), metric, beta)
+      .neg()
+      .add(1)
+      .mean()
+      .to(scores.scalar_type());
+}
+
+template <bool Grad>
+void register_losses(torch::Library& m) {
+  m.impl("dice_loss", &dice_loss<Grad>);
+  m.impl("anyloss", &anyloss<Grad>);
+}
+
 }  // namespace
 }  // namespace fastloss
+
+TORCH_LIBRARY_IMPL(fastloss, Autograd, m) { fastloss::register_losses<true>(m); }
 
 namespace fastloss {
 namespace {
 void register_impls(torch::Library& m) {
+  register_losses<false>(m);
   m.impl("dice_sigmoid_forward", &dice_sigmoid_forward);
   m.impl("dice_sigmoid_backward", &dice_sigmoid_backward);
   m.impl("dice_softmax_forward", &dice_softmax_forward);

@@ -61,11 +61,10 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     if not scores.is_floating_point():
         raise ValueError(f"{fn}: scores must be floating point, got {scores.dtype}")
     y = target.to(torch.float32).reshape(scores.shape[0], -1)
-    if has_kernel(scores):
-        s = scores.reshape(y.shape)
-        tp, fn_, fp, tn = torch.ops.fastloss.confusion_sums(s, y, float(L), bool(from_logits))
-    else:
-        tp, fn_, fp, tn = _confusion_sums_torch(scores.float().reshape(y.shape), y, L, from_logits)
+    if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
+        return torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric), float(L),
+                                          float(beta), bool(from_logits))
+    tp, fn_, fp, tn = _confusion_sums_torch(scores.float().reshape(y.shape), y, L, from_logits)
     return (1 - _metric(tp, fn_, fp, tn, metric, beta)).mean().to(scores.dtype)
 
 
@@ -89,6 +88,20 @@ def _fake_confusion(scores, target, L, from_logits):
 @torch.library.register_fake("fastloss::confusion_sums_backward")
 def _fake_confusion_backward(grad_sums, scores, target, L, from_logits):
     return scores.new_empty(scores.shape)
+
+
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+@torch.library.register_fake("fastloss::dice_loss")
+def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index, reduction):
+    return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+
+
+@torch.library.register_fake("fastloss::anyloss")
+def _fake_anyloss(scores, target, metric, L, beta, from_logits):
+    _fake_confusion(scores, target, L, from_logits)
+    return scores.new_empty(())
 
 
 def _setup_saving_inputs(ctx, inputs, output):
@@ -280,29 +293,28 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         if y.numel() and not on_gpu_kernel and (bool((y < 0).any()) or bool((y > 1).any())):
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
-        if has_kernel(x):
-            rows = torch.ops.fastloss.dice_sigmoid_forward(x, y.reshape(x.shape), *args)
-        else:
-            rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
+        if has_kernel(x):  # one op with its C++ autograd formula (metric_losses_op.cpp)
+            return torch.ops.fastloss.dice_loss(x, y.reshape(x.shape), False, *args, int(ignore_index),
+                                                _REDUCTION[reduction])
+        rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
         keep = None
     elif logits.dim() == 2 and target.shape == logits.shape[:1]:
         if target.dtype.is_floating_point or target.dtype == torch.bool:
             raise ValueError(f"{fn}: a target [N] for logits [N, C] holds integer classes, got "
                              f"{target.dtype}")
-        keep = target != ignore_index
         args = (float(alpha), float(gamma), float(smooth))
         # the CPU kernel's op checks the classes itself; the CUDA kernel gives a row whose
         # target is out of range a NaN loss (a check here would wait for the device)
-        if logits.device.type != "cpu" and not (logits.is_cuda and has_kernel(logits)):
-            bad = keep & ((target < 0) | (target >= logits.shape[1]))
-            if bool(bad.any()):
-                raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
-                                 f"that are not ignore_index ({ignore_index})")
         if has_kernel(logits):
-            rows = torch.ops.fastloss.dice_softmax_forward(logits, target, *args, int(ignore_index))
-        else:
-            t = torch.where(keep, target, 0).long()
-            rows = torch.where(keep, _SoftmaxDice.apply(logits, t, *args).sum(1), 0.0)
+            return torch.ops.fastloss.dice_loss(logits, target, True, *args, int(ignore_index),
+                                                _REDUCTION[reduction])
+        keep = target != ignore_index
+        bad = keep & ((target < 0) | (target >= logits.shape[1]))
+        if bool(bad.any()):
+            raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
+                             f"that are not ignore_index ({ignore_index})")
+        t = torch.where(keep, target, 0).long()
+        rows = torch.where(keep, _SoftmaxDice.apply(logits, t, *args).sum(1), 0.0)
     else:
         raise ValueError(f"{fn}: logits [N] or [N, K] with target of the same shape, or logits "
                          f"[N, C] with integer target [N]; got {tuple(logits.shape)} and "
