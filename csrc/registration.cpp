@@ -123,6 +123,9 @@ TORCH_LIBRARY(fastloss, m) {
   // Mann-Whitney (AUC) loss (pair_losses/pair_losses_op.cpp): per query, the mean over the
   // P x N pairs of softplus(neg_j - pos_i), and (compute_grad) its gradients, without storing
   // the pairs. -> (loss [B] float32, grad_pos [B, P] float32, grad_neg [B, N] float32)
+  // mw_auc_loss's eager path (pair_losses_op.cpp): forward (with the gradients when wanted),
+  // reduction over the queries (0 none, 1 mean, 2 sum) and a C++ autograd formula in one op
+  m.def("mw_auc_loss(Tensor scores_pos, Tensor scores_neg, int reduction) -> Tensor");
   m.def("mw_auc_forward(Tensor scores_pos, Tensor scores_neg, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
   // Similarity blocks of the embedding losses (pair_losses/pair_losses_op.cpp, CPU): a block

@@ -66,6 +66,10 @@ def test_no_grad_and_opcheck_and_compile():
     for compute_grad in (True, False):
         torch.library.opcheck(torch.ops.fastloss.mw_auc_forward.default,
                               (pos.detach().clone().requires_grad_(compute_grad), neg, compute_grad))
+    for reduction in range(3):  # the eager path's op: forward, reduction, C++ autograd
+        torch.library.opcheck(torch.ops.fastloss.mw_auc_loss.default,
+                              (pos.detach().clone().requires_grad_(True), neg.detach().clone().requires_grad_(True),
+                               reduction))
     f = lambda p, n: ops.mw_auc_loss(p, n) * 2 + ops.mw_auc_loss(n, p, "sum")  # noqa: E731
     assert_compiled_matches(f, [pos, neg])
 

@@ -37,6 +37,15 @@ def _fake_auc(scores_pos, scores_neg, compute_grad):
             scores_neg.new_empty(scores_neg.shape if compute_grad else (0,), dtype=f32))
 
 
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
+
+
+@torch.library.register_fake("fastloss::mw_auc_loss")
+def _fake_auc_loss(scores_pos, scores_neg, reduction):
+    _fake_auc(scores_pos, scores_neg, False)
+    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else ())
+
+
 def _setup(ctx, inputs, output):
     pos, neg, compute_grad = inputs
     _, grad_pos, grad_neg = output
@@ -82,9 +91,9 @@ def mw_auc_loss(scores_pos: Tensor, scores_neg: Tensor, reduction: str = "mean")
                          f"[B, N], got {tuple(scores_pos.shape)} and {tuple(scores_neg.shape)}")
     pos = scores_pos.unsqueeze(0) if one_query else scores_pos
     neg = scores_neg.unsqueeze(0) if one_query else scores_neg
-    if has_kernel(pos):
-        compute_grad = torch.is_grad_enabled() and (pos.requires_grad or neg.requires_grad)
-        rows = torch.ops.fastloss.mw_auc_forward(pos, neg, compute_grad)[0]
+    if has_kernel(pos):  # one op with its C++ autograd formula (pair_losses_op.cpp)
+        out = torch.ops.fastloss.mw_auc_loss(pos, neg, _REDUCTION[reduction])
+        return out[0] if one_query and reduction == "none" else out
     else:
         if pos.shape[1] < 1 or neg.shape[1] < 1:
             raise ValueError(f"{fn}: every query needs at least one positive and one negative score")
