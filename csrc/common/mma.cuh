@@ -26,8 +26,10 @@
 namespace fastloss {
 namespace FL_ISA {
 
-// Whether a kernel can use mma_m16n8k16: its binary (the one the device will run) was
-// compiled for sm_80 or later. `kernel` is any __global__ function of the same file.
+// Whether a kernel can use mma_m16n8k16: the code the device will run was compiled for sm_80
+// or later, both as PTX (__CUDA_ARCH__, which picks the branch below) and as the loaded binary
+// (a JIT from compute_75 PTX on an sm_80 GPU reports binaryVersion 80 but holds the __trap
+// branch). `kernel` is any __global__ function of the same file.
 template <class Kernel>
 inline bool mma_available(Kernel kernel) {
   cudaFuncAttributes attr;
@@ -35,7 +37,7 @@ inline bool mma_available(Kernel kernel) {
     cudaGetLastError();  // clear it: not being able to ask means not using the kernel
     return false;
   }
-  return attr.binaryVersion >= 80;
+  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
 }
 
 template <class T>

@@ -560,8 +560,14 @@ std::tuple<Tensor, Tensor> ms_blocks(const Tensor& e, const Tensor& keys, double
       if (s.is_cpu()) {
         const int64_t tiles = (n + kSymTile - 1) / kSymTile;
         float* sp = s.data_ptr<float>();
-        // tile rows near the top hold more tiles: small grains keep both threads busy
-        at::parallel_for(0, tiles, 1, [&](int64_t t0, int64_t t1) { symmetrize_add(sp, n, t0, t1); });
+        // tile row I holds tiles - I tiles: rows I and tiles - 1 - I together are tiles + 1,
+        // so the threads get equal shares of such pairs (parallel_for cuts contiguous ranges)
+        at::parallel_for(0, (tiles + 1) / 2, 1, [&](int64_t p0, int64_t p1) {
+          for (int64_t p = p0; p < p1; ++p) {
+            symmetrize_add(sp, n, p, p + 1);
+            if (tiles - 1 - p != p) symmetrize_add(sp, n, tiles - 1 - p, tiles - p);
+          }
+        });
       } else {
         s.add_(s.t().clone());
       }

@@ -8,7 +8,7 @@
 #include "../emu.h"
 
 struct cudaFuncAttributes {
-  int binaryVersion = 90;  // the emulator runs every kernel as an sm_90 one
+  int binaryVersion = 90, ptxVersion = 90;  // the emulator runs every kernel as an sm_90 one
 };
 inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, const void*) {
   *attr = cudaFuncAttributes{};
