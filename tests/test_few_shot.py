@@ -68,6 +68,34 @@ def test_icnn_no_other_class_neighbour_and_well_separated_classes():
     assert ops.icnn_loss(tight, lab) < 0.3 < ops.icnn_loss(mixed, lab)
 
 
+def test_proto_triplet_label_ranges_and_backward_checks():
+    """Labels spanning a small range take the CPU loops (proto_triplet.cpp), a huge span
+    torch.unique: same loss and gradients; the backward op refuses indices that are not the
+    forward's (it is a public op)."""
+    q, ql = episode(40, 9, 5, seed=7)
+    s, sl = episode(23, 9, 5, seed=8)
+    far = (ql - 2) * 10**12, (sl - 2) * 10**12  # negative, huge and sparse labels
+    results = []
+    for labels in ((ql, sl), far):
+        x, y = q.clone().requires_grad_(True), s.clone().requires_grad_(True)
+        loss = ops.proto_triplet_loss(x, labels[0], y, labels[1], 0.4)
+        loss.backward()
+        results.append((loss.detach(), x.grad, y.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+    grads_close(lambda a, b: ops.proto_triplet_loss(a, far[0], b, far[1], 0.4),
+                lambda a, b: ref.proto_triplet_loss(a, far[0], b, far[1], 0.4), [q, s])
+    out = torch.ops.fastloss.proto_triplet_forward(q, ql, s, sl, 0.4)
+    bad = out[2].clone()
+    bad[3, 1] = 5
+    expect_errors([
+        (lambda: torch.ops.fastloss.proto_triplet_backward(torch.tensor(1.0), q, out[1], bad, out[3], out[4],
+                                                           out[5], 0.4), "a class index outside [0, 5)"),
+        (lambda: torch.ops.fastloss.proto_triplet_backward(torch.tensor(1.0), q[:3], *out[1:], 0.4),
+         "must be proto_triplet_forward's outputs"),
+    ])
+
+
 @pytest.mark.cuda
 @requires_cuda
 def test_cuda_matches_reference():

@@ -44,6 +44,7 @@
 #include "../op_helpers.h"
 #include "auc_kernels.h"
 #include "icnn_score.h"
+#include "proto_triplet.h"
 #include "similarity_rows_kernels.h"
 
 namespace fastloss {
@@ -730,6 +731,41 @@ std::tuple<Tensor, Tensor> icnn_score_op(const Tensor& d, const Tensor& same, in
   return {at::full({}, loss, d.options()), grad};
 }
 
+// proto_triplet_forward's CPU path when the support's labels span a small range (else
+// nullopt): classes, prototypes, negatives and the hinge in loops, the scores one GEMM.
+std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>> proto_triplet_forward_cpu(
+    const Tensor& qf, const Tensor& query_labels, const Tensor& sf, const Tensor& support_labels,
+    double margin, const char* op) {
+  const int64_t Q = qf.size(0), S = sf.size(0), D = qf.size(1);
+  const Tensor sl = support_labels.to(at::kLong).contiguous(), ql = query_labels.to(at::kLong).contiguous();
+  std::vector<int64_t> classes;
+  std::vector<float> counts_v;
+  Tensor inverse = at::empty({S}, sl.options());
+  if (!proto_classes(sl.data_ptr<int64_t>(), S, classes, inverse.data_ptr<int64_t>(), counts_v))
+    return std::nullopt;
+  const int64_t K = int64_t(classes.size());
+  TORCH_CHECK(K >= 2, op, ": the support needs at least two classes, got ", K);
+  Tensor pos = at::empty({Q}, sl.options());
+  const int64_t* qp = ql.data_ptr<int64_t>();
+  int64_t* pp = pos.data_ptr<int64_t>();
+  for (int64_t i = 0; i < Q; ++i) {
+    const auto it = std::lower_bound(classes.begin(), classes.end(), qp[i]);
+    TORCH_CHECK(it != classes.end() && *it == qp[i], op, ": every query label must be a class of the support");
+    pp[i] = int64_t(it - classes.begin());
+  }
+  Tensor counts = at::empty({K}, qf.options());
+  std::copy(counts_v.begin(), counts_v.end(), counts.data_ptr<float>());
+  Tensor protos = at::empty({K, D}, qf.options());
+  proto_means(sf.data_ptr<float>(), inverse.data_ptr<int64_t>(), counts_v.data(), S, K, D,
+              protos.data_ptr<float>());
+  const Tensor score = at::addmm(protos.square().sum(1).unsqueeze(0), qf, protos.t(), 1, -2);
+  Tensor idx = at::empty({Q, 2}, sl.options());
+  proto_negatives(score.data_ptr<float>(), pp, Q, K, idx.data_ptr<int64_t>());
+  const Tensor dist = neighbour_dist_op(qf, protos, idx, 1e-6);
+  const Tensor loss = at::full({}, proto_hinge_mean(dist.data_ptr<float>(), Q, margin), qf.options());
+  return std::make_tuple(loss, protos, idx, dist, inverse, counts);
+}
+
 // Proto-Triplet (python/fastloss/ops/few_shot.py) on the CPU as one op, its ~20 small steps
 // called from C++ (at B = 1024 the same steps from Python cost more than their work): classes
 // of the support, prototypes, each query's nearest other prototype by one GEMM on
@@ -743,6 +779,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto_triplet_forward
   TORCH_CHECK(query.device() == support.device(), op, ": query is on ", query.device(),
               " but support is on ", support.device());
   const Tensor qf = query.to(at::kFloat).contiguous(), sf = support.to(at::kFloat).contiguous();
+  if (qf.is_cpu()) {  // labels of a small range: the bookkeeping in loops (proto_triplet.h)
+    auto out = proto_triplet_forward_cpu(qf, query_labels, sf, support_labels, margin, op);
+    if (out.has_value()) return *out;
+  }
   const auto [classes_in, inverse, counts_i] = at::_unique2(support_labels, true, true, true);
   const int64_t k = classes_in.numel();
   TORCH_CHECK(k >= 2, op, ": the support needs at least two classes, got ", k);
@@ -771,6 +811,31 @@ std::tuple<Tensor, Tensor> proto_triplet_backward(const Tensor& grad, const Tens
                                                   const Tensor& dist, const Tensor& inverse,
                                                   const Tensor& counts, double margin) {
   const Tensor qf = query.to(at::kFloat).contiguous();
+  if (qf.is_cpu()) {  // the loops of proto_triplet.h, on the forward's outputs (checked: the op is public)
+    constexpr const char* op = "proto_triplet_backward";
+    const int64_t Q = qf.size(0), D = qf.size(1), K = protos.size(0), S = inverse.numel();
+    TORCH_CHECK(grad.numel() == 1 && protos.dim() == 2 && protos.size(1) == D &&
+                    protos.scalar_type() == at::kFloat && idx.sizes() == at::IntArrayRef({Q, 2}) &&
+                    idx.scalar_type() == at::kLong && dist.sizes() == idx.sizes() &&
+                    dist.scalar_type() == at::kFloat && inverse.dim() == 1 &&
+                    inverse.scalar_type() == at::kLong && counts.sizes() == at::IntArrayRef({K}) &&
+                    counts.scalar_type() == at::kFloat && protos.is_cpu() && idx.is_cpu() &&
+                    dist.is_cpu() && inverse.is_cpu() && counts.is_cpu(),
+                op, ": the arguments must be proto_triplet_forward's outputs for this query");
+    const Tensor pc = protos.contiguous(), ic = idx.contiguous(), dc = dist.contiguous(),
+                 vc = inverse.contiguous(), cc = counts.contiguous();
+    for (const Tensor* t : {&ic, &vc}) {
+      const int64_t* v = t->data_ptr<int64_t>();
+      for (int64_t e = 0; e < t->numel(); ++e)
+        TORCH_CHECK(v[e] >= 0 && v[e] < K, op, ": a class index outside [0, ", K, ")");
+    }
+    Tensor grad_q = at::empty({Q, D}, qf.options()), grad_s = at::empty({S, D}, qf.options());
+    proto_triplet_grads(qf.data_ptr<float>(), pc.data_ptr<float>(), ic.data_ptr<int64_t>(),
+                        dc.data_ptr<float>(), vc.data_ptr<int64_t>(), cc.data_ptr<float>(), Q, S, K, D,
+                        margin, grad.to(at::kFloat).item<float>(), grad_q.data_ptr<float>(),
+                        grad_s.data_ptr<float>());
+    return {grad_q, grad_s};
+  }
   const Tensor hinge = at::sub(dist.select(1, 0), dist.select(1, 1)).add_(margin);
   const Tensor w = hinge.gt(0).to(at::kFloat).mul_(grad.to(at::kFloat).div(std::max<int64_t>(1, qf.size(0))));
   const Tensor grad_dist = at::stack({w, w.neg()}, 1).contiguous();
