@@ -314,13 +314,15 @@ def quant_mma_lib():
 def test_quant_tensor_core_gemm(quant_mma_lib, bits, group_size, kind):
     """The tensor-core path (batches above 16, float16 / bfloat16 x; quant_mma_cuda.cu) against
     x @ W^T in float64 with W rounded to x's dtype, as the kernel multiplies it: N = 70 and
-    M = 17 / 70 leave partial 64 x 64 tiles; per channel, K = 272 is no whole number of 32-value
-    steps at 2, 4 and 8 bits (a 3-bit unit is a whole step)."""
+    M = 17 / 70 / 200 leave partial 64 x 64 tiles; per channel, K = 272 is no whole number of
+    32-value steps at 2, 4 and 8 bits (a 3-bit unit is a whole step). The emulator reports 3
+    multiprocessors: M = 17 and 70 (2 and 4 tiles) split K in 2 or 3 (workspace and the
+    reduce kernel), M = 200 (8 tiles) does not."""
     g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + len(kind) + 7)
     k = {32: 288, 128: 384}.get(group_size, 320 if bits == 3 else 272)
     qw, w64 = quantized(bits, group_size, kind, 70, k, g)
     kept, args = quant_args(qw)
-    for m, dtype, tol in ((17, torch.float16, 1e-3), (70, torch.bfloat16, 8e-3)):
+    for m, dtype, tol in ((17, torch.float16, 1e-3), (70, torch.bfloat16, 8e-3), (200, torch.float16, 1e-3)):
         check_quant_gemm(quant_mma_lib.emu_quant_mma, args, w64.to(dtype).double(), m, dtype, g, tol)
     del kept
 

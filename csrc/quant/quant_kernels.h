@@ -52,9 +52,11 @@ const char* quant_gemv_cuda(const QuantWeight& w, const void* x, ScalarType dtyp
 // The tensor-core path for M > kQuantMaxRows (quant_mma_cuda.cu): same contract as the gemv,
 // for the weights and dtypes quant_mma_applies() accepts (float16 / bfloat16 x, plane length a
 // multiple of 4, a device binary built for sm_80 or later); x's rows start 8-byte aligned.
+// `workspace` holds quant_mma_workspace_floats(w, M) floats (split-K partial sums; null when 0).
 bool quant_mma_applies(const QuantWeight& w, ScalarType dtype);
+int64_t quant_mma_workspace_floats(const QuantWeight& w, int64_t M);
 const char* quant_mma_gemm_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
-                                const float* bias, void* y, void* stream);
+                                const float* bias, void* y, float* workspace, void* stream);
 const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
                                     void* stream);
 

@@ -11,12 +11,14 @@
 // consecutive (k = g group + j P + i + t over the step's units, planes j and t < 4); x's
 // columns are gathered into shared memory in the same order, and the sum does not care.
 // Global loads of step s + 1 are issued before the multiplies of step s (register prefetch).
+// When the output tiles are too few to fill the GPU (4096-row layers at small batches), K is
+// split over blockIdx.z into a float32 workspace that a second kernel adds up in order.
 // Weights are rounded to x's dtype before the multiply, as a float16 / bfloat16 matmul of the
 // dequantized weights would; accumulation is float32.
 //
 // Not here yet (NOT measured on a GPU either): weights pre-shuffled into fragment order (loaded
-// straight into registers, no shared-memory round trip), multi-stage cp.async pipelines,
-// split-K for layers with few output tiles. Plane lengths that are not a multiple of 4 and
+// straight into registers, no shared-memory round trip), multi-stage cp.async pipelines.
+// Plane lengths that are not a multiple of 4 and
 // float32 activations keep the dequantize + cuBLAS path (quant_op.cpp).
 #include <cuda_runtime.h>
 
@@ -155,10 +157,12 @@ __device__ __forceinline__ uint32_t shared_pair(const uint16_t (*rows)[kLd], int
   return *reinterpret_cast<const uint32_t*>(&rows[r][c]);
 }
 
+// y [M, N] (+ bias), or with `partial` the split blockIdx.z's float32 sums over its K steps
+// [steps_per_split z, + steps_per_split) into partial [splits, M, N] (reduce_splits adds them).
 template <int BITS, class T>
 __global__ void __launch_bounds__(kThreads)
     mma_gemm_kernel(QuantWeight w, const T* __restrict__ x, int64_t M, const float* __restrict__ bias,
-                    T* __restrict__ y) {
+                    T* __restrict__ y, float* __restrict__ partial, int64_t steps_per_split) {
   using S = StepShape<BITS>;
   __shared__ SharedTiles tiles;
   auto xs = tiles.x;
@@ -170,7 +174,10 @@ __global__ void __launch_bounds__(kThreads)
   geo.units = geo.G * geo.units_per_group;
   geo.row_bytes = w.K * BITS / 8;
   geo.group_bytes = w.group * BITS / 8;
-  const int64_t steps = (geo.units + S::kUnits - 1) / S::kUnits;
+  const int64_t all_steps = (geo.units + S::kUnits - 1) / S::kUnits;
+  const int64_t first = partial ? int64_t(blockIdx.z) * steps_per_split : 0;
+  const int64_t steps = partial ? (all_steps - first < steps_per_split ? all_steps - first : steps_per_split)
+                                : all_steps;  // (<= 0: a split past K writes zeros)
   const int64_t n0 = int64_t(blockIdx.x) * kBN;
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int wm = (warp / 2) * 32, wn = (warp % 2) * 32;  // the warp's 32 x 32 of the block tile
@@ -185,11 +192,11 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) acc[a][b][r] = 0.f;
     Fetched<BITS> f;
-    fetch<BITS>(w, geo, x, M, m0, n0, 0, f);
+    if (steps > 0) fetch<BITS>(w, geo, x, M, m0, n0, first, f);
     for (int64_t step = 0; step < steps; ++step) {
       store_step<BITS, T>(w, n0, f, xs, ws);
       __syncthreads();
-      if (step + 1 < steps) fetch<BITS>(w, geo, x, M, m0, n0, step + 1, f);  // in flight during the mma
+      if (step + 1 < steps) fetch<BITS>(w, geo, x, M, m0, n0, first + step + 1, f);  // in flight during the mma
 #pragma unroll
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t a[2][4], b[4][2];
@@ -221,16 +228,63 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
         for (int r = 0; r < 4; ++r) {
           const int64_t m = m0 + wm + mi * 16 + g + 8 * (r / 2), n = n0 + wn + ni * 8 + 2 * t + r % 2;
-          if (m < M && n < w.N) store1(y + m * w.N + n, acc[mi][ni][r] + (bias ? bias[n] : 0.f));
+          if (m >= M || n >= w.N) continue;
+          if (partial) partial[(int64_t(blockIdx.z) * M + m) * w.N + n] = acc[mi][ni][r];
+          else store1(y + m * w.N + n, acc[mi][ni][r] + (bias ? bias[n] : 0.f));
         }
   }
 }
 
-template <int BITS, class T>
-void launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t stream) {
+// y = the splits' partial sums in split order (the same bits every run) + bias
+template <class T>
+__global__ void __launch_bounds__(256)
+    reduce_splits(const float* __restrict__ partial, int splits, int64_t M, int64_t N,
+                  const float* __restrict__ bias, T* __restrict__ y) {
+  const int64_t total = M * N, stride = int64_t(gridDim.x) * 256;
+  for (int64_t e = int64_t(blockIdx.x) * 256 + threadIdx.x; e < total; e += stride) {
+    float v = bias ? bias[e % N] : 0.f;
+    for (int z = 0; z < splits; ++z) v += partial[int64_t(z) * total + e];
+    store1(y + e, v);
+  }
+}
+
+// K steps of 32 values for a weight (the packed layout's units, StepShape's)
+int64_t k_steps(const QuantWeight& w) {
+  const int64_t per_unit = 4 * quant_planes(w.bits), units = w.K / per_unit;
+  const int64_t per_step = kBK / per_unit;
+  return (units + per_step - 1) / per_step;
+}
+
+// Splits of K: one unless the output tiles cannot fill the GPU twice over (a 4096-row layer
+// has 64 tiles at batch <= 64 for 132 multiprocessors on an H100 / H200); then enough to, with
+// at least kMinSplitSteps steps each, at most kMaxSplits.
+constexpr int64_t kMinSplitSteps = 4, kMaxSplits = 16;
+int splits_for(const QuantWeight& w, int64_t M) {
+  int device = 0, sms = 1;
+  cudaGetDevice(&device);
+  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t m_blocks = (M + kBM - 1) / kBM;
-  const dim3 grid(unsigned((w.N + kBN - 1) / kBN), unsigned(m_blocks < 65535 ? m_blocks : 65535));
-  mma_gemm_kernel<BITS, T><<<grid, kThreads, 0, stream>>>(w, x, M, bias, y);
+  const int64_t tiles = (w.N + kBN - 1) / kBN * (m_blocks < 65535 ? m_blocks : 65535);
+  const int64_t target = 2 * int64_t(sms > 0 ? sms : 1);
+  if (tiles >= target) return 1;
+  int64_t s = (target + tiles - 1) / tiles;
+  s = s < kMaxSplits ? s : kMaxSplits;
+  const int64_t by_steps = k_steps(w) / kMinSplitSteps;
+  s = s < by_steps ? s : by_steps;
+  return int(s > 1 ? s : 1);
+}
+
+template <int BITS, class T>
+void launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, float* workspace,
+            int splits, cudaStream_t stream) {
+  const int64_t m_blocks = (M + kBM - 1) / kBM;
+  const int64_t steps = k_steps(w), per_split = (steps + splits - 1) / splits;
+  const dim3 grid(unsigned((w.N + kBN - 1) / kBN), unsigned(m_blocks < 65535 ? m_blocks : 65535),
+                  unsigned(splits));
+  mma_gemm_kernel<BITS, T><<<grid, kThreads, 0, stream>>>(w, x, M, bias, y, splits > 1 ? workspace : nullptr,
+                                                          per_split);
+  if (splits > 1)
+    reduce_splits<T><<<FL_ISA::blocks_for(M * w.N, 256), 256, 0, stream>>>(workspace, splits, M, w.N, bias, y);
 }
 
 }  // namespace
@@ -242,18 +296,25 @@ bool quant_mma_applies(const QuantWeight& w, ScalarType dtype) {
   return FL_ISA::mma_available(mma_gemm_kernel<4, __half>);
 }
 
+int64_t quant_mma_workspace_floats(const QuantWeight& w, int64_t M) {
+  const int splits = M > 0 && w.N > 0 ? splits_for(w, M) : 1;
+  return splits > 1 ? int64_t(splits) * M * w.N : 0;
+}
+
 const char* quant_mma_gemm_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
-                                const float* bias, void* y, void* stream) {
+                                const float* bias, void* y, float* workspace, void* stream) {
   if (M == 0 || w.N == 0) return nullptr;
   auto s = static_cast<cudaStream_t>(stream);
+  // the split count the caller's workspace was sized for (quant_mma_workspace_floats)
+  const int splits = workspace ? splits_for(w, M) : 1;
   auto run = [&]<class T>() {
     const T* xt = static_cast<const T*>(x);
     T* yt = static_cast<T*>(y);
     switch (w.bits) {
-      case 2: launch<2>(w, xt, M, bias, yt, s); break;
-      case 3: launch<3>(w, xt, M, bias, yt, s); break;
-      case 4: launch<4>(w, xt, M, bias, yt, s); break;
-      default: launch<8>(w, xt, M, bias, yt, s); break;
+      case 2: launch<2>(w, xt, M, bias, yt, workspace, splits, s); break;
+      case 3: launch<3>(w, xt, M, bias, yt, workspace, splits, s); break;
+      case 4: launch<4>(w, xt, M, bias, yt, workspace, splits, s); break;
+      default: launch<8>(w, xt, M, bias, yt, workspace, splits, s); break;
     }
   };
   if (dtype == ScalarType::f16) run.template operator()<__half>();

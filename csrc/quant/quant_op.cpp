@@ -142,9 +142,15 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
     if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // 16- / 8-byte loads
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
-    check_cuda_launch(gemv ? quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
-                           : quant_mma_gemm_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
-                      kOp);
+    if (gemv) {
+      check_cuda_launch(quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()), kOp);
+    } else {
+      const int64_t floats = quant_mma_workspace_floats(w, M);
+      Tensor workspace = at::empty({floats}, f32);  // split-K partial sums, or nothing
+      check_cuda_launch(quant_mma_gemm_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(),
+                                            floats ? workspace.data_ptr<float>() : nullptr, cuda_stream()),
+                        kOp);
+    }
     return yx;
   }
 #endif

@@ -13,7 +13,10 @@ const char* emu_quant_mma(const uint8_t* q, const float* scale, const float* zer
                           int dtype, int64_t M, const float* bias, void* y) {
   const fastloss::QuantWeight w = emu_quant_weight(q, scale, zero, codebook, shape, bits);
   if (!fastloss::quant_mma_applies(w, fastloss::ScalarType(dtype))) return "not applicable";
-  return fastloss::quant_mma_gemm_cuda(w, x, fastloss::ScalarType(dtype), M, bias, y, nullptr);
+  // the split-K workspace as the op allocates it (NaN: a partial sum left unwritten shows)
+  std::vector<float> workspace(size_t(fastloss::quant_mma_workspace_floats(w, M)), __builtin_nanf(""));
+  return fastloss::quant_mma_gemm_cuda(w, x, fastloss::ScalarType(dtype), M, bias, y,
+                                       workspace.empty() ? nullptr : workspace.data(), nullptr);
 }
 
 }  // extern "C"
