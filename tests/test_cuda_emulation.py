@@ -1017,12 +1017,47 @@ def nb_lib():
     lib.emu_neighbour_dist.argtypes = [P, P, P, I64, ctypes.c_float, P]
     lib.emu_neighbour_grad_x.argtypes = [P, P, P, I64, P, P]
     lib.emu_neighbour_grad_t.argtypes = [P, P, P, P, I64, P, P]
+    lib.emu_knn_rows.argtypes = [P, I64, P, P, ctypes.c_int, ctypes.c_int64, P]
+    lib.emu_knn_rows.restype = ctypes.c_char_p
     lib.emu_icnn_scratch.argtypes = [ctypes.c_int64]
     lib.emu_icnn_scratch.restype = ctypes.c_int64
     lib.emu_icnn_score.argtypes = [P, P, I64, ctypes.c_int, P, P, P]
     for f in (lib.emu_neighbour_dist, lib.emu_neighbour_grad_x, lib.emu_neighbour_grad_t, lib.emu_icnn_score):
         f.restype = ctypes.c_char_p
     return lib
+
+
+@pytest.mark.parametrize("case", ["plain", "ties", "nan", "self", "k64", "wide"])
+def test_knn_rows_kernel(nb_lib, case):
+    """The k nearest columns of a dot-product block (a radix selection per row) against the CPU
+    op: ascending, ties to the lower column, NaN / inf distances last by column, the row's own
+    column skipped with exclude_self; 200 columns (one column byte) and 70000 (three)."""
+    g = torch.Generator().manual_seed(len(case))
+    rows, n, d = (5, 70000, 4) if case == "wide" else (7, 200, 6)
+    k = {"k64": 64, "ties": 9}.get(case, 5)
+    x = torch.randn(rows, d, generator=g)
+    t = torch.randn(n, d, generator=g)
+    row0 = 0
+    if case == "ties":  # whole groups of equal distances
+        t = torch.randint(-2, 3, (n, d), generator=g).float()
+        x = torch.randint(-2, 3, (rows, d), generator=g).float()
+    if case == "self":  # the rows are columns row0 .. row0 + rows - 1 of the block
+        row0 = 11
+        x = t[row0:row0 + rows].clone()
+    s = (x @ t.T).contiguous()
+    row_sq, col_sq = x.square().sum(1), t.square().sum(1)
+    if case == "nan":
+        s[0, 3:190] = float("nan")   # row 0: 13 numbers left... and row 1 fewer numbers than k
+        s[1, 2:] = float("nan")
+        s[2, 5] = float("inf")
+    exclude = case == "self"
+    want = torch.ops.fastloss.knn_rows(s, row_sq, col_sq, row0, exclude, k)
+    idx, ibuf = guarded(torch.full((rows, k), -1, dtype=torch.long), -7)
+    err = nb_lib.emu_knn_rows(s.data_ptr(), int64s(rows, n, row0), row_sq.data_ptr(), col_sq.data_ptr(),
+                              int(exclude), k, idx.data_ptr())
+    assert err is None, err.decode()
+    assert (ibuf[:GUARD] == -7).all() and (ibuf[-GUARD:] == -7).all(), "knn idx: wrote outside its output"
+    assert torch.equal(idx, want), (idx, want)
 
 
 @pytest.mark.parametrize("shape", [(37, 23, 19, 5), (9, 40, 70, 3), (4, 3, 1, 2)], ids=str)
@@ -1138,6 +1173,7 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_clip_rows_cuda(sim_lib, (70, 130, 50), True)
         test_quant_tensor_core_gemm(quant_mma_lib, 3, 32, "asymmetric")
         test_icnn_score_kernel(nb_lib, "ties")
+        test_knn_rows_kernel(nb_lib, "ties")
     finally:
         for lib in libs:
             lib.emu_set_schedule(0, 1)

@@ -94,6 +94,76 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// ---- k nearest columns of a block of dot products (ICNN's neighbour search) ---------------------
+// A block per row. Each column's key is (distance bits << 32 | column): distances are >= 0, so
+// their float bits order them, and the column breaks ties towards the lower one; a non-finite
+// distance gets the largest bits (after every number, by column, as the CPU kernel fills such
+// rows) and the row's own column (exclude_self) the largest key of all. A radix selection,
+// 8 bits a pass from the top (the column's high bytes only as far as n needs), finds the k-th
+// smallest key T; the keys <= T are exactly the row's k nearest, ranked by a comparison count.
+
+constexpr int kKnnThreads = 256;
+
+__device__ __forceinline__ uint64_t knn_key(float raw, int64_t j, int64_t self) {
+  if (j == self) return ~uint64_t(0);
+  const float d = raw < 0.f ? 0.f : raw;  // cdist's clamp (a NaN stays NaN)
+  const uint32_t bits = d <= 3.40282347e38f ? __float_as_uint(d) : 0xffffffffu;  // NaN, inf: last
+  return (uint64_t(bits) << 32) | uint64_t(j);
+}
+
+__global__ void __launch_bounds__(kKnnThreads)
+    knn_kernel(const float* __restrict__ s, int64_t rows, int64_t n, int64_t row0,
+               const float* __restrict__ row_sq, const float* __restrict__ col_sq, bool exclude_self,
+               int k, int col_bytes, int64_t* __restrict__ idx) {
+  __shared__ unsigned hist[256];
+  __shared__ uint64_t prefix_s;
+  __shared__ unsigned want_s, found;
+  __shared__ uint64_t chosen[kKnnMax];
+  for (int64_t i = blockIdx.x; i < rows; i += gridDim.x) {
+    const float* si = s + i * n;
+    const float ri = row_sq[i];
+    const int64_t self = exclude_self ? row0 + i : -1;
+    uint64_t prefix = 0, mask = 0;
+    unsigned want = unsigned(k);  // the rank (1-based) of T among the keys matching prefix
+    for (int shift = 56; shift >= 0; shift -= 8) {
+      if (shift < 32 && shift >= 8 * col_bytes) continue;  // column bytes that are 0 for every j
+      for (int b = threadIdx.x; b < 256; b += kKnnThreads) hist[b] = 0;
+      __syncthreads();
+      for (int64_t j = threadIdx.x; j < n; j += kKnnThreads) {
+        const uint64_t key = knn_key(ri + col_sq[j] - 2.f * si[j], j, self);
+        if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
+      }
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        unsigned before = 0, b = 0;
+        while (before + hist[b] < want) before += hist[b++];
+        prefix_s = prefix | (uint64_t(b) << shift);
+        want_s = want - before;
+      }
+      __syncthreads();
+      prefix = prefix_s;
+      want = want_s;
+      mask |= uint64_t(255) << shift;
+      __syncthreads();  // prefix_s / want_s read by all before thread 0 writes them again
+    }
+    // prefix is now the k-th smallest key T itself (every byte that varies was decided)
+    if (threadIdx.x == 0) found = 0;
+    __syncthreads();
+    for (int64_t j = threadIdx.x; j < n; j += kKnnThreads) {
+      const uint64_t key = knn_key(ri + col_sq[j] - 2.f * si[j], j, self);
+      if (key <= prefix) chosen[atomicAdd(&found, 1u)] = key;  // exactly k keys (all distinct)
+    }
+    __syncthreads();
+    if (int(threadIdx.x) < k) {  // rank by comparison: the output order does not depend on the slots
+      const uint64_t mine = chosen[threadIdx.x];
+      int rank = 0;
+      for (int c = 0; c < k; ++c) rank += chosen[c] < mine;
+      idx[i * k + rank] = int64_t(mine & 0xffffffffu);
+    }
+    __syncthreads();  // chosen / found reused by the next row
+  }
+}
+
 // ---- ICNN's score -----------------------------------------------------------------------------
 // Scratch (float64): kRowTerms values per row, then kScalars.
 enum RowTerm { kDelta, kBig, kSame, kOther, kDcRow, kScRow, kDcMaxRow, kRowTerms };
@@ -277,6 +347,17 @@ const char* neighbour_dist_grad_t_cuda(const float* x, const float* t, int64_t d
   if (m * d == 0) return nullptr;
   FL_ISA::grad_t_kernel<<<blocks_for(m * d, FL_ISA::kThreads), FL_ISA::kThreads, 0,
                           static_cast<cudaStream_t>(stream)>>>(x, t, d, t_ptr, pairs, m, n_nb, w, grad_t);
+  return launch_status();
+}
+
+const char* knn_rows_cuda(const SimBlock& q, const float* row_sq, const float* col_sq,
+                          bool exclude_self, int64_t k, int64_t* idx, void* stream) {
+  if (q.rows == 0) return nullptr;
+  int col_bytes = 1;  // bytes of the column index that vary (n <= 2^31 - 1)
+  while (col_bytes < 4 && (q.n - 1) >> (8 * col_bytes)) ++col_bytes;
+  const unsigned grid = unsigned(q.rows < 65536 ? q.rows : 65536);
+  FL_ISA::knn_kernel<<<grid, FL_ISA::kKnnThreads, 0, static_cast<cudaStream_t>(stream)>>>(
+      q.s, q.rows, q.n, q.row0, row_sq, col_sq, exclude_self, int(k), col_bytes, idx);
   return launch_status();
 }
 

@@ -587,13 +587,21 @@ Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_s
                    bool exclude_self, int64_t k) {
   constexpr const char* op = "knn_rows";
   Tensor s = s_in;
-  const SimBlock q = sim_block(s, nullptr, row0, op, exclude_self);
-  check_vector(row_sq, q.rows, at::kFloat, op, "row_sq");
-  check_vector(col_sq, q.n, at::kFloat, op, "col_sq");
+  const SimBlock q = sim_block(s, nullptr, row0, op, exclude_self, /*cuda=*/true);
+  check_vector(row_sq, q.rows, at::kFloat, op, "row_sq", s.device());
+  check_vector(col_sq, q.n, at::kFloat, op, "col_sq", s.device());
   TORCH_CHECK(k >= 1 && k <= kKnnMax && k <= q.n - (exclude_self ? 1 : 0), op, ": k must be in [1, ",
               std::min<int64_t>(kKnnMax, q.n - (exclude_self ? 1 : 0)), "], got ", k);
   Tensor idx = at::empty({q.rows, k}, s.options().dtype(at::kLong));
   int64_t* out = idx.data_ptr<int64_t>();
+  if (s.is_cuda()) {
+#if defined(FASTLOSS_WITH_CUDA)
+    const c10::cuda::CUDAGuard guard(s.device());
+    check_cuda_launch(knn_rows_cuda(q, row_sq.data_ptr<float>(), col_sq.data_ptr<float>(), exclude_self, k,
+                                    out, cuda_stream()), op);
+#endif
+    return idx;
+  }
   at::parallel_for(0, q.rows, row_grain(q.n), [&](int64_t r0, int64_t r1) {
     knn_rows(q, row_sq.data_ptr<float>(), col_sq.data_ptr<float>(), exclude_self, k, out, r0, r1);
   });
@@ -861,6 +869,7 @@ void register_impls(torch::Library& m) {
   m.impl("contrastive_forward", &contrastive_forward);
   m.impl("contrastive_backward", &contrastive_backward);
   m.impl("ms_blocks", &ms_blocks);
+  m.impl("knn_rows", &knn_rows_op);
   m.impl("neighbour_dist", &neighbour_dist_op);
   m.impl("neighbour_dist_backward", &neighbour_dist_backward);
   m.impl("icnn_score", &icnn_score_op);
@@ -869,7 +878,6 @@ void register_impls(torch::Library& m) {
 }
 void register_cpu_only(torch::Library& m) {
   m.impl("pair_grad", &pair_grad);
-  m.impl("knn_rows", &knn_rows_op);
 }
 }  // namespace
 }  // namespace fastloss

@@ -108,6 +108,10 @@ const char* clip_rows_grad_cuda(const SimBlock& q, float scale, const float* lse
 constexpr int64_t kKnnMax = 64;
 void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
               int64_t k, int64_t* idx, int64_t r0, int64_t r1);
+// The same on the device for every row of the block (neighbours_cuda.cu; a radix selection per
+// row), on `stream`; the columns of each row's k nearest, ascending, ties to the lower column.
+const char* knn_rows_cuda(const SimBlock& q, const float* row_sq, const float* col_sq,
+                          bool exclude_self, int64_t k, int64_t* idx, void* stream);
 
 // ---- distances of chosen pairs (ICNN's neighbours, Proto-Triplet's prototypes) -----------
 // x [N, d], t [M, d] float32 rows; idx [N, n_nb] (columns of t, in [0, M)).

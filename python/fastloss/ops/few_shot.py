@@ -3,8 +3,9 @@ the Proto-Triplet loss and the ICNN loss. Formulas in each function's docstring,
 authors' code computes them (its constants included, so the values are comparable).
 
 Distances are Euclidean, ``d(a, b) = sqrt(||a - b||^2 + 1e-6)``. Neighbour search goes over
-blocks of rows (a GEMM per block, then on the CPU the ``knn_rows`` kernel of
-``csrc/pair_losses/similarity_rows_*``, elsewhere ``cdist`` + ``topk``), so no ``N x M`` distance
+blocks of rows (a GEMM per block, then the ``knn_rows`` kernel of
+``csrc/pair_losses/similarity_rows_*`` / ``neighbours_cuda.cu``; elsewhere, or for more than
+64 neighbours, ``cdist`` + ``topk``), so no ``N x M`` distance
 matrix is kept for backward: only the chosen neighbours' distances are formed again,
 differentiably, from the embeddings.
 """
@@ -21,8 +22,8 @@ from ._devices import has_kernel
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
 _BLOCK_BYTES = 4 << 20
-# CUDA: cdist + topk per block; 4 MiB blocks were 64 rows at 16384 targets, and ICNN at
-# B = 16384 took 101 ms on an H200 (e808290) against eager's 12.9 ms, in 256 small steps
+# CUDA: 4 MiB blocks were 64 rows at 16384 targets, and ICNN at B = 16384 took 101 ms on an
+# H200 (e808290, cdist + topk per block) against eager's 12.9 ms, in 256 small steps
 _CUDA_BLOCK_BYTES = 64 << 20
 _KNN_KERNEL_MAX = 64  # kKnnMax of csrc/pair_losses/similarity_rows_kernels.h
 
@@ -210,14 +211,15 @@ def _fake_knn_rows(s, row_sq, col_sq, row0, exclude_self, k):
 
 def _neighbours(emb, target, k, exclude_self):
     """Indices [N, k] of the k nearest rows of target for each row of emb, by blocks (ascending
-    distance). CPU (k <= 64): a GEMM per block and the knn_rows kernel, one pass keeping each
-    row's k best; elsewhere cdist + topk on each block."""
+    distance). CPU and CUDA (k <= 64): a GEMM per block and the knn_rows kernel (CPU: one pass
+    keeping each row's k best; CUDA: a radix selection per row); elsewhere cdist + topk on
+    each block."""
     n, m = emb.shape[0], target.shape[0]
     budget = _BLOCK_BYTES if emb.device.type == "cpu" else _CUDA_BLOCK_BYTES
     block = max(1, budget // (4 * max(m, 1)))
     out = torch.empty(n, k, dtype=torch.long, device=emb.device)
     with torch.no_grad():
-        if _kernels(emb) and emb.device.type == "cpu" and k <= _KNN_KERNEL_MAX:
+        if _kernels(emb) and k <= _KNN_KERNEL_MAX:
             ef, tf = emb.float().contiguous(), target.float().contiguous()
             row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
             buf = ef.new_empty((min(block, n), m))  # one reused block (a fresh one per step
