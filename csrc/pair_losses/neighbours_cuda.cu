@@ -75,8 +75,9 @@ __global__ void __launch_bounds__(kThreads)
 
 // grad_t[j, f] = -sum over the pairs p of target j (pairs[t_ptr[j] .. t_ptr[j + 1])) of
 // w[p] (x[p / n_nb, f] - t[j, f]). A thread walks all of its target's pairs: few targets with
-// many pairs each (Proto-Triplet's K prototypes, ICNN's hub neighbours) leave the GPU mostly
-// idle; splitting long lists over a warp with a fixed-order sum would keep the bits (not done).
+// many pairs each would leave the GPU mostly idle, so pair_losses_op.cpp takes a dense weight
+// matrix and a GEMM instead when targets x rows is small (Proto-Triplet's prototypes); ICNN's
+// hub neighbours still walk long lists here.
 __global__ void __launch_bounds__(kThreads)
     grad_t_kernel(const float* __restrict__ x, const float* __restrict__ t, int64_t d,
                   const int64_t* __restrict__ t_ptr, const int64_t* __restrict__ pairs, int64_t m,

@@ -17,6 +17,7 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/logaddexp.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/ops/searchsorted.h>
 #include <ATen/ops/stack.h>
@@ -679,7 +680,16 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
     if (mask[0])
       check_cuda_launch(neighbour_dist_grad_x_cuda(xp, tp, d, ip, n, nb, m, wp, grad_x.data_ptr<float>(),
                                                    cuda_stream()), op);
-    if (mask[1]) {  // the pairs by target (a stable sort on the device), as the CPU's lists
+    if (mask[1] && m * n <= (int64_t(1) << 24)) {
+      // few targets (Proto-Triplet's prototypes): each target's pair list is long, and the
+      // kernel below walks a list per thread; as a dense [n, m] weight matrix the sum is a
+      // GEMM: grad_t[j] = (sum_p w_p) t_j - sum_p w_p x_{i(p)}. Indices outside [0, m) add 0
+      // (exact in any order: the result does not depend on scatter_add's order).
+      const Tensor valid = idx.ge(0).logical_and(idx.lt(m));
+      const Tensor wm = at::zeros({n, m}, w.options())
+                            .scatter_add_(1, idx.clamp(0, m - 1), at::where(valid, w, 0.0));
+      grad_t.copy_(t.mul(wm.sum(0).unsqueeze(1)).sub_(at::mm(wm.t(), x)));
+    } else if (mask[1]) {  // the pairs by target (a stable sort on the device), as the CPU's lists
       const Tensor flat = idx.flatten();
       const Tensor pairs = at::argsort(flat, /*stable=*/true);
       const Tensor t_ptr = at::searchsorted(flat.index_select(0, pairs),
