@@ -1138,6 +1138,55 @@ def test_icnn_score_kernel(nb_lib, case):
     torch.testing.assert_close(grad.double(), d64.grad, rtol=1e-5, atol=1e-7)
 
 
+# ---- linear + cross-entropy: the vocabulary-tile statistics on tensor cores ----------------------
+
+
+@pytest.fixture(scope="module")
+def lce_lib():
+    lib = build.build("linear_losses/linear_ce_cuda.cu", "linear_ce_harness.cpp", "linear_ce")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_linear_ce_stats.argtypes = [P, P, P, ctypes.c_int, I64, P, P, ctypes.c_float, ctypes.c_int, P]
+    lib.emu_linear_ce_stats.restype = ctypes.c_char_p
+    return lib
+
+
+@pytest.mark.parametrize("case", ["plain", "bias_softcap", "weights_offset", "splits"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_linear_ce_stats(lce_lib, case, dtype):
+    """linear_ce_tile_stats' fused kernel (logit tiles on tensor cores, online log-sum-exp,
+    splits merged in order) against float64: N = 70 and V = 150 leave partial 64 x 64 tiles,
+    D = 40 a partial K step; targets in other shards and ignored rows give 0; 'splits': V = 1100
+    over the emulator's 3 multiprocessors takes 2 splits of the vocabulary."""
+    g = torch.Generator().manual_seed(len(case) + (7 if dtype == torch.float16 else 0))
+    n, d, v = 70, 40, 1100 if case == "splits" else 150
+    offset = 300 if case == "weights_offset" else 0
+    h = (torch.randn(n, d, generator=g)).to(dtype)
+    w = (torch.randn(v, d, generator=g) * 0.3).to(dtype)
+    b = (torch.randn(v, generator=g)).to(dtype) if case == "bias_softcap" else None
+    cw = torch.rand(v, generator=g) + 0.5 if case == "weights_offset" else None
+    softcap = 2.5 if case == "bias_softcap" else 0.0
+    t = torch.randint(offset, offset + v, (n,), generator=g)
+    t[3], t[5] = -100, offset + v + 7  # ignored, and a class of another shard
+    hg, _ = guarded(h, float("nan"))
+    wg, _ = guarded(w, float("nan"))
+    bg = guarded(b, float("nan"))[0] if b is not None else None
+    out, obuf = guarded(torch.full((n, 3), float("nan")), SENTINEL)
+    err = lce_lib.emu_linear_ce_stats(hg.data_ptr(), wg.data_ptr(), None if bg is None else bg.data_ptr(),
+                                      DTYPE_CODES[dtype], int64s(n, d, v, offset), t.data_ptr(),
+                                      None if cw is None else cw.data_ptr(), softcap, 1, out.data_ptr())
+    assert err is None, err.decode()
+    check_guards(obuf, "stats")
+    z = h.double() @ w.double().T + (b.double() if b is not None else 0.0)
+    if softcap:
+        z = softcap * torch.tanh(z / softcap)
+    local = t - offset
+    mine = (local >= 0) & (local < v)
+    zy = torch.where(mine, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
+    wz = z @ (cw.double() if cw is not None else torch.ones(v, dtype=torch.float64))
+    want = torch.stack([torch.logsumexp(z, 1), zy, wz], 1)
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+
+
 # ---- other thread orders -------------------------------------------------------------------------
 
 

@@ -1,6 +1,7 @@
 // Linear + cross-entropy by tiles of the vocabulary: every row at once, a few hundred classes at
 // a time, so that the extra memory is one [N, tile] float32 tile instead of a block of whole
-// rows. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
+// rows. On CUDA with float16 / bfloat16 inputs the statistics come from a tensor-core kernel
+// that never writes the logits (linear_ce_cuda.cu; fused_stats below); the gradients are tiles. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
 //
 //   linear_ce_tile_stats -> [N, 3]: per row, the log-sum-exp of this weight's logits, the
 //     target's logit when the target is one of this weight's classes (else 0), and the
@@ -33,6 +34,13 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+
+#if defined(FASTLOSS_WITH_CUDA)
+#include <c10/cuda/CUDAGuard.h>
+#endif
+
+#include "../op_helpers.h"
+#include "linear_ce_kernels.h"
 
 namespace fastloss {
 namespace {
@@ -116,6 +124,45 @@ Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, 
   return z;
 }
 
+// The statistics by the tensor-core kernel (linear_ce_cuda.cu: no logits tile in memory at all)
+// where it applies: CUDA, float16 / bfloat16, D % 8 == 0, rows 16-byte aligned, sm_80+ code.
+bool fused_stats(const TileInputs& in, int64_t class_offset, double softcap, bool weighted_sum,
+                 Tensor& out) {
+#if defined(FASTLOSS_WITH_CUDA)
+  const auto dt = in.hidden.scalar_type();
+  if (!in.hidden.is_cuda() || (dt != at::kHalf && dt != at::kBFloat16) || in.D % 8 != 0) return false;
+  const Tensor h = in.hidden.contiguous(), w = in.weight.contiguous();
+  const Tensor b = in.bias.defined() ? in.bias.contiguous() : Tensor();
+  for (const Tensor* t : {&h, &w})
+    if (reinterpret_cast<uintptr_t>(t->data_ptr()) % 16 != 0) return false;
+  const c10::cuda::CUDAGuard guard(h.device());
+  if (!linear_ce_stats_available()) return false;
+  const Tensor y = in.target.contiguous();
+  LinearCeStatsArgs a;
+  a.hidden = h.data_ptr();
+  a.weight = w.data_ptr();
+  a.bias = b.defined() ? b.data_ptr() : nullptr;
+  a.dtype = dt == at::kHalf ? ScalarType::f16 : ScalarType::bf16;
+  a.N = in.N;
+  a.D = in.D;
+  a.V = in.V;
+  a.target = y.data_ptr<int64_t>();
+  a.class_offset = class_offset;
+  a.class_weight = in.class_weight.defined() ? in.class_weight.data_ptr<float>() : nullptr;
+  a.softcap = float(softcap);
+  a.weighted_sum = weighted_sum;
+  const int splits = linear_ce_stats_splits(in.N, in.V);
+  Tensor partial = at::empty({int64_t(splits) * in.N * 4}, h.options().dtype(at::kFloat));
+  check_cuda_launch(linear_ce_stats_cuda(a, partial.data_ptr<float>(), splits, out.data_ptr<float>(),
+                                         cuda_stream()),
+                    kOp);
+  return true;
+#else
+  (void)in, (void)class_offset, (void)softcap, (void)weighted_sum, (void)out;
+  return false;
+#endif
+}
+
 Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const OptT& bias,
                             const Tensor& target, const OptT& class_weight, int64_t class_offset,
                             double softcap, bool weighted_sum, int64_t tile_cols) {
@@ -123,6 +170,7 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor out = at::zeros({in.N, 3}, f32);
   if (in.N == 0) return out;
+  if (fused_stats(in, class_offset, softcap, weighted_sum, out)) return out;
   Tensor lse = out.select(1, 0), z_y = out.select(1, 1), sum_wz = out.select(1, 2);
   Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
