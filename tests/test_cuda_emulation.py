@@ -1150,17 +1150,21 @@ def lce_lib():
     return lib
 
 
-@pytest.mark.parametrize("case", ["plain", "bias_softcap", "weights_offset", "splits"])
+@pytest.mark.parametrize("case", ["plain", "bias_softcap", "weights_offset", "splits", "nan"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
 def test_linear_ce_stats(lce_lib, case, dtype):
     """linear_ce_tile_stats' fused kernel (logit tiles on tensor cores, online log-sum-exp,
-    splits merged in order) against float64: N = 70 and V = 150 leave partial 64 x 64 tiles,
-    D = 40 a partial K step; targets in other shards and ignored rows give 0; 'splits': V = 1100
-    over the emulator's 3 multiprocessors takes 2 splits of the vocabulary."""
+    splits merged in order) against float64 with each logit rounded to the dtype (as the tile
+    path's GEMM writes it, which the backward forms again): N = 70 and V = 150 leave partial
+    64 x 64 tiles, D = 40 a partial K step; targets in other shards and ignored rows give 0;
+    'splits': V = 1100 over the emulator's 3 multiprocessors takes 2 splits of the vocabulary;
+    'nan': a NaN hidden row gives NaN statistics, as torch's logsumexp."""
     g = torch.Generator().manual_seed(len(case) + (7 if dtype == torch.float16 else 0))
     n, d, v = 70, 40, 1100 if case == "splits" else 150
     offset = 300 if case == "weights_offset" else 0
     h = (torch.randn(n, d, generator=g)).to(dtype)
+    if case == "nan":
+        h[4, 7] = float("nan")
     w = (torch.randn(v, d, generator=g) * 0.3).to(dtype)
     b = (torch.randn(v, generator=g)).to(dtype) if case == "bias_softcap" else None
     cw = torch.rand(v, generator=g) + 0.5 if case == "weights_offset" else None
@@ -1176,7 +1180,7 @@ def test_linear_ce_stats(lce_lib, case, dtype):
                                       None if cw is None else cw.data_ptr(), softcap, 1, out.data_ptr())
     assert err is None, err.decode()
     check_guards(obuf, "stats")
-    z = h.double() @ w.double().T + (b.double() if b is not None else 0.0)
+    z = (h.double() @ w.double().T + (b.double() if b is not None else 0.0)).to(dtype).double()
     if softcap:
         z = softcap * torch.tanh(z / softcap)
     local = t - offset
@@ -1184,7 +1188,8 @@ def test_linear_ce_stats(lce_lib, case, dtype):
     zy = torch.where(mine, z.gather(1, local.clamp(0, v - 1)[:, None])[:, 0], 0.0)
     wz = z @ (cw.double() if cw is not None else torch.ones(v, dtype=torch.float64))
     want = torch.stack([torch.logsumexp(z, 1), zy, wz], 1)
-    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4 * float(want.abs().max()))
+    torch.testing.assert_close(out.double(), want, rtol=1e-4, atol=1e-4 * float(want.nan_to_num().abs().max()),
+                               equal_nan=True)
 
 
 # ---- other thread orders -------------------------------------------------------------------------

@@ -93,6 +93,8 @@ def test_proto_triplet_label_ranges_and_backward_checks():
                                                            out[5], 0.4), "a class index outside [0, 5)"),
         (lambda: torch.ops.fastloss.proto_triplet_backward(torch.tensor(1.0), q[:3], *out[1:], 0.4),
          "must be proto_triplet_forward's outputs"),
+        (lambda: torch.ops.fastloss.proto_triplet_forward(q, ql[:3], s, sl, 0.4),
+         "query_labels must be [40] and support_labels [23] CPU tensors"),
     ])
 
 

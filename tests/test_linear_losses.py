@@ -373,6 +373,11 @@ def test_opcheck_tile_ops(dev):
         torch.library.opcheck(torch.ops.fastloss.linear_ce_tile_grads.default,
                               (h, w, bias, t, weights, 5, softcap, stats[:, 0], coef, True,
                                [True, True, True], 4))
+    # a shard without classes: the log of an empty sum (-inf), so that merging shards by
+    # logaddexp ignores it, and no target logit
+    empty = torch.ops.fastloss.linear_ce_tile_stats(h, w[:0], None, t, None, 0, 0.0, True, 0)
+    assert torch.equal(empty[:, 0], torch.full((9,), float("-inf"), device=dev))
+    assert (empty[:, 1:] == 0).all()
 
 
 def _three_losses(h, w, t, b):

@@ -10,8 +10,9 @@
 // K in steps of 32 through shared memory, 16-byte loads, the next step's loads in flight during
 // the multiplies). Each lane keeps an online log-sum-exp of its two rows' 16 columns per tile;
 // the quad's lanes merge at the end, and a second kernel merges the splits in split order (the
-// same bits on every run). Logits stay float32 here (the tile path rounded them to the input
-// dtype, as the GEMM output). NOT run on a GPU yet (tested under the CUDA emulator).
+// same bits on every run). Each logit is rounded to the input dtype as the tile path's GEMM
+// writes it (the backward forms its tiles with cuBLAS: the statistics must be of the same
+// logits). NOT run on a GPU yet (tested under the CUDA emulator).
 #include <cuda_runtime.h>
 
 #include <cmath>
@@ -66,15 +67,33 @@ __device__ __forceinline__ uint32_t pair_at(const uint16_t (*rows)[kLd], int r, 
 
 // One lane's running statistics of one row: online log-sum-exp (max m, sum s of e^(z - m)),
 // the target's logit, the weighted sum of the logits.
+// A NaN logit makes the row's log-sum-exp NaN and a +inf one +inf, as torch's logsumexp: m
+// carries them (s is then unused).
 struct RowStat {
   float m = -INFINITY, s = 0.f, zy = 0.f, wz = 0.f;
   __device__ __forceinline__ void merge(float om, float os) {
+    if (m != m || om != om) {
+      m = __int_as_float(0x7fc00000);
+      return;
+    }
+    if (m == INFINITY || om == INFINITY) {
+      m = INFINITY;
+      return;
+    }
     const float nm = fmaxf(m, om);
     if (nm == -INFINITY) return;  // both empty
     s = s * __expf(m - nm) + os * __expf(om - nm);
     m = nm;
   }
+  __device__ __forceinline__ float lse() const { return m != m || m == INFINITY ? m : m + logf(s); }
 };
+
+// a float32 logit rounded to the inputs' dtype, as the GEMM of the tile path (and of the
+// backward, which forms the tiles again with cuBLAS) writes it: both passes see the same logits
+__device__ __forceinline__ float round_to(float v, const __half*) { return __half2float(__float2half_rn(v)); }
+__device__ __forceinline__ float round_to(float v, const __nv_bfloat16*) {
+  return __bfloat162float(__float2bfloat16_rn(v));
+}
 
 template <class T>
 __global__ void __launch_bounds__(kThreads)
@@ -133,6 +152,7 @@ __global__ void __launch_bounds__(kThreads)
           float v = acc[ni][2 * h + e];
           if (c < a.V) {
             if (bias) v += load1(bias + c);
+            v = round_to(v, static_cast<const T*>(nullptr));
             if (a.softcap > 0.f) v = a.softcap * tanhf(v / a.softcap);
             if (c == local_y[h]) st[h].zy = v;
             if (a.weighted_sum) st[h].wz += (a.class_weight ? a.class_weight[c] : 1.f) * v;
@@ -140,11 +160,12 @@ __global__ void __launch_bounds__(kThreads)
             v = -INFINITY;  // a column past the vocabulary
           }
           z[ni * 2 + e] = v;
-          tile_max = fmaxf(tile_max, v);
+          tile_max = v != v || tile_max != tile_max ? __int_as_float(0x7fc00000) : fmaxf(tile_max, v);
         }
       float sum = 0.f;
+      if (tile_max > -INFINITY && tile_max < INFINITY)  // (NaN / +inf: carried by m alone)
 #pragma unroll
-      for (int e = 0; e < 16; ++e) sum += tile_max == -INFINITY ? 0.f : __expf(z[e] - tile_max);
+        for (int e = 0; e < 16; ++e) sum += __expf(z[e] - tile_max);
       st[h].merge(tile_max, sum);
     }
   }
@@ -179,7 +200,7 @@ __global__ void __launch_bounds__(256)
       st.zy += p[2];
       st.wz += p[3];
     }
-    out[r * 3] = st.m + logf(st.s);
+    out[r * 3] = st.lse();
     out[r * 3 + 1] = st.zy;
     out[r * 3 + 2] = st.wz;
   }

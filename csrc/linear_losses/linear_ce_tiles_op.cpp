@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <limits>
 #include <optional>
 
 #if defined(FASTLOSS_WITH_CUDA)
@@ -75,6 +76,9 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
   for (const Tensor* t : {&weight, &target})
     TORCH_CHECK(t->device() == hidden.device(), kOp, ": every tensor must be on ",
                 hidden.device(), ", got one on ", t->device());
+  for (const OptT* t : {&bias, &class_weight})
+    TORCH_CHECK(!t->has_value() || (*t)->device() == hidden.device(), kOp, ": every tensor must be on ",
+                hidden.device(), ", got one on ", (*t)->device());
   TileInputs in;
   in.hidden = hidden;
   in.weight = weight;
@@ -125,7 +129,8 @@ Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, 
 }
 
 // The statistics by the tensor-core kernel (linear_ce_cuda.cu: no logits tile in memory at all)
-// where it applies: CUDA, float16 / bfloat16, D % 8 == 0, rows 16-byte aligned, sm_80+ code.
+// where it applies: CUDA, float16 / bfloat16, D % 8 == 0, rows 16-byte aligned, sm_80+ code,
+// and no tile width asked for.
 bool fused_stats(const TileInputs& in, int64_t class_offset, double softcap, bool weighted_sum,
                  Tensor& out) {
 #if defined(FASTLOSS_WITH_CUDA)
@@ -170,7 +175,12 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor out = at::zeros({in.N, 3}, f32);
   if (in.N == 0) return out;
-  if (fused_stats(in, class_offset, softcap, weighted_sum, out)) return out;
+  if (in.V == 0) {  // no classes here (an empty shard): log of an empty sum, for the merge
+    out.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
+    return out;
+  }
+  // the tensor-core kernel unless tiles were asked for (tile_cols > 0 keeps the tile path)
+  if (tile_cols <= 0 && fused_stats(in, class_offset, softcap, weighted_sum, out)) return out;
   Tensor lse = out.select(1, 0), z_y = out.select(1, 1), sum_wz = out.select(1, 2);
   Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {

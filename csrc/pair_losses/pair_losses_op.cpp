@@ -680,11 +680,13 @@ std::tuple<Tensor, Tensor> neighbour_dist_backward(const Tensor& grad_dist, cons
     if (mask[0])
       check_cuda_launch(neighbour_dist_grad_x_cuda(xp, tp, d, ip, n, nb, m, wp, grad_x.data_ptr<float>(),
                                                    cuda_stream()), op);
-    if (mask[1] && m * n <= (int64_t(1) << 24)) {
+    if (mask[1] && m > 0 && m * n <= (int64_t(1) << 24)) {
       // few targets (Proto-Triplet's prototypes): each target's pair list is long, and the
       // kernel below walks a list per thread; as a dense [n, m] weight matrix the sum is a
       // GEMM: grad_t[j] = (sum_p w_p) t_j - sum_p w_p x_{i(p)}. Indices outside [0, m) add 0
-      // (exact in any order: the result does not depend on scatter_add's order).
+      // (exact in any order: the result does not depend on scatter_add's order). Unlike the
+      // kernel, a non-finite row of x reaches every target through the GEMM (0 x inf), and
+      // cuBLAS follows torch's TF32 setting for it.
       const Tensor valid = idx.ge(0).logical_and(idx.lt(m));
       const Tensor wm = at::zeros({n, m}, w.options())
                             .scatter_add_(1, idx.clamp(0, m - 1), at::where(valid, w, 0.0));
@@ -755,6 +757,12 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>> proto_
     const Tensor& qf, const Tensor& query_labels, const Tensor& sf, const Tensor& support_labels,
     double margin, const char* op) {
   const int64_t Q = qf.size(0), S = sf.size(0), D = qf.size(1);
+  TORCH_CHECK(query_labels.dim() == 1 && query_labels.size(0) == Q && query_labels.is_cpu() &&
+                  support_labels.dim() == 1 && support_labels.size(0) == S && support_labels.is_cpu() &&
+                  sf.size(1) == D,
+              op, ": query_labels must be [", Q, "] and support_labels [", S, "] CPU tensors and "
+              "support [S, ", D, "], got ", query_labels.sizes(), ", ", support_labels.sizes(), ", ",
+              sf.sizes());
   const Tensor sl = support_labels.to(at::kLong).contiguous(), ql = query_labels.to(at::kLong).contiguous();
   std::vector<int64_t> classes;
   std::vector<float> counts_v;

@@ -46,8 +46,14 @@ void proto_negatives(const float* score, const int64_t* pos, int64_t Q, int64_t 
     const float* r = score + i * K;
     int64_t best = -1;
     float v = std::numeric_limits<float>::infinity();
-    for (int64_t k = 0; k < K; ++k)  // strict <: ties to the lower class; NaN never wins
-      if (k != pos[i] && (best < 0 || r[k] < v)) best = k, v = r[k];
+    for (int64_t k = 0; k < K; ++k) {  // strict <: ties to the lower class; the first NaN wins, as argmin
+      if (k == pos[i]) continue;
+      if (r[k] != r[k]) {
+        best = k;
+        break;
+      }
+      if (best < 0 || r[k] < v) best = k, v = r[k];
+    }
     idx[2 * i] = pos[i];
     idx[2 * i + 1] = best;
   }
@@ -71,12 +77,14 @@ void proto_triplet_grads(const float* query, const float* protos, const int64_t*
   for (int64_t i = 0; i < Q; ++i) {
     float* gq = grad_query + i * D;
     const float* q = query + i * D;
-    if (!(double(dist[2 * i]) - dist[2 * i + 1] + margin > 0)) {
+    const double hinge = double(dist[2 * i]) - dist[2 * i + 1] + margin;
+    if (!(hinge > 0) && hinge == hinge) {  // inactive; a NaN hinge goes on, as 0 / NaN below
       std::fill(gq, gq + D, 0.f);
       continue;
     }
     const int64_t p = idx[2 * i], n = idx[2 * i + 1];
-    const float wp = w / dist[2 * i], wn = -w / dist[2 * i + 1];
+    const float wi = hinge > 0 ? w : 0.f;  // NaN distances make the terms NaN (the generic path's)
+    const float wp = wi / dist[2 * i], wn = -wi / dist[2 * i + 1];
     const float *cp = protos + p * D, *cn = protos + n * D;
     float *gp = grad_protos.data() + p * D, *gn = grad_protos.data() + n * D;
     for (int64_t f = 0; f < D; ++f) {

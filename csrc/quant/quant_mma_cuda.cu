@@ -269,9 +269,11 @@ int splits_for(const QuantWeight& w, int64_t M) {
   if (tiles >= target) return 1;
   int64_t s = (target + tiles - 1) / tiles;
   s = s < kMaxSplits ? s : kMaxSplits;
-  const int64_t by_steps = k_steps(w) / kMinSplitSteps;
+  const int64_t steps = k_steps(w), by_steps = steps / kMinSplitSteps;
   s = s < by_steps ? s : by_steps;
-  return int(s > 1 ? s : 1);
+  if (s <= 1) return 1;
+  const int64_t per_split = (steps + s - 1) / s;
+  return int((steps + per_split - 1) / per_split);  // no split left without steps
 }
 
 template <int BITS, class T>
