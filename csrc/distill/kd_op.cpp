@@ -298,7 +298,8 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                                               ctx->saved_data["beta"]})[0]
                  .toTensor();
     }
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};  // the teacher is a target
+    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,  // the teacher: a target
+                               kOp);
   }
 };
 
@@ -373,7 +374,8 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
                           : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
     }
-    return {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable({out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
+                               "topk_kl_loss / pld_loss");
   }
 };
 

@@ -339,7 +339,8 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     Tensor gh, gw, gb;
     const Tensor& up = grads[0];
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
-      return {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
+                                 "linear loss");
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
     auto& early = ctx->saved_data["early_grads"];
@@ -357,7 +358,8 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[1]) gw = result(list[1], weight);
       if (needs[2]) gb = result(list[2], saved[3]);
       if (unit) early = c10::IValue();
-      return {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
+                                 "linear loss");
     }
     // Form every block again. d(total)/d(row loss) per row:
     Tensor g = up.to(at::kFloat);
@@ -373,7 +375,8 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[0]) gh = out[0].toTensor();
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
-    return {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
+                               "linear loss");
   }
 };
 

@@ -13,7 +13,9 @@
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
+#include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
+#include <torch/csrc/autograd/functions/basic_ops.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
@@ -233,6 +235,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossPara
               " is not a class index in [0, ", C, ") nor ignore_index (", p.ignore_index, ")");
   return {loss, stat0, stat1, grad};
 }
+
 
 // ---- the ops: each names its loss and its scalars -------------------------------------------
 
@@ -562,6 +565,20 @@ std::vector<c10::IValue> scalar_args(const LossParams& p) {
   return {double(p.label_smoothing), double(p.lse_square_scale), double(p.softcap)};
 }
 
+std::vector<Tensor> once_differentiable(std::vector<Tensor> grads, const std::vector<Tensor>& incoming,
+                                        const char* op) {
+  if (!at::GradMode::is_enabled()) return grads;
+  bool graph = false;
+  for (const Tensor& g : incoming) graph = graph || (g.defined() && g.requires_grad());
+  if (!graph) return grads;
+  torch::autograd::variable_list leaves;  // detached copies that require grad, as the Python one
+  for (const Tensor& g : grads) leaves.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
+  auto err = std::make_shared<torch::autograd::DelayedError>(
+      std::string(op) + ": double backward (differentiating the gradient again) is not supported",
+      int64_t(leaves.size()));
+  return err->apply(std::move(leaves));
+}
+
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
                                              std::vector<c10::IValue> stack) {
   at::AutoDispatchBelowADInplaceOrView guard;
@@ -665,7 +682,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
+                               "fastloss row loss");
   }
 };
 

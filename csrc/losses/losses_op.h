@@ -35,6 +35,13 @@ const c10::OperatorHandle& row_op(LossKind kind, int which);
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
                                              std::vector<c10::IValue> stack);
 
+// The gradients a C++ autograd formula returns, marked as torch's @once_differentiable marks
+// a Python one: when the backward runs with create_graph=True on incoming gradients that
+// require grad, differentiating these again raises (their formulas are kernels below
+// autograd, which would otherwise give zero second-order terms silently).
+std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads,
+                                            const std::vector<at::Tensor>& incoming, const char* op);
+
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);
 
