@@ -5,7 +5,6 @@
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/mul.h>
 #include <c10/util/Exception.h>
 #include <ATen/core/grad_mode.h>
@@ -266,10 +265,6 @@ const c10::OperatorHandle& kd_op(bool backward) {
   return backward ? bwd : fwd;
 }
 
-Tensor reduce_kd_rows(const Tensor& rows, int64_t reduction) {
-  return reduction == kMean ? rows.mean() : reduction == kSum ? rows.sum() : rows;
-}
-
 struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
                         const Tensor& teacher, int64_t kind, double temperature, double beta,
@@ -280,7 +275,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["reduction"] = reduction;
-    return reduce_kd_rows(out[0].toTensor(), reduction).to(student.scalar_type());
+    return reduce_loss_rows(out[0].toTensor(), reduction).to(student.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -290,9 +285,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       const auto saved = ctx->get_saved_variables();
       const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
       // d(total)/d(row loss) for every row
-      Tensor g = grads[0].to(at::kFloat);
-      if (reduction == kMean) g = g.div(double(n));
-      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      const Tensor g = row_upstream(grads[0], reduction, n);
       grad = call_below_autograd(kd_op(true), {g, saved[0], saved[1], saved[2],
                                               ctx->saved_data["kind"], ctx->saved_data["temperature"],
                                               ctx->saved_data["beta"]})[0]
@@ -310,7 +303,7 @@ Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, doubl
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad)
     return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction);
-  return reduce_kd_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction)
+  return reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction)
       .to(student.scalar_type());
 }
 
@@ -343,16 +336,10 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     else args.emplace_back(renormalize);
     args.emplace_back(want);
     auto out = call_below_autograd(rank_op(pld), std::move(args));
-    const Tensor rows = out[0].toTensor();
-    Tensor loss = rows, denom;
-    if (reduction == kSum) loss = rows.sum();
-    if (reduction == kMean) {
-      // PLD: the mean over the rows kept (F.cross_entropy's); top-k KL: over all rows
-      denom = pld ? target->ne(k_or_ignore).sum().to(at::kFloat)
-                  : at::full({}, double(rows.size(0)), rows.options());
-      loss = rows.sum().div(denom);
-    }
-    ctx->save_for_backward({out[1].toTensor(), denom});
+    // PLD's mean is over the rows kept (F.cross_entropy's); top-k KL's over all rows
+    const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
+    const Tensor loss = reduce_loss_rows(out[0].toTensor(), reduction, count);
+    ctx->save_for_backward({out[1].toTensor(), count});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     return loss.to(student.scalar_type());
@@ -367,9 +354,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       const auto saved = ctx->get_saved_variables();
       const Tensor& grad = saved[0];
       const int64_t n = grad.size(0), reduction = ctx->saved_data["reduction"].toInt();
-      Tensor g = grads[0].to(at::kFloat);
-      if (reduction == kMean) g = g.div(saved[1]);
-      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      const Tensor g = row_upstream(grads[0], reduction, n, saved[1]);
       // (through the dispatcher, so that torch.compile traces scale_rows' fake kernel)
       out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
                           : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
@@ -392,10 +377,8 @@ Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::option
   const Tensor rows = std::get<0>(pld ? pld_forward(student, teacher, *target, temperature, k_or_ignore, false)
                                       : topk_kl_forward(student, teacher, k_or_ignore, temperature,
                                                         renormalize, false));
-  Tensor loss = rows;
-  if (reduction == kSum) loss = rows.sum();
-  if (reduction == kMean) loss = pld ? rows.sum().div(target->ne(k_or_ignore).sum()) : rows.mean();
-  return loss.to(student.scalar_type());
+  const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
+  return reduce_loss_rows(rows, reduction, count).to(student.scalar_type());
 }
 
 template <bool Grad>

@@ -565,6 +565,19 @@ std::vector<c10::IValue> scalar_args(const LossParams& p) {
   return {double(p.label_smoothing), double(p.lse_square_scale), double(p.softcap)};
 }
 
+Tensor reduce_loss_rows(const Tensor& rows, int64_t reduction, const Tensor& mean_count) {
+  if (reduction == kSum) return rows.sum();
+  if (reduction == kMean) return mean_count.defined() ? rows.sum().div(mean_count) : rows.mean();
+  return rows;
+}
+
+Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tensor& mean_count) {
+  Tensor g = grad.to(at::kFloat);
+  if (reduction == kMean) g = mean_count.defined() ? g.div(mean_count) : g.div(double(n));
+  // one fill instead of an expand and a contiguous copy
+  return reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+}
+
 std::vector<Tensor> once_differentiable(std::vector<Tensor> grads, const std::vector<Tensor>& incoming,
                                         const char* op) {
   if (!at::GradMode::is_enabled()) return grads;
@@ -664,11 +677,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                                          ctx->saved_data["ignore_index"].toInt());
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
       const bool inplace = ctx->saved_data["inplace"].toBool();
-      // d(total)/d(row loss) for every row
-      Tensor g = grads[0].to(at::kFloat);
-      if (reduction == kMean) g = g.div(saved[5]);
-      if (reduction != kNone)  // one fill instead of an expand and a contiguous copy
-        g = at::empty({logits.size(0)}, g.options()).fill_(g);
+      // d(total)/d(row loss) for every row (the mean's divisor: the kept rows' class weights)
+      const Tensor g = row_upstream(grads[0], reduction, logits.size(0), saved[5]);
       std::vector<c10::IValue> args{g, logits, saved[1], opt(saved[2]), saved[3], saved[4],
                                     p.ignore_index};
       for (auto& v : scalar_args(p)) args.push_back(std::move(v));

@@ -35,6 +35,14 @@ const c10::OperatorHandle& row_op(LossKind kind, int which);
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
                                              std::vector<c10::IValue> stack);
 
+// Row losses [N] (float32) reduced for the single-op losses' autograd formulas: kNone, kSum,
+// or kMean over `mean_count` (a tensor: the rows kept) or, undefined, over all N rows; and the
+// backward of that reduction, d(total)/d(row loss) for each row ([N] float32, contiguous).
+at::Tensor reduce_loss_rows(const at::Tensor& rows, int64_t reduction,
+                            const at::Tensor& mean_count = at::Tensor());
+at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
+                        const at::Tensor& mean_count = at::Tensor());
+
 // The gradients a C++ autograd formula returns, marked as torch's @once_differentiable marks
 // a Python one: when the backward runs with create_graph=True on incoming gradients that
 // require grad, differentiating these again raises (their formulas are kernels below

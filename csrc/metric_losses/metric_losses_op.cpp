@@ -7,7 +7,6 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/empty.h>
-#include <ATen/ops/full.h>
 #include <ATen/ops/sqrt.h>
 #include <ATen/ops/stack.h>
 #include <ATen/ops/zeros.h>
@@ -303,14 +302,10 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
     std::vector<c10::IValue> args{logits, target, alpha, gamma, smooth};
     if (softmax) args.emplace_back(ignore_index);
     const Tensor rows = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
-    Tensor loss = rows, denom;
-    if (reduction == kSum) loss = rows.sum();
-    if (reduction == kMean) {  // softmax: over the rows kept (F.cross_entropy's mean)
-      denom = softmax ? target.ne(ignore_index).sum().to(at::kFloat)
-                      : at::full({}, double(rows.size(0)), rows.options());
-      loss = rows.sum().div(denom);
-    }
-    ctx->save_for_backward({logits, target, denom});
+    // softmax: the mean over the rows kept (F.cross_entropy's)
+    const Tensor count = softmax && reduction == kMean ? target.ne(ignore_index).sum() : Tensor();
+    const Tensor loss = reduce_loss_rows(rows, reduction, count);
+    ctx->save_for_backward({logits, target, count});
     ctx->saved_data["softmax"] = softmax;
     ctx->saved_data["params"] = std::vector<double>{alpha, gamma, smooth};
     ctx->saved_data["ignore_index"] = ignore_index;
@@ -328,9 +323,7 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
       const bool softmax = ctx->saved_data["softmax"].toBool();
       const auto params = ctx->saved_data["params"].toDoubleVector();
       const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
-      Tensor g = grads[0].to(at::kFloat);  // d(total)/d(row loss) for every row
-      if (reduction == kMean) g = g.div(saved[2]);
-      g = reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+      const Tensor g = row_upstream(grads[0], reduction, n, saved[2]);
       std::vector<c10::IValue> args{g, saved[0], saved[1], params[0], params[1], params[2]};
       if (softmax) args.emplace_back(ctx->saved_data["ignore_index"]);
       grad = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
@@ -350,11 +343,8 @@ Tensor dice_loss(const Tensor& logits, const Tensor& target, bool softmax, doubl
                                    reduction);
   const Tensor rows = softmax ? dice_softmax_forward(logits, target, alpha, gamma, smooth, ignore_index)
                               : dice_sigmoid_forward(logits, target, alpha, gamma, smooth);
-  Tensor loss = rows;
-  if (reduction == kSum) loss = rows.sum();
-  if (reduction == kMean)
-    loss = softmax ? rows.sum().div(target.ne(ignore_index).sum()) : rows.mean();
-  return loss.to(logits.scalar_type());
+  const Tensor count = softmax && reduction == kMean ? target.ne(ignore_index).sum() : Tensor();
+  return reduce_loss_rows(rows, reduction, count).to(logits.scalar_type());
 }
 
 enum Metric : int64_t { kF1 = 0, kFbeta = 1, kAccuracy = 2, kBalancedAccuracy = 3, kGmean = 4 };

@@ -132,7 +132,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{int64_t(pos.scalar_type()), int64_t(neg.scalar_type())};
-    const Tensor loss = reduction == kMean ? rows.mean() : reduction == kSum ? rows.sum() : rows;
+    const Tensor loss = reduce_loss_rows(rows, reduction);
     return loss.to(pos.scalar_type());
   }
 
@@ -144,9 +144,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
                   "forward (no score required grad then)");
       const auto saved = ctx->get_saved_variables();
       const int64_t b = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
-      Tensor g = grads[0].to(at::kFloat);  // d(total)/d(loss of each query)
-      if (reduction == kMean) g = g.div(double(b));
-      g = (reduction == kNone ? g.contiguous() : at::empty({b}, g.options()).fill_(g)).unsqueeze(1);
+      const Tensor g = row_upstream(grads[0], reduction, b).unsqueeze(1);  // per query
       const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
       if (ctx->needs_input_grad(0)) gp = saved[0].mul(g).to(at::ScalarType(dtypes[0]));
       if (ctx->needs_input_grad(1)) gn = saved[1].mul(g).to(at::ScalarType(dtypes[1]));
@@ -164,7 +162,7 @@ Tensor mw_auc_loss(const Tensor& pos, const Tensor& neg, int64_t reduction) {
     return AucLossFunction::apply(pos, neg, reduction, want);
   }
   const Tensor rows = std::get<0>(mw_auc_forward(pos, neg, false));
-  return (reduction == kMean ? rows.mean() : reduction == kSum ? rows.sum() : rows).to(pos.scalar_type());
+  return reduce_loss_rows(rows, reduction).to(pos.scalar_type());
 }
 
 
