@@ -40,6 +40,30 @@ inline bool mma_available(Kernel kernel) {
   return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
 }
 
+// The A fragment of rows r0 .. r0 + 15, columns k0 .. k0 + 15 of a row-major shared tile of
+// 16-bit values (Ld per row), and the B fragment of columns n0 .. n0 + 7 of B = tile^T, i.e.
+// of a tile stored [n][k] (each lane's pairs are two consecutive k of one row).
+template <int Ld>
+__device__ __forceinline__ uint32_t shared_pair(const uint16_t (*tile)[Ld], int r, int c) {
+  return *reinterpret_cast<const uint32_t*>(&tile[r][c]);
+}
+template <int Ld>
+__device__ __forceinline__ void load_a_fragment(uint32_t (&a)[4], const uint16_t (*tile)[Ld], int r0,
+                                                int k0, int lane) {
+  const int r = r0 + lane / 4, c = k0 + 2 * (lane % 4);
+  a[0] = shared_pair(tile, r, c);
+  a[1] = shared_pair(tile, r + 8, c);
+  a[2] = shared_pair(tile, r, c + 8);
+  a[3] = shared_pair(tile, r + 8, c + 8);
+}
+template <int Ld>
+__device__ __forceinline__ void load_b_fragment(uint32_t (&b)[2], const uint16_t (*tile)[Ld], int n0,
+                                                int k0, int lane) {
+  const int r = n0 + lane / 4, c = k0 + 2 * (lane % 4);
+  b[0] = shared_pair(tile, r, c);
+  b[1] = shared_pair(tile, r, c + 8);
+}
+
 template <class T>
 __device__ __forceinline__ void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
   static_assert(std::is_same_v<T, __half> || std::is_same_v<T, __nv_bfloat16>);

@@ -61,10 +61,6 @@ __device__ __forceinline__ void store_step(const Loaded& l, Tiles& t) {
   }
 }
 
-__device__ __forceinline__ uint32_t pair_at(const uint16_t (*rows)[kLd], int r, int c) {
-  return *reinterpret_cast<const uint32_t*>(&rows[r][c]);
-}
-
 // One lane's running statistics of one row: online log-sum-exp (max m, sum s of e^(z - m)),
 // the target's logit, the weighted sum of the logits.
 // A NaN logit makes the row's log-sum-exp NaN and a +inf one +inf, as torch's logsumexp: m
@@ -129,12 +125,11 @@ __global__ void __launch_bounds__(kThreads)
       if (step + 1 < steps) load_step(hidden, weight, a.N, a.D, a.V, r0, c0, (step + 1) * kK, l);
 #pragma unroll
       for (int kk = 0; kk < kK; kk += 16) {
-        const int r = warp * 16 + g, c = kk + 2 * t;
-        const uint32_t af[4] = {pair_at(tiles.h, r, c), pair_at(tiles.h, r + 8, c), pair_at(tiles.h, r, c + 8),
-                                pair_at(tiles.h, r + 8, c + 8)};
+        uint32_t af[4], bf[2];
+        load_a_fragment<kLd>(af, tiles.h, warp * 16, kk, lane);
 #pragma unroll
         for (int ni = 0; ni < 8; ++ni) {
-          const uint32_t bf[2] = {pair_at(tiles.w, ni * 8 + g, c), pair_at(tiles.w, ni * 8 + g, c + 8)};
+          load_b_fragment<kLd>(bf, tiles.w, ni * 8, kk, lane);
           mma_m16n8k16<T>(acc[ni], af, bf);
         }
       }

@@ -31,6 +31,8 @@
 
 namespace fastloss {
 namespace {
+using FL_ISA::load_a_fragment;
+using FL_ISA::load_b_fragment;
 using FL_ISA::mma_m16n8k16;
 using FL_ISA::store1;
 using FL_ISA::Table;
@@ -153,9 +155,6 @@ struct alignas(16) SharedTiles {
   uint16_t w[kBN][kLd];
 };
 
-__device__ __forceinline__ uint32_t shared_pair(const uint16_t (*rows)[kLd], int r, int c) {
-  return *reinterpret_cast<const uint32_t*>(&rows[r][c]);
-}
 
 // y [M, N] (+ bias), or with `partial` the split blockIdx.z's float32 sums over its K steps
 // [steps_per_split z, + steps_per_split) into partial [splits, M, N] (reduce_splits adds them).
@@ -201,19 +200,9 @@ __global__ void __launch_bounds__(kThreads)
       for (int kk = 0; kk < kBK; kk += 16) {
         uint32_t a[2][4], b[4][2];
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const int r = wm + mi * 16 + g, c = kk + 2 * t;
-          a[mi][0] = shared_pair(xs, r, c);
-          a[mi][1] = shared_pair(xs, r + 8, c);
-          a[mi][2] = shared_pair(xs, r, c + 8);
-          a[mi][3] = shared_pair(xs, r + 8, c + 8);
-        }
+        for (int mi = 0; mi < 2; ++mi) load_a_fragment<kLd>(a[mi], xs, wm + mi * 16, kk, lane);
 #pragma unroll
-        for (int ni = 0; ni < 4; ++ni) {
-          const int r = wn + ni * 8 + g, c = kk + 2 * t;
-          b[ni][0] = shared_pair(ws, r, c);
-          b[ni][1] = shared_pair(ws, r, c + 8);
-        }
+        for (int ni = 0; ni < 4; ++ni) load_b_fragment<kLd>(b[ni], ws, wn + ni * 8, kk, lane);
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi)
 #pragma unroll
