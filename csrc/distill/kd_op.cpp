@@ -291,7 +291,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                                               ctx->saved_data["beta"]})[0]
                  .toTensor();
     }
-    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,  // the teacher: a target
+    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
                                kOp);
   }
 };
@@ -342,6 +342,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     ctx->save_for_backward({out[1].toTensor(), count});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
+    ctx->saved_data["pld"] = pld;
     return loss.to(student.scalar_type());
   }
 
@@ -359,8 +360,8 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
                           : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
     }
-    return once_differentiable({out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
-                               "topk_kl_loss / pld_loss");
+    return once_differentiable({out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                               ctx->saved_data["pld"].toBool() ? "pld_loss" : "topk_kl_loss");
   }
 };
 

@@ -27,6 +27,7 @@
 #include <array>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "losses/losses_op.h"
@@ -338,9 +339,11 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
                          has_bias && ctx->needs_input_grad(3)};
     Tensor gh, gw, gb;
     const Tensor& up = grads[0];
+    const std::string name =  // the user-facing op: linear_cross_entropy, linear_comp_sum_loss, ...
+        std::string("linear_") + op_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
-      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
-                                 "linear loss");
+      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                                 name.c_str());
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
     auto& early = ctx->saved_data["early_grads"];
@@ -358,8 +361,8 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[1]) gw = result(list[1], weight);
       if (needs[2]) gb = result(list[2], saved[3]);
       if (unit) early = c10::IValue();
-      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
-                                 "linear loss");
+      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                                 name.c_str());
     }
     // Form every block again. d(total)/d(row loss) per row:
     Tensor g = up.to(at::kFloat);
@@ -375,8 +378,8 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[0]) gh = out[0].toTensor();
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
-    return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
-                               "linear loss");
+    return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                               name.c_str());
   }
 };
 

@@ -578,16 +578,18 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
   return reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
 }
 
-std::vector<Tensor> once_differentiable(std::vector<Tensor> grads, const std::vector<Tensor>& incoming,
-                                        const char* op) {
+std::vector<Tensor> once_differentiable(std::vector<Tensor> grads, const char* op) {
+  // Grad mode is on in a backward exactly when it runs with create_graph=True. The gradients
+  // then depend on inputs that require grad even when the incoming gradient does not (a
+  // gradient penalty differentiates d(loss)/d(x) of a scalar loss): checking only the incoming
+  // gradients, as torch's @once_differentiable does, would let such a penalty drop silently.
   if (!at::GradMode::is_enabled()) return grads;
-  bool graph = false;
-  for (const Tensor& g : incoming) graph = graph || (g.defined() && g.requires_grad());
-  if (!graph) return grads;
   torch::autograd::variable_list leaves;  // detached copies that require grad, as the Python one
   for (const Tensor& g : grads) leaves.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
   auto err = std::make_shared<torch::autograd::DelayedError>(
-      std::string(op) + ": double backward (differentiating the gradient again) is not supported",
+      std::string(op) +
+          ": double backward (differentiating its gradient again, e.g. a gradient penalty taken with "
+          "create_graph=True) is not supported",
       int64_t(leaves.size()));
   return err->apply(std::move(leaves));
 }
@@ -616,6 +618,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                               : logits_in;
     ctx->saved_data["fused"] = fused;
     ctx->saved_data["reduction"] = reduction;
+    ctx->saved_data["kind"] = int64_t(p.kind);  // the op's name in errors
     if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction);
     std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
@@ -692,8 +695,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, grads,
-                               "fastloss row loss");
+    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+                               op_name(LossKind(ctx->saved_data["kind"].toInt())));
   }
 };
 

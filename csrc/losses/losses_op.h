@@ -43,12 +43,11 @@ at::Tensor reduce_loss_rows(const at::Tensor& rows, int64_t reduction,
 at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
                         const at::Tensor& mean_count = at::Tensor());
 
-// The gradients a C++ autograd formula returns, marked as torch's @once_differentiable marks
-// a Python one: when the backward runs with create_graph=True on incoming gradients that
-// require grad, differentiating these again raises (their formulas are kernels below
-// autograd, which would otherwise give zero second-order terms silently).
-std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads,
-                                            const std::vector<at::Tensor>& incoming, const char* op);
+// The gradients a C++ autograd formula returns, made to refuse a second differentiation: when
+// the backward runs with create_graph=True, differentiating them again raises a clear error
+// (their formulas are kernels below autograd, which would otherwise give zero second-order
+// terms silently). The Python formulas do the same through fastloss.ops._autograd.
+std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const char* op);
 
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);

@@ -149,7 +149,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
       if (ctx->needs_input_grad(0)) gp = saved[0].mul(g).to(at::ScalarType(dtypes[0]));
       if (ctx->needs_input_grad(1)) gn = saved[1].mul(g).to(at::ScalarType(dtypes[1]));
     }
-    return once_differentiable({gp, gn, Tensor(), Tensor()}, grads, kOp);
+    return once_differentiable({gp, gn, Tensor(), Tensor()}, kOp);
   }
 };
 

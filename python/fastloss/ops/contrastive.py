@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -85,6 +86,7 @@ class _Contrastive(torch.autograd.Function):
         return rows
 
     @staticmethod
+    @once_differentiable("contrastive_loss")
     def backward(ctx, grad_rows):
         a, b, weights, lse_row, lse_col, col_norm = ctx.saved_tensors
         inv_t, symmetric, block = ctx.args
@@ -152,6 +154,7 @@ class _ContrastiveKernel(torch.autograd.Function):
         return rows
 
     @staticmethod
+    @once_differentiable("contrastive_loss")
     def backward(ctx, grad_rows):
         a, b, lse_row, lse_col = ctx.saved_tensors
         inv_t, symmetric, block = ctx.args

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._autograd import once_differentiable
 from ._devices import has_kernel
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
@@ -76,6 +77,7 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(output[1])
 
 
+@once_differentiable("kd_loss")
 def _backward(ctx, grad_loss, _grad_stats):
     student, teacher, stats = ctx.saved_tensors
     grad = None
@@ -164,6 +166,7 @@ def _setup_rows_grad(ctx, inputs, output):
 
 
 def _make_rows_grad_backward(op, n_args):
+    @once_differentiable(op)
     def backward(ctx, grad_rows, _grad_grad):
         (grad,) = ctx.saved_tensors
         if not ctx.compute_grad:

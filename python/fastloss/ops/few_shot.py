@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
@@ -132,6 +133,7 @@ class _ProtoTriplet(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable("proto_triplet_loss")
     def backward(ctx, grad):
         query, protos, idx, dist, inverse, counts = ctx.saved_tensors
         grad_q, grad_s = torch.ops.fastloss.proto_triplet_backward(grad, query, protos, idx, dist,
@@ -165,6 +167,7 @@ class _NeighbourDist(torch.autograd.Function):
         return dist
 
     @staticmethod
+    @once_differentiable("icnn_loss / proto_triplet_loss (neighbour distances)")
     def backward(ctx, grad):
         xf, tf, idx, dist = ctx.saved_tensors
         need = list(ctx.needs_input_grad[:2])
@@ -192,6 +195,7 @@ class _IcnnScore(torch.autograd.Function):
         return loss
 
     @staticmethod
+    @once_differentiable("icnn_loss")
     def backward(ctx, g):
         (grad,) = ctx.saved_tensors
         return (grad * g).to(ctx.dtype), None, None, None

@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import once_differentiable
+
 _REDUCTIONS = ("none", "mean", "sum")
 
 
@@ -118,6 +120,7 @@ def _make_autograd(name: str):
         ctx.inplace = inplace
         ctx.mark_non_differentiable(stat0, stat1)
 
+    @once_differentiable(name)
     def backward(ctx, grad_loss, _grad_stat0, _grad_stat1):
         logits, target, weight, stat0, stat1 = ctx.saved_tensors
         grad_logits = None

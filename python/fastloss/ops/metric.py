@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
 _KERNEL_BLOCK_BYTES = 4 << 20  # no temporaries on the CPU: TCM too gets 4 MiB blocks
@@ -144,6 +145,7 @@ class _MultiSimilarity(torch.autograd.Function):
         return rows
 
     @staticmethod
+    @once_differentiable("multi_similarity_loss")
     def backward(ctx, grad_rows):
         e, labels, lse_pos, lse_neg = ctx.saved_tensors
         alpha, beta, base, epsilon, block = ctx.args
@@ -189,6 +191,7 @@ class _MultiSimilarityKernel(torch.autograd.Function):
         return rows.sum() if reduction == "sum" else rows
 
     @staticmethod
+    @once_differentiable("multi_similarity_loss")
     def backward(ctx, grad_out):
         alpha, beta, base, epsilon, reduction, block, dtype = ctx.args
         if reduction != "none":
@@ -284,6 +287,7 @@ class _Tcm(torch.autograd.Function):
         return loss.float()
 
     @staticmethod
+    @once_differentiable("tcm_loss")
     def backward(ctx, grad_loss):
         e, labels, sums = ctx.saved_tensors
         m_pos, m_neg, w_pos, w_neg, block = ctx.args
@@ -349,6 +353,7 @@ class _TcmKernel(torch.autograd.Function):
         return loss.float()
 
     @staticmethod
+    @once_differentiable("tcm_loss")
     def backward(ctx, grad_loss):
         m_pos, m_neg, w_pos, w_neg, block, sparse, early, dtype = ctx.args
         if early:

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
@@ -109,6 +110,7 @@ def _setup_saving_inputs(ctx, inputs, output):
     ctx.args = inputs[2:]
 
 
+@once_differentiable("anyloss")
 def _confusion_backward(ctx, grad_sums):
     scores, target = ctx.saved_tensors
     grad = None
@@ -126,6 +128,7 @@ for _form in ("sigmoid", "softmax"):
     torch.library.register_fake(f"fastloss::dice_{_form}_backward")(
         lambda grad_rows, logits, target, *args: logits.new_empty(logits.shape))
 
+    @once_differentiable("dice_loss")
     def _dice_backward(ctx, grad_rows, _form=_form):
         logits, target = ctx.saved_tensors
         grad = None
@@ -162,6 +165,7 @@ class _SigmoidDice(torch.autograd.Function):
         return terms
 
     @staticmethod
+    @once_differentiable("dice_loss")
     def backward(ctx, grad_terms):
         xf, y = ctx.saved_tensors
         alpha, gamma, smooth, dtype = ctx.args
@@ -190,6 +194,7 @@ class _SoftmaxDice(torch.autograd.Function):
         return terms
 
     @staticmethod
+    @once_differentiable("dice_loss")
     def backward(ctx, grad_terms):
         zf, target = ctx.saved_tensors
         alpha, gamma, smooth, dtype = ctx.args

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -55,6 +56,7 @@ def _setup(ctx, inputs, output):
     ctx.mark_non_differentiable(grad_pos, grad_neg)
 
 
+@once_differentiable("mw_auc_loss")
 def _backward(ctx, grad_loss, _g1, _g2):
     grad_pos, grad_neg = ctx.saved_tensors
     if not ctx.compute_grad:

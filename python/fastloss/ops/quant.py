@@ -239,6 +239,9 @@ def _setup(ctx, inputs, output):
 
 
 def _backward(ctx, grad_y):
+    # Differentiable in turn (y is linear in x): grad_x = grad_y W goes through
+    # dequant_gemm_grad_input, whose own backward is dequant_gemm again, so gradient penalties
+    # and Hessian-vector products through a QuantLinear work as through an nn.Linear.
     qweight, scales, zeros, codebook = ctx.saved_tensors
     grad_x = grad_bias = None
     if ctx.needs_input_grad[0]:
@@ -249,6 +252,25 @@ def _backward(ctx, grad_y):
     return grad_x, None, None, None, None, None, None, grad_bias
 
 
+def _setup_grad_input(ctx, inputs, output):
+    grad_y, qweight, scales, zeros, codebook, bits, group_size = inputs
+    ctx.save_for_backward(qweight, scales, zeros, codebook)
+    ctx.args = (bits, group_size)
+    ctx.grad_y_dtype = grad_y.dtype
+
+
+def _backward_grad_input(ctx, grad_grad_x):
+    # d(grad_y W)/d(grad_y) applied to grad_grad_x: grad_grad_x W^T, the forward GEMM
+    qweight, scales, zeros, codebook = ctx.saved_tensors
+    g = None
+    if ctx.needs_input_grad[0]:
+        g = torch.ops.fastloss.dequant_gemm(grad_grad_x.contiguous(), qweight, scales, zeros, codebook,
+                                            *ctx.args, None).to(ctx.grad_y_dtype)
+    return g, None, None, None, None, None, None
+
+
+torch.library.register_autograd("fastloss::dequant_gemm_grad_input", _backward_grad_input,
+                                setup_context=_setup_grad_input)
 torch.library.register_autograd("fastloss::dequant_gemm", _backward, setup_context=_setup)
 
 

@@ -42,6 +42,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
 
@@ -195,6 +196,7 @@ class _SinkhornCost(torch.autograd.Function):
         return cost, plan, f, g, n_iter, err
 
     @staticmethod
+    @once_differentiable("sinkhorn / wasserstein")
     def backward(ctx, grad_cost, _gp, _gf, _gg, _gn, _ge):
         plan, f, g = ctx.saved_tensors
         gc = grad_cost[:, None, None] * plan if ctx.needs_input_grad[0] else None
@@ -226,6 +228,7 @@ def _setup_solve(ctx, inputs, output):
     ctx.mark_non_differentiable(f, g, n_iter, err, transport)
 
 
+@once_differentiable("sinkhorn / wasserstein")
 def _backward_solve(ctx, grad_value, *_unused):
     # envelope theorem: d value / d cost = P (recomputed from the potentials, never stored),
     # d value / d a = f and d value / d b = g, centred (the potentials are defined up to a constant)
@@ -371,6 +374,7 @@ class _SymmetricCost(torch.autograd.Function):
         return 2.0 * (a * f).sum(1), err, iters
 
     @staticmethod
+    @once_differentiable("self_transport_cost")
     def backward(ctx, grad_value, _ge, _gn):
         c, a, f = ctx.saved_tensors
         gc = ga = None

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._autograd import once_differentiable
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -51,6 +52,7 @@ def _setup(ctx, inputs, output):
     ctx.dilation, ctx.pad, ctx.has_bias = dilation, pad, bias is not None
 
 
+@once_differentiable("dilated_conv1d")
 def _backward(ctx, grad_y):
     x, weight = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.has_bias and ctx.needs_input_grad[2]]
@@ -79,6 +81,7 @@ def _setup_level(ctx, inputs, output):
     ctx.dilation, ctx.pad, ctx.act = dilation, pad, act
 
 
+@once_differentiable("tcn_level")
 def _backward_level(ctx, grad_y):
     x, weight, bias = ctx.saved_tensors
     need = [ctx.needs_input_grad[0], ctx.needs_input_grad[1],

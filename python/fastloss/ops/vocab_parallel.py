@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ._autograd import once_differentiable
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
@@ -123,6 +124,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         return loss.to(hidden.dtype, copy=True)
 
     @staticmethod
+    @once_differentiable("linear_cross_entropy (low_memory=True) / vocab_parallel_linear_cross_entropy")
     def backward(ctx, grad):
         hidden, weight, bias, target, w_local, lse, w_y, w_total, denom = ctx.saved_tensors
         group, parallel, first, total, ignore_index, reduction, smoothing, z_scale, softcap, tile = ctx.args

@@ -1,0 +1,53 @@
+"""Backward formulas that cannot be differentiated again, made to say so.
+
+fastloss's backward formulas are kernels (or ops below autograd): differentiating the gradient
+they return a second time would see no dependence on the inputs, and a gradient penalty taken
+with ``create_graph=True`` (``(g ** 2).sum()`` of ``g = grad(loss, x, create_graph=True)``) would
+drop out of the loss without a word. ``once_differentiable`` wraps a backward so that, when it
+runs with ``create_graph=True`` (grad mode on inside a backward), its gradients come back marked:
+using them in a further backward raises an error naming the op. The C++ formulas do the same
+(``once_differentiable`` in csrc/losses/losses_op.cpp).
+
+torch's own ``torch.autograd.function.once_differentiable`` marks the gradients only when the
+incoming gradient requires grad; for a scalar loss it does not, which is the silent case above.
+"""
+from __future__ import annotations
+
+import functools
+
+import torch
+
+
+def refusal_message(op: str) -> str:
+    return (f"{op}: double backward (differentiating its gradient again, e.g. a gradient penalty "
+            "taken with create_graph=True) is not supported")
+
+
+def once_differentiable(op: str):
+    """Decorate a backward ``(ctx, *grads) -> grads`` (of an autograd.Function or of
+    torch.library.register_autograd) so that its results refuse a second differentiation."""
+    message = refusal_message(op).encode()
+
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapper(ctx, *grads):
+            if not torch.is_grad_enabled():  # the usual backward (create_graph=False)
+                return backward(ctx, *grads)
+            with torch.no_grad():
+                out = backward(ctx, *grads)
+            single = not isinstance(out, tuple)
+            outs = list((out,) if single else out)
+            where = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor)]
+            if not where:
+                return out
+            # detached aliases that require grad, whose grad_fn raises when reached (as torch's
+            # once_differentiable does, without its condition on the incoming gradients)
+            leaves = [outs[i].detach().requires_grad_() for i in where]
+            marked = torch._C._functions.DelayedError(message, len(leaves))(*leaves)
+            if isinstance(marked, torch.Tensor):
+                marked = (marked,)
+            for i, m in zip(where, marked):
+                outs[i] = m
+            return outs[0] if single else tuple(outs)
+        return wrapper
+    return decorate

@@ -1,0 +1,142 @@
+"""Differentiating a gradient again (a gradient penalty, a Hessian-vector product) through a
+fastloss op must either be right (dequant_gemm, linear in x: checked against float64 autograd)
+or raise an error naming the op, never drop the second-order term silently.
+
+The other backward formulas are kernels or ops below autograd, so the gradient they return has
+no graph back to the inputs. Before the check this file guards, taking
+``g = grad(loss, x, create_graph=True)`` and then backpropagating ``loss + (g ** 2).sum()`` ran
+without error: the penalty either did not require grad at all (and added nothing to x.grad) or
+went through an op without an autograd kernel (a torch warning; the second-order terms right
+only where that kernel happened to be made of differentiable ATen ops).
+"""
+import warnings
+
+import pytest
+import torch
+
+import fastloss
+from fastloss import ops
+
+requires_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
+PLACES = ["cpu", pytest.param("cuda", marks=[pytest.mark.cuda, requires_cuda])]
+
+N, C, B, D = 7, 11, 13, 6  # awkward sizes
+
+
+def _rows(dev):
+    return torch.randint(0, C, (N,), device=dev)
+
+
+def _quantized(dev):
+    return ops.quantize_weight(torch.randn(9, 64, device=dev), bits=4, group_size=32, symmetric=False)
+
+
+# name -> (shape of the input that requires grad, loss of that input on a device)
+CASES = {
+    "cross_entropy": ((N, C), lambda x: ops.cross_entropy(x, _rows(x.device), label_smoothing=0.1)),
+    "cross_entropy_grad_in_forward": ((N, C), lambda x: ops.cross_entropy(x, _rows(x.device),
+                                                                          grad_in_forward=True)),
+    "comp_sum_loss": ((N, C), lambda x: ops.comp_sum_loss(x, _rows(x.device), tau=0.5)),
+    "ldr_loss": ((N, C), lambda x: ops.ldr_loss(x, _rows(x.device), lam=1.0, margin=0.1)),
+    "spherical_z_loss": ((N, C), lambda x: ops.spherical_z_loss(x, _rows(x.device), a=1.0, b=0.5)),
+    "stablemax_cross_entropy": ((N, C), lambda x: ops.stablemax_cross_entropy(x, _rows(x.device))),
+    "kd_loss": ((N, C), lambda x: ops.kd_loss(x, torch.randn_like(x), T=2.0, kind="jsd")),
+    "topk_kl_loss": ((N, C), lambda x: ops.topk_kl_loss(x, torch.randn_like(x), k=3, T=2.0)),
+    "pld_loss": ((N, C), lambda x: ops.pld_loss(x, torch.randn_like(x), _rows(x.device), T=2.0)),
+    "dice_loss": ((N, C), lambda x: ops.dice_loss(x, _rows(x.device))),
+    "anyloss": ((N,), lambda x: ops.anyloss(x, torch.randint(0, 2, (N,), device=x.device).float())),
+    "linear_cross_entropy": ((N, D), lambda x: ops.linear_cross_entropy(
+        x, torch.randn(C, D, device=x.device), _rows(x.device))),
+    "linear_cross_entropy_none": ((N, D), lambda x: ops.linear_cross_entropy(
+        x, torch.randn(C, D, device=x.device), _rows(x.device), reduction="none").sum()),
+    "linear_cross_entropy_low_memory": ((N, D), lambda x: ops.linear_cross_entropy(
+        x, torch.randn(C, D, device=x.device), _rows(x.device), low_memory=True)),
+    "linear_comp_sum_loss": ((N, D), lambda x: ops.linear_comp_sum_loss(
+        x, torch.randn(C, D, device=x.device), _rows(x.device), tau=0.5)),
+    "multi_similarity_loss": ((B, D), lambda x: ops.multi_similarity_loss(
+        x, torch.arange(B, device=x.device) % 3)),
+    "tcm_loss": ((B, D), lambda x: ops.tcm_loss(x, torch.arange(B, device=x.device) % 3)),
+    "contrastive_loss": ((B, D), lambda x: ops.contrastive_loss(x, torch.randn_like(x), T=0.5)),
+    "proto_triplet_loss": ((B, D), lambda x: ops.proto_triplet_loss(x, torch.arange(B, device=x.device) % 3)),
+    "icnn_loss": ((B, D), lambda x: ops.icnn_loss(x, torch.arange(B, device=x.device) % 3, k=2)),
+    "mw_auc_loss": ((B,), lambda x: ops.mw_auc_loss(x[:5], x[5:])),
+    "dilated_conv1d": ((2, 3, 17), lambda x: ops.dilated_conv1d(
+        x, torch.randn(3, 3, device=x.device), dilation=2).pow(2).sum()),
+    "tcn_level": ((2, 3, 17), lambda x: ops.tcn_level(
+        x, torch.randn(3, 2, device=x.device), torch.randn(3, device=x.device), dilation=3).pow(2).sum()),
+    "wasserstein": ((B, 3), lambda x: ops.wasserstein(x, torch.randn(9, 3, device=x.device), eps=0.5)),
+    "sinkhorn": ((N, C), lambda x: ops.sinkhorn(x.abs(), eps=0.5).cost.sum()),
+    "self_transport_cost": ((B, 3), lambda x: ops.self_transport_cost(x, eps=0.5)),
+}
+
+
+def _loss(name, dev, seed=0):
+    shape, fn = CASES[name]
+    torch.manual_seed(seed)
+    x = torch.randn(shape, device=dev, requires_grad=True)
+    torch.manual_seed(seed + 1)  # the op's other inputs: the same in every call
+    return x, fn(x)
+
+
+@pytest.mark.parametrize("dev", PLACES)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("upstream", ["plain", "requires_grad"])
+def test_gradient_penalty_raises_naming_the_op(name, dev, upstream):
+    x, loss = _loss(name, dev)
+    if upstream == "requires_grad":  # an incoming gradient that itself requires grad
+        loss = loss * torch.tensor(2.0, device=dev, requires_grad=True)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    assert g.requires_grad  # else a penalty built from it would add nothing, silently
+    penalty = g.pow(2).sum()
+    op = name.removesuffix("_none").removesuffix("_low_memory").removesuffix("_grad_in_forward")
+    with pytest.raises(RuntimeError, match=rf"{op}.*double backward"):
+        (loss + penalty).backward()
+
+
+@pytest.mark.parametrize("dev", PLACES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_create_graph_keeps_the_first_order_gradient(name, dev):
+    x, loss = _loss(name, dev)
+    (plain,) = torch.autograd.grad(loss, x)
+    assert not plain.requires_grad
+    x2, loss2 = _loss(name, dev)
+    (marked,) = torch.autograd.grad(loss2, x2, create_graph=True)
+    torch.testing.assert_close(loss2.detach(), loss.detach(), rtol=0, atol=0)
+    torch.testing.assert_close(marked.detach(), plain, rtol=1e-6, atol=1e-7)
+    assert plain.abs().sum() > 0  # a gradient that is all zeros would prove nothing here
+
+
+@pytest.mark.parametrize("dev", PLACES)
+@pytest.mark.parametrize("bits, group_size, symmetric, codebook", [
+    (4, 32, False, None), (3, 64, True, None), (2, -1, False, None), (8, 32, True, None),
+    (4, 32, True, "nf4")])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dequant_gemm_is_twice_differentiable(dev, bits, group_size, symmetric, codebook, with_bias):
+    """y = x W^T + b is linear in x, and its backward is a GEMM too (dequant_gemm_grad_input,
+    whose own backward is dequant_gemm): a gradient penalty through it must equal float64
+    autograd through x @ dequantize_weight(q)^T."""
+    torch.manual_seed(3)
+    cb = ops.nf_codebook(4) if codebook == "nf4" else None
+    q = ops.quantize_weight(torch.randn(9, 64, device=dev), bits=bits, group_size=group_size,
+                            symmetric=symmetric, codebook=cb)
+    w = ops.dequantize_weight(q).double()
+    x = torch.randn(5, 64, device=dev, requires_grad=True)
+    b = torch.randn(9, device=dev, requires_grad=True) if with_bias else None
+    leaves = [x] + ([b] if with_bias else [])
+
+    def total(y, inputs):
+        loss = (y ** 3).sum()
+        grads = torch.autograd.grad(loss, inputs, create_graph=True)
+        return loss + sum(g.pow(2).sum() for g in grads)
+
+    with warnings.catch_warnings():
+        # torch warns when a backward goes through an op without an autograd kernel (whose
+        # result may then be wrong, or right by accident where the kernel is ATen ops)
+        warnings.simplefilter("error")
+        got = torch.autograd.grad(total(ops.dequant_gemm(x, q, b), leaves), leaves)
+    ref_leaves = [t.detach().double().requires_grad_() for t in leaves]
+    y_ref = ref_leaves[0] @ w.t() + (ref_leaves[1] if with_bias else 0)
+    want = torch.autograd.grad(total(y_ref, ref_leaves), ref_leaves)
+    for g, r in zip(got, want):
+        assert r.abs().max() > 0
+        torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
