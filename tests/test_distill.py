@@ -69,12 +69,10 @@ def test_leading_dims_strided_and_extreme_logits():
         big_s.grad = None
 
 
-def test_teacher_gets_no_gradient_opcheck_and_compile():
+def test_opcheck_and_compile():
+    # (a teacher that requires grad gets its gradient: tests/test_input_grads.py)
     s, t = make(4, 30, torch.float32, seed=3)
-    t.requires_grad_(True)
     s.requires_grad_(True)
-    ops.kd_loss(s, t, 2.0, "jsd").backward()
-    assert t.grad is None and s.grad is not None
     for kind in range(3):
         torch.library.opcheck(torch.ops.fastloss.kd_forward.default,
                               (s.detach().clone().requires_grad_(True), t.detach(), kind, 2.0, 0.4))

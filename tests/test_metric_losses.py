@@ -192,3 +192,17 @@ def test_torch_formulas_of_the_cuda_path_match_reference():
     ]
     for fn, ref_fn in cases:
         assert_matches_reference(fn, ref_fn, [x], 1e-5)
+
+
+@pytest.mark.parametrize("shape", [(0,), (0, 3)])
+def test_empty_batch(shape, device):
+    """No rows: AnyLoss's confusion cells are all 0 and its metrics 0 / 0 (NaN, as a mean over no
+    rows is in torch), a gradient of the empty shape; Dice's mean over no rows likewise."""
+    x = torch.zeros(shape, device=device, requires_grad=True)
+    loss = ops.anyloss(x, torch.zeros(shape, device=device))
+    loss.backward()
+    assert loss.isnan() and x.grad.shape == shape
+    logits = torch.zeros(0, 4, device=device, requires_grad=True)
+    dice = ops.dice_loss(logits, torch.zeros(0, dtype=torch.long, device=device))
+    dice.backward()
+    assert dice.isnan() and logits.grad.shape == (0, 4)

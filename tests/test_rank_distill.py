@@ -134,12 +134,10 @@ def test_leading_dims_strided_extreme_and_empty():
     assert e.grad.shape == (0, 7)
 
 
-def test_no_teacher_gradient_opcheck_and_compile():
+def test_opcheck_and_compile():
+    # (a teacher that requires grad gets its gradient: tests/test_input_grads.py)
     s, t, y = make(4, 30, torch.float32, seed=3)
-    t.requires_grad_(True)
     s.requires_grad_(True)
-    (ops.topk_kl_loss(s, t, 5) + ops.pld_loss(s, t, y)).backward()
-    assert t.grad is None and s.grad is not None
     sd, td = s.detach(), t.detach()
     for grad in (True, False):
         torch.library.opcheck(torch.ops.fastloss.topk_kl_forward.default,

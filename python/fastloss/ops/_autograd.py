@@ -51,3 +51,12 @@ def once_differentiable(op: str):
             return outs[0] if single else tuple(outs)
         return wrapper
     return decorate
+
+
+def refuse_grad(fn: str, name: str, t, what: str) -> None:
+    """Raise when ``t`` (an argument the op treats as a constant) requires grad while autograd
+    records: the op would otherwise return no gradient for it without a word (torch's
+    F.cross_entropy raises the same way for its class weights)."""
+    if t is not None and isinstance(t, torch.Tensor) and t.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError(f"{fn}: {name} requires grad, but {fn} gives no gradient for {what}; "
+                           f"pass {name}.detach()")

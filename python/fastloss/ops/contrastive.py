@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._autograd import once_differentiable
+from ._autograd import once_differentiable, refuse_grad
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -200,7 +200,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
             raise ValueError(f"{fn}: weights must be [{n}, {n}], got {tuple(weights.shape)}")
         if weights.device != a.device:
             raise ValueError(f"{fn}: weights is on {weights.device} but a is on {a.device}")
-        weights = weights.detach()
+        refuse_grad(fn, "weights", weights, "the CWCL weights (computed beforehand, as constants)")
     if block_rows is None:
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
     elif not (isinstance(block_rows, int) and block_rows > 0):

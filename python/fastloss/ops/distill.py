@@ -92,7 +92,7 @@ torch.library.register_autograd("fastloss::kd_forward", _backward, setup_context
 def _rows_torch(student, teacher, kind, temperature, beta):
     """The same per-row losses in torch operations (devices without a fastloss kernel)."""
     ls = F.log_softmax(student.float() / temperature, -1)
-    lt = F.log_softmax(teacher.float() / temperature, -1).detach()
+    lt = F.log_softmax(teacher.float() / temperature, -1)
     if kind == "forward_kl":
         rows = (lt.exp() * (lt - ls)).sum(-1)
     elif kind == "reverse_kl":
@@ -113,6 +113,11 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         kind: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: the JSD mixture weight of the teacher, in (0, 1).
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
+
+    A ``teacher`` that requires grad (while autograd records) gets its gradient too, as with
+    ``F.kl_div``: such calls take the torch-operation formula (slower; ``[N, C]`` probabilities
+    kept for the backward). Detach the teacher, or run it under ``torch.no_grad()``, for the
+    fused kernels.
     """
     fn = "kd_loss"
     if kind not in _KINDS:
@@ -121,7 +126,7 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
-    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+    if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
         out = torch.ops.fastloss.kd_loss(s2, t2, _KINDS[kind], float(T), float(beta), _REDUCTION[reduction])
         return out.reshape(lead) if reduction == "none" else out
     rows = _rows_torch(s2, t2, kind, float(T), float(beta))
@@ -205,7 +210,13 @@ def _check_pair(fn, student, teacher, T, reduction):
     if student.shape[-1] == 0:
         raise ValueError(f"{fn}: student and teacher need at least one class, got shape "
                          f"{tuple(student.shape)}")
-    return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1]).detach()
+    return student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+
+
+def _teacher_needs_grad(teacher):
+    """A teacher that requires grad gets its gradient, as with F.kl_div: the kernels give only
+    the student's, so such calls take the torch-operation formulas (_rows_torch and siblings)."""
+    return teacher.requires_grad and torch.is_grad_enabled()
 
 
 def _descending_order(teacher):
@@ -250,6 +261,11 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
         renormalize: renormalize both distributions over the top-k classes.
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
 
+    A ``teacher`` that requires grad (while autograd records) gets its gradient too, as with
+    ``F.kl_div``: such calls take the torch-operation formula (slower; ``[N, C]`` probabilities
+    kept for the backward). Detach the teacher, or run it under ``torch.no_grad()``, for the
+    fused kernels.
+
     The CPU and CUDA kernels select the top-k classes of each row in O(C) (no sort; on CUDA a
     radix selection per row) and form the loss and the student's gradient in the same call; no
     ``[N, C]`` probability tensor is made.
@@ -258,7 +274,7 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
-    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+    if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
         out = torch.ops.fastloss.topk_kl_loss(s2, t2, k, float(T), bool(renormalize), _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
@@ -312,6 +328,10 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
         ignore_index: target value of rows to skip.
         reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
 
+    A ``teacher`` that requires grad (while autograd records) gets its gradient too (through
+    the weights ``w``; the order is piecewise constant): such calls take the torch-operation
+    formula. Detach the teacher, or run it under ``torch.no_grad()``, for the fused kernels.
+
     The CPU kernel sorts each row once (a radix sort of the teacher logits), forms the suffix
     log-sum-exps and, in the same call, the gradient; on CUDA torch's stable sort gives the
     order and one kernel the rest (an int64 order and a float32 scratch of ``[N, C]`` in
@@ -330,7 +350,7 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
     if target.device != student.device:
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
-    if has_kernel(s2):  # one op with its C++ autograd formula (kd_op.cpp)
+    if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
         out = torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index), _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     else:

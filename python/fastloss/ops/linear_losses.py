@@ -33,6 +33,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import refuse_grad
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -117,6 +118,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
                          f"(hidden is [..., D]), got {tuple(target.shape)}")
     if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
+    refuse_grad(fn, "class_weight", class_weight, "the class weights (as F.cross_entropy)")
     device_type = hidden.device.type
     if torch.is_autocast_enabled(device_type):  # F.linear runs in the autocast dtype
         dtype = torch.get_autocast_dtype(device_type)

@@ -41,7 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import once_differentiable, refuse_grad
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -160,10 +160,15 @@ for _name in _LOSS_OPS:
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
 
+_PUBLIC_NAME = {"cross_entropy": "cross_entropy", "comp_sum": "comp_sum_loss", "ldr": "ldr_loss",
+                "spherical_z": "spherical_z_loss", "stablemax": "stablemax_cross_entropy"}
+
+
 def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, grad_in_forward,
               *scalars):
     # One op: forward, reduction and its C++ autograd formula (losses_op.cpp), which calls the
     # *_forward / *_backward ops below autograd; torch.compile traces it into those.
+    refuse_grad(_PUBLIC_NAME[name], "weight", weight, "the class weights (as F.cross_entropy)")
     if grad_in_forward and torch.compiler.is_compiling():
         grad_in_forward = False  # its backward tests the incoming gradient on the host
     return getattr(torch.ops.fastloss, f"{name}_loss").default(

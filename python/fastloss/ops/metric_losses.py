@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._autograd import once_differentiable
+from ._autograd import once_differentiable, refuse_grad
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
@@ -61,7 +61,9 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
                          f"{tuple(scores.shape)} and {tuple(target.shape)}")
     if not scores.is_floating_point():
         raise ValueError(f"{fn}: scores must be floating point, got {scores.dtype}")
-    y = target.to(torch.float32).reshape(scores.shape[0], -1)
+    refuse_grad(fn, "target", target, "the targets")
+    # (the label count spelled out: reshape cannot infer it for an empty batch)
+    y = target.to(torch.float32).reshape(scores.shape[0], scores.shape[1] if scores.dim() == 2 else 1)
     if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
         return torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric), float(L),
                                           float(beta), bool(from_logits))
