@@ -140,3 +140,40 @@ def test_dequant_gemm_is_twice_differentiable(dev, bits, group_size, symmetric, 
     for g, r in zip(got, want):
         assert r.abs().max() > 0
         torch.testing.assert_close(g.double(), r, rtol=1e-5, atol=1e-5 * r.abs().max().item())
+
+
+@pytest.mark.parametrize("dev", PLACES)
+@pytest.mark.parametrize("name", sorted(CASES))
+@pytest.mark.parametrize("form", ["grad_inputs", "backward_inputs", "through_a_layer", "bfloat16"])
+def test_second_differentiation_towards_chosen_inputs_raises(name, dev, form):
+    """torch.autograd.grad(..., inputs) and backward(inputs=...) run only the graph between the
+    output and the inputs asked for (a Hessian-vector product, MAML's meta-gradient): the
+    refusal must lie on those paths, also when the op's input comes out of a layer."""
+    shape, fn = CASES[name]
+    torch.manual_seed(0)
+    if form == "through_a_layer":
+        w = torch.eye(shape[-1], device=dev).add_(torch.randn(shape[-1], shape[-1], device=dev), alpha=0.1)
+        w.requires_grad_()
+        x0 = torch.randn(shape, device=dev)
+        torch.manual_seed(1)
+        x = x0 @ w
+        leaf = w
+    else:  # bfloat16: formulas that keep float32 copies of their inputs, not the inputs
+        dtype = torch.bfloat16 if form == "bfloat16" else torch.float32
+        x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
+        torch.manual_seed(1)
+        leaf = x
+    try:
+        loss = fn(x)
+    except (ValueError, TypeError, RuntimeError, NotImplementedError) as e:
+        if form == "bfloat16":  # (the case's other inputs are float32: covered by the other forms)
+            pytest.skip(f"{name} takes no bfloat16 input beside its float32 ones: {e}")
+        raise
+    (g,) = torch.autograd.grad(loss, leaf, create_graph=True)
+    total = loss + g.pow(2).sum()
+    op = name.removesuffix("_none").removesuffix("_low_memory").removesuffix("_grad_in_forward")
+    with pytest.raises(RuntimeError, match=rf"{op}.*double backward"):
+        if form == "backward_inputs":
+            total.backward(inputs=[leaf])
+        else:
+            torch.autograd.grad(total, leaf)

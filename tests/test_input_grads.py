@@ -110,15 +110,76 @@ def _constant_argument_cases(dev):
          lambda v: ops.linear_cross_entropy(h, w, y, class_weight=v, low_memory=True)),
         ("contrastive_loss", "weights", ww, lambda v: ops.contrastive_loss(e, e.detach() + 1, T=0.5, weights=v)),
         ("anyloss", "target", binary, lambda v: ops.anyloss(x[:, 0], v)),
+        ("dequant_gemm", "qw.scales", None, None),  # (below: a QuantizedWeight's own tensors)
     ]
 
 
 @pytest.mark.parametrize("dev", PLACES)
 def test_constant_arguments_that_require_grad_raise(dev):
     for op, arg, value, call in _constant_argument_cases(dev):
+        if value is None:
+            continue
         with pytest.raises(RuntimeError, match=rf"{op}: {arg} requires grad.*{arg}\.detach\(\)"):
             call(value.clone().requires_grad_())
         expected = call(value)
         torch.testing.assert_close(call(value.clone().requires_grad_().detach()), expected)
         with torch.no_grad():  # nothing records: no gradient is missing
             torch.testing.assert_close(call(value.clone().requires_grad_()), expected.detach())
+
+
+@pytest.mark.parametrize("dev", PLACES)
+def test_quantized_weight_tensors_that_require_grad_raise(dev):
+    """dequant_gemm differentiates x and bias, not the packed weight's scales / zeros /
+    codebook (a learned-scale setup must say so rather than get None)."""
+    w = torch.randn(6, 64, device=dev)
+    x = torch.randn(3, 64, device=dev, requires_grad=True)
+    asymmetric = ops.quantize_weight(w, bits=4, group_size=32, symmetric=False)
+    nf4 = ops.quantize_weight(w, bits=4, group_size=32, symmetric=True, codebook=ops.nf_codebook(4).to(dev))
+    for qw, name in ((asymmetric, "scales"), (asymmetric, "zeros"), (nf4, "codebook")):
+        expected = ops.dequant_gemm(x, qw)
+        original = getattr(qw, name)
+        setattr(qw, name, original.clone().requires_grad_())
+        with pytest.raises(RuntimeError, match=rf"dequant_gemm: qw\.{name} requires grad"):
+            ops.dequant_gemm(x, qw)
+        with torch.no_grad():
+            torch.testing.assert_close(ops.dequant_gemm(x, qw), expected.detach())
+        setattr(qw, name, original)
+
+
+def test_vocab_parallel_class_weight_that_requires_grad_raises():
+    """Checked before the process group is consulted (no group is needed to see the refusal)."""
+    h, w = torch.randn(4, 6, requires_grad=True), torch.randn(5, 6)
+    with pytest.raises(RuntimeError, match=r"class_weight requires grad.*class_weight\.detach\(\)"):
+        ops.vocab_parallel_linear_cross_entropy(h, w, torch.randint(0, 5, (4,)), group=None,
+                                                class_weight=torch.rand(5, requires_grad=True))
+
+
+@pytest.mark.parametrize("reduction", ["none", "sum"])
+@pytest.mark.parametrize("name", ["kd_jsd", "topk_kl", "pld"])
+def test_teacher_gradient_other_reductions_and_compile(name, reduction):
+    """The torch-operation path with a teacher that requires grad: reductions none / sum (PLD
+    with an ignored row), and torch.compile(fullgraph=True) of the same call."""
+    g = torch.Generator().manual_seed(11)
+    s = torch.randn(N, C, generator=g).requires_grad_()
+    t = (2 * torch.randn(N, C, generator=g)).requires_grad_()
+    y = torch.randint(0, C, (N,), generator=g)
+    y[2] = -100
+    call = {"kd_jsd": lambda a, b: ops.kd_loss(a, b, T=T, kind="jsd", beta=0.4, reduction=reduction),
+            "topk_kl": lambda a, b: ops.topk_kl_loss(a, b, k=4, T=T, reduction=reduction),
+            "pld": lambda a, b: ops.pld_loss(a, b, y, T=T, reduction=reduction)}[name]
+    ref_rows = {"kd_jsd": lambda a, b: torch.stack([_kd_reference(a[i:i + 1], b[i:i + 1], "jsd", 0.4)
+                                                    for i in range(N)]),
+                "topk_kl": lambda a, b: torch.stack([_topk_reference(a[i:i + 1], b[i:i + 1], 4, False)
+                                                     for i in range(N)]),
+                "pld": lambda a, b: torch.stack([_pld_reference(a[i:i + 1], b[i:i + 1], y[i:i + 1])
+                                                 if y[i] != -100 else a.sum() * 0 for i in range(N)])}[name]
+    weights = torch.rand(N, generator=g)  # an upstream that differs per row
+    out = call(s, t)
+    got = torch.autograd.grad((out * weights).sum() if reduction == "none" else out, (s, t))
+    s64, t64 = (v.detach().double().requires_grad_() for v in (s, t))
+    rows = ref_rows(s64, t64)
+    want = torch.autograd.grad((rows * weights.double()).sum() if reduction == "none" else rows.sum(), (s64, t64))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-4, atol=1e-6)
+    compiled = torch.compile(call, fullgraph=True)
+    torch.testing.assert_close(compiled(s, t), out)

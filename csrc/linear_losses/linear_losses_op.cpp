@@ -342,7 +342,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     const std::string name =  // the user-facing op: linear_cross_entropy, linear_comp_sum_loss, ...
         std::string("linear_") + op_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
-      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name.c_str());
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
@@ -361,7 +361,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[1]) gw = result(list[1], weight);
       if (needs[2]) gb = result(list[2], saved[3]);
       if (unit) early = c10::IValue();
-      return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name.c_str());
     }
     // Form every block again. d(total)/d(row loss) per row:
@@ -378,7 +378,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[0]) gh = out[0].toTensor();
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
-    return once_differentiable({gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                name.c_str());
   }
 };

@@ -578,20 +578,33 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
   return reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
 }
 
-std::vector<Tensor> once_differentiable(std::vector<Tensor> grads, const char* op) {
+std::vector<Tensor> once_differentiable(torch::autograd::AutogradContext* ctx,
+                                        const torch::autograd::variable_list& incoming,
+                                        std::vector<Tensor> grads, const char* op) {
   // Grad mode is on in a backward exactly when it runs with create_graph=True. The gradients
   // then depend on inputs that require grad even when the incoming gradient does not (a
   // gradient penalty differentiates d(loss)/d(x) of a scalar loss): checking only the incoming
   // gradients, as torch's @once_differentiable does, would let such a penalty drop silently.
   if (!at::GradMode::is_enabled()) return grads;
-  torch::autograd::variable_list leaves;  // detached copies that require grad, as the Python one
-  for (const Tensor& g : grads) leaves.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
+  torch::autograd::variable_list inputs;  // detached copies that require grad, as the Python one
+  for (const Tensor& g : grads) inputs.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
+  const size_t n = inputs.size();
+  // Anchors: the saved tensors (inputs, or the op's output) and incoming gradients that require
+  // grad, as further inputs of the error node, so that it lies on the paths from the gradients
+  // back to the op's inputs: torch.autograd.grad(..., inputs) and backward(inputs=...) run only
+  // the nodes on such paths, and would skip a node hanging off the detached copies alone.
+  for (const Tensor& t : ctx->get_saved_variables())
+    if (t.defined() && t.requires_grad()) inputs.push_back(t);
+  for (const Tensor& t : incoming)
+    if (t.defined() && t.requires_grad()) inputs.push_back(t);
   auto err = std::make_shared<torch::autograd::DelayedError>(
       std::string(op) +
           ": double backward (differentiating its gradient again, e.g. a gradient penalty taken with "
           "create_graph=True) is not supported",
-      int64_t(leaves.size()));
-  return err->apply(std::move(leaves));
+      int64_t(inputs.size()));
+  auto out = err->apply(std::move(inputs));
+  out.resize(n);
+  return out;
 }
 
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
@@ -652,11 +665,13 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     auto out = call_below_autograd(row_op(p.kind, kForwardGradOp), std::move(args));
     const Tensor rows = out[0].toTensor();
-    ctx->save_for_backward({out[3].toTensor()});
     Tensor loss = rows;
     if (reduction == kSum) loss = rows.sum();
     if (reduction == kMean) loss = rows.sum().div(denom);
-    return loss.to(logits.scalar_type());
+    loss = loss.to(logits.scalar_type());
+    // the output too: the anchor of once_differentiable (the logits are not kept)
+    ctx->save_for_backward({out[3].toTensor(), loss});
+    return loss;
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -695,7 +710,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return once_differentiable({grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(ctx, grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                op_name(LossKind(ctx->saved_data["kind"].toInt())));
   }
 };

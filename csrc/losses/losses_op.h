@@ -11,6 +11,10 @@
 
 #include "loss_params.h"
 
+namespace torch::autograd {
+struct AutogradContext;
+}
+
 namespace fastloss {
 
 enum Reduction : int64_t { kNone = 0, kMean = 1, kSum = 2 };
@@ -47,7 +51,11 @@ at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
 // the backward runs with create_graph=True, differentiating them again raises a clear error
 // (their formulas are kernels below autograd, which would otherwise give zero second-order
 // terms silently). The Python formulas do the same through fastloss.ops._autograd.
-std::vector<at::Tensor> once_differentiable(std::vector<at::Tensor> grads, const char* op);
+// ctx / incoming: the backward's context and incoming gradients (their tensors that require
+// grad anchor the refusal on the graph; a formula that saves no input saves its output).
+std::vector<at::Tensor> once_differentiable(torch::autograd::AutogradContext* ctx,
+                                            const std::vector<at::Tensor>& incoming,
+                                            std::vector<at::Tensor> grads, const char* op);
 
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);

@@ -23,6 +23,13 @@ def refusal_message(op: str) -> str:
             "taken with create_graph=True) is not supported")
 
 
+def _saved(ctx):
+    try:
+        return tuple(ctx.saved_tensors)
+    except RuntimeError:  # nothing saved that can be unpacked here
+        return ()
+
+
 def once_differentiable(op: str):
     """Decorate a backward ``(ctx, *grads) -> grads`` (of an autograd.Function or of
     torch.library.register_autograd) so that its results refuse a second differentiation."""
@@ -41,12 +48,17 @@ def once_differentiable(op: str):
             if not where:
                 return out
             # detached aliases that require grad, whose grad_fn raises when reached (as torch's
-            # once_differentiable does, without its condition on the incoming gradients)
+            # once_differentiable does, without its condition on the incoming gradients). The
+            # node also takes the saved tensors and incoming gradients that require grad as
+            # inputs ("anchors"), so that it lies on the paths from the gradients back to the
+            # op's inputs: torch.autograd.grad(..., inputs) and backward(inputs=...) only run
+            # the nodes on such paths, and would skip a node hanging off the aliases alone.
             leaves = [outs[i].detach().requires_grad_() for i in where]
-            marked = torch._C._functions.DelayedError(message, len(leaves))(*leaves)
+            anchors = [t for t in (*_saved(ctx), *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
+            marked = torch._C._functions.DelayedError(message, len(leaves) + len(anchors))(*leaves, *anchors)
             if isinstance(marked, torch.Tensor):
                 marked = (marked,)
-            for i, m in zip(where, marked):
+            for i, m in zip(where, marked[:len(leaves)]):
                 outs[i] = m
             return outs[0] if single else tuple(outs)
         return wrapper

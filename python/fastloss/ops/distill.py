@@ -353,11 +353,14 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
         out = torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index), _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
-    else:
-        bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
+    bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
+    if y.device.type == "cpu" and not torch.compiler.is_compiling():
         if bool(bad.any()):
             raise ValueError(f"{fn}: target holds values outside [0, C = {s2.shape[1]}) that are "
                              f"not ignore_index ({ignore_index})")
         rows = _pld_rows_torch(s2, t2, y, float(T), int(ignore_index))
+    else:  # no host check (it would wait for the device, or break a compiled graph): NaN rows
+        rows = _pld_rows_torch(s2, t2, torch.where(bad, 0, y), float(T), int(ignore_index))
+        rows = torch.where(bad, float("nan"), rows)
     count = (y != ignore_index).sum() if reduction == "mean" else None
     return _reduce_rows(rows, reduction, student, count)

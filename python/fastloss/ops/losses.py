@@ -120,7 +120,7 @@ def _make_autograd(name: str):
         ctx.inplace = inplace
         ctx.mark_non_differentiable(stat0, stat1)
 
-    @once_differentiable(name)
+    @once_differentiable(f"{name}_forward")  # (the op called: torch.ops.fastloss.<name>_forward)
     def backward(ctx, grad_loss, _grad_stat0, _grad_stat1):
         logits, target, weight, stat0, stat1 = ctx.saved_tensors
         grad_logits = None

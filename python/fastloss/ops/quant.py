@@ -41,6 +41,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._autograd import refuse_grad
+
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _PLANES = {2: 4, 3: 8, 4: 2, 8: 1}   # values packed per byte position of a group
 
@@ -292,5 +294,7 @@ def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"dequant_gemm: x must be [..., {k}] (the weight's input features), got "
                          f"{tuple(x.shape)}")
+    for name in ("scales", "zeros", "codebook"):
+        refuse_grad("dequant_gemm", f"qw.{name}", getattr(qw, name), f"the weight's {name}")
     y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), *qw.op_args, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from ._autograd import once_differentiable
+from ._autograd import once_differentiable, refuse_grad
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
@@ -173,6 +173,7 @@ def vocab_parallel_linear_cross_entropy(
     """
     _check_reduction(_FN, reduction)
     smoothing, z_scale, cap = cross_entropy_scalars(_FN, label_smoothing, lse_square_scale, softcap)
+    refuse_grad(_FN, "class_weight", class_weight, "the class weights (as F.cross_entropy)")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{_FN}: torch.distributed is not initialized "
                            "(call torch.distributed.init_process_group first)")
