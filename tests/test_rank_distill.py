@@ -72,6 +72,32 @@ def test_tied_teacher_logits_break_towards_the_lower_class(c, device):
     compare(lambda x: ops.pld_loss(x, t, y), lambda x: ref.pld_loss(x, t, y), s, "pld")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_long_rows_select_by_a_sampled_threshold(dtype, device):
+    """C >= 4096 and k <= C / 8: a threshold from 1024 sampled logits, one vector pass keeping
+    the classes above it, the exact selection among those (bfloat16: many ties at the k-th)."""
+    s, t, _ = (v.to(device) for v in make(3, 5003, dtype, seed=8))
+    for k in (1, 7, 100, 5003 // 8):
+        compare(lambda x: ops.topk_kl_loss(x, t, k, 1.5), lambda x: ref.topk_kl_loss(x, t, k, 1.5),
+                s, f"topk k={k}")
+
+
+def test_sampled_threshold_falls_back_when_the_sample_misleads(device):
+    """The sampled logits (every 16th class of 16384) are the row's largest, so the threshold
+    keeps 1024 classes where k = 2000 are needed: the histogram selection must take over. A NaN
+    among the sampled logits (a NaN threshold) falls back too; the row's loss is then NaN."""
+    c, k = 16384, 2000
+    s, _, _ = (v.to(device) for v in make(1, c, torch.float32, seed=9))
+    t = torch.randn(1, c, generator=torch.Generator().manual_seed(2)) - 10.0
+    t[:, ::16] += 20.0
+    t = t.to(device)
+    compare(lambda x: ops.topk_kl_loss(x, t, k, 1.0), lambda x: ref.topk_kl_loss(x, t, k, 1.0),
+            s, "topk past a misleading sample")
+    t_nan = t.clone()
+    t_nan[0, 16 * 7] = float("nan")
+    assert ops.topk_kl_loss(s, t_nan, 100, reduction="none").isnan().all()
+
+
 def test_signed_zeros_tie(device):
     """-0.0 and +0.0 teacher logits are equal (as comparisons and torch's sort see them): the
     rankings follow the class index between them, on every path."""

@@ -53,15 +53,78 @@ KthKey kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys, uint3
   return {kth, greater};
 }
 
+// The k largest of a candidate list (keys[i] of class cls[i], classes ascending) into idx,
+// ties at the k-th key going to the lower class; bin: scratch of n entries.
+inline void top_k_of(const uint32_t* keys, const int64_t* cls, int64_t n, int64_t k, uint32_t* bin,
+                     int64_t* idx) {
+  std::copy(keys, keys + n, bin);
+  std::nth_element(bin, bin + (n - k), bin + n);
+  const uint32_t kth = bin[n - k];
+  int64_t greater = 0;
+  for (int64_t i = n - k + 1; i < n; ++i) greater += bin[i] > kth;  // (nth_element: all >= kth)
+  int64_t m = 0, ties = greater;  // the larger keys fill idx[0..greater), ties the rest
+  for (int64_t i = 0; i < n; ++i) {
+    if (keys[i] > kth) idx[m++] = cls[i];
+    else if (keys[i] == kth && ties < k) idx[ties++] = cls[i];
+  }
+}
+
+// Rows of 512+ classes, k well below C: a threshold from a sample of the row, one vector pass that
+// keeps the classes at or above it (a compare and a lane mask per vector; a few thousand of
+// 128k survive), then the exact selection among those. The histogram path below made three
+// scalar passes over every class (a key, a histogram bin, a compare) and was most of top-k KL's
+// time at C = 128k. The sample (min(1024, C / 4) logits at a fixed stride) puts the threshold
+// where about 1.25 k + 24 C / samples classes pass (its rank r: some 8 standard deviations of
+// the sample's count above the k-th value); when fewer than k pass (a sample far off the row's
+// distribution) or the threshold is NaN, it returns false and the histogram path runs.
+// keys, cls, bin: scratch of C entries each.
+template <class V, class T>
+bool top_k_by_sample(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* cls, uint32_t* bin,
+                     int64_t* idx) {
+  constexpr int kW = VecTraits<V>::width;
+  const int64_t samples = std::min<int64_t>(1024, C / 4), stride = C / samples;  // >= 128, >= 4
+  for (int64_t i = 0; i < samples; ++i) bin[i] = order_key(load1(row + i * stride));
+  const int64_t r = std::min<int64_t>(samples, k * samples / C * 5 / 4 + 24);  // 1 = the largest
+  std::nth_element(bin, bin + (samples - r), bin + samples);
+  const uint32_t kappa = bin[samples - r];
+  float tau = 0.f;
+  {
+    const uint32_t u = kappa & 0x80000000u ? kappa & 0x7fffffffu : ~kappa;  // order_key inverted
+    tau = bits_to_float(u);
+    if (tau != tau) return false;  // a NaN threshold: leave NaN rows to the histogram path
+  }
+  // keep v >= tau, and NaN (above every float when positive; the key test below drops -NaN)
+  int64_t n = 0;
+  auto keep = [&](int64_t j) {
+    const uint32_t key = order_key(load1(row + j));
+    if (key >= kappa) {
+      keys[n] = key;
+      cls[n++] = j;
+    }
+  };
+  int64_t j = 0;
+  for (; j + kW <= C; j += kW) {
+    unsigned bits = ~lane_bits(VecIo<V>::load(row + j) < V(tau)) & ((1u << kW) - 1u);
+    for (; bits != 0; bits &= bits - 1) keep(j + __builtin_ctz(bits));
+  }
+  for (; j < C; ++j) keep(j);
+  if (n < k) return false;
+  top_k_of(keys, cls, n, k, bin, idx);
+  return true;
+}
+
 // idx[0..k) = the classes of the k largest values of row[0..C), ties at the k-th value going
-// to the lower class index (in no particular order: the losses sum over the set). keys, bin:
-// scratch of C entries each. Three passes over the row's keys: histogram, bin, collection.
-template <class T>
-void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, uint32_t* bin, int64_t* idx) {
+// to the lower class index (in no particular order: the losses sum over the set). keys, cls,
+// bin: scratch of C entries each. Rows of 512 classes or more with k <= C / 8 take the sampled
+// threshold; the rest three passes over the row's keys: histogram, bin, collection.
+template <class V, class T>
+void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* cls, uint32_t* bin,
+                   int64_t* idx) {
   if (k >= C) {
     std::iota(idx, idx + C, int64_t(0));
     return;
   }
+  if (C >= 512 && k <= C / 8 && top_k_by_sample<V>(row, C, k, keys, cls, bin, idx)) return;
   const KthKey kth = kth_largest_key(row, C, k, keys, bin);
   int64_t n = 0, ties = kth.greater;  // the larger keys fill idx[0..greater), ties the rest
   for (int64_t j = 0; j < C; ++j) {
@@ -103,31 +166,49 @@ float row_max(const T* row, int64_t C, float scale) {
   return vmax(m, hmax(vm));
 }
 
+// Sum over i < n of f(i) for a vector body f(V-lane offset) -> V and its scalar tail g(i) -> float.
+template <class V, class F, class G>
+float vsum_over(int64_t n, F&& f, G&& g) {
+  constexpr int kW = VecTraits<V>::width;
+  V acc = V(0.f);
+  float tail = 0.f;
+  int64_t i = 0;
+  for (; i + kW <= n; i += kW) acc += f(i);
+  for (; i < n; ++i) tail += g(i);
+  return tail + hsum(acc);
+}
+
 template <class V, class T>
 void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r0, int64_t r1) {
   constexpr int kW = VecTraits<V>::width;
+  using Io = VecIo<V>;
   const int64_t C = q.C, k = std::min(q.k, q.C);
   const float T_ = q.temperature, inv_t = 1.f / T_;
   std::vector<uint32_t> keys(C), bin(C);
-  std::vector<int64_t> idx(k);
+  std::vector<int64_t> idx(k), cls(C);
+  // the selected classes' scaled logits, gathered once, so that the loops over I are vector
+  // loops (k = 1000 scalar exps per row, four times over, cost as much as the selection)
+  std::vector<float> s_sel(k), t_sel(k), g_sel(k);
   for (int64_t r = r0; r < r1; ++r) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    top_k_classes(tr, C, k, keys.data(), bin.data(), idx.data());
+    top_k_classes<V>(tr, C, k, keys.data(), cls.data(), bin.data(), idx.data());
+    float* si = s_sel.data();
+    float* ti = t_sel.data();
+    for (int64_t i = 0; i < k; ++i) {
+      si[i] = load1(sr + idx[i]) * inv_t;
+      ti[i] = load1(tr + idx[i]) * inv_t;
+    }
     // log-normalizers of s = student / T and t = teacher / T: over I, or over every class
     float lse_s, lse_t;
     if (q.renormalize) {
-      float ms = kKdLowest, mt = kKdLowest, zs = 0.f, zt = 0.f;
-      for (int64_t j : idx) {
-        ms = vmax(ms, load1(sr + j) * inv_t);
-        mt = vmax(mt, load1(tr + j) * inv_t);
-      }
-      for (int64_t j : idx) {
-        zs += vexp(load1(sr + j) * inv_t - ms);
-        zt += vexp(load1(tr + j) * inv_t - mt);
-      }
-      lse_s = ms + std::log(zs);
-      lse_t = mt + std::log(zt);
+      const float ms = row_max<V>(si, k, 1.f), mt = row_max<V>(ti, k, 1.f);
+      lse_s = ms + std::log(vsum_over<V>(
+                       k, [&](int64_t i) { return vexp(Io::load(si + i) - V(ms)); },
+                       [&](int64_t i) { return vexp(si[i] - ms); }));
+      lse_t = mt + std::log(vsum_over<V>(
+                       k, [&](int64_t i) { return vexp(Io::load(ti + i) - V(mt)); },
+                       [&](int64_t i) { return vexp(ti[i] - mt); }));
     } else {
       float ms, mt;
       pair_max<V>(sr, tr, C, inv_t, ms, mt);
@@ -139,14 +220,19 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
       lse_s = ms + std::log(zs + hsum(vzs));
       lse_t = mt + std::log(zt + hsum(vzt));
     }
-    // the KL terms over I, and the teacher's mass on I
-    float kl = 0.f, mass = 0.f;
-    for (int64_t j : idx) {
-      const float lq = load1(tr + j) * inv_t - lse_t, lp = load1(sr + j) * inv_t - lse_s;
-      const float qj = vexp(lq);
-      kl += qj * (lq - lp);
-      mass += qj;
-    }
+    // the KL terms over I, and the teacher's mass on I (q_j kept in g_sel for the gradient)
+    float* gi = g_sel.data();
+    const float mass = vsum_over<V>(
+        k,
+        [&](int64_t i) {
+          const V qv = vexp(Io::load(ti + i) - V(lse_t));
+          Io::store(gi + i, qv);
+          return qv;
+        },
+        [&](int64_t i) { return gi[i] = vexp(ti[i] - lse_t); });
+    const float kl = vsum_over<V>(
+        k, [&](int64_t i) { return Io::load(gi + i) * ((Io::load(ti + i) - V(lse_t)) - (Io::load(si + i) - V(lse_s))); },
+        [&](int64_t i) { return gi[i] * ((ti[i] - lse_t) - (si[i] - lse_s)); });
     loss[r] = T_ * T_ * kl;
     if (grad_out == nullptr) continue;
     // d(T^2 kl)/d student_m = T (c p_m - [m in I] q_m), c = mass (every class sees lse_s) or
@@ -159,13 +245,14 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
       const float tc = T_ * c;
       int64_t m = 0;
       for (; m + kW <= C; m += kW)
-        VecIo<V>::store(gr + m, V(tc) * vexp(VecIo<V>::load(sr + m) * V(inv_t) - V(lse_s)));
+        Io::store(gr + m, V(tc) * vexp(Io::load(sr + m) * V(inv_t) - V(lse_s)));
       for (; m < C; ++m) store1(gr + m, tc * vexp(load1(sr + m) * inv_t - lse_s));
     }
-    for (int64_t j : idx) {
-      const float p = vexp(load1(sr + j) * inv_t - lse_s), qj = vexp(load1(tr + j) * inv_t - lse_t);
-      store1(gr + j, T_ * (c * p - qj));
-    }
+    int64_t i = 0;  // the classes of I: T (c p - q), formed in g_sel, then scattered
+    for (; i + kW <= k; i += kW)
+      Io::store(gi + i, V(T_) * (V(c) * vexp(Io::load(si + i) - V(lse_s)) - Io::load(gi + i)));
+    for (; i < k; ++i) gi[i] = T_ * (c * vexp(si[i] - lse_s) - gi[i]);
+    for (i = 0; i < k; ++i) store1(gr + idx[i], gi[i]);
   }
 }
 
