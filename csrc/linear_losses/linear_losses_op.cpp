@@ -27,7 +27,6 @@
 #include <array>
 #include <cstdint>
 #include <optional>
-#include <string>
 #include <vector>
 
 #include "losses/losses_op.h"
@@ -43,6 +42,18 @@ struct LinearInputs {
   Tensor hidden, weight, target, bias, class_weight;
   int64_t N = 0, D = 0, V = 0;
 };
+
+// The user-facing op of each loss kind (errors name it): linear_cross_entropy, ...
+const char* linear_name(LossKind kind) {
+  switch (kind) {
+    case LossKind::comp_sum: return "linear_comp_sum_loss";
+    case LossKind::ldr: return "linear_ldr_loss";
+    case LossKind::spherical_z: return "linear_spherical_z_loss";
+    case LossKind::stablemax: return "linear_stablemax_cross_entropy";
+    case LossKind::cross_entropy: break;
+  }
+  return "linear_cross_entropy";
+}
 
 bool is_float_dtype(const Tensor& t) {
   const auto d = t.scalar_type();
@@ -226,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> linear_loss_forward(
     const OptT& class_weight, int64_t kind, c10::ArrayRef<double> scalars, int64_t ignore_index,
     GradMask grad_mask, int64_t block_rows) {
   const LossParams p = loss_params(LossKind(kind), ignore_index, scalars);
-  const LinearInputs in = check_inputs(op_name(p.kind), hidden, weight, target, bias,
+  const LinearInputs in = check_inputs(linear_name(p.kind), hidden, weight, target, bias,
                                        class_weight, ignore_index);
   if (!in.bias.defined()) grad_mask[2] = false;
   const auto f32 = hidden.options().dtype(at::kFloat);
@@ -244,7 +255,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_loss_backward(
     int64_t kind, c10::ArrayRef<double> scalars, int64_t ignore_index, GradMask grad_mask,
     int64_t block_rows) {
   const LossParams p = loss_params(LossKind(kind), ignore_index, scalars);
-  const char* op = op_name(p.kind);
+  const char* op = linear_name(p.kind);
   const LinearInputs in = check_inputs(op, hidden, weight, target, bias, class_weight, ignore_index);
   for (const Tensor* t : {&grad_loss, &stat0, &stat1})
     TORCH_CHECK(t->dim() == 1 && t->size(0) == in.N && t->device() == hidden.device(), op,
@@ -339,11 +350,10 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
                          has_bias && ctx->needs_input_grad(3)};
     Tensor gh, gw, gb;
     const Tensor& up = grads[0];
-    const std::string name =  // the user-facing op: linear_cross_entropy, linear_comp_sum_loss, ...
-        std::string("linear_") + op_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
+    const char* name = linear_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
       return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
-                                 name.c_str());
+                                 name);
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
     auto& early = ctx->saved_data["early_grads"];
@@ -362,7 +372,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[2]) gb = result(list[2], saved[3]);
       if (unit) early = c10::IValue();
       return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
-                                 name.c_str());
+                                 name);
     }
     // Form every block again. d(total)/d(row loss) per row:
     Tensor g = up.to(at::kFloat);
@@ -379,12 +389,12 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
     return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
-                               name.c_str());
+                               name);
   }
 };
 
 void check_reduction(LossKind kind, int64_t reduction) {
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(kind),
+  TORCH_CHECK(reduction >= kNone && reduction <= kSum, linear_name(kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 
