@@ -98,6 +98,19 @@ def test_sampled_threshold_falls_back_when_the_sample_misleads(device):
     assert ops.topk_kl_loss(s, t_nan, 100, reduction="none").isnan().all()
 
 
+@pytest.mark.parametrize("c", [65, 700])
+def test_pld_rows_of_64_to_1023_classes(c, device):
+    """The 8-bit radix sort of rows under 1024 classes: random logits (digits of every byte
+    differ), a teacher of few distinct bfloat16 values (ties: the class order decides; most
+    digit passes skipped), and one with every logit equal."""
+    s, t, y = (v.to(device) for v in make(3, c, torch.float32, seed=12))
+    compare(lambda x: ops.pld_loss(x, t, y), lambda x: ref.pld_loss(x, t, y), s, "pld random")
+    tied = torch.randint(-3, 4, (3, c), generator=torch.Generator().manual_seed(4)).float().to(device)
+    compare(lambda x: ops.pld_loss(x, tied, y), lambda x: ref.pld_loss(x, tied, y), s, "pld tied")
+    flat = torch.full((3, c), 0.5, device=device)
+    compare(lambda x: ops.pld_loss(x, flat, y), lambda x: ref.pld_loss(x, flat, y), s, "pld flat")
+
+
 def test_signed_zeros_tie(device):
     """-0.0 and +0.0 teacher logits are equal (as comparisons and torch's sort see them): the
     rankings follow the class index between them, on every path."""

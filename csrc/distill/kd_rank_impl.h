@@ -134,12 +134,31 @@ void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* 
 }
 
 // Sorts a[0..n) by the high 32 bits, keeping the order of equal keys (a least-significant-digit
-// radix sort, three 11-bit passes; std::sort of the whole words, which gives the same order when
-// the low words ascend, for short rows). Returns where the sorted words are: a or tmp.
+// radix sort: three 11-bit passes; for rows under 1024 four 8-bit passes whose histograms are
+// counted in one sweep, a pass skipped when every key shares its digit; std::sort of the whole
+// words, which gives the same order when the low words ascend, under 64). std::sort was 38% of
+// pld_loss's time at 4096 x 1000. Returns where the sorted words are: a or tmp.
 inline uint64_t* sort_by_high_word(uint64_t* a, uint64_t* tmp, int64_t n) {
-  if (n < 1024) {
+  if (n < 64) {
     std::sort(a, a + n);
     return a;
+  }
+  if (n < 1024) {
+    uint32_t count[4][256] = {};
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t key = uint32_t(a[i] >> 32);
+      for (int d = 0; d < 4; ++d) ++count[d][(key >> (8 * d)) & 255];
+    }
+    uint64_t *src = a, *dst = tmp;
+    for (int d = 0; d < 4; ++d) {
+      uint32_t* start = count[d];
+      if (start[(src[0] >> (32 + 8 * d)) & 255] == uint32_t(n)) continue;  // one digit: in order
+      uint32_t sum = 0;
+      for (int b = 0; b < 256; ++b) sum += std::exchange(start[b], sum);
+      for (int64_t i = 0; i < n; ++i) dst[start[(src[i] >> (32 + 8 * d)) & 255]++] = src[i];
+      std::swap(src, dst);
+    }
+    return src;
   }
   uint64_t *src = a, *dst = tmp;
   std::vector<int64_t> start(2048);
