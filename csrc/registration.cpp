@@ -33,6 +33,10 @@ TORCH_LIBRARY(fastloss, m) {
         "bool inplace_backward=False) -> (Tensor, Tensor, Tensor)");
   m.def("stablemax_backward(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "Tensor stat0, Tensor stat1, int ignore_index) -> Tensor");
+  // The Python autograd formulas' refusal of a second differentiation (losses_op.cpp,
+  // once_differentiable; fastloss/ops/_autograd.py): the gradients again, marked to raise
+  // "<op>: double backward ... is not supported" when differentiated, while grad mode is on.
+  m.def("_refuse_second_order(Tensor[] grads, Tensor[] incoming, str op) -> Tensor[]");
   // The eager path of the public functions: forward, reduction (0 none, 1 mean, 2 sum) and a
   // C++ autograd formula in one op (losses_op.cpp). Under torch.compile the public functions
   // use the *_forward ops above instead, whose autograd formula is registered from Python.

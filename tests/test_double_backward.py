@@ -144,7 +144,8 @@ def test_dequant_gemm_is_twice_differentiable(dev, bits, group_size, symmetric, 
 
 @pytest.mark.parametrize("dev", PLACES)
 @pytest.mark.parametrize("name", sorted(CASES))
-@pytest.mark.parametrize("form", ["grad_inputs", "backward_inputs", "through_a_layer", "bfloat16"])
+@pytest.mark.parametrize("form", ["grad_inputs", "backward_inputs", "through_a_layer", "bfloat16",
+                                  "non_contiguous"])
 def test_second_differentiation_towards_chosen_inputs_raises(name, dev, form):
     """torch.autograd.grad(..., inputs) and backward(inputs=...) run only the graph between the
     output and the inputs asked for (a Hessian-vector product, MAML's meta-gradient): the
@@ -158,6 +159,12 @@ def test_second_differentiation_towards_chosen_inputs_raises(name, dev, form):
         torch.manual_seed(1)
         x = x0 @ w
         leaf = w
+    elif form == "non_contiguous":  # the op copies its input to a contiguous one inside
+        if len(shape) != 2:
+            pytest.skip("a transposed input needs a 2-D shape")
+        leaf = torch.randn(shape[::-1], device=dev, requires_grad=True)
+        torch.manual_seed(1)
+        x = leaf.t()
     else:  # bfloat16: formulas that keep float32 copies of their inputs, not the inputs
         dtype = torch.bfloat16 if form == "bfloat16" else torch.float32
         x = torch.randn(shape, device=dev, dtype=dtype, requires_grad=True)
@@ -177,3 +184,30 @@ def test_second_differentiation_towards_chosen_inputs_raises(name, dev, form):
             total.backward(inputs=[leaf])
         else:
             torch.autograd.grad(total, leaf)
+
+
+@pytest.mark.parametrize("dev", PLACES)
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_loss_edited_in_place_still_backpropagates(name, dev):
+    """The refusal saves nothing: a loss scaled in place (gradient accumulation) still has its
+    ordinary backward (a saved output would fail torch's in-place version check)."""
+    x, loss = _loss(name, dev)
+    (plain,) = torch.autograd.grad(loss, x)
+    x2, loss2 = _loss(name, dev)
+    loss2.mul_(0.25)
+    loss2.backward()
+    torch.testing.assert_close(x2.grad, plain * 0.25, rtol=1e-5, atol=1e-7)
+
+
+def test_inplace_backward_with_create_graph():
+    """inplace_backward=True writes the gradient into the logits; with create_graph=True the
+    first-order gradient must still come out, and differentiating it again raise."""
+    torch.manual_seed(0)
+    x = torch.randn(N, C, requires_grad=True)
+    y = torch.randint(0, C, (N,))
+    (want,) = torch.autograd.grad(ops.cross_entropy(x * 1.0, y), x)
+    loss = ops.cross_entropy(x * 1.0, y, inplace_backward=True)
+    (g,) = torch.autograd.grad(loss, x, create_graph=True)
+    torch.testing.assert_close(g.detach(), want)
+    with pytest.raises(RuntimeError, match="cross_entropy.*double backward"):
+        torch.autograd.grad(g.pow(2).sum(), x)

@@ -291,7 +291,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                                               ctx->saved_data["beta"]})[0]
                  .toTensor();
     }
-    return once_differentiable(ctx, grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
                                kOp);
   }
 };
@@ -339,13 +339,11 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     // PLD's mean is over the rows kept (F.cross_entropy's); top-k KL's over all rows
     const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
     const Tensor loss = reduce_loss_rows(out[0].toTensor(), reduction, count);
-    const Tensor result = loss.to(student.scalar_type());
-    // the output too: the anchor of once_differentiable (no input is kept)
-    ctx->save_for_backward({out[1].toTensor(), count, result});
+    ctx->save_for_backward({out[1].toTensor(), count});
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["pld"] = pld;
-    return result;
+    return loss.to(student.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -362,7 +360,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
                           : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
     }
-    return once_differentiable(ctx, grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                ctx->saved_data["pld"].toBool() ? "pld_loss" : "topk_kl_loss");
   }
 };

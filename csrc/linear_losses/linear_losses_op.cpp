@@ -352,7 +352,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     const Tensor& up = grads[0];
     const char* name = linear_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
-      return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name);
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
@@ -371,7 +371,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[1]) gw = result(list[1], weight);
       if (needs[2]) gb = result(list[2], saved[3]);
       if (unit) early = c10::IValue();
-      return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name);
     }
     // Form every block again. d(total)/d(row loss) per row:
@@ -388,7 +388,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[0]) gh = out[0].toTensor();
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
-    return once_differentiable(ctx, grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                name);
   }
 };

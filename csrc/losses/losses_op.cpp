@@ -16,6 +16,7 @@
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
 #include <torch/csrc/autograd/functions/basic_ops.h>
+#include <torch/csrc/autograd/functions/utils.h>
 #include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
 
@@ -25,6 +26,7 @@
 #include <cstdlib>
 #include <optional>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #if defined(FASTLOSS_WITH_CUDA)
@@ -578,33 +580,53 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
   return reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
 }
 
-std::vector<Tensor> once_differentiable(torch::autograd::AutogradContext* ctx,
-                                        const torch::autograd::variable_list& incoming,
-                                        std::vector<Tensor> grads, const char* op) {
+namespace {
+
+// An Error node of the pointer kind this torch's graph uses (std::shared_ptr before 2.14,
+// c10::intrusive_ptr since).
+using NodePtr = decltype(torch::autograd::get_current_node());
+template <class Ptr = NodePtr>  // (a template: only the branch of this torch is instantiated)
+Ptr error_node(std::string msg, torch::autograd::edge_list&& edges) {
+  if constexpr (std::is_same_v<Ptr, std::shared_ptr<torch::autograd::Node>>)
+    return std::make_shared<torch::autograd::Error>(std::move(msg), std::move(edges));
+  else
+    return c10::make_intrusive<torch::autograd::Error>(std::move(msg), std::move(edges));
+}
+
+}  // namespace
+
+std::vector<Tensor> refuse_second_order(const std::vector<Tensor>& grads,
+                                        const std::vector<Tensor>& incoming, const std::string& op) {
   // Grad mode is on in a backward exactly when it runs with create_graph=True. The gradients
   // then depend on inputs that require grad even when the incoming gradient does not (a
   // gradient penalty differentiates d(loss)/d(x) of a scalar loss): checking only the incoming
   // gradients, as torch's @once_differentiable does, would let such a penalty drop silently.
   if (!at::GradMode::is_enabled()) return grads;
-  torch::autograd::variable_list inputs;  // detached copies that require grad, as the Python one
-  for (const Tensor& g : grads) inputs.push_back(g.defined() ? g.detach().requires_grad_(true) : Tensor());
-  const size_t n = inputs.size();
-  // Anchors: the saved tensors (inputs, or the op's output) and incoming gradients that require
-  // grad, as further inputs of the error node, so that it lies on the paths from the gradients
-  // back to the op's inputs: torch.autograd.grad(..., inputs) and backward(inputs=...) run only
-  // the nodes on such paths, and would skip a node hanging off the detached copies alone.
-  for (const Tensor& t : ctx->get_saved_variables())
-    if (t.defined() && t.requires_grad()) inputs.push_back(t);
+  // The returned gradients' grad_fn: a node that raises when reached, whose next edges are
+  // those of the node now running (the op's inputs) and of the incoming gradients, so that it
+  // lies on every path from these gradients back to the op's inputs: torch.autograd.grad(...,
+  // inputs) and backward(inputs=...) run only the nodes on such paths. Nothing is saved for
+  // it, so no saved tensor's version is checked (in-place edits of the loss stay allowed).
+  torch::autograd::edge_list edges;
+  if (const auto current = torch::autograd::get_current_node()) edges = current->next_edges();
   for (const Tensor& t : incoming)
-    if (t.defined() && t.requires_grad()) inputs.push_back(t);
-  auto err = std::make_shared<torch::autograd::DelayedError>(
-      std::string(op) +
-          ": double backward (differentiating its gradient again, e.g. a gradient penalty taken with "
-          "create_graph=True) is not supported",
-      int64_t(inputs.size()));
-  auto out = err->apply(std::move(inputs));
-  out.resize(n);
+    if (t.defined() && t.requires_grad()) edges.push_back(torch::autograd::impl::gradient_edge(t));
+  auto node = error_node(op + ": double backward (differentiating its gradient again, e.g. a gradient "
+                              "penalty taken with create_graph=True) is not supported",
+                         std::move(edges));
+  std::vector<Tensor> out;
+  out.reserve(grads.size());
+  for (const Tensor& g : grads) {
+    Tensor alias = g.defined() ? g.detach() : Tensor();  // (the same storage, no graph)
+    if (alias.defined() && alias.is_floating_point()) torch::autograd::set_history(alias, node);
+    out.push_back(alias);
+  }
   return out;
+}
+
+std::vector<Tensor> once_differentiable(const torch::autograd::variable_list& incoming,
+                                        std::vector<Tensor> grads, const char* op) {
+  return refuse_second_order(grads, incoming, op);
 }
 
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
@@ -668,10 +690,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     Tensor loss = rows;
     if (reduction == kSum) loss = rows.sum();
     if (reduction == kMean) loss = rows.sum().div(denom);
-    loss = loss.to(logits.scalar_type());
-    // the output too: the anchor of once_differentiable (the logits are not kept)
-    ctx->save_for_backward({out[3].toTensor(), loss});
-    return loss;
+    ctx->save_for_backward({out[3].toTensor()});
+    return loss.to(logits.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -710,7 +730,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return once_differentiable(ctx, grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                op_name(LossKind(ctx->saved_data["kind"].toInt())));
   }
 };
@@ -821,6 +841,12 @@ void register_impls(torch::Library& m) {
 
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
 TORCH_LIBRARY_IMPL(fastloss, Autograd, m) { fastloss::register_losses<true>(m); }
+// (above autograd: it builds graph nodes itself; any device)
+TORCH_LIBRARY_IMPL(fastloss, CompositeImplicitAutograd, m) {
+  m.impl("_refuse_second_order", [](at::TensorList grads, at::TensorList incoming, c10::string_view op) {
+    return fastloss::refuse_second_order(grads.vec(), incoming.vec(), std::string(op.data(), op.size()));
+  });
+}
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }
 #endif

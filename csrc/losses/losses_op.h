@@ -7,13 +7,10 @@
 
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "loss_params.h"
-
-namespace torch::autograd {
-struct AutogradContext;
-}
 
 namespace fastloss {
 
@@ -49,13 +46,15 @@ at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
 
 // The gradients a C++ autograd formula returns, made to refuse a second differentiation: when
 // the backward runs with create_graph=True, differentiating them again raises a clear error
-// (their formulas are kernels below autograd, which would otherwise give zero second-order
-// terms silently). The Python formulas do the same through fastloss.ops._autograd.
-// ctx / incoming: the backward's context and incoming gradients (their tensors that require
-// grad anchor the refusal on the graph; a formula that saves no input saves its output).
-std::vector<at::Tensor> once_differentiable(torch::autograd::AutogradContext* ctx,
-                                            const std::vector<at::Tensor>& incoming,
+// naming `op` (their formulas are kernels below autograd, which would otherwise give zero
+// second-order terms silently). incoming: the backward's incoming gradients. The Python
+// formulas reach the same code through the op fastloss::_refuse_second_order
+// (fastloss/ops/_autograd.py).
+std::vector<at::Tensor> once_differentiable(const std::vector<at::Tensor>& incoming,
                                             std::vector<at::Tensor> grads, const char* op);
+std::vector<at::Tensor> refuse_second_order(const std::vector<at::Tensor>& grads,
+                                            const std::vector<at::Tensor>& incoming,
+                                            const std::string& op);
 
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);

@@ -328,7 +328,7 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
       if (softmax) args.emplace_back(ctx->saved_data["ignore_index"]);
       grad = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
     }
-    return once_differentiable(ctx, grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                "dice_loss");
   }
 };
@@ -411,7 +411,7 @@ struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
                                                  ctx->saved_data["from_logits"]})[0]
                  .toTensor();
     }
-    return once_differentiable(ctx, grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, "anyloss");
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, "anyloss");
   }
 };
 

@@ -131,10 +131,8 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{int64_t(pos.scalar_type()), int64_t(neg.scalar_type())};
-    const Tensor loss = reduce_loss_rows(rows, reduction).to(pos.scalar_type());
-    // the output too: the anchor of once_differentiable (no input is kept)
-    ctx->save_for_backward({out[1].toTensor(), out[2].toTensor(), loss});
-    return loss;
+    ctx->save_for_backward({out[1].toTensor(), out[2].toTensor()});
+    return reduce_loss_rows(rows, reduction).to(pos.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -150,7 +148,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
       if (ctx->needs_input_grad(0)) gp = saved[0].mul(g).to(at::ScalarType(dtypes[0]));
       if (ctx->needs_input_grad(1)) gn = saved[1].mul(g).to(at::ScalarType(dtypes[1]));
     }
-    return once_differentiable(ctx, grads, {gp, gn, Tensor(), Tensor()}, kOp);
+    return once_differentiable(grads, {gp, gn, Tensor(), Tensor()}, kOp);
   }
 };
 

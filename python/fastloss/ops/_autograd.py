@@ -18,23 +18,9 @@ import functools
 import torch
 
 
-def refusal_message(op: str) -> str:
-    return (f"{op}: double backward (differentiating its gradient again, e.g. a gradient penalty "
-            "taken with create_graph=True) is not supported")
-
-
-def _saved(ctx):
-    try:
-        return tuple(ctx.saved_tensors)
-    except RuntimeError:  # nothing saved that can be unpacked here
-        return ()
-
-
 def once_differentiable(op: str):
     """Decorate a backward ``(ctx, *grads) -> grads`` (of an autograd.Function or of
     torch.library.register_autograd) so that its results refuse a second differentiation."""
-    message = refusal_message(op).encode()
-
     def decorate(backward):
         @functools.wraps(backward)
         def wrapper(ctx, *grads):
@@ -47,18 +33,13 @@ def once_differentiable(op: str):
             where = [i for i, o in enumerate(outs) if isinstance(o, torch.Tensor)]
             if not where:
                 return out
-            # detached aliases that require grad, whose grad_fn raises when reached (as torch's
-            # once_differentiable does, without its condition on the incoming gradients). The
-            # node also takes the saved tensors and incoming gradients that require grad as
-            # inputs ("anchors"), so that it lies on the paths from the gradients back to the
-            # op's inputs: torch.autograd.grad(..., inputs) and backward(inputs=...) only run
-            # the nodes on such paths, and would skip a node hanging off the aliases alone.
-            leaves = [outs[i].detach().requires_grad_() for i in where]
-            anchors = [t for t in (*_saved(ctx), *grads) if isinstance(t, torch.Tensor) and t.requires_grad]
-            marked = torch._C._functions.DelayedError(message, len(leaves) + len(anchors))(*leaves, *anchors)
-            if isinstance(marked, torch.Tensor):
-                marked = (marked,)
-            for i, m in zip(where, marked[:len(leaves)]):
+            # the same tensors, whose grad_fn raises when reached; that node's next edges are
+            # this backward node's (the op's inputs) and the incoming gradients', so it lies on
+            # every path back to the inputs, also for torch.autograd.grad(..., inputs) and
+            # backward(inputs=...), which run only the nodes on such paths (losses_op.cpp)
+            incoming = [g for g in grads if isinstance(g, torch.Tensor) and g.requires_grad]
+            marked = torch.ops.fastloss._refuse_second_order([outs[i] for i in where], incoming, op)
+            for i, m in zip(where, marked):
                 outs[i] = m
             return outs[0] if single else tuple(outs)
         return wrapper

@@ -184,21 +184,21 @@ class _MultiSimilarityKernel(torch.autograd.Function):
         stats, grad = torch.ops.fastloss.ms_blocks(e, keys, alpha, beta, base, epsilon, block,
                                                    early, None)
         rows = stats[0] / alpha + stats[1] / beta
-        out = rows.mean() if reduction == "mean" else rows.sum() if reduction == "sum" else rows
-        # (the output last: once_differentiable's anchor, as the gradient made here has no graph)
-        ctx.save_for_backward(*((grad,) if early else (e, keys)), out)
+        ctx.save_for_backward(*((grad,) if early else (e, keys)))
         ctx.args = (alpha, beta, base, epsilon, reduction, block, e.dtype)
-        return out
+        if reduction == "mean":
+            return rows.mean()
+        return rows.sum() if reduction == "sum" else rows
 
     @staticmethod
     @once_differentiable("multi_similarity_loss")
     def backward(ctx, grad_out):
         alpha, beta, base, epsilon, reduction, block, dtype = ctx.args
         if reduction != "none":
-            (grad, _) = ctx.saved_tensors
+            (grad,) = ctx.saved_tensors
             scale = grad_out.float() / (grad.shape[0] if reduction == "mean" else 1)
             return (grad * scale).to(dtype), None, None, None, None, None, None, None
-        e, keys, _ = ctx.saved_tensors
+        e, keys = ctx.saved_tensors
         grad = torch.ops.fastloss.ms_blocks(e, keys, alpha, beta, base, epsilon, block, False,
                                             grad_out)[1]
         return grad.to(dtype), None, None, None, None, None, None, None
@@ -337,31 +337,29 @@ class _TcmKernel(torch.autograd.Function):
         # one block and no pair list: the coefficients are known now, so the gradient (for an
         # upstream 1) is formed from the block in hand; the backward only scales it
         early = ctx.needs_input_grad[0] and not sparse and n <= block
-        out = loss.float()
-        # (the output last: once_differentiable's anchor, as ef is a copy for reduced dtypes)
         if sparse:
             row_ptr = torch.zeros(n + 1, dtype=torch.int64)
             if n:
                 torch.cumsum(torch.cat(row_nnz), 0, out=row_ptr[1:])
             cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32)
-            ctx.save_for_backward(ef, keys, sums, row_ptr, cols, out)
+            ctx.save_for_backward(ef, keys, sums, row_ptr, cols)
         elif early and n:
             torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg,
                                               _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg))
-            ctx.save_for_backward((s + s.t()) @ ef, out)  # S = E E^T: one GEMM for both factors
+            ctx.save_for_backward((s + s.t()) @ ef)  # S = E E^T: one GEMM for both factors
         else:
-            ctx.save_for_backward(ef, keys, sums, out)
+            ctx.save_for_backward(ef, keys, sums)
         ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, early and n > 0, e.dtype)
-        return out
+        return loss.float()
 
     @staticmethod
     @once_differentiable("tcm_loss")
     def backward(ctx, grad_loss):
         m_pos, m_neg, w_pos, w_neg, block, sparse, early, dtype = ctx.args
         if early:
-            (grad, _) = ctx.saved_tensors
+            (grad,) = ctx.saved_tensors
             return (grad * grad_loss.float()).to(dtype), None, None, None, None, None, None
-        ef, keys, sums, *pairs, _ = ctx.saved_tensors
+        ef, keys, sums, *pairs = ctx.saved_tensors
         coef = _tcm_coefficients(grad_loss, sums, w_pos, w_neg)
         if sparse:  # d S_ij = -coef[0] on hard positives, +coef[1] on hard negatives
             signed = coef * torch.tensor([-1.0, 1.0], dtype=torch.float64, device=coef.device)
