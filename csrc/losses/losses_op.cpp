@@ -607,8 +607,14 @@ std::vector<Tensor> refuse_second_order(const std::vector<Tensor>& grads,
   // lies on every path from these gradients back to the op's inputs: torch.autograd.grad(...,
   // inputs) and backward(inputs=...) run only the nodes on such paths. Nothing is saved for
   // it, so no saved tensor's version is checked (in-place edits of the loss stay allowed).
-  torch::autograd::edge_list edges;
-  if (const auto current = torch::autograd::get_current_node()) edges = current->next_edges();
+  // Outside the eager engine's node loop (compiled autograd, a direct call of a grad_fn) no
+  // node is current, the op's input edges are unknown, and a refusal without them would let
+  // grad(..., inputs) skip it: say so now rather than risk a silently partial result.
+  const auto current = torch::autograd::get_current_node();
+  TORCH_CHECK(current, op, ": create_graph=True is supported only in the eager autograd engine (not "
+              "under compiled autograd, nor by calling a grad_fn directly): its gradient cannot be "
+              "differentiated again");
+  torch::autograd::edge_list edges = current->next_edges();
   for (const Tensor& t : incoming)
     if (t.defined() && t.requires_grad()) edges.push_back(torch::autograd::impl::gradient_edge(t));
   auto node = error_node(op + ": double backward (differentiating its gradient again, e.g. a gradient "
