@@ -595,8 +595,8 @@ Ptr error_node(std::string msg, torch::autograd::edge_list&& edges) {
 
 }  // namespace
 
-std::vector<Tensor> refuse_second_order(const std::vector<Tensor>& grads,
-                                        const std::vector<Tensor>& incoming, const std::string& op) {
+std::vector<Tensor> once_differentiable(const std::vector<Tensor>& incoming,
+                                        const std::vector<Tensor>& grads, const std::string& op) {
   // Grad mode is on in a backward exactly when it runs with create_graph=True. The gradients
   // then depend on inputs that require grad even when the incoming gradient does not (a
   // gradient penalty differentiates d(loss)/d(x) of a scalar loss): checking only the incoming
@@ -628,11 +628,6 @@ std::vector<Tensor> refuse_second_order(const std::vector<Tensor>& grads,
     out.push_back(alias);
   }
   return out;
-}
-
-std::vector<Tensor> once_differentiable(const torch::autograd::variable_list& incoming,
-                                        std::vector<Tensor> grads, const char* op) {
-  return refuse_second_order(grads, incoming, op);
 }
 
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
@@ -850,7 +845,7 @@ TORCH_LIBRARY_IMPL(fastloss, Autograd, m) { fastloss::register_losses<true>(m); 
 // (above autograd: it builds graph nodes itself; any device)
 TORCH_LIBRARY_IMPL(fastloss, CompositeImplicitAutograd, m) {
   m.impl("_refuse_second_order", [](at::TensorList grads, at::TensorList incoming, c10::string_view op) {
-    return fastloss::refuse_second_order(grads.vec(), incoming.vec(), std::string(op.data(), op.size()));
+    return fastloss::once_differentiable(incoming.vec(), grads.vec(), std::string(op.data(), op.size()));
   });
 }
 #if defined(FASTLOSS_WITH_CUDA)

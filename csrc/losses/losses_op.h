@@ -51,10 +51,7 @@ at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
 // formulas reach the same code through the op fastloss::_refuse_second_order
 // (fastloss/ops/_autograd.py).
 std::vector<at::Tensor> once_differentiable(const std::vector<at::Tensor>& incoming,
-                                            std::vector<at::Tensor> grads, const char* op);
-std::vector<at::Tensor> refuse_second_order(const std::vector<at::Tensor>& grads,
-                                            const std::vector<at::Tensor>& incoming,
-                                            const std::string& op);
+                                            const std::vector<at::Tensor>& grads, const std::string& op);
 
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);
