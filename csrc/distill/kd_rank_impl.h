@@ -53,6 +53,17 @@ KthKey kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys, uint3
   return {kth, greater};
 }
 
+// idx[0..k) = the classes cls(i) of the keys above the k-th largest `kth` (kth.greater of them)
+// and of the first ties at it, classes ascending with i: ties go to the lower class.
+template <class Cls>
+void collect_top_k(const uint32_t* keys, int64_t n, KthKey kth, int64_t k, Cls cls, int64_t* idx) {
+  int64_t m = 0, ties = kth.greater;  // the larger keys fill idx[0..greater), ties the rest
+  for (int64_t i = 0; i < n; ++i) {
+    if (keys[i] > kth.key) idx[m++] = cls(i);
+    else if (keys[i] == kth.key && ties < k) idx[ties++] = cls(i);
+  }
+}
+
 // The k largest of a candidate list (keys[i] of class cls[i], classes ascending) into idx,
 // ties at the k-th key going to the lower class; bin: scratch of n entries.
 inline void top_k_of(const uint32_t* keys, const int64_t* cls, int64_t n, int64_t k, uint32_t* bin,
@@ -62,11 +73,7 @@ inline void top_k_of(const uint32_t* keys, const int64_t* cls, int64_t n, int64_
   const uint32_t kth = bin[n - k];
   int64_t greater = 0;
   for (int64_t i = n - k + 1; i < n; ++i) greater += bin[i] > kth;  // (nth_element: all >= kth)
-  int64_t m = 0, ties = greater;  // the larger keys fill idx[0..greater), ties the rest
-  for (int64_t i = 0; i < n; ++i) {
-    if (keys[i] > kth) idx[m++] = cls[i];
-    else if (keys[i] == kth && ties < k) idx[ties++] = cls[i];
-  }
+  collect_top_k(keys, n, {kth, greater}, k, [&](int64_t i) { return cls[i]; }, idx);
 }
 
 // Rows of 512+ classes, k well below C: a threshold from a sample of the row, one vector pass that
@@ -125,52 +132,43 @@ void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* 
     return;
   }
   if (C >= 512 && k <= C / 8 && top_k_by_sample<V>(row, C, k, keys, cls, bin, idx)) return;
-  const KthKey kth = kth_largest_key(row, C, k, keys, bin);
-  int64_t n = 0, ties = kth.greater;  // the larger keys fill idx[0..greater), ties the rest
-  for (int64_t j = 0; j < C; ++j) {
-    if (keys[j] > kth.key) idx[n++] = j;
-    else if (keys[j] == kth.key && ties < k) idx[ties++] = j;
-  }
+  collect_top_k(keys, C, kth_largest_key(row, C, k, keys, bin), k, [](int64_t j) { return j; }, idx);
 }
 
-// Sorts a[0..n) by the high 32 bits, keeping the order of equal keys (a least-significant-digit
-// radix sort: three 11-bit passes; for rows under 1024 four 8-bit passes whose histograms are
-// counted in one sweep, a pass skipped when every key shares its digit; std::sort of the whole
-// words, which gives the same order when the low words ascend, under 64). std::sort was 38% of
-// pld_loss's time at 4096 x 1000. Returns where the sorted words are: a or tmp.
+// A least-significant-digit radix sort of a[0..n) by the high 32 bits in digits of Bits bits
+// (stable: equal keys keep their order). Every digit's histogram is counted in one sweep, and
+// a pass is skipped when every key shares its digit. Returns where the sorted words are.
+template <int Bits>
+uint64_t* radix_by_high_word(uint64_t* a, uint64_t* tmp, int64_t n) {
+  constexpr int kPasses = (32 + Bits - 1) / Bits, kBuckets = 1 << Bits;
+  std::vector<int64_t> count(size_t(kPasses) * kBuckets, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    const uint32_t key = uint32_t(a[i] >> 32);
+    for (int d = 0; d < kPasses; ++d) ++count[d * kBuckets + ((key >> (Bits * d)) & (kBuckets - 1))];
+  }
+  uint64_t *src = a, *dst = tmp;
+  for (int d = 0; d < kPasses; ++d) {
+    int64_t* start = count.data() + d * kBuckets;
+    const int shift = 32 + Bits * d;
+    if (start[(src[0] >> shift) & (kBuckets - 1)] == n) continue;  // one digit: already in order
+    int64_t sum = 0;
+    for (int b = 0; b < kBuckets; ++b) sum += std::exchange(start[b], sum);
+    for (int64_t i = 0; i < n; ++i) dst[start[(src[i] >> shift) & (kBuckets - 1)]++] = src[i];
+    std::swap(src, dst);
+  }
+  return src;
+}
+
+// Sorts a[0..n) by the high 32 bits, keeping the order of equal keys: three 11-bit passes, four
+// 8-bit ones under 1024 words (smaller histograms; std::sort had been 38% of pld_loss's time at
+// 4096 x 1000), std::sort of the whole words under 64 (the same order when the low words
+// ascend). Returns where the sorted words are: a or tmp.
 inline uint64_t* sort_by_high_word(uint64_t* a, uint64_t* tmp, int64_t n) {
   if (n < 64) {
     std::sort(a, a + n);
     return a;
   }
-  if (n < 1024) {
-    uint32_t count[4][256] = {};
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t key = uint32_t(a[i] >> 32);
-      for (int d = 0; d < 4; ++d) ++count[d][(key >> (8 * d)) & 255];
-    }
-    uint64_t *src = a, *dst = tmp;
-    for (int d = 0; d < 4; ++d) {
-      uint32_t* start = count[d];
-      if (start[(src[0] >> (32 + 8 * d)) & 255] == uint32_t(n)) continue;  // one digit: in order
-      uint32_t sum = 0;
-      for (int b = 0; b < 256; ++b) sum += std::exchange(start[b], sum);
-      for (int64_t i = 0; i < n; ++i) dst[start[(src[i] >> (32 + 8 * d)) & 255]++] = src[i];
-      std::swap(src, dst);
-    }
-    return src;
-  }
-  uint64_t *src = a, *dst = tmp;
-  std::vector<int64_t> start(2048);
-  for (int shift = 32; shift < 64; shift += 11) {
-    std::fill(start.begin(), start.end(), 0);
-    for (int64_t i = 0; i < n; ++i) ++start[(src[i] >> shift) & 2047];
-    int64_t sum = 0;
-    for (int64_t& s : start) sum += std::exchange(s, sum);
-    for (int64_t i = 0; i < n; ++i) dst[start[(src[i] >> shift) & 2047]++] = src[i];
-    std::swap(src, dst);
-  }
-  return src;
+  return n < 1024 ? radix_by_high_word<8>(a, tmp, n) : radix_by_high_word<11>(a, tmp, n);
 }
 
 // max over row[0..C) of row[k] * scale
