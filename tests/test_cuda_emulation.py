@@ -302,6 +302,75 @@ def test_quant_gemv_four_rows_per_warp(quant_lib, bits, kind):
 
 
 @pytest.fixture(scope="module")
+def quant_gemv_mma_lib():
+    lib = build.build("quant/quant_gemv_mma_cuda.cu", "quant_gemv_mma_harness.cpp", "quant_gemv_mma")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_quant_gemv_mma.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
+    lib.emu_quant_gemv_mma.restype = ctypes.c_char_p
+    return lib
+
+
+GEMV_MMA_FORMATS = [(bits, gs, kind) for bits in (2, 4, 8) for gs in (32, 64, 128, 256, -1)
+                    for kind in ("symmetric", "asymmetric") if not (bits == 2 and gs == 32)]
+
+
+@pytest.mark.parametrize("bits,group_size,kind", GEMV_MMA_FORMATS, ids=lambda v: str(v))
+def test_quant_tensor_core_gemv(quant_gemv_mma_lib, bits, group_size, kind):
+    """The tensor-core GEMV (batch <= 16, uniform formats, 16-bit x; quant_gemv_mma_cuda.cu)
+    against x @ W^T in float64 with W unrounded (the kernel multiplies q - z exactly and scales
+    float32 sums): N = 37 leaves a partial block of 16 rows; M = 1 / 5 / 8 fill one 8-column
+    fragment, 9 / 16 two. The group sizes give 4, 8 and 16 bytes per lane and step; per
+    channel, K = 384 is 1-3 steps per row, fewer than the block's 8 warps."""
+    g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + len(kind) + 11)
+    k = 384 if group_size == -1 else 3 * group_size
+    qw, w64 = quantized(bits, group_size, kind, 37, k, g)
+    kept, args = quant_args(qw)
+    dtypes = (torch.float16, torch.bfloat16) if bits < 8 else (torch.float16,)
+    for m in (1, 5, 8, 9, 16):
+        for dtype in dtypes:
+            check_quant_gemm(quant_gemv_mma_lib.emu_quant_gemv_mma, args, w64, m, dtype, g)
+    del kept
+
+
+def test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib):
+    """Imported weights whose zero points are not integers (or are too large for the 16-bit
+    constants) take the kernel's correction by the sums of x; one group of integer zeros in a
+    warp of fractional ones, and the reverse, are both right."""
+    g = torch.Generator().manual_seed(41)
+    n, k, group = 21, 256, 64
+    for bits, dtype in ((4, torch.float16), (4, torch.bfloat16), (2, torch.float16), (8, torch.float16)):
+        q = torch.randint(0, 1 << bits, (n, k), generator=g)
+        scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
+        zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
+        zeros[::3] = zeros[::3].round()          # some rows integer: mixed lanes within a warp
+        zeros[5, 1] = 3000.0 if dtype == torch.float16 else 300.0   # past the exact range
+        qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
+        w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        kept, args = quant_args(qw)
+        for m in (1, 11):
+            check_quant_gemm(quant_gemv_mma_lib.emu_quant_gemv_mma, args, w64, m, dtype, g)
+        del kept
+
+
+def test_quant_tensor_core_gemv_refuses_what_it_cannot_read(quant_gemv_mma_lib):
+    """Codebooks, 3-bit weights, 8-bit weights with bfloat16 x, float32 x, plane lengths that are
+    no multiple of 16 (2-bit groups of 32: 8 bytes) and batches above 16 keep the other GEMV."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(20, 256, generator=g)
+    y = torch.empty(20, 5)
+    cases = [(4, 64, ops.nf_codebook(4), torch.float16, 1), (3, 64, None, torch.float16, 1),
+             (8, 64, None, torch.bfloat16, 1), (4, 64, None, torch.float32, 1),
+             (2, 32, None, torch.float16, 1), (4, 64, None, torch.float16, 17)]
+    for bits, gs, codebook, dtype, m in cases:
+        qw = ops.quantize_weight(torch.randn(5, 256, generator=g), bits, gs, True, codebook)
+        kept, args = quant_args(qw)
+        err = quant_gemv_mma_lib.emu_quant_gemv_mma(*args, x.to(dtype).data_ptr(), DTYPE_CODES[dtype], m,
+                                                    None, y.to(dtype).data_ptr())
+        assert err == b"not applicable", (bits, gs, dtype, m)
+        del kept
+
+
+@pytest.fixture(scope="module")
 def quant_mma_lib():
     lib = build.build("quant/quant_mma_cuda.cu", "quant_mma_harness.cpp", "quant_mma")
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)

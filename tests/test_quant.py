@@ -64,10 +64,11 @@ CUDA_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1
 @requires_cuda
 @pytest.mark.parametrize("bits,group_size,kind", CUDA_FORMATS, ids=lambda v: str(v))
 def test_cuda_format_and_gemm(bits, group_size, kind):
-    """The CUDA kernels against the float64 reference: the warp-per-row kernel (batch <= 16;
-    32-bit loads, and byte loads where the plane length is not a multiple of 4 (K = 264 at
-    2 bits: P = 66)), the tensor-core GEMM above it (half activations), the dequantize + cuBLAS
-    path for the rest, gradients."""
+    """The CUDA kernels against the float64 reference: the GEMVs (batch <= 16: on tensor cores
+    for uniform 2 / 4 / 8-bit weights and 16-bit x at m = 1, 5, 12 where the plane length is a
+    multiple of 16; else warp per row with 32-bit loads, and byte loads where the plane length
+    is not a multiple of 4 (K = 264 at 2 bits: P = 66)), the tensor-core GEMM above it (half
+    activations), the dequantize + cuBLAS path for the rest, gradients."""
     g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + KINDS.index(kind))
     k, n = k_for(group_size, bits), 37
     w = torch.randn(n, k, generator=g) * 0.1
@@ -80,9 +81,10 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
         b = torch.randn(n, generator=g)
         y = ops.dequant_gemm(x.cuda(), qc, b.cuda())
         torch.testing.assert_close(y.cpu().double(), x.double() @ w64.T + b.double(), rtol=1e-5, atol=1e-4)
-    # m = 5: the GEMV; 40 and 130: the tensor-core GEMM where the plane length allows it
-    # (weights rounded to x's dtype there), else dequantize + cuBLAS
-    for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (5, 40, 130)):
+    # m = 1, 5, 12: the GEMVs (one or two fragments of 8 batch rows on tensor cores); 40 and
+    # 130: the tensor-core GEMM where the plane length allows it (weights rounded to x's dtype
+    # there), else dequantize + cuBLAS
+    for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (1, 5, 12, 40, 130)):
         x = torch.randn(m, k, generator=g).to(dtype).cuda().requires_grad_(True)
         y = ops.dequant_gemm(x, qc)
         assert y.dtype == dtype and y.is_cuda
@@ -93,6 +95,30 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
         gx = up.double() @ w64
         torch.testing.assert_close(x.grad.cpu().double(), gx, rtol=tol, atol=tol * gx.abs().max().item())
     expect_errors([(lambda: ops.dequant_gemm(torch.randn(2, k), qc), "x is on cpu but qweight is on cuda")])
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_cuda_gemv_with_fractional_zeros(bits):
+    """Imported weights whose zero points are not integers (or lie past what the tensor-core
+    GEMV's 16-bit constants hold) give x @ W^T at batch 1 and 11 with 16-bit x."""
+    g = torch.Generator().manual_seed(bits + 50)
+    n, k, group = 300, 512, 128
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
+    zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
+    zeros[::3] = zeros[::3].round()
+    zeros[7, 2] = 3000.0
+    qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    qc = qw.to("cuda")
+    dtypes = ((torch.float16, 3e-3), (torch.bfloat16, 2e-2)) if bits < 8 else ((torch.float16, 3e-3),)
+    for (dtype, tol), m in itertools.product(dtypes, (1, 11)):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y = ops.dequant_gemm(x.cuda(), qc).cpu().double()
+        y64 = x.double() @ w64.T
+        torch.testing.assert_close(y, y64, rtol=tol, atol=tol * y64.abs().max().item())
 
 
 @pytest.mark.parametrize("bits", (2, 3, 4, 8))

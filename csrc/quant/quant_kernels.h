@@ -57,6 +57,13 @@ bool quant_mma_applies(const QuantWeight& w, ScalarType dtype);
 int64_t quant_mma_workspace_floats(const QuantWeight& w, int64_t M);
 const char* quant_mma_gemm_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
                                 const float* bias, void* y, float* workspace, void* stream);
+// The tensor-core GEMV for M <= kQuantMaxRows (quant_gemv_mma_cuda.cu): same contract as
+// quant_gemv_cuda, for what quant_gemv_mma_applies() accepts (uniform 2 / 4 / 8-bit weights
+// with float16 x, 2 / 4-bit with bfloat16 x, plane length a multiple of 16, qweight 16-byte
+// aligned, a device binary built for sm_80 or later); the rest takes quant_gemv_cuda.
+bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M);
+const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                                const float* bias, void* y, void* stream);
 const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
                                     void* stream);
 

@@ -134,7 +134,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const int64_t M = x.size(0);
 #if defined(FASTLOSS_WITH_CUDA)
   // On a GPU the kernels read x and write y in x's dtype (no float32 copies): the GEMV up to
-  // kQuantMaxRows rows, the tensor-core GEMM above where it applies (float16 / bfloat16 x).
+  // kQuantMaxRows rows (on tensor cores where quant_gemv_mma_applies: uniform formats, 16-bit
+  // x), the tensor-core GEMM above where it applies (float16 / bfloat16 x).
   const ScalarType dtype = kernel_dtype(x, kOp, "x");
   const bool gemv = M <= kQuantMaxRows;
   if (x.is_cuda() && M > 0 && w.N > 0 && (gemv || quant_mma_applies(w, dtype))) {
@@ -143,7 +144,10 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if (gemv) {
-      check_cuda_launch(quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()), kOp);
+      check_cuda_launch(quant_gemv_mma_applies(w, dtype, M)
+                            ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
+                            : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
+                        kOp);
     } else {
       const int64_t floats = quant_mma_workspace_floats(w, M);
       Tensor workspace = at::empty({floats}, f32);  // split-K partial sums, or nothing

@@ -359,6 +359,13 @@ T __ldg(const T* p) {
   if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fault("misaligned load");
   return *p;
 }
+// Byte i of the result is byte (s >> 4 i) & 7 of the 8 bytes {y, x} (x the low word).
+inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
+  const uint64_t v = uint64_t(y) << 32 | x;
+  unsigned r = 0;
+  for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
+  return r;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __uint_as_float(unsigned u) {
   float f;

@@ -18,3 +18,12 @@ struct alignas(4) __nv_bfloat162 {
 inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) {
   return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)};
 }
+// The paired fused multiply-add, a * b + c per half, computed in double and rounded to bfloat16
+// through float (the hardware rounds once; the same wherever the result is representable).
+inline __nv_bfloat162 __hfma2(__nv_bfloat162 a, __nv_bfloat162 b, __nv_bfloat162 c) {
+  auto one = [](__nv_bfloat16 a, __nv_bfloat16 b, __nv_bfloat16 c) {
+    const double v = double(__bfloat162float(a)) * __bfloat162float(b) + __bfloat162float(c);
+    return __float2bfloat16_rn(float(v));
+  };
+  return {one(a.x, b.x, c.x), one(a.y, b.y, c.y)};
+}

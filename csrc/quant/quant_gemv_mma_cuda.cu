@@ -1,0 +1,345 @@
+// Tensor-core GEMV: the memory-bound batches (M <= kQuantMaxRows) of uniform 2-, 4- and 8-bit
+// weights with float16 x (2- and 4-bit with bfloat16 x), y [M, N] = x [M, K] W^T (+ bias).
+//
+// Why tensor cores at batch 1: the weights must stream at memory bandwidth (the byte floor),
+// and the warp-per-row GEMV (quant_cuda.cu) spends several instructions per weight value
+// (index arithmetic, an int -> float conversion, a float32 multiply-add for the scale and one
+// for x) - on an H200 that is compute-bound at a fraction of the floor. Here each weight value
+// costs about one instruction: packed codes become 16-bit floats by OR-ing them into the
+// mantissa of a constant (float16 1024 = 0x6400, bfloat16 128 = 0x4300: 1024 + q is exact), one
+// paired fused multiply-add removes the constant and the zero point, leaving q - z exactly
+// (small integers are exact in 16-bit floats), and mma.sync m16n8k16 does the products with
+// x and the float32 sums. The scale is applied to each group's float32 partial sum, so the
+// weights are never rounded: the result is x W^T with W = (q - z) s as dequantize_weight gives
+// it, up to float32 summation.
+//
+// Layout of the work: a block owns 16 output rows and kWarps warps; a step is 4 Wb contiguous
+// bytes of each of the 16 rows (Wb = 16, 8 or 4: the largest whose step stays inside one
+// group), warp w takes kAhead = 2 consecutive steps at a time (2w, 2w + 1, then 2 kWarps
+// further on; the next two steps' bytes are requested before these are used), and the warps'
+// float32 sums are added in order at the end (deterministic, no atomics). In a step, lane
+// (g, t) (g = lane / 4, t = lane % 4) loads Wb bytes at offset t Wb of rows g and g + 8 (16
+// rows x 64 contiguous bytes per warp load at Wb = 16). A 32-bit word
+// of those bytes holds, per plane j, the codes of 4 consecutive positions i .. i + 3 of the
+// group, i.e. of k = j P + i .. i + 3 (quant_kernels.h); the pair (bytes 0, 2) fills the
+// fragment register of columns (2t, 2t + 1) and (bytes 1, 3) that of (2t + 8, 2t + 9). Which k
+// a fragment column stands for does not matter to the sum as long as x's fragment (B, a column
+// per batch row, lanes g < M) holds the same k: lane (g, t) loads x[g][k .. k + 3] and pairs
+// (0, 2) and (1, 3) with byte permutes. So a warp does one mma per plane per word, per 8 batch
+// rows.
+//
+// Zero points: z is split into an integer zi (in the range where the constants stay exact)
+// and r = z - zi. r is 0 for every format quantize_weight makes; imported weights with
+// fractional zeros (QuantizedWeight.from_int) add, for the steps where some lane has r != 0,
+// one more mma of an all-ones A (the sums of x over the step) and subtract r times it.
+//
+// NOT yet run on a GPU (written in session 14 without one; tests/test_cuda_emulation.py runs it
+// under the emulator). The other formats (3-bit, codebooks, float32 x, 8-bit with bfloat16 x,
+// plane lengths not a multiple of 16) keep quant_cuda.cu's GEMV.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cstring>
+#include <initializer_list>
+
+#include "../common/cuda_helpers.cuh"
+#include "../common/mma.cuh"
+#include "quant_kernels.h"
+
+namespace fastloss {
+namespace {
+using FL_ISA::mma_m16n8k16;
+using FL_ISA::store1;
+
+constexpr int kWarps = 8;  // warps per block, each on its own steps of the block's 16 rows
+// consecutive steps a warp loads together: 2 for one fragment of batch rows (M <= 8); 1 at 9-16
+// rows, whose second fragment needs the registers (with 2, ptxas for sm_90 spilled 84-200 bytes)
+template <int NT>
+constexpr int kAhead = NT == 1 ? 2 : 1;
+
+template <class To, class From>
+__device__ __forceinline__ To bits_as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
+}
+
+// The 16-bit float type's constants: kMagic's mantissa takes a code in its low bits (two codes
+// per 32-bit word); kScaledPlanes: planes j > 0 are masked in place (code << bits j, one fewer
+// shift) and scaled back by the fused multiply-add (float16: 1024 + 64 q stays exact; bfloat16,
+// with 7 mantissa bits, shifts every plane down instead).
+template <class T>
+struct Half16;
+template <>
+struct Half16<__half> {
+  using Pair = __half2;
+  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0
+  static constexpr float kBase = 1024.f;
+  static constexpr bool kScaledPlanes = true;
+  static constexpr float kMaxZero = 1024.f;        // |zi| <= 1024: 1024 + zi and q - zi exact
+  static constexpr uint32_t kOne = 0x3c003c00u;
+  __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2half2_rn(v, v)); }
+  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits_as<uint32_t>(__hfma2(bits_as<Pair>(a), bits_as<Pair>(b), bits_as<Pair>(c)));
+  }
+};
+template <>
+struct Half16<__nv_bfloat16> {
+  using Pair = __nv_bfloat162;
+  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0
+  static constexpr float kBase = 128.f;
+  static constexpr bool kScaledPlanes = false;
+  static constexpr float kMaxZero = 128.f;         // 128 + zi in [0, 256]: exact
+  static constexpr uint32_t kOne = 0x3f803f80u;
+  __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2bfloat162_rn(v, v)); }
+  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+    return bits_as<uint32_t>(__hfma2(bits_as<Pair>(a), bits_as<Pair>(b), bits_as<Pair>(c)));
+  }
+};
+
+// The codes of plane j at bytes (h, h + 2) of `word` as a 16-bit pair, q - zi exactly, given
+// the plane's constants: `unscale` (2^-(bits j), or 1) and `minus_c` (-(base 2^-(bits j) + zi)).
+template <int BITS, class T>
+__device__ __forceinline__ uint32_t decode_pair(uint32_t word, int j, int h, uint32_t unscale,
+                                                uint32_t minus_c) {
+  constexpr uint32_t kMask = ((1u << BITS) - 1) * 0x00010001u;
+  using H = Half16<T>;
+  const uint32_t v = H::kScaledPlanes ? ((word >> (8 * h)) & (kMask << (BITS * j))) | H::kMagic
+                                      : ((word >> (8 * h + BITS * j)) & kMask) | H::kMagic;
+  return H::fma(v, unscale, minus_c);
+}
+
+// What a lane loads for one step: Wb bytes of rows g and g + 8, and their groups' scale and zero.
+template <int WB>
+struct StepLoad {
+  uint32_t a[WB / 4], b[WB / 4];
+  float sa, sb, za, zb;
+};
+
+template <int WB>
+__device__ __forceinline__ void load_words(uint32_t (&out)[WB / 4], const uint8_t* p) {
+  if constexpr (WB == 16) {
+    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
+  } else if constexpr (WB == 8) {
+    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    out[0] = v.x, out[1] = v.y;
+  } else {
+    out[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+  }
+}
+
+// The block's geometry: rows ra / rb of lane (g, t) (clamped to N - 1 for loads), steps per
+// row and per group.
+struct Rows {
+  int64_t ra, rb, row_bytes, G;
+  int64_t steps, steps_per_group;
+};
+
+template <int WB>
+__device__ __forceinline__ StepLoad<WB> load_step(const QuantWeight& w, const Rows& r, int64_t s, int t) {
+  StepLoad<WB> l;
+  const int64_t off = s * 4 * WB + t * WB, g = s / r.steps_per_group;
+  load_words<WB>(l.a, w.q + r.ra * r.row_bytes + off);
+  load_words<WB>(l.b, w.q + r.rb * r.row_bytes + off);
+  l.sa = __ldg(w.scale + r.ra * r.G + g);
+  l.sb = __ldg(w.scale + r.rb * r.G + g);
+  l.za = w.zero ? __ldg(w.zero + r.ra * r.G + g) : 0.f;
+  l.zb = w.zero ? __ldg(w.zero + r.rb * r.G + g) : 0.f;
+  return l;
+}
+
+// zi: z rounded to an integer the constants hold exactly (NaN / inf land in r = z - zi)
+template <class T>
+__device__ __forceinline__ float integer_zero(float z) {
+  return fminf(fmaxf(rintf(z), -Half16<T>::kMaxZero), Half16<T>::kMaxZero);
+}
+
+// x's B fragment for 8 batch rows at k .. k + 3 of the lane's batch row (xk: that row at k, or
+// null past M): pairs (k, k + 2) and (k + 1, k + 3), as decode_pair pairs bytes (0, 2), (1, 3).
+template <class T>
+__device__ __forceinline__ void x_fragment(uint32_t (&b)[2], const T* xk) {
+  if (xk == nullptr) {
+    b[0] = b[1] = 0u;
+    return;
+  }
+  const uint2 u = __ldg(reinterpret_cast<const uint2*>(xk));
+  b[0] = __byte_perm(u.x, u.y, 0x5410);
+  b[1] = __byte_perm(u.x, u.y, 0x7632);
+}
+
+// The planes' constants: 2^-(bits j) as a 16-bit pair (float16) or 1, and base 2^-(bits j).
+template <int BITS, class T>
+struct Planes {
+  static constexpr int kCount = quant_planes(BITS);
+  uint32_t unscale[kCount];
+  float base[kCount];
+  __device__ Planes() {
+#pragma unroll
+    for (int j = 0; j < kCount; ++j) {
+      const float f = Half16<T>::kScaledPlanes ? 1.f / float(1u << (BITS * j)) : 1.f;
+      unscale[j] = Half16<T>::splat(f);
+      base[j] = Half16<T>::kBase * f;
+    }
+  }
+};
+
+// Adds one step's contribution to acc (d[0], d[1]: row g; d[2], d[3]: row g + 8; a fragment
+// per 8 batch rows). Every lane of the warp calls it (mma and ballot are warp-wide).
+template <int BITS, int WB, int NT, class T>
+__device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>& l, int64_t s,
+                                         const QuantWeight& w, const Rows& r, const Planes<BITS, T>& pl,
+                                         const T* __restrict__ x, int64_t M, int g, int t) {
+  using H = Half16<T>;
+  constexpr int kPlanes = quant_planes(BITS);
+  const uint32_t ones[4] = {H::kOne, H::kOne, H::kOne, H::kOne};  // A of the sums of x
+  const float zia = integer_zero<T>(l.za), zib = integer_zero<T>(l.zb);
+  const float fa = l.za - zia, fb = l.zb - zib;
+  const bool fractional = __ballot_sync(0xffffffffu, !(fa == 0.f && fb == 0.f)) != 0u;
+  uint32_t ca[kPlanes], cb[kPlanes];
+#pragma unroll
+  for (int j = 0; j < kPlanes; ++j) ca[j] = H::splat(-(pl.base[j] + zia)), cb[j] = H::splat(-(pl.base[j] + zib));
+  float part[NT][4] = {}, xsum[NT][4] = {};
+  const int64_t P = w.group / kPlanes, gi = s / r.steps_per_group;
+  const int64_t k_lane = gi * w.group + (s - gi * r.steps_per_group) * 4 * WB + t * WB;
+  const T* xl[NT];  // the lane's batch row of each fragment at k_lane (null past M)
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt) xl[nt] = nt * 8 + g < M ? x + (int64_t(nt) * 8 + g) * w.K + k_lane : nullptr;
+#pragma unroll
+  for (int p = 0; p < WB / 4; ++p) {
+#pragma unroll
+    for (int j = 0; j < kPlanes; ++j) {
+      const uint32_t a[4] = {decode_pair<BITS, T>(l.a[p], j, 0, pl.unscale[j], ca[j]),
+                             decode_pair<BITS, T>(l.b[p], j, 0, pl.unscale[j], cb[j]),
+                             decode_pair<BITS, T>(l.a[p], j, 1, pl.unscale[j], ca[j]),
+                             decode_pair<BITS, T>(l.b[p], j, 1, pl.unscale[j], cb[j])};
+#pragma unroll
+      for (int nt = 0; nt < NT; ++nt) {
+        uint32_t b[2];
+        x_fragment(b, xl[nt] ? xl[nt] + (j * P + 4 * p) : nullptr);
+        mma_m16n8k16<T>(part[nt], a, b);
+        if (fractional) mma_m16n8k16<T>(xsum[nt], ones, b);
+      }
+    }
+  }
+  // the step is inside one group: scale its sums
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      const float sc = i < 2 ? l.sa : l.sb, fr = i < 2 ? fa : fb;
+      acc[nt][i] = fmaf(sc, fractional ? fmaf(-fr, xsum[nt][i], part[nt][i]) : part[nt][i], acc[nt][i]);
+    }
+}
+
+template <int BITS, int WB, int NT, class T>
+__global__ void __launch_bounds__(32 * kWarps, 2)
+    gemv_mma_kernel(QuantWeight w, const T* __restrict__ x, int64_t M, const float* __restrict__ bias,
+                    T* __restrict__ y) {
+  __shared__ float partial[kWarps][NT][4][32];
+  const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
+  const int64_t n0 = int64_t(blockIdx.x) * 16;
+  Rows r;
+  r.ra = n0 + g < w.N ? n0 + g : w.N - 1;
+  r.rb = n0 + g + 8 < w.N ? n0 + g + 8 : w.N - 1;
+  r.row_bytes = w.K * BITS / 8;
+  r.G = w.K / w.group;
+  r.steps = r.row_bytes / (4 * WB);
+  r.steps_per_group = w.group / quant_planes(BITS) / (4 * WB);
+  const Planes<BITS, T> planes;
+
+  // warp w takes steps A w .. A w + A - 1 (A = kAhead<NT>), then A kWarps further on; the next
+  // batch's bytes are requested before this one's are used
+  constexpr int A = kAhead<NT>;
+  float acc[NT][4] = {};
+  const int64_t stride = int64_t(kWarps) * A;
+  StepLoad<WB> cur[A] = {};
+#pragma unroll
+  for (int i = 0; i < A; ++i)
+    if (int64_t(warp) * A + i < r.steps) cur[i] = load_step<WB>(w, r, int64_t(warp) * A + i, t);
+  for (int64_t s0 = int64_t(warp) * A; s0 < r.steps; s0 += stride) {
+    StepLoad<WB> next[A] = {};
+#pragma unroll
+    for (int i = 0; i < A; ++i)
+      if (s0 + stride + i < r.steps) next[i] = load_step<WB>(w, r, s0 + stride + i, t);
+#pragma unroll
+    for (int i = 0; i < A; ++i)
+      if (s0 + i < r.steps) add_step<BITS, WB, NT, T>(acc, cur[i], s0 + i, w, r, planes, x, M, g, t);
+#pragma unroll
+    for (int i = 0; i < A; ++i) cur[i] = next[i];
+  }
+  // the warps' sums, added in warp order by warp 0
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) partial[warp][nt][i][lane] = acc[nt][i];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int nt = 0; nt < NT; ++nt)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) {
+      float v = 0.f;
+      for (int u = 0; u < kWarps; ++u) v += partial[u][nt][i][lane];
+      const int64_t n = n0 + g + 8 * (i / 2), m = int64_t(nt) * 8 + 2 * t + i % 2;
+      if (n < w.N && m < M) store1(y + m * w.N + n, v + (bias ? __ldg(bias + n) : 0.f));
+    }
+}
+
+// Bytes per lane per step: the largest of 16, 8, 4 whose step (4 lanes) divides the group's
+// bytes; 0 where even 4 does not (plane lengths not a multiple of 16).
+int lane_bytes(const QuantWeight& w) {
+  const int64_t P = w.group / quant_planes(w.bits);
+  for (int wb : {16, 8, 4})
+    if (P % (4 * wb) == 0) return wb;
+  return 0;
+}
+
+template <int BITS, int WB, class T>
+const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t stream) {
+  const dim3 grid(unsigned((w.N + 15) / 16)), block(32 * kWarps);
+  if (M <= 8) gemv_mma_kernel<BITS, WB, 1, T><<<grid, block, 0, stream>>>(w, x, M, bias, y);
+  else gemv_mma_kernel<BITS, WB, 2, T><<<grid, block, 0, stream>>>(w, x, M, bias, y);
+  const cudaError_t err = cudaGetLastError();
+  return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
+}
+
+template <int BITS, class T>
+const char* launch_bits(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t s) {
+  switch (lane_bytes(w)) {
+    case 16: return launch<BITS, 16>(w, x, M, bias, y, s);
+    case 8: return launch<BITS, 8>(w, x, M, bias, y, s);
+    default: return launch<BITS, 4>(w, x, M, bias, y, s);
+  }
+}
+
+}  // namespace
+
+bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
+  const bool bits_ok = w.bits == 2 || w.bits == 4 || (w.bits == 8 && dtype == ScalarType::f16);
+  if (!bits_ok || w.codebook || dtype == ScalarType::f32 || M < 1 || M > kQuantMaxRows || w.N < 1 ||
+      lane_bytes(w) == 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
+    return false;
+  return FL_ISA::mma_available(gemv_mma_kernel<4, 16, 1, __half>);
+}
+
+const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                                const float* bias, void* y, void* stream) {
+  auto s = static_cast<cudaStream_t>(stream);
+  if (dtype == ScalarType::f16) {
+    const __half* xt = static_cast<const __half*>(x);
+    __half* yt = static_cast<__half*>(y);
+    if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s);
+    if (w.bits == 4) return launch_bits<4>(w, xt, M, bias, yt, s);
+    return launch_bits<8>(w, xt, M, bias, yt, s);
+  }
+  const __nv_bfloat16* xt = static_cast<const __nv_bfloat16*>(x);
+  __nv_bfloat16* yt = static_cast<__nv_bfloat16*>(y);
+  if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s);
+  return launch_bits<4>(w, xt, M, bias, yt, s);
+}
+
+}  // namespace fastloss
