@@ -26,8 +26,11 @@ of byte ``2P + i`` is that of value ``j * P + i``). A group's length is therefor
 packed row once and dequantize it in registers (memory-bound: 4-bit moves 1/8 of float32's
 bytes, 2-bit 1/16; codebooks of up to 16 entries are looked up with in-register permutes); more
 rows dequantize tiles of 256 output rows and use torch's GEMM. CUDA kernels
-(``csrc/quant/quant_cuda.cu``): up to 16 rows, one warp per output row decodes the packed row
-in registers from coalesced 32-bit loads; more rows of float16 / bfloat16 ``x`` go through a
+(``csrc/quant/quant_cuda.cu``): up to 16 rows, uniform 2/4/8-bit weights with float16 ``x``
+(2/4-bit with bfloat16) decode into 16-bit floats (exact small integers ``q - z``) and multiply
+on tensor cores with float32 sums scaled per group (``quant_gemv_mma_cuda.cu``); the other
+formats, one warp per output row decodes the packed row in registers from coalesced 32-bit
+loads; more rows of float16 / bfloat16 ``x`` go through a
 tensor-core GEMM that decodes the packed words into shared memory (``quant_mma_cuda.cu``,
 sm_80+), the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
 (frozen-weight fine-tuning) and ``bias``, not to the packed weight.
