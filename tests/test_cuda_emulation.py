@@ -1267,13 +1267,13 @@ def test_linear_ce_stats(lce_lib, case, dtype):
 @pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
 def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
                                                    metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-                                                   nb_lib):
+                                                   nb_lib, quant_gemv_mma_lib):
     """Cases of every family (those with barriers, shuffles, shared scratch reused across
     iterations) again with the threads of each phase run in reverse or shuffled order: a read of
     another thread's write with no barrier between them (a race on a GPU) changes the result
     under some order."""
     libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-            nb_lib)
+            nb_lib, quant_gemv_mma_lib)
     for lib in libs:
         lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.emu_set_schedule(mode, seed)
@@ -1295,6 +1295,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_tcm_rows_cuda(sim_lib, (3, 300, 41), (0.3, -0.1))
         test_clip_rows_cuda(sim_lib, (70, 130, 50), True)
         test_quant_tensor_core_gemm(quant_mma_lib, 3, 32, "asymmetric")
+        test_quant_tensor_core_gemv(quant_gemv_mma_lib, 4, 128, "asymmetric")
+        test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib)
         test_icnn_score_kernel(nb_lib, "ties")
         test_knn_rows_kernel(nb_lib, "ties")
     finally:

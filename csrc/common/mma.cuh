@@ -14,6 +14,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -38,6 +39,24 @@ inline bool mma_available(Kernel kernel) {
     return false;
   }
   return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+}
+
+// mma_available(Kernel) for the current device, asked once per device (cudaFuncGetAttributes
+// costs microseconds, a batch-1 GEMV some tens of them); devices past the first 64 ask each time.
+template <auto Kernel>
+inline bool mma_available_here() {
+  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, -1: no
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return mma_available(Kernel);
+  }
+  signed char v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = mma_available(Kernel) ? 1 : -1;
+    known[device].store(v, std::memory_order_relaxed);
+  }
+  return v > 0;
 }
 
 // The A fragment of rows r0 .. r0 + 15, columns k0 .. k0 + 15 of a row-major shared tile of

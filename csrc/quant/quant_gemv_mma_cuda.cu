@@ -139,10 +139,26 @@ struct Rows {
   int64_t steps, steps_per_group;
 };
 
+// A step's place: its index s in the row, its group gi and its index within the group. A warp's
+// steps advance by a fixed stride, so the group is carried along rather than divided out per
+// step (a 64-bit division is some 25 instructions).
+struct StepPos {
+  int64_t s, gi, within;
+  __device__ static StepPos at(int64_t s, int64_t steps_per_group) {
+    return {s, s / steps_per_group, s % steps_per_group};
+  }
+  // the place `stride` steps further on, stride = groups * steps_per_group + within
+  __device__ StepPos plus(const StepPos& stride, int64_t steps_per_group) const {
+    StepPos p{s + stride.s, gi + stride.gi, within + stride.within};
+    if (p.within >= steps_per_group) p.within -= steps_per_group, ++p.gi;
+    return p;
+  }
+};
+
 template <int WB>
-__device__ __forceinline__ StepLoad<WB> load_step(const QuantWeight& w, const Rows& r, int64_t s, int t) {
+__device__ __forceinline__ StepLoad<WB> load_step(const QuantWeight& w, const Rows& r, const StepPos& pos, int t) {
   StepLoad<WB> l;
-  const int64_t off = s * 4 * WB + t * WB, g = s / r.steps_per_group;
+  const int64_t off = pos.s * 4 * WB + t * WB, g = pos.gi;
   load_words<WB>(l.a, w.q + r.ra * r.row_bytes + off);
   load_words<WB>(l.b, w.q + r.rb * r.row_bytes + off);
   l.sa = __ldg(w.scale + r.ra * r.G + g);
@@ -190,7 +206,7 @@ struct Planes {
 // Adds one step's contribution to acc (d[0], d[1]: row g; d[2], d[3]: row g + 8; a fragment
 // per 8 batch rows). Every lane of the warp calls it (mma and ballot are warp-wide).
 template <int BITS, int WB, int NT, class T>
-__device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>& l, int64_t s,
+__device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>& l, const StepPos& pos,
                                          const QuantWeight& w, const Rows& r, const Planes<BITS, T>& pl,
                                          const T* __restrict__ x, int64_t M, int g, int t) {
   using H = Half16<T>;
@@ -203,8 +219,8 @@ __device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>
 #pragma unroll
   for (int j = 0; j < kPlanes; ++j) ca[j] = H::splat(-(pl.base[j] + zia)), cb[j] = H::splat(-(pl.base[j] + zib));
   float part[NT][4] = {}, xsum[NT][4] = {};
-  const int64_t P = w.group / kPlanes, gi = s / r.steps_per_group;
-  const int64_t k_lane = gi * w.group + (s - gi * r.steps_per_group) * 4 * WB + t * WB;
+  const int64_t P = w.group / kPlanes;
+  const int64_t k_lane = pos.gi * w.group + pos.within * 4 * WB + t * WB;
   const T* xl[NT];  // the lane's batch row of each fragment at k_lane (null past M)
 #pragma unroll
   for (int nt = 0; nt < NT; ++nt) xl[nt] = nt * 8 + g < M ? x + (int64_t(nt) * 8 + g) * w.K + k_lane : nullptr;
@@ -230,8 +246,9 @@ __device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>
   for (int nt = 0; nt < NT; ++nt)
 #pragma unroll
     for (int i = 0; i < 4; ++i) {
+      // (rows with integer zeros skip the correction: an infinite sum of x must not make them NaN)
       const float sc = i < 2 ? l.sa : l.sb, fr = i < 2 ? fa : fb;
-      acc[nt][i] = fmaf(sc, fractional ? fmaf(-fr, xsum[nt][i], part[nt][i]) : part[nt][i], acc[nt][i]);
+      acc[nt][i] = fmaf(sc, fractional && fr != 0.f ? fmaf(-fr, xsum[nt][i], part[nt][i]) : part[nt][i], acc[nt][i]);
     }
 }
 
@@ -255,21 +272,27 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
   // batch's bytes are requested before this one's are used
   constexpr int A = kAhead<NT>;
   float acc[NT][4] = {};
-  const int64_t stride = int64_t(kWarps) * A;
+  const StepPos stride = StepPos::at(int64_t(kWarps) * A, r.steps_per_group);
+  StepPos pos[A];
   StepLoad<WB> cur[A] = {};
 #pragma unroll
-  for (int i = 0; i < A; ++i)
-    if (int64_t(warp) * A + i < r.steps) cur[i] = load_step<WB>(w, r, int64_t(warp) * A + i, t);
-  for (int64_t s0 = int64_t(warp) * A; s0 < r.steps; s0 += stride) {
+  for (int i = 0; i < A; ++i) {
+    pos[i] = StepPos::at(int64_t(warp) * A + i, r.steps_per_group);
+    if (pos[i].s < r.steps) cur[i] = load_step<WB>(w, r, pos[i], t);
+  }
+  while (pos[0].s < r.steps) {
+    StepPos npos[A];
     StepLoad<WB> next[A] = {};
 #pragma unroll
-    for (int i = 0; i < A; ++i)
-      if (s0 + stride + i < r.steps) next[i] = load_step<WB>(w, r, s0 + stride + i, t);
+    for (int i = 0; i < A; ++i) {
+      npos[i] = pos[i].plus(stride, r.steps_per_group);
+      if (npos[i].s < r.steps) next[i] = load_step<WB>(w, r, npos[i], t);
+    }
 #pragma unroll
     for (int i = 0; i < A; ++i)
-      if (s0 + i < r.steps) add_step<BITS, WB, NT, T>(acc, cur[i], s0 + i, w, r, planes, x, M, g, t);
+      if (pos[i].s < r.steps) add_step<BITS, WB, NT, T>(acc, cur[i], pos[i], w, r, planes, x, M, g, t);
 #pragma unroll
-    for (int i = 0; i < A; ++i) cur[i] = next[i];
+    for (int i = 0; i < A; ++i) cur[i] = next[i], pos[i] = npos[i];
   }
   // the warps' sums, added in warp order by warp 0
 #pragma unroll
@@ -323,7 +346,7 @@ bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
   if (!bits_ok || w.codebook || dtype == ScalarType::f32 || M < 1 || M > kQuantMaxRows || w.N < 1 ||
       lane_bytes(w) == 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
     return false;
-  return FL_ISA::mma_available(gemv_mma_kernel<4, 16, 1, __half>);
+  return FL_ISA::mma_available_here<gemv_mma_kernel<4, 16, 1, __half>>();
 }
 
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
