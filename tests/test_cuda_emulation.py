@@ -505,6 +505,38 @@ def test_topk_kl(kd_lib, dtype, shape, k, renormalize):
     torch.testing.assert_close(grad.float(), e_grad.float(), rtol=TOL[dtype], atol=TOL[dtype])
 
 
+@pytest.mark.parametrize("renormalize", [False, True], ids=["all", "renormalized"])
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_topk_kl_sampled_threshold(kd_lib, dtype, renormalize):
+    """Rows of 512+ classes with k <= C / 8 select among the keys above a threshold from strided
+    samples (kd_cuda.cu), falling back to four passes over the row where that cannot work:
+    row 0 ordinary, row 1 ties straddling the k-th value, row 2 the samples far above the rest
+    (fewer than k keys pass), row 3 all equal (more keys pass than shared memory keeps), row 4
+    NaN samples (a NaN threshold), row 5 +inf / NaN among the top keys."""
+    n, c, k = 6, 12_000, 300
+    gen = torch.Generator().manual_seed(17)
+    s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t[1, 1000:1600] = 9.0                     # 600 ties around the 300th value
+    t[2, ::c // 256] += 100.0                 # every sampled class far above the others
+    t[3] = 0.5
+    t[4, ::c // 256] = float("nan")
+    t[5, 7] = float("inf")
+    t[5, 11] = float("nan")
+    tg = guarded(t, float("nan"))[0]
+    sg = guarded(s, float("nan"))[0]
+    loss, lbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c), dtype)
+    err = kd_lib.emu_topk_kl(sg.data_ptr(), tg.data_ptr(), DTYPE_CODES[dtype],
+                             int64s(n, c, c, c, k, int(renormalize)), 1.5, loss.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(lbuf, "loss")
+    check_guards(gbuf, "grad")
+    e_loss, e_grad = torch.ops.fastloss.topk_kl_forward(s, t, k, 1.5, renormalize, True)
+    torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-5, equal_nan=True)
+    torch.testing.assert_close(grad.float(), e_grad.float(), rtol=TOL[dtype], atol=TOL[dtype], equal_nan=True)
+
+
 @pytest.mark.parametrize("grads", [True, False], ids=["grads", "loss-only"])
 @pytest.mark.parametrize("shape", [(3, 1), (4, 7), (5, 33), (3, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
@@ -1283,6 +1315,7 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_quant_gemv_and_dequant(quant_lib, 4, 32, "channel_codebook")
         test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099))
         test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
+        test_topk_kl_sampled_threshold(kd_lib, torch.bfloat16, True)
         test_pld(kd_lib, torch.float32, (3, 1031), True)
         test_sinkhorn_solve_and_plan(sinkhorn_lib, torch.float64, (2, 5, 700), 0.1, 400, False)
         test_sns_solve(sinkhorn_lib, torch.float64, (2, 37, 53), 0.02, 200, 3, 6, False)

@@ -222,10 +222,15 @@ def test_bad_input_errors_name_the_argument():
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
-def test_cuda_path_equals_cpu():
-    s, t, y = make(6, 300, torch.float32, seed=7)
-    fns = (lambda x, d: ops.topk_kl_loss(x, t.to(d), 20, 2.0),
-           lambda x, d: ops.topk_kl_loss(x, t.to(d), 20, 2.0, True),
+@pytest.mark.parametrize("c,k", [(300, 20), (5000, 200)], ids=["short-rows", "sampled-threshold"])
+def test_cuda_path_equals_cpu(c, k):
+    """The CUDA kernels against the CPU ones; 5000 classes with k = 200 take the CUDA top-k's
+    sampled threshold (a row with ties across the k-th value among them)."""
+    s, t, y = make(6, c, torch.float32, seed=7)
+    if c > 1000:
+        t[1, 100:500] = t[1].topk(k // 2).values[-1]
+    fns = (lambda x, d: ops.topk_kl_loss(x, t.to(d), k, 2.0),
+           lambda x, d: ops.topk_kl_loss(x, t.to(d), k, 2.0, True),
            lambda x, d: ops.pld_loss(x, t.to(d), y.to(d), 2.0))
     for fn in fns:
         results = []

@@ -12,6 +12,8 @@
 // order-preserving 32-bit keys (four 8-bit passes, histograms in shared memory), so that the
 // top-k set I is "key above the k-th's, or equal to it and among the first ties by class
 // index" without sorting or storing indices; then the loss over I and the whole row's gradient.
+// Long rows select among the keys above a sampled threshold, kept in shared memory by the pass
+// that also forms the log-normalizers (topk_kl_kernel), instead of four passes over the row.
 // PLD: a block per row on the teacher's descending order (the op sorts with torch, stable, and
 // passes the indices): the ranking is the target first, then that order without it. Each
 // thread owns a run of consecutive ranks. A pass over the ranks from the last gives the
@@ -155,8 +157,7 @@ __device__ __forceinline__ uint32_t order_key(float f) {
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// The block's k-th largest key of the teacher row and the top-k membership rule (valid in every
-// thread): key > kth, or key == kth with class index <= last_tie.
+// The top-k membership rule: key > kth, or key == kth with class index <= last_tie.
 struct TopkSet {
   uint32_t kth;
   int64_t last_tie;
@@ -165,16 +166,24 @@ struct TopkSet {
   }
 };
 
-template <class T>
-__device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* hist, unsigned* flags,
-                                int64_t* shared_i) {
+// The k-th largest of n keys (1 = the largest), valid in every thread: the key, how many of the
+// keys equal to it are among the k largest (`take`) and how many keys equal it (`ties`).
+struct KthKey {
+  uint32_t key;
+  int64_t take, ties;
+};
+
+// A radix selection, four 8-bit passes from the top (histograms in shared memory) over
+// key_at(i), i < n; every thread of the block calls it. hist: 256 counters, shared_i: 2 slots.
+template <class KeyAt>
+__device__ KthKey kth_largest(int64_t n, int64_t k, KeyAt key_at, unsigned* hist, int64_t* shared_i) {
   uint32_t prefix = 0, mask = 0;
-  int64_t remaining = k, greater = 0;
+  int64_t remaining = k;
   for (int shift = 24; shift >= 0; shift -= 8) {
     for (int b = threadIdx.x; b < 256; b += kThreads) hist[b] = 0;
     __syncthreads();
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-      const uint32_t key = order_key(load1(tr + j));
+    for (int64_t i = threadIdx.x; i < n; i += kThreads) {
+      const uint32_t key = key_at(i);
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
@@ -186,29 +195,32 @@ __device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* his
       shared_i[1] = above;
     }
     __syncthreads();
-    const int b = int(shared_i[0]);
-    const int64_t above = shared_i[1];
-    greater += above;
-    remaining -= above;
-    prefix |= uint32_t(b) << shift;
+    remaining -= shared_i[1];
+    prefix |= uint32_t(shared_i[0]) << shift;
     mask |= 255u << shift;
     __syncthreads();  // shared_i and hist are rewritten next
   }
-  // hist[prefix & 255] now counts the keys equal to the k-th; `remaining` of them are taken,
-  // those of lowest class index
-  const int64_t ties = hist[prefix & 255u];
-  TopkSet set{prefix, C};
-  if (ties <= remaining) return set;
-  // more keys equal the k-th than are taken (equal logits, common in bfloat16): the class
-  // index of the remaining-th of them, by tiles in index order; a block-wide count skips the
-  // tiles before the one that holds it, which thread 0 then scans
+  // hist[prefix & 255] now counts the keys equal to the k-th
+  const KthKey out{prefix, remaining, int64_t(hist[prefix & 255u])};
+  __syncthreads();  // hist is rewritten by the next call
+  return out;
+}
+
+// The membership rule of the k largest of the teacher row tr[0..C) once its k-th key is known:
+// when more keys equal the k-th than are taken (equal logits, common in bfloat16), the class
+// index of the take-th of them, by tiles in index order; a block-wide count skips the tiles
+// before the one that holds it, which thread 0 then scans.
+template <class T>
+__device__ TopkSet resolve_ties(const T* tr, int64_t C, const KthKey& kth, unsigned* flags, int64_t* shared_i) {
+  TopkSet set{kth.key, C};
+  if (kth.ties <= kth.take) return set;
   int64_t seen = 0;
   if (threadIdx.x == 0) shared_i[1] = C - 1;  // (always found below; read after a barrier)
   for (int64_t t0 = 0; t0 < C; t0 += kThreads) {
     const int64_t j = t0 + threadIdx.x;
-    const bool tie = j < C && order_key(load1(tr + j)) == prefix;
+    const bool tie = j < C && order_key(load1(tr + j)) == kth.key;
     const int64_t count = __syncthreads_count(tie);
-    if (seen + count < remaining) {
+    if (seen + count < kth.take) {
       seen += count;
       continue;  // the same decision in every thread
     }
@@ -217,7 +229,7 @@ __device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* his
     if (threadIdx.x == 0) {
       int64_t n = seen;
       for (int i = 0; i < kThreads; ++i)
-        if (flags[i] && ++n == remaining) {
+        if (flags[i] && ++n == kth.take) {
           shared_i[1] = t0 + i;
           break;
         }
@@ -230,31 +242,93 @@ __device__ TopkSet select_top_k(const T* tr, int64_t C, int64_t k, unsigned* his
   return set;
 }
 
+// The sampled threshold of long rows (as kd_rank_impl.h's top_k_by_sample, with fewer samples
+// per class on long rows: each strided sample costs a 32-byte sector, so S = C / 64 between 256
+// and 1024 keeps sampling at 1/8 or less of a float32 row's bytes): kappa is the r-th largest of
+// S strided keys, r = S k / C * 5/4 + 24, so about 1.25 k + 24 C / S classes have keys >= kappa
+// (some 8 standard deviations of the sample's count above the k-th key). Rows of 512+ classes
+// with k <= C / 8 take it when their keys >= kappa fit kTopkCandidates; the rest the four
+// passes of kth_largest over the row.
+constexpr int kTopkCandidates = 10240;  // keys kept in shared memory (40 KB)
+
+__device__ __forceinline__ bool is_nan_key(uint32_t key) {
+  const uint32_t u = key & 0x80000000u ? key & 0x7fffffffu : ~key;  // order_key inverted
+  const float f = __uint_as_float(u);
+  return f != f;
+}
+
 // loss[r] = T^2 sum_{j in I} q_j (log q_j - log p_j) (p, q over all classes, or renormalized
 // over I), and when grad is not null grad[r, m] = T (c p_m - [m in I] q_m) with c = q's mass
 // on I (1 renormalized, and then only m in I), as kd_rank_impl.h.
+// Per row: (sampled rows) the strided keys and their threshold kappa; one pass over the row that
+// keeps the keys >= kappa in shared memory and, unless renormalized, gives both log-normalizers
+// over all classes; the k-th largest key (of the kept keys, or of the row); unless found
+// above, the log-normalizers over I; a pass for the loss and q's mass on I; the gradient pass.
+// The teacher row is read 3-4 times (the four-pass selection alone read it 4 times) and the
+// student twice.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
   __shared__ unsigned hist[256];
   __shared__ unsigned flags[kThreads];  // the tie flags of one tile
+  __shared__ uint32_t kept[kTopkCandidates];
+  __shared__ unsigned kept_count;
   __shared__ int64_t shared_i[2];
   __shared__ float states[kWarps][2][3];
   __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, T2 = q.temperature * q.temperature;
   const int64_t C = q.C, k = q.k < q.C ? q.k : q.C;
+  const bool long_row = C >= 512 && k <= C / 8 && C <= (int64_t(1) << 31);
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    const TopkSet set = select_top_k(tr, C, k, hist, flags, shared_i);
-    Online st[2];  // log-normalizers of s = student / T and t = teacher / T (over I or all)
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-      const float tv = load1(tr + j);
-      if (q.renormalize && !set.has(order_key(tv), j)) continue;
-      st[0].add(load1(sr + j) * inv_t, 0.f);
-      st[1].add(tv * inv_t, 0.f);
+    bool sampled = long_row;
+    uint32_t kappa = 0;
+    if (sampled) {
+      int64_t S = C / 64 < 256 ? 256 : (C / 64 > 1024 ? 1024 : C / 64);
+      S = S < C / 4 ? S : C / 4;
+      const int64_t stride = C / S, rank = (k * S / C * 5 / 4 + 24) < S ? k * S / C * 5 / 4 + 24 : S;
+      for (int64_t i = threadIdx.x; i < S; i += kThreads) kept[i] = order_key(load1(tr + i * stride));
+      if (threadIdx.x == 0) kept_count = 0;
+      __syncthreads();
+      kappa = kth_largest(S, rank, [&](int64_t i) { return kept[i]; }, hist, shared_i).key;
+      sampled = !is_nan_key(kappa);  // (the same in every thread) NaN rows: the four passes
     }
-    block_merge(st, states);
+    Online st[2];  // log-normalizers of s = student / T and t = teacher / T (over I or all)
+    if (sampled || !q.renormalize) {
+      for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+        const float tv = load1(tr + j);
+        if (!q.renormalize) {
+          st[0].add(load1(sr + j) * inv_t, 0.f);
+          st[1].add(tv * inv_t, 0.f);
+        }
+        if (sampled) {
+          const uint32_t key = order_key(tv);
+          if (key >= kappa) {
+            const unsigned slot = atomicAdd(&kept_count, 1u);
+            if (slot < unsigned(kTopkCandidates)) kept[slot] = key;
+          }
+        }
+      }
+      if (!q.renormalize) block_merge(st, states);  // (its barriers also publish kept_count)
+      __syncthreads();
+    }
+    const int64_t n_kept = sampled ? int64_t(kept_count) : 0;
+    // kept_count counts every key >= kappa: the k-th largest of the row is among them when at
+    // least k were counted, and they all fit
+    const KthKey kth = sampled && n_kept >= k && n_kept <= kTopkCandidates
+                           ? kth_largest(n_kept, k, [&](int64_t i) { return kept[i]; }, hist, shared_i)
+                           : kth_largest(C, k, [&](int64_t j) { return order_key(load1(tr + j)); }, hist, shared_i);
+    const TopkSet set = resolve_ties(tr, C, kth, flags, shared_i);
+    if (q.renormalize) {
+      for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+        const float tv = load1(tr + j);
+        if (!set.has(order_key(tv), j)) continue;
+        st[0].add(load1(sr + j) * inv_t, 0.f);
+        st[1].add(tv * inv_t, 0.f);
+      }
+      block_merge(st, states);
+    }
     const Online &S = st[0], &Q = st[1];
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
     float kl = 0.f, mass = 0.f;
@@ -274,6 +348,10 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < C; j += kThreads) {
       const float tv = load1(tr + j);
       const bool in = set.has(order_key(tv), j);
+      if (q.renormalize && !in) {  // renormalized: nothing outside I (no student read)
+        store1(gr + j, 0.f);
+        continue;
+      }
       const float p = vexp(load1(sr + j) * inv_t - lse_s);
       float g = q.renormalize ? 0.f : q.temperature * c * p;
       if (in) g = q.temperature * (c * p - vexp(tv * inv_t - lse_t));
