@@ -5,6 +5,8 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
   * ``fastloss_nf4``: the same with the NF4 codebook (group 128, no zero points);
   * ``fastloss_8bit_cb``: an 8-bit codebook (``power_codebook(8, 1.7)``, group 128): its codes
     decode by a gather from the 256-entry table;
+  * ``fastloss_4bit_warp_gemv`` (CUDA, batch <= 16): the 4-bit row again with the warp-per-row
+    GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
   * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32 on the
     CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
@@ -70,6 +72,16 @@ def int4pack(w, device, group=128):
         return f"unavailable: torch int4pack kernel failed ({type(e).__name__}: {str(e)[:80]})"
 
 
+def warp_gemv(x, qw):
+    """dequant_gemm with the CUDA warp-per-row GEMV forced (FASTLOSS_QUANT_GEMV=warp, read per
+    call by the op) where the tensor-core GEMV would run: both kernels in one run."""
+    os.environ["FASTLOSS_QUANT_GEMV"] = "warp"
+    try:
+        return fastloss.ops.dequant_gemm(x, qw)
+    finally:
+        del os.environ["FASTLOSS_QUANT_GEMV"]
+
+
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
@@ -106,6 +118,8 @@ def main(argv=None):
         for m in batches:
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
+            if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
+                variants["fastloss_4bit_warp_gemv"] = (lambda: warp_gemv(x, q4), q4)
             variants.update({"torch_matmul": (lambda: x @ w4.T, None),
                              "eager_dequant": (lambda: x @ eager_dequant(q4).to(x.dtype).T, q4),
                              "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})

@@ -99,6 +99,27 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
 
 @pytest.mark.cuda
 @requires_cuda
+def test_cuda_warp_gemv_forced(monkeypatch):
+    """FASTLOSS_QUANT_GEMV=warp (bench_quant.py's comparison) runs the warp-per-row GEMV where
+    the tensor-core one applies; both give x @ W^T."""
+    g = torch.Generator().manual_seed(12)
+    n, k = 300, 1024
+    qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 0.1, 4, 128, False)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)
+    qc = qw.to("cuda")
+    for m in (1, 5, 16):
+        x = torch.randn(m, k, generator=g).half()
+        y64 = x.double() @ w64.T
+        tensor_core = ops.dequant_gemm(x.cuda(), qc).cpu().double()
+        monkeypatch.setenv("FASTLOSS_QUANT_GEMV", "warp")
+        warp = ops.dequant_gemm(x.cuda(), qc).cpu().double()
+        monkeypatch.delenv("FASTLOSS_QUANT_GEMV")
+        for y in (tensor_core, warp):
+            torch.testing.assert_close(y, y64, rtol=3e-3, atol=3e-3 * y64.abs().max().item())
+
+
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_cuda_gemv_with_fractional_zeros(bits):
     """Imported weights whose zero points are not integers (or lie past what the tensor-core

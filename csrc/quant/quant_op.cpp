@@ -15,7 +15,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <optional>
+#include <string_view>
 #include <vector>
 
 #include "../op_helpers.h"
@@ -144,7 +146,11 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if (gemv) {
-      check_cuda_launch(quant_gemv_mma_applies(w, dtype, M)
+      // FASTLOSS_QUANT_GEMV=warp forces the warp-per-row GEMV where the tensor-core one applies
+      // (bench_quant.py measures both in one run; read per call, so a benchmark can switch)
+      const char* choice = std::getenv("FASTLOSS_QUANT_GEMV");
+      const bool warp_gemv = choice != nullptr && std::string_view(choice) == "warp";
+      check_cuda_launch(!warp_gemv && quant_gemv_mma_applies(w, dtype, M)
                             ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
                             : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
