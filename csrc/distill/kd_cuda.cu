@@ -187,12 +187,29 @@ __device__ KthKey kth_largest(int64_t n, int64_t k, KeyAt key_at, unsigned* hist
       if ((key & mask) == prefix) atomicAdd(&hist[(key >> shift) & 255u], 1u);
     }
     __syncthreads();
-    if (threadIdx.x == 0) {  // the bin that holds the remaining-th largest key
-      int64_t above = 0;
-      int b = 255;
-      for (; b > 0 && above + int64_t(hist[b]) < remaining; --b) above += hist[b];
-      shared_i[0] = b;
-      shared_i[1] = above;
+    if (threadIdx.x < 32) {  // the bin that holds the remaining-th largest key: warp 0 scans
+      // lane l owns bins 255 - 8 l down to 248 - 8 l; the lane whose running count passes
+      // `remaining` walks its 8 (one thread walking 256 dependent bins cost thousands of cycles)
+      const int lane = int(threadIdx.x);
+      int64_t c[8], own = 0;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) own += c[e] = hist[255 - 8 * lane - e];
+      int64_t incl = own;
+#pragma unroll
+      for (int off = 1; off < 32; off <<= 1) {
+        const int64_t v = __shfl_up_sync(0xffffffffu, incl, off);
+        if (lane >= off) incl += v;
+      }
+      const int64_t excl = incl - own;
+      // (remaining never exceeds the keys counted; lane 31 ends at bin 0 regardless, as a walk
+      // down from 255 that stops at 0 would)
+      if ((excl < remaining && remaining <= incl) || (lane == 31 && incl < remaining)) {
+        int64_t above = excl;
+        int e = 0;
+        for (; e < 7 && above + c[e] < remaining; ++e) above += c[e];
+        shared_i[0] = 255 - 8 * lane - e;
+        shared_i[1] = above;
+      }
     }
     __syncthreads();
     remaining -= shared_i[1];
@@ -243,13 +260,16 @@ __device__ TopkSet resolve_ties(const T* tr, int64_t C, const KthKey& kth, unsig
 }
 
 // The sampled threshold of long rows (as kd_rank_impl.h's top_k_by_sample, with fewer samples
-// per class on long rows: each strided sample costs a 32-byte sector, so S = C / 64 between 256
-// and 1024 keeps sampling at 1/8 or less of a float32 row's bytes): kappa is the r-th largest of
-// S strided keys, r = S k / C * 5/4 + 24, so about 1.25 k + 24 C / S classes have keys >= kappa
-// (some 8 standard deviations of the sample's count above the k-th key). Rows of 512+ classes
-// with k <= C / 8 take it when their keys >= kappa fit kTopkCandidates; the rest the four
-// passes of kth_largest over the row.
-constexpr int kTopkCandidates = 10240;  // keys kept in shared memory (40 KB)
+// per class on long rows: each strided sample costs a 32-byte sector, so S = C / 64, at least
+// min(256, C / 4) and at most 1024, keeps sampling at 1/8 of a float32 row's sectors from 16384
+// classes on): kappa is the r-th largest of S strided keys, r = S k / C * 5/4 + 16, so about
+// 1.25 k + 16 C / S classes have keys >= kappa (the count of samples above the k-th key is
+// binomial, mean S k / C: r sits 5-6 standard deviations above it at the issue's shapes; the
+// CPU takes + 24 for its larger buffers). Rows of 512+ classes with k <= C / 8 whose expected
+// count fits 3/4 of kTopkCandidates take it, and keep it when the count does fit; the rest take
+// the four passes of kth_largest over the row. 24 KB of keys: with the rest, 26 KB of shared
+// memory per block, so that 8 blocks of 256 threads still fit an SM.
+constexpr int kTopkCandidates = 6144;
 
 __device__ __forceinline__ bool is_nan_key(uint32_t key) {
   const uint32_t u = key & 0x80000000u ? key & 0x7fffffffu : ~key;  // order_key inverted
@@ -264,8 +284,9 @@ __device__ __forceinline__ bool is_nan_key(uint32_t key) {
 // keeps the keys >= kappa in shared memory and, unless renormalized, gives both log-normalizers
 // over all classes; the k-th largest key (of the kept keys, or of the row); unless found
 // above, the log-normalizers over I; a pass for the loss and q's mass on I; the gradient pass.
-// The teacher row is read 3-4 times (the four-pass selection alone read it 4 times) and the
-// student twice.
+// A sampled row reads the teacher 3 times (renormalized: 4), once more where ties at the k-th
+// key need the index scan, and the student twice (renormalized: only at I); the four-pass
+// selection alone read the teacher 4 times.
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
@@ -278,16 +299,21 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, T2 = q.temperature * q.temperature;
   const int64_t C = q.C, k = q.k < q.C ? q.k : q.C;
+  // the samples (long rows): S keys `stride` apart, the threshold the rank-th largest
   const bool long_row = C >= 512 && k <= C / 8 && C <= (int64_t(1) << 31);
+  int64_t S = 0, stride = 0, rank = 0;
+  if (long_row) {
+    S = C / 64 < 256 ? 256 : (C / 64 > 1024 ? 1024 : C / 64);
+    S = S < C / 4 ? S : C / 4;
+    stride = C / S;
+    rank = k * S / C * 5 / 4 + 16 < S ? k * S / C * 5 / 4 + 16 : S;
+  }
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    bool sampled = long_row;
+    bool sampled = long_row && rank * stride <= kTopkCandidates / 4 * 3;
     uint32_t kappa = 0;
     if (sampled) {
-      int64_t S = C / 64 < 256 ? 256 : (C / 64 > 1024 ? 1024 : C / 64);
-      S = S < C / 4 ? S : C / 4;
-      const int64_t stride = C / S, rank = (k * S / C * 5 / 4 + 24) < S ? k * S / C * 5 / 4 + 24 : S;
       for (int64_t i = threadIdx.x; i < S; i += kThreads) kept[i] = order_key(load1(tr + i * stride));
       if (threadIdx.x == 0) kept_count = 0;
       __syncthreads();
