@@ -432,22 +432,27 @@ def kd_lib():
 KD_KINDS = ["forward_kl", "reverse_kl", "jsd"]
 
 
-@pytest.mark.parametrize("shape", [(1, 1), (3, 7), (5, 33), (4, 1031), (2, 4099)],
-                         ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 7, 3), (5, 33, 3), (4, 1031, 3), (2, 4099, 3),
+                                   (4, 1031, 0), (3, 4100, 0)],
+                         ids=lambda s: f"{s[0]}x{s[1]}" + ("" if s[2] else "-unpadded"))
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("kind", KD_KINDS)
 def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
+    """Against the float64 reference. Students padded by 3 NaN columns put the student, teacher
+    and gradient rows at different alignments (one element at a time but in row 0); unpadded
+    ones keep them aligned alike, with a head before the first 16-byte boundary at 1031 classes
+    (16-byte packs)."""
     from fastloss.reference import distill as kd_ref
-    n, c = shape
+    n, c, pad = shape
     gen = torch.Generator().manual_seed(n * 31 + c)
     s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
     t = (torch.randn(n, c, generator=gen) * 3 + 0.3 * s.float()).to(dtype)
     T, beta = 2.0, 0.3
-    # the 3 columns past each student row are NaN: reading them poisons the row
-    padded = torch.cat([s, torch.full((n, 3), float("nan"), dtype=dtype)], 1)
-    sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 3, 1))
+    # the columns past each student row are NaN: reading them poisons the row
+    padded = torch.cat([s, torch.full((n, pad), float("nan"), dtype=dtype)], 1)
+    sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + pad, 1))
     tg, _ = guarded(t, float("nan"))
-    shape_args = int64s(n, c, c + 3, c)
+    shape_args = int64s(n, c, c + pad, c)
     loss, lbuf = guarded(torch.full((n,), float("nan")), SENTINEL)
     stats, sbuf = guarded(torch.full((n, 3), float("nan")), SENTINEL)
     loss.fill_(float("nan"))
@@ -1313,7 +1318,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         for cl in (False, True):
             test_forward_and_weight_grad(tcn_lib, torch.float32, 4, 9, 13, cl)
         test_quant_gemv_and_dequant(quant_lib, 4, 32, "channel_codebook")
-        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099))
+        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099, 3))
+        test_kd_forward_and_backward(kd_lib, "forward_kl", torch.bfloat16, (4, 1031, 0))
         test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
         test_topk_kl_sampled_threshold(kd_lib, torch.bfloat16, True)
         test_pld(kd_lib, torch.float32, (3, 1031), True)

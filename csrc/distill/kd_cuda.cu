@@ -5,9 +5,12 @@
 // teacher (the same with s and t swapped): one read of both rows gives lse(s), lse(t) and the
 // weighted differences both KLs need (the CPU kernel reads the rows twice: a max, then the
 // sums). The states are merged by warp shuffles, then through shared memory. The JSD reads
-// the rows once more with both lse known.
-// Backward: element-wise from the forward's statistics; a block per (row, tile of columns).
-// Consecutive threads take consecutive columns: every load and store of a warp is contiguous.
+// the rows once more with both lse known. Rows are read in 16-byte packs where the student and
+// teacher rows share their alignment (common/cuda_packs.cuh; since session 14, not yet
+// measured on a GPU: the H200 runs of session 11 loaded one element per thread at a time).
+// Backward: element-wise from the forward's statistics; a block per (row, tile of 16-byte
+// packs). Consecutive threads take consecutive packs: every load and store of a warp is
+// contiguous.
 // Top-k KL: a block per row finds the teacher's k-th largest value by a radix selection over
 // order-preserving 32-bit keys (four 8-bit passes, histograms in shared memory), so that the
 // top-k set I is "key above the k-th's, or equal to it and among the first ties by class
@@ -27,6 +30,7 @@
 #include <cstdint>
 
 #include "../common/cuda_helpers.cuh"
+#include "../common/cuda_packs.cuh"
 #include "../common/vec_scalar.h"
 #include "kd_kernels.h"
 
@@ -36,7 +40,7 @@ namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / 32;
-constexpr int kPerThread = 4;  // backward: columns per thread, kThreads apart
+constexpr int kPerThread = 4;  // backward: 16-byte packs per thread, kThreads apart
 constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no inf - inf)
 
 // Online softmax of a stream of x with a weighted sum of d (common/cuda_helpers.cuh), with the
@@ -72,18 +76,27 @@ __device__ __forceinline__ void block_merge(Online (&st)[N], float (*shared)[N][
 template <class T>
 __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float* __restrict__ loss,
                                                               float* __restrict__ stats) {
+  constexpr int P = kPack<T>;
   __shared__ float states[kWarps][2][3];
   __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, beta = q.beta;
+  const int lane = int(threadIdx.x);
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     Online st[2];  // student (weights s - t), teacher (weights t - s)
-    for (int64_t k = threadIdx.x; k < q.C; k += kThreads) {
-      const float s = load1(sr + k) * inv_t, t = load1(tr + k) * inv_t;
+    auto add = [&](float sv, float tv) {
+      const float s = sv * inv_t, t = tv * inv_t;
       st[0].add(s, s - t);
       st[1].add(t, t - s);
-    }
+    };
+    walk_rows2<kThreads>(
+        sr, tr, q.C, lane,
+        [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
+#pragma unroll
+          for (int e = 0; e < P; ++e) add(vs[e], vt[e]);
+        },
+        [&](int64_t, float sv, float tv) { add(sv, tv); });
     block_merge(st, states);
     const Online &S = st[0], &Q = st[1];
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
@@ -95,14 +108,21 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
       extra = row;
     } else {  // jsd, as kd_cpu_impl.h: loss and the backward's row constant S
       float l = 0.f, sc = 0.f;
-      for (int64_t k = threadIdx.x; k < q.C; k += kThreads) {
-        const float lp = load1(sr + k) * inv_t - lse_s, lq = load1(tr + k) * inv_t - lse_t;
+      auto add_jsd = [&](float sv, float tv) {
+        const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
         const float p = vexp(lp), qq = vexp(lq);
         const float lm = logf(vmax(beta * qq + (1.f - beta) * p, 1e-38f));
         const float dp = p * (lp - lm);
         l += beta * qq * (lq - lm) + (1.f - beta) * dp;
         sc += (1.f - beta) * dp;
-      }
+      };
+      walk_rows2<kThreads>(
+          sr, tr, q.C, lane,
+          [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
+#pragma unroll
+            for (int e = 0; e < P; ++e) add_jsd(vs[e], vt[e]);
+          },
+          [&](int64_t, float sv, float tv) { add_jsd(sv, tv); });
       l = block_sum(l, sums);
       sc = block_sum(sc, sums);
       row = l;
@@ -117,22 +137,25 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
   }
 }
 
+// Block x of a row covers kThreads * kPerThread 16-byte packs of it (each thread kPerThread of
+// them, kThreads apart, all loaded before any is used) when the student, teacher and gradient
+// rows share their alignment, else the same number of elements' worth one at a time; block 0
+// also takes the unaligned head and tail (fewer than a pack each).
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     kd_backward_kernel(KdProblem q, const float* __restrict__ grad_loss,
                        const float* __restrict__ stats, T* __restrict__ grad) {
+  constexpr int P = kPack<T>;
   const float inv_t = 1.f / q.temperature, beta = q.beta;
-  const int64_t k0 = int64_t(blockIdx.x) * (kThreads * kPerThread) + threadIdx.x;
+  const int64_t C = q.C;
   for (int64_t r = blockIdx.y; r < q.N; r += gridDim.y) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
+    T* gr = grad + r * C;
     const float lse_s = stats[3 * r], lse_t = stats[3 * r + 1], extra = stats[3 * r + 2];
     const float g = grad_loss[r] * q.temperature;  // d(T^2 L)/d(student) = T dL/ds
-#pragma unroll
-    for (int u = 0; u < kPerThread; ++u) {
-      const int64_t k = k0 + int64_t(u) * kThreads;
-      if (k >= q.C) break;
-      const float lp = load1(sr + k) * inv_t - lse_s, lq = load1(tr + k) * inv_t - lse_t;
+    auto grad_of = [&](float sv, float tv) {
+      const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
       const float p = vexp(lp);
       float d;
       if (q.kind == KdKind::forward_kl) {
@@ -143,7 +166,44 @@ __global__ void __launch_bounds__(kThreads)
         const float lm = logf(vmax(beta * vexp(lq) + (1.f - beta) * p, 1e-38f));
         d = p * ((1.f - beta) * (lp - lm) - extra);
       }
-      store1(grad + r * q.C + k, g * d);
+      return g * d;
+    };
+    const RowSplit sp = split_row(sr, C);
+    if (split_row(tr, C).head == sp.head && split_row(gr, C).head == sp.head) {
+      const uint4* ps = reinterpret_cast<const uint4*>(sr + sp.head);
+      const uint4* pt = reinterpret_cast<const uint4*>(tr + sp.head);
+      uint4* pg = reinterpret_cast<uint4*>(gr + sp.head);
+      const int64_t i0 = int64_t(blockIdx.x) * kThreads * kPerThread + threadIdx.x;
+      uint4 rs[kPerThread], rt[kPerThread];
+#pragma unroll
+      for (int u = 0; u < kPerThread; ++u) {
+        const int64_t i = i0 + int64_t(u) * kThreads;
+        if (i < sp.packs) rs[u] = __ldg(ps + i), rt[u] = __ldg(pt + i);
+      }
+#pragma unroll
+      for (int u = 0; u < kPerThread; ++u) {
+        const int64_t i = i0 + int64_t(u) * kThreads;
+        if (i >= sp.packs) break;
+        float vs[P], vt[P], out[P];
+        unpack<T>(rs[u], vs);
+        unpack<T>(rt[u], vt);
+#pragma unroll
+        for (int e = 0; e < P; ++e) out[e] = grad_of(vs[e], vt[e]);
+        pg[i] = pack<T>(out);
+      }
+      if (blockIdx.x == 0) {
+        const int64_t tail = sp.head + sp.packs * P;
+        if (threadIdx.x < sp.head) store1(gr + threadIdx.x, grad_of(load1(sr + threadIdx.x), load1(tr + threadIdx.x)));
+        const int64_t k = tail + threadIdx.x;
+        if (k < C) store1(gr + k, grad_of(load1(sr + k), load1(tr + k)));
+      }
+    } else {
+      const int64_t k0 = int64_t(blockIdx.x) * kThreads * kPerThread * P + threadIdx.x;
+      for (int u = 0; u < kPerThread * P; ++u) {
+        const int64_t k = k0 + int64_t(u) * kThreads;
+        if (k >= C) break;
+        store1(gr + k, grad_of(load1(sr + k), load1(tr + k)));
+      }
     }
   }
 }
@@ -206,7 +266,12 @@ __device__ KthKey kth_largest(int64_t n, int64_t k, KeyAt key_at, unsigned* hist
       if ((excl < remaining && remaining <= incl) || (lane == 31 && incl < remaining)) {
         int64_t above = excl;
         int e = 0;
-        for (; e < 7 && above + c[e] < remaining; ++e) above += c[e];
+        bool found = false;
+#pragma unroll
+        for (int i = 0; i < 7; ++i) {  // (constant indices keep c in registers)
+          found = found || above + c[i] >= remaining;
+          if (!found) above += c[i], e = i + 1;
+        }
         shared_i[0] = 255 - 8 * lane - e;
         shared_i[1] = above;
       }
@@ -558,13 +623,19 @@ const char* kd_backward_cuda(const KdProblem& q, const float* grad_loss, const f
                              void* grad, void* stream) {
   using namespace FL_ISA;
   if (q.N == 0 || q.C == 0) return nullptr;
-  const int64_t tiles = (q.C + kThreads * kPerThread - 1) / (kThreads * kPerThread);
-  if (tiles > 0x7fffffff) return "kd_loss: too many classes for one grid";
-  const dim3 grid(unsigned(tiles), unsigned(q.N < 65535 ? q.N : 65535));
   auto s = static_cast<cudaStream_t>(stream);
+  const char* error = nullptr;
   visit_dtype(q.dtype, [&]<class T>() {
+    const int64_t per_block = int64_t(kThreads) * kPerThread * kPack<T>;  // elements
+    const int64_t tiles = (q.C + per_block - 1) / per_block;
+    if (tiles > 0x7fffffff) {
+      error = "kd_loss: too many classes for one grid";
+      return;
+    }
+    const dim3 grid(unsigned(tiles), unsigned(q.N < 65535 ? q.N : 65535));
     kd_backward_kernel<T><<<grid, kThreads, 0, s>>>(q, grad_loss, stats, static_cast<T*>(grad));
   });
+  if (error) return error;
   return launch_status();
 }
 

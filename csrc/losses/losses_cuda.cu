@@ -1,11 +1,9 @@
 // CUDA row-loss kernels. A group of threads owns one row: one warp for rows of up to 1024
-// classes, the whole 256-thread block above that. The row is read in 16-byte packs (4 float32
-// or 8 half / bfloat16 values), consecutive threads taking consecutive packs (coalesced), and
-// each thread loads kUnroll packs before it uses any, so that enough bytes are in flight to
-// keep HBM busy; the few elements before the row's first 16-byte boundary and after its last
-// whole pack are read one at a time. Statistics are merged by warp shuffles, then through
-// shared memory. Compiled with FL_ISA=cuda; the loss math is the same loss_math.h as the CPU
-// kernels.
+// classes, the whole 256-thread block above that. The row is read in 16-byte packs
+// (common/cuda_packs.cuh: consecutive threads on consecutive packs, several packs in flight per
+// thread, the unaligned head and tail one element at a time). Statistics are merged by warp
+// shuffles, then through shared memory. Compiled with FL_ISA=cuda; the loss math is the same
+// loss_math.h as the CPU kernels.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -15,6 +13,7 @@
 #include <type_traits>
 
 #include "../common/cuda_helpers.cuh"
+#include "../common/cuda_packs.cuh"
 #include "loss_math.h"
 #include "losses_kernels.h"
 
@@ -23,93 +22,6 @@ namespace FL_ISA {
 namespace {
 
 constexpr int kBlock = 256;
-constexpr int kUnroll = 4;  // 16-byte packs per thread in flight: 64 bytes
-
-// ---- 16-byte packs ---------------------------------------------------------------------------
-template <class T>
-constexpr int kPack = 16 / int(sizeof(T));
-
-template <class T>
-__device__ __forceinline__ void unpack(const uint4& r, float (&v)[kPack<T>]) {
-  const uint32_t w[4] = {r.x, r.y, r.z, r.w};
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      v[i] = __uint_as_float(w[i]);
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {  // element 2i is the low half
-      v[2 * i] = __uint_as_float(w[i] << 16);
-      v[2 * i + 1] = __uint_as_float(w[i] & 0xffff0000u);
-    } else {
-      __half2 h;
-      static_assert(sizeof(h) == sizeof(w[i]));
-      memcpy(&h, &w[i], sizeof(h));
-      const float2 f = __half22float2(h);
-      v[2 * i] = f.x;
-      v[2 * i + 1] = f.y;
-    }
-  }
-}
-
-template <class T>
-__device__ __forceinline__ uint4 pack(const float (&v)[kPack<T>]) {
-  uint32_t w[4];
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    if constexpr (std::is_same_v<T, float>) {
-      w[i] = __float_as_uint(v[i]);
-    } else if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-      const __nv_bfloat162 b = __floats2bfloat162_rn(v[2 * i], v[2 * i + 1]);
-      memcpy(&w[i], &b, sizeof(b));
-    } else {
-      const __half2 h = __floats2half2_rn(v[2 * i], v[2 * i + 1]);
-      memcpy(&w[i], &h, sizeof(h));
-    }
-  }
-  return make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// A row of C elements at x: `head` elements before its first 16-byte boundary (fewer than one
-// pack), then `packs` whole packs, then the tail.
-struct RowSplit {
-  int64_t head, packs;
-};
-template <class T>
-__device__ __forceinline__ RowSplit split_row(const T* x, int64_t C) {
-  const int misaligned = int((reinterpret_cast<uintptr_t>(x) & 15) / sizeof(T));
-  int64_t head = misaligned == 0 ? 0 : kPack<T> - misaligned;
-  head = head < C ? head : C;
-  return {head, (C - head) / kPack<T>};
-}
-
-// Visits every element of one row once, split among the kGroup threads of its group:
-// on_pack(k0, v[kPack]) for the packs (elements k0 .. k0 + kPack - 1), on_one(k, v) for the
-// head and the tail.
-template <int kGroup, class T, class OnPack, class OnOne>
-__device__ __forceinline__ void walk_row(const T* x, int64_t C, int lane, OnPack&& on_pack,
-                                         OnOne&& on_one) {
-  constexpr int P = kPack<T>;
-  const RowSplit sp = split_row(x, C);
-  for (int64_t k = lane; k < sp.head; k += kGroup) on_one(k, load1(x + k));
-  const uint4* px = reinterpret_cast<const uint4*>(x + sp.head);
-  int64_t i = lane;
-  for (; i + int64_t(kUnroll - 1) * kGroup < sp.packs; i += int64_t(kUnroll) * kGroup) {
-    uint4 r[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) r[u] = __ldg(px + i + u * kGroup);
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      float v[P];
-      unpack<T>(r[u], v);
-      on_pack(sp.head + (i + u * kGroup) * P, v);
-    }
-  }
-  for (; i < sp.packs; i += kGroup) {
-    float v[P];
-    unpack<T>(__ldg(px + i), v);
-    on_pack(sp.head + i * P, v);
-  }
-  for (int64_t k = sp.head + sp.packs * P + lane; k < C; k += kGroup) on_one(k, load1(x + k));
-}
 
 // N elements k != y into the statistics: the loss's add_block when it has one.
 template <class L, class Acc, class Ctx, int N>
