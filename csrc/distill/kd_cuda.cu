@@ -355,6 +355,7 @@ __device__ __forceinline__ bool is_nan_key(uint32_t key) {
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
+  constexpr int P = kPack<T>;
   __shared__ unsigned hist[256];
   __shared__ unsigned flags[kThreads];  // the tie flags of one tile
   __shared__ uint32_t kept[kTopkCandidates];
@@ -386,22 +387,35 @@ __global__ void __launch_bounds__(kThreads)
       sampled = !is_nan_key(kappa);  // (the same in every thread) NaN rows: the four passes
     }
     Online st[2];  // log-normalizers of s = student / T and t = teacher / T (over I or all)
-    if (sampled || !q.renormalize) {
-      for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-        const float tv = load1(tr + j);
-        if (!q.renormalize) {
-          st[0].add(load1(sr + j) * inv_t, 0.f);
-          st[1].add(tv * inv_t, 0.f);
-        }
-        if (sampled) {
-          const uint32_t key = order_key(tv);
-          if (key >= kappa) {
-            const unsigned slot = atomicAdd(&kept_count, 1u);
-            if (slot < unsigned(kTopkCandidates)) kept[slot] = key;
-          }
-        }
+    auto keep = [&](float tv) {
+      const uint32_t key = order_key(tv);
+      if (key >= kappa) {
+        const unsigned slot = atomicAdd(&kept_count, 1u);
+        if (slot < unsigned(kTopkCandidates)) kept[slot] = key;
       }
-      if (!q.renormalize) block_merge(st, states);  // (its barriers also publish kept_count)
+    };
+    if (!q.renormalize) {  // both rows: the log-normalizers over all classes (and the kept keys)
+      auto add = [&](float sv, float tv) {
+        st[0].add(sv * inv_t, 0.f);
+        st[1].add(tv * inv_t, 0.f);
+        if (sampled) keep(tv);
+      };
+      walk_rows2<kThreads>(
+          sr, tr, C, int(threadIdx.x),
+          [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
+#pragma unroll
+            for (int e = 0; e < P; ++e) add(vs[e], vt[e]);
+          },
+          [&](int64_t, float sv, float tv) { add(sv, tv); });
+      block_merge(st, states);  // (its barriers also publish kept_count)
+    } else if (sampled) {  // the teacher's kept keys alone
+      walk_row<kThreads>(
+          tr, C, int(threadIdx.x),
+          [&](int64_t, const float (&vt)[P]) {
+#pragma unroll
+            for (int e = 0; e < P; ++e) keep(vt[e]);
+          },
+          [&](int64_t, float tv) { keep(tv); });
       __syncthreads();
     }
     const int64_t n_kept = sampled ? int64_t(kept_count) : 0;
@@ -436,17 +450,20 @@ __global__ void __launch_bounds__(kThreads)
     if (grad == nullptr) continue;
     const float c = q.renormalize ? 1.f : mass;
     T* gr = grad + r * C;
-    for (int64_t j = threadIdx.x; j < C; j += kThreads) {
-      const float tv = load1(tr + j);
-      const bool in = set.has(order_key(tv), j);
-      if (q.renormalize && !in) {  // renormalized: nothing outside I (no student read)
-        store1(gr + j, 0.f);
-        continue;
+    if (q.renormalize) {  // nothing outside I (no student read there)
+      for (int64_t j = threadIdx.x; j < C; j += kThreads) {
+        const float tv = load1(tr + j);
+        float g = 0.f;
+        if (set.has(order_key(tv), j))
+          g = q.temperature * (vexp(load1(sr + j) * inv_t - lse_s) - vexp(tv * inv_t - lse_t));
+        store1(gr + j, g);
       }
-      const float p = vexp(load1(sr + j) * inv_t - lse_s);
-      float g = q.renormalize ? 0.f : q.temperature * c * p;
-      if (in) g = q.temperature * (c * p - vexp(tv * inv_t - lse_t));
-      store1(gr + j, g);
+    } else {
+      map_rows2<kThreads>(sr, tr, gr, C, int(threadIdx.x), [&](int64_t j, float sv, float tv) {
+        const float p = vexp(sv * inv_t - lse_s);
+        return set.has(order_key(tv), j) ? q.temperature * (c * p - vexp(tv * inv_t - lse_t))
+                                         : q.temperature * c * p;
+      });
     }
   }
 }
