@@ -432,27 +432,33 @@ def kd_lib():
 KD_KINDS = ["forward_kl", "reverse_kl", "jsd"]
 
 
-@pytest.mark.parametrize("shape", [(1, 1, 3), (3, 7, 3), (5, 33, 3), (4, 1031, 3), (2, 4099, 3),
-                                   (4, 1031, 0), (3, 4100, 0)],
-                         ids=lambda s: f"{s[0]}x{s[1]}" + ("" if s[2] else "-unpadded"))
+KD_SHAPES = [(1, 1, 3, 0), (3, 7, 3, 0), (5, 33, 3, 0), (4, 1031, 3, 0), (2, 4099, 3, 0),
+             (4, 1031, 0, 0), (3, 4100, 0, 0), (4, 1031, 1, 1), (5, 3, 0, 0)]
+
+
+@pytest.mark.parametrize("shape", KD_SHAPES,
+                         ids=lambda s: f"{s[0]}x{s[1]}" + {(3, 0): "", (0, 0): "-unpadded"}.get(s[2:], "-both-padded"))
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("kind", KD_KINDS)
 def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
     """Against the float64 reference. Students padded by 3 NaN columns put the student, teacher
     and gradient rows at different alignments (one element at a time but in row 0); unpadded
     ones keep them aligned alike, with a head before the first 16-byte boundary at 1031 classes
-    (16-byte packs)."""
+    (16-byte packs) and rows shorter than a pack at 3; student and teacher both padded by 1
+    are aligned alike but not like the gradient (packs in the forward, elements in the
+    backward: a 16-byte store there traps in the emulator)."""
     from fastloss.reference import distill as kd_ref
-    n, c, pad = shape
+    n, c, pad, pad_t = shape
     gen = torch.Generator().manual_seed(n * 31 + c)
     s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
     t = (torch.randn(n, c, generator=gen) * 3 + 0.3 * s.float()).to(dtype)
     T, beta = 2.0, 0.3
-    # the columns past each student row are NaN: reading them poisons the row
+    # the columns past each row are NaN: reading them poisons the row
     padded = torch.cat([s, torch.full((n, pad), float("nan"), dtype=dtype)], 1)
     sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + pad, 1))
-    tg, _ = guarded(t, float("nan"))
-    shape_args = int64s(n, c, c + pad, c)
+    padded_t = torch.cat([t, torch.full((n, pad_t), float("nan"), dtype=dtype)], 1)
+    tg = torch.as_strided(guarded(padded_t, float("nan"))[0], (n, c), (c + pad_t, 1))
+    shape_args = int64s(n, c, c + pad, c + pad_t)
     loss, lbuf = guarded(torch.full((n,), float("nan")), SENTINEL)
     stats, sbuf = guarded(torch.full((n, 3), float("nan")), SENTINEL)
     loss.fill_(float("nan"))
@@ -495,13 +501,18 @@ def test_topk_kl(kd_lib, dtype, shape, k, renormalize):
         t[1, 200:] = -0.0         # ... and signed zeros, equal to each other
         t[1, 250:] = 0.0
         t[2, ::7] = t[2].max()    # ties at the maximum
+    # a NaN-padded student; at 1031 classes the teacher is padded alike (rows aligned like the
+    # student's, not like the gradient's: the gradient pass must store one element at a time)
+    pad_t = 5 if c == 1031 else 0
     padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
     sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
-    tg = guarded(t, float("nan"))[0]
+    padded_t = torch.cat([t, torch.full((n, pad_t), float("nan"), dtype=dtype)], 1)
+    tg = torch.as_strided(guarded(padded_t, float("nan"))[0], (n, c), (c + pad_t, 1))
     loss, lbuf = nan_outputs((n,))
     grad, gbuf = nan_outputs((n, c), dtype)
     err = kd_lib.emu_topk_kl(sg.data_ptr(), tg.data_ptr(), DTYPE_CODES[dtype],
-                             int64s(n, c, c + 5, c, k, int(renormalize)), 1.5, loss.data_ptr(), grad.data_ptr())
+                             int64s(n, c, c + 5, c + pad_t, k, int(renormalize)), 1.5, loss.data_ptr(),
+                             grad.data_ptr())
     assert err is None, err.decode()
     check_guards(lbuf, "loss")
     check_guards(gbuf, "grad")
@@ -1318,8 +1329,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         for cl in (False, True):
             test_forward_and_weight_grad(tcn_lib, torch.float32, 4, 9, 13, cl)
         test_quant_gemv_and_dequant(quant_lib, 4, 32, "channel_codebook")
-        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099, 3))
-        test_kd_forward_and_backward(kd_lib, "forward_kl", torch.bfloat16, (4, 1031, 0))
+        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (2, 4099, 3, 0))
+        test_kd_forward_and_backward(kd_lib, "forward_kl", torch.bfloat16, (4, 1031, 0, 0))
         test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
         test_topk_kl_sampled_threshold(kd_lib, torch.bfloat16, True)
         test_pld(kd_lib, torch.float32, (3, 1031), True)

@@ -18,7 +18,11 @@
 namespace fastloss {
 namespace FL_ISA {
 
-constexpr int kPacksInFlight = 4;  // per thread: 64 bytes
+constexpr int kPacksInFlight = 4;  // per thread and row: 64 bytes
+
+// A 16-byte store (through __stwb, the default write-back policy, so that the tests' CUDA
+// emulator can trap a misaligned address as a GPU would).
+__device__ __forceinline__ void store_pack(uint4* p, const uint4& v) { __stwb(p, v); }
 
 template <class T>
 constexpr int kPack = 16 / int(sizeof(T));
@@ -168,7 +172,7 @@ __device__ __forceinline__ void map_rows2(const T* a, const T* b, T* out, int64_
     const int64_t k0 = sp.head + i * P;
 #pragma unroll
     for (int e = 0; e < P; ++e) vo[e] = f(k0 + e, va[e], vb[e]);
-    po[i] = pack<T>(vo);
+    store_pack(po + i, pack<T>(vo));
   };
   int64_t i = lane;
   for (; i + int64_t(kPacksInFlight - 1) * kGroup < sp.packs; i += int64_t(kPacksInFlight) * kGroup) {

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads)
         unpack<T>(rt[u], vt);
 #pragma unroll
         for (int e = 0; e < P; ++e) out[e] = grad_of(vs[e], vt[e]);
-        pg[i] = pack<T>(out);
+        store_pack(pg + i, pack<T>(out));
       }
       if (blockIdx.x == 0) {
         const int64_t tail = sp.head + sp.packs * P;
@@ -333,7 +333,8 @@ __device__ TopkSet resolve_ties(const T* tr, int64_t C, const KthKey& kth, unsig
 // CPU takes + 24 for its larger buffers). Rows of 512+ classes with k <= C / 8 whose expected
 // count fits 3/4 of kTopkCandidates take it, and keep it when the count does fit; the rest take
 // the four passes of kth_largest over the row. 24 KB of keys: with the rest, 26 KB of shared
-// memory per block, so that 8 blocks of 256 threads still fit an SM.
+// memory per block, so that shared memory is not what limits the blocks per SM (8 would fit;
+// 43 KB allowed 5; at the 64 registers ptxas gives the kernel for sm_90, registers allow 4).
 constexpr int kTopkCandidates = 6144;
 
 __device__ __forceinline__ bool is_nan_key(uint32_t key) {

@@ -137,7 +137,7 @@ __device__ __forceinline__ void row_backward(const T* x, T* out, int64_t C, int6
 #pragma unroll
           for (int e = 0; e < kPack<T>; ++e)
             o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
-          *reinterpret_cast<uint4*>(out + k0) = pack<T>(o);
+          store_pack(reinterpret_cast<uint4*>(out + k0), pack<T>(o));
         },
         [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); });
   } else {

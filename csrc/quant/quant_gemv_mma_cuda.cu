@@ -15,8 +15,9 @@
 //
 // Layout of the work: a block owns 16 output rows and kWarps warps; a step is 4 Wb contiguous
 // bytes of each of the 16 rows (Wb = 16, 8 or 4: the largest whose step stays inside one
-// group), warp w takes kAhead = 2 consecutive steps at a time (2w, 2w + 1, then 2 kWarps
-// further on; the next two steps' bytes are requested before these are used), and the warps'
+// group), warp w takes kAhead = 2 consecutive steps at a time at M <= 8 (2w, 2w + 1, then
+// 2 kWarps further on; the next two steps' bytes are requested before these are used; at M 9-16
+// one step at a time, the next one in flight), and the warps'
 // float32 sums are added in order at the end (deterministic, no atomics). In a step, lane
 // (g, t) (g = lane / 4, t = lane % 4) loads Wb bytes at offset t Wb of rows g and g + 8 (16
 // rows x 64 contiguous bytes per warp load at Wb = 16). A 32-bit word

@@ -366,6 +366,13 @@ inline unsigned __byte_perm(unsigned x, unsigned y, unsigned s) {
   for (int i = 0; i < 4; ++i) r |= unsigned((v >> (8 * ((s >> (4 * i)) & 7))) & 0xffu) << (8 * i);
   return r;
 }
+// A store with a cache hint (the kernels use the default policy, write-back): the address must
+// be aligned to sizeof(T), as for any GPU store (a misaligned one traps).
+template <class T>
+void __stwb(T* p, T v) {
+  if (reinterpret_cast<uintptr_t>(p) % alignof(T) != 0) emu::fault("misaligned store");
+  *p = v;
+}
 inline float __expf(float x) { return std::exp(x); }
 inline float __uint_as_float(unsigned u) {
   float f;
