@@ -189,6 +189,22 @@ def test_label_keys_are_exact_or_ranks():
     big = torch.tensor([1 << 40, 5, (1 << 40) + 1, 5])  # not exact in float32: ranks
     assert OPS.pair_label_keys(big).tolist() == [1.0, 0.0, 2.0, 0.0]
     assert OPS.pair_label_keys(torch.zeros(0, dtype=torch.int64)).numel() == 0
+    g = torch.Generator().manual_seed(4)
+    many = torch.randint(-3, 40, (300,), generator=g) * (1 << 38)   # ranks, with many repeats
+    assert OPS.pair_label_keys(many).tolist() == torch.unique(many, return_inverse=True)[1].float().tolist()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+def test_label_keys_on_cuda_are_ranks_without_a_sync():
+    """On CUDA the keys are always the dense ranks, computed without reading anything back."""
+    labels = torch.tensor([7, -2, 7, 1 << 40, 3, -2], device="cuda")
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        keys = OPS.pair_label_keys(labels)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert keys.cpu().tolist() == [2.0, 0.0, 2.0, 3.0, 1.0, 0.0]
 
 
 def test_opcheck():

@@ -8,6 +8,7 @@
 #include <ATen/ops/add.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/arange.h>
+#include <ATen/ops/cumsum.h>
 #include <ATen/ops/argsort.h>
 #include <ATen/ops/aminmax.h>
 #include <ATen/ops/div.h>
@@ -17,6 +18,10 @@
 #include <ATen/ops/full.h>
 #include <ATen/ops/logaddexp.h>
 #include <ATen/ops/mm.h>
+#include <ATen/ops/ne.h>
+#include <ATen/ops/ones.h>
+#include <ATen/ops/scatter.h>
+#include <ATen/ops/sort.h>
 #include <ATen/ops/where.h>
 #include <ATen/ops/zeros_like.h>
 #include <ATen/ops/searchsorted.h>
@@ -213,8 +218,22 @@ SimBlock sim_block(Tensor& s, const Tensor* keys, int64_t row0, const char* op,
   return q;
 }
 
-// Float keys of integer class labels for the kernels' vector compares: the labels themselves
-// when all are within +-2^24 (exact in float32), else their ranks among the distinct labels.
+// The rank of each label among the distinct labels (0 for the smallest) as float32, on the
+// labels' device without waiting for it: a sort, a flag where the sorted value changes, a
+// running count (exact in float32 below 2^24 labels), scattered back.
+Tensor dense_label_ranks(const Tensor& labels) {
+  const int64_t n = labels.numel();
+  const auto [sorted, order] = at::sort(labels);
+  Tensor fresh = at::ones({n}, labels.options().dtype(at::kFloat));
+  if (n > 1) fresh.slice(0, 1).copy_(sorted.slice(0, 1).ne(sorted.slice(0, 0, n - 1)));
+  const Tensor ranks = fresh.cumsum(0).sub_(1.0);
+  return at::empty_like(ranks).scatter_(0, order, ranks);
+}
+
+// Float keys of integer class labels for the kernels' vector compares (only equality matters).
+// CPU: the labels themselves when all are within +-2^24 (exact in float32), else their dense
+// ranks. CUDA: always the dense ranks, so that no call waits for the GPU (reading the labels'
+// range back did: two host synchronisations in every Multi-Similarity / TCM call).
 Tensor pair_label_keys(const Tensor& labels) {
   constexpr const char* op = "pair_label_keys";
   TORCH_CHECK(labels.dim() == 1 && at::isIntegralType(labels.scalar_type(), /*includeBool=*/false),
@@ -223,12 +242,12 @@ Tensor pair_label_keys(const Tensor& labels) {
   TORCH_CHECK(labels.numel() < (int64_t(1) << 24), op, ": at most 2^24 - 1 labels, got ",
               labels.numel());
   if (labels.numel() == 0) return at::empty({0}, labels.options().dtype(at::kFloat));
+  if (!labels.is_cpu()) return dense_label_ranks(labels);
   const auto [lo, hi] = at::aminmax(labels);
   constexpr int64_t kExact = int64_t(1) << 24;
   if (lo.item<int64_t>() >= -kExact && hi.item<int64_t>() <= kExact)
     return labels.to(at::kFloat).contiguous();
-  return std::get<1>(at::_unique2(labels, /*sorted=*/true, /*return_inverse=*/true))
-      .to(at::kFloat).contiguous();
+  return dense_label_ranks(labels);
 }
 
 // -> [2, rows]: log(1 + sum) of the kept positives' and negatives' exponentials; with
