@@ -332,6 +332,21 @@ def test_quant_tensor_core_gemv(quant_gemv_mma_lib, bits, group_size, kind):
     del kept
 
 
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (4, 32), (2, 64), (8, -1), (4, -1), (4, 384), (8, 768)],
+                         ids=str)
+def test_quant_tensor_core_gemv_long_rows(quant_gemv_mma_lib, bits, group_size):
+    """Rows of many steps, so that each warp goes round its loop several times and carries its
+    step's group along: one step per group (32 to 128 values), one group per row (per
+    channel), and 3 or 12 steps per group, where a warp's stride of 16 or 8 steps is no whole
+    number of groups and its position within the group wraps into the next group."""
+    g = torch.Generator().manual_seed(bits * 100 + group_size)
+    qw, w64 = quantized(bits, group_size, "asymmetric", 19, 3072, g)
+    kept, args = quant_args(qw)
+    for m, dtype in ((1, torch.float16), (11, torch.float16)) + (((3, torch.bfloat16),) if bits < 8 else ()):
+        check_quant_gemm(quant_gemv_mma_lib.emu_quant_gemv_mma, args, w64, m, dtype, g)
+    del kept
+
+
 def test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib):
     """Imported weights whose zero points are not integers (or are too large for the 16-bit
     constants) take the kernel's correction by the sums of x; one group of integer zeros in a
