@@ -1367,3 +1367,37 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
     finally:
         for lib in libs:
             lib.emu_set_schedule(0, 1)
+
+
+@pytest.mark.parametrize("cap", [1, 2])
+def test_blocks_that_walk_several_rows(cap, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, nb_lib,
+                                       lce_lib, quant_mma_lib):
+    """The kernels whose grids stride over rows past 2^20 blocks (blocks_for) with grids of 1 or
+    2 blocks, so that every block walks several rows and reuses its shared memory from one row to
+    the next (no test reaches 2^20 rows otherwise)."""
+    libs = (kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, nb_lib, lce_lib, quant_mma_lib)
+    for lib in libs:
+        lib.emu_set_grid_cap.argtypes = [ctypes.c_longlong]
+        lib.emu_set_grid_cap(cap)
+    try:
+        test_kd_forward_and_backward(kd_lib, "jsd", torch.float32, (5, 33, 3, 0))
+        test_kd_forward_and_backward(kd_lib, "forward_kl", torch.bfloat16, (4, 1031, 0, 0))
+        test_topk_kl(kd_lib, torch.float32, (3, 300), 5, False)
+        test_topk_kl(kd_lib, torch.bfloat16, (4, 1031), 100, True)
+        test_topk_kl_sampled_threshold(kd_lib, torch.float32, False)
+        test_pld(kd_lib, torch.float32, (5, 33), True)
+        test_sinkhorn_solve_and_plan(sinkhorn_lib, torch.float64, (2, 5, 700), 0.1, 400, False)
+        test_dice_softmax(metric_lib, torch.float32, (4, 1000), (0.5, 0.3, 0.1))
+        test_dice_sigmoid(metric_lib, torch.float32, (5, 70), (0.5, 0.3, 0.1))
+        test_confusion_sums(metric_lib, torch.float32, (37, 5), True)
+        test_auc(auc_lib, torch.float32, (3, 5, 300), True)
+        test_row_losses(losses_lib, "ce_smooth_z_softcap", torch.float32, (9, 1000), True)
+        test_row_losses_forward_backward_in_one_pass(losses_lib, "ce_smooth_z_softcap", torch.bfloat16, (7, 2050))
+        test_icnn_score_kernel(nb_lib, "ties")
+        test_knn_rows_kernel(nb_lib, "ties")
+        test_quant_tensor_core_gemm(quant_mma_lib, 4, 128, "symmetric")
+        for case in ("plain", "splits"):
+            test_linear_ce_stats(lce_lib, case, torch.float16)
+    finally:
+        for lib in libs:
+            lib.emu_set_grid_cap(0)

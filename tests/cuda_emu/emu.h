@@ -49,6 +49,7 @@ enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaError
 
 namespace emu {
 
+inline int64_t grid_cap = 0;    // > 0: blocks_for() grids of at most this many blocks
 inline int schedule = 0;        // 0: thread order, 1: reversed, 2: shuffled (seeded)
 inline uint64_t schedule_seed = 1;
 inline cudaError_t last_error = cudaSuccess;
@@ -259,6 +260,10 @@ T shuffle(unsigned mask, T v, int op, int arg, int width) {
 }  // namespace emu
 
 // For the tests (each harness library is one translation unit that includes this header).
+// For the tests: grids sized by blocks_for() hold at most `cap` blocks (0: no cap), so that
+// each block walks several rows / items, as on a GPU past 2^20 of them.
+extern "C" void emu_set_grid_cap(long long cap) { emu::grid_cap = cap; }
+
 extern "C" void emu_set_schedule(int mode, unsigned long long seed) {
   emu::schedule = mode;
   emu::schedule_seed = seed ? seed : 1;
