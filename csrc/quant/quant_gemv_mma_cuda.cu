@@ -97,7 +97,15 @@ struct Half16<__nv_bfloat16> {
   static constexpr uint32_t kOne = 0x3f803f80u;
   __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2bfloat162_rn(v, v)); }
   __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+    // (bfloat16 arithmetic needs sm_80; the kernel never runs below it (mma_available_here),
+    // but the file is compiled for the wheels' older targets too: the same values in float32)
+    const float2 fa = __bfloat1622float2(bits_as<Pair>(a)), fb = __bfloat1622float2(bits_as<Pair>(b)),
+                 fc = __bfloat1622float2(bits_as<Pair>(c));
+    return bits_as<uint32_t>(__floats2bfloat162_rn(fmaf(fa.x, fb.x, fc.x), fmaf(fa.y, fb.y, fc.y)));
+#else
     return bits_as<uint32_t>(__hfma2(bits_as<Pair>(a), bits_as<Pair>(b), bits_as<Pair>(c)));
+#endif
   }
 };
 
