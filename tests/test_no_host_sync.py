@@ -55,6 +55,15 @@ def _cases():
                          lambda x: ops.dequant_gemm(x, _on_device(qw, x.device)).float().sum()),
         "linear_cross_entropy": ((emb, torch.randn(500, 32, generator=g), target % 500),
                                  lambda h, w, y: ops.linear_cross_entropy(h, w, y)),
+        "linear_cross_entropy_low_memory": ((emb, torch.randn(500, 32, generator=g), target % 500),
+                                            lambda h, w, y: ops.linear_cross_entropy(h, w, y, low_memory=True)),
+        "cross_entropy_weighted_ignore_sum": (
+            (logits, torch.where(target % 7 == 0, -100, target), torch.rand(c, generator=g) + 0.5),
+            lambda x, t, w: ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction="sum")),
+        "cross_entropy_none_softcap": ((logits, target),
+                                       lambda x, t: ops.cross_entropy(x, t, reduction="none", softcap=30.0).sum()),
+        "dilated_conv1d": ((torch.randn(2, 8, 300, generator=g), torch.randn(8, 3, generator=g)),
+                           lambda x, w: ops.dilated_conv1d(x, w, dilation=4).square().sum()),
     }
 
 
