@@ -150,43 +150,25 @@ __device__ __forceinline__ void walk_rows2(const T* a, const T* b, int64_t C, in
 }
 
 // out[k] = f(k, a_k, b_k) over a row of C elements, split among the kGroup threads of a group:
-// 16-byte packs of a, b and out where the three share their alignment, else one element at a
-// time.
+// walk_rows2 over a and b, each pack of results stored whole where out shares their alignment,
+// else one element at a time.
 template <int kGroup, class T, class F>
 __device__ __forceinline__ void map_rows2(const T* a, const T* b, T* out, int64_t C, int lane, F&& f) {
   constexpr int P = kPack<T>;
-  const RowSplit sp = split_row(a, C);
-  if (split_row(b, C).head != sp.head || split_row(out, C).head != sp.head) {
-    for (int64_t k = lane; k < C; k += kGroup) store1(out + k, f(k, load1(a + k), load1(b + k)));
+  auto one = [&](int64_t k, float av, float bv) { store1(out + k, f(k, av, bv)); };
+  if (split_row(out, C).head != split_row(a, C).head) {
+    for (int64_t k = lane; k < C; k += kGroup) one(k, load1(a + k), load1(b + k));
     return;
   }
-  auto one = [&](int64_t k) { store1(out + k, f(k, load1(a + k), load1(b + k))); };
-  for (int64_t k = lane; k < sp.head; k += kGroup) one(k);
-  const uint4* pa = reinterpret_cast<const uint4*>(a + sp.head);
-  const uint4* pb = reinterpret_cast<const uint4*>(b + sp.head);
-  uint4* po = reinterpret_cast<uint4*>(out + sp.head);
-  auto map_pack = [&](int64_t i, const uint4& ra, const uint4& rb) {
-    float va[P], vb[P], vo[P];
-    unpack<T>(ra, va);
-    unpack<T>(rb, vb);
-    const int64_t k0 = sp.head + i * P;
+  walk_rows2<kGroup>(
+      a, b, C, lane,
+      [&](int64_t k0, const float (&va)[P], const float (&vb)[P]) {  // (out + k0: 16-byte aligned)
+        float vo[P];
 #pragma unroll
-    for (int e = 0; e < P; ++e) vo[e] = f(k0 + e, va[e], vb[e]);
-    store_pack(po + i, pack<T>(vo));
-  };
-  int64_t i = lane;
-  for (; i + int64_t(kPacksInFlight - 1) * kGroup < sp.packs; i += int64_t(kPacksInFlight) * kGroup) {
-    uint4 ra[kPacksInFlight], rb[kPacksInFlight];
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) {
-      ra[u] = __ldg(pa + i + u * kGroup);
-      rb[u] = __ldg(pb + i + u * kGroup);
-    }
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) map_pack(i + u * kGroup, ra[u], rb[u]);
-  }
-  for (; i < sp.packs; i += kGroup) map_pack(i, __ldg(pa + i), __ldg(pb + i));
-  for (int64_t k = sp.head + sp.packs * P + lane; k < C; k += kGroup) one(k);
+        for (int e = 0; e < P; ++e) vo[e] = f(k0 + e, va[e], vb[e]);
+        store_pack(reinterpret_cast<uint4*>(out + k0), pack<T>(vo));
+      },
+      one);
 }
 
 }  // namespace FL_ISA
