@@ -27,33 +27,31 @@
 namespace fastloss {
 namespace FL_ISA {
 
-// Whether a kernel can use mma_m16n8k16: the code the device will run was compiled for sm_80
-// or later, both as PTX (__CUDA_ARCH__, which picks the branch below) and as the loaded binary
-// (a JIT from compute_75 PTX on an sm_80 GPU reports binaryVersion 80 but holds the __trap
-// branch). `kernel` is any __global__ function of the same file.
-template <class Kernel>
-inline bool mma_available(Kernel kernel) {
-  cudaFuncAttributes attr;
-  if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)) != cudaSuccess) {
-    cudaGetLastError();  // clear it: not being able to ask means not using the kernel
-    return false;
-  }
-  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
-}
-
-// mma_available(Kernel) for the current device, asked once per device (cudaFuncGetAttributes
-// costs microseconds, a batch-1 GEMV some tens of them); devices past the first 64 ask each time.
+// Whether a kernel can use mma_m16n8k16 on the current device: the code the device will run
+// was compiled for sm_80 or later, both as PTX (__CUDA_ARCH__, which picks the branch below)
+// and as the loaded binary (a JIT from compute_75 PTX on an sm_80 GPU reports binaryVersion 80
+// but holds the __trap branch). `Kernel` is any __global__ function of the same file. Asked
+// once per device (cudaFuncGetAttributes costs microseconds, a batch-1 GEMV some tens of them);
+// devices past the first 64 ask each time.
 template <auto Kernel>
-inline bool mma_available_here() {
+inline bool mma_available() {
+  auto ask = [] {
+    cudaFuncAttributes attr;
+    if (cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(Kernel)) != cudaSuccess) {
+      cudaGetLastError();  // clear it: not being able to ask means not using the kernel
+      return false;
+    }
+    return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
+  };
   static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, -1: no
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
     cudaGetLastError();
-    return mma_available(Kernel);
+    return ask();
   }
   signed char v = known[device].load(std::memory_order_relaxed);
   if (v == 0) {
-    v = mma_available(Kernel) ? 1 : -1;
+    v = ask() ? 1 : -1;
     known[device].store(v, std::memory_order_relaxed);
   }
   return v > 0;

@@ -217,7 +217,7 @@ int linear_ce_stats_splits(int64_t N, int64_t V) {
   return int(s > 0 ? s : 1);
 }
 
-bool linear_ce_stats_available() { return FL_ISA::mma_available_here<FL_ISA::stats_kernel<__half>>(); }
+bool linear_ce_stats_available() { return FL_ISA::mma_available<FL_ISA::stats_kernel<__half>>(); }
 
 const char* linear_ce_stats_cuda(const LinearCeStatsArgs& a, float* partial, int splits, float* out,
                                  void* stream) {

@@ -98,7 +98,7 @@ struct Half16<__nv_bfloat16> {
   __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2bfloat162_rn(v, v)); }
   __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    // (bfloat16 arithmetic needs sm_80; the kernel never runs below it (mma_available_here),
+    // (bfloat16 arithmetic needs sm_80; the kernel never runs below it (mma_available),
     // but the file is compiled for the wheels' older targets too: the same values in float32)
     const float2 fa = __bfloat1622float2(bits_as<Pair>(a)), fb = __bfloat1622float2(bits_as<Pair>(b)),
                  fc = __bfloat1622float2(bits_as<Pair>(c));

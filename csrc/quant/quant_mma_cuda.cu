@@ -284,7 +284,7 @@ bool quant_mma_applies(const QuantWeight& w, ScalarType dtype) {
   if (dtype != ScalarType::f16 && dtype != ScalarType::bf16) return false;
   if ((w.group / quant_planes(w.bits)) % 4 != 0) return false;  // whole 32-bit units
   if (w.N > int64_t(0x7fffffff) * kBN) return false;
-  return FL_ISA::mma_available_here<mma_gemm_kernel<4, __half>>();
+  return FL_ISA::mma_available<mma_gemm_kernel<4, __half>>();
 }
 
 int64_t quant_mma_workspace_floats(const QuantWeight& w, int64_t M) {
