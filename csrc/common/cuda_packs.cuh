@@ -149,6 +149,29 @@ __device__ __forceinline__ void walk_rows2(const T* a, const T* b, int64_t C, in
   for (int64_t k = sp.head + sp.packs * P + lane; k < C; k += kGroup) on_one(k, load1(a + k), load1(b + k));
 }
 
+// f(k, x_k) for every element of one row, and f(k, a_k, b_k) for two rows at once: walk_row /
+// walk_rows2 for callers that work element by element (the packs' order is kept).
+template <int kGroup, class T, class F>
+__device__ __forceinline__ void for_each_value(const T* x, int64_t C, int lane, F&& f) {
+  walk_row<kGroup>(
+      x, C, lane,
+      [&](int64_t k0, const float (&v)[kPack<T>]) {
+#pragma unroll
+        for (int e = 0; e < kPack<T>; ++e) f(k0 + e, v[e]);
+      },
+      f);
+}
+template <int kGroup, class T, class F>
+__device__ __forceinline__ void for_each_pair(const T* a, const T* b, int64_t C, int lane, F&& f) {
+  walk_rows2<kGroup>(
+      a, b, C, lane,
+      [&](int64_t k0, const float (&va)[kPack<T>], const float (&vb)[kPack<T>]) {
+#pragma unroll
+        for (int e = 0; e < kPack<T>; ++e) f(k0 + e, va[e], vb[e]);
+      },
+      f);
+}
+
 // out[k] = f(k, a_k, b_k) over a row of C elements, split among the kGroup threads of a group:
 // walk_rows2 over a and b, each pack of results stored whole where out shares their alignment,
 // else one element at a time.

@@ -76,7 +76,6 @@ __device__ __forceinline__ void block_merge(Online (&st)[N], float (*shared)[N][
 template <class T>
 __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float* __restrict__ loss,
                                                               float* __restrict__ stats) {
-  constexpr int P = kPack<T>;
   __shared__ float states[kWarps][2][3];
   __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, beta = q.beta;
@@ -85,18 +84,11 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     Online st[2];  // student (weights s - t), teacher (weights t - s)
-    auto add = [&](float sv, float tv) {
+    for_each_pair<kThreads>(sr, tr, q.C, lane, [&](int64_t, float sv, float tv) {
       const float s = sv * inv_t, t = tv * inv_t;
       st[0].add(s, s - t);
       st[1].add(t, t - s);
-    };
-    walk_rows2<kThreads>(
-        sr, tr, q.C, lane,
-        [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
-#pragma unroll
-          for (int e = 0; e < P; ++e) add(vs[e], vt[e]);
-        },
-        [&](int64_t, float sv, float tv) { add(sv, tv); });
+    });
     block_merge(st, states);
     const Online &S = st[0], &Q = st[1];
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
@@ -108,21 +100,14 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
       extra = row;
     } else {  // jsd, as kd_cpu_impl.h: loss and the backward's row constant S
       float l = 0.f, sc = 0.f;
-      auto add_jsd = [&](float sv, float tv) {
+      for_each_pair<kThreads>(sr, tr, q.C, lane, [&](int64_t, float sv, float tv) {
         const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
         const float p = vexp(lp), qq = vexp(lq);
         const float lm = logf(vmax(beta * qq + (1.f - beta) * p, 1e-38f));
         const float dp = p * (lp - lm);
         l += beta * qq * (lq - lm) + (1.f - beta) * dp;
         sc += (1.f - beta) * dp;
-      };
-      walk_rows2<kThreads>(
-          sr, tr, q.C, lane,
-          [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
-#pragma unroll
-            for (int e = 0; e < P; ++e) add_jsd(vs[e], vt[e]);
-          },
-          [&](int64_t, float sv, float tv) { add_jsd(sv, tv); });
+      });
       l = block_sum(l, sums);
       sc = block_sum(sc, sums);
       row = l;
@@ -356,7 +341,6 @@ __device__ __forceinline__ bool is_nan_key(uint32_t key) {
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     topk_kl_kernel(TopkKlProblem q, float* __restrict__ loss, T* __restrict__ grad) {
-  constexpr int P = kPack<T>;
   __shared__ unsigned hist[256];
   __shared__ unsigned flags[kThreads];  // the tie flags of one tile
   __shared__ uint32_t kept[kTopkCandidates];
@@ -366,19 +350,21 @@ __global__ void __launch_bounds__(kThreads)
   __shared__ float sums[kWarps];
   const float inv_t = 1.f / q.temperature, T2 = q.temperature * q.temperature;
   const int64_t C = q.C, k = q.k < q.C ? q.k : q.C;
-  // the samples (long rows): S keys `stride` apart, the threshold the rank-th largest
-  const bool long_row = C >= 512 && k <= C / 8 && C <= (int64_t(1) << 31);
+  // the samples (long rows): S keys `stride` apart, the threshold the rank-th largest; taken
+  // when about rank * stride keys are expected to pass and fit 3/4 of the buffer
+  bool sample_rows = C >= 512 && k <= C / 8 && C <= (int64_t(1) << 31);
   int64_t S = 0, stride = 0, rank = 0;
-  if (long_row) {
+  if (sample_rows) {
     S = C / 64 < 256 ? 256 : (C / 64 > 1024 ? 1024 : C / 64);
     S = S < C / 4 ? S : C / 4;
     stride = C / S;
     rank = k * S / C * 5 / 4 + 16 < S ? k * S / C * 5 / 4 + 16 : S;
+    sample_rows = rank * stride <= kTopkCandidates / 4 * 3;
   }
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {
     const T* sr = static_cast<const T*>(q.student) + r * q.s_stride;
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
-    bool sampled = long_row && rank * stride <= kTopkCandidates / 4 * 3;
+    bool sampled = sample_rows;
     uint32_t kappa = 0;
     if (sampled) {
       for (int64_t i = threadIdx.x; i < S; i += kThreads) kept[i] = order_key(load1(tr + i * stride));
@@ -396,27 +382,14 @@ __global__ void __launch_bounds__(kThreads)
       }
     };
     if (!q.renormalize) {  // both rows: the log-normalizers over all classes (and the kept keys)
-      auto add = [&](float sv, float tv) {
+      for_each_pair<kThreads>(sr, tr, C, int(threadIdx.x), [&](int64_t, float sv, float tv) {
         st[0].add(sv * inv_t, 0.f);
         st[1].add(tv * inv_t, 0.f);
         if (sampled) keep(tv);
-      };
-      walk_rows2<kThreads>(
-          sr, tr, C, int(threadIdx.x),
-          [&](int64_t, const float (&vs)[P], const float (&vt)[P]) {
-#pragma unroll
-            for (int e = 0; e < P; ++e) add(vs[e], vt[e]);
-          },
-          [&](int64_t, float sv, float tv) { add(sv, tv); });
+      });
       block_merge(st, states);  // (its barriers also publish kept_count)
     } else if (sampled) {  // the teacher's kept keys alone
-      walk_row<kThreads>(
-          tr, C, int(threadIdx.x),
-          [&](int64_t, const float (&vt)[P]) {
-#pragma unroll
-            for (int e = 0; e < P; ++e) keep(vt[e]);
-          },
-          [&](int64_t, float tv) { keep(tv); });
+      for_each_value<kThreads>(tr, C, int(threadIdx.x), [&](int64_t, float tv) { keep(tv); });
       __syncthreads();
     }
     const int64_t n_kept = sampled ? int64_t(kept_count) : 0;

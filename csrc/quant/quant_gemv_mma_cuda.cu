@@ -355,7 +355,7 @@ bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
   if (!bits_ok || w.codebook || dtype == ScalarType::f32 || M < 1 || M > kQuantMaxRows || w.N < 1 ||
       lane_bytes(w) == 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
     return false;
-  return FL_ISA::mma_available_here<gemv_mma_kernel<4, 16, 1, __half>>();
+  return FL_ISA::mma_available<gemv_mma_kernel<4, 16, 1, __half>>();
 }
 
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
