@@ -216,13 +216,23 @@ def test_past_the_grid_caps(tcn_lib, shape, channels_last, forward):
 # ---- low-bit dequant GEMM ----------------------------------------------------------------------
 
 
+_P, _I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+
+
+def quant_gemm_lib(cu_file, harness, name, function):
+    """A quant harness whose `function` has the GEMM signature they share: the packed weight's
+    pointers and shape, bits, x, its dtype code, M, bias, y; it returns null or the error."""
+    lib = build.build(cu_file, harness, name)
+    fn = getattr(lib, function)
+    fn.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int64, _P, _P]
+    fn.restype = ctypes.c_char_p
+    return lib
+
+
 @pytest.fixture(scope="module")
 def quant_lib():
-    lib = build.build("quant/quant_cuda.cu", "quant_harness.cpp", "quant")
-    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_quant_gemv.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
-    lib.emu_quant_gemv.restype = ctypes.c_char_p
-    lib.emu_quant_dequant.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int64, ctypes.c_int64]
+    lib = quant_gemm_lib("quant/quant_cuda.cu", "quant_harness.cpp", "quant", "emu_quant_gemv")
+    lib.emu_quant_dequant.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64]
     lib.emu_quant_dequant.restype = ctypes.c_char_p
     return lib
 
@@ -303,11 +313,8 @@ def test_quant_gemv_four_rows_per_warp(quant_lib, bits, kind):
 
 @pytest.fixture(scope="module")
 def quant_gemv_mma_lib():
-    lib = build.build("quant/quant_gemv_mma_cuda.cu", "quant_gemv_mma_harness.cpp", "quant_gemv_mma")
-    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_quant_gemv_mma.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
-    lib.emu_quant_gemv_mma.restype = ctypes.c_char_p
-    return lib
+    return quant_gemm_lib("quant/quant_gemv_mma_cuda.cu", "quant_gemv_mma_harness.cpp", "quant_gemv_mma",
+                          "emu_quant_gemv_mma")
 
 
 GEMV_MMA_FORMATS = [(bits, gs, kind) for bits in (2, 4, 8) for gs in (32, 64, 128, 256, -1)
@@ -387,11 +394,7 @@ def test_quant_tensor_core_gemv_refuses_what_it_cannot_read(quant_gemv_mma_lib):
 
 @pytest.fixture(scope="module")
 def quant_mma_lib():
-    lib = build.build("quant/quant_mma_cuda.cu", "quant_mma_harness.cpp", "quant_mma")
-    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
-    lib.emu_quant_mma.argtypes = [P, P, P, P, I64, ctypes.c_int, P, ctypes.c_int, ctypes.c_int64, P, P]
-    lib.emu_quant_mma.restype = ctypes.c_char_p
-    return lib
+    return quant_gemm_lib("quant/quant_mma_cuda.cu", "quant_mma_harness.cpp", "quant_mma", "emu_quant_mma")
 
 
 @pytest.mark.parametrize("bits,group_size,kind", QUANT_FORMATS, ids=lambda v: str(v))
