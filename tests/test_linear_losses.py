@@ -380,6 +380,27 @@ def test_opcheck_tile_ops(dev):
     assert (empty[:, 1:] == 0).all()
 
 
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tile_stats_with_masked_and_non_finite_logits(dev):
+    """The statistics by tiles of 4 classes (and the default tile) against float64 logsumexp
+    when a whole tile is masked (-inf bias: a padded vocabulary), and without bias for rows
+    with +inf / -inf logits (an infinite feature) or NaN ones."""
+    h, w, t, b, _ = make_inputs(7, 5, 18, torch.float32, dev, seed=27)
+    masked = b.clone()
+    masked[4:8] = float("-inf")  # the second tile: every row's logits -inf there
+    t = torch.where((t >= 4) & (t < 8), 0, t)
+    bad = h.clone()
+    bad[5, 0] = float("inf")  # row 5: logits +inf or -inf by the sign of w[:, 0]
+    bad[6, 1] = float("nan")  # row 6: NaN logits
+    for hidden, bias in ((h, masked), (bad, None)):
+        z = hidden.double() @ w.double().T + (0 if bias is None else bias.double())
+        exp = torch.logsumexp(z, 1)
+        for tile in (4, 0):
+            stats = torch.ops.fastloss.linear_ce_tile_stats(hidden, w, bias, t, None, 0, 0.0, False, tile)
+            torch.testing.assert_close(stats[:, 0].double(), exp, rtol=1e-6, atol=1e-6, equal_nan=True)
+    assert exp[5] == float("inf") and exp[6].isnan()  # the cases are the ones named
+
+
 def _three_losses(h, w, t, b):
     return (ops.linear_cross_entropy(h, w, t, b, label_smoothing=0.1, softcap=5.0)
             + ops.linear_ldr_loss(h, w, t, 0.5, bias=b, adaptive=True, reduction="sum")

@@ -21,7 +21,6 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/logaddexp.h>
-#include <ATen/ops/logsumexp.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/outer.h>
@@ -128,6 +127,18 @@ Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, 
   return z;
 }
 
+// Each row's log-sum-exp of z [N, n], overwriting z with exp(z - row max): at::logsumexp
+// forms z - max in a new [N, n] tensor, which doubled the extra memory of the statistics pass
+// (the tile is the only logits-sized buffer here). Same arithmetic as at::logsumexp: an
+// infinite row max counts as 0, so an all -inf row gives -inf and a +inf logit +inf; NaN
+// propagates.
+Tensor logsumexp_in_place(const Tensor& z) {
+  Tensor m = z.amax(1, /*keepdim=*/true);
+  m.masked_fill_(m.abs().eq(std::numeric_limits<double>::infinity()), 0.0);
+  z.sub_(m).exp_();
+  return z.sum(1).log_().add_(m.squeeze(1));
+}
+
 // The statistics by the tensor-core kernel (linear_ce_cuda.cu: no logits tile in memory at all)
 // where it applies: CUDA, float16 / bfloat16, D % 8 == 0, rows 16-byte aligned, sm_80+ code,
 // and no tile width asked for.
@@ -186,16 +197,16 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
     const int64_t n = std::min(in.tile, in.V - c0);
     const Tensor z = tile_logits(in, c0, n, softcap, buf, buf_low, nullptr);
-    const Tensor tile_lse = at::logsumexp(z, {1});
-    if (c0 == 0)
-      lse.copy_(tile_lse);
-    else
-      lse.copy_(at::logaddexp(lse, tile_lse));
     const Tensor local = in.target.sub(class_offset + c0);
     const Tensor mine = local.ge(0).logical_and(local.lt(n));
     z_y.add_(at::where(mine, z.gather(1, local.clamp(0, n - 1).unsqueeze(1)).squeeze(1), 0.0));
     if (weighted_sum)
       sum_wz.add_(in.class_weight.defined() ? at::mv(z, in.class_weight.narrow(0, c0, n)) : z.sum(1));
+    const Tensor tile_lse = logsumexp_in_place(z);  // the logits are used up: last
+    if (c0 == 0)
+      lse.copy_(tile_lse);
+    else
+      lse.copy_(at::logaddexp(lse, tile_lse));
   }
   return out;
 }
