@@ -173,6 +173,47 @@ def test_leading_dims_strided_extreme_and_empty():
     assert e.grad.shape == (0, 7)
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_repeated_and_retained_backward(reduction, device):
+    """The backward hands the forward's gradient buffer over (scaled in place): a second
+    backward through the retained graph makes it again, loss.backward() twice accumulates
+    twice the gradient, and an upstream gradient other than 1 (or per row) scales it, each
+    equal to the float64 reference's."""
+    s, t, y = (v.to(device) for v in make(6, 1031, torch.float32, seed=5))
+    losses = {"topk": (lambda x: ops.topk_kl_loss(x, t, 40, 2.0, reduction=reduction),
+                       lambda x: ref.topk_kl_loss(x, t.double(), 40, 2.0, reduction=reduction)),
+              "pld": (lambda x: ops.pld_loss(x, t, y, 0.5, reduction=reduction),
+                      lambda x: ref.pld_loss(x, t.double(), y, 0.5, reduction=reduction))}
+    for name, (fn, ref_fn) in losses.items():
+        x = s.clone().requires_grad_(True)
+        x64 = s.double().requires_grad_(True)
+        out = fn(x)
+        up = torch.rand(out.shape, device=device, dtype=torch.float64) + 0.5
+        (exp,) = torch.autograd.grad(ref_fn(x64), x64, up)
+        (first,) = torch.autograd.grad(out, x, up.float(), retain_graph=True)
+        (second,) = torch.autograd.grad(out, x, up.float(), retain_graph=True)
+        for got in (first, second):
+            torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=2e-7, msg=name)
+        if reduction != "none":  # loss.backward() twice: the unit upstream, accumulated
+            (unit,) = torch.autograd.grad(ref_fn(x64), x64)
+            out.backward(retain_graph=True)
+            out.backward()
+            torch.testing.assert_close(x.grad.double(), 2 * unit, rtol=2e-5, atol=4e-7, msg=name)
+
+
+def test_pld_mean_over_no_kept_rows(device):
+    """Every row ignored: the mean is NaN and the gradients 0, as F.cross_entropy's (the
+    kernel path, and the torch formulas a teacher that requires grad takes)."""
+    s, t, _ = (v.to(device) for v in make(3, 40, torch.float32, seed=6))
+    y = torch.full((3,), -100, device=device)
+    for teacher_grad in (False, True):
+        x, tt = s.clone().requires_grad_(True), t.clone().requires_grad_(teacher_grad)
+        loss = ops.pld_loss(x, tt, y, 2.0)
+        loss.backward()
+        assert loss.isnan() and torch.equal(x.grad, torch.zeros_like(s))
+        assert not teacher_grad or torch.equal(tt.grad, torch.zeros_like(t))
+
+
 def test_opcheck_and_compile():
     # (a teacher that requires grad gets its gradient: tests/test_input_grads.py)
     s, t, y = make(4, 30, torch.float32, seed=3)

@@ -6,6 +6,7 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mul.h>
+#include <ATen/ops/where.h>
 #include <c10/util/Exception.h>
 #include <ATen/core/grad_mode.h>
 #include <torch/csrc/autograd/custom_function.h>
@@ -308,17 +309,32 @@ Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, doubl
 }
 
 // ---- topk_kl_loss / pld_loss's eager paths, the same way ----------------------------------------
-// Their forward ops make d row / d student with the rows when asked (compute_grad), so the
-// backward only scales the saved gradient's rows (scale_rows; on CUDA a broadcast multiply).
+// Their forward ops make d row / d student with the rows when asked (compute_grad). The backward
+// scales that buffer's rows in place by d(total) / d(row) and hands it over (no second [N, C]
+// buffer: at 1024 x 32000 float32 that was 125 MiB more and a fresh allocation's page faults per
+// step); when the incoming gradient of a sum is exactly 1 and readable without a device
+// synchronisation, there is nothing to scale. A later backward through a retained graph finds
+// the buffer gone and makes it again from the saved inputs.
 
 const c10::OperatorHandle& rank_op(bool pld) {
   static const auto topk = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::topk_kl_forward", "");
   static const auto pl = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::pld_forward", "");
   return pld ? pl : topk;
 }
-const c10::OperatorHandle& scale_rows_op() {
-  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::scale_rows", "");
-  return op;
+
+// The forward op's outputs (rows, d rows / d student when `want`).
+std::vector<c10::IValue> rank_forward(const Tensor& student, const Tensor& teacher,
+                                      const std::optional<Tensor>& target, int64_t k_or_ignore,
+                                      double temperature, bool renormalize, bool want) {
+  const bool pld = target.has_value();
+  std::vector<c10::IValue> args{student, teacher};
+  if (pld) args.emplace_back(*target);
+  else args.emplace_back(k_or_ignore);
+  args.emplace_back(temperature);
+  if (pld) args.emplace_back(k_or_ignore);
+  else args.emplace_back(renormalize);
+  args.emplace_back(want);
+  return call_below_autograd(rank_op(pld), std::move(args));
 }
 
 struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
@@ -328,18 +344,15 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
                         int64_t k_or_ignore, double temperature, bool renormalize, int64_t reduction,
                         bool want) {
     const bool pld = target.has_value();
-    std::vector<c10::IValue> args{student, teacher};
-    if (pld) args.emplace_back(*target);
-    else args.emplace_back(k_or_ignore);
-    args.emplace_back(temperature);
-    if (pld) args.emplace_back(k_or_ignore);
-    else args.emplace_back(renormalize);
-    args.emplace_back(want);
-    auto out = call_below_autograd(rank_op(pld), std::move(args));
+    auto out = rank_forward(student, teacher, target, k_or_ignore, temperature, renormalize, want);
     // PLD's mean is over the rows kept (F.cross_entropy's); top-k KL's over all rows
     const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
     const Tensor loss = reduce_loss_rows(out[0].toTensor(), reduction, count);
-    ctx->save_for_backward({out[1].toTensor(), count});
+    ctx->save_for_backward({student, teacher, target.value_or(Tensor()), count});
+    if (want) ctx->saved_data["grad"] = out[1].toTensor();  // (not a saved variable: handed over)
+    ctx->saved_data["k_or_ignore"] = k_or_ignore;
+    ctx->saved_data["temperature"] = temperature;
+    ctx->saved_data["renormalize"] = renormalize;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["pld"] = pld;
@@ -353,12 +366,31 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       TORCH_CHECK(ctx->saved_data["want"].toBool(), "topk_kl_loss / pld_loss: the gradient was "
                   "not made in the forward (the student did not require grad then)");
       const auto saved = ctx->get_saved_variables();
-      const Tensor& grad = saved[0];
-      const int64_t n = grad.size(0), reduction = ctx->saved_data["reduction"].toInt();
-      const Tensor g = row_upstream(grads[0], reduction, n, saved[1]);
-      // (through the dispatcher, so that torch.compile traces scale_rows' fake kernel)
-      out = grad.is_cpu() ? call_below_autograd(scale_rows_op(), {grad, g})[0].toTensor()
-                          : at::mul(grad, g.unsqueeze(1).to(grad.scalar_type()));
+      auto& kept = ctx->saved_data["grad"];
+      if (kept.isTensor()) {
+        out = kept.toTensor();
+        kept = c10::IValue();  // ours alone now: autograd may keep it as .grad without a copy
+      } else {  // a second backward through a retained graph
+        out = rank_forward(saved[0], saved[1], saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt,
+                           ctx->saved_data["k_or_ignore"].toInt(), ctx->saved_data["temperature"].toDouble(),
+                           ctx->saved_data["renormalize"].toBool(), true)[1]
+                  .toTensor();
+      }
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const Tensor up = grads[0].to(at::kFloat);
+      if (reduction == kNone) {
+        out.mul_(up.reshape({-1, 1}));  // (float32 factors; the product rounded once)
+      } else {
+        const Tensor& count = saved[3];
+        const bool unit = reduction == kSum && readable_cpu(up) && up.item<double>() == 1.0;
+        if (!unit) {
+          // (PLD's mean over no kept rows is NaN, and its gradient 0, as F.cross_entropy's)
+          const double n = double(out.size(0));
+          out.mul_(reduction != kMean ? up
+                   : count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
+                                     : up.div(n));
+        }
+      }
     }
     return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                ctx->saved_data["pld"].toBool() ? "pld_loss" : "topk_kl_loss");

@@ -284,7 +284,11 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
 def _reduce_rows(rows, reduction, student, count=None):
     """Over rows: the mean (over `count` kept rows when given), the sum, or the leading shape."""
     if reduction == "mean":
-        return (rows.mean() if count is None else rows.sum() / count).to(student.dtype)
+        if count is None:
+            return rows.mean().to(student.dtype)
+        # over no kept rows: NaN with a zero gradient, as F.cross_entropy
+        total = rows.sum()
+        return torch.where(count > 0, total / count.clamp_min(1), float("nan")).to(student.dtype)
     if reduction == "sum":
         return rows.sum().to(student.dtype)
     return rows.reshape(student.shape[:-1]).to(student.dtype)
