@@ -779,7 +779,7 @@ def plot(results: "Results", path: Optional[str] = None, *, baseline: str = "eag
         off, w = slots(present)
         for v in present:
             y = by[(g, v)]["speedup_vs"][baseline]
-            b_ = ax1.bar(i + off[v], y, width=w, color=VARIANT_COLORS.get(v),
+            ax1.bar(i + off[v], y, width=w, color=VARIANT_COLORS.get(v),
                          label=None if v in drawn else f"{v} vs {baseline}")
             drawn.add(v)
             ax1.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (i + off[v], y),
