@@ -780,7 +780,7 @@ def plot(results: "Results", path: Optional[str] = None, *, baseline: str = "eag
         for v in present:
             y = by[(g, v)]["speedup_vs"][baseline]
             ax1.bar(i + off[v], y, width=w, color=VARIANT_COLORS.get(v),
-                         label=None if v in drawn else f"{v} vs {baseline}")
+                    label=None if v in drawn else f"{v} vs {baseline}")
             drawn.add(v)
             ax1.annotate(f"{y:.2f}" if y < 10 else f"{y:.0f}", (i + off[v], y),
                          ha="center", va="bottom", fontsize=6, rotation=90,
