@@ -310,15 +310,18 @@ def test_backward_through_graph_twice():
 
 
 def test_scaled_upstream_gradient():
-    """The gradients computed in the forward are scaled by d(total)/d(loss) in backward;
-    for exactly 1 they are handed over as they are (no copy)."""
-    h, w, t, b, _ = make_inputs(14, 6, 29, torch.float32, seed=21)
-    for reduction in ("mean", "sum"):
-        _, unit = run(ops.linear_cross_entropy, h, w, t, b, None, reduction)
-        _, tripled = run(lambda *a, **k: ops.linear_cross_entropy(*a, **k) * -3.0, h, w, t, b,
-                         None, reduction)
-        for u, g in zip(unit, tripled):
-            torch.testing.assert_close(g, -3.0 * u)
+    """The gradients computed in the forward are scaled by d(total)/d(loss) in backward (in
+    place, or while rounding grad_weight's float32 accumulator to bfloat16); for exactly 1
+    they are handed over as they are (no copy)."""
+    for dtype, tol in ((torch.float32, {}), (torch.bfloat16, dict(rtol=8e-3, atol=1e-5))):
+        h, w, t, b, _ = make_inputs(14, 6, 29, dtype, seed=21)
+        for reduction in ("mean", "sum"):
+            _, unit = run(ops.linear_cross_entropy, h, w, t, b, None, reduction)
+            _, tripled = run(lambda *a, **k: ops.linear_cross_entropy(*a, **k) * -3.0, h, w, t, b,
+                             None, reduction)
+            for u, g in zip(unit, tripled):
+                assert g.dtype == dtype
+                torch.testing.assert_close(g.float(), -3.0 * u.float(), **tol)
 
 
 def test_retained_graph_gives_the_same_gradients_again():
