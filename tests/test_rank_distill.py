@@ -98,6 +98,27 @@ def test_sampled_threshold_falls_back_when_the_sample_misleads(device):
     assert ops.topk_kl_loss(s, t_nan, 100, reduction="none").isnan().all()
 
 
+def test_rows_past_16k_classes_select_by_histogram_then_bisection(device):
+    """Rows over 16384 classes whose sample misleads (every 20th class of 20480 lifted, k =
+    2000): the histogram of the keys' top bits finds the k-th's bin, bisection within it. No
+    ties here, so torch.topk in float64 (independent of the kernels; the counting reference
+    would need [C, C] masks) gives the expected loss and gradient."""
+    c, k, T = 20480, 2000, 1.3
+    g = torch.Generator().manual_seed(10)
+    s = torch.randn(2, c, generator=g).to(device)
+    t = torch.randn(2, c, generator=g) - 10.0
+    t[:, ::20] += 20.0
+    t = t.to(device)
+
+    def expected(x):
+        top = t.double().topk(k, dim=1).indices
+        lq = F.log_softmax(t.double() / T, 1).gather(1, top)
+        lp = F.log_softmax(x / T, 1).gather(1, top)
+        return (lq.exp() * (lq - lp)).sum(1).mean() * T * T
+
+    compare(lambda x: ops.topk_kl_loss(x, t, k, T), expected, s, "topk, 20480 classes")
+
+
 @pytest.mark.parametrize("c", [65, 700])
 def test_pld_rows_of_64_to_1023_classes(c, device):
     """The 8-bit radix sort of rows under 1024 classes: random logits (digits of every byte

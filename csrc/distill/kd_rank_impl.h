@@ -17,25 +17,59 @@ namespace FL_ISA {
 
 // An order-preserving map of floats onto unsigned integers (NaN beyond +-inf, -0 equal to +0,
 // as the reference's comparisons and torch's sort see them): a total order,
-// which std::nth_element and the radix sort below need (a NaN logit makes the loss NaN, never
+// which the selections and the radix sort below need (a NaN logit makes the loss NaN, never
 // an out-of-range access).
 inline uint32_t order_key(float f) {
   const uint32_t u = float_to_bits(f == 0.f ? 0.f : f);  // -0 and +0 tie, as in comparisons
   return (u & 0x80000000u) ? ~u : (u | 0x80000000u);
 }
 
-// The k-th largest key of row[0..C) (1 <= k <= C) and how many keys are larger; keys[j] =
-// order_key(row[j]) on return. A histogram of the keys' top 12 bits finds the bin that holds
-// the k-th, and std::nth_element runs on that bin's keys only (a few hundred for k = 1000 of
-// 128k logits; the whole row only when the values crowd into one bin), copied to `bin`.
-// keys, bin: scratch of C entries each.
 struct KthKey {
   uint32_t key;
-  int64_t greater;
+  int64_t greater;  // how many keys are larger than it
 };
 
+// How many of keys[0..n) are >= v: a compare and an add per key, which the compiler vectorizes
+// (n < 2^32 here: rows and their samples).
+inline uint32_t count_at_least(const uint32_t* keys, int64_t n, uint32_t v) {
+  uint32_t c = 0;
+  for (int64_t i = 0; i < n; ++i) c += keys[i] >= v ? 1u : 0u;
+  return c;
+}
+
+// The r-th largest of keys[0..n) (1 = the largest, r <= n) by bisection over the key values
+// between the smallest and the largest key: at most 32 counting passes, branch-free, over
+// data in L1 / L2. std::nth_element, which this replaces for the sizes top-k KL selects from
+// (samples of a few hundred keys, the classes kept above a threshold, rows up to 16k classes),
+// spent most of its time on mispredicted branches: 24% of top-k KL's forward at 4096 x 1000,
+// k = 100, by perf (session 15).
+inline KthKey kth_key_by_counting(const uint32_t* keys, int64_t n, int64_t r) {
+  uint32_t lo = UINT32_MAX, hi = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    lo = std::min(lo, keys[i]);
+    hi = std::max(hi, keys[i]);
+  }
+  // invariant: count(keys >= lo) >= r, and the answer is in [lo, hi]
+  while (lo < hi) {
+    const uint32_t mid = lo + (hi - lo) / 2 + 1;  // in (lo, hi]
+    if (int64_t(count_at_least(keys, n, mid)) >= r) lo = mid;
+    else hi = mid - 1;
+  }
+  return {lo, lo == UINT32_MAX ? 0 : int64_t(count_at_least(keys, n, lo + 1))};
+}
+
+// The k-th largest key of row[0..C) (1 <= k <= C) and how many keys are larger; keys[j] =
+// order_key(row[j]) on return. Rows up to 16k classes: counting bisection over the keys. Longer
+// rows (k above C / 8, or a sample that misled: rare) first find the bin of the keys' top 12
+// bits that holds the k-th with a histogram, then bisect within that bin's keys, copied to `bin`
+// (a few hundred for k = 1000 of 128k logits; the whole row only when the values crowd into
+// one bin): 32 passes over 128k keys would leave L1. keys, bin: scratch of C entries each.
 template <class T>
 KthKey kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys, uint32_t* bin) {
+  if (C <= 16384) {
+    for (int64_t j = 0; j < C; ++j) keys[j] = order_key(load1(row + j));
+    return kth_key_by_counting(keys, C, k);
+  }
   constexpr int kBits = 12;
   std::vector<int64_t> hist(int64_t(1) << kBits, 0);
   for (int64_t j = 0; j < C; ++j) ++hist[(keys[j] = order_key(load1(row + j))) >> (32 - kBits)];
@@ -45,12 +79,8 @@ KthKey kth_largest_key(const T* row, int64_t C, int64_t k, uint32_t* keys, uint3
   int64_t n = 0;
   for (int64_t j = 0; j < C; ++j)
     if ((keys[j] >> (32 - kBits)) == b) bin[n++] = keys[j];
-  const int64_t rank = k - above;  // 1 = the bin's largest
-  std::nth_element(bin, bin + (n - rank), bin + n);
-  const uint32_t kth = bin[n - rank];
-  int64_t greater = above;
-  for (int64_t i = 0; i < n; ++i) greater += bin[i] > kth;
-  return {kth, greater};
+  const KthKey in_bin = kth_key_by_counting(bin, n, k - above);
+  return {in_bin.key, above + in_bin.greater};
 }
 
 // idx[0..k) = the classes cls(i) of the keys above the k-th largest `kth` (kth.greater of them)
@@ -65,15 +95,9 @@ void collect_top_k(const uint32_t* keys, int64_t n, KthKey kth, int64_t k, Cls c
 }
 
 // The k largest of a candidate list (keys[i] of class cls[i], classes ascending) into idx,
-// ties at the k-th key going to the lower class; bin: scratch of n entries.
-inline void top_k_of(const uint32_t* keys, const int64_t* cls, int64_t n, int64_t k, uint32_t* bin,
-                     int64_t* idx) {
-  std::copy(keys, keys + n, bin);
-  std::nth_element(bin, bin + (n - k), bin + n);
-  const uint32_t kth = bin[n - k];
-  int64_t greater = 0;
-  for (int64_t i = n - k + 1; i < n; ++i) greater += bin[i] > kth;  // (nth_element: all >= kth)
-  collect_top_k(keys, n, {kth, greater}, k, [&](int64_t i) { return cls[i]; }, idx);
+// ties at the k-th key going to the lower class.
+inline void top_k_of(const uint32_t* keys, const int64_t* cls, int64_t n, int64_t k, int64_t* idx) {
+  collect_top_k(keys, n, kth_key_by_counting(keys, n, k), k, [&](int64_t i) { return cls[i]; }, idx);
 }
 
 // Rows of 512+ classes, k well below C: a threshold from a sample of the row, one vector pass that
@@ -92,8 +116,7 @@ bool top_k_by_sample(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t
   const int64_t samples = std::min<int64_t>(1024, C / 4), stride = C / samples;  // >= 128, >= 4
   for (int64_t i = 0; i < samples; ++i) bin[i] = order_key(load1(row + i * stride));
   const int64_t r = std::min<int64_t>(samples, k * samples / C * 5 / 4 + 24);  // 1 = the largest
-  std::nth_element(bin, bin + (samples - r), bin + samples);
-  const uint32_t kappa = bin[samples - r];
+  const uint32_t kappa = kth_key_by_counting(bin, samples, r).key;
   float tau = 0.f;
   {
     const uint32_t u = kappa & 0x80000000u ? kappa & 0x7fffffffu : ~kappa;  // order_key inverted
@@ -116,14 +139,14 @@ bool top_k_by_sample(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t
   }
   for (; j < C; ++j) keep(j);
   if (n < k) return false;
-  top_k_of(keys, cls, n, k, bin, idx);
+  top_k_of(keys, cls, n, k, idx);
   return true;
 }
 
 // idx[0..k) = the classes of the k largest values of row[0..C), ties at the k-th value going
 // to the lower class index (in no particular order: the losses sum over the set). keys, cls,
 // bin: scratch of C entries each. Rows of 512 classes or more with k <= C / 8 take the sampled
-// threshold; the rest three passes over the row's keys: histogram, bin, collection.
+// threshold; the rest kth_largest_key over the whole row, then a pass collecting the classes.
 template <class V, class T>
 void top_k_classes(const T* row, int64_t C, int64_t k, uint32_t* keys, int64_t* cls, uint32_t* bin,
                    int64_t* idx) {
