@@ -182,6 +182,10 @@ TORCH_LIBRARY(fastloss, m) {
         "-> (Tensor, Tensor)");
   m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
         "float temperature, float beta) -> Tensor");
+  // Both at once (CPU): -> (the rows as kd_forward's, grad_scale * d row / d student [N, C] in
+  // the student's dtype); kd_loss's autograd path when the student needs its gradient.
+  m.def("kd_forward_grad(Tensor student, Tensor teacher, int kind, float temperature, float beta, "
+        "float grad_scale) -> (Tensor, Tensor)");
   // Order-based distillation (distill/kd_op.cpp): top-k KL over the teacher's k largest
   // classes, and Plackett-Luce distillation; -> (loss of each row [N] float32, and when
   // compute_grad its gradient w.r.t. the student [N, C] in the student's dtype, else empty).

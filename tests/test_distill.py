@@ -69,6 +69,46 @@ def test_leading_dims_strided_and_extreme_logits():
         big_s.grad = None
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradient_made_with_the_forward_equals_the_separate_backward(kind, dtype, cpu_isa):
+    """kd_forward_grad (the CPU autograd path when the student needs its gradient) against
+    kd_forward + kd_backward on the same rows (awkward C: vector body and tail), with a scale."""
+    s, t = make(7, 1037, dtype, seed=11)
+    code = KINDS.index(kind)
+    rows, grad = torch.ops.fastloss.kd_forward_grad(s, t, code, 1.7, 0.3, 0.5)
+    rows_ref, stats = torch.ops.fastloss.kd_forward(s, t, code, 1.7, 0.3)
+    grad_ref = torch.ops.fastloss.kd_backward(torch.full((7,), 0.5), s, t, stats, code, 1.7, 0.3)
+    torch.testing.assert_close(rows, rows_ref, rtol=1e-5, atol=1e-6)
+    tol = dict(rtol=1e-4, atol=1e-7) if dtype == torch.float32 else dict(rtol=2e-2, atol=1e-5)
+    torch.testing.assert_close(grad.float(), grad_ref.float(), **tol)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_repeated_and_retained_backward(reduction, device):
+    """The backward hands over (scaled in place) the gradient the CPU forward made: a second
+    backward through the retained graph makes it again, loss.backward() twice accumulates
+    twice, and an upstream other than 1 (or per row) scales it; each equal to the float64
+    reference's."""
+    s, t = (v.to(device) for v in make(6, 1031, torch.float32, seed=12))
+    for kind in KINDS:
+        x = s.clone().requires_grad_(True)
+        x64 = s.double().requires_grad_(True)
+        out = ops.kd_loss(x, t, 2.0, kind, 0.3, reduction)
+        exp_fn = lambda: ref.kd_loss(x64, t.double(), 2.0, kind, 0.3, reduction)  # noqa: E731
+        up = torch.rand(out.shape, device=device, dtype=torch.float64) + 0.5
+        (exp,) = torch.autograd.grad(exp_fn(), x64, up)
+        (first,) = torch.autograd.grad(out, x, up.float(), retain_graph=True)
+        (second,) = torch.autograd.grad(out, x, up.float(), retain_graph=True)
+        for got in (first, second):
+            torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=2e-7, msg=kind)
+        if reduction != "none":
+            (unit,) = torch.autograd.grad(exp_fn(), x64)
+            out.backward(retain_graph=True)
+            out.backward()
+            torch.testing.assert_close(x.grad.double(), 2 * unit, rtol=2e-5, atol=4e-7, msg=kind)
+
+
 def test_opcheck_and_compile():
     # (a teacher that requires grad gets its gradient: tests/test_input_grads.py)
     s, t = make(4, 30, torch.float32, seed=3)
@@ -79,6 +119,8 @@ def test_opcheck_and_compile():
         _, stats = torch.ops.fastloss.kd_forward(s.detach(), t.detach(), kind, 2.0, 0.4)
         torch.library.opcheck(torch.ops.fastloss.kd_backward.default,
                               (torch.rand(4), s.detach(), t.detach(), stats, kind, 2.0, 0.4))
+        torch.library.opcheck(torch.ops.fastloss.kd_forward_grad.default,
+                              (s.detach(), t.detach(), kind, 2.0, 0.4, 0.25))
         for reduction in range(3):  # the eager path's op: forward, reduction, C++ autograd
             torch.library.opcheck(torch.ops.fastloss.kd_loss.default,
                                   (s.detach().clone().requires_grad_(True), t.detach(), kind, 2.0, 0.4,

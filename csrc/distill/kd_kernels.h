@@ -30,6 +30,12 @@ void kd_forward_cpu(const KdProblem& q, float* loss, float* stats, int64_t r0, i
 void kd_backward_cpu(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                      int64_t r0, int64_t r1);
 
+// Rows [r0, r1): loss[r] as kd_forward_cpu's, and grad[r * C + k] (the student's dtype,
+// contiguous) = grad_scale * d loss_r / d student[r, k], in one call (the autograd path when the
+// student needs its gradient: the rows are read from memory once, the exponentials not redone).
+void kd_forward_grad_cpu(const KdProblem& q, float grad_scale, float* loss, void* grad, int64_t r0,
+                         int64_t r1);
+
 // CUDA (kd_cuda.cu): all rows on `stream` (a cudaStream_t), the same outputs; each returns
 // nullptr or the CUDA error of the launch.
 const char* kd_forward_cuda(const KdProblem& q, float* loss, float* stats, void* stream);

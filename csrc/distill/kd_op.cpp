@@ -150,6 +150,24 @@ Tensor kd_backward(const Tensor& grad_loss, const Tensor& student, const Tensor&
   return grad;
 }
 
+// -> (loss of each row [N] float32, grad_scale * d row / d student [N, C]): both in one pass
+// per row (CPU; kd_cpu_impl.h's forward_grad_rows).
+std::tuple<Tensor, Tensor> kd_forward_grad(const Tensor& student, const Tensor& teacher, int64_t kind,
+                                           double temperature, double beta, double grad_scale) {
+  const Checked c = check(student, teacher, kind, temperature, beta);
+  TORCH_CHECK(student.is_cpu(), kOp, ": kd_forward_grad runs on the CPU (on CUDA kd_forward and "
+              "kd_backward), got a tensor on ", student.device());
+  Tensor loss = at::empty({c.q.N}, student.options().dtype(at::kFloat));
+  Tensor grad = at::empty({c.q.N, c.q.C}, student.options());
+  if (grad.numel() > 0) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  float* lp = loss.data_ptr<float>();
+  void* gp = grad.data_ptr();
+  at::parallel_for(0, c.q.N, grain(c.q.C), [&](int64_t r0, int64_t r1) {
+    kd_forward_grad_cpu(c.q, float(grad_scale), lp, gp, r0, r1);
+  });
+  return {loss, grad};
+}
+
 // The gradient buffer of the order-based losses: [N, C] in the student's dtype, or an empty
 // tensor (and a null pointer for the kernel) when not asked for.
 // The rank losses' shared output: each row's loss [N] float32, and (compute_grad) the
@@ -257,26 +275,42 @@ Tensor scale_rows(const Tensor& grad, const Tensor& scale) {
 
 // ---- kd_loss's eager path: forward, reduction and a C++ autograd formula in one op -----------
 // (python/fastloss/ops/distill.py calls it; the Python autograd of kd_forward cost ~80 us of
-// host time per call, most of a small call and all of it on a GPU). The formula calls kd_forward
-// / kd_backward below autograd, so torch.compile traces it into those ops.
+// host time per call, most of a small call and all of it on a GPU). The formula calls the ops
+// below autograd, so torch.compile traces it into them. On the CPU, when the student will want
+// its gradient, the forward makes it with the rows (kd_forward_grad, scaled by the mean's 1 / N),
+// and the backward hands that buffer over, scaled in place unless the incoming gradient is
+// exactly 1 (a later backward through a retained graph makes it again); elsewhere kd_forward
+// keeps three floats per row and kd_backward reads both rows again.
 
-const c10::OperatorHandle& kd_op(bool backward) {
+const c10::OperatorHandle& kd_op(int which) {  // 0: kd_forward, 1: kd_backward, 2: kd_forward_grad
   static const auto fwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::kd_forward", "");
   static const auto bwd = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::kd_backward", "");
-  return backward ? bwd : fwd;
+  static const auto both = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::kd_forward_grad", "");
+  return which == 0 ? fwd : which == 1 ? bwd : both;
 }
 
 struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
                         const Tensor& teacher, int64_t kind, double temperature, double beta,
-                        int64_t reduction) {
-    auto out = call_below_autograd(kd_op(false), {student, teacher, kind, temperature, beta});
-    ctx->save_for_backward({student, teacher, out[1].toTensor()});
+                        int64_t reduction, bool want) {
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["reduction"] = reduction;
-    return reduce_loss_rows(out[0].toTensor(), reduction).to(student.scalar_type());
+    Tensor rows;
+    if (want && student.is_cpu()) {
+      const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(student.size(0), 1)) : 1.0;
+      auto out = call_below_autograd(kd_op(2), {student, teacher, kind, temperature, beta, scale});
+      rows = out[0].toTensor();
+      ctx->saved_data["grad"] = out[1].toTensor();  // (not a saved variable: handed over)
+      ctx->saved_data["grad_scale"] = scale;
+      ctx->save_for_backward({student, teacher});
+    } else {
+      auto out = call_below_autograd(kd_op(0), {student, teacher, kind, temperature, beta});
+      rows = out[0].toTensor();
+      ctx->save_for_backward({student, teacher, out[1].toTensor()});
+    }
+    return reduce_loss_rows(rows, reduction).to(student.scalar_type());
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -285,14 +319,30 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const auto saved = ctx->get_saved_variables();
       const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
-      // d(total)/d(row loss) for every row
-      const Tensor g = row_upstream(grads[0], reduction, n);
-      grad = call_below_autograd(kd_op(true), {g, saved[0], saved[1], saved[2],
-                                              ctx->saved_data["kind"], ctx->saved_data["temperature"],
-                                              ctx->saved_data["beta"]})[0]
-                 .toTensor();
+      const auto& k = ctx->saved_data["kind"];
+      const auto& T = ctx->saved_data["temperature"];
+      const auto& b = ctx->saved_data["beta"];
+      if (ctx->saved_data.count("grad_scale")) {  // made by the forward (CPU)
+        auto& kept = ctx->saved_data["grad"];
+        if (kept.isTensor()) {
+          grad = kept.toTensor();
+          kept = c10::IValue();
+        } else {  // a second backward through a retained graph
+          grad = call_below_autograd(kd_op(2), {saved[0], saved[1], k, T, b, ctx->saved_data["grad_scale"]})[1]
+                     .toTensor();
+        }
+        const Tensor up = grads[0].to(at::kFloat);
+        if (reduction == kNone)
+          grad.mul_(up.reshape({-1, 1}));
+        else if (!(readable_cpu(up) && up.item<double>() == 1.0))
+          grad.mul_(up);  // (the mean's 1 / N is in already)
+      } else {
+        // d(total)/d(row loss) for every row
+        const Tensor g = row_upstream(grads[0], reduction, n);
+        grad = call_below_autograd(kd_op(1), {g, saved[0], saved[1], saved[2], k, T, b})[0].toTensor();
+      }
     }
-    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
                                kOp);
   }
 };
@@ -302,8 +352,9 @@ Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, doubl
                double beta, int64_t reduction) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, kOp,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  if constexpr (Grad)
-    return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction);
+  if constexpr (Grad)  // the gradient is made in the forward only when it will be wanted
+    return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction,
+                                 at::GradMode::is_enabled() && student.requires_grad());
   return reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction)
       .to(student.scalar_type());
 }
@@ -445,6 +496,7 @@ TORCH_LIBRARY_IMPL(fastloss, CPU, m) {
   m.impl("scale_rows", &fastloss::scale_rows);
   m.impl("kd_forward", &fastloss::kd_forward);
   m.impl("kd_backward", &fastloss::kd_backward);
+  m.impl("kd_forward_grad", &fastloss::kd_forward_grad);
   m.impl("topk_kl_forward", &fastloss::topk_kl_forward);
   m.impl("pld_forward", &fastloss::pld_forward);
 }

@@ -49,6 +49,12 @@ def _fake_backward(grad_loss, student, teacher, stats, kind, temperature, beta):
     return student.new_empty(student.shape)
 
 
+@torch.library.register_fake("fastloss::kd_forward_grad")
+def _fake_forward_grad(student, teacher, kind, temperature, beta, grad_scale):
+    rows, _ = _fake_forward(student, teacher, kind, temperature, beta)
+    return rows, student.new_empty(student.shape)
+
+
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
