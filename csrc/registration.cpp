@@ -189,10 +189,11 @@ TORCH_LIBRARY(fastloss, m) {
   // Order-based distillation (distill/kd_op.cpp): top-k KL over the teacher's k largest
   // classes, and Plackett-Luce distillation; -> (loss of each row [N] float32, and when
   // compute_grad its gradient w.r.t. the student [N, C] in the student's dtype, else empty).
+  // grad_scale multiplies the gradient made (the eager paths fold the mean's divisor in).
   m.def("topk_kl_forward(Tensor student, Tensor teacher, int k, float temperature, "
-        "bool renormalize, bool compute_grad) -> (Tensor, Tensor)");
+        "bool renormalize, bool compute_grad, float grad_scale=1.0) -> (Tensor, Tensor)");
   m.def("pld_forward(Tensor student, Tensor teacher, Tensor target, float temperature, "
-        "int ignore_index, bool compute_grad) -> (Tensor, Tensor)");
+        "int ignore_index, bool compute_grad, float grad_scale=1.0) -> (Tensor, Tensor)");
   // Their backward (CPU): grad [N, C] * scale[N] per row, in a fresh huge-page tensor.
   m.def("scale_rows(Tensor grad, Tensor scale) -> Tensor");
   // Their eager paths (kd_op.cpp), as kd_loss: forward (with the gradient when the student

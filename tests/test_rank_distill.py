@@ -252,6 +252,14 @@ def test_opcheck_and_compile():
                                   (sd.clone().requires_grad_(grad), td, 5, 2.0, False, reduction))
             torch.library.opcheck(torch.ops.fastloss.pld_loss.default,
                                   (sd.clone().requires_grad_(grad), td, y, 2.0, -100, reduction))
+    # grad_scale multiplies the gradient made (the eager paths fold the mean's divisor in)
+    for op, args in ((torch.ops.fastloss.topk_kl_forward, (sd, td, 5, 2.0, False, True)),
+                     (torch.ops.fastloss.pld_forward, (sd, td, y, 2.0, -100, True))):
+        torch.library.opcheck(op.default, args + (0.25,))
+        rows, grad = op(*args)
+        rows_scaled, grad_scaled = op(*args, 0.25)
+        assert torch.equal(rows, rows_scaled)
+        torch.testing.assert_close(grad_scaled, 0.25 * grad)
     # the backward's row scaling, for each storage dtype
     for dt in (torch.float32, torch.bfloat16):
         g, r = sd.to(dt), torch.rand(4)

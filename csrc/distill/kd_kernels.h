@@ -54,6 +54,7 @@ struct TopkKlProblem {
   int64_t N = 0, C = 0, s_stride = 0, t_stride = 0, k = 1;
   float temperature = 1.f;
   bool renormalize = false;
+  float grad_scale = 1.f;  // the gradient written is grad_scale * d loss_r / d student (CPU)
 };
 
 // Plackett-Luce distillation (PLD): the ranking pi puts the target class first, then the other
@@ -67,6 +68,7 @@ struct PldProblem {
   ScalarType dtype = ScalarType::f32;
   int64_t N = 0, C = 0, s_stride = 0, t_stride = 0, ignore_index = -100;
   float temperature = 1.f;
+  float grad_scale = 1.f;  // the gradient written is grad_scale * d loss_r / d student (CPU)
 };
 
 // Rows [r0, r1): loss[r] (float32) and, when grad is not null, grad[r * C + k] (the student's

@@ -188,7 +188,7 @@ std::tuple<Tensor, Tensor> rows_and_grad(const Pair& p, bool compute_grad, Kerne
 // -> (T^2-scaled loss of each row [N] float32, d loss_r / d student [N, C] or empty)
 std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& teacher,
                                            int64_t k, double temperature, bool renormalize,
-                                           bool compute_grad) {
+                                           bool compute_grad, double grad_scale) {
   constexpr const char* op = "topk_kl_loss";
   const Pair p = check_pair(student, teacher, op, /*cuda_kernel=*/true);
   TORCH_CHECK(k >= 1 && (k <= p.C || p.N == 0), op, ": k must be in [1, C = ", p.C, "], got ", k);
@@ -197,6 +197,7 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
   q.k = k;
   q.temperature = float(temperature);
   q.renormalize = renormalize;
+  q.grad_scale = float(grad_scale);
   if (student.is_cuda()) {
     TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 classes on CUDA, got ", p.C);
     Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
@@ -206,6 +207,7 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
     check_cuda_launch(topk_kl_cuda(q, loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
                                    cuda_stream()), op);
 #endif
+    if (grad_scale != 1.0) grad.mul_(grad_scale);  // (the CUDA kernels write the plain gradient)
     return {loss, grad};
   }
   return rows_and_grad(p, compute_grad, [&](float* lp, void* gp, int64_t r0, int64_t r1) {
@@ -216,7 +218,7 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
 // -> (loss of each row [N] float32 (0 where ignored), d loss_r / d student [N, C] or empty)
 std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teacher,
                                        const Tensor& target, double temperature,
-                                       int64_t ignore_index, bool compute_grad) {
+                                       int64_t ignore_index, bool compute_grad, double grad_scale) {
   constexpr const char* op = "pld_loss";
   const Pair p = check_pair(student, teacher, op, /*cuda_kernel=*/true);
   TORCH_CHECK(target.dim() == 1 && target.size(0) == p.N, op, ": target must be [N] = [", p.N,
@@ -231,6 +233,7 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
   auto q = problem_of<PldProblem>(p);
   q.ignore_index = ignore_index;
   q.temperature = float(temperature);
+  q.grad_scale = float(grad_scale);
   if (student.is_cuda()) {
     // the classes are not checked here (that would wait for the device on every call): the
     // kernel gives a row whose target is out of range a NaN loss and gradient, as fastloss's
@@ -247,6 +250,7 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
                                loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
                                cuda_stream()), op);
 #endif
+    if (grad_scale != 1.0) grad.mul_(grad_scale);
     return {loss, grad};
   }
   const int64_t* yp = y.data_ptr<int64_t>();
@@ -376,7 +380,8 @@ const c10::OperatorHandle& rank_op(bool pld) {
 // The forward op's outputs (rows, d rows / d student when `want`).
 std::vector<c10::IValue> rank_forward(const Tensor& student, const Tensor& teacher,
                                       const std::optional<Tensor>& target, int64_t k_or_ignore,
-                                      double temperature, bool renormalize, bool want) {
+                                      double temperature, bool renormalize, bool want,
+                                      double grad_scale) {
   const bool pld = target.has_value();
   std::vector<c10::IValue> args{student, teacher};
   if (pld) args.emplace_back(*target);
@@ -385,6 +390,7 @@ std::vector<c10::IValue> rank_forward(const Tensor& student, const Tensor& teach
   if (pld) args.emplace_back(k_or_ignore);
   else args.emplace_back(renormalize);
   args.emplace_back(want);
+  args.emplace_back(grad_scale);
   return call_below_autograd(rank_op(pld), std::move(args));
 }
 
@@ -395,12 +401,20 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
                         int64_t k_or_ignore, double temperature, bool renormalize, int64_t reduction,
                         bool want) {
     const bool pld = target.has_value();
-    auto out = rank_forward(student, teacher, target, k_or_ignore, temperature, renormalize, want);
     // PLD's mean is over the rows kept (F.cross_entropy's); top-k KL's over all rows
     const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
+    // On the CPU the mean's divisor is folded into the gradient the kernels write (no pass of
+    // the backward over it for loss.backward()); 0 when no row is kept (a zero gradient)
+    double scale = 1.0;
+    if (reduction == kMean && readable_cpu(student)) {
+      const double n = count.defined() ? count.item<double>() : double(student.size(0));
+      scale = n > 0 ? 1.0 / n : 0.0;
+    }
+    auto out = rank_forward(student, teacher, target, k_or_ignore, temperature, renormalize, want, scale);
     const Tensor loss = reduce_loss_rows(out[0].toTensor(), reduction, count);
     ctx->save_for_backward({student, teacher, target.value_or(Tensor()), count});
     if (want) ctx->saved_data["grad"] = out[1].toTensor();  // (not a saved variable: handed over)
+    ctx->saved_data["grad_scale"] = scale;
     ctx->saved_data["k_or_ignore"] = k_or_ignore;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["renormalize"] = renormalize;
@@ -424,23 +438,22 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       } else {  // a second backward through a retained graph
         out = rank_forward(saved[0], saved[1], saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt,
                            ctx->saved_data["k_or_ignore"].toInt(), ctx->saved_data["temperature"].toDouble(),
-                           ctx->saved_data["renormalize"].toBool(), true)[1]
+                           ctx->saved_data["renormalize"].toBool(), true,
+                           ctx->saved_data["grad_scale"].toDouble())[1]
                   .toTensor();
       }
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const bool folded = ctx->saved_data["grad_scale"].toDouble() != 1.0 || reduction != kMean;
       const Tensor up = grads[0].to(at::kFloat);
       if (reduction == kNone) {
         out.mul_(up.reshape({-1, 1}));  // (float32 factors; the product rounded once)
-      } else {
+      } else if (folded) {  // the mean's divisor is in (or there is none): only the upstream
+        if (!(readable_cpu(up) && up.item<double>() == 1.0)) out.mul_(up);
+      } else {  // a mean over one row, or a device whose count is not read: divide here
+        // (PLD's mean over no kept rows is NaN, and its gradient 0, as F.cross_entropy's)
         const Tensor& count = saved[3];
-        const bool unit = reduction == kSum && readable_cpu(up) && up.item<double>() == 1.0;
-        if (!unit) {
-          // (PLD's mean over no kept rows is NaN, and its gradient 0, as F.cross_entropy's)
-          const double n = double(out.size(0));
-          out.mul_(reduction != kMean ? up
-                   : count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
-                                     : up.div(n));
-        }
+        out.mul_(count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
+                                 : up.div(double(out.size(0))));
       }
     }
     return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
@@ -458,9 +471,9 @@ Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::option
     return RankLossFunction::apply(student, teacher, target, k_or_ignore, temperature, renormalize,
                                    reduction, at::GradMode::is_enabled() && student.requires_grad());
   const bool pld = target.has_value();
-  const Tensor rows = std::get<0>(pld ? pld_forward(student, teacher, *target, temperature, k_or_ignore, false)
+  const Tensor rows = std::get<0>(pld ? pld_forward(student, teacher, *target, temperature, k_or_ignore, false, 1.0)
                                       : topk_kl_forward(student, teacher, k_or_ignore, temperature,
-                                                        renormalize, false));
+                                                        renormalize, false, 1.0));
   const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
   return reduce_loss_rows(rows, reduction, count).to(student.scalar_type());
 }

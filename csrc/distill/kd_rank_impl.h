@@ -276,13 +276,13 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
     loss[r] = T_ * T_ * kl;
     if (grad_out == nullptr) continue;
     // d(T^2 kl)/d student_m = T (c p_m - [m in I] q_m), c = mass (every class sees lse_s) or
-    // 1 and only m in I (renormalized)
+    // 1 and only m in I (renormalized); written times grad_scale (gT)
     T* gr = static_cast<T*>(grad_out) + r * C;
-    const float c = q.renormalize ? 1.f : mass;
+    const float c = q.renormalize ? 1.f : mass, gT = q.grad_scale * T_;
     if (q.renormalize) {
       std::memset(static_cast<void*>(gr), 0, sizeof(T) * C);
     } else {
-      const float tc = T_ * c;
+      const float tc = gT * c;
       int64_t m = 0;
       for (; m + kW <= C; m += kW)
         Io::store(gr + m, V(tc) * vexp(Io::load(sr + m) * V(inv_t) - V(lse_s)));
@@ -290,8 +290,8 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
     }
     int64_t i = 0;  // the classes of I: T (c p - q), formed in g_sel, then scattered
     for (; i + kW <= k; i += kW)
-      Io::store(gi + i, V(T_) * (V(c) * vexp(Io::load(si + i) - V(lse_s)) - Io::load(gi + i)));
-    for (; i < k; ++i) gi[i] = T_ * (c * vexp(si[i] - lse_s) - gi[i]);
+      Io::store(gi + i, V(gT) * (V(c) * vexp(Io::load(si + i) - V(lse_s)) - Io::load(gi + i)));
+    for (; i < k; ++i) gi[i] = gT * (c * vexp(si[i] - lse_s) - gi[i]);
     for (i = 0; i < k; ++i) store1(gr + idx[i], gi[i]);
   }
 }
@@ -368,12 +368,13 @@ float pld_row(const PldProblem& q, const T* sr, const T* tr, int64_t y, T* gr, P
     VecIo<V>::store(bk + k, vexp(VecIo<V>::load(l + k) - VecIo<V>::load(l + k - 1)));
   for (; k < C; ++k) bk[k] = vexp(l[k] - l[k - 1]);
   for (k = 1; k < C; ++k) bk[k] = vfma(bk[k - 1], bk[k], wk[k]);
+  const float gs = q.grad_scale;
   for (k = 0; k + kW <= C; k += kW) {
     const V g = VecIo<V>::load(bk + k) * vexp(VecIo<V>::load(s + k) - VecIo<V>::load(l + k)) -
                 VecIo<V>::load(wk + k);
-    VecIo<V>::store(s + k, g);
+    VecIo<V>::store(s + k, V(gs) * g);
   }
-  for (; k < C; ++k) s[k] = bk[k] * vexp(s[k] - l[k]) - wk[k];
+  for (; k < C; ++k) s[k] = gs * (bk[k] * vexp(s[k] - l[k]) - wk[k]);
   for (k = 0; k < C; ++k) store1(gr + cls(k), s[k]);
   return row;
 }

@@ -152,14 +152,14 @@ def _fake_rows_and_grad(student, compute_grad):
 
 
 @torch.library.register_fake("fastloss::topk_kl_forward")
-def _fake_topk(student, teacher, k, temperature, renormalize, compute_grad):
+def _fake_topk(student, teacher, k, temperature, renormalize, compute_grad, grad_scale=1.0):
     torch._check(student.dim() == 2 and teacher.shape == student.shape,
                  lambda: "student and teacher must be [N, C] of the same shape")
     return _fake_rows_and_grad(student, compute_grad)
 
 
 @torch.library.register_fake("fastloss::pld_forward")
-def _fake_pld(student, teacher, target, temperature, ignore_index, compute_grad):
+def _fake_pld(student, teacher, target, temperature, ignore_index, compute_grad, grad_scale=1.0):
     torch._check(student.dim() == 2 and teacher.shape == student.shape,
                  lambda: "student and teacher must be [N, C] of the same shape")
     return _fake_rows_and_grad(student, compute_grad)
@@ -172,7 +172,8 @@ def _fake_scale_rows(grad, scale):
 
 def _setup_rows_grad(ctx, inputs, output):
     ctx.save_for_backward(output[1])
-    ctx.compute_grad = inputs[-1]
+    ctx.compute_grad = inputs[5]
+    ctx.grad_scale = inputs[6] if len(inputs) > 6 else 1.0
     ctx.mark_non_differentiable(output[1])
 
 
@@ -183,6 +184,8 @@ def _make_rows_grad_backward(op, n_args):
         if not ctx.compute_grad:
             raise RuntimeError(f"{op} was called with compute_grad=False; call the fastloss.ops "
                                "function, which asks for the gradient when it is needed")
+        if ctx.grad_scale != 1.0:  # (the C++ eager paths scale it; they have their own formula)
+            raise RuntimeError(f"{op}: its autograd formula needs grad_scale=1, got {ctx.grad_scale}")
         if grad.device.type == "cpu":
             return (torch.ops.fastloss.scale_rows(grad, grad_rows),) + (None,) * (n_args - 1)
         return (grad * grad_rows[:, None].to(grad.dtype),) + (None,) * (n_args - 1)
@@ -190,10 +193,10 @@ def _make_rows_grad_backward(op, n_args):
 
 
 torch.library.register_autograd("fastloss::topk_kl_forward",
-                                _make_rows_grad_backward("topk_kl_forward", 6),
+                                _make_rows_grad_backward("topk_kl_forward", 7),
                                 setup_context=_setup_rows_grad)
 torch.library.register_autograd("fastloss::pld_forward",
-                                _make_rows_grad_backward("pld_forward", 6),
+                                _make_rows_grad_backward("pld_forward", 7),
                                 setup_context=_setup_rows_grad)
 
 
