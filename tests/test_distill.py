@@ -109,6 +109,36 @@ def test_repeated_and_retained_backward(reduction, device):
             torch.testing.assert_close(x.grad.double(), 2 * unit, rtol=2e-5, atol=4e-7, msg=kind)
 
 
+def test_float16_gradient_under_a_loss_scale():
+    """float16 logits under a large upstream (a GradScaler's loss scale): the gradient is formed
+    in float32 with the upstream applied before its one rounding, not made at scale 1 / N in
+    float16 and multiplied after (which flushed a third of it to zero)."""
+    s, t = make(64, 1000, torch.float16, seed=13)
+    for kind in KINDS:
+        x, xf = s.clone().requires_grad_(True), s.float().requires_grad_(True)
+        (g,) = torch.autograd.grad(ops.kd_loss(x, t, 2.0, kind) * 32768, x)
+        (gf,) = torch.autograd.grad(ops.kd_loss(xf, t.float(), 2.0, kind) * 32768, xf)
+        err = (g.float() - gf).abs().sum() / gf.abs().sum()
+        assert err < 1e-3, (kind, err.item())
+
+
+def test_other_losses_in_place_backward_on_the_same_logits():
+    """kd_loss, topk_kl_loss and pld_loss keep their inputs only for a second backward: an
+    in-place backward of another loss on the same logits (run before theirs) must not make
+    them raise, and the gradients add up as with the out-of-place one."""
+    s, t = make(8, 40, torch.float32, seed=14)
+    y = torch.randint(0, 40, (8,), generator=torch.Generator().manual_seed(3))
+    grads = []
+    for inplace in (True, False):
+        x = s.clone().requires_grad_(True)
+        z = x * 1.0
+        loss = (ops.kd_loss(z, t) + ops.topk_kl_loss(z, t, 5) + ops.pld_loss(z, t, y)
+                + ops.cross_entropy(z, y, inplace_backward=inplace))
+        loss.backward()
+        grads.append(x.grad)
+    torch.testing.assert_close(grads[0], grads[1])
+
+
 def test_opcheck_and_compile():
     # (a teacher that requires grad gets its gradient: tests/test_input_grads.py)
     s, t = make(4, 30, torch.float32, seed=3)

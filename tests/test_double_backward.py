@@ -232,3 +232,34 @@ def test_create_graph_under_compiled_autograd_raises(name):
         (g,) = torch.autograd.grad(fn(x), x)  # first order: unaffected
     torch._dynamo.reset()
     assert g.abs().sum() > 0
+
+
+@pytest.mark.parametrize("name", ["kd_loss", "topk_kl_loss", "pld_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_handed_over_gradients_under_compiled_autograd(name, dtype):
+    """These losses make their gradient in the forward and hand it over in the backward,
+    scaled in place when the backward holds the only reference. Compiled autograd runs a
+    backward on a copy of saved_data whose original keeps the buffer: with a retained graph
+    the first gradient must stay as returned and the second equal it and the eager one."""
+    ca = pytest.importorskip("torch._dynamo.compiled_autograd")
+    if not hasattr(ca, "_enable"):
+        pytest.skip("this torch has no compiled_autograd._enable")
+    torch.manual_seed(0)
+    s, t = torch.randn(N, 50).to(dtype), torch.randn(N, 50).to(dtype)
+    w, y = torch.randn(30, 50).to(dtype), torch.randint(0, 30, (N,))
+    fn = {"kd_loss": lambda x: ops.kd_loss(x, t, 2.0),
+          "topk_kl_loss": lambda x: ops.topk_kl_loss(x, t, 5),
+          "pld_loss": lambda x: ops.pld_loss(x, t, y),
+          "linear_cross_entropy": lambda x: ops.linear_cross_entropy(x, w, y)}[name]
+    x = s.clone().requires_grad_(True)
+    (eager,) = torch.autograd.grad(fn(x) * 3.0, x)
+    loss = fn(x) * 3.0
+    torch._dynamo.reset()
+    with ca._enable(lambda gm: gm):
+        (first,) = torch.autograd.grad(loss, x, retain_graph=True)
+        kept = first.clone()
+        (second,) = torch.autograd.grad(loss, x)
+    torch._dynamo.reset()
+    assert torch.equal(first, kept)
+    torch.testing.assert_close(second, kept)
+    torch.testing.assert_close(kept, eager)

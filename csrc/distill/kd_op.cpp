@@ -302,7 +302,9 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["reduction"] = reduction;
     Tensor rows;
-    if (want && student.is_cpu()) {
+    // (float16: the made gradient's small entries would be flushed to zero before a large
+    // upstream, e.g. a loss scale, multiplies them; its backward forms them in float32 first)
+    if (want && student.is_cpu() && student.scalar_type() != at::kHalf) {
       const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(student.size(0), 1)) : 1.0;
       auto out = call_below_autograd(kd_op(2), {student, teacher, kind, temperature, beta, scale});
       rows = out[0].toTensor();
@@ -321,28 +323,26 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
                                                  torch::autograd::variable_list grads) {
     Tensor grad;
     if (ctx->needs_input_grad(0) && grads[0].defined()) {
-      const auto saved = ctx->get_saved_variables();
-      const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
       const auto& k = ctx->saved_data["kind"];
       const auto& T = ctx->saved_data["temperature"];
       const auto& b = ctx->saved_data["beta"];
       if (ctx->saved_data.count("grad_scale")) {  // made by the forward (CPU)
-        auto& kept = ctx->saved_data["grad"];
-        if (kept.isTensor()) {
-          grad = kept.toTensor();
-          kept = c10::IValue();
-        } else {  // a second backward through a retained graph
+        grad = take_kept_gradient(ctx->saved_data["grad"]);
+        if (!grad.defined()) {  // a second backward through a retained graph
+          const auto saved = ctx->get_saved_variables();  // (only now: their versions checked)
           grad = call_below_autograd(kd_op(2), {saved[0], saved[1], k, T, b, ctx->saved_data["grad_scale"]})[1]
                      .toTensor();
         }
         const Tensor up = grads[0].to(at::kFloat);
         if (reduction == kNone)
-          grad.mul_(up.reshape({-1, 1}));
+          grad = scale_if_owned(std::move(grad), up.reshape({-1, 1}));
         else if (!(readable_cpu(up) && up.item<double>() == 1.0))
-          grad.mul_(up);  // (the mean's 1 / N is in already)
+          grad = scale_if_owned(std::move(grad), up);  // (the mean's 1 / N is in already)
       } else {
+        const auto saved = ctx->get_saved_variables();
         // d(total)/d(row loss) for every row
-        const Tensor g = row_upstream(grads[0], reduction, n);
+        const Tensor g = row_upstream(grads[0], reduction, saved[0].size(0));
         grad = call_below_autograd(kd_op(1), {g, saved[0], saved[1], saved[2], k, T, b})[0].toTensor();
       }
     }
@@ -405,16 +405,22 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
     // On the CPU the mean's divisor is folded into the gradient the kernels write (no pass of
     // the backward over it for loss.backward()); 0 when no row is kept (a zero gradient)
+    // (float16: not folded, as kd_loss's gradient is not made in its forward: its range would
+    // flush the scaled entries)
     double scale = 1.0;
-    if (reduction == kMean && readable_cpu(student)) {
+    const bool fold = reduction == kMean && readable_cpu(student) && student.scalar_type() != at::kHalf;
+    if (fold) {
       const double n = count.defined() ? count.item<double>() : double(student.size(0));
       scale = n > 0 ? 1.0 / n : 0.0;
     }
     auto out = rank_forward(student, teacher, target, k_or_ignore, temperature, renormalize, want, scale);
     const Tensor loss = reduce_loss_rows(out[0].toTensor(), reduction, count);
-    ctx->save_for_backward({student, teacher, target.value_or(Tensor()), count});
+    ctx->save_for_backward({student, teacher, target.value_or(Tensor())});
+    ctx->saved_data["count"] = count;  // (not a saved variable: read without the inputs' version check)
     if (want) ctx->saved_data["grad"] = out[1].toTensor();  // (not a saved variable: handed over)
     ctx->saved_data["grad_scale"] = scale;
+    ctx->saved_data["folded"] = fold || reduction != kMean;  // the backward applies only the upstream
+    ctx->saved_data["folded"] = fold || reduction != kMean;  // the backward applies only the upstream
     ctx->saved_data["k_or_ignore"] = k_or_ignore;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["renormalize"] = renormalize;
@@ -430,12 +436,11 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     if (ctx->needs_input_grad(0) && grads[0].defined()) {
       TORCH_CHECK(ctx->saved_data["want"].toBool(), "topk_kl_loss / pld_loss: the gradient was "
                   "not made in the forward (the student did not require grad then)");
-      const auto saved = ctx->get_saved_variables();
-      auto& kept = ctx->saved_data["grad"];
-      if (kept.isTensor()) {
-        out = kept.toTensor();
-        kept = c10::IValue();  // ours alone now: autograd may keep it as .grad without a copy
-      } else {  // a second backward through a retained graph
+      // the saved inputs are unpacked (their versions checked) only when needed: an in-place
+      // backward of another loss on the same logits may have run before this one
+      out = take_kept_gradient(ctx->saved_data["grad"]);
+      if (!out.defined()) {  // a second backward through a retained graph
+        const auto saved = ctx->get_saved_variables();
         out = rank_forward(saved[0], saved[1], saved[2].defined() ? std::optional<Tensor>(saved[2]) : std::nullopt,
                            ctx->saved_data["k_or_ignore"].toInt(), ctx->saved_data["temperature"].toDouble(),
                            ctx->saved_data["renormalize"].toBool(), true,
@@ -443,17 +448,17 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
                   .toTensor();
       }
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
-      const bool folded = ctx->saved_data["grad_scale"].toDouble() != 1.0 || reduction != kMean;
       const Tensor up = grads[0].to(at::kFloat);
       if (reduction == kNone) {
-        out.mul_(up.reshape({-1, 1}));  // (float32 factors; the product rounded once)
-      } else if (folded) {  // the mean's divisor is in (or there is none): only the upstream
-        if (!(readable_cpu(up) && up.item<double>() == 1.0)) out.mul_(up);
-      } else {  // a mean over one row, or a device whose count is not read: divide here
+        out = scale_if_owned(std::move(out), up.reshape({-1, 1}));  // (float32 factors: one rounding)
+      } else if (ctx->saved_data["folded"].toBool()) {  // the mean's divisor is in, or none
+        if (!(readable_cpu(up) && up.item<double>() == 1.0)) out = scale_if_owned(std::move(out), up);
+      } else {  // float16, or a device whose count is not read: divide here
         // (PLD's mean over no kept rows is NaN, and its gradient 0, as F.cross_entropy's)
-        const Tensor& count = saved[3];
-        out.mul_(count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
-                                 : up.div(double(out.size(0))));
+        const auto& kept_count = ctx->saved_data["count"];
+        const Tensor count = kept_count.isTensor() ? kept_count.toTensor() : Tensor();
+        out = scale_if_owned(std::move(out), count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
+                                                             : up.div(double(out.size(0))));
       }
     }
     return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},

@@ -15,6 +15,7 @@
 #include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mul.h>
 #include <ATen/ops/ones.h>
@@ -326,6 +327,8 @@ std::vector<c10::IValue> with_params(std::vector<c10::IValue> head, const LossPa
   return head;
 }
 
+constexpr const char* kEarlyGrad[3] = {"early_grad_hidden", "early_grad_weight", "early_grad_bias"};
+
 // With reduction mean/sum and gradients wanted, the forward op also returns the gradients
 // of sum(row loss) ("early" gradients); backward scales them by d(total)/d(loss). They are
 // kept in saved_data rather than saved as variables so that the usual backward can hand
@@ -349,14 +352,13 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     // over no rows is NaN but its gradients are 0, as torch's).
     const Tensor row_scale = reduction == kMean ? at::where(denom.ne(0), denom.reciprocal(), 0.0)
                                                 : Tensor();
-    if (early) {
-      c10::List<Tensor> grads;
+    if (early) {  // (three Tensor entries: compiled autograd lifts those, not a tensor list)
+      ctx->saved_data["early"] = true;
       for (int k = 3; k < 6; ++k) {
         Tensor g = out[k].toTensor();
         if (row_scale.defined()) g.mul_(row_scale);
-        grads.push_back(g);
+        ctx->saved_data[kEarlyGrad[k - 3]] = g;
       }
-      ctx->saved_data["early_grads"] = grads;
     }
     ctx->save_for_backward({hidden, weight, target, bias.value_or(Tensor()),
                             class_weight.value_or(Tensor()), out[1].toTensor(), out[2].toTensor(),
@@ -383,26 +385,27 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
                                  name);
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
-    auto& early = ctx->saved_data["early_grads"];
-    if (early.isTensorList()) {
-      const auto list = early.toTensorList();
-      // Scaled by d(total)/d(loss) in place, or, where the dtype changes, in the pass that
-      // rounds them (one kernel, no float32 copy: at 128256 x 4096 a copy of grad_weight's
-      // accumulator was 2 GiB more peak memory and a pass), then handed over and forgotten; a
-      // later backward through a retained graph forms the blocks again. When d(total)/d(loss)
-      // is exactly 1 and can be read without a device synchronisation there is nothing to scale.
+    if (ctx->saved_data.count("early") && ctx->saved_data["early"].toBool()) {
+      // handed over: a later backward through a retained graph forms the blocks again
+      ctx->saved_data["early"] = false;
+      Tensor made[3];
+      for (int k = 0; k < 3; ++k) made[k] = take_kept_gradient(ctx->saved_data[kEarlyGrad[k]]);
+      // Scaled by d(total)/d(loss) in place (when this backward holds the only reference: see
+      // scale_if_owned), or, where the dtype changes, in the pass that rounds them (one kernel,
+      // no float32 copy: at 128256 x 4096 a copy of grad_weight's accumulator was 2 GiB more
+      // peak memory and a pass). When d(total)/d(loss) is exactly 1 and can be read without a
+      // device synchronisation there is nothing to scale.
       const bool unit = readable_cpu(up) && up.numel() == 1 && up.item<double>() == 1.0;
       const Tensor scale = up.to(at::kFloat);
       auto result = [&](Tensor t, const Tensor& like) {
         if (unit) return t.to(like.scalar_type());
-        if (t.scalar_type() == like.scalar_type()) return t.mul_(scale);
-        Tensor out = at::empty(t.sizes(), t.options().dtype(like.scalar_type()));
+        if (t.scalar_type() == like.scalar_type()) return scale_if_owned(std::move(t), scale);
+        Tensor out = at::empty_like(t, t.options().dtype(like.scalar_type()));  // (traced from t)
         return at::mul_out(out, t, scale);
       };
-      if (needs[0]) gh = result(list[0], hidden);
-      if (needs[1]) gw = result(list[1], weight);
-      if (needs[2]) gb = result(list[2], saved[3]);
-      early = c10::IValue();
+      if (needs[0]) gh = result(std::move(made[0]), hidden);
+      if (needs[1]) gw = result(std::move(made[1]), weight);
+      if (needs[2]) gb = result(std::move(made[2]), saved[3]);
       return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name);
     }

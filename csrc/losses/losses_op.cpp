@@ -9,6 +9,8 @@
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/mul.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/sum.h>
 #include <ATen/ops/where.h>
@@ -505,6 +507,19 @@ std::optional<at::Tensor> opt_weight(const std::optional<Tensor>& w) {
 bool readable_cpu(const Tensor& t) {
   return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
          !t.key_set().has(c10::DispatchKey::Functionalize);
+}
+
+Tensor take_kept_gradient(c10::IValue& slot) {
+  if (!slot.isTensor()) return Tensor();
+  Tensor t = slot.toTensor();
+  slot = c10::IValue();
+  return t;
+}
+
+Tensor scale_if_owned(Tensor t, const Tensor& factor) {
+  if (t.use_count() == 1) return t.mul_(factor);
+  Tensor out = at::empty_like(t);
+  return at::mul_out(out, t, factor);
 }
 
 // Sum and mean of the rows on the CPU in one loop over the few [N] values (double

@@ -56,6 +56,17 @@ std::vector<at::Tensor> once_differentiable(const std::vector<at::Tensor>& incom
 // Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
 bool readable_cpu(const at::Tensor& t);
 
+// A gradient an autograd formula's forward made, kept in ctx->saved_data (`slot`) for its
+// backward to hand over: taken out (the slot left empty), or undefined when a backward took it
+// before (a second backward through a retained graph must make it again).
+at::Tensor take_kept_gradient(c10::IValue& slot);
+// t * factor in t's dtype (factor float32, broadcast against t): in place when t is the only
+// reference to its tensor (the eager backward, after take_kept_gradient), else into a new
+// tensor. Compiled autograd runs a backward on a copy of saved_data, whose original still
+// holds the buffer: scaling it in place would alter the first backward's result and what a
+// second one hands over. Pass t by std::move.
+at::Tensor scale_if_owned(at::Tensor t, const at::Tensor& factor);
+
 std::optional<at::Tensor> opt_weight(const std::optional<at::Tensor>& w);
 // Reduce float32 row losses [N] as torch does (mean divides by the summed class weights of the
 // non-ignored rows); for the mean, `denom` receives that divisor.
