@@ -355,8 +355,9 @@ def measure(fn: Callable[[Any], Any], inputs: Sequence[Any], device: str = "cpu"
       one-time set-up in the first (lazily built library state, per-thread GEMM buffers,
       caches: 6.5 MiB in fastloss's low_memory path and 158 MiB in torch's chunked linear
       cross-entropy on the CPU at 1024 x 256 x 32000, ad hoc at 2186a1e) is not counted as the
-      call's memory; before 2186a1e's runs the first call was measured. More warm-up calls
-      follow until ``warmup`` calls or ``target_s`` seconds of warm-up.
+      call's memory; before 2186a1e's runs the first call was measured. So every variant
+      runs at least twice, even one slower than ``slow_call_s``. More warm-up calls follow
+      until ``warmup`` calls or ``target_s`` seconds of warm-up.
     * The number of timed repeats fills ``target_s`` (between ``min_repeats`` and
       ``max_repeats``); ``min_repeats`` is lowered when it would exceed ``max_measure_s``.
     * At least one timed call always follows the warm-up, except that a warm-up call slower
