@@ -945,6 +945,8 @@ def losses_lib():
     P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
     lib.emu_losses.argtypes = [P, ctypes.c_int, P, P, P, I64, P, P, P, P, P, P, ctypes.c_int]
     lib.emu_losses.restype = ctypes.c_char_p
+    lib.emu_scale_rows_unless_one.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, P, ctypes.c_int]
+    lib.emu_scale_rows_unless_one.restype = ctypes.c_char_p
     return lib
 
 
@@ -1013,6 +1015,41 @@ def test_row_losses_forward_backward_in_one_pass(losses_lib, case, dtype, shape)
     gradient while the row is in L2; a warp per row up to 1024 classes, else 1024-thread blocks,
     at most one per multiprocessor: 7 rows over 3 here) against the CPU ops, class weights on."""
     test_row_losses(losses_lib, case, dtype, shape, True, fused=True)
+
+
+# a NaN with a payload that a load, float32 multiply and store would not keep (quieted or made
+# canonical): rows that keep these bits were neither read nor written
+_RAW_NAN = {torch.float32: (torch.int32, 0x7F800001), torch.float16: (torch.int16, 0x7C01),
+            torch.bfloat16: (torch.int16, 0x7F81)}
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+def test_scale_rows_unless_one(losses_lib, dtype):
+    """grad_in_forward's backward scaling on the device: rows whose factor is exactly 1 are not
+    touched (they keep a NaN payload bit for bit), the others are scaled in place; one factor
+    for every row, or one per row."""
+    gen = torch.Generator().manual_seed(7)
+    n, c = 9, 1031
+    ints, raw = _RAW_NAN[dtype]
+    for per_row in (True, False):
+        x = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+        factor = torch.rand(n if per_row else 1, generator=gen) + 0.5
+        if per_row:
+            factor[[0, 4, 8]] = 1.0
+            x.view(ints)[[0, 4, 8]] = raw
+        expect = (x.float() * (factor[:, None] if per_row else factor)).to(dtype)
+        err = losses_lib.emu_scale_rows_unless_one(x.data_ptr(), DTYPE_CODES[dtype], n, c, factor.data_ptr(),
+                                                   int(per_row))
+        assert err is None, err.decode()
+        scaled = [r for r in range(n) if not per_row or factor[r] != 1.0]
+        torch.testing.assert_close(x[scaled], expect[scaled], rtol=0, atol=0)
+        if per_row:
+            assert (x.view(ints)[[0, 4, 8]] == raw).all()
+    x = torch.zeros(3, 5, dtype=dtype)
+    x.view(ints).fill_(raw)
+    one = torch.ones(1)
+    assert losses_lib.emu_scale_rows_unless_one(x.data_ptr(), DTYPE_CODES[dtype], 3, 5, one.data_ptr(), 0) is None
+    assert (x.view(ints) == raw).all()
 
 
 # ---- similarity blocks (Multi-Similarity, TCM, contrastive) ---------------------------------------

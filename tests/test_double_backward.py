@@ -234,7 +234,8 @@ def test_create_graph_under_compiled_autograd_raises(name):
     assert g.abs().sum() > 0
 
 
-@pytest.mark.parametrize("name", ["kd_loss", "topk_kl_loss", "pld_loss", "linear_cross_entropy"])
+@pytest.mark.parametrize("name", ["kd_loss", "topk_kl_loss", "pld_loss", "linear_cross_entropy",
+                                  "cross_entropy_grad_in_forward"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_handed_over_gradients_under_compiled_autograd(name, dtype):
     """These losses make their gradient in the forward and hand it over in the backward,
@@ -250,7 +251,8 @@ def test_handed_over_gradients_under_compiled_autograd(name, dtype):
     fn = {"kd_loss": lambda x: ops.kd_loss(x, t, 2.0),
           "topk_kl_loss": lambda x: ops.topk_kl_loss(x, t, 5),
           "pld_loss": lambda x: ops.pld_loss(x, t, y),
-          "linear_cross_entropy": lambda x: ops.linear_cross_entropy(x, w, y)}[name]
+          "linear_cross_entropy": lambda x: ops.linear_cross_entropy(x, w, y),
+          "cross_entropy_grad_in_forward": lambda x: ops.cross_entropy(x, y, grad_in_forward=True)}[name]
     x = s.clone().requires_grad_(True)
     (eager,) = torch.autograd.grad(fn(x) * 3.0, x)
     loss = fn(x) * 3.0

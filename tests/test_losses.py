@@ -550,6 +550,31 @@ def test_grad_in_forward(name, dtype, reduction, device):
         assert_close(grads[1], grads[0].float(), dtype, f"{name} {upstream} fused grad")
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_grad_in_forward_retained_graph(reduction, device):
+    """grad_in_forward's backward hands its gradient over (scaled in place): a second backward
+    through the retained graph makes it again, and loss.backward() twice accumulates twice the
+    default path's gradient."""
+    logits, target, _ = make_inputs(11, 1031, torch.float32, device, False, seed=29)
+    up = None
+    grads = []
+    for fused in (False, True):
+        x = logits.clone().requires_grad_(True)
+        out = ops.cross_entropy(x, target, reduction=reduction, grad_in_forward=fused)
+        if up is None:
+            up = torch.rand(out.shape, generator=torch.Generator().manual_seed(5)).to(out) + 0.5
+        (first,) = torch.autograd.grad(out, x, up, retain_graph=True)
+        kept = first.clone()
+        (second,) = torch.autograd.grad(out, x, up, retain_graph=True)
+        torch.testing.assert_close(first, kept)
+        torch.testing.assert_close(second, kept)
+        out.backward(up, retain_graph=True)
+        out.backward(up)
+        grads.append((kept, x.grad))
+    torch.testing.assert_close(grads[1][0], grads[0][0])
+    torch.testing.assert_close(grads[1][1], 2 * grads[0][0])
+
+
 def test_grad_in_forward_checks():
     logits, target, _ = make_inputs(4, 7, torch.float32)
     x = logits.requires_grad_(True)

@@ -5,8 +5,8 @@ kernels until the GPU has caught up.
 
 Left out on purpose (their results' shapes or control flow depend on values): tcm_loss (the
 list of hard pairs), proto_triplet_loss / icnn_loss (the number of support classes), sinkhorn
-(convergence checks), and grad_in_forward's backward (it checks whether the incoming gradient
-is exactly 1 to hand the gradient over without a pass).
+(convergence checks). grad_in_forward's backward decides on the device whether the incoming
+gradient is exactly 1 (scale_rows_unless_one_cuda) since session 15; it read it on the host.
 """
 
 import pytest
@@ -62,6 +62,10 @@ def _cases():
             lambda x, t, w: ops.cross_entropy(x, t, weight=w, label_smoothing=0.1, reduction="sum")),
         "cross_entropy_none_softcap": ((logits, target),
                                        lambda x, t: ops.cross_entropy(x, t, reduction="none", softcap=30.0).sum()),
+        "cross_entropy_grad_in_forward": ((logits, target),
+                                          lambda x, t: ops.cross_entropy(x, t, grad_in_forward=True) * 2.0),
+        "cross_entropy_grad_in_forward_none": (
+            (logits, target), lambda x, t: ops.cross_entropy(x, t, reduction="none", grad_in_forward=True).sum()),
         "dilated_conv1d": ((torch.randn(2, 8, 300, generator=g), torch.randn(8, 3, generator=g)),
                            lambda x, w: ops.dilated_conv1d(x, w, dilation=4).square().sum()),
     }

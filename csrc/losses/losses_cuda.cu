@@ -255,8 +255,34 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// Rows of data *= their factor unless it is exactly 1 (a whole block skips such a row: the
+// branch is uniform); a block per row, striding over rows past the grid.
+template <class T>
+__global__ void __launch_bounds__(kBlock)
+    scale_rows_unless_one_kernel(T* __restrict__ data, int64_t rows, int64_t cols,
+                                 const float* __restrict__ factor, bool per_row) {
+  for (int64_t r = blockIdx.x; r < rows; r += gridDim.x) {
+    const float f = factor[per_row ? r : 0];
+    if (f == 1.f) continue;
+    T* row = data + r * cols;
+    for (int64_t j = threadIdx.x; j < cols; j += blockDim.x) store1(row + j, load1(row + j) * f);
+  }
+}
+
 }  // namespace
 }  // namespace FL_ISA
+
+const char* scale_rows_unless_one_cuda(void* data, ScalarType dtype, int64_t rows, int64_t cols,
+                                       const float* factor, bool per_row, void* stream) {
+  using namespace FL_ISA;
+  if (rows == 0 || cols == 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  visit_dtype(dtype, [&]<class T>() {
+    scale_rows_unless_one_kernel<T><<<blocks_for(rows, 1), kBlock, 0, s>>>(static_cast<T*>(data), rows, cols,
+                                                                          factor, per_row);
+  });
+  return launch_status();
+}
 
 // Instantiates `launch` for the loss, the storage type and the row-group size (one warp for
 // rows up to 1024 classes, the whole block above), and reports the launch's error.

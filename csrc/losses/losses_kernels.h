@@ -31,5 +31,11 @@ const char* losses_backward_cuda(const LogitsView& lv, const RowTargets& rt, con
 const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets& rt,
                                          const LossParams& p, const RowStats& out,
                                          const RowGrad& g, void* stream);
+// data [rows, cols] (contiguous, dtype) *= factor[per_row ? r : 0] for each row r, in place,
+// except rows whose factor is exactly 1, which are neither read nor written: grad_in_forward's
+// backward scales the gradient made in the forward by the incoming gradient without the host
+// reading it (that would wait for the GPU), and moves no bytes for the common 1.
+const char* scale_rows_unless_one_cuda(void* data, ScalarType dtype, int64_t rows, int64_t cols,
+                                       const float* factor, bool per_row, void* stream);
 
 }  // namespace fastloss

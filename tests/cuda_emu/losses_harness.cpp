@@ -47,4 +47,11 @@ const char* emu_losses(const void* logits, int dtype, const int64_t* target, con
   return fastloss::losses_backward_cuda(lv, rt, p, g, nullptr);
 }
 
+// data [rows, cols] *= factor[per_row ? r : 0] unless that factor is exactly 1
+const char* emu_scale_rows_unless_one(void* data, int dtype, int64_t rows, int64_t cols, const float* factor,
+                                      int per_row) {
+  return fastloss::scale_rows_unless_one_cuda(data, fastloss::ScalarType(dtype), rows, cols, factor, per_row != 0,
+                                              nullptr);
+}
+
 }  // extern "C"
