@@ -730,8 +730,11 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       return scale_if_owned(std::move(made), per_row ? g.unsqueeze(1) : g);
     }
 #if defined(FASTLOSS_WITH_CUDA)
-    if (made.is_cuda() && made.use_count() == 1 && made.is_contiguous() && made.dim() == 2 &&
-        g.is_cuda() && g.is_contiguous()) {
+    const auto traced = [](const Tensor& t) {  // fake / functional tensors: no data to launch on
+      return t.key_set().has(c10::DispatchKey::Python) || t.key_set().has(c10::DispatchKey::Functionalize);
+    };
+    if (made.is_cuda() && !traced(made) && !traced(g) && made.use_count() == 1 && made.is_contiguous() &&
+        made.dim() == 2 && g.is_cuda() && g.device() == made.device() && g.is_contiguous()) {
       const c10::cuda::CUDAGuard guard(made.device());
       check_cuda_launch(scale_rows_unless_one_cuda(made.data_ptr(), kernel_dtype(made, "grad_in_forward", "grad"),
                                                    made.size(0), made.size(1), g.data_ptr<float>(),

@@ -170,7 +170,7 @@ def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, gr
     # *_forward / *_backward ops below autograd; torch.compile traces it into those.
     refuse_grad(_PUBLIC_NAME[name], "weight", weight, "the class weights (as F.cross_entropy)")
     if grad_in_forward and torch.compiler.is_compiling():
-        grad_in_forward = False  # its backward tests the incoming gradient on the host
+        grad_in_forward = False  # (the plain path: the hand-over of its backward is tested eager only)
     return getattr(torch.ops.fastloss, f"{name}_loss").default(
         logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace,
         grad_in_forward)
