@@ -1433,6 +1433,7 @@ def test_blocks_that_walk_several_rows(cap, kd_lib, sinkhorn_lib, metric_lib, au
         test_auc(auc_lib, torch.float32, (3, 5, 300), True)
         test_row_losses(losses_lib, "ce_smooth_z_softcap", torch.float32, (9, 1000), True)
         test_row_losses_forward_backward_in_one_pass(losses_lib, "ce_smooth_z_softcap", torch.bfloat16, (7, 2050))
+        test_scale_rows_unless_one(losses_lib, torch.bfloat16)
         test_icnn_score_kernel(nb_lib, "ties")
         test_knn_rows_kernel(nb_lib, "ties")
         test_quant_tensor_core_gemm(quant_mma_lib, 4, 128, "symmetric")

@@ -5,8 +5,9 @@ kernels until the GPU has caught up.
 
 Left out on purpose (their results' shapes or control flow depend on values): tcm_loss (the
 list of hard pairs), proto_triplet_loss / icnn_loss (the number of support classes), sinkhorn
-(convergence checks). grad_in_forward's backward decides on the device whether the incoming
-gradient is exactly 1 (scale_rows_unless_one_cuda) since session 15; it read it on the host.
+(convergence checks). grad_in_forward's backward scales its saved gradient on the device
+unless the incoming gradient is exactly 1 (scale_rows_unless_one_cuda) since session 15; it
+read that gradient on the host before.
 """
 
 import pytest

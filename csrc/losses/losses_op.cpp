@@ -687,14 +687,18 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   }
 
   // grad_in_forward: the gradient for an incoming gradient of 1 is made with the forward (one
-  // pass over the logits); the backward hands it over, scaled in place unless the incoming
-  // gradient is exactly 1 (on CUDA decided on the device: no host synchronisation). A second
-  // backward through a retained graph makes it again from the saved inputs.
-  static std::vector<c10::IValue> forward_grad_op(const Tensor& logits, const Tensor& target,
-                                                  const std::optional<Tensor>& weight,
-                                                  const LossParams& p, int64_t reduction, Tensor& denom) {
+  // pass over the logits) and saved; the backward returns it, scaled when the incoming gradient
+  // is not 1. On the CPU that is read (free); on CUDA reading it would wait for the GPU, so the
+  // saved gradient is scaled in place on the device, rows whose factor is exactly 1 neither read
+  // nor written (scale_rows_unless_one_cuda), and its version bumped: a second backward through
+  // a retained graph then raises torch's "modified by an inplace operation" instead of scaling
+  // twice. (Kept as a saved variable, not in saved_data: saved-tensor hooks such as
+  // save_on_cpu and checkpointing see it.)
+  static Tensor forward_with_grad(torch::autograd::AutogradContext* ctx, const Tensor& logits,
+                                  const Tensor& target, const std::optional<Tensor>& weight,
+                                  const LossParams& p, int64_t reduction) {
     const auto fopts = logits.options().dtype(at::kFloat);
-    Tensor grad_loss;
+    Tensor denom, grad_loss;
     if (reduction == kMean) {
       denom = mean_denominator(target, opt_weight(weight), p.ignore_index, logits.size(1));
       grad_loss = at::empty({logits.size(0)}, fopts).fill_(denom.reciprocal());
@@ -703,47 +707,38 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     }
     std::vector<c10::IValue> args{grad_loss, logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
-    return call_below_autograd(row_op(p.kind, kForwardGradOp), std::move(args));
-  }
-
-  static Tensor forward_with_grad(torch::autograd::AutogradContext* ctx, const Tensor& logits,
-                                  const Tensor& target, const std::optional<Tensor>& weight,
-                                  const LossParams& p, int64_t reduction) {
-    Tensor denom;
-    auto out = forward_grad_op(logits, target, weight, p, reduction, denom);
+    auto out = call_below_autograd(row_op(p.kind, kForwardGradOp), std::move(args));
     const Tensor rows = out[0].toTensor();
     Tensor loss = rows;
     if (reduction == kSum) loss = rows.sum();
     if (reduction == kMean) loss = rows.sum().div(denom);
-    ctx->saved_data["made"] = out[3].toTensor();  // (not a saved variable: handed over)
-    ctx->save_for_backward({logits, target, weight.value_or(Tensor())});  // (unpacked only to make it again)
-    ctx->saved_data["params"] = pack_params(p);
-    ctx->saved_data["ignore_index"] = p.ignore_index;
+    ctx->save_for_backward({out[3].toTensor()});
     return loss.to(logits.scalar_type());
   }
 
   // The made gradient times the incoming gradient g (float32: [N] for reduction none, else one
-  // value), without a pass when g is exactly 1.
-  static Tensor scale_made(Tensor made, const Tensor& g, bool per_row) {
-    if (readable_cpu(g)) {  // (the CPU reads g for free)
+  // value), without a host synchronisation.
+  static Tensor scale_made(const Tensor& made, const Tensor& g, bool per_row) {
+    if (readable_cpu(g)) {  // (the CPU reads g for free: 1 returns the gradient as made)
       if (g.eq(1.0).all().item<bool>()) return made;
-      return scale_if_owned(std::move(made), per_row ? g.unsqueeze(1) : g);
+      return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());
     }
 #if defined(FASTLOSS_WITH_CUDA)
     const auto traced = [](const Tensor& t) {  // fake / functional tensors: no data to launch on
       return t.key_set().has(c10::DispatchKey::Python) || t.key_set().has(c10::DispatchKey::Functionalize);
     };
-    if (made.is_cuda() && !traced(made) && !traced(g) && made.use_count() == 1 && made.is_contiguous() &&
-        made.dim() == 2 && g.is_cuda() && g.device() == made.device() && g.is_contiguous()) {
+    if (made.is_cuda() && !traced(made) && !traced(g) && made.is_contiguous() && made.dim() == 2 &&
+        g.is_cuda() && g.device() == made.device() && g.is_contiguous()) {
       const c10::cuda::CUDAGuard guard(made.device());
       check_cuda_launch(scale_rows_unless_one_cuda(made.data_ptr(), kernel_dtype(made, "grad_in_forward", "grad"),
                                                    made.size(0), made.size(1), g.data_ptr<float>(),
                                                    per_row, cuda_stream()),
                         "grad_in_forward");
+      torch::autograd::impl::bump_version(made);
       return made;
     }
 #endif
-    return scale_if_owned(std::move(made), per_row ? g.unsqueeze(1) : g);  // (tracing, a shared buffer)
+    return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());  // (tracing)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -751,15 +746,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     Tensor grad;
     if (ctx->needs_input_grad(0) && grads[0].defined() && ctx->saved_data["fused"].toBool()) {
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
-      Tensor made = take_kept_gradient(ctx->saved_data["made"]);
-      if (!made.defined()) {  // a second backward through a retained graph
-        const auto saved = ctx->get_saved_variables();
-        const LossParams p = unpack_params(ctx->saved_data["params"].toDoubleVector(),
-                                           ctx->saved_data["ignore_index"].toInt());
-        Tensor denom;
-        made = forward_grad_op(saved[0], saved[1], opt(saved[2]), p, reduction, denom)[3].toTensor();
-      }
-      grad = scale_made(std::move(made), grads[0].to(at::kFloat).contiguous(), reduction == kNone);
+      grad = scale_made(ctx->get_saved_variables()[0], grads[0].to(at::kFloat).contiguous(), reduction == kNone);
     } else if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const auto saved = ctx->get_saved_variables();
       const Tensor& logits = saved[0];
