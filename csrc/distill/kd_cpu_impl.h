@@ -48,6 +48,43 @@ void pair_max(const T* sr, const T* tr, int64_t C, float inv_t, float& ms, float
   mt = vmax(mt, hmax(vmt));
 }
 
+// The sums of a row pair's second sweep: zs = sum e^(s - ms), zt = sum e^(t - mt), and the
+// weighted differences the KLs need, a = sum e^(t - mt) (t - s), b = sum e^(s - ms) (s - t);
+// with Store, the exponentials also go to es[k] and et[k].
+struct PairSums {
+  float zs, zt, a, b;
+};
+
+template <bool Store, class V, class T>
+PairSums pair_sums(const T* sr, const T* tr, int64_t C, float inv_t, float ms, float mt, float* es, float* et) {
+  V vzs = V(0.f), vzt = V(0.f), va = V(0.f), vb = V(0.f);
+  float zs = 0.f, zt = 0.f, a = 0.f, b = 0.f;
+  sweep<V>(sr, tr, C, inv_t,
+           [&](V s, V t, int64_t k) {
+             const V e_s = vexp(s - V(ms)), e_t = vexp(t - V(mt));
+             if constexpr (Store) {
+               VecIo<V>::store(es + k, e_s);
+               VecIo<V>::store(et + k, e_t);
+             }
+             vzs += e_s;
+             vzt += e_t;
+             va = vfma(e_t, t - s, va);
+             vb = vfma(e_s, s - t, vb);
+           },
+           [&](float s, float t, int64_t k) {
+             const float e_s = vexp(s - ms), e_t = vexp(t - mt);
+             if constexpr (Store) {
+               es[k] = e_s;
+               et[k] = e_t;
+             }
+             zs += e_s;
+             zt += e_t;
+             a += e_t * (t - s);
+             b += e_s * (s - t);
+           });
+  return {zs + hsum(vzs), zt + hsum(vzt), a + hsum(va), b + hsum(vb)};
+}
+
 template <class V, class T>
 void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int64_t r1) {
   const float inv_t = 1.f / q.temperature, t2 = q.temperature * q.temperature;
@@ -59,27 +96,7 @@ void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int
     float ms, mt;
     pair_max<V>(sr, tr, q.C, inv_t, ms, mt);
     // 2: the partition functions, and the weighted differences the KLs need
-    V vzs = V(0.f), vzt = V(0.f), va = V(0.f), vb = V(0.f);
-    float zs = 0.f, zt = 0.f, a = 0.f, b = 0.f;
-    sweep<V>(sr, tr, q.C, inv_t,
-             [&](V s, V t, int64_t) {
-               const V es = vexp(s - V(ms)), et = vexp(t - V(mt));
-               vzs += es;
-               vzt += et;
-               va = vfma(et, t - s, va);  // sum e^(t - mt) (t - s)
-               vb = vfma(es, s - t, vb);  // sum e^(s - ms) (s - t)
-             },
-             [&](float s, float t, int64_t) {
-               const float es = vexp(s - ms), et = vexp(t - mt);
-               zs += es;
-               zt += et;
-               a += et * (t - s);
-               b += es * (s - t);
-             });
-    zs += hsum(vzs);
-    zt += hsum(vzt);
-    a += hsum(va);
-    b += hsum(vb);
+    const auto [zs, zt, a, b] = pair_sums<false, V>(sr, tr, q.C, inv_t, ms, mt, nullptr, nullptr);
     const float lse_s = ms + std::log(zs), lse_t = mt + std::log(zt);
     float row = 0.f, extra = 0.f;
     if (q.kind == KdKind::forward_kl) {
@@ -162,29 +179,7 @@ void forward_grad_rows(const KdProblem& q, float grad_scale, float* loss, void* 
     T* gr = static_cast<T*>(grad_out) + r * C;
     float ms, mt;
     pair_max<V>(sr, tr, C, inv_t, ms, mt);
-    V vzs = V(0.f), vzt = V(0.f), va = V(0.f), vb = V(0.f);
-    float zs = 0.f, zt = 0.f, a = 0.f, b = 0.f;
-    sweep<V>(sr, tr, C, inv_t,
-             [&](V s, V t, int64_t k) {
-               const V e_s = vexp(s - V(ms)), e_t = vexp(t - V(mt));
-               Io::store(es + k, e_s);
-               Io::store(et + k, e_t);
-               vzs += e_s;
-               vzt += e_t;
-               va = vfma(e_t, t - s, va);
-               vb = vfma(e_s, s - t, vb);
-             },
-             [&](float s, float t, int64_t k) {
-               const float e_s = es[k] = vexp(s - ms), e_t = et[k] = vexp(t - mt);
-               zs += e_s;
-               zt += e_t;
-               a += e_t * (t - s);
-               b += e_s * (s - t);
-             });
-    zs += hsum(vzs);
-    zt += hsum(vzt);
-    a += hsum(va);
-    b += hsum(vb);
+    const auto [zs, zt, a, b] = pair_sums<true, V>(sr, tr, C, inv_t, ms, mt, es, et);
     const float lse_s = ms + std::log(zs), lse_t = mt + std::log(zt);
     const float inv_zs = 1.f / zs, inv_zt = 1.f / zt, d_lse = lse_s - lse_t;
     float row = 0.f;
