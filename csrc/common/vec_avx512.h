@@ -81,7 +81,7 @@ inline Vec16 vcopysign(Vec16 mag, Vec16 sign) {
 }
 inline Vec16 vtanh(Vec16 x) { return vtanh_simd(x); }
 
-inline Vec16 vlog(Vec16 x) {
+inline Vec16 vlog(Vec16 x) {  // per-row scalars only (a libm call per lane): see vec_avx2.h
   alignas(64) float t[16];
   _mm512_store_ps(t, x.v);
   for (float& f : t) f = logf(f);

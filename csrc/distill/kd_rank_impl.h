@@ -350,7 +350,7 @@ float pld_row(const PldProblem& q, const T* sr, const T* tr, int64_t y, T* gr, P
   V vloss = V(0.f);
   float row = 0.f;
   for (k = 0; k + kW <= C; k += kW) {
-    const V lk = VecIo<V>::load(mx + k) + vlog(VecIo<V>::load(l + k));
+    const V lk = VecIo<V>::load(mx + k) + vlog_fast(VecIo<V>::load(l + k));
     VecIo<V>::store(l + k, lk);
     vloss = vfma(VecIo<V>::load(wk + k), lk - VecIo<V>::load(s + k), vloss);
   }

@@ -15,7 +15,7 @@ namespace FL_ISA {
 template <class V>
 inline void softplus_sigmoid(V z, V& sp, V& sig) {
   const V u = vexp(-vabs(z));
-  const V lp = vselect(u < V(1e-4f), u * (V(1.f) - V(0.5f) * u), vlog(V(1.f) + u));  // log1p(u)
+  const V lp = vselect(u < V(1e-4f), u * (V(1.f) - V(0.5f) * u), vlog_fast(V(1.f) + u));  // log1p(u)
   sp = vmax(z, V(0.f)) + lp;
   const V r = V(1.f) / (V(1.f) + u);
   sig = vselect(z < V(0.f), u * r, r);
