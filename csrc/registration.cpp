@@ -154,6 +154,10 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("contrastive_backward(Tensor grad_rows, Tensor a, Tensor b, Tensor lse_row, Tensor lse_col, "
         "Tensor(a!) s_kept, float inv_t, bool symmetric, int block_rows, bool[2] grad_mask) "
         "-> (Tensor, Tensor)");
+  // Its eager path without weights (as kd_loss's): forward, reduction (0 none, 1 mean, 2 sum)
+  // and a C++ autograd formula in one op
+  m.def("contrastive_loss(Tensor a, Tensor b, float inv_t, bool symmetric, int block_rows, "
+        "int reduction) -> Tensor");
   // Multi-Similarity's block loops: -> (stats [2, B] or [0], gradient or [0]); see the op file
   m.def("ms_blocks(Tensor e, Tensor keys, float alpha, float beta, float base, float? epsilon, "
         "int block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");

@@ -119,3 +119,17 @@ def test_second_backward_forms_the_matrix_again(block):
     second = torch.autograd.grad(loss, (x, y))
     for g1, g2 in zip(first, second):
         torch.testing.assert_close(g1, g2)
+
+
+def test_opcheck():
+    """The eager path's op (forward, reduction and C++ autograd formula in one) and the block
+    loops' forward, for every reduction, symmetric or not, one block or several."""
+    a, b, _ = make(9, 5, torch.float32, seed=6)
+    for symmetric in (True, False):
+        for block in (4, 16):
+            for reduction in range(3):
+                torch.library.opcheck(torch.ops.fastloss.contrastive_loss.default,
+                                      (a.clone().requires_grad_(True), b.clone().requires_grad_(True), 3.0,
+                                       symmetric, block, reduction))
+            torch.library.opcheck(torch.ops.fastloss.contrastive_forward.default,
+                                  (a, b, 3.0, symmetric, block, True))

@@ -137,33 +137,13 @@ def _fake_contrastive_backward(grad_rows, a, b, lse_row, lse_col, s_kept, inv_t,
             b.new_empty(b.shape if grad_mask[1] else (0,), dtype=torch.float32))
 
 
-class _ContrastiveKernel(torch.autograd.Function):
-    """Kernels (CPU; CUDA in a CUDA build), no weights: contrastive_forward / _backward run the
-    block loops in C++ (clip_rows per block: row and column log-sum-exps, diagonal;
-    clip_rows_grad_ for the block's d loss / d S in the backward). When S is one block, the
-    forward hands it to the backward (consumed there) instead of it being formed again."""
+@torch.library.register_fake("fastloss::contrastive_loss")
+def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction):
+    torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be [B, D] of the same shape")
+    return a.new_empty((a.shape[0],) if reduction == 0 else ())
 
-    @staticmethod
-    def forward(ctx, a, b, inv_t, symmetric, block):
-        keep = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
-        rows, lse_row, lse_col, s_kept = torch.ops.fastloss.contrastive_forward(
-            a, b, inv_t, symmetric, block, keep)
-        ctx.save_for_backward(a, b, lse_row, lse_col)
-        ctx.s_kept = s_kept  # not saved_tensors: the backward overwrites it, once
-        ctx.args = (inv_t, symmetric, block)
-        return rows
 
-    @staticmethod
-    @once_differentiable("contrastive_loss")
-    def backward(ctx, grad_rows):
-        a, b, lse_row, lse_col = ctx.saved_tensors
-        inv_t, symmetric, block = ctx.args
-        s_kept, ctx.s_kept = ctx.s_kept, lse_row.new_empty((0, 0))  # a second backward: again
-        need = list(ctx.needs_input_grad[:2])
-        grad_a, grad_b = torch.ops.fastloss.contrastive_backward(
-            grad_rows, a, b, lse_row, lse_col, s_kept, inv_t, symmetric, block, need)
-        return (grad_a.to(a.dtype) if need[0] else None, grad_b.to(b.dtype) if need[1] else None,
-                None, None, None)
+_REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
 def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Tensor] = None,
@@ -206,9 +186,12 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
     elif not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     if weights is None and has_kernel(a):
-        rows = _ContrastiveKernel.apply(a, b, 1.0 / float(T), bool(symmetric), block_rows)
-    else:
-        rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
+        # one op with its C++ autograd formula (pair_losses_op.cpp): contrastive_forward's blocks
+        # (clip_rows per block: row and column log-sum-exps, diagonal), the reduction, and
+        # contrastive_backward (clip_rows_grad_ per block; S handed over when it is one block)
+        return torch.ops.fastloss.contrastive_loss(a, b, 1.0 / float(T), bool(symmetric), block_rows,
+                                                   _REDUCTION[reduction])
+    rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
     if reduction == "mean":
         return rows.mean().to(a.dtype)
     if reduction == "sum":
