@@ -18,7 +18,8 @@ default size, without CWCL weights) the forward keeps it for the backward instea
 all, as eager). Without ``weights``, the similarity-block kernels
 (``csrc/pair_losses/similarity_rows_*``: ``clip_rows`` and ``clip_rows_grad_``; CPU, and CUDA
 in a CUDA build) do all of a block's element-wise work in two passes over each row, and the
-block loops run in C++ (``contrastive_forward`` / ``_backward``); with CWCL weights (or on other
+block loops run in C++ (``contrastive_forward`` / ``_backward``), behind one op with a C++
+autograd formula (``contrastive_loss``, since session 15); with CWCL weights (or on other
 devices) the blocks go through torch element-wise operations.
 """
 
