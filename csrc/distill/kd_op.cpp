@@ -334,11 +334,8 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
           grad = call_below_autograd(kd_op(2), {saved[0], saved[1], k, T, b, ctx->saved_data["grad_scale"]})[1]
                      .toTensor();
         }
-        const Tensor up = grads[0].to(at::kFloat);
-        if (reduction == kNone)
-          grad = scale_if_owned(std::move(grad), up.reshape({-1, 1}));
-        else if (!(readable_cpu(up) && up.item<double>() == 1.0))
-          grad = scale_if_owned(std::move(grad), up);  // (the mean's 1 / N is in already)
+        // (the mean's 1 / N is in already)
+        grad = scale_by_upstream(std::move(grad), grads[0].to(at::kFloat), reduction == kNone);
       } else {
         const auto saved = ctx->get_saved_variables();
         // d(total)/d(row loss) for every row
@@ -420,7 +417,6 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     if (want) ctx->saved_data["grad"] = out[1].toTensor();  // (not a saved variable: handed over)
     ctx->saved_data["grad_scale"] = scale;
     ctx->saved_data["folded"] = fold || reduction != kMean;  // the backward applies only the upstream
-    ctx->saved_data["folded"] = fold || reduction != kMean;  // the backward applies only the upstream
     ctx->saved_data["k_or_ignore"] = k_or_ignore;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["renormalize"] = renormalize;
@@ -449,10 +445,8 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
       }
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
       const Tensor up = grads[0].to(at::kFloat);
-      if (reduction == kNone) {
-        out = scale_if_owned(std::move(out), up.reshape({-1, 1}));  // (float32 factors: one rounding)
-      } else if (ctx->saved_data["folded"].toBool()) {  // the mean's divisor is in, or none
-        if (!(readable_cpu(up) && up.item<double>() == 1.0)) out = scale_if_owned(std::move(out), up);
+      if (reduction == kNone || ctx->saved_data["folded"].toBool()) {  // the mean's divisor is in, or none
+        out = scale_by_upstream(std::move(out), up, reduction == kNone);
       } else {  // float16, or a device whose count is not read: divide here
         // (PLD's mean over no kept rows is NaN, and its gradient 0, as F.cross_entropy's)
         const auto& kept_count = ctx->saved_data["count"];

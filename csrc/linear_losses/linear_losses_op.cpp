@@ -353,7 +353,6 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     const Tensor row_scale = reduction == kMean ? at::where(denom.ne(0), denom.reciprocal(), 0.0)
                                                 : Tensor();
     if (early) {  // (three Tensor entries: compiled autograd lifts those, not a tensor list)
-      ctx->saved_data["early"] = true;
       for (int k = 3; k < 6; ++k) {
         Tensor g = out[k].toTensor();
         if (row_scale.defined()) g.mul_(row_scale);
@@ -385,9 +384,9 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
                                  name);
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
-    if (ctx->saved_data.count("early") && ctx->saved_data["early"].toBool()) {
-      // handed over: a later backward through a retained graph forms the blocks again
-      ctx->saved_data["early"] = false;
+    if (ctx->saved_data.count(kEarlyGrad[0]) && ctx->saved_data[kEarlyGrad[0]].isTensor()) {
+      // handed over (the entries emptied): a later backward through a retained graph forms the
+      // blocks again
       Tensor made[3];
       for (int k = 0; k < 3; ++k) made[k] = take_kept_gradient(ctx->saved_data[kEarlyGrad[k]]);
       // Scaled by d(total)/d(loss) in place (when this backward holds the only reference: see

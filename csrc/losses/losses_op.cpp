@@ -504,10 +504,11 @@ std::optional<at::Tensor> opt_weight(const std::optional<Tensor>& w) {
   return w.has_value() && w->defined() ? w : std::nullopt;
 }
 
-bool readable_cpu(const Tensor& t) {
-  return t.is_cpu() && !t.key_set().has(c10::DispatchKey::Python) &&
-         !t.key_set().has(c10::DispatchKey::Functionalize);
+bool traced_tensor(const Tensor& t) {
+  return t.key_set().has(c10::DispatchKey::Python) || t.key_set().has(c10::DispatchKey::Functionalize);
 }
+
+bool readable_cpu(const Tensor& t) { return t.is_cpu() && !traced_tensor(t); }
 
 Tensor take_kept_gradient(c10::IValue& slot) {
   if (!slot.isTensor()) return Tensor();
@@ -520,6 +521,12 @@ Tensor scale_if_owned(Tensor t, const Tensor& factor) {
   if (t.use_count() == 1) return t.mul_(factor);
   Tensor out = at::empty_like(t);
   return at::mul_out(out, t, factor);
+}
+
+Tensor scale_by_upstream(Tensor made, const Tensor& up, bool per_row) {
+  if (per_row) return scale_if_owned(std::move(made), up.reshape({-1, 1}));
+  if (readable_cpu(up) && up.item<double>() == 1.0) return made;
+  return scale_if_owned(std::move(made), up);
 }
 
 // Sum and mean of the rows on the CPU in one loop over the few [N] values (double
@@ -724,10 +731,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());
     }
 #if defined(FASTLOSS_WITH_CUDA)
-    const auto traced = [](const Tensor& t) {  // fake / functional tensors: no data to launch on
-      return t.key_set().has(c10::DispatchKey::Python) || t.key_set().has(c10::DispatchKey::Functionalize);
-    };
-    if (made.is_cuda() && !traced(made) && !traced(g) && made.is_contiguous() && made.dim() == 2 &&
+    if (made.is_cuda() && !traced_tensor(made) && !traced_tensor(g) && made.is_contiguous() && made.dim() == 2 &&
         g.is_cuda() && g.device() == made.device() && g.is_contiguous()) {
       const c10::cuda::CUDAGuard guard(made.device());
       check_cuda_launch(scale_rows_unless_one_cuda(made.data_ptr(), kernel_dtype(made, "grad_in_forward", "grad"),

@@ -53,7 +53,9 @@ at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
 std::vector<at::Tensor> once_differentiable(const std::vector<at::Tensor>& incoming,
                                             const std::vector<at::Tensor>& grads, const std::string& op);
 
-// Plain CPU tensors, not the fake or functional ones of tracing, whose data cannot be read.
+// The fake or functional tensors of tracing, which hold no data to read or launch on.
+bool traced_tensor(const at::Tensor& t);
+// Plain CPU tensors, not traced ones, whose data can be read without a device wait.
 bool readable_cpu(const at::Tensor& t);
 
 // A gradient an autograd formula's forward made, kept in ctx->saved_data (`slot`) for its
@@ -66,6 +68,10 @@ at::Tensor take_kept_gradient(c10::IValue& slot);
 // holds the buffer: scaling it in place would alter the first backward's result and what a
 // second one hands over. Pass t by std::move.
 at::Tensor scale_if_owned(at::Tensor t, const at::Tensor& factor);
+// A gradient made for an incoming gradient of 1, times the incoming gradient `up` (float32:
+// one value, or one per row when per_row), through scale_if_owned; returned as it is when up
+// is exactly 1 and readable without a device wait.
+at::Tensor scale_by_upstream(at::Tensor made, const at::Tensor& up, bool per_row);
 
 std::optional<at::Tensor> opt_weight(const std::optional<at::Tensor>& w);
 // Reduce float32 row losses [N] as torch does (mean divides by the summed class weights of the
