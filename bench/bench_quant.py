@@ -7,6 +7,8 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     decode by a gather from the 256-entry table;
   * ``fastloss_4bit_warp_gemv`` (CUDA, batch <= 16): the 4-bit row again with the warp-per-row
     GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
+  * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
+    path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
   * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32 on the
     CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
@@ -82,6 +84,15 @@ def warp_gemv(x, qw):
         del os.environ["FASTLOSS_QUANT_GEMV"]
 
 
+def avx512_path(x, qw):
+    """dequant_gemm on the AVX-512 kernels where the AMX tile products would run."""
+    fastloss.set_cpu_isa("avx512")
+    try:
+        return fastloss.ops.dequant_gemm(x, qw)
+    finally:
+        fastloss.set_cpu_isa("auto")
+
+
 def main(argv=None):
     ap = harness.base_parser(__doc__)
     args = ap.parse_args(argv)
@@ -120,6 +131,8 @@ def main(argv=None):
             variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
             if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
                 variants["fastloss_4bit_warp_gemv"] = (lambda: warp_gemv(x, q4), q4)
+            if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
+                variants["fastloss_4bit_avx512"] = (lambda: avx512_path(x, q4), q4)
             variants.update({"torch_matmul": (lambda: x @ w4.T, None),
                              "eager_dequant": (lambda: x @ eager_dequant(q4).to(x.dtype).T, q4),
                              "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})

@@ -27,10 +27,13 @@ PYBIND11_MODULE(_C, m) {
         "Whether this CPU has AVX2, FMA and F16C (and the OS enables them).");
   m.def("cpu_supports_avx512", &fastloss::cpu_supports_avx512,
         "Whether this CPU has AVX512F (and the OS enables it).");
+  m.def("cpu_supports_amx", &fastloss::cpu_supports_amx_bf16,
+        "Whether this CPU has AMX-BF16 (with AVX-512), the OS lets this process use it, and "
+        "this build has the AMX kernels.");
   m.def("cpu_isa", [] { return fastloss::cpu_isa_name(fastloss::active_cpu_isa()); },
-        "The instruction set the CPU kernels run with now: 'avx512', 'avx2' or 'generic'.");
+        "The instruction set the CPU kernels run with now: 'amx', 'avx512', 'avx2' or 'generic'.");
   m.def("set_cpu_isa", &fastloss::set_cpu_isa, pybind11::arg("name"),
-        "Choose the CPU kernels: 'auto', 'avx512', 'avx2' or 'generic'. False if unavailable.");
+        "Choose the CPU kernels: 'auto', 'amx', 'avx512', 'avx2' or 'generic'. False if unavailable.");
   m.def(
       "_store_floats",
       [](const std::vector<float>& values, int dtype) {

@@ -4,7 +4,11 @@ import fastloss
 requires_cuda = pytest.mark.skipif(not fastloss.cuda_available(), reason="no CUDA device or CUDA build")
 
 
-@pytest.fixture(params=fastloss.cpu_isas())
+# "amx" runs the AVX-512 kernels everywhere but in the low-bit GEMM (quant_cpu_isa)
+KERNEL_ISAS = [isa for isa in fastloss.cpu_isas() if isa != "amx"]
+
+
+@pytest.fixture(params=KERNEL_ISAS)
 def cpu_isa(request):
     """Run a CPU test once with each kernel path this machine has (generic, AVX2, AVX-512)."""
     fastloss.set_cpu_isa(request.param)
@@ -12,8 +16,16 @@ def cpu_isa(request):
     fastloss.set_cpu_isa("auto")
 
 
+@pytest.fixture(params=fastloss.cpu_isas())
+def quant_cpu_isa(request):
+    """cpu_isa plus "amx" where this machine has it (the low-bit GEMM's tile products)."""
+    fastloss.set_cpu_isa(request.param)
+    yield request.param
+    fastloss.set_cpu_isa("auto")
+
+
 def _places():
-    places = [pytest.param(("cpu", isa), id=isa) for isa in fastloss.cpu_isas()]
+    places = [pytest.param(("cpu", isa), id=isa) for isa in KERNEL_ISAS]
     places.append(pytest.param(("cuda", None), id="cuda", marks=[pytest.mark.cuda, requires_cuda]))
     return places
 

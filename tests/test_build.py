@@ -9,7 +9,7 @@ import fastloss
 
 def test_build_reports_itself():
     assert isinstance(fastloss.built_with_cuda(), bool)
-    assert fastloss.cpu_isa() in ("generic", "avx2", "avx512")
+    assert fastloss.cpu_isa() in ("generic", "avx2", "avx512", "amx")
     if fastloss.built_with_cuda():
         assert fastloss.cuda_archs(), "a CUDA build lists its architectures"
     assert fastloss.cuda_available() == (fastloss.built_with_cuda() and torch.cuda.is_available())

@@ -35,7 +35,7 @@ def codebook_for(kind, bits, n, g):
 
 
 @pytest.mark.parametrize("bits,group_size,kind", FORMATS, ids=lambda v: str(v))
-def test_format_and_gemm(bits, group_size, kind, cpu_isa):
+def test_format_and_gemm(bits, group_size, kind, quant_cpu_isa):
     g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + KINDS.index(kind))
     k, n = k_for(group_size, bits), 37
     w = torch.randn(n, k, generator=g) * 0.1
@@ -55,6 +55,58 @@ def test_format_and_gemm(bits, group_size, kind, cpu_isa):
         x = torch.randn(m, k, generator=g)
         torch.testing.assert_close(ops.dequant_gemm(x, qw).double(), x.double() @ w64.T,
                                    rtol=1e-5, atol=1e-4)
+
+
+requires_amx = pytest.mark.skipif("amx" not in fastloss.cpu_isas(),
+                                  reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
+
+
+@requires_amx
+@pytest.mark.parametrize("bits,group_size,symmetric", [(b, g, s) for b in (2, 3, 4, 8) for g in (32, 64, 128, -1, 0)
+                                                       for s in (True, False)], ids=lambda v: str(v))
+def test_amx_tile_products_are_float32_exact(bits, group_size, symmetric):
+    # The AMX path multiplies bfloat16 terms of x (x = hi + mid + lo) with the exact integer
+    # weight values: its error must be a float32 GEMM's, over inputs spread across 2^-40..2^40.
+    # Shapes: every batch tail (one / two 16-row tiles), weight rows past one 128-row block and
+    # not a multiple of 16, chunks of whole groups and per-channel groups of K.
+    g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
+    k, n = 640, 150
+    w = torch.randn(n, k, generator=g) * 0.1
+    qw = ops.quantize_weight(w, bits, group_size, symmetric)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    bias = torch.randn(n, generator=g)
+    # the terms the kernels sum: s v x and s z x (zero points: s (sum v x - z sum x))
+    v_s = ref.unpack_weight(qw.qweight, qw.scales, None, bits, qw.group, qw.codebook).abs()
+    z_s = 0 if qw.zeros is None else (qw.zeros * qw.scales).double().abs().repeat_interleave(qw.group, 1)
+    try:
+        for m in (8, 16, 17, 33, 40):
+            x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-40, 40, (m, k), generator=g).float())
+            want = x.double() @ w64.T + bias.double()
+            bound = 4e-6 * (x.double().abs() @ (v_s + z_s).T + bias.double().abs())
+            for isa in ("amx", "avx512"):   # the AVX-512 kernels meet the same bound
+                fastloss.set_cpu_isa(isa)
+                err = (ops.dequant_gemm(x, qw, bias).double() - want).abs()
+                assert (err <= bound).all(), (isa, m, (err / bound).max())
+    finally:
+        fastloss.set_cpu_isa("auto")
+
+
+@requires_amx
+def test_amx_non_finite_inputs_stay_non_finite():
+    # an infinite or NaN x stays in its hi term (mid = lo = 0); as on the other CPU paths, the
+    # zero points' s z sum(x) turns infinities into NaN, but no such row comes out finite
+    k, n = 256, 20
+    qw = ops.quantize_weight(torch.randn(n, k), 4, 128, True)
+    x = torch.randn(9, k)
+    x[1, 5], x[2, 7], x[3, 0] = float("inf"), float("-inf"), float("nan")
+    fastloss.set_cpu_isa("amx")
+    try:
+        y = ops.dequant_gemm(x, qw)
+    finally:
+        fastloss.set_cpu_isa("auto")
+    assert not y[1:4].isfinite().any()
+    finite = [0] + list(range(4, 9))
+    torch.testing.assert_close(y[finite], x[finite] @ ops.dequantize_weight(qw).T, rtol=1e-4, atol=1e-4)
 
 
 CUDA_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1) for kind in KINDS]

@@ -6,6 +6,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#if defined(__linux__) && defined(__x86_64__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 namespace fastloss {
 
@@ -41,8 +45,28 @@ bool cpu_supports_avx512() {
 #endif
 }
 
+bool cpu_supports_amx_bf16() {
+#if defined(FASTLOSS_HAVE_AMX) && defined(__linux__) && defined(__x86_64__)
+  static const bool supported = [] {
+    if (!cpu_supports_avx512()) return false;
+    unsigned a, b, c, d;
+    __cpuid_count(7, 0, a, b, c, d);
+    if (!(d & (1u << 22)) || !(d & (1u << 24))) return false;  // AMX-BF16, AMX-TILE
+    unsigned xcr0_lo, xcr0_hi;
+    __asm__ volatile("xgetbv" : "=a"(xcr0_lo), "=d"(xcr0_hi) : "c"(0));
+    if ((xcr0_lo & 0x60000u) != 0x60000u) return false;  // XTILECFG, XTILEDATA
+    constexpr long kReqXcompPerm = 0x1023, kXtileData = 18;
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) == 0;
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
 namespace {
 CpuIsa best_isa() {
+  if (cpu_supports_amx_bf16()) return CpuIsa::amx;
 #if defined(FASTLOSS_HAVE_AVX512)
   if (cpu_supports_avx512()) return CpuIsa::avx512;
 #endif
@@ -53,6 +77,9 @@ CpuIsa initial_isa() {
   const char* env = std::getenv("FASTLOSS_CPU_ISA");
   if (env && std::string(env) == "generic") return CpuIsa::generic;
   if (env && std::string(env) == "avx2" && cpu_supports_avx2_fma()) return CpuIsa::avx2;
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (env && std::string(env) == "avx512" && cpu_supports_avx512()) return CpuIsa::avx512;
+#endif
   return best_isa();
 }
 
@@ -76,6 +103,8 @@ bool set_cpu_isa(const std::string& name) {
   else if (name == "avx512" && cpu_supports_avx512())
     isa = CpuIsa::avx512;
 #endif
+  else if (name == "amx" && cpu_supports_amx_bf16())
+    isa = CpuIsa::amx;
   else
     return false;
   isa_slot().store(int(isa));
@@ -84,6 +113,7 @@ bool set_cpu_isa(const std::string& name) {
 
 const char* cpu_isa_name(CpuIsa isa) {
   switch (isa) {
+    case CpuIsa::amx: return "amx";
     case CpuIsa::avx512: return "avx512";
     case CpuIsa::avx2: return "avx2";
     case CpuIsa::generic: break;

@@ -4,13 +4,18 @@
 
 namespace fastloss {
 
-enum class CpuIsa : int { generic = 0, avx2 = 1, avx512 = 2 };
+// Ordered: each level runs the kernels of the levels below where it has none of its own (amx:
+// the AVX-512 kernels everywhere but the low-bit GEMM's large batches).
+enum class CpuIsa : int { generic = 0, avx2 = 1, avx512 = 2, amx = 3 };
 
 bool cpu_supports_avx2_fma();  // AVX2 + FMA + F16C, and the OS saves YMM state
 bool cpu_supports_avx512();    // AVX512F, and the OS saves ZMM and opmask state
+// AVX-512 plus AMX-TILE and AMX-BF16, and the OS lets this process use the tile data (on Linux
+// it has to be asked for once: arch_prctl(ARCH_REQ_XCOMP_PERM); false when refused)
+bool cpu_supports_amx_bf16();
 CpuIsa active_cpu_isa();       // the best supported, unless overridden
-// name: "generic", "avx2", "avx512" or "auto". Returns false (and changes nothing) for an unknown name
-// or an instruction set this CPU lacks.
+// name: "generic", "avx2", "avx512", "amx" or "auto". Returns false (and changes nothing) for an
+// unknown name or an instruction set this CPU lacks.
 bool set_cpu_isa(const std::string& name);
 const char* cpu_isa_name(CpuIsa isa);
 
@@ -21,13 +26,13 @@ const char* cpu_isa_name(CpuIsa isa);
 // each of whose per-ISA namespaces declares the function.
 #if defined(FASTLOSS_HAVE_AVX512)
 #define FASTLOSS_TRY_AVX512(call) \
-  if (::fastloss::active_cpu_isa() == ::fastloss::CpuIsa::avx512) return avx512::call;
+  if (::fastloss::active_cpu_isa() >= ::fastloss::CpuIsa::avx512) return avx512::call;
 #else
 #define FASTLOSS_TRY_AVX512(call)
 #endif
 #if defined(FASTLOSS_HAVE_AVX2)
 #define FASTLOSS_TRY_AVX2(call) \
-  if (::fastloss::active_cpu_isa() == ::fastloss::CpuIsa::avx2) return avx2::call;
+  if (::fastloss::active_cpu_isa() >= ::fastloss::CpuIsa::avx2) return avx2::call;
 #else
 #define FASTLOSS_TRY_AVX2(call)
 #endif

@@ -248,18 +248,25 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
   });
 }
 
-inline void dequant_rows(const QuantWeight& w, float* out, int64_t n0, int64_t n1) {
+// The weights of rows [n0, n1), groups [g0, g1), row n at out + (n - n0) * ld: (v(q) - z) s,
+// or with kScale false the values v(q) alone (the AMX path's operand: small integers for the
+// uniform formats, exact in bfloat16; it applies s and z to the products).
+template <bool kScale>
+inline void decode_rows(const QuantWeight& w, float* out, int64_t ld, int64_t n0, int64_t n1,
+                        int64_t g0, int64_t g1) {
   const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
   const int64_t P = w.group / quant_planes(w.bits);
   with_bits(w.bits, [&](auto bits_c) {
     constexpr int BITS = decltype(bits_c)::value;
     for (int64_t n = n0; n < n1; ++n) {
       with_decoder<BITS>(w, n, [&](const auto& dec) {
-        for (int64_t g = 0; g < G; ++g) {
-          float* o = out + (n - n0) * w.K + g * w.group;
+        for (int64_t g = g0; g < g1; ++g) {
+          float* o = out + (n - n0) * ld + (g - g0) * w.group;
           unpack_group<BITS, FL_ISA_VEC>(w.q + n * row_bytes + g * group_bytes, P, o, dec, 0);
-          const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
-          for (int64_t i = 0; i < w.group; ++i) o[i] = (o[i] - z) * s;
+          if constexpr (kScale) {
+            const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
+            for (int64_t i = 0; i < w.group; ++i) o[i] = (o[i] - z) * s;
+          }
         }
       });
     }
@@ -272,7 +279,11 @@ void quant_gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t
   gemv<FL_ISA_VEC>(w, x, xsum, M, bias, y, n0, n1);
 }
 void quant_dequant(const QuantWeight& w, float* out, int64_t n0, int64_t n1) {
-  dequant_rows(w, out, n0, n1);
+  decode_rows<true>(w, out, w.K, n0, n1, 0, w.K / w.group);
+}
+void quant_unpack(const QuantWeight& w, float* out, int64_t ld, int64_t n0, int64_t n1, int64_t g0,
+                  int64_t g1) {
+  decode_rows<false>(w, out, ld, n0, n1, g0, g1);
 }
 #endif
 

@@ -43,6 +43,27 @@ void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int
 // backward dequantize tiles of rows and multiply them with torch's GEMM).
 void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_t n1);
 
+// The AMX path for batches from kQuantAmxMinRows on (quant_cpu_amx.cpp, on CPUs with AMX-BF16
+// when the active CPU path is "amx"; below, the GEMV's single pass over the packed bytes is
+// faster: an ad-hoc timing on a 2-vCPU Xeon had the two even at batch 8, 4096 x 4096): tile products of the weights' values v(q) (exact in bfloat16)
+// with x split into three bfloat16 terms, x = hi + mid + lo exactly, so the products are those of
+// float32 and only the float32 accumulation order differs from a float32 GEMM; each group's sums
+// are scaled by s, and the zero points enter as s z sum_k x over the group. Uniform formats with
+// group lengths that are a multiple of 32.
+constexpr int64_t kQuantAmxMinRows = 8;
+bool quant_amx_applies(const QuantWeight& w);
+// x [M, K] float32 (contiguous) packed for the tile products: the three terms, 16 batch rows per
+// tile (rows past M are zeros), pairs of inputs in 32-bit words. quant_amx_packed_words(M, K)
+// words; quant_amx_pack_x writes the tiles of batch rows [16 t0, 16 t1).
+int64_t quant_amx_padded_rows(int64_t M);  // M rounded up to whole tiles of 16 batch rows
+int64_t quant_amx_packed_words(int64_t M, int64_t K);
+void quant_amx_pack_x(const float* x, int64_t M, int64_t K, uint32_t* packed, int64_t t0, int64_t t1);
+// y[m, n] (row stride N) for output features [n0, n1), n0 a multiple of quant_amx_block_rows();
+// xsum_t [G, quant_amx_padded_rows(M)]: sum of x over each group (unused without zero points).
+int64_t quant_amx_block_rows();
+void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, const float* xsum_t,
+                    const float* bias, float* y, int64_t n0, int64_t n1);
+
 // The CUDA kernels (quant_cuda.cu, built with FASTLOSS_WITH_CUDA), on `stream` (a
 // cudaStream_t); the same contracts over all rows, xsum not needed, except that the gemv's x
 // [M, K] (contiguous, 16-byte aligned) and y [M, N] are in `dtype` (float32 math). Return

@@ -118,6 +118,30 @@ Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
   return dequant_tile(w, 0, w.N, at::empty({w.N, w.K}, q.options().dtype(at::kFloat)));
 }
 
+// y = x32 @ W^T + bias by the AMX path (quant_cpu_amx.cpp): x packed once, blocks of weight
+// rows split between the threads.
+void gemm_amx(const QuantWeight& w, const Tensor& x32, const Tensor& b32, Tensor& y) {
+  const int64_t M = x32.size(0), Mp = quant_amx_padded_rows(M), G = w.K / w.group;
+  const Tensor packed = at::empty({quant_amx_packed_words(M, w.K)}, x32.options().dtype(at::kInt));
+  auto* words = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
+  const float* xp = x32.data_ptr<float>();
+  at::parallel_for(0, Mp / 16, 1, [&](int64_t t0, int64_t t1) {
+    quant_amx_pack_x(xp, M, w.K, words, t0, t1);
+  });
+  Tensor xsum_t;  // [G, Mp]: sums of x over each group, for the zero points
+  if (w.zero) {
+    xsum_t = at::zeros({G, Mp}, x32.options());
+    xsum_t.narrow(1, 0, M).copy_(x32.view({M, G, w.group}).sum(2).t());
+  }
+  const float* sp = xsum_t.defined() ? xsum_t.data_ptr<float>() : nullptr;
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t block = quant_amx_block_rows(), blocks = (w.N + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    quant_amx_gemm(w, words, M, sp, bp, yp, b0 * block, std::min(b1 * block, w.N));
+  });
+}
+
 // y = x @ W^T (+ bias), x [M, K] -> [M, N] in x's dtype.
 Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const OptTensor& zero,
                     const OptTensor& codebook, int64_t bits, int64_t group, const OptTensor& bias) {
@@ -167,7 +191,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor x32 = x.to(at::kFloat).contiguous();
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
+  if (M >= kQuantAmxMinRows && quant_amx_applies(w)) {  // AMX tile products
+    gemm_amx(w, x32, b32, y);
+  } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
     const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
     const float* xp = x32.data_ptr<float>();

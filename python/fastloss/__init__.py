@@ -30,19 +30,22 @@ def cuda_archs() -> list[str]:
 def cpu_isas() -> list[str]:
     """The CPU kernel paths this machine can run, best last."""
     return (["generic"] + (["avx2"] if _C.cpu_supports_avx2() else [])
-            + (["avx512"] if _C.cpu_supports_avx512() else []))
+            + (["avx512"] if _C.cpu_supports_avx512() else [])
+            + (["amx"] if _C.cpu_supports_amx() else []))
 
 
 def cpu_isa() -> str:
-    """The instruction set the CPU kernels use now: ``"avx512"``, ``"avx2"`` or ``"generic"``."""
+    """The instruction set the CPU kernels use now: ``"amx"``, ``"avx512"``, ``"avx2"`` or
+    ``"generic"``. ``"amx"`` is the AVX-512 kernels plus the AMX-BF16 tile products of the
+    low-bit GEMM's large batches (exact float32 products, see ``ops.dequant_gemm``)."""
     return _C.cpu_isa()
 
 
 def set_cpu_isa(name: str) -> None:
     """Choose the CPU kernels: ``"auto"`` (the best this CPU has), or one of :func:`cpu_isas`.
 
-    The environment variable ``FASTLOSS_CPU_ISA=generic`` (or ``avx2``) does the same at
-    start-up.
+    The environment variable ``FASTLOSS_CPU_ISA=generic`` (or ``avx2``, ``avx512``) does the
+    same at start-up.
     """
     if not _C.set_cpu_isa(name):
         raise ValueError(f"set_cpu_isa: {name!r} is not available here; expected 'auto' or one "
