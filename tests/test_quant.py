@@ -75,14 +75,12 @@ def test_amx_tile_products_are_float32_exact(bits, group_size, symmetric):
     qw = ops.quantize_weight(w, bits, group_size, symmetric)
     w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     bias = torch.randn(n, generator=g)
-    # the terms the kernels sum: s v x and s z x (zero points: s (sum v x - z sum x))
-    v_s = ref.unpack_weight(qw.qweight, qw.scales, None, bits, qw.group, qw.codebook).abs()
-    z_s = 0 if qw.zeros is None else (qw.zeros * qw.scales).double().abs().repeat_interleave(qw.group, 1)
+    terms = summed_terms(qw, bits)
     try:
         for m in (8, 16, 17, 33, 40):
             x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-40, 40, (m, k), generator=g).float())
             want = x.double() @ w64.T + bias.double()
-            bound = 4e-6 * (x.double().abs() @ (v_s + z_s).T + bias.double().abs())
+            bound = 4e-6 * (x.double().abs() @ terms.T + bias.double().abs())
             for isa in ("amx", "avx512"):   # the AVX-512 kernels meet the same bound
                 fastloss.set_cpu_isa(isa)
                 err = (ops.dequant_gemm(x, qw, bias).double() - want).abs()
@@ -91,22 +89,68 @@ def test_amx_tile_products_are_float32_exact(bits, group_size, symmetric):
         fastloss.set_cpu_isa("auto")
 
 
+def summed_terms(qw, bits):
+    """|s v| + |s z| per weight: the magnitudes the kernels add up (s (sum v x - z sum x))."""
+    v_s = ref.unpack_weight(qw.qweight, qw.scales, None, bits, qw.group, qw.codebook).abs()
+    return v_s + (0 if qw.zeros is None else
+                  (qw.zeros * qw.scales).double().abs().repeat_interleave(qw.group, 1))
+
+
 @requires_amx
-def test_amx_non_finite_inputs_stay_non_finite():
-    # an infinite or NaN x stays in its hi term (mid = lo = 0); as on the other CPU paths, the
-    # zero points' s z sum(x) turns infinities into NaN, but no such row comes out finite
-    k, n = 256, 20
-    qw = ops.quantize_weight(torch.randn(n, k), 4, 128, True)
-    x = torch.randn(9, k)
-    x[1, 5], x[2, 7], x[3, 0] = float("inf"), float("-inf"), float("nan")
+@pytest.mark.parametrize("k,n,group_size,bits,zeros", [
+    (1536, 300, 128, 4, True),    # three 512-input chunks, three blocks of 128 rows (the last 44)
+    (960, 256, 96, 3, True),      # groups that do not divide the chunk: chunks of 480
+    (960, 130, 160, 2, True),
+    (1024, 129, -1, 8, True),     # per channel: one group longer than a chunk
+    (1536, 200, 128, 4, False),   # imported weights without zero points
+], ids=str)
+def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
+    # indexing across chunks, row blocks and batch tiles (one, two, a pair and a single): any
+    # misplaced tile is an O(1) error against this bound
+    g = torch.Generator().manual_seed(k + n + bits)
+    if zeros:
+        qw = ops.quantize_weight(torch.randn(n, k, generator=g), bits, group_size, False)
+    else:
+        group = k if group_size == -1 else group_size
+        q = torch.randint(0, 1 << bits, (n, k), generator=g)
+        qw = ops.QuantizedWeight.from_int(q, torch.rand(n, k // group, generator=g) + 0.1, None,
+                                          bits, group_size)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    terms = summed_terms(qw, bits)
     fastloss.set_cpu_isa("amx")
     try:
-        y = ops.dequant_gemm(x, qw)
+        for m in (8, 24, 48):
+            x = torch.randn(m, k, generator=g)
+            err = (ops.dequant_gemm(x, qw).double() - x.double() @ w64.T).abs()
+            assert (err <= 1e-5 * (x.double().abs() @ terms.T)).all(), m
     finally:
         fastloss.set_cpu_isa("auto")
-    assert not y[1:4].isfinite().any()
-    finite = [0] + list(range(4, 9))
-    torch.testing.assert_close(y[finite], x[finite] @ ops.dequantize_weight(qw).T, rtol=1e-4, atol=1e-4)
+
+
+@requires_amx
+def test_amx_non_finite_inputs():
+    # an infinite x stays in its hi term (mid = lo = 0), a NaN becomes the quiet NaN: without
+    # zero points the rows are what the float32 matmul gives (+-inf, NaN); with them, as on the
+    # other CPU paths, s z sum(x) turns infinities into NaN, but no such row comes out finite
+    k, n, m = 256, 20, 40
+    x = torch.randn(m, k)
+    x[1, 5], x[2, 7], x[3, 0], x[30, 9] = float("inf"), float("-inf"), float("nan"), float("inf")
+    x[4, 3] = torch.tensor(0x7f800001, dtype=torch.int32).view(torch.float32)  # NaN, payload in the low bits
+    bad = [1, 2, 3, 4, 30]
+    finite = [i for i in range(m) if i not in bad]
+    q = torch.randint(1, 16, (n, k))   # no zero codes: inf * 0 would be NaN
+    plain = ops.QuantizedWeight.from_int(q, torch.rand(n, 2) + 0.1, None, 4, 128)
+    zeroed = ops.quantize_weight(torch.randn(n, k), 4, 128, True)
+    fastloss.set_cpu_isa("amx")
+    try:
+        y_plain, y_zeroed = ops.dequant_gemm(x, plain), ops.dequant_gemm(x, zeroed)
+    finally:
+        fastloss.set_cpu_isa("auto")
+    want = x @ ops.dequantize_weight(plain).T
+    torch.testing.assert_close(y_plain, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    assert not y_zeroed[bad].isfinite().any()
+    torch.testing.assert_close(y_zeroed[finite], x[finite] @ ops.dequantize_weight(zeroed).T,
+                               rtol=1e-4, atol=1e-4)
 
 
 CUDA_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1) for kind in KINDS]

@@ -11,6 +11,9 @@
 //   - x = hi + mid + lo, each a bfloat16 (truncations of x, x - hi and x - hi - mid: 24
 //     significant bits in three 8-bit pieces), so each v x is the sum of three exact products;
 // and each group's float32 sums times its scale s, minus s z (sum of x over the group).
+// Where it differs from float32: the tile unit treats bfloat16 subnormals as zero, so |x| below
+// ~2^-110 loses low terms (below 2^-126 all of x), and the sums are of v x before the scaling,
+// so they overflow first (|x| above ~1e36 / 255).
 //
 // Tiles (16 rows of 64 bytes): C[n, m] += A[n, k] B[k, m], A = the weight rows' values (16
 // rows, 32 inputs; decoded a chunk of inputs at a time into 1 KiB bfloat16 tiles), B = x's
@@ -78,9 +81,10 @@ inline float float_of(uint32_t b) {
   return f;
 }
 
-// x's three bfloat16 terms (upper halves of the returned words); an infinite or NaN x stays in hi
+// x's three bfloat16 terms (upper halves of the returned words); an infinite x stays in hi, a
+// NaN becomes the quiet NaN (its payload may be in the low half alone)
 inline void split3(float x, uint32_t out[kTerms]) {
-  const uint32_t hi = bits_of(x) & 0xffff0000u;
+  const uint32_t hi = std::isnan(x) ? 0x7fc00000u : bits_of(x) & 0xffff0000u;
   const float r = std::isfinite(x) ? x - float_of(hi) : 0.f;
   const uint32_t mid = bits_of(r) & 0xffff0000u;
   out[0] = hi, out[1] = mid, out[2] = bits_of(r - float_of(mid));  // the rest: exact in bfloat16
@@ -190,7 +194,7 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, con
   std::vector<float> acc(kBlockRows * Mp);           // [block row, batch row]
   configure_tiles();
   for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, w.N - nb);
+    const int64_t rows = std::min(kBlockRows, n1 - nb);
     std::fill(acc.begin(), acc.end(), 0.f);
     for (int64_t k0 = 0; k0 < w.K; k0 += chunk) {
       const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;

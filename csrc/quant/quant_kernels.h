@@ -59,6 +59,7 @@ int64_t quant_amx_padded_rows(int64_t M);  // M rounded up to whole tiles of 16 
 int64_t quant_amx_packed_words(int64_t M, int64_t K);
 void quant_amx_pack_x(const float* x, int64_t M, int64_t K, uint32_t* packed, int64_t t0, int64_t t1);
 // y[m, n] (row stride N) for output features [n0, n1), n0 a multiple of quant_amx_block_rows();
+// x on the CPU;
 // xsum_t [G, quant_amx_padded_rows(M)]: sum of x over each group (unused without zero points).
 int64_t quant_amx_block_rows();
 void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, const float* xsum_t,

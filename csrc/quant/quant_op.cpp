@@ -191,7 +191,7 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor x32 = x.to(at::kFloat).contiguous();
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  if (M >= kQuantAmxMinRows && quant_amx_applies(w)) {  // AMX tile products
+  if (x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w)) {  // AMX tile products
     gemm_amx(w, x32, b32, y);
   } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
