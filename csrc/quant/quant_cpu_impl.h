@@ -29,31 +29,43 @@ struct Narrower<FL_ISA_VEC> {
 };
 #endif
 
-// codes of values j * P + i .. + width of the group whose bytes start at b
-template <int BITS, class V>
+// codes of values j * P + i .. + width of the group whose bytes start at b; with kLow the bits
+// above a 2- or 4-bit code are left as they are (for lookups that read only the index's low
+// four bits), saving the mask
+template <int BITS, class V, bool kLow = false>
 inline typename VecTraits<V>::Int codes(const uint8_t* b, int64_t P, int j, int64_t i) {
   if constexpr (BITS == 3) {
     const auto lo = bit_field(b + (j & 1) * P + i, 2 * (j >> 1), 3, V());
     return or_shifted(lo, bit_field(b + 2 * P + i, j, 1, V()), 2);
   } else {
-    return bit_field(b + i, j * BITS, (1 << BITS) - 1, V());
+    return bit_field(b + i, j * BITS, kLow ? -1 : (1 << BITS) - 1, V());
   }
 }
 
-// codes to values v(q) (quant_kernels.h)
-struct Uniform {
-  template <class V, class I>
-  V decode(I c) const { return int_to_float(c); }
+// Decoders: value<BITS, V>(b, P, j, i) = v(q) of codes<BITS, V>(b, P, j, i) (quant_kernels.h).
+struct Uniform {  // the integers
+  template <int BITS, class V>
+  V value(const uint8_t* b, int64_t P, int j, int64_t i) const {
+    return int_to_float(codes<BITS, V>(b, P, j, i));
+  }
 };
-struct SmallCodebook {  // up to 16 entries, kept in registers
+// Up to 16 entries, kept in registers; entry c is the value of code c mod 2^BITS, so that the
+// vector permutes (lookup16 on AVX2 / AVX-512: they read the index's low four bits) take 2- and
+// 4-bit codes unmasked.
+struct SmallCodebook {
   alignas(64) float table[16];
-  template <class V, class I>
-  V decode(I c) const { return lookup16(table, c, V()); }
+  template <int BITS, class V>
+  V value(const uint8_t* b, int64_t P, int j, int64_t i) const {
+    constexpr bool kLow = VecTraits<V>::width > 1 && BITS != 3;
+    return lookup16(table, codes<BITS, V, kLow>(b, P, j, i), V());
+  }
 };
 struct LargeCodebook {  // 256 entries (8 bits), gathered from memory
   const float* table;
-  template <class V, class I>
-  V decode(I c) const { return gather(table, c, V()); }
+  template <int BITS, class V>
+  V value(const uint8_t* b, int64_t P, int j, int64_t i) const {
+    return gather(table, codes<BITS, V>(b, P, j, i), V());
+  }
 };
 
 // sum_k v(q[k]) x[k] over plane positions [i, P) of a group (x: the group's inputs), unpacked
@@ -69,7 +81,7 @@ inline V plane_dot(const uint8_t* b, int64_t P, const float* x, const Dec& dec, 
   for (; i + kW <= P; i += kW) {
 #pragma GCC unroll 8
     for (int j = 0; j < kPlanes; ++j)
-      acc[j % kAcc] = vfma(dec.template decode<V>(codes<BITS, V>(b, P, j, i)),
+      acc[j % kAcc] = vfma(dec.template value<BITS, V>(b, P, j, i),
                            VecIo<V>::load(x + j * P + i), acc[j % kAcc]);
   }
   return kAcc > 1 ? acc[0] + acc[kAcc - 1] : acc[0];
@@ -89,8 +101,8 @@ inline void plane_dot2(const uint8_t* b0, const uint8_t* b1, int64_t P, const fl
 #pragma GCC unroll 8
     for (int j = 0; j < kPlanes; ++j) {
       const V xv = VecIo<V>::load(x + j * P + i);
-      acc0[j % kAcc] = vfma(dec0.template decode<V>(codes<BITS, V>(b0, P, j, i)), xv, acc0[j % kAcc]);
-      acc1[j % kAcc] = vfma(dec1.template decode<V>(codes<BITS, V>(b1, P, j, i)), xv, acc1[j % kAcc]);
+      acc0[j % kAcc] = vfma(dec0.template value<BITS, V>(b0, P, j, i), xv, acc0[j % kAcc]);
+      acc1[j % kAcc] = vfma(dec1.template value<BITS, V>(b1, P, j, i), xv, acc1[j % kAcc]);
     }
   }
   out0 = kAcc > 1 ? acc0[0] + acc0[kAcc - 1] : acc0[0];
@@ -116,7 +128,7 @@ inline void unpack_group(const uint8_t* b, int64_t P, float* out, const Dec& dec
   for (; i + kW <= P; i += kW) {
 #pragma GCC unroll 8
     for (int j = 0; j < kPlanes; ++j)
-      VecIo<V>::store(out + j * P + i, dec.template decode<V>(codes<BITS, V>(b, P, j, i)));
+      VecIo<V>::store(out + j * P + i, dec.template value<BITS, V>(b, P, j, i));
   }
   if constexpr (kW > 1) {
     if (i < P) unpack_group<BITS, typename Narrower<V>::type>(b, P, out, dec, i);
@@ -138,16 +150,27 @@ inline V partial_dot(const float* a, const float* b, int64_t n, float* rest) {
   return acc0 + acc1;
 }
 
-// Calls f(dec) with the decoder of row n's codebook (or the uniform one).
+// Calls f(dec) with the decoder of row n's codebook (or the uniform one). Uniform 2- and 4-bit
+// codes on AVX-512 decode by a permute of the table 0 .. 15: one instruction for the mask and
+// the integer conversion (two more on AVX2, where the conversion stays).
 template <int BITS, class F>
 inline void with_decoder(const QuantWeight& w, int64_t n, F&& f) {
-  if (!w.codebook) return f(Uniform());
-  const float* table = w.codebook + (w.codebook_rows > 1 ? n : 0) * (int64_t(1) << BITS);
+  constexpr int kCodes = 1 << BITS;
+  if (!w.codebook) {
+    if constexpr (VecTraits<FL_ISA_VEC>::width == 16 && (BITS == 2 || BITS == 4)) {
+      SmallCodebook dec;
+      for (int c = 0; c < 16; ++c) dec.table[c] = float(c % kCodes);
+      return f(dec);
+    } else {
+      return f(Uniform());
+    }
+  }
+  const float* table = w.codebook + (w.codebook_rows > 1 ? n : 0) * int64_t(kCodes);
   if constexpr (BITS == 8) {
     f(LargeCodebook{table});
   } else {
-    SmallCodebook dec;  // padded to 16 entries: codes never exceed 2^BITS - 1
-    for (int c = 0; c < 16; ++c) dec.table[c] = c < (1 << BITS) ? table[c] : 0.f;
+    SmallCodebook dec;
+    for (int c = 0; c < 16; ++c) dec.table[c] = table[c % kCodes];
     f(dec);
   }
 }
