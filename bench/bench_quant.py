@@ -9,6 +9,9 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
     path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
+  * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
+    where the AMX path multiplies one bfloat16 term instead of three, against torch's bfloat16
+    matmul (oneDNN on the tile unit);
   * ``torch_matmul``: ``x @ W.T`` with the float weight in the activation dtype (float32 on the
     CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
@@ -16,12 +19,18 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     ``aten._weight_int4pack_mm`` (CUDA, bfloat16) (4-bit, group 128), where this torch has it.
 Floor (small batches are memory-bound): the packed weight, its scales and zeros, x and y, read
 or written once, against the copy bandwidth measured in the same run.
+Cold weights: each variant rotates through copies of its weight that together exceed 4x the
+last-level cache (``harness.num_input_sets``), as a model's forward streams its layers; with
+one copy, a float32 weight of up to 300 MB (the 2-vCPU Xeon's L3) stayed cached between calls
+and the matmul read it at twice the memory bandwidth. torch int4pack keeps one copy (its
+packing runs per copy, and it is 10-100x slower than the rest).
 
 Usage: python bench/bench_quant.py [--device cpu] [--quick] [--out DIR]
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -84,6 +93,20 @@ def warp_gemv(x, qw):
         del os.environ["FASTLOSS_QUANT_GEMV"]
 
 
+def weight_copies(weight, device):
+    """Copies of a float weight or a QuantizedWeight that together exceed 4x the last-level
+    cache (at least two): the rotation keeps every call's weight out of the cache."""
+    if isinstance(weight, torch.Tensor):
+        n = harness.num_input_sets(weight.numel() * weight.element_size(), device)
+        return [weight] + [weight.clone() for _ in range(n - 1)]
+    size = sum(t.numel() * t.element_size() for t in weight.op_args[:4] if t is not None)
+    n = harness.num_input_sets(size, device)
+    clone = lambda t: None if t is None else t.clone()  # noqa: E731
+    return [weight] + [dataclasses.replace(weight, qweight=clone(weight.qweight), scales=clone(weight.scales),
+                                           zeros=clone(weight.zeros), codebook=clone(weight.codebook))
+                       for _ in range(n - 1)]
+
+
 def avx512_path(x, qw):
     """dequant_gemm on the AVX-512 kernels where the AMX tile products would run."""
     fastloss.set_cpu_isa("avx512")
@@ -128,16 +151,21 @@ def main(argv=None):
         batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if large_on_cpu else BATCHES)
         for m in batches:
             x = torch.randn(m, k, generator=gen).to(device, dtype)
-            variants = {name: (lambda qw=qw: fastloss.ops.dequant_gemm(x, qw), qw) for name, qw in packed.items()}
+            # variant: (call on one weight copy, the weight whose copies rotate (None: one), its
+            # packed form for the floor (None: the float weight))
+            variants = {name: (lambda qw: fastloss.ops.dequant_gemm(x, qw), qw, qw) for name, qw in packed.items()}
             if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
-                variants["fastloss_4bit_warp_gemv"] = (lambda: warp_gemv(x, q4), q4)
+                variants["fastloss_4bit_warp_gemv"] = (lambda qw: warp_gemv(x, qw), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
-                variants["fastloss_4bit_avx512"] = (lambda: avx512_path(x, q4), q4)
-            variants.update({"torch_matmul": (lambda: x @ w4.T, None),
-                             "eager_dequant": (lambda: x @ eager_dequant(q4).to(x.dtype).T, q4),
-                             "torch_int4pack": ((lambda: tp(x)) if callable(tp) else tp, q4)})
-            for variant, (fn, qw) in variants.items():
-                weight_bytes = w4.element_size() * n * k if qw is None else sum(
+                variants["fastloss_4bit_avx512"] = (lambda qw: avx512_path(x, qw), q4, q4)
+                xb = x.bfloat16()
+                variants["fastloss_4bit_bf16"] = (lambda qw: fastloss.ops.dequant_gemm(xb, qw), q4, q4)
+                variants["torch_matmul_bf16"] = (lambda wt: xb @ wt.T, w4.bfloat16(), None)
+            variants.update({"torch_matmul": (lambda wt: x @ wt.T, w4, None),
+                             "eager_dequant": (lambda qw: x @ eager_dequant(qw).to(x.dtype).T, q4, q4),
+                             "torch_int4pack": ((lambda _: tp(x)) if callable(tp) else tp, None, q4)})
+            for variant, (fn, weight, qw) in variants.items():
+                weight_bytes = weight.element_size() * n * k if qw is None else sum(
                     t.numel() * t.element_size() for t in qw.op_args[:4] if t is not None)
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
@@ -145,7 +173,8 @@ def main(argv=None):
                 if isinstance(fn, str):
                     harness.skipped_row(res, fn, base, cols)
                     continue
-                harness.measure_row(res, lambda _inp, fn=fn: fn(), device, base, cols, MEASURE_KW)
+                harness.measure_row(res, fn, device, base, cols, MEASURE_KW,
+                                    inputs=None if weight is None else weight_copies(weight, device))
     harness.finish_run(res, cols, baseline="torch_matmul", t_start=t_start)
     return 0
 

@@ -647,12 +647,13 @@ def base_parser(doc: str):
 
 
 def measure_row(results: "Results", call: Callable[[Any], Any], device: str, base: dict,
-                columns, measure_kw: dict, derived: Optional[Callable[[dict], dict]] = None) -> dict:
-    """Time ``call`` (one input set, ``None``) and add its row: ``base`` fields, the timing and
-    ``derived(timing)``; or an error row saying what failed. Prints the row, saves the
-    partial JSON, and returns the row."""
+                columns, measure_kw: dict, derived: Optional[Callable[[dict], dict]] = None,
+                inputs: Optional[Sequence[Any]] = None) -> dict:
+    """Time ``call`` (on ``inputs`` in rotation; default one input set, ``None``) and add its
+    row: ``base`` fields, the timing and ``derived(timing)``; or an error row saying what
+    failed. Prints the row, saves the partial JSON, and returns the row."""
     try:
-        timing = measure(call, [None], device, **measure_kw)
+        timing = measure(call, list(inputs) if inputs else [None], device, **measure_kw)
         row = results.add(timing=timing, **(derived(timing) if derived else {}), **base)
     except Exception as e:  # e.g. a baseline that does not fit in memory: report, go on
         row = results.add(status="error", reason=f"error: {type(e).__name__}: {e}", **base)

@@ -128,6 +128,30 @@ def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
 
 
 @requires_amx
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_amx_16bit_activations_take_fewer_terms_exactly(dtype):
+    # a bfloat16 x is one bfloat16 term, a float16 x two: the float32 result, rounded once to
+    # x's dtype (one term for float16 would be off by up to 2^-8 of each product)
+    g = torch.Generator().manual_seed(7)
+    k, n = 1024, 200
+    qw = ops.quantize_weight(torch.randn(n, k, generator=g), 4, 128, True)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)
+    terms = summed_terms(qw, 4)
+    ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
+    fastloss.set_cpu_isa("amx")
+    try:
+        for m in (8, 40):
+            x = torch.randn(m, k, generator=g).to(dtype)
+            y = ops.dequant_gemm(x, qw)
+            assert y.dtype == dtype
+            want = x.double() @ w64.T
+            err = (y.double() - want).abs()
+            assert (err <= ulp * want.abs() + 1e-6 * (x.double().abs() @ terms.T)).all(), m
+    finally:
+        fastloss.set_cpu_isa("auto")
+
+
+@requires_amx
 def test_amx_non_finite_inputs():
     # an infinite x stays in its hi term (mid = lo = 0), a NaN becomes the quiet NaN: without
     # zero points the rows are what the float32 matmul gives (+-inf, NaN); with them, as on the

@@ -25,11 +25,11 @@ void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_
 // built without the AMX path (a compiler without AMX, or not x86-64): never taken
 bool quant_amx_applies(const QuantWeight&) { return false; }
 int64_t quant_amx_padded_rows(int64_t M) { return M; }
-int64_t quant_amx_packed_words(int64_t, int64_t) { return 0; }
-void quant_amx_pack_x(const float*, int64_t, int64_t, uint32_t*, int64_t, int64_t) {}
+int64_t quant_amx_packed_words(int64_t, int64_t, int) { return 0; }
+void quant_amx_pack_x(const float*, int64_t, int64_t, int, uint32_t*, int64_t, int64_t) {}
 int64_t quant_amx_block_rows() { return 1; }
-void quant_amx_gemm(const QuantWeight&, const uint32_t*, int64_t, const float*, const float*, float*,
-                    int64_t, int64_t) {}
+void quant_amx_gemm(const QuantWeight&, const uint32_t*, int, int64_t, const float*, const float*,
+                    float*, int64_t, int64_t) {}
 #endif
 
 }  // namespace fastloss

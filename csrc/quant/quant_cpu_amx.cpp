@@ -10,7 +10,9 @@
 //     exact in bfloat16 (8 significant bits);
 //   - x = hi + mid + lo, each a bfloat16 (truncations of x, x - hi and x - hi - mid: 24
 //     significant bits in three 8-bit pieces), so each v x is the sum of three exact products;
-// and each group's float32 sums times its scale s, minus s z (sum of x over the group).
+// and each group's float32 sums times its scale s, minus s z (sum of x over the group). A
+// bfloat16 x is its hi term alone, a float16 x (11 significant bits) hi + mid: one and two tile
+// products per weight tile instead of three.
 // Where it differs from float32: the tile unit treats bfloat16 subnormals as zero, so |x| below
 // ~2^-110 loses low terms (below 2^-126 all of x), and the sums are of v x before the scaling,
 // so they overflow first (|x| above ~1e36 / 255).
@@ -47,7 +49,7 @@ constexpr int64_t kStep = 32;        // inputs per tile product (32 bfloat16 per
 constexpr int64_t kHalves = 4;       // 32-row halves per block of weight rows
 constexpr int64_t kBlockRows = 32 * kHalves;
 constexpr int64_t kChunk = 512;     // inputs decoded at a time (x's 32-row chunk: 192 KiB)
-constexpr int kTerms = 3;            // x = hi + mid + lo
+constexpr int kTerms = 3;            // x = hi + mid + lo (float32 x; fewer for 16-bit x)
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0;
@@ -99,6 +101,7 @@ int64_t chunk_length(const QuantWeight& w) {
 struct Chunk {
   const QuantWeight& w;
   const uint32_t* packed;  // x's terms (quant_amx_pack_x)
+  int terms;
   int64_t T, KP;           // batch row tiles, input pairs
   int64_t nb, rows;        // the block's first weight row, its rows below N
   int64_t k0, steps;       // the chunk's first input, its tile steps
@@ -120,7 +123,7 @@ void batch_tiles(const Chunk& ch, const uint16_t* a0, int64_t t, int64_t h, floa
     _tile_loadd(4, a0 + step * kTileRows * kStep, 64);
     _tile_loadd(5, a1 + step * kTileRows * kStep, 64);
     const int64_t p = (ch.k0 + step * kStep) / 2;
-    for (int s = 0; s < kTerms; ++s) {
+    for (int s = 0; s < ch.terms; ++s) {
       _tile_loadd(6, ch.packed + ((s * ch.T + t) * ch.KP + p) * kTileRows, 64);
       if constexpr (TILES == 2) _tile_loadd(7, ch.packed + ((s * ch.T + t + 1) * ch.KP + p) * kTileRows, 64);
       _tile_dpbf16ps(0, 4, 6);
@@ -161,16 +164,16 @@ bool quant_amx_applies(const QuantWeight& w) {
 
 int64_t quant_amx_padded_rows(int64_t M) { return (M + 15) / 16 * 16; }
 
-int64_t quant_amx_packed_words(int64_t M, int64_t K) {
-  return kTerms * quant_amx_padded_rows(M) * (K / 2);
+int64_t quant_amx_packed_words(int64_t M, int64_t K, int terms) {
+  return terms * quant_amx_padded_rows(M) * (K / 2);
 }
 
 int64_t quant_amx_block_rows() { return kBlockRows; }
 
 // word (term s, row tile t, pair p, row j) at ((s * T + t) * (K / 2) + p) * 16 + j: a tile of
 // B is 16 consecutive pairs of one row tile, 1 KiB contiguous
-void quant_amx_pack_x(const float* x, int64_t M, int64_t K, uint32_t* packed, int64_t t0,
-                      int64_t t1) {
+void quant_amx_pack_x(const float* x, int64_t M, int64_t K, int terms, uint32_t* packed,
+                      int64_t t0, int64_t t1) {
   const int64_t T = quant_amx_padded_rows(M) / kTileRows, KP = K / 2;
   for (int64_t t = t0; t < t1; ++t) {
     for (int64_t j = 0; j < kTileRows; ++j) {
@@ -178,15 +181,15 @@ void quant_amx_pack_x(const float* x, int64_t M, int64_t K, uint32_t* packed, in
       for (int64_t p = 0; p < KP; ++p) {
         uint32_t a[kTerms] = {0, 0, 0}, b[kTerms] = {0, 0, 0};
         if (m < M) split3(x[m * K + 2 * p], a), split3(x[m * K + 2 * p + 1], b);
-        for (int s = 0; s < kTerms; ++s)
+        for (int s = 0; s < terms; ++s)
           packed[((s * T + t) * KP + p) * kTileRows + j] = (a[s] >> 16) | (b[s] & 0xffff0000u);
       }
     }
   }
 }
 
-void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, const float* xsum_t,
-                    const float* bias, float* y, int64_t n0, int64_t n1) {
+void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int64_t M,
+                    const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1) {
   const int64_t Mp = quant_amx_padded_rows(M), T = Mp / kTileRows, KP = w.K / 2;
   const int64_t G = w.K / w.group, chunk = chunk_length(w);
   std::vector<float> values(kBlockRows * chunk);
@@ -212,7 +215,7 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, con
           }
         }
       }
-      const Chunk ch{w, packed, T, KP, nb, rows, k0, steps, Mp};
+      const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp};
       for (int64_t t = 0; t < T; t += 2) {  // 32 batch rows, or the last 16
         for (int64_t h = 0; h < kHalves; ++h) {
           const uint16_t* a0 = a_tiles.data() + (2 * h) * steps * kTileRows * kStep;

@@ -52,18 +52,21 @@ void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_
 // group lengths that are a multiple of 32.
 constexpr int64_t kQuantAmxMinRows = 8;
 bool quant_amx_applies(const QuantWeight& w);
-// x [M, K] float32 (contiguous) packed for the tile products: the three terms, 16 batch rows per
-// tile (rows past M are zeros), pairs of inputs in 32-bit words. quant_amx_packed_words(M, K)
-// words; quant_amx_pack_x writes the tiles of batch rows [16 t0, 16 t1).
+// x [M, K] float32 (contiguous) packed for the tile products: `terms` bfloat16 terms (3 for
+// float32 values; 1 where x holds bfloat16 values, 2 for float16 ones: the rest are zero), 16
+// batch rows per tile (rows past M are zeros), pairs of inputs in 32-bit words.
+// quant_amx_packed_words(M, K, terms) words; quant_amx_pack_x writes the tiles of batch rows
+// [16 t0, 16 t1).
 int64_t quant_amx_padded_rows(int64_t M);  // M rounded up to whole tiles of 16 batch rows
-int64_t quant_amx_packed_words(int64_t M, int64_t K);
-void quant_amx_pack_x(const float* x, int64_t M, int64_t K, uint32_t* packed, int64_t t0, int64_t t1);
+int64_t quant_amx_packed_words(int64_t M, int64_t K, int terms);
+void quant_amx_pack_x(const float* x, int64_t M, int64_t K, int terms, uint32_t* packed, int64_t t0,
+                      int64_t t1);
 // y[m, n] (row stride N) for output features [n0, n1), n0 a multiple of quant_amx_block_rows();
-// x on the CPU;
-// xsum_t [G, quant_amx_padded_rows(M)]: sum of x over each group (unused without zero points).
+// x on the CPU; xsum_t [G, quant_amx_padded_rows(M)]: sum of x over each group (unused without
+// zero points).
 int64_t quant_amx_block_rows();
-void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int64_t M, const float* xsum_t,
-                    const float* bias, float* y, int64_t n0, int64_t n1);
+void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int64_t M,
+                    const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1);
 
 // The CUDA kernels (quant_cuda.cu, built with FASTLOSS_WITH_CUDA), on `stream` (a
 // cudaStream_t); the same contracts over all rows, xsum not needed, except that the gemv's x

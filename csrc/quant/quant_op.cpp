@@ -119,14 +119,17 @@ Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
 }
 
 // y = x32 @ W^T + bias by the AMX path (quant_cpu_amx.cpp): x packed once, blocks of weight
-// rows split between the threads.
-void gemm_amx(const QuantWeight& w, const Tensor& x32, const Tensor& b32, Tensor& y) {
+// rows split between the threads. x32 holds the values of x (dtype): a bfloat16 x is one
+// bfloat16 term, a float16 x two, a float32 x three.
+void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, const Tensor& b32,
+              Tensor& y) {
   const int64_t M = x32.size(0), Mp = quant_amx_padded_rows(M), G = w.K / w.group;
-  const Tensor packed = at::empty({quant_amx_packed_words(M, w.K)}, x32.options().dtype(at::kInt));
+  const int terms = dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : 3;
+  const Tensor packed = at::empty({quant_amx_packed_words(M, w.K, terms)}, x32.options().dtype(at::kInt));
   auto* words = reinterpret_cast<uint32_t*>(packed.data_ptr<int32_t>());
   const float* xp = x32.data_ptr<float>();
   at::parallel_for(0, Mp / 16, 1, [&](int64_t t0, int64_t t1) {
-    quant_amx_pack_x(xp, M, w.K, words, t0, t1);
+    quant_amx_pack_x(xp, M, w.K, terms, words, t0, t1);
   });
   Tensor xsum_t;  // [G, Mp]: sums of x over each group, for the zero points
   if (w.zero) {
@@ -138,7 +141,7 @@ void gemm_amx(const QuantWeight& w, const Tensor& x32, const Tensor& b32, Tensor
   float* yp = y.data_ptr<float>();
   const int64_t block = quant_amx_block_rows(), blocks = (w.N + block - 1) / block;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    quant_amx_gemm(w, words, M, sp, bp, yp, b0 * block, std::min(b1 * block, w.N));
+    quant_amx_gemm(w, words, terms, M, sp, bp, yp, b0 * block, std::min(b1 * block, w.N));
   });
 }
 
@@ -192,7 +195,7 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
   if (x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w)) {  // AMX tile products
-    gemm_amx(w, x32, b32, y);
+    gemm_amx(w, x32, x.scalar_type(), b32, y);
   } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
     const int64_t G = w.K / w.group;
     const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
