@@ -187,9 +187,13 @@ inline void with_bits(int bits, F&& f) {
 }
 
 // Batch 1 reads each row pair's packed bytes once, as two streams that restart every pair of
-// rows; fetching 1 KiB ahead of both (16 groups at 4 bits) took cold 4-bit weights from 11.6-13.1
-// to 8.6-9.0 ms at 8192x28672 and 1.37 to 0.91-1.05 ms at 4096x4096 (ad hoc, 2 threads, weights
-// rotated through copies beyond the 300 MB L3; 512 bytes was between the two).
+// rows (and every 4 KiB page, which the hardware prefetchers do not cross: a pair of 4-bit rows
+// of 4096 inputs is one page). Each group step asks for the bytes 1 KiB ahead in its row and
+// for the same group of the next pair's rows. Cold weights (rotated copies beyond the 300 MB
+// L3), 4-bit, 2 threads, ad hoc, against the float32 matmul in the same script: 1 KiB ahead
+// alone 1.9-2.8x at 4096x4096 and 2.1-3.1x at 14336x4096 (it had helped the long rows of
+// 8192x28672: 11.6-13.1 -> 7.1-10.6 ms), the next pair alone 3.5-4.7x and 3.1-5.1x, both
+// 3.0-4.5x and 3.9-5.1x.
 constexpr int64_t kPrefetchBytes = 1024;
 
 // Batch 1, rows n and n + 1 together (plane_dot2): y[n], y[n + 1], each summed in the order of
@@ -206,8 +210,11 @@ void gemv_pair(const QuantWeight& w, const float* x, const float* xsum, const fl
       for (int64_t g = 0; g < G; ++g) {
         const uint8_t* b0 = w.q + n * row_bytes + g * group_bytes;
         const uint8_t* b1 = b0 + row_bytes;
-        __builtin_prefetch(b0 + kPrefetchBytes);  // past the weight's end: a harmless hint
+        // past the weight's end: harmless hints
+        __builtin_prefetch(b0 + kPrefetchBytes);
         __builtin_prefetch(b1 + kPrefetchBytes);
+        __builtin_prefetch(b0 + 2 * row_bytes);
+        __builtin_prefetch(b1 + 2 * row_bytes);
         const float s0 = w.scale[n * G + g], s1 = w.scale[(n + 1) * G + g];
         if (w.zero) {
           acc0 -= s0 * w.zero[n * G + g] * xsum[g];
