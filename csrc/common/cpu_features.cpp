@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <cstdlib>
+#include <optional>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -73,14 +74,22 @@ CpuIsa best_isa() {
   return cpu_supports_avx2_fma() ? CpuIsa::avx2 : CpuIsa::generic;
 }
 
+// The level a name ("auto", "generic", "avx2", "avx512", "amx") stands for, if this CPU (and
+// build) has it: set_cpu_isa and FASTLOSS_CPU_ISA read names the same way.
+std::optional<CpuIsa> isa_named(const std::string& name) {
+  if (name == "auto") return best_isa();
+  if (name == "generic") return CpuIsa::generic;
+  if (name == "avx2" && cpu_supports_avx2_fma()) return CpuIsa::avx2;
+#if defined(FASTLOSS_HAVE_AVX512)
+  if (name == "avx512" && cpu_supports_avx512()) return CpuIsa::avx512;
+#endif
+  if (name == "amx" && cpu_supports_amx_bf16()) return CpuIsa::amx;
+  return std::nullopt;
+}
+
 CpuIsa initial_isa() {
   const char* env = std::getenv("FASTLOSS_CPU_ISA");
-  if (env && std::string(env) == "generic") return CpuIsa::generic;
-  if (env && std::string(env) == "avx2" && cpu_supports_avx2_fma()) return CpuIsa::avx2;
-#if defined(FASTLOSS_HAVE_AVX512)
-  if (env && std::string(env) == "avx512" && cpu_supports_avx512()) return CpuIsa::avx512;
-#endif
-  return best_isa();
+  return (env ? isa_named(env) : std::nullopt).value_or(best_isa());
 }
 
 std::atomic<int>& isa_slot() {
@@ -92,23 +101,9 @@ std::atomic<int>& isa_slot() {
 CpuIsa active_cpu_isa() { return CpuIsa(isa_slot().load(std::memory_order_relaxed)); }
 
 bool set_cpu_isa(const std::string& name) {
-  CpuIsa isa;
-  if (name == "auto")
-    isa = best_isa();
-  else if (name == "generic")
-    isa = CpuIsa::generic;
-  else if (name == "avx2" && cpu_supports_avx2_fma())
-    isa = CpuIsa::avx2;
-#if defined(FASTLOSS_HAVE_AVX512)
-  else if (name == "avx512" && cpu_supports_avx512())
-    isa = CpuIsa::avx512;
-#endif
-  else if (name == "amx" && cpu_supports_amx_bf16())
-    isa = CpuIsa::amx;
-  else
-    return false;
-  isa_slot().store(int(isa));
-  return true;
+  const std::optional<CpuIsa> isa = isa_named(name);
+  if (isa) isa_slot().store(int(*isa));
+  return isa.has_value();
 }
 
 const char* cpu_isa_name(CpuIsa isa) {

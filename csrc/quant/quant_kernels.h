@@ -45,11 +45,12 @@ void quant_dequant_rows_cpu(const QuantWeight& w, float* out, int64_t n0, int64_
 
 // The AMX path for batches from kQuantAmxMinRows on (quant_cpu_amx.cpp, on CPUs with AMX-BF16
 // when the active CPU path is "amx"; below, the GEMV's single pass over the packed bytes is
-// faster: an ad-hoc timing on a 2-vCPU Xeon had the two even at batch 8, 4096 x 4096): tile products of the weights' values v(q) (exact in bfloat16)
-// with x split into three bfloat16 terms, x = hi + mid + lo exactly, so the products are those of
-// float32 and only the float32 accumulation order differs from a float32 GEMM; each group's sums
-// are scaled by s, and the zero points enter as s z sum_k x over the group. Uniform formats with
-// group lengths that are a multiple of 32.
+// faster: an ad-hoc timing on a 2-vCPU Xeon had the two even at batch 8, 4096 x 4096): tile
+// products of the weights' values v(q) (exact in bfloat16) with x split into three bfloat16
+// terms, x = hi + mid + lo exactly, so the products are those of float32 and only the float32
+// accumulation order differs from a float32 GEMM; each group's sums are scaled by s, and the
+// zero points enter as s z sum_k x over the group. Uniform formats with group lengths that are
+// a multiple of 32.
 constexpr int64_t kQuantAmxMinRows = 8;
 bool quant_amx_applies(const QuantWeight& w);
 // x [M, K] float32 (contiguous) packed for the tile products: `terms` bfloat16 terms (3 for

@@ -120,9 +120,9 @@ Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& 
 
 // y = x32 @ W^T + bias by the AMX path (quant_cpu_amx.cpp): x packed once, blocks of weight
 // rows split between the threads. x32 holds the values of x (dtype): a bfloat16 x is one
-// bfloat16 term, a float16 x two, a float32 x three.
-void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, const Tensor& b32,
-              Tensor& y) {
+// bfloat16 term, a float16 x two, a float32 x three. xsum [M, G]: x's group sums (zero points).
+void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, const Tensor& xsum,
+              const Tensor& b32, Tensor& y) {
   const int64_t M = x32.size(0), Mp = quant_amx_padded_rows(M), G = w.K / w.group;
   const int terms = dtype == at::kBFloat16 ? 1 : dtype == at::kHalf ? 2 : 3;
   const Tensor packed = at::empty({quant_amx_packed_words(M, w.K, terms)}, x32.options().dtype(at::kInt));
@@ -134,7 +134,7 @@ void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, con
   Tensor xsum_t;  // [G, Mp]: sums of x over each group, for the zero points
   if (w.zero) {
     xsum_t = at::zeros({G, Mp}, x32.options());
-    xsum_t.narrow(1, 0, M).copy_(x32.view({M, G, w.group}).sum(2).t());
+    xsum_t.narrow(1, 0, M).copy_(xsum.t());
   }
   const float* sp = xsum_t.defined() ? xsum_t.data_ptr<float>() : nullptr;
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
@@ -194,11 +194,14 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor x32 = x.to(at::kFloat).contiguous();
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  if (x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w)) {  // AMX tile products
-    gemm_amx(w, x32, x.scalar_type(), b32, y);
+  const bool amx = x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w);
+  // the AMX and GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x), with the
+  // sums of x over each group (the tile path subtracts z in the dequantized tiles)
+  const Tensor xsum = w.zero && (amx || M <= kQuantMaxRows)
+                          ? x32.view({M, w.K / w.group, w.group}).sum(2) : Tensor();
+  if (amx) {  // compute-bound: AMX tile products
+    gemm_amx(w, x32, x.scalar_type(), xsum, b32, y);
   } else if (M <= kQuantMaxRows) {  // memory-bound: each packed row is read once for all M rows
-    const int64_t G = w.K / w.group;
-    const Tensor xsum = w.zero ? x32.view({M, G, w.group}).sum(2).contiguous() : Tensor();
     const float* xp = x32.data_ptr<float>();
     const float* sp = xsum.defined() ? xsum.data_ptr<float>() : nullptr;
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
