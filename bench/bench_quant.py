@@ -93,14 +93,20 @@ def warp_gemv(x, qw):
         del os.environ["FASTLOSS_QUANT_GEMV"]
 
 
+def weight_bytes(weight):
+    """Bytes of a float weight, or of a QuantizedWeight's packed tensors (codes, scales, zeros,
+    codebook)."""
+    if isinstance(weight, torch.Tensor):
+        return weight.numel() * weight.element_size()
+    return sum(t.numel() * t.element_size() for t in weight.op_args[:4] if t is not None)
+
+
 def weight_copies(weight, device):
     """Copies of a float weight or a QuantizedWeight that together exceed 4x the last-level
     cache (at least two): the rotation keeps every call's weight out of the cache."""
+    n = harness.num_input_sets(weight_bytes(weight), device)
     if isinstance(weight, torch.Tensor):
-        n = harness.num_input_sets(weight.numel() * weight.element_size(), device)
         return [weight] + [weight.clone() for _ in range(n - 1)]
-    size = sum(t.numel() * t.element_size() for t in weight.op_args[:4] if t is not None)
-    n = harness.num_input_sets(size, device)
     clone = lambda t: None if t is None else t.clone()  # noqa: E731
     return [weight] + [dataclasses.replace(weight, qweight=clone(weight.qweight), scales=clone(weight.scales),
                                            zeros=clone(weight.zeros), codebook=clone(weight.codebook))
@@ -109,11 +115,12 @@ def weight_copies(weight, device):
 
 def avx512_path(x, qw):
     """dequant_gemm on the AVX-512 kernels where the AMX tile products would run."""
+    active = fastloss.cpu_isa()
     fastloss.set_cpu_isa("avx512")
     try:
         return fastloss.ops.dequant_gemm(x, qw)
     finally:
-        fastloss.set_cpu_isa("auto")
+        fastloss.set_cpu_isa(active)
 
 
 def main(argv=None):
@@ -165,11 +172,10 @@ def main(argv=None):
                              "eager_dequant": (lambda qw: x @ eager_dequant(qw).to(x.dtype).T, q4, q4),
                              "torch_int4pack": ((lambda _: tp(x)) if callable(tp) else tp, None, q4)})
             for variant, (fn, weight, qw) in variants.items():
-                weight_bytes = weight.element_size() * n * k if qw is None else sum(
-                    t.numel() * t.element_size() for t in qw.op_args[:4] if t is not None)
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
-                            floor_bytes={"min": weight_bytes + x.element_size() * m * (n + k)})
+                            floor_bytes={"min": weight_bytes(weight if qw is None else qw)
+                                             + x.element_size() * m * (n + k)})
                 if isinstance(fn, str):
                     harness.skipped_row(res, fn, base, cols)
                     continue
