@@ -17,7 +17,7 @@ timed region after each call). Floors, per call, with e = bytes per logit:
   * ``floor_bytes_min`` = 2*N*C*e: the issue's "read once, write once".
 Both are reported against the measured copy bandwidth (see bench/README.md).
 
-Usage: python bench/bench_losses.py [--device cpu|cuda] [--quick] [--out bench/results]
+Usage: python bench/bench_losses.py [--device cpu|cuda] [--quick] [--shapes NxC,...] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -185,6 +185,8 @@ def main(argv=None):
                          "no autograd, no reduction; replayed CUDA graphs on a GPU)")
     ap.add_argument("--configs", default=None,
                     help="comma-separated subset of: " + ", ".join(c[0] for c in CONFIGS))
+    ap.add_argument("--shapes", default=None,
+                    help="comma-separated NxC shapes instead of the default ones, e.g. 256x1000")
     args = ap.parse_args(argv)
 
     device = args.device
@@ -193,6 +195,13 @@ def main(argv=None):
     cuda = device == "cuda"
     name = args.name or f"losses_{device}" + ("_quick" if args.quick else "")
     shapes = QUICK_SHAPES if args.quick else SHAPES
+    if args.shapes:
+        try:
+            shapes = [tuple(int(v) for v in sh.split("x")) for sh in args.shapes.split(",")]
+        except ValueError:
+            ap.error(f"--shapes: expected NxC[,NxC...], got {args.shapes!r}")
+        if any(len(sh) != 2 or min(sh) < 1 for sh in shapes):
+            ap.error(f"--shapes: expected positive NxC pairs, got {args.shapes!r}")
     configs = CONFIGS
     if args.configs:
         wanted = args.configs.split(",")

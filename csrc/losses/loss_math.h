@@ -16,7 +16,7 @@
 //                             including the finished gradient of the target element
 //   family_grad(x, w, bwd)    d(row loss)/d(logit) for an element k != y
 // The CPU driver sums the softmax family's log-sum-exp in L1-sized chunks instead of calling
-// add() (losses_cpu_impl.h, softmax_span); the CUDA kernels use add().
+// add() (losses_cpu_impl.h, softmax_row); the CUDA kernels use add().
 // All accumulation is float32 whatever the storage type.
 #pragma once
 #include <cstdint>

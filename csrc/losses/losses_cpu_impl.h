@@ -30,82 +30,111 @@ void merge_lanes(typename L::template Acc<float>& total, const typename L::templ
   }
 }
 
-// The softmax family's log-sum-exp in chunks that stay in L1: the first sweep transforms the
-// chunk into a buffer and takes its maximum, the second sums exp(a - max) (and, for ALDR's
-// first pass, exp(a - max) (a - max)). One exponential per element and no rescaling inside
-// the loop, where the online form (the CUDA kernels') needs two.
+// The softmax family's log-sum-exp over a row's classes k != y, in chunks that stay in L1:
+// a first sweep transforms the chunk into a buffer (soft-cap, a = alpha z + beta, float32),
+// the target's slot and the padding after the chunk are set to -inf (exp gives 0 whatever
+// the maximum, so the exponentials are all whole vectors), a second sweep takes the maximum,
+// a third sums exp(a - max) (and, for ALDR's first pass, exp(a - max) (a - max)). One
+// exponential per element and no rescaling inside the loop, where the online form (the CUDA
+// kernels') needs two; the row is not split at y (two short spans cost their per-span work
+// twice, and their scalar tails). Two accumulators per sweep: one would chain every vector's
+// max / add on the previous one's latency. t = sum_k w_k z_k (label smoothing) is summed over
+// the whole chunk and the target's term taken off again.
+// total is overwritten; y < 0: no class is left out.
 template <class V, class T>
-void softmax_span(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n,
-                  const SoftmaxCtx& c) {
+void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n, int64_t y,
+                 const SoftmaxCtx& c) {
   constexpr int kWidth = VecTraits<V>::width;
   constexpr int kChunk = 2048;
-  alignas(32) float buf[kChunk];
+  static_assert(kChunk % kWidth == 0, "the padded tail must fit the buffer");
+  alignas(64) float buf[kChunk];
   const bool affine = c.alpha != 1.f || c.beta != 0.f;
+  const auto transform = [&](auto z) { return affine ? decltype(z)(c.alpha) * z + decltype(z)(c.beta) : z; };
   for (int64_t base = 0; base < n; base += kChunk) {
     const int len = int(n - base < kChunk ? n - base : kChunk);
     const T* xc = x + base;
-    V vmax_a = V(kLowest), vt = V(0.f);
+    V vt[2] = {V(0.f), V(0.f)};
     int k = 0;
+    for (; k + 2 * kWidth <= len; k += 2 * kWidth) {
+      for (int u = 0; u < 2; ++u) {
+        const V z = softcap_apply(VecIo<V>::load(xc + k + u * kWidth), c);
+        if (c.linear) vt[u] += (w ? VecIo<V>::load(w + base + k + u * kWidth) : V(1.f)) * z;
+        VecIo<V>::store(buf + k + u * kWidth, transform(z));
+      }
+    }
     for (; k + kWidth <= len; k += kWidth) {
       const V z = softcap_apply(VecIo<V>::load(xc + k), c);
-      const V a = affine ? V(c.alpha) * z + V(c.beta) : z;
-      if (c.linear) vt += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
-      VecIo<V>::store(buf + k, a);
-      vmax_a = vmax(vmax_a, a);
+      if (c.linear) vt[0] += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
+      VecIo<V>::store(buf + k, transform(z));
     }
-    float m = hmax(vmax_a), t = hsum(vt);
+    float t = hsum(vt[0] + vt[1]);
     for (; k < len; ++k) {
       const float z = softcap_apply(load1(xc + k), c);
-      const float a = affine ? c.alpha * z + c.beta : z;
       if (c.linear) t += (w ? w[base + k] : 1.f) * z;
-      buf[k] = a;
-      m = vmax(m, a);
+      buf[k] = transform(z);
     }
-    V vs = V(0.f), ve = V(0.f);
-    const V vm = V(m);
+    const int padded = (len + kWidth - 1) / kWidth * kWidth;
+    for (; k < padded; ++k) buf[k] = -__builtin_inff();
+    if (y >= base && y < base + len) {
+      buf[y - base] = -__builtin_inff();
+      if (c.linear) t -= (w ? w[y] : 1.f) * softcap_apply(load1(x + y), c);
+    }
+    V vmax_a[2] = {V(kLowest), V(kLowest)};  // kLowest: a chunk of -inf gives exp(-inf) = 0
     int j = 0;
+    for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
+      vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(buf + j));
+      vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(buf + j + kWidth));
+    }
+    if (j < padded) vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(buf + j));
+    const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
+    V vs[2] = {V(0.f), V(0.f)}, ve[2] = {V(0.f), V(0.f)};
+    const V vm = V(m);
+    j = 0;
     if (c.entropy) {  // also sum p (a - m), for ALDR's KL(p || uniform)
-      for (; j + kWidth <= len; j += kWidth) {
-        const V d = vmax(VecIo<V>::load(buf + j) - vm, V(-1e30f));  // masked: 0 * -1e30, not NaN
+      const auto add = [&](int i, int u) {
+        const V d = vmax(VecIo<V>::load(buf + i) - vm, V(-1e30f));  // masked: 0 * -1e30, not NaN
         const V p = vexp(d);
-        vs += p;
-        ve += p * d;
+        vs[u] += p;
+        ve[u] += p * d;
+      };
+      for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
+        add(j, 0);
+        add(j + kWidth, 1);
       }
+      if (j < padded) add(j, 0);
     } else {
-      for (; j + kWidth <= len; j += kWidth) vs += vexp(VecIo<V>::load(buf + j) - vm);
+      for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
+        vs[0] += vexp(VecIo<V>::load(buf + j) - vm);
+        vs[1] += vexp(VecIo<V>::load(buf + j + kWidth) - vm);
+      }
+      if (j < padded) vs[0] += vexp(VecIo<V>::load(buf + j) - vm);
     }
-    float sum = hsum(vs), ent = hsum(ve);
-    for (; j < len; ++j) {
-      const float d = vmax(buf[j] - m, -1e30f), p = vexp(d);
-      sum += p;
-      if (c.entropy) ent += p * d;
-    }
-    SoftmaxAcc<float> part{m, sum, ent, t};
-    SoftmaxFamilyBase::merge(total, part);
+    const SoftmaxAcc<float> part{m, hsum(vs[0] + vs[1]), hsum(ve[0] + ve[1]), t};
+    if (base == 0)
+      total = part;  // (a merge into the empty start costs two exponentials per row)
+    else
+      SoftmaxFamilyBase::merge(total, part);
   }
 }
 
-// Accumulate elements [begin, end) of one row (the target column is never inside).
+// Accumulate elements [begin, end) of one row (the target column is never inside): the
+// losses outside the softmax family.
 template <class L, class V, class T>
 void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
                       const typename L::Ctx& ctx, typename L::template Acc<float>& total) {
-  if constexpr (std::is_base_of_v<SoftmaxFamilyBase, L>) {
-    softmax_span<V>(total, x + begin, w ? w + begin : nullptr, end - begin, ctx);
-  } else {
-    constexpr int kWidth = VecTraits<V>::width;
-    int64_t k = begin;
-    if (kWidth > 1 && end - begin >= kWidth) {
-      typename L::template Acc<V> va;
-      L::init(va);
-      for (; k + kWidth <= end; k += kWidth)
-        L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
-      merge_lanes<L, V>(total, va);
-    }
-    typename L::template Acc<float> tail;
-    L::init(tail);
-    for (; k < end; ++k) L::add(tail, load1(x + k), w ? w[k] : 1.f, ctx);
-    L::merge(total, tail);
+  constexpr int kWidth = VecTraits<V>::width;
+  int64_t k = begin;
+  if (kWidth > 1 && end - begin >= kWidth) {
+    typename L::template Acc<V> va;
+    L::init(va);
+    for (; k + kWidth <= end; k += kWidth)
+      L::add(va, VecIo<V>::load(x + k), w ? VecIo<V>::load(w + k) : V(1.f), ctx);
+    merge_lanes<L, V>(total, va);
   }
+  typename L::template Acc<float> tail;
+  L::init(tail);
+  for (; k < end; ++k) L::add(tail, load1(x + k), w ? w[k] : 1.f, ctx);
+  L::merge(total, tail);
 }
 
 // Returns -1, or the first row whose target is neither a class nor ignore_index.
@@ -130,9 +159,17 @@ int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParam
       ctx = L::make_ctx(p, pass, acc, x_y, C);
       typename L::template Acc<float> total;
       L::init(total);
-      accumulate_range<L, V>(x, rt.weight, 0, y, ctx, total);
-      accumulate_range<L, V>(x, rt.weight, y + 1, C, ctx, total);
-      L::add_target(total, x_y, w_y, ctx);
+      if constexpr (std::is_base_of_v<SoftmaxFamilyBase, L>) {
+        // Without an offset (beta = 0) the target's a_y = alpha z_y is formed like every
+        // other class's, so it stays in the sums instead of being added on its own.
+        const bool fold_target = ctx.beta == 0.f;
+        softmax_row<V>(total, x, rt.weight, C, fold_target ? -1 : y, ctx);
+        if (!fold_target) L::add_target(total, x_y, w_y, ctx);
+      } else {
+        accumulate_range<L, V>(x, rt.weight, 0, y, ctx, total);
+        accumulate_range<L, V>(x, rt.weight, y + 1, C, ctx, total);
+        L::add_target(total, x_y, w_y, ctx);
+      }
       acc = total;
     }
     const RowResult res = L::finish(acc, ctx, p, x_y, w_y, C);
@@ -168,7 +205,20 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
       const V wk = w ? VecIo<V>::load(w + k) : V(1.f);
       VecIo<V>::store(out + k, family_grad(VecIo<V>::load(x + k), wk, b));
     }
-    for (; k < C; ++k) store1(out + k, family_grad(load1(x + k), w ? w[k] : 1.f, b));
+    if constexpr (kWidth > 1) {  // the tail as one vector too (a scalar exp per element costs more)
+      const int rem = int(C - k);
+      if (rem > 0) {
+        alignas(64) float xt[kWidth], wt[kWidth], gt[kWidth];
+        for (int i = 0; i < kWidth; ++i) {
+          xt[i] = i < rem ? load1(x + k + i) : 0.f;
+          wt[i] = i < rem && w ? w[k + i] : 1.f;
+        }
+        VecIo<V>::store(gt, family_grad(VecIo<V>::load(xt), VecIo<V>::load(wt), b));
+        for (int i = 0; i < rem; ++i) store1(out + k + i, gt[i]);
+      }
+    } else {
+      for (; k < C; ++k) store1(out + k, family_grad(load1(x + k), w ? w[k] : 1.f, b));
+    }
     store1(out + y, b.target_grad);
   }
 }
