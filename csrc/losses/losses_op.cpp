@@ -596,6 +596,13 @@ Tensor reduce_loss_rows(const Tensor& rows, int64_t reduction, const Tensor& mea
 }
 
 Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tensor& mean_count) {
+  if (reduction != kNone && readable_cpu(grad) && (!mean_count.defined() || readable_cpu(mean_count))) {
+    // one value known on the host: one fill (a division and a fill from a tensor cost more
+    // than the whole backward kernel of a small classifier batch)
+    double v = grad.item<double>();
+    if (reduction == kMean) v /= mean_count.defined() ? mean_count.item<double>() : double(n);
+    return at::empty({n}, grad.options().dtype(at::kFloat)).fill_(v);
+  }
   Tensor g = grad.to(at::kFloat);
   if (reduction == kMean) g = mean_count.defined() ? g.div(mean_count) : g.div(double(n));
   // one fill instead of an expand and a contiguous copy
