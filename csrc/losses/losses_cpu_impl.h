@@ -30,6 +30,34 @@ void merge_lanes(typename L::template Acc<float>& total, const typename L::templ
   }
 }
 
+// max and sum of exp(x - max) over n <= kChunk logits taken as they are (no soft-cap, no
+// affine map, no class left out): two sweeps over the logits themselves, whose second reads
+// them from L1; the tail as one vector padded with -inf (tail: scratch of one vector).
+template <class V, class T>
+SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail) {
+  constexpr int kWidth = VecTraits<V>::width;
+  const int body = n / kWidth * kWidth, rem = n - body;
+  for (int i = 0; i < kWidth; ++i) tail[i] = i < rem ? load1(x + body + i) : -__builtin_inff();
+  V vmax_a[2] = {V(kLowest), V(kLowest)};
+  int j = 0;
+  for (; j + 2 * kWidth <= body; j += 2 * kWidth) {
+    vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(x + j));
+    vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(x + j + kWidth));
+  }
+  if (j < body) vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(x + j));
+  if (rem) vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(tail));
+  const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
+  const V vm = V(m);
+  V vs[2] = {V(0.f), V(0.f)};
+  for (j = 0; j + 2 * kWidth <= body; j += 2 * kWidth) {
+    vs[0] += vexp(VecIo<V>::load(x + j) - vm);
+    vs[1] += vexp(VecIo<V>::load(x + j + kWidth) - vm);
+  }
+  if (j < body) vs[0] += vexp(VecIo<V>::load(x + j) - vm);
+  if (rem) vs[1] += vexp(VecIo<V>::load(tail) - vm);
+  return {m, hsum(vs[0] + vs[1]), 0.f, 0.f};
+}
+
 // The softmax family's log-sum-exp over a row's classes k != y, in chunks that stay in L1:
 // a first sweep transforms the chunk into a buffer (soft-cap, a = alpha z + beta, float32),
 // the target's slot and the padding after the chunk are set to -inf (exp gives 0 whatever
@@ -50,9 +78,19 @@ void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n
   alignas(64) float buf[kChunk];
   const bool affine = c.alpha != 1.f || c.beta != 0.f;
   const auto transform = [&](auto z) { return affine ? decltype(z)(c.alpha) * z + decltype(z)(c.beta) : z; };
+  // Plain logits (cross-entropy and comp-sum without options): no buffer to fill.
+  const bool plain = y < 0 && !affine && c.cap <= 0.f && !c.linear && !c.entropy;
   for (int64_t base = 0; base < n; base += kChunk) {
     const int len = int(n - base < kChunk ? n - base : kChunk);
     const T* xc = x + base;
+    if (plain) {
+      const SoftmaxAcc<float> part = plain_lse_chunk<V>(xc, len, buf);
+      if (base == 0)
+        total = part;
+      else
+        SoftmaxFamilyBase::merge(total, part);
+      continue;
+    }
     V vt[2] = {V(0.f), V(0.f)};
     int k = 0;
     for (; k + 2 * kWidth <= len; k += 2 * kWidth) {
