@@ -2,6 +2,8 @@
 #pragma once
 #include <string>
 
+#include "flush_subnormals.h"
+
 namespace fastloss {
 
 // Ordered: each level runs the kernels of the levels below where it has none of its own (amx:
@@ -41,6 +43,14 @@ const char* cpu_isa_name(CpuIsa isa);
     FASTLOSS_TRY_AVX512(call)       \
     FASTLOSS_TRY_AVX2(call)         \
     return generic::call;           \
+  } while (0)
+// The same with subnormals flushed for the call (flush_subnormals.h): the loss families, whose
+// exponentials of widely spread logits make them. Not the solvers (Sinkhorn keeps
+// denorm_min as a floor), the GEMMs and the convolution.
+#define FASTLOSS_CPU_DISPATCH_FLUSHED(call)                          \
+  do {                                                               \
+    const ::fastloss::FlushSubnormals fastloss_flush_subnormals_{}; \
+    FASTLOSS_CPU_DISPATCH(call);                                     \
   } while (0)
 
 // Declares the per-ISA instantiations of a family's CPU functions (defined in its *_avx2.cpp and

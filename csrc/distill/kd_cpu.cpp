@@ -16,25 +16,25 @@ FASTLOSS_DECLARE_ISAS(
     void pld(const PldProblem&, float*, void*, int64_t, int64_t);)
 
 void kd_forward_cpu(const KdProblem& q, float* loss, float* stats, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(kd_forward(q, loss, stats, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(kd_forward(q, loss, stats, r0, r1));
 }
 
 void kd_backward_cpu(const KdProblem& q, const float* grad_loss, const float* stats, void* grad,
                      int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(kd_backward(q, grad_loss, stats, grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(kd_backward(q, grad_loss, stats, grad, r0, r1));
 }
 
 void kd_forward_grad_cpu(const KdProblem& q, float grad_scale, float* loss, void* grad, int64_t r0,
                          int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(kd_forward_grad(q, grad_scale, loss, grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(kd_forward_grad(q, grad_scale, loss, grad, r0, r1));
 }
 
 void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(topk_kl(q, loss, grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(topk_kl(q, loss, grad, r0, r1));
 }
 
 void pld_cpu(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(pld(q, loss, grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(pld(q, loss, grad, r0, r1));
 }
 
 }  // namespace fastloss

@@ -115,7 +115,7 @@ void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int
         const W lp = s - W(lse_s), lq = t - W(lse_t);
         const W p = vexp(lp), qq = vexp(lq);
         const W m = W(beta) * qq + W(1.f - beta) * p;
-        const W lm = vlog_fast(vmax(m, W(1e-38f)));
+        const W lm = vlog_fast(vmax(m, W(1.2e-38f)));
         const W dp = p * (lp - lm);
         lacc = lacc + W(beta) * qq * (lq - lm) + W(1.f - beta) * dp;
         sacc = sacc + W(1.f - beta) * dp;
@@ -149,7 +149,7 @@ void backward_rows(const KdProblem& q, const float* grad_loss, const float* stat
       if (q.kind == KdKind::forward_kl) return W(g) * (p - vexp(lq));
       if (q.kind == KdKind::reverse_kl) return W(g) * p * (lp - lq - W(extra));
       const W m = W(beta) * vexp(lq) + W(1.f - beta) * p;
-      const W lm = vlog_fast(vmax(m, W(1e-38f)));
+      const W lm = vlog_fast(vmax(m, W(1.2e-38f)));
       return W(g) * p * (W(1.f - beta) * (lp - lm) - W(extra));
     };
     sweep<V>(sr, tr, q.C, inv_t, [&](V s, V t, int64_t k) { VecIo<V>::store(gr + k, elem(s, t)); },
@@ -208,7 +208,7 @@ void forward_grad_rows(const KdProblem& q, float grad_scale, float* loss, void* 
         using W = std::decay_t<decltype(s)>;
         const W lp = s - W(lse_s), lq = t - W(lse_t);
         const W m = W(beta) * qq + W(1.f - beta) * p;
-        const W lm = vlog_fast(vmax(m, W(1e-38f)));
+        const W lm = vlog_fast(vmax(m, W(1.2e-38f)));
         const W u = W(1.f - beta) * p * (lp - lm);
         lacc = lacc + W(beta) * qq * (lq - lm) + u;
         sacc = sacc + u;

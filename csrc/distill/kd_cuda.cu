@@ -103,7 +103,7 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
       for_each_pair<kThreads>(sr, tr, q.C, lane, [&](int64_t, float sv, float tv) {
         const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
         const float p = vexp(lp), qq = vexp(lq);
-        const float lm = logf(vmax(beta * qq + (1.f - beta) * p, 1e-38f));
+        const float lm = logf(vmax(beta * qq + (1.f - beta) * p, 1.2e-38f));
         const float dp = p * (lp - lm);
         l += beta * qq * (lq - lm) + (1.f - beta) * dp;
         sc += (1.f - beta) * dp;
@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads)
       } else if (q.kind == KdKind::reverse_kl) {
         d = p * (lp - lq - extra);
       } else {
-        const float lm = logf(vmax(beta * vexp(lq) + (1.f - beta) * p, 1e-38f));
+        const float lm = logf(vmax(beta * vexp(lq) + (1.f - beta) * p, 1.2e-38f));
         d = p * ((1.f - beta) * (lp - lm) - extra);
       }
       return g * d;

@@ -19,22 +19,22 @@ FASTLOSS_DECLARE_ISAS(
 
 int64_t losses_forward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                            const RowStats& out, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(forward_cpu(lv, rt, p, out, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(forward_cpu(lv, rt, p, out, r0, r1));
 }
 
 void losses_backward_cpu(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                          const RowGrad& g, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(backward_cpu(lv, rt, p, g, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(backward_cpu(lv, rt, p, g, r0, r1));
 }
 
 int64_t losses_forward_backward_cpu(const LogitsView& lv, const RowTargets& rt,
                                     const LossParams& p, const RowStats& out, const RowGrad& g,
                                     int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(forward_backward_cpu(lv, rt, p, out, g, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(forward_backward_cpu(lv, rt, p, out, g, r0, r1));
 }
 
 void store_floats_cpu(const float* in, void* out, int64_t n, ScalarType t) {
-  FASTLOSS_CPU_DISPATCH(store_floats(in, out, n, t));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(store_floats(in, out, n, t));
 }
 
 }  // namespace fastloss

@@ -12,7 +12,7 @@ FASTLOSS_DECLARE_ISAS(
 
 void auc_cpu(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part,
              int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(auc(q, loss_part, grad_pos, neg_part, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(auc(q, loss_part, grad_pos, neg_part, r0, r1));
 }
 
 }  // namespace fastloss

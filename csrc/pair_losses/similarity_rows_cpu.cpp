@@ -32,50 +32,50 @@ FASTLOSS_DECLARE_ISAS(
 
 void ms_rows(const SimBlock& q, const MsParams& p, float* lse_pos, float* lse_neg,
              bool write_grad, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(ms_rows(q, p, lse_pos, lse_neg, write_grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(ms_rows(q, p, lse_pos, lse_neg, write_grad, r0, r1));
 }
 void tcm_rows(const SimBlock& q, const TcmParams& p, double* row_stats, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(tcm_rows(q, p, row_stats, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(tcm_rows(q, p, row_stats, r0, r1));
 }
 void tcm_pairs(const SimBlock& q, const TcmParams& p, const int64_t* offsets, int32_t* cols,
                int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(tcm_pairs(q, p, offsets, cols, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(tcm_pairs(q, p, offsets, cols, r0, r1));
 }
 void tcm_rows_grad(const SimBlock& q, const TcmParams& p, float d_pos, float d_neg, int64_t r0,
                    int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(tcm_rows_grad(q, p, d_pos, d_neg, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(tcm_rows_grad(q, p, d_pos, d_neg, r0, r1));
 }
 void pair_rows_grad(const float* e, int64_t d, const float* keys, const int64_t* row_ptr,
                     const int32_t* cols, float c_same, float c_diff, float* grad, int64_t r0,
                     int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(pair_rows_grad(e, d, keys, row_ptr, cols, c_same, c_diff, grad, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(pair_rows_grad(e, d, keys, row_ptr, cols, c_same, c_diff, grad, r0, r1));
 }
 void clip_rows(const SimBlock& q, float scale, float* lse_row, float* diag, float* col_max,
                float* col_sum, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(clip_rows(q, scale, lse_row, diag, col_max, col_sum, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(clip_rows(q, scale, lse_row, diag, col_max, col_sum, r0, r1));
 }
 void clip_rows_grad(const SimBlock& q, float scale, const float* lse_row, const float* lse_col,
                     const float* g, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(clip_rows_grad(q, scale, lse_row, lse_col, g, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(clip_rows_grad(q, scale, lse_row, lse_col, g, r0, r1));
 }
 
 void knn_rows(const SimBlock& q, const float* row_sq, const float* col_sq, bool exclude_self,
               int64_t k, int64_t* idx, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(knn_rows(q, row_sq, col_sq, exclude_self, k, idx, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(knn_rows(q, row_sq, col_sq, exclude_self, k, idx, r0, r1));
 }
 
 void neighbour_dist(const float* x, const float* t, int64_t d, const int64_t* idx, int64_t n_nb,
                     float eps, float* dist, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(neighbour_dist(x, t, d, idx, n_nb, eps, dist, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(neighbour_dist(x, t, d, idx, n_nb, eps, dist, r0, r1));
 }
 void neighbour_dist_grad_x(const float* x, const float* t, int64_t d, const int64_t* idx,
                            int64_t n_nb, const float* w, float* grad_x, int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(neighbour_dist_grad_x(x, t, d, idx, n_nb, w, grad_x, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(neighbour_dist_grad_x(x, t, d, idx, n_nb, w, grad_x, r0, r1));
 }
 void neighbour_dist_grad_t(const float* x, const float* t, int64_t d, const int64_t* t_ptr,
                            const int64_t* pairs, int64_t n_nb, const float* w, float* grad_t,
                            int64_t r0, int64_t r1) {
-  FASTLOSS_CPU_DISPATCH(neighbour_dist_grad_t(x, t, d, t_ptr, pairs, n_nb, w, grad_t, r0, r1));
+  FASTLOSS_CPU_DISPATCH_FLUSHED(neighbour_dist_grad_t(x, t, d, t_ptr, pairs, n_nb, w, grad_t, r0, r1));
 }
 
 void symmetrize_add(float* s, int64_t n, int64_t t0, int64_t t1) {
