@@ -239,6 +239,16 @@ def test_wide_logits_give_no_subnormals(name, isa):
         fastloss.set_cpu_isa("auto")
 
 
+def test_subnormal_mode_of_the_caller_is_kept():
+    """The kernels flush subnormals for their own call only: afterwards torch's arithmetic on
+    this thread and on its worker threads still makes subnormals."""
+    x = torch.randn(4096, 257, requires_grad=True)
+    ops.cross_entropy(x, torch.randint(0, 257, (4096,))).backward()
+    tiny = torch.full((1 << 20,), 3e-39)  # subnormal, and so is half of it
+    assert (tiny * 0.5 > 0).all()
+    assert (tiny.view(-1, 1024).sum(1) > 3e-39 * 1000).all()
+
+
 def test_huge_vocabulary(device):
     """C past a million: float32 accumulation over long rows."""
     check_case("ce_weight_smooth", 2, (1 << 20) + 3, torch.float32, "mean", device, scale_tol=5.0)
