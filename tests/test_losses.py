@@ -210,12 +210,13 @@ VECTOR_ISAS = [isa for isa in fastloss.cpu_isas() if isa not in ("generic", "amx
 
 @pytest.mark.skipif(not VECTOR_ISAS, reason="this CPU has no AVX2")
 @pytest.mark.parametrize("isa", VECTOR_ISAS)
-@pytest.mark.parametrize("name", ["ce", "ce_zloss_softcap", "comp_tau1.5", "ldr", "aldr"])
+@pytest.mark.parametrize("name", ["ce", "comp_tau1.5", "ldr", "aldr"])  # (a soft-cap bounds the spread)
 def test_wide_logits_give_no_subnormals(name, isa):
-    """Logits spread over hundreds: the vector kernels' exponentials (the factor of the
-    softmax term folded in) give 0 below the smallest normal float, never a subnormal
-    gradient for a class k != y (each costs a microcode assist in every x86 operation that
-    takes it: 7-12x slower rows), and the results still match the float64 reference."""
+    """Logits spread over hundreds: never a subnormal gradient for a class k != y (each costs
+    a microcode assist in every x86 operation that takes it: 7-12x slower rows), and the
+    results still match the float64 reference. (The kernels' flush-to-zero mode alone would
+    zero a subnormal result; the vector exp's own flushing and the backward's factor in the
+    exponent keep the arithmetic before it free of subnormals, which a result cannot show.)"""
     fastloss.set_cpu_isa(isa)
     try:
         g = torch.Generator().manual_seed(17)
@@ -234,7 +235,8 @@ def test_wide_logits_give_no_subnormals(name, isa):
         others = x.grad.scatter(1, target[:, None], 1.0)  # (the target's own term is scalar code)
         nonzero = others[others != 0].abs()
         assert (nonzero >= tiny).all(), f"subnormal gradients: {nonzero[nonzero < tiny][:5]}"
-        assert (x64.grad.abs() < tiny).any(), "the test needs gradients below the normal range"
+        assert ((x64.grad != 0) & (x64.grad.abs() < tiny)).any(), \
+            "the test needs nonzero gradients below the normal range"
     finally:
         fastloss.set_cpu_isa("auto")
 

@@ -24,6 +24,8 @@ class FlushSubnormals {
  private:
   static constexpr unsigned kFtz = 0x8000, kDaz = 0x0040;
   unsigned saved_;
+#else
+  FlushSubnormals() = default;  // (other CPUs: the generic kernels, IEEE subnormals)
 #endif
  public:
   FlushSubnormals(const FlushSubnormals&) = delete;

@@ -67,7 +67,7 @@ inline float hmax(Vec8 a) {
 // (relative error about 2 ulp). Below the smallest normal float the result is exactly 0, so
 // masked (-inf) classes contribute nothing; above log(FLT_MAX) it is +inf; NaN stays NaN.
 inline Vec8 vexp(Vec8 x) {
-  const __m256 lo = _mm256_set1_ps(-87.3365447505531f);
+  const __m256 lo = _mm256_set1_ps(-87.33654f);  // the float just above ln(FLT_MIN)
   __m256 xc = _mm256_min_ps(_mm256_max_ps(x.v, lo), _mm256_set1_ps(88.0f));
   const __m256 n = _mm256_round_ps(_mm256_mul_ps(xc, _mm256_set1_ps(1.44269504088896341f)),
                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);

@@ -59,7 +59,7 @@ inline float hmax(Vec16 a) { return _mm512_reduce_max_ps(a.v); }
 // over more than ~87 made a whole cross-entropy 12x slower). scalef applies 2^n with overflow
 // to +inf; a NaN passes through the clamps, which keep the data operand last.
 inline Vec16 vexp(Vec16 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3365447505531f);
+  const __m512 lo = _mm512_set1_ps(-87.33654f);  // the float just above ln(FLT_MIN)
   const __mmask16 keep = _mm512_cmp_ps_mask(x.v, lo, _CMP_NLT_UQ);  // (NaN kept)
   __m512 xc = _mm512_max_ps(lo, x.v);
   xc = _mm512_min_ps(_mm512_set1_ps(89.0f), xc);

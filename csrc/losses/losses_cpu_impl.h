@@ -199,8 +199,10 @@ int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParam
       L::init(total);
       if constexpr (std::is_base_of_v<SoftmaxFamilyBase, L>) {
         // Without an offset (beta = 0) the target's a_y = alpha z_y is formed like every
-        // other class's, so it stays in the sums instead of being added on its own.
-        const bool fold_target = ctx.beta == 0.f;
+        // other class's, so it stays in the sums instead of being added on its own; not with
+        // a soft-cap, whose vector tanh differs from the scalar one finish() and make_bwd()
+        // take z_y from by a few ulp (a confident row's loss would come out below 0).
+        const bool fold_target = ctx.beta == 0.f && ctx.cap <= 0.f;
         softmax_row<V>(total, x, rt.weight, C, fold_target ? -1 : y, ctx);
         if (!fold_target) L::add_target(total, x_y, w_y, ctx);
       } else {
