@@ -30,6 +30,20 @@ void merge_lanes(typename L::template Acc<float>& total, const typename L::templ
   }
 }
 
+// f(j, u) for each whole vector at j < body (a multiple of the width), u alternating 0, 1: the
+// sweeps below keep two accumulators, as with one every vector's max / add would wait on the
+// previous one's latency.
+template <class V, class F>
+void over_vectors2(int body, F&& f) {
+  constexpr int kWidth = VecTraits<V>::width;
+  int j = 0;
+  for (; j + 2 * kWidth <= body; j += 2 * kWidth) {
+    f(j, 0);
+    f(j + kWidth, 1);
+  }
+  if (j < body) f(j, 0);
+}
+
 // max and sum of exp(x - max) over n <= kChunk logits taken as they are (no soft-cap, no
 // affine map, no class left out): two sweeps over the logits themselves, whose second reads
 // them from L1; the tail as one vector padded with -inf (tail: scratch of one vector).
@@ -39,21 +53,12 @@ SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail) {
   const int body = n / kWidth * kWidth, rem = n - body;
   for (int i = 0; i < kWidth; ++i) tail[i] = i < rem ? load1(x + body + i) : -__builtin_inff();
   V vmax_a[2] = {V(kLowest), V(kLowest)};
-  int j = 0;
-  for (; j + 2 * kWidth <= body; j += 2 * kWidth) {
-    vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(x + j));
-    vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(x + j + kWidth));
-  }
-  if (j < body) vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(x + j));
+  over_vectors2<V>(body, [&](int j, int u) { vmax_a[u] = vmax(vmax_a[u], VecIo<V>::load(x + j)); });
   if (rem) vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(tail));
   const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
   const V vm = V(m);
   V vs[2] = {V(0.f), V(0.f)};
-  for (j = 0; j + 2 * kWidth <= body; j += 2 * kWidth) {
-    vs[0] += vexp(VecIo<V>::load(x + j) - vm);
-    vs[1] += vexp(VecIo<V>::load(x + j + kWidth) - vm);
-  }
-  if (j < body) vs[0] += vexp(VecIo<V>::load(x + j) - vm);
+  over_vectors2<V>(body, [&](int j, int u) { vs[u] += vexp(VecIo<V>::load(x + j) - vm); });
   if (rem) vs[1] += vexp(VecIo<V>::load(tail) - vm);
   return {m, hsum(vs[0] + vs[1]), 0.f, 0.f};
 }
@@ -65,9 +70,8 @@ SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail) {
 // a third sums exp(a - max) (and, for ALDR's first pass, exp(a - max) (a - max)). One
 // exponential per element and no rescaling inside the loop, where the online form (the CUDA
 // kernels') needs two; the row is not split at y (two short spans cost their per-span work
-// twice, and their scalar tails). Two accumulators per sweep: one would chain every vector's
-// max / add on the previous one's latency. t = sum_k w_k z_k (label smoothing) is summed over
-// the whole chunk and the target's term taken off again.
+// twice, and their scalar tails). t = sum_k w_k z_k (label smoothing) is summed over the
+// whole chunk and the target's term taken off again.
 // total is overwritten; y < 0: no class is left out.
 template <class V, class T>
 void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n, int64_t y,
@@ -83,71 +87,46 @@ void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n
   for (int64_t base = 0; base < n; base += kChunk) {
     const int len = int(n - base < kChunk ? n - base : kChunk);
     const T* xc = x + base;
+    SoftmaxAcc<float> part;
     if (plain) {
-      const SoftmaxAcc<float> part = plain_lse_chunk<V>(xc, len, buf);
-      if (base == 0)
-        total = part;
-      else
-        SoftmaxFamilyBase::merge(total, part);
-      continue;
-    }
-    V vt[2] = {V(0.f), V(0.f)};
-    int k = 0;
-    for (; k + 2 * kWidth <= len; k += 2 * kWidth) {
-      for (int u = 0; u < 2; ++u) {
-        const V z = softcap_apply(VecIo<V>::load(xc + k + u * kWidth), c);
-        if (c.linear) vt[u] += (w ? VecIo<V>::load(w + base + k + u * kWidth) : V(1.f)) * z;
-        VecIo<V>::store(buf + k + u * kWidth, transform(z));
-      }
-    }
-    for (; k + kWidth <= len; k += kWidth) {
-      const V z = softcap_apply(VecIo<V>::load(xc + k), c);
-      if (c.linear) vt[0] += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
-      VecIo<V>::store(buf + k, transform(z));
-    }
-    float t = hsum(vt[0] + vt[1]);
-    for (; k < len; ++k) {
-      const float z = softcap_apply(load1(xc + k), c);
-      if (c.linear) t += (w ? w[base + k] : 1.f) * z;
-      buf[k] = transform(z);
-    }
-    const int padded = (len + kWidth - 1) / kWidth * kWidth;
-    for (; k < padded; ++k) buf[k] = -__builtin_inff();
-    if (y >= base && y < base + len) {
-      buf[y - base] = -__builtin_inff();
-      if (c.linear) t -= (w ? w[y] : 1.f) * softcap_apply(load1(x + y), c);
-    }
-    V vmax_a[2] = {V(kLowest), V(kLowest)};  // kLowest: a chunk of -inf gives exp(-inf) = 0
-    int j = 0;
-    for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
-      vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(buf + j));
-      vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(buf + j + kWidth));
-    }
-    if (j < padded) vmax_a[0] = vmax(vmax_a[0], VecIo<V>::load(buf + j));
-    const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
-    V vs[2] = {V(0.f), V(0.f)}, ve[2] = {V(0.f), V(0.f)};
-    const V vm = V(m);
-    j = 0;
-    if (c.entropy) {  // also sum p (a - m), for ALDR's KL(p || uniform)
-      const auto add = [&](int i, int u) {
-        const V d = vmax(VecIo<V>::load(buf + i) - vm, V(-1e30f));  // masked: 0 * -1e30, not NaN
-        const V p = vexp(d);
-        vs[u] += p;
-        ve[u] += p * d;
-      };
-      for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
-        add(j, 0);
-        add(j + kWidth, 1);
-      }
-      if (j < padded) add(j, 0);
+      part = plain_lse_chunk<V>(xc, len, buf);
     } else {
-      for (; j + 2 * kWidth <= padded; j += 2 * kWidth) {
-        vs[0] += vexp(VecIo<V>::load(buf + j) - vm);
-        vs[1] += vexp(VecIo<V>::load(buf + j + kWidth) - vm);
+      V vt[2] = {V(0.f), V(0.f)};
+      const int body = len / kWidth * kWidth;
+      over_vectors2<V>(body, [&](int k, int u) {
+        const V z = softcap_apply(VecIo<V>::load(xc + k), c);
+        if (c.linear) vt[u] += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
+        VecIo<V>::store(buf + k, transform(z));
+      });
+      float t = hsum(vt[0] + vt[1]);
+      for (int k = body; k < len; ++k) {
+        const float z = softcap_apply(load1(xc + k), c);
+        if (c.linear) t += (w ? w[base + k] : 1.f) * z;
+        buf[k] = transform(z);
       }
-      if (j < padded) vs[0] += vexp(VecIo<V>::load(buf + j) - vm);
+      const int padded = (len + kWidth - 1) / kWidth * kWidth;
+      for (int k = len; k < padded; ++k) buf[k] = -__builtin_inff();
+      if (y >= base && y < base + len) {
+        buf[y - base] = -__builtin_inff();
+        if (c.linear) t -= (w ? w[y] : 1.f) * softcap_apply(load1(x + y), c);
+      }
+      V vmax_a[2] = {V(kLowest), V(kLowest)};  // kLowest: a chunk of -inf gives exp(-inf) = 0
+      over_vectors2<V>(padded, [&](int j, int u) { vmax_a[u] = vmax(vmax_a[u], VecIo<V>::load(buf + j)); });
+      const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
+      V vs[2] = {V(0.f), V(0.f)}, ve[2] = {V(0.f), V(0.f)};
+      const V vm = V(m);
+      if (c.entropy) {  // also sum p (a - m), for ALDR's KL(p || uniform)
+        over_vectors2<V>(padded, [&](int j, int u) {
+          const V d = vmax(VecIo<V>::load(buf + j) - vm, V(-1e30f));  // masked: 0 * -1e30, not NaN
+          const V p = vexp(d);
+          vs[u] += p;
+          ve[u] += p * d;
+        });
+      } else {
+        over_vectors2<V>(padded, [&](int j, int u) { vs[u] += vexp(VecIo<V>::load(buf + j) - vm); });
+      }
+      part = {m, hsum(vs[0] + vs[1]), hsum(ve[0] + ve[1]), t};
     }
-    const SoftmaxAcc<float> part{m, hsum(vs[0] + vs[1]), hsum(ve[0] + ve[1]), t};
     if (base == 0)
       total = part;  // (a merge into the empty start costs two exponentials per row)
     else
