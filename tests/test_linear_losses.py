@@ -404,6 +404,43 @@ def test_tile_stats_with_masked_and_non_finite_logits(dev):
     assert exp[5] == float("inf") and exp[6].isnan()  # the cases are the ones named
 
 
+@pytest.mark.parametrize("tile", [(7, 4), (0, 5), (3, 1), (0, 0)], ids=lambda t: f"cols{t[0]}_rows{t[1]}")
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tile_ops_by_blocks_of_rows(dev, dtype, tile):
+    """The tile ops' statistics and gradients when the rows come in blocks (tile_rows; the
+    default does so only where every row would pass the tile's budget: N > 1024 on the CPU),
+    against float64 formulas: lse, z_y and the weighted logit sum of softcapped logits; d/dz =
+    a softmax - hit [k = y] - smooth w_k times the cap's derivative, pushed through the
+    linear layer."""
+    cols, rows = tile
+    h, w, t, b, cw = make_inputs(23, 6, 40, dtype, dev, weighted=True, seed=28)
+    t = torch.where(t < 0, 3, t)  # (the tile ops take every row; the caller drops ignored ones)
+    offset, cap = 2, 4.0
+    g = torch.Generator().manual_seed(29)
+    coef = (torch.rand(23, 3, generator=g) + 0.1).to(dev)
+    x = h.double().cpu() @ w.double().cpu().T + b.double().cpu()
+    z = cap * torch.tanh(x / cap)
+    local = t.cpu() - offset  # (targets are global class indices; this weight holds [2, 42))
+    inside = (local >= 0) & (local < 40)
+    lse = torch.logsumexp(z, 1)
+    z_y = torch.where(inside, z.gather(1, local.clamp(0, 39)[:, None])[:, 0], 0.0)
+    wz = z @ cw.double().cpu()
+    stats = torch.ops.fastloss.linear_ce_tile_stats(h, w, b, t, cw, offset, cap, True, cols, rows)
+    for k, (what, exp) in enumerate((("lse", lse), ("z_y", z_y), ("weighted sum", wz))):
+        close(stats[:, k], exp, dtype, what)
+    c = coef.double().cpu()
+    dz = c[:, :1] * torch.softmax(z, 1) - c[:, 2:] * cw.double().cpu()
+    dz[inside, local[inside]] -= c[inside, 1]
+    dx = dz * (1 - (z / cap) ** 2)
+    expected = (dx @ w.double().cpu(), dx.T @ h.double().cpu(), dx.sum(0))
+    grads = torch.ops.fastloss.linear_ce_tile_grads(h, w, b, t, cw, offset, cap, lse.float().to(dev),
+                                                    coef, True, [True, True, True], cols, rows)
+    for what, got, exp, like in zip(("hidden", "weight", "bias"), grads, expected, (h, w, b)):
+        assert got.shape == exp.shape and got.dtype == (torch.float32 if what == "hidden" else like.dtype)
+        close(got, exp, dtype, f"grad_{what}")
+
+
 def _three_losses(h, w, t, b):
     return (ops.linear_cross_entropy(h, w, t, b, label_smoothing=0.1, softcap=5.0)
             + ops.linear_ldr_loss(h, w, t, 0.5, bias=b, adaptive=True, reduction="sum")

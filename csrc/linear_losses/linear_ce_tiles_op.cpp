@@ -1,7 +1,9 @@
-// Linear + cross-entropy by tiles of the vocabulary: every row at once, a few hundred classes at
-// a time, so that the extra memory is one [N, tile] float32 tile instead of a block of whole
-// rows. On CUDA with float16 / bfloat16 inputs the statistics come from a tensor-core kernel
-// that never writes the logits (linear_ce_cuda.cu; fused_stats below); the gradients are tiles. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
+// Linear + cross-entropy by tiles of the vocabulary: a few hundred classes or more at a time, for
+// every row or (when that would pass the tile's memory budget) for a thousand-odd rows at a
+// time, so that the extra memory is one [rows, tile] float32 tile instead of a block of whole
+// rows of logits. On CUDA with float16 / bfloat16 inputs the statistics come from a tensor-core
+// kernel that never writes the logits (linear_ce_cuda.cu; fused_stats below); the gradients are
+// tiles. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
 //
 //   linear_ce_tile_stats -> [N, 3]: per row, the log-sum-exp of this weight's logits, the
 //     target's logit when the target is one of this weight's classes (else 0), and the
@@ -15,8 +17,8 @@
 // index of its first class, and class_weight holds that slice's weights. The caller (the
 // Python side, python/fastloss/ops/vocab_parallel.py) merges statistics across slices or ranks
 // and forms the coefficients. Softcap z = c tanh(x / c) is applied to the logits, and its
-// derivative to the gradient. Each tile of grad_weight is written once (every row is in the
-// tile), so no float32 accumulator is needed for it.
+// derivative to the gradient. Tiles go classes outer, rows inner: each tile of grad_weight is
+// finished (summed over the row blocks, in float32 for 16-bit weights) before the next.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -52,11 +54,18 @@ constexpr const char* kOp = "linear_cross_entropy (vocabulary tiles)";
 
 struct TileInputs {
   Tensor hidden, weight, bias, target, class_weight;
-  int64_t N = 0, D = 0, V = 0, tile = 0;
+  int64_t N = 0, D = 0, V = 0;
+  int64_t tile = 0;  // classes per tile
+  int64_t rows = 0;  // rows per tile (N unless the tile would pass its budget with every row)
 };
 
+// Narrowest default tile: GEMMs of [N, D] x [D, tile] ran slower below it on the CPU (2 cores,
+// D = 256: 4096 x 128 tiles 161-175 GFLOP/s for the three GEMMs, 1024 x 512 tiles 204-219).
+constexpr int64_t kMinTileCols = 512;
+
 TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
-                 const Tensor& target, const OptT& class_weight, int64_t tile_cols) {
+                 const Tensor& target, const OptT& class_weight, int64_t tile_cols,
+                 int64_t tile_rows) {
   TORCH_CHECK(hidden.dim() == 2 && weight.dim() == 2 && weight.size(1) == hidden.size(1), kOp,
               ": hidden must be [N, D] and weight [V, D], got ", hidden.sizes(), " and ",
               weight.sizes());
@@ -87,15 +96,19 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
   in.N = hidden.size(0);
   in.D = hidden.size(1);
   in.V = weight.size(0);
-  // Tile width: as many classes as fit 2 MiB (CPU) or 256 MiB (GPU) of float32 logits for all
-  // the rows (at least 64). CPU: 8 MiB left the low-memory path 16 MiB above the gradients at
-  // 4096 x 256 x 131072 (torch's chunked path: 4 MiB); 2 MiB cost about 10% more time there
-  // (more, narrower GEMMs). GPU: 2 MiB tiles were 64 classes wide at 8192 tokens, and the
-  // thousands of thin GEMMs took 919 ms at 8192 x 4096 x 128256 on an H200 against eager's
-  // 40 ms (e808290); 256 MiB (8192 classes there) keeps the GEMMs wide, still a bounded tile.
-  const int64_t budget = hidden.is_cuda() ? int64_t(256) << 20 : int64_t(2) << 20;
-  const int64_t fit = budget / (4 * std::max<int64_t>(in.N, 1));
-  in.tile = std::max<int64_t>(1, std::min(in.V, tile_cols > 0 ? tile_cols : std::max<int64_t>(fit, 64)));
+  // Tile shape: a budget of 2 MiB (CPU) or 256 MiB (GPU) of float32 logits. Classes: tile_cols,
+  // or as many as fit the budget with every row but at least kMinTileCols; rows: tile_rows, or
+  // as many as fit the budget at that width (every row while they fit). CPU: 8 MiB left the
+  // low-memory path 16 MiB above the gradients at 4096 x 256 x 131072 (torch's chunked path:
+  // 4 MiB); tiles of every row there were 128 classes wide, and their thin GEMMs the slowest
+  // part (1024 x 512 tiles since). GPU: 2 MiB tiles were 64 classes wide at 8192 tokens, and
+  // the thousands of thin GEMMs took 919 ms at 8192 x 4096 x 128256 on an H200 against eager's
+  // 40 ms (e808290); 256 MiB (8192 classes, every row there) keeps the GEMMs wide.
+  const int64_t budget = (hidden.is_cuda() ? int64_t(256) << 20 : int64_t(2) << 20) / 4;
+  const int64_t all = std::max<int64_t>(in.N, 1);
+  in.tile = tile_cols > 0 ? tile_cols : std::max(budget / all, kMinTileCols);
+  in.tile = std::max<int64_t>(1, std::min(in.V, in.tile));
+  in.rows = tile_rows > 0 ? std::min(tile_rows, all) : std::clamp<int64_t>(budget / in.tile, 1, all);
   return in;
 }
 
@@ -103,21 +116,26 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
 // float32 buffer directly).
 Tensor low_buffer(const TileInputs& in) {
   return in.hidden.scalar_type() == at::kFloat ? Tensor()
-                                               : at::empty({in.N * in.tile}, in.hidden.options());
+                                               : at::empty({in.rows * in.tile}, in.hidden.options());
 }
 
-// The float32 logits of classes [c0, c0 + n) for every row, after the soft cap, in `buf`
-// (reused across tiles: no allocation per tile); `dz` receives d(capped)/d(raw) when capping.
-Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, Tensor& buf,
+// One tile: rows [r0, r0 + nr) by classes [c0, c0 + n).
+struct Tile {
+  int64_t r0, nr, c0, n;
+};
+
+// The tile's float32 logits after the soft cap, in `buf` (reused across tiles: no allocation
+// per tile); `dz` receives d(capped)/d(raw) when capping.
+Tensor tile_logits(const TileInputs& in, const Tile& t, double softcap, Tensor& buf,
                    Tensor& buf_low, Tensor* dz) {
-  const Tensor w = in.weight.narrow(0, c0, n);
+  const Tensor h = in.hidden.narrow(0, t.r0, t.nr), w = in.weight.narrow(0, t.c0, t.n);
   const bool f32 = in.hidden.scalar_type() == at::kFloat;
-  Tensor z = buf.narrow(0, 0, in.N * n).view({in.N, n});
-  Tensor out = f32 ? z : buf_low.narrow(0, 0, in.N * n).view({in.N, n});
+  Tensor z = buf.narrow(0, 0, t.nr * t.n).view({t.nr, t.n});
+  Tensor out = f32 ? z : buf_low.narrow(0, 0, t.nr * t.n).view({t.nr, t.n});
   if (in.bias.defined())
-    at::addmm_out(out, in.bias.narrow(0, c0, n), in.hidden, w.t());
+    at::addmm_out(out, in.bias.narrow(0, t.c0, t.n), h, w.t());
   else
-    at::mm_out(out, in.hidden, w.t());
+    at::mm_out(out, h, w.t());
   if (!f32) z.copy_(out);
   if (softcap > 0) {
     z.div_(softcap).tanh_();
@@ -125,6 +143,12 @@ Tensor tile_logits(const TileInputs& in, int64_t c0, int64_t n, double softcap, 
     z.mul_(softcap);
   }
   return z;
+}
+
+// Whether each of the tile's rows has its target among the tile's classes, and where.
+std::pair<Tensor, Tensor> target_in_tile(const TileInputs& in, const Tile& t, int64_t class_offset) {
+  const Tensor local = in.target.narrow(0, t.r0, t.nr).sub(class_offset + t.c0);
+  return {local.ge(0).logical_and(local.lt(t.n)), local.clamp(0, t.n - 1).unsqueeze(1)};
 }
 
 // Each row's log-sum-exp of z [N, n], overwriting z with exp(z - row max): at::logsumexp
@@ -181,8 +205,9 @@ bool fused_stats(const TileInputs& in, int64_t class_offset, double softcap, boo
 
 Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const OptT& bias,
                             const Tensor& target, const OptT& class_weight, int64_t class_offset,
-                            double softcap, bool weighted_sum, int64_t tile_cols) {
-  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols);
+                            double softcap, bool weighted_sum, int64_t tile_cols,
+                            int64_t tile_rows) {
+  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols, tile_rows);
   const auto f32 = hidden.options().dtype(at::kFloat);
   Tensor out = at::zeros({in.N, 3}, f32);
   if (in.N == 0) return out;
@@ -190,23 +215,28 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
     out.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
     return out;
   }
-  // the tensor-core kernel unless tiles were asked for (tile_cols > 0 keeps the tile path)
-  if (tile_cols <= 0 && fused_stats(in, class_offset, softcap, weighted_sum, out)) return out;
-  Tensor lse = out.select(1, 0), z_y = out.select(1, 1), sum_wz = out.select(1, 2);
-  Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
+  // the tensor-core kernel unless tiles were asked for (a tile shape keeps the tile path)
+  if (tile_cols <= 0 && tile_rows <= 0 && fused_stats(in, class_offset, softcap, weighted_sum, out))
+    return out;
+  // Classes outer, rows inner: a tile of the weight is read from memory once.
+  Tensor buf = at::empty({in.rows * in.tile}, f32), buf_low = low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
-    const int64_t n = std::min(in.tile, in.V - c0);
-    const Tensor z = tile_logits(in, c0, n, softcap, buf, buf_low, nullptr);
-    const Tensor local = in.target.sub(class_offset + c0);
-    const Tensor mine = local.ge(0).logical_and(local.lt(n));
-    z_y.add_(at::where(mine, z.gather(1, local.clamp(0, n - 1).unsqueeze(1)).squeeze(1), 0.0));
-    if (weighted_sum)
-      sum_wz.add_(in.class_weight.defined() ? at::mv(z, in.class_weight.narrow(0, c0, n)) : z.sum(1));
-    const Tensor tile_lse = logsumexp_in_place(z);  // the logits are used up: last
-    if (c0 == 0)
-      lse.copy_(tile_lse);
-    else
-      lse.copy_(at::logaddexp(lse, tile_lse));
+    for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
+      const Tile t{r0, std::min(in.rows, in.N - r0), c0, std::min(in.tile, in.V - c0)};
+      const Tensor z = tile_logits(in, t, softcap, buf, buf_low, nullptr);
+      const Tensor o = out.narrow(0, t.r0, t.nr);
+      Tensor lse = o.select(1, 0), z_y = o.select(1, 1), sum_wz = o.select(1, 2);
+      const auto [mine, where_y] = target_in_tile(in, t, class_offset);
+      z_y.add_(at::where(mine, z.gather(1, where_y).squeeze(1), 0.0));
+      if (weighted_sum)
+        sum_wz.add_(in.class_weight.defined() ? at::mv(z, in.class_weight.narrow(0, c0, t.n))
+                                              : z.sum(1));
+      const Tensor tile_lse = logsumexp_in_place(z);  // the logits are used up: last
+      if (c0 == 0)
+        lse.copy_(tile_lse);
+      else
+        lse.copy_(at::logaddexp(lse, tile_lse));
+    }
   }
   return out;
 }
@@ -214,8 +244,9 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
 std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
     const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& target,
     const OptT& class_weight, int64_t class_offset, double softcap, const Tensor& lse_in,
-    const Tensor& coef_in, bool smoothing, std::array<bool, 3> mask, int64_t tile_cols) {
-  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols);
+    const Tensor& coef_in, bool smoothing, std::array<bool, 3> mask, int64_t tile_cols,
+    int64_t tile_rows) {
+  const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols, tile_rows);
   TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == in.N && coef_in.dim() == 2 &&
                   coef_in.size(0) == in.N && coef_in.size(1) == 3,
               kOp, ": lse must be [N] and coef [N, 3]");
@@ -234,35 +265,57 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
   const Tensor coef = coef_in.to(at::kFloat);
   const Tensor a = coef.select(1, 0).unsqueeze(1), hit = coef.select(1, 1),
                smooth = coef.select(1, 2);
-  Tensor buf = at::empty({in.N * in.tile}, f32), buf_low = low_buffer(in);
-  for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
-    const int64_t n = std::min(in.tile, in.V - c0);
-    Tensor dz;
-    Tensor g = tile_logits(in, c0, n, softcap, buf, buf_low, softcap > 0 ? &dz : nullptr);
-    g.sub_(lse).exp_().mul_(a);  // a p_k
-    const Tensor local = in.target.sub(class_offset + c0);
-    const Tensor mine = local.ge(0).logical_and(local.lt(n));
-    g.scatter_add_(1, local.clamp(0, n - 1).unsqueeze(1), at::where(mine, -hit, 0.0).unsqueeze(1));
-    if (smoothing) {
-      if (in.class_weight.defined())
-        g.sub_(at::outer(smooth, in.class_weight.narrow(0, c0, n)));
-      else
-        g.sub_(smooth.unsqueeze(1));
-    }
-    if (dz.defined()) g.mul_(dz);
+  // A float16 / bfloat16 grad_weight tile summed over more than one block of rows is summed
+  // in float32 here (one [tile, D] buffer), then rounded once.
+  const bool blocks = in.rows < in.N;
+  Tensor gw_acc = mask[1] && low && blocks ? at::empty({in.tile, in.D}, f32) : Tensor();
+  Tensor buf = at::empty({in.rows * in.tile}, f32), buf_low = low_buffer(in);
+  for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {  // classes outer: each grad_weight tile
+    const int64_t n = std::min(in.tile, in.V - c0);   // is finished before the next
     const Tensor w = in.weight.narrow(0, c0, n);
-    const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;
-    if (mask[0]) {
-      if (low)
-        gh.add_(at::mm(g_low, w));
-      else
-        gh.addmm_(g, w);
+    Tensor gw_tile = mask[1] ? gw.narrow(0, c0, n) : Tensor();
+    Tensor gw_sum = gw_acc.defined() ? gw_acc.narrow(0, 0, n) : gw_tile;
+    for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
+      const Tile t{r0, std::min(in.rows, in.N - r0), c0, n};
+      const bool first = r0 == 0;
+      Tensor dz;
+      Tensor g = tile_logits(in, t, softcap, buf, buf_low, softcap > 0 ? &dz : nullptr);
+      g.sub_(lse.narrow(0, r0, t.nr)).exp_().mul_(a.narrow(0, r0, t.nr));  // a p_k
+      const auto [mine, where_y] = target_in_tile(in, t, class_offset);
+      g.scatter_add_(1, where_y, at::where(mine, -hit.narrow(0, r0, t.nr), 0.0).unsqueeze(1));
+      if (smoothing) {
+        const Tensor s = smooth.narrow(0, r0, t.nr);
+        if (in.class_weight.defined())
+          g.sub_(at::outer(s, in.class_weight.narrow(0, c0, n)));
+        else
+          g.sub_(s.unsqueeze(1));
+      }
+      if (dz.defined()) g.mul_(dz);
+      const Tensor h = in.hidden.narrow(0, r0, t.nr);
+      const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;
+      if (mask[0]) {
+        Tensor gh_rows = gh.narrow(0, r0, t.nr);
+        if (low)
+          gh_rows.add_(at::mm(g_low, w));
+        else
+          gh_rows.addmm_(g, w);
+      }
+      if (mask[1]) {
+        if (gw_acc.defined()) {  // low precision, several blocks: the float32 sum
+          const Tensor part = at::mm(g_low.t(), h);
+          if (first) gw_sum.copy_(part); else gw_sum.add_(part);
+        } else if (first) {
+          at::mm_out(gw_sum, g_low.t(), h);
+        } else {
+          gw_sum.addmm_(g.t(), h);  // (float32 here)
+        }
+      }
+      if (mask[2]) {
+        Tensor gb_tile = gb.narrow(0, c0, n);
+        if (first) gb_tile.copy_(g.sum(0)); else gb_tile.add_(g.sum(0));
+      }
     }
-    if (mask[1]) {
-      Tensor rows = gw.narrow(0, c0, n);
-      at::mm_out(rows, g_low.t(), in.hidden);
-    }
-    if (mask[2]) gb.narrow(0, c0, n).copy_(g.sum(0));
+    if (gw_acc.defined()) gw_tile.copy_(gw_sum);
   }
   return {gh, gw, gb.to(in.bias.defined() ? in.bias.scalar_type() : at::kFloat)};
 }

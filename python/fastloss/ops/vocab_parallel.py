@@ -15,7 +15,8 @@ shards may differ in size). The loss and the gradients equal those of
   ``weight_shard`` (and ``bias_shard``); ``hidden``'s gradient, a sum over the shards, is
   all-reduced, as the input gradient of a column-parallel linear layer is.
 
-The tiles are every row by a few hundred classes (the ``linear_ce_tile_*`` ops,
+The tiles are a few hundred classes or more by every row, or by a thousand-odd rows where every
+row would pass the tile's 2 MiB budget (the ``linear_ce_tile_*`` ops,
 ``csrc/linear_losses/linear_ce_tiles_op.cpp``: a GEMM per tile, then float32 torch math on it);
 :func:`fastloss.ops.linear_cross_entropy` with ``low_memory=True`` is the same computation on
 one process. Collectives work with NCCL (CUDA tensors) and with gloo (CPU tensors).
@@ -58,7 +59,7 @@ def _shard_layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> tup
 
 @torch.library.register_fake("fastloss::linear_ce_tile_stats")
 def _fake_stats(hidden, weight, bias, target, class_weight, class_offset, softcap, weighted_sum,
-                tile_cols):
+                tile_cols, tile_rows=0):
     torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                  lambda: "hidden must be [N, D] and weight [V, D]")
     return hidden.new_empty((hidden.shape[0], 3), dtype=torch.float32)
@@ -66,7 +67,7 @@ def _fake_stats(hidden, weight, bias, target, class_weight, class_offset, softca
 
 @torch.library.register_fake("fastloss::linear_ce_tile_grads")
 def _fake_grads(hidden, weight, bias, target, class_weight, class_offset, softcap, lse, coef,
-                smoothing, grad_mask, tile_cols):
+                smoothing, grad_mask, tile_cols, tile_rows=0):
     torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                  lambda: "hidden must be [N, D] and weight [V, D]")
     n, d = hidden.shape
@@ -165,7 +166,8 @@ def vocab_parallel_linear_cross_entropy(
         vocab_size: optional check that the shards add up to this many classes.
         class_weight: optional ``[V]`` weights of all the classes, the same on every rank.
         tile_cols: classes per tile (None: as many as fit 2 MiB (CPU) or 256 MiB (GPU) of
-            float32 logits for all the rows).
+            float32 logits for all the rows, at least 512; the rows then come in blocks that
+            keep the tile within that budget).
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
     Returns the same value on every rank; backward gives each rank its own shard's gradient
