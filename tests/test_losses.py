@@ -494,6 +494,36 @@ def test_no_nan_at_any_magnitude(name, device):
     assert not torch.isnan(x.grad).any()
 
 
+@pytest.mark.parametrize("C", [4, 37, 1000])
+@pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau0.5", "comp_tau1.5", "ldr_cold",
+                                  "aldr", "zloss", "stablemax"])
+def test_nan_logit_gives_a_nan_row(name, C, device):
+    """A NaN logit (at the target, first, or elsewhere in the row, in a vector's body or its
+    tail) makes that row's loss and its whole gradient row NaN, as the formulas (and the
+    references) do; the other rows are untouched. StableMax had dropped it: the scalar min /
+    max chose the other operand when the data was NaN."""
+    fn, _, kwargs, weighted = CASES[name]
+    g = torch.Generator().manual_seed(22 + C)
+    logits = torch.randn(5, C, generator=g) * 3
+    target = torch.randint(1, C, (5,), generator=g)
+    target[4] = 0
+    logits[0, target[0]] = float("nan")       # at the target
+    logits[1, 0] = float("nan")                # first class
+    logits[2, C - 1] = float("nan")            # last class (a tail lane when C % width != 0)
+    logits[4, 0] = float("nan")                # first class, which is the target
+    x = logits.to(device, copy=True).requires_grad_(True)
+    out = fn(x, target.to(device), reduction="none", **kwargs)
+    out.sum().backward()
+    nan_rows = torch.tensor([True, True, True, False, True])
+    assert out.isnan().cpu().equal(nan_rows), out
+    assert x.grad.isnan().cpu().all(1).equal(nan_rows) and x.grad[3].isfinite().all(), x.grad
+    clean = logits[3:4].to(device, copy=True).requires_grad_(True)
+    alone = fn(clean, target[3:4].to(device), reduction="none", **kwargs)
+    alone.sum().backward()
+    torch.testing.assert_close(out[3:4], alone)
+    torch.testing.assert_close(x.grad[3:4], clean.grad)
+
+
 # ---- CUDA-only behaviour (skipped without a GPU) --------------------------------------------
 
 @requires_cuda

@@ -57,6 +57,35 @@ def test_format_and_gemm(bits, group_size, kind, quant_cpu_isa):
                                    rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+@pytest.mark.parametrize("group_size", (32, -1, 0))
+def test_asymmetric_groups_of_one_sign(bits, group_size):
+    """Asymmetric groups that do not hold 0 (all positive, all negative, constant) round to the
+    nearest code of the range widened to 0, never worse than the symmetric format (the zero
+    point had been clamped into the codes, moving a whole group: 0.7 -> 1.0)."""
+    g = torch.Generator().manual_seed(bits * 10 + group_size)
+    k = 256
+    w = torch.rand(6, k, generator=g) * 0.1
+    w[0] += 0.5
+    w[1] -= 0.9
+    w[2] = 0.7
+    w[3] = -0.3
+    w[4] = w[4] * 3 - 2.0
+    for_tensor = group_size == 0
+    if for_tensor:
+        w = w[:2].abs() + 0.25  # (per tensor: one range for every row; make it one sign)
+    errors = {}
+    for symmetric in (True, False):
+        qw = ops.quantize_weight(w, bits, group_size, symmetric)
+        w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        step = qw.scales.double().repeat_interleave(qw.group, 1)
+        assert ((w64 - w.double()).abs() <= 0.5 * step + 1e-6).all(), f"symmetric={symmetric}"
+        if not symmetric:
+            assert ((qw.zeros >= 0) & (qw.zeros <= (1 << bits) - 1)).all()
+        errors[symmetric] = (w64 - w.double()).abs().amax(1)
+    assert (errors[False] <= errors[True] + 1e-6).all(), errors
+
+
 requires_amx = pytest.mark.skipif("amx" not in fastloss.cpu_isas(),
                                   reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
 
@@ -361,6 +390,8 @@ def test_bad_input_errors_name_the_argument():
     qw = ops.quantize_weight(w, 4, 32)
     op = torch.ops.fastloss.dequant_gemm
     x = torch.randn(2, 64)
+    w_nan = w.clone()
+    w_nan[3, 5] = float("nan")
     cases = [
         (lambda: ops.quantize_weight(w, 5, 32), "bits must be 2, 3, 4 or 8"),
         (lambda: ops.quantize_weight(w, 4, 48), "group_size (48) must divide the input features K = 64"),
@@ -370,6 +401,10 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.quantize_weight(w, 2, 32, codebook=torch.randn(3, 4)), "per output channel [8, 4]"),
         (lambda: ops.quantize_weight(w, 2, 32, codebook=torch.tensor([0., 1., float("nan"), 2.])), "finite"),
         (lambda: ops.quantize_weight(w, 4, 32, False, ops.nf_codebook(4)), "a codebook format has no zero points"),
+        (lambda: ops.quantize_weight(w, 2, 32, codebook=torch.zeros(4)), "every codebook row needs a nonzero value"),
+        (lambda: ops.quantize_weight(w_nan, 4, 32), "w must hold finite values"),
+        (lambda: ops.quantize_weight(w[:0], 4, 32), "w must have at least one row and one column, got (0, 64)"),
+        (lambda: ops.quantize_weight(w[:, :0], 4, 32), "w must have at least one row and one column, got (8, 0)"),
         (lambda: ops.power_codebook(4, 0.0), "exponent must be > 0"),
         (lambda: ops.dequant_gemm(torch.randn(2, 63), qw), "x must be [..., 64]"),
         (lambda: ops.dequant_gemm(x.double(), qw), "x must be a float32"),

@@ -147,6 +147,29 @@ def test_sns_gradients_and_batch():
     torch.testing.assert_close(fd, cs.grad[0, 3, 4], rtol=1e-4, atol=1e-8)
 
 
+@pytest.mark.parametrize("mass", [0.25, 3.7])
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_unnormalised_marginals_cost_is_the_generalised_kl_one(method, mass):
+    """Marginals of equal total mass m != 1: the cost is <P, C> + eps KL(P || a b^T) with the
+    generalised KL (the reference's; the op had returned the plain KL's value, off by
+    eps (m^2 - m) and negative at m = 10), the plan and gradients those of the normalised
+    problem scaled by m; the self term too."""
+    c, a, b = problem(8, 11, seed=9)
+    eps = 0.3
+    res = ops.sinkhorn(c, a * mass, b * mass, eps=eps, method=method, tol=1e-12, max_iter=5000,
+                       return_plan=True)
+    torch.testing.assert_close(res.cost, ref.ot_eps(c, a * mass, b * mass, eps, iters=20000),
+                               rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(res.plan, mass * ref.sinkhorn_plan(c, a, b, eps, iters=20000),
+                               rtol=1e-7, atol=1e-12)
+    x = torch.randn(9, 2, generator=torch.Generator().manual_seed(10), dtype=torch.float64)
+    w = torch.rand(9, generator=torch.Generator().manual_seed(11), dtype=torch.float64) * mass / 4.5
+    self_cost = ops.self_transport_cost(x, w / w.sum() * mass, eps=eps, tol=1e-12, max_iter=2000)
+    torch.testing.assert_close(self_cost, ref.ot_eps(torch.cdist(x, x) ** 2, w / w.sum() * mass,
+                                                     w / w.sum() * mass, eps, iters=20000),
+                               rtol=1e-7, atol=1e-10)
+
+
 @pytest.mark.parametrize("shape", [(1, 300), (300, 1), (9, 17), (37, 301), (130, 64)], ids=str)
 @pytest.mark.parametrize("method", ["sinkhorn", "sns"])
 def test_float32_kernels_on_each_cpu_path(cpu_isa, shape, method):

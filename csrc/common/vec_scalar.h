@@ -22,8 +22,10 @@ FL_HD float vlog(float x) { return logf(x); }
 FL_HD float vlog_fast(float x) { return logf(x); }  // the vector versions' scalar twin
 FL_HD float vlog1p(float x) { return log1pf(x); }
 FL_HD float vtanh(float x) { return tanhf(x); }
-FL_HD float vmax(float a, float b) { return a > b ? a : b; }
-FL_HD float vmin(float a, float b) { return a < b ? a : b; }
+// As the vector versions (maxps / minps with the operands swapped): a NaN in `a` (the data)
+// is kept, one in `b` alone is not.
+FL_HD float vmax(float a, float b) { return b > a ? b : a; }
+FL_HD float vmin(float a, float b) { return b < a ? b : a; }
 FL_HD float vabs(float a) { return fabsf(a); }
 FL_HD float vfma(float a, float b, float c) { return fmaf(a, b, c); }
 // select(c, a, b) = c ? a : b, with c a comparison result

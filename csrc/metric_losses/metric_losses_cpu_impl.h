@@ -285,7 +285,7 @@ void confusion_sums_rows(const ConfusionProblem& q, double* sums, int64_t r0, in
   }
   std::vector<float> acc(4 * K, 0.f);
   float* c[4] = {acc.data(), acc.data() + K, acc.data() + 2 * K, acc.data() + 3 * K};
-  const int64_t rows_per_flush = std::max<int64_t>(1, kFlushElems / K);
+  const int64_t rows_per_flush = std::max<int64_t>(1, kFlushElems / std::max<int64_t>(K, 1));
   for (int64_t r = r0; r < r1; ++r) {
     const T* xr = x + r * K;
     const float* yr = y + r * K;

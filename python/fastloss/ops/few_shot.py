@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._checks import require_finite
 from ._autograd import once_differentiable
 
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
@@ -75,16 +76,18 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     _check_set(fn, "query", query, "query_labels", query_labels)
     if (support is None) != (support_labels is None):
         raise ValueError(f"{fn}: give support and support_labels together, or neither")
-    if support is None:
+    own = support is None
+    if own:
         support, support_labels = query, query_labels
     _check_set(fn, "support", support, "support_labels", support_labels, query.device)
     if support.shape[1] != query.shape[1]:
         raise ValueError(f"{fn}: support has {support.shape[1]} features but query has {query.shape[1]}")
+    require_finite(fn, margin=margin)
     if not margin >= 0:
         raise ValueError(f"{fn}: margin must be >= 0, got {margin}")
     if _kernels(query):  # one op (its label checks raise RuntimeError with the same text)
-        return _ProtoTriplet.apply(query, support, query_labels, support_labels,
-                                      float(margin)).to(query.dtype)
+        return _ProtoTriplet.apply(query, None if own else support, query_labels,
+                                   None if own else support_labels, float(margin))[0].to(query.dtype)
     classes, inverse = torch.unique(support_labels, return_inverse=True)
     if classes.numel() < 2:
         raise ValueError(f"{fn}: the support needs at least two classes, got {classes.numel()}")
@@ -121,23 +124,32 @@ def _fake_proto_backward(grad, query, protos, idx, dist, inverse, counts, margin
 
 class _ProtoTriplet(torch.autograd.Function):
     """proto_triplet_forward / _backward (pair_losses_op.cpp; CPU, and CUDA through the
-    chosen-pair kernels of neighbours_cuda.cu), the whole loss in one op each way; a query set
-    that is also the support gets both gradients (autograd adds them)."""
+    chosen-pair kernels of neighbours_cuda.cu), the whole loss in one op each way. support None:
+    the query set is its own support and gets both gradients (passed once: torch.compile
+    refuses a tensor given twice to one autograd.Function)."""
 
     @staticmethod
     def forward(ctx, query, support, query_labels, support_labels, margin):
+        ctx.own = support is None
+        if ctx.own:
+            support, support_labels = query, query_labels
         loss, protos, idx, dist, inverse, counts = torch.ops.fastloss.proto_triplet_forward(
             query, query_labels, support, support_labels, margin)
         ctx.save_for_backward(query, protos, idx, dist, inverse, counts)
         ctx.margin, ctx.dtypes = margin, (query.dtype, support.dtype)
-        return loss
+        # the class counts returned too: their length (the number of classes) depends on the
+        # labels' values, and torch.compile needs such a size among a function's outputs
+        ctx.mark_non_differentiable(counts)
+        return loss, counts
 
     @staticmethod
     @once_differentiable("proto_triplet_loss")
-    def backward(ctx, grad):
+    def backward(ctx, grad, _counts):
         query, protos, idx, dist, inverse, counts = ctx.saved_tensors
         grad_q, grad_s = torch.ops.fastloss.proto_triplet_backward(grad, query, protos, idx, dist,
                                                                    inverse, counts, ctx.margin)
+        if ctx.own:
+            return (grad_q + grad_s).to(ctx.dtypes[0]), None, None, None, None
         return grad_q.to(ctx.dtypes[0]), grad_s.to(ctx.dtypes[1]), None, None, None
 
 
@@ -156,22 +168,26 @@ def _fake_neighbour_dist_backward(grad_dist, x, t, idx, dist, grad_mask):
 class _NeighbourDist(torch.autograd.Function):
     """The chosen pairs' distances and their gradient in closed form (x_i - t_j) w / d, the
     targets' part through the pairs sorted by target (no scatter, no [N, n, D]); CPU and CUDA
-    kernels."""
+    kernels. t None: the targets are x itself (passed once, as _ProtoTriplet's support)."""
 
     @staticmethod
     def forward(ctx, x, t, idx):
-        xf, tf = x.float().contiguous(), t.float().contiguous()
+        ctx.own = t is None
+        xf = x.float().contiguous()
+        tf = xf if ctx.own else t.float().contiguous()
         dist = torch.ops.fastloss.neighbour_dist(xf, tf, idx, _EPS_SQ)
         ctx.save_for_backward(xf, tf, idx, dist)
-        ctx.dtypes = (x.dtype, t.dtype)
+        ctx.dtypes = (x.dtype, x.dtype if ctx.own else t.dtype)
         return dist
 
     @staticmethod
     @once_differentiable("icnn_loss / proto_triplet_loss (neighbour distances)")
     def backward(ctx, grad):
         xf, tf, idx, dist = ctx.saved_tensors
-        need = list(ctx.needs_input_grad[:2])
+        need = [ctx.needs_input_grad[0], ctx.own and ctx.needs_input_grad[0] or ctx.needs_input_grad[1]]
         gx, gt = torch.ops.fastloss.neighbour_dist_backward(grad.contiguous(), xf, tf, idx, dist, need)
+        if ctx.own:
+            return (gx + gt).to(ctx.dtypes[0]) if need[0] else None, None, None
         return (gx.to(ctx.dtypes[0]) if need[0] else None, gt.to(ctx.dtypes[1]) if need[1] else None,
                 None)
 
@@ -202,10 +218,10 @@ class _IcnnScore(torch.autograd.Function):
 
 
 def _chosen_dist(x, t, idx):
-    """``d(x_i, t_idx[i, c])`` ``[N, n]``, differentiable in x and t."""
+    """``d(x_i, t_idx[i, c])`` ``[N, n]``, differentiable in x and t (t None: x itself)."""
     if _kernels(x):
         return _NeighbourDist.apply(x, t, idx)
-    return _pair_dist(x[:, None, :], t[idx])
+    return _pair_dist(x[:, None, :], (x if t is None else t)[idx])
 
 
 @torch.library.register_fake("fastloss::knn_rows")
@@ -223,8 +239,14 @@ def _neighbours(emb, target, k, exclude_self):
     block = max(1, budget // (4 * max(m, 1)))
     out = torch.empty(n, k, dtype=torch.long, device=emb.device)
     with torch.no_grad():
+        # Both sets shifted by the target set's mean (distances do not change): the GEMM form
+        # |a|^2 + |b|^2 - 2 a.b (and cdist's, which uses it for large sets) loses the spread to
+        # rounding when every embedding shares an offset far larger than it (offset 10, spread
+        # 0.01 had picked wrong neighbours).
+        shift = target.float().mean(0) if m else 0.0
+        emb, target = emb.float() - shift, target.float() - shift
         if _kernels(emb) and k <= _KNN_KERNEL_MAX:
-            ef, tf = emb.float().contiguous(), target.float().contiguous()
+            ef, tf = emb.contiguous(), target.contiguous()
             row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
             buf = ef.new_empty((min(block, n), m))  # one reused block (a fresh one per step
             for r0 in range(0, n, block):           # fragments the heap: metric._block_products)
@@ -296,7 +318,7 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     if isinstance(n_nb, bool) or not isinstance(n_nb, int) or not k <= n_nb <= available:
         raise ValueError(f"{fn}: num_neighbors must be an int in [k = {k}, {available}], got {n_nb!r}")
     idx = _neighbours(emb, target, n_nb, same_set)                            # [N, n]
-    d = _chosen_dist(emb, target, idx)                                        # [N, n]
+    d = _chosen_dist(emb, None if same_set else target, idx)                 # [N, n]
     same = target_labels[idx] == labels[:, None]
     if _kernels(emb):
         return _IcnnScore.apply(d, same, k, clipped).to(emb.dtype)

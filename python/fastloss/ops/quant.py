@@ -13,7 +13,7 @@ groups of ``group_size`` consecutive inputs of one output row; each group has a 
 ``group_size`` 32, 64, 128, 256, ... (dividing ``K``), ``-1`` per output channel, ``0`` per
 tensor (every row the same scale and zero). Uniform symmetric: ``z = 2^(bits-1)``,
 ``s = max|w| / (2^(bits-1) - 1)``; asymmetric: ``s = (max - min) / (2^bits - 1)``,
-``z = round(-min / s)``; codebook: ``s = max|w| / max|codebook|`` and ``q`` the nearest entry.
+``z = round(-min / s)`` with the range widened to hold 0 (``min <= 0 <= max``: ``z`` is a code); codebook: ``s = max|w| / max|codebook|`` and ``q`` the nearest entry.
 Rounding to nearest. Packing (``qweight`` uint8 ``[N, K * bits / 8]``, ``group * bits / 8``
 bytes per group, in planes so that the kernels unpack with a few contiguous vector loads): with
 ``P = group / planes``, bits 2, 4 and 8 (``planes = 8 / bits``) put value ``j * P + i`` of a
@@ -161,11 +161,18 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
         raise ValueError(f"quantize_weight: w must be a floating [N, K] tensor, got "
                          f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
     n, k = w.shape
+    if n == 0 or k == 0:
+        raise ValueError(f"quantize_weight: w must have at least one row and one column, got {tuple(w.shape)}")
     group = _group_length(group_size, k, bits)
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError("quantize_weight: w must hold finite values (a NaN or inf has no code)")
     if codebook is not None:
         if not symmetric:
             raise ValueError("quantize_weight: a codebook format has no zero points (symmetric must be True)")
         codebook = _check_codebook(codebook, bits, n).to(w.device)
+        if not bool((codebook.abs().amax(1) > 0).all()):
+            raise ValueError("quantize_weight: every codebook row needs a nonzero value (the scale is "
+                             "max|w| / max|codebook|)")
     wf = w.detach().float().reshape(n, k // group, group)
     if group_size == 0:  # per tensor: one range for every row
         wf_all = wf.reshape(1, 1, -1)
@@ -184,6 +191,10 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
         zero = torch.full_like(lo, float(1 << (bits - 1)))
         scale = absmax / ((1 << (bits - 1)) - 1)
     else:
+        # the range widened to hold 0, so that the zero point is a code in [0, qmax] (as GPTQ's
+        # and torch's observers do): a group of one sign had kept [min, max], and its zero point,
+        # clamped into the codes, moved every value (0.7 -> 1.0)
+        lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / qmax
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
