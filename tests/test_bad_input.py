@@ -80,7 +80,17 @@ class TestEveryLoss:
 
 @pytest.mark.parametrize("fn, kwargs, match", [
     (ops.comp_sum_loss, {"tau": -0.5}, "tau must be >= 0"),
-    (ops.comp_sum_loss, {"tau": float("nan")}, "tau must be >= 0"),
+    (ops.comp_sum_loss, {"tau": float("nan")}, "tau must be a finite number, got nan"),
+    (ops.comp_sum_loss, {"tau": float("inf")}, "tau must be a finite number, got inf"),
+    (ops.ldr_loss, {"lam": float("inf")}, "lam must be a finite number"),
+    (ops.ldr_loss, {"lam": 1.0, "margin": float("-inf")}, "margin must be a finite number"),
+    (ops.ldr_loss, {"lam": 1.0, "margin": float("nan")}, "margin must be a finite number"),
+    (ops.ldr_loss, {"lam": 1.0, "adaptive": True, "alpha": float("inf")}, "alpha must be a finite number"),
+    (ops.spherical_z_loss, {"a": float("inf"), "b": 1.0}, "a must be a finite number"),
+    (ops.spherical_z_loss, {"a": 1.0, "b": float("nan")}, "b must be a finite number"),
+    (ops.cross_entropy, {"softcap": float("inf")}, "softcap must be a finite number"),
+    (ops.cross_entropy, {"lse_square_scale": float("inf")}, "lse_square_scale must be a finite number"),
+    (ops.cross_entropy, {"softcap": "3"}, "softcap must be a number, got str"),
     (ops.ldr_loss, {"lam": 0.0}, "lam must be > 0"),
     (ops.ldr_loss, {"lam": -1.0}, "lam must be > 0"),
     (ops.ldr_loss, {"lam": 1.0, "adaptive": True, "alpha": 1.0}, "alpha must be > 1"),
@@ -91,8 +101,32 @@ class TestEveryLoss:
 ])
 def test_bad_hyperparameters(fn, kwargs, match):
     logits, target = good()
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises((ValueError, TypeError), match=match):
         fn(logits, target, **kwargs)
+
+
+def test_other_families_refuse_non_finite_hyperparameters():
+    """An infinite or NaN temperature, margin or scale had given an all-NaN loss silently."""
+    x, t = torch.randn(4, 6), torch.tensor([0, 5, 2, 1])
+    emb, labels = torch.randn(6, 4), torch.tensor([0, 0, 1, 1, 2, 2])
+    inf, nan = float("inf"), float("nan")
+    cases = [
+        (lambda: ops.kd_loss(x, x, T=inf), "kd_loss: T must be a finite number"),
+        (lambda: ops.topk_kl_loss(x, x, 2, T=nan), "topk_kl_loss: T must be a finite number"),
+        (lambda: ops.pld_loss(x, x, t, T=inf), "pld_loss: T must be a finite number"),
+        (lambda: ops.kd_loss(torch.tensor(1.0), torch.tensor(2.0)), "student must have a class dimension"),
+        (lambda: ops.contrastive_loss(emb, emb, inf), "contrastive_loss: T must be a finite number"),
+        (lambda: ops.multi_similarity_loss(emb, labels, alpha=inf), "alpha must be a finite number"),
+        (lambda: ops.multi_similarity_loss(emb, labels, epsilon=nan), "epsilon must be a finite number"),
+        (lambda: ops.tcm_loss(emb, labels, neg_weight=inf), "neg_weight must be a finite number"),
+        (lambda: ops.anyloss(x, (x > 0).float(), L=inf), "anyloss: L must be a finite number"),
+        (lambda: ops.proto_triplet_loss(emb, labels, margin=inf), "margin must be a finite number"),
+        (lambda: ops.linear_cross_entropy(emb, torch.randn(5, 4), labels % 5, softcap=inf),
+         "linear_cross_entropy: softcap must be a finite number"),
+    ]
+    for call, match in cases:
+        with pytest.raises(ValueError, match=match):
+            call()
 
 
 def test_ops_check_hyperparameters_too():

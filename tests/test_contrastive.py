@@ -65,6 +65,11 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.contrastive_loss(a, b.double()), "must share a floating dtype"),
         (lambda: ops.contrastive_loss(a, b, T=0), "T must be > 0"),
         (lambda: ops.contrastive_loss(a, b, weights=torch.ones(5, 4)), "weights must be [5, 5]"),
+        (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5) - 0.1), "weights must be finite and >= 0"),
+        (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5) * float("inf")), "weights must be finite"),
+        (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5).index_fill(0, torch.tensor([2]), 0.0)),
+         "every row of weights"),
+        (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5, dtype=torch.long)), "weights must be floating point"),
         (lambda: ops.contrastive_loss(a, b, reduction="avg"), "reduction must be"),
         (lambda: ops.contrastive_loss(a, b, block_rows=0), "block_rows must be a positive int"),
     ]

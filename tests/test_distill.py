@@ -69,6 +69,28 @@ def test_leading_dims_strided_and_extreme_logits():
         big_s.grad = None
 
 
+@pytest.mark.parametrize("C", [4, 37])
+def test_nan_logit_gives_a_nan_row(C, device):
+    """A NaN in a row of the teacher (first class, or the last: a vector tail) or of the student
+    makes that row's loss and its whole gradient row NaN, for every kind and for top-k KL (the
+    JSD had given a finite gradient: the scalar min / max chose the other operand when the data
+    was NaN); the other rows are untouched. A finite gradient there would let a loss scaler's
+    inf / NaN check pass."""
+    s, t = make(4, C, torch.float32, seed=5)
+    t[0, 0] = t[1, C - 1] = s[2, 1] = float("nan")
+    nan_rows = torch.tensor([True, True, True, False])
+    losses = {kind: (lambda x, kind=kind: ops.kd_loss(x, t.to(device), 2.0, kind, 0.3, "none"))
+              for kind in KINDS}
+    losses["topk"] = lambda x: torch.stack([ops.topk_kl_loss(x[i:i + 1], t[i:i + 1].to(device), 2, 2.0)
+                                            for i in range(4)])
+    for what, fn in losses.items():
+        x = s.to(device, copy=True).requires_grad_(True)
+        out = fn(x)
+        out.sum().backward()
+        assert out.isnan().cpu().equal(nan_rows), (what, out)
+        assert x.grad.isnan().cpu().all(1).equal(nan_rows) and x.grad[3].isfinite().all(), (what, x.grad)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_made_with_the_forward_equals_the_separate_backward(kind, dtype, cpu_isa):
@@ -205,6 +227,8 @@ def test_dual_head_kd_equals_its_formula_and_keeps_heads_apart(aux_loss):
     assert module.predict(f).shape == (16, 9)
     with pytest.raises(ValueError, match="aux_loss must be"):
         fastloss.nn.DualHeadKD(4, 3, aux_loss="l1")
+    with pytest.raises(ValueError, match=r"teacher_logits must be \[N, C\] = \(16, 9\)"):
+        module(f, y, torch.randn(16, 10))
 
 
 @pytest.mark.cuda

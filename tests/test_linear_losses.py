@@ -157,6 +157,29 @@ def test_low_memory_tiles_match_reference(name, dtype, shape, reduction, dev):
             close(g, e, dtype, f"{name} tile {tile} grad_{what}", floor=1e-2)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_meta_tensors_and_no_features(low_memory):
+    """Meta tensors give the loss's shape (autocast has no meta device: it had raised), and
+    D = 0 (logits = the bias) equals F.cross_entropy, gradients included (the reshape of
+    hidden could not infer its row count)."""
+    meta = ops.linear_cross_entropy(torch.randn(4, 8, device="meta"), torch.randn(11, 8, device="meta"),
+                                    torch.zeros(4, dtype=torch.long, device="meta"),
+                                    reduction="none", low_memory=low_memory)
+    assert meta.shape == (4,) and meta.device.type == "meta"
+    g = torch.Generator().manual_seed(31)
+    b = torch.randn(11, generator=g)
+    t = torch.tensor([1, 2, -100, 10, 0])
+    got = run(ops.linear_cross_entropy, torch.randn(5, 0), torch.randn(11, 0), t, b, None, "mean",
+              low_memory=low_memory)
+    exp = run(lambda h, w, t, bias, reduction, class_weight: F.cross_entropy(F.linear(h, w, bias), t,
+                                                                             reduction=reduction),
+              torch.randn(5, 0), torch.randn(11, 0), t, b, None, "mean")
+    torch.testing.assert_close(got[0], exp[0])
+    for a, e in zip(got[1], exp[1]):
+        assert a.shape == e.shape
+        torch.testing.assert_close(a, e)
+
+
 def test_low_memory_compiles_and_checks_input():
     compiled = torch.compile(lambda h, w, t, bias, **kw: ops.linear_cross_entropy(
         h, w, t, bias, label_smoothing=0.1, low_memory=True, **kw), fullgraph=True)

@@ -42,6 +42,13 @@ def test_perfect_and_bad_predictions_and_input_checks():
         ops.anyloss(good, target[:3])
     with pytest.raises(ValueError, match="L must be > 0"):
         ops.anyloss(good, target, L=0.0)
+    with pytest.raises(ValueError, match="target must hold binary targets in"):
+        ops.anyloss(good, target * 2)
+    with pytest.raises(ValueError, match="target must hold binary targets in"):
+        ops.anyloss(good, target - 1)
+    with pytest.raises(ValueError, match="scores must be probabilities in"):
+        ops.anyloss(good + 0.5, target, from_logits=False)
+    assert ops.anyloss(good + 0.5, target).isfinite()  # (logits: any value)
 
 
 # ---- self-adjusting Dice loss -------------------------------------------------------------------
@@ -110,7 +117,7 @@ def test_dice_special_cases_compile_and_bad_input():
     plain = (1 - 2 * p * oh / (p + oh + 1e-6)).sum(1).mean()
     torch.testing.assert_close(ops.dice_loss(x, y, 0.0, 0.0, 1e-6), plain)
     f = lambda a: ops.dice_loss(a, y, 0.3) + ops.dice_loss(a[:, 0], (y == 0).float(), 0.5, reduction="sum")  # noqa: E731
-    assert_compiled_matches(f, [x], fullgraph=False)  # the target checks read tensor values
+    assert_compiled_matches(f, [x], fullgraph=True)  # (the target checks are left to eager calls)
     expect_errors([
         (lambda: ops.dice_loss(x, y, alpha=-1.0), "alpha must be a finite number >= 0"),
         (lambda: ops.dice_loss(x, y, gamma=0.0), "gamma and smooth are both 0"),
@@ -194,10 +201,12 @@ def test_torch_formulas_of_the_cuda_path_match_reference():
         assert_matches_reference(fn, ref_fn, [x], 1e-5)
 
 
-@pytest.mark.parametrize("shape", [(0,), (0, 3)])
+@pytest.mark.parametrize("shape", [(0,), (0, 3), (4, 0), (0, 0)])
 def test_empty_batch(shape, device):
     """No rows: AnyLoss's confusion cells are all 0 and its metrics 0 / 0 (NaN, as a mean over no
-    rows is in torch), a gradient of the empty shape; Dice's mean over no rows likewise."""
+    rows is in torch), a gradient of the empty shape; no label columns: the mean over no metrics
+    (NaN; the CPU kernel had divided by the column count: SIGFPE); Dice's mean over no rows
+    likewise."""
     x = torch.zeros(shape, device=device, requires_grad=True)
     loss = ops.anyloss(x, torch.zeros(shape, device=device))
     loss.backward()

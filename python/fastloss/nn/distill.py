@@ -46,6 +46,9 @@ class DualHeadKD(nn.Module):
         """features ``[N, D]``, target ``[N]`` class indices, teacher_logits ``[N, C]``."""
         teacher = teacher_logits.detach()
         main = self.main(features)
+        if teacher.shape != main.shape:
+            raise ValueError(f"DualHeadKD: teacher_logits must be [N, C] = {tuple(main.shape)} (the "
+                             f"heads' output), got {tuple(teacher.shape)}")
         loss = ops.cross_entropy(main, target, ignore_index=ignore_index)
         if self.prob_weight:
             loss = loss + self.prob_weight * ops.kd_loss(main, teacher, self.T)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
@@ -171,6 +172,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
                          f"and {tuple(b.shape)}")
     if not a.is_floating_point() or b.dtype != a.dtype:
         raise ValueError(f"{fn}: a and b must share a floating dtype, got {a.dtype} and {b.dtype}")
+    require_finite(fn, T=T)
     if not T > 0:
         raise ValueError(f"{fn}: T must be > 0, got {T}")
     if reduction not in ("none", "mean", "sum"):
@@ -182,6 +184,17 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
         if weights.device != a.device:
             raise ValueError(f"{fn}: weights is on {weights.device} but a is on {a.device}")
         refuse_grad(fn, "weights", weights, "the CWCL weights (computed beforehand, as constants)")
+        if not weights.is_floating_point():
+            raise ValueError(f"{fn}: weights must be floating point, got {weights.dtype}")
+        # the values: read where that is free (not on a GPU, where it would wait for the
+        # device, nor while torch.compile traces); a zero row sum divides 0 by 0
+        if n and not weights.is_cuda and not torch.compiler.is_compiling():
+            w = weights.detach()
+            if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+                raise ValueError(f"{fn}: weights must be finite and >= 0")
+            if bool((w.sum(1) <= 0).any()) or (symmetric and bool((w.sum(0) <= 0).any())):
+                raise ValueError(f"{fn}: every row of weights (and column, when symmetric) needs a "
+                                 f"positive sum")
     if block_rows is None:
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
     elif not (isinstance(block_rows, int) and block_rows > 0):

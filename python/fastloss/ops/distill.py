@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import require_finite
 from ._autograd import once_differentiable
 from ._devices import has_kernel
 
@@ -203,12 +204,15 @@ torch.library.register_autograd("fastloss::pld_forward",
 def _check_pair(fn, student, teacher, T, reduction):
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
+    require_finite(fn, T=T)
     if not T > 0:
         raise ValueError(f"{fn}: T must be > 0, got {T}")
     for name, t in (("student", student), ("teacher", teacher)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if student.dim() < 1 or teacher.shape != student.shape:
+    if student.dim() < 1:
+        raise ValueError(f"{fn}: student must have a class dimension ([..., C]), got a 0-dim tensor")
+    if teacher.shape != student.shape:
         raise ValueError(f"{fn}: teacher must have student's shape {tuple(student.shape)}, got "
                          f"{tuple(teacher.shape)}")
     if student.dtype not in _FLOATS or teacher.dtype != student.dtype:

@@ -120,11 +120,13 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     refuse_grad(fn, "class_weight", class_weight, "the class weights (as F.cross_entropy)")
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):  # F.linear runs in the autocast dtype
+    # F.linear runs in the autocast dtype (meta and other devices without autocast: no cast)
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-    h, t = hidden.reshape(-1, hidden.shape[-1]), target.reshape(-1)
+    # (the row count spelled out: reshape cannot infer it when D = 0)
+    h, t = hidden.reshape(target.numel(), hidden.shape[-1]), target.reshape(-1)
     if low_memory:
         _check_tile_inputs(fn, h, weight, t, bias, class_weight, ignore_index)
         from .vocab_parallel import TiledCrossEntropy

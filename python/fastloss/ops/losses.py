@@ -41,6 +41,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
 
 _REDUCTIONS = ("none", "mean", "sum")
@@ -180,6 +181,7 @@ def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, gr
 
 def cross_entropy_scalars(fn: str, label_smoothing: float, lse_square_scale: float,
                           softcap: Optional[float]) -> tuple:
+    require_finite(fn, lse_square_scale=lse_square_scale, softcap=softcap)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not softcap > 0:
@@ -188,12 +190,14 @@ def cross_entropy_scalars(fn: str, label_smoothing: float, lse_square_scale: flo
 
 
 def comp_sum_scalars(fn: str, tau: float) -> tuple:
+    require_finite(fn, tau=tau)
     if not tau >= 0:
         raise ValueError(f"{fn}: tau must be >= 0, got {tau}")
     return (float(tau),)
 
 
 def ldr_scalars(fn: str, lam: float, margin: float, adaptive: bool, alpha: float) -> tuple:
+    require_finite(fn, lam=lam, margin=margin, alpha=alpha)
     if not lam > 0:
         raise ValueError(f"{fn}: lam must be > 0, got {lam}")
     if adaptive and not alpha > 1:
@@ -202,6 +206,7 @@ def ldr_scalars(fn: str, lam: float, margin: float, adaptive: bool, alpha: float
 
 
 def spherical_z_scalars(fn: str, a: float, b: float, eps: float) -> tuple:
+    require_finite(fn, a=a, b=b, eps=eps)
     if not a > 0:
         raise ValueError(f"{fn}: a must be > 0, got {a}")
     if not eps >= 0:

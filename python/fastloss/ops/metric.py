@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._checks import require_finite
 from ._autograd import once_differentiable
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
@@ -240,6 +241,7 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
     """
     fn = "multi_similarity_loss"
     _check_emb_labels(fn, emb, labels)
+    require_finite(fn, alpha=alpha, beta=beta, base=base, epsilon=epsilon)
     if not (alpha > 0 and beta > 0):
         raise ValueError(f"{fn}: alpha and beta must be > 0, got {alpha} and {beta}")
     if epsilon is not None and not epsilon >= 0:
@@ -397,6 +399,7 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     """
     fn = "tcm_loss"
     _check_emb_labels(fn, emb, labels)
+    require_finite(fn, pos_weight=pos_weight, neg_weight=neg_weight)
     for name, v in (("pos_weight", pos_weight), ("neg_weight", neg_weight)):
         if not v >= 0:
             raise ValueError(f"{fn}: {name} must be >= 0, got {v}")

@@ -21,6 +21,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
+from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
@@ -50,6 +51,7 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     fn = "anyloss"
     if metric not in _METRICS:
         raise ValueError(f"{fn}: metric must be one of {_METRICS}, got {metric!r}")
+    require_finite(fn, L=L, beta=beta)
     if not L > 0:
         raise ValueError(f"{fn}: L must be > 0, got {L}")
     if metric == "fbeta" and not beta > 0:
@@ -64,6 +66,14 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     refuse_grad(fn, "target", target, "the targets")
     # (the label count spelled out: reshape cannot infer it for an empty batch)
     y = target.to(torch.float32).reshape(scores.shape[0], scores.shape[1] if scores.dim() == 2 else 1)
+    # as dice_loss: checked where reading the values is free (not on a GPU, where it would wait
+    # for the device, nor while torch.compile traces; there a target or probability outside
+    # [0, 1] gives a meaningless metric)
+    if y.numel() and not scores.is_cuda and not torch.compiler.is_compiling():
+        if bool((y < 0).any()) or bool((y > 1).any()):
+            raise ValueError(f"{fn}: target must hold binary targets in [0, 1]")
+        if not from_logits and (bool((scores < 0).any()) or bool((scores > 1).any())):
+            raise ValueError(f"{fn}: scores must be probabilities in [0, 1] with from_logits=False")
     if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
         return torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric), float(L),
                                           float(beta), bool(from_logits))
@@ -297,7 +307,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         # CUDA kernels: no check here (it would wait for the device twice per call); a target
         # outside [0, 1] gives that row a NaN loss
         on_gpu_kernel = x.is_cuda and has_kernel(x)
-        if y.numel() and not on_gpu_kernel and (bool((y < 0).any()) or bool((y > 1).any())):
+        if (y.numel() and not on_gpu_kernel and not torch.compiler.is_compiling()
+                and (bool((y < 0).any()) or bool((y > 1).any()))):
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
         if has_kernel(x):  # one op with its C++ autograd formula (metric_losses_op.cpp)

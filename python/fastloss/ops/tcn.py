@@ -124,7 +124,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
         raise ValueError(f"{fn}: x must be 3-D [B, C, L], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if not (isinstance(dilation, int) and dilation >= 1):
+    if not (isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1):
         raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
     if weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"{fn}: weight must be [C, K] (depthwise) or [C_out, C / groups, K] "
@@ -165,7 +165,7 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
              and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
-             and isinstance(dilation, int) and dilation >= 1)
+             and isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1)
     if not fused:
         return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
     if bias is not None and tuple(bias.shape) != (x.shape[1],):

@@ -10,7 +10,7 @@ from .losses import (
     stablemax_cross_entropy,
 )
 from .linear_losses import linear_loss
-from . import contrastive, distill, metric, metric_losses, pair_losses, quant, sinkhorn, tcn
+from . import contrastive, distill, few_shot, metric, metric_losses, pair_losses, quant, sinkhorn, tcn
 
 __all__ = [
     "cross_entropy",
@@ -25,6 +25,7 @@ __all__ = [
     "pair_losses",
     "distill",
     "contrastive",
+    "few_shot",
     "metric",
     "metric_losses",
     "quant",

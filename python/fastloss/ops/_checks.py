@@ -1,0 +1,19 @@
+"""Checks of the ops' scalar arguments shared across families."""
+from __future__ import annotations
+
+import math
+
+
+def require_finite(fn: str, **values) -> None:
+    """ValueError naming the first of ``values`` that is not a finite number (None is let
+    through: it means "not used"). An infinite or NaN hyperparameter (a temperature, a margin,
+    a scale) would otherwise turn every loss into NaN without a word."""
+    for name, v in values.items():
+        if v is None:
+            continue
+        try:
+            finite = math.isfinite(v)
+        except TypeError:
+            raise TypeError(f"{fn}: {name} must be a number, got {type(v).__name__}") from None
+        if not finite:
+            raise ValueError(f"{fn}: {name} must be a finite number, got {v}")
