@@ -215,3 +215,16 @@ def test_empty_batch(shape, device):
     dice = ops.dice_loss(logits, torch.zeros(0, dtype=torch.long, device=device))
     dice.backward()
     assert dice.isnan() and logits.grad.shape == (0, 4)
+
+
+def test_meta_tensors_give_the_loss_shape():
+    """Meta tensors (shape inference, e.g. torch.device("meta") model construction): the value
+    checks are skipped instead of reading data that is not there."""
+    m = "meta"
+    for out in (ops.dice_loss(torch.randn(8, 4, device=m), torch.rand(8, 4, device=m)),
+                ops.dice_loss(torch.randn(8, 4, device=m), torch.zeros(8, dtype=torch.long, device=m)),
+                ops.dice_loss(torch.randn(8, 4, device=m), torch.zeros(8, dtype=torch.long, device=m),
+                              reduction="none"),
+                ops.anyloss(torch.randn(8, 4, device=m), torch.rand(8, 4, device=m))):
+        assert out.device.type == m
+    assert out.shape == ()

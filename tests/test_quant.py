@@ -425,6 +425,8 @@ def test_bad_input_errors_name_the_argument():
          "scales must be float32 [8, 4], got Float [8, 2]"),
         (lambda: ops.QuantizedWeight.from_int(torch.full((8, 64), 16), torch.ones(8, 2), torch.zeros(8, 2), 4, 32),
          "q must hold integers in [0, 16)"),
+        (lambda: ops.QuantizedWeight.from_int(torch.zeros(0, 64, dtype=torch.long), torch.ones(0, 2), None, 4, 32),
+         "q must be a non-empty [N, K] tensor of codes, got (0, 64)"),
         (lambda: fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(4, 4)), bits_per_layer={"x": 8}),
          "no nn.Linear named ['x']"),
     ]

@@ -463,3 +463,13 @@ def test_self_transport_cost_gradients_and_errors():
     ])
     with pytest.warns(RuntimeWarning, match="did not reach"):
         ops.self_transport_cost(x, eps=eps, tol=1e-12, max_iter=2)
+
+
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_meta_tensors_give_the_result_shapes(method):
+    """Meta tensors: the solver op's fake kernel gives the shapes (the value checks and the
+    convergence warning, which read data, are skipped)."""
+    r = ops.sinkhorn(torch.rand(3, 5, 6, device="meta"), eps=0.1, method=method, return_plan=True)
+    assert (r.cost.shape, r.f.shape, r.g.shape, r.plan.shape) == ((3,), (3, 5), (3, 6), (3, 5, 6))
+    assert ops.wasserstein(torch.randn(5, 2, device="meta"), torch.randn(6, 2, device="meta"),
+                           eps=0.1, method=method).device.type == "meta"

@@ -148,6 +148,7 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.dilated_conv1d(x, w[:3]), "depthwise weight must be [C, K] with C = 4"),
         (lambda: ops.dilated_conv1d(x, w, dilation=0), "dilation must be an int >= 1"),
         (lambda: ops.dilated_conv1d(x, w, dilation=True), "dilation must be an int >= 1, got True"),
+        (lambda: ops.dilated_conv1d(x, w, dilation=1 << 62), "dilation * (K - 1) must be below 2^62"),
         (lambda: ops.dilated_conv1d(x, w[:, :0]), "K >= 1"),
         (lambda: ops.dilated_conv1d(x, w, b[:2]), "bias must be [4]"),
         (lambda: ops.dilated_conv1d(x, w.double()), "weight is Double but x is Float"),

@@ -69,7 +69,7 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     # as dice_loss: checked where reading the values is free (not on a GPU, where it would wait
     # for the device, nor while torch.compile traces; there a target or probability outside
     # [0, 1] gives a meaningless metric)
-    if y.numel() and not scores.is_cuda and not torch.compiler.is_compiling():
+    if y.numel() and not scores.is_cuda and not scores.is_meta and not torch.compiler.is_compiling():
         if bool((y < 0).any()) or bool((y > 1).any()):
             raise ValueError(f"{fn}: target must hold binary targets in [0, 1]")
         if not from_logits and (bool((scores < 0).any()) or bool((scores > 1).any())):
@@ -307,7 +307,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         # CUDA kernels: no check here (it would wait for the device twice per call); a target
         # outside [0, 1] gives that row a NaN loss
         on_gpu_kernel = x.is_cuda and has_kernel(x)
-        if (y.numel() and not on_gpu_kernel and not torch.compiler.is_compiling()
+        if (y.numel() and not on_gpu_kernel and not torch.compiler.is_compiling() and not y.is_meta
                 and (bool((y < 0).any()) or bool((y > 1).any()))):
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
@@ -328,7 +328,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
                                                 _REDUCTION[reduction])
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= logits.shape[1]))
-        if bool(bad.any()):
+        if not bad.is_meta and bool(bad.any()):
             raise ValueError(f"{fn}: target holds values outside [0, C = {logits.shape[1]}) "
                              f"that are not ignore_index ({ignore_index})")
         t = torch.where(keep, target, 0).long()

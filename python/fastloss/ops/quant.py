@@ -86,6 +86,9 @@ class QuantizedWeight:
         codes in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (zeros in
         quantized units, or None), an optional ``codebook`` (module docstring)."""
         _check_bits(bits)
+        if not isinstance(q, Tensor) or q.dim() != 2 or q.numel() == 0:
+            raise ValueError(f"QuantizedWeight.from_int: q must be a non-empty [N, K] tensor of codes, got "
+                             f"{tuple(getattr(q, 'shape', ()))}")
         n, k = q.shape
         group = _group_length(group_size, k, bits)
         if q.dtype.is_floating_point or int(q.min()) < 0 or int(q.max()) >= 1 << bits:

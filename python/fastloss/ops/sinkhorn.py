@@ -301,8 +301,9 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     _check_eps_iters("sinkhorn", eps, max_iter)
     single = cost.dim() == 2
     c = cost[None] if single else cost
-    # the value checks read the data: done eagerly, skipped inside torch.compile graphs
-    check_values = not torch.compiler.is_compiling()
+    # the value checks read the data: done eagerly, skipped inside torch.compile graphs (and on
+    # meta tensors, which have none)
+    check_values = not torch.compiler.is_compiling() and not cost.is_meta
     if check_values and (not bool(torch.isfinite(c).all()) or bool((c < 0).any())):
         raise ValueError("sinkhorn: cost must be finite and non-negative")
     bsz, n, m = c.shape
@@ -324,7 +325,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                              f"count >= 1 (an int) of entries kept per row, got {sparsity!r}")
         keep = sparsity if isinstance(sparsity, int) else max(1, int(math.ceil(sparsity * m)))
         newton = (int(warmup_iters), min(keep, m))
-    if c.device.type == "cpu" or has_kernel(c):
+    if c.device.type in ("cpu", "meta") or has_kernel(c):  # (meta: the fake kernel)
         keep = 0 if newton is None else newton[1]
         warm = 0 if newton is None else newton[0]
         total, f, g, n_iter, err, transport = torch.ops.fastloss.sinkhorn_solve(
@@ -336,7 +337,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         transport = (plan * c.detach()).sum((1, 2))
     total = total + _kl_mass_term(eps, mass_a, mass_b)
     converged = err < tol
-    if warn and not torch.compiler.is_compiling() and not bool(converged.all()):
+    if warn and check_values and not bool(converged.all()):
         warnings.warn(f"sinkhorn: {int((~converged).sum())} of {bsz} problem(s) did not reach "
                       f"tol={tol} in {max_iter} iterations (marginal error up to {float(err.max()):.3g})",
                       RuntimeWarning, stacklevel=2)

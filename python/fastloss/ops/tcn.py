@@ -136,6 +136,8 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     out_channels = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"{fn}: bias must be [{out_channels}], got shape {tuple(bias.shape)}")
+    if dilation * (k - 1) >= 1 << 62:  # (the padding must fit an int64 index)
+        raise ValueError(f"{fn}: dilation * (K - 1) must be below 2^62, got {dilation} * {k - 1}")
     pad = left_padding(k, dilation, causal)
     if weight.dim() == 2 and has_kernel(x):
         return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
@@ -165,7 +167,8 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
              and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
-             and isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1)
+             and isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1
+             and dilation * (weight.shape[-1] - 1) < 1 << 62)
     if not fused:
         return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
