@@ -25,7 +25,7 @@ one copy, a float32 weight of up to 300 MB (the 2-vCPU Xeon's L3) stayed cached 
 and the matmul read it at twice the memory bandwidth. torch int4pack keeps one copy (its
 packing runs per copy, and it is 10-100x slower than the rest).
 
-Usage: python bench/bench_quant.py [--device cpu] [--quick] [--out DIR]
+Usage: python bench/bench_quant.py [--device cpu|cuda] [--quick] [--out DIR]
 """
 
 from __future__ import annotations

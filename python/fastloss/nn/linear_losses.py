@@ -13,7 +13,8 @@ from .. import ops
 
 
 class LinearCrossEntropy(nn.Module):
-    """``nn.Linear(in_features, num_classes, bias)`` followed by cross-entropy, fused
+    """``nn.Linear(in_features, num_classes, bias)`` (here ``bias=False`` by default, as LM heads
+    have none) followed by cross-entropy, fused
     (:func:`fastloss.ops.linear_cross_entropy`): replaces ``lm_head`` + loss in a training
     step without ever forming the ``[tokens, vocab]`` logits.
 

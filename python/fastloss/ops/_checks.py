@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import math
 
+import torch
+
 
 def require_finite(fn: str, **values) -> None:
     """ValueError naming the first of ``values`` that is not a finite number (None is let
     through: it means "not used"). An infinite or NaN hyperparameter (a temperature, a margin,
-    a scale) would otherwise turn every loss into NaN without a word."""
+    a scale) would otherwise turn every loss into NaN without a word. Not while torch.compile
+    traces (a dynamic scalar there is symbolic; the eager call checks it)."""
+    if torch.compiler.is_compiling():
+        return
     for name, v in values.items():
         if v is None:
             continue

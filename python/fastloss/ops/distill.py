@@ -13,13 +13,15 @@ distillation); each function's docstring gives its formula.
 * ``"jsd"``: ``T^2 [beta KL(q || m) + (1 - beta) KL(p || m)]`` with ``m = beta q + (1 - beta) p``,
   ``0 < beta < 1`` (the generalized Jensen-Shannon divergence; 0.5 is the symmetric one).
 
-Gradients flow to the student only (the teacher is a target). The CPU kernels (``csrc/distill``)
-read both rows twice in the forward (three times for jsd), keep three floats per row, and read
-them once more in the backward, which writes the gradient once: no ``[N, C]`` probability
-tensor is kept. ``kd_loss`` on CUDA tensors runs the CUDA kernels (``kd_cuda.cu``: one read of
-both rows forward, two for jsd, one backward), ``topk_kl_loss`` a radix selection per row,
-``pld_loss`` torch's stable sort of the teacher then a warp per row for the suffix log-sum-exps
-and the gradient.
+Gradients flow to the student only (the teacher is a target). On the CPU (``csrc/distill``),
+when the student will want its gradient, ``kd_loss``'s forward makes it with the rows
+(``kd_forward_grad``: both rows read while in cache, the gradient written once, scaled by the
+mean's 1 / N) and the backward hands that buffer over, scaled in place unless the incoming
+gradient is exactly 1; otherwise the forward keeps three floats per row and the backward reads
+both rows again: no ``[N, C]`` probability tensor either way. ``kd_loss`` on CUDA tensors runs
+the CUDA kernels (``kd_cuda.cu``: one read of both rows forward, two for jsd, one backward),
+``topk_kl_loss`` a radix selection per row, ``pld_loss`` torch's stable sort of the teacher
+then a block per row for the suffix log-sum-exps and the gradient.
 """
 
 from __future__ import annotations

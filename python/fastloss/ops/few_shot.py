@@ -278,9 +278,10 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
       ``k``;
     * ``lambda_sc = 1 - mean_{i with a same-class neighbour}`` of the mean of ``u_ij`` over its
       same-class neighbours (close same-class neighbours are good);
-    * ``lambda_dc = mean_{i with another-class neighbour}`` of the mean of
-      ``d_ij / max_{batch} d`` over its other-class neighbours among the first ``k`` (far
-      other-class neighbours are good), or 1 when no embedding has one;
+    * ``lambda_dc = mean_{i with another-class neighbour}`` of the mean of ``d_ij / D`` over its
+      other-class neighbours among the first ``k``, with ``D`` the largest such other-class
+      distance in the batch (far other-class neighbours are good), or 1 when no embedding
+      has one;
     * ``gamma = mean_i (same-class neighbours among the first k) / k`` (1 when ``k`` was clipped);
     * ``score = ((lambda_sc + lambda_dc) / 2 + gamma) / 2`` in [0, 1].
 

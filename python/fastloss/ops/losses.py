@@ -27,10 +27,10 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   copied first, and the copy takes the gradient.
 * ``grad_in_forward``: opt-in. When the logits require grad, the forward also makes the
   gradient (each row read once: its statistics, then its gradient while the row is in cache)
-  and the backward returns it, scaled when the incoming gradient is not 1 (a check that reads
-  the incoming gradient on the host: one GPU synchronisation per backward; with a loss scale,
-  as AMP's GradScaler applies, every backward pays an extra pass). The gradient is held from
-  the forward on. Not combinable with ``inplace_backward`` yet; ignored under
+  and the backward returns it, scaled when the incoming gradient is not 1 (on the CPU after
+  reading it; on CUDA on the device, rows whose factor is exactly 1 neither read nor written,
+  without a host synchronisation; with a loss scale, as AMP's GradScaler applies, every
+  backward pays that extra pass). The gradient is held from the forward on. Not combinable with ``inplace_backward`` yet; ignored under
   ``torch.compile``. Its CUDA kernel has not run on a GPU yet.
 """
 

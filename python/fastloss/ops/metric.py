@@ -388,8 +388,9 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     of the hard negative pairs (more similar than ``neg_margin``); a term with no hard pair is 0.
     Added to a base metric-learning loss. Defaults as pytorch-metric-learning's
     ``ThresholdConsistentMarginLoss`` (from the paper's section 5.2), which it equals on the same
-    inputs. Blocks of anchor rows, as ``multi_similarity_loss``: no ``B x B`` matrix is kept,
-    the backward forms each block again.
+    inputs. Blocks of anchor rows, as ``multi_similarity_loss``: no ``B x B`` matrix is kept; on
+    the CPU the forward keeps the hard pairs' columns while they are few (at most ``B^2 / 16``)
+    and the backward goes over them alone, otherwise it forms each block again.
 
     Args:
         emb: ``[B, D]`` embeddings (normalised inside). labels: ``[B]`` integer classes.
