@@ -257,6 +257,11 @@ def test_bad_input_errors_name_the_argument():
         (lambda: OPS.neighbour_dist(torch.rand(4, 3), torch.rand(5, 3), torch.zeros(3, 1, dtype=torch.long), 0.0),
          "idx must be a contiguous int64 [4, n]"),
     ])
+    # past 2^24 columns the float32 hard-pair counts that size the lists could fall short of
+    # the pairs written (a heap overflow through the raw op; tcm_loss's keys stop earlier)
+    wide = (1 << 24) + 2
+    expect_errors([(lambda: OPS.tcm_rows(torch.full((1, wide), 0.7), torch.zeros(wide), 0, 0.9, 0.5, True),
+                    "at most 2^24 columns when collecting")])
 
 
 # ---- the losses' torch-operation paths (CUDA) against the kernel paths, on the CPU -------------

@@ -198,8 +198,9 @@ std::tuple<Tensor, Tensor> topk_kl_forward(const Tensor& student, const Tensor& 
   q.temperature = float(temperature);
   q.renormalize = renormalize;
   q.grad_scale = float(grad_scale);
+  // (the selection counts classes in 32 bits, on the CPU as on CUDA)
+  TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 - 1 classes, got ", p.C);
   if (student.is_cuda()) {
-    TORCH_CHECK(p.C < (int64_t(1) << 32), op, ": at most 2^32 classes on CUDA, got ", p.C);
     Tensor loss = at::empty({p.N}, p.student.options().dtype(at::kFloat));
     Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
 #if defined(FASTLOSS_WITH_CUDA)

@@ -310,8 +310,10 @@ std::tuple<Tensor, Tensor, Tensor> tcm_rows_op(Tensor& s, const Tensor& keys, in
     off[i] = all;
     all += nnz[i];
   }
-  TORCH_CHECK(!collect || q.n < (int64_t(1) << 31), "tcm_rows: pair lists hold int32 columns: "
-              "at most 2^31 - 1 columns, got ", q.n);
+  // (2^24: the kernels count a row's hard pairs in float32, exact up to 2^24; past it the count
+  // that sizes the lists could fall short of the pairs written into them)
+  TORCH_CHECK(!collect || q.n <= (int64_t(1) << 24), "tcm_rows: the pair lists are sized by float32 "
+              "counts: at most 2^24 columns when collecting, got ", q.n);
   Tensor cols = at::empty({collect ? all : 0}, s.options().dtype(at::kInt));
   if (collect && all > 0) {
     int32_t* c = cols.data_ptr<int32_t>();
@@ -664,6 +666,8 @@ Tensor knn_rows_op(const Tensor& s_in, const Tensor& row_sq, const Tensor& col_s
   check_vector(col_sq, q.n, at::kFloat, op, "col_sq", s.device());
   TORCH_CHECK(k >= 1 && k <= kKnnMax && k <= q.n - (exclude_self ? 1 : 0), op, ": k must be in [1, ",
               std::min<int64_t>(kKnnMax, q.n - (exclude_self ? 1 : 0)), "], got ", k);
+  // (the CUDA selection packs a column into the low 32 bits of its key)
+  TORCH_CHECK(q.n < (int64_t(1) << 31), op, ": at most 2^31 - 1 columns, got ", q.n);
   Tensor idx = at::empty({q.rows, k}, s.options().dtype(at::kLong));
   int64_t* out = idx.data_ptr<int64_t>();
   if (s.is_cuda()) {
