@@ -91,6 +91,8 @@ class TestEveryLoss:
     (ops.cross_entropy, {"softcap": float("inf")}, "softcap must be a finite number"),
     (ops.cross_entropy, {"lse_square_scale": float("inf")}, "lse_square_scale must be a finite number"),
     (ops.cross_entropy, {"softcap": "3"}, "softcap must be a number, got str"),
+    (ops.cross_entropy, {"softcap": 10 ** 400}, "softcap must be a finite number"),
+    (ops.cross_entropy, {"softcap": torch.ones(2)}, "softcap must be a number, got Tensor"),
     (ops.ldr_loss, {"lam": 0.0}, "lam must be > 0"),
     (ops.ldr_loss, {"lam": -1.0}, "lam must be > 0"),
     (ops.ldr_loss, {"lam": 1.0, "adaptive": True, "alpha": 1.0}, "alpha must be > 1"),

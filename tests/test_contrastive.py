@@ -69,11 +69,19 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5) * float("inf")), "weights must be finite"),
         (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5).index_fill(0, torch.tensor([2]), 0.0)),
          "every row of weights"),
-        (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5, dtype=torch.long)), "weights must be floating point"),
         (lambda: ops.contrastive_loss(a, b, reduction="avg"), "reduction must be"),
         (lambda: ops.contrastive_loss(a, b, block_rows=0), "block_rows must be a positive int"),
     ]
     expect_errors(cases, (ValueError, TypeError))
+    # a bool / integer mask of positives is taken by value, as before the value checks; meta
+    # tensors skip those checks
+    mask = torch.eye(5, dtype=torch.bool) | (torch.arange(5)[:, None] == (torch.arange(5)[None] + 1) % 5)
+    for symmetric in (True, False):
+        want = ops.contrastive_loss(a, b, weights=mask.float(), symmetric=symmetric)
+        for w in (mask, mask.long()):
+            torch.testing.assert_close(ops.contrastive_loss(a, b, weights=w, symmetric=symmetric), want)
+    meta = ops.contrastive_loss(a.to("meta"), b.to("meta"), weights=torch.eye(5, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == ()
 
 
 _PEAK_CALL = {

@@ -82,6 +82,21 @@ def test_icnn_embeddings_far_from_the_origin():
                 lambda a, b: ref.icnn_loss(a, lab, b, tl, k=4), [e, t])
 
 
+def test_proto_triplet_embeddings_far_from_the_origin():
+    """Queries and prototypes sharing an offset 1000x their spread: each query's nearest other
+    prototype (by ||c||^2 - 2 <q, c>) is the float64 reference's (27 of 64 had been wrong at
+    offset 10, spread 0.01), on both CPU paths (the loops for a small label range, the torch
+    operations for labels spread wide)."""
+    g = torch.Generator().manual_seed(33)
+    lab = torch.arange(64) % 8
+    e = 10 + 0.01 * torch.randn(64, 16, generator=g)
+    grads_close(lambda a: ops.proto_triplet_loss(a, lab, margin=0.001),
+                lambda a: ref.proto_triplet_loss(a, lab, margin=0.001), [e], rtol=1e-4, atol=1e-6)
+    wide = lab * 1_000_003  # a label range too wide for the loop path
+    grads_close(lambda a: ops.proto_triplet_loss(a, wide, margin=0.001),
+                lambda a: ref.proto_triplet_loss(a, wide, margin=0.001), [e], rtol=1e-4, atol=1e-6)
+
+
 def test_proto_triplet_label_ranges_and_backward_checks():
     """Labels spanning a small range take the CPU loops (proto_triplet.cpp), a huge span
     torch.unique: same loss and gradients; the backward op refuses indices that are not the

@@ -431,3 +431,7 @@ def test_bad_input_errors_name_the_argument():
          "no nn.Linear named ['x']"),
     ]
     expect_errors(cases)
+    # meta tensors skip the value checks (shape inference): the packed layout's shapes
+    for sym, cb in ((True, None), (False, None), (True, ops.nf_codebook(4))):
+        meta = ops.quantize_weight(w.to("meta"), 4, 32, sym, cb)
+        assert meta.qweight.shape == (8, 32) and meta.scales.shape == (8, 2) and meta.qweight.is_meta

@@ -242,7 +242,7 @@ class OtSolver {
       if (res.error < q_.tol || res.n_iter >= q_.max_iter) return;
       // Ten Newton steps (each with its Sinkhorn iteration) that did not halve the error: the
       // kept entries are too few for the Hessian (one per row of a 6 x 9 problem at eps = 0.002:
-      // the error fell like 1 / iterations, 2e-5 after 5000; 25 iterations with this), so keep
+      // the error fell like 1 / iterations, 2e-5 after 5000; 34-61 iterations with this, seeds 0-5), so keep
       // twice as many, up to 8 times the asked number. (Per step, a tenth off the error was too
       // strict: the benchmark's 64-point problem at eps = 0.002 has steps of 0.85-0.94 before
       // its fast phase, and denser Hessians there only doubled its time. At small eps a float32

@@ -18,7 +18,9 @@ def require_finite(fn: str, **values) -> None:
             continue
         try:
             finite = math.isfinite(v)
-        except TypeError:
+        except OverflowError:  # (an int past float's range)
+            finite = False
+        except (TypeError, ValueError, RuntimeError):  # (a string, a tensor of several values)
             raise TypeError(f"{fn}: {name} must be a number, got {type(v).__name__}") from None
         if not finite:
             raise ValueError(f"{fn}: {name} must be a finite number, got {v}")

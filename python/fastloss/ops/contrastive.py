@@ -184,11 +184,12 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
         if weights.device != a.device:
             raise ValueError(f"{fn}: weights is on {weights.device} but a is on {a.device}")
         refuse_grad(fn, "weights", weights, "the CWCL weights (computed beforehand, as constants)")
-        if not weights.is_floating_point():
-            raise ValueError(f"{fn}: weights must be floating point, got {weights.dtype}")
+        if not weights.is_floating_point():  # (a bool / integer mask of positives: its values)
+            weights = weights.float()
         # the values: read where that is free (not on a GPU, where it would wait for the
-        # device, nor while torch.compile traces); a zero row sum divides 0 by 0
-        if n and not weights.is_cuda and not torch.compiler.is_compiling():
+        # device, nor while torch.compile traces, nor on meta tensors); a zero row sum divides
+        # 0 by 0
+        if n and weights.device.type == "cpu" and not torch.compiler.is_compiling():
             w = weights.detach()
             if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
                 raise ValueError(f"{fn}: weights must be finite and >= 0")

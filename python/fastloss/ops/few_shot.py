@@ -98,7 +98,9 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
     protos = sums.index_add(0, inverse, support.float()) / torch.bincount(inverse, minlength=k)[:, None]
     with torch.no_grad():  # the nearest other prototype by ||c||^2 - 2 <q, c>: one GEMM, no graph
-        score = torch.addmm(protos.square().sum(1)[None, :], query.float(), protos.t(), alpha=-2)
+        mu = protos.mean(0)  # (both shifted: the spread of embeddings far from 0 survives rounding)
+        pc = protos - mu
+        score = torch.addmm(pc.square().sum(1)[None, :], query.float() - mu, pc.t(), alpha=-2)
         neg = score.scatter_(1, pos[:, None], float("inf")).argmin(1)
     # only the two chosen distances of each query are differentiated: O(Q D), not the [Q, K]
     # distance matrix and its backward

@@ -167,13 +167,13 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
     if n == 0 or k == 0:
         raise ValueError(f"quantize_weight: w must have at least one row and one column, got {tuple(w.shape)}")
     group = _group_length(group_size, k, bits)
-    if not bool(torch.isfinite(w).all()):
+    if not w.is_meta and not bool(torch.isfinite(w).all()):
         raise ValueError("quantize_weight: w must hold finite values (a NaN or inf has no code)")
     if codebook is not None:
         if not symmetric:
             raise ValueError("quantize_weight: a codebook format has no zero points (symmetric must be True)")
         codebook = _check_codebook(codebook, bits, n).to(w.device)
-        if not bool((codebook.abs().amax(1) > 0).all()):
+        if not codebook.is_meta and not bool((codebook.abs().amax(1) > 0).all()):
             raise ValueError("quantize_weight: every codebook row needs a nonzero value (the scale is "
                              "max|w| / max|codebook|)")
     wf = w.detach().float().reshape(n, k // group, group)
