@@ -6,6 +6,12 @@ import math
 import torch
 
 
+def values_readable(t) -> bool:
+    """Whether a check may read ``t``'s values: on the CPU (free; on a GPU it would wait for the
+    device, a meta tensor has none) and not while torch.compile traces (data-dependent)."""
+    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+
+
 def require_finite(fn: str, **values) -> None:
     """ValueError naming the first of ``values`` that is not a finite number (None is let
     through: it means "not used"). An infinite or NaN hyperparameter (a temperature, a margin,

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite
+from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
@@ -186,12 +186,11 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
         refuse_grad(fn, "weights", weights, "the CWCL weights (computed beforehand, as constants)")
         if not weights.is_floating_point():  # (a bool / integer mask of positives: its values)
             weights = weights.float()
-        # the values: read where that is free (not on a GPU, where it would wait for the
-        # device, nor while torch.compile traces, nor on meta tensors); a zero row sum divides
-        # 0 by 0
-        if n and weights.device.type == "cpu" and not torch.compiler.is_compiling():
+        # (a zero row sum divides 0 by 0)
+        if n and values_readable(weights):
             w = weights.detach()
-            if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
+            lo, hi = torch.aminmax(w)  # (one pass; a NaN makes hi NaN)
+            if bool(lo < 0) or not bool(torch.isfinite(hi)):
                 raise ValueError(f"{fn}: weights must be finite and >= 0")
             if bool((w.sum(1) <= 0).any()) or (symmetric and bool((w.sum(0) <= 0).any())):
                 raise ValueError(f"{fn}: every row of weights (and column, when symmetric) needs a "

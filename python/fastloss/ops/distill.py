@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import require_finite
+from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable
 from ._devices import has_kernel
 
@@ -373,7 +373,7 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
         out = torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index), _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
-    if y.device.type == "cpu" and not torch.compiler.is_compiling():
+    if values_readable(y):
         if bool(bad.any()):
             raise ValueError(f"{fn}: target holds values outside [0, C = {s2.shape[1]}) that are "
                              f"not ignore_index ({ignore_index})")

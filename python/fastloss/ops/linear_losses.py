@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import refuse_grad
+from ._checks import values_readable
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -163,7 +164,7 @@ def _check_tile_inputs(fn, hidden, weight, target, bias, class_weight, ignore_in
     for name, x in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{fn}: {name} is on {x.device} but hidden is on {hidden.device}")
-    if target.device.type == "cpu" and not torch.compiler.is_compiling():
+    if values_readable(target):
         bad = (target != ignore_index) & ((target < 0) | (target >= v))
         if bool(bad.any()):
             i = int(bad.nonzero()[0])

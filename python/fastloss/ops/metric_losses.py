@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite
+from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
@@ -35,6 +35,11 @@ def _metric(tp, fn_, fp, tn, metric, beta):
         return (tp + tn) / (tp + tn + fp + fn_)
     tpr, tnr = tp / (tp + fn_), tn / (tn + fp)
     return (tpr + tnr) / 2 if metric == "balanced_accuracy" else torch.sqrt(tpr * tnr)
+
+
+def _within_unit_interval(t: Tensor) -> bool:
+    lo, hi = torch.aminmax(t)
+    return not (bool(lo < 0) or bool(hi > 1))
 
 
 def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0, beta: float = 1.0,
@@ -66,13 +71,11 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
     refuse_grad(fn, "target", target, "the targets")
     # (the label count spelled out: reshape cannot infer it for an empty batch)
     y = target.to(torch.float32).reshape(scores.shape[0], scores.shape[1] if scores.dim() == 2 else 1)
-    # as dice_loss: checked where reading the values is free (not on a GPU, where it would wait
-    # for the device, nor while torch.compile traces; there a target or probability outside
-    # [0, 1] gives a meaningless metric)
-    if y.numel() and not scores.is_cuda and not scores.is_meta and not torch.compiler.is_compiling():
-        if bool((y < 0).any()) or bool((y > 1).any()):
+    # as dice_loss (elsewhere a target or probability outside [0, 1] gives a meaningless metric)
+    if y.numel() and values_readable(scores):  # (aminmax: one pass each; a NaN passes)
+        if not _within_unit_interval(y):
             raise ValueError(f"{fn}: target must hold binary targets in [0, 1]")
-        if not from_logits and (bool((scores < 0).any()) or bool((scores > 1).any())):
+        if not from_logits and not _within_unit_interval(scores.detach()):
             raise ValueError(f"{fn}: scores must be probabilities in [0, 1] with from_logits=False")
     if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
         return torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric), float(L),
@@ -308,7 +311,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         # outside [0, 1] gives that row a NaN loss
         on_gpu_kernel = x.is_cuda and has_kernel(x)
         if (y.numel() and not on_gpu_kernel and not torch.compiler.is_compiling() and not y.is_meta
-                and (bool((y < 0).any()) or bool((y > 1).any()))):
+                and not _within_unit_interval(y)):
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
         if has_kernel(x):  # one op with its C++ autograd formula (metric_losses_op.cpp)

@@ -105,6 +105,14 @@ def left_padding(kernel_size: int, dilation: int, causal: bool) -> int:
     return span if causal else span // 2
 
 
+def _dilation_is_int(dilation) -> bool:
+    return isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1
+
+
+def _padding_fits(dilation: int, k: int) -> bool:
+    return dilation * (k - 1) < 1 << 62  # (the padding must fit an int64 index)
+
+
 def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation: int = 1,
                    causal: bool = True, groups: Optional[int] = None) -> Tensor:
     """Dilated convolution along the last axis of ``x [B, C, L]`` (see the module docstring).
@@ -124,7 +132,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
         raise ValueError(f"{fn}: x must be 3-D [B, C, L], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
-    if not (isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1):
+    if not _dilation_is_int(dilation):
         raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
     if weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"{fn}: weight must be [C, K] (depthwise) or [C_out, C / groups, K] "
@@ -136,7 +144,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     out_channels = weight.shape[0]
     if bias is not None and tuple(bias.shape) != (out_channels,):
         raise ValueError(f"{fn}: bias must be [{out_channels}], got shape {tuple(bias.shape)}")
-    if dilation * (k - 1) >= 1 << 62:  # (the padding must fit an int64 index)
+    if not _padding_fits(dilation, k):
         raise ValueError(f"{fn}: dilation * (K - 1) must be below 2^62, got {dilation} * {k - 1}")
     pad = left_padding(k, dilation, causal)
     if weight.dim() == 2 and has_kernel(x):
@@ -167,8 +175,7 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
              and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
-             and isinstance(dilation, int) and not isinstance(dilation, bool) and dilation >= 1
-             and dilation * (weight.shape[-1] - 1) < 1 << 62)
+             and _dilation_is_int(dilation) and _padding_fits(dilation, weight.shape[-1]))
     if not fused:
         return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
