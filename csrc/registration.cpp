@@ -172,11 +172,12 @@ TORCH_LIBRARY(fastloss, m) {
   // -> (loss [] float32, d loss / d d [N, n] float32)
   m.def("icnn_score(Tensor d, Tensor same, int k, bool clipped) -> (Tensor, Tensor)");
   // Proto-Triplet on the CPU in one op (pair_losses_op.cpp): -> (loss, protos [K, D],
-  // idx [Q, 2], dist [Q, 2], inverse [S], counts [K]); its backward -> (grad_query, grad_support)
+  // idx [Q, 2], dist [Q, 2], inverse [S], counts [K]); its backward -> (grad_query, grad_support);
+  // own (the query set as its support): grad_query holds both gradients, grad_support is [0, D]
   m.def("proto_triplet_forward(Tensor query, Tensor query_labels, Tensor support, "
         "Tensor support_labels, float margin) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("proto_triplet_backward(Tensor grad, Tensor query, Tensor protos, Tensor idx, Tensor dist, "
-        "Tensor inverse, Tensor counts, float margin) -> (Tensor, Tensor)");
+        "Tensor inverse, Tensor counts, float margin, bool own=False) -> (Tensor, Tensor)");
   // Logit distillation (distill/kd_op.cpp): kind 0 forward KL, 1 reverse KL, 2 JSD(beta);
   // -> (T^2-scaled loss of each row [N] float32, statistics [N, 3] for the backward).
   // kd_loss's eager path (kd_op.cpp): forward, reduction (0 none, 1 mean, 2 sum) and a C++

@@ -31,8 +31,10 @@ def grads_close(fn, ref_fn, tensors, rtol=1e-5, atol=1e-7, device="cpu"):
 
 
 @pytest.mark.parametrize("margin", [0.0, 0.5, 3.0])
-@pytest.mark.parametrize("sizes", [(6, 3, 2), (25, 17, 5), (80, 64, 11)], ids=str)
+@pytest.mark.parametrize("sizes", [(6, 3, 2), (25, 17, 5), (80, 64, 11), (301, 13, 23)], ids=str)
 def test_proto_triplet_matches_reference(sizes, margin):
+    """(301 queries: the CPU backward's queries in parts of their own prototype buffers, one
+    per thread, summed after.)"""
     n, d, classes = sizes
     q, ql = episode(n, d, classes, seed=1)
     s, sl = episode(2 * classes + 1, d, classes, seed=2)

@@ -227,8 +227,9 @@ def test_opcheck():
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     e, lab = s[:, :5].contiguous(), torch.arange(6) % 3
     saved = OPS.proto_triplet_forward(e, lab, e, lab, 0.5)[1:]
-    torch.library.opcheck(OPS.proto_triplet_backward.default, (torch.tensor(0.7), e, *saved, 0.5),
-                          test_utils=("test_schema", "test_faketensor"))
+    for own in (False, True):
+        torch.library.opcheck(OPS.proto_triplet_backward.default, (torch.tensor(0.7), e, *saved, 0.5, own),
+                              test_utils=("test_schema", "test_faketensor"))
 
 
 def test_bad_input_errors_name_the_argument():

@@ -870,8 +870,12 @@ std::optional<std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor>> proto_
   Tensor counts = at::empty({K}, qf.options());
   std::copy(counts_v.begin(), counts_v.end(), counts.data_ptr<float>());
   Tensor protos = at::empty({K, D}, qf.options());
-  proto_means(sf.data_ptr<float>(), inverse.data_ptr<int64_t>(), counts_v.data(), S, K, D,
-              protos.data_ptr<float>());
+  // features split among the threads (a row's 64-feature pieces: whole cache lines)
+  at::parallel_for(0, (D + 63) / 64, std::max<int64_t>(1, 65536 / std::max<int64_t>(64 * S, 1)),
+                   [&](int64_t p0, int64_t p1) {
+                     proto_means(sf.data_ptr<float>(), inverse.data_ptr<int64_t>(), counts_v.data(), S, K, D,
+                                 p0 * 64, std::min(D, p1 * 64), protos.data_ptr<float>());
+                   });
   const Tensor score = negative_scores(qf, protos);
   Tensor idx = at::empty({Q, 2}, sl.options());
   proto_negatives(score.data_ptr<float>(), pp, Q, K, idx.data_ptr<int64_t>());
@@ -917,17 +921,54 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor, Tensor> proto_triplet_forward
   return {loss, protos, idx, dist, inverse, counts};
 }
 
+// d (g * mean hinge) / d query and / d support on the CPU (proto_triplet.h's loops): the
+// queries in T contiguous parts, each part's prototype terms in its own [K, D] buffer, summed
+// in part order (the same bits for any thread count that gives the same T), then handed to the
+// support rows. `own`: the support is the query set, its gradient added to grad_query's rows.
+std::tuple<Tensor, Tensor> proto_triplet_grads_cpu(const Tensor& qf, const Tensor& protos, const Tensor& idx,
+                                                   const Tensor& dist, const Tensor& inverse,
+                                                   const Tensor& counts, double margin, float g, bool own) {
+  const int64_t Q = qf.size(0), D = qf.size(1), K = protos.size(0), S = inverse.numel();
+  // parts of >= 64 queries, at most one per thread, and their buffers within 64 MiB
+  const int64_t by_budget = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(4 * K * D, 1));
+  const int64_t T = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), (Q + 63) / 64), 1, by_budget);
+  Tensor grad_q = at::empty({Q, D}, qf.options());
+  Tensor grad_s = own ? at::empty({0, D}, qf.options()) : at::empty({S, D}, qf.options());
+  Tensor parts = at::zeros({T, K, D}, qf.options());
+  float* pp = parts.data_ptr<float>();
+  at::parallel_for(0, T, 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      proto_query_grads(qf.data_ptr<float>(), protos.data_ptr<float>(), idx.data_ptr<int64_t>(),
+                        dist.data_ptr<float>(), Q, D, margin, g, Q * t / T, Q * (t + 1) / T,
+                        grad_q.data_ptr<float>(), pp + t * K * D);
+  });
+  if (T > 1)
+    at::parallel_for(0, K * D, 4096, [&](int64_t e0, int64_t e1) {
+      for (int64_t t = 1; t < T; ++t)
+        for (int64_t e = e0; e < e1; ++e) pp[e] += pp[t * K * D + e];
+    });
+  float* out = own ? grad_q.data_ptr<float>() : grad_s.data_ptr<float>();
+  at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t j0, int64_t j1) {
+    proto_support_grads(pp, inverse.data_ptr<int64_t>(), counts.data_ptr<float>(), D, j0, j1, own, out);
+  });
+  return {grad_q, grad_s};
+}
+
 // -> (grad_query [Q, D], grad_support [S, D]) float32 of the mean hinge: each active query's
 // w = grad / Q on its positive's distance and -w on its negative's, through neighbour_dist's
 // backward, the prototypes' part divided by their counts and handed to their support rows.
+// own: the query set was its own support; grad_query then holds both parts (its rows are the
+// support's) and grad_support is [0, D].
 std::tuple<Tensor, Tensor> proto_triplet_backward(const Tensor& grad, const Tensor& query,
                                                   const Tensor& protos, const Tensor& idx,
                                                   const Tensor& dist, const Tensor& inverse,
-                                                  const Tensor& counts, double margin) {
+                                                  const Tensor& counts, double margin, bool own) {
   const Tensor qf = query.to(at::kFloat).contiguous();
+  TORCH_CHECK(!own || inverse.numel() == qf.size(0), "proto_triplet_backward: own needs the support to be "
+              "the query set (", qf.size(0), " rows), got ", inverse.numel(), " support rows");
   if (qf.is_cpu()) {  // the loops of proto_triplet.h, on the forward's outputs (checked: the op is public)
     constexpr const char* op = "proto_triplet_backward";
-    const int64_t Q = qf.size(0), D = qf.size(1), K = protos.size(0), S = inverse.numel();
+    const int64_t Q = qf.size(0), D = qf.size(1), K = protos.size(0);
     TORCH_CHECK(grad.numel() == 1 && protos.dim() == 2 && protos.size(1) == D &&
                     protos.scalar_type() == at::kFloat && idx.sizes() == at::IntArrayRef({Q, 2}) &&
                     idx.scalar_type() == at::kLong && dist.sizes() == idx.sizes() &&
@@ -943,18 +984,15 @@ std::tuple<Tensor, Tensor> proto_triplet_backward(const Tensor& grad, const Tens
       for (int64_t e = 0; e < t->numel(); ++e)
         TORCH_CHECK(v[e] >= 0 && v[e] < K, op, ": a class index outside [0, ", K, ")");
     }
-    Tensor grad_q = at::empty({Q, D}, qf.options()), grad_s = at::empty({S, D}, qf.options());
-    proto_triplet_grads(qf.data_ptr<float>(), pc.data_ptr<float>(), ic.data_ptr<int64_t>(),
-                        dc.data_ptr<float>(), vc.data_ptr<int64_t>(), cc.data_ptr<float>(), Q, S, K, D,
-                        margin, grad.to(at::kFloat).item<float>(), grad_q.data_ptr<float>(),
-                        grad_s.data_ptr<float>());
-    return {grad_q, grad_s};
+    return proto_triplet_grads_cpu(qf, pc, ic, dc, vc, cc, margin, grad.to(at::kFloat).item<float>(), own);
   }
   const Tensor hinge = at::sub(dist.select(1, 0), dist.select(1, 1)).add_(margin);
   const Tensor w = hinge.gt(0).to(at::kFloat).mul_(grad.to(at::kFloat).div(std::max<int64_t>(1, qf.size(0))));
   const Tensor grad_dist = at::stack({w, w.neg()}, 1).contiguous();
   auto [grad_q, grad_c] = neighbour_dist_backward(grad_dist, qf, protos, idx, dist, {true, true});
-  return {grad_q, grad_c.div_(counts.unsqueeze(1)).index_select(0, inverse)};
+  Tensor grad_s = grad_c.div_(counts.unsqueeze(1)).index_select(0, inverse);
+  if (!own) return {grad_q, grad_s};
+  return {grad_q.add_(grad_s), at::empty({0, qf.size(1)}, qf.options())};
 }
 
 }  // namespace

@@ -30,15 +30,15 @@ bool proto_classes(const int64_t* labels, int64_t S, std::vector<int64_t>& class
 }
 
 void proto_means(const float* support, const int64_t* inverse, const float* counts, int64_t S,
-                 int64_t K, int64_t D, float* protos) {
-  std::fill(protos, protos + K * D, 0.f);
+                 int64_t K, int64_t D, int64_t f0, int64_t f1, float* protos) {
+  for (int64_t k = 0; k < K; ++k) std::fill(protos + k * D + f0, protos + k * D + f1, 0.f);
   for (int64_t j = 0; j < S; ++j) {
     float* c = protos + inverse[j] * D;
     const float* s = support + j * D;
-    for (int64_t f = 0; f < D; ++f) c[f] += s[f];
+    for (int64_t f = f0; f < f1; ++f) c[f] += s[f];
   }
   for (int64_t k = 0; k < K; ++k)
-    for (int64_t f = 0; f < D; ++f) protos[k * D + f] /= counts[k];
+    for (int64_t f = f0; f < f1; ++f) protos[k * D + f] /= counts[k];
 }
 
 void proto_negatives(const float* score, const int64_t* pos, int64_t Q, int64_t K, int64_t* idx) {
@@ -68,13 +68,11 @@ double proto_hinge_mean(const float* dist, int64_t Q, double margin) {
   return Q > 0 ? sum / double(Q) : std::numeric_limits<double>::quiet_NaN();
 }
 
-void proto_triplet_grads(const float* query, const float* protos, const int64_t* idx,
-                         const float* dist, const int64_t* inverse, const float* counts,
-                         int64_t Q, int64_t S, int64_t K, int64_t D, double margin, float g,
-                         float* grad_query, float* grad_support) {
+void proto_query_grads(const float* query, const float* protos, const int64_t* idx,
+                       const float* dist, int64_t Q, int64_t D, double margin, float g, int64_t i0,
+                       int64_t i1, float* grad_query, float* grad_protos) {
   const float w = g / float(std::max<int64_t>(Q, 1));
-  std::vector<float> grad_protos(size_t(K * D), 0.f);
-  for (int64_t i = 0; i < Q; ++i) {
+  for (int64_t i = i0; i < i1; ++i) {
     float* gq = grad_query + i * D;
     const float* q = query + i * D;
     const double hinge = double(dist[2 * i]) - dist[2 * i + 1] + margin;
@@ -86,7 +84,7 @@ void proto_triplet_grads(const float* query, const float* protos, const int64_t*
     const float wi = hinge > 0 ? w : 0.f;  // NaN distances make the terms NaN (the generic path's)
     const float wp = wi / dist[2 * i], wn = -wi / dist[2 * i + 1];
     const float *cp = protos + p * D, *cn = protos + n * D;
-    float *gp = grad_protos.data() + p * D, *gn = grad_protos.data() + n * D;
+    float *gp = grad_protos + p * D, *gn = grad_protos + n * D;
     for (int64_t f = 0; f < D; ++f) {
       const float dp = wp * (q[f] - cp[f]), dn = wn * (q[f] - cn[f]);
       gq[f] = dp + dn;
@@ -94,11 +92,19 @@ void proto_triplet_grads(const float* query, const float* protos, const int64_t*
       gn[f] -= dn;
     }
   }
-  for (int64_t j = 0; j < S; ++j) {
+}
+
+void proto_support_grads(const float* grad_protos, const int64_t* inverse, const float* counts,
+                         int64_t D, int64_t j0, int64_t j1, bool add, float* grad_support) {
+  for (int64_t j = j0; j < j1; ++j) {
     const int64_t k = inverse[j];
-    const float* gc = grad_protos.data() + k * D;
+    const float* gc = grad_protos + k * D;
+    const float c = counts[k];
     float* gs = grad_support + j * D;
-    for (int64_t f = 0; f < D; ++f) gs[f] = gc[f] / counts[k];
+    if (add)
+      for (int64_t f = 0; f < D; ++f) gs[f] += gc[f] / c;
+    else
+      for (int64_t f = 0; f < D; ++f) gs[f] = gc[f] / c;
   }
 }
 

@@ -119,9 +119,9 @@ def _fake_proto_forward(query, query_labels, support, support_labels, margin):
 
 
 @torch.library.register_fake("fastloss::proto_triplet_backward")
-def _fake_proto_backward(grad, query, protos, idx, dist, inverse, counts, margin):
+def _fake_proto_backward(grad, query, protos, idx, dist, inverse, counts, margin, own=False):
     return (query.new_empty(query.shape, dtype=torch.float32),
-            query.new_empty((inverse.shape[0], query.shape[1]), dtype=torch.float32))
+            query.new_empty((0 if own else inverse.shape[0], query.shape[1]), dtype=torch.float32))
 
 
 class _ProtoTriplet(torch.autograd.Function):
@@ -149,9 +149,9 @@ class _ProtoTriplet(torch.autograd.Function):
     def backward(ctx, grad, _counts):
         query, protos, idx, dist, inverse, counts = ctx.saved_tensors
         grad_q, grad_s = torch.ops.fastloss.proto_triplet_backward(grad, query, protos, idx, dist,
-                                                                   inverse, counts, ctx.margin)
-        if ctx.own:
-            return (grad_q + grad_s).to(ctx.dtypes[0]), None, None, None, None
+                                                                   inverse, counts, ctx.margin, ctx.own)
+        if ctx.own:  # grad_q holds both parts
+            return grad_q.to(ctx.dtypes[0]), None, None, None, None
         return grad_q.to(ctx.dtypes[0]), grad_s.to(ctx.dtypes[1]), None, None, None
 
 
