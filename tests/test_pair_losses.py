@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from fastloss import ops
 from fastloss.reference import pair_losses as ref
-from peak_memory import assert_never_builds, requires_proc
+from peak_memory import assert_never_builds, peak_extra_bytes, requires_proc
 from checks import assert_compiled_matches, assert_matches_reference, expect_errors
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -106,6 +106,47 @@ ref.mw_auc_loss(p[:, :8], n[:, :8], compute_dtype=None).backward()
 def test_pair_matrix_is_never_built():
     # the 64 MiB of float32 pairs of a 4096 x 4096 query; the fused op keeps O(P + N)
     assert_never_builds(_PEAK_SETUP, _PEAK_CALL, 4096 * 4096 * 4, 8 << 20, "pair matrix")
+
+
+def _auc_float64(pos, neg, rows=512):
+    """mw_auc_loss's per-query losses and gradients in float64 from the formulas, a block of
+    positives at a time (the pair matrix of these sizes would be gigabytes)."""
+    pos, neg = pos.double(), neg.double()
+    loss = torch.zeros(pos.shape[0], dtype=torch.float64)
+    gp, gn = torch.zeros_like(pos), torch.zeros_like(neg)
+    scale = 1.0 / (pos.shape[1] * neg.shape[1])
+    for i0 in range(0, pos.shape[1], rows):
+        z = neg[:, None, :] - pos[:, i0:i0 + rows, None]  # softplus(n_j - p_i) per pair
+        loss += torch.nn.functional.softplus(z).sum((1, 2)) * scale
+        sig = torch.sigmoid(z)
+        gp[:, i0:i0 + rows] = -sig.sum(2) * scale
+        gn += sig.sum(1) * scale
+    return loss, gp, gn
+
+
+def test_long_negative_lists_go_in_chunks():
+    """N = 40000: the CPU op's scratch (1 MiB) holds 6 items' negative-score rows at a time, so
+    the 12 items of these two queries go in chunks, summed in order into grad_neg."""
+    g = torch.Generator().manual_seed(11)
+    pos, neg = torch.randn(2, 6 * 256 - 5, generator=g), torch.randn(2, 40000, generator=g) * 2
+    loss, gp, gn = torch.ops.fastloss.mw_auc_forward(pos, neg, True)
+    want = _auc_float64(pos, neg)
+    for got, exp in zip((loss, gp, gn), want):
+        torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=1e-12)
+
+
+@requires_proc
+def test_cpu_scratch_is_bounded():
+    # one query of 4096 positives (16 items of 256) and 65536 negatives: all the items' rows
+    # at once were 4 MiB; the op keeps 1 MiB of them (and the 0.6 MiB of gradients)
+    setup = """
+import fastloss
+p = torch.randn(1, 4096).requires_grad_(True)
+n = torch.randn(1, 65536).requires_grad_(True)
+fastloss.ops.mw_auc_loss(p[:, :8], n[:, :8]).backward()   # warm up
+"""
+    extra = peak_extra_bytes(setup, "fastloss.ops.mw_auc_loss(p, n).backward()")
+    assert extra < 3 << 20, f"peak extra memory {extra} B"
 
 
 @pytest.mark.cuda

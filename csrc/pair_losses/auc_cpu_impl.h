@@ -23,7 +23,7 @@ inline void softplus_sigmoid(V z, V& sp, V& sig) {
 
 template <class V, class T>
 void auc_items_t(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part,
-                 int64_t r0, int64_t r1) {
+                 int64_t part0, int64_t r0, int64_t r1) {
   constexpr int kW = VecTraits<V>::width;
   const T* pos = static_cast<const T*>(q.pos);
   const T* neg = static_cast<const T*>(q.neg);
@@ -33,7 +33,7 @@ void auc_items_t(const AucProblem& q, double* loss_part, float* grad_pos, float*
     const int64_t b = r / blocks, i0 = (r % blocks) * kAucBlock;
     const int64_t i1 = std::min(q.P, i0 + kAucBlock);
     const T* nb = neg + b * q.neg_stride;
-    float* gn = neg_part ? neg_part + r * q.N : nullptr;
+    float* gn = neg_part ? neg_part + (r - part0) * q.N : nullptr;
     if (gn) std::fill(gn, gn + q.N, 0.f);
     double loss = 0.0;
     for (int64_t i = i0; i < i1; ++i) {
@@ -63,10 +63,10 @@ void auc_items_t(const AucProblem& q, double* loss_part, float* grad_pos, float*
 }
 
 #if defined(FL_ISA_VEC)
-void auc(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part, int64_t r0,
-         int64_t r1) {
+void auc(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part, int64_t part0,
+         int64_t r0, int64_t r1) {
   visit_storage(q.dtype, [&]<class T>() {
-    auc_items_t<FL_ISA_VEC, T>(q, loss_part, grad_pos, neg_part, r0, r1);
+    auc_items_t<FL_ISA_VEC, T>(q, loss_part, grad_pos, neg_part, part0, r0, r1);
   });
 }
 #endif

@@ -24,9 +24,10 @@ inline int64_t auc_items(const AucProblem& q) { return q.B * ((q.P + kAucBlock -
 
 // Items [r0, r1): loss_part[item] = the item's sum of softplus (not yet divided by P N);
 // grad_pos (float32 [B, P], contiguous, or null) gets -sum_j sigmoid / (P N) for the item's
-// positives; neg_part (float32 [items, N], or null) gets the item's sum_i sigmoid / (P N).
+// positives; neg_part (float32, or null) gets the item's sum_i sigmoid / (P N) in its row
+// item - part0 (rows of N: the caller's scratch holds the rows of a chunk of items).
 void auc_cpu(const AucProblem& q, double* loss_part, float* grad_pos, float* neg_part,
-             int64_t r0, int64_t r1);
+             int64_t part0, int64_t r0, int64_t r1);
 
 // CUDA (auc_cuda.cu): all queries on `stream` (a cudaStream_t): loss [B] (already divided by
 // P N), and when not null grad_pos [B, P] and grad_neg [B, N] (float32, contiguous; both or

@@ -58,6 +58,8 @@ namespace {
 
 using at::Tensor;
 constexpr const char* kOp = "mw_auc_loss";
+// the CPU's scratch for the items' negative-score gradients (see mw_auc_forward)
+constexpr int64_t kAucScratchBytes = int64_t(1) << 20;
 
 // -> (loss of each query [B] float32, d loss_b / d pos [B, P] float32, d loss_b / d neg [B, N]
 // float32); the gradients are empty unless compute_grad.
@@ -112,14 +114,33 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
   const int64_t items = auc_items(q), blocks = items / std::max<int64_t>(q.B, 1);
   Tensor loss_part = at::empty({items}, pos.options().dtype(at::kDouble));
   Tensor grad_pos = compute_grad ? at::empty({q.B, q.P}, f32) : at::empty({0}, f32);
-  Tensor neg_part = compute_grad ? at::empty({items, q.N}, f32) : at::empty({0}, f32);
+  Tensor grad_neg = compute_grad ? at::zeros({q.B, q.N}, f32) : at::empty({0}, f32);
   double* lp = loss_part.data_ptr<double>();
   float* gp = compute_grad ? grad_pos.data_ptr<float>() : nullptr;
+  // Each item's negative-score gradient goes to a scratch row, then is added to its query's
+  // row of grad_neg in item order (the same bits for any chunking or thread count). The items
+  // go in chunks whose rows fit kAucScratchBytes (at least two items per thread): [items, N]
+  // at once had been 16 GiB at P = N = 1M.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = compute_grad ? std::clamp<int64_t>(kAucScratchBytes / (4 * q.N), 2 * threads, items)
+                                     : items;
+  Tensor neg_part = compute_grad ? at::empty({std::min(chunk, items), q.N}, f32) : Tensor();
   float* np = compute_grad ? neg_part.data_ptr<float>() : nullptr;
-  at::parallel_for(0, items, 1, [&](int64_t r0, int64_t r1) { auc_cpu(q, lp, gp, np, r0, r1); });
+  for (int64_t c0 = 0; c0 < items; c0 += chunk) {
+    const int64_t c1 = std::min(items, c0 + chunk);
+    at::parallel_for(c0, c1, 1, [&](int64_t r0, int64_t r1) { auc_cpu(q, lp, gp, np, c0, r0, r1); });
+    if (!compute_grad) continue;
+    float* gn = grad_neg.data_ptr<float>();
+    at::parallel_for(0, q.N, 4096, [&](int64_t j0, int64_t j1) {  // columns split: rows added in order
+      for (int64_t r = c0; r < c1; ++r) {
+        float* dst = gn + (r / blocks) * q.N;
+        const float* src = np + (r - c0) * q.N;
+        for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
+      }
+    });
+  }
   const double scale = 1.0 / (double(q.P) * double(q.N));
   const Tensor loss = loss_part.view({q.B, blocks}).sum(1).mul(scale).to(at::kFloat);
-  const Tensor grad_neg = compute_grad ? neg_part.view({q.B, blocks, q.N}).sum(1) : neg_part;
   return {loss, grad_pos, grad_neg};
 }
 
