@@ -4,7 +4,7 @@ VENV="${FASTLOSS_VENV:-.venv}"
 [ -x "$VENV/bin/python" ] || python3 -m venv "$VENV"
 PY="$VENV/bin/python"
 "$PY" -m pip install --quiet "torch${FASTLOSS_TORCH_SPEC:-}" scikit-build-core pybind11 cmake ninja \
-    pytest numpy matplotlib pytorch-metric-learning
+    pytest numpy scipy matplotlib pytorch-metric-learning
 if [ -z "${FASTLOSS_CUDA_ARCHS:-}" ]; then
   # Build for the GPU that is here (fast); a wheel build sets the list itself.
   cap=$(nvidia-smi --query-gpu=compute_cap --format=csv,noheader 2>/dev/null | head -n 1 | tr -d '.' || true)

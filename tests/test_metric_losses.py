@@ -30,6 +30,26 @@ def test_matches_reference(metric, shape, from_logits, device):
     torch.testing.assert_close(x.grad.double().cpu(), x64.grad, rtol=1e-4, atol=1e-7)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("metric", ["f1", "fbeta", "accuracy", "balanced_accuracy", "gmean"])
+def test_half_precision_default_L_and_strided_scores(metric, dtype):
+    """16-bit scores (computed in float32: only the results' rounding differs from the float64
+    reference on the same rounded inputs), the paper's L = 73, and multi-label scores given as
+    a transposed (column-major) view."""
+    g = torch.Generator().manual_seed(len(metric))
+    tol = 8e-3 if dtype == torch.bfloat16 else 1e-3
+    for from_logits in (True, False):
+        scores = torch.randn(3, 33, generator=g) * 0.3 if from_logits else torch.rand(3, 33, generator=g)
+        target = (torch.rand(33, 3, generator=g) < 0.3).float()
+        target[:2] = torch.tensor([[0.0], [1.0]])
+        x = scores.to(dtype).t()  # [33, 3], not contiguous
+        assert not x.is_contiguous()
+        assert_matches_reference(lambda a: ops.anyloss(a, target, metric, beta=2.0, from_logits=from_logits),
+                                 lambda a: ref.anyloss(a, target.double(), metric, beta=2.0,
+                                                       from_logits=from_logits),
+                                 [x], tol, f"{metric} logits={from_logits}")
+
+
 def test_perfect_and_bad_predictions_and_input_checks():
     target = torch.tensor([1.0, 0.0, 1.0, 0.0])
     good = torch.tensor([0.99, 0.01, 0.98, 0.02])
@@ -132,7 +152,9 @@ def test_dice_special_cases_compile_and_bad_input():
 
 def test_large_batches_and_target_at_the_maximum(cpu_isa):
     """Sizes past the kernels' float32 partial-sum blocks (AnyLoss: 2^14 elements per block,
-    2^16 rows per thread-independent block) against the float64 torch formula; Dice rows whose
+    2^16 rows per thread-independent block) against the torch formula in float64 (itself checked
+    against the reference for every metric in test_torch_formulas_of_the_cuda_path_match_reference:
+    the cell-by-cell reference is too slow at these sizes); Dice rows whose
     target is the largest logit (the two corrected classes are then one)."""
     from fastloss.ops.metric_losses import _confusion_sums_torch, _metric
     g = torch.Generator().manual_seed(11)
@@ -194,8 +216,11 @@ def test_torch_formulas_of_the_cuda_path_match_reference():
     cases = [
         (lambda a: M._SoftmaxDice.apply(a, y, 0.3, 1.0, 0.0).sum(1).mean(), lambda a: ref_dice(a, y, 0.3)),
         (lambda a: M._SigmoidDice.apply(a, soft, 0.3, 1.0, 0.0).sum(1).mean(), lambda a: ref_dice(a, soft, 0.3)),
-        (lambda a: 1 - M._metric(*M._confusion_sums_torch(a, labels, 10.0, True), "f1", 1.0).mean(),
-         lambda a: ref.anyloss(a, labels, "f1", L=10.0)),
+    ] + [  # every metric (test_large_batches_and_target_at_the_maximum uses these forms as its
+        # float64 oracle at sizes the cell-by-cell reference is too slow for)
+        (lambda a, m=m: 1 - M._metric(*M._confusion_sums_torch(a, labels, 10.0, True), m, 2.0).mean(),
+         lambda a, m=m: ref.anyloss(a, labels, m, L=10.0, beta=2.0))
+        for m in ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
     ]
     for fn, ref_fn in cases:
         assert_matches_reference(fn, ref_fn, [x], 1e-5)

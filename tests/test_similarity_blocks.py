@@ -377,14 +377,12 @@ def test_nan_and_empty_edges(cpu_isa):
     # a NaN distance never counts as near, whatever its column's place in the vectors
     g = torch.Generator().manual_seed(4)
     x, t = torch.randn(1, 4, generator=g), torch.randn(20, 4, generator=g)
-    want = torch.cdist(x.double(), t.double()).topk(3, largest=False).indices
     for col in (2, 19):
         tn = t.clone()
         tn[col] = float("nan")
         d2 = torch.cdist(x.double(), tn.double()).nan_to_num(float("inf"))
         idx = OPS.knn_rows(x @ tn.t(), x.square().sum(1), tn.square().sum(1), 0, False, 3)
         assert torch.equal(idx, d2.topk(3, largest=False).indices), col
-    assert want.numel() == 3
     # no rows: the column log-sum-exps of an empty block are -inf
     _, _, lse_col = OPS.clip_rows(torch.empty(0, 5), 0, 1.0, True)
     assert torch.equal(lse_col, torch.full((5,), float("-inf")))

@@ -495,3 +495,54 @@ def test_sns_converges_on_small_problems(n, eps):
     kept = p > 0
     primal = (p * c).sum() + eps * (p[kept] * (p[kept] / (a[:, None] * b[None, :])[kept]).log()).sum()
     torch.testing.assert_close(sns.cost, primal, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("method,dtype", [("sns", torch.float64), ("sinkhorn", torch.float32),
+                                          ("sns", torch.float32)])
+def test_marginal_gradients_of_sns_and_float32(method, dtype):
+    """d cost / d (cost matrix, a, b) for the SNS solver and in float32, against the float64
+    reference (the marginals' gradients are the dual potentials, defined up to a constant)."""
+    c, a, b = problem(17, 11, seed=4)
+    leaves = [t.detach().to(dtype, copy=True).requires_grad_(True) for t in (c, a, b)]
+    res = ops.sinkhorn(*leaves, eps=0.1, method=method, tol=1e-11 if dtype == torch.float64 else 1e-6,
+                       max_iter=5000)
+    assert bool(res.converged)
+    res.cost.backward()
+    refs = [t.clone().requires_grad_(True) for t in (c, a, b)]
+    expected = ref.ot_eps(*refs, 0.1)
+    expected.backward()
+    tol = 1e-6 if dtype == torch.float64 else 2e-4
+    torch.testing.assert_close(res.cost.double(), expected.detach(), rtol=tol, atol=tol * 1e-2)
+    torch.testing.assert_close(leaves[0].grad.double(), refs[0].grad, rtol=tol, atol=tol * 1e-2)
+    for got, exp in zip((leaves[1].grad, leaves[2].grad), (refs[1].grad, refs[2].grad)):
+        got = got.double()
+        torch.testing.assert_close(got - got.mean(), exp - exp.mean(), rtol=tol, atol=tol * 1e-1)
+
+
+def test_p1_ground_cost():
+    """p = 1 (cost ||x_i - y_j||) for wasserstein, self_transport_cost and nn.SinkhornLoss
+    against the float64 reference on torch.cdist, values and gradients."""
+    import fastloss
+
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(9, 2, generator=g, dtype=torch.float64)
+    y = torch.randn(7, 2, generator=g, dtype=torch.float64) * 0.5 + 0.3
+    a = torch.full((9,), 1 / 9, dtype=torch.float64)
+    b = torch.full((7,), 1 / 7, dtype=torch.float64)
+    eps = 0.2
+
+    def ref_ot(u, v, wu, wv):
+        return ref.ot_eps(torch.cdist(u, v), wu, wv, eps, iters=20000)
+
+    kw = dict(p=1, eps=eps, tol=1e-12, max_iter=20000)
+    for got_fn, ref_fn in (
+            (lambda u: ops.wasserstein(u, y, **kw), lambda u: ref_ot(u, y, a, b)),
+            (lambda u: ops.self_transport_cost(u, **kw), lambda u: ref_ot(u, u, a, a)),
+            (lambda u: fastloss.nn.SinkhornLoss(**kw)(u, y),
+             lambda u: ref_ot(u, y, a, b) - 0.5 * (ref_ot(u, u, a, a) + ref_ot(y, y, b, b)))):
+        xg, xr = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got, want = got_fn(xg), ref_fn(xr)
+        got.backward()
+        want.backward()
+        torch.testing.assert_close(got, want.detach(), rtol=1e-7, atol=1e-10)
+        torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-6, atol=1e-9)

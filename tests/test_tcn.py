@@ -86,11 +86,24 @@ def test_awkward_shapes(shape, channels_last, device):
 
 
 def test_strided_inputs():
+    """Views of a larger input (every other step, every other sample, a slice of channels):
+    the output and the gradients of the input (through the view), the taps and the bias."""
     x, w, b = make(4, 6, 80, 3, torch.float32, seed=2)
-    for view in (x[:, :, ::2], x[::2], x[:, 1:5]):
-        y = ops.dilated_conv1d(view, w[: view.shape[1]], b[: view.shape[1]], dilation=2)
-        r = ref.dilated_conv1d(view.double(), w[: view.shape[1]], b[: view.shape[1]], 2)
-        close(y, r, torch.float32, f"strided {tuple(view.stride())}")
+    for pick in (lambda t: t[:, :, ::2], lambda t: t[::2], lambda t: t[:, 1:5]):
+        xs, x64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        view, view64 = pick(xs), pick(x64)
+        c = view.shape[1]
+        ws, bs = w[:c].clone().requires_grad_(True), b[:c].clone().requires_grad_(True)
+        w64, b64 = w[:c].double().requires_grad_(True), b[:c].double().requires_grad_(True)
+        y = ops.dilated_conv1d(view, ws, bs, dilation=2)
+        r = ref.dilated_conv1d(view64, w64, b64, 2)
+        what = f"strided {tuple(view.stride())}"
+        close(y, r, torch.float32, what)
+        up = torch.randn(y.shape, generator=torch.Generator().manual_seed(6))
+        y.backward(up)
+        r.backward(up.double())
+        for name, got, want in (("x", xs.grad, x64.grad), ("w", ws.grad, w64.grad), ("b", bs.grad, b64.grad)):
+            close(got, want, torch.float32, f"{what} grad {name}")
 
 
 def test_causal_output_ignores_the_future():
