@@ -52,10 +52,11 @@ def test_matches_pytorch_metric_learning(params, epsilon, block):
 def test_matches_reference(case, reduction, epsilon):
     """With the miner (epsilon 0.1), anchors with no positive or no negative keep no pair (loss
     0: singletons, one class, two samples); without it their one-sided sums are compared."""
+    g = torch.Generator().manual_seed(len(case))
     emb, labels = {"mixed": lambda: make(37, 12, 5, seed=2),
-                   "singletons": lambda: (torch.randn(9, 4), torch.arange(9)),
-                   "one_class": lambda: (torch.randn(9, 4), torch.zeros(9, dtype=torch.long)),
-                   "two_samples": lambda: (torch.randn(2, 4), torch.tensor([3, 3]))}[case]()
+                   "singletons": lambda: (torch.randn(9, 4, generator=g), torch.arange(9)),
+                   "one_class": lambda: (torch.randn(9, 4, generator=g), torch.zeros(9, dtype=torch.long)),
+                   "two_samples": lambda: (torch.randn(2, 4, generator=g), torch.tensor([3, 3]))}[case]()
     x = emb.clone().requires_grad_(True)
     out = ops.multi_similarity_loss(x, labels, epsilon=epsilon, reduction=reduction, block_rows=4)
     x64 = emb.double().requires_grad_(True)
@@ -66,7 +67,10 @@ def test_matches_reference(case, reduction, epsilon):
     out.backward(up.float())
     exp.backward(up)
     torch.testing.assert_close(out.double(), exp, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4, atol=1e-7)
+    # (entries near 0 of a gradient of O(1) entries are differences: float32 leaves ~1e-7 x the
+    # largest; unseeded inputs had failed 2 in 300 draws at an absolute 1e-7)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4,
+                               atol=1e-6 * max(1.0, float(x64.grad.abs().max())))
 
 
 # 16-bit embeddings: computed in float32 from the rounded inputs (rows normalised in float32),
