@@ -7,12 +7,16 @@ read out of bounds poisons the result), outputs between sentinel guards that mus
 untouched, and scratch memory starts as NaN (a partial sum left unwritten poisons the result).
 
 This checks the kernels' indexing, grid shapes, reductions, barriers (a __syncthreads or a
-full-warp shuffle that some threads miss is an error here) and load alignment; it cannot see
-data races or GPU timing. The CUDA tests of test_tcn.py and test_quant.py run the same kernels
+warp shuffle that some threads miss, or that lanes reach at different call sites or with
+different masks, is an error here), __launch_bounds__, shared memory read before it is written
+(it starts as NaN in every block) and load alignment; it sees data races only as results that
+change with the thread order (test_results_do_not_depend_on_the_thread_order), and no GPU
+timing. The CUDA tests of test_tcn.py and test_quant.py run the same kernels
 on a GPU where there is one.
 """
 
 import ctypes
+import re
 
 import pytest
 import torch
@@ -741,6 +745,28 @@ def test_sns_solve(sinkhorn_lib, dtype, shape, eps, max_iter, warmup, keep, zero
                               error_tol=(1e-3 if dtype == torch.float64 else 5e-2, 1e-9))
 
 
+def test_sns_solve_doubles_the_kept_entries_when_stalled(sinkhorn_lib):
+    """One kept entry per row of 6 x 9 plans at eps = 0.002 is too few for the Hessian (the
+    fixed count had not converged in 5000 iterations on the CPU): both solvers double each
+    problem's entries after ten Newton steps that did not halve its error, so the CUDA steps
+    match the CPU's iteration for iteration (float64; in float32 this eps is at the plan's
+    rounding floor, where the two solvers' roundings take different paths: 74 and 39
+    iterations for one problem, both converged)."""
+    bsz, n, m, eps, max_iter, tol, keep, warmup, cg = 2, 6, 9, 0.002, 400, 1e-7, 1, 10, 200
+    cost, a, b = ot_problem(bsz, n, m, torch.float64, seed=3 * n + m)
+    expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
+    assert bool((expect[3] < 100).all()), expect[3]
+    dims = int64s(bsz, n, m, max_iter)
+    nbytes = sinkhorn_lib.emu_sns_workspace(1, dims, keep)
+    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
+    outs, pointers, host_active = ot_outputs(bsz, n, m, torch.float64)
+    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), 1, dims, eps, tol, keep,
+                                     warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    check_guards(wbuf, "workspace")
+    assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6, error_tol=(1e-3, 1e-9))
+
+
 # ---- Dice and AnyLoss ----------------------------------------------------------------------------
 
 
@@ -1364,19 +1390,95 @@ def test_linear_ce_stats(lce_lib, case, dtype):
                                equal_nan=True)
 
 
+# ---- the emulator's own checks (tests/cuda_emu/selftest_cuda.cu: kernels that break a rule) ------
+
+
+SELFTEST = {"lane_race": 0, "split_sites": 1, "mma_vs_shuffle": 2, "full_mask": 3, "lanes_mask": 4,
+            "mask_mismatch": 5, "half_warp": 6, "split_barrier": 7, "uninit_shared": 8, "bounded": 9, "ballot": 10}
+
+
+@pytest.fixture(scope="module")
+def selftest_lib():
+    lib = build.build(str(build.HERE / "selftest_cuda.cu"), "selftest_harness.cpp", "selftest")
+    lib.emu_selftest.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_void_p, ctypes.c_int]
+    lib.emu_selftest.restype = ctypes.c_char_p
+    lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
+    return lib
+
+
+def run_selftest(lib, name, blocks, threads, mode=0, flag=0, dtype=torch.int32):
+    out = torch.full((blocks * threads,), -7, dtype=dtype)
+    lib.emu_set_schedule(mode, 7)
+    try:
+        err = lib.emu_selftest(SELFTEST[name], blocks, threads, out.data_ptr(), flag)
+    finally:
+        lib.emu_set_schedule(0, 1)
+    return (None if err is None else err.decode()), out
+
+
+@pytest.mark.parametrize("mode", [0, 1, 2], ids=["in-order", "reversed", "shuffled"])
+@pytest.mark.parametrize("name,threads,message", [
+    ("split_sites", 32, "lanes meet at different collectives"),     # full-mask shuffles of two call sites
+    ("mma_vs_shuffle", 32, "lanes meet at different collectives"),  # mma.sync paired with a shuffle
+    ("full_mask", 48, "names lanes that do not exist"),             # 0xffffffff in a 16-lane warp
+    # lanes with different masks (lanes 16-31 first: they meet alone and 0-15 wait for them)
+    ("mask_mismatch", 32, r"mask 0xffff0000|lane 1\d has finished"),
+    ("split_barrier", 32, "divergent __syncthreads"),               # two different __syncthreads
+    ("bounded", 128, r"exceeds the kernel's __launch_bounds__\(64\)"),
+])
+def test_emulator_reports_broken_rules(selftest_lib, name, threads, message, mode):
+    err, _ = run_selftest(selftest_lib, name, 1, threads, mode)
+    assert err is not None and re.search(message, err), err
+
+
+def test_emulator_accepts_masks_of_the_lanes_there(selftest_lib):
+    """A mask naming the lanes of a partial warp (a shuffle, a vote), and a half warp that
+    shuffles alone."""
+    for mode in (0, 1, 2):
+        err, out = run_selftest(selftest_lib, "lanes_mask", 1, 48, mode)
+        assert err is None, err
+        assert torch.equal(out, torch.arange(48, dtype=torch.int32) ^ 1)
+        err, out = run_selftest(selftest_lib, "half_warp", 1, 32, mode)
+        assert err is None, err
+        lane = torch.arange(32, dtype=torch.int32)
+        assert torch.equal(out, torch.where(lane < 16, lane ^ 1, -lane))
+        err, out = run_selftest(selftest_lib, "ballot", 1, 48, mode)
+        assert err is None, err
+        votes = [sum(1 << t % 32 for t in range(w, min(w + 32, 48)) if t % 3 == 0) for w in (0, 32)]
+        assert out.tolist() == [votes[0]] * 32 + [votes[1]] * 16
+
+
+def test_emulator_exposes_a_race_inside_a_warp(selftest_lib):
+    """Lane 0 writes shared memory after a shuffle and every lane reads it: without a __syncwarp
+    the result depends on the order of the lanes after the shuffle; with it, it does not."""
+    results = [run_selftest(selftest_lib, "lane_race", 1, 32, mode)[1] for mode in (0, 1, 2)]
+    assert not torch.equal(results[0], results[1]) and not torch.equal(results[0], results[2])
+    for mode in (0, 1, 2):
+        err, out = run_selftest(selftest_lib, "lane_race", 1, 32, mode, flag=1)
+        assert err is None and (out == 43).all(), (err, out)
+
+
+def test_emulator_poisons_shared_memory(selftest_lib):
+    """Shared memory read before the block writes it is NaN, in the second block too (the first
+    wrote it at its end), not 0 or the previous block's values."""
+    err, out = run_selftest(selftest_lib, "uninit_shared", 2, 64, dtype=torch.float32)
+    assert err is None, err
+    assert out.isnan().all(), out
+
+
 # ---- other thread orders -------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
 def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
                                                    metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-                                                   nb_lib, quant_gemv_mma_lib):
+                                                   nb_lib, quant_gemv_mma_lib, lce_lib):
     """Cases of every family (those with barriers, shuffles, shared scratch reused across
     iterations) again with the threads of each phase run in reverse or shuffled order: a read of
     another thread's write with no barrier between them (a race on a GPU) changes the result
     under some order."""
     libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-            nb_lib, quant_gemv_mma_lib)
+            nb_lib, quant_gemv_mma_lib, lce_lib)
     for lib in libs:
         lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.emu_set_schedule(mode, seed)
@@ -1404,6 +1506,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib)
         test_icnn_score_kernel(nb_lib, "ties")
         test_knn_rows_kernel(nb_lib, "ties")
+        test_linear_ce_stats(lce_lib, "splits", torch.float16)
+        test_linear_ce_stats(lce_lib, "bias_softcap", torch.bfloat16)
     finally:
         for lib in libs:
             lib.emu_set_schedule(0, 1)

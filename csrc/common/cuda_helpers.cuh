@@ -9,6 +9,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 
 #include "../losses/loss_params.h"  // ScalarType
@@ -145,6 +146,16 @@ inline unsigned blocks_for(int64_t items, int64_t per_block) {
 inline const char* launch_status() {
   const cudaError_t e = cudaGetLastError();
   return e == cudaSuccess ? nullptr : cudaGetErrorString(e);
+}
+
+// The bits of v as a To of the same size (e.g. a __half2 as the uint32_t an mma register takes):
+// a copy, not a read through a pointer of another type (no aliasing).
+template <class To, class From>
+__device__ __forceinline__ To bits_as(const From& v) {
+  static_assert(sizeof(To) == sizeof(From));
+  To r;
+  memcpy(&r, &v, sizeof r);
+  return r;
 }
 
 }  // namespace FL_ISA

@@ -152,13 +152,17 @@ __global__ void __launch_bounds__(kKnnThreads)
     __syncthreads();
     for (int64_t j = threadIdx.x; j < n; j += kKnnThreads) {
       const uint64_t key = knn_key(ri + col_sq[j] - 2.f * si[j], j, self);
-      if (key <= prefix) chosen[atomicAdd(&found, 1u)] = key;  // exactly k keys (all distinct)
+      if (key <= prefix) {  // exactly k keys (all distinct) if this pass's keys are the first's
+        const unsigned slot = atomicAdd(&found, 1u);
+        if (slot < unsigned(k)) chosen[slot] = key;  // never past chosen, whatever the count
+      }
     }
     __syncthreads();
-    if (int(threadIdx.x) < k) {  // rank by comparison: the output order does not depend on the slots
+    const int have = found < unsigned(k) ? int(found) : k;  // k; fewer: only the slots written
+    if (int(threadIdx.x) < have) {  // rank by comparison: the output order does not depend on the slots
       const uint64_t mine = chosen[threadIdx.x];
       int rank = 0;
-      for (int c = 0; c < k; ++c) rank += chosen[c] < mine;
+      for (int c = 0; c < have; ++c) rank += chosen[c] < mine;
       idx[i * k + rank] = int64_t(mine & 0xffffffffu);
     }
     __syncthreads();  // chosen / found reused by the next row

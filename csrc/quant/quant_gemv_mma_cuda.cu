@@ -42,7 +42,6 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
-#include <cstring>
 #include <initializer_list>
 
 #include "../common/cuda_helpers.cuh"
@@ -51,6 +50,7 @@
 
 namespace fastloss {
 namespace {
+using FL_ISA::bits_as;
 using FL_ISA::mma_m16n8k16;
 using FL_ISA::store1;
 
@@ -59,14 +59,6 @@ constexpr int kWarps = 8;  // warps per block, each on its own steps of the bloc
 // rows, whose second fragment needs the registers (with 2, ptxas for sm_90 spilled 84-200 bytes)
 template <int NT>
 constexpr int kAhead = NT == 1 ? 2 : 1;
-
-template <class To, class From>
-__device__ __forceinline__ To bits_as(const From& v) {
-  static_assert(sizeof(To) == sizeof(From));
-  To r;
-  memcpy(&r, &v, sizeof r);
-  return r;
-}
 
 // The 16-bit float type's constants: kMagic's mantissa takes a code in its low bits (two codes
 // per 32-bit word); kScaledPlanes: planes j > 0 are masked in place (code << bits j, one fewer

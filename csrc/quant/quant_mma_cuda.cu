@@ -31,6 +31,7 @@
 
 namespace fastloss {
 namespace {
+using FL_ISA::bits_as;
 using FL_ISA::load_a_fragment;
 using FL_ISA::load_b_fragment;
 using FL_ISA::mma_m16n8k16;
@@ -74,13 +75,11 @@ template <class T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
 template <>
 __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
-  const __half2 h = __floats2half2_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return bits_as<uint32_t>(__floats2half2_rn(lo, hi));
 }
 template <>
 __device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
-  const __nv_bfloat162 h = __floats2bfloat162_rn(lo, hi);
-  return *reinterpret_cast<const uint32_t*>(&h);
+  return bits_as<uint32_t>(__floats2bfloat162_rn(lo, hi));
 }
 
 template <int BITS, class T>

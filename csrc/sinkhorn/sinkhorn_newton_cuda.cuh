@@ -34,7 +34,7 @@ enum Scalar { kReg, kRz, kGnorm, kEta2, kBase, kSlope, kStep, kMu, kMv, kLin, kS
 template <class T>
 struct Newton {
   Solve<T> s;
-  int64_t budget, cap, cg_iters, col_chunks, col_chunk_rows;
+  int64_t budget, most, cap, cg_iters, col_chunks, col_chunk_rows;  // budget: the asked entries
   T* p;                          // [B, n, m] the plan
   double* r;                     // [B, n] P 1
   double* sc;                    // [B, m] P^T 1
@@ -58,6 +58,9 @@ struct Newton {
   double* scal;                  // [B, kScalars]
   int* cg_live;                  // [B]
   int* ls_state;                 // [B] 0: searching, 1: accepted, 2: gave up
+  int64_t* kept;                 // [B] the Hessian's entry budget now (budget, doubled when stalled)
+  double* window;                // [B] the error ten Newton steps ago
+  int64_t* steps;                // [B] Newton steps so far
   int* trials;                   // [B]
 };
 
@@ -148,14 +151,22 @@ __global__ void __launch_bounds__(kThreads) newton_check_kernel(Newton<T> nw) {
     s.active[k] = 0;
     return;
   }
+  // Ten Newton steps that did not halve the error: twice the kept entries, up to 8x the asked
+  // number (the CPU's rule and reasons: sinkhorn_cpu_impl.h, newton())
+  if (nw.steps[k] % 10 == 0) {
+    if (err > 0.5 * nw.window[k]) nw.kept[k] = 2 * nw.kept[k] < nw.most ? 2 * nw.kept[k] : nw.most;
+    nw.window[k] = err;
+  }
+  ++nw.steps[k];
+  const unsigned long long budget = (unsigned long long)nw.kept[k];
   const unsigned long long* hist = nw.hist + k * PlanBins<T>::kBuckets;
   unsigned long long positive = 0;
   for (int q = 0; q < PlanBins<T>::kBuckets; ++q) positive += hist[q];
   int64_t bucket = -1;
   unsigned long long above = 0;
-  if (positive > (unsigned long long)nw.budget) {
+  if (positive > budget) {
     bucket = PlanBins<T>::kBuckets - 1;
-    for (; bucket > 0 && above + hist[bucket] < (unsigned long long)nw.budget; --bucket) above += hist[bucket];
+    for (; bucket > 0 && above + hist[bucket] < budget; --bucket) above += hist[bucket];
   }
   nw.bucket[k] = bucket;
   nw.above[k] = int64_t(above);
@@ -184,21 +195,24 @@ __global__ void __launch_bounds__(kThreads) newton_slices_kernel(Newton<T> nw) {
     if (counts[q]) atomicAdd(&nw.slices[k * kPlanSlices + q], (unsigned long long)counts[q]);
 }
 
-// A thread per problem: rho = the lower edge of the slice where the budget is reached.
+// A thread per problem (grid-stride: blocks_for caps the grid at 2^20 blocks): rho = the lower
+// edge of the slice where the budget is reached.
 template <class T>
 __global__ void newton_threshold_kernel(Newton<T> nw) {
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k >= nw.s.B || !nw.s.active[k]) return;
-  if (nw.bucket[k] < 0) {
-    nw.rho[k] = std::numeric_limits<T>::min();
-    return;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < nw.s.B;
+       k += int64_t(gridDim.x) * blockDim.x) {
+    if (!nw.s.active[k]) continue;
+    if (nw.bucket[k] < 0) {
+      nw.rho[k] = std::numeric_limits<T>::min();
+      continue;
+    }
+    const unsigned long long* sl = nw.slices + k * kPlanSlices;
+    unsigned long long above = (unsigned long long)nw.above[k];
+    int64_t q = kPlanSlices - 1;
+    for (; q > 0 && above + sl[q] < (unsigned long long)nw.kept[k]; --q) above += sl[q];
+    const T e = PlanBins<T>::edge(nw.bucket[k], q);
+    nw.rho[k] = e > std::numeric_limits<T>::denorm_min() ? e : std::numeric_limits<T>::denorm_min();
   }
-  const unsigned long long* sl = nw.slices + k * kPlanSlices;
-  unsigned long long above = (unsigned long long)nw.above[k];
-  int64_t q = kPlanSlices - 1;
-  for (; q > 0 && above + sl[q] < (unsigned long long)nw.budget; --q) above += sl[q];
-  const T e = PlanBins<T>::edge(nw.bucket[k], q);
-  nw.rho[k] = e > std::numeric_limits<T>::denorm_min() ? e : std::numeric_limits<T>::denorm_min();
 }
 
 // The exclusive scan of len counts at v[1..len] (v[0] = 0), by one block: each thread sums a
@@ -560,11 +574,17 @@ __global__ void __launch_bounds__(kThreads) newton_take_f_kernel(Solve<T> s) {
 
 // Thread per problem, after the warm-up: the problems that stopped on the warm-up's iteration
 // budget (not on tol, judged on the unrounded error) go on to the plan and its check, which
-// stops them at max_iter with the rows' and columns' error, as the CPU does.
+// stops them at max_iter with the rows' and columns' error, as the CPU does; each problem's
+// Hessian budget and stall window start afresh.
 template <class T>
-__global__ void newton_resume_kernel(Solve<T> s) {
-  const int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (k < s.B) s.active[k] = !(s.error64[k] < s.tol);
+__global__ void newton_resume_kernel(Newton<T> nw) {
+  const Solve<T>& s = nw.s;
+  for (int64_t k = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; k < s.B; k += int64_t(gridDim.x) * blockDim.x) {
+    s.active[k] = !(s.error64[k] < s.tol);
+    nw.kept[k] = nw.budget;
+    nw.window[k] = INFINITY;
+    nw.steps[k] = 0;
+  }
 }
 
 int64_t newton_chunk_rows(const OtBatch& q) { return chunk_rows_of(q); }
@@ -576,6 +596,7 @@ Newton<T> carve_newton(const OtBatch& q, const Solve<T>& s, Carver& cv) {
   nw.s = s;
   nw.budget = (q.keep < q.m ? q.keep : q.m) * q.n;
   nw.cap = q.n * q.m;
+  nw.most = 8 * nw.budget < nw.cap ? 8 * nw.budget : nw.cap;
   nw.cg_iters = q.cg_iters;
   nw.col_chunk_rows = newton_chunk_rows(q);
   nw.col_chunks = (q.n + nw.col_chunk_rows - 1) / nw.col_chunk_rows;
@@ -609,6 +630,9 @@ Newton<T> carve_newton(const OtBatch& q, const Solve<T>& s, Carver& cv) {
   nw.cg_live = cv.take<int>(B);
   nw.ls_state = cv.take<int>(B);
   nw.trials = cv.take<int>(B);
+  nw.kept = cv.take<int64_t>(B);
+  nw.window = cv.take<double>(B);
+  nw.steps = cv.take<int64_t>(B);
   return nw;
 }
 
@@ -629,7 +653,7 @@ template <class T>
 const char* newton(const OtBatch& q, const Solve<T>& s, const Newton<T>& nw, cudaStream_t st,
                    int* host_flags) {
   const char* error = nullptr;
-  newton_resume_kernel<T><<<blocks_for(q.B, kThreads), kThreads, 0, st>>>(s);
+  newton_resume_kernel<T><<<blocks_for(q.B, kThreads), kThreads, 0, st>>>(nw);
   const unsigned row_tiles = blocks_for(q.n, kWarps) < 1024 ? blocks_for(q.n, kWarps) : 1024;
   const dim3 per_problem(unsigned(q.B), row_tiles);  // problems on x: no 65535 limit
   const dim3 col_grid(unsigned((q.m + kThreads - 1) / kThreads), unsigned(nw.col_chunks),

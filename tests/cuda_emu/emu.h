@@ -7,9 +7,16 @@
 //
 // Between barriers the threads run one after another, in an order set by emu_set_schedule:
 // thread order, reversed, or a seeded shuffle per phase; a warp whose lanes have all reached a
-// shuffle runs on at once (as a GPU warp may run ahead of the others until a barrier). A kernel whose result changes with
-// the order reads what another thread writes without a barrier between them (a race on a GPU);
-// the tests run kernels under several orders and compare the outputs bit for bit.
+// shuffle runs on at once (as a GPU warp may run ahead of the others until a barrier), its
+// lanes again in the schedule's order. A kernel whose result changes with the order reads what
+// another thread writes without a barrier between them (a race on a GPU); the tests run
+// kernels under several orders and compare the outputs bit for bit.
+// Lanes that meet at a warp collective must be at the same one (kind, call site, mask, width),
+// a mask must name the calling lane and only lanes that exist, threads that meet at a barrier
+// must be at the same __syncthreads. Shared memory is filled with 0xff bytes (NaN as float)
+// at each block's start (build.py registers every __shared__ variable): a read before any
+// write gives NaN or garbage, as on a GPU, not 0 or the previous block's value. build.py also
+// makes a kernel check its __launch_bounds__ against the block it runs in.
 // What it cannot see: races the orders do not expose, timing, and the GPU's exact float
 // rounding of intrinsics such as __expf.
 // It is test code only; nothing of it ships in fastloss.
@@ -19,11 +26,14 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <functional>
+#include <source_location>
 #include <stdexcept>
 #include <string>
+#include <unordered_map>
 #include <vector>
 
 #define __global__
@@ -63,10 +73,27 @@ struct Fiber {
   enum State { run, barrier, shuffle, done } state = run;
   // a pending shuffle: the value offered, how the source lane is chosen, the result
   uint64_t value = 0, result = 0;
-  int op = 0;  // 0: idx, 1: down, 2: up, 3: xor
+  int op = 0;  // 0: idx, 1: down, 2: up, 3: xor, 4: ballot (OR of the bits), 5: none
   int arg = 0, width = 32;
   unsigned mask = 0;
+  // what it waits at (a collective's or barrier's name) and where: lanes or threads that meet
+  // must be at the same one
+  const char* kind = "";
+  std::source_location site;
 };
+
+inline std::string hex(unsigned v) {
+  char buf[16];
+  std::snprintf(buf, sizeof buf, "0x%08x", v);
+  return buf;
+}
+inline bool same_site(const Fiber& a, const Fiber& b) {
+  return a.site.line() == b.site.line() && a.site.column() == b.site.column() &&
+         (a.site.file_name() == b.site.file_name() || std::strcmp(a.site.file_name(), b.site.file_name()) == 0);
+}
+inline std::string where(const Fiber& f) {
+  return std::string(f.kind) + " at " + f.site.file_name() + ":" + std::to_string(f.site.line());
+}
 
 struct Block {
   std::vector<Fiber> fibers;
@@ -75,6 +102,7 @@ struct Block {
   const std::function<void()>* body = nullptr;
 };
 inline Block* block = nullptr;
+inline uint64_t block_serial = 0;  // counts the blocks run, to poison shared memory once per block
 inline std::vector<char> stacks;  // one per thread of a block, reused by every block
 constexpr size_t kStack = 128 * 1024;
 
@@ -119,38 +147,87 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
     makecontext(&f.ctx, fiber_entry, 0);
   }
   block = &b;
+  ++block_serial;
   const int warps = (n + 31) / 32;
   auto fail = [&](const std::string& m) {
     block = nullptr;
     throw std::runtime_error(m);
   };
-  // Warp w's lanes all wait at a shuffle: give each its result and let them run again.
-  // A warp with some lanes at a shuffle and the others finished or at a barrier is divergent.
+  // A warp's lanes that wait at a collective meet once every lane named in their mask waits
+  // too: each gets its result and runs again. Lanes named in a mask but finished or at a barrier
+  // at the end of a phase are a divergent warp.
   auto resolve = [&](int w, bool final_check) {
     const int lo = w * 32, hi = std::min(n, lo + 32);
-    int waiting = 0;
-    for (int i = lo; i < hi; ++i) waiting += b.fibers[size_t(i)].state == Fiber::shuffle;
-    if (waiting == 0) return false;
-    if (waiting != hi - lo) {
-      if (!final_check) return false;  // the others may still arrive in this phase
-      fail("divergent warp shuffle: warp " + std::to_string(w) + " has " + std::to_string(waiting) +
-           " of " + std::to_string(hi - lo) + " lanes at the shuffle");
+    unsigned waiting = 0;
+    for (int l = 0; l < hi - lo; ++l) waiting |= unsigned(b.fibers[size_t(lo + l)].state == Fiber::shuffle) << l;
+    bool met = false;
+    for (unsigned left = waiting; left; left &= left - 1) {
+      const int i = lo + __builtin_ctz(left);
+      const Fiber& f = b.fibers[size_t(i)];
+      if (f.state != Fiber::shuffle) continue;  // met with an earlier lane's group
+      const unsigned m = f.mask;  // within the warp's lanes (checked at the call)
+      if (const unsigned unmet = m & ~waiting; unmet != 0) {
+        if (!final_check) continue;  // the others may still arrive in this phase
+        const int named = __builtin_popcount(m), here = named - __builtin_popcount(unmet);
+        std::string missing;
+        for (int l = 0; l < hi - lo && missing.empty(); ++l) {
+          const Fiber& g = b.fibers[size_t(lo + l)];
+          if (m >> l & 1u && g.state != Fiber::shuffle)
+            missing = "lane " + std::to_string(l) + (g.state == Fiber::done ? " has finished" : " waits at " + where(g));
+        }
+        fail("divergent warp shuffle: warp " + std::to_string(w) + " has " + std::to_string(here) + " of " +
+             std::to_string(named) + " lanes at the shuffle (" + where(f) + "); " + missing);
+      }
+      for (int l = 0; l < hi - lo; ++l) {
+        const Fiber& g = b.fibers[size_t(lo + l)];
+        if (!(m >> l & 1u)) continue;
+        if (g.kind != f.kind || g.op != f.op || !same_site(g, f))
+          fail("warp " + std::to_string(w) + ": lanes meet at different collectives: lane " +
+               std::to_string(i - lo) + " at " + where(f) + ", lane " + std::to_string(l) + " at " + where(g));
+        if (g.mask != m || g.width != f.width)
+          fail("warp " + std::to_string(w) + ": lanes meet at " + where(f) + " with different masks or widths: lane " +
+               std::to_string(i - lo) + " mask " + hex(m) + " width " + std::to_string(f.width) + ", lane " +
+               std::to_string(l) + " mask " + hex(g.mask) + " width " + std::to_string(g.width));
+      }
+      uint64_t votes = 0;
+      for (int l = 0; l < hi - lo; ++l)
+        if (m >> l & 1u) votes |= b.fibers[size_t(lo + l)].value ? 1ull << l : 0ull;
+      for (int lane = 0; lane < hi - lo; ++lane) {
+        Fiber& g = b.fibers[size_t(lo + lane)];
+        if (!(m >> lane & 1u)) continue;
+        const int base = lane - lane % g.width;
+        int src = lane;
+        if (g.op == 0) src = base + g.arg % g.width;
+        if (g.op == 1) src = lane % g.width + g.arg < g.width ? lane + g.arg : lane;
+        if (g.op == 2) src = lane % g.width - g.arg >= 0 ? lane - g.arg : lane;
+        if (g.op == 3) src = ((lane % g.width) ^ g.arg) < g.width ? base + ((lane % g.width) ^ g.arg) : lane;
+        // a lane outside the mask (or the warp) gives an undefined value: all ones, NaN as a float
+        g.result = src < hi - lo && (m >> src & 1u) ? b.fibers[size_t(lo + src)].value : ~uint64_t(0);
+        if (g.op == 4) g.result = votes;
+      }
+      for (int l = 0; l < hi - lo; ++l)
+        if (m >> l & 1u) b.fibers[size_t(lo + l)].state = Fiber::run;
+      waiting &= ~m;
+      met = true;
     }
-    for (int i = lo; i < hi; ++i) {
-      Fiber& f = b.fibers[size_t(i)];
-      const int lane = i - lo, base = lane - lane % f.width;
-      int src = lane;
-      if (f.op == 0) src = base + f.arg % f.width;
-      if (f.op == 1) src = lane % f.width + f.arg < f.width ? lane + f.arg : lane;
-      if (f.op == 2) src = lane % f.width - f.arg >= 0 ? lane - f.arg : lane;
-      if (f.op == 3) src = ((lane % f.width) ^ f.arg) < f.width ? base + ((lane % f.width) ^ f.arg) : lane;
-      f.result = src < hi - lo ? b.fibers[size_t(lo + src)].value : f.value;
-    }
-    for (int i = lo; i < hi; ++i) b.fibers[size_t(i)].state = Fiber::run;
-    return true;
+    return met;
   };
-  // Runs fiber i until it blocks; a warp completed at a shuffle runs on at once (depth first),
-  // as a GPU warp may run ahead of the others until a __syncthreads.
+  // The lanes lo .. hi - 1 that run on after meeting, in the schedule's order: lane order,
+  // reversed, or shuffled, as the phase's threads (pushed on a stack: the last runs first).
+  std::vector<int> lanes;
+  auto requeue = [&](std::vector<int>& ready, int lo, int hi) {
+    lanes.clear();
+    for (int j = lo; j < hi; ++j) lanes.push_back(j);
+    if (schedule == 1) std::reverse(lanes.begin(), lanes.end());
+    if (schedule == 2)
+      for (int i = int(lanes.size()) - 1; i > 0; --i) {
+        schedule_seed ^= schedule_seed << 13, schedule_seed ^= schedule_seed >> 7, schedule_seed ^= schedule_seed << 17;
+        std::swap(lanes[size_t(i)], lanes[size_t(schedule_seed % uint64_t(i + 1))]);
+      }
+    for (auto j = lanes.rbegin(); j != lanes.rend(); ++j) ready.push_back(*j);
+  };
+  // Runs fiber i until it blocks; a warp whose lanes met at a collective runs on at once (depth
+  // first), as a GPU warp may run ahead of the others until a __syncthreads.
   std::vector<int> ready;
   auto drive = [&](int first) {
     ready.assign(1, first);
@@ -167,10 +244,8 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
         fail(m);
       }
       const int w = i / 32;
-      if (b.fibers[size_t(i)].state == Fiber::shuffle && resolve(w, false)) {
-        const int lo = w * 32, hi = std::min(n, lo + 32);
-        for (int j = hi - 1; j >= lo; --j) ready.push_back(j);  // lane order: lo runs first
-      }
+      if (b.fibers[size_t(i)].state == Fiber::shuffle && resolve(w, false))
+        requeue(ready, w * 32, std::min(n, w * 32 + 32));
     }
   };
   std::vector<int> order(static_cast<size_t>(n));
@@ -192,6 +267,10 @@ inline void run_block(const std::function<void()>& body, dim3 bdim) {
     for (int w = 0; w < warps; ++w) progressed = resolve(w, true) || progressed;
     if (progressed) continue;
     if (at_barrier == n) {  // (__syncthreads_count: every thread gets the count of its votes)
+      for (const Fiber& f : b.fibers)
+        if (f.kind != b.fibers[0].kind || !same_site(f, b.fibers[0]))
+          fail("divergent __syncthreads: thread " + std::to_string(&f - b.fibers.data()) + " waits at " + where(f) +
+               ", thread 0 at " + where(b.fibers[0]));
       uint64_t votes = 0;
       for (const Fiber& f : b.fibers) votes += f.value;
       for (Fiber& f : b.fibers) f.state = Fiber::run, f.result = votes;
@@ -240,10 +319,21 @@ void launch(Kernel kernel, Config c, Args... args) {
   }
 }
 
+// A warp collective: `kind` names it (each name a single string, compared by address) and
+// `site` is where the kernel calls it.
 template <class T>
-T shuffle(unsigned mask, T v, int op, int arg, int width) {
+T shuffle(unsigned mask, T v, int op, int arg, int width, const char* kind, std::source_location site) {
   static_assert(sizeof(T) <= 8, "shuffles move at most 8 bytes");
   Fiber& f = self();
+  const int lanes = std::min(32, int(block->fibers.size()) - 32 * f.warp_id);
+  const unsigned existing = lanes == 32 ? ~0u : (1u << lanes) - 1u;
+  f.kind = kind;
+  f.site = site;
+  if (!(mask >> f.lane_id & 1u))
+    fault(where(f) + ": the calling lane " + std::to_string(f.lane_id) + " is not in the mask " + hex(mask));
+  if (mask & ~existing)
+    fault(where(f) + ": the mask " + hex(mask) + " names lanes that do not exist (the warp has " +
+          std::to_string(lanes) + ")");
   f.value = 0;
   std::memcpy(&f.value, &v, sizeof(T));
   f.op = op;
@@ -302,35 +392,68 @@ inline const char* cudaGetErrorString(cudaError_t e) {
   return e == cudaSuccess ? "no error" : emu::last_message.c_str();
 }
 
-inline void __syncthreads() {
-  emu::self().value = 0;
-  emu::self().state = emu::Fiber::barrier;
-  emu::yield_to_scheduler();
+namespace emu {
+inline constexpr char kSyncthreads[] = "__syncthreads", kSyncthreadsCount[] = "__syncthreads_count",
+                      kShfl[] = "__shfl_sync", kShflDown[] = "__shfl_down_sync", kShflUp[] = "__shfl_up_sync",
+                      kShflXor[] = "__shfl_xor_sync", kSyncwarp[] = "__syncwarp", kBallot[] = "__ballot_sync";
+inline void barrier(int vote, const char* kind, std::source_location site) {
+  Fiber& f = self();
+  f.value = uint64_t(vote);
+  f.kind = kind;
+  f.site = site;
+  f.state = Fiber::barrier;
+  yield_to_scheduler();
 }
-inline int __syncthreads_count(int predicate) {
-  emu::self().value = predicate != 0;
-  emu::self().state = emu::Fiber::barrier;
-  emu::yield_to_scheduler();
+// Registers the __shared__ variables of a declaration (build.py adds the call after it): the
+// first thread of a block to pass it fills them with 0xff bytes.
+inline std::unordered_map<const void*, uint64_t> shared_poisoned;  // variable -> block_serial
+template <class... T>
+void shared_vars(T&... v) {
+  auto poison = [](void* p, size_t bytes) {
+    uint64_t& at = shared_poisoned[p];
+    if (at != block_serial) std::memset(p, 0xff, bytes), at = block_serial;
+  };
+  (poison(static_cast<void*>(&v), sizeof v), ...);
+}
+// __launch_bounds__(max_threads, ...): build.py makes the kernel call it first.
+inline void launch_bounds(long long max_threads, long long = 0, long long = 0) {
+  const long long threads = 1ll * blockDim.x * blockDim.y * blockDim.z;
+  if (threads > max_threads)
+    fault("a block of " + std::to_string(threads) + " threads exceeds the kernel's __launch_bounds__(" +
+          std::to_string(max_threads) + ")");
+}
+}  // namespace emu
+
+inline void __syncthreads(std::source_location site = std::source_location::current()) {
+  emu::barrier(0, emu::kSyncthreads, site);
+}
+inline int __syncthreads_count(int predicate, std::source_location site = std::source_location::current()) {
+  emu::barrier(predicate != 0, emu::kSyncthreadsCount, site);
   return int(emu::self().result);
 }
+using emu_site = std::source_location;
 template <class T>
-T __shfl_sync(unsigned mask, T v, int src, int width = 32) { return emu::shuffle(mask, v, 0, src, width); }
+T __shfl_sync(unsigned mask, T v, int src, int width = 32, emu_site site = emu_site::current()) {
+  return emu::shuffle(mask, v, 0, src, width, emu::kShfl, site);
+}
 template <class T>
-T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32) { return emu::shuffle(mask, v, 1, int(d), width); }
+T __shfl_down_sync(unsigned mask, T v, unsigned d, int width = 32, emu_site site = emu_site::current()) {
+  return emu::shuffle(mask, v, 1, int(d), width, emu::kShflDown, site);
+}
 template <class T>
-T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32) { return emu::shuffle(mask, v, 2, int(d), width); }
+T __shfl_up_sync(unsigned mask, T v, unsigned d, int width = 32, emu_site site = emu_site::current()) {
+  return emu::shuffle(mask, v, 2, int(d), width, emu::kShflUp, site);
+}
 template <class T>
-T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32) { return emu::shuffle(mask, v, 3, m, width); }
-
-inline void __syncwarp(unsigned mask = 0xffffffffu) { emu::shuffle(mask, 0, 0, 0, 32); }
-
-// A vote as the lanes in `mask` exchanging their bits (distinct bits: the sum is the OR); the
-// lane of each thread is its index in the warp, as the kernels compute it.
-inline unsigned __ballot_sync(unsigned mask, int predicate) {
-  const unsigned lane = (threadIdx.x + threadIdx.y * blockDim.x + threadIdx.z * blockDim.x * blockDim.y) % 32;
-  unsigned v = predicate ? (1u << lane) : 0u;
-  for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(mask, v, off);
-  return v & mask;
+T __shfl_xor_sync(unsigned mask, T v, int m, int width = 32, emu_site site = emu_site::current()) {
+  return emu::shuffle(mask, v, 3, m, width, emu::kShflXor, site);
+}
+inline void __syncwarp(unsigned mask = 0xffffffffu, emu_site site = emu_site::current()) {
+  emu::shuffle(mask, 0, 5, 0, 32, emu::kSyncwarp, site);
+}
+// Bit l of the result: lane l is in `mask` and its predicate is non-zero.
+inline unsigned __ballot_sync(unsigned mask, int predicate, emu_site site = emu_site::current()) {
+  return emu::shuffle(mask, unsigned(predicate != 0), 4, 0, 32, emu::kBallot, site);
 }
 inline int __popc(unsigned v) { return __builtin_popcount(v); }
 

@@ -27,13 +27,18 @@ inline float mma_element(uint32_t reg, int high, bool bf16) {
   return bf16 ? fastloss::FL_ISA::bf16_to_float(h) : fastloss::FL_ISA::half_to_float(h);
 }
 
-inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16) {
+// The warp meets as at a collective of its own kind (a lane at a shuffle instead is an error);
+// `site` is the call in csrc/common/mma.cuh.
+inline constexpr char kMmaF16[] = "mma.sync.m16n8k16.f16", kMmaBf16[] = "mma.sync.m16n8k16.bf16";
+inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (&b)[2], bool bf16,
+                         std::source_location site = std::source_location::current()) {
+  const char* kind = bf16 ? kMmaBf16 : kMmaF16;
   const Fiber& f = self();
   WarpFragments& s = mma_scratch[f.warp_id];
   const int lane = f.lane_id;
   for (int r = 0; r < 4; ++r) s.a[lane][r] = a[r];
   for (int r = 0; r < 2; ++r) s.b[lane][r] = b[r];
-  __syncwarp();
+  shuffle(~0u, 0, 5, 0, 32, kind, site);  // all 32 lanes: mma.sync is .aligned
   // A[i][k]: lane 4 (i % 8) + (k % 8) / 2, register (i / 8) + 2 (k / 8), half k % 2
   auto A = [&](int i, int k) { return mma_element(s.a[4 * (i % 8) + (k % 8) / 2][i / 8 + 2 * (k / 8)], k % 2, bf16); };
   // B[k][j]: lane 4 j + (k % 8) / 2, register k / 8, half k % 2
@@ -45,7 +50,7 @@ inline void mma_m16n8k16(float (&d)[4], const uint32_t (&a)[4], const uint32_t (
     for (int k = 0; k < 16; ++k) acc += double(A(i, k)) * double(B(k, j));
     d[r] = float(acc);
   }
-  __syncwarp();
+  shuffle(~0u, 0, 5, 0, 32, kind, site);  // before the scratch is overwritten
 }
 
 }  // namespace emu
