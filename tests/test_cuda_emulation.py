@@ -1,5 +1,6 @@
 """CUDA kernels run on the CPU under the test emulator (tests/cuda_emu), against float64
-references: the dilated convolution (csrc/tcn/tcn_cuda.cu: forward with every epilogue and the
+references, or against the CPU ops (themselves tested against float64 references: top-k, PLD,
+Sinkhorn, Dice, the confusion sums, the similarity rows) or ICNN's torch form: the dilated convolution (csrc/tcn/tcn_cuda.cu: forward with every epilogue and the
 taps' gradient, both layouts, every dtype) and the low-bit dequant GEMM (csrc/quant/quant_cuda.cu:
 the warp-per-row GEMV and the dequantize kernel; quant_mma_cuda.cu: the tensor-core GEMM, its
 mma.sync modelled by tests/cuda_emu/include/mma_emu.h; every format). Inputs sit between NaN guards (a
