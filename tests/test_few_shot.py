@@ -130,6 +130,8 @@ def test_proto_triplet_label_ranges_and_backward_checks():
                                                            out[5], 0.4), "a class index outside [0, 5)"),
         (lambda: torch.ops.fastloss.proto_triplet_backward(torch.tensor(1.0), q[:3], *out[1:], 0.4),
          "must be proto_triplet_forward's outputs"),
+        (lambda: torch.ops.fastloss.proto_triplet_backward(torch.tensor(1.0), q, *out[1:], 0.4, True),
+         "own needs the support to be the query set (40 rows), got 23 support rows"),
         (lambda: torch.ops.fastloss.proto_triplet_forward(q, ql[:3], s, sl, 0.4),
          "query_labels must be [40] and support_labels [23] CPU tensors"),
     ])
@@ -171,7 +173,7 @@ def test_half_precision(dtype):
                         lambda a: ref.proto_triplet_loss(a, lab, margin=3.0))):
         got_in, want_in = x.clone().requires_grad_(True), x.double().requires_grad_(True)
         got, want = fn(got_in), ref_fn(want_in)
-        assert got.dtype == dtype and float(want) > 0.1
+        assert got.dtype == dtype and float(want.detach()) > 0.1
         got.backward()
         want.backward()
         torch.testing.assert_close(got.double(), want.detach(), rtol=tol, atol=0)

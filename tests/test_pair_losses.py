@@ -125,11 +125,16 @@ def _auc_float64(pos, neg, rows=512):
 
 
 def test_long_negative_lists_go_in_chunks():
-    """N = 40000: the CPU op's scratch (1 MiB) holds 6 items' negative-score rows at a time, so
-    the 12 items of these two queries go in chunks, summed in order into grad_neg."""
+    """N = 40000: at 2 threads the CPU op's scratch (1 MiB) holds 6 items' negative-score rows at
+    a time, so the 12 items of these two queries go in 2 chunks, summed in order into grad_neg."""
     g = torch.Generator().manual_seed(11)
     pos, neg = torch.randn(2, 6 * 256 - 5, generator=g), torch.randn(2, 40000, generator=g) * 2
-    loss, gp, gn = torch.ops.fastloss.mw_auc_forward(pos, neg, True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        loss, gp, gn = torch.ops.fastloss.mw_auc_forward(pos, neg, True)
+    finally:
+        torch.set_num_threads(threads)
     want = _auc_float64(pos, neg)
     for got, exp in zip((loss, gp, gn), want):
         torch.testing.assert_close(got.double(), exp, rtol=2e-5, atol=1e-12)
@@ -137,8 +142,9 @@ def test_long_negative_lists_go_in_chunks():
 
 @requires_proc
 def test_cpu_scratch_is_bounded():
-    # one query of 4096 positives (16 items of 256) and 65536 negatives: all the items' rows
-    # at once were 4 MiB; the op keeps 1 MiB of them (and the 0.6 MiB of gradients)
+    # one query of 4096 positives (16 items of 256) and 65536 negatives, one thread (as
+    # peak_extra_bytes runs): all the items' rows at once were 4 MiB; the op keeps 1 MiB of
+    # them (and the 0.6 MiB of gradients); T threads keep max(1 MiB, 8 T N bytes)
     setup = """
 import fastloss
 p = torch.randn(1, 4096).requires_grad_(True)

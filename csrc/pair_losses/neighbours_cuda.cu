@@ -164,6 +164,8 @@ __global__ void __launch_bounds__(kKnnThreads)
       int rank = 0;
       for (int c = 0; c < have; ++c) rank += chosen[c] < mine;
       idx[i * k + rank] = int64_t(mine & 0xffffffffu);
+    } else if (int(threadIdx.x) < k) {  // (never, unless the passes disagreed: a valid column,
+      idx[i * k + threadIdx.x] = have > 0 ? int64_t(chosen[0] & 0xffffffffu) : 0;  // not garbage)
     }
     __syncthreads();  // chosen / found reused by the next row
   }

@@ -119,10 +119,11 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
   float* gp = compute_grad ? grad_pos.data_ptr<float>() : nullptr;
   // Each item's negative-score gradient goes to a scratch row, then is added to its query's
   // row of grad_neg in item order (the same bits for any chunking or thread count). The items
-  // go in chunks whose rows fit kAucScratchBytes (at least two items per thread): [items, N]
-  // at once had been 16 GiB at P = N = 1M.
+  // go in chunks of kAucScratchBytes of rows, or two items per thread where that is more:
+  // scratch max(1 MiB, 8 threads N bytes), whatever P ([items, N] at once had been 16 GiB at
+  // P = N = 1M).
   const int64_t threads = at::get_num_threads();
-  const int64_t chunk = compute_grad ? std::clamp<int64_t>(kAucScratchBytes / (4 * q.N), 2 * threads, items)
+  const int64_t chunk = compute_grad ? std::min(items, std::max<int64_t>(kAucScratchBytes / (4 * q.N), 2 * threads))
                                      : items;
   Tensor neg_part = compute_grad ? at::empty({std::min(chunk, items), q.N}, f32) : Tensor();
   float* np = compute_grad ? neg_part.data_ptr<float>() : nullptr;
@@ -950,7 +951,7 @@ std::tuple<Tensor, Tensor> proto_triplet_grads_cpu(const Tensor& qf, const Tenso
                                                    const Tensor& dist, const Tensor& inverse,
                                                    const Tensor& counts, double margin, float g, bool own) {
   const int64_t Q = qf.size(0), D = qf.size(1), K = protos.size(0), S = inverse.numel();
-  // parts of >= 64 queries, at most one per thread, and their buffers within 64 MiB
+  // parts of about 64 queries or more, at most one per thread, their buffers within 64 MiB
   const int64_t by_budget = std::max<int64_t>(1, (int64_t(64) << 20) / std::max<int64_t>(4 * K * D, 1));
   const int64_t T = std::clamp<int64_t>(std::min<int64_t>(at::get_num_threads(), (Q + 63) / 64), 1, by_budget);
   Tensor grad_q = at::empty({Q, D}, qf.options());

@@ -65,7 +65,9 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     with prototypes ``c_k`` the means of the support embeddings of class ``k`` (ProtoNet's).
     ``support=None`` takes the prototypes from the query batch itself (a plain batch of
     embeddings and labels). Extra memory ``O(Q K)`` for ``K`` classes (the distances, not kept
-    for backward: only ``d(q, c_{y_q})`` and the nearest negative's are formed again).
+    for backward: only ``d(q, c_{y_q})`` and the nearest negative's are formed again); the CPU
+    backward adds a ``[K, D]`` prototype-gradient buffer per thread (at most 64 MiB in all),
+    summed in a fixed order: the gradients' last bits depend on the thread count.
 
     Args:
         query: ``[Q, D]`` embeddings; query_labels: integer ``[Q]``, each a class of the support.
