@@ -61,6 +61,19 @@ constexpr const char* kOp = "mw_auc_loss";
 // the CPU's scratch for the items' negative-score gradients (see mw_auc_forward)
 constexpr int64_t kAucScratchBytes = int64_t(1) << 20;
 
+// *dst_row(r) += src[r] for the rows r of src [rows, n] in row order, the n columns split
+// among the threads: partial sums merged with the same bits for any thread count.
+template <class DstRow>
+void add_rows_in_order(const float* src, int64_t rows, int64_t n, DstRow dst_row) {
+  at::parallel_for(0, n, 4096, [&](int64_t j0, int64_t j1) {
+    for (int64_t r = 0; r < rows; ++r) {
+      float* d = dst_row(r);
+      const float* a = src + r * n;
+      for (int64_t j = j0; j < j1; ++j) d[j] += a[j];
+    }
+  });
+}
+
 // -> (loss of each query [B] float32, d loss_b / d pos [B, P] float32, d loss_b / d neg [B, N]
 // float32); the gradients are empty unless compute_grad.
 std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Tensor& neg_in,
@@ -132,13 +145,7 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
     at::parallel_for(c0, c1, 1, [&](int64_t r0, int64_t r1) { auc_cpu(q, lp, gp, np, c0, r0, r1); });
     if (!compute_grad) continue;
     float* gn = grad_neg.data_ptr<float>();
-    at::parallel_for(0, q.N, 4096, [&](int64_t j0, int64_t j1) {  // columns split: rows added in order
-      for (int64_t r = c0; r < c1; ++r) {
-        float* dst = gn + (r / blocks) * q.N;
-        const float* src = np + (r - c0) * q.N;
-        for (int64_t j = j0; j < j1; ++j) dst[j] += src[j];
-      }
-    });
+    add_rows_in_order(np, c1 - c0, q.N, [&](int64_t r) { return gn + ((c0 + r) / blocks) * q.N; });
   }
   const double scale = 1.0 / (double(q.P) * double(q.N));
   const Tensor loss = loss_part.view({q.B, blocks}).sum(1).mul(scale).to(at::kFloat);
@@ -964,11 +971,7 @@ std::tuple<Tensor, Tensor> proto_triplet_grads_cpu(const Tensor& qf, const Tenso
                         dist.data_ptr<float>(), Q, D, margin, g, Q * t / T, Q * (t + 1) / T,
                         grad_q.data_ptr<float>(), pp + t * K * D);
   });
-  if (T > 1)
-    at::parallel_for(0, K * D, 4096, [&](int64_t e0, int64_t e1) {
-      for (int64_t t = 1; t < T; ++t)
-        for (int64_t e = e0; e < e1; ++e) pp[e] += pp[t * K * D + e];
-    });
+  add_rows_in_order(pp + K * D, T - 1, K * D, [&](int64_t) { return pp; });  // into part 0
   float* out = own ? grad_q.data_ptr<float>() : grad_s.data_ptr<float>();
   at::parallel_for(0, S, std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1)), [&](int64_t j0, int64_t j1) {
     proto_support_grads(pp, inverse.data_ptr<int64_t>(), counts.data_ptr<float>(), D, j0, j1, own, out);
