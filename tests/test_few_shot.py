@@ -90,6 +90,24 @@ def test_icnn_embeddings_far_from_the_origin():
                 lambda a, b: ref.icnn_loss(a, lab, b, tl, k=4), [e, t])
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_icnn_duplicated_embeddings(seed):
+    """Exact duplicates make equal distances: a tied minimum (delta) or maximum (the largest
+    other-class distance) is a kink, whose gradient the op shares equally among the ties, as
+    torch's amin / amax do (and the reference with them). The reference's Python min / max had
+    given it all to the first tie: the same sum per duplicate group, a different split."""
+    g = torch.Generator().manual_seed(100 + seed)
+    e = torch.randn(24, 8, generator=g)
+    e[5] = e[11] = e[3]
+    e[17] = e[2]
+    lab = torch.randint(0, 4, (24,), generator=g)
+    grads_close(lambda a: ops.icnn_loss(a, lab, k=4), lambda a: ref.icnn_loss(a, lab, k=4), [e])
+    t = torch.cat([e[:6], e[:6]])  # a target set of duplicated pairs
+    tl = torch.randint(0, 4, (12,), generator=g)
+    grads_close(lambda a, b: ops.icnn_loss(a, lab, b, tl, k=4),
+                lambda a, b: ref.icnn_loss(a, lab, b, tl, k=4), [e, t])
+
+
 def test_proto_triplet_embeddings_far_from_the_origin():
     """Queries and prototypes sharing an offset 1000x their spread: each query's nearest other
     prototype (by ||c||^2 - 2 <q, c>) is the float64 reference's (27 of 64 had been wrong at

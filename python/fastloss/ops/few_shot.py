@@ -291,7 +291,9 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
 
     Means are over the embeddings that have such neighbours (divisions carry the authors'
     ``eps = 1e-7``). The neighbour choice and ``gamma`` are not differentiated; the distances
-    are. With a separate target set every target counts (the authors' code also drops the
+    are. Equal distances (duplicated embeddings) tied at a minimum or maximum share its
+    gradient equally, as torch's ``amin`` / ``amax`` do; ties in the neighbour order go to the
+    lower target index. With a separate target set every target counts (the authors' code also drops the
     nearest target there, meant for the self-match; we drop only the self-match).
 
     Args:

@@ -44,9 +44,12 @@ def icnn_loss(emb, labels, target=None, target_labels=None, k=4, num_neighbors=N
     sc_terms, dc_lists, n_same_all = [], [], []
     for nb in rows:
         others = [d for d, same in nb if not same]
-        delta = min(others, key=lambda v: float(v.detach())) if others else torch.tensor(math.inf, dtype=torch.float64)
+        # amin / amax share a tied extreme's gradient equally (torch's rule): equal distances
+        # (duplicated embeddings) are a kink where any split is a subgradient; this is the one
+        # the op documents
+        delta = torch.stack(others).amin() if others else torch.tensor(math.inf, dtype=torch.float64)
         u = [d / (delta + eps) for d, _ in nb[:k]]
-        top = max(u + [torch.tensor(1.0, dtype=torch.float64)], key=lambda v: float(v.detach()))  # differentiable max
+        top = torch.clamp(torch.stack(u).amax(), min=1.0)  # (its gradient passes at the bound)
         same_u = [v / top for v, (_, same) in zip(u, nb[:k]) if same]
         n_same_all.append(len(same_u))
         if same_u:
@@ -55,7 +58,7 @@ def icnn_loss(emb, labels, target=None, target_labels=None, k=4, num_neighbors=N
     lambda_sc = 1 - sum(sc_terms) / (len(sc_terms) + eps)
     all_dc = [d for lst in dc_lists for d in lst]
     if all_dc:
-        big = max(all_dc, key=lambda v: float(v.detach())) + eps
+        big = torch.stack(all_dc).amax() + eps
         dc_terms = [sum(d / big for d in lst) / (len(lst) + eps) for lst in dc_lists if lst]
         lambda_dc = sum(dc_terms) / (len(dc_terms) + eps)
     else:
