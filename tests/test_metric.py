@@ -12,8 +12,12 @@ from fastloss.reference import metric as ref
 from peak_memory import assert_never_builds, requires_proc
 from checks import assert_compiled_matches, assert_matches_reference, expect_errors
 
-pml_losses = pytest.importorskip("pytorch_metric_learning.losses", reason="a test dependency (scripts/setup_venv.sh installs it)")
-pml_miners = pytest.importorskip("pytorch_metric_learning.miners")
+
+def pml_module(name):
+    """pytorch-metric-learning's `losses` or `miners`, imported by the tests that compare with
+    it (a declared test dependency): without it they skip, the reference-only tests still run."""
+    return pytest.importorskip(f"pytorch_metric_learning.{name}",
+                               reason="a test dependency (scripts/setup_venv.sh installs it)")
 
 
 def make(b, d, classes, seed=0, dtype=torch.float32, centre=1.0):
@@ -25,10 +29,10 @@ def make(b, d, classes, seed=0, dtype=torch.float32, centre=1.0):
 
 
 def pml(emb, labels, alpha, beta, base, epsilon):
-    loss_fn = pml_losses.MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
+    loss_fn = pml_module("losses").MultiSimilarityLoss(alpha=alpha, beta=beta, base=base)
     if epsilon is None:
         return loss_fn(emb, labels)
-    return loss_fn(emb, labels, pml_miners.MultiSimilarityMiner(epsilon=epsilon)(emb, labels))
+    return loss_fn(emb, labels, pml_module("miners").MultiSimilarityMiner(epsilon=epsilon)(emb, labels))
 
 
 @pytest.mark.parametrize("block", [None, 1, 9])
@@ -146,7 +150,7 @@ def test_tcm_matches_pytorch_metric_learning_and_reference(margins, block):
         got = ops.tcm_loss(got_in, labels, *margins, *weights, block_rows=block)
         got.backward()
         pml_in = emb.clone().requires_grad_(True)
-        pml_loss = pml_losses.ThresholdConsistentMarginLoss(weights[0], weights[1], *margins)(pml_in, labels)
+        pml_loss = pml_module("losses").ThresholdConsistentMarginLoss(weights[0], weights[1], *margins)(pml_in, labels)
         ref_in = emb.double().requires_grad_(True)
         want = ref.tcm_loss(ref_in, labels, *margins, *weights)
         assert float(want.detach()) > 0
