@@ -1,4 +1,6 @@
-"""Distillation modules."""
+"""Distillation modules: the module forms of :func:`fastloss.ops.kd_loss`, ``topk_kl_loss``
+and ``pld_loss`` (hyper-parameters at construction, called with the logits), and the dual-head
+arrangement."""
 
 from __future__ import annotations
 
@@ -6,6 +8,57 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import ops
+
+
+class KDLoss(nn.Module):
+    """Module form of :func:`fastloss.ops.kd_loss`: ``loss(student_logits, teacher_logits)``,
+    forward / reverse KL or JSD at temperature ``T``, times ``T^2``."""
+
+    def __init__(self, T: float = 1.0, kind: str = "forward_kl", beta: float = 0.5,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.T, self.kind, self.beta, self.reduction = T, kind, beta, reduction
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return ops.kd_loss(student, teacher, T=self.T, kind=self.kind, beta=self.beta,
+                           reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, kind={self.kind!r}, beta={self.beta}, reduction={self.reduction!r}"
+
+
+class TopKKLLoss(nn.Module):
+    """Module form of :func:`fastloss.ops.topk_kl_loss`: the KL over the teacher's top-``k``
+    classes (OstQuant's KL-Top)."""
+
+    def __init__(self, k: int, T: float = 1.0, renormalize: bool = False,
+                 reduction: str = "mean") -> None:
+        super().__init__()
+        self.k, self.T, self.renormalize, self.reduction = k, T, renormalize, reduction
+
+    def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+        return ops.topk_kl_loss(student, teacher, k=self.k, T=self.T, renormalize=self.renormalize,
+                                reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return (f"k={self.k}, T={self.T}, renormalize={self.renormalize}, "
+                f"reduction={self.reduction!r}")
+
+
+class PLDLoss(nn.Module):
+    """Module form of :func:`fastloss.ops.pld_loss`: Plackett-Luce distillation,
+    ``loss(student_logits, teacher_logits, target)``."""
+
+    def __init__(self, T: float = 1.0, ignore_index: int = -100, reduction: str = "mean") -> None:
+        super().__init__()
+        self.T, self.ignore_index, self.reduction = T, ignore_index, reduction
+
+    def forward(self, student: Tensor, teacher: Tensor, target: Tensor) -> Tensor:
+        return ops.pld_loss(student, teacher, target, T=self.T, ignore_index=self.ignore_index,
+                            reduction=self.reduction)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}, ignore_index={self.ignore_index}, reduction={self.reduction!r}"
 
 
 class DualHeadKD(nn.Module):
