@@ -58,6 +58,40 @@ def test_one_pair_and_compile():
     assert_compiled_matches(f, [a, b])
 
 
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("symmetric", [True, False])
+@pytest.mark.parametrize("weighted", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_learnable_temperature(dtype, weighted, symmetric, reduction):
+    """T as a tensor that requires grad (CLIP's learnt temperature): the loss and the gradients
+    of a, b and T against the reference differentiated in float64; the loss equals the one at
+    the same number T."""
+    a, b, w = make(29, 10, dtype, seed=5, weighted=weighted)
+    t = torch.tensor(0.13)
+    assert_matches_reference(lambda x, y, tt: ops.contrastive_loss(x, y, tt, w, symmetric, reduction, 7),
+                             lambda x, y, tt: ref.contrastive_loss(x, y, tt, w, symmetric, reduction),
+                             [a, b, t], TOL[dtype], f"{dtype} w={weighted} sym={symmetric} {reduction}",
+                             names=["grad_a", "grad_b", "grad_T"], seed=3)
+    torch.testing.assert_close(ops.contrastive_loss(a, b, t, w, symmetric, reduction),
+                               ops.contrastive_loss(a, b, 0.13, w, symmetric, reduction),
+                               rtol=TOL[dtype], atol=TOL[dtype])
+
+
+def test_learnable_temperature_compiles_and_checks_its_value():
+    a, b, w = make(12, 6, torch.float32, seed=6, weighted=True)
+    f = lambda x, y, tt: ops.contrastive_loss(x, y, tt) + ops.contrastive_loss(x, y, tt * 2, w, False)  # noqa: E731
+    assert_compiled_matches(f, [a, b, torch.tensor(0.2)])
+    cases = [
+        (lambda: ops.contrastive_loss(a, b, torch.tensor([0.1, 0.2])), "one-element floating tensor"),
+        (lambda: ops.contrastive_loss(a, b, torch.tensor(1)), "one-element floating tensor"),
+        (lambda: ops.contrastive_loss(a, b, torch.tensor(-0.1)), "T must be > 0"),
+        (lambda: ops.contrastive_loss(a, b, torch.tensor(float("nan"))), "T must be a finite number"),
+    ]
+    expect_errors(cases, (ValueError, TypeError))
+    meta = ops.contrastive_loss(a.to("meta"), b.to("meta"), torch.tensor(0.1, device="meta"))
+    assert meta.device.type == "meta" and meta.shape == ()
+
+
 def test_bad_input_errors_name_the_argument():
     a, b, _ = make(5, 3, torch.float32)
     cases = [

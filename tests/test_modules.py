@@ -5,6 +5,7 @@ default (so that one passed to the wrong argument shows), the same defaults as t
 bad hyper-parameters reported by the function with the argument's name, no state."""
 
 import inspect
+import math
 
 import pytest
 import torch
@@ -107,7 +108,8 @@ def test_module_defaults_are_the_function_defaults(name):
     fn_params = inspect.signature(fn).parameters
     module_params = inspect.signature(module_cls.__init__).parameters
     shared = [p for p in module_params if p in fn_params]
-    assert shared == [p for p in module_params if p != "self"]  # no module-only argument
+    module_only = {"learnable"} if module_cls is fastloss.nn.ContrastiveLoss else set()
+    assert shared == [p for p in module_params if p != "self" and p not in module_only]
     for p in shared:
         assert module_params[p].default == fn_params[p].default, p
 
@@ -127,3 +129,27 @@ def test_bad_hyper_parameters_are_named_by_the_function():
     ]:
         with pytest.raises((ValueError, TypeError), match=message):
             call()
+
+
+def test_contrastive_loss_with_a_learnable_temperature():
+    """CLIP's parametrisation: logit_scale = log(1 / T), a parameter; its gradient against the
+    float64 reference differentiated through T = exp(-logit_scale)."""
+    from fastloss.reference import contrastive as ref
+
+    a, b = _randn(21, 9, seed=30), _randn(21, 9, seed=31)
+    module = fastloss.nn.ContrastiveLoss(T=0.2, learnable=True)
+    assert [name for name, _ in module.named_parameters()] == ["logit_scale"]
+    torch.testing.assert_close(module.logit_scale.detach(), torch.tensor(math.log(5.0)))
+    x = a.clone().requires_grad_(True)
+    loss = module(x, b)
+    loss.backward()
+    scale64 = torch.tensor(math.log(5.0), dtype=torch.float64, requires_grad=True)
+    x64 = a.double().requires_grad_(True)
+    want = ref.contrastive_loss(x64, b.double(), torch.exp(-scale64))
+    want.backward()
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(module.logit_scale.grad.double(), scale64.grad, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-5, atol=2e-6)
+    assert "learnable" in repr(module) and set(module.state_dict()) == {"logit_scale"}
+    with pytest.raises(ValueError, match="ContrastiveLoss: T must be > 0"):
+        fastloss.nn.ContrastiveLoss(T=0.0, learnable=True)

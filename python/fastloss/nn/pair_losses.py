@@ -2,12 +2,14 @@
 ``multi_similarity_loss``, ``tcm_loss``, ``contrastive_loss``, ``mw_auc_loss``,
 ``proto_triplet_loss`` and ``icnn_loss``): hyper-parameters at construction, called with the
 embeddings (or scores) and labels, as pytorch-metric-learning's losses are. No parameters or
-buffers of their own."""
+buffers of their own, except a learnable temperature when ContrastiveLoss is asked for one."""
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
+import torch
 from torch import Tensor, nn
 
 from .. import ops
@@ -57,20 +59,38 @@ class TCMLoss(nn.Module):
 
 class ContrastiveLoss(nn.Module):
     """Module form of :func:`fastloss.ops.contrastive_loss` (InfoNCE / CLIP, CWCL with
-    ``weights``): ``loss(a, b, weights=None)`` for paired ``[B, D]`` embeddings. The temperature
-    is a fixed hyper-parameter (the op takes no gradient for it)."""
+    ``weights``): ``loss(a, b, weights=None)`` for paired ``[B, D]`` embeddings.
+
+    ``learnable=True`` learns the temperature as CLIP does: a parameter ``logit_scale``
+    initialised to ``log(1 / T)``, the loss taken at ``T = exp(-logit_scale)`` (clamp it as
+    CLIP does, e.g. ``logit_scale.data.clamp_(max=math.log(100))`` after each step, if it
+    should stay bounded); otherwise ``T`` is a fixed hyper-parameter."""
 
     def __init__(self, T: float = 0.07, symmetric: bool = True, reduction: str = "mean",
-                 block_rows: Optional[int] = None) -> None:
+                 block_rows: Optional[int] = None, learnable: bool = False) -> None:
         super().__init__()
-        self.T, self.symmetric, self.reduction, self.block_rows = T, symmetric, reduction, block_rows
+        self.symmetric, self.reduction, self.block_rows = symmetric, reduction, block_rows
+        if learnable:
+            if not T > 0:
+                raise ValueError(f"ContrastiveLoss: T must be > 0, got {T}")
+            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / T)))
+            self.T = None
+        else:
+            self.logit_scale = None
+            self.T = T
+
+    def temperature(self):
+        """The temperature in use: ``T``, or ``exp(-logit_scale)`` (a tensor) when learnable."""
+        return self.T if self.logit_scale is None else torch.exp(-self.logit_scale)
 
     def forward(self, a: Tensor, b: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        return ops.contrastive_loss(a, b, T=self.T, weights=weights, symmetric=self.symmetric,
-                                    reduction=self.reduction, block_rows=self.block_rows)
+        return ops.contrastive_loss(a, b, T=self.temperature(), weights=weights,
+                                    symmetric=self.symmetric, reduction=self.reduction,
+                                    block_rows=self.block_rows)
 
     def extra_repr(self) -> str:
-        return f"T={self.T}, symmetric={self.symmetric}, reduction={self.reduction!r}"
+        t = "learnable" if self.logit_scale is not None else f"T={self.T}"
+        return f"{t}, symmetric={self.symmetric}, reduction={self.reduction!r}"
 
 
 class MWAUCLoss(nn.Module):

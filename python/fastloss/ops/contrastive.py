@@ -25,7 +25,7 @@ devices) the blocks go through torch element-wise operations.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
@@ -148,14 +148,35 @@ def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction):
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
-def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Tensor] = None,
-                     symmetric: bool = True, reduction: str = "mean",
-                     block_rows: Optional[int] = None) -> Tensor:
+def _temperature_tensor(fn: str, T: Tensor, a: Tensor) -> Tensor:
+    """A tensor temperature, checked: one floating element, on a's device (or a 0-d CPU
+    tensor, as torch takes for a scalar), finite and > 0 where its value can be read."""
+    if T.numel() != 1 or not T.is_floating_point():
+        raise ValueError(f"{fn}: T must be a number or a one-element floating tensor, got a "
+                         f"{T.dtype} tensor of shape {tuple(T.shape)}")
+    if T.device != a.device and not (T.device.type == "cpu" and T.dim() == 0):
+        raise ValueError(f"{fn}: T is on {T.device} but a is on {a.device}")
+    if values_readable(T):
+        value = float(T.detach())
+        require_finite(fn, T=value)
+        if not value > 0:
+            raise ValueError(f"{fn}: T must be > 0, got {value}")
+    return T.reshape(()).float()
+
+
+def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
+                     weights: Optional[Tensor] = None, symmetric: bool = True,
+                     reduction: str = "mean", block_rows: Optional[int] = None) -> Tensor:
     """InfoNCE / CLIP loss between paired embeddings (see the module docstring).
 
     Args:
         a, b: ``[B, D]`` embeddings (normalise them first for cosine similarities).
-        T: temperature > 0.
+        T: temperature > 0: a number, or a one-element floating tensor, which may require grad
+            (CLIP's learnt temperature, e.g. ``T = 1 / logit_scale.exp()``): then ``a / T`` is
+            formed in float32 by torch (one ``[B, D]`` operation, which autograd
+            differentiates for ``T``) and the loss taken at temperature 1, so the value is read
+            on no device (its ``> 0`` check runs for CPU tensors only; on a GPU a ``T <= 0``
+            gives a meaningless loss rather than an error).
         weights: optional ``[B, B]`` non-negative CWCL weights (every row and column must have a
             positive sum); no gradient flows to them.
         symmetric: average the ``a -> b`` and ``b -> a`` terms (True) or keep ``a -> b`` only.
@@ -172,6 +193,10 @@ def contrastive_loss(a: Tensor, b: Tensor, T: float = 0.07, weights: Optional[Te
                          f"and {tuple(b.shape)}")
     if not a.is_floating_point() or b.dtype != a.dtype:
         raise ValueError(f"{fn}: a and b must share a floating dtype, got {a.dtype} and {b.dtype}")
+    if isinstance(T, Tensor):
+        t = _temperature_tensor(fn, T, a)
+        loss = contrastive_loss(a.float() / t, b.float(), 1.0, weights, symmetric, reduction, block_rows)
+        return loss.to(a.dtype)
     require_finite(fn, T=T)
     if not T > 0:
         raise ValueError(f"{fn}: T must be > 0, got {T}")
