@@ -27,10 +27,16 @@ class TestEveryLoss:
         return fn(logits, target, **{**params, **kw})
 
     def test_logits_rank(self, name):
-        with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        # [C] and [N, C, d1, ...] are F.cross_entropy's layouts too, with their own target shapes
+        with pytest.raises(ValueError, match=r"logits must be \[N, C\], \[N, C, d1, ...\] or unbatched"):
+            self.call(name, torch.tensor(1.0), torch.tensor(0))
+        with pytest.raises(ValueError, match=r"unbatched logits \[C\] take a 0-d target"):
             self.call(name, torch.randn(6), torch.tensor([1]))
-        with pytest.raises(RuntimeError, match="logits must be 2-D"):
+        with pytest.raises(ValueError, match=r"target must be \[2, 6\] for logits of shape \[2, 3, 6\]"):
             self.call(name, torch.randn(2, 3, 6), torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(RuntimeError, match="logits must be 2-D"):  # the kernel op: rows only
+            torch.ops.fastloss.cross_entropy_forward(torch.randn(2, 3, 6), torch.zeros(2, dtype=torch.long),
+                                                     None, -100, 0.0, 0.0, 0.0)
 
     @pytest.mark.parametrize("dtype", [torch.int64, torch.int32, torch.float64, torch.bool])
     def test_logits_dtype(self, name, dtype):
@@ -172,7 +178,7 @@ def test_cuda_checks(name):
         fn(logits, target.cpu(), **params)
     with pytest.raises(RuntimeError, match="weight is on cpu but logits is on cuda"):
         fn(logits, target, weight=torch.ones(6), **params)
-    with pytest.raises(RuntimeError, match="logits must be 2-D"):
+    with pytest.raises(ValueError, match=r"unbatched logits \[C\] take a 0-d target"):
         fn(logits[0], target[:1], **params)
     with pytest.raises(RuntimeError, match="logits must be float32, float16 or bfloat16"):
         fn(logits.double(), target, **params)

@@ -147,6 +147,73 @@ def test_cross_entropy_equals_torch(weighted, label_smoothing, reduction, cpu_is
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.15])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cross_entropy_spatial_and_unbatched_equal_torch(layout, label_smoothing, reduction):
+    """F.cross_entropy's [N, C, d1, d2] logits with [N, d1, d2] targets (ignored entries, class
+    weights), and unbatched [C] logits with a 0-d target: the same results and gradients as
+    F.cross_entropy in float64."""
+    g = torch.Generator().manual_seed(11)
+    logits = torch.randn(3, 13, 5, 7, generator=g) * 3
+    if layout == "channels_last":
+        logits = logits.contiguous(memory_format=torch.channels_last)
+    target = torch.randint(0, 13, (3, 5, 7), generator=g)
+    target[torch.rand(3, 5, 7, generator=g) < 0.2] = -100
+    weight = torch.rand(13, generator=g) + 0.5
+    for x, t in ((logits, target), (logits[1, :, 2, 3], target[1, 2, 3].clamp(min=0))):
+        x1, x64 = x.clone().requires_grad_(True), x.double().requires_grad_(True)
+        got = ops.cross_entropy(x1, t, weight=weight, reduction=reduction, label_smoothing=label_smoothing)
+        want = F.cross_entropy(x64, t, weight=weight.double(), reduction=reduction,
+                               label_smoothing=label_smoothing)
+        assert got.shape == want.shape and got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want.detach(), rtol=2e-5, atol=2e-6)
+        up = torch.rand(got.shape, generator=g, dtype=torch.float64) + 0.5
+        got.backward(up.float())
+        want.backward(up)
+        torch.testing.assert_close(x1.grad.double(), x64.grad, rtol=2e-5, atol=2e-7)
+
+
+@pytest.mark.parametrize("name", ["ce_everything", "comp_tau1.5", "aldr_weight", "zloss", "stablemax"])
+def test_spatial_logits(name):
+    """Every row loss takes [N, C, d1, ...] logits as rows of classes: against its float64
+    reference on the classes moved last by the test itself; reduction "none" keeps [N, d1, ...];
+    a target of the wrong shape is named."""
+    fn, ref_fn, kwargs, weighted = CASES[name]
+    g = torch.Generator().manual_seed(12)
+    logits = torch.randn(2, 9, 4, 3, generator=g) * 3
+    target = torch.randint(0, 9, (2, 4, 3), generator=g)
+    target[0, 1] = -100
+    weight = torch.rand(9, generator=g) + 0.5 if weighted else None
+    for reduction in ("none", "mean"):
+        x1, x64 = logits.clone().requires_grad_(True), logits.double().requires_grad_(True)
+        got = fn(x1, target, weight=weight, reduction=reduction, **kwargs)
+        rows64 = x64.permute(0, 2, 3, 1).reshape(-1, 9)
+        want = ref_fn(rows64, target.reshape(-1), weight=None if weight is None else weight.double(),
+                      reduction=reduction, **kwargs)
+        if reduction == "none":
+            want = want.reshape(2, 4, 3)
+        assert got.shape == want.shape
+        assert_close(got, want, torch.float32, f"{name} {reduction} loss")
+        up = torch.rand(got.shape, generator=g, dtype=torch.float64) + 0.5
+        got.backward(up.float())
+        want.backward(up)
+        assert_close(x1.grad, x64.grad, torch.float32, f"{name} {reduction} grad")
+    with pytest.raises(ValueError, match=r"target must be \[2, 4, 3\] for logits of shape"):
+        fn(logits, target[:, :3], weight=weight, **kwargs)
+    with pytest.raises(ValueError, match="unbatched logits \\[C\\] take a 0-d target"):
+        fn(logits[0, :, 0, 0], target[0, 0], weight=weight, **kwargs)
+
+
+def test_spatial_logits_compile():
+    from checks import assert_compiled_matches
+
+    g = torch.Generator().manual_seed(13)
+    x, t = torch.randn(2, 7, 3, 4, generator=g), torch.randint(0, 7, (2, 3, 4), generator=g)
+    assert_compiled_matches(lambda a: ops.cross_entropy(a, t, reduction="none").sum()
+                            + ops.ldr_loss(a, t, 1.0) + ops.cross_entropy(a[0, :, 1, 1], t[0, 1, 1]), [x])
+
+
 @pytest.mark.parametrize("name", ["ce", "ce_everything", "comp_tau1.5", "aldr", "zloss", "stablemax"])
 def test_ignore_index_that_is_a_class(name, device):
     logits, target, weight = make_inputs(23, 11, torch.float32, device, weighted=CASES[name][3],

@@ -26,9 +26,9 @@ class _RowLoss(nn.Module):
 
 class CrossEntropyLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.cross_entropy`: replaces ``nn.CrossEntropyLoss`` for
-    ``[N, C]`` logits and class-index targets, with the same keyword arguments (not torch's
-    positional order, its deprecated ``size_average`` / ``reduce``, ``[N, C, d1, ...]`` logits,
-    probability targets or float64)."""
+    ``[N, C]`` (or ``[N, C, d1, ...]``, or unbatched ``[C]``) logits and class-index targets,
+    with the same keyword arguments (not torch's positional order, its deprecated
+    ``size_average`` / ``reduce``, probability targets or float64)."""
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,

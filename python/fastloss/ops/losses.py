@@ -11,7 +11,10 @@ an autograd formula of their own (registered below) for direct use.
 Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
 
 * ``logits``: float32, float16 or bfloat16 ``[N, C]``, any row stride (a view whose classes
-  are not contiguous is copied once). Accumulation is float32.
+  are not contiguous is copied once). Accumulation is float32. As with ``F.cross_entropy``,
+  ``[N, C, d1, ...]`` logits (with ``[N, d1, ...]`` targets; ``reduction="none"`` gives
+  ``[N, d1, ...]``) and unbatched ``[C]`` logits (a 0-d target) work too: their classes are
+  moved last, a copy unless the memory is channels-last.
 * ``target``: int64 (or int32) ``[N]``. Rows equal to ``ignore_index`` get loss 0 and
   gradient 0 and leave the mean. On the CPU a target outside ``[0, C)`` raises; on CUDA it
   gives that row a NaN loss (checking it would need a host synchronisation).
@@ -165,16 +168,40 @@ _PUBLIC_NAME = {"cross_entropy": "cross_entropy", "comp_sum": "comp_sum_loss", "
                 "spherical_z": "spherical_z_loss", "stablemax": "stablemax_cross_entropy"}
 
 
+def _as_rows(fn: str, logits, target):
+    """F.cross_entropy's other layouts as rows of classes: unbatched ``[C]`` logits with a 0-d
+    target, and ``[N, C, d1, ...]`` logits with ``[N, d1, ...]`` targets (the classes moved
+    last: a copy, unless the logits are channels-last, where it is a view). Returns the rows,
+    their targets, and the shape of ``reduction="none"``'s result (None: ``[N, C]`` as given)."""
+    if not isinstance(logits, Tensor) or not isinstance(target, Tensor) or logits.dim() == 2:
+        return logits, target, None  # (the op's own checks name what is wrong)
+    if logits.dim() == 0:
+        raise ValueError(f"{fn}: logits must be [N, C], [N, C, d1, ...] or unbatched [C], got a "
+                         f"0-d tensor")
+    if logits.dim() == 1:
+        if target.dim() != 0:
+            raise ValueError(f"{fn}: unbatched logits [C] take a 0-d target, got shape "
+                             f"{tuple(target.shape)}")
+        return logits.unsqueeze(0), target.reshape(1), ()
+    want = (logits.shape[0],) + tuple(logits.shape[2:])
+    if tuple(target.shape) != want:
+        raise ValueError(f"{fn}: target must be {list(want)} for logits of shape "
+                         f"{list(logits.shape)} ([N, C, d1, ...]), got {list(target.shape)}")
+    return logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1), want
+
+
 def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, grad_in_forward,
               *scalars):
     # One op: forward, reduction and its C++ autograd formula (losses_op.cpp), which calls the
     # *_forward / *_backward ops below autograd; torch.compile traces it into those.
     refuse_grad(_PUBLIC_NAME[name], "weight", weight, "the class weights (as F.cross_entropy)")
+    logits, target, shape = _as_rows(_PUBLIC_NAME[name], logits, target)
     if grad_in_forward and torch.compiler.is_compiling():
         grad_in_forward = False  # (the plain path: the hand-over of its backward is tested eager only)
-    return getattr(torch.ops.fastloss, f"{name}_loss").default(
+    out = getattr(torch.ops.fastloss, f"{name}_loss").default(
         logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace,
         grad_in_forward)
+    return out.reshape(shape) if shape is not None and reduction == "none" else out
 
 
 # ---- each loss's scalars, checked (shared with the fused linear losses) ---------------------
