@@ -34,6 +34,12 @@ class TestEveryLoss:
             self.call(name, torch.randn(6), torch.tensor([1]))
         with pytest.raises(ValueError, match=r"target must be \[2, 6\] for logits of shape \[2, 3, 6\]"):
             self.call(name, torch.randn(2, 3, 6), torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"logits must have at least one class, got shape \[2, 0, 3\]"):
+            self.call(name, torch.randn(2, 0, 3), torch.zeros(2, 3, dtype=torch.long))
+        with pytest.raises(ValueError, match=r"logits must have at least one class, got shape \[0\]"):
+            self.call(name, torch.randn(0), torch.tensor(0))
+        with pytest.raises(ValueError, match="probability targets are not supported"):
+            self.call(name, torch.randn(2, 5, 3), torch.rand(2, 5, 3).softmax(1))
         with pytest.raises(RuntimeError, match="logits must be 2-D"):  # the kernel op: rows only
             torch.ops.fastloss.cross_entropy_forward(torch.randn(2, 3, 6), torch.zeros(2, dtype=torch.long),
                                                      None, -100, 0.0, 0.0, 0.0)

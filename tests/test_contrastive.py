@@ -86,6 +86,10 @@ def test_learnable_temperature_compiles_and_checks_its_value():
         (lambda: ops.contrastive_loss(a, b, torch.tensor(1)), "one-element floating tensor"),
         (lambda: ops.contrastive_loss(a, b, torch.tensor(-0.1)), "T must be > 0"),
         (lambda: ops.contrastive_loss(a, b, torch.tensor(float("nan"))), "T must be a finite number"),
+        # a learnt T must live where a does (a CPU one beside GPU embeddings would copy its
+        # gradient to the host in every backward); meta tensors stand for the GPU here
+        (lambda: ops.contrastive_loss(a.to("meta"), b.to("meta"), torch.tensor(0.1, requires_grad=True)),
+         "T requires grad on cpu but a is on meta: move T"),
     ]
     expect_errors(cases, (ValueError, TypeError))
     meta = ops.contrastive_loss(a.to("meta"), b.to("meta"), torch.tensor(0.1, device="meta"))

@@ -59,7 +59,7 @@ CASES = {
                                [_labels(20, 4, 20), torch.arange(12) % 4]),
                       lambda q, s, ql, sl: ((q, ql, s, sl), {})),
     "icnn": (fastloss.nn.ICNNLoss, ops.icnn_loss, dict(k=3, num_neighbors=5),
-             lambda: ([_randn(30, 8, seed=22)], [_labels(30, 3, 23)])),
+             lambda: ([_randn(30, 8, seed=27)], [_labels(30, 3, 28)])),  # (num_neighbors matters)
     "dice": (fastloss.nn.DiceLoss, ops.dice_loss,
              dict(alpha=0.5, gamma=0.8, smooth=0.1, ignore_index=-7, reduction="sum"),
              lambda: ([_randn(20, 6, seed=24)], [_target_with_ignored(20, 6, 25)])),
@@ -75,27 +75,40 @@ def _call_args(case, tensors, others):
     return arrange(*tensors, *others)
 
 
+def _loss_and_grads(loss_fn, case, tensors, others):
+    leaves = [t.clone().requires_grad_(True) for t in tensors]
+    args, kwargs = _call_args(case, leaves, others)
+    out = loss_fn(*args, **kwargs)
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(99))
+    return out, torch.autograd.grad(out, leaves, upstream)
+
+
 @pytest.mark.parametrize("name", list(CASES))
 def test_module_matches_function(name):
     module_cls, fn, hyper, make = CASES[name][:4]
     tensors, others = make()
-    got_in = [t.clone().requires_grad_(True) for t in tensors]
-    want_in = [t.clone().requires_grad_(True) for t in tensors]
-    args, kwargs = _call_args(CASES[name], got_in, others)
     module = module_cls(**hyper)
-    got = module(*args, **kwargs)
-    args, kwargs = _call_args(CASES[name], want_in, others)
-    want = fn(*args, **kwargs, **hyper)
-    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    got, got_grads = _loss_and_grads(module, CASES[name], tensors, others)
+    want, want_grads = _loss_and_grads(lambda *a, **k: fn(*a, **k, **hyper), CASES[name], tensors, others)
     assert got.requires_grad
-    upstream = torch.randn(got.shape, generator=torch.Generator().manual_seed(99))
-    for g, w in zip(torch.autograd.grad(got, got_in, upstream),
-                    torch.autograd.grad(want, want_in, upstream)):
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
+    for g, w in zip(got_grads, want_grads):
         assert g.abs().sum() > 0
         torch.testing.assert_close(g, w, rtol=0, atol=0)
-    # every hyper-parameter away from its default: one passed to the wrong argument would show
+    # each hyper-parameter matters on these inputs (it is off its default, and the default
+    # changes the loss or its gradients), so one the module passed to the wrong argument shows
     defaults = inspect.signature(fn).parameters
-    assert all(value != defaults[key].default for key, value in hyper.items())
+    for key in hyper:
+        if defaults[key].default is inspect.Parameter.empty:
+            continue  # (topk's k: no default)
+        other = {k: v for k, v in hyper.items() if k != key}
+        try:
+            out, grads = _loss_and_grads(lambda *a, **k: fn(*a, **k, **other), CASES[name], tensors, others)
+        except (RuntimeError, ValueError):  # (ignore_index at its default: -7 is no class)
+            continue
+        same = out.shape == want.shape and torch.equal(out, want) and all(
+            torch.equal(g, w) for g, w in zip(grads, want_grads))
+        assert not same, f"{name}: {key} at its default gives the same loss and gradients"
     assert dict(module.state_dict()) == {} and list(module.parameters()) == []
     for key, value in hyper.items():
         if key != "block_rows":
@@ -153,3 +166,6 @@ def test_contrastive_loss_with_a_learnable_temperature():
     assert "learnable" in repr(module) and set(module.state_dict()) == {"logit_scale"}
     with pytest.raises(ValueError, match="ContrastiveLoss: T must be > 0"):
         fastloss.nn.ContrastiveLoss(T=0.0, learnable=True)
+    with pytest.raises(ValueError, match="ContrastiveLoss: T must be a finite number"):
+        fastloss.nn.ContrastiveLoss(T=float("inf"), learnable=True)
+    assert math.isfinite(float(fastloss.nn.ContrastiveLoss(T=1e-320, learnable=True).logit_scale.detach()))

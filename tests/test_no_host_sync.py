@@ -51,8 +51,8 @@ def _cases():
         "anyloss": ((logits[:, 0], (target % 2).float()), lambda x, t: ops.anyloss(x, t)),
         "mw_auc_loss": ((logits[0, :50], logits[1, :70]), lambda p, q: ops.mw_auc_loss(p, q)),
         "contrastive_loss": ((emb, emb2), lambda a, b: ops.contrastive_loss(a, b)),
-        "contrastive_loss_tensor_T": ((emb, emb2, torch.tensor(0.1)),
-                                      lambda a, b, t: ops.contrastive_loss(a, b, t)),
+        "contrastive_loss_learnt_T": ((emb, emb2, torch.tensor(0.1)),  # (T's gradient too)
+                                      lambda a, b, t: ops.contrastive_loss(a, b, t.requires_grad_())),
         "multi_similarity_loss": ((emb, labels), lambda e, y: ops.multi_similarity_loss(e, y)),
         "dequant_gemm": ((torch.randn(4, 256, generator=g).half(),),
                          lambda x: ops.dequant_gemm(x, _on_device(qw, x.device)).float().sum()),

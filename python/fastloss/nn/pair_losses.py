@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import ops
+from ..ops._checks import require_finite
 
 
 class MultiSimilarityLoss(nn.Module):
@@ -71,9 +72,10 @@ class ContrastiveLoss(nn.Module):
         super().__init__()
         self.symmetric, self.reduction, self.block_rows = symmetric, reduction, block_rows
         if learnable:
+            require_finite("ContrastiveLoss", T=T)
             if not T > 0:
                 raise ValueError(f"ContrastiveLoss: T must be > 0, got {T}")
-            self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / T)))
+            self.logit_scale = nn.Parameter(torch.tensor(-math.log(T)))
             self.T = None
         else:
             self.logit_scale = None

@@ -156,6 +156,11 @@ def _temperature_tensor(fn: str, T: Tensor, a: Tensor) -> Tensor:
                          f"{T.dtype} tensor of shape {tuple(T.shape)}")
     if T.device != a.device and not (T.device.type == "cpu" and T.dim() == 0):
         raise ValueError(f"{fn}: T is on {T.device} but a is on {a.device}")
+    if T.device != a.device and T.requires_grad and torch.is_grad_enabled():
+        # (its gradient, formed on a's device, would be copied to the CPU: a wait for the device
+        # in every backward, and the optimizer's step on the CPU)
+        raise ValueError(f"{fn}: T requires grad on {T.device} but a is on {a.device}: move T "
+                         f"(nn.ContrastiveLoss's logit_scale: the module) to a's device")
     if values_readable(T):
         value = float(T.detach())
         require_finite(fn, T=value)

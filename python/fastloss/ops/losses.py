@@ -178,6 +178,12 @@ def _as_rows(fn: str, logits, target):
     if logits.dim() == 0:
         raise ValueError(f"{fn}: logits must be [N, C], [N, C, d1, ...] or unbatched [C], got a "
                          f"0-d tensor")
+    if target.is_floating_point():
+        raise ValueError(f"{fn}: target must hold class indices (int64 or int32; probability "
+                         f"targets are not supported), got {target.dtype}")
+    classes = logits.shape[0 if logits.dim() == 1 else 1]
+    if classes == 0:
+        raise ValueError(f"{fn}: logits must have at least one class, got shape {list(logits.shape)}")
     if logits.dim() == 1:
         if target.dim() != 0:
             raise ValueError(f"{fn}: unbatched logits [C] take a 0-d target, got shape "
@@ -187,7 +193,7 @@ def _as_rows(fn: str, logits, target):
     if tuple(target.shape) != want:
         raise ValueError(f"{fn}: target must be {list(want)} for logits of shape "
                          f"{list(logits.shape)} ([N, C, d1, ...]), got {list(target.shape)}")
-    return logits.movedim(1, -1).reshape(-1, logits.shape[1]), target.reshape(-1), want
+    return logits.movedim(1, -1).reshape(-1, classes), target.reshape(-1), want
 
 
 def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, grad_in_forward,
