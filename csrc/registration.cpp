@@ -68,6 +68,21 @@ TORCH_LIBRARY(fastloss, m) {
         "-> (Tensor, Tensor, Tensor, Tensor)");
   m.def("stablemax_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, Tensor? weight, "
         "int ignore_index) -> (Tensor, Tensor, Tensor, Tensor)");
+  // The same writing the gradient over the logits (grad_in_forward=True with
+  // inplace_backward=True): no [N, C] allocation at all. Returns (row loss, stat0, stat1).
+  m.def("cross_entropy_forward_grad_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, int ignore_index, float label_smoothing, float lse_square_scale, "
+        "float softcap) -> (Tensor, Tensor, Tensor)");
+  m.def("comp_sum_forward_grad_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, int ignore_index, float tau) -> (Tensor, Tensor, Tensor)");
+  m.def("ldr_forward_grad_(Tensor grad_loss, Tensor(a!) logits, Tensor target, Tensor? weight, "
+        "int ignore_index, float lam, float margin, bool adaptive, float alpha) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("spherical_z_forward_grad_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, int ignore_index, float a, float b, float eps) "
+        "-> (Tensor, Tensor, Tensor)");
+  m.def("stablemax_forward_grad_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "
+        "Tensor? weight, int ignore_index) -> (Tensor, Tensor, Tensor)");
   // The same backwards writing the gradient over the logits (opt-in, inplace_backward=True):
   // no [N, C] allocation, at the price of destroying the logits.
   m.def("cross_entropy_backward_(Tensor grad_loss, Tensor(a!) logits, Tensor target, "

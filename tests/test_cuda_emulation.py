@@ -1044,6 +1044,49 @@ def test_row_losses_forward_backward_in_one_pass(losses_lib, case, dtype, shape)
     test_row_losses(losses_lib, case, dtype, shape, True, fused=True)
 
 
+@pytest.mark.parametrize("shape", [(5, 7), (3, 1031), (7, 2050)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
+@pytest.mark.parametrize("case", ["ce_smooth_z_softcap", "comp_sum", "aldr", "spherical_z", "stablemax"])
+def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape):
+    """grad_in_forward with inplace_backward: the one-pass kernel writes each row's gradient
+    over the row itself (every thread reads the target logit before any writes it; the row
+    stride c + 3 leaves a column gap that must keep its NaN), against the CPU ops."""
+    kind, op_args, kw = LOSS_CASES[case]
+    n, c = shape
+    gen = torch.Generator().manual_seed(n * c + kind + 1)
+    x = (torch.randn(n, c, generator=gen) * 3).to(dtype)
+    t = torch.randint(0, c, (n,), generator=gen)
+    t[1] = -100  # ignored: its gradient row is 0
+    w = torch.rand(c, generator=gen) + 0.5
+    padded = torch.cat([x, torch.full((n, 3), float("nan"), dtype=dtype)], 1)
+    view, buf = guarded(padded, SENTINEL)
+    xs = torch.as_strided(view, (n, c), (c + 3, 1))
+    f = torch.zeros(10)
+    if kind == 0:
+        f[0], f[1], f[2] = kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap", 0.0)
+    f[3] = kw.get("tau", 1.0)
+    f[4], f[5], f[6] = kw.get("lam", 1.0), kw.get("margin", 0.0), kw.get("alpha", 2.0)
+    f[7], f[8], f[9] = kw.get("a", 1.0), kw.get("b", 0.0), kw.get("eps", 0.0)
+    wsum = torch.tensor([float(w.sum())])
+    loss, lbuf = nan_outputs((n,))
+    s0, _ = nan_outputs((n,))
+    s1, _ = nan_outputs((n,))
+    up = torch.rand(n, generator=gen) + 0.5
+    err = losses_lib.emu_losses(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(), w.data_ptr(), wsum.data_ptr(),
+                                int64s(n, c, c + 3, -100, kind, int(kw.get("adaptive", False))), f.data_ptr(),
+                                loss.data_ptr(), s0.data_ptr(), s1.data_ptr(), up.data_ptr(), None, 2)
+    assert err is None, err.decode()
+    check_guards(lbuf, "loss")
+    check_guards(buf, "logits")
+    assert view[:, c:].isnan().all(), "the kernel wrote into the gap between rows"
+    op = LOSS_OPS[kind]
+    fwd = getattr(torch.ops.fastloss, f"{op}_forward")(x, t, w, -100, *op_args)
+    bwd = getattr(torch.ops.fastloss, f"{op}_backward")(up, x, t, w, fwd[1], fwd[2], -100, *op_args)
+    tol = 2e-5 if dtype == torch.float32 else TOL[dtype]
+    torch.testing.assert_close(loss, fwd[0], rtol=tol, atol=tol)
+    torch.testing.assert_close(xs.float(), bwd.float(), rtol=tol, atol=tol)
+
+
 # a NaN with a payload that a load, float32 multiply and store would not keep (quieted or made
 # canonical): rows that keep these bits were neither read nor written
 _RAW_NAN = {torch.float32: (torch.int32, 0x7F800001), torch.float16: (torch.int16, 0x7C01),

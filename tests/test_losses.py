@@ -399,6 +399,14 @@ def test_opcheck(with_weight, dev):
         torch.library.opcheck(fwd, (x, target, w, *scalars, True))
         fwd_grad = getattr(torch.ops.fastloss, f"{name}_forward_grad").default
         torch.library.opcheck(fwd_grad, (torch.rand(6, device=dev), logits, target, w, *scalars))
+        fwd_grad_ = getattr(torch.ops.fastloss, f"{name}_forward_grad_").default
+        torch.library.opcheck(fwd_grad_, (torch.rand(6, device=dev), logits.clone(), target, w, *scalars))
+        # the in-place one's loss and gradient are the out-of-place one's
+        g = torch.rand(6, device=dev)
+        made, over = fwd_grad(g, logits, target, w, *scalars), logits.clone()
+        rows = fwd_grad_(g, over, target, w, *scalars)
+        torch.testing.assert_close(rows[0], made[0])
+        torch.testing.assert_close(over, made[3])
         # the eager path's op: forward, reduction (0 none, 1 mean, 2 sum) and C++ autograd
         loss_op = getattr(torch.ops.fastloss, f"{name}_loss").default
         for reduction in (0, 1, 2):
@@ -680,17 +688,24 @@ def test_grad_in_forward(name, dtype, reduction, device):
                                          scale=INPUT_SCALE.get(name, 3.0))
     for upstream in ("ones", "random"):
         grads, losses = [], []
-        for fused in (False, True):
+        # the default path; grad_in_forward; both with inplace_backward (the gradient written
+        # over the logits, here the output of a layer: x * 1)
+        for fused, inplace in ((False, False), (True, False), (True, True)):
             x = logits.clone().requires_grad_(True)
-            out = fn(x, target, weight=weight, reduction=reduction, grad_in_forward=fused, **kwargs)
+            z = x * 1.0 if inplace else x
+            out = fn(z, target, weight=weight, reduction=reduction, grad_in_forward=fused,
+                     inplace_backward=inplace, **kwargs)
             up = torch.ones_like(out)
             if upstream == "random":
                 up = torch.rand(out.shape, generator=torch.Generator().manual_seed(3)).to(out)
             out.backward(up)
             losses.append(out.detach())
             grads.append(x.grad)
-        torch.testing.assert_close(losses[1], losses[0], equal_nan=True)
-        assert_close(grads[1], grads[0].float(), dtype, f"{name} {upstream} fused grad")
+            if inplace and upstream == "ones":  # the logits hold the gradient (made for 1)
+                assert_close(z.detach(), grads[0].float(), dtype, f"{name} logits overwritten")
+        for k, what in ((1, "fused"), (2, "fused in place")):
+            torch.testing.assert_close(losses[k], losses[0], equal_nan=True)
+            assert_close(grads[k], grads[0].float(), dtype, f"{name} {upstream} {what} grad")
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -722,8 +737,13 @@ def test_grad_in_forward_retained_graph(reduction, device):
 def test_grad_in_forward_checks():
     logits, target, _ = make_inputs(4, 7, torch.float32)
     x = logits.requires_grad_(True)
-    with pytest.raises(RuntimeError, match="inplace_backward and grad_in_forward cannot be combined"):
-        ops.cross_entropy(x * 1, target, inplace_backward=True, grad_in_forward=True)
+    # with inplace_backward the forward writes the gradient over the logits: an op that saved
+    # them for its own backward raises instead of reading gradients
+    z = x * 1.0
+    other = z.sin()
+    loss = ops.cross_entropy(z, target, inplace_backward=True, grad_in_forward=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        (loss + other.sum()).backward()
     with torch.no_grad():  # nothing to differentiate: the plain forward, no gradient made
         torch.testing.assert_close(ops.cross_entropy(x, target, grad_in_forward=True),
                                    ops.cross_entropy(x, target))

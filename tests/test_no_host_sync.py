@@ -67,6 +67,9 @@ def _cases():
                                        lambda x, t: ops.cross_entropy(x, t, reduction="none", softcap=30.0).sum()),
         "cross_entropy_grad_in_forward": ((logits, target),
                                           lambda x, t: ops.cross_entropy(x, t, grad_in_forward=True) * 2.0),
+        "cross_entropy_grad_in_forward_inplace": (
+            (logits, target),
+            lambda x, t: ops.cross_entropy(x * 1.0, t, grad_in_forward=True, inplace_backward=True) * 2.0),
         "cross_entropy_grad_in_forward_none": (
             (logits, target), lambda x, t: ops.cross_entropy(x, t, reduction="none", grad_in_forward=True).sum()),
         "dilated_conv1d": ((torch.randn(2, 8, 300, generator=g), torch.randn(8, 3, generator=g)),

@@ -195,11 +195,14 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
 
 // Forward and gradient with one pass over the logits (each row's second read comes from
 // cache): grad_loss is d(total)/d(row loss), known before the call.
+// inplace: the gradient overwrites the logits (the *_forward_grad_ ops), each row once its
+// statistics are known (the kernels read a row's target logit before writing any of it).
 std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossParams p,
                                                         const Tensor& grad_loss,
                                                         const Tensor& logits,
                                                         const Tensor& target,
-                                                        const std::optional<Tensor>& weight) {
+                                                        const std::optional<Tensor>& weight,
+                                                        bool inplace = false) {
   Inputs in = check_inputs(op, logits, target, weight);
   const Tensor weight_sum = set_weight_sum(p, in);
   const int64_t N = in.view.rows, C = in.view.cols;
@@ -210,10 +213,19 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossPara
   const Tensor g = grad_loss.to(at::kFloat).contiguous();
   auto opts = in.logits.options().dtype(at::kFloat);
   Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
-  Tensor grad = at::empty({N, C}, in.logits.options());
-  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  Tensor grad;
+  int64_t grad_row_stride = C;
+  if (inplace) {
+    TORCH_CHECK(in.logits.is_same(logits), op, ": an in-place gradient needs logits whose ",
+                "classes are contiguous (stride 1), got strides ", logits.strides());
+    grad = in.logits;
+    grad_row_stride = in.view.row_stride;
+  } else {
+    grad = at::empty({N, C}, in.logits.options());
+    if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  }
   RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
-  RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), C};
+  RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), grad_row_stride};
   if (in.logits.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
     c10::cuda::CUDAGuard guard(in.logits.device());
@@ -394,6 +406,38 @@ Fwd4 stablemax_forward_grad(const Tensor& g, const Tensor& logits, const Tensor&
                       target, weight);
 }
 
+// The same, the gradient written over the logits: (row loss, stat0, stat1).
+using Fwd3 = std::tuple<Tensor, Tensor, Tensor>;
+Fwd3 first3(const Fwd4& r) { return {std::get<0>(r), std::get<1>(r), std::get<2>(r)}; }
+Fwd3 cross_entropy_forward_grad_(const Tensor& g, const Tensor& logits, const Tensor& target,
+                                 const OptT& weight, int64_t ignore_index, double label_smoothing,
+                                 double lse_square_scale, double softcap) {
+  return first3(forward_grad("cross_entropy", cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
+                             g, logits, target, weight, true));
+}
+Fwd3 comp_sum_forward_grad_(const Tensor& g, const Tensor& logits, const Tensor& target,
+                            const OptT& weight, int64_t ignore_index, double tau) {
+  return first3(forward_grad("comp_sum_loss", comp_sum_params(ignore_index, tau), g, logits, target,
+                             weight, true));
+}
+Fwd3 ldr_forward_grad_(const Tensor& g, const Tensor& logits, const Tensor& target,
+                       const OptT& weight, int64_t ignore_index, double lam, double margin,
+                       bool adaptive, double alpha) {
+  return first3(forward_grad("ldr_loss", ldr_params(ignore_index, lam, margin, adaptive, alpha), g,
+                             logits, target, weight, true));
+}
+Fwd3 spherical_z_forward_grad_(const Tensor& g, const Tensor& logits, const Tensor& target,
+                               const OptT& weight, int64_t ignore_index, double a, double b,
+                               double eps) {
+  return first3(forward_grad("spherical_z_loss", spherical_z_params(ignore_index, a, b, eps), g,
+                             logits, target, weight, true));
+}
+Fwd3 stablemax_forward_grad_(const Tensor& g, const Tensor& logits, const Tensor& target,
+                             const OptT& weight, int64_t ignore_index) {
+  return first3(forward_grad("stablemax_cross_entropy", stablemax_params(ignore_index), g, logits,
+                             target, weight, true));
+}
+
 // In-place backward: the gradient overwrites the logits (opt-in from Python).
 void cross_entropy_backward_(const Tensor& grad, const Tensor& logits, const Tensor& target,
                               const OptT& weight, const Tensor& s0, const Tensor& s1,
@@ -569,12 +613,12 @@ const c10::OperatorHandle& row_op(LossKind kind, int which) {
   static const auto handles = [] {
     std::vector<c10::OperatorHandle> h;
     for (const char* base : {"cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"})
-      for (const char* suffix : {"_forward", "_backward", "_backward_", "_forward_grad"})
+      for (const char* suffix : {"_forward", "_backward", "_backward_", "_forward_grad", "_forward_grad_"})
         h.push_back(c10::Dispatcher::singleton().findSchemaOrThrow(
             (std::string("fastloss::") + base + suffix).c_str(), ""));
     return h;
   }();
-  return handles[size_t(kind) * 4 + size_t(which)];
+  return handles[size_t(kind) * 5 + size_t(which)];
 }
 
 // The op arguments after ignore_index, from the loss's parameters (float -> double is exact).
@@ -684,7 +728,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     ctx->saved_data["fused"] = fused;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["kind"] = int64_t(p.kind);  // the op's name in errors
-    if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction);
+    if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction, inplace);
     std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     args.emplace_back(inplace);
@@ -708,9 +752,12 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   // a retained graph then raises torch's "modified by an inplace operation" instead of scaling
   // twice. (Kept as a saved variable, not in saved_data: saved-tensor hooks such as
   // save_on_cpu and checkpointing see it.)
+  // With inplace (inplace_backward=True too) the gradient is written over the logits (or over
+  // forward()'s copy of them): no [N, C] allocation; their version is bumped before they are
+  // saved, so that an op which saved them earlier raises rather than reads gradients.
   static Tensor forward_with_grad(torch::autograd::AutogradContext* ctx, const Tensor& logits,
                                   const Tensor& target, const std::optional<Tensor>& weight,
-                                  const LossParams& p, int64_t reduction) {
+                                  const LossParams& p, int64_t reduction, bool inplace) {
     const auto fopts = logits.options().dtype(at::kFloat);
     Tensor denom, grad_loss;
     if (reduction == kMean) {
@@ -721,12 +768,14 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     }
     std::vector<c10::IValue> args{grad_loss, logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
-    auto out = call_below_autograd(row_op(p.kind, kForwardGradOp), std::move(args));
+    auto out = call_below_autograd(row_op(p.kind, inplace ? kForwardGradInplaceOp : kForwardGradOp),
+                                   std::move(args));
     const Tensor rows = out[0].toTensor();
     Tensor loss = rows;
     if (reduction == kSum) loss = rows.sum();
     if (reduction == kMean) loss = rows.sum().div(denom);
-    ctx->save_for_backward({out[3].toTensor()});
+    if (inplace) torch::autograd::impl::bump_version(logits);
+    ctx->save_for_backward({inplace ? logits : out[3].toTensor()});
     return loss.to(logits.scalar_type());
   }
 
@@ -789,8 +838,6 @@ Tensor row_loss(LossParams p, const Tensor& logits, const Tensor& target, const 
                 int64_t reduction, bool inplace, bool grad_in_forward) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
-  TORCH_CHECK(!(inplace && grad_in_forward), op_name(p.kind),
-              ": inplace_backward and grad_in_forward cannot be combined yet");
   const bool fused = grad_in_forward && at::GradMode::is_enabled() && logits.requires_grad();
   return RowLossFunction::apply(logits, target, weight, p, reduction, inplace, fused);
 }
@@ -883,6 +930,11 @@ void register_impls(torch::Library& m) {
   m.impl("ldr_forward_grad", &ldr_forward_grad);
   m.impl("spherical_z_forward_grad", &spherical_z_forward_grad);
   m.impl("stablemax_forward_grad", &stablemax_forward_grad);
+  m.impl("cross_entropy_forward_grad_", &cross_entropy_forward_grad_);
+  m.impl("comp_sum_forward_grad_", &comp_sum_forward_grad_);
+  m.impl("ldr_forward_grad_", &ldr_forward_grad_);
+  m.impl("spherical_z_forward_grad_", &spherical_z_forward_grad_);
+  m.impl("stablemax_forward_grad_", &stablemax_forward_grad_);
   register_losses<false>(m);
 }
 

@@ -29,8 +29,10 @@ std::vector<double> pack_params(const LossParams& p);
 LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index);
 
 // The row-loss ops: which = 0 <name>_forward, 1 <name>_backward, 2 <name>_backward_ (in place),
-// 3 <name>_forward_grad (forward and gradient in one pass).
-enum RowOp { kForwardOp = 0, kBackwardOp = 1, kBackwardInplaceOp = 2, kForwardGradOp = 3 };
+// 3 <name>_forward_grad (forward and gradient in one pass), 4 <name>_forward_grad_ (the same,
+// the gradient written over the logits).
+enum RowOp { kForwardOp = 0, kBackwardOp = 1, kBackwardInplaceOp = 2, kForwardGradOp = 3,
+             kForwardGradInplaceOp = 4 };
 const c10::OperatorHandle& row_op(LossKind kind, int which);
 // Call an op below autograd; returns its outputs.
 std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,

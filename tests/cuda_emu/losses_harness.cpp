@@ -7,7 +7,8 @@ extern "C" {
 // shape: rows, cols, row stride, ignore_index, kind, adaptive (0/1)
 // f: label_smoothing, lse_square_scale, softcap, tau, lam, margin, alpha, a, b, eps
 // out: loss, stat0, stat1 [rows]; then the backward from grad_loss into grad (row stride cols);
-// fused: both from the one-pass forward_backward kernel instead
+// fused: both from the one-pass forward_backward kernel instead; 2: that kernel writing the
+// gradient over the logits themselves (grad unused; the logits' row stride)
 const char* emu_losses(const void* logits, int dtype, const int64_t* target, const float* weight,
                        const float* weight_sum, const int64_t* shape, const float* f, float* loss,
                        float* stat0, float* stat1, const float* grad_loss, void* grad, int fused) {
@@ -40,8 +41,8 @@ const char* emu_losses(const void* logits, int dtype, const int64_t* target, con
   g.grad_loss = grad_loss;
   g.stat0 = stat0;
   g.stat1 = stat1;
-  g.grad_logits = grad;
-  g.grad_row_stride = shape[1];
+  g.grad_logits = fused == 2 ? const_cast<void*>(logits) : grad;
+  g.grad_row_stride = fused == 2 ? shape[2] : shape[1];
   if (fused) return fastloss::losses_forward_backward_cuda(lv, rt, p, out, g, nullptr);
   if (const char* e = fastloss::losses_forward_cuda(lv, rt, p, out, nullptr)) return e;
   return fastloss::losses_backward_cuda(lv, rt, p, g, nullptr);

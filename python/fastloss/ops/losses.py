@@ -33,8 +33,10 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   and the backward returns it, scaled when the incoming gradient is not 1 (on the CPU after
   reading it; on CUDA on the device, rows whose factor is exactly 1 neither read nor written,
   without a host synchronisation; with a loss scale, as AMP's GradScaler applies, every
-  backward pays that extra pass). The gradient is held from the forward on. Not combinable with ``inplace_backward`` yet; ignored under
-  ``torch.compile``. Its CUDA kernel has not run on a GPU yet.
+  backward pays that extra pass). The gradient is held from the forward on. With
+  ``inplace_backward`` too, the forward writes it over the logits (gone from then on; no
+  ``[N, C]`` allocation at all). Ignored under ``torch.compile``. Its CUDA kernel has not run
+  on a GPU yet.
 """
 
 from __future__ import annotations
@@ -157,9 +159,14 @@ def _fake_forward_grad(grad_loss, logits, target, weight, *scalars):
     return stats + (logits.new_empty(logits.shape),)
 
 
+def _fake_forward_grad_inplace(grad_loss, logits, target, weight, *scalars):
+    return _fake_forward_grad(grad_loss, logits, target, weight, *scalars)[:3]
+
+
 for _name in _LOSS_OPS:
     torch.library.register_fake(f"fastloss::{_name}_loss")(_fake_loss)
     torch.library.register_fake(f"fastloss::{_name}_forward_grad")(_fake_forward_grad)
+    torch.library.register_fake(f"fastloss::{_name}_forward_grad_")(_fake_forward_grad_inplace)
 
 _REDUCTION_CODE = {"none": 0, "mean": 1, "sum": 2}
 
