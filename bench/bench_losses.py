@@ -126,7 +126,7 @@ DTYPES = [torch.float32, torch.bfloat16]
 # variant fits before it has been measured at a smaller shape in this run (afterwards the
 # measured peak, scaled by N*C, is used).
 DEFAULT_MEM_FACTOR = {"fastloss": 1.5, "fastloss_inplace": 0.5, "fastloss_kernels": 1.5,
-                      "fastloss_fused": 1.5, "torch": 3.0,
+                      "fastloss_fused": 1.5, "fastloss_fused_inplace": 0.5, "torch": 3.0,
                       "liger_kernel": 1.0, "eager_reference": 10.0}
 BUSY_RETRY = 0.15           # CPU: re-measure (once) a row during which other processes kept
                             # more than this fraction of the cores busy, when that is cheap
@@ -307,7 +307,12 @@ def main(argv=None):
                              lambda x, t, fl_fn=fl_fn: fl_fn(x, t, inplace_backward=True)),
                             # opt-in: the gradient made with the forward (one pass over the logits)
                             ("fastloss_fused",
-                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, grad_in_forward=True))]
+                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, grad_in_forward=True)),
+                            # both: the forward writes the gradient over the logits (one read,
+                            # one write, no allocation); refilled after, as fastloss_inplace
+                            ("fastloss_fused_inplace",
+                             lambda x, t, fl_fn=fl_fn: fl_fn(x, t, grad_in_forward=True,
+                                                             inplace_backward=True))]
                 if torch_fn is not None:
                     variants.append(("torch", torch_fn))
                 variants.append(("eager_reference", ref_fn))
@@ -375,7 +380,7 @@ def main(argv=None):
                         continue
                     finally:
                         del graphs  # frees their memory pools before the next variant
-                        if variant in ("liger_kernel", "fastloss_inplace"):
+                        if variant in ("liger_kernel", "fastloss_inplace", "fastloss_fused_inplace"):
                             refill(sets)  # these write the gradient into the logits in place
                     if timing.get("peak_extra_mem_bytes"):
                         mem_per_elem[(key, variant, dtype)] = timing["peak_extra_mem_bytes"] / numel
