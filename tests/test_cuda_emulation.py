@@ -990,6 +990,18 @@ LOSS_CASES = {
 LOSS_OPS = ["cross_entropy", "comp_sum", "ldr", "spherical_z", "stablemax"]
 
 
+def _loss_floats(kind, kw):
+    """The harness's float parameters: label_smoothing, lse_square_scale, softcap, tau, lam,
+    margin, alpha, a, b, eps."""
+    f = torch.zeros(10)
+    if kind == 0:
+        f[0], f[1], f[2] = kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap", 0.0)
+    f[3] = kw.get("tau", 1.0)
+    f[4], f[5], f[6] = kw.get("lam", 1.0), kw.get("margin", 0.0), kw.get("alpha", 2.0)
+    f[7], f[8], f[9] = kw.get("a", 1.0), kw.get("b", 0.0), kw.get("eps", 0.0)
+    return f
+
+
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights"])
 @pytest.mark.parametrize("shape", [(5, 7), (9, 1000), (3, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
@@ -1006,12 +1018,7 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=False):
     w = torch.rand(c, generator=gen) + 0.5 if weighted else None
     padded = torch.cat([x, torch.full((n, 3), float("nan"), dtype=dtype)], 1)  # row stride c + 3
     xs = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 3, 1))
-    f = torch.zeros(10)
-    if kind == 0:
-        f[0], f[1], f[2] = kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap", 0.0)
-    f[3] = kw.get("tau", 1.0)
-    f[4], f[5], f[6] = kw.get("lam", 1.0), kw.get("margin", 0.0), kw.get("alpha", 2.0)
-    f[7], f[8], f[9] = kw.get("a", 1.0), kw.get("b", 0.0), kw.get("eps", 0.0)
+    f = _loss_floats(kind, kw)
     wsum = torch.tensor([float(w.sum())]) if w is not None else None
     loss, lbuf = nan_outputs((n,))
     s0, _ = nan_outputs((n,))
@@ -1061,12 +1068,7 @@ def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape):
     padded = torch.cat([x, torch.full((n, 3), float("nan"), dtype=dtype)], 1)
     view, buf = guarded(padded, SENTINEL)
     xs = torch.as_strided(view, (n, c), (c + 3, 1))
-    f = torch.zeros(10)
-    if kind == 0:
-        f[0], f[1], f[2] = kw.get("label_smoothing", 0.0), kw.get("lse_square_scale", 0.0), kw.get("softcap", 0.0)
-    f[3] = kw.get("tau", 1.0)
-    f[4], f[5], f[6] = kw.get("lam", 1.0), kw.get("margin", 0.0), kw.get("alpha", 2.0)
-    f[7], f[8], f[9] = kw.get("a", 1.0), kw.get("b", 0.0), kw.get("eps", 0.0)
+    f = _loss_floats(kind, kw)
     wsum = torch.tensor([float(w.sum())])
     loss, lbuf = nan_outputs((n,))
     s0, _ = nan_outputs((n,))

@@ -533,7 +533,7 @@ def test_raw_inplace_op_needs_contiguous_classes():
     logits = torch.randn(6, 9).t()
     target = torch.randint(0, 6, (9,))
     _, s0, s1 = torch.ops.fastloss.cross_entropy_forward(logits, target, None, -100, 0., 0., 0.)
-    with pytest.raises(RuntimeError, match="in-place backward needs logits whose classes are contiguous"):
+    with pytest.raises(RuntimeError, match="writing the gradient over the logits needs logits whose classes are contiguous"):
         torch.ops.fastloss.cross_entropy_backward_(torch.ones(9), logits, target, None, s0, s1,
                                                    -100, 0., 0., 0.)
 

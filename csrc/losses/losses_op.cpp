@@ -147,6 +147,22 @@ std::tuple<Tensor, Tensor, Tensor> forward(const char* op, LossParams p, const T
   return {loss, stat0, stat1};
 }
 
+// Where a gradient goes: over the logits themselves (inplace; they must be the checked view,
+// i.e. have contiguous classes) or into a new [N, C] tensor; row_stride is set to its rows'.
+Tensor gradient_out(const char* op, const Inputs& in, const Tensor& logits, bool inplace,
+                    int64_t& row_stride) {
+  if (inplace) {
+    TORCH_CHECK(in.logits.is_same(logits), op, ": writing the gradient over the logits needs "
+                "logits whose classes are contiguous (stride 1), got strides ", logits.strides());
+    row_stride = in.view.row_stride;
+    return in.logits;
+  }
+  Tensor grad = at::empty({in.view.rows, in.view.cols}, in.logits.options());
+  if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
+  row_stride = in.view.cols;
+  return grad;
+}
+
 // inplace: write the gradient over the logits (the *_backward_ ops) instead of a new tensor.
 Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Tensor& logits,
                 const Tensor& target, const std::optional<Tensor>& weight, const Tensor& stat0,
@@ -163,17 +179,8 @@ Tensor backward(const char* op, LossParams p, const Tensor& grad_loss, const Ten
   };
   const Tensor g = as_rows(grad_loss, "grad_loss"), s0 = as_rows(stat0, "stat0"),
                s1 = as_rows(stat1, "stat1");
-  Tensor grad;
-  int64_t grad_row_stride = C;
-  if (inplace) {
-    TORCH_CHECK(in.logits.is_same(logits), op, ": an in-place backward needs logits whose ",
-                "classes are contiguous (stride 1), got strides ", logits.strides());
-    grad = in.logits;
-    grad_row_stride = in.view.row_stride;
-  } else {
-    grad = at::empty({N, C}, in.logits.options());
-    if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  }
+  int64_t grad_row_stride;
+  const Tensor grad = gradient_out(op, in, logits, inplace, grad_row_stride);
   RowGrad rg{g.data_ptr<float>(), s0.data_ptr<float>(), s1.data_ptr<float>(), grad.data_ptr(),
              grad_row_stride};
 
@@ -213,17 +220,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossPara
   const Tensor g = grad_loss.to(at::kFloat).contiguous();
   auto opts = in.logits.options().dtype(at::kFloat);
   Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
-  Tensor grad;
-  int64_t grad_row_stride = C;
-  if (inplace) {
-    TORCH_CHECK(in.logits.is_same(logits), op, ": an in-place gradient needs logits whose ",
-                "classes are contiguous (stride 1), got strides ", logits.strides());
-    grad = in.logits;
-    grad_row_stride = in.view.row_stride;
-  } else {
-    grad = at::empty({N, C}, in.logits.options());
-    if (grad.is_cpu()) advise_huge_pages(grad.data_ptr(), grad.nbytes());
-  }
+  int64_t grad_row_stride;
+  const Tensor grad = gradient_out(op, in, logits, inplace, grad_row_stride);
   RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
   RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), grad_row_stride};
   if (in.logits.is_cuda()) {
