@@ -734,6 +734,47 @@ def test_grad_in_forward_retained_graph(reduction, device):
     torch.testing.assert_close(grads[1][1], 2 * grads[0][0])
 
 
+@pytest.mark.parametrize("fused", [False, True], ids=["inplace_backward", "both"])
+def test_gradient_over_the_logits_edge_cases(fused):
+    """Writing the gradient over the logits (inplace_backward, alone or with grad_in_forward):
+    rows that overlap in memory (an expanded tensor) are copied first; a bad target is found
+    before any row is overwritten; an incoming gradient other than 1 scales the logits in place
+    (no [N, C] allocation); autograd.grad hands back their storage, not the tensor itself."""
+    g = torch.Generator().manual_seed(31)
+    kw = dict(inplace_backward=True, grad_in_forward=fused)
+    row = torch.randn(1, 40, generator=g)
+    t = torch.randint(0, 40, (6,), generator=g)
+    x = row.clone().requires_grad_(True)
+    loss = ops.cross_entropy(x.expand(6, 40), t, **kw)
+    x64 = row.double().requires_grad_(True)
+    want = F.cross_entropy(x64.expand(6, 40), t)
+    torch.testing.assert_close(loss.double(), want.detach(), rtol=2e-6, atol=0)
+    loss.backward()
+    want.backward()
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=2e-5, atol=1e-7)
+
+    logits = torch.randn(64, 9, generator=g)
+    bad = torch.randint(0, 9, (64,), generator=g)
+    bad[40] = 9
+    z = (logits.clone().requires_grad_(True)) * 1.0
+    with pytest.raises(RuntimeError, match=r"target\[40\] = 9 is not a class index"):
+        ops.cross_entropy(z, bad, **kw)
+    assert torch.equal(z, logits)  # nothing written
+
+    target = bad.clamp(max=8)
+    x = logits.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(ops.cross_entropy(x, target) * 0.25, x)
+    z = logits.clone().requires_grad_(True) * 1.0
+    seen = []
+    z.register_hook(lambda grad: seen.append(grad))
+    (ops.cross_entropy(z, target, **kw) * 0.25).backward()
+    assert seen[0].data_ptr() == z.data_ptr()  # scaled where it lies
+    torch.testing.assert_close(seen[0], want)
+    z = logits.clone().requires_grad_(True) * 1.0
+    (got,) = torch.autograd.grad(ops.cross_entropy(z, target, **kw), z)
+    assert got is not z and not got.requires_grad and got.data_ptr() == z.data_ptr()
+
+
 def test_grad_in_forward_checks():
     logits, target, _ = make_inputs(4, 7, torch.float32)
     x = logits.requires_grad_(True)

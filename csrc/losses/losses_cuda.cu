@@ -251,6 +251,12 @@ __global__ void __launch_bounds__(kThreads)
       out.stat1[r] = res.stat1;
     }
     const auto b = L::make_bwd(p, g.grad_loss[r], res.stat0, res.stat1, x_y, w_y, C);
+    // In place, x_y must be read by every thread before its owner overwrites it: the merge's
+    // shuffles order no memory accesses, so a barrier (as backward_kernel has).
+    if constexpr (kWarps > 1)
+      __syncthreads();
+    else
+      __syncwarp();
     row_backward<kGroup>(x, grad, C, y, rt, b, lane);
   }
 }

@@ -154,6 +154,9 @@ Tensor gradient_out(const char* op, const Inputs& in, const Tensor& logits, bool
   if (inplace) {
     TORCH_CHECK(in.logits.is_same(logits), op, ": writing the gradient over the logits needs "
                 "logits whose classes are contiguous (stride 1), got strides ", logits.strides());
+    TORCH_CHECK(in.view.rows <= 1 || in.view.row_stride >= in.view.cols, op, ": writing the "
+                "gradient over the logits needs rows that do not overlap (row stride >= ",
+                in.view.cols, " classes), got strides ", logits.strides());
     row_stride = in.view.row_stride;
     return in.logits;
   }
@@ -222,6 +225,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> forward_grad(const char* op, LossPara
   Tensor loss = at::empty({N}, opts), stat0 = at::empty({N}, opts), stat1 = at::empty({N}, opts);
   int64_t grad_row_stride;
   const Tensor grad = gradient_out(op, in, logits, inplace, grad_row_stride);
+  if (inplace && !in.logits.is_cuda()) {
+    // the kernel finds a bad target only at its row, after the rows before it were
+    // overwritten: look first (N integers)
+    for (int64_t r = 0; r < N; ++r) {
+      const int64_t y = in.targets.target[r];
+      TORCH_CHECK(y == p.ignore_index || (y >= 0 && y < C), op, ": target[", r, "] = ", y,
+                  " is not a class index in [0, ", C, ") nor ignore_index (", p.ignore_index, ")");
+    }
+  }
   RowStats out{loss.data_ptr<float>(), stat0.data_ptr<float>(), stat1.data_ptr<float>()};
   RowGrad rg{g.data_ptr<float>(), out.stat0, out.stat1, grad.data_ptr(), grad_row_stride};
   if (in.logits.is_cuda()) {
@@ -720,10 +732,16 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                         const LossParams& p, int64_t reduction, bool inplace, bool fused) {
     // The kernels need contiguous classes: copy once here, so that the backward reuses the
     // copy (and an in-place backward overwrites the copy, not the caller's tensor).
-    const Tensor logits = logits_in.dim() == 2 && logits_in.size(1) > 1 && logits_in.stride(1) != 1
+    // Rows that overlap in memory (an expanded tensor) are copied too when the gradient is
+    // to be written over them.
+    const bool overlap = inplace && logits_in.dim() == 2 && logits_in.size(0) > 1 &&
+                         logits_in.stride(0) < logits_in.size(1);
+    const Tensor logits = logits_in.dim() == 2 && logits_in.size(1) > 1 &&
+                                  (logits_in.stride(1) != 1 || overlap)
                               ? logits_in.contiguous()
                               : logits_in;
     ctx->saved_data["fused"] = fused;
+    ctx->saved_data["inplace"] = inplace;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["kind"] = int64_t(p.kind);  // the op's name in errors
     if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction, inplace);
@@ -738,7 +756,6 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
     ctx->saved_data["ignore_index"] = p.ignore_index;
-    ctx->saved_data["inplace"] = inplace;
     return loss.to(logits.scalar_type());
   }
 
@@ -779,9 +796,21 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
 
   // The made gradient times the incoming gradient g (float32: [N] for reduction none, else one
   // value), without a host synchronisation.
-  static Tensor scale_made(const Tensor& made, const Tensor& g, bool per_row) {
+  // over_logits (inplace_backward too): made is the logits, already overwritten, and is scaled
+  // in place as well (no [N, C] allocation; its version bumped, so that a second backward
+  // through a retained graph raises rather than scales twice).
+  static Tensor scale_made(const Tensor& made, const Tensor& g, bool per_row, bool over_logits) {
+    const auto scale_in_place = [&] {
+      if (per_row)
+        made.mul_(g.unsqueeze(1));
+      else
+        made.mul_(g);
+      torch::autograd::impl::bump_version(made);
+      return made;
+    };
     if (readable_cpu(g)) {  // (the CPU reads g for free: 1 returns the gradient as made)
       if (g.eq(1.0).all().item<bool>()) return made;
+      if (over_logits) return scale_in_place();
       return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());
     }
 #if defined(FASTLOSS_WITH_CUDA)
@@ -796,6 +825,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       return made;
     }
 #endif
+    if (over_logits && !traced_tensor(made)) return scale_in_place();  // (strided rows on CUDA)
     return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());  // (tracing)
   }
 
@@ -804,7 +834,12 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     Tensor grad;
     if (ctx->needs_input_grad(0) && grads[0].defined() && ctx->saved_data["fused"].toBool()) {
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
-      grad = scale_made(ctx->get_saved_variables()[0], grads[0].to(at::kFloat).contiguous(), reduction == kNone);
+      const bool over_logits = ctx->saved_data["inplace"].toBool();
+      grad = scale_made(ctx->get_saved_variables()[0], grads[0].to(at::kFloat).contiguous(), reduction == kNone,
+                        over_logits);
+      // (the logits' storage, without their autograd identity: autograd.grad must not hand
+      // back the input tensor itself)
+      if (over_logits) grad = grad.detach();
     } else if (ctx->needs_input_grad(0) && grads[0].defined()) {
       const auto saved = ctx->get_saved_variables();
       const Tensor& logits = saved[0];
@@ -819,7 +854,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       for (auto& v : scalar_args(p)) args.push_back(std::move(v));
       if (inplace) {
         call_below_autograd(row_op(p.kind, kBackwardInplaceOp), std::move(args));
-        grad = logits;
+        grad = logits.detach();  // (the same storage, not the input tensor itself)
         // The logits now hold the gradient: an op that saved them for its own backward must
         // raise ("modified by an inplace operation") rather than read gradients.
         torch::autograd::impl::bump_version(logits);

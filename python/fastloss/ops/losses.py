@@ -34,8 +34,9 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   reading it; on CUDA on the device, rows whose factor is exactly 1 neither read nor written,
   without a host synchronisation; with a loss scale, as AMP's GradScaler applies, every
   backward pays that extra pass). The gradient is held from the forward on. With
-  ``inplace_backward`` too, the forward writes it over the logits (gone from then on; no
-  ``[N, C]`` allocation at all). Ignored under ``torch.compile``. Its CUDA kernel has not run
+  ``inplace_backward`` too, the forward writes it over the logits (gone from then on, even if
+  no backward follows, a leaf that requires grad included; no ``[N, C]`` allocation, also when
+  the incoming gradient scales it). Ignored under ``torch.compile``. Its CUDA kernel has not run
   on a GPU yet.
 """
 
