@@ -478,6 +478,14 @@ def test_modules_match_functions():
         torch.testing.assert_close(module(logits, target), expected)
         state = module.state_dict()
         assert torch.equal(state["weight"], weight)
+    # the opt-in gradient paths reach the functions: the gradient written over the logits
+    module = fastloss.nn.CrossEntropyLoss(weight, grad_in_forward=True, inplace_backward=True)
+    z = logits.clone().requires_grad_(True) * 1.0
+    loss = module(z, target)
+    x = logits.clone().requires_grad_(True)
+    (want,) = torch.autograd.grad(ops.cross_entropy(x, target, weight), x)
+    torch.testing.assert_close(z.detach(), want)  # written by the forward already
+    assert loss.grad_fn is not None
 
 
 @pytest.mark.parametrize("name", ["ce_everything", "comp_tau0.5", "aldr_weight", "zloss", "stablemax"])

@@ -12,16 +12,18 @@ from .. import ops
 
 class _RowLoss(nn.Module):
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", inplace_backward: bool = False) -> None:
+                 reduction: str = "mean", inplace_backward: bool = False,
+                 grad_in_forward: bool = False) -> None:
         super().__init__()
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = reduction
         self.inplace_backward = inplace_backward
+        self.grad_in_forward = grad_in_forward
 
     def _common(self) -> dict:
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
-                    inplace_backward=self.inplace_backward)
+                    inplace_backward=self.inplace_backward, grad_in_forward=self.grad_in_forward)
 
 
 class CrossEntropyLoss(_RowLoss):
@@ -33,8 +35,8 @@ class CrossEntropyLoss(_RowLoss):
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
-                 inplace_backward: bool = False) -> None:
-        super().__init__(weight, ignore_index, reduction, inplace_backward)
+                 inplace_backward: bool = False, grad_in_forward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward, grad_in_forward)
         self.label_smoothing = label_smoothing
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
@@ -49,8 +51,9 @@ class CompSumLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.comp_sum_loss`."""
 
     def __init__(self, tau: float, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", inplace_backward: bool = False) -> None:
-        super().__init__(weight, ignore_index, reduction, inplace_backward)
+                 reduction: str = "mean", inplace_backward: bool = False,
+                 grad_in_forward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward, grad_in_forward)
         self.tau = tau
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -62,8 +65,9 @@ class LDRLoss(_RowLoss):
 
     def __init__(self, lam: float, margin: float = 1.0, adaptive: bool = False,
                  alpha: float = 2.0, weight: Optional[Tensor] = None, ignore_index: int = -100,
-                 reduction: str = "mean", inplace_backward: bool = False) -> None:
-        super().__init__(weight, ignore_index, reduction, inplace_backward)
+                 reduction: str = "mean", inplace_backward: bool = False,
+                 grad_in_forward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward, grad_in_forward)
         self.lam, self.margin, self.adaptive, self.alpha = lam, margin, adaptive, alpha
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -76,8 +80,8 @@ class SphericalZLoss(_RowLoss):
 
     def __init__(self, a: float, b: float, eps: float = 1e-6, weight: Optional[Tensor] = None,
                  ignore_index: int = -100, reduction: str = "mean",
-                 inplace_backward: bool = False) -> None:
-        super().__init__(weight, ignore_index, reduction, inplace_backward)
+                 inplace_backward: bool = False, grad_in_forward: bool = False) -> None:
+        super().__init__(weight, ignore_index, reduction, inplace_backward, grad_in_forward)
         self.a, self.b, self.eps = a, b, eps
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
