@@ -157,6 +157,16 @@ def test_cuda_equals_cpu():
         results.append((out.cpu(), x.grad.cpu(), y.grad.cpu()))
     for got, exp in zip(*results):
         torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
+    # a learnt temperature on the device (its gradient too), without and with CWCL weights
+    results = []
+    for dev in ("cpu", "cuda"):
+        x, y = a.detach().to(dev).requires_grad_(True), b.detach().to(dev).requires_grad_(True)
+        t = torch.tensor(0.1, device=dev, requires_grad=True)
+        out = ops.contrastive_loss(x, y, t) + ops.contrastive_loss(x, y, t, w.to(dev), block_rows=7)
+        out.backward()
+        results.append((out.cpu(), x.grad.cpu(), y.grad.cpu(), t.grad.cpu()))
+    for got, exp in zip(*results):
+        torch.testing.assert_close(got, exp, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("block", [None, 5])

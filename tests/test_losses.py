@@ -175,7 +175,7 @@ def test_cross_entropy_spatial_and_unbatched_equal_torch(layout, label_smoothing
 
 
 @pytest.mark.parametrize("name", ["ce_everything", "comp_tau1.5", "aldr_weight", "zloss", "stablemax"])
-def test_spatial_logits(name):
+def test_spatial_logits(name, device):
     """Every row loss takes [N, C, d1, ...] logits as rows of classes: against its float64
     reference on the classes moved last by the test itself; reduction "none" keeps [N, d1, ...];
     a target of the wrong shape is named."""
@@ -185,9 +185,11 @@ def test_spatial_logits(name):
     target = torch.randint(0, 9, (2, 4, 3), generator=g)
     target[0, 1] = -100
     weight = torch.rand(9, generator=g) + 0.5 if weighted else None
+    dev_w = None if weight is None else weight.to(device)
     for reduction in ("none", "mean"):
-        x1, x64 = logits.clone().requires_grad_(True), logits.double().requires_grad_(True)
-        got = fn(x1, target, weight=weight, reduction=reduction, **kwargs)
+        x1 = logits.to(device, copy=True).requires_grad_(True)
+        x64 = logits.double().requires_grad_(True)
+        got = fn(x1, target.to(device), weight=dev_w, reduction=reduction, **kwargs)
         rows64 = x64.permute(0, 2, 3, 1).reshape(-1, 9)
         want = ref_fn(rows64, target.reshape(-1), weight=None if weight is None else weight.double(),
                       reduction=reduction, **kwargs)
@@ -196,7 +198,7 @@ def test_spatial_logits(name):
         assert got.shape == want.shape
         assert_close(got, want, torch.float32, f"{name} {reduction} loss")
         up = torch.rand(got.shape, generator=g, dtype=torch.float64) + 0.5
-        got.backward(up.float())
+        got.backward(up.float().to(device))
         want.backward(up)
         assert_close(x1.grad, x64.grad, torch.float32, f"{name} {reduction} grad")
     with pytest.raises(ValueError, match=r"target must be \[2, 4, 3\] for logits of shape"):
