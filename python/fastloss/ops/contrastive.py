@@ -162,11 +162,14 @@ def _temperature_tensor(fn: str, T: Tensor, a: Tensor) -> Tensor:
         raise ValueError(f"{fn}: T requires grad on {T.device} but a is on {a.device}: move T "
                          f"(nn.ContrastiveLoss's logit_scale: the module) to a's device")
     if values_readable(T):
-        value = float(T.detach())
-        require_finite(fn, T=value)
-        if not value > 0:
-            raise ValueError(f"{fn}: T must be > 0, got {value}")
+        _check_temperature(fn, float(T.detach()))
     return T.reshape(()).float()
+
+
+def _check_temperature(fn: str, T: float) -> None:
+    require_finite(fn, T=T)
+    if not T > 0:
+        raise ValueError(f"{fn}: T must be > 0, got {T}")
 
 
 def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
@@ -202,9 +205,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
         t = _temperature_tensor(fn, T, a)
         loss = contrastive_loss(a.float() / t, b.float(), 1.0, weights, symmetric, reduction, block_rows)
         return loss.to(a.dtype)
-    require_finite(fn, T=T)
-    if not T > 0:
-        raise ValueError(f"{fn}: T must be > 0, got {T}")
+    _check_temperature(fn, T)
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
     n = a.shape[0]
