@@ -372,9 +372,11 @@ def test_opcheck(dev):
     h, w, t, b, cw = make_inputs(9, 6, 21, torch.float32, dev, weighted=True, seed=16)
     samples = [(0, [0.1, 1e-3, 3.0]), (1, [0.7]), (2, [0.5, 1.0, 1.0, 2.0]), (3, [1.0, 2.0, 1e-6]),
                (4, [])]
-    for kind, scalars in samples:
+    for i, (kind, scalars) in enumerate(samples):
         for bias in (b, None):
-            for reduction in (0, 1, 2):
+            # CUDA: one reduction per (kind, bias), in turn (the whole matrix runs on the CPU;
+            # on the GPU machine, 12 pytest workers, it took over 90 s at f95b002)
+            for reduction in (0, 1, 2) if dev == "cpu" else ((i + (bias is None)) % 3,):
                 args = [x.clone().requires_grad_(True) for x in (h, w)]
                 bb = None if bias is None else bias.clone().requires_grad_(True)
                 torch.library.opcheck(torch.ops.fastloss.linear_loss.default,

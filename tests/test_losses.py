@@ -680,11 +680,19 @@ def test_backward_twice(dev):
     loss.backward()
     torch.testing.assert_close(x.grad, 2 * first)
 
-    h = logits.clone().requires_grad_(True)
-    loss = ops.cross_entropy(h * 1.0, target, inplace_backward=True)
-    loss.backward(retain_graph=True)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        loss.backward()
+    # the in-place modes: the op's own error, naming it, for a second backward and for a
+    # double backward (which runs the first backward again)
+    for kw in (dict(inplace_backward=True), dict(inplace_backward=True, grad_in_forward=True)):
+        h = logits.clone().requires_grad_(True)
+        loss = ops.cross_entropy(h * 1.0, target, **kw)
+        loss.backward(retain_graph=True)
+        with pytest.raises(RuntimeError, match="cross_entropy: a second backward"):
+            loss.backward()
+        h = logits.clone().requires_grad_(True)
+        loss = ops.cross_entropy(h * 1.0, target, **kw)
+        (g,) = torch.autograd.grad(loss, h, create_graph=True)
+        with pytest.raises(RuntimeError, match="cross_entropy.*double backward"):
+            (loss + g.pow(2).sum()).backward()
 
 
 @pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
@@ -722,8 +730,9 @@ def test_grad_in_forward(name, dtype, reduction, device):
 def test_grad_in_forward_retained_graph(reduction, device):
     """grad_in_forward's backward on the CPU returns the saved gradient, or a scaled copy: a
     second backward through the retained graph gives the same, and loss.backward() twice
-    accumulates twice the default path's gradient. (On CUDA the saved gradient is scaled in
-    place and a second backward raises torch's in-place error: not testable here.)"""
+    accumulates twice the default path's gradient. On CUDA the saved gradient is scaled in
+    place (no host synchronisation): a second backward raises the op's error (the first, from
+    a GPU run at f95b002, raised torch's anonymous in-place error)."""
     logits, target, _ = make_inputs(11, 1031, torch.float32, device, False, seed=29)
     up = None
     grads = []
@@ -734,6 +743,11 @@ def test_grad_in_forward_retained_graph(reduction, device):
             up = torch.rand(out.shape, generator=torch.Generator().manual_seed(5)).to(out) + 0.5
         (first,) = torch.autograd.grad(out, x, up, retain_graph=True)
         kept = first.clone()
+        if fused and device == "cuda":
+            torch.testing.assert_close(kept, grads[0][0])
+            with pytest.raises(RuntimeError, match="cross_entropy: a second backward"):
+                torch.autograd.grad(out, x, up, retain_graph=True)
+            return
         (second,) = torch.autograd.grad(out, x, up, retain_graph=True)
         torch.testing.assert_close(first, kept)
         torch.testing.assert_close(second, kept)

@@ -764,8 +764,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   // is not 1. On the CPU that is read (free); on CUDA reading it would wait for the GPU, so the
   // saved gradient is scaled in place on the device, rows whose factor is exactly 1 neither read
   // nor written (scale_rows_unless_one_cuda), and its version bumped: a second backward through
-  // a retained graph then raises torch's "modified by an inplace operation" instead of scaling
-  // twice. (Kept as a saved variable, not in saved_data: saved-tensor hooks such as
+  // a retained graph (or a double backward, which runs this one again) then raises the op's own
+  // error (see backward) instead of scaling twice. (Kept as a saved variable, not in saved_data: saved-tensor hooks such as
   // save_on_cpu and checkpointing see it.)
   // With inplace (inplace_backward=True too) the gradient is written over the logits (or over
   // forward()'s copy of them): no [N, C] allocation; their version is bumped before they are
@@ -795,12 +795,14 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   }
 
   // The made gradient times the incoming gradient g (float32: [N] for reduction none, else one
-  // value), without a host synchronisation.
+  // value), without a host synchronisation; in_place says whether made itself was scaled.
   // over_logits (inplace_backward too): made is the logits, already overwritten, and is scaled
-  // in place as well (no [N, C] allocation; its version bumped, so that a second backward
-  // through a retained graph raises rather than scales twice).
-  static Tensor scale_made(const Tensor& made, const Tensor& g, bool per_row, bool over_logits) {
+  // in place as well (no [N, C] allocation; its version bumped).
+  static Tensor scale_made(const Tensor& made, const Tensor& g, bool per_row, bool over_logits,
+                           bool& in_place) {
+    in_place = false;
     const auto scale_in_place = [&] {
+      in_place = true;
       if (per_row)
         made.mul_(g.unsqueeze(1));
       else
@@ -822,6 +824,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                                                    per_row, cuda_stream()),
                         "grad_in_forward");
       torch::autograd::impl::bump_version(made);
+      in_place = true;
       return made;
     }
 #endif
@@ -829,14 +832,30 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     return (per_row ? made.mul(g.unsqueeze(1)) : made.mul(g)).to(made.scalar_type());  // (tracing)
   }
 
+  // A backward that overwrote what it saved, or handed out its storage as the gradient (the
+  // in-place modes; grad_in_forward's scaling on CUDA), marks the node: running it again (a
+  // second backward through a retained graph, or a double backward, which reruns it) would
+  // read a gradient instead of logits, and raises the op's own error rather than torch's
+  // anonymous "modified by an inplace operation".
+  static void refuse_second_run(torch::autograd::AutogradContext* ctx) {
+    TORCH_CHECK(!ctx->saved_data.count("consumed"), op_name(LossKind(ctx->saved_data["kind"].toInt())),
+                ": a second backward or a double backward through this graph is not supported: the "
+                "first backward overwrote the tensor it saved (inplace_backward=True, or "
+                "grad_in_forward=True with a gradient scaled in place on CUDA); use the default "
+                "mode for that");
+  }
+
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
                                                  torch::autograd::variable_list grads) {
+    refuse_second_run(ctx);
     Tensor grad;
     if (ctx->needs_input_grad(0) && grads[0].defined() && ctx->saved_data["fused"].toBool()) {
       const int64_t reduction = ctx->saved_data["reduction"].toInt();
       const bool over_logits = ctx->saved_data["inplace"].toBool();
+      bool in_place = false;
       grad = scale_made(ctx->get_saved_variables()[0], grads[0].to(at::kFloat).contiguous(), reduction == kNone,
-                        over_logits);
+                        over_logits, in_place);
+      if (over_logits || in_place) ctx->saved_data["consumed"] = true;
       // (the logits' storage, without their autograd identity: autograd.grad must not hand
       // back the input tensor itself)
       if (over_logits) grad = grad.detach();
@@ -858,6 +877,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         // The logits now hold the gradient: an op that saved them for its own backward must
         // raise ("modified by an inplace operation") rather than read gradients.
         torch::autograd::impl::bump_version(logits);
+        ctx->saved_data["consumed"] = true;
       } else {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }

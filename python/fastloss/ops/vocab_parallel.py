@@ -111,7 +111,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         w_y = (class_weight[safe_t] if class_weight is not None
                else torch.ones(n, device=hidden.device)) * valid
         w_total = (class_weight.sum() if class_weight is not None
-                   else torch.tensor(float(total), device=hidden.device))
+                   else torch.full((), float(total), device=hidden.device))  # (a fill: no copy)
         rows = w_y * ((1.0 - smoothing) * (lse - z_y) + z_scale * lse * lse)
         if smoothing:
             rows = rows + (smoothing / total) * (w_total * lse - sum_wz) * valid
