@@ -230,9 +230,10 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
         b = torch.randn(n, generator=g)
         y = ops.dequant_gemm(x.cuda(), qc, b.cuda())
         torch.testing.assert_close(y.cpu().double(), x.double() @ w64.T + b.double(), rtol=1e-5, atol=1e-4)
-    # m = 1, 5, 12: the GEMVs (one or two fragments of 8 batch rows on tensor cores); 40 and
-    # 130: the tensor-core GEMM where the plane length allows it (weights rounded to x's dtype
-    # there), else dequantize + cuBLAS
+    # m = 1, 5, 12: the GEMVs (one or two fragments of 8 batch rows on tensor cores; at 12 the
+    # formats without the tensor-core GEMV take the tensor-core GEMM where it applies: more
+    # than kQuantWarpGemvMaxRows = 8 rows); 40 and 130: the tensor-core GEMM where the plane
+    # length allows it (weights rounded to x's dtype there), else dequantize + cuBLAS
     for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (1, 5, 12, 40, 130)):
         x = torch.randn(m, k, generator=g).to(dtype).cuda().requires_grad_(True)
         y = ops.dequant_gemm(x, qc)

@@ -36,6 +36,12 @@ constexpr int quant_planes(int bits) { return bits == 3 ? 8 : 8 / bits; }
 // [M, N] (row stride N). For small M (the memory-bound path: each packed row is read once for
 // all M rows).
 constexpr int64_t kQuantMaxRows = 16;
+// On CUDA, formats without the tensor-core GEMV (3-bit, codebooks, 8-bit with bfloat16 x) take
+// the warp-per-row GEMV only up to this many rows, the tensor-core GEMM above it: the warp GEMV
+// streams the weights again for every few rows (H200 at f95b002, batch 16 on the warp GEMV
+// against batch 64 on the GEMM: 8192x28672 3-bit 1.86 vs 0.74 ms, NF4 2.60 vs 0.62,
+// 4096x14336 3-bit 0.40 vs 0.26; batch 4 on the warp GEMV 0.16 ms there).
+constexpr int64_t kQuantWarpGemvMaxRows = 8;
 void quant_gemv_cpu(const QuantWeight& w, const float* x, const float* xsum, int64_t M,
                     const float* bias, float* y, int64_t n0, int64_t n1);
 

@@ -164,22 +164,25 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
 #if defined(FASTLOSS_WITH_CUDA)
   // On a GPU the kernels read x and write y in x's dtype (no float32 copies): the GEMV up to
   // kQuantMaxRows rows (on tensor cores where quant_gemv_mma_applies: uniform formats, 16-bit
-  // x), the tensor-core GEMM above where it applies (float16 / bfloat16 x).
+  // x; else warp per row, up to kQuantWarpGemvMaxRows rows where the GEMM applies), the
+  // tensor-core GEMM above where it applies (float16 / bfloat16 x).
   const ScalarType dtype = kernel_dtype(x, kOp, "x");
-  const bool gemv = M <= kQuantMaxRows;
-  if (x.is_cuda() && M > 0 && w.N > 0 && (gemv || quant_mma_applies(w, dtype))) {
+  // FASTLOSS_QUANT_GEMV=warp forces the warp-per-row GEMV up to kQuantMaxRows rows (bench_quant.py
+  // measures it beside the default in one run; read per call, so a benchmark can switch)
+  const char* choice = x.is_cuda() ? std::getenv("FASTLOSS_QUANT_GEMV") : nullptr;
+  const bool warp_gemv = choice != nullptr && std::string_view(choice) == "warp";
+  const bool small = M <= kQuantMaxRows;
+  const bool tc_gemv = small && !warp_gemv && x.is_cuda() && quant_gemv_mma_applies(w, dtype, M);
+  const bool mma = x.is_cuda() && quant_mma_applies(w, dtype);
+  const bool gemv = small && (tc_gemv || warp_gemv || M <= kQuantWarpGemvMaxRows || !mma);
+  if (x.is_cuda() && M > 0 && w.N > 0 && (gemv || mma)) {
     Tensor xc = x.contiguous();
     if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // 16- / 8-byte loads
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if (gemv) {
-      // FASTLOSS_QUANT_GEMV=warp forces the warp-per-row GEMV where the tensor-core one applies
-      // (bench_quant.py measures both in one run; read per call, so a benchmark can switch)
-      const char* choice = std::getenv("FASTLOSS_QUANT_GEMV");
-      const bool warp_gemv = choice != nullptr && std::string_view(choice) == "warp";
-      check_cuda_launch(!warp_gemv && quant_gemv_mma_applies(w, dtype, M)
-                            ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
-                            : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
+      check_cuda_launch(tc_gemv ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
+                                : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
     } else {
       const int64_t floats = quant_mma_workspace_floats(w, M);
