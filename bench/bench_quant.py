@@ -7,6 +7,8 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     decode by a gather from the 256-entry table;
   * ``fastloss_4bit_warp_gemv`` (CUDA, batch <= 16): the 4-bit row again with the warp-per-row
     GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
+  * ``fastloss_4bit_no_prefetch`` (CUDA, batch <= 16): the 4-bit row again with the
+    tensor-core GEMV's L2 prefetch off (FASTLOSS_QUANT_PREFETCH=0);
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
     path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
@@ -93,6 +95,16 @@ def warp_gemv(x, qw):
         del os.environ["FASTLOSS_QUANT_GEMV"]
 
 
+def no_prefetch(x, qw):
+    """dequant_gemm with the tensor-core GEMV's L2 prefetch off (FASTLOSS_QUANT_PREFETCH=0, read
+    per call by the op): with and without it in one run."""
+    os.environ["FASTLOSS_QUANT_PREFETCH"] = "0"
+    try:
+        return fastloss.ops.dequant_gemm(x, qw)
+    finally:
+        del os.environ["FASTLOSS_QUANT_PREFETCH"]
+
+
 def weight_bytes(weight):
     """Bytes of a float weight, or of a QuantizedWeight's packed tensors (codes, scales, zeros,
     codebook)."""
@@ -163,6 +175,7 @@ def main(argv=None):
             variants = {name: (lambda qw: fastloss.ops.dequant_gemm(x, qw), qw, qw) for name, qw in packed.items()}
             if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
                 variants["fastloss_4bit_warp_gemv"] = (lambda qw: warp_gemv(x, qw), q4, q4)
+                variants["fastloss_4bit_no_prefetch"] = (lambda qw: no_prefetch(x, qw), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
                 variants["fastloss_4bit_avx512"] = (lambda qw: avx512_path(x, qw), q4, q4)
                 xb = x.bfloat16()

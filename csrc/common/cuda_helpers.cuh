@@ -29,6 +29,17 @@ __device__ __forceinline__ float load1(const __half* p) {
 __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
   return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
+// A hint that brings the line holding p into L2 without holding a register for it (the loads
+// a kernel can have in flight are otherwise bounded by the registers that receive them); no
+// operation under the emulator, which has no cache.
+__device__ __forceinline__ void prefetch_l2(const void* p) {
+#if defined(__CUDA_ARCH__)
+  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+#else
+  (void)p;
+#endif
+}
+
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }

@@ -34,9 +34,12 @@
 // fractional zeros (QuantizedWeight.from_int) add, for the steps where some lane has r != 0,
 // one more mma of an all-ones A (the sums of x over the step) and subtract r times it.
 //
-// NOT yet run on a GPU (written in session 14 without one; tests/test_cuda_emulation.py runs it
-// under the emulator). The other formats (3-bit, codebooks, float32 x, 8-bit with bfloat16 x,
-// plane lengths not a multiple of 16) keep quant_cuda.cu's GEMV.
+// Written in session 14 without a GPU (tests/test_cuda_emulation.py runs it under the
+// emulator); first run on an H200 at f95b002: its tests pass, batch 1 at 8192x28672 4-bit
+// 0.11 ms (29% of the byte floor; the warp GEMV 0.20, cuBLAS float16 0.15), batch 16 0.13 ms
+// (the warp GEMV 2.50). The L2 prefetch below came after, unmeasured. The other formats (3-bit,
+// codebooks, float32 x, 8-bit with bfloat16 x, plane lengths not a multiple of 16) keep
+// quant_cuda.cu's GEMV, or the tensor-core GEMM above 8 rows.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -52,6 +55,7 @@ namespace fastloss {
 namespace {
 using FL_ISA::bits_as;
 using FL_ISA::mma_m16n8k16;
+using FL_ISA::prefetch_l2;
 using FL_ISA::store1;
 
 constexpr int kWarps = 8;  // warps per block, each on its own steps of the block's 16 rows
@@ -256,7 +260,7 @@ __device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>
 template <int BITS, int WB, int NT, class T>
 __global__ void __launch_bounds__(32 * kWarps, 2)
     gemv_mma_kernel(QuantWeight w, const T* __restrict__ x, int64_t M, const float* __restrict__ bias,
-                    T* __restrict__ y) {
+                    T* __restrict__ y, int prefetch_ahead) {
   __shared__ float partial[kWarps][NT][4][32];
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = int64_t(blockIdx.x) * 16;
@@ -270,10 +274,16 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
   const Planes<BITS, T> planes;
 
   // warp w takes steps A w .. A w + A - 1 (A = kAhead<NT>), then A kWarps further on; the next
-  // batch's bytes are requested before this one's are used
+  // batch's bytes are requested before this one's are used, and those prefetch_ahead batches
+  // further on are prefetched into L2. Why: at 128 registers two blocks fit a multiprocessor,
+  // 16 warps with 2 KB of loads in flight each (H200 at f95b002: batch 1 at 8192x28672 4-bit
+  // 0.11 ms, 29% of the byte floor); the prefetches add loads in flight without registers.
+  // (NOT yet measured: FASTLOSS_QUANT_PREFETCH=0 turns them off for the comparison.)
   constexpr int A = kAhead<NT>;
   float acc[NT][4] = {};
   const StepPos stride = StepPos::at(int64_t(kWarps) * A, r.steps_per_group);
+  const int64_t prefetch_bytes = int64_t(prefetch_ahead) * stride.s * 4 * WB;  // ahead of `next`
+  const int64_t row_end = r.steps * 4 * WB;
   StepPos pos[A];
   StepLoad<WB> cur[A] = {};
 #pragma unroll
@@ -288,6 +298,11 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
     for (int i = 0; i < A; ++i) {
       npos[i] = pos[i].plus(stride, r.steps_per_group);
       if (npos[i].s < r.steps) next[i] = load_step<WB>(w, r, npos[i], t);
+      const int64_t ahead = npos[i].s * 4 * WB + t * WB + prefetch_bytes;
+      if (prefetch_bytes > 0 && ahead < row_end) {
+        prefetch_l2(w.q + r.ra * r.row_bytes + ahead);
+        prefetch_l2(w.q + r.rb * r.row_bytes + ahead);
+      }
     }
 #pragma unroll
     for (int i = 0; i < A; ++i)
@@ -323,20 +338,22 @@ int lane_bytes(const QuantWeight& w) {
 }
 
 template <int BITS, int WB, class T>
-const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t stream) {
+const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t stream,
+                   int ahead) {
   const dim3 grid(unsigned((w.N + 15) / 16)), block(32 * kWarps);
-  if (M <= 8) gemv_mma_kernel<BITS, WB, 1, T><<<grid, block, 0, stream>>>(w, x, M, bias, y);
-  else gemv_mma_kernel<BITS, WB, 2, T><<<grid, block, 0, stream>>>(w, x, M, bias, y);
+  if (M <= 8) gemv_mma_kernel<BITS, WB, 1, T><<<grid, block, 0, stream>>>(w, x, M, bias, y, ahead);
+  else gemv_mma_kernel<BITS, WB, 2, T><<<grid, block, 0, stream>>>(w, x, M, bias, y, ahead);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <int BITS, class T>
-const char* launch_bits(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t s) {
+const char* launch_bits(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t s,
+                        int ahead) {
   switch (lane_bytes(w)) {
-    case 16: return launch<BITS, 16>(w, x, M, bias, y, s);
-    case 8: return launch<BITS, 8>(w, x, M, bias, y, s);
-    default: return launch<BITS, 4>(w, x, M, bias, y, s);
+    case 16: return launch<BITS, 16>(w, x, M, bias, y, s, ahead);
+    case 8: return launch<BITS, 8>(w, x, M, bias, y, s, ahead);
+    default: return launch<BITS, 4>(w, x, M, bias, y, s, ahead);
   }
 }
 
@@ -351,19 +368,20 @@ bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
 }
 
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
-                                const float* bias, void* y, void* stream) {
+                                const float* bias, void* y, void* stream, int prefetch_ahead) {
   auto s = static_cast<cudaStream_t>(stream);
+  const int a = prefetch_ahead < 0 ? 0 : prefetch_ahead;
   if (dtype == ScalarType::f16) {
     const __half* xt = static_cast<const __half*>(x);
     __half* yt = static_cast<__half*>(y);
-    if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s);
-    if (w.bits == 4) return launch_bits<4>(w, xt, M, bias, yt, s);
-    return launch_bits<8>(w, xt, M, bias, yt, s);
+    if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s, a);
+    if (w.bits == 4) return launch_bits<4>(w, xt, M, bias, yt, s, a);
+    return launch_bits<8>(w, xt, M, bias, yt, s, a);
   }
   const __nv_bfloat16* xt = static_cast<const __nv_bfloat16*>(x);
   __nv_bfloat16* yt = static_cast<__nv_bfloat16*>(y);
-  if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s);
-  return launch_bits<4>(w, xt, M, bias, yt, s);
+  if (w.bits == 2) return launch_bits<2>(w, xt, M, bias, yt, s, a);
+  return launch_bits<4>(w, xt, M, bias, yt, s, a);
 }
 
 }  // namespace fastloss

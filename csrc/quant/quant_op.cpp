@@ -181,7 +181,12 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if (gemv) {
-      check_cuda_launch(tc_gemv ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream())
+      // FASTLOSS_QUANT_PREFETCH=<iterations>: the tensor-core GEMV's L2 prefetch distance (0:
+      // none), for benchmarks comparing them in one run
+      const char* ahead = tc_gemv ? std::getenv("FASTLOSS_QUANT_PREFETCH") : nullptr;
+      const int prefetch = ahead != nullptr ? std::atoi(ahead) : kQuantGemvPrefetchAhead;
+      check_cuda_launch(tc_gemv ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream(),
+                                                      prefetch)
                                 : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
     } else {
