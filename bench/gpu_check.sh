@@ -24,8 +24,9 @@
 #   FASTLOSS_GIT_COMMIT=<short hash> bash bench/gpu_check.sh "$OUT"
 # STEPS picks what runs after the build, in that order (default at the end); a second call on
 # the still-warm machine can take the rest, e.g. STEPS="linear tcn sinkhorn losses" DEADLINE=200.
-# Steps: sanitize, tests (or tests_tcn, tests_quant, tests_rest), the benchmarks distill,
-# metric, pair, quant, linear, tcn, sinkhorn, losses, and cpu.
+# Steps: sanitize, tests (or tests_tcn, tests_quant, tests_rest), profile (scripts/
+# gpu_profile.py), the benchmarks distill, metric, pair, quant, linear, tcn, sinkhorn, losses,
+# and cpu.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT_DIR="${1:-${OUT:-bench/results/gpu}}"
@@ -118,6 +119,16 @@ cuda_tests() {  # cuda_tests NAME LIMIT FILES...: one pytest process (a bad acce
   tail -1 "$RES/tests_cuda_$name.log" | tee -a "$LOG"
 }
 
+profile() {  # where the time of the slow or unexplained calls goes (scripts/gpu_profile.py)
+  local l
+  l=$(limit 90)
+  [ "$l" -eq 0 ] && { say "profile SKIPPED: no time left"; return 0; }
+  say "profile (limit $l s)"
+  timeout "$l" "$PY" scripts/gpu_profile.py > "$RES/profile.log" 2>&1
+  say "profile rc=$?"
+  keep profile.log
+}
+
 cpu_tests() {
   [ "$(limit 60)" -eq 0 ] && { say "CPU tests SKIPPED: no time left"; return 0; }
   say "CPU tests of the torch integration and the argument checks"
@@ -133,11 +144,12 @@ cpu_tests() {
 # The steps, in the order STEPS names them. "tests" is the three CUDA test sets: the
 # convolution apart (its half-precision forward faulted on the first GPU run), the low-bit
 # GEMM, then the rest (the row losses, run at 5734ba4, last).
-STEPS=${STEPS:-"tests losses quant linear distill pair metric tcn sinkhorn cpu"}
+STEPS=${STEPS:-"tests profile losses quant linear distill pair metric tcn sinkhorn cpu"}
 run_step() {
   case $1 in
     tests) run_step tests_tcn; run_step tests_quant; run_step tests_rest ;;
     sanitize) sanitize ;;
+    profile) profile ;;
     tests_tcn) cuda_tests tcn 60 tests/test_tcn.py ;;
     tests_quant) cuda_tests quant 75 tests/test_quant.py ;;  # (52 tests: 38 s at f95b002)
     tests_rest)  # every other test file (a list by hand once left test_few_shot.py out)
