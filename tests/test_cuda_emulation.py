@@ -974,7 +974,16 @@ def losses_lib():
     lib.emu_losses.restype = ctypes.c_char_p
     lib.emu_scale_rows_unless_one.argtypes = [P, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, P, ctypes.c_int]
     lib.emu_scale_rows_unless_one.restype = ctypes.c_char_p
+    lib.emu_set_shared_optin.argtypes = [ctypes.c_int64]
+    lib.emu_set_shared_optin.restype = ctypes.c_int64
     return lib
+
+
+# the one-pass kernel's row staging (forward_backward_kernel keeps a row's first packs in the
+# device's opt-in shared memory less a 4096-byte margin): the whole row (227 KB, an H100's),
+# its first 48 packs only (the rest read again from global memory), or none (the kernel
+# without staging)
+STAGE_OPTIN = {"whole": 227 * 1024, "part": 4096 + 48 * 16, "none": 1024}
 
 
 # name -> (kind code, keyword arguments of the CPU op after ignore_index, float params, adaptive)
@@ -1006,10 +1015,11 @@ def _loss_floats(kind, kw):
 @pytest.mark.parametrize("shape", [(5, 7), (9, 1000), (3, 1031), (2, 4099)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=0):
+def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=0, stage="whole"):
     """The row-loss kernels (warp per row up to 1024 classes, a block above; 16-byte packs with
     a misaligned head: rows of odd stride) against the CPU kernels' ops. fused: 1 the one-pass
-    kernel, 2 the same writing the gradient over the logits."""
+    kernel, 2 the same writing the gradient over the logits; stage: how much of a row it keeps
+    on chip (STAGE_OPTIN)."""
     kind, op_args, kw = LOSS_CASES[case]
     n, c = shape
     gen = torch.Generator().manual_seed(n * c + kind)
@@ -1027,11 +1037,15 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=0):
     s1, _ = nan_outputs((n,))
     up = torch.rand(n, generator=gen) + 0.5
     grad, gbuf = (xs, buf) if fused == 2 else nan_outputs((n, c), dtype)
-    err = losses_lib.emu_losses(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(),
-                                None if w is None else w.data_ptr(), None if wsum is None else wsum.data_ptr(),
-                                int64s(n, c, c + 3, -100, kind, int(kw.get("adaptive", False))), f.data_ptr(),
-                                loss.data_ptr(), s0.data_ptr(), s1.data_ptr(), up.data_ptr(), grad.data_ptr(),
-                                int(fused))
+    before = losses_lib.emu_set_shared_optin(STAGE_OPTIN[stage])
+    try:
+        err = losses_lib.emu_losses(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(),
+                                    None if w is None else w.data_ptr(), None if wsum is None else wsum.data_ptr(),
+                                    int64s(n, c, c + 3, -100, kind, int(kw.get("adaptive", False))), f.data_ptr(),
+                                    loss.data_ptr(), s0.data_ptr(), s1.data_ptr(), up.data_ptr(), grad.data_ptr(),
+                                    int(fused))
+    finally:
+        losses_lib.emu_set_shared_optin(before)
     assert err is None, err.decode()
     check_guards(lbuf, "loss")
     check_guards(gbuf, "grad")
@@ -1045,24 +1059,30 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=0):
     torch.testing.assert_close(grad.float(), bwd.float(), rtol=tol, atol=tol)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 1031), (7, 2050)], ids=lambda s: f"{s[0]}x{s[1]}")
+# (shape, how much of each row goes on chip): 7 rows of 2050 classes with only 48 packs staged
+# (192 float32 / 384 16-bit classes, the rest read again), 3 of 1031 wholly, 3 of 1031 without
+_ONE_PASS = [((5, 7), "whole"), ((3, 1031), "whole"), ((7, 2050), "part"), ((3, 1031), "none")]
+
+
+@pytest.mark.parametrize("shape,stage", _ONE_PASS, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_row_losses_forward_backward_in_one_pass(losses_lib, case, dtype, shape):
+def test_row_losses_forward_backward_in_one_pass(losses_lib, case, dtype, shape, stage):
     """grad_in_forward's kernel (forward_backward_kernel: each row's statistics, then its
-    gradient while the row is in L2; a warp per row up to 1024 classes, else 1024-thread blocks,
-    at most one per multiprocessor: 7 rows over 3 here) against the CPU ops, class weights on."""
-    test_row_losses(losses_lib, case, dtype, shape, True, fused=1)
+    gradient, the row's first packs kept in shared memory in between; a warp per row up to 1024
+    classes, else 1024-thread blocks, at most one per multiprocessor: 7 rows over 3 here)
+    against the CPU ops, class weights on."""
+    test_row_losses(losses_lib, case, dtype, shape, True, fused=1, stage=stage)
 
 
-@pytest.mark.parametrize("shape", [(5, 7), (3, 1031), (7, 2050)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("shape,stage", _ONE_PASS, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 @pytest.mark.parametrize("case", list(LOSS_CASES))
-def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape):
+def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape, stage):
     """grad_in_forward with inplace_backward: the one-pass kernel writes each row's gradient
     over the row itself (every thread reads the target logit before any writes it; the row
     stride c + 3 leaves a column gap that must keep its NaN), against the CPU ops."""
-    test_row_losses(losses_lib, case, dtype, shape, True, fused=2)
+    test_row_losses(losses_lib, case, dtype, shape, True, fused=2, stage=stage)
 
 
 # a NaN with a payload that a load, float32 multiply and store would not keep (quieted or made

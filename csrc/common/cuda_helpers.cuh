@@ -15,6 +15,16 @@
 #include "../losses/loss_params.h"  // ScalarType
 #include "macros.h"
 
+// The block's dynamic shared memory (the launch's third <<<>>> argument) as a T array named
+// `name` (16-byte aligned); the tests' emulator hands out a per-launch buffer instead.
+#if defined(__CUDACC__)
+#define FL_DYNAMIC_SHARED(T, name)                                   \
+  extern __shared__ __align__(16) unsigned char name##_dynamic_[]; \
+  T* name = reinterpret_cast<T*>(name##_dynamic_)
+#else
+#define FL_DYNAMIC_SHARED(T, name) T* name = static_cast<T*>(::emu::dynamic_shared())
+#endif
+
 namespace fastloss {
 namespace FL_ISA {
 

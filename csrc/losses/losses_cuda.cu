@@ -8,6 +8,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -22,6 +23,7 @@ namespace FL_ISA {
 namespace {
 
 constexpr int kBlock = 256;
+constexpr int kStageMargin = 4096;  // shared memory left to forward_backward_kernel's own
 
 // N elements k != y into the statistics: the loss's add_block when it has one.
 template <class L, class Acc, class Ctx, int N>
@@ -81,12 +83,14 @@ __device__ __forceinline__ void group_merge(Acc& a, Acc* smem) {
 }
 
 // The statistics of row r (every thread of the group ends with the same merged values) and
-// its result; `ctx` is the last pass's context.
-template <class L, class T, int kWarps>
+// its result; `ctx` is the last pass's context. kStaged: the row's first `staged` packs go on
+// chip at `stage` in the first pass (walk_row_staged), for the passes and the backward after.
+template <class L, class T, int kWarps, bool kStaged = false>
 __device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t y, float x_y,
                                                  float w_y, const RowTargets& rt,
                                                  const LossParams& p, int lane,
-                                                 typename L::template Acc<float>* smem) {
+                                                 typename L::template Acc<float>* smem,
+                                                 uint4* stage = nullptr, int64_t staged = 0) {
   using Acc = typename L::template Acc<float>;
   constexpr int kGroup = kWarps * 32;
   Acc acc;
@@ -96,22 +100,24 @@ __device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t 
     ctx = L::make_ctx(p, pass, acc, x_y, C);
     Acc part;
     L::init(part);
-    walk_row<kGroup>(
-        x, C, lane,
-        [&](int64_t k0, const float (&v)[kPack<T>]) {
-          float w[kPack<T>];
-          class_weights(rt.weight, k0, w);
-          if (y - k0 >= 0 && y - k0 < kPack<T>) {  // the pack holding the target: y is fed apart
+    const auto on_pack = [&](int64_t k0, const float (&v)[kPack<T>]) {
+      float w[kPack<T>];
+      class_weights(rt.weight, k0, w);
+      if (y - k0 >= 0 && y - k0 < kPack<T>) {  // the pack holding the target: y is fed apart
 #pragma unroll
-            for (int e = 0; e < kPack<T>; ++e)
-              if (k0 + e != y) L::add(part, v[e], w[e], ctx);
-          } else {
-            add_pack<L>(part, v, w, ctx);
-          }
-        },
-        [&](int64_t k, float v) {
-          if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
-        });
+        for (int e = 0; e < kPack<T>; ++e)
+          if (k0 + e != y) L::add(part, v[e], w[e], ctx);
+      } else {
+        add_pack<L>(part, v, w, ctx);
+      }
+    };
+    const auto on_one = [&](int64_t k, float v) {
+      if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
+    };
+    if constexpr (kStaged)  // (the first pass puts the row on chip, later ones read it there)
+      walk_row_staged<kGroup>(x, C, lane, stage, staged, pass == 0, on_pack, on_one);
+    else
+      walk_row<kGroup>(x, C, lane, on_pack, on_one);
     group_merge<L, kWarps>(part, smem);
     L::add_target(part, x_y, w_y, ctx);
     acc = part;
@@ -120,26 +126,29 @@ __device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t 
 }
 
 // Writes d(total)/d(logits) of row r from its per-row constants `b`.
-template <int kGroup, class T, class B>
+template <int kGroup, bool kStaged = false, class T, class B>
 __device__ __forceinline__ void row_backward(const T* x, T* out, int64_t C, int64_t y,
-                                             const RowTargets& rt, const B& b, int lane) {
+                                             const RowTargets& rt, const B& b, int lane,
+                                             uint4* stage = nullptr, int64_t staged = 0) {
   const auto grad_one = [&](int64_t k, float v) {
     return k == y ? b.target_grad : family_grad(v, rt.weight ? __ldg(rt.weight + k) : 1.f, b);
   };
   if (((reinterpret_cast<uintptr_t>(out) ^ reinterpret_cast<uintptr_t>(x)) & 15) == 0) {
     // The gradient row has the logits row's alignment (always so for contiguous or in-place
     // gradients): its packs line up with the logits' packs.
-    walk_row<kGroup>(
-        x, C, lane,
-        [&](int64_t k0, const float (&v)[kPack<T>]) {
-          float w[kPack<T>], o[kPack<T>];
-          class_weights(rt.weight, k0, w);
+    const auto on_pack = [&](int64_t k0, const float (&v)[kPack<T>]) {
+      float w[kPack<T>], o[kPack<T>];
+      class_weights(rt.weight, k0, w);
 #pragma unroll
-          for (int e = 0; e < kPack<T>; ++e)
-            o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
-          store_pack(reinterpret_cast<uint4*>(out + k0), pack<T>(o));
-        },
-        [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); });
+      for (int e = 0; e < kPack<T>; ++e)
+        o[e] = k0 + e == y ? b.target_grad : family_grad(v[e], w[e], b);
+      store_pack(reinterpret_cast<uint4*>(out + k0), pack<T>(o));
+    };
+    const auto on_one = [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); };
+    if constexpr (kStaged)  // the packs the forward put on chip are read there
+      walk_row_staged<kGroup>(x, C, lane, stage, staged, false, on_pack, on_one);
+    else
+      walk_row<kGroup>(x, C, lane, on_pack, on_one);
   } else {
     for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
   }
@@ -215,15 +224,27 @@ __global__ void __launch_bounds__(kBlock)
   }
 }
 
-// Forward and backward of each row back to back in one group of threads: the backward's
-// second read of the row follows the first closely (mostly from L2), so the logits cross HBM
-// about once. g.grad_loss is d(total)/d(row loss), known before the launch; g.stat0/1 unused.
-template <class L, class T, int kWarps, int kThreads = kBlock>
+// Forward and backward of each row back to back in one group of threads, so that the logits
+// cross HBM once: kStaged (a block per row) keeps the row's first `staged` 16-byte packs in
+// dynamic shared memory from the forward's first read to the backward (up to ~220 KB: whole
+// rows of up to ~56k float32 / ~113k 16-bit classes); the rest of the row, and short rows (a
+// warp each), are read again from global memory, which L2 may still hold. g.grad_loss is
+// d(total)/d(row loss), known before the launch; g.stat0/1 unused.
+// (On an H200 at f95b002, before the staging, the second read came from HBM: the kernel was no
+// faster than the two-kernel path, 30-61% of the read-once-write-once floor at 8192 x 128256.)
+template <class L, class T, int kWarps, int kThreads = kBlock, bool kStaged = false>
 __global__ void __launch_bounds__(kThreads)
-    forward_backward_kernel(LogitsView lv, RowTargets rt, LossParams p, RowStats out, RowGrad g) {
+    forward_backward_kernel(LogitsView lv, RowTargets rt, LossParams p, RowStats out, RowGrad g,
+                            int64_t staged) {
   using Acc = typename L::template Acc<float>;
   constexpr int kGroup = kWarps * 32, kGroupsPerBlock = kThreads / kGroup;
+  static_assert(!kStaged || kGroupsPerBlock == 1, "staging needs the whole block on one row");
   __shared__ Acc smem[kWarps];
+  uint4* stage = nullptr;
+  if constexpr (kStaged) {
+    FL_DYNAMIC_SHARED(uint4, dynamic);
+    stage = dynamic;
+  }
   const int lane = threadIdx.x % kGroup;
   const int64_t C = lv.cols;
   for (int64_t r = int64_t(blockIdx.x) * kGroupsPerBlock + threadIdx.x / kGroup; r < lv.rows;
@@ -244,7 +265,7 @@ __global__ void __launch_bounds__(kThreads)
     const float w_y = rt.weight ? rt.weight[y] : 1.f;
     // row_forward ends with a barrier of the group (its merge), after which no thread reads
     // the row's statistics again: the gradient may then overwrite the logits in place.
-    const RowResult res = row_forward<L, T, kWarps>(x, C, y, x_y, w_y, rt, p, lane, smem);
+    const RowResult res = row_forward<L, T, kWarps, kStaged>(x, C, y, x_y, w_y, rt, p, lane, smem, stage, staged);
     if (lane == 0) {
       out.loss[r] = res.loss;
       out.stat0[r] = res.stat0;
@@ -257,7 +278,7 @@ __global__ void __launch_bounds__(kThreads)
       __syncthreads();
     else
       __syncwarp();
-    row_backward<kGroup>(x, grad, C, y, rt, b, lane);
+    row_backward<kGroup, kStaged>(x, grad, C, y, rt, b, lane, stage, staged);
   }
 }
 
@@ -321,22 +342,32 @@ const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets&
   using namespace FL_ISA;
   const auto s = static_cast<cudaStream_t>(stream);
   if (lv.rows == 0) return nullptr;
-  // Rows of more than 1024 classes: one 1024-thread block per row and at most one block per
-  // multiprocessor, so that the rows between their two reads (one per multiprocessor: 33 MB
-  // of 128k-class bfloat16 rows on 132 of them) stay in L2, while each multiprocessor still
-  // has 64 KB of loads in flight. Short rows: a warp each, as in the other kernels.
-  int device = 0, sms = 1;
+  // Rows of more than 1024 classes: one 1024-thread block per row and one block per
+  // multiprocessor, the row's first packs kept in as much shared memory as the device lets one
+  // block have (less a margin for the kernel's own), while each multiprocessor still has 64 KB
+  // of loads in flight. Short rows: a warp each, as in the other kernels.
+  int device = 0, sms = 1, optin = 0;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device);
+  const int64_t stage_bytes = optin > kStageMargin ? int64_t(optin - kStageMargin) / 16 * 16 : 0;
   visit_loss(p.kind, [&]<class L>() {
     visit_dtype(lv.dtype, [&]<class T>() {
       if (lv.cols <= 1024) {
         forward_backward_kernel<L, T, 1><<<blocks_for(lv.rows, kBlock / 32), kBlock, 0, s>>>(
-            lv, rt, p, out, g);
-      } else {
-        const unsigned grid = unsigned(lv.rows < sms ? lv.rows : sms);
-        forward_backward_kernel<L, T, 32, 1024><<<grid, 1024, 0, s>>>(lv, rt, p, out, g);
+            lv, rt, p, out, g, 0);
+        return;
       }
+      const unsigned grid = unsigned(lv.rows < sms ? lv.rows : sms);
+      const int64_t bytes = std::min<int64_t>(stage_bytes, (lv.cols + kPack<T> - 1) / kPack<T> * 16);
+      const auto staged = forward_backward_kernel<L, T, 32, 1024, true>;
+      if (bytes >= 16 &&
+          cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) == cudaSuccess) {
+        staged<<<grid, 1024, size_t(bytes), s>>>(lv, rt, p, out, g, bytes / 16);
+        return;
+      }
+      (void)cudaGetLastError();  // (a refused attribute: the kernel that reads the row twice)
+      forward_backward_kernel<L, T, 32, 1024><<<grid, 1024, 0, s>>>(lv, rt, p, out, g, 0);
     });
   });
   return launch_status();

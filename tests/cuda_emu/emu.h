@@ -55,7 +55,7 @@ inline dim3 blockDim, gridDim;
 constexpr int warpSize = 32;
 
 using cudaStream_t = struct CUstream_st*;
-enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9, cudaErrorLaunchFailure = 719 };
 
 namespace emu {
 
@@ -288,14 +288,26 @@ struct Config {
   cudaStream_t stream = nullptr;
 };
 
+// Dynamic shared memory (FL_DYNAMIC_SHARED in cuda_helpers.cuh): one buffer of the launch's
+// `smem` bytes, filled with 0xff bytes (NaN floats) before each block, as the static ones are
+// poisoned. A launch may ask for more than 48 KB only up to what cudaFuncSetAttribute allowed
+// the kernel, and that only up to shared_optin, the device's opt-in limit (227 KB as on an
+// H100 / H200; a test may lower it to make kernels stage less than a whole row).
+inline std::vector<unsigned char> dynamic_smem;
+inline size_t shared_optin = 227 * 1024;
+inline std::unordered_map<const void*, size_t> dynamic_smem_allowed;  // kernel -> bytes
+inline void* dynamic_shared() { return dynamic_smem.data(); }
+
 // kernel<<<grid, block, smem, stream>>>(args...) is rewritten as launch(kernel, {...}, args...)
 // by the test's build step.
 template <class Kernel, class... Args>
 void launch(Kernel kernel, Config c, Args... args) {
   const unsigned long long threads = 1ull * c.block.x * c.block.y * c.block.z;
+  const auto allowed = dynamic_smem_allowed.find(reinterpret_cast<const void*>(kernel));
+  const size_t smem_max = std::max<size_t>(48 * 1024, allowed == dynamic_smem_allowed.end() ? 0 : allowed->second);
   if (threads == 0 || threads > 1024 || c.block.z > 64 || c.grid.x == 0 || c.grid.y == 0 ||
       c.grid.z == 0 || c.grid.x > 0x7fffffffu || c.grid.y > 65535 || c.grid.z > 65535 ||
-      c.smem > 48 * 1024) {
+      c.smem > smem_max) {
     last_error = cudaErrorInvalidConfiguration;
     last_message = "invalid launch: grid (" + std::to_string(c.grid.x) + ", " +
                    std::to_string(c.grid.y) + ", " + std::to_string(c.grid.z) + "), block (" +
@@ -306,11 +318,13 @@ void launch(Kernel kernel, Config c, Args... args) {
   const std::function<void()> body = [&] { kernel(args...); };
   gridDim = c.grid;
   blockDim = c.block;
+  dynamic_smem.assign(c.smem, 0xff);
   try {
     for (unsigned z = 0; z < c.grid.z; ++z)
       for (unsigned y = 0; y < c.grid.y; ++y)
         for (unsigned x = 0; x < c.grid.x; ++x) {
           blockIdx = {x, y, z};
+          std::fill(dynamic_smem.begin(), dynamic_smem.end(), 0xff);
           run_block(body, c.block);
         }
   } catch (const std::exception& e) {
@@ -378,13 +392,26 @@ inline cudaError_t cudaMemsetAsync(void* dst, int value, size_t bytes, cudaStrea
 inline cudaError_t cudaStreamSynchronize(cudaStream_t) { return cudaSuccess; }
 // One device with 3 multiprocessors (few enough that a grid capped at their count still makes
 // blocks walk several rows).
-enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16, cudaDevAttrMaxSharedMemoryPerBlockOptin = 97 };
 inline cudaError_t cudaGetDevice(int* device) {
   *device = 0;
   return cudaSuccess;
 }
 inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int) {
-  *value = attr == cudaDevAttrMultiProcessorCount ? 3 : 0;
+  *value = attr == cudaDevAttrMultiProcessorCount ? 3
+           : attr == cudaDevAttrMaxSharedMemoryPerBlockOptin ? int(emu::shared_optin) : 0;
+  return cudaSuccess;
+}
+enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+template <class Kernel>
+inline cudaError_t cudaFuncSetAttribute(Kernel kernel, cudaFuncAttribute attr, int value) {
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > emu::shared_optin) {
+    emu::last_error = cudaErrorInvalidValue;
+    emu::last_message = "cudaFuncSetAttribute: " + std::to_string(value) + " bytes of dynamic shared memory, " +
+                        "more than the device's " + std::to_string(emu::shared_optin);
+    return cudaErrorInvalidValue;
+  }
+  emu::dynamic_smem_allowed[reinterpret_cast<const void*>(kernel)] = size_t(value);
   return cudaSuccess;
 }
 

@@ -48,6 +48,14 @@ const char* emu_losses(const void* logits, int dtype, const int64_t* target, con
   return fastloss::losses_backward_cuda(lv, rt, p, g, nullptr);
 }
 
+// The device's opt-in shared memory per block (forward_backward_kernel keeps that much of a
+// row, less a margin, on chip); returns the previous value.
+int64_t emu_set_shared_optin(int64_t bytes) {
+  const int64_t before = int64_t(emu::shared_optin);
+  emu::shared_optin = size_t(bytes);
+  return before;
+}
+
 // data [rows, cols] *= factor[per_row ? r : 0] unless that factor is exactly 1
 const char* emu_scale_rows_unless_one(void* data, int dtype, int64_t rows, int64_t cols, const float* factor,
                                       int per_row) {
