@@ -976,6 +976,10 @@ def losses_lib():
     lib.emu_scale_rows_unless_one.restype = ctypes.c_char_p
     lib.emu_set_shared_optin.argtypes = [ctypes.c_int64]
     lib.emu_set_shared_optin.restype = ctypes.c_int64
+    lib.emu_reduce_rows.argtypes = [P, P, P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, P, P]
+    lib.emu_reduce_rows.restype = ctypes.c_char_p
+    lib.emu_upstream_rows.argtypes = [P, ctypes.c_int, P, ctypes.c_double, ctypes.c_int64, P]
+    lib.emu_upstream_rows.restype = ctypes.c_char_p
     return lib
 
 
@@ -1083,6 +1087,52 @@ def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape, st
     over the row itself (every thread reads the target logit before any writes it; the row
     stride c + 3 leaves a column gap that must keep its NaN), against the CPU ops."""
     test_row_losses(losses_lib, case, dtype, shape, True, fused=2, stage=stage)
+
+
+@pytest.mark.parametrize("n", [1, 7, 300, 2500])
+@pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights"])
+def test_reduce_rows_and_upstream(losses_lib, n, weighted):
+    """The one-launch reductions around the row kernels (losses_op.cpp's reduce_rows and
+    row_upstream on CUDA tensors) against float64: the sum, the mean over the kept rows' weights
+    (ignored rows skipped, none kept: NaN), and each row's factor of an incoming gradient."""
+    gen = torch.Generator().manual_seed(n + 7 * weighted)
+    c = 11
+    rows = torch.randn(n, generator=gen) * 5
+    t = torch.randint(0, c, (n,), generator=gen)
+    t[::3] = -100
+    w = torch.rand(c, generator=gen) + 0.5 if weighted else None
+    kept = t != -100
+    rows[~kept] = 0.0  # (as the row kernels leave ignored rows)
+    want_den = (w[t[kept]].double().sum() if weighted else kept.double().sum())
+    for mean, want in ((False, rows.double().sum()), (True, rows.double().sum() / want_den)):
+        loss, lbuf = nan_outputs((1,))
+        den, dbuf = nan_outputs((1,))
+        err = losses_lib.emu_reduce_rows(rows.data_ptr(), t.data_ptr(), None if w is None else w.data_ptr(), n, c,
+                                         -100, int(mean), loss.data_ptr(), den.data_ptr())
+        assert err is None, err.decode()
+        check_guards(lbuf, "loss")
+        check_guards(dbuf, "denom")
+        torch.testing.assert_close(loss.double()[0], want, rtol=1e-6, atol=1e-6, equal_nan=True)
+        if mean:
+            torch.testing.assert_close(den.double()[0], want_den, rtol=1e-6, atol=0)
+    t_none = torch.full((n,), -100)  # no kept row (the kernels give ignored rows 0): 0 / 0
+    zeros = torch.zeros(n)
+    loss, _ = nan_outputs((1,))
+    den, _ = nan_outputs((1,))
+    assert losses_lib.emu_reduce_rows(zeros.data_ptr(), t_none.data_ptr(), None, n, c, -100, 1, loss.data_ptr(),
+                                      den.data_ptr()) is None
+    assert loss.isnan().all() and den[0] == 0
+    for dtype in DTYPE_CODES:
+        g = (torch.rand(1, generator=gen) + 0.5).to(dtype)
+        for denom, divisor in ((torch.tensor([3.5]), 1.0), (None, float(n)), (None, 1.0)):
+            out, obuf = nan_outputs((n,))
+            err = losses_lib.emu_upstream_rows(g.data_ptr(), DTYPE_CODES[dtype],
+                                               None if denom is None else denom.data_ptr(), divisor, n,
+                                               out.data_ptr())
+            assert err is None, err.decode()
+            check_guards(obuf, "out")
+            want = g.double() / (denom.double() if denom is not None else divisor)
+            torch.testing.assert_close(out.double(), want.expand(n), rtol=1e-6, atol=0)
 
 
 # a NaN with a payload that a load, float32 multiply and store would not keep (quieted or made

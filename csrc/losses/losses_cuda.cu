@@ -282,6 +282,38 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// reduce_rows_cuda's block: each thread adds its rows (stride blockDim) in float64, then the
+// block adds the threads' sums in a fixed order.
+__global__ void __launch_bounds__(kBlock)
+    reduce_rows_kernel(const float* __restrict__ rows, const int64_t* __restrict__ target,
+                       const float* __restrict__ weight, int64_t N, int64_t C, int64_t ignore_index,
+                       bool mean, float* __restrict__ loss, float* __restrict__ denom) {
+  __shared__ double sums[kBlock / 32];
+  double total = 0.0, count = 0.0;
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) {
+    total += rows[r];
+    if (mean) {
+      const int64_t y = target[r];
+      if (y != ignore_index) count += weight ? (y >= 0 && y < C ? double(weight[y]) : NAN) : 1.0;
+    }
+  }
+  total = block_sum(total, sums);
+  if (mean) count = block_sum(count, sums);
+  if (threadIdx.x == 0) {
+    loss[0] = float(mean ? total / count : total);  // (no kept row: 0 / 0, NaN as torch)
+    if (mean) denom[0] = float(count);
+  }
+}
+
+template <class T>
+__global__ void __launch_bounds__(kBlock)
+    upstream_rows_kernel(const T* __restrict__ grad, const float* __restrict__ denom, double divisor, int64_t n,
+                         float* __restrict__ out) {
+  const float g = float(double(load1(grad)) / (denom ? double(denom[0]) : divisor));
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < n; r += int64_t(gridDim.x) * blockDim.x)
+    out[r] = g;
+}
+
 // Rows of data *= their factor unless it is exactly 1 (a whole block skips such a row: the
 // branch is uniform); a block per row, striding over rows past the grid.
 template <class T>
@@ -307,6 +339,27 @@ const char* scale_rows_unless_one_cuda(void* data, ScalarType dtype, int64_t row
   visit_dtype(dtype, [&]<class T>() {
     scale_rows_unless_one_kernel<T><<<blocks_for(rows, 1), kBlock, 0, s>>>(static_cast<T*>(data), rows, cols,
                                                                           factor, per_row);
+  });
+  return launch_status();
+}
+
+const char* reduce_rows_cuda(const float* rows, const int64_t* target, const float* weight, int64_t N,
+                             int64_t C, int64_t ignore_index, bool mean, float* loss, float* denom,
+                             void* stream) {
+  using namespace FL_ISA;
+  reduce_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(rows, target, weight, N, C,
+                                                                          ignore_index, mean, loss, denom);
+  return launch_status();
+}
+
+const char* upstream_rows_cuda(const void* grad, ScalarType dtype, const float* denom, double divisor,
+                               int64_t n, float* out, void* stream) {
+  using namespace FL_ISA;
+  if (n == 0) return nullptr;
+  const auto s = static_cast<cudaStream_t>(stream);
+  visit_dtype(dtype, [&]<class T>() {
+    upstream_rows_kernel<T><<<blocks_for(n, kBlock), kBlock, 0, s>>>(static_cast<const T*>(grad), denom,
+                                                                     divisor, n, out);
   });
   return launch_status();
 }

@@ -37,5 +37,17 @@ const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets&
 // reading it (that would wait for the GPU), and moves no bytes for the common 1.
 const char* scale_rows_unless_one_cuda(void* data, ScalarType dtype, int64_t rows, int64_t cols,
                                        const float* factor, bool per_row, void* stream);
+// The reductions around the row kernels in one launch each, on real (untraced) CUDA tensors:
+// each is what a few small ATen calls did, and on a GPU a small call costs its launches.
+// reduce_rows_cuda: loss[0] = the sum of rows [N] (float32), divided for the mean by the
+// kept rows' total weight (weight [C] float32 or null: one per row whose target is not
+// ignore_index), which denom[0] receives (mean only). One block, a fixed order: deterministic.
+const char* reduce_rows_cuda(const float* rows, const int64_t* target, const float* weight, int64_t N,
+                             int64_t C, int64_t ignore_index, bool mean, float* loss, float* denom,
+                             void* stream);
+// upstream_rows_cuda: out[r] = grad[0] / (denom ? denom[0] : divisor) for r < n: the incoming
+// gradient of a sum or mean (grad of dtype, one value) as each row's float32 factor.
+const char* upstream_rows_cuda(const void* grad, ScalarType dtype, const float* denom, double divisor,
+                               int64_t n, float* out, void* stream);
 
 }  // namespace fastloss

@@ -605,12 +605,38 @@ static Tensor reduce_rows_cpu(const Tensor& rows, const Tensor& target, const st
   return at::scalar_tensor(total / d, opts);
 }
 
+#if defined(FASTLOSS_WITH_CUDA)
+// The CUDA tensors a one-launch reduction takes (real ones, in the kernels' types), else the
+// ATen calls below (under tracing, torch.compile and opcheck see those).
+static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight) {
+  const auto plain = [&](const Tensor& t, at::ScalarType dtype) {
+    return t.is_cuda() && !traced_tensor(t) && t.scalar_type() == dtype && t.is_contiguous() &&
+           t.device() == rows.device();
+  };
+  return plain(rows, at::kFloat) && rows.dim() == 1 && plain(target, at::kLong) &&
+         target.numel() == rows.numel() && (!weight.has_value() || plain(*weight, at::kFloat));
+}
+#endif
+
 // Row losses and their reduction; `denom` is set for the mean.
 Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
                    int64_t C, int64_t reduction, int64_t ignore_index, Tensor& denom) {
   if (reduction == kNone) return rows;
   if (readable_cpu(rows) && readable_cpu(target))
     return reduce_rows_cpu(rows, target, weight, reduction, ignore_index, denom);
+#if defined(FASTLOSS_WITH_CUDA)
+  if (one_launch(rows, target, weight)) {  // one launch instead of four (sum, ne, sum, div)
+    const c10::cuda::CUDAGuard guard(rows.device());
+    Tensor loss = at::empty({}, rows.options());
+    if (reduction == kMean) denom = at::empty({}, rows.options());
+    check_cuda_launch(reduce_rows_cuda(rows.data_ptr<float>(), target.data_ptr<int64_t>(),
+                                       weight.has_value() ? weight->data_ptr<float>() : nullptr, rows.numel(),
+                                       C, ignore_index, reduction == kMean, loss.data_ptr<float>(),
+                                       reduction == kMean ? denom.data_ptr<float>() : nullptr, cuda_stream()),
+                      "loss reduction");
+    return loss;
+  }
+#endif
   if (reduction == kSum) return rows.sum();
   denom = mean_denominator(target, weight, ignore_index, C);
   return rows.sum().div(denom);
@@ -657,6 +683,25 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
     if (reduction == kMean) v /= mean_count.defined() ? mean_count.item<double>() : double(n);
     return at::empty({n}, grad.options().dtype(at::kFloat)).fill_(v);
   }
+#if defined(FASTLOSS_WITH_CUDA)
+  // one launch instead of a division and a fill
+  if (reduction != kNone && grad.is_cuda() && !traced_tensor(grad) && grad.numel() == 1 &&
+      (at::isFloatingType(grad.scalar_type()) && grad.scalar_type() != at::kDouble) &&
+      (reduction != kMean || !mean_count.defined() ||
+       (mean_count.is_cuda() && !traced_tensor(mean_count) && mean_count.scalar_type() == at::kFloat &&
+        mean_count.numel() == 1 && mean_count.device() == grad.device()))) {
+    const c10::cuda::CUDAGuard guard(grad.device());
+    const Tensor gc = grad.contiguous();
+    Tensor out = at::empty({n}, grad.options().dtype(at::kFloat));
+    const bool by_count = reduction == kMean && mean_count.defined();
+    check_cuda_launch(upstream_rows_cuda(gc.data_ptr(), kernel_dtype(gc, "loss backward", "grad"),
+                                         by_count ? mean_count.data_ptr<float>() : nullptr,
+                                         reduction == kMean ? double(n) : 1.0, n, out.data_ptr<float>(),
+                                         cuda_stream()),
+                      "loss backward");
+    return out;
+  }
+#endif
   Tensor g = grad.to(at::kFloat);
   if (reduction == kMean) g = mean_count.defined() ? g.div(mean_count) : g.div(double(n));
   // one fill instead of an expand and a contiguous copy

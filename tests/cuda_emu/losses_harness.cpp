@@ -63,4 +63,16 @@ const char* emu_scale_rows_unless_one(void* data, int dtype, int64_t rows, int64
                                               nullptr);
 }
 
+// loss[0] (and denom[0] for the mean) of rows [N]: reduce_rows_cuda
+const char* emu_reduce_rows(const float* rows, const int64_t* target, const float* weight, int64_t N, int64_t C,
+                            int64_t ignore_index, int mean, float* loss, float* denom) {
+  return fastloss::reduce_rows_cuda(rows, target, weight, N, C, ignore_index, mean != 0, loss, denom, nullptr);
+}
+
+// out[r] = grad[0] / (denom ? denom[0] : divisor): upstream_rows_cuda
+const char* emu_upstream_rows(const void* grad, int dtype, const float* denom, double divisor, int64_t n,
+                              float* out) {
+  return fastloss::upstream_rows_cuda(grad, fastloss::ScalarType(dtype), denom, divisor, n, out, nullptr);
+}
+
 }  // extern "C"
