@@ -64,6 +64,15 @@ def pld_case(n, c, eager=False):
     return grad_call(lambda: ops.pld_loss(s, te, y, 2.0), s)
 
 
+def sort_case(n, c, stable):
+    """PLD's sort alone: the kernel's (stable, descending, as pld_forward calls it) or the eager
+    baseline's (torch.sort ascending): how much of PLD's time is the sort."""
+    te = randn(n, c)
+    if stable:
+        return lambda: te.sort(stable=True, dim=1, descending=True)
+    return lambda: torch.sort(te, -1)
+
+
 def ms_case(b, d):
     e = randn(b, d).requires_grad_(True)
     y = torch.randint(0, max(2, b // 8), (b,), device=dev, generator=gen)
@@ -114,6 +123,8 @@ CASES = {
     "pld_1024x32000": lambda: pld_case(1024, 32000),
     "pld_1024x32000_eager": lambda: pld_case(1024, 32000, eager=True),
     "pld_256x128256": lambda: pld_case(256, 128256),
+    "sort_1024x32000_stable_descending": lambda: sort_case(1024, 32000, True),
+    "sort_1024x32000": lambda: sort_case(1024, 32000, False),
     "ms_1024x128": lambda: ms_case(1024, 128),
     "clip_4096x512": lambda: clip_case(4096, 512),
     "dice_1024x32000": lambda: dice_case(1024, 32000),
