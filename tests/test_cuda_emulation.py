@@ -978,6 +978,8 @@ def losses_lib():
     lib.emu_set_shared_optin.restype = ctypes.c_int64
     lib.emu_reduce_rows.argtypes = [P, P, P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int, P, P]
     lib.emu_reduce_rows.restype = ctypes.c_char_p
+    lib.emu_mean_factor_rows.argtypes = [P, P, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, P]
+    lib.emu_mean_factor_rows.restype = ctypes.c_char_p
     lib.emu_upstream_rows.argtypes = [P, ctypes.c_int, P, ctypes.c_double, ctypes.c_int64, P]
     lib.emu_upstream_rows.restype = ctypes.c_char_p
     return lib
@@ -1092,9 +1094,10 @@ def test_row_losses_forward_backward_in_place(losses_lib, case, dtype, shape, st
 @pytest.mark.parametrize("n", [1, 7, 300, 2500])
 @pytest.mark.parametrize("weighted", [False, True], ids=["plain", "weights"])
 def test_reduce_rows_and_upstream(losses_lib, n, weighted):
-    """The one-launch reductions around the row kernels (losses_op.cpp's reduce_rows and
-    row_upstream on CUDA tensors) against float64: the sum, the mean over the kept rows' weights
-    (ignored rows skipped, none kept: NaN), and each row's factor of an incoming gradient."""
+    """The one-launch reductions around the row kernels (losses_op.cpp's reduce_rows,
+    row_upstream and grad_in_forward's factor on CUDA tensors) against float64: the sum, the
+    mean over the kept rows' weights (ignored rows skipped, none kept: NaN), 1 / those weights
+    for every row, and each row's factor of an incoming gradient."""
     gen = torch.Generator().manual_seed(n + 7 * weighted)
     c = 11
     rows = torch.randn(n, generator=gen) * 5
@@ -1115,6 +1118,12 @@ def test_reduce_rows_and_upstream(losses_lib, n, weighted):
         torch.testing.assert_close(loss.double()[0], want, rtol=1e-6, atol=1e-6, equal_nan=True)
         if mean:
             torch.testing.assert_close(den.double()[0], want_den, rtol=1e-6, atol=0)
+    factor, fbuf = nan_outputs((n,))  # grad_in_forward's factor of the mean, made before its kernel
+    err = losses_lib.emu_mean_factor_rows(t.data_ptr(), None if w is None else w.data_ptr(), n, c, -100,
+                                          factor.data_ptr())
+    assert err is None, err.decode()
+    check_guards(fbuf, "factor")
+    torch.testing.assert_close(factor.double(), (1.0 / want_den).expand(n), rtol=1e-6, atol=0)
     t_none = torch.full((n,), -100)  # no kept row (the kernels give ignored rows 0): 0 / 0
     zeros = torch.zeros(n)
     loss, _ = nan_outputs((1,))

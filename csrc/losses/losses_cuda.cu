@@ -282,6 +282,14 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
+// A kept row's weight in the mean's divisor (NaN for a target out of range: its loss is NaN)
+__device__ __forceinline__ double kept_weight(const int64_t* target, const float* weight, int64_t r, int64_t C,
+                                              int64_t ignore_index) {
+  const int64_t y = target[r];
+  if (y == ignore_index) return 0.0;
+  return weight ? (y >= 0 && y < C ? double(weight[y]) : NAN) : 1.0;
+}
+
 // reduce_rows_cuda's block: each thread adds its rows (stride blockDim) in float64, then the
 // block adds the threads' sums in a fixed order.
 __global__ void __launch_bounds__(kBlock)
@@ -292,10 +300,7 @@ __global__ void __launch_bounds__(kBlock)
   double total = 0.0, count = 0.0;
   for (int64_t r = threadIdx.x; r < N; r += blockDim.x) {
     total += rows[r];
-    if (mean) {
-      const int64_t y = target[r];
-      if (y != ignore_index) count += weight ? (y >= 0 && y < C ? double(weight[y]) : NAN) : 1.0;
-    }
+    if (mean) count += kept_weight(target, weight, r, C, ignore_index);
   }
   total = block_sum(total, sums);
   if (mean) count = block_sum(count, sums);
@@ -303,6 +308,16 @@ __global__ void __launch_bounds__(kBlock)
     loss[0] = float(mean ? total / count : total);  // (no kept row: 0 / 0, NaN as torch)
     if (mean) denom[0] = float(count);
   }
+}
+
+__global__ void __launch_bounds__(kBlock)
+    mean_factor_rows_kernel(const int64_t* __restrict__ target, const float* __restrict__ weight, int64_t N,
+                            int64_t C, int64_t ignore_index, float* __restrict__ out) {
+  __shared__ double sums[kBlock / 32];
+  double count = 0.0;
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) count += kept_weight(target, weight, r, C, ignore_index);
+  const float f = float(1.0 / block_sum(count, sums));
+  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) out[r] = f;
 }
 
 template <class T>
@@ -349,6 +364,15 @@ const char* reduce_rows_cuda(const float* rows, const int64_t* target, const flo
   using namespace FL_ISA;
   reduce_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(rows, target, weight, N, C,
                                                                           ignore_index, mean, loss, denom);
+  return launch_status();
+}
+
+const char* mean_factor_rows_cuda(const int64_t* target, const float* weight, int64_t N, int64_t C,
+                                  int64_t ignore_index, float* out, void* stream) {
+  using namespace FL_ISA;
+  if (N == 0) return nullptr;
+  mean_factor_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(target, weight, N, C, ignore_index,
+                                                                               out);
   return launch_status();
 }
 

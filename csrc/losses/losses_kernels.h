@@ -45,6 +45,11 @@ const char* scale_rows_unless_one_cuda(void* data, ScalarType dtype, int64_t row
 const char* reduce_rows_cuda(const float* rows, const int64_t* target, const float* weight, int64_t N,
                              int64_t C, int64_t ignore_index, bool mean, float* loss, float* denom,
                              void* stream);
+// mean_factor_rows_cuda: out[r] = 1 / (the kept rows' total weight, as reduce_rows_cuda's
+// mean divides by) for r < N: grad_in_forward's per-row factor of a mean, made before its
+// kernel (one block, the same fixed-order sum).
+const char* mean_factor_rows_cuda(const int64_t* target, const float* weight, int64_t N, int64_t C,
+                                  int64_t ignore_index, float* out, void* stream);
 // upstream_rows_cuda: out[r] = grad[0] / (denom ? denom[0] : divisor) for r < n: the incoming
 // gradient of a sum or mean (grad of dtype, one value) as each row's float32 factor.
 const char* upstream_rows_cuda(const void* grad, ScalarType dtype, const float* denom, double divisor,

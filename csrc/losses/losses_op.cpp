@@ -608,13 +608,16 @@ static Tensor reduce_rows_cpu(const Tensor& rows, const Tensor& target, const st
 #if defined(FASTLOSS_WITH_CUDA)
 // The CUDA tensors a one-launch reduction takes (real ones, in the kernels' types), else the
 // ATen calls below (under tracing, torch.compile and opcheck see those).
+static bool plain_cuda(const Tensor& t, at::ScalarType dtype, const Tensor& like) {
+  return t.is_cuda() && !traced_tensor(t) && t.scalar_type() == dtype && t.is_contiguous() &&
+         t.device() == like.device();
+}
+static bool one_launch_targets(const Tensor& target, const std::optional<Tensor>& weight) {
+  return plain_cuda(target, at::kLong, target) && (!weight.has_value() || plain_cuda(*weight, at::kFloat, target));
+}
 static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight) {
-  const auto plain = [&](const Tensor& t, at::ScalarType dtype) {
-    return t.is_cuda() && !traced_tensor(t) && t.scalar_type() == dtype && t.is_contiguous() &&
-           t.device() == rows.device();
-  };
-  return plain(rows, at::kFloat) && rows.dim() == 1 && plain(target, at::kLong) &&
-         target.numel() == rows.numel() && (!weight.has_value() || plain(*weight, at::kFloat));
+  return plain_cuda(rows, at::kFloat, target) && rows.dim() == 1 && target.numel() == rows.numel() &&
+         one_launch_targets(target, weight);
 }
 #endif
 
@@ -819,21 +822,29 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                                   const Tensor& target, const std::optional<Tensor>& weight,
                                   const LossParams& p, int64_t reduction, bool inplace) {
     const auto fopts = logits.options().dtype(at::kFloat);
-    Tensor denom, grad_loss;
-    if (reduction == kMean) {
-      denom = mean_denominator(target, opt_weight(weight), p.ignore_index, logits.size(1));
-      grad_loss = at::empty({logits.size(0)}, fopts).fill_(denom.reciprocal());
+    const int64_t N = logits.size(0);
+    Tensor grad_loss = at::empty({N}, fopts);
+    if (reduction != kMean) {
+      grad_loss.fill_(1.0);
+#if defined(FASTLOSS_WITH_CUDA)
+    } else if (one_launch_targets(target, opt_weight(weight))) {  // (one launch instead of four)
+      const c10::cuda::CUDAGuard guard(target.device());
+      check_cuda_launch(mean_factor_rows_cuda(target.data_ptr<int64_t>(),
+                                              opt_weight(weight) ? weight->data_ptr<float>() : nullptr, N,
+                                              logits.size(1), p.ignore_index, grad_loss.data_ptr<float>(),
+                                              cuda_stream()),
+                        op_name(p.kind));
+#endif
     } else {
-      grad_loss = at::empty({logits.size(0)}, fopts).fill_(1.0);
+      grad_loss.fill_(mean_denominator(target, opt_weight(weight), p.ignore_index, logits.size(1)).reciprocal());
     }
     std::vector<c10::IValue> args{grad_loss, logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     auto out = call_below_autograd(row_op(p.kind, inplace ? kForwardGradInplaceOp : kForwardGradOp),
                                    std::move(args));
-    const Tensor rows = out[0].toTensor();
-    Tensor loss = rows;
-    if (reduction == kSum) loss = rows.sum();
-    if (reduction == kMean) loss = rows.sum().div(denom);
+    Tensor denom;  // (reduce_rows' own divisor: the backward needs none)
+    const Tensor loss =
+        reduce_rows(out[0].toTensor(), target, opt_weight(weight), logits.size(1), reduction, p.ignore_index, denom);
     if (inplace) torch::autograd::impl::bump_version(logits);
     ctx->save_for_backward({inplace ? logits : out[3].toTensor()});
     return loss.to(logits.scalar_type());

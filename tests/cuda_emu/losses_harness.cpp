@@ -69,6 +69,12 @@ const char* emu_reduce_rows(const float* rows, const int64_t* target, const floa
   return fastloss::reduce_rows_cuda(rows, target, weight, N, C, ignore_index, mean != 0, loss, denom, nullptr);
 }
 
+// out[r] = 1 / the kept rows' total weight: mean_factor_rows_cuda
+const char* emu_mean_factor_rows(const int64_t* target, const float* weight, int64_t N, int64_t C,
+                                 int64_t ignore_index, float* out) {
+  return fastloss::mean_factor_rows_cuda(target, weight, N, C, ignore_index, out, nullptr);
+}
+
 // out[r] = grad[0] / (denom ? denom[0] : divisor): upstream_rows_cuda
 const char* emu_upstream_rows(const void* grad, int dtype, const float* denom, double divisor, int64_t n,
                               float* out) {
