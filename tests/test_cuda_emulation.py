@@ -1066,8 +1066,11 @@ def test_row_losses(losses_lib, case, dtype, shape, weighted, fused=0, stage="wh
 
 
 # (shape, how much of each row goes on chip): 7 rows of 2050 classes with only 48 packs staged
-# (192 float32 / 384 16-bit classes, the rest read again), 3 of 1031 wholly, 3 of 1031 without
-_ONE_PASS = [((5, 7), "whole"), ((3, 1031), "whole"), ((7, 2050), "part"), ((3, 1031), "none")]
+# (192 float32 / 384 16-bit classes, the rest read again), 3 of 1031 wholly, 3 of 1031 without;
+# 2 rows of 12500 wholly and in part: float32 rows of more than 3072 packs reach the loop that
+# keeps 4 packs per thread in flight (4 x 1024 threads), where staged and read-again packs mix
+_ONE_PASS = [((5, 7), "whole"), ((3, 1031), "whole"), ((7, 2050), "part"), ((3, 1031), "none"),
+             ((2, 12500), "whole"), ((2, 12500), "part")]
 
 
 @pytest.mark.parametrize("shape,stage", _ONE_PASS, ids=lambda v: f"{v[0]}x{v[1]}" if isinstance(v, tuple) else v)
@@ -1637,7 +1640,7 @@ def test_blocks_that_walk_several_rows(cap, kd_lib, sinkhorn_lib, metric_lib, au
         test_confusion_sums(metric_lib, torch.float32, (37, 5), True)
         test_auc(auc_lib, torch.float32, (3, 5, 300), True)
         test_row_losses(losses_lib, "ce_smooth_z_softcap", torch.float32, (9, 1000), True)
-        test_row_losses_forward_backward_in_one_pass(losses_lib, "ce_smooth_z_softcap", torch.bfloat16, (7, 2050))
+        test_row_losses_forward_backward_in_one_pass(losses_lib, "ce_smooth_z_softcap", torch.bfloat16, (7, 2050), "part")
         test_scale_rows_unless_one(losses_lib, torch.bfloat16)
         test_icnn_score_kernel(nb_lib, "ties")
         test_knn_rows_kernel(nb_lib, "ties")

@@ -437,13 +437,17 @@ const char* losses_forward_backward_cuda(const LogitsView& lv, const RowTargets&
       }
       const unsigned grid = unsigned(lv.rows < sms ? lv.rows : sms);
       const int64_t bytes = std::min<int64_t>(stage_bytes, (lv.cols + kPack<T> - 1) / kPack<T> * 16);
-      const auto staged = forward_backward_kernel<L, T, 32, 1024, true>;
-      if (bytes >= 16 &&
-          cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, int(bytes)) == cudaSuccess) {
-        staged<<<grid, 1024, size_t(bytes), s>>>(lv, rt, p, out, g, bytes / 16);
-        return;
+      if (bytes >= 16) {
+        // The kernel's limit is set to the device's largest (the same value from every call and
+        // thread: a call's own smaller size could undercut another thread's launch in between)
+        const auto staged = forward_backward_kernel<L, T, 32, 1024, true>;
+        if (cudaFuncSetAttribute(staged, cudaFuncAttributeMaxDynamicSharedMemorySize, int(stage_bytes)) ==
+            cudaSuccess) {
+          staged<<<grid, 1024, size_t(bytes), s>>>(lv, rt, p, out, g, bytes / 16);
+          return;
+        }
+        (void)cudaGetLastError();  // (refused: the kernel that reads the row twice)
       }
-      (void)cudaGetLastError();  // (a refused attribute: the kernel that reads the row twice)
       forward_backward_kernel<L, T, 32, 1024><<<grid, 1024, 0, s>>>(lv, rt, p, out, g, 0);
     });
   });

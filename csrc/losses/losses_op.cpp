@@ -612,12 +612,15 @@ static bool plain_cuda(const Tensor& t, at::ScalarType dtype, const Tensor& like
   return t.is_cuda() && !traced_tensor(t) && t.scalar_type() == dtype && t.is_contiguous() &&
          t.device() == like.device();
 }
-static bool one_launch_targets(const Tensor& target, const std::optional<Tensor>& weight) {
-  return plain_cuda(target, at::kLong, target) && (!weight.has_value() || plain_cuda(*weight, at::kFloat, target));
+// (the shapes and devices are checked here too: grad_in_forward calls this before its op has
+// validated them, and a kernel given a short or foreign tensor would read out of bounds)
+static bool one_launch_targets(const Tensor& target, const std::optional<Tensor>& weight, const Tensor& like,
+                               int64_t N, int64_t C) {
+  return plain_cuda(target, at::kLong, like) && target.dim() == 1 && target.numel() == N &&
+         (!weight.has_value() || (plain_cuda(*weight, at::kFloat, like) && weight->dim() == 1 && weight->numel() == C));
 }
-static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight) {
-  return plain_cuda(rows, at::kFloat, target) && rows.dim() == 1 && target.numel() == rows.numel() &&
-         one_launch_targets(target, weight);
+static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight, int64_t C) {
+  return plain_cuda(rows, at::kFloat, rows) && rows.dim() == 1 && one_launch_targets(target, weight, rows, rows.numel(), C);
 }
 #endif
 
@@ -628,7 +631,7 @@ Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional
   if (readable_cpu(rows) && readable_cpu(target))
     return reduce_rows_cpu(rows, target, weight, reduction, ignore_index, denom);
 #if defined(FASTLOSS_WITH_CUDA)
-  if (one_launch(rows, target, weight)) {  // one launch instead of four (sum, ne, sum, div)
+  if (one_launch(rows, target, weight, C)) {  // one launch instead of four (sum, ne, sum, div)
     const c10::cuda::CUDAGuard guard(rows.device());
     Tensor loss = at::empty({}, rows.options());
     if (reduction == kMean) denom = at::empty({}, rows.options());
@@ -827,7 +830,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     if (reduction != kMean) {
       grad_loss.fill_(1.0);
 #if defined(FASTLOSS_WITH_CUDA)
-    } else if (one_launch_targets(target, opt_weight(weight))) {  // (one launch instead of four)
+    } else if (one_launch_targets(target, opt_weight(weight), logits, N, logits.size(1))) {  // (one launch, not four)
       const c10::cuda::CUDAGuard guard(target.device());
       check_cuda_launch(mean_factor_rows_cuda(target.data_ptr<int64_t>(),
                                               opt_weight(weight) ? weight->data_ptr<float>() : nullptr, N,

@@ -293,10 +293,21 @@ struct Config {
 // poisoned. A launch may ask for more than 48 KB only up to what cudaFuncSetAttribute allowed
 // the kernel, and that only up to shared_optin, the device's opt-in limit (227 KB as on an
 // H100 / H200; a test may lower it to make kernels stage less than a whole row).
+// kDynamicGuard bytes of 0xa5 after it must survive each block (a write past the end faults).
 inline std::vector<unsigned char> dynamic_smem;
+inline size_t dynamic_smem_bytes = 0;
+constexpr size_t kDynamicGuard = 256;
 inline size_t shared_optin = 227 * 1024;
 inline std::unordered_map<const void*, size_t> dynamic_smem_allowed;  // kernel -> bytes
 inline void* dynamic_shared() { return dynamic_smem.data(); }
+inline void fill_dynamic_shared() {
+  std::fill(dynamic_smem.begin(), dynamic_smem.begin() + dynamic_smem_bytes, 0xff);
+  std::fill(dynamic_smem.begin() + dynamic_smem_bytes, dynamic_smem.end(), 0xa5);
+}
+inline bool dynamic_guard_intact() {
+  return std::all_of(dynamic_smem.begin() + dynamic_smem_bytes, dynamic_smem.end(),
+                     [](unsigned char c) { return c == 0xa5; });
+}
 
 // kernel<<<grid, block, smem, stream>>>(args...) is rewritten as launch(kernel, {...}, args...)
 // by the test's build step.
@@ -318,14 +329,18 @@ void launch(Kernel kernel, Config c, Args... args) {
   const std::function<void()> body = [&] { kernel(args...); };
   gridDim = c.grid;
   blockDim = c.block;
-  dynamic_smem.assign(c.smem, 0xff);
+  dynamic_smem_bytes = c.smem;
+  dynamic_smem.assign(c.smem + kDynamicGuard, 0);
   try {
     for (unsigned z = 0; z < c.grid.z; ++z)
       for (unsigned y = 0; y < c.grid.y; ++y)
         for (unsigned x = 0; x < c.grid.x; ++x) {
           blockIdx = {x, y, z};
-          std::fill(dynamic_smem.begin(), dynamic_smem.end(), 0xff);
+          fill_dynamic_shared();
           run_block(body, c.block);
+          if (!dynamic_guard_intact())
+            throw std::runtime_error("a write past the launch's dynamic shared memory (block " +
+                                     std::to_string(x) + ")");
         }
   } catch (const std::exception& e) {
     last_error = cudaErrorLaunchFailure;
