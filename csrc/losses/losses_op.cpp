@@ -613,10 +613,14 @@ static bool plain_cuda(const Tensor& t, at::ScalarType dtype, const Tensor& like
          t.device() == like.device();
 }
 // (the shapes and devices are checked here too: grad_in_forward calls this before its op has
-// validated them, and a kernel given a short or foreign tensor would read out of bounds)
+// validated them, and a kernel given a short or foreign tensor would read out of bounds).
+// At most kOneBlockRows rows: the kernels are one block, which reads ~12 bytes a row at about
+// one multiprocessor's bandwidth (~8 us at 65536 rows); more rows (a segmentation batch's
+// pixels, [N, C, H, W] logits) take ATen's grid-wide reductions.
+constexpr int64_t kOneBlockRows = int64_t(1) << 16;
 static bool one_launch_targets(const Tensor& target, const std::optional<Tensor>& weight, const Tensor& like,
                                int64_t N, int64_t C) {
-  return plain_cuda(target, at::kLong, like) && target.dim() == 1 && target.numel() == N &&
+  return N <= kOneBlockRows && plain_cuda(target, at::kLong, like) && target.dim() == 1 && target.numel() == N &&
          (!weight.has_value() || (plain_cuda(*weight, at::kFloat, like) && weight->dim() == 1 && weight->numel() == C));
 }
 static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight, int64_t C) {
