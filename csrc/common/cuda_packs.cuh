@@ -82,47 +82,25 @@ __device__ __forceinline__ RowSplit split_row(const T* x, int64_t C) {
 // Visits every element of one row once, split among the kGroup threads of its group:
 // on_pack(k0, v[kPack]) for the packs (elements k0 .. k0 + kPack - 1), on_one(k, v) for the
 // head and the tail.
-template <int kGroup, class T, class OnPack, class OnOne>
-__device__ __forceinline__ void walk_row(const T* x, int64_t C, int lane, OnPack&& on_pack,
-                                         OnOne&& on_one) {
-  constexpr int P = kPack<T>;
-  const RowSplit sp = split_row(x, C);
-  for (int64_t k = lane; k < sp.head; k += kGroup) on_one(k, load1(x + k));
-  const uint4* px = reinterpret_cast<const uint4*>(x + sp.head);
-  int64_t i = lane;
-  for (; i + int64_t(kPacksInFlight - 1) * kGroup < sp.packs; i += int64_t(kPacksInFlight) * kGroup) {
-    uint4 r[kPacksInFlight];
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) r[u] = __ldg(px + i + u * kGroup);
-#pragma unroll
-    for (int u = 0; u < kPacksInFlight; ++u) {
-      float v[P];
-      unpack<T>(r[u], v);
-      on_pack(sp.head + (i + u * kGroup) * P, v);
-    }
-  }
-  for (; i < sp.packs; i += kGroup) {
-    float v[P];
-    unpack<T>(__ldg(px + i), v);
-    on_pack(sp.head + i * P, v);
-  }
-  for (int64_t k = sp.head + sp.packs * P + lane; k < C; k += kGroup) on_one(k, load1(x + k));
-}
-
-// walk_row with the row's first `staged` whole packs kept on chip at `stage` (shared memory):
+// kStaged: the row's first `staged` whole packs are kept on chip at `stage` (shared memory):
 // with `fill` they are loaded from x and stored there, else read back from there; later packs
-// come from x as in walk_row. Each thread stores and reads back only its own packs (the same
-// pack indices on every walk of a row by the same group), so no barrier is needed.
-template <int kGroup, class T, class OnPack, class OnOne>
-__device__ __forceinline__ void walk_row_staged(const T* x, int64_t C, int lane, uint4* stage, int64_t staged,
-                                                bool fill, OnPack&& on_pack, OnOne&& on_one) {
+// come from x. Each thread stores and reads back only its own packs (the same pack indices on
+// every walk of a row by the same group), so no barrier is needed.
+template <int kGroup, bool kStaged = false, class T, class OnPack, class OnOne>
+__device__ __forceinline__ void walk_row(const T* x, int64_t C, int lane, OnPack&& on_pack, OnOne&& on_one,
+                                         uint4* stage = nullptr, int64_t staged = 0, bool fill = false) {
   constexpr int P = kPack<T>;
   const RowSplit sp = split_row(x, C);
   for (int64_t k = lane; k < sp.head; k += kGroup) on_one(k, load1(x + k));
   const uint4* px = reinterpret_cast<const uint4*>(x + sp.head);
-  const auto get = [&](int64_t j) { return !fill && j < staged ? stage[j] : __ldg(px + j); };
+  const auto get = [&](int64_t j) {
+    if constexpr (kStaged)
+      if (!fill && j < staged) return stage[j];
+    return __ldg(px + j);
+  };
   const auto use = [&](int64_t j, const uint4& r) {
-    if (fill && j < staged) stage[j] = r;
+    if constexpr (kStaged)
+      if (fill && j < staged) stage[j] = r;
     float v[P];
     unpack<T>(r, v);
     on_pack(sp.head + j * P, v);

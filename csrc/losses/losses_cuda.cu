@@ -84,7 +84,7 @@ __device__ __forceinline__ void group_merge(Acc& a, Acc* smem) {
 
 // The statistics of row r (every thread of the group ends with the same merged values) and
 // its result; `ctx` is the last pass's context. kStaged: the row's first `staged` packs go on
-// chip at `stage` in the first pass (walk_row_staged), for the passes and the backward after.
+// chip at `stage` in the first pass (walk_row), for the passes and the backward after.
 template <class L, class T, int kWarps, bool kStaged = false>
 __device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t y, float x_y,
                                                  float w_y, const RowTargets& rt,
@@ -114,10 +114,8 @@ __device__ __forceinline__ RowResult row_forward(const T* x, int64_t C, int64_t 
     const auto on_one = [&](int64_t k, float v) {
       if (k != y) L::add(part, v, rt.weight ? __ldg(rt.weight + k) : 1.f, ctx);
     };
-    if constexpr (kStaged)  // (the first pass puts the row on chip, later ones read it there)
-      walk_row_staged<kGroup>(x, C, lane, stage, staged, pass == 0, on_pack, on_one);
-    else
-      walk_row<kGroup>(x, C, lane, on_pack, on_one);
+    // (staged: the first pass puts the row on chip, later ones read it there)
+    walk_row<kGroup, kStaged>(x, C, lane, on_pack, on_one, stage, staged, pass == 0);
     group_merge<L, kWarps>(part, smem);
     L::add_target(part, x_y, w_y, ctx);
     acc = part;
@@ -145,10 +143,7 @@ __device__ __forceinline__ void row_backward(const T* x, T* out, int64_t C, int6
       store_pack(reinterpret_cast<uint4*>(out + k0), pack<T>(o));
     };
     const auto on_one = [&](int64_t k, float v) { store1(out + k, grad_one(k, v)); };
-    if constexpr (kStaged)  // the packs the forward put on chip are read there
-      walk_row_staged<kGroup>(x, C, lane, stage, staged, false, on_pack, on_one);
-    else
-      walk_row<kGroup>(x, C, lane, on_pack, on_one);
+    walk_row<kGroup, kStaged>(x, C, lane, on_pack, on_one, stage, staged);  // (staged: read on chip)
   } else {
     for (int64_t k = lane; k < C; k += kGroup) store1(out + k, grad_one(k, load1(x + k)));
   }
