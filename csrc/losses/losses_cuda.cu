@@ -285,34 +285,29 @@ __device__ __forceinline__ double kept_weight(const int64_t* target, const float
   return weight ? (y >= 0 && y < C ? double(weight[y]) : NAN) : 1.0;
 }
 
-// reduce_rows_cuda's block: each thread adds its rows (stride blockDim) in float64, then the
-// block adds the threads' sums in a fixed order.
+// reduce_rows_cuda's and mean_factor_rows_cuda's block: each thread adds its rows (stride
+// blockDim) in float64, then the block adds the threads' sums in a fixed order. rows null:
+// only the kept rows' weight total (the mean's divisor), written to `factor` as its inverse
+// for every row; else the sum of rows (divided by that total for the mean) to loss[0] and the
+// total to denom[0] (mean only).
 __global__ void __launch_bounds__(kBlock)
     reduce_rows_kernel(const float* __restrict__ rows, const int64_t* __restrict__ target,
                        const float* __restrict__ weight, int64_t N, int64_t C, int64_t ignore_index,
-                       bool mean, float* __restrict__ loss, float* __restrict__ denom) {
+                       bool mean, float* __restrict__ loss, float* __restrict__ denom, float* __restrict__ factor) {
   __shared__ double sums[kBlock / 32];
   double total = 0.0, count = 0.0;
   for (int64_t r = threadIdx.x; r < N; r += blockDim.x) {
-    total += rows[r];
+    if (rows) total += rows[r];
     if (mean) count += kept_weight(target, weight, r, C, ignore_index);
   }
-  total = block_sum(total, sums);
+  if (rows) total = block_sum(total, sums);
   if (mean) count = block_sum(count, sums);
-  if (threadIdx.x == 0) {
+  if (!rows) {
+    for (int64_t r = threadIdx.x; r < N; r += blockDim.x) factor[r] = float(1.0 / count);
+  } else if (threadIdx.x == 0) {
     loss[0] = float(mean ? total / count : total);  // (no kept row: 0 / 0, NaN as torch)
     if (mean) denom[0] = float(count);
   }
-}
-
-__global__ void __launch_bounds__(kBlock)
-    mean_factor_rows_kernel(const int64_t* __restrict__ target, const float* __restrict__ weight, int64_t N,
-                            int64_t C, int64_t ignore_index, float* __restrict__ out) {
-  __shared__ double sums[kBlock / 32];
-  double count = 0.0;
-  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) count += kept_weight(target, weight, r, C, ignore_index);
-  const float f = float(1.0 / block_sum(count, sums));
-  for (int64_t r = threadIdx.x; r < N; r += blockDim.x) out[r] = f;
 }
 
 template <class T>
@@ -358,7 +353,7 @@ const char* reduce_rows_cuda(const float* rows, const int64_t* target, const flo
                              void* stream) {
   using namespace FL_ISA;
   reduce_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(rows, target, weight, N, C,
-                                                                          ignore_index, mean, loss, denom);
+                                                                          ignore_index, mean, loss, denom, nullptr);
   return launch_status();
 }
 
@@ -366,8 +361,8 @@ const char* mean_factor_rows_cuda(const int64_t* target, const float* weight, in
                                   int64_t ignore_index, float* out, void* stream) {
   using namespace FL_ISA;
   if (N == 0) return nullptr;
-  mean_factor_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(target, weight, N, C, ignore_index,
-                                                                               out);
+  reduce_rows_kernel<<<1, kBlock, 0, static_cast<cudaStream_t>(stream)>>>(nullptr, target, weight, N, C,
+                                                                          ignore_index, true, nullptr, nullptr, out);
   return launch_status();
 }
 
