@@ -12,7 +12,8 @@
 // the quad's lanes merge at the end, and a second kernel merges the splits in split order (the
 // same bits on every run). Each logit is rounded to the input dtype as the tile path's GEMM
 // writes it (the backward forms its tiles with cuBLAS: the statistics must be of the same
-// logits). NOT run on a GPU yet (tested under the CUDA emulator).
+// logits). Ran on an H200 at f95b002 (its CUDA tests pass; low_memory linear cross-entropy with
+// it, forward + backward, 0.30-0.32x eager's time there: bench/results/linear_losses_cuda.json).
 #include <cuda_runtime.h>
 
 #include <cmath>

@@ -36,8 +36,9 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   backward pays that extra pass). The gradient is held from the forward on. With
   ``inplace_backward`` too, the forward writes it over the logits (gone from then on, even if
   no backward follows, a leaf that requires grad included; no ``[N, C]`` allocation, also when
-  the incoming gradient scales it). Ignored under ``torch.compile``. Its CUDA kernel has not run
-  on a GPU yet.
+  the incoming gradient scales it). Ignored under ``torch.compile``. Its CUDA kernel ran on an
+  H200 (2026-11-29, no faster than the default's two kernels there: the rows' second read came
+  from HBM); since then it keeps each row's first ~220 KB in shared memory (not yet measured).
 """
 
 from __future__ import annotations
