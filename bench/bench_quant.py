@@ -9,6 +9,8 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
   * ``fastloss_4bit_no_prefetch`` (CUDA, batch <= 16): the 4-bit row again with the
     tensor-core GEMV's L2 prefetch off (FASTLOSS_QUANT_PREFETCH=0);
+  * ``fastloss_4bit_smem_gemm`` (CUDA, batch > 16): the 4-bit row again with the shared-memory
+    tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem) instead of the pipelined one;
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
     path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
@@ -105,6 +107,16 @@ def no_prefetch(x, qw):
         del os.environ["FASTLOSS_QUANT_PREFETCH"]
 
 
+def smem_gemm(x, qw):
+    """dequant_gemm with the CUDA shared-memory tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem,
+    read per call by the op) where the pipelined one would run: both kernels in one run."""
+    os.environ["FASTLOSS_QUANT_GEMM"] = "smem"
+    try:
+        return fastloss.ops.dequant_gemm(x, qw)
+    finally:
+        del os.environ["FASTLOSS_QUANT_GEMM"]
+
+
 def weight_bytes(weight):
     """Bytes of a float weight, or of a QuantizedWeight's packed tensors (codes, scales, zeros,
     codebook)."""
@@ -176,6 +188,8 @@ def main(argv=None):
             if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
                 variants["fastloss_4bit_warp_gemv"] = (lambda qw: warp_gemv(x, qw), q4, q4)
                 variants["fastloss_4bit_no_prefetch"] = (lambda qw: no_prefetch(x, qw), q4, q4)
+            if device != "cpu" and m > 16:  # the shared-memory GEMM the pipelined one replaced
+                variants["fastloss_4bit_smem_gemm"] = (lambda qw: smem_gemm(x, qw), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
                 variants["fastloss_4bit_avx512"] = (lambda qw: avx512_path(x, qw), q4, q4)
                 xb = x.bfloat16()

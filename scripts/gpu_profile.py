@@ -90,17 +90,18 @@ def dice_case(n, c):
     return grad_call(lambda: ops.dice_loss(x, t), x)
 
 
-def quant_case(n, k, m, prefetch=None):
+def quant_case(n, k, m, prefetch=None, gemm=None):
     qw = ops.quantize_weight(randn(n, k) * 0.02, 4, 128)
     x = randn(m, k, dtype=torch.float16)
+    env = {"FASTLOSS_QUANT_PREFETCH": None if prefetch is None else str(prefetch), "FASTLOSS_QUANT_GEMM": gemm}
 
     def call():
-        if prefetch is not None:
-            os.environ["FASTLOSS_QUANT_PREFETCH"] = str(prefetch)
+        os.environ.update({key: v for key, v in env.items() if v is not None})
         try:
             ops.dequant_gemm(x, qw)
         finally:
-            os.environ.pop("FASTLOSS_QUANT_PREFETCH", None)
+            for key in env:
+                os.environ.pop(key, None)
     return call
 
 
@@ -131,6 +132,8 @@ CASES = {
     "quant_8192x28672_m1": lambda: quant_case(8192, 28672, 1),
     "quant_8192x28672_m1_no_prefetch": lambda: quant_case(8192, 28672, 1, prefetch=0),
     "quant_8192x28672_m64": lambda: quant_case(8192, 28672, 64),
+    "quant_8192x28672_m64_smem": lambda: quant_case(8192, 28672, 64, gemm="smem"),
+    "quant_8192x28672_m256": lambda: quant_case(8192, 28672, 256),
     "linear_8192x4096x32000_bf16": lambda: linear_case(8192, 4096, 32000),
 }
 

@@ -434,6 +434,78 @@ def test_quant_tensor_core_gemm_refuses_what_it_cannot_read(quant_mma_lib):
         del kept
 
 
+@pytest.fixture(scope="module")
+def quant_gemm_pipe_lib():
+    return quant_gemm_lib("quant/quant_gemm_pipe_cuda.cu", "quant_gemm_pipe_harness.cpp", "quant_gemm_pipe",
+                          "emu_quant_gemm_pipe")
+
+
+@pytest.mark.parametrize("bits,group_size,kind", GEMV_MMA_FORMATS, ids=lambda v: str(v))
+def test_quant_pipelined_gemm(quant_gemm_pipe_lib, bits, group_size, kind):
+    """The pipelined tensor-core GEMM (batches above 16, the tensor-core GEMV's formats;
+    quant_gemm_pipe_cuda.cu) against x @ W^T in float64 with W unrounded (it multiplies q - z
+    exactly and scales float32 sums): N = 150 is one whole and one partial block of 128
+    features; M = 17 / 70 leave partial blocks of 64 batch rows. The group sizes give 4, 8 and
+    16 bytes per lane and step (2-bit at most 8); per channel, K = 384 is 3-6 steps per row."""
+    g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + len(kind) + 23)
+    k = 384 if group_size == -1 else 3 * group_size
+    qw, w64 = quantized(bits, group_size, kind, 150, k, g)
+    kept, args = quant_args(qw)
+    dtypes = (torch.float16, torch.bfloat16) if bits < 8 else (torch.float16,)
+    for m, dtype in [(17, dtypes[0]), (70, dtypes[-1])]:
+        check_quant_gemm(quant_gemm_pipe_lib.emu_quant_gemm_pipe, args, w64, m, dtype, g)
+    del kept
+
+
+@pytest.mark.parametrize("bits,group_size", [(4, 128), (2, 64), (8, -1), (4, 384)], ids=str)
+def test_quant_pipelined_gemm_long_rows(quant_gemm_pipe_lib, bits, group_size):
+    """Rows of many steps: the pipeline's stages wrap around several times, the step's group is
+    carried along (one group per row; 1 or 3 steps per group), and with 1-2 output tiles for the
+    emulator's 3 multiprocessors K is split over blocks (workspace and the reduce kernel)."""
+    g = torch.Generator().manual_seed(bits * 100 + group_size + 5)
+    qw, w64 = quantized(bits, group_size, "asymmetric", 19, 3072, g)
+    kept, args = quant_args(qw)
+    for m, dtype in ((17, torch.float16), (100, torch.float16)) + (((33, torch.bfloat16),) if bits < 8 else ()):
+        check_quant_gemm(quant_gemm_pipe_lib.emu_quant_gemm_pipe, args, w64, m, dtype, g)
+    del kept
+
+
+def test_quant_pipelined_gemm_fractional_zeros(quant_gemm_pipe_lib):
+    """Imported weights whose zero points are not integers (or too large for the 16-bit
+    constants): the correction by the sums of x, in warps whose features mix integer and
+    fractional zeros."""
+    g = torch.Generator().manual_seed(43)
+    n, k, group = 37, 256, 64
+    for bits, dtype in ((4, torch.float16), (4, torch.bfloat16), (2, torch.float16), (8, torch.float16)):
+        q = torch.randint(0, 1 << bits, (n, k), generator=g)
+        scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
+        zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
+        zeros[::3] = zeros[::3].round()
+        zeros[5, 1] = 3000.0 if dtype == torch.float16 else 300.0
+        qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
+        w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        kept, args = quant_args(qw)
+        check_quant_gemm(quant_gemm_pipe_lib.emu_quant_gemm_pipe, args, w64, 20, dtype, g)
+        del kept
+
+
+def test_quant_pipelined_gemm_refuses_what_it_cannot_read(quant_gemm_pipe_lib):
+    """Codebooks, 3-bit weights, 8-bit weights with bfloat16 x, float32 x and plane lengths that
+    are no multiple of 16 (2-bit groups of 32) keep the shared-memory GEMM."""
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(20, 256, generator=g)
+    y = torch.empty(20, 5)
+    cases = [(4, 64, ops.nf_codebook(4), torch.float16), (3, 64, None, torch.float16),
+             (8, 64, None, torch.bfloat16), (4, 64, None, torch.float32), (2, 32, None, torch.float16)]
+    for bits, gs, codebook, dtype in cases:
+        qw = ops.quantize_weight(torch.randn(5, 256, generator=g), bits, gs, True, codebook)
+        kept, args = quant_args(qw)
+        err = quant_gemm_pipe_lib.emu_quant_gemm_pipe(*args, x.to(dtype).data_ptr(), DTYPE_CODES[dtype], 20,
+                                                      None, y.to(dtype).data_ptr())
+        assert err == b"not applicable", (bits, gs, dtype)
+        del kept
+
+
 # ---- logit distillation ------------------------------------------------------------------------
 
 
@@ -1576,13 +1648,13 @@ def test_emulator_poisons_shared_memory(selftest_lib):
 @pytest.mark.parametrize("mode,seed", [(1, 0), (2, 7), (2, 2026)], ids=["reversed", "shuffled-7", "shuffled-2026"])
 def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_lib, kd_lib, sinkhorn_lib,
                                                    metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-                                                   nb_lib, quant_gemv_mma_lib, lce_lib):
+                                                   nb_lib, quant_gemv_mma_lib, lce_lib, quant_gemm_pipe_lib):
     """Cases of every family (those with barriers, shuffles, shared scratch reused across
     iterations) again with the threads of each phase run in reverse or shuffled order: a read of
     another thread's write with no barrier between them (a race on a GPU) changes the result
     under some order."""
     libs = (tcn_lib, quant_lib, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, sim_lib, quant_mma_lib,
-            nb_lib, quant_gemv_mma_lib, lce_lib)
+            nb_lib, quant_gemv_mma_lib, lce_lib, quant_gemm_pipe_lib)
     for lib in libs:
         lib.emu_set_schedule.argtypes = [ctypes.c_int, ctypes.c_ulonglong]
         lib.emu_set_schedule(mode, seed)
@@ -1608,6 +1680,8 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
         test_quant_tensor_core_gemm(quant_mma_lib, 3, 32, "asymmetric")
         test_quant_tensor_core_gemv(quant_gemv_mma_lib, 4, 128, "asymmetric")
         test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib)
+        test_quant_pipelined_gemm(quant_gemm_pipe_lib, 4, 128, "asymmetric")
+        test_quant_pipelined_gemm_long_rows(quant_gemm_pipe_lib, 2, 64)
         test_icnn_score_kernel(nb_lib, "ties")
         test_knn_rows_kernel(nb_lib, "ties")
         test_linear_ce_stats(lce_lib, "splits", torch.float16)

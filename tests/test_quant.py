@@ -270,10 +270,33 @@ def test_cuda_warp_gemv_forced(monkeypatch):
 
 @pytest.mark.cuda
 @requires_cuda
+def test_cuda_smem_gemm_forced(monkeypatch):
+    """FASTLOSS_QUANT_GEMM=smem (bench_quant.py's comparison) runs the shared-memory tensor-core
+    GEMM where the pipelined one applies; both give x @ W^T (the shared-memory one with the
+    weights rounded to x's dtype), at batches of one partial, two and five blocks of 64 rows."""
+    g = torch.Generator().manual_seed(13)
+    n, k = 300, 1024
+    qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 0.1, 4, 128, False)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)
+    qc = qw.to("cuda")
+    for m, dtype, tol in ((17, torch.float16, 3e-3), (128, torch.bfloat16, 2e-2), (300, torch.float16, 3e-3)):
+        x = torch.randn(m, k, generator=g).to(dtype)
+        y64 = x.double() @ w64.T
+        pipelined = ops.dequant_gemm(x.cuda(), qc).cpu().double()
+        monkeypatch.setenv("FASTLOSS_QUANT_GEMM", "smem")
+        smem = ops.dequant_gemm(x.cuda(), qc).cpu().double()
+        monkeypatch.delenv("FASTLOSS_QUANT_GEMM")
+        for y in (pipelined, smem):
+            torch.testing.assert_close(y, y64, rtol=tol, atol=tol * y64.abs().max().item())
+
+
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_cuda_gemv_with_fractional_zeros(bits):
     """Imported weights whose zero points are not integers (or lie past what the tensor-core
-    GEMV's 16-bit constants hold) give x @ W^T at batch 1 and 11 with 16-bit x."""
+    GEMV's and the pipelined GEMM's 16-bit constants hold) give x @ W^T at batch 1, 11 and 40
+    with 16-bit x."""
     g = torch.Generator().manual_seed(bits + 50)
     n, k, group = 300, 512, 128
     q = torch.randint(0, 1 << bits, (n, k), generator=g)
@@ -285,7 +308,7 @@ def test_cuda_gemv_with_fractional_zeros(bits):
     w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
     qc = qw.to("cuda")
     dtypes = ((torch.float16, 3e-3), (torch.bfloat16, 2e-2)) if bits < 8 else ((torch.float16, 3e-3),)
-    for (dtype, tol), m in itertools.product(dtypes, (1, 11)):
+    for (dtype, tol), m in itertools.product(dtypes, (1, 11, 40)):
         x = torch.randn(m, k, generator=g).to(dtype)
         y = ops.dequant_gemm(x.cuda(), qc).cpu().double()
         y64 = x.double() @ w64.T

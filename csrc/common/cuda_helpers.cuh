@@ -50,6 +50,40 @@ __device__ __forceinline__ void prefetch_l2(const void* p) {
 #endif
 }
 
+// Asynchronous 16-byte copies global -> shared (cp.async, sm_80 and later), committed in groups:
+// cp_async_wait<N>() returns once at most the N newest committed groups are still in flight;
+// what the copies wrote is then visible to the calling thread, and to the block after a
+// __syncthreads. Why: the bytes in flight hold no registers, so a kernel can keep several steps
+// of loads outstanding (a multi-stage pipeline). Below sm_80 (compiled for the wheels' older
+// targets, never run: such kernels check mma_available) a plain copy. The emulator lands each
+// copy at the issuing thread's wait, or at once in its reordered schedules (emu.h), so a read
+// without the wait and the barrier, or a copy into a buffer other threads still read, shows.
+__device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+#elif defined(__CUDA_ARCH__)
+  *static_cast<uint4*>(shared_dst) = *static_cast<const uint4*>(global_src);
+#elif !defined(__CUDACC__)
+  ::emu::cp_async(shared_dst, global_src, 16);
+#endif
+}
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#elif !defined(__CUDACC__)
+  ::emu::cp_async_commit();
+#endif
+}
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#elif !defined(__CUDACC__)
+  ::emu::cp_async_wait(N);
+#endif
+}
+
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }
 __device__ __forceinline__ void store1(__half* p, float v) { *p = __float2half_rn(v); }
 __device__ __forceinline__ void store1(__nv_bfloat16* p, float v) { *p = __float2bfloat16_rn(v); }

@@ -49,12 +49,17 @@
 
 #include "../common/cuda_helpers.cuh"
 #include "../common/mma.cuh"
+#include "quant_half16.cuh"
 #include "quant_kernels.h"
 
 namespace fastloss {
 namespace {
 using FL_ISA::bits_as;
+using FL_ISA::decode_halves;
+using FL_ISA::Half16;
+using FL_ISA::integer_zero;
 using FL_ISA::mma_m16n8k16;
+using FL_ISA::Planes;
 using FL_ISA::prefetch_l2;
 using FL_ISA::store1;
 
@@ -64,57 +69,12 @@ constexpr int kWarps = 8;  // warps per block, each on its own steps of the bloc
 template <int NT>
 constexpr int kAhead = NT == 1 ? 2 : 1;
 
-// The 16-bit float type's constants: kMagic's mantissa takes a code in its low bits (two codes
-// per 32-bit word); kScaledPlanes: planes j > 0 are masked in place (code << bits j, one fewer
-// shift) and scaled back by the fused multiply-add (float16: 1024 + 64 q stays exact; bfloat16,
-// with 7 mantissa bits, shifts every plane down instead).
-template <class T>
-struct Half16;
-template <>
-struct Half16<__half> {
-  using Pair = __half2;
-  static constexpr uint32_t kMagic = 0x64006400u;  // 1024.0
-  static constexpr float kBase = 1024.f;
-  static constexpr bool kScaledPlanes = true;
-  static constexpr float kMaxZero = 1024.f;        // |zi| <= 1024: 1024 + zi and q - zi exact
-  static constexpr uint32_t kOne = 0x3c003c00u;
-  __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2half2_rn(v, v)); }
-  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-    return bits_as<uint32_t>(__hfma2(bits_as<Pair>(a), bits_as<Pair>(b), bits_as<Pair>(c)));
-  }
-};
-template <>
-struct Half16<__nv_bfloat16> {
-  using Pair = __nv_bfloat162;
-  static constexpr uint32_t kMagic = 0x43004300u;  // 128.0
-  static constexpr float kBase = 128.f;
-  static constexpr bool kScaledPlanes = false;
-  static constexpr float kMaxZero = 128.f;         // 128 + zi in [0, 256]: exact
-  static constexpr uint32_t kOne = 0x3f803f80u;
-  __device__ static uint32_t splat(float v) { return bits_as<uint32_t>(__floats2bfloat162_rn(v, v)); }
-  __device__ static uint32_t fma(uint32_t a, uint32_t b, uint32_t c) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
-    // (bfloat16 arithmetic needs sm_80; the kernel never runs below it (mma_available),
-    // but the file is compiled for the wheels' older targets too: the same values in float32)
-    const float2 fa = __bfloat1622float2(bits_as<Pair>(a)), fb = __bfloat1622float2(bits_as<Pair>(b)),
-                 fc = __bfloat1622float2(bits_as<Pair>(c));
-    return bits_as<uint32_t>(__floats2bfloat162_rn(fmaf(fa.x, fb.x, fc.x), fmaf(fa.y, fb.y, fc.y)));
-#else
-    return bits_as<uint32_t>(__hfma2(bits_as<Pair>(a), bits_as<Pair>(b), bits_as<Pair>(c)));
-#endif
-  }
-};
-
-// The codes of plane j at bytes (h, h + 2) of `word` as a 16-bit pair, q - zi exactly, given
-// the plane's constants: `unscale` (2^-(bits j), or 1) and `minus_c` (-(base 2^-(bits j) + zi)).
+// The codes of plane j at bytes (h, h + 2) of `word` as a 16-bit pair, q - zi exactly
+// (decode_halves, quant_half16.cuh).
 template <int BITS, class T>
 __device__ __forceinline__ uint32_t decode_pair(uint32_t word, int j, int h, uint32_t unscale,
                                                 uint32_t minus_c) {
-  constexpr uint32_t kMask = ((1u << BITS) - 1) * 0x00010001u;
-  using H = Half16<T>;
-  const uint32_t v = H::kScaledPlanes ? ((word >> (8 * h)) & (kMask << (BITS * j))) | H::kMagic
-                                      : ((word >> (8 * h + BITS * j)) & kMask) | H::kMagic;
-  return H::fma(v, unscale, minus_c);
+  return decode_halves<BITS, T>(word >> (8 * h), j, unscale, minus_c);
 }
 
 // What a lane loads for one step: Wb bytes of rows g and g + 8, and their groups' scale and zero.
@@ -173,12 +133,6 @@ __device__ __forceinline__ StepLoad<WB> load_step(const QuantWeight& w, const Ro
   return l;
 }
 
-// zi: z rounded to an integer the constants hold exactly (NaN / inf land in r = z - zi)
-template <class T>
-__device__ __forceinline__ float integer_zero(float z) {
-  return fminf(fmaxf(rintf(z), -Half16<T>::kMaxZero), Half16<T>::kMaxZero);
-}
-
 // x's B fragment for 8 batch rows at k .. k + 3 of the lane's batch row (xk: that row at k, or
 // null past M): pairs (k, k + 2) and (k + 1, k + 3), as decode_pair pairs bytes (0, 2), (1, 3).
 template <class T>
@@ -191,22 +145,6 @@ __device__ __forceinline__ void x_fragment(uint32_t (&b)[2], const T* xk) {
   b[0] = __byte_perm(u.x, u.y, 0x5410);
   b[1] = __byte_perm(u.x, u.y, 0x7632);
 }
-
-// The planes' constants: 2^-(bits j) as a 16-bit pair (float16) or 1, and base 2^-(bits j).
-template <int BITS, class T>
-struct Planes {
-  static constexpr int kCount = quant_planes(BITS);
-  uint32_t unscale[kCount];
-  float base[kCount];
-  __device__ Planes() {
-#pragma unroll
-    for (int j = 0; j < kCount; ++j) {
-      const float f = Half16<T>::kScaledPlanes ? 1.f / float(1u << (BITS * j)) : 1.f;
-      unscale[j] = Half16<T>::splat(f);
-      base[j] = Half16<T>::kBase * f;
-    }
-  }
-};
 
 // Adds one step's contribution to acc (d[0], d[1]: row g; d[2], d[3]: row g + 8; a fragment
 // per 8 batch rows). Every lane of the warp calls it (mma and ballot are warp-wide).

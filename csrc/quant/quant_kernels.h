@@ -89,6 +89,15 @@ bool quant_mma_applies(const QuantWeight& w, ScalarType dtype);
 int64_t quant_mma_workspace_floats(const QuantWeight& w, int64_t M);
 const char* quant_mma_gemm_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
                                 const float* bias, void* y, float* workspace, void* stream);
+// The pipelined tensor-core GEMM (quant_gemm_pipe_cuda.cu) for M > kQuantMaxRows: the same
+// contract as quant_mma_gemm_cuda, for what quant_gemm_pipe_applies() accepts (the tensor-core
+// GEMV's formats: uniform 2- and 4-bit weights, 8-bit with float16 x, float16 / bfloat16 x,
+// plane lengths a multiple of 16, qweight 16-byte aligned, x 16-byte aligned, sm_80 or later
+// with 120 KB of shared memory per block); the other formats take quant_mma_gemm_cuda.
+bool quant_gemm_pipe_applies(const QuantWeight& w, ScalarType dtype);
+int64_t quant_gemm_pipe_workspace_floats(const QuantWeight& w, int64_t M);
+const char* quant_gemm_pipe_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
+                                 const float* bias, void* y, float* workspace, void* stream);
 // The tensor-core GEMV for M <= kQuantMaxRows (quant_gemv_mma_cuda.cu): same contract as
 // quant_gemv_cuda, for what quant_gemv_mma_applies() accepts (uniform 2 / 4 / 8-bit weights
 // with float16 x, 2 / 4-bit with bfloat16 x, plane length a multiple of 16, qweight 16-byte

@@ -1,7 +1,9 @@
-// Tensor-core dequant GEMM, the path for batches above the GEMV's (M > kQuantMaxRows) with
-// float16 / bfloat16 activations: y [M, N] = x [M, K] W^T (+ bias), W decoded from the packed
-// layout (quant_kernels.h) into shared memory in x's dtype and never written to global memory
-// (the path it replaces dequantized float32 tiles and multiplied them with float32 cuBLAS).
+// Shared-memory tensor-core dequant GEMM, the path for batches above the GEMV's (M >
+// kQuantMaxRows) with float16 / bfloat16 activations for the formats the pipelined GEMM
+// (quant_gemm_pipe_cuda.cu) does not read: 3-bit, codebooks, 8-bit with bfloat16 x, plane
+// lengths not a multiple of 16 (and every format under FASTLOSS_QUANT_GEMM=smem):
+// y [M, N] = x [M, K] W^T (+ bias), W decoded from the packed layout (quant_kernels.h) into
+// shared memory in x's dtype and never written to global memory.
 //
 // A block computes a 64 x 64 tile of y (64 rows of x, 64 output features) with 4 warps of
 // 32 x 32 (2 x 4 mma m16n8k16 tiles each, common/mma.cuh). The reduction over K runs in steps
@@ -16,10 +18,10 @@
 // Weights are rounded to x's dtype before the multiply, as a float16 / bfloat16 matmul of the
 // dequantized weights would; accumulation is float32.
 //
-// Not here yet (NOT measured on a GPU either): weights pre-shuffled into fragment order (loaded
-// straight into registers, no shared-memory round trip), multi-stage cp.async pipelines.
-// Plane lengths that are not a multiple of 4 and
-// float32 activations keep the dequantize + cuBLAS path (quant_op.cpp).
+// On an H200 at f95b002 (before the pipelined GEMM, when this kernel ran every format):
+// 0.05-0.31x cuBLAS float16 at batch 64-256 (8192 x 28672 4-bit: 0.63 ms at 64, 3.2 at 256).
+// Plane lengths that are not a multiple of 4 and float32 activations keep the dequantize +
+// cuBLAS path (quant_op.cpp).
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -28,6 +30,7 @@
 #include "../common/mma.cuh"
 #include "quant_decode.cuh"
 #include "quant_kernels.h"
+#include "quant_split_k.cuh"
 
 namespace fastloss {
 namespace {
@@ -223,19 +226,6 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// y = the splits' partial sums in split order (the same bits every run) + bias
-template <class T>
-__global__ void __launch_bounds__(256)
-    reduce_splits(const float* __restrict__ partial, int splits, int64_t M, int64_t N,
-                  const float* __restrict__ bias, T* __restrict__ y) {
-  const int64_t total = M * N, stride = int64_t(gridDim.x) * 256;
-  for (int64_t e = int64_t(blockIdx.x) * 256 + threadIdx.x; e < total; e += stride) {
-    float v = bias ? bias[e % N] : 0.f;
-    for (int z = 0; z < splits; ++z) v += partial[int64_t(z) * total + e];
-    store1(y + e, v);
-  }
-}
-
 // K steps of 32 values for a weight (the packed layout's units, StepShape's)
 int64_t k_steps(const QuantWeight& w) {
   const int64_t per_unit = 4 * quant_planes(w.bits), units = w.K / per_unit;
@@ -243,25 +233,9 @@ int64_t k_steps(const QuantWeight& w) {
   return (units + per_step - 1) / per_step;
 }
 
-// Splits of K: one unless the output tiles cannot fill the GPU twice over (a 4096-row layer
-// has 64 tiles at batch <= 64 for 132 multiprocessors on an H100 / H200); then enough to, with
-// at least kMinSplitSteps steps each, at most kMaxSplits.
-constexpr int64_t kMinSplitSteps = 4, kMaxSplits = 16;
 int splits_for(const QuantWeight& w, int64_t M) {
-  int device = 0, sms = 1;
-  cudaGetDevice(&device);
-  cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
   const int64_t m_blocks = (M + kBM - 1) / kBM;
-  const int64_t tiles = (w.N + kBN - 1) / kBN * (m_blocks < 65535 ? m_blocks : 65535);
-  const int64_t target = 2 * int64_t(sms > 0 ? sms : 1);
-  if (tiles >= target) return 1;
-  int64_t s = (target + tiles - 1) / tiles;
-  s = s < kMaxSplits ? s : kMaxSplits;
-  const int64_t steps = k_steps(w), by_steps = steps / kMinSplitSteps;
-  s = s < by_steps ? s : by_steps;
-  if (s <= 1) return 1;
-  const int64_t per_split = (steps + s - 1) / s;
-  return int((steps + per_split - 1) / per_split);  // no split left without steps
+  return quant_split_count((w.N + kBN - 1) / kBN * (m_blocks < 65535 ? m_blocks : 65535), k_steps(w));
 }
 
 template <int BITS, class T>

@@ -190,10 +190,15 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
                                 : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
     } else {
-      const int64_t floats = quant_mma_workspace_floats(w, M);
+      // the pipelined GEMM for the uniform formats it reads, the shared-memory one for the rest;
+      // FASTLOSS_QUANT_GEMM=smem forces the latter (bench_quant.py compares them in one run)
+      const char* gemm = std::getenv("FASTLOSS_QUANT_GEMM");
+      const bool pipe = !(gemm != nullptr && std::string_view(gemm) == "smem") && quant_gemm_pipe_applies(w, dtype);
+      const int64_t floats = pipe ? quant_gemm_pipe_workspace_floats(w, M) : quant_mma_workspace_floats(w, M);
       Tensor workspace = at::empty({floats}, f32);  // split-K partial sums, or nothing
-      check_cuda_launch(quant_mma_gemm_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(),
-                                            floats ? workspace.data_ptr<float>() : nullptr, cuda_stream()),
+      float* ws = floats ? workspace.data_ptr<float>() : nullptr;
+      check_cuda_launch(pipe ? quant_gemm_pipe_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), ws, cuda_stream())
+                             : quant_mma_gemm_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), ws, cuda_stream()),
                         kOp);
     }
     return yx;

@@ -66,6 +66,13 @@ inline cudaError_t last_error = cudaSuccess;
 inline std::string last_message;
 inline std::string fault_message;  // set by a thread that did what a GPU would trap on
 
+// A cp.async copy (cp_async16, cuda_helpers.cuh) not landed yet.
+struct AsyncCopy {
+  void* dst;
+  const void* src;
+  size_t bytes;
+};
+
 struct Fiber {
   ucontext_t ctx;
   uint3 tid;
@@ -80,6 +87,9 @@ struct Fiber {
   // must be at the same one
   const char* kind = "";
   std::source_location site;
+  // its cp.async copies: the open group, and the committed groups not waited for (oldest first)
+  std::vector<AsyncCopy> open_copies;
+  std::vector<std::vector<AsyncCopy>> committed_copies;
 };
 
 inline std::string hex(unsigned v) {
@@ -114,6 +124,31 @@ inline void fiber_entry() {
 }
 
 inline Fiber& self() { return block->fibers[block->current]; }
+
+// cp.async: in thread order (schedule 0) a copy lands at the issuing thread's cp_async_wait
+// that covers its group, as late as a GPU may land it (a read of the buffer before that wait
+// and a barrier sees the shared memory's poison); in the reordered schedules it lands at once,
+// as early as a GPU may (a copy issued into a buffer that other threads still read, with no
+// barrier between, changes what they read). Copies of a group never waited for are dropped.
+inline void cp_async(void* dst, const void* src, size_t bytes) {
+  if (schedule != 0) {
+    std::memcpy(dst, src, bytes);
+    return;
+  }
+  self().open_copies.push_back({dst, src, bytes});
+}
+inline void cp_async_commit() {
+  Fiber& f = self();
+  f.committed_copies.push_back(std::move(f.open_copies));
+  f.open_copies.clear();
+}
+inline void cp_async_wait(int newest_pending) {
+  Fiber& f = self();
+  while (f.committed_copies.size() > size_t(newest_pending)) {
+    for (const AsyncCopy& c : f.committed_copies.front()) std::memcpy(c.dst, c.src, c.bytes);
+    f.committed_copies.erase(f.committed_copies.begin());
+  }
+}
 
 // Ends the calling thread and the launch with `what` (a GPU would trap).
 inline void fault(const std::string& what) {

@@ -30,9 +30,10 @@ rows dequantize tiles of 256 output rows and use torch's GEMM. CUDA kernels
 (2/4-bit with bfloat16) decode into 16-bit floats (exact small integers ``q - z``) and multiply
 on tensor cores with float32 sums scaled per group (``quant_gemv_mma_cuda.cu``); the other
 formats, one warp per output row decodes the packed row in registers from coalesced 32-bit
-loads; more rows of float16 / bfloat16 ``x`` go through a
-tensor-core GEMM that decodes the packed words into shared memory (``quant_mma_cuda.cu``,
-sm_80+), the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
+loads; more rows of float16 / bfloat16 ``x`` go through tensor-core GEMMs (sm_80+): the
+GEMV's formats a pipelined one that copies the packed bytes and ``x`` into shared memory with
+``cp.async`` and decodes the words into fragment registers (``quant_gemm_pipe_cuda.cu``), the
+other formats one that decodes the packed words into shared memory (``quant_mma_cuda.cu``); the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
 (frozen-weight fine-tuning) and ``bias``, not to the packed weight.
 """
 
