@@ -90,10 +90,10 @@ def dice_case(n, c):
     return grad_call(lambda: ops.dice_loss(x, t), x)
 
 
-def quant_case(n, k, m, prefetch=None, gemm=None):
+def quant_case(n, k, m, ring=None, gemm=None):
     qw = ops.quantize_weight(randn(n, k) * 0.02, 4, 128)
     x = randn(m, k, dtype=torch.float16)
-    env = {"FASTLOSS_QUANT_PREFETCH": None if prefetch is None else str(prefetch), "FASTLOSS_QUANT_GEMM": gemm}
+    env = {"FASTLOSS_QUANT_GEMV_RING": None if ring is None else str(ring), "FASTLOSS_QUANT_GEMM": gemm}
 
     def call():
         os.environ.update({key: v for key, v in env.items() if v is not None})
@@ -130,7 +130,7 @@ CASES = {
     "clip_4096x512": lambda: clip_case(4096, 512),
     "dice_1024x32000": lambda: dice_case(1024, 32000),
     "quant_8192x28672_m1": lambda: quant_case(8192, 28672, 1),
-    "quant_8192x28672_m1_no_prefetch": lambda: quant_case(8192, 28672, 1, prefetch=0),
+    "quant_8192x28672_m1_ring2": lambda: quant_case(8192, 28672, 1, ring=2),
     "quant_8192x28672_m64": lambda: quant_case(8192, 28672, 64),
     "quant_8192x28672_m64_smem": lambda: quant_case(8192, 28672, 64, gemm="smem"),
     "quant_8192x28672_m256": lambda: quant_case(8192, 28672, 256),

@@ -359,6 +359,20 @@ def test_quant_tensor_core_gemv_long_rows(quant_gemv_mma_lib, bits, group_size):
     del kept
 
 
+@pytest.mark.parametrize("ring", [2, 3, 5])
+def test_quant_tensor_core_gemv_shallow_rings(quant_gemv_mma_lib, ring):
+    """Rings of fewer shared slots per warp than the default (FASTLOSS_QUANT_GEMV_RING, the
+    benchmark's comparison): 1, 2 or 4 steps in flight, slots reused many times over a row."""
+    lib = quant_gemv_mma_lib
+    lib.emu_set_gemv_ring.argtypes = [ctypes.c_int]
+    lib.emu_set_gemv_ring(ring)
+    try:
+        test_quant_tensor_core_gemv_long_rows(lib, 4, 128)
+        test_quant_tensor_core_gemv_long_rows(lib, 2, 64)
+    finally:
+        lib.emu_set_gemv_ring(8)
+
+
 def test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib):
     """Imported weights whose zero points are not integers (or are too large for the 16-bit
     constants) take the kernel's correction by the sums of x; one group of integer zeros in a

@@ -39,17 +39,6 @@ __device__ __forceinline__ float load1(const __half* p) {
 __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
   return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
-// A hint that brings the line holding p into L2 without holding a register for it (the loads
-// a kernel can have in flight are otherwise bounded by the registers that receive them); no
-// operation under the emulator, which has no cache.
-__device__ __forceinline__ void prefetch_l2(const void* p) {
-#if defined(__CUDA_ARCH__)
-  asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-#else
-  (void)p;
-#endif
-}
-
 // Asynchronous 16-byte copies global -> shared (cp.async, sm_80 and later), committed in groups:
 // cp_async_wait<N>() returns once at most the N newest committed groups are still in flight;
 // what the copies wrote is then visible to the calling thread, and to the block after a
@@ -68,6 +57,17 @@ __device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_
   ::emu::cp_async(shared_dst, global_src, 16);
 #endif
 }
+// The same for 4 bytes (cp.async.ca: through L1; both addresses 4-byte aligned).
+__device__ __forceinline__ void cp_async4(void* shared_dst, const void* global_src) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;\n" ::"r"(dst), "l"(global_src) : "memory");
+#elif defined(__CUDA_ARCH__)
+  *static_cast<uint32_t*>(shared_dst) = *static_cast<const uint32_t*>(global_src);
+#elif !defined(__CUDACC__)
+  ::emu::cp_async(shared_dst, global_src, 4);
+#endif
+}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   asm volatile("cp.async.commit_group;\n" ::: "memory");
@@ -82,6 +82,20 @@ __device__ __forceinline__ void cp_async_wait() {
 #elif !defined(__CUDACC__)
   ::emu::cp_async_wait(N);
 #endif
+}
+// cp_async_wait<n>() for a count known only at run time, 0 <= n <= 7 (the instruction takes
+// an immediate); larger n wait as for 7, negative n as for 0 (waiting longer is always safe).
+__device__ __forceinline__ void cp_async_wait_dynamic(int n) {
+  switch (n < 0 ? 0 : n) {
+    case 0: cp_async_wait<0>(); break;
+    case 1: cp_async_wait<1>(); break;
+    case 2: cp_async_wait<2>(); break;
+    case 3: cp_async_wait<3>(); break;
+    case 4: cp_async_wait<4>(); break;
+    case 5: cp_async_wait<5>(); break;
+    case 6: cp_async_wait<6>(); break;
+    default: cp_async_wait<7>(); break;
+  }
 }
 
 __device__ __forceinline__ void store1(float* p, float v) { *p = v; }

@@ -15,12 +15,11 @@
 //
 // Layout of the work: a block owns 16 output rows and kWarps warps; a step is 4 Wb contiguous
 // bytes of each of the 16 rows (Wb = 16, 8 or 4: the largest whose step stays inside one
-// group), warp w takes kAhead = 2 consecutive steps at a time at M <= 8 (2w, 2w + 1, then
-// 2 kWarps further on; the next two steps' bytes are requested before these are used; at M 9-16
-// one step at a time, the next one in flight), and the warps'
+// group), warp w takes steps w, w + kWarps, ..., copied with cp.async into its own ring of
+// shared slots (with the groups' scales and zero points) `ring` - 1 steps ahead, and the warps'
 // float32 sums are added in order at the end (deterministic, no atomics). In a step, lane
-// (g, t) (g = lane / 4, t = lane % 4) loads Wb bytes at offset t Wb of rows g and g + 8 (16
-// rows x 64 contiguous bytes per warp load at Wb = 16). A 32-bit word
+// (g, t) (g = lane / 4, t = lane % 4) reads Wb bytes at offset t Wb of rows g and g + 8 from
+// the slot. A 32-bit word
 // of those bytes holds, per plane j, the codes of 4 consecutive positions i .. i + 3 of the
 // group, i.e. of k = j P + i .. i + 3 (quant_kernels.h); the pair (bytes 0, 2) fills the
 // fragment register of columns (2t, 2t + 1) and (bytes 1, 3) that of (2t + 8, 2t + 9). Which k
@@ -37,7 +36,9 @@
 // Written in session 14 without a GPU (tests/test_cuda_emulation.py runs it under the
 // emulator); first run on an H200 at f95b002: its tests pass, batch 1 at 8192x28672 4-bit
 // 0.11 ms (29% of the byte floor; the warp GEMV 0.20, cuBLAS float16 0.15), batch 16 0.13 ms
-// (the warp GEMV 2.50). The L2 prefetch below came after, unmeasured. The other formats (3-bit,
+// (the warp GEMV 2.50), with a register double buffer (2 KB in flight per warp) where the ring
+// is now (session 22, unmeasured; FASTLOSS_QUANT_GEMV_RING=2 gives one step in flight for the
+// comparison in bench_quant.py). The other formats (3-bit,
 // codebooks, float32 x, 8-bit with bfloat16 x, plane lengths not a multiple of 16) keep
 // quant_cuda.cu's GEMV, or the tensor-core GEMM above 8 rows.
 #include <cuda_bf16.h>
@@ -60,14 +61,13 @@ using FL_ISA::Half16;
 using FL_ISA::integer_zero;
 using FL_ISA::mma_m16n8k16;
 using FL_ISA::Planes;
-using FL_ISA::prefetch_l2;
+using FL_ISA::cp_async16;
+using FL_ISA::cp_async4;
+using FL_ISA::cp_async_commit;
+using FL_ISA::cp_async_wait_dynamic;
 using FL_ISA::store1;
 
 constexpr int kWarps = 8;  // warps per block, each on its own steps of the block's 16 rows
-// consecutive steps a warp loads together: 2 for one fragment of batch rows (M <= 8); 1 at 9-16
-// rows, whose second fragment needs the registers (with 2, ptxas for sm_90 spilled 84-200 bytes)
-template <int NT>
-constexpr int kAhead = NT == 1 ? 2 : 1;
 
 // The codes of plane j at bytes (h, h + 2) of `word` as a 16-bit pair, q - zi exactly
 // (decode_halves, quant_half16.cuh).
@@ -84,16 +84,17 @@ struct StepLoad {
   float sa, sb, za, zb;
 };
 
+// A lane's WB bytes of a row from the warp's shared slot
 template <int WB>
-__device__ __forceinline__ void load_words(uint32_t (&out)[WB / 4], const uint8_t* p) {
+__device__ __forceinline__ void shared_words(uint32_t (&out)[WB / 4], const unsigned char* p) {
   if constexpr (WB == 16) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
+    const uint4 v = *reinterpret_cast<const uint4*>(p);
     out[0] = v.x, out[1] = v.y, out[2] = v.z, out[3] = v.w;
   } else if constexpr (WB == 8) {
-    const uint2 v = __ldg(reinterpret_cast<const uint2*>(p));
+    const uint2 v = *reinterpret_cast<const uint2*>(p);
     out[0] = v.x, out[1] = v.y;
   } else {
-    out[0] = __ldg(reinterpret_cast<const uint32_t*>(p));
+    out[0] = *reinterpret_cast<const uint32_t*>(p);
   }
 }
 
@@ -120,16 +121,44 @@ struct StepPos {
   }
 };
 
+// A warp's shared slot for one step: the 16 rows' 4 WB bytes each, then their groups' scales
+// [16] and zero points [16].
 template <int WB>
-__device__ __forceinline__ StepLoad<WB> load_step(const QuantWeight& w, const Rows& r, const StepPos& pos, int t) {
+struct Slot {
+  static constexpr int kWeightBytes = 16 * 4 * WB;
+  static constexpr int kBytes = kWeightBytes + 32 * 4;
+};
+
+// Starts the copies of the step at `pos` into `slot`; every lane of the warp calls it. Rows past
+// N copy row N - 1 (their sums are not stored).
+template <int WB>
+__device__ __forceinline__ void issue_step(unsigned char* slot, const QuantWeight& w, const Rows& r,
+                                           const StepPos& pos, int64_t n0, int lane) {
+  constexpr int kPer = WB / 4;  // 16-byte pieces per row
+  for (int c = lane; c < 16 * kPer; c += 32) {
+    const int row = c / kPer, piece = c % kPer;
+    const int64_t n = n0 + row < w.N ? n0 + row : w.N - 1;
+    cp_async16(slot + row * 4 * WB + 16 * piece, w.q + n * r.row_bytes + pos.s * 4 * WB + 16 * piece);
+  }
+  const int row = lane % 16;
+  const int64_t n = n0 + row < w.N ? n0 + row : w.N - 1;
+  float* sz = reinterpret_cast<float*>(slot + Slot<WB>::kWeightBytes);
+  if (lane < 16) cp_async4(sz + row, w.scale + n * r.G + pos.gi);
+  else if (w.zero) cp_async4(sz + 16 + row, w.zero + n * r.G + pos.gi);
+}
+
+// Lane (g, t)'s share of the step in `slot`: WB bytes at t WB of rows g and g + 8, and their
+// scales and zero points.
+template <int WB>
+__device__ __forceinline__ StepLoad<WB> read_step(const unsigned char* slot, bool zeros, int g, int t) {
   StepLoad<WB> l;
-  const int64_t off = pos.s * 4 * WB + t * WB, g = pos.gi;
-  load_words<WB>(l.a, w.q + r.ra * r.row_bytes + off);
-  load_words<WB>(l.b, w.q + r.rb * r.row_bytes + off);
-  l.sa = __ldg(w.scale + r.ra * r.G + g);
-  l.sb = __ldg(w.scale + r.rb * r.G + g);
-  l.za = w.zero ? __ldg(w.zero + r.ra * r.G + g) : 0.f;
-  l.zb = w.zero ? __ldg(w.zero + r.rb * r.G + g) : 0.f;
+  shared_words<WB>(l.a, slot + g * 4 * WB + t * WB);
+  shared_words<WB>(l.b, slot + (g + 8) * 4 * WB + t * WB);
+  const float* sz = reinterpret_cast<const float*>(slot + Slot<WB>::kWeightBytes);
+  l.sa = sz[g];
+  l.sb = sz[g + 8];
+  l.za = zeros ? sz[16 + g] : 0.f;
+  l.zb = zeros ? sz[16 + g + 8] : 0.f;
   return l;
 }
 
@@ -198,8 +227,9 @@ __device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>
 template <int BITS, int WB, int NT, class T>
 __global__ void __launch_bounds__(32 * kWarps, 2)
     gemv_mma_kernel(QuantWeight w, const T* __restrict__ x, int64_t M, const float* __restrict__ bias,
-                    T* __restrict__ y, int prefetch_ahead) {
+                    T* __restrict__ y, int ring) {
   __shared__ float partial[kWarps][NT][4][32];
+  FL_DYNAMIC_SHARED(unsigned char, slots);  // [kWarps][ring] Slot<WB>
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = int64_t(blockIdx.x) * 16;
   Rows r;
@@ -211,42 +241,35 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
   r.steps_per_group = w.group / quant_planes(BITS) / (4 * WB);
   const Planes<BITS, T> planes;
 
-  // warp w takes steps A w .. A w + A - 1 (A = kAhead<NT>), then A kWarps further on; the next
-  // batch's bytes are requested before this one's are used, and those prefetch_ahead batches
-  // further on are prefetched into L2. Why: at 128 registers two blocks fit a multiprocessor,
-  // 16 warps with 2 KB of loads in flight each (H200 at f95b002: batch 1 at 8192x28672 4-bit
-  // 0.11 ms, 29% of the byte floor); the prefetches add loads in flight without registers.
-  // (NOT yet measured: FASTLOSS_QUANT_PREFETCH=0 turns them off for the comparison.)
-  constexpr int A = kAhead<NT>;
+  // Warp w takes steps w, w + kWarps, ...; its ring of `ring` shared slots holds the next
+  // ring - 1 of them in flight (cp.async: the loads in flight hold no registers; only this
+  // warp's lanes write and read its slots, so __syncwarp orders them). Why: the register
+  // double buffer this replaces kept 2 KB in flight per warp (H200 at f95b002: batch 1 at
+  // 8192x28672 4-bit 0.11 ms, 29% of the byte floor); 8 slots keep 7 KB.
+  unsigned char* ring_base = slots + int64_t(warp) * ring * Slot<WB>::kBytes;
   float acc[NT][4] = {};
-  const StepPos stride = StepPos::at(int64_t(kWarps) * A, r.steps_per_group);
-  const int64_t prefetch_bytes = int64_t(prefetch_ahead) * stride.s * 4 * WB;  // ahead of `next`
-  const int64_t row_end = r.steps * 4 * WB;
-  StepPos pos[A];
-  StepLoad<WB> cur[A] = {};
-#pragma unroll
-  for (int i = 0; i < A; ++i) {
-    pos[i] = StepPos::at(int64_t(warp) * A + i, r.steps_per_group);
-    if (pos[i].s < r.steps) cur[i] = load_step<WB>(w, r, pos[i], t);
-  }
-  while (pos[0].s < r.steps) {
-    StepPos npos[A];
-    StepLoad<WB> next[A] = {};
-#pragma unroll
-    for (int i = 0; i < A; ++i) {
-      npos[i] = pos[i].plus(stride, r.steps_per_group);
-      if (npos[i].s < r.steps) next[i] = load_step<WB>(w, r, npos[i], t);
-      const int64_t ahead = npos[i].s * 4 * WB + t * WB + prefetch_bytes;
-      if (prefetch_bytes > 0 && ahead < row_end) {
-        prefetch_l2(w.q + r.ra * r.row_bytes + ahead);
-        prefetch_l2(w.q + r.rb * r.row_bytes + ahead);
-      }
+  const StepPos stride = StepPos::at(kWarps, r.steps_per_group);
+  StepPos issued = StepPos::at(warp, r.steps_per_group), used = issued;
+  for (int st = 0; st < ring - 1; ++st) {
+    if (issued.s < r.steps) {
+      issue_step<WB>(ring_base + st * Slot<WB>::kBytes, w, r, issued, n0, lane);
+      issued = issued.plus(stride, r.steps_per_group);
     }
-#pragma unroll
-    for (int i = 0; i < A; ++i)
-      if (pos[i].s < r.steps) add_step<BITS, WB, NT, T>(acc, cur[i], pos[i], w, r, planes, x, M, g, t);
-#pragma unroll
-    for (int i = 0; i < A; ++i) cur[i] = next[i], pos[i] = npos[i];
+    cp_async_commit();  // (empty past the row: the wait below counts ring - 2 younger groups)
+  }
+  int slot = 0;
+  while (used.s < r.steps) {
+    cp_async_wait_dynamic(ring - 2);  // this lane's copies of the step have landed
+    __syncwarp();  // the warp's have, and its lanes are done with the previous step's slot
+    if (issued.s < r.steps) {
+      issue_step<WB>(ring_base + (slot == 0 ? ring - 1 : slot - 1) * Slot<WB>::kBytes, w, r, issued, n0, lane);
+      issued = issued.plus(stride, r.steps_per_group);
+    }
+    cp_async_commit();
+    const StepLoad<WB> l = read_step<WB>(ring_base + slot * Slot<WB>::kBytes, w.zero != nullptr, g, t);
+    add_step<BITS, WB, NT, T>(acc, l, used, w, r, planes, x, M, g, t);
+    used = used.plus(stride, r.steps_per_group);
+    slot = slot + 1 == ring ? 0 : slot + 1;
   }
   // the warps' sums, added in warp order by warp 0
 #pragma unroll
@@ -275,23 +298,36 @@ int lane_bytes(const QuantWeight& w) {
   return 0;
 }
 
+// The dynamic shared memory of a launch: kWarps rings of `ring` slots
+template <int WB>
+constexpr int ring_bytes(int ring) {
+  return kWarps * ring * Slot<WB>::kBytes;
+}
+
 template <int BITS, int WB, class T>
 const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t stream,
-                   int ahead) {
+                   int ring) {
   const dim3 grid(unsigned((w.N + 15) / 16)), block(32 * kWarps);
-  if (M <= 8) gemv_mma_kernel<BITS, WB, 1, T><<<grid, block, 0, stream>>>(w, x, M, bias, y, ahead);
-  else gemv_mma_kernel<BITS, WB, 2, T><<<grid, block, 0, stream>>>(w, x, M, bias, y, ahead);
+  const size_t bytes = size_t(ring_bytes<WB>(ring));
+  // (the kernels' limit is set to the largest ring's, the same value from every call and thread)
+  auto run = [&](auto kernel) {
+    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes<WB>(kQuantGemvMaxRing)) ==
+        cudaSuccess)
+      kernel<<<grid, block, bytes, stream>>>(w, x, M, bias, y, ring);
+  };
+  if (M <= 8) run(gemv_mma_kernel<BITS, WB, 1, T>);
+  else run(gemv_mma_kernel<BITS, WB, 2, T>);
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
 template <int BITS, class T>
 const char* launch_bits(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, cudaStream_t s,
-                        int ahead) {
+                        int ring) {
   switch (lane_bytes(w)) {
-    case 16: return launch<BITS, 16>(w, x, M, bias, y, s, ahead);
-    case 8: return launch<BITS, 8>(w, x, M, bias, y, s, ahead);
-    default: return launch<BITS, 4>(w, x, M, bias, y, s, ahead);
+    case 16: return launch<BITS, 16>(w, x, M, bias, y, s, ring);
+    case 8: return launch<BITS, 8>(w, x, M, bias, y, s, ring);
+    default: return launch<BITS, 4>(w, x, M, bias, y, s, ring);
   }
 }
 
@@ -302,13 +338,21 @@ bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
   if (!bits_ok || w.codebook || dtype == ScalarType::f32 || M < 1 || M > kQuantMaxRows || w.N < 1 ||
       lane_bytes(w) == 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
     return false;
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  // the largest rings (72 KB) and the warps' sums
+  if (optin < ring_bytes<16>(kQuantGemvMaxRing) + int(sizeof(float)) * kWarps * 2 * 4 * 32) return false;
   return FL_ISA::mma_available<gemv_mma_kernel<4, 16, 1, __half>>();
 }
 
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
-                                const float* bias, void* y, void* stream, int prefetch_ahead) {
+                                const float* bias, void* y, void* stream, int ring) {
   auto s = static_cast<cudaStream_t>(stream);
-  const int a = prefetch_ahead < 0 ? 0 : prefetch_ahead;
+  const int a = ring < 2 ? 2 : ring > kQuantGemvMaxRing ? kQuantGemvMaxRing : ring;
   if (dtype == ScalarType::f16) {
     const __half* xt = static_cast<const __half*>(x);
     __half* yt = static_cast<__half*>(y);

@@ -102,13 +102,13 @@ const char* quant_gemm_pipe_cuda(const QuantWeight& w, const void* x, ScalarType
 // quant_gemv_cuda, for what quant_gemv_mma_applies() accepts (uniform 2 / 4 / 8-bit weights
 // with float16 x, 2 / 4-bit with bfloat16 x, plane length a multiple of 16, qweight 16-byte
 // aligned, a device binary built for sm_80 or later); the rest takes quant_gemv_cuda.
-// prefetch_ahead: how many of a warp's iterations ahead its weight bytes are prefetched into
-// L2 (0: none; FASTLOSS_QUANT_PREFETCH overrides the default for benchmarks, quant_op.cpp).
-constexpr int kQuantGemvPrefetchAhead = 2;
+// ring: shared slots per warp, each a step of the weight stream (ring - 1 steps in flight;
+// 2 to kQuantGemvMaxRing; FASTLOSS_QUANT_GEMV_RING overrides the default for benchmarks,
+// quant_op.cpp).
+constexpr int kQuantGemvRing = 8, kQuantGemvMaxRing = 8;
 bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M);
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
-                                const float* bias, void* y, void* stream,
-                                int prefetch_ahead = kQuantGemvPrefetchAhead);
+                                const float* bias, void* y, void* stream, int ring = kQuantGemvRing);
 const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
                                     void* stream);
 

@@ -235,7 +235,8 @@ int64_t k_steps(const QuantWeight& w) {
 
 int splits_for(const QuantWeight& w, int64_t M) {
   const int64_t m_blocks = (M + kBM - 1) / kBM;
-  return quant_split_count((w.N + kBN - 1) / kBN * (m_blocks < 65535 ? m_blocks : 65535), k_steps(w));
+  // (2 blocks per multiprocessor: the count this kernel's splits were first sized for)
+  return quant_split_count((w.N + kBN - 1) / kBN * (m_blocks < 65535 ? m_blocks : 65535), k_steps(w), 2);
 }
 
 template <int BITS, class T>

@@ -181,12 +181,12 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
     Tensor yx = at::empty({M, w.N}, x.options());
     const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
     if (gemv) {
-      // FASTLOSS_QUANT_PREFETCH=<iterations>: the tensor-core GEMV's L2 prefetch distance (0:
-      // none), for benchmarks comparing them in one run
-      const char* ahead = tc_gemv ? std::getenv("FASTLOSS_QUANT_PREFETCH") : nullptr;
-      const int prefetch = ahead != nullptr ? std::atoi(ahead) : kQuantGemvPrefetchAhead;
+      // FASTLOSS_QUANT_GEMV_RING=<slots>: the tensor-core GEMV's shared slots per warp (2: one
+      // step in flight), for benchmarks comparing depths in one run
+      const char* ring_env = tc_gemv ? std::getenv("FASTLOSS_QUANT_GEMV_RING") : nullptr;
+      const int ring = ring_env != nullptr ? std::atoi(ring_env) : kQuantGemvRing;
       check_cuda_launch(tc_gemv ? quant_gemv_mma_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream(),
-                                                      prefetch)
+                                                      ring)
                                 : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
     } else {

@@ -12,23 +12,25 @@
 namespace fastloss {
 namespace {
 
-// Splits of `steps` K steps for `tiles` output tiles: one unless the tiles cannot fill the GPU
-// twice over (a 4096-row layer has 64 tiles of 64 x 64 at batch <= 64 for 132 multiprocessors
-// on an H100 / H200); then enough to, with at least kMinSplitSteps steps each, at most
-// kMaxSplits, and no split left without steps.
+// Splits of `steps` K steps for `tiles` output tiles of a kernel that runs `blocks_per_sm`
+// blocks per multiprocessor: one when the tiles fill the GPU; else the count of the fewest
+// step-times, waves ceil(tiles s / slots) of ceil(steps / s) steps each (a ragged last wave
+// costs as much as a full one: 32 tiles of 112 steps on 132 multiprocessors at one block each
+// take 39 step-times in 9 splits, 28 in 4), each split at least kMinSplitSteps steps, at most
+// kMaxSplits, none left without steps.
 constexpr int64_t kMinSplitSteps = 4, kMaxSplits = 16;
-inline int quant_split_count(int64_t tiles, int64_t steps) {
+inline int quant_split_count(int64_t tiles, int64_t steps, int blocks_per_sm) {
   int device = 0, sms = 1;
   cudaGetDevice(&device);
   cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
-  const int64_t target = 2 * int64_t(sms > 0 ? sms : 1);
-  if (tiles >= target) return 1;
-  int64_t s = (target + tiles - 1) / tiles;
-  s = s < kMaxSplits ? s : kMaxSplits;
-  const int64_t by_steps = steps / kMinSplitSteps;
-  s = s < by_steps ? s : by_steps;
-  if (s <= 1) return 1;
-  const int64_t per_split = (steps + s - 1) / s;
+  const int64_t slots = int64_t(sms > 0 ? sms : 1) * (blocks_per_sm > 0 ? blocks_per_sm : 1);
+  if (tiles >= slots) return 1;
+  int64_t best = 1, best_cost = steps;
+  for (int64_t s = 2; s <= kMaxSplits && (steps + s - 1) / s >= kMinSplitSteps; ++s) {
+    const int64_t cost = (tiles * s + slots - 1) / slots * ((steps + s - 1) / s);
+    if (cost < best_cost) best = s, best_cost = cost;
+  }
+  const int64_t per_split = (steps + best - 1) / best;
   return int((steps + per_split - 1) / per_split);
 }
 
