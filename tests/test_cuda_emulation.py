@@ -533,7 +533,7 @@ def kd_lib():
     lib.emu_kd_backward.restype = ctypes.c_char_p
     lib.emu_topk_kl.argtypes = [P, P, ctypes.c_int, I64, F32, P, P]
     lib.emu_topk_kl.restype = ctypes.c_char_p
-    lib.emu_pld.argtypes = [P, P, P, ctypes.c_int, I64, F32, P, P, P, P]
+    lib.emu_pld.argtypes = [P, P, P, ctypes.c_int, I64, F32, P, P, P, P, P, P]
     lib.emu_pld.restype = ctypes.c_char_p
     return lib
 
@@ -667,8 +667,9 @@ def test_topk_kl_sampled_threshold(kd_lib, dtype, renormalize):
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
 def test_pld(kd_lib, dtype, shape, grads):
     """Against the CPU kernel's op: ignored rows, the target anywhere in the teacher's order,
-    tied teacher logits, strided NaN-padded students; the order is torch's stable sort, as the
-    op passes it."""
+    tied teacher logits, strided NaN-padded students; the order is torch's stable sort and the
+    rows in that order its values and the gathered student, as the op passes them (each
+    between guards)."""
     n, c = shape
     gen = torch.Generator().manual_seed(n * 11 + c)
     s = (torch.randn(n, c, generator=gen) * 3).to(dtype)
@@ -678,15 +679,19 @@ def test_pld(kd_lib, dtype, shape, grads):
         y[1] = -100
         t[2, : c // 2] = 1.0  # ties
         t[0, ::2], t[0, 1::2] = -0.0, 0.0  # signed zeros tie (as torch's sort and comparisons see them)
-    order = torch.sort(t, dim=1, descending=True, stable=True).indices.contiguous()
+    sorted_t, order = torch.sort(t, dim=1, descending=True, stable=True)
     padded = torch.cat([s, torch.full((n, 5), float("nan"), dtype=dtype)], 1)
     sg = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 5, 1))
     tg = guarded(t, float("nan"))[0]
+    # the rows in the teacher's order, as the op passes them (sort values, gathered student)
+    ts_g = guarded(sorted_t.contiguous(), float("nan"))[0]
+    ss_g = guarded(s.gather(1, order).contiguous(), float("nan"))[0]
+    order = guarded(order.contiguous(), -1)[0]
     scratch = torch.full((n * c,), float("nan"))
     loss, lbuf = nan_outputs((n,))
     grad, gbuf = nan_outputs((n, c), dtype)
     err = kd_lib.emu_pld(sg.data_ptr(), tg.data_ptr(), y.data_ptr(), DTYPE_CODES[dtype],
-                         int64s(n, c, c + 5, c, -100), 1.5, order.data_ptr(),
+                         int64s(n, c, c + 5, c, -100), 1.5, order.data_ptr(), ts_g.data_ptr(), ss_g.data_ptr(),
                          scratch.data_ptr() if grads else None, loss.data_ptr(),
                          grad.data_ptr() if grads else None)
     assert err is None, err.decode()

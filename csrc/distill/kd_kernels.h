@@ -77,12 +77,13 @@ struct PldProblem {
 void topk_kl_cpu(const TopkKlProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
 // CUDA (kd_cuda.cu): all rows on `stream`; nullptr or the CUDA error of the launch. PLD takes
 // the teacher's class order by descending logit, ties towards the lower index (a stable sort:
-// order [N, C] int64), and, with the gradient, a float32 scratch of pld_cuda_scratch(q)
-// elements (null without it).
+// order [N, C] int64), the rows in that order (sorted_teacher: the sort's values; sorted_student:
+// the student gathered by order; both [N, C] contiguous in q.dtype), and, with the gradient, a
+// float32 scratch of pld_cuda_scratch(q) elements (null without it).
 const char* topk_kl_cuda(const TopkKlProblem& q, float* loss, void* grad, void* stream);
 int64_t pld_cuda_scratch(const PldProblem& q);
-const char* pld_cuda(const PldProblem& q, const int64_t* order, float* scratch, float* loss, void* grad,
-                     void* stream);
+const char* pld_cuda(const PldProblem& q, const int64_t* order, const void* sorted_teacher,
+                     const void* sorted_student, float* scratch, float* loss, void* grad, void* stream);
 void pld_cpu(const PldProblem& q, float* loss, void* grad, int64_t r0, int64_t r1);
 
 }  // namespace fastloss

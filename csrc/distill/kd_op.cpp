@@ -243,13 +243,17 @@ std::tuple<Tensor, Tensor> pld_forward(const Tensor& student, const Tensor& teac
     Tensor grad = compute_grad ? at::empty({p.N, p.C}, p.student.options()) : at::empty({0}, p.student.options());
 #if defined(FASTLOSS_WITH_CUDA)
     const c10::cuda::CUDAGuard guard(student.device());
-    // the teacher's order by descending logit, ties towards the lower class (stable)
-    const Tensor order = std::get<1>(p.teacher.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true));
+    // the teacher's order by descending logit, ties towards the lower class (stable), and both
+    // rows in that order (the kernel then reads ranks in sequence, not classes through order)
+    const auto [sorted_teacher, order] = p.teacher.sort(/*stable=*/true, /*dim=*/1, /*descending=*/true);
+    const Tensor sorted_student = p.student.gather(1, order);
     Tensor scratch = at::empty({compute_grad ? pld_cuda_scratch(q) : 0}, loss.options());
     q.target = y.data_ptr<int64_t>();
-    check_cuda_launch(pld_cuda(q, order.data_ptr<int64_t>(), compute_grad ? scratch.data_ptr<float>() : nullptr,
-                               loss.data_ptr<float>(), compute_grad ? grad.data_ptr() : nullptr,
-                               cuda_stream()), op);
+    check_cuda_launch(pld_cuda(q, order.data_ptr<int64_t>(), sorted_teacher.contiguous().data_ptr(),
+                               sorted_student.contiguous().data_ptr(),
+                               compute_grad ? scratch.data_ptr<float>() : nullptr, loss.data_ptr<float>(),
+                               compute_grad ? grad.data_ptr() : nullptr, cuda_stream()),
+                      op);
 #endif
     if (grad_scale != 1.0) grad.mul_(grad_scale);
     return {loss, grad};

@@ -57,7 +57,8 @@ const char* emu_topk_kl(const void* s, const void* t, int dtype, const int64_t* 
 
 // shape: N, C, student row stride, teacher row stride, ignore_index
 const char* emu_pld(const void* s, const void* t, const int64_t* target, int dtype, const int64_t* shape,
-                    float temperature, const int64_t* order, float* scratch, float* loss, void* grad) {
+                    float temperature, const int64_t* order, const void* sorted_t, const void* sorted_s,
+                    float* scratch, float* loss, void* grad) {
   fastloss::PldProblem q;
   q.student = s;
   q.teacher = t;
@@ -69,7 +70,7 @@ const char* emu_pld(const void* s, const void* t, const int64_t* target, int dty
   q.t_stride = shape[3];
   q.ignore_index = shape[4];
   q.temperature = temperature;
-  return fastloss::pld_cuda(q, order, scratch, loss, grad, nullptr);
+  return fastloss::pld_cuda(q, order, sorted_t, sorted_s, scratch, loss, grad, nullptr);
 }
 
 }  // extern "C"

@@ -21,7 +21,8 @@ gradient is exactly 1; otherwise the forward keeps three floats per row and the 
 both rows again: no ``[N, C]`` probability tensor either way. ``kd_loss`` on CUDA tensors runs
 the CUDA kernels (``kd_cuda.cu``: one read of both rows forward, two for jsd, one backward),
 ``topk_kl_loss`` a radix selection per row, ``pld_loss`` torch's stable sort of the teacher
-then a block per row for the suffix log-sum-exps and the gradient.
+(and the student gathered in that order) then a block per row for the suffix log-sum-exps and
+the gradient, reading both rows in rank order.
 """
 
 from __future__ import annotations
