@@ -216,7 +216,7 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
     """The CUDA kernels against the float64 reference: the GEMVs (batch <= 16: on tensor cores
     for uniform 2 / 4 / 8-bit weights and 16-bit x at m = 1, 5, 12 where the plane length is a
     multiple of 16; else warp per row with 32-bit loads, and byte loads where the plane length
-    is not a multiple of 4 (K = 264 at 2 bits: P = 66)), the tensor-core GEMM above it (half
+    is not a multiple of 4 (K = 264 at 2 bits: P = 66)), the tensor-core GEMMs above it (half
     activations), the dequantize + cuBLAS path for the rest, gradients."""
     g = torch.Generator().manual_seed(bits * 1000 + group_size * 4 + KINDS.index(kind))
     k, n = k_for(group_size, bits), 37
@@ -232,8 +232,10 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
         torch.testing.assert_close(y.cpu().double(), x.double() @ w64.T + b.double(), rtol=1e-5, atol=1e-4)
     # m = 1, 5, 12: the GEMVs (one or two fragments of 8 batch rows on tensor cores; at 12 the
     # formats without the tensor-core GEMV take the tensor-core GEMM where it applies: more
-    # than kQuantWarpGemvMaxRows = 8 rows); 40 and 130: the tensor-core GEMM where the plane
-    # length allows it (weights rounded to x's dtype there), else dequantize + cuBLAS
+    # than kQuantWarpGemvMaxRows = 8 rows); 40 and 130: the pipelined tensor-core GEMM for the
+    # tensor-core GEMV's formats (weights unrounded), the shared-memory one for the other
+    # formats where the plane length allows it (weights rounded to x's dtype), else
+    # dequantize + cuBLAS
     for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (1, 5, 12, 40, 130)):
         x = torch.randn(m, k, generator=g).to(dtype).cuda().requires_grad_(True)
         y = ops.dequant_gemm(x, qc)

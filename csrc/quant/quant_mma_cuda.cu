@@ -65,11 +65,14 @@ struct Fetched {
   uint2 x[S::kXItems];  // 4 values of x in its 16-bit dtype
 };
 
-// The packed layout's geometry of one weight (all int64: rows of K * bits / 8 bytes).
+// The packed layout's geometry of one weight (int64: rows of K * bits / 8 bytes). A row's
+// units number fewer than 2^32 (quant_mma_applies), so a unit's group is a 32-bit division
+// (a 64-bit one is some 70 instructions, and fetch makes 5-6 per thread per step).
 struct Geometry {
   int64_t G, P, units_per_group, units, row_bytes, group_bytes;
   __device__ __forceinline__ void unit(int64_t u, int64_t& g, int64_t& i) const {
-    g = u / units_per_group;
+    const uint32_t gu = uint32_t(u) / uint32_t(units_per_group);
+    g = gu;
     i = (u - g * units_per_group) * 4;
   }
 };
@@ -258,6 +261,7 @@ bool quant_mma_applies(const QuantWeight& w, ScalarType dtype) {
   if (dtype != ScalarType::f16 && dtype != ScalarType::bf16) return false;
   if ((w.group / quant_planes(w.bits)) % 4 != 0) return false;  // whole 32-bit units
   if (w.N > int64_t(0x7fffffff) * kBN) return false;
+  if (w.K / (4 * quant_planes(w.bits)) >= (int64_t(1) << 32)) return false;  // Geometry::unit's 32 bits
   return FL_ISA::mma_available<mma_gemm_kernel<4, __half>>();
 }
 
