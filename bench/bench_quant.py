@@ -7,9 +7,10 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     decode by a gather from the 256-entry table;
   * ``fastloss_4bit_warp_gemv`` (CUDA, batch <= 16): the 4-bit row again with the warp-per-row
     GEMV forced instead of the tensor-core GEMV (the environment variable costs ~1 us per call);
-  * ``fastloss_4bit_ring2`` (CUDA, batch <= 16): the 4-bit row again with the tensor-core
-    GEMV's shared ring cut to 2 slots per warp (FASTLOSS_QUANT_GEMV_RING=2: one step in flight
-    instead of 7, about what the register double buffer before it kept);
+  * ``fastloss_4bit_ring2`` / ``fastloss_4bit_ring8`` (CUDA, batch <= 16): the 4-bit row again
+    with the tensor-core GEMV's shared ring at 2 or 8 slots per warp instead of 4
+    (FASTLOSS_QUANT_GEMV_RING; 2: one step in flight, about what the register double buffer
+    before it kept);
   * ``fastloss_4bit_smem_gemm`` (CUDA, batch > 16): the 4-bit row again with the shared-memory
     tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem) instead of the pipelined one;
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
@@ -98,10 +99,10 @@ def warp_gemv(x, qw):
         del os.environ["FASTLOSS_QUANT_GEMV"]
 
 
-def ring2(x, qw):
-    """dequant_gemm with the tensor-core GEMV's ring cut to 2 slots per warp
-    (FASTLOSS_QUANT_GEMV_RING=2, read per call by the op): both depths in one run."""
-    os.environ["FASTLOSS_QUANT_GEMV_RING"] = "2"
+def with_ring(x, qw, ring):
+    """dequant_gemm with the tensor-core GEMV's ring at `ring` slots per warp
+    (FASTLOSS_QUANT_GEMV_RING, read per call by the op): several depths in one run."""
+    os.environ["FASTLOSS_QUANT_GEMV_RING"] = str(ring)
     try:
         return fastloss.ops.dequant_gemm(x, qw)
     finally:
@@ -188,7 +189,8 @@ def main(argv=None):
             variants = {name: (lambda qw: fastloss.ops.dequant_gemm(x, qw), qw, qw) for name, qw in packed.items()}
             if device != "cpu" and m <= 16:  # the warp-per-row GEMV the tensor-core one replaced
                 variants["fastloss_4bit_warp_gemv"] = (lambda qw: warp_gemv(x, qw), q4, q4)
-                variants["fastloss_4bit_ring2"] = (lambda qw: ring2(x, qw), q4, q4)
+                variants["fastloss_4bit_ring2"] = (lambda qw: with_ring(x, qw, 2), q4, q4)
+                variants["fastloss_4bit_ring8"] = (lambda qw: with_ring(x, qw, 8), q4, q4)
             if device != "cpu" and m > 16:  # the shared-memory GEMM the pipelined one replaced
                 variants["fastloss_4bit_smem_gemm"] = (lambda qw: smem_gemm(x, qw), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:

@@ -131,6 +131,7 @@ CASES = {
     "dice_1024x32000": lambda: dice_case(1024, 32000),
     "quant_8192x28672_m1": lambda: quant_case(8192, 28672, 1),
     "quant_8192x28672_m1_ring2": lambda: quant_case(8192, 28672, 1, ring=2),
+    "quant_8192x28672_m1_ring8": lambda: quant_case(8192, 28672, 1, ring=8),
     "quant_8192x28672_m64": lambda: quant_case(8192, 28672, 64),
     "quant_8192x28672_m64_smem": lambda: quant_case(8192, 28672, 64, gemm="smem"),
     "quant_8192x28672_m256": lambda: quant_case(8192, 28672, 256),

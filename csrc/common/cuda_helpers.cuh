@@ -7,6 +7,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
@@ -39,6 +40,31 @@ __device__ __forceinline__ float load1(const __half* p) {
 __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
   return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
+// Lets Kernel launch with up to kBytes of dynamic shared memory (cudaFuncSetAttribute), asked
+// once per device and remembered (the driver call costs microseconds, a batch-1 GEMV some tens
+// of them); false where the device refuses (the error is cleared). Devices past the first 64
+// ask each time.
+template <auto Kernel, int kBytes>
+inline bool allow_dynamic_shared() {
+  auto ask = [] {
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess) return true;
+    cudaGetLastError();
+    return false;
+  };
+  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: allowed, -1: refused
+  int device = 0;
+  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
+    cudaGetLastError();
+    return ask();
+  }
+  signed char v = known[device].load(std::memory_order_relaxed);
+  if (v == 0) {
+    v = ask() ? 1 : -1;
+    known[device].store(v, std::memory_order_relaxed);
+  }
+  return v > 0;
+}
+
 // Asynchronous 16-byte copies global -> shared (cp.async, sm_80 and later), committed in groups:
 // cp_async_wait<N>() returns once at most the N newest committed groups are still in flight;
 // what the copies wrote is then visible to the calling thread, and to the block after a
@@ -47,10 +73,16 @@ __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
 // targets, never run: such kernels check mma_available) a plain copy. The emulator lands each
 // copy at the issuing thread's wait, or at once in its reordered schedules (emu.h), so a read
 // without the wait and the barrier, or a copy into a buffer other threads still read, shows.
+// kL1: through L1 (cp.async.ca; for copies that use part of a sector, whose rest another warp
+// copies soon after), else L2 only (.cg).
+template <bool kL1 = false>
 __device__ __forceinline__ void cp_async16(void* shared_dst, const void* global_src) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
   const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(shared_dst));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+  if constexpr (kL1)
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
+  else
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(global_src) : "memory");
 #elif defined(__CUDA_ARCH__)
   *static_cast<uint4*>(shared_dst) = *static_cast<const uint4*>(global_src);
 #elif !defined(__CUDACC__)

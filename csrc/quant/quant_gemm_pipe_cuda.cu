@@ -339,12 +339,9 @@ template <int BITS, int WB, class T>
 const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bias, T* y, float* workspace,
                    int splits, cudaStream_t stream) {
   using S = Step<BITS, WB>;
-  const auto kernel = pipe_gemm_kernel<BITS, WB, T>;
-  const cudaError_t set = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, S::kSharedBytes);
-  if (set != cudaSuccess) {
-    cudaGetLastError();  // (returned here, not left for the next launch's check)
-    return cudaGetErrorString(set);
-  }
+  constexpr auto kernel = pipe_gemm_kernel<BITS, WB, T>;
+  if (!FL_ISA::allow_dynamic_shared<kernel, S::kSharedBytes>())
+    return "the pipelined GEMM's shared memory was refused";
   const int64_t per_split = (steps_of(w) + splits - 1) / splits;
   const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((w.N + kBN - 1) / kBN), unsigned(splits));
   kernel<<<grid, kThreads, S::kSharedBytes, stream>>>(w, x, M, bias, y, splits > 1 ? workspace : nullptr,

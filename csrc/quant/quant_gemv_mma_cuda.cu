@@ -129,23 +129,42 @@ struct Slot {
   static constexpr int kBytes = kWeightBytes + 32 * 4;
 };
 
-// Starts the copies of the step at `pos` into `slot`; every lane of the warp calls it. Rows past
-// N copy row N - 1 (their sums are not stored).
+// A lane's copies of every step into its warp's slots: where its pieces come from at step 0
+// and go in a slot (fixed for the block; a step adds its offset), and its row's scale (lanes
+// 0-15) or zero point (16-31; none without zero points). Rows past N copy row N - 1 (their
+// sums are not stored).
 template <int WB>
-__device__ __forceinline__ void issue_step(unsigned char* slot, const QuantWeight& w, const Rows& r,
-                                           const StepPos& pos, int64_t n0, int lane) {
-  constexpr int kPer = WB / 4;  // 16-byte pieces per row
-  for (int c = lane; c < 16 * kPer; c += 32) {
-    const int row = c / kPer, piece = c % kPer;
+struct LaneCopies {
+  static constexpr int kPer = WB / 4;                      // 16-byte pieces per row and step
+  static constexpr int kCopies = (16 * kPer + 31) / 32;   // a lane's pieces per step
+  const uint8_t* src[kCopies];
+  int at[kCopies];
+  const float* sz;
+  int sz_at;
+
+  __device__ LaneCopies(const QuantWeight& w, const Rows& r, int64_t n0, int lane) {
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i) {
+      const int c = lane + 32 * i, row = c / kPer, piece = c % kPer;
+      const int64_t n = n0 + row < w.N ? n0 + row : w.N - 1;
+      src[i] = c < 16 * kPer ? w.q + n * r.row_bytes + 16 * piece : nullptr;
+      at[i] = row * 4 * WB + 16 * piece;
+    }
+    const int row = lane % 16;
     const int64_t n = n0 + row < w.N ? n0 + row : w.N - 1;
-    cp_async16(slot + row * 4 * WB + 16 * piece, w.q + n * r.row_bytes + pos.s * 4 * WB + 16 * piece);
+    sz = lane < 16 ? w.scale + n * r.G : (w.zero ? w.zero + n * r.G : nullptr);
+    sz_at = Slot<WB>::kWeightBytes + 4 * lane;
   }
-  const int row = lane % 16;
-  const int64_t n = n0 + row < w.N ? n0 + row : w.N - 1;
-  float* sz = reinterpret_cast<float*>(slot + Slot<WB>::kWeightBytes);
-  if (lane < 16) cp_async4(sz + row, w.scale + n * r.G + pos.gi);
-  else if (w.zero) cp_async4(sz + 16 + row, w.zero + n * r.G + pos.gi);
-}
+
+  // starts the copies of the step at `pos` into `slot`; every lane of the warp calls it (4-byte
+  // lanes copy half a sector per row: through L1, where the next step's warp finds the rest)
+  __device__ __forceinline__ void issue(unsigned char* slot, const StepPos& pos) const {
+#pragma unroll
+    for (int i = 0; i < kCopies; ++i)
+      if (src[i]) cp_async16<WB == 4>(slot + at[i], src[i] + pos.s * 4 * WB);
+    if (sz) cp_async4(slot + sz_at, sz + pos.gi);
+  }
+};
 
 // Lane (g, t)'s share of the step in `slot`: WB bytes at t WB of rows g and g + 8, and their
 // scales and zero points.
@@ -245,14 +264,18 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
   // ring - 1 of them in flight (cp.async: the loads in flight hold no registers; only this
   // warp's lanes write and read its slots, so __syncwarp orders them). Why: the register
   // double buffer this replaces kept 2 KB in flight per warp (H200 at f95b002: batch 1 at
-  // 8192x28672 4-bit 0.11 ms, 29% of the byte floor); 8 slots keep 7 KB.
+  // 8192x28672 4-bit 0.11 ms, 29% of the byte floor, perhaps issue-bound rather than short of
+  // loads in flight); the default 4 slots keep 3 KB (2 blocks per multiprocessor: 96 KB), 8
+  // slots 7 KB but take 144 KB of shared memory from L1, which holds x at 9-16 rows. Unmeasured:
+  // bench_quant.py times rings of 2 (one step in flight, as before), 4 and 8 in one run.
   unsigned char* ring_base = slots + int64_t(warp) * ring * Slot<WB>::kBytes;
   float acc[NT][4] = {};
+  const LaneCopies<WB> copies(w, r, n0, lane);
   const StepPos stride = StepPos::at(kWarps, r.steps_per_group);
   StepPos issued = StepPos::at(warp, r.steps_per_group), used = issued;
   for (int st = 0; st < ring - 1; ++st) {
     if (issued.s < r.steps) {
-      issue_step<WB>(ring_base + st * Slot<WB>::kBytes, w, r, issued, n0, lane);
+      copies.issue(ring_base + st * Slot<WB>::kBytes, issued);
       issued = issued.plus(stride, r.steps_per_group);
     }
     cp_async_commit();  // (empty past the row: the wait below counts ring - 2 younger groups)
@@ -262,7 +285,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
     cp_async_wait_dynamic(ring - 2);  // this lane's copies of the step have landed
     __syncwarp();  // the warp's have, and its lanes are done with the previous step's slot
     if (issued.s < r.steps) {
-      issue_step<WB>(ring_base + (slot == 0 ? ring - 1 : slot - 1) * Slot<WB>::kBytes, w, r, issued, n0, lane);
+      copies.issue(ring_base + (slot == 0 ? ring - 1 : slot - 1) * Slot<WB>::kBytes, issued);
       issued = issued.plus(stride, r.steps_per_group);
     }
     cp_async_commit();
@@ -309,14 +332,17 @@ const char* launch(const QuantWeight& w, const T* x, int64_t M, const float* bia
                    int ring) {
   const dim3 grid(unsigned((w.N + 15) / 16)), block(32 * kWarps);
   const size_t bytes = size_t(ring_bytes<WB>(ring));
-  // (the kernels' limit is set to the largest ring's, the same value from every call and thread)
-  auto run = [&](auto kernel) {
-    if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, ring_bytes<WB>(kQuantGemvMaxRing)) ==
-        cudaSuccess)
-      kernel<<<grid, block, bytes, stream>>>(w, x, M, bias, y, ring);
-  };
-  if (M <= 8) run(gemv_mma_kernel<BITS, WB, 1, T>);
-  else run(gemv_mma_kernel<BITS, WB, 2, T>);
+  // (each kernel's limit is the largest ring's: the same value from every call and thread)
+  constexpr int kMax = ring_bytes<WB>(kQuantGemvMaxRing);
+  constexpr auto one = gemv_mma_kernel<BITS, WB, 1, T>;
+  constexpr auto two = gemv_mma_kernel<BITS, WB, 2, T>;
+  if (M <= 8) {
+    if (!FL_ISA::allow_dynamic_shared<one, kMax>()) return "the tensor-core GEMV's shared memory was refused";
+    one<<<grid, block, bytes, stream>>>(w, x, M, bias, y, ring);
+  } else {
+    if (!FL_ISA::allow_dynamic_shared<two, kMax>()) return "the tensor-core GEMV's shared memory was refused";
+    two<<<grid, block, bytes, stream>>>(w, x, M, bias, y, ring);
+  }
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

@@ -105,7 +105,7 @@ const char* quant_gemm_pipe_cuda(const QuantWeight& w, const void* x, ScalarType
 // ring: shared slots per warp, each a step of the weight stream (ring - 1 steps in flight;
 // 2 to kQuantGemvMaxRing; FASTLOSS_QUANT_GEMV_RING overrides the default for benchmarks,
 // quant_op.cpp).
-constexpr int kQuantGemvRing = 8, kQuantGemvMaxRing = 8;
+constexpr int kQuantGemvRing = 4, kQuantGemvMaxRing = 8;
 bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M);
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
                                 const float* bias, void* y, void* stream, int ring = kQuantGemvRing);
