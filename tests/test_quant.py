@@ -294,6 +294,35 @@ def test_cuda_smem_gemm_forced(monkeypatch):
 
 @pytest.mark.cuda
 @requires_cuda
+@pytest.mark.parametrize("tile_rows", (None, "64"))
+def test_cuda_large_batches_and_backward_in_16_bit_tiles(monkeypatch, tile_rows):
+    """From 512 rows (and in the backward of 16-bit gradients) the weight goes to cuBLAS in 16-bit
+    tiles: one tile, or (FASTLOSS_QUANT_TILE16_ROWS=64) five of 64 output features and a short
+    one; forward with bias and backward against float64, every kind of weight."""
+    if tile_rows:
+        monkeypatch.setenv("FASTLOSS_QUANT_TILE16_ROWS", tile_rows)
+    g = torch.Generator().manual_seed(14)
+    n, k = 300, 512
+    for bits, kind in ((4, "asymmetric"), (3, "symmetric"), (4, "codebook"), (8, "symmetric")):
+        w = torch.randn(n, k, generator=g) * 0.1
+        qw = ops.quantize_weight(w, bits, 128, kind != "asymmetric", codebook_for(kind, bits, n, g))
+        w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        qc = qw.to("cuda")
+        for dtype, tol in ((torch.float16, 3e-3), (torch.bfloat16, 2e-2)):
+            x = torch.randn(600, k, generator=g).to(dtype).cuda().requires_grad_(True)
+            b = torch.randn(n, generator=g)
+            y = ops.dequant_gemm(x, qc, b.cuda())
+            assert y.dtype == dtype
+            up = torch.randn(y.shape, generator=g).to(dtype)
+            y.backward(up.cuda())
+            y64 = x.detach().cpu().double() @ w64.T + b.double()
+            torch.testing.assert_close(y.detach().cpu().double(), y64, rtol=tol, atol=tol * y64.abs().max().item())
+            gx = up.double() @ w64
+            torch.testing.assert_close(x.grad.cpu().double(), gx, rtol=tol, atol=tol * gx.abs().max().item())
+
+
+@pytest.mark.cuda
+@requires_cuda
 @pytest.mark.parametrize("bits", (2, 4, 8))
 def test_cuda_gemv_with_fractional_zeros(bits):
     """Imported weights whose zero points are not integers (or lie past what the tensor-core

@@ -4,6 +4,7 @@
 // python/fastloss/ops/quant.py.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
@@ -111,6 +112,35 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor
   return tile;
 }
 
+// Weights in 16-bit tiles for cuBLAS's 16-bit GEMM (tensor cores, float32 sums inside each
+// product), as a float16 / bfloat16 matmul of the dequantized weights would run. On CUDA with
+// 16-bit activations: the backward always (its float32 GEMMs ran at the float32 rate, a tenth
+// of the tensor cores'), the forward from kQuantCublasMinRows rows on (below, the tensor-core
+// kernels, which never form the weight; the crossover is not measured: at 256 rows, the
+// largest batch bench_quant.py times, dequantizing an 8192 x 28672 layer would move ~0.6 GB).
+constexpr int64_t kQuantCublasMinRows = 512;
+bool sixteen_bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
+
+// Rows [n0, n0 + rows) of the weight in `tile16`'s dtype, written into its first rows, through
+// float32 chunks of `buffer` ([chunk, K] float32).
+Tensor dequant_tile16(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor& buffer, const Tensor& tile16) {
+  const int64_t chunk = buffer.size(0);
+  for (int64_t r = 0; r < rows; r += chunk) {
+    const int64_t n = std::min(chunk, rows - r);
+    tile16.narrow(0, r, n).copy_(dequant_tile(w, n0 + r, n, buffer));
+  }
+  return tile16.narrow(0, 0, rows);
+}
+
+// Output features per 16-bit tile: about 256 MB of them (one tile for most layers: the backward
+// then sums one product, rounded once, as a 16-bit matmul would). FASTLOSS_QUANT_TILE16_ROWS
+// sets it (tests/test_quant.py: several tiles on a small layer).
+int64_t tile16_rows(const QuantWeight& w) {
+  const char* rows = std::getenv("FASTLOSS_QUANT_TILE16_ROWS");
+  if (rows != nullptr && std::atoll(rows) > 0) return std::atoll(rows);
+  return std::max<int64_t>(64, (int64_t(1) << 27) / std::max<int64_t>(w.K, 1));
+}
+
 Tensor dequantize_weight(const Tensor& q, const Tensor& scale, const OptTensor& zero,
                          const OptTensor& codebook, int64_t bits, int64_t group) {
   const QuantWeight w = check_weight(q, scale, zero, codebook, bits, group);
@@ -165,7 +195,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   // On a GPU the kernels read x and write y in x's dtype (no float32 copies): the GEMV up to
   // kQuantMaxRows rows (on tensor cores where quant_gemv_mma_applies: uniform formats, 16-bit
   // x; else warp per row, up to kQuantWarpGemvMaxRows rows where the GEMM applies), the
-  // tensor-core GEMM above where it applies (float16 / bfloat16 x).
+  // tensor-core GEMMs above where they apply (float16 / bfloat16 x), and from
+  // kQuantCublasMinRows rows 16-bit tiles of the weight and cuBLAS (dequant_tile16).
   const ScalarType dtype = kernel_dtype(x, kOp, "x");
   // FASTLOSS_QUANT_GEMV=warp forces the warp-per-row GEMV up to kQuantMaxRows rows (bench_quant.py
   // measures it beside the default in one run; read per call, so a benchmark can switch)
@@ -175,6 +206,19 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const bool tc_gemv = small && !warp_gemv && x.is_cuda() && quant_gemv_mma_applies(w, dtype, M);
   const bool mma = x.is_cuda() && quant_mma_applies(w, dtype);
   const bool gemv = small && (tc_gemv || warp_gemv || M <= kQuantWarpGemvMaxRows || !mma);
+  if (x.is_cuda() && M >= kQuantCublasMinRows && w.N > 0 && sixteen_bit(x)) {
+    Tensor yx = at::empty({M, w.N}, x.options());
+    const int64_t step = std::min(tile16_rows(w), w.N);
+    const Tensor buffer = at::empty({std::min(tile_rows(w, q), step), w.K}, f32);
+    const Tensor tile16 = at::empty({step, w.K}, x.options());
+    const Tensor bias16 = b32.defined() ? b32.to(x.scalar_type()) : Tensor();
+    for (int64_t n0 = 0; n0 < w.N; n0 += step) {
+      const int64_t rows = std::min(step, w.N - n0);
+      const Tensor t = dequant_tile16(w, n0, rows, buffer, tile16).t();
+      yx.narrow(1, n0, rows).copy_(bias16.defined() ? at::addmm(bias16.narrow(0, n0, rows), x, t) : at::mm(x, t));
+    }
+    return yx;
+  }
   if (x.is_cuda() && M > 0 && w.N > 0 && (gemv || mma)) {
     Tensor xc = x.contiguous();
     if (reinterpret_cast<uintptr_t>(xc.data_ptr()) % 16) xc = xc.clone();  // 16- / 8-byte loads
@@ -235,7 +279,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   return y.to(x.scalar_type());
 }
 
-// grad_x = grad_y @ W, grad_y [M, N] -> [M, K] float32, by tiles of dequantized rows.
+// grad_x = grad_y @ W, grad_y [M, N] -> [M, K] float32, by tiles of dequantized rows (16-bit
+// ones for 16-bit grad_y on CUDA).
 Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tensor& scale,
                                const OptTensor& zero, const OptTensor& codebook, int64_t bits,
                                int64_t group) {
@@ -246,6 +291,18 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
               " but qweight is on ", q.device());
   const c10::DeviceGuard guard(q.device());
   const auto f32 = grad_y.options().dtype(at::kFloat);
+  if (grad_y.is_cuda() && sixteen_bit(grad_y) && w.N > 0) {  // 16-bit tiles (dequant_tile16)
+    const int64_t step = std::min(tile16_rows(w), w.N);
+    const Tensor buffer = at::empty({std::min(tile_rows(w, q), step), w.K}, f32);
+    const Tensor tile16 = at::empty({step, w.K}, grad_y.options());
+    if (step == w.N) return at::mm(grad_y, dequant_tile16(w, 0, w.N, buffer, tile16)).to(at::kFloat);
+    Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
+    for (int64_t n0 = 0; n0 < w.N; n0 += step) {
+      const int64_t rows = std::min(step, w.N - n0);
+      gx.add_(at::mm(grad_y.narrow(1, n0, rows), dequant_tile16(w, n0, rows, buffer, tile16)));
+    }
+    return gx;
+  }
   const Tensor g32 = grad_y.to(at::kFloat);
   Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
   const int64_t step = std::min(tile_rows(w, q), std::max<int64_t>(w.N, 1));

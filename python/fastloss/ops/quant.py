@@ -33,7 +33,9 @@ formats, one warp per output row decodes the packed row in registers from coales
 loads; more rows of float16 / bfloat16 ``x`` go through tensor-core GEMMs (sm_80+): the
 GEMV's formats a pipelined one that copies the packed bytes and ``x`` into shared memory with
 ``cp.async`` and decodes the words into fragment registers (``quant_gemm_pipe_cuda.cu``), the
-other formats one that decodes the packed words into shared memory (``quant_mma_cuda.cu``); the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
+other formats one that decodes the packed words into shared memory (``quant_mma_cuda.cu``); from
+512 rows, and in every backward with 16-bit gradients, tiles of the weight dequantized in the
+activations' dtype go to cuBLAS's 16-bit GEMM; the rest (float32 ``x``, the backward) dequantize tiles of about 64 MB for cuBLAS. Gradients flow to ``x``
 (frozen-weight fine-tuning) and ``bias``, not to the packed weight.
 """
 
