@@ -12,7 +12,9 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     (FASTLOSS_QUANT_GEMV_RING; 2: one step in flight, about what the register double buffer
     before it kept);
   * ``fastloss_4bit_smem_gemm`` (CUDA, batch > 16): the 4-bit row again with the shared-memory
-    tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem) instead of the pipelined one;
+    tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem) instead of the pipelined one (or, from
+    512 rows, the 16-bit weight tiles + cuBLAS); ``fastloss_4bit_pipe_gemm`` (CUDA, batch >= 512):
+    with the pipelined GEMM forced (FASTLOSS_QUANT_GEMM=pipe) instead of the tiles;
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
     path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
@@ -50,6 +52,7 @@ import fastloss  # noqa: E402
 
 SHAPES = [(4096, 4096), (14336, 4096), (4096, 14336), (8192, 28672)]   # (N out, K in), LLM layers
 BATCHES = [1, 4, 16, 64, 256]
+CUDA_BATCHES = BATCHES + [1024]  # 1024: the 16-bit weight tiles + cuBLAS against the pipelined kernel
 LARGE_BATCHES = [1, 4, 16]   # 8192x28672 on the CPU: its float32 weight is 0.94 GB; large batches take minutes
 QUICK_SHAPES, QUICK_BATCHES = [(512, 512)], [1, 32]
 MEASURE_KW = dict(warmup=3, target_s=0.5, min_repeats=5, max_repeats=50, max_measure_s=10.0)
@@ -109,10 +112,10 @@ def with_ring(x, qw, ring):
         del os.environ["FASTLOSS_QUANT_GEMV_RING"]
 
 
-def smem_gemm(x, qw):
-    """dequant_gemm with the CUDA shared-memory tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem,
-    read per call by the op) where the pipelined one would run: both kernels in one run."""
-    os.environ["FASTLOSS_QUANT_GEMM"] = "smem"
+def forced_gemm(x, qw, kernel):
+    """dequant_gemm with a CUDA tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem or pipe, read
+    per call by the op) where another path would run: both in one run."""
+    os.environ["FASTLOSS_QUANT_GEMM"] = kernel
     try:
         return fastloss.ops.dequant_gemm(x, qw)
     finally:
@@ -181,7 +184,8 @@ def main(argv=None):
         w4 = fastloss.ops.dequantize_weight(q4).to(dtype)
         tp = int4pack(w, device)
         large_on_cpu = n * k > 1e8 and device == "cpu"
-        batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if large_on_cpu else BATCHES)
+        batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if large_on_cpu
+                                                    else CUDA_BATCHES if device != "cpu" else BATCHES)
         for m in batches:
             x = torch.randn(m, k, generator=gen).to(device, dtype)
             # variant: (call on one weight copy, the weight whose copies rotate (None: one), its
@@ -192,7 +196,9 @@ def main(argv=None):
                 variants["fastloss_4bit_ring2"] = (lambda qw: with_ring(x, qw, 2), q4, q4)
                 variants["fastloss_4bit_ring8"] = (lambda qw: with_ring(x, qw, 8), q4, q4)
             if device != "cpu" and m > 16:  # the shared-memory GEMM the pipelined one replaced
-                variants["fastloss_4bit_smem_gemm"] = (lambda qw: smem_gemm(x, qw), q4, q4)
+                variants["fastloss_4bit_smem_gemm"] = (lambda qw: forced_gemm(x, qw, "smem"), q4, q4)
+            if device != "cpu" and m >= 512:  # the kernel the 16-bit tiles + cuBLAS replace there
+                variants["fastloss_4bit_pipe_gemm"] = (lambda qw: forced_gemm(x, qw, "pipe"), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
                 variants["fastloss_4bit_avx512"] = (lambda qw: avx512_path(x, qw), q4, q4)
                 xb = x.bfloat16()

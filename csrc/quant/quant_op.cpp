@@ -206,7 +206,11 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const bool tc_gemv = small && !warp_gemv && x.is_cuda() && quant_gemv_mma_applies(w, dtype, M);
   const bool mma = x.is_cuda() && quant_mma_applies(w, dtype);
   const bool gemv = small && (tc_gemv || warp_gemv || M <= kQuantWarpGemvMaxRows || !mma);
-  if (x.is_cuda() && M >= kQuantCublasMinRows && w.N > 0 && sixteen_bit(x)) {
+  // FASTLOSS_QUANT_GEMM=smem / pipe forces that tensor-core GEMM above kQuantMaxRows rows (where
+  // it applies), at any batch (bench_quant.py compares them with the default in one run)
+  const char* gemm = x.is_cuda() ? std::getenv("FASTLOSS_QUANT_GEMM") : nullptr;
+  const std::string_view forced = gemm != nullptr ? std::string_view(gemm) : std::string_view();
+  if (x.is_cuda() && M >= kQuantCublasMinRows && w.N > 0 && sixteen_bit(x) && forced != "smem" && forced != "pipe") {
     Tensor yx = at::empty({M, w.N}, x.options());
     const int64_t step = std::min(tile16_rows(w), w.N);
     const Tensor buffer = at::empty({std::min(tile_rows(w, q), step), w.K}, f32);
@@ -234,10 +238,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
                                 : quant_gemv_cuda(w, xc.data_ptr(), dtype, M, bp, yx.data_ptr(), cuda_stream()),
                         kOp);
     } else {
-      // the pipelined GEMM for the uniform formats it reads, the shared-memory one for the rest;
-      // FASTLOSS_QUANT_GEMM=smem forces the latter (bench_quant.py compares them in one run)
-      const char* gemm = std::getenv("FASTLOSS_QUANT_GEMM");
-      const bool pipe = !(gemm != nullptr && std::string_view(gemm) == "smem") && quant_gemm_pipe_applies(w, dtype);
+      // the pipelined GEMM for the uniform formats it reads, the shared-memory one for the rest
+      const bool pipe = forced != "smem" && quant_gemm_pipe_applies(w, dtype);
       const int64_t floats = pipe ? quant_gemm_pipe_workspace_floats(w, M) : quant_mma_workspace_floats(w, M);
       Tensor workspace = at::empty({floats}, f32);  // split-K partial sums, or nothing
       float* ws = floats ? workspace.data_ptr<float>() : nullptr;
