@@ -40,18 +40,11 @@ __device__ __forceinline__ float load1(const __half* p) {
 __device__ __forceinline__ float load1(const __nv_bfloat16* p) {
   return __bfloat162float(__ushort_as_bfloat16(__ldg(reinterpret_cast<const unsigned short*>(p))));
 }
-// Lets Kernel launch with up to kBytes of dynamic shared memory (cudaFuncSetAttribute), asked
-// once per device and remembered (the driver call costs microseconds, a batch-1 GEMV some tens
-// of them); false where the device refuses (the error is cleared). Devices past the first 64
-// ask each time.
-template <auto Kernel, int kBytes>
-inline bool allow_dynamic_shared() {
-  auto ask = [] {
-    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess) return true;
-    cudaGetLastError();
-    return false;
-  };
-  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: allowed, -1: refused
+// ask() (a yes / no about the current device that costs a driver call) asked once per device
+// and remembered in `known` (0: not asked yet, 1: yes, -1: no); devices past the first 64 ask
+// each time.
+template <class Ask>
+inline bool once_per_device(std::atomic<signed char> (&known)[64], Ask ask) {
   int device = 0;
   if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
     cudaGetLastError();
@@ -63,6 +56,30 @@ inline bool allow_dynamic_shared() {
     known[device].store(v, std::memory_order_relaxed);
   }
   return v > 0;
+}
+
+// Lets Kernel launch with up to kBytes of dynamic shared memory (cudaFuncSetAttribute), once
+// per device (the driver call costs microseconds, a batch-1 GEMV some tens of them); false
+// where the device refuses (the error is cleared).
+template <auto Kernel, int kBytes>
+inline bool allow_dynamic_shared() {
+  static std::atomic<signed char> known[64] = {};
+  return once_per_device(known, [] {
+    if (cudaFuncSetAttribute(Kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, kBytes) == cudaSuccess) return true;
+    cudaGetLastError();
+    return false;
+  });
+}
+
+// Whether the current device lets a block opt in to `bytes` of shared memory.
+inline bool shared_optin_at_least(int bytes) {
+  int device = 0, optin = 0;
+  if (cudaGetDevice(&device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
+    cudaGetLastError();
+    return false;
+  }
+  return optin >= bytes;
 }
 
 // Asynchronous 16-byte copies global -> shared (cp.async, sm_80 and later), committed in groups:

@@ -18,6 +18,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "cuda_helpers.cuh"
 #include "macros.h"
 
 #if !defined(__CUDACC__)
@@ -43,18 +44,8 @@ inline bool mma_available() {
     }
     return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
   };
-  static std::atomic<signed char> known[64] = {};  // 0: not asked yet, 1: yes, -1: no
-  int device = 0;
-  if (cudaGetDevice(&device) != cudaSuccess || device < 0 || device >= 64) {
-    cudaGetLastError();
-    return ask();
-  }
-  signed char v = known[device].load(std::memory_order_relaxed);
-  if (v == 0) {
-    v = ask() ? 1 : -1;
-    known[device].store(v, std::memory_order_relaxed);
-  }
-  return v > 0;
+  static std::atomic<signed char> known[64] = {};
+  return once_per_device(known, ask);
 }
 
 // The A fragment of rows r0 .. r0 + 15, columns k0 .. k0 + 15 of a row-major shared tile of

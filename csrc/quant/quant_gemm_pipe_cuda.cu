@@ -371,13 +371,8 @@ bool quant_gemm_pipe_applies(const QuantWeight& w, ScalarType dtype) {
   if (!bits_ok || w.codebook || (dtype != ScalarType::f16 && dtype != ScalarType::bf16) || lane_bytes(w) == 0 ||
       reinterpret_cast<uintptr_t>(w.q) % 16 != 0 || w.N > int64_t(65535) * kBN)
     return false;
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
-  if (optin < Step<4, 16>::kSharedBytes) return false;  // the largest stages (2-bit: the same), 124 KB
+  // the largest stages (2-bit: the same), 124 KB
+  if (!FL_ISA::shared_optin_at_least(Step<4, 16>::kSharedBytes)) return false;
   return FL_ISA::mma_available<pipe_gemm_kernel<4, 16, __half>>();
 }
 

@@ -364,14 +364,9 @@ bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M) {
   if (!bits_ok || w.codebook || dtype == ScalarType::f32 || M < 1 || M > kQuantMaxRows || w.N < 1 ||
       lane_bytes(w) == 0 || reinterpret_cast<uintptr_t>(w.q) % 16 != 0)
     return false;
-  int device = 0, optin = 0;
-  if (cudaGetDevice(&device) != cudaSuccess ||
-      cudaDeviceGetAttribute(&optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device) != cudaSuccess) {
-    cudaGetLastError();
-    return false;
-  }
   // the largest rings (72 KB) and the warps' sums
-  if (optin < ring_bytes<16>(kQuantGemvMaxRing) + int(sizeof(float)) * kWarps * 2 * 4 * 32) return false;
+  if (!FL_ISA::shared_optin_at_least(ring_bytes<16>(kQuantGemvMaxRing) + int(sizeof(float)) * kWarps * 2 * 4 * 32))
+    return false;
   return FL_ISA::mma_available<gemv_mma_kernel<4, 16, 1, __half>>();
 }
 
