@@ -452,8 +452,8 @@ __device__ __forceinline__ float log_add(float a, float b) {
 }
 
 // The block's exclusive suffix log-sum-exp: log sum of v over the threads after this one
-// (kLowest for the last). `tot` holds kWarps floats.
-__device__ __forceinline__ float block_suffix_lse(float v, float* tot) {
+// (kLowest for the last); *all gets the block's whole log-sum-exp. `tot` holds kWarps floats.
+__device__ __forceinline__ float block_suffix_lse(float v, float* tot, float* all) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {  // inclusive suffix within the warp
@@ -464,6 +464,9 @@ __device__ __forceinline__ float block_suffix_lse(float v, float* tot) {
   __syncthreads();
   float after = kLowest;  // the later warps' total
   for (int w = kWarps - 1; w > warp; --w) after = log_add(after, tot[w]);
+  float whole = after;
+  for (int w = warp; w >= 0; --w) whole = log_add(whole, tot[w]);  // (the same order in every thread)
+  *all = whole;
   float next = __shfl_down_sync(0xffffffffu, v, 1);  // the later lanes of this warp
   if (lane == 31) next = kLowest;
   __syncthreads();  // tot is reused
@@ -477,9 +480,9 @@ struct Affine {
 };
 
 // The block's exclusive prefix composition of the threads' maps: the maps of the threads
-// before this one, applied in thread order (the identity for the first). `ta`, `tb` hold
-// kWarps floats each.
-__device__ __forceinline__ Affine block_prefix_affine(Affine f, float* ta, float* tb) {
+// before this one, applied in thread order (the identity for the first); *all gets the
+// composition of every thread's map. `ta`, `tb` hold kWarps floats each.
+__device__ __forceinline__ Affine block_prefix_affine(Affine f, float* ta, float* tb, Affine* all) {
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
 #pragma unroll
   for (int off = 1; off < 32; off <<= 1) {  // inclusive prefix within the warp
@@ -493,20 +496,28 @@ __device__ __forceinline__ Affine block_prefix_affine(Affine f, float* ta, float
   __syncthreads();
   Affine before{1.f, 0.f};
   for (int w = 0; w < warp; ++w) before = before.then(Affine{ta[w], tb[w]});
+  Affine whole = before;
+  for (int w = warp; w < kWarps; ++w) whole = whole.then(Affine{ta[w], tb[w]});
+  *all = whole;
   Affine lanes{__shfl_up_sync(0xffffffffu, f.a, 1), __shfl_up_sync(0xffffffffu, f.b, 1)};
   if (lane == 0) lanes = Affine{1.f, 0.f};
   __syncthreads();  // ta, tb are reused
   return before.then(lanes);
 }
 
-// A block per row; thread i owns the ranks [i S, (i + 1) S), S = ceil(C / kThreads), so that
-// the two scans over the ranks are a pass over each thread's ranks and a block scan of the
-// threads' totals (a warp walking all C ranks serially took 22.8 ms at 256 x 128256 on an
-// H200, three times eager: every 32 ranks waited on dependent gathers). The rows come in the
-// teacher's order (the sort's values, and the student gathered by torch), so every read
-// walks the ranks and only the gradient's store is scattered: reading the class order's rows
-// through `order` cost six dependent gathers per class (H200 at f95b002: 13.9 ms against
+// A block per row, the ranks in tiles of kThreads x kPldRanks: thread i owns ranks
+// [i kPldRanks, (i + 1) kPldRanks) of each tile, so that the scans over the ranks are a pass
+// over each thread's ranks and a block scan of the threads' totals, carried from tile to tile
+// (a warp walking all C ranks serially took 22.8 ms at 256 x 128256 on an H200, three times
+// eager: every 32 ranks waited on dependent gathers), and a warp's loads cover 32 kPldRanks
+// consecutive ranks (with each thread on C / kThreads ranks of its own, a warp's load touched
+// 32 lines, which the block's neighbours evicted from L1 before their next use). The rows come
+// in the teacher's order (the sort's values, and the student gathered by torch), so every
+// read walks the ranks and only the gradient's store is scattered: reading the class order's
+// rows through `order` cost six dependent gathers per class (H200 at f95b002: 13.9 ms against
 // eager's 7.0 at 1024 x 32000, with rows of a thousand blocks in flight, more than L2 holds).
+constexpr int kPldRanks = 8;
+
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     pld_kernel(PldProblem q, const int64_t* __restrict__ order, const T* __restrict__ sorted_teacher,
@@ -514,8 +525,7 @@ __global__ void __launch_bounds__(kThreads)
                T* __restrict__ grad) {
   __shared__ float sh_a[kWarps], sh_b[kWarps], sh_w[kWarps][1][3];
   __shared__ int64_t sh_pos;
-  const int64_t C = q.C, S = (C + kThreads - 1) / kThreads;
-  const int64_t k0 = threadIdx.x * S < C ? threadIdx.x * S : C, k1 = k0 + S < C ? k0 + S : C;
+  const int64_t C = q.C;
   const float inv_t = 1.f / q.temperature;
   for (int64_t r = blockIdx.x; r < q.N; r += gridDim.x) {  // the same r for the whole block
     const T* ss = sorted_student + r * C;  // the row in the teacher's order
@@ -545,34 +555,59 @@ __global__ void __launch_bounds__(kThreads)
     // rank k's place in the sorted rows: y first, then the teacher's order without y
     auto at = [&](int64_t k) { return k == 0 ? pos_y : (k <= pos_y ? k - 1 : k); };
     auto weight = [&](int64_t p) { return vexp(load1(ts + p) * inv_t - m) * inv_z; };
-    // ranks from the last: l_k = log sum_{j >= k} e^(s_j), and the loss sum_k w_k (l_k - s_k)
-    float own = kLowest;
-    for (int64_t k = k0; k < k1; ++k) own = log_add(own, load1(ss + at(k)));
-    float v = block_suffix_lse(own, sh_a);
+    // ranks from the last: l_k = log sum_{j >= k} e^(s_j), and the loss sum_k w_k (l_k - s_k);
+    // tiles from the last, `after` the log-sum-exp of the ranks past the tile
+    const int64_t tile = int64_t(kThreads) * kPldRanks, tiles = (C + tile - 1) / tile;
     float* l = gr ? scratch + r * C : nullptr;
-    float acc = 0.f;
-    for (int64_t k = k1 - 1; k >= k0; --k) {
-      const int64_t p = at(k);
-      const float sk = load1(ss + p);
-      v = log_add(sk, v);
-      if (l) l[k] = v;  // (the gradient's pass reads it back, also from other threads)
-      acc += weight(p) * (v - sk);
+    float acc = 0.f, after = kLowest;
+    for (int64_t ti = tiles - 1; ti >= 0; --ti) {
+      const int64_t k0 = ti * tile + int64_t(threadIdx.x) * kPldRanks;
+      float sk[kPldRanks], own = kLowest;
+#pragma unroll
+      for (int i = 0; i < kPldRanks; ++i) {
+        sk[i] = k0 + i < C ? load1(ss + at(k0 + i)) : kLowest;
+        own = log_add(own, sk[i]);
+      }
+      float tile_all;
+      float v = log_add(block_suffix_lse(own, sh_a, &tile_all), after);
+#pragma unroll
+      for (int i = kPldRanks - 1; i >= 0; --i) {
+        const int64_t k = k0 + i;
+        if (k >= C) continue;
+        v = log_add(sk[i], v);
+        if (l) l[k] = v;  // (the gradient's pass reads it back, also from other threads)
+        acc += weight(at(k)) * (v - sk[i]);
+      }
+      after = log_add(after, tile_all);
     }
     acc = block_sum(acc, sh_a);  // (its barriers also publish l to the block)
     if (threadIdx.x == 0) loss[r] = acc;
     if (!gr) continue;
     // ranks from the first: d loss / d s_k = B_k e^(s_k - l_k) - w_k, B_k = a_k B_(k-1) + w_k,
-    // a_k = e^(l_k - l_(k-1)) <= 1: each thread composes its ranks' maps, a block scan gives the
-    // B carried into its first rank
-    Affine f{1.f, 0.f};
-    for (int64_t k = k0; k < k1; ++k)
-      f = f.then(Affine{k == 0 ? 0.f : vexp(l[k] - l[k - 1]), weight(at(k))});
-    float b = block_prefix_affine(f, sh_a, sh_b).b;
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t p = at(k);
-      const float wk = weight(p);
-      b = fmaf(k == 0 ? 0.f : vexp(l[k] - l[k - 1]), b, wk);
-      store1(gr + ord[p], b * vexp(load1(ss + p) - l[k]) - wk);  // (the one scattered access)
+    // a_k = e^(l_k - l_(k-1)) <= 1 (a_0 = 0): each thread composes its ranks' maps, a block scan
+    // gives the map from the B carried into the tile to the B before its first rank
+    float carried = 0.f;
+    for (int64_t ti = 0; ti < tiles; ++ti) {
+      const int64_t k0 = ti * tile + int64_t(threadIdx.x) * kPldRanks;
+      Affine f{1.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < kPldRanks; ++i) {
+        const int64_t k = k0 + i;
+        if (k < C) f = f.then(Affine{k == 0 ? 0.f : vexp(l[k] - l[k - 1]), weight(at(k))});
+      }
+      Affine tile_all;
+      const Affine before = block_prefix_affine(f, sh_a, sh_b, &tile_all);
+      float b = fmaf(before.a, carried, before.b);
+#pragma unroll
+      for (int i = 0; i < kPldRanks; ++i) {
+        const int64_t k = k0 + i;
+        if (k >= C) continue;
+        const int64_t p = at(k);
+        const float wk = weight(p);
+        b = fmaf(k == 0 ? 0.f : vexp(l[k] - l[k - 1]), b, wk);
+        store1(gr + ord[p], b * vexp(load1(ss + p) - l[k]) - wk);  // (the one scattered access)
+      }
+      carried = fmaf(tile_all.a, carried, tile_all.b);
     }
     __syncthreads();  // sh_pos and the scratch row are reused by the next row
   }
