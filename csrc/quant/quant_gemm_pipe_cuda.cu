@@ -19,10 +19,10 @@
 //   m16n8k16 fragment. Which k a fragment column stands for does not matter to the sum as long
 //   as x's A fragment holds the same k: lane (g, t) reads x[m][k .. k + 3] of those positions,
 //   one 8-byte load giving a[0] = (k, k + 1) and a[2] = (k + 2, k + 3), so x is not permuted;
-// - a step stays inside one group, and each group's float32 partial sums, kept over its steps,
-//   are scaled once at its end (the weights are never rounded: x W^T with W as dequantize_weight gives it, up to float32
-//   summation, as the GEMV); fractional zero points are corrected as the GEMV does, with the
-//   sums of x from one more mma against all-ones B;
+// - a step stays inside one group, and each group's float32 partial sums, kept over its
+//   steps, are scaled once at its end (the weights are never rounded: x W^T with W as
+//   dequantize_weight gives it, up to float32 summation, as the GEMV); fractional zero points
+//   are corrected as the GEMV does, with the sums of x from one more mma against all-ones B;
 // - shared rows are padded so that a warp's 8-byte x loads (4 rows x 32 bytes per half-warp)
 //   and 4-byte word loads (8 rows x 16 bytes) fall on distinct banks.
 // A block computes 64 batch rows x 128 output features with 8 warps of 32 x 32 (2 x 4 m16n8
@@ -58,8 +58,8 @@ using FL_ISA::store1;
 
 // steps in shared memory: one being multiplied, three in flight. One block of 8 warps per
 // multiprocessor (their accumulators, the group's partial sums and the decoded fragments take
-// ~170 registers: capped at 128 for two blocks, ptxas for sm_90 spilled 32-300 bytes), so the
-// loads in flight come from the stages: 3 x 8 KB of 4-bit weights per multiprocessor.
+// 143-173 registers; capped at 128 for two blocks, ptxas for sm_90 spilled 32-300 bytes), so
+// the loads in flight come from the stages: 3 x 8 KB of 4-bit weights per multiprocessor.
 constexpr int kStages = 4;
 constexpr int kBM = 64, kBN = 128;  // batch rows x output features of a block
 constexpr int kThreads = 256;
