@@ -237,7 +237,8 @@ def quant_gemm_lib(cu_file, harness, name, function):
 @pytest.fixture(scope="module")
 def quant_lib():
     lib = quant_gemm_lib("quant/quant_cuda.cu", "quant_harness.cpp", "quant", "emu_quant_gemv")
-    lib.emu_quant_dequant.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int64, ctypes.c_int64]
+    lib.emu_quant_dequant.argtypes = [_P, _P, _P, _P, _I64, ctypes.c_int, _P, ctypes.c_int, ctypes.c_int64,
+                                      ctypes.c_int64]
     lib.emu_quant_dequant.restype = ctypes.c_char_p
     return lib
 
@@ -294,13 +295,17 @@ def test_quant_gemv_and_dequant(quant_lib, bits, group_size, kind):
     for m, dtype in ((1, torch.float32), (3, torch.float32), (16, torch.float32),
                      (1, torch.float16), (16, torch.bfloat16)):
         check_quant_gemm(quant_lib.emu_quant_gemv, args, w64, m, dtype, g)
-    for n0, n1 in ((0, n), (5, 23)):
-        out, obuf = guarded(torch.full((n1 - n0, k), float("nan")), SENTINEL)
+    # the rows in float32, and in 16 bits (the cuBLAS tiles): each value rounded once
+    for (n0, n1), dtype in (((0, n), torch.float32), ((5, 23), torch.float32), ((3, 30), torch.float16),
+                            ((0, n), torch.bfloat16)):
+        out, obuf = guarded(torch.full((n1 - n0, k), float("nan"), dtype=dtype), SENTINEL)
         out.fill_(float("nan"))
-        err = quant_lib.emu_quant_dequant(*args, out.data_ptr(), n0, n1)
+        err = quant_lib.emu_quant_dequant(*args, out.data_ptr(), DTYPE_CODES[dtype], n0, n1)
         assert err is None, err.decode()
         check_guards(obuf, "dequantized rows")
-        torch.testing.assert_close(out.double(), w64[n0:n1], rtol=0, atol=1e-6)
+        # (float32's two roundings then one to 16 bits: within one 16-bit ulp of the exact value)
+        ulp = {torch.float32: 0.0, torch.float16: 2.0 ** -10, torch.bfloat16: 2.0 ** -7}[dtype]
+        torch.testing.assert_close(out.double(), w64[n0:n1], rtol=ulp, atol=1e-6)
     del kept
 
 

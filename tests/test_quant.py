@@ -408,7 +408,9 @@ def test_opcheck_compile_and_imported_weights():
     b = torch.randn(10, generator=g, requires_grad=True)
     for w in (qw, qc):
         torch.library.opcheck(torch.ops.fastloss.dequant_gemm.default, (x, *w.op_args, b))
-        torch.library.opcheck(torch.ops.fastloss.dequant_gemm_grad_input.default, (torch.randn(3, 10), *w.op_args))
+        for gdt in (torch.float32, torch.bfloat16):  # (the result in grad_y's dtype)
+            torch.library.opcheck(torch.ops.fastloss.dequant_gemm_grad_input.default,
+                                  (torch.randn(3, 10).to(gdt), *w.op_args))
         torch.library.opcheck(torch.ops.fastloss.dequantize_weight.default, w.op_args)
         f = lambda t: ops.dequant_gemm(t, w, b).square().sum()  # noqa: E731
         assert_compiled_matches(f, [x])

@@ -277,7 +277,10 @@ __global__ void __launch_bounds__(32 * kWarpsPerBlock)
   rows_gemv<BITS, WORDS, R, T>(w, x, M, bias, y, n0, table, lane);
 }
 
-__global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n0, int64_t rows) {
+// (T: float, or a 16-bit dtype for the cuBLAS tiles of the activations' dtype: the float32
+// value rounded once, as a float32 tile converted would be)
+template <class T>
+__global__ void dequant_kernel(QuantWeight w, T* __restrict__ out, int64_t n0, int64_t rows) {
   const int64_t total = rows * w.K;
   const int64_t P = w.group / quant_planes(w.bits);
   const int64_t row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8, G = w.K / w.group;
@@ -287,7 +290,7 @@ __global__ void dequant_kernel(QuantWeight w, float* __restrict__ out, int64_t n
     const int q = code_at(w.q + n * row_bytes + g * group_bytes, w.bits, P, k - g * w.group);
     const float v = w.codebook ? w.codebook[(w.codebook_rows > 1 ? n : 0) * (int64_t(1) << w.bits) + q]
                                : float(q);
-    out[e] = (v - (w.zero ? w.zero[n * G + g] : 0.f)) * w.scale[n * G + g];
+    store1(out + e, (v - (w.zero ? w.zero[n * G + g] : 0.f)) * w.scale[n * G + g]);
   }
 }
 
@@ -336,13 +339,15 @@ const char* quant_gemv_cuda(const QuantWeight& w, const void* x, ScalarType dtyp
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }
 
-const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
+const char* quant_dequant_rows_cuda(const QuantWeight& w, void* out, ScalarType dtype, int64_t n0, int64_t n1,
                                     void* stream) {
   const int64_t total = (n1 - n0) * w.K;
   if (total == 0) return nullptr;
   const int64_t blocks = (total + 255) / 256;
-  dequant_kernel<<<unsigned(blocks < 65535 * 8 ? blocks : 65535 * 8), 256, 0,
-                   static_cast<cudaStream_t>(stream)>>>(w, out, n0, n1 - n0);
+  FL_ISA::visit_dtype(dtype, [&]<class T>() {
+    dequant_kernel<T><<<unsigned(blocks < 65535 * 8 ? blocks : 65535 * 8), 256, 0,
+                        static_cast<cudaStream_t>(stream)>>>(w, static_cast<T*>(out), n0, n1 - n0);
+  });
   const cudaError_t err = cudaGetLastError();
   return err == cudaSuccess ? nullptr : cudaGetErrorString(err);
 }

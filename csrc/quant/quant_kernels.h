@@ -109,7 +109,9 @@ constexpr int kQuantGemvRing = 4, kQuantGemvMaxRing = 8;
 bool quant_gemv_mma_applies(const QuantWeight& w, ScalarType dtype, int64_t M);
 const char* quant_gemv_mma_cuda(const QuantWeight& w, const void* x, ScalarType dtype, int64_t M,
                                 const float* bias, void* y, void* stream, int ring = kQuantGemvRing);
-const char* quant_dequant_rows_cuda(const QuantWeight& w, float* out, int64_t n0, int64_t n1,
+// The rows' weights into out [(n1 - n0), K] in `dtype` (float32, or the activations' 16-bit
+// dtype for cuBLAS: each value rounded once).
+const char* quant_dequant_rows_cuda(const QuantWeight& w, void* out, ScalarType dtype, int64_t n0, int64_t n1,
                                     void* stream);
 
 }  // namespace fastloss

@@ -102,7 +102,7 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor
   float* out = tile.data_ptr<float>();
   if (tile.is_cuda()) {
 #if defined(FASTLOSS_WITH_CUDA)
-    check_cuda_launch(quant_dequant_rows_cuda(w, out, n0, n0 + rows, cuda_stream()), kOp);
+    check_cuda_launch(quant_dequant_rows_cuda(w, out, ScalarType::f32, n0, n0 + rows, cuda_stream()), kOp);
 #endif
     return tile;
   }
@@ -116,20 +116,21 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor
 // product), as a float16 / bfloat16 matmul of the dequantized weights would run. On CUDA with
 // 16-bit activations: the backward always (its float32 GEMMs ran at the float32 rate, a tenth
 // of the tensor cores'), the forward from kQuantCublasMinRows rows on (below, the tensor-core
-// kernels, which never form the weight; the crossover is not measured: at 256 rows, the
-// largest batch bench_quant.py times, dequantizing an 8192 x 28672 layer would move ~0.6 GB).
+// kernels, which never form the weight; the crossover is not measured yet: bench_quant.py
+// times both at 1024 rows; dequantizing an 8192 x 28672 layer moves ~0.6 GB).
 constexpr int64_t kQuantCublasMinRows = 512;
 bool sixteen_bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
-// Rows [n0, n0 + rows) of the weight in `tile16`'s dtype, written into its first rows, through
-// float32 chunks of `buffer` ([chunk, K] float32).
-Tensor dequant_tile16(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor& buffer, const Tensor& tile16) {
-  const int64_t chunk = buffer.size(0);
-  for (int64_t r = 0; r < rows; r += chunk) {
-    const int64_t n = std::min(chunk, rows - r);
-    tile16.narrow(0, r, n).copy_(dequant_tile(w, n0 + r, n, buffer));
-  }
-  return tile16.narrow(0, 0, rows);
+// Rows [n0, n0 + rows) of the weight in `tile16`'s dtype (a CUDA tensor), written into its
+// first rows by the dequantize kernel itself (no float32 tile: that was a write and a read of
+// 4 bytes per weight more).
+Tensor dequant_tile16(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor& tile16) {
+  Tensor tile = tile16.narrow(0, 0, rows);
+#if defined(FASTLOSS_WITH_CUDA)
+  const ScalarType dtype = tile.scalar_type() == at::kHalf ? ScalarType::f16 : ScalarType::bf16;
+  check_cuda_launch(quant_dequant_rows_cuda(w, tile.data_ptr(), dtype, n0, n0 + rows, cuda_stream()), kOp);
+#endif
+  return tile;
 }
 
 // Output features per 16-bit tile: about 256 MB of them (one tile for most layers: the backward
@@ -211,15 +212,18 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const char* gemm = x.is_cuda() ? std::getenv("FASTLOSS_QUANT_GEMM") : nullptr;
   const std::string_view forced = gemm != nullptr ? std::string_view(gemm) : std::string_view();
   if (x.is_cuda() && M >= kQuantCublasMinRows && w.N > 0 && sixteen_bit(x) && forced != "smem" && forced != "pipe") {
-    Tensor yx = at::empty({M, w.N}, x.options());
     const int64_t step = std::min(tile16_rows(w), w.N);
-    const Tensor buffer = at::empty({std::min(tile_rows(w, q), step), w.K}, f32);
     const Tensor tile16 = at::empty({step, w.K}, x.options());
-    const Tensor bias16 = b32.defined() ? b32.to(x.scalar_type()) : Tensor();
+    const Tensor bias16 = bias.has_value() ? bias->to(x.scalar_type()) : Tensor();
+    auto product = [&](int64_t n0, int64_t rows) {
+      const Tensor t = dequant_tile16(w, n0, rows, tile16).t();
+      return bias16.defined() ? at::addmm(bias16.narrow(0, n0, rows), x, t) : at::mm(x, t);
+    };
+    if (step == w.N) return product(0, w.N);  // one tile (most layers): no copy of y
+    Tensor yx = at::empty({M, w.N}, x.options());
     for (int64_t n0 = 0; n0 < w.N; n0 += step) {
       const int64_t rows = std::min(step, w.N - n0);
-      const Tensor t = dequant_tile16(w, n0, rows, buffer, tile16).t();
-      yx.narrow(1, n0, rows).copy_(bias16.defined() ? at::addmm(bias16.narrow(0, n0, rows), x, t) : at::mm(x, t));
+      yx.narrow(1, n0, rows).copy_(product(n0, rows));
     }
     return yx;
   }
@@ -281,8 +285,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   return y.to(x.scalar_type());
 }
 
-// grad_x = grad_y @ W, grad_y [M, N] -> [M, K] float32, by tiles of dequantized rows (16-bit
-// ones for 16-bit grad_y on CUDA).
+// grad_x = grad_y @ W, grad_y [M, N] -> [M, K] in grad_y's dtype (float32 sums), by tiles of
+// dequantized rows (16-bit ones for 16-bit grad_y on CUDA: their product is the result, with
+// no float32 copy to convert back).
 Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tensor& scale,
                                const OptTensor& zero, const OptTensor& codebook, int64_t bits,
                                int64_t group) {
@@ -295,15 +300,14 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
   const auto f32 = grad_y.options().dtype(at::kFloat);
   if (grad_y.is_cuda() && sixteen_bit(grad_y) && w.N > 0) {  // 16-bit tiles (dequant_tile16)
     const int64_t step = std::min(tile16_rows(w), w.N);
-    const Tensor buffer = at::empty({std::min(tile_rows(w, q), step), w.K}, f32);
     const Tensor tile16 = at::empty({step, w.K}, grad_y.options());
-    if (step == w.N) return at::mm(grad_y, dequant_tile16(w, 0, w.N, buffer, tile16)).to(at::kFloat);
-    Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
+    if (step == w.N) return at::mm(grad_y, dequant_tile16(w, 0, w.N, tile16));
+    Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);  // the tiles' products summed in float32
     for (int64_t n0 = 0; n0 < w.N; n0 += step) {
       const int64_t rows = std::min(step, w.N - n0);
-      gx.add_(at::mm(grad_y.narrow(1, n0, rows), dequant_tile16(w, n0, rows, buffer, tile16)));
+      gx.add_(at::mm(grad_y.narrow(1, n0, rows), dequant_tile16(w, n0, rows, tile16)));
     }
-    return gx;
+    return gx.to(grad_y.scalar_type());
   }
   const Tensor g32 = grad_y.to(at::kFloat);
   Tensor gx = at::zeros({grad_y.size(0), w.K}, f32);
@@ -313,7 +317,7 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
     const int64_t rows = std::min(step, w.N - n0);
     gx.addmm_(g32.narrow(1, n0, rows), dequant_tile(w, n0, rows, buffer));
   }
-  return gx;
+  return gx.to(grad_y.scalar_type());
 }
 
 }  // namespace

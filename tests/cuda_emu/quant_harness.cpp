@@ -15,10 +15,10 @@ const char* emu_quant_gemv(const uint8_t* q, const float* scale, const float* ze
 }
 
 const char* emu_quant_dequant(const uint8_t* q, const float* scale, const float* zero,
-                              const float* codebook, const int64_t* shape, int bits, float* out,
+                              const float* codebook, const int64_t* shape, int bits, void* out, int dtype,
                               int64_t n0, int64_t n1) {
-  return fastloss::quant_dequant_rows_cuda(emu_quant_weight(q, scale, zero, codebook, shape, bits), out, n0,
-                                           n1, nullptr);
+  return fastloss::quant_dequant_rows_cuda(emu_quant_weight(q, scale, zero, codebook, shape, bits), out,
+                                           fastloss::ScalarType(dtype), n0, n1, nullptr);
 }
 
 }  // extern "C"

@@ -244,7 +244,7 @@ def _fake_gemm(x, qweight, scales, zeros, codebook, bits, group_size, bias):
 
 @torch.library.register_fake("fastloss::dequant_gemm_grad_input")
 def _fake_grad_input(grad_y, qweight, scales, zeros, codebook, bits, group_size):
-    return grad_y.new_empty((grad_y.shape[0], qweight.shape[1] * 8 // bits), dtype=torch.float32)
+    return grad_y.new_empty((grad_y.shape[0], qweight.shape[1] * 8 // bits))
 
 
 @torch.library.register_fake("fastloss::dequantize_weight")
