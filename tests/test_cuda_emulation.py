@@ -378,20 +378,26 @@ def test_quant_tensor_core_gemv_other_rings(quant_gemv_mma_lib, ring):
         lib.emu_set_gemv_ring(4)
 
 
+def fractional_zero_weight(bits, dtype, n, g, k=256, group=64):
+    """An imported [n, k] weight whose zero points are fractional but for every third row
+    (integer: lanes of both kinds within a warp) and one past the range the 16-bit constants
+    hold exactly; and its float64 values."""
+    q = torch.randint(0, 1 << bits, (n, k), generator=g)
+    scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
+    zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
+    zeros[::3] = zeros[::3].round()
+    zeros[5, 1] = 3000.0 if dtype == torch.float16 else 300.0
+    qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
+    return qw, quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+
+
 def test_quant_tensor_core_gemv_fractional_zeros(quant_gemv_mma_lib):
     """Imported weights whose zero points are not integers (or are too large for the 16-bit
     constants) take the kernel's correction by the sums of x; one group of integer zeros in a
     warp of fractional ones, and the reverse, are both right."""
     g = torch.Generator().manual_seed(41)
-    n, k, group = 21, 256, 64
     for bits, dtype in ((4, torch.float16), (4, torch.bfloat16), (2, torch.float16), (8, torch.float16)):
-        q = torch.randint(0, 1 << bits, (n, k), generator=g)
-        scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
-        zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
-        zeros[::3] = zeros[::3].round()          # some rows integer: mixed lanes within a warp
-        zeros[5, 1] = 3000.0 if dtype == torch.float16 else 300.0   # past the exact range
-        qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
-        w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        qw, w64 = fractional_zero_weight(bits, dtype, 21, g)
         kept, args = quant_args(qw)
         for m in (1, 11):
             check_quant_gemm(quant_gemv_mma_lib.emu_quant_gemv_mma, args, w64, m, dtype, g)
@@ -494,15 +500,8 @@ def test_quant_pipelined_gemm_fractional_zeros(quant_gemm_pipe_lib):
     constants): the correction by the sums of x, in warps whose features mix integer and
     fractional zeros."""
     g = torch.Generator().manual_seed(43)
-    n, k, group = 37, 256, 64
     for bits, dtype in ((4, torch.float16), (4, torch.bfloat16), (2, torch.float16), (8, torch.float16)):
-        q = torch.randint(0, 1 << bits, (n, k), generator=g)
-        scales = torch.rand(n, k // group, generator=g) * 0.1 + 0.01
-        zeros = torch.rand(n, k // group, generator=g) * (1 << bits)
-        zeros[::3] = zeros[::3].round()
-        zeros[5, 1] = 3000.0 if dtype == torch.float16 else 300.0
-        qw = ops.QuantizedWeight.from_int(q, scales, zeros, bits, group)
-        w64 = quant_ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+        qw, w64 = fractional_zero_weight(bits, dtype, 37, g)
         kept, args = quant_args(qw)
         check_quant_gemm(quant_gemm_pipe_lib.emu_quant_gemm_pipe, args, w64, 20, dtype, g)
         del kept

@@ -98,10 +98,9 @@ __device__ __forceinline__ void shared_words(uint32_t (&out)[WB / 4], const unsi
   }
 }
 
-// The block's geometry: rows ra / rb of lane (g, t) (clamped to N - 1 for loads), steps per
-// row and per group.
+// The block's geometry: bytes and groups per row, steps per row and per group.
 struct Rows {
-  int64_t ra, rb, row_bytes, G;
+  int64_t row_bytes, G;
   int64_t steps, steps_per_group;
 };
 
@@ -198,7 +197,7 @@ __device__ __forceinline__ void x_fragment(uint32_t (&b)[2], const T* xk) {
 // per 8 batch rows). Every lane of the warp calls it (mma and ballot are warp-wide).
 template <int BITS, int WB, int NT, class T>
 __device__ __forceinline__ void add_step(float (&acc)[NT][4], const StepLoad<WB>& l, const StepPos& pos,
-                                         const QuantWeight& w, const Rows& r, const Planes<BITS, T>& pl,
+                                         const QuantWeight& w, const Planes<BITS, T>& pl,
                                          const T* __restrict__ x, int64_t M, int g, int t) {
   using H = Half16<T>;
   constexpr int kPlanes = quant_planes(BITS);
@@ -252,8 +251,6 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
   const int warp = int(threadIdx.x) / 32, lane = int(threadIdx.x) % 32, g = lane / 4, t = lane % 4;
   const int64_t n0 = int64_t(blockIdx.x) * 16;
   Rows r;
-  r.ra = n0 + g < w.N ? n0 + g : w.N - 1;
-  r.rb = n0 + g + 8 < w.N ? n0 + g + 8 : w.N - 1;
   r.row_bytes = w.K * BITS / 8;
   r.G = w.K / w.group;
   r.steps = r.row_bytes / (4 * WB);
@@ -290,7 +287,7 @@ __global__ void __launch_bounds__(32 * kWarps, 2)
     }
     cp_async_commit();
     const StepLoad<WB> l = read_step<WB>(ring_base + slot * Slot<WB>::kBytes, w.zero != nullptr, g, t);
-    add_step<BITS, WB, NT, T>(acc, l, used, w, r, planes, x, M, g, t);
+    add_step<BITS, WB, NT, T>(acc, l, used, w, planes, x, M, g, t);
     used = used.plus(stride, r.steps_per_group);
     slot = slot + 1 == ring ? 0 : slot + 1;
   }
