@@ -133,12 +133,24 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
 // one row. Taller blocks run the GEMMs faster (measured on 2 cores at D = 256, V = 131072:
 // 128 rows 6.5-7.1 s, 256 rows 6.0-6.8 s, 512 rows 5.6-5.8 s per forward + backward), and the
 // budget keeps the extra memory within about twice the gradient itself.
+// On CUDA the cap is 1 GiB, but at most half the rows (a block is never the whole logits
+// unless those fit 256 MiB): each block's grad_weight GEMM reads and writes the float32
+// accumulator (8 V D bytes) for 2 V D rows flops per row of the block, so at an H200's
+// ~160 flops per byte of bandwidth blocks of R rows spend ~640 / R of that GEMM's time on the
+// accumulator. On an H200 at f95b002 (256 MiB blocks) that was the gap to eager:
+// 8192 x 4096 x 128256 bf16 (1046-row blocks) 47.8 ms vs 41.8, 16384 x 2048 x 262144
+// (512 rows, 32 blocks) 116 ms vs 93. 1 GiB gives 4096 and 2048 rows there (2 and 8 blocks).
+// (Not yet measured on a GPU.)
 int64_t rows_per_block(int64_t requested, const LinearInputs& in) {
   const int64_t all = std::max<int64_t>(in.N, 1);
   if (requested > 0) return std::min(requested, all);
-  const int64_t budget = std::clamp<int64_t>(in.V * in.D * 4, int64_t(16) << 20, int64_t(256) << 20);
   const int64_t row_bytes = in.V * int64_t(in.hidden.element_size());
-  return std::clamp<int64_t>(budget / row_bytes, 1, all);
+  const auto fit = [&](int64_t cap) {
+    return std::clamp<int64_t>(std::clamp<int64_t>(in.V * in.D * 4, int64_t(16) << 20, cap) / row_bytes, 1, all);
+  };
+  const int64_t rows = fit(int64_t(256) << 20);
+  if (!in.hidden.is_cuda()) return rows;
+  return std::max(rows, std::min(fit(int64_t(1) << 30), (all + 1) / 2));
 }
 
 std::vector<c10::IValue> row_args(std::vector<c10::IValue> head, const LossParams& p) {
@@ -157,24 +169,26 @@ Accumulators make_accumulators(const LinearInputs& in, const GradMask& mask) {
   const auto f32 = in.hidden.options().dtype(at::kFloat);
   Accumulators acc;
   acc.hidden = at::empty({mask[0] ? in.N : 0, in.D}, in.hidden.options());
-  acc.weight = mask[1] ? at::zeros({in.V, in.D}, f32) : at::empty({0}, f32);
+  // (grad_weight: the first block's GEMM writes it without reading; zeros only when no block runs)
+  acc.weight = !mask[1] ? at::empty({0}, f32) : in.N > 0 ? at::empty({in.V, in.D}, f32) : at::zeros({in.V, in.D}, f32);
   acc.bias = mask[2] ? at::zeros({in.V}, f32) : at::empty({0}, f32);
   return acc;
 }
 
-// acc += a @ b for float16 / bfloat16 a, b and a float32 acc, by one GEMM that adds its float32
-// product to acc in its epilogue (cuBLAS through addmm's out_dtype overload, CUDA only), where
+// acc += a @ b (acc = a @ b when !add: acc is not read, it may hold garbage) for float16 /
+// bfloat16 a, b and a float32 acc, by one GEMM that adds its float32 product to acc in its
+// epilogue (cuBLAS through addmm's out_dtype overload, CUDA only), where
 // torch has it; false where it does not (then the caller forms the product in a's dtype a
 // slice at a time and adds it). Against the slices this saves a rounding of each block's
 // product to 16 bits, a write and a read of each slice, and a hundred-odd narrow GEMMs per
 // block at LLM sizes (a 4096-column weight gives 1024-class slices). Whether torch accepts a
 // float32 `self` with 16-bit matrices (newer versions do) is learnt from the first call's
 // error about dtypes; other errors propagate.
-bool add_product_in_float32(Tensor& acc, const Tensor& a, const Tensor& b) {
+bool add_product_in_float32(Tensor& acc, const Tensor& a, const Tensor& b, bool add) {
   static std::atomic<int> supported{-1};  // -1: not known yet
   if (!acc.is_cuda() || supported.load(std::memory_order_relaxed) == 0) return false;
   try {
-    at::addmm_out(acc, acc, a, b, at::kFloat);
+    at::addmm_out(acc, acc, a, b, at::kFloat, /*beta=*/add ? 1 : 0);  // (beta 0: acc not read)
   } catch (const c10::OutOfMemoryError&) {
     throw;
   } catch (const c10::Error& e) {
@@ -207,6 +221,7 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
                           : Tensor();
   for (int64_t n0 = 0; n0 < in.N; n0 += block) {
     const int64_t nb = std::min(block, in.N - n0);
+    const bool first = n0 == 0;  // (the first block writes grad_weight, the others add to it)
     const Tensor h = in.hidden.narrow(0, n0, nb), t = in.target.narrow(0, n0, nb);
     Tensor z = buffer.narrow(0, 0, nb);  // leading rows of a contiguous buffer: contiguous
     if (in.bias.defined())
@@ -240,15 +255,20 @@ void run_blocks(const LinearInputs& in, const LossParams& p, int64_t block,
       // (CUDA), else it is formed by the GEMM of its own dtype (float32 accumulation inside,
       // one rounding) a slice of classes at a time into a small buffer, then added: widening
       // the block to float32 instead cost 2x its memory and ran the slower float32 GEMM.
-      if (f32) {
+      if (f32 && first) {
+        at::mm_out(acc.weight, z.t(), h);
+      } else if (f32) {
         acc.weight.addmm_(z.t(), h);
-      } else if (!add_product_in_float32(acc.weight, z.t(), h)) {
+      } else if (!add_product_in_float32(acc.weight, z.t(), h, !first)) {
         if (!part_buffer.defined()) part_buffer = at::empty({slice, in.D}, in.hidden.options());
         for (int64_t v0 = 0; v0 < in.V; v0 += slice) {
           const int64_t nv = std::min(slice, in.V - v0);
           Tensor part = part_buffer.narrow(0, 0, nv);
           at::mm_out(part, z.narrow(1, v0, nv).t(), h);
-          acc.weight.narrow(0, v0, nv).add_(part);
+          if (first)
+            acc.weight.narrow(0, v0, nv).copy_(part);
+          else
+            acc.weight.narrow(0, v0, nv).add_(part);
         }
       }
     }

@@ -6,8 +6,8 @@ on for each loss of that module. The op (``linear_losses_op.cpp``) forms the log
 block of rows at a time with a GEMM into one reused buffer, runs the row-loss kernels on the
 block, turns it in place into d(loss)/d(logits), and folds that into ``grad_hidden`` and
 ``grad_weight`` with two more GEMMs. Extra memory: one block (by default as many rows as fit
-the size of a float32 ``grad_weight``, clamped to 16-256 MiB of logits; ``block_rows`` to
-choose), plus float32 accumulators for ``grad_weight`` and
+the size of a float32 ``grad_weight``, clamped to 16-256 MiB of logits, on CUDA to 1 GiB but
+at most half the rows; ``block_rows`` to choose), plus float32 accumulators for ``grad_weight`` and
 ``grad_bias`` (of reduced-precision weights). For ``reduction`` mean or sum with gradients
 wanted, the gradients are computed in the forward (three GEMMs in all, as unfused); for
 ``"none"`` the backward forms every block again (four).
@@ -22,7 +22,7 @@ Common arguments:
 * ``ignore_index``, ``reduction``: as in :func:`torch.nn.functional.cross_entropy`;
   ``"none"`` returns the target's shape.
 * ``block_rows``: rows of logits formed at once (None: as many as fit a float32 ``grad_weight``'s
-  size, 16-256 MiB); with ``low_memory=True``, classes per tile instead.
+  size, 16-256 MiB; on CUDA up to 1 GiB, at most half the rows); with ``low_memory=True``, classes per tile instead.
 
 Gradients flow to ``hidden``, ``weight`` and ``bias``. The logits of a block have ``hidden``'s
 dtype, as unfused ``hidden @ weight.T`` would; every reduction over classes is float32.
