@@ -77,6 +77,24 @@ def test_matches_reference(case, reduction, epsilon):
                                atol=1e-6 * max(1.0, float(x64.grad.abs().max())))
 
 
+def test_whole_matrix_default_matches_reference():
+    """B = 1100 > 1024 with D = 256: by default the CPU forms S whole (one GEMM for the
+    gradient, (dS + dS^T) E) where 4 MiB blocks would take 953 rows; blocks of 64 rows (the
+    block loop's three GEMMs) against the same float64 reference."""
+    emb, labels = make(1100, 256, 40, seed=5, centre=0.4)  # (classes overlap: pairs are mined)
+    x64 = emb.double().requires_grad_(True)
+    exp = ref.multi_similarity_loss(x64, labels)
+    exp.backward()
+    assert float(exp) > 0.05
+    for block in (None, 64):
+        x = emb.clone().requires_grad_(True)
+        out = ops.multi_similarity_loss(x, labels, block_rows=block)
+        out.backward()
+        torch.testing.assert_close(out.double(), exp.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(x.grad.double(), x64.grad, rtol=1e-4,
+                                   atol=1e-6 * float(x64.grad.abs().max()))
+
+
 # 16-bit embeddings: computed in float32 from the rounded inputs (rows normalised in float32),
 # so against the float64 reference on the same rounded inputs only the rounding of the results
 # to the dtype differs (2^-9 / 2^-12 relative)
