@@ -4,6 +4,9 @@ One call = ``loss = f(hidden [N, D], weight [V, D], target [N])`` (reduction mea
 ``torch.autograd.grad(loss, (hidden, weight))``. Variants, same inputs, same run:
   * ``fastloss``: ``fastloss.ops.linear_cross_entropy`` (blocks of tokens, see its module);
   * ``fastloss_low_memory``: the same with ``low_memory=True`` (tiles of the vocabulary);
+  * ``fastloss_low_memory_fused_stats`` (CUDA): low_memory with the forward's statistics from
+    the tensor-core kernel (FASTLOSS_LINEAR_CE_STATS=fused) instead of cuBLAS tiles + one
+    kernel pass each: both in one run;
   * ``eager``: ``F.cross_entropy(F.linear(hidden, weight), target)``, the baseline;
   * ``torch_lce``: ``F.linear_cross_entropy`` (torch's reference path);
   * ``torch_chunked``: ``F.linear_cross_entropy(..., options=LinearCrossEntropyOptions())``;
@@ -49,7 +52,7 @@ MEASURE_KW = {
                 slow_call_s=45.0),
     "cuda": dict(warmup=2, target_s=0.3, min_repeats=5, max_repeats=100, max_measure_s=5.0),
 }
-COLORS = {"fastloss_low_memory": "#17becf", "eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
+COLORS = {"fastloss_low_memory": "#17becf", "fastloss_low_memory_fused_stats": "#9edae5", "eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
           "torch_compile": "#9467bd", "cut_cross_entropy": "#8c564b"}
 
 
@@ -76,11 +79,23 @@ def eager(h, w, t):
     return F.cross_entropy(F.linear(h, w), t)
 
 
+def low_memory_fused_stats(h, w, t):
+    """low_memory=True with the statistics from the tensor-core kernel (FASTLOSS_LINEAR_CE_STATS,
+    read per call by the op; the forward computes them)."""
+    os.environ["FASTLOSS_LINEAR_CE_STATS"] = "fused"
+    try:
+        return fastloss.ops.linear_cross_entropy(h, w, t, low_memory=True)
+    finally:
+        del os.environ["FASTLOSS_LINEAR_CE_STATS"]
+
+
 def variants(cuda: bool):
     chunked = torch.nn.LinearCrossEntropyOptions() if hasattr(torch.nn, "LinearCrossEntropyOptions") else None
     out = {
         "fastloss": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t),
         "fastloss_low_memory": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t, low_memory=True),
+        "fastloss_low_memory_fused_stats": low_memory_fused_stats if cuda
+        else "unavailable: the tensor-core statistics kernel is CUDA only",
         "eager": eager,
         "torch_lce": (lambda h, w, t: F.linear_cross_entropy(h, w, t))
         if hasattr(F, "linear_cross_entropy") else "missing: torch has no F.linear_cross_entropy",

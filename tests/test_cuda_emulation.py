@@ -1589,6 +1589,117 @@ def test_linear_ce_stats(lce_lib, case, dtype):
                                equal_nan=True)
 
 
+# ---- linear + cross-entropy, low-memory path: one kernel pass over each cuBLAS tile -------------
+
+
+@pytest.fixture(scope="module")
+def lce_tiles_lib():
+    lib = build.build("linear_losses/linear_ce_tiles_cuda.cu", "linear_ce_tiles_harness.cpp", "linear_ce_tiles")
+    P, I64 = ctypes.c_void_p, ctypes.POINTER(ctypes.c_int64)
+    lib.emu_linear_ce_tile_stats.argtypes = [P, ctypes.c_int, I64, P, P, ctypes.c_float, ctypes.c_int,
+                                             ctypes.c_int, P]
+    lib.emu_linear_ce_tile_stats.restype = ctypes.c_char_p
+    lib.emu_linear_ce_tile_grad.argtypes = [P, ctypes.c_int, I64, P, P, ctypes.c_float, P, P, ctypes.c_int]
+    lib.emu_linear_ce_tile_grad.restype = ctypes.c_char_p
+    return lib
+
+
+def _lce_tile(case, dtype, seed):
+    """A tile of raw logits [rows, n] (row stride ld) in dtype, its rows' targets (in the tile,
+    in another tile, ignored) and its class weights; 'strided' rows are 5 elements apart more
+    than their length, 'nonfinite' rows hold two +inf, all -inf, a NaN."""
+    g = torch.Generator().manual_seed(seed + len(case) + DTYPE_CODES[dtype])
+    rows, n, first = 37, 203, 50
+    ld = n + 5 if case == "strided" else n
+    z = (torch.randn(rows, n, generator=g) * 3).to(dtype)
+    if case == "nonfinite":
+        z[1, 4] = z[1, 90] = float("inf")
+        z[2] = float("-inf")
+        z[3, 17] = float("nan")
+    t = torch.randint(first, first + n, (rows,), generator=g)
+    t[5], t[6], t[7] = -100, first - 3, first + n  # ignored, and classes of other tiles
+    cw = torch.rand(n, generator=g) + 0.5 if case in ("weights_softcap", "strided") else None
+    softcap = 4.0 if case == "weights_softcap" else 0.0
+    store = torch.full((rows, ld), float("nan"), dtype=dtype)
+    store[:, :n] = z
+    return z, store, t, cw, softcap, (rows, n, ld, first)
+
+
+def _capped(z64, softcap):
+    return softcap * torch.tanh(z64 / softcap) if softcap else z64
+
+
+@pytest.mark.parametrize("first", [True, False], ids=["first", "merged"])
+@pytest.mark.parametrize("case", ["plain", "weights_softcap", "strided", "nonfinite"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_linear_ce_tile_stats(lce_tiles_lib, dtype, case, first):
+    """linear_ce_tile_stats_cuda against float64 on the tile's values: the log-sum-exp of the
+    capped logits written (first) or merged with an earlier tile's by logaddexp, the target's
+    logit added when the target is in the tile (ignored rows and other tiles' targets add 0), the
+    class-weighted sum added; misaligned rows (n = 203 of every dtype), a row stride beyond n,
+    and non-finite rows as torch.logsumexp treats them (+inf twice: +inf; all -inf: -inf; NaN)."""
+    z, store, t, cw, softcap, shape = _lce_tile(case, dtype, 0)
+    rows, n, ld, first_class = shape
+    g = torch.Generator().manual_seed(11)
+    before = torch.randn(rows, 3, generator=g)
+    zg, zbuf = guarded(store.reshape(-1), float("nan"))
+    out, obuf = guarded(before.clone() if not first else torch.full((rows, 3), 0.0).index_fill(1, torch.tensor([0]), float("nan")), SENTINEL)
+    start = out.clone()
+    err = lce_tiles_lib.emu_linear_ce_tile_stats(zg.data_ptr(), DTYPE_CODES[dtype], int64s(*shape), t.data_ptr(),
+                                                 None if cw is None else cw.data_ptr(), softcap, int(first), 1,
+                                                 out.data_ptr())
+    assert err is None, err.decode()
+    check_guards(obuf, "stats")
+    assert torch.equal(zbuf.view(-1)[GUARD:GUARD + rows * ld].view(rows, ld)[:, :n].double().nan_to_num(1.5),
+                       z.double().nan_to_num(1.5)), "the statistics kernel wrote its input"
+    zc = _capped(z.double(), softcap)
+    lse = torch.logsumexp(zc, 1)
+    if not first:
+        lse = torch.logaddexp(start[:, 0].double(), lse)
+    local = t - first_class
+    mine = (local >= 0) & (local < n)
+    zy = start[:, 1].double() + torch.where(mine, zc.gather(1, local.clamp(0, n - 1)[:, None])[:, 0], 0.0)
+    wz = start[:, 2].double() + zc @ (cw.double() if cw is not None else torch.ones(n, dtype=torch.float64))
+    want = torch.stack([lse, zy, wz], 1)
+    scale = float(want.nan_to_num(0.0, 0.0, 0.0).abs().max())
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
+
+
+@pytest.mark.parametrize("smoothing", [False, True], ids=["plain", "smoothing"])
+@pytest.mark.parametrize("case", ["plain", "weights_softcap", "strided"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+def test_linear_ce_tile_grad(lce_tiles_lib, dtype, case, smoothing):
+    """linear_ce_tile_grad_cuda against float64: d loss / d z = (a p_k - hit [k = y] - smooth w_k)
+    * d cap / d z with p_k = exp(capped z_k - lse), written over the tile in its dtype (one
+    rounding); the gap between rows (a row stride beyond n) and the guards stay untouched."""
+    z, store, t, cw, softcap, shape = _lce_tile(case, dtype, 1)
+    rows, n, ld, first_class = shape
+    g = torch.Generator().manual_seed(12)
+    zc = _capped(z.double(), softcap)
+    lse = (torch.logsumexp(zc, 1) + torch.rand(rows, generator=g, dtype=torch.float64)).float()
+    coef = torch.stack([torch.rand(rows, generator=g) + 0.5, torch.rand(rows, generator=g),
+                        torch.rand(rows, generator=g) * 0.1], 1)
+    zg, zbuf = guarded(store.reshape(-1), SENTINEL)
+    err = lce_tiles_lib.emu_linear_ce_tile_grad(zg.data_ptr(), DTYPE_CODES[dtype], int64s(*shape), t.data_ptr(),
+                                                None if cw is None else cw.data_ptr(), softcap, lse.data_ptr(),
+                                                coef.data_ptr(), int(smoothing))
+    assert err is None, err.decode()
+    check_guards(zbuf, "grad")
+    got = zg.view(rows, ld)
+    assert got[:, n:].isnan().all(), "the gradient kernel wrote between rows"
+    local = t - first_class
+    mine = (local >= 0) & (local < n)
+    a, hit, smooth = (coef[:, i].double()[:, None] for i in range(3))
+    want = a * torch.exp(zc - lse.double()[:, None])
+    want -= torch.zeros_like(want).scatter_(1, local.clamp(0, n - 1)[:, None], hit * mine.double()[:, None])
+    if smoothing:
+        want -= smooth * (cw.double() if cw is not None else 1.0)
+    if softcap:
+        want *= 1 - torch.tanh(z.double() / softcap) ** 2
+    tol = {torch.float32: 1e-5, torch.float16: 1e-3, torch.bfloat16: 8e-3}[dtype]
+    torch.testing.assert_close(got[:, :n].double(), want, rtol=tol, atol=tol * float(want.abs().max()))
+
+
 # ---- the emulator's own checks (tests/cuda_emu/selftest_cuda.cu: kernels that break a rule) ------
 
 

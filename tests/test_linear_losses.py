@@ -157,6 +157,25 @@ def test_low_memory_tiles_match_reference(name, dtype, shape, reduction, dev):
             close(g, e, dtype, f"{name} tile {tile} grad_{what}", floor=1e-2)
 
 
+@requires_cuda
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("name", ["ce", "ce_everything"])
+def test_low_memory_fused_stats_cuda(name, dtype, monkeypatch):
+    """FASTLOSS_LINEAR_CE_STATS=fused: the forward's statistics from the tensor-core kernel
+    (D a multiple of 8) instead of cuBLAS tiles + the tile kernel, the same gradients."""
+    monkeypatch.setenv("FASTLOSS_LINEAR_CE_STATS", "fused")
+    fused, _, ref_fn, kw, weighted = CASES[name]
+    for shape in ((33, 16, 130), (50, 24, 1031)):
+        h, w, t, b, cw = make_inputs(*shape, dtype, "cuda", weighted, seed=26)
+        up = upstream(t.shape, "mean", "cuda")
+        out, grads = run(fused, h, w, t, b, cw, "mean", up, low_memory=True, **kw)
+        exp, exp_grads = reference(ref_fn, h, w, t, b, cw, "mean", up, **kw)
+        close(out, exp, dtype, f"{name} fused stats loss")
+        for what, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
+            close(g, e, dtype, f"{name} fused stats grad_{what}", floor=1e-2)
+
+
 @pytest.mark.parametrize("low_memory", [False, True])
 def test_meta_tensors_and_no_features(low_memory):
     """Meta tensors give the loss's shape (autocast has no meta device: it had raised), and

@@ -1,4 +1,5 @@
-// The linear + cross-entropy CUDA kernels' entry points (linear_ce_cuda.cu), torch-free.
+// The linear + cross-entropy CUDA kernels' entry points (linear_ce_cuda.cu,
+// linear_ce_tiles_cuda.cu), torch-free.
 #pragma once
 #include <cstdint>
 
@@ -31,5 +32,30 @@ int linear_ce_stats_splits(int64_t N, int64_t V);
 bool linear_ce_stats_available();
 const char* linear_ce_stats_cuda(const LinearCeStatsArgs& a, float* partial, int splits, float* out,
                                  void* stream);
+
+// One vocabulary tile of the low-memory path's logits (linear_ce_tiles_cuda.cu): z [rows, n]
+// (row stride ld) of raw logits in dtype (bias included; the kernels apply the soft cap);
+// target [rows] global class indices of the tile's rows; the tile holds classes first_class ..
+// first_class + n - 1; class_weight: the tile's n class weights, or null.
+struct LinearCeTile {
+  void* z = nullptr;
+  ScalarType dtype = ScalarType::f32;
+  int64_t rows = 0, n = 0, ld = 0;
+  const int64_t* target = nullptr;
+  int64_t first_class = 0;
+  const float* class_weight = nullptr;
+  float softcap = 0.f;
+};
+
+// stats [rows, 3] float32: the tile's log-sum-exp written to column 0 (first) or merged into it
+// (log(e^a + e^b)); the target's logit added to column 1 when the target is one of the tile's
+// classes; with weighted_sum the (class-weighted) sum of the logits added to column 2.
+const char* linear_ce_tile_stats_cuda(const LinearCeTile& t, bool first, bool weighted_sum, float* stats,
+                                      void* stream);
+// z := d loss / d z = (a p_k - hit [k = y] - smooth w_k) * d cap / d z, p_k = exp(capped z_k - lse),
+// in place and in z's dtype; per row lse [rows] and coef [rows, 3] = (a, hit, smooth) (smooth
+// read only with `smoothing`).
+const char* linear_ce_tile_grad_cuda(const LinearCeTile& t, const float* lse, const float* coef, bool smoothing,
+                                     void* stream);
 
 }  // namespace fastloss

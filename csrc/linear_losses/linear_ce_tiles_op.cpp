@@ -19,6 +19,11 @@
 // and forms the coefficients. Softcap z = c tanh(x / c) is applied to the logits, and its
 // derivative to the gradient. Tiles go classes outer, rows inner: each tile of grad_weight is
 // finished (summed over the row blocks, in float32 for 16-bit weights) before the next.
+// On CUDA the tile stays in the inputs' dtype as cuBLAS writes it and one kernel does each
+// tile's row work (linear_ce_tiles_cuda.cu) in place of the float32 copy and torch passes;
+// FASTLOSS_LINEAR_CE_STATS=fused takes the statistics from the tensor-core kernel instead
+// (linear_ce_cuda.cu: no tile in memory, but its 64 x 64 mma tiles ran far below cuBLAS's
+// rate: low_memory 0.30-0.32x eager on an H200 at f95b002 with it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
@@ -34,6 +39,8 @@
 #include <algorithm>
 #include <array>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 
@@ -163,9 +170,41 @@ Tensor logsumexp_in_place(const Tensor& z) {
   return z.sum(1).log_().add_(m.squeeze(1));
 }
 
+#if defined(FASTLOSS_WITH_CUDA)
+// The tile's raw logits (bias included) in the inputs' dtype, by one GEMM into `buf`, described
+// for the CUDA tile kernels (linear_ce_tiles_cuda.cu; `target`: the contiguous int64 targets).
+LinearCeTile cuda_tile(const TileInputs& in, const Tile& t, const Tensor& target, int64_t class_offset,
+                       double softcap, Tensor& buf) {
+  const Tensor h = in.hidden.narrow(0, t.r0, t.nr), w = in.weight.narrow(0, t.c0, t.n);
+  Tensor z = buf.narrow(0, 0, t.nr * t.n).view({t.nr, t.n});
+  if (in.bias.defined())
+    at::addmm_out(z, in.bias.narrow(0, t.c0, t.n), h, w.t());
+  else
+    at::mm_out(z, h, w.t());
+  LinearCeTile lt;
+  lt.z = z.data_ptr();
+  lt.dtype = kernel_dtype(z, kOp, "logits");
+  lt.rows = t.nr;
+  lt.n = t.n;
+  lt.ld = t.n;
+  lt.target = target.data_ptr<int64_t>() + t.r0;
+  lt.first_class = class_offset + t.c0;
+  lt.class_weight = in.class_weight.defined() ? in.class_weight.data_ptr<float>() + t.c0 : nullptr;
+  lt.softcap = float(softcap);
+  return lt;
+}
+#endif
+
+// FASTLOSS_LINEAR_CE_STATS=fused: the statistics from the tensor-core kernel below (read per
+// call, so that a benchmark can time both in one run).
+bool fused_stats_asked() {
+  const char* v = std::getenv("FASTLOSS_LINEAR_CE_STATS");
+  return v != nullptr && std::strcmp(v, "fused") == 0;
+}
+
 // The statistics by the tensor-core kernel (linear_ce_cuda.cu: no logits tile in memory at all)
 // where it applies: CUDA, float16 / bfloat16, D % 8 == 0, rows 16-byte aligned, sm_80+ code,
-// and no tile width asked for.
+// and no tile width asked for. Only when FASTLOSS_LINEAR_CE_STATS=fused (see the top).
 bool fused_stats(const TileInputs& in, int64_t class_offset, double softcap, bool weighted_sum,
                  Tensor& out) {
 #if defined(FASTLOSS_WITH_CUDA)
@@ -215,9 +254,26 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
     out.select(1, 0).fill_(-std::numeric_limits<double>::infinity());
     return out;
   }
-  // the tensor-core kernel unless tiles were asked for (a tile shape keeps the tile path)
-  if (tile_cols <= 0 && tile_rows <= 0 && fused_stats(in, class_offset, softcap, weighted_sum, out))
+  // the tensor-core kernel when asked, unless tiles were asked for (a tile shape keeps the tiles)
+  if (fused_stats_asked() && tile_cols <= 0 && tile_rows <= 0 &&
+      fused_stats(in, class_offset, softcap, weighted_sum, out))
     return out;
+#if defined(FASTLOSS_WITH_CUDA)
+  if (in.hidden.is_cuda()) {  // tiles in the inputs' dtype, one kernel pass each
+    const c10::cuda::CUDAGuard guard(in.hidden.device());
+    const Tensor targets = in.target.contiguous();
+    Tensor buf = at::empty({in.rows * in.tile}, in.hidden.options());
+    for (int64_t c0 = 0; c0 < in.V; c0 += in.tile)
+      for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
+        const Tile t{r0, std::min(in.rows, in.N - r0), c0, std::min(in.tile, in.V - c0)};
+        const LinearCeTile lt = cuda_tile(in, t, targets, class_offset, softcap, buf);
+        check_cuda_launch(linear_ce_tile_stats_cuda(lt, c0 == 0, weighted_sum, out.data_ptr<float>() + r0 * 3,
+                                                    cuda_stream()),
+                          kOp);
+      }
+    return out;
+  }
+#endif
   // Classes outer, rows inner: a tile of the weight is read from memory once.
   Tensor buf = at::empty({in.rows * in.tile}, f32), buf_low = low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {
@@ -241,6 +297,44 @@ Tensor linear_ce_tile_stats(const Tensor& hidden, const Tensor& weight, const Op
   return out;
 }
 
+// A tile's gradient d(loss)/d(z_k) = (a p_k - hit [k = y] - smooth w_k) * d cap: float32 torch
+// operations (the CPU).
+Tensor tile_grad(const TileInputs& in, const Tile& t, int64_t class_offset, double softcap, const Tensor& lse,
+                 const Tensor& a, const Tensor& hit, const Tensor& smooth, bool smoothing, Tensor& buf,
+                 Tensor& buf_low) {
+  Tensor dz;
+  Tensor g = tile_logits(in, t, softcap, buf, buf_low, softcap > 0 ? &dz : nullptr);
+  g.sub_(lse.narrow(0, t.r0, t.nr)).exp_().mul_(a.narrow(0, t.r0, t.nr));  // a p_k
+  const auto [mine, where_y] = target_in_tile(in, t, class_offset);
+  g.scatter_add_(1, where_y, at::where(mine, -hit.narrow(0, t.r0, t.nr), 0.0).unsqueeze(1));
+  if (smoothing) {
+    const Tensor s = smooth.narrow(0, t.r0, t.nr);
+    if (in.class_weight.defined())
+      g.sub_(at::outer(s, in.class_weight.narrow(0, t.c0, t.n)));
+    else
+      g.sub_(s.unsqueeze(1));
+  }
+  if (dz.defined()) g.mul_(dz);
+  return g;
+}
+
+// The same on CUDA: one kernel over the GEMM's output (the inputs' dtype), in place.
+Tensor tile_grad_cuda(const TileInputs& in, const Tile& t, const Tensor& target, int64_t class_offset,
+                      double softcap, const Tensor& lse, const Tensor& coef, bool smoothing, Tensor& buf) {
+#if defined(FASTLOSS_WITH_CUDA)
+  const c10::cuda::CUDAGuard guard(in.hidden.device());
+  const LinearCeTile lt = cuda_tile(in, t, target, class_offset, softcap, buf);
+  check_cuda_launch(linear_ce_tile_grad_cuda(lt, lse.data_ptr<float>() + t.r0, coef.data_ptr<float>() + t.r0 * 3,
+                                             smoothing, cuda_stream()),
+                    kOp);
+  return buf.narrow(0, 0, t.nr * t.n).view({t.nr, t.n});
+#else
+  (void)in, (void)t, (void)target, (void)class_offset, (void)softcap, (void)lse, (void)coef, (void)smoothing,
+      (void)buf;
+  TORCH_CHECK(false, kOp, ": fastloss was built without CUDA");
+#endif
+}
+
 std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
     const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& target,
     const OptT& class_weight, int64_t class_offset, double softcap, const Tensor& lse_in,
@@ -261,15 +355,19 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
     if (mask[2]) gb.zero_();
     return {gh, gw, gb.to(in.bias.defined() ? in.bias.scalar_type() : at::kFloat)};
   }
-  const Tensor lse = lse_in.to(at::kFloat).unsqueeze(1);
-  const Tensor coef = coef_in.to(at::kFloat);
+  const Tensor lse = lse_in.to(at::kFloat).contiguous().unsqueeze(1);
+  const Tensor coef = coef_in.to(at::kFloat).contiguous();
+  // CUDA: the kernel writes each tile's gradient over the GEMM's output, in the inputs' dtype
+  const bool cuda = in.hidden.is_cuda();
+  const Tensor targets = cuda ? in.target.contiguous() : Tensor();
   const Tensor a = coef.select(1, 0).unsqueeze(1), hit = coef.select(1, 1),
                smooth = coef.select(1, 2);
   // A float16 / bfloat16 grad_weight tile summed over more than one block of rows is summed
   // in float32 here (one [tile, D] buffer), then rounded once.
   const bool blocks = in.rows < in.N;
   Tensor gw_acc = mask[1] && low && blocks ? at::empty({in.tile, in.D}, f32) : Tensor();
-  Tensor buf = at::empty({in.rows * in.tile}, f32), buf_low = low_buffer(in);
+  Tensor buf = at::empty({cuda ? 0 : in.rows * in.tile}, f32),
+         buf_low = cuda ? at::empty({in.rows * in.tile}, in.hidden.options()) : low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {  // classes outer: each grad_weight tile
     const int64_t n = std::min(in.tile, in.V - c0);   // is finished before the next
     const Tensor w = in.weight.narrow(0, c0, n);
@@ -278,21 +376,11 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
     for (int64_t r0 = 0; r0 < in.N; r0 += in.rows) {
       const Tile t{r0, std::min(in.rows, in.N - r0), c0, n};
       const bool first = r0 == 0;
-      Tensor dz;
-      Tensor g = tile_logits(in, t, softcap, buf, buf_low, softcap > 0 ? &dz : nullptr);
-      g.sub_(lse.narrow(0, r0, t.nr)).exp_().mul_(a.narrow(0, r0, t.nr));  // a p_k
-      const auto [mine, where_y] = target_in_tile(in, t, class_offset);
-      g.scatter_add_(1, where_y, at::where(mine, -hit.narrow(0, r0, t.nr), 0.0).unsqueeze(1));
-      if (smoothing) {
-        const Tensor s = smooth.narrow(0, r0, t.nr);
-        if (in.class_weight.defined())
-          g.sub_(at::outer(s, in.class_weight.narrow(0, c0, n)));
-        else
-          g.sub_(s.unsqueeze(1));
-      }
-      if (dz.defined()) g.mul_(dz);
+      // the tile's gradient: float32 g (CPU) or the inputs' dtype (CUDA); g_low in the inputs' dtype
+      Tensor g = cuda ? tile_grad_cuda(in, t, targets, class_offset, softcap, lse, coef, smoothing, buf_low)
+                      : tile_grad(in, t, class_offset, softcap, lse, a, hit, smooth, smoothing, buf, buf_low);
       const Tensor h = in.hidden.narrow(0, r0, t.nr);
-      const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;
+      const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;  // (CUDA: g itself)
       if (mask[0]) {
         Tensor gh_rows = gh.narrow(0, r0, t.nr);
         if (low)
@@ -312,7 +400,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
       }
       if (mask[2]) {
         Tensor gb_tile = gb.narrow(0, c0, n);
-        if (first) gb_tile.copy_(g.sum(0)); else gb_tile.add_(g.sum(0));
+        const Tensor col = g.sum(0, /*keepdim=*/false, at::kFloat);
+        if (first) gb_tile.copy_(col); else gb_tile.add_(col);
       }
     }
     if (gw_acc.defined()) gw_tile.copy_(gw_sum);
