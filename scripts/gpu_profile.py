@@ -105,11 +105,19 @@ def quant_case(n, k, m, ring=None, gemm=None):
     return call
 
 
-def linear_case(n, d, v):
+def linear_case(n, d, v, low_memory=False, fused_stats=False):
     h = randn(n, d, dtype=torch.bfloat16).requires_grad_(True)
     w = (randn(v, d) * 0.02).bfloat16().requires_grad_(True)
     t = torch.randint(0, v, (n,), device=dev, generator=gen)
-    return grad_call(lambda: ops.linear_cross_entropy(h, w, t), h, w)
+
+    def loss():
+        if fused_stats:  # (read per call by the op: the forward's statistics kernel)
+            os.environ["FASTLOSS_LINEAR_CE_STATS"] = "fused"
+        try:
+            return ops.linear_cross_entropy(h, w, t, low_memory=low_memory)
+        finally:
+            os.environ.pop("FASTLOSS_LINEAR_CE_STATS", None)
+    return grad_call(loss, h, w)
 
 
 CASES = {
@@ -136,6 +144,9 @@ CASES = {
     "quant_8192x28672_m64_smem": lambda: quant_case(8192, 28672, 64, gemm="smem"),
     "quant_8192x28672_m256": lambda: quant_case(8192, 28672, 256),
     "linear_8192x4096x32000_bf16": lambda: linear_case(8192, 4096, 32000),
+    "linear_8192x4096x32000_bf16_low_memory": lambda: linear_case(8192, 4096, 32000, low_memory=True),
+    "linear_8192x4096x32000_bf16_low_memory_fused_stats": lambda: linear_case(8192, 4096, 32000, low_memory=True,
+                                                                              fused_stats=True),
 }
 
 
