@@ -50,6 +50,7 @@
 
 #include "../op_helpers.h"
 #include "linear_ce_kernels.h"
+#include "linear_losses_op.h"
 
 namespace fastloss {
 namespace {
@@ -381,17 +382,21 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
                       : tile_grad(in, t, class_offset, softcap, lse, a, hit, smooth, smoothing, buf, buf_low);
       const Tensor h = in.hidden.narrow(0, r0, t.nr);
       const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;  // (CUDA: g itself)
+      // 16-bit products go into the float32 sums by one GEMM with a float32 epilogue on CUDA
+      // (no rounding of each tile's product to 16 bits, no temporary), else formed and added
       if (mask[0]) {
         Tensor gh_rows = gh.narrow(0, r0, t.nr);
-        if (low)
-          gh_rows.add_(at::mm(g_low, w));
-        else
+        if (!low)
           gh_rows.addmm_(g, w);
+        else if (!add_product_in_float32(gh_rows, g_low, w, /*add=*/true))
+          gh_rows.add_(at::mm(g_low, w));
       }
       if (mask[1]) {
         if (gw_acc.defined()) {  // low precision, several blocks: the float32 sum
-          const Tensor part = at::mm(g_low.t(), h);
-          if (first) gw_sum.copy_(part); else gw_sum.add_(part);
+          if (!add_product_in_float32(gw_sum, g_low.t(), h, /*add=*/!first)) {
+            const Tensor part = at::mm(g_low.t(), h);
+            if (first) gw_sum.copy_(part); else gw_sum.add_(part);
+          }
         } else if (first) {
           at::mm_out(gw_sum, g_low.t(), h);
         } else {

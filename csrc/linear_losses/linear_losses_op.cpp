@@ -33,9 +33,36 @@
 #include <string>
 #include <vector>
 
+#include "linear_losses/linear_losses_op.h"
 #include "losses/losses_op.h"
 
 namespace fastloss {
+
+// acc += a @ b (acc = a @ b when !add: acc is not read, it may hold garbage) for float16 /
+// bfloat16 a, b and a float32 acc, by one GEMM that adds its float32 product to acc in its
+// epilogue (cuBLAS through addmm's out_dtype overload, CUDA only), where
+// torch has it; false where it does not (then the caller forms the product in a's dtype a
+// slice at a time and adds it). Against the slices this saves a rounding of each block's
+// product to 16 bits, a write and a read of each slice, and a hundred-odd narrow GEMMs per
+// block at LLM sizes (a 4096-column weight gives 1024-class slices). Whether torch accepts a
+// float32 `self` with 16-bit matrices (newer versions do) is learnt from the first call's
+// error about dtypes; other errors propagate.
+bool add_product_in_float32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool add) {
+  static std::atomic<int> supported{-1};  // -1: not known yet
+  if (!acc.is_cuda() || supported.load(std::memory_order_relaxed) == 0) return false;
+  try {
+    at::addmm_out(acc, acc, a, b, at::kFloat, /*beta=*/add ? 1 : 0);  // (beta 0: acc not read)
+  } catch (const c10::OutOfMemoryError&) {
+    throw;
+  } catch (const c10::Error& e) {
+    if (std::string(e.what_without_backtrace()).find("dtype") == std::string::npos) throw;
+    supported.store(0, std::memory_order_relaxed);
+    return false;
+  }
+  supported.store(1, std::memory_order_relaxed);
+  return true;
+}
+
 namespace {
 
 using at::Tensor;
@@ -173,31 +200,6 @@ Accumulators make_accumulators(const LinearInputs& in, const GradMask& mask) {
   acc.weight = !mask[1] ? at::empty({0}, f32) : in.N > 0 ? at::empty({in.V, in.D}, f32) : at::zeros({in.V, in.D}, f32);
   acc.bias = mask[2] ? at::zeros({in.V}, f32) : at::empty({0}, f32);
   return acc;
-}
-
-// acc += a @ b (acc = a @ b when !add: acc is not read, it may hold garbage) for float16 /
-// bfloat16 a, b and a float32 acc, by one GEMM that adds its float32 product to acc in its
-// epilogue (cuBLAS through addmm's out_dtype overload, CUDA only), where
-// torch has it; false where it does not (then the caller forms the product in a's dtype a
-// slice at a time and adds it). Against the slices this saves a rounding of each block's
-// product to 16 bits, a write and a read of each slice, and a hundred-odd narrow GEMMs per
-// block at LLM sizes (a 4096-column weight gives 1024-class slices). Whether torch accepts a
-// float32 `self` with 16-bit matrices (newer versions do) is learnt from the first call's
-// error about dtypes; other errors propagate.
-bool add_product_in_float32(Tensor& acc, const Tensor& a, const Tensor& b, bool add) {
-  static std::atomic<int> supported{-1};  // -1: not known yet
-  if (!acc.is_cuda() || supported.load(std::memory_order_relaxed) == 0) return false;
-  try {
-    at::addmm_out(acc, acc, a, b, at::kFloat, /*beta=*/add ? 1 : 0);  // (beta 0: acc not read)
-  } catch (const c10::OutOfMemoryError&) {
-    throw;
-  } catch (const c10::Error& e) {
-    if (std::string(e.what_without_backtrace()).find("dtype") == std::string::npos) throw;
-    supported.store(0, std::memory_order_relaxed);
-    return false;
-  }
-  supported.store(1, std::memory_order_relaxed);
-  return true;
 }
 
 // One pass over the blocks of rows. Forward (`rows_out` given): each block's row losses and
