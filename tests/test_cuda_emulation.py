@@ -1612,8 +1612,9 @@ def _lce_tile(case, dtype, seed):
     rows, n, first = 37, 203, 50
     ld = n + 5 if case == "strided" else n
     z = (torch.randn(rows, n, generator=g) * 3).to(dtype)
-    if case == "nonfinite":
-        z[1, 4] = z[1, 90] = float("inf")
+    if case == "nonfinite":  # (row 1 starts 12 bytes (float32) / 6 bytes (16-bit) past a 16-byte
+        # boundary: columns 5 and 6 share one lane's 16-byte pack in every dtype, 90 is another's)
+        z[1, 5] = z[1, 6] = z[1, 90] = float("inf")
         z[2] = float("-inf")
         z[3, 17] = float("nan")
     t = torch.randint(first, first + n, (rows,), generator=g)
@@ -1630,7 +1631,7 @@ def _capped(z64, softcap):
 
 
 @pytest.mark.parametrize("first", [True, False], ids=["first", "merged"])
-@pytest.mark.parametrize("case", ["plain", "weights_softcap", "strided", "nonfinite"])
+@pytest.mark.parametrize("case", ["plain", "weights_softcap", "strided", "nonfinite", "no_sum"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 def test_linear_ce_tile_stats(lce_tiles_lib, dtype, case, first):
     """linear_ce_tile_stats_cuda against float64 on the tile's values: the log-sum-exp of the
@@ -1646,8 +1647,8 @@ def test_linear_ce_tile_stats(lce_tiles_lib, dtype, case, first):
     out, obuf = guarded(before.clone() if not first else torch.full((rows, 3), 0.0).index_fill(1, torch.tensor([0]), float("nan")), SENTINEL)
     start = out.clone()
     err = lce_tiles_lib.emu_linear_ce_tile_stats(zg.data_ptr(), DTYPE_CODES[dtype], int64s(*shape), t.data_ptr(),
-                                                 None if cw is None else cw.data_ptr(), softcap, int(first), 1,
-                                                 out.data_ptr())
+                                                 None if cw is None else cw.data_ptr(), softcap, int(first),
+                                                 int(case != "no_sum"), out.data_ptr())
     assert err is None, err.decode()
     check_guards(obuf, "stats")
     assert torch.equal(zbuf.view(-1)[GUARD:GUARD + rows * ld].view(rows, ld)[:, :n].double().nan_to_num(1.5),
@@ -1660,6 +1661,8 @@ def test_linear_ce_tile_stats(lce_tiles_lib, dtype, case, first):
     mine = (local >= 0) & (local < n)
     zy = start[:, 1].double() + torch.where(mine, zc.gather(1, local.clamp(0, n - 1)[:, None])[:, 0], 0.0)
     wz = start[:, 2].double() + zc @ (cw.double() if cw is not None else torch.ones(n, dtype=torch.float64))
+    if case == "no_sum":  # (weighted_sum off: column 2 left as it was)
+        wz = start[:, 2].double()
     want = torch.stack([lse, zy, wz], 1)
     scale = float(want.nan_to_num(0.0, 0.0, 0.0).abs().max())
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * scale, equal_nan=True)
@@ -1827,11 +1830,11 @@ def test_results_do_not_depend_on_the_thread_order(mode, seed, tcn_lib, quant_li
 
 @pytest.mark.parametrize("cap", [1, 2])
 def test_blocks_that_walk_several_rows(cap, kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, nb_lib,
-                                       lce_lib, quant_mma_lib):
+                                       lce_lib, lce_tiles_lib, quant_mma_lib):
     """The kernels whose grids stride over rows past 2^20 blocks (blocks_for) with grids of 1 or
     2 blocks, so that every block walks several rows and reuses its shared memory from one row to
     the next (no test reaches 2^20 rows otherwise)."""
-    libs = (kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, nb_lib, lce_lib, quant_mma_lib)
+    libs = (kd_lib, sinkhorn_lib, metric_lib, auc_lib, losses_lib, nb_lib, lce_lib, lce_tiles_lib, quant_mma_lib)
     for lib in libs:
         lib.emu_set_grid_cap.argtypes = [ctypes.c_longlong]
         lib.emu_set_grid_cap(cap)
@@ -1855,6 +1858,8 @@ def test_blocks_that_walk_several_rows(cap, kd_lib, sinkhorn_lib, metric_lib, au
         test_quant_tensor_core_gemm(quant_mma_lib, 4, 128, "symmetric")
         for case in ("plain", "splits"):
             test_linear_ce_stats(lce_lib, case, torch.float16)
+        test_linear_ce_tile_stats(lce_tiles_lib, torch.bfloat16, "strided", False)
+        test_linear_ce_tile_grad(lce_tiles_lib, torch.float16, "weights_softcap", True)
     finally:
         for lib in libs:
             lib.emu_set_grid_cap(0)

@@ -1,9 +1,8 @@
 // Linear + cross-entropy by tiles of the vocabulary: a few hundred classes or more at a time, for
 // every row or (when that would pass the tile's memory budget) for a thousand-odd rows at a
-// time, so that the extra memory is one [rows, tile] float32 tile instead of a block of whole
-// rows of logits. On CUDA with float16 / bfloat16 inputs the statistics come from a tensor-core
-// kernel that never writes the logits (linear_ce_cuda.cu; fused_stats below); the gradients are
-// tiles. Two ops, each one pass over the tiles (a GEMM per tile, then float32 math on it):
+// time, so that the extra memory is one [rows, tile] tile (float32 on the CPU, the inputs' dtype
+// on CUDA) instead of a block of whole rows of logits. Two ops, each one pass over the tiles (a
+// GEMM per tile, then float32 math on it: torch operations on the CPU, one kernel on CUDA):
 //
 //   linear_ce_tile_stats -> [N, 3]: per row, the log-sum-exp of this weight's logits, the
 //     target's logit when the target is one of this weight's classes (else 0), and the
@@ -104,7 +103,7 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
   in.N = hidden.size(0);
   in.D = hidden.size(1);
   in.V = weight.size(0);
-  // Tile shape: a budget of 2 MiB (CPU) or 256 MiB (GPU) of float32 logits. Classes: tile_cols,
+  // Tile shape: a budget of 2 MiB (CPU) or 256 MiB (GPU) of logits. Classes: tile_cols,
   // or as many as fit the budget with every row but at least kMinTileCols; rows: tile_rows, or
   // as many as fit the budget at that width (every row while they fit). CPU: 8 MiB left the
   // low-memory path 16 MiB above the gradients at 4096 x 256 x 131072 (torch's chunked path:
@@ -112,7 +111,10 @@ TileInputs check(const Tensor& hidden, const Tensor& weight, const OptT& bias,
   // part (1024 x 512 tiles since). GPU: 2 MiB tiles were 64 classes wide at 8192 tokens, and
   // the thousands of thin GEMMs took 919 ms at 8192 x 4096 x 128256 on an H200 against eager's
   // 40 ms (e808290); 256 MiB (8192 classes, every row there) keeps the GEMMs wide.
-  const int64_t budget = (hidden.is_cuda() ? int64_t(256) << 20 : int64_t(2) << 20) / 4;
+  // (elements: float32 tiles on the CPU, the inputs' dtype on CUDA, where the tile stays as
+  // cuBLAS writes it: 16-bit tiles twice as wide, half as many GEMMs)
+  const int64_t budget = hidden.is_cuda() ? (int64_t(256) << 20) / int64_t(hidden.element_size())
+                                          : (int64_t(2) << 20) / 4;
   const int64_t all = std::max<int64_t>(in.N, 1);
   in.tile = tile_cols > 0 ? tile_cols : std::max(budget / all, kMinTileCols);
   in.tile = std::max<int64_t>(1, std::min(in.V, in.tile));

@@ -46,7 +46,10 @@ namespace fastloss {
 // product to 16 bits, a write and a read of each slice, and a hundred-odd narrow GEMMs per
 // block at LLM sizes (a 4096-column weight gives 1024-class slices). Whether torch accepts a
 // float32 `self` with 16-bit matrices (newer versions do) is learnt from the first call's
-// error about dtypes; other errors propagate.
+// error about dtypes. Any other refusal (e.g. float16 under
+// torch.backends.cuda.matmul.allow_fp16_accumulation, which this GEMM cannot honour) falls
+// back for that call only, not cached (bfloat16 may still take it); torch raises before it
+// writes acc, and a real error (shapes) raises again in the caller's own GEMM.
 bool add_product_in_float32(at::Tensor& acc, const at::Tensor& a, const at::Tensor& b, bool add) {
   static std::atomic<int> supported{-1};  // -1: not known yet
   if (!acc.is_cuda() || supported.load(std::memory_order_relaxed) == 0) return false;
@@ -55,8 +58,8 @@ bool add_product_in_float32(at::Tensor& acc, const at::Tensor& a, const at::Tens
   } catch (const c10::OutOfMemoryError&) {
     throw;
   } catch (const c10::Error& e) {
-    if (std::string(e.what_without_backtrace()).find("dtype") == std::string::npos) throw;
-    supported.store(0, std::memory_order_relaxed);
+    if (std::string(e.what_without_backtrace()).find("dtype") != std::string::npos)
+      supported.store(0, std::memory_order_relaxed);
     return false;
   }
   supported.store(1, std::memory_order_relaxed);

@@ -187,8 +187,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
 
     ``low_memory=True`` goes by tiles of the vocabulary instead of blocks of rows: every row
     at once, a few hundred classes at a time (``block_rows`` then gives the classes per tile;
-    None: as many as fit 2 MiB (CPU) or 256 MiB (GPU) of float32 logits; on CUDA the tile is
-    kept in the inputs' dtype and one kernel pass does its row work), so that the extra
+    None: as many as fit 2 MiB of float32 logits (CPU) or 256 MiB of logits in the inputs'
+    dtype (CUDA, where one kernel pass does each tile's row work)), so that the extra
     memory beyond the gradients is that one tile; the logits are formed twice (in forward and in backward), four
     GEMMs instead of three. The same computation as
     :func:`fastloss.ops.vocab_parallel_linear_cross_entropy` on one process.

@@ -16,8 +16,9 @@ shards may differ in size). The loss and the gradients equal those of
   all-reduced, as the input gradient of a column-parallel linear layer is.
 
 The tiles are a few hundred classes or more by every row, or by a thousand-odd rows where every
-row would pass the tile's 2 MiB budget (the ``linear_ce_tile_*`` ops,
-``csrc/linear_losses/linear_ce_tiles_op.cpp``: a GEMM per tile, then float32 torch math on it);
+row would pass the tile's budget (the ``linear_ce_tile_*`` ops,
+``csrc/linear_losses/linear_ce_tiles_op.cpp``: a GEMM per tile, then float32 torch math on it
+on the CPU, one kernel pass over the tile in the inputs' dtype on CUDA);
 :func:`fastloss.ops.linear_cross_entropy` with ``low_memory=True`` is the same computation on
 one process. Collectives work with NCCL (CUDA tensors) and with gloo (CPU tensors).
 """
@@ -165,9 +166,9 @@ def vocab_parallel_linear_cross_entropy(
         group: the process group (default: the world).
         vocab_size: optional check that the shards add up to this many classes.
         class_weight: optional ``[V]`` weights of all the classes, the same on every rank.
-        tile_cols: classes per tile (None: as many as fit 2 MiB (CPU) or 256 MiB (GPU) of
-            float32 logits for all the rows, at least 512; the rows then come in blocks that
-            keep the tile within that budget).
+        tile_cols: classes per tile (None: as many as fit 2 MiB of float32 logits (CPU) or
+            256 MiB of logits in the inputs' dtype (CUDA) for all the rows, at least 512; the
+            rows then come in blocks that keep the tile within that budget).
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
     Returns the same value on every rank; backward gives each rank its own shard's gradient
