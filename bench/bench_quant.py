@@ -15,6 +15,8 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     tensor-core GEMM forced (FASTLOSS_QUANT_GEMM=smem) instead of the pipelined one (or, from
     512 rows, the 16-bit weight tiles + cuBLAS); ``fastloss_4bit_pipe_gemm`` (CUDA, batch >= 512):
     with the pipelined GEMM forced (FASTLOSS_QUANT_GEMM=pipe) instead of the tiles;
+    ``fastloss_nf4_smem_gemm`` (CUDA, batch >= 64): NF4 with the shared-memory GEMM forced
+    instead of the tiles (from 64 rows for the formats the pipelined GEMM does not read);
   * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
     path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
@@ -197,6 +199,9 @@ def main(argv=None):
                 variants["fastloss_4bit_ring8"] = (lambda qw: with_ring(x, qw, 8), q4, q4)
             if device != "cpu" and m > 16:  # the shared-memory GEMM the pipelined one replaced
                 variants["fastloss_4bit_smem_gemm"] = (lambda qw: forced_gemm(x, qw, "smem"), q4, q4)
+            if device != "cpu" and m >= 64:  # NF4's shared-memory GEMM, which the tiles replace there
+                nf4 = packed["fastloss_nf4"]
+                variants["fastloss_nf4_smem_gemm"] = (lambda qw: forced_gemm(x, qw, "smem"), nf4, nf4)
             if device != "cpu" and m >= 512:  # the kernel the 16-bit tiles + cuBLAS replace there
                 variants["fastloss_4bit_pipe_gemm"] = (lambda qw: forced_gemm(x, qw, "pipe"), q4, q4)
             if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:

@@ -233,9 +233,9 @@ def test_cuda_format_and_gemm(bits, group_size, kind):
     # m = 1, 5, 12: the GEMVs (one or two fragments of 8 batch rows on tensor cores; at 12 the
     # formats without the tensor-core GEMV take the tensor-core GEMM where it applies: more
     # than kQuantWarpGemvMaxRows = 8 rows); 40 and 130: the pipelined tensor-core GEMM for the
-    # tensor-core GEMV's formats (weights unrounded), the shared-memory one for the other
-    # formats where the plane length allows it (weights rounded to x's dtype), else
-    # dequantize + cuBLAS
+    # tensor-core GEMV's formats (weights unrounded); for the other formats at 40 the
+    # shared-memory one where the plane length allows it (weights rounded to x's dtype), else
+    # (and at 130: from kQuantCublasMinRowsSmem = 64 rows) dequantize + cuBLAS
     for (dtype, tol), m in itertools.product(((torch.float16, 3e-3), (torch.bfloat16, 2e-2)), (1, 5, 12, 40, 130)):
         x = torch.randn(m, k, generator=g).to(dtype).cuda().requires_grad_(True)
         y = ops.dequant_gemm(x, qc)

@@ -119,6 +119,12 @@ Tensor dequant_tile(const QuantWeight& w, int64_t n0, int64_t rows, const Tensor
 // kernels, which never form the weight; the crossover is not measured yet: bench_quant.py
 // times both at 1024 rows; dequantizing an 8192 x 28672 layer moves ~0.6 GB).
 constexpr int64_t kQuantCublasMinRows = 512;
+// The same for the formats the pipelined GEMM does not read (3-bit, codebooks, 8-bit with
+// bfloat16 x), which take the shared-memory GEMM below it: that kernel took 0.52-4.59 ms at
+// 8192 x 28672, batch 64-256 (4-bit, H200, f95b002) against 0.14-0.22 ms for the float16
+// matmul, while the tiles cost about that matmul plus dequantizing the layer (~0.6 GB moved,
+// ~0.15-0.25 ms): cuBLAS from 64 rows (an estimate, not measured).
+constexpr int64_t kQuantCublasMinRowsSmem = 64;
 bool sixteen_bit(const Tensor& t) { return t.scalar_type() == at::kHalf || t.scalar_type() == at::kBFloat16; }
 
 // Rows [n0, n0 + rows) of the weight in `tile16`'s dtype (a CUDA tensor), written into its
@@ -197,7 +203,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   // kQuantMaxRows rows (on tensor cores where quant_gemv_mma_applies: uniform formats, 16-bit
   // x; else warp per row, up to kQuantWarpGemvMaxRows rows where the GEMM applies), the
   // tensor-core GEMMs above where they apply (float16 / bfloat16 x), and from
-  // kQuantCublasMinRows rows 16-bit tiles of the weight and cuBLAS (dequant_tile16).
+  // kQuantCublasMinRows rows (kQuantCublasMinRowsSmem for the formats the pipelined GEMM does
+  // not read) 16-bit tiles of the weight and cuBLAS (dequant_tile16).
   const ScalarType dtype = kernel_dtype(x, kOp, "x");
   // FASTLOSS_QUANT_GEMV=warp forces the warp-per-row GEMV up to kQuantMaxRows rows (bench_quant.py
   // measures it beside the default in one run; read per call, so a benchmark can switch)
@@ -211,7 +218,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   // it applies), at any batch (bench_quant.py compares them with the default in one run)
   const char* gemm = x.is_cuda() ? std::getenv("FASTLOSS_QUANT_GEMM") : nullptr;
   const std::string_view forced = gemm != nullptr ? std::string_view(gemm) : std::string_view();
-  if (x.is_cuda() && M >= kQuantCublasMinRows && w.N > 0 && sixteen_bit(x) && forced != "smem" && forced != "pipe") {
+  const int64_t cublas_min_rows =
+      x.is_cuda() && quant_gemm_pipe_applies(w, dtype) ? kQuantCublasMinRows : kQuantCublasMinRowsSmem;
+  if (x.is_cuda() && M >= cublas_min_rows && w.N > 0 && sixteen_bit(x) && forced != "smem" && forced != "pipe") {
     const int64_t step = std::min(tile16_rows(w), w.N);
     const Tensor tile16 = at::empty({step, w.K}, x.options());
     const Tensor bias16 = bias.has_value() ? bias->to(x.scalar_type()) : Tensor();
