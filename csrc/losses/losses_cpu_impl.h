@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "../common/prefetch.h"
 #include "../common/storage.h"
 #include "loss_math.h"
 #include "loss_params.h"
@@ -154,23 +155,10 @@ void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
   L::merge(total, tail);
 }
 
-// Asks for row r's lines (for writing: `write`) ahead of its turn, when a row is at most
-// kPrefetchRowBytes. A classifier's row is about one 4 KiB page, where the hardware
-// prefetchers stop: rows read cold (a batch fresh from the model) each started with demand
-// misses that did not overlap the previous row's arithmetic. Longer rows are left to the
-// hardware (their pages stream) and to the sweeps' own order.
-constexpr int64_t kPrefetchRowBytes = int64_t(16) << 10;
-template <class T>
-inline void prefetch_row(const void* base, int64_t row_stride, int64_t cols, int64_t r, bool write = false) {
-  const int64_t bytes = cols * int64_t(sizeof(T));
-  if (bytes > kPrefetchRowBytes) return;
-  const char* p = reinterpret_cast<const char*>(static_cast<const T*>(base) + r * row_stride);
-  for (int64_t off = 0; off < bytes; off += 64) {
-    if (write)
-      __builtin_prefetch(p + off, 1, 3);
-    else
-      __builtin_prefetch(p + off, 0, 3);
-  }
+// Row r's lines asked for ahead of its turn (common/prefetch.h: short rows only).
+template <class T, bool kWrite = false>
+inline void prefetch_row(const void* base, int64_t row_stride, int64_t cols, int64_t r) {
+  prefetch_row_bytes<kWrite>(static_cast<const T*>(base) + r * row_stride, cols * int64_t(sizeof(T)));
 }
 
 // Returns -1, or the first row whose target is neither a class nor ignore_index.
@@ -228,7 +216,7 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   for (int64_t r = r0; r < r1; ++r) {
     if (r + 1 < r1) {
       prefetch_row<T>(lv.data, lv.row_stride, C, r + 1);
-      if (g.grad_logits != lv.data) prefetch_row<T>(g.grad_logits, g.grad_row_stride, C, r + 1, true);
+      if (g.grad_logits != lv.data) prefetch_row<T, true>(g.grad_logits, g.grad_row_stride, C, r + 1);
     }
     T* out = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
     const int64_t y = rt.target[r];
