@@ -322,8 +322,8 @@ Tensor tile_grad(const TileInputs& in, const Tile& t, int64_t class_offset, doub
 }
 
 // The same on CUDA: one kernel over the GEMM's output (the inputs' dtype), in place.
-Tensor tile_grad_cuda(const TileInputs& in, const Tile& t, const Tensor& target, int64_t class_offset,
-                      double softcap, const Tensor& lse, const Tensor& coef, bool smoothing, Tensor& buf) {
+Tensor device_tile_grad(const TileInputs& in, const Tile& t, const Tensor& target, int64_t class_offset,
+                        double softcap, const Tensor& lse, const Tensor& coef, bool smoothing, Tensor& buf) {
 #if defined(FASTLOSS_WITH_CUDA)
   const c10::cuda::CUDAGuard guard(in.hidden.device());
   const LinearCeTile lt = cuda_tile(in, t, target, class_offset, softcap, buf);
@@ -380,7 +380,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
       const Tile t{r0, std::min(in.rows, in.N - r0), c0, n};
       const bool first = r0 == 0;
       // the tile's gradient: float32 g (CPU) or the inputs' dtype (CUDA); g_low in the inputs' dtype
-      Tensor g = cuda ? tile_grad_cuda(in, t, targets, class_offset, softcap, lse, coef, smoothing, buf_low)
+      Tensor g = cuda ? device_tile_grad(in, t, targets, class_offset, softcap, lse, coef, smoothing, buf_low)
                       : tile_grad(in, t, class_offset, softcap, lse, a, hit, smooth, smoothing, buf, buf_low);
       const Tensor h = in.hidden.narrow(0, r0, t.nr);
       const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;  // (CUDA: g itself)
