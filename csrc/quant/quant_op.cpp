@@ -218,9 +218,11 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   // it applies), at any batch (bench_quant.py compares them with the default in one run)
   const char* gemm = x.is_cuda() ? std::getenv("FASTLOSS_QUANT_GEMM") : nullptr;
   const std::string_view forced = gemm != nullptr ? std::string_view(gemm) : std::string_view();
-  const int64_t cublas_min_rows =
-      x.is_cuda() && quant_gemm_pipe_applies(w, dtype) ? kQuantCublasMinRows : kQuantCublasMinRowsSmem;
-  if (x.is_cuda() && M >= cublas_min_rows && w.N > 0 && sixteen_bit(x) && forced != "smem" && forced != "pipe") {
+  // (pipe_applies asks the device: only where it decides)
+  const bool tiles16 = x.is_cuda() && M >= kQuantCublasMinRowsSmem && w.N > 0 && sixteen_bit(x) &&
+                       forced != "smem" && forced != "pipe" &&
+                       (M >= kQuantCublasMinRows || !quant_gemm_pipe_applies(w, dtype));
+  if (tiles16) {
     const int64_t step = std::min(tile16_rows(w), w.N);
     const Tensor tile16 = at::empty({step, w.K}, x.options());
     const Tensor bias16 = bias.has_value() ? bias->to(x.scalar_type()) : Tensor();
