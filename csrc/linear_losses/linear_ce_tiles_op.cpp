@@ -369,7 +369,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
   // in float32 here (one [tile, D] buffer), then rounded once.
   const bool blocks = in.rows < in.N;
   Tensor gw_acc = mask[1] && low && blocks ? at::empty({in.tile, in.D}, f32) : Tensor();
-  Tensor buf = at::empty({cuda ? 0 : in.rows * in.tile}, f32),
+  // (CUDA: one tile in the inputs' dtype; the CPU: the float32 tile and, for 16-bit inputs, the
+  // GEMM's own output)
+  Tensor buf = cuda ? Tensor() : at::empty({in.rows * in.tile}, f32),
          buf_low = cuda ? at::empty({in.rows * in.tile}, in.hidden.options()) : low_buffer(in);
   for (int64_t c0 = 0; c0 < in.V; c0 += in.tile) {  // classes outer: each grad_weight tile
     const int64_t n = std::min(in.tile, in.V - c0);   // is finished before the next

@@ -167,10 +167,10 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
 // unless those fit 256 MiB): each block's grad_weight GEMM reads and writes the float32
 // accumulator (8 V D bytes) for 2 V D rows flops per row of the block, so at an H200's
 // ~160 flops per byte of bandwidth blocks of R rows spend ~640 / R of that GEMM's time on the
-// accumulator. On an H200 at f95b002 (256 MiB blocks) that was the gap to eager:
-// 8192 x 4096 x 128256 bf16 (1046-row blocks) 47.8 ms vs 41.8, 16384 x 2048 x 262144
-// (512 rows, 32 blocks) 116 ms vs 93. 1 GiB gives 4096 and 2048 rows there (2 and 8 blocks).
-// (Not yet measured on a GPU.)
+// accumulator. By that estimate, about the gaps to eager measured on an H200 at f95b002
+// (256 MiB blocks): 8192 x 4096 x 128256 bf16 (1046-row blocks) 47.8 ms vs 41.8,
+// 16384 x 2048 x 262144 (512 rows, 32 blocks) 116 ms vs 93. 1 GiB gives 4096 and 2048 rows
+// there (2 and 8 blocks). (Not yet measured on a GPU.)
 int64_t rows_per_block(int64_t requested, const LinearInputs& in) {
   const int64_t all = std::max<int64_t>(in.N, 1);
   if (requested > 0) return std::min(requested, all);
