@@ -4,6 +4,9 @@ One call = ``loss = f(hidden [N, D], weight [V, D], target [N])`` (reduction mea
 ``torch.autograd.grad(loss, (hidden, weight))``. Variants, same inputs, same run:
   * ``fastloss``: ``fastloss.ops.linear_cross_entropy`` (blocks of tokens, see its module);
   * ``fastloss_low_memory``: the same with ``low_memory=True`` (tiles of the vocabulary);
+  * ``fastloss_low_memory_filter``: low_memory with ``filter_eps="auto"`` (Cut Cross-Entropy's
+    gradient filtering): these random inputs' softmax is flat, so it shows the filter's cost
+    (a tile read per test) more than its gain, which needs peaked rows;
   * ``fastloss_low_memory_fused_stats`` (CUDA): low_memory with the forward's statistics from
     the tensor-core kernel (FASTLOSS_LINEAR_CE_STATS=fused) instead of cuBLAS tiles + one
     kernel pass each: both in one run;
@@ -52,7 +55,7 @@ MEASURE_KW = {
                 slow_call_s=45.0),
     "cuda": dict(warmup=2, target_s=0.3, min_repeats=5, max_repeats=100, max_measure_s=5.0),
 }
-COLORS = {"fastloss_low_memory": "#17becf", "fastloss_low_memory_fused_stats": "#9edae5", "eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
+COLORS = {"fastloss_low_memory": "#17becf", "fastloss_low_memory_filter": "#bcbd22", "fastloss_low_memory_fused_stats": "#9edae5", "eager": "#7f7f7f", "torch_lce": "#ff7f0e", "torch_chunked": "#d62728",
           "torch_compile": "#9467bd", "cut_cross_entropy": "#8c564b"}
 
 
@@ -94,6 +97,8 @@ def variants(cuda: bool):
     out = {
         "fastloss": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t),
         "fastloss_low_memory": lambda h, w, t: fastloss.ops.linear_cross_entropy(h, w, t, low_memory=True),
+        "fastloss_low_memory_filter": lambda h, w, t: fastloss.ops.linear_cross_entropy(
+            h, w, t, low_memory=True, filter_eps="auto"),
         "fastloss_low_memory_fused_stats": low_memory_fused_stats if cuda
         else "unavailable: the tensor-core statistics kernel is CUDA only",
         "eager": eager,

@@ -121,13 +121,14 @@ TORCH_LIBRARY(fastloss, m) {
   // weight's classes, and the gradients for per-row coefficients coef [N, 3] (a, hit, smooth)
   // of d(loss)/d(z_k) = a softmax_k - hit [k = y] - smooth w_k. The caller (ops/vocab_parallel.py)
   // merges statistics across slices or ranks. tile_cols / tile_rows: the tile's shape (0: by a
-  // memory budget).
+  // memory budget); filter_eps > 0: gradient filtering (linear_ce_tiles_op.cpp, kept_runs).
   m.def("linear_ce_tile_stats(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? class_weight, int class_offset, float softcap, bool weighted_sum, "
         "int tile_cols, int tile_rows=0) -> Tensor");
   m.def("linear_ce_tile_grads(Tensor hidden, Tensor weight, Tensor? bias, Tensor target, "
         "Tensor? class_weight, int class_offset, float softcap, Tensor lse, Tensor coef, "
-        "bool smoothing, bool[3] grad_mask, int tile_cols, int tile_rows=0) -> (Tensor, Tensor, Tensor)");
+        "bool smoothing, bool[3] grad_mask, int tile_cols, int tile_rows=0, float filter_eps=0.0) "
+        "-> (Tensor, Tensor, Tensor)");
   // Depthwise dilated 1-D convolution (tcn/tcn_op.cpp): x [B, C, L] (channels-first or
   // channels-last memory), weight [C, K], y[b, c, t] = bias[c] + sum_k w[c, k] x[b, c, t - pad + k d].
   m.def("dilated_conv1d_forward(Tensor x, Tensor weight, Tensor? bias, int dilation, int pad) "

@@ -71,6 +71,22 @@ def _check_rank(rank, world, v):
                 close(hp.grad, hr.grad, "grad_hidden")
                 close(wp.grad, wr.grad[first:first + sizes[rank]], "grad_weight shard")
                 close(bp.grad, br.grad[first:first + sizes[rank]], "grad_bias shard")
+    # gradient filtering with a huge filter_eps keeps only the targets' entries of d(loss)/d(z),
+    # whatever the tiles: the shards' result equals the one process's (low_memory), whose own
+    # filtering is checked against float64 in test_linear_losses.py
+    h, w, b, t, cw = _inputs(v, torch.float32, seed=7)
+    hr, wr, br = (x.clone().requires_grad_(True) for x in (h, w, b))
+    ops.linear_cross_entropy(hr, wr, t, br, class_weight=cw, low_memory=True, filter_eps=1e30).backward()
+    hp = h.clone().requires_grad_(True)
+    wp = w[first:first + sizes[rank]].clone().requires_grad_(True)
+    bp = b[first:first + sizes[rank]].clone().requires_grad_(True)
+    ops.vocab_parallel_linear_cross_entropy(hp, wp, t, bp, vocab_size=v, class_weight=cw, tile_cols=7,
+                                            filter_eps=1e30).backward()
+    for got, exp, m in ((hp.grad, hr.grad, "grad_hidden"), (wp.grad, wr.grad[first:first + sizes[rank]], "grad_weight"),
+                        (bp.grad, br.grad[first:first + sizes[rank]], "grad_bias")):
+        torch.testing.assert_close(got, exp, rtol=2e-5, atol=2e-5 * max(1.0, exp.abs().max().item()),
+                                   msg=lambda s, m=m: f"rank {rank}/{world} filtered {m}: {s}")
+    assert not torch.allclose(hr.grad, torch.zeros_like(hr.grad)), "the targets' entries remain"
     # layout errors: the shards must add up to vocab_size
     h, w, b, t, _ = _inputs(v, torch.float32, seed=0)
     try:

@@ -1,5 +1,5 @@
-// The linear + cross-entropy CUDA kernels' entry points (linear_ce_cuda.cu,
-// linear_ce_tiles_cuda.cu), torch-free.
+// The linear + cross-entropy kernels' entry points (CUDA: linear_ce_cuda.cu,
+// linear_ce_tiles_cuda.cu; CPU: linear_ce_filter_cpu.cpp), torch-free.
 #pragma once
 #include <cstdint>
 
@@ -57,5 +57,11 @@ const char* linear_ce_tile_stats_cuda(const LinearCeTile& t, bool first, bool we
 // read only with `smoothing`).
 const char* linear_ce_tile_grad_cuda(const LinearCeTile& t, const float* lse, const float* coef, bool smoothing,
                                      void* stream);
+
+// Gradient filtering's test of a float32 tile g [rows, n] (row stride ld) on the CPU: keep[c]
+// (c < ceil(n / chunk)) = 1 when some entry of columns [c chunk, (c + 1) chunk) exceeds its
+// row's threshold[r] in magnitude (or is NaN), else 0.
+void linear_ce_chunks_kept(const float* g, int64_t rows, int64_t n, int64_t ld, const float* threshold,
+                           int64_t chunk, uint8_t* keep);
 
 }  // namespace fastloss

@@ -10,7 +10,9 @@
 //   linear_ce_tile_grads: d(loss)/d(z_k) = a p_k - hit [k = y] - smooth w_k with p = exp(z - lse)
 //     (a, hit, smooth per row from the caller in coef [N, 3]; the smooth term only when
 //     `smoothing`; w_k = 1 without class weights), pushed through the GEMMs into grad_hidden
-//     (float32), grad_weight and grad_bias.
+//     (float32), grad_weight and grad_bias. With filter_eps > 0 (Cut Cross-Entropy's gradient
+//     filtering, opt-in), the classes of a tile whose every entry is at most filter_eps |a| of
+//     its row are left out of both GEMMs (see kept_runs).
 //
 // `weight` may be a slice of a larger vocabulary (a rank's shard): class_offset is the global
 // index of its first class, and class_weight holds that slice's weights. The caller (the
@@ -25,8 +27,12 @@
 // rate: low_memory 0.30-0.32x eager on an H200 at f95b002 with it).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/addmm.h>
+#include <ATen/ops/aminmax.h>
+#include <ATen/ops/cat.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/index_put.h>
 #include <ATen/ops/logaddexp.h>
+#include <ATen/ops/maximum.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/mv.h>
 #include <ATen/ops/outer.h>
@@ -37,11 +43,15 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <tuple>
+#include <utility>
+#include <vector>
 
 #if defined(FASTLOSS_WITH_CUDA)
 #include <c10/cuda/CUDAGuard.h>
@@ -338,15 +348,92 @@ Tensor device_tile_grad(const TileInputs& in, const Tile& t, const Tensor& targe
 #endif
 }
 
+// ---- gradient filtering (filter_eps > 0: Cut Cross-Entropy's, opt-in) ------------------------
+// A tile's gradient without its targets' entries goes into the GEMMs by chunks of classes; a chunk whose every entry is at most filter_eps |a|
+// of its row (|a|: the row's softmax coefficient; for plain cross-entropy: every probability
+// <= filter_eps) would add at most that to grad_hidden and grad_weight, and is left out of both.
+// The targets' entries, one per row, are added apart (take_targets, add_targets), so that a
+// chunk holding some row's target can still be left out: with a peaked softmax the target's
+// entry is the large one.
+
+// Classes per filtering chunk: the GEMMs of a run stay wide enough for the BLAS (CPU tiles are
+// 512+ classes, CUDA ones thousands).
+constexpr int64_t kFilterChunkCpu = 128, kFilterChunkCuda = 256;
+
+// The runs [k0, k1) of consecutive kept columns of g [rows, n] (one run [0, n) when no chunk is
+// left out: the GEMMs are then those of the unfiltered path). eps_a: [rows] float32 thresholds.
+// A NaN keeps its chunk. CPU: one pass (linear_ce_filter_cpu.cpp); CUDA: torch reductions to
+// [rows, chunks] maxima (no tile-sized temporary), copied to the host (one wait per tile, whose
+// GEMMs take milliseconds).
+std::vector<std::pair<int64_t, int64_t>> kept_runs(const Tensor& g, const Tensor& eps_a, int64_t chunk) {
+  const int64_t rows = g.size(0), n = g.size(1), chunks = (n + chunk - 1) / chunk;
+  Tensor keep;
+  if (g.is_cpu()) {
+    TORCH_CHECK(g.scalar_type() == at::kFloat && g.stride(1) == 1 && eps_a.is_contiguous(), kOp,
+                ": filtering expects a float32 tile with contiguous rows");
+    keep = at::empty({chunks}, g.options().dtype(at::kByte));
+    linear_ce_chunks_kept(g.data_ptr<float>(), rows, n, g.stride(0), eps_a.data_ptr<float>(), chunk,
+                          keep.data_ptr<uint8_t>());
+  } else {
+    const int64_t full = n / chunk;
+    std::vector<Tensor> most;  // max |g| per row and chunk
+    const auto max_abs = [](const Tensor& x, int64_t dim) {
+      const auto [lo, hi] = at::aminmax(x, dim);
+      return at::maximum(hi, lo.neg()).to(at::kFloat);
+    };
+    if (full > 0) most.push_back(max_abs(g.narrow(1, 0, full * chunk).unflatten(1, {full, chunk}), 2));
+    if (n > full * chunk) most.push_back(max_abs(g.narrow(1, full * chunk, n - full * chunk), 1).view({rows, 1}));
+    keep = at::cat(most, 1).le(eps_a.unsqueeze(1)).logical_not_().any(0).to(at::kByte).cpu();
+  }
+  const uint8_t* k = keep.data_ptr<uint8_t>();
+  std::vector<std::pair<int64_t, int64_t>> runs;
+  for (int64_t c = 0; c < chunks; ++c) {
+    if (!k[c]) continue;
+    const int64_t k0 = c * chunk, k1 = std::min(n, k0 + chunk);
+    if (!runs.empty() && runs.back().second == k0)
+      runs.back().second = k1;
+    else
+      runs.emplace_back(k0, k1);
+  }
+  return runs;
+}
+
+// The tile's rows whose target is one of its classes: their indices in the tile and their
+// targets' columns (int64 [m] each; on CUDA the count waits for the device, as kept_runs does).
+std::pair<Tensor, Tensor> rows_with_target(const TileInputs& in, const Tile& t, int64_t class_offset) {
+  const auto [mine, where_y] = target_in_tile(in, t, class_offset);
+  const Tensor rows = mine.nonzero().squeeze(1);
+  return {rows, where_y.squeeze(1).index_select(0, rows)};
+}
+
+// The targets' entries e (float32 [m]) of the tile's gradient, taken out of it (set to 0) to be
+// added apart: grad_hidden[r] += e_r w_y and grad_weight[y] += e_r h_r (gw: the tile's float32
+// grad_weight rows). e is read from the tile itself, so that it is the unfiltered path's entry.
+Tensor take_targets(Tensor& g, const Tensor& rows, const Tensor& cols) {
+  const c10::List<std::optional<Tensor>> at_targets{rows, cols};
+  const Tensor e = g.index(at_targets).to(at::kFloat);
+  g.index_put_(at_targets, at::zeros({}, g.options()));
+  return e;
+}
+void add_targets(const TileInputs& in, const Tile& t, const Tensor& rows, const Tensor& cols, const Tensor& e,
+                 const std::array<bool, 3>& mask, Tensor gh_rows, Tensor gw) {
+  if (rows.numel() == 0) return;
+  const Tensor c = e.unsqueeze(1);
+  if (mask[0]) gh_rows.index_add_(0, rows, in.weight.narrow(0, t.c0, t.n).index_select(0, cols).to(at::kFloat).mul_(c));
+  if (mask[1]) gw.index_add_(0, cols, in.hidden.narrow(0, t.r0, t.nr).index_select(0, rows).to(at::kFloat).mul_(c));
+}
+
 std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
     const Tensor& hidden, const Tensor& weight, const OptT& bias, const Tensor& target,
     const OptT& class_weight, int64_t class_offset, double softcap, const Tensor& lse_in,
     const Tensor& coef_in, bool smoothing, std::array<bool, 3> mask, int64_t tile_cols,
-    int64_t tile_rows) {
+    int64_t tile_rows, double filter_eps) {
   const TileInputs in = check(hidden, weight, bias, target, class_weight, tile_cols, tile_rows);
   TORCH_CHECK(lse_in.dim() == 1 && lse_in.size(0) == in.N && coef_in.dim() == 2 &&
                   coef_in.size(0) == in.N && coef_in.size(1) == 3,
               kOp, ": lse must be [N] and coef [N, 3]");
+  TORCH_CHECK(filter_eps >= 0 && std::isfinite(filter_eps), kOp, ": filter_eps must be a finite number >= 0, got ",
+              filter_eps);
   const auto f32 = hidden.options().dtype(at::kFloat);
   const bool low = hidden.scalar_type() != at::kFloat;
   if (!in.bias.defined()) mask[2] = false;
@@ -365,10 +452,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
   const Tensor targets = cuda ? in.target.contiguous() : Tensor();
   const Tensor a = coef.select(1, 0).unsqueeze(1), hit = coef.select(1, 1),
                smooth = coef.select(1, 2);
-  // A float16 / bfloat16 grad_weight tile summed over more than one block of rows is summed
-  // in float32 here (one [tile, D] buffer), then rounded once.
+  // filtering: each row's threshold filter_eps |a| (see kept_runs)
+  const bool filter = filter_eps > 0 && (mask[0] || mask[1]);
+  const Tensor eps_a = filter ? a.squeeze(1).abs().mul(filter_eps).contiguous() : Tensor();
+  const int64_t chunk = cuda ? kFilterChunkCuda : kFilterChunkCpu;
+  // A float16 / bfloat16 grad_weight tile summed over more than one block of rows (or given
+  // the targets' terms apart) is summed in float32 here (one [tile, D] buffer), then rounded once.
   const bool blocks = in.rows < in.N;
-  Tensor gw_acc = mask[1] && low && blocks ? at::empty({in.tile, in.D}, f32) : Tensor();
+  Tensor gw_acc = mask[1] && low && (blocks || filter) ? at::empty({in.tile, in.D}, f32) : Tensor();
   // (CUDA: one tile in the inputs' dtype; the CPU: the float32 tile and, for 16-bit inputs, the
   // GEMM's own output)
   Tensor buf = cuda ? Tensor() : at::empty({in.rows * in.tile}, f32),
@@ -384,33 +475,52 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
       // the tile's gradient: float32 g (CPU) or the inputs' dtype (CUDA); g_low in the inputs' dtype
       Tensor g = cuda ? device_tile_grad(in, t, targets, class_offset, softcap, lse, coef, smoothing, buf_low)
                       : tile_grad(in, t, class_offset, softcap, lse, a, hit, smooth, smoothing, buf, buf_low);
-      const Tensor h = in.hidden.narrow(0, r0, t.nr);
-      const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;  // (CUDA: g itself)
-      // 16-bit products go into the float32 sums by one GEMM with a float32 epilogue on CUDA
-      // (no rounding of each tile's product to 16 bits, no temporary), else formed and added
-      if (mask[0]) {
-        Tensor gh_rows = gh.narrow(0, r0, t.nr);
-        if (!low)
-          gh_rows.addmm_(g, w);
-        else if (!add_product_in_float32(gh_rows, g_low, w, /*add=*/true))
-          gh_rows.add_(at::mm(g_low, w));
-      }
-      if (mask[1]) {
-        if (gw_acc.defined()) {  // low precision, several blocks: the float32 sum
-          if (!add_product_in_float32(gw_sum, g_low.t(), h, /*add=*/!first)) {
-            const Tensor part = at::mm(g_low.t(), h);
-            if (first) gw_sum.copy_(part); else gw_sum.add_(part);
-          }
-        } else if (first) {
-          at::mm_out(gw_sum, g_low.t(), h);
-        } else {
-          gw_sum.addmm_(g.t(), h);  // (float32 here)
-        }
-      }
-      if (mask[2]) {
+      if (mask[2]) {  // (before filtering takes the targets' entries out: grad_bias is exact)
         Tensor gb_tile = gb.narrow(0, c0, n);
         const Tensor col = g.sum(0, /*keepdim=*/false, at::kFloat);
         if (first) gb_tile.copy_(col); else gb_tile.add_(col);
+      }
+      Tensor target_rows, target_cols, target_grad;  // (filtering: the targets' entries, apart)
+      if (filter) {
+        std::tie(target_rows, target_cols) = rows_with_target(in, t, class_offset);
+        target_grad = take_targets(g, target_rows, target_cols);
+      }
+      const Tensor h = in.hidden.narrow(0, r0, t.nr);
+      const Tensor g_low = low ? g.to(hidden.scalar_type()) : g;  // (CUDA: g itself)
+      // classes [k0, k1) of the tile into both GEMMs; add_w: grad_weight's rows already hold a
+      // sum (else the GEMM writes them)
+      const auto push = [&](int64_t k0, int64_t k1, bool add_w) {
+        const int64_t nk = k1 - k0;
+        const Tensor gk = g.narrow(1, k0, nk), gk_low = g_low.narrow(1, k0, nk), wk = w.narrow(0, k0, nk);
+        // 16-bit products go into the float32 sums by one GEMM with a float32 epilogue on CUDA
+        // (no rounding of each tile's product to 16 bits, no temporary), else formed and added
+        if (mask[0]) {
+          Tensor gh_rows = gh.narrow(0, r0, t.nr);
+          if (!low)
+            gh_rows.addmm_(gk, wk);
+          else if (!add_product_in_float32(gh_rows, gk_low, wk, /*add=*/true))
+            gh_rows.add_(at::mm(gk_low, wk));
+        }
+        if (mask[1]) {
+          Tensor gw_rows = gw_sum.narrow(0, k0, nk);
+          if (gw_acc.defined()) {  // low precision, several blocks: the float32 sum
+            if (!add_product_in_float32(gw_rows, gk_low.t(), h, /*add=*/add_w)) {
+              const Tensor part = at::mm(gk_low.t(), h);
+              if (add_w) gw_rows.add_(part); else gw_rows.copy_(part);
+            }
+          } else if (!add_w) {
+            at::mm_out(gw_rows, gk_low.t(), h);
+          } else {
+            gw_rows.addmm_(gk.t(), h);  // (float32 here)
+          }
+        }
+      };
+      if (!filter) {
+        push(0, n, !first);
+      } else {
+        if (first && mask[1]) gw_sum.zero_();  // (a chunk left out of every block stays 0)
+        for (const auto& [k0, k1] : kept_runs(g, eps_a.narrow(0, r0, t.nr), chunk)) push(k0, k1, true);
+        add_targets(in, t, target_rows, target_cols, target_grad, mask, gh.narrow(0, r0, t.nr), gw_sum);
       }
     }
     if (gw_acc.defined()) gw_tile.copy_(gw_sum);

@@ -21,13 +21,15 @@ class LinearCrossEntropy(nn.Module):
     ``weight`` (``[num_classes, in_features]``) and ``bias`` are parameters initialised as
     ``nn.Linear`` initialises them; :meth:`from_linear` shares an existing layer's parameters
     instead (so a model's ``lm_head`` keeps serving generation). ``class_weight`` is a buffer.
+    ``low_memory`` and ``filter_eps`` are those of :func:`fastloss.ops.linear_cross_entropy`.
     """
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = False,
                  class_weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
-                 block_rows: Optional[int] = None, device=None, dtype=None) -> None:
+                 block_rows: Optional[int] = None, low_memory: bool = False, filter_eps=None,
+                 device=None, dtype=None) -> None:
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
@@ -39,6 +41,8 @@ class LinearCrossEntropy(nn.Module):
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.block_rows = block_rows
+        self.low_memory = low_memory
+        self.filter_eps = filter_eps
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -62,7 +66,8 @@ class LinearCrossEntropy(nn.Module):
             hidden, self.weight, target, bias=self.bias, class_weight=self.class_weight,
             ignore_index=self.ignore_index, reduction=self.reduction,
             label_smoothing=self.label_smoothing, lse_square_scale=self.lse_square_scale,
-            softcap=self.softcap, block_rows=self.block_rows)
+            softcap=self.softcap, block_rows=self.block_rows, low_memory=self.low_memory,
+            filter_eps=self.filter_eps)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, "

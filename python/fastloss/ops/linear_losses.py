@@ -111,7 +111,7 @@ def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore
 def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Tensor,
                  bias: Optional[Tensor], class_weight: Optional[Tensor], ignore_index: int,
                  reduction: str, block_rows: Optional[int], scalars: tuple,
-                 low_memory: bool = False) -> Tensor:
+                 low_memory: bool = False, filter_eps=None) -> Tensor:
     _check_reduction(fn, reduction)
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
@@ -122,6 +122,9 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     refuse_grad(fn, "class_weight", class_weight, "the class weights (as F.cross_entropy)")
+    if filter_eps is not None and not low_memory:
+        raise ValueError(f"{fn}: filter_eps (gradient filtering) applies to low_memory=True, whose "
+                         f"backward forms the logits again tile by tile; the default path is exact")
     device_type = hidden.device.type
     # F.linear runs in the autocast dtype (meta and other devices without autocast: no cast)
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -132,11 +135,12 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     h, t = hidden.reshape(target.numel(), hidden.shape[-1]), target.reshape(-1)
     if low_memory:
         _check_tile_inputs(fn, h, weight, t, bias, class_weight, ignore_index)
-        from .vocab_parallel import TiledCrossEntropy
+        from .vocab_parallel import TiledCrossEntropy, filter_threshold
+        eps = filter_threshold(fn, filter_eps, h.dtype)
         cw = class_weight.float() if class_weight is not None else None
         out = TiledCrossEntropy.apply(h, weight, bias, t.long(), cw, None, False, 0,
                                       weight.shape[0], ignore_index, reduction, *scalars,
-                                      block_rows or 0)
+                                      block_rows or 0, eps)
     else:
         out = torch.ops.fastloss.linear_loss.default(
             h, weight, t, bias, class_weight, _KIND[kind], [float(x) for x in scalars],
@@ -179,7 +183,8 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                          ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
                          softcap: Optional[float] = None,
-                         block_rows: Optional[int] = None, low_memory: bool = False) -> Tensor:
+                         block_rows: Optional[int] = None, low_memory: bool = False,
+                         filter_eps=None) -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits tensor.
 
     The loss options (label smoothing, the PaLM z-loss ``lse_square_scale``, Gemma's
@@ -192,12 +197,21 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     memory beyond the gradients is that one tile; the logits are formed twice (in forward and in backward), four
     GEMMs instead of three. The same computation as
     :func:`fastloss.ops.vocab_parallel_linear_cross_entropy` on one process.
+
+    ``filter_eps`` (``low_memory=True`` only; default None: exact gradients) turns on Cut
+    Cross-Entropy's gradient filtering: in the backward, the classes of a tile (in chunks of
+    128 on the CPU, 256 on CUDA) whose every gradient entry is at most ``filter_eps`` times its
+    row's softmax coefficient (for plain cross-entropy: every probability at most ``filter_eps``
+    and no target below ``1 - filter_eps``) are left out of the two gradient GEMMs, so peaked
+    softmaxes cost less. ``"auto"`` takes ``torch.finfo(dtype).eps / 32`` of the inputs' dtype
+    (2^-12 for bfloat16), as CCE does. An approximation: each left-out entry is below that bound.
+    The loss and ``grad_bias`` stay exact.
     """
     fn = "linear_cross_entropy"
     return _linear_loss(fn, "cross_entropy", hidden, weight, target, bias, class_weight,
                         ignore_index, reduction, block_rows,
                         cross_entropy_scalars(fn, label_smoothing, lse_square_scale, softcap),
-                        low_memory=bool(low_memory))
+                        low_memory=bool(low_memory), filter_eps=filter_eps)
 
 
 def linear_comp_sum_loss(hidden: Tensor, weight: Tensor, target: Tensor, tau: float,

@@ -25,6 +25,7 @@ one process. Collectives work with NCCL (CUDA tensors) and with gloo (CPU tensor
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -56,6 +57,22 @@ def _shard_layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> tup
     return sum(sizes[:rank]), total, rank
 
 
+def filter_threshold(fn: str, filter_eps, dtype: torch.dtype) -> float:
+    """Gradient filtering's threshold from the user's ``filter_eps``: None -> 0 (off: exact
+    gradients), ``"auto"`` -> ``torch.finfo(dtype).eps / 32`` (Cut Cross-Entropy's default:
+    2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32), else a finite float >= 0."""
+    if filter_eps is None:
+        return 0.0
+    if isinstance(filter_eps, str):
+        if filter_eps != "auto":
+            raise ValueError(f"{fn}: filter_eps must be None, 'auto' or a float >= 0, got {filter_eps!r}")
+        return torch.finfo(dtype).eps / 32
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or \
+            not math.isfinite(filter_eps) or filter_eps < 0:
+        raise ValueError(f"{fn}: filter_eps must be None, 'auto' or a finite float >= 0, got {filter_eps!r}")
+    return float(filter_eps)
+
+
 # ---- fake kernels of the tile ops (linear_losses/linear_ce_tiles_op.cpp) ------------------------
 
 @torch.library.register_fake("fastloss::linear_ce_tile_stats")
@@ -68,7 +85,7 @@ def _fake_stats(hidden, weight, bias, target, class_weight, class_offset, softca
 
 @torch.library.register_fake("fastloss::linear_ce_tile_grads")
 def _fake_grads(hidden, weight, bias, target, class_weight, class_offset, softcap, lse, coef,
-                smoothing, grad_mask, tile_cols, tile_rows=0):
+                smoothing, grad_mask, tile_cols, tile_rows=0, filter_eps=0.0):
     torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
                  lambda: "hidden must be [N, D] and weight [V, D]")
     n, d = hidden.shape
@@ -89,12 +106,13 @@ class TiledCrossEntropy(torch.autograd.Function):
 
     forward(hidden [N, D], weight [V_r, D], bias [V_r] or None, target [N] int64,
             class_weight [total] float32 or None, group, parallel, first, total, ignore_index,
-            reduction, label_smoothing, lse_square_scale, softcap (0: none), tile_cols)
+            reduction, label_smoothing, lse_square_scale, softcap (0: none), tile_cols,
+            filter_eps (0: exact gradients; see filter_threshold))
     """
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, target, class_weight, group, parallel, first, total,
-                ignore_index, reduction, smoothing, z_scale, softcap, tile):
+                ignore_index, reduction, smoothing, z_scale, softcap, tile, filter_eps=0.0):
         n, v_r = hidden.shape[0], weight.shape[0]
         valid = target != ignore_index
         w_local = class_weight[first:first + v_r] if class_weight is not None else None
@@ -120,7 +138,7 @@ class TiledCrossEntropy(torch.autograd.Function):
         loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
         ctx.save_for_backward(hidden, weight, bias, target, w_local, lse, w_y, w_total, denom)
         ctx.args = (group, parallel, first, total, ignore_index, reduction, smoothing, z_scale,
-                    softcap, tile)
+                    softcap, tile, filter_eps)
         # a copy even when the dtype already matches: torch 2.11's torch.compile gave zero
         # gradients when this returned `loss` itself (2.13 / 2.14 did not)
         return loss.to(hidden.dtype, copy=True)
@@ -129,7 +147,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     @once_differentiable("linear_cross_entropy (low_memory=True) / vocab_parallel_linear_cross_entropy")
     def backward(ctx, grad):
         hidden, weight, bias, target, w_local, lse, w_y, w_total, denom = ctx.saved_tensors
-        group, parallel, first, total, ignore_index, reduction, smoothing, z_scale, softcap, tile = ctx.args
+        group, parallel, first, total, ignore_index, reduction, smoothing, z_scale, softcap, tile, eps = ctx.args
         valid = target != ignore_index
         g = grad.float()
         if reduction == "mean":
@@ -142,11 +160,11 @@ class TiledCrossEntropy(torch.autograd.Function):
         need[2] = need[2] and bias is not None
         gh, gw, gb = torch.ops.fastloss.linear_ce_tile_grads(
             hidden, weight, bias, target, w_local, first, softcap, lse, coef, smoothing != 0,
-            need, tile)
+            need, tile, 0, eps)
         if parallel and need[0]:  # hidden's gradient is the sum of every shard's part
             dist.all_reduce(gh, group=group)
         return (gh.to(hidden.dtype) if need[0] else None, gw if need[1] else None,
-                gb if need[2] else None) + (None,) * 12
+                gb if need[2] else None) + (None,) * 13
 
 
 def vocab_parallel_linear_cross_entropy(
@@ -154,7 +172,8 @@ def vocab_parallel_linear_cross_entropy(
         group: Optional[dist.ProcessGroup] = None, *, vocab_size: Optional[int] = None,
         class_weight: Optional[Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
         label_smoothing: float = 0.0, lse_square_scale: float = 0.0,
-        softcap: Optional[float] = None, tile_cols: Optional[int] = None) -> Tensor:
+        softcap: Optional[float] = None, tile_cols: Optional[int] = None,
+        filter_eps=None) -> Tensor:
     """Cross-entropy of ``hidden @ weight.T + bias`` with ``weight`` sharded along the classes.
 
     Args:
@@ -169,6 +188,8 @@ def vocab_parallel_linear_cross_entropy(
         tile_cols: classes per tile (None: as many as fit 2 MiB of float32 logits (CPU) or
             256 MiB of logits in the inputs' dtype (CUDA) for all the rows, at least 512; the
             rows then come in blocks that keep the tile within that budget).
+        filter_eps: gradient filtering, as in :func:`fastloss.ops.linear_cross_entropy`
+            (``low_memory=True``); None (default) gives exact gradients.
         Other arguments as :func:`fastloss.ops.linear_cross_entropy`.
 
     Returns the same value on every rank; backward gives each rank its own shard's gradient
@@ -210,7 +231,8 @@ def vocab_parallel_linear_cross_entropy(
                          f"nor ignore_index ({ignore_index})")
     if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
         raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
+    eps = filter_threshold(_FN, filter_eps, hidden.dtype)
     cw = class_weight.float() if class_weight is not None else None
     out = TiledCrossEntropy.apply(h, weight_shard, bias_shard, t, cw, group, True, first, total,
-                                  ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0)
+                                  ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0, eps)
     return out.reshape(target.shape) if reduction == "none" else out
