@@ -485,34 +485,40 @@ def test_tile_ops_by_blocks_of_rows(dev, dtype, tile):
         close(got, exp, dtype, f"grad_{what}")
 
 
-def _filtered_reference(dx, inside, local, a, eps, cols, rows):
-    """Gradient filtering's rule restated in float64 for tiles of `rows` x `cols` (each one
-    filtering chunk here: V < the chunk widths): a tile's entries other than the targets' are
-    dropped when each is at most eps |a| of its row; the targets' entries always stay."""
-    n, v = dx.shape
-    is_target = torch.zeros_like(dx, dtype=torch.bool)
-    is_target[inside, local[inside]] = True
-    kept = dx.clone()
+def _chunks(n, v, cols, rows, chunk):
+    """The filtering chunks as (row slice, column slice): tiles of `rows` x `cols`, each cut
+    into `chunk`-class pieces from the tile's first class."""
     for c0 in range(0, v, cols):
         for r0 in range(0, n, rows):
-            block, tgt = kept[r0:r0 + rows, c0:c0 + cols], is_target[r0:r0 + rows, c0:c0 + cols]
-            dense = torch.where(tgt, 0.0, block)
-            if bool((dense.abs() <= eps * a[r0:r0 + rows].abs()[:, None]).all()):
-                block.copy_(torch.where(tgt, block, 0.0))
+            for k0 in range(c0, min(v, c0 + cols), chunk):
+                yield slice(r0, r0 + rows), slice(k0, min(v, c0 + cols, k0 + chunk))
+
+
+def _filtered_reference(dx, is_target, a, eps, cols, rows, chunk):
+    """Gradient filtering's rule restated in float64: a chunk's entries other than the targets'
+    are dropped when each is at most eps |a| of its row; the targets' entries always stay."""
+    kept = dx.clone()
+    for rs, ks in _chunks(*dx.shape, cols, rows, chunk):
+        block, tgt = kept[rs, ks], is_target[rs, ks]
+        if bool((torch.where(tgt, 0.0, block).abs() <= eps * a[rs].abs()[:, None]).all()):
+            block.copy_(torch.where(tgt, block, 0.0))
     return kept
 
 
-@pytest.mark.parametrize("tile", [(7, 4), (0, 5), (3, 1), (0, 0)], ids=lambda t: f"cols{t[0]}_rows{t[1]}")
+@pytest.mark.parametrize("tile", [(200, 9), (7, 4), (0, 5), (0, 0)], ids=lambda t: f"cols{t[0]}_rows{t[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
 def test_tile_grads_gradient_filtering(dev, dtype, tile):
     """filter_eps > 0 (Cut Cross-Entropy's gradient filtering): against the rule restated in
-    float64 (_filtered_reference) for an eps between the tiles' own ratios (some tiles left
-    out, some kept: checked), for a huge eps (only the targets' entries remain) and a tiny one
-    (nothing left out, the targets still added apart); grad_bias stays exact. Soft cap, class
-    weights, smoothing and a class offset as in test_tile_ops_by_blocks_of_rows."""
+    float64 (_filtered_reference; 300 classes: several chunks of 128 (CPU) or 256 (CUDA) per
+    tile, a partial one last) for an eps between the chunks' own ratios (some left out, some
+    kept: checked), a huge eps (only the targets' entries remain) and a tiny one (nothing left
+    out, the targets still added apart), with every gradient and with grad_weight alone or
+    grad_hidden alone; grad_bias stays exact. Soft cap, class weights, smoothing coefficients
+    and a class offset as in test_tile_ops_by_blocks_of_rows."""
     cols, rows = tile
-    n, v = 23, 40
+    n, v = 23, 300
+    chunk = 256 if dev == "cuda" else 128
     h, w, b_, t, cw = (make_inputs(n, 6, v, dtype, dev, weighted=True, seed=30)[i] for i in (0, 1, 3, 2, 4))
     t = torch.where(t < 0, 3, t)
     offset, cap = 2, 4.0
@@ -527,32 +533,31 @@ def test_tile_grads_gradient_filtering(dev, dtype, tile):
     dz = c[:, :1] * torch.softmax(z, 1) - c[:, 2:] * cw.double().cpu()
     dz[inside, local[inside]] -= c[inside, 1]
     dx = dz * (1 - (z / cap) ** 2)
+    is_target = torch.zeros_like(dx, dtype=torch.bool)
+    is_target[inside, local[inside]] = True
     tc, tr = cols or v, rows or n
-    # each tile's largest ratio |entry| / |a| off the targets; eps halfway (in log) between two
-    # neighbouring ratios, so that no tile sits near it
-    ratios = []
-    for c0 in range(0, v, tc):
-        for r0 in range(0, n, tr):
-            blk = dx[r0:r0 + tr, c0:c0 + tc].clone()
-            sub_in = inside[r0:r0 + tr] & (local[r0:r0 + tr] >= c0) & (local[r0:r0 + tr] < c0 + tc)
-            blk[sub_in.nonzero()[:, 0], (local[r0:r0 + tr][sub_in] - c0)] = 0
-            ratios.append(float((blk.abs() / c[r0:r0 + tr, :1].abs()).max()))
-    ratios.sort()
-    if len(ratios) == 1:  # (one tile: left out)
-        mid = 2 * ratios[0]
-    else:
-        _, i = max((ratios[i + 1] / max(ratios[i], 1e-300), i) for i in range(len(ratios) - 1))
-        mid = (ratios[i] * ratios[i + 1]) ** 0.5
+    # each chunk's largest ratio |entry| / |a| off the targets; eps halfway (in log) between the
+    # two neighbouring ratios farthest apart, so that no chunk sits near it
+    ratios = sorted(float((torch.where(is_target[rs, ks], 0.0, dx[rs, ks]).abs() / c[rs, :1].abs()).max())
+                    for rs, ks in _chunks(n, v, tc, tr, chunk))
+    _, i = max((ratios[i + 1] / max(ratios[i], 1e-300), i) for i in range(len(ratios) - 1))
+    mid = (ratios[i] * ratios[i + 1]) ** 0.5
     for eps, label in ((mid, "mid"), (1e30, "huge"), (1e-30, "tiny")):
-        kept = _filtered_reference(dx, inside, local, c[:, 0], eps, tc, tr)
+        kept = _filtered_reference(dx, is_target, c[:, 0], eps, tc, tr, chunk)
         if label == "mid":
-            assert not torch.equal(kept, dx), "the case leaves some tile out"
+            assert not torch.equal(kept, dx) and not torch.equal(kept, torch.where(is_target, dx, 0.0)), \
+                "the case leaves some chunks out and keeps others"
         expected = (kept @ w.double().cpu(), kept.T @ h.double().cpu(), dx.sum(0))
-        grads = torch.ops.fastloss.linear_ce_tile_grads(h, w, b_, t, cw, offset, cap, lse.float().to(dev), coef,
-                                                        True, [True, True, True], cols, rows, eps)
-        for what, got, exp, like in zip(("hidden", "weight", "bias"), grads, expected, (h, w, b_)):
-            assert got.shape == exp.shape and got.dtype == (torch.float32 if what == "hidden" else like.dtype)
-            close(got, exp, dtype, f"{label} eps grad_{what}")
+        for mask in ([True, True, True], [False, True, False], [True, False, True]):
+            grads = torch.ops.fastloss.linear_ce_tile_grads(h, w, b_, t, cw, offset, cap, lse.float().to(dev),
+                                                            coef, True, mask, cols, rows, eps)
+            for wanted, what, got, exp, like in zip(mask, ("hidden", "weight", "bias"), grads, expected,
+                                                    (h, w, b_)):
+                if not wanted:
+                    assert got.numel() == 0, what
+                    continue
+                assert got.shape == exp.shape and got.dtype == (torch.float32 if what == "hidden" else like.dtype)
+                close(got, exp, dtype, f"{label} eps {mask} grad_{what}")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -562,14 +567,16 @@ def test_low_memory_filter_eps(dev, dtype):
     equals the float64 reference; "auto" on a peaked softmax (hidden near its target's weight
     row) stays within the bound of what it may drop (each dropped entry <= eps |a|: at most
     eps |a| sum_k |w_k| per row of grad_hidden); bad values are refused by name."""
-    fused, _, ref_fn, kw, weighted = CASES["ce_everything"]
-    h, w, t, b, cw = make_inputs(50, 24, 1031, dtype, dev, weighted, seed=32)
-    up = upstream(t.shape, "mean", dev)
-    out, grads = run(fused, h, w, t, b, cw, "mean", up, low_memory=True, filter_eps=1e-30, **kw)
-    exp, exp_grads = reference(ref_fn, h, w, t, b, cw, "mean", up, **kw)
-    close(out, exp, dtype, "tiny eps loss")
-    for what, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
-        close(g, e, dtype, f"tiny eps grad_{what}", floor=1e-2)
+    fused, _, ref_fn = CASES["ce_everything"][:3]
+    kw = {"lse_square_scale": 1e-3, "softcap": 3.0}  # (label smoothing is refused: below)
+    h, w, t, b, cw = make_inputs(50, 24, 1031, dtype, dev, True, seed=32)
+    for reduction in ("mean", "none"):
+        up = upstream(t.shape, reduction, dev)
+        out, grads = run(fused, h, w, t, b, cw, reduction, up, low_memory=True, filter_eps=1e-30, **kw)
+        exp, exp_grads = reference(ref_fn, h, w, t, b, cw, reduction, up, **kw)
+        close(out, exp, dtype, f"tiny eps {reduction} loss")
+        for what, g, e in zip(("hidden", "weight", "bias"), grads, exp_grads):
+            close(g, e, dtype, f"tiny eps {reduction} grad_{what}", floor=1e-2)
     # peaked: the rows' hidden states point at their targets' weight rows
     tt = torch.where(t < 0, 0, t)
     hp = (w.float()[tt] * 60 + h.float() * 0.05).to(dtype)
@@ -581,6 +588,9 @@ def test_low_memory_filter_eps(dev, dtype):
     assert (diff <= bound[None, :] + TOL[dtype] * exact[0].double().abs().max().cpu()).all()
     expect_errors([
         (lambda: ops.linear_cross_entropy(h, w, t, filter_eps=1e-3), "applies to low_memory=True"),
+        (lambda: ops.linear_cross_entropy(h, w, t, low_memory=True, filter_eps=1e-3, label_smoothing=0.1),
+         "cannot be used with label_smoothing"),
+        (lambda: fastloss.nn.LinearCrossEntropy(24, 1031, filter_eps=1e-3), "applies to low_memory=True"),
         (lambda: ops.linear_cross_entropy(h, w, t, low_memory=True, filter_eps="yes"), "filter_eps must be None, 'auto'"),
         (lambda: ops.linear_cross_entropy(h, w, t, low_memory=True, filter_eps=-1.0), "finite float >= 0"),
         (lambda: ops.linear_cross_entropy(h, w, t, low_memory=True, filter_eps=float("nan")), "finite float >= 0"),

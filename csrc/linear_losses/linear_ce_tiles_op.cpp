@@ -363,8 +363,8 @@ constexpr int64_t kFilterChunkCpu = 128, kFilterChunkCuda = 256;
 // The runs [k0, k1) of consecutive kept columns of g [rows, n] (one run [0, n) when no chunk is
 // left out: the GEMMs are then those of the unfiltered path). eps_a: [rows] float32 thresholds.
 // A NaN keeps its chunk. CPU: one pass (linear_ce_filter_cpu.cpp); CUDA: torch reductions to
-// [rows, chunks] maxima (no tile-sized temporary), copied to the host (one wait per tile, whose
-// GEMMs take milliseconds).
+// [rows, chunks] maxima (no tile-sized temporary), copied to the host (a wait per tile, beside
+// rows_with_target's; a tile's GEMMs take milliseconds; no CUDA graph can capture either).
 std::vector<std::pair<int64_t, int64_t>> kept_runs(const Tensor& g, const Tensor& eps_a, int64_t chunk) {
   const int64_t rows = g.size(0), n = g.size(1), chunks = (n + chunk - 1) / chunk;
   Tensor keep;
@@ -408,7 +408,10 @@ std::pair<Tensor, Tensor> rows_with_target(const TileInputs& in, const Tile& t, 
 
 // The targets' entries e (float32 [m]) of the tile's gradient, taken out of it (set to 0) to be
 // added apart: grad_hidden[r] += e_r w_y and grad_weight[y] += e_r h_r (gw: the tile's float32
-// grad_weight rows). e is read from the tile itself, so that it is the unfiltered path's entry.
+// grad_weight rows; gh_rows undefined when grad_hidden is not wanted). e is read from the tile
+// itself: on CUDA the unfiltered path's entry exactly; on the CPU its float32 value (the
+// unfiltered path rounds it to 16 bits for the GEMM). On CUDA index_add_ sums repeated targets
+// with atomics (run to run order; torch's deterministic mode takes its deterministic version).
 Tensor take_targets(Tensor& g, const Tensor& rows, const Tensor& cols) {
   const c10::List<std::optional<Tensor>> at_targets{rows, cols};
   const Tensor e = g.index(at_targets).to(at::kFloat);
@@ -520,7 +523,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
       } else {
         if (first && mask[1]) gw_sum.zero_();  // (a chunk left out of every block stays 0)
         for (const auto& [k0, k1] : kept_runs(g, eps_a.narrow(0, r0, t.nr), chunk)) push(k0, k1, true);
-        add_targets(in, t, target_rows, target_cols, target_grad, mask, gh.narrow(0, r0, t.nr), gw_sum);
+        add_targets(in, t, target_rows, target_cols, target_grad, mask, mask[0] ? gh.narrow(0, r0, t.nr) : Tensor(),
+                    gw_sum);
       }
     }
     if (gw_acc.defined()) gw_tile.copy_(gw_sum);

@@ -28,8 +28,8 @@ class LinearCrossEntropy(nn.Module):
                  class_weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
                  lse_square_scale: float = 0.0, softcap: Optional[float] = None,
-                 block_rows: Optional[int] = None, low_memory: bool = False, filter_eps=None,
-                 device=None, dtype=None) -> None:
+                 block_rows: Optional[int] = None, device=None, dtype=None,
+                 low_memory: bool = False, filter_eps=None) -> None:
         super().__init__()
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(num_classes, in_features, **factory))
@@ -41,6 +41,9 @@ class LinearCrossEntropy(nn.Module):
         self.lse_square_scale = lse_square_scale
         self.softcap = softcap
         self.block_rows = block_rows
+        if filter_eps is not None and not low_memory:  # (at construction, not at the first call)
+            raise ValueError("LinearCrossEntropy: filter_eps (gradient filtering) applies to "
+                             "low_memory=True")
         self.low_memory = low_memory
         self.filter_eps = filter_eps
         self.reset_parameters()
@@ -71,4 +74,5 @@ class LinearCrossEntropy(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"in_features={self.weight.shape[1]}, num_classes={self.weight.shape[0]}, "
-                f"bias={self.bias is not None}, reduction={self.reduction!r}")
+                f"bias={self.bias is not None}, reduction={self.reduction!r}"
+                + (f", low_memory=True, filter_eps={self.filter_eps!r}" if self.low_memory else ""))

@@ -125,6 +125,10 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if filter_eps is not None and not low_memory:
         raise ValueError(f"{fn}: filter_eps (gradient filtering) applies to low_memory=True, whose "
                          f"backward forms the logits again tile by tile; the default path is exact")
+    if filter_eps is not None and scalars and kind == "cross_entropy" and scalars[0] != 0:
+        raise ValueError(f"{fn}: filter_eps cannot be used with label_smoothing: the smoothing "
+                         f"term of every class is below any useful threshold and would be left "
+                         f"out wholesale, not approximated")
     device_type = hidden.device.type
     # F.linear runs in the autocast dtype (meta and other devices without autocast: no cast)
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -201,11 +205,14 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
     ``filter_eps`` (``low_memory=True`` only; default None: exact gradients) turns on Cut
     Cross-Entropy's gradient filtering: in the backward, the classes of a tile (in chunks of
     128 on the CPU, 256 on CUDA) whose every gradient entry is at most ``filter_eps`` times its
-    row's softmax coefficient (for plain cross-entropy: every probability at most ``filter_eps``
-    and no target below ``1 - filter_eps``) are left out of the two gradient GEMMs, so peaked
-    softmaxes cost less. ``"auto"`` takes ``torch.finfo(dtype).eps / 32`` of the inputs' dtype
-    (2^-12 for bfloat16), as CCE does. An approximation: each left-out entry is below that bound.
-    The loss and ``grad_bias`` stay exact.
+    row's softmax coefficient (for plain cross-entropy: every probability at most
+    ``filter_eps``) are left out of the two gradient GEMMs, so peaked softmaxes cost less; each
+    row's target entry is added on its own, never left out. ``"auto"`` takes
+    ``torch.finfo(dtype).eps / 32`` of the inputs' dtype (2^-12 for bfloat16), as CCE does. An
+    approximation: each left-out entry is below that bound. The loss and ``grad_bias`` stay
+    exact. Not with ``label_smoothing`` (its term, the same sign in every class and below any
+    useful threshold, would be left out wholesale). With 16-bit weights it keeps a float32
+    ``[tile, D]`` sum of ``grad_weight``'s tile; on CUDA it waits for the device twice a tile.
     """
     fn = "linear_cross_entropy"
     return _linear_loss(fn, "cross_entropy", hidden, weight, target, bias, class_weight,

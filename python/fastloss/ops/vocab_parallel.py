@@ -26,6 +26,7 @@ one process. Collectives work with NCCL (CUDA tensors) and with gloo (CPU tensor
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -67,7 +68,7 @@ def filter_threshold(fn: str, filter_eps, dtype: torch.dtype) -> float:
         if filter_eps != "auto":
             raise ValueError(f"{fn}: filter_eps must be None, 'auto' or a float >= 0, got {filter_eps!r}")
         return torch.finfo(dtype).eps / 32
-    if isinstance(filter_eps, bool) or not isinstance(filter_eps, (int, float)) or \
+    if isinstance(filter_eps, bool) or not isinstance(filter_eps, numbers.Real) or \
             not math.isfinite(filter_eps) or filter_eps < 0:
         raise ValueError(f"{fn}: filter_eps must be None, 'auto' or a finite float >= 0, got {filter_eps!r}")
     return float(filter_eps)
@@ -232,6 +233,10 @@ def vocab_parallel_linear_cross_entropy(
     if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
         raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
     eps = filter_threshold(_FN, filter_eps, hidden.dtype)
+    if filter_eps is not None and smoothing:
+        raise ValueError(f"{_FN}: filter_eps cannot be used with label_smoothing: the smoothing "
+                         f"term of every class is below any useful threshold and would be left "
+                         f"out wholesale, not approximated")
     cw = class_weight.float() if class_weight is not None else None
     out = TiledCrossEntropy.apply(h, weight_shard, bias_shard, t, cw, group, True, first, total,
                                   ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0, eps)
