@@ -517,22 +517,28 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> contrastive_forward(const Tensor& a, 
   const Tensor af = a.to(at::kFloat).contiguous(), bf = b.to(at::kFloat).contiguous();
   const int64_t n = af.size(0);
   const auto f32 = af.options();
-  Tensor lse_row = at::empty({n}, f32), diag = at::empty({n}, f32);
-  Tensor lse_col = symmetric ? at::full({n}, -std::numeric_limits<float>::infinity(), f32)
-                             : at::empty({0}, f32);
   Tensor s_kept = at::empty({0, 0}, f32);
   // one reused block: fresh ones interleaved with the small tensors kept across blocks fragment
   // the heap (metric.py's _block_products)
   Tensor buf = at::empty({std::min(block_rows, n), n}, f32);
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = buf.slice(0, 0, r1 - r0);
-    at::mm_out(s, af.slice(0, r0, r1), bf.t());
-    auto [lr, dg, part] = clip_rows_op(s, r0, inv_t, symmetric);
-    lse_row.slice(0, r0, r1).copy_(lr);
-    diag.slice(0, r0, r1).copy_(dg);
-    if (symmetric) lse_col = at::logaddexp(lse_col, part);
-    if (keep && r0 == 0 && r1 == n) s_kept = s;
+  Tensor lse_row, diag, lse_col;
+  if (n <= block_rows) {  // one block (the common case at CLIP's batch sizes): its results as they are
+    at::mm_out(buf, af, bf.t());
+    std::tie(lse_row, diag, lse_col) = clip_rows_op(buf, 0, inv_t, symmetric);
+    if (keep) s_kept = buf;
+  } else {
+    lse_row = at::empty({n}, f32);
+    diag = at::empty({n}, f32);
+    lse_col = symmetric ? at::full({n}, -std::numeric_limits<float>::infinity(), f32) : at::empty({0}, f32);
+    for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+      const int64_t r1 = std::min(n, r0 + block_rows);
+      Tensor s = buf.slice(0, 0, r1 - r0);
+      at::mm_out(s, af.slice(0, r0, r1), bf.t());
+      auto [lr, dg, part] = clip_rows_op(s, r0, inv_t, symmetric);
+      lse_row.slice(0, r0, r1).copy_(lr);
+      diag.slice(0, r0, r1).copy_(dg);
+      if (symmetric) lse_col = at::logaddexp(lse_col, part);
+    }
   }
   Tensor rows = at::sub(lse_row, diag);
   if (symmetric) rows.add_(lse_col).sub_(diag).mul_(0.5);  // column i's target: the same diagonal
@@ -558,7 +564,7 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
   const Tensor af = a.to(at::kFloat).contiguous(), bf = b.to(at::kFloat).contiguous();
   const Tensor g = grad_rows.to(at::kFloat).mul(symmetric ? 0.5 : 1.0).contiguous();
   Tensor grad_a = mask[0] ? at::empty_like(af) : at::empty({0}, af.options());
-  Tensor grad_b = mask[1] ? at::zeros_like(bf) : at::empty({0}, af.options());
+  Tensor grad_b = mask[1] ? at::empty_like(bf) : at::empty({0}, af.options());  // (the first block writes it)
   const std::optional<Tensor> col = symmetric ? std::optional<Tensor>(lse_col) : std::nullopt;
   const bool kept = s_kept.numel() == n * n && n <= block_rows;
   Tensor buf = kept ? s_kept : at::empty({std::min(block_rows, n), n}, af.options());
@@ -571,7 +577,10 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
       Tensor out = grad_a.slice(0, r0, r1);
       at::mm_out(out, s, bf);
     }
-    if (mask[1]) grad_b.addmm_(s.t(), af.slice(0, r0, r1));
+    if (mask[1] && r0 == 0)
+      at::mm_out(grad_b, s.t(), af.slice(0, r0, r1));
+    else if (mask[1])
+      grad_b.addmm_(s.t(), af.slice(0, r0, r1));
   }
   return {grad_a, grad_b};
 }
