@@ -349,9 +349,10 @@ Tensor device_tile_grad(const TileInputs& in, const Tile& t, const Tensor& targe
 }
 
 // ---- gradient filtering (filter_eps > 0: Cut Cross-Entropy's, opt-in) ------------------------
-// A tile's gradient without its targets' entries goes into the GEMMs by chunks of classes; a chunk whose every entry is at most filter_eps |a|
-// of its row (|a|: the row's softmax coefficient; for plain cross-entropy: every probability
-// <= filter_eps) would add at most that to grad_hidden and grad_weight, and is left out of both.
+// A tile's gradient without its targets' entries goes into the GEMMs by chunks of classes; a
+// chunk whose every entry is at most filter_eps |a| of its row (|a|: the row's softmax
+// coefficient; for plain cross-entropy: every probability <= filter_eps) would add at most that
+// to grad_hidden and grad_weight, and is left out of both.
 // The targets' entries, one per row, are added apart (take_targets, add_targets), so that a
 // chunk holding some row's target can still be left out: with a peaked softmax the target's
 // entry is the large one.
@@ -422,8 +423,10 @@ void add_targets(const TileInputs& in, const Tile& t, const Tensor& rows, const 
                  const std::array<bool, 3>& mask, Tensor gh_rows, Tensor gw) {
   if (rows.numel() == 0) return;
   const Tensor c = e.unsqueeze(1);
-  if (mask[0]) gh_rows.index_add_(0, rows, in.weight.narrow(0, t.c0, t.n).index_select(0, cols).to(at::kFloat).mul_(c));
-  if (mask[1]) gw.index_add_(0, cols, in.hidden.narrow(0, t.r0, t.nr).index_select(0, rows).to(at::kFloat).mul_(c));
+  if (mask[0])
+    gh_rows.index_add_(0, rows, in.weight.narrow(0, t.c0, t.n).index_select(0, cols).to(at::kFloat).mul_(c));
+  if (mask[1])
+    gw.index_add_(0, cols, in.hidden.narrow(0, t.r0, t.nr).index_select(0, rows).to(at::kFloat).mul_(c));
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
@@ -506,7 +509,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_ce_tile_grads(
         }
         if (mask[1]) {
           Tensor gw_rows = gw_sum.narrow(0, k0, nk);
-          if (gw_acc.defined()) {  // low precision, several blocks: the float32 sum
+          if (gw_acc.defined()) {  // 16-bit weights, several blocks or filtering: the float32 sum
             if (!add_product_in_float32(gw_rows, gk_low.t(), h, /*add=*/add_w)) {
               const Tensor part = at::mm(gk_low.t(), h);
               if (add_w) gw_rows.add_(part); else gw_rows.copy_(part);
