@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite
+from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
@@ -375,7 +375,14 @@ class _TcmKernel(torch.autograd.Function):
                 kept += c.numel()
                 collect = kept <= cap
                 row_nnz, cols = (row_nnz + [nnz], cols + [c]) if collect else ([], [])
-        loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
+        if values_readable(sums):  # (the CPU: a few host floats instead of a dozen tiny ops)
+            pos_sum, pos_n, neg_sum, neg_n = sums.tolist()
+            scale = (w_pos / max(pos_n, 1.0), w_neg / max(neg_n, 1.0))
+            loss = torch.tensor(scale[0] * pos_sum + scale[1] * neg_sum, dtype=torch.float64)
+            coef_1 = torch.tensor(scale, dtype=torch.float64)  # _tcm_coefficients for an upstream 1
+        else:
+            loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
+            coef_1 = None
         sparse = collect  # every block's pairs were kept
         # one block and no pair list: the coefficients are known now, so the gradient (for an
         # upstream 1) is formed from the block in hand; the backward only scales it
@@ -387,8 +394,9 @@ class _TcmKernel(torch.autograd.Function):
             cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32)
             ctx.save_for_backward(norms, ef, keys, sums, row_ptr, cols)
         elif early and n:
-            torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg,
-                                              _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg))
+            if coef_1 is None:
+                coef_1 = _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg)
+            torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg, coef_1)
             # S = E E^T: one GEMM for both factors; then through the normalisation
             ctx.save_for_backward(_unit_rows_grad((s + s.t()) @ ef, ef, norms))
         else:
