@@ -505,17 +505,22 @@ def _filtered_reference(dx, is_target, a, eps, cols, rows, chunk):
     return kept
 
 
+@pytest.mark.parametrize("test_by", ["own", "reductions"])
 @pytest.mark.parametrize("tile", [(200, 9), (7, 4), (0, 5), (0, 0)], ids=lambda t: f"cols{t[0]}_rows{t[1]}")
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
-def test_tile_grads_gradient_filtering(dev, dtype, tile):
+def test_tile_grads_gradient_filtering(dev, dtype, tile, test_by, monkeypatch):
     """filter_eps > 0 (Cut Cross-Entropy's gradient filtering): against the rule restated in
     float64 (_filtered_reference; 300 classes: several chunks of 128 (CPU) or 256 (CUDA) per
     tile, a partial one last) for an eps between the chunks' own ratios (some left out, some
     kept: checked), a huge eps (only the targets' entries remain) and a tiny one (nothing left
     out, the targets still added apart), with every gradient and with grad_weight alone or
     grad_hidden alone; grad_bias stays exact. Soft cap, class weights, smoothing coefficients
-    and a class offset as in test_tile_ops_by_blocks_of_rows."""
+    and a class offset as in test_tile_ops_by_blocks_of_rows. test_by "reductions": the CPU
+    takes the CUDA branch's torch reductions (FASTLOSS_LINEAR_CE_FILTER), so that their
+    arithmetic runs here too."""
+    if test_by == "reductions":
+        monkeypatch.setenv("FASTLOSS_LINEAR_CE_FILTER", "reductions")
     cols, rows = tile
     n, v = 23, 300
     chunk = 256 if dev == "cuda" else 128

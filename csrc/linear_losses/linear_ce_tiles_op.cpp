@@ -366,10 +366,17 @@ constexpr int64_t kFilterChunkCpu = 128, kFilterChunkCuda = 256;
 // A NaN keeps its chunk. CPU: one pass (linear_ce_filter_cpu.cpp); CUDA: torch reductions to
 // [rows, chunks] maxima (no tile-sized temporary), copied to the host (a wait per tile, beside
 // rows_with_target's; a tile's GEMMs take milliseconds; no CUDA graph can capture either).
+// FASTLOSS_LINEAR_CE_FILTER=reductions takes the CUDA branch's torch reductions on the CPU too
+// (read per call): the tests run that branch's arithmetic where no GPU is at hand.
+bool filter_by_reductions() {
+  const char* v = std::getenv("FASTLOSS_LINEAR_CE_FILTER");
+  return v != nullptr && std::strcmp(v, "reductions") == 0;
+}
+
 std::vector<std::pair<int64_t, int64_t>> kept_runs(const Tensor& g, const Tensor& eps_a, int64_t chunk) {
   const int64_t rows = g.size(0), n = g.size(1), chunks = (n + chunk - 1) / chunk;
   Tensor keep;
-  if (g.is_cpu()) {
+  if (g.is_cpu() && !filter_by_reductions()) {
     TORCH_CHECK(g.scalar_type() == at::kFloat && g.stride(1) == 1 && eps_a.is_contiguous(), kOp,
                 ": filtering expects a float32 tile with contiguous rows");
     keep = at::empty({chunks}, g.options().dtype(at::kByte));
