@@ -125,10 +125,6 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if filter_eps is not None and not low_memory:
         raise ValueError(f"{fn}: filter_eps (gradient filtering) applies to low_memory=True, whose "
                          f"backward forms the logits again tile by tile; the default path is exact")
-    if filter_eps is not None and scalars and kind == "cross_entropy" and scalars[0] != 0:
-        raise ValueError(f"{fn}: filter_eps cannot be used with label_smoothing: the smoothing "
-                         f"term of every class is below any useful threshold and would be left "
-                         f"out wholesale, not approximated")
     device_type = hidden.device.type
     # F.linear runs in the autocast dtype (meta and other devices without autocast: no cast)
     if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
@@ -140,7 +136,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if low_memory:
         _check_tile_inputs(fn, h, weight, t, bias, class_weight, ignore_index)
         from .vocab_parallel import TiledCrossEntropy, filter_threshold
-        eps = filter_threshold(fn, filter_eps, h.dtype)
+        eps = filter_threshold(fn, filter_eps, h.dtype, scalars[0])  # (scalars: smoothing first)
         cw = class_weight.float() if class_weight is not None else None
         out = TiledCrossEntropy.apply(h, weight, bias, t.long(), cw, None, False, 0,
                                       weight.shape[0], ignore_index, reduction, *scalars,

@@ -61,12 +61,17 @@ def _kernels(e: Tensor) -> bool:
     return has_kernel(e)
 
 
+def _compute_rows(emb):
+    """emb in the precision its rows are normalised in: float32 for 16-bit inputs (rows
+    normalised in bfloat16 had moved every similarity by up to ~2^-9, which beta = 50 turned
+    into ~10% changes of the pairs' weights: Multi-Similarity's gradient was 2-6% off the
+    float64 reference on the same inputs); the kernels take float32 similarities anyway."""
+    return emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb
+
+
 def _normalized(emb):
-    """The unit rows of emb, float32 for 16-bit inputs: rows normalised in bfloat16 had moved
-    every similarity by up to ~2^-9, which beta = 50 turned into ~10% changes of the pairs'
-    weights (Multi-Similarity's gradient was 2-6% off the float64 reference on the same
-    inputs); the kernels take float32 similarities anyway."""
-    return F.normalize(emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb, dim=1)
+    """The unit rows of emb (F.normalize, with autograd), in _compute_rows' precision."""
+    return F.normalize(_compute_rows(emb), dim=1)
 
 
 _NORM_EPS = 1e-12  # F.normalize's
@@ -284,7 +289,7 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         raise ValueError(f"{fn}: epsilon must be >= 0 or None, got {epsilon}")
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
-    x = emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb  # (see _normalized)
+    x = _compute_rows(emb)
     if _kernels(x):
         n = emb.shape[0]
         whole = (block_rows is None and x.device.type == "cpu" and 4 * n * n <= _MS_WHOLE_BYTES
@@ -457,7 +462,7 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     for name, v in (("pos_margin", pos_margin), ("neg_margin", neg_margin)):
         if not -1 <= v <= 1:
             raise ValueError(f"{fn}: {name} must be a cosine similarity in [-1, 1], got {v}")
-    x = emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb  # (see _normalized)
+    x = _compute_rows(emb)
     if _kernels(x):
         block_rows = _block_rows(fn, block_rows, emb.shape[0], _kernel_block_bytes(x))
         keys = torch.ops.fastloss.pair_label_keys(labels)

@@ -58,12 +58,18 @@ def _shard_layout(weight_shard: Tensor, group, vocab_size: Optional[int]) -> tup
     return sum(sizes[:rank]), total, rank
 
 
-def filter_threshold(fn: str, filter_eps, dtype: torch.dtype) -> float:
+def filter_threshold(fn: str, filter_eps, dtype: torch.dtype, label_smoothing: float) -> float:
     """Gradient filtering's threshold from the user's ``filter_eps``: None -> 0 (off: exact
     gradients), ``"auto"`` -> ``torch.finfo(dtype).eps / 32`` (Cut Cross-Entropy's default:
-    2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32), else a finite float >= 0."""
+    2^-12 for bfloat16, 2^-15 for float16, 2^-28 for float32), else a finite float >= 0.
+    Refused with label smoothing: its term, the same sign in every class and below any useful
+    threshold, would be left out wholesale, not approximated."""
     if filter_eps is None:
         return 0.0
+    if label_smoothing:
+        raise ValueError(f"{fn}: filter_eps cannot be used with label_smoothing: the smoothing "
+                         f"term of every class is below any useful threshold and would be left "
+                         f"out wholesale, not approximated")
     if isinstance(filter_eps, str):
         if filter_eps != "auto":
             raise ValueError(f"{fn}: filter_eps must be None, 'auto' or a float >= 0, got {filter_eps!r}")
@@ -232,11 +238,7 @@ def vocab_parallel_linear_cross_entropy(
                          f"nor ignore_index ({ignore_index})")
     if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
         raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
-    eps = filter_threshold(_FN, filter_eps, hidden.dtype)
-    if filter_eps is not None and smoothing:
-        raise ValueError(f"{_FN}: filter_eps cannot be used with label_smoothing: the smoothing "
-                         f"term of every class is below any useful threshold and would be left "
-                         f"out wholesale, not approximated")
+    eps = filter_threshold(_FN, filter_eps, hidden.dtype, smoothing)
     cw = class_weight.float() if class_weight is not None else None
     out = TiledCrossEntropy.apply(h, weight_shard, bias_shard, t, cw, group, True, first, total,
                                   ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0, eps)
