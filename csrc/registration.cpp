@@ -178,6 +178,15 @@ TORCH_LIBRARY(fastloss, m) {
   // Multi-Similarity's block loops: -> (stats [2, B] or [0], gradient or [0]); see the op file
   m.def("ms_blocks(Tensor e, Tensor keys, float alpha, float beta, float base, float? epsilon, "
         "int block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");
+  // TCM's block loops: -> (totals [4] float64, gradient or [0], row_ptr, hard pairs' columns);
+  // the backward over blocks formed again; and the CPU row normalisation of the embedding losses
+  // (unit rows, norms) with its backward. See the op file.
+  m.def("tcm_blocks(Tensor e, Tensor keys, float m_pos, float m_neg, float w_pos, float w_neg, "
+        "int block_rows, bool early, int max_pairs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("tcm_blocks_backward(Tensor e, Tensor keys, float m_pos, float m_neg, int block_rows, "
+        "Tensor coef) -> Tensor");
+  m.def("unit_rows(Tensor x) -> (Tensor, Tensor)");
+  m.def("unit_rows_grad(Tensor grad_e, Tensor e, Tensor norms) -> Tensor");
   m.def("knn_rows(Tensor s, Tensor row_sq, Tensor col_sq, int row0, bool exclude_self, int k) "
         "-> Tensor");
   // Distances of chosen pairs, x_i to t_idx[i, c] (ICNN's neighbours, Proto-Triplet's prototypes)

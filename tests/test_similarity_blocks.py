@@ -210,6 +210,7 @@ def test_label_keys_on_cuda_are_ranks_without_a_sync():
 def test_opcheck():
     s, labels, keys = block(6, 29, 4, 3, seed=2)
     coef = torch.tensor([0.5, 2.0], dtype=torch.float64)
+    e29 = torch.nn.functional.normalize(torch.randn(29, 5), dim=1)
     for op, args in [
         (OPS.pair_label_keys.default, (labels,)),
         (OPS.ms_rows_.default, (s.clone(), keys, 4, 2.0, 50.0, 0.5, 0.1, True)),
@@ -223,7 +224,13 @@ def test_opcheck():
         (OPS.proto_triplet_forward.default, (s[:, :5], torch.arange(6) % 3, s[:, :5], torch.arange(6) % 3, 0.5)),
         (OPS.clip_rows_grad_.default, (s.clone(), 4, 3.0, torch.rand(6), torch.rand(29), torch.rand(29))),
         (OPS.icnn_score.default, (torch.rand(6, 4) + 0.1, torch.rand(6, 4) > 0.5, 3, False)),
-    ]:
+        (OPS.unit_rows.default, (s,)),
+        (OPS.unit_rows_grad.default, (s, *OPS.unit_rows(s.t().contiguous().t()))),
+        (OPS.tcm_blocks_backward.default, (e29, keys, 0.3, 0.1, 4, coef)),
+        (OPS.ms_blocks.default, (e29, keys, 2.0, 50.0, 0.5, 0.1, 8, True, None)),
+        (OPS.ms_blocks.default, (e29, keys, 2.0, 50.0, 0.5, None, 8, False, torch.rand(29))),
+    ] + [(OPS.tcm_blocks.default, (e29, keys, 0.3, 0.1, 0.7, 1.2, block, early, max_pairs))
+         for block in (8, 29) for early in (True, False) for max_pairs in (-1, 10 ** 6)]:
         torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
     e, lab = s[:, :5].contiguous(), torch.arange(6) % 3
     saved = OPS.proto_triplet_forward(e, lab, e, lab, 0.5)[1:]
@@ -334,6 +341,74 @@ def test_tcm_sparse_backward_matches_the_dense_one(monkeypatch, margins):
     assert sparse[1].abs().sum() > 0
     for got, want in zip(sparse, dense):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
+
+
+def tcm_grad_reference(e, labels, margins, weights):
+    """TCM's totals and its gradient for E (upstream 1) from the float64 similarities of e."""
+    ed = e.double()
+    sd = ed @ ed.t()
+    n = e.shape[0]
+    same = labels[:, None] == labels[None, :]
+    hp = same & ~torch.eye(n, dtype=torch.bool) & (sd <= margins[0])
+    hn = ~same & (sd >= margins[1])
+    totals = torch.stack([torch.where(hp, margins[0] - sd, 0.0).sum(), hp.sum().double(),
+                          torch.where(hn, sd - margins[1], 0.0).sum(), hn.sum().double()])
+    c_pos, c_neg = weights[0] / max(hp.sum().item(), 1), weights[1] / max(hn.sum().item(), 1)
+    ds = torch.where(hp, -c_pos, torch.where(hn, c_neg, 0.0)).double()
+    return totals, (ds + ds.t()) @ ed
+
+
+@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.2, -0.3)], ids=str)
+def test_tcm_blocks_every_path(margins):
+    """tcm_blocks' four ways to the gradient (one block: from the block in hand or from the pair
+    list; several blocks: the pair list through pair_grad, or tcm_blocks_backward forming the
+    blocks again) against the float64 formula."""
+    emb, labels = embeddings(70, 6, 5, seed=2)
+    e = torch.nn.functional.normalize(emb, dim=1)
+    keys = OPS.pair_label_keys(labels)
+    weights = (0.6, 1.7)
+    want_totals, want = tcm_grad_reference(e, labels, margins, weights)
+    assert want.abs().sum() > 0
+    check = lambda got: torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-6)  # noqa: E731
+    for max_pairs in (10 ** 9, -1):  # one block: with and without the pair list
+        totals, grad, row_ptr, cols = OPS.tcm_blocks(e, keys, *margins, *weights, 70, True, max_pairs)
+        torch.testing.assert_close(totals, want_totals, rtol=1e-6, atol=1e-5)
+        assert row_ptr.numel() == 0 and cols.numel() == 0
+        check(grad)
+    coef = torch.tensor([weights[0] / max(want_totals[1].item(), 1),
+                         weights[1] / max(want_totals[3].item(), 1)], dtype=torch.float64)
+    totals, grad, row_ptr, cols = OPS.tcm_blocks(e, keys, *margins, *weights, 16, True, 10 ** 9)
+    torch.testing.assert_close(totals, want_totals, rtol=1e-6, atol=1e-5)
+    assert grad.numel() == 0 and row_ptr.numel() == 71 and cols.numel() == row_ptr[-1].item() > 0
+    check(OPS.pair_grad(e, keys, row_ptr, cols, coef * torch.tensor([-1.0, 1.0], dtype=torch.float64)))
+    # more pairs than allowed: no list
+    _, _, row_ptr, cols = OPS.tcm_blocks(e, keys, *margins, *weights, 16, True, cols.numel() - 1)
+    assert row_ptr.numel() == 0 and cols.numel() == 0
+    check(OPS.tcm_blocks_backward(e, keys, *margins, 16, coef))
+
+
+@pytest.mark.parametrize("d", [1, 7, 8, 37])
+def test_unit_rows_and_grad(d):
+    """unit_rows / unit_rows_grad against F.normalize in float64 and its autograd, with a zero
+    row (its norm clamped to 1e-12) among them."""
+    g = torch.Generator().manual_seed(d)
+    x = torch.randn(9, d, generator=g) * torch.rand(9, 1, generator=g) * 3
+    x[4] = 0
+    e, norms = OPS.unit_rows(x)
+    x64 = x.double().requires_grad_(True)
+    want = torch.nn.functional.normalize(x64, dim=1)
+    torch.testing.assert_close(e.double(), want.detach(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(norms.double(), x64.detach().norm(dim=1), rtol=1e-6, atol=0)
+    up = torch.randn(9, d, generator=g, dtype=torch.float64)
+    want.backward(up)
+    got = OPS.unit_rows_grad(up.float(), e, norms)
+    torch.testing.assert_close(got[4].double(), x64.grad[4], rtol=1e-6, atol=0)  # up / 1e-12
+    scale = (up / x64.detach().norm(dim=1, keepdim=True).clamp_min(1e-12))[torch.arange(9) != 4].abs().max()
+    torch.testing.assert_close(got.double(), x64.grad, rtol=1e-5, atol=1e-6 * scale.item())
+    # the torch form (off the CPU) gives the same
+    te, tn = metric._unit_rows(x.double())
+    torch.testing.assert_close(te.float(), e)
+    torch.testing.assert_close(metric._unit_rows_grad(up, te, tn).float(), got, rtol=1e-5, atol=1e-4)
 
 
 @pytest.mark.cuda

@@ -101,6 +101,48 @@ void symmetrize_add(float* s, int64_t n, int64_t t0, int64_t t1) {
   }
 }
 
+namespace {
+// sum_j a_j b_j over one row, in kLanes partial sums (vectorised without reassociating the
+// compiler's own way; the partials are added in double)
+constexpr int kLanes = 8;
+float row_dot(const float* a, const float* b, int64_t d) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= d; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += a[j + l] * b[j + l];
+  double total = 0.0;
+  for (; j < d; ++j) total += double(a[j]) * b[j];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return float(total);
+}
+}  // namespace
+
+void unit_rows(const float* x, int64_t d, float* e, float* norms, int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* xi = x + i * d;
+    const float norm = std::sqrt(row_dot(xi, xi, d));
+    norms[i] = norm;
+    const float denom = std::max(norm, kUnitEps);  // (a NaN norm stays NaN, as clamp_min keeps it)
+    float* ei = e + i * d;
+    for (int64_t j = 0; j < d; ++j) ei[j] = xi[j] / denom;
+  }
+}
+
+void unit_rows_grad(const float* g, const float* e, const float* norms, int64_t d, float* out,
+                    int64_t r0, int64_t r1) {
+  for (int64_t i = r0; i < r1; ++i) {
+    const float* gi = g + i * d;
+    const float* ei = e + i * d;
+    float* oi = out + i * d;
+    if (norms[i] > kUnitEps) {
+      const float dot = row_dot(ei, gi, d), norm = norms[i];
+      for (int64_t j = 0; j < d; ++j) oi[j] = (gi[j] - ei[j] * dot) / norm;
+    } else {
+      for (int64_t j = 0; j < d; ++j) oi[j] = gi[j] / kUnitEps;
+    }
+  }
+}
+
 // log-sum-exp of column j over the parts: max of the parts' maxima, their sums rescaled to it
 void clip_merge_cols(const float* col_max, const float* col_sum, int64_t parts, int64_t n,
                      float* lse_col) {

@@ -81,14 +81,21 @@ def _unit_rows(x):
     """x's rows scaled to unit length as F.normalize scales them (x / max(||x||, eps)), outside
     autograd, with the norms for _unit_rows_grad: the kernels' autograd Functions take the raw
     embeddings and apply the normalisation's chain rule themselves (F.normalize's own autograd
-    nodes were ~0.2 ms of a B = 256 tcm_loss call of ~0.85 ms on the CPU)."""
+    nodes were ~0.2 ms of a B = 256 tcm_loss call of ~0.85 ms on the CPU). Float32 CPU rows go
+    through one op (unit_rows); its torch form here took ~12 us at B = 256, D = 128."""
+    if x.device.type == "cpu" and x.dtype == torch.float32:
+        return torch.ops.fastloss.unit_rows(x)
     norms = torch.linalg.vector_norm(x, dim=1, keepdim=True)
-    return x / norms.clamp_min(_NORM_EPS), norms
+    return x / norms.clamp_min(_NORM_EPS), norms.squeeze(1)
 
 
 def _unit_rows_grad(grad_e, e, norms):
     """The gradient for x of sum(grad_e * e), e = _unit_rows(x): (g - e (e . g)) / ||x|| where
-    ||x|| > eps, g / eps where the norm was clamped (F.normalize's backward)."""
+    ||x|| > eps, g / eps where the norm was clamped (F.normalize's backward). Float32 CPU: one
+    op (unit_rows_grad; the torch form below took ~70 us at B = 256, D = 128)."""
+    if e.device.type == "cpu" and e.dtype == torch.float32 and grad_e.dtype == torch.float32:
+        return torch.ops.fastloss.unit_rows_grad(grad_e, e, norms)
+    norms = norms.unsqueeze(1)
     dot = (e * grad_e).sum(1, keepdim=True)
     return torch.where(norms > _NORM_EPS, (grad_e - e * dot) / norms.clamp_min(_NORM_EPS),
                        grad_e / _NORM_EPS)
@@ -96,22 +103,6 @@ def _unit_rows_grad(grad_e, e, norms):
 
 def _kernel_block_bytes(e):
     return _KERNEL_BLOCK_BYTES if e.device.type == "cpu" else _CUDA_BLOCK_BYTES
-
-
-def _blocks(n, block):
-    for r0 in range(0, n, block):
-        yield r0, min(n, r0 + block)
-
-
-def _block_products(ef, block):
-    """(r0, r1, S[r0:r1]) over the blocks of rows of S = ef ef^T, each formed into one reused
-    buffer: a fresh block per step, interleaved with the small tensors kept across steps (TCM's
-    pair lists), fragmented the heap - the peak grew by about a block per step (measured: +0.8
-    GB at B = 16384)."""
-    n = ef.shape[0]
-    buf = ef.new_empty((min(block, n), n))
-    for r0, r1 in _blocks(n, block):
-        yield r0, r1, torch.mm(ef[r0:r1], ef.t(), out=buf[: r1 - r0])
 
 
 # ---- fake kernels of the similarity-block ops (pair_losses_op.cpp) -----------------------------
@@ -136,6 +127,33 @@ def _fake_tcm_rows(s, keys, row0, m_pos, m_neg, collect):
 @torch.library.register_fake("fastloss::tcm_rows_grad_")
 def _fake_tcm_rows_grad(s, keys, row0, m_pos, m_neg, coef):
     return None
+
+
+@torch.library.register_fake("fastloss::tcm_blocks")
+def _fake_tcm_blocks(e, keys, m_pos, m_neg, w_pos, w_neg, block_rows, early, max_pairs):
+    n, d = e.shape
+    early = early and 0 < n <= block_rows
+    lists = max_pairs >= 0 and e.device.type == "cpu" and not early  # (their sizes: the data's)
+    ctx = torch.library.get_ctx()
+    rows, pairs = (ctx.new_dynamic_size(), ctx.new_dynamic_size()) if lists else (0, 0)
+    return (e.new_empty((4,), dtype=torch.float64),
+            e.new_empty((n, d) if early else (0,), dtype=torch.float32),
+            e.new_empty((rows,), dtype=torch.int64), e.new_empty((pairs,), dtype=torch.int32))
+
+
+@torch.library.register_fake("fastloss::tcm_blocks_backward")
+def _fake_tcm_blocks_backward(e, keys, m_pos, m_neg, block_rows, coef):
+    return e.new_empty(e.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("fastloss::unit_rows")
+def _fake_unit_rows(x):
+    return x.new_empty(x.shape), x.new_empty(x.shape[:1])
+
+
+@torch.library.register_fake("fastloss::unit_rows_grad")
+def _fake_unit_rows_grad(grad_e, e, norms):
+    return e.new_empty(e.shape)
 
 
 @torch.library.register_fake("fastloss::pair_grad")
@@ -361,52 +379,33 @@ def _tcm_coefficients(grad_loss, sums, w_pos, w_neg):
 
 
 class _TcmKernel(torch.autograd.Function):
-    """tcm_rows per block; on the CPU the hard pairs' columns kept for a sparse backward."""
+    """tcm_blocks (the block loop in C++, tcm_rows per block); on the CPU the hard pairs'
+    columns kept for a sparse backward; with one block the gradient formed in the forward."""
 
     @staticmethod
     def forward(ctx, x, keys, m_pos, m_neg, w_pos, w_neg, block):
         e, norms = _unit_rows(x)  # (x: the raw embeddings; see _unit_rows)
         n = e.shape[0]
         ef = e.float().contiguous()
-        collect = (ctx.needs_input_grad[0] and e.device.type == "cpu"
-                   and not torch.compiler.is_compiling())
-        cap = n * n // _SPARSE_FRACTION
-        sums = torch.zeros(4, dtype=torch.float64, device=e.device)
-        row_nnz, cols, kept = [], [], 0
-        for r0, r1, s in _block_products(ef, block):
-            part, nnz, c = torch.ops.fastloss.tcm_rows(s, keys, r0, m_pos, m_neg, collect)
-            sums += part
-            if collect:
-                kept += c.numel()
-                collect = kept <= cap
-                row_nnz, cols = (row_nnz + [nnz], cols + [c]) if collect else ([], [])
+        need = ctx.needs_input_grad[0]
+        collect = need and e.device.type == "cpu" and not torch.compiler.is_compiling()
+        sums, grad, row_ptr, cols = torch.ops.fastloss.tcm_blocks(
+            ef, keys, m_pos, m_neg, w_pos, w_neg, block, need, n * n // _SPARSE_FRACTION if collect else -1)
         if values_readable(sums):  # (the CPU: a few host floats instead of a dozen tiny ops)
             pos_sum, pos_n, neg_sum, neg_n = sums.tolist()
-            scale = (w_pos / max(pos_n, 1.0), w_neg / max(neg_n, 1.0))
-            loss = torch.tensor(scale[0] * pos_sum + scale[1] * neg_sum, dtype=torch.float64)
-            coef_1 = torch.tensor(scale, dtype=torch.float64)  # _tcm_coefficients for an upstream 1
+            loss = torch.tensor(w_pos / max(pos_n, 1.0) * pos_sum + w_neg / max(neg_n, 1.0) * neg_sum,
+                                dtype=torch.float64)
         else:
             loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
-            coef_1 = None
-        sparse = collect  # every block's pairs were kept
-        # one block and no pair list: the coefficients are known now, so the gradient (for an
-        # upstream 1) is formed from the block in hand; the backward only scales it
-        early = ctx.needs_input_grad[0] and not sparse and n <= block
-        if sparse:
-            row_ptr = torch.zeros(n + 1, dtype=torch.int64)
-            if n:
-                torch.cumsum(torch.cat(row_nnz), 0, out=row_ptr[1:])
-            cols = torch.cat(cols) if cols else torch.zeros(0, dtype=torch.int32)
+        early = need and 0 < n <= block  # grad: for an upstream 1, the backward only scales it
+        sparse = not early and row_ptr.numel() > 0  # every block's hard pairs were kept
+        if early:
+            ctx.save_for_backward(_unit_rows_grad(grad, ef, norms))
+        elif sparse:
             ctx.save_for_backward(norms, ef, keys, sums, row_ptr, cols)
-        elif early and n:
-            if coef_1 is None:
-                coef_1 = _tcm_coefficients(sums.new_ones(()), sums, w_pos, w_neg)
-            torch.ops.fastloss.tcm_rows_grad_(s, keys, 0, m_pos, m_neg, coef_1)
-            # S = E E^T: one GEMM for both factors; then through the normalisation
-            ctx.save_for_backward(_unit_rows_grad((s + s.t()) @ ef, ef, norms))
         else:
             ctx.save_for_backward(norms, ef, keys, sums)
-        ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, early and n > 0, x.dtype)
+        ctx.args = (m_pos, m_neg, w_pos, w_neg, block, sparse, early, x.dtype)
         return loss.float()
 
     @staticmethod
@@ -421,12 +420,8 @@ class _TcmKernel(torch.autograd.Function):
         if sparse:  # d S_ij = -coef[0] on hard positives, +coef[1] on hard negatives
             signed = coef * torch.tensor([-1.0, 1.0], dtype=torch.float64, device=coef.device)
             grad = torch.ops.fastloss.pair_grad(ef, keys, *pairs, signed)
-            return _unit_rows_grad(grad, ef, norms).to(dtype), None, None, None, None, None, None
-        grad = torch.zeros_like(ef)
-        for r0, r1, s in _block_products(ef, block):
-            torch.ops.fastloss.tcm_rows_grad_(s, keys, r0, m_pos, m_neg, coef)
-            grad[r0:r1].addmm_(s, ef)
-            grad.addmm_(s.t(), ef[r0:r1])
+        else:
+            grad = torch.ops.fastloss.tcm_blocks_backward(ef, keys, m_pos, m_neg, block, coef)
         return _unit_rows_grad(grad, ef, norms).to(dtype), None, None, None, None, None, None
 
 
