@@ -26,14 +26,18 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     CPU, float16 on CUDA: cuBLAS);
   * ``eager_dequant``: unpack the 4-bit weight with torch operations, then the matmul;
   * ``torch_int4pack``: torch's own ``aten._weight_int4pack_mm_for_cpu`` (CPU) or
-    ``aten._weight_int4pack_mm`` (CUDA, bfloat16) (4-bit, group 128), where this torch has it.
+    ``aten._weight_int4pack_mm`` (CUDA, bfloat16) (4-bit, group 128), where this torch has it;
+  * ``torchao_int8wo``: torchao's ``Int8WeightOnlyConfig`` (8-bit, per output channel) on an
+    ``nn.Linear`` in the activation dtype, and ``torchao_int4wo`` (CUDA): its
+    ``Int4WeightOnlyConfig(group_size=128)`` in the tinygemm layout, bfloat16 activations
+    (torchao 0.18 has no CPU int4 layout), where torchao imports and runs with this torch.
 Floor (small batches are memory-bound): the packed weight, its scales and zeros, x and y, read
 or written once, against the copy bandwidth measured in the same run.
 Cold weights: each variant rotates through copies of its weight that together exceed 4x the
 last-level cache (``harness.num_input_sets``), as a model's forward streams its layers; with
 one copy, a float32 weight of up to 300 MB (the 2-vCPU Xeon's L3) stayed cached between calls
-and the matmul read it at twice the memory bandwidth. torch int4pack keeps one copy (its
-packing runs per copy, and it is 10-100x slower than the rest).
+and the matmul read it at twice the memory bandwidth. torch int4pack and the torchao rows keep
+one copy (their packing runs per copy; on the CPU they are 10-100x slower than the rest).
 
 Usage: python bench/bench_quant.py [--device cpu|cuda] [--quick] [--out DIR]
 """
@@ -92,6 +96,34 @@ def int4pack(w, device, group=128):
         return fn
     except Exception as e:  # an op this torch lacks, or a layout it rejects
         return f"unavailable: torch int4pack kernel failed ({type(e).__name__}: {str(e)[:80]})"
+
+
+def torchao_linear(w, dtype, device, kind):
+    """torchao's weight-only quantized nn.Linear of w: kind "int8wo" (x in dtype) or "int4wo"
+    (CUDA, x in bfloat16) -> a function of x, or the reason it is unavailable."""
+    try:
+        from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
+    except Exception as e:  # not installed, or built for another torch
+        return f"unavailable: torchao not importable ({type(e).__name__}: {str(e)[:60]})"
+    if kind == "int4wo" and device == "cpu":
+        return "unavailable: torchao 0.18 has no CPU int4 weight-only layout"
+    try:
+        act = torch.bfloat16 if kind == "int4wo" else dtype
+        n, k = w.shape
+        lin = torch.nn.Linear(k, n, bias=False, device=device, dtype=act)
+        with torch.no_grad():
+            lin.weight.copy_(w)
+        config = (Int8WeightOnlyConfig() if kind == "int8wo" else
+                  Int4WeightOnlyConfig(group_size=128, int4_packing_format="tile_packed_to_4d"))
+        quantize_(lin, config)
+
+        def fn(x):
+            with torch.no_grad():
+                return lin(x.to(act))
+        fn(torch.randn(1, k, device=device))
+        return fn
+    except Exception as e:  # a layout or kernel this torch / device lacks
+        return f"unavailable: torchao {kind} failed ({type(e).__name__}: {str(e)[:80]})"
 
 
 def warp_gemv(x, qw):
@@ -185,6 +217,7 @@ def main(argv=None):
         q4 = packed["fastloss_4bit"]
         w4 = fastloss.ops.dequantize_weight(q4).to(dtype)
         tp = int4pack(w, device)
+        ao = {kind: torchao_linear(w, dtype, device, kind) for kind in ("int8wo", "int4wo")}
         large_on_cpu = n * k > 1e8 and device == "cpu"
         batches = QUICK_BATCHES if args.quick else (LARGE_BATCHES if large_on_cpu
                                                     else CUDA_BATCHES if device != "cpu" else BATCHES)
@@ -212,6 +245,9 @@ def main(argv=None):
             variants.update({"torch_matmul": (lambda wt: x @ wt.T, w4, None),
                              "eager_dequant": (lambda qw: x @ eager_dequant(qw).to(x.dtype).T, q4, q4),
                              "torch_int4pack": ((lambda _: tp(x)) if callable(tp) else tp, None, q4)})
+            for kind, qw in (("int8wo", packed["fastloss_8bit"]), ("int4wo", q4)):
+                fn = ao[kind]
+                variants[f"torchao_{kind}"] = ((lambda _, fn=fn: fn(x)) if callable(fn) else fn, None, qw)
             for variant, (fn, weight, qw) in variants.items():
                 base = dict(op="dequant_gemm", variant=variant, group=f"{n}x{k}|M{m}",
                             label=f"{n}x{k} M={m}", shape=[m, n, k], dtype=dtype,
