@@ -331,10 +331,15 @@ def test_contrastive_torch_operation_path_matches_the_kernels(symmetric):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=2e-6 * want.abs().max().item())
 
 
-@pytest.mark.parametrize("margins", [(0.9, 0.5), (0.2, -0.3)], ids=str)
+# margins with few hard pairs here (282 and 98 of the 306 a list may hold; the defaults give 1344)
+@pytest.mark.parametrize("margins", [(0.3, 0.8), (0.0, 0.9)], ids=str)
 def test_tcm_sparse_backward_matches_the_dense_one(monkeypatch, margins):
     emb, labels = embeddings(70, 6, 5, seed=2)
     f = lambda x: metric.tcm_loss(x, labels, *margins, 0.6, 1.7, block_rows=16)  # noqa: E731
+    # the pair list is short enough here, so the first run goes through it
+    e, keys = torch.nn.functional.normalize(emb, dim=1), OPS.pair_label_keys(labels)
+    row_ptr = OPS.tcm_blocks(e, keys, *margins, 0.6, 1.7, 16, True, 70 * 70 // metric._SPARSE_FRACTION)[2]
+    assert row_ptr.numel() == 71
     sparse = grads_of(f, emb)
     monkeypatch.setattr(metric, "_SPARSE_FRACTION", 10 ** 9)  # no pair list: blocks again
     dense = grads_of(f, emb)
@@ -387,6 +392,20 @@ def test_tcm_blocks_every_path(margins):
     check(OPS.tcm_blocks_backward(e, keys, *margins, 16, coef))
 
 
+@pytest.mark.parametrize("block", [None, 7])
+def test_float64_embeddings_through_the_kernels(block):
+    """float64 embeddings: normalised in float64 by torch operations, the blocks in float32 (the
+    normalisation's backward then mixes the two)."""
+    emb, labels = embeddings(30, 5, 3, seed=6)
+    for f in (lambda x: metric.tcm_loss(x, labels, 0.5, 0.1, block_rows=block),
+              lambda x: metric.multi_similarity_loss(x, labels, block_rows=block)):
+        got = grads_of(f, emb.double())
+        want = grads_of(f, emb)
+        assert got[1].dtype == torch.float64 and want[1].abs().sum() > 0
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g.float(), w, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("d", [1, 7, 8, 37])
 def test_unit_rows_and_grad(d):
     """unit_rows / unit_rows_grad against F.normalize in float64 and its autograd, with a zero
@@ -413,7 +432,8 @@ def test_unit_rows_and_grad(d):
 
 @pytest.mark.cuda
 @requires_cuda
-@pytest.mark.parametrize("loss", ["ms", "ms_none", "ms_one_block", "tcm", "clip", "clip_one_way"])
+@pytest.mark.parametrize("loss", ["ms", "ms_none", "ms_one_block", "tcm", "tcm_one_block", "clip",
+                                  "clip_one_way"])
 def test_cuda_kernels_match_the_cpu(loss):
     """The CUDA similarity-block kernels (through the losses) against the CPU kernels."""
     emb, labels = embeddings(300, 24, 7, seed=8)
@@ -422,6 +442,7 @@ def test_cuda_kernels_match_the_cpu(loss):
          "ms_none": lambda x, y, o: metric.multi_similarity_loss(x, y, reduction="none", block_rows=64),
          "ms_one_block": lambda x, y, o: metric.multi_similarity_loss(x, y),  # (dS + dS^T) E
          "tcm": lambda x, y, o: metric.tcm_loss(x, y, 0.5, 0.1, block_rows=64),
+         "tcm_one_block": lambda x, y, o: metric.tcm_loss(x, y, 0.5, 0.1),  # gradient in the forward
          "clip": lambda x, y, o: contrastive.contrastive_loss(torch.nn.functional.normalize(x, dim=1), o,
                                                              0.1, block_rows=100),
          "clip_one_way": lambda x, y, o: contrastive.contrastive_loss(

@@ -22,10 +22,13 @@ The similarity-block kernels (``csrc/pair_losses/similarity_rows_*``: CPU, and C
 build) do all of a block's element-wise work (masks, mining, sums, and the gradient
 ``d loss / d S`` written over the block) in two or three passes over each row; with
 ``reduction`` mean or sum the forward also forms the embedding gradient (two more GEMMs per
-block, so no block is formed twice) and the backward only scales it. TCM's gradient lives on
-its hard pairs only: on the CPU the forward keeps their columns (while they are at most 1/16 of
-all pairs) and the backward adds ``c e_j`` over that list instead of forming the blocks again
-(CUDA: the blocks again). Other devices: the same blocks in float32 torch operations (4 MiB
+block, so no block is formed twice) and the backward only scales it. TCM (its block loops in
+C++, ``tcm_blocks``) forms its gradient in the forward too when one block holds every anchor
+(the default up to B = 1024 on the CPU, 4096 on CUDA). Past that its gradient lives on its hard
+pairs only: on the CPU the forward keeps their columns (while they are at most 1/16 of all
+pairs) and the backward adds ``c e_j`` over that list instead of forming the blocks again
+(CUDA, or more pairs: the blocks again). With one block on the CPU the same list, when short,
+gives the forward's gradient. Other devices: the same blocks in float32 torch operations (4 MiB
 blocks, a dozen temporaries each), formed again in the backward.
 """
 
@@ -93,7 +96,7 @@ def _unit_rows_grad(grad_e, e, norms):
     """The gradient for x of sum(grad_e * e), e = _unit_rows(x): (g - e (e . g)) / ||x|| where
     ||x|| > eps, g / eps where the norm was clamped (F.normalize's backward). Float32 CPU: one
     op (unit_rows_grad; the torch form below took ~70 us at B = 256, D = 128)."""
-    if e.device.type == "cpu" and e.dtype == torch.float32 and grad_e.dtype == torch.float32:
+    if e.device.type == "cpu" and e.dtype == grad_e.dtype == norms.dtype == torch.float32:
         return torch.ops.fastloss.unit_rows_grad(grad_e, e, norms)
     norms = norms.unsqueeze(1)
     dot = (e * grad_e).sum(1, keepdim=True)
@@ -438,9 +441,10 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     of the hard negative pairs (more similar than ``neg_margin``); a term with no hard pair is 0.
     Added to a base metric-learning loss. Defaults as pytorch-metric-learning's
     ``ThresholdConsistentMarginLoss`` (from the paper's section 5.2), which it equals on the same
-    inputs. Blocks of anchor rows, as ``multi_similarity_loss``: no ``B x B`` matrix is kept; on
-    the CPU the forward keeps the hard pairs' columns while they are few (at most ``B^2 / 16``)
-    and the backward goes over them alone, otherwise it forms each block again.
+    inputs. Blocks of anchor rows, as ``multi_similarity_loss``: no ``B x B`` matrix is kept.
+    With one block the gradient is formed in the forward; with several, on the CPU the forward
+    keeps the hard pairs' columns while they are few (at most ``B^2 / 16``) and the backward goes
+    over them alone, otherwise it forms each block again.
 
     Args:
         emb: ``[B, D]`` embeddings (normalised inside). labels: ``[B]`` integer classes.
