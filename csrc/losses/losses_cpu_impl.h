@@ -49,12 +49,16 @@ void over_vectors2(int body, F&& f) {
 // affine map, no class left out): two sweeps over the logits themselves, whose second reads
 // them from L1; the tail as one vector padded with -inf (tail: scratch of one vector).
 template <class V, class T>
-SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail) {
+SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail, const T* ahead) {
   constexpr int kWidth = VecTraits<V>::width;
   const int body = n / kWidth * kWidth, rem = n - body;
   for (int i = 0; i < kWidth; ++i) tail[i] = i < rem ? load1(x + body + i) : -__builtin_inff();
   V vmax_a[2] = {V(kLowest), V(kLowest)};
-  over_vectors2<V>(body, [&](int j, int u) { vmax_a[u] = vmax(vmax_a[u], VecIo<V>::load(x + j)); });
+  over_vectors2<V>(body, [&](int j, int u) {
+    if (ahead) __builtin_prefetch(ahead + j);
+    vmax_a[u] = vmax(vmax_a[u], VecIo<V>::load(x + j));
+  });
+  if (ahead && rem) __builtin_prefetch(ahead + body);
   if (rem) vmax_a[1] = vmax(vmax_a[1], VecIo<V>::load(tail));
   const float m = hmax(vmax(vmax_a[0], vmax_a[1]));
   const V vm = V(m);
@@ -76,7 +80,7 @@ SoftmaxAcc<float> plain_lse_chunk(const T* x, int n, float* tail) {
 // total is overwritten; y < 0: no class is left out.
 template <class V, class T>
 void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n, int64_t y,
-                 const SoftmaxCtx& c) {
+                 const SoftmaxCtx& c, const T* ahead = nullptr) {
   constexpr int kWidth = VecTraits<V>::width;
   constexpr int kChunk = 2048;
   static_assert(kChunk % kWidth == 0, "the padded tail must fit the buffer");
@@ -90,11 +94,12 @@ void softmax_row(SoftmaxAcc<float>& total, const T* x, const float* w, int64_t n
     const T* xc = x + base;
     SoftmaxAcc<float> part;
     if (plain) {
-      part = plain_lse_chunk<V>(xc, len, buf);
+      part = plain_lse_chunk<V>(xc, len, buf, ahead ? ahead + base : nullptr);
     } else {
       V vt[2] = {V(0.f), V(0.f)};
       const int body = len / kWidth * kWidth;
       over_vectors2<V>(body, [&](int k, int u) {
+        if (ahead) __builtin_prefetch(ahead + base + k);
         const V z = softcap_apply(VecIo<V>::load(xc + k), c);
         if (c.linear) vt[u] += (w ? VecIo<V>::load(w + base + k) : V(1.f)) * z;
         VecIo<V>::store(buf + k, transform(z));
@@ -166,8 +171,13 @@ template <class L, class V, class T>
 int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams& p,
                      const RowStats& out, int64_t r0, int64_t r1) {
   const int64_t C = lv.cols;
+  constexpr bool kSoftmax = std::is_base_of_v<SoftmaxFamilyBase, L>;
+  const bool short_rows = C * int64_t(sizeof(T)) <= kPrefetchRowBytes;
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + 1 < r1) prefetch_row<T>(lv.data, lv.row_stride, C, r + 1);
+    // the softmax family asks for the next row's lines one by one while it sweeps this one
+    // (softmax_row's ahead), the others for the whole next row here
+    const T* next = short_rows && r + 1 < r1 ? static_cast<const T*>(lv.data) + (r + 1) * lv.row_stride : nullptr;
+    if (!kSoftmax && r + 1 < r1) prefetch_row<T>(lv.data, lv.row_stride, C, r + 1);
     const int64_t y = rt.target[r];
     if (y == p.ignore_index) {
       out.loss[r] = out.stat0[r] = out.stat1[r] = 0.f;
@@ -190,7 +200,7 @@ int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParam
         // a soft-cap, whose vector tanh differs from the scalar one finish() and make_bwd()
         // take z_y from by a few ulp (a confident row's loss would come out below 0).
         const bool fold_target = ctx.beta == 0.f && ctx.cap <= 0.f;
-        softmax_row<V>(total, x, rt.weight, C, fold_target ? -1 : y, ctx);
+        softmax_row<V>(total, x, rt.weight, C, fold_target ? -1 : y, ctx, next);
         if (!fold_target) L::add_target(total, x_y, w_y, ctx);
       } else {
         accumulate_range<L, V>(x, rt.weight, 0, y, ctx, total);
@@ -213,12 +223,15 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
   constexpr int kWidth = VecTraits<V>::width;
   const int64_t C = lv.cols;
   const float* w = rt.weight;
+  const bool short_rows = C * int64_t(sizeof(T)) <= kPrefetchRowBytes;
+  const bool apart = g.grad_logits != lv.data;  // (in place: the gradient's row is the logits')
   for (int64_t r = r0; r < r1; ++r) {
-    if (r + 1 < r1) {
-      prefetch_row<T>(lv.data, lv.row_stride, C, r + 1);
-      if (g.grad_logits != lv.data) prefetch_row<T, true>(g.grad_logits, g.grad_row_stride, C, r + 1);
-    }
+    // the next row's lines (logits, and gradient for writing) asked for one vector at a time
+    // while this row is swept, as the forward's (forward_rows)
+    const bool ahead = short_rows && r + 1 < r1;
     T* out = static_cast<T*>(g.grad_logits) + r * g.grad_row_stride;
+    const T* x_next = ahead ? static_cast<const T*>(lv.data) + (r + 1) * lv.row_stride : nullptr;
+    const T* out_next = ahead ? out + g.grad_row_stride : nullptr;
     const int64_t y = rt.target[r];
     // ignore_index may itself be a class index, so it is tested first; an out-of-range
     // target was refused by the forward, and gets NaN here rather than a wild read.
@@ -233,6 +246,10 @@ void backward_rows(const LogitsView& lv, const RowTargets& rt, const LossParams&
     const auto b = L::make_bwd(p, g.grad_loss[r], g.stat0[r], g.stat1[r], x_y, w_y, C);
     int64_t k = 0;
     for (; k + kWidth <= C; k += kWidth) {
+      if (ahead) {
+        __builtin_prefetch(x_next + k);
+        if (apart) __builtin_prefetch(out_next + k, 1);
+      }
       const V wk = w ? VecIo<V>::load(w + k) : V(1.f);
       VecIo<V>::store(out + k, family_grad(VecIo<V>::load(x + k), wk, b));
     }
