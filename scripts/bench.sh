@@ -11,8 +11,9 @@ cd "$(dirname "$0")/.."
 source scripts/setup_venv.sh
 # The peers the benchmarks compare with (optional: a row says "missing" when its package is
 # not there): POT and GeomLoss (Sinkhorn; scikit-learn for the digits data), pytorch-tcn
-# (dilated convolution); liger-kernel and Cut Cross-Entropy only run on a GPU.
-peers="pot geomloss scikit-learn pytorch-tcn"
+# (dilated convolution), torchao (the low-bit GEMM; no runtime dependencies, so it leaves the
+# installed torch alone); liger-kernel and Cut Cross-Entropy only run on a GPU.
+peers="pot geomloss scikit-learn pytorch-tcn torchao"
 if command -v nvidia-smi > /dev/null 2>&1; then peers="$peers liger-kernel cut-cross-entropy"; fi
 for peer in $peers; do
   "$PY" -m pip install --quiet "$peer" || echo "fastloss: $peer did not install; its rows are skipped" >&2
