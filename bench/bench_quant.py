@@ -45,7 +45,9 @@ Usage: python bench/bench_quant.py [--device cpu|cuda] [--quick] [--out DIR]
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
+import subprocess
 import sys
 import time
 
@@ -98,9 +100,26 @@ def int4pack(w, device, group=128):
         return f"unavailable: torch int4pack kernel failed ({type(e).__name__}: {str(e)[:80]})"
 
 
+@functools.lru_cache(maxsize=1)
+def torchao_import_error():
+    """None when torchao imports in a child process, else why not. torchao ships compiled ops
+    built for one torch; a mismatched one must cost its rows, not the whole run (a crash on
+    import would take the process with it)."""
+    try:
+        done = subprocess.run([sys.executable, "-c", "import torchao.quantization"], capture_output=True,
+                              text=True, timeout=300)
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"{type(e).__name__}"
+    if done.returncode != 0:
+        return f"exit {done.returncode}: {(done.stderr.strip().splitlines() or [''])[-1][:60]}"
+    return None
+
+
 def torchao_linear(w, dtype, device, kind):
     """torchao's weight-only quantized nn.Linear of w: kind "int8wo" (x in dtype) or "int4wo"
     (CUDA, x in bfloat16) -> a function of x, or the reason it is unavailable."""
+    if torchao_import_error():
+        return f"unavailable: torchao not importable ({torchao_import_error()})"
     try:
         from torchao.quantization import Int4WeightOnlyConfig, Int8WeightOnlyConfig, quantize_
     except Exception as e:  # not installed, or built for another torch
