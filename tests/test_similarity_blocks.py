@@ -424,6 +424,12 @@ def test_unit_rows_and_grad(d):
     torch.testing.assert_close(got[4].double(), x64.grad[4], rtol=1e-6, atol=0)  # up / 1e-12
     scale = (up / x64.detach().norm(dim=1, keepdim=True).clamp_min(1e-12))[torch.arange(9) != 4].abs().max()
     torch.testing.assert_close(got.double(), x64.grad, rtol=1e-5, atol=1e-6 * scale.item())
+    # rows read at a stride (a slice of wider rows, every other row) or copied first (a column
+    # stride): the same results
+    wide = torch.cat([x, torch.randn(9, 3, generator=g)], 1)
+    for view in (wide[:, :d], torch.stack([x, x], 1).view(18, d)[::2], x.t().contiguous().t()):
+        ve, vn = OPS.unit_rows(view)
+        assert torch.equal(ve, e) and torch.equal(vn, norms)
     # the torch form (off the CPU) gives the same
     te, tn = metric._unit_rows(x.double())
     torch.testing.assert_close(te.float(), e)

@@ -16,12 +16,11 @@ namespace fastloss {
 
 constexpr int64_t kPrefetchRowBytes = int64_t(16) << 10;
 
-// Asks for the lines of [p, p + bytes) (for writing: `write`) when bytes <= kPrefetchRowBytes.
-template <bool kWrite = false>
+// Asks for the lines of [p, p + bytes) when bytes <= kPrefetchRowBytes.
 inline void prefetch_row_bytes(const void* p, int64_t bytes) {
   if (bytes > kPrefetchRowBytes) return;
   const char* c = static_cast<const char*>(p);
-  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, kWrite ? 1 : 0, 3);
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(c + off, 0, 3);
 }
 
 }  // namespace fastloss

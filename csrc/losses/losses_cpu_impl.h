@@ -161,9 +161,9 @@ void accumulate_range(const T* x, const float* w, int64_t begin, int64_t end,
 }
 
 // Row r's lines asked for ahead of its turn (common/prefetch.h: short rows only).
-template <class T, bool kWrite = false>
+template <class T>
 inline void prefetch_row(const void* base, int64_t row_stride, int64_t cols, int64_t r) {
-  prefetch_row_bytes<kWrite>(static_cast<const T*>(base) + r * row_stride, cols * int64_t(sizeof(T)));
+  prefetch_row_bytes(static_cast<const T*>(base) + r * row_stride, cols * int64_t(sizeof(T)));
 }
 
 // Returns -1, or the first row whose target is neither a class nor ignore_index.
@@ -176,7 +176,9 @@ int64_t forward_rows(const LogitsView& lv, const RowTargets& rt, const LossParam
   for (int64_t r = r0; r < r1; ++r) {
     // the softmax family asks for the next row's lines one by one while it sweeps this one
     // (softmax_row's ahead), the others for the whole next row here
-    const T* next = short_rows && r + 1 < r1 ? static_cast<const T*>(lv.data) + (r + 1) * lv.row_stride : nullptr;
+    const T* next = kSoftmax && short_rows && r + 1 < r1
+                        ? static_cast<const T*>(lv.data) + (r + 1) * lv.row_stride
+                        : nullptr;
     if (!kSoftmax && r + 1 < r1) prefetch_row<T>(lv.data, lv.row_stride, C, r + 1);
     const int64_t y = rt.target[r];
     if (y == p.ignore_index) {

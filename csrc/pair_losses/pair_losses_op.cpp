@@ -670,6 +670,22 @@ void add_block_pair_grad(Tensor& grad, Tensor& s, const Tensor& ef, int64_t r0, 
   at::mm_out(grad, s, ef);
 }
 
+// f(s, r0, r1) for each block of anchor rows [r0, r1) of S = E E^T (ef: float32 [B, D]), each
+// formed into one reused buffer (f may overwrite it); -> the buffer (with one block, S as f
+// left it).
+template <class F>
+Tensor over_similarity_blocks(const Tensor& ef, int64_t block_rows, F&& f) {
+  const int64_t n = ef.size(0);
+  Tensor buf = at::empty({std::min(block_rows, n), n}, ef.options());
+  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
+    const int64_t r1 = std::min(n, r0 + block_rows);
+    Tensor s = buf.slice(0, 0, r1 - r0);
+    at::mm_out(s, ef.slice(0, r0, r1), ef.t());
+    f(s, r0, r1);
+  }
+  return buf;
+}
+
 // Multi-Similarity's block loops (python/fastloss/ops/metric.py) in C++, as the contrastive
 // loss's: blocks of S = E E^T into one reused buffer, ms_rows_ on each. With grad_rows empty
 // (the forward): -> (stats [2, B], and with early the gradient for an upstream gradient of 1
@@ -688,17 +704,13 @@ std::tuple<Tensor, Tensor> ms_blocks(const Tensor& e, const Tensor& keys, double
   Tensor stats = at::empty({backward ? 0 : 2, n}, ef.options());
   Tensor grad = grads ? at::zeros_like(ef) : at::empty({0}, ef.options());
   const Tensor g = backward ? grad_rows->to(at::kFloat).contiguous() : Tensor();
-  Tensor buf = at::empty({std::min(block_rows, n), n}, ef.options());  // one reused block
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = buf.slice(0, 0, r1 - r0);
-    at::mm_out(s, ef.slice(0, r0, r1), ef.t());
+  over_similarity_blocks(ef, block_rows, [&](Tensor& s, int64_t r0, int64_t r1) {
     const Tensor st = ms_rows_(s, keys, r0, alpha, beta, base, epsilon, grads);
     if (!backward) stats.slice(1, r0, r1).copy_(st);
-    if (!grads) continue;
+    if (!grads) return;
     if (backward) s.mul_(g.slice(0, r0, r1).unsqueeze(1));
     add_block_pair_grad(grad, s, ef, r0, r1);
-  }
+  });
   return {stats, grad};
 }
 
@@ -724,11 +736,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> tcm_blocks(const Tensor& e, const Ten
   Tensor totals = at::zeros({4}, f64);
   std::vector<Tensor> row_nnz, cols;
   int64_t kept = 0;
-  Tensor buf = at::empty({std::min(block_rows, n), n}, ef.options());  // one reused block
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = buf.slice(0, 0, r1 - r0);
-    at::mm_out(s, ef.slice(0, r0, r1), ef.t());
+  Tensor buf = over_similarity_blocks(ef, block_rows, [&](Tensor& s, int64_t r0, int64_t) {
     auto [part, nnz, c] = tcm_rows_op(s, keys, r0, m_pos, m_neg, collect);
     if (ef.is_cpu()) {  // (four host adds, not an op per block)
       double* t = totals.data_ptr<double>();
@@ -737,7 +745,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> tcm_blocks(const Tensor& e, const Ten
     } else {
       totals.add_(part);
     }
-    if (!collect) continue;
+    if (!collect) return;
     kept += c.numel();
     collect = kept <= max_pairs;
     if (collect) {
@@ -747,7 +755,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> tcm_blocks(const Tensor& e, const Ten
       row_nnz.clear();
       cols.clear();
     }
-  }
+  });
   const Tensor none = at::empty({0}, ef.options());
   Tensor row_ptr = at::empty({0}, f64.dtype(at::kLong)), pairs = at::empty({0}, f64.dtype(at::kInt));
   if (collect) {  // every block's pairs were kept
@@ -788,16 +796,11 @@ Tensor tcm_blocks_backward(const Tensor& e, const Tensor& keys, double m_pos, do
   TORCH_CHECK(e.dim() == 2 && block_rows >= 1, "tcm_loss: e must be [B, D] and block_rows >= 1, "
               "got ", e.sizes(), " and ", block_rows);
   const Tensor ef = e.to(at::kFloat).contiguous();
-  const int64_t n = ef.size(0);
   Tensor grad = at::zeros_like(ef);
-  Tensor buf = at::empty({std::min(block_rows, n), n}, ef.options());
-  for (int64_t r0 = 0; r0 < n; r0 += block_rows) {
-    const int64_t r1 = std::min(n, r0 + block_rows);
-    Tensor s = buf.slice(0, 0, r1 - r0);
-    at::mm_out(s, ef.slice(0, r0, r1), ef.t());
+  over_similarity_blocks(ef, block_rows, [&](Tensor& s, int64_t r0, int64_t r1) {
     tcm_rows_grad_(s, keys, r0, m_pos, m_neg, coef);
     add_block_pair_grad(grad, s, ef, r0, r1);
-  }
+  });
   return grad;
 }
 
@@ -806,15 +809,16 @@ std::tuple<Tensor, Tensor> unit_rows_op(const Tensor& x_in) {
   TORCH_CHECK(x_in.is_cpu() && x_in.scalar_type() == at::kFloat && x_in.dim() == 2, "unit_rows: x "
               "must be a float32 CPU [B, D] tensor, got ", x_in.scalar_type(), " ", x_in.sizes(),
               " on ", x_in.device());
-  const Tensor x = x_in.contiguous();
-  const int64_t n = x.size(0), d = x.size(1);
-  Tensor e = at::empty_like(x), norms = at::empty({n}, x.options());
+  // rows at any stride are read in place (a column stride other than 1 is copied first)
+  const Tensor x = x_in.size(1) <= 1 || x_in.stride(1) == 1 ? x_in : x_in.contiguous();
+  const int64_t n = x.size(0), d = x.size(1), ld = x.stride(0);
+  Tensor e = at::empty({n, d}, x.options()), norms = at::empty({n}, x.options());
   const float* xp = x.data_ptr<float>();
   float* ep = e.data_ptr<float>();
   float* np = norms.data_ptr<float>();
   // one thread up to ~64k elements: waking the second costs more than the rows take
   at::parallel_for(0, n, std::max<int64_t>(1, 65536 / std::max<int64_t>(d, 1)),
-                   [&](int64_t r0, int64_t r1) { unit_rows(xp, d, ep, np, r0, r1); });
+                   [&](int64_t r0, int64_t r1) { unit_rows(xp, ld, d, ep, np, r0, r1); });
   return {e, norms};
 }
 

@@ -117,9 +117,9 @@ float row_dot(const float* a, const float* b, int64_t d) {
 }
 }  // namespace
 
-void unit_rows(const float* x, int64_t d, float* e, float* norms, int64_t r0, int64_t r1) {
+void unit_rows(const float* x, int64_t ldx, int64_t d, float* e, float* norms, int64_t r0, int64_t r1) {
   for (int64_t i = r0; i < r1; ++i) {
-    const float* xi = x + i * d;
+    const float* xi = x + i * ldx;
     const float norm = std::sqrt(row_dot(xi, xi, d));
     norms[i] = norm;
     const float denom = std::max(norm, kUnitEps);  // (a NaN norm stays NaN, as clamp_min keeps it)

@@ -29,13 +29,13 @@ struct SimBlock {
 constexpr int64_t kSymTile = 32;
 void symmetrize_add(float* s, int64_t n, int64_t t0, int64_t t1);
 
-// Rows [r0, r1) of x [*, d] (float32) scaled to unit length as F.normalize scales them:
-// norms[i] = ||x_i||, e_i = x_i / max(||x_i||, kUnitEps). unit_rows_grad: the gradient for x of
+// Rows [r0, r1) of x (float32, d contiguous values from x + i * ldx) scaled to unit length as
+// F.normalize scales them, into e [*, d]: norms[i] = ||x_i||, e_i = x_i / max(||x_i||, kUnitEps). unit_rows_grad: the gradient for x of
 // sum(g * e), (g_i - e_i <e_i, g_i>) / ||x_i|| where ||x_i|| > kUnitEps, else g_i / kUnitEps
 // (F.normalize's backward). The embedding losses normalise with these on the CPU: the half
 // dozen torch operations they replace cost ~80 us at B = 256, D = 128 on the 2-core machine.
 constexpr float kUnitEps = 1e-12f;
-void unit_rows(const float* x, int64_t d, float* e, float* norms, int64_t r0, int64_t r1);
+void unit_rows(const float* x, int64_t ldx, int64_t d, float* e, float* norms, int64_t r0, int64_t r1);
 void unit_rows_grad(const float* g, const float* e, const float* norms, int64_t d, float* out,
                     int64_t r0, int64_t r1);
 

@@ -400,8 +400,8 @@ class _TcmKernel(torch.autograd.Function):
                                 dtype=torch.float64)
         else:
             loss = w_pos * sums[0] / sums[1].clamp(min=1) + w_neg * sums[2] / sums[3].clamp(min=1)
-        early = need and 0 < n <= block  # grad: for an upstream 1, the backward only scales it
-        sparse = not early and row_ptr.numel() > 0  # every block's hard pairs were kept
+        early = grad.dim() == 2  # the gradient for an upstream 1: the backward only scales it
+        sparse = row_ptr.numel() > 0  # every block's hard pairs were kept, for the backward
         if early:
             ctx.save_for_backward(_unit_rows_grad(grad, ef, norms))
         elif sparse:
