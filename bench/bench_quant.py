@@ -17,8 +17,9 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     with the pipelined GEMM forced (FASTLOSS_QUANT_GEMM=pipe) instead of the tiles;
     ``fastloss_nf4_smem_gemm`` (CUDA, batch >= 64): NF4 with the shared-memory GEMM forced
     instead of the tiles (from 64 rows for the formats the pipelined GEMM does not read);
-  * ``fastloss_4bit_avx512`` (CPU with AMX, batch >= 8): the 4-bit row again on the AVX-512
-    path (GEMV, or dequantized tiles + torch's GEMM) instead of the AMX tile products;
+  * ``fastloss_4bit_avx512`` (CPU with AMX): the 4-bit row again on the AVX-512 path (GEMV,
+    or dequantized tiles + torch's GEMM) instead of the AMX tile products (the AMX-INT8 GEMV at
+    batch 1-4, the AMX-BF16 GEMM from batch 8);
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
     where the AMX path multiplies one bfloat16 term instead of three, against torch's bfloat16
     matmul (oneDNN on the tile unit);
@@ -256,7 +257,7 @@ def main(argv=None):
                 variants["fastloss_nf4_smem_gemm"] = (lambda qw: forced_gemm(x, qw, "smem"), nf4, nf4)
             if device != "cpu" and m >= 512:  # the kernel the 16-bit tiles + cuBLAS replace there
                 variants["fastloss_4bit_pipe_gemm"] = (lambda qw: forced_gemm(x, qw, "pipe"), q4, q4)
-            if device == "cpu" and fastloss.cpu_isa() == "amx" and m >= 8:
+            if device == "cpu" and fastloss.cpu_isa() == "amx":
                 variants["fastloss_4bit_avx512"] = (lambda qw: avx512_path(x, qw), q4, q4)
                 xb = x.bfloat16()
                 variants["fastloss_4bit_bf16"] = (lambda qw: fastloss.ops.dequant_gemm(xb, qw), q4, q4)

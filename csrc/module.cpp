@@ -10,6 +10,7 @@
 
 #include "common/cpu_features.h"
 #include "losses/losses_kernels.h"
+#include "quant/quant_kernels.h"
 
 #ifndef FASTLOSS_CUDA_ARCHS
 #define FASTLOSS_CUDA_ARCHS ""
@@ -30,6 +31,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_supports_amx", &fastloss::cpu_supports_amx_bf16,
         "Whether this CPU has AMX-BF16 (with AVX-512), the OS lets this process use it, and "
         "this build has the AMX kernels.");
+  m.def("cpu_supports_amx_int8", &fastloss::cpu_supports_amx_int8,
+        "Whether cpu_supports_amx() and the CPU has AMX-INT8 (the low-bit GEMV's small batches).");
   m.def("cpu_isa", [] { return fastloss::cpu_isa_name(fastloss::active_cpu_isa()); },
         "The instruction set the CPU kernels run with now: 'amx', 'avx512', 'avx2' or 'generic'.");
   m.def("set_cpu_isa", &fastloss::set_cpu_isa, pybind11::arg("name"),
@@ -52,4 +55,17 @@ PYBIND11_MODULE(_C, m) {
       },
       pybind11::arg("values"), pybind11::arg("dtype"),
       "Test helper: the bits the CPU kernels store for each float (dtype 0 f32, 1 f16, 2 bf16).");
+  m.def(
+      "_quant_amx_gemv_slots",
+      [](int bits, int64_t K, int64_t group, int64_t M, bool codebook) {
+        fastloss::QuantWeight w;
+        w.bits = bits, w.K = K, w.group = group;
+        static const float entry = 0.f;
+        w.codebook = codebook ? &entry : nullptr;
+        return fastloss::quant_amx_gemv_slots(w, M);
+      },
+      pybind11::arg("bits"), pybind11::arg("K"), pybind11::arg("group"), pybind11::arg("M"),
+      pybind11::arg("codebook") = false,
+      "Test helper: the groups per tile column set of the AMX-INT8 GEMV for a float32 x of M rows "
+      "(0: that path does not apply, here or with the active CPU kernels).");
 }

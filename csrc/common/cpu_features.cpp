@@ -65,6 +65,20 @@ bool cpu_supports_amx_bf16() {
 #endif
 }
 
+bool cpu_supports_amx_int8() {
+#if defined(FASTLOSS_HAVE_AMX) && defined(__linux__) && defined(__x86_64__)
+  static const bool supported = [] {
+    if (!cpu_supports_amx_bf16()) return false;
+    unsigned a, b, c, d;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (d & (1u << 25)) != 0;  // AMX-INT8
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
 namespace {
 CpuIsa best_isa() {
   if (cpu_supports_amx_bf16()) return CpuIsa::amx;

@@ -34,6 +34,7 @@
 #include <vector>
 
 #include "../common/cpu_features.h"
+#include "quant_amx_tiles.h"
 #include "quant_kernels.h"
 
 namespace fastloss {
@@ -44,25 +45,15 @@ FASTLOSS_DECLARE_AVX512(void quant_unpack(const QuantWeight&, float*, int64_t, i
 
 namespace {
 
-constexpr int64_t kTileRows = 16;
-constexpr int64_t kStep = 32;        // inputs per tile product (32 bfloat16 per 64-byte row)
+using amx::configure_tiles;
+using amx::kStep;
+using amx::kTerms;
+using amx::kTileRows;
+using amx::split3;
+
 constexpr int64_t kHalves = 4;       // 32-row halves per block of weight rows
 constexpr int64_t kBlockRows = 32 * kHalves;
 constexpr int64_t kChunk = 512;     // inputs decoded at a time (x's 32-row chunk: 192 KiB)
-constexpr int kTerms = 3;            // x = hi + mid + lo (float32 x; fewer for 16-bit x)
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0;
-  uint8_t reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-void configure_tiles() {
-  TileConfig c;
-  for (int t = 0; t < 8; ++t) c.colsb[t] = 64, c.rows[t] = kTileRows;
-  _tile_loadconfig(&c);
-}
 
 // (the tile intrinsics are statement macros: one per statement)
 inline void zero_accumulators() {
@@ -70,26 +61,6 @@ inline void zero_accumulators() {
   _tile_zero(1);
   _tile_zero(2);
   _tile_zero(3);
-}
-
-inline uint32_t bits_of(float f) {
-  uint32_t b;
-  std::memcpy(&b, &f, 4);
-  return b;
-}
-inline float float_of(uint32_t b) {
-  float f;
-  std::memcpy(&f, &b, 4);
-  return f;
-}
-
-// x's three bfloat16 terms (upper halves of the returned words); an infinite x stays in hi, a
-// NaN becomes the quiet NaN (its payload may be in the low half alone)
-inline void split3(float x, uint32_t out[kTerms]) {
-  const uint32_t hi = std::isnan(x) ? 0x7fc00000u : bits_of(x) & 0xffff0000u;
-  const float r = std::isfinite(x) ? x - float_of(hi) : 0.f;
-  const uint32_t mid = bits_of(r) & 0xffff0000u;
-  out[0] = hi, out[1] = mid, out[2] = bits_of(r - float_of(mid));  // the rest: exact in bfloat16
 }
 
 // The inputs of a chunk: chunks hold whole groups (or one group, when longer than kChunk).

@@ -182,6 +182,35 @@ void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, con
   });
 }
 
+// y = x32 @ W^T + bias by the AMX-INT8 GEMV (quant_cpu_amx_gemv.cpp; slots:
+// quant_amx_gemv_slots): x packed once, blocks of weight rows split between the threads.
+// Returns false (y untouched) where x has a non-finite value.
+bool gemv_amx(const QuantWeight& w, const Tensor& x32, int64_t slots, const Tensor& b32, Tensor& y) {
+  const int64_t M = x32.size(0), G = w.K / w.group;
+  const float* xp = x32.data_ptr<float>();
+  const Tensor exponents = at::empty({M, G}, x32.options().dtype(at::kInt));
+  const int32_t* ep = exponents.data_ptr<int32_t>();
+  if (!quant_amx_gemv_exponents(w, xp, M, exponents.data_ptr<int32_t>())) return false;
+  Tensor digit_sums;
+  if (w.zero) {
+    digit_sums = at::empty({M, G, 4}, x32.options());
+    quant_amx_gemv_digit_sums(w, xp, ep, M, digit_sums.data_ptr<float>());
+  }
+  const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w)}, x32.options().dtype(at::kByte));
+  uint8_t* pp = packed.data_ptr<uint8_t>();
+  at::parallel_for(0, w.K * w.bits / 512, 16, [&](int64_t c0, int64_t c1) {
+    quant_amx_gemv_pack_x(w, xp, ep, M, slots, pp, c0, c1);
+  });
+  const float* dp = digit_sums.defined() ? digit_sums.data_ptr<float>() : nullptr;
+  const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
+  float* yp = y.data_ptr<float>();
+  const int64_t block = quant_amx_gemv_block_rows(), blocks = (w.N + block - 1) / block;
+  at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
+    quant_amx_gemv(w, pp, ep, dp, M, slots, bp, yp, b0 * block, std::min(b1 * block, w.N));
+  });
+  return true;
+}
+
 // y = x @ W^T (+ bias), x [M, K] -> [M, N] in x's dtype.
 Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const OptTensor& zero,
                     const OptTensor& codebook, int64_t bits, int64_t group, const OptTensor& bias) {
@@ -269,6 +298,8 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
   const bool amx = x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w);
+  const int64_t amx_gemv_slots = x.is_cpu() && !amx ? quant_amx_gemv_slots(w, M) : 0;
+  if (amx_gemv_slots > 0 && gemv_amx(w, x32, amx_gemv_slots, b32, y)) return y.to(x.scalar_type());
   // the AMX and GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x), with the
   // sums of x over each group (the tile path subtracts z in the dequantized tiles)
   const Tensor xsum = w.zero && (amx || M <= kQuantMaxRows)

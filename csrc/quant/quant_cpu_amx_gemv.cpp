@@ -1,0 +1,301 @@
+// The AMX-INT8 GEMV: batches of 1 to 4 rows for the uniform 2-, 4- and 8-bit formats (compiled
+// with -mamx-tile -mamx-int8 -mavx512f -mavx512bw; entered only when the active CPU path is
+// "amx" and the CPU has AMX-INT8, after the checks of common/cpu_features.cpp).
+//
+// Why: the AVX-512 GEMV (quant_cpu_impl.h) spends three vector instructions on every 16
+// weights of a batch row (widen / shift, permute to float, FMA), and those of every batch row
+// again. Here the codes are the tile unit's unsigned bytes as they are: a 4-bit row's 64 packed
+// bytes become two 64-byte rows of codes by an AND (and a shift) each, an 8-bit row is loaded
+// as it is, and one integer tile product takes 16 weight rows x 64 inputs for up to 4 batch
+// rows. Ad hoc, one thread, 4096 x 4096 4-bit, batch 1, a C++ loop around the kernels: 0.89
+// cycles per 16 weights from L2, 1.3 from L3 (AVX-512 GEMV: 2.0), cold 0.80-0.82 ms (1.21-1.27);
+// a bfloat16 variant (one permute and one 64-byte store per 32 weights) was store-bound at 1.6.
+//
+// Numbers: x is exact integers in fixed point per (batch row, group): X = round(x 2^(30 - E)),
+// E the exponent of the group's largest |x| (|X| <= 2^30), as four signed base-256 digits, so
+// every sum over a group is an exact integer; the rounding of x is at most 2^-31 of the group's
+// largest |x| (float32 rounds each x times its weight at 2^-24 of itself). Zero points enter
+// exactly too: sum_k (q - z) X = sum_k q X - z sum_k X. Each group's four digit sums times
+// 2^(E - 30 + 8 d) and the group's scale are summed in float32 lanes per weight row.
+// Non-finite x takes the AVX-512 GEMV (quant_amx_gemv_exponents returns false).
+//
+// Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
+// 64 packed bytes (quant_kernels.h: value j * P + i of a group is bit field j of its byte i; P =
+// the group's bytes). B tile (tiles 6 / 7) = 16 quads x 16 columns of 4 bytes: the digits of
+// the inputs of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit)
+// and zero in the others. A block of 32 weight rows accumulates a slab of S groups (S slots x M
+// rows x 4 digits <= 16 columns) in C tiles 0-1 or 2-3 (alternate slabs: one slab's sums are
+// read out while the next one's products run).
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#include "../common/cpu_features.h"
+#include "quant_amx_tiles.h"
+#include "quant_kernels.h"
+
+namespace fastloss {
+namespace {
+
+using amx::kTileRows;
+
+constexpr int64_t kChunkBytes = 64;  // packed bytes of a row decoded at a time
+constexpr int64_t kBlockRows = 2 * kTileRows;  // two row tiles (C tiles 0-1 or 2-3)
+constexpr int64_t kTileBytes = kTileRows * 64;
+constexpr int64_t kCols = 16;      // C and B columns
+constexpr int kDigits = 4;         // base-256 digits of x's fixed point
+constexpr int kFixedBits = 30;     // |X| <= 2^30
+
+constexpr int planes_of(int bits) { return 8 / bits; }
+
+// plane j of 64 packed bytes: the codes, one per byte
+template <int BITS>
+inline __m512i plane(__m512i b, int j) {
+  if constexpr (BITS == 8) return b;
+  const __m512i mask = _mm512_set1_epi8(char((1 << BITS) - 1));
+  return _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
+}
+
+// X = round(x 2^shift) for 16 inputs, by two exact power-of-two factors (one may not be a float)
+inline __m512i fixed_point(const float* x, int shift) {
+  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(std::ldexp(1.f, shift / 2))),
+                                 _mm512_set1_ps(std::ldexp(1.f, shift - shift / 2)));
+  return _mm512_cvtps_epi32(v);
+}
+
+// the low base-256 digit of X, in [-128, 127]; X becomes (X - digit) / 256
+inline __m512i next_digit(__m512i& X) {
+  const __m512i half = _mm512_set1_epi32(128);
+  const __m512i digit = _mm512_sub_epi32(_mm512_and_si512(_mm512_add_epi32(X, half), _mm512_set1_epi32(255)), half);
+  X = _mm512_srai_epi32(_mm512_sub_epi32(X, digit), 8);
+  return digit;
+}
+
+// C tiles (c_lo, c_hi) += plane j's products: its B (tile b) times the block's two row tiles
+// of A (tiles 4, 5: the rows at a, `stride` bytes apart). Tile numbers must be literals (the
+// intrinsics are statement macros that name the register).
+#define FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, b, j)                                      \
+  do {                                                                                 \
+    const uint8_t* a = direct ? block + c * kChunkBytes : a_tiles + (j) * kBlockRows * 64; \
+    _tile_loadd(b, b_tiles + (j) * kTileBytes, 64);                                   \
+    _tile_loadd(4, a, stride);                                                         \
+    _tile_dpbusd(c_lo, 4, b);                                                          \
+    if (row_tiles > 1) {                                                               \
+      _tile_loadd(5, a + kTileRows * stride, stride);                                  \
+      _tile_dpbusd(c_hi, 5, b);                                                        \
+    }                                                                                  \
+  } while (0)
+
+// C tiles (c_lo, c_hi) += one chunk's products, planes alternating between B tiles 6 and 7
+#define FASTLOSS_CHUNK_PRODUCTS(c_lo, c_hi)                                \
+  for (int j = 0; j < kPlanes; j += 2) {                                   \
+    FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, 6, j);                             \
+    if (j + 1 < kPlanes) FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, 7, j + 1);    \
+  }
+
+// C tiles 0-1 (parity 0) or 2-3 (parity 1): zeroed, or stored to c [32 rows][16 columns]
+inline void zero_sums(int64_t parity) {
+  if (parity == 0) {
+    _tile_zero(0);
+    _tile_zero(1);
+  } else {
+    _tile_zero(2);
+    _tile_zero(3);
+  }
+}
+inline void store_sums(int64_t parity, int32_t* c) {
+  if (parity == 0) {
+    _tile_stored(0, c, 64);
+    _tile_stored(1, c + kTileRows * kCols, 64);
+  } else {
+    _tile_stored(2, c, 64);
+    _tile_stored(3, c + kTileRows * kCols, 64);
+  }
+}
+
+template <int BITS>
+void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
+               int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
+  constexpr int kPlanes = planes_of(BITS);
+  const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
+  const int64_t chunks_per_slab = S * group_bytes / kChunkBytes, slabs = G / S, cols = S * M * kDigits;
+  // column c of slab: 2^(E - 30 + 8 d) of its (slot, batch row, digit); the group's scale is
+  // per weight row (slot_of_col picks it from the row's S scales)
+  // and, with zero points, the sum of its digits over the group (the zero point's term is
+  // z times it: sum_k (q - z) X = sum_k q X - z sum_k X, exact integers either way)
+  std::vector<float> col_scale(slabs * kCols, 0.f), col_digits(slabs * kCols, 0.f);
+  for (int64_t slab = 0; slab < slabs; ++slab)
+    for (int64_t c = 0; c < cols; ++c) {
+      const int64_t slot = c / (M * kDigits), m = c / kDigits % M, d = c % kDigits, g = slab * S + slot;
+      col_scale[slab * kCols + c] = std::ldexp(1.f, E[m * G + g] - kFixedBits + 8 * int(d));
+      if (w.zero) col_digits[slab * kCols + c] = digit_sums[(m * G + g) * kDigits + d];
+    }
+  alignas(64) int32_t slot_values[kCols];
+  for (int64_t c = 0; c < kCols; ++c) slot_values[c] = int32_t(std::min<int64_t>(c / (M * kDigits), S - 1));
+  const __m512i slot_of_col = _mm512_load_si512(slot_values);
+  const __mmask16 col_mask = __mmask16((1u << cols) - 1), slot_mask = __mmask16((1u << S) - 1);
+  __mmask16 row_cols[kCols / kDigits] = {};  // batch row m's columns
+  for (int64_t c = 0; c < cols; ++c) row_cols[c / kDigits % M] |= __mmask16(1u << c);
+
+  alignas(64) uint8_t a_tiles[kPlanes * kBlockRows * 64];  // [plane][row][64 codes]
+  alignas(64) int32_t c_tiles[kBlockRows * kCols];
+  alignas(64) float acc[kBlockRows * kCols];
+  int64_t nb = 0, rows = 0, row_tiles = 0;
+  // slab's sums (from C tiles 0-1 or 2-3), each column times its scale, into its row's lanes
+  auto add_slab = [&](int64_t slab) {
+    store_sums(slab % 2, c_tiles);
+    const __m512 x_scales = _mm512_loadu_ps(&col_scale[slab * kCols]);
+    const __m512 x_digits = _mm512_loadu_ps(&col_digits[slab * kCols]);
+    for (int64_t r = 0; r < rows; ++r) {
+      const int64_t first = (nb + r) * G + slab * S;  // the row's scales (zero points) of the slab
+      const __m512 s = _mm512_maskz_permutexvar_ps(col_mask, slot_of_col, _mm512_maskz_loadu_ps(slot_mask, w.scale + first));
+      __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c_tiles + r * kCols));
+      if (w.zero)
+        sums = _mm512_fnmadd_ps(_mm512_maskz_permutexvar_ps(col_mask, slot_of_col, _mm512_maskz_loadu_ps(slot_mask, w.zero + first)),
+                                x_digits, sums);
+      float* a = acc + r * kCols;
+      _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(s, x_scales), sums, _mm512_load_ps(a)));
+    }
+  };
+  amx::configure_tiles();
+  for (nb = n0; nb < n1; nb += kBlockRows) {
+    rows = std::min(kBlockRows, n1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
+    // 8-bit codes are the packed bytes: A straight from the weight (whole blocks: the tile
+    // loads read 16 rows)
+    const bool direct = BITS == 8 && rows == kBlockRows;
+    const int64_t stride = direct ? row_bytes : 64;
+    if (rows < kBlockRows) std::memset(a_tiles, 0, sizeof(a_tiles));  // rows past N: zeros
+    std::fill(acc, acc + kBlockRows * kCols, 0.f);
+    const uint8_t* block = w.q + nb * row_bytes;
+    // Even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's sums are stored after the
+    // next slab's products are queued, so the tile unit has work while they are scaled.
+    for (int64_t slab = 0; slab < slabs; ++slab) {
+      zero_sums(slab % 2);
+      for (int64_t c = slab * chunks_per_slab; c < (slab + 1) * chunks_per_slab; ++c) {
+        for (int64_t r = 0; r < rows; ++r) {
+          // the same chunk of the next block's rows, to L2: a block reads 32 rows at once (more
+          // streams than the hardware prefetchers follow); asked for one block ahead, in the
+          // order they are read (ad hoc, cold 4096 x 4096 4-bit, 1 thread: 1.34 ms without,
+          // 1.10 ms with the next block's bytes in address order, 0.87-0.90 ms this way)
+          _mm_prefetch(reinterpret_cast<const char*>(block + (kBlockRows + r) * row_bytes + c * kChunkBytes),
+                       _MM_HINT_T1);
+          if (direct) continue;
+          const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
+#pragma GCC unroll 4
+          for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kBlockRows + r) * 64, plane<BITS>(b, j));
+        }
+        const uint8_t* b_tiles = packed + c * kPlanes * kTileBytes;
+        if (slab % 2 == 0) {
+          FASTLOSS_CHUNK_PRODUCTS(0, 1)
+        } else {
+          FASTLOSS_CHUNK_PRODUCTS(2, 3)
+        }
+      }
+      if (slab > 0) add_slab(slab - 1);  // the previous slab's sums
+    }
+    add_slab(slabs - 1);
+    // y = the row's columns of each batch row summed (+ bias)
+    for (int64_t r = 0; r < rows; ++r) {
+      const __m512 lanes = _mm512_load_ps(acc + r * kCols);
+      for (int64_t m = 0; m < M; ++m)
+        y[m * w.N + nb + r] = _mm512_mask_reduce_add_ps(row_cols[m], lanes) + (bias ? bias[nb + r] : 0.f);
+    }
+  }
+  _tile_release();
+}
+
+#undef FASTLOSS_CHUNK_PRODUCTS
+#undef FASTLOSS_PLANE_PRODUCTS
+
+}  // namespace
+
+int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
+  if (active_cpu_isa() != CpuIsa::amx || !cpu_supports_amx_int8() || w.codebook != nullptr ||
+      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || M * kDigits > kCols)
+    return 0;
+  const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
+  // 16 lanes in one group (x is packed 16 inputs at a time); whole chunks per row and per slab
+  // of S groups
+  if (group_bytes % 16 != 0 || (w.K * w.bits / 8) % kChunkBytes != 0) return 0;
+  for (int64_t S = kCols / (M * kDigits); S >= 1; --S)
+    if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
+  return 0;
+}
+
+int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w) {
+  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * kTileBytes;
+}
+
+int64_t quant_amx_gemv_block_rows() { return kBlockRows; }
+
+bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, int32_t* E) {
+  const int64_t G = w.K / w.group;
+  const __m512i magnitude = _mm512_set1_epi32(0x7fffffff);
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      // the largest |x| as integer bits: an infinity or NaN is above every finite value
+      __m512i largest = _mm512_setzero_si512();
+      const float* xg = x + m * w.K + g * w.group;
+      for (int64_t k = 0; k < w.group; k += 16)
+        largest = _mm512_max_epu32(largest, _mm512_and_si512(_mm512_loadu_si512(xg + k), magnitude));
+      const uint32_t bits = _mm512_reduce_max_epu32(largest);
+      if (bits >= 0x7f800000u) return false;
+      int e = 0;
+      std::frexp(amx::float_of(bits), &e);
+      E[m * G + g] = e;
+    }
+  return true;
+}
+
+void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32_t* E, int64_t M,
+                               float* sums) {
+  const int64_t G = w.K / w.group;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i total[kDigits] = {};
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 16) {
+        __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
+        for (int d = 0; d < kDigits; ++d) total[d] = _mm512_add_epi32(total[d], next_digit(X));
+      }
+      for (int d = 0; d < kDigits; ++d) sums[(m * G + g) * kDigits + d] = float(_mm512_reduce_add_epi32(total[d]));
+    }
+}
+
+void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
+                           uint8_t* packed, int64_t c0, int64_t c1) {
+  const int planes = planes_of(w.bits);
+  const int64_t G = w.K / w.group, P = w.group * w.bits / 8;
+  for (int64_t c = c0; c < c1; ++c) {
+    for (int j = 0; j < planes; ++j) {
+      uint8_t* tile = packed + (c * planes + j) * kTileBytes;
+      std::memset(tile, 0, kTileBytes);
+      // 16 lanes at a time: consecutive inputs of one group (P is a multiple of 16)
+      for (int64_t lane = 0; lane < 64; lane += 16) {
+        const int64_t byte = c * kChunkBytes + lane, g = byte / P, k = g * w.group + j * P + byte % P;
+        for (int64_t m = 0; m < M; ++m) {
+          __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
+          for (int d = 0; d < kDigits; ++d) {
+            const __m512i digit = next_digit(X);
+            alignas(16) uint8_t bytes[16];
+            _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
+            const int64_t col = (g % S * M + m) * kDigits + d;
+            for (int q = 0; q < 4; ++q) std::memcpy(tile + (lane / 4 + q) * 64 + col * 4, bytes + 4 * q, 4);
+          }
+        }
+      }
+    }
+  }
+}
+
+void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
+                    int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
+  switch (w.bits) {
+    case 2: return gemv_rows<2>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+    case 4: return gemv_rows<4>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+    default: return gemv_rows<8>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+  }
+}
+
+}  // namespace fastloss
