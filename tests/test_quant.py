@@ -212,14 +212,15 @@ requires_amx_int8 = pytest.mark.skipif("amx" not in fastloss.cpu_isas() or not f
 
 @requires_amx_int8
 def test_amx_gemv_applies_where_documented():
-    # S groups side by side in the 16 tile columns (4 digits x M batch rows each); whole 64-byte
+    # S groups side by side in 16 tile columns (4 digits x M batch rows each; 32 or 64 columns
+    # for 5-8 or 9-16 rows, a group at a time); whole 64-byte
     # chunks per row and per S groups; 16 inputs of a group per x vector; uniform 2/4/8 bits
     slots = fastloss._C._quant_amx_gemv_slots
     fastloss.set_cpu_isa("amx")
     try:
-        assert [slots(4, 4096, 128, m) for m in (1, 2, 3, 4, 5)] == [4, 2, 1, 1, 0]
+        assert [slots(4, 4096, 128, m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [4, 2, 1, 1, 1, 1, 1, 1, 0]
         assert slots(8, 4096, 128, 1) == 4 and slots(2, 4096, 128, 1) == 4 and slots(2, 4096, 128, 2) == 2
-        assert slots(2, 4096, 128, 3) == 0              # one 32-byte group: half a chunk
+        assert slots(2, 4096, 128, 3) == 0 and slots(2, 4096, 128, 8) == 0  # one 32-byte group: half a chunk
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
         assert slots(3, 4096, 128, 1) == 0             # 3-bit: no byte-aligned planes
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
@@ -238,8 +239,9 @@ def test_amx_gemv_applies_where_documented():
 def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     # The AMX-INT8 GEMV rounds x to fixed point per group (30 bits below its largest |x|) and
     # sums exact integers: over inputs spread across 2^-40..2^40 its error must stay within a
-    # float32 GEMM's bound. Batches 1-4 (S = 4, 2, 1, 1 groups per tile); weight rows past one
-    # 32-row block, the last block's second row tile partly past N (150 = 4 x 32 + 22).
+    # float32 GEMM's bound. Batches 1-4 (S = 4, 2, 1, 1 groups per tile), 5-8 (two column tiles)
+    # and 9-16 (four, 16-row blocks); weight rows past one 32-row block, the last block's second
+    # row tile partly past N (150 = 4 x 32 + 22).
     g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
     k, n = 1024, 150
     qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 0.1, bits, group_size, symmetric)
@@ -248,7 +250,7 @@ def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     terms = summed_terms(qw, bits)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (1, 2, 3, 4):
+        for m in (1, 2, 3, 4, 5, 8, 11, 16):
             assert m > 1 or fastloss._C._quant_amx_gemv_slots(bits, k, qw.group, m) > 0  # (2-bit: some m take the GEMV)
             x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-40, 40, (m, k), generator=g).float())
             want = x.double() @ w64.T + bias.double()
@@ -260,15 +262,16 @@ def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
 
 @requires_amx_int8
 @pytest.mark.parametrize("n", [10, 20, 1000], ids=str)
+@pytest.mark.parametrize("m", [1, 6, 13], ids=lambda m: f"m{m}")
 @pytest.mark.parametrize("threads", [1, 2], ids=lambda t: f"threads{t}")
-def test_amx_gemv_blocks_and_threads(n, threads):
+def test_amx_gemv_blocks_and_threads(n, m, threads):
     # one row tile, two partial ones, and blocks split between threads (n0 a multiple of 32);
     # ordinary inputs: the error of a float32 GEMV
-    g = torch.Generator().manual_seed(n + threads)
+    g = torch.Generator().manual_seed(n + m + threads)
     k = 2048
     qw = ops.quantize_weight(torch.randn(n, k, generator=g), 4, 128, False)
     w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)
-    x = torch.randn(1, k, generator=g)
+    x = torch.randn(m, k, generator=g)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     fastloss.set_cpu_isa("amx")
@@ -291,7 +294,7 @@ def test_amx_gemv_16bit_activations(dtype):
     ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (1, 3):
+        for m in (1, 3, 12):
             x = torch.randn(m, k, generator=g).to(dtype)
             y = ops.dequant_gemm(x, qw)
             assert y.dtype == dtype
@@ -303,22 +306,24 @@ def test_amx_gemv_16bit_activations(dtype):
 
 @requires_amx_int8
 def test_amx_gemv_non_finite_inputs_take_the_float_gemv():
-    # fixed point has no infinity or NaN: such an x takes the AVX-512 GEMV, whose rows are the
-    # float32 matmul's (+-inf, NaN); a finite batch row beside them is unaffected
+    # fixed point has no infinity or NaN: such an x takes the AVX-512 GEMV (or from 8 rows the
+    # AMX-BF16 GEMM), whose rows are the float32 matmul's (+-inf, NaN); a finite batch row
+    # beside them is unaffected
     k, n = 256, 40
     q = torch.randint(1, 16, (n, k))   # no zero codes: inf * 0 would be NaN
     plain = ops.QuantizedWeight.from_int(q, torch.rand(n, 2) + 0.1, None, 4, 128)
-    x = torch.randn(2, k)
-    x[0, 5] = float("inf")
-    fastloss.set_cpu_isa("amx")
-    try:
-        y = ops.dequant_gemm(x, plain)
-        y_nan = ops.dequant_gemm(torch.full((1, k), float("nan")), plain)
-    finally:
-        fastloss.set_cpu_isa("auto")
-    want = x @ ops.dequantize_weight(plain).T
-    torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
-    assert y[0].isposinf().all() and y_nan.isnan().all()
+    for m in (2, 12):
+        x = torch.randn(m, k)
+        x[0, 5] = float("inf")
+        fastloss.set_cpu_isa("amx")
+        try:
+            y = ops.dequant_gemm(x, plain)
+            y_nan = ops.dequant_gemm(torch.full((1, k), float("nan")), plain)
+        finally:
+            fastloss.set_cpu_isa("auto")
+        want = x @ ops.dequantize_weight(plain).T
+        torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-4)
+        assert y[0].isposinf().all() and y_nan.isnan().all()
 
 
 CUDA_FORMATS = [(bits, gs, kind) for bits in (2, 3, 4, 8) for gs in (32, 128, -1) for kind in KINDS]

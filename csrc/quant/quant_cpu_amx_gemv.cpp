@@ -30,6 +30,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #include "../common/cpu_features.h"
@@ -42,7 +43,6 @@ namespace {
 using amx::kTileRows;
 
 constexpr int64_t kChunkBytes = 64;  // packed bytes of a row decoded at a time
-constexpr int64_t kBlockRows = 2 * kTileRows;  // two row tiles (C tiles 0-1 or 2-3)
 constexpr int64_t kTileBytes = kTileRows * 64;
 constexpr int64_t kCols = 16;      // C and B columns
 constexpr int kDigits = 4;         // base-256 digits of x's fixed point
@@ -78,166 +78,243 @@ inline __m512i next_digit(__m512i& X) {
   return digit;
 }
 
-// C tiles (c_lo, c_hi) += plane j's products: its B (tile b) times the block's two row tiles
-// of A (tiles 4, 5: the rows at a, `stride` bytes apart). Tile numbers must be literals (the
-// intrinsics are statement macros that name the register).
-#define FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, b, j)                                      \
-  do {                                                                                 \
-    const uint8_t* a = direct ? block + c * kChunkBytes : a_tiles + (j) * kBlockRows * 64; \
-    _tile_loadd(b, b_tiles + (j) * kTileBytes, 64);                                   \
-    _tile_loadd(4, a, stride);                                                         \
-    _tile_dpbusd(c_lo, 4, b);                                                          \
-    if (row_tiles > 1) {                                                               \
-      _tile_loadd(5, a + kTileRows * stride, stride);                                  \
-      _tile_dpbusd(c_hi, 5, b);                                                        \
-    }                                                                                  \
-  } while (0)
+// Column tiles of a batch of M rows (4 digit columns each; 0: too many rows), and the row
+// tiles a block then holds in the four C tiles: CT = 1 (batch 1-4): two row tiles, C tiles 0-1
+// for even slabs and 2-3 for odd ones; CT = 2 (batch 5-8): two row tiles x two column tiles;
+// CT = 4 (batch 9-16): one row tile x four column tiles.
+constexpr int col_tiles_of(int64_t M) { return M <= 4 ? 1 : M <= 8 ? 2 : M <= 16 ? 4 : 0; }
+constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
 
-// C tiles (c_lo, c_hi) += one chunk's products, planes alternating between B tiles 6 and 7
-#define FASTLOSS_CHUNK_PRODUCTS(c_lo, c_hi)                                \
-  for (int j = 0; j < kPlanes; j += 2) {                                   \
-    FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, 6, j);                             \
-    if (j + 1 < kPlanes) FASTLOSS_PLANE_PRODUCTS(c_lo, c_hi, 7, j + 1);    \
+// The tile products of one chunk, plane by plane (a(j, rt): A of plane j, row tile rt; b(j, ct):
+// B of plane j, column tile ct). Tile numbers must be literals (the intrinsics are statement
+// macros that name the register): C tiles 0-3, A tiles 4-5, B tiles 5-7.
+#define FASTLOSS_PRODUCT(c, a_tile, b_tile) _tile_dpbusd(c, a_tile, b_tile)
+// CT = 1 into C tiles (c_lo, c_hi): planes alternate between B tiles 6 and 7
+#define FASTLOSS_CT1_PLANE(c_lo, c_hi, b_tile, j) \
+  do {                                            \
+    _tile_loadd(b_tile, b(j, 0), 64);             \
+    _tile_loadd(4, a(j, 0), stride);              \
+    FASTLOSS_PRODUCT(c_lo, 4, b_tile);            \
+    if (row_tiles > 1) {                          \
+      _tile_loadd(5, a(j, 1), stride);            \
+      FASTLOSS_PRODUCT(c_hi, 5, b_tile);          \
+    }                                             \
+  } while (0)
+#define FASTLOSS_CT1_CHUNK(c_lo, c_hi)                                       \
+  for (int j = 0; j < kPlanes; j += 2) {                                     \
+    FASTLOSS_CT1_PLANE(c_lo, c_hi, 6, j);                                    \
+    if (j + 1 < kPlanes) FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, j + 1);           \
+  }
+// CT = 2: C tile 2 rt + ct
+#define FASTLOSS_CT2_CHUNK()                  \
+  for (int j = 0; j < kPlanes; ++j) {         \
+    _tile_loadd(6, b(j, 0), 64);              \
+    _tile_loadd(7, b(j, 1), 64);              \
+    _tile_loadd(4, a(j, 0), stride);          \
+    FASTLOSS_PRODUCT(0, 4, 6);                \
+    FASTLOSS_PRODUCT(1, 4, 7);                \
+    if (row_tiles > 1) {                      \
+      _tile_loadd(5, a(j, 1), stride);        \
+      FASTLOSS_PRODUCT(2, 5, 6);              \
+      FASTLOSS_PRODUCT(3, 5, 7);              \
+    }                                         \
+  }
+// CT = 4: C tile ct (B tile 5 holds column tiles 0 and then 3)
+#define FASTLOSS_CT4_CHUNK()                  \
+  for (int j = 0; j < kPlanes; ++j) {         \
+    _tile_loadd(4, a(j, 0), stride);          \
+    _tile_loadd(5, b(j, 0), 64);              \
+    _tile_loadd(6, b(j, 1), 64);              \
+    _tile_loadd(7, b(j, 2), 64);              \
+    FASTLOSS_PRODUCT(0, 4, 5);                \
+    FASTLOSS_PRODUCT(1, 4, 6);                \
+    FASTLOSS_PRODUCT(2, 4, 7);                \
+    _tile_loadd(5, b(j, 3), 64);              \
+    FASTLOSS_PRODUCT(3, 4, 5);                \
   }
 
-// C tiles 0-1 (parity 0) or 2-3 (parity 1): zeroed, or stored to c [32 rows][16 columns]
+// The C tiles of a slab zeroed, or stored to c ([block rows][16 CT columns]); parity picks
+// C tiles 0-1 or 2-3 for CT = 1
+template <int CT>
 inline void zero_sums(int64_t parity) {
-  if (parity == 0) {
+  if (CT > 1 || parity == 0) {
     _tile_zero(0);
     _tile_zero(1);
-  } else {
+  }
+  if (CT > 1 || parity == 1) {
     _tile_zero(2);
     _tile_zero(3);
   }
 }
+template <int CT>
 inline void store_sums(int64_t parity, int32_t* c) {
-  if (parity == 0) {
-    _tile_stored(0, c, 64);
-    _tile_stored(1, c + kTileRows * kCols, 64);
+  constexpr int64_t ld = CT * kCols, stride = ld * 4;  // row stride: elements, bytes
+  if constexpr (CT == 1) {
+    if (parity == 0) {
+      _tile_stored(0, c, stride);
+      _tile_stored(1, c + kTileRows * ld, stride);
+    } else {
+      _tile_stored(2, c, stride);
+      _tile_stored(3, c + kTileRows * ld, stride);
+    }
+  } else if constexpr (CT == 2) {
+    _tile_stored(0, c, stride);
+    _tile_stored(1, c + kCols, stride);
+    _tile_stored(2, c + kTileRows * ld, stride);
+    _tile_stored(3, c + kTileRows * ld + kCols, stride);
   } else {
-    _tile_stored(2, c, 64);
-    _tile_stored(3, c + kTileRows * kCols, 64);
+    _tile_stored(0, c, stride);
+    _tile_stored(1, c + kCols, stride);
+    _tile_stored(2, c + 2 * kCols, stride);
+    _tile_stored(3, c + 3 * kCols, stride);
   }
 }
 
-template <int BITS>
+template <int BITS, int CT>
 void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
   constexpr int kPlanes = planes_of(BITS);
+  constexpr int64_t kLd = CT * kCols, kRows = row_tiles_of(CT) * kTileRows;  // columns, block rows
   const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
   const int64_t chunks_per_slab = S * group_bytes / kChunkBytes, slabs = G / S, cols = S * M * kDigits;
   const int64_t row_chunks = row_bytes / kChunkBytes;
   // column c of slab: 2^(E - 30 + 8 d) of its (slot, batch row, digit); the group's scale is
-  // per weight row (slot_of_col picks it from the row's S scales)
-  // and, with zero points, the sum of its digits over the group (the zero point's term is
-  // z times it: sum_k (q - z) X = sum_k q X - z sum_k X, exact integers either way)
-  std::vector<float> col_scale(slabs * kCols, 0.f), col_digits(slabs * kCols, 0.f);
+  // per weight row (slot_of_col picks it from the row's S scales); and, with zero points, the
+  // sum of its digits over the group (the zero point's term is z times it: sum_k (q - z) X =
+  // sum_k q X - z sum_k X, exact integers either way)
+  std::vector<float> col_scale(slabs * kLd, 0.f), col_digits(slabs * kLd, 0.f);
   for (int64_t slab = 0; slab < slabs; ++slab)
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t slot = c / (M * kDigits), m = c / kDigits % M, d = c % kDigits, g = slab * S + slot;
-      col_scale[slab * kCols + c] = std::ldexp(1.f, E[m * G + g] - kFixedBits + 8 * int(d));
-      if (w.zero) col_digits[slab * kCols + c] = digit_sums[(m * G + g) * kDigits + d];
+      col_scale[slab * kLd + c] = std::ldexp(1.f, E[m * G + g] - kFixedBits + 8 * int(d));
+      if (w.zero) col_digits[slab * kLd + c] = digit_sums[(m * G + g) * kDigits + d];
     }
-  alignas(64) int32_t slot_values[kCols];
-  for (int64_t c = 0; c < kCols; ++c) slot_values[c] = int32_t(std::min<int64_t>(c / (M * kDigits), S - 1));
-  const __m512i slot_of_col = _mm512_load_si512(slot_values);
-  const __mmask16 col_mask = __mmask16((1u << cols) - 1), slot_mask = __mmask16((1u << S) - 1);
-  __mmask16 row_cols[kCols / kDigits] = {};  // batch row m's columns
-  for (int64_t c = 0; c < cols; ++c) row_cols[c / kDigits % M] |= __mmask16(1u << c);
+  alignas(64) int32_t slot_values[kLd];
+  for (int64_t c = 0; c < kLd; ++c) slot_values[c] = int32_t(std::min<int64_t>(c / (M * kDigits), S - 1));
+  __mmask16 col_mask[CT] = {}, row_cols[CT][kCols] = {};  // the used columns; batch row m's
+  for (int64_t c = 0; c < cols; ++c) {
+    col_mask[c / kCols] |= __mmask16(1u << (c % kCols));
+    row_cols[c / kCols][c / kDigits % M] |= __mmask16(1u << (c % kCols));
+  }
+  const __mmask16 slot_mask = __mmask16((1u << S) - 1);
 
-  alignas(64) uint8_t a_tiles[kPlanes * kBlockRows * 64];  // [plane][row][64 codes]
-  alignas(64) int32_t c_tiles[kBlockRows * kCols];
-  alignas(64) float acc[kBlockRows * kCols];
+  alignas(64) uint8_t a_tiles[kPlanes * kRows * 64];  // [plane][row][64 codes]
+  alignas(64) int32_t c_tiles[kRows * kLd];
+  alignas(64) float acc[kRows * kLd];
   int64_t nb = 0, rows = 0, row_tiles = 0;
-  // slab's sums (from C tiles 0-1 or 2-3), each column times its scale, into its row's lanes
+  // slab's sums, each column times its scale, into its row's lanes
   auto add_slab = [&](int64_t slab) {
-    store_sums(slab % 2, c_tiles);
-    const __m512 x_scales = _mm512_loadu_ps(&col_scale[slab * kCols]);
-    const __m512 x_digits = _mm512_loadu_ps(&col_digits[slab * kCols]);
-    for (int64_t r = 0; r < rows; ++r) {
-      const int64_t first = (nb + r) * G + slab * S;  // the row's scales (zero points) of the slab
-      const __m512 s = _mm512_maskz_permutexvar_ps(col_mask, slot_of_col, _mm512_maskz_loadu_ps(slot_mask, w.scale + first));
-      __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c_tiles + r * kCols));
-      if (w.zero)
-        sums = _mm512_fnmadd_ps(_mm512_maskz_permutexvar_ps(col_mask, slot_of_col, _mm512_maskz_loadu_ps(slot_mask, w.zero + first)),
-                                x_digits, sums);
-      float* a = acc + r * kCols;
-      _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(s, x_scales), sums, _mm512_load_ps(a)));
+    store_sums<CT>(slab % 2, c_tiles);
+    for (int ct = 0; ct < CT; ++ct) {
+      const __m512i slot_of_col = _mm512_load_si512(slot_values + ct * kCols);
+      const __m512 x_scales = _mm512_loadu_ps(&col_scale[slab * kLd + ct * kCols]);
+      const __m512 x_digits = _mm512_loadu_ps(&col_digits[slab * kLd + ct * kCols]);
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t first = (nb + r) * G + slab * S;  // the row's scales (zero points) of the slab
+        const __m512 s = _mm512_maskz_permutexvar_ps(col_mask[ct], slot_of_col,
+                                                     _mm512_maskz_loadu_ps(slot_mask, w.scale + first));
+        __m512 sums = _mm512_cvtepi32_ps(_mm512_load_si512(c_tiles + r * kLd + ct * kCols));
+        if (w.zero)
+          sums = _mm512_fnmadd_ps(_mm512_maskz_permutexvar_ps(col_mask[ct], slot_of_col,
+                                                              _mm512_maskz_loadu_ps(slot_mask, w.zero + first)),
+                                  x_digits, sums);
+        float* a = acc + r * kLd + ct * kCols;
+        _mm512_store_ps(a, _mm512_fmadd_ps(_mm512_mul_ps(s, x_scales), sums, _mm512_load_ps(a)));
+      }
     }
   };
   amx::configure_tiles();
-  for (nb = n0; nb < n1; nb += kBlockRows) {
-    rows = std::min(kBlockRows, n1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
+  for (nb = n0; nb < n1; nb += kRows) {
+    rows = std::min(kRows, n1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
     // 8-bit codes are the packed bytes: A straight from the weight (whole blocks: the tile
     // loads read 16 rows)
-    const bool direct = BITS == 8 && rows == kBlockRows;
+    const bool direct = BITS == 8 && rows == kRows;
     const int64_t stride = direct ? row_bytes : 64;
-    if (rows < kBlockRows) std::memset(a_tiles, 0, sizeof(a_tiles));  // rows past N: zeros
-    std::fill(acc, acc + kBlockRows * kCols, 0.f);
+    if (rows < kRows) std::memset(a_tiles, 0, sizeof(a_tiles));  // rows past N: zeros
+    std::fill(acc, acc + kRows * kLd, 0.f);
     const uint8_t* block = w.q + nb * row_bytes;
-    // Even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's sums are stored after the
-    // next slab's products are queued, so the tile unit has work while they are scaled.
+    // With one column tile, even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's
+    // sums are read out after the next slab's products are queued, so the tile unit has work
+    // meanwhile (with more, all four C tiles hold one slab).
     for (int64_t slab = 0; slab < slabs; ++slab) {
-      zero_sums(slab % 2);
+      zero_sums<CT>(slab % 2);
       for (int64_t c = slab * chunks_per_slab; c < (slab + 1) * chunks_per_slab; ++c) {
         // the chunk kPrefetchChunks ahead (in this block's rows, or past their end in the next
-        // block's), to L2: a block reads 32 rows at once (more streams than the hardware
+        // block's), to L2: a block reads 16-32 rows at once (more streams than the hardware
         // prefetchers follow), so each line is asked for ahead, in the order it is read (ad hoc,
         // cold 4096 x 4096 4-bit, 1 thread: 1.34 ms without, 1.10 ms with the next block's bytes
         // in address order, 0.87-0.90 ms this way)
         const int64_t ahead = c + kPrefetchChunks;
         const uint8_t* hint = ahead < row_chunks ? block + ahead * kChunkBytes
-                                                 : block + kBlockRows * row_bytes + (ahead - row_chunks) * kChunkBytes;
+                                                 : block + kRows * row_bytes + (ahead - row_chunks) * kChunkBytes;
         for (int64_t r = 0; r < rows; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
           if (direct) continue;
           const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
 #pragma GCC unroll 4
-          for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kBlockRows + r) * 64, plane<BITS>(b, j));
+          for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
         }
-        const uint8_t* b_tiles = packed + c * kPlanes * kTileBytes;
-        if (slab % 2 == 0) {
-          FASTLOSS_CHUNK_PRODUCTS(0, 1)
+        auto a = [&](int j, int rt) {
+          return direct ? block + c * kChunkBytes + rt * kTileRows * row_bytes : a_tiles + (j * kRows + rt * kTileRows) * 64;
+        };
+        auto b = [&](int j, int ct) { return packed + ((c * kPlanes + j) * CT + ct) * kTileBytes; };
+        if constexpr (CT == 1) {
+          if (slab % 2 == 0) {
+            FASTLOSS_CT1_CHUNK(0, 1)
+          } else {
+            FASTLOSS_CT1_CHUNK(2, 3)
+          }
+        } else if constexpr (CT == 2) {
+          FASTLOSS_CT2_CHUNK()
         } else {
-          FASTLOSS_CHUNK_PRODUCTS(2, 3)
+          FASTLOSS_CT4_CHUNK()
         }
       }
-      if (slab > 0) add_slab(slab - 1);  // the previous slab's sums
+      if (CT > 1) {
+        add_slab(slab);
+      } else if (slab > 0) {
+        add_slab(slab - 1);  // the previous slab's sums
+      }
     }
-    add_slab(slabs - 1);
+    if (CT == 1) add_slab(slabs - 1);
     // y = the row's columns of each batch row summed (+ bias)
-    for (int64_t r = 0; r < rows; ++r) {
-      const __m512 lanes = _mm512_load_ps(acc + r * kCols);
-      for (int64_t m = 0; m < M; ++m)
-        y[m * w.N + nb + r] = _mm512_mask_reduce_add_ps(row_cols[m], lanes) + (bias ? bias[nb + r] : 0.f);
-    }
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t m = 0; m < M; ++m) {
+        float sum = bias ? bias[nb + r] : 0.f;
+        for (int ct = 0; ct < CT; ++ct)
+          sum += _mm512_mask_reduce_add_ps(row_cols[ct][m], _mm512_load_ps(acc + r * kLd + ct * kCols));
+        y[m * w.N + nb + r] = sum;
+      }
   }
   _tile_release();
 }
 
-#undef FASTLOSS_CHUNK_PRODUCTS
-#undef FASTLOSS_PLANE_PRODUCTS
+#undef FASTLOSS_CT4_CHUNK
+#undef FASTLOSS_CT2_CHUNK
+#undef FASTLOSS_CT1_CHUNK
+#undef FASTLOSS_CT1_PLANE
+#undef FASTLOSS_PRODUCT
 
 }  // namespace
 
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   if (active_cpu_isa() != CpuIsa::amx || !cpu_supports_amx_int8() || w.codebook != nullptr ||
-      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || M * kDigits > kCols)
+      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M) == 0)
     return 0;
   const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
   // 16 lanes in one group (x is packed 16 inputs at a time); whole chunks per row and per slab
   // of S groups
   if (group_bytes % 16 != 0 || (w.K * w.bits / 8) % kChunkBytes != 0) return 0;
-  for (int64_t S = kCols / (M * kDigits); S >= 1; --S)
+  for (int64_t S = col_tiles_of(M) * kCols / (M * kDigits); S >= 1; --S)
     if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
   return 0;
 }
 
-int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w) {
-  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * kTileBytes;
+int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M) {
+  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * col_tiles_of(M) * kTileBytes;
 }
 
-int64_t quant_amx_gemv_block_rows() { return kBlockRows; }
+int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
 
 bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, int32_t* E) {
   const int64_t G = w.K / w.group;
@@ -274,12 +351,12 @@ void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32
 
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
                            uint8_t* packed, int64_t c0, int64_t c1) {
-  const int planes = planes_of(w.bits);
+  const int planes = planes_of(w.bits), CT = col_tiles_of(M);
   const int64_t G = w.K / w.group, P = w.group * w.bits / 8;
   for (int64_t c = c0; c < c1; ++c) {
     for (int j = 0; j < planes; ++j) {
-      uint8_t* tile = packed + (c * planes + j) * kTileBytes;
-      std::memset(tile, 0, kTileBytes);
+      uint8_t* tiles = packed + (c * planes + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
+      std::memset(tiles, 0, CT * kTileBytes);
       // 16 lanes at a time: consecutive inputs of one group (P is a multiple of 16)
       for (int64_t lane = 0; lane < 64; lane += 16) {
         const int64_t byte = c * kChunkBytes + lane, g = byte / P, k = g * w.group + j * P + byte % P;
@@ -290,7 +367,8 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
             alignas(16) uint8_t bytes[16];
             _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
             const int64_t col = (g % S * M + m) * kDigits + d;
-            for (int q = 0; q < 4; ++q) std::memcpy(tile + (lane / 4 + q) * 64 + col * 4, bytes + 4 * q, 4);
+            uint8_t* tile = tiles + col / kCols * kTileBytes;
+            for (int q = 0; q < 4; ++q) std::memcpy(tile + (lane / 4 + q) * 64 + col % kCols * 4, bytes + 4 * q, 4);
           }
         }
       }
@@ -300,10 +378,18 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
 
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                     int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
+  auto run = [&](auto bits_c) {
+    constexpr int BITS = decltype(bits_c)::value;
+    switch (col_tiles_of(M)) {
+      case 1: return gemv_rows<BITS, 1>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      case 2: return gemv_rows<BITS, 2>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      default: return gemv_rows<BITS, 4>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+    }
+  };
   switch (w.bits) {
-    case 2: return gemv_rows<2>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-    case 4: return gemv_rows<4>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-    default: return gemv_rows<8>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+    case 2: return run(std::integral_constant<int, 2>());
+    case 4: return run(std::integral_constant<int, 4>());
+    default: return run(std::integral_constant<int, 8>());
   }
 }
 

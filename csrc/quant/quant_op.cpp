@@ -197,7 +197,7 @@ bool gemv_amx(const QuantWeight& w, const Tensor& x32, int64_t slots, const Tens
     digit_sums = at::empty({M, G, 4}, x32.options());
     quant_amx_gemv_digit_sums(w, xp, ep, M, digit_sums.data_ptr<float>());
   }
-  const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w)}, x32.options().dtype(at::kByte));
+  const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w, M)}, x32.options().dtype(at::kByte));
   uint8_t* pp = packed.data_ptr<uint8_t>();
   quant_amx_gemv_pack_x(w, xp, ep, M, slots, pp, 0, w.K * w.bits / 512);
   const float* dp = digit_sums.defined() ? digit_sums.data_ptr<float>() : nullptr;
@@ -296,9 +296,10 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   Tensor x32 = x.to(at::kFloat).contiguous();
   Tensor y = at::empty({M, w.N}, f32);
   if (M == 0 || w.N == 0) return y.to(x.scalar_type());
-  const bool amx = x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w);
-  const int64_t amx_gemv_slots = x.is_cpu() && !amx ? quant_amx_gemv_slots(w, M) : 0;
+  // AMX-INT8 integer tile products up to 16 rows, where they apply (finite x, uniform formats)
+  const int64_t amx_gemv_slots = x.is_cpu() ? quant_amx_gemv_slots(w, M) : 0;
   if (amx_gemv_slots > 0 && gemv_amx(w, x32, amx_gemv_slots, b32, y)) return y.to(x.scalar_type());
+  const bool amx = x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w);
   // the AMX and GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x), with the
   // sums of x over each group (the tile path subtracts z in the dequantized tiles)
   const Tensor xsum = w.zero && (amx || M <= kQuantMaxRows)
