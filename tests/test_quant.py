@@ -169,7 +169,7 @@ def test_amx_16bit_activations_take_fewer_terms_exactly(dtype):
     ulp = 2.0 ** (-8 if dtype == torch.bfloat16 else -11)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (8, 40):
+        for m in (17, 40):   # (up to 16 rows: the AMX-INT8 GEMV)
             x = torch.randn(m, k, generator=g).to(dtype)
             y = ops.dequant_gemm(x, qw)
             assert y.dtype == dtype
@@ -226,6 +226,8 @@ def test_amx_gemv_applies_where_documented():
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
         assert slots(2, 4096, 32, 1) == 0              # 8-byte groups
         assert slots(4, 608, 32, 1) == 0               # 304-byte rows
+        assert slots(4, 0, 128, 1) == 0                # K = 0: no groups
+        assert slots(8, 65536, 65536, 1) == 1 and slots(8, 131072, 131072, 1) == 0  # int32 sums
         assert slots(4, 640, 128, 1) == 1              # 5 groups: one at a time
         fastloss.set_cpu_isa("avx512")
         assert slots(4, 4096, 128, 1) == 0
@@ -302,6 +304,52 @@ def test_amx_gemv_16bit_activations(dtype):
             assert ((y.double() - want).abs() <= ulp * want.abs() + 1e-5 * (x.double().abs() @ summed_terms(qw, 4).T)).all()
     finally:
         fastloss.set_cpu_isa("auto")
+
+
+@requires_amx_int8
+@pytest.mark.parametrize("m", [1, 6, 12], ids=lambda m: f"m{m}")
+def test_amx_gemv_rounds_x_in_fixed_point_per_group(m):
+    # The documented error model, and a witness that the AMX-INT8 path ran: an input below
+    # 2^-31 of its group's largest |x| rounds to zero. One group's largest x meets a zero code
+    # and the rest are 2^-40: the exact result 127 * 2^-40 comes out as 0 (the AVX-512 GEMV,
+    # float32 FMAs, gives it); the other rows of x are ordinary and match on both paths.
+    k, n = 256, 3
+    q = torch.ones(n, k, dtype=torch.long)
+    q[:, 0] = 0
+    plain = ops.QuantizedWeight.from_int(q, torch.ones(n, 2), None, 4, 128)
+    x = torch.randn(m, k)
+    x[0, :128] = 2.0 ** -40
+    x[0, 0] = 1.0
+    x[0, 128:] = 0.0
+    want = x.double() @ ops.dequantize_weight(plain).double().T
+    fastloss.set_cpu_isa("amx")
+    try:
+        y_amx = ops.dequant_gemm(x, plain)
+        fastloss.set_cpu_isa("avx512")
+        y_fma = ops.dequant_gemm(x, plain)
+    finally:
+        fastloss.set_cpu_isa("auto")
+    assert (y_amx[0] == 0).all() and torch.allclose(y_fma[0].double(), want[0], rtol=1e-6)
+    torch.testing.assert_close(y_amx[1:].double(), want[1:], rtol=1e-5, atol=1e-5)
+
+
+@requires_amx_int8
+@pytest.mark.parametrize("scale", [2.0 ** -100, 2.0 ** 110], ids=["tiny", "huge"])
+def test_amx_gemv_extreme_inputs_take_the_float_gemv(scale):
+    # groups whose largest |x| leaves [2^-91, 2^100): the column factors 2^(E - 30 + 8 d) would
+    # leave float32's normal range, so the AVX-512 GEMV runs (float32 FMAs: relative accuracy)
+    g = torch.Generator().manual_seed(5)
+    k, n = 512, 64
+    qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 1e-3, 4, 128, False)
+    x = torch.randn(2, k, generator=g) * scale
+    want = x.double() @ ops.dequantize_weight(qw).double().T
+    fastloss.set_cpu_isa("amx")
+    try:
+        y = ops.dequant_gemm(x, qw)
+    finally:
+        fastloss.set_cpu_isa("auto")
+    assert y.isfinite().all()
+    assert ((y.double() - want).abs() <= 1e-5 * (x.double().abs() @ summed_terms(qw, 4).T)).all()
 
 
 @requires_amx_int8

@@ -1,6 +1,6 @@
-// What the two AMX-BF16 kernels share (quant_cpu_amx.cpp: batches from kQuantAmxMinRows on;
-// quant_cpu_amx_gemv.cpp: batch 1 to 16 / terms): the tile configuration and x's split into
-// bfloat16 terms. Included only by files compiled with -mamx-tile -mamx-bf16.
+// What the AMX kernels share (quant_cpu_amx.cpp: the AMX-BF16 GEMM; quant_cpu_amx_gemv.cpp:
+// the AMX-INT8 GEMV): the tile configuration, float bits, and x's split into bfloat16 terms.
+// Included only by files compiled with the AMX flags.
 #pragma once
 #include <immintrin.h>
 

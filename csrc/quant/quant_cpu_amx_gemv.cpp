@@ -1,31 +1,34 @@
-// The AMX-INT8 GEMV: batches of 1 to 4 rows for the uniform 2-, 4- and 8-bit formats (compiled
-// with -mamx-tile -mamx-int8 -mavx512f -mavx512bw; entered only when the active CPU path is
-// "amx" and the CPU has AMX-INT8, after the checks of common/cpu_features.cpp).
+// The AMX-INT8 GEMV: batches of 1 to 16 rows for the uniform 2-, 4- and 8-bit formats
+// (compiled with -mamx-tile -mamx-int8 -mavx512f -mavx512bw; entered only when the active CPU
+// path is "amx" and the CPU has AMX-INT8, after the checks of common/cpu_features.cpp).
 //
 // Why: the AVX-512 GEMV (quant_cpu_impl.h) spends three vector instructions on every 16
 // weights of a batch row (widen / shift, permute to float, FMA), and those of every batch row
 // again. Here the codes are the tile unit's unsigned bytes as they are: a 4-bit row's 64 packed
 // bytes become two 64-byte rows of codes by an AND (and a shift) each, an 8-bit row is loaded
 // as it is, and one integer tile product takes 16 weight rows x 64 inputs for up to 4 batch
-// rows. Ad hoc, one thread, 4096 x 4096 4-bit, batch 1, a C++ loop around the kernels: 0.89
-// cycles per 16 weights from L2, 1.3 from L3 (AVX-512 GEMV: 2.0), cold 0.80-0.82 ms (1.21-1.27);
-// a bfloat16 variant (one permute and one 64-byte store per 32 weights) was store-bound at 1.6.
+// rows (16 with four column tiles). Ad hoc, one thread, 4096 x 4096 4-bit, batch 1, a C++ loop
+// around the kernels: 0.89 cycles per 16 weights from L2, 1.3 from L3 (AVX-512 GEMV: 2.0), cold
+// 0.80-0.82 ms (1.21-1.27); a bfloat16 variant (one permute and one 64-byte store per 32
+// weights) was store-bound at 1.6.
 //
-// Numbers: x is exact integers in fixed point per (batch row, group): X = round(x 2^(30 - E)),
-// E the exponent of the group's largest |x| (|X| <= 2^30), as four signed base-256 digits, so
-// every sum over a group is an exact integer; the rounding of x is at most 2^-31 of the group's
-// largest |x| (float32 rounds each x times its weight at 2^-24 of itself). Zero points enter
-// exactly too: sum_k (q - z) X = sum_k q X - z sum_k X. Each group's four digit sums times
-// 2^(E - 30 + 8 d) and the group's scale are summed in float32 lanes per weight row.
-// Non-finite x takes the AVX-512 GEMV (quant_amx_gemv_exponents returns false).
+// Numbers: x is integers in fixed point per (batch row, group): X = round(x 2^(30 - E)), 2^E
+// above the group's largest |x| (|X| <= 2^30), as four signed base-256 digits, so every sum
+// over a group is an exact integer (int32: groups up to 2^31 / (128 (2^bits - 1)) inputs); the
+// rounding of x is at most 2^(E - 31), 2^-30 of the group's largest |x| (float32 rounds each x
+// times its weight at 2^-24 of itself: the bounds differ where a group's largest |x| meets
+// weights near zero and the rest of x is ~2^-24 of it or below). Zero points enter in the
+// integers: sum_k (q - z) X = sum_k q X - z sum_k X. Each group's four digit sums times 2^(E -
+// 30 + 8 d) and the group's scale are summed in float32 lanes per weight row. Non-finite x, and
+// groups whose largest |x| is below 2^-90 or from 2^100 (those factors would leave float32's
+// normal range), take the AVX-512 GEMV (quant_amx_gemv_exponents returns false).
 //
 // Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
 // 64 packed bytes (quant_kernels.h: value j * P + i of a group is bit field j of its byte i; P =
-// the group's bytes). B tile (tiles 6 / 7) = 16 quads x 16 columns of 4 bytes: the digits of
-// the inputs of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit)
-// and zero in the others. A block of 32 weight rows accumulates a slab of S groups (S slots x M
-// rows x 4 digits <= 16 columns) in C tiles 0-1 or 2-3 (alternate slabs: one slab's sums are
-// read out while the next one's products run).
+// the group's bytes). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
+// of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit) and zero in
+// the others. C tiles 0-3 accumulate a slab of S groups (S slots x M rows x 4 digits columns),
+// in blocks of 32 weight rows (16 for 9-16 batch rows): see col_tiles_of.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -47,6 +50,9 @@ constexpr int64_t kTileBytes = kTileRows * 64;
 constexpr int64_t kCols = 16;      // C and B columns
 constexpr int kDigits = 4;         // base-256 digits of x's fixed point
 constexpr int kFixedBits = 30;     // |X| <= 2^30
+// A group's largest |x| in [2^(kMinExponent - 1), 2^kMaxExponent) (or 0): the column factors
+// 2^(E - 30 + 8 d) times a scale stay normal float32 numbers
+constexpr int kMinExponent = -90, kMaxExponent = 100;
 // Chunks of a block's rows asked for ahead (64 KiB: a block of rows of 2 KiB, 4096 4-bit
 // inputs; one block ahead for longer rows had the next block's weight, this one's and x's
 // tiles, 16 bytes per input, crowd the 2 MiB L2: 8192 x 28672 batch 1 took 1.5x the AVX-512
@@ -88,16 +94,15 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
 // The tile products of one chunk, plane by plane (a(j, rt): A of plane j, row tile rt; b(j, ct):
 // B of plane j, column tile ct). Tile numbers must be literals (the intrinsics are statement
 // macros that name the register): C tiles 0-3, A tiles 4-5, B tiles 5-7.
-#define FASTLOSS_PRODUCT(c, a_tile, b_tile) _tile_dpbusd(c, a_tile, b_tile)
 // CT = 1 into C tiles (c_lo, c_hi): planes alternate between B tiles 6 and 7
 #define FASTLOSS_CT1_PLANE(c_lo, c_hi, b_tile, j) \
   do {                                            \
     _tile_loadd(b_tile, b(j, 0), 64);             \
     _tile_loadd(4, a(j, 0), stride);              \
-    FASTLOSS_PRODUCT(c_lo, 4, b_tile);            \
+    _tile_dpbusd(c_lo, 4, b_tile);            \
     if (row_tiles > 1) {                          \
       _tile_loadd(5, a(j, 1), stride);            \
-      FASTLOSS_PRODUCT(c_hi, 5, b_tile);          \
+      _tile_dpbusd(c_hi, 5, b_tile);          \
     }                                             \
   } while (0)
 #define FASTLOSS_CT1_CHUNK(c_lo, c_hi)                                       \
@@ -111,12 +116,12 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
     _tile_loadd(6, b(j, 0), 64);              \
     _tile_loadd(7, b(j, 1), 64);              \
     _tile_loadd(4, a(j, 0), stride);          \
-    FASTLOSS_PRODUCT(0, 4, 6);                \
-    FASTLOSS_PRODUCT(1, 4, 7);                \
+    _tile_dpbusd(0, 4, 6);                \
+    _tile_dpbusd(1, 4, 7);                \
     if (row_tiles > 1) {                      \
       _tile_loadd(5, a(j, 1), stride);        \
-      FASTLOSS_PRODUCT(2, 5, 6);              \
-      FASTLOSS_PRODUCT(3, 5, 7);              \
+      _tile_dpbusd(2, 5, 6);              \
+      _tile_dpbusd(3, 5, 7);              \
     }                                         \
   }
 // CT = 4: C tile ct (B tile 5 holds column tiles 0 and then 3)
@@ -126,11 +131,11 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
     _tile_loadd(5, b(j, 0), 64);              \
     _tile_loadd(6, b(j, 1), 64);              \
     _tile_loadd(7, b(j, 2), 64);              \
-    FASTLOSS_PRODUCT(0, 4, 5);                \
-    FASTLOSS_PRODUCT(1, 4, 6);                \
-    FASTLOSS_PRODUCT(2, 4, 7);                \
+    _tile_dpbusd(0, 4, 5);                \
+    _tile_dpbusd(1, 4, 6);                \
+    _tile_dpbusd(2, 4, 7);                \
     _tile_loadd(5, b(j, 3), 64);              \
-    FASTLOSS_PRODUCT(3, 4, 5);                \
+    _tile_dpbusd(3, 4, 5);                \
   }
 
 // The C tiles of a slab zeroed, or stored to c ([block rows][16 CT columns]); parity picks
@@ -199,6 +204,7 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
   const __mmask16 slot_mask = __mmask16((1u << S) - 1);
 
   alignas(64) uint8_t a_tiles[kPlanes * kRows * 64];  // [plane][row][64 codes]
+  std::memset(a_tiles, 0, sizeof(a_tiles));  // (rows past N keep these zeros, or a previous block's codes)
   alignas(64) int32_t c_tiles[kRows * kLd];
   alignas(64) float acc[kRows * kLd];
   int64_t nb = 0, rows = 0, row_tiles = 0;
@@ -230,7 +236,7 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
     // loads read 16 rows)
     const bool direct = BITS == 8 && rows == kRows;
     const int64_t stride = direct ? row_bytes : 64;
-    if (rows < kRows) std::memset(a_tiles, 0, sizeof(a_tiles));  // rows past N: zeros
+    // (rows past N: their C rows are never read)
     std::fill(acc, acc + kRows * kLd, 0.f);
     const uint8_t* block = w.q + nb * row_bytes;
     // With one column tile, even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's
@@ -293,7 +299,6 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
 #undef FASTLOSS_CT2_CHUNK
 #undef FASTLOSS_CT1_CHUNK
 #undef FASTLOSS_CT1_PLANE
-#undef FASTLOSS_PRODUCT
 
 }  // namespace
 
@@ -302,9 +307,9 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
       (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M) == 0)
     return 0;
   const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
-  // 16 lanes in one group (x is packed 16 inputs at a time); whole chunks per row and per slab
-  // of S groups
-  if (group_bytes % 16 != 0 || (w.K * w.bits / 8) % kChunkBytes != 0) return 0;
+  // 16 lanes in one group (x is packed 16 inputs at a time); a group's sums within int32
+  if (G == 0 || group_bytes % 16 != 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
+  // whole 64-byte chunks per slab of S groups (so per row)
   for (int64_t S = col_tiles_of(M) * kCols / (M * kDigits); S >= 1; --S)
     if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
   return 0;
@@ -330,6 +335,7 @@ bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, i
       if (bits >= 0x7f800000u) return false;
       int e = 0;
       std::frexp(amx::float_of(bits), &e);
+      if (bits != 0 && (e < kMinExponent || e > kMaxExponent)) return false;
       E[m * G + g] = e;
     }
   return true;

@@ -185,13 +185,14 @@ void gemm_amx(const QuantWeight& w, const Tensor& x32, at::ScalarType dtype, con
 // y = x32 @ W^T + bias by the AMX-INT8 GEMV (quant_cpu_amx_gemv.cpp; slots:
 // quant_amx_gemv_slots): x packed once (~10 us at K = 4096, on one thread: each thread then
 // reads all of it), blocks of weight rows split between the threads.
-// Returns false (y untouched) where x has a non-finite value.
+// Returns false (y untouched) where x has a non-finite value or one outside the fixed point's
+// range (quant_amx_gemv_exponents).
 bool gemv_amx(const QuantWeight& w, const Tensor& x32, int64_t slots, const Tensor& b32, Tensor& y) {
   const int64_t M = x32.size(0), G = w.K / w.group;
   const float* xp = x32.data_ptr<float>();
   const Tensor exponents = at::empty({M, G}, x32.options().dtype(at::kInt));
-  const int32_t* ep = exponents.data_ptr<int32_t>();
-  if (!quant_amx_gemv_exponents(w, xp, M, exponents.data_ptr<int32_t>())) return false;
+  int32_t* ep = exponents.data_ptr<int32_t>();
+  if (!quant_amx_gemv_exponents(w, xp, M, ep)) return false;
   Tensor digit_sums;
   if (w.zero) {
     digit_sums = at::empty({M, G, 4}, x32.options());
