@@ -57,7 +57,8 @@ PYBIND11_MODULE(_C, m) {
       "Test helper: the bits the CPU kernels store for each float (dtype 0 f32, 1 f16, 2 bf16).");
   m.def(
       "_quant_amx_gemv_slots",
-      [](int bits, int64_t K, int64_t group, int64_t M, bool codebook) {
+      [](int bits, int64_t K, int64_t group, int64_t M, bool codebook) -> int64_t {
+        if (group < 1 || K < 0) return 0;
         fastloss::QuantWeight w;
         w.bits = bits, w.K = K, w.group = group;
         static const float entry = 0.f;

@@ -204,7 +204,9 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
   const __mmask16 slot_mask = __mmask16((1u << S) - 1);
 
   alignas(64) uint8_t a_tiles[kPlanes * kRows * 64];  // [plane][row][64 codes]
-  std::memset(a_tiles, 0, sizeof(a_tiles));  // (rows past N keep these zeros, or a previous block's codes)
+  // rows past N (a last block's) keep these zeros or a previous block's codes: their C rows are
+  // never read
+  std::memset(a_tiles, 0, sizeof(a_tiles));
   alignas(64) int32_t c_tiles[kRows * kLd];
   alignas(64) float acc[kRows * kLd];
   int64_t nb = 0, rows = 0, row_tiles = 0;
@@ -236,7 +238,6 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
     // loads read 16 rows)
     const bool direct = BITS == 8 && rows == kRows;
     const int64_t stride = direct ? row_bytes : 64;
-    // (rows past N: their C rows are never read)
     std::fill(acc, acc + kRows * kLd, 0.f);
     const uint8_t* block = w.q + nb * row_bytes;
     // With one column tile, even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's
