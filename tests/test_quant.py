@@ -212,15 +212,17 @@ requires_amx_int8 = pytest.mark.skipif("amx" not in fastloss.cpu_isas() or not f
 
 @requires_amx_int8
 def test_amx_gemv_applies_where_documented():
-    # S groups side by side in 16 tile columns (4 digits x M batch rows each; 32 or 64 columns
-    # for 5-8 or 9-16 rows, a group at a time); whole 64-byte
-    # chunks per row and per S groups; 16 inputs of a group per x vector; uniform 2/4/8 bits
+    # S groups side by side in 16, 32 or 64 tile columns (4 digits x M batch rows each); whole
+    # 64-byte chunks per S groups; 16 inputs of a group per x vector; uniform 2/4/8 bits
     slots = fastloss._C._quant_amx_gemv_slots
     fastloss.set_cpu_isa("amx")
     try:
         assert [slots(4, 4096, 128, m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [4, 2, 1, 1, 1, 1, 1, 1, 0]
         assert slots(8, 4096, 128, 1) == 4 and slots(2, 4096, 128, 1) == 4 and slots(2, 4096, 128, 2) == 2
-        assert slots(2, 4096, 128, 3) == 0 and slots(2, 4096, 128, 8) == 0  # one 32-byte group: half a chunk
+        # 32-byte groups: two per slab (half a chunk each): two column tiles from 3 rows, four
+        # from 5, none from 9
+        assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9)] == [2, 2, 2, 2, 0]
+        assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
         assert slots(3, 4096, 128, 1) == 0             # 3-bit: no byte-aligned planes
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
@@ -253,7 +255,8 @@ def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     fastloss.set_cpu_isa("amx")
     try:
         for m in (1, 2, 3, 4, 5, 8, 11, 16):
-            assert m > 1 or fastloss._C._quant_amx_gemv_slots(bits, k, qw.group, m) > 0  # (2-bit: some m take the GEMV)
+            # (2-bit groups of 64 from 5 rows and of 128 from 9 take the float paths)
+            assert m > 4 or fastloss._C._quant_amx_gemv_slots(bits, k, qw.group, m) > 0
             x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-40, 40, (m, k), generator=g).float())
             want = x.double() @ w64.T + bias.double()
             err = (ops.dequant_gemm(x, qw, bias).double() - want).abs()

@@ -28,7 +28,7 @@
 // the group's bytes). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
 // of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit) and zero in
 // the others. C tiles 0-3 accumulate a slab of S groups (S slots x M rows x 4 digits columns),
-// in blocks of 32 weight rows (16 for 9-16 batch rows): see col_tiles_of.
+// in blocks of 32 weight rows (16 with four column tiles): see col_tiles_of.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -84,11 +84,14 @@ inline __m512i next_digit(__m512i& X) {
   return digit;
 }
 
-// Column tiles of a batch of M rows (4 digit columns each; 0: too many rows), and the row
-// tiles a block then holds in the four C tiles: CT = 1 (batch 1-4): two row tiles, C tiles 0-1
-// for even slabs and 2-3 for odd ones; CT = 2 (batch 5-8): two row tiles x two column tiles;
-// CT = 4 (batch 9-16): one row tile x four column tiles.
-constexpr int col_tiles_of(int64_t M) { return M <= 4 ? 1 : M <= 8 ? 2 : M <= 16 ? 4 : 0; }
+// Column tiles for slabs of S groups x M batch rows x 4 digits (the fewest of 1, 2, 4 that
+// hold them; 0: none does), and the row tiles a block then holds in the four C tiles: CT = 1
+// (up to 16 columns: batch 1-4): two row tiles, C tiles 0-1 for even slabs and 2-3 for odd
+// ones; CT = 2 (batch 5-8, or 3-4 with two groups per slab): two row tiles x two column
+// tiles; CT = 4: one row tile x four column tiles.
+constexpr int col_tiles_of(int64_t M, int64_t S) {
+  return S * M * kDigits <= kCols ? 1 : S * M * kDigits <= 2 * kCols ? 2 : S * M * kDigits <= 4 * kCols ? 4 : 0;
+}
 constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
 
 // The tile products of one chunk, plane by plane (a(j, rt): A of plane j, row tile rt; b(j, ct):
@@ -305,19 +308,21 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
 
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   if (active_cpu_isa() != CpuIsa::amx || !cpu_supports_amx_int8() || w.codebook != nullptr ||
-      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M) == 0)
+      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M, 1) == 0)
     return 0;
   const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
   // 16 lanes in one group (x is packed 16 inputs at a time); a group's sums within int32
   if (G == 0 || group_bytes % 16 != 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
-  // whole 64-byte chunks per slab of S groups (so per row)
-  for (int64_t S = col_tiles_of(M) * kCols / (M * kDigits); S >= 1; --S)
-    if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
+  // the fewest column tiles, then the most groups per slab: S groups dividing G that fill whole
+  // 64-byte chunks (so do the rows)
+  for (int ct = 1; ct <= 4; ct *= 2)
+    for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
+      if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
   return 0;
 }
 
-int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M) {
-  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * col_tiles_of(M) * kTileBytes;
+int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) {
+  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * col_tiles_of(M, S) * kTileBytes;
 }
 
 int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
@@ -358,7 +363,7 @@ void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32
 
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
                            uint8_t* packed, int64_t c0, int64_t c1) {
-  const int planes = planes_of(w.bits), CT = col_tiles_of(M);
+  const int planes = planes_of(w.bits), CT = col_tiles_of(M, S);
   const int64_t G = w.K / w.group, P = w.group * w.bits / 8;
   for (int64_t c = c0; c < c1; ++c) {
     for (int j = 0; j < planes; ++j) {
@@ -387,7 +392,7 @@ void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* 
                     int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
   auto run = [&](auto bits_c) {
     constexpr int BITS = decltype(bits_c)::value;
-    switch (col_tiles_of(M)) {
+    switch (col_tiles_of(M, S)) {
       case 1: return gemv_rows<BITS, 1>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
       case 2: return gemv_rows<BITS, 2>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
       default: return gemv_rows<BITS, 4>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);

@@ -82,12 +82,12 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
 // not apply. x [M, K] float32 (contiguous): quant_amx_gemv_exponents writes E [M, G] (false for
 // a non-finite x, or a group's largest |x| outside [2^-91, 2^100): this path does not apply);
 // with zero points, quant_amx_gemv_digit_sums writes the digits' sums over each group [M, G, 4];
-// quant_amx_gemv_pack_x writes the digits into quant_amx_gemv_packed_bytes(w, M) bytes, chunks
+// quant_amx_gemv_pack_x writes the digits into quant_amx_gemv_packed_bytes(w, M, S) bytes, chunks
 // [c0, c1) of 64 packed bytes (K * bits / 512 of them); quant_amx_gemv writes y[m, n] (row
 // stride N) for output features [n0, n1), n0 a multiple of quant_amx_gemv_block_rows()
 // (digit_sums: nullptr without zero points).
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M);
-int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M);
+int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S);
 int64_t quant_amx_gemv_block_rows();
 bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, int32_t* E);
 void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32_t* E, int64_t M,

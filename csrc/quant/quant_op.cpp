@@ -198,7 +198,7 @@ bool gemv_amx(const QuantWeight& w, const Tensor& x32, int64_t slots, const Tens
     digit_sums = at::empty({M, G, 4}, x32.options());
     quant_amx_gemv_digit_sums(w, xp, ep, M, digit_sums.data_ptr<float>());
   }
-  const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w, M)}, x32.options().dtype(at::kByte));
+  const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w, M, slots)}, x32.options().dtype(at::kByte));
   uint8_t* pp = packed.data_ptr<uint8_t>();
   quant_amx_gemv_pack_x(w, xp, ep, M, slots, pp, 0, w.K * w.bits / 512);
   const float* dp = digit_sums.defined() ? digit_sums.data_ptr<float>() : nullptr;
