@@ -19,7 +19,7 @@ Variants, same inputs, same run, per (layer shape N x K, batch M):
     instead of the tiles (from 64 rows for the formats the pipelined GEMM does not read);
   * ``fastloss_4bit_avx512`` (CPU with AMX): the 4-bit row again on the AVX-512 path (GEMV,
     or dequantized tiles + torch's GEMM) instead of the AMX tile products (the AMX-INT8 GEMV at
-    batch 1-4, the AMX-BF16 GEMM from batch 8);
+    batch 1-16, the AMX-BF16 GEMM above);
   * ``fastloss_4bit_bf16`` and ``torch_matmul_bf16`` (CPU with AMX): bfloat16 activations,
     where the AMX path multiplies one bfloat16 term instead of three, against torch's bfloat16
     matmul (oneDNN on the tile unit);
