@@ -34,9 +34,7 @@ int64_t quant_amx_gemv_slots(const QuantWeight&, int64_t) { return 0; }
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight&, int64_t, int64_t) { return 0; }
 int64_t quant_amx_gemv_block_rows() { return 1; }
 bool quant_amx_gemv_exponents(const QuantWeight&, const float*, int64_t, int32_t*) { return false; }
-void quant_amx_gemv_digit_sums(const QuantWeight&, const float*, const int32_t*, int64_t, float*) {}
-void quant_amx_gemv_pack_x(const QuantWeight&, const float*, const int32_t*, int64_t, int64_t, uint8_t*,
-                           int64_t, int64_t) {}
+void quant_amx_gemv_pack_x(const QuantWeight&, const float*, const int32_t*, int64_t, int64_t, uint8_t*, float*) {}
 void quant_amx_gemv(const QuantWeight&, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
                     const float*, float*, int64_t, int64_t) {}
 #endif

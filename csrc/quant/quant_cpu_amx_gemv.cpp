@@ -347,25 +347,12 @@ bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, i
   return true;
 }
 
-void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32_t* E, int64_t M,
-                               float* sums) {
-  const int64_t G = w.K / w.group;
-  for (int64_t m = 0; m < M; ++m)
-    for (int64_t g = 0; g < G; ++g) {
-      __m512i total[kDigits] = {};
-      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 16) {
-        __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
-        for (int d = 0; d < kDigits; ++d) total[d] = _mm512_add_epi32(total[d], next_digit(X));
-      }
-      for (int d = 0; d < kDigits; ++d) sums[(m * G + g) * kDigits + d] = float(_mm512_reduce_add_epi32(total[d]));
-    }
-}
-
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
-                           uint8_t* packed, int64_t c0, int64_t c1) {
+                           uint8_t* packed, float* digit_sums) {
   const int planes = planes_of(w.bits), CT = col_tiles_of(M, S);
   const int64_t G = w.K / w.group, P = w.group * w.bits / 8;
-  for (int64_t c = c0; c < c1; ++c) {
+  if (digit_sums) std::fill(digit_sums, digit_sums + M * G * kDigits, 0.f);
+  for (int64_t c = 0; c < w.K * w.bits / 8 / kChunkBytes; ++c) {
     for (int j = 0; j < planes; ++j) {
       uint8_t* tiles = packed + (c * planes + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
       std::memset(tiles, 0, CT * kTileBytes);
@@ -376,6 +363,7 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
           __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
           for (int d = 0; d < kDigits; ++d) {
             const __m512i digit = next_digit(X);
+            if (digit_sums) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
             alignas(16) uint8_t bytes[16];
             _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
             const int64_t col = (g % S * M + m) * kDigits + d;

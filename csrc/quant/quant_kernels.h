@@ -81,19 +81,16 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
 // side in one to four tiles' columns. quant_amx_gemv_slots(w, M) is S, or 0 where this path does
 // not apply. x [M, K] float32 (contiguous): quant_amx_gemv_exponents writes E [M, G] (false for
 // a non-finite x, or a group's largest |x| outside [2^-91, 2^100): this path does not apply);
-// with zero points, quant_amx_gemv_digit_sums writes the digits' sums over each group [M, G, 4];
-// quant_amx_gemv_pack_x writes the digits into quant_amx_gemv_packed_bytes(w, M, S) bytes, chunks
-// [c0, c1) of 64 packed bytes (K * bits / 512 of them); quant_amx_gemv writes y[m, n] (row
-// stride N) for output features [n0, n1), n0 a multiple of quant_amx_gemv_block_rows()
-// (digit_sums: nullptr without zero points).
+// quant_amx_gemv_pack_x writes the digits into quant_amx_gemv_packed_bytes(w, M, S) bytes and,
+// with zero points (digit_sums not null), the digits' sums over each group [M, G, 4];
+// quant_amx_gemv writes y[m, n] (row stride N) for output features [n0, n1), n0 a multiple of
+// quant_amx_gemv_block_rows() (digit_sums: nullptr without zero points).
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M);
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S);
 int64_t quant_amx_gemv_block_rows();
 bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, int32_t* E);
-void quant_amx_gemv_digit_sums(const QuantWeight& w, const float* x, const int32_t* E, int64_t M,
-                               float* sums);
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
-                           uint8_t* packed, int64_t c0, int64_t c1);
+                           uint8_t* packed, float* digit_sums);
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                     int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1);
 

@@ -193,15 +193,11 @@ bool gemv_amx(const QuantWeight& w, const Tensor& x32, int64_t slots, const Tens
   const Tensor exponents = at::empty({M, G}, x32.options().dtype(at::kInt));
   int32_t* ep = exponents.data_ptr<int32_t>();
   if (!quant_amx_gemv_exponents(w, xp, M, ep)) return false;
-  Tensor digit_sums;
-  if (w.zero) {
-    digit_sums = at::empty({M, G, 4}, x32.options());
-    quant_amx_gemv_digit_sums(w, xp, ep, M, digit_sums.data_ptr<float>());
-  }
+  const Tensor digit_sums = w.zero ? at::empty({M, G, 4}, x32.options()) : Tensor();  // (zero points)
+  float* dp = digit_sums.defined() ? digit_sums.data_ptr<float>() : nullptr;
   const Tensor packed = at::empty({quant_amx_gemv_packed_bytes(w, M, slots)}, x32.options().dtype(at::kByte));
   uint8_t* pp = packed.data_ptr<uint8_t>();
-  quant_amx_gemv_pack_x(w, xp, ep, M, slots, pp, 0, w.K * w.bits / 512);
-  const float* dp = digit_sums.defined() ? digit_sums.data_ptr<float>() : nullptr;
+  quant_amx_gemv_pack_x(w, xp, ep, M, slots, pp, dp);
   const float* bp = b32.defined() ? b32.data_ptr<float>() : nullptr;
   float* yp = y.data_ptr<float>();
   const int64_t block = quant_amx_gemv_block_rows(), blocks = (w.N + block - 1) / block;
