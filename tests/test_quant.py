@@ -215,7 +215,7 @@ requires_amx_int8 = pytest.mark.skipif("amx" not in fastloss.cpu_isas() or not f
 @requires_amx_int8
 def test_amx_gemv_applies_where_documented():
     # S groups side by side in 16, 32 or 64 tile columns (4 digits x M batch rows each); whole
-    # 64-byte chunks per S groups; 16 inputs of a group per x vector; uniform 2/4/8 bits
+    # 64-byte chunks per S groups; 16 inputs of a group per x vector; uniform 2/3/4/8 bits
     slots = fastloss._C._quant_amx_gemv_slots
     fastloss.set_cpu_isa("amx")
     try:
@@ -226,7 +226,11 @@ def test_amx_gemv_applies_where_documented():
         assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9)] == [2, 2, 2, 2, 0]
         assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
-        assert slots(3, 4096, 128, 1) == 0             # 3-bit: no byte-aligned planes
+        # 3-bit: S groups' third bits (16 bytes a group at 128) fill whole chunks: S = 4 at
+        # group 128 (up to 4 rows), 2 at 256 (up to 8); 8-byte sections at 64 do not apply
+        assert [slots(3, 4096, 128, m) for m in (1, 2, 4, 5)] == [4, 4, 4, 0]
+        assert [slots(3, 4096, 256, m) for m in (1, 2, 8, 9)] == [4, 2, 2, 0]
+        assert slots(3, 4096, 64, 1) == 0 and slots(3, 4096, 4096, 16) == 1
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
         assert slots(2, 4096, 32, 1) == 0              # 8-byte groups
         assert slots(4, 608, 32, 1) == 0               # 304-byte rows
@@ -240,14 +244,16 @@ def test_amx_gemv_applies_where_documented():
 
 
 @requires_amx_int8
-@pytest.mark.parametrize("bits,group_size,symmetric", [(b, g, s) for b in (2, 4, 8) for g in (64, 128, 256, -1, 0)
-                                                       for s in (True, False)], ids=lambda v: str(v))
+@pytest.mark.parametrize("bits,group_size,symmetric",
+                         [(b, g, s) for b in (2, 4, 8) for g in (64, 128, 256, -1, 0) for s in (True, False)] +
+                         [(3, g, s) for g in (128, 256, -1, 0) for s in (True, False)], ids=lambda v: str(v))
 def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     # The AMX-INT8 GEMV rounds x to fixed point per group (30 bits below its largest |x|) and
     # sums exact integers: over inputs spread across 2^-40..2^40 its error must stay within a
     # float32 GEMM's bound. Batches 1-4 (S = 4, 2, 1, 1 groups per tile), 5-8 (two column tiles)
     # and 9-16 (four, 16-row blocks); weight rows past one 32-row block, the last block's second
-    # row tile partly past N (150 = 4 x 32 + 22).
+    # row tile partly past N (150 = 4 x 32 + 22). 3-bit: low-bit and third-bit chunks of S = 4
+    # (group 128), 2 or 4 (256) and 1 (per channel, per tensor) groups.
     g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
     k, n = 1024, 150
     qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 0.1, bits, group_size, symmetric)
@@ -292,16 +298,16 @@ def test_amx_gemv_blocks_and_threads(n, m, threads):
 
 
 @requires_amx_int8
-@pytest.mark.parametrize("m", [1, 6, 12], ids=lambda m: f"m{m}")
-def test_amx_gemv_rounds_x_in_fixed_point_per_group(m):
+@pytest.mark.parametrize("m,bits", [(1, 4), (6, 4), (12, 4), (1, 3), (4, 3)], ids=lambda v: str(v))
+def test_amx_gemv_rounds_x_in_fixed_point_per_group(m, bits):
     # The documented error model, and a witness that the AMX-INT8 path ran: an input below
     # 2^-31 of its group's largest |x| rounds to zero. One group's largest x meets a zero code
     # and the rest are 2^-40: the exact result 127 * 2^-40 comes out as 0 (the AVX-512 GEMV,
     # float32 FMAs, gives it); the other rows of x are ordinary and match on both paths.
-    k, n = 256, 3
+    k, n = 512, 3   # (3-bit at group 128: slabs of 4 groups)
     q = torch.ones(n, k, dtype=torch.long)
     q[:, 0] = 0
-    plain = ops.QuantizedWeight.from_int(q, torch.ones(n, 2), None, 4, 128)
+    plain = ops.QuantizedWeight.from_int(q, torch.ones(n, k // 128), None, bits, 128)
     x = torch.randn(m, k)
     x[0, :128] = 2.0 ** -40
     x[0, 0] = 1.0

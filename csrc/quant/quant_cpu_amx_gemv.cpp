@@ -1,4 +1,4 @@
-// The AMX-INT8 GEMV: batches of 1 to 16 rows for the uniform 2-, 4- and 8-bit formats
+// The AMX-INT8 GEMV: batches of 1 to 16 rows for the uniform 2-, 3-, 4- and 8-bit formats
 // (compiled with -mamx-tile -mamx-int8 -mavx512f -mavx512bw; entered only when the active CPU
 // path is "amx" and the CPU has AMX-INT8, after the checks of common/cpu_features.cpp).
 //
@@ -28,7 +28,14 @@
 // the group's bytes). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
 // of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit) and zero in
 // the others. C tiles 0-3 accumulate a slab of S groups (S slots x M rows x 4 digits columns),
-// in blocks of 32 weight rows (16 with four column tiles): see col_tiles_of.
+// in blocks of 32 weight rows (16 with four column tiles): see col_tiles_of. 3-bit codes are
+// their low two bits plus 4 times the third: the slab's low bits and third bits are chunks of
+// their own (ChunkMap), summed in the same C tiles (the third bits' codes are 0 or 4): twice
+// the tile products of a 4-bit input, and 16 plane stores per 192 packed bytes instead of 6.
+// Ad hoc, 2 threads, cold 4096 x 4096 (14336 x 4096, 4096 x 14336) 3-bit, against the AVX-512
+// GEMV in the same script: batch 1 1.11x (1.19x, 1.32x) at group 128, 1.16x at 256; batch 2
+// 2.21x, 3 1.41x, 4 1.63x (1.77x); group 256: batch 2 2.58x, 8 2.14x. Profiled at batch 1:
+// the weight loads' misses and the slab read-outs' tile stores lead.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -59,7 +66,8 @@ constexpr int kMinExponent = -90, kMaxExponent = 100;
 // GEMV's time)
 constexpr int64_t kPrefetchChunks = 32;
 
-constexpr int planes_of(int bits) { return 8 / bits; }
+// planes of a chunk (3-bit: of its third bits' chunks; its low bits' chunks have 4)
+constexpr int planes_of(int bits) { return bits == 3 ? 8 : 8 / bits; }
 
 // plane j of 64 packed bytes: the codes, one per byte
 template <int BITS>
@@ -68,6 +76,54 @@ inline __m512i plane(__m512i b, int j) {
   const __m512i mask = _mm512_set1_epi8(char((1 << BITS) - 1));
   return _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
 }
+
+// plane j of 64 bytes of 3-bit third bits: bit j of each byte times 4 (its weight in the code)
+inline __m512i third_bit_plane(__m512i b, int j) {
+  const __m512i bit = j >= 2 ? _mm512_srli_epi16(b, unsigned(j - 2)) : _mm512_slli_epi16(b, unsigned(2 - j));
+  return _mm512_and_si512(bit, _mm512_set1_epi8(4));
+}
+
+// Where chunk c of a row (64 codes per plane) comes from, and where its B tiles are. 2-, 4-,
+// 8-bit: the row's packed bytes c * 64 .. c * 64 + 63, planes_of(bits) planes. 3-bit (a group
+// is 2P bytes of low two bits in the 2-bit layout, then P bytes of third bits; P = group / 8):
+// a slab's S groups give S 2P / 64 chunks of their low bits (4 planes of 2-bit codes), then
+// S P / 64 of their third bits (8 planes), each chunk four 16-byte pieces of the slab's bytes.
+// Either way a slab is a whole number of the row's 64-byte chunks, read in address order.
+struct ChunkMap {
+  int bits;
+  int64_t S, group, P, chunks_per_slab, low_chunks, slab_planes;
+  ChunkMap(const QuantWeight& w, int64_t slots)
+      : bits(w.bits), S(slots), group(w.group), P(w.bits == 3 ? w.group / 8 : w.group * w.bits / 8),
+        chunks_per_slab(slots * w.group * w.bits / 8 / kChunkBytes),
+        low_chunks(w.bits == 3 ? slots * 2 * P / kChunkBytes : chunks_per_slab),
+        slab_planes(w.bits == 3 ? 4 * low_chunks + 8 * (chunks_per_slab - low_chunks) : chunks_per_slab * planes_of(w.bits)) {}
+  bool low(int64_t c) const { return c % chunks_per_slab < low_chunks; }
+  int planes(int64_t c) const { return bits != 3 ? planes_of(bits) : low(c) ? 4 : 8; }
+  // (c, plane 0)'s place among the row's plane tiles (c = the row's chunks: their number)
+  int64_t first_plane(int64_t c) const {
+    if (bits != 3) return c * planes_of(bits);
+    const int64_t local = c % chunks_per_slab;
+    return c / chunks_per_slab * slab_planes + (local < low_chunks ? 4 * local : 4 * low_chunks + 8 * (local - low_chunks));
+  }
+  // 3-bit: the byte in its slab of piece q (16 bytes) of the slab's chunk `local`
+  int64_t piece(int64_t local, int q) const {
+    const int64_t o = (local < low_chunks ? local : local - low_chunks) * kChunkBytes + 16 * q;
+    return local < low_chunks ? o / (2 * P) * 3 * P + o % (2 * P) : o / P * 3 * P + 2 * P + o % P;
+  }
+  // the group and input of lane `lane` (a multiple of 16) of plane j of chunk c; the next 15
+  // lanes are the next 15 inputs
+  void input(int64_t c, int j, int64_t lane, int64_t& g, int64_t& k) const {
+    if (bits != 3) {
+      const int64_t byte = c * kChunkBytes + lane;
+      g = byte / P, k = g * group + j * P + byte % P;
+      return;
+    }
+    const int64_t slab = c / chunks_per_slab, local = c % chunks_per_slab;
+    const int64_t o = (local < low_chunks ? local : local - low_chunks) * kChunkBytes + lane;
+    const int64_t span = local < low_chunks ? 2 * P : P;  // bytes of a group's section
+    g = slab * S + o / span, k = g * group + j * span + o % span;
+  }
+};
 
 // X = round(x 2^shift) for 16 inputs, by two exact power-of-two factors (one may not be a float)
 inline __m512i fixed_point(const float* x, int shift) {
@@ -95,7 +151,7 @@ constexpr int col_tiles_of(int64_t M, int64_t S) {
 constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
 
 // The tile products of one chunk, plane by plane (a(j, rt): A of plane j, row tile rt; b(j, ct):
-// B of plane j, column tile ct). Tile numbers must be literals (the intrinsics are statement
+// B of plane j, column tile ct; `planes` of them). Tile numbers must be literals (the intrinsics are statement
 // macros that name the register): C tiles 0-3, A tiles 4-5, B tiles 5-7.
 // CT = 1 into C tiles (c_lo, c_hi): planes alternate between B tiles 6 and 7
 #define FASTLOSS_CT1_PLANE(c_lo, c_hi, b_tile, j) \
@@ -109,13 +165,13 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
     }                                             \
   } while (0)
 #define FASTLOSS_CT1_CHUNK(c_lo, c_hi)                                       \
-  for (int j = 0; j < kPlanes; j += 2) {                                     \
+  for (int j = 0; j < planes; j += 2) {                                     \
     FASTLOSS_CT1_PLANE(c_lo, c_hi, 6, j);                                    \
-    if (j + 1 < kPlanes) FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, j + 1);           \
+    if (j + 1 < planes) FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, j + 1);           \
   }
 // CT = 2: C tile 2 rt + ct
 #define FASTLOSS_CT2_CHUNK()                  \
-  for (int j = 0; j < kPlanes; ++j) {         \
+  for (int j = 0; j < planes; ++j) {         \
     _tile_loadd(6, b(j, 0), 64);              \
     _tile_loadd(7, b(j, 1), 64);              \
     _tile_loadd(4, a(j, 0), stride);          \
@@ -129,7 +185,7 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
   }
 // CT = 4: C tile ct (B tile 5 holds column tiles 0 and then 3)
 #define FASTLOSS_CT4_CHUNK()                  \
-  for (int j = 0; j < kPlanes; ++j) {         \
+  for (int j = 0; j < planes; ++j) {         \
     _tile_loadd(4, a(j, 0), stride);          \
     _tile_loadd(5, b(j, 0), 64);              \
     _tile_loadd(6, b(j, 1), 64);              \
@@ -181,10 +237,14 @@ inline void store_sums(int64_t parity, int32_t* c) {
 template <int BITS, int CT>
 void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
-  constexpr int kPlanes = planes_of(BITS);
+  constexpr int kPlanes = planes_of(BITS);  // (3-bit: the most of a chunk)
   constexpr int64_t kLd = CT * kCols, kRows = row_tiles_of(CT) * kTileRows;  // columns, block rows
   const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
-  const int64_t chunks_per_slab = S * group_bytes / kChunkBytes, slabs = G / S, cols = S * M * kDigits;
+  const ChunkMap map(w, S);
+  const int64_t chunks_per_slab = map.chunks_per_slab, slabs = G / S, cols = S * M * kDigits;
+  // 3-bit: the four pieces of each chunk of a slab, as offsets from the slab's first byte
+  std::vector<int64_t> pieces(BITS == 3 ? chunks_per_slab * 4 : 0);
+  for (int64_t i = 0; i < int64_t(pieces.size()); ++i) pieces[i] = map.piece(i / 4, int(i % 4));
   const int64_t row_chunks = row_bytes / kChunkBytes;
   // column c of slab: 2^(E - 30 + 8 d) of its (slot, batch row, digit); the group's scale is
   // per weight row (slot_of_col picks it from the row's S scales); and, with zero points, the
@@ -257,17 +317,37 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
         const int64_t ahead = c + kPrefetchChunks;
         const uint8_t* hint = ahead < row_chunks ? block + ahead * kChunkBytes
                                                  : block + kRows * row_bytes + (ahead - row_chunks) * kChunkBytes;
+        const int planes = BITS == 3 ? map.planes(c) : kPlanes;
+        const int64_t first = map.first_plane(c), local = c - slab * chunks_per_slab;
         for (int64_t r = 0; r < rows; ++r) {
           _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
           if (direct) continue;
-          const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
+          if constexpr (BITS == 3) {
+            const uint8_t* src = block + r * row_bytes + slab * S * group_bytes;
+            const int64_t* at = &pieces[local * 4];
+            const __m512i b = _mm512_inserti32x4(
+                _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(_mm_loadu_si128(
+                                                          reinterpret_cast<const __m128i*>(src + at[0]))),
+                                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[1])), 1),
+                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[2])), 2),
+                _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[3])), 3);
+            if (planes == 4) {
 #pragma GCC unroll 4
-          for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
+              for (int j = 0; j < 4; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<2>(b, j));
+            } else {
+#pragma GCC unroll 8
+              for (int j = 0; j < 8; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, third_bit_plane(b, j));
+            }
+          } else {
+            const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
+#pragma GCC unroll 4
+            for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
+          }
         }
         auto a = [&](int j, int rt) {
           return direct ? block + c * kChunkBytes + rt * kTileRows * row_bytes : a_tiles + (j * kRows + rt * kTileRows) * 64;
         };
-        auto b = [&](int j, int ct) { return packed + ((c * kPlanes + j) * CT + ct) * kTileBytes; };
+        auto b = [&](int j, int ct) { return packed + ((first + j) * CT + ct) * kTileBytes; };
         if constexpr (CT == 1) {
           if (slab % 2 == 0) {
             FASTLOSS_CT1_CHUNK(0, 1)
@@ -308,13 +388,15 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
 
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   if (active_cpu_isa() != CpuIsa::amx || !cpu_supports_amx_int8() || w.codebook != nullptr ||
-      (w.bits != 2 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M, 1) == 0)
+      (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M, 1) == 0)
     return 0;
   const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
-  // 16 lanes in one group (x is packed 16 inputs at a time); a group's sums within int32
+  // 16 lanes in one group (x is packed 16 inputs at a time; 3-bit: 3 P bytes, P a multiple of
+  // 16, so are both sections); a group's sums within int32
   if (G == 0 || group_bytes % 16 != 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
   // the fewest column tiles, then the most groups per slab: S groups dividing G that fill whole
-  // 64-byte chunks (so do the rows)
+  // 64-byte chunks (so do the rows; 3-bit: S P is a multiple of 64, so S groups' low bits and
+  // third bits fill whole chunks too)
   for (int ct = 1; ct <= 4; ct *= 2)
     for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
       if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
@@ -322,7 +404,7 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
 }
 
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) {
-  return w.K * w.bits / 8 / kChunkBytes * planes_of(w.bits) * col_tiles_of(M, S) * kTileBytes;
+  return ChunkMap(w, S).first_plane(w.K * w.bits / 8 / kChunkBytes) * col_tiles_of(M, S) * kTileBytes;
 }
 
 int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
@@ -349,21 +431,26 @@ bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, i
 
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
                            uint8_t* packed, float* digit_sums) {
-  const int planes = planes_of(w.bits), CT = col_tiles_of(M, S);
-  const int64_t G = w.K / w.group, P = w.group * w.bits / 8;
+  const int CT = col_tiles_of(M, S);
+  const int64_t G = w.K / w.group;
+  const ChunkMap map(w, S);
   if (digit_sums) std::fill(digit_sums, digit_sums + M * G * kDigits, 0.f);
   for (int64_t c = 0; c < w.K * w.bits / 8 / kChunkBytes; ++c) {
-    for (int j = 0; j < planes; ++j) {
-      uint8_t* tiles = packed + (c * planes + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
+    // each input once in the digit sums (3-bit: in its low bits' plane, not its third bit's)
+    const bool sum = digit_sums != nullptr && map.low(c);
+    for (int j = 0; j < map.planes(c); ++j) {
+      uint8_t* tiles = packed + (map.first_plane(c) + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
       std::memset(tiles, 0, CT * kTileBytes);
-      // 16 lanes at a time: consecutive inputs of one group (P is a multiple of 16)
+      // 16 lanes at a time: consecutive inputs of one group (its bytes, or 3-bit sections, are
+      // multiples of 16)
       for (int64_t lane = 0; lane < 64; lane += 16) {
-        const int64_t byte = c * kChunkBytes + lane, g = byte / P, k = g * w.group + j * P + byte % P;
+        int64_t g = 0, k = 0;
+        map.input(c, j, lane, g, k);
         for (int64_t m = 0; m < M; ++m) {
           __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
           for (int d = 0; d < kDigits; ++d) {
             const __m512i digit = next_digit(X);
-            if (digit_sums) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
+            if (sum) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
             alignas(16) uint8_t bytes[16];
             _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
             const int64_t col = (g % S * M + m) * kDigits + d;
@@ -388,6 +475,7 @@ void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* 
   };
   switch (w.bits) {
     case 2: return run(std::integral_constant<int, 2>());
+    case 3: return run(std::integral_constant<int, 3>());
     case 4: return run(std::integral_constant<int, 4>());
     default: return run(std::integral_constant<int, 8>());
   }
