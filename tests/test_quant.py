@@ -227,10 +227,14 @@ def test_amx_gemv_applies_where_documented():
         assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
         # 3-bit: S groups' third bits (16 bytes a group at 128) fill whole chunks: S = 4 at
-        # group 128 (up to 4 rows), 2 at 256 (up to 8); 8-byte sections at 64 do not apply
+        # group 128 (up to 4 rows), at 256 4 for one row and 2 up to 8; 8-byte sections at 64,
+        # or 5 groups of 128 (no S divides them), do not apply
         assert [slots(3, 4096, 128, m) for m in (1, 2, 4, 5)] == [4, 4, 4, 0]
         assert [slots(3, 4096, 256, m) for m in (1, 2, 8, 9)] == [4, 2, 2, 0]
-        assert slots(3, 4096, 64, 1) == 0 and slots(3, 4096, 4096, 16) == 1
+        assert slots(3, 4096, 64, 1) == 0 and slots(3, 4096, 4096, 16) == 1 and slots(3, 640, 128, 1) == 0
+        # x's tiles within 2 MiB (L2): K / 32 (3-bit; else K / 64) KiB per column tile
+        assert slots(3, 28672, 128, 2) == 4 and slots(3, 28672, 128, 4) == 0
+        assert slots(4, 28672, 128, 16) == 1 and slots(4, 65536, 128, 16) == 0
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
         assert slots(2, 4096, 32, 1) == 0              # 8-byte groups
         assert slots(4, 608, 32, 1) == 0               # 304-byte rows
@@ -295,6 +299,40 @@ def test_amx_gemv_blocks_and_threads(n, m, threads):
         torch.set_num_threads(previous)
     err = (y.double() - x.double() @ w64.T).abs()
     assert (err <= 1e-5 * (x.double().abs() @ summed_terms(qw, 4).T)).all()
+
+
+@requires_amx_int8
+@pytest.mark.parametrize("k,group_size,zeros", [
+    (1536, 384, True),    # slabs of 9 chunks (6 of low bits, 3 of third bits)
+    (2560, 640, False),   # 15 chunks, random codes without zero points
+    (8192, 128, False),   # rows of 48 chunks: the prefetch within the row; 16 slabs
+    (2048, 256, False),   # 2 slabs at one row (the odd-parity accumulators), 4 from two rows
+], ids=str)
+def test_amx_gemv_3bit_slabs_and_threads(k, group_size, zeros):
+    # 3-bit chunks gathered from their slab's groups (low bits, then third bits), split
+    # between threads over blocks of rows (the last partial): a misplaced piece or plane is an
+    # O(1) error against the float32 bound
+    g = torch.Generator().manual_seed(k + group_size)
+    n = 200
+    if zeros:
+        qw = ops.quantize_weight(torch.randn(n, k, generator=g), 3, group_size, False)
+    else:
+        q = torch.randint(0, 8, (n, k), generator=g)
+        qw = ops.QuantizedWeight.from_int(q, torch.rand(n, k // group_size, generator=g) + 0.1, None, 3, group_size)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 3, qw.group, qw.codebook)
+    terms = summed_terms(qw, 3)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(2)
+    fastloss.set_cpu_isa("amx")
+    try:
+        for m in (1, 2, 4):
+            assert fastloss._C._quant_amx_gemv_slots(3, k, group_size, m) > 0
+            x = torch.randn(m, k, generator=g)
+            err = (ops.dequant_gemm(x, qw).double() - x.double() @ w64.T).abs()
+            assert (err <= 1e-5 * (x.double().abs() @ terms.T)).all(), m
+    finally:
+        fastloss.set_cpu_isa("auto")
+        torch.set_num_threads(previous)
 
 
 @requires_amx_int8

@@ -25,17 +25,18 @@
 //
 // Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
 // 64 packed bytes (quant_kernels.h: value j * P + i of a group is bit field j of its byte i; P =
-// the group's bytes). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
+// the group's bytes; 3-bit: see ChunkMap). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
 // of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit) and zero in
 // the others. C tiles 0-3 accumulate a slab of S groups (S slots x M rows x 4 digits columns),
 // in blocks of 32 weight rows (16 with four column tiles): see col_tiles_of. 3-bit codes are
 // their low two bits plus 4 times the third: the slab's low bits and third bits are chunks of
-// their own (ChunkMap), summed in the same C tiles (the third bits' codes are 0 or 4): twice
-// the tile products of a 4-bit input, and 16 plane stores per 192 packed bytes instead of 6.
+// their own (ChunkMap), summed in the same C tiles (the third bits' codes are 0 or 4): per
+// input, twice the tile products and plane stores of 4 bits (16 planes per 128 inputs, not 8).
 // Ad hoc, 2 threads, cold 4096 x 4096 (14336 x 4096, 4096 x 14336) 3-bit, against the AVX-512
 // GEMV in the same script: batch 1 1.11x (1.19x, 1.32x) at group 128, 1.16x at 256; batch 2
-// 2.21x, 3 1.41x, 4 1.63x (1.77x); group 256: batch 2 2.58x, 8 2.14x. Profiled at batch 1:
-// the weight loads' misses and the slab read-outs' tile stores lead.
+// 2.21x, 3 1.41x, 4 1.63x (1.77x); group 256 batch 2 2.58x, 5 1.6-1.7x; batch 8 against the
+// AMX-BF16 GEMM it replaces 1.6-1.9x. Profiled at batch 1: the weight loads' misses and the
+// slab read-outs' tile stores lead.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -65,6 +66,8 @@ constexpr int kMinExponent = -90, kMaxExponent = 100;
 // tiles, 16 bytes per input, crowd the 2 MiB L2: 8192 x 28672 batch 1 took 1.5x the AVX-512
 // GEMV's time)
 constexpr int64_t kPrefetchChunks = 32;
+// x's packed tiles at most (the 2 MiB L2 of a core: see quant_amx_gemv_slots)
+constexpr int64_t kMaxPackedBytes = int64_t(2) << 20;
 
 // planes of a chunk (3-bit: of its third bits' chunks; its low bits' chunks have 4)
 constexpr int planes_of(int bits) { return bits == 3 ? 8 : 8 / bits; }
@@ -88,7 +91,8 @@ inline __m512i third_bit_plane(__m512i b, int j) {
 // is 2P bytes of low two bits in the 2-bit layout, then P bytes of third bits; P = group / 8):
 // a slab's S groups give S 2P / 64 chunks of their low bits (4 planes of 2-bit codes), then
 // S P / 64 of their third bits (8 planes), each chunk four 16-byte pieces of the slab's bytes.
-// Either way a slab is a whole number of the row's 64-byte chunks, read in address order.
+// Either way a slab is a whole number of the row's 64-byte chunks (the prefetch asks for them
+// in address order; a 3-bit chunk's pieces are anywhere in its slab).
 struct ChunkMap {
   int bits;
   int64_t S, group, P, chunks_per_slab, low_chunks, slab_planes;
@@ -399,7 +403,11 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   // third bits fill whole chunks too)
   for (int ct = 1; ct <= 4; ct *= 2)
     for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
-      if (G % S == 0 && S * group_bytes % kChunkBytes == 0) return S;
+      if (G % S == 0 && S * group_bytes % kChunkBytes == 0)
+        // x's tiles, read again by every block of rows, must stay in L2 beside the weights'
+        // stream: bench_quant at a6c1190, 8192 x 28672 3-bit batch 4 (3.5 MiB of them) took
+        // 42.7 ms against the AVX-512 GEMV's 38.7 (at 9813309); 1.75 MiB ran at full speed
+        return quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes ? S : 0;
   return 0;
 }
 
