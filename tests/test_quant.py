@@ -226,15 +226,13 @@ def test_amx_gemv_applies_where_documented():
         assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9)] == [2, 2, 2, 2, 0]
         assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
-        # 3-bit: S groups' third bits (16 bytes a group at 128) fill whole chunks: S = 4 at
-        # group 128 (up to 4 rows), at 256 4 for one row and 2 up to 8; 8-byte sections at 64,
-        # or 5 groups of 128 (no S divides them), do not apply
-        assert [slots(3, 4096, 128, m) for m in (1, 2, 4, 5)] == [4, 4, 4, 0]
-        assert [slots(3, 4096, 256, m) for m in (1, 2, 8, 9)] == [4, 2, 2, 0]
-        assert slots(3, 4096, 64, 1) == 0 and slots(3, 4096, 4096, 16) == 1 and slots(3, 640, 128, 1) == 0
-        # x's tiles within 2 MiB (L2): K / 32 (3-bit; else K / 64) KiB per column tile
-        assert slots(3, 28672, 128, 2) == 4 and slots(3, 28672, 128, 4) == 0
-        assert slots(4, 28672, 128, 16) == 1 and slots(4, 65536, 128, 16) == 0
+        # 3-bit: chunks of 64 inputs (any S), groups of 64, 128, 256 or a multiple of 512 (the
+        # section sizes the code assembly reads)
+        assert [slots(3, 4096, 128, m) for m in (1, 2, 4, 5, 16)] == [4, 2, 1, 1, 1]
+        assert slots(3, 4096, 64, 1) == 4 and slots(3, 4096, 4096, 16) == 1 and slots(3, 640, 128, 1) == 1
+        assert slots(3, 960, 96, 1) == 0 and slots(3, 1536, 384, 1) == 0
+        # x's tiles within 2 MiB (L2): K / 64 KiB per column tile
+        assert slots(4, 28672, 128, 16) == 1 and slots(4, 65536, 128, 8) == 1 and slots(4, 65536, 128, 16) == 0
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers
         assert slots(2, 4096, 32, 1) == 0              # 8-byte groups
         assert slots(4, 608, 32, 1) == 0               # 304-byte rows
@@ -250,14 +248,14 @@ def test_amx_gemv_applies_where_documented():
 @requires_amx_int8
 @pytest.mark.parametrize("bits,group_size,symmetric",
                          [(b, g, s) for b in (2, 4, 8) for g in (64, 128, 256, -1, 0) for s in (True, False)] +
-                         [(3, g, s) for g in (128, 256, -1, 0) for s in (True, False)], ids=lambda v: str(v))
+                         [(3, g, s) for g in (64, 128, 256, -1, 0) for s in (True, False)], ids=lambda v: str(v))
 def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     # The AMX-INT8 GEMV rounds x to fixed point per group (30 bits below its largest |x|) and
     # sums exact integers: over inputs spread across 2^-40..2^40 its error must stay within a
     # float32 GEMM's bound. Batches 1-4 (S = 4, 2, 1, 1 groups per tile), 5-8 (two column tiles)
     # and 9-16 (four, 16-row blocks); weight rows past one 32-row block, the last block's second
-    # row tile partly past N (150 = 4 x 32 + 22). 3-bit: low-bit and third-bit chunks of S = 4
-    # (group 128), 2 or 4 (256) and 1 (per channel, per tensor) groups.
+    # row tile partly past N (150 = 4 x 32 + 22). 3-bit: each code's bits from both sections of
+    # groups of 64, 128, 256 and 1024 (per channel, per tensor).
     g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
     k, n = 1024, 150
     qw = ops.quantize_weight(torch.randn(n, k, generator=g) * 0.1, bits, group_size, symmetric)
@@ -303,14 +301,14 @@ def test_amx_gemv_blocks_and_threads(n, m, threads):
 
 @requires_amx_int8
 @pytest.mark.parametrize("k,group_size,zeros", [
-    (1536, 384, True),    # slabs of 9 chunks (6 of low bits, 3 of third bits)
-    (2560, 640, False),   # 15 chunks, random codes without zero points
-    (8192, 128, False),   # rows of 48 chunks: the prefetch within the row; 16 slabs
-    (2048, 256, False),   # 2 slabs at one row (the odd-parity accumulators), 4 from two rows
+    (1536, 64, True),     # third bits 8 bytes a group
+    (2560, 512, False),   # sections of 128 and 64 bytes, 5 groups: one per slab; random codes, no zero points
+    (8192, 128, False),   # rows of 3 KiB: the prefetch within the row
+    (2048, 256, False),   # 2 slabs at one row (the odd-parity accumulators)
 ], ids=str)
 def test_amx_gemv_3bit_slabs_and_threads(k, group_size, zeros):
-    # 3-bit chunks gathered from their slab's groups (low bits, then third bits), split
-    # between threads over blocks of rows (the last partial): a misplaced piece or plane is an
+    # 3-bit codes assembled from their group's two sections, one, two and four column tiles,
+    # blocks of rows split between threads (the last partial): a misplaced bit or lane is an
     # O(1) error against the float32 bound
     g = torch.Generator().manual_seed(k + group_size)
     n = 200
@@ -325,7 +323,7 @@ def test_amx_gemv_3bit_slabs_and_threads(k, group_size, zeros):
     torch.set_num_threads(2)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (1, 2, 4):
+        for m in (1, 3, 7, 16):
             assert fastloss._C._quant_amx_gemv_slots(3, k, group_size, m) > 0
             x = torch.randn(m, k, generator=g)
             err = (ops.dequant_gemm(x, qw).double() - x.double() @ w64.T).abs()

@@ -25,18 +25,21 @@
 //
 // Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
 // 64 packed bytes (quant_kernels.h: value j * P + i of a group is bit field j of its byte i; P =
-// the group's bytes; 3-bit: see ChunkMap). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the digits of the inputs
-// of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch row, digit) and zero in
-// the others. C tiles 0-3 accumulate a slab of S groups (S slots x M rows x 4 digits columns),
-// in blocks of 32 weight rows (16 with four column tiles): see col_tiles_of. 3-bit codes are
-// their low two bits plus 4 times the third: the slab's low bits and third bits are chunks of
-// their own (ChunkMap), summed in the same C tiles (the third bits' codes are 0 or 4): per
-// input, twice the tile products and plane stores of 4 bits (16 planes per 128 inputs, not 8).
-// Ad hoc, 2 threads, cold 4096 x 4096 (14336 x 4096, 4096 x 14336) 3-bit, against the AVX-512
-// GEMV in the same script: batch 1 1.11x (1.19x, 1.32x) at group 128, 1.16x at 256; batch 2
-// 2.21x, 3 1.41x, 4 1.63x (1.77x); group 256 batch 2 2.58x, 5 1.6-1.7x; batch 8 against the
-// AMX-BF16 GEMM it replaces 1.6-1.9x. Profiled at batch 1: the weight loads' misses and the
-// slab read-outs' tile stores lead.
+// the group's bytes; 3-bit: see Codes3). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the
+// digits of the inputs of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch
+// row, digit) and zero in the others. C tiles 0-3 accumulate a slab of S groups (S slots x M
+// rows x 4 digits columns), in blocks of 32 weight rows (16 with four column tiles): see
+// col_tiles_of. A 3-bit chunk is 64 consecutive inputs of a group, one plane of whole codes:
+// each code's low two bits and its third bit come from the group's two sections (Codes3: two
+// GF(2) affine byte maps and an OR per 64 codes). Ad hoc, 2 threads, cold, 3-bit group 128
+// against the AVX-512 GEMV in the same script: batch 1 1.25x at 4096 x 4096 (0.73 ms), 1.48x
+// at 4096 x 14336; batch 4 3.3x / 4.0x; batch 16 3.8x / 4.7x (before the per-chunk maps were
+// built once per call, their divisions took batch 1 to 1.09-1.18x; a first version, 2-bit
+// planes of the low bits plus 8 planes of the third bits, 16 planes per 128 inputs, 1.1-1.3x
+// at batch 1, 1.6-1.8x at 4). Batch 1 profile: the weight loads' misses, and the read-out of
+// a slab's sums (tilestored waits for the tile unit) 15% of the samples.
+#include <cpuid.h>
+
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -69,8 +72,8 @@ constexpr int64_t kPrefetchChunks = 32;
 // x's packed tiles at most (the 2 MiB L2 of a core: see quant_amx_gemv_slots)
 constexpr int64_t kMaxPackedBytes = int64_t(2) << 20;
 
-// planes of a chunk (3-bit: of its third bits' chunks; its low bits' chunks have 4)
-constexpr int planes_of(int bits) { return bits == 3 ? 8 : 8 / bits; }
+// planes of a chunk (3-bit: 1; see ChunkMap)
+constexpr int planes_of(int bits) { return bits == 3 ? 1 : 8 / bits; }
 
 // plane j of 64 packed bytes: the codes, one per byte
 template <int BITS>
@@ -80,52 +83,68 @@ inline __m512i plane(__m512i b, int j) {
   return _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
 }
 
-// plane j of 64 bytes of 3-bit third bits: bit j of each byte times 4 (its weight in the code)
-inline __m512i third_bit_plane(__m512i b, int j) {
-  const __m512i bit = j >= 2 ? _mm512_srli_epi16(b, unsigned(j - 2)) : _mm512_slli_epi16(b, unsigned(2 - j));
-  return _mm512_and_si512(bit, _mm512_set1_epi8(4));
-}
+// The 3-bit codes of inputs 64 t .. 64 t + 63 of a group (g: its 3 P bytes, P = group / 8):
+// value v has its low two bits in bits 2 (v / 2P) of byte v % 2P and its third bit in bit v / P
+// of byte 2P + v % P (quant_kernels.h). Each 64-bit element of the result (8 values, P >= 8)
+// takes its bits from one place, so a GF(2) affine map per element (gf2p8affineqb: output bit i
+// = parity of row 7 - i of the element's 8x8 bit matrix and the input byte) moves them: rows
+// picking bits c, c + 1 of the low bytes to bits 0, 1, and bit b of the third bits to bit 2.
+// The bytes: one load per section, broadcast so that lane l reads byte (64 t + l) % 2P (% P).
+struct Codes3 {
+  __m512i low_map, third_map;     // the 8 elements' matrices
+  int64_t low_at, third_at, P;    // the sections' first bytes read, from the group's
+  Codes3(int64_t t, int64_t P_) : low_at(64 * t % (2 * P_)), third_at(2 * P_ + 64 * t % P_), P(P_) {
+    alignas(64) uint64_t low[8], third[8];
+    for (int e = 0; e < 8; ++e) {
+      const int64_t v = 64 * t + 8 * e, c = 2 * (v / (2 * P)), b = v / P;
+      low[e] = (uint64_t(1) << c) << 56 | (uint64_t(2) << c) << 48;  // rows 7, 6: bits c, c + 1
+      third[e] = (uint64_t(1) << b) << 40;                            // row 5: bit b
+    }
+    low_map = _mm512_load_si512(low), third_map = _mm512_load_si512(third);
+  }
+  __m512i operator()(const uint8_t* g) const {
+    const uint8_t *lo = g + low_at, *hi = g + third_at;
+    __m512i L, H;
+    if (P == 8) {
+      L = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
+      int64_t bytes = 0;
+      std::memcpy(&bytes, hi, 8);
+      H = _mm512_set1_epi64(bytes);
+    } else if (P == 16) {
+      L = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
+      H = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
+    } else if (P == 32) {
+      L = _mm512_loadu_si512(lo);
+      H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
+    } else {  // P a multiple of 64
+      L = _mm512_loadu_si512(lo);
+      H = _mm512_loadu_si512(hi);
+    }
+    return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(L, low_map, 0), _mm512_gf2p8affine_epi64_epi8(H, third_map, 0));
+  }
+};
 
-// Where chunk c of a row (64 codes per plane) comes from, and where its B tiles are. 2-, 4-,
-// 8-bit: the row's packed bytes c * 64 .. c * 64 + 63, planes_of(bits) planes. 3-bit (a group
-// is 2P bytes of low two bits in the 2-bit layout, then P bytes of third bits; P = group / 8):
-// a slab's S groups give S 2P / 64 chunks of their low bits (4 planes of 2-bit codes), then
-// S P / 64 of their third bits (8 planes), each chunk four 16-byte pieces of the slab's bytes.
-// Either way a slab is a whole number of the row's 64-byte chunks (the prefetch asks for them
-// in address order; a 3-bit chunk's pieces are anywhere in its slab).
+// A row's chunks: 2-, 4-, 8-bit: its packed bytes 64 at a time, planes_of(bits) planes each
+// (value j P + i of a group in bit field j of byte i, P the group's bytes); 3-bit: 64 inputs at a
+// time (3 P / 8 bytes of each group section), one plane. Where a chunk's plane tiles of x are,
+// and which inputs their lanes hold.
 struct ChunkMap {
   int bits;
-  int64_t S, group, P, chunks_per_slab, low_chunks, slab_planes;
-  ChunkMap(const QuantWeight& w, int64_t slots)
-      : bits(w.bits), S(slots), group(w.group), P(w.bits == 3 ? w.group / 8 : w.group * w.bits / 8),
-        chunks_per_slab(slots * w.group * w.bits / 8 / kChunkBytes),
-        low_chunks(w.bits == 3 ? slots * 2 * P / kChunkBytes : chunks_per_slab),
-        slab_planes(w.bits == 3 ? 4 * low_chunks + 8 * (chunks_per_slab - low_chunks) : chunks_per_slab * planes_of(w.bits)) {}
-  bool low(int64_t c) const { return c % chunks_per_slab < low_chunks; }
-  int planes(int64_t c) const { return bits != 3 ? planes_of(bits) : low(c) ? 4 : 8; }
-  // (c, plane 0)'s place among the row's plane tiles (c = the row's chunks: their number)
-  int64_t first_plane(int64_t c) const {
-    if (bits != 3) return c * planes_of(bits);
-    const int64_t local = c % chunks_per_slab;
-    return c / chunks_per_slab * slab_planes + (local < low_chunks ? 4 * local : 4 * low_chunks + 8 * (local - low_chunks));
-  }
-  // 3-bit: the byte in its slab of piece q (16 bytes) of the slab's chunk `local`
-  int64_t piece(int64_t local, int q) const {
-    const int64_t o = (local < low_chunks ? local : local - low_chunks) * kChunkBytes + 16 * q;
-    return local < low_chunks ? o / (2 * P) * 3 * P + o % (2 * P) : o / P * 3 * P + 2 * P + o % P;
-  }
+  int64_t group, P, row_chunks, chunk_bytes;
+  ChunkMap(const QuantWeight& w)
+      : bits(w.bits), group(w.group), P(w.group * w.bits / 8),
+        row_chunks(w.bits == 3 ? w.K / 64 : w.K * w.bits / 8 / kChunkBytes),
+        chunk_bytes(w.bits == 3 ? 24 : kChunkBytes) {}
+  int planes() const { return bits == 3 ? 1 : planes_of(bits); }
   // the group and input of lane `lane` (a multiple of 16) of plane j of chunk c; the next 15
   // lanes are the next 15 inputs
   void input(int64_t c, int j, int64_t lane, int64_t& g, int64_t& k) const {
-    if (bits != 3) {
-      const int64_t byte = c * kChunkBytes + lane;
-      g = byte / P, k = g * group + j * P + byte % P;
+    if (bits == 3) {
+      k = 64 * c + lane, g = k / group;
       return;
     }
-    const int64_t slab = c / chunks_per_slab, local = c % chunks_per_slab;
-    const int64_t o = (local < low_chunks ? local : local - low_chunks) * kChunkBytes + lane;
-    const int64_t span = local < low_chunks ? 2 * P : P;  // bytes of a group's section
-    g = slab * S + o / span, k = g * group + j * span + o % span;
+    const int64_t byte = c * kChunkBytes + lane;
+    g = byte / P, k = g * group + j * P + byte % P;
   }
 };
 
@@ -157,7 +176,8 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
 // The tile products of one chunk, plane by plane (a(j, rt): A of plane j, row tile rt; b(j, ct):
 // B of plane j, column tile ct; `planes` of them). Tile numbers must be literals (the intrinsics are statement
 // macros that name the register): C tiles 0-3, A tiles 4-5, B tiles 5-7.
-// CT = 1 into C tiles (c_lo, c_hi): planes alternate between B tiles 6 and 7
+// CT = 1 into C tiles (c_lo, c_hi): planes (one-plane chunks: chunks) alternate between B
+// tiles 6 and 7
 #define FASTLOSS_CT1_PLANE(c_lo, c_hi, b_tile, j) \
   do {                                            \
     _tile_loadd(b_tile, b(j, 0), 64);             \
@@ -169,9 +189,13 @@ constexpr int64_t row_tiles_of(int CT) { return CT == 4 ? 1 : 2; }
     }                                             \
   } while (0)
 #define FASTLOSS_CT1_CHUNK(c_lo, c_hi)                                       \
-  for (int j = 0; j < planes; j += 2) {                                     \
-    FASTLOSS_CT1_PLANE(c_lo, c_hi, 6, j);                                    \
-    if (j + 1 < planes) FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, j + 1);           \
+  if (planes == 1 && c % 2 == 1) {                                           \
+    FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, 0);                                    \
+  } else {                                                                   \
+    for (int j = 0; j < planes; j += 2) {                                    \
+      FASTLOSS_CT1_PLANE(c_lo, c_hi, 6, j);                                  \
+      if (j + 1 < planes) FASTLOSS_CT1_PLANE(c_lo, c_hi, 7, j + 1);         \
+    }                                                                        \
   }
 // CT = 2: C tile 2 rt + ct
 #define FASTLOSS_CT2_CHUNK()                  \
@@ -241,15 +265,17 @@ inline void store_sums(int64_t parity, int32_t* c) {
 template <int BITS, int CT>
 void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
-  constexpr int kPlanes = planes_of(BITS);  // (3-bit: the most of a chunk)
+  constexpr int kPlanes = planes_of(BITS);
   constexpr int64_t kLd = CT * kCols, kRows = row_tiles_of(CT) * kTileRows;  // columns, block rows
   const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
-  const ChunkMap map(w, S);
-  const int64_t chunks_per_slab = map.chunks_per_slab, slabs = G / S, cols = S * M * kDigits;
-  // 3-bit: the four pieces of each chunk of a slab, as offsets from the slab's first byte
-  std::vector<int64_t> pieces(BITS == 3 ? chunks_per_slab * 4 : 0);
-  for (int64_t i = 0; i < int64_t(pieces.size()); ++i) pieces[i] = map.piece(i / 4, int(i % 4));
-  const int64_t row_chunks = row_bytes / kChunkBytes;
+  const ChunkMap map(w);
+  // (a slab is whole chunks; 2-, 4-, 8-bit groups may be half or a quarter of one)
+  const int64_t row_chunks = map.row_chunks, chunks_per_slab = row_chunks * S / G;
+  const int64_t chunks_per_group = BITS == 3 ? w.group / 64 : 1;  // (3-bit)
+  const int64_t slabs = G / S;
+  std::vector<Codes3> codes3_of;  // 3-bit: per chunk of a group
+  for (int64_t t = 0; t < (BITS == 3 ? chunks_per_group : 0); ++t) codes3_of.emplace_back(t, w.group / 8);
+  const int64_t cols = S * M * kDigits;
   // column c of slab: 2^(E - 30 + 8 d) of its (slot, batch row, digit); the group's scale is
   // per weight row (slot_of_col picks it from the row's S scales); and, with zero points, the
   // sum of its digits over the group (the zero point's term is z times it: sum_k (q - z) X =
@@ -318,30 +344,20 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
         // prefetchers follow), so each line is asked for ahead, in the order it is read (ad hoc,
         // cold 4096 x 4096 4-bit, 1 thread: 1.34 ms without, 1.10 ms with the next block's bytes
         // in address order, 0.87-0.90 ms this way)
-        const int64_t ahead = c + kPrefetchChunks;
-        const uint8_t* hint = ahead < row_chunks ? block + ahead * kChunkBytes
-                                                 : block + kRows * row_bytes + (ahead - row_chunks) * kChunkBytes;
-        const int planes = BITS == 3 ? map.planes(c) : kPlanes;
-        const int64_t first = map.first_plane(c), local = c - slab * chunks_per_slab;
+        const int64_t ahead = c * map.chunk_bytes + kPrefetchChunks * kChunkBytes;  // (bytes)
+        const uint8_t* hint = ahead < row_bytes ? block + ahead : block + kRows * row_bytes + (ahead - row_bytes);
+        constexpr int planes = kPlanes;
+        const int64_t first = c * kPlanes;
+        // 3-bit: the chunk's group's bytes in the block's first row, and its codes' maps; a line
+        // asked for where the chunk's 24 bytes reach a new one
+        const Codes3* codes3 = BITS == 3 ? &codes3_of[c % chunks_per_group] : nullptr;
+        const uint8_t* group_bytes_at = block + (BITS == 3 ? c / chunks_per_group * group_bytes : 0);
+        const bool ask = BITS != 3 || ahead % kChunkBytes < map.chunk_bytes;
         for (int64_t r = 0; r < rows; ++r) {
-          _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
+          if (ask) _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
           if (direct) continue;
           if constexpr (BITS == 3) {
-            const uint8_t* src = block + r * row_bytes + slab * S * group_bytes;
-            const int64_t* at = &pieces[local * 4];
-            const __m512i b = _mm512_inserti32x4(
-                _mm512_inserti32x4(_mm512_inserti32x4(_mm512_castsi128_si512(_mm_loadu_si128(
-                                                          reinterpret_cast<const __m128i*>(src + at[0]))),
-                                                      _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[1])), 1),
-                                   _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[2])), 2),
-                _mm_loadu_si128(reinterpret_cast<const __m128i*>(src + at[3])), 3);
-            if (planes == 4) {
-#pragma GCC unroll 4
-              for (int j = 0; j < 4; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<2>(b, j));
-            } else {
-#pragma GCC unroll 8
-              for (int j = 0; j < 8; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, third_bit_plane(b, j));
-            }
+            _mm512_store_si512(a_tiles + r * 64, (*codes3)(group_bytes_at + r * row_bytes));
           } else {
             const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
 #pragma GCC unroll 4
@@ -388,6 +404,14 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
 #undef FASTLOSS_CT1_CHUNK
 #undef FASTLOSS_CT1_PLANE
 
+bool has_gfni() {  // CPUID leaf 7, ECX bit 8
+  static const bool yes = [] {
+    unsigned a, b, c, d;
+    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 8)) != 0;
+  }();
+  return yes;
+}
+
 }  // namespace
 
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
@@ -395,24 +419,27 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
       (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M, 1) == 0)
     return 0;
   const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
-  // 16 lanes in one group (x is packed 16 inputs at a time; 3-bit: 3 P bytes, P a multiple of
-  // 16, so are both sections); a group's sums within int32
-  if (G == 0 || group_bytes % 16 != 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
+  // 16 lanes in one group (x is packed 16 inputs at a time; 3-bit: chunks of 64 inputs, the
+  // section sizes Codes3 reads, and GFNI, which every CPU with AMX-INT8 has); a group's sums
+  // within int32
+  const bool lanes = w.bits == 3 ? w.group % 64 == 0 && (w.group <= 256 || w.group % 512 == 0) && has_gfni()
+                                 : group_bytes % 16 == 0;
+  if (G == 0 || !lanes || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
   // the fewest column tiles, then the most groups per slab: S groups dividing G that fill whole
-  // 64-byte chunks (so do the rows; 3-bit: S P is a multiple of 64, so S groups' low bits and
-  // third bits fill whole chunks too)
+  // chunks (so do the rows; 3-bit: any S)
   for (int ct = 1; ct <= 4; ct *= 2)
     for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
-      if (G % S == 0 && S * group_bytes % kChunkBytes == 0)
+      if (G % S == 0 && (w.bits == 3 || S * group_bytes % kChunkBytes == 0))
         // x's tiles, read again by every block of rows, must stay in L2 beside the weights'
-        // stream: bench_quant at a6c1190, 8192 x 28672 3-bit batch 4 (3.5 MiB of them) took
-        // 42.7 ms against the AVX-512 GEMV's 38.7 (at 9813309); 1.75 MiB ran at full speed
+        // stream: bench_quant at a6c1190 (3-bit tiles then twice as many), 8192 x 28672 3-bit
+        // batch 4 with 3.5 MiB of them took 42.7 ms against the AVX-512 GEMV's 38.7 (at
+        // 9813309); 1.75 MiB ran at full speed
         return quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes ? S : 0;
   return 0;
 }
 
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) {
-  return ChunkMap(w, S).first_plane(w.K * w.bits / 8 / kChunkBytes) * col_tiles_of(M, S) * kTileBytes;
+  return ChunkMap(w).row_chunks * planes_of(w.bits) * col_tiles_of(M, S) * kTileBytes;
 }
 
 int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
@@ -441,16 +468,14 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
                            uint8_t* packed, float* digit_sums) {
   const int CT = col_tiles_of(M, S);
   const int64_t G = w.K / w.group;
-  const ChunkMap map(w, S);
+  const ChunkMap map(w);
+  const int planes = planes_of(w.bits);
   if (digit_sums) std::fill(digit_sums, digit_sums + M * G * kDigits, 0.f);
-  for (int64_t c = 0; c < w.K * w.bits / 8 / kChunkBytes; ++c) {
-    // each input once in the digit sums (3-bit: in its low bits' plane, not its third bit's)
-    const bool sum = digit_sums != nullptr && map.low(c);
-    for (int j = 0; j < map.planes(c); ++j) {
-      uint8_t* tiles = packed + (map.first_plane(c) + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
+  for (int64_t c = 0; c < map.row_chunks; ++c) {
+    for (int j = 0; j < planes; ++j) {
+      uint8_t* tiles = packed + (c * planes + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
       std::memset(tiles, 0, CT * kTileBytes);
-      // 16 lanes at a time: consecutive inputs of one group (its bytes, or 3-bit sections, are
-      // multiples of 16)
+      // 16 lanes at a time: consecutive inputs of one group
       for (int64_t lane = 0; lane < 64; lane += 16) {
         int64_t g = 0, k = 0;
         map.input(c, j, lane, g, k);
@@ -458,7 +483,7 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
           __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
           for (int d = 0; d < kDigits; ++d) {
             const __m512i digit = next_digit(X);
-            if (sum) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
+            if (digit_sums) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
             alignas(16) uint8_t bytes[16];
             _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
             const int64_t col = (g % S * M + m) * kDigits + d;
