@@ -230,7 +230,8 @@ def test_amx_gemv_applies_where_documented():
         # section sizes the code assembly reads)
         assert [slots(3, 4096, 128, m) for m in (1, 2, 4, 5, 16)] == [4, 2, 1, 1, 1]
         assert slots(3, 4096, 64, 1) == 4 and slots(3, 4096, 4096, 16) == 1 and slots(3, 640, 128, 1) == 1
-        assert slots(3, 960, 96, 1) == 0 and slots(3, 1536, 384, 1) == 0
+        assert slots(3, 960, 96, 1) == 0 and slots(3, 1536, 384, 1) == 0 and slots(3, 768, 192, 1) == 0
+        assert slots(3, 768, 768, 1) == 0 and slots(3, 1536, 512, 1) == 3   # (per channel at K = 768; 3 groups of 512)
         # x's tiles within 2 MiB (L2): K / 64 KiB per column tile
         assert slots(4, 28672, 128, 16) == 1 and slots(4, 65536, 128, 8) == 1 and slots(4, 65536, 128, 16) == 0
         assert slots(4, 4096, 128, 1, True) == 0       # codebooks: not integers

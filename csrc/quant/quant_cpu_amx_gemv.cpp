@@ -422,7 +422,7 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   // 16 lanes in one group (x is packed 16 inputs at a time; 3-bit: chunks of 64 inputs, the
   // section sizes Codes3 reads, and GFNI, which every CPU with AMX-INT8 has); a group's sums
   // within int32
-  const bool lanes = w.bits == 3 ? w.group % 64 == 0 && (w.group <= 256 || w.group % 512 == 0) && has_gfni()
+  const bool lanes = w.bits == 3 ? (w.group == 64 || w.group == 128 || w.group == 256 || w.group % 512 == 0) && has_gfni()
                                  : group_bytes % 16 == 0;
   if (G == 0 || !lanes || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
   // the fewest column tiles, then the most groups per slab: S groups dividing G that fill whole

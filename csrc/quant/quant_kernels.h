@@ -75,8 +75,9 @@ int64_t quant_amx_block_rows();
 void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int64_t M,
                     const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1);
 
-// The AMX-INT8 GEMV for batches of 1 to 16 rows (quant_cpu_amx_gemv.cpp; uniform 2-, 3-, 4- and
-// 8-bit formats whose rows are whole 64-byte chunks): integer tile products of the codes with x
+// The AMX-INT8 GEMV for batches of 1 to 16 rows (quant_cpu_amx_gemv.cpp; uniform 2-, 4- and
+// 8-bit formats whose rows are whole 64-byte chunks, 3-bit with groups of 64, 128, 256 or a
+// multiple of 512 inputs): integer tile products of the codes with x
 // in fixed point per group (four base-256 digits), the digits and batch rows of S groups side by
 // side in one to four tiles' columns. quant_amx_gemv_slots(w, M) is S, or 0 where this path does
 // not apply. x [M, K] float32 (contiguous): quant_amx_gemv_exponents writes E [M, G] (false for
