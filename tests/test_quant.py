@@ -222,9 +222,12 @@ def test_amx_gemv_applies_where_documented():
         assert [slots(4, 4096, 128, m) for m in (1, 2, 3, 4, 5, 8, 9, 16, 17)] == [4, 2, 1, 1, 1, 1, 1, 1, 0]
         assert slots(8, 4096, 128, 1) == 4 and slots(2, 4096, 128, 1) == 4 and slots(2, 4096, 128, 2) == 2
         # 32-byte groups: two per slab (half a chunk each): two column tiles from 3 rows, four
-        # from 5, none from 9
-        assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9)] == [2, 2, 2, 2, 0]
-        assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups
+        # from 5; from 9 (and for 16-byte groups from 5) input chunks of 64 inputs, any S, where
+        # groups hold 64 or more
+        assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9, 16)] == [2, 2, 2, 2, 1, 1]
+        assert [slots(4, 4096, 64, m) for m in (1, 5, 9, 16)] == [4, 2, 1, 1]
+        assert [slots(2, 4096, 64, m) for m in (1, 4, 5, 16)] == [4, 4, 1, 1]
+        assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups of 32
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
         # 3-bit: chunks of 64 inputs (any S), groups of 64, 128, 256 or a multiple of 512 (the
         # section sizes the code assembly reads)
@@ -266,8 +269,7 @@ def test_amx_gemv_meets_the_float32_bound(bits, group_size, symmetric):
     fastloss.set_cpu_isa("amx")
     try:
         for m in (1, 2, 3, 4, 5, 8, 11, 16):
-            # (2-bit groups of 64 from 5 rows and of 128 from 9 take the float paths)
-            assert m > 4 or fastloss._C._quant_amx_gemv_slots(bits, k, qw.group, m) > 0
+            assert fastloss._C._quant_amx_gemv_slots(bits, k, qw.group, m) > 0
             x = torch.randn(m, k, generator=g) * torch.exp2(torch.randint(-40, 40, (m, k), generator=g).float())
             want = x.double() @ w64.T + bias.double()
             err = (ops.dequant_gemm(x, qw, bias).double() - want).abs()
@@ -301,31 +303,34 @@ def test_amx_gemv_blocks_and_threads(n, m, threads):
 
 
 @requires_amx_int8
-@pytest.mark.parametrize("k,group_size,zeros", [
-    (1536, 64, True),     # third bits 8 bytes a group
-    (2560, 512, False),   # sections of 128 and 64 bytes, 5 groups: one per slab; random codes, no zero points
-    (8192, 128, False),   # rows of 3 KiB: the prefetch within the row
-    (2048, 256, False),   # 2 slabs at one row (the odd-parity accumulators)
+@pytest.mark.parametrize("bits,k,group_size,zeros", [
+    (3, 1536, 64, True),     # third bits 8 bytes a group
+    (3, 2560, 512, False),   # sections of 128 and 64 bytes, 5 groups: one per slab; random codes, no zero points
+    (3, 8192, 128, False),   # rows of 3 KiB: the prefetch within the row
+    (3, 2048, 256, False),   # 2 slabs at one row (the odd-parity accumulators)
+    (2, 1536, 64, True),     # 16-byte groups: input chunks from 5 rows
+    (2, 4096, 128, False),   # 32-byte groups: input chunks from 9 rows
+    (4, 2048, 64, True),     # 32-byte 4-bit groups: input chunks from 9 rows
 ], ids=str)
-def test_amx_gemv_3bit_slabs_and_threads(k, group_size, zeros):
-    # 3-bit codes assembled from their group's two sections, one, two and four column tiles,
-    # blocks of rows split between threads (the last partial): a misplaced bit or lane is an
-    # O(1) error against the float32 bound
-    g = torch.Generator().manual_seed(k + group_size)
+def test_amx_gemv_input_chunks_and_threads(bits, k, group_size, zeros):
+    # codes of 64 consecutive inputs assembled from their group's bytes (3-bit: from both
+    # sections), one, two and four column tiles, blocks of rows split between threads (the last
+    # partial): a misplaced bit or lane is an O(1) error against the float32 bound
+    g = torch.Generator().manual_seed(k + group_size + bits)
     n = 200
     if zeros:
-        qw = ops.quantize_weight(torch.randn(n, k, generator=g), 3, group_size, False)
+        qw = ops.quantize_weight(torch.randn(n, k, generator=g), bits, group_size, False)
     else:
-        q = torch.randint(0, 8, (n, k), generator=g)
-        qw = ops.QuantizedWeight.from_int(q, torch.rand(n, k // group_size, generator=g) + 0.1, None, 3, group_size)
-    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 3, qw.group, qw.codebook)
-    terms = summed_terms(qw, 3)
+        q = torch.randint(0, 1 << bits, (n, k), generator=g)
+        qw = ops.QuantizedWeight.from_int(q, torch.rand(n, k // group_size, generator=g) + 0.1, None, bits, group_size)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, bits, qw.group, qw.codebook)
+    terms = summed_terms(qw, bits)
     previous = torch.get_num_threads()
     torch.set_num_threads(2)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (1, 3, 7, 16):
-            assert fastloss._C._quant_amx_gemv_slots(3, k, group_size, m) > 0
+        for m in (1, 3, 7, 9, 16):
+            assert fastloss._C._quant_amx_gemv_slots(bits, k, group_size, m) > 0
             x = torch.randn(m, k, generator=g)
             err = (ops.dequant_gemm(x, qw).double() - x.double() @ w64.T).abs()
             assert (err <= 1e-5 * (x.double().abs() @ terms.T)).all(), m

@@ -25,13 +25,15 @@
 //
 // Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
 // 64 packed bytes (quant_kernels.h: value j * P + i of a group is bit field j of its byte i; P =
-// the group's bytes; 3-bit: see Codes3). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the
+// the group's bytes; input chunks: see InputCodes). B tiles (5-7) = 16 quads x 16 columns of 4 bytes: the
 // digits of the inputs of A's lanes 4q .. 4q + 3, in the column of their (group slot, batch
 // row, digit) and zero in the others. C tiles 0-3 accumulate a slab of S groups (S slots x M
 // rows x 4 digits columns), in blocks of 32 weight rows (16 with four column tiles): see
 // col_tiles_of. A 3-bit chunk is 64 consecutive inputs of a group, one plane of whole codes:
-// each code's low two bits and its third bit come from the group's two sections (Codes3: two
-// GF(2) affine byte maps and an OR per 64 codes). Ad hoc, 2 threads, cold, 3-bit group 128
+// each code's low two bits and its third bit come from the group's two sections (InputCodes: two
+// GF(2) affine byte maps and an OR per 64 codes); so are 2- and 4-bit chunks where S groups do
+// not fill whole 64-byte chunks (2-bit groups of 64 from 5 rows, of 128 from 9; 4-bit groups of
+// 64 from 9: 1.3-2.3x the AMX-BF16 GEMM / AVX-512 GEMV they took before, ad hoc). Ad hoc, 2 threads, cold, 3-bit group 128
 // against the AVX-512 GEMV in the same script: batch 1 1.25x at 4096 x 4096 (0.73 ms), 1.48x
 // at 4096 x 14336; batch 4 3.3x / 4.0x; batch 16 3.8x / 4.7x (before the per-chunk maps were
 // built once per call, their divisions took batch 1 to 1.09-1.18x; a first version, 2-bit
@@ -72,8 +74,6 @@ constexpr int64_t kPrefetchChunks = 32;
 // x's packed tiles at most (the 2 MiB L2 of a core: see quant_amx_gemv_slots)
 constexpr int64_t kMaxPackedBytes = int64_t(2) << 20;
 
-// planes of a chunk (3-bit: 1; see ChunkMap)
-constexpr int planes_of(int bits) { return bits == 3 ? 1 : 8 / bits; }
 
 // plane j of 64 packed bytes: the codes, one per byte
 template <int BITS>
@@ -83,63 +83,69 @@ inline __m512i plane(__m512i b, int j) {
   return _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
 }
 
-// The 3-bit codes of inputs 64 t .. 64 t + 63 of a group (g: its 3 P bytes, P = group / 8):
-// value v has its low two bits in bits 2 (v / 2P) of byte v % 2P and its third bit in bit v / P
-// of byte 2P + v % P (quant_kernels.h). Each 64-bit element of the result (8 values, P >= 8)
-// takes its bits from one place, so a GF(2) affine map per element (gf2p8affineqb: output bit i
-// = parity of row 7 - i of the element's 8x8 bit matrix and the input byte) moves them: rows
-// picking bits c, c + 1 of the low bytes to bits 0, 1, and bit b of the third bits to bit 2.
-// The bytes: one load per section, broadcast so that lane l reads byte (64 t + l) % 2P (% P).
-struct Codes3 {
-  __m512i low_map, third_map;     // the 8 elements' matrices
-  int64_t low_at, third_at, P;    // the sections' first bytes read, from the group's
-  Codes3(int64_t t, int64_t P_) : low_at(64 * t % (2 * P_)), third_at(2 * P_ + 64 * t % P_), P(P_) {
-    alignas(64) uint64_t low[8], third[8];
-    for (int e = 0; e < 8; ++e) {
-      const int64_t v = 64 * t + 8 * e, c = 2 * (v / (2 * P)), b = v / P;
-      low[e] = (uint64_t(1) << c) << 56 | (uint64_t(2) << c) << 48;  // rows 7, 6: bits c, c + 1
-      third[e] = (uint64_t(1) << b) << 40;                            // row 5: bit b
-    }
-    low_map = _mm512_load_si512(low), third_map = _mm512_load_si512(third);
+// Bytes of a section of a group whose value v sits in bit field v / P of byte v % P (P >= 8):
+// for P = 8, 16, 32 one load, broadcast so that lane l reads byte (64 t + l) % P; for P a
+// multiple of 64, the 64 bytes from 64 t % P.
+inline __m512i section_bytes(const uint8_t* s, int64_t P, int64_t at) {
+  if (P == 8) {
+    int64_t bytes = 0;
+    std::memcpy(&bytes, s, 8);
+    return _mm512_set1_epi64(bytes);
   }
-  __m512i operator()(const uint8_t* g) const {
-    const uint8_t *lo = g + low_at, *hi = g + third_at;
-    __m512i L, H;
-    if (P == 8) {
-      L = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(lo)));
-      int64_t bytes = 0;
-      std::memcpy(&bytes, hi, 8);
-      H = _mm512_set1_epi64(bytes);
-    } else if (P == 16) {
-      L = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(lo)));
-      H = _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(hi)));
-    } else if (P == 32) {
-      L = _mm512_loadu_si512(lo);
-      H = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(hi)));
-    } else {  // P a multiple of 64
-      L = _mm512_loadu_si512(lo);
-      H = _mm512_loadu_si512(hi);
+  if (P == 16) return _mm512_broadcast_i32x4(_mm_loadu_si128(reinterpret_cast<const __m128i*>(s)));
+  if (P == 32) return _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(s)));
+  return _mm512_loadu_si512(s + at);
+}
+constexpr bool section_loads(int64_t P) { return P == 8 || P == 16 || P == 32 || (P > 0 && P % 64 == 0); }
+
+// Chunks of 64 consecutive inputs of a group, one plane of whole codes (the 3-bit format, and
+// 2- / 4-bit groups that do not fill the S groups' whole 64-byte chunks the packed bytes need):
+// value v's field of `width` bits is bit field v / P of byte v % P of the group's first section
+// (P = group * width / 8); 3-bit adds the third bit, bit v / P3 of byte P + v % P3 (P3 = group
+// / 8 = P / 2; quant_kernels.h). Each 64-bit element of the result (8 values) takes its bits from one
+// place, so a GF(2) affine map per element (gf2p8affineqb: output bit i = parity of row 7 - i of
+// the element's 8x8 bit matrix and the input byte) moves them: rows picking bits f w .. f w + w
+// - 1 of the first section to bits 0 .. w - 1, bit b of the third bits to bit 2.
+struct InputCodes {
+  __m512i field_map, third_map;  // the 8 elements' matrices
+  int64_t P = 0, P3 = 0, at = 0, third_at = 0;  // the sections' bytes per field, where each starts
+  InputCodes() = default;
+  InputCodes(int bits, int64_t group, int64_t t)
+      : P(group * (bits == 3 ? 2 : bits) / 8), P3(bits == 3 ? group / 8 : 0), at(64 * t % P),
+        third_at(bits == 3 ? 64 * t % P3 : 0) {
+    const int width = bits == 3 ? 2 : bits;
+    alignas(64) uint64_t field[8], third[8];
+    for (int e = 0; e < 8; ++e) {
+      const int64_t v = 64 * t + 8 * e, f = v / P;
+      field[e] = 0;
+      for (int i = 0; i < width; ++i) field[e] |= (uint64_t(1) << (f * width + i)) << (8 * (7 - i));
+      third[e] = P3 ? (uint64_t(1) << (v / P3)) << 40 : 0;  // row 5: bit v / P3
     }
-    return _mm512_or_si512(_mm512_gf2p8affine_epi64_epi8(L, low_map, 0), _mm512_gf2p8affine_epi64_epi8(H, third_map, 0));
+    field_map = _mm512_load_si512(field), third_map = _mm512_load_si512(third);
+  }
+  // the codes, from the group's bytes g
+  __m512i operator()(const uint8_t* g) const {
+    const __m512i codes = _mm512_gf2p8affine_epi64_epi8(section_bytes(g, P, at), field_map, 0);
+    if (!P3) return codes;
+    return _mm512_or_si512(codes, _mm512_gf2p8affine_epi64_epi8(section_bytes(g + P, P3, third_at), third_map, 0));
   }
 };
 
-// A row's chunks: 2-, 4-, 8-bit: its packed bytes 64 at a time, planes_of(bits) planes each
-// (value j P + i of a group in bit field j of byte i, P the group's bytes); 3-bit: 64 inputs at a
-// time (3 P / 8 bytes of each group section), one plane. Where a chunk's plane tiles of x are,
-// and which inputs their lanes hold.
+// A row's chunks: its packed bytes 64 at a time, planes_of(bits) planes each (value j P + i of a
+// group in bit field j of byte i, P the group's bytes), or (input chunks: InputCodes) 64
+// inputs at a time, one plane. Where a chunk's plane tiles of x are, and which inputs their
+// lanes hold.
 struct ChunkMap {
-  int bits;
-  int64_t group, P, row_chunks, chunk_bytes;
-  ChunkMap(const QuantWeight& w)
-      : bits(w.bits), group(w.group), P(w.group * w.bits / 8),
-        row_chunks(w.bits == 3 ? w.K / 64 : w.K * w.bits / 8 / kChunkBytes),
-        chunk_bytes(w.bits == 3 ? 24 : kChunkBytes) {}
-  int planes() const { return bits == 3 ? 1 : planes_of(bits); }
+  bool inputs;
+  int64_t group, P, row_chunks, chunk_bytes, planes;
+  ChunkMap(const QuantWeight& w, bool input_chunks)
+      : inputs(input_chunks), group(w.group), P(w.group * w.bits / 8),
+        row_chunks(input_chunks ? w.K / 64 : w.K * w.bits / 8 / kChunkBytes),
+        chunk_bytes(input_chunks ? 8 * w.bits : kChunkBytes), planes(input_chunks ? 1 : 8 / w.bits) {}
   // the group and input of lane `lane` (a multiple of 16) of plane j of chunk c; the next 15
   // lanes are the next 15 inputs
   void input(int64_t c, int j, int64_t lane, int64_t& g, int64_t& k) const {
-    if (bits == 3) {
+    if (inputs) {
       k = 64 * c + lane, g = k / group;
       return;
     }
@@ -147,6 +153,20 @@ struct ChunkMap {
     g = byte / P, k = g * group + j * P + byte % P;
   }
 };
+
+// Which chunks a format takes at S groups per slab: the packed bytes where S groups fill whole
+// 64-byte chunks (and 16 inputs of a group are consecutive bytes), else input chunks (3-bit
+// always)
+bool byte_chunks_fit(const QuantWeight& w, int64_t S) {
+  const int64_t group_bytes = w.group * w.bits / 8;
+  return w.bits != 3 && group_bytes % 16 == 0 && S * group_bytes % kChunkBytes == 0;
+}
+bool has_gfni();
+bool input_chunks_fit(const QuantWeight& w) {
+  if (w.bits == 8 || w.group % 64 != 0 || !has_gfni()) return false;
+  const int64_t P = w.group * (w.bits == 3 ? 2 : w.bits) / 8;
+  return section_loads(P) && (w.bits != 3 || section_loads(w.group / 8));
+}
 
 // X = round(x 2^shift) for 16 inputs, by two exact power-of-two factors (one may not be a float)
 inline __m512i fixed_point(const float* x, int shift) {
@@ -262,19 +282,20 @@ inline void store_sums(int64_t parity, int32_t* c) {
   }
 }
 
-template <int BITS, int CT>
+// INPUTS: input chunks (InputCodes), else byte chunks
+template <int BITS, int CT, bool INPUTS>
 void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
-  constexpr int kPlanes = planes_of(BITS);
+  constexpr int kPlanes = INPUTS ? 1 : 8 / BITS;
   constexpr int64_t kLd = CT * kCols, kRows = row_tiles_of(CT) * kTileRows;  // columns, block rows
   const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
-  const ChunkMap map(w);
-  // (a slab is whole chunks; 2-, 4-, 8-bit groups may be half or a quarter of one)
+  const ChunkMap map(w, INPUTS);
+  // (a slab is whole chunks; 2-, 4-, 8-bit groups may be half or a quarter of a byte chunk)
   const int64_t row_chunks = map.row_chunks, chunks_per_slab = row_chunks * S / G;
-  const int64_t chunks_per_group = BITS == 3 ? w.group / 64 : 1;  // (3-bit)
+  const int64_t chunks_per_group = INPUTS ? w.group / 64 : 1;  // (input chunks)
   const int64_t slabs = G / S;
-  std::vector<Codes3> codes3_of;  // 3-bit: per chunk of a group
-  for (int64_t t = 0; t < (BITS == 3 ? chunks_per_group : 0); ++t) codes3_of.emplace_back(t, w.group / 8);
+  std::vector<InputCodes> codes_of;  // input chunks: per chunk of a group
+  for (int64_t t = 0; t < (INPUTS ? chunks_per_group : 0); ++t) codes_of.emplace_back(BITS, w.group, t);
   const int64_t cols = S * M * kDigits;
   // column c of slab: 2^(E - 30 + 8 d) of its (slot, batch row, digit); the group's scale is
   // per weight row (slot_of_col picks it from the row's S scales); and, with zero points, the
@@ -329,7 +350,7 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
     rows = std::min(kRows, n1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
     // 8-bit codes are the packed bytes: A straight from the weight (whole blocks: the tile
     // loads read 16 rows)
-    const bool direct = BITS == 8 && rows == kRows;
+    const bool direct = BITS == 8 && !INPUTS && rows == kRows;
     const int64_t stride = direct ? row_bytes : 64;
     std::fill(acc, acc + kRows * kLd, 0.f);
     const uint8_t* block = w.q + nb * row_bytes;
@@ -348,16 +369,17 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
         const uint8_t* hint = ahead < row_bytes ? block + ahead : block + kRows * row_bytes + (ahead - row_bytes);
         constexpr int planes = kPlanes;
         const int64_t first = c * kPlanes;
-        // 3-bit: the chunk's group's bytes in the block's first row, and its codes' maps; a line
-        // asked for where the chunk's 24 bytes reach a new one
-        const Codes3* codes3 = BITS == 3 ? &codes3_of[c % chunks_per_group] : nullptr;
-        const uint8_t* group_bytes_at = block + (BITS == 3 ? c / chunks_per_group * group_bytes : 0);
-        const bool ask = BITS != 3 || ahead % kChunkBytes < map.chunk_bytes;
+        // input chunks: the chunk's group's bytes in the block's first row, and its codes' maps;
+        // a line asked for where the chunk's 16-32 bytes reach a new one
+        // (a copy: the maps stay in registers, where the stores to a_tiles could alias a reference)
+        const InputCodes codes = INPUTS ? codes_of[c % chunks_per_group] : InputCodes();
+        const uint8_t* group_bytes_at = block + (INPUTS ? c / chunks_per_group * group_bytes : 0);
+        const bool ask = !INPUTS || ahead % kChunkBytes < map.chunk_bytes;
         for (int64_t r = 0; r < rows; ++r) {
           if (ask) _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
           if (direct) continue;
-          if constexpr (BITS == 3) {
-            _mm512_store_si512(a_tiles + r * 64, (*codes3)(group_bytes_at + r * row_bytes));
+          if constexpr (INPUTS) {
+            _mm512_store_si512(a_tiles + r * 64, codes(group_bytes_at + r * row_bytes));
           } else {
             const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
 #pragma GCC unroll 4
@@ -418,28 +440,30 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   if (active_cpu_isa() != CpuIsa::amx || !cpu_supports_amx_int8() || w.codebook != nullptr ||
       (w.bits != 2 && w.bits != 3 && w.bits != 4 && w.bits != 8) || M < 1 || col_tiles_of(M, 1) == 0)
     return 0;
-  const int64_t G = w.K / w.group, group_bytes = w.group * w.bits / 8;
-  // 16 lanes in one group (x is packed 16 inputs at a time; 3-bit: chunks of 64 inputs, the
-  // section sizes Codes3 reads, and GFNI, which every CPU with AMX-INT8 has); a group's sums
-  // within int32
-  const bool lanes = w.bits == 3 ? (w.group == 64 || w.group == 128 || w.group == 256 || w.group % 512 == 0) && has_gfni()
-                                 : group_bytes % 16 == 0;
-  if (G == 0 || !lanes || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
-  // the fewest column tiles, then the most groups per slab: S groups dividing G that fill whole
-  // chunks (so do the rows; 3-bit: any S)
-  for (int ct = 1; ct <= 4; ct *= 2)
-    for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
-      if (G % S == 0 && (w.bits == 3 || S * group_bytes % kChunkBytes == 0))
-        // x's tiles, read again by every block of rows, must stay in L2 beside the weights'
-        // stream: bench_quant at a6c1190 (3-bit tiles then twice as many), 8192 x 28672 3-bit
-        // batch 4 with 3.5 MiB of them took 42.7 ms against the AVX-512 GEMV's 38.7 (at
-        // 9813309); 1.75 MiB ran at full speed
-        return quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes ? S : 0;
+  const int64_t G = w.K / w.group;
+  // a group's sums within int32
+  if (G == 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
+  // the fewest column tiles, then the most groups per slab, S dividing G: byte chunks where S
+  // groups fill them (byte_chunks_fit), else input chunks (any S; input_chunks_fit)
+  for (const bool inputs : {false, true}) {
+    if (inputs && !input_chunks_fit(w)) break;
+    for (int ct = 1; ct <= 4; ct *= 2)
+      for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
+        if (G % S == 0 && (inputs || byte_chunks_fit(w, S)))
+          // x's tiles, read again by every block of rows, must stay in L2 beside the weights'
+          // stream: bench_quant at a6c1190 (3-bit tiles then twice as many), 8192 x 28672
+          // 3-bit batch 4 with 3.5 MiB of them took 42.7 ms against the AVX-512 GEMV's 38.7
+          // (at 9813309); 1.75 MiB ran at full speed
+          return quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes ? S : 0;
+  }
   return 0;
 }
 
+// (input chunks exactly where no byte chunks fit: quant_amx_gemv_slots tries those first, over
+// every S this one could be)
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) {
-  return ChunkMap(w).row_chunks * planes_of(w.bits) * col_tiles_of(M, S) * kTileBytes;
+  return ChunkMap(w, !byte_chunks_fit(w, S)).row_chunks * (byte_chunks_fit(w, S) ? 8 / w.bits : 1) *
+         col_tiles_of(M, S) * kTileBytes;
 }
 
 int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
@@ -468,8 +492,8 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
                            uint8_t* packed, float* digit_sums) {
   const int CT = col_tiles_of(M, S);
   const int64_t G = w.K / w.group;
-  const ChunkMap map(w);
-  const int planes = planes_of(w.bits);
+  const ChunkMap map(w, !byte_chunks_fit(w, S));
+  const int planes = int(map.planes);
   if (digit_sums) std::fill(digit_sums, digit_sums + M * G * kDigits, 0.f);
   for (int64_t c = 0; c < map.row_chunks; ++c) {
     for (int j = 0; j < planes; ++j) {
@@ -498,19 +522,23 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
 
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
                     int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
-  auto run = [&](auto bits_c) {
+  auto run = [&](auto bits_c, auto inputs_c) {
     constexpr int BITS = decltype(bits_c)::value;
+    constexpr bool INPUTS = decltype(inputs_c)::value;
     switch (col_tiles_of(M, S)) {
-      case 1: return gemv_rows<BITS, 1>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-      case 2: return gemv_rows<BITS, 2>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-      default: return gemv_rows<BITS, 4>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      case 1: return gemv_rows<BITS, 1, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      case 2: return gemv_rows<BITS, 2, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      default: return gemv_rows<BITS, 4, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
     }
   };
+  using bytes = std::false_type;
+  using inputs = std::true_type;
+  const bool by_inputs = !byte_chunks_fit(w, S);
   switch (w.bits) {
-    case 2: return run(std::integral_constant<int, 2>());
-    case 3: return run(std::integral_constant<int, 3>());
-    case 4: return run(std::integral_constant<int, 4>());
-    default: return run(std::integral_constant<int, 8>());
+    case 2: return by_inputs ? run(std::integral_constant<int, 2>(), inputs()) : run(std::integral_constant<int, 2>(), bytes());
+    case 3: return run(std::integral_constant<int, 3>(), inputs());
+    case 4: return by_inputs ? run(std::integral_constant<int, 4>(), inputs()) : run(std::integral_constant<int, 4>(), bytes());
+    default: return run(std::integral_constant<int, 8>(), bytes());
   }
 }
 
