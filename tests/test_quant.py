@@ -227,6 +227,7 @@ def test_amx_gemv_applies_where_documented():
         assert [slots(2, 4096, 128, m) for m in (2, 3, 5, 8, 9, 16)] == [2, 2, 2, 2, 1, 1]
         assert [slots(4, 4096, 64, m) for m in (1, 5, 9, 16)] == [4, 2, 1, 1]
         assert [slots(2, 4096, 64, m) for m in (1, 4, 5, 16)] == [4, 4, 1, 1]
+        assert slots(4, 576, 64, 1) == 3 and slots(2, 1088, 64, 1) == 1   # 9 and 17 groups
         assert slots(4, 4096, 32, 4) == 4 and slots(4, 4096, 32, 5) == 0   # 16-byte groups of 32
         assert slots(4, 1024, 1024, 1) == 1            # per channel / per tensor: one group
         # 3-bit: chunks of 64 inputs (any S), groups of 64, 128, 256 or a multiple of 512 (the
@@ -311,6 +312,8 @@ def test_amx_gemv_blocks_and_threads(n, m, threads):
     (2, 1536, 64, True),     # 16-byte groups: input chunks from 5 rows
     (2, 4096, 128, False),   # 32-byte groups: input chunks from 9 rows
     (4, 2048, 64, True),     # 32-byte 4-bit groups: input chunks from 9 rows
+    (4, 576, 64, False),     # 9 groups: no even S, input chunks at one row (S = 3: odd slabs)
+    (2, 1088, 64, False),    # 17 groups: input chunks at every batch, rows of 272 bytes
 ], ids=str)
 def test_amx_gemv_input_chunks_and_threads(bits, k, group_size, zeros):
     # codes of 64 consecutive inputs assembled from their group's bytes (3-bit: from both

@@ -131,8 +131,8 @@ struct InputCodes {
   }
 };
 
-// A row's chunks: its packed bytes 64 at a time, planes_of(bits) planes each (value j P + i of a
-// group in bit field j of byte i, P the group's bytes), or (input chunks: InputCodes) 64
+// A row's chunks: its packed bytes 64 at a time, 8 / bits planes each (value j P + i of a group
+// in bit field j of byte i, P the group's bytes), or (input chunks: InputCodes) 64
 // inputs at a time, one plane. Where a chunk's plane tiles of x are, and which inputs their
 // lanes hold.
 struct ChunkMap {
@@ -443,20 +443,24 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
   const int64_t G = w.K / w.group;
   // a group's sums within int32
   if (G == 0 || w.group * ((1 << w.bits) - 1) * 128 >= (int64_t(1) << 31)) return 0;
-  // the fewest column tiles, then the most groups per slab, S dividing G: byte chunks where S
-  // groups fill them (byte_chunks_fit), else input chunks (any S; input_chunks_fit)
-  for (const bool inputs : {false, true}) {
-    if (inputs && !input_chunks_fit(w)) break;
+  // Byte chunks where S groups fill them (byte_chunks_fit) at the fewest column tiles, then the
+  // most groups per slab, S dividing G; else input chunks (input_chunks_fit; any S) the same way.
+  // x's tiles, read again by every block of rows, must stay in L2 beside the weights' stream:
+  // bench_quant at a6c1190 (3-bit tiles then twice as many), 8192 x 28672 3-bit batch 4 with
+  // 3.5 MiB of them took 42.7 ms against the AVX-512 GEMV's 38.7 (at 9813309); 1.75 MiB ran at
+  // full speed. (Input chunks may need fewer column tiles than the byte chunks' S.)
+  auto first_fit = [&](bool inputs) -> int64_t {
     for (int ct = 1; ct <= 4; ct *= 2)
       for (int64_t S = ct * kCols / (M * kDigits); S >= 1; --S)
-        if (G % S == 0 && (inputs || byte_chunks_fit(w, S)))
-          // x's tiles, read again by every block of rows, must stay in L2 beside the weights'
-          // stream: bench_quant at a6c1190 (3-bit tiles then twice as many), 8192 x 28672
-          // 3-bit batch 4 with 3.5 MiB of them took 42.7 ms against the AVX-512 GEMV's 38.7
-          // (at 9813309); 1.75 MiB ran at full speed
-          return quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes ? S : 0;
-  }
-  return 0;
+        if (G % S == 0 && (inputs || byte_chunks_fit(w, S))) return S;
+    return 0;
+  };
+  const int64_t S = first_fit(false);
+  if (S > 0 && quant_amx_gemv_packed_bytes(w, M, S) <= kMaxPackedBytes) return S;
+  const int64_t S_inputs = input_chunks_fit(w) ? first_fit(true) : 0;
+  // (the input scan's first S comes no later than the byte scan's: if it is the same one, it is
+  // byte chunks, whose tiles did not fit; any other one does not fit byte chunks)
+  return S_inputs > 0 && S_inputs != S && quant_amx_gemv_packed_bytes(w, M, S_inputs) <= kMaxPackedBytes ? S_inputs : 0;
 }
 
 // (input chunks exactly where no byte chunks fit: quant_amx_gemv_slots tries those first, over

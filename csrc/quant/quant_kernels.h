@@ -76,8 +76,9 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
                     const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1);
 
 // The AMX-INT8 GEMV for batches of 1 to 16 rows (quant_cpu_amx_gemv.cpp; uniform 2-, 4- and
-// 8-bit formats whose rows are whole 64-byte chunks, 3-bit with groups of 64, 128, 256 or a
-// multiple of 512 inputs): integer tile products of the codes with x
+// 8-bit formats whose groups fill 64-byte chunks S at a time, or hold 64 or 128 inputs (2-bit)
+// or 64 (4-bit); 3-bit with groups of 64, 128, 256 or a multiple of 512 inputs; x's tiles
+// within 2 MiB): integer tile products of the codes with x
 // in fixed point per group (four base-256 digits), the digits and batch rows of S groups side by
 // side in one to four tiles' columns. quant_amx_gemv_slots(w, M) is S, or 0 where this path does
 // not apply. x [M, K] float32 (contiguous): quant_amx_gemv_exponents writes E [M, G] (false for
