@@ -86,6 +86,36 @@ def test_asymmetric_groups_of_one_sign(bits, group_size):
     assert (errors[False] <= errors[True] + 1e-6).all(), errors
 
 
+@pytest.mark.parametrize("isa", [i for i in ("generic", "avx2", "avx512") if i in fastloss.cpu_isas()])
+def test_gemv_rows_same_on_any_thread_split(isa):
+    # From 3 batch rows the GEMV takes four weight rows at a time and the rest of a thread's
+    # range with the same sums: a row's result must not depend on where the ranges begin (1
+    # thread vs 3: 200 rows in ranges of 67, 67, 66, chunks of at least 64); an infinite x
+    # never gives a finite row.
+    g = torch.Generator().manual_seed(3)
+    k, n = 256, 200
+    formats = [ops.quantize_weight(torch.randn(n, k, generator=g), 4, 64, False),
+               ops.quantize_weight(torch.randn(n, k, generator=g), 4, 128, codebook=ops.nf_codebook(4))]
+    x = torch.randn(5, k, generator=g)
+    x_inf = x.clone()
+    x_inf[1, 7] = float("inf")
+    previous = torch.get_num_threads()
+    fastloss.set_cpu_isa(isa)
+    try:
+        for qw in formats:
+            ys = []
+            for threads in (1, 3):
+                torch.set_num_threads(threads)
+                ys.append(ops.dequant_gemm(x, qw))
+                assert not ops.dequant_gemm(x_inf, qw)[1].isfinite().any()
+            assert torch.equal(ys[0], ys[1])
+            want = x.double() @ ops.dequantize_weight(qw).double().T
+            assert torch.allclose(ys[0].double(), want, rtol=1e-5, atol=1e-5)
+    finally:
+        fastloss.set_cpu_isa("auto")
+        torch.set_num_threads(previous)
+
+
 requires_amx = pytest.mark.skipif("amx" not in fastloss.cpu_isas(),
                                   reason="no AMX-BF16 on this CPU (or not allowed by the OS)")
 
@@ -186,7 +216,7 @@ def test_amx_16bit_activations_take_fewer_terms_exactly(dtype):
 def test_amx_non_finite_inputs():
     # an infinite x stays in its hi term (mid = lo = 0), a NaN becomes the quiet NaN: without
     # zero points the rows are what the float32 matmul gives (+-inf, NaN); with them, as on the
-    # other CPU paths, s z sum(x) turns infinities into NaN, but no such row comes out finite
+    # batch 1-2 GEMV, s z sum(x) turns infinities into NaN, but no such row comes out finite
     k, n, m = 256, 20, 40
     x = torch.randn(m, k)
     x[1, 5], x[2, 7], x[3, 0], x[30, 9] = float("inf"), float("-inf"), float("nan"), float("inf")

@@ -135,21 +135,6 @@ inline void unpack_group(const uint8_t* b, int64_t P, float* out, const Dec& dec
   }
 }
 
-// sum_k a[k] b[k] over [0, n): unreduced lanes for [0, n - n % width), plus the rest in *rest
-template <class V>
-inline V partial_dot(const float* a, const float* b, int64_t n, float* rest) {
-  constexpr int kW = VecTraits<V>::width;
-  V acc0 = V(0.f), acc1 = V(0.f);
-  int64_t i = 0;
-  for (; i + 2 * kW <= n; i += 2 * kW) {
-    acc0 = vfma(VecIo<V>::load(a + i), VecIo<V>::load(b + i), acc0);
-    acc1 = vfma(VecIo<V>::load(a + i + kW), VecIo<V>::load(b + i + kW), acc1);
-  }
-  for (; i + kW <= n; i += kW) acc0 = vfma(VecIo<V>::load(a + i), VecIo<V>::load(b + i), acc0);
-  for (; i < n; ++i) *rest += a[i] * b[i];
-  return acc0 + acc1;
-}
-
 // Calls f(dec) with the decoder of row n's codebook (or the uniform one). Uniform 2- and 4-bit
 // codes on AVX-512 decode by a permute of the table 0 .. 15: one instruction for the mask and
 // the integer conversion (two more on AVX2, where the conversion stays).
@@ -237,7 +222,7 @@ void gemv_pair(const QuantWeight& w, const float* x, const float* xsum, const fl
   });
 }
 
-// From 3 batch rows, rows n .. n + 3 together, a group at a time: the four rows' weights (v -
+// From 3 batch rows, rows n .. n + R - 1 together (R = 4), a group at a time: the four rows' weights (v -
 // z) s of the group (values4: 4 x group floats), then per block of up to four batch rows 16
 // accumulators over the group's vectors (a load of x and one of the weights per 2 FMAs), added
 // to the row sums (one row at a time, each group's partial sums went through memory with their
@@ -246,7 +231,9 @@ void gemv_pair(const QuantWeight& w, const float* x, const float* xsum, const fl
 // AVX-512 path 5.5 vs 7.7-8.2 ms; 4096 x 14336 NF4 batch 8 12.0-12.4 vs 14.9-16.5 ms; batch 4
 // within noise. (Reading each group's x once for four weight rows with the unscaled values and
 // the per-group epilogue kept gave nothing: the epilogue, not x, bound that loop.)
-template <int BITS, class V>
+// R < 4: the rows left at the end of a thread's range, with the same sums (so a row's result
+// does not depend on where the threads' ranges begin).
+template <int BITS, int R, class V>
 void gemv_quad(const QuantWeight& w, const float* x, int64_t M, const float* bias, float* y, int64_t n,
                float* values4) {
   constexpr int kW = VecTraits<V>::width;
@@ -255,9 +242,9 @@ void gemv_quad(const QuantWeight& w, const float* x, int64_t M, const float* bia
   V lanes[kQuantMaxRows][4];
   float tail[kQuantMaxRows][4];
   for (int64_t m = 0; m < M; ++m)
-    for (int r = 0; r < 4; ++r) lanes[m][r] = V(0.f), tail[m][r] = 0.f;
+    for (int r = 0; r < R; ++r) lanes[m][r] = V(0.f), tail[m][r] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    for (int r = 0; r < 4; ++r) {
+    for (int r = 0; r < R; ++r) {
       float* v = values4 + r * w.group;
       with_decoder<BITS>(w, n + r, [&](const auto& dec) {
         unpack_group<BITS, V>(w.q + (n + r) * row_bytes + g * group_bytes, P, v, dec, 0);
@@ -273,35 +260,33 @@ void gemv_quad(const QuantWeight& w, const float* x, int64_t M, const float* bia
         for (int r = 0; r < 4; ++r) acc[j][r] = V(0.f);
       const float* xg = x + m0 * w.K + g * w.group;
       for (int64_t i = 0; i < vectors; i += kW) {
-        const V w0 = VecIo<V>::load(values4 + i), w1 = VecIo<V>::load(values4 + w.group + i);
-        const V w2 = VecIo<V>::load(values4 + 2 * w.group + i), w3 = VecIo<V>::load(values4 + 3 * w.group + i);
+        V wv[R];
+        for (int r = 0; r < R; ++r) wv[r] = VecIo<V>::load(values4 + r * w.group + i);
         for (int j = 0; j < mb; ++j) {
           const V xv = VecIo<V>::load(xg + j * w.K + i);
-          acc[j][0] = vfma(w0, xv, acc[j][0]);
-          acc[j][1] = vfma(w1, xv, acc[j][1]);
-          acc[j][2] = vfma(w2, xv, acc[j][2]);
-          acc[j][3] = vfma(w3, xv, acc[j][3]);
+          for (int r = 0; r < R; ++r) acc[j][r] = vfma(wv[r], xv, acc[j][r]);
         }
       }
       for (int j = 0; j < mb; ++j)
-        for (int r = 0; r < 4; ++r) {
+        for (int r = 0; r < R; ++r) {
           lanes[m0 + j][r] = lanes[m0 + j][r] + acc[j][r];
           for (int64_t i = vectors; i < w.group; ++i) tail[m0 + j][r] += values4[r * w.group + i] * xg[j * w.K + i];
         }
     }
   }
   for (int64_t m = 0; m < M; ++m)
-    for (int r = 0; r < 4; ++r) y[m * w.N + n + r] = hsum(lanes[m][r]) + tail[m][r] + (bias ? bias[n + r] : 0.f);
+    for (int r = 0; r < R; ++r) y[m * w.N + n + r] = hsum(lanes[m][r]) + tail[m][r] + (bias ? bias[n + r] : 0.f);
 }
 
-// Each group's dot products are accumulated unreduced, times the group's scale, and reduced
-// once per output row: a horizontal sum per group would cost more than the group's FMAs.
+// Batch 1-2: each group's dot products are accumulated unreduced, times the group's scale, and
+// reduced once per output row: a horizontal sum per group would cost more than the group's
+// FMAs. From 3 rows: gemv_quad.
 template <class V>
 void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, const float* bias,
           float* y, int64_t n0, int64_t n1) {
   const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
   const int64_t P = w.group / quant_planes(w.bits);
-  std::vector<float> values(M > 2 ? w.group : 0), values4(M > 2 ? 4 * w.group : 0);
+  std::vector<float> values4(M > 2 ? 4 * w.group : 0);
   V lanes[kQuantMaxRows];
   float acc[kQuantMaxRows];
   with_bits(w.bits, [&](auto bits_c) {
@@ -311,9 +296,16 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
       for (; n + 2 <= n1; n += 2) gemv_pair<BITS, V>(w, x, xsum, bias, y, n);
     }
     if (M > 2) {  // from 3 rows: four weight rows at a time over each group of x (gemv_quad)
-      for (; n + 4 <= n1; n += 4) gemv_quad<BITS, V>(w, x, M, bias, y, n, values4.data());
+      for (; n + 4 <= n1; n += 4) gemv_quad<BITS, 4, V>(w, x, M, bias, y, n, values4.data());
+      switch (n1 - n) {
+        case 3: gemv_quad<BITS, 3, V>(w, x, M, bias, y, n, values4.data()); break;
+        case 2: gemv_quad<BITS, 2, V>(w, x, M, bias, y, n, values4.data()); break;
+        case 1: gemv_quad<BITS, 1, V>(w, x, M, bias, y, n, values4.data()); break;
+        default: break;
+      }
+      return;
     }
-    for (; n < n1; ++n) {
+    for (; n < n1; ++n) {  // batch 1-2 (one row at a time)
       with_decoder<BITS>(w, n, [&](const auto& dec) {
         for (int64_t m = 0; m < M; ++m) acc[m] = 0.f, lanes[m] = V(0.f);
         for (int64_t g = 0; g < G; ++g) {
@@ -323,21 +315,11 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
           // sum_k (v - z) s x = s (sum_k v x - z sum_k x): the zero point costs one multiply
           if (w.zero)
             for (int64_t m = 0; m < M; ++m) acc[m] -= s * w.zero[n * G + g] * xsum[m * G + g];
-          if (M <= 2) {  // unpack in registers, once per row of x
-            for (int64_t m = 0; m < M; ++m) {
-              const float* xg = x + m * w.K + g * w.group;
-              int64_t i = 0;
-              lanes[m] = vfma(sv, plane_dot<BITS, V>(b, P, xg, dec, i), lanes[m]);
-              if (i < P) acc[m] += s * plane_dot_rest<BITS, V>(b, P, xg, dec, i);
-            }
-            continue;
-          }
-          unpack_group<BITS, V>(b, P, values.data(), dec, 0);  // once for all M rows
-          for (int64_t m = 0; m < M; ++m) {
-            float rest = 0.f;
-            lanes[m] = vfma(sv, partial_dot<V>(values.data(), x + m * w.K + g * w.group, w.group, &rest),
-                            lanes[m]);
-            acc[m] += s * rest;
+          for (int64_t m = 0; m < M; ++m) {  // unpacked in registers, once per row of x
+            const float* xg = x + m * w.K + g * w.group;
+            int64_t i = 0;
+            lanes[m] = vfma(sv, plane_dot<BITS, V>(b, P, xg, dec, i), lanes[m]);
+            if (i < P) acc[m] += s * plane_dot_rest<BITS, V>(b, P, xg, dec, i);
           }
         }
       });

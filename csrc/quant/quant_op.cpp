@@ -297,8 +297,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   const int64_t amx_gemv_slots = x.is_cpu() ? quant_amx_gemv_slots(w, M) : 0;
   if (amx_gemv_slots > 0 && gemv_amx(w, x32, amx_gemv_slots, b32, y)) return y.to(x.scalar_type());
   const bool amx = x.is_cpu() && M >= kQuantAmxMinRows && quant_amx_applies(w);
-  // the AMX and GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x), with the
-  // sums of x over each group (the tile path subtracts z in the dequantized tiles)
+  // the AMX and batch 1-2 GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x),
+  // with the sums of x over each group (the tiles and the GEMV from 3 rows subtract z in the
+  // dequantized weights)
   const Tensor xsum = w.zero && (amx || M <= kQuantMaxRows)
                           ? x32.view({M, w.K / w.group, w.group}).sum(2) : Tensor();
   if (amx) {  // compute-bound: AMX tile products
