@@ -79,6 +79,20 @@ bool cpu_supports_amx_int8() {
 #endif
 }
 
+bool cpu_supports_gfni() {
+#if defined(__x86_64__) || defined(__i386__)
+  static const bool supported = [] {  // (CPUID traps to the hypervisor in a VM: asked once)
+    if (!cpu_supports_avx512()) return false;
+    unsigned a, b, c, d;
+    __cpuid_count(7, 0, a, b, c, d);
+    return (c & (1u << 8)) != 0;  // GFNI
+  }();
+  return supported;
+#else
+  return false;
+#endif
+}
+
 namespace {
 CpuIsa best_isa() {
   if (cpu_supports_amx_bf16()) return CpuIsa::amx;

@@ -16,6 +16,7 @@ bool cpu_supports_avx512();    // AVX512F, and the OS saves ZMM and opmask state
 // it has to be asked for once: arch_prctl(ARCH_REQ_XCOMP_PERM); false when refused)
 bool cpu_supports_amx_bf16();
 bool cpu_supports_amx_int8();  // cpu_supports_amx_bf16() and AMX-INT8
+bool cpu_supports_gfni();      // cpu_supports_avx512() and GFNI (its 512-bit byte bit-matrix ops)
 CpuIsa active_cpu_isa();       // the best supported, unless overridden
 // name: "generic", "avx2", "avx512", "amx" or "auto". Returns false (and changes nothing) for an
 // unknown name or an instruction set this CPU lacks.

@@ -40,8 +40,6 @@
 // planes of the low bits plus 8 planes of the third bits, 16 planes per 128 inputs, 1.1-1.3x
 // at batch 1, 1.6-1.8x at 4). Batch 1 profile: the weight loads' misses, and the read-out of
 // a slab's sums (tilestored waits for the tile unit) 15% of the samples.
-#include <cpuid.h>
-
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -73,7 +71,6 @@ constexpr int kMinExponent = -90, kMaxExponent = 100;
 constexpr int64_t kPrefetchChunks = 32;
 // x's packed tiles at most (the 2 MiB L2 of a core: see quant_amx_gemv_slots)
 constexpr int64_t kMaxPackedBytes = int64_t(2) << 20;
-
 
 // plane j of 64 packed bytes: the codes, one per byte
 template <int BITS>
@@ -161,9 +158,8 @@ bool byte_chunks_fit(const QuantWeight& w, int64_t S) {
   const int64_t group_bytes = w.group * w.bits / 8;
   return w.bits != 3 && group_bytes % 16 == 0 && S * group_bytes % kChunkBytes == 0;
 }
-bool has_gfni();
 bool input_chunks_fit(const QuantWeight& w) {
-  if (w.bits == 8 || w.group % 64 != 0 || !has_gfni()) return false;
+  if (w.bits == 8 || w.group % 64 != 0 || !cpu_supports_gfni()) return false;
   const int64_t P = w.group * (w.bits == 3 ? 2 : w.bits) / 8;
   return section_loads(P) && (w.bits != 3 || section_loads(w.group / 8));
 }
@@ -369,9 +365,9 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
         const uint8_t* hint = ahead < row_bytes ? block + ahead : block + kRows * row_bytes + (ahead - row_bytes);
         constexpr int planes = kPlanes;
         const int64_t first = c * kPlanes;
-        // input chunks: the chunk's group's bytes in the block's first row, and its codes' maps;
+        // input chunks: the chunk's group's bytes in the block's first row, and its codes' maps
+        // (a copy: they stay in registers, where the stores to a_tiles could alias a reference);
         // a line asked for where the chunk's 16-32 bytes reach a new one
-        // (a copy: the maps stay in registers, where the stores to a_tiles could alias a reference)
         const InputCodes codes = INPUTS ? codes_of[c % chunks_per_group] : InputCodes();
         const uint8_t* group_bytes_at = block + (INPUTS ? c / chunks_per_group * group_bytes : 0);
         const bool ask = !INPUTS || ahead % kChunkBytes < map.chunk_bytes;
@@ -426,14 +422,6 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
 #undef FASTLOSS_CT1_CHUNK
 #undef FASTLOSS_CT1_PLANE
 
-bool has_gfni() {  // CPUID leaf 7, ECX bit 8
-  static const bool yes = [] {
-    unsigned a, b, c, d;
-    return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (c & (1u << 8)) != 0;
-  }();
-  return yes;
-}
-
 }  // namespace
 
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
@@ -466,8 +454,8 @@ int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M) {
 // (input chunks exactly where no byte chunks fit: quant_amx_gemv_slots tries those first, over
 // every S this one could be)
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) {
-  return ChunkMap(w, !byte_chunks_fit(w, S)).row_chunks * (byte_chunks_fit(w, S) ? 8 / w.bits : 1) *
-         col_tiles_of(M, S) * kTileBytes;
+  const ChunkMap map(w, !byte_chunks_fit(w, S));
+  return map.row_chunks * map.planes * col_tiles_of(M, S) * kTileBytes;
 }
 
 int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }

@@ -222,6 +222,26 @@ void gemv_pair(const QuantWeight& w, const float* x, const float* xsum, const fl
   });
 }
 
+// decode_rows for a bit width known at compile time
+template <int BITS, bool kScale, class V>
+inline void decode_rows_of(const QuantWeight& w, float* out, int64_t ld, int64_t n0, int64_t n1, int64_t g0,
+                           int64_t g1) {
+  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
+  const int64_t P = w.group / quant_planes(w.bits);
+  for (int64_t n = n0; n < n1; ++n) {
+    with_decoder<BITS>(w, n, [&](const auto& dec) {
+      for (int64_t g = g0; g < g1; ++g) {
+        float* o = out + (n - n0) * ld + (g - g0) * w.group;
+        unpack_group<BITS, V>(w.q + n * row_bytes + g * group_bytes, P, o, dec, 0);
+        if constexpr (kScale) {
+          const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
+          for (int64_t i = 0; i < w.group; ++i) o[i] = (o[i] - z) * s;
+        }
+      }
+    });
+  }
+}
+
 // From 3 batch rows, rows n .. n + R - 1 together (R = 4), a group at a time: the four rows' weights (v -
 // z) s of the group (values4: 4 x group floats), then per block of up to four batch rows 16
 // accumulators over the group's vectors (a load of x and one of the weights per 2 FMAs), added
@@ -237,21 +257,13 @@ template <int BITS, int R, class V>
 void gemv_quad(const QuantWeight& w, const float* x, int64_t M, const float* bias, float* y, int64_t n,
                float* values4) {
   constexpr int kW = VecTraits<V>::width;
-  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
-  const int64_t P = w.group / quant_planes(w.bits);
+  const int64_t G = w.K / w.group;
   V lanes[kQuantMaxRows][4];
   float tail[kQuantMaxRows][4];
   for (int64_t m = 0; m < M; ++m)
     for (int r = 0; r < R; ++r) lanes[m][r] = V(0.f), tail[m][r] = 0.f;
   for (int64_t g = 0; g < G; ++g) {
-    for (int r = 0; r < R; ++r) {
-      float* v = values4 + r * w.group;
-      with_decoder<BITS>(w, n + r, [&](const auto& dec) {
-        unpack_group<BITS, V>(w.q + (n + r) * row_bytes + g * group_bytes, P, v, dec, 0);
-      });
-      const float s = w.scale[(n + r) * G + g], z = w.zero ? w.zero[(n + r) * G + g] : 0.f;
-      for (int64_t i = 0; i < w.group; ++i) v[i] = (v[i] - z) * s;
-    }
+    decode_rows_of<BITS, true, V>(w, values4, w.group, n, n + R, g, g + 1);
     const int64_t vectors = w.group / kW * kW;
     for (int64_t m0 = 0; m0 < M; m0 += 4) {
       const int mb = int(std::min<int64_t>(4, M - m0));
@@ -286,7 +298,7 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
           float* y, int64_t n0, int64_t n1) {
   const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
   const int64_t P = w.group / quant_planes(w.bits);
-  std::vector<float> values4(M > 2 ? 4 * w.group : 0);
+  std::vector<float> values4(M > kQuantGemvXsumRows ? 4 * w.group : 0);
   V lanes[kQuantMaxRows];
   float acc[kQuantMaxRows];
   with_bits(w.bits, [&](auto bits_c) {
@@ -295,7 +307,7 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
     if (M == 1) {  // batch 1: two rows at a time over each load of x (gemv_pair)
       for (; n + 2 <= n1; n += 2) gemv_pair<BITS, V>(w, x, xsum, bias, y, n);
     }
-    if (M > 2) {  // from 3 rows: four weight rows at a time over each group of x (gemv_quad)
+    if (M > kQuantGemvXsumRows) {  // from 3 rows: four weight rows at a time (gemv_quad)
       for (; n + 4 <= n1; n += 4) gemv_quad<BITS, 4, V>(w, x, M, bias, y, n, values4.data());
       switch (n1 - n) {
         case 3: gemv_quad<BITS, 3, V>(w, x, M, bias, y, n, values4.data()); break;
@@ -334,22 +346,8 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
 template <bool kScale>
 inline void decode_rows(const QuantWeight& w, float* out, int64_t ld, int64_t n0, int64_t n1,
                         int64_t g0, int64_t g1) {
-  const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
-  const int64_t P = w.group / quant_planes(w.bits);
   with_bits(w.bits, [&](auto bits_c) {
-    constexpr int BITS = decltype(bits_c)::value;
-    for (int64_t n = n0; n < n1; ++n) {
-      with_decoder<BITS>(w, n, [&](const auto& dec) {
-        for (int64_t g = g0; g < g1; ++g) {
-          float* o = out + (n - n0) * ld + (g - g0) * w.group;
-          unpack_group<BITS, FL_ISA_VEC>(w.q + n * row_bytes + g * group_bytes, P, o, dec, 0);
-          if constexpr (kScale) {
-            const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
-            for (int64_t i = 0; i < w.group; ++i) o[i] = (o[i] - z) * s;
-          }
-        }
-      });
-    }
+    decode_rows_of<decltype(bits_c)::value, kScale, FL_ISA_VEC>(w, out, ld, n0, n1, g0, g1);
   });
 }
 

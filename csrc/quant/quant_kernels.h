@@ -32,10 +32,12 @@ struct QuantWeight {
 constexpr int quant_planes(int bits) { return bits == 3 ? 8 : 8 / bits; }
 
 // y[m, n] = sum_k x[m, k] w[n, k] (+ bias[n]) for output features [n0, n1), float32 x [M, K]
-// (contiguous) with xsum[m, g] = sum of x over group g (unused without zero points), y float32
-// [M, N] (row stride N). For small M (the memory-bound path: each packed row is read once for
-// all M rows).
+// (contiguous) with xsum[m, g] = sum of x over group g (read with zero points up to
+// kQuantGemvXsumRows rows; from there the GEMV subtracts z in the dequantized weights), y
+// float32 [M, N] (row stride N). For small M (the memory-bound path: each packed row is read
+// once for all M rows).
 constexpr int64_t kQuantMaxRows = 16;
+constexpr int64_t kQuantGemvXsumRows = 2;
 // On CUDA, formats without the tensor-core GEMV (3-bit, codebooks, 8-bit with bfloat16 x) take
 // the warp-per-row GEMV only up to this many rows, the tensor-core GEMM above it: the warp GEMV
 // streams the weights again for every few rows (H200 at f95b002, batch 16 on the warp GEMV

@@ -300,7 +300,7 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
   // the AMX and batch 1-2 GEMV paths' zero points: sum_k (q - z) s x = s (q . x - z sum_k x),
   // with the sums of x over each group (the tiles and the GEMV from 3 rows subtract z in the
   // dequantized weights)
-  const Tensor xsum = w.zero && (amx || M <= kQuantMaxRows)
+  const Tensor xsum = w.zero && (amx || M <= kQuantGemvXsumRows)
                           ? x32.view({M, w.K / w.group, w.group}).sum(2) : Tensor();
   if (amx) {  // compute-bound: AMX tile products
     gemm_amx(w, x32, x.scalar_type(), xsum, b32, y);

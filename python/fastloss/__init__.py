@@ -37,9 +37,10 @@ def cpu_isas() -> list[str]:
 def cpu_isa() -> str:
     """The instruction set the CPU kernels use now: ``"amx"``, ``"avx512"``, ``"avx2"`` or
     ``"generic"``. ``"amx"`` is the AVX-512 kernels plus the tile products of the low-bit
-    GEMM: AMX-INT8 for batches of 1-16 of the uniform 2-, 4- and 8-bit formats (x in fixed point
-    per group, exact integer sums), AMX-BF16 for larger batches and the other uniform formats
-    from 8 rows (exact float32 products; see ``ops.dequant_gemm``)."""
+    GEMM: AMX-INT8 for batches of 1-16 of the uniform 2-, 3-, 4- and 8-bit formats (x in fixed
+    point per group, exact integer sums; the groups it reads are in the README), AMX-BF16 for
+    larger batches and the other uniform groups from 8 rows (exact float32 products; see
+    ``ops.dequant_gemm``)."""
     return _C.cpu_isa()
 
 

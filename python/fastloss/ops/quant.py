@@ -304,7 +304,7 @@ def dequantize_weight(qw: QuantizedWeight) -> Tensor:
 def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ dequantize_weight(qw).T + bias`` for ``x`` ``[..., K]`` (float32, float16 or
     bfloat16; the result has ``x``'s dtype, float32 accumulation). On CPUs with AMX-INT8, 1-16
-    rows of ``x`` against uniform 2-, 4- or 8-bit weights take integer tile products: each group
+    rows of ``x`` against uniform 2-, 3-, 4- or 8-bit weights take integer tile products: each group
     of ``x`` in fixed point (rounded by at most 2^-30 of the group's largest ``|x|``), exact
     integer sums, then float32; ``fastloss.set_cpu_isa("avx512")`` gives float32 FMAs."""
     if not isinstance(qw, QuantizedWeight):
