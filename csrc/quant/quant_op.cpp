@@ -1,18 +1,19 @@
 // The torch-aware side of the low-bit dequant GEMM: argument checks (the packed format's
 // consistency), allocation, and the CPU (quant_cpu_impl.h) or CUDA (quant_cuda.cu) kernels.
-// Schemas in registration.cpp; fake kernels, autograd and the packing in
-// python/fastloss/ops/quant.py.
+// Schemas in registration.cpp; fake kernels and the packing in python/fastloss/ops/quant.py;
+// autograd here (C++: a call that records nothing runs no Python, see register_autograd).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/zeros.h>
 #include <c10/core/DeviceGuard.h>
 #include <c10/util/Exception.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
-#if defined(FASTLOSS_WITH_CUDA)
-#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -360,11 +361,128 @@ Tensor dequant_gemm_grad_input(const Tensor& grad_y, const Tensor& q, const Tens
   return gx.to(grad_y.scalar_type());
 }
 
-}  // namespace
-}  // namespace fastloss
+// ---- autograd -----------------------------------------------------------------------------
+// y = x W^T + b is linear in x and b: grad_x = grad_y W (dequant_gemm_grad_input), grad_b = the
+// column sums of grad_y; the packed weight gets no gradient (a scale, zero point or codebook that
+// requires grad is refused rather than left without one). Both formulas call the ops through the
+// dispatcher, so with create_graph they record in turn: dequant_gemm_grad_input's backward is
+// dequant_gemm again (gradient penalties and Hessian-vector products through a QuantLinear work
+// as through an nn.Linear).
+// In C++ rather than torch.library.register_autograd: a batch-1 call then has no Python between
+// the op and its kernel (~10 us per call with warm caches, 30-40 us after a weight stream has
+// evicted the interpreter's lines; 4096 x 4096 4-bit takes ~0.6 ms in all).
 
-namespace fastloss {
-namespace {
+using GemmOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&, const OptTensor&,
+                      int64_t, int64_t, const OptTensor&);
+using GradInputOp = Tensor(const Tensor&, const Tensor&, const Tensor&, const OptTensor&,
+                           const OptTensor&, int64_t, int64_t);
+
+const c10::TypedOperatorHandle<GemmOp>& gemm_op() {
+  static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::dequant_gemm", "").typed<GemmOp>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<GradInputOp>& grad_input_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::dequant_gemm_grad_input", "").typed<GradInputOp>();
+  return op;
+}
+
+OptTensor opt(const Tensor& t) { return t.defined() ? OptTensor(t) : std::nullopt; }
+
+// While autograd records: the packed weight's float tensors must not require grad.
+void refuse_weight_grad(const char* op, const Tensor& scale, const OptTensor& zero, const OptTensor& codebook) {
+  auto refuse = [&](const Tensor& t, const char* name) {
+    TORCH_CHECK(!t.defined() || !t.requires_grad(), op, ": qw.", name, " requires grad, but ", op,
+                " gives no gradient for the weight's ", name, "; pass qw.", name, ".detach()");
+  };
+  refuse(scale, "scales");
+  refuse(zero.value_or(Tensor()), "zeros");
+  refuse(codebook.value_or(Tensor()), "codebook");
+}
+
+// The packed weight's tensors, saved (zeros / codebook undefined where absent), and its format.
+void save_weight(torch::autograd::AutogradContext* ctx, const Tensor& q, const Tensor& scale,
+                 const OptTensor& zero, const OptTensor& codebook, int64_t bits, int64_t group) {
+  ctx->save_for_backward({q, scale, zero.value_or(Tensor()), codebook.value_or(Tensor())});
+  ctx->saved_data["bits"] = bits;
+  ctx->saved_data["group"] = group;
+}
+
+// x and bias first: their gradient edges are then 0 and 1 (edges count defined tensors only).
+struct DequantGemmFunction : public torch::autograd::Function<DequantGemmFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& x, const OptTensor& bias,
+                        const Tensor& q, const Tensor& scale, const OptTensor& zero,
+                        const OptTensor& codebook, int64_t bits, int64_t group) {
+    save_weight(ctx, q, scale, zero, codebook, bits, group);
+    ctx->saved_data["x_dtype"] = x.scalar_type();
+    if (bias.has_value()) ctx->saved_data["bias_dtype"] = bias->scalar_type();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return gemm_op().call(x, q, scale, zero, codebook, bits, group, bias);
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    const Tensor& grad_y = grads[0];
+    Tensor grad_x, grad_bias;
+    if (ctx->needs_input_grad(0) && grad_y.defined())
+      grad_x = grad_input_op()
+                   .call(grad_y, saved[0], saved[1], opt(saved[2]), opt(saved[3]), ctx->saved_data["bits"].toInt(),
+                         ctx->saved_data["group"].toInt())
+                   .to(ctx->saved_data["x_dtype"].toScalarType());
+    if (ctx->saved_data.count("bias_dtype") && ctx->needs_input_grad(1) && grad_y.defined())
+      grad_bias = grad_y.to(at::kFloat).sum(0).to(ctx->saved_data["bias_dtype"].toScalarType());
+    return {grad_x, grad_bias, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+struct DequantGemmGradInputFunction : public torch::autograd::Function<DequantGemmGradInputFunction> {
+  static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& grad_y, const Tensor& q,
+                        const Tensor& scale, const OptTensor& zero, const OptTensor& codebook, int64_t bits,
+                        int64_t group) {
+    save_weight(ctx, q, scale, zero, codebook, bits, group);
+    ctx->saved_data["grad_y_dtype"] = grad_y.scalar_type();
+    at::AutoDispatchBelowADInplaceOrView guard;
+    return grad_input_op().call(grad_y, q, scale, zero, codebook, bits, group);
+  }
+
+  // d(grad_y W)/d(grad_y) applied to grad_grad_x: grad_grad_x W^T, the forward GEMM
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    const auto saved = ctx->get_saved_variables();
+    Tensor g;
+    if (ctx->needs_input_grad(0) && grads[0].defined())
+      g = gemm_op()
+              .call(grads[0].contiguous(), saved[0], saved[1], opt(saved[2]), opt(saved[3]),
+                    ctx->saved_data["bits"].toInt(), ctx->saved_data["group"].toInt(), std::nullopt)
+              .to(ctx->saved_data["grad_y_dtype"].toScalarType());
+    return {g, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+  }
+};
+
+// The Autograd kernels: record only where a gradient is wanted, else straight to the kernel.
+Tensor dequant_gemm_autograd(const Tensor& x, const Tensor& q, const Tensor& scale, const OptTensor& zero,
+                             const OptTensor& codebook, int64_t bits, int64_t group, const OptTensor& bias) {
+  const bool record = at::GradMode::is_enabled();
+  if (record) refuse_weight_grad(kOp, scale, zero, codebook);
+  if (record && (x.requires_grad() || (bias.has_value() && bias->requires_grad())))
+    return DequantGemmFunction::apply(x, bias, q, scale, zero, codebook, bits, group);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return gemm_op().call(x, q, scale, zero, codebook, bits, group, bias);
+}
+
+Tensor dequant_gemm_grad_input_autograd(const Tensor& grad_y, const Tensor& q, const Tensor& scale,
+                                        const OptTensor& zero, const OptTensor& codebook, int64_t bits,
+                                        int64_t group) {
+  const bool record = at::GradMode::is_enabled();
+  if (record) refuse_weight_grad("dequant_gemm_grad_input", scale, zero, codebook);
+  if (record && grad_y.requires_grad())
+    return DequantGemmGradInputFunction::apply(grad_y, q, scale, zero, codebook, bits, group);
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return grad_input_op().call(grad_y, q, scale, zero, codebook, bits, group);
+}
+
 void register_impls(torch::Library& m) {
   m.impl("dequant_gemm", &dequant_gemm);
   m.impl("dequant_gemm_grad_input", &dequant_gemm_grad_input);
@@ -373,6 +491,10 @@ void register_impls(torch::Library& m) {
 }  // namespace
 }  // namespace fastloss
 
+TORCH_LIBRARY_IMPL(fastloss, Autograd, m) {
+  m.impl("dequant_gemm", &fastloss::dequant_gemm_autograd);
+  m.impl("dequant_gemm_grad_input", &fastloss::dequant_gemm_grad_input_autograd);
+}
 TORCH_LIBRARY_IMPL(fastloss, CPU, m) { fastloss::register_impls(m); }
 #if defined(FASTLOSS_WITH_CUDA)
 TORCH_LIBRARY_IMPL(fastloss, CUDA, m) { fastloss::register_impls(m); }

@@ -47,7 +47,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from ._autograd import refuse_grad
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _PLANES = {2: 4, 3: 8, 4: 2, 8: 1}   # values packed per byte position of a group
@@ -234,7 +233,7 @@ def power_codebook(bits: int, exponent: float) -> Tensor:
     return (t.sign() * t.abs() ** exponent).float()
 
 
-# ---- ops: fake kernels and autograd ------------------------------------------------------------
+# ---- ops: fake kernels -------------------------------------------------------------------------
 
 @torch.library.register_fake("fastloss::dequant_gemm")
 def _fake_gemm(x, qweight, scales, zeros, codebook, bits, group_size, bias):
@@ -252,48 +251,8 @@ def _fake_dequantize(qweight, scales, zeros, codebook, bits, group_size):
     return qweight.new_empty((qweight.shape[0], qweight.shape[1] * 8 // bits), dtype=torch.float32)
 
 
-def _setup(ctx, inputs, output):
-    x, qweight, scales, zeros, codebook, bits, group_size, bias = inputs
-    ctx.save_for_backward(qweight, scales, zeros, codebook)
-    ctx.args = (bits, group_size)
-    ctx.x_dtype = x.dtype
-    ctx.bias_dtype = bias.dtype if bias is not None else None
-
-
-def _backward(ctx, grad_y):
-    # Differentiable in turn (y is linear in x): grad_x = grad_y W goes through
-    # dequant_gemm_grad_input, whose own backward is dequant_gemm again, so gradient penalties
-    # and Hessian-vector products through a QuantLinear work as through an nn.Linear.
-    qweight, scales, zeros, codebook = ctx.saved_tensors
-    grad_x = grad_bias = None
-    if ctx.needs_input_grad[0]:
-        grad_x = torch.ops.fastloss.dequant_gemm_grad_input(grad_y, qweight, scales, zeros, codebook,
-                                                            *ctx.args).to(ctx.x_dtype)
-    if ctx.bias_dtype is not None and ctx.needs_input_grad[7]:
-        grad_bias = grad_y.float().sum(0).to(ctx.bias_dtype)
-    return grad_x, None, None, None, None, None, None, grad_bias
-
-
-def _setup_grad_input(ctx, inputs, output):
-    grad_y, qweight, scales, zeros, codebook, bits, group_size = inputs
-    ctx.save_for_backward(qweight, scales, zeros, codebook)
-    ctx.args = (bits, group_size)
-    ctx.grad_y_dtype = grad_y.dtype
-
-
-def _backward_grad_input(ctx, grad_grad_x):
-    # d(grad_y W)/d(grad_y) applied to grad_grad_x: grad_grad_x W^T, the forward GEMM
-    qweight, scales, zeros, codebook = ctx.saved_tensors
-    g = None
-    if ctx.needs_input_grad[0]:
-        g = torch.ops.fastloss.dequant_gemm(grad_grad_x.contiguous(), qweight, scales, zeros, codebook,
-                                            *ctx.args, None).to(ctx.grad_y_dtype)
-    return g, None, None, None, None, None, None
-
-
-torch.library.register_autograd("fastloss::dequant_gemm_grad_input", _backward_grad_input,
-                                setup_context=_setup_grad_input)
-torch.library.register_autograd("fastloss::dequant_gemm", _backward, setup_context=_setup)
+# Autograd of dequant_gemm and dequant_gemm_grad_input: csrc/quant/quant_op.cpp (C++, so that a
+# call that records nothing runs no Python between the op and its kernel).
 
 
 def dequantize_weight(qw: QuantizedWeight) -> Tensor:
@@ -317,7 +276,9 @@ def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"dequant_gemm: x must be [..., {k}] (the weight's input features), got "
                          f"{tuple(x.shape)}")
-    for name in ("scales", "zeros", "codebook"):
-        refuse_grad("dequant_gemm", f"qw.{name}", getattr(qw, name), f"the weight's {name}")
+    # (the op refuses qw's tensors that require grad; a 2-D x goes as it is: every view costs a
+    # few microseconds after a weight stream has evicted the interpreter's lines)
+    if x.dim() == 2:
+        return torch.ops.fastloss.dequant_gemm(x, *qw.op_args, bias)
     y = torch.ops.fastloss.dequant_gemm(x.reshape(-1, k), *qw.op_args, bias)
     return y.reshape(*x.shape[:-1], qw.shape[0])
