@@ -4,10 +4,13 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <thread>
 #include <vector>
 
+#include "common/block_queue.h"
 #include "common/cpu_features.h"
 #include "losses/losses_kernels.h"
 #include "quant/quant_kernels.h"
@@ -69,4 +72,25 @@ PYBIND11_MODULE(_C, m) {
       pybind11::arg("codebook") = false,
       "Test helper: the groups per tile column set of the AMX-INT8 GEMV for a float32 x of M rows "
       "(0: that path does not apply, here or with the active CPU kernels).");
+  m.def(
+      "_block_queue_takes",
+      [](int64_t count, int threads, int slow_us) {
+        // each block's (thread, order in that thread, from its own range) as taken by `threads`
+        // threads, thread 0 pausing slow_us microseconds per block (the others then steal)
+        fastloss::BlockQueue queue(count, threads);
+        std::vector<std::vector<int64_t>> takes(static_cast<size_t>(count));
+        std::vector<std::thread> team;
+        for (int t = 0; t < queue.threads(); ++t)
+          team.emplace_back([&, t] {
+            bool forward = true;
+            for (int64_t b, n = 0; (b = queue.next(t, &forward)) >= 0; ++n) {
+              takes[size_t(b)].insert(takes[size_t(b)].end(), {t, n, forward ? 1 : 0});
+              if (t == 0 && slow_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
+            }
+          });
+        for (auto& thread : team) thread.join();
+        return takes;
+      },
+      pybind11::arg("count"), pybind11::arg("threads"), pybind11::arg("slow_us") = 0,
+      "Test helper: how a BlockQueue's blocks were taken (one [thread, order, own] per taking).");
 }

@@ -36,7 +36,7 @@ int64_t quant_amx_gemv_block_rows() { return 1; }
 bool quant_amx_gemv_exponents(const QuantWeight&, const float*, int64_t, int32_t*) { return false; }
 void quant_amx_gemv_pack_x(const QuantWeight&, const float*, const int32_t*, int64_t, int64_t, uint8_t*, float*) {}
 void quant_amx_gemv(const QuantWeight&, const uint8_t*, const int32_t*, const float*, int64_t, int64_t,
-                    const float*, float*, int64_t, int64_t) {}
+                    const float*, float*, BlockQueue&, int) {}
 #endif
 
 }  // namespace fastloss

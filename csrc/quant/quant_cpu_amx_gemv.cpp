@@ -47,6 +47,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "../common/block_queue.h"
 #include "../common/cpu_features.h"
 #include "quant_amx_tiles.h"
 #include "quant_kernels.h"
@@ -69,6 +70,8 @@ constexpr int kMinExponent = -90, kMaxExponent = 100;
 // tiles, 16 bytes per input, crowd the 2 MiB L2: 8192 x 28672 batch 1 took 1.5x the AVX-512
 // GEMV's time)
 constexpr int64_t kPrefetchChunks = 32;
+// rows of a BlockQueue block (whole blocks of rows at every column-tile count: 32 or 16)
+constexpr int64_t kUnitRows = 2 * kTileRows;
 // x's packed tiles at most (the 2 MiB L2 of a core: see quant_amx_gemv_slots)
 constexpr int64_t kMaxPackedBytes = int64_t(2) << 20;
 
@@ -281,7 +284,7 @@ inline void store_sums(int64_t parity, int32_t* c) {
 // INPUTS: input chunks (InputCodes), else byte chunks
 template <int BITS, int CT, bool INPUTS>
 void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
-               int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
+               int64_t M, int64_t S, const float* bias, float* y, BlockQueue& queue, int thread) {
   constexpr int kPlanes = INPUTS ? 1 : 8 / BITS;
   constexpr int64_t kLd = CT * kCols, kRows = row_tiles_of(CT) * kTileRows;  // columns, block rows
   const int64_t G = w.K / w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
@@ -342,77 +345,86 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
     }
   };
   amx::configure_tiles();
-  for (nb = n0; nb < n1; nb += kRows) {
-    rows = std::min(kRows, n1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
-    // 8-bit codes are the packed bytes: A straight from the weight (whole blocks: the tile
-    // loads read 16 rows)
-    const bool direct = BITS == 8 && !INPUTS && rows == kRows;
-    const int64_t stride = direct ? row_bytes : 64;
-    std::fill(acc, acc + kRows * kLd, 0.f);
-    const uint8_t* block = w.q + nb * row_bytes;
-    // With one column tile, even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's
-    // sums are read out after the next slab's products are queued, so the tile unit has work
-    // meanwhile (with more, all four C tiles hold one slab).
-    for (int64_t slab = 0; slab < slabs; ++slab) {
-      zero_sums<CT>(slab % 2);
-      for (int64_t c = slab * chunks_per_slab; c < (slab + 1) * chunks_per_slab; ++c) {
-        // the chunk kPrefetchChunks ahead (in this block's rows, or past their end in the next
-        // block's), to L2: a block reads 16-32 rows at once (more streams than the hardware
-        // prefetchers follow), so each line is asked for ahead, in the order it is read (ad hoc,
-        // cold 4096 x 4096 4-bit, 1 thread: 1.34 ms without, 1.10 ms with the next block's bytes
-        // in address order, 0.87-0.90 ms this way)
-        const int64_t ahead = c * map.chunk_bytes + kPrefetchChunks * kChunkBytes;  // (bytes)
-        const uint8_t* hint = ahead < row_bytes ? block + ahead : block + kRows * row_bytes + (ahead - row_bytes);
-        constexpr int planes = kPlanes;
-        const int64_t first = c * kPlanes;
-        // input chunks: the chunk's group's bytes in the block's first row, and its codes' maps
-        // (a copy: they stay in registers, where the stores to a_tiles could alias a reference);
-        // a line asked for where the chunk's 16-32 bytes reach a new one
-        const InputCodes codes = INPUTS ? codes_of[c % chunks_per_group] : InputCodes();
-        const uint8_t* group_bytes_at = block + (INPUTS ? c / chunks_per_group * group_bytes : 0);
-        const bool ask = !INPUTS || ahead % kChunkBytes < map.chunk_bytes;
-        for (int64_t r = 0; r < rows; ++r) {
-          if (ask) _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
-          if (direct) continue;
-          if constexpr (INPUTS) {
-            _mm512_store_si512(a_tiles + r * 64, codes(group_bytes_at + r * row_bytes));
+  bool forward = true;
+  for (int64_t unit; (unit = queue.next(thread, &forward)) >= 0;) {
+    const int64_t u0 = unit * kUnitRows, u1 = std::min(u0 + kUnitRows, w.N);
+    // the rows likely read after this unit's: the next unit's (from the thread's own range), or
+    // the previous one's (taken from the back of another's)
+    const int64_t after = forward ? u1 : std::max<int64_t>(u0 - kUnitRows, 0);
+    for (nb = u0; nb < u1; nb += kRows) {
+      rows = std::min(kRows, u1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
+      const uint8_t* next_block = w.q + (nb + kRows < u1 ? nb + kRows : after) * row_bytes;
+      // 8-bit codes are the packed bytes: A straight from the weight (whole blocks: the tile
+      // loads read 16 rows)
+      const bool direct = BITS == 8 && !INPUTS && rows == kRows;
+      const int64_t stride = direct ? row_bytes : 64;
+      std::fill(acc, acc + kRows * kLd, 0.f);
+      const uint8_t* block = w.q + nb * row_bytes;
+      // With one column tile, even slabs accumulate in C tiles 0-1, odd ones in 2-3: a slab's
+      // sums are read out after the next slab's products are queued, so the tile unit has work
+      // meanwhile (with more, all four C tiles hold one slab).
+      for (int64_t slab = 0; slab < slabs; ++slab) {
+        zero_sums<CT>(slab % 2);
+        for (int64_t c = slab * chunks_per_slab; c < (slab + 1) * chunks_per_slab; ++c) {
+          // the chunk kPrefetchChunks ahead (in this block's rows, or past their end in the block
+          // read next), to L2: a block reads 16-32 rows at once (more streams than the hardware
+          // prefetchers follow), so each line is asked for ahead, in the order it is read (ad hoc,
+          // cold 4096 x 4096 4-bit, 1 thread: 1.34 ms without, 1.10 ms with the next block's bytes
+          // in address order, 0.87-0.90 ms this way)
+          const int64_t ahead = c * map.chunk_bytes + kPrefetchChunks * kChunkBytes;  // (bytes)
+          const uint8_t* hint = ahead < row_bytes ? block + ahead : next_block + (ahead - row_bytes);
+          constexpr int planes = kPlanes;
+          const int64_t first = c * kPlanes;
+          // input chunks: the chunk's group's bytes in the block's first row, and its codes' maps
+          // (a copy: they stay in registers, where the stores to a_tiles could alias a reference);
+          // a line asked for where the chunk's 16-32 bytes reach a new one
+          const InputCodes codes = INPUTS ? codes_of[c % chunks_per_group] : InputCodes();
+          const uint8_t* group_bytes_at = block + (INPUTS ? c / chunks_per_group * group_bytes : 0);
+          const bool ask = !INPUTS || ahead % kChunkBytes < map.chunk_bytes;
+          for (int64_t r = 0; r < rows; ++r) {
+            if (ask) _mm_prefetch(reinterpret_cast<const char*>(hint + r * row_bytes), _MM_HINT_T1);
+            if (direct) continue;
+            if constexpr (INPUTS) {
+              _mm512_store_si512(a_tiles + r * 64, codes(group_bytes_at + r * row_bytes));
+            } else {
+              const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
+  #pragma GCC unroll 4
+              for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
+            }
+          }
+          auto a = [&](int j, int rt) {
+            return direct ? block + c * kChunkBytes + rt * kTileRows * row_bytes
+                          : a_tiles + (j * kRows + rt * kTileRows) * 64;
+          };
+          auto b = [&](int j, int ct) { return packed + ((first + j) * CT + ct) * kTileBytes; };
+          if constexpr (CT == 1) {
+            if (slab % 2 == 0) {
+              FASTLOSS_CT1_CHUNK(0, 1)
+            } else {
+              FASTLOSS_CT1_CHUNK(2, 3)
+            }
+          } else if constexpr (CT == 2) {
+            FASTLOSS_CT2_CHUNK()
           } else {
-            const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
-#pragma GCC unroll 4
-            for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
+            FASTLOSS_CT4_CHUNK()
           }
         }
-        auto a = [&](int j, int rt) {
-          return direct ? block + c * kChunkBytes + rt * kTileRows * row_bytes : a_tiles + (j * kRows + rt * kTileRows) * 64;
-        };
-        auto b = [&](int j, int ct) { return packed + ((first + j) * CT + ct) * kTileBytes; };
-        if constexpr (CT == 1) {
-          if (slab % 2 == 0) {
-            FASTLOSS_CT1_CHUNK(0, 1)
-          } else {
-            FASTLOSS_CT1_CHUNK(2, 3)
-          }
-        } else if constexpr (CT == 2) {
-          FASTLOSS_CT2_CHUNK()
-        } else {
-          FASTLOSS_CT4_CHUNK()
+        if (CT > 1) {
+          add_slab(slab);
+        } else if (slab > 0) {
+          add_slab(slab - 1);  // the previous slab's sums
         }
       }
-      if (CT > 1) {
-        add_slab(slab);
-      } else if (slab > 0) {
-        add_slab(slab - 1);  // the previous slab's sums
-      }
+      if (CT == 1) add_slab(slabs - 1);
+      // y = the row's columns of each batch row summed (+ bias)
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t m = 0; m < M; ++m) {
+          float sum = bias ? bias[nb + r] : 0.f;
+          for (int ct = 0; ct < CT; ++ct)
+            sum += _mm512_mask_reduce_add_ps(row_cols[ct][m], _mm512_load_ps(acc + r * kLd + ct * kCols));
+          y[m * w.N + nb + r] = sum;
+        }
     }
-    if (CT == 1) add_slab(slabs - 1);
-    // y = the row's columns of each batch row summed (+ bias)
-    for (int64_t r = 0; r < rows; ++r)
-      for (int64_t m = 0; m < M; ++m) {
-        float sum = bias ? bias[nb + r] : 0.f;
-        for (int ct = 0; ct < CT; ++ct)
-          sum += _mm512_mask_reduce_add_ps(row_cols[ct][m], _mm512_load_ps(acc + r * kLd + ct * kCols));
-        y[m * w.N + nb + r] = sum;
-      }
   }
   _tile_release();
 }
@@ -458,7 +470,7 @@ int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S) 
   return map.row_chunks * map.planes * col_tiles_of(M, S) * kTileBytes;
 }
 
-int64_t quant_amx_gemv_block_rows() { return 2 * kTileRows; }
+int64_t quant_amx_gemv_block_rows() { return kUnitRows; }
 
 bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, int32_t* E) {
   const int64_t G = w.K / w.group;
@@ -513,14 +525,14 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
 }
 
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
-                    int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1) {
+                    int64_t M, int64_t S, const float* bias, float* y, BlockQueue& queue, int thread) {
   auto run = [&](auto bits_c, auto inputs_c) {
     constexpr int BITS = decltype(bits_c)::value;
     constexpr bool INPUTS = decltype(inputs_c)::value;
     switch (col_tiles_of(M, S)) {
-      case 1: return gemv_rows<BITS, 1, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-      case 2: return gemv_rows<BITS, 2, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
-      default: return gemv_rows<BITS, 4, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, n0, n1);
+      case 1: return gemv_rows<BITS, 1, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, queue, thread);
+      case 2: return gemv_rows<BITS, 2, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, queue, thread);
+      default: return gemv_rows<BITS, 4, INPUTS>(w, packed, E, digit_sums, M, S, bias, y, queue, thread);
     }
   };
   using bytes = std::false_type;

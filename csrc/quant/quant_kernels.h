@@ -14,6 +14,7 @@
 #pragma once
 #include <cstdint>
 
+#include "../common/block_queue.h"
 #include "../losses/loss_params.h"  // ScalarType
 
 namespace fastloss {
@@ -87,8 +88,10 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
 // a non-finite x, or a group's largest |x| outside [2^-91, 2^100): this path does not apply);
 // quant_amx_gemv_pack_x writes the digits into quant_amx_gemv_packed_bytes(w, M, S) bytes and,
 // with zero points (digit_sums not null), the digits' sums over each group [M, G, 4];
-// quant_amx_gemv writes y[m, n] (row stride N) for output features [n0, n1), n0 a multiple of
-// quant_amx_gemv_block_rows() (digit_sums: nullptr without zero points).
+// quant_amx_gemv, as thread `thread` of queue's team, writes y[m, n] (row stride N) for the
+// blocks of quant_amx_gemv_block_rows() output features it takes from queue (every block once,
+// by one thread: a team of queue.threads() calls, one per thread, writes all of y;
+// digit_sums: nullptr without zero points).
 int64_t quant_amx_gemv_slots(const QuantWeight& w, int64_t M);
 int64_t quant_amx_gemv_packed_bytes(const QuantWeight& w, int64_t M, int64_t S);
 int64_t quant_amx_gemv_block_rows();
@@ -96,7 +99,7 @@ bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, i
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
                            uint8_t* packed, float* digit_sums);
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
-                    int64_t M, int64_t S, const float* bias, float* y, int64_t n0, int64_t n1);
+                    int64_t M, int64_t S, const float* bias, float* y, BlockQueue& queue, int thread);
 
 // The CUDA kernels (quant_cuda.cu, built with FASTLOSS_WITH_CUDA), on `stream` (a
 // cudaStream_t); the same contracts over all rows, xsum not needed, except that the gemv's x
