@@ -242,52 +242,86 @@ inline void decode_rows_of(const QuantWeight& w, float* out, int64_t ld, int64_t
   }
 }
 
-// From 3 batch rows, rows n .. n + R - 1 together (R = 4), a group at a time: the four rows' weights (v -
-// z) s of the group (values4: 4 x group floats), then per block of up to four batch rows 16
-// accumulators over the group's vectors (a load of x and one of the weights per 2 FMAs), added
-// to the row sums (one row at a time, each group's partial sums went through memory with their
-// scale and zero point, and x was read again for every weight row). Ad hoc, cold, 2 threads,
-// 4096 x 4096 against the one-row loop: NF4 batch 16 5.9-6.1 vs 7.4-8.0 ms, 4-bit on the
-// AVX-512 path 5.5 vs 7.7-8.2 ms; 4096 x 14336 NF4 batch 8 12.0-12.4 vs 14.9-16.5 ms; batch 4
-// within noise. (Reading each group's x once for four weight rows with the unscaled values and
-// the per-group epilogue kept gave nothing: the epilogue, not x, bound that loop.)
+// Inputs of the weights gemv_quad decodes at a time (whole groups; one group where a group is
+// longer): the four rows' values (8 KiB) and a block of four batch rows of x (8 KiB) stay in L1.
+constexpr int64_t kQuadChunkInputs = 512;
+
+// Batch rows m0 .. m0 + MB - 1 against weight rows n .. n + R - 1 over `vectors` inputs of a
+// chunk: values (R rows, stride ld), x from xc (stride x_ld); the MB x R sums carried in acc
+// from chunk to chunk. MB and R known at compile time: the sums stay in registers.
+template <int MB, int R, class V>
+inline void quad_block(const float* values, int64_t ld, const float* xc, int64_t x_ld, int64_t vectors,
+                       V (*acc)[4]) {
+  constexpr int kW = VecTraits<V>::width;
+  V a[MB][R];
+  for (int j = 0; j < MB; ++j)
+    for (int r = 0; r < R; ++r) a[j][r] = acc[j][r];
+  for (int64_t i = 0; i < vectors; i += kW) {
+    V wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = VecIo<V>::load(values + r * ld + i);
+    for (int j = 0; j < MB; ++j) {
+      const V xv = VecIo<V>::load(xc + j * x_ld + i);
+      for (int r = 0; r < R; ++r) a[j][r] = vfma(wv[r], xv, a[j][r]);
+    }
+  }
+  for (int j = 0; j < MB; ++j)
+    for (int r = 0; r < R; ++r) acc[j][r] = a[j][r];
+}
+
+// From 3 batch rows, rows n .. n + R - 1 together (R = 4): chunks of kQuadChunkInputs inputs,
+// the four rows' weights (v - z) s of a chunk decoded once (values: 4 x max(group,
+// kQuadChunkInputs) floats), then per block of up to four batch rows 16 sums over the chunk's
+// vectors (a load of x and one of the weights per 2 FMAs), carried across chunks and reduced
+// once per row; the next chunk's bytes asked for meanwhile. Reducing them per group, with the
+// batch block's bounds as run-time values (session 27), bound the loop: ad hoc, cold, 2
+// threads, 4096 x 4096 NF4 batch 16 6.7 -> 3.4-3.9 ms, batch 4 2.7-3.0 -> 1.9-2.0 ms; the
+// 4-bit weight on the AVX-512 kernels batch 16 6.0-6.4 -> 3.5-3.9 ms (the FMA bound ~1.7 ms).
 // R < 4: the rows left at the end of a thread's range, with the same sums (so a row's result
 // does not depend on where the threads' ranges begin).
 template <int BITS, int R, class V>
 void gemv_quad(const QuantWeight& w, const float* x, int64_t M, const float* bias, float* y, int64_t n,
-               float* values4) {
+               float* values) {
   constexpr int kW = VecTraits<V>::width;
-  const int64_t G = w.K / w.group;
-  V lanes[kQuantMaxRows][4];
+  const int64_t G = w.K / w.group, per_chunk = std::max<int64_t>(1, kQuadChunkInputs / w.group);
+  const int64_t ld = per_chunk * w.group, row_bytes = w.K * BITS / 8, group_bytes = w.group * BITS / 8;
+  V acc[kQuantMaxRows][4];
   float tail[kQuantMaxRows][4];
   for (int64_t m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) lanes[m][r] = V(0.f), tail[m][r] = 0.f;
-  for (int64_t g = 0; g < G; ++g) {
-    decode_rows_of<BITS, true, V>(w, values4, w.group, n, n + R, g, g + 1);
-    const int64_t vectors = w.group / kW * kW;
-    for (int64_t m0 = 0; m0 < M; m0 += 4) {
-      const int mb = int(std::min<int64_t>(4, M - m0));
-      V acc[4][4];
-      for (int j = 0; j < 4; ++j)
-        for (int r = 0; r < 4; ++r) acc[j][r] = V(0.f);
-      const float* xg = x + m0 * w.K + g * w.group;
-      for (int64_t i = 0; i < vectors; i += kW) {
-        V wv[R];
-        for (int r = 0; r < R; ++r) wv[r] = VecIo<V>::load(values4 + r * w.group + i);
-        for (int j = 0; j < mb; ++j) {
-          const V xv = VecIo<V>::load(xg + j * w.K + i);
-          for (int r = 0; r < R; ++r) acc[j][r] = vfma(wv[r], xv, acc[j][r]);
-        }
-      }
-      for (int j = 0; j < mb; ++j)
-        for (int r = 0; r < R; ++r) {
-          lanes[m0 + j][r] = lanes[m0 + j][r] + acc[j][r];
-          for (int64_t i = vectors; i < w.group; ++i) tail[m0 + j][r] += values4[r * w.group + i] * xg[j * w.K + i];
-        }
+    for (int r = 0; r < 4; ++r) acc[m][r] = V(0.f), tail[m][r] = 0.f;
+  for (int64_t g0 = 0; g0 < G; g0 += per_chunk) {
+    const int64_t g1 = std::min(G, g0 + per_chunk), k0 = g0 * w.group, len = (g1 - g0) * w.group;
+    decode_rows_of<BITS, true, V>(w, values, ld, n, n + R, g0, g1);
+    // the next chunk's packed bytes (this rows', or the next four rows' first), asked for while
+    // this one's sums run: decoding waited on them (38% of the samples at NF4 batch 16)
+    {
+      const bool last = g1 == G;
+      const int64_t row = last ? n + R : n, rows = std::min<int64_t>(4, w.N - row), next_g = last ? 0 : g1;
+      const uint8_t* next = w.q + std::min(row, w.N - 1) * row_bytes + next_g * group_bytes;
+      const int64_t bytes = (std::min(G, next_g + per_chunk) - next_g) * group_bytes;
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch(next + r * row_bytes + b, 0, 3);
     }
+    const int64_t vectors = len / kW * kW;
+    // batch rows per block: 4 (16 sums + 4 weight vectors in 32 zmm registers), 2 with AVX2's
+    // 16 ymm ones (4 spilled: NF4 batch 16 at 4096 x 4096 on the AVX2 kernels 6.6-7.0 ms, 2:
+    // 6.1-6.2 ms, ad hoc)
+    constexpr int64_t kMB = kW == 8 ? 2 : 4;
+    for (int64_t m0 = 0; m0 < M; m0 += kMB) {
+      const float* xc = x + m0 * w.K + k0;
+      switch (std::min<int64_t>(kMB, M - m0)) {
+        case 4: quad_block<4, R, V>(values, ld, xc, w.K, vectors, acc + m0); break;
+        case 3: quad_block<3, R, V>(values, ld, xc, w.K, vectors, acc + m0); break;
+        case 2: quad_block<2, R, V>(values, ld, xc, w.K, vectors, acc + m0); break;
+        default: quad_block<1, R, V>(values, ld, xc, w.K, vectors, acc + m0); break;
+      }
+    }
+    // the inputs past the last whole vector (groups that are not a multiple of the width)
+    for (int64_t i = vectors; i < len; ++i)
+      for (int64_t m = 0; m < M; ++m)
+        for (int r = 0; r < R; ++r) tail[m][r] += values[r * ld + i] * x[m * w.K + k0 + i];
   }
   for (int64_t m = 0; m < M; ++m)
-    for (int r = 0; r < R; ++r) y[m * w.N + n + r] = hsum(lanes[m][r]) + tail[m][r] + (bias ? bias[n + r] : 0.f);
+    for (int r = 0; r < R; ++r) y[m * w.N + n + r] = hsum(acc[m][r]) + tail[m][r] + (bias ? bias[n + r] : 0.f);
 }
 
 // Batch 1-2: each group's dot products are accumulated unreduced, times the group's scale, and
@@ -298,7 +332,7 @@ void gemv(const QuantWeight& w, const float* x, const float* xsum, int64_t M, co
           float* y, int64_t n0, int64_t n1) {
   const int64_t G = w.K / w.group, row_bytes = w.K * w.bits / 8, group_bytes = w.group * w.bits / 8;
   const int64_t P = w.group / quant_planes(w.bits);
-  std::vector<float> values4(M > kQuantGemvXsumRows ? 4 * w.group : 0);
+  std::vector<float> values4(M > kQuantGemvXsumRows ? 4 * std::max(w.group, kQuadChunkInputs) : 0);
   V lanes[kQuantMaxRows];
   float acc[kQuantMaxRows];
   with_bits(w.bits, [&](auto bits_c) {
