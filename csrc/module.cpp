@@ -4,7 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
-#include <chrono>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <thread>
@@ -74,23 +74,28 @@ PYBIND11_MODULE(_C, m) {
       "(0: that path does not apply, here or with the active CPU kernels).");
   m.def(
       "_block_queue_takes",
-      [](int64_t count, int threads, int slow_us) {
+      [](int64_t count, int threads, bool hold_first) {
         // each block's (thread, order in that thread, from its own range) as taken by `threads`
-        // threads, thread 0 pausing slow_us microseconds per block (the others then steal)
+        // threads; hold_first: thread 0 takes one block, then waits until the others have
+        // found nothing left (they steal the rest of its range)
+        if (count < 0 || count >= (int64_t(1) << 32)) throw pybind11::value_error("count must be in [0, 2^32)");
         fastloss::BlockQueue queue(count, threads);
         std::vector<std::vector<int64_t>> takes(static_cast<size_t>(count));
+        std::atomic<int> finished{0};
         std::vector<std::thread> team;
         for (int t = 0; t < queue.threads(); ++t)
           team.emplace_back([&, t] {
             bool forward = true;
             for (int64_t b, n = 0; (b = queue.next(t, &forward)) >= 0; ++n) {
               takes[size_t(b)].insert(takes[size_t(b)].end(), {t, n, forward ? 1 : 0});
-              if (t == 0 && slow_us > 0) std::this_thread::sleep_for(std::chrono::microseconds(slow_us));
+              if (t == 0 && hold_first)
+                while (finished.load() < queue.threads() - 1) std::this_thread::yield();
             }
+            finished.fetch_add(1);
           });
         for (auto& thread : team) thread.join();
         return takes;
       },
-      pybind11::arg("count"), pybind11::arg("threads"), pybind11::arg("slow_us") = 0,
+      pybind11::arg("count"), pybind11::arg("threads"), pybind11::arg("hold_first") = false,
       "Test helper: how a BlockQueue's blocks were taken (one [thread, order, own] per taking).");
 }

@@ -7,7 +7,9 @@
 // (the order its prefetches expect), then, when its range is empty, the last blocks of the
 // range with the most left, back to front, one at a time, until no block is left anywhere.
 // Every block is taken exactly once, by exactly one thread, whatever the timing; which thread
-// takes it does not change what is computed.
+// takes it does not change what is computed. (Out of line in block_queue.cpp, built for the
+// baseline ISA: an inline body would also be compiled into the AVX-512 / AMX kernel files, and
+// the linker could keep that copy for every caller.)
 #pragma once
 #include <atomic>
 #include <cstdint>
@@ -17,45 +19,15 @@ namespace fastloss {
 
 class BlockQueue {
  public:
-  // blocks [0, count) for `threads` threads (count < 2^32)
-  BlockQueue(int64_t count, int threads)
-      : threads_(threads < 1 ? 1 : threads), ranges_(new Range[threads_]) {
-    for (int t = 0; t < threads_; ++t) {
-      const uint64_t front = uint64_t(count * t / threads_), back = uint64_t(count * (t + 1) / threads_);
-      ranges_[t].span.store(front | back << 32, std::memory_order_relaxed);
-    }
-  }
+  // blocks [0, count) for `threads` threads (0 <= count < 2^32; threads < 1 counts as 1)
+  BlockQueue(int64_t count, int threads);
 
   int threads() const { return threads_; }
 
   // The next block for thread t (t < threads()), or -1 when every block is taken. *forward:
   // whether it came from the front of t's own range (the block after it is then likely t's
   // next) or was taken from the back of another's (the block before it is).
-  int64_t next(int t, bool* forward) {
-    uint64_t span = ranges_[t].span.load(std::memory_order_relaxed);
-    while (front_of(span) < back_of(span)) {
-      if (ranges_[t].span.compare_exchange_weak(span, span + 1, std::memory_order_relaxed)) {
-        *forward = true;
-        return int64_t(front_of(span));
-      }
-    }
-    *forward = false;
-    for (;;) {
-      int victim = -1;
-      uint64_t most = 0;
-      for (int v = 0; v < threads_; ++v) {
-        const uint64_t s = ranges_[v].span.load(std::memory_order_relaxed);
-        if (front_of(s) < back_of(s) && back_of(s) - front_of(s) > most) victim = v, most = back_of(s) - front_of(s);
-      }
-      if (victim < 0) return -1;
-      uint64_t s = ranges_[victim].span.load(std::memory_order_relaxed);
-      while (front_of(s) < back_of(s)) {
-        const uint64_t back = back_of(s) - 1;
-        if (ranges_[victim].span.compare_exchange_weak(s, front_of(s) | back << 32, std::memory_order_relaxed))
-          return int64_t(back);
-      }
-    }
-  }
+  int64_t next(int t, bool* forward);
 
  private:
   // [front, back) of a range in one word, so that its owner (front) and a thief (back) never

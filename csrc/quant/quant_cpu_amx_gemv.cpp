@@ -349,8 +349,8 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
   for (int64_t unit; (unit = queue.next(thread, &forward)) >= 0;) {
     const int64_t u0 = unit * kUnitRows, u1 = std::min(u0 + kUnitRows, w.N);
     // the rows likely read after this unit's: the next unit's (from the thread's own range), or
-    // the previous one's (taken from the back of another's)
-    const int64_t after = forward ? u1 : std::max<int64_t>(u0 - kUnitRows, 0);
+    // the previous one's (taken from the back of another's); this one's again at either end
+    const int64_t after = forward ? (u1 < w.N ? u1 : u0) : std::max<int64_t>(u0 - kUnitRows, 0);
     for (nb = u0; nb < u1; nb += kRows) {
       rows = std::min(kRows, u1 - nb), row_tiles = (rows + kTileRows - 1) / kTileRows;
       const uint8_t* next_block = w.q + (nb + kRows < u1 ? nb + kRows : after) * row_bytes;

@@ -1,7 +1,7 @@
 // The torch-aware side of the low-bit dequant GEMM: argument checks (the packed format's
 // consistency), allocation, and the CPU (quant_cpu_impl.h) or CUDA (quant_cuda.cu) kernels.
 // Schemas in registration.cpp; fake kernels and the packing in python/fastloss/ops/quant.py;
-// autograd here (C++: a call that records nothing runs no Python, see register_autograd).
+// autograd here (C++: a call that records nothing runs no Python; the autograd section below).
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
