@@ -82,17 +82,24 @@ PYBIND11_MODULE(_C, m) {
         fastloss::BlockQueue queue(count, threads);
         std::vector<std::vector<int64_t>> takes(static_cast<size_t>(count));
         std::atomic<int> finished{0};
+        std::atomic<bool> first_taken{false};
         std::vector<std::thread> team;
-        for (int t = 0; t < queue.threads(); ++t)
+        for (int t = 0; t < queue.threads(); ++t) {
           team.emplace_back([&, t] {
             bool forward = true;
             for (int64_t b, n = 0; (b = queue.next(t, &forward)) >= 0; ++n) {
               takes[size_t(b)].insert(takes[size_t(b)].end(), {t, n, forward ? 1 : 0});
-              if (t == 0 && hold_first)
+              if (t == 0 && hold_first) {
+                first_taken.store(true);
                 while (finished.load() < queue.threads() - 1) std::this_thread::yield();
+              }
             }
             finished.fetch_add(1);
           });
+          // (the others start once thread 0 holds its first block: else they could take it)
+          if (t == 0 && hold_first && count > 0)
+            while (!first_taken.load()) std::this_thread::yield();
+        }
         for (auto& thread : team) thread.join();
         return takes;
       },
