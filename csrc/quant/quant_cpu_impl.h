@@ -120,36 +120,20 @@ inline float plane_dot_rest(const uint8_t* b, int64_t P, const float* x, const D
   return s;
 }
 
-// the values v(q) of a group into out[0, group), plane positions [i0, P)
-template <int BITS, class V, class Dec>
-inline void unpack_group(const uint8_t* b, int64_t P, float* out, const Dec& dec, int64_t i0) {
+// the values v(q) of a group into out[0, group), plane positions [i0, P), each as f(v): f is
+// generic (it sees every vector width the tail narrows to), the identity or decode_rows' (v - z) s
+// (applied here, not in a second pass over the values)
+template <int BITS, class V, class Dec, class F>
+inline void unpack_group(const uint8_t* b, int64_t P, float* out, const Dec& dec, int64_t i0, const F& f) {
   constexpr int kW = VecTraits<V>::width, kPlanes = quant_planes(BITS);
   int64_t i = i0;
   for (; i + kW <= P; i += kW) {
 #pragma GCC unroll 8
     for (int j = 0; j < kPlanes; ++j)
-      VecIo<V>::store(out + j * P + i, dec.template value<BITS, V>(b, P, j, i));
+      VecIo<V>::store(out + j * P + i, f(dec.template value<BITS, V>(b, P, j, i)));
   }
   if constexpr (kW > 1) {
-    if (i < P) unpack_group<BITS, typename Narrower<V>::type>(b, P, out, dec, i);
-  }
-}
-
-// unpack_group's values as (v - z) s, in the same pass (the same float operations as scaling
-// the unpacked values afterwards: the GEMV from 3 rows reads them)
-template <int BITS, class V, class Dec>
-inline void unpack_group_scaled(const uint8_t* b, int64_t P, float* out, const Dec& dec, int64_t i0, float s,
-                                float z) {
-  constexpr int kW = VecTraits<V>::width, kPlanes = quant_planes(BITS);
-  const V sv(s), zv(z);
-  int64_t i = i0;
-  for (; i + kW <= P; i += kW) {
-#pragma GCC unroll 8
-    for (int j = 0; j < kPlanes; ++j)
-      VecIo<V>::store(out + j * P + i, (dec.template value<BITS, V>(b, P, j, i) - zv) * sv);
-  }
-  if constexpr (kW > 1) {
-    if (i < P) unpack_group_scaled<BITS, typename Narrower<V>::type>(b, P, out, dec, i, s, z);
+    if (i < P) unpack_group<BITS, typename Narrower<V>::type>(b, P, out, dec, i, f);
   }
 }
 
@@ -251,10 +235,15 @@ inline void decode_rows_of(const QuantWeight& w, float* out, int64_t ld, int64_t
       for (int64_t g = g0; g < g1; ++g) {
         float* o = out + (n - n0) * ld + (g - g0) * w.group;
         const uint8_t* b = w.q + n * row_bytes + g * group_bytes;
-        if constexpr (kScale)
-          unpack_group_scaled<BITS, V>(b, P, o, dec, 0, w.scale[n * G + g], w.zero ? w.zero[n * G + g] : 0.f);
-        else
-          unpack_group<BITS, V>(b, P, o, dec, 0);
+        if constexpr (kScale) {
+          const float s = w.scale[n * G + g], z = w.zero ? w.zero[n * G + g] : 0.f;
+          unpack_group<BITS, V>(b, P, o, dec, 0, [s, z](auto v) {
+            using T = decltype(v);
+            return (v - T(z)) * T(s);
+          });
+        } else {
+          unpack_group<BITS, V>(b, P, o, dec, 0, [](auto v) { return v; });
+        }
       }
     });
   }
