@@ -388,7 +388,7 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
               _mm512_store_si512(a_tiles + r * 64, codes(group_bytes_at + r * row_bytes));
             } else {
               const __m512i b = _mm512_loadu_si512(block + r * row_bytes + c * kChunkBytes);
-  #pragma GCC unroll 4
+#pragma GCC unroll 4
               for (int j = 0; j < kPlanes; ++j) _mm512_store_si512(a_tiles + (j * kRows + r) * 64, plane<BITS>(b, j));
             }
           }
