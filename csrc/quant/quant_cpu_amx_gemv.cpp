@@ -167,10 +167,18 @@ bool input_chunks_fit(const QuantWeight& w) {
   return section_loads(P) && (w.bits != 3 || section_loads(w.group / 8));
 }
 
-// X = round(x 2^shift) for 16 inputs, by two exact power-of-two factors (one may not be a float)
+// 2^e as a float, e in float32's normal range [-126, 127] (std::ldexp was ~3 us of a
+// 4096-input batch row's packing)
+inline float pow2f(int e) { return amx::float_of(uint32_t(e + 127) << 23); }
+static_assert(kMinExponent - kFixedBits >= -126 && kFixedBits - kMinExponent <= 127 &&
+                  kMaxExponent - kFixedBits + 8 * (kDigits - 1) <= 127,
+              "the fixed point's factors must be normal float32 powers of two");
+
+// X = round(x 2^shift) for 16 inputs, by two exact power-of-two factors (shift in [-70, 120]:
+// a group's exponent in [kMinExponent, kMaxExponent], or 0)
 inline __m512i fixed_point(const float* x, int shift) {
-  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(std::ldexp(1.f, shift / 2))),
-                                 _mm512_set1_ps(std::ldexp(1.f, shift - shift / 2)));
+  const __m512 v = _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x), _mm512_set1_ps(pow2f(shift / 2))),
+                                 _mm512_set1_ps(pow2f(shift - shift / 2)));
   return _mm512_cvtps_epi32(v);
 }
 
@@ -304,7 +312,7 @@ void gemv_rows(const QuantWeight& w, const uint8_t* packed, const int32_t* E, co
   for (int64_t slab = 0; slab < slabs; ++slab)
     for (int64_t c = 0; c < cols; ++c) {
       const int64_t slot = c / (M * kDigits), m = c / kDigits % M, d = c % kDigits, g = slab * S + slot;
-      col_scale[slab * kLd + c] = std::ldexp(1.f, E[m * G + g] - kFixedBits + 8 * int(d));
+      col_scale[slab * kLd + c] = pow2f(E[m * G + g] - kFixedBits + 8 * int(d));  // in [-120, 94]
       if (w.zero) col_digits[slab * kLd + c] = digit_sums[(m * G + g) * kDigits + d];
     }
   alignas(64) int32_t slot_values[kLd];
@@ -492,36 +500,52 @@ bool quant_amx_gemv_exponents(const QuantWeight& w, const float* x, int64_t M, i
   return true;
 }
 
+// The four digits of 16 inputs (consecutive, one group) where B wants them: tile row q of the
+// four from `rows` (their quads) gets, at its byte `at`, digit d's four bytes (its inputs 4q ..
+// 4q + 3) at at + 4 d: a 4 x 4 transpose of the digits' 32-bit words
+inline void store_digit_quads(__m512i X, uint8_t* rows, int64_t at) {
+  __m128i d[kDigits];
+  for (int i = 0; i < kDigits; ++i) d[i] = _mm512_cvtepi32_epi8(next_digit(X));
+  const __m128i d01_lo = _mm_unpacklo_epi32(d[0], d[1]), d01_hi = _mm_unpackhi_epi32(d[0], d[1]);
+  const __m128i d23_lo = _mm_unpacklo_epi32(d[2], d[3]), d23_hi = _mm_unpackhi_epi32(d[2], d[3]);
+  const __m128i quad[4] = {_mm_unpacklo_epi64(d01_lo, d23_lo), _mm_unpackhi_epi64(d01_lo, d23_lo),
+                           _mm_unpacklo_epi64(d01_hi, d23_hi), _mm_unpackhi_epi64(d01_hi, d23_hi)};
+  for (int q = 0; q < 4; ++q) _mm_storeu_si128(reinterpret_cast<__m128i*>(rows + q * 64 + at), quad[q]);
+}
+
 void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* E, int64_t M, int64_t S,
                            uint8_t* packed, float* digit_sums) {
   const int CT = col_tiles_of(M, S);
   const int64_t G = w.K / w.group;
   const ChunkMap map(w, !byte_chunks_fit(w, S));
   const int planes = int(map.planes);
-  if (digit_sums) std::fill(digit_sums, digit_sums + M * G * kDigits, 0.f);
   for (int64_t c = 0; c < map.row_chunks; ++c) {
     for (int j = 0; j < planes; ++j) {
       uint8_t* tiles = packed + (c * planes + j) * CT * kTileBytes;  // column tile ct at ct * 1 KiB
       std::memset(tiles, 0, CT * kTileBytes);
-      // 16 lanes at a time: consecutive inputs of one group
+      // 16 lanes at a time: consecutive inputs of one group, in quads lane / 4 ..
       for (int64_t lane = 0; lane < 64; lane += 16) {
         int64_t g = 0, k = 0;
         map.input(c, j, lane, g, k);
         for (int64_t m = 0; m < M; ++m) {
-          __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
-          for (int d = 0; d < kDigits; ++d) {
-            const __m512i digit = next_digit(X);
-            if (digit_sums) digit_sums[(m * G + g) * kDigits + d] += float(_mm512_reduce_add_epi32(digit));
-            alignas(16) uint8_t bytes[16];
-            _mm_store_si128(reinterpret_cast<__m128i*>(bytes), _mm512_cvtepi32_epi8(digit));
-            const int64_t col = (g % S * M + m) * kDigits + d;
-            uint8_t* tile = tiles + col / kCols * kTileBytes;
-            for (int q = 0; q < 4; ++q) std::memcpy(tile + (lane / 4 + q) * 64 + col % kCols * 4, bytes + 4 * q, 4);
-          }
+          const int64_t col = (g % S * M + m) * kDigits;  // digit 0's column (the four share a tile)
+          store_digit_quads(fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]),
+                            tiles + col / kCols * kTileBytes + lane / 4 * 64, col % kCols * 4);
         }
       }
     }
   }
+  // (zero points) each group's sum of each digit, exact in float32 (|sum| <= 128 x group)
+  if (!digit_sums) return;
+  for (int64_t m = 0; m < M; ++m)
+    for (int64_t g = 0; g < G; ++g) {
+      __m512i sums[kDigits] = {};
+      for (int64_t k = g * w.group; k < (g + 1) * w.group; k += 16) {
+        __m512i X = fixed_point(x + m * w.K + k, kFixedBits - E[m * G + g]);
+        for (int d = 0; d < kDigits; ++d) sums[d] = _mm512_add_epi32(sums[d], next_digit(X));
+      }
+      for (int d = 0; d < kDigits; ++d) digit_sums[(m * G + g) * kDigits + d] = float(_mm512_reduce_add_epi32(sums[d]));
+    }
 }
 
 void quant_amx_gemv(const QuantWeight& w, const uint8_t* packed, const int32_t* E, const float* digit_sums,
