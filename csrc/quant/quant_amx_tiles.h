@@ -4,7 +4,6 @@
 #pragma once
 #include <immintrin.h>
 
-#include <cmath>
 #include <cstdint>
 #include <cstring>
 
@@ -40,13 +39,19 @@ inline float float_of(uint32_t b) {
   return f;
 }
 
-// x's three bfloat16 terms (upper halves of the returned words); an infinite x stays in hi, a
-// NaN becomes the quiet NaN (its payload may be in the low half alone)
-inline void split3(float x, uint32_t out[kTerms]) {
-  const uint32_t hi = std::isnan(x) ? 0x7fc00000u : bits_of(x) & 0xffff0000u;
-  const float r = std::isfinite(x) ? x - float_of(hi) : 0.f;
-  const uint32_t mid = bits_of(r) & 0xffff0000u;
-  out[0] = hi, out[1] = mid, out[2] = bits_of(r - float_of(mid));  // the rest: exact in bfloat16
+// x's three bfloat16 terms on 16 lanes (upper halves of the returned words): hi, mid and lo
+// are truncations of x, x - hi and x - hi - mid, 24 significant bits in three 8-bit pieces; an
+// infinite x stays in hi, a NaN becomes the quiet NaN (its payload may be in the low half alone)
+inline void split3(__m512 x, __m512i out[kTerms]) {
+  const __m512i high = _mm512_set1_epi32(int(0xffff0000u)), exponent = _mm512_set1_epi32(0x7f800000);
+  const __m512i bits = _mm512_castps_si512(x);
+  const __mmask16 nan = _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q);
+  const __mmask16 finite = _mm512_cmpneq_epi32_mask(_mm512_and_si512(bits, exponent), exponent);
+  const __m512i hi = _mm512_mask_blend_epi32(nan, _mm512_and_si512(bits, high), _mm512_set1_epi32(0x7fc00000));
+  const __m512 r = _mm512_maskz_sub_ps(finite, x, _mm512_castsi512_ps(hi));  // 0 for inf / NaN
+  const __m512i mid = _mm512_and_si512(_mm512_castps_si512(r), high);
+  out[0] = hi, out[1] = mid;
+  out[2] = _mm512_castps_si512(_mm512_sub_ps(r, _mm512_castsi512_ps(mid)));  // the rest: exact in bfloat16
 }
 
 }  // namespace amx

@@ -21,10 +21,13 @@
 // rows, 32 inputs; decoded a chunk of inputs at a time into 1 KiB bfloat16 tiles), B = x's
 // packed terms (16 pairs of inputs, 16 batch rows: one 32-bit word per pair; packed once per
 // call). Tiles 0-3 accumulate a 32 x 32 block (two A tiles 4-5 times two B tiles 6-7) over a
-// group, then are scaled into float32 accumulators [weight row, batch row]. A block of 128
-// weight rows and 512-input chunks: ad-hoc single-thread timings on a 2-vCPU Xeon put 64 x 512
-// and 128 x 256 within 10% of it, smaller blocks up to 25% slower (the VM's timings swing 2x
-// from minute to minute: tune on minima of many runs).
+// group, then are scaled into float32 accumulators [weight row, batch row]. A thread takes
+// its rows a chunk of inputs at a time (x's terms for the chunk stay in L2), block by block of
+// 128 weight rows. Where the time goes (2 threads, 4096 x 4096 4-bit, batch 256, ad hoc,
+// TSC-timed phases): the tile products ~80% (with no tile loads and no group read-outs they
+// took ~45% of that: x's B tile loads cost most, then A's, then the read-outs), decoding ~15%.
+// Tried without gain: 64-row blocks, 128- / 256-input chunks, group read-outs spread over
+// the next group's steps, x's tiles of a chunk in one contiguous range.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -53,7 +56,14 @@ using amx::split3;
 
 constexpr int64_t kHalves = 4;       // 32-row halves per block of weight rows
 constexpr int64_t kBlockRows = 32 * kHalves;
-constexpr int64_t kChunk = 512;     // inputs decoded at a time (x's 32-row chunk: 192 KiB)
+// x's packed terms for a chunk of inputs (every batch row): read by every block of a thread's
+// rows, so they must stay in the 2 MiB L2 beside a block's tiles and sums. Streamed from L3
+// once per block instead (chunks of 512 inputs inside each block), a batch-256 call ran at
+// ~1/5 of the tile unit's rate: a core reads L3 at ~22 GB/s, about 5x slower than the products
+// consume a step's 6 KiB of x (ad hoc, tile loads alone).
+constexpr int64_t kXChunkBytes = int64_t(768) << 10;
+constexpr int64_t kMaxChunk = 1024;  // inputs per chunk at most (a block's tiles: 256 KiB)
+constexpr int64_t kDecode = 512;     // inputs decoded to float32 at a time (a block's: 256 KiB)
 
 // (the tile intrinsics are statement macros: one per statement)
 inline void zero_accumulators() {
@@ -63,10 +73,36 @@ inline void zero_accumulators() {
   _tile_zero(3);
 }
 
-// The inputs of a chunk: chunks hold whole groups (or one group, when longer than kChunk).
-int64_t chunk_length(const QuantWeight& w) {
-  return w.group >= kChunk ? w.group : kChunk - kChunk % w.group;
+// v[i][j] <- v[j][i]: 4 x 4 blocks within 128-bit lanes, then the lanes
+inline void transpose16(__m512 v[16]) {
+  __m512 t[16], u[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(v[2 * k], v[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(v[2 * k], v[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {  // u[4 k + j], lane L: column 4 L + j of rows 4 k .. 4 k + 3
+    u[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0x44);
+    u[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], 0xee);
+    u[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0x44);
+    u[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], 0xee);
+  }
+  for (int j = 0; j < 4; ++j) {
+    const __m512 a = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x44), b = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xee);
+    const __m512 c = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x44), d = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xee);
+    v[j] = _mm512_shuffle_f32x4(a, c, 0x88);
+    v[4 + j] = _mm512_shuffle_f32x4(a, c, 0xdd);
+    v[8 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
+    v[12 + j] = _mm512_shuffle_f32x4(b, d, 0xdd);
+  }
 }
+
+// The inputs of a chunk: whole groups whose x terms fit kXChunkBytes (or one group, when
+// longer), and of a decoding pass: whole groups up to kDecode (or one).
+int64_t chunk_length(const QuantWeight& w, int terms, int64_t Mp) {
+  const int64_t fit = std::clamp<int64_t>(kXChunkBytes / (terms * Mp * 2), kStep, kMaxChunk);
+  return w.group >= fit ? w.group : fit - fit % w.group;
+}
+int64_t decode_length(const QuantWeight& w) { return w.group >= kDecode ? w.group : kDecode - kDecode % w.group; }
 
 // One chunk of inputs for a block of weight rows: what batch_tiles needs.
 struct Chunk {
@@ -77,6 +113,7 @@ struct Chunk {
   int64_t nb, rows;        // the block's first weight row, its rows below N
   int64_t k0, steps;       // the chunk's first input, its tile steps
   int64_t Mp;              // the accumulators' row length
+  const float* xsum_t;     // [G, Mp]: x's group sums (zero points), or null
 };
 
 // acc[32 h + r, 16 t + j] += the chunk's products of weight rows 32 h + [0, 32) (A tiles at a0:
@@ -114,15 +151,22 @@ void batch_tiles(const Chunk& ch, const uint16_t* a0, int64_t t, int64_t h, floa
       _tile_stored(3, c[3], 64);
     }
     zero_accumulators();
+    // (zero points: minus s z times the group's sums of x, here where the row's accumulators
+    // are read anyway; a pass of their own over [rows, G, M] was ~4% of a batch-256 call)
     const int64_t g = k_end / w.group - 1;
+    const float* xs = ch.xsum_t ? ch.xsum_t + g * ch.Mp + t * kTileRows : nullptr;
     for (int64_t r = 0; r < 32; ++r) {
       const int64_t row = h * 32 + r;  // in the block
-      const __m512 sv = _mm512_set1_ps(row < ch.rows ? w.scale[(ch.nb + row) * G + g] : 0.f);
+      const int64_t at = (ch.nb + row) * G + g;
+      const __m512 sv = _mm512_set1_ps(row < ch.rows ? w.scale[at] : 0.f);
+      const __m512 szv = _mm512_set1_ps(row < ch.rows && xs ? w.scale[at] * w.zero[at] : 0.f);
       float* out = acc + row * ch.Mp + t * kTileRows;
       const int q = r < 16 ? 0 : 2;
-      for (int i = 0; i < TILES; ++i)
-        _mm512_storeu_ps(out + 16 * i, _mm512_fmadd_ps(sv, _mm512_load_ps(c[q + i][r % 16]),
-                                                       _mm512_loadu_ps(out + 16 * i)));
+      for (int i = 0; i < TILES; ++i) {
+        __m512 v = _mm512_fmadd_ps(sv, _mm512_load_ps(c[q + i][r % 16]), _mm512_loadu_ps(out + 16 * i));
+        if (xs) v = _mm512_fnmadd_ps(szv, _mm512_loadu_ps(xs + 16 * i), v);
+        _mm512_storeu_ps(out + 16 * i, v);
+      }
     }
   }
 }
@@ -142,19 +186,33 @@ int64_t quant_amx_packed_words(int64_t M, int64_t K, int terms) {
 int64_t quant_amx_block_rows() { return kBlockRows; }
 
 // word (term s, row tile t, pair p, row j) at ((s * T + t) * (K / 2) + p) * 16 + j: a tile of
-// B is 16 consecutive pairs of one row tile, 1 KiB contiguous
+// B is 16 consecutive pairs of one row tile, 1 KiB contiguous. The 16 rows' inputs 2p and 2p + 1
+// are gathered (rows past M: zeros), so each pair's words are one 64-byte store per term (one
+// word at a time, the packing was ~4% of a batch-256 call).
 void quant_amx_pack_x(const float* x, int64_t M, int64_t K, int terms, uint32_t* packed,
                       int64_t t0, int64_t t1) {
   const int64_t T = quant_amx_padded_rows(M) / kTileRows, KP = K / 2;
+  // row j's offset j K, for the rows of each half (64-bit: 15 K may pass 2^31)
+  const __m512i first_half = _mm512_set_epi64(7 * K, 6 * K, 5 * K, 4 * K, 3 * K, 2 * K, K, 0);
+  const __m512i second_half = _mm512_add_epi64(first_half, _mm512_set1_epi64(8 * K));
+  const __m512i high = _mm512_set1_epi32(int(0xffff0000u));
   for (int64_t t = t0; t < t1; ++t) {
-    for (int64_t j = 0; j < kTileRows; ++j) {
-      const int64_t m = t * kTileRows + j;
-      for (int64_t p = 0; p < KP; ++p) {
-        uint32_t a[kTerms] = {0, 0, 0}, b[kTerms] = {0, 0, 0};
-        if (m < M) split3(x[m * K + 2 * p], a), split3(x[m * K + 2 * p + 1], b);
-        for (int s = 0; s < terms; ++s)
-          packed[((s * T + t) * KP + p) * kTileRows + j] = (a[s] >> 16) | (b[s] & 0xffff0000u);
-      }
+    const int64_t rows = std::clamp<int64_t>(M - t * kTileRows, 0, kTileRows);
+    const __mmask8 first_rows = __mmask8((1u << std::min<int64_t>(rows, 8)) - 1);
+    const __mmask8 second_rows = __mmask8((1u << std::max<int64_t>(rows - 8, 0)) - 1);
+    const float* base = x + t * kTileRows * K;
+    auto gather = [&](const float* at) {
+      const __m256 lo = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), first_rows, first_half, at, 4);
+      const __m256 hi = _mm512_mask_i64gather_ps(_mm256_setzero_ps(), second_rows, second_half, at, 4);
+      return _mm512_castpd_ps(_mm512_insertf64x4(_mm512_castpd256_pd512(_mm256_castps_pd(lo)), _mm256_castps_pd(hi), 1));
+    };
+    for (int64_t p = 0; p < KP; ++p) {
+      __m512i a[kTerms], b[kTerms];
+      split3(gather(base + 2 * p), a);
+      split3(gather(base + 2 * p + 1), b);
+      for (int s = 0; s < terms; ++s)
+        _mm512_storeu_si512(packed + ((s * T + t) * KP + p) * kTileRows,
+                            _mm512_or_si512(_mm512_srli_epi32(a[s], 16), _mm512_and_si512(b[s], high)));
     }
   }
 }
@@ -162,58 +220,62 @@ void quant_amx_pack_x(const float* x, int64_t M, int64_t K, int terms, uint32_t*
 void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int64_t M,
                     const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1) {
   const int64_t Mp = quant_amx_padded_rows(M), T = Mp / kTileRows, KP = w.K / 2;
-  const int64_t G = w.K / w.group, chunk = chunk_length(w);
-  std::vector<float> values(kBlockRows * chunk);
+  const int64_t chunk = chunk_length(w, terms, Mp), decode = std::min(decode_length(w), chunk);
+  std::vector<float> values(kBlockRows * decode);
   std::vector<uint16_t> a_tiles(kBlockRows * chunk);  // bfloat16 A operand, in tile order
-  std::vector<float> acc(kBlockRows * Mp);           // [block row, batch row]
+  // [row of [n0, n1) (whole blocks), batch row]: each chunk's sums added in, block by block
+  std::vector<float> acc((n1 - n0 + kBlockRows - 1) / kBlockRows * kBlockRows * Mp, 0.f);
   configure_tiles();
-  for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
-    const int64_t rows = std::min(kBlockRows, n1 - nb);
-    std::fill(acc.begin(), acc.end(), 0.f);
-    for (int64_t k0 = 0; k0 < w.K; k0 += chunk) {
-      const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;
-      avx512::quant_unpack(w, values.data(), kc, nb, nb + rows, k0 / w.group, (k0 + kc) / w.group);
+  for (int64_t k0 = 0; k0 < w.K; k0 += chunk) {
+    const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;
+    for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
+      const int64_t rows = std::min(kBlockRows, n1 - nb);
       // bfloat16 (truncation: exact for these integers) in tile order: tile (row tile i, step)
       // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
-      for (int64_t r = 0; r < kBlockRows; ++r) {
-        uint16_t* out = a_tiles.data() + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
-        const float* in = values.data() + r * kc;
-        for (int64_t step = 0; step < steps; ++step, out += kTileRows * kStep) {
-          for (int64_t i = 0; i < kStep; i += 16) {
-            const __m512i v = r < rows ? _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(in + step * kStep + i)), 16)
-                                       : _mm512_setzero_si512();
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
+      for (int64_t d0 = 0; d0 < kc; d0 += decode) {
+        const int64_t dc = std::min(decode, kc - d0);
+        avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
+        for (int64_t r = 0; r < kBlockRows; ++r) {
+          uint16_t* out = a_tiles.data() + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep +
+                          d0 / kStep * kTileRows * kStep;
+          const float* in = values.data() + r * dc;
+          for (int64_t step = 0; step < dc / kStep; ++step, out += kTileRows * kStep) {
+            for (int64_t i = 0; i < kStep; i += 16) {
+              const __m512i v = r < rows ? _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(in + step * kStep + i)), 16)
+                                         : _mm512_setzero_si512();
+              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
+            }
           }
         }
       }
-      const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp};
+      float* block_acc = acc.data() + (nb - n0) * Mp;
+      const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp, w.zero ? xsum_t : nullptr};
       for (int64_t t = 0; t < T; t += 2) {  // 32 batch rows, or the last 16
         for (int64_t h = 0; h < kHalves; ++h) {
           const uint16_t* a0 = a_tiles.data() + (2 * h) * steps * kTileRows * kStep;
           if (t + 1 < T)
-            batch_tiles<2>(ch, a0, t, h, acc.data());
+            batch_tiles<2>(ch, a0, t, h, block_acc);
           else
-            batch_tiles<1>(ch, a0, t, h, acc.data());
+            batch_tiles<1>(ch, a0, t, h, block_acc);
         }
       }
     }
-    // zero points: minus s z (sum of x over the group); then y = acc^T (+ bias)
-    for (int64_t r = 0; r < rows; ++r) {
-      float* out = acc.data() + r * Mp;
-      if (w.zero) {
-        for (int64_t g = 0; g < G; ++g) {
-          const __m512 sz = _mm512_set1_ps(-w.scale[(nb + r) * G + g] * w.zero[(nb + r) * G + g]);
-          const float* xs = xsum_t + g * Mp;
-          for (int64_t m = 0; m < Mp; m += 16)
-            _mm512_storeu_ps(out + m, _mm512_fmadd_ps(sz, _mm512_loadu_ps(xs + m), _mm512_loadu_ps(out + m)));
-        }
-      }
-    }
-    for (int64_t m = 0; m < M; ++m)
-      for (int64_t r = 0; r < rows; ++r)
-        y[m * w.N + nb + r] = acc[r * Mp + m] + (bias ? bias[nb + r] : 0.f);
   }
   _tile_release();
+  // y = acc^T (+ bias), 16 x 16 at a time (one element at a time, the transposition's strided
+  // reads were ~7% of a batch-256 call)
+  const int64_t rows = n1 - n0;
+  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
+    const __mmask16 in_range = __mmask16((1u << std::min<int64_t>(16, rows - r0)) - 1);
+    const __m512 b = bias ? _mm512_maskz_loadu_ps(in_range, bias + n0 + r0) : _mm512_setzero_ps();
+    for (int64_t m0 = 0; m0 < M; m0 += 16) {
+      __m512 v[16];  // rows r0 .. r0 + 15 (whole blocks in acc), batch rows m0 .. m0 + 15 (< Mp)
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(acc.data() + (r0 + i) * Mp + m0);
+      transpose16(v);
+      for (int64_t j = 0; j < std::min<int64_t>(16, M - m0); ++j)
+        _mm512_mask_storeu_ps(y + (m0 + j) * w.N + n0 + r0, in_range, _mm512_add_ps(v[j], b));
+    }
+  }
 }
 
 }  // namespace fastloss
