@@ -64,6 +64,7 @@ constexpr int64_t kBlockRows = 32 * kHalves;
 constexpr int64_t kXChunkBytes = int64_t(768) << 10;
 constexpr int64_t kMaxChunk = 1024;  // inputs per chunk at most (a block's tiles: 256 KiB)
 constexpr int64_t kDecode = 512;     // inputs decoded to float32 at a time (a block's: 256 KiB)
+constexpr int64_t kAccBytes = int64_t(4) << 20;  // a thread's float32 sums [rows, batch rows]
 
 // (the tile intrinsics are statement macros: one per statement)
 inline void zero_accumulators() {
@@ -223,59 +224,64 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
   const int64_t chunk = chunk_length(w, terms, Mp), decode = std::min(decode_length(w), chunk);
   std::vector<float> values(kBlockRows * decode);
   std::vector<uint16_t> a_tiles(kBlockRows * chunk);  // bfloat16 A operand, in tile order
-  // [row of [n0, n1) (whole blocks), batch row]: each chunk's sums added in, block by block
-  std::vector<float> acc((n1 - n0 + kBlockRows - 1) / kBlockRows * kBlockRows * Mp, 0.f);
+  // The rows a span at a time (whole blocks, accumulators within kAccBytes): each chunk's sums
+  // added into acc [row of the span, batch row], block by block, then y = acc^T (+ bias).
+  const int64_t span = std::max<int64_t>(1, kAccBytes / (kBlockRows * Mp * 4)) * kBlockRows;
+  std::vector<float> acc(std::min(span, (n1 - n0 + kBlockRows - 1) / kBlockRows * kBlockRows) * Mp);
   configure_tiles();
-  for (int64_t k0 = 0; k0 < w.K; k0 += chunk) {
-    const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;
-    for (int64_t nb = n0; nb < n1; nb += kBlockRows) {
-      const int64_t rows = std::min(kBlockRows, n1 - nb);
-      // bfloat16 (truncation: exact for these integers) in tile order: tile (row tile i, step)
-      // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
-      for (int64_t d0 = 0; d0 < kc; d0 += decode) {
-        const int64_t dc = std::min(decode, kc - d0);
-        avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
-        for (int64_t r = 0; r < kBlockRows; ++r) {
-          uint16_t* out = a_tiles.data() + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep +
-                          d0 / kStep * kTileRows * kStep;
-          const float* in = values.data() + r * dc;
-          for (int64_t step = 0; step < dc / kStep; ++step, out += kTileRows * kStep) {
-            for (int64_t i = 0; i < kStep; i += 16) {
-              const __m512i v = r < rows ? _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(in + step * kStep + i)), 16)
-                                         : _mm512_setzero_si512();
-              _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
+  for (int64_t s0 = n0; s0 < n1; s0 += span) {
+    const int64_t s1 = std::min(n1, s0 + span);
+    std::fill(acc.begin(), acc.end(), 0.f);
+    for (int64_t k0 = 0; k0 < w.K; k0 += chunk) {
+      const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;
+      for (int64_t nb = s0; nb < s1; nb += kBlockRows) {
+        const int64_t rows = std::min(kBlockRows, s1 - nb);
+        // bfloat16 (truncation: exact for these integers) in tile order: tile (row tile i, step)
+        // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
+        for (int64_t d0 = 0; d0 < kc; d0 += decode) {
+          const int64_t dc = std::min(decode, kc - d0);
+          avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
+          for (int64_t r = 0; r < kBlockRows; ++r) {
+            uint16_t* out = a_tiles.data() + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep +
+                            d0 / kStep * kTileRows * kStep;
+            const float* in = values.data() + r * dc;
+            for (int64_t step = 0; step < dc / kStep; ++step, out += kTileRows * kStep) {
+              for (int64_t i = 0; i < kStep; i += 16) {
+                const __m512i v = r < rows ? _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(in + step * kStep + i)), 16)
+                                           : _mm512_setzero_si512();
+                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
+              }
             }
           }
         }
-      }
-      float* block_acc = acc.data() + (nb - n0) * Mp;
-      const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp, w.zero ? xsum_t : nullptr};
-      for (int64_t t = 0; t < T; t += 2) {  // 32 batch rows, or the last 16
-        for (int64_t h = 0; h < kHalves; ++h) {
-          const uint16_t* a0 = a_tiles.data() + (2 * h) * steps * kTileRows * kStep;
-          if (t + 1 < T)
-            batch_tiles<2>(ch, a0, t, h, block_acc);
-          else
-            batch_tiles<1>(ch, a0, t, h, block_acc);
+        float* block_acc = acc.data() + (nb - s0) * Mp;
+        const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp, w.zero ? xsum_t : nullptr};
+        for (int64_t t = 0; t < T; t += 2) {  // 32 batch rows, or the last 16
+          for (int64_t h = 0; h < kHalves; ++h) {
+            const uint16_t* a0 = a_tiles.data() + (2 * h) * steps * kTileRows * kStep;
+            if (t + 1 < T)
+              batch_tiles<2>(ch, a0, t, h, block_acc);
+            else
+              batch_tiles<1>(ch, a0, t, h, block_acc);
+          }
         }
+      }
+    }
+    // 16 x 16 at a time (one element at a time, the transposition's strided reads were ~7% of
+    // a batch-256 call)
+    for (int64_t r0 = s0; r0 < s1; r0 += 16) {
+      const __mmask16 in_range = __mmask16((1u << std::min<int64_t>(16, s1 - r0)) - 1);
+      const __m512 b = bias ? _mm512_maskz_loadu_ps(in_range, bias + r0) : _mm512_setzero_ps();
+      for (int64_t m0 = 0; m0 < M; m0 += 16) {
+        __m512 v[16];  // rows r0 .. r0 + 15 (whole blocks in acc), batch rows m0 .. m0 + 15 (< Mp)
+        for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(acc.data() + (r0 - s0 + i) * Mp + m0);
+        transpose16(v);
+        for (int64_t j = 0; j < std::min<int64_t>(16, M - m0); ++j)
+          _mm512_mask_storeu_ps(y + (m0 + j) * w.N + r0, in_range, _mm512_add_ps(v[j], b));
       }
     }
   }
   _tile_release();
-  // y = acc^T (+ bias), 16 x 16 at a time (one element at a time, the transposition's strided
-  // reads were ~7% of a batch-256 call)
-  const int64_t rows = n1 - n0;
-  for (int64_t r0 = 0; r0 < rows; r0 += 16) {
-    const __mmask16 in_range = __mmask16((1u << std::min<int64_t>(16, rows - r0)) - 1);
-    const __m512 b = bias ? _mm512_maskz_loadu_ps(in_range, bias + n0 + r0) : _mm512_setzero_ps();
-    for (int64_t m0 = 0; m0 < M; m0 += 16) {
-      __m512 v[16];  // rows r0 .. r0 + 15 (whole blocks in acc), batch rows m0 .. m0 + 15 (< Mp)
-      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(acc.data() + (r0 + i) * Mp + m0);
-      transpose16(v);
-      for (int64_t j = 0; j < std::min<int64_t>(16, M - m0); ++j)
-        _mm512_mask_storeu_ps(y + (m0 + j) * w.N + n0 + r0, in_range, _mm512_add_ps(v[j], b));
-    }
-  }
 }
 
 }  // namespace fastloss
