@@ -160,10 +160,10 @@ def summed_terms(qw, bits):
 
 @requires_amx
 @pytest.mark.parametrize("k,n,group_size,bits,zeros", [
-    (1536, 300, 128, 4, True),    # three 512-input chunks, three blocks of 128 rows (the last 44)
-    (960, 256, 96, 3, True),      # groups that do not divide the chunk: chunks of 480
+    (2560, 300, 128, 4, True),    # chunks of 1024, 1024, 512 inputs, blocks of 128 rows (the last 44)
+    (2880, 256, 96, 3, True),     # groups that do not divide the longest chunk: chunks of 960
     (960, 130, 160, 2, True),
-    (1024, 129, -1, 8, True),     # per channel: one group longer than a chunk
+    (1024, 129, -1, 8, True),     # per channel: one group, one chunk
     (1536, 200, 128, 4, False),   # imported weights without zero points
 ], ids=str)
 def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
@@ -187,6 +187,27 @@ def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
             assert (err <= 1e-5 * (x.double().abs() @ terms.T)).all(), m
     finally:
         fastloss.set_cpu_isa("auto")
+
+
+@requires_amx
+def test_amx_accumulator_spans():
+    # a thread's float32 sums are bounded (4 MiB: at 2050 batch rows, 3 blocks of 128 rows), so
+    # its rows go a span at a time: 900 rows on 2 threads are spans of 384 and 66 / 128 rows
+    g = torch.Generator().manual_seed(7)
+    qw = ops.quantize_weight(torch.randn(900, 256, generator=g), 4, 64, False)
+    w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)
+    bias = torch.randn(900, generator=g)
+    x = torch.randn(2050, 256, generator=g)
+    previous = torch.get_num_threads()
+    fastloss.set_cpu_isa("amx")
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            err = (ops.dequant_gemm(x, qw, bias).double() - x.double() @ w64.T - bias.double()).abs()
+            assert (err <= 1e-5 * (x.double().abs() @ summed_terms(qw, 4).T + bias.double().abs())).all(), threads
+    finally:
+        fastloss.set_cpu_isa("auto")
+        torch.set_num_threads(previous)
 
 
 @requires_amx
