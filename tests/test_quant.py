@@ -163,6 +163,7 @@ def summed_terms(qw, bits):
     (2560, 300, 128, 4, True),    # chunks of 1024, 1024, 512 inputs, blocks of 128 rows (the last 44)
     (2880, 256, 96, 3, True),     # groups that do not divide the longest chunk: chunks of 960
     (960, 130, 160, 2, True),
+    (2048, 150, 256, 2, True),    # 2- / 4-bit groups of whole 64-byte lines: codes straight to tiles
     (1024, 129, -1, 8, True),     # per channel: one group, one chunk
     (1536, 200, 128, 4, False),   # imported weights without zero points
 ], ids=str)

@@ -25,7 +25,8 @@
 // its rows a chunk of inputs at a time (x's terms for the chunk stay in L2), block by block of
 // 128 weight rows. Where the time goes (2 threads, 4096 x 4096 4-bit, batch 256, ad hoc,
 // TSC-timed phases): the tile products ~80% (with no tile loads and no group read-outs they
-// took ~45% of that: x's B tile loads cost most, then A's, then the read-outs), decoding ~15%.
+// took ~45% of that: x's B tile loads cost most, then A's, then the read-outs), decoding ~15%
+// (before decode_tiles: 2- / 4-bit codes of whole-line groups go to bfloat16 in one pass).
 // Tried without gain: 64-row blocks, 128- / 256-input chunks, group read-outs spread over
 // the next group's steps, x's tiles of a chunk in one contiguous range.
 #include <immintrin.h>
@@ -94,6 +95,46 @@ inline void transpose16(__m512 v[16]) {
     v[4 + j] = _mm512_shuffle_f32x4(a, c, 0xdd);
     v[8 + j] = _mm512_shuffle_f32x4(b, d, 0x88);
     v[12 + j] = _mm512_shuffle_f32x4(b, d, 0xdd);
+  }
+}
+
+// Whether a block's codes go straight into its bfloat16 tiles (decode_tiles): 2- and 4-bit
+// groups of whole 64-byte lines, where field j of a line holds 64 consecutive inputs (quant_kernels.h:
+// value j P + i of a group is field j of its byte i) and every code is below 32 (a 32-word table)
+bool decodes_to_tiles(const QuantWeight& w) {
+  return (w.bits == 2 || w.bits == 4) && w.group * w.bits / 8 % 64 == 0;
+}
+
+// The codes of rows [nb, nb + rows) and inputs [k0, k0 + kc) (whole groups) as bfloat16 in tile
+// order (tile (row tile i, step) at (i * steps + step) * 512, each row 32 inputs); rows past
+// `rows` up to kBlockRows are zeros. One pass: the float32 values and their conversion took
+// ~15% of a batch-256 call.
+template <int BITS>
+void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, int64_t kc, uint16_t* a_tiles) {
+  constexpr int kPlanes = 8 / BITS;
+  const int64_t steps = kc / kStep, row_bytes = w.K * BITS / 8, P = w.group * BITS / 8;
+  alignas(64) uint16_t bf16_of[32];  // the bfloat16 bits of 0 .. 31
+  for (int v = 0; v < 32; ++v) bf16_of[v] = uint16_t(amx::bits_of(float(v)) >> 16);
+  const __m512i table = _mm512_load_si512(bf16_of), mask = _mm512_set1_epi8(char((1 << BITS) - 1));
+  for (int64_t r = 0; r < kBlockRows; ++r) {
+    uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
+    if (r >= rows) {
+      for (int64_t step = 0; step < steps; ++step) _mm512_storeu_si512(row_tiles + step * kTileRows * kStep, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * BITS / 8;
+    for (int64_t g = 0; g < kc / w.group; ++g)
+      for (int64_t line = 0; line < P; line += 64) {
+        const __m512i b = _mm512_loadu_si512(q + g * P + line);
+        for (int j = 0; j < kPlanes; ++j) {
+          const __m512i codes = _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
+          const int64_t step = (g * w.group + j * P + line) / kStep;  // of the chunk: 64 inputs, two steps
+          uint16_t* out = row_tiles + step * kTileRows * kStep;
+          _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), table));
+          _mm512_storeu_si512(out + kTileRows * kStep,
+                              _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), table));
+        }
+      }
   }
 }
 
@@ -222,7 +263,8 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
                     const float* xsum_t, const float* bias, float* y, int64_t n0, int64_t n1) {
   const int64_t Mp = quant_amx_padded_rows(M), T = Mp / kTileRows, KP = w.K / 2;
   const int64_t chunk = chunk_length(w, terms, Mp), decode = std::min(decode_length(w), chunk);
-  std::vector<float> values(kBlockRows * decode);
+  const bool direct = decodes_to_tiles(w);
+  std::vector<float> values(direct ? 0 : kBlockRows * decode);
   std::vector<uint16_t> a_tiles(kBlockRows * chunk);  // bfloat16 A operand, in tile order
   // The rows a span at a time (whole blocks, accumulators within kAccBytes): each chunk's sums
   // added into acc [row of the span, batch row], block by block, then y = acc^T (+ bias).
@@ -238,7 +280,9 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
         const int64_t rows = std::min(kBlockRows, s1 - nb);
         // bfloat16 (truncation: exact for these integers) in tile order: tile (row tile i, step)
         // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
-        for (int64_t d0 = 0; d0 < kc; d0 += decode) {
+        if (direct && w.bits == 4) decode_tiles<4>(w, nb, rows, k0, kc, a_tiles.data());
+        if (direct && w.bits == 2) decode_tiles<2>(w, nb, rows, k0, kc, a_tiles.data());
+        for (int64_t d0 = 0; d0 < (direct ? 0 : kc); d0 += decode) {
           const int64_t dc = std::min(decode, kc - d0);
           avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
           for (int64_t r = 0; r < kBlockRows; ++r) {
