@@ -26,7 +26,8 @@
 // 128 weight rows. Where the time goes (2 threads, 4096 x 4096 4-bit, batch 256, ad hoc,
 // TSC-timed phases): the tile products ~80% (with no tile loads and no group read-outs they
 // took ~45% of that: x's B tile loads cost most, then A's, then the read-outs), decoding ~15%
-// (before decode_tiles: 2- / 4-bit codes of whole-line groups go to bfloat16 in one pass).
+// (before decode_tiles: 2- / 4-bit codes of groups of whole 32-byte pieces go to bfloat16 in
+// one pass).
 // Tried without gain: 64-row blocks, 128- / 256-input chunks, group read-outs spread over
 // the next group's steps, x's tiles of a chunk in one contiguous range.
 #include <immintrin.h>
@@ -99,10 +100,11 @@ inline void transpose16(__m512 v[16]) {
 }
 
 // Whether a block's codes go straight into its bfloat16 tiles (decode_tiles): 2- and 4-bit
-// groups of whole 64-byte lines, where field j of a line holds 64 consecutive inputs (quant_kernels.h:
-// value j P + i of a group is field j of its byte i) and every code is below 32 (a 32-word table)
+// groups of whole 32-byte pieces (4-bit from group 64, 2-bit from 128), where field j of a
+// piece holds 32 consecutive inputs, one tile step (quant_kernels.h: value j P + i of a group
+// is field j of its byte i), and every code is below 32 (a 32-word table)
 bool decodes_to_tiles(const QuantWeight& w) {
-  return (w.bits == 2 || w.bits == 4) && w.group * w.bits / 8 % 64 == 0;
+  return (w.bits == 2 || w.bits == 4) && w.group * w.bits / 8 % 32 == 0;
 }
 
 // The codes of rows [nb, nb + rows) and inputs [k0, k0 + kc) (whole groups) as bfloat16 in tile
@@ -115,7 +117,7 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
   const int64_t steps = kc / kStep, row_bytes = w.K * BITS / 8, P = w.group * BITS / 8;
   alignas(64) uint16_t bf16_of[32];  // the bfloat16 bits of 0 .. 31
   for (int v = 0; v < 32; ++v) bf16_of[v] = uint16_t(amx::bits_of(float(v)) >> 16);
-  const __m512i table = _mm512_load_si512(bf16_of), mask = _mm512_set1_epi8(char((1 << BITS) - 1));
+  const __m512i table = _mm512_load_si512(bf16_of), mask = _mm512_set1_epi16((1 << BITS) - 1);
   for (int64_t r = 0; r < kBlockRows; ++r) {
     uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
     if (r >= rows) {
@@ -123,18 +125,14 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
       continue;
     }
     const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * BITS / 8;
-    for (int64_t g = 0; g < kc / w.group; ++g)
-      for (int64_t line = 0; line < P; line += 64) {
-        const __m512i b = _mm512_loadu_si512(q + g * P + line);
-        for (int j = 0; j < kPlanes; ++j) {
-          const __m512i codes = _mm512_and_si512(j == 0 ? b : _mm512_srli_epi16(b, unsigned(j * BITS)), mask);
-          const int64_t step = (g * w.group + j * P + line) / kStep;  // of the chunk: 64 inputs, two steps
-          uint16_t* out = row_tiles + step * kTileRows * kStep;
-          _mm512_storeu_si512(out, _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_castsi512_si256(codes)), table));
-          _mm512_storeu_si512(out + kTileRows * kStep,
-                              _mm512_permutexvar_epi16(_mm512_cvtepu8_epi16(_mm512_extracti64x4_epi64(codes, 1)), table));
-        }
+    for (int64_t at = 0; at < kc * BITS / 8; at += 32) {  // the chunk's bytes, 32 at a time
+      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at)));
+      const int64_t first = at / P * w.group + at % P;  // field 0's first input, of the chunk
+      for (int j = 0; j < kPlanes; ++j) {
+        const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(words, unsigned(j * BITS)), mask);
+        _mm512_storeu_si512(row_tiles + (first + j * P) / kStep * kTileRows * kStep, _mm512_permutexvar_epi16(codes, table));
       }
+    }
   }
 }
 
