@@ -129,8 +129,9 @@ requires_amx = pytest.mark.skipif("amx" not in fastloss.cpu_isas(),
 def test_amx_tile_products_are_float32_exact(bits, group_size, symmetric):
     # The AMX path multiplies bfloat16 terms of x (x = hi + mid + lo) with the exact integer
     # weight values: its error must be a float32 GEMM's, over inputs spread across 2^-40..2^40.
-    # Shapes: every batch tail (one / two 16-row tiles), weight rows past one 128-row block and
-    # not a multiple of 16, chunks of whole groups and per-channel groups of K.
+    # Shapes: batch tails of one / two 16-row tiles (8 and 16 rows take the AMX-INT8 GEMV where
+    # it applies), weight rows past one 128-row block and not a multiple of 16, groups up to K
+    # (one chunk: K = 640).
     g = torch.Generator().manual_seed(bits * 100 + group_size + symmetric)
     k, n = 640, 150
     w = torch.randn(n, k, generator=g) * 0.1
@@ -163,7 +164,8 @@ def summed_terms(qw, bits):
     (2560, 300, 128, 4, True),    # chunks of 1024, 1024, 512 inputs, blocks of 128 rows (the last 44)
     (2880, 256, 96, 3, True),     # groups that do not divide the longest chunk: chunks of 960
     (960, 130, 160, 2, True),
-    (2048, 150, 256, 2, True),    # 2- / 4-bit groups of whole 64-byte lines: codes straight to tiles
+    (2048, 150, 256, 2, True),    # 2- / 4-bit groups of whole 32-byte pieces: codes straight to tiles
+    (2560, 140, 128, 2, True),    # the same at 32-byte groups, over three chunks
     (1024, 129, -1, 8, True),     # per channel: one group, one chunk
     (1536, 200, 128, 4, False),   # imported weights without zero points
 ], ids=str)
@@ -182,7 +184,7 @@ def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
     terms = summed_terms(qw, bits)
     fastloss.set_cpu_isa("amx")
     try:
-        for m in (8, 24, 48):
+        for m in (8, 24, 45):  # (8: the AMX-INT8 GEMV where it applies; 45: a last tile of 13 rows)
             x = torch.randn(m, k, generator=g)
             err = (ops.dequant_gemm(x, qw).double() - x.double() @ w64.T).abs()
             assert (err <= 1e-5 * (x.double().abs() @ terms.T)).all(), m
@@ -193,7 +195,8 @@ def test_amx_chunks_blocks_and_batch_tiles(k, n, group_size, bits, zeros):
 @requires_amx
 def test_amx_accumulator_spans():
     # a thread's float32 sums are bounded (4 MiB: at 2050 batch rows, 3 blocks of 128 rows), so
-    # its rows go a span at a time: 900 rows on 2 threads are spans of 384 and 66 / 128 rows
+    # its rows go a span at a time: 900 rows are spans of 384, 384 and 132 on one thread, of
+    # 384 + 128 and 384 + 4 on two
     g = torch.Generator().manual_seed(7)
     qw = ops.quantize_weight(torch.randn(900, 256, generator=g), 4, 64, False)
     w64 = ref.unpack_weight(qw.qweight, qw.scales, qw.zeros, 4, qw.group, qw.codebook)

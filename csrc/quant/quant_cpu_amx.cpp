@@ -64,7 +64,8 @@ constexpr int64_t kBlockRows = 32 * kHalves;
 // ~1/5 of the tile unit's rate: a core reads L3 at ~22 GB/s, about 5x slower than the products
 // consume a step's 6 KiB of x (ad hoc, tile loads alone).
 constexpr int64_t kXChunkBytes = int64_t(768) << 10;
-constexpr int64_t kMaxChunk = 1024;  // inputs per chunk at most (a block's tiles: 256 KiB)
+// inputs per chunk at most (a block's tiles: 256 KiB), but for one group that is longer
+constexpr int64_t kMaxChunk = 1024;
 constexpr int64_t kDecode = 512;     // inputs decoded to float32 at a time (a block's: 256 KiB)
 constexpr int64_t kAccBytes = int64_t(4) << 20;  // a thread's float32 sums [rows, batch rows]
 
@@ -264,8 +265,9 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
   const bool direct = decodes_to_tiles(w);
   std::vector<float> values(direct ? 0 : kBlockRows * decode);
   std::vector<uint16_t> a_tiles(kBlockRows * chunk);  // bfloat16 A operand, in tile order
-  // The rows a span at a time (whole blocks, accumulators within kAccBytes): each chunk's sums
-  // added into acc [row of the span, batch row], block by block, then y = acc^T (+ bias).
+  // The rows a span at a time (whole blocks: within kAccBytes of accumulators, or one): each
+  // chunk's sums added into acc [row of the span, batch row], block by block, then y = acc^T
+  // (+ bias).
   const int64_t span = std::max<int64_t>(1, kAccBytes / (kBlockRows * Mp * 4)) * kBlockRows;
   std::vector<float> acc(std::min(span, (n1 - n0 + kBlockRows - 1) / kBlockRows * kBlockRows) * Mp);
   configure_tiles();

@@ -20,7 +20,7 @@
 // weights near zero and the rest of x is ~2^-24 of it or below). Zero points enter in the
 // integers: sum_k (q - z) X = sum_k q X - z sum_k X. Each group's four digit sums times 2^(E -
 // 30 + 8 d) and the group's scale are summed in float32 lanes per weight row. Non-finite x, and
-// groups whose largest |x| is below 2^-90 or from 2^100 (those factors would leave float32's
+// groups whose largest |x| is below 2^-91 or from 2^100 (those factors would leave float32's
 // normal range), take the AVX-512 GEMV (quant_amx_gemv_exponents returns false).
 //
 // Layout. A tile (tiles 4 / 5) = 16 weight rows x 64 codes: the codes of plane j of a chunk of
@@ -535,7 +535,7 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
       }
     }
   }
-  // (zero points) each group's sum of each digit, exact in float32 (|sum| <= 128 x group)
+  // (zero points) each group's sum of each digit, exact in float32 (|sum| <= 128 x group, below 2^24 for groups up to 2^17)
   if (!digit_sums) return;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
