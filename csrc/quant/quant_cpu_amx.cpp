@@ -100,12 +100,13 @@ inline void transpose16(__m512 v[16]) {
   }
 }
 
-// Whether a block's codes go straight into its bfloat16 tiles (decode_tiles): 2- and 4-bit
-// groups of whole 32-byte pieces (4-bit from group 64, 2-bit from 128), where field j of a
-// piece holds 32 consecutive inputs, one tile step (quant_kernels.h: value j P + i of a group
-// is field j of its byte i), and every code is below 32 (a 32-word table)
+// Whether a block's codes go straight into its bfloat16 tiles (decode_tiles): 2-, 4- and 8-bit
+// groups of whole 32-byte pieces (4-bit from group 64, 2-bit from 128, 8-bit always here),
+// where field j of a piece holds 32 consecutive inputs, one tile step (quant_kernels.h: value
+// j P + i of a group is field j of its byte i); 2- and 4-bit codes by a 32-word table, 8-bit
+// through float32
 bool decodes_to_tiles(const QuantWeight& w) {
-  return (w.bits == 2 || w.bits == 4) && w.group * w.bits / 8 % 32 == 0;
+  return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.group * w.bits / 8 % 32 == 0;
 }
 
 // The codes of rows [nb, nb + rows) and inputs [k0, k0 + kc) (whole groups) as bfloat16 in tile
@@ -127,8 +128,17 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
     }
     const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * BITS / 8;
     for (int64_t at = 0; at < kc * BITS / 8; at += 32) {  // the chunk's bytes, 32 at a time
-      const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at)));
+      const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at));
       const int64_t first = at / P * w.group + at % P;  // field 0's first input, of the chunk
+      if constexpr (BITS == 8) {  // codes up to 255: through float32 (exact), its upper half
+        const __m512i lo = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_castsi256_si128(bytes)))), 16);
+        const __m512i hi = _mm512_srli_epi32(_mm512_castps_si512(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm256_extracti128_si256(bytes, 1)))), 16);
+        uint16_t* out = row_tiles + first / kStep * kTileRows * kStep;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out), _mm512_cvtepi32_epi16(lo));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + 16), _mm512_cvtepi32_epi16(hi));
+        continue;
+      }
+      const __m512i words = _mm512_cvtepu8_epi16(bytes);
       for (int j = 0; j < kPlanes; ++j) {
         const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(words, unsigned(j * BITS)), mask);
         _mm512_storeu_si512(row_tiles + (first + j * P) / kStep * kTileRows * kStep, _mm512_permutexvar_epi16(codes, table));
@@ -282,6 +292,7 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
         // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
         if (direct && w.bits == 4) decode_tiles<4>(w, nb, rows, k0, kc, a_tiles.data());
         if (direct && w.bits == 2) decode_tiles<2>(w, nb, rows, k0, kc, a_tiles.data());
+        if (direct && w.bits == 8) decode_tiles<8>(w, nb, rows, k0, kc, a_tiles.data());
         for (int64_t d0 = 0; d0 < (direct ? 0 : kc); d0 += decode) {
           const int64_t dc = std::min(decode, kc - d0);
           avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
