@@ -26,8 +26,7 @@
 // 128 weight rows. Where the time goes (2 threads, 4096 x 4096 4-bit, batch 256, ad hoc,
 // TSC-timed phases): the tile products ~80% (with no tile loads and no group read-outs they
 // took ~45% of that: x's B tile loads cost most, then A's, then the read-outs), decoding ~15%
-// (before decode_tiles: 2- / 4-bit codes of groups of whole 32-byte pieces go to bfloat16 in
-// one pass).
+// (before decode_tiles / decode_tiles_3bit, which take most formats to bfloat16 in one pass).
 // Tried without gain: 64-row blocks, 128- / 256-input chunks, group read-outs spread over
 // the next group's steps, x's tiles of a chunk in one contiguous range.
 #include <immintrin.h>
@@ -106,6 +105,7 @@ inline void transpose16(__m512 v[16]) {
 // j P + i of a group is field j of its byte i); 2- and 4-bit codes by a 32-word table, 8-bit
 // through float32
 bool decodes_to_tiles(const QuantWeight& w) {
+  if (w.bits == 3) return w.group % 128 == 0;  // decode_tiles_3bit
   return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.group * w.bits / 8 % 32 == 0;
 }
 
@@ -142,6 +142,48 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
       for (int j = 0; j < kPlanes; ++j) {
         const __m512i codes = _mm512_and_si512(_mm512_srli_epi16(words, unsigned(j * BITS)), mask);
         _mm512_storeu_si512(row_tiles + (first + j * P) / kStep * kTileRows * kStep, _mm512_permutexvar_epi16(codes, table));
+      }
+    }
+  }
+}
+
+// decode_tiles for 3-bit codes, groups of a multiple of 128 (quant_kernels.h: a group's low two
+// bits in the 2-bit layout over its first 2P bytes, P = group / 8, then bit j of byte 2P + i
+// is the third bit of value j P + i): a tile step's 32 inputs are one field of a 32-byte piece
+// of the low bits, and two 16-byte pieces of third bits (one field each)
+void decode_tiles_3bit(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, int64_t kc, uint16_t* a_tiles) {
+  const int64_t steps = kc / kStep, row_bytes = w.K * 3 / 8, P = w.group / 8, group_bytes = 3 * P;
+  alignas(64) uint16_t bf16_of[32];  // the bfloat16 bits of 0 .. 31
+  for (int v = 0; v < 32; ++v) bf16_of[v] = uint16_t(amx::bits_of(float(v)) >> 16);
+  const __m512i table = _mm512_load_si512(bf16_of), low_mask = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
+  for (int64_t r = 0; r < kBlockRows; ++r) {
+    uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
+    if (r >= rows) {
+      for (int64_t step = 0; step < steps; ++step) _mm512_storeu_si512(row_tiles + step * kTileRows * kStep, _mm512_setzero_si512());
+      continue;
+    }
+    const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * 3 / 8;
+    for (int64_t g = 0; g < kc / w.group; ++g) {
+      const uint8_t* low = q + g * group_bytes;
+      const uint8_t* third = low + 2 * P;
+      uint16_t* group_tiles = row_tiles + g * w.group / kStep * kTileRows * kStep;
+      for (int64_t at = 0; at < 2 * P; at += 32) {
+        // field j's values j 2P + at ..: third bits in fields 2j + at / P (16 values from byte
+        // at % P) and 2j + (at + 16) / P (from byte (at + 16) % P)
+        const int64_t f0 = at / P, b0 = at % P, f1 = (at + 16) / P, b1 = (at + 16) % P;
+        const __m512i words = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(low + at)));
+        const __m512i third_bytes = _mm512_inserti64x4(
+            _mm512_castsi256_si512(_mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(third + b0)))),
+            _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(third + b1))), 1);
+        __m512i shifts = _mm512_inserti64x4(_mm512_set1_epi16(short(f0)), _mm256_set1_epi16(short(f1)), 1);
+        const __m512i two = _mm512_set1_epi16(2);
+        for (int j = 0; j < 4; ++j, shifts = _mm512_add_epi16(shifts, two)) {
+          const __m512i thirds = _mm512_and_si512(_mm512_srlv_epi16(third_bytes, shifts), one);
+          const __m512i codes = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(words, unsigned(2 * j)), low_mask),
+                                                _mm512_slli_epi16(thirds, 2));
+          _mm512_storeu_si512(group_tiles + (j * 2 * P + at) / kStep * kTileRows * kStep,
+                              _mm512_permutexvar_epi16(codes, table));
+        }
       }
     }
   }
@@ -293,6 +335,7 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
         if (direct && w.bits == 4) decode_tiles<4>(w, nb, rows, k0, kc, a_tiles.data());
         if (direct && w.bits == 2) decode_tiles<2>(w, nb, rows, k0, kc, a_tiles.data());
         if (direct && w.bits == 8) decode_tiles<8>(w, nb, rows, k0, kc, a_tiles.data());
+        if (direct && w.bits == 3) decode_tiles_3bit(w, nb, rows, k0, kc, a_tiles.data());
         for (int64_t d0 = 0; d0 < (direct ? 0 : kc); d0 += decode) {
           const int64_t dc = std::min(decode, kc - d0);
           avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
