@@ -102,30 +102,44 @@ inline void transpose16(__m512 v[16]) {
 // Whether a block's codes go straight into its bfloat16 tiles (decode_tiles): 2-, 4- and 8-bit
 // groups of whole 32-byte pieces (4-bit from group 64, 2-bit from 128, 8-bit always here),
 // where field j of a piece holds 32 consecutive inputs, one tile step (quant_kernels.h: value
-// j P + i of a group is field j of its byte i); 2- and 4-bit codes by a 32-word table, 8-bit
-// through float32
+// j P + i of a group is field j of its byte i); 3-bit groups of a multiple of 128
+// (decode_tiles_3bit). The rest go through float32 values (decode_through_values).
 bool decodes_to_tiles(const QuantWeight& w) {
-  if (w.bits == 3) return w.group % 128 == 0;  // decode_tiles_3bit
+  if (w.bits == 3) return w.group % 128 == 0;
   return (w.bits == 2 || w.bits == 4 || w.bits == 8) && w.group * w.bits / 8 % 32 == 0;
 }
 
-// The codes of rows [nb, nb + rows) and inputs [k0, k0 + kc) (whole groups) as bfloat16 in tile
-// order (tile (row tile i, step) at (i * steps + step) * 512, each row 32 inputs); rows past
-// `rows` up to kBlockRows are zeros. One pass: the float32 values and their conversion took
-// ~15% of a batch-256 call.
+// A block's tiles for a chunk of `steps` tile steps, in tile order (tile (row tile i, step) at
+// (i * steps + step) * 512, each row 32 inputs): fill(r, the row's step-0 tile row) for the
+// rows below `rows`, zeros in the rest up to kBlockRows
+template <class Fill>
+void fill_tile_rows(uint16_t* a_tiles, int64_t steps, int64_t rows, const Fill& fill) {
+  for (int64_t r = 0; r < kBlockRows; ++r) {
+    uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
+    if (r < rows) {
+      fill(r, row_tiles);
+    } else {
+      for (int64_t step = 0; step < steps; ++step) _mm512_storeu_si512(row_tiles + step * kTileRows * kStep, _mm512_setzero_si512());
+    }
+  }
+}
+
+// the bfloat16 bits of the codes 0 .. 31 (a table for vpermw)
+inline __m512i bf16_of_codes() {
+  alignas(64) uint16_t bits[32];
+  for (int v = 0; v < 32; ++v) bits[v] = uint16_t(amx::bits_of(float(v)) >> 16);
+  return _mm512_load_si512(bits);
+}
+
+// The codes of rows [nb, nb + rows) and inputs [k0, k0 + kc) (whole groups) as bfloat16
+// tiles (fill_tile_rows). One pass: the float32 values and their conversion took ~15% of a
+// batch-256 call.
 template <int BITS>
 void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, int64_t kc, uint16_t* a_tiles) {
   constexpr int kPlanes = 8 / BITS;
-  const int64_t steps = kc / kStep, row_bytes = w.K * BITS / 8, P = w.group * BITS / 8;
-  alignas(64) uint16_t bf16_of[32];  // the bfloat16 bits of 0 .. 31
-  for (int v = 0; v < 32; ++v) bf16_of[v] = uint16_t(amx::bits_of(float(v)) >> 16);
-  const __m512i table = _mm512_load_si512(bf16_of), mask = _mm512_set1_epi16((1 << BITS) - 1);
-  for (int64_t r = 0; r < kBlockRows; ++r) {
-    uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
-    if (r >= rows) {
-      for (int64_t step = 0; step < steps; ++step) _mm512_storeu_si512(row_tiles + step * kTileRows * kStep, _mm512_setzero_si512());
-      continue;
-    }
+  const int64_t row_bytes = w.K * BITS / 8, P = w.group * BITS / 8;
+  const __m512i table = bf16_of_codes(), mask = _mm512_set1_epi16((1 << BITS) - 1);
+  fill_tile_rows(a_tiles, kc / kStep, rows, [&](int64_t r, uint16_t* row_tiles) {
     const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * BITS / 8;
     for (int64_t at = 0; at < kc * BITS / 8; at += 32) {  // the chunk's bytes, 32 at a time
       const __m256i bytes = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + at));
@@ -144,7 +158,7 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
         _mm512_storeu_si512(row_tiles + (first + j * P) / kStep * kTileRows * kStep, _mm512_permutexvar_epi16(codes, table));
       }
     }
-  }
+  });
 }
 
 // decode_tiles for 3-bit codes, groups of a multiple of 128 (quant_kernels.h: a group's low two
@@ -152,16 +166,9 @@ void decode_tiles(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, in
 // is the third bit of value j P + i): a tile step's 32 inputs are one field of a 32-byte piece
 // of the low bits, and two 16-byte pieces of third bits (one field each)
 void decode_tiles_3bit(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, int64_t kc, uint16_t* a_tiles) {
-  const int64_t steps = kc / kStep, row_bytes = w.K * 3 / 8, P = w.group / 8, group_bytes = 3 * P;
-  alignas(64) uint16_t bf16_of[32];  // the bfloat16 bits of 0 .. 31
-  for (int v = 0; v < 32; ++v) bf16_of[v] = uint16_t(amx::bits_of(float(v)) >> 16);
-  const __m512i table = _mm512_load_si512(bf16_of), low_mask = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
-  for (int64_t r = 0; r < kBlockRows; ++r) {
-    uint16_t* row_tiles = a_tiles + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep;
-    if (r >= rows) {
-      for (int64_t step = 0; step < steps; ++step) _mm512_storeu_si512(row_tiles + step * kTileRows * kStep, _mm512_setzero_si512());
-      continue;
-    }
+  const int64_t row_bytes = w.K * 3 / 8, P = w.group / 8, group_bytes = 3 * P;
+  const __m512i table = bf16_of_codes(), low_mask = _mm512_set1_epi16(3), one = _mm512_set1_epi16(1);
+  fill_tile_rows(a_tiles, kc / kStep, rows, [&](int64_t r, uint16_t* row_tiles) {
     const uint8_t* q = w.q + (nb + r) * row_bytes + k0 * 3 / 8;
     for (int64_t g = 0; g < kc / w.group; ++g) {
       const uint8_t* low = q + g * group_bytes;
@@ -186,6 +193,24 @@ void decode_tiles_3bit(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k
         }
       }
     }
+  });
+}
+
+// The other formats: the values v(q) decoded to float32 `decode` inputs at a time (whole
+// groups) into `values`, then their bfloat16 upper halves (truncation: exact for integers)
+void decode_through_values(const QuantWeight& w, int64_t nb, int64_t rows, int64_t k0, int64_t kc,
+                           int64_t decode, float* values, uint16_t* a_tiles) {
+  for (int64_t d0 = 0; d0 < kc; d0 += decode) {
+    const int64_t dc = std::min(decode, kc - d0);
+    avx512::quant_unpack(w, values, dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
+    fill_tile_rows(a_tiles, kc / kStep, rows, [&](int64_t r, uint16_t* row_tiles) {
+      uint16_t* out = row_tiles + d0 / kStep * kTileRows * kStep;
+      for (int64_t step = 0; step < dc / kStep; ++step, out += kTileRows * kStep)
+        for (int64_t i = 0; i < kStep; i += 16) {
+          const __m512i v = _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(values + r * dc + step * kStep + i)), 16);
+          _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
+        }
+    });
   }
 }
 
@@ -330,27 +355,12 @@ void quant_amx_gemm(const QuantWeight& w, const uint32_t* packed, int terms, int
       const int64_t kc = std::min(chunk, w.K - k0), steps = kc / kStep;
       for (int64_t nb = s0; nb < s1; nb += kBlockRows) {
         const int64_t rows = std::min(kBlockRows, s1 - nb);
-        // bfloat16 (truncation: exact for these integers) in tile order: tile (row tile i, step)
-        // is 1 KiB contiguous at (i * steps + step) * 512; rows past N are zeros
-        if (direct && w.bits == 4) decode_tiles<4>(w, nb, rows, k0, kc, a_tiles.data());
-        if (direct && w.bits == 2) decode_tiles<2>(w, nb, rows, k0, kc, a_tiles.data());
-        if (direct && w.bits == 8) decode_tiles<8>(w, nb, rows, k0, kc, a_tiles.data());
-        if (direct && w.bits == 3) decode_tiles_3bit(w, nb, rows, k0, kc, a_tiles.data());
-        for (int64_t d0 = 0; d0 < (direct ? 0 : kc); d0 += decode) {
-          const int64_t dc = std::min(decode, kc - d0);
-          avx512::quant_unpack(w, values.data(), dc, nb, nb + rows, (k0 + d0) / w.group, (k0 + d0 + dc) / w.group);
-          for (int64_t r = 0; r < kBlockRows; ++r) {
-            uint16_t* out = a_tiles.data() + ((r / kTileRows) * steps * kTileRows + r % kTileRows) * kStep +
-                            d0 / kStep * kTileRows * kStep;
-            const float* in = values.data() + r * dc;
-            for (int64_t step = 0; step < dc / kStep; ++step, out += kTileRows * kStep) {
-              for (int64_t i = 0; i < kStep; i += 16) {
-                const __m512i v = r < rows ? _mm512_srli_epi32(_mm512_castps_si512(_mm512_loadu_ps(in + step * kStep + i)), 16)
-                                           : _mm512_setzero_si512();
-                _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i), _mm512_cvtepi32_epi16(v));
-              }
-            }
-          }
+        if (!direct) {
+          decode_through_values(w, nb, rows, k0, kc, decode, values.data(), a_tiles.data());
+        } else if (w.bits == 3) {
+          decode_tiles_3bit(w, nb, rows, k0, kc, a_tiles.data());
+        } else {
+          (w.bits == 2 ? decode_tiles<2> : w.bits == 4 ? decode_tiles<4> : decode_tiles<8>)(w, nb, rows, k0, kc, a_tiles.data());
         }
         float* block_acc = acc.data() + (nb - s0) * Mp;
         const Chunk ch{w, packed, terms, T, KP, nb, rows, k0, steps, Mp, w.zero ? xsum_t : nullptr};

@@ -535,7 +535,8 @@ void quant_amx_gemv_pack_x(const QuantWeight& w, const float* x, const int32_t* 
       }
     }
   }
-  // (zero points) each group's sum of each digit, exact in float32 (|sum| <= 128 x group, below 2^24 for groups up to 2^17)
+  // (zero points) each group's sum of each digit, exact in float32 (|sum| <= 128 x group,
+  // below 2^24 for groups up to 2^17)
   if (!digit_sums) return;
   for (int64_t m = 0; m < M; ++m)
     for (int64_t g = 0; g < G; ++g) {
