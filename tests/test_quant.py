@@ -5,6 +5,7 @@ that reference; rounding is to the nearest level; every CPU path, activation dty
 kernel paths) and awkward shape; gradients; opcheck; compile; imported integer weights;
 QuantLinear on a small model; bad input."""
 
+import copy
 import itertools
 
 import pytest
@@ -704,6 +705,63 @@ def test_quant_linear_on_a_small_model():
         assert model[0].bias.grad is not None
 
 
+@pytest.mark.parametrize("bits", (2, 3, 4, 8))
+def test_zero_groups_contribute_exactly_zero(bits, quant_cpu_isa):
+    # A group of zeros gets scale 0. With scale 1 and the symmetric zero point 2^(bits-1), the
+    # kernels that apply zero points as s (q.x - z sum(x)) (batch 1-2 off AMX, the AMX-BF16 GEMM)
+    # left float32 rounding noise of x's size where the row's small weights gave ~1e-4 of it; a
+    # codebook without an exact zero (a power grid of an even count) made the zeros nonzero.
+    g = torch.Generator().manual_seed(bits)
+    w = torch.randn(40, 384, generator=g) * 1e-4
+    w[:, 128:256] = 0
+    w[5] = 0
+    for kind in ("symmetric", "asymmetric", "codebook"):
+        cb = ops.power_codebook(bits, 1.5) if kind == "codebook" else None
+        qw = ops.quantize_weight(w, bits, 128, kind != "asymmetric", cb)
+        assert (qw.scales[:, 1] == 0).all() and (qw.scales[5] == 0).all()
+        deq = ops.dequantize_weight(qw)
+        assert (deq[:, 128:256] == 0).all() and (deq[5] == 0).all()
+        for m in (1, 2, 5, 20):
+            x = torch.randn(m, 384, generator=g)
+            y = ops.dequant_gemm(x, qw)
+            assert (y[:, 5] == 0).all(), (kind, m)
+            exact = x.double() @ deq.double().T
+            err = ((y.double() - exact).abs().max() / exact.abs().max()).item()
+            assert err < 1e-5, (kind, m, err)
+
+
+def test_quant_linear_dtype_casts_keep_the_format():
+    # model.half() / .to(torch.bfloat16) after quantizing: the bias follows, the packed format's
+    # float32 scales / zeros / codebook and uint8 codes do not (the kernels refused them as half)
+    torch.manual_seed(1)
+    for codebook in (None, ops.nf_codebook(4)):
+        layer = fastloss.nn.QuantLinear.from_linear(torch.nn.Linear(256, 48), 4, 128, codebook=codebook)
+        x = torch.randn(5, 256)
+        for dtype in (torch.float16, torch.bfloat16):
+            cast = copy.deepcopy(layer).to(dtype)
+            assert cast.bias.dtype == dtype and cast.qweight.dtype == torch.uint8
+            assert all(t.dtype == torch.float32 for t in (cast.scales, cast.zeros, cast.codebook) if t is not None)
+            torch.testing.assert_close(cast.scales, layer.scales, rtol=0, atol=0)
+            y = cast(x.to(dtype))
+            assert y.dtype == dtype
+            torch.testing.assert_close(y.float(), layer(x.to(dtype).float()), rtol=2e-2, atol=2e-2)
+        half = copy.deepcopy(layer).half()
+        assert half.bias.dtype == torch.float16 and half.scales.dtype == torch.float32
+
+
+def test_quantize_linear_layers_is_all_or_nothing_and_keeps_shared_layers_shared():
+    shared = torch.nn.Linear(64, 64)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 30), torch.nn.ReLU(), torch.nn.Linear(30, 8), shared, shared)
+    before = [type(m) for m in model]
+    # layer "2" has 30 inputs: per channel, 30 is no 2-bit group (a multiple of 4); the error names it
+    with pytest.raises(ValueError, match=r"layer '2' \(30 inputs, 2 bits\): 2-bit groups must have a length divisible by 4"):
+        fastloss.nn.quantize_linear_layers_(model, bits=2, group_size=32)
+    assert [type(m) for m in model] == before   # nothing replaced
+    fastloss.nn.quantize_linear_layers_(model, bits=2, group_size=32, bits_per_layer={"2": 8, "3": 4})
+    assert model[3] is model[4] and isinstance(model[3], fastloss.nn.QuantLinear) and model[3].bits == 4
+    assert model[0].bits == 2 and model[2].bits == 8 and model[2].group == 30
+
+
 def test_bad_input_errors_name_the_argument():
     w = torch.randn(8, 64)
     qw = ops.quantize_weight(w, 4, 32)
@@ -747,7 +805,18 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.QuantizedWeight.from_int(torch.zeros(0, 64, dtype=torch.long), torch.ones(0, 2), None, 4, 32),
          "q must be a non-empty [N, K] tensor of codes, got (0, 64)"),
         (lambda: fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(4, 4)), bits_per_layer={"x": 8}),
-         "no nn.Linear named ['x']"),
+         "bits_per_layer names no nn.Linear of the model: ['x']"),
+        (lambda: fastloss.nn.quantize_linear_layers_(torch.nn.Linear(4, 4)), "model is itself an nn.Linear"),
+        (lambda: ops.QuantizedWeight.from_int(torch.zeros(8, 64, dtype=torch.long), None, None, 4, 32),
+         "scales must be a float tensor [8, 2], got NoneType"),
+        (lambda: ops.QuantizedWeight.from_int(torch.zeros(8, 64, dtype=torch.long), torch.ones(8, 2),
+                                              torch.zeros(8, 2), 4, 32, ops.nf_codebook(4)),
+         "a codebook format has no zero points"),
+        (lambda: ops.QuantizedWeight.from_int(torch.zeros(8, 64, dtype=torch.long), torch.ones(8, 2),
+                                              torch.full((8, 2), float("inf")), 4, 32), "zeros must hold finite values"),
+        (lambda: ops.quantize_weight(w, 4.0, 32), "bits must be 2, 3, 4 or 8, got 4.0"),
+        (lambda: ops.quantize_weight(w, 4, 32.0), "group_size must be an int"),
+        (lambda: qw.to(torch.float16), "QuantizedWeight.to takes a device"),
     ]
     expect_errors(cases)
     # meta tensors skip the value checks (shape inference): the packed layout's shapes

@@ -30,6 +30,21 @@ class QuantLinear(nn.Module):
         self.register_buffer("codebook", qw.codebook)
         self.bias = nn.Parameter(bias.detach().clone()) if bias is not None else None
 
+    # the packed format's tensors: their dtypes are the kernels' layout
+    _FORMAT = ("qweight", "scales", "zeros", "codebook")
+
+    def _apply(self, fn, recurse=True):
+        # A dtype cast (model.half(), model.to(torch.bfloat16)) converts the bias only: the
+        # format's float32 scales / zeros / codebook would otherwise be cast with it, which the
+        # kernels refuse (and which would round them). Device moves apply to every tensor.
+        kept = {name: self._buffers[name] for name in self._FORMAT if self._buffers.get(name) is not None}
+        super()._apply(fn, recurse)
+        for name, old in kept.items():
+            new = self._buffers[name]
+            if new is not None and new.dtype != old.dtype:
+                self._buffers[name] = old.to(device=new.device)
+        return self
+
     @classmethod
     def from_linear(cls, linear: nn.Linear, bits: int = 4, group_size: int = 128,
                     symmetric: bool = True, codebook: Codebook = None) -> "QuantLinear":
@@ -60,15 +75,35 @@ def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 1
     ``bits_per_layer`` maps qualified layer names to their own bit width; ``codebook`` a tensor,
     or a function of the bit width such as ``ops.nf_codebook``, for non-uniform formats; a
     layer whose input features the group size does not divide is kept per output channel).
-    Returns ``model``."""
+    Only modules of type ``nn.Linear`` itself are replaced (not subclasses such as
+    ``nn.MultiheadAttention``'s ``out_proj``); a layer reached under several names (shared)
+    becomes one ``QuantLinear``. Every layer is quantized before any is replaced, so an error
+    (naming the layer) leaves ``model`` as it was. Returns ``model``."""
+    if type(model) is nn.Linear:
+        raise ValueError("quantize_linear_layers_: model is itself an nn.Linear, which cannot be replaced "
+                         "in place: use QuantLinear.from_linear(model, ...)")
     bits_per_layer = dict(bits_per_layer or {})
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
+    places = []  # (parent, attribute, qualified name, layer)
+    for name, module in model.named_modules(remove_duplicate=False):
+        # (_modules, not named_children, which yields a module held twice only once)
+        for child_name, child in module._modules.items():
             if type(child) is nn.Linear:
-                full = f"{name}.{child_name}" if name else child_name
-                b = bits_per_layer.pop(full, bits)
-                group = group_size if group_size <= 0 or child.in_features % group_size == 0 else -1
-                setattr(module, child_name, QuantLinear.from_linear(child, b, group, symmetric, codebook))
-    if bits_per_layer:
-        raise ValueError(f"quantize_linear_layers_: no nn.Linear named {sorted(bits_per_layer)}")
+                places.append((module, child_name, f"{name}.{child_name}" if name else child_name, child))
+    unknown = sorted(set(bits_per_layer) - {full for _, _, full, _ in places})
+    if unknown:
+        raise ValueError(f"quantize_linear_layers_: bits_per_layer names no nn.Linear of the model: {unknown} "
+                         "(only modules of type nn.Linear itself are replaced)")
+    made = {}  # id(layer) -> its QuantLinear (a shared layer stays shared)
+    for _, _, full, child in places:
+        if id(child) in made:
+            continue
+        b = bits_per_layer.get(full, bits)
+        group = group_size if group_size <= 0 or child.in_features % group_size == 0 else -1
+        try:
+            made[id(child)] = QuantLinear.from_linear(child, b, group, symmetric, codebook)
+        except ValueError as e:
+            raise ValueError(f"quantize_linear_layers_: layer {full!r} ({child.in_features} inputs, {b} bits): "
+                             f"{e}") from e
+    for module, child_name, _, child in places:
+        setattr(module, child_name, made[id(child)])
     return model

@@ -14,6 +14,7 @@ groups of ``group_size`` consecutive inputs of one output row; each group has a 
 tensor (every row the same scale and zero). Uniform symmetric: ``z = 2^(bits-1)``,
 ``s = max|w| / (2^(bits-1) - 1)``; asymmetric: ``s = (max - min) / (2^bits - 1)``,
 ``z = round(-min / s)`` with the range widened to hold 0 (``min <= 0 <= max``: ``z`` is a code); codebook: ``s = max|w| / max|codebook|`` and ``q`` the nearest entry.
+A group of zeros has ``s = 0`` (its weights are exactly 0 in every format).
 Rounding to nearest. Packing (``qweight`` uint8 ``[N, K * bits / 8]``, ``group * bits / 8``
 bytes per group, in planes so that the kernels unpack with a few contiguous vector loads): with
 ``P = group / planes``, bits 2, 4 and 8 (``planes = 8 / bits``) put value ``j * P + i`` of a
@@ -76,7 +77,10 @@ class QuantizedWeight:
         return (self.qweight, self.scales, self.zeros, self.codebook, self.bits, self.group)
 
     def to(self, device) -> "QuantizedWeight":
-        """The same weight on ``device``."""
+        """The same weight on ``device`` (its tensors keep their dtypes: the kernels' layout)."""
+        if isinstance(device, torch.dtype):
+            raise TypeError(f"QuantizedWeight.to takes a device, got the dtype {device}: the packed "
+                            "format's dtypes are fixed (uint8 codes, float32 scales / zeros / codebook)")
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return QuantizedWeight(move(self.qweight), move(self.scales), move(self.zeros), self.bits,
                                self.group, move(self.codebook))
@@ -85,8 +89,9 @@ class QuantizedWeight:
     def from_int(cls, q: Tensor, scales: Tensor, zeros: Optional[Tensor], bits: int, group_size: int,
                  codebook: Optional[Tensor] = None) -> "QuantizedWeight":
         """Import integer weights quantized elsewhere (GPTQ / AWQ style): ``q`` ``[N, K]`` of
-        codes in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (zeros in
-        quantized units, or None), an optional ``codebook`` (module docstring)."""
+        codes in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (finite; zeros in
+        quantized units, or None for ``z = 0``: a symmetric export's ``2^(bits-1)`` must be
+        passed), or an optional ``codebook`` without zeros (module docstring)."""
         _check_bits(bits)
         if not isinstance(q, Tensor) or q.dim() != 2 or q.numel() == 0:
             raise ValueError(f"QuantizedWeight.from_int: q must be a non-empty [N, K] tensor of codes, got "
@@ -95,21 +100,30 @@ class QuantizedWeight:
         group = _group_length(group_size, k, bits)
         if q.dtype.is_floating_point or int(q.min()) < 0 or int(q.max()) >= 1 << bits:
             raise ValueError(f"QuantizedWeight.from_int: q must hold integers in [0, {1 << bits})")
+        if zeros is not None and codebook is not None:
+            raise ValueError("QuantizedWeight.from_int: a codebook format has no zero points (pass zeros=None)")
         expect = (n, k // group)
         for name, t in (("scales", scales), ("zeros", zeros)):
-            if t is not None and tuple(t.shape) != expect:
-                raise ValueError(f"QuantizedWeight.from_int: {name} must be {list(expect)}, got {tuple(t.shape)}")
+            if t is None and name == "zeros":
+                continue
+            if not isinstance(t, Tensor) or not t.is_floating_point() or tuple(t.shape) != expect:
+                raise ValueError(f"QuantizedWeight.from_int: {name} must be a float tensor {list(expect)}, got "
+                                 f"{getattr(t, 'dtype', type(t).__name__)} {tuple(getattr(t, 'shape', ()))}")
+            if not t.is_meta and not bool(torch.isfinite(t).all()):
+                raise ValueError(f"QuantizedWeight.from_int: {name} must hold finite values")
         return cls(_pack(q.to(torch.int32), bits, group), scales.float().contiguous(),
                    None if zeros is None else zeros.float().contiguous(), bits, group,
                    None if codebook is None else _check_codebook(codebook, bits, n))
 
 
 def _check_bits(bits):
-    if bits not in _PLANES:
+    if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _PLANES:
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
 
 
 def _group_length(group_size: int, k: int, bits: int) -> int:
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise ValueError(f"group_size must be an int (-1 per channel, 0 per tensor), got {group_size!r}")
     group = k if group_size in (-1, 0) else group_size
     if group < 1 or k % group:
         raise ValueError(f"group_size ({group_size}) must divide the input features K = {k} "
@@ -189,6 +203,9 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
         reach = codebook.abs().amax(1).reshape(-1, 1, 1)   # the codebook's largest magnitude
         scale = torch.where(absmax > 0, absmax / reach, torch.ones_like(absmax))
         q = _nearest_code((wf / scale).reshape(n, k), codebook)
+        # an all-zero group gets scale 0: its codes (the entry nearest 0) are not 0 in a codebook
+        # without an exact zero
+        scale = torch.where(absmax > 0, scale, torch.zeros_like(scale))
         return QuantizedWeight(_pack(q.to(torch.int32), bits, group), scale.reshape(n, -1).contiguous(),
                                None, bits, group, codebook)
     qmax = (1 << bits) - 1
@@ -205,6 +222,11 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # all-zero groups
     q = torch.clamp(torch.round(wf / scale) + zero, 0, qmax).to(torch.int32).reshape(n, k)
+    # An all-zero group gets scale 0, so that its weights are 0 in every kernel: with scale 1 and
+    # the symmetric zero point 2^(bits-1), the kernels that apply zero points as s (q.x - z sum(x))
+    # left float32 rounding noise in place of its zero contribution (relative to the row's other,
+    # possibly much smaller, groups: 1e-3 of a row of weights ~1e-3, ~15% at 8 bits and 1e-4)
+    scale = torch.where(absmax > 0, scale, torch.zeros_like(scale))
     return QuantizedWeight(_pack(q, bits, group), scale.reshape(n, -1).contiguous(),
                            zero.reshape(n, -1).contiguous(), bits, group)
 
