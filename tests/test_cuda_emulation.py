@@ -597,6 +597,52 @@ def test_kd_forward_and_backward(kd_lib, kind, dtype, shape):
     close(grad, s64.grad, dtype, f"{kind} grad")
 
 
+@pytest.mark.parametrize("kind", KD_KINDS)
+def test_kd_masked_classes(kd_lib, kind):
+    """Classes masked with -inf (both rows, the teacher's only, the student's only, where the
+    loss stays finite): the CUDA kernels give the CPU kernels' finite losses and gradients
+    (unmask: 0 log 0 = 0 in the KLs' terms), not NaN; and top-k KL with k = C likewise."""
+    n, c, T, beta = 3, 1031, 2.0, 0.3
+    finite = {"forward_kl": ("both", "teacher"), "reverse_kl": ("both", "student"),
+              "jsd": ("both", "teacher", "student")}[kind]
+    for where in finite:
+        gen = torch.Generator().manual_seed(len(where))
+        s, t = torch.randn(n, c, generator=gen) * 3, torch.randn(n, c, generator=gen) * 3
+        if where in ("both", "student"):
+            s[:, [0, 500, 1030]] = float("-inf")
+        if where in ("both", "teacher"):
+            t[:, [0, 500, 1030]] = float("-inf")
+        loss, lbuf = nan_outputs((n,))
+        stats, sbuf = nan_outputs((n, 3))
+        code = KD_KINDS.index(kind)
+        err = kd_lib.emu_kd_forward(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c), code, T, beta,
+                                    loss.data_ptr(), stats.data_ptr())
+        assert err is None, err.decode()
+        up = torch.rand(n, generator=gen) + 0.5
+        grad, gbuf = nan_outputs((n, c))
+        err = kd_lib.emu_kd_backward(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c), code, T, beta,
+                                     up.data_ptr(), stats.data_ptr(), grad.data_ptr())
+        assert err is None, err.decode()
+        check_guards(lbuf, "loss")
+        check_guards(gbuf, "grad")
+        x = s.clone().requires_grad_(True)
+        rows = ops.kd_loss(x, t, T, kind, beta, "none")
+        rows.backward(up)
+        assert torch.isfinite(rows).all() and torch.isfinite(x.grad).all(), (where, rows)
+        torch.testing.assert_close(loss, rows.detach(), rtol=2e-5, atol=1e-5)
+        torch.testing.assert_close(grad, x.grad, rtol=2e-5, atol=1e-6)
+        if kind == "forward_kl":
+            loss, lbuf = nan_outputs((n,))
+            grad, gbuf = nan_outputs((n, c))
+            err = kd_lib.emu_topk_kl(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c, c, 0), T,
+                                     loss.data_ptr(), grad.data_ptr())
+            assert err is None, err.decode()
+            e_loss, e_grad = torch.ops.fastloss.topk_kl_forward(s, t, c, T, False, True)
+            assert torch.isfinite(e_loss).all(), (where, e_loss)
+            torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-5)
+            torch.testing.assert_close(grad, e_grad, rtol=2e-5, atol=1e-6)
+
+
 @pytest.mark.parametrize("renormalize", [False, True], ids=["all", "renormalized"])
 @pytest.mark.parametrize("shape,k", [((3, 7), 1), ((3, 7), 7), ((4, 1031), 100), ((2, 4099), 1000),
                                      ((3, 300), 5)], ids=lambda v: str(v))

@@ -3,6 +3,8 @@ F.kl_div): loss and the student's gradient, every kernel path (CPU ISAs, and CUD
 where there is a GPU), dtype, kind and reduction,
 awkward sizes, strided and extreme logits; opcheck, compile, no teacher gradient, bad input."""
 
+import itertools
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -89,6 +91,52 @@ def test_nan_logit_gives_a_nan_row(C, device):
         out.sum().backward()
         assert out.isnan().cpu().equal(nan_rows), (what, out)
         assert x.grad.isnan().cpu().all(1).equal(nan_rows) and x.grad[3].isfinite().all(), (what, x.grad)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_masked_classes_count_as_zero_probability(kind, device):
+    """A class masked with -inf (a padded vocabulary) has probability 0: its terms of the KLs
+    are 0 (0 log 0 = 0), not NaN. The reference is the limit: the masked logits at -300 in
+    float64 (the references take logarithms of probabilities), where their probabilities are
+    below 1e-64. Masked in both rows, in the teacher only (forward KL and JSD stay finite) and
+    in the student only (reverse KL and JSD); the student's gradient, and a finite teacher's
+    where it requires grad; kd_loss, and top-k KL with k = C (its selection takes masked classes
+    too). A class the student masks where the teacher has mass makes the forward KL +inf in the
+    formula (the reverse KL likewise): here ~1e30 or more (the masked logit is taken as -1e30)."""
+    # the first class, one inside the vectors, the last of a tail
+    C, masked = 37, [0, 16, 36]
+    finite = {"forward_kl": ("both", "teacher"), "reverse_kl": ("both", "student"),
+              "jsd": ("both", "teacher", "student")}
+    for where in ("both", "teacher", "student"):
+        s, t = make(3, C, torch.float32, seed=11)
+        if where in ("both", "student"):
+            s[:, masked] = float("-inf")
+        if where in ("both", "teacher"):
+            t[:, masked] = float("-inf")
+        if where not in finite[kind]:
+            out = ops.kd_loss(s.to(device), t.to(device), 2.0, kind, 0.3, "none")
+            assert (out > 1e25).all(), (where, out)
+            continue
+        limit = lambda x: x.double().masked_fill(x == float("-inf"), -300.0)  # noqa: E731
+        calls = {"kd": (lambda a, b: ops.kd_loss(a, b, 2.0, kind, 0.3, "none"),
+                        lambda a, b: ref.kd_loss(limit(a), limit(b), 2.0, kind, 0.3, "none"))}
+        if kind == "forward_kl":
+            calls["topk"] = (lambda a, b: ops.topk_kl_loss(a, b, C, 2.0, reduction="none"),
+                             lambda a, b: ref.topk_kl_loss(limit(a), limit(b), C, 2.0, reduction="none"))
+        # (a teacher that requires grad takes the torch-operation formulas, one that does not
+        # the kernels)
+        for (what, (fast, slow)), teacher_grad in itertools.product(calls.items(), (False, True)):
+            a = s.to(device, copy=True).requires_grad_(True)
+            b = t.to(device, copy=True).requires_grad_(teacher_grad)
+            out = fast(a, b)
+            grads = torch.autograd.grad(out.sum(), (a, b) if teacher_grad else (a,))
+            a64 = s.double().requires_grad_(True)
+            b64 = t.double().requires_grad_(True)
+            exp = slow(a64, b64)
+            expected = torch.autograd.grad(exp.sum(), a64)[0]   # (the references detach the teacher)
+            assert all(torch.isfinite(g).all() for g in grads) and torch.isfinite(out).all(), (what, where, out)
+            torch.testing.assert_close(out.cpu().double(), exp.detach(), rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(grads[0].cpu().double(), expected, rtol=2e-5, atol=2e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)

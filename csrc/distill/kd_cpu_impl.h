@@ -18,14 +18,27 @@ namespace FL_ISA {
 
 constexpr float kKdLowest = -3.0e38f;
 
+// A masked class (a logit of -inf, or below -1e30) as -1e30: its probability is 0 all the same,
+// and the KLs' p (log p - log q) terms of a class that one or both rows mask come out 0 (the
+// 0 log 0 = 0 convention) where -inf - (-inf) made them NaN; NaN stays NaN (vmax keeps its
+// first operand's). Not the lowest float: differences and their multiples must stay finite
+// (at -3e38, 4 (s - t) overflowed in a gradient). A row whose logits are all -inf is then a row
+// of equal logits.
+constexpr float kMaskedLogit = -1.0e30f;
+template <class W>
+inline W unmask(W v) {
+  return vmax(v, W(kMaskedLogit));
+}
+
 // Sweep over a row pair a vector at a time, then the tail one element at a time; `f` is
-// called with (V s, V t, int64_t k) for the scaled logits of the elements at k.
+// called with (V s, V t, int64_t k) for the scaled logits of the elements at k (unmask-ed).
 template <class V, class T, class F, class G>
 inline void sweep(const T* sr, const T* tr, int64_t C, float inv_t, F&& fv, G&& fs) {
   constexpr int kW = VecTraits<V>::width;
   int64_t k = 0;
-  for (; k + kW <= C; k += kW) fv(VecIo<V>::load(sr + k) * V(inv_t), VecIo<V>::load(tr + k) * V(inv_t), k);
-  for (; k < C; ++k) fs(load1(sr + k) * inv_t, load1(tr + k) * inv_t, k);
+  for (; k + kW <= C; k += kW)
+    fv(unmask(VecIo<V>::load(sr + k) * V(inv_t)), unmask(VecIo<V>::load(tr + k) * V(inv_t)), k);
+  for (; k < C; ++k) fs(unmask(load1(sr + k) * inv_t), unmask(load1(tr + k) * inv_t), k);
 }
 
 // The columns of a row a vector at a time (fv(k)), then the tail one at a time (fs(k)).

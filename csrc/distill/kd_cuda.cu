@@ -43,6 +43,10 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kPerThread = 4;  // backward: 16-byte packs per thread, kThreads apart
 constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no inf - inf)
 
+// A masked class (a scaled logit of -inf, or below -1e30) as -1e30, as kd_cpu_impl.h's unmask:
+// the KLs' terms of a class one or both rows mask come out 0 instead of NaN; NaN stays NaN.
+__device__ __forceinline__ float unmask(float v) { return vmax(v, -1.0e30f); }
+
 // Online softmax of a stream of x with a weighted sum of d (common/cuda_helpers.cuh), with the
 // fast exponential.
 using Online = OnlineLse<float, FastExp>;
@@ -85,7 +89,7 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
     const T* tr = static_cast<const T*>(q.teacher) + r * q.t_stride;
     Online st[2];  // student (weights s - t), teacher (weights t - s)
     for_each_pair<kThreads>(sr, tr, q.C, lane, [&](int64_t, float sv, float tv) {
-      const float s = sv * inv_t, t = tv * inv_t;
+      const float s = unmask(sv * inv_t), t = unmask(tv * inv_t);
       st[0].add(s, s - t);
       st[1].add(t, t - s);
     });
@@ -101,7 +105,7 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
     } else {  // jsd, as kd_cpu_impl.h: loss and the backward's row constant S
       float l = 0.f, sc = 0.f;
       for_each_pair<kThreads>(sr, tr, q.C, lane, [&](int64_t, float sv, float tv) {
-        const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
+        const float lp = unmask(sv * inv_t) - lse_s, lq = unmask(tv * inv_t) - lse_t;
         const float p = vexp(lp), qq = vexp(lq);
         const float lm = logf(vmax(beta * qq + (1.f - beta) * p, 1.2e-38f));
         const float dp = p * (lp - lm);
@@ -140,7 +144,7 @@ __global__ void __launch_bounds__(kThreads)
     const float lse_s = stats[3 * r], lse_t = stats[3 * r + 1], extra = stats[3 * r + 2];
     const float g = grad_loss[r] * q.temperature;  // d(T^2 L)/d(student) = T dL/ds
     auto grad_of = [&](float sv, float tv) {
-      const float lp = sv * inv_t - lse_s, lq = tv * inv_t - lse_t;
+      const float lp = unmask(sv * inv_t) - lse_s, lq = unmask(tv * inv_t) - lse_t;
       const float p = vexp(lp);
       float d;
       if (q.kind == KdKind::forward_kl) {
@@ -383,8 +387,8 @@ __global__ void __launch_bounds__(kThreads)
     };
     if (!q.renormalize) {  // both rows: the log-normalizers over all classes (and the kept keys)
       for_each_pair<kThreads>(sr, tr, C, int(threadIdx.x), [&](int64_t, float sv, float tv) {
-        st[0].add(sv * inv_t, 0.f);
-        st[1].add(tv * inv_t, 0.f);
+        st[0].add(unmask(sv * inv_t), 0.f);
+        st[1].add(unmask(tv * inv_t), 0.f);
         if (sampled) keep(tv);
       });
       block_merge(st, states);  // (its barriers also publish kept_count)
@@ -403,8 +407,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int64_t j = threadIdx.x; j < C; j += kThreads) {
         const float tv = load1(tr + j);
         if (!set.has(order_key(tv), j)) continue;
-        st[0].add(load1(sr + j) * inv_t, 0.f);
-        st[1].add(tv * inv_t, 0.f);
+        st[0].add(unmask(load1(sr + j) * inv_t), 0.f);
+        st[1].add(unmask(tv * inv_t), 0.f);
       }
       block_merge(st, states);
     }
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t j = threadIdx.x; j < C; j += kThreads) {
       const float tv = load1(tr + j);
       if (!set.has(order_key(tv), j)) continue;
-      const float lq = tv * inv_t - lse_t, lp = load1(sr + j) * inv_t - lse_s, qj = vexp(lq);
+      const float lq = unmask(tv * inv_t) - lse_t, lp = unmask(load1(sr + j) * inv_t) - lse_s, qj = vexp(lq);
       kl += qj * (lq - lp);
       mass += qj;
     }

@@ -236,8 +236,8 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
     float* si = s_sel.data();
     float* ti = t_sel.data();
     for (int64_t i = 0; i < k; ++i) {
-      si[i] = load1(sr + idx[i]) * inv_t;
-      ti[i] = load1(tr + idx[i]) * inv_t;
+      si[i] = unmask(load1(sr + idx[i]) * inv_t);  // (masked classes: kd_cpu_impl.h)
+      ti[i] = unmask(load1(tr + idx[i]) * inv_t);
     }
     // log-normalizers of s = student / T and t = teacher / T: over I, or over every class
     float lse_s, lse_t;

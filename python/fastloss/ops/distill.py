@@ -99,10 +99,20 @@ def _backward(ctx, grad_loss, _grad_stats):
 torch.library.register_autograd("fastloss::kd_forward", _backward, setup_context=_setup)
 
 
+# A masked class (a logit of -inf, or below -1e30) as -1e30, as the kernels take it
+# (kd_cpu_impl.h's unmask): probability 0 all the same, and 0 log 0 = 0 in the KLs' terms
+# instead of NaN from -inf - (-inf); NaN stays NaN (clamp keeps it).
+_MASKED_LOGIT = -1.0e30
+
+
+def _unmask(x):
+    return x.clamp(min=_MASKED_LOGIT)
+
+
 def _rows_torch(student, teacher, kind, temperature, beta):
     """The same per-row losses in torch operations (devices without a fastloss kernel)."""
-    ls = F.log_softmax(student.float() / temperature, -1)
-    lt = F.log_softmax(teacher.float() / temperature, -1)
+    ls = F.log_softmax(_unmask(student.float() / temperature), -1)
+    lt = F.log_softmax(_unmask(teacher.float() / temperature), -1)
     if kind == "forward_kl":
         rows = (lt.exp() * (lt - ls)).sum(-1)
     elif kind == "reverse_kl":
@@ -243,7 +253,7 @@ def _descending_order(teacher):
 def _topk_rows_torch(s, t, k, T, renormalize):
     """The same per-row top-k KL in torch operations (devices without a fastloss kernel)."""
     idx = _descending_order(t)[:, :k]
-    s32, t32 = s.float() / T, t.float() / T
+    s32, t32 = _unmask(s.float() / T), _unmask(t.float() / T)
     if renormalize:
         ls = F.log_softmax(s32.gather(1, idx), -1)
         lt = F.log_softmax(t32.gather(1, idx), -1)
