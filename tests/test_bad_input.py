@@ -112,6 +112,7 @@ class TestEveryLoss:
     (ops.spherical_z_loss, {"a": 1.0, "b": 1.0, "eps": -1.0}, "eps must be >= 0"),
     (ops.cross_entropy, {"label_smoothing": 1.5}, "label_smoothing must be in"),
     (ops.cross_entropy, {"softcap": 0.0}, "softcap must be None or > 0"),
+    (ops.cross_entropy, {"lse_square_scale": -1e-4}, "lse_square_scale must be >= 0"),
 ])
 def test_bad_hyperparameters(fn, kwargs, match):
     logits, target = good()

@@ -668,6 +668,10 @@ def test_bad_input_errors_name_the_argument():
     cases = [
         (lambda: f(h, w[:, :4], t), "weight has 4 columns"),
         (lambda: f(h, w, t[:5]), "target must have hidden's leading shape"),
+        (lambda: f(h[0, 0], w[:, :1], t[0]), "hidden must be [..., D] (at least 1-D), got a 0-d tensor"),
+        (lambda: f(h, w, t, lse_square_scale=-1.0), "linear_cross_entropy: lse_square_scale must be >= 0"),
+        (lambda: torch.ops.fastloss.cross_entropy_loss(h @ w.T, t, None, -100, 1, 0.0, -1.0, 0.0, False, False),
+         "lse_square_scale must be >= 0"),
         (lambda: f(h, w.double(), t), "weight is Double but hidden is Float"),
         (lambda: f(h.int(), w.int(), t), "linear_cross_entropy: hidden must be float32"),
         (lambda: ops.linear_comp_sum_loss(h.double(), w.double(), t, tau=0.5),

@@ -101,6 +101,17 @@ def _check_rank(rank, world, v):
         assert f"is not a class index in [0, {v})" in str(e), str(e)
     else:
         raise AssertionError("a target past the vocabulary did not raise")
+    # the group passed where bias_shard goes, or a group that is not a ProcessGroup: named
+    shard = w[first:first + sizes[rank]]
+    for args, kwargs, match in (((h, shard, t, dist.group.WORLD), {}, "bias_shard must be a Tensor or None"),
+                                ((h, shard, t), {"group": "tp"}, "group must be a torch.distributed ProcessGroup"),
+                                ((h[0, 0], shard[:, :1], t[0]), {}, "hidden must be [..., D]")):
+        try:
+            ops.vocab_parallel_linear_cross_entropy(*args, **kwargs)
+        except (TypeError, ValueError) as e:
+            assert match in str(e), str(e)
+        else:
+            raise AssertionError(f"no error: {match}")
 
 
 def _worker(rank, world, v, init_file, err_dir):

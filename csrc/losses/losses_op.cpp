@@ -270,6 +270,7 @@ LossParams cross_entropy_params(int64_t ignore_index, double label_smoothing,
   TORCH_CHECK(label_smoothing >= 0.0 && label_smoothing <= 1.0,
               "cross_entropy: label_smoothing must be in [0, 1], got ", label_smoothing);
   TORCH_CHECK(softcap >= 0.0, "cross_entropy: softcap must be positive (or None), got ", softcap);
+  TORCH_CHECK(lse_square_scale >= 0.0, "cross_entropy: lse_square_scale must be >= 0, got ", lse_square_scale);
   LossParams p;
   p.kind = LossKind::cross_entropy;
   p.ignore_index = ignore_index;

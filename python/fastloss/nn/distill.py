@@ -96,7 +96,10 @@ class DualHeadKD(nn.Module):
 
     def forward(self, features: Tensor, target: Tensor, teacher_logits: Tensor,
                 ignore_index: int = -100) -> Tensor:
-        """features ``[N, D]``, target ``[N]`` class indices, teacher_logits ``[N, C]``."""
+        """features ``[N, D]``, target ``[N]`` class indices, teacher_logits ``[N, C]``.
+        ``ignore_index`` leaves rows out of the cross-entropy only: the distillation terms use
+        every row (the teacher gives targets for unlabelled rows too); pass only the rows to
+        keep (``features[mask]``, ...) to leave padded rows out of every term."""
         teacher = teacher_logits.detach()
         main = self.main(features)
         if teacher.shape != main.shape:

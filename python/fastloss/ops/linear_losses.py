@@ -116,7 +116,9 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
-    if hidden.dim() < 1 or tuple(target.shape) != tuple(hidden.shape[:-1]):
+    if hidden.dim() < 1:
+        raise ValueError(f"{fn}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
+    if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{fn}: target must have hidden's leading shape {tuple(hidden.shape[:-1])} "
                          f"(hidden is [..., D]), got {tuple(target.shape)}")
     if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):

@@ -228,6 +228,8 @@ def cross_entropy_scalars(fn: str, label_smoothing: float, lse_square_scale: flo
         raise ValueError(f"{fn}: label_smoothing must be in [0, 1], got {label_smoothing}")
     if softcap is not None and not softcap > 0:
         raise ValueError(f"{fn}: softcap must be None or > 0, got {softcap}")
+    if lse_square_scale < 0:   # (a negative z-loss rewards large log-sum-exps: an unbounded loss)
+        raise ValueError(f"{fn}: lse_square_scale must be >= 0, got {lse_square_scale}")
     return float(label_smoothing), float(lse_square_scale), float(softcap or 0.0)
 
 

@@ -211,7 +211,15 @@ def vocab_parallel_linear_cross_entropy(
     for name, t in (("hidden", hidden), ("weight_shard", weight_shard), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{_FN}: {name} must be a Tensor, got {type(t).__name__}")
-    if weight_shard.dim() != 2 or hidden.dim() < 1 or hidden.shape[-1] != weight_shard.shape[1]:
+    if bias_shard is not None and not isinstance(bias_shard, Tensor):
+        raise TypeError(f"{_FN}: bias_shard must be a Tensor or None, got {type(bias_shard).__name__} "
+                        "(the process group is the fifth argument, group=)")
+    if group is not None and not isinstance(group, dist.ProcessGroup):
+        raise TypeError(f"{_FN}: group must be a torch.distributed ProcessGroup or None (the world), "
+                        f"got {type(group).__name__}")
+    if hidden.dim() < 1:
+        raise ValueError(f"{_FN}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
+    if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
         raise ValueError(f"{_FN}: weight_shard must be [V_r, D] with D = hidden.shape[-1] "
                          f"({hidden.shape[-1]}), got {tuple(weight_shard.shape)}")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
