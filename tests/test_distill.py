@@ -139,6 +139,36 @@ def test_masked_classes_count_as_zero_probability(kind, device):
             torch.testing.assert_close(grads[0].cpu().double(), expected, rtol=2e-5, atol=2e-5)
 
 
+def test_pld_masked_classes(device):
+    """PLD with classes masked with -inf: masked in both rows (or the teacher's only) they weigh
+    0 in the ranking's terms, which had been NaN (0 (lse - (-inf)) over a masked suffix); the
+    limit reference puts them at -300. A class the student masks where the teacher has weight
+    is an infinite term in the formula: ~1e30 or more here."""
+    C, masked = 37, [3, 16, 36]
+    y = torch.tensor([0, 5, 20])
+    limit = lambda x: x.double().masked_fill(x == float("-inf"), -300.0)  # noqa: E731
+    for where in ("both", "teacher", "student"):
+        s, t = make(3, C, torch.float32, seed=12)
+        if where in ("both", "student"):
+            s[:, masked] = float("-inf")
+        if where in ("both", "teacher"):
+            t[:, masked] = float("-inf")
+        for teacher_grad in (False, True):
+            a = s.to(device, copy=True).requires_grad_(True)
+            b = t.to(device, copy=True).requires_grad_(teacher_grad)
+            out = ops.pld_loss(a, b, y.to(device), 2.0, reduction="none")
+            if where == "student":
+                assert (out > 1e25).all(), out
+                continue
+            ga = torch.autograd.grad(out.sum(), a)[0]
+            a64 = s.double().requires_grad_(True)
+            exp = ref.pld_loss(limit(a64), limit(t), y, 2.0, reduction="none")
+            ea = torch.autograd.grad(exp.sum(), a64)[0]
+            assert torch.isfinite(out).all() and torch.isfinite(ga).all(), (where, teacher_grad, out)
+            torch.testing.assert_close(out.cpu().double(), exp.detach(), rtol=2e-5, atol=2e-5)
+            torch.testing.assert_close(ga.cpu().double(), ea, rtol=2e-5, atol=2e-5)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("kind", KINDS)
 def test_gradient_made_with_the_forward_equals_the_separate_backward(kind, dtype, cpu_isa):

@@ -569,7 +569,7 @@ __global__ void __launch_bounds__(kThreads)
       float sk[kPldRanks], own = kLowest;
 #pragma unroll
       for (int i = 0; i < kPldRanks; ++i) {
-        sk[i] = k0 + i < C ? load1(ss + at(k0 + i)) : kLowest;
+        sk[i] = k0 + i < C ? unmask(load1(ss + at(k0 + i))) : kLowest;
         own = log_add(own, sk[i]);
       }
       float tile_all;
@@ -609,7 +609,7 @@ __global__ void __launch_bounds__(kThreads)
         const int64_t p = at(k);
         const float wk = weight(p);
         b = fmaf(k == 0 ? 0.f : vexp(l[k] - l[k - 1]), b, wk);
-        store1(gr + ord[p], b * vexp(load1(ss + p) - l[k]) - wk);  // (the one scattered access)
+        store1(gr + ord[p], b * vexp(unmask(load1(ss + p)) - l[k]) - wk);  // (the one scattered access)
       }
       carried = fmaf(tile_all.a, carried, tile_all.b);
     }

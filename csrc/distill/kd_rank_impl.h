@@ -333,8 +333,8 @@ float pld_row(const PldProblem& q, const T* sr, const T* tr, int64_t y, T* gr, P
   auto cls = [&](int64_t k) { return k == 0 ? y : int64_t(uint32_t(order[k - 1])); };
   for (int64_t k = 0; k < C; ++k) {
     const int64_t c = cls(k);
-    s[k] = load1(sr + c);
-    wk[k] = w[c] * inv_z;
+    s[k] = unmask(load1(sr + c));  // (masked classes: kd_cpu_impl.h; their weight is 0 if the
+    wk[k] = w[c] * inv_z;          // teacher masks them too, so their terms are 0, not NaN)
   }
   // suffix log-sum-exps l[k] = logsumexp(s[k..C)): the running maxima (into w, free now), the
   // scaled suffix sums, then the logarithms

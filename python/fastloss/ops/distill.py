@@ -329,7 +329,7 @@ def _pld_rows_torch(s, t, y, T, ignore_index):
     key = t32.scatter(1, yk[:, None], float("inf"))
     order = _descending_order(key)
     w = torch.softmax(t32 / T, -1).gather(1, order)
-    so = s.float().gather(1, order)
+    so = _unmask(s.float()).gather(1, order)
     suffix_lse = torch.logcumsumexp(so.flip(-1), -1).flip(-1)
     return torch.where(keep, (w * (suffix_lse - so)).sum(-1), 0.0)
 
