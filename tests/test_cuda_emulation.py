@@ -755,6 +755,35 @@ def test_pld(kd_lib, dtype, shape, grads):
         assert grad.isnan().all()
 
 
+def test_pld_masked_classes(kd_lib):
+    """Classes masked with -inf in both rows, or the teacher's only: the CUDA kernel gives the
+    CPU kernel's finite loss and gradient (unmask), not NaN."""
+    n, c = 3, 300
+    for where in ("both", "teacher"):
+        gen = torch.Generator().manual_seed(len(where))
+        s, t = torch.randn(n, c, generator=gen) * 3, torch.randn(n, c, generator=gen) * 3
+        t[:, 100:180] = float("-inf")
+        if where == "both":
+            s[:, 100:180] = float("-inf")
+        y = torch.tensor([0, 50, 299])
+        sorted_t, order = torch.sort(t, dim=1, descending=True, stable=True)
+        ts, ss = sorted_t.contiguous(), s.gather(1, order).contiguous()
+        order = order.contiguous()
+        scratch = torch.full((n * c,), float("nan"))
+        loss, lbuf = nan_outputs((n,))
+        grad, gbuf = nan_outputs((n, c))
+        err = kd_lib.emu_pld(s.data_ptr(), t.data_ptr(), y.data_ptr(), 0, int64s(n, c, c, c, -100), 1.5,
+                             order.data_ptr(), ts.data_ptr(), ss.data_ptr(), scratch.data_ptr(),
+                             loss.data_ptr(), grad.data_ptr())
+        assert err is None, err.decode()
+        check_guards(lbuf, "loss")
+        check_guards(gbuf, "grad")
+        e_loss, e_grad = torch.ops.fastloss.pld_forward(s, t, y, 1.5, -100, True)
+        assert torch.isfinite(e_loss).all() and torch.isfinite(e_grad).all(), where
+        torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=2e-5)
+        torch.testing.assert_close(grad, e_grad, rtol=2e-5, atol=2e-5)
+
+
 # ---- entropic optimal transport (Sinkhorn) -----------------------------------------------------
 
 
