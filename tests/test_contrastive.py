@@ -100,7 +100,8 @@ def test_bad_input_errors_name_the_argument():
     a, b, _ = make(5, 3, torch.float32)
     cases = [
         (lambda: ops.contrastive_loss(a, b[:4]), "a and b must be [B, D] of the same shape"),
-        (lambda: ops.contrastive_loss(a, b.double()), "must share a floating dtype"),
+        (lambda: ops.contrastive_loss(a, b.double()), "a and b must share a dtype among float32, float16"),
+        (lambda: ops.contrastive_loss(a.double(), b.double()), "got torch.float64 and torch.float64"),
         (lambda: ops.contrastive_loss(a, b, T=0), "T must be > 0"),
         (lambda: ops.contrastive_loss(a, b, weights=torch.ones(5, 4)), "weights must be [5, 5]"),
         (lambda: ops.contrastive_loss(a, b, weights=torch.eye(5) - 0.1), "weights must be finite and >= 0"),

@@ -227,4 +227,6 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.icnn_loss(e[:2], lab[:2]), "at least 3 embeddings"),
         (lambda: ops.icnn_loss(e, lab[:4]), "labels must be integer [10]"),
         (lambda: ops.icnn_loss(e, lab, e[:, :3], lab), "target has 3 features"),
+        (lambda: ops.icnn_loss(e.double(), lab), "got torch.float64"),
+        (lambda: ops.proto_triplet_loss(e.double(), lab), "got torch.float64"),
     ])

@@ -123,7 +123,9 @@ def test_compile():
 def test_bad_input_errors_name_the_argument():
     emb, labels = make(6, 3, 2)
     cases = [
-        (lambda: ops.multi_similarity_loss(emb[0], labels), "emb must be a floating [B, D]"),
+        (lambda: ops.multi_similarity_loss(emb[0], labels), "emb must be a float32, float16 or bfloat16 [B, D]"),
+        (lambda: ops.multi_similarity_loss(emb.double(), labels), "got torch.float64"),
+        (lambda: ops.tcm_loss(emb.double(), labels), "got torch.float64"),
         (lambda: ops.multi_similarity_loss(emb, labels[:5]), "labels must be integer [B] = [6]"),
         (lambda: ops.multi_similarity_loss(emb, labels.float()), "labels must be integer"),
         (lambda: ops.multi_similarity_loss(emb, labels, alpha=0), "alpha and beta must be > 0"),
@@ -189,7 +191,7 @@ def test_tcm_compile_and_bad_input():
     assert_compiled_matches(f, [emb])
     expect_errors([
         (lambda: ops.tcm_loss(emb, labels.float()), "labels must be integer [B]"),
-        (lambda: ops.tcm_loss(emb[0], labels), "emb must be a floating [B, D] tensor"),
+        (lambda: ops.tcm_loss(emb[0], labels), "emb must be a float32, float16 or bfloat16 [B, D] tensor"),
         (lambda: ops.tcm_loss(emb, labels, pos_margin=1.5), "pos_margin must be a cosine similarity"),
         (lambda: ops.tcm_loss(emb, labels, neg_weight=-1.0), "neg_weight must be >= 0"),
         (lambda: ops.tcm_loss(emb, labels, block_rows=0), "block_rows must be a positive int"),

@@ -392,20 +392,6 @@ def test_tcm_blocks_every_path(margins):
     check(OPS.tcm_blocks_backward(e, keys, *margins, 16, coef))
 
 
-@pytest.mark.parametrize("block", [None, 7])
-def test_float64_embeddings_through_the_kernels(block):
-    """float64 embeddings: normalised in float64 by torch operations, the blocks in float32 (the
-    normalisation's backward then mixes the two)."""
-    emb, labels = embeddings(30, 5, 3, seed=6)
-    for f in (lambda x: metric.tcm_loss(x, labels, 0.5, 0.1, block_rows=block),
-              lambda x: metric.multi_similarity_loss(x, labels, block_rows=block)):
-        got = grads_of(f, emb.double())
-        want = grads_of(f, emb)
-        assert got[1].dtype == torch.float64 and want[1].abs().sum() > 0
-        for g, w in zip(got, want):
-            torch.testing.assert_close(g.float(), w, rtol=1e-4, atol=1e-6)
-
-
 @pytest.mark.parametrize("d", [1, 7, 8, 37])
 def test_unit_rows_and_grad(d):
     """unit_rows / unit_rows_grad against F.normalize in float64 and its autograd, with a zero

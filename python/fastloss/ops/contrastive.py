@@ -199,8 +199,10 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
     if a.dim() != 2 or b.shape != a.shape:
         raise ValueError(f"{fn}: a and b must be [B, D] of the same shape, got {tuple(a.shape)} "
                          f"and {tuple(b.shape)}")
-    if not a.is_floating_point() or b.dtype != a.dtype:
-        raise ValueError(f"{fn}: a and b must share a floating dtype, got {a.dtype} and {b.dtype}")
+    if a.dtype not in (torch.float32, torch.float16, torch.bfloat16) or b.dtype != a.dtype:
+        # (float64 too: the kernels compute in float32, which a float64 result would hide)
+        raise ValueError(f"{fn}: a and b must share a dtype among float32, float16 and bfloat16, got "
+                         f"{a.dtype} and {b.dtype}")
     if isinstance(T, Tensor):
         t = _temperature_tensor(fn, T, a)
         loss = contrastive_loss(a.float() / t, b.float(), 1.0, weights, symmetric, reduction, block_rows)

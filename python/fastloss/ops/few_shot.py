@@ -33,8 +33,9 @@ _KNN_KERNEL_MAX = 64  # kKnnMax of csrc/pair_losses/similarity_rows_kernels.h
 def _check_set(fn, name, emb, labels_name, labels, device=None):
     if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: {name} and {labels_name} must be Tensors")
-    if emb.dim() != 2 or not emb.is_floating_point():
-        raise ValueError(f"{fn}: {name} must be a floating [B, D] tensor, got {emb.dtype} "
+    if emb.dim() != 2 or emb.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # (float64 too: the kernels compute in float32, which a float64 result would hide)
+        raise ValueError(f"{fn}: {name} must be a float32, float16 or bfloat16 [B, D] tensor, got {emb.dtype} "
                          f"{tuple(emb.shape)}")
     if labels.shape != emb.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"{fn}: {labels_name} must be integer [{emb.shape[0]}], got {labels.dtype} "

@@ -65,11 +65,11 @@ def _kernels(e: Tensor) -> bool:
 
 
 def _compute_rows(emb):
-    """emb in the precision its rows are normalised in: float32 for 16-bit inputs (rows
-    normalised in bfloat16 had moved every similarity by up to ~2^-9, which beta = 50 turned
-    into ~10% changes of the pairs' weights: Multi-Similarity's gradient was 2-6% off the
-    float64 reference on the same inputs); the kernels take float32 similarities anyway."""
-    return emb.float() if emb.dtype in (torch.float16, torch.bfloat16) else emb
+    """emb in the precision its rows are normalised in: float32 (rows normalised in bfloat16
+    had moved every similarity by up to ~2^-9, which beta = 50 turned into ~10% changes of the
+    pairs' weights: Multi-Similarity's gradient was 2-6% off the float64 reference on the same
+    inputs); the kernels take float32 similarities anyway."""
+    return emb.float()
 
 
 def _normalized(emb):
@@ -270,8 +270,10 @@ class _MultiSimilarityKernel(torch.autograd.Function):
 def _check_emb_labels(fn, emb, labels):
     if not isinstance(emb, Tensor) or not isinstance(labels, Tensor):
         raise TypeError(f"{fn}: emb and labels must be Tensors")
-    if emb.dim() != 2 or not emb.is_floating_point():
-        raise ValueError(f"{fn}: emb must be a floating [B, D] tensor, got {emb.dtype} {tuple(emb.shape)}")
+    if emb.dim() != 2 or emb.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        # (float64 too: the kernels compute in float32, which a float64 result would hide)
+        raise ValueError(f"{fn}: emb must be a float32, float16 or bfloat16 [B, D] tensor, got {emb.dtype} "
+                         f"{tuple(emb.shape)}")
     if labels.shape != emb.shape[:1] or labels.is_floating_point() or labels.dtype == torch.bool:
         raise ValueError(f"{fn}: labels must be integer [B] = [{emb.shape[0]}], got {labels.dtype} "
                          f"{tuple(labels.shape)}")
