@@ -56,8 +56,11 @@ class TestEveryLoss:
             self.call(name, logits, target[:3])
         with pytest.raises(RuntimeError, match="target must be 1-D"):
             self.call(name, logits, target.view(2, 2))
-        with pytest.raises(RuntimeError, match="target must hold class indices"):
+        with pytest.raises(ValueError, match="target must hold class indices"):
             self.call(name, logits, target.float())
+        # probability targets of [N, C] logits: named as such (the kernel's "1-D" said less)
+        with pytest.raises(ValueError, match="probability targets are not supported"):
+            self.call(name, logits, logits.softmax(1))
 
     @pytest.mark.parametrize("bad", [6, 1000, -1, -101, 2**40])
     def test_target_out_of_range(self, name, bad):

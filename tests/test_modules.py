@@ -169,3 +169,12 @@ def test_contrastive_loss_with_a_learnable_temperature():
     with pytest.raises(ValueError, match="ContrastiveLoss: T must be a finite number"):
         fastloss.nn.ContrastiveLoss(T=float("inf"), learnable=True)
     assert math.isfinite(float(fastloss.nn.ContrastiveLoss(T=1e-320, learnable=True).logit_scale.detach()))
+
+
+def test_row_loss_modules_show_their_hyper_parameters():
+    assert repr(fastloss.nn.CompSumLoss(1.5)) == "CompSumLoss(tau=1.5)"
+    assert repr(fastloss.nn.LDRLoss(0.5, adaptive=True)) == "LDRLoss(lam=0.5, margin=1.0, adaptive=True, alpha=2.0)"
+    assert repr(fastloss.nn.SphericalZLoss(1.0, 2.0, reduction="sum")) == \
+        "SphericalZLoss(a=1.0, b=2.0, eps=1e-06, reduction='sum')"
+    assert "label_smoothing=0.1" in repr(fastloss.nn.CrossEntropyLoss(torch.ones(3), label_smoothing=0.1))
+    assert "weight=[3]" in repr(fastloss.nn.CrossEntropyLoss(torch.ones(3)))

@@ -25,12 +25,25 @@ class _RowLoss(nn.Module):
         return dict(weight=self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
                     inplace_backward=self.inplace_backward, grad_in_forward=self.grad_in_forward)
 
+    # the loss's own hyper-parameters, shown by repr() (each subclass names its attributes)
+    _shown: tuple = ()
+
+    def extra_repr(self) -> str:
+        parts = [f"{name}={getattr(self, name)!r}" for name in self._shown]
+        defaults = dict(ignore_index=-100, reduction="mean", inplace_backward=False, grad_in_forward=False)
+        parts += [f"{k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v]
+        if self.weight is not None:
+            parts.append(f"weight=[{self.weight.numel()}]")
+        return ", ".join(parts)
+
 
 class CrossEntropyLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.cross_entropy`: replaces ``nn.CrossEntropyLoss`` for
     ``[N, C]`` (or ``[N, C, d1, ...]``, or unbatched ``[C]``) logits and class-index targets,
     with the same keyword arguments (not torch's positional order, its deprecated
     ``size_average`` / ``reduce``, probability targets or float64)."""
+
+    _shown = ("label_smoothing", "lse_square_scale", "softcap")
 
     def __init__(self, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0,
@@ -50,6 +63,8 @@ class CrossEntropyLoss(_RowLoss):
 class CompSumLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.comp_sum_loss`."""
 
+    _shown = ("tau",)
+
     def __init__(self, tau: float, weight: Optional[Tensor] = None, ignore_index: int = -100,
                  reduction: str = "mean", inplace_backward: bool = False,
                  grad_in_forward: bool = False) -> None:
@@ -62,6 +77,8 @@ class CompSumLoss(_RowLoss):
 
 class LDRLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.ldr_loss` (LDR-KL, or ALDR-KL with adaptive=True)."""
+
+    _shown = ("lam", "margin", "adaptive", "alpha")
 
     def __init__(self, lam: float, margin: float = 1.0, adaptive: bool = False,
                  alpha: float = 2.0, weight: Optional[Tensor] = None, ignore_index: int = -100,
@@ -77,6 +94,8 @@ class LDRLoss(_RowLoss):
 
 class SphericalZLoss(_RowLoss):
     """Module form of :func:`fastloss.ops.spherical_z_loss`."""
+
+    _shown = ("a", "b", "eps")
 
     def __init__(self, a: float, b: float, eps: float = 1e-6, weight: Optional[Tensor] = None,
                  ignore_index: int = -100, reduction: str = "mean",

@@ -182,14 +182,14 @@ def _as_rows(fn: str, logits, target):
     target, and ``[N, C, d1, ...]`` logits with ``[N, d1, ...]`` targets (the classes moved
     last: a copy, unless the logits are channels-last, where it is a view). Returns the rows,
     their targets, and the shape of ``reduction="none"``'s result (None: ``[N, C]`` as given)."""
+    if isinstance(logits, Tensor) and isinstance(target, Tensor) and target.is_floating_point():
+        raise ValueError(f"{fn}: target must hold class indices (int64 or int32; probability "
+                         f"targets are not supported), got {target.dtype} {tuple(target.shape)}")
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor) or logits.dim() == 2:
         return logits, target, None  # (the op's own checks name what is wrong)
     if logits.dim() == 0:
         raise ValueError(f"{fn}: logits must be [N, C], [N, C, d1, ...] or unbatched [C], got a "
                          f"0-d tensor")
-    if target.is_floating_point():
-        raise ValueError(f"{fn}: target must hold class indices (int64 or int32; probability "
-                         f"targets are not supported), got {target.dtype}")
     classes = logits.shape[0 if logits.dim() == 1 else 1]
     if classes == 0:
         raise ValueError(f"{fn}: logits must have at least one class, got shape {list(logits.shape)}")
