@@ -1057,6 +1057,42 @@ def test_dice_softmax(metric_lib, dtype, shape, params):
     torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype] * 5, atol=TOL[dtype] * scale)
 
 
+@pytest.mark.parametrize("alpha", [0.1, 0.01])
+def test_dice_softmax_far_saturated(metric_lib, alpha):
+    """Top classes 88-200 logits ahead (their 1 - p subnormal or below float32's range, their
+    (1 - p)^alpha not small), the top the target or not, and a row whose other classes are all
+    -inf: the CUDA kernel's log q_top (from the others' own max and sum) gives the CPU kernel's
+    rows and gradients; a NaN logit behind a far-ahead top still makes its row NaN."""
+    n, c = 6, 700
+    gen = torch.Generator().manual_seed(int(alpha * 100))
+    x = torch.randn(n, c, generator=gen)
+    x[0, 3] += 88
+    x[1, 650] += 95
+    x[2, 0] += 120
+    x[3, 300] += 200
+    x[4, :] = float("-inf")
+    x[4, 7] = 2.0
+    x[5, 9] += 150
+    x[5, 600] = float("nan")
+    t = torch.tensor([3, 1, 5, 300, 7, 9])
+    params = (alpha, 1.0, 0.0)
+    up = torch.rand(n, generator=gen) + 0.5
+    rows, rbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c))
+    p32 = torch.tensor(params)
+    err = metric_lib.emu_dice_softmax(x.data_ptr(), 0, t.data_ptr(), int64s(n, c, c, -100), p32.data_ptr(),
+                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(rbuf, "rows")
+    check_guards(gbuf, "grad")
+    expect = torch.ops.fastloss.dice_softmax_forward(x, t, *params, -100)
+    expect_grad = torch.ops.fastloss.dice_softmax_backward(up, x, t, *params, -100)
+    assert torch.isfinite(expect[:5]).all() and torch.isfinite(expect_grad[:5]).all()
+    assert expect[5].isnan() and rows[5].isnan() and grad[5].isnan().all() and expect_grad[5].isnan().all()
+    torch.testing.assert_close(rows[:5], expect[:5], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad[:5], expect_grad[:5], rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("from_logits", [True, False])
 @pytest.mark.parametrize("shape", [(1000, 1), (37, 5), (3, 70), (0, 4)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)

@@ -127,6 +127,40 @@ def test_dice_gradient_stays_finite_when_the_softmax_saturates(device):
     assert torch.isfinite(xb.grad).all()
 
 
+@pytest.mark.parametrize("alpha", [0.1, 0.01, 1.0, 0.0])
+def test_dice_far_saturated_softmax_and_sigmoid(alpha, device):
+    """A dominant class far ahead (logit gaps of 88-200): 1 - p of the top class is subnormal or
+    below float32's range, but (1 - p)^alpha is not small for the paper's alpha of 0.1 ..
+    0.001 (a gap of 95 at alpha = 0.01: 0.39). The kernels carry it as a logarithm (it had been
+    flushed to 0: the top's term up to 0.29 off, its gradient 0), against the reference's
+    log(1 - p) in float64; the torch formulas of other devices likewise; the sigmoid form at
+    logits of +-100 .. 200."""
+    from fastloss.ops import metric_losses as M
+    from fastloss.reference.metric_losses import dice_loss as ref_dice
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(5, 37, generator=g)
+    x[:, 5] += torch.tensor([88.0, 95.0, 120.0, 200.0, 30.0])
+    x[4, 9] = x[4, 5]   # a tie at the maximum: the first is the top
+    y = torch.tensor([5, 1, 36, 5, 9])
+    xs = torch.tensor([100.0, -100.0, 150.0, -200.0, 95.0])
+    ys = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0])
+    cases = [(lambda a: ops.dice_loss(a, y.to(device), alpha, reduction="none"), lambda a: ref_dice(a, y, alpha, reduction="none"), x),
+             (lambda a: ops.dice_loss(a, ys.to(device), alpha, reduction="none"), lambda a: ref_dice(a, ys, alpha, reduction="none"), xs)]
+    if device == "cpu":
+        cases += [(lambda a: M._SoftmaxDice.apply(a, y, alpha, 1.0, 0.0).sum(1), lambda a: ref_dice(a, y, alpha, reduction="none"), x),
+                  (lambda a: M._SigmoidDice.apply(a, ys, alpha, 1.0, 0.0), lambda a: ref_dice(a, ys, alpha, reduction="none"), xs)]
+    for fast, slow, inp in cases:
+        a = inp.to(device, copy=True).requires_grad_(True)
+        out = fast(a)
+        up = torch.rand(out.shape, generator=g) + 0.5
+        ga = torch.autograd.grad(out, a, up.to(device))[0]
+        e = inp.double().requires_grad_(True)
+        exp = slow(e)
+        ge = torch.autograd.grad(exp, e, up.double())[0]
+        torch.testing.assert_close(out.double().cpu(), exp.detach(), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ga.double().cpu(), ge, rtol=1e-4, atol=1e-6)
+
+
 def test_dice_special_cases_compile_and_bad_input():
     from checks import assert_compiled_matches, expect_errors
     x = torch.randn(8, 4, generator=torch.Generator().manual_seed(2))

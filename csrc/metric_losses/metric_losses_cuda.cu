@@ -3,9 +3,10 @@
 //
 // Dice, sigmoid form: a warp per row (a thread per row when rows are shorter than a warp);
 // the backward is element-wise. Softmax form: a block per row. Its statistics come from one
-// read of the row: an online state (max m, the first index of the max, and `rest` = the sum of
-// e^(x - m) over every class but that one), merged by shuffles and shared memory; Z = 1 + rest
-// and the saturated rows (Z < 1.5) take q_top = rest / Z exactly, as on the CPU. The forward
+// read of the row: an online state (max m, the first index of the max, and the other classes'
+// own max m2 and sum s2 of e^(x - m2)), merged by shuffles and shared memory; Z = 1 + rest,
+// rest = s2 e^(m2 - m), and the saturated rows (Z < 1.5) take log q_top = log(rest / Z) from
+// m2 and s2, as on the CPU. The forward
 // reads the row a second time for the terms; the backward a second time for S = sum of G and a
 // third for the gradient (G recomputed: no row buffer).
 // AnyLoss's confusion sums: thread t of S (a multiple of K, about 2^18: enough loads in flight)
@@ -71,32 +72,44 @@ __global__ void __launch_bounds__(kThreads)
 
 // ---- Dice, softmax form --------------------------------------------------------------------
 
-// The row's statistics: the max m, its first index `top`, and rest = sum of e^(x - m) over the
-// other classes (ties with the max included).
+// The row's statistics: the max m, its first index `top`, and the other classes (ties with
+// the max included) as their own max m2 and s2 = sum of e^(x - m2) over them, so that their
+// share R = s2 e^(m2 - m) is kept as a logarithm where it is subnormal or below float32's
+// range (metric_losses_cpu_impl.h: a saturated top's q^alpha from log q).
 struct RowMax {
-  float m = kLowest, rest = 0.f;
+  float m = kLowest, m2 = kLowest, s2 = 0.f;
   int64_t top = -1;
-  __device__ __forceinline__ void add(float v, int64_t k) {  // k increasing per thread
-    if (top < 0 || v > m) {
-      if (top >= 0) rest = (rest + 1.f) * vexp(m - v);
-      m = v;
-      top = k;
+  __device__ __forceinline__ void push(float om2, float os2) {  // a share joins the others'
+    if (os2 == 0.f || om2 == -INFINITY) return;  // (no share: 0 * inf had made NaN; NaN passes)
+    if (s2 == 0.f || om2 > m2) {
+      s2 = os2 + s2 * vexp(m2 - om2);
+      m2 = om2;
     } else {
-      rest += vexp(v - m);
+      s2 += os2 * vexp(om2 - m2);
     }
   }
-  __device__ __forceinline__ void merge(float om, float orest, int64_t otop) {
+  __device__ __forceinline__ void add(float v, int64_t k) {  // k increasing per thread
+    if (top < 0) {
+      m = v, top = k;
+    } else if (v > m) {
+      push(m, 1.f);
+      m = v, top = k;
+    } else {
+      push(v, 1.f);
+    }
+  }
+  __device__ __forceinline__ void merge(float om, float om2, float os2, int64_t otop) {
     if (otop < 0) return;
     if (top < 0) {
-      m = om, rest = orest, top = otop;
+      m = om, m2 = om2, s2 = os2, top = otop;
       return;
     }
+    push(om2, os2);
     if (om > m || (om == m && otop < top)) {  // the other holds the (first) max
-      rest = orest + (rest + 1.f) * vexp(m - om);
-      m = om;
-      top = otop;
+      push(m, 1.f);
+      m = om, top = otop;
     } else {
-      rest += (orest + 1.f) * vexp(om - m);
+      push(om, 1.f);
     }
   }
 };
@@ -104,37 +117,44 @@ struct RowMax {
 struct RowStats {
   float m, rest, inv_z;
   bool saturated;
-  int64_t top;  // the first max (the top class of a saturated row)
+  int64_t top;      // the first max (the top class of a saturated row)
+  float log_q_top;  // log(R / Z) (-inf: the others have no share)
+  float m2, inv_s2; // e_j / R = e^(x_j - m2) / s2
 };
 
 // The whole block's RowMax of row xr, then the row's statistics (valid in every thread).
 template <class T>
-__device__ RowStats row_stats(const T* xr, int64_t C, float (*sf)[2], int64_t* si) {
+__device__ RowStats row_stats(const T* xr, int64_t C, float (*sf)[3], int64_t* si) {
   RowMax st;
   for (int64_t k = threadIdx.x; k < C; k += kThreads) st.add(load1(xr + k), k);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) {
     const float om = __shfl_xor_sync(0xffffffffu, st.m, off);
-    const float orest = __shfl_xor_sync(0xffffffffu, st.rest, off);
+    const float om2 = __shfl_xor_sync(0xffffffffu, st.m2, off);
+    const float os2 = __shfl_xor_sync(0xffffffffu, st.s2, off);
     const int64_t otop = __shfl_xor_sync(0xffffffffu, st.top, off);
-    st.merge(om, orest, otop);
+    st.merge(om, om2, os2, otop);
   }
   if (threadIdx.x % 32 == 0) {
     sf[threadIdx.x / 32][0] = st.m;
-    sf[threadIdx.x / 32][1] = st.rest;
+    sf[threadIdx.x / 32][1] = st.m2;
+    sf[threadIdx.x / 32][2] = st.s2;
     si[threadIdx.x / 32] = st.top;
   }
   __syncthreads();
   RowMax all;
-  for (int w = 0; w < kWarps; ++w) all.merge(sf[w][0], sf[w][1], si[w]);
+  for (int w = 0; w < kWarps; ++w) all.merge(sf[w][0], sf[w][1], sf[w][2], si[w]);
   __syncthreads();
   RowStats s;
   s.m = all.m;
-  s.rest = all.rest;
+  s.rest = all.s2 > 0.f ? all.s2 * vexp(all.m2 - all.m) : 0.f;
   s.top = all.top < 0 ? 0 : all.top;
-  const float z = 1.f + all.rest;
+  const float z = 1.f + s.rest;
   s.saturated = z < 1.5f;
   s.inv_z = 1.f / z;
+  s.log_q_top = all.s2 > 0.f ? (all.m2 - all.m) + logf(all.s2) - log1pf(s.rest) : -INFINITY;
+  s.m2 = all.m2;
+  s.inv_s2 = all.s2 > 0.f ? 1.f / all.s2 : 0.f;
   return s;
 }
 
@@ -142,7 +162,7 @@ __device__ RowStats row_stats(const T* xr, int64_t C, float (*sf)[2], int64_t* s
 // the top class of a saturated row, are then corrected exactly (as the CPU kernel does).
 template <class T>
 __global__ void __launch_bounds__(kThreads) dice_softmax_forward_kernel(SoftmaxDiceProblem q, float* rows) {
-  __shared__ float sf[kWarps][2];
+  __shared__ float sf[kWarps][3];
   __shared__ int64_t si[kWarps];
   __shared__ float ssum[kWarps];
   const DiceParams d = q.p;
@@ -164,8 +184,9 @@ __global__ void __launch_bounds__(kThreads) dice_softmax_forward_kernel(SoftmaxD
     };
     auto exact = [&](int64_t c) {
       const float p = vexp(load1(xr + c) - s.m) * s.inv_z;
-      const float qc = (s.saturated && c == s.top) ? s.rest * s.inv_z : 1.f - p;
-      return dice_term(decayed(p, qc, d.alpha), c == t ? 1.f : 0.f, d);
+      const float pt = (s.saturated && c == s.top) ? pow_of_log(s.log_q_top, d.alpha) * p
+                                                   : decayed(p, 1.f - p, d.alpha);
+      return dice_term(pt, c == t ? 1.f : 0.f, d);
     };
     float acc = 0.f;
     for (int64_t k = threadIdx.x; k < q.C; k += kThreads) acc += negative(load1(xr + k));
@@ -185,7 +206,7 @@ __global__ void __launch_bounds__(kThreads) dice_softmax_forward_kernel(SoftmaxD
 template <class T>
 __global__ void __launch_bounds__(kThreads)
     dice_softmax_backward_kernel(SoftmaxDiceProblem q, const float* grad_rows, T* grad) {
-  __shared__ float sf[kWarps][2];
+  __shared__ float sf[kWarps][3];
   __shared__ int64_t si[kWarps];
   __shared__ float ssum[kWarps];
   const DiceParams d = q.p;
@@ -211,21 +232,20 @@ __global__ void __launch_bounds__(kThreads)
     for (int64_t k = threadIdx.x; k < q.C; k += kThreads)
       if (!(s.saturated && k == s.top)) acc += g_of(k);
     const float S = block_sum(acc, ssum);
-    float H = 0.f, inv_rest = 0.f;
+    float H = 0.f, inv_s2 = 0.f;
     const float p_top = s.inv_z;
     if (s.saturated) {
-      const float q_top = s.rest * s.inv_z, y_top = t == s.top ? 1.f : 0.f;
-      H = g * dice_slope(decayed(p_top, q_top, d.alpha), y_top, d) * p_top * pow01(q_top, d.alpha) *
-          (q_top - d.alpha * p_top);
-      inv_rest = s.rest > 0.f ? 1.f / s.rest : 0.f;
+      const float q_top = vexp(s.log_q_top), qa_top = pow_of_log(s.log_q_top, d.alpha);
+      H = g * dice_slope(qa_top * p_top, t == s.top ? 1.f : 0.f, d) * p_top * qa_top * (q_top - d.alpha * p_top);
+      inv_s2 = s.inv_s2;
     }
     for (int64_t k = threadIdx.x; k < q.C; k += kThreads) {
       if (s.saturated && k == s.top) {
         store1(gr + k, H - p_top * S);
         continue;
       }
-      const float e = e_of(k);
-      store1(gr + k, g_of(k) - e * (s.inv_z * S) - e * (inv_rest * H));
+      const float x = load1(xr + k);
+      store1(gr + k, g_of(k) - vexp(x - s.m) * (s.inv_z * S) - vexp(x - s.m2) * (inv_s2 * H));
     }
   }
 }

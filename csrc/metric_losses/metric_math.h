@@ -73,6 +73,15 @@ FL_INLINE W decayed(W p, W q, float alpha) {
   return pow01(q, alpha) * p;
 }
 
+// q^a from log q (q in [0, 1], log q = -inf for q = 0): a = 0 and a = 1 as pow01. A saturated
+// softmax's top class carries its q = 1 - p as a logarithm: q itself can be subnormal or
+// below float32's range where q^a, for the Dice paper's a = 0.1 .. 0.001, is not small at all
+// (q = e^-90: q^0.01 = 0.41).
+FL_INLINE float pow_of_log(float log_q, float a) {
+  if (a == 0.f) return 1.f;
+  return vexp(a * log_q);
+}
+
 // a = A(p) = sigmoid(L (p - 1/2)) and b = 1 - a, with p = sigmoid(s) or s; also dA/ds.
 template <class W>
 FL_INLINE void amplified(W s, float L, bool from_logits, W& a, W& b, W& slope) {

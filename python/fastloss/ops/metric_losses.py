@@ -18,6 +18,7 @@ one read of the scores, the gradient in one more); other devices use torch opera
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
@@ -172,9 +173,8 @@ class _SigmoidDice(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, y, alpha, gamma, smooth):
         xf = x.float()
-        p, q = torch.sigmoid(xf), torch.sigmoid(-xf)
-        qa = q.pow(alpha)
-        terms, _ = _dice_terms(qa * p, y, gamma, smooth)
+        p = torch.sigmoid(xf)
+        terms, _ = _dice_terms(_pow_of_log(F.logsigmoid(-xf), alpha) * p, y, gamma, smooth)
         ctx.save_for_backward(xf, y)
         ctx.args = (alpha, gamma, smooth, x.dtype)
         return terms
@@ -185,7 +185,7 @@ class _SigmoidDice(torch.autograd.Function):
         xf, y = ctx.saved_tensors
         alpha, gamma, smooth, dtype = ctx.args
         p, q = torch.sigmoid(xf), torch.sigmoid(-xf)
-        qa = q.pow(alpha)
+        qa = _pow_of_log(F.logsigmoid(-xf), alpha)
         _, a = _dice_terms(qa * p, y, gamma, smooth)
         return (grad_terms * a * p * qa * (q - alpha * p)).to(dtype), None, None, None, None
 
@@ -202,8 +202,8 @@ class _SoftmaxDice(torch.autograd.Function):
     def forward(ctx, z, target, alpha, gamma, smooth):
         zf = z.float()
         y = torch.zeros_like(zf).scatter_(1, target[:, None], 1.0)
-        p, q, _, _ = _softmax_and_complement(zf)
-        terms, _ = _dice_terms(q.pow(alpha) * p, y, gamma, smooth)
+        p, q, qa, _, _ = _softmax_and_complement(zf, alpha)
+        terms, _ = _dice_terms(qa * p, y, gamma, smooth)
         ctx.save_for_backward(zf, target)
         ctx.args = (alpha, gamma, smooth, z.dtype)
         return terms
@@ -214,32 +214,46 @@ class _SoftmaxDice(torch.autograd.Function):
         zf, target = ctx.saved_tensors
         alpha, gamma, smooth, dtype = ctx.args
         y = torch.zeros_like(zf).scatter_(1, target[:, None], 1.0)
-        p, q, top, ratio = _softmax_and_complement(zf)
-        _, a = _dice_terms(q.pow(alpha) * p, y, gamma, smooth)
+        p, q, qa, top, ratio = _softmax_and_complement(zf, alpha)
+        _, a = _dice_terms(qa * p, y, gamma, smooth)
         a = a * grad_terms
         is_top = torch.zeros_like(zf, dtype=torch.bool).scatter_(1, top[:, None], True)
         # G_c for the classes other than the largest (q_c >= 1/2 there: q^(a-1) is finite)
         g = torch.where(is_top, 0.0, a * p * q.pow(alpha - 1) * (q - alpha * p))
-        q_top, p_top, a_top = (t.gather(1, top[:, None]) for t in (q, p, a))
-        h = a_top * p_top * q_top.pow(alpha) * (q_top - alpha * p_top)  # G_top q_top
+        q_top, qa_top, p_top, a_top = (t.gather(1, top[:, None]) for t in (q, qa, p, a))
+        h = a_top * p_top * qa_top * (q_top - alpha * p_top)  # G_top q_top
         s_other = g.sum(1, keepdim=True)
         grad = torch.where(is_top, h - p * s_other, g - p * s_other - ratio * h)
         return grad.to(dtype), None, None, None, None
 
 
-def _softmax_and_complement(z):
-    """p = softmax(z), q = 1 - p accurately (for the largest class: the others' share), the
-    largest class, and e_j / sum_{i != top} e_i (p_j / q_top) for the other classes."""
+def _pow_of_log(log_q, alpha):
+    """q^alpha from log q (0^0 = 1, as the kernels' pow01)."""
+    return torch.ones_like(log_q) if alpha == 0 else torch.exp(alpha * log_q)
+
+
+def _softmax_and_complement(z, alpha):
+    """p = softmax(z), q = 1 - p accurately (for the largest class: the others' share), q^alpha
+    (the largest class's from log q: its q may be subnormal or below float32's range where
+    q^alpha is not small), the largest class, and e_j / sum_{i != top} e_i (p_j / q_top) for
+    the other classes (relative to their own maximum, so that it stays exact where that sum
+    underflows)."""
     top = z.argmax(1)
-    e = torch.exp(z - z.gather(1, top[:, None]))
+    m = z.gather(1, top[:, None])
     is_top = torch.zeros_like(z, dtype=torch.bool).scatter_(1, top[:, None], True)
-    e_other = torch.where(is_top, 0.0, e)
-    rest = e_other.sum(1, keepdim=True)
+    others = z.masked_fill(is_top, float("-inf"))
+    m2 = others.amax(1, keepdim=True).clamp_min(torch.finfo(z.dtype).min)   # (C = 1: no others)
+    e2 = torch.exp(others - m2)
+    rest2 = e2.sum(1, keepdim=True)                     # >= 1 unless no other class has a share
+    rest = rest2 * torch.exp(m2 - m)
     total = rest + 1.0
+    e = torch.exp(z - m)
     p = e / total
     q = torch.where(is_top, rest / total, 1 - p)
-    ratio = torch.where(rest > 0, e_other / rest.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
-    return p, q, top, ratio
+    log_q_top = m2 - m + torch.log(rest2) - torch.log1p(rest)
+    qa = torch.where(is_top, _pow_of_log(log_q_top, alpha), q.pow(alpha))
+    ratio = torch.where(rest2 > 0, e2 / rest2.clamp_min(torch.finfo(z.dtype).tiny), 0.0)
+    return p, q, qa, top, ratio
 
 
 def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float = 1.0,
