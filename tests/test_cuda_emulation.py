@@ -881,6 +881,25 @@ def test_sinkhorn_solve_and_plan(sinkhorn_lib, dtype, shape, eps, max_iter, zero
     torch.testing.assert_close(plan, expect_plan, rtol=10 * rtol, atol=1e-12)
 
 
+def test_sinkhorn_solve_iterates_once_at_least(sinkhorn_lib):
+    """C / eps ~ 1e-7 (eps = 1e7, float64: float32 cannot resolve it): the starting potentials
+    pass tol, and the CUDA solver, as the CPU's, still iterates once (it had returned their
+    value 0 after 0 iterations)."""
+    bsz, n, m, eps, max_iter, tol = 2, 4, 5, 1e7, 400, 1e-6
+    cost, a, b = ot_problem(bsz, n, m, torch.float64, seed=5, zero_mass=False)
+    expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, 0, 0, 1)
+    dims = int64s(bsz, n, m, max_iter)
+    work = torch.full((sinkhorn_lib.emu_sinkhorn_workspace(1, dims),), 255, dtype=torch.uint8)
+    outs, pointers, host_active = ot_outputs(bsz, n, m, torch.float64)
+    err = sinkhorn_lib.emu_sinkhorn_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), 1, dims,
+                                          eps, tol, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    value, n_iter = outs[0], outs[3]
+    assert bool((n_iter == 1).all()) and bool((expect[3] == 1).all()), (n_iter, expect[3])
+    torch.testing.assert_close(value, expect[0], rtol=1e-9, atol=0)
+    assert bool((value > 0.1).all())
+
+
 @pytest.mark.parametrize("shape,eps,max_iter,warmup,keep,zero_mass", [
     ((2, 37, 53), 0.02, 200, 3, 6, False), ((1, 70, 40), 0.01, 200, 2, 4, True),
     ((2, 9, 300), 0.05, 200, 1, 30, False), ((1, 24, 24), 0.01, 6, 2, 3, False),

@@ -410,6 +410,51 @@ def test_self_transport_cost_converges_where_alternating_iterations_stall():
         torch.testing.assert_close(value, sns.cost, rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_tiny_cost_over_eps_still_iterates(method):
+    """Where C / eps is tiny (eps = 1e6 on costs in [0, 1], or clouds of 1e-4 scale at the
+    default eps) the starting potentials f = g = 0 already pass tol, and their value 0 had
+    been returned as converged after 0 iterations: the solvers now iterate once at least. The
+    value is then the primal objective <P, C> + eps KL(P || a b^T) of the reference's plan
+    (about <a b^T, C> here); the self terms of the debiased loss likewise."""
+    g = torch.Generator().manual_seed(3)
+    c = torch.rand(2, 4, 5, generator=g, dtype=torch.float64)
+    a = torch.rand(2, 4, generator=g, dtype=torch.float64) + 0.2
+    b = torch.rand(2, 5, generator=g, dtype=torch.float64) + 0.2
+    a, b = a / a.sum(1, keepdim=True), b / b.sum(1, keepdim=True)
+    for eps in (1e6, 1e3):
+        r = ops.sinkhorn(c, a, b, eps=eps, method=method)
+        assert bool((r.n_iter >= 1).all()) and bool(r.converged.all())
+        want = torch.stack([ref.ot_eps(c[k], a[k], b[k], eps, iters=50) for k in range(2)])
+        torch.testing.assert_close(r.cost, want, rtol=1e-6, atol=1e-9)
+        assert bool((r.cost > 0.2).all())   # (about <a b^T, C>; 0 before)
+    x = 1e-4 * torch.rand(1, 6, 2, generator=g, dtype=torch.float64)
+    aa = torch.full((1, 6), 1 / 6, dtype=torch.float64)
+    cx = torch.cdist(x, x) ** 2
+    value = ops.self_transport_cost(x, aa, eps=0.05)
+    plan = ref.sinkhorn_plan(cx[0], aa[0], aa[0], 0.05, iters=50)
+    primal = (plan * cx[0]).sum() + 0.05 * (torch.special.xlogy(plan, plan / (aa[0, :, None] * aa[0])) - plan
+                                            + aa[0, :, None] * aa[0]).sum()
+    torch.testing.assert_close(value[0], primal, rtol=1e-4, atol=1e-16)
+    assert float(value[0]) > 1e-10
+
+
+def test_non_convergence_warning_names_a_mass_gap():
+    """Masses equal within the accepted 1e-5 but not within tol (weights normalised in float32,
+    solved in float64): the marginal error cannot fall below their gap; the warning says so."""
+    g = torch.Generator().manual_seed(8)
+    a = torch.rand(6, generator=g)
+    b = torch.rand(9, generator=g)
+    a, b = (a / a.sum()).double(), (b / b.sum()).double()
+    b[0] += 5e-6
+    c = torch.rand(6, 9, generator=g, dtype=torch.float64)
+    with pytest.warns(RuntimeWarning, match="differ in total mass by up to 5.*normalise them in torch.float64"):
+        ops.sinkhorn(c, a, b, eps=0.05, tol=1e-8, max_iter=200)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ops.sinkhorn(c, a, b / b.sum(), eps=0.05, tol=1e-8, max_iter=2000)
+
+
 def test_self_transport_cost_gradients_and_errors():
     """Gradients of ops.self_transport_cost against central differences of the symmetric
     solution (x, and a along zero-sum directions); one unbatched cloud equals its batch of one;

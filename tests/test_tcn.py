@@ -153,6 +153,30 @@ def test_torch_compile_fullgraph():
     assert_compiled_matches(f, make(2, 4, 40, 3, torch.float32, seed=7))
 
 
+def test_fake_kernels_lay_outputs_out_as_the_kernels():
+    """The fake kernels give the outputs' strides the kernels give (a permuted or expanded x
+    gets a contiguous output, a channels-last one with a sliced channel axis a dense
+    channels-last one): empty_like(x) had kept the input's strides, and torch.compile's stride
+    checks failed on an nn.TCN fed a [L, B, C] sequence viewed as [B, C, L]."""
+    g = torch.Generator().manual_seed(9)
+    layouts = {"permuted": torch.randn(20, 2, 8, generator=g).permute(1, 2, 0),
+               "expanded": torch.randn(2, 8, 1, generator=g).expand(2, 8, 20),
+               "channels-last, sliced": torch.randn(2, 20, 10, generator=g).transpose(1, 2)[:, :8]}
+    w, b = torch.randn(8, 3, generator=g), torch.randn(8, generator=g)
+    for name, x in layouts.items():
+        for op, args in ((torch.ops.fastloss.dilated_conv1d_forward.default, (x, w, b, 2, 4)),
+                         (torch.ops.fastloss.tcn_level_forward.default, (x, w, b, 2, 4, 1)),
+                         (torch.ops.fastloss.dilated_conv1d_backward.default,
+                          (torch.randn(x.shape, generator=g), x, w, 2, 4, [True, True, True])),
+                         (torch.ops.fastloss.tcn_level_backward.default,
+                          (torch.randn(x.shape, generator=g), x, w, b, 2, 4, 1, [True, True, True]))):
+            torch.library.opcheck(op, args, test_utils=("test_faketensor",))
+        model = fastloss.nn.TCN(8, 2, 3)
+        leaf = x.detach().requires_grad_(name != "expanded")
+        compiled = torch.compile(model, fullgraph=True)(leaf)
+        torch.testing.assert_close(compiled, model(x))
+
+
 def test_bad_input_errors_name_the_argument():
     x, w, b = make(2, 4, 20, 3, torch.float32, seed=8)
     cases = [

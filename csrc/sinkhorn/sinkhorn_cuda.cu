@@ -148,7 +148,7 @@ __global__ void __launch_bounds__(kThreads) decide_kernel(Solve<T> s) {
     s.error[k] = T(err);
     s.error64[k] = err;
     s.transport[k] = T(tr);
-    go = !(err < s.tol) && s.n_iter[k] < s.max_iter;
+    go = !(err < s.tol && s.n_iter[k] > 0) && s.n_iter[k] < s.max_iter;  // (one iteration at least: the CPU's)
     if (go) ++s.n_iter[k];
     else s.active[k] = 0;
   }

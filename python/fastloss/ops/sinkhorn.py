@@ -338,8 +338,13 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     total = total + _kl_mass_term(eps, mass_a, mass_b)
     converged = err < tol
     if warn and check_values and not bool(converged.all()):
+        # (masses accepted as equal may still differ by more than tol, which the marginal
+        # error then cannot go below: weights normalised in float32 and solved in float64)
+        gap = (mass_a - mass_b).abs()[~converged]
+        hint = (f"; a and b differ in total mass by up to {float(gap.max()):.3g}, a floor for the marginal "
+                f"error: normalise them in {c.dtype}" if bool((gap >= 0.5 * tol).any()) else "")
         warnings.warn(f"sinkhorn: {int((~converged).sum())} of {bsz} problem(s) did not reach "
-                      f"tol={tol} in {max_iter} iterations (marginal error up to {float(err.max()):.3g})",
+                      f"tol={tol} in {max_iter} iterations (marginal error up to {float(err.max()):.3g}){hint}",
                       RuntimeWarning, stacklevel=2)
     squeeze = (lambda t: t[0]) if single else (lambda t: t)
     return SinkhornResult(squeeze(total), squeeze(transport), squeeze(f), squeeze(g), squeeze(n_iter),
@@ -368,7 +373,9 @@ def _symmetric_potential(c, a, eps, max_iter, tol):
         tf = -eps * torch.logsumexp(log_a[:, None, :] + (f[:, None, :] - c) / eps, dim=2)
         # the rows of the plan of (f, f) sum to a_i exp((f_i - T f_i) / eps)
         err = torch.where(a > 0, a * torch.expm1((f - tf) / eps), torch.zeros_like(a)).abs().sum(1)
-        if it == max_iter or bool((err < tol).all()):
+        # (one update at least: f = 0 passes any tol once c / eps is tiny, and its value 0 is
+        # then off by about <a a^T, c>)
+        if it == max_iter or (it > 0 and bool((err < tol).all())):
             break  # err is f's
         f = 0.5 * (f + tf)
     return f, it, err

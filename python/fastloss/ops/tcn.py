@@ -31,17 +31,29 @@ from ._autograd import once_differentiable
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
 
+def _like_the_kernels_output(x):
+    """An empty tensor laid out as the ops' outputs are (tcn_op.cpp: canonical, then
+    empty_like): x's own strides where x is dense channels last, a channels-last copy's where
+    it is channels last otherwise, else contiguous. (empty_like(x) had kept the strides of a
+    permuted or expanded x, which the kernels' outputs do not have: torch.compile's stride
+    checks failed on them.)"""
+    if x.shape[1] > 1 and x.stride(1) == 1 and x.stride(2) != 1:
+        blc = x.transpose(1, 2)
+        return torch.empty_like(x if blc.is_contiguous() else blc.contiguous().transpose(1, 2))
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
 @torch.library.register_fake("fastloss::dilated_conv1d_forward")
 def _fake_forward(x, weight, bias, dilation, pad):
     torch._check(x.dim() == 3, lambda: f"x must be 3-D [B, C, L], got {tuple(x.shape)}")
     torch._check(weight.dim() == 2 and weight.shape[0] == x.shape[1],
                  lambda: f"a depthwise weight must be [C, K] with C = {x.shape[1]}")
-    return torch.empty_like(x)
+    return _like_the_kernels_output(x)
 
 
 @torch.library.register_fake("fastloss::dilated_conv1d_backward")
 def _fake_backward(grad_y, x, weight, dilation, pad, grad_mask):
-    return (torch.empty_like(x) if grad_mask[0] else x.new_empty((0,)),
+    return (_like_the_kernels_output(x) if grad_mask[0] else x.new_empty((0,)),
             weight.new_empty(weight.shape if grad_mask[1] else (0,)),
             weight.new_empty((weight.shape[0],) if grad_mask[2] else (0,)))
 
@@ -66,8 +78,7 @@ torch.library.register_autograd("fastloss::dilated_conv1d_forward", _backward, s
 
 @torch.library.register_fake("fastloss::tcn_level_forward")
 def _fake_level(x, weight, bias, dilation, pad, act):
-    _fake_forward(x, weight, bias, dilation, pad)
-    return torch.empty_like(x)
+    return _fake_forward(x, weight, bias, dilation, pad)
 
 
 @torch.library.register_fake("fastloss::tcn_level_backward")
