@@ -194,3 +194,32 @@ def test_cuda_checks(name):
         fn(logits.double(), target, **params)
     with pytest.raises(RuntimeError, match="target has 3 entries but logits has 4 rows"):
         fn(logits, target[:3], **params)
+
+
+def test_numpy_integers_are_taken_as_ints():
+    """Integer arguments accept NumPy integers (anything with __index__ but a bool), as torch's
+    own ops do: block_rows=np.int64(2) and k=np.int64(3) had been refused as not ints."""
+    np = pytest.importorskip("numpy")
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(4, 10, generator=g), torch.randn(4, 10, generator=g)
+    torch.testing.assert_close(ops.topk_kl_loss(s, t, np.int64(3)), ops.topk_kl_loss(s, t, 3))
+    w = torch.randn(8, 64, generator=g)
+    q = ops.quantize_weight(w, np.int64(4), np.int64(32))
+    assert type(q.bits) is int and type(q.group) is int and q.bits == 4 and q.group == 32
+    x = torch.randn(2, 4, 20, generator=g)
+    k = torch.randn(4, 3, generator=g)
+    torch.testing.assert_close(ops.dilated_conv1d(x, k, dilation=np.int32(2)), ops.dilated_conv1d(x, k, dilation=2))
+    torch.testing.assert_close(ops.tcn_level(x, k, dilation=np.int64(2)), ops.tcn_level(x, k, dilation=2))
+    h, W, tt = torch.randn(6, 5, generator=g), torch.randn(9, 5, generator=g), torch.randint(0, 9, (6,), generator=g)
+    torch.testing.assert_close(ops.linear_cross_entropy(h, W, tt, block_rows=np.int64(2)),
+                               ops.linear_cross_entropy(h, W, tt, block_rows=2))
+    c = torch.rand(3, 4, generator=g, dtype=torch.float64)
+    assert int(ops.sinkhorn(c, eps=0.1, max_iter=np.int64(5), warn=False).n_iter) <= 5
+    e, lab = torch.randn(12, 4, generator=g), torch.arange(12) % 3
+    torch.testing.assert_close(ops.icnn_loss(e, lab, k=np.int64(2)), ops.icnn_loss(e, lab, k=2))
+    torch.testing.assert_close(ops.contrastive_loss(e, e, block_rows=np.int64(4)), ops.contrastive_loss(e, e, block_rows=4))
+    torch.testing.assert_close(ops.multi_similarity_loss(e, lab, block_rows=np.int64(5)),
+                               ops.multi_similarity_loss(e, lab, block_rows=5))
+    for bad in (True, 3.0):   # a bool or a float is still no int
+        with pytest.raises(ValueError, match="k must be an int"):
+            ops.topk_kl_loss(s, t, bad)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 
@@ -30,3 +31,16 @@ def require_finite(fn: str, **values) -> None:
             raise TypeError(f"{fn}: {name} must be a number, got {type(v).__name__}") from None
         if not finite:
             raise ValueError(f"{fn}: {name} must be a finite number, got {v}")
+
+
+
+def as_int(v):
+    """``v`` as a Python int where it is an integer of another type (a NumPy integer, anything
+    with ``__index__`` but a bool), else ``v`` as it is: the ops' integer arguments go through it
+    before their checks, so that ``k=np.int64(3)`` works as in torch's own ops."""
+    if isinstance(v, (bool, int)) or not hasattr(type(v), "__index__"):
+        return v
+    try:
+        return operator.index(v)
+    except TypeError:
+        return v

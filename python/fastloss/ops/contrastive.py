@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite, values_readable
+from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
@@ -228,6 +228,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
             if bool((w.sum(1) <= 0).any()) or (symmetric and bool((w.sum(0) <= 0).any())):
                 raise ValueError(f"{fn}: every row of weights (and column, when symmetric) needs a "
                                  f"positive sum")
+    block_rows = as_int(block_rows)
     if block_rows is None:
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
     elif not (isinstance(block_rows, int) and block_rows > 0):

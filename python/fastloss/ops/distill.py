@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._checks import require_finite, values_readable
+from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
 from ._devices import has_kernel
 
@@ -298,6 +298,7 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     """
     fn = "topk_kl_loss"
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
+    k = as_int(k)
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite
+from ._checks import as_int, require_finite
 from ._autograd import once_differentiable
 
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
@@ -315,6 +315,7 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     _check_set(fn, "target", target, "target_labels", target_labels, emb.device)
     if target.shape[1] != emb.shape[1]:
         raise ValueError(f"{fn}: target has {target.shape[1]} features but emb has {emb.shape[1]}")
+    k, num_neighbors = as_int(k), as_int(num_neighbors)
     if isinstance(k, bool) or not isinstance(k, int) or k < 1:
         raise ValueError(f"{fn}: k must be a positive int, got {k!r}")
     m = target.shape[0]

@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from ._autograd import refuse_grad
-from ._checks import values_readable
+from ._checks import as_int, values_readable
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -121,6 +121,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
         raise ValueError(f"{fn}: target must have hidden's leading shape {tuple(hidden.shape[:-1])} "
                          f"(hidden is [..., D]), got {tuple(target.shape)}")
+    block_rows = as_int(block_rows)
     if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     refuse_grad(fn, "class_weight", class_weight, "the class weights (as F.cross_entropy)")

@@ -41,7 +41,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._devices import has_kernel
-from ._checks import require_finite, values_readable
+from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
@@ -282,6 +282,7 @@ def _check_emb_labels(fn, emb, labels):
 
 
 def _block_rows(fn, block_rows, n, budget=_BLOCK_BYTES):
+    block_rows = as_int(block_rows)
     if block_rows is None:
         return max(1, budget // (4 * max(n, 1)))
     if not (isinstance(block_rows, int) and block_rows > 0):

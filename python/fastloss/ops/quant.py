@@ -48,6 +48,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import as_int
+
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 _PLANES = {2: 4, 3: 8, 4: 2, 8: 1}   # values packed per byte position of a group
@@ -92,7 +94,7 @@ class QuantizedWeight:
         codes in ``[0, 2^bits)``, ``scales`` and ``zeros`` ``[N, K / group_size]`` (finite; zeros in
         quantized units, or None for ``z = 0``: a symmetric export's ``2^(bits-1)`` must be
         passed), or an optional ``codebook`` without zeros (module docstring)."""
-        _check_bits(bits)
+        bits = _check_bits(bits)
         if not isinstance(q, Tensor) or q.dim() != 2 or q.numel() == 0:
             raise ValueError(f"QuantizedWeight.from_int: q must be a non-empty [N, K] tensor of codes, got "
                              f"{tuple(getattr(q, 'shape', ()))}")
@@ -116,12 +118,16 @@ class QuantizedWeight:
                    None if codebook is None else _check_codebook(codebook, bits, n))
 
 
-def _check_bits(bits):
+def _check_bits(bits) -> int:
+    """bits, checked, as an int."""
+    bits = as_int(bits)
     if not isinstance(bits, int) or isinstance(bits, bool) or bits not in _PLANES:
         raise ValueError(f"bits must be 2, 3, 4 or 8, got {bits}")
+    return bits
 
 
 def _group_length(group_size: int, k: int, bits: int) -> int:
+    group_size = as_int(group_size)
     if not isinstance(group_size, int) or isinstance(group_size, bool):
         raise ValueError(f"group_size must be an int (-1 per channel, 0 per tensor), got {group_size!r}")
     group = k if group_size in (-1, 0) else group_size
@@ -175,7 +181,7 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
     """Round-to-nearest quantization of ``w`` ``[N, K]`` into the packed format (module
     docstring); with ``codebook`` (``[2^bits]``, ``[1, 2^bits]`` or ``[N, 2^bits]``, e.g.
     :func:`nf_codebook` or :func:`power_codebook`) the non-uniform format."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if not isinstance(w, Tensor) or w.dim() != 2 or not w.is_floating_point():
         raise ValueError(f"quantize_weight: w must be a floating [N, K] tensor, got "
                          f"{getattr(w, 'dtype', type(w))} {tuple(getattr(w, 'shape', ()))}")
@@ -235,7 +241,7 @@ def nf_codebook(bits: int = 4) -> Tensor:
     """The NormalFloat grid of QLoRA (NF4 at ``bits=4``): quantiles of the standard normal,
     ``2^(bits-1)`` positive levels, ``2^(bits-1) - 1`` negative ones and an exact zero,
     normalized to [-1, 1]; float32 ``[2^bits]``, ascending."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     n = 1 << bits
     offset = 1 - 0.5 * (1 / (2 * n) + 1 / (2 * (n - 1)))
     pos = torch.special.ndtri(torch.linspace(offset, 0.5, n // 2 + 1, dtype=torch.float64)[:-1])
@@ -248,7 +254,7 @@ def power_codebook(bits: int, exponent: float) -> Tensor:
     """A power-exponent grid (NUPES): ``sign(t) |t|^exponent`` for ``2^bits`` evenly spaced
     ``t`` in [-1, 1] (``exponent > 1`` puts more levels near zero, for bell-shaped weights);
     float32 ``[2^bits]``, ascending."""
-    _check_bits(bits)
+    bits = _check_bits(bits)
     if not exponent > 0:
         raise ValueError(f"power_codebook: exponent must be > 0, got {exponent}")
     t = torch.linspace(-1, 1, 1 << bits, dtype=torch.float64)

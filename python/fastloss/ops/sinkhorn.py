@@ -44,6 +44,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from ._checks import as_int
 from ._devices import has_kernel
 from ._autograd import once_differentiable
 
@@ -262,11 +263,14 @@ def _marginal(x, size, bsz, name, like, check_values=True, fn="sinkhorn"):
     return x.expand(bsz, size) if x.dim() == 1 else x
 
 
-def _check_eps_iters(fn, eps, max_iter):
+def _check_eps_iters(fn, eps, max_iter) -> int:
+    """max_iter, checked with eps, as an int."""
+    max_iter = as_int(max_iter)
     if not eps > 0:
         raise ValueError(f"{fn}: eps must be > 0, got {eps}")
     if not (isinstance(max_iter, int) and max_iter >= 1):
         raise ValueError(f"{fn}: max_iter must be an int >= 1, got {max_iter!r}")
+    return max_iter
 
 
 def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = None, *,
@@ -298,7 +302,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     if not isinstance(cost, Tensor) or cost.dim() not in (2, 3) or cost.dtype not in (torch.float32, torch.float64):
         raise ValueError(f"sinkhorn: cost must be a float32/float64 [n, m] or [B, n, m] tensor, got "
                          f"{getattr(cost, 'dtype', type(cost))} {tuple(getattr(cost, 'shape', ()))}")
-    _check_eps_iters("sinkhorn", eps, max_iter)
+    max_iter = _check_eps_iters("sinkhorn", eps, max_iter)
     single = cost.dim() == 2
     c = cost[None] if single else cost
     # the value checks read the data: done eagerly, skipped inside torch.compile graphs (and on
@@ -426,7 +430,7 @@ def self_transport_cost(x: Tensor, a: Optional[Tensor] = None, *, p: int = 2, ep
         raise ValueError(f"self_transport_cost: x must be float32 or float64, got {x.dtype}")
     if p not in (1, 2):
         raise ValueError(f"self_transport_cost: p must be 1 or 2, got {p}")
-    _check_eps_iters("self_transport_cost", eps, max_iter)
+    max_iter = _check_eps_iters("self_transport_cost", eps, max_iter)
     single = x.dim() == 2
     xb = x[None] if single else x
     d = torch.cdist(xb, xb)

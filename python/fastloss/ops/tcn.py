@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._checks import as_int
 from ._devices import has_kernel
 from ._autograd import once_differentiable
 
@@ -143,6 +144,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
         raise ValueError(f"{fn}: x must be 3-D [B, C, L], got shape {tuple(x.shape)}")
     if x.dtype not in _FLOATS:
         raise ValueError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    dilation = as_int(dilation)
     if not _dilation_is_int(dilation):
         raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
     if weight.dim() not in (2, 3) or weight.shape[-1] < 1:
@@ -183,6 +185,7 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
     if activation not in ACTIVATIONS:
         raise ValueError(f"tcn_level: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
     code, act = ACTIVATIONS[activation]
+    dilation = as_int(dilation)
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
              and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from ._autograd import once_differentiable, refuse_grad
+from ._checks import as_int
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
@@ -244,6 +245,7 @@ def vocab_parallel_linear_cross_entropy(
         i = int(bad.nonzero()[0])
         raise ValueError(f"{_FN}: target[{i}] = {int(t[i])} is not a class index in [0, {total}) "
                          f"nor ignore_index ({ignore_index})")
+    tile_cols = as_int(tile_cols)
     if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
         raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
     eps = filter_threshold(_FN, filter_eps, hidden.dtype, smoothing)
