@@ -20,6 +20,9 @@ def test_cuda_code_was_built_when_required():
     if os.environ.get("FASTLOSS_REQUIRE_CUDA_BUILD") == "1":
         assert torch.version.cuda is not None, "CI must install a CUDA build of torch"
         assert fastloss.built_with_cuda(), "the CUDA kernels were not compiled"
+        wanted = os.environ.get("FASTLOSS_CUDA_ARCHS")
+        if wanted:  # (the list asked for, not one a kept build folder had cached before)
+            assert fastloss.cuda_archs() == wanted.replace(",", ";").split(";"), fastloss.cuda_archs()
 
 
 def test_cpu_isa_switch():
@@ -67,3 +70,19 @@ def test_op_files_call_cuda_entry_points_only_in_cuda_builds():
                 bad += [f"{path.relative_to(csrc)}:{number}: {name}" for name in call.findall(line)
                         if name not in allowed]
     assert not bad, "CUDA entry points called outside #if defined(FASTLOSS_WITH_CUDA):\n" + "\n".join(bad)
+
+
+def test_a_cpu_isa_the_environment_cannot_have_is_named():
+    """FASTLOSS_CPU_ISA with a value the module cannot use (a typo, a level this CPU lacks)
+    keeps the best level, which set_cpu_isa would refuse: the import warns, naming it."""
+    import subprocess
+    import sys
+    env = dict(os.environ, FASTLOSS_CPU_ISA="avx3")
+    run = subprocess.run([sys.executable, "-c", "import fastloss; print(fastloss.cpu_isa())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert "FASTLOSS_CPU_ISA='avx3' is not one of this CPU's levels" in run.stderr, run.stderr
+    assert run.stdout.strip() == fastloss.cpu_isas()[-1]
+    env["FASTLOSS_CPU_ISA"] = "generic"
+    run = subprocess.run([sys.executable, "-W", "error", "-c", "import fastloss; print(fastloss.cpu_isa())"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == "generic"

@@ -4,9 +4,18 @@ Functions live in :mod:`fastloss.ops`, modules in :mod:`fastloss.nn`, and the pl
 float64 references every kernel is tested against in :mod:`fastloss.reference`.
 """
 
+import os
+import warnings
+
 import torch  # noqa: F401  (loads libtorch before the extension that links it)
 
-from . import _C
+try:
+    from . import _C
+except ImportError as e:  # (the raw message names a symbol or a file, not the cause)
+    raise ImportError(
+        f"fastloss: its compiled module (fastloss._C) does not load with torch {torch.__version__}: "
+        f"{e}. It is built against the torch installed when it was built: rebuild it with this "
+        "torch (pip install --no-build-isolation --force-reinstall --no-deps .)") from e
 from . import ops, nn, reference
 
 __version__ = "0.1.0"
@@ -54,6 +63,13 @@ def set_cpu_isa(name: str) -> None:
         raise ValueError(f"set_cpu_isa: {name!r} is not available here; expected 'auto' or one "
                          f"of {cpu_isas()}")
 
+
+# FASTLOSS_CPU_ISA is read by the compiled module at start-up; a value it cannot use (a typo, a
+# level this CPU lacks) leaves the best level in place, which set_cpu_isa would refuse: say so.
+_asked = os.environ.get("FASTLOSS_CPU_ISA", "")
+if _asked and _asked != "auto" and _asked != cpu_isa():
+    warnings.warn(f"fastloss: FASTLOSS_CPU_ISA={_asked!r} is not one of this CPU's levels "
+                  f"{cpu_isas()} (or 'auto'); using {cpu_isa()!r}", RuntimeWarning, stacklevel=2)
 
 __all__ = [
     "ops",
