@@ -43,6 +43,9 @@ DEADLINE=${DEADLINE:-540}
 T0=$SECONDS
 left() { echo $((DEADLINE - (SECONDS - T0))); }
 say() { echo "== [$((SECONDS - T0)) s] $*" | tee -a "$LOG"; }
+# a step's exit status: logged, and counted when not 0 (the script's own status at the end)
+FAILED=0
+status() { local rc=$1; shift; say "$* rc=$rc"; [ "$rc" -eq 0 ] || FAILED=$((FAILED + 1)); }
 keep() { for f in "$@"; do { echo "===== $f"; cat "$RES/$f"; } >> "$LOG"; done; }
 pack() { tar -C "$RES" -czf "$OUT_DIR/results.tgz" . 2> /dev/null; say "packed results.tgz"; }
 trap pack EXIT
@@ -89,7 +92,7 @@ bench() {  # bench NAME SCRIPT SECONDS [extra args]: bench/SCRIPT --device cuda
   [ "$l" -eq 0 ] && { say "$name benchmarks SKIPPED: no time left"; return 0; }
   say "$name benchmarks (limit $l s)"
   timeout "$l" "$PY" "bench/$script" --device cuda --out "$RES" "$@" > "$RES/bench_${name}_cuda.log" 2>&1
-  say "$name bench rc=$?"
+  status $? "$name bench"
   keep "bench_${name}_cuda.log"
 }
 
@@ -98,11 +101,11 @@ sanitize() {  # a bad access reported with its kernel (memcheck works on the Fir
   l=$(limit 90)
   say "compute-sanitizer memcheck of scripts/gpu_sanitize.py ${SANITIZE:-tcn} (limit $l s)"
   CUDA_LAUNCH_BLOCKING=1 timeout "$l" "$PY" scripts/gpu_sanitize.py ${SANITIZE:-tcn} > "$RES/blocking.log" 2>&1
-  say "plain run with CUDA_LAUNCH_BLOCKING=1 rc=$?"; tail -4 "$RES/blocking.log" | tee -a "$LOG"
+  status $? "plain run with CUDA_LAUNCH_BLOCKING=1"; tail -4 "$RES/blocking.log" | tee -a "$LOG"
   san=$(command -v compute-sanitizer || ls /usr/local/cuda*/bin/compute-sanitizer 2> /dev/null | head -n 1)
   timeout "$(limit 90)" "${san:-compute-sanitizer}" --tool memcheck --print-limit 20 "$PY" scripts/gpu_sanitize.py \
     ${SANITIZE:-tcn} > "$RES/sanitize.log" 2>&1
-  say "memcheck rc=$?"; grep -v "^ok " "$RES/sanitize.log" | head -60 | tee -a "$LOG"
+  status $? "memcheck"; grep -v "^ok " "$RES/sanitize.log" | head -60 | tee -a "$LOG"
   grep "^ok " "$RES/sanitize.log" | tail -2 | tee -a "$LOG"
 }
 
@@ -114,7 +117,7 @@ cuda_tests() {  # cuda_tests NAME LIMIT FILES...: one pytest process (a bad acce
   say "CUDA tests $name (limit $l s)"
   timeout "$l" "$PY" -m pytest -q -m cuda -p no:cacheprovider $XDIST $TIMEOUT --durations=10 "$@" \
     > "$RES/tests_cuda_$name.log" 2>&1
-  say "cuda tests $name rc=$?"
+  status $? "cuda tests $name"
   grep -E "^(FAILED|ERROR)" "$RES/tests_cuda_$name.log" | head -40 | tee -a "$LOG"
   tail -1 "$RES/tests_cuda_$name.log" | tee -a "$LOG"
 }
@@ -125,7 +128,7 @@ profile() {  # where the time of the slow or unexplained calls goes (scripts/gpu
   [ "$l" -eq 0 ] && { say "profile SKIPPED: no time left"; return 0; }
   say "profile (limit $l s)"
   timeout "$l" "$PY" scripts/gpu_profile.py > "$RES/profile.log" 2>&1
-  say "profile rc=$?"
+  status $? "profile"
   keep profile.log
 }
 
@@ -136,7 +139,7 @@ cpu_tests() {
     tests/test_bad_input.py tests/test_build.py \
     tests/test_losses.py -k "bad or opcheck or autocast or no_grad or twice or Every or build" \
     > "$RES/tests_cpu.log" 2>&1
-  say "cpu tests rc=$?"
+  status $? "cpu tests"
   grep -E "^(FAILED|ERROR)" "$RES/tests_cpu.log" | head -10 | tee -a "$LOG"
   tail -1 "$RES/tests_cpu.log" | tee -a "$LOG"
 }
@@ -168,4 +171,5 @@ run_step() {
   esac
 }
 for step in $STEPS; do run_step "$step"; done
-say "done"
+say "done ($FAILED step(s) failed)"
+[ "$FAILED" -eq 0 ]
