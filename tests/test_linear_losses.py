@@ -212,6 +212,8 @@ def test_low_memory_compiles_and_checks_input():
             (lambda: f(h, w.double(), t), "must share a dtype"),
             (lambda: f(h, w, t, b[:3]), "bias must be [31]"),
             (lambda: f(h, w, t, class_weight=torch.ones(4)), "class_weight must be 1-D"),
+            (lambda: f(h, w, t, class_weight=torch.ones(31, dtype=torch.long)), "floating, got torch.int64"),
+            (lambda: f(h, w, t, block_rows=True), "block_rows must be a positive int"),
             (lambda: f(h, w, t.float()), "target must hold class indices"),
             (lambda: f(h, w, torch.full((13,), 31)), "target[0] = 31 is not a class index in [0, 31)")]:
         with pytest.raises(ValueError) as info:

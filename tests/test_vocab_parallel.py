@@ -101,6 +101,23 @@ def _check_rank(rank, world, v):
         assert f"is not a class index in [0, {v})" in str(e), str(e)
     else:
         raise AssertionError("a target past the vocabulary did not raise")
+    # under autocast the shard is cast as F.linear casts it (as linear_cross_entropy does): float32
+    # master weights with bfloat16 compute had been refused as a dtype mismatch
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.vocab_parallel_linear_cross_entropy(h, w[first:first + sizes[rank]], t,
+                                                     b[first:first + sizes[rank]])
+        want = ops.linear_cross_entropy(h, w, t, b)
+    assert got.dtype == want.dtype == torch.bfloat16, (got.dtype, want.dtype)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+    # a rank outside the group it passes (new_group gives it a marker, not a group): named
+    outside = dist.new_group([0])   # (every rank takes part in making it)
+    if rank != 0:
+        try:
+            ops.vocab_parallel_linear_cross_entropy(h, w[first:first + sizes[rank]], t, group=outside)
+        except ValueError as e:
+            assert f"this rank ({rank}) is not a member of group" in str(e), str(e)
+        else:
+            raise AssertionError("a rank outside the group did not raise")
     # the group passed where bias_shard goes, or a group that is not a ProcessGroup: named
     shard = w[first:first + sizes[rank]]
     for args, kwargs, match in (((h, shard, t, dist.group.WORLD), {}, "bias_shard must be a Tensor or None"),

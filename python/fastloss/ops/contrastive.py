@@ -231,7 +231,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
     block_rows = as_int(block_rows)
     if block_rows is None:
         block_rows = max(1, _BLOCK_BYTES // (4 * max(n, 1)))
-    elif not (isinstance(block_rows, int) and block_rows > 0):
+    elif not (isinstance(block_rows, int) and not isinstance(block_rows, bool) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     if weights is None and has_kernel(a):
         # one op with its C++ autograd formula (pair_losses_op.cpp): contrastive_forward's blocks

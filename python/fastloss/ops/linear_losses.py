@@ -122,7 +122,8 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
         raise ValueError(f"{fn}: target must have hidden's leading shape {tuple(hidden.shape[:-1])} "
                          f"(hidden is [..., D]), got {tuple(target.shape)}")
     block_rows = as_int(block_rows)
-    if block_rows is not None and not (isinstance(block_rows, int) and block_rows > 0):
+    if block_rows is not None and not (isinstance(block_rows, int) and not isinstance(block_rows, bool)
+                                       and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     refuse_grad(fn, "class_weight", class_weight, "the class weights (as F.cross_entropy)")
     if filter_eps is not None and not low_memory:
@@ -163,9 +164,10 @@ def _check_tile_inputs(fn, hidden, weight, target, bias, class_weight, ignore_in
     if bias is not None and (tuple(bias.shape) != (v,) or bias.dtype != hidden.dtype):
         raise ValueError(f"{fn}: bias must be [{v}] of hidden's dtype, got {tuple(bias.shape)} "
                          f"{bias.dtype}")
-    if class_weight is not None and tuple(class_weight.shape) != (v,):
-        raise ValueError(f"{fn}: class_weight must be 1-D with one entry per class ({v}), got "
-                         f"{tuple(class_weight.shape)}")
+    if class_weight is not None and (tuple(class_weight.shape) != (v,) or not class_weight.is_floating_point()):
+        # (an integer tensor too, as the default path and F.cross_entropy refuse it)
+        raise ValueError(f"{fn}: class_weight must be 1-D with one entry per class ({v}), floating, got "
+                         f"{class_weight.dtype} {tuple(class_weight.shape)}")
     if target.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"{fn}: target must hold class indices (int64 or int32), got {target.dtype}")
     for name, x in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):

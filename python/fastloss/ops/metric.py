@@ -285,7 +285,7 @@ def _block_rows(fn, block_rows, n, budget=_BLOCK_BYTES):
     block_rows = as_int(block_rows)
     if block_rows is None:
         return max(1, budget // (4 * max(n, 1)))
-    if not (isinstance(block_rows, int) and block_rows > 0):
+    if not (isinstance(block_rows, int) and not isinstance(block_rows, bool) and block_rows > 0):
         raise ValueError(f"{fn}: block_rows must be a positive int or None, got {block_rows!r}")
     return block_rows
 

@@ -216,8 +216,18 @@ def vocab_parallel_linear_cross_entropy(
         raise TypeError(f"{_FN}: bias_shard must be a Tensor or None, got {type(bias_shard).__name__} "
                         "(the process group is the fifth argument, group=)")
     if group is not None and not isinstance(group, dist.ProcessGroup):
+        if group == dist.GroupMember.NON_GROUP_MEMBER:   # (what new_group gives the ranks outside it)
+            raise ValueError(f"{_FN}: this rank ({dist.get_rank()}) is not a member of group: call the "
+                             "op on the group's ranks only")
         raise TypeError(f"{_FN}: group must be a torch.distributed ProcessGroup or None (the world), "
                         f"got {type(group).__name__}")
+    # F.linear runs in the autocast dtype: the shard and its bias are cast as it casts them (as
+    # linear_cross_entropy does; float32 master weights under autocast had been refused)
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight_shard = hidden.to(dtype), weight_shard.to(dtype)
+        bias_shard = bias_shard.to(dtype) if bias_shard is not None else None
     if hidden.dim() < 1:
         raise ValueError(f"{_FN}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
     if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
@@ -246,7 +256,8 @@ def vocab_parallel_linear_cross_entropy(
         raise ValueError(f"{_FN}: target[{i}] = {int(t[i])} is not a class index in [0, {total}) "
                          f"nor ignore_index ({ignore_index})")
     tile_cols = as_int(tile_cols)
-    if tile_cols is not None and not (isinstance(tile_cols, int) and tile_cols > 0):
+    if tile_cols is not None and not (isinstance(tile_cols, int) and not isinstance(tile_cols, bool)
+                                      and tile_cols > 0):
         raise ValueError(f"{_FN}: tile_cols must be a positive int or None, got {tile_cols!r}")
     eps = filter_threshold(_FN, filter_eps, hidden.dtype, smoothing)
     cw = class_weight.float() if class_weight is not None else None
