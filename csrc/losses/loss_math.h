@@ -181,7 +181,7 @@ FL_HD V softmax_grad(V x, V w, const SoftmaxBwd& b) {
 // ---- cross-entropy with class weights, label smoothing, z-loss (lse^2) and soft-capping ----
 //   loss = w_y [(1 - eps)(lse - z_y) + s lse^2] + (eps / C) sum_k w_k (lse - z_k)
 // which is F.cross_entropy's formula (weights and smoothing included) plus the PaLM term.
-// Saved: stat0 = lse.
+// Saved: stat0 = lse, stat1 = its rounding residual (finish).
 struct CrossEntropyLoss : SoftmaxFamilyBase {
   using Ctx = SoftmaxCtx;
   static FL_HD int passes(const LossParams&) { return 1; }
@@ -201,11 +201,16 @@ struct CrossEntropyLoss : SoftmaxFamilyBase {
     float loss = w_y * ((1.f - p.label_smoothing) * nll + p.lse_square_scale * lse * lse);
     if (p.label_smoothing > 0.f)
       loss += p.label_smoothing / float(C) * (weight_sum(p, C) * lse - a.t);
-    return {loss, lse, 0.f};
+    // Saved: lse and its rounding residual, m + log s - lse (exact in double): the backward's
+    // z_y - lse - residual keeps a near-certain target's 1 - p_y where lse alone rounds it away
+    // (below one float32 step of the largest logit: 2.4e-6 at logits of 64, a step 7.6e-6,
+    // had given p_y - 1 = 0 or -7.6e-6)
+    const float lse_lo = float((double(a.m) + double(logs)) - double(lse));
+    return {loss, lse, lse_lo};
   }
-  static FL_HD SoftmaxBwd make_bwd(const LossParams& p, float g, float stat0, float, float x_y,
+  static FL_HD SoftmaxBwd make_bwd(const LossParams& p, float g, float stat0, float stat1, float x_y,
                                    float w_y, int64_t C) {
-    const float eps = p.label_smoothing, lse = stat0;
+    const float eps = p.label_smoothing, lse = stat0, lse_lo = stat1;
     const float cap = p.softcap, inv_cap = cap > 0.f ? 1.f / cap : 0.f;
     const float R = (1.f - eps) * w_y;
     const float P = R + eps * weight_sum(p, C) / float(C) + 2.f * p.lse_square_scale * w_y * lse;
@@ -217,7 +222,7 @@ struct CrossEntropyLoss : SoftmaxFamilyBase {
       t = vtanh(x_y * inv_cap);
       z_y = cap * t;
     }
-    const float u = z_y - lse;
+    const float u = (z_y - lse) - lse_lo;  // (z_y - lse exact near the maximum)
     const float gy = R * vexpm1(u) + (P - R) * vexp(u) - Q * w_y;
     const float J = cap > 0.f ? 1.f - t * t : 1.f;
     return softmax_bwd(1.f, 0.f, lse, g * P, g * Q, cap, inv_cap, g * J * gy);
