@@ -1039,6 +1039,23 @@ def test_dice_bad_targets_give_nan_rows(metric_lib):
     torch.testing.assert_close(rows[ok], torch.ops.fastloss.dice_softmax_forward(xs[ok], t[ok], *DICE_PARAMS[0], -100))
 
 
+def dice_softmax_against_cpu(metric_lib, xs, x, t, params, up, stride):
+    """The emulated softmax-Dice kernels on xs (x's values, rows `stride` apart), their outputs
+    between guards, and the CPU kernels' on x: (rows, grad, expected rows, expected grad)."""
+    n, c = x.shape
+    rows, rbuf = nan_outputs((n,))
+    grad, gbuf = nan_outputs((n, c), x.dtype)
+    p32 = torch.tensor(params)
+    err = metric_lib.emu_dice_softmax(xs.data_ptr(), DTYPE_CODES[x.dtype], t.data_ptr(),
+                                      int64s(n, c, stride, -100), p32.data_ptr(),
+                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    check_guards(rbuf, "rows")
+    check_guards(gbuf, "grad")
+    return (rows, grad, torch.ops.fastloss.dice_softmax_forward(x, t, *params, -100),
+            torch.ops.fastloss.dice_softmax_backward(up, x, t, *params, -100))
+
+
 @pytest.mark.parametrize("params", DICE_PARAMS, ids=str)
 @pytest.mark.parametrize("shape", [(6, 1), (9, 7), (4, 1000), (3, 2500)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("dtype", list(DTYPE_CODES), ids=str)
@@ -1060,17 +1077,7 @@ def test_dice_softmax(metric_lib, dtype, shape, params):
     padded = torch.cat([x, torch.full((n, 2), float("nan"), dtype=dtype)], 1)
     xs = torch.as_strided(guarded(padded, float("nan"))[0], (n, c), (c + 2, 1))
     up = torch.rand(n, generator=gen) + 0.5
-    rows, rbuf = nan_outputs((n,))
-    grad, gbuf = nan_outputs((n, c), dtype)
-    p32 = torch.tensor(params)
-    err = metric_lib.emu_dice_softmax(xs.data_ptr(), DTYPE_CODES[dtype], t.data_ptr(),
-                                      int64s(n, c, c + 2, -100), p32.data_ptr(),
-                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
-    assert err is None, err.decode()
-    check_guards(rbuf, "rows")
-    check_guards(gbuf, "grad")
-    expect = torch.ops.fastloss.dice_softmax_forward(x, t, *params, -100)
-    expect_grad = torch.ops.fastloss.dice_softmax_backward(up, x, t, *params, -100)
+    rows, grad, expect, expect_grad = dice_softmax_against_cpu(metric_lib, xs, x, t, params, up, c + 2)
     torch.testing.assert_close(rows, expect, rtol=2e-5, atol=2e-5 * max(1.0, c / 100))
     scale = float(expect_grad.float().abs().max()) + 1e-6
     torch.testing.assert_close(grad.float(), expect_grad.float(), rtol=TOL[dtype] * 5, atol=TOL[dtype] * scale)
@@ -1096,16 +1103,7 @@ def test_dice_softmax_far_saturated(metric_lib, alpha):
     t = torch.tensor([3, 1, 5, 300, 7, 9])
     params = (alpha, 1.0, 0.0)
     up = torch.rand(n, generator=gen) + 0.5
-    rows, rbuf = nan_outputs((n,))
-    grad, gbuf = nan_outputs((n, c))
-    p32 = torch.tensor(params)
-    err = metric_lib.emu_dice_softmax(x.data_ptr(), 0, t.data_ptr(), int64s(n, c, c, -100), p32.data_ptr(),
-                                      rows.data_ptr(), up.data_ptr(), grad.data_ptr())
-    assert err is None, err.decode()
-    check_guards(rbuf, "rows")
-    check_guards(gbuf, "grad")
-    expect = torch.ops.fastloss.dice_softmax_forward(x, t, *params, -100)
-    expect_grad = torch.ops.fastloss.dice_softmax_backward(up, x, t, *params, -100)
+    rows, grad, expect, expect_grad = dice_softmax_against_cpu(metric_lib, x, x, t, params, up, c)
     assert torch.isfinite(expect[:5]).all() and torch.isfinite(expect_grad[:5]).all()
     assert expect[5].isnan() and rows[5].isnan() and grad[5].isnan().all() and expect_grad[5].isnan().all()
     torch.testing.assert_close(rows[:5], expect[:5], rtol=2e-5, atol=2e-5)

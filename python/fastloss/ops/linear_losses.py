@@ -106,6 +106,16 @@ def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore
     return hidden.new_empty((hidden.shape[0],) if reduction == 0 else ())
 
 
+def cast_as_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
+    """(hidden, weight, bias) in the autocast dtype where autocast is on for hidden's device, as
+    F.linear casts them (meta and other devices without autocast: as they are)."""
+    device_type = hidden.device.type
+    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        return hidden.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
+    return hidden, weight, bias
+
+
 # ---- the call shared by the public functions -------------------------------------------------
 
 def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Tensor,
@@ -129,12 +139,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if filter_eps is not None and not low_memory:
         raise ValueError(f"{fn}: filter_eps (gradient filtering) applies to low_memory=True, whose "
                          f"backward forms the logits again tile by tile; the default path is exact")
-    device_type = hidden.device.type
-    # F.linear runs in the autocast dtype (meta and other devices without autocast: no cast)
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight = hidden.to(dtype), weight.to(dtype)
-        bias = bias.to(dtype) if bias is not None else None
+    hidden, weight, bias = cast_as_linear(hidden, weight, bias)
     # (the row count spelled out: reshape cannot infer it when D = 0)
     h, t = hidden.reshape(target.numel(), hidden.shape[-1]), target.reshape(-1)
     if low_memory:

@@ -35,6 +35,7 @@ from torch import Tensor
 
 from ._autograd import once_differentiable, refuse_grad
 from ._checks import as_int
+from .linear_losses import cast_as_linear
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
@@ -221,13 +222,9 @@ def vocab_parallel_linear_cross_entropy(
                              "op on the group's ranks only")
         raise TypeError(f"{_FN}: group must be a torch.distributed ProcessGroup or None (the world), "
                         f"got {type(group).__name__}")
-    # F.linear runs in the autocast dtype: the shard and its bias are cast as it casts them (as
-    # linear_cross_entropy does; float32 master weights under autocast had been refused)
-    device_type = hidden.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        hidden, weight_shard = hidden.to(dtype), weight_shard.to(dtype)
-        bias_shard = bias_shard.to(dtype) if bias_shard is not None else None
+    # the shard and its bias cast as F.linear casts them under autocast (as linear_cross_entropy
+    # does; float32 master weights under autocast had been refused)
+    hidden, weight_shard, bias_shard = cast_as_linear(hidden, weight_shard, bias_shard)
     if hidden.dim() < 1:
         raise ValueError(f"{_FN}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
     if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
