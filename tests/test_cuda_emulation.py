@@ -755,6 +755,40 @@ def test_pld(kd_lib, dtype, shape, grads):
         assert grad.isnan().all()
 
 
+def test_kd_rows_with_every_class_masked(kd_lib):
+    """A student or teacher row whose classes are all -inf: the CUDA kernels give it a NaN loss
+    and gradient row, as the CPU kernels (the other rows finite and equal to theirs)."""
+    n, c, T, beta = 4, 300, 2.0, 0.3
+    gen = torch.Generator().manual_seed(2)
+    s, t = torch.randn(n, c, generator=gen) * 3, torch.randn(n, c, generator=gen) * 3
+    s[1] = float("-inf")
+    t[2] = float("-inf")
+    nan_rows = torch.tensor([False, True, True, False])
+    for code, kind in enumerate(KD_KINDS):
+        loss, _ = nan_outputs((n,))
+        stats, _ = nan_outputs((n, 3))
+        err = kd_lib.emu_kd_forward(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c), code, T, beta,
+                                    loss.data_ptr(), stats.data_ptr())
+        assert err is None, err.decode()
+        up = torch.ones(n)
+        grad, _ = nan_outputs((n, c))
+        err = kd_lib.emu_kd_backward(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c), code, T, beta,
+                                     up.data_ptr(), stats.data_ptr(), grad.data_ptr())
+        assert err is None, err.decode()
+        assert loss.isnan().equal(nan_rows) and grad.isnan().all(1).equal(nan_rows), kind
+        expect = ops.kd_loss(s, t, T, kind, beta, "none")
+        torch.testing.assert_close(loss, expect, rtol=2e-5, atol=1e-5, equal_nan=True)
+    loss, _ = nan_outputs((n,))
+    grad, _ = nan_outputs((n, c))
+    err = kd_lib.emu_topk_kl(s.data_ptr(), t.data_ptr(), 0, int64s(n, c, c, c, 20, 0), T,
+                             loss.data_ptr(), grad.data_ptr())
+    assert err is None, err.decode()
+    e_loss, e_grad = torch.ops.fastloss.topk_kl_forward(s, t, 20, T, False, True)
+    assert loss.isnan().equal(nan_rows) and grad.isnan().all(1).equal(nan_rows)
+    assert e_loss.isnan().equal(nan_rows) and e_grad.isnan().all(1).equal(nan_rows)
+    torch.testing.assert_close(loss, e_loss, rtol=2e-5, atol=1e-5, equal_nan=True)
+
+
 def test_pld_masked_classes(kd_lib):
     """Classes masked with -inf in both rows, or the teacher's only: the CUDA kernel gives the
     CPU kernel's finite loss and gradient (unmask), not NaN."""
@@ -1088,8 +1122,9 @@ def test_dice_softmax_far_saturated(metric_lib, alpha):
     """Top classes 88-200 logits ahead (their 1 - p subnormal or below float32's range, their
     (1 - p)^alpha not small), the top the target or not, and a row whose other classes are all
     -inf: the CUDA kernel's log q_top (from the others' own max and sum) gives the CPU kernel's
-    rows and gradients; a NaN logit behind a far-ahead top still makes its row NaN."""
-    n, c = 6, 700
+    rows and gradients; a NaN logit behind a far-ahead top still makes its row NaN; a row of
+    all -inf is finite as on the CPU (the CUDA row state had made it NaN)."""
+    n, c = 7, 700
     gen = torch.Generator().manual_seed(int(alpha * 100))
     x = torch.randn(n, c, generator=gen)
     x[0, 3] += 88
@@ -1100,14 +1135,16 @@ def test_dice_softmax_far_saturated(metric_lib, alpha):
     x[4, 7] = 2.0
     x[5, 9] += 150
     x[5, 600] = float("nan")
-    t = torch.tensor([3, 1, 5, 300, 7, 9])
+    x[6, :] = float("-inf")
+    t = torch.tensor([3, 1, 5, 300, 7, 9, 2])
     params = (alpha, 1.0, 0.0)
     up = torch.rand(n, generator=gen) + 0.5
     rows, grad, expect, expect_grad = dice_softmax_against_cpu(metric_lib, x, x, t, params, up, c)
-    assert torch.isfinite(expect[:5]).all() and torch.isfinite(expect_grad[:5]).all()
+    finite = [0, 1, 2, 3, 4, 6]
+    assert torch.isfinite(expect[finite]).all() and torch.isfinite(expect_grad[finite]).all()
     assert expect[5].isnan() and rows[5].isnan() and grad[5].isnan().all() and expect_grad[5].isnan().all()
-    torch.testing.assert_close(rows[:5], expect[:5], rtol=2e-5, atol=2e-5)
-    torch.testing.assert_close(grad[:5], expect_grad[:5], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(rows[finite], expect[finite], rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(grad[finite], expect_grad[finite], rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("from_logits", [True, False])

@@ -139,6 +139,26 @@ def test_masked_classes_count_as_zero_probability(kind, device):
             torch.testing.assert_close(grads[0].cpu().double(), expected, rtol=2e-5, atol=2e-5)
 
 
+def test_rows_with_every_class_masked_are_nan(device):
+    """A student or teacher row whose classes are all -inf has no distribution: its loss and
+    its gradient row are NaN (as log_softmax of it is), on the kernels and on the torch formulas
+    of a teacher that requires grad; the other rows are untouched. (Taken as -1e30 each, its
+    log-sum-exp had lost log C to rounding: a forward KL of -7.6e22.)"""
+    s, t = make(4, 37, torch.float32, seed=13)
+    s[1] = float("-inf")
+    t[2] = float("-inf")
+    nan_rows = torch.tensor([False, True, True, False])
+    calls = {kind: (lambda a, b, kind=kind: ops.kd_loss(a, b, 2.0, kind, 0.3, "none")) for kind in KINDS}
+    calls["topk"] = lambda a, b: ops.topk_kl_loss(a, b, 37, 2.0, reduction="none")
+    for (what, fn), teacher_grad in itertools.product(calls.items(), (False, True)):
+        a = s.to(device, copy=True).requires_grad_(True)
+        b = t.to(device, copy=True).requires_grad_(teacher_grad)
+        out = fn(a, b)
+        g = torch.autograd.grad(out.sum(), a)[0]
+        assert out.isnan().cpu().equal(nan_rows), (what, teacher_grad, out)
+        assert g.isnan().cpu().all(1).equal(nan_rows) and g[[0, 3]].isfinite().all(), (what, teacher_grad)
+
+
 def test_pld_masked_classes(device):
     """PLD with classes masked with -inf: masked in both rows (or the teacher's only) they weigh
     0 in the ranking's terms, which had been NaN (0 (lse - (-inf)) over a masked suffix); the

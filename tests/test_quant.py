@@ -715,10 +715,12 @@ def test_zero_groups_contribute_exactly_zero(bits, quant_cpu_isa):
     w = torch.randn(40, 384, generator=g) * 1e-4
     w[:, 128:256] = 0
     w[5] = 0
+    w[7, 256:] = 1e-45   # (so small that the uniform formats' scales underflow: zero groups too)
     for kind in ("symmetric", "asymmetric", "codebook"):
         cb = ops.power_codebook(bits, 1.5) if kind == "codebook" else None
         qw = ops.quantize_weight(w, bits, 128, kind != "asymmetric", cb)
         assert (qw.scales[:, 1] == 0).all() and (qw.scales[5] == 0).all()
+        assert qw.scales[7, 2] < 1e-30   # (0, or its own tiny scale: never 1)
         deq = ops.dequantize_weight(qw)
         assert (deq[:, 128:256] == 0).all() and (deq[5] == 0).all()
         for m in (1, 2, 5, 20):

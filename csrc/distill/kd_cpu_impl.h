@@ -22,13 +22,15 @@ constexpr float kKdLowest = -3.0e38f;
 // and the KLs' p (log p - log q) terms of a class that one or both rows mask come out 0 (the
 // 0 log 0 = 0 convention) where -inf - (-inf) made them NaN; NaN stays NaN (vmax keeps its
 // first operand's). Not the lowest float: differences and their multiples must stay finite
-// (at -3e38, 4 (s - t) overflowed in a gradient). A row whose logits are all -inf is then a row
-// of equal logits.
+// (at -3e38, 4 (s - t) overflowed in a gradient). A row whose logits are all masked has no
+// distribution: its loss and gradient are NaN (all_masked), as log_softmax of it is (its
+// log-sum-exp at the 1e30 scale would have lost log C to rounding: a KL of -7.6e22).
 constexpr float kMaskedLogit = -1.0e30f;
 template <class W>
 inline W unmask(W v) {
   return vmax(v, W(kMaskedLogit));
 }
+inline bool all_masked(float row_max) { return row_max <= kMaskedLogit; }  // (a NaN row goes on: NaN)
 
 // Sweep over a row pair a vector at a time, then the tail one element at a time; `f` is
 // called with (V s, V t, int64_t k) for the scaled logits of the elements at k (unmask-ed).
@@ -108,6 +110,10 @@ void forward_rows(const KdProblem& q, float* loss, float* stats, int64_t r0, int
     // 1: the maxima
     float ms, mt;
     pair_max<V>(sr, tr, q.C, inv_t, ms, mt);
+    if (all_masked(ms) || all_masked(mt)) {  // (the backward reads NaN statistics: a NaN row)
+      loss[r] = stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = NAN;
+      continue;
+    }
     // 2: the partition functions, and the weighted differences the KLs need
     const auto [zs, zt, a, b] = pair_sums<false, V>(sr, tr, q.C, inv_t, ms, mt, nullptr, nullptr);
     const float lse_s = ms + std::log(zs), lse_t = mt + std::log(zt);
@@ -192,6 +198,11 @@ void forward_grad_rows(const KdProblem& q, float grad_scale, float* loss, void* 
     T* gr = static_cast<T*>(grad_out) + r * C;
     float ms, mt;
     pair_max<V>(sr, tr, C, inv_t, ms, mt);
+    if (all_masked(ms) || all_masked(mt)) {
+      loss[r] = NAN;
+      for (int64_t k = 0; k < C; ++k) store1(gr + k, NAN);
+      continue;
+    }
     const auto [zs, zt, a, b] = pair_sums<true, V>(sr, tr, C, inv_t, ms, mt, es, et);
     const float lse_s = ms + std::log(zs), lse_t = mt + std::log(zt);
     const float inv_zs = 1.f / zs, inv_zt = 1.f / zt, d_lse = lse_s - lse_t;

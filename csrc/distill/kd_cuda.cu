@@ -44,8 +44,10 @@ constexpr int kPerThread = 4;  // backward: 16-byte packs per thread, kThreads a
 constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no inf - inf)
 
 // A masked class (a scaled logit of -inf, or below -1e30) as -1e30, as kd_cpu_impl.h's unmask:
-// the KLs' terms of a class one or both rows mask come out 0 instead of NaN; NaN stays NaN.
+// the KLs' terms of a class one or both rows mask come out 0 instead of NaN; NaN stays NaN. A
+// row whose classes are all masked has no distribution: NaN (all_masked, as on the CPU).
 __device__ __forceinline__ float unmask(float v) { return vmax(v, -1.0e30f); }
+__device__ __forceinline__ bool all_masked(float row_max) { return row_max <= -1.0e30f; }
 
 // Online softmax of a stream of x with a weighted sum of d (common/cuda_helpers.cuh), with the
 // fast exponential.
@@ -95,6 +97,10 @@ __global__ void __launch_bounds__(kThreads) kd_forward_kernel(KdProblem q, float
     });
     block_merge(st, states);
     const Online &S = st[0], &Q = st[1];
+    if (all_masked(S.m) || all_masked(Q.m)) {  // (the backward reads NaN statistics: a NaN row)
+      if (threadIdx.x == 0) loss[r] = stats[3 * r] = stats[3 * r + 1] = stats[3 * r + 2] = __int_as_float(0x7fc00000);
+      continue;  // (the same for the whole block)
+    }
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
     float row = 0.f, extra = 0.f;
     if (q.kind == KdKind::forward_kl) {
@@ -413,6 +419,14 @@ __global__ void __launch_bounds__(kThreads)
       block_merge(st, states);
     }
     const Online &S = st[0], &Q = st[1];
+    if (all_masked(S.m) || all_masked(Q.m)) {  // (the same for the whole block)
+      const float nan = __int_as_float(0x7fc00000);
+      if (threadIdx.x == 0) loss[r] = nan;
+      if (grad != nullptr)
+        for (int64_t j = threadIdx.x; j < C; j += kThreads) store1(grad + r * C + j, nan);
+      __syncthreads();  // (the shared state is reused by the next row)
+      continue;
+    }
     const float lse_s = S.m + logf(S.z), lse_t = Q.m + logf(Q.z);
     float kl = 0.f, mass = 0.f;
     for (int64_t j = threadIdx.x; j < C; j += kThreads) {

@@ -260,6 +260,13 @@ void topk_kl_rows(const TopkKlProblem& q, float* loss, void* grad_out, int64_t r
       lse_s = ms + std::log(zs + hsum(vzs));
       lse_t = mt + std::log(zt + hsum(vzt));
     }
+    // a row with every class (of I, renormalized) masked has no distribution: NaN
+    if (all_masked(lse_s) || all_masked(lse_t)) {
+      loss[r] = NAN;
+      if (grad_out != nullptr)
+        for (int64_t m = 0; m < C; ++m) store1(static_cast<T*>(grad_out) + r * C + m, NAN);
+      continue;
+    }
     // the KL terms over I, and the teacher's mass on I (q_j kept in g_sel for the gradient)
     float* gi = g_sel.data();
     const float mass = vsum_over<V>(

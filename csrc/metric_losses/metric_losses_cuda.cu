@@ -146,7 +146,7 @@ __device__ RowStats row_stats(const T* xr, int64_t C, float (*sf)[3], int64_t* s
   for (int w = 0; w < kWarps; ++w) all.merge(sf[w][0], sf[w][1], sf[w][2], si[w]);
   __syncthreads();
   RowStats s;
-  s.m = all.m;
+  s.m = all.m == -INFINITY ? kLowest : all.m;  // (an all -inf row as on the CPU: finite, not NaN)
   s.rest = all.s2 > 0.f ? all.s2 * vexp(all.m2 - all.m) : 0.f;
   s.top = all.top < 0 ? 0 : all.top;
   const float z = 1.f + s.rest;

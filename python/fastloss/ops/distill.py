@@ -109,10 +109,22 @@ def _unmask(x):
     return x.clamp(min=_MASKED_LOGIT)
 
 
+def _nan_where_all_masked(rows, student, *scaled):
+    """rows, but NaN where one of the scaled (unmasked) logit rows is all masked: no
+    distribution, a NaN loss and student gradient row, as the kernels give (NaN times the
+    student's own row sum, so that the gradient is NaN too: through the clamp it would be 0)."""
+    masked = torch.zeros_like(rows, dtype=torch.bool)
+    for x in scaled:
+        masked = masked | (x.amax(-1) <= _MASKED_LOGIT)   # (a NaN row goes on: NaN)
+    # (the student read only in masked rows: elsewhere 0 * NaN would reach its gradient)
+    poison = float("nan") * torch.where(masked[..., None], student, 0.0).sum(-1)
+    return torch.where(masked, poison, rows)
+
+
 def _rows_torch(student, teacher, kind, temperature, beta):
     """The same per-row losses in torch operations (devices without a fastloss kernel)."""
-    ls = F.log_softmax(_unmask(student.float() / temperature), -1)
-    lt = F.log_softmax(_unmask(teacher.float() / temperature), -1)
+    s, t = _unmask(student.float() / temperature), _unmask(teacher.float() / temperature)
+    ls, lt = F.log_softmax(s, -1), F.log_softmax(t, -1)
     if kind == "forward_kl":
         rows = (lt.exp() * (lt - ls)).sum(-1)
     elif kind == "reverse_kl":
@@ -120,7 +132,7 @@ def _rows_torch(student, teacher, kind, temperature, beta):
     else:
         lm = torch.logaddexp(lt + torch.log(torch.tensor(beta)), ls + torch.log(torch.tensor(1 - beta)))
         rows = beta * (lt.exp() * (lt - lm)).sum(-1) + (1 - beta) * (ls.exp() * (ls - lm)).sum(-1)
-    return rows * temperature ** 2
+    return _nan_where_all_masked(rows * temperature ** 2, student.float(), s, t)
 
 
 def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forward_kl",
@@ -260,7 +272,8 @@ def _topk_rows_torch(s, t, k, T, renormalize):
     else:
         ls = F.log_softmax(s32, -1).gather(1, idx)
         lt = F.log_softmax(t32, -1).gather(1, idx)
-    return (lt.exp() * (lt - ls)).sum(-1) * T * T
+    return _nan_where_all_masked((lt.exp() * (lt - ls)).sum(-1) * T * T, s.float(),
+                                 s32.gather(1, idx) if renormalize else s32, t32.gather(1, idx) if renormalize else t32)
 
 
 def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,

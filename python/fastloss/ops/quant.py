@@ -207,32 +207,37 @@ def quantize_weight(w: Tensor, bits: int = 4, group_size: int = 128, symmetric: 
     absmax = torch.maximum(hi.abs(), lo.abs())
     if codebook is not None:
         reach = codebook.abs().amax(1).reshape(-1, 1, 1)   # the codebook's largest magnitude
-        scale = torch.where(absmax > 0, absmax / reach, torch.ones_like(absmax))
+        scale = absmax / reach
+        vanishing = ~(scale > 0)   # (zeros, or values whose scale underflows)
+        scale = torch.where(vanishing, torch.ones_like(scale), scale)
         q = _nearest_code((wf / scale).reshape(n, k), codebook)
-        # an all-zero group gets scale 0: its codes (the entry nearest 0) are not 0 in a codebook
+        # such a group gets scale 0: its codes (the entry nearest 0) are not 0 in a codebook
         # without an exact zero
-        scale = torch.where(absmax > 0, scale, torch.zeros_like(scale))
+        scale = torch.where(vanishing, torch.zeros_like(scale), scale)
         return QuantizedWeight(_pack(q.to(torch.int32), bits, group), scale.reshape(n, -1).contiguous(),
                                None, bits, group, codebook)
     qmax = (1 << bits) - 1
     if symmetric:
         zero = torch.full_like(lo, float(1 << (bits - 1)))
         scale = absmax / ((1 << (bits - 1)) - 1)
+        vanishing = ~(scale > 0)   # zeros, or values whose scale underflows
     else:
         # the range widened to hold 0, so that the zero point is a code in [0, qmax] (as GPTQ's
         # and torch's observers do): a group of one sign had kept [min, max], and its zero point,
         # clamped into the codes, moved every value (0.7 -> 1.0)
         lo, hi = lo.clamp(max=0), hi.clamp(min=0)
         scale = (hi - lo) / qmax
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        vanishing = ~(scale > 0)
+        scale = torch.where(vanishing, torch.ones_like(scale), scale)
         zero = torch.clamp(torch.round(-lo / scale), 0, qmax)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))   # all-zero groups
+    scale = torch.where(vanishing, torch.ones_like(scale), scale)   # (for the codes)
     q = torch.clamp(torch.round(wf / scale) + zero, 0, qmax).to(torch.int32).reshape(n, k)
     # An all-zero group gets scale 0, so that its weights are 0 in every kernel: with scale 1 and
     # the symmetric zero point 2^(bits-1), the kernels that apply zero points as s (q.x - z sum(x))
     # left float32 rounding noise in place of its zero contribution (relative to the row's other,
     # possibly much smaller, groups: 1e-3 of a row of weights ~1e-3, ~15% at 8 bits and 1e-4)
-    scale = torch.where(absmax > 0, scale, torch.zeros_like(scale))
+    # (also a group of values so small that its scale underflowed to 0: 1e-45 had kept s = 1)
+    scale = torch.where(vanishing, torch.zeros_like(scale), scale)
     return QuantizedWeight(_pack(q, bits, group), scale.reshape(n, -1).contiguous(),
                            zero.reshape(n, -1).contiguous(), bits, group)
 
