@@ -93,6 +93,23 @@ def test_nan_logit_gives_a_nan_row(C, device):
         assert x.grad.isnan().cpu().all(1).equal(nan_rows) and x.grad[3].isfinite().all(), (what, x.grad)
 
 
+def masked_pair(where, C, columns, seed):
+    """Student and teacher rows (3 x C) with `columns` masked by -inf in "both", the "student"
+    or the "teacher"."""
+    s, t = make(3, C, torch.float32, seed=seed)
+    if where in ("both", "student"):
+        s[:, columns] = float("-inf")
+    if where in ("both", "teacher"):
+        t[:, columns] = float("-inf")
+    return s, t
+
+
+def at_the_limit(x):
+    """x in float64 with its -inf classes at -300: their probabilities below 1e-64, the limit the
+    masked classes' terms take (the references take logarithms of probabilities)."""
+    return x.double().masked_fill(x == float("-inf"), -300.0)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_masked_classes_count_as_zero_probability(kind, device):
     """A class masked with -inf (a padded vocabulary) has probability 0: its terms of the KLs
@@ -108,21 +125,16 @@ def test_masked_classes_count_as_zero_probability(kind, device):
     finite = {"forward_kl": ("both", "teacher"), "reverse_kl": ("both", "student"),
               "jsd": ("both", "teacher", "student")}
     for where in ("both", "teacher", "student"):
-        s, t = make(3, C, torch.float32, seed=11)
-        if where in ("both", "student"):
-            s[:, masked] = float("-inf")
-        if where in ("both", "teacher"):
-            t[:, masked] = float("-inf")
+        s, t = masked_pair(where, C, masked, seed=11)
         if where not in finite[kind]:
             out = ops.kd_loss(s.to(device), t.to(device), 2.0, kind, 0.3, "none")
             assert (out > 1e25).all(), (where, out)
             continue
-        limit = lambda x: x.double().masked_fill(x == float("-inf"), -300.0)  # noqa: E731
         calls = {"kd": (lambda a, b: ops.kd_loss(a, b, 2.0, kind, 0.3, "none"),
-                        lambda a, b: ref.kd_loss(limit(a), limit(b), 2.0, kind, 0.3, "none"))}
+                        lambda a, b: ref.kd_loss(at_the_limit(a), at_the_limit(b), 2.0, kind, 0.3, "none"))}
         if kind == "forward_kl":
             calls["topk"] = (lambda a, b: ops.topk_kl_loss(a, b, C, 2.0, reduction="none"),
-                             lambda a, b: ref.topk_kl_loss(limit(a), limit(b), C, 2.0, reduction="none"))
+                             lambda a, b: ref.topk_kl_loss(at_the_limit(a), at_the_limit(b), C, 2.0, reduction="none"))
         # (a teacher that requires grad takes the torch-operation formulas, one that does not
         # the kernels)
         for (what, (fast, slow)), teacher_grad in itertools.product(calls.items(), (False, True)):
@@ -166,13 +178,8 @@ def test_pld_masked_classes(device):
     is an infinite term in the formula: ~1e30 or more here."""
     C, masked = 37, [3, 16, 36]
     y = torch.tensor([0, 5, 20])
-    limit = lambda x: x.double().masked_fill(x == float("-inf"), -300.0)  # noqa: E731
     for where in ("both", "teacher", "student"):
-        s, t = make(3, C, torch.float32, seed=12)
-        if where in ("both", "student"):
-            s[:, masked] = float("-inf")
-        if where in ("both", "teacher"):
-            t[:, masked] = float("-inf")
+        s, t = masked_pair(where, C, masked, seed=12)
         for teacher_grad in (False, True):
             a = s.to(device, copy=True).requires_grad_(True)
             b = t.to(device, copy=True).requires_grad_(teacher_grad)
@@ -182,7 +189,7 @@ def test_pld_masked_classes(device):
                 continue
             ga = torch.autograd.grad(out.sum(), a)[0]
             a64 = s.double().requires_grad_(True)
-            exp = ref.pld_loss(limit(a64), limit(t), y, 2.0, reduction="none")
+            exp = ref.pld_loss(at_the_limit(a64), at_the_limit(t), y, 2.0, reduction="none")
             ea = torch.autograd.grad(exp.sum(), a64)[0]
             assert torch.isfinite(out).all() and torch.isfinite(ga).all(), (where, teacher_grad, out)
             torch.testing.assert_close(out.cpu().double(), exp.detach(), rtol=2e-5, atol=2e-5)

@@ -25,12 +25,11 @@ constexpr float kKdLowest = -3.0e38f;
 // (at -3e38, 4 (s - t) overflowed in a gradient). A row whose logits are all masked has no
 // distribution: its loss and gradient are NaN (all_masked), as log_softmax of it is (its
 // log-sum-exp at the 1e30 scale would have lost log C to rounding: a KL of -7.6e22).
-constexpr float kMaskedLogit = -1.0e30f;
 template <class W>
 inline W unmask(W v) {
-  return vmax(v, W(kMaskedLogit));
+  return vmax(v, W(kKdMaskedLogit));
 }
-inline bool all_masked(float row_max) { return row_max <= kMaskedLogit; }  // (a NaN row goes on: NaN)
+inline bool all_masked(float row_max) { return row_max <= kKdMaskedLogit; }  // (a NaN row goes on: NaN)
 
 // Sweep over a row pair a vector at a time, then the tail one element at a time; `f` is
 // called with (V s, V t, int64_t k) for the scaled logits of the elements at k (unmask-ed).

@@ -46,8 +46,8 @@ constexpr float kLowest = -3.0e38f;  // PLD: an empty log-sum-exp (finite: no in
 // A masked class (a scaled logit of -inf, or below -1e30) as -1e30, as kd_cpu_impl.h's unmask:
 // the KLs' terms of a class one or both rows mask come out 0 instead of NaN; NaN stays NaN. A
 // row whose classes are all masked has no distribution: NaN (all_masked, as on the CPU).
-__device__ __forceinline__ float unmask(float v) { return vmax(v, -1.0e30f); }
-__device__ __forceinline__ bool all_masked(float row_max) { return row_max <= -1.0e30f; }
+__device__ __forceinline__ float unmask(float v) { return vmax(v, kKdMaskedLogit); }
+__device__ __forceinline__ bool all_masked(float row_max) { return row_max <= kKdMaskedLogit; }
 
 // Online softmax of a stream of x with a weighted sum of d (common/cuda_helpers.cuh), with the
 // fast exponential.

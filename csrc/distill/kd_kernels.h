@@ -13,6 +13,11 @@
 
 namespace fastloss {
 
+// A masked class's logit (-inf, or below this, after the temperature) is taken as this value
+// by the CPU and CUDA kernels alike (kd_cpu_impl.h's unmask says why; the torch formulas of
+// ops/distill.py use the same), and a row whose largest is this has every class masked.
+constexpr float kKdMaskedLogit = -1.0e30f;
+
 enum class KdKind : int { forward_kl = 0, reverse_kl = 1, jsd = 2 };
 
 struct KdProblem {
