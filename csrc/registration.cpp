@@ -1,6 +1,32 @@
 // Every op's schema, in one place. Kernels are registered per device next to each family's
 // op file (losses/losses_op.cpp); autograd and fake kernels in python/fastloss/ops/.
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/library.h>
+
+namespace {
+
+// Autocast (torch.autocast) stops at each fastloss op: the op runs with autocast off for all
+// that it calls. Without this, the GEMMs inside an op (at::mm of its float32 work tensors,
+// cuBLAS through addmm) were recast to the autocast dtype, which either failed ("expected
+// scalar type Float", proto_triplet_loss) or silently dropped the op's float32 arithmetic to
+// 8 significant bits. What an op takes and returns under autocast is decided at its Python
+// entry (python/fastloss/ops/_dtypes.py), as torch decides it per op.
+void run_without_autocast(const c10::OperatorHandle& op, c10::DispatchKeySet, torch::jit::Stack* stack) {
+  const c10::impl::ExcludeDispatchKeyGuard no_autocast(c10::autocast_dispatch_keyset);
+  op.callBoxed(stack);
+}
+
+void register_autocast_stops(torch::Library& m) {
+  for (const auto& name : c10::Dispatcher::singleton().getAllOpNames()) {
+    if (name.name.rfind("fastloss::", 0) != 0) continue;
+    for (auto key : {c10::DispatchKey::AutocastCPU, c10::DispatchKey::AutocastCUDA})
+      m.impl(name.name.c_str(),
+             torch::dispatch(key, torch::CppFunction::makeFromBoxedFunction<&run_without_autocast>()));
+  }
+}
+
+}  // namespace
 
 TORCH_LIBRARY(fastloss, m) {
   // Row losses over logits [N, C] with targets [N]. The forward returns the weighted loss of
@@ -277,4 +303,5 @@ TORCH_LIBRARY(fastloss, m) {
         "Tensor? codebook, int bits, int group_size) -> Tensor");
   m.def("dequantize_weight(Tensor qweight, Tensor scales, Tensor? zeros, Tensor? codebook, "
         "int bits, int group_size) -> Tensor");
+  register_autocast_stops(m);  // (last: every op above is defined)
 }

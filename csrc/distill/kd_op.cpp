@@ -321,7 +321,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       rows = out[0].toTensor();
       ctx->save_for_backward({student, teacher, out[1].toTensor()});
     }
-    return reduce_loss_rows(rows, reduction).to(student.scalar_type());
+    return reduce_loss_rows(rows, reduction);  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -361,8 +361,7 @@ Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, doubl
   if constexpr (Grad)  // the gradient is made in the forward only when it will be wanted
     return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction,
                                  at::GradMode::is_enabled() && student.requires_grad());
-  return reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction)
-      .to(student.scalar_type());
+  return reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction);
 }
 
 // ---- topk_kl_loss / pld_loss's eager paths, the same way ----------------------------------------
@@ -428,7 +427,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["pld"] = pld;
-    return loss.to(student.scalar_type());
+    return loss;  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -479,7 +478,7 @@ Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::option
                                       : topk_kl_forward(student, teacher, k_or_ignore, temperature,
                                                         renormalize, false, 1.0));
   const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
-  return reduce_loss_rows(rows, reduction, count).to(student.scalar_type());
+  return reduce_loss_rows(rows, reduction, count);
 }
 
 template <bool Grad>

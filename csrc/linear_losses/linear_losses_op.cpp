@@ -392,7 +392,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     ctx->saved_data["ignore_index"] = p.ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["block_rows"] = block_rows;
-    return loss.to(hidden.scalar_type());
+    return loss;  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -483,8 +483,7 @@ Tensor linear_loss_no_grad(const Tensor& hidden, const Tensor& weight, const Ten
                                                       {false, false, false}, block_rows));
   Tensor denom;
   return reduce_rows(rows, target, opt_weight(class_weight), weight.size(0), reduction,
-                     ignore_index, denom)
-      .to(hidden.scalar_type());
+                     ignore_index, denom);
 }
 
 void register_impls(torch::Library& m) {

@@ -815,7 +815,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         reduce_rows(rows, target, opt_weight(weight), logits.size(1), reduction, p.ignore_index, denom);
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
-    return loss.to(logits.scalar_type());
+    return loss;  // (float32: the Python caller gives the dtype)
   }
 
   // grad_in_forward: the gradient for an incoming gradient of 1 is made with the forward (one
@@ -858,7 +858,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         reduce_rows(out[0].toTensor(), target, opt_weight(weight), logits.size(1), reduction, p.ignore_index, denom);
     if (inplace) torch::autograd::impl::bump_version(logits);
     ctx->save_for_backward({inplace ? logits : out[3].toTensor()});
-    return loss.to(logits.scalar_type());
+    return loss;
   }
 
   // The made gradient times the incoming gradient g (float32: [N] for reduction none, else one
@@ -982,8 +982,7 @@ Tensor row_loss_no_grad(LossParams p, const Tensor& logits, const Tensor& target
   Tensor denom;
   const Tensor rows = std::get<0>(forward(op_name(p.kind), p, logits, target, weight));
   const int64_t C = logits.dim() == 2 ? logits.size(1) : 0;
-  return reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom)
-      .to(logits.scalar_type());
+  return reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom);
 }
 
 // One entry point per loss for both dispatch keys: `Grad` picks the autograd path.

@@ -310,7 +310,7 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
     ctx->saved_data["params"] = std::vector<double>{alpha, gamma, smooth};
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
-    return loss.to(logits.scalar_type());
+    return loss;  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -344,7 +344,7 @@ Tensor dice_loss(const Tensor& logits, const Tensor& target, bool softmax, doubl
   const Tensor rows = softmax ? dice_softmax_forward(logits, target, alpha, gamma, smooth, ignore_index)
                               : dice_sigmoid_forward(logits, target, alpha, gamma, smooth);
   const Tensor count = softmax && reduction == kMean ? target.ne(ignore_index).sum() : Tensor();
-  return reduce_loss_rows(rows, reduction, count).to(logits.scalar_type());
+  return reduce_loss_rows(rows, reduction, count);
 }
 
 enum Metric : int64_t { kF1 = 0, kFbeta = 1, kAccuracy = 2, kBalancedAccuracy = 3, kGmean = 4 };
@@ -394,7 +394,7 @@ struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
     ctx->saved_data["L"] = L;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["from_logits"] = from_logits;
-    return metric_of(c, metric, beta).neg().add(1).mean().to(scores.scalar_type());
+    return metric_of(c, metric, beta).neg().add(1).mean();  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -423,8 +423,7 @@ Tensor anyloss(const Tensor& scores, const Tensor& target, int64_t metric, doubl
   return metric_of(confusion_sums(scores, target, L, from_logits), metric, beta)
       .neg()
       .add(1)
-      .mean()
-      .to(scores.scalar_type());
+      .mean();
 }
 
 template <bool Grad>

@@ -167,7 +167,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
     ctx->saved_data["want"] = want;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{int64_t(pos.scalar_type()), int64_t(neg.scalar_type())};
     ctx->save_for_backward({out[1].toTensor(), out[2].toTensor()});
-    return reduce_loss_rows(rows, reduction).to(pos.scalar_type());
+    return reduce_loss_rows(rows, reduction);  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -196,7 +196,7 @@ Tensor mw_auc_loss(const Tensor& pos, const Tensor& neg, int64_t reduction) {
     return AucLossFunction::apply(pos, neg, reduction, want);
   }
   const Tensor rows = std::get<0>(mw_auc_forward(pos, neg, false));
-  return reduce_loss_rows(rows, reduction).to(pos.scalar_type());
+  return reduce_loss_rows(rows, reduction);
 }
 
 
@@ -602,7 +602,7 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
     ctx->saved_data["symmetric"] = symmetric;
     ctx->saved_data["block_rows"] = block_rows;
     ctx->saved_data["reduction"] = reduction;
-    return reduce_loss_rows(out[0].toTensor(), reduction).to(a.scalar_type());
+    return reduce_loss_rows(out[0].toTensor(), reduction);  // (float32: the Python caller gives the dtype)
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -638,7 +638,7 @@ Tensor contrastive_loss(const Tensor& a, const Tensor& b, double inv_t, bool sym
     return ContrastiveLossFunction::apply(a, b, inv_t, symmetric, block_rows, reduction, want);
   }
   const Tensor rows = std::get<0>(contrastive_forward(a, b, inv_t, symmetric, block_rows, false));
-  return reduce_loss_rows(rows, reduction).to(a.scalar_type());
+  return reduce_loss_rows(rows, reduction);
 }
 
 // grad [B, D] += the gradient for E of sum_ij dS_ij S_ij, S = E E^T, from the block

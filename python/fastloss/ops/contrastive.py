@@ -33,6 +33,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
+from ._dtypes import as_loss_dtype, without_autocast
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -59,6 +60,11 @@ def _blocks(n: int, block: int):
 class _Contrastive(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, weights, inv_t, symmetric, block):
+        with without_autocast(a):  # (autocast would redo the float32 GEMMs in 16 bits)
+            return _Contrastive._forward(ctx, a, b, weights, inv_t, symmetric, block)
+
+    @staticmethod
+    def _forward(ctx, a, b, weights, inv_t, symmetric, block):
         n = a.shape[0]
         f32 = dict(dtype=torch.float32, device=a.device)
         lse_row = torch.empty(n, **f32)
@@ -66,8 +72,11 @@ class _Contrastive(torch.autograd.Function):
         target_row = torch.empty(n, **f32)      # sum_j w~_ij S_ij
         target_col = torch.zeros(n, **f32)      # sum_i w~'_ij S_ij
         col_norm = weights.float().sum(0) if weights is not None else None
+        # S in float32 from the inputs' values (a 16-bit product would round S, which the
+        # kernels' path does not)
+        af, bf = a.float(), b.float()
         for r0, r1 in _blocks(n, block):
-            s = (a[r0:r1] @ b.t()).float().mul_(inv_t)
+            s = (af[r0:r1] @ bf.t()).mul_(inv_t)
             lse_row[r0:r1] = torch.logsumexp(s, 1)
             if symmetric:
                 lse_col = torch.logaddexp(lse_col, torch.logsumexp(s, 0))
@@ -90,6 +99,11 @@ class _Contrastive(torch.autograd.Function):
     @staticmethod
     @once_differentiable("contrastive_loss")
     def backward(ctx, grad_rows):
+        with without_autocast(grad_rows):
+            return _Contrastive._backward(ctx, grad_rows)
+
+    @staticmethod
+    def _backward(ctx, grad_rows):
         a, b, weights, lse_row, lse_col, col_norm = ctx.saved_tensors
         inv_t, symmetric, block = ctx.args
         n = a.shape[0]
@@ -100,7 +114,7 @@ class _Contrastive(torch.autograd.Function):
         grad_b = torch.zeros(b.shape, dtype=torch.float32, device=b.device) if need_b else None
         af, bf = a.float(), b.float()   # once (no copy for float32), not once per block
         for r0, r1 in _blocks(n, block):
-            s = (a[r0:r1] @ b.t()).float().mul_(inv_t)
+            s = (af[r0:r1] @ bf.t()).mul_(inv_t)
             # row term: g_i (softmax(S_i) - w~_i); column term: g_j (softmax(S_:,j)_i - w~'_ij);
             # two block-sized buffers in all (s is reused for the column term)
             ds = (s - lse_row[r0:r1, None]).exp_().mul_(g[r0:r1, None])
@@ -142,7 +156,7 @@ def _fake_contrastive_backward(grad_rows, a, b, lse_row, lse_col, s_kept, inv_t,
 @torch.library.register_fake("fastloss::contrastive_loss")
 def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction):
     torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be [B, D] of the same shape")
-    return a.new_empty((a.shape[0],) if reduction == 0 else ())
+    return a.new_empty((a.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
@@ -206,7 +220,7 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
     if isinstance(T, Tensor):
         t = _temperature_tensor(fn, T, a)
         loss = contrastive_loss(a.float() / t, b.float(), 1.0, weights, symmetric, reduction, block_rows)
-        return loss.to(a.dtype)
+        return as_loss_dtype(loss, a)
     _check_temperature(fn, T)
     if reduction not in ("none", "mean", "sum"):
         raise ValueError(f"{fn}: reduction must be 'none', 'mean' or 'sum', got {reduction!r}")
@@ -237,11 +251,11 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
         # one op with its C++ autograd formula (pair_losses_op.cpp): contrastive_forward's blocks
         # (clip_rows per block: row and column log-sum-exps, diagonal), the reduction, and
         # contrastive_backward (clip_rows_grad_ per block; S handed over when it is one block)
-        return torch.ops.fastloss.contrastive_loss(a, b, 1.0 / float(T), bool(symmetric), block_rows,
-                                                   _REDUCTION[reduction])
+        return as_loss_dtype(torch.ops.fastloss.contrastive_loss(
+            a, b, 1.0 / float(T), bool(symmetric), block_rows, _REDUCTION[reduction]), a)
     rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
     if reduction == "mean":
-        return rows.mean().to(a.dtype)
+        return as_loss_dtype(rows.mean(), a)
     if reduction == "sum":
-        return rows.sum().to(a.dtype)
-    return rows.to(a.dtype)
+        return as_loss_dtype(rows.sum(), a)
+    return as_loss_dtype(rows, a)

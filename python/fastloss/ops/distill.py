@@ -34,6 +34,7 @@ from torch import Tensor
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
 from ._devices import has_kernel
+from ._dtypes import as_loss_dtype
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -65,19 +66,19 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 @torch.library.register_fake("fastloss::kd_loss")
 def _fake_kd_loss(student, teacher, kind, temperature, beta, reduction):
     _fake_forward(student, teacher, kind, temperature, beta)
-    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastloss::topk_kl_loss")
 def _fake_topk_kl_loss(student, teacher, k, temperature, renormalize, reduction):
     _fake_forward(student, teacher, 0, temperature, 0.5)
-    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastloss::pld_loss")
 def _fake_pld_loss(student, teacher, target, temperature, ignore_index, reduction):
     _fake_forward(student, teacher, 0, temperature, 0.5)
-    return student.new_empty((student.shape[0],) if reduction == 0 else ())
+    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -159,14 +160,10 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = torch.ops.fastloss.kd_loss(s2, t2, _KINDS[kind], float(T), float(beta), _REDUCTION[reduction])
+        out = as_loss_dtype(torch.ops.fastloss.kd_loss(s2, t2, _KINDS[kind], float(T), float(beta),
+                                                       _REDUCTION[reduction]), student)
         return out.reshape(lead) if reduction == "none" else out
-    rows = _rows_torch(s2, t2, kind, float(T), float(beta))
-    if reduction == "mean":
-        return rows.mean().to(student.dtype)
-    if reduction == "sum":
-        return rows.sum().to(student.dtype)
-    return rows.reshape(lead).to(student.dtype)
+    return _reduce_rows(_rows_torch(s2, t2, kind, float(T), float(beta)), reduction, student)
 
 
 # --- order-based losses: top-k KL and Plackett-Luce distillation ------------------------------
@@ -315,7 +312,8 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = torch.ops.fastloss.topk_kl_loss(s2, t2, k, float(T), bool(renormalize), _REDUCTION[reduction])
+        out = as_loss_dtype(torch.ops.fastloss.topk_kl_loss(s2, t2, k, float(T), bool(renormalize),
+                                                            _REDUCTION[reduction]), student)
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
     return _reduce_rows(rows, reduction, student)
@@ -325,13 +323,13 @@ def _reduce_rows(rows, reduction, student, count=None):
     """Over rows: the mean (over `count` kept rows when given), the sum, or the leading shape."""
     if reduction == "mean":
         if count is None:
-            return rows.mean().to(student.dtype)
+            return as_loss_dtype(rows.mean(), student)
         # over no kept rows: NaN with a zero gradient, as F.cross_entropy
         total = rows.sum()
-        return torch.where(count > 0, total / count.clamp_min(1), float("nan")).to(student.dtype)
+        return as_loss_dtype(torch.where(count > 0, total / count.clamp_min(1), float("nan")), student)
     if reduction == "sum":
-        return rows.sum().to(student.dtype)
-    return rows.reshape(student.shape[:-1]).to(student.dtype)
+        return as_loss_dtype(rows.sum(), student)
+    return as_loss_dtype(rows.reshape(student.shape[:-1]), student)
 
 
 def _pld_rows_torch(s, t, y, T, ignore_index):
@@ -395,7 +393,8 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index), _REDUCTION[reduction])
+        out = as_loss_dtype(torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index),
+                                                        _REDUCTION[reduction]), student)
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
     if values_readable(y):

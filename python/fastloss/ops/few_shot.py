@@ -20,6 +20,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite
 from ._autograd import once_differentiable
+from ._dtypes import as_loss_dtype
 
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
@@ -89,8 +90,8 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     if not margin >= 0:
         raise ValueError(f"{fn}: margin must be >= 0, got {margin}")
     if _kernels(query):  # one op (its label checks raise RuntimeError with the same text)
-        return _ProtoTriplet.apply(query, None if own else support, query_labels,
-                                   None if own else support_labels, float(margin))[0].to(query.dtype)
+        return as_loss_dtype(_ProtoTriplet.apply(query, None if own else support, query_labels,
+                                                 None if own else support_labels, float(margin))[0], query)
     classes, inverse = torch.unique(support_labels, return_inverse=True)
     if classes.numel() < 2:
         raise ValueError(f"{fn}: the support needs at least two classes, got {classes.numel()}")
@@ -108,7 +109,7 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     # only the two chosen distances of each query are differentiated: O(Q D), not the [Q, K]
     # distance matrix and its backward
     d = _chosen_dist(query, protos, torch.stack([pos, neg], 1))
-    return torch.relu(d[:, 0] - d[:, 1] + margin).mean().to(query.dtype)
+    return as_loss_dtype(torch.relu(d[:, 0] - d[:, 1] + margin).mean(), query)
 
 
 @torch.library.register_fake("fastloss::proto_triplet_forward")
@@ -332,8 +333,8 @@ def icnn_loss(emb: Tensor, labels: Tensor, target: Optional[Tensor] = None,
     d = _chosen_dist(emb, None if same_set else target, idx)                 # [N, n]
     same = target_labels[idx] == labels[:, None]
     if _kernels(emb):
-        return _IcnnScore.apply(d, same, k, clipped).to(emb.dtype)
-    return icnn_score_torch(d, same, k, clipped).to(emb.dtype)
+        return as_loss_dtype(_IcnnScore.apply(d, same, k, clipped), emb)
+    return as_loss_dtype(icnn_score_torch(d, same, k, clipped), emb)
 
 
 def icnn_score_torch(d: Tensor, same: Tensor, k: int, clipped: bool) -> Tensor:

@@ -20,7 +20,8 @@ Common arguments:
 * ``target``: class indices ``[...]`` matching ``hidden``'s leading dimensions.
 * ``class_weight``: optional per-class weights ``[V]`` (``weight=`` of ``F.cross_entropy``).
 * ``ignore_index``, ``reduction``: as in :func:`torch.nn.functional.cross_entropy`;
-  ``"none"`` returns the target's shape.
+  ``"none"`` returns the target's shape. The loss has ``hidden``'s dtype, or float32 under
+  autocast (as ``F.cross_entropy`` after ``F.linear`` gives it).
 * ``block_rows``: rows of logits formed at once (None: as many as fit a float32 ``grad_weight``'s
   size, 16-256 MiB; on CUDA up to 1 GiB, at most half the rows); with ``low_memory=True``, classes per tile instead.
 
@@ -37,6 +38,7 @@ from torch import Tensor
 
 from ._autograd import refuse_grad
 from ._checks import as_int, values_readable
+from ._dtypes import as_loss_dtype, cast_for_autocast
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -103,17 +105,7 @@ def _fake_backward(grad_loss, hidden, weight, target, bias, class_weight, stat0,
 def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore_index,
                reduction, block_rows):
     _check_fake(hidden, weight, target, bias, class_weight)
-    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else ())
-
-
-def cast_as_linear(hidden: Tensor, weight: Tensor, bias: Optional[Tensor]):
-    """(hidden, weight, bias) in the autocast dtype where autocast is on for hidden's device, as
-    F.linear casts them (meta and other devices without autocast: as they are)."""
-    device_type = hidden.device.type
-    if torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-        return hidden.to(dtype), weight.to(dtype), bias.to(dtype) if bias is not None else None
-    return hidden, weight, bias
+    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 # ---- the call shared by the public functions -------------------------------------------------
@@ -139,7 +131,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     if filter_eps is not None and not low_memory:
         raise ValueError(f"{fn}: filter_eps (gradient filtering) applies to low_memory=True, whose "
                          f"backward forms the logits again tile by tile; the default path is exact")
-    hidden, weight, bias = cast_as_linear(hidden, weight, bias)
+    hidden, weight, bias = cast_for_autocast(hidden, weight, bias)  # (as F.linear)
     # (the row count spelled out: reshape cannot infer it when D = 0)
     h, t = hidden.reshape(target.numel(), hidden.shape[-1]), target.reshape(-1)
     if low_memory:
@@ -154,6 +146,7 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
         out = torch.ops.fastloss.linear_loss.default(
             h, weight, t, bias, class_weight, _KIND[kind], [float(x) for x in scalars],
             ignore_index, _REDUCTION_CODE[reduction], block_rows or 0)
+    out = as_loss_dtype(out, h)
     return out.reshape(target.shape) if reduction == "none" else out
 
 

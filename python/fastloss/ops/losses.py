@@ -22,7 +22,7 @@ Common arguments, mirroring :func:`torch.nn.functional.cross_entropy`:
   ``weight[target[i]]`` and ``mean`` divides by the sum of those weights, as torch does.
   No gradient flows to ``weight``.
 * ``reduction``: ``"none"`` (``[N]``), ``"sum"`` or ``"mean"``. The result has the logits'
-  dtype. An empty batch gives what torch gives (``mean`` of nothing is NaN).
+  dtype, or float32 under ``torch.autocast`` (as torch's losses). An empty batch gives what torch gives (``mean`` of nothing is NaN).
 * ``inplace_backward``: opt-in. The backward writes the gradient over the logits' own
   memory instead of allocating an ``[N, C]`` tensor (the logits' values are gone after
   backward; autograd's version counter then stops any other op that saved them from
@@ -50,6 +50,7 @@ from torch import Tensor
 
 from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
+from ._dtypes import as_loss_dtype
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -151,7 +152,7 @@ for _name in _LOSS_OPS:
 def _fake_loss(logits, target, weight, ignore_index, reduction, *scalars):
     _check_fake(logits, target, weight)
     shape = (logits.shape[0],) if reduction == 0 else ()
-    return logits.new_empty(shape)
+    return logits.new_empty(shape, dtype=torch.float32)  # (the caller gives the dtype: _dtypes.py)
 
 
 def _fake_forward_grad(grad_loss, logits, target, weight, *scalars):
@@ -216,6 +217,7 @@ def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, gr
     out = getattr(torch.ops.fastloss, f"{name}_loss").default(
         logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace,
         grad_in_forward)
+    out = as_loss_dtype(out, logits)
     return out.reshape(shape) if shape is not None and reduction == "none" else out
 
 

@@ -43,6 +43,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
+from ._dtypes import as_loss_dtype
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
 _KERNEL_BLOCK_BYTES = 4 << 20  # no temporaries on the CPU: TCM too gets 4 MiB blocks
@@ -323,16 +324,16 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         out = _MultiSimilarityKernel.apply(x, keys, float(alpha), float(beta), float(base),
                                         None if epsilon is None else float(epsilon), reduction,
                                         block_rows)
-        return out.to(emb.dtype)
+        return as_loss_dtype(out, emb)
     e = _normalized(emb)
     block_rows = _block_rows(fn, block_rows, emb.shape[0])
     rows = _MultiSimilarity.apply(e, labels, float(alpha), float(beta), float(base),
                                   None if epsilon is None else float(epsilon), block_rows)
     if reduction == "mean":
-        return rows.mean().to(emb.dtype)
+        return as_loss_dtype(rows.mean(), emb)
     if reduction == "sum":
-        return rows.sum().to(emb.dtype)
-    return rows.to(emb.dtype)
+        return as_loss_dtype(rows.sum(), emb)
+    return as_loss_dtype(rows, emb)
 
 
 # --- Threshold-Consistent Margin (TCM) regularizer ----------------------------------------------
@@ -468,9 +469,9 @@ def tcm_loss(emb: Tensor, labels: Tensor, pos_margin: float = 0.9, neg_margin: f
     if _kernels(x):
         block_rows = _block_rows(fn, block_rows, emb.shape[0], _kernel_block_bytes(x))
         keys = torch.ops.fastloss.pair_label_keys(labels)
-        return _TcmKernel.apply(x, keys, float(pos_margin), float(neg_margin), float(pos_weight),
-                             float(neg_weight), block_rows).to(emb.dtype)
+        return as_loss_dtype(_TcmKernel.apply(x, keys, float(pos_margin), float(neg_margin),
+                                              float(pos_weight), float(neg_weight), block_rows), emb)
     e = _normalized(emb)
     block_rows = _block_rows(fn, block_rows, emb.shape[0], _BLOCK_BYTES // 4)
-    return _Tcm.apply(e, labels, float(pos_margin), float(neg_margin), float(pos_weight),
-                      float(neg_weight), block_rows).to(emb.dtype)
+    return as_loss_dtype(_Tcm.apply(e, labels, float(pos_margin), float(neg_margin), float(pos_weight),
+                                    float(neg_weight), block_rows), emb)

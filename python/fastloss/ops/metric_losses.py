@@ -24,6 +24,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
+from ._dtypes import as_loss_dtype
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
@@ -79,10 +80,10 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
         if not from_logits and not _within_unit_interval(scores.detach()):
             raise ValueError(f"{fn}: scores must be probabilities in [0, 1] with from_logits=False")
     if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
-        return torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric), float(L),
-                                          float(beta), bool(from_logits))
+        return as_loss_dtype(torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric),
+                                                        float(L), float(beta), bool(from_logits)), scores)
     tp, fn_, fp, tn = _confusion_sums_torch(scores.float().reshape(y.shape), y, L, from_logits)
-    return (1 - _metric(tp, fn_, fp, tn, metric, beta)).mean().to(scores.dtype)
+    return as_loss_dtype((1 - _metric(tp, fn_, fp, tn, metric, beta)).mean(), scores)
 
 
 def _confusion_sums_torch(s, y, L, from_logits):
@@ -112,13 +113,13 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 @torch.library.register_fake("fastloss::dice_loss")
 def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index, reduction):
-    return logits.new_empty((logits.shape[0],) if reduction == 0 else ())
+    return logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 @torch.library.register_fake("fastloss::anyloss")
 def _fake_anyloss(scores, target, metric, L, beta, from_logits):
     _fake_confusion(scores, target, L, from_logits)
-    return scores.new_empty(())
+    return scores.new_empty((), dtype=torch.float32)
 
 
 def _setup_saving_inputs(ctx, inputs, output):
@@ -329,8 +330,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
         if has_kernel(x):  # one op with its C++ autograd formula (metric_losses_op.cpp)
-            return torch.ops.fastloss.dice_loss(x, y.reshape(x.shape), False, *args, int(ignore_index),
-                                                _REDUCTION[reduction])
+            return as_loss_dtype(torch.ops.fastloss.dice_loss(x, y.reshape(x.shape), False, *args,
+                                                              int(ignore_index), _REDUCTION[reduction]), logits)
         rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
         keep = None
     elif logits.dim() == 2 and target.shape == logits.shape[:1]:
@@ -341,8 +342,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         # the CPU kernel's op checks the classes itself; the CUDA kernel gives a row whose
         # target is out of range a NaN loss (a check here would wait for the device)
         if has_kernel(logits):
-            return torch.ops.fastloss.dice_loss(logits, target, True, *args, int(ignore_index),
-                                                _REDUCTION[reduction])
+            return as_loss_dtype(torch.ops.fastloss.dice_loss(logits, target, True, *args, int(ignore_index),
+                                                              _REDUCTION[reduction]), logits)
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= logits.shape[1]))
         if not bad.is_meta and bool(bad.any()):
@@ -355,8 +356,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
                          f"[N, C] with integer target [N]; got {tuple(logits.shape)} and "
                          f"{tuple(target.shape)}")
     if reduction == "none":
-        return rows.to(logits.dtype)
+        return as_loss_dtype(rows, logits)
     if reduction == "sum":
-        return rows.sum().to(logits.dtype)
+        return as_loss_dtype(rows.sum(), logits)
     count = rows.shape[0] if keep is None else keep.sum()
-    return (rows.sum() / count).to(logits.dtype)
+    return as_loss_dtype(rows.sum() / count, logits)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from ._devices import has_kernel
 from ._autograd import once_differentiable
+from ._dtypes import as_loss_dtype
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -44,7 +45,7 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 @torch.library.register_fake("fastloss::mw_auc_loss")
 def _fake_auc_loss(scores_pos, scores_neg, reduction):
     _fake_auc(scores_pos, scores_neg, False)
-    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else ())
+    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else (), dtype=torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -94,15 +95,14 @@ def mw_auc_loss(scores_pos: Tensor, scores_neg: Tensor, reduction: str = "mean")
     pos = scores_pos.unsqueeze(0) if one_query else scores_pos
     neg = scores_neg.unsqueeze(0) if one_query else scores_neg
     if has_kernel(pos):  # one op with its C++ autograd formula (pair_losses_op.cpp)
-        out = torch.ops.fastloss.mw_auc_loss(pos, neg, _REDUCTION[reduction])
+        out = as_loss_dtype(torch.ops.fastloss.mw_auc_loss(pos, neg, _REDUCTION[reduction]), pos)
         return out[0] if one_query and reduction == "none" else out
-    else:
-        if pos.shape[1] < 1 or neg.shape[1] < 1:
-            raise ValueError(f"{fn}: every query needs at least one positive and one negative score")
-        rows = F.softplus(neg.float()[:, None, :] - pos.float()[:, :, None]).mean((1, 2))
-    out = rows.to(pos.dtype)
+    if pos.shape[1] < 1 or neg.shape[1] < 1:
+        raise ValueError(f"{fn}: every query needs at least one positive and one negative score")
+    rows = F.softplus(neg.float()[:, None, :] - pos.float()[:, :, None]).mean((1, 2))
     if reduction == "mean":
-        return out.float().mean().to(pos.dtype)
+        return as_loss_dtype(rows.mean(), pos)
     if reduction == "sum":
-        return out.float().sum().to(pos.dtype)
+        return as_loss_dtype(rows.sum(), pos)
+    out = as_loss_dtype(rows, pos)
     return out[0] if one_query else out

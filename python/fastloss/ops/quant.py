@@ -49,6 +49,7 @@ import torch
 from torch import Tensor
 
 from ._checks import as_int
+from ._dtypes import cast_for_autocast
 
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -295,7 +296,8 @@ def dequantize_weight(qw: QuantizedWeight) -> Tensor:
 
 def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ dequantize_weight(qw).T + bias`` for ``x`` ``[..., K]`` (float32, float16 or
-    bfloat16; the result has ``x``'s dtype, float32 accumulation). On CPUs with AMX-INT8, 1-16
+    bfloat16; the result has ``x``'s dtype, float32 accumulation; under autocast ``x`` and
+    ``bias`` are cast to its dtype first, as ``F.linear`` casts them). On CPUs with AMX-INT8, 1-16
     rows of ``x`` against uniform 2-, 3-, 4- or 8-bit weights take integer tile products: each group
     of ``x`` in fixed point (rounded by at most 2^-30 of the group's largest ``|x|``), exact
     integer sums, then float32; ``fastloss.set_cpu_isa("avx512")`` gives float32 FMAs."""
@@ -305,6 +307,7 @@ def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) 
     if not isinstance(x, Tensor) or x.dtype not in _FLOATS:
         raise ValueError(f"dequant_gemm: x must be a float32, float16 or bfloat16 tensor, got "
                          f"{getattr(x, 'dtype', type(x))}")
+    x, bias = cast_for_autocast(x, bias)
     k = qw.shape[1]
     if x.dim() < 1 or x.shape[-1] != k:
         raise ValueError(f"dequant_gemm: x must be [..., {k}] (the weight's input features), got "

@@ -14,7 +14,10 @@
 * full or grouped ``weight [C_out, C / groups, K]``: ``F.conv1d`` with the same padding
   (no fastloss kernel yet).
 
-float32, float16, bfloat16; float32 math inside the kernels.
+float32, float16, bfloat16; float32 math inside the kernels. Under ``torch.autocast``,
+``dilated_conv1d`` casts its inputs to the autocast dtype as ``F.conv1d`` does (output in that
+dtype); ``tcn_level`` takes them as they are (float32 ``x`` gives a float32 result, as the unfused
+``x + act(conv(x))`` does, with the convolution in float32 too).
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import as_int
+from ._dtypes import cast_for_autocast
 from ._devices import has_kernel
 from ._autograd import once_differentiable
 
@@ -160,6 +164,7 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     if not _padding_fits(dilation, k):
         raise ValueError(f"{fn}: dilation * (K - 1) must be below 2^62, got {dilation} * {k - 1}")
     pad = left_padding(k, dilation, causal)
+    x, weight, bias = cast_for_autocast(x, weight, bias)  # (as F.conv1d; the torch path's own)
     if weight.dim() == 2 and has_kernel(x):
         return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
     if weight.dim() == 2:

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from ._autograd import once_differentiable, refuse_grad
 from ._checks import as_int
-from .linear_losses import cast_as_linear
+from ._dtypes import as_loss_dtype, cast_for_autocast
 from .losses import _check_reduction, cross_entropy_scalars
 
 _FN = "vocab_parallel_linear_cross_entropy"
@@ -148,9 +148,9 @@ class TiledCrossEntropy(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, target, w_local, lse, w_y, w_total, denom)
         ctx.args = (group, parallel, first, total, ignore_index, reduction, smoothing, z_scale,
                     softcap, tile, filter_eps)
-        # a copy even when the dtype already matches: torch 2.11's torch.compile gave zero
-        # gradients when this returned `loss` itself (2.13 / 2.14 did not)
-        return loss.to(hidden.dtype, copy=True)
+        # float32 (the caller gives the dtype: _dtypes.py); a copy: torch 2.11's torch.compile
+        # gave zero gradients when this returned `loss` itself (2.13 / 2.14 did not)
+        return loss.clone()
 
     @staticmethod
     @once_differentiable("linear_cross_entropy (low_memory=True) / vocab_parallel_linear_cross_entropy")
@@ -224,7 +224,7 @@ def vocab_parallel_linear_cross_entropy(
                         f"got {type(group).__name__}")
     # the shard and its bias cast as F.linear casts them under autocast (as linear_cross_entropy
     # does; float32 master weights under autocast had been refused)
-    hidden, weight_shard, bias_shard = cast_as_linear(hidden, weight_shard, bias_shard)
+    hidden, weight_shard, bias_shard = cast_for_autocast(hidden, weight_shard, bias_shard)
     if hidden.dim() < 1:
         raise ValueError(f"{_FN}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
     if weight_shard.dim() != 2 or hidden.shape[-1] != weight_shard.shape[1]:
@@ -260,4 +260,5 @@ def vocab_parallel_linear_cross_entropy(
     cw = class_weight.float() if class_weight is not None else None
     out = TiledCrossEntropy.apply(h, weight_shard, bias_shard, t, cw, group, True, first, total,
                                   ignore_index, reduction, smoothing, z_scale, cap, tile_cols or 0, eps)
+    out = as_loss_dtype(out, hidden)
     return out.reshape(target.shape) if reduction == "none" else out
