@@ -7,6 +7,7 @@ Values themselves are checked against float64 references in each family's test f
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from fastloss import ops
 
@@ -192,7 +193,7 @@ def test_compiled_under_autocast():
     (x,), (t,) = _rows("cpu")
     (h, w), (ht,) = _linear("cpu")
     (e,), (y,) = _embeddings("cpu")
-    args = (x.bfloat16(), t, h, w, ht, e, y)
+    args = (x.bfloat16(), t, h.bfloat16(), w.bfloat16(), ht, e.bfloat16(), y)
     compiled = torch.compile(f, fullgraph=True)
     for autocast in (True, False):
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
@@ -200,5 +201,48 @@ def test_compiled_under_autocast():
         for u, v in zip(want, got):
             assert u.dtype == v.dtype
             torch.testing.assert_close(v, u, rtol=1e-6, atol=1e-6)
-        assert want[0].dtype == (torch.float32 if autocast else torch.bfloat16)
-        assert want[1].dtype == torch.float32  # (float32 hidden: F.linear's cast under autocast)
+        for u in want:
+            assert u.dtype == (torch.float32 if autocast else torch.bfloat16)
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_linear_loss_keeps_float32_digits(dev):
+    """The fused linear loss under autocast is F.cross_entropy of F.linear's bfloat16 logits,
+    summed in float32: within float32 summation order of that, where a bfloat16 loss (8
+    significant bits, rounded inside and then cast back) would be ~1e-3 off."""
+    h, w = _randn(256, 64, dev=dev, seed=23), _randn(500, 64, dev=dev, seed=24, scale=0.5)
+    t = _ints(500, 256, dev, 25)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        got = ops.linear_cross_entropy(h, w, t, reduction="sum")
+        logits = F.linear(h, w)
+    want = F.cross_entropy(logits.double(), t, reduction="sum")
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got.double(), want, rtol=2e-6, atol=0)
+
+
+@pytest.mark.parametrize("case", ["multi_similarity_loss", "tcm_loss", "proto_triplet_loss",
+                                  "contrastive_loss_weights"])
+def test_torch_paths_leave_float32_inputs_alone(monkeypatch, case):
+    """The torch-operation paths (devices without fastloss kernels, e.g. CUDA tensors with a
+    CPU-only build) keep autocast out of their GEMMs as the kernels do."""
+    from fastloss.ops import few_shot, metric
+    monkeypatch.setattr(metric, "_kernels", lambda e: False)
+    monkeypatch.setattr(few_shot, "_kernels", lambda x: False)
+    test_autocast_leaves_float32_inputs_alone(case, "cpu")
+
+
+@pytest.mark.parametrize("dev", DEVICES)
+def test_tcn_level_keeps_its_inputs_under_autocast(dev):
+    """tcn_level (fused, depthwise [C, K] weights; and the torch path, [C, 1, K] grouped
+    weights) gives float32 x a float32 result under autocast, convolution included: the same
+    as without autocast, and the two paths agree."""
+    x, w, b = _randn(2, 5, 41, dev=dev, seed=26), _randn(5, 3, dev=dev, seed=27), _randn(5, dev=dev, seed=28)
+    for weight in (w, w[:, None, :]):
+        plain = ops.tcn_level(x, weight, b, dilation=2)
+        with torch.autocast(dev, dtype=torch.bfloat16):
+            amp = ops.tcn_level(x, weight, b, dilation=2)
+        assert amp.dtype == torch.float32
+        torch.testing.assert_close(amp, plain, rtol=0, atol=0)
+    with torch.autocast(dev, dtype=torch.bfloat16):
+        fused, full = ops.tcn_level(x, w, b, dilation=2), ops.tcn_level(x, w[:, None, :], b, dilation=2)
+    torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)

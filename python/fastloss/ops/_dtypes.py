@@ -10,6 +10,7 @@ significant bits, a ``"sum"`` over 4096 tokens of 39424 against 39395.1.)
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Optional
 
 import torch
@@ -53,3 +54,16 @@ def without_autocast(x: Tensor):
     if torch.amp.is_autocast_available(device_type):
         return torch.autocast(device_type, enabled=False)
     return contextlib.nullcontext()
+
+
+def runs_without_autocast(fn):
+    """Decorate a function (an autograd.Function's forward or backward, whose torch GEMMs work
+    in float32) to run with autocast off for the device of its first tensor argument."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        x = next((a for a in args if isinstance(a, Tensor)), None)
+        if x is None:
+            return fn(*args, **kwargs)
+        with without_autocast(x):
+            return fn(*args, **kwargs)
+    return wrapper

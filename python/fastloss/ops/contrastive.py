@@ -33,7 +33,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import as_loss_dtype, without_autocast
+from ._dtypes import as_loss_dtype, runs_without_autocast
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -59,12 +59,8 @@ def _blocks(n: int, block: int):
 
 class _Contrastive(torch.autograd.Function):
     @staticmethod
+    @runs_without_autocast  # (autocast would redo the float32 GEMMs in 16 bits)
     def forward(ctx, a, b, weights, inv_t, symmetric, block):
-        with without_autocast(a):  # (autocast would redo the float32 GEMMs in 16 bits)
-            return _Contrastive._forward(ctx, a, b, weights, inv_t, symmetric, block)
-
-    @staticmethod
-    def _forward(ctx, a, b, weights, inv_t, symmetric, block):
         n = a.shape[0]
         f32 = dict(dtype=torch.float32, device=a.device)
         lse_row = torch.empty(n, **f32)
@@ -98,12 +94,8 @@ class _Contrastive(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable("contrastive_loss")
+    @runs_without_autocast
     def backward(ctx, grad_rows):
-        with without_autocast(grad_rows):
-            return _Contrastive._backward(ctx, grad_rows)
-
-    @staticmethod
-    def _backward(ctx, grad_rows):
         a, b, weights, lse_row, lse_col, col_norm = ctx.saved_tensors
         inv_t, symmetric, block = ctx.args
         n = a.shape[0]

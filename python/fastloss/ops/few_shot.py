@@ -20,7 +20,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite
 from ._autograd import once_differentiable
-from ._dtypes import as_loss_dtype
+from ._dtypes import as_loss_dtype, without_autocast
 
 _EPS_SQ = 1e-6   # inside the square root (the authors' value)
 _EPS = 1e-7      # in the ICNN score's divisions (the authors' value)
@@ -101,7 +101,8 @@ def proto_triplet_loss(query: Tensor, query_labels: Tensor, support: Optional[Te
     k = classes.numel()
     sums = torch.zeros(k, support.shape[1], dtype=torch.float32, device=support.device)
     protos = sums.index_add(0, inverse, support.float()) / torch.bincount(inverse, minlength=k)[:, None]
-    with torch.no_grad():  # the nearest other prototype by ||c||^2 - 2 <q, c>: one GEMM, no graph
+    # the nearest other prototype by ||c||^2 - 2 <q, c>: one float32 GEMM (autocast or not), no graph
+    with torch.no_grad(), without_autocast(query):
         mu = protos.mean(0)  # (both shifted: the spread of embeddings far from 0 survives rounding)
         pc = protos - mu
         score = torch.addmm(pc.square().sum(1)[None, :], query.float() - mu, pc.t(), alpha=-2)

@@ -43,7 +43,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
-from ._dtypes import as_loss_dtype
+from ._dtypes import as_loss_dtype, runs_without_autocast
 
 _BLOCK_BYTES = 4 << 20  # small: each block has a dozen block-sized temporaries (masks, exps)
 _KERNEL_BLOCK_BYTES = 4 << 20  # no temporaries on the CPU: TCM too gets 4 MiB blocks
@@ -191,7 +191,9 @@ def _log1p_sum_exp(x, mask):
 
 
 class _MultiSimilarity(torch.autograd.Function):
+    # (the torch path, for devices without kernels: its GEMMs in float32, autocast or not)
     @staticmethod
+    @runs_without_autocast
     def forward(ctx, e, labels, alpha, beta, base, epsilon, block):
         n = e.shape[0]
         rows = torch.empty(n, dtype=torch.float32, device=e.device)
@@ -209,6 +211,7 @@ class _MultiSimilarity(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable("multi_similarity_loss")
+    @runs_without_autocast
     def backward(ctx, grad_rows):
         e, labels, lse_pos, lse_neg = ctx.saved_tensors
         alpha, beta, base, epsilon, block = ctx.args
@@ -340,6 +343,7 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
 
 class _Tcm(torch.autograd.Function):
     @staticmethod
+    @runs_without_autocast
     def forward(ctx, e, labels, m_pos, m_neg, w_pos, w_neg, block):
         n = e.shape[0]
         sums = torch.zeros(4, dtype=torch.float64, device=e.device)  # pos sum, pos count, neg ...
@@ -360,6 +364,7 @@ class _Tcm(torch.autograd.Function):
 
     @staticmethod
     @once_differentiable("tcm_loss")
+    @runs_without_autocast
     def backward(ctx, grad_loss):
         e, labels, sums = ctx.saved_tensors
         m_pos, m_neg, w_pos, w_neg, block = ctx.args

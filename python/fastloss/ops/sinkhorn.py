@@ -46,6 +46,7 @@ from torch import Tensor
 
 from ._checks import as_int
 from ._devices import has_kernel
+from ._dtypes import runs_without_autocast
 from ._autograd import once_differentiable
 
 _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
@@ -182,6 +183,7 @@ def _newton_sparse(c, log_a, log_b, eps, max_iter, tol, warmup_iters, keep, cg_i
 
 class _SinkhornCost(torch.autograd.Function):
     @staticmethod
+    @runs_without_autocast  # (the Newton solver's bmm in the cost's dtype)
     def forward(ctx, c, a, b, eps, max_iter, tol, newton):
         log_a = torch.log(a)
         log_b = torch.log(b)

@@ -17,7 +17,7 @@
 float32, float16, bfloat16; float32 math inside the kernels. Under ``torch.autocast``,
 ``dilated_conv1d`` casts its inputs to the autocast dtype as ``F.conv1d`` does (output in that
 dtype); ``tcn_level`` takes them as they are (float32 ``x`` gives a float32 result, as the unfused
-``x + act(conv(x))`` does, with the convolution in float32 too).
+``x + act(conv(x))`` does; its convolution in float32 too, on either path).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ._checks import as_int
-from ._dtypes import cast_for_autocast
+from ._dtypes import cast_for_autocast, without_autocast
 from ._devices import has_kernel
 from ._autograd import once_differentiable
 
@@ -195,8 +195,9 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
              and weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS
              and weight.shape[0] == x.shape[1] and weight.shape[-1] >= 1
              and _dilation_is_int(dilation) and _padding_fits(dilation, weight.shape[-1]))
-    if not fused:
-        return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
+    if not fused:  # (the convolution in x's dtype, as the fused kernel: autocast off)
+        with without_autocast(x):
+            return x + act(dilated_conv1d(x, weight, bias, dilation, causal))
     if bias is not None and tuple(bias.shape) != (x.shape[1],):
         raise ValueError(f"tcn_level: bias must be [{x.shape[1]}], got shape {tuple(bias.shape)}")
     pad = left_padding(weight.shape[1], dilation, causal)
