@@ -991,6 +991,29 @@ def test_sns_solve_doubles_the_kept_entries_when_stalled(sinkhorn_lib):
     assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6, error_tol=(1e-3, 1e-9))
 
 
+def test_sns_solve_stops_where_the_error_stalls(sinkhorn_lib):
+    """In float32 at C / eps of several hundred the plan's rounding holds the error near 1e-6:
+    both solvers stop a problem whose error is no lower after ten Newton steps with its densest
+    Hessian (rather than run to max_iter), unconverged, within 30 steps of each other (their
+    roundings differ) and with the same value. A stop rule of the CPU only fails this."""
+    bsz, n, m, eps, max_iter, tol, keep, warmup, cg = 2, 40, 50, 0.002, 1000, 1e-9, 4, 10, 200
+    cost, a, b = ot_problem(bsz, n, m, torch.float32, seed=7)
+    expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
+    assert bool((expect[3] < 300).all()) and bool((expect[4] > tol).all()), (expect[3], expect[4])
+    dims = int64s(bsz, n, m, max_iter)
+    nbytes = sinkhorn_lib.emu_sns_workspace(0, dims, keep)
+    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
+    outs, pointers, host_active = ot_outputs(bsz, n, m, torch.float32)
+    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), 0, dims, eps, tol, keep,
+                                     warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    check_guards(wbuf, "workspace")
+    value, n_iter, error = outs[0], outs[3], outs[4]
+    assert bool((n_iter < 300).all()) and bool((error > tol).all()), (n_iter, error)
+    assert (n_iter - expect[3]).abs().max() <= 30, (n_iter, expect[3])
+    torch.testing.assert_close(value, expect[0], rtol=1e-5, atol=1e-6)
+
+
 # ---- Dice and AnyLoss ----------------------------------------------------------------------------
 
 

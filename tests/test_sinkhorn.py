@@ -591,3 +591,19 @@ def test_p1_ground_cost():
         want.backward()
         torch.testing.assert_close(got, want.detach(), rtol=1e-7, atol=1e-10)
         torch.testing.assert_close(xg.grad, xr.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_sns_stops_where_float32_rounding_stalls_the_error(cpu_isa):
+    """Float32 SNS at C / eps of several hundred stalls near 2e-6 (the plan's rounding): it
+    stops after ten Newton steps with its densest Hessian that end no lower (70-90 steps here,
+    not max_iter: 4 x 300-point clouds had taken 1000 steps, 59 s), unconverged, and says
+    why; its value is the float64 solve's (which converges to 1e-9) to 1e-6."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(2, 120, 3, generator=g), torch.randn(2, 100, 3, generator=g) + 0.5
+    cost = torch.cdist(x, y) ** 2
+    with pytest.warns(RuntimeWarning, match="stopped before max_iter.*float32 rounding"):
+        r32 = ops.sinkhorn(cost, eps=0.05, method="sns", tol=1e-9, max_iter=1000)
+    assert bool((r32.n_iter < 200).all()) and not bool(r32.converged.any()), r32.n_iter
+    r64 = ops.sinkhorn(cost.double(), eps=0.05, method="sns", tol=1e-9, max_iter=1000)
+    assert bool(r64.converged.all()) and bool((r64.n_iter < 100).all()), r64.n_iter
+    torch.testing.assert_close(r32.cost.double(), r64.cost, rtol=1e-6, atol=1e-7)

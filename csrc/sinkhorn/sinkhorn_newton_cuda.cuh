@@ -152,8 +152,13 @@ __global__ void __launch_bounds__(kThreads) newton_check_kernel(Newton<T> nw) {
     return;
   }
   // Ten Newton steps that did not halve the error: twice the kept entries, up to 8x the asked
-  // number (the CPU's rule and reasons: sinkhorn_cpu_impl.h, newton())
+  // number; ten with the most that ended no lower than they started: stalled, stop (the CPU's
+  // rules and reasons: sinkhorn_cpu_impl.h, newton())
   if (nw.steps[k] % 10 == 0) {
+    if (nw.kept[k] == nw.most && err >= nw.window[k]) {
+      s.active[k] = 0;
+      return;
+    }
     if (err > 0.5 * nw.window[k]) nw.kept[k] = 2 * nw.kept[k] < nw.most ? 2 * nw.kept[k] : nw.most;
     nw.window[k] = err;
   }

@@ -297,6 +297,10 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
             bench/bench_sinkhorn.py at about the same time (measured at commit 3d0e1d6+).
         max_iter, tol: at most ``max_iter`` iterations (Sinkhorn or Newton steps, warm-up
             included); stop when the marginal error falls under ``tol`` (SNS: rows and columns).
+            SNS also stops, unconverged, where ten Newton steps with its densest Hessian end
+            no lower than they began: the error has reached the plan's rounding floor (in
+            float32 at ``C / eps`` of a few hundred, around 1e-6 to 1e-5), which more steps
+            do not pass.
         return_plan: also return the plan ``P``.
     """
     if method not in ("sinkhorn", "sns"):
@@ -349,6 +353,13 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         gap = (mass_a - mass_b).abs()[~converged]
         hint = (f"; a and b differ in total mass by up to {float(gap.max()):.3g}, a floor for the marginal "
                 f"error: normalise them in {c.dtype}" if bool((gap >= 0.5 * tol).any()) else "")
+        # (SNS stops a problem whose error has stalled with its densest Hessian: csrc/sinkhorn)
+        stalled = int(((~converged) & (n_iter < max_iter)).sum())
+        if stalled:
+            floor = ("the plan's float32 rounding, likely: solve in float64 or set tol above it"
+                     if c.dtype == torch.float32 else "set tol above it")
+            hint += (f"; {stalled} stopped before max_iter, their error no lower after ten Newton "
+                     f"steps with the densest Hessian ({floor})")
         warnings.warn(f"sinkhorn: {int((~converged).sum())} of {bsz} problem(s) did not reach "
                       f"tol={tol} in {max_iter} iterations (marginal error up to {float(err.max()):.3g}){hint}",
                       RuntimeWarning, stacklevel=2)
