@@ -192,24 +192,26 @@ TORCH_LIBRARY(fastloss, m) {
         "Tensor g) -> ()");
   // The contrastive loss's block loops (pair_losses_op.cpp; CPU and CUDA builds' CUDA):
   // -> (rows, lse_row, lse_col, s_kept); the backward consumes s_kept when it is the whole S
-  m.def("contrastive_forward(Tensor a, Tensor b, float inv_t, bool symmetric, int block_rows, "
+  // (block_rows: SymInt in these schemas, as the Python caller derives it from the batch size:
+  // an int would fix that size into a torch.compile graph; the kernels take it as int64_t)
+  m.def("contrastive_forward(Tensor a, Tensor b, float inv_t, bool symmetric, SymInt block_rows, "
         "bool keep) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def("contrastive_backward(Tensor grad_rows, Tensor a, Tensor b, Tensor lse_row, Tensor lse_col, "
-        "Tensor(a!) s_kept, float inv_t, bool symmetric, int block_rows, bool[2] grad_mask) "
+        "Tensor(a!) s_kept, float inv_t, bool symmetric, SymInt block_rows, bool[2] grad_mask) "
         "-> (Tensor, Tensor)");
   // Its eager path without weights (as kd_loss's): forward, reduction (0 none, 1 mean, 2 sum)
   // and a C++ autograd formula in one op
-  m.def("contrastive_loss(Tensor a, Tensor b, float inv_t, bool symmetric, int block_rows, "
+  m.def("contrastive_loss(Tensor a, Tensor b, float inv_t, bool symmetric, SymInt block_rows, "
         "int reduction) -> Tensor");
   // Multi-Similarity's block loops: -> (stats [2, B] or [0], gradient or [0]); see the op file
   m.def("ms_blocks(Tensor e, Tensor keys, float alpha, float beta, float base, float? epsilon, "
-        "int block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");
+        "SymInt block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");
   // TCM's block loops: -> (totals [4] float64, gradient or [0], row_ptr, hard pairs' columns);
   // the backward over blocks formed again; and the CPU row normalisation of the embedding losses
   // (unit rows, norms) with its backward. See the op file.
   m.def("tcm_blocks(Tensor e, Tensor keys, float m_pos, float m_neg, float w_pos, float w_neg, "
-        "int block_rows, bool early, int max_pairs) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def("tcm_blocks_backward(Tensor e, Tensor keys, float m_pos, float m_neg, int block_rows, "
+        "SymInt block_rows, bool early, int max_pairs) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("tcm_blocks_backward(Tensor e, Tensor keys, float m_pos, float m_neg, SymInt block_rows, "
         "Tensor coef) -> Tensor");
   m.def("unit_rows(Tensor x) -> (Tensor, Tensor)");
   m.def("unit_rows_grad(Tensor grad_e, Tensor e, Tensor norms) -> Tensor");

@@ -471,7 +471,8 @@ def test_torch_compile_fullgraph():
 
 
 def test_torch_compile_dynamic_batch():
-    """One compiled graph with a symbolic batch size serves batches of different sizes."""
+    """A compiled graph with a symbolic batch size gives eager's results at two batch sizes
+    (that it is one graph, without recompiling, is checked per loss by test_compile_dynamic.py)."""
     compiled = torch.compile(_all_losses, fullgraph=True, dynamic=True)
     for n in (9, 17):
         _check_compiled(compiled, *make_inputs(n, 13, torch.float32, weighted=True, seed=n))

@@ -309,7 +309,9 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
     Tensor rows;
     // (float16: the made gradient's small entries would be flushed to zero before a large
     // upstream, e.g. a loss scale, multiplies them; its backward forms them in float32 first)
-    if (want && student.is_cpu() && student.scalar_type() != at::kHalf) {
+    // (real CPU tensors: traced ones take kd_forward, whose backward keeps the batch size
+    // symbolic; the fold reads it as a number)
+    if (want && readable_cpu(student) && student.scalar_type() != at::kHalf) {
       const double scale = reduction == kMean ? 1.0 / double(std::max<int64_t>(student.size(0), 1)) : 1.0;
       auto out = call_below_autograd(kd_op(2), {student, teacher, kind, temperature, beta, scale});
       rows = out[0].toTensor();
@@ -344,7 +346,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       } else {
         const auto saved = ctx->get_saved_variables();
         // d(total)/d(row loss) for every row
-        const Tensor g = row_upstream(grads[0], reduction, saved[0].size(0));
+        const Tensor g = row_upstream(grads[0], reduction, saved[0].sym_size(0));
         grad = call_below_autograd(kd_op(1), {g, saved[0], saved[1], saved[2], k, T, b})[0].toTensor();
       }
     }
@@ -456,7 +458,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
         const auto& kept_count = ctx->saved_data["count"];
         const Tensor count = kept_count.isTensor() ? kept_count.toTensor() : Tensor();
         out = scale_if_owned(std::move(out), count.defined() ? at::where(count.ne(0), up.div(count), 0.0)
-                                                             : up.div(double(out.size(0))));
+                                                             : up.div(c10::Scalar(out.sym_size(0))));
       }
     }
     return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},

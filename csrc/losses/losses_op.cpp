@@ -545,13 +545,13 @@ LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index) {
 }
 
 // F.cross_entropy's mean denominator: the summed class weights of the non-ignored rows'
-// targets (their count without weights). The gather index is clamped so that an ignored row
-// never reads out of range.
+// targets (their count without weights). An ignored row gathers class 0 (the kept targets
+// were checked by the forward op), so that it never reads out of range.
 static Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
-                        int64_t ignore_index, int64_t C) {
+                               int64_t ignore_index) {
   const Tensor valid = target.ne(ignore_index);
   if (!weight.has_value()) return valid.sum(at::kFloat);
-  const Tensor safe = target.to(at::kLong).clamp(0, std::max<int64_t>(C - 1, 0));
+  const Tensor safe = target.to(at::kLong).masked_fill(valid.logical_not(), 0);
   return at::where(valid, weight->to(at::kFloat).index_select(0, safe), 0.0).sum();
 }
 
@@ -636,12 +636,14 @@ static bool one_launch(const Tensor& rows, const Tensor& target, const std::opti
 
 // Row losses and their reduction; `denom` is set for the mean.
 Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
-                   int64_t C, int64_t reduction, int64_t ignore_index, Tensor& denom) {
+                   const c10::SymInt& classes, int64_t reduction, int64_t ignore_index, Tensor& denom) {
   if (reduction == kNone) return rows;
   if (readable_cpu(rows) && readable_cpu(target))
     return reduce_rows_cpu(rows, target, weight, reduction, ignore_index, denom);
 #if defined(FASTLOSS_WITH_CUDA)
-  if (one_launch(rows, target, weight, C)) {  // one launch instead of four (sum, ne, sum, div)
+  // one launch instead of four (sum, ne, sum, div); (real tensors only: then C is a number)
+  const int64_t C = plain_cuda(rows, at::kFloat, rows) ? classes.guard_int(__FILE__, __LINE__) : 0;
+  if (plain_cuda(rows, at::kFloat, rows) && one_launch(rows, target, weight, C)) {
     const c10::cuda::CUDAGuard guard(rows.device());
     Tensor loss = at::empty({}, rows.options());
     if (reduction == kMean) denom = at::empty({}, rows.options());
@@ -654,7 +656,7 @@ Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional
   }
 #endif
   if (reduction == kSum) return rows.sum();
-  denom = mean_denominator(target, weight, ignore_index, C);
+  denom = mean_denominator(target, weight, ignore_index);
   return rows.sum().div(denom);
 }
 
@@ -691,8 +693,9 @@ Tensor reduce_loss_rows(const Tensor& rows, int64_t reduction, const Tensor& mea
   return rows;
 }
 
-Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tensor& mean_count) {
+Tensor row_upstream(const Tensor& grad, int64_t reduction, const c10::SymInt& rows, const Tensor& mean_count) {
   if (reduction != kNone && readable_cpu(grad) && (!mean_count.defined() || readable_cpu(mean_count))) {
+    const int64_t n = rows.guard_int(__FILE__, __LINE__);  // (real tensors: a plain count)
     // one value known on the host: one fill (a division and a fill from a tensor cost more
     // than the whole backward kernel of a small classifier batch)
     double v = grad.item<double>();
@@ -708,6 +711,7 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
         mean_count.numel() == 1 && mean_count.device() == grad.device()))) {
     const c10::cuda::CUDAGuard guard(grad.device());
     const Tensor gc = grad.contiguous();
+    const int64_t n = rows.guard_int(__FILE__, __LINE__);
     Tensor out = at::empty({n}, grad.options().dtype(at::kFloat));
     const bool by_count = reduction == kMean && mean_count.defined();
     check_cuda_launch(upstream_rows_cuda(gc.data_ptr(), kernel_dtype(gc, "loss backward", "grad"),
@@ -718,10 +722,11 @@ Tensor row_upstream(const Tensor& grad, int64_t reduction, int64_t n, const Tens
     return out;
   }
 #endif
+  // (from here traced tensors too: the count stays symbolic)
   Tensor g = grad.to(at::kFloat);
-  if (reduction == kMean) g = mean_count.defined() ? g.div(mean_count) : g.div(double(n));
+  if (reduction == kMean) g = mean_count.defined() ? g.div(mean_count) : g.div(c10::Scalar(rows));
   // one fill instead of an expand and a contiguous copy
-  return reduction == kNone ? g.contiguous() : at::empty({n}, g.options()).fill_(g);
+  return reduction == kNone ? g.contiguous() : at::empty_symint({rows}, g.options()).fill_(g);
 }
 
 namespace {
@@ -795,10 +800,13 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     // copy (and an in-place backward overwrites the copy, not the caller's tensor).
     // Rows that overlap in memory (an expanded tensor) are copied too when the gradient is
     // to be written over them.
-    const bool overlap = inplace && logits_in.dim() == 2 && logits_in.size(0) > 1 &&
-                         logits_in.stride(0) < logits_in.size(1);
-    const Tensor logits = logits_in.dim() == 2 && logits_in.size(1) > 1 &&
-                                  (logits_in.stride(1) != 1 || overlap)
+    // (sym_size / sym_stride: under torch.compile an int read of a traced size fixes the
+    // batch size into the graph, one compiled graph per batch size)
+    const auto holds = [](const c10::SymBool& b) { return b.guard_bool(__FILE__, __LINE__); };
+    const bool overlap = inplace && logits_in.dim() == 2 && holds(logits_in.sym_size(0) > 1) &&
+                         holds(logits_in.sym_stride(0) < logits_in.sym_size(1));
+    const Tensor logits = logits_in.dim() == 2 && holds(logits_in.sym_size(1) > 1) &&
+                                  (holds(logits_in.sym_stride(1) != 1) || overlap)
                               ? logits_in.contiguous()
                               : logits_in;
     // the node's flags in one entry of saved_data (a map of IValues: an entry per value cost a
@@ -812,7 +820,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     const Tensor rows = out[0].toTensor(), stat0 = out[1].toTensor(), stat1 = out[2].toTensor();
     Tensor denom;
     const Tensor loss =
-        reduce_rows(rows, target, opt_weight(weight), logits.size(1), reduction, p.ignore_index, denom);
+        reduce_rows(rows, target, opt_weight(weight), logits.sym_size(1), reduction, p.ignore_index, denom);
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
     return loss;  // (float32: the Python caller gives the dtype)
@@ -847,7 +855,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
                         op_name(p.kind));
 #endif
     } else {
-      grad_loss.fill_(mean_denominator(target, opt_weight(weight), p.ignore_index, logits.size(1)).reciprocal());
+      grad_loss.fill_(mean_denominator(target, opt_weight(weight), p.ignore_index).reciprocal());
     }
     std::vector<c10::IValue> args{grad_loss, logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
@@ -946,7 +954,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
       const int64_t reduction = f.reduction;
       const bool inplace = f.inplace;
       // d(total)/d(row loss) for every row (the mean's divisor: the kept rows' class weights)
-      const Tensor g = row_upstream(grads[0], reduction, logits.size(0), saved[5]);
+      const Tensor g = row_upstream(grads[0], reduction, logits.sym_size(0), saved[5]);
       std::vector<c10::IValue> args{g, logits, saved[1], opt(saved[2]), saved[3], saved[4],
                                     p.ignore_index};
       for (auto& v : scalar_args(p)) args.push_back(std::move(v));

@@ -43,7 +43,9 @@ std::vector<c10::IValue> call_below_autograd(const c10::OperatorHandle& op,
 // backward of that reduction, d(total)/d(row loss) for each row ([N] float32, contiguous).
 at::Tensor reduce_loss_rows(const at::Tensor& rows, int64_t reduction,
                             const at::Tensor& mean_count = at::Tensor());
-at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, int64_t n,
+// n: the row count as a SymInt (x.sym_size(0)), so that torch.compile's traced backward keeps
+// it symbolic: an int read of a traced size fixes the batch size into the compiled graph.
+at::Tensor row_upstream(const at::Tensor& grad, int64_t reduction, const c10::SymInt& n,
                         const at::Tensor& mean_count = at::Tensor());
 
 // The gradients a C++ autograd formula returns, made to refuse a second differentiation: when
@@ -77,9 +79,10 @@ at::Tensor scale_by_upstream(at::Tensor made, const at::Tensor& up, bool per_row
 
 std::optional<at::Tensor> opt_weight(const std::optional<at::Tensor>& w);
 // Reduce float32 row losses [N] as torch does (mean divides by the summed class weights of the
-// non-ignored rows); for the mean, `denom` receives that divisor.
+// non-ignored rows); for the mean, `denom` receives that divisor. C (the class count) as a
+// SymInt: read as a number only for real CUDA tensors (see row_upstream).
 at::Tensor reduce_rows(const at::Tensor& rows, const at::Tensor& target,
-                       const std::optional<at::Tensor>& weight, int64_t C, int64_t reduction,
+                       const std::optional<at::Tensor>& weight, const c10::SymInt& C, int64_t reduction,
                        int64_t ignore_index, at::Tensor& denom);
 
 }  // namespace fastloss

@@ -322,8 +322,8 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
       const auto saved = ctx->get_saved_variables();
       const bool softmax = ctx->saved_data["softmax"].toBool();
       const auto params = ctx->saved_data["params"].toDoubleVector();
-      const int64_t n = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
-      const Tensor g = row_upstream(grads[0], reduction, n, saved[2]);
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const Tensor g = row_upstream(grads[0], reduction, saved[0].sym_size(0), saved[2]);
       std::vector<c10::IValue> args{g, saved[0], saved[1], params[0], params[1], params[2]};
       if (softmax) args.emplace_back(ctx->saved_data["ignore_index"]);
       grad = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();

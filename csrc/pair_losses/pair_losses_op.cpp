@@ -177,8 +177,8 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
       TORCH_CHECK(ctx->saved_data["want"].toBool(), kOp, ": the gradients were not made in the "
                   "forward (no score required grad then)");
       const auto saved = ctx->get_saved_variables();
-      const int64_t b = saved[0].size(0), reduction = ctx->saved_data["reduction"].toInt();
-      const Tensor g = row_upstream(grads[0], reduction, b).unsqueeze(1);  // per query
+      const int64_t reduction = ctx->saved_data["reduction"].toInt();
+      const Tensor g = row_upstream(grads[0], reduction, saved[0].sym_size(0)).unsqueeze(1);  // per query
       const auto dtypes = ctx->saved_data["dtypes"].toIntVector();
       if (ctx->needs_input_grad(0)) gp = saved[0].mul(g).to(at::ScalarType(dtypes[0]));
       if (ctx->needs_input_grad(1)) gn = saved[1].mul(g).to(at::ScalarType(dtypes[1]));
@@ -593,7 +593,7 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
 // the gradient block); a second backward through a retained graph forms S again.
 struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b,
-                        double inv_t, bool symmetric, int64_t block_rows, int64_t reduction, bool want) {
+                        double inv_t, bool symmetric, const c10::SymInt& block_rows, int64_t reduction, bool want) {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::contrastive_forward", "");
     auto out = call_below_autograd(op, {a, b, inv_t, symmetric, block_rows, want});
     ctx->save_for_backward({a, b, out[1].toTensor(), out[2].toTensor()});
@@ -615,7 +615,7 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
       const Tensor& a = saved[0];
       Tensor s_kept = take_kept_gradient(ctx->saved_data["s_kept"]);  // (consumed by the backward)
       if (!s_kept.defined()) s_kept = at::empty({0, 0}, a.options().dtype(at::kFloat));
-      const Tensor g = row_upstream(grads[0], ctx->saved_data["reduction"].toInt(), a.size(0));
+      const Tensor g = row_upstream(grads[0], ctx->saved_data["reduction"].toInt(), a.sym_size(0));
       c10::List<bool> mask({need[0], need[1]});
       auto out = call_below_autograd(op, {g, a, saved[1], saved[2], saved[3], s_kept,
                                           ctx->saved_data["inv_t"], ctx->saved_data["symmetric"],
@@ -630,14 +630,15 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
 
 template <bool Grad>
 Tensor contrastive_loss(const Tensor& a, const Tensor& b, double inv_t, bool symmetric,
-                        int64_t block_rows, int64_t reduction) {
+                        c10::SymInt block_rows, int64_t reduction) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "contrastive_loss: reduction must be 0 "
               "(none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad) {
     const bool want = at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
     return ContrastiveLossFunction::apply(a, b, inv_t, symmetric, block_rows, reduction, want);
   }
-  const Tensor rows = std::get<0>(contrastive_forward(a, b, inv_t, symmetric, block_rows, false));
+  const Tensor rows = std::get<0>(
+      contrastive_forward(a, b, inv_t, symmetric, block_rows.guard_int(__FILE__, __LINE__), false));
   return reduce_loss_rows(rows, reduction);
 }
 
