@@ -178,3 +178,28 @@ def test_row_loss_modules_show_their_hyper_parameters():
         "SphericalZLoss(a=1.0, b=2.0, eps=1e-06, reduction='sum')"
     assert "label_smoothing=0.1" in repr(fastloss.nn.CrossEntropyLoss(torch.ones(3), label_smoothing=0.1))
     assert "weight=[3]" in repr(fastloss.nn.CrossEntropyLoss(torch.ones(3)))
+    assert "T=2.0, aux_weight=0.5, prob_weight=0.0, aux_loss='forward_kl'" in \
+        repr(fastloss.nn.DualHeadKD(8, 5, T=2.0, aux_weight=0.5, aux_loss="forward_kl"))
+
+
+def test_meta_device_modules_initialise_with_reset_parameters():
+    """A model built on the meta device and moved with to_empty is initialised by calling each
+    module's reset_parameters (as FSDP's deferred initialisation does): the same parameters as
+    building it on the CPU with the same seed. DilatedConv1d (so TCN) and a learnable
+    ContrastiveLoss had no reset_parameters: their parameters stayed uninitialised memory."""
+    makers = [lambda: fastloss.nn.DilatedConv1d(6, 3, dilation=2),
+              lambda: fastloss.nn.TCN(5, depth=3, kernel_size=3),
+              lambda: fastloss.nn.ContrastiveLoss(T=0.05, learnable=True)]
+    for make in makers:
+        torch.manual_seed(0)
+        want = make()
+        with torch.device("meta"):
+            got = make()
+        got.to_empty(device="cpu")
+        torch.manual_seed(0)
+        for m in got.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        for (name, p), (_, q) in zip(got.named_parameters(), want.named_parameters(), strict=True):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=lambda msg: f"{type(got).__name__}.{name}: {msg}")
+    assert float(got.logit_scale.detach()) == pytest.approx(math.log(1 / 0.05))

@@ -114,3 +114,7 @@ class DualHeadKD(nn.Module):
         else:
             aux_term = ops.kd_loss(aux, teacher.to(aux.dtype), self.T, self.aux_loss)
         return loss + self.aux_weight * aux_term
+
+    def extra_repr(self) -> str:
+        return (f"T={self.T}, aux_weight={self.aux_weight}, prob_weight={self.prob_weight}, "
+                f"aux_loss={self.aux_loss!r}")

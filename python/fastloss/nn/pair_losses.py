@@ -75,11 +75,20 @@ class ContrastiveLoss(nn.Module):
             require_finite("ContrastiveLoss", T=T)
             if not T > 0:
                 raise ValueError(f"ContrastiveLoss: T must be > 0, got {T}")
-            self.logit_scale = nn.Parameter(torch.tensor(-math.log(T)))
+            self.initial_T = T
+            self.logit_scale = nn.Parameter(torch.empty(()))
             self.T = None
+            self.reset_parameters()
         else:
             self.logit_scale = None
             self.T = T
+
+    def reset_parameters(self) -> None:
+        """A learnable temperature back to its initial ``T`` (``logit_scale = log(1 / T)``; also
+        what a model built on the meta device and moved with ``to_empty`` calls)."""
+        if self.logit_scale is not None:
+            with torch.no_grad():
+                self.logit_scale.fill_(-math.log(self.initial_T))
 
     def temperature(self):
         """The temperature in use: ``T``, or ``exp(-logit_scale)`` (a tensor) when learnable."""

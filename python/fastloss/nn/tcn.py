@@ -28,7 +28,12 @@ class DilatedConv1d(nn.Module):
         self.weight = nn.Parameter(torch.empty(channels, kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(channels, **factory)) if bias else None
         self.dilation, self.causal = dilation, causal
-        bound = 1 / math.sqrt(kernel_size)  # nn.Conv1d's default for a depthwise kernel
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """nn.Conv1d's default initialisation for a depthwise kernel (also what a model built
+        on the meta device and moved with ``to_empty`` calls, as for torch's layers)."""
+        bound = 1 / math.sqrt(self.weight.shape[1])
         nn.init.uniform_(self.weight, -bound, bound)
         if self.bias is not None:
             nn.init.uniform_(self.bias, -bound, bound)
