@@ -545,13 +545,15 @@ LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index) {
 }
 
 // F.cross_entropy's mean denominator: the summed class weights of the non-ignored rows'
-// targets (their count without weights). An ignored row gathers class 0 (the kept targets
-// were checked by the forward op), so that it never reads out of range.
+// targets (their count without weights). The gather index is clamped to the weights' range so
+// that no row reads out of range (an ignored one; on CUDA, where targets are not checked on
+// the host, one outside [0, C), whose loss is NaN anyway). The bound is weight's own size as
+// a SymInt: an int read of a traced size would fix it into a torch.compile graph.
 static Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
                                int64_t ignore_index) {
   const Tensor valid = target.ne(ignore_index);
   if (!weight.has_value()) return valid.sum(at::kFloat);
-  const Tensor safe = target.to(at::kLong).masked_fill(valid.logical_not(), 0);
+  const Tensor safe = target.to(at::kLong).clamp(0, c10::Scalar(weight->sym_size(0) - 1));
   return at::where(valid, weight->to(at::kFloat).index_select(0, safe), 0.0).sum();
 }
 
