@@ -934,6 +934,22 @@ def test_sinkhorn_solve_iterates_once_at_least(sinkhorn_lib):
     assert bool((value > 0.1).all())
 
 
+def emulated_sns_solve(sinkhorn_lib, cost, a, b, eps, max_iter, tol, warmup, keep, cg):
+    """The CUDA Newton solver (sinkhorn_newton_cuda.cuh) under the emulator: its outputs (value,
+    f, g, n_iter, error, transport), its workspace between NaN guards and sentinels."""
+    bsz, n, m = cost.shape
+    dims = int64s(bsz, n, m, max_iter)
+    is_double = int(cost.dtype == torch.float64)
+    nbytes = sinkhorn_lib.emu_sns_workspace(is_double, dims, keep)
+    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
+    outs, pointers, host_active = ot_outputs(bsz, n, m, cost.dtype)
+    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims, eps,
+                                     tol, keep, warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
+    assert err is None, err.decode()
+    check_guards(wbuf, "workspace")
+    return outs
+
+
 @pytest.mark.parametrize("shape,eps,max_iter,warmup,keep,zero_mass", [
     ((2, 37, 53), 0.02, 200, 3, 6, False), ((1, 70, 40), 0.01, 200, 2, 4, True),
     ((2, 9, 300), 0.05, 200, 1, 30, False), ((1, 24, 24), 0.01, 6, 2, 3, False),
@@ -956,15 +972,7 @@ def test_sns_solve(sinkhorn_lib, dtype, shape, eps, max_iter, warmup, keep, zero
     tol = 1e-7 if dtype == torch.float64 else 2e-5
     cg = 200
     expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
-    dims = int64s(bsz, n, m, max_iter)
-    is_double = int(dtype == torch.float64)
-    nbytes = sinkhorn_lib.emu_sns_workspace(is_double, dims, keep)
-    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
-    outs, pointers, host_active = ot_outputs(bsz, n, m, dtype)
-    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), is_double, dims, eps,
-                                     tol, keep, warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
-    assert err is None, err.decode()
-    check_guards(wbuf, "workspace")
+    outs = emulated_sns_solve(sinkhorn_lib, cost, a, b, eps, max_iter, tol, warmup, keep, cg)
     assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6 if dtype == torch.float64 else 2e-3,
                               error_tol=(1e-3 if dtype == torch.float64 else 5e-2, 1e-9))
 
@@ -980,14 +988,7 @@ def test_sns_solve_doubles_the_kept_entries_when_stalled(sinkhorn_lib):
     cost, a, b = ot_problem(bsz, n, m, torch.float64, seed=3 * n + m)
     expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
     assert bool((expect[3] < 100).all()), expect[3]
-    dims = int64s(bsz, n, m, max_iter)
-    nbytes = sinkhorn_lib.emu_sns_workspace(1, dims, keep)
-    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
-    outs, pointers, host_active = ot_outputs(bsz, n, m, torch.float64)
-    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), 1, dims, eps, tol, keep,
-                                     warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
-    assert err is None, err.decode()
-    check_guards(wbuf, "workspace")
+    outs = emulated_sns_solve(sinkhorn_lib, cost, a, b, eps, max_iter, tol, warmup, keep, cg)
     assert_matches_cpu_solver(outs, expect, a, b, tol, max_iter, shift_tol=1e-6, error_tol=(1e-3, 1e-9))
 
 
@@ -1000,14 +1001,7 @@ def test_sns_solve_stops_where_the_error_stalls(sinkhorn_lib):
     cost, a, b = ot_problem(bsz, n, m, torch.float32, seed=7)
     expect = torch.ops.fastloss.sinkhorn_solve(cost, a, b, eps, max_iter, tol, warmup, keep, cg)
     assert bool((expect[3] < 300).all()) and bool((expect[4] > tol).all()), (expect[3], expect[4])
-    dims = int64s(bsz, n, m, max_iter)
-    nbytes = sinkhorn_lib.emu_sns_workspace(0, dims, keep)
-    work, wbuf = guarded(torch.full(((nbytes + 7) // 8,), float("nan"), dtype=torch.float64), SENTINEL)
-    outs, pointers, host_active = ot_outputs(bsz, n, m, torch.float32)
-    err = sinkhorn_lib.emu_sns_solve(cost.data_ptr(), a.data_ptr(), b.data_ptr(), 0, dims, eps, tol, keep,
-                                     warmup, cg, pointers, work.data_ptr(), host_active.data_ptr())
-    assert err is None, err.decode()
-    check_guards(wbuf, "workspace")
+    outs = emulated_sns_solve(sinkhorn_lib, cost, a, b, eps, max_iter, tol, warmup, keep, cg)
     value, n_iter, error = outs[0], outs[3], outs[4]
     assert bool((n_iter < 300).all()) and bool((error > tol).all()), (n_iter, error)
     assert (n_iter - expect[3]).abs().max() <= 30, (n_iter, expect[3])

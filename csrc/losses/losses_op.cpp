@@ -631,27 +631,30 @@ static bool one_launch_targets(const Tensor& target, const std::optional<Tensor>
   return N <= kOneBlockRows && plain_cuda(target, at::kLong, like) && target.dim() == 1 && target.numel() == N &&
          (!weight.has_value() || (plain_cuda(*weight, at::kFloat, like) && weight->dim() == 1 && weight->numel() == C));
 }
-static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight, int64_t C) {
-  return plain_cuda(rows, at::kFloat, rows) && rows.dim() == 1 && one_launch_targets(target, weight, rows, rows.numel(), C);
+// (C read as a number only once rows are known to be real CUDA tensors: a traced class count
+// stays symbolic)
+static bool one_launch(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
+                       const c10::SymInt& C) {
+  return plain_cuda(rows, at::kFloat, rows) && rows.dim() == 1 &&
+         one_launch_targets(target, weight, rows, rows.numel(), C.guard_int(__FILE__, __LINE__));
 }
 #endif
 
 // Row losses and their reduction; `denom` is set for the mean.
 Tensor reduce_rows(const Tensor& rows, const Tensor& target, const std::optional<Tensor>& weight,
-                   const c10::SymInt& classes, int64_t reduction, int64_t ignore_index, Tensor& denom) {
+                   const c10::SymInt& C, int64_t reduction, int64_t ignore_index, Tensor& denom) {
   if (reduction == kNone) return rows;
   if (readable_cpu(rows) && readable_cpu(target))
     return reduce_rows_cpu(rows, target, weight, reduction, ignore_index, denom);
 #if defined(FASTLOSS_WITH_CUDA)
-  // one launch instead of four (sum, ne, sum, div); (real tensors only: then C is a number)
-  const int64_t C = plain_cuda(rows, at::kFloat, rows) ? classes.guard_int(__FILE__, __LINE__) : 0;
-  if (plain_cuda(rows, at::kFloat, rows) && one_launch(rows, target, weight, C)) {
+  if (one_launch(rows, target, weight, C)) {  // one launch instead of four (sum, ne, sum, div)
     const c10::cuda::CUDAGuard guard(rows.device());
     Tensor loss = at::empty({}, rows.options());
     if (reduction == kMean) denom = at::empty({}, rows.options());
     check_cuda_launch(reduce_rows_cuda(rows.data_ptr<float>(), target.data_ptr<int64_t>(),
                                        weight.has_value() ? weight->data_ptr<float>() : nullptr, rows.numel(),
-                                       C, ignore_index, reduction == kMean, loss.data_ptr<float>(),
+                                       C.guard_int(__FILE__, __LINE__), ignore_index, reduction == kMean,
+                                       loss.data_ptr<float>(),
                                        reduction == kMean ? denom.data_ptr<float>() : nullptr, cuda_stream()),
                       "loss reduction");
     return loss;
