@@ -700,6 +700,26 @@ def test_bad_input_errors_name_the_argument():
     expect_errors(cases)
 
 
+@pytest.mark.parametrize("low_memory", [False, True])
+def test_both_paths_raise_value_error(low_memory):
+    """The same bad argument raises ValueError on either path (the default path's C++ checks
+    had raised RuntimeError where the tiled path's raise ValueError)."""
+    h, w, t, b, _ = make_inputs(6, 5, 9, torch.float32, seed=21)
+    f = lambda *a, **k: ops.linear_cross_entropy(*a, low_memory=low_memory, **k)  # noqa: E731
+    for call, message in [
+            (lambda: f(h, w[:, :4], t), "weight"),
+            (lambda: f(h, w.double(), t), "hidden"),
+            (lambda: f(h, w, t.float()), "target must hold class indices"),
+            (lambda: f(h, w, t, b[:3]), "bias must be"),
+            (lambda: f(h, w, t, b.half()), "bias"),
+            (lambda: f(h, w, t, class_weight=torch.ones(4)), "class_weight must be 1-D"),
+            (lambda: f(h, w, torch.tensor([0, 1, 2, 9, 0, 1])), "target[3] = 9 is not a class index"),
+            (lambda: f(h, w[:0], t), "weight")]:
+        with pytest.raises(ValueError) as info:
+            call()
+        assert message in str(info.value), (message, str(info.value))
+
+
 @requires_cuda
 @pytest.mark.cuda
 def test_device_mismatch():

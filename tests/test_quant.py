@@ -655,6 +655,26 @@ def test_half_activations_bias_and_gradients(dtype):
         torch.testing.assert_close(bias.grad.double(), b64.grad, rtol=tol, atol=tol * b64.grad.abs().max().item())
 
 
+def test_bias_of_another_dtype_is_refused():
+    """As F.linear: a bias whose dtype is not x's raises, naming both (it had been added in
+    float32 silently); under autocast both are cast first, as F.linear's are."""
+    g = torch.Generator().manual_seed(7)
+    qw = ops.quantize_weight(torch.randn(16, 64, generator=g), 4, 32)
+    x = torch.randn(3, 64, generator=g)
+    for bias_dtype, name in ((torch.float64, "Double"), (torch.bfloat16, "BFloat16"), (torch.float16, "Half")):
+        bias = torch.randn(16, generator=g).to(bias_dtype)
+        with pytest.raises(RuntimeError, match=f"bias is {name} but x is Float"):
+            ops.dequant_gemm(x, qw, bias)
+        with pytest.raises(RuntimeError, match="bias is"):
+            ops.dequant_gemm(x.bfloat16() if bias_dtype != torch.bfloat16 else x.half(), qw, bias)
+    bias = torch.randn(16, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = ops.dequant_gemm(x, qw, bias.double().float())  # float32 x and bias: both cast
+    assert y.dtype == torch.bfloat16
+    expected = ops.dequant_gemm(x.bfloat16(), qw, bias.bfloat16())
+    torch.testing.assert_close(y, expected, rtol=0, atol=0)
+
+
 def test_opcheck_compile_and_imported_weights():
     g = torch.Generator().manual_seed(6)
     q = torch.randint(0, 16, (10, 64), generator=g)

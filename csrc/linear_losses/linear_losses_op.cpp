@@ -97,25 +97,25 @@ bool is_float_dtype(const Tensor& t) {
 LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& weight,
                           const Tensor& target, const OptT& bias, const OptT& class_weight,
                           int64_t ignore_index) {
-  TORCH_CHECK(hidden.dim() == 2, op, ": hidden must be 2-D [N, D], got shape ", hidden.sizes());
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D [V, D] (as nn.Linear stores it), got shape ",
+  TORCH_CHECK_VALUE(hidden.dim() == 2, op, ": hidden must be 2-D [N, D], got shape ", hidden.sizes());
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [V, D] (as nn.Linear stores it), got shape ",
               weight.sizes());
-  TORCH_CHECK(weight.size(1) == hidden.size(1), op, ": hidden has D = ", hidden.size(1),
+  TORCH_CHECK_VALUE(weight.size(1) == hidden.size(1), op, ": hidden has D = ", hidden.size(1),
               " features but weight has ", weight.size(1), " columns (weight must be [V, D])");
-  TORCH_CHECK(weight.size(0) > 0, op, ": weight must have at least one row (class)");
-  TORCH_CHECK(is_float_dtype(hidden), op, ": hidden must be float32, float16 or bfloat16, got ",
+  TORCH_CHECK_VALUE(weight.size(0) > 0, op, ": weight must have at least one row (class)");
+  TORCH_CHECK_VALUE(is_float_dtype(hidden), op, ": hidden must be float32, float16 or bfloat16, got ",
               hidden.scalar_type());
-  TORCH_CHECK(weight.scalar_type() == hidden.scalar_type(), op, ": weight is ",
+  TORCH_CHECK_VALUE(weight.scalar_type() == hidden.scalar_type(), op, ": weight is ",
               weight.scalar_type(), " but hidden is ", hidden.scalar_type(),
               " (cast one, or use torch.autocast)");
-  TORCH_CHECK(weight.device() == hidden.device(), op, ": weight is on ", weight.device(),
+  TORCH_CHECK_VALUE(weight.device() == hidden.device(), op, ": weight is on ", weight.device(),
               " but hidden is on ", hidden.device());
-  TORCH_CHECK(target.dim() == 1 && target.size(0) == hidden.size(0), op,
+  TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), op,
               ": target must be 1-D with one entry per row of hidden (", hidden.size(0),
               "), got shape ", target.sizes());
-  TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
               ": target must hold class indices (int64 or int32), got ", target.scalar_type());
-  TORCH_CHECK(target.device() == hidden.device(), op, ": target is on ", target.device(),
+  TORCH_CHECK_VALUE(target.device() == hidden.device(), op, ": target is on ", target.device(),
               " but hidden is on ", hidden.device());
   LinearInputs in;
   in.N = hidden.size(0);
@@ -125,23 +125,23 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
   in.weight = weight;
   in.target = target.to(at::kLong).contiguous();
   if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == in.V, op,
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == in.V, op,
                 ": bias must be 1-D with one entry per row of weight (", in.V, "), got shape ",
                 bias->sizes());
-    TORCH_CHECK(bias->scalar_type() == hidden.scalar_type(), op, ": bias is ",
+    TORCH_CHECK_VALUE(bias->scalar_type() == hidden.scalar_type(), op, ": bias is ",
                 bias->scalar_type(), " but hidden is ", hidden.scalar_type());
-    TORCH_CHECK(bias->device() == hidden.device(), op, ": bias is on ", bias->device(),
+    TORCH_CHECK_VALUE(bias->device() == hidden.device(), op, ": bias is on ", bias->device(),
                 " but hidden is on ", hidden.device());
     in.bias = *bias;
   }
   if (class_weight.has_value() && class_weight->defined()) {
     const Tensor& w = *class_weight;
-    TORCH_CHECK(w.dim() == 1 && w.size(0) == in.V, op,
+    TORCH_CHECK_VALUE(w.dim() == 1 && w.size(0) == in.V, op,
                 ": class_weight must be 1-D with one entry per class (", in.V, "), got shape ",
                 w.sizes());
-    TORCH_CHECK(w.is_floating_point(), op, ": class_weight must be floating point, got ",
+    TORCH_CHECK_VALUE(w.is_floating_point(), op, ": class_weight must be floating point, got ",
                 w.scalar_type());
-    TORCH_CHECK(w.device() == hidden.device(), op, ": class_weight is on ", w.device(),
+    TORCH_CHECK_VALUE(w.device() == hidden.device(), op, ": class_weight is on ", w.device(),
                 " but hidden is on ", hidden.device());
     in.class_weight = w.to(at::kFloat).contiguous();
   }
@@ -151,7 +151,7 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
   if (in.target.is_cpu()) {
     const int64_t* t = in.target.data_ptr<int64_t>();
     for (int64_t r = 0; r < in.N; ++r)
-      TORCH_CHECK(t[r] == ignore_index || (t[r] >= 0 && t[r] < in.V), op, ": target[", r,
+      TORCH_CHECK_VALUE(t[r] == ignore_index || (t[r] >= 0 && t[r] < in.V), op, ": target[", r,
                   "] = ", t[r], " is not a class index in [0, ", in.V, ") nor ignore_index (",
                   ignore_index, ")");
   }
@@ -453,7 +453,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
 };
 
 void check_reduction(LossKind kind, int64_t reduction) {
-  TORCH_CHECK(reduction >= kNone && reduction <= kSum, linear_name(kind),
+  TORCH_CHECK_VALUE(reduction >= kNone && reduction <= kSum, linear_name(kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
 }
 

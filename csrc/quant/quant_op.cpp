@@ -235,6 +235,9 @@ Tensor dequant_gemm(const Tensor& x, const Tensor& q, const Tensor& scale, const
               ": bias must be [N] = [", w.N, "]");
   TORCH_CHECK(!bias.has_value() || bias->device() == q.device(), kOp, ": bias is on ",
               bias->device(), " but qweight is on ", q.device());
+  // (as F.linear: a bias of another dtype is refused, not silently added in float32)
+  TORCH_CHECK(!bias.has_value() || bias->scalar_type() == x.scalar_type(), kOp, ": bias is ",
+              bias->scalar_type(), " but x is ", x.scalar_type(), " (cast one, or use torch.autocast)");
   const c10::DeviceGuard guard(q.device());
   const auto f32 = x.options().dtype(at::kFloat);
   const Tensor b32 = bias.has_value() ? bias->to(at::kFloat).contiguous() : Tensor();

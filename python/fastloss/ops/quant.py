@@ -272,6 +272,8 @@ def power_codebook(bits: int, exponent: float) -> Tensor:
 @torch.library.register_fake("fastloss::dequant_gemm")
 def _fake_gemm(x, qweight, scales, zeros, codebook, bits, group_size, bias):
     torch._check(x.dim() == 2, lambda: "x must be [M, K]")
+    torch._check(bias is None or bias.dtype == x.dtype,
+                 lambda: f"dequant_gemm: bias is {bias.dtype} but x is {x.dtype}")
     return x.new_empty((x.shape[0], qweight.shape[0]))
 
 
@@ -297,7 +299,8 @@ def dequantize_weight(qw: QuantizedWeight) -> Tensor:
 def dequant_gemm(x: Tensor, qw: QuantizedWeight, bias: Optional[Tensor] = None) -> Tensor:
     """``x @ dequantize_weight(qw).T + bias`` for ``x`` ``[..., K]`` (float32, float16 or
     bfloat16; the result has ``x``'s dtype, float32 accumulation; under autocast ``x`` and
-    ``bias`` are cast to its dtype first, as ``F.linear`` casts them). On CPUs with AMX-INT8, 1-16
+    ``bias`` are cast to its dtype first, as ``F.linear`` casts them; outside it a ``bias`` of
+    another dtype than ``x``'s raises, as in ``F.linear``). On CPUs with AMX-INT8, 1-16
     rows of ``x`` against uniform 2-, 3-, 4- or 8-bit weights take integer tile products: each group
     of ``x`` in fixed point (rounded by at most 2^-30 of the group's largest ``|x|``), exact
     integer sums, then float32; ``fastloss.set_cpu_isa("avx512")`` gives float32 FMAs."""
