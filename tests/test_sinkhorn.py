@@ -77,6 +77,43 @@ def test_wasserstein_point_clouds_gradients():
     torch.testing.assert_close(x.grad, expected, rtol=1e-6, atol=1e-9)
 
 
+@pytest.mark.parametrize("method", ["sinkhorn", "sns"])
+def test_negative_costs(method):
+    """Costs with negative entries (POT accepts them): plan, value, <P, C>, potentials and
+    gradients of the float64 reference on the same (unshifted) cost, for an all-negative and a
+    mixed-sign problem batched with a non-negative one."""
+    c0, a, b = problem(9, 13, seed=6)
+    cs = torch.stack([c0 - 2.5, c0 - 0.5, c0])
+    cc = cs.clone().requires_grad_(True)
+    aa = a.expand(3, 9).clone().requires_grad_(True)
+    res = ops.sinkhorn(cc, aa, b.expand(3, 13), eps=0.1, method=method, tol=1e-11, max_iter=20000,
+                       return_plan=True)
+    assert bool(res.converged.all())
+    res.cost.sum().backward()
+    for k in range(3):
+        c2 = cs[k].clone().requires_grad_(True)
+        a2 = a.clone().requires_grad_(True)
+        plan = ref.sinkhorn_plan(cs[k], a, b, 0.1)
+        torch.testing.assert_close(res.plan[k], plan, rtol=1e-7, atol=1e-12)
+        torch.testing.assert_close(res.transport_cost[k], (plan * cs[k]).sum(), rtol=1e-7, atol=1e-12)
+        # the potentials of the cost as given: P = a b^T exp((f + g - C) / eps)
+        log_p = (res.f[k][:, None] + res.g[k][None, :] - cs[k]) / 0.1 + (a[:, None] * b[None, :]).log()
+        torch.testing.assert_close(log_p.exp(), plan, rtol=1e-7, atol=1e-12)
+        expected = ref.ot_eps(c2, a2, b, 0.1)
+        torch.testing.assert_close(res.cost[k], expected.detach(), rtol=1e-7, atol=1e-12)
+        expected.backward()
+        torch.testing.assert_close(cc.grad[k], c2.grad, rtol=1e-6, atol=1e-10)
+        torch.testing.assert_close(aa.grad[k], a2.grad - a2.grad.mean(), rtol=1e-6, atol=1e-9)
+    # float32: an offset costs no accuracy (the solver sees the shifted cost), so the step
+    # counts and the value's error stay those of the non-negative cost
+    c32, a32, b32 = (t.float() for t in problem(30, 41, seed=7))
+    base = ops.sinkhorn(c32, a32, b32, eps=0.05, method=method)
+    for offset in (-3.0, -300.0):
+        r = ops.sinkhorn(c32 + offset, a32, b32, eps=0.05, method=method)
+        assert bool(r.converged) and abs(int(r.n_iter) - int(base.n_iter)) <= 3, (offset, r.n_iter, base.n_iter)
+        torch.testing.assert_close(r.cost - offset, base.cost, rtol=0, atol=5e-6 * (1 - offset))
+
+
 def test_non_convergence_is_reported_and_bad_input():
     c, a, b = problem(20, 20, seed=4)
     with pytest.warns(RuntimeWarning, match="did not reach tol"):
@@ -86,7 +123,8 @@ def test_non_convergence_is_reported_and_bad_input():
         warnings.simplefilter("error")
         ops.sinkhorn(c, a, b, eps=1e-3, max_iter=3, warn=False)
     cases = [
-        (lambda: ops.sinkhorn(-c, a, b, eps=0.1), "cost must be finite and non-negative"),
+        (lambda: ops.sinkhorn(c.masked_fill(c > 0.9, float("inf")), a, b, eps=0.1), "cost must be finite"),
+        (lambda: ops.sinkhorn(c.masked_fill(c > 0.9, float("nan")), a, b, eps=0.1), "cost must be finite"),
         (lambda: ops.sinkhorn(c, a * 2, b, eps=0.1), "same positive total mass"),
         (lambda: ops.sinkhorn(c, -a, b, eps=0.1), "a must be finite and non-negative"),
         (lambda: ops.sinkhorn(c, a[:5], b, eps=0.1), "a must be [20]"),
@@ -327,6 +365,7 @@ def test_opcheck_and_compile():
     torch.library.opcheck(torch.ops.fastloss.sinkhorn_plan.default, (cb, ab, bb, f, g, 0.1, None))
     fn = lambda cost, wa: ops.sinkhorn(cost, wa, b, eps=0.1, method="sns", tol=1e-9).cost  # noqa: E731
     assert_compiled_matches(fn, [c, a])
+    assert_compiled_matches(fn, [c - 0.7, a])  # (negative costs: the shift traced)
     x = torch.randn(2, 7, 3, dtype=torch.float64)
     y = torch.randn(2, 5, 3, dtype=torch.float64)
     assert_compiled_matches(lambda u, v: ops.wasserstein(u, v, eps=0.5, tol=1e-9).sum(), [x, y])

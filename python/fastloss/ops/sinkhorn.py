@@ -282,7 +282,9 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     """Entropic OT between ``a`` and ``b`` for ``cost`` (see the module docstring).
 
     Args:
-        cost: ``[n, m]`` or ``[B, n, m]``, finite and non-negative, float32 or float64.
+        cost: ``[n, m]`` or ``[B, n, m]``, finite, float32 or float64; negative entries are
+            allowed (a problem whose cost has one is solved shifted to a minimum of 0, which
+            moves the value, ``transport_cost`` and ``f`` by the shift times the mass, and back).
         a, b: marginals ``[n]`` / ``[m]`` (or ``[B, n]`` / ``[B, m]``); uniform when None.
         eps: the entropic regularization, > 0.
         method: ``"sinkhorn"``, or ``"sns"``: ``warmup_iters`` Sinkhorn iterations, then Newton
@@ -314,8 +316,8 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     # the value checks read the data: done eagerly, skipped inside torch.compile graphs (and on
     # meta tensors, which have none)
     check_values = not torch.compiler.is_compiling() and not cost.is_meta
-    if check_values and (not bool(torch.isfinite(c).all()) or bool((c < 0).any())):
-        raise ValueError("sinkhorn: cost must be finite and non-negative")
+    if check_values and not bool(torch.isfinite(c).all()):
+        raise ValueError("sinkhorn: cost must be finite (+inf for forbidden pairs is not supported)")
     bsz, n, m = c.shape
     if n == 0 or m == 0:
         raise ValueError(f"sinkhorn: cost must have at least one row and one column, got {tuple(cost.shape)}")
@@ -326,6 +328,16 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
                          or bool((mass_a <= 0).any())):
         raise ValueError(f"sinkhorn: a and b must have the same positive total mass, got "
                          f"{mass_a.tolist()} and {mass_b.tolist()} (normalise them first)")
+    # A cost with negative entries is solved shifted to a minimum of 0: C - s moves neither the
+    # plan nor the marginals (the value and <P, C> move by s * mass, f by s, put back below),
+    # and in float32 it keeps the potentials at the scale of the cost's spread (unshifted, an
+    # offset of -3 had taken SNS from 15 steps to a stalled 70). Non-negative costs go as they
+    # are (no copy); traced calls, which cannot look at the values, always shift (by 0 where
+    # the cost is non-negative).
+    shift = None
+    if c.numel() and (not check_values or bool((c < 0).any())):
+        shift = c.detach().amin((1, 2)).clamp(max=0)
+        c = c - shift[:, None, None]
     newton = None
     if method == "sns":
         if isinstance(sparsity, bool) or not (
@@ -346,6 +358,10 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
         total, plan, f, g, n_iter, err = _SinkhornCost.apply(c, aa, bb, float(eps), max_iter, float(tol), newton)
         transport = (plan * c.detach()).sum((1, 2))
     total = total + _kl_mass_term(eps, mass_a, mass_b)
+    if shift is not None:  # (the centred potentials stay a's gradient: the term is detached)
+        total = total + (shift * mass_a).detach()
+        transport = transport + shift * mass_a.detach()
+        f = f + shift[:, None]
     converged = err < tol
     if warn and check_values and not bool(converged.all()):
         # (masses accepted as equal may still differ by more than tol, which the marginal
