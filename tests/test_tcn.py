@@ -197,6 +197,33 @@ def test_bad_input_errors_name_the_argument():
     expect_errors(cases)
 
 
+def test_float64_takes_conv1d_and_passes_gradcheck():
+    """float64 (refused before) runs F.conv1d with the op's padding: equal to the reference in
+    both layouts and both paddings, gradcheck on the op, tcn_level and nn.TCN; a weight of
+    another dtype is refused by name."""
+    g = torch.Generator().manual_seed(12)
+    x = torch.randn(2, 3, 17, generator=g, dtype=torch.float64)
+    w = torch.randn(3, 4, generator=g, dtype=torch.float64)
+    b = torch.randn(3, generator=g, dtype=torch.float64)
+    for causal in (True, False):
+        for xx in (x, x.transpose(1, 2).contiguous().transpose(1, 2)):
+            y = ops.dilated_conv1d(xx, w, b, dilation=3, causal=causal)
+            assert y.dtype == torch.float64
+            torch.testing.assert_close(y, ref.dilated_conv1d(x, w, b, 3, causal), rtol=1e-12, atol=1e-12)
+    xs, ws, bs = (t[..., :9].clone().requires_grad_(True) if t.dim() == 3 else t.clone().requires_grad_(True)
+                  for t in (x, w, b))
+    assert torch.autograd.gradcheck(lambda *a: ops.dilated_conv1d(*a, dilation=2, causal=False), (xs, ws, bs))
+    assert torch.autograd.gradcheck(lambda *a: ops.tcn_level(*a, dilation=2, activation="silu"), (xs, ws, bs))
+    tcn = fastloss.nn.TCN(3, depth=2, kernel_size=2, dtype=torch.float64)
+    assert torch.autograd.gradcheck(tcn, (xs,))
+    with torch.no_grad():  # the streaming form in float64 too
+        state = tcn.init_state(2)
+        steps = torch.stack([tcn.step(x[:, :, t], state)[0] for t in range(17)], -1)
+        torch.testing.assert_close(steps, tcn(x), rtol=1e-12, atol=1e-12)
+    expect_errors([(lambda: ops.dilated_conv1d(x, w.float()), "weight is torch.float32 but x is torch.float64"),
+                   (lambda: ops.dilated_conv1d(x, w, b.float()), "bias is torch.float32 but x is torch.float64")])
+
+
 # ---- modules ------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("kernel_size,base,depth", [(2, 2, 5), (3, 2, 4), (4, 3, 3), (1, 2, 2)])

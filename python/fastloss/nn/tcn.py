@@ -106,6 +106,7 @@ class TCN(nn.Module):
         if x_t.dim() != 2 or x_t.shape[1] != c:
             raise ValueError(f"TCN.step: x_t must be [B, {c}], got {tuple(x_t.shape)}")
         t = state["t"]
+        acc = torch.float64 if x_t.dtype == torch.float64 else torch.float32  # (the forward's math)
         for level, buf in zip(self.levels, buffers):
             k, d = level.weight.shape[1], level.dilation
             if tuple(buf.shape) != (x_t.shape[0], c, (k - 1) * d):
@@ -115,9 +116,9 @@ class TCN(nn.Module):
             # taps k = 0..K-1 read the inputs d (K - 1 - k) steps back; slot (t - lag) mod span
             past = [buf[:, :, (t - (k - 1 - j) * d) % span] for j in range(k - 1)] if span else []
             taps = torch.stack(past + [x_t], dim=-1)                     # [B, C, K]
-            h = (taps.float() * level.weight.float()).sum(-1)
+            h = (taps.to(acc) * level.weight.to(acc)).sum(-1)
             if level.bias is not None:
-                h = h + level.bias.float()
+                h = h + level.bias.to(acc)
             if span:
                 buf[:, :, t % span] = x_t                                  # after reading its slot
             x_t = x_t + self.act(h.to(x_t.dtype))

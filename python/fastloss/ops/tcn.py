@@ -14,7 +14,8 @@
 * full or grouped ``weight [C_out, C / groups, K]``: ``F.conv1d`` with the same padding
   (no fastloss kernel yet).
 
-float32, float16, bfloat16; float32 math inside the kernels. Under ``torch.autocast``,
+float32, float16, bfloat16; float32 math inside the kernels. float64 (gradcheck, float64
+models) takes ``F.conv1d`` with the same padding, as full weights do (no fastloss kernel). Under ``torch.autocast``,
 ``dilated_conv1d`` casts its inputs to the autocast dtype as ``F.conv1d`` does (output in that
 dtype); ``tcn_level`` takes them as they are (float32 ``x`` gives a float32 result, as the unfused
 ``x + act(conv(x))`` does; its convolution in float32 too, on either path).
@@ -146,8 +147,8 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
     if x.dim() != 3:
         raise ValueError(f"{fn}: x must be 3-D [B, C, L], got shape {tuple(x.shape)}")
-    if x.dtype not in _FLOATS:
-        raise ValueError(f"{fn}: x must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dtype not in _FLOATS and x.dtype != torch.float64:
+        raise ValueError(f"{fn}: x must be float32, float16, bfloat16 or float64, got {x.dtype}")
     dilation = as_int(dilation)
     if not _dilation_is_int(dilation):
         raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
@@ -165,8 +166,11 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
         raise ValueError(f"{fn}: dilation * (K - 1) must be below 2^62, got {dilation} * {k - 1}")
     pad = left_padding(k, dilation, causal)
     x, weight, bias = cast_for_autocast(x, weight, bias)  # (as F.conv1d; the torch path's own)
-    if weight.dim() == 2 and has_kernel(x):
+    if weight.dim() == 2 and has_kernel(x) and x.dtype in _FLOATS:
         return torch.ops.fastloss.dilated_conv1d_forward(x, weight, bias, dilation, pad)
+    for name, t in (("weight", weight), ("bias", bias)):  # (the kernels' check, in their words)
+        if t is not None and t.dtype != x.dtype:
+            raise ValueError(f"{fn}: {name} is {t.dtype} but x is {x.dtype}")
     if weight.dim() == 2:
         w3, g = weight.unsqueeze(1), c
     else:
