@@ -53,6 +53,10 @@ CASES = {
                  lambda n: ([_randn(n, 8, seed=n)], [_ints(3, n, n + 1)])),
     "linear_cross_entropy": (lambda h, w, t: ops.linear_cross_entropy(h, w, t),
                              lambda n: ([_randn(n, 8, seed=n), _randn(20, 8, seed=3)], [_ints(20, n, n + 1)])),
+    # (dynamo had failed to wire the vocabulary size kept on its autograd.Function's ctx)
+    "linear_cross_entropy_low_memory": (
+        lambda h, w, t: ops.linear_cross_entropy(h, w, t, label_smoothing=0.1, low_memory=True),
+        lambda n: ([_randn(n, 8, seed=n), _randn(20, 8, seed=3)], [_ints(20, n, n + 1)])),
 }
 
 

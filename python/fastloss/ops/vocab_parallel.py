@@ -146,8 +146,10 @@ class TiledCrossEntropy(torch.autograd.Function):
         denom = w_y.sum() if reduction == "mean" else None
         loss = rows if reduction == "none" else rows.sum() if reduction == "sum" else rows.sum() / denom
         ctx.save_for_backward(hidden, weight, bias, target, w_local, lse, w_y, w_total, denom)
-        ctx.args = (group, parallel, first, total, ignore_index, reduction, smoothing, z_scale,
-                    softcap, tile, filter_eps)
+        # (one process: the backward reads `total` off the saved weight, so that no size of a
+        # torch.compile(dynamic=True) graph is kept on ctx, which dynamo could not wire)
+        ctx.args = (group, parallel, first, total if parallel else None, ignore_index, reduction,
+                    smoothing, z_scale, softcap, tile, filter_eps)
         # float32 (the caller gives the dtype: _dtypes.py); a copy: torch 2.11's torch.compile
         # gave zero gradients when this returned `loss` itself (2.13 / 2.14 did not)
         return loss.clone()
@@ -157,6 +159,7 @@ class TiledCrossEntropy(torch.autograd.Function):
     def backward(ctx, grad):
         hidden, weight, bias, target, w_local, lse, w_y, w_total, denom = ctx.saved_tensors
         group, parallel, first, total, ignore_index, reduction, smoothing, z_scale, softcap, tile, eps = ctx.args
+        total = total if parallel else weight.shape[0]
         valid = target != ignore_index
         g = grad.float()
         if reduction == "mean":
