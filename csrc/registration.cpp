@@ -64,21 +64,23 @@ TORCH_LIBRARY(fastloss, m) {
   // "<op>: double backward ... is not supported" when differentiated, while grad mode is on.
   m.def("_refuse_second_order(Tensor[] grads, Tensor[] incoming, str op) -> Tensor[]");
   // The eager path of the public functions: forward, reduction (0 none, 1 mean, 2 sum) and a
-  // C++ autograd formula in one op (losses_op.cpp). Under torch.compile the public functions
-  // use the *_forward ops above instead, whose autograd formula is registered from Python.
+  // C++ autograd formula in one op (losses_op.cpp). The loss is float32, or in the logits'
+  // dtype with round_loss (what the Python functions ask for outside autocast: _dtypes.py).
   m.def("cross_entropy_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
         "int reduction, float label_smoothing, float lse_square_scale, float softcap, "
-        "bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
+        "bool inplace_backward=False, bool grad_in_forward=False, *, bool round_loss=False) -> Tensor");
   m.def("comp_sum_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "int reduction, float tau, bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
+        "int reduction, float tau, bool inplace_backward=False, bool grad_in_forward=False, *, "
+        "bool round_loss=False) -> Tensor");
   m.def("ldr_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, int reduction, "
         "float lam, float margin, bool adaptive, float alpha, bool inplace_backward=False, "
-        "bool grad_in_forward=False) -> Tensor");
+        "bool grad_in_forward=False, *, bool round_loss=False) -> Tensor");
   m.def("spherical_z_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
         "int reduction, float a, float b, float eps, bool inplace_backward=False, "
-        "bool grad_in_forward=False) -> Tensor");
+        "bool grad_in_forward=False, *, bool round_loss=False) -> Tensor");
   m.def("stablemax_loss(Tensor logits, Tensor target, Tensor? weight, int ignore_index, "
-        "int reduction, bool inplace_backward=False, bool grad_in_forward=False) -> Tensor");
+        "int reduction, bool inplace_backward=False, bool grad_in_forward=False, *, "
+        "bool round_loss=False) -> Tensor");
   // Forward and gradient in one pass over the logits (grad_in_forward=True): grad_loss is
   // d(total)/d(row loss), known before the call. Returns (row loss, stat0, stat1, gradient).
   m.def("cross_entropy_forward_grad(Tensor grad_loss, Tensor logits, Tensor target, "

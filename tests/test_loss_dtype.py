@@ -246,3 +246,34 @@ def test_tcn_level_keeps_its_inputs_under_autocast(dev):
     with torch.autocast(dev, dtype=torch.bfloat16):
         fused, full = ops.tcn_level(x, w, b, dilation=2), ops.tcn_level(x, w[:, None, :], b, dilation=2)
     torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("dev", DEVICES)
+def test_row_loss_ops_round_the_loss_themselves(dtype, dev):
+    """The row losses' ops round to the logits' dtype with round_loss=True (what the functions
+    ask for outside autocast), so that no cast op and autograd node of its own follows them:
+    the value is the float32 op's rounded, the gradient the same; opcheck with the flag."""
+    x = _randn(37, 101, dev=dev, seed=12, scale=3.0).to(dtype)
+    t = _ints(101, 37, dev, 13)
+    samples = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
+               "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
+    for name, scalars in samples.items():
+        op = getattr(torch.ops.fastloss, f"{name}_loss").default
+        for reduction in (0, 1, 2):
+            for fused in (False, True):
+                a, b = (x.clone().requires_grad_(True) for _ in range(2))
+                rounded = op(a, t, None, -100, reduction, *scalars, False, fused, round_loss=True)
+                plain = op(b, t, None, -100, reduction, *scalars, False, fused)
+                assert rounded.dtype == dtype and plain.dtype == torch.float32, (name, reduction)
+                assert type(rounded.grad_fn).__name__ != "ToCopyBackward0"
+                torch.testing.assert_close(rounded, plain.to(dtype), rtol=0, atol=0)
+                up = torch.rand(rounded.shape, device=dev).to(dtype)
+                rounded.backward(up)
+                plain.backward(up.float())
+                torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+            torch.library.opcheck(op, (x.clone().requires_grad_(True), t, None, -100, reduction, *scalars),
+                                  {"round_loss": True})
+    # the public function: its result is that op's, no cast after it
+    loss = ops.cross_entropy(x.clone().requires_grad_(True), t)
+    assert loss.dtype == dtype and type(loss.grad_fn).__name__ != "ToCopyBackward0"

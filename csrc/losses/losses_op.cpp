@@ -797,10 +797,27 @@ std::optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
 }
 
+// The loss in `dtype` (round_loss: the logits' dtype, as torch's losses return it outside
+// autocast); a CPU 0-d value is written as it is (one allocation: the Python-side cast with its
+// own autograd node had cost a 16-bit small call ~25% of its host time).
+Tensor loss_in(const Tensor& loss, at::ScalarType dtype) {
+  if (loss.scalar_type() == dtype) return loss;
+  if (readable_cpu(loss) && loss.dim() == 0 && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
+    Tensor t = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
+    const float v = *loss.data_ptr<float>();
+    if (dtype == at::kBFloat16)
+      *t.data_ptr<at::BFloat16>() = at::BFloat16(v);
+    else
+      *t.data_ptr<at::Half>() = at::Half(v);
+    return t;
+  }
+  return loss.to(dtype);
+}
+
 struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits_in,
                         const Tensor& target, const std::optional<Tensor>& weight,
-                        const LossParams& p, int64_t reduction, bool inplace, bool fused) {
+                        const LossParams& p, int64_t reduction, bool inplace, bool fused, bool round_loss) {
     // The kernels need contiguous classes: copy once here, so that the backward reuses the
     // copy (and an in-place backward overwrites the copy, not the caller's tensor).
     // Rows that overlap in memory (an expanded tensor) are copied too when the gradient is
@@ -817,7 +834,8 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     // the node's flags in one entry of saved_data (a map of IValues: an entry per value cost a
     // hashed insertion each, a tenth of a small call's host time); "params" holds the scalars
     ctx->saved_data["flags"] = std::vector<int64_t>{fused, inplace, reduction, int64_t(p.kind), p.ignore_index};
-    if (fused) return forward_with_grad(ctx, logits, target, weight, p, reduction, inplace);
+    const at::ScalarType out_dtype = round_loss ? logits.scalar_type() : at::kFloat;
+    if (fused) return loss_in(forward_with_grad(ctx, logits, target, weight, p, reduction, inplace), out_dtype);
     std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     args.emplace_back(inplace);
@@ -828,7 +846,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         reduce_rows(rows, target, opt_weight(weight), logits.sym_size(1), reduction, p.ignore_index, denom);
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
-    return loss;  // (float32: the Python caller gives the dtype)
+    return loss_in(loss, out_dtype);
   }
 
   // grad_in_forward: the gradient for an incoming gradient of 1 is made with the forward (one
@@ -974,74 +992,76 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         grad = call_below_autograd(row_op(p.kind, kBackwardOp), std::move(args))[0].toTensor();
       }
     }
-    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                op_name(f.kind));
   }
 };
 
 Tensor row_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
-                int64_t reduction, bool inplace, bool grad_in_forward) {
+                int64_t reduction, bool inplace, bool grad_in_forward, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   const bool fused = grad_in_forward && at::GradMode::is_enabled() && logits.requires_grad();
-  return RowLossFunction::apply(logits, target, weight, p, reduction, inplace, fused);
+  return RowLossFunction::apply(logits, target, weight, p, reduction, inplace, fused, round_loss);
 }
 
 // Backend kernels of the *_loss ops, reached without autograd (inference mode, or below it).
 Tensor row_loss_no_grad(LossParams p, const Tensor& logits, const Tensor& target,
-                        const OptT& weight, int64_t reduction) {
+                        const OptT& weight, int64_t reduction, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op_name(p.kind),
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   Tensor denom;
   const Tensor rows = std::get<0>(forward(op_name(p.kind), p, logits, target, weight));
   const int64_t C = logits.dim() == 2 ? logits.size(1) : 0;
-  return reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom);
+  const Tensor loss = reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom);
+  return round_loss ? loss_in(loss, logits.scalar_type()) : loss;
 }
 
 // One entry point per loss for both dispatch keys: `Grad` picks the autograd path.
 template <bool Grad>
 Tensor dispatch_loss(LossParams p, const Tensor& logits, const Tensor& target, const OptT& weight,
-                     int64_t reduction, bool inplace, bool grad_in_forward) {
+                     int64_t reduction, bool inplace, bool grad_in_forward, bool round_loss) {
   if constexpr (Grad)
-    return row_loss(p, logits, target, weight, reduction, inplace, grad_in_forward);
+    return row_loss(p, logits, target, weight, reduction, inplace, grad_in_forward, round_loss);
   else
-    return row_loss_no_grad(p, logits, target, weight, reduction);
+    return row_loss_no_grad(p, logits, target, weight, reduction, round_loss);
 }
 
 template <bool Grad>
 Tensor cross_entropy_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                           int64_t ignore_index, int64_t reduction, double label_smoothing,
-                          double lse_square_scale, double softcap, bool inplace, bool grad_in_forward) {
+                          double lse_square_scale, double softcap, bool inplace, bool grad_in_forward,
+                          bool round_loss) {
   return dispatch_loss<Grad>(cross_entropy_params(ignore_index, label_smoothing, lse_square_scale, softcap),
-                             logits, target, weight, reduction, inplace, grad_in_forward);
+                             logits, target, weight, reduction, inplace, grad_in_forward, round_loss);
 }
 template <bool Grad>
 Tensor comp_sum_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                      int64_t ignore_index, int64_t reduction, double tau, bool inplace,
-                     bool grad_in_forward) {
+                     bool grad_in_forward, bool round_loss) {
   return dispatch_loss<Grad>(comp_sum_params(ignore_index, tau), logits, target, weight, reduction,
-                             inplace, grad_in_forward);
+                             inplace, grad_in_forward, round_loss);
 }
 template <bool Grad>
 Tensor ldr_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                 int64_t ignore_index, int64_t reduction, double lam, double margin, bool adaptive,
-                double alpha, bool inplace, bool grad_in_forward) {
+                double alpha, bool inplace, bool grad_in_forward, bool round_loss) {
   return dispatch_loss<Grad>(ldr_params(ignore_index, lam, margin, adaptive, alpha), logits, target,
-                             weight, reduction, inplace, grad_in_forward);
+                             weight, reduction, inplace, grad_in_forward, round_loss);
 }
 template <bool Grad>
 Tensor spherical_z_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                         int64_t ignore_index, int64_t reduction, double a, double b, double eps,
-                        bool inplace, bool grad_in_forward) {
+                        bool inplace, bool grad_in_forward, bool round_loss) {
   return dispatch_loss<Grad>(spherical_z_params(ignore_index, a, b, eps), logits, target, weight,
-                             reduction, inplace, grad_in_forward);
+                             reduction, inplace, grad_in_forward, round_loss);
 }
 template <bool Grad>
 Tensor stablemax_loss(const Tensor& logits, const Tensor& target, const OptT& weight,
                       int64_t ignore_index, int64_t reduction, bool inplace,
-                      bool grad_in_forward) {
+                      bool grad_in_forward, bool round_loss) {
   return dispatch_loss<Grad>(stablemax_params(ignore_index), logits, target, weight, reduction,
-                             inplace, grad_in_forward);
+                             inplace, grad_in_forward, round_loss);
 }
 
 template <bool Grad>
