@@ -53,6 +53,11 @@ CASES = {
                  lambda n: ([_randn(n, 8, seed=n)], [_ints(3, n, n + 1)])),
     "linear_cross_entropy": (lambda h, w, t: ops.linear_cross_entropy(h, w, t),
                              lambda n: ([_randn(n, 8, seed=n), _randn(20, 8, seed=3)], [_ints(20, n, n + 1)])),
+    # (its neighbour search had looped over row blocks in Python: one graph per size)
+    "icnn_loss": (lambda e, y: ops.icnn_loss(e, y, k=3),
+                  lambda n: ([_randn(n, 8, seed=n)], [_ints(3, n, n + 1)])),
+    "proto_triplet_loss": (lambda e, y: ops.proto_triplet_loss(e, y),
+                           lambda n: ([_randn(n, 8, seed=n)], [torch.arange(n) % 3])),
     # (dynamo had failed to wire the vocabulary size kept on its autograd.Function's ctx)
     "linear_cross_entropy_low_memory": (
         lambda h, w, t: ops.linear_cross_entropy(h, w, t, label_smoothing=0.1, low_memory=True),

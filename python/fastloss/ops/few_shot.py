@@ -255,6 +255,9 @@ def _neighbours(emb, target, k, exclude_self):
         if _kernels(emb) and k <= _KNN_KERNEL_MAX:
             ef, tf = emb.contiguous(), target.contiguous()
             row_sq, col_sq = ef.square().sum(1), tf.square().sum(1)
+            if n <= block:  # one block (a few-shot episode): no loop over the batch size, so
+                # that one torch.compile(dynamic=True) graph serves every size
+                return torch.ops.fastloss.knn_rows(torch.mm(ef, tf.t()), row_sq, col_sq, 0, exclude_self, k)
             # one reused block: a fresh one per step, with small tensors kept between steps,
             # fragmented the heap (+0.8 GB peak at B = 16384 in TCM's block loop, measured)
             buf = ef.new_empty((min(block, n), m))
