@@ -110,6 +110,8 @@ def _constant_argument_cases(dev):
          lambda v: ops.linear_cross_entropy(h, w, y, class_weight=v, low_memory=True)),
         ("contrastive_loss", "weights", ww, lambda v: ops.contrastive_loss(e, e.detach() + 1, T=0.5, weights=v)),
         ("anyloss", "target", binary, lambda v: ops.anyloss(x[:, 0], v)),
+        ("dice_loss", "target", binary, lambda v: ops.dice_loss(x[:, 0], v)),
+        ("dice_loss", "target", binary[:, None].expand(N, C).contiguous(), lambda v: ops.dice_loss(x, v)),
         ("dequant_gemm", "qw.scales", None, None),  # (below: a QuantizedWeight's own tensors)
     ]
 

@@ -320,6 +320,7 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
     if target.device != logits.device:
         raise ValueError(f"{fn}: target is on {target.device} but logits is on {logits.device}")
     if target.shape == logits.shape and logits.dim() in (1, 2):
+        refuse_grad(fn, "target", target, "the targets")  # (soft targets: no gradient is given)
         y = target.to(torch.float32)
         x = logits if logits.dim() == 2 else logits[:, None]
         # CUDA kernels: no check here (it would wait for the device twice per call); a target
