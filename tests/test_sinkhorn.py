@@ -134,6 +134,10 @@ def test_non_convergence_is_reported_and_bad_input():
         (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=0), "sparsity must be a fraction"),
         (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=1.5), "sparsity must be a fraction"),
         (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 3), eps=0.1), "x and y must be"),
+        (lambda: ops.wasserstein(torch.randn(3, 2).bfloat16(), torch.randn(4, 2).bfloat16(), eps=0.1),
+         "x and y must both be float32 or both float64"),
+        (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 2).double(), eps=0.1),
+         "got torch.float32 and torch.float64"),
     ]
     expect_errors(cases, ValueError)
 

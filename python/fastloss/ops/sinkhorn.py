@@ -488,6 +488,9 @@ def wasserstein(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Optional[Te
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     if p not in (1, 2):
         raise ValueError(f"wasserstein: p must be 1 or 2, got {p}")
+    if x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype:
+        raise ValueError(f"wasserstein: x and y must both be float32 or both float64 (the solver's "
+                         f"dtypes), got {x.dtype} and {y.dtype}")
     d = torch.cdist(x, y)
     c = d * d if p == 2 else d
     return sinkhorn(c, a, b, eps=eps, **kwargs).cost
