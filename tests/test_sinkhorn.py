@@ -104,6 +104,10 @@ def test_negative_costs(method):
         expected.backward()
         torch.testing.assert_close(cc.grad[k], c2.grad, rtol=1e-6, atol=1e-10)
         torch.testing.assert_close(aa.grad[k], a2.grad - a2.grad.mean(), rtol=1e-6, atol=1e-9)
+    # masses equal within the accepted 1e-5 only: <P, C> still that of the returned plan
+    ca, aa2, bb2 = problem(6, 8, seed=8)
+    r = ops.sinkhorn(ca - 300, aa2 * (1 + 9e-6), bb2, eps=0.1, method=method, tol=1e-4, return_plan=True)
+    torch.testing.assert_close(r.transport_cost, (r.plan * (ca - 300)).sum(), rtol=0, atol=1e-9)
     # float32: an offset costs no accuracy (the solver sees the shifted cost), so the step
     # counts and the value's error stay those of the non-negative cost
     c32, a32, b32 = (t.float() for t in problem(30, 41, seed=7))
@@ -112,6 +116,24 @@ def test_negative_costs(method):
         r = ops.sinkhorn(c32 + offset, a32, b32, eps=0.05, method=method)
         assert bool(r.converged) and abs(int(r.n_iter) - int(base.n_iter)) <= 3, (offset, r.n_iter, base.n_iter)
         torch.testing.assert_close(r.cost - offset, base.cost, rtol=0, atol=5e-6 * (1 - offset))
+
+
+def test_wasserstein_under_autocast_takes_16_bit_clouds():
+    """torch.cdist runs in float32 under autocast: 16-bit (or mixed) clouds give the float32
+    cost of their float32 copies, with gradients in their own dtype."""
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(7, 3, generator=g).bfloat16().requires_grad_(True)
+    y = torch.randn(9, 3, generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = ops.wasserstein(x, y, eps=0.5, tol=1e-5)
+    x32 = x.detach().float().requires_grad_(True)
+    expected = ops.wasserstein(x32, y, eps=0.5, tol=1e-5)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    got.backward()
+    expected.backward()
+    assert x.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(x.grad, x32.grad.bfloat16(), rtol=0, atol=0)
 
 
 def test_non_convergence_is_reported_and_bad_input():
@@ -134,7 +156,7 @@ def test_non_convergence_is_reported_and_bad_input():
         (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=0), "sparsity must be a fraction"),
         (lambda: ops.sinkhorn(c, a, b, eps=0.1, method="sns", sparsity=1.5), "sparsity must be a fraction"),
         (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 3), eps=0.1), "x and y must be"),
-        (lambda: ops.wasserstein(torch.randn(3, 2).bfloat16(), torch.randn(4, 2).bfloat16(), eps=0.1),
+        (lambda: ops.wasserstein(torch.randn(3, 2).half(), torch.randn(4, 2).half(), eps=0.1),
          "x and y must both be float32 or both float64"),
         (lambda: ops.wasserstein(torch.randn(3, 2), torch.randn(4, 2).double(), eps=0.1),
          "got torch.float32 and torch.float64"),

@@ -244,8 +244,7 @@ def _neighbours(emb, target, k, exclude_self):
     n, m = emb.shape[0], target.shape[0]
     budget = _BLOCK_BYTES if emb.device.type == "cpu" else _CUDA_BLOCK_BYTES
     block = max(1, budget // (4 * max(m, 1)))
-    out = torch.empty(n, k, dtype=torch.long, device=emb.device)
-    with torch.no_grad():
+    with torch.no_grad(), without_autocast(emb):  # (float32 distances, autocast or not)
         # Both sets shifted by the target set's mean (distances do not change): the GEMM form
         # |a|^2 + |b|^2 - 2 a.b (and cdist's, which uses it for large sets) loses the spread to
         # rounding when every embedding shares an offset far larger than it (offset 10, spread
@@ -261,11 +260,13 @@ def _neighbours(emb, target, k, exclude_self):
             # one reused block: a fresh one per step, with small tensors kept between steps,
             # fragmented the heap (+0.8 GB peak at B = 16384 in TCM's block loop, measured)
             buf = ef.new_empty((min(block, n), m))
+            out = torch.empty(n, k, dtype=torch.long, device=emb.device)
             for r0 in range(0, n, block):
                 r1 = min(n, r0 + block)
                 dots = torch.mm(ef[r0:r1], tf.t(), out=buf[: r1 - r0])
                 out[r0:r1] = torch.ops.fastloss.knn_rows(dots, row_sq[r0:r1], col_sq, r0, exclude_self, k)
             return out
+        out = torch.empty(n, k, dtype=torch.long, device=emb.device)
         for r0 in range(0, n, block):
             r1 = min(n, r0 + block)
             d = torch.cdist(emb[r0:r1].float(), target.float())

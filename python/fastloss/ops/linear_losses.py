@@ -56,24 +56,24 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 # ---- fake kernels (shapes for torch.compile and meta tensors) -------------------------------
 
 def _check_fake(hidden, weight, target, bias, class_weight):
-    """The argument checks of linear_losses_op.cpp that depend on shapes and dtypes only."""
-    torch._check(hidden.dim() == 2, lambda: f"hidden must be 2-D [N, D], got {tuple(hidden.shape)}")
-    torch._check(weight.dim() == 2, lambda: f"weight must be 2-D [V, D], got {tuple(weight.shape)}")
-    torch._check(weight.shape[1] == hidden.shape[1],
-                 lambda: f"hidden has D = {hidden.shape[1]} but weight has {weight.shape[1]} columns")
-    torch._check(hidden.dtype in _FLOATS, lambda: f"hidden must be float32/16 or bfloat16, got {hidden.dtype}")
-    torch._check(weight.dtype == hidden.dtype,
-                 lambda: f"weight is {weight.dtype} but hidden is {hidden.dtype}")
-    torch._check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
-                 lambda: f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
-    torch._check(target.dtype in (torch.int64, torch.int32),
-                 lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
-    torch._check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0]
-                                  and bias.dtype == hidden.dtype),
-                 lambda: f"bias must be [{weight.shape[0]}] of hidden's dtype")
-    torch._check(class_weight is None or (class_weight.dim() == 1
-                                          and class_weight.shape[0] == weight.shape[0]),
-                 lambda: f"class_weight must be [{weight.shape[0]}]")
+    """The argument checks of linear_losses_op.cpp that depend on shapes and dtypes only
+    (ValueError, as the op's)."""
+    check = torch._check_value
+    check(hidden.dim() == 2, lambda: f"hidden must be 2-D [N, D], got {tuple(hidden.shape)}")
+    check(weight.dim() == 2, lambda: f"weight must be 2-D [V, D], got {tuple(weight.shape)}")
+    check(weight.shape[0] > 0, lambda: "weight must have at least one row (class)")
+    check(weight.shape[1] == hidden.shape[1],
+          lambda: f"hidden has D = {hidden.shape[1]} but weight has {weight.shape[1]} columns")
+    check(hidden.dtype in _FLOATS, lambda: f"hidden must be float32/16 or bfloat16, got {hidden.dtype}")
+    check(weight.dtype == hidden.dtype, lambda: f"weight is {weight.dtype} but hidden is {hidden.dtype}")
+    check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
+          lambda: f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
+    check(target.dtype in (torch.int64, torch.int32),
+          lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
+    check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == hidden.dtype),
+          lambda: f"bias must be [{weight.shape[0]}] of hidden's dtype")
+    check(class_weight is None or (class_weight.dim() == 1 and class_weight.shape[0] == weight.shape[0]),
+          lambda: f"class_weight must be [{weight.shape[0]}]")
 
 
 @torch.library.register_fake("fastloss::linear_loss_forward")

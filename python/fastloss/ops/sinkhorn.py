@@ -46,7 +46,7 @@ from torch import Tensor
 
 from ._checks import as_int
 from ._devices import has_kernel
-from ._dtypes import runs_without_autocast
+from ._dtypes import autocast_dtype, runs_without_autocast
 from ._autograd import once_differentiable
 
 _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarely reached)
@@ -283,8 +283,9 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
 
     Args:
         cost: ``[n, m]`` or ``[B, n, m]``, finite, float32 or float64; negative entries are
-            allowed (a problem whose cost has one is solved shifted to a minimum of 0, which
-            moves the value, ``transport_cost`` and ``f`` by the shift times the mass, and back).
+            allowed (a problem whose cost has one is solved shifted to a minimum of 0: the value
+            and ``transport_cost`` move by the shift times the mass, ``f`` by the shift, and
+            are moved back).
         a, b: marginals ``[n]`` / ``[m]`` (or ``[B, n]`` / ``[B, m]``); uniform when None.
         eps: the entropic regularization, > 0.
         method: ``"sinkhorn"``, or ``"sns"``: ``warmup_iters`` Sinkhorn iterations, then Newton
@@ -360,7 +361,7 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
     total = total + _kl_mass_term(eps, mass_a, mass_b)
     if shift is not None:  # (the centred potentials stay a's gradient: the term is detached)
         total = total + (shift * mass_a).detach()
-        transport = transport + shift * mass_a.detach()
+        transport = transport + shift * mass_b.detach()  # (the plan's mass after its g update)
         f = f + shift[:, None]
     converged = err < tol
     if warn and check_values and not bool(converged.all()):
@@ -488,9 +489,13 @@ def wasserstein(x: Tensor, y: Tensor, a: Optional[Tensor] = None, b: Optional[Te
                          f"{tuple(x.shape)} and {tuple(y.shape)}")
     if p not in (1, 2):
         raise ValueError(f"wasserstein: p must be 1 or 2, got {p}")
-    if x.dtype not in (torch.float32, torch.float64) or y.dtype != x.dtype:
-        raise ValueError(f"wasserstein: x and y must both be float32 or both float64 (the solver's "
-                         f"dtypes), got {x.dtype} and {y.dtype}")
+    # (the solver's dtypes; under autocast torch.cdist, a float32 op there, takes 16-bit clouds
+    # to a float32 cost itself)
+    lower = (torch.float16, torch.bfloat16, torch.float32) if autocast_dtype(x) is not None else ()
+    if not (x.dtype == y.dtype and x.dtype in (torch.float32, torch.float64)
+            or x.dtype in lower and y.dtype in lower):
+        raise ValueError(f"wasserstein: x and y must both be float32 or both float64 (16-bit too under "
+                         f"autocast), got {x.dtype} and {y.dtype}")
     d = torch.cdist(x, y)
     c = d * d if p == 2 else d
     return sinkhorn(c, a, b, eps=eps, **kwargs).cost
