@@ -238,7 +238,7 @@ TORCH_LIBRARY(fastloss, m) {
   // kd_loss's eager path (kd_op.cpp): forward, reduction (0 none, 1 mean, 2 sum) and a C++
   // autograd formula in one op, as the row losses' *_loss ops
   m.def("kd_loss(Tensor student, Tensor teacher, int kind, float temperature, float beta, "
-        "int reduction) -> Tensor");
+        "int reduction, *, bool round_loss=False) -> Tensor");
   m.def("kd_forward(Tensor student, Tensor teacher, int kind, float temperature, float beta) "
         "-> (Tensor, Tensor)");
   m.def("kd_backward(Tensor grad_loss, Tensor student, Tensor teacher, Tensor stats, int kind, "
@@ -261,9 +261,9 @@ TORCH_LIBRARY(fastloss, m) {
   // needs it), reduction (0 none, 1 mean, 2 sum; PLD's mean over the rows kept) and a C++
   // autograd formula in one op.
   m.def("topk_kl_loss(Tensor student, Tensor teacher, int k, float temperature, bool renormalize, "
-        "int reduction) -> Tensor");
+        "int reduction, *, bool round_loss=False) -> Tensor");
   m.def("pld_loss(Tensor student, Tensor teacher, Tensor target, float temperature, "
-        "int ignore_index, int reduction) -> Tensor");
+        "int ignore_index, int reduction, *, bool round_loss=False) -> Tensor");
   // Self-adjusting Dice loss (metric_losses/metric_losses_op.cpp): the loss of each row [N]
   // float32 (sum over its classes of 1 - DSC); sigmoid form: target float32 of logits' shape
   // [N, K]; softmax form: logits [N, C], integer target [N] (ignore_index rows: 0). The

@@ -248,23 +248,37 @@ def test_tcn_level_keeps_its_inputs_under_autocast(dev):
     torch.testing.assert_close(fused, full, rtol=1e-5, atol=1e-5)
 
 
+def _rounding_op_cases(x, t, teacher):
+    """(op name, arguments before the reduction, arguments after it, whether it takes the
+    grad_in_forward flag) of every op with a round_loss flag."""
+    rows = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
+            "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
+    cases = [(f"{name}_loss", (t, None, -100), scalars, True) for name, scalars in rows.items()]
+    return cases + [("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
+                    ("topk_kl_loss", (teacher, 7, 2.0, False), (), False),
+                    ("pld_loss", (teacher, t, 2.0, -100), (), False)]
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
-def test_row_loss_ops_round_the_loss_themselves(dtype, dev):
-    """The row losses' ops round to the logits' dtype with round_loss=True (what the functions
-    ask for outside autocast), so that no cast op and autograd node of its own follows them:
-    the value is the float32 op's rounded, the gradient the same; opcheck with the flag."""
+def test_loss_ops_round_the_loss_themselves(dtype, dev):
+    """The row losses' and distillation losses' ops round to the inputs' dtype with
+    round_loss=True (what the functions ask for outside autocast), so that no cast op and
+    autograd node of its own follows them: the value is the float32 op's rounded, the gradient
+    the same; opcheck with the flag."""
     x = _randn(37, 101, dev=dev, seed=12, scale=3.0).to(dtype)
     t = _ints(101, 37, dev, 13)
-    samples = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
-               "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
-    for name, scalars in samples.items():
-        op = getattr(torch.ops.fastloss, f"{name}_loss").default
+    teacher = _randn(37, 101, dev=dev, seed=14, scale=3.0).to(dtype)
+    for name, before, after, flags in _rounding_op_cases(x, t, teacher):
+        op = getattr(torch.ops.fastloss, name).default
         for reduction in (0, 1, 2):
-            for fused in (False, True):
+            for fused in ((False, True) if flags else (None,)):
                 a, b = (x.clone().requires_grad_(True) for _ in range(2))
-                rounded = op(a, t, None, -100, reduction, *scalars, False, fused, round_loss=True)
-                plain = op(b, t, None, -100, reduction, *scalars, False, fused)
+                # the row losses: (..., reduction, scalars, inplace, grad_in_forward)
+                args = lambda v: ((v, *before, reduction, *after, False, fused) if flags  # noqa: E731
+                                  else (v, *before, reduction))
+                rounded = op(*args(a), round_loss=True)
+                plain = op(*args(b))
                 assert rounded.dtype == dtype and plain.dtype == torch.float32, (name, reduction)
                 assert type(rounded.grad_fn).__name__ != "ToCopyBackward0"
                 torch.testing.assert_close(rounded, plain.to(dtype), rtol=0, atol=0)
@@ -272,8 +286,10 @@ def test_row_loss_ops_round_the_loss_themselves(dtype, dev):
                 rounded.backward(up)
                 plain.backward(up.float())
                 torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-            torch.library.opcheck(op, (x.clone().requires_grad_(True), t, None, -100, reduction, *scalars),
-                                  {"round_loss": True})
-    # the public function: its result is that op's, no cast after it
-    loss = ops.cross_entropy(x.clone().requires_grad_(True), t)
-    assert loss.dtype == dtype and type(loss.grad_fn).__name__ != "ToCopyBackward0"
+            plain_args = (x.clone().requires_grad_(True), *before, reduction, *after)
+            torch.library.opcheck(op, plain_args, {"round_loss": True})
+    # the public functions: their results are those ops', no cast after them
+    for loss in (ops.cross_entropy(x.clone().requires_grad_(True), t),
+                 ops.kd_loss(x.clone().requires_grad_(True), teacher, T=2.0),
+                 ops.pld_loss(x.clone().requires_grad_(True), teacher, t)):
+        assert loss.dtype == dtype and type(loss.grad_fn).__name__ != "ToCopyBackward0"

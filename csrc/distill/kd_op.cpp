@@ -301,7 +301,7 @@ const c10::OperatorHandle& kd_op(int which) {  // 0: kd_forward, 1: kd_backward,
 struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
                         const Tensor& teacher, int64_t kind, double temperature, double beta,
-                        int64_t reduction, bool want) {
+                        int64_t reduction, bool want, bool round_loss) {
     ctx->saved_data["kind"] = kind;
     ctx->saved_data["temperature"] = temperature;
     ctx->saved_data["beta"] = beta;
@@ -323,7 +323,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       rows = out[0].toTensor();
       ctx->save_for_backward({student, teacher, out[1].toTensor()});
     }
-    return reduce_loss_rows(rows, reduction);  // (float32: the Python caller gives the dtype)
+    return loss_in(reduce_loss_rows(rows, reduction), round_loss ? student.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -350,20 +350,21 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
         grad = call_below_autograd(kd_op(1), {g, saved[0], saved[1], saved[2], k, T, b})[0].toTensor();
       }
     }
-    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},  // the teacher: a target
                                kOp);
   }
 };
 
 template <bool Grad>
 Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, double temperature,
-               double beta, int64_t reduction) {
+               double beta, int64_t reduction, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, kOp,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad)  // the gradient is made in the forward only when it will be wanted
     return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction,
-                                 at::GradMode::is_enabled() && student.requires_grad());
-  return reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction);
+                                 at::GradMode::is_enabled() && student.requires_grad(), round_loss);
+  return loss_in(reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction),
+                 round_loss ? student.scalar_type() : at::kFloat);
 }
 
 // ---- topk_kl_loss / pld_loss's eager paths, the same way ----------------------------------------
@@ -402,7 +403,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& student,
                         const Tensor& teacher, const std::optional<Tensor>& target,
                         int64_t k_or_ignore, double temperature, bool renormalize, int64_t reduction,
-                        bool want) {
+                        bool want, bool round_loss) {
     const bool pld = target.has_value();
     // PLD's mean is over the rows kept (F.cross_entropy's); top-k KL's over all rows
     const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
@@ -429,7 +430,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["pld"] = pld;
-    return loss;  // (float32: the Python caller gives the dtype)
+    return loss_in(loss, round_loss ? student.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -461,7 +462,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
                                                              : up.div(c10::Scalar(out.sym_size(0))));
       }
     }
-    return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {out, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                ctx->saved_data["pld"].toBool() ? "pld_loss" : "topk_kl_loss");
   }
 };
@@ -469,31 +470,31 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
 template <bool Grad>
 Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::optional<Tensor>& target,
                  int64_t k_or_ignore,
-                 double temperature, bool renormalize, int64_t reduction, const char* op) {
+                 double temperature, bool renormalize, int64_t reduction, bool round_loss, const char* op) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, op,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad)  // the gradient is made in the forward only when it will be wanted
     return RankLossFunction::apply(student, teacher, target, k_or_ignore, temperature, renormalize,
-                                   reduction, at::GradMode::is_enabled() && student.requires_grad());
+                                   reduction, at::GradMode::is_enabled() && student.requires_grad(), round_loss);
   const bool pld = target.has_value();
   const Tensor rows = std::get<0>(pld ? pld_forward(student, teacher, *target, temperature, k_or_ignore, false, 1.0)
                                       : topk_kl_forward(student, teacher, k_or_ignore, temperature,
                                                         renormalize, false, 1.0));
   const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
-  return reduce_loss_rows(rows, reduction, count);
+  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss ? student.scalar_type() : at::kFloat);
 }
 
 template <bool Grad>
 Tensor topk_kl_loss(const Tensor& student, const Tensor& teacher, int64_t k, double temperature,
-                    bool renormalize, int64_t reduction) {
-  return rank_loss<Grad>(student, teacher, std::nullopt, k, temperature, renormalize, reduction,
+                    bool renormalize, int64_t reduction, bool round_loss) {
+  return rank_loss<Grad>(student, teacher, std::nullopt, k, temperature, renormalize, reduction, round_loss,
                          "topk_kl_loss");
 }
 
 template <bool Grad>
 Tensor pld_loss(const Tensor& student, const Tensor& teacher, const Tensor& target,
-                double temperature, int64_t ignore_index, int64_t reduction) {
-  return rank_loss<Grad>(student, teacher, target, ignore_index, temperature, false, reduction,
+                double temperature, int64_t ignore_index, int64_t reduction, bool round_loss) {
+  return rank_loss<Grad>(student, teacher, target, ignore_index, temperature, false, reduction, round_loss,
                          "pld_loss");
 }
 

@@ -567,6 +567,22 @@ bool traced_tensor(const Tensor& t) {
 
 bool readable_cpu(const Tensor& t) { return t.is_cpu() && !traced_tensor(t); }
 
+// (losses_op.h) a CPU 0-d value written as it is: one allocation, no dispatch
+Tensor loss_in(const Tensor& loss, at::ScalarType dtype) {
+  if (loss.scalar_type() == dtype) return loss;
+  if (readable_cpu(loss) && loss.dim() == 0 && loss.scalar_type() == at::kFloat &&
+      (dtype == at::kBFloat16 || dtype == at::kHalf)) {
+    Tensor t = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
+    const float v = *loss.data_ptr<float>();
+    if (dtype == at::kBFloat16)
+      *t.data_ptr<at::BFloat16>() = at::BFloat16(v);
+    else
+      *t.data_ptr<at::Half>() = at::Half(v);
+    return t;
+  }
+  return loss.to(dtype);
+}
+
 Tensor take_kept_gradient(c10::IValue& slot) {
   if (!slot.isTensor()) return Tensor();
   Tensor t = slot.toTensor();
@@ -795,23 +811,6 @@ namespace {
 
 std::optional<Tensor> opt(const Tensor& t) {
   return t.defined() ? std::optional<Tensor>(t) : std::nullopt;
-}
-
-// The loss in `dtype` (round_loss: the logits' dtype, as torch's losses return it outside
-// autocast); a CPU 0-d value is written as it is (one allocation: the Python-side cast with its
-// own autograd node had cost a 16-bit small call ~25% of its host time).
-Tensor loss_in(const Tensor& loss, at::ScalarType dtype) {
-  if (loss.scalar_type() == dtype) return loss;
-  if (readable_cpu(loss) && loss.dim() == 0 && (dtype == at::kBFloat16 || dtype == at::kHalf)) {
-    Tensor t = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
-    const float v = *loss.data_ptr<float>();
-    if (dtype == at::kBFloat16)
-      *t.data_ptr<at::BFloat16>() = at::BFloat16(v);
-    else
-      *t.data_ptr<at::Half>() = at::Half(v);
-    return t;
-  }
-  return loss.to(dtype);
 }
 
 struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {

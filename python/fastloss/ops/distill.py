@@ -34,7 +34,7 @@ from torch import Tensor
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
 from ._devices import has_kernel
-from ._dtypes import as_loss_dtype
+from ._dtypes import as_loss_dtype, call_rounding
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -64,21 +64,27 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
 @torch.library.register_fake("fastloss::kd_loss")
-def _fake_kd_loss(student, teacher, kind, temperature, beta, reduction):
+def _fake_kd_loss(student, teacher, kind, temperature, beta, reduction, round_loss=False):
     _fake_forward(student, teacher, kind, temperature, beta)
-    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return _fake_loss(student, reduction, round_loss)
+
+
+def _fake_loss(student, reduction, round_loss):
+    """The *_loss ops' result: float32, or the student's dtype with round_loss (_dtypes.py)."""
+    return student.new_empty((student.shape[0],) if reduction == 0 else (),
+                             dtype=student.dtype if round_loss else torch.float32)
 
 
 @torch.library.register_fake("fastloss::topk_kl_loss")
-def _fake_topk_kl_loss(student, teacher, k, temperature, renormalize, reduction):
+def _fake_topk_kl_loss(student, teacher, k, temperature, renormalize, reduction, round_loss=False):
     _fake_forward(student, teacher, 0, temperature, 0.5)
-    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return _fake_loss(student, reduction, round_loss)
 
 
 @torch.library.register_fake("fastloss::pld_loss")
-def _fake_pld_loss(student, teacher, target, temperature, ignore_index, reduction):
+def _fake_pld_loss(student, teacher, target, temperature, ignore_index, reduction, round_loss=False):
     _fake_forward(student, teacher, 0, temperature, 0.5)
-    return student.new_empty((student.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return _fake_loss(student, reduction, round_loss)
 
 
 def _setup(ctx, inputs, output):
@@ -160,8 +166,8 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = as_loss_dtype(torch.ops.fastloss.kd_loss(s2, t2, _KINDS[kind], float(T), float(beta),
-                                                       _REDUCTION[reduction]), student)
+        out = call_rounding(torch.ops.fastloss.kd_loss, student, s2, t2, _KINDS[kind], float(T), float(beta),
+                            _REDUCTION[reduction])
         return out.reshape(lead) if reduction == "none" else out
     return _reduce_rows(_rows_torch(s2, t2, kind, float(T), float(beta)), reduction, student)
 
@@ -312,8 +318,8 @@ def topk_kl_loss(student: Tensor, teacher: Tensor, k: int, T: float = 1.0,
     if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= s2.shape[1]:
         raise ValueError(f"{fn}: k must be an int in [1, C = {s2.shape[1]}], got {k!r}")
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = as_loss_dtype(torch.ops.fastloss.topk_kl_loss(s2, t2, k, float(T), bool(renormalize),
-                                                            _REDUCTION[reduction]), student)
+        out = call_rounding(torch.ops.fastloss.topk_kl_loss, student, s2, t2, k, float(T), bool(renormalize),
+                            _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     rows = _topk_rows_torch(s2, t2, k, float(T), bool(renormalize))
     return _reduce_rows(rows, reduction, student)
@@ -393,8 +399,8 @@ def pld_loss(student: Tensor, teacher: Tensor, target: Tensor, T: float = 1.0,
         raise ValueError(f"{fn}: target is on {target.device} but student is on {student.device}")
     y = target.reshape(-1)
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = as_loss_dtype(torch.ops.fastloss.pld_loss(s2, t2, y, float(T), int(ignore_index),
-                                                        _REDUCTION[reduction]), student)
+        out = call_rounding(torch.ops.fastloss.pld_loss, student, s2, t2, y, float(T), int(ignore_index),
+                            _REDUCTION[reduction])
         return out.reshape(student.shape[:-1]) if reduction == "none" else out
     bad = (y != ignore_index) & ((y < 0) | (y >= s2.shape[1]))
     if values_readable(y):

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import rounds_loss
+from ._dtypes import call_rounding
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -217,11 +217,9 @@ def _row_loss(logits, target, weight, name, reduction, ignore_index, inplace, gr
     if grad_in_forward and torch.compiler.is_compiling():
         grad_in_forward = False  # (the plain path: the hand-over of its backward is tested eager only)
     # (the op rounds the loss to the logits' dtype itself outside autocast, as torch's losses
-    # return it: a cast here cost a 16-bit call a second op and autograd node; the keyword is
-    # passed only when set, which costs the call ~0.6 us)
-    args = (logits, target, weight, ignore_index, _REDUCTION_CODE[reduction], *scalars, inplace,
-            grad_in_forward)
-    out = _LOSS_OP[name](*args, round_loss=True) if rounds_loss(logits) else _LOSS_OP[name](*args)
+    # return it: a cast here cost a 16-bit call a second op and autograd node)
+    out = call_rounding(_LOSS_OP[name], logits, logits, target, weight, ignore_index,
+                        _REDUCTION_CODE[reduction], *scalars, inplace, grad_in_forward)
     return out.reshape(shape) if shape is not None and reduction == "none" else out
 
 
