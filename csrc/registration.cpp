@@ -284,7 +284,7 @@ TORCH_LIBRARY(fastloss, m) {
   // the prepared inputs of one form (softmax: integer target [N]); anyloss: metric 0 f1,
   // 1 fbeta, 2 accuracy, 3 balanced_accuracy, 4 gmean, the mean of 1 - metric over columns.
   m.def("dice_loss(Tensor logits, Tensor target, bool softmax, float alpha, float gamma, "
-        "float smooth, int ignore_index, int reduction) -> Tensor");
+        "float smooth, int ignore_index, int reduction, *, bool round_loss=False) -> Tensor");
   m.def("anyloss(Tensor scores, Tensor target, int metric, float L, float beta, "
         "bool from_logits) -> Tensor");
   m.def("confusion_sums_backward(Tensor grad_sums, Tensor scores, Tensor target, float L, "

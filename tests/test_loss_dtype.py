@@ -254,7 +254,8 @@ def _rounding_op_cases(x, t, teacher):
     rows = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
             "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
     cases = [(f"{name}_loss", (t, None, -100), scalars, True) for name, scalars in rows.items()]
-    return cases + [("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
+    return cases + [("dice_loss", (t, True, 0.5, 1.0, 1.0, -100), (), False),
+                    ("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
                     ("topk_kl_loss", (teacher, 7, 2.0, False), (), False),
                     ("pld_loss", (teacher, t, 2.0, -100), (), False)]
 
@@ -262,7 +263,7 @@ def _rounding_op_cases(x, t, teacher):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
 def test_loss_ops_round_the_loss_themselves(dtype, dev):
-    """The row losses' and distillation losses' ops round to the inputs' dtype with
+    """The row, Dice and distillation losses' ops round to the inputs' dtype with
     round_loss=True (what the functions ask for outside autocast), so that no cast op and
     autograd node of its own follows them: the value is the float32 op's rounded, the gradient
     the same; opcheck with the flag."""

@@ -296,7 +296,7 @@ c10::OperatorHandle metric_op(const char* name) {
 struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& logits,
                         const Tensor& target, bool softmax, double alpha, double gamma, double smooth,
-                        int64_t ignore_index, int64_t reduction) {
+                        int64_t ignore_index, int64_t reduction, bool round_loss) {
     static const auto sig = metric_op("fastloss::dice_sigmoid_forward");
     static const auto soft = metric_op("fastloss::dice_softmax_forward");
     std::vector<c10::IValue> args{logits, target, alpha, gamma, smooth};
@@ -310,7 +310,7 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
     ctx->saved_data["params"] = std::vector<double>{alpha, gamma, smooth};
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
-    return loss;  // (float32: the Python caller gives the dtype)
+    return loss_in(loss, round_loss ? logits.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -328,23 +328,24 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
       if (softmax) args.emplace_back(ctx->saved_data["ignore_index"]);
       grad = call_below_autograd(softmax ? soft : sig, std::move(args))[0].toTensor();
     }
-    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(),
+                                       Tensor()},
                                "dice_loss");
   }
 };
 
 template <bool Grad>
 Tensor dice_loss(const Tensor& logits, const Tensor& target, bool softmax, double alpha,
-                 double gamma, double smooth, int64_t ignore_index, int64_t reduction) {
+                 double gamma, double smooth, int64_t ignore_index, int64_t reduction, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum,
               "dice_loss: reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad)
     return DiceLossFunction::apply(logits, target, softmax, alpha, gamma, smooth, ignore_index,
-                                   reduction);
+                                   reduction, round_loss);
   const Tensor rows = softmax ? dice_softmax_forward(logits, target, alpha, gamma, smooth, ignore_index)
                               : dice_sigmoid_forward(logits, target, alpha, gamma, smooth);
   const Tensor count = softmax && reduction == kMean ? target.ne(ignore_index).sum() : Tensor();
-  return reduce_loss_rows(rows, reduction, count);
+  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss ? logits.scalar_type() : at::kFloat);
 }
 
 enum Metric : int64_t { kF1 = 0, kFbeta = 1, kAccuracy = 2, kBalancedAccuracy = 3, kGmean = 4 };

@@ -24,7 +24,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import as_loss_dtype
+from ._dtypes import as_loss_dtype, call_rounding
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
@@ -112,8 +112,9 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
 @torch.library.register_fake("fastloss::dice_loss")
-def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index, reduction):
-    return logits.new_empty((logits.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index, reduction, round_loss=False):
+    return logits.new_empty((logits.shape[0],) if reduction == 0 else (),
+                            dtype=logits.dtype if round_loss else torch.float32)
 
 
 @torch.library.register_fake("fastloss::anyloss")
@@ -331,8 +332,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
             raise ValueError(f"{fn}: a target of logits' shape holds binary targets in [0, 1]")
         args = (float(alpha), float(gamma), float(smooth))
         if has_kernel(x):  # one op with its C++ autograd formula (metric_losses_op.cpp)
-            return as_loss_dtype(torch.ops.fastloss.dice_loss(x, y.reshape(x.shape), False, *args,
-                                                              int(ignore_index), _REDUCTION[reduction]), logits)
+            return call_rounding(torch.ops.fastloss.dice_loss, logits, x, y.reshape(x.shape), False, *args,
+                                 int(ignore_index), _REDUCTION[reduction])
         rows = _SigmoidDice.apply(x, y.reshape(x.shape), *args).sum(1)
         keep = None
     elif logits.dim() == 2 and target.shape == logits.shape[:1]:
@@ -343,8 +344,8 @@ def dice_loss(logits: Tensor, target: Tensor, alpha: float = 1.0, gamma: float =
         # the CPU kernel's op checks the classes itself; the CUDA kernel gives a row whose
         # target is out of range a NaN loss (a check here would wait for the device)
         if has_kernel(logits):
-            return as_loss_dtype(torch.ops.fastloss.dice_loss(logits, target, True, *args, int(ignore_index),
-                                                              _REDUCTION[reduction]), logits)
+            return call_rounding(torch.ops.fastloss.dice_loss, logits, logits, target, True, *args,
+                                 int(ignore_index), _REDUCTION[reduction])
         keep = target != ignore_index
         bad = keep & ((target < 0) | (target >= logits.shape[1]))
         if not bad.is_meta and bool(bad.any()):
