@@ -47,6 +47,28 @@ def test_forward_kl_equals_kl_div_batchmean(T):
     torch.testing.assert_close(ops.kd_loss(s.float(), t.float(), T).double(), expected, rtol=2e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("shape", [(6, 50), (2, 3, 50), (50,)], ids=str)
+def test_reduction_batchmean_is_kl_div_s(shape):
+    """reduction="batchmean": F.kl_div's (the sum over the first dimension's size: for
+    [B, T, C] the mean over B, not B T), loss and gradient, on both paths (kernels, and the
+    torch formula a teacher that requires grad takes); 16-bit inputs keep their dtype."""
+    g = torch.Generator().manual_seed(len(shape))
+    s64, t64 = (torch.randn(*shape, generator=g, dtype=torch.float64) * 2 for _ in range(2))
+    for teacher_grad in (False, True):
+        s = s64.float().requires_grad_(True)
+        t = t64.float().requires_grad_(teacher_grad)
+        got = ops.kd_loss(s, t, T=2.0, reduction="batchmean")
+        s2 = s64.clone().requires_grad_(True)
+        expected = F.kl_div(F.log_softmax(s2 / 2, -1), F.log_softmax(t64 / 2, -1), log_target=True,
+                            reduction="batchmean") * 4
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(got.double(), expected, rtol=2e-6, atol=1e-7)
+        torch.testing.assert_close(s.grad.double(), s2.grad, rtol=2e-5, atol=1e-7)
+    half = ops.kd_loss(s64.bfloat16(), t64.bfloat16(), T=2.0, reduction="batchmean")
+    assert half.dtype == torch.bfloat16
+
+
 def test_empty_batch():
     s, t = make(0, 7, torch.float32)
     s.requires_grad_(True)

@@ -151,7 +151,12 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         T: temperature > 0 (the loss is multiplied by ``T^2``).
         kind: ``"forward_kl"``, ``"reverse_kl"`` or ``"jsd"``.
         beta: the JSD mixture weight of the teacher, in (0, 1).
-        reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape).
+        reduction: over rows, ``"mean"``, ``"sum"`` or ``"none"`` (the leading shape), or
+            ``"batchmean"``, ``F.kl_div``'s: the sum divided by ``student.shape[0]`` (the mean
+            for ``[N, C]``; for ``[B, T, C]`` the mean divides by ``B T``, batchmean by ``B``).
+
+    ``teacher`` holds logits (or log-probabilities: a row's shift does not change the loss),
+    not the probabilities that ``F.kl_div``'s default target is (its ``log_target=True`` form).
 
     A ``teacher`` that requires grad (while autograd records) gets its gradient too, as with
     ``F.kl_div``: such calls take the torch-operation formula (slower; ``[N, C]`` probabilities
@@ -163,13 +168,21 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: kind must be one of {list(_KINDS)}, got {kind!r}")
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
+    batchmean = reduction == "batchmean"
+    if batchmean:  # the float32 sum divided, then rounded once
+        reduction = "sum"
     s2, t2 = _check_pair(fn, student, teacher, T, reduction)
     lead = student.shape[:-1]
     if has_kernel(s2) and not _teacher_needs_grad(t2):  # one op with its C++ autograd formula (kd_op.cpp)
-        out = call_rounding(torch.ops.fastloss.kd_loss, student, s2, t2, _KINDS[kind], float(T), float(beta),
-                            _REDUCTION[reduction])
+        args = (s2, t2, _KINDS[kind], float(T), float(beta), _REDUCTION[reduction])
+        if batchmean:
+            return as_loss_dtype(torch.ops.fastloss.kd_loss(*args) / student.shape[0], student)
+        out = call_rounding(torch.ops.fastloss.kd_loss, student, *args)
         return out.reshape(lead) if reduction == "none" else out
-    return _reduce_rows(_rows_torch(s2, t2, kind, float(T), float(beta)), reduction, student)
+    rows = _rows_torch(s2, t2, kind, float(T), float(beta))
+    if batchmean:
+        return as_loss_dtype(rows.sum() / student.shape[0], student)
+    return _reduce_rows(rows, reduction, student)
 
 
 # --- order-based losses: top-k KL and Plackett-Luce distillation ------------------------------
