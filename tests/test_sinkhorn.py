@@ -440,6 +440,9 @@ def test_sinkhorn_loss_module_is_the_debiased_divergence():
         (lambda: fastloss.nn.SinkhornLoss(reduction="batchmean"), "reduction must be one of"),
         (lambda: fastloss.nn.SinkhornLoss(p=3), "p must be 1 or 2"),
         (lambda: fastloss.nn.SinkhornLoss(eps=0.0), "eps must be > 0"),
+        # (solver keywords checked at construction, not at the first call)
+        (lambda: fastloss.nn.SinkhornLoss(tolerance=1e-3), "unexpected keyword argument(s) ['tolerance']"),
+        (lambda: fastloss.nn.SinkhornLoss(blur=0.1), "geomloss's blur: eps = blur**p"),
     ])
 
 

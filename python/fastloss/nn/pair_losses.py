@@ -19,7 +19,8 @@ from ..ops._checks import require_finite
 class MultiSimilarityLoss(nn.Module):
     """Module form of :func:`fastloss.ops.multi_similarity_loss`: ``loss(embeddings, labels)``,
     with the paper's mining step (``epsilon``; None: every pair), as pytorch-metric-learning's
-    ``MultiSimilarityLoss`` with its ``MultiSimilarityMiner``."""
+    ``MultiSimilarityLoss`` with its ``MultiSimilarityMiner`` (that loss without a miner is
+    ``epsilon=None``)."""
 
     def __init__(self, alpha: float = 2.0, beta: float = 50.0, base: float = 0.5,
                  epsilon: Optional[float] = 0.1, reduction: str = "mean",

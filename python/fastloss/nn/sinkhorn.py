@@ -10,6 +10,8 @@ from torch import Tensor, nn
 from .. import ops
 
 _REDUCTIONS = ("mean", "sum", "none")
+# what forward passes on to ops.sinkhorn (return_plan: a loss has no plan to return)
+_SOLVER_KWARGS = ("method", "max_iter", "tol", "warmup_iters", "sparsity", "warn")
 
 
 class SinkhornLoss(nn.Module):
@@ -23,7 +25,12 @@ class SinkhornLoss(nn.Module):
     takes ``max_iter``, ``tol`` and ``warn`` of the solver's arguments); with ``debias=False``
     it is ``OT_eps(x, y)`` itself, which is not minimised at ``x = y``.
     ``reduction`` over the batch: ``"mean"``, ``"sum"`` or ``"none"``. Other keyword arguments
-    (``method="sns"``, ``tol``, ``max_iter``, ...) go to :func:`fastloss.ops.sinkhorn`."""
+    (``method``, ``max_iter``, ``tol``, ``warmup_iters``, ``sparsity``, ``warn``) go to
+    :func:`fastloss.ops.sinkhorn`.
+
+    geomloss's ``SamplesLoss("sinkhorn", p=2, blur=s)`` takes the cost ``|x - y|^2 / 2`` and
+    ``eps = s^2``: it equals ``SinkhornLoss(p=2, eps=2 * s**2, reduction="none") / 2`` (one value
+    per batch entry, as geomloss returns them)."""
 
     def __init__(self, p: int = 2, eps: float = 0.05, debias: bool = True, reduction: str = "mean",
                  **solver_kwargs) -> None:
@@ -34,6 +41,12 @@ class SinkhornLoss(nn.Module):
             raise ValueError(f"SinkhornLoss: p must be 1 or 2, got {p}")
         if not eps > 0:
             raise ValueError(f"SinkhornLoss: eps must be > 0, got {eps}")
+        unknown = sorted(set(solver_kwargs) - set(_SOLVER_KWARGS))
+        if unknown:  # (at construction: they would otherwise fail at the first call)
+            hint = (" (geomloss's blur: eps = blur**p, and geomloss halves the p = 2 cost; see the "
+                    "docstring)" if "blur" in unknown else "")
+            raise TypeError(f"SinkhornLoss: unexpected keyword argument(s) {unknown}; the solver takes "
+                            f"{list(_SOLVER_KWARGS)}{hint}")
         self.p, self.eps, self.debias, self.reduction = p, eps, debias, reduction
         self.solver_kwargs = solver_kwargs
 

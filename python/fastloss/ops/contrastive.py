@@ -184,7 +184,10 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
     """InfoNCE / CLIP loss between paired embeddings (see the module docstring).
 
     Args:
-        a, b: ``[B, D]`` embeddings (normalise them first for cosine similarities).
+        a, b: ``[B, D]`` embeddings, used as given: normalise them first for cosine
+            similarities (NT-Xent / CLIP do; ``multi_similarity_loss`` and ``tcm_loss``
+            normalise inside). The negatives of ``a_i`` are the other ``b_j`` only (CLIP's
+            loss), not SimCLR's 2B x 2B NT-Xent with negatives in its own view.
         T: temperature > 0: a number, or a one-element floating tensor, which may require grad
             (CLIP's learnt temperature, e.g. ``T = 1 / logit_scale.exp()``): then ``a / T`` is
             formed in float32 by torch (one ``[B, D]`` operation, which autograd

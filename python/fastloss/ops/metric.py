@@ -303,7 +303,9 @@ def multi_similarity_loss(emb: Tensor, labels: Tensor, alpha: float = 2.0, beta:
         emb: ``[B, D]`` embeddings (normalised inside, as cosine similarity does).
         labels: ``[B]`` integer class labels.
         alpha, beta, base: the loss's positive weight, negative weight and margin ``lambda``.
-        epsilon: the miner's margin; None keeps every pair.
+        epsilon: the miner's margin; None keeps every pair (pytorch-metric-learning's
+            ``MultiSimilarityLoss`` used without a miner is ``epsilon=None``; the default 0.1
+            is it with ``MultiSimilarityMiner(epsilon=0.1)``).
         reduction: ``"mean"`` over the ``B`` anchors, ``"sum"`` or ``"none"`` (``[B]``).
         block_rows: anchors per block (None: 4 MiB of float32 similarities on the CPU, 64 MiB
             on CUDA; on the CPU every anchor when ``S`` fits 64 MiB and ``D >= 256``).

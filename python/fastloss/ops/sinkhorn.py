@@ -54,8 +54,8 @@ _CG_ITERS = 500  # conjugate-gradient iterations per Newton step, at most (rarel
 
 @dataclass
 class SinkhornResult:
-    cost: Tensor               # [B] (or []) the regularized OT cost, differentiable
-    transport_cost: Tensor     # <P, C>, not differentiable
+    cost: Tensor               # [B] (or []) the regularized OT cost <P, C> + eps KL, differentiable (gradient P)
+    transport_cost: Tensor     # <P, C> (POT's ot.sinkhorn2), not differentiable
     f: Tensor                  # [B, n] dual potentials
     g: Tensor                  # [B, m]
     n_iter: Tensor             # [B] iterations taken
@@ -304,7 +304,11 @@ def sinkhorn(cost: Tensor, a: Optional[Tensor] = None, b: Optional[Tensor] = Non
             no lower than they began: the error has reached the plan's rounding floor (in
             float32 at ``C / eps`` of a few hundred, around 1e-6 to 1e-5), which more steps
             do not pass.
-        return_plan: also return the plan ``P``.
+        return_plan: also return the plan ``P`` (POT's ``ot.sinkhorn`` returns it).
+
+    POT's ``ot.sinkhorn2(a, b, M, reg)`` is ``transport_cost`` here (``<P, C>``, without
+    gradient); ``cost`` adds ``eps KL(P || a b^T)`` and is what to differentiate (its gradient
+    with respect to ``C`` is ``P``). ``eps`` is POT's ``reg``.
     """
     if method not in ("sinkhorn", "sns"):
         raise ValueError(f"sinkhorn: method must be 'sinkhorn' or 'sns', got {method!r}")
