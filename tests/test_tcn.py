@@ -185,6 +185,10 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.dilated_conv1d(x, w[:3]), "depthwise weight must be [C, K] with C = 4"),
         (lambda: ops.dilated_conv1d(x, w, dilation=0), "dilation must be an int >= 1"),
         (lambda: ops.dilated_conv1d(x, w, dilation=True), "dilation must be an int >= 1, got True"),
+        # (F.conv1d's positional (stride, padding) = (1, 2) must not run as dilation 1, causal 2)
+        (lambda: ops.dilated_conv1d(x, w, b, 1, 2), "causal must be True or False, got 2"),
+        (lambda: ops.tcn_level(x, w, b, 1, "gelu", 0), "causal must be True or False, got 0"),
+        (lambda: fastloss.nn.DilatedConv1d(4, 4, 3), "positional argument"),
         (lambda: ops.dilated_conv1d(x, w, dilation=1 << 62), "dilation * (K - 1) must be below 2^62"),
         (lambda: ops.dilated_conv1d(x, w[:, :0]), "K >= 1"),
         (lambda: ops.dilated_conv1d(x, w, b[:2]), "bias must be [4]"),

@@ -16,9 +16,11 @@ _ACTIVATIONS = {name: fn for name, (_code, fn) in ops.tcn.ACTIVATIONS.items()}
 
 class DilatedConv1d(nn.Module):
     """Depthwise dilated convolution (:func:`fastloss.ops.dilated_conv1d`) with its own
-    ``weight [C, K]`` and ``bias [C]``."""
+    ``weight [C, K]`` and ``bias [C]``. Not ``nn.Conv1d``'s argument list (one channel count,
+    no stride or padding): the arguments after ``kernel_size`` are keywords, so that
+    ``nn.Conv1d``'s ``(C, C, K)`` raises instead of building a kernel of ``C`` taps."""
 
-    def __init__(self, channels: int, kernel_size: int, dilation: int = 1, causal: bool = True,
+    def __init__(self, channels: int, kernel_size: int, *, dilation: int = 1, causal: bool = True,
                  bias: bool = True, device=None, dtype=None) -> None:
         super().__init__()
         if kernel_size < 1 or dilation < 1:
@@ -71,7 +73,8 @@ class TCN(nn.Module):
         if activation not in _ACTIVATIONS:
             raise ValueError(f"TCN: activation must be one of {list(_ACTIVATIONS)}, got {activation!r}")
         self.levels = nn.ModuleList(
-            DilatedConv1d(channels, kernel_size, base ** level, True, bias, device, dtype)
+            DilatedConv1d(channels, kernel_size, dilation=base ** level, causal=True, bias=bias,
+                          device=device, dtype=dtype)
             for level in range(depth))
         self.activation = activation
         self.act = _ACTIVATIONS[activation]

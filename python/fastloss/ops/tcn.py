@@ -152,6 +152,9 @@ def dilated_conv1d(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dil
     dilation = as_int(dilation)
     if not _dilation_is_int(dilation):
         raise ValueError(f"{fn}: dilation must be an int >= 1, got {dilation!r}")
+    if not isinstance(causal, bool):  # (F.conv1d's positional stride, padding must not land here)
+        raise ValueError(f"{fn}: causal must be True or False, got {causal!r} (F.conv1d's "
+                         f"padding='same' is causal=False)")
     if weight.dim() not in (2, 3) or weight.shape[-1] < 1:
         raise ValueError(f"{fn}: weight must be [C, K] (depthwise) or [C_out, C / groups, K] "
                          f"with K >= 1, got shape {tuple(weight.shape)}")
@@ -193,6 +196,8 @@ def tcn_level(x: Tensor, weight: Tensor, bias: Optional[Tensor] = None, dilation
     """
     if activation not in ACTIVATIONS:
         raise ValueError(f"tcn_level: activation must be one of {list(ACTIVATIONS)}, got {activation!r}")
+    if not isinstance(causal, bool):
+        raise ValueError(f"tcn_level: causal must be True or False, got {causal!r}")
     code, act = ACTIVATIONS[activation]
     dilation = as_int(dilation)
     fused = (isinstance(x, Tensor) and isinstance(weight, Tensor) and x.dim() == 3
