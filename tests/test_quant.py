@@ -10,6 +10,7 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import fastloss
 from fastloss import ops
@@ -782,6 +783,28 @@ def test_quantize_linear_layers_is_all_or_nothing_and_keeps_shared_layers_shared
     fastloss.nn.quantize_linear_layers_(model, bits=2, group_size=32, bits_per_layer={"2": 8, "3": 4})
     assert model[3] is model[4] and isinstance(model[3], fastloss.nn.QuantLinear) and model[3].bits == 4
     assert model[0].bits == 2 and model[2].bits == 8 and model[2].group == 30
+
+
+def test_skip_keeps_layers_in_float_for_the_fused_loss():
+    """skip: named layers stay nn.Linear (an LM head the fused loss reads: from_linear of a
+    QuantLinear raises, naming the way out); a shared layer skipped under one of its names
+    stays float under all; unknown names raise, as bits_per_layer's do."""
+    shared = torch.nn.Linear(64, 64)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), shared, shared, torch.nn.Linear(64, 50))
+    fastloss.nn.quantize_linear_layers_(model, bits=4, group_size=32, skip=["3", "2"])
+    assert isinstance(model[0], fastloss.nn.QuantLinear)
+    assert type(model[1]) is torch.nn.Linear and model[1] is model[2] and type(model[3]) is torch.nn.Linear
+    head = fastloss.nn.LinearCrossEntropy.from_linear(model[3])
+    h, t = torch.randn(5, 64), torch.randint(0, 50, (5,))
+    torch.testing.assert_close(head(h, t), F.cross_entropy(model[3](h), t), rtol=1e-5, atol=1e-6)
+    quantized = fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(64, 50)), bits=4,
+                                                    group_size=32)
+    with pytest.raises(TypeError, match="linear must hold a float weight.*got QuantLinear.*skip list"):
+        fastloss.nn.LinearCrossEntropy.from_linear(quantized[0])
+    with pytest.raises(ValueError, match=r"skip names no nn.Linear of the model: \['lm_head'\]"):
+        fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(64, 50)), skip=["lm_head"])
+    with pytest.raises(TypeError, match="qw must be a QuantizedWeight.*QuantLinear.from_linear"):
+        fastloss.nn.QuantLinear(64, 50)
 
 
 def test_bad_input_errors_name_the_argument():

@@ -58,6 +58,11 @@ class LinearCrossEntropy(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **loss_kwargs) -> "LinearCrossEntropy":
         """A loss module sharing ``linear``'s weight and bias (no copy)."""
+        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
+            # (a QuantLinear has packed weights, which the fused loss does not read)
+            raise TypeError(f"LinearCrossEntropy.from_linear: linear must hold a float weight (an "
+                            f"nn.Linear), got {type(linear).__name__}; keep the LM head unquantized "
+                            f"(quantize_linear_layers_ takes a skip list)")
         module = cls(linear.in_features, linear.out_features, bias=False, device="meta",
                      **loss_kwargs)
         module.weight = linear.weight

@@ -4,7 +4,7 @@ for it."""
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, Iterable, Mapping, Optional, Union
 
 from torch import Tensor, nn
 
@@ -22,6 +22,10 @@ class QuantLinear(nn.Module):
 
     def __init__(self, qw: "ops.QuantizedWeight", bias: Optional[Tensor] = None) -> None:
         super().__init__()
+        if not isinstance(qw, ops.QuantizedWeight):  # (not Linear4bit's (in_features, out_features))
+            raise TypeError(f"QuantLinear: qw must be a QuantizedWeight (from ops.quantize_weight), got "
+                            f"{type(qw).__name__}; build one with QuantLinear.from_linear(linear, bits=...) "
+                            f"or quantize_linear_layers_(model)")
         self.out_features, self.in_features = qw.shape
         self.bits, self.group = qw.bits, qw.group
         self.register_buffer("qweight", qw.qweight)
@@ -70,11 +74,13 @@ class QuantLinear(nn.Module):
 def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 128,
                             symmetric: bool = True,
                             bits_per_layer: Optional[Mapping[str, int]] = None,
-                            codebook: Codebook = None) -> nn.Module:
+                            codebook: Codebook = None, skip: Iterable[str] = ()) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` in place by a ``QuantLinear`` (mixed precision:
     ``bits_per_layer`` maps qualified layer names to their own bit width; ``codebook`` a tensor,
     or a function of the bit width such as ``ops.nf_codebook``, for non-uniform formats; a
-    layer whose input features the group size does not divide is kept per output channel).
+    layer whose input features the group size does not divide is kept per output channel;
+    ``skip``: qualified names of layers kept in float, such as an LM head that
+    ``nn.LinearCrossEntropy.from_linear`` is to read).
     Only modules of type ``nn.Linear`` itself are replaced (not subclasses such as
     ``nn.MultiheadAttention``'s ``out_proj``); a layer reached under several names (shared)
     becomes one ``QuantLinear``. Every layer is quantized before any is replaced, so an error
@@ -89,10 +95,16 @@ def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 1
         for child_name, child in module._modules.items():
             if type(child) is nn.Linear:
                 places.append((module, child_name, f"{name}.{child_name}" if name else child_name, child))
-    unknown = sorted(set(bits_per_layer) - {full for _, _, full, _ in places})
-    if unknown:
-        raise ValueError(f"quantize_linear_layers_: bits_per_layer names no nn.Linear of the model: {unknown} "
-                         "(only modules of type nn.Linear itself are replaced)")
+    skip = {skip} if isinstance(skip, str) else set(skip)
+    names = {full for _, _, full, _ in places}
+    for arg, given in (("bits_per_layer", set(bits_per_layer)), ("skip", skip)):
+        unknown = sorted(given - names)
+        if unknown:
+            raise ValueError(f"quantize_linear_layers_: {arg} names no nn.Linear of the model: {unknown} "
+                             "(only modules of type nn.Linear itself are replaced)")
+    # (a layer reached under several names is skipped when any of them is)
+    kept = {id(child) for _, _, full, child in places if full in skip}
+    places = [p for p in places if id(p[3]) not in kept]
     made = {}  # id(layer) -> its QuantLinear (a shared layer stays shared)
     for _, _, full, child in places:
         if id(child) in made:
