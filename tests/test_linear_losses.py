@@ -683,6 +683,7 @@ def test_bad_input_errors_name_the_argument():
         (lambda: f(h, w, t, b[:3]), "bias must be 1-D with one entry per row of weight (9)"),
         (lambda: f(h, w, t, b.half()), "bias is Half but hidden is Float"),
         (lambda: f(h, w, t, class_weight=torch.ones(4)), "class_weight must be 1-D"),
+        (lambda: f(h, w, t, None, -100), "class_weight must be a Tensor or None, got int"),
         (lambda: f(h, w, torch.tensor([0, 1, 2, 9, 0, 1])),
          "linear_cross_entropy: target[3] = 9 is not a class index in [0, 9)"),
         (lambda: f(h, w, t, reduction="avg"), "reduction must be one of"),

@@ -118,6 +118,10 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
     for name, t in (("hidden", hidden), ("weight", weight), ("target", target)):
         if not isinstance(t, Tensor):
             raise TypeError(f"{fn}: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t in (("bias", bias), ("class_weight", class_weight)):
+        if t is not None and not isinstance(t, Tensor):  # (cut-cross-entropy's 5th argument is ignore_index)
+            raise TypeError(f"{fn}: {name} must be a Tensor or None, got {type(t).__name__} (the "
+                            f"arguments after bias are best given by keyword)")
     if hidden.dim() < 1:
         raise ValueError(f"{fn}: hidden must be [..., D] (at least 1-D), got a 0-d tensor")
     if tuple(target.shape) != tuple(hidden.shape[:-1]):
@@ -189,6 +193,11 @@ def linear_cross_entropy(hidden: Tensor, weight: Tensor, target: Tensor,
                          block_rows: Optional[int] = None, low_memory: bool = False,
                          filter_eps=None) -> Tensor:
     """``cross_entropy(hidden @ weight.T + bias, target, ...)`` without the logits tensor.
+
+    ``hidden`` comes first and ``weight`` is ``nn.Linear``'s ``[V, D]`` (Liger's fused module
+    takes the weight first); the loss has ``hidden``'s dtype outside autocast, as torch's losses
+    (cut-cross-entropy returns float32); no ``shift``: slice ``hidden[:, :-1]`` and
+    ``target[:, 1:]`` for next-token targets.
 
     The loss options (label smoothing, the PaLM z-loss ``lse_square_scale``, Gemma's
     ``softcap``) are those of :func:`fastloss.ops.cross_entropy`.
