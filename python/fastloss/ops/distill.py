@@ -168,6 +168,8 @@ def kd_loss(student: Tensor, teacher: Tensor, T: float = 1.0, kind: str = "forwa
         raise ValueError(f"{fn}: kind must be one of {list(_KINDS)}, got {kind!r}")
     if kind == "jsd" and not 0 < beta < 1:
         raise ValueError(f"{fn}: beta must be in (0, 1) for jsd, got {beta}")
+    if reduction not in ("none", "mean", "sum", "batchmean"):
+        raise ValueError(f"{fn}: reduction must be 'none', 'mean', 'sum' or 'batchmean', got {reduction!r}")
     batchmean = reduction == "batchmean"
     if batchmean:  # the float32 sum divided, then rounded once
         reduction = "sum"
