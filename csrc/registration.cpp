@@ -143,7 +143,7 @@ TORCH_LIBRARY(fastloss, m) {
         "-> (Tensor, Tensor, Tensor)");
   m.def("linear_loss(Tensor hidden, Tensor weight, Tensor target, Tensor? bias, "
         "Tensor? class_weight, int kind, float[] scalars, int ignore_index, int reduction, "
-        "int block_rows) -> Tensor");
+        "int block_rows, *, bool round_loss=False) -> Tensor");
   // Linear + cross-entropy by tiles of the vocabulary (linear_losses/linear_ce_tiles_op.cpp):
   // per-row statistics [N, 3] (log-sum-exp, target logit, class-weighted logit sum) of this
   // weight's classes, and the gradients for per-row coefficients coef [N, 3] (a, hit, smooth)

@@ -250,11 +250,13 @@ def test_tcn_level_keeps_its_inputs_under_autocast(dev):
 
 def _rounding_op_cases(x, t, teacher):
     """(op name, arguments before the reduction, arguments after it, whether it takes the
-    grad_in_forward flag) of every op with a round_loss flag."""
+    inplace / grad_in_forward flags) of every op with a round_loss flag."""
     rows = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
             "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
     cases = [(f"{name}_loss", (t, None, -100), scalars, True) for name, scalars in rows.items()]
-    return cases + [("dice_loss", (t, True, 0.5, 1.0, 1.0, -100), (), False),
+    head = (0.1 * teacher[:29]).contiguous()  # a [V, D] weight for x as hidden states
+    return cases + [("linear_loss", (head, t % 29, None, None, 0, [0.1, 0.0, 0.0], -100), (0,), False),
+                    ("dice_loss", (t, True, 0.5, 1.0, 1.0, -100), (), False),
                     ("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
                     ("topk_kl_loss", (teacher, 7, 2.0, False), (), False),
                     ("pld_loss", (teacher, t, 2.0, -100), (), False)]
@@ -263,7 +265,7 @@ def _rounding_op_cases(x, t, teacher):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
 def test_loss_ops_round_the_loss_themselves(dtype, dev):
-    """The row, Dice and distillation losses' ops round to the inputs' dtype with
+    """The row, fused linear, Dice and distillation losses' ops round to the inputs' dtype with
     round_loss=True (what the functions ask for outside autocast), so that no cast op and
     autograd node of its own follows them: the value is the float32 op's rounded, the gradient
     the same; opcheck with the flag."""
@@ -276,8 +278,7 @@ def test_loss_ops_round_the_loss_themselves(dtype, dev):
             for fused in ((False, True) if flags else (None,)):
                 a, b = (x.clone().requires_grad_(True) for _ in range(2))
                 # the row losses: (..., reduction, scalars, inplace, grad_in_forward)
-                args = lambda v: ((v, *before, reduction, *after, False, fused) if flags  # noqa: E731
-                                  else (v, *before, reduction))
+                args = lambda v: (v, *before, reduction, *after) + ((False, fused) if flags else ())  # noqa: E731
                 rounded = op(*args(a), round_loss=True)
                 plain = op(*args(b))
                 assert rounded.dtype == dtype and plain.dtype == torch.float32, (name, reduction)
@@ -292,5 +293,6 @@ def test_loss_ops_round_the_loss_themselves(dtype, dev):
     # the public functions: their results are those ops', no cast after them
     for loss in (ops.cross_entropy(x.clone().requires_grad_(True), t),
                  ops.kd_loss(x.clone().requires_grad_(True), teacher, T=2.0),
+                 ops.linear_cross_entropy(x.clone().requires_grad_(True), teacher[:29], t % 29),
                  ops.pld_loss(x.clone().requires_grad_(True), teacher, t)):
         assert loss.dtype == dtype and type(loss.grad_fn).__name__ != "ToCopyBackward0"

@@ -363,7 +363,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& hidden,
                         const Tensor& weight, const Tensor& target, const OptT& bias,
                         const OptT& class_weight, const LossParams& p, int64_t reduction,
-                        int64_t block_rows, GradMask wants) {
+                        int64_t block_rows, GradMask wants, bool round_loss) {
     const bool early = reduction != kNone && (wants[0] || wants[1] || wants[2]);
     auto out = call_below_autograd(
         linear_op(false),
@@ -392,7 +392,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     ctx->saved_data["ignore_index"] = p.ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["block_rows"] = block_rows;
-    return loss;  // (float32: the Python caller gives the dtype)
+    return loss_in(loss, round_loss ? hidden.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -405,7 +405,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     const Tensor& up = grads[0];
     const char* name = linear_name(unpack_params(ctx->saved_data["params"].toDoubleVector(), 0).kind);
     if (!up.defined() || !(needs[0] || needs[1] || needs[2]))
-      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name);
     const auto saved = ctx->get_saved_variables();
     const Tensor &hidden = saved[0], &weight = saved[1];
@@ -430,7 +430,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
       if (needs[0]) gh = result(std::move(made[0]), hidden);
       if (needs[1]) gw = result(std::move(made[1]), weight);
       if (needs[2]) gb = result(std::move(made[2]), saved[3]);
-      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+      return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                  name);
     }
     // Form every block again. d(total)/d(row loss) per row:
@@ -447,7 +447,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     if (needs[0]) gh = out[0].toTensor();
     if (needs[1]) gw = out[1].toTensor();
     if (needs[2]) gb = out[2].toTensor();
-    return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {gh, gw, Tensor(), gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                name);
   }
 };
@@ -460,7 +460,7 @@ void check_reduction(LossKind kind, int64_t reduction) {
 Tensor linear_loss_autograd(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                             const OptT& bias, const OptT& class_weight, int64_t kind,
                             c10::ArrayRef<double> scalars, int64_t ignore_index,
-                            int64_t reduction, int64_t block_rows) {
+                            int64_t reduction, int64_t block_rows, bool round_loss) {
   const LossParams p = loss_params(LossKind(kind), ignore_index, scalars);
   check_reduction(p.kind, reduction);
   // Which gradients autograd will ask for (none under no_grad: then the forward does not
@@ -469,21 +469,22 @@ Tensor linear_loss_autograd(const Tensor& hidden, const Tensor& weight, const Te
   const GradMask wants{grad_mode && hidden.requires_grad(), grad_mode && weight.requires_grad(),
                        grad_mode && bias.has_value() && bias->defined() && bias->requires_grad()};
   return LinearLossFunction::apply(hidden, weight, target, bias, class_weight, p, reduction,
-                                   block_rows, wants);
+                                   block_rows, wants, round_loss);
 }
 
 // Without autograd (inference mode, no_grad, or below autograd).
 Tensor linear_loss_no_grad(const Tensor& hidden, const Tensor& weight, const Tensor& target,
                            const OptT& bias, const OptT& class_weight, int64_t kind,
                            c10::ArrayRef<double> scalars, int64_t ignore_index,
-                           int64_t reduction, int64_t block_rows) {
+                           int64_t reduction, int64_t block_rows, bool round_loss) {
   check_reduction(LossKind(kind), reduction);
   const Tensor rows = std::get<0>(linear_loss_forward(hidden, weight, target, bias, class_weight,
                                                       kind, scalars, ignore_index,
                                                       {false, false, false}, block_rows));
   Tensor denom;
-  return reduce_rows(rows, target, opt_weight(class_weight), weight.size(0), reduction,
-                     ignore_index, denom);
+  return loss_in(reduce_rows(rows, target, opt_weight(class_weight), weight.size(0), reduction,
+                             ignore_index, denom),
+                 round_loss ? hidden.scalar_type() : at::kFloat);
 }
 
 void register_impls(torch::Library& m) {

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._autograd import refuse_grad
 from ._checks import as_int, values_readable
-from ._dtypes import as_loss_dtype, cast_for_autocast
+from ._dtypes import as_loss_dtype, call_rounding, cast_for_autocast
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -103,9 +103,10 @@ def _fake_backward(grad_loss, hidden, weight, target, bias, class_weight, stat0,
 
 @torch.library.register_fake("fastloss::linear_loss")
 def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore_index,
-               reduction, block_rows):
+               reduction, block_rows, round_loss=False):
     _check_fake(hidden, weight, target, bias, class_weight)
-    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else (),
+                            dtype=hidden.dtype if round_loss else torch.float32)
 
 
 # ---- the call shared by the public functions -------------------------------------------------
@@ -143,14 +144,13 @@ def _linear_loss(fn: str, kind: str, hidden: Tensor, weight: Tensor, target: Ten
         from .vocab_parallel import TiledCrossEntropy, filter_threshold
         eps = filter_threshold(fn, filter_eps, h.dtype, scalars[0])  # (scalars: smoothing first)
         cw = class_weight.float() if class_weight is not None else None
-        out = TiledCrossEntropy.apply(h, weight, bias, t.long(), cw, None, False, 0,
-                                      weight.shape[0], ignore_index, reduction, *scalars,
-                                      block_rows or 0, eps)
-    else:
-        out = torch.ops.fastloss.linear_loss.default(
-            h, weight, t, bias, class_weight, _KIND[kind], [float(x) for x in scalars],
-            ignore_index, _REDUCTION_CODE[reduction], block_rows or 0)
-    out = as_loss_dtype(out, h)
+        out = as_loss_dtype(TiledCrossEntropy.apply(h, weight, bias, t.long(), cw, None, False, 0,
+                                                    weight.shape[0], ignore_index, reduction, *scalars,
+                                                    block_rows or 0, eps), h)
+    else:  # (the op rounds a 16-bit loss itself: _dtypes.call_rounding)
+        out = call_rounding(torch.ops.fastloss.linear_loss.default, h, h, weight, t, bias, class_weight,
+                            _KIND[kind], [float(x) for x in scalars], ignore_index,
+                            _REDUCTION_CODE[reduction], block_rows or 0)
     return out.reshape(target.shape) if reduction == "none" else out
 
 
