@@ -174,7 +174,7 @@ TORCH_LIBRARY(fastloss, m) {
   // the pairs. -> (loss [B] float32, grad_pos [B, P] float32, grad_neg [B, N] float32)
   // mw_auc_loss's eager path (pair_losses_op.cpp): forward (with the gradients when wanted),
   // reduction over the queries (0 none, 1 mean, 2 sum) and a C++ autograd formula in one op
-  m.def("mw_auc_loss(Tensor scores_pos, Tensor scores_neg, int reduction) -> Tensor");
+  m.def("mw_auc_loss(Tensor scores_pos, Tensor scores_neg, int reduction, *, bool round_loss=False) -> Tensor");
   m.def("mw_auc_forward(Tensor scores_pos, Tensor scores_neg, bool compute_grad) "
         "-> (Tensor, Tensor, Tensor)");
   // Similarity blocks of the embedding losses (pair_losses/pair_losses_op.cpp, CPU): a block
@@ -204,7 +204,7 @@ TORCH_LIBRARY(fastloss, m) {
   // Its eager path without weights (as kd_loss's): forward, reduction (0 none, 1 mean, 2 sum)
   // and a C++ autograd formula in one op
   m.def("contrastive_loss(Tensor a, Tensor b, float inv_t, bool symmetric, SymInt block_rows, "
-        "int reduction) -> Tensor");
+        "int reduction, *, bool round_loss=False) -> Tensor");
   // Multi-Similarity's block loops: -> (stats [2, B] or [0], gradient or [0]); see the op file
   m.def("ms_blocks(Tensor e, Tensor keys, float alpha, float beta, float base, float? epsilon, "
         "SymInt block_rows, bool early, Tensor? grad_rows) -> (Tensor, Tensor)");

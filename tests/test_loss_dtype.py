@@ -257,6 +257,8 @@ def _rounding_op_cases(x, t, teacher):
     head = (0.1 * teacher[:29]).contiguous()  # a [V, D] weight for x as hidden states
     return cases + [("linear_loss", (head, t % 29, None, None, 0, [0.1, 0.0, 0.0], -100), (0,), False),
                     ("dice_loss", (t, True, 0.5, 1.0, 1.0, -100), (), False),
+                    ("mw_auc_loss", (teacher,), (), False),
+                    ("contrastive_loss", (teacher, 0.5, True, 16), (), False),
                     ("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
                     ("topk_kl_loss", (teacher, 7, 2.0, False), (), False),
                     ("pld_loss", (teacher, t, 2.0, -100), (), False)]
@@ -265,10 +267,10 @@ def _rounding_op_cases(x, t, teacher):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
 def test_loss_ops_round_the_loss_themselves(dtype, dev):
-    """The row, fused linear, Dice and distillation losses' ops round to the inputs' dtype with
-    round_loss=True (what the functions ask for outside autocast), so that no cast op and
-    autograd node of its own follows them: the value is the float32 op's rounded, the gradient
-    the same; opcheck with the flag."""
+    """The row, fused linear, Dice, AUC, contrastive and distillation losses' ops round to the
+    inputs' dtype with round_loss=True (what the functions ask for outside autocast), so that
+    no cast op and autograd node of its own follows them: the value is the float32 op's
+    rounded, the gradient the same; opcheck with the flag."""
     x = _randn(37, 101, dev=dev, seed=12, scale=3.0).to(dtype)
     t = _ints(101, 37, dev, 13)
     teacher = _randn(37, 101, dev=dev, seed=14, scale=3.0).to(dtype)

@@ -159,7 +159,7 @@ std::tuple<Tensor, Tensor, Tensor> mw_auc_forward(const Tensor& pos_in, const Te
 // dispatcher, below autograd, so torch.compile traces its fake kernel.
 struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& pos, const Tensor& neg,
-                        int64_t reduction, bool want) {
+                        int64_t reduction, bool want, bool round_loss) {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::mw_auc_forward", "");
     auto out = call_below_autograd(op, {pos, neg, want});
     const Tensor rows = out[0].toTensor();
@@ -167,7 +167,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
     ctx->saved_data["want"] = want;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{int64_t(pos.scalar_type()), int64_t(neg.scalar_type())};
     ctx->save_for_backward({out[1].toTensor(), out[2].toTensor()});
-    return reduce_loss_rows(rows, reduction);  // (float32: the Python caller gives the dtype)
+    return loss_in(reduce_loss_rows(rows, reduction), round_loss ? pos.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -183,20 +183,20 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
       if (ctx->needs_input_grad(0)) gp = saved[0].mul(g).to(at::ScalarType(dtypes[0]));
       if (ctx->needs_input_grad(1)) gn = saved[1].mul(g).to(at::ScalarType(dtypes[1]));
     }
-    return once_differentiable(grads, {gp, gn, Tensor(), Tensor()}, kOp);
+    return once_differentiable(grads, {gp, gn, Tensor(), Tensor(), Tensor()}, kOp);
   }
 };
 
 template <bool Grad>
-Tensor mw_auc_loss(const Tensor& pos, const Tensor& neg, int64_t reduction) {
+Tensor mw_auc_loss(const Tensor& pos, const Tensor& neg, int64_t reduction, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, kOp,
               ": reduction must be 0 (none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad) {
     const bool want = at::GradMode::is_enabled() && (pos.requires_grad() || neg.requires_grad());
-    return AucLossFunction::apply(pos, neg, reduction, want);
+    return AucLossFunction::apply(pos, neg, reduction, want, round_loss);
   }
   const Tensor rows = std::get<0>(mw_auc_forward(pos, neg, false));
-  return reduce_loss_rows(rows, reduction);
+  return loss_in(reduce_loss_rows(rows, reduction), round_loss ? pos.scalar_type() : at::kFloat);
 }
 
 
@@ -593,7 +593,8 @@ std::tuple<Tensor, Tensor> contrastive_backward(const Tensor& grad_rows, const T
 // the gradient block); a second backward through a retained graph forms S again.
 struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& a, const Tensor& b,
-                        double inv_t, bool symmetric, const c10::SymInt& block_rows, int64_t reduction, bool want) {
+                        double inv_t, bool symmetric, const c10::SymInt& block_rows, int64_t reduction, bool want,
+                        bool round_loss) {
     static const auto op = c10::Dispatcher::singleton().findSchemaOrThrow("fastloss::contrastive_forward", "");
     auto out = call_below_autograd(op, {a, b, inv_t, symmetric, block_rows, want});
     ctx->save_for_backward({a, b, out[1].toTensor(), out[2].toTensor()});
@@ -602,7 +603,7 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
     ctx->saved_data["symmetric"] = symmetric;
     ctx->saved_data["block_rows"] = block_rows;
     ctx->saved_data["reduction"] = reduction;
-    return reduce_loss_rows(out[0].toTensor(), reduction);  // (float32: the Python caller gives the dtype)
+    return loss_in(reduce_loss_rows(out[0].toTensor(), reduction), round_loss ? a.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -623,23 +624,23 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
       if (need[0]) ga = out[0].toTensor().to(a.scalar_type());
       if (need[1]) gb = out[1].toTensor().to(saved[1].scalar_type());
     }
-    return once_differentiable(grads, {ga, gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
+    return once_differentiable(grads, {ga, gb, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()},
                                "contrastive_loss");
   }
 };
 
 template <bool Grad>
 Tensor contrastive_loss(const Tensor& a, const Tensor& b, double inv_t, bool symmetric,
-                        c10::SymInt block_rows, int64_t reduction) {
+                        c10::SymInt block_rows, int64_t reduction, bool round_loss) {
   TORCH_CHECK(reduction >= kNone && reduction <= kSum, "contrastive_loss: reduction must be 0 "
               "(none), 1 (mean) or 2 (sum), got ", reduction);
   if constexpr (Grad) {
     const bool want = at::GradMode::is_enabled() && (a.requires_grad() || b.requires_grad());
-    return ContrastiveLossFunction::apply(a, b, inv_t, symmetric, block_rows, reduction, want);
+    return ContrastiveLossFunction::apply(a, b, inv_t, symmetric, block_rows, reduction, want, round_loss);
   }
   const Tensor rows = std::get<0>(
       contrastive_forward(a, b, inv_t, symmetric, block_rows.guard_int(__FILE__, __LINE__), false));
-  return reduce_loss_rows(rows, reduction);
+  return loss_in(reduce_loss_rows(rows, reduction), round_loss ? a.scalar_type() : at::kFloat);
 }
 
 // grad [B, D] += the gradient for E of sum_ij dS_ij S_ij, S = E E^T, from the block

@@ -33,7 +33,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import as_loss_dtype, runs_without_autocast
+from ._dtypes import as_loss_dtype, call_rounding, runs_without_autocast
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -146,9 +146,9 @@ def _fake_contrastive_backward(grad_rows, a, b, lse_row, lse_col, s_kept, inv_t,
 
 
 @torch.library.register_fake("fastloss::contrastive_loss")
-def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction):
+def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction, round_loss=False):
     torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be [B, D] of the same shape")
-    return a.new_empty((a.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return a.new_empty((a.shape[0],) if reduction == 0 else (), dtype=a.dtype if round_loss else torch.float32)
 
 
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
@@ -246,8 +246,8 @@ def contrastive_loss(a: Tensor, b: Tensor, T: Union[float, Tensor] = 0.07,
         # one op with its C++ autograd formula (pair_losses_op.cpp): contrastive_forward's blocks
         # (clip_rows per block: row and column log-sum-exps, diagonal), the reduction, and
         # contrastive_backward (clip_rows_grad_ per block; S handed over when it is one block)
-        return as_loss_dtype(torch.ops.fastloss.contrastive_loss(
-            a, b, 1.0 / float(T), bool(symmetric), block_rows, _REDUCTION[reduction]), a)
+        return call_rounding(torch.ops.fastloss.contrastive_loss, a, a, b, 1.0 / float(T), bool(symmetric),
+                             block_rows, _REDUCTION[reduction])
     rows = _Contrastive.apply(a, b, weights, 1.0 / float(T), bool(symmetric), block_rows)
     if reduction == "mean":
         return as_loss_dtype(rows.mean(), a)

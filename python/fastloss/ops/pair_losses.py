@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._devices import has_kernel
 from ._autograd import once_differentiable
-from ._dtypes import as_loss_dtype
+from ._dtypes import as_loss_dtype, call_rounding
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -43,9 +43,10 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 
 @torch.library.register_fake("fastloss::mw_auc_loss")
-def _fake_auc_loss(scores_pos, scores_neg, reduction):
+def _fake_auc_loss(scores_pos, scores_neg, reduction, round_loss=False):
     _fake_auc(scores_pos, scores_neg, False)
-    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else (), dtype=torch.float32)
+    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else (),
+                                dtype=scores_pos.dtype if round_loss else torch.float32)
 
 
 def _setup(ctx, inputs, output):
@@ -95,7 +96,7 @@ def mw_auc_loss(scores_pos: Tensor, scores_neg: Tensor, reduction: str = "mean")
     pos = scores_pos.unsqueeze(0) if one_query else scores_pos
     neg = scores_neg.unsqueeze(0) if one_query else scores_neg
     if has_kernel(pos):  # one op with its C++ autograd formula (pair_losses_op.cpp)
-        out = as_loss_dtype(torch.ops.fastloss.mw_auc_loss(pos, neg, _REDUCTION[reduction]), pos)
+        out = call_rounding(torch.ops.fastloss.mw_auc_loss, pos, pos, neg, _REDUCTION[reduction])
         return out[0] if one_query and reduction == "none" else out
     if pos.shape[1] < 1 or neg.shape[1] < 1:
         raise ValueError(f"{fn}: every query needs at least one positive and one negative score")
