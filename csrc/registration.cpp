@@ -286,7 +286,7 @@ TORCH_LIBRARY(fastloss, m) {
   m.def("dice_loss(Tensor logits, Tensor target, bool softmax, float alpha, float gamma, "
         "float smooth, int ignore_index, int reduction, *, bool round_loss=False) -> Tensor");
   m.def("anyloss(Tensor scores, Tensor target, int metric, float L, float beta, "
-        "bool from_logits) -> Tensor");
+        "bool from_logits, *, bool round_loss=False) -> Tensor");
   m.def("confusion_sums_backward(Tensor grad_sums, Tensor scores, Tensor target, float L, "
         "bool from_logits) -> Tensor");
   // Entropic optimal transport (sinkhorn/sinkhorn_op.cpp): cost [B, n, m], marginals a [B, n],

@@ -250,7 +250,8 @@ def test_tcn_level_keeps_its_inputs_under_autocast(dev):
 
 def _rounding_op_cases(x, t, teacher):
     """(op name, arguments before the reduction, arguments after it, whether it takes the
-    inplace / grad_in_forward flags) of every op with a round_loss flag."""
+    inplace / grad_in_forward flags: None for an op without a reduction) of every op with a
+    round_loss flag."""
     rows = {"cross_entropy": (0.1, 0.0, 0.0), "comp_sum": (1.5,), "ldr": (2.0, 1.0, False, 2.0),
             "spherical_z": (1.0, 2.0, 1e-6), "stablemax": ()}
     cases = [(f"{name}_loss", (t, None, -100), scalars, True) for name, scalars in rows.items()]
@@ -258,6 +259,7 @@ def _rounding_op_cases(x, t, teacher):
     return cases + [("linear_loss", (head, t % 29, None, None, 0, [0.1, 0.0, 0.0], -100), (0,), False),
                     ("dice_loss", (t, True, 0.5, 1.0, 1.0, -100), (), False),
                     ("mw_auc_loss", (teacher,), (), False),
+                    ("anyloss", ((teacher > 0).float(), 0, 20.0, 1.0, True), (), None),
                     ("contrastive_loss", (teacher, 0.5, True, 16), (), False),
                     ("kd_loss", (teacher, 2, 2.0, 0.3), (), False),
                     ("topk_kl_loss", (teacher, 7, 2.0, False), (), False),
@@ -267,20 +269,21 @@ def _rounding_op_cases(x, t, teacher):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("dev", DEVICES)
 def test_loss_ops_round_the_loss_themselves(dtype, dev):
-    """The row, fused linear, Dice, AUC, contrastive and distillation losses' ops round to the
-    inputs' dtype with round_loss=True (what the functions ask for outside autocast), so that
-    no cast op and autograd node of its own follows them: the value is the float32 op's
-    rounded, the gradient the same; opcheck with the flag."""
+    """The row, fused linear, Dice, AnyLoss, AUC, contrastive and distillation losses' ops
+    round to the inputs' dtype with round_loss=True (what the functions ask for outside
+    autocast), so that no cast op and autograd node of its own follows them: the value is the
+    float32 op's rounded, the gradient the same; opcheck with the flag."""
     x = _randn(37, 101, dev=dev, seed=12, scale=3.0).to(dtype)
     t = _ints(101, 37, dev, 13)
     teacher = _randn(37, 101, dev=dev, seed=14, scale=3.0).to(dtype)
     for name, before, after, flags in _rounding_op_cases(x, t, teacher):
         op = getattr(torch.ops.fastloss, name).default
-        for reduction in (0, 1, 2):
+        for reduction in ((0, 1, 2) if flags is not None else (None,)):
+            red = () if reduction is None else (reduction,)
             for fused in ((False, True) if flags else (None,)):
                 a, b = (x.clone().requires_grad_(True) for _ in range(2))
                 # the row losses: (..., reduction, scalars, inplace, grad_in_forward)
-                args = lambda v: (v, *before, reduction, *after) + ((False, fused) if flags else ())  # noqa: E731
+                args = lambda v: (v, *before, *red, *after) + ((False, fused) if flags else ())  # noqa: E731
                 rounded = op(*args(a), round_loss=True)
                 plain = op(*args(b))
                 assert rounded.dtype == dtype and plain.dtype == torch.float32, (name, reduction)
@@ -290,7 +293,7 @@ def test_loss_ops_round_the_loss_themselves(dtype, dev):
                 rounded.backward(up)
                 plain.backward(up.float())
                 torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
-            plain_args = (x.clone().requires_grad_(True), *before, reduction, *after)
+            plain_args = (x.clone().requires_grad_(True), *before, *red, *after)
             torch.library.opcheck(op, plain_args, {"round_loss": True})
     # the public functions: their results are those ops', no cast after them
     for loss in (ops.cross_entropy(x.clone().requires_grad_(True), t),

@@ -387,7 +387,7 @@ Tensor metric_of(const Tensor& c, int64_t metric, double beta, const Tensor& dm 
 struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
   static Tensor forward(torch::autograd::AutogradContext* ctx, const Tensor& scores,
                         const Tensor& target, int64_t metric, double L, double beta,
-                        bool from_logits) {
+                        bool from_logits, bool round_loss) {
     static const auto sums = metric_op("fastloss::confusion_sums");
     const Tensor c = call_below_autograd(sums, {scores, target, L, from_logits})[0].toTensor();
     ctx->save_for_backward({scores, target, c});
@@ -395,7 +395,7 @@ struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
     ctx->saved_data["L"] = L;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["from_logits"] = from_logits;
-    return metric_of(c, metric, beta).neg().add(1).mean();  // (float32: the Python caller gives the dtype)
+    return loss_in(metric_of(c, metric, beta).neg().add(1).mean(), round_loss ? scores.scalar_type() : at::kFloat);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -412,19 +412,17 @@ struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
                                                  ctx->saved_data["from_logits"]})[0]
                  .toTensor();
     }
-    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, "anyloss");
+    return once_differentiable(grads, {grad, Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()}, "anyloss");
   }
 };
 
 template <bool Grad>
 Tensor anyloss(const Tensor& scores, const Tensor& target, int64_t metric, double L, double beta,
-               bool from_logits) {
+               bool from_logits, bool round_loss) {
   TORCH_CHECK(metric >= kF1 && metric <= kGmean, "anyloss: metric must be 0 (f1) .. 4 (gmean), got ", metric);
-  if constexpr (Grad) return AnyLossFunction::apply(scores, target, metric, L, beta, from_logits);
-  return metric_of(confusion_sums(scores, target, L, from_logits), metric, beta)
-      .neg()
-      .add(1)
-      .mean();
+  if constexpr (Grad) return AnyLossFunction::apply(scores, target, metric, L, beta, from_logits, round_loss);
+  return loss_in(metric_of(confusion_sums(scores, target, L, from_logits), metric, beta).neg().add(1).mean(),
+                 round_loss ? scores.scalar_type() : at::kFloat);
 }
 
 template <bool Grad>

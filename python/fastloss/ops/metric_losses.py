@@ -80,8 +80,8 @@ def anyloss(scores: Tensor, target: Tensor, metric: str = "f1", L: float = 73.0,
         if not from_logits and not _within_unit_interval(scores.detach()):
             raise ValueError(f"{fn}: scores must be probabilities in [0, 1] with from_logits=False")
     if has_kernel(scores):  # one op with its C++ autograd formula (metric_losses_op.cpp)
-        return as_loss_dtype(torch.ops.fastloss.anyloss(scores.reshape(y.shape), y, _METRICS.index(metric),
-                                                        float(L), float(beta), bool(from_logits)), scores)
+        return call_rounding(torch.ops.fastloss.anyloss, scores, scores.reshape(y.shape), y, _METRICS.index(metric),
+                             float(L), float(beta), bool(from_logits))
     tp, fn_, fp, tn = _confusion_sums_torch(scores.float().reshape(y.shape), y, L, from_logits)
     return as_loss_dtype((1 - _metric(tp, fn_, fp, tn, metric, beta)).mean(), scores)
 
@@ -118,9 +118,9 @@ def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index,
 
 
 @torch.library.register_fake("fastloss::anyloss")
-def _fake_anyloss(scores, target, metric, L, beta, from_logits):
+def _fake_anyloss(scores, target, metric, L, beta, from_logits, round_loss=False):
     _fake_confusion(scores, target, L, from_logits)
-    return scores.new_empty((), dtype=torch.float32)
+    return scores.new_empty((), dtype=scores.dtype if round_loss else torch.float32)
 
 
 def _setup_saving_inputs(ctx, inputs, output):
