@@ -805,6 +805,17 @@ def test_skip_keeps_layers_in_float_for_the_fused_loss():
         fastloss.nn.quantize_linear_layers_(torch.nn.Sequential(torch.nn.Linear(64, 50)), skip=["lm_head"])
     with pytest.raises(TypeError, match="qw must be a QuantizedWeight.*QuantLinear.from_linear"):
         fastloss.nn.QuantLinear(64, 50)
+    packed = torch.nn.Linear(4, 3)  # (a bitsandbytes-style packed uint8 weight)
+    packed.weight = torch.nn.Parameter(torch.zeros(6, 1, dtype=torch.uint8), requires_grad=False)
+    with pytest.raises(TypeError, match="linear must hold a float weight"):
+        fastloss.nn.LinearCrossEntropy.from_linear(packed)
+    plain = torch.nn.Sequential(torch.nn.Linear(64, 50))
+    with pytest.raises(TypeError, match="skip takes qualified layer names"):
+        fastloss.nn.quantize_linear_layers_(plain, group_size=32, skip=[plain[0]])
+    with pytest.raises(ValueError, match=r"\['0'\] both skipped and given bits"):
+        fastloss.nn.quantize_linear_layers_(plain, group_size=32, skip="0", bits_per_layer={"0": 8})
+    fastloss.nn.quantize_linear_layers_(plain, group_size=32, skip=None)  # (as bits_per_layer=None)
+    assert isinstance(plain[0], fastloss.nn.QuantLinear)
 
 
 def test_bad_input_errors_name_the_argument():

@@ -442,7 +442,7 @@ def test_sinkhorn_loss_module_is_the_debiased_divergence():
         (lambda: fastloss.nn.SinkhornLoss(eps=0.0), "eps must be > 0"),
         # (solver keywords checked at construction, not at the first call)
         (lambda: fastloss.nn.SinkhornLoss(tolerance=1e-3), "unexpected keyword argument(s) ['tolerance']"),
-        (lambda: fastloss.nn.SinkhornLoss(blur=0.1), "geomloss's blur: eps = blur**p"),
+        (lambda: fastloss.nn.SinkhornLoss(blur=0.1), "p = 2 is SinkhornLoss(eps=2 * s**2) / 2"),
     ])
 
 

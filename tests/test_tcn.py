@@ -189,6 +189,7 @@ def test_bad_input_errors_name_the_argument():
         (lambda: ops.dilated_conv1d(x, w, b, 1, 2), "causal must be True or False, got 2"),
         (lambda: ops.tcn_level(x, w, b, 1, "gelu", 0), "causal must be True or False, got 0"),
         (lambda: fastloss.nn.DilatedConv1d(4, 4, 3), "positional argument"),
+        (lambda: fastloss.nn.DilatedConv1d(4, 3, causal=0), "causal must be True or False, got 0"),
         (lambda: ops.dilated_conv1d(x, w, dilation=1 << 62), "dilation * (K - 1) must be below 2^62"),
         (lambda: ops.dilated_conv1d(x, w[:, :0]), "K >= 1"),
         (lambda: ops.dilated_conv1d(x, w, b[:2]), "bias must be [4]"),

@@ -58,8 +58,10 @@ class LinearCrossEntropy(nn.Module):
     @classmethod
     def from_linear(cls, linear: nn.Linear, **loss_kwargs) -> "LinearCrossEntropy":
         """A loss module sharing ``linear``'s weight and bias (no copy)."""
-        if not isinstance(getattr(linear, "weight", None), torch.Tensor):
-            # (a QuantLinear has packed weights, which the fused loss does not read)
+        w = getattr(linear, "weight", None)
+        if not (isinstance(w, torch.Tensor) and w.is_floating_point() and w.dim() == 2):
+            # (a QuantLinear's packed buffers, a bitsandbytes layer's packed uint8 weight: the
+            # fused loss reads a float [V, D] matrix)
             raise TypeError(f"LinearCrossEntropy.from_linear: linear must hold a float weight (an "
                             f"nn.Linear), got {type(linear).__name__}; keep the LM head unquantized "
                             f"(quantize_linear_layers_ takes a skip list)")

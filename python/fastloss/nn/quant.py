@@ -95,13 +95,19 @@ def quantize_linear_layers_(model: nn.Module, bits: int = 4, group_size: int = 1
         for child_name, child in module._modules.items():
             if type(child) is nn.Linear:
                 places.append((module, child_name, f"{name}.{child_name}" if name else child_name, child))
-    skip = {skip} if isinstance(skip, str) else set(skip)
+    skip = set() if skip is None else {skip} if isinstance(skip, str) else set(skip)
+    if not all(isinstance(name, str) for name in skip):
+        raise TypeError("quantize_linear_layers_: skip takes qualified layer names (str), as "
+                        "model.named_modules() gives them, not modules")
     names = {full for _, _, full, _ in places}
     for arg, given in (("bits_per_layer", set(bits_per_layer)), ("skip", skip)):
         unknown = sorted(given - names)
         if unknown:
             raise ValueError(f"quantize_linear_layers_: {arg} names no nn.Linear of the model: {unknown} "
                              "(only modules of type nn.Linear itself are replaced)")
+    both = sorted(skip & set(bits_per_layer))
+    if both:
+        raise ValueError(f"quantize_linear_layers_: {both} both skipped and given bits in bits_per_layer")
     # (a layer reached under several names is skipped when any of them is)
     kept = {id(child) for _, _, full, child in places if full in skip}
     places = [p for p in places if id(p[3]) not in kept]

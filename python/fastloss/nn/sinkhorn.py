@@ -43,8 +43,8 @@ class SinkhornLoss(nn.Module):
             raise ValueError(f"SinkhornLoss: eps must be > 0, got {eps}")
         unknown = sorted(set(solver_kwargs) - set(_SOLVER_KWARGS))
         if unknown:  # (at construction: they would otherwise fail at the first call)
-            hint = (" (geomloss's blur: eps = blur**p, and geomloss halves the p = 2 cost; see the "
-                    "docstring)" if "blur" in unknown else "")
+            hint = (" (geomloss's blur s: p = 2 is SinkhornLoss(eps=2 * s**2) / 2, geomloss halving "
+                    "the cost; p = 1 is eps=s; see the docstring)" if "blur" in unknown else "")
             raise TypeError(f"SinkhornLoss: unexpected keyword argument(s) {unknown}; the solver takes "
                             f"{list(_SOLVER_KWARGS)}{hint}")
         self.p, self.eps, self.debias, self.reduction = p, eps, debias, reduction

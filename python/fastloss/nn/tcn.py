@@ -26,6 +26,8 @@ class DilatedConv1d(nn.Module):
         if kernel_size < 1 or dilation < 1:
             raise ValueError(f"DilatedConv1d: kernel_size and dilation must be >= 1, got "
                              f"{kernel_size} and {dilation}")
+        if not isinstance(causal, bool):  # (at construction, not at the first call)
+            raise ValueError(f"DilatedConv1d: causal must be True or False, got {causal!r}")
         factory = dict(device=device, dtype=dtype)
         self.weight = nn.Parameter(torch.empty(channels, kernel_size, **factory))
         self.bias = nn.Parameter(torch.empty(channels, **factory)) if bias else None

@@ -4,10 +4,12 @@ torch's losses return the inputs' dtype (``F.cross_entropy`` of bfloat16 logits 
 loss), except under ``torch.autocast``, which runs them in float32 and so returns float32.
 fastloss's kernels read 16-bit inputs as they are and sum in float32 in either case; their ops
 return that float32 loss, and :func:`as_loss_dtype` rounds it to the inputs' dtype outside
-autocast (the row losses' ops round it themselves when the caller passes ``round_loss=True``,
-from :func:`rounds_loss`: no cast op and autograd node after them, ~20% of a small bfloat16
-call's host time). (Rounding inside the op whatever autocast said, as before 2026-11-30, gave a
-bfloat16 loss under autocast: 8 significant bits, a ``"sum"`` over 4096 tokens of 39424 against 39395.1.)
+autocast. The ops with a C++ autograd formula (row, fused linear, distillation, Dice, AnyLoss,
+AUC and CLIP losses) round it themselves when the caller passes ``round_loss=True``
+(:func:`call_rounding`, by :func:`rounds_loss`): no cast op and autograd node after them,
+~10-20% of a small 16-bit call's host time. (Rounding inside the op whatever autocast said,
+as before 2026-11-30, gave a bfloat16 loss under autocast: 8 significant bits, a ``"sum"``
+over 4096 tokens of 39424 against 39395.1.)
 """
 from __future__ import annotations
 
@@ -50,9 +52,9 @@ def as_loss_dtype(loss: Tensor, like: Tensor) -> Tensor:
 
 def rounds_loss(like) -> bool:
     """Whether a loss summed in float32 goes back in ``like``'s 16-bit dtype (outside autocast):
-    :func:`as_loss_dtype`'s rule, as the ``round_loss`` flag of the ops that round it themselves
-    (the row losses). False for float32 inputs (nothing to round) and for non-tensors (the op's
-    own checks name what is wrong)."""
+    :func:`as_loss_dtype`'s rule, as the ``round_loss`` flag of the ops that round it
+    themselves. False for float32 inputs (nothing to round) and for non-tensors (the op's own
+    checks name what is wrong)."""
     return (isinstance(like, Tensor) and like.dtype in (torch.bfloat16, torch.float16)
             and autocast_dtype(like) is None)
 

@@ -19,6 +19,8 @@ def kd_loss(student, teacher, T=1.0, kind="forward_kl", beta=0.5, reduction="mea
         m = beta * q + (1 - beta) * p
         rows = beta * kl(q, m) + (1 - beta) * kl(p, m)
     rows = rows * T * T
+    if reduction == "batchmean":  # F.kl_div's: the sum over the first dimension's size
+        return rows.sum() / student.shape[0]
     return rows.mean() if reduction == "mean" else rows.sum() if reduction == "sum" else rows
 
 
