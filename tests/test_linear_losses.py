@@ -702,6 +702,22 @@ def test_bad_input_errors_name_the_argument():
 
 
 @pytest.mark.parametrize("low_memory", [False, True])
+def test_uint8_targets(low_memory):
+    """uint8 class indices, as F.cross_entropy takes them: the int64 targets' loss and gradients."""
+    h, w, t, b, _ = make_inputs(17, 6, 40, torch.float32, seed=22)
+    t = t.clone()
+    t[(t < 0) | (torch.arange(17) % 5 == 0)] = 255  # (make_inputs' -100 too)
+    outs = []
+    for target in (t.to(torch.uint8), t):
+        hh, ww = h.clone().requires_grad_(True), w.clone().requires_grad_(True)
+        loss = ops.linear_cross_entropy(hh, ww, target, b, ignore_index=255, low_memory=low_memory)
+        loss.backward()
+        outs.append((loss, hh.grad, ww.grad))
+    for got, expected in zip(*outs):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("low_memory", [False, True])
 def test_both_paths_raise_value_error(low_memory):
     """The same bad argument raises ValueError on either path (the default path's C++ checks
     had raised RuntimeError where the tiled path's raise ValueError)."""

@@ -147,6 +147,28 @@ def test_cross_entropy_equals_torch(weighted, label_smoothing, reduction, cpu_is
     torch.testing.assert_close(x1.grad, x2.grad, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("name", list(CASES))
+def test_uint8_targets_as_f_cross_entropy_takes_them(name, device):
+    """uint8 class indices (segmentation masks, ignore_index 255), which F.cross_entropy
+    accepts for [N, C] logits: the same loss and gradient as the int64 targets, for [N, C] and
+    [N, C, H, W] logits (where F.cross_entropy itself wants int64)."""
+    fn, _, kwargs, weighted = CASES[name]
+    g = torch.Generator().manual_seed(len(name))
+    for shape in ((13, 7), (2, 7, 3, 5)):
+        x = (3 * torch.randn(*shape, generator=g)).to(device)
+        t = torch.randint(0, 7, (shape[0],) + shape[2:], generator=g)
+        t.view(-1)[::4] = 255
+        w = (torch.rand(7, generator=g) + 0.5).to(device) if weighted else None
+        for reduction in ("mean", "none"):
+            a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+            got = fn(a, t.to(torch.uint8).to(device), weight=w, ignore_index=255, reduction=reduction, **kwargs)
+            expected = fn(b, t.to(device), weight=w, ignore_index=255, reduction=reduction, **kwargs)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            got.sum().backward()
+            expected.sum().backward()
+            torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"lse_square_scale": 1e-4},
                                      {"grad_in_forward": True}], ids=["plain", "smoothing", "zloss", "in_forward"])
 def test_cross_entropy_near_certain_rows_keep_the_target_gradient(options, device):

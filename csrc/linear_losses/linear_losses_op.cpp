@@ -113,8 +113,9 @@ LinearInputs check_inputs(const char* op, const Tensor& hidden, const Tensor& we
   TORCH_CHECK_VALUE(target.dim() == 1 && target.size(0) == hidden.size(0), op,
               ": target must be 1-D with one entry per row of hidden (", hidden.size(0),
               "), got shape ", target.sizes());
-  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt, op,
-              ": target must hold class indices (int64 or int32), got ", target.scalar_type());
+  TORCH_CHECK_VALUE(target.scalar_type() == at::kLong || target.scalar_type() == at::kInt ||
+                        target.scalar_type() == at::kByte,
+                    op, ": target must hold class indices (int64, int32 or uint8), got ", target.scalar_type());
   TORCH_CHECK_VALUE(target.device() == hidden.device(), op, ": target is on ", target.device(),
               " but hidden is on ", hidden.device());
   LinearInputs in;

@@ -61,8 +61,10 @@ Inputs check_inputs(const char* op, const Tensor& logits_in, const Tensor& targe
               ": logits must be float32, float16 or bfloat16, got ", dt);
   TORCH_CHECK(target_in.dim() == 1, op, ": target must be 1-D [N], got shape ",
               target_in.sizes());
-  TORCH_CHECK(target_in.scalar_type() == at::kLong || target_in.scalar_type() == at::kInt, op,
-              ": target must hold class indices (int64 or int32), got ", target_in.scalar_type());
+  // (uint8 as F.cross_entropy takes it: segmentation masks with ignore_index 255)
+  const auto tt = target_in.scalar_type();
+  TORCH_CHECK(tt == at::kLong || tt == at::kInt || tt == at::kByte, op,
+              ": target must hold class indices (int64, int32 or uint8), got ", tt);
   TORCH_CHECK(target_in.size(0) == logits_in.size(0), op, ": target has ", target_in.size(0),
               " entries but logits has ", logits_in.size(0), " rows");
   TORCH_CHECK(target_in.device() == logits_in.device(), op, ": target is on ",

@@ -68,8 +68,8 @@ def _check_fake(hidden, weight, target, bias, class_weight):
     check(weight.dtype == hidden.dtype, lambda: f"weight is {weight.dtype} but hidden is {hidden.dtype}")
     check(target.dim() == 1 and target.shape[0] == hidden.shape[0],
           lambda: f"target must be [{hidden.shape[0]}], got {tuple(target.shape)}")
-    check(target.dtype in (torch.int64, torch.int32),
-          lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
+    check(target.dtype in (torch.int64, torch.int32, torch.uint8),
+          lambda: f"target must hold class indices (int64, int32 or uint8), got {target.dtype}")
     check(bias is None or (bias.dim() == 1 and bias.shape[0] == weight.shape[0] and bias.dtype == hidden.dtype),
           lambda: f"bias must be [{weight.shape[0]}] of hidden's dtype")
     check(class_weight is None or (class_weight.dim() == 1 and class_weight.shape[0] == weight.shape[0]),
@@ -170,8 +170,8 @@ def _check_tile_inputs(fn, hidden, weight, target, bias, class_weight, ignore_in
         # (an integer tensor too, as the default path and F.cross_entropy refuse it)
         raise ValueError(f"{fn}: class_weight must be 1-D with one entry per class ({v}), floating, got "
                          f"{class_weight.dtype} {tuple(class_weight.shape)}")
-    if target.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"{fn}: target must hold class indices (int64 or int32), got {target.dtype}")
+    if target.dtype not in (torch.int64, torch.int32, torch.uint8):
+        raise ValueError(f"{fn}: target must hold class indices (int64, int32 or uint8), got {target.dtype}")
     for name, x in (("weight", weight), ("target", target), ("bias", bias), ("class_weight", class_weight)):
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{fn}: {name} is on {x.device} but hidden is on {hidden.device}")

@@ -80,8 +80,8 @@ def _check_fake(logits, target, weight):
     torch._check(logits.dtype in (torch.float32, torch.float16, torch.bfloat16),
                  lambda: f"logits must be float32, float16 or bfloat16, got {logits.dtype}")
     torch._check(target.dim() == 1, lambda: f"target must be 1-D [N], got shape {tuple(target.shape)}")
-    torch._check(target.dtype in (torch.int64, torch.int32),
-                 lambda: f"target must hold class indices (int64 or int32), got {target.dtype}")
+    torch._check(target.dtype in (torch.int64, torch.int32, torch.uint8),
+                 lambda: f"target must hold class indices (int64, int32 or uint8), got {target.dtype}")
     torch._check(target.shape[0] == logits.shape[0],
                  lambda: f"target has {target.shape[0]} entries but logits has {logits.shape[0]} rows")
     for name, t in (("target", target), ("weight", weight)):
@@ -186,7 +186,7 @@ def _as_rows(fn: str, logits, target):
     last: a copy, unless the logits are channels-last, where it is a view). Returns the rows,
     their targets, and the shape of ``reduction="none"``'s result (None: ``[N, C]`` as given)."""
     if isinstance(logits, Tensor) and isinstance(target, Tensor) and target.is_floating_point():
-        raise ValueError(f"{fn}: target must hold class indices (int64 or int32; probability "
+        raise ValueError(f"{fn}: target must hold class indices (int64, int32 or uint8; probability "
                          f"targets are not supported), got {target.dtype} {tuple(target.shape)}")
     if not isinstance(logits, Tensor) or not isinstance(target, Tensor) or logits.dim() == 2:
         return logits, target, None  # (the op's own checks name what is wrong)
