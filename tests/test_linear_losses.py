@@ -715,6 +715,12 @@ def test_uint8_targets(low_memory):
         outs.append((loss, hh.grad, ww.grad))
     for got, expected in zip(*outs):
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    # class 156 with the default ignore_index -100, which a uint8 comparison wraps to 156
+    h, w, _, b, _ = make_inputs(5, 6, 200, torch.float32, seed=23)
+    t = torch.tensor([156, 3, 156, 199, 0])
+    got, expected = (ops.linear_cross_entropy(h, w, target, b, low_memory=low_memory)
+                     for target in (t.to(torch.uint8), t))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("low_memory", [False, True])

@@ -167,6 +167,17 @@ def test_uint8_targets_as_f_cross_entropy_takes_them(name, device):
             got.sum().backward()
             expected.sum().backward()
             torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
+    # class 156 with the default ignore_index -100, which a uint8 comparison wraps to 156
+    x = torch.randn(6, 200, generator=g).to(device)
+    t = torch.tensor([156, 3, 156, 199, 0, 156])
+    for grad_in_forward in (False, True):
+        a, b = x.clone().requires_grad_(True), x.clone().requires_grad_(True)
+        got = fn(a, t.to(torch.uint8).to(device), grad_in_forward=grad_in_forward, **kwargs)
+        expected = fn(b, t.to(device), grad_in_forward=grad_in_forward, **kwargs)
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+        got.backward()
+        expected.backward()
+        torch.testing.assert_close(a.grad, b.grad, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("options", [{}, {"label_smoothing": 0.1}, {"lse_square_scale": 1e-4},

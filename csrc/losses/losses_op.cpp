@@ -553,9 +553,11 @@ LossParams unpack_params(const std::vector<double>& v, int64_t ignore_index) {
 // a SymInt: an int read of a traced size would fix it into a torch.compile graph.
 static Tensor mean_denominator(const Tensor& target, const std::optional<Tensor>& weight,
                                int64_t ignore_index) {
-  const Tensor valid = target.ne(ignore_index);
+  // (in int64: a uint8 target compared with ignore_index -100 would wrap it to 156)
+  const Tensor t = target.to(at::kLong);
+  const Tensor valid = t.ne(ignore_index);
   if (!weight.has_value()) return valid.sum(at::kFloat);
-  const Tensor safe = target.to(at::kLong).clamp(0, c10::Scalar(weight->sym_size(0) - 1));
+  const Tensor safe = t.clamp(0, c10::Scalar(weight->sym_size(0) - 1));
   return at::where(valid, weight->to(at::kFloat).index_select(0, safe), 0.0).sum();
 }
 

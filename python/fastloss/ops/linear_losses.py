@@ -176,7 +176,8 @@ def _check_tile_inputs(fn, hidden, weight, target, bias, class_weight, ignore_in
         if x is not None and x.device != hidden.device:
             raise ValueError(f"{fn}: {name} is on {x.device} but hidden is on {hidden.device}")
     if values_readable(target):
-        bad = (target != ignore_index) & ((target < 0) | (target >= v))
+        t = target.long()  # (a uint8 target against ignore_index -100 would wrap it to 156)
+        bad = (t != ignore_index) & ((t < 0) | (t >= v))
         if bool(bad.any()):
             i = int(bad.nonzero()[0])
             raise ValueError(f"{fn}: target[{i}] = {int(target[i])} is not a class index in "
