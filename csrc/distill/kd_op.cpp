@@ -323,7 +323,7 @@ struct KdLossFunction : public torch::autograd::Function<KdLossFunction> {
       rows = out[0].toTensor();
       ctx->save_for_backward({student, teacher, out[1].toTensor()});
     }
-    return loss_in(reduce_loss_rows(rows, reduction), round_loss ? student.scalar_type() : at::kFloat);
+    return loss_in(reduce_loss_rows(rows, reduction), round_loss, student);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -364,7 +364,7 @@ Tensor kd_loss(const Tensor& student, const Tensor& teacher, int64_t kind, doubl
     return KdLossFunction::apply(student, teacher, kind, temperature, beta, reduction,
                                  at::GradMode::is_enabled() && student.requires_grad(), round_loss);
   return loss_in(reduce_loss_rows(std::get<0>(kd_forward(student, teacher, kind, temperature, beta)), reduction),
-                 round_loss ? student.scalar_type() : at::kFloat);
+                 round_loss, student);
 }
 
 // ---- topk_kl_loss / pld_loss's eager paths, the same way ----------------------------------------
@@ -430,7 +430,7 @@ struct RankLossFunction : public torch::autograd::Function<RankLossFunction> {
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["want"] = want;
     ctx->saved_data["pld"] = pld;
-    return loss_in(loss, round_loss ? student.scalar_type() : at::kFloat);
+    return loss_in(loss, round_loss, student);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -481,7 +481,7 @@ Tensor rank_loss(const Tensor& student, const Tensor& teacher, const std::option
                                       : topk_kl_forward(student, teacher, k_or_ignore, temperature,
                                                         renormalize, false, 1.0));
   const Tensor count = pld && reduction == kMean ? target->ne(k_or_ignore).sum() : Tensor();
-  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss ? student.scalar_type() : at::kFloat);
+  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss, student);
 }
 
 template <bool Grad>

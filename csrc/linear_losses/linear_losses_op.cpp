@@ -393,7 +393,7 @@ struct LinearLossFunction : public torch::autograd::Function<LinearLossFunction>
     ctx->saved_data["ignore_index"] = p.ignore_index;
     ctx->saved_data["reduction"] = reduction;
     ctx->saved_data["block_rows"] = block_rows;
-    return loss_in(loss, round_loss ? hidden.scalar_type() : at::kFloat);
+    return loss_in(loss, round_loss, hidden);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -485,7 +485,7 @@ Tensor linear_loss_no_grad(const Tensor& hidden, const Tensor& weight, const Ten
   Tensor denom;
   return loss_in(reduce_rows(rows, target, opt_weight(class_weight), weight.size(0), reduction,
                              ignore_index, denom),
-                 round_loss ? hidden.scalar_type() : at::kFloat);
+                 round_loss, hidden);
 }
 
 void register_impls(torch::Library& m) {

@@ -572,8 +572,9 @@ bool traced_tensor(const Tensor& t) {
 bool readable_cpu(const Tensor& t) { return t.is_cpu() && !traced_tensor(t); }
 
 // (losses_op.h) a CPU 0-d value written as it is: one allocation, no dispatch
-Tensor loss_in(const Tensor& loss, at::ScalarType dtype) {
-  if (loss.scalar_type() == dtype) return loss;
+Tensor loss_in(const Tensor& loss, bool round_loss, const Tensor& like) {
+  const at::ScalarType dtype = like.scalar_type();
+  if (!round_loss || loss.scalar_type() == dtype) return loss;
   if (readable_cpu(loss) && loss.dim() == 0 && loss.scalar_type() == at::kFloat &&
       (dtype == at::kBFloat16 || dtype == at::kHalf)) {
     Tensor t = at::detail::empty_cpu({}, dtype, /*pin_memory=*/false, std::nullopt);
@@ -837,8 +838,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
     // the node's flags in one entry of saved_data (a map of IValues: an entry per value cost a
     // hashed insertion each, a tenth of a small call's host time); "params" holds the scalars
     ctx->saved_data["flags"] = std::vector<int64_t>{fused, inplace, reduction, int64_t(p.kind), p.ignore_index};
-    const at::ScalarType out_dtype = round_loss ? logits.scalar_type() : at::kFloat;
-    if (fused) return loss_in(forward_with_grad(ctx, logits, target, weight, p, reduction, inplace), out_dtype);
+    if (fused) return loss_in(forward_with_grad(ctx, logits, target, weight, p, reduction, inplace), round_loss, logits);
     std::vector<c10::IValue> args{logits, target, weight, p.ignore_index};
     for (auto& v : scalar_args(p)) args.push_back(std::move(v));
     args.emplace_back(inplace);
@@ -849,7 +849,7 @@ struct RowLossFunction : public torch::autograd::Function<RowLossFunction> {
         reduce_rows(rows, target, opt_weight(weight), logits.sym_size(1), reduction, p.ignore_index, denom);
     ctx->save_for_backward({logits, target, weight.value_or(Tensor()), stat0, stat1, denom});
     ctx->saved_data["params"] = pack_params(p);
-    return loss_in(loss, out_dtype);
+    return loss_in(loss, round_loss, logits);
   }
 
   // grad_in_forward: the gradient for an incoming gradient of 1 is made with the forward (one
@@ -1017,7 +1017,7 @@ Tensor row_loss_no_grad(LossParams p, const Tensor& logits, const Tensor& target
   const Tensor rows = std::get<0>(forward(op_name(p.kind), p, logits, target, weight));
   const int64_t C = logits.dim() == 2 ? logits.size(1) : 0;
   const Tensor loss = reduce_rows(rows, target, opt_weight(weight), C, reduction, p.ignore_index, denom);
-  return round_loss ? loss_in(loss, logits.scalar_type()) : loss;
+  return loss_in(loss, round_loss, logits);
 }
 
 // One entry point per loss for both dispatch keys: `Grad` picks the autograd path.

@@ -61,10 +61,11 @@ std::vector<at::Tensor> once_differentiable(const std::vector<at::Tensor>& incom
 bool traced_tensor(const at::Tensor& t);
 // Plain CPU tensors, not traced ones, whose data can be read without a device wait.
 bool readable_cpu(const at::Tensor& t);
-// A float32 loss in `dtype`: what an op given round_loss=True returns, the inputs' 16-bit dtype
-// outside autocast as torch's losses return it (a Python-side cast after the op, with its own
-// op and autograd node, had cost a small 16-bit call ~20% of its host time).
-at::Tensor loss_in(const at::Tensor& loss, at::ScalarType dtype);
+// The float32 loss as an op returns it: in `like`'s (16-bit) dtype with round_loss, as torch's
+// losses return it outside autocast (the Python caller asks for it: a Python-side cast after
+// the op, with its own op and autograd node, had cost a small 16-bit call ~20% of its host
+// time), else as it is.
+at::Tensor loss_in(const at::Tensor& loss, bool round_loss, const at::Tensor& like);
 
 // A gradient an autograd formula's forward made, kept in ctx->saved_data (`slot`) for its
 // backward to hand over: taken out (the slot left empty), or undefined when a backward took it

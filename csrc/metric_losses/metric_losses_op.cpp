@@ -310,7 +310,7 @@ struct DiceLossFunction : public torch::autograd::Function<DiceLossFunction> {
     ctx->saved_data["params"] = std::vector<double>{alpha, gamma, smooth};
     ctx->saved_data["ignore_index"] = ignore_index;
     ctx->saved_data["reduction"] = reduction;
-    return loss_in(loss, round_loss ? logits.scalar_type() : at::kFloat);
+    return loss_in(loss, round_loss, logits);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -345,7 +345,7 @@ Tensor dice_loss(const Tensor& logits, const Tensor& target, bool softmax, doubl
   const Tensor rows = softmax ? dice_softmax_forward(logits, target, alpha, gamma, smooth, ignore_index)
                               : dice_sigmoid_forward(logits, target, alpha, gamma, smooth);
   const Tensor count = softmax && reduction == kMean ? target.ne(ignore_index).sum() : Tensor();
-  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss ? logits.scalar_type() : at::kFloat);
+  return loss_in(reduce_loss_rows(rows, reduction, count), round_loss, logits);
 }
 
 enum Metric : int64_t { kF1 = 0, kFbeta = 1, kAccuracy = 2, kBalancedAccuracy = 3, kGmean = 4 };
@@ -395,7 +395,7 @@ struct AnyLossFunction : public torch::autograd::Function<AnyLossFunction> {
     ctx->saved_data["L"] = L;
     ctx->saved_data["beta"] = beta;
     ctx->saved_data["from_logits"] = from_logits;
-    return loss_in(metric_of(c, metric, beta).neg().add(1).mean(), round_loss ? scores.scalar_type() : at::kFloat);
+    return loss_in(metric_of(c, metric, beta).neg().add(1).mean(), round_loss, scores);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -422,7 +422,7 @@ Tensor anyloss(const Tensor& scores, const Tensor& target, int64_t metric, doubl
   TORCH_CHECK(metric >= kF1 && metric <= kGmean, "anyloss: metric must be 0 (f1) .. 4 (gmean), got ", metric);
   if constexpr (Grad) return AnyLossFunction::apply(scores, target, metric, L, beta, from_logits, round_loss);
   return loss_in(metric_of(confusion_sums(scores, target, L, from_logits), metric, beta).neg().add(1).mean(),
-                 round_loss ? scores.scalar_type() : at::kFloat);
+                 round_loss, scores);
 }
 
 template <bool Grad>

@@ -167,7 +167,7 @@ struct AucLossFunction : public torch::autograd::Function<AucLossFunction> {
     ctx->saved_data["want"] = want;
     ctx->saved_data["dtypes"] = std::vector<int64_t>{int64_t(pos.scalar_type()), int64_t(neg.scalar_type())};
     ctx->save_for_backward({out[1].toTensor(), out[2].toTensor()});
-    return loss_in(reduce_loss_rows(rows, reduction), round_loss ? pos.scalar_type() : at::kFloat);
+    return loss_in(reduce_loss_rows(rows, reduction), round_loss, pos);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -196,7 +196,7 @@ Tensor mw_auc_loss(const Tensor& pos, const Tensor& neg, int64_t reduction, bool
     return AucLossFunction::apply(pos, neg, reduction, want, round_loss);
   }
   const Tensor rows = std::get<0>(mw_auc_forward(pos, neg, false));
-  return loss_in(reduce_loss_rows(rows, reduction), round_loss ? pos.scalar_type() : at::kFloat);
+  return loss_in(reduce_loss_rows(rows, reduction), round_loss, pos);
 }
 
 
@@ -603,7 +603,7 @@ struct ContrastiveLossFunction : public torch::autograd::Function<ContrastiveLos
     ctx->saved_data["symmetric"] = symmetric;
     ctx->saved_data["block_rows"] = block_rows;
     ctx->saved_data["reduction"] = reduction;
-    return loss_in(reduce_loss_rows(out[0].toTensor(), reduction), round_loss ? a.scalar_type() : at::kFloat);
+    return loss_in(reduce_loss_rows(out[0].toTensor(), reduction), round_loss, a);
   }
 
   static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
@@ -640,7 +640,7 @@ Tensor contrastive_loss(const Tensor& a, const Tensor& b, double inv_t, bool sym
   }
   const Tensor rows = std::get<0>(
       contrastive_forward(a, b, inv_t, symmetric, block_rows.guard_int(__FILE__, __LINE__), false));
-  return loss_in(reduce_loss_rows(rows, reduction), round_loss ? a.scalar_type() : at::kFloat);
+  return loss_in(reduce_loss_rows(rows, reduction), round_loss, a);
 }
 
 // grad [B, D] += the gradient for E of sum_ij dS_ij S_ij, S = E E^T, from the block

@@ -59,6 +59,12 @@ def rounds_loss(like) -> bool:
             and autocast_dtype(like) is None)
 
 
+def fake_loss(like: Tensor, shape, round_loss: bool) -> Tensor:
+    """A fake kernel's loss of ``shape``: float32, or ``like``'s dtype with ``round_loss``, as
+    the real op returns it."""
+    return like.new_empty(shape, dtype=like.dtype if round_loss else torch.float32)
+
+
 def call_rounding(op, like, *args):
     """``op(*args)`` for an op that takes ``round_loss`` (its loss in ``like``'s 16-bit dtype,
     rounded inside it): the keyword passed only where :func:`rounds_loss` holds, which costs a

@@ -33,7 +33,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import as_loss_dtype, call_rounding, runs_without_autocast
+from ._dtypes import as_loss_dtype, call_rounding, fake_loss, runs_without_autocast
 
 # 64 MiB: B = 4096 is one block, kept for the backward (3 GEMMs instead of 4). At 32 MiB
 # (two blocks) forward + backward took 494 / 810 ms at 4096 x 512 / 1024 on the 2-core CPU
@@ -148,7 +148,7 @@ def _fake_contrastive_backward(grad_rows, a, b, lse_row, lse_col, s_kept, inv_t,
 @torch.library.register_fake("fastloss::contrastive_loss")
 def _fake_contrastive_loss(a, b, inv_t, symmetric, block_rows, reduction, round_loss=False):
     torch._check(a.dim() == 2 and b.shape == a.shape, lambda: "a and b must be [B, D] of the same shape")
-    return a.new_empty((a.shape[0],) if reduction == 0 else (), dtype=a.dtype if round_loss else torch.float32)
+    return fake_loss(a, (a.shape[0],) if reduction == 0 else (), round_loss)
 
 
 _REDUCTION = {"none": 0, "mean": 1, "sum": 2}

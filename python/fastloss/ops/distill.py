@@ -34,7 +34,7 @@ from torch import Tensor
 from ._checks import as_int, require_finite, values_readable
 from ._autograd import once_differentiable
 from ._devices import has_kernel
-from ._dtypes import as_loss_dtype, call_rounding
+from ._dtypes import as_loss_dtype, call_rounding, fake_loss
 
 _KINDS = {"forward_kl": 0, "reverse_kl": 1, "jsd": 2}
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
@@ -71,8 +71,7 @@ def _fake_kd_loss(student, teacher, kind, temperature, beta, reduction, round_lo
 
 def _fake_loss(student, reduction, round_loss):
     """The *_loss ops' result: float32, or the student's dtype with round_loss (_dtypes.py)."""
-    return student.new_empty((student.shape[0],) if reduction == 0 else (),
-                             dtype=student.dtype if round_loss else torch.float32)
+    return fake_loss(student, (student.shape[0],) if reduction == 0 else (), round_loss)
 
 
 @torch.library.register_fake("fastloss::topk_kl_loss")

@@ -38,7 +38,7 @@ from torch import Tensor
 
 from ._autograd import refuse_grad
 from ._checks import as_int, values_readable
-from ._dtypes import as_loss_dtype, call_rounding, cast_for_autocast
+from ._dtypes import as_loss_dtype, call_rounding, cast_for_autocast, fake_loss
 from .losses import (
     _check_reduction,
     _REDUCTION_CODE,
@@ -105,8 +105,7 @@ def _fake_backward(grad_loss, hidden, weight, target, bias, class_weight, stat0,
 def _fake_loss(hidden, weight, target, bias, class_weight, kind, scalars, ignore_index,
                reduction, block_rows, round_loss=False):
     _check_fake(hidden, weight, target, bias, class_weight)
-    return hidden.new_empty((hidden.shape[0],) if reduction == 0 else (),
-                            dtype=hidden.dtype if round_loss else torch.float32)
+    return fake_loss(hidden, (hidden.shape[0],) if reduction == 0 else (), round_loss)
 
 
 # ---- the call shared by the public functions -------------------------------------------------

@@ -50,7 +50,7 @@ from torch import Tensor
 
 from ._checks import require_finite
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import call_rounding
+from ._dtypes import call_rounding, fake_loss
 
 _REDUCTIONS = ("none", "mean", "sum")
 
@@ -152,7 +152,7 @@ for _name in _LOSS_OPS:
 def _fake_loss(logits, target, weight, ignore_index, reduction, *scalars, round_loss=False):
     _check_fake(logits, target, weight)
     shape = (logits.shape[0],) if reduction == 0 else ()
-    return logits.new_empty(shape, dtype=logits.dtype if round_loss else torch.float32)
+    return fake_loss(logits, shape, round_loss)
 
 
 def _fake_forward_grad(grad_loss, logits, target, weight, *scalars):

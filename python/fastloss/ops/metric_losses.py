@@ -24,7 +24,7 @@ from torch import Tensor
 from ._devices import has_kernel
 from ._checks import require_finite, values_readable
 from ._autograd import once_differentiable, refuse_grad
-from ._dtypes import as_loss_dtype, call_rounding
+from ._dtypes import as_loss_dtype, call_rounding, fake_loss
 
 _METRICS = ("f1", "fbeta", "accuracy", "balanced_accuracy", "gmean")
 
@@ -113,14 +113,13 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 
 @torch.library.register_fake("fastloss::dice_loss")
 def _fake_dice_loss(logits, target, softmax, alpha, gamma, smooth, ignore_index, reduction, round_loss=False):
-    return logits.new_empty((logits.shape[0],) if reduction == 0 else (),
-                            dtype=logits.dtype if round_loss else torch.float32)
+    return fake_loss(logits, (logits.shape[0],) if reduction == 0 else (), round_loss)
 
 
 @torch.library.register_fake("fastloss::anyloss")
 def _fake_anyloss(scores, target, metric, L, beta, from_logits, round_loss=False):
     _fake_confusion(scores, target, L, from_logits)
-    return scores.new_empty((), dtype=scores.dtype if round_loss else torch.float32)
+    return fake_loss(scores, (), round_loss)
 
 
 def _setup_saving_inputs(ctx, inputs, output):

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from ._devices import has_kernel
 from ._autograd import once_differentiable
-from ._dtypes import as_loss_dtype, call_rounding
+from ._dtypes import as_loss_dtype, call_rounding, fake_loss
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -45,8 +45,7 @@ _REDUCTION = {"none": 0, "mean": 1, "sum": 2}
 @torch.library.register_fake("fastloss::mw_auc_loss")
 def _fake_auc_loss(scores_pos, scores_neg, reduction, round_loss=False):
     _fake_auc(scores_pos, scores_neg, False)
-    return scores_pos.new_empty((scores_pos.shape[0],) if reduction == 0 else (),
-                                dtype=scores_pos.dtype if round_loss else torch.float32)
+    return fake_loss(scores_pos, (scores_pos.shape[0],) if reduction == 0 else (), round_loss)
 
 
 def _setup(ctx, inputs, output):
